@@ -1,0 +1,69 @@
+"""One error tree for infer-logger.
+
+    InferLoggerError
+    ├── ConfigError                 bad settings; names the field and the allowed values
+    ├── InvalidEventError           a CloudEvent that breaks the spec; names the attribute
+    │   └── MissingAttributeError
+    ├── SpoolError                  the on-disk spool cannot be used
+    │   └── CorruptRecordError      a record failed its checksum or is cut short
+    └── SinkError                   a sink could not take a batch; retried
+        └── RejectedError           the sink refused events for good; dead-lettered, not retried
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from infer_logger.cloudevents.event import CloudEvent
+
+
+class InferLoggerError(Exception):
+    """Root of every error raised by infer-logger on purpose."""
+
+
+class ConfigError(InferLoggerError, ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class InvalidEventError(InferLoggerError, ValueError):
+    def __init__(self, attribute: str, message: str) -> None:
+        super().__init__(f"{attribute}: {message}")
+        self.attribute = attribute
+        self.message = message
+
+
+class MissingAttributeError(InvalidEventError):
+    def __init__(self, attribute: str) -> None:
+        super().__init__(attribute, "required attribute is missing")
+
+
+class SpoolError(InferLoggerError):
+    pass
+
+
+class CorruptRecordError(SpoolError):
+    pass
+
+
+class SinkError(InferLoggerError):
+    """A sink failed to take a batch; the worker retries with backoff."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RejectedError(SinkError):
+    """The sink refused some events for good (e.g. HTTP 400): retrying cannot help.
+
+    `events` lists the refused ones (all of the batch when empty); the rest were taken.
+    """
+
+    def __init__(self, message: str, events: Sequence[CloudEvent] = ()) -> None:
+        super().__init__(message)
+        self.events = list(events)

@@ -1,0 +1,119 @@
+"""Inference CloudEvents: the attributes KServe's logger sets, plus ours.
+
+One request/response exchange yields up to two events sharing one id; an explainer later adds a
+third (`EXPLANATION`) with the same id. See DESIGN.md, "The inference event".
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import orjson
+
+from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
+
+REQUEST = "org.kubeflow.serving.inference.request"
+RESPONSE = "org.kubeflow.serving.inference.response"
+EXPLANATION = "org.kubeflow.serving.inference.explanation"
+TYPES = (REQUEST, RESPONSE, EXPLANATION)
+
+# Attribute names (KServe's first, then ours).
+INFERENCESERVICENAME = "inferenceservicename"
+NAMESPACE = "namespace"
+COMPONENT = "component"
+ENDPOINT = "endpoint"
+METADATA = "metadata"
+ANNOTATIONS = "annotations"
+RECORDEDTIME = "recordedtime"
+MODELNAME = "modelname"
+MODELVERSION = "modelversion"
+PROTOCOL = "protocol"
+PATH = "path"
+STATUSCODE = "statuscode"
+LATENCYMS = "latencyms"
+TRACEPARENT = "traceparent"
+TRUNCATED = "truncated"
+DATASIZE = "datasize"
+
+SKIP_HEADERS = ("x-skip-logging", "seldon-skip-logging")
+_TRUE = {"true", "1", "yes", "on"}
+
+
+def now_rfc3339() -> str:
+    """UTC time with microseconds and a `Z`, as RFC 3339 wants."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def event_id(headers: Mapping[str, str]) -> str:
+    """The id shared by an exchange's events: `ce-id`, else `x-request-id`, else a new UUID.
+
+    `headers` must have lower-case keys.
+    """
+    return headers.get("ce-id") or headers.get("x-request-id") or str(uuid.uuid4())
+
+
+def skip_logging(headers: Mapping[str, str]) -> bool:
+    return any(headers.get(name, "").strip().lower() in _TRUE for name in SKIP_HEADERS)
+
+
+def metadata_json(headers: Iterable[tuple[str, str]], allowed: Iterable[str]) -> str:
+    """KServe's `metadata` extension: JSON of allow-listed headers -> list of values.
+
+    Names match case-insensitively and are reported as configured.
+    """
+    wanted = {name.lower(): name for name in allowed}
+    out: dict[str, list[str]] = {}
+    if wanted:
+        for name, value in headers:
+            key = wanted.get(name.lower())
+            if key is not None:
+                out.setdefault(key, []).append(value)
+    return orjson.dumps(out).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Who logs: the sidecar's identity, set once from config."""
+
+    source: str
+    inferenceservicename: str = ""
+    namespace: str = ""
+    component: str = ""
+    endpoint: str = ""
+    annotations: str | None = None  # JSON object text, only set when configured
+
+    def attributes(self) -> dict[str, str]:
+        attrs = {
+            "specversion": SPECVERSION,
+            "source": self.source,
+            INFERENCESERVICENAME: self.inferenceservicename,
+            NAMESPACE: self.namespace,
+            COMPONENT: self.component,
+            ENDPOINT: self.endpoint,
+        }
+        if self.annotations:
+            attrs[ANNOTATIONS] = self.annotations
+        return attrs
+
+
+def capped(data: bytes, limit: int) -> tuple[bytes, dict[str, str | int | bool]]:
+    """Cut a payload to `limit` bytes, marking what was cut."""
+    if len(data) <= limit:
+        return data, {}
+    return data[:limit], {TRUNCATED: True, DATASIZE: len(data)}
+
+
+def decode_data(event: CloudEvent) -> object:
+    """The payload as JSON when it is JSON, else base64 text (for stores and displays)."""
+    if event.data is None:
+        return None
+    if not event.get(TRUNCATED):
+        try:
+            return event.json()
+        except ValueError:
+            pass
+    return {"base64": base64.b64encode(event.data).decode()}

@@ -1,0 +1,461 @@
+"""The spool: an append-only, segmented event log on disk, read by one cursor per sink.
+
+The request path only appends: one `os.write` of a framed record to the current segment, which
+lands in the page cache, so a `kill -9` of the sidecar loses nothing already written (only a crash
+of the machine can, unless `fsync` is on). Sink workers read the segments behind it, each from its
+own checkpoint, and segments every sink has passed are deleted.
+
+Record frame (little-endian): magic u16, flags u16, crc32 u32, attrs_len u32, data_len u32, then
+the attributes as JSON and the raw data bytes. The CRC covers both bodies; flags bit 0 marks "data
+is None". A record that fails its CRC, or a frame cut short by a crash, ends its segment for the
+reader: the rest of that segment is skipped, logged and counted, never a crash.
+
+`MemorySpool` has the same interface and keeps events in a bounded deque: faster, but a restart or
+a crash loses whatever the sinks had not taken yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import orjson
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import CorruptRecordError, SpoolError
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<HHIII")
+_MAGIC = 0xCE01
+_NO_DATA = 1
+_SUFFIX = ".seg"
+_CHUNK = 1 << 20
+
+Overflow = Literal["drop_newest", "drop_oldest"]
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Position:
+    """Where a reader is: a segment number and a byte offset (or an index, in memory)."""
+
+    segment: int = 0
+    offset: int = 0
+
+
+@dataclass(slots=True)
+class SpoolStats:
+    """Counters the metrics endpoint reads; the spool only ever adds to them."""
+
+    appended: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+    corrupt: int = 0
+
+
+class Spool(Protocol):
+    stats: SpoolStats
+
+    def append(self, event: CloudEvent) -> bool: ...
+
+    def reader(self, name: str) -> SpoolReader: ...
+
+    def size_bytes(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class SpoolReader(Protocol):
+    position: Position
+
+    def read(self, max_events: int) -> tuple[list[CloudEvent], Position]: ...
+
+    async def wait(self, timeout: float) -> None: ...
+
+    def commit(self, position: Position) -> None: ...
+
+
+def encode_record(event: CloudEvent) -> bytes:
+    attrs = orjson.dumps(event.attributes)
+    data = event.data if event.data is not None else b""
+    flags = _NO_DATA if event.data is None else 0
+    crc = zlib.crc32(data, zlib.crc32(attrs))
+    return _HEADER.pack(_MAGIC, flags, crc, len(attrs), len(data)) + attrs + data
+
+
+def iter_records(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[CloudEvent, int]]:
+    """Decode records from `start`, yielding each with the offset just past it.
+
+    Stops quietly at a clean end or a partial trailing frame (the writer may be mid-append);
+    raises CorruptRecordError when a complete frame is wrong.
+    """
+    view = memoryview(buf)
+    pos, end = start, len(view)
+    while end - pos >= _HEADER.size:
+        magic, flags, crc, alen, dlen = _HEADER.unpack_from(view, pos)
+        if magic != _MAGIC:
+            raise CorruptRecordError(f"bad record magic at offset {pos}")
+        body = pos + _HEADER.size
+        stop = body + alen + dlen
+        if stop > end:
+            return
+        attrs, data = bytes(view[body : body + alen]), bytes(view[body + alen : stop])
+        if zlib.crc32(data, zlib.crc32(attrs)) != crc:
+            raise CorruptRecordError(f"checksum mismatch at offset {pos}")
+        event = CloudEvent(orjson.loads(attrs), None if flags & _NO_DATA else data)
+        pos = stop
+        yield event, pos
+
+
+class DiskSpool:
+    """The durable spool. One writer (the event loop thread); readers in the same loop."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        segment_bytes: int = 16 << 20,
+        max_bytes: int = 1 << 30,
+        overflow: Overflow = "drop_newest",
+        fsync_interval: float | None = None,
+    ) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "checkpoints").mkdir(exist_ok=True)
+        self.segment_bytes = segment_bytes
+        self.max_bytes = max_bytes
+        self.overflow = overflow
+        self.fsync_interval = fsync_interval
+        self.stats = SpoolStats()
+        self._readers: dict[str, DiskReader] = {}
+        self._waiters: set[asyncio.Event] = set()
+        self._sizes: dict[int, int] = {n: p.stat().st_size for n, p in self._segments()}
+        # Never append to a segment a previous process wrote: its tail may be torn.
+        self._current = max(self._sizes, default=0) + 1
+        self._fd = self._open(self._current)
+        self._dirty = False
+        self._fsync_task: asyncio.Task[None] | None = None
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def append(self, event: CloudEvent) -> bool:
+        """Append one event; False (and counted) when the size cap refuses it."""
+        record = encode_record(event)
+        if self.size_bytes() + len(record) > self.max_bytes and not self._make_room(len(record)):
+            self.stats.dropped["spool_full"] += 1
+            return False
+        if self._sizes[self._current] + len(record) > self.segment_bytes and self._sizes[self._current]:
+            self._roll()
+        os.write(self._fd, record)
+        self._sizes[self._current] += len(record)
+        self.stats.appended += 1
+        self._dirty = True
+        for waiter in self._waiters:
+            waiter.set()
+        return True
+
+    def start_fsync(self) -> None:
+        """Fsync in the background every `fsync_interval` seconds (one fsync per batch of appends)."""
+        if self.fsync_interval and self._fsync_task is None:
+            self._fsync_task = asyncio.get_running_loop().create_task(self._fsync_loop())
+
+    async def _fsync_loop(self) -> None:
+        assert self.fsync_interval
+        while True:
+            await asyncio.sleep(self.fsync_interval)
+            self.sync()
+
+    def sync(self) -> None:
+        if self._dirty:
+            self._dirty = False
+            os.fsync(self._fd)
+
+    def _open(self, number: int) -> int:
+        self._sizes.setdefault(number, 0)
+        return os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def _roll(self) -> None:
+        if self.fsync_interval:
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._current += 1
+        self._fd = self._open(self._current)
+
+    def _make_room(self, needed: int) -> bool:
+        if self.overflow != "drop_oldest":
+            return False
+        while self.size_bytes() + needed > self.max_bytes:
+            oldest = min(self._sizes)
+            if oldest == self._current:
+                return False
+            lost = sum(1 for _ in self._scan(oldest))
+            self.stats.dropped["spool_overflow"] += lost
+            log.error("spool full: dropped segment %d with %d events", oldest, lost)
+            self._delete(oldest)
+        return True
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def reader(self, name: str) -> DiskReader:
+        if name in self._readers:
+            raise SpoolError(f"a reader named {name!r} already exists")
+        reader = DiskReader(self, name)
+        self._readers[name] = reader
+        return reader
+
+    def _scan(self, number: int) -> Iterator[CloudEvent]:
+        try:
+            for event, _ in iter_records(self._path(number).read_bytes()):
+                yield event
+        except (CorruptRecordError, FileNotFoundError):
+            return
+
+    def _next_segment(self, number: int) -> int | None:
+        later = [n for n in self._sizes if n > number]
+        return min(later) if later else None
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    def collect(self) -> None:
+        """Delete segments that every reader has finished."""
+        if not self._readers:
+            return
+        floor = min(r.position.segment for r in self._readers.values())
+        for number in [n for n in self._sizes if n < floor and n != self._current]:
+            self._delete(number)
+
+    def _delete(self, number: int) -> None:
+        self._sizes.pop(number, None)
+        self._path(number).unlink(missing_ok=True)
+
+    def size_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def _path(self, number: int) -> Path:
+        return self.dir / f"{number:020d}{_SUFFIX}"
+
+    def _segments(self) -> list[tuple[int, Path]]:
+        return sorted((int(p.stem), p) for p in self.dir.glob(f"*{_SUFFIX}") if p.stem.isdigit())
+
+    def checkpoint_path(self, name: str) -> Path:
+        return self.dir / "checkpoints" / f"{name}.json"
+
+    def close(self) -> None:
+        if self._fsync_task is not None:
+            self._fsync_task.cancel()
+        if self._fd >= 0:
+            self.sync()
+            os.close(self._fd)
+            self._fd = -1
+
+
+class DiskReader:
+    """One sink's cursor over the spool, with a checkpoint file that survives restarts."""
+
+    def __init__(self, spool: DiskSpool, name: str) -> None:
+        self.spool = spool
+        self.name = name
+        self._event = asyncio.Event()
+        spool._waiters.add(self._event)
+        self.position = self._load()
+
+    def _load(self) -> Position:
+        path = self.spool.checkpoint_path(self.name)
+        first = min(self.spool._sizes, default=self.spool._current)
+        try:
+            saved = orjson.loads(path.read_bytes())
+            position = Position(int(saved["segment"]), int(saved["offset"]))
+        except FileNotFoundError:
+            return Position(first, 0)
+        except (ValueError, KeyError, TypeError):
+            log.error("unreadable checkpoint %s: reading %s from the oldest segment", path, self.name)
+            return Position(first, 0)
+        if position.segment not in self.spool._sizes:
+            # Its segment is gone (dropped on overflow, or finished): go on from the next one.
+            following = self.spool._next_segment(position.segment)
+            return Position(following if following is not None else self.spool._current, 0)
+        return position
+
+    def read(self, max_events: int) -> tuple[list[CloudEvent], Position]:
+        """Up to `max_events` events after the cursor, and the position just past them.
+
+        The position can move with no events (past a corrupt stretch): commit it all the same.
+        """
+        out: list[CloudEvent] = []
+        segment, offset = self.position.segment, self.position.offset
+        while len(out) < max_events:
+            size = self.spool._sizes.get(segment)
+            if size is None:  # deleted under us (overflow): go on with the next one
+                following = self.spool._next_segment(segment)
+                if following is None:
+                    break
+                segment, offset = following, 0
+                continue
+            if offset < size:
+                offset = self._read_segment(segment, offset, size, max_events - len(out), out)
+            if len(out) >= max_events or segment == self.spool._current:
+                break
+            if offset < size:
+                # A torn tail left by a crashed writer: nothing more will come.
+                self._skip_corrupt(segment, offset, size, "truncated record")
+            following = self.spool._next_segment(segment)
+            if following is None:
+                break
+            segment, offset = following, 0
+        return out, Position(segment, offset)
+
+    def _read_segment(
+        self, segment: int, offset: int, size: int, limit: int, out: list[CloudEvent]
+    ) -> int:
+        """Decode records of one segment into `out`; returns the offset reached."""
+        with open(self.spool._path(segment), "rb") as fh:
+            while offset < size and limit > 0:
+                fh.seek(offset)
+                buf = fh.read(min(size - offset, _CHUNK))
+                if len(buf) >= _HEADER.size:
+                    # A record bigger than a chunk: read exactly that record.
+                    _, _, _, alen, dlen = _HEADER.unpack_from(buf, 0)
+                    need = _HEADER.size + alen + dlen
+                    if need > len(buf) and offset + need <= size:
+                        fh.seek(offset)
+                        buf = fh.read(need)
+                start = offset
+                try:
+                    for event, stop in iter_records(buf):
+                        out.append(event)
+                        offset = start + stop
+                        limit -= 1
+                        if limit == 0:
+                            break
+                except CorruptRecordError as exc:
+                    self._skip_corrupt(segment, offset, size, str(exc))
+                    return size
+                if offset == start:  # only a partial frame left: the writer is mid-append
+                    break
+        return offset
+
+    def _skip_corrupt(self, segment: int, offset: int, size: int, reason: str) -> None:
+        self.spool.stats.corrupt += 1
+        log.error(
+            "spool segment %d: %s; skipping %d bytes from offset %d", segment, reason, size - offset, offset
+        )
+
+    async def wait(self, timeout: float) -> None:
+        """Sleep until something is appended (or `timeout` passes)."""
+        self._event.clear()
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def commit(self, position: Position) -> None:
+        """Persist the cursor (atomically) after the sink took everything before it."""
+        self.position = position
+        path = self.spool.checkpoint_path(self.name)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps({"segment": position.segment, "offset": position.offset}))
+        os.replace(tmp, path)
+        self.spool.collect()
+
+    def lag(self) -> int:
+        """Bytes appended that this reader has not committed yet."""
+        pos = self.position
+        return sum(size for n, size in self.spool._sizes.items() if n > pos.segment) + max(
+            0, self.spool._sizes.get(pos.segment, 0) - pos.offset
+        )
+
+
+
+class MemorySpool:
+    """`durability: memory`: a bounded in-memory log. Lost on restart or crash, by choice."""
+
+    def __init__(self, *, max_events: int = 100_000, overflow: Overflow = "drop_newest") -> None:
+        self.max_events = max_events
+        self.overflow = overflow
+        self.stats = SpoolStats()
+        self._log: collections.deque[tuple[int, CloudEvent, int]] = collections.deque()
+        self._next = 0
+        self._bytes = 0
+        self._readers: dict[str, MemoryReader] = {}
+
+    def append(self, event: CloudEvent) -> bool:
+        if len(self._log) >= self.max_events:
+            if self.overflow == "drop_newest":
+                self.stats.dropped["spool_full"] += 1
+                return False
+            _, _, size = self._log.popleft()
+            self._bytes -= size
+            self.stats.dropped["spool_overflow"] += 1
+        size = len(event.data or b"") + 64
+        self._log.append((self._next, event, size))
+        self._bytes += size
+        self._next += 1
+        self.stats.appended += 1
+        for reader in self._readers.values():
+            reader._event.set()
+        return True
+
+    def reader(self, name: str) -> MemoryReader:
+        if name in self._readers:
+            raise SpoolError(f"a reader named {name!r} already exists")
+        reader = MemoryReader(self, self._log[0][0] if self._log else self._next)
+        self._readers[name] = reader
+        return reader
+
+    def collect(self) -> None:
+        floor = min((r.position.offset for r in self._readers.values()), default=self._next)
+        while self._log and self._log[0][0] < floor:
+            _, _, size = self._log.popleft()
+            self._bytes -= size
+
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def close(self) -> None:
+        pass
+
+    def start_fsync(self) -> None:
+        pass
+
+
+class MemoryReader:
+    def __init__(self, spool: MemorySpool, start: int) -> None:
+        self.spool = spool
+        self.position = Position(0, start)
+        self._event = asyncio.Event()
+
+    def read(self, max_events: int) -> tuple[list[CloudEvent], Position]:
+        log_ = self.spool._log
+        if not log_:
+            return [], self.position
+        first = log_[0][0]
+        start = max(0, self.position.offset - first)
+        if start >= len(log_):
+            return [], self.position
+        stop = min(len(log_), start + max_events)
+        events = [log_[i][1] for i in range(start, stop)]
+        return events, Position(0, first + stop)
+
+    async def wait(self, timeout: float) -> None:
+        self._event.clear()
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def commit(self, position: Position) -> None:
+        self.position = position
+        self.spool.collect()
+
+    def lag(self) -> int:
+        return sum(size for seq, _, size in self.spool._log if seq >= self.position.offset)
+
+
+SpoolFactory = Callable[[], Spool]

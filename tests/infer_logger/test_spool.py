@@ -1,0 +1,176 @@
+"""The spool: appends, cursors, checkpoints, rotation, overflow and corruption."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.spool import DiskSpool, MemorySpool, Position, encode_record, iter_records
+
+
+def event(i: int, size: int = 10) -> CloudEvent:
+    return CloudEvent({"id": str(i), "type": "t", "source": "s", "specversion": "1.0"}, b"x" * size)
+
+
+def drain(reader, batch: int = 1000) -> list[str]:
+    ids = []
+    while True:
+        events, end = reader.read(batch)
+        if not events and end == reader.position:
+            return ids
+        ids += [e.id for e in events]
+        reader.commit(end)
+
+
+class TestRecord:
+    """The frame round-trips and detects damage."""
+
+    def test_round_trip_with_and_without_data(self) -> None:
+        a, b = event(1), CloudEvent({"id": "2"}, None)
+        buf = encode_record(a) + encode_record(b)
+        out = [e for e, _ in iter_records(buf)]
+        assert out == [a, b]
+        assert out[1].data is None
+
+    def test_partial_trailing_frame_is_not_an_error(self) -> None:
+        buf = encode_record(event(1)) + encode_record(event(2))[:-3]
+        assert [e.id for e, _ in iter_records(buf)] == ["1"]
+
+
+class TestDiskSpool:
+    """Durable spool behaviour across readers and restarts."""
+
+    def test_each_reader_sees_everything_once(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path)
+        for i in range(100):
+            assert spool.append(event(i))
+        a, b = spool.reader("a"), spool.reader("b")
+        assert drain(a, 7) == [str(i) for i in range(100)]
+        assert drain(b) == [str(i) for i in range(100)]
+        assert drain(a) == []
+
+    def test_checkpoint_survives_restart(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path)
+        for i in range(10):
+            spool.append(event(i))
+        reader = spool.reader("s")
+        events, end = reader.read(4)
+        reader.commit(end)
+        reader.read(3)  # read but not committed: must come again
+        spool.close()
+        again = DiskSpool(tmp_path)
+        for i in range(10, 12):
+            again.append(event(i))
+        assert drain(again.reader("s")) == [str(i) for i in range(4, 12)]
+
+    def test_segments_roll_and_finished_ones_are_deleted(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path, segment_bytes=1000)
+        for i in range(100):
+            spool.append(event(i, 50))
+        assert len(list(tmp_path.glob("*.seg"))) > 5
+        reader = spool.reader("s")
+        assert drain(reader) == [str(i) for i in range(100)]
+        assert len(list(tmp_path.glob("*.seg"))) == 1
+
+    def test_slowest_reader_holds_segments(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path, segment_bytes=1000)
+        fast, slow = spool.reader("fast"), spool.reader("slow")
+        for i in range(100):
+            spool.append(event(i, 50))
+        drain(fast)
+        assert len(list(tmp_path.glob("*.seg"))) > 5
+        assert drain(slow) == [str(i) for i in range(100)]
+
+    def test_drop_newest_counts_refusals(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=3000)
+        accepted = sum(spool.append(event(i, 50)) for i in range(100))
+        assert accepted < 100
+        assert spool.stats.dropped["spool_full"] == 100 - accepted
+        assert spool.size_bytes() <= 3000
+
+    def test_drop_oldest_keeps_newest_and_counts(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=3000, overflow="drop_oldest")
+        reader = spool.reader("s")
+        for i in range(100):
+            assert spool.append(event(i, 50))
+        ids = drain(reader)
+        assert ids[-1] == "99"
+        assert len(ids) + spool.stats.dropped["spool_overflow"] == 100
+
+    def test_corrupt_segment_is_skipped_and_counted(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path, segment_bytes=500)
+        for i in range(30):
+            spool.append(event(i, 50))
+        spool.close()
+        first = sorted(tmp_path.glob("*.seg"))[0]
+        raw = bytearray(first.read_bytes())
+        raw[20] ^= 0xFF  # inside the first record's body: checksum fails
+        first.write_bytes(bytes(raw))
+        again = DiskSpool(tmp_path)
+        ids = drain(again.reader("s"))
+        assert again.stats.corrupt == 1
+        assert ids and "0" not in ids and ids[-1] == "29"
+
+    def test_torn_tail_after_crash(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path)
+        for i in range(5):
+            spool.append(event(i))
+        os.write(spool._fd, encode_record(event(5))[:-4])  # what a kill -9 mid-write leaves
+        spool.close()
+        again = DiskSpool(tmp_path)
+        again.append(event(6))
+        assert drain(again.reader("s")) == ["0", "1", "2", "3", "4", "6"]
+        assert again.stats.corrupt == 1
+
+    def test_big_record_larger_than_read_chunk(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path)
+        spool.append(event(1, 3 << 20))
+        spool.append(event(2))
+        events, _ = spool.reader("s").read(10)
+        assert [len(e.data or b"") for e in events] == [3 << 20, 10]
+
+    async def test_wait_wakes_on_append(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path)
+        reader = spool.reader("s")
+        waiter = asyncio.create_task(reader.wait(5))
+        await asyncio.sleep(0)
+        spool.append(event(1))
+        await asyncio.wait_for(waiter, 1)
+
+    def test_duplicate_reader_name_is_refused(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path)
+        spool.reader("s")
+        with pytest.raises(Exception, match="already exists"):
+            spool.reader("s")
+
+
+class TestMemorySpool:
+    """The in-memory log keeps the same contract, without durability."""
+
+    def test_readers_and_collection(self) -> None:
+        spool = MemorySpool(max_events=1000)
+        a, b = spool.reader("a"), spool.reader("b")
+        for i in range(10):
+            spool.append(event(i))
+        assert drain(a, 3) == [str(i) for i in range(10)]
+        assert len(spool._log) == 10  # b has not read yet
+        assert drain(b) == [str(i) for i in range(10)]
+        assert len(spool._log) == 0
+
+    def test_bounded(self) -> None:
+        spool = MemorySpool(max_events=5)
+        spool.reader("a")
+        assert sum(spool.append(event(i)) for i in range(8)) == 5
+        assert spool.stats.dropped["spool_full"] == 3
+
+    def test_drop_oldest(self) -> None:
+        spool = MemorySpool(max_events=5, overflow="drop_oldest")
+        reader = spool.reader("a")
+        for i in range(8):
+            spool.append(event(i))
+        assert drain(reader) == ["3", "4", "5", "6", "7"]
+        assert reader.position == Position(0, 8)
