@@ -1,0 +1,144 @@
+"""`infer-logger`: the command line. The only module that reads argv."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from infer_logger.errors import ConfigError
+
+_HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _settings(config: Path | None, **flags: Any) -> Any:
+    from infer_logger.config import load_settings
+
+    try:
+        return load_settings(config, **flags)
+    except ConfigError as exc:
+        click.echo(f"infer-logger: config error: {exc}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings=_HELP)
+@click.version_option(package_name="infer-logger")
+def main() -> None:
+    """Log every prediction: a sidecar in front of your model server, an embedded audit store,
+    and CloudEvents to the sinks you choose.
+
+    \b
+    Start here:   infer-logger quickstart
+    Run it:       infer-logger proxy --component-port 8080 --port 9081
+    Look back:    infer-logger query --model iris --status 200
+    """
+
+
+@main.command(context_settings=_HELP)
+@click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML settings file (flags and INFER_LOGGER_* env vars override it).")
+@click.option("--host", help="Address to listen on.  [default: 127.0.0.1]")
+@click.option("--port", type=int, help="Port to listen on.  [default: 9081]")
+@click.option("--component-port", type=int, help="Predictor port on localhost.  [default: 8080]")
+@click.option("--predictor-url", help="Predictor base URL (instead of --component-port).")
+@click.option("--log-url", multiple=True,
+              help="Sink by URL: http(s)://… (CloudEvents over HTTP), file://….jsonl, sqlite://….db. "
+                   "Repeatable. [default: the embedded store]")
+@click.option("--log-mode", type=click.Choice(["all", "request", "response"]),
+              help="Which events to log.  [default: all]")
+@click.option("--source-uri", help="CloudEvents source.  [default: the sidecar's URL]")
+@click.option("--inference-service", help="InferenceService name (inferenceservicename).")
+@click.option("--namespace", help="Namespace attribute.")
+@click.option("--component", help="Component attribute.  [default: predictor]")
+@click.option("--endpoint", help="Endpoint attribute (e.g. default, canary).")
+@click.option("--metadata-headers", help="Comma-separated request headers to copy into `metadata`.")
+@click.option("--max-payload-bytes", help="Log payloads cut to this size (e.g. 1MiB).")
+@click.option("--timeout", type=float, help="Seconds to wait for the predictor.  [default: 60]")
+@click.option("--spool-dir", type=click.Path(path_type=Path), help="Spool directory.")
+@click.option("--durability", type=click.Choice(["disk", "memory"]),
+              help="disk: survives kill -9 (default); memory: faster, loses unsent events on restart.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def proxy(config: Path | None, metadata_headers: str | None, spool_dir: Path | None,
+          durability: str | None, log_level: str, **flags: Any) -> None:
+    """Run the logger sidecar in front of a predictor (KServe V1 and V2 / Open Inference Protocol).
+
+    Accepts KServe's agent flags, so it can stand in for KServe's logger.
+    """
+    from infer_logger.server import serve
+
+    if metadata_headers:
+        flags["metadata_headers"] = [h.strip() for h in metadata_headers.split(",") if h.strip()]
+    flags["log_url"] = list(flags["log_url"]) or None
+    # Sources are deep-merged: these two keys override only themselves in the spool section.
+    spool = {k: v for k, v in (("dir", spool_dir), ("durability", durability)) if v is not None}
+    settings = _settings(config, **flags, spool=spool or None)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sinks = ", ".join(f"{s.sink_name} ({s.type})" for s in settings.all_sinks())
+    click.echo(f"infer-logger: http://{settings.host}:{settings.port} -> {settings.upstream}; sinks: {sinks}",
+               err=True)
+    serve(settings, log_level="warning" if log_level != "debug" else "info")
+
+
+def _time(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO-8601 time", param_hint=name) from None
+
+
+@main.command(context_settings=_HELP)
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("infer-logger-data/audit.db"), show_default=True, help="The store's SQLite file.")
+@click.option("--id", "id_", help="One prediction's id (x-request-id / ce-id).")
+@click.option("--model", help="Model name.")
+@click.option("--since", help="From this time (ISO-8601, e.g. 2026-11-25T10:00:00Z).")
+@click.option("--until", help="Up to this time (ISO-8601).")
+@click.option("--status", type=int, help="HTTP status of the prediction.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def query(db: Path, id_: str | None, model: str | None, since: str | None, until: str | None,
+          status: int | None, limit: int, fmt: str) -> None:
+    """Read audit records (request, response and explanation joined) from the embedded store."""
+    from infer_logger.store import AuditStore, format_table, records_to_json
+
+    if not db.exists():
+        raise click.BadParameter(f"{db} does not exist (run the proxy or the quickstart first)",
+                                 param_hint="--db")
+    store = AuditStore(db)
+    try:
+        records = store.query(id=id_, model=model, since=_time(since, "--since"),
+                              until=_time(until, "--until"), status=status, limit=limit)
+    finally:
+        store.close()
+    click.echo(records_to_json(records) if fmt == "json" else format_table(records))
+
+
+@main.command(context_settings=_HELP)
+@click.option("--requests", "n_requests", type=click.IntRange(min=1), default=300, show_default=True,
+              help="How many predictions to send.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("infer-logger-data/quickstart"), show_default=True,
+              help="Where the store, spool and model go.")
+def quickstart(n_requests: int, workdir: Path) -> None:
+    """Train a small model, serve it behind the sidecar, send traffic, and show the audit log.
+
+    Needs no external server: the predictor, the sidecar and the store all run here.
+    """
+    try:
+        from infer_logger.demo.quickstart import run
+    except ImportError as exc:
+        raise click.ClickException(
+            f"the quickstart needs the demo extra ({exc.name} is missing): pip install 'infer-logger[demo]'"
+        ) from None
+    run(n_requests=n_requests, workdir=workdir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Settings of the sidecar, read once: flags > `INFER_LOGGER_*` env vars > YAML file > defaults.
+
+Top-level fields are the sidecar's (KServe agent flag names, with `_` for `-`); `spool`, `delivery`
+and `sinks` are sections. Nested env vars use `__`: `INFER_LOGGER_SPOOL__DURABILITY=memory`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from infer_logger.errors import ConfigError
+from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, SinkSpec, StoreSinkConfig
+
+_yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
+
+
+class SpoolSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dir: Path = Path("infer-logger-data/spool")
+    """Where spool segments, sink checkpoints and dead letters live."""
+    durability: Literal["disk", "memory"] = "disk"
+    """`disk`: every event a client saw survives kill -9. `memory`: faster; a restart loses what
+    the sinks had not taken yet."""
+    segment_bytes: ByteSize = ByteSize(16 << 20)
+    max_bytes: ByteSize = ByteSize(1 << 30)
+    """Cap on spool size; past it the overflow policy applies (and is counted)."""
+    overflow: Literal["drop_newest", "drop_oldest"] = "drop_newest"
+    fsync_interval: float | None = Field(None, gt=0)
+    """Seconds between fsyncs of the spool; unset = never (page cache only, survives kill -9)."""
+    memory_max_events: int = Field(100_000, ge=1)
+    """Bound of the in-memory log when `durability: memory`."""
+
+
+class DeliverySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(500, ge=1)
+    backoff_initial: float = Field(0.1, gt=0)
+    backoff_max: float = Field(30.0, gt=0)
+    drain_timeout: float = Field(5.0, ge=0)
+    """Seconds to keep delivering at shutdown; what is left stays in the spool for next start."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INFER_LOGGER_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
+    )
+
+    host: str = "127.0.0.1"
+    """Address to listen on (use 0.0.0.0 in a pod)."""
+    port: int = Field(9081, ge=0, le=65535)
+    component_port: int = Field(8080, ge=1, le=65535)
+    """Port of the predictor on localhost (KServe's agent flag)."""
+    predictor_url: str | None = None
+    """Predictor base URL; overrides --component-port."""
+    log_url: list[str] = []
+    """Shorthand sinks: http(s)://… (http sink), file://….jsonl (file sink), sqlite://…db (store)."""
+    log_mode: Literal["all", "request", "response"] = "all"
+    source_uri: str | None = None
+    """CloudEvents `source`; defaults to the sidecar's own URL."""
+    inference_service: str = ""
+    namespace: str = ""
+    component: str = "predictor"
+    endpoint: str = ""
+    metadata_headers: list[str] = []
+    """Request headers copied into the `metadata` attribute (case-insensitive)."""
+    annotations: dict[str, str] = {}
+    max_payload_bytes: ByteSize = ByteSize(1 << 20)
+    """Payloads longer than this are logged cut short with `truncated: true`."""
+    timeout: float = Field(60.0, gt=0)
+    """Seconds to wait for the predictor before answering 504."""
+    spool: SpoolSettings = SpoolSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    sinks: list[SinkSpec] = []
+    """Sinks in full; with none here or in --log-url the embedded store is used."""
+
+    @model_validator(mode="after")
+    def _sinks_named_once(self) -> Settings:
+        seen: set[str] = set()
+        for sink in self.all_sinks():
+            if sink.sink_name in seen:
+                raise ValueError(f"two sinks are named {sink.sink_name!r}: give them distinct `name`s")
+            seen.add(sink.sink_name)
+        return self
+
+    def all_sinks(self) -> list[SinkSpec]:
+        sinks = list(self.sinks)
+        taken = {s.sink_name for s in sinks}
+        for url in self.log_url:
+            sink = sink_from_url(url)
+            name, n = sink.sink_name, 1
+            while name in taken:  # several --log-url of one type: http, http2, …
+                n += 1
+                name = f"{sink.sink_name}{n}"
+            taken.add(name)
+            sinks.append(sink.model_copy(update={"name": name}))
+        return sinks or [StoreSinkConfig()]
+
+    @property
+    def upstream(self) -> str:
+        return (self.predictor_url or f"http://127.0.0.1:{self.component_port}").rstrip("/")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, _yaml_data.get()))
+
+
+def sink_from_url(url: str) -> SinkSpec:
+    """A `--log-url` value as a sink config (KServe's flag takes only a URL)."""
+    scheme = urlparse(url).scheme
+    if scheme in ("http", "https"):
+        return HttpSinkConfig(url=url)  # type: ignore[arg-type]
+    if scheme == "file":
+        return FileSinkConfig(path=Path(urlparse(url).path))
+    if scheme == "sqlite":
+        return StoreSinkConfig(path=url.split("://", 1)[1])
+    raise ValueError(f"log_url {url!r}: scheme must be http, https, file or sqlite")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read config file: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "the top level must be a mapping")
+    return data
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Merge the sources and validate; ConfigError names the first bad field."""
+    data = read_yaml(config_file) if config_file else {}
+    token = _yaml_data.set(data)
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None and v != ()})
+    except ValidationError as exc:
+        raise config_error(exc) from None
+    finally:
+        _yaml_data.reset(token)
+
+
+def config_error(exc: ValidationError) -> ConfigError:
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "settings"
+    return ConfigError(field, error["msg"])

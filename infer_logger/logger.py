@@ -1,0 +1,188 @@
+"""The inference logger core shared by the proxy and the ASGI middleware.
+
+It turns one request/response exchange into CloudEvents and appends them to the spool; the
+dispatcher takes them from there. Nothing here waits on a sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from infer_logger import events as ev
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.config import Settings
+from infer_logger.dispatch import Backoff, Dispatcher
+from infer_logger.metrics import Metrics
+from infer_logger.sinks.base import Sink
+from infer_logger.spool import DiskSpool, MemorySpool, Spool
+
+log = logging.getLogger(__name__)
+
+_V1 = re.compile(r"^/v1/models/([^/:]+):(predict|explain)$")
+_V2 = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A logged inference endpoint, read off the path."""
+
+    protocol: str
+    model: str
+    version: str | None
+    verb: str
+
+
+def match_route(method: str, path: str) -> Route | None:
+    """KServe V1 `:predict`/`:explain` and V2 `infer` POSTs are logged; anything else is not."""
+    if method != "POST":
+        return None
+    if m := _V1.match(path):
+        return Route("v1", m.group(1), None, m.group(2))
+    if m := _V2.match(path):
+        return Route("v2", m.group(1), m.group(2), "infer")
+    return None
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the logger keeps between a request and its response."""
+
+    id: str
+    route: Route
+    path: str
+    started: float
+    content_type: str
+    attributes: dict[str, str | int | bool]
+
+
+def build_spool(settings: Settings) -> Spool:
+    s = settings.spool
+    if s.durability == "memory":
+        return MemorySpool(max_events=s.memory_max_events, overflow=s.overflow)
+    return DiskSpool(
+        s.dir,
+        segment_bytes=int(s.segment_bytes),
+        max_bytes=int(s.max_bytes),
+        overflow=s.overflow,
+        fsync_interval=s.fsync_interval,
+    )
+
+
+class InferenceLogger:
+    """Records exchanges into the spool and runs the sink workers over it."""
+
+    def __init__(self, settings: Settings, *, sinks: dict[str, Sink] | None = None) -> None:
+        self.settings = settings
+        self.spool = build_spool(settings)
+        self.metrics = Metrics(self.spool)
+        if sinks is None:
+            sinks = {cfg.sink_name: cfg.build() for cfg in settings.all_sinks()}
+        d = settings.delivery
+        self.dispatcher = Dispatcher(
+            self.spool,
+            sinks,
+            self.metrics,
+            batch_size=d.batch_size,
+            backoff=Backoff(d.backoff_initial, d.backoff_max),
+            deadletter_dir=Path(settings.spool.dir) / "deadletter",
+        )
+        source = settings.source_uri or f"http://{settings.host}:{settings.port}/"
+        annotations = orjson.dumps(settings.annotations).decode() if settings.annotations else None
+        self.origin = ev.Origin(
+            source,
+            settings.inference_service,
+            settings.namespace,
+            settings.component,
+            settings.endpoint,
+            annotations,
+        )
+        self._base = self.origin.attributes()
+        self._log_request = settings.log_mode in ("all", "request")
+        self._log_response = settings.log_mode in ("all", "response")
+        self._limit = int(settings.max_payload_bytes)
+        self._accepted_request = self.metrics.accepted.labels("request")
+        self._accepted_response = self.metrics.accepted.labels("response")
+        self.started = False
+
+    async def start(self) -> None:
+        self.spool.start_fsync()
+        self.dispatcher.start()
+        self.started = True
+
+    async def stop(self) -> None:
+        await self.dispatcher.stop(self.settings.delivery.drain_timeout)
+        self.spool.close()
+        self.started = False
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def begin(
+        self,
+        route: Route,
+        path: str,
+        headers: dict[str, str],
+        raw_headers: Iterable[tuple[str, str]],
+        body: bytes,
+        event_id: str,
+    ) -> Exchange:
+        """Log the request (per log mode) and return what the response needs."""
+        started = time.perf_counter()
+        attrs: dict[str, str | int | bool] = dict(self._base)
+        attrs["id"] = event_id
+        attrs[ev.METADATA] = ev.metadata_json(raw_headers, self.settings.metadata_headers)
+        attrs[ev.MODELNAME] = route.model
+        if route.version:
+            attrs[ev.MODELVERSION] = route.version
+        attrs[ev.PROTOCOL] = route.protocol
+        attrs[ev.PATH] = path
+        if traceparent := headers.get("traceparent"):
+            attrs[ev.TRACEPARENT] = traceparent
+        content_type = headers.get("content-type", "application/json")
+        exchange = Exchange(event_id, route, path, started, content_type, attrs)
+        if self._log_request:
+            self._append(ev.REQUEST, attrs, content_type, body, self._accepted_request)
+        return exchange
+
+    def end(self, exchange: Exchange, status: int, content_type: str | None, body: bytes) -> None:
+        """Log the response, whatever its status; called before the client gets it."""
+        if not self._log_response:
+            return
+        latency = (time.perf_counter() - exchange.started) * 1000
+        attrs = dict(exchange.attributes)
+        attrs[ev.STATUSCODE] = status
+        # An integer keeps the attribute a valid CloudEvents type (no floats there).
+        attrs[ev.LATENCYMS] = max(0, round(latency))
+        self._append(
+            ev.RESPONSE, attrs, content_type or exchange.content_type, body, self._accepted_response
+        )
+
+    def _append(
+        self,
+        type_: str,
+        attrs: dict[str, str | int | bool],
+        content_type: str,
+        body: bytes,
+        counter: object,
+    ) -> None:
+        data, marks = ev.capped(body, self._limit)
+        now = ev.now_rfc3339()
+        event = CloudEvent(
+            {
+                **attrs,
+                **marks,
+                "type": type_,
+                "time": now,
+                ev.RECORDEDTIME: now,
+                "datacontenttype": content_type,
+            },
+            data,
+        )
+        if self.spool.append(event):
+            counter.inc()  # type: ignore[attr-defined]

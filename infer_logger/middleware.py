@@ -1,0 +1,81 @@
+"""The same logging as the sidecar, as ASGI middleware around a FastAPI/Starlette predictor.
+
+    app.add_middleware(InferenceLoggerMiddleware, settings=load_settings(...))
+
+The logger starts and stops with the app's lifespan. The request body is read first (and replayed
+to the app); the response event is appended before the last body chunk goes to the client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from infer_logger import events as ev
+from infer_logger.config import Settings
+from infer_logger.logger import InferenceLogger, match_route
+from infer_logger.proxy import read_body
+
+
+class InferenceLoggerMiddleware:
+    def __init__(self, app: Any, settings: Settings | None = None, logger: InferenceLogger | None = None):
+        self.app = app
+        self.logger = logger or InferenceLogger(settings or Settings())
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._lifespan_receive(receive), send)
+            return
+        route = match_route(scope.get("method", ""), scope.get("path", "")) if scope["type"] == "http" else None
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if ev.skip_logging(headers):
+            await self.app(scope, receive, send)
+            return
+        body = await read_body(receive)
+        event_id = ev.event_id(headers)
+        pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        exchange = self.logger.begin(route, scope["path"], headers, pairs, body, event_id)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        status = 500
+        content_type: str | None = None
+        chunks: list[bytes] = []
+
+        async def capture(message: dict[str, Any]) -> None:
+            nonlocal status, content_type
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message_headers = list(message.get("headers", []))
+                for k, v in message_headers:
+                    if k.lower() == b"content-type":
+                        content_type = v.decode("latin-1")
+                if not any(k.lower() == b"x-request-id" for k, _ in message_headers):
+                    message_headers.append((b"x-request-id", event_id.encode()))
+                message = {**message, "headers": message_headers}
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    self.logger.end(exchange, status, content_type, b"".join(chunks))
+            await send(message)
+
+        await self.app(scope, replay, capture)
+
+    def _lifespan_receive(self, receive: Any) -> Any:
+        async def wrapped() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.logger.start()
+            elif message["type"] == "lifespan.shutdown":
+                await self.logger.stop()
+            return message
+
+        return wrapped

@@ -1,0 +1,48 @@
+"""`file` sink: one CloudEvent per line in the JSON format (JSONL)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.cloudevents.json_format import to_json
+from infer_logger.errors import SinkError
+from infer_logger.sinks.base import SinkConfig
+
+
+class FileSinkConfig(SinkConfig):
+    type: Literal["file"] = "file"
+    path: Path = Path("infer-logger-data/events.jsonl")
+    """The JSONL file to append to (its directory is created)."""
+    fsync: bool = False
+    """Fsync after every batch, for a file that must survive a machine crash."""
+
+    def build(self) -> FileSink:
+        return FileSink(self)
+
+
+class FileSink:
+    def __init__(self, config: FileSinkConfig) -> None:
+        self.config = config
+        config.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _write(self, lines: bytes) -> None:
+        with self.config.path.open("ab") as fh:
+            fh.write(lines)
+            if self.config.fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        lines = b"".join(to_json(e) + b"\n" for e in events)
+        try:
+            await asyncio.to_thread(self._write, lines)
+        except OSError as exc:
+            raise SinkError(f"{self.config.path}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        pass
