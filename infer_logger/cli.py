@@ -56,6 +56,8 @@ def main() -> None:
 @click.option("--component", help="Component attribute.  [default: predictor]")
 @click.option("--endpoint", help="Endpoint attribute (e.g. default, canary).")
 @click.option("--metadata-headers", help="Comma-separated request headers to copy into `metadata`.")
+@click.option("--annotation", "annotations", multiple=True, metavar="KEY=VALUE",
+              help="Adds to the `annotations` attribute (JSON). Repeatable.")
 @click.option("--max-payload-bytes", help="Log payloads cut to this size (e.g. 1MiB).")
 @click.option("--timeout", type=float, help="Seconds to wait for the predictor.  [default: 60]")
 @click.option("--spool-dir", type=click.Path(path_type=Path), help="Spool directory.")
@@ -63,8 +65,8 @@ def main() -> None:
               help="disk: survives kill -9 (default); memory: faster, loses unsent events on restart.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def proxy(config: Path | None, metadata_headers: str | None, spool_dir: Path | None,
-          durability: str | None, log_level: str, **flags: Any) -> None:
+def proxy(config: Path | None, metadata_headers: str | None, annotations: tuple[str, ...],
+          spool_dir: Path | None, durability: str | None, log_level: str, **flags: Any) -> None:
     """Run the logger sidecar in front of a predictor (KServe V1 and V2 / Open Inference Protocol).
 
     Accepts KServe's agent flags, so it can stand in for KServe's logger.
@@ -74,6 +76,10 @@ def proxy(config: Path | None, metadata_headers: str | None, spool_dir: Path | N
     if metadata_headers:
         flags["metadata_headers"] = [h.strip() for h in metadata_headers.split(",") if h.strip()]
     flags["log_url"] = list(flags["log_url"]) or None
+    if annotations:
+        if bad := [a for a in annotations if "=" not in a]:
+            raise click.BadParameter(f"{bad[0]!r} is not KEY=VALUE", param_hint="--annotation")
+        flags["annotations"] = dict(a.split("=", 1) for a in annotations)
     # Sources are deep-merged: these two keys override only themselves in the spool section.
     spool = {k: v for k, v in (("dir", spool_dir), ("durability", durability)) if v is not None}
     settings = _settings(config, **flags, spool=spool or None)
@@ -111,7 +117,7 @@ def query(db: Path, id_: str | None, model: str | None, since: str | None, until
     if not db.exists():
         raise click.BadParameter(f"{db} does not exist (run the proxy or the quickstart first)",
                                  param_hint="--db")
-    store = AuditStore(db)
+    store = AuditStore(db, readonly=True)
     try:
         records = store.query(id=id_, model=model, since=_time(since, "--since"),
                               until=_time(until, "--until"), status=status, limit=limit)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -87,14 +87,22 @@ class Settings(BaseSettings):
     sinks: list[SinkSpec] = []
     """Sinks in full; with none here or in --log-url the embedded store is used."""
 
-    @model_validator(mode="after")
-    def _sinks_named_once(self) -> Settings:
+    @field_validator("sinks")
+    @classmethod
+    def _sinks_named_once(cls, sinks: list[SinkSpec]) -> list[SinkSpec]:
         seen: set[str] = set()
-        for sink in self.all_sinks():
+        for sink in sinks:
             if sink.sink_name in seen:
                 raise ValueError(f"two sinks are named {sink.sink_name!r}: give them distinct `name`s")
             seen.add(sink.sink_name)
-        return self
+        return sinks
+
+    @field_validator("log_url")
+    @classmethod
+    def _known_schemes(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            sink_from_url(url)
+        return urls
 
     def all_sinks(self) -> list[SinkSpec]:
         sinks = list(self.sinks)
@@ -134,7 +142,7 @@ def sink_from_url(url: str) -> SinkSpec:
         return FileSinkConfig(path=Path(urlparse(url).path))
     if scheme == "sqlite":
         return StoreSinkConfig(path=url.split("://", 1)[1])
-    raise ValueError(f"log_url {url!r}: scheme must be http, https, file or sqlite")
+    raise ValueError(f"{url!r}: scheme must be http, https, file or sqlite")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -107,3 +107,20 @@ class EventCollector:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class CannedPredictor(EventCollector):
+    """A predictor that answers every request with one fixed status and body."""
+
+    def __init__(self, status: int = 200, body: bytes = b"{}", port: int | None = None,
+                 content_type: str = "application/json") -> None:
+        super().__init__(port)
+        self.status, self.body, self.content_type = status, body, content_type
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await super().__call__(scope, receive, send)
+        await read_body(receive)
+        with self._cond:
+            self.attempts += 1
+        await respond(send, self.status, [(b"content-type", self.content_type.encode())], self.body)

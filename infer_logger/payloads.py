@@ -1,0 +1,142 @@
+"""Split inference payloads into per-instance items (one audit record per prediction).
+
+Shapes are recognised by structure, not by the `protocol` attribute, because KServe's V1 server
+accepts TF-style `inputs` too and mislabelled paths are common:
+
+- V1: `{"instances": [...]}` / `{"predictions": [...]}`, one item per element.
+- TF: `{"inputs": [...]}` (row) or `{"inputs": {"name": [...], ...}}` (columnar); same for `outputs`.
+- V2 (Open Inference Protocol): `{"inputs"|"outputs": [{"name", "shape", "datatype", "data"}]}`; row i
+  is `{tensor_name: value}`, sliced by `shape[0]` from natural (nested) or flattened row-major data.
+- Explanations: `{"explanations": [...]}`, one per instance; any other explanation is instance 0's.
+
+Whatever cannot be split safely (error bodies, truncated or binary data, inconsistent shapes, empty
+batches) becomes one item holding the whole payload, so nothing is dropped from the audit trail.
+Pure Python on purpose: the store runs in the sidecar, which must not pull in numpy or pandas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from math import prod
+from typing import Any
+
+from infer_logger import events
+from infer_logger.cloudevents.event import CloudEvent
+
+
+def instances(event: CloudEvent) -> list[Any]:
+    """The event's payload as one item per instance (at least one item)."""
+    body = events.decode_data(event)
+    if event.type == events.REQUEST:
+        return split_request(body)
+    if event.type == events.RESPONSE:
+        status = event.get(events.STATUSCODE)
+        # An error body describes the whole exchange, whatever it looks like.
+        if isinstance(status, int) and status >= 400:
+            return [body]
+        return split_response(body)
+    if event.type == events.EXPLANATION:
+        return split_explanation(body)
+    return [body]
+
+
+def split_request(body: Any) -> list[Any]:
+    return _split(body, "instances", "inputs")
+
+
+def split_response(body: Any) -> list[Any]:
+    return _split(body, "predictions", "outputs")
+
+
+def split_explanation(body: Any) -> list[Any]:
+    if isinstance(body, Mapping):
+        items = body.get("explanations")
+        if isinstance(items, list) and items:
+            return items
+    return [body]
+
+
+def _split(body: Any, rows_key: str, tensors_key: str) -> list[Any]:
+    if not isinstance(body, Mapping):
+        return [body]
+    rows = body.get(rows_key)
+    if isinstance(rows, list):
+        return rows or [body]
+    if tensors_key in body:
+        items = _split_tensors(body[tensors_key])
+        if items:
+            return items
+    return [body]
+
+
+def _split_tensors(value: Any) -> list[Any] | None:
+    if isinstance(value, list):
+        if value and all(_is_tensor(t) for t in value):
+            return _tensor_rows(value)
+        return value  # TF row format: already one element per instance
+    if isinstance(value, Mapping):
+        return _columns_to_rows(value)
+    return None
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, Mapping) and "name" in value and "data" in value
+
+
+def _tensor_rows(tensors: list[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
+    columns: dict[str, list[Any]] = {}
+    for tensor in tensors:
+        rows = _rows(tensor.get("shape"), tensor["data"])
+        if rows is None:
+            return None
+        columns[str(tensor["name"])] = rows
+    return _columns_to_rows(columns)
+
+
+def _columns_to_rows(columns: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """`{name: [v0, v1, ...]}` -> `[{name: v0}, {name: v1}, ...]` when every column agrees on n."""
+    lengths = {len(c) if isinstance(c, list) else -1 for c in columns.values()}
+    if len(lengths) != 1 or (n := lengths.pop()) <= 0:
+        return None
+    return [{name: column[i] for name, column in columns.items()} for i in range(n)]
+
+
+def _rows(shape: Any, data: Any) -> list[Any] | None:
+    """Rows of a V2 tensor along its first dimension, or None when shape and data disagree."""
+    if not isinstance(shape, list) or not shape or not all(_is_dim(d) for d in shape):
+        return None
+    flat = _flatten(data)
+    n, inner = shape[0], shape[1:]
+    size = prod(inner)
+    if len(flat) != n * size:
+        return None
+    if not inner:
+        return flat
+    return [_reshape(flat[i * size : (i + 1) * size], inner) for i in range(n)]
+
+
+def _is_dim(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]  # a lone scalar (e.g. one BYTES string) is a 1-element tensor
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def _reshape(flat: list[Any], shape: list[int]) -> list[Any]:
+    if len(shape) == 1:
+        return flat
+    step = prod(shape[1:])
+    return [_reshape(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]

@@ -1,0 +1,40 @@
+"""The embedded store sink: the default, zero-dependency place for audit records."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from typing import Literal
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import SinkError
+from infer_logger.sinks.base import SinkConfig
+from infer_logger.store import AuditStore
+
+
+class StoreSinkConfig(SinkConfig):
+    """Writes one record per prediction to a local SQLite file (see `infer_logger.store`)."""
+
+    type: Literal["store"] = "store"
+    path: str = "infer-logger-data/audit.db"
+    """The SQLite file; its directory is created when missing."""
+
+    def build(self) -> StoreSink:
+        return StoreSink(AuditStore(self.path))
+
+
+class StoreSink:
+    def __init__(self, store: AuditStore) -> None:
+        self.store = store
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        # SQLite blocks (fsync, busy waits), so it runs off the event loop.
+        try:
+            await asyncio.to_thread(self.store.write, events)
+        except sqlite3.Error as exc:
+            # "database is locked", disk full, I/O errors: none is the events' fault, so retry.
+            raise SinkError(f"audit store {self.store.path}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.store.close)

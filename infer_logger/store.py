@@ -1,0 +1,414 @@
+"""The embedded audit store: one SQLite row per (event id, instance index).
+
+Request, response and explanation events of one exchange share an id and arrive in any order, so
+each kind upserts only its own columns. Attributes shared by all three (time, model, service...)
+are filled by whichever comes first, the request's values winning. Status and latency belong to
+the exchange: the response sets them on every row of its id, and rows created later (a late
+request with more instances) copy them from a row the response wrote. Re-delivery overwrites.
+
+SQLite runs in WAL mode so that `infer-logger query` in another process reads while the sidecar
+writes. Times are stored as UTC RFC 3339 text with microseconds, so text order is time order.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from math import ceil
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from infer_logger import events, payloads
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import InferLoggerError
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE records (
+    id TEXT NOT NULL,
+    instance INTEGER NOT NULL,
+    time TEXT,
+    model TEXT,
+    model_version TEXT,
+    service TEXT,
+    namespace TEXT,
+    component TEXT,
+    endpoint TEXT,
+    protocol TEXT,
+    path TEXT,
+    metadata TEXT,
+    status INTEGER,
+    latency_ms REAL,
+    request TEXT,
+    response TEXT,
+    explanation TEXT,
+    request_attributes TEXT,
+    response_attributes TEXT,
+    explanation_attributes TEXT,
+    updated TEXT NOT NULL,
+    PRIMARY KEY (id, instance)
+);
+CREATE INDEX records_time ON records (time);
+CREATE INDEX records_model_time ON records (model, time);
+CREATE INDEX records_status_time ON records (status, time);
+"""
+
+# Column <- event attribute, for the attributes every event of an exchange carries.
+_SHARED = {
+    "time": "time",
+    "model": events.MODELNAME,
+    "model_version": events.MODELVERSION,
+    "service": events.INFERENCESERVICENAME,
+    "namespace": events.NAMESPACE,
+    "component": events.COMPONENT,
+    "endpoint": events.ENDPOINT,
+    "protocol": events.PROTOCOL,
+    "path": events.PATH,
+    "metadata": events.METADATA,
+}
+_KINDS = {events.REQUEST: "request", events.EXPLANATION: "explanation", events.RESPONSE: "response"}
+_FROM_RESPONSE = "(SELECT {col} FROM records WHERE id = :id AND response_attributes IS NOT NULL LIMIT 1)"
+
+
+def _upsert_sql(kind: str) -> str:
+    is_response = kind == "response"
+    columns = ["id", "instance", *_SHARED, "status", "latency_ms", kind, f"{kind}_attributes", "updated"]
+    values = [f":{c}" for c in columns]
+    if not is_response:
+        values[columns.index("status")] = _FROM_RESPONSE.format(col="status")
+        values[columns.index("latency_ms")] = _FROM_RESPONSE.format(col="latency_ms")
+    # The request's view of shared attributes wins; the others only fill gaps.
+    shared = [
+        f"{c} = COALESCE(excluded.{c}, {c})" if kind == "request" else f"{c} = COALESCE({c}, excluded.{c})"
+        for c in _SHARED
+    ]
+    own = [f"{c} = excluded.{c}" for c in (kind, f"{kind}_attributes", "updated")]
+    if is_response:
+        own += ["status = excluded.status", "latency_ms = excluded.latency_ms"]
+    return (
+        f"INSERT INTO records ({', '.join(columns)}) VALUES ({', '.join(values)}) "
+        f"ON CONFLICT (id, instance) DO UPDATE SET {', '.join(shared + own)}"
+    )
+
+
+_UPSERT = {kind: _upsert_sql(kind) for kind in _KINDS.values()}
+# The IS NOT guards skip the rows the response upsert already set: a lookup instead of a rewrite.
+_SPREAD_STATUS = (
+    "UPDATE records SET status = :status, latency_ms = :latency_ms "
+    "WHERE id = :id AND (status IS NOT :status OR latency_ms IS NOT :latency_ms)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One prediction: its exchange's attributes and its slice of each payload (decoded JSON)."""
+
+    id: str
+    instance: int
+    time: str | None
+    model: str | None
+    model_version: str | None
+    service: str | None
+    namespace: str | None
+    component: str | None
+    endpoint: str | None
+    protocol: str | None
+    path: str | None
+    metadata: Any
+    status: int | None
+    latency_ms: float | None
+    request: Any
+    response: Any
+    explanation: Any
+    request_attributes: dict[str, Any] | None
+    response_attributes: dict[str, Any] | None
+    explanation_attributes: dict[str, Any] | None
+    updated: str
+
+
+_JSON_FIELDS = frozenset(
+    {"metadata", "request", "response", "explanation"} | {f"{k}_attributes" for k in _KINDS.values()}
+)
+_COLUMNS = tuple(AuditRecord.__dataclass_fields__)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Counts for the quickstart; `by_status[None]` counts predictions still awaiting a response."""
+
+    records: int
+    ids: int
+    by_model: dict[str | None, int]
+    by_status: dict[int | None, int]
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+
+
+class AuditStore:
+    """SQLite audit store; safe to share between threads (one connection behind a lock)."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False, timeout: float = 5.0) -> None:
+        self.path = Path(path)
+        if readonly:
+            if not self.path.exists():
+                raise InferLoggerError(f"{self.path}: no audit store there")
+            target, uri = f"{self.path.resolve().as_uri()}?mode=ro", True
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            target, uri = str(self.path), False
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in write).
+        self._conn = sqlite3.connect(
+            target, uri=uri, timeout=timeout, isolation_level=None, check_same_thread=False
+        )
+        self._lock = threading.Lock()
+        try:
+            if not readonly:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
+            self._check_version()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front, so a busy database waits `timeout` here
+        # instead of failing midway on a read-to-write upgrade.
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            if self._conn.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._transaction() as conn:
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _check_version(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise InferLoggerError(
+                f"{self.path}: audit store schema version {version}, expected {SCHEMA_VERSION}"
+            )
+
+    def write(self, batch: Sequence[CloudEvent]) -> int:
+        """Upsert a batch in one transaction; returns the rows written. Unknown types are skipped."""
+        rows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in _KINDS.values()}
+        spread: list[dict[str, Any]] = []
+        updated = events.now_rfc3339()
+        for event in batch:
+            kind = _KINDS.get(event.type)
+            if kind is None:
+                continue
+            base = _row_base(event, kind, updated)
+            for index, item in enumerate(payloads.instances(event)):
+                rows[kind].append({**base, "instance": index, kind: _dumps(item)})
+            if kind == "response":
+                spread.append(base)
+        with self._lock, self._transaction() as conn:
+            for kind, params in rows.items():
+                if params:
+                    conn.executemany(_UPSERT[kind], params)
+            # After every upsert, so rows this batch created get the status too.
+            conn.executemany(_SPREAD_STATUS, spread)
+        return sum(len(params) for params in rows.values())
+
+    def query(
+        self,
+        *,
+        id: str | None = None,
+        model: str | None = None,
+        since: str | datetime | None = None,
+        until: str | datetime | None = None,
+        status: int | None = None,
+        limit: int | None = 100,
+        order: Literal["asc", "desc"] = "desc",
+    ) -> list[AuditRecord]:
+        """Records matching every given filter, by time; `since` is inclusive, `until` exclusive."""
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
+        where: list[str] = []
+        params: list[Any] = []
+        for clause, value in (
+            ("id = ?", id),
+            ("model = ?", model),
+            ("time >= ?", _utc(since)),
+            ("time < ?", _utc(until)),
+            ("status = ?", status),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM records"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY time {order}, id {order}, instance LIMIT ?"
+        params.append(-1 if limit is None else limit)
+        with self._lock:
+            fetched = self._conn.execute(sql, params).fetchall()
+        return [_record(row) for row in fetched]
+
+    def summary(self) -> Summary:
+        # One read transaction: the counts agree with each other even while another process writes.
+        with self._lock, self._snapshot():
+            records, ids = self._conn.execute("SELECT COUNT(*), COUNT(DISTINCT id) FROM records").fetchone()
+            by_model = dict(self._conn.execute("SELECT model, COUNT(*) FROM records GROUP BY model"))
+            by_status = dict(self._conn.execute("SELECT status, COUNT(*) FROM records GROUP BY status"))
+            # Every id has an instance 0 and latency is per exchange: one sample per response.
+            latencies = [
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT latency_ms FROM records WHERE instance = 0 AND latency_ms IS NOT NULL "
+                    "ORDER BY latency_ms"
+                )
+            ]
+        return Summary(
+            records=records,
+            ids=ids,
+            by_model=by_model,
+            by_status=by_status,
+            latency_p50_ms=_percentile(latencies, 50),
+            latency_p95_ms=_percentile(latencies, 95),
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> AuditStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
+    attrs = event.attributes
+    base: dict[str, Any] = {name: _text(attrs.get(attr)) for name, attr in _SHARED.items()}
+    base["time"] = _utc(attrs.get("time"))
+    status, latency = attrs.get(events.STATUSCODE), attrs.get(events.LATENCYMS)
+    base["id"] = event.id
+    # Attributes may arrive as strings (HTTP/Kafka binary mode headers), hence the conversions.
+    base["status"] = _int(status)
+    base["latency_ms"] = _float(latency)
+    base[f"{kind}_attributes"] = _dumps(attrs)
+    base["updated"] = updated
+    return base
+
+
+def _text(value: object) -> str | None:
+    # KServe-style origins send "" for unset attributes; store those as NULL so COALESCE fills them.
+    return None if value is None or value == "" else str(value)
+
+
+def _float(value: object) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _int(value: object) -> int | None:
+    number = _float(value)
+    return int(number) if number is not None and number.is_integer() else None
+
+
+def _utc(value: object) -> str | None:
+    """RFC 3339 UTC with microseconds (the form `events.now_rfc3339` makes); naive means UTC."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        text = str(value)
+        if len(text) == 27 and text[19] == "." and text.endswith("Z"):
+            return text  # already canonical: the common case, skip parsing
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            return text
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _dumps(value: object) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _loads(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text  # e.g. a `metadata` attribute that was not JSON
+
+
+def _record(row: Sequence[Any]) -> AuditRecord:
+    values = {name: _loads(v) if name in _JSON_FIELDS else v for name, v in zip(_COLUMNS, row)}
+    return AuditRecord(**values)
+
+
+def _percentile(ordered: Sequence[float], pct: float) -> float | None:
+    """Nearest-rank percentile of an ascending sequence."""
+    if not ordered:
+        return None
+    return float(ordered[max(ceil(pct / 100 * len(ordered)), 1) - 1])
+
+
+def format_table(records: Iterable[AuditRecord], *, width: int = 40) -> str:
+    """Aligned plain-text columns for `infer-logger query`; the prediction is cut to `width`."""
+    header = ("TIME", "ID", "INSTANCE", "MODEL", "STATUS", "LATENCY_MS", "PREDICTION")
+    lines = [header] + [
+        (
+            r.time or "-",
+            r.id,
+            str(r.instance),
+            (r.model or "-") + (f":{r.model_version}" if r.model_version else ""),
+            "-" if r.status is None else str(r.status),
+            "-" if r.latency_ms is None else f"{r.latency_ms:.1f}",
+            _short(r.response, width),
+        )
+        for r in records
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines
+    )
+
+
+def _short(value: object, width: int) -> str:
+    if value is None:
+        return "-"
+    text = value if isinstance(value, str) else _dumps(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def records_to_json(records: Iterable[AuditRecord]) -> str:
+    """A JSON array of records (payloads embedded as JSON, not as text)."""
+    return orjson.dumps(list(records), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()

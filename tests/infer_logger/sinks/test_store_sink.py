@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import orjson
+import pytest
+
+from infer_logger import events
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import RejectedError, SinkError
+from infer_logger.sinks.base import Sink
+from infer_logger.sinks.store import StoreSink, StoreSinkConfig
+from infer_logger.store import AuditStore
+
+
+def _event(type_: str, id_: str, body: object, **attrs: str | int) -> CloudEvent:
+    base = {"id": id_, "source": "s", "specversion": "1.0", "type": type_, "modelname": "iris", **attrs}
+    return CloudEvent(base, orjson.dumps(body))
+
+
+class TestStoreSink:
+    """The store sink writes records off the event loop and maps SQLite failures to retries."""
+
+    def test_config(self, tmp_path: Path) -> None:
+        config = StoreSinkConfig.model_validate({"type": "store", "path": str(tmp_path / "d" / "a.db")})
+        assert config.sink_name == "store"
+        assert StoreSinkConfig().path == "infer-logger-data/audit.db"
+        sink = config.build()
+        assert isinstance(sink, Sink)
+        assert (tmp_path / "d" / "a.db").exists()
+        asyncio.run(sink.aclose())
+
+    async def test_send_batch(self, tmp_path: Path) -> None:
+        sink = StoreSinkConfig(path=str(tmp_path / "a.db")).build()
+        await sink.send_batch([_event(events.REQUEST, "a", {"instances": [[1], [2]]})])
+        await asyncio.gather(
+            sink.send_batch([_event(events.RESPONSE, "a", {"predictions": [5, 6]}, statuscode=200)]),
+            sink.send_batch([_event(events.REQUEST, "b", {"instances": [[3]]})]),
+        )
+        await sink.aclose()
+        with AuditStore(tmp_path / "a.db", readonly=True) as store:
+            records = store.query(order="asc", limit=None)
+        assert sorted((r.id, r.instance, r.response, r.status) for r in records) == [
+            ("a", 0, 5, 200),
+            ("a", 1, 6, 200),
+            ("b", 0, None, None),
+        ]
+
+    async def test_locked_database_is_retryable(self, tmp_path: Path) -> None:
+        path = tmp_path / "a.db"
+        sink = StoreSink(AuditStore(path, timeout=0.05))
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        try:
+            with pytest.raises(SinkError, match="locked") as caught:
+                await sink.send_batch([_event(events.REQUEST, "a", {"instances": [[1]]})])
+            assert not isinstance(caught.value, RejectedError)  # retried, not dead-lettered
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        await sink.send_batch([_event(events.REQUEST, "a", {"instances": [[1]]})])  # the retry succeeds
+        assert len(sink.store.query()) == 1
+        await sink.aclose()

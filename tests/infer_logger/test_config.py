@@ -1,0 +1,105 @@
+"""Settings: sources and their order, and errors that name the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infer_logger.config import load_settings
+from infer_logger.errors import ConfigError
+from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, StoreSinkConfig
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("INFER_LOGGER_") and key != "INFER_LOGGER_CONFORMANCE":
+            monkeypatch.delenv(key)
+
+
+class TestSources:
+    """Flags beat env vars, env vars beat the YAML file, the file beats defaults."""
+
+    def test_defaults_use_the_store(self) -> None:
+        s = load_settings()
+        assert s.port == 9081 and s.upstream == "http://127.0.0.1:8080"
+        assert [type(x) for x in s.all_sinks()] == [StoreSinkConfig]
+
+    def test_precedence(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("port: 1000\nnamespace: from-yaml\ncomponent: from-yaml\nspool:\n  durability: memory\n")
+        monkeypatch.setenv("INFER_LOGGER_NAMESPACE", "from-env")
+        monkeypatch.setenv("INFER_LOGGER_COMPONENT", "from-env")
+        monkeypatch.setenv("INFER_LOGGER_SPOOL__MAX_BYTES", "10MiB")
+        s = load_settings(cfg, component="from-flag", spool={"dir": "x"})
+        assert s.port == 1000
+        assert s.namespace == "from-env"
+        assert s.component == "from-flag"
+        assert s.spool.durability == "memory" and s.spool.dir == Path("x")
+        assert int(s.spool.max_bytes) == 10 * 1024 * 1024
+
+    def test_log_urls_become_named_sinks(self) -> None:
+        s = load_settings(log_url=["http://a/", "http://b/", "file:///tmp/e.jsonl", "sqlite:///tmp/a.db"])
+        sinks = s.all_sinks()
+        assert [type(x) for x in sinks] == [HttpSinkConfig, HttpSinkConfig, FileSinkConfig, StoreSinkConfig]
+        assert [x.sink_name for x in sinks] == ["http", "http2", "file", "store"]
+
+    def test_sinks_from_yaml(self, tmp_path: Path) -> None:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("sinks:\n  - type: http\n    url: http://broker/\n    mode: structured\n"
+                       "  - type: file\n    path: /tmp/x.jsonl\n")
+        s = load_settings(cfg)
+        assert s.all_sinks()[0].mode == "structured"
+
+
+class TestErrors:
+    """Every error names the field and, where there is a choice, the allowed values."""
+
+    @pytest.mark.parametrize(
+        ("yaml_text", "field", "hint"),
+        [
+            ("log_mode: sometimes\n", "log_mode", "'all', 'request' or 'response'"),
+            ("sinks:\n  - type: carrier-pigeon\n", "sinks.0", "'http', 'file', 'store'"),
+            ("sinks:\n  - type: http\n", "sinks.0.http.url", "Field required"),
+            ("spool:\n  durability: tape\n", "spool.durability", "'disk' or 'memory'"),
+            ("spool:\n  nope: 1\n", "spool.nope", "Extra inputs"),
+            ("port: -1\n", "port", "greater than or equal"),
+            ("sinks:\n  - type: file\n  - type: file\n", "sinks", "two sinks are named 'file'"),
+        ],
+    )
+    def test_bad_yaml_values(self, tmp_path: Path, yaml_text: str, field: str, hint: str) -> None:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml_text)
+        with pytest.raises(ConfigError) as info:
+            load_settings(cfg)
+        assert info.value.field.startswith(field)
+        assert hint in info.value.message
+
+    def test_broken_yaml_names_the_line(self, tmp_path: Path) -> None:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("port: 1\nsinks: [\n")
+        with pytest.raises(ConfigError, match=r"c.yaml:3:1"):
+            load_settings(cfg)
+
+    def test_bad_log_url_scheme(self) -> None:
+        with pytest.raises(ConfigError, match="scheme must be"):
+            load_settings(log_url=["ftp://x"])
+
+    def test_cli_exits_2_naming_the_field(self, tmp_path: Path) -> None:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("spool:\n  overflow: explode\n")
+        done = subprocess.run([sys.executable, "-m", "infer_logger.cli", "proxy", "-c", str(cfg)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2
+        assert "spool.overflow" in done.stderr and "drop_newest" in done.stderr
+        assert "Traceback" not in done.stderr
+
+    def test_cli_env_error(self, tmp_path: Path) -> None:
+        done = subprocess.run([sys.executable, "-m", "infer_logger.cli", "proxy"], capture_output=True,
+                              text=True, timeout=60, env={"INFER_LOGGER_LOG_MODE": "x", "PATH": "/usr/bin"})
+        assert done.returncode == 2 and "log_mode" in done.stderr

@@ -1,0 +1,151 @@
+"""Never lose an event a client saw: sink outages, refusals, slow sinks and kill -9."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from infer_logger import events as ev
+from infer_logger.testing import EventCollector, free_port
+from tests.servers import Process, sidecar_process
+
+pytestmark = pytest.mark.slow
+
+V1 = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
+
+
+def predict(proc: Process, event_id: str) -> httpx.Response:
+    return httpx.post(proc.url + "/v1/models/iris:predict", json=V1, headers={"ce-id": event_id}, timeout=10)
+
+
+def ids_of(sink: EventCollector, type_: str) -> set[str]:
+    return {e.id for e in sink.events if e.type == type_}
+
+
+def test_sink_outage_mid_stream_then_recovery(iris_predictor: Process, tmp_path: Path) -> None:
+    port = free_port()
+    sink = EventCollector(port).start()
+    proc = sidecar_process(iris_predictor.url, tmp_path, "--log-url", sink.url).start()
+    try:
+        for i in range(20):
+            assert predict(proc, f"a{i}").status_code == 200
+        sink.wait_for(40)
+        sink.stop()  # the broker goes away mid-stream
+        for i in range(20, 60):
+            assert predict(proc, f"a{i}").status_code == 200  # inference unaffected
+        assert httpx.get(proc.url + "/readyz").json()["ready"] is True
+        back = EventCollector(port).start()  # restarted on the same address
+        try:
+            back.wait_for(80, timeout=30)  # 40 spooled during the outage, retried after it
+            seen = ids_of(sink, ev.RESPONSE) | ids_of(back, ev.RESPONSE)
+            assert seen == {f"a{i}" for i in range(60)}
+            metrics = httpx.get(proc.url + "/metrics").text
+            assert "infer_logger_batches_retried_total" in metrics
+        finally:
+            back.stop()
+    finally:
+        proc.stop()
+        sink.stop()
+
+
+def test_refused_events_are_dead_lettered_and_counted(iris_predictor: Process, tmp_path: Path) -> None:
+    with EventCollector() as sink:
+        sink.fail_with = 400
+        proc = sidecar_process(iris_predictor.url, tmp_path, "--log-url", sink.url).start()
+        try:
+            assert predict(proc, "dl-1").status_code == 200
+            dead = tmp_path / "spool" / "deadletter" / "http.jsonl"
+            for _ in range(200):
+                if dead.exists() and dead.read_bytes().count(b"\n") >= 2:
+                    break
+                threading.Event().wait(0.05)
+            records = [orjson.loads(line) for line in dead.read_bytes().splitlines()]
+            assert {r["attributes"]["id"] for r in records} == {"dl-1"}
+            assert "400" in records[0]["reason"]
+            metrics = httpx.get(proc.url + "/metrics").text
+            assert 'infer_logger_events_dropped_total{reason="rejected"} 2.0' in metrics
+        finally:
+            proc.stop()
+
+
+def test_retry_after_and_5xx_are_retried(iris_predictor: Process, tmp_path: Path) -> None:
+    with EventCollector() as sink:
+        sink.fail_with, sink.retry_after = 503, "0"
+        proc = sidecar_process(iris_predictor.url, tmp_path, "--log-url", sink.url).start()
+        try:
+            predict(proc, "r-1")
+            for _ in range(200):
+                if sink.attempts >= 3:
+                    break
+                threading.Event().wait(0.05)
+            sink.fail_with = None
+            assert {e.id for e in sink.wait_for(2)} == {"r-1"}
+        finally:
+            proc.stop()
+
+
+def test_slow_sink_does_not_hold_requests(iris_predictor: Process, tmp_path: Path) -> None:
+    with EventCollector() as sink:
+        sink.delay = 1.0
+        proc = sidecar_process(iris_predictor.url, tmp_path, "--log-url", sink.url).start()
+        try:
+            for i in range(20):
+                # Well under the sink's delay: the response never waits for delivery.
+                assert predict(proc, f"s{i}").elapsed.total_seconds() < 0.9
+            assert len(sink.wait_for(40, timeout=30)) == 40
+        finally:
+            proc.stop()
+
+
+def test_kill9_then_restart_delivers_everything_clients_saw(iris_predictor: Process, tmp_path: Path) -> None:
+    port = free_port()
+    sink = EventCollector(port)  # down at first: events can only be in the spool
+    proc = sidecar_process(iris_predictor.url, tmp_path, "--log-url", sink.url).start()
+    answered: list[str] = []
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                r = predict(proc, f"k{worker}-{i}")
+            except httpx.TransportError:
+                return  # the sidecar died under us: this one never reached the client
+            if r.status_code == 200:
+                answered.append(f"k{worker}-{i}")
+            i += 1
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    while len(answered) < 100:
+        threading.Event().wait(0.01)
+    proc.kill9()
+    stop.set()
+    for t in threads:
+        t.join()
+    sink.start()
+    again = sidecar_process(iris_predictor.url, tmp_path, "--log-url", sink.url, port=proc.port).start()
+    try:
+        sink.wait_for(2 * len(answered), timeout=30)
+        assert set(answered) <= ids_of(sink, ev.REQUEST)
+        assert set(answered) <= ids_of(sink, ev.RESPONSE)
+    finally:
+        again.stop()
+        sink.stop()
+
+
+def test_memory_durability_delivers_while_running(iris_predictor: Process, tmp_path: Path) -> None:
+    with EventCollector() as sink:
+        proc = sidecar_process(iris_predictor.url, tmp_path, "--log-url", sink.url, "--durability", "memory").start()
+        try:
+            for i in range(10):
+                predict(proc, f"mem{i}")
+            assert len(sink.wait_for(20)) == 20
+            assert not list((tmp_path / "spool").glob("*.seg"))
+        finally:
+            proc.stop()

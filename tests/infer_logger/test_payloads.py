@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from infer_logger import events
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.payloads import instances, split_explanation, split_request, split_response
+
+CONFORMANCE = Path(
+    os.environ.get("INFER_LOGGER_CONFORMANCE", Path(__file__).parents[2] / ".." / "shared" / "conformance")
+)
+KSERVE = CONFORMANCE / "kserve"
+needs_conformance = pytest.mark.skipif(
+    not KSERVE.is_dir(), reason=f"conformance data not found at {KSERVE} (set INFER_LOGGER_CONFORMANCE)"
+)
+
+
+def _payload(name: str) -> Any:
+    return json.loads((KSERVE / "payloads" / name).read_text())
+
+
+def _event(type_: str, data: bytes | None, **attrs: Any) -> CloudEvent:
+    return CloudEvent({"id": "1", "source": "test", "specversion": "1.0", "type": type_, **attrs}, data)
+
+
+@needs_conformance
+class TestKServePayloads:
+    """KServe's sample payloads split into one item per instance."""
+
+    @pytest.mark.parametrize(
+        ("name", "count"),
+        [
+            ("iris-v1-input.json", 2),
+            ("income-v1-input.json", 1),
+            ("aif-germancredit-input.json", None),
+            ("bert-v1-input.json", 1),
+            ("moviesentiment-positive-v1-input.json", 1),
+            ("art-mnist-explain-input.json", None),
+        ],
+    )
+    def test_v1_requests(self, name: str, count: int | None) -> None:
+        body = _payload(name)
+        items = split_request(body)
+        assert items == body["instances"]
+        if count is not None:
+            assert len(items) == count
+
+    def test_named_features_stay_a_dict(self) -> None:
+        (item,) = split_request(_payload("sklearn-mixedtype-input.json"))
+        assert item["MSZoning"] == "RL"
+        assert item["GarageArea"] == 548
+
+    def test_v2_request_nested_data(self) -> None:
+        assert split_request(_payload("iris-v2-input.json")) == [
+            {"input-0": [6.8, 2.8, 4.8, 1.4]},
+            {"input-0": [6.0, 3.4, 4.5, 1.6]},
+        ]
+
+    @pytest.mark.parametrize(
+        "name",
+        ["income-predict-expected-response.json", "moviesentiment-positive-predict-expected-response.json"],
+    )
+    def test_v1_responses(self, name: str) -> None:
+        body = _payload(name)
+        assert split_response(body) == body["predictions"]
+
+    @pytest.mark.parametrize(
+        "name", ["income-explain-example-response.json", "moviesentiment-explain-example-response.json"]
+    )
+    def test_anchor_explanation_is_instance_zeros(self, name: str) -> None:
+        body = _payload(name)
+        assert split_explanation(body) == [body]
+
+    def test_oip_examples(self) -> None:
+        examples = {e["id"]: e for e in yaml.safe_load((KSERVE / "oip-examples.yaml").read_text())["examples"]}
+        spec = examples["oip-inference-request-example"]
+        # input1 declares shape [3] with one element: inconsistent, so the request stays whole.
+        assert split_request(spec["request"]["json"]) == [spec["request"]["json"]]
+        assert split_response(spec["response"]["json"]) == [
+            {"output0": [1.0, 1.1]},
+            {"output0": [2.0, 2.1]},
+            {"output0": [3.0, 3.1]},
+        ]
+        documented = examples["kserve-iris-v2-request"]["documented_response_example"]
+        assert split_response(documented) == [{"predict": 1}, {"predict": 2}]
+
+
+class TestV2Tensors:
+    """V2 tensors are sliced by shape[0], from flat or nested data."""
+
+    def test_flat_row_major(self) -> None:
+        body = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "UINT32", "data": [1, 2, 3, 4]}]}
+        assert split_request(body) == [{"x": [1, 2]}, {"x": [3, 4]}]
+
+    def test_three_dims(self) -> None:
+        body = {"inputs": [{"name": "x", "shape": [2, 2, 2], "datatype": "FP32", "data": list(range(8))}]}
+        assert split_request(body) == [{"x": [[0, 1], [2, 3]]}, {"x": [[4, 5], [6, 7]]}]
+
+    def test_column_per_feature(self) -> None:
+        body = {
+            "parameters": {"content_type": "pd"},
+            "inputs": [
+                {"name": "age", "shape": [2], "datatype": "INT64", "data": [39, 50]},
+                {"name": "job", "shape": [2], "datatype": "BYTES", "data": ["clerk", "chef"],
+                 "parameters": {"content_type": "str"}},
+            ],
+        }
+        assert split_request(body) == [{"age": 39, "job": "clerk"}, {"age": 50, "job": "chef"}]
+
+    def test_column_of_width_one(self) -> None:
+        body = {"outputs": [{"name": "p", "shape": [3, 1], "datatype": "FP32", "data": [0.1, 0.2, 0.3]}]}
+        assert split_response(body) == [{"p": [0.1]}, {"p": [0.2]}, {"p": [0.3]}]
+
+    def test_lone_bytes_scalar(self) -> None:
+        body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": "hello"}]}
+        assert split_request(body) == [{"text": "hello"}]
+
+    @pytest.mark.parametrize(
+        "tensors",
+        [
+            [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3]}],  # too little data
+            [{"name": "x", "shape": [], "datatype": "FP32", "data": [1]}],  # a scalar: no batch axis
+            [{"name": "x", "shape": [0, 4], "datatype": "FP32", "data": []}],  # an empty batch
+            [{"name": "x", "shape": ["n"], "datatype": "FP32", "data": [1]}],
+            [
+                {"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]},
+                {"name": "y", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]},  # batch sizes differ
+            ],
+        ],
+    )
+    def test_inconsistent_stays_whole(self, tensors: list[dict[str, Any]]) -> None:
+        body = {"inputs": tensors}
+        assert split_request(body) == [body]
+
+
+class TestOtherShapes:
+    """TF formats, explanations and whatever is not a batch."""
+
+    def test_tf_row_inputs(self) -> None:
+        assert split_request({"inputs": [[1, 2], [3, 4]]}) == [[1, 2], [3, 4]]
+
+    def test_tf_columnar_inputs(self) -> None:
+        body = {"inputs": {"a": [1, 2], "b": [[1, 1], [2, 2]]}}
+        assert split_request(body) == [{"a": 1, "b": [1, 1]}, {"a": 2, "b": [2, 2]}]
+
+    def test_tf_columnar_outputs_of_unequal_length_stay_whole(self) -> None:
+        body = {"outputs": {"a": [1, 2], "b": [1]}}
+        assert split_response(body) == [body]
+
+    def test_explanations_list(self) -> None:
+        assert split_explanation({"explanations": [{"a": 1}, {"a": 2}]}) == [{"a": 1}, {"a": 2}]
+
+    @pytest.mark.parametrize(
+        "body", [{"instances": []}, {"instances": "invalid"}, {"error": "bad"}, [1, 2], "text", None]
+    )
+    def test_unsplittable(self, body: Any) -> None:
+        assert split_request(body) == [body]
+
+
+class TestInstances:
+    """`instances(event)` picks the split by event type and keeps odd payloads whole."""
+
+    def test_request_and_response(self) -> None:
+        req = _event(events.REQUEST, b'{"instances": [[1], [2]]}')
+        resp = _event(events.RESPONSE, b'{"predictions": [0, 1]}', statuscode=200)
+        assert instances(req) == [[1], [2]]
+        assert instances(resp) == [0, 1]
+
+    def test_error_response_is_one_item(self) -> None:
+        body = {"predictions": [0, 1], "error": "partial"}
+        assert instances(_event(events.RESPONSE, orjson.dumps(body), statuscode=500)) == [body]
+
+    def test_non_json_body(self) -> None:
+        (item,) = instances(_event(events.RESPONSE, b"Internal Server Error", statuscode=500))
+        assert item == {"base64": "SW50ZXJuYWwgU2VydmVyIEVycm9y"}
+
+    def test_truncated_is_not_parsed(self) -> None:
+        event = _event(events.REQUEST, b'{"instances": [[1], [2]]}', truncated=True, datasize=999)
+        (item,) = instances(event)
+        assert set(item) == {"base64"}
+
+    def test_no_data(self) -> None:
+        assert instances(_event(events.REQUEST, None)) == [None]
+
+    def test_explanation_and_unknown_type(self) -> None:
+        assert instances(_event(events.EXPLANATION, b'{"explanations": [1, 2]}')) == [1, 2]
+        assert instances(_event("com.example.other", b'{"instances": [1, 2]}')) == [{"instances": [1, 2]}]

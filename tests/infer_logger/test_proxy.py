@@ -1,0 +1,189 @@
+"""The sidecar as a process between a real predictor and a real CloudEvents receiver."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from infer_logger import events as ev
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.testing import EventCollector, free_port
+from tests.servers import Process, sidecar_process
+
+pytestmark = pytest.mark.slow
+
+V1 = {"instances": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}
+V2 = {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]}
+
+
+@pytest.fixture(scope="module")
+def collector() -> Iterator[EventCollector]:
+    with EventCollector() as sink:
+        yield sink
+
+
+@pytest.fixture(scope="module")
+def sidecar(iris_predictor: Process, collector: EventCollector, tmp_path_factory) -> Iterator[Process]:
+    tmp = tmp_path_factory.mktemp("sidecar")
+    proc = sidecar_process(
+        iris_predictor.url, tmp, "--log-url", collector.url, "--inference-service", "iris",
+        "--namespace", "ns", "--component", "predictor", "--endpoint", "default",
+        "--metadata-headers", "Foo,Fizz", "--source-uri", "http://localhost:9081/",
+        "--max-payload-bytes", "4096",
+    ).start()
+    yield proc
+    proc.stop()
+
+
+def events_for(collector: EventCollector, event_id: str, count: int = 2) -> dict[str, CloudEvent]:
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = {e.type: e for e in list(collector.events) if e.id == event_id}
+        if len(found) >= count:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"{count} events for {event_id} never arrived: {found}")
+
+
+class TestLogging:
+    """Inference calls produce a request and a response event sharing the id."""
+
+    def test_v1_predict(self, sidecar: Process, collector: EventCollector) -> None:
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", json=V1, headers={"Foo": "bar", "Fizz": "buzz"})
+        assert r.status_code == 200
+        assert len(r.json()["predictions"]) == 2
+        rid = r.headers["x-request-id"]
+        found = events_for(collector, rid)
+        req, resp = found[ev.REQUEST], found[ev.RESPONSE]
+        assert req.json() == V1
+        assert resp.json() == r.json()
+        for e in (req, resp):
+            assert e["specversion"] == "1.0"
+            assert e["source"] == "http://localhost:9081/"
+            assert e["inferenceservicename"] == "iris"
+            assert e["namespace"] == "ns"
+            assert e["component"] == "predictor"
+            assert e["endpoint"] == "default"
+            assert e["modelname"] == "iris"
+            assert e["protocol"] == "v1"
+            assert e["path"] == "/v1/models/iris:predict"
+            assert json.loads(e["metadata"]) == {"Foo": ["bar"], "Fizz": ["buzz"]}
+            assert e["recordedtime"] >= e["time"]
+        assert int(resp["statuscode"]) == 200
+        assert int(resp["latencyms"]) >= 0
+        assert resp.datacontenttype.startswith("application/json")
+
+    def test_v2_infer_with_version_and_ce_id(self, sidecar: Process, collector: EventCollector) -> None:
+        r = httpx.post(sidecar.url + "/v2/models/iris/versions/3/infer", json=V2, headers={"ce-id": "abc-123"})
+        assert r.status_code == 200
+        assert r.headers["x-request-id"] == "abc-123"
+        found = events_for(collector, "abc-123")
+        assert found[ev.RESPONSE]["modelversion"] == "3"
+        assert found[ev.REQUEST]["protocol"] == "v2"
+        assert found[ev.RESPONSE].json()["outputs"][0]["name"] == "predict"
+
+    def test_x_request_id_is_the_id(self, sidecar: Process, collector: EventCollector) -> None:
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", json=V1, headers={"x-request-id": "rid-7"})
+        assert r.headers["x-request-id"] == "rid-7"
+        events_for(collector, "rid-7")
+
+    def test_error_responses_are_logged_with_status(self, sidecar: Process, collector: EventCollector) -> None:
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", json={"instances": [[1]]})
+        assert r.status_code == 400
+        found = events_for(collector, r.headers["x-request-id"])
+        assert int(found[ev.RESPONSE]["statuscode"]) == 400
+        assert "expected a list" in found[ev.RESPONSE].json()["error"]
+
+    @pytest.mark.parametrize("header", ["x-skip-logging", "Seldon-Skip-Logging"])
+    def test_skip_logging(self, sidecar: Process, collector: EventCollector, header: str) -> None:
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", json=V1, headers={header: "true", "ce-id": header})
+        assert r.status_code == 200
+        assert r.headers["x-request-id"] == header
+        httpx.post(sidecar.url + "/v1/models/iris:predict", json=V1, headers={"ce-id": "after-" + header})
+        events_for(collector, "after-" + header)
+        assert not [e for e in collector.events if e.id == header]
+
+    def test_other_paths_are_proxied_unlogged(self, sidecar: Process, collector: EventCollector) -> None:
+        before = len(collector.events)
+        assert httpx.get(sidecar.url + "/v1/models").json() == {"models": ["iris"]}
+        assert httpx.get(sidecar.url + "/v2/health/ready").json() == {"ready": True}
+        assert httpx.get(sidecar.url + "/v2/models/iris").json()["name"] == "iris"
+        assert httpx.get(sidecar.url + "/v1/models/nope").status_code == 404
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", json=V1, headers={"ce-id": "fence-1"})
+        events_for(collector, "fence-1")
+        assert all(e.id == "fence-1" for e in collector.events[before:])
+
+    def test_huge_and_binary_bodies(self, sidecar: Process, collector: EventCollector) -> None:
+        big = {"instances": [[1.0, 2.0, 3.0, 4.0]] * 2000}  # > 4096 bytes: cut and marked
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", json=big, headers={"ce-id": "big-1"})
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 2000
+        found = events_for(collector, "big-1")
+        req = found[ev.REQUEST]
+        assert req["truncated"] in (True, "true")
+        assert int(req["datasize"]) == len(orjson.dumps(big)) or int(req["datasize"]) > 4096
+        assert len(req.data or b"") == 4096
+        raw = bytes(range(256)) * 4
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", content=raw,
+                       headers={"content-type": "application/octet-stream", "ce-id": "bin-1"})
+        assert r.status_code == 400  # the predictor's answer, passed through
+        found = events_for(collector, "bin-1")
+        assert found[ev.REQUEST].data == raw
+        assert found[ev.REQUEST].datacontenttype == "application/octet-stream"
+
+    def test_own_endpoints(self, sidecar: Process) -> None:
+        assert httpx.get(sidecar.url + "/healthz").json() == {"status": "ok"}
+        ready = httpx.get(sidecar.url + "/readyz").json()
+        assert ready["ready"] is True and ready["sinks"] == {"http": "ok"}
+        metrics = httpx.get(sidecar.url + "/metrics").text
+        for name in ("infer_logger_events_accepted_total", "infer_logger_events_delivered_total",
+                     "infer_logger_spool_bytes", "infer_logger_sink_latency_seconds_bucket",
+                     "infer_logger_events_dropped"):
+            assert name in metrics
+
+
+class TestPredictorFailures:
+    """The client gets the 502/504 and the events record it."""
+
+    def test_predictor_down_is_502(self, collector: EventCollector, tmp_path: Path) -> None:
+        dead = f"http://127.0.0.1:{free_port()}"
+        proc = sidecar_process(dead, tmp_path, "--log-url", collector.url).start()
+        try:
+            r = httpx.post(proc.url + "/v1/models/m:predict", json=V1, headers={"ce-id": "down-1"})
+            assert r.status_code == 502
+            assert "unreachable" in r.json()["error"]
+            found = events_for(collector, "down-1")
+            assert int(found[ev.RESPONSE]["statuscode"]) == 502
+        finally:
+            proc.stop()
+
+    def test_slow_predictor_is_504(self, collector: EventCollector, tmp_path: Path) -> None:
+        with EventCollector() as slow:
+            slow.delay = 3
+            proc = sidecar_process(slow.url, tmp_path, "--log-url", collector.url, "--timeout", "0.5").start()
+            try:
+                r = httpx.post(proc.url + "/v1/models/m:predict", json=V1, headers={"ce-id": "slow-1"}, timeout=10)
+                assert r.status_code == 504
+                found = events_for(collector, "slow-1")
+                assert int(found[ev.RESPONSE]["statuscode"]) == 504
+            finally:
+                proc.stop()
+
+
+@pytest.mark.parametrize(("mode", "types"), [("request", {ev.REQUEST}), ("response", {ev.RESPONSE})])
+def test_log_mode(iris_predictor: Process, tmp_path: Path, mode: str, types: set[str]) -> None:
+    with EventCollector() as sink:
+        proc = sidecar_process(iris_predictor.url, tmp_path, "--log-url", sink.url, "--log-mode", mode).start()
+        try:
+            for i in range(3):
+                httpx.post(proc.url + "/v1/models/iris:predict", json=V1, headers={"ce-id": f"m{i}"})
+        finally:
+            proc.stop()  # drains
+        assert {e.type for e in sink.wait_for(3)} == types
+        assert len(sink.events) == 3

@@ -1,0 +1,306 @@
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from infer_logger import events
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import InferLoggerError
+from infer_logger.store import SCHEMA_VERSION, AuditRecord, AuditStore, format_table, records_to_json
+
+T0 = "2025-01-01T00:00:00.000000Z"
+
+
+def _attrs(type_: str, id_: str, time: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": id_,
+        "source": "http://sidecar",
+        "specversion": "1.0",
+        "type": type_,
+        "time": time,
+        "inferenceservicename": "iris",
+        "namespace": "default",
+        "component": "predictor",
+        "endpoint": "",
+        "modelname": "iris",
+        "protocol": "v1",
+        "path": "/v1/models/iris:predict",
+        "metadata": '{"x-user": ["ann"]}',
+        **extra,
+    }
+
+
+def request(id_: str = "a", body: Any = None, time: str = T0, **extra: Any) -> CloudEvent:
+    body = {"instances": [[1, 2], [3, 4]]} if body is None else body
+    return CloudEvent(_attrs(events.REQUEST, id_, time, **extra), orjson.dumps(body))
+
+
+def response(
+    id_: str = "a", body: Any = None, status: int = 200, latency: float = 12.5, time: str = T0, **extra: Any
+) -> CloudEvent:
+    body = {"predictions": [0, 1]} if body is None else body
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    attrs = _attrs(events.RESPONSE, id_, time, statuscode=status, latencyms=latency, **extra)
+    return CloudEvent(attrs, data)
+
+
+def explanation(id_: str = "a", body: Any = None, time: str = T0) -> CloudEvent:
+    body = {"explanations": [{"f0": 0.5}, {"f0": -0.5}]} if body is None else body
+    return CloudEvent(_attrs(events.EXPLANATION, id_, time), orjson.dumps(body))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[AuditStore]:
+    with AuditStore(tmp_path / "audit.db") as s:
+        yield s
+
+
+def _by_instance(store: AuditStore, id_: str = "a") -> list[AuditRecord]:
+    return sorted(store.query(id=id_), key=lambda r: r.instance)
+
+
+class TestJoin:
+    """Request, response and explanation meet in one record per instance, whatever their order."""
+
+    @pytest.mark.parametrize("order", list(itertools.permutations(["request", "response", "explanation"])))
+    @pytest.mark.parametrize("batched", [False, True])
+    def test_every_arrival_order(self, store: AuditStore, order: tuple[str, ...], batched: bool) -> None:
+        made = {"request": request(), "response": response(), "explanation": explanation()}
+        if batched:
+            store.write([made[k] for k in order])
+        else:
+            for kind in order:
+                store.write([made[kind]])
+        first, second = _by_instance(store)
+        assert (first.request, first.response, first.explanation) == ([1, 2], 0, {"f0": 0.5})
+        assert (second.request, second.response, second.explanation) == ([3, 4], 1, {"f0": -0.5})
+        for record in (first, second):
+            assert (record.status, record.latency_ms, record.model, record.service) == (200, 12.5, "iris", "iris")
+            assert record.metadata == {"x-user": ["ann"]}
+            assert record.request_attributes and record.request_attributes["type"] == events.REQUEST
+            assert record.response_attributes and record.response_attributes["statuscode"] == 200
+            assert record.explanation_attributes is not None
+
+    def test_redelivery_overwrites(self, store: AuditStore) -> None:
+        batch = [request(), response(), explanation()]
+        store.write(batch)
+        store.write(batch)
+        store.write([batch[0], batch[0]])
+        assert len(store.query()) == 2
+        assert store.summary().records == 2
+
+    def test_redelivered_response_replaces(self, store: AuditStore) -> None:
+        store.write([request(), response(status=503, body={"error": "busy"})])
+        store.write([response(status=200)])
+        assert [(r.status, r.response) for r in _by_instance(store)] == [(200, 0), (200, 1)]
+
+    def test_request_attributes_win(self, store: AuditStore) -> None:
+        store.write([response(time="2025-01-01T00:00:01.000000Z", modelversion="")])
+        store.write([request(modelversion="v3")])
+        record = _by_instance(store)[0]
+        assert (record.time, record.model_version) == (T0, "v3")
+
+    def test_endpoint_empty_string_is_null(self, store: AuditStore) -> None:
+        store.write([request()])
+        assert store.query()[0].endpoint is None
+
+
+class TestStatus:
+    """The response's status and latency hold for every record of its id."""
+
+    def test_late_request_with_more_instances(self, store: AuditStore) -> None:
+        store.write([response(body={"predictions": [7]})])
+        store.write([request(body={"instances": [[1], [2], [3]]})])
+        records = _by_instance(store)
+        assert [r.response for r in records] == [7, None, None]
+        assert {(r.status, r.latency_ms) for r in records} == {(200, 12.5)}
+
+    def test_late_explanation_row(self, store: AuditStore) -> None:
+        store.write([request(body={"instances": [[1]]}), response(body={"predictions": [1]})])
+        store.write([explanation()])
+        assert [(r.instance, r.status) for r in _by_instance(store)] == [(0, 200), (1, 200)]
+
+    def test_error_response_with_text_body(self, store: AuditStore) -> None:
+        store.write([request(), response(body=b"Internal Server Error", status=500, latency=3)])
+        first, second = _by_instance(store)
+        assert first.response == {"base64": "SW50ZXJuYWwgU2VydmVyIEVycm9y"}
+        assert second.response is None
+        assert (first.status, second.status, second.latency_ms) == (500, 500, 3.0)
+
+    def test_string_attributes_from_binary_mode(self, store: AuditStore) -> None:
+        event = response()
+        store.write([event.with_attributes(statuscode="404", latencyms="7.5")])
+        assert (store.query()[0].status, store.query()[0].latency_ms) == (404, 7.5)
+
+    def test_pending_without_response(self, store: AuditStore) -> None:
+        store.write([request()])
+        assert {r.status for r in store.query()} == {None}
+
+
+class TestPayloads:
+    """Each instance gets its slice; what cannot be split lands in instance 0."""
+
+    def test_v2_multi_instance(self, store: AuditStore) -> None:
+        v2: dict[str, Any] = {"protocol": "v2", "path": "/v2/models/iris/infer"}
+        req = {"inputs": [{"name": "x", "shape": [3, 2], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}]}
+        resp = {"outputs": [{"name": "y", "shape": [3], "datatype": "INT64", "data": [0, 1, 2]}]}
+        store.write([request(body=req, **v2), response(body=resp, **v2)])
+        records = _by_instance(store)
+        assert [(r.request, r.response) for r in records] == [
+            ({"x": [1, 2]}, {"y": 0}),
+            ({"x": [3, 4]}, {"y": 1}),
+            ({"x": [5, 6]}, {"y": 2}),
+        ]
+        assert {r.protocol for r in records} == {"v2"}
+
+    def test_truncated_request(self, store: AuditStore) -> None:
+        event = CloudEvent(
+            {**request().attributes, "truncated": True, "datasize": 1000}, b'{"instances": [[1, 2], [3'
+        )
+        store.write([event, response()])
+        first, second = _by_instance(store)
+        assert set(first.request) == {"base64"}
+        assert (second.request, second.response) == (None, 1)
+
+    def test_unknown_type_skipped(self, store: AuditStore) -> None:
+        other = CloudEvent({"id": "z", "source": "s", "specversion": "1.0", "type": "com.example"}, b"{}")
+        assert store.write([other]) == 0
+        assert store.query() == []
+
+
+class TestQuery:
+    """Every filter narrows; results come by time."""
+
+    @pytest.fixture
+    def filled(self, store: AuditStore) -> AuditStore:
+        batch = []
+        for i in range(6):
+            time = f"2025-01-01T00:00:0{i}.000000Z"
+            model = "iris" if i % 2 == 0 else "income"
+            batch += [
+                request(f"id{i}", {"instances": [[i]]}, time=time, modelname=model),
+                response(f"id{i}", {"predictions": [i]}, status=200 if i < 4 else 500, latency=i, time=time),
+            ]
+        store.write(batch)
+        return store
+
+    def test_all_desc_then_asc(self, filled: AuditStore) -> None:
+        assert [r.id for r in filled.query()] == [f"id{i}" for i in reversed(range(6))]
+        assert [r.id for r in filled.query(order="asc", limit=2)] == ["id0", "id1"]
+        assert len(filled.query(limit=None)) == 6
+
+    def test_filters(self, filled: AuditStore) -> None:
+        assert [r.id for r in filled.query(id="id3")] == ["id3"]
+        assert {r.id for r in filled.query(model="income")} == {"id1", "id3", "id5"}
+        assert {r.id for r in filled.query(status=500)} == {"id4", "id5"}
+        since, until = "2025-01-01T00:00:02Z", "2025-01-01T02:00:04+02:00"  # any RFC 3339 form
+        assert {r.id for r in filled.query(since=since, until=until)} == {"id2", "id3"}
+        assert {r.id for r in filled.query(model="iris", status=500)} == {"id4"}
+
+    def test_bad_order(self, filled: AuditStore) -> None:
+        with pytest.raises(ValueError, match="order"):
+            filled.query(order="sideways")  # type: ignore[arg-type]
+
+    def test_summary(self, filled: AuditStore) -> None:
+        filled.write([request("late", {"instances": [[1], [2]]}, modelname="iris")])
+        summary = filled.summary()
+        assert (summary.records, summary.ids) == (8, 7)
+        assert summary.by_model == {"iris": 5, "income": 3}
+        assert summary.by_status == {200: 4, 500: 2, None: 2}
+        assert (summary.latency_p50_ms, summary.latency_p95_ms) == (2.0, 5.0)
+
+    def test_empty_summary(self, store: AuditStore) -> None:
+        summary = store.summary()
+        assert (summary.records, summary.latency_p50_ms) == (0, None)
+
+    def test_format_table_and_json(self, filled: AuditStore) -> None:
+        filled.write([response("id0", {"predictions": ["x" * 100]})])
+        records = filled.query(order="asc", limit=2)
+        lines = format_table(records, width=20).splitlines()
+        assert lines[0].split() == ["TIME", "ID", "INSTANCE", "MODEL", "STATUS", "LATENCY_MS", "PREDICTION"]
+        assert lines[1].split()[1:6] == ["id0", "0", "iris", "200", "12.5"]
+        assert lines[1].endswith("x" * 19 + "…")  # strings shown bare
+        assert len({line.index("id") for line in lines[1:]}) == 1  # columns aligned
+        decoded = orjson.loads(records_to_json(records))
+        assert decoded[1]["id"] == "id1" and decoded[1]["request"] == [1]
+
+
+class TestFile:
+    """The file itself: WAL, schema version, readers in other connections."""
+
+    def test_pragmas(self, tmp_path: Path) -> None:
+        path = tmp_path / "sub" / "audit.db"
+        AuditStore(path).close()
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        conn.close()
+
+    def test_reopen_keeps_data(self, tmp_path: Path) -> None:
+        with AuditStore(tmp_path / "a.db") as s:
+            s.write([request()])
+        with AuditStore(tmp_path / "a.db", readonly=True) as s:
+            assert len(s.query()) == 2
+
+    def test_newer_schema_refused(self, tmp_path: Path) -> None:
+        path = tmp_path / "a.db"
+        AuditStore(path).close()
+        conn = sqlite3.connect(path)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        conn.close()
+        with pytest.raises(InferLoggerError, match="schema version"):
+            AuditStore(path)
+
+    def test_readonly_missing(self, tmp_path: Path) -> None:
+        with pytest.raises(InferLoggerError, match="no audit store"):
+            AuditStore(tmp_path / "missing.db", readonly=True)
+
+    def test_reader_while_writing(self, tmp_path: Path) -> None:
+        path = tmp_path / "a.db"
+        writer = AuditStore(path)
+        reader = AuditStore(path, readonly=True)
+        done = threading.Event()
+        seen: list[int] = []
+
+        def read() -> None:
+            while not done.is_set():
+                seen.append(len(reader.query(limit=None)))
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        try:
+            for i in range(50):
+                writer.write([request(f"r{i}"), response(f"r{i}")])
+        finally:
+            done.set()
+            thread.join()
+        assert seen == sorted(seen)  # each read sees a committed prefix, never a torn batch
+        assert all(n % 2 == 0 for n in seen)
+        assert len(reader.query(limit=None)) == 100
+        reader.close()
+        writer.close()
+
+    def test_writers_from_threads(self, store: AuditStore) -> None:
+        threads = [
+            threading.Thread(target=store.write, args=([request(f"t{i}"), response(f"t{i}")],))
+            for i in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert store.summary().ids == 8
+
+    def test_large_batch_redelivered(self, store: AuditStore) -> None:
+        # Speed is measured in benchmarks/, never asserted here.
+        batch = [e for i in range(2000) for e in (request(f"p{i}"), response(f"p{i}"))]
+        for _ in range(3):
+            store.write(batch)
+        assert store.summary().records == 4000

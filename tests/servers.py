@@ -1,0 +1,70 @@
+"""Real servers as processes on free loopback ports, stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from infer_logger.testing import free_port
+
+
+class Process:
+    """A server process on a loopback port, stopped by PID."""
+
+    def __init__(self, args: list[str], port: int, ready_path: str = "/", env: dict[str, str] | None = None,
+                 log: Path | None = None) -> None:
+        self.args, self.port, self.ready_path = args, port, ready_path
+        self.env = {**os.environ, **(env or {})}
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> Process:
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.args} exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=1).status_code < 500:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.args} not ready on {self.port} in {timeout}s")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+def predictor_process(model: str) -> Process:
+    port = free_port()
+    args = [sys.executable, "-m", "infer_logger.demo.predictor", "--port", str(port), "--model", model]
+    return Process(args, port)
+
+
+def sidecar_process(upstream: str, tmp: Path, *extra: str, port: int | None = None) -> Process:
+    port = port or free_port()
+    args = [sys.executable, "-m", "infer_logger.cli", "proxy", "--port", str(port),
+            "--predictor-url", upstream, "--spool-dir", str(tmp / "spool"), *extra]
+    return Process(args, port, ready_path="/readyz", log=tmp / "sidecar.log")
