@@ -49,9 +49,10 @@ class InferenceLoggerMiddleware:
         status = 500
         content_type: str | None = None
         chunks: list[bytes] = []
+        logged = False
 
         async def capture(message: dict[str, Any]) -> None:
-            nonlocal status, content_type
+            nonlocal status, content_type, logged
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message_headers = list(message.get("headers", []))
@@ -64,10 +65,18 @@ class InferenceLoggerMiddleware:
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False):
+                    logged = True
                     self.logger.end(exchange, status, content_type, b"".join(chunks))
             await send(message)
 
-        await self.app(scope, replay, capture)
+        try:
+            await self.app(scope, replay, capture)
+        except Exception as exc:
+            # The server answers 500 further out; the audit log still sees that it failed.
+            if not logged:
+                reason = f'{{"error": "{type(exc).__name__}"}}'.encode()
+                self.logger.end(exchange, 500, "application/json", reason)
+            raise
 
     def _lifespan_receive(self, receive: Any) -> Any:
         async def wrapped() -> dict[str, Any]:

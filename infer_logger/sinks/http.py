@@ -68,9 +68,9 @@ class HttpSink:
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         if self.config.mode == "batch":
             headers, body = ce_http.to_batch(events)
-            status, after = await self._post(headers, body)
-            if status is not None:
-                self._raise(status, after, events)
+            failure = await self._post(headers, body)
+            if failure is not None:
+                self._raise(*failure, events)
             return
         results = await asyncio.gather(*(self._send_one(e) for e in events))
         failed = [(e, r) for e, r in zip(events, results) if r is not None]

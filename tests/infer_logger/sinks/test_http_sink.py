@@ -1,0 +1,80 @@
+"""The http sink against a real receiver: content modes, retry classification, refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import RejectedError, SinkError
+from infer_logger.sinks.http import HttpSinkConfig, retry_after
+from infer_logger.testing import EventCollector, free_port
+
+
+def events(n: int) -> list[CloudEvent]:
+    return [
+        CloudEvent({"specversion": "1.0", "id": f"e{i}", "source": "/s", "type": "t",
+                    "datacontenttype": "application/json", "statuscode": 200}, b'{"x": %d}' % i)
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured", "batch"])
+async def test_modes_round_trip(mode: str) -> None:
+    with EventCollector() as receiver:
+        sink = HttpSinkConfig(url=receiver.url, mode=mode).build()
+        await sink.send_batch(events(5))
+        await sink.aclose()
+        got = receiver.wait_for(5)
+    assert sorted(e.id for e in got) == [f"e{i}" for i in range(5)]
+    assert {e.json()["x"] for e in got} == set(range(5))
+    assert all(e.datacontenttype == "application/json" for e in got)
+
+
+@pytest.mark.parametrize(("status", "error"), [(500, SinkError), (503, SinkError), (429, SinkError),
+                                               (404, SinkError), (408, SinkError), (400, RejectedError),
+                                               (413, RejectedError)])
+@pytest.mark.parametrize("mode", ["binary", "batch"])
+async def test_status_classification(status: int, error: type[Exception], mode: str) -> None:
+    with EventCollector() as receiver:
+        receiver.fail_with = status
+        sink = HttpSinkConfig(url=receiver.url, mode=mode).build()
+        with pytest.raises(error) as info:
+            await sink.send_batch(events(3))
+        await sink.aclose()
+    assert type(info.value) is error
+    if error is RejectedError:
+        assert len(info.value.events) == 3
+
+
+async def test_retry_after_is_passed_on() -> None:
+    with EventCollector() as receiver:
+        receiver.fail_with, receiver.retry_after = 503, "7"
+        sink = HttpSinkConfig(url=receiver.url).build()
+        with pytest.raises(SinkError) as info:
+            await sink.send_batch(events(1))
+        await sink.aclose()
+    assert info.value.retry_after == 7
+
+
+async def test_refused_connection_is_retryable() -> None:
+    sink = HttpSinkConfig(url=f"http://127.0.0.1:{free_port()}/", timeout=2).build()
+    with pytest.raises(SinkError) as info:
+        await sink.send_batch(events(2))
+    await sink.aclose()
+    assert type(info.value) is SinkError and "127.0.0.1" in str(info.value)
+
+
+async def test_slow_receiver_times_out_as_retryable() -> None:
+    with EventCollector() as receiver:
+        receiver.delay = 2
+        sink = HttpSinkConfig(url=receiver.url, timeout=0.3).build()
+        with pytest.raises(SinkError):
+            await sink.send_batch(events(1))
+        await sink.aclose()
+
+
+def test_retry_after_parsing() -> None:
+    assert retry_after("120") == 120
+    assert retry_after(None) is None
+    assert retry_after("soon") is None
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0

@@ -1,0 +1,128 @@
+"""Sink workers: retry with backoff, dead letters, independent sinks, draining, checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+import pytest
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.dispatch import Backoff, Dispatcher
+from infer_logger.errors import RejectedError, SinkError
+from infer_logger.metrics import Metrics
+from infer_logger.sinks.memory import MemorySink, failing
+from infer_logger.spool import DiskSpool
+
+FAST = Backoff(initial=0.001, maximum=0.01)
+
+
+def event(i: int) -> CloudEvent:
+    return CloudEvent({"specversion": "1.0", "id": str(i), "source": "/s", "type": "t"}, b"{}")
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.005)
+
+
+def dispatcher(tmp_path: Path, **sinks: MemorySink) -> tuple[DiskSpool, Dispatcher]:
+    spool = DiskSpool(tmp_path / "spool")
+    return spool, Dispatcher(spool, dict(sinks), Metrics(spool), batch_size=10, backoff=FAST,
+                             deadletter_dir=tmp_path / "dead")
+
+
+class TestBackoff:
+    """Full jitter under an exponential ceiling; Retry-After is a floor."""
+
+    def test_ceiling_grows_and_caps(self) -> None:
+        b = Backoff(initial=1, maximum=8)
+        assert all(0 <= b.delay(1) <= 1 for _ in range(50))
+        assert all(0 <= b.delay(10) <= 8 for _ in range(50))
+
+    def test_retry_after_floor(self) -> None:
+        assert Backoff(initial=1, maximum=30).delay(1, retry_after=5) >= 5
+
+
+async def test_retries_until_taken(tmp_path: Path) -> None:
+    sink = MemorySink()
+    sink.fail = failing(3)
+    spool, d = dispatcher(tmp_path, s=sink)
+    d.start()
+    for i in range(25):
+        spool.append(event(i))
+    await until(lambda: len(sink.events) == 25)
+    await d.stop()
+    assert [e.id for e in sink.events] == [str(i) for i in range(25)]
+    assert d.metrics.retried.labels("s")._value.get() == 3
+
+
+async def test_a_dead_sink_does_not_hold_back_the_others(tmp_path: Path) -> None:
+    good, dead = MemorySink(), MemorySink()
+    dead.fail = lambda batch: SinkError("down")
+    spool, d = dispatcher(tmp_path, good=good, dead=dead)
+    d.start()
+    for i in range(30):
+        spool.append(event(i))
+    await until(lambda: len(good.events) == 30)
+    await d.stop(drain_timeout=0.1)
+    assert dead.events == [] and dead.closed
+    # The dead sink's events are still in the spool for the next start.
+    again = DiskSpool(tmp_path / "spool")
+    events, _ = again.reader("dead").read(100)
+    assert len(events) == 30
+    assert again.reader("good").read(100)[0] == []
+
+
+async def test_rejected_events_are_dead_lettered(tmp_path: Path) -> None:
+    sink = MemorySink()
+    sink.fail = lambda batch: RejectedError("400 bad", [e for e in batch if e.id == "3"]) if any(
+        e.id == "3" for e in batch) and not sink.events else None
+    spool, d = dispatcher(tmp_path, s=sink)
+    d.start()
+    for i in range(5):
+        spool.append(event(i))
+    await until(lambda: (tmp_path / "dead" / "s.jsonl").exists())
+    await d.stop()
+    (line,) = (tmp_path / "dead" / "s.jsonl").read_bytes().splitlines()
+    assert orjson.loads(line)["attributes"]["id"] == "3"
+    assert orjson.loads(line)["reason"] == "400 bad"
+    assert spool.stats.dropped["rejected"] == 1
+
+
+async def test_stop_drains_what_it_can(tmp_path: Path) -> None:
+    sink = MemorySink()
+    spool, d = dispatcher(tmp_path, s=sink)
+    for i in range(100):
+        spool.append(event(i))
+    d.start()
+    await d.stop(drain_timeout=5)
+    assert len(sink.events) == 100 and sink.closed
+
+
+async def test_unexpected_exceptions_are_retried_not_fatal(tmp_path: Path) -> None:
+    sink = MemorySink()
+    sink.fail = failing(2, RuntimeError("bug in a sink"))
+    spool, d = dispatcher(tmp_path, s=sink)
+    d.start()
+    spool.append(event(1))
+    await until(lambda: len(sink.events) == 1)
+    await d.stop()
+
+
+@pytest.mark.parametrize("durability", ["memory"])
+async def test_memory_spool_dispatch(tmp_path: Path, durability: str) -> None:
+    from infer_logger.spool import MemorySpool
+
+    spool = MemorySpool()
+    sink = MemorySink()
+    d = Dispatcher(spool, {"s": sink}, Metrics(spool), batch_size=7, backoff=FAST)
+    d.start()
+    for i in range(50):
+        spool.append(event(i))
+    await until(lambda: len(sink.events) == 50)
+    await d.stop()
+    assert spool.size_bytes() == 0

@@ -1,0 +1,42 @@
+"""The ASGI middleware logs a FastAPI predictor in the same process, like the sidecar does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from infer_logger import events as ev
+from infer_logger.config import load_settings
+from infer_logger.demo.predictor import EchoModel, create_app
+from infer_logger.demo.quickstart import ServerThread
+from infer_logger.middleware import InferenceLoggerMiddleware
+from infer_logger.server import uvicorn_config
+from infer_logger.testing import EventCollector, free_port
+
+
+def test_logs_a_fastapi_predictor_under_uvicorn(tmp_path: Path) -> None:
+    with EventCollector() as sink:
+        app = create_app([EchoModel()])
+        settings = load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}, inference_service="echo")
+        app.add_middleware(InferenceLoggerMiddleware, settings=settings)
+        port = free_port()
+        # uvicorn drives the app's lifespan, which starts and (draining) stops the logger.
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+                r = client.post("/v1/models/echo:predict", json={"instances": [[1, 2, 3, 4]]},
+                                headers={"ce-id": "mw-1"})
+                assert r.json() == {"predictions": [1]}
+                assert r.headers["x-request-id"] == "mw-1"
+                skipped = client.post("/v1/models/echo:predict", json={"instances": [[1, 2, 3, 4]]},
+                                      headers={"ce-id": "mw-skip", "x-skip-logging": "true"})
+                assert skipped.status_code == 200
+                assert client.get("/v1/models").status_code == 200
+                bad = client.post("/v1/models/echo:predict", json={"oops": 1}, headers={"ce-id": "mw-2"})
+                assert bad.status_code == 400
+        received = sink.wait_for(4)
+    by = {(e.id, e.type): e for e in received}
+    assert set(by) == {("mw-1", ev.REQUEST), ("mw-1", ev.RESPONSE), ("mw-2", ev.REQUEST), ("mw-2", ev.RESPONSE)}
+    assert by[("mw-1", ev.RESPONSE)].json() == {"predictions": [1]}
+    assert int(by[("mw-2", ev.RESPONSE)]["statuscode"]) == 400
+    assert by[("mw-1", ev.REQUEST)]["inferenceservicename"] == "echo"
