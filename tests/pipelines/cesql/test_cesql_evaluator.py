@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from infer_logger.cloudevents.event import CloudEvent
+from pipelines.cesql import (
+    BUILTINS,
+    CesqlFunctionEvaluationError,
+    Failure,
+    Function,
+    FunctionRegistry,
+    ValueType,
+    parse,
+)
+
+ATTRIBUTES: dict[str, str | int | bool] = {
+    "specversion": "1.0",
+    "id": "abc-1",
+    "source": "/models/iris",
+    "type": "org.kubeflow.serving.inference.request",
+    "ttl": 3,
+    "sampled": True,
+}
+
+
+def kinds(expression: str, event: object = ATTRIBUTES) -> tuple[object, list[str]]:
+    value, errors = parse(expression).evaluate(event)  # type: ignore[arg-type]
+    return value, [error.kind for error in errors]
+
+
+class TestMatches:
+    """`matches` passes an event only on a TRUE result without errors."""
+
+    def test_cloudevent_object(self) -> None:
+        event = CloudEvent(dict(ATTRIBUTES), b"{}")
+        assert parse("type LIKE 'org.kubeflow.%' AND ttl < 5 AND sampled").matches(event)
+        assert not parse("type LIKE 'org.kubeflow.%' AND ttl > 5").matches(event)
+
+    def test_any_error_fails(self) -> None:
+        expression = parse("NOT ttl")  # TRUE, but the integer cannot implicitly become a Boolean
+        assert expression.evaluate(ATTRIBUTES)[0] is True
+        assert not expression.matches(ATTRIBUTES)
+        assert not parse("subject = 'x' OR TRUE").matches(ATTRIBUTES)
+
+    def test_non_boolean_result_fails(self) -> None:
+        assert not parse("1").matches(ATTRIBUTES)
+        assert not parse("'true'").matches(ATTRIBUTES)
+
+    def test_short_circuit_hides_errors(self) -> None:
+        assert parse("TRUE OR subject = 'x'").matches(ATTRIBUTES)
+
+
+class TestEvents:
+    """Attributes come from a mapping or `.attributes`; other types are read as strings."""
+
+    def test_payload_is_not_an_attribute(self) -> None:
+        assert kinds("EXISTS data", {**ATTRIBUTES, "data": {"a": 1}}) == (False, [])
+
+    def test_null_is_absent(self) -> None:
+        assert kinds("EXISTS subject", {**ATTRIBUTES, "subject": None}) == (False, [])
+        assert kinds("subject", {**ATTRIBUTES, "subject": None}) == (False, ["missingAttribute"])
+
+    def test_non_primitive_values_become_strings(self) -> None:
+        event = {**ATTRIBUTES, "time": datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)}
+        assert kinds("time", event) == ("2024-01-02T03:04:05Z", [])
+        assert kinds("big", {**ATTRIBUTES, "big": 2**40}) == (str(2**40), [])
+
+    def test_rejects_other_objects(self) -> None:
+        with pytest.raises(TypeError):
+            parse("TRUE").evaluate(42)  # type: ignore[arg-type]
+
+
+class TestErrors:
+    """Errors are values: each comes with the result the spec prescribes."""
+
+    @pytest.mark.parametrize(
+        ("expression", "result", "errors"),
+        [
+            ("2147483647 + 1", 2147483647, ["math"]),
+            ("-2147483648 - 1", -2147483648, ["math"]),
+            ("-2147483648 / -1", 2147483647, ["math"]),
+            ("-7 / 2", -3, []),
+            ("-7 % 2", -1, []),
+            ("7 % -2", 1, []),
+            ("LENGTH(1 / 0)", 0, ["math"]),
+            ("'x' = 1", False, ["cast"]),
+            ("TRUE IN (1, TRUE)", True, ["cast"]),
+            ("NOPE(1)", False, ["missingFunction"]),
+            ("SUBSTRING('abc', 1, -1)", "", ["functionEvaluation"]),
+            ("missing + other", 0, ["missingAttribute", "missingAttribute"]),
+        ],
+    )
+    def test_result_and_errors(self, expression: str, result: object, errors: list[str]) -> None:
+        assert kinds(expression) == (result, errors)
+
+    def test_errors_carry_positions(self) -> None:
+        _, errors = parse("id = 'abc-1' AND subject = 'y'").evaluate(ATTRIBUTES)
+        assert [(e.kind, e.position) for e in errors] == [("missingAttribute", 17)]
+
+
+class TestFunctions:
+    """Built-ins beyond the TCK, and user functions through an extended registry."""
+
+    @pytest.mark.parametrize(
+        ("expression", "result"),
+        [
+            ("IS_INT('-12')", True),
+            ("IS_INT('1.5')", False),
+            ("IS_BOOL('False')", True),
+            ("IS_BOOL(1)", False),
+            ("TRIM('\u3000 a\x1c ')", "a\x1c"),
+            ("RIGHT('abc', 0)", ""),
+            ("CONCAT(1, TRUE, 'x')", "1truex"),
+        ],
+    )
+    def test_builtins(self, expression: str, result: object) -> None:
+        assert kinds(expression) == (result, [])
+
+    def test_user_function(self) -> None:
+        double = Function("DOUBLE", (ValueType.INTEGER,), ValueType.INTEGER, lambda n: 2 * n)
+        registry = BUILTINS.extended(double)
+        assert parse("double('21')", functions=registry).evaluate(ATTRIBUTES) == (42, [])
+        assert kinds("double(1)")[1] == ["missingFunction"]  # BUILTINS is left as it was
+
+    def test_user_function_failures(self) -> None:
+        def explode(text: str) -> str:
+            raise RuntimeError("boom")
+
+        def soft(text: str) -> Failure:
+            return Failure("fallback", CesqlFunctionEvaluationError("soft"))
+
+        registry = FunctionRegistry(
+            [
+                Function("EXPLODE", (ValueType.STRING,), ValueType.STRING, explode),
+                Function("SOFT", (ValueType.STRING,), ValueType.STRING, soft),
+                Function("WRONG", (), ValueType.INTEGER, lambda: "not an int"),
+            ]
+        )
+        for expression, result in [("EXPLODE('a')", ""), ("SOFT('a')", "fallback"), ("WRONG()", 0)]:
+            value, errors = parse(expression, functions=registry).evaluate(ATTRIBUTES)
+            assert (value, [e.kind for e in errors]) == (result, ["functionEvaluation"])
+
+    def test_registry_enforces_overloading_rules(self) -> None:
+        length = Function("LENGTH", (ValueType.STRING,), ValueType.INTEGER, len)
+        with pytest.raises(ValueError, match="already defined"):
+            BUILTINS.extended(length)
+        string = ValueType.STRING
+        with pytest.raises(ValueError, match="fixed parameters"):
+            BUILTINS.extended(Function("LEFT", (string,), string, str, variadic=string))
+        with pytest.raises(ValueError, match="invalid"):
+            Function("9LIVES", (), ValueType.INTEGER, lambda: 9)
+
+
+class TestLike:
+    """LIKE escapes and its linear-time matcher."""
+
+    @pytest.mark.parametrize(
+        ("expression", "result"),
+        [
+            (r"'a\b' LIKE 'a\b'", True),
+            (r"'a\b' LIKE 'a\\\\b'", True),
+            (r"'a%' LIKE 'a\%'", True),
+            (r"'ab' LIKE 'a\%'", False),
+            ("'' LIKE '%'", True),
+            ("'a' LIKE '_%_'", False),
+            ("'line\nbreak' LIKE 'line_break'", True),
+        ],
+    )
+    def test_patterns(self, expression: str, result: bool) -> None:
+        assert kinds(expression) == (result, [])
+
+    def test_pathological_pattern_is_fast(self) -> None:
+        expression = parse("'" + "a" * 5000 + "' LIKE '" + "%a" * 30 + "%b'")
+        started = time.perf_counter()
+        assert expression.evaluate(ATTRIBUTES) == (False, [])
+        assert time.perf_counter() - started < 2
+
+
+class TestLimits:
+    """Long flat chains evaluate without deep recursion."""
+
+    def test_long_or_chain(self) -> None:
+        expression = parse(" OR ".join(f"ttl = {n}" for n in range(2000)))
+        assert expression.matches(ATTRIBUTES)
