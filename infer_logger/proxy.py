@@ -17,6 +17,8 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from infer_logger import events as ev
+from infer_logger.cloudevents.http import from_http_many
+from infer_logger.errors import InvalidEventError
 from infer_logger.logger import InferenceLogger, match_route
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,19 @@ async def respond(send: Any, status: int, headers: list[tuple[bytes, bytes]], bo
     await send({"type": "http.response.body", "body": body})
 
 
-def error_body(status: int, reason: str) -> bytes:
-    return orjson.dumps({"error": reason, "status": status})
+def error_body(status: int, reason: str, **extra: str) -> bytes:
+    return orjson.dumps({"error": reason, "status": status, **extra})
+
+
+def cloudevent_id(headers: dict[str, str], body: bytes) -> str | None:
+    """The id of a request that is itself a CloudEvent (binary or structured), else None.
+
+    Raises InvalidEventError for a malformed one: the sidecar answers 400 rather than pass on
+    what the predictor's CloudEvents handling would choke on.
+    """
+    if "ce-specversion" in headers or headers.get("content-type", "").startswith("application/cloudevents"):
+        return from_http_many(headers, body)[0].id
+    return None
 
 
 class Proxy:
@@ -123,7 +136,13 @@ class Proxy:
         raw = scope["headers"]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}
         route = match_route(method, path)
-        event_id = ev.event_id(headers)
+        try:
+            event_id = (route and cloudevent_id(headers, body)) or ev.event_id(headers)
+        except InvalidEventError as exc:
+            self._requests.labels("false", "400").inc()
+            reason = error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute)
+            await respond(send, 400, list(_JSON), reason)
+            return
         exchange = None
         if route is not None and not ev.skip_logging(headers):
             pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]

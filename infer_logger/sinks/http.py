@@ -85,7 +85,9 @@ class HttpSink:
         )
 
     async def _send_one(self, event: CloudEvent) -> tuple[int, float | None] | None:
-        if self.config.mode == "structured":
+        # A payload that is itself a CloudEvent would read as structured mode in binary mode.
+        nested = (event.datacontenttype or "").startswith("application/cloudevents")
+        if self.config.mode == "structured" or nested:
             headers, body = ce_http.to_structured(event)
         else:
             headers, body = ce_http.to_binary(event)

@@ -187,3 +187,38 @@ def test_log_mode(iris_predictor: Process, tmp_path: Path, mode: str, types: set
             proc.stop()  # drains
         assert {e.type for e in sink.wait_for(3)} == types
         assert len(sink.events) == 3
+
+
+class TestCloudEventRequests:
+    """Requests that are CloudEvents are checked; a malformed one gets 400 naming the attribute."""
+
+    def test_binary_cloudevent_request_keeps_its_id(self, sidecar: Process, collector: EventCollector) -> None:
+        headers = {"ce-specversion": "1.0", "ce-id": "ce-in-1", "ce-source": "/client", "ce-type": "infer"}
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", json=V1, headers=headers)
+        assert r.status_code == 200 and r.headers["x-request-id"] == "ce-in-1"
+        events_for(collector, "ce-in-1")
+
+    def test_structured_cloudevent_request_uses_the_envelope_id(self, sidecar: Process,
+                                                                collector: EventCollector) -> None:
+        envelope = {"specversion": "1.0", "id": "ce-in-2", "source": "/client", "type": "infer", "data": V1}
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", content=orjson.dumps(envelope),
+                       headers={"content-type": "application/cloudevents+json"})
+        assert r.headers["x-request-id"] == "ce-in-2"
+        found = events_for(collector, "ce-in-2")
+        assert found[ev.REQUEST].json()["id"] == "ce-in-2"  # the payload is logged as received
+
+    @pytest.mark.parametrize(("headers", "attribute"), [
+        ({"ce-specversion": "1.0", "ce-id": "x", "ce-source": "/c"}, "type"),
+        ({"ce-specversion": "0.9", "ce-id": "x", "ce-source": "/c", "ce-type": "t"}, "specversion"),
+        ({"ce-specversion": "1.0", "ce-id": "x", "ce-source": "/c", "ce-type": "t", "ce-time": "yesterday"}, "time"),
+    ])
+    def test_malformed_cloudevent_is_400(self, sidecar: Process, headers: dict, attribute: str) -> None:
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", json=V1, headers=headers)
+        assert r.status_code == 400
+        assert r.json()["attribute"] == attribute
+        assert attribute in r.json()["error"]
+
+    def test_malformed_structured_cloudevent_is_400(self, sidecar: Process) -> None:
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", content=b'{"specversion": "1.0", "id": "x"}',
+                       headers={"content-type": "application/cloudevents+json"})
+        assert r.status_code == 400 and r.json()["attribute"] in ("source", "type")
