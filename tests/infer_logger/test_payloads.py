@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -11,15 +9,11 @@ import yaml
 
 from infer_logger import events
 from infer_logger.cloudevents.event import CloudEvent
+from tests.conformance import ROOT, reason
 from infer_logger.payloads import instances, split_explanation, split_request, split_response
 
-CONFORMANCE = Path(
-    os.environ.get("INFER_LOGGER_CONFORMANCE", Path(__file__).parents[2] / ".." / "shared" / "conformance")
-)
-KSERVE = CONFORMANCE / "kserve"
-needs_conformance = pytest.mark.skipif(
-    not KSERVE.is_dir(), reason=f"conformance data not found at {KSERVE} (set INFER_LOGGER_CONFORMANCE)"
-)
+KSERVE = ROOT / "kserve"
+needs_conformance = pytest.mark.skipif(not KSERVE.is_dir(), reason=reason("kserve"))
 
 
 def _payload(name: str) -> Any:

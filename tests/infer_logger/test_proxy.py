@@ -116,7 +116,7 @@ class TestLogging:
         assert httpx.get(sidecar.url + "/v2/health/ready").json() == {"ready": True}
         assert httpx.get(sidecar.url + "/v2/models/iris").json()["name"] == "iris"
         assert httpx.get(sidecar.url + "/v1/models/nope").status_code == 404
-        r = httpx.post(sidecar.url + "/v1/models/iris:predict", json=V1, headers={"ce-id": "fence-1"})
+        httpx.post(sidecar.url + "/v1/models/iris:predict", json=V1, headers={"ce-id": "fence-1"})
         events_for(collector, "fence-1")
         assert all(e.id == "fence-1" for e in collector.events[before:])
 

@@ -7,21 +7,16 @@ asks: an erroring expression still has a result.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.conformance import ROOT, reason
 from pipelines.cesql import CesqlParseError, evaluate, parse
 
-CONFORMANCE = Path(
-    os.environ.get("INFER_LOGGER_CONFORMANCE")
-    or Path(__file__).resolve().parents[3].parent / "shared" / "conformance"
-)
-TCK = CONFORMANCE / "cesql-tck"
+TCK = ROOT / "cesql-tck"
 TCK_CASES = 275
 
 # Any valid event will do when a case gives only `eventOverrides` (TCK README).
@@ -56,8 +51,8 @@ class TckCase:
 
 def _load_cases() -> list[Any]:
     if not TCK.is_dir():
-        reason = f"CESQL TCK not found at {TCK} (set INFER_LOGGER_CONFORMANCE)"
-        return [pytest.param(None, id="cesql-tck-missing", marks=pytest.mark.skip(reason=reason))]
+        missing = pytest.mark.skip(reason=reason("cesql-tck"))
+        return [pytest.param(None, id="cesql-tck-missing", marks=missing)]
     params = []
     for path in sorted(TCK.glob("*.yaml")):
         text = path.read_text(encoding="utf-8")

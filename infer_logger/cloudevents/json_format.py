@@ -1,0 +1,143 @@
+"""The CloudEvents JSON event format (`application/cloudevents+json`) and its batch form.
+
+Events hold data as the raw bytes of binary mode, so this module decides the JSON shape at
+encode time: bytes that are JSON under a JSON content type embed as-is (`data`), UTF-8 text
+under any other content type becomes a JSON string (`data`), and everything else travels as
+`data_base64`. Reading reverses that, so binary -> JSON -> binary keeps the bytes, except that
+embedded JSON comes back in compact form.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+
+from infer_logger.cloudevents.event import AttributeValue, CloudEvent
+from infer_logger.cloudevents.validation import validate
+from infer_logger.errors import InvalidEventError
+
+EVENT_MEDIA_TYPE = "application/cloudevents+json"
+BATCH_MEDIA_TYPE = "application/cloudevents-batch+json"
+
+# What the JSON format says an event without `datacontenttype` but with `data` carries.
+_IMPLIED_CONTENT_TYPE = "application/json"
+
+
+def to_dict(event: CloudEvent) -> dict[str, Any]:
+    """The event as a JSON-ready dict (embedded JSON data parsed into Python values)."""
+    return _members(event, embed_raw=False)
+
+
+def to_json(event: CloudEvent) -> bytes:
+    return orjson.dumps(_members(event, embed_raw=True))
+
+
+def to_json_batch(events: Iterable[CloudEvent]) -> bytes:
+    return orjson.dumps([_members(event, embed_raw=True) for event in events])
+
+
+def from_dict(members: Mapping[str, Any]) -> CloudEvent:
+    """A validated event from a parsed JSON object; JSON nulls mean "unset"."""
+    if not isinstance(members, Mapping):
+        raise InvalidEventError("", f"a CloudEvent is a JSON object, not {_json_kind(members)}")
+    attributes: dict[str, AttributeValue] = {}
+    for name, value in members.items():
+        if value is None or name in ("data", "data_base64"):
+            continue
+        if not isinstance(value, str | int):  # bool is an int; floats, objects, arrays are not types
+            raise InvalidEventError(name, f"a JSON {_json_kind(value)} is not a CloudEvents type")
+        attributes[name] = value
+    data = _read_data(members, attributes)
+    return validate(CloudEvent(attributes, data))
+
+
+def from_json(raw: bytes | str) -> CloudEvent:
+    return from_dict(_loads(raw))
+
+
+def from_json_batch(raw: bytes | str) -> list[CloudEvent]:
+    items = _loads(raw)
+    if not isinstance(items, list):
+        raise InvalidEventError("", f"a batch is a JSON array, not {_json_kind(items)}")
+    events = []
+    for index, item in enumerate(items):
+        try:
+            events.append(from_dict(item))
+        except InvalidEventError as error:
+            error.add_note(f"in batch item {index}")  # keeps the error's type and attribute
+            raise
+    return events
+
+
+def _members(event: CloudEvent, *, embed_raw: bool) -> dict[str, Any]:
+    members: dict[str, Any] = dict(event.attributes)
+    data = event.data
+    if data is None:
+        return members
+    if _is_json(event.datacontenttype):
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # JSON in name only: base64 keeps the bytes intact
+        else:
+            # A Fragment splices the already-checked bytes in without re-serializing them.
+            members["data"] = orjson.Fragment(data) if embed_raw else value
+            return members
+    else:
+        try:
+            members["data"] = data.decode("utf-8")
+            return members
+        except UnicodeDecodeError:
+            pass
+    members["data_base64"] = base64.b64encode(data).decode("ascii")
+    return members
+
+
+def _read_data(members: Mapping[str, Any], attributes: dict[str, AttributeValue]) -> bytes | None:
+    value, encoded = members.get("data"), members.get("data_base64")
+    if value is not None and encoded is not None:
+        raise InvalidEventError("data", "an event has either data or data_base64, not both")
+    if encoded is not None:
+        # No content type is implied for base64 data: bytes are just bytes.
+        if not isinstance(encoded, str):
+            raise InvalidEventError("data_base64", "must be a base64 string")
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except binascii.Error as error:
+            raise InvalidEventError("data_base64", f"not valid base64: {error}") from None
+    if value is None:
+        return None
+    content_type = attributes.get("datacontenttype")
+    if content_type is None:
+        # Our events are shaped like binary mode, where the content type is explicit; the spec
+        # asks translations to spell the implied one out.
+        attributes["datacontenttype"] = content_type = _IMPLIED_CONTENT_TYPE
+    if isinstance(value, str) and not _is_json(str(content_type)):
+        return value.encode("utf-8")
+    # JSON content (a JSON string stays a JSON string, quotes and all). The spec lets a reader
+    # refuse non-string data under a non-JSON type; its JSON text is the kinder reading.
+    return orjson.dumps(value)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """application/json, text/json, any */*+json; absent means JSON in this format."""
+    if content_type is None:
+        return True
+    subtype = content_type.split(";", 1)[0].strip().lower().partition("/")[2]
+    return subtype == "json" or subtype.endswith("+json")
+
+
+def _loads(raw: bytes | str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise InvalidEventError("", f"not valid JSON: {error}") from None
+
+
+def _json_kind(value: object) -> str:
+    kinds = {dict: "object", list: "array", str: "string", float: "number", bool: "boolean"}
+    return kinds.get(type(value), type(value).__name__)
