@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from infer_logger.errors import ConfigError
+from infer_logger.errors import ConfigError, InferLoggerError
 
 _HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -87,7 +87,11 @@ def proxy(config: Path | None, metadata_headers: str | None, annotations: tuple[
     sinks = ", ".join(f"{s.sink_name} ({s.type})" for s in settings.all_sinks())
     click.echo(f"infer-logger: http://{settings.host}:{settings.port} -> {settings.upstream}; sinks: {sinks}",
                err=True)
-    serve(settings, log_level="warning" if log_level != "debug" else "info")
+    try:
+        serve(settings, log_level="warning" if log_level != "debug" else "info")
+    except InferLoggerError as exc:
+        click.echo(f"infer-logger: {exc}", err=True)
+        sys.exit(1)
 
 
 def _time(value: str | None, name: str) -> datetime | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import logging
 import os
 import struct
@@ -129,6 +130,13 @@ class DiskSpool:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "checkpoints").mkdir(exist_ok=True)
+        # Two writers on one spool would interleave segments and checkpoints: refuse the second.
+        self._lock = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise SpoolError(f"spool {self.dir} is in use by another process") from None
         self.segment_bytes = segment_bytes
         self.max_bytes = max_bytes
         self.overflow = overflow
@@ -254,6 +262,7 @@ class DiskSpool:
             self.sync()
             os.close(self._fd)
             self._fd = -1
+            os.close(self._lock)  # releases the flock
 
 
 class DiskReader:

@@ -71,6 +71,7 @@ async def test_a_dead_sink_does_not_hold_back_the_others(tmp_path: Path) -> None
     await d.stop(drain_timeout=0.1)
     assert dead.events == [] and dead.closed
     # The dead sink's events are still in the spool for the next start.
+    spool.close()
     again = DiskSpool(tmp_path / "spool")
     events, _ = again.reader("dead").read(100)
     assert len(events) == 30

@@ -174,3 +174,16 @@ class TestMemorySpool:
             spool.append(event(i))
         assert drain(reader) == ["3", "4", "5", "6", "7"]
         assert reader.position == Position(0, 8)
+
+
+def test_a_second_process_cannot_open_the_same_spool(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    spool = DiskSpool(tmp_path)
+    code = "from infer_logger.spool import DiskSpool; import sys; DiskSpool(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode != 0 and "in use by another process" in done.stderr
+    spool.close()
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0
