@@ -150,5 +150,26 @@ def quickstart(n_requests: int, workdir: Path) -> None:
     run(n_requests=n_requests, workdir=workdir)
 
 
+@main.group(context_settings=_HELP)
+def setup() -> None:
+    """Prepare external systems (index templates, …) for the sinks."""
+
+
+@setup.command("elasticsearch", context_settings=_HELP)
+@click.option("--url", default="http://localhost:9200", show_default=True, help="Elasticsearch URL.")
+@click.option("--keep/--overwrite", default=False, show_default=True,
+              help="Keep an existing template of another version instead of replacing it.")
+def setup_elasticsearch_command(url: str, keep: bool) -> None:
+    """Install the `inference-log` index template (explicit mappings for the audit record)."""
+    from infer_logger.sinks.elasticsearch import setup_elasticsearch
+
+    try:
+        for line in setup_elasticsearch(url, overwrite=not keep):
+            click.echo(line)
+    except InferLoggerError as exc:
+        click.echo(f"infer-logger: {exc}", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -12,16 +12,34 @@ from typing import Annotated
 from pydantic import Field
 
 from infer_logger.sinks.base import Sink, SinkConfig
+from infer_logger.sinks.elasticsearch import ElasticsearchSinkConfig
 from infer_logger.sinks.file import FileSinkConfig
+from infer_logger.sinks.fluentd import FluentdSinkConfig
 from infer_logger.sinks.http import HttpSinkConfig
 from infer_logger.sinks.store import StoreSinkConfig
 
-SinkSpec = Annotated[HttpSinkConfig | FileSinkConfig | StoreSinkConfig, Field(discriminator="type")]
+# Client libraries (elasticsearch, …) are imported by `build()`, so configs load without extras.
+SinkSpec = Annotated[
+    HttpSinkConfig | FileSinkConfig | StoreSinkConfig | ElasticsearchSinkConfig | FluentdSinkConfig,
+    Field(discriminator="type"),
+]
 
 REGISTRY: dict[str, type[SinkConfig]] = {
     "http": HttpSinkConfig,
     "file": FileSinkConfig,
     "store": StoreSinkConfig,
+    "elasticsearch": ElasticsearchSinkConfig,
+    "fluentd": FluentdSinkConfig,
 }
 
-__all__ = ["REGISTRY", "FileSinkConfig", "HttpSinkConfig", "Sink", "SinkConfig", "SinkSpec", "StoreSinkConfig"]
+__all__ = [
+    "REGISTRY",
+    "ElasticsearchSinkConfig",
+    "FileSinkConfig",
+    "FluentdSinkConfig",
+    "HttpSinkConfig",
+    "Sink",
+    "SinkConfig",
+    "SinkSpec",
+    "StoreSinkConfig",
+]

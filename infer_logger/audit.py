@@ -1,0 +1,240 @@
+"""The audit document: one inference event as partial documents to deep-merge by `_id`.
+
+An exchange's request, response and explanation events share an id and arrive in any order. Each
+becomes `[(doc_id, partial), ...]`, one per instance (`<id>-<instance>`), or one per exchange
+(`<id>`) with `per_instance=False`. Every partial holds only what its event knows, and no two
+kinds write one field differently, so upserting them (`_bulk` `update` + `doc_as_upsert`) in any
+order ends in the same document:
+
+    id, instance                 the exchange id and the prediction's index in the batch
+    @timestamp                   request time: the request's `time`; from the response,
+                                 `time - latencyms` (the same moment within ~1 ms)
+    model, model_version, service, namespace, component, endpoint, protocol, path
+                                 from the request and response events (copies of one another)
+    metadata                     the `metadata` attribute as an object
+    status, latency_ms           the response's, on every instance's document it knows of
+    request                      {"features": {name: value}}   an object instance, or a list with
+                                                               `feature_names` of the same length
+                                 {"values": [...]}             a list, names unknown
+                                 {"value": x}                  anything else (text, base64...)
+    response                     {"prediction": x}             a scalar
+                                 {"prediction": i, "probabilities": [...]}
+                                                               a list that sums to 1 in [0, 1]: i
+                                                               is its argmax
+                                 {"values": [...]}             any other list
+                                 {"outputs": {...}}            several named outputs (V2 tensors)
+                                 {"error": "text"}             status >= 400: the body as text
+    explanation                  the explainer's object as is; a list becomes
+                                 {"attributions": {name: v}} with names, else {"values": [...]}
+    <kind>_time                  the event's `time`
+    <kind>_attributes            every CloudEvents attribute, as text (the raw audit trail)
+
+A one-tensor V2 row (`{"input-0": [...]}`, `{"output-0": 1}`) is read as the tensor's value.
+With `per_instance=False` there is no `instance` and each part is the list of the instances'
+parts. Explanation events write no shared attributes and no `@timestamp` (an explainer may name
+another component, and explains later); they carry `namespace` and `inferenceservicename` only
+so that the sink routes them to the exchange's index.
+
+Limits: a response knows its own instances only. When it has fewer than the request (an error
+body, a model answering one item for a batch), the caller passes `instances` (the request's
+count, when it saw the request first) to mark the rest with status; otherwise those documents
+have no status. A response with more items than the request makes documents without `request`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from infer_logger import events, payloads
+from infer_logger.cloudevents.event import CloudEvent, attribute_text
+
+Document = dict[str, Any]
+KINDS = {events.REQUEST: "request", events.RESPONSE: "response", events.EXPLANATION: "explanation"}
+
+# Field <- attribute, for what the request and response events both carry.
+SHARED = {
+    "model": events.MODELNAME,
+    "model_version": events.MODELVERSION,
+    "service": events.INFERENCESERVICENAME,
+    "namespace": events.NAMESPACE,
+    "component": events.COMPONENT,
+    "endpoint": events.ENDPOINT,
+    "protocol": events.PROTOCOL,
+    "path": events.PATH,
+}
+_MAX_ID_BYTES = 512  # Elasticsearch refuses longer _ids
+_SUM_TOLERANCE = 0.01  # float32 softmax outputs rarely sum to exactly 1
+
+
+def documents(
+    event: CloudEvent,
+    *,
+    per_instance: bool = True,
+    feature_names: Sequence[str] | None = None,
+    instances: int = 0,
+) -> list[tuple[str, Document]]:
+    """The partial documents to upsert for `event`; empty for a type that is not inference.
+
+    `feature_names` names the items of list instances (and list explanations); `instances` is
+    how many instances the exchange's request had, when known (see the module docstring).
+    """
+    kind = KINDS.get(event.type)
+    if kind is None:
+        return []
+    common = _common(event, kind)
+    parts: list[Document | None]
+    if kind == "response" and _failed(common.get("status")):
+        # The error body is the whole exchange's: every instance gets it.
+        parts = [{"error": _text(events.decode_data(event))}] * max(1, instances if per_instance else 1)
+    else:
+        parts = [_part(kind, item, feature_names) for item in payloads.instances(event)]
+    if not per_instance:
+        doc = dict(common)
+        if present := [p for p in parts if p is not None]:
+            doc[kind] = present
+        return [(doc_id(event.id), doc)]
+    if kind == "response":
+        parts += [None] * (instances - len(parts))  # status on instances without a prediction
+    out: list[tuple[str, Document]] = []
+    for index, part in enumerate(parts):
+        doc = {**common, "instance": index}
+        if part is not None:
+            doc[kind] = part
+        out.append((doc_id(event.id, index), doc))
+    return out
+
+
+def doc_id(event_id: str, instance: int | None = None) -> str:
+    """`<id>-<instance>` (or `<id>`); ids too long for Elasticsearch are replaced by their hash."""
+    if len(event_id.encode()) > _MAX_ID_BYTES - 12:
+        event_id = "sha256:" + hashlib.sha256(event_id.encode()).hexdigest()
+    return event_id if instance is None else f"{event_id}-{instance}"
+
+
+def _common(event: CloudEvent, kind: str) -> Document:
+    attrs = event.attributes
+    doc: Document = {"id": event.id}
+    time = _utc(attrs.get("time"))
+    if kind != "explanation":
+        for field, name in SHARED.items():
+            value = attrs.get(name)
+            if value is not None and value != "":  # "" is KServe's "unset": never overwrite with it
+                doc[field] = str(value)
+        if (metadata := _metadata(attrs.get(events.METADATA))) is not None:
+            doc["metadata"] = metadata
+    if kind == "request":
+        if time is not None:
+            doc["@timestamp"] = _format(time)
+    elif kind == "response":
+        status, latency = _int(attrs.get(events.STATUSCODE)), _float(attrs.get(events.LATENCYMS))
+        if status is not None:
+            doc["status"] = status
+        if latency is not None:
+            doc["latency_ms"] = latency
+        if time is not None:
+            doc["@timestamp"] = _format(time - timedelta(milliseconds=latency or 0.0))
+    if time is not None:
+        doc[f"{kind}_time"] = _format(time)
+    doc[f"{kind}_attributes"] = {name: attribute_text(value) for name, value in attrs.items()}
+    return doc
+
+
+def _part(kind: str, item: Any, names: Sequence[str] | None) -> Document | None:
+    if item is None:
+        return None
+    if kind == "response":
+        return _response_part(_unwrap(item))
+    if kind == "explanation" and isinstance(item, Mapping):
+        return dict(item)  # the explainer's own shape (method, attributions by feature...)
+    if isinstance(item, Mapping) and len(item) == 1 and isinstance(_unwrap(item), list):
+        item = _unwrap(item)  # a V2 row of one tensor: its name says nothing about the features
+    if isinstance(item, list):
+        if names and len(names) == len(item):
+            return {"attributions" if kind == "explanation" else "features": dict(zip(names, item))}
+        return {"values": item}
+    if isinstance(item, Mapping):
+        return {"features": dict(item)}
+    return {"value": item}
+
+
+def _response_part(item: Any) -> Document:
+    if isinstance(item, Mapping):
+        return {"outputs": dict(item)}
+    if isinstance(item, list):
+        if _is_distribution(item):
+            return {"prediction": max(range(len(item)), key=item.__getitem__), "probabilities": item}
+        return {"values": item}
+    return {"prediction": item}
+
+
+def _unwrap(item: Any) -> Any:
+    # A V2 row of one output tensor ({"output-0": 1}) is that tensor's value.
+    if isinstance(item, Mapping) and len(item) == 1:
+        return next(iter(item.values()))
+    return item
+
+
+def _is_distribution(values: list[Any]) -> bool:
+    if len(values) < 2 or not all(_is_number(v) and 0.0 <= v <= 1.0 for v in values):
+        return False
+    return abs(float(sum(values)) - 1.0) <= _SUM_TOLERANCE
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _failed(status: Any) -> bool:
+    return isinstance(status, int) and status >= 400
+
+
+def _metadata(value: object) -> Document | None:
+    if value is None or value == "":
+        return None
+    try:
+        parsed = orjson.loads(str(value))
+    except orjson.JSONDecodeError:
+        parsed = None
+    # The mapping wants an object: anything else is kept, as text, beside nothing else.
+    return parsed if isinstance(parsed, dict) else {"raw": str(value)}
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def _float(value: object) -> float | None:
+    # Binary-mode transports deliver every attribute as text.
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _int(value: object) -> int | None:
+    number = _float(value)
+    return int(number) if number is not None and number.is_integer() else None
+
+
+def _utc(value: object) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        try:
+            moment = datetime.fromisoformat(str(value))
+        except ValueError:
+            return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _format(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

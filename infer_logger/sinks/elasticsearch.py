@@ -1,0 +1,390 @@
+"""`elasticsearch` sink: the joined audit record, upserted with `_bulk` (one document per prediction).
+
+Each event becomes partial documents (`infer_logger.audit`) sent as `update` + `doc_as_upsert`,
+so request, response and explanation merge into one `_id` in any order, and re-delivery
+overwrites. Per-item results decide what happens next:
+
+- 2xx: taken.
+- 429, 409 (a concurrent update), 5xx, and 401/403/404 (privileges, an index that may not be
+  created: the cluster's state, not the document's): those items alone are sent again, a few
+  times with a short backoff; still failing, the batch raises `SinkError` and the worker resends
+  it whole, which the upserts make harmless.
+- other 4xx (400: mapping or parse errors): `RejectedError` with exactly those events and the
+  reason; the rest of the batch is taken.
+
+Failures of the whole request (connection refused, timeouts, auth, 5xx) raise `SinkError`: they
+are never the events' fault. `elasticsearch` is an optional extra, so this module imports it
+only when a sink is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import string
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, cast
+from urllib.parse import urlsplit
+
+import orjson
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
+
+from infer_logger import audit, events
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.elasticsearch_template import TEMPLATE_NAME, install_template
+from infer_logger.errors import ConfigError, RejectedError, SinkError
+from infer_logger.sinks.base import SinkConfig
+
+if TYPE_CHECKING:
+    from elasticsearch import AsyncElasticsearch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INDEX = "inference-log-{namespace}-{inferenceservicename}"
+# Item statuses that are the cluster's state, not the document's fault: an index that may not be
+# auto-created (404), a key without write privilege (401/403), conflicts, overload.
+RETRYABLE = frozenset({401, 403, 404, 408, 409, 429})
+_INVALID = re.compile(r"[^a-z0-9_.+-]+")  # stricter than Elasticsearch: no \/*?"<>|,#: or spaces
+_LEADING = re.compile(r"^[-_+.]+")
+_MAX_INDEX_BYTES = 255
+_COUNTS_KEPT = 10_000
+
+
+class ElasticsearchSinkConfig(SinkConfig):
+    """Upserts one audit document per prediction into Elasticsearch 8 (see `infer_logger.audit`)."""
+
+    type: Literal["elasticsearch"] = "elasticsearch"
+    url: str | list[str] = "http://localhost:9200"
+    """One node's URL or several (tried in turn when one cannot be reached)."""
+    index: str = DEFAULT_INDEX
+    """Index name; `{attribute}` takes the event's attribute (empty -> `unknown`). The name is
+    lower-cased and every character Elasticsearch refuses becomes `-`."""
+    per_instance: bool = True
+    """One document per prediction (`<id>-<instance>`); false: one per exchange (`<id>`)."""
+    feature_names: dict[str, list[str]] = Field(default_factory=dict)
+    """By model name: names of the items of list instances, so `request.features` is an object."""
+    api_key: SecretStr | None = None
+    """An encoded API key (the `encoded` value Elasticsearch returns)."""
+    username: str | None = None
+    password: SecretStr | None = None
+    """Basic auth; exclusive with `api_key`."""
+    verify_certs: bool = True
+    """Check the server's TLS certificate (https URLs)."""
+    ca_certs: str | None = None
+    """A CA bundle file for the server's certificate."""
+    timeout: float = Field(default=10.0, gt=0)
+    """Seconds to wait for each request."""
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    """Bulk attempts for items answered 429/409/5xx before the batch fails (and is resent whole)."""
+    retry_delay: float = Field(default=0.2, ge=0, le=10)
+    """Seconds before the first item retry; doubled for each next one."""
+    max_bulk_bytes: ByteSize = ByteSize(8 << 20)
+    """A batch larger than this goes in several `_bulk` requests."""
+    install_template: bool = True
+    """Create the index template before the first write when it is missing (never replaces one)."""
+    template_name: str = TEMPLATE_NAME
+
+    @field_validator("url")
+    @classmethod
+    def _http_urls(cls, value: str | list[str]) -> str | list[str]:
+        urls = [value] if isinstance(value, str) else value
+        if not urls:
+            raise ValueError("give at least one URL")
+        for url in urls:
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise ValueError(f"{url!r}: an http:// or https:// URL is needed")
+        return value
+
+    @field_validator("index")
+    @classmethod
+    def _index_pattern(cls, value: str) -> str:
+        index_fields(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> ElasticsearchSinkConfig:
+        if self.api_key is not None and (self.username or self.password):
+            raise ValueError("api_key and username/password exclude each other")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        if self.install_template:
+            self.template_patterns()
+        return self
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url] if isinstance(self.url, str) else list(self.url)
+
+    @property
+    def where(self) -> str:
+        """The node addresses, without credentials (for messages)."""
+        return ", ".join(_without_userinfo(u) for u in self.urls)
+
+    def template_patterns(self) -> list[str]:
+        """The index patterns the template must match: the index name up to its first field."""
+        prefix = self.index.split("{", 1)[0]
+        if "{" not in self.index:
+            return [sanitize_index(prefix)]
+        if not _LEADING.sub("", prefix.lower()):
+            raise ConfigError("index", f"{self.index!r} has no fixed prefix for the index template to match")
+        return [_INVALID.sub("-", prefix.lower()) + "*"]
+
+    def client(self) -> AsyncElasticsearch:
+        try:
+            from elasticsearch import AsyncElasticsearch
+        except ImportError as exc:
+            raise ConfigError("type", "elasticsearch needs `pip install 'infer-logger[elasticsearch]'`") from exc
+        options: dict[str, Any] = {
+            "request_timeout": self.timeout,
+            "verify_certs": self.verify_certs,
+            # Whole-request failures go back to the worker's backoff; the transport only fails
+            # over to the next node, at once.
+            "max_retries": len(self.urls) - 1,
+            "retry_on_status": (),
+            "retry_on_timeout": False,
+        }
+        if self.ca_certs:
+            options["ca_certs"] = self.ca_certs
+        if self.api_key is not None:
+            options["api_key"] = self.api_key.get_secret_value()
+        if self.username is not None and self.password is not None:
+            options["basic_auth"] = (self.username, self.password.get_secret_value())
+        # The default node class (aiohttp) is a core dependency and as fast as httpx's here.
+        return AsyncElasticsearch(self.urls, **options)
+
+    def build(self) -> ElasticsearchSink:
+        return ElasticsearchSink(self)
+
+
+def index_fields(pattern: str) -> list[str]:
+    """The attribute names an index pattern uses; ConfigError for anything but `{name}`."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(pattern))
+    except ValueError as exc:
+        raise ConfigError("index", f"{pattern!r}: {exc}") from exc
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not re.fullmatch(r"[a-z0-9]+", name) or spec or conversion:
+            raise ConfigError("index", f"{pattern!r}: `{{{name}}}` is not an event attribute name")
+        names.append(name)
+    return names
+
+
+def sanitize_index(name: str) -> str:
+    """A valid index name: lower case, refused characters as `-`, no leading `-_+.`, <= 255 bytes."""
+    name = _LEADING.sub("", _INVALID.sub("-", name.lower()))
+    return name.encode()[:_MAX_INDEX_BYTES].decode(errors="ignore") or "unknown"
+
+
+class IndexNamer:
+    """Event -> index name from a pattern; names are cached by the attribute values they use."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self.fields = index_fields(pattern)
+        self._cache: dict[tuple[str, ...], str] = {}
+
+    def __call__(self, event: CloudEvent) -> str:
+        values = tuple(str(event.get(f) or "") for f in self.fields)
+        name = self._cache.get(values)
+        if name is None:
+            if len(self._cache) >= 1024:  # bounded: attribute values come from requests
+                self._cache.clear()
+            filled = {f: _INVALID.sub("-", v.lower()) or "unknown" for f, v in zip(self.fields, values)}
+            name = self._cache[values] = sanitize_index(self.pattern.format_map(filled))
+        return name
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    """One `update` action and its document, NDJSON-encoded, for the event at `event`."""
+
+    event: int
+    lines: bytes
+
+
+class ElasticsearchSink:
+    def __init__(self, config: ElasticsearchSinkConfig, client: AsyncElasticsearch | None = None) -> None:
+        self.config = config
+        self.client = client or config.client()
+        self.index = IndexNamer(config.index)
+        self._template_checked = not config.install_template
+        # Request instance counts by id, so a response with fewer items (an error) still marks
+        # every instance; the spool orders a request before its response.
+        self._counts: dict[str, int] = {}
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        ops, rejected = self._ops(events)
+        if ops and not self._template_checked:
+            await self._ensure_template()
+        delay = self.config.retry_delay
+        for attempt in range(1, self.config.max_attempts + 1):
+            retry: list[tuple[_Op, int]] = []
+            for chunk in _chunks(ops, int(self.config.max_bulk_bytes)):
+                for op, item in zip(chunk, await self._bulk(chunk)):
+                    status = int(item.get("status", 500))
+                    if status < 300:
+                        continue
+                    if status in RETRYABLE or status >= 500:
+                        retry.append((op, status))
+                    else:
+                        rejected.setdefault(op.event, _reason(item))
+            if not retry:
+                break
+            if attempt == self.config.max_attempts:
+                statuses = sorted({s for _, s in retry})
+                raise SinkError(
+                    f"elasticsearch at {self.config.where} answered {statuses} to {len(retry)} documents "
+                    f"after {attempt} attempts"
+                )
+            ops = [op for op, _ in retry]
+            await asyncio.sleep(delay)
+            delay *= 2
+        if rejected:
+            more = f" (and {len(rejected) - 1} more)" if len(rejected) > 1 else ""
+            raise RejectedError(
+                f"elasticsearch at {self.config.where} refused {len(rejected)} events: "
+                f"{rejected[min(rejected)]}{more}",
+                [events[i] for i in sorted(rejected)],
+            )
+
+    def _ops(self, batch: Sequence[CloudEvent]) -> tuple[list[_Op], dict[int, str]]:
+        ops: list[_Op] = []
+        rejected: dict[int, str] = {}
+        for i, event in enumerate(batch):
+            names = self.config.feature_names.get(str(event.get(events.MODELNAME) or ""))
+            known = self._counts.get(event.id, 0) if event.type == events.RESPONSE else 0
+            docs = audit.documents(
+                event, per_instance=self.config.per_instance, feature_names=names, instances=known
+            )
+            if event.type == events.REQUEST and self.config.per_instance:
+                self._remember(event.id, len(docs))
+            index = self.index(event) if docs else ""
+            try:
+                ops.extend(_Op(i, _update(index, doc_id, doc)) for doc_id, doc in docs)
+            except TypeError as exc:  # orjson: not JSON-encodable
+                rejected[i] = f"cannot encode a document: {exc}"
+        return ops, rejected
+
+    def _remember(self, event_id: str, count: int) -> None:
+        self._counts.pop(event_id, None)
+        self._counts[event_id] = count
+        if len(self._counts) > _COUNTS_KEPT:
+            del self._counts[next(iter(self._counts))]  # the oldest
+
+    async def _bulk(self, chunk: Sequence[_Op]) -> list[Mapping[str, Any]]:
+        from elasticsearch import ApiError, TransportError
+
+        body = b"".join(op.lines for op in chunk)
+        try:
+            # Pre-encoded NDJSON: the client passes bytes through (typed as a list of dicts).
+            resp = await self.client.bulk(operations=cast("Sequence[Mapping[str, Any]]", body))
+        except ApiError as exc:
+            after = _retry_after(exc.meta.headers.get("retry-after"))
+            raise SinkError(
+                f"elasticsearch at {self.config.where} answered {exc.meta.status} to _bulk: {exc.message}",
+                retry_after=after,
+            ) from exc
+        except TransportError as exc:
+            raise SinkError(f"elasticsearch at {self.config.where}: {exc}") from exc
+        items = resp.body.get("items") or []
+        if len(items) != len(chunk):
+            raise SinkError(
+                f"elasticsearch at {self.config.where} answered {len(items)} items to {len(chunk)} actions"
+            )
+        if not resp.body.get("errors"):
+            return [{"status": 200}] * len(chunk)
+        return [next(iter(item.values())) for item in items]
+
+    async def _ensure_template(self) -> None:
+        from elasticsearch import ApiError, TransportError
+
+        try:
+            outcome = await install_template(
+                self.client,
+                name=self.config.template_name,
+                index_patterns=self.config.template_patterns(),
+                overwrite=False,
+            )
+        except ApiError as exc:
+            # E.g. an API key without manage_index_templates: write anyway, say so once.
+            log.warning("elasticsearch sink: cannot install index template %s: %s",
+                        self.config.template_name, exc)
+        except TransportError as exc:
+            raise SinkError(f"elasticsearch at {self.config.where}: {exc}") from exc
+        else:
+            if outcome == "created":
+                log.info("elasticsearch sink: created index template %s", self.config.template_name)
+        self._template_checked = True
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+def _update(index: str, doc_id: str, doc: Mapping[str, Any]) -> bytes:
+    # retry_on_conflict: the indexer or another sidecar may update the same _id at once.
+    action = {"update": {"_index": index, "_id": doc_id, "retry_on_conflict": 3}}
+    return orjson.dumps(action) + b"\n" + orjson.dumps({"doc": doc, "doc_as_upsert": True}) + b"\n"
+
+
+def _chunks(ops: Sequence[_Op], limit: int) -> Iterator[Sequence[_Op]]:
+    start, size = 0, 0
+    for i, op in enumerate(ops):
+        if size and size + len(op.lines) > limit:
+            yield ops[start:i]
+            start, size = i, 0
+        size += len(op.lines)
+    if start < len(ops):
+        yield ops[start:]
+
+
+def _reason(item: Mapping[str, Any]) -> str:
+    error = item.get("error")
+    if isinstance(error, Mapping):
+        return f"{item.get('status')} {error.get('type')}: {error.get('reason')} (_id {item.get('_id')})"
+    return f"{item.get('status')} {error} (_id {item.get('_id')})"
+
+
+def _retry_after(value: str | None) -> float | None:
+    return float(value) if value and value.strip().isdigit() else None
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def setup_elasticsearch(target: str | ElasticsearchSinkConfig, *, overwrite: bool = True) -> list[str]:
+    """Install the index template (what `infer-logger setup elasticsearch` runs); lines saying what
+    was done. Safe to run again: a template of our version is left as it is."""
+    config = target if isinstance(target, ElasticsearchSinkConfig) else ElasticsearchSinkConfig(url=target)
+
+    async def run() -> list[str]:
+        from elasticsearch import ApiError, TransportError
+
+        client = config.client()
+        try:
+            info = await client.info()
+            patterns = config.template_patterns()
+            outcome = await install_template(
+                client, name=config.template_name, index_patterns=patterns, overwrite=overwrite
+            )
+        except ApiError as exc:
+            raise SinkError(f"elasticsearch at {config.where} answered {exc.meta.status}: {exc.message}") from exc
+        except TransportError as exc:
+            raise SinkError(f"elasticsearch at {config.where}: {exc}") from exc
+        finally:
+            await client.close()
+        version = info.get("version", {}).get("number", "?")
+        return [
+            f"elasticsearch {version} at {config.where}",
+            f"index template {config.template_name} for {', '.join(patterns)}: {outcome}",
+        ]
+
+    return asyncio.run(run())

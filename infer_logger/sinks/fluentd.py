@@ -1,0 +1,290 @@
+"""`fluentd` sink: events to Fluentd (or anything speaking Forward protocol v1), acknowledged.
+
+Why not fluent-logger: its senders speak Message mode only and never ask for an ack, so `emit()`
+returns True for a record that went into a socket buffer nobody read. A sink may only return once
+its events are durably elsewhere (the spool checkpoint moves then), so this sink speaks the
+protocol itself with msgpack: one PackedForward frame per tag carrying a random `chunk` id, then
+it waits for `{"ack": chunk}`, which Fluentd's in_forward sends once the records are in its
+buffer (what out_forward's `require_ack_response` relies on). Anything not acked in time raises
+SinkError: the batch stays in the spool and is sent again. Delivery is at least once; Elasticsearch
+upserts by event id behind Fluentd, so a resend overwrites instead of duplicating. `ack: false`
+skips the wait (fire and forget, what fluent-logger gives).
+
+Tags are `<prefix>.<inferenceservicename>.<request|response|explanation>`; times are EventTime
+(nanoseconds) taken from the event's `time`. The record is the event in the CloudEvents JSON
+format (`to_dict`): attributes at the top, `data` for JSON (parsed) or text, `data_base64` for
+anything else, so `from_dict` rebuilds the same event (JSON data comes back compact) and Fluentd
+filters address fields by name. `pipelines.sources.forward` is the receiving end and shares the
+protocol pieces below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import hashlib
+import logging
+import os
+import re
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import msgpack
+from pydantic import Field, SecretStr
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.cloudevents.json_format import to_dict
+from infer_logger.cloudevents.validation import parse_time
+from infer_logger.errors import InvalidEventError, SinkError
+from infer_logger.sinks.base import SinkConfig
+
+log = logging.getLogger(__name__)
+
+# -- Forward protocol v1 pieces, shared with pipelines.sources.forward --------------------------
+
+EVENT_TIME_CODE = 0  # msgpack ext type of EventTime: uint32 seconds, uint32 nanoseconds, big-endian
+_NS = 1_000_000_000
+_FRACTION = re.compile(r"\.(\d+)")
+_TAG_UNSAFE = re.compile(r"[^a-z0-9_-]+")
+_KINDS = {"request", "response", "explanation"}
+
+
+def event_time(ns: int) -> msgpack.ExtType:
+    return msgpack.ExtType(EVENT_TIME_CODE, struct.pack(">II", ns // _NS, ns % _NS))
+
+
+def time_ns(value: object) -> int:
+    """Nanoseconds since the epoch from a Forward time: EventTime, integer or float seconds.
+
+    Raises TypeError, ValueError or OverflowError for anything else.
+    """
+    if isinstance(value, msgpack.ExtType):
+        if value.code != EVENT_TIME_CODE or len(value.data) != 8:
+            raise ValueError(f"ext type {value.code} of {len(value.data)} bytes is not an EventTime")
+        seconds, nanos = struct.unpack(">II", value.data)
+        return int(seconds) * _NS + int(nanos)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"a time is an EventTime or a number, not {type(value).__name__}")
+    if isinstance(value, float):
+        whole = int(value)  # OverflowError/ValueError on inf and nan
+        return whole * _NS + round((value - whole) * _NS)
+    return value * _NS
+
+
+def shared_key_digest(salt: bytes, hostname: str, nonce: bytes, key: str) -> str:
+    """sha512_hex(shared_key_salt + hostname + nonce + shared_key): PING's and PONG's proof."""
+    return hashlib.sha512(salt + hostname.encode() + nonce + key.encode()).hexdigest()
+
+
+def password_digest(auth_salt: bytes, username: str, password: str) -> str:
+    return hashlib.sha512(auth_salt + username.encode() + password.encode()).hexdigest()
+
+
+def as_bytes(value: object) -> bytes:
+    """A bin-or-str protocol field as bytes (str fields are read with surrogateescape)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    raise ValueError(f"expected bin or str, got {type(value).__name__}")
+
+
+def tag_for(event: CloudEvent, prefix: str) -> str:
+    """`<prefix>.<service>.<kind>`.
+
+    fluent.conf names the index after the service part, so it is cleaned the way the
+    `elasticsearch` sink cleans index names (lower case, odd characters as `-`, empty as
+    `unknown`); a dot would also shift Fluentd's tag routing.
+    """
+    service = _TAG_UNSAFE.sub("-", str(event.get("inferenceservicename") or "").lower()) or "unknown"
+    kind = event.type.rsplit(".", 1)[-1]
+    kind = kind if kind in _KINDS else _TAG_UNSAFE.sub("-", kind.lower()) or "unknown"
+    return f"{prefix}.{service}.{kind}"
+
+
+def event_ns(event: CloudEvent) -> int:
+    """The event's `time` in nanoseconds (now when it has none or it is unreadable)."""
+    value = event.get("time")
+    if isinstance(value, str):
+        try:
+            whole = parse_time(value).replace(microsecond=0).timestamp()
+        except InvalidEventError:
+            return time.time_ns()
+        match = _FRACTION.search(value)
+        nanos = int(match.group(1)[:9].ljust(9, "0")) if match else 0
+        return int(whole) * _NS + nanos
+    return time.time_ns()
+
+
+# -- the sink -----------------------------------------------------------------------------------
+
+
+class FluentdSinkConfig(SinkConfig):
+    type: Literal["fluentd"] = "fluentd"
+    host: str = "127.0.0.1"
+    """Fluentd's `forward` input."""
+    port: int = Field(24224, ge=1, le=65535)
+    tag_prefix: str = Field("inference", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+    """Tags are `<tag_prefix>.<inferenceservicename>.<request|response|explanation>`."""
+    ack: bool = True
+    """Wait for Fluentd's ack of every chunk (`require_ack_response`); off = fire and forget."""
+    timeout: float = Field(10.0, gt=0)
+    """Seconds for connecting (with the handshake) and again for the acks of one batch."""
+    compress: bool = False
+    """Send CompressedPackedForward (gzip) frames."""
+    shared_key: SecretStr | None = None
+    """Fluentd's `<security> shared_key`: do the HELO/PING/PONG handshake on connect."""
+    self_hostname: str = Field(default_factory=socket.gethostname)
+    """Our name in the handshake (Fluentd's `self_hostname`)."""
+    username: str = ""
+    """For a Fluentd with `user_auth true` (with `shared_key`)."""
+    password: SecretStr = SecretStr("")
+
+    def build(self) -> FluentdSink:
+        return FluentdSink(self)
+
+
+class FluentdSink:
+    """One connection, opened lazily and again after any failure; counters are plain attributes."""
+
+    def __init__(self, config: FluentdSinkConfig) -> None:
+        self.config = config
+        self.address = f"{config.host}:{config.port}"
+        self.records = 0  # acked (or, with ack off, written)
+        self.frames = 0
+        self.errors = 0  # batches that failed: refused, cut off, unacked, handshake refused
+        self.connects = 0  # connections established (handshake included)
+        self.reconnects = 0  # ... of which after an earlier one was lost
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._unpacker = msgpack.Unpacker()
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._lock = asyncio.Lock()  # one connection: batches take turns
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        if not events:
+            return
+        frames = self._frames(events)
+        async with self._lock:
+            try:
+                writer = await self._connected()
+                writer.write(b"".join(frame for _, frame in frames))
+                async with asyncio.timeout(self.config.timeout):
+                    await writer.drain()
+                    if self.config.ack:
+                        await self._acks({chunk for chunk, _ in frames})
+            except SinkError:
+                self._fail()
+                raise
+            except TimeoutError as exc:
+                self._fail()
+                raise SinkError(f"fluentd at {self.address}: no ack within {self.config.timeout} s") from exc
+            except (OSError, ValueError, msgpack.UnpackException) as exc:
+                self._fail()
+                raise SinkError(f"fluentd at {self.address}: {type(exc).__name__}: {exc}") from exc
+        self.frames += len(frames)
+        self.records += len(events)
+
+    def _frames(self, events: Sequence[CloudEvent]) -> list[tuple[str, bytes]]:
+        """(chunk id, PackedForward frame) per tag, in the batch's order."""
+        by_tag: dict[str, list[CloudEvent]] = {}
+        for event in events:
+            by_tag.setdefault(tag_for(event, self.config.tag_prefix), []).append(event)
+        frames = []
+        for tag, group in by_tag.items():
+            entries = b"".join(self._packer.pack([event_time(event_ns(e)), to_dict(e)]) for e in group)
+            option: dict[str, Any] = {"size": len(group)}
+            if self.config.compress:
+                entries = gzip.compress(entries, compresslevel=1, mtime=0)
+                option["compressed"] = "gzip"
+            chunk = base64.b64encode(os.urandom(16)).decode() if self.config.ack else ""
+            if chunk:
+                option["chunk"] = chunk
+            frames.append((chunk, self._packer.pack([tag, entries, option])))
+        return frames
+
+    async def _connected(self) -> asyncio.StreamWriter:
+        reader, writer = self._reader, self._writer
+        if reader is not None and writer is not None and not reader.at_eof() and not writer.is_closing():
+            return writer
+        self._close()  # the peer went away since the last batch: start afresh
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                self._reader, self._writer = await asyncio.open_connection(self.config.host, self.config.port)
+                self._unpacker = msgpack.Unpacker(max_buffer_size=1 << 20)  # acks and PONGs are small
+                if self.config.shared_key is not None:
+                    await self._handshake(self.config.shared_key.get_secret_value())
+        except SinkError:
+            raise
+        except (OSError, TimeoutError, ValueError, msgpack.UnpackException) as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            log.warning("fluentd sink: cannot connect to %s: %s", self.address, reason)
+            raise SinkError(f"cannot connect to fluentd at {self.address}: {reason}") from exc
+        if self.connects:
+            self.reconnects += 1
+        self.connects += 1
+        assert self._writer is not None
+        return self._writer
+
+    async def _handshake(self, key: str) -> None:
+        helo = await self._message()
+        if not (isinstance(helo, list) and len(helo) == 2 and helo[0] == "HELO" and isinstance(helo[1], dict)):
+            raise SinkError(f"fluentd at {self.address} sent no HELO (is `<security>` configured there?)")
+        nonce, auth_salt = as_bytes(helo[1].get("nonce", b"")), as_bytes(helo[1].get("auth", b""))
+        salt = os.urandom(16).hex()  # a str: some servers only take str salts
+        name, user = self.config.self_hostname, self.config.username
+        proof = password_digest(auth_salt, user, self.config.password.get_secret_value()) if auth_salt else ""
+        assert self._writer is not None
+        self._writer.write(self._packer.pack(
+            ["PING", name, salt, shared_key_digest(salt.encode(), name, nonce, key), user, proof]))
+        pong = await self._message()
+        if not (isinstance(pong, list) and len(pong) == 5 and pong[0] == "PONG"):
+            raise SinkError(f"fluentd at {self.address} answered PING with {pong!r:.80}")
+        if pong[1] is not True:
+            raise SinkError(f"fluentd at {self.address} refused the handshake: {pong[2]}")
+        if pong[4] != shared_key_digest(salt.encode(), str(pong[3]), nonce, key):
+            raise SinkError(f"fluentd at {self.address} does not know our shared key (PONG digest differs)")
+
+    async def _acks(self, chunks: set[str]) -> None:
+        while chunks:
+            reply = await self._message()
+            if isinstance(reply, list) and reply and reply[0] == "HELO":
+                raise SinkError(f"fluentd at {self.address} wants the shared-key handshake: set shared_key")
+            if isinstance(reply, dict):
+                chunks.discard(reply.get("ack"))
+
+    async def _message(self) -> Any:
+        """The next msgpack object the server sent (the caller bounds the wait)."""
+        assert self._reader is not None
+        while True:
+            try:
+                return next(self._unpacker)
+            except StopIteration:
+                pass
+            data = await self._reader.read(65536)
+            if not data:
+                raise ConnectionResetError("connection closed by fluentd")
+            self._unpacker.feed(data)
+
+    def _fail(self) -> None:
+        self.errors += 1
+        self._close()  # late acks or half-read frames must not leak into the next batch
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.transport.abort()
+        self._reader = self._writer = None
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                try:
+                    await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+                except (OSError, TimeoutError):
+                    pass
+            self._reader = self._writer = None

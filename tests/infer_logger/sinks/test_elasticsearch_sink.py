@@ -1,0 +1,448 @@
+"""The elasticsearch sink against a real Elasticsearch-8 API (noida-db, or $ES_URL), plus a tiny
+real HTTP server for the item statuses noida never answers (429, 503)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import orjson
+import pytest
+from elasticsearch import Elasticsearch, NotFoundError
+
+from infer_logger import events
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.dispatch import Backoff, Dispatcher
+from infer_logger.elasticsearch_template import VERSION, install_template
+from infer_logger.errors import ConfigError, RejectedError, SinkError
+from infer_logger.metrics import Metrics
+from infer_logger.proxy import read_body, respond
+from infer_logger.sinks.base import Sink
+from infer_logger.sinks.elasticsearch import (
+    ElasticsearchSink,
+    ElasticsearchSinkConfig,
+    IndexNamer,
+    sanitize_index,
+    setup_elasticsearch,
+)
+from infer_logger.spool import DiskSpool
+from infer_logger.testing import EventCollector, free_port
+from tests.services import NoidaServer
+
+T0 = "2025-01-01T00:00:00.100000Z"
+T1 = "2025-01-01T00:00:00.112000Z"  # T0 + the response's 12 ms
+T2 = "2025-01-01T00:00:03.000000Z"
+
+
+def _event(type_: str, id_: str, body: Any, time: str, service: str, **extra: Any) -> CloudEvent:
+    attrs = {"id": id_, "source": "http://sidecar", "specversion": "1.0", "type": type_, "time": time,
+             "inferenceservicename": service, "namespace": "default", "component": "predictor",
+             "modelname": service, "protocol": "v1", "metadata": '{"x-user": ["ann"]}', **extra}
+    return CloudEvent(attrs, orjson.dumps(body))
+
+
+def request(id_: str, service: str, body: Any = None) -> CloudEvent:
+    return _event(events.REQUEST, id_, body or {"instances": [[1.0, 2.0], [3.0, 4.0]]}, T0, service)
+
+
+def response(id_: str, service: str, body: Any = None, status: int = 200) -> CloudEvent:
+    body = body or {"predictions": [[0.2, 0.8], [0.9, 0.1]]}
+    return _event(events.RESPONSE, id_, body, T1, service, statuscode=status, latencyms=12)
+
+
+def explanation(id_: str, service: str) -> CloudEvent:
+    return _event(events.EXPLANATION, id_, {"explanations": [{"f0": 0.5}, {"f0": -0.5}]}, T2, service)
+
+
+def unique(prefix: str = "svc") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def es(es_url: str) -> Iterator[Elasticsearch]:
+    client = Elasticsearch(es_url, request_timeout=10)
+    yield client
+    client.close()
+
+
+def docs(es: Elasticsearch, service: str, id_: str | None = None) -> dict[str, dict[str, Any]]:
+    """The documents of one service's index by _id (after a refresh)."""
+    index = f"inference-log-default-{service.lower()}"
+    query = {"term": {"id": id_}} if id_ else {"match_all": {}}
+    try:
+        es.indices.refresh(index=index)
+        hits = es.search(index=index, query=query, size=1000)["hits"]["hits"]
+    except NotFoundError:
+        return {}  # not created yet
+    return {h["_id"]: h["_source"] for h in hits}
+
+
+async def send(config: ElasticsearchSinkConfig, *batches: Sequence[CloudEvent]) -> None:
+    sink = config.build()
+    try:
+        for batch in batches:
+            await sink.send_batch(batch)
+    finally:
+        await sink.aclose()
+
+
+class TestConfig:
+    """Config validation and index naming, without a server."""
+
+    def test_defaults_and_build(self) -> None:
+        config = ElasticsearchSinkConfig.model_validate({"type": "elasticsearch"})
+        assert config.sink_name == "elasticsearch"
+        assert config.urls == ["http://localhost:9200"]
+        assert config.template_patterns() == ["inference-log-*"]
+        sink = config.build()
+        assert isinstance(sink, Sink)
+        asyncio.run(sink.aclose())
+
+    @pytest.mark.parametrize("fields", [
+        {"url": "localhost:9200"},
+        {"url": []},
+        {"index": "log-{namespace!r}"},
+        {"index": "log-{attr.x}"},
+        {"index": "log-{"},
+        {"index": "{namespace}-log"},
+        {"api_key": "k", "username": "u", "password": "p"},
+        {"username": "u"},
+    ])
+    def test_invalid(self, fields: dict[str, Any]) -> None:
+        with pytest.raises(ValueError):
+            ElasticsearchSinkConfig.model_validate(fields)
+
+    def test_credentials_stay_out_of_messages(self) -> None:
+        config = ElasticsearchSinkConfig(url=["https://u:secret@es1:9200", "http://es2:9200"])
+        assert config.where == "https://es1:9200, http://es2:9200"
+        assert "secret" not in repr(ElasticsearchSinkConfig(api_key="secret"))  # type: ignore[arg-type]
+
+    def test_index_names(self) -> None:
+        namer = IndexNamer("inference-log-{namespace}-{inferenceservicename}")
+        ev = request("a", "My Model/v2")
+        assert namer(ev) == "inference-log-default-my-model-v2"
+        assert namer(ev.with_attributes(namespace="")) == "inference-log-unknown-my-model-v2"
+        assert sanitize_index("_A*B?" + "x" * 300).startswith("a-b-") and len(sanitize_index("x" * 300)) == 255
+        unprefixed = ElasticsearchSinkConfig(index="{modelname}", install_template=False)
+        with pytest.raises(ConfigError):
+            unprefixed.template_patterns()  # a template for `*` would take over every index
+        assert unprefixed.build().index(ev) == "my-model-v2"
+
+
+class TestTemplate:
+    """The index template: installed once, idempotent, and applied to new indices."""
+
+    def test_install_is_idempotent(self, es_url: str, es: Elasticsearch) -> None:
+        prefix = unique("itest")
+        config = ElasticsearchSinkConfig(url=es_url, index=prefix + "-{inferenceservicename}", template_name=prefix)
+        try:
+            first = setup_elasticsearch(config)
+            assert first[1] == f"index template {prefix} for {prefix}-*: created"
+            assert setup_elasticsearch(config)[1].endswith(": unchanged")
+            asyncio.run(send(config, [request("a", "iris", {"instances": [{"n": 1, "f": 2.5}]})]))
+            mapping = es.indices.get_mapping(index=f"{prefix}-iris")[f"{prefix}-iris"]["mappings"]
+            props = mapping["properties"]
+            assert props["status"]["type"] == "integer" and props["latency_ms"]["type"] == "float"
+            assert props["@timestamp"]["type"] == "date" and props["id"]["type"] == "keyword"
+            features = props["request"]["properties"]["features"]["properties"]
+            assert features["n"]["type"] == features["f"]["type"] == "double"  # numbers as doubles
+            assert props["request_attributes"]["properties"]["id"]["type"] == "keyword"
+        finally:
+            es.indices.delete(index=f"{prefix}-iris", ignore_unavailable=True)
+            es.indices.delete_index_template(name=prefix)
+
+    async def test_sink_creates_a_missing_template(self, es_url: str, es: Elasticsearch) -> None:
+        prefix = unique("itest")
+        config = ElasticsearchSinkConfig(url=es_url, index=prefix + "-{modelname}", template_name=prefix)
+        try:
+            await send(config, [response("a", "iris")])
+            found = es.indices.get_index_template(name=prefix)["index_templates"][0]["index_template"]
+            assert found["index_patterns"] == [f"{prefix}-*"]
+            mapping = es.indices.get_mapping(index=f"{prefix}-iris")[f"{prefix}-iris"]["mappings"]
+            assert mapping["properties"]["status"]["type"] == "integer"
+        finally:
+            es.indices.delete(index=f"{prefix}-iris", ignore_unavailable=True)
+            es.indices.delete_index_template(name=prefix)
+
+    def test_setup_without_a_server(self) -> None:
+        url = f"http://127.0.0.1:{free_port()}"
+        with pytest.raises(SinkError, match=url):
+            setup_elasticsearch(url)
+
+    def test_other_versions(self, es_url: str, es: Elasticsearch) -> None:
+        name = unique("itest")
+        es.indices.put_index_template(name=name, index_patterns=[f"{name}-*"], version=VERSION - 1, template={})
+
+        async def install(overwrite: bool) -> str:
+            client = ElasticsearchSinkConfig(url=es_url).client()
+            try:
+                return await install_template(client, name=name, index_patterns=[f"{name}-*"], overwrite=overwrite)
+            finally:
+                await client.close()
+
+        try:
+            assert asyncio.run(install(False)) == "kept"  # what the sink does: never replace
+            assert asyncio.run(install(True)) == "updated"
+            assert es.indices.get_index_template(name=name)["index_templates"][0]["index_template"]["version"] == VERSION
+        finally:
+            es.indices.delete_index_template(name=name)
+
+
+class TestJoin:
+    """Request, response and explanation end in one document per instance, whatever the order."""
+
+    async def test_all_arrival_orders(self, es_url: str, es: Elasticsearch) -> None:
+        service = unique()
+        config = ElasticsearchSinkConfig(url=es_url)
+        ids = []
+        for n, kinds in enumerate(itertools.permutations((request, response, explanation))):
+            id_ = f"order{n}"
+            ids.append(id_)
+            # One batch per event: each order really reaches the server in that order.
+            await send(config, *[[make(id_, service)] for make in kinds])
+        found = docs(es, service)
+        assert sorted(found) == sorted(f"{i}-{k}" for i in ids for k in (0, 1))
+        for key, doc in found.items():
+            reference = found[f"order0-{key.rsplit('-', 1)[1]}"]
+            assert {k: v for k, v in doc.items() if k not in ("id",) and not k.endswith("attributes")} == {
+                k: v for k, v in reference.items() if k not in ("id",) and not k.endswith("attributes")}
+        doc = found["order3-1"]
+        assert doc["@timestamp"] == T0 and doc["status"] == 200 and doc["latency_ms"] == 12.0
+        assert doc["request"] == {"values": [3.0, 4.0]}
+        assert doc["response"] == {"prediction": 0, "probabilities": [0.9, 0.1]}
+        assert doc["explanation"] == {"f0": -0.5}
+        assert doc["model"] == service and doc["metadata"] == {"x-user": ["ann"]}
+        assert {"request_attributes", "response_attributes", "explanation_attributes"} <= doc.keys()
+
+    async def test_v2(self, es_url: str, es: Elasticsearch) -> None:
+        service = unique()
+        body = {"inputs": [{"name": "age", "shape": [3], "datatype": "INT64", "data": [30, 40, 50]},
+                           {"name": "city", "shape": [3], "datatype": "BYTES", "data": ["a", "b", "c"]}]}
+        out = {"outputs": [{"name": "output-0", "shape": [3], "datatype": "INT64", "data": [1, 0, 1]}]}
+        await send(ElasticsearchSinkConfig(url=es_url),
+                   [request("v2", service, body), response("v2", service, out)])
+        found = docs(es, service)
+        assert [found[f"v2-{i}"]["request"]["features"] for i in range(3)] == [
+            {"age": 30, "city": "a"}, {"age": 40, "city": "b"}, {"age": 50, "city": "c"}]
+        assert [found[f"v2-{i}"]["response"]["prediction"] for i in range(3)] == [1, 0, 1]
+        assert es.search(index=f"inference-log-default-{service}", query={"term": {"request.features.city": "b"}},
+                         )["hits"]["total"]["value"] == 1  # strings are keywords
+
+    async def test_feature_names_and_per_exchange(self, es_url: str, es: Elasticsearch) -> None:
+        service = unique()
+        await send(ElasticsearchSinkConfig(url=es_url, feature_names={service: ["a", "b"]}),
+                   [request("named", service)])
+        assert docs(es, service)["named-0"]["request"] == {"features": {"a": 1.0, "b": 2.0}}
+        await send(ElasticsearchSinkConfig(url=es_url, per_instance=False),
+                   [response("whole", service), request("whole", service)])
+        whole = docs(es, service, "whole")
+        assert list(whole) == ["whole"]
+        assert whole["whole"]["request"] == [{"values": [1.0, 2.0]}, {"values": [3.0, 4.0]}]
+        assert whole["whole"]["status"] == 200
+
+    async def test_error_response_marks_every_instance(self, es_url: str, es: Elasticsearch) -> None:
+        service = unique()
+        sink = ElasticsearchSinkConfig(url=es_url).build()
+        await sink.send_batch([request("err", service, {"instances": [[1], [2], [3]]})])
+        await sink.send_batch([response("err", service, {"error": "model crashed"}, status=500)])
+        await sink.aclose()
+        found = docs(es, service)
+        assert sorted(found) == ["err-0", "err-1", "err-2"]
+        assert all(d["status"] == 500 and "model crashed" in d["response"]["error"] for d in found.values())
+
+    async def test_redelivery_does_not_duplicate(self, es_url: str, es: Elasticsearch) -> None:
+        service = unique()
+        batch = [request("r", service), response("r", service), explanation("r", service)]
+        await send(ElasticsearchSinkConfig(url=es_url), batch, batch, list(reversed(batch)))
+        index = f"inference-log-default-{service}"
+        es.indices.refresh(index=index)
+        assert es.count(index=index)["count"] == 2
+        assert docs(es, service)["r-0"]["response"]["prediction"] == 1
+
+    async def test_index_per_model(self, es_url: str, es: Elasticsearch) -> None:
+        a, b = unique("Iris"), unique("wine")
+        await send(ElasticsearchSinkConfig(url=es_url), [request("m", a), request("m", b), response("m", a)])
+        assert sorted(docs(es, a)) == ["m-0", "m-1"] and docs(es, a)["m-0"]["status"] == 200
+        assert "status" not in docs(es, b)["m-0"]
+        assert es.indices.exists(index=f"inference-log-default-{a.lower()}")
+
+    async def test_large_batches_go_in_chunks(self, es_url: str, es: Elasticsearch) -> None:
+        service = unique()
+        batch = [request(f"c{i}", service) for i in range(40)]
+        await send(ElasticsearchSinkConfig(url=es_url, max_bulk_bytes=2048), batch)  # type: ignore[arg-type]
+        assert len(docs(es, service)) == 80
+
+
+class TestFailures:
+    """Mapping errors are dead-lettered one by one; a server that is down is retried."""
+
+    async def test_mapping_error_rejects_only_that_event(self, es_url: str, es: Elasticsearch) -> None:
+        service = unique()
+        config = ElasticsearchSinkConfig(url=es_url)
+        await send(config, [request("first", service, {"instances": [{"size": 1.5}]})])
+        bad = request("bad", service, {"instances": [{"size": "large"}]})  # `size` is mapped as a number
+        good = [request(f"ok{i}", service, {"instances": [{"size": 2.5}]}) for i in range(2)]
+        with pytest.raises(RejectedError) as caught:
+            await send(config, [good[0], bad, good[1]])
+        assert caught.value.events == [bad]
+        assert "size" in str(caught.value) and "bad-0" in str(caught.value)
+        assert sorted(docs(es, service)) == ["first-0", "ok0-0", "ok1-0"]
+
+    async def test_refused_connection(self) -> None:
+        config = ElasticsearchSinkConfig(url=f"http://127.0.0.1:{free_port()}", timeout=2)
+        with pytest.raises(SinkError) as caught:
+            await send(config, [request("a", "iris")])
+        assert not isinstance(caught.value, RejectedError)
+        assert config.where in str(caught.value)
+
+    @pytest.mark.slow
+    async def test_server_down_and_back(self) -> None:
+        server = NoidaServer("elasticsearch").start()
+        try:
+            service = unique()
+            sink = ElasticsearchSinkConfig(url=server.address, timeout=5).build()
+            before = [request(f"b{i}", service) for i in range(5)]
+            await sink.send_batch(before)
+            server.stop(keep_data=True)
+            during = [request(f"d{i}", service) for i in range(5)] + [response("b0", service)]
+            for _ in range(2):
+                with pytest.raises(SinkError, match=f"127.0.0.1:{server.port}"):
+                    await sink.send_batch(during)
+            server.start(fresh=False)
+            await sink.send_batch(during)  # the worker's retry: the same batch, the same client
+            await sink.aclose()
+            with Elasticsearch(server.address) as client:
+                found = docs(client, service)
+            assert len(found) == 20
+            assert found["b0-0"]["status"] == 200 and found["d4-1"]["request"] == {"values": [3.0, 4.0]}
+        finally:
+            server.stop()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Polls `condition` (run in a thread: it may call Elasticsearch) until it holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await asyncio.to_thread(condition):
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.05)
+
+
+class TestWorker:
+    """The sink behind a real spool and worker: dead letters, and an outage that loses nothing."""
+
+    async def test_dead_letter_and_keep_going(self, es_url: str, es: Elasticsearch, tmp_path: Path) -> None:
+        service = unique()
+        spool = DiskSpool(tmp_path / "spool")
+        sink = ElasticsearchSinkConfig(url=es_url).build()
+        d = Dispatcher(spool, {"es": sink}, Metrics(spool), batch_size=50,
+                       backoff=Backoff(initial=0.01, maximum=0.1), deadletter_dir=tmp_path / "dead")
+        d.start()
+        spool.append(request("first", service, {"instances": [{"size": 1.5}]}))
+        await until(lambda: "first-0" in docs(es, service))
+        spool.append(request("bad", service, {"instances": [{"size": "large"}]}))
+        for i in range(5):
+            spool.append(request(f"ok{i}", service, {"instances": [{"size": 2.0}]}))
+        await until(lambda: len(docs(es, service)) == 6)
+        await d.stop()
+        await sink.aclose()
+        (line,) = (tmp_path / "dead" / "es.jsonl").read_bytes().splitlines()
+        dead = orjson.loads(line)
+        assert dead["attributes"]["id"] == "bad" and "size" in dead["reason"]
+
+    @pytest.mark.slow
+    async def test_outage_loses_nothing(self, tmp_path: Path) -> None:
+        server = NoidaServer("elasticsearch").start()
+        spool = DiskSpool(tmp_path / "spool")
+        sink = ElasticsearchSink(ElasticsearchSinkConfig(url=server.address, timeout=5))
+        d = Dispatcher(spool, {"es": sink}, Metrics(spool), batch_size=20,
+                       backoff=Backoff(initial=0.05, maximum=0.2))
+        service = unique()
+        try:
+            with Elasticsearch(server.address) as client:
+                d.start()
+                for i in range(10):
+                    spool.append(request(f"a{i}", service))
+                await until(lambda: len(docs(client, service)) == 20)
+                server.stop(keep_data=True)
+                for i in range(10):
+                    spool.append(request(f"b{i}", service))
+                    spool.append(response(f"b{i}", service))
+                await until(lambda: d.metrics.retried.labels("es")._value.get() >= 2)
+                server.start(fresh=False)
+                await until(lambda: len(docs(client, service)) == 40)
+                await until(lambda: all("status" in v for k, v in docs(client, service).items() if k[0] == "b"))
+        finally:
+            await d.stop()
+            await sink.aclose()
+            server.stop()
+
+
+class FakeBulk(EventCollector):
+    """An Elasticsearch stand-in that answers `_bulk` items with scripted statuses per call."""
+
+    def __init__(self, script: list[list[int] | int]) -> None:
+        super().__init__()
+        self.script = script  # per call: item statuses, or one status for the whole request
+        self.calls: list[list[str]] = []  # the _ids of each call
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await super().__call__(scope, receive, send)
+        lines = (await read_body(receive)).splitlines()
+        actions = [orjson.loads(line)["update"] for line in lines[::2]]
+        self.calls.append([a["_id"] for a in actions])
+        step = self.script[min(len(self.calls), len(self.script)) - 1]
+        headers = [(b"content-type", b"application/json"), (b"x-elastic-product", b"Elasticsearch")]
+        if isinstance(step, int):
+            error = {"error": {"type": "es_rejected_execution_exception", "reason": "busy"}, "status": step}
+            await respond(send, step, headers + [(b"retry-after", b"3")], orjson.dumps(error))
+            return
+        statuses = [step[i] if i < len(step) else 200 for i in range(len(actions))]
+        items = [{"update": {"_index": a["_index"], "_id": a["_id"], "status": s,
+                             **({"error": {"type": "x_exception", "reason": f"status {s}"}} if s >= 300 else {})}}
+                 for a, s in zip(actions, statuses)]
+        body = {"took": 1, "errors": any(s >= 300 for s in statuses), "items": items}
+        await respond(send, 200, headers, orjson.dumps(body))
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+
+def _fake_config(fake: FakeBulk) -> ElasticsearchSinkConfig:
+    return ElasticsearchSinkConfig(url=fake.url, install_template=False, retry_delay=0.01)
+
+
+class TestItemRetries:
+    """429/5xx items are sent again alone; 4xx items are refused; whole-request errors retry."""
+
+    @pytest.mark.parametrize("status", [429, 503, 409, 404, 403])
+    async def test_failed_items_alone_are_retried(self, status: int) -> None:
+        batch = [request(f"e{i}", "iris", {"instances": [[i]]}) for i in range(3)]
+        with FakeBulk([[200, status, 500], [200, 200]]) as fake:
+            await send(_fake_config(fake), batch)
+        assert fake.calls == [["e0-0", "e1-0", "e2-0"], ["e1-0", "e2-0"]]
+
+    async def test_still_failing_items_fail_the_batch(self) -> None:
+        error = pytest.raises(SinkError, match=r"\[429\] to 1 documents after 3 attempts")
+        with FakeBulk([[429]]) as fake, error as caught:
+            await send(_fake_config(fake), [request("e", "iris", {"instances": [[1]]})])
+        assert not isinstance(caught.value, RejectedError)
+        assert len(fake.calls) == 3
+
+    async def test_refused_and_retried_items_in_one_batch(self) -> None:
+        batch = [request(f"e{i}", "iris", {"instances": [[i]]}) for i in range(3)]
+        with FakeBulk([[400, 429, 200], [200]]) as fake, pytest.raises(RejectedError) as caught:
+            await send(_fake_config(fake), batch)
+        assert caught.value.events == [batch[0]]
+        assert fake.calls[1] == ["e1-0"]
+
+    async def test_whole_request_refused(self) -> None:
+        with FakeBulk([429]) as fake, pytest.raises(SinkError) as caught:
+            await send(_fake_config(fake), [request("e", "iris")])
+        assert not isinstance(caught.value, RejectedError)
+        assert caught.value.retry_after == 3.0 and "429" in str(caught.value)

@@ -1,0 +1,312 @@
+"""The fluentd sink against the forward source over real loopback sockets: round trips, acks,
+outages, auth; and fluentd/fluent.conf checked structurally (no Fluentd runs here)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from infer_logger import events as ev
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import SinkError
+from infer_logger.sinks.fluentd import FluentdSink, FluentdSinkConfig, event_ns, tag_for
+from infer_logger.sinks.memory import MemorySink
+from infer_logger.testing import free_port
+from pipelines.sources.forward import ForwardSource, ForwardSourceConfig
+
+CONF = Path(__file__).resolve().parents[3] / "fluentd" / "fluent.conf"
+
+
+def exchange(i: int, service: str = "iris") -> list[CloudEvent]:
+    """The request, response and explanation events of one prediction (one id)."""
+    base = {"specversion": "1.0", "id": f"id-{i}", "source": "http://logger:8080",
+            "inferenceservicename": service, "namespace": "ns1", "component": "predictor",
+            "endpoint": "default", "modelname": "iris", "protocol": "v1",
+            "datacontenttype": "application/json"}
+    return [
+        CloudEvent({**base, "type": ev.REQUEST, "time": "2026-01-02T03:04:05.123456Z"},
+                   b'{"instances":[[5.1,3.5,1.4,0.2]]}'),
+        CloudEvent({**base, "type": ev.RESPONSE, "time": "2026-01-02T03:04:05.234567891Z",
+                    "statuscode": 200, "latencyms": 12, "truncated": False}, b'{"predictions":[%d]}' % i),
+        CloudEvent({**base, "type": ev.EXPLANATION, "datacontenttype": "application/octet-stream"},
+                   b"\x00\xffraw"),
+    ]
+
+
+@pytest.fixture
+async def memory() -> MemorySink:
+    return MemorySink()
+
+
+@pytest.fixture
+async def source(memory: MemorySink) -> AsyncIterator[ForwardSource]:
+    async with ForwardSourceConfig(port=0).build(memory) as src:
+        yield src
+
+
+@pytest.fixture
+async def sink(source: ForwardSource) -> AsyncIterator[FluentdSink]:
+    s = FluentdSinkConfig(port=source.port, timeout=2).build()
+    yield s
+    await s.aclose()
+
+
+class TestRoundTrip:
+    """Events sent by the sink come out of the source equal, tagged and timed as specified."""
+
+    async def test_events_come_back_equal(self, sink: FluentdSink, memory: MemorySink) -> None:
+        sent = exchange(1) + exchange(2, service="wine")
+        await sink.send_batch(sent)
+        assert sorted(memory.events, key=repr) == sorted(sent, key=repr)
+        tags = {(e.id, e.type): e.meta["fluentd-tag"] for e in memory.events}
+        assert tags[("id-1", ev.REQUEST)] == "inference.iris.request"
+        assert tags[("id-2", ev.RESPONSE)] == "inference.wine.response"
+        assert tags[("id-1", ev.EXPLANATION)] == "inference.iris.explanation"
+        assert (sink.records, sink.frames, sink.errors) == (6, 6, 0)  # one frame per tag
+
+    async def test_nanosecond_event_time(self, sink: FluentdSink, memory: MemorySink) -> None:
+        await sink.send_batch(exchange(1)[:2])
+        times = {e.type: int(e.meta["fluentd-time"]) for e in memory.events}
+        assert times[ev.REQUEST] == 1767323045_123456000
+        assert times[ev.RESPONSE] == 1767323045_234567891
+
+    async def test_compressed(self, source: ForwardSource, memory: MemorySink) -> None:
+        sink = FluentdSinkConfig(port=source.port, compress=True).build()
+        await sink.send_batch(exchange(1))
+        await sink.aclose()
+        assert sorted(memory.events, key=repr) == sorted(exchange(1), key=repr)
+
+    async def test_ack_off_still_delivers(self, source: ForwardSource, memory: MemorySink) -> None:
+        sink = FluentdSinkConfig(port=source.port, ack=False).build()
+        await sink.send_batch(exchange(1))
+        await sink.aclose()
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(memory.events) < 3 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(memory.events) == 3 and source.acks == 0
+
+    async def test_connection_is_reused(self, sink: FluentdSink, source: ForwardSource) -> None:
+        for i in range(5):
+            await sink.send_batch(exchange(i))
+        assert (sink.connects, sink.reconnects, source.connections) == (1, 0, 1)
+
+
+class TestFailures:
+    """Nothing unacked counts as sent: SinkError keeps it in the spool until it is delivered."""
+
+    async def test_refused_at_start(self) -> None:
+        port = free_port()
+        sink = FluentdSinkConfig(port=port, timeout=2).build()
+        with pytest.raises(SinkError, match=f"cannot connect to fluentd at 127.0.0.1:{port}"):
+            await sink.send_batch(exchange(1))
+        assert sink.errors == 1
+        await sink.aclose()
+
+    async def test_server_restart_loses_nothing(self, memory: MemorySink) -> None:
+        """Stopped between batches, restarted on the same port: errors while down, then all arrives."""
+        src = ForwardSourceConfig(port=0).build(memory)
+        await src.start()
+        port = src.port
+        sink = FluentdSinkConfig(port=port, timeout=2).build()
+        batches = [exchange(i) for i in range(6)]
+        failures = 0
+        for n, batch in enumerate(batches):
+            if n == 2:
+                await src.aclose()
+            if n == 4:
+                src = ForwardSourceConfig(port=port).build(memory)
+                await src.start()
+            for _attempt in range(3):  # what the spool's worker does: retry the same batch
+                try:
+                    await sink.send_batch(batch)
+                    break
+                except SinkError:
+                    failures += 1
+                    if n >= 4:
+                        await asyncio.sleep(0.05)
+        await sink.aclose()
+        await src.aclose()
+        assert failures == 6  # batches 2 and 3, three attempts each
+        delivered = {(e.id, e.type) for e in memory.events}
+        assert {(e.id, e.type) for e in (batches[0] + batches[1] + batches[4] + batches[5])} <= delivered
+        assert not {e.id for e in batches[2] + batches[3]} & {e.id for e in memory.events}
+        # The spool would now resend batches 2 and 3: they go through.
+        sink = FluentdSinkConfig(port=port, timeout=2).build()
+        async with ForwardSourceConfig(port=port).build(memory):
+            await sink.send_batch(batches[2] + batches[3])
+        await sink.aclose()
+        assert {(e.id, e.type) for b in batches for e in b} == {(e.id, e.type) for e in memory.events}
+
+    async def test_server_stops_while_waiting_for_the_ack(self) -> None:
+        started = asyncio.Event()
+        got: list[CloudEvent] = []
+
+        class SlowThenFast:
+            slow = True
+
+            async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+                if self.slow:
+                    started.set()
+                    await asyncio.sleep(30)
+                got.extend(events)
+
+        subscriber = SlowThenFast()
+        src = ForwardSourceConfig(port=0).build(subscriber)
+        await src.start()
+        sink = FluentdSinkConfig(port=src.port, timeout=5).build()
+        pending = asyncio.create_task(sink.send_batch(exchange(1)))
+        await asyncio.wait_for(started.wait(), 5)
+        await src.aclose()
+        with pytest.raises(SinkError, match="closed by fluentd"):
+            await pending
+        subscriber.slow = False
+        async with ForwardSourceConfig(port=src.port).build(subscriber):
+            await sink.send_batch(exchange(1))
+        assert len(got) == 3 and sink.reconnects == 1 and sink.errors == 1
+        await sink.aclose()
+
+    async def test_slow_server_times_out(self, memory: MemorySink) -> None:
+        delay = [1.0]
+
+        class Slow:
+            async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+                await asyncio.sleep(delay[0])
+                await memory.send_batch(events)
+
+        async with ForwardSourceConfig(port=0).build(Slow()) as src:
+            sink = FluentdSinkConfig(port=src.port, timeout=0.3).build()
+            with pytest.raises(SinkError, match="no ack within 0.3 s"):
+                await sink.send_batch(exchange(1))
+            delay[0] = 0.0
+            await sink.send_batch(exchange(2))  # on a new connection: late acks cannot confuse it
+            assert (sink.errors, sink.reconnects) == (1, 1)
+            await sink.aclose()
+        assert {e.id for e in memory.events} >= {"id-2"}
+
+
+class TestSharedKey:
+    """The client side of the handshake against the source's server side."""
+
+    async def test_right_key(self, memory: MemorySink) -> None:
+        async with ForwardSourceConfig(port=0, shared_key="k", users={"bob": "pw"}).build(memory) as src:
+            sink = FluentdSinkConfig(port=src.port, shared_key="k", username="bob", password="pw").build()
+            await sink.send_batch(exchange(1))
+            await sink.aclose()
+        assert len(memory.events) == 3
+
+    @pytest.mark.parametrize(("key", "user", "message"), [
+        ("wrong", "bob", "refused the handshake: shared_key mismatch"),
+        ("k", "eve", "refused the handshake: username/password mismatch"),
+        (None, "", "wants the shared-key handshake"),
+    ])
+    async def test_refused(self, memory: MemorySink, key: str | None, user: str, message: str) -> None:
+        async with ForwardSourceConfig(port=0, shared_key="k", users={"bob": "pw"}).build(memory) as src:
+            sink = FluentdSinkConfig(port=src.port, shared_key=key, username=user, password="pw", timeout=2).build()
+            with pytest.raises(SinkError, match=message):
+                await sink.send_batch(exchange(1))
+            await sink.aclose()
+        assert memory.events == []
+
+    async def test_server_without_security(self, source: ForwardSource) -> None:
+        sink = FluentdSinkConfig(port=source.port, shared_key="k", timeout=0.5).build()
+        with pytest.raises(SinkError, match="cannot connect"):
+            await sink.send_batch(exchange(1))
+        await sink.aclose()
+
+
+class TestPieces:
+    def test_tags(self) -> None:
+        request, _response, explanation = exchange(1, service="My.svc")
+        assert tag_for(request, "inference") == "inference.my-svc.request"
+        assert tag_for(explanation, "a.b") == "a.b.my-svc.explanation"
+        other = CloudEvent({"specversion": "1.0", "id": "x", "source": "/", "type": "com.example.Thing"})
+        assert tag_for(other, "inference") == "inference.unknown.thing"
+
+    def test_event_time_with_offset(self) -> None:
+        event = CloudEvent({"time": "2026-01-02T05:04:05.5+02:00", "id": "x", "type": "t", "source": "/"})
+        assert event_ns(event) == 1767323045_500000000
+
+    def test_config(self) -> None:
+        config = FluentdSinkConfig.model_validate({"type": "fluentd", "port": 24225, "shared_key": "s3cr3t"})
+        assert config.sink_name == "fluentd" and "s3cr3t" not in repr(config)
+        with pytest.raises(ValueError):
+            FluentdSinkConfig.model_validate({"type": "fluentd", "tag_prefix": "bad prefix"})
+
+
+@dataclass
+class Directive:
+    name: str
+    arg: str
+    params: dict[str, str] = field(default_factory=dict)
+    children: list[Directive] = field(default_factory=list)
+
+
+def parse_conf(text: str) -> list[Directive]:
+    """Fluentd's config as nested directives; AssertionError on imbalance or a stray parameter."""
+    stack = [Directive("", "")]
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if close := re.fullmatch(r"</(\w+)>", line):
+            opened = stack.pop()
+            assert close.group(1) == opened.name, f"line {number}: </{close.group(1)}> closes <{opened.name}>"
+        elif open_ := re.fullmatch(r"<(\w+)\s*([^>]*)>", line):
+            directive = Directive(open_.group(1), open_.group(2))
+            stack[-1].children.append(directive)
+            stack.append(directive)
+        else:
+            assert len(stack) > 1, f"line {number}: parameter outside a directive"
+            key, _, value = line.partition(" ")
+            stack[-1].params[key] = value.strip()
+    assert len(stack) == 1, f"unclosed <{stack[-1].name}>"
+    return stack[0].children
+
+
+class TestFluentConf:
+    """fluentd/fluent.conf: balanced, forward in, per-kind reshaping, Elasticsearch upsert by id out."""
+
+    def test_structure(self) -> None:
+        tree = parse_conf(CONF.read_text())
+        sources = [d for d in tree if d.name == "source"]
+        assert [s.params["@type"] for s in sources] == ["forward"] and sources[0].params["port"] == "24224"
+        filters = {d.arg: d for d in tree if d.name == "filter"}
+        for kind in ("request", "response", "explanation"):
+            reshape = filters[f"inference.*.{kind}"]
+            assert reshape.params["@type"] == "record_transformer" and reshape.params["renew_record"] == "true"
+            [record] = [c for c in reshape.children if c.name == "record"]
+            # The audit document's fields (infer_logger/audit.py), this kind's part of them.
+            assert {"id", "namespace", kind, f"{kind}_time", f"{kind}_attributes"} <= set(record.params)
+        shared = {"model", "model_version", "service", "component", "endpoint", "protocol", "path", "metadata"}
+        request, response = (filters[f"inference.*.{k}"].children[0].params for k in ("request", "response"))
+        assert shared <= set(request) and shared | {"status", "latency_ms"} <= set(response)
+        assert not shared & set(filters["inference.*.explanation"].children[0].params)
+        [match] = [d for d in tree if d.name == "match" and d.arg == "inference.**"]
+        assert match.params["@type"] == "elasticsearch"
+        assert match.params["id_key"] == "id" and match.params["write_operation"] == "upsert"
+        # The elasticsearch sink's default index, the service from the tag the sink wrote.
+        assert match.params["index_name"] == "inference-log-${namespace}-${tag[1]}"
+        [buffer] = [c for c in match.children if c.name == "buffer"]
+        assert {"tag", "namespace"} <= set(buffer.arg.replace(" ", "").split(","))
+        assert buffer.params["flush_interval"] == "0.1" and buffer.params["retry_forever"] == "true"
+
+    def test_durations_carry_no_unit_on_fractions(self) -> None:
+        # `0.2s` was seen read as 2 s: fractional durations must be bare seconds.
+        settings = [line for line in CONF.read_text().splitlines() if not line.strip().startswith("#")]
+        assert not [line for line in settings if re.search(r"\b\d*\.\d+[smhd]\b", line)]
+
+    def test_imbalance_is_caught(self) -> None:
+        with pytest.raises(AssertionError):
+            parse_conf("<match a>\n  @type null\n</filter>\n")
+        with pytest.raises(AssertionError):
+            parse_conf("<source>\n  @type forward\n")
+
+    def test_dockerfile(self) -> None:
+        text = (CONF.parent / "Dockerfile").read_text()
+        assert re.search(r"^FROM fluent/fluentd:v1\.", text, re.MULTILINE)
+        assert "fluent-plugin-elasticsearch" in text and "COPY fluent.conf /fluentd/etc/fluent.conf" in text

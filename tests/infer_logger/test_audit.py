@@ -1,0 +1,258 @@
+"""The audit document: pure functions from inference events to partial documents."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+import pytest
+
+from infer_logger import events
+from infer_logger.audit import Document, doc_id, documents
+from infer_logger.cloudevents.event import CloudEvent
+
+T_REQUEST = "2025-01-01T00:00:00.100000Z"
+T_RESPONSE = "2025-01-01T00:00:00.112000Z"  # 12 ms later: the response's latencyms
+T_EXPLANATION = "2025-01-01T00:00:05.000000Z"
+
+
+def _event(type_: str, body: Any, time: str, id_: str = "a", **extra: Any) -> CloudEvent:
+    attrs = {
+        "id": id_,
+        "source": "http://sidecar",
+        "specversion": "1.0",
+        "type": type_,
+        "time": time,
+        "inferenceservicename": "iris",
+        "namespace": "default",
+        "component": "predictor",
+        "endpoint": "",
+        "modelname": "iris",
+        "protocol": "v1",
+        "path": "/v1/models/iris:predict",
+        "metadata": '{"x-user": ["ann"]}',
+        **extra,
+    }
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    return CloudEvent(attrs, data)
+
+
+def request(body: Any = None, **extra: Any) -> CloudEvent:
+    return _event(events.REQUEST, {"instances": [[1, 2], [3, 4]]} if body is None else body, T_REQUEST, **extra)
+
+
+def response(body: Any = None, status: int | str = 200, **extra: Any) -> CloudEvent:
+    body = {"predictions": [0, 1]} if body is None else body
+    return _event(events.RESPONSE, body, T_RESPONSE, statuscode=status, latencyms=12, **extra)
+
+
+def explanation(body: Any = None, **extra: Any) -> CloudEvent:
+    body = {"explanations": [{"f0": 0.5}, {"f0": -0.5}]} if body is None else body
+    return _event(events.EXPLANATION, body, T_EXPLANATION, **extra)
+
+
+def parts(event: CloudEvent, kind: str, **options: Any) -> list[Any]:
+    return [doc.get(kind) for _, doc in documents(event, **options)]
+
+
+def merge(into: dict[str, Any], partial: Mapping[str, Any]) -> dict[str, Any]:
+    """Elasticsearch's `doc` update: objects merge recursively, anything else is replaced."""
+    for key, value in partial.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+    return into
+
+
+def merged(order: tuple[CloudEvent, ...], **options: Any) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for event in order:
+        for key, partial in documents(event, **options):
+            merge(out.setdefault(key, {}), orjson.loads(orjson.dumps(partial)))
+    return out
+
+
+class TestMerge:
+    """Partials of one exchange merge to the same documents in any arrival order."""
+
+    def test_all_orders_agree(self) -> None:
+        exchange = (request(), response(), explanation())
+        results = [merged(order) for order in itertools.permutations(exchange)]
+        assert all(r == results[0] for r in results[1:])
+        assert sorted(results[0]) == ["a-0", "a-1"]
+        doc = results[0]["a-1"]
+        assert doc["@timestamp"] == T_REQUEST  # the response's time minus its latency agrees
+        assert (doc["status"], doc["latency_ms"], doc["instance"]) == (200, 12.0, 1)
+        assert doc["request"] == {"values": [3, 4]}
+        assert doc["response"] == {"prediction": 1}
+        assert doc["explanation"] == {"f0": -0.5}
+        assert doc["request_time"] == T_REQUEST and doc["explanation_time"] == T_EXPLANATION
+
+    def test_no_field_is_written_differently_by_two_kinds(self) -> None:
+        docs = {e.type: documents(e)[0][1] for e in (request(), response(), explanation())}
+        for (_, a), (_, b) in itertools.combinations(docs.items(), 2):
+            assert all(a[k] == b[k] for k in a.keys() & b.keys())
+
+
+class TestCommon:
+    """Attributes every document gets, and the ones only some kinds write."""
+
+    def test_request_attributes(self) -> None:
+        (key, doc), _ = documents(request())
+        assert key == "a-0"
+        assert doc["id"] == "a" and doc["instance"] == 0
+        assert doc["model"] == "iris" and doc["service"] == "iris" and doc["namespace"] == "default"
+        assert doc["protocol"] == "v1" and doc["path"] == "/v1/models/iris:predict"
+        assert "endpoint" not in doc  # "" is unset: it must not overwrite a value
+        assert doc["metadata"] == {"x-user": ["ann"]}
+        assert "status" not in doc and "latency_ms" not in doc
+        assert doc["request_attributes"]["type"] == events.REQUEST
+
+    def test_attributes_are_text(self) -> None:
+        doc = documents(response(truncated=True))[0][1]
+        assert doc["response_attributes"]["statuscode"] == "200"
+        assert doc["response_attributes"]["truncated"] == "true"
+
+    def test_binary_mode_text_attributes(self) -> None:
+        doc = documents(_event(events.RESPONSE, {"predictions": [1]}, T_RESPONSE,
+                               statuscode="503", latencyms="7"))[0][1]
+        assert (doc["status"], doc["latency_ms"]) == (503, 7.0)
+        assert doc["@timestamp"] == "2025-01-01T00:00:00.105000Z"
+
+    def test_metadata_that_is_not_an_object(self) -> None:
+        assert documents(request(metadata="x-user=ann"))[0][1]["metadata"] == {"raw": "x-user=ann"}
+        assert documents(request(metadata="[1]"))[0][1]["metadata"] == {"raw": "[1]"}
+        assert "metadata" not in documents(request(metadata=""))[0][1]
+
+    def test_times_to_utc(self) -> None:
+        doc = documents(_event(events.REQUEST, {"instances": [1]}, "2025-01-01T02:00:00+02:00"))[0][1]
+        assert doc["@timestamp"] == doc["request_time"] == "2025-01-01T00:00:00.000000Z"
+
+    def test_explanation_writes_no_shared_attributes(self) -> None:
+        doc = documents(explanation(component="explainer"))[0][1]
+        assert not {"@timestamp", "model", "component", "metadata", "status"} & doc.keys()
+        assert doc["explanation_attributes"]["component"] == "explainer"
+
+    def test_other_types_make_nothing(self) -> None:
+        assert documents(_event("com.example.other", {}, T_REQUEST)) == []
+
+    def test_long_ids_are_hashed(self) -> None:
+        long = "x" * 600
+        assert doc_id("a", 3) == "a-3" and doc_id("a") == "a"
+        assert doc_id(long, 0).startswith("sha256:") and len(doc_id(long, 0)) < 512
+        assert doc_id(long, 0) == doc_id(long, 0)
+
+
+class TestRequest:
+    """`request` holds the instance's features: by name when names are known."""
+
+    def test_lists_without_names(self) -> None:
+        assert parts(request(), "request") == [{"values": [1, 2]}, {"values": [3, 4]}]
+
+    def test_lists_with_names(self) -> None:
+        got = parts(request(), "request", feature_names=["a", "b"])
+        assert got == [{"features": {"a": 1, "b": 2}}, {"features": {"a": 3, "b": 4}}]
+
+    def test_names_of_another_length_are_ignored(self) -> None:
+        assert parts(request(), "request", feature_names=["a"]) == [{"values": [1, 2]}, {"values": [3, 4]}]
+
+    def test_object_instances(self) -> None:
+        got = parts(request({"instances": [{"sepal": 5.1, "kind": "x"}]}), "request")
+        assert got == [{"features": {"sepal": 5.1, "kind": "x"}}]
+
+    def test_v2_one_tensor(self) -> None:
+        body = {"inputs": [{"name": "input-0", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+        assert parts(request(body), "request", feature_names=["a", "b"]) == [
+            {"features": {"a": 1, "b": 2}},
+            {"features": {"a": 3, "b": 4}},
+        ]
+
+    def test_v2_named_columns(self) -> None:
+        body = {"inputs": [{"name": "age", "shape": [2], "datatype": "INT64", "data": [30, 40]},
+                           {"name": "city", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}]}
+        assert parts(request(body), "request") == [
+            {"features": {"age": 30, "city": "a"}},
+            {"features": {"age": 40, "city": "b"}},
+        ]
+
+    def test_scalars_and_binary(self) -> None:
+        assert parts(request({"instances": ["some text"]}), "request") == [{"value": "some text"}]
+        (got,) = parts(request(b"\x00\x01"), "request")
+        assert got == {"features": {"base64": "AAE="}}
+
+
+class TestResponse:
+    """`response` holds the prediction, and probabilities when the output is a distribution."""
+
+    def test_scalars(self) -> None:
+        assert parts(response(), "response") == [{"prediction": 0}, {"prediction": 1}]
+        assert parts(response({"predictions": ["cat"]}), "response") == [{"prediction": "cat"}]
+
+    def test_distribution(self) -> None:
+        got = parts(response({"predictions": [[0.1, 0.7, 0.2], [0.5, 0.5]]}), "response")
+        assert got == [{"prediction": 1, "probabilities": [0.1, 0.7, 0.2]},
+                       {"prediction": 0, "probabilities": [0.5, 0.5]}]
+
+    @pytest.mark.parametrize("row", [[0.2, 0.2], [1.5, -0.5], [3, 4], [0.9]])
+    def test_other_lists(self, row: list[float]) -> None:
+        assert parts(response({"predictions": [row]}), "response") == [{"values": row}]
+
+    def test_v2_one_output(self) -> None:
+        body = {"outputs": [{"name": "output-0", "shape": [2], "datatype": "INT64", "data": [2, 0]}]}
+        assert parts(response(body), "response") == [{"prediction": 2}, {"prediction": 0}]
+
+    def test_v2_several_outputs(self) -> None:
+        body = {"outputs": [{"name": "label", "shape": [1], "datatype": "BYTES", "data": ["cat"]},
+                            {"name": "score", "shape": [1], "datatype": "FP32", "data": [0.9]}]}
+        assert parts(response(body), "response") == [{"outputs": {"label": "cat", "score": 0.9}}]
+
+    @pytest.mark.parametrize("status", [500, "500"])
+    def test_error_goes_to_every_known_instance(self, status: int | str) -> None:
+        docs = documents(response({"error": "boom"}, status=status), instances=3)
+        assert [k for k, _ in docs] == ["a-0", "a-1", "a-2"]
+        assert all(d["response"] == {"error": '{"error":"boom"}'} and d["status"] == 500 for _, d in docs)
+
+    def test_fewer_predictions_than_instances(self) -> None:
+        docs = documents(response({"predictions": [7]}), instances=3)
+        assert [d.get("response") for _, d in docs] == [{"prediction": 7}, None, None]
+        assert all(d["status"] == 200 and d["latency_ms"] == 12.0 for _, d in docs)
+
+    def test_error_without_known_instances(self) -> None:
+        assert [k for k, _ in documents(response("plain text", status=502))] == ["a-0"]
+
+
+class TestExplanation:
+    """`explanation` keeps the explainer's object; lists become attributions by feature."""
+
+    def test_objects_as_they_are(self) -> None:
+        body = {"explanations": [{"method": "shap", "attributions": {"f0": 0.5}}]}
+        assert parts(explanation(body), "explanation") == [{"method": "shap", "attributions": {"f0": 0.5}}]
+
+    def test_lists(self) -> None:
+        body = {"explanations": [[0.1, -0.2]]}
+        assert parts(explanation(body), "explanation") == [{"values": [0.1, -0.2]}]
+        assert parts(explanation(body), "explanation", feature_names=["a", "b"]) == [
+            {"attributions": {"a": 0.1, "b": -0.2}}
+        ]
+
+
+class TestPerExchange:
+    """`per_instance=False`: one document per id, parts as lists."""
+
+    def test_one_document(self) -> None:
+        docs: list[tuple[str, Document]] = []
+        for event in (request(), response(), explanation()):
+            docs += documents(event, per_instance=False)
+        assert {k for k, _ in docs} == {"a"}
+        assert all("instance" not in d for _, d in docs)
+        doc = merged((request(), response(), explanation()), per_instance=False)["a"]
+        assert doc["request"] == [{"values": [1, 2]}, {"values": [3, 4]}]
+        assert doc["response"] == [{"prediction": 0}, {"prediction": 1}]
+        assert doc["status"] == 200
+
+    def test_error(self) -> None:
+        ((key, doc),) = documents(response({"error": "boom"}, status=500), per_instance=False, instances=4)
+        assert key == "a" and doc["response"] == [{"error": '{"error":"boom"}'}]

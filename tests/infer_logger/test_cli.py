@@ -1,0 +1,70 @@
+"""The command line: help, query, setup; errors as messages with exit codes, never tracebacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from infer_logger.cli import main
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.events import REQUEST, RESPONSE
+from infer_logger.store import AuditStore
+from infer_logger.testing import free_port
+
+
+def test_help_lists_the_commands() -> None:
+    out = CliRunner().invoke(main, ["--help"]).output
+    for command in ("proxy", "query", "quickstart", "setup"):
+        assert command in out
+    assert "--component-port" in CliRunner().invoke(main, ["proxy", "--help"]).output
+
+
+def seeded_store(path: Path) -> None:
+    base = {"specversion": "1.0", "source": "/s", "modelname": "iris", "protocol": "v1",
+            "datacontenttype": "application/json"}
+    with AuditStore(path) as store:
+        for i, status in enumerate([200, 200, 500]):
+            store.write([
+                CloudEvent({**base, "id": f"q{i}", "type": REQUEST, "time": f"2026-11-25T10:0{i}:00Z"},
+                           b'{"instances": [[1, 2]]}'),
+                CloudEvent({**base, "id": f"q{i}", "type": RESPONSE, "time": f"2026-11-25T10:0{i}:01Z",
+                            "statuscode": status, "latencyms": 3}, b'{"predictions": [1]}'),
+            ])
+
+
+def test_query_filters_and_formats(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+    seeded_store(db)
+    runner = CliRunner()
+    table = runner.invoke(main, ["query", "--db", str(db), "--model", "iris"])
+    assert table.exit_code == 0 and "q2" in table.output and "STATUS" in table.output
+    records = json.loads(runner.invoke(main, ["query", "--db", str(db), "--status", "500", "--format", "json"]).output)
+    assert [r["id"] for r in records] == ["q2"]
+    records = json.loads(runner.invoke(main, ["query", "--db", str(db), "--since", "2026-11-25T10:01:00Z",
+                                              "--until", "2026-11-25T10:02:00Z", "--format", "json"]).output)
+    assert [r["id"] for r in records] == ["q1"]
+
+
+def test_query_bad_input(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(main, ["query", "--db", str(tmp_path / "nope.db")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    db = tmp_path / "audit.db"
+    seeded_store(db)
+    bad_time = runner.invoke(main, ["query", "--db", str(db), "--since", "last tuesday"])
+    assert bad_time.exit_code == 2 and "--since" in bad_time.output
+
+
+def test_setup_elasticsearch(es_url: str) -> None:
+    result = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", es_url])
+    assert result.exit_code == 0, result.output
+    assert "inference-log" in result.output
+
+
+def test_setup_elasticsearch_unreachable_names_the_address() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", url])
+    assert result.exit_code == 1
+    assert url.removeprefix("http://") in result.output and "Traceback" not in result.output

@@ -1,0 +1,398 @@
+"""The forward source against the Forward protocol v1 spec, with frames built by msgpack, and
+against fluent-logger's sender as a third-party peer."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import os
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import msgpack
+import orjson
+import pytest
+from fluent.sender import FluentSender
+from pydantic import ValidationError
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.cloudevents.json_format import to_dict
+from infer_logger.sinks.memory import MemorySink, failing
+from pipelines.sources.forward import (
+    ForwardSource,
+    ForwardSourceConfig,
+    parse_frame,
+    rfc3339,
+)
+
+NS = 1_000_000_000
+T_NS = 1_700_000_000_123_456_789
+
+
+def event_time(ns: int) -> msgpack.ExtType:
+    return msgpack.ExtType(0, struct.pack(">II", ns // NS, ns % NS))
+
+
+def pack(obj: object, *, bin_type: bool = True) -> bytes:
+    packed: bytes = msgpack.packb(obj, use_bin_type=bin_type)
+    return packed
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+class Client:
+    """A raw Forward client: writes frames, reads what the server answers."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.unpacker = msgpack.Unpacker(raw=False)
+
+    @classmethod
+    async def connect(cls, port: int) -> Client:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def send(self, *frames: object) -> None:
+        for frame in frames:
+            self.writer.write(frame if isinstance(frame, bytes) else pack(frame))
+        await self.writer.drain()
+
+    async def reply(self, timeout: float = 5.0) -> Any:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    return next(self.unpacker)
+                except StopIteration:
+                    pass
+                data = await self.reader.read(65536)
+                if not data:
+                    raise EOFError("closed by the server")
+                self.unpacker.feed(data)
+
+    async def closed(self, timeout: float = 5.0) -> bool:
+        """True when the server closed the connection (it sent nothing but, maybe, a PONG)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while await self.reader.read(65536):
+                    pass
+        except ConnectionResetError:
+            pass
+        finally:
+            self.writer.close()
+        return True
+
+    async def aclose(self) -> None:
+        self.writer.close()
+
+
+@pytest.fixture
+async def memory() -> MemorySink:
+    return MemorySink()
+
+
+@pytest.fixture
+async def source(memory: MemorySink) -> AsyncIterator[ForwardSource]:
+    async with ForwardSourceConfig(port=0).build(memory) as src:
+        yield src
+
+
+async def roundtrip(source: ForwardSource, *frames: object, acks: int = 1) -> list[Any]:
+    client = await Client.connect(source.port)
+    await client.send(*frames)
+    replies = [await client.reply() for _ in range(acks)]
+    await client.aclose()
+    return replies
+
+
+class TestModes:
+    """Every carrier mode of the spec delivers its records and acks its chunk."""
+
+    @pytest.mark.parametrize(("wire_time", "ns"), [
+        (event_time(T_NS), T_NS),
+        (1_700_000_000, 1_700_000_000 * NS),
+        (1_700_000_000.5, 1_700_000_000 * NS + NS // 2),
+    ], ids=["EventTime", "int", "float"])
+    async def test_message_mode(self, source: ForwardSource, memory: MemorySink, wire_time: object, ns: int) -> None:
+        replies = await roundtrip(source, ["app.web", wire_time, {"msg": "hi"}, {"chunk": "c1"}])
+        assert replies == [{"ack": "c1"}]
+        [event] = memory.events
+        assert event.meta == {"fluentd-tag": "app.web", "fluentd-time": str(ns)}
+        assert event["time"] == rfc3339(ns) and event["subject"] == "app.web"
+        assert event.json() == {"msg": "hi"}
+
+    async def test_forward_mode(self, source: ForwardSource, memory: MemorySink) -> None:
+        entries = [[event_time(T_NS + i), {"n": i}] for i in range(3)]
+        assert await roundtrip(source, ["app", entries, {"chunk": "fw", "size": 3}]) == [{"ack": "fw"}]
+        assert [e.json()["n"] for e in memory.events] == [0, 1, 2]
+        assert memory.calls == 1  # one frame, one batch
+
+    @pytest.mark.parametrize("bin_type", [True, False], ids=["bin", "str"])
+    async def test_packed_forward(self, source: ForwardSource, memory: MemorySink, bin_type: bool) -> None:
+        # Old senders carry the entries as a msgpack str holding binary msgpack.
+        entries = b"".join(pack([event_time(T_NS + i), {"n": i, "b": b"\x00\xff"}]) for i in range(4))
+        frame = pack(["app", entries, {"chunk": "pf"}], bin_type=bin_type)
+        assert await roundtrip(source, frame) == [{"ack": "pf"}]
+        assert [e.json()["n"] for e in memory.events] == [0, 1, 2, 3]
+        assert memory.events[0].json()["b"] == "AP8="  # bin values are base64 in JSON
+
+    async def test_compressed_packed_forward_with_several_gzip_members(
+            self, source: ForwardSource, memory: MemorySink) -> None:
+        members = [gzip.compress(b"".join(pack([T_NS // NS, {"m": m, "i": i}]) for i in range(3))) for m in range(3)]
+        frame = ["app", b"".join(members), {"compressed": "gzip", "chunk": "gz", "size": 9}]
+        assert await roundtrip(source, frame) == [{"ack": "gz"}]
+        assert [(e.json()["m"], e.json()["i"]) for e in memory.events] == [(m, i) for m in range(3) for i in range(3)]
+
+    async def test_no_chunk_no_reply(self, source: ForwardSource, memory: MemorySink) -> None:
+        client = await Client.connect(source.port)
+        await client.send(["app", T_NS // NS, {"a": 1}])
+        await eventually(lambda: len(memory.events) == 1)
+        with pytest.raises(TimeoutError):
+            await client.reply(timeout=0.2)
+        assert source.acks == 0
+        await client.aclose()
+
+    async def test_several_frames_on_one_connection_are_acked_in_order(
+            self, source: ForwardSource, memory: MemorySink) -> None:
+        frames = [["app", T_NS // NS, {"i": i}, {"chunk": f"c{i}"}] for i in range(5)]
+        assert await roundtrip(source, *frames, acks=5) == [{"ack": f"c{i}"} for i in range(5)]
+        assert (source.frames, source.records, source.acks) == (5, 5, 5)
+
+    async def test_ack_waits_for_the_subscriber(self) -> None:
+        release = asyncio.Event()
+
+        class Gate:
+            def __init__(self) -> None:
+                self.events: list[CloudEvent] = []
+
+            async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+                await release.wait()
+                self.events.extend(events)
+
+        async with ForwardSourceConfig(port=0).build(Gate()) as src:
+            client = await Client.connect(src.port)
+            await client.send(["app", T_NS // NS, {"a": 1}, {"chunk": "late"}])
+            with pytest.raises(TimeoutError):
+                await client.reply(timeout=0.2)
+            release.set()
+            assert await client.reply() == {"ack": "late"}
+            await client.aclose()
+
+
+class TestRecords:
+    """Records become CloudEvents: the sink's shape back to the same event, others wrapped."""
+
+    async def test_plain_record(self, source: ForwardSource, memory: MemorySink) -> None:
+        await roundtrip(source, ["app.web", event_time(T_NS), {"k": [1, 2.5, None], 3: True}, {"chunk": "abc"}])
+        [event] = memory.events
+        assert event.attributes == {
+            "specversion": "1.0", "id": "abc-0", "source": f"fluent-forward://127.0.0.1:{source.port}",
+            "type": "io.fluentd.record", "subject": "app.web", "time": "2023-11-14T22:13:20.123456789Z",
+            "datacontenttype": "application/json",
+        }
+        assert event.json() == {"k": [1, 2.5, None], "3": True}
+
+    async def test_without_chunk_ids_are_unique(self, source: ForwardSource, memory: MemorySink) -> None:
+        client = await Client.connect(source.port)
+        await client.send(["app", [[T_NS // NS, {}], [T_NS // NS, {}]]])
+        await eventually(lambda: len(memory.events) == 2)
+        assert memory.events[0].id != memory.events[1].id
+        await client.aclose()
+
+    @pytest.mark.parametrize("data", [b'{"instances":[[1,2]]}', b"\x00\x01binary", b"plain text"])
+    async def test_cloudevent_record_comes_back_equal(
+            self, source: ForwardSource, memory: MemorySink, data: bytes) -> None:
+        ctype = {b"{": "application/json", b"\x00": "application/octet-stream"}.get(data[:1], "text/plain")
+        original = CloudEvent({"specversion": "1.0", "id": "r1", "source": "/logger", "type": "x.request",
+                               "datacontenttype": ctype, "statuscode": 200, "truncated": False}, data)
+        await roundtrip(source, ["inference.iris.request", event_time(T_NS), to_dict(original), {"chunk": "c"}])
+        assert memory.events == [original]
+        assert memory.events[0].data == data
+
+    async def test_invalid_cloudevent_record_is_kept_as_a_record(
+            self, source: ForwardSource, memory: MemorySink) -> None:
+        await roundtrip(source, ["app", T_NS // NS, {"specversion": "1.0", "id": ""}, {"chunk": "c"}])
+        [event] = memory.events
+        assert event.type == "io.fluentd.record" and event.json() == {"specversion": "1.0", "id": ""}
+        assert source.invalid_events == 1
+
+
+class TestHandshake:
+    """Shared-key auth per the spec: HELO, PING with sha512 digests, PONG proving the server knows the key."""
+
+    KEY = "s3cret"
+
+    @staticmethod
+    def digest(*parts: bytes | str) -> str:
+        return hashlib.sha512(b"".join(p.encode() if isinstance(p, str) else p for p in parts)).hexdigest()
+
+    async def ping(self, port: int, key: str, user: str = "", password: str = "") -> tuple[Client, list[Any]]:
+        client = await Client.connect(port)
+        helo = await client.reply()
+        assert helo[0] == "HELO" and len(helo[1]["nonce"]) == 16 and helo[1]["keepalive"] is True
+        nonce, auth = helo[1]["nonce"], helo[1]["auth"]
+        salt = os.urandom(16)
+        proof = self.digest(auth, user, password) if auth else ""
+        await client.send(["PING", "client.example", salt, self.digest(salt, "client.example", nonce, key), user, proof])
+        pong = await client.reply()
+        if pong[1]:
+            assert pong[4] == self.digest(salt, pong[3], nonce, self.KEY)
+        return client, pong
+
+    async def test_right_key(self, memory: MemorySink) -> None:
+        config = ForwardSourceConfig(port=0, shared_key=self.KEY, self_hostname="fluentd.example")
+        async with config.build(memory) as src:
+            client, pong = await self.ping(src.port, self.KEY)
+            assert pong[:4] == ["PONG", True, "", "fluentd.example"]
+            await client.send(["app", T_NS // NS, {"a": 1}, {"chunk": "k"}])
+            assert await client.reply() == {"ack": "k"}
+            await client.aclose()
+        assert len(memory.events) == 1
+
+    async def test_wrong_key_is_refused_and_closed(self, memory: MemorySink) -> None:
+        async with ForwardSourceConfig(port=0, shared_key=self.KEY).build(memory) as src:
+            client, pong = await self.ping(src.port, "guess")
+            assert pong[1] is False and pong[2] == "shared_key mismatch"
+            await client.send(["app", T_NS // NS, {"a": 1}, {"chunk": "k"}])
+            assert await client.closed()
+            assert (src.auth_failures, src.errors) == (1, 1)
+        assert memory.events == []
+
+    @pytest.mark.parametrize(("password", "ok"), [("pw", True), ("nope", False)])
+    async def test_user_auth(self, memory: MemorySink, password: str, ok: bool) -> None:
+        config = ForwardSourceConfig(port=0, shared_key=self.KEY, users={"alice": "pw"})
+        async with config.build(memory) as src:
+            client, pong = await self.ping(src.port, self.KEY, "alice", password)
+            assert pong[1] is ok
+            await client.aclose()
+
+    async def test_data_before_handshake_is_refused(self, memory: MemorySink) -> None:
+        async with ForwardSourceConfig(port=0, shared_key=self.KEY).build(memory) as src:
+            client = await Client.connect(src.port)
+            await client.send(["app", T_NS // NS, {"a": 1}, {"chunk": "k"}])
+            assert (await client.reply())[0] == "HELO"
+            assert (await client.reply())[:3] == ["PONG", False, "invalid PING"]
+            assert await client.closed()
+        assert memory.events == []
+
+    def test_users_need_a_shared_key(self) -> None:
+        with pytest.raises(ValidationError, match="shared_key"):
+            ForwardSourceConfig(users={"a": "b"})
+
+
+class TestFailures:
+    """A bad frame or a refused batch closes that connection only, and nothing is acked."""
+
+    @pytest.mark.parametrize("frame", [
+        b"\xc1",  # a byte msgpack never uses
+        pack(42),
+        pack(["only-tag"]),
+        pack(["", 1, {}]),
+        pack(["app", 1, "not a map"]),
+        pack(["app", "not a time", {}]),
+        pack(["app", [[1]], {}]),
+        pack(["app", [[1, {}]], "not a map"]),
+        pack(["app", pack([1, {}]) + b"\x92", {}]),  # a cut-off packed entry
+        pack(["app", b"not gzip", {"compressed": "gzip"}]),
+        pack(["app", pack([1, {}]), {"compressed": "zstd"}]),
+        pack(["app", 1, {}, {"chunk": 7}]),
+        pack(["app", msgpack.ExtType(5, b"12345678"), {}]),
+        pack(["app", 10**15, {}]),  # a year no calendar holds
+        pack(["app", [[1, {}], [10**12, {}]], {}]),  # ... in a later entry
+        pack(["bad\x01tag", 1, {}]),  # no valid CloudEvents subject
+    ], ids=lambda f: f.hex()[:24])
+    async def test_malformed_frame_closes_only_its_connection(
+            self, source: ForwardSource, memory: MemorySink, frame: bytes) -> None:
+        good = await Client.connect(source.port)
+        bad = await Client.connect(source.port)
+        await bad.send(frame)
+        assert await bad.closed()
+        await good.send(["app", 1, {"ok": True}, {"chunk": "still-here"}])
+        assert await good.reply() == {"ack": "still-here"}
+        assert source.errors == 1 and [e.json() for e in memory.events] == [{"ok": True}]
+        await good.aclose()
+
+    async def test_oversized_frame_closes_the_connection(self, memory: MemorySink) -> None:
+        async with ForwardSourceConfig(port=0, max_frame_bytes=4096).build(memory) as src:
+            client = await Client.connect(src.port)
+            await client.send(["app", 1, {"big": "x" * 10_000}, {"chunk": "c"}])
+            assert await client.closed()
+            assert src.errors == 1
+
+    async def test_gzip_bomb_is_bounded(self, memory: MemorySink) -> None:
+        async with ForwardSourceConfig(port=0, max_frame_bytes=4096).build(memory) as src:
+            entries = gzip.compress(pack([1, {"z": "0" * 100_000}]))
+            client = await Client.connect(src.port)
+            await client.send(["app", entries, {"compressed": "gzip", "chunk": "c"}])
+            assert await client.closed()
+
+    async def test_subscriber_failure_is_not_acked(self, source: ForwardSource, memory: MemorySink) -> None:
+        memory.fail = failing(1)
+        frame = ["app", T_NS // NS, {"a": 1}, {"chunk": "retry-me"}]
+        client = await Client.connect(source.port)
+        await client.send(frame)
+        assert await client.closed()  # a real client sees the cut and resends
+        assert memory.events == [] and source.acks == 0 and source.errors == 1
+        assert await roundtrip(source, frame) == [{"ack": "retry-me"}]
+        assert len(memory.events) == 1
+
+    async def test_close_while_subscriber_busy_acks_nothing(self) -> None:
+        started = asyncio.Event()
+
+        class Stuck:
+            async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+                started.set()
+                await asyncio.sleep(30)
+
+        src = ForwardSourceConfig(port=0).build(Stuck())
+        await src.start()
+        client = await Client.connect(src.port)
+        await client.send(["app", 1, {}, {"chunk": "c"}])
+        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.wait_for(src.aclose(), 5)
+        assert await client.closed() and src.acks == 0
+
+    async def test_run_serves_until_closed(self, memory: MemorySink) -> None:
+        src = ForwardSourceConfig(port=0).build(memory)
+        runner = asyncio.create_task(src.run())
+        await eventually(lambda: src.port != 0)
+        assert await roundtrip(src, ["app", 1, {}, {"chunk": "r"}]) == [{"ack": "r"}]
+        await src.aclose()
+        await asyncio.wait_for(runner, 5)
+
+
+class TestFluentLogger:
+    """fluent-logger's synchronous sender (Message mode, EventTime) as a real third-party client."""
+
+    async def test_sender_records_arrive(self, source: ForwardSource, memory: MemorySink) -> None:
+        sender = FluentSender("app", host="127.0.0.1", port=source.port, nanosecond_precision=True)
+        before = time.time_ns()
+        try:
+            assert await asyncio.to_thread(sender.emit, "web", {"user": "u1", "latency": 1.5})
+            assert await asyncio.to_thread(sender.emit_with_time, "web", 1_700_000_000.25, {"n": 2})
+        finally:
+            await asyncio.to_thread(sender.close)
+        await eventually(lambda: len(memory.events) == 2)
+        first, second = memory.events
+        assert first["subject"] == "app.web" and first.json() == {"user": "u1", "latency": 1.5}
+        assert before <= int(first.meta["fluentd-time"]) <= time.time_ns()
+        assert second.meta["fluentd-time"] == str(1_700_000_000 * NS + NS // 4)  # EventTime kept the .25
+        assert second["time"] == "2023-11-14T22:13:20.250000000Z"
+
+
+def test_parse_frame_modes_agree() -> None:
+    """The three uncompressed modes carrying the same entries parse to the same frame."""
+    entries = [[event_time(T_NS), {"a": 1}]]
+    message = parse_frame(["t", event_time(T_NS), {"a": 1}, {"chunk": "c"}], 1 << 20)
+    forward = parse_frame(["t", entries, {"chunk": "c"}], 1 << 20)
+    packed = parse_frame(["t", b"".join(pack(e) for e in entries), {"chunk": "c"}], 1 << 20)
+    assert message == forward == packed
+    assert message.entries == [(T_NS, {"a": 1})]
+    assert orjson.dumps(message.entries[0][1]) == b'{"a":1}'
