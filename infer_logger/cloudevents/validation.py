@@ -7,6 +7,7 @@ by hand calls `validate` once, where it builds them. Errors name the attribute a
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -93,6 +94,7 @@ def _check_specversion(value: AttributeValue | None) -> None:
         raise InvalidEventError("specversion", f"unknown specversion {version!r}; only 1.0 is supported")
 
 
+@functools.lru_cache(maxsize=1024)  # names repeat on every event; only valid ones get cached
 def _check_name(name: str) -> None:
     # The spec also recommends at most 20 characters; that is advice, so it is not enforced.
     if not _NAME.fullmatch(name):
@@ -111,6 +113,9 @@ def _non_empty_string(name: str, value: object) -> str:
 
 
 def _check_chars(name: str, value: str) -> None:
+    # Fast path for the common case: printable ASCII holds none of the excluded characters.
+    if value.isascii() and value.isprintable():
+        return
     bad = _BAD_CHAR.search(value)
     if bad is not None:
         raise InvalidEventError(name, f"U+{ord(bad.group()):04X} is not allowed in a string")
