@@ -48,8 +48,13 @@ class DeliverySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_size: int = Field(500, ge=1)
+    in_flight: int = Field(1, ge=1, le=64)
+    """Batches a sink may hold at once (per-sink `in_flight` overrides); 1 keeps spool order."""
     backoff_initial: float = Field(0.1, gt=0)
-    backoff_max: float = Field(30.0, gt=0)
+    backoff_max: float = Field(5.0, gt=0)
+    """Cap of the jittered backoff; also how long a recovered sink may wait for its first retry."""
+    linger: float = Field(0.05, ge=0)
+    """Seconds a sink worker waits after new events arrive, so they go out in one batch."""
     drain_timeout: float = Field(5.0, ge=0)
     """Seconds to keep delivering at shutdown; what is left stays in the spool for next start."""
 

@@ -8,12 +8,14 @@ it; events a sink refuses for good are written to a dead-letter file with the re
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -22,7 +24,7 @@ from infer_logger.errors import RejectedError
 from infer_logger.events import decode_data
 from infer_logger.metrics import Metrics
 from infer_logger.sinks.base import Sink
-from infer_logger.spool import Spool, SpoolReader
+from infer_logger.spool import Position, Spool, SpoolReader
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Backoff:
     initial: float = 0.1
-    maximum: float = 30.0
+    maximum: float = 5.0
     multiplier: float = 2.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
@@ -49,10 +51,14 @@ class SinkWorker:
         metrics: Metrics,
         *,
         batch_size: int = 500,
+        in_flight: int = 1,
+        linger: float = 0.0,
         backoff: Backoff = Backoff(),
         deadletter_dir: Path | None = None,
     ) -> None:
         self.name = name
+        self.in_flight = in_flight
+        self.linger = linger
         self.sink = sink
         self.reader = reader
         self.metrics = metrics
@@ -63,20 +69,50 @@ class SinkWorker:
         self.healthy = True
 
     async def run(self) -> None:
-        while True:
-            events, end = self.reader.read(self.batch_size)
-            if not events:
-                if end != self.reader.position:
-                    self.reader.commit(end)  # moved past a corrupt stretch
+        """Keep up to `in_flight` batches with the sink; commit them strictly in spool order.
+
+        With more than one in flight a retried batch can land after a later one (order across
+        batches is then not kept, duplicates never lost); one in flight keeps spool order.
+        """
+        cursor = self.reader.position
+        pending: collections.deque[tuple[asyncio.Task[bool] | None, Position]] = collections.deque()
+        try:
+            while True:
+                while len(pending) < self.in_flight:
+                    events, end = self.reader.read(self.batch_size, cursor)
+                    if end == cursor:
+                        break
+                    cursor = end
+                    # No events but a new position: past a corrupt stretch; commit it in turn.
+                    task = asyncio.create_task(self._deliver(events)) if events else None
+                    pending.append((task, end))
+                if not pending:
+                    if self.draining:
+                        return
+                    await self.reader.wait(0.5)
+                    if self.linger and not self.draining:
+                        # Let a batch build up: per-batch costs (a sink round trip, a
+                        # transaction) dwarf per-event ones at moderate rates.
+                        await asyncio.sleep(self.linger)
                     continue
-                if self.draining:
-                    return
-                await self.reader.wait(0.5)
-                continue
-            if not await self._deliver(events):
-                return  # draining and the sink is still down: the spool keeps them
-            self.reader.commit(end)
-            self.metrics.sink_lag.labels(self.name).set(self.reader.lag())
+                head, end = pending[0]
+                if head is not None and not head.done():
+                    waits: set[asyncio.Future[Any]] = {head}
+                    if len(pending) < self.in_flight:  # room for more: also wake on new events
+                        waits.add(asyncio.ensure_future(self.reader.wait(0.5)))
+                    _, others = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    for other in others - {head}:
+                        other.cancel()
+                    continue
+                pending.popleft()
+                if head is not None and not head.result():
+                    return  # draining and the sink is still down: the spool keeps them
+                self.reader.commit(end)
+        finally:
+            self.reader.flush()
+            for task, _ in pending:
+                if task is not None:
+                    task.cancel()
 
     async def _deliver(self, events: Sequence[CloudEvent]) -> bool:
         attempt = 0
@@ -119,7 +155,7 @@ class SinkWorker:
 
 
 class Dispatcher:
-    """Starts a worker per sink over one spool; stops them after draining what it can."""
+    """Runs one worker per sink over one spool; stops them after draining what it can."""
 
     def __init__(
         self,
@@ -128,23 +164,31 @@ class Dispatcher:
         metrics: Metrics,
         *,
         batch_size: int = 500,
+        in_flight: int = 1,
+        linger: float = 0.0,
         backoff: Backoff = Backoff(),
         deadletter_dir: Path | None = None,
+        overrides: dict[str, tuple[int | None, int | None]] | None = None,
     ) -> None:
+        """`overrides` maps a sink name to its own (batch_size, in_flight); None keeps the default."""
         self.spool = spool
         self.metrics = metrics
-        self.workers = [
-            SinkWorker(
-                name,
-                sink,
-                spool.reader(name),
-                metrics,
-                batch_size=batch_size,
-                backoff=backoff,
-                deadletter_dir=deadletter_dir,
+        self.workers = []
+        for name, sink in sinks.items():
+            own_batch, own_flight = (overrides or {}).get(name, (None, None))
+            self.workers.append(
+                SinkWorker(
+                    name,
+                    sink,
+                    spool.reader(name),
+                    metrics,
+                    batch_size=own_batch or batch_size,
+                    in_flight=own_flight or in_flight,
+                    linger=linger,
+                    backoff=backoff,
+                    deadletter_dir=deadletter_dir,
+                )
             )
-            for name, sink in sinks.items()
-        ]
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -155,9 +199,7 @@ class Dispatcher:
         """Deliver what the sinks will take within `drain_timeout`; the rest stays spooled."""
         for worker in self.workers:
             worker.draining = True
-            wake = getattr(worker.reader, "_event", None)
-            if wake is not None:
-                wake.set()
+            worker.reader.wake()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=drain_timeout)
             for task in pending:

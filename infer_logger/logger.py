@@ -20,7 +20,6 @@ from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.config import Settings
 from infer_logger.dispatch import Backoff, Dispatcher
 from infer_logger.metrics import Metrics
-from infer_logger.sinks.base import Sink
 from infer_logger.spool import DiskSpool, MemorySpool, Spool
 
 log = logging.getLogger(__name__)
@@ -78,20 +77,22 @@ def build_spool(settings: Settings) -> Spool:
 class InferenceLogger:
     """Records exchanges into the spool and runs the sink workers over it."""
 
-    def __init__(self, settings: Settings, *, sinks: dict[str, Sink] | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.spool = build_spool(settings)
         self.metrics = Metrics(self.spool)
-        if sinks is None:
-            sinks = {cfg.sink_name: cfg.build() for cfg in settings.all_sinks()}
+        configs = settings.all_sinks()
         d = settings.delivery
         self.dispatcher = Dispatcher(
             self.spool,
-            sinks,
+            {cfg.sink_name: cfg.build() for cfg in configs},
             self.metrics,
             batch_size=d.batch_size,
+            in_flight=d.in_flight,
+            linger=d.linger,
             backoff=Backoff(d.backoff_initial, d.backoff_max),
             deadletter_dir=Path(settings.spool.dir) / "deadletter",
+            overrides={cfg.sink_name: (cfg.batch_size, cfg.in_flight) for cfg in configs},
         )
         source = settings.source_uri or f"http://{settings.host}:{settings.port}/"
         annotations = orjson.dumps(settings.annotations).decode() if settings.annotations else None

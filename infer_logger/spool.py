@@ -22,11 +22,12 @@ import fcntl
 import logging
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import BinaryIO, Literal, Protocol
 
 import orjson
 
@@ -76,11 +77,15 @@ class Spool(Protocol):
 class SpoolReader(Protocol):
     position: Position
 
-    def read(self, max_events: int) -> tuple[list[CloudEvent], Position]: ...
+    def read(self, max_events: int, start: Position | None = None) -> tuple[list[CloudEvent], Position]: ...
 
     async def wait(self, timeout: float) -> None: ...
 
-    def commit(self, position: Position) -> None: ...
+    def wake(self) -> None: ...
+
+    def commit(self, position: Position, *, force: bool = False) -> None: ...
+
+    def flush(self) -> None: ...
 
 
 def encode_record(event: CloudEvent) -> bytes:
@@ -232,10 +237,10 @@ class DiskSpool:
     # -- housekeeping ----------------------------------------------------------------------
 
     def collect(self) -> None:
-        """Delete segments that every reader has finished."""
+        """Delete segments that every reader has finished (by its saved checkpoint)."""
         if not self._readers:
             return
-        floor = min(r.position.segment for r in self._readers.values())
+        floor = min(r._saved.segment for r in self._readers.values())
         for number in [n for n in self._sizes if n < floor and n != self._current]:
             self._delete(number)
 
@@ -256,6 +261,8 @@ class DiskSpool:
         return self.dir / "checkpoints" / f"{name}.json"
 
     def close(self) -> None:
+        for reader in self._readers.values():
+            reader.flush()
         if self._fsync_task is not None:
             self._fsync_task.cancel()
         if self._fd >= 0:
@@ -268,12 +275,16 @@ class DiskSpool:
 class DiskReader:
     """One sink's cursor over the spool, with a checkpoint file that survives restarts."""
 
-    def __init__(self, spool: DiskSpool, name: str) -> None:
+    def __init__(self, spool: DiskSpool, name: str, *, checkpoint_interval: float = 0.2) -> None:
         self.spool = spool
         self.name = name
         self._event = asyncio.Event()
         spool._waiters.add(self._event)
         self.position = self._load()
+        self._saved = self.position
+        self._saved_at = 0.0
+        self.checkpoint_interval = checkpoint_interval
+        self._file: tuple[int, BinaryIO] | None = None  # the segment being read, kept open
 
     def _load(self) -> Position:
         path = self.spool.checkpoint_path(self.name)
@@ -292,13 +303,16 @@ class DiskReader:
             return Position(following if following is not None else self.spool._current, 0)
         return position
 
-    def read(self, max_events: int) -> tuple[list[CloudEvent], Position]:
-        """Up to `max_events` events after the cursor, and the position just past them.
+    def read(self, max_events: int, start: Position | None = None) -> tuple[list[CloudEvent], Position]:
+        """Up to `max_events` events after `start` (default: the cursor), and the position past them.
 
         The position can move with no events (past a corrupt stretch): commit it all the same.
         """
+        # Cleared before looking, so an append after this read wakes the next wait().
+        self._event.clear()
         out: list[CloudEvent] = []
-        segment, offset = self.position.segment, self.position.offset
+        start = start or self.position
+        segment, offset = start.segment, start.offset
         while len(out) < max_events:
             size = self.spool._sizes.get(segment)
             if size is None:  # deleted under us (overflow): go on with the next one
@@ -324,7 +338,8 @@ class DiskReader:
         self, segment: int, offset: int, size: int, limit: int, out: list[CloudEvent]
     ) -> int:
         """Decode records of one segment into `out`; returns the offset reached."""
-        with open(self.spool._path(segment), "rb") as fh:
+        fh = self._open(segment)
+        if fh is not None:
             while offset < size and limit > 0:
                 fh.seek(offset)
                 buf = fh.read(min(size - offset, _CHUNK))
@@ -350,27 +365,64 @@ class DiskReader:
                     break
         return offset
 
+    def _open(self, segment: int) -> BinaryIO | None:
+        if self._file is not None and self._file[0] == segment:
+            return self._file[1]
+        self._close_file()
+        try:
+            fh = open(self.spool._path(segment), "rb")  # noqa: SIM115 - kept open across reads
+        except FileNotFoundError:  # dropped on overflow meanwhile
+            return None
+        self._file = (segment, fh)
+        return fh
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file[1].close()
+            self._file = None
+
     def _skip_corrupt(self, segment: int, offset: int, size: int, reason: str) -> None:
         self.spool.stats.corrupt += 1
         log.error(
             "spool segment %d: %s; skipping %d bytes from offset %d", segment, reason, size - offset, offset
         )
 
+    def wake(self) -> None:
+        """End a wait() early (at shutdown)."""
+        self._event.set()
+
     async def wait(self, timeout: float) -> None:
-        """Sleep until something is appended (or `timeout` passes)."""
-        self._event.clear()
+        """Sleep until something was appended since the last read (or `timeout` passes)."""
         try:
             await asyncio.wait_for(self._event.wait(), timeout)
         except TimeoutError:
             pass
 
-    def commit(self, position: Position) -> None:
-        """Persist the cursor (atomically) after the sink took everything before it."""
+    def commit(self, position: Position, *, force: bool = False) -> None:
+        """Move the cursor after the sink took everything before it.
+
+        The checkpoint file is rewritten at most every `checkpoint_interval` seconds (and on
+        `flush`): a crash re-delivers at most that much, which at-least-once allows, and the
+        file I/O stays off the per-batch path.
+        """
         self.position = position
+        now = time.monotonic()
+        if force or now - self._saved_at >= self.checkpoint_interval:
+            self._save(now)
+
+    def flush(self) -> None:
+        """Write the checkpoint now if it moved (at shutdown)."""
+        if self.position != self._saved:
+            self._save(time.monotonic())
+        self._close_file()
+
+    def _save(self, now: float) -> None:
+        position = self.position
         path = self.spool.checkpoint_path(self.name)
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(orjson.dumps({"segment": position.segment, "offset": position.offset}))
         os.replace(tmp, path)
+        self._saved, self._saved_at = position, now
         self.spool.collect()
 
     def lag(self) -> int:
@@ -440,28 +492,35 @@ class MemoryReader:
         self.position = Position(0, start)
         self._event = asyncio.Event()
 
-    def read(self, max_events: int) -> tuple[list[CloudEvent], Position]:
+    def read(self, max_events: int, start: Position | None = None) -> tuple[list[CloudEvent], Position]:
+        self._event.clear()
+        start = start or self.position
         log_ = self.spool._log
         if not log_:
-            return [], self.position
+            return [], start
         first = log_[0][0]
-        start = max(0, self.position.offset - first)
-        if start >= len(log_):
-            return [], self.position
-        stop = min(len(log_), start + max_events)
-        events = [log_[i][1] for i in range(start, stop)]
+        index = max(0, start.offset - first)
+        if index >= len(log_):
+            return [], start
+        stop = min(len(log_), index + max_events)
+        events = [log_[i][1] for i in range(index, stop)]
         return events, Position(0, first + stop)
 
+    def wake(self) -> None:
+        self._event.set()
+
     async def wait(self, timeout: float) -> None:
-        self._event.clear()
         try:
             await asyncio.wait_for(self._event.wait(), timeout)
         except TimeoutError:
             pass
 
-    def commit(self, position: Position) -> None:
+    def commit(self, position: Position, *, force: bool = False) -> None:
         self.position = position
         self.spool.collect()
+
+    def flush(self) -> None:
+        pass
 
     def lag(self) -> int:
         return sum(size for seq, _, size in self.spool._log if seq >= self.position.offset)

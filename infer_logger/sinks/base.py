@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from infer_logger.cloudevents.event import CloudEvent
 
@@ -32,6 +32,11 @@ class SinkConfig(BaseModel):
     kind: ClassVar[str] = ""
     name: str | None = None
     """Names the sink's checkpoint and metrics; defaults to its type (must be unique)."""
+    batch_size: int | None = Field(None, ge=1)
+    """Events per batch for this sink; unset = `delivery.batch_size`."""
+    in_flight: int | None = Field(None, ge=1, le=64)
+    """Batches handed to this sink before the oldest is acknowledged; unset = `delivery.in_flight`.
+    Above 1, a retried batch may land after a later one (nothing is lost either way)."""
 
     def build(self) -> Sink:
         raise NotImplementedError

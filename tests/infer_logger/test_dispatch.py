@@ -127,3 +127,34 @@ async def test_memory_spool_dispatch(tmp_path: Path, durability: str) -> None:
     await until(lambda: len(sink.events) == 50)
     await d.stop()
     assert spool.size_bytes() == 0
+
+
+async def test_in_flight_batches_commit_in_spool_order(tmp_path: Path) -> None:
+    """Later batches may finish first; the checkpoint only moves past a batch once it is taken."""
+    sink = MemorySink()
+    spool = DiskSpool(tmp_path / "spool")
+    gate = asyncio.Event()
+    seen: list[str] = []
+
+    class SlowFirst(MemorySink):
+        async def send_batch(self, events):  # type: ignore[no-untyped-def]
+            seen.append(events[0].id)
+            if events[0].id == "0":
+                await gate.wait()  # the first batch hangs until released
+            await super().send_batch(events)
+
+    slow = SlowFirst()
+    d = Dispatcher(spool, {"s": slow}, Metrics(spool), batch_size=10, in_flight=3, backoff=FAST)
+    for i in range(50):
+        spool.append(event(i))
+    d.start()
+    await until(lambda: len(seen) == 3)  # three batches handed over at once
+    reader = d.workers[0].reader
+    assert reader.position.offset == 0  # nothing committed while the first is pending
+    await until(lambda: len(slow.events) == 20)
+    gate.set()
+    await until(lambda: len(slow.events) == 50)
+    await d.stop()
+    assert sorted(int(e.id) for e in slow.events) == list(range(50))
+    assert d.workers[0].reader.read(100)[0] == []
+    del sink

@@ -24,6 +24,7 @@ def drain(reader, batch: int = 1000) -> list[str]:
             return ids
         ids += [e.id for e in events]
         reader.commit(end)
+        reader.flush()
 
 
 class TestRecord:
