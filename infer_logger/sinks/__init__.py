@@ -16,11 +16,17 @@ from infer_logger.sinks.elasticsearch import ElasticsearchSinkConfig
 from infer_logger.sinks.file import FileSinkConfig
 from infer_logger.sinks.fluentd import FluentdSinkConfig
 from infer_logger.sinks.http import HttpSinkConfig
+from infer_logger.sinks.kafka import KafkaSinkConfig
 from infer_logger.sinks.store import StoreSinkConfig
 
 # Client libraries (elasticsearch, …) are imported by `build()`, so configs load without extras.
 SinkSpec = Annotated[
-    HttpSinkConfig | FileSinkConfig | StoreSinkConfig | ElasticsearchSinkConfig | FluentdSinkConfig,
+    HttpSinkConfig
+    | FileSinkConfig
+    | StoreSinkConfig
+    | ElasticsearchSinkConfig
+    | FluentdSinkConfig
+    | KafkaSinkConfig,
     Field(discriminator="type"),
 ]
 
@@ -30,6 +36,7 @@ REGISTRY: dict[str, type[SinkConfig]] = {
     "store": StoreSinkConfig,
     "elasticsearch": ElasticsearchSinkConfig,
     "fluentd": FluentdSinkConfig,
+    "kafka": KafkaSinkConfig,
 }
 
 __all__ = [
@@ -38,6 +45,7 @@ __all__ = [
     "FileSinkConfig",
     "FluentdSinkConfig",
     "HttpSinkConfig",
+    "KafkaSinkConfig",
     "Sink",
     "SinkConfig",
     "SinkSpec",

@@ -64,7 +64,7 @@ class TestErrors:
         ("yaml_text", "field", "hint"),
         [
             ("log_mode: sometimes\n", "log_mode", "'all', 'request' or 'response'"),
-            ("sinks:\n  - type: carrier-pigeon\n", "sinks.0", "'http', 'file', 'store'"),
+            ("sinks:\n  - type: carrier-pigeon\n", "sinks.0", "'http', 'file', 'store', 'elasticsearch', 'fluentd', 'kafka'"),
             ("sinks:\n  - type: http\n", "sinks.0.http.url", "Field required"),
             ("spool:\n  durability: tape\n", "spool.durability", "'disk' or 'memory'"),
             ("spool:\n  nope: 1\n", "spool.nope", "Extra inputs"),

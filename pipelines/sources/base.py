@@ -1,0 +1,41 @@
+"""The source contract: a config (data) builds a live source that feeds a subscriber.
+
+The subscriber is anything with the `Sink` protocol (`send_batch`): the store sink, the http
+sink towards a broker, a `MemorySink` in tests. A source hands it events in batches and moves
+its own position (Kafka offsets, ...) only after `send_batch` returned: at-least-once.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+from infer_logger.sinks.base import Sink
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Reads events and hands them to its subscriber until stopped.
+
+    `run` returns after `stop()` (once the batch in hand is handled or given up, never
+    committed half-way); `aclose` stops it, waits for `run`, and releases the connections.
+    """
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class SourceConfig(BaseModel):
+    """Base of every source's settings; subclasses set `type` as a Literal and implement `build`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    """Names the source in logs and metrics; defaults to its type."""
+
+    def build(self, subscriber: Sink) -> Source:
+        raise NotImplementedError

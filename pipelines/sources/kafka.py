@@ -1,0 +1,401 @@
+"""`kafka` source: a consumer group that hands inference events to a subscriber, at-least-once.
+
+One loop: fill a batch (poll in the consumer's own thread), decode it with the CloudEvents
+Kafka binding (binary and structured), give the events to the subscriber, dead-letter what is
+not a CloudEvent, and only then commit the batch's offsets. A failing subscriber is retried
+with backoff and nothing is committed or skipped meanwhile; the partitions are paused and
+polled, so the consumer stays in its group and learns of rebalances.
+
+Rebalances lose and reorder nothing: every consumer call, and so every rebalance callback,
+runs in that one thread between the loop's steps. A revoke drops the records of the revoked
+partitions from the batch in hand (uncommitted, their next owner reads them again from the
+committed offset) and commits what was handled but not yet committed. Record key = event id
+keeps an id's events in one partition, so in one consumer's batches, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+import orjson
+from pydantic import Field, model_validator
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.cloudevents.kafka import KafkaMessage, from_kafka
+from infer_logger.dispatch import Backoff
+from infer_logger.errors import ConfigError, RejectedError, SinkError
+from infer_logger.sinks.base import Sink
+from infer_logger.sinks.kafka import CLIENT, NO_CLIENT, ClientValue
+from pipelines.sources.base import SourceConfig
+
+if CLIENT:  # else the config still validates, and `build()` says what to install
+    from confluent_kafka import (
+        Consumer,
+        KafkaError,
+        KafkaException,
+        Message,
+        Producer,
+        TopicPartition,
+    )
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Headers = list[tuple[str, str | bytes | None]]
+PartitionKey = tuple[str, int]
+
+# Headers added to a dead-lettered record (its own headers, key and value are kept as they were).
+REASON_HEADER = "dead-letter-reason"
+TOPIC_HEADER = "dead-letter-topic"
+PARTITION_HEADER = "dead-letter-partition"
+OFFSET_HEADER = "dead-letter-offset"
+
+_POLL = 0.1  # seconds a poll may block: bounds how late `stop()` is noticed
+_DEAD_LETTER_TIMEOUT = 10.0  # seconds to wait for the dead-letter topic's acknowledgements
+
+
+class KafkaSourceConfig(SourceConfig):
+    type: Literal["kafka"] = "kafka"
+    bootstrap_servers: str
+    """`host:port[,host:port...]` of the brokers to start from."""
+    topics: list[str] = Field(min_length=1)
+    """Topics to read; a name starting with `^` is a regular expression."""
+    group_id: str = "infer-logger"
+    """The consumer group: consumers sharing it share the topics' partitions."""
+    batch_size: int = Field(default=500, ge=1)
+    """Most events handed to the subscriber at once."""
+    batch_timeout: float = Field(default=0.5, gt=0)
+    """Seconds to wait for a first record before looking again (and at `stop()`)."""
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    """Where a group without a committed offset starts."""
+    session_timeout_ms: int = Field(default=45_000, ge=1_000)
+    """How long the group waits for a silent consumer before giving its partitions away."""
+    retry_max: float = Field(default=30.0, gt=0)
+    """Longest pause, in seconds, between two attempts at a failing subscriber."""
+    dead_letter_topic: str | None = None
+    """Records that are not CloudEvents (or that the subscriber refused) go here, with headers
+    `dead-letter-reason`, `-topic`, `-partition`, `-offset`."""
+    dead_letter_file: Path | None = None
+    """... or are appended here as JSON lines; with neither, they are logged and skipped."""
+    config: dict[str, ClientValue] = Field(default_factory=dict)
+    """librdkafka properties passed through last (TLS, SASL, `max.poll.interval.ms`,
+    `partition.assignment.strategy`, ...); the dead-letter producer gets all but the consumer's own."""
+
+    @model_validator(mode="after")
+    def _check_dead_letter(self) -> KafkaSourceConfig:
+        if self.dead_letter_topic is not None and self.dead_letter_file is not None:
+            raise ValueError("dead_letter_topic and dead_letter_file: choose one")
+        if self.dead_letter_topic in self.topics:
+            raise ValueError(f"dead_letter_topic {self.dead_letter_topic!r} is also read: records would loop")
+        return self
+
+    def consumer_config(self) -> dict[str, ClientValue]:
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            "group.id": self.group_id,
+            "enable.auto.commit": False,  # offsets move only after the subscriber took the events
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": self.auto_offset_reset,
+            "session.timeout.ms": self.session_timeout_ms,
+            "reconnect.backoff.max.ms": 1000,
+            **self.config,
+        }
+
+    def build(self, subscriber: Sink) -> KafkaSource:
+        if not CLIENT:
+            raise ConfigError("type", NO_CLIENT)
+        return KafkaSource(self, subscriber)
+
+
+@dataclass(slots=True)
+class _Record:
+    msg: Message
+    event: CloudEvent | None  # None: dead-lettered, for `reason`
+    reason: str = ""
+
+    @property
+    def partition(self) -> PartitionKey:
+        return self.msg.topic() or "", self.msg.partition() or 0
+
+
+class KafkaSource:
+    def __init__(self, config: KafkaSourceConfig, subscriber: Sink) -> None:
+        self.config = config
+        self.subscriber = subscriber
+        self.address = config.bootstrap_servers
+        self.assignment: frozenset[PartitionKey] = frozenset()
+        """Partitions this consumer owns now."""
+        self.delivered = 0
+        self.dead_lettered = 0
+        self._backoff = Backoff(maximum=config.retry_max)
+        # Every consumer call runs in this one thread (the rebalance callbacks with them).
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="kafka-source")
+        self._batch: list[_Record] = []
+        self._uncommitted: dict[PartitionKey, int] = {}
+        self._held = False
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._running = False
+        self._done = asyncio.Event()
+        self._closed = False
+        self._dead_letters: Producer | None = None
+        self._dead_letter_failures: list[KafkaError] = []
+        self._consumer = self._client(Consumer, config.consumer_config())
+
+    def _client(self, cls: Callable[[dict[str, Any]], T], conf: dict[str, Any]) -> T:
+        full = {**conf, "error_cb": self._on_error, "logger": logging.getLogger(f"{__name__}.librdkafka")}
+        try:
+            return cls(full)
+        except (KafkaException, TypeError, ValueError) as exc:
+            raise ConfigError("config", f"kafka source {self.address}: {exc}") from exc
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        if self._closed:
+            return
+        self._running = True
+        try:
+            await self._call(self._subscribe)
+            while not self._stopping:
+                self._batch = await self._call(self._fill)
+                if not self._batch:
+                    continue
+                if not await self._handle():
+                    break  # stopping while the subscriber still fails: nothing committed
+                await self._call(self._commit_and_resume)
+        finally:
+            await self._call(self._close_consumer)
+            self._done.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.stop()
+        if self._running:
+            await self._done.wait()
+        else:
+            await self._call(self._close_consumer)
+        if self._dead_letters is not None:
+            await self._call(self._dead_letters.close)  # nothing queued: every batch was flushed
+        self._thread.shutdown(wait=True)
+
+    async def _handle(self) -> bool:
+        """Events to the subscriber, then dead letters; True once all of the batch is handled."""
+        attempt = 0
+        delivered = False
+        while True:
+            try:
+                if not delivered:
+                    await self._deliver([r for r in self._batch if r.event is not None])
+                    delivered = True
+                await self._dead_letter([r for r in self._batch if r.event is None])
+                return True
+            except Exception as exc:  # noqa: BLE001 - any failure of the subscriber is retried, never fatal
+                attempt += 1
+                if self._stopping:
+                    log.warning("kafka source %s: stopping with a batch not handled (%s): not committed",
+                                self.address, exc)
+                    return False
+                delay = self._backoff.delay(attempt, getattr(exc, "retry_after", None))
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning("kafka source %s: %s; retry %d in %.2fs", self.address, exc, attempt, delay)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                except TimeoutError:
+                    pass
+                await self._call(self._hold)  # a revoke meanwhile shrinks self._batch
+
+    async def _deliver(self, records: list[_Record]) -> None:
+        if not records:
+            return
+        try:
+            await self.subscriber.send_batch([cast(CloudEvent, r.event) for r in records])
+        except RejectedError as exc:
+            refused = {id(e) for e in exc.events}
+            for r in records:
+                if not refused or id(r.event) in refused:
+                    r.event, r.reason = None, f"refused by the subscriber: {exc}"
+        self.delivered += sum(1 for r in records if r.event is not None)
+
+    async def _dead_letter(self, records: list[_Record]) -> None:
+        if not records:
+            return
+        first = records[0]
+        log.error("kafka source %s: %d records dead-lettered; first %s[%d] offset %d: %s", self.address,
+                  len(records), *first.partition, first.msg.offset(), first.reason)
+        if self.config.dead_letter_topic is not None:
+            await self._call(self._produce_dead_letters, records)
+        elif self.config.dead_letter_file is not None:
+            await self._call(self._write_dead_letters, records)
+        self.dead_lettered += len(records)
+
+    # -- in the consumer thread ------------------------------------------------------------------
+
+    def _subscribe(self) -> None:
+        self._consumer.subscribe(self.config.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                 on_lost=self._on_lost)
+
+    def _fill(self) -> list[_Record]:
+        """Up to batch_size records: waits for the first, then takes only what is already there."""
+        batch: list[_Record] = []
+        self._batch = batch  # a revoke while polling drops records from it
+        waited = 0.0
+        while len(batch) < self.config.batch_size and not self._stopping:
+            msg = self._consumer.poll(0 if batch else _POLL)
+            if msg is None:
+                waited += _POLL
+                if batch or waited >= self.config.batch_timeout:
+                    break
+                continue
+            if (error := msg.error()) is not None:
+                self._on_record_error(error)
+                continue
+            batch.append(self._decode(msg))
+        return self._batch
+
+    @staticmethod
+    def _decode(msg: Message) -> _Record:
+        try:
+            headers = dict(cast(list[tuple[str, bytes]], msg.headers() or []))
+            return _Record(msg, from_kafka(KafkaMessage(headers, msg.key(), msg.value())))
+        except ValueError as exc:  # InvalidEventError, bad UTF-8, bad JSON: not a CloudEvent
+            return _Record(msg, None, f"not a CloudEvent: {exc}")
+
+    def _hold(self) -> None:
+        """While the subscriber fails: poll with every partition paused, to stay in the group."""
+        self._held = True
+        self._consumer.pause(self._consumer.assignment())
+        msg = self._consumer.poll(0)  # serves rebalance callbacks; paused, it returns no record...
+        if msg is not None and msg.error() is None:  # ...unless one came from a partition new here
+            self._consumer.seek(TopicPartition(msg.topic() or "", msg.partition() or 0, msg.offset() or 0))
+        self._consumer.pause(self._consumer.assignment())
+
+    def _commit_and_resume(self) -> None:
+        for r in self._batch:
+            self._uncommitted[r.partition] = max(self._uncommitted.get(r.partition, 0), (r.msg.offset() or 0) + 1)
+        self._batch = []
+        self._commit(self.assignment)
+        if self._held:
+            self._held = False
+            self._consumer.resume(self._consumer.assignment())
+
+    def _commit(self, partitions: frozenset[PartitionKey] | list[PartitionKey]) -> None:
+        offsets = [TopicPartition(t, p, self._uncommitted[(t, p)]) for t, p in partitions if (t, p) in self._uncommitted]
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:  # left uncommitted: its records come again (at-least-once)
+            log.warning("kafka source %s: commit failed: %s", self.address, exc.args[0].str())
+            return
+        for tp in offsets:
+            self._uncommitted.pop((tp.topic, tp.partition), None)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assignment = self.assignment | {(tp.topic, tp.partition) for tp in partitions}
+        log.info("kafka source %s: assigned %s", self.address, _names(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = [(tp.topic, tp.partition) for tp in partitions]
+        self._commit(revoked)  # what was handled; the batch in hand is not, and goes
+        self._forget(set(revoked))
+        log.info("kafka source %s: revoked %s", self.address, _names(partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Out of the group already: a commit would be refused. The new owner re-reads them.
+        self._forget({(tp.topic, tp.partition) for tp in partitions})
+        log.warning("kafka source %s: lost %s", self.address, _names(partitions))
+
+    def _forget(self, partitions: set[PartitionKey]) -> None:
+        self._batch[:] = [r for r in self._batch if r.partition not in partitions]
+        for key in partitions:
+            self._uncommitted.pop(key, None)
+        self.assignment = self.assignment - partitions
+
+    def _close_consumer(self) -> None:
+        self._consumer.close()  # leaves the group; on_revoke commits what was handled
+
+    def _produce_dead_letters(self, records: Sequence[_Record]) -> None:
+        if self._dead_letters is None:
+            conf: dict[str, Any] = {k: v for k, v in self.config.consumer_config().items() if k not in _CONSUMER_ONLY}
+            conf.update({"acks": "all", "enable.idempotence": True, "delivery.report.only.error": True,
+                         "on_delivery": self._on_dead_letter})
+            self._dead_letters = self._client(Producer, conf)
+        self._dead_letter_failures.clear()
+        topic = cast(str, self.config.dead_letter_topic)
+        for r in records:
+            headers: Headers = [*cast(Headers, r.msg.headers() or []),
+                (REASON_HEADER, r.reason.encode()), (TOPIC_HEADER, r.partition[0].encode()),
+                (PARTITION_HEADER, str(r.partition[1]).encode()), (OFFSET_HEADER, str(r.msg.offset()).encode())]
+            self._dead_letters.produce(topic, r.msg.value(), r.msg.key(), headers=headers)
+        if self._dead_letters.flush(_DEAD_LETTER_TIMEOUT):
+            # Keep no copy queued that could arrive after the retry's.
+            self._dead_letters.purge(in_queue=True, in_flight=True, blocking=True)
+            self._dead_letters.flush(1.0)
+        if self._dead_letter_failures:
+            raise SinkError(f"dead-letter topic {topic}: {self._dead_letter_failures[0].str()}")
+
+    def _on_dead_letter(self, error: KafkaError | None, msg: Message) -> None:
+        if error is not None:
+            self._dead_letter_failures.append(error)
+
+    def _write_dead_letters(self, records: Sequence[_Record]) -> None:
+        path = cast(Path, self.config.dead_letter_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = b"".join(orjson.dumps({
+            "reason": r.reason, "topic": r.partition[0], "partition": r.partition[1], "offset": r.msg.offset(),
+            "key": _text(r.msg.key()), "headers": [[k, _text(v)] for k, v in cast(Headers, r.msg.headers() or [])],
+            "value": _text(r.msg.value()),
+        }) + b"\n" for r in records)
+        with path.open("ab") as fh:
+            fh.write(lines)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the offsets move past them
+
+    def _on_record_error(self, error: KafkaError) -> None:
+        if error.code() != KafkaError._PARTITION_EOF:
+            log.warning("kafka source %s: %s", self.address, error.str())
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            log.warning("kafka source: no broker reachable at %s; retrying", self.address)
+        elif error.code() not in (KafkaError._TRANSPORT, KafkaError._RESOLVE):
+            log.warning("kafka source %s: %s", self.address, error.str())
+
+
+# Consumer properties a producer would warn about; the rest (TLS, SASL, ...) is shared.
+_CONSUMER_ONLY = frozenset({"group.id", "enable.auto.commit", "enable.auto.offset.store", "auto.offset.reset",
+                            "session.timeout.ms", "max.poll.interval.ms", "partition.assignment.strategy",
+                            "heartbeat.interval.ms", "group.instance.id", "fetch.min.bytes", "fetch.wait.max.ms",
+                            "isolation.level", "enable.partition.eof"})
+
+
+def _text(raw: bytes | str | None) -> str | dict[str, str] | None:
+    """Bytes as UTF-8 text when they are, else {"base64": ...} (as infer_logger's dead letters)."""
+    if raw is None or isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(raw).decode()}
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"

@@ -1,0 +1,296 @@
+"""The kafka sink against a real Kafka-protocol broker, read back with a plain consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, cast
+
+import pytest
+from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from pydantic import ValidationError
+
+from infer_logger.cloudevents.event import CloudEvent, attribute_text
+from infer_logger.cloudevents.kafka import KafkaMessage, from_kafka, to_kafka_binary
+from infer_logger.errors import ConfigError, RejectedError, SinkError
+from infer_logger.events import EXPLANATION, REQUEST, RESPONSE
+from infer_logger.sinks.kafka import (
+    BinaryRecords,
+    ClientValue,
+    KafkaSink,
+    KafkaSinkConfig,
+    TopicTemplate,
+)
+from infer_logger.testing import free_port
+from tests.services import NoidaServer
+
+
+def event(i: int, type_: str = REQUEST, model: str = "iris", data: bytes | None = None) -> CloudEvent:
+    return CloudEvent(
+        {"specversion": "1.0", "id": f"id-{i}", "source": "http://sidecar/", "type": type_,
+         "datacontenttype": "application/json", "modelname": model, "statuscode": 200, "truncated": False},
+        # Compact JSON: structured mode embeds JSON data and so re-serializes it.
+        b'{"instances":[[%d,1.5]]}' % i if data is None else data,
+    )
+
+
+def new_topic(bootstrap: str, partitions: int = 1) -> str:
+    name = f"sink-{uuid.uuid4().hex[:12]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive until the topic exists
+    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[name].result(10)
+    return name
+
+
+def read_back(bootstrap: str, topic: str, count: int, timeout: float = 15.0) -> list[Message]:
+    """Every record of `topic` from its start, until `count` arrived (a plain consumer, no group)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "reader", "enable.auto.commit": False})
+    try:
+        deadline = time.monotonic() + timeout
+        partitions: list[int] = []
+        while not partitions and time.monotonic() < deadline:
+            meta = consumer.list_topics(topic, timeout=5).topics[topic]
+            partitions = sorted(meta.partitions) if meta.error is None else []
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        got: list[Message] = []
+        while len(got) < count and time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is not None and msg.error() is None:
+                got.append(msg)
+        assert len(got) >= count, f"{len(got)} of {count} records in {topic}"
+        return got
+    finally:
+        consumer.close()
+
+
+def decode(msg: Message) -> CloudEvent:
+    headers = dict(cast(list[tuple[str, bytes]], msg.headers() or []))  # a list of pairs in practice
+    return from_kafka(KafkaMessage(headers, msg.key(), msg.value()))
+
+
+def as_text(event: CloudEvent) -> tuple[dict[str, str], bytes | None]:
+    """What survives every content mode: binary mode carries attributes as text, no data as none."""
+    return {k: attribute_text(v) for k, v in event.attributes.items()}, event.data or None
+
+
+async def send_with_retry(sink: KafkaSink, events: Sequence[CloudEvent], timeout: float = 20.0) -> int:
+    """What the sink worker does: retry the whole batch until the sink takes it; returns failures."""
+    deadline = time.monotonic() + timeout
+    failures = 0
+    while True:
+        try:
+            await sink.send_batch(events)
+            return failures
+        except SinkError:
+            failures += 1
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+class TestRoundTrip:
+    """Events come back equal through both content modes, keyed by id."""
+
+    @pytest.mark.parametrize(("mode", "compression"), [("binary", "none"), ("structured", "lz4")])
+    async def test_modes(self, kafka_bootstrap: str, mode: Literal["binary", "structured"],
+                         compression: Literal["none", "lz4"]) -> None:
+        topic = new_topic(kafka_bootstrap)
+        sent = [event(i) for i in range(5)]
+        sent.append(event(5, data=b"").with_attributes(modelname="x"))  # no data at all
+        nested = CloudEvent({**event(6).attributes, "datacontenttype": "application/cloudevents+json"},
+                            b'{"specversion":"1.0","id":"inner","source":"/i","type":"t"}')
+        sent.append(nested)
+        sink = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=topic, mode=mode,
+                               compression=compression).build()
+        await sink.send_batch(sent)
+        await sink.aclose()
+        got = read_back(kafka_bootstrap, topic, len(sent))
+        by_id = {decode(m).id: m for m in got}
+        assert len(got) == len(sent)
+        for original in sent:
+            msg = by_id[original.id]
+            assert msg.key() == original.id.encode()
+            assert as_text(decode(msg)) == as_text(original)
+        headers = dict(by_id["id-0"].headers() or [])
+        if mode == "binary":
+            assert headers["ce_id"] == b"id-0" and headers["ce_truncated"] == b"false"
+            assert headers["content-type"] == b"application/json"
+        else:
+            assert headers == {"content-type": b"application/cloudevents+json"}
+        # A payload that is itself a CloudEvent goes structured even in binary mode.
+        assert dict(by_id["id-6"].headers() or [])["content-type"] == b"application/cloudevents+json"
+
+    async def test_key_is_the_id_and_an_ids_events_stay_in_order(self, kafka_bootstrap: str) -> None:
+        topic = new_topic(kafka_bootstrap, partitions=4)
+        sent = [event(i, t) for t in (REQUEST, RESPONSE, EXPLANATION) for i in range(40)]
+        sink = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=topic).build()
+        for start in range(0, len(sent), 25):
+            await sink.send_batch(sent[start:start + 25])
+        await sink.aclose()
+        got = read_back(kafka_bootstrap, topic, len(sent))
+        by_id: dict[str, list[Message]] = {}
+        for msg in got:
+            by_id.setdefault(decode(msg).id, []).append(msg)
+        assert len(by_id) == 40
+        for msgs in by_id.values():
+            assert len({m.partition() for m in msgs}) == 1
+            in_order = sorted(msgs, key=lambda m: m.offset() or 0)
+            assert [decode(m).type for m in in_order] == [REQUEST, RESPONSE, EXPLANATION]
+        assert len({m.partition() for m in got}) > 1  # the ids did spread over partitions
+
+    async def test_topic_per_model(self, kafka_bootstrap: str) -> None:
+        prefix = f"m{uuid.uuid4().hex[:8]}"
+        sink = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=prefix + "-{modelname}").build()
+        await sink.send_batch([event(i, model="iris" if i % 3 else "wine/v2") for i in range(9)])
+        await sink.aclose()
+        iris = read_back(kafka_bootstrap, f"{prefix}-iris", 6)
+        wine = read_back(kafka_bootstrap, f"{prefix}-wine_v2", 3)
+        assert {decode(m).get("modelname") for m in iris} == {"iris"}
+        assert sorted(decode(m).id for m in wine) == ["id-0", "id-3", "id-6"]
+
+
+class TestRefusals:
+    """Records the broker never takes are rejected alone; the rest of the batch is delivered."""
+
+    @pytest.mark.parametrize("where", ["client", "broker"])
+    async def test_too_large(self, kafka_bootstrap: str, where: str) -> None:
+        topic = new_topic(kafka_bootstrap)
+        # Raising the client's limit lets the record reach the broker, which refuses it there.
+        config: dict[str, ClientValue] = {"message.max.bytes": 5_000_000} if where == "broker" else {}
+        sink = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=topic, config=config).build()
+        batch = [event(0), event(1, data=b'"' + b"x" * 2_000_000 + b'"'), event(2)]
+        with pytest.raises(RejectedError) as info:
+            await sink.send_batch(batch)
+        await sink.aclose()
+        assert [e.id for e in info.value.events] == ["id-1"]
+        assert "MSG_SIZE_TOO_LARGE" in str(info.value)
+        assert sorted(decode(m).id for m in read_back(kafka_bootstrap, topic, 2)) == ["id-0", "id-2"]
+
+    async def test_invalid_topic(self, kafka_bootstrap: str) -> None:
+        prefix = f"m{uuid.uuid4().hex[:8]}"
+        sink = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=prefix + "-{modelname}").build()
+        with pytest.raises(RejectedError) as info:  # 300 characters: longer than a topic name may be
+            await sink.send_batch([event(0, model="m" * 300), event(1, model="ok")])
+        await sink.aclose()
+        assert [e.id for e in info.value.events] == ["id-0"]
+        assert [decode(m).id for m in read_back(kafka_bootstrap, f"{prefix}-ok", 1)] == ["id-1"]
+
+
+class TestBrokerDown:
+    """No broker: fail fast, name the address, recover when it is back, lose nothing."""
+
+    async def test_down_at_start(self) -> None:
+        server = NoidaServer("kafka", port=free_port())
+        sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events").build()  # does not block
+        try:
+            started = time.monotonic()
+            with pytest.raises(SinkError) as info:
+                await sink.send_batch([event(0)])
+            assert time.monotonic() - started < 6
+            assert type(info.value) is SinkError and server.address in str(info.value)
+            assert "no broker reachable" in str(info.value)
+            server.start()
+            await send_with_retry(sink, [event(1)])
+            assert [decode(m).id for m in read_back(server.address, "events", 1, timeout=5)] == ["id-1"]
+        finally:
+            await sink.aclose()
+            server.stop()
+
+    async def test_restart_mid_stream(self) -> None:
+        server = NoidaServer("kafka").start()
+        sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events").build()
+        try:
+            await sink.send_batch([event(i) for i in range(50)])
+            server.stop(keep_data=True)
+            with pytest.raises(SinkError):
+                await sink.send_batch([event(i) for i in range(50, 100)])
+            server.start(fresh=False)  # noida keeps its data across a restart on the same dir
+            await send_with_retry(sink, [event(i) for i in range(50, 100)])
+            await sink.send_batch([event(i) for i in range(100, 150)])
+            got = read_back(server.address, "events", 150, timeout=10)
+            # At least once: every event is there (a retried batch may have left duplicates).
+            assert {decode(m).id for m in got} == {f"id-{i}" for i in range(150)}
+        finally:
+            await sink.aclose()
+            server.stop()
+
+    async def test_restart_with_its_data_lost(self) -> None:
+        server = NoidaServer("kafka").start()
+        sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events").build()
+        try:
+            await sink.send_batch([event(i) for i in range(50)])
+            server.stop()
+            server.start()  # same port, empty: the idempotent producer's state is gone with it
+            failures = await send_with_retry(sink, [event(i) for i in range(50, 100)])
+            await sink.send_batch([event(i) for i in range(100, 150)])
+            got = read_back(server.address, "events", 100, timeout=10)
+            assert {decode(m).id for m in got} == {f"id-{i}" for i in range(50, 150)}
+            assert failures <= 3
+        finally:
+            await sink.aclose()
+            server.stop()
+
+
+class TestBinaryRecords:
+    """The sink's cached binary encoder equals the binding, record for record."""
+
+    def test_equals_the_binding(self) -> None:
+        encode = BinaryRecords(size=8)  # small: the cache also starts over while encoding
+        samples = [event(i) for i in range(20)]
+        samples += [
+            event(1).with_attributes(statuscode="200"),  # the string, after the int was seen
+            event(2).with_attributes(truncated=1, statuscode=True),  # True == 1 as dict keys
+            event(3).with_attributes(partitionkey="tenant-7"),  # the key comes from it
+            CloudEvent({"specversion": "1.0", "id": "bare", "source": "/s", "type": "t"}),
+        ]
+        for e in samples * 2:
+            m = to_kafka_binary(e)
+            assert encode(e) == (m.key, m.value, list(m.headers.items()))
+
+
+class TestConfig:
+    """Config is checked when it is read, not when the first event is sent."""
+
+    def test_template(self) -> None:
+        template = TopicTemplate("inference-{namespace}-{inferenceservicename}")
+        e = event(0).with_attributes(namespace="prod", inferenceservicename="my model")
+        assert template.render(e) == "inference-prod-my_model"
+        assert template.render(event(0)) == "inference-unknown-unknown"
+        assert TopicTemplate("{modelname}").render(event(0)) == "iris"
+        assert TopicTemplate("plain").constant == "plain"
+
+    @pytest.mark.parametrize("topic", ["", "bad topic", "x-{model.name}", "x-{modelname!r}", "x-{a:>3}",
+                                       "x-{ModelName}", "x-{", "x-{}"])
+    def test_bad_topics(self, topic: str) -> None:
+        with pytest.raises(ValidationError, match="topic"):
+            KafkaSinkConfig(bootstrap_servers="127.0.0.1:9092", topic=topic)
+
+    def test_client_config(self) -> None:
+        config = KafkaSinkConfig(bootstrap_servers="b:9092", linger_ms=20, compression="zstd",
+                                 config={"security.protocol": "SASL_SSL", "linger.ms": 50})
+        conf = config.producer_config()
+        assert conf["acks"] == "all" and conf["enable.idempotence"] is True
+        assert conf["compression.type"] == "zstd" and conf["security.protocol"] == "SASL_SSL"
+        assert conf["linger.ms"] == 50  # passed-through properties win
+        with pytest.raises(ConfigError, match="no.such.property"):
+            KafkaSinkConfig(bootstrap_servers="b:9092", config={"no.such.property": "1"}).build()
+
+    async def test_empty_batch(self) -> None:
+        sink = KafkaSinkConfig(bootstrap_servers=f"127.0.0.1:{free_port()}").build()
+        await sink.send_batch([])
+        await sink.aclose()
+
+    def test_without_the_client_library(self) -> None:
+        """The config reads without confluent-kafka (an optional extra); building names the extra."""
+        code = ("import sys; sys.modules['confluent_kafka'] = None\n"
+                "from infer_logger.errors import ConfigError\n"
+                "from infer_logger.sinks.kafka import KafkaSinkConfig as C; c = C(bootstrap_servers='b:1')\ntry: c.build()\nexcept ConfigError as e: print(e)")
+        root = Path(__file__).resolve().parents[3]  # the repository: where `import infer_logger` works
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                              check=True, cwd=root)
+        assert "infer-logger[kafka]" in done.stdout

@@ -1,0 +1,299 @@
+"""The kafka source against a real Kafka-protocol broker, feeding MemorySink subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, ClassVar, cast
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from pydantic import ValidationError
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import ConfigError, RejectedError, SinkError
+from infer_logger.events import EXPLANATION, REQUEST, RESPONSE
+from infer_logger.sinks.kafka import KafkaSinkConfig
+from infer_logger.sinks.memory import MemorySink
+from pipelines.sources import Source
+from pipelines.sources.kafka import (
+    OFFSET_HEADER,
+    PARTITION_HEADER,
+    REASON_HEADER,
+    TOPIC_HEADER,
+    Headers,
+    KafkaSource,
+    KafkaSourceConfig,
+)
+
+# Quick group joins and rebalances: a member learns of a rebalance at its next heartbeat.
+FAST_GROUP: dict[str, str | int | float | bool] = {"heartbeat.interval.ms": 300}
+
+
+def event(i: int, type_: str = REQUEST) -> CloudEvent:
+    return CloudEvent({"specversion": "1.0", "id": f"id-{i}", "source": "http://sidecar/", "type": type_,
+                       "datacontenttype": "application/json"}, b'{"instances":[[%d]]}' % i)
+
+
+def new_topic(bootstrap: str, partitions: int = 1) -> str:
+    name = f"src-{uuid.uuid4().hex[:12]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive until the topic exists
+    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[name].result(10)
+    return name
+
+
+async def publish(bootstrap: str, topic: str, events: Sequence[CloudEvent], mode: str = "binary") -> None:
+    sink = KafkaSinkConfig(bootstrap_servers=bootstrap, topic=topic, mode=mode).build()  # type: ignore[arg-type]
+    await sink.send_batch(events)
+    await sink.aclose()
+
+
+def publish_raw(bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, Headers]]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    for value, headers in records:
+        producer.produce(topic, value, b"poison", headers=headers)
+    assert producer.flush(10) == 0
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> list[int]:
+    """The group's committed offset per partition (negative: none)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        got = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return [tp.offset for tp in got]
+    finally:
+        consumer.close()
+
+
+async def until(check: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not met in {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+def source_config(bootstrap: str, topic: str, group: str, **extra: Any) -> KafkaSourceConfig:
+    return KafkaSourceConfig(bootstrap_servers=bootstrap, topics=[topic], group_id=group, batch_size=50,
+                             batch_timeout=0.2, session_timeout_ms=6000, retry_max=0.3,
+                             config={**FAST_GROUP, **extra.pop("config", {})}, **extra)
+
+
+@asynccontextmanager
+async def running(source: KafkaSource) -> AsyncIterator[KafkaSource]:
+    task = asyncio.create_task(source.run())
+    try:
+        yield source
+    finally:
+        await source.aclose()
+        await asyncio.wait_for(task, 10)
+
+
+class TestConsume:
+    """Events arrive decoded from both content modes; offsets move only after the subscriber."""
+
+    async def test_consume_and_commit(self, kafka_bootstrap: str) -> None:
+        topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+        await publish(kafka_bootstrap, topic, [event(i) for i in range(60)], mode="binary")
+        await publish(kafka_bootstrap, topic, [event(i) for i in range(60, 120)], mode="structured")
+        sink = MemorySink()
+        source = source_config(kafka_bootstrap, topic, group).build(sink)
+        assert isinstance(source, Source)
+        async with running(source):
+            await until(lambda: len(sink.events) >= 120, what="120 events")
+            await until(lambda: committed(kafka_bootstrap, group, topic) == [120], what="commit")
+        assert [e.id for e in sink.events] == [f"id-{i}" for i in range(120)]
+        assert sink.events[0].json() == {"instances": [[0]]} and sink.events[119].type == REQUEST
+        assert source.delivered == 120 and sink.calls >= 3  # batches of at most 50
+
+    async def test_restart_resumes_from_the_committed_offset(self, kafka_bootstrap: str) -> None:
+        topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+        await publish(kafka_bootstrap, topic, [event(i) for i in range(20)])
+        first = MemorySink()
+        async with running(source_config(kafka_bootstrap, topic, group).build(first)):
+            await until(lambda: len(first.events) >= 20, what="first 20")
+        await publish(kafka_bootstrap, topic, [event(i) for i in range(20, 40)])
+        second = MemorySink()
+        async with running(source_config(kafka_bootstrap, topic, group).build(second)):
+            await until(lambda: len(second.events) >= 20, what="next 20")
+            await until(lambda: committed(kafka_bootstrap, group, topic) == [40], what="commit")
+        assert [e.id for e in second.events] == [f"id-{i}" for i in range(20, 40)]
+
+
+class TestFailingSubscriber:
+    """A failing subscriber is retried; nothing is committed or skipped meanwhile."""
+
+    async def test_retried_then_committed(self, kafka_bootstrap: str) -> None:
+        topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+        await publish(kafka_bootstrap, topic, [event(i) for i in range(30)])
+        sink, down = MemorySink(), [True]
+        sink.fail = lambda batch: SinkError("store down") if down[0] else None
+        async with running(source_config(kafka_bootstrap, topic, group).build(sink)):
+            await until(lambda: sink.calls >= 3, what="3 attempts")
+            assert committed(kafka_bootstrap, group, topic) == [-1001]  # OFFSET_INVALID: none
+            down[0] = False
+            await until(lambda: len(sink.events) >= 30, what="30 events")
+            await until(lambda: committed(kafka_bootstrap, group, topic) == [30], what="commit")
+        assert [e.id for e in sink.events] == [f"id-{i}" for i in range(30)]
+
+    async def test_stopped_while_failing_then_redelivered(self, kafka_bootstrap: str) -> None:
+        topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+        await publish(kafka_bootstrap, topic, [event(i) for i in range(10)])
+        failing = MemorySink()
+        failing.fail = lambda batch: SinkError("store down")
+        async with running(source_config(kafka_bootstrap, topic, group).build(failing)):
+            await until(lambda: failing.calls >= 2, what="2 attempts")
+        assert committed(kafka_bootstrap, group, topic) == [-1001]
+        sink = MemorySink()
+        async with running(source_config(kafka_bootstrap, topic, group).build(sink)):
+            await until(lambda: len(sink.events) >= 10, what="10 events")
+        assert [e.id for e in sink.events] == [f"id-{i}" for i in range(10)]
+
+
+class Recorder(MemorySink):
+    """A subscriber that also appends to a log shared by several consumers (arrival order)."""
+
+    def __init__(self, log: list[CloudEvent]) -> None:
+        super().__init__()
+        self.log = log
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        await super().send_batch(events)
+        self.log.extend(events)
+
+
+class TestGroup:
+    """Consumers of one group share partitions; joins and leaves lose and reorder nothing."""
+
+    async def test_two_consumers(self, kafka_bootstrap: str) -> None:
+        topic, group = new_topic(kafka_bootstrap, partitions=4), f"g-{uuid.uuid4().hex[:8]}"
+        arrivals: list[CloudEvent] = []
+        a_sink, b_sink = Recorder(arrivals), Recorder(arrivals)
+        a = source_config(kafka_bootstrap, topic, group).build(a_sink)
+        b = source_config(kafka_bootstrap, topic, group).build(b_sink)
+        types = (REQUEST, RESPONSE, EXPLANATION)
+        async with running(a):
+            await publish(kafka_bootstrap, topic, [event(i, t) for i in range(30) for t in types])
+            await until(lambda: len(a_sink.events) >= 20, what="a's first events")
+            async with running(b):  # joins mid-stream: a rebalance while a consumes
+                await until(lambda: bool(a.assignment) and bool(b.assignment), what="both assigned")
+                assert not a.assignment & b.assignment
+                await publish(kafka_bootstrap, topic, [event(i, t) for t in types for i in range(30, 90)])
+                await until(lambda: len(first_seen(arrivals)) >= 270, what="all 270 events")
+                assert b_sink.events and a.assignment | b.assignment == {(topic, p) for p in range(4)}
+            # b left: a owns every partition again and reads on.
+            await publish(kafka_bootstrap, topic, [event(i, t) for i in range(90, 100) for t in types])
+            await until(lambda: len(first_seen(arrivals)) >= 300, what="all 300 events")
+        seen = first_seen(arrivals)
+        for i in range(100):
+            assert [t for (id_, t) in seen if id_ == f"id-{i}"] == list(types), f"id-{i}"
+
+
+def first_seen(arrivals: list[CloudEvent]) -> list[tuple[str, str]]:
+    """(id, type) in order of first arrival: at-least-once may repeat, but never reorder."""
+    return list(dict.fromkeys((e.id, e.type) for e in arrivals))
+
+
+class TestDeadLetters:
+    """What is not a CloudEvent is dead-lettered with its reason; the consumer goes on."""
+
+    POISON: ClassVar[list[tuple[bytes, Headers]]] = [
+        (b"not an event", []),  # no headers at all
+        (b"{oops", [("content-type", b"application/cloudevents+json")]),  # structured, bad JSON
+        (b"{}", [("ce_specversion", b"1.0"), ("ce_source", b"/s"), ("ce_type", b"t")]),  # no ce_id
+    ]
+
+    async def test_to_a_topic(self, kafka_bootstrap: str) -> None:
+        topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+        dead = f"{topic}-dead"
+        await publish(kafka_bootstrap, topic, [event(0), event(1)])
+        publish_raw(kafka_bootstrap, topic, self.POISON)
+        await publish(kafka_bootstrap, topic, [event(2)])
+        sink = MemorySink()
+        source = source_config(kafka_bootstrap, topic, group, dead_letter_topic=dead).build(sink)
+        async with running(source):
+            await until(lambda: len(sink.events) >= 3, what="3 events")
+            await until(lambda: committed(kafka_bootstrap, group, topic) == [6], what="commit")
+        assert [e.id for e in sink.events] == ["id-0", "id-1", "id-2"] and source.dead_lettered == 3
+        consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": "dlq-reader"})
+        consumer.assign([TopicPartition(dead, 0, 0)])
+        got: list[Message] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 3 and time.monotonic() < deadline:
+            if (msg := consumer.poll(0.2)) is not None and msg.error() is None:
+                got.append(msg)
+        consumer.close()
+        assert [m.value() for m in got] == [value for value, _ in self.POISON]
+        headers = [dict(cast(list[tuple[str, bytes]], m.headers() or [])) for m in got]
+        assert [h[OFFSET_HEADER] for h in headers] == [b"2", b"3", b"4"]
+        assert all(h[TOPIC_HEADER] == topic.encode() and h[PARTITION_HEADER] == b"0" for h in headers)
+        assert all(h[REASON_HEADER].startswith(b"not a CloudEvent") for h in headers)
+        assert b"id" in headers[2][REASON_HEADER] and headers[1]["content-type"] == b"application/cloudevents+json"
+
+    async def test_to_a_file_with_the_subscribers_refusals(self, kafka_bootstrap: str, tmp_path: Path) -> None:
+        topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+        await publish(kafka_bootstrap, topic, [event(0), event(1), event(2)])
+        publish_raw(kafka_bootstrap, topic, [(b"\xff\xfe", [("ce_id", b"\xff")])])
+        sink = Picky(refuse="id-1")  # refused for good: dead-lettered too, the rest is taken
+        path = tmp_path / "dead" / "kafka.jsonl"
+        source = source_config(kafka_bootstrap, topic, group, dead_letter_file=path).build(sink)
+        async with running(source):
+            await until(lambda: committed(kafka_bootstrap, group, topic) == [4], what="commit")
+        lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+        assert [(d["offset"], d["reason"].split(":")[0]) for d in lines] == [
+            (1, "refused by the subscriber"), (3, "not a CloudEvent")]
+        assert lines[1]["value"] == {"base64": "//4="} and lines[1]["headers"] == [["ce_id", {"base64": "/w=="}]]
+        assert lines[0]["key"] == "id-1" and lines[0]["topic"] == topic
+        assert [e.id for e in sink.events] == ["id-0", "id-2"]
+
+
+class Picky(MemorySink):
+    """Takes every event but one, which it refuses for good (RejectedError names it)."""
+
+    def __init__(self, refuse: str) -> None:
+        super().__init__()
+        self.refuse = refuse
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        await super().send_batch([e for e in events if e.id != self.refuse])
+        if refused := [e for e in events if e.id == self.refuse]:
+            raise RejectedError("bad instance", refused)
+
+
+class TestConfig:
+    """Config mistakes are refused when read."""
+
+    def test_dead_letter_choices(self, tmp_path: Path) -> None:
+        with pytest.raises(ValidationError, match="choose one"):
+            KafkaSourceConfig(bootstrap_servers="b:9092", topics=["t"], dead_letter_topic="d",
+                              dead_letter_file=tmp_path / "d.jsonl")
+        with pytest.raises(ValidationError, match="loop"):
+            KafkaSourceConfig(bootstrap_servers="b:9092", topics=["t", "d"], dead_letter_topic="d")
+        with pytest.raises(ValidationError):
+            KafkaSourceConfig(bootstrap_servers="b:9092", topics=[])
+
+    def test_client_config(self) -> None:
+        conf = KafkaSourceConfig(bootstrap_servers="b:9092", topics=["t"], config={"security.protocol": "SSL"})
+        assert conf.consumer_config()["enable.auto.commit"] is False
+        assert conf.consumer_config()["security.protocol"] == "SSL"
+        with pytest.raises(ConfigError, match="no.such.property"):
+            KafkaSourceConfig(bootstrap_servers="b:9092", topics=["t"], config={"no.such.property": 1}).build(
+                MemorySink())
+
+    def test_without_the_client_library(self) -> None:
+        """The config reads without confluent-kafka (an optional extra); building names the extra."""
+        code = ("import sys; sys.modules['confluent_kafka'] = None\n"
+                "from infer_logger.errors import ConfigError\n"
+                "from pipelines.sources.kafka import KafkaSourceConfig as C; from infer_logger.sinks.memory import MemorySink\nc = C(bootstrap_servers='b:1', topics=['t'])\ntry: c.build(MemorySink())\nexcept ConfigError as e: print(e)")
+        root = Path(__file__).resolve().parents[3]  # the repository: where `import infer_logger` works
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                              check=True, cwd=root)
+        assert "infer-logger[kafka]" in done.stdout
