@@ -30,18 +30,19 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, Self
+from typing import Any, Literal, Self
 
 import msgpack
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 from infer_logger.cloudevents.json_format import from_dict
 from infer_logger.cloudevents.validation import validate
 from infer_logger.errors import InvalidEventError
+from infer_logger.sinks.base import Sink
+from pipelines.sources.base import SourceConfig
 from infer_logger.sinks.fluentd import (
     as_bytes,
     password_digest,
@@ -55,17 +56,11 @@ _NS = 1_000_000_000
 _READ_SIZE = 256 * 1024
 
 
-class Subscriber(Protocol):
-    async def send_batch(self, events: Sequence[CloudEvent]) -> None: ...
-
-
 class FrameError(ValueError):
     """A frame that breaks the Forward protocol; its connection is closed."""
 
 
-class ForwardSourceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ForwardSourceConfig(SourceConfig):
     type: Literal["forward"] = "forward"
     host: str = "127.0.0.1"
     """Address to listen on (0.0.0.0 for every interface)."""
@@ -92,7 +87,7 @@ class ForwardSourceConfig(BaseModel):
             raise ValueError("users: user authentication happens in the shared-key handshake; set shared_key")
         return self
 
-    def build(self, subscriber: Subscriber) -> ForwardSource:
+    def build(self, subscriber: Sink) -> ForwardSource:
         return ForwardSource(self, subscriber)
 
 
@@ -248,7 +243,7 @@ def _json(record: dict[Any, Any]) -> bytes:
 class ForwardSource:
     """The server; counters are plain attributes (`connections`, `frames`, `records`, `acks`...)."""
 
-    def __init__(self, config: ForwardSourceConfig, subscriber: Subscriber) -> None:
+    def __init__(self, config: ForwardSourceConfig, subscriber: Sink) -> None:
         self.config = config
         self.subscriber = subscriber
         self.port = config.port  # the bound one after start()
@@ -280,6 +275,11 @@ class ForwardSource:
         """Serve until `aclose()`."""
         await self.start()
         await self._stopped.wait()
+
+    def stop(self) -> None:
+        """Stop accepting; `run` returns once `aclose` has ended the connections."""
+        if self._server is not None:
+            self._server.close()
 
     async def aclose(self) -> None:
         if self._server is not None:
