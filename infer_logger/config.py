@@ -142,7 +142,7 @@ def sink_from_url(url: str) -> SinkSpec:
     """A `--log-url` value as a sink config (KServe's flag takes only a URL)."""
     scheme = urlparse(url).scheme
     if scheme in ("http", "https"):
-        return HttpSinkConfig(url=url)  # type: ignore[arg-type]
+        return HttpSinkConfig(url=url)
     if scheme == "file":
         return FileSinkConfig(path=Path(urlparse(url).path))
     if scheme == "sqlite":

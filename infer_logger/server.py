@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import uvicorn
 
@@ -15,7 +16,7 @@ def build_app(settings: Settings) -> Proxy:
     return Proxy(InferenceLogger(settings), settings.upstream, timeout=settings.timeout)
 
 
-def uvicorn_config(app: object, host: str, port: int, *, log_level: str = "warning") -> uvicorn.Config:
+def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning") -> uvicorn.Config:
     # uvloop and httptools double uvicorn's throughput (DEPENDENCIES.md); fall back if absent.
     fast = importlib.util.find_spec("uvloop") is not None
     return uvicorn.Config(
