@@ -74,32 +74,37 @@ class SinkWorker:
         With more than one in flight a retried batch can land after a later one (order across
         batches is then not kept, duplicates never lost); one in flight keeps spool order.
         """
+        loop = asyncio.get_running_loop()
         cursor = self.reader.position
         pending: collections.deque[tuple[asyncio.Task[bool] | None, Position]] = collections.deque()
+        # After a partial batch the next one waits until `linger` has passed: per-batch costs (a
+        # round trip, a transaction) dwarf per-event ones, and a lone event after a quiet
+        # spell still goes out at once.
+        not_before = 0.0
         try:
             while True:
-                while len(pending) < self.in_flight:
+                while len(pending) < self.in_flight and (self.draining or loop.time() >= not_before):
                     events, end = self.reader.read(self.batch_size, cursor)
                     if end == cursor:
                         break
                     cursor = end
+                    if len(events) < self.batch_size:
+                        not_before = loop.time() + self.linger
                     # No events but a new position: past a corrupt stretch; commit it in turn.
                     task = asyncio.create_task(self._deliver(events)) if events else None
                     pending.append((task, end))
+                too_soon = not_before - loop.time()
                 if not pending:
                     if self.draining:
                         return
-                    await self.reader.wait(0.5)
-                    if self.linger and not self.draining:
-                        # Let a batch build up: per-batch costs (a sink round trip, a
-                        # transaction) dwarf per-event ones at moderate rates.
-                        await asyncio.sleep(self.linger)
+                    await (asyncio.sleep(too_soon) if too_soon > 0 else self.reader.wait(0.5))
                     continue
                 head, end = pending[0]
                 if head is not None and not head.done():
                     waits: set[asyncio.Future[Any]] = {head}
-                    if len(pending) < self.in_flight:  # room for more: also wake on new events
-                        waits.add(asyncio.ensure_future(self.reader.wait(0.5)))
+                    if len(pending) < self.in_flight:  # room for more: also wake for the next batch
+                        later = asyncio.sleep(too_soon) if too_soon > 0 else self.reader.wait(0.5)
+                        waits.add(asyncio.ensure_future(later))
                     _, others = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                     for other in others - {head}:
                         other.cancel()

@@ -7,10 +7,11 @@ third (`EXPLANATION`) with the same id. See DESIGN.md, "The inference event".
 from __future__ import annotations
 
 import base64
+import functools
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import orjson
 
@@ -43,9 +44,15 @@ SKIP_HEADERS = ("x-skip-logging", "seldon-skip-logging")
 _TRUE = {"true", "1", "yes", "on"}
 
 
+@functools.lru_cache(maxsize=4)
+def _second(epoch_seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_seconds))
+
+
 def now_rfc3339() -> str:
-    """UTC time with microseconds and a `Z`, as RFC 3339 wants."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC time with microseconds and a `Z`, as RFC 3339 wants (on the request path: kept cheap)."""
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    return f"{_second(seconds)}.{nanos // 1000:06d}Z"
 
 
 def event_id(headers: Mapping[str, str]) -> str:
