@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from datetime import datetime
@@ -14,6 +15,26 @@ from infer_logger.errors import ConfigError, InferLoggerError
 
 _HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
+# Commands of the other packages, imported only when named: the sidecar package must not pull
+# in the broker or the explain stack (DESIGN.md: imports go one way).
+_LAZY = {
+    "broker": ("pipelines.broker.cli", "broker_command"),
+    "cesql": ("pipelines.broker.cli", "cesql_command"),
+    "explainer": ("explainers.cli", "explainer_command"),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in _LAZY:
+            module, attribute = _LAZY[name]
+            command: click.Command = getattr(importlib.import_module(module), attribute)
+            return command
+        return super().get_command(ctx, name)
+
 
 def _settings(config: Path | None, **flags: Any) -> Any:
     from infer_logger.config import load_settings
@@ -25,7 +46,7 @@ def _settings(config: Path | None, **flags: Any) -> Any:
         sys.exit(2)
 
 
-@click.group(context_settings=_HELP)
+@click.group(cls=_LazyGroup, context_settings=_HELP)
 @click.version_option(package_name="infer-logger")
 def main() -> None:
     """Log every prediction: a sidecar in front of your model server, an embedded audit store,

@@ -1,0 +1,203 @@
+"""The explainer server: KServe V1 (`:explain`, `:predict`), V2 (`/infer` answering an `explanation`
+output), health and metadata, and `POST /events` for explain-on-event. It only translates: the
+work is `ExplainerService`'s, the events' `ExplainSubscriber`'s.
+
+The lifespan fits (or restores) and warms the explainer before the server takes requests, so the
+first one is not slow; errors answer `{"error": "..."}` with the status of their class.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from explainers import codecs
+from explainers.errors import (
+    ExplainerError,
+    InvalidInputError,
+    InvalidParametersError,
+    NotReadyError,
+    PredictorError,
+    UnknownModelError,
+)
+from explainers.service import ExplainerService
+from explainers.subscriber import ExplainSubscriber
+
+log = logging.getLogger(__name__)
+_STATUS: dict[type[ExplainerError], int] = {
+    InvalidInputError: 400, InvalidParametersError: 400, UnknownModelError: 404,
+    PredictorError: 502, NotReadyError: 503,
+}
+
+
+class Liveness(BaseModel):
+    status: str = "alive"
+
+
+class ModelList(BaseModel):
+    models: list[str]
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str] | None = None
+    platform: str = ""
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, Any] = {}
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None = None) -> FastAPI:
+    events = subscriber or ExplainSubscriber(service)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await service.start()
+        except ExplainerError as exc:
+            log.error("explainer %s failed to start: %s", service.name, exc)
+            await service.aclose()
+            raise
+        try:
+            yield
+        finally:
+            await events.aclose()
+            await service.aclose()
+
+    app = FastAPI(title="infer-logger explainer", lifespan=lifespan)
+    app.state.service, app.state.subscriber = service, events
+
+    @app.exception_handler(ExplainerError)
+    async def explainer_error(request: Request, exc: ExplainerError) -> Response:
+        status = next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 500)
+        return _json({"error": str(exc)}, status)
+
+    def model(name: str) -> ExplainerService:
+        if name != service.name:
+            raise UnknownModelError(name)
+        if not service.ready:
+            raise NotReadyError(f"explainer {name} is not ready")
+        return service
+
+    async def body_of(request: Request) -> Any:
+        try:
+            return orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInputError(f"the body is not JSON: {exc}") from None
+
+    @app.get("/", response_model=Liveness)
+    async def live() -> Liveness:
+        return Liveness()
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def v1_models() -> ModelList:
+        return ModelList(models=[service.name])
+
+    @app.get("/v1/models/{name}", response_model=ModelReady)
+    async def v1_model(name: str) -> ModelReady:
+        return ModelReady(name=model(name).name, ready=True)
+
+    @app.post("/v1/models/{name}:explain")
+    async def v1_explain(name: str, request: Request) -> Response:
+        found = model(name)
+        body = await body_of(request)
+        rows = found.decode(body)
+        explanation = await found.explain(rows, codecs.explain_parameters(body))
+        return _json(explanation.to_dict())
+
+    @app.post("/v1/models/{name}:predict")
+    async def v1_predict(name: str, request: Request) -> Response:
+        found = model(name)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        status, content_type, body = await found.predict(await request.body(), headers)
+        return Response(body, status_code=status, media_type=content_type)
+
+    @app.get("/v2", response_model=ServerMetadata)
+    async def v2_server() -> ServerMetadata:
+        try:
+            ours = version("infer-logger")
+        except PackageNotFoundError:
+            ours = "0"
+        return ServerMetadata(name="infer-logger-explainer", version=ours, extensions=[])
+
+    @app.get("/v2/health/live", response_model=ServerLive)
+    async def v2_live() -> ServerLive:
+        return ServerLive(live=True)
+
+    @app.get("/v2/health/ready", response_model=ServerReady)
+    async def v2_ready() -> Response:
+        return _json({"ready": service.ready}, 200 if service.ready else 503)
+
+    @app.get("/v2/models/{name}/ready", response_model=ModelReady)
+    async def v2_model_ready(name: str) -> ModelReady:
+        return ModelReady(name=model(name).name, ready=True)
+
+    @app.get("/v2/models/{name}", response_model=ModelMetadata)
+    async def v2_metadata(name: str) -> ModelMetadata:
+        found = model(name)
+        assert found.schema is not None and found.explainer is not None
+        schema = found.schema
+        datatype = "BYTES" if schema.categorical else "FP64"
+        return ModelMetadata(
+            name=name,
+            inputs=[TensorMetadata(name="input-0", datatype=datatype, shape=[-1, schema.width])],
+            outputs=[TensorMetadata(name="explanation", datatype="BYTES", shape=[1])],
+            parameters={"feature_names": list(schema.feature_names), "method": found.explainer.method,
+                        "categorical": sorted(schema.categorical)},
+        )
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{model_version}/infer")
+    async def v2_infer(name: str, request: Request, model_version: str | None = None) -> Response:
+        found = model(name)
+        body = await body_of(request)
+        rows = found.decode(body)
+        explanation = await found.explain(rows, codecs.explain_parameters(body))
+        response = codecs.v2_explanation_response(name, explanation.to_dict(), body.get("id"))
+        if model_version is not None:
+            response["model_version"] = model_version
+        return _json(response)
+
+    @app.post("/events")
+    async def on_events(request: Request) -> Response:
+        status, headers, body = await events.handle_http(dict(request.headers), await request.body())
+        return Response(body, status_code=status, headers=headers)
+
+    return app

@@ -1,0 +1,223 @@
+"""A black-box client of a KServe V1 or V2 predictor, for the many rows that explainers perturb.
+
+Calls that arrive within `linger` seconds are merged into one request (up to `max_batch_rows`),
+and a larger call is split into requests of `max_batch_rows` sent `concurrency` at a time: a
+Kernel SHAP explanation of a 100-row batch costs a handful of requests, not thousands. Every
+perturbation request carries `x-skip-logging: true`, so the logger sidecar in front of the
+predictor keeps it out of the audit log. Timeouts, connection errors, 429 and 502-504 are retried
+with backoff; then `PredictorError` says why (the server answers 502).
+
+Explainers run in worker threads and call `predict_blocking`, which hands the call to the event
+loop: the HTTP work shares one connection pool, and the loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import aiohttp
+import numpy as np
+import orjson
+
+from explainers import codecs
+from explainers.codecs import Schema
+from explainers.errors import PredictorError
+
+SKIP_LOGGING = {"x-skip-logging": "true"}
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+_JSON = {"content-type": "application/json"}
+
+
+class PredictorClient:
+    def __init__(self, url: str, model: str, *, protocol: Literal["v1", "v2"] = "v2", output: str | None = None,
+                 timeout: float = 10.0, retries: int = 2, backoff: float = 0.1, max_batch_rows: int = 10_000,
+                 concurrency: int = 4, linger: float = 0.0) -> None:
+        self.base = url.rstrip("/")
+        self.model, self.protocol, self.output = model, protocol, output
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.max_batch_rows, self.linger = max_batch_rows, linger
+        self.url = (f"{self.base}/v1/models/{model}:predict" if protocol == "v1"
+                    else f"{self.base}/v2/models/{model}/infer")
+        self.schema: Schema | None = None
+        self.requests = 0
+        """HTTP requests sent for predictions (for tests and benchmarks)."""
+        self._concurrency = concurrency
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._limit: asyncio.Semaphore | None = None
+        self._pending: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
+        self._pending_rows = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        self._limit = asyncio.Semaphore(self._concurrency)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._concurrency * 2),
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            skip_auto_headers=("Accept-Encoding",),
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def metadata(self) -> dict[str, Any] | None:
+        """V2 model metadata (None for V1, which has none, or when the predictor has no answer)."""
+        if self.protocol != "v2":
+            return None
+        try:
+            async with self._http().get(f"{self.base}/v2/models/{self.model}") as resp:
+                if resp.status != 200:
+                    return None
+                body = orjson.loads(await resp.read())
+        except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError):
+            return None
+        return body if isinstance(body, dict) else None
+
+    # -- predictions -----------------------------------------------------------------------------
+
+    async def predict(self, rows: np.ndarray) -> np.ndarray:
+        """The predictor's outputs for `rows`: `(n,)` or `(n, outputs)`."""
+        n = len(rows)
+        if n >= self.max_batch_rows:
+            step = self.max_batch_rows
+            parts = await asyncio.gather(*(self._call(rows[i:i + step]) for i in range(0, n, step)))
+            return np.concatenate(parts)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        self._pending.append((rows, future))
+        self._pending_rows += n
+        if self._pending_rows >= self.max_batch_rows:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.linger, self._flush)
+        return await future
+
+    def predict_blocking(self, rows: np.ndarray) -> np.ndarray:
+        """`predict` from a worker thread (the explainers' predict function)."""
+        loop = self._loop
+        if loop is None:
+            raise PredictorError("the predictor client is not started")
+        if threading.get_ident() == self._loop_thread:
+            raise RuntimeError("predict_blocking called on the event loop's thread: it would deadlock")
+        deadline = self.timeout * (self.retries + 1) + self.backoff * 2 ** self.retries + 5
+        return asyncio.run_coroutine_threadsafe(self.predict(rows), loop).result(deadline)
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        group, self._pending, self._pending_rows = self._pending, [], 0
+        if group:
+            task = asyncio.get_running_loop().create_task(self._send_group(group))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send_group(self, group: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]]) -> None:
+        try:
+            rows = group[0][0] if len(group) == 1 else np.concatenate([r for r, _ in group])
+            outputs = await self._call(rows)
+        except Exception as exc:  # noqa: BLE001 - every caller of the group gets the failure
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        start = 0
+        for part, future in group:
+            if not future.done():
+                future.set_result(outputs[start:start + len(part)])
+            start += len(part)
+
+    async def _call(self, rows: np.ndarray) -> np.ndarray:
+        body = codecs.encode_v1(rows) if self.protocol == "v1" else codecs.encode_v2(rows, self._schema())
+        headers = {**_JSON, **SKIP_LOGGING}
+        reason = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(min(self.backoff * 2 ** (attempt - 1), 5.0))
+            try:
+                assert self._limit is not None
+                async with self._limit:
+                    self.requests += 1
+                    async with self._http().post(self.url, data=body, headers=headers) as resp:
+                        status, payload = resp.status, await resp.read()
+            except TimeoutError:
+                reason = f"no answer within {self.timeout:g}s"
+                continue
+            except (aiohttp.ClientError, OSError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                continue
+            if status in _RETRY_STATUSES:
+                reason = f"answered {status}: {_short(payload)}"
+                continue
+            if status >= 400:
+                raise PredictorError(f"predictor {self.url} answered {status}: {_short(payload)}", status=status)
+            return self._decode(payload, len(rows))
+        raise PredictorError(f"predictor {self.url} failed after {self.retries + 1} attempts: {reason}")
+
+    def _decode(self, payload: bytes, n: int) -> np.ndarray:
+        try:
+            body = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise PredictorError(f"predictor {self.url} answered with no JSON: {_short(payload)}") from None
+        if self.protocol == "v1":
+            return codecs.decode_v1_output(body, n)
+        return codecs.decode_v2_output(body, n, self.output)
+
+    # -- pass-through ----------------------------------------------------------------------------
+
+    async def forward(self, path: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
+        """A client's own request (e.g. `:predict`), passed on once, as is: it is logged as usual."""
+        try:
+            async with self._http().post(self.base + path, data=body, headers=dict(headers)) as resp:
+                return resp.status, resp.headers.get("content-type", "application/json"), await resp.read()
+        except TimeoutError:
+            raise PredictorError(f"predictor {self.base}{path}: no answer within {self.timeout:g}s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise PredictorError(f"predictor {self.base}{path}: {type(exc).__name__}: {exc}") from None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise PredictorError("the predictor client is not started")
+        return self._session
+
+    def _schema(self) -> Schema:
+        if self.schema is None:
+            raise PredictorError("the predictor client has no input schema yet")
+        return self.schema
+
+
+def _short(payload: bytes, limit: int = 300) -> str:
+    text = payload.decode("utf-8", "replace").strip()
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def schema_from_metadata(metadata: Mapping[str, Any] | None, fallback: Schema) -> Schema:
+    """The V2 input layout from model metadata: one `[-1, w]` tensor, or one tensor per feature.
+
+    Feature names come from `parameters.feature_names` when the predictor gives them, else from
+    `fallback` (configuration or background data), which also supplies the width when unknown.
+    """
+    inputs = (metadata or {}).get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        return fallback
+    params = (metadata or {}).get("parameters") or {}
+    given = params.get("feature_names") if isinstance(params, Mapping) else None
+    if len(inputs) == 1:
+        shape = inputs[0].get("shape") or []
+        width = shape[-1] if len(shape) >= 2 and isinstance(shape[-1], int) and shape[-1] > 0 else fallback.width
+        names = given if isinstance(given, list) and len(given) == width else list(fallback.feature_names)
+        if len(names) != width:
+            names = [f"x{i}" for i in range(width)]
+        return Schema(tuple(map(str, names)), fallback.categorical, str(inputs[0].get("name", "input-0")),
+                      str(inputs[0].get("datatype") or fallback.datatype))
+    columns = tuple(str(t.get("name")) for t in inputs)
+    strings = frozenset(str(t.get("name")) for t in inputs if t.get("datatype") == "BYTES")
+    return Schema(columns, strings | (fallback.categorical & set(columns)), None, fallback.datatype)

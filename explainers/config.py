@@ -1,0 +1,138 @@
+"""Settings of the explainer, read once: flags > `INFER_LOGGER_EXPLAINER_*` env vars > YAML > defaults.
+
+    # explainer.yaml (or the `explainer:` section of a larger file)
+    model_name: iris
+    method: kernel                       # see explainers.registry.METHODS
+    predictor_url: http://127.0.0.1:8080 # black box (V1 or V2); or model_file: for white box
+    protocol: v2
+    background: dataset:iris             # or a .csv/.parquet/.npy/.joblib table
+    options: {background_size: 30}       # fit-time options of the method
+    params: {nsamples: 100}              # default per-request parameters
+    subscriber: {sample: 0.1, batch_size: 64}
+"""
+
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from explainers.registry import METHODS, WHITE_BOX
+from infer_logger.config import config_error, read_yaml
+from infer_logger.errors import ConfigError
+
+_yaml_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("explainer_yaml", default=None)
+
+
+class SubscriberSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cache_size: int = Field(10_000, ge=1)
+    """Request events kept while their response is awaited (and responses awaiting their request)."""
+    cache_ttl: float = Field(300.0, gt=0)
+    """Seconds a cached event is kept; a response later than that is not explained."""
+    sample: float = Field(1.0, ge=0, le=1)
+    """Share of exchanges explained, chosen by id (so the request and response agree)."""
+    batch_size: int = Field(64, ge=1)
+    """Instances of several events explained together, to amortize the predictor calls."""
+    linger: float = Field(0.05, ge=0)
+    """Seconds an event waits for others to fill a batch."""
+    source: str = "infer-logger-explainer"
+    """The `source` of explanation events."""
+
+
+class ExplainerSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INFER_LOGGER_EXPLAINER_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(9083, ge=0, le=65535)
+    model_name: str = "model"
+    """The name this server answers to (`/v1/models/<name>:explain`)."""
+    method: str = "kernel"
+    predictor_url: str | None = None
+    """Black-box mode: the predictor's base URL (KServe V1 or V2)."""
+    predictor_model: str | None = None
+    """The model's name at the predictor; defaults to `model_name`."""
+    protocol: Literal["v1", "v2"] = "v2"
+    output: str | None = None
+    """V2 output to explain; default: the first named like `*proba*`, else the first."""
+    model_file: Path | None = None
+    """White-box mode: a joblib/pickle file of a fitted scikit-learn-API model."""
+    background: str | None = None
+    """`dataset:<name>` or a table file; needed unless `artifact` is given."""
+    feature_names: list[str] = []
+    categorical: list[str] = []
+    output_names: list[str] = []
+    """Names of the explained outputs (class labels); default: the model's classes, or output-<i>."""
+    task: Literal["classification", "regression"] | None = None
+    artifact: Path | None = None
+    """Load a fitted explainer from here instead of fitting (its method wins over `method`)."""
+    save_artifact: Path | None = None
+    """Save the fitted explainer here after fitting."""
+    options: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    timeout: float = Field(10.0, gt=0)
+    """Seconds per predictor request."""
+    retries: int = Field(2, ge=0, le=10)
+    max_batch_rows: int = Field(10_000, ge=1)
+    predictor_concurrency: int = Field(4, ge=1, le=64)
+    linger: float = Field(0.0, ge=0)
+    """Seconds the predictor client waits to merge concurrent calls into one request (0: calls that
+    arrive in the same event-loop turn are merged; waiting costs more latency than it saves here)."""
+    workers: int = Field(2, ge=1, le=64)
+    """Threads doing explain work (off the event loop)."""
+    chunk_size: int = Field(8, ge=1)
+    """Instances per explain task; a batch's tasks run on the workers in parallel."""
+    max_instances: int = Field(1000, ge=1)
+    warmup: bool = True
+    subscriber: SubscriberSettings = SubscriberSettings()
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r} (known: {', '.join(METHODS)})")
+        return value
+
+    @model_validator(mode="after")
+    def _sources(self) -> ExplainerSettings:
+        if self.predictor_url is None and self.model_file is None:
+            raise ValueError("give predictor_url (black box) or model_file (white box)")
+        if self.artifact is None and self.background is None:
+            raise ValueError("give background data (or an artifact of a fitted explainer)")
+        if self.artifact is None and self.method in WHITE_BOX and self.model_file is None:
+            raise ValueError(f"method {self.method!r} reads the model itself: give model_file")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, _yaml_data.get() or {}))
+
+
+def load_explainer_settings(config_file: Path | None = None, **flags: Any) -> ExplainerSettings:
+    """Merge the sources and validate; ConfigError names the first bad field."""
+    data = read_yaml(config_file) if config_file else {}
+    if isinstance(data.get("explainer"), dict):
+        data = data["explainer"]
+    token = _yaml_data.set(data)
+    try:
+        return ExplainerSettings(**{k: v for k, v in flags.items() if v is not None and v != () and v != {}})
+    except ValidationError as exc:
+        raise config_error(exc) from None
+    finally:
+        _yaml_data.reset(token)
+
+
+__all__ = ["ConfigError", "ExplainerSettings", "SubscriberSettings", "load_explainer_settings"]

@@ -1,0 +1,188 @@
+"""The explainer's core, free of any transport: the HTTP app, the event subscriber and the benchmark
+all call it.
+
+    service = ExplainerService(settings)
+    service.prepare()                    # read the files: a bad artifact fails here, naming it
+    await service.start()                # predictor metadata, fit (or restore), warm-up
+    explanation = await service.explain(service.decode(body), params)
+
+Explain work runs on `settings.workers` threads, a batch split in chunks of `chunk_size`: the
+event loop stays free to serve, and to carry the black-box predictor calls the workers make.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from explainers import codecs
+from explainers.artifacts import Artifact, load_artifact, save_artifact
+from explainers.base import BaseExplainer, Explanation, Model
+from explainers.client import PredictorClient, schema_from_metadata
+from explainers.codecs import Schema
+from explainers.config import ExplainerSettings
+from explainers.data import Table, load_model_file, load_table, local_model
+from explainers.errors import ArtifactError, ExplainerError, InvalidInputError, NotReadyError
+from explainers.registry import create
+
+log = logging.getLogger(__name__)
+
+
+class ExplainerService:
+    def __init__(self, settings: ExplainerSettings) -> None:
+        self.settings = settings
+        self.name = settings.model_name
+        self.client: PredictorClient | None = None
+        self.model: Model | None = None
+        self.explainer: BaseExplainer | None = None
+        self.schema: Schema | None = None
+        self.ready = False
+        self.warmup_seconds: float | None = None
+        self._executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="explain")
+        self._artifact: Artifact | None = None
+        self._estimator: Any = None
+        self._table: Table | None = None
+        self._prepared = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Read the artifact, model file and background data; errors name the file and the cause."""
+        if self._prepared:
+            return
+        s = self.settings
+        if s.artifact is not None:
+            self._artifact = load_artifact(s.artifact)
+        if s.model_file is not None:
+            self._estimator = load_model_file(s.model_file)
+        if self._artifact is None and s.background is not None:
+            self._table = load_table(s.background)
+        self._prepared = True
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.prepare)
+        fallback = self._fallback_schema()
+        s = self.settings
+        if s.predictor_url is not None:
+            self.client = PredictorClient(
+                s.predictor_url, s.predictor_model or s.model_name, protocol=s.protocol, output=s.output,
+                timeout=s.timeout, retries=s.retries, max_batch_rows=s.max_batch_rows,
+                concurrency=s.predictor_concurrency, linger=s.linger)
+            await self.client.start()
+            self.client.schema = schema_from_metadata(await self.client.metadata(), fallback)
+            fallback = self.client.schema
+        self.schema = Schema(fallback.feature_names, fallback.categorical)
+        self.model = self._model(self.schema)
+        self.explainer = await loop.run_in_executor(self._executor, self._explainer, self.model)
+        if s.warmup:
+            await self._warm_up()
+        self.ready = True
+        log.info("explainer %s ready: %s over %d features", self.name, self.explainer.method, self.schema.width)
+
+    async def aclose(self) -> None:
+        self.ready = False
+        if self.client is not None:
+            await self.client.aclose()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _fallback_schema(self) -> Schema:
+        s, artifact, table = self.settings, self._artifact, self._table
+        names = s.feature_names or (artifact.feature_names if artifact else None) or (
+            table.feature_names if table else None)
+        if not names and self._estimator is not None and hasattr(self._estimator, "feature_names_in_"):
+            names = [str(n) for n in self._estimator.feature_names_in_]
+        if not names:
+            raise ExplainerError("no feature names: give feature_names, background data or an artifact")
+        categorical = s.categorical or (list(artifact.categorical) if artifact else None) or (
+            list(table.categorical) if table else [])
+        return Schema(tuple(names), frozenset(categorical))
+
+    def _model(self, schema: Schema) -> Model:
+        s = self.settings
+        outputs = s.output_names or (self._artifact.output_names if self._artifact else None)
+        if self._estimator is not None:
+            model = local_model(self._estimator, list(schema.feature_names), tuple(sorted(schema.categorical)))
+            if outputs:
+                model = Model(model.predict, model.feature_names, list(outputs), model.estimator,
+                              model.categorical, model.task)
+            return model
+        assert self.client is not None
+        if outputs is None and self._table is not None and self._table.target_names:
+            outputs = self._table.target_names
+        return Model(self.client.predict_blocking, list(schema.feature_names), list(outputs) if outputs else None,
+                     None, tuple(sorted(schema.categorical)), s.task)
+
+    def _explainer(self, model: Model) -> BaseExplainer:
+        s = self.settings
+        if self._artifact is not None:
+            try:
+                return self._artifact.explainer(model)
+            except ExplainerError as exc:
+                raise ArtifactError(s.artifact, str(exc)) from exc
+        assert self._table is not None
+        explainer = create(s.method, s.options, s.params)
+        explainer.fit(model, self._table.rows)
+        if s.save_artifact is not None:
+            save_artifact(s.save_artifact, explainer)
+        return explainer
+
+    async def _warm_up(self) -> None:
+        """One explanation per worker thread: builds each thread's engine and compiles numba code."""
+        assert self.explainer is not None
+        row = self._warmup_rows()
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self._executor, self.explainer.explain, row, None)
+                               for _ in range(self.settings.workers)))
+        self.warmup_seconds = time.perf_counter() - started
+
+    def _warmup_rows(self) -> np.ndarray:
+        if self._table is not None:
+            return self._table.rows[:1]
+        state = self.explainer.state() if self.explainer else {}
+        rows = state.get("example")
+        if isinstance(rows, np.ndarray) and len(rows):
+            return rows[:1]
+        raise NotReadyError("no row to warm up with")
+
+    # -- work ------------------------------------------------------------------------------------
+
+    def decode(self, body: Any) -> np.ndarray:
+        """The instances of a V1 or V2 request body (InvalidInputError names the expected shape)."""
+        if self.schema is None:
+            raise NotReadyError(f"explainer {self.name} is not ready")
+        rows = codecs.decode_instances(body, self.schema)
+        if len(rows) > self.settings.max_instances:
+            raise InvalidInputError(f"{len(rows)} instances; at most {self.settings.max_instances} per request")
+        return rows
+
+    async def explain(self, rows: np.ndarray, params: Mapping[str, Any] | None = None) -> Explanation:
+        """Every instance explained; the batch runs in chunks on the worker threads."""
+        if not self.ready or self.explainer is None:
+            raise NotReadyError(f"explainer {self.name} is not ready")
+        chosen = self.explainer.params(params)  # bad parameters fail before any work
+        loop = asyncio.get_running_loop()
+        size = self.settings.chunk_size
+        parts = await asyncio.gather(*(loop.run_in_executor(self._executor, self.explainer.explain,
+                                                            rows[i:i + size], chosen)
+                                       for i in range(0, len(rows), size)))
+        return Explanation.concat(parts)
+
+    async def predict(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
+        """A V1 `:predict` call: to the predictor as is, or answered by the local model (white box)."""
+        if self.client is not None:
+            return await self.client.forward(f"/v1/models/{self.client.model}:predict", body, headers)
+        import orjson
+
+        if self.model is None:
+            raise NotReadyError(f"explainer {self.name} is not ready")
+        rows = self.decode(orjson.loads(body))
+        outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.model.predict, rows)
+        return 200, "application/json", orjson.dumps({"predictions": np.asarray(outputs).tolist()})

@@ -1,0 +1,286 @@
+"""Explain on events: a broker subscriber that answers inference events with explanation events.
+
+A response event does not carry the request's payload, so the subscriber takes both types (a
+trigger filter on `type` prefix `org.kubeflow.serving.inference.`, plus any model or sampling
+filter) and joins them by id in a bounded cache (`cache_size` entries, `cache_ttl` seconds; the
+oldest go first). Whichever of the two arrives second is answered with an
+`org.kubeflow.serving.inference.explanation` event of the same id, so the store and Elasticsearch
+join it to the prediction; the first is answered with no reply (HTTP 202). Failed predictions
+(status >= 400) and exchanges outside `sample` (chosen by id) are not explained.
+
+Failures: a predictor that cannot be reached raises `SinkError` (HTTP 502), so the broker
+retries later; the cached half stays until the explanation is done, and nothing is replied
+before every instance is explained. A request whose payload cannot be read raises
+`RejectedError` (HTTP 400): retrying cannot help.
+
+The subscriber is a broker `Replier` (`handle(event) -> reply | None`), a `Sink` whose
+explanations go to `reply_to`, and the `POST /events` endpoint's core (`handle_http`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+from pydantic import Field
+
+from explainers.base import Explanation
+from explainers.config import SubscriberSettings, load_explainer_settings
+from explainers.errors import ExplainerError, InvalidInputError, InvalidParametersError, NotReadyError
+from explainers.service import ExplainerService
+from infer_logger import events
+from infer_logger.cloudevents import http as ce_http
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import InvalidEventError, RejectedError, SinkError
+from infer_logger.sinks.base import Sink, SinkConfig
+
+log = logging.getLogger(__name__)
+_COPIED = (events.MODELNAME, events.MODELVERSION, events.INFERENCESERVICENAME, events.NAMESPACE)
+
+
+class EventCache:
+    """Events by (id, type), at most `size` of them, each for `ttl` seconds."""
+
+    def __init__(self, size: int, ttl: float) -> None:
+        self.size, self.ttl = size, ttl
+        self.evicted = 0
+        self._items: OrderedDict[tuple[str, str], tuple[float, CloudEvent]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: tuple[str, str]) -> CloudEvent | None:
+        item = self._items.get(key)
+        if item is None or item[0] < time.monotonic():
+            return None
+        return item[1]
+
+    def put(self, key: tuple[str, str], event: CloudEvent) -> None:
+        now = time.monotonic()
+        while self._items and next(iter(self._items.values()))[0] < now:
+            self._items.popitem(last=False)  # insertion order is expiry order
+        self._items.pop(key, None)
+        self._items[key] = (now + self.ttl, event)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+            self.evicted += 1
+
+    def pop(self, key: tuple[str, str]) -> None:
+        self._items.pop(key, None)
+
+
+class _Batcher:
+    """Instances of concurrent events explained in one call (up to `size` rows, after `linger` s)."""
+
+    def __init__(self, service: ExplainerService, size: int, linger: float) -> None:
+        self.service, self.size, self.linger = service, size, linger
+        self._pending: list[tuple[np.ndarray, asyncio.Future[Explanation]]] = []
+        self._rows = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def explain(self, rows: np.ndarray) -> Explanation:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Explanation] = loop.create_future()
+        self._pending.append((rows, future))
+        self._rows += len(rows)
+        if self._rows >= self.size:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.linger, self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        group, self._pending, self._rows = self._pending, [], 0
+        if group:
+            task = asyncio.get_running_loop().create_task(self._run(group))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, group: list[tuple[np.ndarray, asyncio.Future[Explanation]]]) -> None:
+        try:
+            explanation = await self.service.explain(np.concatenate([rows for rows, _ in group]))
+        except Exception as exc:  # noqa: BLE001 - each waiting event gets the failure
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        start = 0
+        for rows, future in group:
+            part = explanation.instances[start:start + len(rows)]
+            start += len(rows)
+            if not future.done():
+                future.set_result(Explanation(explanation.method, explanation.params, explanation.feature_names,
+                                              part, explanation.output_names, explanation.library))
+
+
+class ExplainSubscriber:
+    def __init__(self, service: ExplainerService, settings: SubscriberSettings | None = None, *,
+                 reply_to: Sink | None = None, owns_service: bool = False) -> None:
+        self.service = service
+        self.settings = s = settings or service.settings.subscriber
+        self.reply_to = reply_to
+        self.cache = EventCache(s.cache_size, s.cache_ttl)
+        self.explained = 0
+        """Explanation events made."""
+        self._batcher = _Batcher(service, s.batch_size, s.linger)
+        self._owns = owns_service
+        self._starting: asyncio.Lock | None = None
+
+    async def handle(self, event: CloudEvent) -> CloudEvent | None:
+        """The explanation event once both halves of an exchange are here, else None."""
+        kind = event.type
+        if kind not in (events.REQUEST, events.RESPONSE) or not self._sampled(event.id):
+            return None
+        other = events.RESPONSE if kind == events.REQUEST else events.REQUEST
+        if kind == events.RESPONSE and _failed(event):
+            self.cache.pop((event.id, other))
+            return None
+        partner = self.cache.get((event.id, other))
+        if partner is None:
+            self.cache.put((event.id, kind), event)
+            return None
+        request, response = (event, partner) if kind == events.REQUEST else (partner, event)
+        try:
+            explanation = await self._explain(request)
+        except RejectedError:
+            self.cache.pop((event.id, other))  # never explainable: do not keep it
+            raise
+        self.cache.pop((event.id, other))  # only now: a retried delivery must find it again
+        self.explained += 1
+        return explanation_event(request, response, explanation, self.settings.source)
+
+    async def _explain(self, request: CloudEvent) -> Explanation:
+        await self._ensure_started()
+        try:
+            if request.get(events.TRUNCATED):
+                raise InvalidInputError("the request payload was truncated by the logger")
+            rows = self.service.decode(request.json())
+        except (InvalidInputError, ValueError) as exc:  # ValueError: the payload is not JSON
+            raise RejectedError(f"event {request.id}: {exc}", [request]) from exc
+        except NotReadyError as exc:
+            raise SinkError(str(exc), retry_after=1.0) from exc
+        try:
+            return await self._batcher.explain(rows)
+        except (InvalidInputError, InvalidParametersError) as exc:
+            raise RejectedError(f"event {request.id}: {exc}", [request]) from exc
+        except NotReadyError as exc:
+            raise SinkError(str(exc), retry_after=1.0) from exc
+        except ExplainerError as exc:  # the predictor, mostly: retried later
+            raise SinkError(f"event {request.id}: {exc}") from exc
+
+    def _sampled(self, event_id: str) -> bool:
+        rate = self.settings.sample
+        if rate >= 1.0:
+            return True
+        digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64 < rate
+
+    async def _ensure_started(self) -> None:
+        if self.service.ready:
+            return
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if not self.service.ready and self._owns:
+                await self.service.start()
+
+    # -- as a Sink -------------------------------------------------------------------------------
+
+    async def send_batch(self, batch: Sequence[CloudEvent]) -> None:
+        """Explain what a batch completes and send the explanations to `reply_to`."""
+        if self.reply_to is None:
+            raise RejectedError("an ExplainSubscriber used as a sink needs `reply_to`")
+        results = await asyncio.gather(*(self.handle(e) for e in batch), return_exceptions=True)
+        replies = [r for r in results if isinstance(r, CloudEvent)]
+        if replies:
+            await self.reply_to.send_batch(replies)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        retryable = [f for f in failures if not isinstance(f, RejectedError)]
+        if retryable:
+            raise SinkError(f"{len(retryable)} explanations failed: {retryable[0]}")
+        if failures:
+            raise RejectedError("; ".join(map(str, failures)),
+                                [e for f in failures if isinstance(f, RejectedError) for e in f.events])
+
+    async def aclose(self) -> None:
+        if self._owns:
+            await self.service.aclose()
+
+    # -- as an HTTP endpoint (Knative's reply contract) --------------------------------------------
+
+    async def handle_http(self, headers: Mapping[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Status, headers and body: 200 with the explanation (binary mode; a batch for a batch),
+        202 with no body when nothing is explained yet, 400 for what no retry fixes, 502 to retry."""
+        try:
+            received = ce_http.from_http_many(headers, body)
+        except (InvalidEventError, ValueError) as exc:
+            return _error(400, f"not a CloudEvent: {exc}")
+        results = await asyncio.gather(*(self.handle(e) for e in received), return_exceptions=True)
+        if errors := [r for r in results if isinstance(r, BaseException)]:
+            retry = next((e for e in errors if not isinstance(e, RejectedError)), None)
+            if retry is not None:
+                if not isinstance(retry, SinkError):
+                    log.exception("explaining an event failed", exc_info=retry)
+                return _error(502 if isinstance(retry, SinkError) else 500, str(retry))
+            return _error(400, str(errors[0]))
+        replies = [r for r in results if isinstance(r, CloudEvent)]
+        if not replies:
+            return 202, {}, b""
+        if len(replies) == 1 and len(received) == 1:
+            out, data = ce_http.to_binary(replies[0])
+            return 200, out, data
+        out, data = ce_http.to_batch(replies)
+        return 200, out, data
+
+
+def explanation_event(request: CloudEvent, response: CloudEvent, explanation: Explanation, source: str) -> CloudEvent:
+    attributes: dict[str, Any] = {
+        "specversion": "1.0", "id": request.id, "source": source, "type": events.EXPLANATION,
+        "time": events.now_rfc3339(), "datacontenttype": "application/json",
+    }
+    for name in _COPIED:
+        value = response.get(name) or request.get(name)
+        if value not in (None, ""):
+            attributes[name] = value
+    return CloudEvent(attributes, orjson.dumps(explanation.to_dict()))
+
+
+def _failed(event: CloudEvent) -> bool:
+    try:
+        return int(event.get(events.STATUSCODE, 200)) >= 400
+    except (TypeError, ValueError):
+        return False
+
+
+def _error(status: int, message: str) -> tuple[int, dict[str, str], bytes]:
+    return status, {"content-type": "application/json"}, orjson.dumps({"error": message})
+
+
+class ExplainerComponentConfig(SinkConfig):
+    """The subscriber as an in-process broker component: `component: {type: explainer, config: ...}`.
+
+    Register it with `pipelines.broker.register_component(ExplainerComponentConfig)`.
+    """
+
+    type: Literal["explainer"] = "explainer"
+    config: str | None = None
+    """An explainer YAML file (or `explainer:` section); `settings` override it."""
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    def build(self) -> ExplainSubscriber:
+        from pathlib import Path
+
+        loaded = load_explainer_settings(Path(self.config) if self.config else None, **self.settings)
+        # Started on the first event, in the broker's loop: fitting needs the predictor.
+        return ExplainSubscriber(ExplainerService(loaded), owns_service=True)

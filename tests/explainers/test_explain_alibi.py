@@ -1,0 +1,100 @@
+"""Alibi backends (the `alibi` extra, run in .venv-alibi): anchors hold on held-out rows; alibi's
+SHAP explainers are additive too."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from explainers import registry
+from explainers.artifacts import restore_explainer, save_artifact
+from explainers.data import local_model
+from tests.explainers.models import estimator, table
+from tests.explainers.test_explain_backends import outputs
+
+pytestmark = pytest.mark.alibi
+
+_RANGE = re.compile(r"(-?[\d.]+) < (.+) <= (-?[\d.]+)")
+_BOUND = re.compile(r"(.+) (<=|>=|<|>) (-?[\d.]+)")
+_EQUAL = re.compile(r"(.+) = (.+)")
+
+
+def covers(anchor: list[str], names: list[str], row: np.ndarray) -> bool:
+    """Whether `row` meets every condition of an anchor as alibi writes them."""
+    for condition in anchor:
+        if m := _RANGE.fullmatch(condition):
+            low, name, high = m.groups()
+            value = float(row[names.index(name)])
+            ok = float(low) < value <= float(high)
+        elif m := _BOUND.fullmatch(condition):
+            name, op, bound = m.groups()
+            value = float(row[names.index(name)])
+            ok = {"<=": value <= float(bound), ">=": value >= float(bound), "<": value < float(bound),
+                  ">": value > float(bound)}[op]
+        elif m := _EQUAL.fullmatch(condition):
+            name, category = m.groups()
+            ok = str(row[names.index(name)]) == category
+        else:
+            raise AssertionError(f"cannot read anchor condition {condition!r}")
+        if not ok:
+            return False
+    return True
+
+
+class TestAnchors:
+    """An anchor's precision holds on rows the explainer never saw."""
+
+    def test_precision_on_held_out_rows(self) -> None:
+        from sklearn.ensemble import RandomForestClassifier
+        from sklearn.model_selection import train_test_split
+
+        t = table("iris")
+        train, test, y_train, _ = train_test_split(t.rows, t.target, test_size=0.4, random_state=0, stratify=t.target)
+        forest = RandomForestClassifier(n_estimators=20, max_depth=4, random_state=0).fit(train, y_train)
+        model = local_model(forest, t.feature_names)
+        threshold = 0.9
+        explainer = registry.create("anchor_tabular", {"background_size": len(train)}, {"threshold": threshold})
+        explainer.fit(model, train)
+        predicted = forest.predict(test)
+        checked = 0
+        for i in range(0, 60, 6):
+            [result] = explainer.explain(test[i:i + 1]).instances
+            assert result.anchor is not None and result.precision is not None and result.coverage is not None
+            assert result.prediction == predicted[i]
+            if result.precision < threshold:
+                continue  # alibi found none (near a class boundary) and says so with the precision
+            covered = [j for j in range(len(test)) if covers(list(result.anchor), t.feature_names, test[j])]
+            if len(covered) >= 5:
+                empirical = float(np.mean(predicted[covered] == predicted[i]))
+                assert empirical >= threshold - 0.1, (result.anchor, empirical)
+                checked += 1
+        assert checked >= 5
+
+    def test_categorical_features_and_artifact(self, tmp_path: object) -> None:
+        t = table("penguins")
+        model = local_model(estimator("penguins"), t.feature_names, t.categorical)
+        explainer = registry.create("anchor_tabular", {"background_size": 200})
+        explainer.fit(model, t.rows)
+        path = save_artifact(tmp_path / "anchors.joblib", explainer)  # type: ignore[operator]
+        restored = restore_explainer(path, model)
+        [result] = restored.explain(t.rows[:1]).instances
+        assert result.precision is not None and result.precision >= 0.95
+        assert all(covers([c], t.feature_names, t.rows[0]) for c in result.anchor or ())
+
+
+class TestAlibiShap:
+    """alibi's KernelShap and TreeShap give additive attributions in the common JSON shape."""
+
+    @pytest.mark.parametrize("method", ["alibi_kernel_shap", "alibi_tree_shap"])
+    def test_additivity(self, method: str) -> None:
+        t = table("iris")
+        model = local_model(estimator("iris"), t.feature_names)
+        explainer = registry.create(method, {"background_size": 20}, {"nsamples": 50} if "kernel" in method else {})
+        explainer.fit(model, t.rows)
+        rows = t.rows[[0, 60, 120]]
+        explanation = explainer.explain(rows)
+        sums, _ = outputs(explanation)
+        np.testing.assert_allclose(sums, model.predict(rows), atol=1e-6)
+        assert explanation.library.startswith("alibi ") and explanation.method == method

@@ -1,0 +1,132 @@
+"""SHAP backends in process: additivity (sum + base = model output) for classifiers and regressors,
+categorical features, parameters, and the one JSON shape."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import orjson
+import pytest
+
+from explainers import registry
+from explainers.base import Explanation, Model
+from explainers.data import local_model
+from explainers.errors import InvalidParametersError, MissingExtraError, UnsupportedModelError
+from tests.explainers.models import estimator, frame, table
+
+
+def outputs(explanation: Explanation) -> tuple[np.ndarray, np.ndarray]:
+    """`(n, outputs)` arrays of base + sum of attributions, and of `value`."""
+    sums = [[o.base_value + sum(o.attributions.values()) for o in i.outputs] for i in explanation.instances]
+    values = [[o.value for o in i.outputs] for i in explanation.instances]
+    return np.array(sums), np.array(values)
+
+
+def iris_model() -> Model:
+    t = table("iris")
+    return local_model(estimator("iris"), t.feature_names)
+
+
+class TestAdditivity:
+    """sum(attributions) + base_value equals the model output the method explains."""
+
+    @pytest.mark.parametrize("method, params", [("tree", {}), ("kernel", {"nsamples": 50}), ("permutation", {}),
+                                                ("partition", {}), ("auto", {})])
+    def test_classifier_probabilities(self, method: str, params: dict[str, object]) -> None:
+        model = iris_model()
+        explainer = registry.create(method, {"background_size": 20}, params)
+        explainer.fit(model, table("iris").rows)
+        rows = table("iris").rows[[0, 60, 120, 140]]
+        explanation = explainer.explain(rows)
+        sums, values = outputs(explanation)
+        assert len(explanation.instances) == 4 and explanation.output_names == ["0", "1", "2"]
+        np.testing.assert_allclose(sums, model.predict(rows), atol=1e-6)
+        np.testing.assert_allclose(values, sums)
+
+    @pytest.mark.parametrize("method", ["tree", "kernel", "permutation"])
+    def test_regressor(self, method: str) -> None:
+        t = table("diabetes")
+        model = local_model(estimator("diabetes"), t.feature_names)
+        explainer = registry.create(method, {"background_size": 20}, {"nsamples": 100} if method == "kernel" else {})
+        explainer.fit(model, t.rows)
+        rows = t.rows[:3]
+        sums, _ = outputs(explainer.explain(rows))
+        np.testing.assert_allclose(sums[:, 0], model.predict(rows), rtol=1e-6)
+
+    def test_boosted_binary_margin(self) -> None:
+        from sklearn.ensemble import GradientBoostingClassifier
+
+        t = table("breast_cancer")
+        boosted = GradientBoostingClassifier(n_estimators=20, random_state=0).fit(t.rows, t.target)
+        explainer = registry.create("tree")
+        explainer.fit(local_model(boosted, t.feature_names), t.rows)
+        explanation = explainer.explain(t.rows[:3])
+        sums, _ = outputs(explanation)
+        assert explanation.output_names == ["1"]  # one margin: the positive class
+        np.testing.assert_allclose(sums[:, 0], boosted.decision_function(t.rows[:3]), atol=1e-6)
+
+    def test_linear_margin(self) -> None:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        t = table("wine")
+        x = StandardScaler().fit_transform(t.rows)
+        linear = LogisticRegression(max_iter=1000).fit(x, t.target)
+        explainer = registry.create("linear", {"background_size": 50})
+        explainer.fit(local_model(linear, t.feature_names), x)
+        sums, _ = outputs(explainer.explain(x[:3]))
+        # shap's linear explainer is exact up to the mean of the background it summarises.
+        np.testing.assert_allclose(sums, linear.decision_function(x[:3]), atol=1e-6)
+
+
+class TestCategorical:
+    """String features (palmerpenguins): kernel takes them as they are, maskers as codes."""
+
+    @pytest.mark.parametrize("method", ["kernel", "permutation"])
+    def test_penguins(self, method: str) -> None:
+        t = table("penguins")
+        model = local_model(estimator("penguins"), t.feature_names, t.categorical)
+        explainer = registry.create(method, {"background_size": 20}, {"nsamples": 100} if method == "kernel" else {})
+        explainer.fit(model, t.rows)
+        rows = t.rows[[0, 200, 300]]
+        explanation = explainer.explain(rows)
+        sums, _ = outputs(explanation)
+        np.testing.assert_allclose(sums, estimator("penguins").predict_proba(frame(rows, t)), atol=1e-6)
+        assert set(explanation.instances[0].outputs[0].attributions) == set(t.feature_names)
+
+
+class TestContract:
+    """Parameters, refusals and the JSON shape."""
+
+    def test_json_shape(self) -> None:
+        explainer = registry.create("kernel", {"background_size": 10}, {"nsamples": 30})
+        explainer.fit(iris_model(), table("iris").rows)
+        doc = orjson.loads(orjson.dumps(explainer.explain(table("iris").rows[:2], {"nsamples": 40}).to_dict()))
+        assert doc["method"] == "kernel" and doc["params"] == {"nsamples": 40, "l1_reg": False}
+        assert doc["library"].startswith("shap ") and len(doc["explanations"]) == 2
+        item = doc["explanations"][1]
+        assert item["method"] == "kernel" and [o["name"] for o in item["outputs"]] == ["0", "1", "2"]
+        assert set(item["outputs"][0]) == {"name", "base_value", "value", "attributions"}
+        assert set(item["outputs"][0]["attributions"]) == set(table("iris").feature_names)
+
+    def test_unknown_parameter_names_the_allowed(self) -> None:
+        explainer = registry.create("kernel")
+        with pytest.raises(InvalidParametersError, match="nsamples, l1_reg"):
+            explainer.params({"threshold": 0.9})
+        with pytest.raises(InvalidParametersError, match="options"):
+            registry.create("kernel", {"nope": 1})
+
+    def test_white_box_method_needs_the_model(self) -> None:
+        black_box = Model(iris_model().predict, table("iris").feature_names)
+        with pytest.raises(UnsupportedModelError, match="model file"):
+            registry.create("tree").fit(black_box, table("iris").rows)
+
+    def test_unknown_method(self) -> None:
+        with pytest.raises(registry.UnknownMethodError, match="known: tree, kernel"):
+            registry.create("lime")
+
+    @pytest.mark.skipif(importlib.util.find_spec("alibi") is not None, reason="alibi is installed")
+    def test_alibi_missing_names_the_extra(self) -> None:
+        with pytest.raises(MissingExtraError, match=r"'alibi' extra.*infer-logger\[alibi\]"):
+            registry.create("anchor_tabular")

@@ -1,0 +1,89 @@
+"""Payload codecs: V1 and V2 requests to instance arrays, predictor bodies and answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from explainers import codecs
+from explainers.codecs import Schema
+from explainers.errors import InvalidInputError, PredictorError
+
+IRIS = Schema(("sl", "sw", "pl", "pw"))
+MIXED = Schema(("island", "bill", "sex"), frozenset({"island", "sex"}))
+
+
+class TestDecodeInstances:
+    """Every instance of V1 and V2 requests, in feature order; bad shapes name the expected one."""
+
+    def test_v1_rows_and_objects(self) -> None:
+        rows = codecs.decode_instances({"instances": [[1, 2, 3, 4], {"pw": 8, "pl": 7, "sw": 6, "sl": 5}]}, IRIS)
+        assert rows.dtype == float and rows.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+    def test_v2_natural_flat_and_per_feature(self) -> None:
+        natural = {"inputs": [{"name": "input-0", "shape": [2, 4], "datatype": "FP32", "data": [[1, 2, 3, 4], [5, 6, 7, 8]]}]}
+        flat = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP64", "data": [1, 2, 3, 4, 5, 6, 7, 8]}]}
+        per_feature = {"inputs": [{"name": n, "shape": [2], "datatype": "FP64", "data": [i, i + 4]}
+                                  for i, n in enumerate(("sl", "sw", "pl", "pw"), start=1)]}
+        for body in (natural, flat, per_feature):
+            assert codecs.decode_instances(body, IRIS).tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+    def test_mixed_types_stay_objects(self) -> None:
+        rows = codecs.decode_instances({"instances": [["Biscoe", 40, "male"]]}, MIXED)
+        assert rows.dtype == object and rows.tolist() == [["Biscoe", 40.0, "male"]]
+
+    @pytest.mark.parametrize("body, words", [
+        ({"instances": [[1, 2, 3]]}, ["instances[0]", "3 values", "[n, 4]"]),
+        ({"instances": [[1, 2, 3, "x"]]}, ["instances[0][3] (pw)", "expected a number"]),
+        ({"instances": [[1, 2, 3, True]]}, ["expected a number"]),
+        ({"instances": [{"sl": 1}]}, ["missing", "pw"]),
+        ({"inputs": [{"name": "input-0", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}, ["[n, 4]"]),
+        ({"inputs": [{"name": "input-0", "shape": [2, 4], "datatype": "FP32", "data": [1, 2, 3]}]}, ["3 values"]),
+        ({"instances": []}, ["empty", "[n, 4]"]),
+        ({"rows": [[1, 2, 3, 4]]}, ["instances", "inputs", "[n, 4]"]),
+        ([1, 2], ["JSON object"]),
+    ])
+    def test_bad_input_names_the_shape(self, body: object, words: list[str]) -> None:
+        with pytest.raises(InvalidInputError) as caught:
+            codecs.decode_instances(body, IRIS)
+        assert all(w in str(caught.value) for w in words), str(caught.value)
+
+    def test_categorical_needs_strings(self) -> None:
+        with pytest.raises(InvalidInputError, match=r"island\): expected a string"):
+            codecs.decode_instances({"instances": [[1, 40, "male"]]}, MIXED)
+
+
+class TestPredictorBodies:
+    """What the client sends and reads back."""
+
+    def test_encode_v2_one_tensor(self) -> None:
+        body = orjson.loads(codecs.encode_v2(np.array([[1.0, 2, 3, 4]]), IRIS))
+        assert body["inputs"] == [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [1, 2, 3, 4]}]
+
+    def test_encode_v2_per_feature_with_strings(self) -> None:
+        schema = Schema(MIXED.feature_names, MIXED.categorical, tensor=None)
+        body = orjson.loads(codecs.encode_v2(np.array([["Dream", 40.0, "male"]], dtype=object), schema))
+        assert [(t["name"], t["datatype"], t["data"]) for t in body["inputs"]] == [
+            ("island", "BYTES", ["Dream"]), ("bill", "FP64", [40.0]), ("sex", "BYTES", ["male"])]
+
+    def test_encode_v1(self) -> None:
+        assert orjson.loads(codecs.encode_v1(np.array([[1.0, 2.0]]))) == {"instances": [[1.0, 2.0]]}
+
+    def test_decode_outputs(self) -> None:
+        body = {"outputs": [{"name": "predict", "shape": [2], "data": [0, 1]},
+                            {"name": "predict_proba", "shape": [2, 2], "data": [0.9, 0.1, 0.2, 0.8]}]}
+        assert codecs.decode_v2_output(body, 2, None).tolist() == [[0.9, 0.1], [0.2, 0.8]]
+        assert codecs.decode_v2_output(body, 2, "predict").tolist() == [0, 1]
+        assert codecs.decode_v1_output({"predictions": [[0.5, 0.5]]}, 1).shape == (1, 2)
+        with pytest.raises(PredictorError, match="no output 'nope'"):
+            codecs.decode_v2_output(body, 2, "nope")
+        with pytest.raises(PredictorError, match="2 items"):
+            codecs.decode_v1_output({"predictions": [1]}, 2)
+
+    def test_explain_parameters(self) -> None:
+        assert codecs.explain_parameters({"instances": [], "parameters": {"nsamples": 10}}) == {"nsamples": 10}
+        v2 = {"inputs": [], "parameters": {"explain_parameters": {"threshold": 0.9}, "other": 1}}
+        assert codecs.explain_parameters(v2) == {"threshold": 0.9}
+        with pytest.raises(InvalidInputError):
+            codecs.explain_parameters({"instances": [], "parameters": [1]})

@@ -1,0 +1,201 @@
+"""The explainer server over HTTP, in front of a real predictor process: V1 `:explain`, V2 `/infer`,
+health and metadata, bad input, an unreachable predictor, artifacts, and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from explainers.app import create_app
+from explainers.errors import ArtifactError
+from explainers.service import ExplainerService
+from infer_logger.demo.predictor import create_app as predictor_app
+from infer_logger.testing import free_port
+from tests.explainers.conftest import serve, settings
+from tests.explainers.models import Served, estimator, table
+from tests.servers import Process
+
+PAYLOADS = Path(__file__).resolve().parents[3] / "shared" / "conformance" / "kserve" / "payloads"
+IRIS_V1 = {"instances": [[6.8, 2.8, 4.8, 1.4], [6.0, 3.4, 4.5, 1.6]]}
+
+
+def payload(name: str) -> dict[str, object]:
+    path = PAYLOADS / name
+    return json.loads(path.read_text()) if path.exists() else IRIS_V1  # the same rows, if shared/ is absent
+
+
+def sums(explanation: dict[str, object]) -> np.ndarray:
+    return np.array([[o["base_value"] + sum(o["attributions"].values()) for o in item["outputs"]]  # type: ignore[index]
+                     for item in explanation["explanations"]])  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def iris_explainer(model_server: Process, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Kernel SHAP over the V2 `iris` model (its predict_proba output); saves its artifact."""
+    artifact = tmp_path_factory.mktemp("artifacts") / "iris-kernel.joblib"
+    service = ExplainerService(settings(model_name="iris", predictor_url=model_server.url, protocol="v2",
+                                        background="dataset:iris", method="kernel", params={"nsamples": 30},
+                                        save_artifact=artifact))
+    with serve(create_app(service)) as url:
+        yield url
+
+
+class TestExplain:
+    """Every instance explained, additive through the HTTP predictor, in V1 and V2."""
+
+    def test_v1_every_instance_additive(self, iris_explainer: str) -> None:
+        body = payload("iris-v1-input.json")
+        r = httpx.post(f"{iris_explainer}/v1/models/iris:explain", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["method"] == "kernel" and len(doc["explanations"]) == 2
+        assert doc["output_names"] == ["setosa", "versicolor", "virginica"]
+        expected = estimator("iris").predict_proba(np.array(body["instances"]))
+        np.testing.assert_allclose(sums(doc), expected, atol=1e-6)
+
+    def test_v2_infer_has_an_explanation_output(self, iris_explainer: str) -> None:
+        body = {**payload("iris-v2-input.json"), "id": "req-7", "parameters": {"explain_parameters": {"nsamples": 20}}}
+        r = httpx.post(f"{iris_explainer}/v2/models/iris/infer", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["id"] == "req-7" and doc["model_name"] == "iris"
+        [output] = doc["outputs"]
+        assert (output["name"], output["datatype"], output["shape"]) == ("explanation", "BYTES", [1])
+        explanation = orjson.loads(output["data"][0])
+        assert len(explanation["explanations"]) == 2 and explanation["params"]["nsamples"] == 20
+
+    def test_predict_passes_through(self, iris_explainer: str) -> None:
+        r = httpx.post(f"{iris_explainer}/v1/models/iris:predict", json=IRIS_V1, timeout=10)
+        assert r.status_code == 200 and r.json() == {"predictions": estimator("iris").predict(
+            np.array(IRIS_V1["instances"])).tolist()}
+
+    def test_health_and_metadata(self, iris_explainer: str) -> None:
+        get = lambda path: httpx.get(iris_explainer + path, timeout=10)
+        assert get("/").json() == {"status": "alive"}
+        assert get("/v1/models").json() == {"models": ["iris"]}
+        assert get("/v1/models/iris").json() == {"name": "iris", "ready": True}
+        assert get("/v2/health/live").json() == {"live": True}
+        assert get("/v2/health/ready").json() == {"ready": True}
+        assert get("/v2/models/iris/ready").json() == {"name": "iris", "ready": True}
+        assert set(get("/v2").json()) == {"name", "version", "extensions"}
+        meta = get("/v2/models/iris").json()
+        assert meta["inputs"] == [{"name": "input-0", "datatype": "FP64", "shape": [-1, 4]}]
+        assert meta["outputs"][0]["name"] == "explanation" and meta["parameters"]["method"] == "kernel"
+
+    def test_work_is_off_the_event_loop(self, iris_explainer: str) -> None:
+        async def race() -> None:
+            async with httpx.AsyncClient(base_url=iris_explainer, timeout=60) as client:
+                many = {"instances": table("iris").rows[:60].tolist(), "parameters": {"nsamples": 200}}
+                explain = asyncio.create_task(client.post("/v1/models/iris:explain", json=many))
+                await asyncio.sleep(0.05)
+                live = await client.get("/v2/health/live")
+                assert live.status_code == 200 and not explain.done()  # served while explaining
+                assert (await explain).status_code == 200
+
+        asyncio.run(race())
+
+
+class TestBadInput:
+    """400 naming the expected shape, 404 for another model."""
+
+    @pytest.mark.parametrize("body, words", [
+        ({"instances": [[1, 2, 3]]}, ["[n, 4]", "sepal length (cm)"]),
+        ({"instances": [[1, 2, 3, "a"]]}, ["expected a number"]),
+        ({"inputs": [{"name": "input-0", "shape": [1, 5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]}]}, ["[n, 4]"]),
+        ({"instances": [[1, 2, 3, 4]], "parameters": {"threshold": 1}}, ["allowed: nsamples, l1_reg"]),
+    ])
+    def test_400(self, iris_explainer: str, body: object, words: list[str]) -> None:
+        r = httpx.post(f"{iris_explainer}/v1/models/iris:explain", json=body, timeout=10)
+        assert r.status_code == 400 and all(w in r.json()["error"] for w in words), r.text
+
+    def test_not_json_and_unknown_model(self, iris_explainer: str) -> None:
+        r = httpx.post(f"{iris_explainer}/v1/models/iris:explain", content=b"{", timeout=10)
+        assert r.status_code == 400 and "not JSON" in r.json()["error"]
+        r = httpx.post(f"{iris_explainer}/v1/models/nope:explain", json=IRIS_V1, timeout=10)
+        assert r.status_code == 404 and r.json() == {"error": "Model with name nope does not exist."}
+
+
+class TestRegressionAndFailures:
+    """A V1 regressor through HTTP; a predictor that goes away gives 502 with the reason."""
+
+    def test_regressor_over_v1(self, model_server: Process) -> None:
+        service = ExplainerService(settings(model_name="diabetes", predictor_url=model_server.url, protocol="v1",
+                                            background="dataset:diabetes", method="kernel", params={"nsamples": 100}))
+        rows = table("diabetes").rows[:3]
+        with serve(create_app(service)) as url:
+            r = httpx.post(f"{url}/v1/models/diabetes:explain", json={"instances": rows.tolist()}, timeout=60)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(sums(r.json())[:, 0], estimator("diabetes").predict(rows), rtol=1e-6)
+
+    def test_predictor_unreachable_is_502(self) -> None:
+        from infer_logger.demo.quickstart import ServerThread
+        from infer_logger.server import uvicorn_config
+
+        port = free_port()
+        predictor = ServerThread(uvicorn_config(predictor_app([Served("iris-proba", "iris", proba=True)]),
+                                                "127.0.0.1", port))
+        with predictor:
+            service = ExplainerService(settings(model_name="iris-proba", predictor_url=f"http://127.0.0.1:{port}",
+                                                protocol="v1", background="dataset:iris", retries=1))
+            with serve(create_app(service)) as url:
+                assert httpx.post(f"{url}/v1/models/iris-proba:explain", json=IRIS_V1, timeout=30).status_code == 200
+                predictor.__exit__(None, None, None)
+                r = httpx.post(f"{url}/v1/models/iris-proba:explain", json=IRIS_V1, timeout=30)
+        assert r.status_code == 502 and "failed after 2 attempts" in r.json()["error"], r.text
+
+
+class TestArtifacts:
+    """A saved explainer loads instead of fitting; one that does not load stops the start."""
+
+    def test_restored_explainer_explains_the_same(self, iris_explainer: str, model_server: Process,
+                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+        [artifact] = (tmp_path_factory.getbasetemp() / "artifacts0").glob("*.joblib")
+        service = ExplainerService(settings(model_name="iris", predictor_url=model_server.url,
+                                            artifact=artifact, params={"nsamples": 30}))
+        with serve(create_app(service)) as url:
+            restored = httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=30).json()
+        fitted = httpx.post(f"{iris_explainer}/v1/models/iris:explain", json=IRIS_V1, timeout=30).json()
+        # Four features: kernel SHAP enumerates every coalition, so the result is exact and repeatable.
+        np.testing.assert_allclose(sums(restored), sums(fitted), atol=1e-9)
+        assert restored["explanations"][0]["outputs"][0]["attributions"] == pytest.approx(
+            fitted["explanations"][0]["outputs"][0]["attributions"])
+
+    def test_bad_artifact_names_path_and_cause(self, tmp_path: Path, model_server: Process) -> None:
+        bad = tmp_path / "broken.joblib"
+        bad.write_bytes(b"not a pickle")
+        service = ExplainerService(settings(predictor_url=model_server.url, artifact=bad))
+        with pytest.raises(ArtifactError) as caught:
+            service.prepare()
+        assert str(bad) in str(caught.value) and "cannot unpickle" in str(caught.value)
+        cli = subprocess.run([sys.executable, "-m", "explainers", "--predictor-url", model_server.url,
+                              "--artifact", str(bad), "--port", str(free_port())],
+                             check=False, capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 1 and str(bad) in cli.stderr and "cannot unpickle" in cli.stderr
+
+
+class TestCommand:
+    """`python -m explainers` (= `infer-logger explainer`) serves after warming up."""
+
+    def test_serves(self, model_server: Process, tmp_path: Path) -> None:
+        port = free_port()
+        proc = Process([sys.executable, "-m", "explainers", "--port", str(port), "--model-name", "iris-proba",
+                        "--predictor-url", model_server.url, "--protocol", "v1", "--background", "dataset:iris",
+                        "--method", "permutation", "--option", "background_size=10", "--log-level", "warning"],
+                       port, ready_path="/v2/health/ready", log=tmp_path / "explainer.log")
+        proc.start(timeout=90)
+        try:
+            r = httpx.post(f"{proc.url}/v1/models/iris-proba:explain", json=IRIS_V1, timeout=60)
+            assert r.status_code == 200 and r.json()["method"] == "permutation", r.text
+            np.testing.assert_allclose(sums(r.json()), estimator("iris").predict_proba(
+                np.array(IRIS_V1["instances"])), atol=1e-6)
+        finally:
+            assert proc.stop() in (0, -15)  # uvicorn re-raises SIGTERM once it has shut down

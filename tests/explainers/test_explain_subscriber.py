@@ -1,0 +1,214 @@
+"""Explain on events: request and response joined by id, the explanation event with the same id, the
+store join, failures (retried, nothing half-written), the HTTP endpoint and the broker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from explainers.app import create_app
+from explainers.config import SubscriberSettings
+from explainers.service import ExplainerService
+from explainers.subscriber import EventCache, ExplainSubscriber
+from infer_logger import events
+from infer_logger.cloudevents import http as ce_http
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import RejectedError, SinkError
+from infer_logger.sinks.memory import MemorySink
+from infer_logger.store import AuditStore
+from tests.explainers.conftest import settings
+from tests.explainers.models import estimator
+from tests.servers import Process
+
+ROWS = [[6.8, 2.8, 4.8, 1.4], [6.0, 3.4, 4.5, 1.6]]
+
+
+def exchange(id_: str, rows: list[list[float]] = ROWS, status: int = 200) -> tuple[CloudEvent, CloudEvent]:
+    """The request and response events the sidecar logs for one V1 call to `iris-proba`."""
+    common = {"specversion": "1.0", "id": id_, "source": "http://sidecar", "datacontenttype": "application/json",
+              "modelname": "iris-proba", "inferenceservicename": "iris", "namespace": "test", "time": events.now_rfc3339()}
+    request = CloudEvent({**common, "type": events.REQUEST}, orjson.dumps({"instances": rows}))
+    ok = status < 400 and all(len(r) == 4 for r in rows)
+    answer = {"predictions": estimator("iris").predict_proba(np.array(rows)).tolist()} if ok else {"error": "x"}
+    response = CloudEvent({**common, "type": events.RESPONSE, "statuscode": status}, orjson.dumps(answer))
+    return request, response
+
+
+def service_for(url: str, **values: Any) -> ExplainerService:
+    return ExplainerService(settings(model_name="iris-proba", predictor_url=url, protocol="v1",
+                                     background="dataset:iris", params={"nsamples": 20}, **values))
+
+
+@pytest.fixture
+async def service(model_server: Process) -> AsyncIterator[ExplainerService]:
+    svc = service_for(model_server.url)
+    await svc.start()
+    yield svc
+    await svc.aclose()
+
+
+class TestJoin:
+    """The second half of an exchange gets the explanation event; the store joins it by id."""
+
+    async def test_request_then_response(self, service: ExplainerService, tmp_path: Path) -> None:
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
+        request, response = exchange("ex-1")
+        assert await sub.handle(request) is None
+        reply = await sub.handle(response)
+        assert reply is not None and reply.type == events.EXPLANATION and reply.id == "ex-1"
+        assert reply["modelname"] == "iris-proba" and reply["namespace"] == "test" and len(sub.cache) == 0
+        with AuditStore(tmp_path / "audit.db") as store:
+            store.write([request, response, reply])
+            records = store.query(id="ex-1", order="asc")
+        assert [r.instance for r in records] == [0, 1]
+        for record, row in zip(records, ROWS):
+            explanation = record.explanation
+            assert explanation["method"] == "kernel" and record.request == row
+            total = [o["base_value"] + sum(o["attributions"].values()) for o in explanation["outputs"]]
+            np.testing.assert_allclose(total, record.response, atol=1e-6)
+
+    async def test_response_first(self, service: ExplainerService) -> None:
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
+        request, response = exchange("ex-2")
+        assert await sub.handle(response) is None
+        reply = await sub.handle(request)
+        assert reply is not None and reply.id == "ex-2"
+
+    async def test_skipped(self, service: ExplainerService) -> None:
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
+        request, failed = exchange("ex-3", status=500)
+        await sub.handle(request)
+        assert await sub.handle(failed) is None and len(sub.cache) == 0
+        none = ExplainSubscriber(service, SubscriberSettings(sample=0.0))
+        assert all([await none.handle(e) is None for e in exchange("ex-4")]) and len(none.cache) == 0
+
+    async def test_batches_amortize(self, service: ExplainerService) -> None:
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.05, batch_size=64))
+        calls = []
+        explain = service.explain
+
+        async def counted(rows: np.ndarray, params: Any = None) -> Any:
+            calls.append(len(rows))
+            return await explain(rows, params)
+
+        service.explain = counted  # type: ignore[method-assign]
+        pairs = [exchange(f"b-{i}", ROWS[i % 2:i % 2 + 1]) for i in range(12)]
+        for request, _ in pairs:
+            await sub.handle(request)
+        replies = await asyncio.gather(*(sub.handle(response) for _, response in pairs))
+        assert sorted(r.id for r in replies if r) == sorted(f"b-{i}" for i in range(12))
+        assert sum(calls) == 12 and len(calls) < 12
+
+    def test_cache_bound_and_ttl(self) -> None:
+        cache = EventCache(size=2, ttl=60)
+        for i in range(3):
+            cache.put((str(i), "t"), exchange(str(i))[0])
+        assert cache.get(("0", "t")) is None and cache.get(("2", "t")) is not None and cache.evicted == 1
+        expired = EventCache(size=10, ttl=1e-9)
+        expired.put(("a", "t"), exchange("a")[0])
+        assert expired.get(("a", "t")) is None
+
+
+class TestFailures:
+    """Unreachable predictor: retry later, keep the cached half, reply nothing. Bad payload: reject."""
+
+    async def test_retry_after_the_predictor_comes_back(self, model_server: Process) -> None:
+        svc = service_for(model_server.url)
+        await svc.start()
+        try:
+            sub = ExplainSubscriber(svc, SubscriberSettings(linger=0.001))
+            request, response = exchange("f-1")
+            await sub.handle(request)
+            assert svc.client is not None
+            svc.client.url = svc.client.url.replace(model_server.url, "http://127.0.0.1:9")  # nothing listens
+            with pytest.raises(SinkError, match="failed after 2 attempts"):
+                await sub.handle(response)
+            assert len(sub.cache) == 1 and sub.explained == 0
+            svc.client.url = svc.client.url.replace("http://127.0.0.1:9", model_server.url)
+            assert (await sub.handle(response)) is not None
+        finally:
+            await svc.aclose()
+
+    async def test_unreadable_request_is_rejected(self, service: ExplainerService) -> None:
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
+        request, response = exchange("f-2", rows=[[1.0, 2.0]])
+        await sub.handle(request)
+        with pytest.raises(RejectedError, match=r"\[n, 4\]"):
+            await sub.handle(response)
+        assert len(sub.cache) == 0
+
+    async def test_as_a_sink(self, service: ExplainerService) -> None:
+        out = MemorySink()
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=out)
+        await sub.send_batch([*exchange("s-1"), *exchange("s-2")])
+        assert sorted(e.id for e in out.events) == ["s-1", "s-2"]
+
+
+class TestHttpEndpoint:
+    """`POST /events`: 202 for a cached half, 200 + the explanation in binary mode, 400 for junk."""
+
+    async def test_binary_structured_batch(self, model_server: Process) -> None:
+        app = create_app(service_for(model_server.url, subscriber={"linger": 0.001}))
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x")
+        async with app.router.lifespan_context(app), client:
+            request, response = exchange("h-1")
+            headers, body = ce_http.to_binary(request)
+            r = await client.post("/events", headers=headers, content=body)
+            assert r.status_code == 202 and r.content == b""
+            headers, body = ce_http.to_structured(response)
+            r = await client.post("/events", headers=headers, content=body)
+            assert r.status_code == 200 and r.headers["ce-type"] == events.EXPLANATION
+            assert r.headers["ce-id"] == "h-1" and len(r.json()["explanations"]) == 2
+            headers, body = ce_http.to_batch(exchange("h-2"))
+            r = await client.post("/events", headers=headers, content=body)
+            assert r.status_code == 200 and [e.id for e in ce_http.from_http_many(r.headers, r.content)] == ["h-2"]
+            r = await client.post("/events", content=b"{}", headers={"content-type": "application/json"})
+            assert r.status_code == 400
+
+
+class TestBroker:
+    """In a broker: request and response events in, the explanation joined in the store."""
+
+    async def test_explanation_reenters_and_joins(self, model_server: Process, tmp_path: Path) -> None:
+        broker_mod = pytest.importorskip("pipelines.broker")
+        from infer_logger.sinks.store import StoreSinkConfig
+
+        svc = service_for(model_server.url, subscriber={"linger": 0.01})
+        subscriber = ExplainSubscriber(svc, owns_service=True)
+        store_path = tmp_path / "audit.db"
+        broker = broker_mod.Broker(
+            broker_mod.BrokerSettings(dir=tmp_path / "broker", channel="memory", drain_timeout=1.0,
+                                      delivery={"retry": 3, "backoffDelay": "PT0.05S", "timeout": "PT30S"}),
+            components={"explainer": subscriber, "audit": StoreSinkConfig(path=str(store_path)).build()},
+            triggers="""
+triggers:
+  - {name: audit, filters: [{prefix: {type: org.kubeflow.serving.inference.}}], subscriber: {ref: {name: audit}}}
+  - name: explain
+    filters: [{any: [{exact: {type: org.kubeflow.serving.inference.request}},
+                     {exact: {type: org.kubeflow.serving.inference.response}}]}]
+    subscriber: {ref: {name: explainer}}
+""")
+        await broker.startup()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=broker), base_url="http://b") as client:
+                for event in (*exchange("k-1"), *exchange("k-2")):
+                    headers, body = ce_http.to_binary(event)
+                    assert (await client.post("/", headers=headers, content=body)).status_code < 300
+            with AuditStore(store_path, readonly=False) as store:
+                for _ in range(300):
+                    records = store.query(limit=None)
+                    if len(records) == 4 and all(r.explanation for r in records):
+                        break
+                    await asyncio.sleep(0.05)
+            assert sorted((r.id, r.instance) for r in records if r.explanation) == [
+                ("k-1", 0), ("k-1", 1), ("k-2", 0), ("k-2", 1)]
+        finally:
+            await broker.shutdown()
+            await subscriber.aclose()
