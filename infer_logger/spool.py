@@ -69,6 +69,10 @@ class Spool(Protocol):
 
     def reader(self, name: str) -> SpoolReader: ...
 
+    def remove_reader(self, name: str, *, forget: bool = False) -> None: ...
+
+    def tail(self) -> Position: ...
+
     def size_bytes(self) -> int: ...
 
     def start_fsync(self) -> None: ...
@@ -89,7 +93,7 @@ class SpoolReader(Protocol):
 
     def flush(self) -> None: ...
 
-    def lag(self) -> int: ...
+    def lag(self, start: Position | None = None) -> int: ...
 
 
 def encode_record(event: CloudEvent) -> bytes:
@@ -226,6 +230,20 @@ class DiskSpool:
         reader = DiskReader(self, name)
         self._readers[name] = reader
         return reader
+
+    def remove_reader(self, name: str, *, forget: bool = False) -> None:
+        """Stop keeping segments for `name`; `forget` also deletes its checkpoint."""
+        reader = self._readers.pop(name, None)
+        if reader is not None:
+            reader.flush()
+            self._waiters.discard(reader._event)
+        if forget:
+            self.checkpoint_path(name).unlink(missing_ok=True)
+        self.collect()
+
+    def tail(self) -> Position:
+        """The end of the log now: where a reader that wants only new events starts."""
+        return Position(self._current, self._sizes[self._current])
 
     def _scan(self, number: int) -> Iterator[CloudEvent]:
         try:
@@ -429,9 +447,9 @@ class DiskReader:
         self._saved, self._saved_at = position, now
         self.spool.collect()
 
-    def lag(self) -> int:
-        """Bytes appended that this reader has not committed yet."""
-        pos = self.position
+    def lag(self, start: Position | None = None) -> int:
+        """Bytes appended after `start` (default: the committed cursor)."""
+        pos = start or self.position
         return sum(size for n, size in self.spool._sizes.items() if n > pos.segment) + max(
             0, self.spool._sizes.get(pos.segment, 0) - pos.offset
         )
@@ -473,6 +491,13 @@ class MemorySpool:
         reader = MemoryReader(self, self._log[0][0] if self._log else self._next)
         self._readers[name] = reader
         return reader
+
+    def remove_reader(self, name: str, *, forget: bool = False) -> None:
+        self._readers.pop(name, None)
+        self.collect()
+
+    def tail(self) -> Position:
+        return Position(0, self._next)
 
     def collect(self) -> None:
         floor = min((r.position.offset for r in self._readers.values()), default=self._next)
@@ -526,8 +551,9 @@ class MemoryReader:
     def flush(self) -> None:
         pass
 
-    def lag(self) -> int:
-        return sum(size for seq, _, size in self.spool._log if seq >= self.position.offset)
+    def lag(self, start: Position | None = None) -> int:
+        offset = (start or self.position).offset
+        return sum(size for seq, _, size in self.spool._log if seq >= offset)
 
 
 SpoolFactory = Callable[[], Spool]

@@ -62,6 +62,9 @@ class HttpSink:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout),
                 connector=aiohttp.TCPConnector(limit=self.config.concurrency),
+                # An event without datacontenttype must arrive without Content-Type, not with
+                # aiohttp's application/octet-stream default.
+                skip_auto_headers=("Content-Type",),
             )
         return self._session
 

@@ -78,3 +78,12 @@ def test_retry_after_parsing() -> None:
     assert retry_after(None) is None
     assert retry_after("soon") is None
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0
+
+
+async def test_no_datacontenttype_means_no_content_type() -> None:
+    with EventCollector() as receiver:
+        sink = HttpSinkConfig(url=receiver.url).build()
+        await sink.send_batch([CloudEvent({"specversion": "1.0", "id": "n1", "source": "/s", "type": "t"}, b"raw")])
+        await sink.aclose()
+        (got,) = receiver.wait_for(1)
+    assert got.datacontenttype is None and got.data == b"raw"

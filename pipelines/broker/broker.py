@@ -1,0 +1,318 @@
+"""The broker: logs per broker name, triggers reading them, and the ASGI app in front.
+
+    broker = Broker(settings)                # an ASGI app; the lifespan starts and stops it
+    uvicorn.run(broker, port=9082)           # or pipelines.broker.server.serve(settings)
+
+TTL (Knative's `knativebrokerttl`): an event that arrives without one gets `default_ttl`; one
+that arrives with one (a reply, or an event some subscriber posted back) loses 1, and is
+dropped when that reaches 0. A subscriber's reply carries the TTL of the event it answers, so
+a reply loop ends after `default_ttl` deliveries.
+
+Reload (SIGHUP when served by `serve`, or `await broker.reload()`): the trigger files are read
+again; if any is invalid the error (file:line) is logged and the previous triggers keep
+running. Unchanged triggers keep running untouched, changed ones go on from their checkpoint,
+new ones start at the end of the log, removed ones are stopped and their checkpoint deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urljoin
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import ConfigError, InferLoggerError, InvalidEventError
+from infer_logger.spool import DiskSpool, MemorySpool
+from pipelines.broker.channel import TTL, Channel, SpoolChannel
+from pipelines.broker.components import Component, Components, component_config
+from pipelines.broker.delivery import DeliverySpec, Destination, RetryPolicy
+from pipelines.broker.dispatcher import TriggerDispatcher
+from pipelines.broker.documents import DocumentError, Location
+from pipelines.broker.endpoints import BinaryHeaders, ComponentEndpoint, Endpoint, HttpEndpoint
+from pipelines.broker.ingress import Ingress, Receive, Scope, Send
+from pipelines.broker.metrics import BrokerMetrics
+from pipelines.broker.settings import BrokerSettings
+from pipelines.broker.transport import HttpClient
+from pipelines.broker.trigger import Trigger, TriggerSet, load_trigger_files, load_triggers
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+_SETTINGS = Location("settings", 1, 1)
+
+
+class UnknownBrokerError(InferLoggerError, LookupError):
+    """No broker of that namespace and name (ingress: 404)."""
+
+
+class Broker:
+    def __init__(
+        self,
+        settings: BrokerSettings | None = None,
+        *,
+        triggers: TriggerSet | Sequence[Trigger] | str | None = None,
+        components: Mapping[str, Component] | None = None,
+        reload_on_sighup: bool = False,
+    ) -> None:
+        """`triggers` (a TriggerSet, triggers, or YAML text) replaces the settings' trigger files;
+        `components` adds live in-process subscribers by name (the caller closes them)."""
+        self.settings = s = settings or BrokerSettings()
+        self.metrics = BrokerMetrics()
+        self.components = Components(s.component_configs(), components)
+        if isinstance(triggers, str):
+            triggers = load_triggers(triggers, namespace=s.namespace, broker=s.name)
+        elif triggers is not None and not isinstance(triggers, TriggerSet):
+            triggers = TriggerSet(list(triggers))
+        self._given = triggers
+        self.default_key: Key = (s.namespace, s.name)
+        self.channels: dict[Key, Channel] = {}
+        self.triggers: dict[Key, Trigger] = {}
+        self.dispatchers: dict[Key, TriggerDispatcher] = {}
+        self._deliveries: dict[Key, DeliverySpec] = {}
+        self._client: HttpClient | None = None
+        self._binary = BinaryHeaders()
+        self._accepted: dict[Key, Any] = {}
+        self._lock = asyncio.Lock()
+        self._sighup = reload_on_sighup
+        self.started = False
+        self.app = Ingress(self)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.error("broker startup failed: %s", exc)
+                    await self.shutdown()
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        self._client = HttpClient()
+        await self._apply(self._load())
+        if self._sighup:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        self.started = True
+
+    async def shutdown(self) -> None:
+        self.started = False
+        if self._sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        timeout = self.settings.drain_timeout
+        await asyncio.gather(*(channel.aclose(timeout) for channel in self.channels.values()))
+        self.channels.clear()
+        await self.components.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+
+    @property
+    def ready(self) -> bool:
+        return self.started and all(channel.ready for channel in self.channels.values())
+
+    # -- events in -------------------------------------------------------------------------------
+
+    async def publish(self, broker: Key | None, events: Sequence[CloudEvent]) -> int:
+        """Put events into a broker's log (TTL rules applied); returns how many were taken.
+
+        Raises UnknownBrokerError, InvalidEventError (a bad TTL) or ChannelError (not stored).
+        """
+        key = broker or self.default_key
+        channel = self.channels.get(key)
+        if channel is None:
+            raise UnknownBrokerError(f"no broker {key[0]}/{key[1]}")
+        admitted = []
+        for event in events:
+            kept = self.admit(event)
+            if kept is None:
+                self.metrics.refused.labels("ttl_expired").inc()
+            else:
+                admitted.append(kept)
+        if admitted:
+            await channel.append(admitted)
+            counter = self._accepted.get(key)
+            if counter is None:
+                counter = self._accepted[key] = self.metrics.accepted.labels(f"{key[0]}/{key[1]}")
+            counter.inc(len(admitted))
+        return len(admitted)
+
+    def admit(self, event: CloudEvent) -> CloudEvent | None:
+        raw = event.attributes.get(TTL)
+        if raw is None:
+            return CloudEvent({**event.attributes, TTL: self.settings.default_ttl}, event.data, event.meta)
+        try:
+            ttl = int(raw) - 1
+        except ValueError:
+            raise InvalidEventError(TTL, f"must be an integer, not {raw!r}") from None
+        if ttl <= 0:
+            log.debug("event %s dropped: its %s ran out", event.get("id"), TTL)
+            return None
+        return CloudEvent({**event.attributes, TTL: ttl}, event.data, event.meta)
+
+    # -- triggers --------------------------------------------------------------------------------
+
+    def _load(self) -> TriggerSet:
+        if self._given is not None:
+            return self._given
+        return load_trigger_files(self.settings.trigger_files, self.settings.namespace, self.settings.name)
+
+    async def reload(self) -> bool:
+        """Read the trigger files again; on any error keep serving the current triggers."""
+        try:
+            await self._apply(self._load())
+        except ConfigError as exc:
+            self.metrics.reloads.labels("error").inc()
+            log.error("trigger reload failed, the previous triggers keep running: %s", exc)
+            return False
+        self.metrics.reloads.labels("ok").inc()
+        log.info("triggers reloaded: %d triggers", len(self.triggers))
+        return True
+
+    async def _apply(self, new: TriggerSet) -> None:
+        async with self._lock:
+            s = self.settings
+            declared: dict[Key, DeliverySpec | None] = {self.default_key: None}
+            for decl in new.brokers:
+                declared[(decl.namespace, decl.name)] = decl.delivery
+            for trigger in new.triggers:
+                declared.setdefault(trigger.broker_key, None)
+            base = s.effective_delivery()
+            deliveries = {key: base if spec is None else spec.over(base) for key, spec in declared.items()}
+            wanted = {t.key: t for t in new.triggers}
+            # Build everything first: a bad reference fails the whole change, nothing half-applied.
+            dispatchers: dict[Key, TriggerDispatcher] = {}
+            for key, trigger in wanted.items():
+                old = self.triggers.get(key)
+                same_broker = self._deliveries.get(trigger.broker_key) == deliveries[trigger.broker_key]
+                if old is not None and old.fingerprint == trigger.fingerprint and same_broker:
+                    dispatchers[key] = self.dispatchers[key]
+                else:
+                    dispatchers[key] = self._dispatcher(trigger, deliveries[trigger.broker_key])
+            for key in deliveries:
+                if key not in self.channels:
+                    channel = self._open(key)
+                    await channel.start()
+                    self.channels[key] = channel
+            if s.role != "ingress":
+                await self._switch(wanted, dispatchers)
+            self.triggers, self.dispatchers, self._deliveries = wanted, dispatchers, deliveries
+
+    async def _switch(self, wanted: dict[Key, Trigger], dispatchers: dict[Key, TriggerDispatcher]) -> None:
+        timeout = self.settings.drain_timeout
+        for key, current in self.triggers.items():
+            replacement = wanted.get(key)
+            if replacement is None or replacement.broker_key != current.broker_key:
+                await self.channels[current.broker_key].detach(current.name, forget=True, timeout=timeout)
+        for key, trigger in wanted.items():
+            old = self.triggers.get(key)
+            channel = self.channels[trigger.broker_key]
+            if old is None or old.broker_key != trigger.broker_key:
+                await channel.attach(trigger.name, dispatchers[key])
+            elif dispatchers[key] is not self.dispatchers[key]:
+                await channel.replace(trigger.name, dispatchers[key], timeout=timeout)
+
+    def _open(self, key: Key) -> Channel:
+        s = self.settings
+        if s.channel == "kafka":
+            from pipelines.broker.kafka_channel import KafkaChannel  # needs confluent-kafka
+
+            return KafkaChannel(s.kafka, *key, batch_size=s.batch_size)
+        spool: DiskSpool | MemorySpool
+        if s.channel == "memory":
+            spool = MemorySpool(max_events=s.spool.memory_max_events, overflow=s.spool.overflow)
+        else:
+            spool = DiskSpool(s.dir / key[0] / key[1], segment_bytes=int(s.spool.segment_bytes),
+                              max_bytes=int(s.spool.max_bytes), overflow=s.spool.overflow,
+                              fsync_interval=s.spool.fsync_interval)
+        return SpoolChannel(spool, batch_size=s.batch_size, parallelism=s.parallelism)
+
+    def check(self) -> int:
+        """Validate the triggers and what they reference, starting nothing; returns their number."""
+        new = self._load()
+        deliveries = {(d.namespace, d.name): d.delivery for d in new.brokers}
+        base = self.settings.effective_delivery()
+        for trigger in new.triggers:
+            own = deliveries.get(trigger.broker_key)
+            self._spec_endpoints(trigger, base if own is None else own.over(base), build=False)
+        return len(new.triggers)
+
+    def _dispatcher(self, trigger: Trigger, broker_delivery: DeliverySpec) -> TriggerDispatcher:
+        spec, subscriber, dead_letter = self._spec_endpoints(trigger, broker_delivery, build=True)
+        assert subscriber is not None
+
+        async def reenter(event: CloudEvent) -> None:
+            await self.publish(trigger.broker_key, [event])
+
+        return TriggerDispatcher(trigger, subscriber, dead_letter, RetryPolicy.from_spec(spec), reenter, self.metrics,
+                                 parallelism=self.settings.parallelism)
+
+    def _spec_endpoints(self, trigger: Trigger, broker_delivery: DeliverySpec, *,
+                        build: bool) -> tuple[DeliverySpec, Endpoint | None, Endpoint | None]:
+        spec = trigger.delivery.over(broker_delivery) if trigger.delivery else broker_delivery
+        structured = spec.format == "json"
+        subscriber = self._endpoint(trigger.subscriber, trigger.subscriber_location, "subscriber", structured,
+                                    build=build)
+        dead_letter = None
+        if spec.dead_letter_sink is not None:
+            own = trigger.delivery is not None and trigger.delivery.dead_letter_sink is not None
+            where = trigger.dead_letter_location if own else _SETTINGS
+            dead_letter = self._endpoint(spec.dead_letter_sink, where, "delivery.deadLetterSink", structured,
+                                         build=build)
+        return spec, subscriber, dead_letter
+
+    def _endpoint(self, destination: Destination, where: Location, field: str, structured: bool, *,
+                  build: bool) -> Endpoint | None:
+        """The endpoint a destination names (None when only checking); DocumentError if none."""
+        if destination.component is not None:
+            try:
+                if not build:
+                    component_config(destination.component)
+                    return None
+                component = self.components.by_config(destination.component)
+            except (ValueError, InferLoggerError) as exc:
+                raise DocumentError(where, f"{field}.component", str(exc)) from None
+            return ComponentEndpoint(str(destination.component["type"]), component)
+        if destination.ref is not None:
+            name = destination.ref.name
+            address = self.settings.addresses.get(name)
+            if address is not None:
+                return self._http(urljoin(address, destination.uri or ""), structured)
+            if not self.components.knows(name):
+                known = ", ".join(sorted({*self.settings.addresses, *self.components.declared})) or "none"
+                raise DocumentError(where, f"{field}.ref.name",
+                                    f"no component or address named {name!r} (declared: {known}); give a uri")
+            if destination.uri is not None:
+                raise DocumentError(where, f"{field}.uri", f"{name!r} is an in-process component: it has no URL")
+            if not build:
+                return None
+            try:
+                return ComponentEndpoint(name, self.components.by_name(name))
+            except (ValueError, InferLoggerError) as exc:
+                raise DocumentError(where, f"{field}.ref", f"component {name!r}: {exc}") from None
+        assert destination.uri is not None  # a Destination has one of the three
+        return self._http(destination.uri, structured)
+
+    def _http(self, url: str, structured: bool) -> HttpEndpoint:
+        def client() -> HttpClient:
+            assert self._client is not None, "the broker delivers only between startup and shutdown"
+            return self._client
+
+        return HttpEndpoint(url, client, structured=structured, binary=self._binary)

@@ -1,0 +1,247 @@
+"""A broker's log and the triggers reading it: the spool (disk or memory) behind `Channel`.
+
+Each trigger has its own reader and checkpoint, so a slow or dead subscriber holds back only
+its own trigger. A trigger reads ahead of its checkpoint: batches are read, their matching
+events delivered concurrently (at most `parallelism` in flight), and the checkpoint moves past
+a batch once it and every batch before it settled. Healthy triggers read the same batches at
+the same positions, so a batch is decoded once and shared (events are never mutated).
+
+A new trigger starts at the end of the log (as a new Knative trigger sees only new events); its
+checkpoint is written at once, so a crash before its first delivery cannot skip events. A broker
+with no trigger keeps nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import orjson
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import InferLoggerError
+from infer_logger.spool import DiskSpool, MemorySpool, Position, SpoolReader
+
+log = logging.getLogger(__name__)
+
+TTL = "knativebrokerttl"
+# Pass-through headers ride in the spool record under a key that no CloudEvent attribute can have.
+_HEADERS = "@headers"
+_CACHE_BATCHES = 64
+# Checkpoints are written at most this often per trigger (each is a file write and rename): at a
+# low rate every event would otherwise cost one per trigger. A crash redelivers at most this much.
+_COMMIT_INTERVAL = 0.05
+
+
+class ChannelError(InferLoggerError):
+    """A broker's log did not take events (full, or Kafka unreachable): the sender may retry."""
+
+
+class Handler(Protocol):
+    """What a channel runs for each trigger (a `TriggerDispatcher`)."""
+
+    settled: int
+
+    def take(self, events: Sequence[CloudEvent]) -> list[CloudEvent]: ...
+
+    async def deliver(self, event: CloudEvent) -> None: ...
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None: ...
+
+
+class Channel(Protocol):
+    ready: bool
+
+    async def start(self) -> None: ...
+
+    async def append(self, events: Sequence[CloudEvent]) -> None: ...
+
+    async def attach(self, trigger: str, handler: Handler) -> None: ...
+
+    async def detach(self, trigger: str, *, forget: bool, timeout: float) -> None: ...
+
+    async def replace(self, trigger: str, handler: Handler, *, timeout: float) -> None: ...
+
+    def lag(self, trigger: str) -> int | None: ...
+
+    async def aclose(self, timeout: float) -> None: ...
+
+
+def pack(event: CloudEvent) -> CloudEvent:
+    if not event.meta:
+        return event
+    return CloudEvent({**event.attributes, _HEADERS: orjson.dumps(event.meta).decode()}, event.data)
+
+
+def unpack(event: CloudEvent) -> CloudEvent:
+    if _HEADERS not in event.attributes:
+        return event
+    attributes = dict(event.attributes)
+    meta = orjson.loads(str(attributes.pop(_HEADERS)))
+    return CloudEvent(attributes, event.data, meta if isinstance(meta, dict) else {})
+
+
+class SpoolChannel:
+    def __init__(self, spool: DiskSpool | MemorySpool, *, batch_size: int = 100, parallelism: int = 64) -> None:
+        self.spool = spool
+        self.batch_size = batch_size
+        self.parallelism = parallelism
+        self.ready = True
+        self._runners: dict[str, _Runner] = {}
+        self._closing = False  # replies of deliveries still draining are kept for the next start
+        self._cache: dict[Position, tuple[list[CloudEvent], Position]] = {}
+
+    async def start(self) -> None:
+        self.spool.start_fsync()
+
+    async def append(self, events: Sequence[CloudEvent]) -> None:
+        if not self._runners and not self._closing:
+            # No trigger, no one to deliver to (a later trigger starts at the end anyway): keeping
+            # them would only grow the log, which nothing would ever collect.
+            return
+        for event in events:
+            if not self.spool.append(pack(event)):
+                raise ChannelError("the broker's log is full")
+
+    async def attach(self, trigger: str, handler: Handler) -> None:
+        spool = self.spool
+        fresh = isinstance(spool, MemorySpool) or not spool.checkpoint_path(trigger).exists()
+        reader = spool.reader(trigger)
+        if fresh:
+            reader.commit(spool.tail(), force=True)
+        runner = self._runners[trigger] = _Runner(self, reader, handler)
+        runner.start()
+
+    async def detach(self, trigger: str, *, forget: bool, timeout: float) -> None:
+        runner = self._runners.pop(trigger, None)
+        if runner is None:
+            return
+        await runner.stop(timeout)
+        self.spool.remove_reader(trigger, forget=forget)
+
+    async def replace(self, trigger: str, handler: Handler, *, timeout: float) -> None:
+        """A changed trigger: the new handler goes on from the old one's checkpoint."""
+        old = self._runners[trigger]
+        await old.stop(timeout)
+        runner = self._runners[trigger] = _Runner(self, old.reader, handler)
+        runner.start()
+
+    def lag(self, trigger: str) -> int | None:
+        """Bytes behind the trigger's progress (its checkpoint file may trail by _COMMIT_INTERVAL)."""
+        runner = self._runners.get(trigger)
+        if runner is None:
+            return None
+        return runner.reader.lag(runner.committed)
+
+    async def aclose(self, timeout: float) -> None:
+        self._closing = True
+        await asyncio.gather(*(self.detach(name, forget=False, timeout=timeout) for name in list(self._runners)))
+        self.spool.close()
+
+    def read(self, reader: SpoolReader, start: Position) -> tuple[list[CloudEvent], Position]:
+        """The batch at `start`, decoded once for every trigger that reads it."""
+        hit = self._cache.get(start)
+        if hit is not None:
+            return hit
+        events, end = reader.read(self.batch_size, start)
+        events = [unpack(e) for e in events]
+        if events:
+            if len(self._cache) >= _CACHE_BATCHES:
+                del self._cache[next(iter(self._cache))]
+            self._cache[start] = (events, end)
+        return events, end
+
+
+@dataclass(slots=True)
+class _Batch:
+    end: Position
+    left: int = 1  # one for the reading itself, until every matching event is scheduled
+
+
+class _Runner:
+    def __init__(self, channel: SpoolChannel, reader: SpoolReader, handler: Handler) -> None:
+        self.channel = channel
+        self.reader = reader
+        self.handler = handler
+        self.read_pos = self.committed = reader.position
+        self._window: collections.deque[_Batch] = collections.deque()
+        self._commit_timer: asyncio.TimerHandle | None = None
+        self._slots = asyncio.Semaphore(channel.parallelism)
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            try:
+                events, end = self.channel.read(self.reader, self.read_pos)
+            except OSError as exc:
+                log.error("reading the broker's log: %s; trying again in 1s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if not events and end == self.read_pos:
+                await self.reader.wait(0.5)
+                continue
+            batch = _Batch(end)
+            self._window.append(batch)
+            for event in self.handler.take(events):
+                await self._slots.acquire()
+                batch.left += 1
+                task = loop.create_task(self._deliver(event, batch))
+                self._deliveries.add(task)
+                task.add_done_callback(self._deliveries.discard)
+            self.read_pos = end
+            batch.left -= 1
+            self._advance()
+
+    async def _deliver(self, event: CloudEvent, batch: _Batch) -> None:
+        try:
+            await self.handler.deliver(event)
+        finally:
+            self._slots.release()
+        batch.left -= 1  # not on cancellation: a cancelled delivery is redelivered after restart
+        self._advance()
+
+    def _advance(self) -> None:
+        end = None
+        while self._window and self._window[0].left == 0:
+            end = self._window.popleft().end
+        if end is not None:
+            self.committed = end
+            if self._commit_timer is None:
+                self._commit_timer = asyncio.get_running_loop().call_later(_COMMIT_INTERVAL, self._commit)
+
+    def _commit(self, *, force: bool = False) -> None:
+        self._commit_timer = None
+        if self.committed == self.reader.position and not force:
+            return
+        try:
+            self.reader.commit(self.committed, force=force)
+        except OSError as exc:  # the next batch writes it again; meanwhile a restart redelivers
+            log.error("trigger checkpoint not written: %s", exc)
+
+    async def stop(self, timeout: float) -> None:
+        """Stop reading; give deliveries in flight `timeout` seconds, then cancel them."""
+        self._stopping = True
+        self.reader.wake()
+        if self._task is not None:
+            self._task.cancel()  # it may be waiting for a delivery slot
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._deliveries:
+            _, pending = await asyncio.wait(list(self._deliveries), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+        self._commit(force=True)

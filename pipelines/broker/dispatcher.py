@@ -1,0 +1,161 @@
+"""One trigger's delivery: filter, deliver with retries and a per-attempt timeout, then either
+put the reply back into the broker or, when every attempt failed, dead-letter the event.
+
+`deliver(event)` settles one event and never raises, so a caller can run many at once; the
+channel decides when the log position may move (after every event before it settled).
+`send_batch` makes a dispatcher a Sink for the Kafka consumer-group source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from infer_logger.cloudevents.event import CloudEvent
+from pipelines.broker.channel import TTL, ChannelError
+from pipelines.broker.delivery import RetryPolicy, error_extensions, retry_after_seconds
+from pipelines.broker.endpoints import BadReplyError, Endpoint, Response, parse_reply, passthrough
+from pipelines.broker.filters import FAIL
+from pipelines.broker.metrics import BrokerMetrics
+from pipelines.broker.trigger import Trigger
+
+log = logging.getLogger(__name__)
+
+Reenter = Callable[[CloudEvent], Awaitable[None]]
+"""Puts a reply into the broker (TTL rules applied); raises ChannelError if the log refused it."""
+
+
+def without_ttl(event: CloudEvent) -> tuple[CloudEvent, int | None]:
+    """The event as subscribers see it (no broker TTL), and that TTL."""
+    attributes = dict(event.attributes)
+    raw = attributes.pop(TTL, None)
+    try:
+        ttl = None if raw is None else int(raw)
+    except ValueError:
+        ttl = None
+    return CloudEvent(attributes, event.data, event.meta), ttl
+
+
+class TriggerDispatcher:
+    def __init__(self, trigger: Trigger, subscriber: Endpoint, dead_letter: Endpoint | None,
+                 policy: RetryPolicy, reenter: Reenter, metrics: BrokerMetrics, *, parallelism: int = 64) -> None:
+        self.trigger = trigger
+        self.subscriber = subscriber
+        self.dead_letter = dead_letter
+        self.policy = policy
+        self.reenter = reenter
+        self.settled = 0
+        """Events done with: filtered out, delivered, dead-lettered or given up on."""
+        self._filter = trigger.filter
+        self._limit = asyncio.Semaphore(parallelism)
+        label = trigger.label
+        m = metrics
+        self._filtered = m.filtered.labels(label)
+        self._delivered = m.delivered.labels(label)
+        self._replies = m.replies.labels(label)
+        self._dead_lettered = m.dead_lettered.labels(label)
+        self._lost = m.lost.labels(label)
+        self._latency = m.latency.labels(label)
+        self._attempts = m.attempts
+        self._codes: dict[int, object] = {}
+        self._failures = 0
+
+    def take(self, events: Sequence[CloudEvent]) -> list[CloudEvent]:
+        """The events this trigger's filter lets through (the others are settled: filtered out)."""
+        check = self._filter
+        taken = [e for e in events if check(e.attributes) is not FAIL]
+        if skipped := len(events) - len(taken):
+            self._filtered.inc(skipped)
+            self.settled += skipped
+        return taken
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        """Settles every event of a batch (the Kafka source commits after this returns)."""
+        await asyncio.gather(*(self._bounded(e) for e in self.take(events)))
+
+    async def _bounded(self, event: CloudEvent) -> None:
+        async with self._limit:
+            await self.deliver(event)
+
+    async def aclose(self) -> None:
+        """Nothing to release: endpoints and components belong to the broker."""
+
+    async def deliver(self, event: CloudEvent) -> None:
+        started = time.perf_counter()
+        out, ttl = without_ttl(event)
+        attempt = 0
+        while True:
+            response = await self.subscriber.send(out, event.meta, reply=True, timeout=self.policy.timeout)
+            self._count(response.status)
+            if response.ok:
+                failure = await self._take_reply(response, ttl)
+                if failure is None:
+                    self._delivered.inc()
+                    self._latency.observe(time.perf_counter() - started)
+                    self.settled += 1
+                    return
+                response = failure
+            if not response.retryable or attempt >= self.policy.retry:
+                break
+            attempt += 1
+            after = retry_after_seconds(response.retry_after_header())
+            await asyncio.sleep(self.policy.wait(attempt, response.status, after))
+        await self._dead_letter(out, response)
+        self.settled += 1
+
+    async def _take_reply(self, response: Response, ttl: int | None) -> Response | None:
+        """None when the attempt succeeded (a reply, if any, stored); else the failure to handle."""
+        try:
+            reply = parse_reply(response)
+        except BadReplyError as exc:
+            # Knative's filter answers 502 here, which its sender retries like any 5xx.
+            return Response(502, response.body, reason=str(exc))
+        if reply is None:
+            return None
+        attributes = dict(reply.attributes)
+        if ttl is not None:
+            attributes[TTL] = ttl  # the broker takes one off: a reply loop ends when it reaches 0
+        try:
+            await self.reenter(CloudEvent(attributes, reply.data, passthrough(reply.meta)))
+        except ChannelError as exc:
+            return Response(503, reason=f"the reply could not be stored: {exc}")
+        self._replies.inc()
+        return None
+
+    async def _dead_letter(self, event: CloudEvent, failure: Response) -> None:
+        why = f"{failure.status} {failure.reason}".strip()
+        if self.dead_letter is None:
+            self._lost.inc()
+            self._warn("trigger %s: gave up on event %s (%s); no dead-letter sink", event.id, why)
+            return
+        extensions = error_extensions(self.subscriber.address, failure.status, failure.body or failure.reason.encode())
+        letter = CloudEvent({**event.attributes, **extensions}, event.data, event.meta)
+        attempt = 0
+        while True:
+            response = await self.dead_letter.send(letter, event.meta, reply=False, timeout=self.policy.timeout)
+            if response.ok:
+                self._dead_lettered.inc()
+                self._warn("trigger %s: event %s dead-lettered (%s)", event.id, why)
+                return
+            if not response.retryable or attempt >= self.policy.retry:
+                break
+            attempt += 1
+            after = retry_after_seconds(response.retry_after_header())
+            await asyncio.sleep(self.policy.wait(attempt, response.status, after))
+        self._lost.inc()
+        self._warn("trigger %s: event %s lost: the dead-letter sink answered %s", event.id,
+                   f"{response.status} {response.reason}".strip())
+
+    def _count(self, status: int) -> None:
+        counter = self._codes.get(status)
+        if counter is None:
+            counter = self._codes[status] = self._attempts.labels(self.trigger.label, str(status))
+        counter.inc()  # type: ignore[attr-defined]
+
+    def _warn(self, message: str, *args: object) -> None:
+        # A dead subscriber fails every event: log the first failures and then every 100th.
+        self._failures += 1
+        if self._failures <= 10 or self._failures % 100 == 0:
+            log.warning(message + " [%d failures so far]", self.trigger.label, *args, self._failures)

@@ -1,0 +1,186 @@
+"""The broker's HTTP face (plain ASGI: the ingress is the hot path).
+
+    POST /                          the default broker
+    POST /<namespace>/<broker>      any broker
+    POST /triggers/<ns>/<name>/<uid>  one filtered, synchronous delivery (see `handler`)
+    GET  /healthz  /readyz  /metrics
+
+Events come in binary, structured or batch mode. 202: every event is in the broker's log (a
+batch is taken whole or the error says so); 400 names what is wrong with an event; 413: the
+body or an event is over the limit; 404: no such broker; 503: the log refused (full, Kafka
+down) or the broker is not ready: try again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.cloudevents.http import content_mode, from_http_many
+from infer_logger.errors import InvalidEventError
+from infer_logger.proxy import respond
+from pipelines.broker.channel import ChannelError
+from pipelines.broker.endpoints import passthrough
+from pipelines.broker.handler import TriggerHandler
+
+if TYPE_CHECKING:
+    from pipelines.broker.broker import Broker
+
+Scope: TypeAlias = MutableMapping[str, Any]
+Message: TypeAlias = MutableMapping[str, Any]
+Receive: TypeAlias = Callable[[], Awaitable[Message]]
+Send: TypeAlias = Callable[[Message], Awaitable[None]]
+
+_JSON = (b"content-type", b"application/json")
+_ALLOW = (b"allow", b"POST, OPTIONS")
+
+
+def _error(status: int, reason: str, **extra: str) -> bytes:
+    return orjson.dumps({"error": reason, "status": status, **extra})
+
+
+class _TooLargeError(Exception):
+    pass
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLargeError
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+class Ingress:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.handler = TriggerHandler(broker)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        own = _OWN.get(path)
+        if own is not None and scope["method"] in ("GET", "HEAD"):
+            await own(self.broker, send)
+            return
+        parts = [p for p in path.split("/") if p]
+        if parts and parts[0] == "triggers" and len(parts) >= 3 and self.broker.settings.trigger_endpoint:
+            await self._trigger(scope, parts, receive, send)
+        elif len(parts) in (0, 2):
+            await self._ingress(scope, (parts[0], parts[1]) if parts else None, receive, send)
+        else:
+            await respond(send, 404, [_JSON], _error(404, f"nothing at {path}"))
+
+    async def _ingress(self, scope: Scope, key: tuple[str, str] | None, receive: Receive, send: Send) -> None:
+        broker = self.broker
+        method = scope["method"]
+        if method == "OPTIONS":
+            await respond(send, 200, [_ALLOW], b"")
+            return
+        if method != "POST":
+            await respond(send, 405, [_ALLOW, _JSON], _error(405, "events are POSTed"))
+            return
+        refused = broker.metrics.refused
+        if not broker.ready or broker.settings.role == "dispatcher":
+            refused.labels("unavailable").inc()
+            await respond(send, 503, [_JSON], _error(503, "the broker is not taking events here now"))
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        settings = broker.settings
+        try:
+            batch = content_mode(headers) == "batch"
+        except InvalidEventError as exc:
+            refused.labels("invalid").inc()
+            await respond(send, 400, [_JSON], _error(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
+            return
+        limit = int(settings.max_request_bytes if batch else settings.max_event_bytes)
+        try:
+            declared = int(headers.get("content-length", "0"))
+            if declared > limit:
+                raise _TooLargeError
+            body = await _read_body(receive, limit)
+        except (_TooLargeError, ValueError):
+            refused.labels("oversize").inc()
+            await respond(send, 413, [_JSON], _error(413, f"the body is larger than {limit} bytes"))
+            return
+        try:
+            events = from_http_many(headers, body)
+        except InvalidEventError as exc:
+            refused.labels("invalid").inc()
+            await respond(send, 400, [_JSON], _error(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
+            return
+        maximum = int(settings.max_event_bytes)
+        if batch and any(_size(e.attributes, e.data) > maximum for e in events):
+            refused.labels("oversize").inc(len(events))
+            await respond(send, 413, [_JSON], _error(413, f"an event of the batch is larger than {maximum} bytes"))
+            return
+        forward = passthrough(headers)  # the only headers kept with the events
+        events = [CloudEvent(e.attributes, e.data, forward) for e in events]
+        try:
+            await broker.publish(key, events)
+        except InvalidEventError as exc:
+            refused.labels("invalid").inc(len(events))
+            await respond(send, 400, [_JSON], _error(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
+            return
+        except ChannelError as exc:
+            refused.labels("unavailable").inc(len(events))
+            await respond(send, 503, [_JSON], _error(503, str(exc)))
+            return
+        except LookupError as exc:
+            refused.labels("unknown_broker").inc(len(events))
+            await respond(send, 404, [_JSON], _error(404, str(exc)))
+            return
+        await respond(send, 202, [], b"")
+
+    async def _trigger(self, scope: Scope, parts: list[str], receive: Receive, send: Send) -> None:
+        limit = int(self.broker.settings.max_request_bytes)
+        try:
+            body = await _read_body(receive, limit)
+        except _TooLargeError:
+            await respond(send, 413, [_JSON], _error(413, f"the body is larger than {limit} bytes"))
+            return
+        status, headers, out = await self.handler.handle(scope["method"], parts, scope["headers"], body)
+        await respond(send, status, headers, out)
+
+
+def _size(attributes: Any, data: bytes | None) -> int:
+    return len(data or b"") + sum(len(k) + len(str(v)) for k, v in attributes.items())
+
+
+async def _healthz(broker: Broker, send: Send) -> None:
+    await respond(send, 200, [_JSON], b'{"status":"ok"}')
+
+
+async def _readyz(broker: Broker, send: Send) -> None:
+    triggers = {
+        t.label: {"broker": f"{t.broker_key[0]}/{t.broker_key[1]}", "settled": broker.dispatchers[k].settled}
+        for k, t in broker.triggers.items()
+    }
+    body = orjson.dumps({"ready": broker.ready, "channel": broker.settings.channel, "triggers": triggers})
+    await respond(send, 200 if broker.ready else 503, [_JSON], body)
+
+
+async def _metrics(broker: Broker, send: Send) -> None:
+    for trigger in broker.triggers.values():
+        channel = broker.channels.get(trigger.broker_key)
+        lag = None if channel is None else channel.lag(trigger.name)
+        if lag is not None:
+            broker.metrics.lag.labels(trigger.label).set(lag)
+    body = generate_latest(broker.metrics.registry)
+    await respond(send, 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], body)
+
+
+_OWN = {"/healthz": _healthz, "/readyz": _readyz, "/metrics": _metrics}

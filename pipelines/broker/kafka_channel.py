@@ -1,0 +1,175 @@
+"""`channel: kafka`: a broker's log is a topic, each trigger a consumer group, as in Knative's
+Kafka broker. Any number of broker processes may share them: each one's ingress produces to the
+topic, and the group spreads a trigger's partitions over the processes that run it.
+
+Ingress answers 202 only once the topic acknowledged the event (acks=all). Requests arriving
+together are produced and flushed together (one flush for all of them), since the producer
+sink takes one batch at a time. A trigger's consumer is the shared Kafka source: it hands each
+batch to the trigger's dispatcher and commits once every event of it settled.
+
+A new trigger's group starts at the topic's end: its offsets are committed there before it
+joins, so that a restart before its first batch cannot skip or replay events. Pass-through
+headers (X-Request-Id, Knative-*, X-B3-*) are not carried over Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import RejectedError
+from infer_logger.sinks.kafka import KafkaSinkConfig
+from pipelines.broker.channel import ChannelError, Handler
+from pipelines.broker.settings import KafkaChannelSettings
+from pipelines.sources.kafka import KafkaSource, KafkaSourceConfig
+
+log = logging.getLogger(__name__)
+
+_TIMEOUT = 10.0
+
+
+class KafkaChannel:
+    def __init__(self, settings: KafkaChannelSettings, namespace: str, name: str, *, batch_size: int = 100) -> None:
+        self.settings = settings
+        self.namespace = namespace
+        self.topic = f"{settings.topic_prefix}-{namespace}-{name}"
+        self.batch_size = batch_size
+        self.ready = False
+        self._sink = KafkaSinkConfig(
+            bootstrap_servers=settings.bootstrap_servers, topic=self.topic, linger_ms=1, config=dict(settings.config)
+        ).build()
+        self._pending: list[tuple[Sequence[CloudEvent], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._sources: dict[str, tuple[KafkaSource, asyncio.Task[None]]] = {}
+        self._admin = ThreadPoolExecutor(1, thread_name_prefix="kafka-channel")
+
+    def _client_config(self) -> dict[str, Any]:
+        return {"bootstrap.servers": self.settings.bootstrap_servers, **self.settings.config}
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._admin, self._create_topic)
+        self.ready = True
+
+    def _create_topic(self) -> None:
+        admin = AdminClient(self._client_config())
+        topic = NewTopic(self.topic, self.settings.partitions, self.settings.replication_factor)
+        future = admin.create_topics([topic], operation_timeout=_TIMEOUT)[self.topic]
+        try:
+            future.result(timeout=_TIMEOUT)
+            log.info("kafka channel: created topic %s (%d partitions)", self.topic, self.settings.partitions)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise ChannelError(f"topic {self.topic}: {exc.args[0].str()}") from None
+
+    # -- ingress ---------------------------------------------------------------------------------
+
+    async def append(self, events: Sequence[CloudEvent]) -> None:
+        if not events:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._pending.append((events, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        while self._pending:
+            waiting, self._pending = self._pending, []
+            try:
+                await self._sink.send_batch([e for events, _ in waiting for e in events])
+            except RejectedError as exc:  # some events refused for good (e.g. too large)
+                refused = {id(e) for e in exc.events}
+                for events, done in waiting:
+                    if not refused or any(id(e) in refused for e in events):
+                        done.set_exception(ChannelError(str(exc)))
+                    else:
+                        done.set_result(None)
+            except Exception as exc:  # noqa: BLE001 - every waiter learns it, none is left hanging
+                for _, done in waiting:
+                    done.set_exception(ChannelError(str(exc)))
+            else:
+                for _, done in waiting:
+                    done.set_result(None)
+
+    # -- triggers --------------------------------------------------------------------------------
+
+    def group(self, trigger: str) -> str:
+        return f"{self.settings.group_prefix}-{self.namespace}-{trigger}"
+
+    async def attach(self, trigger: str, handler: Handler) -> None:
+        group = self.group(trigger)
+        await asyncio.get_running_loop().run_in_executor(self._admin, self._start_at_end, group)
+        source = KafkaSourceConfig(
+            bootstrap_servers=self.settings.bootstrap_servers, topics=[self.topic], group_id=group,
+            batch_size=self.batch_size, batch_timeout=0.2, auto_offset_reset="earliest",
+            config=dict(self.settings.config),
+        ).build(handler)  # type: ignore[arg-type]  # a dispatcher is a Sink: send_batch + aclose
+        task = asyncio.get_running_loop().create_task(source.run(), name=f"trigger:{group}")
+        self._sources[trigger] = (source, task)
+
+    def _start_at_end(self, group: str) -> None:
+        """Commit the topic's end offsets for a group that has none (a new trigger)."""
+        consumer = Consumer({**self._client_config(), "group.id": group, "enable.auto.commit": False})
+        try:
+            metadata = consumer.list_topics(self.topic, timeout=_TIMEOUT).topics[self.topic]
+            partitions = [TopicPartition(self.topic, p) for p in sorted(metadata.partitions)]
+            committed = consumer.committed(partitions, timeout=_TIMEOUT)
+            if any(tp.offset >= 0 for tp in committed):
+                return
+            ends = [
+                TopicPartition(self.topic, tp.partition, consumer.get_watermark_offsets(tp, timeout=_TIMEOUT)[1])
+                for tp in partitions
+            ]
+            consumer.commit(offsets=ends, asynchronous=False)
+        except KafkaException as exc:
+            # It would then read from the start: everything retained is delivered once more.
+            log.warning("kafka channel: could not start group %s at the end: %s", group, exc.args[0].str())
+        finally:
+            consumer.close()
+
+    async def detach(self, trigger: str, *, forget: bool, timeout: float) -> None:
+        entry = self._sources.pop(trigger, None)
+        if entry is None:
+            return
+        source, task = entry
+        source.stop()
+        # Deliveries in flight get `timeout`; cancelled ones were not committed and come again.
+        _, pending = await asyncio.wait([task], timeout=timeout)
+        if pending:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await source.aclose()
+        if forget:
+            await asyncio.get_running_loop().run_in_executor(self._admin, self._delete_group, self.group(trigger))
+
+    async def replace(self, trigger: str, handler: Handler, *, timeout: float) -> None:
+        await self.detach(trigger, forget=False, timeout=timeout)
+        await self.attach(trigger, handler)
+
+    def _delete_group(self, group: str) -> None:
+        try:
+            futures = AdminClient(self._client_config()).delete_consumer_groups([group], request_timeout=_TIMEOUT)
+            futures[group].result(timeout=_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - a leftover group only holds offsets
+            log.info("kafka channel: group %s not deleted: %s", group, exc)
+
+    def lag(self, trigger: str) -> int | None:
+        return None
+
+    async def aclose(self, timeout: float) -> None:
+        await asyncio.gather(*(self.detach(t, forget=False, timeout=timeout) for t in list(self._sources)))
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
+        await self._sink.aclose()
+        self._admin.shutdown(wait=True)

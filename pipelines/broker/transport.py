@@ -1,0 +1,222 @@
+"""A lean HTTP/1.1 client for deliveries: keep-alive connections per origin, httptools parsing.
+
+aiohttp's client costs about 80 µs of CPU per POST on this machine, this one about 20 µs, and a
+broker makes one POST per delivery: that is most of its cost per event. It does what deliveries
+need and no more: POST with a Content-Length body over http or https, any response framing
+back (llhttp via httptools, chunked included), no redirects, proxies or cookies. The pool has no
+limit, so one hanging subscriber's connections never starve another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import urlsplit
+
+import httptools
+
+USER_AGENT = "infer-logger-broker"
+_IDLE_MAX = 256  # idle connections kept per origin
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    headers: dict[str, str]  # names lower-cased; a repeated header keeps its last value
+    body: bytes
+
+
+def _left(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - asyncio.get_running_loop().time()
+    if left <= 0:
+        raise TimeoutError("no time left")
+    return left
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    origin: tuple[str, int, bool]
+    host_header: str
+    path: str
+
+
+@lru_cache(maxsize=1024)
+def _target(url: str) -> _Target:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return _Target((parts.hostname, port, tls), parts.netloc.rpartition("@")[2], path)
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[HttpResponse] | None = None
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._received = False
+        self._headers_done = False
+        self.keep_alive = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(ConnectionError(f"malformed HTTP response: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._headers_done and exc is None:  # a body framed by the end of the connection
+            self.keep_alive = False
+            self._finish()
+        self._fail(ConnectionError("the connection closed before a response"))
+
+    # -- httptools callbacks ----------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._parser.get_status_code() < 200:  # an interim response (103, an unasked 100): the real one follows
+            self._headers, self._body, self._headers_done = {}, [], False
+            return
+        self.keep_alive = self._parser.should_keep_alive()
+        self._finish()
+
+    # -- use ------------------------------------------------------------------------------------------
+
+    async def request(self, message: bytes, timeout: float | None) -> HttpResponse:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[HttpResponse] = loop.create_future()
+        self._waiter = waiter
+        self._headers, self._body, self._received, self._headers_done = {}, [], False, False
+        self.transport.write(message)
+        # A timer, not asyncio.timeout: a third of the cost, and this runs once per delivery.
+        timer = None if timeout is None else loop.call_later(timeout, self._expire, timeout)
+        try:
+            return await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, timeout: float) -> None:
+        self._fail(TimeoutError(f"no answer within {timeout:g}s"))
+        self.close()
+
+    @property
+    def answered(self) -> bool:
+        """Whether any byte of a response came back (a reused connection that dies before can be retried)."""
+        return self._received
+
+    def _finish(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(HttpResponse(self._parser.get_status_code(), self._headers, b"".join(self._body)))
+        self._headers_done = False
+
+    def _fail(self, exc: Exception) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class HttpClient:
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
+        self._busy: set[_Connection] = set()
+        self._ssl = ssl_context
+
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes, *,
+                   timeout: float | None = None) -> HttpResponse:
+        """POST and read the whole response; raises OSError (incl. ConnectionError), TimeoutError."""
+        target = _target(url)
+        lines = [f"POST {target.path} HTTP/1.1\r\nhost: {target.host_header}\r\nuser-agent: {USER_AGENT}\r\n"
+                 f"content-length: {len(body)}\r\n"]
+        for name, value in headers.items():
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+                raise ValueError(f"header {name!r} holds a line break")
+            lines.append(f"{name}: {value}\r\n")
+        lines.append("\r\n")
+        message = "".join(lines).encode("latin-1") + body
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        connection, reused = await self._connection(target.origin, deadline)
+        try:
+            try:
+                response = await connection.request(message, _left(deadline))
+            except ConnectionError:
+                if not reused or connection.answered:
+                    raise
+                # The server closed an idle connection as we used it: once more, on a new one.
+                self._drop(connection)
+                connection, _ = await self._connection(target.origin, deadline, fresh=True)
+                response = await connection.request(message, _left(deadline))
+        except BaseException:  # failed, timed out or cancelled mid-response: the connection is unusable
+            self._drop(connection)
+            raise
+        self._busy.discard(connection)
+        idle = self._idle.setdefault(target.origin, [])
+        if connection.keep_alive and not connection.closed and len(idle) < _IDLE_MAX:
+            idle.append(connection)
+        else:
+            connection.close()
+        return response
+
+    def _drop(self, connection: _Connection) -> None:
+        connection.close()
+        self._busy.discard(connection)
+
+    async def _connection(self, origin: tuple[str, int, bool], deadline: float | None, *,
+                          fresh: bool = False) -> tuple[_Connection, bool]:
+        idle = self._idle.get(origin)
+        while idle and not fresh:
+            connection = idle.pop()
+            if not connection.closed:
+                self._busy.add(connection)
+                return connection, True
+        host, port, tls = origin
+        if tls and self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        context = self._ssl if tls else None
+        connect = asyncio.get_running_loop().create_connection(
+            _Connection, host, port, ssl=context, server_hostname=host if tls else None)
+        _, connection = await asyncio.wait_for(connect, _left(deadline))
+        self._busy.add(connection)
+        return connection, False
+
+    async def aclose(self) -> None:
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        for connection in list(self._busy):
+            connection.close()
+        self._idle.clear()
+        self._busy.clear()

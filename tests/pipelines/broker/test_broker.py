@@ -1,0 +1,251 @@
+"""The broker at work: replies re-entering, the TTL ending a reply loop, triggers isolated from a
+hanging subscriber, in-process components, reloads, and a restart that loses nothing accepted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import orjson
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import SinkError
+from infer_logger.store import AuditStore
+from pipelines.broker import Broker
+
+from .conftest import MakeBroker
+from .helpers import (
+    Subscriber,
+    binary_request,
+    client,
+    event,
+    reply_with,
+    settings,
+    settle,
+    until,
+)
+
+
+async def _post(broker: Broker, *events: CloudEvent, path: str = "/") -> None:
+    async with client(broker) as c:
+        for e in events:
+            response = await c.post(path, **binary_request(e))
+            assert response.status_code == 202, response.text
+
+
+class TestReplies:
+    """A subscriber's CloudEvent reply goes back into the broker, through every trigger."""
+
+    async def test_reply_reaches_another_trigger(self, make_broker: MakeBroker, subscriber: Subscriber,
+                                                 other_subscriber: Subscriber) -> None:
+        subscriber.answer = reply_with(event("r1", "com.example.reply"), structured=True)
+        broker = await make_broker(f"""
+triggers:
+  - {{name: requests, filters: [{{exact: {{type: com.example.someevent}}}}], subscriber: '{subscriber.url}'}}
+  - {{name: replies, filters: [{{suffix: {{type: .reply}}}}], subscriber: '{other_subscriber.url}'}}
+""")
+        await _post(broker, event("e1"))
+        [reply] = await asyncio.to_thread(other_subscriber.wait_for, 1)
+        assert reply.id == "r1" and "knativebrokerttl" not in reply.attributes
+        assert broker.metrics.replies.labels("default/requests")._value.get() == 1
+
+    async def test_ttl_ends_a_reply_loop(self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        """A subscriber answering every event with an event its own trigger takes: default_ttl deliveries."""
+        subscriber.answer = reply_with(event("echo"))
+        broker = await make_broker(f"triggers: [{{name: loop, subscriber: '{subscriber.url}'}}]", default_ttl=5)
+        await _post(broker, event("start"))
+        await until(lambda: broker.metrics.refused.labels("ttl_expired")._value.get() == 1, what="the loop ending")
+        await settle(broker, "loop", 5)
+        assert subscriber.attempts == 5
+
+    async def test_a_202_with_an_event_is_a_reply(self, make_broker: MakeBroker, subscriber: Subscriber,
+                                                  other_subscriber: Subscriber) -> None:
+        """knative/eventing takes it as a reply (its handler and dispatcher cases do), though the
+        data-plane spec says a 202's body MUST NOT be: Knative's behaviour is followed."""
+        subscriber.answer = reply_with(event("r202", "com.example.reply"), 202)
+        broker = await make_broker(f"""
+triggers:
+  - {{name: requests, filters: [{{exact: {{type: com.example.someevent}}}}], subscriber: '{subscriber.url}'}}
+  - {{name: replies, filters: [{{exact: {{type: com.example.reply}}}}], subscriber: '{other_subscriber.url}'}}
+""")
+        await _post(broker, event("e1"))
+        [reply] = await asyncio.to_thread(other_subscriber.wait_for, 1)
+        assert reply.id == "r202"
+
+    async def test_non_event_reply_is_an_error(self, make_broker: MakeBroker, subscriber: Subscriber,
+                                               other_subscriber: Subscriber) -> None:
+        subscriber.answer = lambda e, h: (200, {"content-type": "text/plain"}, b"thanks!")
+        broker = await make_broker(f"""
+triggers:
+  - name: t
+    subscriber: '{subscriber.url}'
+    delivery: {{retry: 1, backoffDelay: PT0.01S, deadLetterSink: '{other_subscriber.url}'}}
+""")
+        await _post(broker, event())
+        [letter] = await asyncio.to_thread(other_subscriber.wait_for, 1)
+        assert letter.attributes["knativeerrorcode"] == "502" and subscriber.attempts == 2
+
+
+class TestIsolation:
+    """A hanging subscriber times out, is retried and dead-lettered; the other triggers keep flowing."""
+
+    async def test_hanging_subscriber(self, make_broker: MakeBroker, subscriber: Subscriber,
+                                      other_subscriber: Subscriber, tmp_path: Path) -> None:
+        subscriber.delay = 2.0
+        dead_letters = tmp_path / "dead.jsonl"
+        broker = await make_broker(f"""
+triggers:
+  - name: hanging
+    subscriber: '{subscriber.url}'
+    delivery:
+      retry: 1
+      timeout: PT0.2S
+      backoffDelay: PT0.05S
+      deadLetterSink: {{component: {{type: file, path: '{dead_letters}'}}}}
+  - name: healthy
+    subscriber: '{other_subscriber.url}'
+""", parallelism=4)
+        events = [event(str(i)) for i in range(20)]
+        await _post(broker, *events)
+        received = await asyncio.to_thread(other_subscriber.wait_for, 20)
+        assert sorted(e.id for e in received) == sorted(e.id for e in events)
+        await settle(broker, "hanging", 20, timeout=30)
+        letters = [orjson.loads(line) for line in dead_letters.read_bytes().splitlines()]
+        assert sorted(x["id"] for x in letters) == sorted(e.id for e in events)
+        assert {x["knativeerrorcode"] for x in letters} == {"-1"}
+        assert all(x["knativeerrordest"] == subscriber.url for x in letters)
+
+
+class _Uppercase:
+    """A Replier component: answers every event with an `...upper` event."""
+
+    def __init__(self) -> None:
+        self.seen: list[CloudEvent] = []
+        self.fail_first = True
+
+    async def handle(self, e: CloudEvent) -> CloudEvent | None:
+        if self.fail_first:
+            self.fail_first = False
+            raise SinkError("warming up")  # retried like any SinkError
+        self.seen.append(e)
+        if e.type.endswith(".upper"):
+            return None
+        return CloudEvent({**e.attributes, "id": e.id + "-up", "type": e.type + ".upper"}, (e.data or b"").upper())
+
+    async def aclose(self) -> None:
+        pass
+
+
+class TestComponents:
+    """In-process subscribers: a declared store by `ref`, an inline file sink, a Replier."""
+
+    async def test_store_file_and_replier(self, tmp_path: Path, subscriber: Subscriber) -> None:
+        store_path, file_path = tmp_path / "audit.db", tmp_path / "events.jsonl"
+        upper = _Uppercase()
+        s = settings(tmp_path, components=[{"type": "store", "name": "audit", "path": str(store_path)}])
+        broker = Broker(s, components={"upper": upper}, triggers=f"""
+triggers:
+  - {{name: audit, filters: [{{prefix: {{type: org.kubeflow.}}}}], subscriber: {{ref: {{name: audit}}}}}}
+  - name: file
+    subscriber: {{component: {{type: file, path: '{file_path}'}}}}
+  - {{name: upper, filters: [{{cesql: "type = 'x.text'"}}], subscriber: {{ref: {{name: upper}}}}}}
+  - {{name: shout, filters: [{{exact: {{type: x.text.upper}}}}], subscriber: '{subscriber.url}'}}
+""")
+        await broker.startup()
+        try:
+            request = event("p1", "org.kubeflow.serving.inference.request", b'{"instances": [[1, 2]]}',
+                            modelname="iris")
+            await _post(broker, request, event("t1", "x.text", b"hello", datacontenttype="text/plain"))
+            [shout] = await asyncio.to_thread(subscriber.wait_for, 1)
+            assert (shout.id, shout.data) == ("t1-up", b"HELLO")
+            await settle(broker, "audit", 3)
+            await settle(broker, "file", 3)
+        finally:
+            await broker.shutdown()
+        with AuditStore(store_path, readonly=True) as store:
+            [record] = store.query(id="p1")
+        assert record.model == "iris" and record.request == [1, 2]
+        ids = [json.loads(line)["id"] for line in file_path.read_text().splitlines()]
+        assert sorted(ids) == ["p1", "t1", "t1-up"]
+
+    async def test_unknown_ref_is_refused_with_its_line(self, tmp_path: Path) -> None:
+        broker = Broker(settings(tmp_path), triggers="triggers:\n  - name: a\n    subscriber: {ref: {name: nope}}\n")
+        try:
+            await broker.startup()
+        except Exception as exc:
+            assert "<inline>:3:17: subscriber.ref.name" in str(exc) and "nope" in str(exc)
+        else:
+            raise AssertionError("startup should fail")
+        finally:
+            await broker.shutdown()
+
+
+class TestReload:
+    """Reload: good files take effect trigger by trigger; a bad one changes nothing."""
+
+    async def test_reload(self, tmp_path: Path, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
+        path = tmp_path / "triggers.yaml"
+        path.write_text(f"triggers: [{{name: a, subscriber: '{subscriber.url}'}}]\n")
+        broker = Broker(settings(tmp_path, trigger_files=[path]))
+        await broker.startup()
+        try:
+            await _post(broker, event("1"))
+            await asyncio.to_thread(subscriber.wait_for, 1)
+            kept = broker.dispatchers[("default", "a")]
+
+            path.write_text(f"""triggers:
+  - {{name: a, subscriber: '{subscriber.url}'}}
+  - {{name: b, filters: [{{exact: {{type: x}}}}], subscriber: '{other_subscriber.url}'}}
+""")
+            assert await broker.reload()
+            assert broker.dispatchers[("default", "a")] is kept  # unchanged: not restarted
+            await _post(broker, event("2", "x"))
+            await asyncio.to_thread(other_subscriber.wait_for, 1)  # b starts at the end: only "2"
+
+            path.write_text("triggers:\n  - {name: c, subscriber: 'http://h/', filters: [{cesql: 'type ='}]}\n")
+            assert not await broker.reload()
+            assert set(broker.triggers) == {("default", "a"), ("default", "b")}
+            assert broker.metrics.reloads.labels("error")._value.get() == 1
+
+            changed = f"triggers: [{{name: a, filters: [{{exact: {{type: y}}}}], subscriber: '{subscriber.url}'}}]\n"
+            path.write_text(changed)
+            assert await broker.reload()
+            assert broker.dispatchers[("default", "a")] is not kept
+            await _post(broker, event("3", "y"), event("4", "x"))
+            await settle(broker, "a", 2)
+            checkpoints = tmp_path / "broker" / "default" / "default" / "checkpoints"
+            assert not (checkpoints / "b.json").exists() and (checkpoints / "a.json").exists()
+        finally:
+            await broker.shutdown()
+        assert [e.id for e in subscriber.events] == ["1", "2", "3"]
+        assert [e.id for e in other_subscriber.events] == ["2"]
+
+
+class TestRestart:
+    """Everything accepted survives a restart (disk channel); a new broker object picks it up."""
+
+    async def test_restart_loses_nothing(self, tmp_path: Path, subscriber: Subscriber) -> None:
+        triggers = f"""
+triggers:
+  - name: t
+    subscriber: '{subscriber.url}'
+    delivery: {{retry: 1000, backoffPolicy: linear, backoffDelay: PT0.05S}}
+"""
+        subscriber.fail_with = 503
+        first = Broker(settings(tmp_path, drain_timeout=0.2), triggers=triggers)
+        await first.startup()
+        sent = [event(str(i)) for i in range(30)]
+        await _post(first, *sent)
+        await until(lambda: subscriber.attempts >= 30, what="first attempts")
+        await first.shutdown()
+
+        subscriber.fail_with = None
+        second = Broker(settings(tmp_path), triggers=triggers)
+        await second.startup()
+        try:
+            await asyncio.to_thread(subscriber.wait_for, 30)
+        finally:
+            await second.shutdown()
+        assert {e.id for e in subscriber.events} == {e.id for e in sent}
+

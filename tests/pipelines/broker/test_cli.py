@@ -1,0 +1,69 @@
+"""`infer-logger cesql` and `infer-logger broker --check` (the click commands, run in-process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+from click.testing import CliRunner
+
+from pipelines.broker.cli import broker_command, cesql_command
+
+EVENT = {"specversion": "1.0", "id": "1", "source": "/s", "type": "org.kubeflow.serving.inference.response",
+         "statuscode": 500}
+
+
+class TestCesql:
+    def test_valid_expression(self) -> None:
+        result = CliRunner().invoke(cesql_command, ["type LIKE 'org.%' AND statuscode >= 500"])
+        assert result.exit_code == 0 and result.output == "valid\n"
+
+    def test_parse_error_points_at_the_position(self) -> None:
+        result = CliRunner().invoke(cesql_command, ["type = = 'x'"])
+        assert result.exit_code == 2
+        assert "at position 7" in result.output and "\n         ^" in result.output
+
+    def test_event_matches(self, tmp_path: Path) -> None:
+        path = tmp_path / "event.json"
+        path.write_bytes(orjson.dumps(EVENT))
+        result = CliRunner().invoke(cesql_command, ["statuscode >= 500", "--event", str(path)])
+        assert (result.exit_code, result.output) == (0, "result: TRUE\nmatches: yes\n")
+
+    def test_event_errors_do_not_match(self) -> None:
+        result = CliRunner().invoke(cesql_command, ["subject = 'x'", "--event", "-"],
+                                    input=orjson.dumps({"type": "t"}))
+        assert result.exit_code == 1
+        assert "result: FALSE" in result.output and "error (missingAttribute)" in result.output
+
+    def test_invalid_event(self) -> None:
+        result = CliRunner().invoke(cesql_command, ["TRUE", "--event", "-"],
+                                    input=orjson.dumps({**EVENT, "time": "yesterday"}))
+        assert result.exit_code == 2 and "not a valid CloudEvent: time" in result.output
+
+
+class TestBrokerCheck:
+    def test_good_files(self, tmp_path: Path) -> None:
+        path = tmp_path / "triggers.yaml"
+        path.write_text("triggers:\n  - {name: a, subscriber: 'http://127.0.0.1:9/'}\n"
+                        "  - {name: b, subscriber: {ref: {name: store}}}\n")
+        result = CliRunner().invoke(broker_command, ["-t", str(path), "--dir", str(tmp_path), "--check"])
+        assert result.exit_code == 0, result.output
+        assert result.output.strip().endswith("ok: 2 triggers")
+
+    def test_bad_file_names_its_line(self, tmp_path: Path) -> None:
+        path = tmp_path / "triggers.yaml"
+        path.write_text("triggers:\n  - name: a\n    subscriber: 'http://127.0.0.1:9/'\n"
+                        "    filters: [{cesql: \"type LIKE\"}]\n")
+        result = CliRunner().invoke(broker_command, ["-t", str(path), "--check"])
+        assert result.exit_code == 2
+        assert f"{path}:4:" in result.output and "triggers[0].filters[0].cesql" in result.output
+
+    def test_unknown_reference(self, tmp_path: Path) -> None:
+        path = tmp_path / "triggers.yaml"
+        path.write_text("triggers:\n  - {name: a, subscriber: {ref: {name: event-display}}}\n")
+        result = CliRunner().invoke(broker_command, ["-t", str(path), "--check"])
+        assert result.exit_code == 2 and "no component or address named 'event-display'" in result.output
+
+    def test_bad_setting(self, tmp_path: Path) -> None:
+        result = CliRunner().invoke(broker_command, ["--role", "ingress", "--check"])
+        assert result.exit_code == 2 and "needs channel: kafka" in result.output

@@ -1,0 +1,355 @@
+"""Delivery: Knative's retry-decision, backoff, spec-parse, Retry-After, dispatcher/dead-letter and
+truncation cases (knative-filters/delivery-retry-deadletter-cases.yaml, read in place).
+
+The dispatcher cases run through a real broker to real subscribers. Knative's dispatcher posts a
+reply to a reply URL as a raw message; in a broker a reply re-enters the broker as an event, so
+those cases are checked on what a second trigger receives (see the notes on each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.cloudevents.http import decode_header_value
+from pipelines.broker.delivery import (
+    ERROR_DATA_MAX,
+    NO_RESPONSE,
+    DeliverySpec,
+    RetryPolicy,
+    error_extensions,
+    parse_duration,
+    retry_after_seconds,
+    should_retry,
+    truncate_error_data,
+)
+from tests.conformance import ROOT, reason
+
+from .conftest import MakeBroker
+from .helpers import Answer, Subscriber, binary_request, client, reply_with, settle
+
+DATA = ROOT / "knative-filters" / "delivery-retry-deadletter-cases.yaml"
+CASES: dict[str, Any] = yaml.safe_load(DATA.read_text(encoding="utf-8")) if DATA.is_file() else {}
+needs_data = pytest.mark.skipif(not CASES, reason=reason("knative-filters"))
+
+
+def _params(*keys: str) -> list[Any]:
+    node: Any = CASES
+    for key in keys:
+        node = node.get(key, {}) if isinstance(node, dict) else []
+    if not node:
+        return [pytest.param(None, id="missing", marks=pytest.mark.skip(reason=reason("knative-filters")))]
+    return [pytest.param(c, id=str(c.get("name") or c.get("case") or c.get("status") or c.get("data_length")))
+            for c in node]
+
+
+@pytest.mark.parametrize("case", _params("selective_retry"))
+def test_retry_decision(case: dict[str, Any]) -> None:
+    # A transport error is "no response" whatever status a broken client reported.
+    status = None if "status" not in case or case.get("error") else case["status"]
+    assert should_retry(status) is case["retry"]
+
+
+@needs_data
+def test_retry_decision_covers_the_spec_table() -> None:
+    assert len(CASES["selective_retry"]) == 19
+    assert [s for s in range(100, 600) if should_retry(s)] == [404, 408, 409, 429, *range(500, 600)]
+    assert should_retry(NO_RESPONSE)
+
+
+@pytest.mark.parametrize("case", _params("backoff"))
+def test_backoff(case: dict[str, Any]) -> None:
+    fields = {k: case[k] for k in ("backoffPolicy", "backoffDelay", "timeout", "retryAfterMax") if k in case}
+    if case.get("expect_error"):
+        with pytest.raises(ValidationError):
+            DeliverySpec(retry=5, **fields)
+        return
+    policy = RetryPolicy.from_spec(DeliverySpec(retry=5, **fields))
+    assert [policy.backoff(n) for n in range(1, 6)] == pytest.approx(case["expected_seconds_by_attempt"])
+    if "expected_request_timeout_seconds" in case:
+        assert policy.timeout == case["expected_request_timeout_seconds"]
+    if "expected_retry_after_max_seconds" in case:
+        assert policy.retry_after_max == case["expected_retry_after_max_seconds"]
+
+
+@pytest.mark.parametrize("case", _params("delivery_spec_parse"))
+def test_delivery_spec_parse(case: dict[str, Any]) -> None:
+    if case["expect_error"]:
+        with pytest.raises(ValidationError):
+            DeliverySpec(**case["spec"])
+        return
+    assert RetryPolicy.from_spec(DeliverySpec(**case["spec"])).retry == case["expect_retry_max"]
+
+
+@needs_data
+def test_no_delivery_spec_retries_nothing() -> None:
+    default = CASES["no_retries_default"]
+    policy = RetryPolicy.from_spec(None)
+    assert policy.retry == default["retry_max"] and policy.backoff(1) == default["backoff_seconds"]
+
+
+@pytest.mark.parametrize("case", _params("retry_after", "cases"))
+def test_retry_after(case: dict[str, Any]) -> None:
+    standard = CASES["retry_after"]["standard_backoff_seconds"]
+    header_seconds = CASES["retry_after"]["retry_after_header_seconds"]
+    now = datetime.now(UTC)
+    header = {
+        "none": None,
+        "seconds": str(header_seconds),
+        "date": format_datetime(now + timedelta(seconds=header_seconds), usegmt=True),
+        "invalid": "FOO",
+    }[case["retry_after"]]
+    # Linear with delay = the standard backoff: attempt 1 waits exactly that.
+    policy = RetryPolicy(retry=3, policy="linear", delay=standard, retry_after_max=case["retryAfterMax"])
+    wait = policy.wait(1, case["status"], retry_after_seconds(header, now))
+    if "expected_backoff_seconds" in case:
+        assert wait == pytest.approx(case["expected_backoff_seconds"], abs=1)
+    else:
+        assert standard < wait <= case["expected_backoff_seconds_max"]
+
+
+class TestRetryAfterHeader:
+    """Delta-seconds and the three HTTP date forms; anything else is ignored."""
+
+    NOW = datetime(1994, 11, 6, 8, 49, 7, tzinfo=UTC)
+
+    @pytest.mark.parametrize("value", ["Sun, 06 Nov 1994 08:49:37 GMT", "Sunday, 06-Nov-94 08:49:37 GMT",
+                                       "Sun Nov  6 08:49:37 1994"])
+    def test_dates(self, value: str) -> None:
+        assert retry_after_seconds(value, self.NOW) == 30
+
+    def test_past_date_is_zero_and_junk_is_none(self) -> None:
+        assert retry_after_seconds("Sun, 06 Nov 1994 08:00:00 GMT", self.NOW) == 0
+        assert retry_after_seconds("-5") is None and retry_after_seconds("") is None
+
+
+class TestDurations:
+    @pytest.mark.parametrize(("text", "seconds"), [("PT0.5S", 0.5), ("PT2.5S", 2.5), ("PT1M", 60), ("PT1H1M1S", 3661),
+                                                   ("P1D", 86400), ("P1W", 604800), ("P1DT0,5S", 86400.5)])
+    def test_valid(self, text: str, seconds: float) -> None:
+        assert parse_duration(text) == seconds
+
+    @pytest.mark.parametrize("text", ["FOO", "PP1", "P", "PT", "P1DT", "1S", "PT-1S", "P1Y", "P2M"])
+    def test_invalid(self, text: str) -> None:
+        with pytest.raises(ValueError):
+            parse_duration(text)
+
+    def test_trigger_spec_lies_over_broker_spec(self) -> None:
+        broker = DeliverySpec.model_validate(
+            {"retry": 10, "backoffDelay": "PT1S", "deadLetterSink": "http://127.0.0.1:1/dls"})
+        merged = DeliverySpec(retry=2).over(broker)
+        assert (merged.retry, merged.backoff_delay, merged.dead_letter_sink) == (2, "PT1S", broker.dead_letter_sink)
+
+
+@pytest.mark.parametrize("case", _params("dead_letter", "error_data_truncation"))
+def test_error_data_truncation(case: dict[str, Any]) -> None:
+    assert len(truncate_error_data("a" * case["data_length"])) == case["stored_length"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 767, 768, 769, 5000])
+def test_error_data_is_the_base64_of_the_body_cut_to_1024(size: int) -> None:
+    body = bytes(range(256)) * 20
+    body = body[:size]
+    data = error_extensions("http://x/", 500, body).get("knativeerrordata", "")
+    assert data == truncate_error_data(base64.b64encode(body).decode())
+    assert len(data) <= ERROR_DATA_MAX
+
+
+# -- the dispatcher cases (TestSendEvent), through a broker ----------------------------------------
+
+REQUEST_HEADERS = {"do-not-forward": "header", "x-request-id": "id123", "knative-1": "knative-1-value",
+                   "knative-2": "knative-2-value"}
+
+
+def _dispatcher_event() -> CloudEvent:
+    # The Go test's event: data "destination" sent as the JSON string "\"destination\"".
+    return CloudEvent({"specversion": "1.0", "id": "dispatch-1", "source": "testsource", "type": "testtype",
+                       "abc": '"ce-abc-value"', "datacontenttype": "application/json"}, b'"destination"')
+
+
+def _triggers(dest: Subscriber, dls: Subscriber | None = None, catch: Subscriber | None = None,
+              retry: int = 0) -> str:
+    delivery = f"delivery: {{retry: {retry}, backoffDelay: PT0.01S" + (f", deadLetterSink: {dls.url}}}" if dls else "}")
+    text = f"""
+triggers:
+  - name: destination
+    filters: [{{exact: {{type: testtype}}}}]
+    subscriber: {dest.url}
+    {delivery}
+"""
+    if catch is not None:
+        text += f"""
+  - name: replies
+    filters: [{{exact: {{type: reply}}}}]
+    subscriber: {catch.url}
+"""
+    return text
+
+
+def _reply_event(data: bytes = b"destination-response") -> CloudEvent:
+    return CloudEvent({"specversion": "1.0", "id": "reply-1", "source": "dest", "type": "reply",
+                       "abc": '"new-ce-abc-value"', "time": "2002-10-02T15:00:00Z",
+                       "datacontenttype": "text/plain"}, data)
+
+
+def _value(name: str, headers: dict[str, str], body: bytes) -> str:
+    """What a receiver reads: the body, or a header (ce- values percent-decoded, as the binding says)."""
+    if name == "body":
+        return body.decode()
+    return decode_header_value(headers[name]) if name.startswith("ce-") else headers[name]
+
+
+async def _post(broker: Any) -> None:
+    async with client(broker) as c:
+        response = await c.post("/", **binary_request(_dispatcher_event(), **REQUEST_HEADERS))
+        assert response.status_code == 202
+
+
+@needs_data
+class TestDispatcherCases:
+    """TestSendEvent's cases: what the destination, the reply and the dead-letter sink receive."""
+
+    async def test_destination_only(self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        broker = await make_broker(_triggers(subscriber))
+        await _post(broker)
+        headers, body = (await asyncio.to_thread(subscriber.wait_for_requests, 1))[0]
+        expected = CASES["dead_letter"]["dispatcher_cases"][0]["expect"]["destination_receives"]
+        for name, value in expected.items():
+            assert _value(name, headers, body) == value, name
+        assert "do-not-forward" not in headers
+        assert "knativebrokerttl" not in body.decode() and "ce-knativebrokerttl" not in headers
+
+    @pytest.mark.parametrize("status", [404, 500])
+    async def test_destination_error_without_dead_letter_sink(self, make_broker: MakeBroker,
+                                                             subscriber: Subscriber, status: int) -> None:
+        subscriber.fail_with = status
+        broker = await make_broker(_triggers(subscriber, retry=1))
+        await _post(broker)
+        await settle(broker, "destination", 1)
+        assert subscriber.attempts == 2  # retried once (404 and 500 are retryable), then given up
+        lost = broker.metrics.lost.labels("default/destination")._value.get()
+        assert lost == 1
+
+    async def test_empty_202_is_no_reply(self, make_broker: MakeBroker, subscriber: Subscriber,
+                                         other_subscriber: Subscriber) -> None:
+        broker = await make_broker(_triggers(subscriber, catch=other_subscriber))
+        await _post(broker)
+        await settle(broker, "destination", 1)
+        await settle(broker, "replies", 1)
+        assert other_subscriber.attempts == 0
+
+    async def test_destination_and_reply(self, make_broker: MakeBroker, subscriber: Subscriber,
+                                         other_subscriber: Subscriber) -> None:
+        """The reply (here: a full binary CloudEvent, with the case's headers) goes back into the
+        broker with its X-Request-Id / Knative-* headers, and not the others."""
+        subscriber.answer = reply_with(_reply_event(), 202, extra={
+            "x-request-id": "altered-id", "knative-1": "new-knative-1-value", "do-not-passthrough": "no"})
+        broker = await make_broker(_triggers(subscriber, catch=other_subscriber))
+        await _post(broker)
+        headers, body = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        assert headers["x-request-id"] == "altered-id" and headers["knative-1"] == "new-knative-1-value"
+        assert headers["ce-abc"] == "%22new-ce-abc-value%22" and body == b"destination-response"
+        assert "do-not-passthrough" not in headers and "knative-2" not in headers
+
+    async def test_dead_letter_on_400(self, make_broker: MakeBroker, subscriber: Subscriber,
+                                      other_subscriber: Subscriber) -> None:
+        subscriber.answer = lambda event, headers: (400, {}, b"destination-response")
+        broker = await make_broker(_triggers(subscriber, dls=other_subscriber, retry=3))
+        await _post(broker)
+        headers, body = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        assert subscriber.attempts == 1  # 400 is not retried
+        expected = dict(CASES["dead_letter"]["dispatcher_cases"][5]["expect"]["dead_letter_receives"])
+        expected["ce-knativeerrordest"] = subscriber.url
+        for name, value in expected.items():
+            assert _value(name, headers, body) == value, name
+        assert "prefer" not in headers and "do-not-forward" not in headers
+
+    async def test_dead_letter_keeps_multi_line_body(self, make_broker: MakeBroker, subscriber: Subscriber,
+                                                     other_subscriber: Subscriber) -> None:
+        subscriber.answer = lambda event, headers: (400, {}, b"destination\n multi-line\n response")
+        broker = await make_broker(_triggers(subscriber, dls=other_subscriber))
+        await _post(broker)
+        headers, _ = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        expected = CASES["dead_letter"]["dispatcher_cases"][7]["expect"]["dead_letter_receives"]
+        assert headers["ce-knativeerrordata"] == expected["ce-knativeerrordata"]
+        assert headers["ce-knativeerrorcode"] == "400"
+
+    async def test_reply_not_stored_dead_letters_the_original(self, make_broker: MakeBroker, subscriber: Subscriber,
+                                                              other_subscriber: Subscriber) -> None:
+        """Knative's "invalid reply" case: here the reply's delivery is the broker's own log, which
+        refuses it (a one-event memory log, still holding the original): after the retries the
+        ORIGINAL event is dead-lettered, with the reply failure's code."""
+        subscriber.answer = reply_with(_reply_event())
+        broker = await make_broker(_triggers(subscriber, dls=other_subscriber, retry=1), channel="memory",
+                                   spool={"memory_max_events": 1})
+        await _post(broker)
+        headers, body = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        assert body == b'"destination"' and headers["ce-abc"] == "%22ce-abc-value%22"
+        assert headers["ce-knativeerrorcode"] == "503" and subscriber.attempts == 2
+
+    async def test_no_limit_on_reply_size(self, make_broker: MakeBroker, subscriber: Subscriber,
+                                          other_subscriber: Subscriber) -> None:
+        subscriber.answer = reply_with(_reply_event(b"a" * 2000), 202)
+        broker = await make_broker(_triggers(subscriber, catch=other_subscriber))
+        await _post(broker)
+        _, body = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        assert len(body) == 2000
+
+
+class TestRetries:
+    """Attempts, Retry-After and timeouts as a subscriber sees them."""
+
+    async def test_retry_count_and_success(self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        answers: Iterator[Answer] = iter([(503, {}, b""), (429, {}, b""), (202, {}, b"")])
+        subscriber.answer = lambda event, headers: next(answers)
+        broker = await make_broker(_triggers(subscriber, retry=5))
+        await _post(broker)
+        await settle(broker, "destination", 1)
+        assert subscriber.attempts == 3 and len(subscriber.events) == 1
+
+    async def test_timeout_counts_as_no_response(self, make_broker: MakeBroker, subscriber: Subscriber,
+                                                 other_subscriber: Subscriber) -> None:
+        subscriber.delay = 1.0
+        text = _triggers(subscriber, dls=other_subscriber, retry=1)
+        text = text.replace("backoffDelay", "timeout: PT0.1S, backoffDelay")
+        broker = await make_broker(text)
+        await _post(broker)
+        headers, _ = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        assert headers["ce-knativeerrorcode"] == "-1"
+        assert base64.b64decode(headers["ce-knativeerrordata"]).startswith(b"no answer within")
+
+
+async def test_retry_after_is_honoured_up_to_its_cap(make_broker: MakeBroker, subscriber: Subscriber,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The waits the dispatcher asks for (recorded, not timed): Retry-After 2 s beats a 0.01 s backoff;
+    Retry-After 3600 s is capped by retryAfterMax (PT3S)."""
+    import types
+
+    import pipelines.broker.dispatcher as dispatcher_module
+
+    waits: list[float] = []
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+        await asyncio.sleep(0)
+
+    # The dispatcher's own `asyncio`, with a sleep that records instead of waiting.
+    monkeypatch.setattr(dispatcher_module, "asyncio", types.SimpleNamespace(**{**vars(asyncio), "sleep": record}))
+    answers: Iterator[Answer] = iter([(429, {"retry-after": "2"}, b""), (503, {"retry-after": "3600"}, b""),
+                                      (202, {}, b"")])
+    subscriber.answer = lambda event, headers: next(answers)
+    text = _triggers(subscriber, retry=5)
+    text = text.replace("backoffDelay", "backoffPolicy: linear, retryAfterMax: PT3S, backoffDelay")
+    broker = await make_broker(text)
+    await _post(broker)
+    await settle(broker, "destination", 1)
+    assert waits == [2.0, 3.0] and subscriber.attempts == 3

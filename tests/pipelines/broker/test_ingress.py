@@ -1,0 +1,210 @@
+"""The ingress: content modes, errors (400 with the reason, 413, 404, 405, 503), the TTL it stamps
+and enforces, pass-through headers, and the CloudEvents conformance events delivered unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.cloudevents.http import to_batch, to_binary, to_structured
+from tests.conformance import ROOT, reason
+
+from .conftest import MakeBroker
+from .helpers import Subscriber, binary_request, client, event, settle
+
+CATCH_ALL = "triggers: [{{name: all, subscriber: '{url}'}}]"
+
+
+class TestModes:
+    """Binary, structured and batch mode are taken and delivered (as binary) unchanged."""
+
+    async def test_three_modes(self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        broker = await make_broker(CATCH_ALL.format(url=subscriber.url))
+        sent = [event("b"), event("s", data=b'"text"'), event("x1"), event("x2", data=None)]
+        async with client(broker) as c:
+            for headers, body in (to_binary(sent[0]), to_structured(sent[1]), to_batch(sent[2:])):
+                assert (await c.post("/", headers=headers, content=body)).status_code == 202
+        received = await asyncio.to_thread(subscriber.wait_for, 4)
+        assert sorted((e.attributes["id"], e.attributes, e.data) for e in received) == sorted(
+            (e.attributes["id"], e.attributes, e.data) for e in sent)
+
+    async def test_named_broker_path(self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        triggers = f"triggers: [{{name: a, namespace: ml, broker: b1, subscriber: '{subscriber.url}'}}]"
+        broker = await make_broker(triggers)
+        async with client(broker) as c:
+            assert (await c.post("/ml/b1", **binary_request(event()))).status_code == 202
+            assert (await c.post("/", **binary_request(event("2")))).status_code == 202  # the default broker
+            response = await c.post("/ml/nope", **binary_request(event()))
+        assert response.status_code == 404 and "no broker ml/nope" in response.json()["error"]
+        await asyncio.to_thread(subscriber.wait_for, 1)
+        await settle(broker, "a", 1, namespace="ml")
+        assert [e.id for e in subscriber.events] == ["1"]
+
+
+class TestRefusals:
+    async def test_invalid_event_names_the_attribute(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker()
+        async with client(broker) as c:
+            response = await c.post("/", headers={"ce-specversion": "1.0", "ce-id": "1", "ce-type": "t"})
+            bad_time = await c.post("/", **binary_request(event(time="yesterday")))
+            batch = await c.post("/", headers={"content-type": "application/cloudevents-batch+json"},
+                                 content=orjson.dumps([{"specversion": "1.0", "id": "1", "source": "/s", "type": "t"},
+                                                       {"specversion": "1.0", "id": "2", "type": "t"}]))
+        assert response.status_code == 400 and response.json()["attribute"] == "source"
+        assert bad_time.status_code == 400 and bad_time.json()["attribute"] == "time"
+        assert batch.status_code == 400 and batch.json()["attribute"] == "source"
+        assert broker.metrics.accepted.labels("default/default")._value.get() == 0
+
+    async def test_oversize(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker(max_event_bytes=1000, max_request_bytes=5000)
+        big = event(data=b'"' + b"x" * 2000 + b'"')
+        async with client(broker) as c:
+            binary = await c.post("/", **binary_request(big))
+            structured = await c.post("/", headers=to_structured(big)[0], content=to_structured(big)[1])
+            batch = await c.post("/", headers=to_batch([event(), big])[0], content=to_batch([event(), big])[1])
+            small_batch = await c.post("/", headers=to_batch([event()])[0], content=to_batch([event()])[1])
+        assert (binary.status_code, structured.status_code, batch.status_code) == (413, 413, 413)
+        assert small_batch.status_code == 202
+
+    async def test_methods(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker()
+        async with client(broker) as c:
+            get = await c.get("/")
+            options = await c.options("/default/default")
+            nowhere = await c.post("/a/b/c", **binary_request(event()))
+        assert get.status_code == 405 and "POST" in get.headers["allow"]
+        assert options.status_code == 200 and "POST" in options.headers["allow"]
+        assert nowhere.status_code == 404
+
+    async def test_full_log_is_503(self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        subscriber.fail_with = 503  # its trigger keeps retrying: the log keeps what it has not delivered
+        triggers = f"triggers: [{{name: t, subscriber: '{subscriber.url}', delivery: {{retry: 100}}}}]"
+        broker = await make_broker(triggers, channel="memory", spool={"memory_max_events": 2})
+        async with client(broker) as c:
+            statuses = [(await c.post("/", **binary_request(event(str(i))))).status_code for i in range(3)]
+        assert statuses == [202, 202, 503]
+
+    async def test_a_broker_without_triggers_keeps_nothing(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker(channel="memory", spool={"memory_max_events": 2})
+        async with client(broker) as c:
+            statuses = [(await c.post("/", **binary_request(event(str(i))))).status_code for i in range(5)]
+        assert statuses == [202] * 5
+
+
+class TestTtl:
+    """`knativebrokerttl`: stamped, taken one off per pass through a broker, never shown to subscribers."""
+
+    async def test_stamped_and_hidden(self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        broker = await make_broker(CATCH_ALL.format(url=subscriber.url) + "\n", default_ttl=7)
+        seen: list[Any] = []
+        original = broker.channels[("default", "default")].append
+
+        async def spy(events: Any) -> None:
+            seen.extend(e.attributes["knativebrokerttl"] for e in events)
+            await original(events)
+
+        broker.channels[("default", "default")].append = spy  # type: ignore[method-assign]
+        async with client(broker) as c:
+            await c.post("/", **binary_request(event("a")))
+            await c.post("/", **binary_request(event("b", knativebrokerttl=5)))
+            dropped = await c.post("/", **binary_request(event("c", knativebrokerttl=1)))
+            bad = await c.post("/", **binary_request(event("d", knativebrokerttl="many")))
+        assert seen == [7, 4] and dropped.status_code == 202 and bad.status_code == 400
+        received = await asyncio.to_thread(subscriber.wait_for, 2)
+        assert all("knativebrokerttl" not in e.attributes for e in received)
+        assert broker.metrics.refused.labels("ttl_expired")._value.get() == 1
+
+
+class TestHeaders:
+    async def test_pass_through_allow_list(self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        broker = await make_broker(CATCH_ALL.format(url=subscriber.url))
+        async with client(broker) as c:
+            await c.post("/", **binary_request(event(), **{
+                "X-Request-Id": "r1", "Knative-Foo": "k", "X-B3-TraceId": "b3", "Foo": "no", "Traceparent": "0"}))
+        headers, _ = (await asyncio.to_thread(subscriber.wait_for_requests, 1))[0]
+        assert (headers["x-request-id"], headers["knative-foo"], headers["x-b3-traceid"]) == ("r1", "k", "b3")
+        assert "foo" not in headers and "traceparent" not in headers and headers["prefer"] == "reply"
+
+
+class TestAdmin:
+    async def test_health_ready_metrics(self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        broker = await make_broker(CATCH_ALL.format(url=subscriber.url))
+        async with client(broker) as c:
+            await c.post("/", **binary_request(event()))
+            await asyncio.to_thread(subscriber.wait_for, 1)
+            await settle(broker, "all", 1)
+            health, ready, metrics = await c.get("/healthz"), await c.get("/readyz"), await c.get("/metrics")
+        assert health.status_code == 200
+        assert ready.json()["ready"] is True and ready.json()["triggers"]["default/all"]["settled"] == 1
+        text = metrics.text
+        assert 'infer_logger_broker_events_accepted_total{broker="default/default"} 1.0' in text
+        assert 'infer_logger_trigger_events_delivered_total{trigger="default/all"} 1.0' in text
+        assert 'infer_logger_trigger_lag_bytes{trigger="default/all"} 0.0' in text
+
+
+# -- the CloudEvents conformance events, through the broker unchanged ------------------------------
+
+CONFORMANCE = ROOT / "cloudevents-conformance" / "yaml"
+
+
+def _conformance_docs() -> list[Any]:
+    files = [CONFORMANCE / "v1.yaml", CONFORMANCE / "v1.0" / "v1_minimum.yaml"]
+    if not all(f.is_file() for f in files):
+        return [pytest.param(None, id="missing", marks=pytest.mark.skip(reason=reason("cloudevents-conformance")))]
+    docs = []
+    for path in files:
+        for index, doc in enumerate(yaml.load_all(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)):
+            docs.append(pytest.param(doc, id=f"{path.name}[{index}]"))
+    return docs
+
+
+def _conformance_request(doc: dict[str, Any]) -> tuple[dict[str, str], bytes, CloudEvent]:
+    """As cloudevents/conformance sends it: binary = ce- headers + Data as is; structured = JSON."""
+    attributes = {k: v for k, v in doc["ContextAttributes"].items() if k != "Extensions"}
+    attributes.update({k: v.strip() for k, v in (doc["ContextAttributes"].get("Extensions") or {}).items()})
+    data = doc["Data"].encode()
+    transport = doc.get("TransportExtensions") or {}
+    if doc.get("Mode") == "structured":
+        attributes.setdefault("datacontenttype", "application/json")
+        body = orjson.dumps({**attributes, "data": orjson.loads(data)})
+        expected = CloudEvent(attributes, orjson.dumps(orjson.loads(data)))
+        return {"content-type": "application/cloudevents+json; charset=UTF-8", **transport}, body, expected
+    headers, _ = to_binary(CloudEvent(attributes))
+    return {**headers, **transport}, data, CloudEvent(attributes, data)
+
+
+@pytest.mark.parametrize("doc", _conformance_docs())
+async def test_conformance_event_passes_untouched(doc: dict[str, Any], make_broker: MakeBroker,
+                                                  subscriber: Subscriber, tmp_path: Path) -> None:
+    """Unknown extensions, charsets, multi-line values: the subscriber gets the same event."""
+    broker = await make_broker(CATCH_ALL.format(url=subscriber.url))
+    headers, body, expected = _conformance_request(doc)
+    async with client(broker) as c:
+        assert (await c.post("/", headers=headers, content=body)).status_code == 202
+    [received] = await asyncio.to_thread(subscriber.wait_for, 1)
+    assert received.attributes == expected.attributes
+    assert received.data == expected.data
+
+
+def test_served_on_a_thread_over_real_sockets(tmp_path: Path, subscriber: Subscriber) -> None:
+    """`BrokerThread`: a broker served by uvicorn in-process (how a quickstart runs one)."""
+    import httpx
+
+    from infer_logger.testing import free_port
+    from pipelines.broker import Broker, BrokerThread
+
+    from .helpers import settings
+
+    broker = Broker(settings(tmp_path), triggers=CATCH_ALL.format(url=subscriber.url))
+    with BrokerThread(broker, port=free_port()) as running:
+        headers, body = to_binary(event("thread-1"))
+        assert httpx.post(running.url, headers=headers, content=body).status_code == 202
+        [received] = subscriber.wait_for(1)
+        assert httpx.get(running.url + "readyz").json()["ready"] is True
+    assert received.id == "thread-1" and not broker.started

@@ -1,0 +1,131 @@
+"""`channel: kafka` against a real Kafka-protocol broker (the `kafka_bootstrap` fixture): a topic
+per broker, a consumer group per trigger, restarts resuming from committed offsets, new triggers
+starting at the end, and two broker processes sharing the work."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipelines.broker import Broker
+from pipelines.broker.kafka_channel import KafkaChannel
+
+from .helpers import Subscriber, binary_request, client, event, settings, until
+
+pytestmark = pytest.mark.slow
+_names = itertools.count()
+
+
+@pytest.fixture
+def kafka_settings(kafka_bootstrap: str, tmp_path: Path) -> dict[str, Any]:
+    # A fresh broker name per test: its own topic and groups on the shared server.
+    return {"channel": "kafka", "name": f"b{next(_names)}-{uuid.uuid4().hex[:8]}",
+            "kafka": {"bootstrap_servers": kafka_bootstrap, "partitions": 4}}
+
+
+async def _post(broker: Broker, ids: list[str], type_: str = "com.example.someevent") -> None:
+    async with client(broker) as c:
+        for id_ in ids:
+            response = await c.post("/", **binary_request(event(id_, type_)))
+            assert response.status_code == 202, response.text
+
+
+def _channel(broker: Broker) -> KafkaChannel:
+    channel = broker.channels[broker.default_key]
+    assert isinstance(channel, KafkaChannel)
+    return channel
+
+
+async def test_filters_and_delivery(tmp_path: Path, kafka_settings: dict[str, Any], subscriber: Subscriber,
+                                    other_subscriber: Subscriber) -> None:
+    broker = Broker(settings(tmp_path, **kafka_settings), triggers=f"""
+triggers:
+  - {{name: all, subscriber: '{subscriber.url}'}}
+  - {{name: cesql, filters: [{{cesql: "type LIKE '%.special'"}}], subscriber: '{other_subscriber.url}'}}
+""")
+    await broker.startup()
+    try:
+        assert _channel(broker).topic == f"knative-broker-default-{kafka_settings['name']}"
+        await _post(broker, [f"n{i}" for i in range(10)])
+        await _post(broker, ["s1"], "x.special")
+        received = await asyncio.to_thread(subscriber.wait_for, 11, 30)
+        [special] = await asyncio.to_thread(other_subscriber.wait_for, 1, 30)
+    finally:
+        await broker.shutdown()
+    assert {e.id for e in received} == {f"n{i}" for i in range(10)} | {"s1"}
+    assert special.id == "s1" and "knativebrokerttl" not in special.attributes
+
+
+async def test_restart_resumes_and_new_triggers_start_at_the_end(
+        tmp_path: Path, kafka_settings: dict[str, Any], subscriber: Subscriber, other_subscriber: Subscriber) -> None:
+    one = f"""
+triggers:
+  - name: t
+    subscriber: '{subscriber.url}'
+    delivery: {{retry: 1000, backoffPolicy: linear, backoffDelay: PT0.05S}}
+"""
+    subscriber.fail_with = 503
+    first = Broker(settings(tmp_path, drain_timeout=0.2, **kafka_settings), triggers=one)
+    await first.startup()
+    await _post(first, [f"a{i}" for i in range(10)])
+    await until(lambda: subscriber.attempts >= 1, 30, "a first attempt")
+    await first.shutdown()
+
+    subscriber.fail_with = None
+    two = one + f"  - {{name: late, subscriber: '{other_subscriber.url}'}}\n"
+    second = Broker(settings(tmp_path, **kafka_settings), triggers=two)
+    await second.startup()
+    try:
+        await _post(second, ["b0"])
+        await asyncio.to_thread(subscriber.wait_for, 11, 30)
+        [late] = await asyncio.to_thread(other_subscriber.wait_for, 1, 30)
+    finally:
+        await second.shutdown()
+    assert {e.id for e in subscriber.events} == {f"a{i}" for i in range(10)} | {"b0"}
+    assert late.id == "b0"  # the new trigger's group started at the end of the topic
+
+
+async def test_two_brokers_share_the_topic_and_the_groups(
+        tmp_path: Path, kafka_settings: dict[str, Any], subscriber: Subscriber) -> None:
+    """Scale-out: each process's ingress produces, and the group splits the partitions between them."""
+    triggers = f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]"
+    brokers = [Broker(settings(tmp_path / str(i), **kafka_settings), triggers=triggers) for i in range(2)]
+    for broker in brokers:
+        await broker.startup()
+    try:
+        sources = [_channel(b)._sources["t"][0] for b in brokers]
+        await until(lambda: all(s.assignment for s in sources) and sum(len(s.assignment) for s in sources) == 4,
+                    30, "both consumers assigned")
+        await _post(brokers[0], [f"x{i}" for i in range(20)])
+        await _post(brokers[1], [f"y{i}" for i in range(20)])
+        await asyncio.to_thread(subscriber.wait_for, 40, 30)
+        settled = [b.dispatchers[("default", "t")].settled for b in brokers]
+    finally:
+        for broker in brokers:
+            await broker.shutdown()
+    assert {e.id for e in subscriber.events} == {f"{p}{i}" for p in "xy" for i in range(20)}
+    assert all(n > 0 for n in settled), settled
+
+
+async def test_ingress_only_role(tmp_path: Path, kafka_settings: dict[str, Any], subscriber: Subscriber) -> None:
+    ingress = Broker(settings(tmp_path / "i", role="ingress", **kafka_settings),
+                     triggers=f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
+    dispatcher = Broker(settings(tmp_path / "d", role="dispatcher", **kafka_settings),
+                        triggers=f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
+    await ingress.startup()
+    await dispatcher.startup()
+    try:
+        assert not _channel(ingress)._sources  # no consumers in an ingress-only process
+        async with client(dispatcher) as c:
+            assert (await c.post("/", **binary_request(event()))).status_code == 503
+        await _post(ingress, ["i1"])
+        [received] = await asyncio.to_thread(subscriber.wait_for, 1, 30)
+    finally:
+        await ingress.shutdown()
+        await dispatcher.shutdown()
+    assert received.id == "i1"

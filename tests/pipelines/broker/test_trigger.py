@@ -1,0 +1,223 @@
+"""Trigger loading: Knative's 25 trigger-validation cases, manifests as they are, the short form,
+and errors that name file, line and field."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipelines.broker import DocumentError, load_trigger_files, load_triggers
+from pipelines.broker.filters import FAIL, PASS
+from tests.conformance import ROOT, reason
+
+VALIDATION = ROOT / "knative-filters" / "trigger-filter-validation-cases.yaml"
+
+
+def _validation_cases() -> list[Any]:
+    if not VALIDATION.is_file():
+        return [pytest.param(None, id="missing", marks=pytest.mark.skip(reason=reason("knative-filters")))]
+    cases = yaml.safe_load(VALIDATION.read_text(encoding="utf-8"))["cases"]
+    assert len(cases) == 25
+    return [pytest.param(case, id=case["name"]) for case in cases]
+
+
+def _manifest(spec: dict[str, Any], name: str = "t") -> str:
+    return yaml.safe_dump({
+        "apiVersion": "eventing.knative.dev/v1", "kind": "Trigger",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"broker": "default", "subscriber": {"uri": "http://127.0.0.1:9/"}, **spec},
+    })
+
+
+@pytest.mark.parametrize("case", _validation_cases())
+def test_trigger_validation(case: dict[str, Any]) -> None:
+    spec: dict[str, Any] = {key: case[key] for key in ("filter", "filters") if key in case}
+    if case["expect"] == "valid":
+        assert len(load_triggers(_manifest(spec)).triggers) == 1
+        return
+    with pytest.raises(DocumentError) as info:
+        load_triggers(_manifest(spec))
+    # Knative names the field (filters[0].exact[invALID]); the error must name the same one.
+    fragment = re.search(r"filters?[\w.\[\]]*", case["error_path_or_message"])
+    assert fragment is not None and fragment.group().rstrip(".") in str(info.value)
+    if "multiple dialects" in case["error_path_or_message"]:
+        assert "multiple dialects found" in str(info.value)
+
+
+KNATIVE_MANIFESTS = """\
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: eventing.knative.dev/v1
+    kind: Broker
+    metadata:
+      name: default
+      namespace: inference
+    spec:
+      config: {apiVersion: v1, kind: ConfigMap, name: config-br-default-channel, namespace: knative-eventing}
+      delivery:
+        retry: 3
+        backoffPolicy: linear
+        backoffDelay: PT1S
+  - apiVersion: eventing.knative.dev/v1
+    kind: Trigger
+    metadata:
+      name: responses
+      namespace: inference
+      uid: 8d4e1c6b-0000-4000-8000-000000000001
+      resourceVersion: "12345"
+      generation: 2
+      creationTimestamp: 2024-05-01T10:00:00Z
+      labels: {eventing.knative.dev/broker: default}
+      annotations: {kubectl.kubernetes.io/last-applied-configuration: "{}"}
+    spec:
+      broker: default
+      filter:
+        attributes:
+          type: org.kubeflow.serving.inference.response
+          inferenceservicename: ""
+      subscriber:
+        ref: {apiVersion: serving.knative.dev/v1, kind: Service, name: event-display, namespace: inference}
+      delivery:
+        deadLetterSink:
+          uri: http://127.0.0.1:9/dls
+    status:
+      conditions: [{type: Ready, status: "True"}]
+      subscriberUri: http://event-display.inference.svc.cluster.local
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: event-display}
+spec: {replicas: 1}
+"""
+
+
+class TestManifests:
+    """Knative manifests load as written: metadata and status are ignored, Lists unwrapped."""
+
+    def test_list_of_broker_and_trigger(self) -> None:
+        loaded = load_triggers(KNATIVE_MANIFESTS)
+        [trigger] = loaded.triggers
+        assert trigger.key == ("inference", "responses") and trigger.broker == "default"
+        assert trigger.uid == "8d4e1c6b-0000-4000-8000-000000000001"
+        assert trigger.subscriber.ref is not None and trigger.subscriber.ref.name == "event-display"
+        assert trigger.delivery is not None and trigger.delivery.dead_letter_sink is not None
+        [broker] = loaded.brokers
+        assert broker.delivery is not None
+        assert (broker.namespace, broker.name, broker.delivery.retry) == ("inference", "default", 3)
+        event = {"type": "org.kubeflow.serving.inference.response", "inferenceservicename": "iris"}
+        assert trigger.filter(event) is PASS and trigger.filter({**event, "inferenceservicename": ""}) is FAIL
+
+    def test_namespace_defaults(self) -> None:
+        text = _manifest({}).replace("namespace: default", "uid: x")
+        assert load_triggers(text, namespace="ml").triggers[0].namespace == "ml"
+
+    def test_short_form_is_the_same_trigger(self) -> None:
+        short = load_triggers("""
+triggers:
+  - name: t
+    subscriber: http://127.0.0.1:9/
+    filters: [{prefix: {type: org.kubeflow.}}]
+""").triggers[0]
+        long = load_triggers(_manifest({"filters": [{"prefix": {"type": "org.kubeflow."}}]})).triggers[0]
+        assert short == long and short.fingerprint == long.fingerprint
+
+    def test_destination_forms(self) -> None:
+        loaded = load_triggers("""
+triggers:
+  - {name: a, subscriber: "http://127.0.0.1:9/"}
+  - {name: b, subscriber: {ref: {name: store}}}
+  - {name: c, subscriber: {component: {type: file, path: /tmp/events.jsonl}}}
+""")
+        a, b, c = loaded.triggers
+        assert a.subscriber.uri == "http://127.0.0.1:9/" and b.subscriber.ref is not None
+        assert c.subscriber.component == {"type": "file", "path": "/tmp/events.jsonl"}
+
+
+def _error(text: str) -> DocumentError:
+    with pytest.raises(DocumentError) as info:
+        load_triggers(text, origin="triggers.yaml")
+    return info.value
+
+
+class TestErrors:
+    """Errors name the file, the line (and column), the field and the reason."""
+
+    def test_yaml_syntax(self) -> None:
+        error = _error("triggers:\n  - name: a\n    subscriber: [unclosed\n")
+        assert str(error).startswith("triggers.yaml:4:") and "not valid YAML" in str(error)
+
+    def test_cesql_points_at_the_token(self) -> None:
+        error = _error("triggers:\n  - name: a\n    subscriber: http://127.0.0.1:9/\n"
+                       "    filters:\n      - cesql: \"type = = 'x'\"\n")
+        assert error.location.line == 5 and error.location.column == 17 + 7  # the opening quote is at 16
+        assert "triggers[0].filters[0].cesql" in str(error) and "position 7" in str(error)
+
+    def test_bad_attribute_name_in_a_manifest(self) -> None:
+        error = _error(_manifest({"filter": {"attributes": {"Type": "x"}}}))
+        assert "spec.filter.attributes[Type]" in str(error)
+        assert error.location.line == _manifest({"filter": {"attributes": {"Type": "x"}}}).splitlines().index(
+            "      Type: x") + 1
+
+    def test_unknown_field(self) -> None:
+        error = _error("triggers:\n  - name: a\n    subscriber: http://127.0.0.1:9/\n    filterz: []\n")
+        assert error.location.line == 4 and "triggers[0].filterz: unknown field" in str(error)
+
+    def test_bad_duration(self) -> None:
+        error = _error("triggers:\n  - name: a\n    subscriber: http://127.0.0.1:9/\n"
+                       "    delivery:\n      backoffDelay: 2s\n")
+        assert error.location.line == 5 and "backoffDelay" in str(error) and "ISO-8601" in str(error)
+
+    def test_subscriber_needed(self) -> None:
+        error = _error("triggers:\n  - name: a\n")
+        assert "triggers[0].subscriber: Field required" in str(error)
+
+    def test_relative_uri(self) -> None:
+        error = _error("triggers:\n  - name: a\n    subscriber: /relative\n")
+        assert error.location.line == 3 and "absolute http(s) URL" in str(error)
+
+    def test_duplicate_trigger(self) -> None:
+        error = _error("triggers:\n  - {name: a, subscriber: 'http://h/'}\n  - {name: a, subscriber: 'http://h/'}\n")
+        assert error.location.line == 3 and "already defined at triggers.yaml:2" in str(error)
+
+    def test_bad_name(self) -> None:
+        error = _error("triggers:\n  - {name: Not_Valid, subscriber: 'http://h/'}\n")
+        assert "triggers[0].name" in str(error) and "not a valid name" in str(error)
+
+    def test_unknown_component_type(self) -> None:
+        error = _error("triggers:\n  - name: a\n    subscriber:\n      component: {type: nope}\n")
+        assert error.location.line == 4 and "unknown component type 'nope'" in str(error)
+
+    def test_bad_component_option(self) -> None:
+        error = _error("triggers:\n  - name: a\n    subscriber:\n      component:\n        type: store\n"
+                       "        colour: red\n")
+        assert error.location.line == 6 and "subscriber.component.colour" in str(error)
+
+    def test_unsupported_eventing_kind(self) -> None:
+        error = _error("apiVersion: eventing.knative.dev/v1\nkind: Parallel\nmetadata: {name: p}\n")
+        assert "kind 'Parallel' is not supported" in str(error)
+
+    def test_files_name_themselves(self, tmp_path: Path) -> None:
+        good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+        good.write_text("triggers:\n  - {name: a, subscriber: 'http://h/'}\n")
+        bad.write_text("triggers:\n  - {name: b, subscriber: 'http://h/', filters: [{cesql: 'AND'}]}\n")
+        assert len(load_trigger_files([good]).triggers) == 1
+        with pytest.raises(DocumentError, match=rf"^{re.escape(str(bad))}:2:"):
+            load_trigger_files([good, bad])
+        with pytest.raises(DocumentError, match="cannot read"):
+            load_trigger_files([tmp_path / "missing.yaml"])
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[3] / "examples" / "triggers").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_examples_load_and_resolve(path: Path, tmp_path: Path) -> None:
+    from pipelines.broker import Broker, BrokerSettings
+
+    settings = BrokerSettings(dir=tmp_path, trigger_files=[path], addresses={"event-display": "http://127.0.0.1:9/"})
+    assert Broker(settings).check() >= 2
