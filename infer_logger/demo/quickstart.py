@@ -1,8 +1,9 @@
-"""`infer-logger quickstart`: the whole slice on the embedded default, with no external server.
+"""`infer-logger quickstart`: the whole pipeline on the embedded defaults, with no external server.
 
 A scikit-learn model on bundled data is served (V1 and V2) on a free loopback port, the sidecar
-goes in front with the store sink, a few hundred predictions go through it, and the audit log is
-read back.
+goes in front, its http sink feeds a broker whose triggers write every event to the audit store
+and to a JSONL event log and (with the `explain` extra) ask the SHAP explainer to explain each
+prediction; a few hundred predictions go through, and the audit log is read back.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import uvicorn
 from tqdm import tqdm
 
 from infer_logger.config import load_settings
+from infer_logger.demo.pipeline import quickstart_broker
 from infer_logger.demo.predictor import create_app, train_iris
 from infer_logger.server import build_app, uvicorn_config
 from infer_logger.store import AuditStore, format_table
@@ -69,47 +71,55 @@ def _requests(n: int, rows: list[list[float]]) -> list[tuple[str, dict[str, Any]
     return out
 
 
-def run(*, n_requests: int, workdir: Path) -> None:
+def run(*, n_requests: int, workdir: Path, explain: bool | None = None) -> None:
     from sklearn.datasets import load_iris
 
     if workdir.exists():
         shutil.rmtree(workdir)  # the quickstart's own folder: start clean each time
     workdir.mkdir(parents=True)
     db = workdir / "audit.db"
-    click.echo("1/4 training a random forest on scikit-learn's bundled iris data")
+    click.echo("1/5 training a random forest on scikit-learn's bundled iris data")
     model = train_iris()
     predictor_port, sidecar_port = free_port(), free_port()
-    settings = load_settings(
-        None,
-        port=sidecar_port,
-        component_port=predictor_port,
-        inference_service="iris",
-        namespace="quickstart",
-        metadata_headers=["user-agent"],
-        spool={"dir": str(workdir / "spool")},
-        sinks=[{"type": "store", "path": str(db)}],
-    )
-    sidecar = build_app(settings)
-    click.echo(f"2/4 predictor on :{predictor_port} (V1 and V2), sidecar on :{sidecar_port}, store {db}")
+    predictor_url = f"http://127.0.0.1:{predictor_port}"
     rows = load_iris().data.round(2).tolist()
     calls = _requests(n_requests, rows)
     statuses: dict[int, int] = {}
-    with ServerThread(uvicorn_config(create_app([model]), "127.0.0.1", predictor_port)), \
-            ServerThread(uvicorn_config(sidecar, "127.0.0.1", sidecar_port)):
-        with httpx.Client(base_url=f"http://127.0.0.1:{sidecar_port}", timeout=30) as client:
-            for path, body in tqdm(calls, desc="3/4 predictions through the sidecar", unit="req"):
-                status = client.post(path, json=body, headers={"user-agent": "quickstart"}).status_code
-                statuses[status] = statuses.get(status, 0) + 1
-    # Leaving the block stopped the sidecar, which drains the spool into the store first.
-    click.echo(f"4/4 done: {sum(statuses.values())} requests, statuses {statuses}\n")
-    _summary(db)
+    with ServerThread(uvicorn_config(create_app([model]), "127.0.0.1", predictor_port)):
+        with quickstart_broker(workdir, predictor_url, "iris", explain=explain) as pipeline:
+            explaining = "SHAP explanations on" if pipeline.explaining else (
+                "explanations off: pip install 'infer-logger[explain]' to turn them on")
+            click.echo(f"2/5 predictor {predictor_url} (V1 and V2); broker {pipeline.url} "
+                       f"(triggers: audit -> store, display -> events.jsonl; {explaining})")
+            settings = load_settings(
+                None,
+                port=sidecar_port,
+                component_port=predictor_port,
+                inference_service="iris",
+                namespace="quickstart",
+                metadata_headers=["user-agent"],
+                spool={"dir": str(workdir / "spool")},
+                sinks=[{"type": "http", "url": pipeline.url, "mode": "batch"}],
+            )
+            click.echo(f"3/5 sidecar http://127.0.0.1:{sidecar_port} -> predictor; events -> broker")
+            with ServerThread(uvicorn_config(build_app(settings), "127.0.0.1", sidecar_port)):
+                with httpx.Client(base_url=f"http://127.0.0.1:{sidecar_port}", timeout=30) as client:
+                    for path, body in tqdm(calls, desc="4/5 predictions through the sidecar", unit="req"):
+                        status = client.post(path, json=body, headers={"user-agent": "quickstart"}).status_code
+                        statuses[status] = statuses.get(status, 0) + 1
+            # Leaving the sidecar's block drained its spool into the broker; leaving the broker's
+            # waits until the triggers (and the explainer) have handled everything.
+            click.echo("5/5 waiting for the broker's triggers to settle (explanations take a moment)")
+    click.echo(f"done: {sum(statuses.values())} requests, statuses {statuses}\n")
+    _summary(db, pipeline.event_log)
 
 
-def _summary(db: Path) -> None:
-    store = AuditStore(db)
+def _summary(db: Path, event_log: Path) -> None:
+    store = AuditStore(db, readonly=True)
     try:
         summary = store.summary()
         latest = store.query(limit=5)
+        explained = sum(1 for r in store.query(limit=None) if r.explanation is not None)
     finally:
         store.close()
     click.echo("Audit summary")
@@ -117,6 +127,9 @@ def _summary(db: Path) -> None:
     click.echo(f"  by model: {summary.by_model}")
     click.echo(f"  by status: {summary.by_status}")
     click.echo(f"  predictor latency p50/p95: {summary.latency_p50_ms} / {summary.latency_p95_ms} ms")
+    click.echo(f"  predictions with an explanation: {explained}")
+    events = event_log.read_bytes().count(b"\n") if event_log.exists() else 0
+    click.echo(f"  event log (the display trigger): {events} CloudEvents in {event_log}")
     click.echo("\nLatest records")
     click.echo(format_table(latest))
     example = latest[0].id if latest else "<id>"

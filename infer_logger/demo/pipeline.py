@@ -1,0 +1,102 @@
+"""The quickstart's event pipeline: a broker between the sidecar and the store, in this process.
+
+    with quickstart_broker(workdir, predictor_url, "iris") as pipeline:
+        ... run the sidecar with sinks=[{"type": "http", "url": pipeline.url, "mode": "batch"}] ...
+    # on leaving: the broker settles what it holds (explanations included, bounded), then stops
+
+Triggers: `audit` (every inference event -> the store), `display` (every event -> a JSONL file,
+the logging subscriber) and, when the `explain` extra is installed, `explain` (requests and
+responses -> the SHAP explainer, whose explanation events re-enter the broker and reach the store
+through `audit`, joined by id).
+
+A demo composes everything, so this module reaches into `pipelines` and `explainers`; it does so
+lazily, and the sidecar (`infer_logger` outside `demo/`) never imports it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infer_logger.testing import free_port
+
+_TRIGGERS = """
+triggers:
+  - name: audit
+    filters: [{prefix: {type: org.kubeflow.serving.inference.}}]
+    subscriber: {ref: {name: audit}}
+  - name: display
+    subscriber: {ref: {name: display}}
+"""
+_EXPLAIN_TRIGGER = """
+  - name: explain
+    filters: [{cesql: "type IN ('org.kubeflow.serving.inference.request', 'org.kubeflow.serving.inference.response')"}]
+    subscriber: {ref: {name: explainer}}
+"""
+
+
+def explain_available() -> bool:
+    return importlib.util.find_spec("shap") is not None and importlib.util.find_spec("pandas") is not None
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    url: str
+    event_log: Path
+    explaining: bool
+
+
+@contextmanager
+def quickstart_broker(
+    workdir: Path,
+    predictor_url: str,
+    model: str,
+    *,
+    explain: bool | None = None,
+    drain_seconds: float = 60.0,
+) -> Iterator[Pipeline]:
+    """A broker on a free loopback port with the quickstart's triggers; yields where it listens."""
+    from pipelines.broker import Broker, BrokerSettings, BrokerThread, register_component
+
+    explain = explain_available() if explain is None else explain
+    event_log = workdir / "events.jsonl"
+    components: list[dict[str, Any]] = [
+        {"type": "store", "name": "audit", "path": str(workdir / "audit.db")},
+        {"type": "file", "name": "display", "path": str(event_log)},
+    ]
+    triggers = _TRIGGERS
+    if explain:
+        from explainers.subscriber import ExplainerComponentConfig
+
+        register_component(ExplainerComponentConfig)  # `type: explainer` in broker configs
+        components.append({"type": "explainer", "name": "explainer", "settings": {
+            "model_name": model, "predictor_url": predictor_url, "protocol": "v2",
+            "background": "dataset:iris", "method": "kernel", "options": {"background_size": 20},
+            "params": {"nsamples": 50}, "subscriber": {"linger": 0.02}}})
+        triggers += _EXPLAIN_TRIGGER
+    port = free_port()
+    broker = Broker(BrokerSettings(
+        port=port, channel="disk", dir=str(workdir / "broker"), drain_timeout=drain_seconds,
+        delivery={"retry": 5, "backoffDelay": "PT0.5S", "timeout": "PT60S"},
+        components=components,
+    ), triggers=triggers)
+    with BrokerThread(broker, host="127.0.0.1", port=port) as running:
+        try:
+            yield Pipeline(running.url, event_log, explain)
+        finally:
+            _settle(broker, drain_seconds)
+
+
+def _settle(broker: Any, seconds: float) -> None:
+    """Wait (bounded) until every trigger has handled every event the broker holds; replies count."""
+    deadline = time.monotonic() + seconds
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 3:
+        lag = sum(broker.channels[t.broker_key].lag(t.name) or 0 for t in list(broker.triggers.values()))
+        quiet = quiet + 1 if lag == 0 else 0
+        time.sleep(0.1)

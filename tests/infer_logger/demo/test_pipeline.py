@@ -1,0 +1,57 @@
+"""The quickstart's pipeline end to end: sidecar -> broker -> store and event log, and the explainer's
+replies joined to the predictions in the store; and the quickstart command itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from infer_logger.store import AuditStore
+from tests.explainers.conftest import serve
+
+
+def test_sidecar_broker_explainer_store(tmp_path: Path) -> None:
+    pytest.importorskip("shap", reason="the explain extra is not installed")
+    from infer_logger.config import load_settings
+    from infer_logger.demo.pipeline import quickstart_broker
+    from infer_logger.demo.predictor import create_app, train_iris
+    from infer_logger.server import build_app
+
+    db = tmp_path / "audit.db"
+    with serve(create_app([train_iris()])) as predictor, quickstart_broker(tmp_path, predictor, "iris") as pipe:
+        assert pipe.explaining
+        settings = load_settings(None, predictor_url=predictor, spool={"dir": str(tmp_path / "spool")},
+                                 sinks=[{"type": "http", "url": pipe.url, "mode": "batch"}])
+        with serve(build_app(settings)) as sidecar:
+            v1 = httpx.post(f"{sidecar}/v1/models/iris:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]},
+                            headers={"x-request-id": "qs-1"})
+            v2 = httpx.post(f"{sidecar}/v2/models/iris/infer", headers={"x-request-id": "qs-2"}, json={
+                "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [2, 4],
+                            "data": [6.8, 2.8, 4.8, 1.4, 6.0, 3.4, 4.5, 1.6]}]})
+            bad = httpx.post(f"{sidecar}/v1/models/iris:predict", json={"instances": [[1.0]]},
+                             headers={"x-request-id": "qs-3"})
+            assert (v1.status_code, v2.status_code, bad.status_code) == (200, 200, 400)
+    with AuditStore(db, readonly=True) as store:
+        records = {(r.id, r.instance): r for r in store.query(limit=None)}
+    assert set(records) == {("qs-1", 0), ("qs-2", 0), ("qs-2", 1), ("qs-3", 0)}
+    for key in [("qs-1", 0), ("qs-2", 0), ("qs-2", 1)]:
+        explanation = records[key].explanation
+        assert explanation and explanation["method"] == "kernel", key
+        assert [o["name"] for o in explanation["outputs"]] == ["setosa", "versicolor", "virginica"]
+    assert records[("qs-3", 0)].explanation is None and records[("qs-3", 0)].status == 400
+    lines = pipe.event_log.read_bytes().splitlines()
+    assert len(lines) == 3 + 3 + 2  # requests, responses, explanations of the two good calls
+
+
+def test_quickstart_command(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from infer_logger.cli import main
+
+    result = CliRunner().invoke(main, ["quickstart", "--requests", "40", "--workdir", str(tmp_path / "qs")])
+    assert result.exit_code == 0, result.output
+    assert "predictions (rows)" in result.output and "infer-logger query --db" in result.output
+    with AuditStore(tmp_path / "qs" / "audit.db", readonly=True) as store:
+        assert store.summary().ids == 40
