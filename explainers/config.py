@@ -13,18 +13,15 @@
 
 from __future__ import annotations
 
-import contextvars
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from explainers.registry import METHODS, WHITE_BOX
-from infer_logger.config import config_error, read_yaml
+from infer_logger.config import LayeredSettings
 from infer_logger.errors import ConfigError
-
-_yaml_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("explainer_yaml", default=None)
 
 
 class SubscriberSettings(BaseModel):
@@ -44,7 +41,7 @@ class SubscriberSettings(BaseModel):
     """The `source` of explanation events."""
 
 
-class ExplainerSettings(BaseSettings):
+class ExplainerSettings(LayeredSettings):
     model_config = SettingsConfigDict(
         env_prefix="INFER_LOGGER_EXPLAINER_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
     )
@@ -109,30 +106,10 @@ class ExplainerSettings(BaseSettings):
             raise ValueError(f"method {self.method!r} reads the model itself: give model_file")
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, InitSettingsSource(settings_cls, _yaml_data.get() or {}))
-
 
 def load_explainer_settings(config_file: Path | None = None, **flags: Any) -> ExplainerSettings:
     """Merge the sources and validate; ConfigError names the first bad field."""
-    data = read_yaml(config_file) if config_file else {}
-    if isinstance(data.get("explainer"), dict):
-        data = data["explainer"]
-    token = _yaml_data.set(data)
-    try:
-        return ExplainerSettings(**{k: v for k, v in flags.items() if v is not None and v != () and v != {}})
-    except ValidationError as exc:
-        raise config_error(exc) from None
-    finally:
-        _yaml_data.reset(token)
+    return ExplainerSettings.load(config_file, section="explainer", **flags)
 
 
 __all__ = ["ConfigError", "ExplainerSettings", "SubscriberSettings", "load_explainer_settings"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextvars
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import urlparse
 
 import yaml
@@ -24,6 +24,40 @@ from infer_logger.errors import ConfigError
 from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, SinkSpec, StoreSinkConfig
 
 _yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
+
+
+class LayeredSettings(BaseSettings):
+    """Settings read once: flags (init kwargs) > env vars > a YAML file > defaults.
+
+    Subclasses set their `env_prefix`; `load` is the one way in, and turns a validation error
+    into a ConfigError naming the field.
+    """
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, _yaml_data.get()))
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, *, section: str | None = None, **flags: Any) -> Self:
+        """Merge the sources and validate. `section` picks that key of the file when present,
+        so one YAML file can configure several services; unset flags (None, empty) are skipped."""
+        data = read_yaml(config_file) if config_file else {}
+        if section and isinstance(data.get(section), dict):
+            data = data[section]
+        token = _yaml_data.set(data)
+        try:
+            return cls(**{k: v for k, v in flags.items() if v is not None and v != () and v != {}})
+        except ValidationError as exc:
+            raise config_error(exc) from None
+        finally:
+            _yaml_data.reset(token)
 
 
 class SpoolSettings(BaseModel):
@@ -59,7 +93,7 @@ class DeliverySettings(BaseModel):
     """Seconds to keep delivering at shutdown; what is left stays in the spool for next start."""
 
 
-class Settings(BaseSettings):
+class Settings(LayeredSettings):
     model_config = SettingsConfigDict(
         env_prefix="INFER_LOGGER_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
     )
@@ -126,17 +160,6 @@ class Settings(BaseSettings):
     def upstream(self) -> str:
         return (self.predictor_url or f"http://127.0.0.1:{self.component_port}").rstrip("/")
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, InitSettingsSource(settings_cls, _yaml_data.get()))
-
 
 def sink_from_url(url: str) -> SinkSpec:
     """A `--log-url` value as a sink config (KServe's flag takes only a URL)."""
@@ -167,15 +190,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
-    """Merge the sources and validate; ConfigError names the first bad field."""
-    data = read_yaml(config_file) if config_file else {}
-    token = _yaml_data.set(data)
-    try:
-        return Settings(**{k: v for k, v in flags.items() if v is not None and v != ()})
-    except ValidationError as exc:
-        raise config_error(exc) from None
-    finally:
-        _yaml_data.reset(token)
+    """The sidecar's settings; ConfigError names the first bad field."""
+    return Settings.load(config_file, **flags)
 
 
 def config_error(exc: ValidationError) -> ConfigError:

@@ -17,21 +17,18 @@ Triggers live in their own files (see `pipelines.broker.trigger`), so that they 
 
 from __future__ import annotations
 
-import contextvars
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from infer_logger.config import config_error, read_yaml
-from infer_logger.errors import ConfigError
+from infer_logger.config import LayeredSettings
 from infer_logger.sinks.base import SinkConfig
 from pipelines.broker.components import component_config
 from pipelines.broker.delivery import DeliverySpec, Destination
 from pipelines.broker.trigger import check_name
 
-_yaml_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("broker_yaml", default=None)
 
 DEFAULT_DELIVERY = DeliverySpec(
     retry=10, backoff_policy="exponential", backoff_delay="PT0.2S", timeout="PT30S", retry_after_max="PT30S"
@@ -68,7 +65,7 @@ class KafkaChannelSettings(BaseModel):
     """librdkafka properties for every client (TLS, SASL, ...)."""
 
 
-class BrokerSettings(BaseSettings):
+class BrokerSettings(LayeredSettings):
     model_config = SettingsConfigDict(
         env_prefix="INFER_LOGGER_BROKER_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
     )
@@ -148,27 +145,7 @@ class BrokerSettings(BaseSettings):
     def effective_delivery(self) -> DeliverySpec:
         return self.delivery.over(DEFAULT_DELIVERY)
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, InitSettingsSource(settings_cls, _yaml_data.get() or {}))
-
 
 def load_broker_settings(config_file: Path | None = None, **flags: Any) -> BrokerSettings:
     """Merge the sources and validate; ConfigError names the first bad field."""
-    data = read_yaml(config_file) if config_file else {}
-    token = _yaml_data.set(data)
-    try:
-        return BrokerSettings(**{k: v for k, v in flags.items() if v is not None and v != ()})
-    except ValidationError as exc:
-        raise config_error(exc) from None
-    except ValueError as exc:  # a component config's own check
-        raise ConfigError("settings", str(exc)) from None
-    finally:
-        _yaml_data.reset(token)
+    return BrokerSettings.load(config_file, **flags)
