@@ -131,7 +131,7 @@ def _common(event: CloudEvent, kind: str) -> Document:
         if time is not None:
             doc["@timestamp"] = _format(time)
     elif kind == "response":
-        status, latency = _int(attrs.get(events.STATUSCODE)), _float(attrs.get(events.LATENCYMS))
+        status, latency = events.as_int(attrs.get(events.STATUSCODE)), events.as_float(attrs.get(events.LATENCYMS))
         if status is not None:
             doc["status"] = status
         if latency is not None:
@@ -206,21 +206,6 @@ def _metadata(value: object) -> Document | None:
 
 def _text(value: object) -> str:
     return value if isinstance(value, str) else orjson.dumps(value).decode()
-
-
-def _float(value: object) -> float | None:
-    # Binary-mode transports deliver every attribute as text.
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-
-
-def _int(value: object) -> int | None:
-    number = _float(value)
-    return int(number) if number is not None and number.is_integer() else None
 
 
 def _utc(value: object) -> datetime | None:

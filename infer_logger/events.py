@@ -107,6 +107,21 @@ class Origin:
         return attrs
 
 
+def as_float(value: object) -> float | None:
+    """A numeric attribute (statuscode, latencyms): typed in the JSON format, text in binary modes."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def as_int(value: object) -> int | None:
+    number = as_float(value)
+    return int(number) if number is not None and number.is_integer() else None
+
+
 def capped(data: bytes, limit: int) -> tuple[bytes, dict[str, str | int | bool]]:
     """Cut a payload to `limit` bytes, marking what was cut."""
     if len(data) <= limit:

@@ -311,8 +311,8 @@ def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
     status, latency = attrs.get(events.STATUSCODE), attrs.get(events.LATENCYMS)
     base["id"] = event.id
     # Attributes may arrive as strings (HTTP/Kafka binary mode headers), hence the conversions.
-    base["status"] = _int(status)
-    base["latency_ms"] = _float(latency)
+    base["status"] = events.as_int(status)
+    base["latency_ms"] = events.as_float(latency)
     base[f"{kind}_attributes"] = _dumps(attrs)
     base["updated"] = updated
     return base
@@ -321,20 +321,6 @@ def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
 def _text(value: object) -> str | None:
     # KServe-style origins send "" for unset attributes; store those as NULL so COALESCE fills them.
     return None if value is None or value == "" else str(value)
-
-
-def _float(value: object) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-
-
-def _int(value: object) -> int | None:
-    number = _float(value)
-    return int(number) if number is not None and number.is_integer() else None
 
 
 def _utc(value: object) -> str | None:

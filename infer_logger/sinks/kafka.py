@@ -1,17 +1,22 @@
 """`kafka` sink: inference events to a topic with the CloudEvents Kafka binding.
 
-`send_batch` produces every event of the batch, then flushes librdkafka's queue in a worker
-thread until the broker acknowledged them all (acks=all), so the spool checkpoint moves only
-after delivery. Flushing also serves the delivery reports and sends at once, without waiting
-out `linger.ms`; the event loop never blocks. For throughput, only failures cost a Python
-callback (`delivery.report.only.error`) and binary mode's headers come from a cache
-(`BinaryRecords`): the sink's per-event cost stays near the raw producer's.
+`send_batch` produces every event of the batch and returns once the broker acknowledged each
+of them (acks=all), so the spool checkpoint moves only after delivery. Several batches may be
+with the sink at once (`in_flight`, 4 by default) and stream through one producer: each batch
+counts its own delivery reports (every record's callback is a bound method of its batch), a
+single thread per producer serves the reports while any batch is out, and the event loop is
+woken once per batch, never per record; the event loop never blocks. While every outstanding
+batch is fully produced the thread flushes rather than polls, so a batch's tail goes out at once
+instead of waiting out `linger.ms`. Binary mode's headers come from a cache (`BinaryRecords`):
+the sink's per-event cost stays near the raw producer's.
 
 Failures: a record the broker refuses for good (too large, invalid topic) is rejected and
 dead-lettered by the worker; anything else (broker down, timeouts, leader moves) fails the
 batch with `SinkError` and the worker retries it whole (at-least-once: a retry may duplicate).
-When no broker is reachable, a batch fails after `_DOWN_GRACE` rather than waiting out the
-delivery timeout, and what it left queued is purged so that the retry does not duplicate it.
+When no broker is reachable, batches fail after `_DOWN_GRACE` rather than waiting out the
+delivery timeout: everything queued is purged, so that a retry does not duplicate it, and each
+purged record's report still reaches its own batch as a failure. A fatal client error fails
+the outstanding batches, and the next batch gets a new producer.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ import asyncio
 import logging
 import re
 import string
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -57,8 +62,9 @@ PERMANENT: frozenset[int] = frozenset({
     KafkaError._INVALID_ARG,
 }) if CLIENT else frozenset()
 
-_FLUSH_SLICE = 0.2  # seconds per flush in the thread: bounds how late the loop notices a dead broker
+_POLL_SLICE = 0.1  # seconds per poll/flush in the poll thread: bounds how late it notices a dead broker
 _DOWN_GRACE = 2.0  # seconds a batch may wait with every broker down (reconnects take <= 1 s)
+_FULL_WAIT = 0.005  # seconds the event loop waits for room when librdkafka's local queue is full
 _UNREACHABLE = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT, KafkaError._MSG_TIMED_OUT) if CLIENT else ()
 _TOPIC_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _MISSING = "unknown"
@@ -82,6 +88,13 @@ class KafkaSinkConfig(SinkConfig):
     """`compression.type` of produced record batches."""
     delivery_timeout: float = Field(default=30.0, gt=0)
     """Seconds librdkafka retries one record (`message.timeout.ms`) before the batch fails."""
+    in_flight: int | None = Field(4, ge=1, le=64)
+    """Batches with the sink before the oldest is acknowledged (null: `delivery.in_flight`).
+    Batches are produced in spool order, and the idempotent producer keeps that order across its
+    in-flight requests, so order holds across batches too, unless a batch fails and is retried:
+    the retry may land after later batches delivered meanwhile (nothing is lost; a retry may
+    duplicate). 1 keeps spool order even then; without `idempotent`, librdkafka's own retries may
+    reorder as well."""
     config: dict[str, ClientValue] = Field(default_factory=dict)
     """librdkafka properties passed through last, e.g. TLS and SASL: `security.protocol`,
     `ssl.ca.location`, `sasl.mechanism`, `sasl.username`, `sasl.password`."""
@@ -102,7 +115,6 @@ class KafkaSinkConfig(SinkConfig):
             "message.timeout.ms": max(1, round(self.delivery_timeout * 1000)),
             # librdkafka's default backs off up to 10 s: a restarted broker would sit idle that long.
             "reconnect.backoff.max.ms": 1000,
-            "delivery.report.only.error": True,
             **self.config,
         }
 
@@ -185,34 +197,198 @@ class BinaryRecords:
         return key.encode(), event.data, headers
 
 
+class _Batch:
+    """Delivery accounting of one `send_batch`: every record's delivery callback is `report`.
+
+    Reports are counted in the poll thread only (one writer), and `expected` is set by the event
+    loop once every record is produced; whichever of the two sees the count complete wakes the
+    loop (`_finish` is idempotent), so the loop is woken once per batch, not per record.
+    """
+
+    __slots__ = ("client", "epoch", "expected", "failed", "future", "loop", "reported", "since")
+
+    def __init__(self, client: _Client, loop: asyncio.AbstractEventLoop) -> None:
+        self.client = client
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.expected = -1  # records produced: -1 until all are
+        self.reported = 0
+        self.failed: list[tuple[KafkaError, Message]] = []
+        self.since = time.monotonic()  # grace and timeouts count from here (restarted by a purge)
+        self.epoch = client.down_epoch  # "no broker reachable" reports served before this batch began
+
+    def report(self, error: KafkaError | None, msg: Message) -> None:
+        """The delivery report of one record (the poll thread): the only per-record Python cost."""
+        if error is not None:
+            self.failed.append((error, msg))
+            self.client.note_fatal(error)
+        self.reported += 1
+        if self.reported == self.expected:
+            try:
+                self.loop.call_soon_threadsafe(self._finish)
+            except RuntimeError:  # the loop is closed: nobody waits for this batch any more
+                pass
+
+    def seal(self, produced: int) -> None:
+        """Every record is produced (or none will be): wait for `produced` reports (the loop)."""
+        self.expected = produced
+        if self.reported == produced:
+            self._finish()
+
+    @property
+    def done(self) -> bool:
+        return self.reported == self.expected
+
+    def _finish(self) -> None:
+        if not self.future.done():  # done: finished already, or cancelled with its send_batch
+            self.future.set_result(None)
+
+
+class _Client:
+    """One librdkafka producer, and the thread that serves its callbacks while batches are out.
+
+    Only that thread polls (so only it runs delivery reports, error and log callbacks); it also
+    purges what will not be delivered soon: after `_DOWN_GRACE` with every broker down, after the
+    delivery timeout (a backstop: librdkafka's own fires first), at once after a fatal error.
+    """
+
+    def __init__(self, config: KafkaSinkConfig) -> None:
+        self.address = config.bootstrap_servers
+        self.limit = config.delivery_timeout + 5.0
+        self.down: KafkaError | None = None
+        self.down_epoch = 0
+        self.transport_error = ""
+        self.fatal: KafkaError | None = None
+        self.batches: list[_Batch] = []  # outstanding, oldest first; guarded by `_cond`
+        self._cond = threading.Condition()
+        self._closing = False
+        self._close_by = 0.0
+        conf = {
+            **config.producer_config(),
+            # Every report is needed, successes too: they are what completes a batch.
+            "delivery.report.only.error": False,
+            "error_cb": self._on_error,
+            "logger": logging.getLogger(f"{__name__}.librdkafka"),
+        }
+        try:
+            self.producer = Producer(conf)
+        except (KafkaException, TypeError, ValueError) as exc:
+            raise ConfigError("config", f"kafka sink {self.address}: {exc}") from exc
+        self._thread: threading.Thread | None = None  # started with the first batch
+
+    def start_batch(self, loop: asyncio.AbstractEventLoop) -> _Batch:
+        batch = _Batch(self, loop)
+        with self._cond:
+            self.batches.append(batch)
+            self._cond.notify()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"kafka-sink {self.address}", daemon=True)
+            self._thread.start()
+        return batch
+
+    def _run(self) -> None:
+        producer = self.producer
+        while True:
+            with self._cond:
+                while not self.batches and not self._closing:
+                    self._cond.wait()
+                if not self.batches:
+                    return  # closing, and every batch has its reports
+                producing = any(b.expected < 0 for b in self.batches)
+            try:
+                if producing:  # more records are coming: let `linger.ms` fill the requests
+                    producer.poll(_POLL_SLICE)
+                else:  # every record is queued: send the tails now, serving reports meanwhile
+                    producer.flush(_POLL_SLICE)
+            except KafkaException as exc:  # confluent-kafka raises fatal errors from poll/flush
+                self.note_fatal(exc.args[0])
+            except Exception:  # a bug in a callback: keep serving, or batches would hang
+                log.exception("kafka sink %s: error while serving delivery reports", self.address)
+            self._check()
+
+    def _check(self) -> None:
+        """Drop finished batches; purge when nothing will be delivered soon."""
+        with self._cond:
+            if not self.batches:
+                return
+            now = time.monotonic()
+            outstanding = []
+            for batch in self.batches:
+                if not batch.done:
+                    outstanding.append(batch)
+                elif batch.epoch == self.down_epoch and len(batch.failed) < batch.expected:
+                    # A record of it was delivered after the last "all brokers down": one is back.
+                    self.down = None
+            self.batches = outstanding
+            if not outstanding:
+                return
+            waited = now - min(b.since for b in outstanding)
+            if not (self.fatal is not None or (self.down is not None and waited > _DOWN_GRACE)
+                    or waited > self.limit or (self._closing and now > self._close_by)):
+                return
+            # Fail what is queued now rather than later, and keep no copy that could arrive after
+            # the retry. Each purged record is reported (_PURGE_*) to its own batch as a failure;
+            # a batch still being produced may get more records: its grace starts over.
+            for batch in outstanding:
+                batch.since = now
+        try:
+            self.producer.purge(in_queue=True, in_flight=True, blocking=False)
+        except KafkaException as exc:
+            log.warning("kafka sink %s: purge failed: %s", self.address, exc)
+
+    def close(self, timeout: float) -> None:
+        """Blocking: deliver what is out within `timeout` (then purge it), stop the thread and client."""
+        with self._cond:
+            self._closing = True
+            self._close_by = time.monotonic() + timeout
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        # Every record was reported (delivered or purged): nothing is left for close() to flush.
+        self.producer.close()
+
+    def note_fatal(self, error: KafkaError) -> None:
+        """A fatal error (e.g. the broker lost the idempotence state) ends this producer's use."""
+        if (error.fatal() or error.code() == KafkaError._FATAL) and self.fatal is None:
+            self.fatal = error
+            log.error("kafka sink %s: fatal client error, a new producer takes over: %s", self.address, error.str())
+
+    def _on_error(self, error: KafkaError) -> None:
+        code = error.code()
+        if error.fatal():
+            self.note_fatal(error)
+        elif code == KafkaError._ALL_BROKERS_DOWN:
+            if self.down is None:
+                log.warning("kafka sink: no broker reachable at %s (%s); retrying", self.address,
+                            self.transport_error or error.str())
+            self.down = error
+            self.down_epoch += 1
+        elif code in (KafkaError._TRANSPORT, KafkaError._RESOLVE):  # every failed connect: kept, not logged
+            self.transport_error = error.str()
+        else:
+            log.warning("kafka sink %s: %s", self.address, error.str())
+
+    def describe(self, error: KafkaError) -> str:
+        if error.code() in _UNREACHABLE and self.down is not None:
+            detail = f" ({self.transport_error})" if self.transport_error else ""
+            return f"no broker reachable{detail}"
+        return f"{error.name()}: {error.str()}"
+
+
 class KafkaSink:
+    """Safe for concurrent `send_batch` calls: each returns once its own records are acknowledged."""
+
     def __init__(self, config: KafkaSinkConfig) -> None:
         self.config = config
         self.address = config.bootstrap_servers
         self._topic = TopicTemplate(config.topic)
         self._structured = config.mode == "structured"
         self._binary = BinaryRecords()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="kafka-sink")
-        self._lock = asyncio.Lock()
-        # Filled by librdkafka's callbacks in the flushing thread; read after the flush returned.
-        self._failed: list[tuple[KafkaError, Message]] = []
-        self._down: KafkaError | None = None
-        self._transport_error = ""
-        self._fatal: KafkaError | None = None
+        # Held while a batch's records are produced (and while a fatal producer is replaced), not
+        # while they are awaited: batches go out whole, in call order, and overlap in flight.
+        self._producing = asyncio.Lock()
         self._closed = False
-        self._producer = self._new_producer()
-
-    def _new_producer(self) -> Producer:
-        conf = {
-            **self.config.producer_config(),
-            "on_delivery": self._on_delivery,
-            "error_cb": self._on_error,
-            "logger": logging.getLogger(f"{__name__}.librdkafka"),
-        }
-        try:
-            return Producer(conf)
-        except (KafkaException, TypeError, ValueError) as exc:
-            raise ConfigError("config", f"kafka sink {self.address}: {exc}") from exc
+        self._client = _Client(config)
 
     def _encode(self, event: CloudEvent) -> Record:
         # A payload that is itself a CloudEvent would read as structured mode in binary mode.
@@ -225,19 +401,27 @@ class KafkaSink:
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         if not events:
             return
-        async with self._lock:  # one batch at a time: its failures are the only ones recorded
-            if self._fatal is not None:
-                await self._replace_producer()
-            self._failed.clear()
-            refused = await self._produce_all(events)
-            await self._wait_delivered()
-            self._raise_failures(events, refused)
-            self._down = None
+        async with self._producing:
+            if self._closed:
+                raise SinkError(f"kafka {self.address}: the sink is closed")
+            if self._client.fatal is not None:
+                await self._replace_client()
+            client = self._client
+            batch = client.start_batch(asyncio.get_running_loop())
+            produced = 0
+            try:
+                refused, produced = await self._produce_all(batch, events)
+            finally:  # also when cancelled: the batch then completes on its own, unawaited
+                batch.seal(produced)
+        await batch.future
+        self._raise_failures(client, events, refused, batch.failed)
 
-    async def _produce_all(self, events: Sequence[CloudEvent]) -> dict[int, KafkaError]:
-        """Queues every event; returns those librdkafka refused on the spot, by index."""
+    async def _produce_all(self, batch: _Batch, events: Sequence[CloudEvent]) -> tuple[dict[int, KafkaError], int]:
+        """Queues the events; returns those librdkafka refused on the spot (by index), and how many it took."""
         refused: dict[int, KafkaError] = {}
-        produce = self._producer.produce
+        produced = 0
+        produce = batch.client.producer.produce
+        report = batch.report
         render = self._topic.render
         encode = self._encode
         for index, event in enumerate(events):
@@ -245,64 +429,50 @@ class KafkaSink:
             topic = render(event)
             while True:
                 try:
-                    produce(topic, value, key, headers=headers)
+                    # Positional (topic, value, key, partition, on_delivery): cheaper to parse.
+                    produce(topic, value, key, -1, report, headers=headers)
+                    produced += 1
                     break
-                except BufferError:  # the local queue is full: let the thread drain some of it
-                    await self._flush(_FLUSH_SLICE)
+                except BufferError:  # the local queue is full: the poll thread drains it
+                    if any(e.code() not in PERMANENT for e, _ in batch.failed):
+                        return refused, produced  # purged or failing: the rest would fail too
+                    await asyncio.sleep(_FULL_WAIT)
                 except KafkaException as exc:
                     refused[index] = exc.args[0]
-                    self._note_fatal(exc.args[0])
+                    batch.client.note_fatal(exc.args[0])
                     break
-        return refused
+        return refused, produced
 
-    async def _flush(self, timeout: float) -> int:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, self._producer.flush, timeout)
-        except KafkaException as exc:  # confluent-kafka raises fatal errors from flush/poll
-            self._note_fatal(exc.args[0])
-            raise SinkError(f"kafka {self.address}: {self._describe(exc.args[0])}") from exc
-
-    async def _wait_delivered(self) -> None:
-        started = time.monotonic()
-        limit = self.config.delivery_timeout + 5.0  # librdkafka's own timeout fires before this
-        purged = False
-        while await self._flush(_FLUSH_SLICE):
-            waited = time.monotonic() - started
-            if not purged and ((self._down is not None and waited > _DOWN_GRACE) or waited > limit):
-                # Nothing will be delivered soon: fail the rest now and keep no copy queued that
-                # could arrive after the retry (their reports come back as _PURGE_* failures).
-                self._producer.purge(in_queue=True, in_flight=True, blocking=False)
-                purged = True
-
-    def _raise_failures(self, events: Sequence[CloudEvent], refused: dict[int, KafkaError]) -> None:
-        if not refused and not self._failed:
+    def _raise_failures(self, client: _Client, events: Sequence[CloudEvent], refused: dict[int, KafkaError],
+                        failed: list[tuple[KafkaError, Message]]) -> None:
+        if not refused and not failed:
             return
-        failures, unmatched = self._match_failures(events)
+        failures, unmatched = self._match_failures(events, failed)
         failures.update(refused)
         # A report that matches no event cannot be dead-lettered precisely: retrying is the safe answer.
         retryable = unmatched + [e for e in failures.values() if e.code() not in PERMANENT]
         if retryable:
             raise SinkError(f"kafka {self.address}: {len(events) if unmatched else len(retryable)} of "
-                            f"{len(events)} events not delivered: {self._describe(retryable[0])}")
+                            f"{len(events)} events not delivered: {client.describe(retryable[0])}")
         bad = sorted(failures)
-        reason = self._describe(failures[bad[0]])
+        reason = client.describe(failures[bad[0]])
         raise RejectedError(f"kafka {self.address} refused {len(bad)} events: {reason}", [events[i] for i in bad])
 
-    def _match_failures(self, events: Sequence[CloudEvent]) -> tuple[dict[int, KafkaError], list[KafkaError]]:
-        """Failed delivery reports back to event indexes, by (topic, key, value); and the unmatched.
+    def _match_failures(self, events: Sequence[CloudEvent], failed: list[tuple[KafkaError, Message]]
+                        ) -> tuple[dict[int, KafkaError], list[KafkaError]]:
+        """This batch's failed reports back to event indexes, by (topic, key, value); and the unmatched.
 
         Encoding is deterministic, so nothing is kept per record on the fast path; equal records
         fail alike, so an ambiguous match does not matter.
         """
         index: dict[tuple[str, bytes | None, bytes | None], list[int]] = {}
-        if self._failed:
+        if failed:
             for i, event in enumerate(events):
                 key, value, _ = self._encode(event)
                 index.setdefault((self._topic.render(event), key, value), []).append(i)
         matched: dict[int, KafkaError] = {}
         unmatched: list[KafkaError] = []
-        for error, msg in self._failed:
+        for error, msg in failed:
             hits = index.get((msg.topic() or "", msg.key(), msg.value()))
             if hits is None:
                 unmatched.append(error)
@@ -310,54 +480,18 @@ class KafkaSink:
                 matched[i] = error
         return matched, unmatched
 
-    def _describe(self, error: KafkaError) -> str:
-        if error.code() in _UNREACHABLE and self._down is not None:
-            detail = f" ({self._transport_error})" if self._transport_error else ""
-            return f"no broker reachable{detail}"
-        return f"{error.name()}: {error.str()}"
-
-    def _note_fatal(self, error: KafkaError) -> None:
-        """A fatal error (e.g. the broker lost the idempotence state) ends this producer's use."""
-        if (error.fatal() or error.code() == KafkaError._FATAL) and self._fatal is None:
-            self._fatal = error
-            log.error("kafka sink %s: fatal client error, a new producer takes over: %s", self.address, error.str())
-
-    def _on_delivery(self, error: KafkaError | None, msg: Message) -> None:
-        if error is not None:
-            self._failed.append((error, msg))
-            self._note_fatal(error)
-
-    def _on_error(self, error: KafkaError) -> None:
-        code = error.code()
-        if error.fatal():
-            self._note_fatal(error)
-        elif code == KafkaError._ALL_BROKERS_DOWN:
-            if self._down is None:
-                log.warning("kafka sink: no broker reachable at %s (%s); retrying", self.address,
-                            self._transport_error or error.str())
-            self._down = error
-        elif code in (KafkaError._TRANSPORT, KafkaError._RESOLVE):  # every failed connect: kept, not logged
-            self._transport_error = error.str()
-        else:
-            log.warning("kafka sink %s: %s", self.address, error.str())
-
-    async def _replace_producer(self) -> None:
-        old, self._producer = self._producer, self._new_producer()
-        self._fatal = None
-        old.purge(in_queue=True, in_flight=True, blocking=False)
-        # Closing joins librdkafka's threads: not on the event loop.
-        await asyncio.get_running_loop().run_in_executor(self._executor, old.close)
+    async def _replace_client(self) -> None:
+        """After a fatal error: fail the old producer's outstanding batches, then start anew."""
+        old = self._client
+        # Its thread purges at once (the error is fatal), serves the reports, then stops; closing
+        # joins librdkafka's threads: not on the event loop.
+        await asyncio.to_thread(old.close, 0.0)
+        self._client = _Client(self.config)
 
     async def aclose(self) -> None:
-        """Delivers what is still queued (briefly), then stops the client and its thread."""
+        """Delivers what is still out (briefly, then purges it), then stops the client and its thread."""
         if self._closed:
             return
         self._closed = True
-        try:
-            if await self._flush(min(5.0, self.config.delivery_timeout)):
-                self._producer.purge(in_queue=True, in_flight=True, blocking=False)
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._producer.close)
-        except SinkError as exc:  # a fatal client has nothing left to deliver
-            log.warning("kafka sink %s: %s", self.address, exc)
-        finally:
-            self._executor.shutdown(wait=True)
+        async with self._producing:  # a batch being produced finishes first
+            await asyncio.to_thread(self._client.close, min(5.0, self.config.delivery_timeout))
