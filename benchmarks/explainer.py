@@ -73,7 +73,7 @@ def serve_predictor(port: int, kind: str) -> None:
     import uvicorn
 
     from infer_logger.demo.predictor import create_app
-    from infer_logger.proxy import read_body, respond
+    from infer_logger.asgi import read_body, respond
     from infer_logger.server import uvicorn_config
 
     forest, _, names = model_and_rows()

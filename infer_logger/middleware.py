@@ -13,7 +13,7 @@ from typing import Any
 from infer_logger import events as ev
 from infer_logger.config import Settings
 from infer_logger.logger import InferenceLogger, match_route
-from infer_logger.proxy import read_body
+from infer_logger.asgi import read_body
 
 
 class InferenceLoggerMiddleware:

@@ -17,6 +17,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from infer_logger import events as ev
+from infer_logger.asgi import read_body, respond, run_lifespan
 from infer_logger.cloudevents.http import from_http_many
 from infer_logger.errors import InvalidEventError
 from infer_logger.logger import InferenceLogger, match_route
@@ -42,24 +43,6 @@ _HOP = frozenset(
 )
 _DROP_UPSTREAM = _HOP | {b"host"}
 _JSON = [(b"content-type", b"application/json")]
-
-
-async def read_body(receive: Any) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-async def respond(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    headers.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def error_body(status: int, reason: str, **extra: str) -> bytes:
@@ -108,23 +91,9 @@ class Proxy:
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "lifespan":
-            await self._lifespan(receive, send)
+            await run_lifespan(receive, send, self.startup, self.shutdown)
         # websockets are not inference traffic: refuse by not accepting
 
-    async def _lifespan(self, receive: Any, send: Any) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.startup()
-                except Exception as exc:
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     async def _http(self, scope: Scope, receive: Any, send: Any) -> None:
         path: str = scope["path"]

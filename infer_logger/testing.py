@@ -23,7 +23,7 @@ import uvicorn
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import from_http_many
 from infer_logger.errors import InvalidEventError
-from infer_logger.proxy import read_body, respond
+from infer_logger.asgi import read_body, respond
 
 
 def free_port() -> int:

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urljoin
 
+from infer_logger.asgi import run_lifespan
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import ConfigError, InferLoggerError, InvalidEventError
 from infer_logger.spool import DiskSpool, MemorySpool
@@ -84,26 +85,9 @@ class Broker:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await run_lifespan(receive, send, self.startup, self.shutdown)
         else:
             await self.app(scope, receive, send)
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.startup()
-                except Exception as exc:
-                    log.error("broker startup failed: %s", exc)
-                    await self.shutdown()
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     async def startup(self) -> None:
         self._client = HttpClient()

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import content_mode, from_http_many
 from infer_logger.errors import InvalidEventError
-from infer_logger.proxy import respond
+from infer_logger.asgi import respond
 from pipelines.broker.channel import ChannelError
 from pipelines.broker.endpoints import passthrough
 from pipelines.broker.handler import TriggerHandler

@@ -20,7 +20,7 @@ from infer_logger.dispatch import Backoff, Dispatcher
 from infer_logger.elasticsearch_template import VERSION, install_template
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.metrics import Metrics
-from infer_logger.proxy import read_body, respond
+from infer_logger.asgi import read_body, respond
 from infer_logger.sinks.base import Sink
 from infer_logger.sinks.elasticsearch import (
     ElasticsearchSink,
