@@ -12,6 +12,8 @@ linger.ms=5):
              is 4): spool read, decode, encode, produce, and each batch committed after its acks
     spool    reading the same pre-filled spool alone (no broker): the part of sink-N's cost that
              the raw side does not have
+    alone-N  the sink without worker and spool: `send_batch` of in-memory events, N batches at
+             once: the sink's own cost, encoding included
 
 Rounds alternate the sides so that other load on the machine hits all alike; the best and the
 median round of each are reported, with this process's CPU time per event (Python and
@@ -35,6 +37,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Events per batch (the sink worker's batch size).  [default: 500]")
     p.add_argument("--in-flight", type=int, nargs="+", default=[1, 4], metavar="N",
                    help="Batches with the sink at once, one sink side each.  [default: 1 4]")
+    p.add_argument("--alone", action=argparse.BooleanOptionalAction, default=True,
+                   help="Also time the sink alone (alone-N).  [default: --alone]")
     p.add_argument("--rounds", type=int, default=5, help="Rounds of every side.  [default: 5]")
     p.add_argument("--mode", choices=["binary", "structured"], default="binary", help="[default: binary]")
     p.add_argument("--json", metavar="FILE", help="Save every figure here.")
@@ -209,6 +214,31 @@ async def run_sink(config: KafkaSinkConfig, warm_up: CloudEvent, directory: Path
     return rates
 
 
+async def run_alone(config: KafkaSinkConfig, warm_up: CloudEvent, events: list[CloudEvent], batch: int,
+                    in_flight: int) -> Rates:
+    """Only the sink: `in_flight` concurrent `send_batch` calls over the events, in order."""
+    sink = config.build()
+    await sink.send_batch([warm_up])
+    slots = asyncio.Semaphore(in_flight)
+
+    async def send(chunk: list[CloudEvent]) -> None:
+        try:
+            await sink.send_batch(chunk)
+        finally:
+            slots.release()
+
+    try:
+        clock = Clock()
+        sends = []
+        for start in range(0, len(events), batch):
+            await slots.acquire()
+            sends.append(asyncio.create_task(send(events[start:start + batch])))
+        await asyncio.gather(*sends)
+        return clock.rates(len(events))
+    finally:
+        await sink.aclose()
+
+
 def end_offset(bootstrap: str, topic: str) -> int:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "benchmark-check"})
     try:
@@ -217,12 +247,18 @@ def end_offset(bootstrap: str, topic: str) -> int:
         consumer.close()
 
 
+def label(side: str) -> str:
+    kind, _, n = side.partition("-")
+    return {"raw": "raw producer", "spool": "spool read", "sink": f"sink, {n} in flight",
+            "alone": f"sink alone, {n} in flight"}[kind]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     h.install_cleanup()
     events = make_events(args.messages, args.size)
     warm_up = make_events(1, args.size)[0]
-    sinks = [f"sink-{n}" for n in args.in_flight]
+    sinks = [f"sink-{n}" for n in args.in_flight] + ([f"alone-{n}" for n in args.in_flight] if args.alone else [])
     sides = ["raw", *sinks]
     info = h.machine_info()
     h.log(f"{args.messages} events of {args.size} B, {args.mode} mode, batches of {args.batch}, in flight "
@@ -231,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[str, list[float]] = {side: [] for side in ["spool", *sides]}
     cpu: dict[str, list[float]] = {side: [] for side in rates}
     others: dict[str, list[float]] = {side: [] for side in rates}
+    broker: dict[str, list[float]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="kafka-sink-bench-") as tmp:
         spool_dir = Path(tmp) / "spool"
         fill_spool(spool_dir, events)
-        h.log(f"spool pre-filled: {sum(p.stat().st_size for p in spool_dir.glob('*.log')) / 1e6:.1f} MB "
-              f"in {spool_dir}")
+        h.log(f"spool pre-filled: {sum(p.stat().st_size for p in spool_dir.glob('*.seg')) / 1e6:.1f} MB")
         for round_ in range(1, args.rounds + 1):
             meter = h.CpuMeter({})
             meter.start()
@@ -247,21 +283,24 @@ def main(argv: list[str] | None = None) -> int:
             h.log(f"  round {round_}/{args.rounds} {'spool':>7}: {rate:>9,.0f} events/s, client CPU {us:5.1f} "
                   f"us/event (read and decode only; others used {load:.0%} of the machine)")
             for side in sides:
+                kind, _, n = side.partition("-")
                 server = NoidaServer("kafka").start()
                 try:
                     assert server.proc is not None
                     meter = h.CpuMeter({"broker": server.proc.pid})
                     topic = f"bench-{side}-{round_}"
-                    in_flight = int(side.split("-")[1]) if side != "raw" else None
                     config = KafkaSinkConfig(bootstrap_servers=server.address, topic=topic, mode=args.mode,
-                                             in_flight=in_flight)
+                                             in_flight=int(n) if n else None)
                     run_dir = fresh_copy(spool_dir, Path(tmp) / "run")
                     meter.start()
-                    if side == "raw":
+                    if kind == "raw":
                         rate, us = run_raw(config, events, topic)
+                    elif kind == "sink":
+                        rate, us = run_async(partial(run_sink, config, warm_up, run_dir, args.messages, args.batch))
                     else:
-                        rate, us = run_async(lambda: run_sink(config, warm_up, run_dir, args.messages, args.batch))
-                    load = meter.stop()["others"]
+                        rate, us = run_async(partial(run_alone, config, warm_up, events, args.batch, int(n)))
+                    used = meter.stop()
+                    load, broker_us = used["others"], used["seconds"]["broker"] / args.messages * 1e6
                     delivered = end_offset(server.address, topic) - 1  # minus the warm-up record
                 finally:
                     server.stop()
@@ -270,28 +309,28 @@ def main(argv: list[str] | None = None) -> int:
                 rates[side].append(rate)
                 cpu[side].append(us)
                 others[side].append(load)
+                broker[side].append(broker_us)
                 h.log(f"  round {round_}/{args.rounds} {side:>7}: {rate:>9,.0f} events/s, client CPU {us:5.1f} "
-                      f"us/event (others used {load:.0%} of the machine)")
+                      f"us/event, broker {broker_us:4.1f} (others used {load:.0%} of the machine)")
     best = {side: max(values) for side, values in rates.items()}
     median = {side: statistics.median(values) for side, values in rates.items()}
     least_cpu = {side: min(values) for side, values in cpu.items()}
     h.log("")
     for side in ["raw", "spool", *sinks]:
-        label = {"raw": "raw producer", "spool": "spool read"}.get(side, f"sink, {side[5:]} in flight")
-        h.log(f"{label:>18}: best {best[side]:>9,.0f} events/s, median {median[side]:>9,.0f}; "
-              f"client CPU {least_cpu[side]:5.1f} us/event (least); others' load median "
-              f"{statistics.median(others[side]):.0%}")
+        h.log(f"{label(side):>25}: best {best[side]:>9,.0f} events/s, median {median[side]:>9,.0f}; client CPU "
+              f"{least_cpu[side]:5.1f} us/event (least); others' load median {statistics.median(others[side]):.0%}")
     ratios: dict[str, dict[str, float]] = {}
     for side in sinks:
         ratio = {"best": best[side] / best["raw"], "median": median[side] / median["raw"],
                  "cpu": least_cpu["raw"] / least_cpu[side]}
         ratios[side] = ratio
         verdict = "meets" if ratio["best"] >= TARGET else "misses"
-        h.log(f"{side} / raw: {ratio['best']:.2f} (best), {ratio['median']:.2f} (median); {verdict} the target "
+        h.log(f"{side:>8} / raw: {ratio['best']:.2f} (best), {ratio['median']:.2f} (median): {verdict} the target "
               f"{TARGET}; raw / {side} client CPU per event {ratio['cpu']:.2f}")
-    share = least_cpu["spool"] / least_cpu[sinks[-1]]
-    h.log(f"spool read and decode: {least_cpu['spool']:.1f} us/event, {share:.0%} of {sinks[-1]}'s client CPU")
-    h.save_json(args.json, {"args": vars(args), "rounds": rates, "cpu_us_per_event": cpu,
+    production = f"sink-{args.in_flight[-1]}"
+    h.log(f"spool read and decode: {least_cpu['spool']:.1f} us/event, {least_cpu['spool'] / least_cpu[production]:.0%} "
+          f"of {production}'s client CPU")
+    h.save_json(args.json, {"args": vars(args), "rounds": rates, "cpu_us_per_event": cpu, "broker_us_per_event": broker,
                             "others_load": others, "best": best, "median": median, "ratios": ratios,
                             "target": TARGET, "machine": h.machine_info()})
     return 0

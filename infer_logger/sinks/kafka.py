@@ -2,31 +2,41 @@
 
 `send_batch` produces every event of the batch and returns once the broker acknowledged each
 of them (acks=all), so the spool checkpoint moves only after delivery. Several batches may be
-with the sink at once (`in_flight`, 4 by default) and stream through one producer: each batch
-counts its own delivery reports (every record's callback is a bound method of its batch), a
-single thread per producer serves the reports while any batch is out, and the event loop is
-woken once per batch, never per record; the event loop never blocks. While every outstanding
-batch is fully produced the thread flushes rather than polls, so a batch's tail goes out at once
-instead of waiting out `linger.ms`. Binary mode's headers come from a cache (`BinaryRecords`):
-the sink's per-event cost stays near the raw producer's.
+with the sink at once (`in_flight`, 4 by default; calls may overlap) and stream through one
+producer, each tracked on its own, at no Python cost per delivered record:
+
+- every record of a batch gets the batch's one callback object (`_Reports`);
+  `delivery.report.only.error` keeps successes in C, so only failures call it, and they land
+  in their own batch (purged records too);
+- confluent-kafka holds a reference to that object per record until the record's report is
+  served: once the batch is produced, the last report frees it, and a weak reference's callback
+  wakes the event loop (`call_soon_threadsafe`), once per batch;
+- one thread per producer serves the reports while any batch is out: it polls while a batch is
+  being produced (`linger.ms` fills requests), and flushes once all are (a batch's tail goes out
+  at once); its flush draining the queue also completes the batches sealed before (a backstop).
+
+The event loop never blocks: `produce` only queues (a full queue is waited out asynchronously).
+Batches are produced whole and in call order. Binary mode's headers come from a cache
+(`BinaryRecords`). So the sink's client CPU per event stays near the raw producer's plus encoding.
 
 Failures: a record the broker refuses for good (too large, invalid topic) is rejected and
 dead-lettered by the worker; anything else (broker down, timeouts, leader moves) fails the
 batch with `SinkError` and the worker retries it whole (at-least-once: a retry may duplicate).
 When no broker is reachable, batches fail after `_DOWN_GRACE` rather than waiting out the
 delivery timeout: everything queued is purged, so that a retry does not duplicate it, and each
-purged record's report still reaches its own batch as a failure. A fatal client error fails
-the outstanding batches, and the next batch gets a new producer.
+purged record's report reaches its own batch as a failure. A fatal client error fails the
+outstanding batches (purged at once), and the next batch gets a new producer.
 """
-
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
 import string
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Literal
 
@@ -64,10 +74,22 @@ PERMANENT: frozenset[int] = frozenset({
 
 _POLL_SLICE = 0.1  # seconds per poll/flush in the poll thread: bounds how late it notices a dead broker
 _DOWN_GRACE = 2.0  # seconds a batch may wait with every broker down (reconnects take <= 1 s)
+_PROBE = 0.5  # seconds a metadata request may take to tell that a broker is back
 _FULL_WAIT = 0.005  # seconds the event loop waits for room when librdkafka's local queue is full
 _UNREACHABLE = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT, KafkaError._MSG_TIMED_OUT) if CLIENT else ()
+_NESTED = "application/cloudevents"  # a content type whose payload is a CloudEvent itself
 _TOPIC_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _MISSING = "unknown"
+_TOPIC_MAX = 249  # characters in a topic name
+
+
+def _refusal(error: KafkaError, topic: str) -> KafkaError:
+    """Why `produce` refused a record. A name Kafka never accepts is refused for good, but when
+    the broker's answer beats the first record (a race), librdkafka says "unknown topic"."""
+    if error.code() == KafkaError._UNKNOWN_TOPIC and (len(topic) > _TOPIC_MAX or topic in (".", "..")):
+        return KafkaError(KafkaError.TOPIC_EXCEPTION, f"{topic[:60]}...: not a legal topic name "
+                                                      f"(at most {_TOPIC_MAX} characters, not '.' or '..')")
+    return error
 
 
 class KafkaSinkConfig(SinkConfig):
@@ -166,107 +188,140 @@ class TopicTemplate:
         return topic
 
 
+class _HeaderCache(dict[tuple[str, AttributeValue], tuple[str, bytes]]):
+    """(attribute, value) -> its binary-mode header; a miss builds it, and keeps it when safe."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def __missing__(self, item: tuple[str, AttributeValue]) -> tuple[str, bytes]:
+        name, value = item
+        header = ("content-type" if name == "datacontenttype" else "ce_" + name, attribute_text(value).encode())
+        # As keys True == 1 and False == 0, texts "true" and "1": booleans, 0 and 1 are not kept.
+        kind = type(value)
+        if kind is str or (kind is int and value not in (0, 1)):
+            if len(self) >= self.size:  # unique values (id, time) would fill it: start over
+                self.clear()
+            self[item] = header
+        return header
+
+
 class BinaryRecords:
     """`to_kafka_binary(event)` as a `produce`-ready record, the headers of repeated values cached.
 
     Most attributes of a sidecar's events repeat (source, service, model, path, status), and
-    building their headers anew is most of the binding's cost: with them cached, encoding costs
-    about a third as much, less than `produce` itself. It must equal the binding (a test checks).
+    building their headers anew is most of the binding's cost: with them cached (and looked up
+    in C, `map` over the cache's `__getitem__`: only misses run Python), encoding costs a fraction
+    of `produce` itself. It must equal the binding (a test checks).
     """
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._headers: dict[tuple[str, AttributeValue], tuple[str, bytes]] = {}
+        self._headers = _HeaderCache(size)
+        self._lookup = self._headers.__getitem__
 
     def __call__(self, event: CloudEvent) -> Record:
-        cache = self._headers
-        headers: Headers = []
-        for item in event.attributes.items():
-            header = cache.get(item)
-            if header is None:
-                name, value = item
-                header = ("content-type" if name == "datacontenttype" else "ce_" + name,
-                          attribute_text(value).encode())
-                if type(value) is str:  # True == 1 as keys: only strings are cached
-                    if len(cache) >= self.size:  # unique values (id, time) would fill it: start over
-                        cache.clear()
-                    cache[item] = header
-            headers.append(header)
-        partition_key = event.attributes.get("partitionkey")
+        attributes = event.attributes
+        headers: Headers = list(map(self._lookup, attributes.items()))
+        partition_key = attributes.get("partitionkey")
         key = event.id if partition_key is None else attribute_text(partition_key)
         return key.encode(), event.data, headers
 
 
-class _Batch:
-    """Delivery accounting of one `send_batch`: every record's delivery callback is `report`.
+class _Reports:
+    """The delivery-report callback of one batch's records, and how the batch knows it is done.
 
-    Reports are counted in the poll thread only (one writer), and `expected` is set by the event
-    loop once every record is produced; whichever of the two sees the count complete wakes the
-    loop (`_finish` is idempotent), so the loop is woken once per batch, not per record.
+    `delivery.report.only.error` keeps successes in C: only failures call it. confluent-kafka
+    holds a reference to a record's callback until the record's report is served, so once the
+    batch is produced and let go of it, the last report frees it, and the weak reference's
+    callback completes the batch: per batch, without a Python call per delivered record.
     """
 
-    __slots__ = ("client", "epoch", "expected", "failed", "future", "loop", "reported", "since")
+    __slots__ = ("__weakref__", "batch")
+
+    def __init__(self, batch: _Batch) -> None:
+        self.batch = batch
+
+    def __call__(self, error: KafkaError | None, msg: Message) -> None:  # the poll thread; failures only
+        if error is not None:
+            self.batch.failed.append((error, msg))
+            self.batch.client.note_fatal(error)
+
+
+class _Batch:
+    """Delivery accounting of one `send_batch`: its failures, and a future set once all is reported."""
+
+    __slots__ = ("client", "done", "failed", "future", "loop", "pinned", "produced", "sealed", "since", "topic",
+                 "watch")
 
     def __init__(self, client: _Client, loop: asyncio.AbstractEventLoop) -> None:
         self.client = client
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
-        self.expected = -1  # records produced: -1 until all are
-        self.reported = 0
         self.failed: list[tuple[KafkaError, Message]] = []
+        self.produced = 0
+        self.topic: str | None = None  # of its last record: what a probe asks about
+        self.sealed = False  # every record is produced (or none more will be)
+        self.done = False  # every produced record is reported
         self.since = time.monotonic()  # grace and timeouts count from here (restarted by a purge)
-        self.epoch = client.down_epoch  # "no broker reachable" reports served before this batch began
+        self.watch: weakref.ref[_Reports] | None = None  # kept: a weak reference's callback needs it alive
+        self.pinned: _Reports | None = None
 
-    def report(self, error: KafkaError | None, msg: Message) -> None:
-        """The delivery report of one record (the poll thread): the only per-record Python cost."""
-        if error is not None:
-            self.failed.append((error, msg))
-            self.client.note_fatal(error)
-        self.reported += 1
-        if self.reported == self.expected:
-            try:
-                self.loop.call_soon_threadsafe(self._finish)
-            except RuntimeError:  # the loop is closed: nobody waits for this batch any more
-                pass
+    def reports(self) -> _Reports:
+        reports = _Reports(self)
+        self.watch = weakref.ref(reports, self._released)
+        return reports
 
-    def seal(self, produced: int) -> None:
-        """Every record is produced (or none will be): wait for `produced` reports (the loop)."""
-        self.expected = produced
-        if self.reported == produced:
-            self._finish()
+    def _released(self, _: object) -> None:
+        """The last reference to the batch's callback went (any thread): every record is reported."""
+        self.complete()
 
-    @property
-    def done(self) -> bool:
-        return self.reported == self.expected
+    def complete(self) -> None:
+        """Wake the event loop, once (idempotent there)."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            self.loop.call_soon_threadsafe(self._finish)
+        except RuntimeError:  # the loop is closed: nobody waits for this batch any more
+            pass
 
     def _finish(self) -> None:
-        if not self.future.done():  # done: finished already, or cancelled with its send_batch
+        if not self.future.done():  # cancelled with its send_batch: nothing to tell
             self.future.set_result(None)
 
 
 class _Client:
-    """One librdkafka producer, and the thread that serves its callbacks while batches are out.
+    """One librdkafka producer, and the one thread that serves its reports while batches are out.
 
-    Only that thread polls (so only it runs delivery reports, error and log callbacks); it also
-    purges what will not be delivered soon: after `_DOWN_GRACE` with every broker down, after the
-    delivery timeout (a backstop: librdkafka's own fires first), at once after a fatal error.
+    Only that thread polls, so delivery reports, error and log callbacks run there, never on the
+    event loop. While a batch is being produced it polls (`linger.ms` fills the requests); once
+    every batch is produced it flushes (the tails go out at once). It also purges what will not
+    be delivered soon: after `_DOWN_GRACE` with every broker down, unless a broker answers a
+    metadata request by then (librdkafka tells when the last one goes, not when one is back);
+    after the delivery timeout (a backstop: librdkafka's own fires first); at once after a fatal
+    error; and when closing, after its timeout.
     """
 
     def __init__(self, config: KafkaSinkConfig) -> None:
         self.address = config.bootstrap_servers
         self.limit = config.delivery_timeout + 5.0
-        self.down: KafkaError | None = None
-        self.down_epoch = 0
+        self.down: KafkaError | None = None  # "all brokers down", until a probe finds one
         self.transport_error = ""
         self.fatal: KafkaError | None = None
         self.batches: list[_Batch] = []  # outstanding, oldest first; guarded by `_cond`
         self._cond = threading.Condition()
         self._closing = False
         self._close_by = 0.0
+        self._warned = False
         conf = {
             **config.producer_config(),
-            # Every report is needed, successes too: they are what completes a batch.
-            "delivery.report.only.error": False,
+            # Successes stay in C (no Python call, no Message object): a batch completes when
+            # its callback is released (`_Reports`), and only failures call it.
+            "delivery.report.only.error": True,
             "error_cb": self._on_error,
             "logger": logging.getLogger(f"{__name__}.librdkafka"),
         }
@@ -286,6 +341,16 @@ class _Client:
             self._thread.start()
         return batch
 
+    def seal(self, batch: _Batch, held: bool) -> None:
+        """The event loop let go of the batch's callback: `batch.produced` records are out."""
+        if not held and not self._warned:
+            self._warned = True
+            log.warning("kafka sink %s: this confluent-kafka does not hold a record's callback until its "
+                        "report; batches complete only when the producer's queue drains", self.address)
+        batch.sealed = True
+        if batch.produced == 0:
+            batch.complete()
+
     def _run(self) -> None:
         producer = self.producer
         while True:
@@ -294,12 +359,16 @@ class _Client:
                     self._cond.wait()
                 if not self.batches:
                     return  # closing, and every batch has its reports
-                producing = any(b.expected < 0 for b in self.batches)
+                sealed = [b for b in self.batches if b.sealed]
+                producing = len(sealed) < len(self.batches)
             try:
                 if producing:  # more records are coming: let `linger.ms` fill the requests
                     producer.poll(_POLL_SLICE)
-                else:  # every record is queued: send the tails now, serving reports meanwhile
-                    producer.flush(_POLL_SLICE)
+                elif producer.flush(_POLL_SLICE) == 0:
+                    # Every record is queued, so the tails went out at once; and now every report
+                    # is served: the batches sealed before are done (a backstop of `_Reports`).
+                    for batch in sealed:
+                        batch.complete()
             except KafkaException as exc:  # confluent-kafka raises fatal errors from poll/flush
                 self.note_fatal(exc.args[0])
             except Exception:  # a bug in a callback: keep serving, or batches would hang
@@ -309,32 +378,39 @@ class _Client:
     def _check(self) -> None:
         """Drop finished batches; purge when nothing will be delivered soon."""
         with self._cond:
+            self.batches = [b for b in self.batches if not b.done]
             if not self.batches:
                 return
             now = time.monotonic()
-            outstanding = []
-            for batch in self.batches:
-                if not batch.done:
-                    outstanding.append(batch)
-                elif batch.epoch == self.down_epoch and len(batch.failed) < batch.expected:
-                    # A record of it was delivered after the last "all brokers down": one is back.
-                    self.down = None
-            self.batches = outstanding
-            if not outstanding:
+            waited = now - min(b.since for b in self.batches)
+            unreachable = self.down is not None and waited > _DOWN_GRACE
+            hopeless = self.fatal is not None or waited > self.limit or (self._closing and now >= self._close_by)
+            if not (unreachable or hopeless):
                 return
-            waited = now - min(b.since for b in outstanding)
-            if not (self.fatal is not None or (self.down is not None and waited > _DOWN_GRACE)
-                    or waited > self.limit or (self._closing and now > self._close_by)):
-                return
+            topic = self.batches[0].topic
+        if not hopeless and self._answers(topic):
+            # Back since its last "all brokers down" (librdkafka does not say when): let them be.
+            self.down = None
+            return
+        with self._cond:
             # Fail what is queued now rather than later, and keep no copy that could arrive after
             # the retry. Each purged record is reported (_PURGE_*) to its own batch as a failure;
             # a batch still being produced may get more records: its grace starts over.
-            for batch in outstanding:
+            now = time.monotonic()
+            for batch in self.batches:
                 batch.since = now
         try:
             self.producer.purge(in_queue=True, in_flight=True, blocking=False)
         except KafkaException as exc:
             log.warning("kafka sink %s: purge failed: %s", self.address, exc)
+
+    def _answers(self, topic: str | None) -> bool:
+        """Whether a broker answers a metadata request now (blocking, at most `_PROBE` seconds)."""
+        try:
+            self.producer.list_topics(topic, timeout=_PROBE)
+        except KafkaException:
+            return False
+        return True
 
     def close(self, timeout: float) -> None:
         """Blocking: deliver what is out within `timeout` (then purge it), stop the thread and client."""
@@ -357,12 +433,10 @@ class _Client:
         code = error.code()
         if error.fatal():
             self.note_fatal(error)
-        elif code == KafkaError._ALL_BROKERS_DOWN:
-            if self.down is None:
-                log.warning("kafka sink: no broker reachable at %s (%s); retrying", self.address,
-                            self.transport_error or error.str())
+        elif code == KafkaError._ALL_BROKERS_DOWN:  # only when the last one goes: logged each time
+            log.warning("kafka sink: no broker reachable at %s (%s); retrying", self.address,
+                        self.transport_error or error.str())
             self.down = error
-            self.down_epoch += 1
         elif code in (KafkaError._TRANSPORT, KafkaError._RESOLVE):  # every failed connect: kept, not logged
             self.transport_error = error.str()
         else:
@@ -392,7 +466,7 @@ class KafkaSink:
 
     def _encode(self, event: CloudEvent) -> Record:
         # A payload that is itself a CloudEvent would read as structured mode in binary mode.
-        if self._structured or (event.datacontenttype or "").startswith("application/cloudevents"):
+        if self._structured or (event.datacontenttype or "").startswith(_NESTED):
             message = to_kafka_structured(event)
             headers: Headers = list(message.headers.items())
             return message.key, message.value, headers
@@ -408,40 +482,62 @@ class KafkaSink:
                 await self._replace_client()
             client = self._client
             batch = client.start_batch(asyncio.get_running_loop())
-            produced = 0
-            try:
-                refused, produced = await self._produce_all(batch, events)
-            finally:  # also when cancelled: the batch then completes on its own, unawaited
-                batch.seal(produced)
+            refused: dict[int, KafkaError] = {}
+            await self._produce_all(batch, events, refused)
         await batch.future
         self._raise_failures(client, events, refused, batch.failed)
 
-    async def _produce_all(self, batch: _Batch, events: Sequence[CloudEvent]) -> tuple[dict[int, KafkaError], int]:
-        """Queues the events; returns those librdkafka refused on the spot (by index), and how many it took."""
-        refused: dict[int, KafkaError] = {}
-        produced = 0
+    async def _produce_all(self, batch: _Batch, events: Sequence[CloudEvent], refused: dict[int, KafkaError]) -> None:
+        """Queues the events; those librdkafka refused on the spot go to `refused`, by index.
+
+        Then lets go of the batch's callback (also when cancelled: a traceback would keep this
+        frame), so that the batch completes with its last record's report, unawaited if need be.
+        """
         produce = batch.client.producer.produce
-        report = batch.report
         render = self._topic.render
-        encode = self._encode
-        for index, event in enumerate(events):
-            key, value, headers = encode(event)
-            topic = render(event)
-            while True:
-                try:
-                    # Positional (topic, value, key, partition, on_delivery): cheaper to parse.
-                    produce(topic, value, key, -1, report, headers=headers)
-                    produced += 1
-                    break
-                except BufferError:  # the local queue is full: the poll thread drains it
-                    if any(e.code() not in PERMANENT for e, _ in batch.failed):
-                        return refused, produced  # purged or failing: the rest would fail too
-                    await asyncio.sleep(_FULL_WAIT)
-                except KafkaException as exc:
-                    refused[index] = exc.args[0]
-                    batch.client.note_fatal(exc.args[0])
-                    break
-        return refused, produced
+        constant = self._topic.constant
+        binary = None if self._structured else self._binary
+        reports = batch.reports()
+        produced = 0
+        held = True
+        topic: str | None = None
+        try:
+            for index, event in enumerate(events):
+                content_type = event.attributes.get("datacontenttype")
+                if binary is not None and not (type(content_type) is str and content_type.startswith(_NESTED)):
+                    key, value, headers = binary(event)
+                else:
+                    key, value, headers = self._encode(event)
+                topic = constant or render(event)
+                while True:
+                    try:
+                        if produced:
+                            # Positional (topic, value, key, partition, on_delivery): cheaper to parse.
+                            produce(topic, value, key, -1, reports, headers=headers)
+                        else:
+                            before = sys.getrefcount(reports)
+                            produce(topic, value, key, -1, reports, headers=headers)
+                            # The client holds one reference per record out (the GIL is held
+                            # throughout: no report can release it meanwhile). If not, completing
+                            # on release would be early: keep it, and wait for the queue to drain.
+                            if sys.getrefcount(reports) != before + 1:
+                                batch.pinned = reports
+                                held = False
+                        produced += 1
+                        break
+                    except BufferError:  # the local queue is full: the poll thread drains it
+                        if any(e.code() not in PERMANENT for e, _ in batch.failed):
+                            return  # purged or failing: the rest would fail too
+                        await asyncio.sleep(_FULL_WAIT)
+                    except KafkaException as exc:
+                        refused[index] = _refusal(exc.args[0], topic)
+                        batch.client.note_fatal(exc.args[0])
+                        break
+        finally:
+            batch.produced = produced
+            batch.topic = topic
+            del reports  # with every report in already, this completes the batch
+            batch.client.seal(batch, held)
 
     def _raise_failures(self, client: _Client, events: Sequence[CloudEvent], refused: dict[int, KafkaError],
                         failed: list[tuple[KafkaError, Message]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 import time
@@ -18,8 +19,10 @@ from pydantic import ValidationError
 
 from infer_logger.cloudevents.event import CloudEvent, attribute_text
 from infer_logger.cloudevents.kafka import KafkaMessage, from_kafka, to_kafka_binary
+from infer_logger.dispatch import Backoff, Dispatcher
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.events import EXPLANATION, REQUEST, RESPONSE
+from infer_logger.metrics import Metrics
 from infer_logger.sinks.kafka import (
     BinaryRecords,
     ClientValue,
@@ -27,6 +30,7 @@ from infer_logger.sinks.kafka import (
     KafkaSinkConfig,
     TopicTemplate,
 )
+from infer_logger.spool import DiskSpool
 from infer_logger.testing import free_port
 from tests.services import NoidaServer
 
@@ -236,6 +240,166 @@ class TestBrokerDown:
             server.stop()
 
 
+def end_offset(bootstrap: str, topic: str) -> int:
+    """The high watermark of partition 0: every record the broker acknowledged (acks=all)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "watermarks"})
+    try:
+        return consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)[1]
+    finally:
+        consumer.close()
+
+
+class TestConcurrent:
+    """Batches overlap in flight: each returns on its own acks and fails with its own records."""
+
+    async def test_each_returns_on_its_own_acks(self, kafka_bootstrap: str) -> None:
+        prefix = f"c{uuid.uuid4().hex[:8]}"
+        sink = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=prefix + "-{modelname}").build()
+        batches = [[event(b * 1000 + i, model=f"m{b}") for i in range(50 * (b + 1))] for b in range(4)]
+        for b in range(4):  # the topics exist before the timing matters
+            await sink.send_batch([event(-1 - b, model=f"m{b}")])
+
+        async def send(b: int) -> int:
+            await sink.send_batch(batches[b])
+            # On return every record of this batch is in the log, whatever the others' state.
+            return await asyncio.to_thread(end_offset, kafka_bootstrap, f"{prefix}-m{b}")
+
+        try:
+            offsets = await asyncio.gather(*(send(b) for b in range(4)))
+        finally:
+            await sink.aclose()
+        assert offsets == [1 + len(batch) for batch in batches]
+        for b, batch in enumerate(batches):
+            got = read_back(kafka_bootstrap, f"{prefix}-m{b}", len(batch) + 1)
+            assert [decode(m).id for m in got[1:]] == [e.id for e in batch]
+
+    async def test_batches_overlap_in_flight(self) -> None:
+        server = NoidaServer("kafka").start()
+        sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events").build()
+        batches = [[event(b * 100 + i) for i in range(100)] for b in range(4)]
+        try:
+            await sink.send_batch([event(-1)])
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)  # frozen: it takes the requests, acknowledges none
+            sends = [asyncio.create_task(sink.send_batch(batch)) for batch in batches]
+            await asyncio.sleep(0.5)
+            assert not any(send.done() for send in sends)
+            # None is acknowledged, yet every batch is produced: none waits for another's acks.
+            assert len(sink._client.producer) == 400
+            server.proc.send_signal(signal.SIGCONT)
+            await asyncio.wait_for(asyncio.gather(*sends), 10)
+            assert end_offset(server.address, "events") == 401
+        finally:
+            await sink.aclose()
+            server.stop()
+
+    @pytest.mark.parametrize("where", ["client", "broker"])
+    async def test_a_refusal_stays_in_its_batch(self, kafka_bootstrap: str, where: str) -> None:
+        topic = new_topic(kafka_bootstrap)
+        config: dict[str, ClientValue] = {"message.max.bytes": 5_000_000} if where == "broker" else {}
+        sink = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=topic, config=config).build()
+        batches = [[event(b * 100 + i) for i in range(20)] for b in range(4)]
+        batches[2][5] = event(205, data=b'"' + b"x" * 2_000_000 + b'"')
+        try:
+            results = await asyncio.gather(*(sink.send_batch(batch) for batch in batches), return_exceptions=True)
+        finally:
+            await sink.aclose()
+        assert [r is None for r in results] == [True, True, False, True]
+        refused = results[2]
+        assert isinstance(refused, RejectedError) and "MSG_SIZE_TOO_LARGE" in str(refused)
+        assert [e.id for e in refused.events] == ["id-205"]
+        expected = {e.id for batch in batches for e in batch} - {"id-205"}
+        assert {decode(m).id for m in read_back(kafka_bootstrap, topic, 79)} == expected
+
+    async def test_broker_lost_with_batches_in_flight(self) -> None:
+        server = NoidaServer("kafka").start()
+        sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events").build()
+        batches = [[event(b * 100 + i) for i in range(100)] for b in range(4)]
+        try:
+            await sink.send_batch([event(-1)])
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)  # frozen: it takes the requests, acknowledges none
+            sends = [asyncio.create_task(sink.send_batch(batch)) for batch in batches]
+            await asyncio.sleep(0.5)
+            assert not any(send.done() for send in sends)
+            started = time.monotonic()
+            server.proc.kill()  # gone: the connection drops, reconnects are refused
+            results = await asyncio.gather(*sends, return_exceptions=True)
+            assert time.monotonic() - started < 8  # the grace, not the 30 s delivery timeout
+            for result in results:
+                assert type(result) is SinkError, result
+                assert server.address in str(result) and "no broker reachable" in str(result)
+            server.stop()
+            server.start()  # same port; whatever it held is gone
+            await asyncio.gather(*(send_with_retry(sink, batch) for batch in batches))
+            got = read_back(server.address, "events", 400, timeout=10)
+            assert {decode(m).id for m in got} == {e.id for batch in batches for e in batch}
+        finally:
+            await sink.aclose()
+            server.stop()
+
+    async def test_fatal_error_with_batches_in_flight(self) -> None:
+        server = NoidaServer("kafka").start()
+        sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events").build()
+        batches = [[event(b * 100 + i) for i in range(100)] for b in range(4)]
+        try:
+            await sink.send_batch([event(-1)])
+            first = sink._client
+            server.stop()
+            server.start()  # same port, empty: the idempotent producer's sequence is now fatal
+            results = await asyncio.gather(*(sink.send_batch(batch) for batch in batches), return_exceptions=True)
+            assert all(r is None or type(r) is SinkError for r in results), results
+            failures = await asyncio.gather(*(send_with_retry(sink, batch) for batch in batches))
+            assert sum(failures) <= 8
+            got = read_back(server.address, "events", 400, timeout=10)
+            assert {decode(m).id for m in got} >= {e.id for batch in batches for e in batch}
+            if any(results):  # the fatal error came with this round (not with a reconnect before it)
+                assert sink._client is not first
+        finally:
+            await sink.aclose()
+            server.stop()
+
+    async def test_a_cancelled_batch_disturbs_no_other(self, kafka_bootstrap: str) -> None:
+        topic = new_topic(kafka_bootstrap)
+        sink = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=topic).build()
+        batches = [[event(b * 100 + i) for i in range(100)] for b in range(3)]
+        sends = [asyncio.create_task(sink.send_batch(batch)) for batch in batches]
+        await asyncio.sleep(0)
+        sends[1].cancel()
+        await asyncio.gather(sends[0], sends[2])
+        assert sends[1].cancelled()
+        started = time.monotonic()
+        await sink.aclose()  # the cancelled batch's records were still delivered, or purged
+        assert time.monotonic() - started < 5
+        with pytest.raises(SinkError, match="closed"):
+            await sink.send_batch(batches[0])
+        assert end_offset(kafka_bootstrap, topic) in (200, 300)
+
+
+class TestWorker:
+    """Behind a sink worker over a real spool, as the sidecar runs it."""
+
+    async def test_in_flight_keeps_spool_order(self, kafka_bootstrap: str, tmp_path: Path) -> None:
+        topic = new_topic(kafka_bootstrap)
+        config = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=topic)
+        assert config.in_flight == 4
+        spool = DiskSpool(tmp_path / "spool")
+        for i in range(3000):
+            spool.append(event(i))
+        d = Dispatcher(spool, {"kafka": config.build()}, Metrics(spool), batch_size=100,
+                       backoff=Backoff(initial=0.01, maximum=0.1),
+                       overrides={"kafka": (config.batch_size, config.in_flight)})
+        assert d.workers[0].in_flight == 4
+        d.start()
+        try:
+            got = await asyncio.to_thread(read_back, kafka_bootstrap, topic, 3000)
+        finally:
+            await d.stop()  # also closes the sink
+            spool.close()
+        # One partition, no retries: the idempotent producer keeps spool order across batches.
+        assert [decode(m).id for m in got] == [f"id-{i}" for i in range(3000)]
+
+
 class TestBinaryRecords:
     """The sink's cached binary encoder equals the binding, record for record."""
 
@@ -246,6 +410,9 @@ class TestBinaryRecords:
             event(1).with_attributes(statuscode="200"),  # the string, after the int was seen
             event(2).with_attributes(truncated=1, statuscode=True),  # True == 1 as dict keys
             event(3).with_attributes(partitionkey="tenant-7"),  # the key comes from it
+            event(4).with_attributes(statuscode=1, truncated=True),  # 1 after True
+            event(5).with_attributes(statuscode=0, truncated=False),  # False == 0 as keys
+            event(6).with_attributes(latencyms=17, statuscode="17"),  # an int kept, then its text
             CloudEvent({"specversion": "1.0", "id": "bare", "source": "/s", "type": "t"}),
         ]
         for e in samples * 2:
@@ -279,6 +446,12 @@ class TestConfig:
         assert conf["linger.ms"] == 50  # passed-through properties win
         with pytest.raises(ConfigError, match="no.such.property"):
             KafkaSinkConfig(bootstrap_servers="b:9092", config={"no.such.property": "1"}).build()
+
+    def test_in_flight(self) -> None:
+        assert KafkaSinkConfig(bootstrap_servers="b:9092").in_flight == 4
+        assert KafkaSinkConfig(bootstrap_servers="b:9092", in_flight=None).in_flight is None  # the default's
+        with pytest.raises(ValidationError, match="in_flight"):
+            KafkaSinkConfig(bootstrap_servers="b:9092", in_flight=0)
 
     async def test_empty_batch(self) -> None:
         sink = KafkaSinkConfig(bootstrap_servers=f"127.0.0.1:{free_port()}").build()
