@@ -54,19 +54,8 @@ from infer_logger import events, payloads
 from infer_logger.cloudevents.event import CloudEvent, attribute_text
 
 Document = dict[str, Any]
-KINDS = {events.REQUEST: "request", events.RESPONSE: "response", events.EXPLANATION: "explanation"}
-
-# Field <- attribute, for what the request and response events both carry.
-SHARED = {
-    "model": events.MODELNAME,
-    "model_version": events.MODELVERSION,
-    "service": events.INFERENCESERVICENAME,
-    "namespace": events.NAMESPACE,
-    "component": events.COMPONENT,
-    "endpoint": events.ENDPOINT,
-    "protocol": events.PROTOCOL,
-    "path": events.PATH,
-}
+KINDS = events.KINDS
+SHARED = events.SHARED_FIELDS
 _MAX_ID_BYTES = 512  # Elasticsearch refuses longer _ids
 _SUM_TOLERANCE = 0.01  # float32 softmax outputs rarely sum to exactly 1
 

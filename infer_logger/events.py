@@ -40,6 +40,20 @@ TRACEPARENT = "traceparent"
 TRUNCATED = "truncated"
 DATASIZE = "datasize"
 
+# The audit record (store rows, Elasticsearch documents): which part each event type fills, and
+# field <- attribute for what every event of an exchange carries.
+KINDS = {REQUEST: "request", RESPONSE: "response", EXPLANATION: "explanation"}
+SHARED_FIELDS = {
+    "model": MODELNAME,
+    "model_version": MODELVERSION,
+    "service": INFERENCESERVICENAME,
+    "namespace": NAMESPACE,
+    "component": COMPONENT,
+    "endpoint": ENDPOINT,
+    "protocol": PROTOCOL,
+    "path": PATH,
+}
+
 SKIP_HEADERS = ("x-skip-logging", "seldon-skip-logging")
 _TRUE = {"true", "1", "yes", "on"}
 

@@ -60,19 +60,9 @@ CREATE INDEX records_status_time ON records (status, time);
 """
 
 # Column <- event attribute, for the attributes every event of an exchange carries.
-_SHARED = {
-    "time": "time",
-    "model": events.MODELNAME,
-    "model_version": events.MODELVERSION,
-    "service": events.INFERENCESERVICENAME,
-    "namespace": events.NAMESPACE,
-    "component": events.COMPONENT,
-    "endpoint": events.ENDPOINT,
-    "protocol": events.PROTOCOL,
-    "path": events.PATH,
-    "metadata": events.METADATA,
-}
-_KINDS = {events.REQUEST: "request", events.EXPLANATION: "explanation", events.RESPONSE: "response"}
+_SHARED = {"time": "time", **events.SHARED_FIELDS, "metadata": events.METADATA}
+# Upsert order within a batch: requests, explanations, then responses.
+_KINDS = {t: events.KINDS[t] for t in (events.REQUEST, events.EXPLANATION, events.RESPONSE)}
 _FROM_RESPONSE = "(SELECT {col} FROM records WHERE id = :id AND response_attributes IS NOT NULL LIMIT 1)"
 
 
