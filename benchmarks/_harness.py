@@ -306,11 +306,8 @@ def wait_sink_caught_up(base_url: str, timeout: float) -> tuple[float, bool]:
 
 # -- wrk ----------------------------------------------------------------------------------------
 
-WRK_LUA = """\
-wrk.method = "POST"
-wrk.body = '{body}'
-wrk.headers["Content-Type"] = "application/json"
-{extra}
+# wrk's `done` hook printing one JSON line the harness parses; a format template ({{ }} escaped).
+WRK_DONE_LUA = """\
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -322,6 +319,13 @@ done = function(summary, latency, requests)
     e.connect, e.read, e.write, e.status, e.timeout))
 end
 """
+
+WRK_LUA = """\
+wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+{extra}
+""" + WRK_DONE_LUA
 
 
 def write_wrk_script(path: Path, *, skip_logging: bool = False) -> Path:
@@ -375,22 +379,27 @@ def cpu_busy(seconds: float = 1.0) -> float:
     return 1.0 - (i2 - i1) / max(1, t2 - t1)
 
 
+def proc_stats() -> list[tuple[int, str, int, int]]:
+    """(pid, name, ppid, user+system clock ticks) of every process, from /proc/<pid>/stat."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.find("(") + 1 : stat.rfind(")")]
+        rest = stat[stat.rfind(")") + 2 :].split()
+        out.append((int(d.name), name, int(rest[1]), int(rest[11]) + int(rest[12])))
+    return out
+
+
 def top_other_processes(exclude: set[int], limit: int = 3) -> list[str]:
     """The busiest processes by cumulative CPU in a 1 s window, outside `exclude` (a noise hint)."""
 
     def ticks() -> dict[int, tuple[int, str]]:
-        out: dict[int, tuple[int, str]] = {}
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            name = stat[stat.find("(") + 1 : stat.rfind(")")]
-            rest = stat[stat.rfind(")") + 2 :].split()
-            out[int(d.name)] = (int(rest[11]) + int(rest[12]), name)
-        return out
+        return {pid: (cpu, name) for pid, name, _, cpu in proc_stats()}
 
     a = ticks()
     time.sleep(1.0)
@@ -574,18 +583,10 @@ class CpuMeter:
     def _tree_ticks(self) -> dict[int, tuple[str, int]]:
         owner = {pid: name for name, pid in self.pids.items()}
         out: dict[int, tuple[str, int]] = {}
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            rest = stat[stat.rfind(")") + 2 :].split()
-            pid, ppid = int(d.name), int(rest[1])
+        for pid, _, ppid, cpu in proc_stats():
             name = owner.get(pid) or owner.get(ppid)
             if name is not None:
-                out[pid] = (name, int(rest[11]) + int(rest[12]))
+                out[pid] = (name, cpu)
         return out
 
     def start(self) -> None:

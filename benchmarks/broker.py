@@ -48,6 +48,7 @@ from benchmarks._harness import (  # noqa: E402
     HOST,
     PYTHON,
     REPO,
+    WRK_DONE_LUA,
     CpuMeter,
     Proc,
     free_port,
@@ -97,17 +98,7 @@ request = function()
   local path = {path}
   return wrk.format("POST", path, headers, '{body}')
 end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRK_JSON {{"requests": %d, "duration_us": %d, "bytes": %d, "p50_us": %d, "p90_us": %d, ' ..
-    '"p99_us": %d, "mean_us": %.1f, "max_us": %d, "connect": %d, "read": %d, "write": %d, ' ..
-    '"status": %d, "timeout": %d}}\\n',
-    summary.requests, summary.duration, summary.bytes, latency:percentile(50),
-    latency:percentile(90), latency:percentile(99), latency.mean, latency.max,
-    e.connect, e.read, e.write, e.status, e.timeout))
-end
-"""
+""" + WRK_DONE_LUA
 
 
 # -- the receiver (run as its own process) ---------------------------------------------------------
