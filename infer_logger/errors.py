@@ -4,6 +4,7 @@
     ├── ConfigError                 bad settings; names the field and the allowed values
     ├── InvalidEventError           a CloudEvent that breaks the spec; names the attribute
     │   └── MissingAttributeError
+    ├── BinaryDataError             a malformed OIP binary tensor data body; names the tensor
     ├── SpoolError                  the on-disk spool cannot be used
     │   └── CorruptRecordError      a record failed its checksum or is cut short
     └── SinkError                   a sink could not take a batch; retried
@@ -40,6 +41,16 @@ class InvalidEventError(InferLoggerError, ValueError):
 class MissingAttributeError(InvalidEventError):
     def __init__(self, attribute: str) -> None:
         super().__init__(attribute, "required attribute is missing")
+
+
+class BinaryDataError(InferLoggerError, ValueError):
+    """A body of the binary tensor data extension that does not add up; `tensor` is None when the
+    fault is the body's own (header, JSON part, trailing bytes)."""
+
+    def __init__(self, tensor: str | None, message: str) -> None:
+        super().__init__(f"tensor {tensor!r}: {message}" if tensor else message)
+        self.tensor = tensor
+        self.message = message
 
 
 class SpoolError(InferLoggerError):

@@ -1,0 +1,255 @@
+"""The Open Inference Protocol's binary tensor data extension (HTTP/REST), as Triton and KServe speak it.
+
+A body is a JSON part followed by the raw bytes of some tensors, in the order the tensors appear in
+it; the `Inference-Header-Content-Length` header gives the JSON part's length, and each binary
+tensor says `"parameters": {"binary_data_size": <bytes>}` instead of carrying `data`. Requests and
+responses share the layout (`inputs` or `outputs`). Elements are little-endian, row-major, unpadded;
+BOOL is one byte; a BYTES element is a 4-byte little-endian length and then its bytes.
+
+    doc, raw = decode(body, headers.get(HEADER), "inputs")     # raw: tensor name -> its bytes
+    body, headers = encode(doc, "outputs", {"predict": array})  # any contiguous buffer
+
+Pure Python (numpy users read `raw[name]` with `np.frombuffer(..., NUMPY_DTYPES[datatype])`), so
+the sidecar could use it too; every malformed body raises `BinaryDataError` naming the tensor.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from math import prod
+from typing import Any
+
+import orjson
+
+from infer_logger.errors import BinaryDataError
+
+HEADER = "inference-header-content-length"
+CONTENT_TYPE = "application/octet-stream"
+
+# struct codes, little-endian: element size and pure-Python (un)packing.
+_CODES = {
+    "BOOL": "?", "INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q",
+    "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q", "FP16": "e", "FP32": "f", "FP64": "d",
+}
+ITEMSIZE = {datatype: struct.calcsize("<" + code) for datatype, code in _CODES.items()}
+"""Bytes per element of each fixed-size datatype (BYTES elements have their own lengths)."""
+NUMPY_DTYPES = {
+    "BOOL": "|b1", "INT8": "|i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
+    "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
+}
+"""numpy dtype strings of the fixed-size datatypes (explicitly little-endian, as on the wire)."""
+DATATYPES = (*_CODES, "BYTES")
+_LENGTH = struct.Struct("<I")
+
+
+def decode(body: bytes, header_length: str | int | None, key: str) -> tuple[dict[str, Any], dict[str, memoryview]]:
+    """The JSON part of `body` and, by tensor name, the bytes of every `key` tensor sent as binary data.
+
+    `header_length` is the `Inference-Header-Content-Length` header; without it the body must be
+    all JSON (and then no tensor may claim binary data).
+    """
+    view = memoryview(body)
+    if header_length is None:
+        doc = _json(body, "the body")
+        end = len(body)
+    else:
+        end = _length(header_length, len(body))
+        doc = _json(view[:end], f"the JSON part (the first {end} bytes)")
+    tensors = doc.get(key)
+    if tensors is None:
+        tensors = []
+    if not isinstance(tensors, list):
+        raise BinaryDataError(None, f"`{key}` must be a list of tensors")
+    raw: dict[str, memoryview] = {}
+    offset = end
+    for i, tensor in enumerate(tensors):
+        if not isinstance(tensor, Mapping):
+            continue  # not a tensor: the caller's check names it
+        name = _name(tensor, key, i)
+        size = _binary_size(tensor, name)
+        if size is None:
+            continue
+        if header_length is None:
+            raise BinaryDataError(name, f"has binary_data_size but the {HEADER} header is missing, "
+                                        "so the body's JSON part has no known end")
+        if "data" in tensor:
+            raise BinaryDataError(name, "has both `data` and binary_data_size")
+        if name in raw:
+            raise BinaryDataError(name, f"is named twice in `{key}`")
+        datatype, shape = _datatype(tensor, name), _shape(tensor, name)
+        if size > len(body) - offset:
+            raise BinaryDataError(name, f"binary_data_size {size} runs past the end of the body "
+                                        f"({len(body) - offset} bytes left)")
+        chunk = view[offset:offset + size]
+        _check_size(name, datatype, shape, chunk)
+        raw[name] = chunk
+        offset += size
+    if offset != len(body):
+        what = "the JSON part" if not raw else "the last binary tensor"
+        raise BinaryDataError(None, f"{len(body) - offset} bytes after {what} belong to no tensor "
+                                    f"(the sum of binary_data_size is {offset - end})")
+    return doc, raw
+
+
+def encode(doc: Mapping[str, Any], key: str, binary: Mapping[str, Any], *,
+           option: int = 0) -> tuple[bytes, dict[str, str]]:
+    """`doc` as a body whose `key` tensors named in `binary` travel as raw bytes, and its headers.
+
+    `binary` maps tensor names to their bytes (bytes, memoryview, a C-contiguous array); those
+    tensors lose `data` and gain `binary_data_size`. Without binary tensors the body is plain JSON.
+    `option` is passed to orjson (e.g. `OPT_SERIALIZE_NUMPY` for arrays left in `data`).
+    """
+    chunks: list[memoryview] = []
+    tensors = []
+    for tensor in doc.get(key) or []:
+        name = tensor.get("name")
+        if name not in binary:
+            tensors.append(tensor)
+            continue
+        chunk = memoryview(binary[name])
+        if not chunk.c_contiguous or chunk.format[:1] in (">", "!"):
+            raise BinaryDataError(name, "binary data must be one contiguous little-endian buffer")
+        chunk = chunk.cast("B") if chunk.format != "B" or chunk.ndim != 1 else chunk
+        _check_size(name, _datatype(tensor, name), _shape(tensor, name), chunk)
+        tensor = {k: v for k, v in tensor.items() if k != "data"}
+        tensor["parameters"] = {**(tensor.get("parameters") or {}), "binary_data_size": chunk.nbytes}
+        tensors.append(tensor)
+        chunks.append(chunk)
+    missing = set(binary) - {t.get("name") for t in tensors}
+    if missing:
+        raise BinaryDataError(sorted(missing)[0], f"has binary data but is not in `{key}`")
+    if not chunks:
+        return orjson.dumps(doc, option=option), {"content-type": "application/json"}
+    head = orjson.dumps({**doc, key: tensors}, option=option)
+    return b"".join([head, *chunks]), {"content-type": CONTENT_TYPE, HEADER: str(len(head))}
+
+
+def wants_binary(request: Mapping[str, Any], output: str) -> bool:
+    """Whether `request` asks for `output` as binary data: its own `binary_data`, else the request's
+    `binary_data_output`."""
+    for wanted in request.get("outputs") or []:
+        if isinstance(wanted, Mapping) and wanted.get("name") == output:
+            params = wanted.get("parameters")
+            if isinstance(params, Mapping) and "binary_data" in params:
+                return bool(params["binary_data"])
+            break
+    params = request.get("parameters")
+    return isinstance(params, Mapping) and bool(params.get("binary_data_output", False))
+
+
+def pack_values(datatype: str, values: Iterable[Any]) -> bytes:
+    """Flat values as a tensor's binary data (BYTES elements: bytes, or str as UTF-8)."""
+    if datatype == "BYTES":
+        parts = []
+        for value in values:
+            item = value.encode() if isinstance(value, str) else bytes(value)
+            parts += [_LENGTH.pack(len(item)), item]
+        return b"".join(parts)
+    items = list(values)
+    try:
+        return struct.pack(f"<{len(items)}{_CODES[datatype]}", *items)
+    except KeyError:
+        raise BinaryDataError(None, _unknown(datatype)) from None
+    except struct.error as exc:
+        raise BinaryDataError(None, f"values do not fit {datatype}: {exc}") from None
+
+
+def unpack_values(datatype: str, raw: bytes | memoryview) -> list[Any]:
+    """A tensor's binary data as a flat list (BYTES elements as bytes)."""
+    if datatype == "BYTES":
+        return _bytes_elements(raw, None)
+    if datatype not in _CODES:
+        raise BinaryDataError(None, _unknown(datatype))
+    count, rest = divmod(len(raw), ITEMSIZE[datatype])
+    if rest:
+        raise BinaryDataError(None, f"{len(raw)} bytes are not a whole number of {datatype} elements")
+    return list(struct.unpack(f"<{count}{_CODES[datatype]}", raw))
+
+
+# -- checks ----------------------------------------------------------------------------------------
+
+
+def _json(part: bytes | memoryview, what: str) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(part)
+    except orjson.JSONDecodeError as exc:
+        hint = "" if what != "the body" else f" (binary tensor data needs the {HEADER} header)"
+        raise BinaryDataError(None, f"{what} is not JSON{hint}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BinaryDataError(None, f"{what} is not a JSON object")
+    return doc
+
+
+def _length(header: str | int, available: int) -> int:
+    try:
+        length = int(header)
+    except ValueError:
+        raise BinaryDataError(None, f"{HEADER}: {header!r} is not a byte count") from None
+    if length <= 0:
+        raise BinaryDataError(None, f"{HEADER}: {length} is not a length of a JSON part")
+    if length > available:
+        raise BinaryDataError(None, f"{HEADER} says the JSON part has {length} bytes, "
+                                    f"but the body has only {available}")
+    return length
+
+
+def _binary_size(tensor: Mapping[str, Any], name: str) -> int | None:
+    params = tensor.get("parameters")
+    if not isinstance(params, Mapping) or "binary_data_size" not in params:
+        return None
+    size = params["binary_data_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise BinaryDataError(name, f"binary_data_size {size!r} is not a byte count")
+    return size
+
+
+def _name(tensor: Mapping[str, Any], key: str, index: int) -> str:
+    name = tensor.get("name")
+    return name if isinstance(name, str) else f"{key}[{index}]"
+
+
+def _datatype(tensor: Mapping[str, Any], name: str) -> str:
+    datatype = tensor.get("datatype")
+    if datatype not in DATATYPES:
+        raise BinaryDataError(name, _unknown(datatype))
+    return str(datatype)
+
+
+def _unknown(datatype: Any) -> str:
+    return f"datatype {datatype!r} is not one of {', '.join(DATATYPES)}"
+
+
+def _shape(tensor: Mapping[str, Any], name: str) -> list[int]:
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise BinaryDataError(name, f"shape {shape!r} is not a list of sizes")
+    return shape
+
+
+def _check_size(name: str, datatype: str, shape: Sequence[int], chunk: memoryview) -> None:
+    count = prod(shape)
+    if datatype == "BYTES":
+        found = len(_bytes_elements(chunk, name))
+        if found != count:
+            raise BinaryDataError(name, f"{found} BYTES elements for shape {list(shape)} ({count} expected)")
+    elif chunk.nbytes != count * ITEMSIZE[datatype]:
+        raise BinaryDataError(name, f"{chunk.nbytes} bytes of {datatype} for shape {list(shape)} "
+                                    f"({count * ITEMSIZE[datatype]} expected)")
+
+
+def _bytes_elements(raw: bytes | memoryview, name: str | None) -> list[bytes]:
+    view, offset = memoryview(raw), 0
+    items: list[bytes] = []
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise BinaryDataError(name, f"BYTES element {len(items)}: its 4-byte length is cut short")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise BinaryDataError(name, f"BYTES element {len(items)}: {length} bytes announced, "
+                                        f"{len(view) - offset} left")
+        items.append(bytes(view[offset:offset + length]))
+        offset += length
+    return items

@@ -1,0 +1,176 @@
+"""The binary tensor data extension: round trips of every datatype, requested outputs, malformed bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from infer_logger import binary_tensors as bt
+from infer_logger.errors import BinaryDataError
+
+SAMPLES: dict[str, list[Any]] = {
+    "BOOL": [True, False, True, True],
+    "INT8": [-128, 0, 1, 127], "INT16": [-32768, -1, 2, 32767],
+    "INT32": [-2**31, -1, 3, 2**31 - 1], "INT64": [-2**63, -1, 4, 2**63 - 1],
+    "UINT8": [0, 1, 200, 255], "UINT16": [0, 1, 40000, 65535],
+    "UINT32": [0, 1, 3_000_000_000, 2**32 - 1], "UINT64": [0, 1, 2**63, 2**64 - 1],
+    "FP16": [0.0, -1.5, 65504.0, 0.000244140625], "FP32": [0.0, -1.5, 3.25, 2.0**100],
+    "FP64": [0.0, -1.5, 1e-300, 1.7976931348623157e308],
+    "BYTES": [b"", b"cat", "d\u00f6g".encode(), b"\x00\xff"],
+}
+
+
+def request(datatype: str, shape: list[int], **extra: Any) -> dict[str, Any]:
+    return {"id": "42", "inputs": [{"name": "x", "shape": shape, "datatype": datatype, **extra}]}
+
+
+class TestRoundTrip:
+    """What encode writes, decode reads back: every datatype, in pure Python and through numpy."""
+
+    @pytest.mark.parametrize("datatype", list(SAMPLES))
+    def test_every_datatype(self, datatype: str) -> None:
+        values = SAMPLES[datatype]
+        body, headers = bt.encode(request(datatype, [2, 2]), "inputs", {"x": bt.pack_values(datatype, values)})
+        assert headers["content-type"] == bt.CONTENT_TYPE
+        doc, raw = bt.decode(body, headers[bt.HEADER], "inputs")
+        assert doc["id"] == "42" and "data" not in doc["inputs"][0]
+        assert doc["inputs"][0]["parameters"]["binary_data_size"] == len(raw["x"])
+        assert bt.unpack_values(datatype, raw["x"]) == values
+
+    @pytest.mark.parametrize("datatype", [d for d in SAMPLES if d != "BYTES"])
+    def test_numpy_arrays_on_the_wire(self, datatype: str) -> None:
+        array = np.array(SAMPLES[datatype], dtype=bt.NUMPY_DTYPES[datatype]).reshape(2, 2)
+        body, headers = bt.encode(request(datatype, [2, 2]), "inputs", {"x": array})
+        _, raw = bt.decode(body, headers[bt.HEADER], "inputs")
+        assert raw["x"].nbytes == array.size * bt.ITEMSIZE[datatype]
+        np.testing.assert_array_equal(np.frombuffer(raw["x"], bt.NUMPY_DTYPES[datatype]).reshape(2, 2), array)
+        assert bt.pack_values(datatype, SAMPLES[datatype]) == array.tobytes()  # little-endian, row-major
+
+    def test_json_and_binary_tensors_mixed_in_order(self) -> None:
+        doc = {"outputs": [
+            {"name": "a", "shape": [2], "datatype": "FP64"},
+            {"name": "j", "shape": [1], "datatype": "INT32", "data": [7]},
+            {"name": "b", "shape": [3], "datatype": "UINT8"},
+        ]}
+        body, headers = bt.encode(doc, "outputs", {"a": np.array([1.0, 2.0]), "b": b"\x01\x02\x03"})
+        out, raw = bt.decode(body, int(headers[bt.HEADER]), "outputs")
+        assert [t["name"] for t in out["outputs"]] == ["a", "j", "b"] and out["outputs"][1]["data"] == [7]
+        assert bytes(raw["b"]) == b"\x01\x02\x03" and body.endswith(np.array([1.0, 2.0]).tobytes() + b"\x01\x02\x03")
+        assert set(raw) == {"a", "b"}
+
+    def test_without_binary_tensors_it_is_json(self) -> None:
+        doc = request("FP32", [1], data=[1.5])
+        body, headers = bt.encode(doc, "inputs", {})
+        assert headers == {"content-type": "application/json"} and orjson.loads(body) == doc
+        assert bt.decode(body, None, "inputs") == (doc, {})
+
+    def test_empty_tensor(self) -> None:
+        body, headers = bt.encode(request("FP32", [0, 4]), "inputs", {"x": b""})
+        _, raw = bt.decode(body, headers[bt.HEADER], "inputs")
+        assert raw["x"].nbytes == 0
+
+
+class TestRequestedOutputs:
+    """`binary_data` on an output wins over the request's `binary_data_output`."""
+
+    def test_per_output_and_request_level(self) -> None:
+        assert not bt.wants_binary({}, "p")
+        assert bt.wants_binary({"parameters": {"binary_data_output": True}}, "p")
+        assert bt.wants_binary({"outputs": [{"name": "p", "parameters": {"binary_data": True}}]}, "p")
+        assert not bt.wants_binary({"outputs": [{"name": "q", "parameters": {"binary_data": True}}]}, "p")
+        assert not bt.wants_binary({"parameters": {"binary_data_output": True},
+                                    "outputs": [{"name": "p", "parameters": {"binary_data": False}}]}, "p")
+
+
+class TestMalformed:
+    """Every fault is a BinaryDataError (a ValueError) naming the tensor and what is wrong."""
+
+    def body(self, datatype: str = "FP32", shape: list[int] | None = None, raw: bytes = b"\0" * 8,
+             size: int | None = None) -> tuple[bytes, int]:
+        tensor = {"name": "input-0", "shape": shape or [2], "datatype": datatype,
+                  "parameters": {"binary_data_size": len(raw) if size is None else size}}
+        head = orjson.dumps({"inputs": [tensor]})
+        return head + raw, len(head)
+
+    def fails(self, body: bytes, header: str | int | None, *words: str) -> BinaryDataError:
+        with pytest.raises(BinaryDataError) as caught:
+            bt.decode(body, header, "inputs")
+        assert isinstance(caught.value, ValueError)
+        assert all(w in str(caught.value) for w in words), str(caught.value)
+        return caught.value
+
+    def test_size_does_not_match_the_shape(self) -> None:
+        body, n = self.body(shape=[3])
+        err = self.fails(body, n, "'input-0'", "8 bytes of FP32 for shape [3]", "12 expected")
+        assert err.tensor == "input-0"
+
+    def test_missing_header(self) -> None:
+        body, _ = self.body()
+        self.fails(body, None, "not JSON", bt.HEADER)
+        head = orjson.dumps({"inputs": [{"name": "input-0", "shape": [0], "datatype": "FP32",
+                                         "parameters": {"binary_data_size": 0}}]})
+        self.fails(head, None, "'input-0'", f"{bt.HEADER} header is missing")
+
+    def test_header_beyond_the_body(self) -> None:
+        body, _ = self.body()
+        err = self.fails(body, len(body) + 1, f"{len(body) + 1} bytes", f"only {len(body)}")
+        assert err.tensor is None
+        self.fails(body, "twelve", "not a byte count")
+        self.fails(body, 0, "not a length")
+
+    def test_header_inside_the_json(self) -> None:
+        body, n = self.body()
+        self.fails(body, n - 1, f"the first {n - 1} bytes", "not JSON")
+
+    def test_bad_datatype(self) -> None:
+        body, n = self.body(datatype="FLOAT")
+        self.fails(body, n, "'input-0'", "'FLOAT' is not one of BOOL")
+        with pytest.raises(BinaryDataError, match="not one of"):
+            bt.pack_values("FP8", [1])
+        with pytest.raises(BinaryDataError, match="not one of"):
+            bt.unpack_values("FP8", b"\0")
+
+    def test_data_runs_past_the_end_or_bytes_are_left_over(self) -> None:
+        body, n = self.body(size=16)
+        self.fails(body, n, "binary_data_size 16 runs past the end", "8 bytes left")
+        body, n = self.body(raw=b"\0" * 8)
+        self.fails(body + b"\0\0", n, "2 bytes after the last binary tensor")
+        self.fails(orjson.dumps({"inputs": []}) + b"\0", len(orjson.dumps({"inputs": []})), "after the JSON part")
+
+    def test_bytes_elements_cut_short(self) -> None:
+        body, n = self.body(datatype="BYTES", shape=[1], raw=b"\x05\0\0\0abc")
+        self.fails(body, n, "'input-0'", "5 bytes announced, 3 left")
+        body, n = self.body(datatype="BYTES", shape=[2], raw=b"\x01\0\0\0a\x01\0")
+        self.fails(body, n, "element 1", "cut short")
+        body, n = self.body(datatype="BYTES", shape=[3], raw=b"\x01\0\0\0a")
+        self.fails(body, n, "1 BYTES elements for shape [3]")
+
+    def test_bad_tensor_fields(self) -> None:
+        body, n = self.body(size=-1)
+        self.fails(body, n, "binary_data_size -1 is not a byte count")
+        head = orjson.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "UINT8", "data": [1],
+                                         "parameters": {"binary_data_size": 1}}]})
+        self.fails(head + b"\1", len(head), "'x'", "both `data` and binary_data_size")
+        head = orjson.dumps({"inputs": [{"name": "x", "shape": "1", "datatype": "UINT8",
+                                         "parameters": {"binary_data_size": 1}}]})
+        self.fails(head + b"\1", len(head), "shape '1' is not a list of sizes")
+        twice = {"name": "x", "shape": [1], "datatype": "UINT8", "parameters": {"binary_data_size": 1}}
+        head = orjson.dumps({"inputs": [twice, twice]})
+        self.fails(head + b"\1\1", len(head), "named twice")
+        self.fails(b'{"inputs": 3}', None, "`inputs` must be a list")
+        self.fails(b"[1]", None, "not a JSON object")
+
+    def test_encode_checks_what_it_sends(self) -> None:
+        with pytest.raises(BinaryDataError, match="'x': 4 bytes of FP64 for shape \\[1\\] \\(8 expected\\)"):
+            bt.encode(request("FP64", [1]), "inputs", {"x": b"\0" * 4})
+        with pytest.raises(BinaryDataError, match="'y': has binary data but is not in `inputs`"):
+            bt.encode(request("FP64", [1]), "inputs", {"y": b"\0" * 8})
+        with pytest.raises(BinaryDataError, match="contiguous"):
+            bt.encode(request("FP64", [2]), "inputs", {"x": np.zeros((2, 2))[:, 0]})
+        with pytest.raises(BinaryDataError, match="do not fit UINT8"):
+            bt.pack_values("UINT8", [256])
+        with pytest.raises(BinaryDataError, match="whole number of FP32"):
+            bt.unpack_values("FP32", b"\0" * 5)
