@@ -3,7 +3,9 @@
     python -m infer_logger.demo.predictor --port 8080 --model iris    # a scikit-learn model
     python -m infer_logger.demo.predictor --port 8080 --model echo    # trivial, no scikit-learn
 
-It is the predictor the sidecar is measured and tested against, not a product.
+It is the predictor the sidecar is measured and tested against, not a product. V2 takes the binary
+tensor data extension too (what tritonclient sends by default, and what the explainer's perturbation
+batches travel as): inputs are read with `np.frombuffer`, outputs sent as binary when asked.
 """
 
 from __future__ import annotations
@@ -12,18 +14,26 @@ import argparse
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+
+from infer_logger import binary_tensors
+from infer_logger.errors import BinaryDataError
+
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY  # echo predictions of binary rows are numpy scalars
+Rows = Sequence[Sequence[Any]] | np.ndarray
+"""Instances: lists from JSON, or an `(n, width)` array from binary tensor data."""
 
 
 class Model(Protocol):
     name: str
     feature_names: list[str]
 
-    def predict(self, rows: Sequence[Sequence[float]]) -> list[Any]: ...
+    def predict(self, rows: Rows) -> list[Any]: ...
 
-    def predict_proba(self, rows: Sequence[Sequence[float]]) -> list[list[float]] | None: ...
+    def predict_proba(self, rows: Rows) -> list[list[float]] | None: ...
 
 
 class EchoModel:
@@ -32,10 +42,10 @@ class EchoModel:
     name = "echo"
     feature_names = ["x0", "x1", "x2", "x3"]
 
-    def predict(self, rows: Sequence[Sequence[float]]) -> list[Any]:
-        return [row[0] if row else None for row in rows]
+    def predict(self, rows: Rows) -> list[Any]:
+        return [row[0] if len(row) else None for row in rows]
 
-    def predict_proba(self, rows: Sequence[Sequence[float]]) -> list[list[float]] | None:
+    def predict_proba(self, rows: Rows) -> list[list[float]] | None:
         return None
 
 
@@ -45,10 +55,10 @@ class SklearnModel:
         self.estimator = estimator
         self.feature_names = feature_names
 
-    def predict(self, rows: Sequence[Sequence[float]]) -> list[Any]:
+    def predict(self, rows: Rows) -> list[Any]:
         return self.estimator.predict(rows).tolist()
 
-    def predict_proba(self, rows: Sequence[Sequence[float]]) -> list[list[float]] | None:
+    def predict_proba(self, rows: Rows) -> list[list[float]] | None:
         if not hasattr(self.estimator, "predict_proba"):
             return None
         return self.estimator.predict_proba(rows).round(6).tolist()
@@ -79,18 +89,76 @@ def _rows_v1(body: Any, width: int) -> list[list[float]]:
     return rows
 
 
-def _rows_v2(body: Any, width: int) -> list[list[float]]:
-    inputs = body.get("inputs") if isinstance(body, dict) else None
+def _rows_v2(body: dict[str, Any], raw: dict[str, memoryview], width: int) -> Rows:
+    inputs = body.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadInput("expected one input tensor in `inputs`")
     tensor = inputs[0]
-    shape, data = tensor.get("shape"), tensor.get("data")
-    if not isinstance(shape, list) or len(shape) != 2 or shape[1] != width or not isinstance(data, list):
-        raise BadInput(f"inputs[0]: expected shape [n, {width}] with `data`")
-    flat = [x for row in data for x in row] if data and isinstance(data[0], list) else data
-    if len(flat) != shape[0] * width:
-        raise BadInput(f"inputs[0]: data has {len(flat)} values, shape says {shape[0] * width}")
+    shape, data, datatype = tensor.get("shape"), tensor.get("data"), tensor.get("datatype")
+    binary = raw.get(str(tensor.get("name")))
+    expected = f"inputs[0]: expected shape [n, {width}] with `data` or binary data"
+    if not isinstance(shape, list) or len(shape) != 2 or shape[1] != width:
+        raise BadInput(expected)
+    flat: list[Any]
+    if binary is not None and datatype != "BYTES":  # sizes already checked against the shape
+        return np.frombuffer(binary, binary_tensors.NUMPY_DTYPES[str(datatype)]).reshape(shape)
+    if binary is not None:
+        try:
+            flat = [v.decode() for v in binary_tensors.unpack_values("BYTES", binary)]
+        except UnicodeDecodeError:
+            raise BadInput("inputs[0]: BYTES elements must be UTF-8 text") from None
+    elif datatype == "FP16":
+        raise BadInput("inputs[0]: FP16 has no JSON form; send it as binary data")
+    elif not isinstance(data, list):
+        raise BadInput(expected)
+    else:
+        flat = [x for row in data for x in row] if data and isinstance(data[0], list) else data
+        if len(flat) != shape[0] * width:
+            raise BadInput(f"inputs[0]: data has {len(flat)} values, shape says {shape[0] * width}")
     return [flat[i * width : (i + 1) * width] for i in range(shape[0])]
+
+
+def _json_output(name: str, values: list[Any], n: int) -> dict[str, Any]:
+    if name == "predict_proba":
+        return {"name": name, "datatype": "FP64", "shape": [n, len(values[0]) if values else 0],
+                "data": [p for row in values for p in row]}
+    return {"name": name, "datatype": "INT64" if all(isinstance(p, int) for p in values) else "FP64",
+            "shape": [n], "data": values}
+
+
+def _binary_output(name: str, values: list[Any]) -> tuple[dict[str, Any], Any]:
+    array = np.asarray(values)
+    kind = array.dtype.kind
+    if kind in "biuf":
+        datatype = {"b": "BOOL", "i": "INT64", "u": "UINT64", "f": "FP64"}[kind]
+        raw: Any = np.ascontiguousarray(array, binary_tensors.NUMPY_DTYPES[datatype])
+    else:
+        datatype, raw = "BYTES", binary_tensors.pack_values("BYTES", map(str, array.reshape(-1).tolist()))
+    return {"name": name, "datatype": datatype, "shape": list(array.shape)}, raw
+
+
+def _requested(body: dict[str, Any]) -> list[str] | None:
+    """The outputs the request names (None: it names none, so all)."""
+    asked = body.get("outputs")
+    if not asked:
+        return None
+    if not isinstance(asked, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                              for o in asked):
+        raise BadInput("`outputs` must be a list of {\"name\": ...} objects")
+    return [o["name"] for o in asked]
+
+
+def _predict(model: Model, rows: Rows, names: list[str] | None) -> dict[str, Any]:
+    """Only the outputs asked for: the explainer asks for one, and each is a pass over the rows."""
+    results: dict[str, Any] = {}
+    if names is None or "predict" in names:
+        results["predict"] = model.predict(rows)
+    if (names is None or "predict_proba" in names) and (proba := model.predict_proba(rows)) is not None:
+        results["predict_proba"] = proba
+    unknown = [n for n in names or [] if n not in results]
+    if unknown:
+        raise BadInput(f"no output {unknown[0]!r} (there are predict, and predict_proba for classifiers)")
+    return {n: results[n] for n in names} if names else results
 
 
 def create_app(models: Sequence[Model]) -> FastAPI:
@@ -132,6 +200,10 @@ def create_app(models: Sequence[Model]) -> FastAPI:
             return error(400, str(exc))
         return Response(orjson.dumps({"predictions": model.predict(rows)}), media_type="application/json")
 
+    @app.get("/v2")
+    async def v2_server() -> dict[str, Any]:
+        return {"name": "infer-logger-demo", "version": "0", "extensions": ["binary_tensor_data"]}
+
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
         return {"live": True}
@@ -167,25 +239,29 @@ def create_app(models: Sequence[Model]) -> FastAPI:
         if model is None:
             return error(404, f"Model with name {name} does not exist.")
         try:
-            body = await body_of(request)
-            rows = _rows_v2(body, len(model.feature_names))
-        except BadInput as exc:
+            # JSON bodies too (no header): with or without a Content-Type, as tritonclient sends them.
+            header = request.headers.get(binary_tensors.HEADER)
+            body, raw = binary_tensors.decode(await request.body(), header, "inputs")
+            rows = _rows_v2(body, raw, len(model.feature_names))
+            results = _predict(model, rows, _requested(body))
+        except (BadInput, BinaryDataError) as exc:
             return error(400, str(exc))
-        predictions = model.predict(rows)
-        outputs: list[dict[str, Any]] = [
-            {"name": "predict", "datatype": "INT64" if all(isinstance(p, int) for p in predictions) else "FP64",
-             "shape": [len(rows)], "data": predictions}
-        ]
-        if (proba := model.predict_proba(rows)) is not None:
-            outputs.append({"name": "predict_proba", "datatype": "FP64",
-                            "shape": [len(rows), len(proba[0]) if proba else 0],
-                            "data": [p for row in proba for p in row]})
+        except (TypeError, ValueError) as exc:  # the model's own refusal (e.g. text for a numeric feature)
+            return error(400, f"the model refused the input: {exc}")
+        outputs, binary = [], {}
+        for output in results:
+            if binary_tensors.wants_binary(body, output):
+                tensor, binary[output] = _binary_output(output, results[output])
+                outputs.append(tensor)
+            else:
+                outputs.append(_json_output(output, results[output], len(rows)))
         response: dict[str, Any] = {"model_name": name, "outputs": outputs}
         if version:
             response["model_version"] = version
         if "id" in body:
             response["id"] = body["id"]
-        return Response(orjson.dumps(response), media_type="application/json")
+        content, headers = binary_tensors.encode(response, "outputs", binary, option=_NUMPY)
+        return Response(content, headers=headers)
 
     return app
 
