@@ -36,14 +36,16 @@ ITEMSIZE = {datatype: struct.calcsize("<" + code) for datatype, code in _CODES.i
 """Bytes per element of each fixed-size datatype (BYTES elements have their own lengths)."""
 NUMPY_DTYPES = {
     "BOOL": "|b1", "INT8": "|i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
-    "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
+    "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
+    "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
 }
 """numpy dtype strings of the fixed-size datatypes (explicitly little-endian, as on the wire)."""
 DATATYPES = (*_CODES, "BYTES")
 _LENGTH = struct.Struct("<I")
 
 
-def decode(body: bytes, header_length: str | int | None, key: str) -> tuple[dict[str, Any], dict[str, memoryview]]:
+def decode(body: bytes, header_length: str | int | None,
+           key: str) -> tuple[dict[str, Any], dict[str, memoryview]]:
     """The JSON part of `body` and, by tensor name, the bytes of every `key` tensor sent as binary data.
 
     `header_length` is the `Inference-Header-Content-Length` header; without it the body must be
@@ -118,7 +120,7 @@ def encode(doc: Mapping[str, Any], key: str, binary: Mapping[str, Any], *,
         chunks.append(chunk)
     missing = set(binary) - {t.get("name") for t in tensors}
     if missing:
-        raise BinaryDataError(sorted(missing)[0], f"has binary data but is not in `{key}`")
+        raise BinaryDataError(min(missing), f"has binary data but is not in `{key}`")
     if not chunks:
         return orjson.dumps(doc, option=option), {"content-type": "application/json"}
     head = orjson.dumps({**doc, key: tensors}, option=option)

@@ -33,7 +33,8 @@ class TestRoundTrip:
     @pytest.mark.parametrize("datatype", list(SAMPLES))
     def test_every_datatype(self, datatype: str) -> None:
         values = SAMPLES[datatype]
-        body, headers = bt.encode(request(datatype, [2, 2]), "inputs", {"x": bt.pack_values(datatype, values)})
+        raw = {"x": bt.pack_values(datatype, values)}
+        body, headers = bt.encode(request(datatype, [2, 2]), "inputs", raw)
         assert headers["content-type"] == bt.CONTENT_TYPE
         doc, raw = bt.decode(body, headers[bt.HEADER], "inputs")
         assert doc["id"] == "42" and "data" not in doc["inputs"][0]
@@ -58,7 +59,8 @@ class TestRoundTrip:
         body, headers = bt.encode(doc, "outputs", {"a": np.array([1.0, 2.0]), "b": b"\x01\x02\x03"})
         out, raw = bt.decode(body, int(headers[bt.HEADER]), "outputs")
         assert [t["name"] for t in out["outputs"]] == ["a", "j", "b"] and out["outputs"][1]["data"] == [7]
-        assert bytes(raw["b"]) == b"\x01\x02\x03" and body.endswith(np.array([1.0, 2.0]).tobytes() + b"\x01\x02\x03")
+        assert bytes(raw["b"]) == b"\x01\x02\x03"
+        assert body.endswith(np.array([1.0, 2.0]).tobytes() + b"\x01\x02\x03")
         assert set(raw) == {"a", "b"}
 
     def test_without_binary_tensors_it_is_json(self) -> None:
@@ -138,7 +140,8 @@ class TestMalformed:
         self.fails(body, n, "binary_data_size 16 runs past the end", "8 bytes left")
         body, n = self.body(raw=b"\0" * 8)
         self.fails(body + b"\0\0", n, "2 bytes after the last binary tensor")
-        self.fails(orjson.dumps({"inputs": []}) + b"\0", len(orjson.dumps({"inputs": []})), "after the JSON part")
+        empty = orjson.dumps({"inputs": []})
+        self.fails(empty + b"\0", len(empty), "after the JSON part")
 
     def test_bytes_elements_cut_short(self) -> None:
         body, n = self.body(datatype="BYTES", shape=[1], raw=b"\x05\0\0\0abc")
