@@ -48,6 +48,9 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--predictor-url", help="Black box: the predictor's base URL (KServe V1 or V2).")
 @click.option("--predictor-model", help="The model's name at the predictor.  [default: --model-name]")
 @click.option("--protocol", type=click.Choice(["v1", "v2"]), help="Predictor protocol.  [default: v2]")
+@click.option("--binary-data/--no-binary-data", default=None,
+              help="V2: send perturbations and get outputs as binary tensor data, not JSON numbers.  "
+                   "[default: on]")
 @click.option("--output", help="V2 output to explain.  [default: *proba*, else the first]")
 @click.option("--model-file", type=click.Path(path_type=Path), help="White box: a joblib/pickle model file.")
 @click.option("--background", help="dataset:<iris|breast_cancer|wine|diabetes|penguins>, or a "

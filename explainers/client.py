@@ -7,6 +7,10 @@ perturbation request carries `x-skip-logging: true`, so the logger sidecar in fr
 predictor keeps it out of the audit log. Timeouts, connection errors, 429 and 502-504 are retried
 with backoff; then `PredictorError` says why (the server answers 502).
 
+Over V2 the rows travel as binary tensor data and the outputs are asked for as binary (`binary_data`),
+so neither side prints or parses thousands of numbers; a JSON answer is read as well. A predictor
+that refuses binary data (400, 415, 422) gets the same rows as JSON, and JSON from then on.
+
 Explainers run in worker threads and call `predict_blocking`, which hands the call to the event
 loop: the HTTP work shares one connection pool, and the loop stays free.
 """
@@ -14,6 +18,7 @@ loop: the HTTP work shares one connection pool, and the loop stays free.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -25,18 +30,25 @@ import orjson
 from explainers import codecs
 from explainers.codecs import Schema
 from explainers.errors import PredictorError
+from infer_logger import binary_tensors
+from infer_logger.errors import BinaryDataError
 
+log = logging.getLogger(__name__)
 SKIP_LOGGING = {"x-skip-logging": "true"}
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# How servers without the extension refuse a body that is not all JSON (422: FastAPI's validation).
+_BINARY_REFUSED = frozenset({400, 415, 422})
 _JSON = {"content-type": "application/json"}
 
 
 class PredictorClient:
     def __init__(self, url: str, model: str, *, protocol: Literal["v1", "v2"] = "v2", output: str | None = None,
                  timeout: float = 10.0, retries: int = 2, backoff: float = 0.1, max_batch_rows: int = 10_000,
-                 concurrency: int = 4, linger: float = 0.0) -> None:
+                 concurrency: int = 4, linger: float = 0.0, binary_data: bool = True) -> None:
         self.base = url.rstrip("/")
         self.model, self.protocol, self.output = model, protocol, output
+        self.binary_data = binary_data and protocol == "v2"
+        """V2: send rows and ask for outputs as binary tensor data (off once the predictor refused it)."""
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.max_batch_rows, self.linger = max_batch_rows, linger
         self.url = (f"{self.base}/v1/models/{model}:predict" if protocol == "v1"
@@ -44,6 +56,7 @@ class PredictorClient:
         self.schema: Schema | None = None
         self.requests = 0
         """HTTP requests sent for predictions (for tests and benchmarks)."""
+        self._picked = output  # V2: the output explained, asked for alone once known
         self._concurrency = concurrency
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -136,8 +149,30 @@ class PredictorClient:
             start += len(part)
 
     async def _call(self, rows: np.ndarray) -> np.ndarray:
-        body = codecs.encode_v1(rows) if self.protocol == "v1" else codecs.encode_v2(rows, self._schema())
-        headers = {**_JSON, **SKIP_LOGGING}
+        if not self.binary_data:
+            return await self._send(*self._encode(rows, binary=False), len(rows))
+        try:
+            return await self._send(*self._encode(rows, binary=True), len(rows))
+        except PredictorError as exc:
+            if exc.status not in _BINARY_REFUSED:
+                raise
+            refusal = exc
+        # Only a JSON success proves the refusal was about the binary data, not about the rows.
+        outputs = await self._send(*self._encode(rows, binary=False), len(rows))
+        if self.binary_data:
+            self.binary_data = False
+            log.warning("%s; it takes JSON, so perturbations go as JSON from now on (slower)", refusal)
+        return outputs
+
+    def _encode(self, rows: np.ndarray, *, binary: bool) -> tuple[bytes, dict[str, str]]:
+        if self.protocol == "v1":
+            return codecs.encode_v1(rows), _JSON
+        if binary:
+            return codecs.encode_v2_binary(rows, self._schema(), self._picked)
+        return codecs.encode_v2(rows, self._schema(), self._picked), _JSON
+
+    async def _send(self, body: bytes, content_headers: Mapping[str, str], n: int) -> np.ndarray:
+        headers = {**content_headers, **SKIP_LOGGING}
         reason = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -148,6 +183,7 @@ class PredictorClient:
                     self.requests += 1
                     async with self._http().post(self.url, data=body, headers=headers) as resp:
                         status, payload = resp.status, await resp.read()
+                        header_length = resp.headers.get(binary_tensors.HEADER)
             except TimeoutError:
                 reason = f"no answer within {self.timeout:g}s"
                 continue
@@ -159,17 +195,24 @@ class PredictorClient:
                 continue
             if status >= 400:
                 raise PredictorError(f"predictor {self.url} answered {status}: {_short(payload)}", status=status)
-            return self._decode(payload, len(rows))
+            return self._decode(payload, header_length, n)
         raise PredictorError(f"predictor {self.url} failed after {self.retries + 1} attempts: {reason}")
 
-    def _decode(self, payload: bytes, n: int) -> np.ndarray:
+    def _decode(self, payload: bytes, header_length: str | None, n: int) -> np.ndarray:
+        if self.protocol == "v2":
+            try:
+                body, raw = binary_tensors.decode(payload, header_length, "outputs")
+            except BinaryDataError as exc:
+                raise PredictorError(f"predictor {self.url} answered an unreadable body: {exc}") from None
+            outputs = codecs.decode_v2_output(body, n, self._picked, raw)
+            if self._picked is None:
+                self._picked = str(codecs.pick_output(body["outputs"], None).get("name"))
+            return outputs
         try:
             body = orjson.loads(payload)
         except orjson.JSONDecodeError:
             raise PredictorError(f"predictor {self.url} answered with no JSON: {_short(payload)}") from None
-        if self.protocol == "v1":
-            return codecs.decode_v1_output(body, n)
-        return codecs.decode_v2_output(body, n, self.output)
+        return codecs.decode_v1_output(body, n)
 
     # -- pass-through ----------------------------------------------------------------------------
 

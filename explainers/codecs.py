@@ -17,6 +17,8 @@ import numpy as np
 import orjson
 
 from explainers.errors import InvalidInputError, PredictorError
+from infer_logger import binary_tensors
+from infer_logger.errors import BinaryDataError
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
@@ -56,6 +58,26 @@ def explain_parameters(body: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(params, Mapping):
         raise InvalidInputError("explain parameters must be a JSON object")
     return dict(params)
+
+
+def decode_body(body: bytes, header_length: str | None) -> dict[str, Any]:
+    """A request body, JSON or with binary tensor data; binary inputs get their values as `data`."""
+    try:
+        doc, raw = binary_tensors.decode(body, header_length, "inputs")
+    except BinaryDataError as exc:
+        raise InvalidInputError(str(exc)) from None
+    if raw:
+        for tensor in doc["inputs"]:
+            if (data := raw.get(tensor.get("name"))) is not None:
+                tensor["data"] = _values(tensor["datatype"], data)
+    return doc
+
+
+def _values(datatype: str, raw: memoryview) -> list[Any]:
+    if datatype == "BYTES":  # text features; undecodable bytes are left for the schema check to name
+        return [v.decode("utf-8", "replace") for v in binary_tensors.unpack_values("BYTES", raw)]
+    values: list[Any] = np.frombuffer(raw, binary_tensors.NUMPY_DTYPES[datatype]).tolist()
+    return values
 
 
 def decode_instances(body: Any, schema: Schema) -> np.ndarray:
@@ -168,25 +190,58 @@ def encode_v1(rows: np.ndarray) -> bytes:
     return orjson.dumps({"instances": np.ascontiguousarray(rows, dtype=np.float64)}, option=_NUMPY)
 
 
-def encode_v2(rows: np.ndarray, schema: Schema) -> bytes:
+def encode_v2(rows: np.ndarray, schema: Schema, output: str | None = None) -> bytes:
+    """A V2 request for `rows` as JSON; `output` names the one output wanted (None: all)."""
+    body, _ = _v2(rows, schema, output, binary=False)
+    return body
+
+
+def encode_v2_binary(rows: np.ndarray, schema: Schema,
+                     output: str | None = None) -> tuple[bytes, dict[str, str]]:
+    """The same as binary tensor data, asking for binary outputs, and its headers: no text to print
+    or parse for the thousands of rows a perturbation batch has."""
+    return _v2(rows, schema, output, binary=True)
+
+
+def _v2(rows: np.ndarray, schema: Schema, output: str | None, *,
+        binary: bool) -> tuple[bytes, dict[str, str]]:
     n = len(rows)
+    tensors: list[dict[str, Any]] = []
+    raw: dict[str, Any] = {}
+
+    def add(name: str, shape: list[int], values: np.ndarray, datatype: str) -> None:
+        if datatype == "BYTES":
+            data: Any = values.reshape(-1).tolist()
+            if binary:
+                raw[name] = binary_tensors.pack_values("BYTES", map(str, data))
+        else:
+            dtype = binary_tensors.NUMPY_DTYPES[datatype] if binary else np.float64
+            data = np.ascontiguousarray(values, dtype=dtype).reshape(-1)
+            if binary:
+                raw[name] = data
+        tensors.append({"name": name, "shape": shape, "datatype": datatype, "data": data})
+
     if schema.tensor is not None and rows.dtype != object:
-        data = np.ascontiguousarray(rows, dtype=np.float64).reshape(-1)
-        tensors: list[dict[str, Any]] = [{"name": schema.tensor, "shape": [n, schema.width],
-                                          "datatype": schema.datatype, "data": data}]
+        add(schema.tensor, [n, schema.width], rows, _numeric(schema.datatype, binary))
     elif schema.tensor is not None:
-        tensors = [{"name": schema.tensor, "shape": [n, schema.width], "datatype": "BYTES",
-                    "data": rows.reshape(-1).tolist()}]
+        add(schema.tensor, [n, schema.width], rows, "BYTES")
     else:
-        tensors = []
         for j, name in enumerate(schema.feature_names):
-            column = rows[:, j]
-            if name in schema.categorical:
-                tensors.append({"name": name, "shape": [n], "datatype": "BYTES", "data": column.tolist()})
-            else:
-                tensors.append({"name": name, "shape": [n], "datatype": "FP64",
-                                "data": np.ascontiguousarray(column, dtype=np.float64)})
-    return orjson.dumps({"inputs": tensors}, option=_NUMPY)
+            add(name, [n], rows[:, j], "BYTES" if name in schema.categorical else "FP64")
+    doc: dict[str, Any] = {"inputs": tensors}
+    if output is not None:
+        wanted: dict[str, Any] = {"name": output}
+        if binary:
+            wanted["parameters"] = {"binary_data": True}
+        doc["outputs"] = [wanted]
+    elif binary:
+        doc["parameters"] = {"binary_data_output": True}
+    return binary_tensors.encode(doc, "inputs", raw, option=_NUMPY)
+
+
+def _numeric(datatype: str, binary: bool) -> str:
+    # JSON numbers fit any numeric datatype; binary data needs one with a fixed element size.
+    return datatype if not binary or datatype in binary_tensors.NUMPY_DTYPES else "FP64"
 
 
 def decode_v1_output(body: Any, n: int) -> np.ndarray:
@@ -210,19 +265,27 @@ def pick_output(outputs: Sequence[Mapping[str, Any]], wanted: str | None) -> Map
     return next((o for o in outputs if "proba" in str(o.get("name", ""))), outputs[0])
 
 
-def decode_v2_output(body: Any, n: int, wanted: str | None) -> np.ndarray:
+def decode_v2_output(body: Any, n: int, wanted: str | None,
+                     raw: Mapping[str, memoryview] | None = None) -> np.ndarray:
+    """The wanted output of a V2 response, from its `data` or from its binary data in `raw`."""
     outputs = body.get("outputs") if isinstance(body, Mapping) else None
     if not isinstance(outputs, list) or not outputs or not all(isinstance(o, Mapping) for o in outputs):
         raise PredictorError('the predictor answered no "outputs" tensors')
     output = pick_output(outputs, wanted)
-    shape = output.get("shape")
+    name, shape = str(output.get("name")), output.get("shape")
     try:
-        data = np.asarray(output.get("data"), dtype=float)
+        if raw and name in raw:
+            dtype = binary_tensors.NUMPY_DTYPES.get(output.get("datatype"))  # type: ignore[arg-type]
+            if dtype is None:
+                raise ValueError(f"binary {output.get('datatype')} data is not numbers")
+            data = np.frombuffer(raw[name], dtype).astype(float)
+        else:
+            data = np.asarray(output.get("data"), dtype=float)
         array = data.reshape(shape) if isinstance(shape, list) else data
     except (TypeError, ValueError) as exc:
-        raise PredictorError(f"output {output.get('name')!r}: {exc}") from None
+        raise PredictorError(f"output {name!r}: {exc}") from None
     if array.ndim == 0 or array.shape[0] != n:
-        raise PredictorError(f"output {output.get('name')!r} has shape {list(array.shape)}, expected [{n}, ...]")
+        raise PredictorError(f"output {name!r} has shape {list(array.shape)}, expected [{n}, ...]")
     return array.reshape(n, -1) if array.ndim > 2 else array
 
 

@@ -5,6 +5,7 @@
     method: kernel                       # see explainers.registry.METHODS
     predictor_url: http://127.0.0.1:8080 # black box (V1 or V2); or model_file: for white box
     protocol: v2
+    binary_data: true                    # V2 rows as binary tensor data (JSON if the predictor refuses)
     background: dataset:iris             # or a .csv/.parquet/.npy/.joblib table
     options: {background_size: 30}       # fit-time options of the method
     params: {nsamples: 100}              # default per-request parameters
@@ -56,6 +57,9 @@ class ExplainerSettings(LayeredSettings):
     predictor_model: str | None = None
     """The model's name at the predictor; defaults to `model_name`."""
     protocol: Literal["v1", "v2"] = "v2"
+    binary_data: bool = True
+    """V2: perturbed rows and the outputs travel as binary tensor data (the Open Inference Protocol
+    extension) instead of JSON numbers; a predictor that refuses it gets JSON from then on."""
     output: str | None = None
     """V2 output to explain; default: the first named like `*proba*`, else the first."""
     model_file: Path | None = None

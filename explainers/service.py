@@ -74,7 +74,7 @@ class ExplainerService:
             self.client = PredictorClient(
                 s.predictor_url, s.predictor_model or s.model_name, protocol=s.protocol, output=s.output,
                 timeout=s.timeout, retries=s.retries, max_batch_rows=s.max_batch_rows,
-                concurrency=s.predictor_concurrency, linger=s.linger)
+                concurrency=s.predictor_concurrency, linger=s.linger, binary_data=s.binary_data)
             await self.client.start()
             self.client.schema = schema_from_metadata(await self.client.metadata(), fallback)
             fallback = self.client.schema

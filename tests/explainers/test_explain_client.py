@@ -1,19 +1,22 @@
-"""The predictor client: V1 and V2 against real servers, batching, retries, the skip-logging header."""
+"""The predictor client: V1 and V2 against real servers, batching, retries, the skip-logging header,
+binary tensor data and the fall back to JSON."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from explainers.client import PredictorClient, schema_from_metadata
 from explainers.codecs import Schema
 from explainers.errors import PredictorError
+from infer_logger import binary_tensors as bt
 from infer_logger.testing import free_port
 from tests.explainers.conftest import serve
 from tests.explainers.models import estimator, table
@@ -38,6 +41,55 @@ class Recorder:
                 self.fail -= 1
                 return JSONResponse({"error": "busy"}, status_code=503)
             return {"predictions": [sum(row) for row in body["instances"]]}
+
+
+class V2Recorder:
+    """A V2 predictor answering each row's sum as `sum`; it records every request's headers and body.
+
+    `binary`: "full" reads binary inputs and answers binary when asked; "json-answer" reads them but
+    always answers JSON; "refuse" takes JSON only and answers `refuse_status` to anything else.
+    """
+
+    def __init__(self, binary: str = "full", refuse_status: int = 400) -> None:
+        self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
+        self.app = FastAPI()
+
+        @self.app.post("/v2/models/{name}/infer")
+        async def infer(name: str, request: Request) -> Any:
+            header = request.headers.get(bt.HEADER)
+            if binary == "refuse" and (header or request.headers.get("content-type") == bt.CONTENT_TYPE):
+                return JSONResponse({"error": "the body is not JSON"}, status_code=refuse_status)
+            doc, raw = bt.decode(await request.body(), header, "inputs")
+            self.requests.append((dict(request.headers), doc))
+            [tensor] = doc["inputs"]
+            if tensor["name"] in raw:
+                rows = np.frombuffer(raw[tensor["name"]], bt.NUMPY_DTYPES[tensor["datatype"]])
+            else:
+                rows = np.asarray(tensor["data"], dtype=float)
+            if (rows < 0).any():
+                return JSONResponse({"error": "negative values"}, status_code=400)
+            sums = rows.reshape(tensor["shape"]).sum(axis=1)
+            outputs = [{"name": "sum", "shape": [len(sums)], "datatype": "FP64", "data": sums.tolist()},
+                       {"name": "count", "shape": [len(sums)], "datatype": "INT64", "data": [3] * len(sums)}]
+            wanted = {o["name"] for o in doc.get("outputs") or []}
+            outputs = [o for o in outputs if not wanted or o["name"] in wanted]
+            as_binary = {o["name"]: np.asarray(o["data"], bt.NUMPY_DTYPES[o["datatype"]]) for o in outputs
+                         if binary == "full" and bt.wants_binary(doc, o["name"])}
+            body, headers = bt.encode({"outputs": outputs}, "outputs", as_binary)
+            return Response(body, headers=headers)
+
+
+def sent(request: tuple[dict[str, str], dict[str, Any]]) -> tuple[str, str, list[str]]:
+    """How a recorded request travelled: content type, input datatype, and the outputs it named."""
+    headers, doc = request
+    return (headers.get("content-type", ""), doc["inputs"][0]["datatype"],
+            [o["name"] for o in doc.get("outputs") or []])
+
+
+async def started_v2(url: str, datatype: str = "FP32", **options: Any) -> PredictorClient:
+    client = await started(url, "m", protocol="v2", **options)
+    client.schema = Schema(("a", "b", "c"), datatype=datatype)
+    return client
 
 
 @pytest.fixture
@@ -70,6 +122,89 @@ class TestAgainstThePredictor:
         finally:
             await v1.aclose()
             await v2.aclose()
+
+
+class TestBinaryData:
+    """V2 rows go as binary tensor data with binary outputs asked for; JSON answers are read too; a
+    predictor that refuses binary data gets JSON, once told."""
+
+    async def test_binary_both_ways(self) -> None:
+        rec = V2Recorder()
+        with serve(rec.app) as url:
+            client = await started_v2(url)
+            try:
+                rows = np.array([[1.0, 2.0, 3.5], [4.0, 5.0, 6.0]])
+                np.testing.assert_allclose(await client.predict(rows), [6.5, 15.0])
+                np.testing.assert_allclose(await client.predict(rows[:1]), [6.5])
+            finally:
+                await client.aclose()
+        # The output explained (the first: none is named *proba*) is asked for alone once known.
+        assert [sent(r) for r in rec.requests] == [(bt.CONTENT_TYPE, "FP32", []),
+                                                   (bt.CONTENT_TYPE, "FP32", ["sum"])]
+        assert rec.requests[0][1]["parameters"] == {"binary_data_output": True}
+        assert rec.requests[0][0]["x-skip-logging"] == "true" and client.binary_data
+
+    async def test_json_answer_to_a_binary_request(self) -> None:
+        rec = V2Recorder(binary="json-answer")
+        with serve(rec.app) as url:
+            client = await started_v2(url)
+            try:
+                np.testing.assert_allclose(await client.predict(np.ones((4, 3))), [3.0] * 4)
+            finally:
+                await client.aclose()
+        assert sent(rec.requests[0])[0] == bt.CONTENT_TYPE and client.binary_data
+
+    @pytest.mark.parametrize("status", [400, 415])
+    async def test_falls_back_to_json_once(self, status: int, caplog: pytest.LogCaptureFixture) -> None:
+        rec = V2Recorder(binary="refuse", refuse_status=status)
+        with serve(rec.app) as url:
+            client = await started_v2(url, retries=3)
+            try:
+                with caplog.at_level(logging.WARNING, logger="explainers.client"):
+                    np.testing.assert_allclose(await client.predict(np.ones((2, 3))), [3.0, 3.0])
+                    np.testing.assert_allclose(await client.predict(np.zeros((1, 3))), [0.0])
+            finally:
+                await client.aclose()
+        assert client.requests == 3 and not client.binary_data  # refused once, then JSON only
+        assert [sent(r) for r in rec.requests] == [("application/json", "FP32", []),
+                                                   ("application/json", "FP32", ["sum"])]
+        [record] = caplog.records
+        assert f"answered {status}" in record.getMessage() and "JSON from now on" in record.getMessage()
+
+    async def test_a_refusal_of_the_rows_keeps_binary(self) -> None:
+        rec = V2Recorder()
+        with serve(rec.app) as url:
+            client = await started_v2(url)
+            try:
+                with pytest.raises(PredictorError, match="answered 400: .*negative values"):
+                    await client.predict(-np.ones((1, 3)))
+            finally:
+                await client.aclose()
+        assert client.binary_data and client.requests == 2  # binary, then JSON to tell the causes apart
+
+    async def test_switched_off(self) -> None:
+        rec = V2Recorder()
+        with serve(rec.app) as url:
+            client = await started_v2(url, binary_data=False, datatype="FP64")
+            try:
+                np.testing.assert_allclose(await client.predict(np.ones((2, 3))), [3.0, 3.0])
+            finally:
+                await client.aclose()
+        assert sent(rec.requests[0]) == ("application/json", "FP64", [])
+        assert not PredictorClient("http://x", "m", protocol="v1").binary_data  # V2 only
+
+    async def test_the_demo_predictor_both_ways(self, model_server: Process) -> None:
+        rows = table("iris").rows[:50]
+        expected = estimator("iris").predict_proba(rows)
+        for binary in (True, False):
+            client = await started(model_server.url, "iris", protocol="v2", binary_data=binary)
+            try:
+                client.schema = schema_from_metadata(await client.metadata(), IRIS)
+                np.testing.assert_allclose(await client.predict(rows), expected)
+                np.testing.assert_allclose(await client.predict(rows[:2]), expected[:2])
+                assert client.binary_data is binary and client._picked == "predict_proba"
+            finally:
+                await client.aclose()
 
 
 class TestBatching:

@@ -9,6 +9,7 @@ import pytest
 from explainers import codecs
 from explainers.codecs import Schema
 from explainers.errors import InvalidInputError, PredictorError
+from infer_logger import binary_tensors as bt
 
 IRIS = Schema(("sl", "sw", "pl", "pw"))
 MIXED = Schema(("island", "bill", "sex"), frozenset({"island", "sex"}))
@@ -80,6 +81,56 @@ class TestPredictorBodies:
             codecs.decode_v2_output(body, 2, "nope")
         with pytest.raises(PredictorError, match="2 items"):
             codecs.decode_v1_output({"predictions": [1]}, 2)
+
+    def test_encode_v2_binary_as_the_schema_says(self) -> None:
+        rows = np.array([[1.5, 2, 3, 4], [5, 6, 7, 8]])
+        body, headers = codecs.encode_v2_binary(rows, Schema(IRIS.feature_names, datatype="FP32"))
+        assert headers["content-type"] == bt.CONTENT_TYPE
+        doc, raw = bt.decode(body, headers[bt.HEADER], "inputs")
+        assert doc["inputs"] == [{"name": "input-0", "shape": [2, 4], "datatype": "FP32",
+                                  "parameters": {"binary_data_size": 32}}]
+        assert doc["parameters"] == {"binary_data_output": True} and "outputs" not in doc
+        np.testing.assert_array_equal(np.frombuffer(raw["input-0"], "<f4").reshape(2, 4), rows)
+        body, headers = codecs.encode_v2_binary(rows, IRIS, "predict_proba")  # FP64 by default
+        doc, raw = bt.decode(body, headers[bt.HEADER], "inputs")
+        assert doc["outputs"] == [{"name": "predict_proba", "parameters": {"binary_data": True}}]
+        assert doc["inputs"][0]["datatype"] == "FP64" and raw["input-0"].nbytes == 64
+
+    def test_encode_v2_binary_per_feature_with_strings(self) -> None:
+        schema = Schema(MIXED.feature_names, MIXED.categorical, tensor=None)
+        body, headers = codecs.encode_v2_binary(np.array([["Dream", 40.0, "male"]], dtype=object), schema)
+        doc, raw = bt.decode(body, headers[bt.HEADER], "inputs")
+        assert [(t["name"], t["datatype"]) for t in doc["inputs"]] == [
+            ("island", "BYTES"), ("bill", "FP64"), ("sex", "BYTES")]
+        assert bt.unpack_values("BYTES", raw["island"]) == [b"Dream"]
+        assert bt.unpack_values("FP64", raw["bill"]) == [40.0]
+
+    def test_decode_binary_outputs(self) -> None:
+        proba = np.array([[0.9, 0.1], [0.2, 0.8]], dtype="<f4")
+        doc = {"outputs": [{"name": "predict", "shape": [2], "datatype": "INT64", "data": [0, 1]},
+                           {"name": "predict_proba", "shape": [2, 2], "datatype": "FP32"}]}
+        body, headers = bt.encode(doc, "outputs", {"predict_proba": proba})
+        parsed, raw = bt.decode(body, headers[bt.HEADER], "outputs")
+        out = codecs.decode_v2_output(parsed, 2, None, raw)
+        assert out.dtype == float and out.flags.writeable
+        np.testing.assert_array_equal(out, proba)
+        assert codecs.decode_v2_output(parsed, 2, "predict", raw).tolist() == [0, 1]
+        text = {"outputs": [{"name": "label", "shape": [1], "datatype": "BYTES"}]}
+        body, headers = bt.encode(text, "outputs", {"label": bt.pack_values("BYTES", ["cat"])})
+        parsed, raw = bt.decode(body, headers[bt.HEADER], "outputs")
+        with pytest.raises(PredictorError, match="'label': binary BYTES data is not numbers"):
+            codecs.decode_v2_output(parsed, 1, None, raw)
+
+    def test_decode_body_binary_inputs(self) -> None:
+        rows = np.array([[1.0, 2, 3, 4]])
+        body, headers = codecs.encode_v2_binary(rows, Schema(IRIS.feature_names, datatype="FP16"))
+        doc = codecs.decode_body(body, headers[bt.HEADER])
+        assert codecs.decode_instances(doc, IRIS).tolist() == [[1, 2, 3, 4]]
+        assert codecs.decode_body(b'{"instances": [[1, 2, 3, 4]]}', None) == {"instances": [[1, 2, 3, 4]]}
+        with pytest.raises(InvalidInputError, match="'input-0': binary_data_size 8 runs past the end"):
+            codecs.decode_body(body[:-1], headers[bt.HEADER])
+        with pytest.raises(InvalidInputError, match="not JSON"):
+            codecs.decode_body(b"{", None)
 
     def test_explain_parameters(self) -> None:
         assert codecs.explain_parameters({"instances": [], "parameters": {"nsamples": 10}}) == {"nsamples": 10}
