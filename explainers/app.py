@@ -1,5 +1,6 @@
 """The explainer server: KServe V1 (`:explain`, `:predict`), V2 (`/infer` answering an `explanation`
-output), health and metadata, and `POST /events` for explain-on-event. It only translates: the
+output; JSON or binary tensor data both ways), health and metadata, and `POST /events` for
+explain-on-event. It only translates: the
 work is `ExplainerService`'s, the events' `ExplainSubscriber`'s.
 
 The lifespan fits (or restores) and warms the explainer before the server takes requests, so the
@@ -30,6 +31,7 @@ from explainers.errors import (
 )
 from explainers.service import ExplainerService
 from explainers.subscriber import ExplainSubscriber
+from infer_logger import binary_tensors
 
 log = logging.getLogger(__name__)
 _STATUS: dict[type[ExplainerError], int] = {
@@ -155,7 +157,7 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
             ours = version("infer-logger")
         except PackageNotFoundError:
             ours = "0"
-        return ServerMetadata(name="infer-logger-explainer", version=ours, extensions=[])
+        return ServerMetadata(name="infer-logger-explainer", version=ours, extensions=["binary_tensor_data"])
 
     @app.get("/v2/health/live", response_model=ServerLive)
     async def v2_live() -> ServerLive:
@@ -187,13 +189,18 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
     @app.post("/v2/models/{name}/versions/{model_version}/infer")
     async def v2_infer(name: str, request: Request, model_version: str | None = None) -> Response:
         found = model(name)
-        body = await body_of(request)
+        body = codecs.decode_body(await request.body(), request.headers.get(binary_tensors.HEADER))
         rows = found.decode(body)
         explanation = await found.explain(rows, codecs.explain_parameters(body))
         response = codecs.v2_explanation_response(name, explanation.to_dict(), body.get("id"))
         if model_version is not None:
             response["model_version"] = model_version
-        return _json(response)
+        if not binary_tensors.wants_binary(body, "explanation"):
+            return _json(response)
+        [output] = response["outputs"]
+        content, headers = binary_tensors.encode(
+            response, "outputs", {"explanation": binary_tensors.pack_values("BYTES", output["data"])})
+        return Response(content, headers=headers)
 
     @app.post("/events")
     async def on_events(request: Request) -> Response:

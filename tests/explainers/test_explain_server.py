@@ -18,6 +18,7 @@ import pytest
 from explainers.app import create_app
 from explainers.errors import ArtifactError
 from explainers.service import ExplainerService
+from infer_logger import binary_tensors as bt
 from infer_logger.demo.predictor import create_app as predictor_app
 from infer_logger.testing import free_port
 from tests.explainers.conftest import serve, settings
@@ -73,6 +74,34 @@ class TestExplain:
         explanation = orjson.loads(output["data"][0])
         assert len(explanation["explanations"]) == 2 and explanation["params"]["nsamples"] == 20
 
+    def test_v2_infer_binary_both_ways(self, iris_explainer: str) -> None:
+        rows = np.array(IRIS_V1["instances"], dtype="<f4")
+        doc = {"id": "req-8", "inputs": [{"name": "input-0", "shape": [2, 4], "datatype": "FP32"}]}
+        body, headers = bt.encode(doc, "inputs", {"input-0": rows})
+        r = httpx.post(f"{iris_explainer}/v2/models/iris/infer", content=body, headers=headers, timeout=30)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+        json_answer = orjson.loads(r.json()["outputs"][0]["data"][0])
+        asked = {**doc, "outputs": [{"name": "explanation", "parameters": {"binary_data": True}}]}
+        body, headers = bt.encode(asked, "inputs", {"input-0": rows})
+        r = httpx.post(f"{iris_explainer}/v2/models/iris/infer", content=body, headers=headers, timeout=30)
+        assert r.status_code == 200 and r.headers["content-type"] == bt.CONTENT_TYPE, r.text
+        answer, raw = bt.decode(r.content, r.headers[bt.HEADER], "outputs")
+        assert answer["id"] == "req-8" and answer["outputs"][0]["datatype"] == "BYTES"
+        [text] = bt.unpack_values("BYTES", raw["explanation"])
+        explanation = orjson.loads(text)
+        assert explanation == json_answer
+        expected = estimator("iris").predict_proba(rows.astype(float))
+        np.testing.assert_allclose(sums(explanation), expected, atol=1e-6)
+
+    def test_v2_bad_binary_data_is_400(self, iris_explainer: str) -> None:
+        doc = {"inputs": [{"name": "input-0", "shape": [2, 4], "datatype": "FP32"}]}
+        body, headers = bt.encode(doc, "inputs", {"input-0": np.zeros((2, 4), "<f4")})
+        url = f"{iris_explainer}/v2/models/iris/infer"
+        r = httpx.post(url, content=body, headers={"content-type": bt.CONTENT_TYPE}, timeout=10)
+        assert r.status_code == 400 and bt.HEADER in r.json()["error"], r.text
+        r = httpx.post(url, content=body[:-4], headers=headers, timeout=10)
+        assert r.status_code == 400 and "'input-0'" in r.json()["error"], r.text
+
     def test_predict_passes_through(self, iris_explainer: str) -> None:
         r = httpx.post(f"{iris_explainer}/v1/models/iris:predict", json=IRIS_V1, timeout=10)
         assert r.status_code == 200 and r.json() == {"predictions": estimator("iris").predict(
@@ -86,7 +115,7 @@ class TestExplain:
         assert get("/v2/health/live").json() == {"live": True}
         assert get("/v2/health/ready").json() == {"ready": True}
         assert get("/v2/models/iris/ready").json() == {"name": "iris", "ready": True}
-        assert set(get("/v2").json()) == {"name", "version", "extensions"}
+        assert get("/v2").json()["extensions"] == ["binary_tensor_data"]
         meta = get("/v2/models/iris").json()
         assert meta["inputs"] == [{"name": "input-0", "datatype": "FP64", "shape": [-1, 4]}]
         assert meta["outputs"][0]["name"] == "explanation" and meta["parameters"]["method"] == "kernel"
