@@ -1,8 +1,10 @@
 """Explainer throughput and latency against in-process baselines measured in the same run.
 
-A random forest on breast_cancer (30 features) is served by a predictor process (KServe V1,
-probabilities); the explainer server (`python -m explainers`, Kernel SHAP, black box) runs in
-another process in front of it. Measured:
+A random forest on breast_cancer (30 features) is served by a predictor process (KServe V2 by
+default, its `predict_proba` output explained; `--protocol v1`: `predictions` are the probabilities);
+the explainer server (`python -m explainers`, Kernel SHAP, black box) runs in another process in
+front of it. Over V2 the perturbed rows travel as binary tensor data unless `--no-binary-data`.
+Measured:
 
     in-process   the same explainer called in this process on the same model (the baseline):
                  p50 of one-row explanations, and explanations/s
@@ -47,7 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--event-seconds", type=float, default=4.0)
     p.add_argument("--json", help="Save all figures here.")
     p.add_argument("--predictors", default="demo,fast",
-                   help="demo: the demo predictor (stdlib JSON); fast: an orjson ASGI predictor.")
+                   help="demo: the demo predictor (FastAPI); fast: a raw ASGI predictor (orjson, numpy).")
+    p.add_argument("--protocol", choices=["v1", "v2"], default="v2", help="The predictor's protocol.")
+    p.add_argument("--binary-data", action=argparse.BooleanOptionalAction, default=True,
+                   help="V2: perturbations and outputs as binary tensor data (else JSON).")
     p.add_argument("--serve-predictor", type=int, help=argparse.SUPPRESS)
     p.add_argument("--kind", default="demo", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -62,18 +67,20 @@ def model_and_rows() -> tuple[Any, Any, list[str]]:
     return forest.fit(data.data, data.target), data.data, [str(f) for f in data.feature_names]
 
 
-def serve_predictor(port: int, kind: str) -> None:
-    """The predictor process: V1 `predictions` are the class probabilities.
+def serve_predictor(port: int, kind: str, protocol: str) -> None:
+    """The predictor process: V1 `predictions` are the class probabilities; V2 answers `predict`
+    (labels) and `predict_proba`, and the explainer asks for `predict_proba` alone.
 
-    `demo`: infer_logger's demo predictor (FastAPI, stdlib JSON, row-by-row checks). `fast`: a raw
-    ASGI app parsing with orjson, to show what the explainer costs apart from its predictor.
+    `demo`: infer_logger's demo predictor (FastAPI). `fast`: a raw ASGI app parsing with orjson or
+    `np.frombuffer`, to show what the explainer costs apart from its predictor.
     """
     import numpy as np
     import orjson
     import uvicorn
 
-    from infer_logger.demo.predictor import create_app
+    from infer_logger import binary_tensors
     from infer_logger.asgi import read_body, respond
+    from infer_logger.demo.predictor import create_app
     from infer_logger.server import uvicorn_config
 
     forest, _, names = model_and_rows()
@@ -87,17 +94,44 @@ def serve_predictor(port: int, kind: str) -> None:
         def predict_proba(self, rows: Any) -> None:
             return None
 
+    class Classifier:
+        name, feature_names = "cancer", names
+
+        def predict(self, rows: Any) -> list[Any]:
+            return forest.predict(rows).tolist()
+
+        def predict_proba(self, rows: Any) -> list[Any]:
+            return forest.predict_proba(rows).tolist()
+
+    def v2(body: bytes, header: bytes | None) -> tuple[bytes, dict[str, str]]:
+        doc, raw = binary_tensors.decode(body, header.decode() if header else None, "inputs")
+        [tensor] = doc["inputs"]
+        data = raw.get(tensor["name"])
+        rows = (np.frombuffer(data, binary_tensors.NUMPY_DTYPES[tensor["datatype"]]) if data is not None
+                else np.asarray(tensor["data"], dtype=float)).reshape(tensor["shape"])
+        proba = forest.predict_proba(rows)
+        output = {"name": "predict_proba", "datatype": "FP64", "shape": list(proba.shape)}
+        if binary_tensors.wants_binary(doc, "predict_proba"):
+            return binary_tensors.encode({"outputs": [output]}, "outputs", {"predict_proba": proba})
+        return binary_tensors.encode({"outputs": [{**output, "data": proba.reshape(-1)}]}, "outputs", {},
+                                     option=orjson.OPT_SERIALIZE_NUMPY)
+
     async def fast(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         if scope["method"] == "GET":
             await respond(send, 200, [(b"content-type", b"application/json")], b'{"status":"alive"}')
             return
-        rows = np.asarray(orjson.loads(await read_body(receive))["instances"], dtype=float)
+        body = await read_body(receive)
+        if scope["path"].startswith("/v2/"):
+            content, headers = v2(body, dict(scope["headers"]).get(binary_tensors.HEADER.encode()))
+            await respond(send, 200, [(k.encode(), v.encode()) for k, v in headers.items()], content)
+            return
+        rows = np.asarray(orjson.loads(body)["instances"], dtype=float)
         body = orjson.dumps({"predictions": forest.predict_proba(rows)}, option=orjson.OPT_SERIALIZE_NUMPY)
         await respond(send, 200, [(b"content-type", b"application/json")], body)
 
-    app = create_app([Proba()]) if kind == "demo" else fast
+    app = create_app([Proba() if protocol == "v1" else Classifier()]) if kind == "demo" else fast
     config = uvicorn_config(app, h.HOST, port)
     if kind == "fast":
         config.lifespan = "off"
@@ -204,12 +238,14 @@ async def events_at(url: str, rows: Any, rate: float, seconds: float) -> dict[st
 
 def run_servers(args: argparse.Namespace, work: Path, kind: str, rows: Any) -> dict[str, Any]:
     port = h.free_port()
-    predictor = h.Proc(f"predictor-{kind}", [h.PYTHON, __file__, "--serve-predictor", str(port), "--kind", kind],
+    predictor = h.Proc(f"predictor-{kind}", [h.PYTHON, __file__, "--serve-predictor", str(port), "--kind", kind,
+                                             "--protocol", args.protocol],
                        log_path=work / "predictor.log", cwd=h.REPO).start()
     h.wait_ready(f"http://{h.HOST}:{port}/", predictor, timeout=90)
     eport = h.free_port()
     explainer = h.Proc("explainer", [
-        h.PYTHON, "-m", "explainers", "--port", str(eport), "--model-name", "cancer", "--protocol", "v1",
+        h.PYTHON, "-m", "explainers", "--port", str(eport), "--model-name", "cancer", "--protocol", args.protocol,
+        "--binary-data" if args.binary_data else "--no-binary-data",
         "--predictor-url", f"http://{h.HOST}:{port}", "--background", "dataset:breast_cancer",
         "--method", "kernel", "--option", f"background_size={args.background}",
         "--param", f"nsamples={args.nsamples}", "--workers", str(args.workers), "--log-level", "warning",
@@ -237,14 +273,16 @@ def run_servers(args: argparse.Namespace, work: Path, kind: str, rows: Any) -> d
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_predictor:
-        serve_predictor(args.serve_predictor, args.kind)
+        serve_predictor(args.serve_predictor, args.kind, args.protocol)
         return 0
     h.install_cleanup()
     _, data, _ = model_and_rows()
     rows = data[::3]
     results: dict[str, Any] = {"machine": h.machine_info(), "args": vars(args)}
     results["in_process"] = local = in_process(args, rows)
-    h.log(f"{args.rows} rows, nsamples {args.nsamples}, background {args.background}, workers {args.workers}")
+    wire = "JSON" if args.protocol == "v1" or not args.binary_data else "binary tensor data"
+    h.log(f"{args.rows} rows, nsamples {args.nsamples}, background {args.background}, workers {args.workers}; "
+          f"predictor {args.protocol.upper()}, {wire}")
     h.log(f"in-process            p50 {local['p50_ms']:.1f} ms, {local['per_s']:.1f} expl/s; per row "
           f"{local['per_row_one_at_a_time_ms']:.1f} ms one at a time, {local['per_row_batched_ms']:.1f} ms "
           f"in a batch of {args.batch}")
