@@ -188,6 +188,10 @@ class TopicTemplate:
         return topic
 
 
+_UNIQUE = frozenset({"id", "time", "recordedtime", "traceparent"})
+"""Attributes whose values differ from event to event."""
+
+
 class _HeaderCache(dict[tuple[str, AttributeValue], tuple[str, bytes]]):
     """(attribute, value) -> its binary-mode header; a miss builds it, and keeps it when safe."""
 
@@ -201,8 +205,9 @@ class _HeaderCache(dict[tuple[str, AttributeValue], tuple[str, bytes]]):
         name, value = item
         header = ("content-type" if name == "datacontenttype" else "ce_" + name, attribute_text(value).encode())
         # As keys True == 1 and False == 0, texts "true" and "1": booleans, 0 and 1 are not kept.
+        # Nor are values unique to an event: they would only flush the repeated ones out.
         kind = type(value)
-        if kind is str or (kind is int and value not in (0, 1)):
+        if name not in _UNIQUE and (kind is str or (kind is int and value not in (0, 1))):
             if len(self) >= self.size:  # unique values (id, time) would fill it: start over
                 self.clear()
             self[item] = header
