@@ -161,6 +161,11 @@ class AuditStore:
             if not readonly:
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
+                # Random ids put every upsert on a different index page: a larger page cache and
+                # rarer checkpoints (each one writes those pages back) halve the cost of a write.
+                self._conn.execute("PRAGMA cache_size=-32768")  # KiB
+                self._conn.execute("PRAGMA wal_autocheckpoint=8192")  # pages
+                self._conn.execute("PRAGMA journal_size_limit=67108864")  # bytes kept after a checkpoint
                 self._migrate()
             self._check_version()
         except BaseException:
@@ -294,15 +299,19 @@ class AuditStore:
         self.close()
 
 
+_TEXT_COLUMNS = tuple((column, attr) for column, attr in _SHARED.items() if column != "time")
+
+
 def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
     attrs = event.attributes
-    base: dict[str, Any] = {name: _text(attrs.get(attr)) for name, attr in _SHARED.items()}
-    base["time"] = _utc(attrs.get("time"))
-    status, latency = attrs.get(events.STATUSCODE), attrs.get(events.LATENCYMS)
-    base["id"] = event.id
+    base: dict[str, Any] = {"id": event.id, "time": _utc(attrs.get("time"))}
+    # _text inlined: this runs for every event the store takes.
+    for column, attr in _TEXT_COLUMNS:
+        value = attrs.get(attr)
+        base[column] = None if value is None or value == "" else value if type(value) is str else str(value)
     # Attributes may arrive as strings (HTTP/Kafka binary mode headers), hence the conversions.
-    base["status"] = events.as_int(status)
-    base["latency_ms"] = events.as_float(latency)
+    base["status"] = events.as_int(attrs.get(events.STATUSCODE))
+    base["latency_ms"] = events.as_float(attrs.get(events.LATENCYMS))
     base[f"{kind}_attributes"] = _dumps(attrs)
     base["updated"] = updated
     return base
