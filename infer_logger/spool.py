@@ -62,10 +62,10 @@ class SpoolStats:
     corrupt: int = 0
 
 
-class Spool(Protocol):
-    stats: SpoolStats
+class SpoolView(Protocol):
+    """What sink workers and metrics need of a spool: its readers and its size."""
 
-    def append(self, event: CloudEvent) -> bool: ...
+    stats: SpoolStats
 
     def reader(self, name: str) -> SpoolReader: ...
 
@@ -75,9 +75,15 @@ class Spool(Protocol):
 
     def size_bytes(self) -> int: ...
 
-    def start_fsync(self) -> None: ...
+    def refresh(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+class Spool(SpoolView, Protocol):
+    def append(self, event: CloudEvent) -> bool: ...
+
+    def start_fsync(self) -> None: ...
 
 
 class SpoolReader(Protocol):
@@ -136,7 +142,94 @@ def iter_records(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[Clou
         yield event, pos
 
 
-class DiskSpool:
+def _lock(path: Path, what: str) -> int:
+    """An exclusive flock on `path`, held while the fd is open; SpoolError when another has it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolError(f"spool {path.parent}: {what}") from None
+    return fd
+
+
+class _Segments:
+    """What readers need of a spool directory: its segments, their sizes, the readers' checkpoints."""
+
+    dir: Path
+    stats: SpoolStats
+    _current: int  # the segment being written
+    _sizes: dict[int, int]
+
+    def _init_readers(self) -> None:
+        self._readers: dict[str, DiskReader] = {}
+        self._waiters: set[asyncio.Event] = set()
+
+    def refresh(self) -> None:
+        """Bring the view of the segments up to date (another process may change them)."""
+
+    def reader(self, name: str) -> DiskReader:
+        if name in self._readers:
+            raise SpoolError(f"a reader named {name!r} already exists")
+        reader = DiskReader(self, name)
+        self._readers[name] = reader
+        return reader
+
+    def remove_reader(self, name: str, *, forget: bool = False) -> None:
+        """Stop keeping segments for `name`; `forget` also deletes its checkpoint."""
+        reader = self._readers.pop(name, None)
+        if reader is not None:
+            reader.flush()
+            self._waiters.discard(reader._event)
+        if forget:
+            self.checkpoint_path(name).unlink(missing_ok=True)
+        self.collect()
+
+    def tail(self) -> Position:
+        """The end of the log now: where a reader that wants only new events starts."""
+        return Position(self._current, self._sizes.get(self._current, 0))
+
+    def _scan(self, number: int) -> Iterator[CloudEvent]:
+        try:
+            for event, _ in iter_records(self._path(number).read_bytes()):
+                yield event
+        except (CorruptRecordError, FileNotFoundError):
+            return
+
+    def _next_segment(self, number: int) -> int | None:
+        later = [n for n in self._sizes if n > number]
+        return min(later) if later else None
+
+    def collect(self) -> None:
+        """Delete segments that every reader has finished (by its saved checkpoint)."""
+        if not self._readers:
+            return
+        floor = min(r._saved.segment for r in self._readers.values())
+        for number in [n for n in self._sizes if n < floor and n != self._current]:
+            self._delete(number)
+
+    def _delete(self, number: int) -> None:
+        self._sizes.pop(number, None)
+        self._path(number).unlink(missing_ok=True)
+
+    def size_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def _path(self, number: int) -> Path:
+        return self.dir / f"{number:020d}{_SUFFIX}"
+
+    def _segments(self) -> list[tuple[int, Path]]:
+        return sorted((int(p.stem), p) for p in self.dir.glob(f"*{_SUFFIX}") if p.stem.isdigit())
+
+    def checkpoint_path(self, name: str) -> Path:
+        return self.dir / "checkpoints" / f"{name}.json"
+
+    def _flush_readers(self) -> None:
+        for reader in self._readers.values():
+            reader.flush()
+
+
+class DiskSpool(_Segments):
     """The durable spool. One writer (the event loop thread); readers in the same loop."""
 
     def __init__(
@@ -152,24 +245,19 @@ class DiskSpool:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "checkpoints").mkdir(exist_ok=True)
         # Two writers on one spool would interleave segments and checkpoints: refuse the second.
-        self._lock = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock)
-            raise SpoolError(f"spool {self.dir} is in use by another process") from None
+        self._lock = _lock(self.dir / "lock", "in use by another process")
         self.segment_bytes = segment_bytes
         self.max_bytes = max_bytes
         self.overflow = overflow
         self.fsync_interval = fsync_interval
         self.stats = SpoolStats()
-        self._readers: dict[str, DiskReader] = {}
-        self._waiters: set[asyncio.Event] = set()
+        self._init_readers()
         self._sizes: dict[int, int] = {n: p.stat().st_size for n, p in self._segments()}
         # Never append to a segment a previous process wrote: its tail may be torn.
         self._current = max(self._sizes, default=0) + 1
         self._fd = self._open(self._current)
         self._dirty = False
+        self._refreshed = 0.0
         self._fsync_task: asyncio.Task[None] | None = None
 
     # -- writing ---------------------------------------------------------------------------
@@ -177,7 +265,7 @@ class DiskSpool:
     def append(self, event: CloudEvent) -> bool:
         """Append one event; False (and counted) when the size cap refuses it."""
         record = encode_record(event)
-        if self.size_bytes() + len(record) > self.max_bytes and not self._make_room(len(record)):
+        if self.size_bytes() + len(record) > self.max_bytes and not self._room(len(record)):
             self.stats.dropped["spool_full"] += 1
             return False
         if self._sizes[self._current] + len(record) > self.segment_bytes and self._sizes[self._current]:
@@ -214,8 +302,16 @@ class DiskSpool:
         if self.fsync_interval:
             os.fsync(self._fd)
         os.close(self._fd)
+        self.refresh()
         self._current += 1
         self._fd = self._open(self._current)
+
+    def _room(self, needed: int) -> bool:
+        now = time.monotonic()
+        if now - self._refreshed >= 0.5:  # a follower may have deleted finished segments meanwhile
+            self._refreshed = now
+            self.refresh()
+        return self.size_bytes() + needed <= self.max_bytes or self._make_room(needed)
 
     def _make_room(self, needed: int) -> bool:
         if self.overflow != "drop_oldest":
@@ -230,69 +326,14 @@ class DiskSpool:
             self._delete(oldest)
         return True
 
-    # -- reading ---------------------------------------------------------------------------
-
-    def reader(self, name: str) -> DiskReader:
-        if name in self._readers:
-            raise SpoolError(f"a reader named {name!r} already exists")
-        reader = DiskReader(self, name)
-        self._readers[name] = reader
-        return reader
-
-    def remove_reader(self, name: str, *, forget: bool = False) -> None:
-        """Stop keeping segments for `name`; `forget` also deletes its checkpoint."""
-        reader = self._readers.pop(name, None)
-        if reader is not None:
-            reader.flush()
-            self._waiters.discard(reader._event)
-        if forget:
-            self.checkpoint_path(name).unlink(missing_ok=True)
-        self.collect()
-
-    def tail(self) -> Position:
-        """The end of the log now: where a reader that wants only new events starts."""
-        return Position(self._current, self._sizes[self._current])
-
-    def _scan(self, number: int) -> Iterator[CloudEvent]:
-        try:
-            for event, _ in iter_records(self._path(number).read_bytes()):
-                yield event
-        except (CorruptRecordError, FileNotFoundError):
-            return
-
-    def _next_segment(self, number: int) -> int | None:
-        later = [n for n in self._sizes if n > number]
-        return min(later) if later else None
-
-    # -- housekeeping ----------------------------------------------------------------------
-
-    def collect(self) -> None:
-        """Delete segments that every reader has finished (by its saved checkpoint)."""
-        if not self._readers:
-            return
-        floor = min(r._saved.segment for r in self._readers.values())
-        for number in [n for n in self._sizes if n < floor and n != self._current]:
-            self._delete(number)
-
-    def _delete(self, number: int) -> None:
-        self._sizes.pop(number, None)
-        self._path(number).unlink(missing_ok=True)
-
-    def size_bytes(self) -> int:
-        return sum(self._sizes.values())
-
-    def _path(self, number: int) -> Path:
-        return self.dir / f"{number:020d}{_SUFFIX}"
-
-    def _segments(self) -> list[tuple[int, Path]]:
-        return sorted((int(p.stem), p) for p in self.dir.glob(f"*{_SUFFIX}") if p.stem.isdigit())
-
-    def checkpoint_path(self, name: str) -> Path:
-        return self.dir / "checkpoints" / f"{name}.json"
+    def refresh(self) -> None:
+        """Forget segments deleted behind our back: by a `SpoolFollower` in the delivery process."""
+        for number in [n for n in self._sizes if n != self._current]:
+            if not self._path(number).exists():
+                del self._sizes[number]
 
     def close(self) -> None:
-        for reader in self._readers.values():
-            reader.flush()
+        self._flush_readers()
         if self._fsync_task is not None:
             self._fsync_task.cancel()
         if self._fd >= 0:
@@ -302,10 +343,71 @@ class DiskSpool:
             os.close(self._lock)  # releases the flock
 
 
+class SpoolFollower(_Segments):
+    """The read side of a `DiskSpool` that another process writes: the delivery process's view.
+
+    It learns the segments and their sizes from the directory every `poll_interval` seconds
+    (the writer only ever appends to its newest segment, so the others' sizes are final), wakes
+    its readers when the log grew, and deletes the segments every reader has finished, never the
+    newest. One follower per spool: a second one is refused.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, poll_interval: float = 0.01) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "checkpoints").mkdir(exist_ok=True)
+        self._lock = _lock(self.dir / "follower.lock", "another delivery process reads it")
+        self.poll_interval = poll_interval
+        self.stats = SpoolStats()
+        self._init_readers()
+        self._sizes = {}
+        self._current = 0
+        self.refresh()
+        self._poll_task: asyncio.Task[None] | None = None
+
+    def refresh(self) -> None:
+        # List first, then stat: a segment listed before a newer one appeared may still grow,
+        # but one seen with a newer one beside it is complete.
+        numbers = sorted(int(p.stem) for p in self.dir.glob(f"*{_SUFFIX}") if p.stem.isdigit())
+        newest = numbers[-1] if numbers else self._current
+        sizes: dict[int, int] = {}
+        for number in numbers:
+            known = self._sizes.get(number)
+            if known is None or number >= self._current:
+                try:
+                    known = self._path(number).stat().st_size
+                except FileNotFoundError:  # deleted meanwhile (the writer dropped it on overflow)
+                    continue
+            sizes[number] = known
+        self._sizes, self._current = sizes, newest
+
+    def start_polling(self) -> None:
+        if self._poll_task is None:
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            before = self.tail(), len(self._sizes)
+            self.refresh()
+            if (self.tail(), len(self._sizes)) != before:
+                for waiter in self._waiters:
+                    waiter.set()
+
+    def close(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            self._poll_task = None
+        self._flush_readers()
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+
+
 class DiskReader:
     """One sink's cursor over the spool, with a checkpoint file that survives restarts."""
 
-    def __init__(self, spool: DiskSpool, name: str, *, checkpoint_interval: float = 0.2) -> None:
+    def __init__(self, spool: _Segments, name: str, *, checkpoint_interval: float = 0.2) -> None:
         self.spool = spool
         self.name = name
         self._event = asyncio.Event()
@@ -520,6 +622,9 @@ class MemorySpool:
         pass
 
     def start_fsync(self) -> None:
+        pass
+
+    def refresh(self) -> None:
         pass
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.spool import DiskSpool, MemorySpool, Position, encode_record, iter_records
+from infer_logger.errors import SpoolError
+from infer_logger.spool import DiskSpool, MemorySpool, Position, SpoolFollower, encode_record, iter_records
 
 
 def event(i: int, size: int = 10) -> CloudEvent:
@@ -188,3 +189,127 @@ def test_a_second_process_cannot_open_the_same_spool(tmp_path: Path) -> None:
     spool.close()
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0
+
+
+class TestSpoolFollower:
+    """The delivery process's view of a spool another process writes."""
+
+    def test_reads_what_the_writer_appends_across_segments(self, tmp_path: Path) -> None:
+        writer = DiskSpool(tmp_path, segment_bytes=500)
+        follower = SpoolFollower(tmp_path)
+        reader = follower.reader("s")
+        for i in range(10):
+            writer.append(event(i))
+        assert drain(reader) == []  # nothing until it looks again
+        follower.refresh()
+        assert drain(reader) == [str(i) for i in range(10)]
+        for i in range(10, 20):
+            writer.append(event(i))
+        follower.refresh()
+        assert drain(reader) == [str(i) for i in range(10, 20)]
+        writer.close()
+        follower.close()
+
+    def test_deletes_finished_segments_but_never_the_newest(self, tmp_path: Path) -> None:
+        writer = DiskSpool(tmp_path, segment_bytes=300)
+        follower = SpoolFollower(tmp_path)
+        reader = follower.reader("s")
+        for i in range(30):
+            writer.append(event(i))
+        segments = sorted(tmp_path.glob("*.seg"))
+        assert len(segments) > 3
+        follower.refresh()
+        assert len(drain(reader)) == 30
+        assert sorted(tmp_path.glob("*.seg")) == segments[-1:]  # only the one being written is left
+        # The writer learns of it: its size cap counts only what is there.
+        writer.refresh()
+        assert writer.size_bytes() == segments[-1].stat().st_size
+        writer.append(event(30))
+        follower.refresh()
+        assert drain(reader) == ["30"]
+        writer.close()
+        follower.close()
+
+    def test_a_writers_full_spool_frees_up_when_the_follower_deletes(self, tmp_path: Path) -> None:
+        record = len(encode_record(event(0)))
+        writer = DiskSpool(tmp_path, segment_bytes=record * 2, max_bytes=record * 6)
+        follower = SpoolFollower(tmp_path)
+        reader = follower.reader("s")
+        assert all(writer.append(event(i)) for i in range(6))
+        assert not writer.append(event(6))  # full
+        follower.refresh()
+        assert len(drain(reader)) == 6
+        writer._refreshed = 0.0  # its next look at the directory is due
+        assert writer.append(event(7))
+        assert writer.stats.dropped["spool_full"] == 1
+        writer.close()
+        follower.close()
+
+    def test_resumes_from_the_checkpoint(self, tmp_path: Path) -> None:
+        writer = DiskSpool(tmp_path)
+        for i in range(5):
+            writer.append(event(i))
+        follower = SpoolFollower(tmp_path)
+        reader = follower.reader("s")
+        events, end = reader.read(3)
+        reader.commit(end, force=True)
+        follower.close()
+        follower = SpoolFollower(tmp_path)
+        assert drain(follower.reader("s")) == ["3", "4"]
+        writer.close()
+        follower.close()
+
+    def test_a_torn_tail_of_a_finished_segment_is_skipped(self, tmp_path: Path) -> None:
+        writer = DiskSpool(tmp_path)
+        writer.append(event(1))
+        writer.close()
+        first = sorted(tmp_path.glob("*.seg"))[0]
+        with first.open("ab") as fh:
+            fh.write(encode_record(event(2))[:-4])  # a crash mid-append
+        writer = DiskSpool(tmp_path)  # a restarted writer starts a new segment
+        writer.append(event(3))
+        follower = SpoolFollower(tmp_path)
+        assert drain(follower.reader("s")) == ["1", "3"]
+        assert follower.stats.corrupt == 1
+        writer.close()
+        follower.close()
+
+    def test_one_follower_per_spool(self, tmp_path: Path) -> None:
+        follower = SpoolFollower(tmp_path)
+        with pytest.raises(SpoolError, match="another delivery process"):
+            SpoolFollower(tmp_path)
+        follower.close()
+        SpoolFollower(tmp_path).close()
+
+    async def test_polling_wakes_a_waiting_reader(self, tmp_path: Path) -> None:
+        writer = DiskSpool(tmp_path)
+        follower = SpoolFollower(tmp_path, poll_interval=0.01)
+        reader = follower.reader("s")
+        follower.start_polling()
+        reader.read(10)
+        waiting = asyncio.ensure_future(reader.wait(5.0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        writer.append(event(1))
+        await asyncio.wait_for(waiting, 1.0)
+        assert [e.id for e in reader.read(10)[0]] == ["1"]
+        writer.close()
+        follower.close()
+
+    def test_follows_a_writer_in_another_process(self, tmp_path: Path) -> None:
+        import subprocess
+        import sys
+
+        code = (
+            "import sys; from infer_logger.spool import DiskSpool; from infer_logger.cloudevents.event import CloudEvent\n"
+            "s = DiskSpool(sys.argv[1], segment_bytes=2000)\n"
+            "for i in range(200): s.append(CloudEvent({'id': str(i), 'type': 't'}, b'x' * 20))\n"
+            "s.close()"
+        )
+        follower = SpoolFollower(tmp_path)
+        reader = follower.reader("s")
+        subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+        follower.refresh()
+        assert drain(reader) == [str(i) for i in range(200)]
+        assert len(list(tmp_path.glob("*.seg"))) == 1
+        follower.close()
