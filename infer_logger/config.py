@@ -81,6 +81,11 @@ class SpoolSettings(BaseModel):
 class DeliverySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    mode: Literal["process", "inline"] = "process"
+    """`process`: the sink workers run in a child process that reads the disk spool, so sink
+    work never competes with the proxy for the GIL. `inline`: in the sidecar's own event loop
+    (always so with `durability: memory`)."""
+
     batch_size: int = Field(500, ge=1)
     in_flight: int = Field(1, ge=1, le=64)
     """Batches a sink may hold at once (per-sink `in_flight` overrides); 1 keeps spool order."""

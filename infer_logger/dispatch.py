@@ -20,11 +20,12 @@ from typing import Any
 import orjson
 
 from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.config import Settings
 from infer_logger.errors import RejectedError
 from infer_logger.events import decode_data
 from infer_logger.metrics import Metrics
 from infer_logger.sinks.base import Sink
-from infer_logger.spool import Position, Spool, SpoolReader
+from infer_logger.spool import Position, SpoolReader, SpoolView
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: SpoolView,
         sinks: dict[str, Sink],
         metrics: Metrics,
         *,
@@ -195,6 +196,23 @@ class Dispatcher:
                 )
             )
         self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    def from_settings(cls, settings: Settings, spool: SpoolView, metrics: Metrics) -> Dispatcher:
+        """The sidecar's workers: one per configured sink (ConfigError when one cannot be built)."""
+        configs = settings.all_sinks()
+        d = settings.delivery
+        return cls(
+            spool,
+            {cfg.sink_name: cfg.build() for cfg in configs},
+            metrics,
+            batch_size=d.batch_size,
+            in_flight=d.in_flight,
+            linger=d.linger,
+            backoff=Backoff(d.backoff_initial, d.backoff_max),
+            deadletter_dir=Path(settings.spool.dir) / "deadletter",
+            overrides={cfg.sink_name: (cfg.batch_size, cfg.in_flight) for cfg in configs},
+        )
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -11,14 +11,14 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import orjson
 
 from infer_logger import events as ev
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.config import Settings
-from infer_logger.dispatch import Backoff, Dispatcher
+from infer_logger.delivery import DeliveryProcess
+from infer_logger.dispatch import Dispatcher
 from infer_logger.metrics import Metrics
 from infer_logger.spool import DiskSpool, MemorySpool, Spool
 
@@ -80,20 +80,15 @@ class InferenceLogger:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.spool = build_spool(settings)
-        self.metrics = Metrics(self.spool)
-        configs = settings.all_sinks()
-        d = settings.delivery
-        self.dispatcher = Dispatcher(
-            self.spool,
-            {cfg.sink_name: cfg.build() for cfg in configs},
-            self.metrics,
-            batch_size=d.batch_size,
-            in_flight=d.in_flight,
-            linger=d.linger,
-            backoff=Backoff(d.backoff_initial, d.backoff_max),
-            deadletter_dir=Path(settings.spool.dir) / "deadletter",
-            overrides={cfg.sink_name: (cfg.batch_size, cfg.in_flight) for cfg in configs},
-        )
+        # Sink work goes to a child process unless the events live in this one's memory.
+        self.delivery: DeliveryProcess | None = None
+        self.dispatcher: Dispatcher | None = None
+        if settings.delivery.mode == "process" and settings.spool.durability == "disk":
+            self.delivery = DeliveryProcess(settings)
+            self.metrics = Metrics(self.spool, remote=self.delivery.status)
+        else:
+            self.metrics = Metrics(self.spool)
+            self.dispatcher = Dispatcher.from_settings(settings, self.spool, self.metrics)
         source = settings.source_uri or f"http://{settings.host}:{settings.port}/"
         annotations = orjson.dumps(settings.annotations).decode() if settings.annotations else None
         self.origin = ev.Origin(
@@ -114,13 +109,35 @@ class InferenceLogger:
 
     async def start(self) -> None:
         self.spool.start_fsync()
-        self.dispatcher.start()
+        if self.delivery is not None:
+            await self.delivery.start()
+        else:
+            assert self.dispatcher is not None
+            self.dispatcher.start()
         self.started = True
 
     async def stop(self) -> None:
-        await self.dispatcher.stop(self.settings.delivery.drain_timeout)
+        drain = self.settings.delivery.drain_timeout
+        if self.delivery is not None:
+            # The child reads what is on disk: the spool closes (flushed) only after it drained.
+            await self.delivery.stop(drain)
+        elif self.dispatcher is not None:
+            await self.dispatcher.stop(drain)
         self.spool.close()
         self.started = False
+
+    def sink_states(self) -> dict[str, str]:
+        """Each sink's state for /readyz: ok, retrying (failing, backing off) or down (no delivery process)."""
+        if self.delivery is not None:
+            return self.delivery.sink_states()
+        assert self.dispatcher is not None
+        return {w.name: "ok" if w.healthy else "retrying" for w in self.dispatcher.workers}
+
+    def update_lag(self) -> None:
+        """Refresh the sink lag gauges before a scrape (a delivery child keeps its own)."""
+        if self.dispatcher is not None:
+            for worker in self.dispatcher.workers:
+                self.metrics.sink_lag.labels(worker.name).set(worker.reader.lag())
 
     # -- recording ---------------------------------------------------------------------------
 

@@ -2,58 +2,110 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
-from infer_logger.spool import Spool
+from infer_logger.spool import SpoolView
+
+RemoteStatus = dict[str, Any]
+"""A delivery child's report (`infer_logger.delivery`): its sinks' health and `export()`ed metrics."""
+
+# The families the sink workers keep: in the delivery child when there is one.
+DELIVERY_FAMILIES = frozenset({
+    "infer_logger_events_delivered",
+    "infer_logger_batches_retried",
+    "infer_logger_sink_lag_bytes",
+    "infer_logger_sink_latency_seconds",
+})
 
 
 class _SpoolCollector(Collector):
-    """Reads the spool's own counters at scrape time, so the spool stays free of metrics code."""
+    """Reads the spool's own counters at scrape time, so the spool stays free of metrics code.
 
-    def __init__(self, spool: Spool) -> None:
+    With a delivery child, its drop counts (rejected events, corrupt segments) are added in.
+    """
+
+    def __init__(self, spool: SpoolView, remote: Callable[[], RemoteStatus | None] | None) -> None:
         self.spool = spool
+        self.remote = remote
 
     def collect(self) -> Iterator[Metric]:
         stats = self.spool.stats
+        counts: dict[str, float] = {"corrupt_segments": stats.corrupt, **stats.dropped}
+        status = self.remote() if self.remote else None
+        for reason, count in (status or {}).get("dropped", {}).items():
+            counts[reason] = counts.get(reason, 0) + count
         dropped = CounterMetricFamily(
             "infer_logger_events_dropped",
             "Events given up on, by reason (spool_full, spool_overflow, rejected, corrupt_segments)",
             labels=["reason"],
         )
-        for reason, count in sorted(stats.dropped.items()):
+        for reason, count in sorted(counts.items()):
             dropped.add_metric([reason], count)
-        dropped.add_metric(["corrupt_segments"], stats.corrupt)
         yield dropped
+        self.spool.refresh()
         yield GaugeMetricFamily("infer_logger_spool_bytes", "Bytes in the spool", value=self.spool.size_bytes())
 
 
+class _RemoteCollector(Collector):
+    """The delivery child's families, as its last report had them."""
+
+    def __init__(self, remote: Callable[[], RemoteStatus | None]) -> None:
+        self.remote = remote
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.remote()
+        for name, documentation, kind, samples in (status or {}).get("families", []):
+            family = Metric(name, documentation, kind)
+            family.samples = [Sample(n, labels, value) for n, labels, value in samples]
+            yield family
+
+
+def export(metrics: Metrics) -> RemoteStatus:
+    """What a delivery child reports of its metrics: the delivery families and its drop counts."""
+    families = [
+        [f.name, f.documentation, f.type, [[s.name, s.labels, s.value] for s in f.samples]]
+        for f in metrics.registry.collect()
+        if f.name in DELIVERY_FAMILIES
+    ]
+    stats = metrics.spool.stats
+    return {"families": families, "dropped": {"corrupt_segments": stats.corrupt, **stats.dropped}}
+
+
 class Metrics:
-    def __init__(self, spool: Spool) -> None:
+    """The sidecar's metrics. With `remote` (a delivery child's status), the delivery families
+    come from the child's reports, and this process's own delivery metrics stay unregistered."""
+
+    def __init__(self, spool: SpoolView, *, remote: Callable[[], RemoteStatus | None] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.spool = spool
         r = self.registry
-        r.register(_SpoolCollector(spool))
+        r.register(_SpoolCollector(spool, remote))
+        own = r if remote is None else None
+        if remote is not None:
+            r.register(_RemoteCollector(remote))
         self.accepted = Counter(
             "infer_logger_events_accepted", "Events appended to the spool", ["type"], registry=r
         )
         self.delivered = Counter(
-            "infer_logger_events_delivered", "Events a sink acknowledged", ["sink"], registry=r
+            "infer_logger_events_delivered", "Events a sink acknowledged", ["sink"], registry=own
         )
         self.retried = Counter(
-            "infer_logger_batches_retried", "Batches a sink failed and will retry", ["sink"], registry=r
+            "infer_logger_batches_retried", "Batches a sink failed and will retry", ["sink"], registry=own
         )
         self.sink_lag = Gauge(
-            "infer_logger_sink_lag_bytes", "Spool bytes a sink has not taken yet", ["sink"], registry=r
+            "infer_logger_sink_lag_bytes", "Spool bytes a sink has not taken yet", ["sink"], registry=own
         )
         self.sink_latency = Histogram(
             "infer_logger_sink_latency_seconds",
             "Time for a sink to take one batch",
             ["sink"],
-            registry=r,
+            registry=own,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.requests = Counter(

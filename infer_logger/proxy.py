@@ -161,14 +161,13 @@ async def _healthz(proxy: Proxy, send: Any) -> None:
 
 async def _readyz(proxy: Proxy, send: Any) -> None:
     ready = proxy.logger.started and proxy._session is not None
-    sinks = {w.name: ("ok" if w.healthy else "retrying") for w in proxy.logger.dispatcher.workers}
+    sinks = proxy.logger.sink_states()
     body = orjson.dumps({"ready": ready, "sinks": sinks})
     await respond(send, 200 if ready else 503, list(_JSON), body)
 
 
 async def _metrics(proxy: Proxy, send: Any) -> None:
-    for worker in proxy.logger.dispatcher.workers:
-        proxy.logger.metrics.sink_lag.labels(worker.name).set(worker.reader.lag())
+    proxy.logger.update_lag()
     body = generate_latest(proxy.logger.metrics.registry)
     await respond(send, 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], body)
 

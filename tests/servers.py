@@ -68,3 +68,13 @@ def sidecar_process(upstream: str, tmp: Path, *extra: str, port: int | None = No
     args = [sys.executable, "-m", "infer_logger.cli", "proxy", "--port", str(port),
             "--predictor-url", upstream, "--spool-dir", str(tmp / "spool"), *extra]
     return Process(args, port, ready_path="/readyz", log=tmp / "sidecar.log")
+
+
+def scrape(proc: Process, needle: str, timeout: float = 5.0) -> str:
+    """The sidecar's /metrics once it contains `needle` (a delivery child reports every 0.5 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(proc.url + "/metrics").text
+        if needle in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)

@@ -11,7 +11,7 @@ import pytest
 
 from infer_logger import events as ev
 from infer_logger.testing import EventCollector, free_port
-from tests.servers import Process, sidecar_process
+from tests.servers import Process, scrape, sidecar_process
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +43,7 @@ def test_sink_outage_mid_stream_then_recovery(iris_predictor: Process, tmp_path:
             back.wait_for(80, timeout=30)  # 40 spooled during the outage, retried after it
             seen = ids_of(sink, ev.RESPONSE) | ids_of(back, ev.RESPONSE)
             assert seen == {f"a{i}" for i in range(60)}
-            metrics = httpx.get(proc.url + "/metrics").text
-            assert "infer_logger_batches_retried_total" in metrics
+            assert "infer_logger_batches_retried_total" in scrape(proc, "infer_logger_batches_retried_total")
         finally:
             back.stop()
     finally:
@@ -66,8 +65,8 @@ def test_refused_events_are_dead_lettered_and_counted(iris_predictor: Process, t
             records = [orjson.loads(line) for line in dead.read_bytes().splitlines()]
             assert {r["attributes"]["id"] for r in records} == {"dl-1"}
             assert "400" in records[0]["reason"]
-            metrics = httpx.get(proc.url + "/metrics").text
-            assert 'infer_logger_events_dropped_total{reason="rejected"} 2.0' in metrics
+            needle = 'infer_logger_events_dropped_total{reason="rejected"} 2.0'
+            assert needle in scrape(proc, needle)
         finally:
             proc.stop()
 

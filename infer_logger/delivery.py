@@ -1,0 +1,243 @@
+"""The delivery process: the sink workers in a child of the sidecar, reading the spool from disk.
+
+The sidecar's event loop then only proxies and appends; decoding the spool, encoding for the
+sinks, SQLite and network I/O run in another interpreter, so none of it competes with the
+request path for the GIL (in one process a sink's Python work stalls the proxy's loop). The disk
+spool is the only channel: the sidecar appends, the child's `SpoolFollower` reads, keeps each
+sink's checkpoint and deletes finished segments, exactly as the in-process workers would.
+
+The child reports through a status file in the spool directory, rewritten every half second:
+its sinks' health and its metric families, which the sidecar's `/readyz` and `/metrics` show.
+It exits when told to (SIGTERM/SIGINT: it drains for `drain_timeout` first) and when its parent
+is gone (a `kill -9` of the sidecar: the next sidecar starts a new child). The sidecar restarts
+a child that dies, with backoff.
+
+    python -m infer_logger.delivery   # reads the pickled Settings on stdin; says "ready" on stdout
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from infer_logger.config import Settings
+from infer_logger.dispatch import Dispatcher
+from infer_logger.errors import ConfigError, InferLoggerError, SpoolError
+from infer_logger.metrics import Metrics, RemoteStatus, export
+from infer_logger.spool import SpoolFollower
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "delivery.json"
+_STATUS_EVERY = 0.5  # seconds between status writes in the child
+_STALE = 5.0  # seconds after which the sidecar takes a silent child for gone
+_LOCK_WAIT = 30.0  # seconds a new child waits for the previous one to let go of the spool
+_READY = b"ready\n"
+
+
+class DeliveryProcess:
+    """The sidecar's handle on its delivery child: start, supervise, read its status, stop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sink_names = [cfg.sink_name for cfg in settings.all_sinks()]
+        self.status_path = Path(settings.spool.dir) / STATUS_FILE
+        self.restarts = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._cached: tuple[float, RemoteStatus | None] = (0.0, None)
+
+    async def start(self) -> None:
+        """Start the child and wait until its sinks are built: a bad sink config fails the start."""
+        self._proc = await self._spawn()
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "infer_logger.delivery", "--log-level", _log_level(),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        # Pickled, not JSON: secrets (SecretStr) must reach the child unmasked.
+        proc.stdin.write(pickle.dumps(self.settings))
+        await proc.stdin.drain()
+        proc.stdin.close()
+        line = await proc.stdout.readline()
+        if line == _READY:
+            return proc
+        await proc.wait()
+        reason = line.decode(errors="replace").strip() or f"exited with {proc.returncode} before it was ready"
+        field, _, message = reason.partition("\t")
+        if message:
+            raise ConfigError(field, message)
+        raise InferLoggerError(f"delivery process: {reason}")
+
+    async def _supervise(self) -> None:
+        delay = 1.0
+        while True:
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if self._stopping:
+                return
+            log.error("delivery process exited with %s; starting a new one in %.0fs", code, delay)
+            await asyncio.sleep(delay)
+            try:
+                self._proc = await self._spawn()
+                self.restarts += 1
+                delay = 1.0
+            except InferLoggerError as exc:
+                log.error("delivery process did not start: %s", exc)
+                delay = min(delay * 2, 30.0)
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Let the child drain for `drain_timeout`, then stop it (what is left stays spooled)."""
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), drain_timeout + 5.0)
+        except TimeoutError:
+            log.error("delivery process did not stop within %.0fs: killed", drain_timeout + 5.0)
+            proc.kill()
+            await proc.wait()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    def status(self) -> RemoteStatus | None:
+        """The child's last report (read at most every 0.25 s); None when it is missing or stale."""
+        if self.pid is None:
+            return None
+        now = time.monotonic()
+        read_at, status = self._cached
+        if now - read_at < 0.25:
+            return status
+        status = None
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            report = orjson.loads(self.status_path.read_bytes())
+            if report["pid"] == self.pid and time.time() - report["at"] < _STALE:
+                status = report
+        self._cached = (now, status)
+        return status
+
+    def sink_states(self) -> dict[str, str]:
+        status = self.status()
+        if status is None:
+            return {name: "down" for name in self.sink_names}
+        return {name: "ok" if healthy else "retrying" for name, healthy in status["sinks"].items()}
+
+
+def _log_level() -> str:
+    return logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+
+
+# -- the child -----------------------------------------------------------------------------
+
+
+async def _follow(directory: Path) -> SpoolFollower:
+    """The spool's follower; waits while a previous child (after a kill -9 of its parent) drains."""
+    deadline = time.monotonic() + _LOCK_WAIT
+    while True:
+        try:
+            return SpoolFollower(directory)
+        except SpoolError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+def _write_status(path: Path, dispatcher: Dispatcher, metrics: Metrics) -> None:
+    for worker in dispatcher.workers:
+        metrics.sink_lag.labels(worker.name).set(worker.reader.lag())
+    report: dict[str, Any] = {
+        "pid": os.getpid(),
+        "at": time.time(),
+        "sinks": {w.name: w.healthy for w in dispatcher.workers},
+        **export(metrics),
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(report))
+    os.replace(tmp, path)
+
+
+async def deliver(settings: Settings) -> None:
+    """The child's life: build the sinks, say ready, deliver until told to stop or orphaned."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+    follower = await _follow(Path(settings.spool.dir))
+    metrics = Metrics(follower)
+    try:
+        dispatcher = Dispatcher.from_settings(settings, follower, metrics)
+    except BaseException:
+        follower.close()
+        raise
+    sys.stdout.buffer.write(_READY)
+    sys.stdout.flush()
+    status_path = Path(settings.spool.dir) / STATUS_FILE
+    follower.start_polling()
+    dispatcher.start()
+    try:
+        while not stop.is_set():
+            _write_status(status_path, dispatcher, metrics)
+            if os.getppid() != parent:
+                log.warning("the sidecar is gone: delivery stops (the next sidecar takes over)")
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _STATUS_EVERY)
+    finally:
+        follower.refresh()  # the sidecar appended all it will before it asked us to stop
+        await dispatcher.stop(settings.delivery.drain_timeout)
+        _write_status(status_path, dispatcher, metrics)
+        follower.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    level = args[args.index("--log-level") + 1] if "--log-level" in args else "info"
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = pickle.loads(sys.stdin.buffer.read())
+    if not isinstance(settings, Settings):
+        print("settings\tnot a Settings object on stdin", flush=True)
+        return 2
+    try:
+        _run(settings)
+    except ConfigError as exc:
+        print(f"{exc.field}\t{exc.message}", flush=True)
+        return 2
+    except InferLoggerError as exc:
+        print(str(exc).replace("\n", " "), flush=True)
+        return 1
+    return 0
+
+
+def _run(settings: Settings) -> None:
+    # uvloop when installed, as the sidecar itself runs.
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(deliver(settings))
+    else:
+        uvloop.run(deliver(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The delivery process: sink workers in a child, fed by the disk spool, supervised by the sidecar."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+from prometheus_client import generate_latest
+
+from infer_logger.config import Settings, load_settings
+from infer_logger.delivery import STATUS_FILE, DeliveryProcess
+from infer_logger.errors import ConfigError
+from infer_logger.logger import InferenceLogger, match_route
+from tests.servers import Process, sidecar_process
+
+ROUTE = match_route("POST", "/v1/models/iris:predict")
+
+
+def settings(tmp_path: Path, **extra: object) -> Settings:
+    base: dict[str, object] = {"spool": {"dir": str(tmp_path / "spool")},
+                               "sinks": [{"type": "file", "path": str(tmp_path / "events.jsonl")}]}
+    return load_settings(**{**base, **extra})
+
+
+def exchange(logger: InferenceLogger, event_id: str) -> None:
+    assert ROUTE is not None
+    headers = {"content-type": "application/json"}
+    ex = logger.begin(ROUTE, "/v1/models/iris:predict", headers, list(headers.items()), b'{"instances": [[1]]}',
+                      event_id)
+    logger.end(ex, 200, "application/json", b'{"predictions": [0]}')
+
+
+def lines(path: Path) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+async def test_events_reach_the_sink_through_the_child(tmp_path: Path) -> None:
+    logger = InferenceLogger(settings(tmp_path))
+    assert logger.delivery is not None and logger.dispatcher is None
+    await logger.start()
+    try:
+        child = logger.delivery.pid
+        assert child is not None and child != os.getpid()
+        for i in range(20):
+            exchange(logger, f"e{i}")
+        out = tmp_path / "events.jsonl"
+        await eventually(lambda: len(lines(out)) == 40)
+        assert {e["id"] for e in lines(out)} == {f"e{i}" for i in range(20)}
+        await eventually(lambda: logger.delivery is not None and logger.delivery.status() is not None
+                         and logger.sink_states() == {"file": "ok"})
+        await eventually(lambda: b'infer_logger_events_delivered_total{sink="file"} 40.0'
+                         in generate_latest(logger.metrics.registry))
+        text = generate_latest(logger.metrics.registry).decode()
+        assert 'infer_logger_events_accepted_total{type="request"} 20.0' in text
+        assert text.count("# TYPE infer_logger_events_dropped_total counter") == 1  # one family, both halves
+    finally:
+        await logger.stop()
+    assert not alive(child)
+    assert logger.sink_states() == {"file": "down"}
+
+
+async def test_stop_drains_what_was_appended(tmp_path: Path) -> None:
+    logger = InferenceLogger(settings(tmp_path))
+    await logger.start()
+    for i in range(200):
+        exchange(logger, f"d{i}")
+    await logger.stop()
+    assert len(lines(tmp_path / "events.jsonl")) == 400
+
+
+async def test_a_dead_child_is_replaced(tmp_path: Path) -> None:
+    logger = InferenceLogger(settings(tmp_path))
+    await logger.start()
+    try:
+        assert logger.delivery is not None
+        first = logger.delivery.pid
+        assert first is not None
+        exchange(logger, "before")
+        out = tmp_path / "events.jsonl"
+        await eventually(lambda: len(lines(out)) == 2)
+        os.kill(first, signal.SIGKILL)
+        exchange(logger, "meanwhile")  # spooled while no child runs
+        await eventually(lambda: logger.delivery is not None and logger.delivery.restarts == 1)
+        assert logger.delivery.pid not in (None, first)
+        exchange(logger, "after")
+        await eventually(lambda: {e["id"] for e in lines(out)} == {"before", "meanwhile", "after"})
+    finally:
+        await logger.stop()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("confluent_kafka") is None, reason="needs the kafka extra")
+async def test_a_sink_the_child_cannot_build_fails_the_start(tmp_path: Path) -> None:
+    bad = {"type": "kafka", "bootstrap_servers": "127.0.0.1:1", "config": {"no.such.property": "x"}}
+    logger = InferenceLogger(load_settings(spool={"dir": str(tmp_path / "spool")}, sinks=[bad]))
+    with pytest.raises(ConfigError) as caught:
+        await logger.start()
+    assert caught.value.field == "config" and "no.such.property" in caught.value.message
+    logger.spool.close()
+
+
+def test_memory_durability_and_inline_mode_deliver_in_process(tmp_path: Path) -> None:
+    assert InferenceLogger(settings(tmp_path, delivery={"mode": "inline"})).dispatcher is not None
+    memory = InferenceLogger(settings(tmp_path, spool={"dir": str(tmp_path / "m"), "durability": "memory"}))
+    assert memory.delivery is None and memory.dispatcher is not None
+
+
+def test_the_child_leaves_with_a_killed_sidecar(iris_predictor: Process, tmp_path: Path) -> None:
+    proc = sidecar_process(iris_predictor.url, tmp_path, "--log-url", f"file://{tmp_path}/events.jsonl").start()
+    status = tmp_path / "spool" / STATUS_FILE
+    deadline = time.monotonic() + 10
+    while not status.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = orjson.loads(status.read_bytes())["pid"]
+    assert alive(child)
+    proc.kill9()
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(child)
+    # The next sidecar starts its own child on the same spool.
+    again = sidecar_process(iris_predictor.url, tmp_path, "--log-url", f"file://{tmp_path}/events.jsonl").start()
+    try:
+        assert again.proc is not None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            report = orjson.loads(status.read_bytes())
+            if report["pid"] != child:
+                break
+            time.sleep(0.05)
+        assert report["pid"] != child and alive(report["pid"])
+    finally:
+        again.stop()
+
+
+def test_delivery_process_names_its_sinks(tmp_path: Path) -> None:
+    process = DeliveryProcess(settings(tmp_path, log_url=[f"file://{tmp_path}/b.jsonl"]))
+    assert process.sink_states() == {"file": "down", "file2": "down"}
