@@ -88,6 +88,22 @@ def _upsert_sql(kind: str) -> str:
 
 
 _UPSERT = {kind: _upsert_sql(kind) for kind in _KINDS.values()}
+
+
+def _exchange_sql() -> str:
+    """One upsert for a request and its response together: what the two upserts and the status
+    spread would leave, in one row write per instance (the request's shared values win)."""
+    own = ("request", "request_attributes", "response", "response_attributes")
+    columns = ["id", "instance", *_SHARED, "status", "latency_ms", *own, "updated"]
+    sets = [f"{c} = COALESCE(excluded.{c}, {c})" for c in (*_SHARED, *own)]
+    sets += ["status = excluded.status", "latency_ms = excluded.latency_ms", "updated = excluded.updated"]
+    return (
+        f"INSERT INTO records ({', '.join(columns)}) VALUES ({', '.join(f':{c}' for c in columns)}) "
+        f"ON CONFLICT (id, instance) DO UPDATE SET {', '.join(sets)}"
+    )
+
+
+_UPSERT_EXCHANGE = _exchange_sql()
 # The IS NOT guards skip the rows the response upsert already set: a lookup instead of a rewrite.
 _SPREAD_STATUS = (
     "UPDATE records SET status = :status, latency_ms = :latency_ms "
@@ -209,13 +225,31 @@ class AuditStore:
             )
 
     def write(self, batch: Sequence[CloudEvent]) -> int:
-        """Upsert a batch in one transaction; returns the rows written. Unknown types are skipped."""
-        rows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in _KINDS.values()}
-        spread: list[dict[str, Any]] = []
+        """Upsert a batch in one transaction; returns the rows written. Unknown types are skipped.
+
+        A request whose response is in the same batch (the usual case: the sink worker lingers)
+        is written with it, one row write per instance; the rest kind by kind.
+        """
         updated = events.now_rfc3339()
+        latest: dict[tuple[str, str], CloudEvent] = {}
         for event in batch:
             kind = _KINDS.get(event.type)
-            if kind is None:
+            if kind is not None:
+                # A re-delivered event overwrites, so within a batch the last one counts.
+                latest.pop((kind, event.id), None)
+                latest[(kind, event.id)] = event
+        exchanges: list[dict[str, Any]] = []
+        rows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in _KINDS.values()}
+        spread: list[dict[str, Any]] = []
+        paired = {event_id for kind, event_id in latest if kind == "request" and ("response", event_id) in latest}
+        for (kind, event_id), event in latest.items():
+            if event_id in paired and kind != "explanation":
+                if kind == "request":
+                    answer = latest[("response", event_id)]
+                    exchanges += _exchange_rows(event, answer, updated)
+                    # Rows an earlier event made (more instances) get the status too.
+                    spread.append({"id": event_id, "status": exchanges[-1]["status"],
+                                   "latency_ms": exchanges[-1]["latency_ms"]})
                 continue
             base = _row_base(event, kind, updated)
             for index, item in enumerate(payloads.instances(event)):
@@ -223,12 +257,14 @@ class AuditStore:
             if kind == "response":
                 spread.append(base)
         with self._lock, self._transaction() as conn:
+            if exchanges:
+                conn.executemany(_UPSERT_EXCHANGE, exchanges)
             for kind, params in rows.items():
                 if params:
                     conn.executemany(_UPSERT[kind], params)
             # After every upsert, so rows this batch created get the status too.
             conn.executemany(_SPREAD_STATUS, spread)
-        return sum(len(params) for params in rows.values())
+        return len(exchanges) + sum(len(params) for params in rows.values())
 
     def query(
         self,
@@ -297,6 +333,29 @@ class AuditStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> list[dict[str, Any]]:
+    asked, answered = _row_base(request, "request", updated), _row_base(response, "response", updated)
+    # Where both have an instance the request's shared values win; the response's own rows keep its.
+    both = {c: asked[c] if asked[c] is not None else answered[c] for c in _SHARED}
+    alone = {c: answered[c] for c in _SHARED}
+    common = {"id": asked["id"], "status": answered["status"], "latency_ms": answered["latency_ms"], "updated": updated}
+    inputs = [_dumps(item) for item in payloads.instances(request)]
+    outputs = [_dumps(item) for item in payloads.instances(response)]
+    out = []
+    for index in range(max(len(inputs), len(outputs))):
+        has_input, has_output = index < len(inputs), index < len(outputs)
+        out.append({
+            **(both if has_input else alone),
+            **common,
+            "instance": index,
+            "request": inputs[index] if has_input else None,
+            "request_attributes": asked["request_attributes"] if has_input else None,
+            "response": outputs[index] if has_output else None,
+            "response_attributes": answered["response_attributes"] if has_output else None,
+        })
+    return out
 
 
 _TEXT_COLUMNS = tuple((column, attr) for column, attr in _SHARED.items() if column != "time")

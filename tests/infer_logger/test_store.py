@@ -88,6 +88,32 @@ class TestJoin:
             assert record.response_attributes and record.response_attributes["statuscode"] == 200
             assert record.explanation_attributes is not None
 
+    @pytest.mark.parametrize(
+        "before, pair",
+        [
+            ([], [request(), response()]),
+            ([], [response(body={"predictions": [0, 1, 2]}), request(endpoint="canary")]),
+            ([], [request(modelname=""), response(modelname="iris-v2")]),
+            ([], [request(), response(status=500, body=b"boom")]),
+            ([explanation(body={"explanations": [{"f0": 1}, {"f0": 2}, {"f0": 3}]})], [request(), response()]),
+            ([request(), response(status=503)], [request(namespace="prod"), response(status=200)]),
+        ],
+    )
+    def test_a_pair_in_one_batch_is_written_as_in_two(
+        self, tmp_path: Path, before: list[CloudEvent], pair: list[CloudEvent]
+    ) -> None:
+        """The one-upsert path for a request and its response leaves what separate writes would."""
+        with AuditStore(tmp_path / "one.db") as one, AuditStore(tmp_path / "apart.db") as apart:
+            for store in (one, apart):
+                for event in before:
+                    store.write([event])
+            one.write(pair)
+            for event in pair:
+                apart.write([event])
+            fields = [f for f in AuditRecord.__dataclass_fields__ if f != "updated"]
+            rows = [[[getattr(r, f) for f in fields] for r in _by_instance(s)] for s in (one, apart)]
+            assert rows[0] == rows[1]
+
     def test_redelivery_overwrites(self, store: AuditStore) -> None:
         batch = [request(), response(), explanation()]
         store.write(batch)
