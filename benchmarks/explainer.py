@@ -88,8 +88,8 @@ def serve_predictor(port: int, kind: str, protocol: str) -> None:
     class Proba:
         name, feature_names = "cancer", names
 
-        def predict(self, rows: Any) -> list[Any]:
-            return forest.predict_proba(rows).tolist()
+        def predict(self, rows: Any) -> Any:
+            return forest.predict_proba(rows)
 
         def predict_proba(self, rows: Any) -> None:
             return None
@@ -97,11 +97,11 @@ def serve_predictor(port: int, kind: str, protocol: str) -> None:
     class Classifier:
         name, feature_names = "cancer", names
 
-        def predict(self, rows: Any) -> list[Any]:
-            return forest.predict(rows).tolist()
+        def predict(self, rows: Any) -> Any:
+            return forest.predict(rows)
 
-        def predict_proba(self, rows: Any) -> list[Any]:
-            return forest.predict_proba(rows).tolist()
+        def predict_proba(self, rows: Any) -> Any:
+            return forest.predict_proba(rows)
 
     def v2(body: bytes, header: bytes | None) -> tuple[bytes, dict[str, str]]:
         doc, raw = binary_tensors.decode(body, header.decode() if header else None, "inputs")

@@ -22,18 +22,22 @@ from fastapi.responses import JSONResponse, Response
 from infer_logger import binary_tensors
 from infer_logger.errors import BinaryDataError
 
-_NUMPY = orjson.OPT_SERIALIZE_NUMPY  # echo predictions of binary rows are numpy scalars
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY  # output arrays, and echo predictions of binary rows (numpy scalars)
 Rows = Sequence[Sequence[Any]] | np.ndarray
 """Instances: lists from JSON, or an `(n, width)` array from binary tensor data."""
+Outputs = Sequence[Any] | np.ndarray
+"""A model's answer for each row: numbers stay an array until written (no list of thousands of floats
+to build and convert back for binary data)."""
+_DATATYPES = {"b": "BOOL", "i": "INT64", "u": "UINT64", "f": "FP64"}
 
 
 class Model(Protocol):
     name: str
     feature_names: list[str]
 
-    def predict(self, rows: Rows) -> list[Any]: ...
+    def predict(self, rows: Rows) -> Outputs: ...
 
-    def predict_proba(self, rows: Rows) -> list[list[float]] | None: ...
+    def predict_proba(self, rows: Rows) -> Outputs | None: ...
 
 
 class EchoModel:
@@ -42,10 +46,10 @@ class EchoModel:
     name = "echo"
     feature_names = ["x0", "x1", "x2", "x3"]
 
-    def predict(self, rows: Rows) -> list[Any]:
+    def predict(self, rows: Rows) -> Outputs:
         return [row[0] if len(row) else None for row in rows]
 
-    def predict_proba(self, rows: Rows) -> list[list[float]] | None:
+    def predict_proba(self, rows: Rows) -> Outputs | None:
         return None
 
 
@@ -55,13 +59,13 @@ class SklearnModel:
         self.estimator = estimator
         self.feature_names = feature_names
 
-    def predict(self, rows: Rows) -> list[Any]:
-        return self.estimator.predict(rows).tolist()
+    def predict(self, rows: Rows) -> Outputs:
+        return np.asarray(self.estimator.predict(rows))
 
-    def predict_proba(self, rows: Rows) -> list[list[float]] | None:
+    def predict_proba(self, rows: Rows) -> Outputs | None:
         if not hasattr(self.estimator, "predict_proba"):
             return None
-        return self.estimator.predict_proba(rows).round(6).tolist()
+        return np.asarray(self.estimator.predict_proba(rows)).round(6)
 
 
 def train_iris(name: str = "iris") -> SklearnModel:
@@ -118,19 +122,30 @@ def _rows_v2(body: dict[str, Any], raw: dict[str, memoryview], width: int) -> Ro
     return [flat[i * width : (i + 1) * width] for i in range(shape[0])]
 
 
-def _json_output(name: str, values: list[Any], n: int) -> dict[str, Any]:
+def _writable(values: Outputs) -> Outputs:
+    """Numbers as they are (orjson writes arrays of them); anything else as a list."""
+    if isinstance(values, np.ndarray) and values.dtype.kind not in _DATATYPES:
+        return values.tolist()
+    return values
+
+
+def _json_output(name: str, values: Outputs, n: int) -> dict[str, Any]:
+    if isinstance(values, np.ndarray) and values.dtype.kind in _DATATYPES:
+        return {"name": name, "datatype": _DATATYPES[values.dtype.kind], "shape": list(values.shape),
+                "data": np.ascontiguousarray(values).reshape(-1)}
+    values = _writable(values)
     if name == "predict_proba":
-        return {"name": name, "datatype": "FP64", "shape": [n, len(values[0]) if values else 0],
+        return {"name": name, "datatype": "FP64", "shape": [n, len(values[0]) if len(values) else 0],
                 "data": [p for row in values for p in row]}
     return {"name": name, "datatype": "INT64" if all(isinstance(p, int) for p in values) else "FP64",
             "shape": [n], "data": values}
 
 
-def _binary_output(name: str, values: list[Any]) -> tuple[dict[str, Any], Any]:
+def _binary_output(name: str, values: Outputs) -> tuple[dict[str, Any], Any]:
     array = np.asarray(values)
     kind = array.dtype.kind
-    if kind in "biuf":
-        datatype = {"b": "BOOL", "i": "INT64", "u": "UINT64", "f": "FP64"}[kind]
+    if kind in _DATATYPES:
+        datatype = _DATATYPES[kind]
         raw: Any = np.ascontiguousarray(array, binary_tensors.NUMPY_DTYPES[datatype])
     else:
         datatype, raw = "BYTES", binary_tensors.pack_values("BYTES", map(str, array.reshape(-1).tolist()))
@@ -198,7 +213,8 @@ def create_app(models: Sequence[Model]) -> FastAPI:
             rows = _rows_v1(await body_of(request), len(model.feature_names))
         except BadInput as exc:
             return error(400, str(exc))
-        return Response(orjson.dumps({"predictions": model.predict(rows)}), media_type="application/json")
+        return Response(orjson.dumps({"predictions": _writable(model.predict(rows))}, option=_NUMPY),
+                        media_type="application/json")
 
     @app.get("/v2")
     async def v2_server() -> dict[str, Any]:
