@@ -150,6 +150,9 @@ class BaseExplainer(ABC):
     method: ClassVar[str]
     library: ClassVar[str] = "shap"
     white_box: ClassVar[bool] = False
+    asks_rows_alone: ClassVar[bool] = False
+    """Whether the method asks the model for each explained row alone before anything else (the
+    server then asks the predictor for them ahead: `PredictorClient.predict_ahead`)."""
     Options: ClassVar[type[BaseModel]] = NoOptions
     Params: ClassVar[type[BaseModel]] = NoOptions
 

@@ -12,15 +12,18 @@ so neither side prints or parses thousands of numbers; a JSON answer is read as 
 that refuses binary data (400, 415, 422) gets the same rows as JSON, and JSON from then on.
 
 Explainers run in worker threads and call `predict_blocking`, which hands the call to the event
-loop: the HTTP work shares one connection pool, and the loop stays free.
+loop: the HTTP work shares one connection pool, and the loop stays free. Kernel SHAP asks for each
+explained row's output alone before it perturbs the row; `predict_ahead` sends that request as the
+explanation starts, so its round trip overlaps the explainer's set-up instead of following it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import aiohttp
@@ -65,15 +68,19 @@ class PredictorClient:
         self._pending: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
         self._pending_rows = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ahead: dict[bytes, concurrent.futures.Future[np.ndarray]] = {}
 
     async def start(self) -> None:
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         self._limit = asyncio.Semaphore(self._concurrency)
+        tracing = aiohttp.TraceConfig()
+        tracing.on_request_chunk_sent.append(_body_sent)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self._concurrency * 2),
             timeout=aiohttp.ClientTimeout(total=self.timeout),
             skip_auto_headers=("Accept-Encoding",),
+            trace_configs=[tracing],
         )
 
     async def aclose(self) -> None:
@@ -121,7 +128,55 @@ class PredictorClient:
         if threading.get_ident() == self._loop_thread:
             raise RuntimeError("predict_blocking called on the event loop's thread: it would deadlock")
         deadline = self.timeout * (self.retries + 1) + self.backoff * 2 ** self.retries + 5
+        if self._ahead and (key := _row_key(rows)) is not None and (ahead := self._ahead.get(key)) is not None:
+            return ahead.result(deadline)  # asked ahead: no second request, and no hand-off when it is in
         return asyncio.run_coroutine_threadsafe(self.predict(rows), loop).result(deadline)
+
+    async def predict_ahead(self, rows: np.ndarray) -> Callable[[], None]:
+        """Ask for the outputs of `rows` now, and return once the request is sent; until the returned
+        function is called, `predict_blocking` of one of these rows alone gets its part of this answer.
+
+        The caller then starts the explainer: it finds the answer in, or on its way, when it asks for
+        its row, rather than starting that round trip after its set-up. Rows past `max_batch_rows`
+        and non-numeric rows are not asked ahead.
+        """
+        loop = asyncio.get_running_loop()
+        entries: dict[bytes, tuple[int, concurrent.futures.Future[np.ndarray]]] = {}
+        for i in range(min(len(rows), self.max_batch_rows)):
+            key = _row_key(rows[i:i + 1])
+            if key is not None and key not in entries and key not in self._ahead:
+                entries[key] = (i, concurrent.futures.Future())
+        if not entries:
+            return lambda: None
+        for key, (_, future) in entries.items():
+            self._ahead[key] = future
+        sent: asyncio.Future[None] = loop.create_future()
+        task = loop.create_task(self._call(rows[:self.max_batch_rows], sent))
+
+        def settle(done: asyncio.Task[np.ndarray]) -> None:
+            if not sent.done():
+                sent.set_result(None)
+            error = None if done.cancelled() else done.exception()
+            for index, future in entries.values():
+                if done.cancelled():
+                    future.cancel()
+                elif error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(done.result()[index:index + 1])
+
+        def forget() -> None:
+            for key, (_, future) in entries.items():
+                if self._ahead.get(key) is future:
+                    del self._ahead[key]
+
+        task.add_done_callback(settle)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        assert self._limit is not None
+        if not self._limit.locked():  # a busy client would hold the explainer back, not speed it up
+            await sent
+        return forget
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -148,11 +203,12 @@ class PredictorClient:
                 future.set_result(outputs[start:start + len(part)])
             start += len(part)
 
-    async def _call(self, rows: np.ndarray) -> np.ndarray:
+    async def _call(self, rows: np.ndarray, sent: asyncio.Future[None] | None = None) -> np.ndarray:
+        """`sent`, when given, is set once the (first) request body is written."""
         if not self.binary_data:
-            return await self._send(*self._encode(rows, binary=False), len(rows))
+            return await self._send(*self._encode(rows, binary=False), len(rows), sent)
         try:
-            return await self._send(*self._encode(rows, binary=True), len(rows))
+            return await self._send(*self._encode(rows, binary=True), len(rows), sent)
         except PredictorError as exc:
             if exc.status not in _BINARY_REFUSED:
                 raise
@@ -171,8 +227,10 @@ class PredictorClient:
             return codecs.encode_v2_binary(rows, self._schema(), self._picked)
         return codecs.encode_v2(rows, self._schema(), self._picked), _JSON
 
-    async def _send(self, body: bytes, content_headers: Mapping[str, str], n: int) -> np.ndarray:
+    async def _send(self, body: bytes, content_headers: Mapping[str, str], n: int,
+                    sent: asyncio.Future[None] | None = None) -> np.ndarray:
         headers = {**content_headers, **SKIP_LOGGING}
+        context = {"sent": sent} if sent is not None else None
         reason = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -181,7 +239,8 @@ class PredictorClient:
                 assert self._limit is not None
                 async with self._limit:
                     self.requests += 1
-                    async with self._http().post(self.url, data=body, headers=headers) as resp:
+                    async with self._http().post(self.url, data=body, headers=headers,
+                                                 trace_request_ctx=context) as resp:
                         status, payload = resp.status, await resp.read()
                         header_length = resp.headers.get(binary_tensors.HEADER)
             except TimeoutError:
@@ -235,6 +294,19 @@ class PredictorClient:
         if self.schema is None:
             raise PredictorError("the predictor client has no input schema yet")
         return self.schema
+
+
+def _row_key(rows: np.ndarray) -> bytes | None:
+    """One numeric row as bytes, to know it again when an explainer asks for it alone."""
+    if rows.ndim != 2 or len(rows) != 1 or rows.dtype.kind not in "biuf":
+        return None
+    return np.ascontiguousarray(rows, dtype=np.float64).tobytes()
+
+
+async def _body_sent(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
+    sent = (context.trace_request_ctx or {}).get("sent")
+    if sent is not None and not sent.done():
+        sent.set_result(None)
 
 
 def _short(payload: bytes, limit: int = 300) -> str:

@@ -170,9 +170,16 @@ class ExplainerService:
         chosen = self.explainer.params(params)  # bad parameters fail before any work
         loop = asyncio.get_running_loop()
         size = self.settings.chunk_size
-        parts = await asyncio.gather(*(loop.run_in_executor(self._executor, self.explainer.explain,
-                                                            rows[i:i + size], chosen)
-                                       for i in range(0, len(rows), size)))
+        forget = None
+        if self.client is not None and self._estimator is None and self.explainer.asks_rows_alone:
+            forget = await self.client.predict_ahead(rows)
+        try:
+            parts = await asyncio.gather(*(loop.run_in_executor(self._executor, self.explainer.explain,
+                                                                rows[i:i + size], chosen)
+                                           for i in range(0, len(rows), size)))
+        finally:
+            if forget is not None:
+                forget()
         return Explanation.concat(parts)
 
     async def predict(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, str, bytes]:

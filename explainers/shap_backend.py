@@ -180,6 +180,7 @@ class KernelParams(BaseModel):
 
 class KernelShap(_ShapBackend):
     method = "kernel"
+    asks_rows_alone = True  # f(x) for each row, then one call for all its coalitions
     Options = KernelOptions
     Params = KernelParams
 

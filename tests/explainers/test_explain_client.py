@@ -238,6 +238,52 @@ class TestBatching:
             await client.aclose()
 
 
+class TestAhead:
+    """Rows asked ahead in one request answer later calls for one of them alone, until forgotten."""
+
+    async def test_rows_alone_answered_from_the_request_ahead(self, recorder: tuple[Recorder, str]) -> None:
+        rec, url = recorder
+        client = await started(url, "m", protocol="v1")
+        try:
+            rows = np.array([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]])
+            forget = await client.predict_ahead(rows)
+            assert [n for _, n in rec.requests] in ([], [3])  # sent, perhaps not answered yet
+            alone = await asyncio.to_thread(lambda: [client.predict_blocking(rows[i:i + 1]) for i in (1, 0)])
+            assert [a.tolist() for a in alone] == [[7.0], [3.0]] and [n for _, n in rec.requests] == [3]
+            # Only rows alone, and only these rows, are answered from it.
+            assert (await asyncio.to_thread(client.predict_blocking, rows[:2])).tolist() == [3.0, 7.0]
+            assert (await asyncio.to_thread(client.predict_blocking, np.array([[5.0, 5.0]]))).tolist() == [10.0]
+            assert [n for _, n in rec.requests] == [3, 2, 1]
+            forget()
+            assert (await asyncio.to_thread(client.predict_blocking, rows[:1])).tolist() == [3.0]
+            assert len(rec.requests) == 4 and not client._ahead
+        finally:
+            await client.aclose()
+
+    async def test_a_failure_reaches_the_caller(self) -> None:
+        rec = Recorder(fail=10)
+        with serve(rec.app) as url:
+            client = await started(url, "m", protocol="v1", retries=0)
+            try:
+                forget = await client.predict_ahead(np.ones((2, 2)))
+                with pytest.raises(PredictorError, match="answered 503"):
+                    await asyncio.to_thread(client.predict_blocking, np.ones((1, 2)))
+                forget()
+                assert len(rec.requests) == 1
+            finally:
+                await client.aclose()
+
+    async def test_text_rows_are_not_asked_ahead(self, recorder: tuple[Recorder, str]) -> None:
+        rec, url = recorder
+        client = await started(url, "m", protocol="v1")
+        try:
+            forget = await client.predict_ahead(np.array([["a", 1.0]], dtype=object))
+            forget()
+            assert rec.requests == [] and not client._ahead
+        finally:
+            await client.aclose()
+
+
 class TestFailures:
     """Retries with backoff, then a PredictorError that says why."""
 

@@ -165,6 +165,30 @@ class TestRegressionAndFailures:
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(sums(r.json())[:, 0], estimator("diabetes").predict(rows), rtol=1e-6)
 
+    def test_kernel_rows_asked_ahead_in_one_request(self) -> None:
+        from infer_logger.demo.quickstart import ServerThread
+        from infer_logger.server import uvicorn_config
+
+        posts = []
+        app = predictor_app([Served("iris-proba", "iris", proba=True)])
+
+        async def counted(scope: dict[str, object], receive: object, send: object) -> None:
+            if scope["type"] == "http" and scope["method"] == "POST":
+                posts.append(scope["path"])
+            await app(scope, receive, send)  # type: ignore[arg-type]
+
+        port = free_port()
+        with ServerThread(uvicorn_config(counted, "127.0.0.1", port)):
+            service = ExplainerService(settings(model_name="iris-proba", predictor_url=f"http://127.0.0.1:{port}",
+                                                protocol="v1", background="dataset:iris", params={"nsamples": 30}))
+            rows = table("iris").rows[:3]
+            with serve(create_app(service)) as url:
+                posts.clear()  # the fit and the warm-up
+                r = httpx.post(f"{url}/v1/models/iris-proba:explain", json={"instances": rows.tolist()}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert len(posts) == 1 + 3  # the 3 rows together, then each row's coalitions
+        np.testing.assert_allclose(sums(r.json()), estimator("iris-proba").predict_proba(rows), atol=1e-6)
+
     def test_predictor_unreachable_is_502(self) -> None:
         from infer_logger.demo.quickstart import ServerThread
         from infer_logger.server import uvicorn_config
