@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import fcntl
 import logging
 import os
@@ -368,7 +369,10 @@ class SpoolFollower(_Segments):
     def refresh(self) -> None:
         # List first, then stat: a segment listed before a newer one appeared may still grow,
         # but one seen with a newer one beside it is complete.
-        numbers = sorted(int(p.stem) for p in self.dir.glob(f"*{_SUFFIX}") if p.stem.isdigit())
+        numbers = sorted(
+            int(name[: -len(_SUFFIX)]) for name in os.listdir(self.dir)
+            if name.endswith(_SUFFIX) and name[: -len(_SUFFIX)].isdigit()
+        )
         newest = numbers[-1] if numbers else self._current
         sizes: dict[int, int] = {}
         for number in numbers:
@@ -386,10 +390,21 @@ class SpoolFollower(_Segments):
             self._poll_task = asyncio.get_running_loop().create_task(self._poll())
 
     async def _poll(self) -> None:
+        # Between full looks (every 20th poll, or when the directory changed), a stat of the
+        # newest segment: the common case is that the writer only appended to it.
+        polls = 0
+        seen = os.stat(self.dir).st_mtime_ns
         while True:
             await asyncio.sleep(self.poll_interval)
             before = self.tail(), len(self._sizes)
-            self.refresh()
+            polls += 1
+            changed = os.stat(self.dir).st_mtime_ns
+            if changed != seen or polls % 20 == 0:
+                seen = changed
+                self.refresh()
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    self._sizes[self._current] = self._path(self._current).stat().st_size
             if (self.tail(), len(self._sizes)) != before:
                 for waiter in self._waiters:
                     waiter.set()
