@@ -117,13 +117,21 @@ class Proc:
             return ""
 
     def rss_bytes(self) -> int | None:
-        """VmRSS from /proc/<pid>/status (psutil is not needed)."""
-        try:
-            text = Path(f"/proc/{self.pid}/status").read_text()
-        except OSError:
+        """VmRSS from /proc/<pid>/status (psutil is not needed), its children's included (the
+        sidecar's delivery process)."""
+        own = _rss(self.pid)
+        if own is None:
             return None
-        m = re.search(r"^VmRSS:\s+(\d+)\s+kB", text, re.MULTILINE)
-        return int(m.group(1)) * 1024 if m else None
+        return own + sum(_rss(pid) or 0 for pid, _, ppid, _ in proc_stats() if ppid == self.pid)
+
+
+def _rss(pid: int) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^VmRSS:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(m.group(1)) * 1024 if m else None
 
 
 def stop_all() -> None:
