@@ -136,9 +136,8 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
     async def v1_model(name: str) -> ModelReady:
         return ModelReady(name=model(name).name, ready=True)
 
-    @app.post("/v1/models/{name}:explain")
-    async def v1_explain(name: str, request: Request) -> Response:
-        found = model(name)
+    async def v1_explain(request: Request) -> Response:
+        found = model(request.path_params["name"])
         body = await body_of(request)
         rows = found.decode(body)
         explanation = await found.explain(rows, codecs.explain_parameters(body))
@@ -185,9 +184,8 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
                         "categorical": sorted(schema.categorical)},
         )
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{model_version}/infer")
-    async def v2_infer(name: str, request: Request, model_version: str | None = None) -> Response:
+    async def v2_infer(request: Request) -> Response:
+        name, model_version = request.path_params["name"], request.path_params.get("model_version")
         found = model(name)
         body = codecs.decode_body(await request.body(), request.headers.get(binary_tensors.HEADER))
         rows = found.decode(body)
@@ -201,6 +199,12 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
         content, headers = binary_tensors.encode(
             response, "outputs", {"explanation": binary_tensors.pack_values("BYTES", output["data"])})
         return Response(content, headers=headers)
+
+    # The explain endpoints are plain routes: FastAPI's per-request parameter resolution is pure
+    # overhead for handlers that read the body themselves, and it is on every explanation's path.
+    app.add_route("/v1/models/{name}:explain", v1_explain, methods=["POST"])
+    app.add_route("/v2/models/{name}/infer", v2_infer, methods=["POST"])
+    app.add_route("/v2/models/{name}/versions/{model_version}/infer", v2_infer, methods=["POST"])
 
     @app.post("/events")
     async def on_events(request: Request) -> Response:
