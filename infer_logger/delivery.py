@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from infer_logger.config import Settings
-from infer_logger.dispatch import Dispatcher
+from infer_logger.dispatch import Dispatcher, build_sinks
 from infer_logger.errors import ConfigError, InferLoggerError, SpoolError
 from infer_logger.metrics import Metrics, RemoteStatus, export
 from infer_logger.spool import SpoolFollower
@@ -43,6 +43,8 @@ _STATUS_EVERY = 0.5  # seconds between status writes in the child
 _STALE = 5.0  # seconds after which the sidecar takes a silent child for gone
 _LOCK_WAIT = 30.0  # seconds a new child waits for the previous one to let go of the spool
 _READY = b"ready\n"
+_ORPHAN_DRAIN = 0.5  # seconds an orphaned child keeps delivering before it leaves
+_SHORT_LIFE = 10.0  # seconds: a child that dies sooner is restarted with a growing delay
 
 
 class DeliveryProcess:
@@ -84,21 +86,26 @@ class DeliveryProcess:
         raise InferLoggerError(f"delivery process: {reason}")
 
     async def _supervise(self) -> None:
-        delay = 1.0
+        delay, started = 1.0, time.monotonic()
         while True:
             assert self._proc is not None
             code = await self._proc.wait()
             if self._stopping:
                 return
+            # One that keeps dying soon after its start is retried less and less often.
+            delay = min(delay * 2, 30.0) if time.monotonic() - started < _SHORT_LIFE else 1.0
             log.error("delivery process exited with %s; starting a new one in %.0fs", code, delay)
             await asyncio.sleep(delay)
-            try:
-                self._proc = await self._spawn()
-                self.restarts += 1
-                delay = 1.0
-            except InferLoggerError as exc:
-                log.error("delivery process did not start: %s", exc)
-                delay = min(delay * 2, 30.0)
+            while True:
+                try:
+                    self._proc = await self._spawn()
+                    break
+                except InferLoggerError as exc:
+                    log.error("delivery process did not start: %s", exc)
+                    delay = min(delay * 2, 30.0)
+                    await asyncio.sleep(delay)
+            self.restarts += 1
+            started = time.monotonic()
 
     async def stop(self, drain_timeout: float) -> None:
         """Let the child drain for `drain_timeout`, then stop it (what is left stays spooled)."""
@@ -183,29 +190,33 @@ async def deliver(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     parent = os.getppid()
-    follower = await _follow(Path(settings.spool.dir))
-    metrics = Metrics(follower)
-    try:
-        dispatcher = Dispatcher.from_settings(settings, follower, metrics)
-    except BaseException:
-        follower.close()
-        raise
+    sinks = build_sinks(settings)  # a sink that cannot be built fails the sidecar's start
     sys.stdout.buffer.write(_READY)
     sys.stdout.flush()
+    os.dup2(2, 1)  # nobody reads our stdout any more: stray prints go to the log
+    # After a kill -9 of the sidecar its old child may still be leaving: the new one waits here,
+    # not the sidecar's start.
+    follower = await _follow(Path(settings.spool.dir))
+    metrics = Metrics(follower)
+    dispatcher = Dispatcher.from_settings(settings, follower, metrics, sinks)
     status_path = Path(settings.spool.dir) / STATUS_FILE
     follower.start_polling()
     dispatcher.start()
+    drain = settings.delivery.drain_timeout
     try:
         while not stop.is_set():
             _write_status(status_path, dispatcher, metrics)
             if os.getppid() != parent:
+                # Orphaned: make way for the next sidecar's child soon; what is not delivered
+                # stays spooled for it.
                 log.warning("the sidecar is gone: delivery stops (the next sidecar takes over)")
+                drain = min(drain, _ORPHAN_DRAIN)
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), _STATUS_EVERY)
     finally:
         follower.refresh()  # the sidecar appended all it will before it asked us to stop
-        await dispatcher.stop(settings.delivery.drain_timeout)
+        await dispatcher.stop(drain)
         _write_status(status_path, dispatcher, metrics)
         follower.close()
 

@@ -160,6 +160,11 @@ class SinkWorker:
                 fh.write(orjson.dumps(record) + b"\n")
 
 
+def build_sinks(settings: Settings) -> dict[str, Sink]:
+    """Every configured sink, by name (ConfigError when one cannot be built)."""
+    return {cfg.sink_name: cfg.build() for cfg in settings.all_sinks()}
+
+
 class Dispatcher:
     """Runs one worker per sink over one spool; stops them after draining what it can."""
 
@@ -198,13 +203,14 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
-    def from_settings(cls, settings: Settings, spool: SpoolView, metrics: Metrics) -> Dispatcher:
-        """The sidecar's workers: one per configured sink (ConfigError when one cannot be built)."""
+    def from_settings(cls, settings: Settings, spool: SpoolView, metrics: Metrics,
+                      sinks: dict[str, Sink] | None = None) -> Dispatcher:
+        """The sidecar's workers: one per configured sink, built here unless given."""
         configs = settings.all_sinks()
         d = settings.delivery
         return cls(
             spool,
-            {cfg.sink_name: cfg.build() for cfg in configs},
+            build_sinks(settings) if sinks is None else sinks,
             metrics,
             batch_size=d.batch_size,
             in_flight=d.in_flight,
