@@ -28,6 +28,8 @@ def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning"
         lifespan="on",
         log_level=log_level,
         access_log=False,
+        # The sidecar answers for the predictor and reads no client address: no header rewriting.
+        proxy_headers=False,
         # The predictor's own Date/Server headers pass through; don't add a second pair.
         server_header=False,
         date_header=False,
