@@ -589,12 +589,14 @@ class CpuMeter:
         return sum(fields), sum(fields) - idle
 
     def _tree_ticks(self) -> dict[int, tuple[str, int]]:
+        """pid -> (named server, ticks); a child's server name gets a " child" suffix."""
         owner = {pid: name for name, pid in self.pids.items()}
         out: dict[int, tuple[str, int]] = {}
         for pid, _, ppid, cpu in proc_stats():
-            name = owner.get(pid) or owner.get(ppid)
-            if name is not None:
-                out[pid] = (name, cpu)
+            if pid in owner:
+                out[pid] = (owner[pid], cpu)
+            elif ppid in owner:
+                out[pid] = (owner[ppid] + " child", cpu)
         return out
 
     def start(self) -> None:
@@ -611,13 +613,20 @@ class CpuMeter:
         total = m1[0] - self._m0[0]
         busy = m1[1] - self._m0[1]
         per: dict[str, float] = {name: 0.0 for name in self.pids}
+        children: dict[str, float] = {}
         for pid, (name, ticks) in p1.items():
-            per[name] += ticks - self._p0.get(pid, (name, 0))[1]
+            used = ticks - self._p0.get(pid, (name, 0))[1]
+            server = name.removesuffix(" child")
+            per[server] += used
+            if server != name:
+                children[server] = children.get(server, 0.0) + used
         ours = sum(per.values()) + own
         return {
             "machine_busy": round(busy / max(1, total), 3),
             "ours": round(min(busy, ours) / max(1, total), 3),
             "others": round(max(0.0, busy - ours) / max(1, total), 3),
+            # Per server with its children (e.g. the sidecar's delivery process), and those apart.
             "seconds": {name: round(ticks / self.hz, 2) for name, ticks in per.items()},
+            "children_seconds": {name: round(ticks / self.hz, 2) for name, ticks in children.items()},
             "wrk_and_bench_seconds": round(own / self.hz, 2),
         }

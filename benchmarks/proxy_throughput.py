@@ -175,6 +175,10 @@ def measure(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
                         point["cpu_us_per_request"] = {
                             name: round(secs * 1e6 / max(1, result["requests"]), 1)
                             for name, secs in cpu["seconds"].items()}
+                        # The sidecar's share in its delivery child (included in the figure above).
+                        point["child_cpu_us_per_request"] = {
+                            name: round(secs * 1e6 / max(1, result["requests"]), 1)
+                            for name, secs in cpu.get("children_seconds", {}).items()}
                         if sidecar is not None:
                             if variant in LOGGING_VARIANTS:
                                 drain, caught_up = h.wait_sink_caught_up(base, args.drain_timeout)
@@ -188,7 +192,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
                         errs = ""
                         if result["non_2xx"] or result["socket_errors"]:
                             errs = f"  non-2xx {result['non_2xx']} socket-errors {result['socket_errors']}"
-                        per_req = " ".join(f"{k} {v:.0f}" for k, v in point["cpu_us_per_request"].items())
+                        per_req = " ".join(_per_process(point).split(", "))
                         h.log(f"[{len(points):>2}/{total}] {model:<4} {variant:<10} c={conc:<3} "
                               f"{result['rps']:>8.0f} req/s  p50 {result['p50_ms']:6.2f} ms  "
                               f"p99 {result['p99_ms']:6.2f} ms  machine busy {cpu['machine_busy']:.0%} "
@@ -286,7 +290,7 @@ def report(points: list[dict[str, Any]], rows: list[dict[str, Any]], checks: lis
           f"{'errors':>6} {'drain s':>7} {'busy':>5} {'others':>6}  CPU us per request (by process)")
     for p in points:
         drain = f"{p['drain_s']:.1f}" if "drain_s" in p else "-"
-        per_req = ", ".join(f"{k} {v:.0f}" for k, v in p["cpu_us_per_request"].items())
+        per_req = _per_process(p)
         h.log(f"{p['model']:<5} {p['connections']:>3}  {p['variant']:<10} {p['rps']:>8.0f} {p['p50_ms']:>7.2f} "
               f"{p['p99_ms']:>7.2f} {p['non_2xx'] + p['socket_errors']:>6} {drain:>7} "
               f"{p['cpu']['machine_busy']:>5.0%} {p['cpu']['others']:>6.0%}  {per_req}")
@@ -328,6 +332,14 @@ def report(points: list[dict[str, Any]], rows: list[dict[str, Any]], checks: lis
         status = "MET" if all(x["ok"] for x in cs) else ("MISSED" if not any(x["ok"] for x in cs) else "PARTLY")
         detail = ", ".join(f"c={x['connections']}: {x['value']:g}{'' if x['ok'] else ' (miss)'}" for x in cs)
         h.log(f"  {status:<6} {model:<4} {target:<34} {detail}")
+
+
+def _per_process(point: dict[str, Any]) -> str:
+    """`predictor 140, sidecar 414 (child 130)`: CPU us per request; in brackets the part its children
+    used (the sidecar's delivery process, nginx's workers)."""
+    children = point.get("child_cpu_us_per_request", {})
+    return ", ".join(f"{k} {v:.0f}" + (f" (child {children[k]:.0f})" if children.get(k) else "")
+                     for k, v in point["cpu_us_per_request"].items())
 
 
 def main(argv: list[str] | None = None) -> int:
