@@ -110,6 +110,9 @@ def proxy(config: Path | None, metadata_headers: str | None, annotations: tuple[
                err=True)
     try:
         serve(settings, log_level="warning" if log_level != "debug" else "info")
+    except ConfigError as exc:  # e.g. a sink's client refused its settings when built
+        click.echo(f"infer-logger: config error: {exc}", err=True)
+        sys.exit(2)
     except InferLoggerError as exc:
         click.echo(f"infer-logger: {exc}", err=True)
         sys.exit(1)

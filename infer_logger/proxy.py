@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from infer_logger import events as ev
 from infer_logger.asgi import read_body, respond, run_lifespan
 from infer_logger.cloudevents.http import from_http_many
-from infer_logger.errors import InvalidEventError
+from infer_logger.errors import InferLoggerError, InvalidEventError
 from infer_logger.logger import InferenceLogger, match_route
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class Proxy:
         self.upstream = upstream.rstrip("/")
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        self.startup_error: InferLoggerError | None = None
         m = logger.metrics
         self._requests = m.requests
         self._upstream_latency = m.upstream_latency
@@ -79,7 +80,11 @@ class Proxy:
             auto_decompress=False,  # bodies go through untouched, compressed or not
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
         )
-        await self.logger.start()
+        try:
+            await self.logger.start()
+        except InferLoggerError as exc:
+            self.startup_error = exc  # for `serve`: the server only says that startup failed
+            raise
 
     async def shutdown(self) -> None:
         if self._session is not None:

@@ -37,4 +37,12 @@ def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning"
 
 
 def serve(settings: Settings, *, log_level: str = "warning") -> None:
-    uvicorn.Server(uvicorn_config(build_app(settings), settings.host, settings.port, log_level=log_level)).run()
+    """Run until stopped; a failed start raises its cause (e.g. a sink's ConfigError)."""
+    app = build_app(settings)
+    try:
+        uvicorn.Server(uvicorn_config(app, settings.host, settings.port, log_level=log_level)).run()
+    except SystemExit:
+        # uvicorn exits on a failed lifespan startup: give the CLI the reason instead.
+        if app.startup_error is not None:
+            raise app.startup_error from None
+        raise

@@ -68,3 +68,25 @@ def test_setup_elasticsearch_unreachable_names_the_address() -> None:
     result = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", url])
     assert result.exit_code == 1
     assert url.removeprefix("http://") in result.output and "Traceback" not in result.output
+
+
+def test_a_sink_its_client_refuses_stops_the_proxy_with_exit_2(tmp_path: Path) -> None:
+    import importlib.util
+    import subprocess
+    import sys
+
+    import pytest
+
+    if importlib.util.find_spec("confluent_kafka") is None:
+        pytest.skip("needs the kafka extra")
+    config = tmp_path / "bad.yaml"
+    config.write_text("sinks:\n  - type: kafka\n    bootstrap_servers: 127.0.0.1:1\n"
+                      "    config: {no.such.property: x}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "infer_logger.cli", "proxy", "-c", str(config), "--port", str(free_port()),
+         "--spool-dir", str(tmp_path / "spool")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "config error: config:" in done.stderr and "no.such.property" in done.stderr
+    assert "Traceback" not in done.stderr
