@@ -192,19 +192,27 @@ def encode_v1(rows: np.ndarray) -> bytes:
 
 def encode_v2(rows: np.ndarray, schema: Schema, output: str | None = None) -> bytes:
     """A V2 request for `rows` as JSON; `output` names the one output wanted (None: all)."""
-    body, _ = _v2(rows, schema, output, binary=False)
-    return body
+    parts, _ = _v2(rows, schema, output, binary=False)
+    return b"".join(parts)
 
 
 def encode_v2_binary(rows: np.ndarray, schema: Schema,
                      output: str | None = None) -> tuple[bytes, dict[str, str]]:
     """The same as binary tensor data, asking for binary outputs, and its headers: no text to print
     or parse for the thousands of rows a perturbation batch has."""
+    parts, headers = _v2(rows, schema, output, binary=True)
+    return b"".join(parts), headers
+
+
+def encode_v2_binary_parts(rows: np.ndarray, schema: Schema,
+                           output: str | None = None) -> tuple[list[bytes | memoryview], dict[str, str]]:
+    """`encode_v2_binary`'s body as its parts (`binary_tensors.encode_parts`): the rows' buffer is not
+    copied into a joined body."""
     return _v2(rows, schema, output, binary=True)
 
 
 def _v2(rows: np.ndarray, schema: Schema, output: str | None, *,
-        binary: bool) -> tuple[bytes, dict[str, str]]:
+        binary: bool) -> tuple[list[bytes | memoryview], dict[str, str]]:
     n = len(rows)
     tensors: list[dict[str, Any]] = []
     raw: dict[str, Any] = {}
@@ -236,7 +244,7 @@ def _v2(rows: np.ndarray, schema: Schema, output: str | None, *,
         doc["outputs"] = [wanted]
     elif binary:
         doc["parameters"] = {"binary_data_output": True}
-    return binary_tensors.encode(doc, "inputs", raw, option=_NUMPY)
+    return binary_tensors.encode_parts(doc, "inputs", raw, option=_NUMPY)
 
 
 def _numeric(datatype: str, binary: bool) -> str:

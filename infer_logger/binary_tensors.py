@@ -102,6 +102,14 @@ def encode(doc: Mapping[str, Any], key: str, binary: Mapping[str, Any], *,
     tensors lose `data` and gain `binary_data_size`. Without binary tensors the body is plain JSON.
     `option` is passed to orjson (e.g. `OPT_SERIALIZE_NUMPY` for arrays left in `data`).
     """
+    parts, headers = encode_parts(doc, key, binary, option=option)
+    return b"".join(parts), headers
+
+
+def encode_parts(doc: Mapping[str, Any], key: str, binary: Mapping[str, Any], *,
+                 option: int = 0) -> tuple[list[bytes | memoryview], dict[str, str]]:
+    """`encode`'s body as its parts, the JSON part first, then each tensor's buffer as given: for a
+    writer that sends them one after another, so that big tensors are not copied into one body."""
     chunks: list[memoryview] = []
     tensors = []
     for tensor in doc.get(key) or []:
@@ -122,9 +130,9 @@ def encode(doc: Mapping[str, Any], key: str, binary: Mapping[str, Any], *,
     if missing:
         raise BinaryDataError(min(missing), f"has binary data but is not in `{key}`")
     if not chunks:
-        return orjson.dumps(doc, option=option), {"content-type": "application/json"}
+        return [orjson.dumps(doc, option=option)], {"content-type": "application/json"}
     head = orjson.dumps({**doc, key: tensors}, option=option)
-    return b"".join([head, *chunks]), {"content-type": CONTENT_TYPE, HEADER: str(len(head))}
+    return [head, *chunks], {"content-type": CONTENT_TYPE, HEADER: str(len(head))}
 
 
 def wants_binary(request: Mapping[str, Any], output: str) -> bool:
