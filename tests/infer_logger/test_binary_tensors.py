@@ -63,6 +63,13 @@ class TestRoundTrip:
         assert body.endswith(np.array([1.0, 2.0]).tobytes() + b"\x01\x02\x03")
         assert set(raw) == {"a", "b"}
 
+    def test_parts_are_the_body_unjoined(self) -> None:
+        rows = np.arange(12, dtype="<f8").reshape(3, 4)
+        parts, headers = bt.encode_parts(request("FP64", [3, 4]), "inputs", {"x": rows})
+        assert (b"".join(parts), headers) == bt.encode(request("FP64", [3, 4]), "inputs", {"x": rows})
+        assert len(parts) == 2 and len(parts[0]) == int(headers[bt.HEADER])
+        assert np.shares_memory(np.frombuffer(parts[1], "<f8"), rows)  # the rows' own buffer, not a copy
+
     def test_without_binary_tensors_it_is_json(self) -> None:
         doc = request("FP32", [1], data=[1.5])
         body, headers = bt.encode(doc, "inputs", {})
