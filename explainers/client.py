@@ -11,20 +11,25 @@ Over V2 the rows travel as binary tensor data and the outputs are asked for as b
 so neither side prints or parses thousands of numbers; a JSON answer is read as well. A predictor
 that refuses binary data (400, 415, 422) gets the same rows as JSON, and JSON from then on.
 
-Explainers run in worker threads and call `predict_blocking`, which hands the call to the event
-loop: the HTTP work shares one connection pool, and the loop stays free. Kernel SHAP asks for each
-explained row's output alone before it perturbs the row; `predict_ahead` sends that request as the
-explanation starts, so its round trip overlaps the explainer's set-up instead of following it.
+Explainers run in worker threads and call `predict_blocking`. With `linger` 0 (the default) a
+worker sends its call itself, over a keep-alive connection of its own, and wakes up to the answer:
+no hand-off to the event loop and back around each round trip. With `linger` > 0 the calls go
+through the event loop, which merges them. Kernel SHAP asks for each explained row's output alone
+before it perturbs the row; `predict_ahead` sends that request as the explanation starts, so its
+round trip overlaps the explainer's set-up instead of following it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import http.client
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 import aiohttp.abc
@@ -58,6 +63,7 @@ class PredictorClient:
         self.max_batch_rows, self.linger = max_batch_rows, linger
         self.url = (f"{self.base}/v1/models/{model}:predict" if protocol == "v1"
                     else f"{self.base}/v2/models/{model}/infer")
+        self._path = urlsplit(self.url).path
         self.schema: Schema | None = None
         self.requests = 0
         """HTTP requests sent for predictions (for tests and benchmarks)."""
@@ -72,6 +78,9 @@ class PredictorClient:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ahead: dict[bytes, concurrent.futures.Future[np.ndarray]] = {}
+        self._lanes = threading.local()  # each worker thread's own connection
+        self._connections: list[http.client.HTTPConnection] = []
+        self._connections_lock = threading.Lock()
 
     async def start(self) -> None:
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
@@ -89,6 +98,10 @@ class PredictorClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
 
     async def metadata(self) -> dict[str, Any] | None:
         """V2 model metadata (None for V1, which has none, or when the predictor has no answer)."""
@@ -123,7 +136,8 @@ class PredictorClient:
         return await future
 
     def predict_blocking(self, rows: np.ndarray) -> np.ndarray:
-        """`predict` from a worker thread (the explainers' predict function)."""
+        """`predict` from a worker thread (the explainers' predict function): sent from this thread
+        over its own connection, or with `linger` > 0 through the event loop, to be merged."""
         loop = self._loop
         if loop is None:
             raise PredictorError("the predictor client is not started")
@@ -132,7 +146,12 @@ class PredictorClient:
         deadline = self.timeout * (self.retries + 1) + self.backoff * 2 ** self.retries + 5
         if self._ahead and (key := _row_key(rows)) is not None and (ahead := self._ahead.get(key)) is not None:
             return ahead.result(deadline)  # asked ahead: no second request, and no hand-off when it is in
-        return asyncio.run_coroutine_threadsafe(self.predict(rows), loop).result(deadline)
+        if self.linger > 0:
+            return asyncio.run_coroutine_threadsafe(self.predict(rows), loop).result(deadline)
+        step = self.max_batch_rows
+        if len(rows) <= step:
+            return self._call_here(rows)
+        return np.concatenate([self._call_here(rows[i:i + step]) for i in range(0, len(rows), step)])
 
     async def predict_ahead(self, rows: np.ndarray) -> Callable[[], None]:
         """Ask for the outputs of `rows` now, and return once the request is sent; until the returned
@@ -217,10 +236,27 @@ class PredictorClient:
             refusal = exc
         # Only a JSON success proves the refusal was about the binary data, not about the rows.
         outputs = await self._send(*self._encode(rows, binary=False), len(rows))
+        self._binary_refused(refusal)
+        return outputs
+
+    def _call_here(self, rows: np.ndarray) -> np.ndarray:
+        """`_call` from a worker thread, over its own connection."""
+        if not self.binary_data:
+            return self._send_here(*self._encode(rows, binary=False), len(rows))
+        try:
+            return self._send_here(*self._encode(rows, binary=True), len(rows))
+        except PredictorError as exc:
+            if exc.status not in _BINARY_REFUSED:
+                raise
+            refusal = exc
+        outputs = self._send_here(*self._encode(rows, binary=False), len(rows))
+        self._binary_refused(refusal)
+        return outputs
+
+    def _binary_refused(self, refusal: PredictorError) -> None:
         if self.binary_data:
             self.binary_data = False
             log.warning("%s; it takes JSON, so perturbations go as JSON from now on (slower)", refusal)
-        return outputs
 
     def _encode(self, rows: np.ndarray, *, binary: bool) -> tuple[Sequence[bytes | memoryview], dict[str, str]]:
         if self.protocol == "v1":
@@ -252,13 +288,83 @@ class PredictorClient:
             except (aiohttp.ClientError, OSError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 continue
-            if status in _RETRY_STATUSES:
-                reason = f"answered {status}: {_short(payload)}"
+            outcome = self._outcome(status, payload, header_length, n)
+            if isinstance(outcome, str):
+                reason = outcome
                 continue
-            if status >= 400:
-                raise PredictorError(f"predictor {self.url} answered {status}: {_short(payload)}", status=status)
-            return self._decode(payload, header_length, n)
+            return outcome
         raise PredictorError(f"predictor {self.url} failed after {self.retries + 1} attempts: {reason}")
+
+    def _send_here(self, parts: Sequence[bytes | memoryview], content_headers: Mapping[str, str],
+                   n: int) -> np.ndarray:
+        """`_send` from a worker thread: the same retries, over this thread's connection."""
+        headers = {**content_headers, **SKIP_LOGGING}
+        reason = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), 5.0))
+            try:
+                self.requests += 1
+                status, payload, header_length = self._exchange(parts, headers)
+            except TimeoutError:
+                reason = f"no answer within {self.timeout:g}s"
+                continue
+            except (http.client.HTTPException, OSError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                continue
+            outcome = self._outcome(status, payload, header_length, n)
+            if isinstance(outcome, str):
+                reason = outcome
+                continue
+            return outcome
+        raise PredictorError(f"predictor {self.url} failed after {self.retries + 1} attempts: {reason}")
+
+    def _outcome(self, status: int, payload: bytes, header_length: str | None, n: int) -> np.ndarray | str:
+        """The outputs in an answer, or why to ask again; PredictorError for a refusal."""
+        if status in _RETRY_STATUSES:
+            return f"answered {status}: {_short(payload)}"
+        if status >= 400:
+            raise PredictorError(f"predictor {self.url} answered {status}: {_short(payload)}", status=status)
+        return self._decode(payload, header_length, n)
+
+    def _exchange(self, parts: Sequence[bytes | memoryview],
+                  headers: Mapping[str, str]) -> tuple[int, bytes, str | None]:
+        """One POST over this thread's connection; a kept-alive one the predictor has closed since is
+        replaced, and the request sent again, without counting as an attempt."""
+        connection: http.client.HTTPConnection | None = getattr(self._lanes, "connection", None)
+        reused = connection is not None
+        if connection is None:
+            connection = self._lanes.connection = self._connect()
+        try:
+            return _post(connection, self._path, parts, headers)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            self._drop(connection)
+            if not reused:
+                raise
+        except BaseException:
+            self._drop(connection)
+            raise
+        connection = self._lanes.connection = self._connect()
+        try:
+            return _post(connection, self._path, parts, headers)
+        except BaseException:
+            self._drop(connection)
+            raise
+
+    def _connect(self) -> http.client.HTTPConnection:
+        url = urlsplit(self.base)
+        kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        connection = kind(url.hostname or "127.0.0.1", url.port, timeout=self.timeout)
+        with self._connections_lock:
+            self._connections.append(connection)
+        return connection
+
+    def _drop(self, connection: http.client.HTTPConnection) -> None:
+        connection.close()
+        self._lanes.connection = None
+        with self._connections_lock:
+            if connection in self._connections:
+                self._connections.remove(connection)
 
     def _decode(self, payload: bytes, header_length: str | None, n: int) -> np.ndarray:
         if self.protocol == "v2":
@@ -314,6 +420,19 @@ class _Parts(aiohttp.payload.Payload):
     async def write(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
         for part in self._parts:
             await writer.write(part)
+
+
+def _post(connection: http.client.HTTPConnection, path: str, parts: Sequence[bytes | memoryview],
+          headers: Mapping[str, str]) -> tuple[int, bytes, str | None]:
+    connection.putrequest("POST", path, skip_accept_encoding=True)
+    for name, value in headers.items():
+        connection.putheader(name, value)
+    connection.putheader("content-length", str(sum(memoryview(part).nbytes for part in parts)))
+    connection.endheaders(parts[0])  # the headers and the first part in one packet
+    for part in parts[1:]:
+        connection.send(part)
+    response = connection.getresponse()
+    return response.status, response.read(), response.getheader(binary_tensors.HEADER)
 
 
 def _row_key(rows: np.ndarray) -> bytes | None:

@@ -82,9 +82,12 @@ class ExplainerSettings(LayeredSettings):
     retries: int = Field(2, ge=0, le=10)
     max_batch_rows: int = Field(10_000, ge=1)
     predictor_concurrency: int = Field(4, ge=1, le=64)
+    """Requests in flight at once from the event loop (rows asked ahead, and the explainers' calls
+    when `linger` > 0); with `linger` 0 each worker thread has one connection of its own."""
     linger: float = Field(0.0, ge=0)
-    """Seconds the predictor client waits to merge concurrent calls into one request (0: calls that
-    arrive in the same event-loop turn are merged; waiting costs more latency than it saves here)."""
+    """Seconds the predictor client waits to merge concurrent calls into one request (0: no merging;
+    each worker thread sends its own calls, with no hand-off to the event loop and back, and waiting
+    would cost more latency than merging saves here)."""
     workers: int = Field(2, ge=1, le=64)
     """Threads doing explain work (off the event loop)."""
     chunk_size: int = Field(8, ge=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -236,6 +237,79 @@ class TestBatching:
                 client.predict_blocking(np.ones((1, 2)))
         finally:
             await client.aclose()
+
+
+class TestFromWorkerThreads:
+    """With linger 0 a worker thread sends its calls itself, over its own connection: the same
+    splitting, retries and fall back to JSON; with linger > 0 its calls go to the loop, to be merged."""
+
+    async def test_own_connection_split_and_retried(self) -> None:
+        rec = Recorder(fail=1)
+        with serve(rec.app) as url:
+            client = await started(url, "m", protocol="v1", max_batch_rows=100, retries=1, backoff=0.01)
+            try:
+                out = await asyncio.to_thread(client.predict_blocking, np.ones((250, 3)))
+                assert out.shape == (250,) and set(out.tolist()) == {3.0}
+            finally:
+                await client.aclose()
+        assert [n for _, n in rec.requests] == [100, 100, 100, 50]  # the first one answered 503
+        assert all(h.get("x-skip-logging") == "true" for h, _ in rec.requests)
+
+    async def test_a_connection_the_predictor_closed_is_replaced(self) -> None:
+        from infer_logger.demo.quickstart import ServerThread
+        from infer_logger.server import uvicorn_config
+
+        rec = Recorder()
+        config = uvicorn_config(rec.app, "127.0.0.1", free_port())
+        config.timeout_keep_alive = 0.05  # closes idle connections quickly
+        with ServerThread(config):
+            client = await started(f"http://127.0.0.1:{config.port}", "m", protocol="v1", retries=0)
+            connect, connects = client._connect, []
+            client._connect = lambda: connects.append(1) or connect()  # type: ignore[method-assign]
+            worker = ThreadPoolExecutor(1)  # one thread: its connection is kept, then found closed
+            try:
+                for _ in range(2):
+                    out = await asyncio.get_running_loop().run_in_executor(
+                        worker, client.predict_blocking, np.ones((1, 2)))
+                    assert out.tolist() == [2.0]
+                    await asyncio.sleep(0.3)
+            finally:
+                worker.shutdown()
+                await client.aclose()
+        assert len(rec.requests) == 2 and client.requests == 2 and len(connects) == 2
+
+    @pytest.mark.parametrize("status", [400, 422])
+    async def test_falls_back_to_json_once(self, status: int) -> None:
+        rec = V2Recorder(binary="refuse", refuse_status=status)
+        with serve(rec.app) as url:
+            client = await started_v2(url)
+            try:
+                for rows in (np.ones((2, 3)), np.zeros((1, 3))):
+                    out = await asyncio.to_thread(client.predict_blocking, rows)
+                    assert out.tolist() == rows.sum(axis=1).tolist()
+            finally:
+                await client.aclose()
+        assert client.requests == 3 and not client.binary_data
+        assert [sent(r)[0] for r in rec.requests] == ["application/json"] * 2
+
+    async def test_gives_up_with_the_reason(self) -> None:
+        client = await started(f"http://127.0.0.1:{free_port()}", "m", protocol="v1", retries=1, backoff=0.01)
+        try:
+            with pytest.raises(PredictorError, match="failed after 2 attempts: ConnectionRefusedError"):
+                await asyncio.to_thread(client.predict_blocking, np.ones((1, 2)))
+        finally:
+            await client.aclose()
+
+    async def test_linger_merges_through_the_loop(self, recorder: tuple[Recorder, str]) -> None:
+        rec, url = recorder
+        client = await started(url, "m", protocol="v1", linger=0.05)
+        try:
+            outs = await asyncio.gather(*(asyncio.to_thread(client.predict_blocking, np.full((1, 2), float(i)))
+                                          for i in range(4)))
+            assert [o.tolist() for o in outs] == [[2.0 * i] for i in range(4)]
+        finally:
+            await client.aclose()
+        assert len(rec.requests) < 4 and sum(n for _, n in rec.requests) == 4
 
 
 class TestAhead:
