@@ -15,19 +15,19 @@ Explainers run in worker threads and call `predict_blocking`. With `linger` 0 (t
 worker sends its call itself, over a keep-alive connection of its own, and wakes up to the answer:
 no hand-off to the event loop and back around each round trip. With `linger` > 0 the calls go
 through the event loop, which merges them. Kernel SHAP asks for each explained row's output alone
-before it perturbs the row; `predict_ahead` sends that request as the explanation starts, so its
-round trip overlaps the explainer's set-up instead of following it.
+before it perturbs the row; `asking_ahead` has the worker send that request before the explainer
+starts, so its round trip overlaps the explainer's set-up instead of following it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import http.client
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -63,7 +63,6 @@ class PredictorClient:
         self.max_batch_rows, self.linger = max_batch_rows, linger
         self.url = (f"{self.base}/v1/models/{model}:predict" if protocol == "v1"
                     else f"{self.base}/v2/models/{model}/infer")
-        self._path = urlsplit(self.url).path
         self.schema: Schema | None = None
         self.requests = 0
         """HTTP requests sent for predictions (for tests and benchmarks)."""
@@ -77,21 +76,17 @@ class PredictorClient:
         self._pending_rows = 0
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._ahead: dict[bytes, concurrent.futures.Future[np.ndarray]] = {}
-        self._lanes = threading.local()  # each worker thread's own connection
+        self._lanes = threading.local()  # each worker thread's own connections, and its rows asked ahead
         self._connections: list[http.client.HTTPConnection] = []
         self._connections_lock = threading.Lock()
 
     async def start(self) -> None:
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         self._limit = asyncio.Semaphore(self._concurrency)
-        tracing = aiohttp.TraceConfig()
-        tracing.on_request_chunk_sent.append(_body_sent)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self._concurrency * 2),
             timeout=aiohttp.ClientTimeout(total=self.timeout),
             skip_auto_headers=("Accept-Encoding",),
-            trace_configs=[tracing],
         )
 
     async def aclose(self) -> None:
@@ -143,61 +138,40 @@ class PredictorClient:
             raise PredictorError("the predictor client is not started")
         if threading.get_ident() == self._loop_thread:
             raise RuntimeError("predict_blocking called on the event loop's thread: it would deadlock")
-        deadline = self.timeout * (self.retries + 1) + self.backoff * 2 ** self.retries + 5
-        if self._ahead and (key := _row_key(rows)) is not None and (ahead := self._ahead.get(key)) is not None:
-            return ahead.result(deadline)  # asked ahead: no second request, and no hand-off when it is in
+        ahead: _Ahead | None = getattr(self._lanes, "ahead", None)
+        if ahead is not None and (outputs := ahead.answer(rows)) is not None:
+            return outputs
         if self.linger > 0:
+            deadline = self.timeout * (self.retries + 1) + self.backoff * 2 ** self.retries + 5
             return asyncio.run_coroutine_threadsafe(self.predict(rows), loop).result(deadline)
         step = self.max_batch_rows
         if len(rows) <= step:
             return self._call_here(rows)
         return np.concatenate([self._call_here(rows[i:i + step]) for i in range(0, len(rows), step)])
 
-    async def predict_ahead(self, rows: np.ndarray) -> Callable[[], None]:
-        """Ask for the outputs of `rows` now, and return once the request is sent; until the returned
-        function is called, `predict_blocking` of one of these rows alone gets its part of this answer.
+    @contextmanager
+    def asking_ahead(self, rows: np.ndarray) -> Iterator[None]:
+        """From a worker thread about to explain `rows`: their outputs are asked for now, over a
+        connection of this thread's, and within the block `predict_blocking` of one of them alone
+        (from this thread) is answered from that request instead of asking again.
 
-        The caller then starts the explainer: it finds the answer in, or on its way, when it asks for
-        its row, rather than starting that round trip after its set-up. Rows past `max_batch_rows`
-        and non-numeric rows are not asked ahead.
+        Kernel SHAP asks for each row alone before perturbing it: that round trip then overlaps its
+        set-up. Non-numeric rows, and batches over `max_batch_rows`, are not asked ahead; if the
+        request fails, the call is made as usual (which retries, and says why).
         """
-        loop = asyncio.get_running_loop()
-        entries: dict[bytes, tuple[int, concurrent.futures.Future[np.ndarray]]] = {}
-        for i in range(min(len(rows), self.max_batch_rows)):
-            key = _row_key(rows[i:i + 1])
-            if key is not None and key not in entries and key not in self._ahead:
-                entries[key] = (i, concurrent.futures.Future())
-        if not entries:
-            return lambda: None
-        for key, (_, future) in entries.items():
-            self._ahead[key] = future
-        sent: asyncio.Future[None] = loop.create_future()
-        task = loop.create_task(self._call(rows[:self.max_batch_rows], sent))
-
-        def settle(done: asyncio.Task[np.ndarray]) -> None:
-            if not sent.done():
-                sent.set_result(None)
-            error = None if done.cancelled() else done.exception()
-            for index, future in entries.values():
-                if done.cancelled():
-                    future.cancel()
-                elif error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(done.result()[index:index + 1])
-
-        def forget() -> None:
-            for key, (_, future) in entries.items():
-                if self._ahead.get(key) is future:
-                    del self._ahead[key]
-
-        task.add_done_callback(settle)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        assert self._limit is not None
-        if not self._limit.locked():  # a busy client would hold the explainer back, not speed it up
-            await sent
-        return forget
+        index: dict[bytes, int] = {}
+        for i in range(len(rows)):
+            if (key := _row_key(rows[i:i + 1])) is not None:
+                index.setdefault(key, i)
+        if not index or len(rows) > self.max_batch_rows or getattr(self._lanes, "ahead", None) is not None:
+            yield
+            return
+        ahead = self._lanes.ahead = _Ahead(self, rows, index)
+        try:
+            yield
+        finally:
+            self._lanes.ahead = None
+            ahead.close()
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -224,12 +198,11 @@ class PredictorClient:
                 future.set_result(outputs[start:start + len(part)])
             start += len(part)
 
-    async def _call(self, rows: np.ndarray, sent: asyncio.Future[None] | None = None) -> np.ndarray:
-        """`sent`, when given, is set once the (first) request body is written."""
+    async def _call(self, rows: np.ndarray) -> np.ndarray:
         if not self.binary_data:
-            return await self._send(*self._encode(rows, binary=False), len(rows), sent)
+            return await self._send(*self._encode(rows, binary=False), len(rows))
         try:
-            return await self._send(*self._encode(rows, binary=True), len(rows), sent)
+            return await self._send(*self._encode(rows, binary=True), len(rows))
         except PredictorError as exc:
             if exc.status not in _BINARY_REFUSED:
                 raise
@@ -265,10 +238,9 @@ class PredictorClient:
             return codecs.encode_v2_binary_parts(rows, self._schema(), self._picked)
         return [codecs.encode_v2(rows, self._schema(), self._picked)], _JSON
 
-    async def _send(self, parts: Sequence[bytes | memoryview], content_headers: Mapping[str, str], n: int,
-                    sent: asyncio.Future[None] | None = None) -> np.ndarray:
+    async def _send(self, parts: Sequence[bytes | memoryview], content_headers: Mapping[str, str],
+                    n: int) -> np.ndarray:
         headers = {**content_headers, **SKIP_LOGGING}
-        context = {"sent": sent} if sent is not None else None
         reason = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -278,8 +250,7 @@ class PredictorClient:
                 async with self._limit:
                     self.requests += 1
                     body = parts[0] if len(parts) == 1 else _Parts(parts, headers["content-type"])
-                    async with self._http().post(self.url, data=body, headers=headers,
-                                                 trace_request_ctx=context) as resp:
+                    async with self._http().post(self.url, data=body, headers=headers) as resp:
                         status, payload = resp.status, await resp.read()
                         header_length = resp.headers.get(binary_tensors.HEADER)
             except TimeoutError:
@@ -327,41 +298,54 @@ class PredictorClient:
             raise PredictorError(f"predictor {self.url} answered {status}: {_short(payload)}", status=status)
         return self._decode(payload, header_length, n)
 
-    def _exchange(self, parts: Sequence[bytes | memoryview],
-                  headers: Mapping[str, str]) -> tuple[int, bytes, str | None]:
-        """One POST over this thread's connection; a kept-alive one the predictor has closed since is
-        replaced, and the request sent again, without counting as an attempt."""
-        connection: http.client.HTTPConnection | None = getattr(self._lanes, "connection", None)
-        reused = connection is not None
-        if connection is None:
-            connection = self._lanes.connection = self._connect()
+    def _exchange(self, parts: Sequence[bytes | memoryview], headers: Mapping[str, str], slot: str = "main",
+                  *, sent: bool = False) -> tuple[int, bytes, str | None]:
+        """One POST over this thread's connection in `slot` (`sent`: the request already went on it);
+        a kept-alive connection the predictor has closed since is replaced, and the request sent
+        again, without counting as an attempt."""
+        connection, reused = self._connection(slot)
+        path = urlsplit(self.url).path
         try:
-            return _post(connection, self._path, parts, headers)
+            if not sent:
+                _request(connection, path, parts, headers)
+            return _response(connection)
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            self._drop(connection)
+            self._drop(slot)
             if not reused:
                 raise
         except BaseException:
-            self._drop(connection)
+            self._drop(slot)
             raise
-        connection = self._lanes.connection = self._connect()
+        connection, _ = self._connection(slot)
         try:
-            return _post(connection, self._path, parts, headers)
+            _request(connection, path, parts, headers)
+            return _response(connection)
         except BaseException:
-            self._drop(connection)
+            self._drop(slot)
             raise
 
-    def _connect(self) -> http.client.HTTPConnection:
-        url = urlsplit(self.base)
+    def _connection(self, slot: str) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection in `slot` to the predictor `url` names, and whether it was used before."""
+        url = urlsplit(self.url)
         kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        connection = kind(url.hostname or "127.0.0.1", url.port, timeout=self.timeout)
+        connection: http.client.HTTPConnection | None = getattr(self._lanes, f"{slot}_connection", None)
+        host, port = url.hostname or "127.0.0.1", url.port or (443 if url.scheme == "https" else 80)
+        if connection is not None and type(connection) is kind and (connection.host, connection.port) == (host, port):
+            return connection, True
+        if connection is not None:
+            self._drop(slot)
+        connection = kind(host, port, timeout=self.timeout)
+        setattr(self._lanes, f"{slot}_connection", connection)
         with self._connections_lock:
             self._connections.append(connection)
-        return connection
+        return connection, False
 
-    def _drop(self, connection: http.client.HTTPConnection) -> None:
+    def _drop(self, slot: str) -> None:
+        connection: http.client.HTTPConnection | None = getattr(self._lanes, f"{slot}_connection", None)
+        if connection is None:
+            return
         connection.close()
-        self._lanes.connection = None
+        setattr(self._lanes, f"{slot}_connection", None)
         with self._connections_lock:
             if connection in self._connections:
                 self._connections.remove(connection)
@@ -422,8 +406,50 @@ class _Parts(aiohttp.payload.Payload):
             await writer.write(part)
 
 
-def _post(connection: http.client.HTTPConnection, path: str, parts: Sequence[bytes | memoryview],
-          headers: Mapping[str, str]) -> tuple[int, bytes, str | None]:
+class _Ahead:
+    """Rows one worker thread asked for ahead: sent at once over its `ahead` connection, the answer
+    read when one of them is first asked for alone."""
+
+    def __init__(self, client: PredictorClient, rows: np.ndarray, index: dict[bytes, int]) -> None:
+        self.client, self.n, self.index = client, len(rows), index
+        self.outputs: np.ndarray | None = None
+        self.pending = False
+        try:
+            parts, content_headers = client._encode(rows, binary=client.binary_data)
+            self.headers = {**content_headers, **SKIP_LOGGING}
+            self.parts = parts
+            connection, _ = client._connection("ahead")
+            client.requests += 1
+            _request(connection, urlsplit(client.url).path, parts, self.headers)
+            self.pending = True
+        except (http.client.HTTPException, OSError, PredictorError):
+            client._drop("ahead")
+
+    def answer(self, rows: np.ndarray) -> np.ndarray | None:
+        """The outputs of `rows` if it is one of these rows alone (None: ask as usual)."""
+        key = _row_key(rows)
+        if key is None or key not in self.index:
+            return None
+        if self.pending:
+            self.pending = False
+            try:
+                status, payload, header_length = self.client._exchange(self.parts, self.headers, "ahead", sent=True)
+                if status == 200:
+                    self.outputs = self.client._decode(payload, header_length, self.n)
+            except (http.client.HTTPException, OSError, PredictorError):
+                pass  # asked as usual, which retries and says why
+        if self.outputs is None:
+            return None
+        i = self.index[key]
+        return self.outputs[i:i + 1]
+
+    def close(self) -> None:
+        if self.pending:  # an answer nobody asked for: not worth waiting for
+            self.client._drop("ahead")
+
+
+def _request(connection: http.client.HTTPConnection, path: str, parts: Sequence[bytes | memoryview],
+             headers: Mapping[str, str]) -> None:
     connection.putrequest("POST", path, skip_accept_encoding=True)
     for name, value in headers.items():
         connection.putheader(name, value)
@@ -431,6 +457,9 @@ def _post(connection: http.client.HTTPConnection, path: str, parts: Sequence[byt
     connection.endheaders(parts[0])  # the headers and the first part in one packet
     for part in parts[1:]:
         connection.send(part)
+
+
+def _response(connection: http.client.HTTPConnection) -> tuple[int, bytes, str | None]:
     response = connection.getresponse()
     return response.status, response.read(), response.getheader(binary_tensors.HEADER)
 
@@ -440,12 +469,6 @@ def _row_key(rows: np.ndarray) -> bytes | None:
     if rows.ndim != 2 or len(rows) != 1 or rows.dtype.kind not in "biuf":
         return None
     return np.ascontiguousarray(rows, dtype=np.float64).tobytes()
-
-
-async def _body_sent(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
-    sent = (context.trace_request_ctx or {}).get("sent")
-    if sent is not None and not sent.done():
-        sent.set_result(None)
 
 
 def _short(payload: bytes, limit: int = 300) -> str:

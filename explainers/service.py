@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 
 from explainers import codecs
 from explainers.artifacts import Artifact, load_artifact, save_artifact
@@ -170,17 +171,18 @@ class ExplainerService:
         chosen = self.explainer.params(params)  # bad parameters fail before any work
         loop = asyncio.get_running_loop()
         size = self.settings.chunk_size
-        forget = None
-        if self.client is not None and self._estimator is None and self.explainer.asks_rows_alone:
-            forget = await self.client.predict_ahead(rows)
-        try:
-            parts = await asyncio.gather(*(loop.run_in_executor(self._executor, self.explainer.explain,
-                                                                rows[i:i + size], chosen)
-                                           for i in range(0, len(rows), size)))
-        finally:
-            if forget is not None:
-                forget()
+        parts = await asyncio.gather(*(loop.run_in_executor(self._executor, self._explain_chunk,
+                                                            rows[i:i + size], chosen)
+                                       for i in range(0, len(rows), size)))
         return Explanation.concat(parts)
+
+    def _explain_chunk(self, rows: np.ndarray, params: BaseModel) -> Explanation:
+        """On a worker thread; a method that asks for each row alone first gets them asked ahead."""
+        assert self.explainer is not None
+        if self.client is None or self._estimator is not None or not self.explainer.asks_rows_alone:
+            return self.explainer.explain(rows, params)
+        with self.client.asking_ahead(rows):
+            return self.explainer.explain(rows, params)
 
     async def predict(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
         """A V1 `:predict` call: to the predictor as is, or answered by the local model (white box)."""

@@ -264,8 +264,14 @@ class TestFromWorkerThreads:
         config.timeout_keep_alive = 0.05  # closes idle connections quickly
         with ServerThread(config):
             client = await started(f"http://127.0.0.1:{config.port}", "m", protocol="v1", retries=0)
-            connect, connects = client._connect, []
-            client._connect = lambda: connects.append(1) or connect()  # type: ignore[method-assign]
+            connection, connects = client._connection, []
+
+            def counted(slot: str) -> Any:
+                found = connection(slot)
+                connects.append(found[1])
+                return found
+
+            client._connection = counted  # type: ignore[method-assign]
             worker = ThreadPoolExecutor(1)  # one thread: its connection is kept, then found closed
             try:
                 for _ in range(2):
@@ -276,7 +282,8 @@ class TestFromWorkerThreads:
             finally:
                 worker.shutdown()
                 await client.aclose()
-        assert len(rec.requests) == 2 and client.requests == 2 and len(connects) == 2
+        assert len(rec.requests) == 2 and client.requests == 2
+        assert connects == [False, True, False]  # new, kept (found closed), new
 
     @pytest.mark.parametrize("status", [400, 422])
     async def test_falls_back_to_json_once(self, status: int) -> None:
@@ -313,47 +320,73 @@ class TestFromWorkerThreads:
 
 
 class TestAhead:
-    """Rows asked ahead in one request answer later calls for one of them alone, until forgotten."""
+    """Rows asked ahead by a worker thread, in one request: calls for one of them alone are answered
+    from it within the block; other calls, and a failed request, are made as usual."""
 
     async def test_rows_alone_answered_from_the_request_ahead(self, recorder: tuple[Recorder, str]) -> None:
         rec, url = recorder
         client = await started(url, "m", protocol="v1")
+        rows = np.array([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]])
+
+        def explain() -> list[list[float]]:
+            with client.asking_ahead(rows):
+                assert [n for _, n in rec.requests] in ([], [3])  # sent, perhaps not answered yet
+                alone = [client.predict_blocking(rows[i:i + 1]).tolist() for i in (1, 0)]
+                assert [n for _, n in rec.requests] == [3]
+                # Only rows alone, and only these rows, are answered from it.
+                alone.append(client.predict_blocking(rows[:2]).tolist())
+                alone.append(client.predict_blocking(np.array([[5.0, 5.0]])).tolist())
+            alone.append(client.predict_blocking(rows[:1]).tolist())
+            return alone
+
         try:
-            rows = np.array([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]])
-            forget = await client.predict_ahead(rows)
-            assert [n for _, n in rec.requests] in ([], [3])  # sent, perhaps not answered yet
-            alone = await asyncio.to_thread(lambda: [client.predict_blocking(rows[i:i + 1]) for i in (1, 0)])
-            assert [a.tolist() for a in alone] == [[7.0], [3.0]] and [n for _, n in rec.requests] == [3]
-            # Only rows alone, and only these rows, are answered from it.
-            assert (await asyncio.to_thread(client.predict_blocking, rows[:2])).tolist() == [3.0, 7.0]
-            assert (await asyncio.to_thread(client.predict_blocking, np.array([[5.0, 5.0]]))).tolist() == [10.0]
-            assert [n for _, n in rec.requests] == [3, 2, 1]
-            forget()
-            assert (await asyncio.to_thread(client.predict_blocking, rows[:1])).tolist() == [3.0]
-            assert len(rec.requests) == 4 and not client._ahead
+            assert await asyncio.to_thread(explain) == [[7.0], [3.0], [3.0, 7.0], [10.0], [3.0]]
         finally:
             await client.aclose()
+        assert [n for _, n in rec.requests] == [3, 2, 1, 1] and client.requests == 4
 
-    async def test_a_failure_reaches_the_caller(self) -> None:
-        rec = Recorder(fail=10)
+    async def test_a_failed_request_ahead_leaves_the_call_as_usual(self) -> None:
+        rec = Recorder(fail=1)
         with serve(rec.app) as url:
-            client = await started(url, "m", protocol="v1", retries=0)
+            client = await started(url, "m", protocol="v1", retries=1, backoff=0.01)
+
+            def explain() -> list[float]:
+                with client.asking_ahead(np.ones((2, 2))):
+                    out: list[float] = client.predict_blocking(np.ones((1, 2))).tolist()
+                    return out
+
             try:
-                forget = await client.predict_ahead(np.ones((2, 2)))
-                with pytest.raises(PredictorError, match="answered 503"):
-                    await asyncio.to_thread(client.predict_blocking, np.ones((1, 2)))
-                forget()
-                assert len(rec.requests) == 1
+                assert await asyncio.to_thread(explain) == [2.0]
             finally:
                 await client.aclose()
+        assert [n for _, n in rec.requests] == [2, 1]  # the request ahead got a 503
+
+    async def test_an_answer_nobody_asked_for_is_not_awaited(self, recorder: tuple[Recorder, str]) -> None:
+        rec, url = recorder
+        client = await started(url, "m", protocol="v1")
+
+        def explain() -> list[float]:
+            with client.asking_ahead(np.ones((2, 2))):
+                pass
+            out: list[float] = client.predict_blocking(np.ones((1, 2))).tolist()
+            return out
+
+        try:
+            assert await asyncio.to_thread(explain) == [2.0]
+        finally:
+            await client.aclose()
 
     async def test_text_rows_are_not_asked_ahead(self, recorder: tuple[Recorder, str]) -> None:
         rec, url = recorder
         client = await started(url, "m", protocol="v1")
+
+        def explain() -> None:
+            with client.asking_ahead(np.array([["a", 1.0]], dtype=object)):
+                pass
+
         try:
-            forget = await client.predict_ahead(np.array([["a", 1.0]], dtype=object))
-            forget()
-            assert rec.requests == [] and not client._ahead
+            await asyncio.to_thread(explain)
+            assert rec.requests == [] and client.requests == 0
         finally:
             await client.aclose()
 
