@@ -362,17 +362,18 @@ class TestAhead:
         assert [n for _, n in rec.requests] == [2, 1]  # the request ahead got a 503
 
     async def test_an_answer_nobody_asked_for_is_not_awaited(self, recorder: tuple[Recorder, str]) -> None:
-        rec, url = recorder
+        _, url = recorder
         client = await started(url, "m", protocol="v1")
 
         def explain() -> list[float]:
             with client.asking_ahead(np.ones((2, 2))):
                 pass
+            assert getattr(client._lanes, "ahead_connection", None) is None  # dropped, not read
             out: list[float] = client.predict_blocking(np.ones((1, 2))).tolist()
             return out
 
         try:
-            assert await asyncio.to_thread(explain) == [2.0]
+            assert await asyncio.to_thread(explain) == [2.0] and client.requests == 2
         finally:
             await client.aclose()
 
