@@ -13,8 +13,8 @@ that refuses binary data (400, 415, 422) gets the same rows as JSON, and JSON fr
 
 Explainers run in worker threads and call `predict_blocking`. With `linger` 0 (the default) a
 worker sends its call itself, over a keep-alive connection of its own, and wakes up to the answer:
-no hand-off to the event loop and back around each round trip. With `linger` > 0 the calls go
-through the event loop, which merges them. Kernel SHAP asks for each explained row's output alone
+no hand-off to the event loop and back around each round trip. With `linger` > 0, and for a call
+over `max_batch_rows`, the call goes through the event loop, which merges or splits it. Kernel SHAP asks for each explained row's output alone
 before it perturbs the row; `asking_ahead` has the worker send that request before the explainer
 starts, so its round trip overlaps the explainer's set-up instead of following it.
 """
@@ -132,7 +132,8 @@ class PredictorClient:
 
     def predict_blocking(self, rows: np.ndarray) -> np.ndarray:
         """`predict` from a worker thread (the explainers' predict function): sent from this thread
-        over its own connection, or with `linger` > 0 through the event loop, to be merged."""
+        over its own connection; through the event loop with `linger` > 0 (to be merged) and when
+        over `max_batch_rows` (to be split and sent concurrently)."""
         loop = self._loop
         if loop is None:
             raise PredictorError("the predictor client is not started")
@@ -141,13 +142,10 @@ class PredictorClient:
         ahead: _Ahead | None = getattr(self._lanes, "ahead", None)
         if ahead is not None and (outputs := ahead.answer(rows)) is not None:
             return outputs
-        if self.linger > 0:
+        if self.linger > 0 or len(rows) > self.max_batch_rows:  # merged, or split and sent concurrently
             deadline = self.timeout * (self.retries + 1) + self.backoff * 2 ** self.retries + 5
             return asyncio.run_coroutine_threadsafe(self.predict(rows), loop).result(deadline)
-        step = self.max_batch_rows
-        if len(rows) <= step:
-            return self._call_here(rows)
-        return np.concatenate([self._call_here(rows[i:i + step]) for i in range(0, len(rows), step)])
+        return self._call_here(rows)
 
     @contextmanager
     def asking_ahead(self, rows: np.ndarray) -> Iterator[None]:

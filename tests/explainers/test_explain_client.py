@@ -243,16 +243,19 @@ class TestFromWorkerThreads:
     """With linger 0 a worker thread sends its calls itself, over its own connection: the same
     splitting, retries and fall back to JSON; with linger > 0 its calls go to the loop, to be merged."""
 
-    async def test_own_connection_split_and_retried(self) -> None:
+    async def test_own_connection_retried_and_big_calls_split(self) -> None:
         rec = Recorder(fail=1)
         with serve(rec.app) as url:
             client = await started(url, "m", protocol="v1", max_batch_rows=100, retries=1, backoff=0.01)
             try:
-                out = await asyncio.to_thread(client.predict_blocking, np.ones((250, 3)))
-                assert out.shape == (250,) and set(out.tolist()) == {3.0}
+                out = await asyncio.to_thread(client.predict_blocking, np.ones((80, 3)))
+                assert out.shape == (80,) and set(out.tolist()) == {3.0}
+                assert [n for _, n in rec.requests] == [80, 80]  # the first one answered 503
+                rec.requests.clear()
+                out = await asyncio.to_thread(client.predict_blocking, np.ones((250, 3)))  # through the loop
+                assert out.shape == (250,) and sorted(n for _, n in rec.requests) == [50, 100, 100]
             finally:
                 await client.aclose()
-        assert [n for _, n in rec.requests] == [100, 100, 100, 50]  # the first one answered 503
         assert all(h.get("x-skip-logging") == "true" for h, _ in rec.requests)
 
     async def test_a_connection_the_predictor_closed_is_replaced(self) -> None:
