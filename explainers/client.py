@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -325,7 +326,7 @@ class PredictorClient:
     def _connection(self, slot: str) -> tuple[http.client.HTTPConnection, bool]:
         """This thread's connection in `slot` to the predictor `url` names, and whether it was used before."""
         url = urlsplit(self.url)
-        kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        kind: type[http.client.HTTPConnection] = _HTTPSConnection if url.scheme == "https" else _HTTPConnection
         connection: http.client.HTTPConnection | None = getattr(self._lanes, f"{slot}_connection", None)
         host, port = url.hostname or "127.0.0.1", url.port or (443 if url.scheme == "https" else 80)
         if connection is not None and type(connection) is kind and (connection.host, connection.port) == (host, port):
@@ -402,6 +403,21 @@ class _Parts(aiohttp.payload.Payload):
     async def write(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
         for part in self._parts:
             await writer.write(part)
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    """http.client's connection without Nagle's algorithm (as aiohttp and uvicorn do): the end of a
+    request body is not held back waiting for an acknowledgement."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _Ahead:
