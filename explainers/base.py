@@ -152,7 +152,7 @@ class BaseExplainer(ABC):
     white_box: ClassVar[bool] = False
     asks_rows_alone: ClassVar[bool] = False
     """Whether the method asks the model for each explained row alone before anything else (the
-    server then asks the predictor for them ahead: `PredictorClient.predict_ahead`)."""
+    server then asks the predictor for them ahead: `PredictorClient.asking_ahead`)."""
     Options: ClassVar[type[BaseModel]] = NoOptions
     Params: ClassVar[type[BaseModel]] = NoOptions
 
