@@ -18,7 +18,10 @@ linger.ms=5):
 Rounds alternate the sides so that other load on the machine hits all alike; the best and the
 median round of each are reported, with this process's CPU time per event (Python and
 librdkafka threads, not the broker's: least disturbed by other load) and the share of the
-machine others used meanwhile. Every topic's end offset is checked.
+machine others used meanwhile. Every topic's end offset is checked. The target (>= 0.8) is judged
+on the median over rounds of each round's ratio to the raw producer, as `elasticsearch_sink.py`
+judges its own; `alone-4` is the sink with its default 4 batches in flight, `sink-4` the same
+behind the dispatcher over a spool (what the delivery process runs), shown for its extra cost.
 
     python benchmarks/kafka_sink.py                                # 20k events of 1 KB, 5 rounds
     python benchmarks/kafka_sink.py --in-flight 1 4 8 --mode structured --json kafka.json
@@ -321,12 +324,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{least_cpu[side]:5.1f} us/event (least); others' load median {statistics.median(others[side]):.0%}")
     ratios: dict[str, dict[str, float]] = {}
     for side in sinks:
+        per_round = statistics.median(a / b for a, b in zip(rates[side], rates["raw"], strict=True))
         ratio = {"best": best[side] / best["raw"], "median": median[side] / median["raw"],
-                 "cpu": least_cpu["raw"] / least_cpu[side]}
+                 "per_round_median": per_round, "cpu": least_cpu["raw"] / least_cpu[side]}
         ratios[side] = ratio
-        verdict = "meets" if ratio["best"] >= TARGET else "misses"
-        h.log(f"{side:>8} / raw: {ratio['best']:.2f} (best), {ratio['median']:.2f} (median): {verdict} the target "
-              f"{TARGET}; raw / {side} client CPU per event {ratio['cpu']:.2f}")
+        verdict = "meets" if per_round >= TARGET else "misses"
+        h.log(f"{side:>8} / raw: {per_round:.2f} (median of the rounds' ratios: {verdict} the target {TARGET}); "
+              f"best/best {ratio['best']:.2f}, median/median {ratio['median']:.2f}; raw / {side} client CPU "
+              f"per event {ratio['cpu']:.2f}")
     production = f"sink-{args.in_flight[-1]}"
     h.log(f"spool read and decode: {least_cpu['spool']:.1f} us/event, {least_cpu['spool'] / least_cpu[production]:.0%} "
           f"of {production}'s client CPU")
