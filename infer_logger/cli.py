@@ -84,10 +84,13 @@ def main() -> None:
 @click.option("--spool-dir", type=click.Path(path_type=Path), help="Spool directory.")
 @click.option("--durability", type=click.Choice(["disk", "memory"]),
               help="disk: survives kill -9 (default); memory: faster, loses unsent events on restart.")
+@click.option("--delivery", type=click.Choice(["process", "inline"]),
+              help="process: sinks run in a child process (default with disk durability); inline: in the sidecar.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def proxy(config: Path | None, metadata_headers: str | None, annotations: tuple[str, ...],
-          spool_dir: Path | None, durability: str | None, log_level: str, **flags: Any) -> None:
+          spool_dir: Path | None, durability: str | None, delivery: str | None, log_level: str,
+          **flags: Any) -> None:
     """Run the logger sidecar in front of a predictor (KServe V1 and V2 / Open Inference Protocol).
 
     Accepts KServe's agent flags, so it can stand in for KServe's logger.
@@ -103,7 +106,7 @@ def proxy(config: Path | None, metadata_headers: str | None, annotations: tuple[
         flags["annotations"] = dict(a.split("=", 1) for a in annotations)
     # Sources are deep-merged: these two keys override only themselves in the spool section.
     spool = {k: v for k, v in (("dir", spool_dir), ("durability", durability)) if v is not None}
-    settings = _settings(config, **flags, spool=spool or None)
+    settings = _settings(config, **flags, spool=spool or None, delivery={"mode": delivery} if delivery else None)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sinks = ", ".join(f"{s.sink_name} ({s.type})" for s in settings.all_sinks())
     click.echo(f"infer-logger: http://{settings.host}:{settings.port} -> {settings.upstream}; sinks: {sinks}",

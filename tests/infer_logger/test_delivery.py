@@ -159,3 +159,22 @@ def test_the_child_leaves_with_a_killed_sidecar(iris_predictor: Process, tmp_pat
 def test_delivery_process_names_its_sinks(tmp_path: Path) -> None:
     process = DeliveryProcess(settings(tmp_path, log_url=[f"file://{tmp_path}/b.jsonl"]))
     assert process.sink_states() == {"file": "down", "file2": "down"}
+
+
+def test_the_delivery_flag_keeps_the_workers_in_the_sidecar(iris_predictor: Process, tmp_path: Path) -> None:
+    import httpx
+
+    out = tmp_path / "events.jsonl"
+    proc = sidecar_process(iris_predictor.url, tmp_path, "--log-url", f"file://{out}", "--delivery", "inline").start()
+    try:
+        assert proc.proc is not None
+        answer = httpx.post(proc.url + "/v1/models/iris:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
+        assert answer.status_code == 200
+        deadline = time.monotonic() + 10
+        while len(lines(out)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(lines(out)) == 2
+        children = Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()
+        assert children == [] and not (tmp_path / "spool" / STATUS_FILE).exists()
+    finally:
+        proc.stop()
