@@ -166,28 +166,37 @@ def in_process(args: argparse.Namespace, rows: Any) -> dict[str, float]:
 
 
 async def through_server(args: argparse.Namespace, url: str, rows: Any) -> dict[str, float]:
-    import httpx
+    # aiohttp, not httpx: httpx's client is far heavier per request (shared/DEPENDENCIES.md: a
+    # proxy forwarding with it caps near 640 req/s), and the client's cost would count as the server's.
+    import aiohttp
+    import orjson
 
-    path = "/v1/models/cancer:explain"
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+    endpoint = url + "/v1/models/cancer:explain"
+    headers = {"content-type": "application/json"}
+
+    async def explain(session: aiohttp.ClientSession, chunk: Any) -> None:
+        async with session.post(endpoint, data=orjson.dumps({"instances": chunk.tolist()}), headers=headers) as r:
+            await r.read()
+            r.raise_for_status()
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         latencies = []
         for i in range(args.rows):
             t0 = time.perf_counter()
-            r = await client.post(path, json={"instances": rows[i:i + 1].tolist()})
+            await explain(session, rows[i:i + 1])
             latencies.append(time.perf_counter() - t0)
-            r.raise_for_status()
         queue = list(range(args.rows))
 
         async def worker() -> None:
             while queue:
                 i = queue.pop()
-                (await client.post(path, json={"instances": rows[i:i + 1].tolist()})).raise_for_status()
+                await explain(session, rows[i:i + 1])
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         concurrent = time.perf_counter() - t0
         t0 = time.perf_counter()
-        (await client.post(path, json={"instances": rows[:args.batch].tolist()})).raise_for_status()
+        await explain(session, rows[:args.batch])
         batch = time.perf_counter() - t0
     return {"p50_ms": 1000 * statistics.median(latencies), "per_s_sequential": args.rows / sum(latencies),
             "per_s_concurrent": args.rows / concurrent, "per_row_one_at_a_time_ms": 1000 * sum(latencies) / args.rows,
