@@ -43,6 +43,7 @@ _STATUS_EVERY = 0.5  # seconds between status writes in the child
 _STALE = 5.0  # seconds after which the sidecar takes a silent child for gone
 _LOCK_WAIT = 30.0  # seconds a new child waits for the previous one to let go of the spool
 _READY = b"ready\n"
+_READY_WAIT = 60.0  # seconds a child may take to import and build its sinks
 _ORPHAN_DRAIN = 0.5  # seconds an orphaned child keeps delivering before it leaves
 _SHORT_LIFE = 10.0  # seconds: a child that dies sooner is restarted with a growing delay
 
@@ -75,7 +76,12 @@ class DeliveryProcess:
         proc.stdin.write(pickle.dumps(self.settings))
         await proc.stdin.drain()
         proc.stdin.close()
-        line = await proc.stdout.readline()
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), _READY_WAIT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise InferLoggerError(f"delivery process: its sinks were not built within {_READY_WAIT:.0f}s") from None
         if line == _READY:
             return proc
         await proc.wait()
