@@ -35,7 +35,7 @@ from explainers.base import Explanation
 from explainers.config import SubscriberSettings, load_explainer_settings
 from explainers.errors import ExplainerError, InvalidInputError, InvalidParametersError, NotReadyError
 from explainers.service import ExplainerService
-from infer_logger import events
+from infer_logger import binary_tensors, events
 from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import InvalidEventError, RejectedError, SinkError
@@ -165,7 +165,7 @@ class ExplainSubscriber:
         try:
             if request.get(events.TRUNCATED):
                 raise InvalidInputError("the request payload was truncated by the logger")
-            rows = self.service.decode(request.json())
+            rows = self.service.decode(_payload(request))
         except (InvalidInputError, ValueError) as exc:  # ValueError: the payload is not JSON
             raise RejectedError(f"event {request.id}: {exc}", [request]) from exc
         except NotReadyError as exc:
@@ -284,3 +284,15 @@ class ExplainerComponentConfig(SinkConfig):
         loaded = load_explainer_settings(Path(self.config) if self.config else None, **self.settings)
         # Started on the first event, in the broker's loop: fitting needs the predictor.
         return ExplainSubscriber(ExplainerService(loaded), owns_service=True)
+
+
+def _payload(request: CloudEvent) -> Any:
+    """The request's JSON; a V2 body with binary tensor data (as tritonclient sends by default)
+    reads as the JSON it stands for. ValueError when it is neither."""
+    try:
+        return request.json()
+    except ValueError:
+        doc = binary_tensors.inline(request.data or b"")
+        if doc is None:
+            raise
+        return doc

@@ -15,6 +15,8 @@ the sidecar could use it too; every malformed body raises `BinaryDataError` nami
 
 from __future__ import annotations
 
+import base64
+import json
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from math import prod
@@ -25,6 +27,7 @@ import orjson
 from infer_logger.errors import BinaryDataError
 
 HEADER = "inference-header-content-length"
+_JSON_PART_MAX = 1 << 20  # bytes of a body searched for the end of its JSON part
 CONTENT_TYPE = "application/octet-stream"
 
 # struct codes, little-endian: element size and pure-Python (un)packing.
@@ -133,6 +136,51 @@ def encode_parts(doc: Mapping[str, Any], key: str, binary: Mapping[str, Any], *,
         return [orjson.dumps(doc, option=option)], {"content-type": "application/json"}
     head = orjson.dumps({**doc, key: tensors}, option=option)
     return [head, *chunks], {"content-type": CONTENT_TYPE, HEADER: str(len(head))}
+
+
+def inline(body: bytes) -> dict[str, Any] | None:
+    """A binary-data body read without its header (a logged payload keeps no HTTP headers): its
+    JSON part with every binary tensor's `data` filled in, flat and row-major, as JSON mode would
+    carry it; BYTES elements as text when UTF-8, else `{"base64": ...}`. None when `body` is not one.
+    """
+    if not body.startswith(b"{"):
+        return None
+    # The JSON part ends where a JSON object starting at byte 0 ends: latin-1 maps bytes to
+    # characters one to one, so the decoder's end index is the byte length.
+    text = body[:_JSON_PART_MAX].decode("latin-1")
+    try:
+        _, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return None
+    try:
+        probe = _json(memoryview(body)[:end], "the JSON part")
+        key = "inputs" if "inputs" in probe else "outputs"
+        doc, raw = decode(body, end, key)
+        tensors = []
+        for tensor in doc.get(key) or []:
+            name = tensor.get("name") if isinstance(tensor, Mapping) else None
+            if name not in raw:
+                tensors.append(tensor)
+                continue
+            datatype = _datatype(tensor, name)
+            values = unpack_values(datatype, raw[name])
+            if datatype == "BYTES":
+                values = [_text_or_base64(v) for v in values]
+            params = {k: v for k, v in (tensor.get("parameters") or {}).items() if k != "binary_data_size"}
+            tensor = {**{k: v for k, v in tensor.items() if k != "parameters"}, "data": values}
+            if params:
+                tensor["parameters"] = params
+            tensors.append(tensor)
+    except BinaryDataError:
+        return None
+    return {**doc, key: tensors}
+
+
+def _text_or_base64(value: bytes) -> str | dict[str, str]:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(value).decode()}
 
 
 def wants_binary(request: Mapping[str, Any], output: str) -> bool:

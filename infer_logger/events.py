@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from infer_logger import binary_tensors
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 
 REQUEST = "org.kubeflow.serving.inference.request"
@@ -144,12 +145,15 @@ def capped(data: bytes, limit: int) -> tuple[bytes, dict[str, str | int | bool]]
 
 
 def decode_data(event: CloudEvent) -> object:
-    """The payload as JSON when it is JSON, else base64 text (for stores and displays)."""
+    """The payload as JSON when it is JSON (a V2 body with binary tensor data too, its tensors'
+    `data` filled in), else base64 text: for stores and displays."""
     if event.data is None:
         return None
     if not event.get(TRUNCATED):
         try:
             return event.json()
         except ValueError:
-            pass
+            doc = binary_tensors.inline(event.data)
+            if doc is not None:
+                return doc
     return {"base64": base64.b64encode(event.data).decode()}

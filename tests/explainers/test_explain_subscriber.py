@@ -17,7 +17,7 @@ from explainers.app import create_app
 from explainers.config import SubscriberSettings
 from explainers.service import ExplainerService
 from explainers.subscriber import EventCache, ExplainSubscriber
-from infer_logger import events
+from infer_logger import binary_tensors, events
 from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import RejectedError, SinkError
@@ -73,6 +73,17 @@ class TestJoin:
             assert explanation["method"] == "kernel" and record.request == row
             total = [o["base_value"] + sum(o["attributions"].values()) for o in explanation["outputs"]]
             np.testing.assert_allclose(total, record.response, atol=1e-6)
+
+    async def test_a_request_with_binary_tensor_data(self, service: ExplainerService) -> None:
+        """tritonclient's default: a V2 body whose rows travel as raw bytes after the JSON part."""
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
+        request, response = exchange("ex-bin")
+        tensor = {"name": "x", "shape": [2, 4], "datatype": "FP64"}
+        body, _ = binary_tensors.encode({"inputs": [tensor]}, "inputs", {"x": np.array(ROWS)})
+        binary = CloudEvent({**request.attributes, "datacontenttype": binary_tensors.CONTENT_TYPE}, body)
+        assert await sub.handle(binary) is None
+        reply = await sub.handle(response)
+        assert reply is not None and reply.id == "ex-bin" and len(reply.json()["explanations"]) == 2
 
     async def test_response_first(self, service: ExplainerService) -> None:
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))

@@ -184,3 +184,40 @@ class TestMalformed:
             bt.pack_values("UINT8", [256])
         with pytest.raises(BinaryDataError, match="whole number of FP32"):
             bt.unpack_values("FP32", b"\0" * 5)
+
+
+class TestInline:
+    """A logged body (no headers kept) read back as the JSON it stands for."""
+
+    def test_every_datatype_fills_data(self) -> None:
+        tensors = [{"name": d.lower(), "shape": [2, 2], "datatype": d} for d in SAMPLES]
+        raw = {d.lower(): bt.pack_values(d, SAMPLES[d]) for d in SAMPLES}
+        body, _ = bt.encode({"id": "1", "inputs": tensors, "parameters": {"x": 1}}, "inputs", raw)
+        doc = bt.inline(body)
+        assert doc is not None and doc["id"] == "1" and doc["parameters"] == {"x": 1}
+        by_name = {t["name"]: t for t in doc["inputs"]}
+        for datatype, values in SAMPLES.items():
+            tensor = by_name[datatype.lower()]
+            assert "parameters" not in tensor  # binary_data_size goes with the bytes
+            if datatype == "BYTES":
+                assert tensor["data"] == ["", "cat", "d\u00f6g", {"base64": "AP8="}]
+            else:
+                assert tensor["data"] == pytest.approx(values) if datatype.startswith("FP") else values
+
+    def test_outputs_and_json_tensors_alongside(self) -> None:
+        outputs = [{"name": "p", "shape": [3], "datatype": "INT64", "parameters": {"binary_data": True}},
+                   {"name": "j", "shape": [1], "datatype": "FP32", "data": [0.5]}]
+        body, _ = bt.encode({"model_name": "m", "outputs": outputs}, "outputs", {"p": bt.pack_values("INT64", [1, 2, 3])})
+        doc = bt.inline(body)
+        assert doc is not None
+        assert doc["outputs"][0] == {"name": "p", "shape": [3], "datatype": "INT64", "data": [1, 2, 3],
+                                     "parameters": {"binary_data": True}}
+        assert doc["outputs"][1] == outputs[1]
+
+    @pytest.mark.parametrize("body", [b"", b"not json", b'{"inputs": []}', b'{"a": 1', b"\x00\x01{}",
+                                      b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", '
+                                      b'"parameters": {"binary_data_size": 8}}]}\x00\x00\x00'])
+    def test_anything_else_is_none(self, body: bytes) -> None:
+        # Plain JSON is JSON's business; a cut or inconsistent body stays opaque (logged as base64).
+        doc = bt.inline(body)
+        assert doc is None or "data" not in str(doc)

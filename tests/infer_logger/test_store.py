@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from infer_logger import events
+from infer_logger import binary_tensors, events
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import InferLoggerError
 from infer_logger.store import SCHEMA_VERSION, AuditRecord, AuditStore, format_table, records_to_json
@@ -185,6 +185,21 @@ class TestPayloads:
             ({"x": [5, 6]}, {"y": 2}),
         ]
         assert {r.protocol for r in records} == {"v2"}
+
+    def test_v2_binary_tensor_data(self, store: AuditStore) -> None:
+        """Bodies with binary tensor data (tritonclient's default) are split like their JSON form."""
+        v2: dict[str, Any] = {"protocol": "v2", "path": "/v2/models/iris/infer",
+                              "datacontenttype": binary_tensors.CONTENT_TYPE}
+        x = {"name": "x", "shape": [3, 2], "datatype": "FP32"}
+        y = {"name": "y", "shape": [3], "datatype": "INT64"}
+        req, _ = binary_tensors.encode({"inputs": [x]}, "inputs", {"x": binary_tensors.pack_values("FP32", range(1, 7))})
+        resp, _ = binary_tensors.encode({"outputs": [y]}, "outputs", {"y": binary_tensors.pack_values("INT64", [0, 1, 2])})
+        store.write([CloudEvent({**request().attributes, **v2}, req), CloudEvent({**response().attributes, **v2}, resp)])
+        assert [(r.request, r.response) for r in _by_instance(store)] == [
+            ({"x": [1, 2]}, {"y": 0}),
+            ({"x": [3, 4]}, {"y": 1}),
+            ({"x": [5, 6]}, {"y": 2}),
+        ]
 
     def test_truncated_request(self, store: AuditStore) -> None:
         event = CloudEvent(
