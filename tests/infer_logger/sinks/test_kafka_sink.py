@@ -414,8 +414,22 @@ class TestBinaryRecords:
             event(5).with_attributes(statuscode=0, truncated=False),  # False == 0 as keys
             event(6).with_attributes(latencyms=17, statuscode="17"),  # an int kept, then its text
             CloudEvent({"specversion": "1.0", "id": "bare", "source": "/s", "type": "t"}),
+            # One attribute order, a repeated text value turning into other types and back.
+            event(7).with_attributes(modelversion="1"),
+            event(8).with_attributes(modelversion=1),
+            event(9).with_attributes(modelversion=True),
+            event(10).with_attributes(modelversion="1"),
+            event(11).with_attributes(time="2024-05-01T12:00:00Z", latencyms="5"),
         ]
         for e in samples * 2:
+            m = to_kafka_binary(e)
+            assert encode(e) == (m.key, m.value, list(m.headers.items()))
+
+
+    def test_a_stream_of_one_layout_equals_the_binding(self) -> None:
+        encode = BinaryRecords(size=4)  # small: the templates also start over
+        for i in range(50):
+            e = event(i).with_attributes(statuscode=200 + i % 3, latencyms=i, endpoint=f"e{i % 6}")
             m = to_kafka_binary(e)
             assert encode(e) == (m.key, m.value, list(m.headers.items()))
 
