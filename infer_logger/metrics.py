@@ -15,13 +15,6 @@ from infer_logger.spool import SpoolView
 RemoteStatus = dict[str, Any]
 """A delivery child's report (`infer_logger.delivery`): its sinks' health and `export()`ed metrics."""
 
-# The families the sink workers keep: in the delivery child when there is one.
-DELIVERY_FAMILIES = frozenset({
-    "infer_logger_events_delivered",
-    "infer_logger_batches_retried",
-    "infer_logger_sink_lag_bytes",
-    "infer_logger_sink_latency_seconds",
-})
 
 
 class _SpoolCollector(Collector):
@@ -70,8 +63,8 @@ def export(metrics: Metrics) -> RemoteStatus:
     """What a delivery child reports of its metrics: the delivery families and its drop counts."""
     families = [
         [f.name, f.documentation, f.type, [[s.name, s.labels, s.value] for s in f.samples]]
-        for f in metrics.registry.collect()
-        if f.name in DELIVERY_FAMILIES
+        for metric in metrics.delivery
+        for f in metric.collect()
     ]
     stats = metrics.spool.stats
     return {"families": families, "dropped": {"corrupt_segments": stats.corrupt, **stats.dropped}}
@@ -108,6 +101,8 @@ class Metrics:
             registry=own,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        # The families the sink workers keep: in the delivery child when there is one.
+        self.delivery = (self.delivered, self.retried, self.sink_lag, self.sink_latency)
         self.requests = Counter(
             "infer_logger_requests", "Requests proxied", ["logged", "code"], registry=r
         )

@@ -162,7 +162,13 @@ class _Segments:
     _current: int  # the segment being written
     _sizes: dict[int, int]
 
-    def _init_readers(self) -> None:
+    def _open_dir(self, directory: str | os.PathLike[str], lock: str, busy: str) -> None:
+        """Make the directory, take `lock` in it (SpoolError saying `busy` if held), no readers yet."""
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "checkpoints").mkdir(exist_ok=True)
+        self._lock = _lock(self.dir / lock, busy)
+        self.stats = SpoolStats()
         self._readers: dict[str, DiskReader] = {}
         self._waiters: set[asyncio.Event] = set()
 
@@ -219,8 +225,10 @@ class _Segments:
     def _path(self, number: int) -> Path:
         return self.dir / f"{number:020d}{_SUFFIX}"
 
-    def _segments(self) -> list[tuple[int, Path]]:
-        return sorted((int(p.stem), p) for p in self.dir.glob(f"*{_SUFFIX}") if p.stem.isdigit())
+    def _segments(self) -> list[int]:
+        """The numbers of the segment files in the directory, oldest first."""
+        stems = (name[: -len(_SUFFIX)] for name in os.listdir(self.dir) if name.endswith(_SUFFIX))
+        return sorted(int(stem) for stem in stems if stem.isdigit())
 
     def checkpoint_path(self, name: str) -> Path:
         return self.dir / "checkpoints" / f"{name}.json"
@@ -242,18 +250,13 @@ class DiskSpool(_Segments):
         overflow: Overflow = "drop_newest",
         fsync_interval: float | None = None,
     ) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "checkpoints").mkdir(exist_ok=True)
         # Two writers on one spool would interleave segments and checkpoints: refuse the second.
-        self._lock = _lock(self.dir / "lock", "in use by another process")
+        self._open_dir(directory, "lock", "in use by another process")
         self.segment_bytes = segment_bytes
         self.max_bytes = max_bytes
         self.overflow = overflow
         self.fsync_interval = fsync_interval
-        self.stats = SpoolStats()
-        self._init_readers()
-        self._sizes: dict[int, int] = {n: p.stat().st_size for n, p in self._segments()}
+        self._sizes: dict[int, int] = {n: self._path(n).stat().st_size for n in self._segments()}
         # Never append to a segment a previous process wrote: its tail may be torn.
         self._current = max(self._sizes, default=0) + 1
         self._fd = self._open(self._current)
@@ -354,13 +357,8 @@ class SpoolFollower(_Segments):
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, poll_interval: float = 0.01) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "checkpoints").mkdir(exist_ok=True)
-        self._lock = _lock(self.dir / "follower.lock", "another delivery process reads it")
+        self._open_dir(directory, "follower.lock", "another delivery process reads it")
         self.poll_interval = poll_interval
-        self.stats = SpoolStats()
-        self._init_readers()
         self._sizes = {}
         self._current = 0
         self.refresh()
@@ -369,10 +367,7 @@ class SpoolFollower(_Segments):
     def refresh(self) -> None:
         # List first, then stat: a segment listed before a newer one appeared may still grow,
         # but one seen with a newer one beside it is complete.
-        numbers = sorted(
-            int(name[: -len(_SUFFIX)]) for name in os.listdir(self.dir)
-            if name.endswith(_SUFFIX) and name[: -len(_SUFFIX)].isdigit()
-        )
+        numbers = self._segments()
         newest = numbers[-1] if numbers else self._current
         sizes: dict[int, int] = {}
         for number in numbers:

@@ -243,14 +243,13 @@ class AuditStore:
         spread: list[dict[str, Any]] = []
         paired = {event_id for kind, event_id in latest if kind == "request" and ("response", event_id) in latest}
         for (kind, event_id), event in latest.items():
-            if event_id in paired and kind != "explanation":
-                if kind == "request":
-                    answer = latest[("response", event_id)]
-                    exchanges += _exchange_rows(event, answer, updated)
-                    # Rows an earlier event made (more instances) get the status too.
-                    spread.append({"id": event_id, "status": exchanges[-1]["status"],
-                                   "latency_ms": exchanges[-1]["latency_ms"]})
+            if event_id in paired and kind == "request":
+                pair = _exchange_rows(event, latest[("response", event_id)], updated)
+                exchanges += pair
+                spread.append(pair[0])  # rows an earlier event made (more instances) get the status too
                 continue
+            if event_id in paired and kind == "response":
+                continue  # written with its request
             base = _row_base(event, kind, updated)
             for index, item in enumerate(payloads.instances(event)):
                 rows[kind].append({**base, "instance": index, kind: _dumps(item)})
@@ -363,11 +362,9 @@ _TEXT_COLUMNS = tuple((column, attr) for column, attr in _SHARED.items() if colu
 
 def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
     attrs = event.attributes
-    base: dict[str, Any] = {"id": event.id, "time": _utc(attrs.get("time"))}
-    # _text inlined: this runs for every event the store takes.
-    for column, attr in _TEXT_COLUMNS:
-        value = attrs.get(attr)
-        base[column] = None if value is None or value == "" else value if type(value) is str else str(value)
+    base: dict[str, Any] = {column: _text(attrs.get(attr)) for column, attr in _TEXT_COLUMNS}
+    base["id"] = event.id
+    base["time"] = _utc(attrs.get("time"))
     # Attributes may arrive as strings (HTTP/Kafka binary mode headers), hence the conversions.
     base["status"] = events.as_int(attrs.get(events.STATUSCODE))
     base["latency_ms"] = events.as_float(attrs.get(events.LATENCYMS))
