@@ -588,15 +588,15 @@ class CpuMeter:
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
         return sum(fields), sum(fields) - idle
 
-    def _tree_ticks(self) -> dict[int, tuple[str, int]]:
-        """pid -> (named server, ticks); a child's server name gets a " child" suffix."""
+    def _tree_ticks(self) -> dict[int, tuple[str, bool, int]]:
+        """pid -> (named server, whether it is that server's child, ticks)."""
         owner = {pid: name for name, pid in self.pids.items()}
-        out: dict[int, tuple[str, int]] = {}
+        out: dict[int, tuple[str, bool, int]] = {}
         for pid, _, ppid, cpu in proc_stats():
             if pid in owner:
-                out[pid] = (owner[pid], cpu)
+                out[pid] = (owner[pid], False, cpu)
             elif ppid in owner:
-                out[pid] = (owner[ppid] + " child", cpu)
+                out[pid] = (owner[ppid], True, cpu)
         return out
 
     def start(self) -> None:
@@ -614,11 +614,10 @@ class CpuMeter:
         busy = m1[1] - self._m0[1]
         per: dict[str, float] = {name: 0.0 for name in self.pids}
         children: dict[str, float] = {}
-        for pid, (name, ticks) in p1.items():
-            used = ticks - self._p0.get(pid, (name, 0))[1]
-            server = name.removesuffix(" child")
+        for pid, (server, child, ticks) in p1.items():
+            used = ticks - self._p0.get(pid, (server, child, 0))[2]
             per[server] += used
-            if server != name:
+            if child:
                 children[server] = children.get(server, 0.0) + used
         ours = sum(per.values()) + own
         return {
