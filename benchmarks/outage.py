@@ -8,8 +8,8 @@ whose http sink points at a receiver in its own process. Phases:
     after    receiver back, same port    (load goes on)
     drain    load stopped; wait until every answered request's two events arrived
 
-The sidecar's RSS (VmRSS from /proc/<pid>/status, its delivery process's added) and its /metrics (`infer_logger_spool_bytes`,
-sink lag) are sampled every second. The receiver decodes every event with infer-logger's codec
+The sidecar's RSS (VmRSS from /proc/<pid>/status, its delivery process's added) and its /metrics
+(`infer_logger_spool_bytes`, sink lag) are sampled every second. The receiver decodes every event with infer-logger's codec
 and records its id, so "received" is counted by id, not trusted from the sidecar's counters.
 
     python benchmarks/outage.py                       # 60 s outage at 400 req/s

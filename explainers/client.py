@@ -14,9 +14,10 @@ that refuses binary data (400, 415, 422) gets the same rows as JSON, and JSON fr
 Explainers run in worker threads and call `predict_blocking`. With `linger` 0 (the default) a
 worker sends its call itself, over a keep-alive connection of its own, and wakes up to the answer:
 no hand-off to the event loop and back around each round trip. With `linger` > 0, and for a call
-over `max_batch_rows`, the call goes through the event loop, which merges or splits it. Kernel SHAP asks for each explained row's output alone
-before it perturbs the row; `asking_ahead` has the worker send that request before the explainer
-starts, so its round trip overlaps the explainer's set-up instead of following it.
+over `max_batch_rows`, the call goes through the event loop, which merges or splits it. Kernel
+SHAP asks for each explained row's output alone before it perturbs the row; `asking_ahead` has the
+worker send that request before the explainer starts, so its round trip overlaps the explainer's
+set-up instead of following it.
 """
 
 from __future__ import annotations
