@@ -1,0 +1,198 @@
+"""The sidecar's client to its predictor, against real sockets: a scripted raw server for
+framings and failures, and the demo predictor."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import orjson
+import pytest
+
+from infer_logger.errors import ConfigError
+from infer_logger.testing import free_port
+from infer_logger.upstream import Upstream, UpstreamError
+from tests.servers import Process
+
+
+class Scripted:
+    """A TCP server that answers each request head with the bytes `reply(head)` gives."""
+
+    def __init__(self, reply: Callable[[bytes], bytes | None], *, close_after: int | None = None) -> None:
+        self.reply = reply
+        self.close_after = close_after  # answers per connection before the server hangs up
+        self.connections = 0
+        self.heads: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        answered = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                body = await reader.readexactly(length)
+                self.heads.append(head + body)
+                out = self.reply(head + body)
+                if out is None:  # hang up without answering
+                    break
+                writer.write(out)
+                await writer.drain()
+                answered += 1
+                if self.close_after is not None and answered >= self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+
+def ok(body: bytes = b"{}") -> Callable[[bytes], bytes]:
+    return lambda _: b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        len(body), body)
+
+
+async def test_answers_and_keeps_the_connection() -> None:
+    peer = Scripted(ok(b'{"a":1}'))
+    async with peer as url:
+        up = Upstream(url + "/prefix")
+        for _ in range(3):
+            answer = await up.request("POST", b"/v1/models/m:predict?x=1", [(b"x-a", b"1")], b"body")
+            assert (answer.status, answer.body) == (200, b'{"a":1}')
+            assert (b"content-type", b"application/json") in answer.headers
+        await up.close()
+    assert peer.connections == 1
+    head = peer.heads[0]
+    assert head.startswith(b"POST /prefix/v1/models/m:predict?x=1 HTTP/1.1\r\nhost: 127.0.0.1:")
+    assert b"x-a: 1\r\n" in head and head.endswith(b"content-length: 4\r\n\r\nbody")
+
+
+async def test_chunked_answer_is_joined() -> None:
+    chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    async with Scripted(lambda _: chunked) as url:
+        up = Upstream(url)
+        assert (await up.request("GET", b"/", [], b"")).body == b"abcde"
+        assert (await up.request("GET", b"/", [], b"")).body == b"abcde"  # same connection, still framed
+        await up.close()
+
+
+async def test_answer_ended_by_close() -> None:
+    async with Scripted(lambda _: b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end",
+                        close_after=1) as url:
+        up = Upstream(url)
+        assert (await up.request("GET", b"/", [], b"")).body == b"until the end"
+        assert (await up.request("GET", b"/", [], b"")).body == b"until the end"  # a new connection
+        await up.close()
+
+
+async def test_truncated_answer_is_an_error() -> None:
+    async with Scripted(lambda _: b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf", close_after=1) as url:
+        up = Upstream(url)
+        with pytest.raises(OSError):
+            await up.request("GET", b"/", [], b"")
+        await up.close()
+
+
+async def test_a_kept_connection_the_peer_closed_is_retried_once() -> None:
+    peer = Scripted(ok(), close_after=1)  # hangs up after every answer, without saying so
+    async with peer as url:
+        up = Upstream(url)
+        for _ in range(3):
+            assert (await up.request("POST", b"/", [], b"x")).status == 200
+        await up.close()
+    assert peer.connections == 3 and len(peer.heads) == 3  # each request reached the peer once
+
+
+async def test_hang_up_after_the_request_is_not_retried() -> None:
+    peer = Scripted(lambda _: None)
+    async with peer as url:
+        up = Upstream(url)
+        with pytest.raises(OSError):
+            await up.request("POST", b"/", [], b"x")
+        await up.close()
+    assert len(peer.heads) == 1  # a fresh connection: the predictor may have acted on it
+
+
+async def test_timeout_drops_the_connection_and_the_next_request_works() -> None:
+    slow_first = iter([True])
+
+    def reply(_: bytes) -> bytes:
+        if next(slow_first, False):
+            return b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nab"  # never finishes
+        return ok()(b"")
+
+    async with Scripted(reply) as url:
+        up = Upstream(url, timeout=0.2)
+        with pytest.raises(TimeoutError):
+            await up.request("GET", b"/", [], b"")
+        assert (await up.request("GET", b"/", [], b"")).status == 200
+        await up.close()
+
+
+async def test_refused() -> None:
+    up = Upstream(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(OSError):
+        await up.request("GET", b"/", [], b"")
+
+
+async def test_an_answer_that_is_not_http() -> None:
+    async with Scripted(lambda _: b"SSH-2.0-OpenSSH\r\n\r\n") as url:
+        up = Upstream(url)
+        with pytest.raises(UpstreamError, match="not HTTP"):
+            await up.request("GET", b"/", [], b"")
+        await up.close()
+
+
+async def test_head_answer_has_no_body_whatever_its_length_says() -> None:
+    async with Scripted(lambda _: b"HTTP/1.1 200 OK\r\ncontent-length: 42\r\n\r\n") as url:
+        up = Upstream(url)
+        answer = await asyncio.wait_for(up.request("HEAD", b"/", [], b""), 5)
+        assert (answer.status, answer.body) == (200, b"")
+        await up.close()
+
+
+async def test_interim_answers_are_skipped() -> None:
+    async with Scripted(lambda _: b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"final")(b"")) as url:
+        up = Upstream(url)
+        assert (await up.request("POST", b"/", [], b"x")).body == b"final"
+        await up.close()
+
+
+async def test_no_body_statuses_keep_the_connection() -> None:
+    peer = Scripted(lambda _: b"HTTP/1.1 204 No Content\r\n\r\n")
+    async with peer as url:
+        up = Upstream(url)
+        for _ in range(2):
+            assert (await up.request("DELETE", b"/", [], b"")).status == 204
+        await up.close()
+    assert peer.connections == 1
+
+
+@pytest.mark.parametrize("url", ["ftp://host/", "127.0.0.1:8080", "http://"])
+def test_bad_url_names_the_field(url: str) -> None:
+    with pytest.raises(ConfigError, match="predictor_url"):
+        Upstream(url)
+
+
+@pytest.fixture
+async def concurrent_predictor(echo_predictor: Process) -> AsyncIterator[Upstream]:
+    up = Upstream(echo_predictor.url)
+    yield up
+    await up.close()
+
+
+async def test_concurrent_requests_to_the_demo_predictor(concurrent_predictor: Upstream) -> None:
+    body = orjson.dumps({"instances": [[1, 2, 3, 4]]})
+    answers = await asyncio.gather(*(
+        concurrent_predictor.request("POST", b"/v1/models/echo:predict", [(b"content-type", b"application/json")], body)
+        for _ in range(50)))
+    assert all(a.status == 200 and orjson.loads(a.body)["predictions"] for a in answers)
