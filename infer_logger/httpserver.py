@@ -1,0 +1,234 @@
+"""The sidecar's HTTP/1.1 server: httptools' parser under asyncio protocols, no ASGI layer.
+
+On a trivial predictor uvicorn's ASGI cycle (scope dicts, receive/send messages, a task and
+several awaits per request) cost the sidecar about as much CPU as the predictor itself; this
+server parses with the same parser (llhttp via httptools), hands the handler whole requests and
+writes each answer with one `write`. It serves what a reverse proxy in a pod needs: keep-alive,
+pipelining (answers in order), chunked request bodies, `Expect: 100-continue`, HTTP/1.0, an idle
+timeout and a graceful stop. Upgrades (websockets, h2c) are not served: the request is answered
+as plain HTTP and the connection closed. `infer-logger proxy --server uvicorn` runs the ASGI app
+instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import unquote
+
+import httptools
+import orjson
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[bytes, bytes]]
+Reply = tuple[int, Headers, bytes]
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    """Percent-decoded, for routing."""
+    target: bytes
+    """Path and query exactly as the client sent them, for forwarding."""
+    headers: Headers
+    """Names lower-cased, in the client's order."""
+    body: bytes
+
+
+Handler = Callable[[Request], Awaitable[Reply]]
+
+_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+_NO_BODY = frozenset({204, 304})
+_MAX_PIPELINED = 16  # requests queued behind the one being answered before we stop reading
+
+
+def _status_line(status: int) -> bytes:
+    return _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status
+
+
+def encode_reply(status: int, headers: Headers, body: bytes, *, close: bool, head: bool) -> bytes:
+    out = [_status_line(status)]
+    for name, value in headers:
+        out += (name, b": ", value, b"\r\n")
+    if status not in _NO_BODY and status >= 200:
+        out.append(b"content-length: %d\r\n" % len(body))
+    if close:
+        out.append(b"connection: close\r\n")
+    out.append(b"\r\n")
+    if not head and status not in _NO_BODY:
+        out.append(body)
+    return b"".join(out)
+
+
+def _error(status: int, reason: str) -> bytes:
+    body = orjson.dumps({"error": reason, "status": status})
+    return encode_reply(status, [(b"content-type", b"application/json")], body, close=True, head=False)
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.active = False  # a request is being answered
+        self.queue: deque[tuple[Request, bool]] = deque()
+        self.closing = False  # answer what was read, then close
+        self.last = 0.0
+        self._url = b""
+        self._headers: Headers = []
+        self._body: list[bytes] = []
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+        self.last = self.server.loop.time()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.transport = None
+        self.queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.last = self.server.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The request itself was read (and queued); what follows is another protocol.
+            self._stop_reading()
+        except httptools.HttpParserError as exc:
+            log.info("bad HTTP request from a client: %s", exc)
+            self._stop_reading()
+            if not self.active and self.transport is not None:
+                self.transport.write(_error(400, f"invalid HTTP request: {exc}"))
+                self.transport.close()
+
+    def _stop_reading(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._body = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        if self.transport is not None and (b"expect", b"100-continue") in self._headers:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        url = httptools.parse_url(self._url)
+        raw_path = url.path or b"/"
+        target = raw_path + b"?" + url.query if url.query else raw_path
+        path = raw_path.decode("latin-1")
+        if "%" in path:
+            path = unquote(raw_path.decode("utf-8", "surrogateescape"))
+        request = Request(self.parser.get_method().decode(), path, target, self._headers, b"".join(self._body))
+        keep = self.parser.should_keep_alive()
+        if self.active:
+            self.queue.append((request, keep))
+            if len(self.queue) >= _MAX_PIPELINED and self.transport is not None:
+                self.transport.pause_reading()
+        else:
+            self._start(request, keep)
+
+    # --
+
+    def _start(self, request: Request, keep: bool) -> None:
+        self.active = True
+        self.server.loop.create_task(self._answer(request, keep))
+
+    async def _answer(self, request: Request, keep: bool) -> None:
+        try:
+            status, headers, body = await self.server.handler(request)
+        except Exception:
+            log.exception("unhandled error answering %s %s", request.method, request.path)
+            status, headers = 500, [(b"content-type", b"application/json")]
+            body = orjson.dumps({"error": "internal error in the sidecar; see its log", "status": 500})
+        close = not keep or self.server.stopping or (self.closing and not self.queue)
+        transport = self.transport
+        if transport is None:  # the client left; what was logged stays logged
+            self.active = False
+            return
+        transport.write(encode_reply(status, headers, body, close=close, head=request.method == "HEAD"))
+        self.last = self.server.loop.time()
+        if close:
+            self.queue.clear()
+            self.active = False
+            transport.close()
+        elif self.queue:
+            if len(self.queue) == _MAX_PIPELINED - 1 and not self.closing:
+                transport.resume_reading()
+            self._start(*self.queue.popleft())
+        else:
+            self.active = False
+
+    def close_if_idle(self, idle_before: float) -> None:
+        if not self.active and self.last < idle_before and self.transport is not None:
+            self.transport.close()
+
+
+class HttpServer:
+    """Serve `handler` on host:port until `stop`."""
+
+    def __init__(self, handler: Handler, *, keep_alive_timeout: float = 5.0) -> None:
+        self.handler = handler
+        self.keep_alive_timeout = keep_alive_timeout
+        self.connections: set[_Connection] = set()
+        self.stopping = False
+        self.loop = asyncio.get_running_loop()
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await self.loop.create_server(lambda: _Connection(self), host, port, backlog=2048)
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.keep_alive_timeout))
+            idle_before = self.loop.time() - self.keep_alive_timeout
+            for conn in list(self.connections):
+                conn.close_if_idle(idle_before)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop listening, answer the requests already read (for up to `grace` s), close."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        deadline = self.loop.time() + grace
+        while True:
+            for conn in list(self.connections):
+                conn.close_if_idle(float("inf"))
+            if not self.connections or self.loop.time() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()

@@ -1,0 +1,184 @@
+"""The sidecar's HTTP/1.1 server, spoken to over real sockets (raw bytes where framing matters)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import orjson
+import pytest
+
+from infer_logger.httpserver import HttpServer, Reply, Request
+
+Handler = Callable[[Request], Awaitable[Reply]]
+
+
+async def echo(request: Request) -> Reply:
+    """Answers with what it was asked: method, path, target, headers, body length."""
+    if request.path == "/sleep":
+        await asyncio.sleep(float(request.body or b"0.05"))
+    if request.path == "/boom":
+        raise RuntimeError("handler bug")
+    seen = {
+        "method": request.method,
+        "path": request.path,
+        "target": request.target.decode(),
+        "headers": [[k.decode(), v.decode()] for k, v in request.headers],
+        "body": request.body.decode("latin-1"),
+    }
+    return 200, [(b"content-type", b"application/json")], orjson.dumps(seen)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[HttpServer]:
+    srv = HttpServer(echo, keep_alive_timeout=0.5)
+    await srv.start("127.0.0.1", 0)
+    yield srv
+    await srv.stop(grace=1)
+
+
+async def exchange(server: HttpServer, data: bytes, *, until_close: bool = True) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        if until_close:
+            return await asyncio.wait_for(reader.read(), 5)
+        return await asyncio.wait_for(reader.read(65536), 5)
+    finally:
+        writer.close()
+
+
+def answers(raw: bytes) -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
+    """Split a byte stream of content-length framed answers."""
+    out = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        headers = dict(line.split(b": ", 1) for line in lines[1:])
+        n = int(headers.get(b"content-length", b"0"))
+        out.append((lines[0], headers, rest[:n]))
+        raw = rest[n:]
+    return out
+
+
+async def test_keep_alive_requests_with_httpx(server: HttpServer) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+        for i in range(3):
+            r = await client.post("/v1/models/m:predict", content=b"x" * i, headers={"X-Thing": "A"})
+            assert r.status_code == 200
+            seen = r.json()
+            assert seen["method"] == "POST" and seen["body"] == "x" * i
+            assert ["x-thing", "A"] in seen["headers"]  # names lower-cased, values as sent
+
+
+async def test_path_is_decoded_target_is_not(server: HttpServer) -> None:
+    raw = await exchange(server, b"GET /a%20b/c?q=1%202 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    seen = orjson.loads(answers(raw)[0][2])
+    assert seen["path"] == "/a b/c"
+    assert seen["target"] == "/a%20b/c?q=1%202"
+
+
+async def test_chunked_request_body_arrives_whole(server: HttpServer) -> None:
+    raw = await exchange(server, b"POST /p HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+                                 b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    assert orjson.loads(answers(raw)[0][2])["body"] == "abcde"
+
+
+async def test_expect_100_continue(server: HttpServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /p HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 3\r\n\r\n")
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"abc")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(server: HttpServer) -> None:
+    data = (b"POST /sleep HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\n0.2"
+            b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n"
+            b"GET /third HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    got = answers(await exchange(server, data))
+    assert [orjson.loads(body)["path"] for _, _, body in got] == ["/sleep", "/second", "/third"]
+    assert got[-1][1][b"connection"] == b"close"
+
+
+async def test_http_1_0_closes_after_the_answer(server: HttpServer) -> None:
+    raw = await exchange(server, b"GET /old HTTP/1.0\r\n\r\n")  # read() returns only at EOF
+    status, headers, _ = answers(raw)[0]
+    assert status == b"HTTP/1.1 200 OK" and headers[b"connection"] == b"close"
+
+
+async def test_malformed_request_is_400_with_a_reason(server: HttpServer) -> None:
+    raw = await exchange(server, b"NOT HTTP AT ALL\r\n\r\n")
+    status, _, body = answers(raw)[0]
+    assert status.startswith(b"HTTP/1.1 400")
+    assert orjson.loads(body)["error"].startswith("invalid HTTP request")
+
+
+async def test_handler_error_is_a_500_and_the_server_goes_on(server: HttpServer) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+        r = await client.get("/boom")
+        assert r.status_code == 500 and "Traceback" not in r.text and r.json()["status"] == 500
+        assert (await client.get("/fine")).status_code == 200
+
+
+async def test_head_has_no_body(server: HttpServer) -> None:
+    raw = await exchange(server, b"HEAD /h HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200 OK") and raw.endswith(b"\r\n\r\n")
+
+
+async def test_upgrade_is_answered_as_plain_http_then_closed(server: HttpServer) -> None:
+    raw = await exchange(server, b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+                                 b"\x81\x05hello")
+    status, headers, body = answers(raw)[0]
+    assert status == b"HTTP/1.1 200 OK" and headers[b"connection"] == b"close"
+    assert orjson.loads(body)["path"] == "/ws"
+
+
+async def test_idle_connections_are_closed_after_the_keep_alive_timeout(server: HttpServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\n")
+    assert await asyncio.wait_for(reader.read(), 5)  # the body, then EOF once idle 0.5 s
+    assert reader.at_eof()
+    writer.close()
+
+
+async def test_a_client_that_leaves_does_not_stop_its_handler() -> None:
+    done = asyncio.Event()
+
+    async def slow(request: Request) -> Reply:
+        await asyncio.sleep(0.2)
+        done.set()  # e.g. the response event is still logged
+        return 200, [], b"late"
+
+    srv = HttpServer(slow)
+    await srv.start("127.0.0.1", 0)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        await writer.drain()
+        writer.close()
+        await asyncio.wait_for(done.wait(), 5)
+        await asyncio.sleep(0.05)
+        async with httpx.AsyncClient() as client:  # still serving
+            assert (await client.get(f"http://127.0.0.1:{srv.port}/")).text == "late"
+    finally:
+        await srv.stop(grace=1)
+
+
+async def test_stop_answers_requests_in_flight_and_refuses_new_ones() -> None:
+    srv = HttpServer(echo)
+    await srv.start("127.0.0.1", 0)
+    port = srv.port
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        in_flight = asyncio.create_task(client.post("/sleep", content=b"0.3"))
+        await asyncio.sleep(0.1)
+        await srv.stop(grace=5)
+        r = await in_flight
+        assert r.status_code == 200 and r.headers["connection"] == "close"
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
