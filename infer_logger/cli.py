@@ -86,6 +86,8 @@ def main() -> None:
               help="disk: survives kill -9 (default); memory: faster, loses unsent events on restart.")
 @click.option("--delivery", type=click.Choice(["process", "inline"]),
               help="process: sinks run in a child process (default with disk durability); inline: in the sidecar.")
+@click.option("--server", type=click.Choice(["httptools", "uvicorn"]),
+              help="httptools: the sidecar's own HTTP/1.1 server (default, fastest); uvicorn: an ASGI server.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def proxy(config: Path | None, metadata_headers: str | None, annotations: tuple[str, ...],

@@ -126,6 +126,9 @@ class Settings(LayeredSettings):
     """Payloads longer than this are logged cut short with `truncated: true`."""
     timeout: float = Field(60.0, gt=0)
     """Seconds to wait for the predictor before answering 504."""
+    server: Literal["httptools", "uvicorn"] = "httptools"
+    """`httptools`: the sidecar's own HTTP/1.1 server (a third of uvicorn's CPU per request);
+    `uvicorn`: the same proxy as an ASGI app under uvicorn."""
     spool: SpoolSettings = SpoolSettings()
     delivery: DeliverySettings = DeliverySettings()
     sinks: list[SinkSpec] = []
@@ -140,6 +143,15 @@ class Settings(LayeredSettings):
                 raise ValueError(f"two sinks are named {sink.sink_name!r}: give them distinct `name`s")
             seen.add(sink.sink_name)
         return sinks
+
+    @field_validator("predictor_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlparse(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r} is not an http(s)://host[:port] URL")
+        return url
 
     @field_validator("log_url")
     @classmethod

@@ -1,15 +1,22 @@
-"""Running the sidecar under uvicorn (the only place that knows about the server)."""
+"""Running the sidecar: on its own HTTP/1.1 server (default) or under uvicorn."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import logging
+import signal
 from typing import Any
 
 import uvicorn
 
 from infer_logger.config import Settings
+from infer_logger.errors import InferLoggerError
+from infer_logger.httpserver import HttpServer
 from infer_logger.logger import InferenceLogger
 from infer_logger.proxy import Proxy
+
+log = logging.getLogger(__name__)
 
 
 def build_app(settings: Settings) -> Proxy:
@@ -37,8 +44,43 @@ def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning"
 
 
 def serve(settings: Settings, *, log_level: str = "warning") -> None:
-    """Run until stopped; a failed start raises its cause (e.g. a sink's ConfigError)."""
+    """Run until SIGTERM/SIGINT; a failed start raises its cause (e.g. a sink's ConfigError)."""
     app = build_app(settings)
+    if settings.server == "uvicorn":
+        _serve_uvicorn(app, settings, log_level)
+        return
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        asyncio.run(_serve(app, settings))
+    else:
+        uvloop.run(_serve(app, settings))
+
+
+async def _serve(app: Proxy, settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.startup()  # before listening: /readyz answers only once the sinks are up
+    except BaseException:
+        await app.shutdown()
+        raise
+    server = HttpServer(app.handle)
+    try:
+        await server.start(settings.host, settings.port)
+    except OSError as exc:
+        await app.shutdown()
+        raise InferLoggerError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+        await app.shutdown()
+
+
+def _serve_uvicorn(app: Proxy, settings: Settings, log_level: str) -> None:
     try:
         uvicorn.Server(uvicorn_config(app, settings.host, settings.port, log_level=log_level)).run()
     except SystemExit:

@@ -90,3 +90,28 @@ def test_a_sink_its_client_refuses_stops_the_proxy_with_exit_2(tmp_path: Path) -
     assert done.returncode == 2
     assert "config error: config:" in done.stderr and "no.such.property" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_taken_port_stops_the_proxy_with_a_message(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "infer_logger.cli", "proxy", "--port", str(port),
+             "--spool-dir", str(tmp_path / "spool")],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_predictor_url_that_is_not_http_is_exit_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["proxy", "--predictor-url", "unix:///tmp/x.sock",
+                                       "--spool-dir", str(tmp_path / "spool")])
+    assert result.exit_code == 2
+    assert "predictor_url" in result.output and "http(s)://host[:port]" in result.output

@@ -21,17 +21,23 @@ V1 = {"instances": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}
 V2 = {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]}
 
 
+@pytest.fixture(scope="module", params=["httptools", "uvicorn"])
+def server(request: pytest.FixtureRequest) -> str:
+    """The sidecar's own HTTP server (default) and the ASGI app under uvicorn: same behaviour."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def collector() -> Iterator[EventCollector]:
-    with EventCollector() as sink:
+def collector(server: str) -> Iterator[EventCollector]:
+    with EventCollector() as sink:  # one per server, so ids seen by one never satisfy the other
         yield sink
 
 
 @pytest.fixture(scope="module")
-def sidecar(iris_predictor: Process, collector: EventCollector, tmp_path_factory) -> Iterator[Process]:
+def sidecar(iris_predictor: Process, collector: EventCollector, server: str, tmp_path_factory) -> Iterator[Process]:
     tmp = tmp_path_factory.mktemp("sidecar")
     proc = sidecar_process(
-        iris_predictor.url, tmp, "--log-url", collector.url, "--inference-service", "iris",
+        iris_predictor.url, tmp, "--server", server, "--log-url", collector.url, "--inference-service", "iris",
         "--namespace", "ns", "--component", "predictor", "--endpoint", "default",
         "--metadata-headers", "Foo,Fizz", "--source-uri", "http://localhost:9081/",
         "--max-payload-bytes", "4096",
@@ -151,9 +157,9 @@ class TestLogging:
 class TestPredictorFailures:
     """The client gets the 502/504 and the events record it."""
 
-    def test_predictor_down_is_502(self, collector: EventCollector, tmp_path: Path) -> None:
+    def test_predictor_down_is_502(self, collector: EventCollector, server: str, tmp_path: Path) -> None:
         dead = f"http://127.0.0.1:{free_port()}"
-        proc = sidecar_process(dead, tmp_path, "--log-url", collector.url).start()
+        proc = sidecar_process(dead, tmp_path, "--server", server, "--log-url", collector.url).start()
         try:
             r = httpx.post(proc.url + "/v1/models/m:predict", json=V1, headers={"ce-id": "down-1"})
             assert r.status_code == 502
@@ -163,10 +169,11 @@ class TestPredictorFailures:
         finally:
             proc.stop()
 
-    def test_slow_predictor_is_504(self, collector: EventCollector, tmp_path: Path) -> None:
+    def test_slow_predictor_is_504(self, collector: EventCollector, server: str, tmp_path: Path) -> None:
         with EventCollector() as slow:
             slow.delay = 3
-            proc = sidecar_process(slow.url, tmp_path, "--log-url", collector.url, "--timeout", "0.5").start()
+            proc = sidecar_process(slow.url, tmp_path, "--server", server, "--log-url", collector.url,
+                                   "--timeout", "0.5").start()
             try:
                 r = httpx.post(proc.url + "/v1/models/m:predict", json=V1, headers={"ce-id": "slow-1"}, timeout=10)
                 assert r.status_code == 504
