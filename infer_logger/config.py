@@ -86,6 +86,11 @@ class DeliverySettings(BaseModel):
     work never competes with the proxy for the GIL. `inline`: in the sidecar's own event loop
     (always so with `durability: memory`)."""
 
+    nice: int = Field(19, ge=0, le=19)
+    """Unix nice increment of the delivery process (`mode: process`). 19: it gets the CPU the
+    proxy and the predictor leave over, so under saturating load logging costs the predictor
+    little and delivery lags (the spool absorbs it, up to `spool.max_bytes`); 0: equal share."""
+
     batch_size: int = Field(500, ge=1)
     in_flight: int = Field(1, ge=1, le=64)
     """Batches a sink may hold at once (per-sink `in_flight` overrides); 1 keeps spool order."""

@@ -247,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(settings: Settings) -> None:
+    if settings.delivery.nice and hasattr(os, "nice"):
+        # Inference first: under load this process gets the CPU the proxy and the predictor leave
+        # over, and catches up from the spool when the load drops.
+        os.nice(settings.delivery.nice)
     # uvloop when installed, as the sidecar itself runs.
     try:
         import uvloop

@@ -83,6 +83,18 @@ async def test_events_reach_the_sink_through_the_child(tmp_path: Path) -> None:
     assert logger.sink_states() == {"file": "down"}
 
 
+@pytest.mark.parametrize("nice", [19, 0])
+async def test_the_child_runs_at_the_configured_nice(tmp_path: Path, nice: int) -> None:
+    logger = InferenceLogger(settings(tmp_path, delivery={"nice": nice}))
+    await logger.start()
+    try:
+        assert logger.delivery is not None and logger.delivery.pid is not None
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, logger.delivery.pid) == min(19, ours + nice)
+    finally:
+        await logger.stop()
+
+
 async def test_stop_drains_what_was_appended(tmp_path: Path) -> None:
     logger = InferenceLogger(settings(tmp_path))
     await logger.start()
