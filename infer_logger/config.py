@@ -86,10 +86,15 @@ class DeliverySettings(BaseModel):
     work never competes with the proxy for the GIL. `inline`: in the sidecar's own event loop
     (always so with `durability: memory`)."""
 
-    nice: int = Field(19, ge=0, le=19)
-    """Unix nice increment of the delivery process (`mode: process`). 19: it gets the CPU the
-    proxy and the predictor leave over, so under saturating load logging costs the predictor
-    little and delivery lags (the spool absorbs it, up to `spool.max_bytes`); 0: equal share."""
+    priority: Literal["idle", "low", "normal"] = "idle"
+    """CPU priority of the delivery process (`mode: process`) once it has caught up with the
+    spool. `idle` (Linux SCHED_IDLE, else nice 19): it runs on CPU the proxy and the predictor
+    leave over, so under saturating load logging costs inference little and delivery lags
+    (the spool holds it); `low`: nice 19; `normal`: an equal share."""
+    catch_up_bytes: ByteSize | None = None
+    """Backlog past which a lowered delivery process is restarted at normal priority until it
+    has caught up (so a saturated machine fills the spool no further). Default: a quarter of
+    `spool.max_bytes`."""
 
     batch_size: int = Field(500, ge=1)
     in_flight: int = Field(1, ge=1, le=64)

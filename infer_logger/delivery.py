@@ -25,6 +25,7 @@ import pickle
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +52,30 @@ _SHORT_LIFE = 10.0  # seconds: a child that dies sooner is restarted with a grow
 class DeliveryProcess:
     """The sidecar's handle on its delivery child: start, supervise, read its status, stop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backlog: Callable[[], int] | None = None) -> None:
+        """`backlog()`: bytes of spool not yet delivered (the writer's view), for the catch-up rule."""
         self.settings = settings
         self.sink_names = [cfg.sink_name for cfg in settings.all_sinks()]
         self.status_path = Path(settings.spool.dir) / STATUS_FILE
         self.restarts = 0
+        self.promotions = 0
+        self.backlog = backlog
+        d = settings.delivery
+        self.catch_up_bytes = int(d.catch_up_bytes) if d.catch_up_bytes is not None else int(settings.spool.max_bytes) // 4
         self._proc: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._promoting = False
         self._stopping = False
         self._cached: tuple[float, RemoteStatus | None] = (0.0, None)
 
     async def start(self) -> None:
         """Start the child and wait until its sinks are built: a bad sink config fails the start."""
         self._proc = await self._spawn()
-        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        loop = asyncio.get_running_loop()
+        self._supervisor = loop.create_task(self._supervise())
+        if self.backlog is not None and self.settings.delivery.priority != "normal":
+            self._watcher = loop.create_task(self._watch())
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
@@ -98,26 +109,52 @@ class DeliveryProcess:
             code = await self._proc.wait()
             if self._stopping:
                 return
+            if self._promoting:  # replaced on purpose (see _watch): at once, no backoff
+                self._promoting = False
+                delay = 0.5
+                await self._respawn(delay)
+                continue
             # One that keeps dying soon after its start is retried less and less often.
             delay = min(delay * 2, 30.0) if time.monotonic() - started < _SHORT_LIFE else 1.0
             log.error("delivery process exited with %s; starting a new one in %.0fs", code, delay)
             await asyncio.sleep(delay)
-            while True:
-                try:
-                    self._proc = await self._spawn()
-                    break
-                except InferLoggerError as exc:
-                    log.error("delivery process did not start: %s", exc)
-                    delay = min(delay * 2, 30.0)
-                    await asyncio.sleep(delay)
+            await self._respawn(delay)
             self.restarts += 1
             started = time.monotonic()
+
+    async def _respawn(self, delay: float) -> None:
+        while True:
+            try:
+                self._proc = await self._spawn()
+                return
+            except InferLoggerError as exc:
+                log.error("delivery process did not start: %s", exc)
+                delay = min(delay * 2, 30.0)
+                await asyncio.sleep(delay)
+
+    async def _watch(self) -> None:
+        """Catch-up rule: a lowered child that falls `catch_up_bytes` behind is replaced by one at
+        normal priority (a process cannot raise its own), which lowers itself once caught up."""
+        assert self.backlog is not None
+        while True:
+            await asyncio.sleep(1.0)
+            status = self.status()
+            if status is None or status.get("priority", "normal") == "normal" or self._promoting:
+                continue
+            behind = self.backlog()
+            if behind > self.catch_up_bytes and self._proc is not None and self._proc.returncode is None:
+                log.warning("delivery is %d bytes behind: restarting it at normal priority until it catches up",
+                            behind)
+                self._promoting = True
+                self.promotions += 1
+                self._proc.send_signal(signal.SIGUSR1)
 
     async def stop(self, drain_timeout: float) -> None:
         """Let the child drain for `drain_timeout`, then stop it (what is left stays spooled)."""
         self._stopping = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
+        for task in (self._supervisor, self._watcher):
+            if task is not None:
+                task.cancel()
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
@@ -175,13 +212,27 @@ async def _follow(directory: Path) -> SpoolFollower:
             await asyncio.sleep(0.1)
 
 
-def _write_status(path: Path, dispatcher: Dispatcher, metrics: Metrics) -> None:
+def lower_priority(priority: str) -> None:
+    """Lower every thread of this process (Linux schedules threads, e.g. librdkafka's, one by one)."""
+    if priority == "normal":
+        return
+    tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+    for tid in tids:
+        with contextlib.suppress(OSError):  # a thread that just ended
+            if priority == "idle" and hasattr(os, "SCHED_IDLE"):
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            else:
+                os.setpriority(os.PRIO_PROCESS, tid, 19)
+
+
+def _write_status(path: Path, dispatcher: Dispatcher, metrics: Metrics, priority: str) -> None:
     for worker in dispatcher.workers:
         metrics.sink_lag.labels(worker.name).set(worker.reader.lag())
     report: dict[str, Any] = {
         "pid": os.getpid(),
         "at": time.time(),
         "sinks": {w.name: w.healthy for w in dispatcher.workers},
+        "priority": priority,
         **export(metrics),
     }
     tmp = path.with_suffix(".tmp")
@@ -195,6 +246,15 @@ async def deliver(settings: Settings) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    drain = settings.delivery.drain_timeout
+    # SIGUSR1: the sidecar replaces us with a child at normal priority, at once (no drain).
+    leave_now = asyncio.Event()
+
+    def replaced() -> None:
+        leave_now.set()
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGUSR1, replaced)
     parent = os.getppid()
     sinks = build_sinks(settings)  # a sink that cannot be built fails the sidecar's start
     sys.stdout.buffer.write(_READY)
@@ -208,10 +268,14 @@ async def deliver(settings: Settings) -> None:
     status_path = Path(settings.spool.dir) / STATUS_FILE
     follower.start_polling()
     dispatcher.start()
-    drain = settings.delivery.drain_timeout
+    # Normal priority until the backlog is delivered, then the configured one.
+    priority = "normal"
     try:
         while not stop.is_set():
-            _write_status(status_path, dispatcher, metrics)
+            if priority != settings.delivery.priority and all(w.reader.lag() == 0 for w in dispatcher.workers):
+                lower_priority(settings.delivery.priority)
+                priority = settings.delivery.priority
+            _write_status(status_path, dispatcher, metrics, priority)
             if os.getppid() != parent:
                 # Orphaned: make way for the next sidecar's child soon; what is not delivered
                 # stays spooled for it.
@@ -222,8 +286,8 @@ async def deliver(settings: Settings) -> None:
                 await asyncio.wait_for(stop.wait(), _STATUS_EVERY)
     finally:
         follower.refresh()  # the sidecar appended all it will before it asked us to stop
-        await dispatcher.stop(drain)
-        _write_status(status_path, dispatcher, metrics)
+        await dispatcher.stop(0 if leave_now.is_set() else drain)
+        _write_status(status_path, dispatcher, metrics, priority)
         follower.close()
 
 
@@ -247,10 +311,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(settings: Settings) -> None:
-    if settings.delivery.nice and hasattr(os, "nice"):
-        # Inference first: under load this process gets the CPU the proxy and the predictor leave
-        # over, and catches up from the spool when the load drops.
-        os.nice(settings.delivery.nice)
     # uvloop when installed, as the sidecar itself runs.
     try:
         import uvloop

@@ -84,7 +84,7 @@ class InferenceLogger:
         self.delivery: DeliveryProcess | None = None
         self.dispatcher: Dispatcher | None = None
         if settings.delivery.mode == "process" and settings.spool.durability == "disk":
-            self.delivery = DeliveryProcess(settings)
+            self.delivery = DeliveryProcess(settings, backlog=self._backlog)
             self.metrics = Metrics(self.spool, remote=self.delivery.status)
         else:
             self.metrics = Metrics(self.spool)
@@ -100,6 +100,9 @@ class InferenceLogger:
             annotations,
         )
         self._base = self.origin.attributes()
+        self._metadata_headers = settings.metadata_headers
+        # With no header to copy, `metadata` is the same for every event.
+        self._base[ev.METADATA] = ev.metadata_json((), ())
         self._log_request = settings.log_mode in ("all", "request")
         self._log_response = settings.log_mode in ("all", "response")
         self._limit = int(settings.max_payload_bytes)
@@ -126,6 +129,11 @@ class InferenceLogger:
         self.spool.close()
         self.started = False
 
+    def _backlog(self) -> int:
+        """Spool bytes not yet delivered: segments the delivery child has not finished and deleted."""
+        self.spool.refresh()
+        return self.spool.size_bytes()
+
     def sink_states(self) -> dict[str, str]:
         """Each sink's state for /readyz: ok, retrying (failing, backing off) or down (no delivery process)."""
         if self.delivery is not None:
@@ -146,15 +154,20 @@ class InferenceLogger:
         route: Route,
         path: str,
         headers: dict[str, str],
-        raw_headers: Iterable[tuple[str, str]],
+        raw_headers: Iterable[tuple[bytes, bytes]],
         body: bytes,
         event_id: str,
     ) -> Exchange:
-        """Log the request (per log mode) and return what the response needs."""
+        """Log the request (per log mode) and return what the response needs.
+
+        `headers`: lower-case names to values; `raw_headers`: as received, for `metadata`.
+        """
         started = time.perf_counter()
         attrs: dict[str, str | int | bool] = dict(self._base)
         attrs["id"] = event_id
-        attrs[ev.METADATA] = ev.metadata_json(raw_headers, self.settings.metadata_headers)
+        if self._metadata_headers:
+            pairs = ((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers)
+            attrs[ev.METADATA] = ev.metadata_json(pairs, self._metadata_headers)
         attrs[ev.MODELNAME] = route.model
         if route.version:
             attrs[ev.MODELVERSION] = route.version

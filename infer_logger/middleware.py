@@ -35,8 +35,7 @@ class InferenceLoggerMiddleware:
             return
         body = await read_body(receive)
         event_id = ev.event_id(headers)
-        pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-        exchange = self.logger.begin(route, scope["path"], headers, pairs, body, event_id)
+        exchange = self.logger.begin(route, scope["path"], headers, scope["headers"], body, event_id)
         replayed = False
 
         async def replay() -> dict[str, Any]:

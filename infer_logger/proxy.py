@@ -118,8 +118,7 @@ class Proxy:
             return 400, list(_JSON), error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute)
         exchange = None
         if route is not None and not ev.skip_logging(headers):
-            pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
-            exchange = self.logger.begin(route, path, headers, pairs, body, event_id)
+            exchange = self.logger.begin(route, path, headers, raw, body, event_id)
 
         forward = [(k, v) for k, v in raw if k not in _DROP_UPSTREAM]
         if "x-request-id" not in headers:

@@ -32,7 +32,8 @@ def settings(tmp_path: Path, **extra: object) -> Settings:
 def exchange(logger: InferenceLogger, event_id: str) -> None:
     assert ROUTE is not None
     headers = {"content-type": "application/json"}
-    ex = logger.begin(ROUTE, "/v1/models/iris:predict", headers, list(headers.items()), b'{"instances": [[1]]}',
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+    ex = logger.begin(ROUTE, "/v1/models/iris:predict", headers, raw, b'{"instances": [[1]]}',
                       event_id)
     logger.end(ex, 200, "application/json", b'{"predictions": [0]}')
 
@@ -83,14 +84,54 @@ async def test_events_reach_the_sink_through_the_child(tmp_path: Path) -> None:
     assert logger.sink_states() == {"file": "down"}
 
 
-@pytest.mark.parametrize("nice", [19, 0])
-async def test_the_child_runs_at_the_configured_nice(tmp_path: Path, nice: int) -> None:
-    logger = InferenceLogger(settings(tmp_path, delivery={"nice": nice}))
+def policy(pid: int) -> str:
+    """`idle`, `low` or `normal`, as the kernel schedules the process's main thread."""
+    if os.sched_getscheduler(pid) == os.SCHED_IDLE:
+        return "idle"
+    return "low" if os.getpriority(os.PRIO_PROCESS, pid) > os.getpriority(os.PRIO_PROCESS, 0) else "normal"
+
+
+@pytest.mark.parametrize("priority", ["idle", "low", "normal"])
+async def test_the_child_lowers_itself_once_caught_up(tmp_path: Path, priority: str) -> None:
+    logger = InferenceLogger(settings(tmp_path, delivery={"priority": priority}))
     await logger.start()
     try:
-        assert logger.delivery is not None and logger.delivery.pid is not None
-        ours = os.getpriority(os.PRIO_PROCESS, 0)
-        assert os.getpriority(os.PRIO_PROCESS, logger.delivery.pid) == min(19, ours + nice)
+        assert logger.delivery is not None
+        pid = logger.delivery.pid
+        assert pid is not None
+        exchange(logger, "p1")
+        await eventually(lambda: len(lines(tmp_path / "events.jsonl")) == 2)
+        await eventually(lambda: policy(pid) == priority)
+        await eventually(lambda: (logger.delivery.status() or {}).get("priority") == priority)  # type: ignore[union-attr]
+    finally:
+        await logger.stop()
+
+
+async def test_a_lowered_child_far_behind_is_replaced_by_one_at_normal_priority(tmp_path: Path) -> None:
+    from infer_logger.testing import EventCollector, free_port
+
+    port = free_port()
+    logger = InferenceLogger(settings(
+        tmp_path, sinks=[{"type": "http", "url": f"http://127.0.0.1:{port}/"}],
+        delivery={"priority": "idle", "catch_up_bytes": "8KiB", "backoff_max": 0.2},
+    ))
+    await logger.start()
+    try:
+        assert logger.delivery is not None
+        first = logger.delivery.pid
+        assert first is not None
+        await eventually(lambda: policy(first) == "idle")  # nothing to deliver yet
+        for i in range(100):  # ~40 KiB the sink (down) cannot take
+            exchange(logger, f"b{i}")
+        await eventually(lambda: logger.delivery is not None and logger.delivery.pid not in (None, first))
+        second = logger.delivery.pid
+        assert second is not None and logger.delivery.promotions == 1
+        await asyncio.sleep(1.5)
+        assert policy(second) == "normal"  # still behind: it keeps its share
+        with EventCollector(port) as sink:
+            await eventually(lambda: len({e.id for e in list(sink.events)}) == 100, timeout=20)
+            await eventually(lambda: policy(second) == "idle")  # caught up: lowered again
+        assert logger.delivery.pid == second and logger.delivery.restarts == 0
     finally:
         await logger.stop()
 
