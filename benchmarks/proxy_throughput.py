@@ -13,7 +13,9 @@ concurrency, wrk POSTs a one-row V1 body to `/v1/models/<name>:predict` through:
     http-batch  the same with `mode: batch` (one POST per batch of up to 500 events)
 
 and prints requests/s, p50/p99 latency, then the ratios against `direct` and the cost of logging
-against `off`, with the targets. Every server is a separate process, started on a free port and
+against `off`, with the targets. All variants' servers run side by side; each of `--rounds` rounds
+measures every variant once per concurrency (in a rotated order), and every ratio is the median
+of its per-round values, so the VM's slow speed drifts hit numerator and denominator alike. Every server is a separate process, started on a free port and
 stopped by its PID. See benchmarks/README.md.
 
     python benchmarks/proxy_throughput.py                       # 5 s per point, c = 4, 16, 64
@@ -62,9 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wrk-threads", type=int, default=1, help="[default: 1]")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="Max seconds to wait after a point for the sink to catch up.  [default: 60]")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="Measure each point this many times and report the run with the least CPU used "
-                        "by other processes (all runs go to --json).  [default: 1]")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="Rounds: each measures every variant at every concurrency once (variants in a "
+                        "rotated order); ratios are medians of per-round ratios.  [default: 3]")
     p.add_argument("--wait-idle", type=float, default=20.0,
                    help="Before each point, wait up to this many seconds for the machine to be idle "
                         "(< 10%% busy while our servers rest); 0 = don't.  [default: 20]")
@@ -85,8 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.variants.insert(0, "direct")  # the baseline is always measured
     if args.nginx_workers != "auto" and not args.nginx_workers.isdigit():
         p.error("--nginx-workers: a number or auto")
-    if not 1 <= args.repeat <= 10:
-        p.error("--repeat must be in [1, 10]")
+    if not 1 <= args.rounds <= 20:
+        p.error("--rounds must be in [1, 20]")
     if not 1 <= args.duration <= 600 or not 0 <= args.warmup <= 60:
         p.error("--duration must be in [1, 600] s, --warmup in [0, 60] s")
     return args
@@ -130,81 +132,89 @@ def start_variant(variant: str, predictor_url: str, workdir: Path, args: argpars
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
+    """Every variant's servers run side by side; each round measures every (concurrency, variant)
+    once, the variants in a rotated order, so slow drifts of the machine hit them all alike."""
     wrk_cpus, server_cpus = ("0", "1") if args.pin == "split" else (None, None)
     scripts = {
         False: h.write_wrk_script(workdir / "post.lua"),
         True: h.write_wrk_script(workdir / "post-skip-logging.lua", skip_logging=True),
     }
     points: list[dict[str, Any]] = []
-    total = len(args.models) * len(args.variants) * len(args.concurrency)
+    total = len(args.models) * len(args.variants) * len(args.concurrency) * args.rounds
     for model in args.models:
         name = h.MODEL_NAMES[model]
         predictor, predictor_url = h.start_predictor(model, workdir, cpus=server_cpus)
+        running: dict[str, tuple[list[h.Proc], str, h.Proc | None]] = {}
         try:
             for variant in args.variants:
-                procs, base, sidecar = start_variant(variant, predictor_url, workdir, args, server_cpus)
-                try:
-                    url = f"{base}/v1/models/{name}:predict"
-                    script = scripts[variant == "off"]
-                    meter = h.CpuMeter({"predictor": predictor.pid, **{p.name.split("-")[0]: p.pid for p in procs}})
-                    for conc in args.concurrency:
-                        idle_wait, idle_busy = wait_idle(args.wait_idle)
-                        if args.warmup:
-                            h.run_wrk(url, script, connections=conc, duration=args.warmup,
-                                      threads=args.wrk_threads, cpus=wrk_cpus)
-                            if sidecar is not None and variant in LOGGING_VARIANTS:
-                                h.wait_sink_caught_up(base, args.drain_timeout)
-                        runs = []
-                        for attempt in range(args.repeat):
-                            if attempt:
-                                wait_idle(args.wait_idle)
-                            meter.start()
-                            result = h.run_wrk(url, script, connections=conc, duration=args.duration,
-                                               threads=args.wrk_threads, cpus=wrk_cpus)
-                            cpu = meter.stop()
-                            runs.append((cpu["others"], result, cpu))
-                            if sidecar is not None and variant in LOGGING_VARIANTS and attempt + 1 < args.repeat:
-                                h.wait_sink_caught_up(base, args.drain_timeout)
-                        _, result, cpu = min(runs, key=lambda r: r[0])
-                        point: dict[str, Any] = {"model": model, "variant": variant, "connections": conc,
-                                                 **result, "cpu": cpu, "idle_before": idle_busy,
-                                                 "idle_wait_s": idle_wait}
-                        if args.repeat > 1:
-                            point["runs"] = [{**r, "cpu": c} for _, r, c in runs]
-                        # CPU per answered request, per process: what each hop costs.
-                        point["cpu_us_per_request"] = {
-                            name: round(secs * 1e6 / max(1, result["requests"]), 1)
-                            for name, secs in cpu["seconds"].items()}
-                        # The sidecar's share in its delivery child (included in the figure above).
-                        point["child_cpu_us_per_request"] = {
-                            name: round(secs * 1e6 / max(1, result["requests"]), 1)
-                            for name, secs in cpu.get("children_seconds", {}).items()}
-                        if sidecar is not None:
-                            if variant in LOGGING_VARIANTS:
-                                drain, caught_up = h.wait_sink_caught_up(base, args.drain_timeout)
-                                point["drain_s"] = round(drain, 2)
-                                point["caught_up"] = caught_up
-                            point["sidecar_rss_mib"] = round((sidecar.rss_bytes() or 0) / (1 << 20), 1)
+                running[variant] = start_variant(variant, predictor_url, workdir, args, server_cpus)
+            for rnd in range(args.rounds):
+                shift = rnd % len(args.variants)
+                order = args.variants[shift:] + args.variants[:shift]
+                for conc in args.concurrency:
+                    for variant in order:
+                        procs, base, sidecar = running[variant]
+                        point = measure_point(args, model, name, variant, conc, procs, base, sidecar,
+                                              predictor, scripts[variant == "off"], wrk_cpus)
+                        point["round"] = rnd
                         points.append(point)
-                        lag = ""
-                        if "drain_s" in point:
-                            lag = f"  sink drain {point['drain_s']:.1f}s" + ("" if point["caught_up"] else " (NOT caught up)")
-                        errs = ""
-                        if result["non_2xx"] or result["socket_errors"]:
-                            errs = f"  non-2xx {result['non_2xx']} socket-errors {result['socket_errors']}"
-                        per_req = " ".join(_per_process(point).split(", "))
-                        h.log(f"[{len(points):>2}/{total}] {model:<4} {variant:<10} c={conc:<3} "
-                              f"{result['rps']:>8.0f} req/s  p50 {result['p50_ms']:6.2f} ms  "
-                              f"p99 {result['p99_ms']:6.2f} ms  machine busy {cpu['machine_busy']:.0%} "
-                              f"(others {cpu['others']:.0%})  CPU us/req: {per_req}{lag}{errs}")
-                    if sidecar is not None:
-                        summarize_sidecar(variant, base, procs, points)
-                finally:
-                    for proc in reversed(procs):
-                        proc.stop()
+                        h.log(f"[{len(points):>3}/{total}] round {rnd + 1} {_point_line(point)}")
+            for variant, (procs, base, sidecar) in running.items():
+                if sidecar is not None:
+                    summarize_sidecar(variant, base, procs, [p for p in points if p["model"] == model])
         finally:
+            for procs, _, _ in running.values():
+                for proc in reversed(procs):
+                    proc.stop()
             predictor.stop()
     return points
+
+
+def measure_point(args: argparse.Namespace, model: str, name: str, variant: str, conc: int,
+                  procs: list[h.Proc], base: str, sidecar: h.Proc | None, predictor: h.Proc,
+                  script: Path, wrk_cpus: str | None) -> dict[str, Any]:
+    url = f"{base}/v1/models/{name}:predict"
+    logging_on = sidecar is not None and variant in LOGGING_VARIANTS
+    idle_wait, idle_busy = wait_idle(args.wait_idle)
+    if args.warmup:
+        h.run_wrk(url, script, connections=conc, duration=args.warmup, threads=args.wrk_threads, cpus=wrk_cpus)
+        if logging_on:
+            h.wait_sink_caught_up(base, args.drain_timeout)
+    meter = h.CpuMeter({"predictor": predictor.pid, **{p.name.split("-")[0]: p.pid for p in procs}})
+    meter.start()
+    result = h.run_wrk(url, script, connections=conc, duration=args.duration,
+                       threads=args.wrk_threads, cpus=wrk_cpus)
+    cpu = meter.stop()
+    point: dict[str, Any] = {"model": model, "variant": variant, "connections": conc, **result, "cpu": cpu,
+                             "idle_before": idle_busy, "idle_wait_s": idle_wait}
+    # CPU per answered request, per process: what each hop costs.
+    point["cpu_us_per_request"] = {
+        proc: round(secs * 1e6 / max(1, result["requests"]), 1) for proc, secs in cpu["seconds"].items()}
+    # The sidecar's share in its delivery child (included in the figure above).
+    point["child_cpu_us_per_request"] = {
+        proc: round(secs * 1e6 / max(1, result["requests"]), 1)
+        for proc, secs in cpu.get("children_seconds", {}).items()}
+    if sidecar is not None:
+        if logging_on:
+            drain, caught_up = h.wait_sink_caught_up(base, args.drain_timeout)
+            point["drain_s"] = round(drain, 2)
+            point["caught_up"] = caught_up
+        point["sidecar_rss_mib"] = round((sidecar.rss_bytes() or 0) / (1 << 20), 1)
+    return point
+
+
+def _point_line(point: dict[str, Any]) -> str:
+    lag = ""
+    if "drain_s" in point:
+        lag = f"  sink drain {point['drain_s']:.1f}s" + ("" if point["caught_up"] else " (NOT caught up)")
+    errs = ""
+    if point["non_2xx"] or point["socket_errors"]:
+        errs = f"  non-2xx {point['non_2xx']} socket-errors {point['socket_errors']}"
+    cpu = point["cpu"]
+    return (f"{point['model']:<4} {point['variant']:<10} c={point['connections']:<3} "
+            f"{point['rps']:>8.0f} req/s  p50 {point['p50_ms']:6.2f} ms  p99 {point['p99_ms']:6.2f} ms  "
+            f"machine busy {cpu['machine_busy']:.0%} (others {cpu['others']:.0%})  "
+            f"CPU us/req: {' '.join(_per_process(point).split(', '))}{lag}{errs}")
 
 
 def summarize_sidecar(variant: str, base: str, procs: list[h.Proc], points: list[dict[str, Any]]) -> None:
@@ -240,6 +250,25 @@ def summarize_sidecar(variant: str, base: str, procs: list[h.Proc], points: list
 
 
 def ratios(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, concurrency): the median over rounds of each round's ratios."""
+    rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for rnd in sorted({p["round"] for p in points}):
+        for row in _round_ratios([p for p in points if p["round"] == rnd]):
+            rows.setdefault((row["model"], row["connections"]), []).append(row)
+    out = []
+    for (model, conc), per_round in sorted(rows.items()):
+        keys = [k for k in per_round[0] if k not in ("model", "connections")]
+        row = {"model": model, "connections": conc, "rounds": len(per_round)}
+        for k in keys:
+            values = [r[k] for r in per_round if k in r]
+            row[k] = round(statistics.median(values), 3)
+            if len(values) > 1 and k != "direct_rps":
+                row[f"{k}_range"] = [min(values), max(values)]
+        out.append(row)
+    return out
+
+
+def _round_ratios(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {(p["model"], p["variant"], p["connections"]): p for p in points}
     out = []
     for (model, variant, conc), direct in sorted(by.items()):
@@ -272,23 +301,25 @@ def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for v in ("store", "off"):
             if want is not None and f"{v}/direct" in row:
                 checks.append({"target": f"sidecar({v})/direct >= {want}", "model": model, "connections": conc,
-                               "value": row[f"{v}/direct"], "ok": row[f"{v}/direct"] >= want})
+                               "value": row[f"{v}/direct"], "ok": row[f"{v}/direct"] >= want,
+                               "range": row.get(f"{v}/direct_range")})
         for v in LOGGING_VARIANTS:
             if f"{v}_cost" in row:
                 checks.append({"target": f"{v} logging cost <= {TARGET_LOG_COST:.0%}", "model": model,
                                "connections": conc, "value": row[f"{v}_cost"],
-                               "ok": row[f"{v}_cost"] <= TARGET_LOG_COST})
+                               "ok": row[f"{v}_cost"] <= TARGET_LOG_COST, "range": row.get(f"{v}_cost_range")})
                 checks.append({"target": f"{v} p50 delta <= {TARGET_P50_DELTA_MS} ms", "model": model,
                                "connections": conc, "value": row[f"{v}_p50_delta_ms"],
-                               "ok": row[f"{v}_p50_delta_ms"] <= TARGET_P50_DELTA_MS})
+                               "ok": row[f"{v}_p50_delta_ms"] <= TARGET_P50_DELTA_MS,
+                               "range": row.get(f"{v}_p50_delta_ms_range")})
     return checks
 
 
 def report(points: list[dict[str, Any]], rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
-    h.log("\n== results ==")
+    h.log("\n== results (per point, the round with the median req/s) ==")
     h.log(f"{'model':<5} {'c':>3}  {'variant':<10} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'errors':>6} {'drain s':>7} {'busy':>5} {'others':>6}  CPU us per request (by process)")
-    for p in points:
+    for p in median_points(points):
         drain = f"{p['drain_s']:.1f}" if "drain_s" in p else "-"
         per_req = _per_process(p)
         h.log(f"{p['model']:<5} {p['connections']:>3}  {p['variant']:<10} {p['rps']:>8.0f} {p['p50_ms']:>7.2f} "
@@ -324,14 +355,31 @@ def report(points: list[dict[str, Any]], rows: list[dict[str, Any]], checks: lis
           " `X dp50` = X p50 - off p50, in ms;\n   `X +cpu` = the sidecar's CPU us per request with X minus with off:"
           " what logging costs, steadier than req/s when the machine is shared)")
 
-    h.log("\n== targets ==")
+    h.log("\n== targets (median of per-round values [lowest..highest round]) ==")
     seen: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for check in checks:
         seen.setdefault((check["target"], check["model"]), []).append(check)
     for (target, model), cs in seen.items():
         status = "MET" if all(x["ok"] for x in cs) else ("MISSED" if not any(x["ok"] for x in cs) else "PARTLY")
-        detail = ", ".join(f"c={x['connections']}: {x['value']:g}{'' if x['ok'] else ' (miss)'}" for x in cs)
+        detail = ", ".join(
+            f"c={x['connections']}: {x['value']:g}"
+            + (f" [{x['range'][0]:g}..{x['range'][1]:g}]" if x.get("range") else "")
+            + ("" if x["ok"] else " (miss)") for x in cs)
         h.log(f"  {status:<6} {model:<4} {target:<34} {detail}")
+
+
+def median_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each (model, variant, concurrency), the round whose req/s is the median (the lower one
+    of an even count), so its latencies and CPU figures belong together."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for p in points:
+        groups.setdefault((p["model"], p["variant"], p["connections"]), []).append(p)
+    order = {v: i for i, v in enumerate(ALL_VARIANTS)}
+    out = []
+    for key in sorted(groups, key=lambda k: (k[0], order[k[1]], k[2])):
+        ranked = sorted(groups[key], key=lambda p: p["rps"])
+        out.append(ranked[(len(ranked) - 1) // 2])
+    return out
 
 
 def _per_process(point: dict[str, Any]) -> str:
