@@ -46,6 +46,7 @@ class _Connection(asyncio.Protocol):
         self._headers: Headers = []
         self._body: list[bytes] = []
         self._framed = False  # content-length or chunked: EOF before the end means truncation
+        self._headers_done = False
         self._done = False
 
     # -- asyncio.Protocol
@@ -77,8 +78,6 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(exc or ConnectionResetError("the predictor closed the connection"))
 
     # -- httptools callbacks
-
-    _headers_done = False
 
     def on_message_begin(self) -> None:
         self._headers = []
@@ -120,6 +119,8 @@ class _Connection(asyncio.Protocol):
         self._done = True
         waiter, self.waiter = self.waiter, None
         answer = Answer(self.parser.get_status_code(), self._headers, b"".join(self._body))
+        if waiter is None:  # an answer nobody asked for: the connection is out of step
+            self.reusable = False
         if self.reusable:
             self.pool.release(self)
         elif self.transport is not None:

@@ -196,3 +196,15 @@ async def test_concurrent_requests_to_the_demo_predictor(concurrent_predictor: U
         concurrent_predictor.request("POST", b"/v1/models/echo:predict", [(b"content-type", b"application/json")], body)
         for _ in range(50)))
     assert all(a.status == 200 and orjson.loads(a.body)["predictions"] for a in answers)
+
+
+async def test_an_answer_nobody_asked_for_retires_the_connection() -> None:
+    # Two answers to one request: the second must not be taken for the next request's.
+    peer = Scripted(lambda head: ok(b"first")(b"") + ok(b"extra")(b"") if b"/one" in head else ok(b"second")(b""))
+    async with peer as url:
+        up = Upstream(url)
+        assert (await up.request("GET", b"/one", [], b"")).body == b"first"
+        await asyncio.sleep(0.1)
+        assert (await up.request("GET", b"/two", [], b"")).body == b"second"
+        await up.close()
+    assert peer.connections == 2
