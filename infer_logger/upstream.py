@@ -1,7 +1,8 @@
-"""The sidecar's HTTP/1.1 client to its predictor: a keep-alive pool over httptools.
+"""A keep-alive HTTP/1.1 client to one origin over httptools: the sidecar's way to its predictor,
+and the http sink's to its URL.
 
 aiohttp's client spent ~60 % of the sidecar's CPU per proxied request on a trivial predictor
-(request objects, header multidicts, timers, tracing hooks); the proxy needs none of that: one
+(request objects, header multidicts, timers, tracing hooks); neither use needs any of that: one
 origin, whole bodies, bytes in and out. This pool writes each request with one `write`, parses
 the answer with httptools (llhttp, the parser uvicorn and Node use) and keeps connections open.
 """
@@ -189,7 +190,7 @@ class Upstream:
                 conn.reused = True
                 return conn
         if self._closed:
-            raise ConnectionResetError("the sidecar is shutting down")
+            raise ConnectionResetError("the client is closed")
         async with asyncio.timeout_at(deadline):
             _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self.ssl)
         return conn

@@ -12,48 +12,7 @@ import pytest
 from infer_logger.errors import ConfigError
 from infer_logger.testing import free_port
 from infer_logger.upstream import Upstream, UpstreamError
-from tests.servers import Process
-
-
-class Scripted:
-    """A TCP server that answers each request head with the bytes `reply(head)` gives."""
-
-    def __init__(self, reply: Callable[[bytes], bytes | None], *, close_after: int | None = None) -> None:
-        self.reply = reply
-        self.close_after = close_after  # answers per connection before the server hangs up
-        self.connections = 0
-        self.heads: list[bytes] = []
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        answered = 0
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                body = await reader.readexactly(length)
-                self.heads.append(head + body)
-                out = self.reply(head + body)
-                if out is None:  # hang up without answering
-                    break
-                writer.write(out)
-                await writer.drain()
-                answered += 1
-                if self.close_after is not None and answered >= self.close_after:
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        writer.close()
+from tests.servers import Process, Scripted
 
 
 def ok(body: bytes = b"{}") -> Callable[[bytes], bytes]:

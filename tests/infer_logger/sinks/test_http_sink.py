@@ -87,3 +87,22 @@ async def test_no_datacontenttype_means_no_content_type() -> None:
         await sink.aclose()
         (got,) = receiver.wait_for(1)
     assert got.datacontenttype is None and got.data == b"raw"
+
+
+async def test_url_path_query_headers_and_userinfo_reach_the_receiver() -> None:
+    from tests.servers import Scripted
+
+    peer = Scripted(lambda _: b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+    async with peer as url:
+        host = url.removeprefix("http://")
+        config = HttpSinkConfig(url=f"http://us%40er:pa%3Ass@{host}/default/broker?x=1",
+                                headers={"X-Tenant": "t1", "ce-source": "overridden"})
+        sink = config.build()
+        await sink.send_batch(events(1))
+        await sink.aclose()
+    head = peer.heads[0].decode()
+    assert head.startswith("POST /default/broker?x=1 HTTP/1.1\r\n")
+    assert f"host: {host}\r\n" in head and "x-tenant: t1\r\n" in head
+    assert "authorization: Basic dXNAZXI6cGE6c3M=\r\n" in head  # base64 of us@er:pa:ss
+    assert "ce-source: /s\r\n" in head and "overridden" not in head  # the event's own headers win
+    assert head.endswith('{"x": 0}')
