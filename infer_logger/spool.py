@@ -356,9 +356,13 @@ class SpoolFollower(_Segments):
     newest. One follower per spool: a second one is refused.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, poll_interval: float = 0.01) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, poll_interval: float = 0.01,
+                 idle_poll_interval: float = 0.1) -> None:
         self._open_dir(directory, "follower.lock", "another delivery process reads it")
         self.poll_interval = poll_interval
+        # While nothing is appended the interval doubles up to this: an idle sidecar's child
+        # wakes 10 times a second, not 100 (the first event after a pause waits <= this long).
+        self.idle_poll_interval = max(idle_poll_interval, poll_interval)
         self._sizes = {}
         self._current = 0
         self.refresh()
@@ -389,8 +393,9 @@ class SpoolFollower(_Segments):
         # newest segment: the common case is that the writer only appended to it.
         polls = 0
         seen = os.stat(self.dir).st_mtime_ns
+        interval = self.poll_interval
         while True:
-            await asyncio.sleep(self.poll_interval)
+            await asyncio.sleep(interval)
             before = self.tail(), len(self._sizes)
             polls += 1
             changed = os.stat(self.dir).st_mtime_ns
@@ -401,8 +406,11 @@ class SpoolFollower(_Segments):
                 with contextlib.suppress(FileNotFoundError):
                     self._sizes[self._current] = self._path(self._current).stat().st_size
             if (self.tail(), len(self._sizes)) != before:
+                interval = self.poll_interval
                 for waiter in self._waiters:
                     waiter.set()
+            else:
+                interval = min(interval * 2, self.idle_poll_interval)
 
     def close(self) -> None:
         if self._poll_task is not None:

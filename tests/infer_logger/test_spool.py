@@ -296,6 +296,34 @@ class TestSpoolFollower:
         writer.close()
         follower.close()
 
+    async def test_an_idle_follower_polls_less_and_still_wakes_its_reader(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        writer = DiskSpool(tmp_path)
+        follower = SpoolFollower(tmp_path, poll_interval=0.01, idle_poll_interval=0.2)
+        reader = follower.reader("s")
+        polls = 0
+        real_stat = os.stat
+
+        def counting_stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+            nonlocal polls
+            if str(path) == str(follower.dir):
+                polls += 1  # one look at the directory per poll
+            return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "stat", counting_stat)
+        try:
+            follower.start_polling()
+            await asyncio.sleep(1.0)
+            assert polls <= 12  # backed off towards 0.2 s, not 100 polls
+            waiting = asyncio.ensure_future(reader.wait(5.0))
+            writer.append(event(1))
+            started = asyncio.get_running_loop().time()
+            await asyncio.wait_for(waiting, 1.0)
+            assert asyncio.get_running_loop().time() - started <= 0.3
+        finally:
+            writer.close()
+            follower.close()
+
     def test_follows_a_writer_in_another_process(self, tmp_path: Path) -> None:
         import subprocess
         import sys
