@@ -12,6 +12,8 @@ writes. Times are stored as UTC RFC 3339 text with microseconds, so text order i
 
 from __future__ import annotations
 
+import operator
+import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -87,7 +89,20 @@ def _upsert_sql(kind: str) -> str:
     )
 
 
-_UPSERT = {kind: _upsert_sql(kind) for kind in _KINDS.values()}
+class _Statement:
+    """A statement written with :named parameters, run with `?` ones: sqlite3 binds a tuple
+    several µs per row faster than it looks up ~20 names in a dict (a fifth of a row's cost)."""
+
+    def __init__(self, sql: str) -> None:
+        names = re.findall(r":(\w+)", sql)
+        self.sql = re.sub(r":\w+", "?", sql)
+        self.values = operator.itemgetter(*names)
+
+    def run(self, conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> None:
+        conn.executemany(self.sql, map(self.values, rows))
+
+
+_UPSERT = {kind: _Statement(_upsert_sql(kind)) for kind in _KINDS.values()}
 
 
 def _exchange_sql() -> str:
@@ -103,9 +118,9 @@ def _exchange_sql() -> str:
     )
 
 
-_UPSERT_EXCHANGE = _exchange_sql()
+_UPSERT_EXCHANGE = _Statement(_exchange_sql())
 # The IS NOT guards skip the rows the response upsert already set: a lookup instead of a rewrite.
-_SPREAD_STATUS = (
+_SPREAD_STATUS = _Statement(
     "UPDATE records SET status = :status, latency_ms = :latency_ms "
     "WHERE id = :id AND (status IS NOT :status OR latency_ms IS NOT :latency_ms)"
 )
@@ -257,12 +272,12 @@ class AuditStore:
                 spread.append(base)
         with self._lock, self._transaction() as conn:
             if exchanges:
-                conn.executemany(_UPSERT_EXCHANGE, exchanges)
+                _UPSERT_EXCHANGE.run(conn, exchanges)
             for kind, params in rows.items():
                 if params:
-                    conn.executemany(_UPSERT[kind], params)
+                    _UPSERT[kind].run(conn, params)
             # After every upsert, so rows this batch created get the status too.
-            conn.executemany(_SPREAD_STATUS, spread)
+            _SPREAD_STATUS.run(conn, spread)
         return len(exchanges) + sum(len(params) for params in rows.values())
 
     def query(
