@@ -6,6 +6,9 @@ import asyncio
 import importlib.util
 import logging
 import signal
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -62,6 +65,12 @@ async def _serve(app: Proxy, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await run(app, settings.host, settings.port, stop)
+
+
+async def run(app: Proxy, host: str, port: int, stop: asyncio.Event,
+              listening: Callable[[], None] | None = None) -> None:
+    """Start the sidecar, serve until `stop` is set, then drain and stop (the sinks last)."""
     try:
         await app.startup()  # before listening: /readyz answers only once the sinks are up
     except BaseException:
@@ -69,15 +78,55 @@ async def _serve(app: Proxy, settings: Settings) -> None:
         raise
     server = HttpServer(app.handle)
     try:
-        await server.start(settings.host, settings.port)
+        await server.start(host, port)
     except OSError as exc:
         await app.shutdown()
-        raise InferLoggerError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+        raise InferLoggerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    if listening is not None:
+        listening()
     try:
         await stop.wait()
     finally:
         await server.stop()
         await app.shutdown()
+
+
+class SidecarThread:
+    """The sidecar on its own thread and event loop, for a process that does other things (the
+    quickstart, tests); signals stay with the main thread. A context manager: serving inside."""
+
+    def __init__(self, settings: Settings, *, start_timeout: float = 60.0) -> None:
+        self.app = build_app(settings)
+        self.settings = settings
+        self.start_timeout = start_timeout
+        self.error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._listening = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="sidecar", daemon=True)
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            await run(self.app, self.settings.host, self.settings.port, self._stop, self._listening.set)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # handed to the caller by __enter__
+            self.error = exc
+
+    def __enter__(self) -> SidecarThread:
+        self._thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self._listening.wait(0.05):
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise self.error or InferLoggerError("the sidecar did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=self.settings.delivery.drain_timeout + 30)
 
 
 def _serve_uvicorn(app: Proxy, settings: Settings, log_level: str) -> None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from infer_logger.config import load_settings
 from infer_logger.demo.pipeline import quickstart_broker
 from infer_logger.demo.predictor import create_app, train_iris
-from infer_logger.server import build_app, uvicorn_config
+from infer_logger.server import SidecarThread, uvicorn_config
 from infer_logger.store import AuditStore, format_table
 
 
@@ -102,7 +102,7 @@ def run(*, n_requests: int, workdir: Path, explain: bool | None = None) -> None:
                 sinks=[{"type": "http", "url": pipeline.url, "mode": "batch"}],
             )
             click.echo(f"3/5 sidecar http://127.0.0.1:{sidecar_port} -> predictor; events -> broker")
-            with ServerThread(uvicorn_config(build_app(settings), "127.0.0.1", sidecar_port)):
+            with SidecarThread(settings):
                 with httpx.Client(base_url=f"http://127.0.0.1:{sidecar_port}", timeout=30) as client:
                     for path, body in tqdm(calls, desc="4/5 predictions through the sidecar", unit="req"):
                         status = client.post(path, json=body, headers={"user-agent": "quickstart"}).status_code

@@ -1,0 +1,44 @@
+"""Running the sidecar in a thread of another process (the quickstart's way), on its own server."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from infer_logger.config import load_settings
+from infer_logger.errors import InferLoggerError
+from infer_logger.server import SidecarThread
+from infer_logger.testing import free_port
+from tests.servers import Process
+
+
+def test_serves_then_drains_on_exit(echo_predictor: Process, tmp_path: Path) -> None:
+    port = free_port()
+    out = tmp_path / "events.jsonl"
+    settings = load_settings(None, port=port, predictor_url=echo_predictor.url,
+                             spool={"dir": str(tmp_path / "spool")}, sinks=[{"type": "file", "path": str(out)}])
+    with SidecarThread(settings):
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/models/echo:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]},
+                       headers={"x-request-id": "t-1"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "t-1"
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").json()["ready"] is True
+    # Leaving the block stopped the server, then drained the spool into the sink.
+    events = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert [e["id"] for e in events] == ["t-1", "t-1"]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz")
+
+
+def test_a_failed_start_is_raised_to_the_caller(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = load_settings(None, port=port, spool={"dir": str(tmp_path / "spool")},
+                                 sinks=[{"type": "file", "path": str(tmp_path / "e.jsonl")}])
+        with pytest.raises(InferLoggerError, match=f"cannot listen on 127.0.0.1:{port}"), SidecarThread(settings):
+            pass
