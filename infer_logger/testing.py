@@ -15,6 +15,7 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -81,6 +82,18 @@ class EventCollector:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"{len(self.events)} of {count} events arrived in {timeout}s")
+                self._cond.wait(left)
+            return list(self.events)
+
+    def wait_until(self, done: Callable[[list[CloudEvent]], bool], timeout: float = 10.0) -> list[CloudEvent]:
+        """Block until `done(events)` holds; returns the events (raises TimeoutError otherwise).
+        Where counting is not enough: re-deliveries (at-least-once) and extra events add to a count."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not done(list(self.events)):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the awaited events did not arrive in {timeout}s ({len(self.events)} did)")
                 self._cond.wait(left)
             return list(self.events)
 
