@@ -111,8 +111,7 @@ class DeliveryProcess:
                 return
             if self._promoting:  # replaced on purpose (see _watch): at once, no backoff
                 self._promoting = False
-                delay = 0.5
-                await self._respawn(delay)
+                await self._respawn(0.5)
                 continue
             # One that keeps dying soon after its start is retried less and less often.
             delay = min(delay * 2, 30.0) if time.monotonic() - started < _SHORT_LIFE else 1.0
@@ -226,12 +225,11 @@ def lower_priority(priority: str) -> None:
 
 
 def _write_status(path: Path, dispatcher: Dispatcher, metrics: Metrics, priority: str) -> None:
-    for worker in dispatcher.workers:
-        metrics.sink_lag.labels(worker.name).set(worker.reader.lag())
+    dispatcher.update_lag()
     report: dict[str, Any] = {
         "pid": os.getpid(),
         "at": time.time(),
-        "sinks": {w.name: w.healthy for w in dispatcher.workers},
+        "sinks": dispatcher.health(),
         "priority": priority,
         **export(metrics),
     }

@@ -240,3 +240,12 @@ class Dispatcher:
     @property
     def healthy(self) -> bool:
         return all(w.healthy for w in self.workers)
+
+    def health(self) -> dict[str, bool]:
+        """Each sink's health by name: False while its batches fail and back off."""
+        return {w.name: w.healthy for w in self.workers}
+
+    def update_lag(self) -> None:
+        """Set the sink lag gauges from the readers (read at scrape or report time)."""
+        for worker in self.workers:
+            self.metrics.sink_lag.labels(worker.name).set(worker.reader.lag())

@@ -139,13 +139,12 @@ class InferenceLogger:
         if self.delivery is not None:
             return self.delivery.sink_states()
         assert self.dispatcher is not None
-        return {w.name: "ok" if w.healthy else "retrying" for w in self.dispatcher.workers}
+        return {name: "ok" if healthy else "retrying" for name, healthy in self.dispatcher.health().items()}
 
     def update_lag(self) -> None:
         """Refresh the sink lag gauges before a scrape (a delivery child keeps its own)."""
         if self.dispatcher is not None:
-            for worker in self.dispatcher.workers:
-                self.metrics.sink_lag.labels(worker.name).set(worker.reader.lag())
+            self.dispatcher.update_lag()
 
     # -- recording ---------------------------------------------------------------------------
 

@@ -69,7 +69,6 @@ class Proxy:
     def __init__(self, logger: InferenceLogger, upstream: str, *, timeout: float = 60.0) -> None:
         self.logger = logger
         self.upstream = Upstream(upstream, timeout=timeout)
-        self.timeout = timeout
         self.serving = False
         self.startup_error: InferLoggerError | None = None
         m = logger.metrics
@@ -132,7 +131,7 @@ class Proxy:
             content_type = next((v.decode("latin-1") for k, v in out_headers if k == b"content-type"), None)
         except TimeoutError:
             status, content_type = 504, "application/json"
-            out_body = error_body(504, f"predictor did not answer within {self.timeout:g}s")
+            out_body = error_body(504, f"predictor did not answer within {self.upstream.timeout:g}s")
             out_headers = list(_JSON)
         except (OSError, UpstreamError) as exc:
             status, content_type = 502, "application/json"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import logging
 import signal
 import threading
 import time
@@ -18,8 +17,6 @@ from infer_logger.errors import InferLoggerError
 from infer_logger.httpserver import HttpServer
 from infer_logger.logger import InferenceLogger
 from infer_logger.proxy import Proxy
-
-log = logging.getLogger(__name__)
 
 
 def build_app(settings: Settings) -> Proxy:

@@ -76,16 +76,10 @@ class EventCollector:
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[CloudEvent]:
         """Block until `count` events arrived; returns them (raises TimeoutError otherwise)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while len(self.events) < count:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"{len(self.events)} of {count} events arrived in {timeout}s")
-                self._cond.wait(left)
-            return list(self.events)
+        return self.wait_until(lambda events: len(events) >= count, timeout, what=f"{count} events")
 
-    def wait_until(self, done: Callable[[list[CloudEvent]], bool], timeout: float = 10.0) -> list[CloudEvent]:
+    def wait_until(self, done: Callable[[list[CloudEvent]], bool], timeout: float = 10.0, *,
+                   what: str = "the awaited events") -> list[CloudEvent]:
         """Block until `done(events)` holds; returns the events (raises TimeoutError otherwise).
         Where counting is not enough: re-deliveries (at-least-once) and extra events add to a count."""
         deadline = time.monotonic() + timeout
@@ -93,7 +87,7 @@ class EventCollector:
             while not done(list(self.events)):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"the awaited events did not arrive in {timeout}s ({len(self.events)} did)")
+                    raise TimeoutError(f"{what} did not arrive in {timeout}s ({len(self.events)} did)")
                 self._cond.wait(left)
             return list(self.events)
 

@@ -162,7 +162,6 @@ class Upstream:
         self.host_header = netloc.encode("idna") if not netloc.isascii() else netloc.encode()
         self.timeout = timeout
         self._idle: list[_Connection] = []
-        self._busy: set[_Connection] = set()
         self._closed = False
 
     async def request(self, method: str, target: bytes, headers: Headers, body: bytes) -> Answer:
@@ -199,7 +198,6 @@ class Upstream:
                         head: bool, deadline: float) -> Answer:
         waiter: asyncio.Future[Answer] = loop.create_future()
         conn.waiter, conn.head, conn.received = waiter, head, False
-        self._busy.add(conn)
         assert conn.transport is not None
         conn.transport.write(data)
         timer = loop.call_at(deadline, _expire, waiter)
@@ -212,10 +210,8 @@ class Upstream:
             raise
         finally:
             timer.cancel()
-            self._busy.discard(conn)
 
     def release(self, conn: _Connection) -> None:
-        self._busy.discard(conn)
         if self._closed:
             assert conn.transport is not None
             conn.transport.close()
@@ -224,7 +220,6 @@ class Upstream:
             self._idle.append(conn)
 
     def forget(self, conn: _Connection) -> None:
-        self._busy.discard(conn)
         try:
             self._idle.remove(conn)
         except ValueError:
