@@ -281,6 +281,7 @@ class TestFile:
         AuditStore(path).close()
         conn = sqlite3.connect(path)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 16384
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         conn.close()
 
@@ -289,6 +290,20 @@ class TestFile:
             s.write([request()])
         with AuditStore(tmp_path / "a.db", readonly=True) as s:
             assert len(s.query()) == 2
+
+    def test_store_with_small_pages_keeps_them(self, tmp_path: Path) -> None:
+        # Stores made before 16 KiB pages: the page size of a file with tables cannot change.
+        path = tmp_path / "a.db"
+        conn = sqlite3.connect(path)
+        conn.execute("PRAGMA page_size=4096")
+        conn.execute("CREATE TABLE filler (x)")
+        conn.close()
+        with AuditStore(path) as s:
+            s.write([request()])
+            assert len(s.query()) == 2
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+        conn.close()
 
     def test_newer_schema_refused(self, tmp_path: Path) -> None:
         path = tmp_path / "a.db"
