@@ -142,6 +142,15 @@ def test_bad_url_names_the_field(url: str) -> None:
         Upstream(url)
 
 
+@pytest.mark.parametrize(("url", "host"), [
+    ("http://user:pw@predictor:8080/base/", b"predictor:8080"),
+    ("http://bücher.example:8080", b"xn--bcher-kva.example:8080"),
+    ("https://bücher.example", b"xn--bcher-kva.example"),
+])
+def test_host_header_is_the_netloc_without_userinfo_in_ascii(url: str, host: bytes) -> None:
+    assert Upstream(url).host_header == host
+
+
 @pytest.fixture
 async def concurrent_predictor(echo_predictor: Process) -> AsyncIterator[Upstream]:
     up = Upstream(echo_predictor.url)
