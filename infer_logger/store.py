@@ -268,7 +268,7 @@ class AuditStore:
                 exchanges += pair
                 # Rows an earlier event made (more instances) get the status too. (Looking up
                 # which ids have rows already, to spread to those only, measured no cheaper.)
-                spread.append((event_id, pair[0][_STATUS], pair[0][_STATUS + 1]))
+                spread.append((event_id, pair[0][_STATUS], pair[0][_LATENCY]))
                 continue
             if event_id in paired and kind == "response":
                 continue  # written with its request
@@ -386,36 +386,29 @@ def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> l
     return rows
 
 
-_STATUS = _EXCHANGE_COLUMNS.index("status")
-_TEXT_COLUMNS = tuple((column, attr) for column, attr in _SHARED.items() if column != "time")
-_TEXT_ATTRS = tuple(attr for _, attr in _TEXT_COLUMNS)
+_STATUS, _LATENCY = _EXCHANGE_COLUMNS.index("status"), _EXCHANGE_COLUMNS.index("latency_ms")
+_TEXT_ATTRS = tuple(attr for column, attr in _SHARED.items() if column != "time")
 
 
 def _shared_values(attrs: dict[str, Any]) -> list[str | None]:
-    """The `_SHARED` columns' values, in its order (time first), as `_row_base` makes them."""
+    """The `_SHARED` columns' values, in its order (time first)."""
     get = attrs.get
     values = [_utc(get("time"))]
-    # `_text` inlined: this runs for every event the store takes.
+    # KServe-style origins send "" for unset attributes: stored as NULL, so COALESCE fills them.
     values += [None if (v := get(a)) is None or v == "" else v if type(v) is str else str(v) for a in _TEXT_ATTRS]
     return values
 
 
 def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
     attrs = event.attributes
-    base: dict[str, Any] = {column: _text(attrs.get(attr)) for column, attr in _TEXT_COLUMNS}
+    base: dict[str, Any] = dict(zip(_SHARED, _shared_values(attrs)))
     base["id"] = event.id
-    base["time"] = _utc(attrs.get("time"))
     # Attributes may arrive as strings (HTTP/Kafka binary mode headers), hence the conversions.
     base["status"] = events.as_int(attrs.get(events.STATUSCODE))
     base["latency_ms"] = events.as_float(attrs.get(events.LATENCYMS))
     base[f"{kind}_attributes"] = _dumps(attrs)
     base["updated"] = updated
     return base
-
-
-def _text(value: object) -> str | None:
-    # KServe-style origins send "" for unset attributes; store those as NULL so COALESCE fills them.
-    return None if value is None or value == "" else str(value)
 
 
 def _utc(value: object) -> str | None:
