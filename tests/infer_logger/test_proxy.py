@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class TestLogging:
         assert r.status_code == 200
         assert len(r.json()["predictions"]) == 2
         rid = r.headers["x-request-id"]
+        assert uuid.UUID(rid).version == 7  # made by the sidecar: time-ordered
         found = events_for(collector, rid)
         req, resp = found[ev.REQUEST], found[ev.RESPONSE]
         assert req.json() == V1
