@@ -253,18 +253,20 @@ class AuditStore:
         updated = events.now_rfc3339()
         latest: dict[tuple[str, str], CloudEvent] = {}
         for event in batch:
-            kind = _KINDS.get(event.type)
+            attrs = event.attributes
+            kind = _KINDS.get(str(attrs["type"]))
             if kind is not None:
                 # A re-delivered event overwrites, so within a batch the last one counts.
-                latest.pop((kind, event.id), None)
-                latest[(kind, event.id)] = event
+                key = (kind, str(attrs["id"]))
+                latest.pop(key, None)
+                latest[key] = event
         exchanges: list[tuple[Any, ...]] = []
         rows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in _KINDS.values()}
         spread: list[tuple[str, int | None, float | None]] = []
         paired = {event_id for kind, event_id in latest if kind == "request" and ("response", event_id) in latest}
         for (kind, event_id), event in latest.items():
             if event_id in paired and kind == "request":
-                pair = _exchange_rows(event, latest[("response", event_id)], updated)
+                pair = _exchange_rows(event_id, event, latest[("response", event_id)], updated)
                 exchanges += pair
                 # Rows an earlier event made (more instances) get the status too. (Looking up
                 # which ids have rows already, to spread to those only, measured no cheaper.)
@@ -356,16 +358,15 @@ class AuditStore:
         self.close()
 
 
-def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> list[tuple[Any, ...]]:
+def _exchange_rows(event_id: str, request: CloudEvent, response: CloudEvent, updated: str) -> list[tuple[Any, ...]]:
     """`_UPSERT_EXCHANGE` rows, one per instance, for a request and its response."""
     asked, answered = request.attributes, response.attributes
     theirs = _shared_values(answered)
     # Where both have an instance the request's shared values win; the response's own rows keep its.
     both = [mine if mine is not None else other for mine, other in zip(_shared_values(asked), theirs)]
-    event_id = request.id
     status = events.as_int(answered.get(events.STATUSCODE))
     latency = events.as_float(answered.get(events.LATENCYMS))
-    asked_json, answered_json = _dumps(asked), _dumps(answered)
+    asked_json, answered_json = orjson.dumps(asked).decode(), orjson.dumps(answered).decode()
     inputs = [_dumps(item) for item in payloads.instances(request)]
     outputs = [_dumps(item) for item in payloads.instances(response)]
     rows = []
