@@ -74,8 +74,8 @@ def event_id(headers: Mapping[str, str]) -> str:
     """The id shared by an exchange's events: `ce-id`, else `x-request-id`, else a new UUID.
 
     `headers` must have lower-case keys. New ids are UUIDv7 (RFC 9562): they sort by time, so the
-    audit store's primary key and Elasticsearch's `_id` grow at one end instead of touching a
-    random index page per event (a quarter of the store's cost per exchange with UUIDv4).
+    audit store's primary key grows at one end instead of touching a random index page per row
+    (random ids cost the store 1.1-1.2x per exchange: benchmarks/store_write.py).
     """
     return headers.get("ce-id") or headers.get("x-request-id") or str(uuid7())
 
