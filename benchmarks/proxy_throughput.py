@@ -372,21 +372,22 @@ def report(points: list[dict[str, Any]], rows: list[dict[str, Any]], checks: lis
         seen.setdefault((check["target"], check["model"]), []).append(check)
     for (target, model), cs in seen.items():
         status = "MET" if all(x["ok"] for x in cs) else ("MISSED" if not any(x["ok"] for x in cs) else "PARTLY")
-        detail = ", ".join(
-            f"c={x['connections']}: {x['value']:g}"
-            + (f" [{x['range'][0]:g}..{x['range'][1]:g}]" if x.get("range") else "")
-            + ("" if x["ok"] else " (miss)") for x in cs)
-        h.log(f"  {status:<6} {model:<4} {target:<34} {detail}")
+        h.log(f"  {status:<6} {model:<4} {target:<34} {_detail(cs)}")
     # Not judged (the target reads as a point's throughput), shown so a sink that keeps up only by
     # deferring its work to the pauses between points is seen for what it would cost without them.
-    for row_key in ("store_sustained_cost",):
-        models = sorted({r["model"] for r in rows if row_key in r})
-        for model in models:
-            detail = ", ".join(
-                f"c={r['connections']}: {r[row_key]:g}"
-                + (f" [{r[row_key + '_range'][0]:g}..{r[row_key + '_range'][1]:g}]" if r.get(row_key + "_range") else "")
-                for r in rows if r["model"] == model and row_key in r)
-            h.log(f"  {'INFO':<6} {model:<4} {'store cost, drain counted':<34} {detail}")
+    for model in sorted({r["model"] for r in rows if "store_sustained_cost" in r}):
+        drained = [{"connections": r["connections"], "value": r["store_sustained_cost"], "ok": True,
+                    "range": r.get("store_sustained_cost_range")}
+                   for r in rows if r["model"] == model and "store_sustained_cost" in r]
+        h.log(f"  {'INFO':<6} {model:<4} {'store cost, drain counted':<34} {_detail(drained)}")
+
+
+def _detail(checks: list[dict[str, Any]]) -> str:
+    """`c=4: 0.2 [0.1..0.3] (miss), c=16: ...`"""
+    return ", ".join(
+        f"c={x['connections']}: {x['value']:g}"
+        + (f" [{x['range'][0]:g}..{x['range'][1]:g}]" if x.get("range") else "")
+        + ("" if x["ok"] else " (miss)") for x in checks)
 
 
 def median_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -117,7 +117,7 @@ def run_insert(spool_dir: Path, db: Path, batch: int) -> tuple[int, float]:
         for event in got:
             pairs.setdefault(event.id, {})[event.type] = event
         rows.append([row for pair in pairs.values()
-                     for row in store_module._exchange_rows(pair[events.REQUEST].id, pair[events.REQUEST], pair[events.RESPONSE], "x")])
+                     for row in store_module._exchange_rows(pair[events.REQUEST], pair[events.RESPONSE], "x")])
 
     drain(spool_dir, batch, build)
     columns = store_module._EXCHANGE_COLUMNS

@@ -253,11 +253,10 @@ class AuditStore:
         updated = events.now_rfc3339()
         latest: dict[tuple[str, str], CloudEvent] = {}
         for event in batch:
-            attrs = event.attributes
-            kind = _KINDS.get(str(attrs["type"]))
+            kind = _KINDS.get(event.type)
             if kind is not None:
                 # A re-delivered event overwrites, so within a batch the last one counts.
-                key = (kind, str(attrs["id"]))
+                key = (kind, event.id)
                 latest.pop(key, None)
                 latest[key] = event
         exchanges: list[tuple[Any, ...]] = []
@@ -266,7 +265,7 @@ class AuditStore:
         paired = {event_id for kind, event_id in latest if kind == "request" and ("response", event_id) in latest}
         for (kind, event_id), event in latest.items():
             if event_id in paired and kind == "request":
-                pair = _exchange_rows(event_id, event, latest[("response", event_id)], updated)
+                pair = _exchange_rows(event, latest[("response", event_id)], updated)
                 exchanges += pair
                 # Rows an earlier event made (more instances) get the status too. (Looking up
                 # which ids have rows already, to spread to those only, measured no cheaper.)
@@ -358,15 +357,16 @@ class AuditStore:
         self.close()
 
 
-def _exchange_rows(event_id: str, request: CloudEvent, response: CloudEvent, updated: str) -> list[tuple[Any, ...]]:
+def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> list[tuple[Any, ...]]:
     """`_UPSERT_EXCHANGE` rows, one per instance, for a request and its response."""
     asked, answered = request.attributes, response.attributes
     theirs = _shared_values(answered)
     # Where both have an instance the request's shared values win; the response's own rows keep its.
     both = [mine if mine is not None else other for mine, other in zip(_shared_values(asked), theirs)]
+    event_id = request.id
     status = events.as_int(answered.get(events.STATUSCODE))
     latency = events.as_float(answered.get(events.LATENCYMS))
-    asked_json, answered_json = orjson.dumps(asked).decode(), orjson.dumps(answered).decode()
+    asked_json, answered_json = _attributes_json(asked), _attributes_json(answered)
     inputs = [_dumps(item) for item in payloads.instances(request)]
     outputs = [_dumps(item) for item in payloads.instances(response)]
     rows = []
@@ -407,7 +407,7 @@ def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
     # Attributes may arrive as strings (HTTP/Kafka binary mode headers), hence the conversions.
     base["status"] = events.as_int(attrs.get(events.STATUSCODE))
     base["latency_ms"] = events.as_float(attrs.get(events.LATENCYMS))
-    base[f"{kind}_attributes"] = _dumps(attrs)
+    base[f"{kind}_attributes"] = _attributes_json(attrs)
     base["updated"] = updated
     return base
 
@@ -433,6 +433,11 @@ def _utc(value: object) -> str | None:
 
 def _dumps(value: object) -> str:
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _attributes_json(attributes: dict[str, Any]) -> str:
+    # Attribute names are strings: no need for _dumps' slower non-string-keys option.
+    return orjson.dumps(attributes).decode()
 
 
 def _loads(text: str | None) -> Any:
