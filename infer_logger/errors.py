@@ -73,8 +73,10 @@ class RejectedError(SinkError):
     """The sink refused some events for good (e.g. HTTP 400): retrying cannot help.
 
     `events` lists the refused ones (all of the batch when empty); the rest were taken.
+    `too_large`: refused for their size (what an HTTP front answers with 413).
     """
 
-    def __init__(self, message: str, events: Sequence[CloudEvent] = ()) -> None:
+    def __init__(self, message: str, events: Sequence[CloudEvent] = (), *, too_large: bool = False) -> None:
         super().__init__(message)
         self.events = list(events)
+        self.too_large = too_large

@@ -86,7 +86,9 @@ class HttpSink:
             status, after = retryable[0]
             raise SinkError(f"{self.url} answered {status} to {len(retryable)} events", retry_after=after)
         raise RejectedError(
-            f"{self.url} refused {len(failed)} events with {failed[0][1][0]}", [e for e, _ in failed]
+            f"{self.url} refused {len(failed)} events with {failed[0][1][0]}",
+            [e for e, _ in failed],
+            too_large=all(r[0] == 413 for _, r in failed),
         )
 
     async def _send_one(self, event: CloudEvent) -> tuple[int, float | None] | None:
@@ -119,7 +121,7 @@ class HttpSink:
     def _raise(self, status: int, after: float | None, events: Sequence[CloudEvent]) -> None:
         if status in RETRYABLE or status >= 500:
             raise SinkError(f"{self.url} answered {status}", retry_after=after)
-        raise RejectedError(f"{self.url} refused the batch with {status}", events)
+        raise RejectedError(f"{self.url} refused the batch with {status}", events, too_large=status == 413)
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -72,6 +72,7 @@ PERMANENT: frozenset[int] = frozenset({
     KafkaError.INVALID_RECORD,
     KafkaError._INVALID_ARG,
 }) if CLIENT else frozenset()
+_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE}) if CLIENT else frozenset()
 
 _POLL_SLICE = 0.1  # seconds per poll/flush in the poll thread: bounds how late it notices a dead broker
 _DOWN_GRACE = 2.0  # seconds a batch may wait with every broker down (reconnects take <= 1 s)
@@ -602,7 +603,9 @@ class KafkaSink:
                             f"{len(events)} events not delivered: {client.describe(retryable[0])}")
         bad = sorted(failures)
         reason = client.describe(failures[bad[0]])
-        raise RejectedError(f"kafka {self.address} refused {len(bad)} events: {reason}", [events[i] for i in bad])
+        too_large = all(e.code() in _TOO_LARGE for e in failures.values())
+        raise RejectedError(f"kafka {self.address} refused {len(bad)} events: {reason}", [events[i] for i in bad],
+                            too_large=too_large)
 
     def _match_failures(self, events: Sequence[CloudEvent], failed: list[tuple[KafkaError, Message]]
                         ) -> tuple[dict[int, KafkaError], list[KafkaError]]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipelines.broker.broker import Broker, UnknownBrokerError
-    from pipelines.broker.channel import ChannelError
+    from pipelines.broker.channel import ChannelError, RefusedError
     from pipelines.broker.components import Replier, register_component
     from pipelines.broker.delivery import DeliverySpec, Destination, RetryPolicy, parse_duration
     from pipelines.broker.documents import DocumentError
@@ -38,6 +38,7 @@ _EXPORTS = {
     "Broker": "broker",
     "UnknownBrokerError": "broker",
     "ChannelError": "channel",
+    "RefusedError": "channel",
     "Replier": "components",
     "register_component": "components",
     "DeliverySpec": "delivery",
@@ -66,6 +67,7 @@ __all__ = [
     "Destination",
     "DocumentError",
     "FilterResult",
+    "RefusedError",
     "Replier",
     "RetryPolicy",
     "Trigger",

@@ -117,7 +117,8 @@ class Broker:
     async def publish(self, broker: Key | None, events: Sequence[CloudEvent]) -> int:
         """Put events into a broker's log (TTL rules applied); returns how many were taken.
 
-        Raises UnknownBrokerError, InvalidEventError (a bad TTL) or ChannelError (not stored).
+        Raises UnknownBrokerError, InvalidEventError (a bad TTL) or ChannelError (not stored; its
+        RefusedError: never storable, e.g. too large for Kafka).
         """
         key = broker or self.default_key
         channel = self.channels.get(key)

@@ -42,6 +42,16 @@ class ChannelError(InferLoggerError):
     """A broker's log did not take events (full, or Kafka unreachable): the sender may retry."""
 
 
+class RefusedError(ChannelError):
+    """The log refused events for good (e.g. larger than Kafka takes): a retry cannot help.
+
+    The other events of the same request were stored."""
+
+    def __init__(self, message: str, *, too_large: bool) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
 class Handler(Protocol):
     """What a channel runs for each trigger (a `TriggerDispatcher`)."""
 

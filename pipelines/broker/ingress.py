@@ -23,7 +23,7 @@ from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import content_mode, from_http_many
 from infer_logger.errors import InvalidEventError
 from infer_logger.asgi import respond
-from pipelines.broker.channel import ChannelError
+from pipelines.broker.channel import ChannelError, RefusedError
 from pipelines.broker.endpoints import passthrough
 from pipelines.broker.handler import TriggerHandler
 
@@ -134,6 +134,12 @@ class Ingress:
         except InvalidEventError as exc:
             refused.labels("invalid").inc(len(events))
             await respond(send, 400, [_JSON], _error(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
+            return
+        except RefusedError as exc:
+            # Others of a batch may have been stored: the message says how many were refused.
+            status, label = (413, "oversize") if exc.too_large else (400, "invalid")
+            refused.labels(label).inc(len(events))
+            await respond(send, status, [_JSON], _error(status, str(exc)))
             return
         except ChannelError as exc:
             refused.labels("unavailable").inc(len(events))

@@ -27,7 +27,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import RejectedError
 from infer_logger.sinks.kafka import KafkaSinkConfig
-from pipelines.broker.channel import ChannelError, Handler
+from pipelines.broker.channel import ChannelError, Handler, RefusedError
 from pipelines.broker.settings import KafkaChannelSettings
 from pipelines.sources.kafka import KafkaSource, KafkaSourceConfig
 
@@ -90,7 +90,7 @@ class KafkaChannel:
                 refused = {id(e) for e in exc.events}
                 for events, done in waiting:
                     if not refused or any(id(e) in refused for e in events):
-                        done.set_exception(ChannelError(str(exc)))
+                        done.set_exception(RefusedError(str(exc), too_large=exc.too_large))
                     else:
                         done.set_result(None)
             except Exception as exc:  # noqa: BLE001 - every waiter learns it, none is left hanging

@@ -44,6 +44,7 @@ async def test_status_classification(status: int, error: type[Exception], mode: 
     assert type(info.value) is error
     if error is RejectedError:
         assert len(info.value.events) == 3
+        assert info.value.too_large is (status == 413)
 
 
 async def test_retry_after_is_passed_on() -> None:

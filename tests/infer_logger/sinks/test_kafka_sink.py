@@ -172,7 +172,7 @@ class TestRefusals:
             await sink.send_batch(batch)
         await sink.aclose()
         assert [e.id for e in info.value.events] == ["id-1"]
-        assert "MSG_SIZE_TOO_LARGE" in str(info.value)
+        assert "MSG_SIZE_TOO_LARGE" in str(info.value) and info.value.too_large
         assert sorted(decode(m).id for m in read_back(kafka_bootstrap, topic, 2)) == ["id-0", "id-2"]
 
     async def test_invalid_topic(self, kafka_bootstrap: str) -> None:
@@ -181,7 +181,7 @@ class TestRefusals:
         with pytest.raises(RejectedError) as info:  # 300 characters: longer than a topic name may be
             await sink.send_batch([event(0, model="m" * 300), event(1, model="ok")])
         await sink.aclose()
-        assert [e.id for e in info.value.events] == ["id-0"]
+        assert [e.id for e in info.value.events] == ["id-0"] and not info.value.too_large
         assert [decode(m).id for m in read_back(kafka_bootstrap, f"{prefix}-ok", 1)] == ["id-1"]
 
 

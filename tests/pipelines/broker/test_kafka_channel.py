@@ -129,3 +129,24 @@ async def test_ingress_only_role(tmp_path: Path, kafka_settings: dict[str, Any],
         await ingress.shutdown()
         await dispatcher.shutdown()
     assert received.id == "i1"
+
+
+async def test_an_event_kafka_refuses_for_good_is_413_and_others_go_on(
+        tmp_path: Path, kafka_settings: dict[str, Any], subscriber: Subscriber) -> None:
+    """Within the ingress limit (1 MiB) but over the producer's record limit (librdkafka's
+    `message.max.bytes`, 1,000,000 by default): retrying cannot help, so no 503."""
+    broker = Broker(settings(tmp_path, **kafka_settings),
+                    triggers=f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
+    await broker.startup()
+    try:
+        async with client(broker) as c:
+            big = event("big", data=b'"' + b"x" * 1_010_000 + b'"')
+            refused = await c.post("/", **binary_request(big))
+            assert refused.status_code == 413, refused.text
+            assert "too large" in refused.json()["error"].lower(), refused.text
+        await _post(broker, ["after"])
+        [received] = await asyncio.to_thread(subscriber.wait_for, 1, 30)
+        assert broker.metrics.refused.labels("oversize")._value.get() == 1
+    finally:
+        await broker.shutdown()
+    assert received.id == "after"
