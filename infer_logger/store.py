@@ -251,33 +251,30 @@ class AuditStore:
         is written with it, one row write per instance; the rest kind by kind.
         """
         updated = events.now_rfc3339()
-        latest: dict[tuple[str, str], CloudEvent] = {}
+        # A re-delivered event overwrites, so within a batch the last one of a kind and id counts.
+        latest: dict[str, dict[str, CloudEvent]] = {kind: {} for kind in _KINDS.values()}
         for event in batch:
             kind = _KINDS.get(event.type)
             if kind is not None:
-                # A re-delivered event overwrites, so within a batch the last one counts.
-                key = (kind, event.id)
-                latest.pop(key, None)
-                latest[key] = event
+                latest[kind][event.id] = event
+        responses = latest["response"]
         exchanges: list[tuple[Any, ...]] = []
         rows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in _KINDS.values()}
         spread: list[tuple[str, int | None, float | None]] = []
-        paired = {event_id for kind, event_id in latest if kind == "request" and ("response", event_id) in latest}
-        for (kind, event_id), event in latest.items():
-            if event_id in paired and kind == "request":
-                pair = _exchange_rows(event, latest[("response", event_id)], updated)
-                exchanges += pair
-                # Rows an earlier event made (more instances) get the status too. (Looking up
-                # which ids have rows already, to spread to those only, measured no cheaper.)
-                spread.append((event_id, pair[0][_STATUS], pair[0][_LATENCY]))
-                continue
-            if event_id in paired and kind == "response":
-                continue  # written with its request
-            base = _row_base(event, kind, updated)
-            for index, item in enumerate(payloads.instances(event)):
-                rows[kind].append({**base, "instance": index, kind: _dumps(item)})
-            if kind == "response":
-                spread.append((event_id, base["status"], base["latency_ms"]))
+        for kind, kept in latest.items():
+            for event_id, event in kept.items():
+                if kind == "request" and (answer := responses.pop(event_id, None)) is not None:
+                    pair = _exchange_rows(event, answer, updated)
+                    exchanges += pair
+                    # Rows an earlier event made (more instances) get the status too. (Looking up
+                    # which ids have rows already, to spread to those only, measured no cheaper.)
+                    spread.append((event_id, pair[0][_STATUS], pair[0][_LATENCY]))
+                    continue
+                base = _row_base(event, kind, updated)
+                for index, item in enumerate(payloads.instances(event)):
+                    rows[kind].append({**base, "instance": index, kind: _dumps(item)})
+                if kind == "response":
+                    spread.append((event_id, base["status"], base["latency_ms"]))
         with self._lock, self._transaction() as conn:
             if exchanges:
                 conn.executemany(_UPSERT_EXCHANGE, exchanges)
@@ -360,9 +357,14 @@ class AuditStore:
 def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> list[tuple[Any, ...]]:
     """`_UPSERT_EXCHANGE` rows, one per instance, for a request and its response."""
     asked, answered = request.attributes, response.attributes
-    theirs = _shared_values(answered)
-    # Where both have an instance the request's shared values win; the response's own rows keep its.
-    both = [mine if mine is not None else other for mine, other in zip(_shared_values(asked), theirs)]
+    asked_time, asked_text = _shared_values(asked)
+    answered_time, answered_text = _shared_values(answered)
+    theirs = (answered_time, *answered_text)
+    # Where both have an instance the request's shared values win; the response's own rows keep
+    # its. A sidecar's two events share one cached tuple of text values: no merge needed.
+    if asked_text is not answered_text:
+        asked_text = tuple(mine if mine is not None else other for mine, other in zip(asked_text, answered_text))
+    both = (answered_time if asked_time is None else asked_time, *asked_text)
     event_id = request.id
     status = events.as_int(answered.get(events.STATUSCODE))
     latency = events.as_float(answered.get(events.LATENCYMS))
@@ -389,20 +391,33 @@ def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> l
 
 _STATUS, _LATENCY = _EXCHANGE_COLUMNS.index("status"), _EXCHANGE_COLUMNS.index("latency_ms")
 _TEXT_ATTRS = tuple(attr for column, attr in _SHARED.items() if column != "time")
+_TEXT_CACHE: dict[tuple[Any, ...], tuple[str | None, ...]] = {}
+_TEXT_CACHE_SIZE = 4096
 
 
-def _shared_values(attrs: dict[str, Any]) -> list[str | None]:
-    """The `_SHARED` columns' values, in its order (time first)."""
-    get = attrs.get
-    values = [_utc(get("time"))]
-    # KServe-style origins send "" for unset attributes: stored as NULL, so COALESCE fills them.
-    values += [None if (v := get(a)) is None or v == "" else v if type(v) is str else str(v) for a in _TEXT_ATTRS]
-    return values
+def _shared_values(attrs: dict[str, Any]) -> tuple[str | None, tuple[str | None, ...]]:
+    """The `_SHARED` columns' values: time, and the others in its order.
+
+    The text values repeat from event to event (service, model, path...): their conversion is
+    cached, keyed by the values as they came (only all-text keys are kept, so `True` never
+    stands in for `1`), and equal values give the same tuple.
+    """
+    raw = tuple(map(attrs.get, _TEXT_ATTRS))
+    text = _TEXT_CACHE.get(raw)
+    if text is None:
+        # KServe-style origins send "" for unset attributes: stored as NULL, so COALESCE fills them.
+        text = tuple(None if v is None or v == "" else v if type(v) is str else str(v) for v in raw)
+        if all(v is None or type(v) is str for v in raw):
+            if len(_TEXT_CACHE) >= _TEXT_CACHE_SIZE:  # e.g. per-request metadata: start over
+                _TEXT_CACHE.clear()
+            _TEXT_CACHE[raw] = text
+    return _utc(attrs.get("time")), text
 
 
 def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
     attrs = event.attributes
-    base: dict[str, Any] = dict(zip(_SHARED, _shared_values(attrs)))
+    time, text = _shared_values(attrs)
+    base: dict[str, Any] = dict(zip(_SHARED, (time, *text)))
     base["id"] = event.id
     # Attributes may arrive as strings (HTTP/Kafka binary mode headers), hence the conversions.
     base["status"] = events.as_int(attrs.get(events.STATUSCODE))

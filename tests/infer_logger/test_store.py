@@ -133,6 +133,16 @@ class TestJoin:
         record = _by_instance(store)[0]
         assert (record.time, record.model_version) == (T0, "v3")
 
+    def test_paired_request_fills_gaps_from_response(self, store: AuditStore) -> None:
+        store.write([request(modelversion="", endpoint="canary"), response(modelversion="v2", endpoint="x")])
+        assert {(r.model_version, r.endpoint) for r in store.query()} == {("v2", "canary")}
+
+    def test_non_text_attribute_values_keep_their_text(self, store: AuditStore) -> None:
+        # Numbers and booleans are valid attribute values; `True == 1` must not share a conversion.
+        for id_, version in (("a", 1), ("b", True), ("c", "1"), ("d", 1)):
+            store.write([request(id_, modelversion=version), response(id_, modelversion=version)])
+        assert {r.id: r.model_version for r in store.query()} == {"a": "1", "b": "True", "c": "1", "d": "1"}
+
     def test_endpoint_empty_string_is_null(self, store: AuditStore) -> None:
         store.write([request()])
         assert store.query()[0].endpoint is None
