@@ -60,6 +60,7 @@ OFFSET_HEADER = "dead-letter-offset"
 
 _POLL = 0.1  # seconds a poll may block: bounds how late `stop()` is noticed
 _DEAD_LETTER_TIMEOUT = 10.0  # seconds to wait for the dead-letter topic's acknowledgements
+_METADATA_REFRESH_MS = 5000  # topic metadata refresh (librdkafka: 300000)
 
 
 class KafkaSourceConfig(SourceConfig):
@@ -106,6 +107,9 @@ class KafkaSourceConfig(SourceConfig):
             "auto.offset.reset": self.auto_offset_reset,
             "session.timeout.ms": self.session_timeout_ms,
             "reconnect.backoff.max.ms": 1000,
+            # A topic subscribed to before it exists (a sidecar's first event creates it) or new
+            # topics matching a `^regex` subscription: seen within seconds, not librdkafka's 5 min.
+            "topic.metadata.refresh.interval.ms": _METADATA_REFRESH_MS,
             **self.config,
         }
 

@@ -33,6 +33,7 @@ from pipelines.sources.kafka import (
     KafkaSource,
     KafkaSourceConfig,
 )
+from tests.services import NoidaServer
 
 # Quick group joins and rebalances: a member learns of a rebalance at its next heartbeat.
 FAST_GROUP: dict[str, str | int | float | bool] = {"heartbeat.interval.ms": 300}
@@ -266,6 +267,74 @@ class Picky(MemorySink):
         await super().send_batch([e for e in events if e.id != self.refuse])
         if refused := [e for e in events if e.id == self.refuse]:
             raise RejectedError("bad instance", refused)
+
+
+class Gated(MemorySink):
+    """Takes a batch only once `gate` is set: a subscriber busy while the broker goes away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        self.waiting += 1
+        await self.gate.wait()
+        await super().send_batch(events)
+
+
+class TestBrokerDown:
+    """The broker unreachable at start, or gone mid-stream and back: the source names the address,
+    keeps running, and loses nothing (at-least-once: a repeat is allowed, a reorder is not)."""
+
+    async def test_down_at_start(self, caplog: pytest.LogCaptureFixture) -> None:
+        server = NoidaServer("kafka").start()
+        topic, group = new_topic(server.address), f"g-{uuid.uuid4().hex[:8]}"
+        await publish(server.address, topic, [event(i) for i in range(20)])
+        server.stop(keep_data=True)  # down when the source starts: the port refuses
+        sink = MemorySink()
+        source = source_config(server.address, topic, group).build(sink)
+        try:
+            async with running(source):
+                await until(lambda: f"no broker reachable at {server.address}" in caplog.text,
+                            what="a warning naming the address")
+                server.start(fresh=False)
+                await until(lambda: len(sink.events) >= 20, 30, what="20 events")
+                await until(lambda: committed(server.address, group, topic) == [20], what="commit")
+        finally:
+            server.stop()
+        assert [e.id for e in sink.events] == [f"id-{i}" for i in range(20)]
+
+    async def test_a_topic_created_later(self, kafka_bootstrap: str) -> None:
+        """Subscribed before it exists (a sidecar's first event creates it): read within seconds,
+        not at librdkafka's default 5-minute metadata refresh."""
+        topic, group = f"src-{uuid.uuid4().hex[:12]}", f"g-{uuid.uuid4().hex[:8]}"
+        sink = MemorySink()
+        async with running(source_config(kafka_bootstrap, topic, group).build(sink)):
+            await asyncio.sleep(1.0)  # subscribed; the topic is not there yet
+            await publish(kafka_bootstrap, topic, [event(i) for i in range(10)])
+            await until(lambda: len(sink.events) >= 10, 20, what="10 events")
+        assert [e.id for e in sink.events] == [f"id-{i}" for i in range(10)]
+
+    async def test_restart_mid_stream(self, caplog: pytest.LogCaptureFixture) -> None:
+        server = NoidaServer("kafka").start()
+        topic, group = new_topic(server.address), f"g-{uuid.uuid4().hex[:8]}"
+        sink = Gated()
+        source = source_config(server.address, topic, group).build(sink)
+        try:
+            await publish(server.address, topic, [event(i) for i in range(30)])
+            async with running(source):
+                await until(lambda: sink.waiting >= 1, what="a batch in hand")
+                server.stop(keep_data=True)  # gone while the subscriber works on a batch
+                sink.gate.set()  # taken: its commit cannot reach the broker
+                await until(lambda: "commit failed" in caplog.text, what="a failed commit")
+                server.start(fresh=False)  # noida keeps its data across a restart on the same dir
+                await publish(server.address, topic, [event(i) for i in range(30, 60)])
+                await until(lambda: len(first_seen(sink.events)) >= 60, 30, what="all 60 events")
+                await until(lambda: committed(server.address, group, topic) == [60], 30, what="commit")
+        finally:
+            server.stop()
+        assert first_seen(sink.events) == [(f"id-{i}", REQUEST) for i in range(60)]
 
 
 class TestConfig:
