@@ -1,11 +1,12 @@
 """`channel: kafka` against a real Kafka-protocol broker (the `kafka_bootstrap` fixture): a topic
 per broker, a consumer group per trigger, restarts resuming from committed offsets, new triggers
-starting at the end, and two broker processes sharing the work."""
+starting at the end, two broker processes sharing the work, and Kafka refusing or gone."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 
 from pipelines.broker import Broker
 from pipelines.broker.kafka_channel import KafkaChannel
+from tests.services import NoidaServer
 
 from .helpers import Subscriber, binary_request, client, event, settings, until
 
@@ -150,3 +152,34 @@ async def test_an_event_kafka_refuses_for_good_is_413_and_others_go_on(
     finally:
         await broker.shutdown()
     assert received.id == "after"
+
+
+async def test_kafka_down_is_503_then_back(tmp_path: Path, subscriber: Subscriber) -> None:
+    """Kafka gone: the ingress answers 503 naming it, soon (no 30 s hang), and takes events again,
+    delivered by the trigger's consumer, once Kafka is back."""
+    server = NoidaServer("kafka").start()
+    broker = Broker(settings(tmp_path, channel="kafka", name="down",
+                             kafka={"bootstrap_servers": server.address, "partitions": 2}),
+                    triggers=f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
+    await broker.startup()
+    try:
+        await _post(broker, [f"a{i}" for i in range(5)])
+        await asyncio.to_thread(subscriber.wait_for, 5, 30)
+        server.stop(keep_data=True)
+        async with client(broker) as c:
+            started = time.monotonic()
+            down = await c.post("/", **binary_request(event("b0")))
+            assert down.status_code == 503, down.text
+            assert time.monotonic() - started < 10
+            assert server.address in down.json()["error"], down.text
+            server.start(fresh=False)  # noida keeps its data across a restart on the same dir
+            for id_ in ["b0", "c0", "c1"]:  # a sender retries a 503
+                deadline = time.monotonic() + 30
+                while (await c.post("/", **binary_request(event(id_)))).status_code != 202:
+                    assert time.monotonic() < deadline, f"{id_} not taken after the restart"
+                    await asyncio.sleep(0.5)
+        await until(lambda: {"b0", "c0", "c1"} <= {e.id for e in subscriber.events}, 60, "delivery after the restart")
+    finally:
+        await broker.shutdown()
+        server.stop()
+    assert {e.id for e in subscriber.events} == {f"a{i}" for i in range(5)} | {"b0", "c0", "c1"}
