@@ -157,11 +157,12 @@ class KafkaChannel:
         await self.attach(trigger, handler)
 
     def _delete_group(self, group: str) -> None:
+        admin = AdminClient(self._client_config())  # kept until the answer: a dropped client cancels it
         try:
-            futures = AdminClient(self._client_config()).delete_consumer_groups([group], request_timeout=_TIMEOUT)
-            futures[group].result(timeout=_TIMEOUT)
+            admin.delete_consumer_groups([group], request_timeout=_TIMEOUT)[group].result(timeout=_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - a leftover group only holds offsets
-            log.info("kafka channel: group %s not deleted: %s", group, exc)
+            # A trigger of that name added later would resume from the group's offsets.
+            log.warning("kafka channel: group %s not deleted: %s", group, exc)
 
     def lag(self, trigger: str) -> int | None:
         return None

@@ -183,3 +183,42 @@ async def test_kafka_down_is_503_then_back(tmp_path: Path, subscriber: Subscribe
         await broker.shutdown()
         server.stop()
     assert {e.id for e in subscriber.events} == {f"a{i}" for i in range(5)} | {"b0", "c0", "c1"}
+
+
+async def test_reload_replaces_and_removes_triggers(tmp_path: Path, kafka_settings: dict[str, Any],
+                                                    subscriber: Subscriber, other_subscriber: Subscriber) -> None:
+    """A changed trigger resumes its group where it was; a removed one leaves and its group goes."""
+    path = tmp_path / "triggers.yaml"
+    path.write_text(f"""triggers:
+  - {{name: a, subscriber: '{subscriber.url}'}}
+  - {{name: b, subscriber: '{other_subscriber.url}'}}
+""")
+    broker = Broker(settings(tmp_path, trigger_files=[path], **kafka_settings))
+    await broker.startup()
+    channel = _channel(broker)
+    try:
+        await _post(broker, ["1"])
+        await asyncio.to_thread(subscriber.wait_for, 1, 30)
+        await asyncio.to_thread(other_subscriber.wait_for, 1, 30)
+        path.write_text(f"triggers: [{{name: a, filters: [{{exact: {{type: y}}}}], subscriber: '{subscriber.url}'}}]\n")
+        assert await broker.reload()
+        assert set(channel._sources) == {"a"}
+        await _post(broker, ["2"], "y")
+        await _post(broker, ["3"], "x")
+        await _post(broker, ["4"], "y")
+        await until(lambda: len(subscriber.events) >= 3, 30, "the changed trigger's events")
+        groups = await asyncio.to_thread(_groups, kafka_settings["kafka"]["bootstrap_servers"])
+    finally:
+        await broker.shutdown()
+    assert sorted(e.id for e in subscriber.events) == ["1", "2", "4"]  # 4 partitions: no order across ids
+    assert [e.id for e in other_subscriber.events] == ["1"]
+    assert channel.group("a") in groups and channel.group("b") not in groups
+
+
+def _groups(bootstrap: str) -> set[str]:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # alive until the answer: a dropped one cancels it
+    listed = admin.list_consumer_groups(request_timeout=10).result()
+    assert not listed.errors, listed.errors
+    return {g.group_id for g in listed.valid}
