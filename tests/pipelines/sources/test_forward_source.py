@@ -199,6 +199,21 @@ class TestRecords:
         }
         assert event.json() == {"k": [1, 2.5, None], "3": True}
 
+    async def test_values_json_lacks(self, source: ForwardSource, memory: MemorySink) -> None:
+        """bin as base64, an EventTime as RFC 3339, another ext as code + base64, invalid UTF-8
+        with U+FFFD: the record is kept, not refused."""
+        record = {"b": b"\x00\xff", "t": event_time(T_NS), "x": msgpack.ExtType(5, b"\x01\x02"),
+                  "s": "caf\udcc3"}  # a lone surrogate escape: what invalid UTF-8 reads as
+        frame = msgpack.packb(["app", event_time(T_NS), record, {"chunk": "v"}], use_bin_type=True,
+                              unicode_errors="surrogateescape")
+        client = await Client.connect(source.port)
+        await client.send(frame)
+        assert await client.reply() == {"ack": "v"}
+        await client.aclose()
+        [event] = memory.events
+        assert event.json() == {"b": "AP8=", "t": "2023-11-14T22:13:20.123456789Z",
+                                "x": {"ext": 5, "base64": "AQI="}, "s": "caf\ufffd"}
+
     async def test_without_chunk_ids_are_unique(self, source: ForwardSource, memory: MemorySink) -> None:
         client = await Client.connect(source.port)
         await client.send(["app", [[T_NS // NS, {}], [T_NS // NS, {}]]])
