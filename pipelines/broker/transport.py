@@ -66,6 +66,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._received = False
         self._headers_done = False
+        self._framed = False  # content-length or chunked: a close before the end is a truncation
         self.keep_alive = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
@@ -83,7 +84,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._headers_done and exc is None:  # a body framed by the end of the connection
+        if self._headers_done and exc is None and not self._framed:  # a body ended by the close
             self.keep_alive = False
             self._finish()
         self._fail(ConnectionError("the connection closed before a response"))
@@ -91,7 +92,10 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks ----------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        key = name.decode("latin-1").lower()
+        self._headers[key] = value.decode("latin-1")
+        if key == "content-length" or (key == "transfer-encoding" and b"chunked" in value.lower()):
+            self._framed = True
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
@@ -101,7 +105,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self._parser.get_status_code() < 200:  # an interim response (103, an unasked 100): the real one follows
-            self._headers, self._body, self._headers_done = {}, [], False
+            self._headers, self._body, self._headers_done, self._framed = {}, [], False, False
             return
         self.keep_alive = self._parser.should_keep_alive()
         self._finish()
@@ -114,6 +118,7 @@ class _Connection(asyncio.Protocol):
         waiter: asyncio.Future[HttpResponse] = loop.create_future()
         self._waiter = waiter
         self._headers, self._body, self._received, self._headers_done = {}, [], False, False
+        self._framed = False
         self.transport.write(message)
         # A timer, not asyncio.timeout: a third of the cost, and this runs once per delivery.
         timer = None if timeout is None else loop.call_later(timeout, self._expire, timeout)

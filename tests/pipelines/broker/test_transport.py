@@ -1,0 +1,130 @@
+"""The broker's delivery client against real sockets: a scripted raw server for framings,
+keep-alive and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+
+import pytest
+
+from infer_logger.testing import free_port
+from pipelines.broker.transport import USER_AGENT, HttpClient
+from tests.servers import Scripted
+
+
+def answer(status: bytes = b"202 Accepted", body: bytes = b"", *extra: bytes) -> Callable[[bytes], bytes]:
+    head = b"".join(h + b"\r\n" for h in extra)
+    return lambda _: b"HTTP/1.1 %s\r\ncontent-length: %d\r\n%s\r\n%s" % (status, len(body), head, body)
+
+
+async def test_keeps_the_connection_and_writes_the_head() -> None:
+    peer = Scripted(answer(b"200 OK", b'{"ok":1}', b"Content-Type: application/json"))
+    client = HttpClient()
+    async with peer as url:
+        for _ in range(3):
+            response = await client.post(url + "/sub?x=1", {"ce-id": "1"}, b"body")
+            assert (response.status, response.body) == (200, b'{"ok":1}')
+            assert response.headers["content-type"] == "application/json"  # names lower-cased
+        await client.aclose()
+    assert peer.connections == 1
+    head = peer.heads[0]
+    assert head.startswith(b"POST /sub?x=1 HTTP/1.1\r\nhost: 127.0.0.1:")
+    assert f"user-agent: {USER_AGENT}\r\n".encode() in head
+    assert b"content-length: 4\r\n" in head and b"ce-id: 1\r\n" in head and head.endswith(b"\r\n\r\nbody")
+
+
+async def test_a_kept_connection_the_peer_closed_is_retried_once_on_a_new_one() -> None:
+    seen = itertools.count(1)
+    # The second request arrives on the kept connection, and the peer hangs up without an
+    # answer (as a server closing an idle connection just then): sent again, on a new one.
+    peer = Scripted(lambda _: None if next(seen) == 2 else answer()(b""))
+    client = HttpClient()
+    async with peer as url:
+        assert (await client.post(url, {}, b"1")).status == 202
+        assert (await client.post(url, {}, b"2")).status == 202
+        await client.aclose()
+    assert peer.connections == 2 and [h[-1:] for h in peer.heads] == [b"1", b"2", b"2"]
+
+
+async def test_hang_up_on_a_new_connection_is_not_retried() -> None:
+    peer = Scripted(lambda _: None)
+    client = HttpClient()
+    async with peer as url:
+        with pytest.raises(ConnectionError):
+            await client.post(url, {}, b"x")
+        await client.aclose()
+    assert len(peer.heads) == 1  # the peer may have acted on it: the caller's retry policy decides
+
+
+async def test_truncated_answer_is_an_error() -> None:
+    # content-length says 10: a close after 4 bytes is a truncation, not the end of the body.
+    async with Scripted(lambda _: b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf", close_after=1) as url:
+        client = HttpClient()
+        with pytest.raises(ConnectionError):
+            await client.post(url, {}, b"x")
+        await client.aclose()
+
+
+async def test_answer_ended_by_close_and_connection_close() -> None:
+    framed_by_close = Scripted(lambda _: b"HTTP/1.0 200 OK\r\n\r\nuntil the end", close_after=1)
+    client = HttpClient()
+    async with framed_by_close as url:
+        for _ in range(2):
+            assert (await client.post(url, {}, b"")).body == b"until the end"
+    said_close = Scripted(answer(b"200 OK", b"", b"connection: close"))
+    async with said_close as url:
+        for _ in range(2):
+            assert (await client.post(url, {}, b"")).status == 200
+    await client.aclose()
+    assert framed_by_close.connections == 2 and said_close.connections == 2
+
+
+async def test_chunked_and_interim_answers() -> None:
+    chunked = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    peer = Scripted(lambda _: chunked)
+    client = HttpClient()
+    async with peer as url:
+        for _ in range(2):
+            response = await client.post(url, {}, b"")
+            assert (response.status, response.body) == (200, b"abc")
+        await client.aclose()
+    assert peer.connections == 1
+
+
+async def test_timeout_drops_the_connection_and_the_next_post_works() -> None:
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)  # reads, never answers
+    url = f"http://127.0.0.1:{silent.sockets[0].getsockname()[1]}/"
+    client = HttpClient()
+    with pytest.raises(TimeoutError):
+        await client.post(url, {}, b"x", timeout=0.2)
+    silent.close()
+    async with Scripted(answer()) as url:
+        assert (await client.post(url, {}, b"fine", timeout=2)).status == 202
+    await client.aclose()
+    for writer in held:
+        writer.close()
+
+
+async def test_refused_and_malformed() -> None:
+    client = HttpClient()
+    with pytest.raises(OSError):
+        await client.post(f"http://127.0.0.1:{free_port()}/", {}, b"x", timeout=2)
+    async with Scripted(lambda _: b"SMTP ready\r\n\r\n") as url:
+        with pytest.raises(ConnectionError, match="malformed HTTP response"):
+            await client.post(url, {}, b"x", timeout=2)
+    await client.aclose()
+
+
+async def test_bad_headers_and_urls_are_refused_before_sending() -> None:
+    peer = Scripted(answer())
+    client = HttpClient()
+    async with peer as url:
+        with pytest.raises(ValueError, match="line break"):
+            await client.post(url, {"x-a": "1\r\nx-injected: 2"}, b"")
+        with pytest.raises(ValueError, match="not an http"):
+            await client.post("ftp://127.0.0.1/", {}, b"")
+        await client.aclose()
+    assert peer.heads == []
