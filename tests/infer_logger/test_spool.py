@@ -143,6 +143,36 @@ class TestDiskSpool:
         spool.append(event(1))
         await asyncio.wait_for(waiter, 1)
 
+    async def test_fsync_interval_syncs_batches_not_appends(self, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+        synced: list[int] = []
+        real = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+        spool = DiskSpool(tmp_path, fsync_interval=0.05, segment_bytes=4096)
+        spool.start_fsync()
+        for i in range(20):
+            spool.append(event(i))
+        await asyncio.sleep(0.2)
+        batched = len(synced)
+        assert 1 <= batched <= 2  # the appends so far, at once: not one per event
+        await asyncio.sleep(0.2)
+        assert len(synced) == batched  # nothing new: no fsync
+        for i in range(20, 200):  # ~8 segments: each one is synced as it is rolled over
+            spool.append(event(i, size=200))
+        assert len(synced) - batched >= 7
+        spool.close()
+        assert drain(DiskSpool(tmp_path).reader("r")) == [str(i) for i in range(200)]
+
+    def test_no_fsync_by_default(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        synced: list[int] = []
+        monkeypatch.setattr(os, "fsync", synced.append)
+        spool = DiskSpool(tmp_path, segment_bytes=4096)
+        for i in range(200):
+            spool.append(event(i, size=200))
+        assert synced == []
+        spool.close()  # a clean stop syncs what is written
+        assert len(synced) == 1
+
     def test_duplicate_reader_name_is_refused(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path)
         spool.reader("s")
