@@ -80,6 +80,7 @@ def main() -> None:
 @click.option("--annotation", "annotations", multiple=True, metavar="KEY=VALUE",
               help="Adds to the `annotations` attribute (JSON). Repeatable.")
 @click.option("--max-payload-bytes", help="Log payloads cut to this size (e.g. 1MiB).")
+@click.option("--max-request-bytes", help="Refuse larger request bodies with 413.  [default: 256MiB]")
 @click.option("--timeout", type=float, help="Seconds to wait for the predictor.  [default: 60]")
 @click.option("--spool-dir", type=click.Path(path_type=Path), help="Spool directory.")
 @click.option("--durability", type=click.Choice(["disk", "memory"]),

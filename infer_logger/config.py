@@ -134,6 +134,9 @@ class Settings(LayeredSettings):
     annotations: dict[str, str] = {}
     max_payload_bytes: ByteSize = ByteSize(1 << 20)
     """Payloads longer than this are logged cut short with `truncated: true`."""
+    max_request_bytes: ByteSize = ByteSize(256 << 20)
+    """Request bodies longer than this are refused with 413: the sidecar holds a request whole
+    while it forwards it, so this bounds its memory."""
     timeout: float = Field(60.0, gt=0)
     """Seconds to wait for the predictor before answering 504."""
     server: Literal["httptools", "uvicorn"] = "httptools"

@@ -5,9 +5,9 @@ several awaits per request) cost the sidecar about as much CPU as the predictor 
 server parses with the same parser (llhttp via httptools), hands the handler whole requests and
 writes each answer with one `write`. It serves what a reverse proxy in a pod needs: keep-alive,
 pipelining (answers in order), chunked request bodies, `Expect: 100-continue`, HTTP/1.0, an idle
-timeout and a graceful stop. Upgrades (websockets, h2c) are not served: the request is answered
-as plain HTTP and the connection closed. `infer-logger proxy --server uvicorn` runs the ASGI app
-instead.
+timeout, a request body limit (413: requests are held whole) and a graceful stop. Upgrades
+(websockets, h2c) are not served: the request is answered as plain HTTP and the connection
+closed. `infer-logger proxy --server uvicorn` runs the ASGI app instead.
 """
 
 from __future__ import annotations
@@ -66,6 +66,10 @@ def encode_reply(status: int, headers: Headers, body: bytes, *, close: bool, hea
     return b"".join(out)
 
 
+class _TooLarge(Exception):
+    """Raised in a parser callback: the body is over the limit, stop reading it."""
+
+
 def _error(status: int, reason: str) -> bytes:
     body = orjson.dumps({"error": reason, "status": status})
     return encode_reply(status, [(b"content-type", b"application/json")], body, close=True, head=False)
@@ -83,6 +87,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: Headers = []
         self._body: list[bytes] = []
+        self._size = 0
 
     # -- asyncio.Protocol
 
@@ -104,10 +109,16 @@ class _Connection(asyncio.Protocol):
             # The request itself was read (and queued); what follows is another protocol.
             self._stop_reading()
         except httptools.HttpParserError as exc:
-            log.info("bad HTTP request from a client: %s", exc)
+            too_large = isinstance(exc.__context__, _TooLarge)
+            if too_large:
+                reply = _error(413, f"the request body is larger than {self.server.max_body_bytes} bytes "
+                                    "(max_request_bytes)")
+            else:
+                log.info("bad HTTP request from a client: %s", exc)
+                reply = _error(400, f"invalid HTTP request: {exc}")
             self._stop_reading()
             if not self.active and self.transport is not None:
-                self.transport.write(_error(400, f"invalid HTTP request: {exc}"))
+                self.transport.write(reply)
                 self.transport.close()
 
     def _stop_reading(self) -> None:
@@ -121,6 +132,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._body = []
+        self._size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -129,10 +141,21 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        limit = self.server.max_body_bytes
+        if limit is not None:
+            for name, value in self._headers:
+                if name == b"content-length":
+                    if value.isdigit() and int(value) > limit:
+                        raise _TooLarge  # before any of it is read (or a 100 Continue asks for it)
+                    break
         if self.transport is not None and (b"expect", b"100-continue") in self._headers:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        limit = self.server.max_body_bytes
+        if limit is not None and self._size > limit:  # chunked: no length said up front
+            raise _TooLarge
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -190,9 +213,12 @@ class _Connection(asyncio.Protocol):
 class HttpServer:
     """Serve `handler` on host:port until `stop`."""
 
-    def __init__(self, handler: Handler, *, keep_alive_timeout: float = 5.0) -> None:
+    def __init__(self, handler: Handler, *, keep_alive_timeout: float = 5.0,
+                 max_body_bytes: int | None = None) -> None:
         self.handler = handler
         self.keep_alive_timeout = keep_alive_timeout
+        self.max_body_bytes = max_body_bytes
+        """Larger request bodies are answered 413 and the connection closed (None: no limit)."""
         self.connections: set[_Connection] = set()
         self.stopping = False
         self.loop = asyncio.get_running_loop()

@@ -17,7 +17,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from infer_logger import events as ev
-from infer_logger.asgi import read_body, respond, run_lifespan
+from infer_logger.asgi import BodyTooLargeError, read_body, respond, run_lifespan
 from infer_logger.cloudevents.http import from_http_many
 from infer_logger.errors import InferLoggerError, InvalidEventError
 from infer_logger.httpserver import Reply, Request
@@ -66,8 +66,10 @@ class Proxy:
     """Forward, log, answer: `handle` is the core; `infer_logger.httpserver` serves it directly,
     and the object is also an ASGI app (for uvicorn, or mounting in-process)."""
 
-    def __init__(self, logger: InferenceLogger, upstream: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, logger: InferenceLogger, upstream: str, *, timeout: float = 60.0,
+                 max_body_bytes: int | None = None) -> None:
         self.logger = logger
+        self.max_body_bytes = max_body_bytes
         self.upstream = Upstream(upstream, timeout=timeout)
         self.serving = False
         self.startup_error: InferLoggerError | None = None
@@ -92,7 +94,11 @@ class Proxy:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http":
-            body = await read_body(receive)
+            try:
+                body = await read_body(receive, self.max_body_bytes)
+            except BodyTooLargeError as exc:
+                await respond(send, 413, list(_JSON), error_body(413, f"{exc} (max_request_bytes)"))
+                return
             target = scope.get("raw_path") or scope["path"].encode()
             if scope.get("query_string"):
                 target += b"?" + scope["query_string"]

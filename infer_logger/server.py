@@ -20,7 +20,8 @@ from infer_logger.proxy import Proxy
 
 
 def build_app(settings: Settings) -> Proxy:
-    return Proxy(InferenceLogger(settings), settings.upstream, timeout=settings.timeout)
+    return Proxy(InferenceLogger(settings), settings.upstream, timeout=settings.timeout,
+                 max_body_bytes=int(settings.max_request_bytes))
 
 
 def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning") -> uvicorn.Config:
@@ -73,7 +74,7 @@ async def run(app: Proxy, host: str, port: int, stop: asyncio.Event,
     except BaseException:
         await app.shutdown()
         raise
-    server = HttpServer(app.handle)
+    server = HttpServer(app.handle, max_body_bytes=app.max_body_bytes)
     try:
         await server.start(host, port)
     except OSError as exc:

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import content_mode, from_http_many
 from infer_logger.errors import InvalidEventError
-from infer_logger.asgi import respond
+from infer_logger.asgi import BodyTooLargeError, read_body, respond
 from pipelines.broker.channel import ChannelError, RefusedError
 from pipelines.broker.endpoints import passthrough
 from pipelines.broker.handler import TriggerHandler
@@ -41,26 +41,6 @@ _ALLOW = (b"allow", b"POST, OPTIONS")
 
 def _error(status: int, reason: str, **extra: str) -> bytes:
     return orjson.dumps({"error": reason, "status": status, **extra})
-
-
-class _TooLargeError(Exception):
-    pass
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _TooLargeError
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
 
 
 class Ingress:
@@ -110,9 +90,9 @@ class Ingress:
         try:
             declared = int(headers.get("content-length", "0"))
             if declared > limit:
-                raise _TooLargeError
-            body = await _read_body(receive, limit)
-        except (_TooLargeError, ValueError):
+                raise BodyTooLargeError(limit)
+            body = await read_body(receive, limit)
+        except (BodyTooLargeError, ValueError):
             refused.labels("oversize").inc()
             await respond(send, 413, [_JSON], _error(413, f"the body is larger than {limit} bytes"))
             return
@@ -154,8 +134,8 @@ class Ingress:
     async def _trigger(self, scope: Scope, parts: list[str], receive: Receive, send: Send) -> None:
         limit = int(self.broker.settings.max_request_bytes)
         try:
-            body = await _read_body(receive, limit)
-        except _TooLargeError:
+            body = await read_body(receive, limit)
+        except BodyTooLargeError:
             await respond(send, 413, [_JSON], _error(413, f"the body is larger than {limit} bytes"))
             return
         status, headers, out = await self.handler.handle(scope["method"], parts, scope["headers"], body)

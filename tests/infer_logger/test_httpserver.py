@@ -118,6 +118,37 @@ async def test_malformed_request_is_400_with_a_reason(server: HttpServer) -> Non
     assert orjson.loads(body)["error"].startswith("invalid HTTP request")
 
 
+class TestBodyLimit:
+    """Over `max_body_bytes`: 413 with a JSON reason, the connection closed, the rest not read."""
+
+    @pytest.fixture
+    async def small(self) -> AsyncIterator[HttpServer]:
+        srv = HttpServer(echo, max_body_bytes=10)
+        await srv.start("127.0.0.1", 0)
+        yield srv
+        await srv.stop(grace=1)
+
+    async def test_declared_length_is_refused_before_the_body(self, small: HttpServer) -> None:
+        # Only the head is sent: with a 100-continue, a client waits for the go-ahead to send a body.
+        raw = await exchange(small, b"POST /p HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+                                    b"content-length: 10000000000\r\n\r\n")
+        [(status, headers, body)] = answers(raw)
+        assert status.startswith(b"HTTP/1.1 413") and headers[b"connection"] == b"close"
+        assert orjson.loads(body) == {"error": "the request body is larger than 10 bytes (max_request_bytes)",
+                                      "status": 413}
+
+    async def test_chunked_body_is_cut_off_at_the_limit(self, small: HttpServer) -> None:
+        raw = await exchange(small, b"POST /p HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+                                    b"8\r\n12345678\r\n8\r\n12345678\r\n")
+        assert answers(raw)[0][0].startswith(b"HTTP/1.1 413")
+
+    async def test_at_the_limit_is_served_and_the_server_goes_on(self, small: HttpServer) -> None:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{small.port}") as client:
+            assert (await client.post("/p", content=b"x" * 11)).status_code == 413
+            answer = await client.post("/p", content=b"x" * 10)
+            assert answer.status_code == 200 and answer.json()["body"] == "x" * 10
+
+
 async def test_handler_error_is_a_500_and_the_server_goes_on(server: HttpServer) -> None:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
         r = await client.get("/boom")

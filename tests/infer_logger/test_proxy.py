@@ -41,7 +41,7 @@ def sidecar(iris_predictor: Process, collector: EventCollector, server: str, tmp
         iris_predictor.url, tmp, "--server", server, "--log-url", collector.url, "--inference-service", "iris",
         "--namespace", "ns", "--component", "predictor", "--endpoint", "default",
         "--metadata-headers", "Foo,Fizz", "--source-uri", "http://localhost:9081/",
-        "--max-payload-bytes", "4096",
+        "--max-payload-bytes", "4096", "--max-request-bytes", "1MiB",
     ).start()
     yield proc
     proc.stop()
@@ -144,6 +144,18 @@ class TestLogging:
         found = events_for(collector, "bin-1")
         assert found[ev.REQUEST].data == raw
         assert found[ev.REQUEST].datacontenttype == "application/octet-stream"
+
+    def test_body_over_the_request_limit_is_413(self, sidecar: Process, collector: EventCollector) -> None:
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", content=b"x" * (1 << 20 | 1),
+                       headers={"ce-id": "over-1", "content-type": "application/json"})
+        assert r.status_code == 413
+        assert r.json() == {"error": "the request body is larger than 1048576 bytes (max_request_bytes)",
+                            "status": 413}
+        assert httpx.post(sidecar.url + "/v1/models/iris:predict", json=V1).status_code == 200
+        # Refused before it was an inference call: not logged, not sent to the predictor.
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", json=V1, headers={"ce-id": "fence-2"})
+        events_for(collector, "fence-2")
+        assert not any(e.id == "over-1" for e in collector.events)
 
     def test_own_endpoints(self, sidecar: Process) -> None:
         assert httpx.get(sidecar.url + "/healthz").json() == {"status": "ok"}
