@@ -21,7 +21,7 @@ import orjson
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.config import Settings
-from infer_logger.errors import RejectedError
+from infer_logger.errors import RejectedError, SinkError
 from infer_logger.events import decode_data
 from infer_logger.metrics import Metrics
 from infer_logger.sinks.base import Sink
@@ -128,36 +128,43 @@ class SinkWorker:
                 await self.sink.send_batch(events)
             except RejectedError as exc:
                 refused = exc.events or list(events)
-                self._dead_letter(refused, str(exc))
-                self.metrics.delivered.labels(self.name).inc(len(events) - len(refused))
-                return True
+                try:
+                    self._dead_letter(refused, str(exc))
+                except OSError as error:
+                    # Not written down anywhere yet: the batch stays uncommitted and is tried again.
+                    failure: Exception = SinkError(f"cannot write dead letters to {self.deadletter}: {error}")
+                else:
+                    self.healthy = True
+                    self.metrics.delivered.labels(self.name).inc(len(events) - len(refused))
+                    return True
             except Exception as exc:  # any failure of a sink is retried, never fatal
-                attempt += 1
-                self.healthy = False
-                self.metrics.retried.labels(self.name).inc()
-                if self.draining:
-                    log.warning("sink %s still failing at shutdown (%s): kept in the spool", self.name, exc)
-                    return False
-                delay = self.backoff.delay(attempt, getattr(exc, "retry_after", None))
-                if attempt == 1 or attempt % 10 == 0:
-                    log.warning("sink %s: %s; retry %d in %.2fs", self.name, exc, attempt, delay)
-                await asyncio.sleep(delay)
-                continue
-            self.healthy = True
-            self.metrics.sink_latency.labels(self.name).observe(time.perf_counter() - started)
-            self.metrics.delivered.labels(self.name).inc(len(events))
-            return True
+                failure = exc
+            else:
+                self.healthy = True
+                self.metrics.sink_latency.labels(self.name).observe(time.perf_counter() - started)
+                self.metrics.delivered.labels(self.name).inc(len(events))
+                return True
+            attempt += 1
+            self.healthy = False
+            self.metrics.retried.labels(self.name).inc()
+            if self.draining:
+                log.warning("sink %s still failing at shutdown (%s): kept in the spool", self.name, failure)
+                return False
+            delay = self.backoff.delay(attempt, getattr(failure, "retry_after", None))
+            if attempt == 1 or attempt % 10 == 0:
+                log.warning("sink %s: %s; retry %d in %.2fs", self.name, failure, attempt, delay)
+            await asyncio.sleep(delay)
 
     def _dead_letter(self, events: Sequence[CloudEvent], reason: str) -> None:
+        """Append the refused events to the sink's dead-letter file (OSError: nothing counted)."""
+        if self.deadletter is not None:
+            self.deadletter.parent.mkdir(parents=True, exist_ok=True)
+            with self.deadletter.open("ab") as fh:
+                for event in events:
+                    record = {"reason": reason, "attributes": event.attributes, "data": decode_data(event)}
+                    fh.write(orjson.dumps(record) + b"\n")
         self.metrics.drop("rejected", len(events))
         log.error("sink %s refused %d events: %s", self.name, len(events), reason)
-        if self.deadletter is None:
-            return
-        self.deadletter.parent.mkdir(parents=True, exist_ok=True)
-        with self.deadletter.open("ab") as fh:
-            for event in events:
-                record = {"reason": reason, "attributes": event.attributes, "data": decode_data(event)}
-                fh.write(orjson.dumps(record) + b"\n")
 
 
 def build_sinks(settings: Settings) -> dict[str, Sink]:

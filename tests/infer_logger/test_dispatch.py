@@ -94,6 +94,29 @@ async def test_rejected_events_are_dead_lettered(tmp_path: Path) -> None:
     assert spool.stats.dropped["rejected"] == 1
 
 
+async def test_a_dead_letter_that_cannot_be_written_is_retried_not_lost(tmp_path: Path) -> None:
+    """The dead-letter file is where a refused event goes instead of the sink: until it is
+    written, the batch is not committed and the worker keeps going (backing off)."""
+    sink = MemorySink()
+    sink.fail = lambda batch: RejectedError("400 bad", [e for e in batch if e.id == "3"]) if any(
+        e.id == "3" for e in batch) else None
+    (tmp_path / "dead").write_text("a file where the directory should be")
+    spool, d = dispatcher(tmp_path, s=sink)
+    d.start()
+    for i in range(5):
+        spool.append(event(i))
+    await until(lambda: d.metrics.retried.labels("s")._value.get() >= 2)
+    assert not d.health()["s"] and spool.stats.dropped["rejected"] == 0
+    (tmp_path / "dead").unlink()
+    await until(lambda: (tmp_path / "dead" / "s.jsonl").exists())
+    spool.append(event(5))
+    await until(lambda: any(e.id == "5" for e in sink.events))  # the worker went on
+    await d.stop()
+    (line,) = (tmp_path / "dead" / "s.jsonl").read_bytes().splitlines()
+    assert orjson.loads(line)["attributes"]["id"] == "3"
+    assert spool.stats.dropped["rejected"] == 1 and d.health()["s"]
+
+
 async def test_stop_drains_what_it_can(tmp_path: Path) -> None:
     sink = MemorySink()
     spool, d = dispatcher(tmp_path, s=sink)
