@@ -224,7 +224,9 @@ def lower_priority(priority: str) -> None:
                 os.setpriority(os.PRIO_PROCESS, tid, 19)
 
 
-def _write_status(path: Path, dispatcher: Dispatcher, metrics: Metrics, priority: str) -> None:
+def _write_status(path: Path, dispatcher: Dispatcher, metrics: Metrics, priority: str) -> OSError | None:
+    """Write the report; an error (e.g. a full disk) is returned: delivery goes on regardless,
+    and the sidecar sees the report go stale meanwhile."""
     dispatcher.update_lag()
     report: dict[str, Any] = {
         "pid": os.getpid(),
@@ -234,8 +236,12 @@ def _write_status(path: Path, dispatcher: Dispatcher, metrics: Metrics, priority
         **export(metrics),
     }
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(report))
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(orjson.dumps(report))
+        os.replace(tmp, path)
+    except OSError as exc:
+        return exc
+    return None
 
 
 async def deliver(settings: Settings) -> None:
@@ -268,12 +274,16 @@ async def deliver(settings: Settings) -> None:
     dispatcher.start()
     # Normal priority until the backlog is delivered, then the configured one.
     priority = "normal"
+    status_error: OSError | None = None
     try:
         while not stop.is_set():
             if priority != settings.delivery.priority and all(w.reader.lag() == 0 for w in dispatcher.workers):
                 lower_priority(settings.delivery.priority)
                 priority = settings.delivery.priority
-            _write_status(status_path, dispatcher, metrics, priority)
+            failed = _write_status(status_path, dispatcher, metrics, priority)
+            if (failed is None) != (status_error is None):  # log the changes, not every report
+                log.warning("status report %s: %s", status_path, failed or "written again")
+            status_error = failed
             if os.getppid() != parent:
                 # Orphaned: make way for the next sidecar's child soon; what is not delivered
                 # stays spooled for it.

@@ -433,6 +433,7 @@ class DiskReader:
         self.position = self._load()
         self._saved = self.position
         self._saved_at = 0.0
+        self._save_failing = False
         self.checkpoint_interval = checkpoint_interval
         self._file: tuple[int, BinaryIO] | None = None  # the segment being read, kept open
 
@@ -570,8 +571,20 @@ class DiskReader:
         position = self.position
         path = self.spool.checkpoint_path(self.name)
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps({"segment": position.segment, "offset": position.offset}))
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(orjson.dumps({"segment": position.segment, "offset": position.offset}))
+            os.replace(tmp, path)
+        except OSError as exc:
+            # E.g. a full disk: delivery goes on, and the next commit tries again. Until then a
+            # restart re-delivers from the last saved checkpoint (at-least-once allows it).
+            if not self._save_failing:
+                log.error("checkpoint %s not saved (%s): delivery goes on, saving is retried", path, exc)
+            self._save_failing = True
+            self._saved_at = now
+            return
+        if self._save_failing:
+            log.warning("checkpoint %s saved again", path)
+            self._save_failing = False
         self._saved, self._saved_at = position, now
         self.spool.collect()
 

@@ -84,6 +84,27 @@ async def test_events_reach_the_sink_through_the_child(tmp_path: Path) -> None:
     assert logger.sink_states() == {"file": "down"}
 
 
+async def test_a_status_report_that_cannot_be_written_does_not_stop_the_child(tmp_path: Path) -> None:
+    blocker = (tmp_path / "spool" / STATUS_FILE).with_suffix(".tmp")
+    blocker.mkdir(parents=True)  # e.g. a full disk: the report's temporary file cannot be written
+    logger = InferenceLogger(settings(tmp_path))
+    await logger.start()
+    try:
+        assert logger.delivery is not None
+        child = logger.delivery.pid
+        for i in range(10):
+            exchange(logger, f"s{i}")
+        await eventually(lambda: len(lines(tmp_path / "events.jsonl")) == 20)
+        await asyncio.sleep(1.5)  # several reports failed meanwhile
+        exchange(logger, "later")
+        await eventually(lambda: len(lines(tmp_path / "events.jsonl")) == 22)
+        assert child is not None and alive(child) and logger.delivery.pid == child
+        blocker.rmdir()
+        await eventually(lambda: logger.sink_states() == {"file": "ok"})  # reports again
+    finally:
+        await logger.stop()
+
+
 def policy(pid: int) -> str:
     """`idle`, `low` or `normal`, as the kernel schedules the process's main thread."""
     if os.sched_getscheduler(pid) == os.SCHED_IDLE:

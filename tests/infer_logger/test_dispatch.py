@@ -117,6 +117,24 @@ async def test_a_dead_letter_that_cannot_be_written_is_retried_not_lost(tmp_path
     assert spool.stats.dropped["rejected"] == 1 and d.health()["s"]
 
 
+async def test_a_checkpoint_that_cannot_be_saved_does_not_stop_delivery(tmp_path: Path) -> None:
+    sink = MemorySink()
+    spool, d = dispatcher(tmp_path, s=sink)
+    blocker = spool.checkpoint_path("s").with_suffix(".tmp")
+    blocker.mkdir(parents=True)  # the checkpoint's temporary file cannot be written
+    d.start()
+    for i in range(25):
+        spool.append(event(i))
+    await until(lambda: len(sink.events) == 25)
+    spool.append(event(25))  # later batches still go out
+    await until(lambda: len(sink.events) == 26)
+    assert not spool.checkpoint_path("s").exists()
+    blocker.rmdir()
+    await d.stop()  # saved at the stop
+    spool.close()
+    assert DiskSpool(tmp_path / "spool").reader("s").read(100)[0] == []
+
+
 async def test_stop_drains_what_it_can(tmp_path: Path) -> None:
     sink = MemorySink()
     spool, d = dispatcher(tmp_path, s=sink)
