@@ -35,7 +35,7 @@ class _SpoolCollector(Collector):
             counts[reason] = counts.get(reason, 0) + count
         dropped = CounterMetricFamily(
             "infer_logger_events_dropped",
-            "Events given up on, by reason (spool_full, spool_overflow, rejected, corrupt_segments)",
+            "Events given up on, by reason (spool_full, spool_overflow, spool_error, rejected, corrupt_segments)",
             labels=["reason"],
         )
         for reason, count in sorted(counts.items()):

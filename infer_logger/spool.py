@@ -261,6 +261,7 @@ class DiskSpool(_Segments):
         self._current = max(self._sizes, default=0) + 1
         self._fd = self._open(self._current)
         self._dirty = False
+        self._failing = False  # appends fail (a full disk...): logged once per stretch
         self._refreshed = 0.0
         self._fsync_task: asyncio.Task[None] | None = None
 
@@ -272,15 +273,34 @@ class DiskSpool(_Segments):
         if self.size_bytes() + len(record) > self.max_bytes and not self._room(len(record)):
             self.stats.dropped["spool_full"] += 1
             return False
-        if self._sizes[self._current] + len(record) > self.segment_bytes and self._sizes[self._current]:
-            self._roll()
-        os.write(self._fd, record)
+        try:
+            if self._sizes[self._current] + len(record) > self.segment_bytes and self._sizes[self._current]:
+                self._roll()
+            written = os.write(self._fd, record)
+        except OSError as exc:  # a full disk, a file size limit, an I/O error
+            return self._write_failed(exc)
+        if written != len(record):  # cut short (the disk filled up mid-record)
+            return self._write_failed(OSError(f"{written} of {len(record)} bytes written"))
+        if self._failing:
+            log.warning("spool %s: appending again", self.dir)
+            self._failing = False
         self._sizes[self._current] += len(record)
         self.stats.appended += 1
         self._dirty = True
         for waiter in self._waiters:
             waiter.set()
         return True
+
+    def _write_failed(self, exc: OSError) -> bool:
+        """The event is dropped and counted, never the request failed; a partial record is cut
+        off again, so that the segment stays readable past it."""
+        self.stats.dropped["spool_error"] += 1
+        if not self._failing:  # logged when it starts, not for every event
+            log.error("spool %s: cannot append (%s): events are dropped and counted until it can", self.dir, exc)
+            self._failing = True
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, self._sizes[self._current])
+        return False
 
     def start_fsync(self) -> None:
         """Fsync in the background every `fsync_interval` seconds (one fsync per batch of appends)."""
@@ -291,7 +311,10 @@ class DiskSpool(_Segments):
         assert self.fsync_interval
         while True:
             await asyncio.sleep(self.fsync_interval)
-            self.sync()
+            try:
+                self.sync()
+            except OSError as exc:  # EIO: the data may not be on disk; keep appending regardless
+                log.error("spool %s: fsync failed: %s", self.dir, exc)
 
     def sync(self) -> None:
         if self._dirty:
@@ -299,16 +322,19 @@ class DiskSpool(_Segments):
             os.fsync(self._fd)
 
     def _open(self, number: int) -> int:
+        fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._sizes.setdefault(number, 0)
-        return os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        return fd
 
     def _roll(self) -> None:
         if self.fsync_interval:
             os.fsync(self._fd)
+        # The next segment opens before the current one closes: if it cannot, nothing changed.
+        fd = self._open(self._current + 1)
         os.close(self._fd)
-        self.refresh()
+        self._fd = fd
         self._current += 1
-        self._fd = self._open(self._current)
+        self.refresh()
 
     def _room(self, needed: int) -> bool:
         now = time.monotonic()

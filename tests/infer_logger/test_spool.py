@@ -180,6 +180,38 @@ class TestDiskSpool:
             spool.reader("s")
 
 
+_FULL_DISK = """
+import resource, sys
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.spool import DiskSpool
+
+spool = DiskSpool(sys.argv[1])
+def event(i):
+    return CloudEvent({"specversion": "1.0", "id": str(i), "source": "/s", "type": "t"}, b"x" * 100)
+taken = [i for i in range(20) if spool.append(event(i))]
+# Every file this process writes may now grow to 8000 bytes: the kernel refuses the rest (EFBIG),
+# as a full disk would (ENOSPC). Python ignores SIGXFSZ, so writes fail instead of killing us.
+resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))
+taken += [i for i in range(20, 200) if spool.append(event(i))]
+print(",".join(map(str, taken)), spool.stats.dropped["spool_error"])
+"""
+
+
+def test_a_full_disk_drops_and_counts_events_and_keeps_the_spool_readable(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path / "spool")], capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr
+    taken_text, dropped = out.stdout.split()
+    taken = taken_text.split(",")
+    assert 20 < len(taken) < 200 and int(dropped) == 200 - len(taken)  # each one counted
+    assert "cannot append" in out.stderr and out.stderr.count("cannot append") == 1  # logged once
+    # Whatever was taken reads back whole, in order: no partial record was left behind.
+    assert drain(DiskSpool(tmp_path / "spool").reader("r")) == taken
+
+
 class TestMemorySpool:
     """The in-memory log keeps the same contract, without durability."""
 
