@@ -151,7 +151,10 @@ def query(db: Path, id_: str | None, model: str | None, since: str | None, until
     if not db.exists():
         raise click.BadParameter(f"{db} does not exist (run the proxy or the quickstart first)",
                                  param_hint="--db")
-    store = AuditStore(db, readonly=True)
+    try:
+        store = AuditStore(db, readonly=True)
+    except InferLoggerError as exc:  # not an SQLite file, or a newer schema
+        raise click.BadParameter(str(exc), param_hint="--db") from None
     try:
         records = store.query(id=id_, model=model, since=_time(since, "--since"),
                               until=_time(until, "--until"), status=status, limit=limit)

@@ -204,6 +204,9 @@ class AuditStore:
                 self._conn.execute("PRAGMA journal_size_limit=67108864")  # bytes kept after a checkpoint
                 self._migrate()
             self._check_version()
+        except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
+            self._conn.close()
+            raise InferLoggerError(f"{self.path}: not a usable audit store: {exc}") from None
         except BaseException:
             self._conn.close()
             raise

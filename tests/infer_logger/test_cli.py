@@ -55,6 +55,10 @@ def test_query_bad_input(tmp_path: Path) -> None:
     seeded_store(db)
     bad_time = runner.invoke(main, ["query", "--db", str(db), "--since", "last tuesday"])
     assert bad_time.exit_code == 2 and "--since" in bad_time.output
+    (tmp_path / "notes.txt").write_text("not a database")
+    not_db = runner.invoke(main, ["query", "--db", str(tmp_path / "notes.txt")])
+    assert not_db.exit_code == 2 and "not a usable audit store" in not_db.output
+    assert not_db.exception is None or isinstance(not_db.exception, SystemExit)  # a message, no traceback
 
 
 def test_setup_elasticsearch(es_url: str) -> None:

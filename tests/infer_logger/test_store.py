@@ -324,6 +324,13 @@ class TestFile:
         with pytest.raises(InferLoggerError, match="schema version"):
             AuditStore(path)
 
+    @pytest.mark.parametrize("readonly", [True, False])
+    def test_not_a_database(self, tmp_path: Path, readonly: bool) -> None:
+        path = tmp_path / "audit.db"
+        path.write_bytes(b"just some text, not SQLite" * 100)
+        with pytest.raises(InferLoggerError, match="not a usable audit store: file is not a database"):
+            AuditStore(path, readonly=readonly)
+
     def test_readonly_missing(self, tmp_path: Path) -> None:
         with pytest.raises(InferLoggerError, match="no audit store"):
             AuditStore(tmp_path / "missing.db", readonly=True)
