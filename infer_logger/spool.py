@@ -165,8 +165,11 @@ class _Segments:
     def _open_dir(self, directory: str | os.PathLike[str], lock: str, busy: str) -> None:
         """Make the directory, take `lock` in it (SpoolError saying `busy` if held), no readers yet."""
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "checkpoints").mkdir(exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "checkpoints").mkdir(exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission, a read-only file system
+            raise SpoolError(f"spool directory {self.dir}: cannot use it: {exc.strerror or exc}") from None
         self._lock = _lock(self.dir / lock, busy)
         self.stats = SpoolStats()
         self._readers: dict[str, DiskReader] = {}

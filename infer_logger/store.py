@@ -182,12 +182,16 @@ class AuditStore:
                 raise InferLoggerError(f"{self.path}: no audit store there")
             target, uri = f"{self.path.resolve().as_uri()}?mode=ro", True
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             target, uri = str(self.path), False
-        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in write).
-        self._conn = sqlite3.connect(
-            target, uri=uri, timeout=timeout, isolation_level=None, check_same_thread=False
-        )
+        try:
+            if not readonly:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in write).
+            self._conn = sqlite3.connect(
+                target, uri=uri, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as exc:  # a file in the way, no permission
+            raise InferLoggerError(f"{self.path}: cannot open the audit store: {exc}") from None
         self._lock = threading.Lock()
         try:
             if not readonly:

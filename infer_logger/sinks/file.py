@@ -10,7 +10,7 @@ from typing import Literal
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.json_format import to_json
-from infer_logger.errors import SinkError
+from infer_logger.errors import ConfigError, SinkError
 from infer_logger.sinks.base import SinkConfig
 
 
@@ -28,7 +28,11 @@ class FileSinkConfig(SinkConfig):
 class FileSink:
     def __init__(self, config: FileSinkConfig) -> None:
         self.config = config
-        config.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            config.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission: say so at start, not per batch
+            reason = exc.strerror or exc
+            raise ConfigError("path", f"{config.path.parent}: cannot create the directory: {reason}") from None
 
     def _write(self, lines: bytes) -> None:
         with self.config.path.open("ab") as fh:

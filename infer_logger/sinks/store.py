@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.errors import SinkError
+from infer_logger.errors import ConfigError, InferLoggerError, SinkError
 from infer_logger.sinks.base import SinkConfig
 from infer_logger.store import AuditStore
 
@@ -21,7 +21,10 @@ class StoreSinkConfig(SinkConfig):
     """The SQLite file; its directory is created when missing."""
 
     def build(self) -> StoreSink:
-        return StoreSink(AuditStore(self.path))
+        try:
+            return StoreSink(AuditStore(self.path))
+        except InferLoggerError as exc:  # cannot open it, not SQLite, a newer schema: a wrong path
+            raise ConfigError("path", str(exc)) from None
 
 
 class StoreSink:

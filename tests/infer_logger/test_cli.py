@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from infer_logger.cli import main
@@ -76,8 +79,6 @@ def test_setup_elasticsearch_unreachable_names_the_address() -> None:
 
 def test_a_sink_its_client_refuses_stops_the_proxy_with_exit_2(tmp_path: Path) -> None:
     import importlib.util
-    import subprocess
-    import sys
 
     import pytest
 
@@ -98,8 +99,6 @@ def test_a_sink_its_client_refuses_stops_the_proxy_with_exit_2(tmp_path: Path) -
 
 def test_a_taken_port_stops_the_proxy_with_a_message(tmp_path: Path) -> None:
     import socket
-    import subprocess
-    import sys
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -112,6 +111,23 @@ def test_a_taken_port_stops_the_proxy_with_a_message(tmp_path: Path) -> None:
         )
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("where", "code", "says"), [
+    ("--spool-dir={f}/spool", 1, "spool directory {f}/spool: cannot use it: Not a directory"),
+    ("--log-url=file://{f}/events.jsonl", 2, "config error: path: {f}: cannot create the directory"),
+    ("--log-url=sqlite://{f}/audit.db", 2, "config error: path: {f}/audit.db: cannot open the audit store"),
+])
+def test_a_path_that_cannot_be_used_is_a_message(tmp_path: Path, where: str, code: int, says: str) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way of a directory")
+    args = [where.format(f=blocker)]
+    if "spool" not in where:
+        args.append(f"--spool-dir={tmp_path / 'spool'}")
+    done = subprocess.run([sys.executable, "-m", "infer_logger.cli", "proxy", "--port", "0",
+                           "--component-port", "1", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == code, done.stderr
+    assert says.format(f=blocker) in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_predictor_url_that_is_not_http_is_exit_2(tmp_path: Path) -> None:
