@@ -121,6 +121,20 @@ class TestConfig:
         assert config.where == "https://es1:9200, http://es2:9200"
         assert "secret" not in repr(ElasticsearchSinkConfig(api_key="secret"))  # type: ignore[arg-type]
 
+    @pytest.mark.parametrize(("fields", "auth"), [
+        ({"api_key": "abc"}, "ApiKey abc"),
+        ({"username": "bob", "password": "pw"}, "Basic Ym9iOnB3"),
+        ({"url": "https://bob:pw@es1:9200"}, "Basic Ym9iOnB3"),  # credentials in the URL
+        ({}, None),
+    ])
+    def test_credentials_reach_the_client(self, fields: dict[str, Any], auth: str | None) -> None:
+        client = ElasticsearchSinkConfig.model_validate(fields).client()
+        [node] = client.transport.node_pool.all()
+        # The client's own headers, or its node's (credentials in the URL).
+        got = client._headers.get("authorization") or node.config.headers.get("authorization")
+        assert got == auth
+        asyncio.run(client.close())
+
     def test_index_names(self) -> None:
         namer = IndexNamer("inference-log-{namespace}-{inferenceservicename}")
         ev = request("a", "My Model/v2")
