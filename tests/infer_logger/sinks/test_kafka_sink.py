@@ -249,6 +249,36 @@ def end_offset(bootstrap: str, topic: str) -> int:
         consumer.close()
 
 
+class TestSecurity:
+    """librdkafka's TLS and SASL settings pass through to a real broker (noida-db speaks SASL/PLAIN)."""
+
+    async def test_sasl_plain(self) -> None:
+        server = NoidaServer("kafka").start()
+        sasl: dict[str, ClientValue] = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "PLAIN",
+                                        "sasl.username": "logger", "sasl.password": "secret"}
+        sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events", config=sasl).build()
+        try:
+            await sink.send_batch([event(0)])
+            assert [decode(m).id for m in read_back(server.address, "events", 1)] == ["id-0"]
+        finally:
+            await sink.aclose()
+            server.stop()
+
+    async def test_tls_against_a_plaintext_listener_fails_fast_and_says_why(self) -> None:
+        server = NoidaServer("kafka").start()
+        sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events",
+                               config={"security.protocol": "SSL"}).build()
+        try:
+            started = time.monotonic()
+            with pytest.raises(SinkError) as info:
+                await sink.send_batch([event(0)])
+            assert time.monotonic() - started < 8  # the grace, not the 30 s delivery timeout
+            assert server.address in str(info.value) and "SSL handshake failed" in str(info.value)
+        finally:
+            await sink.aclose()
+            server.stop()
+
+
 class TestConcurrent:
     """Batches overlap in flight: each returns on its own acks and fails with its own records."""
 
