@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, cast
+from typing import ClassVar, Literal, cast
 
 import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -247,6 +247,53 @@ def end_offset(bootstrap: str, topic: str) -> int:
         return consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)[1]
     finally:
         consumer.close()
+
+
+class TestFullQueue:
+    """librdkafka's local queue smaller than a batch: `produce` refuses (BufferError) until the
+    poll thread drains it; the event loop waits for room without blocking, and nothing is lost."""
+
+    SMALL: ClassVar[dict[str, ClientValue]] = {"queue.buffering.max.messages": 20}
+
+    async def test_a_batch_larger_than_the_queue(self, kafka_bootstrap: str) -> None:
+        topic = new_topic(kafka_bootstrap)
+        sink = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=topic, config=self.SMALL).build()
+        batch = [event(i) for i in range(300)]
+        ticks = 0
+
+        async def ticking() -> None:  # the loop stays free while the sink waits for room
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        ticker = asyncio.create_task(ticking())
+        try:
+            await sink.send_batch(batch)
+        finally:
+            ticker.cancel()
+            await sink.aclose()
+        assert ticks > 0
+        assert [decode(m).id for m in read_back(kafka_bootstrap, topic, 300)] == [e.id for e in batch]
+
+    async def test_broker_lost_while_the_queue_is_full(self) -> None:
+        server = NoidaServer("kafka").start()
+        sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events", config=self.SMALL).build()
+        try:
+            await sink.send_batch([event(-1)])
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)  # takes requests, answers none: the queue fills
+            send = asyncio.create_task(sink.send_batch([event(i) for i in range(100)]))
+            await asyncio.sleep(0.5)
+            assert not send.done()
+            started = time.monotonic()
+            server.proc.kill()
+            with pytest.raises(SinkError, match="no broker reachable"):
+                await send
+            assert time.monotonic() - started < 8  # the grace, not the 30 s delivery timeout
+        finally:
+            await sink.aclose()
+            server.stop()
 
 
 class TestSecurity:
