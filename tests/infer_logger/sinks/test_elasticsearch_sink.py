@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -312,6 +314,32 @@ class TestFailures:
             await send(config, [request("a", "iris")])
         assert not isinstance(caught.value, RejectedError)
         assert config.where in str(caught.value)
+
+    @pytest.mark.slow
+    async def test_a_server_that_stops_answering_times_out_then_the_retry_does_not_duplicate(self) -> None:
+        server = NoidaServer("elasticsearch").start()
+        try:
+            service = unique()
+            sink = ElasticsearchSinkConfig(url=server.address, timeout=1).build()
+            await sink.send_batch([request("s0", service)])
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)  # it takes the request, answers nothing
+            batch = [request(f"s{i}", service) for i in range(1, 6)] + [response("s0", service)]
+            started = time.monotonic()
+            with pytest.raises(SinkError) as caught:
+                await sink.send_batch(batch)
+            assert time.monotonic() - started < 5 and not isinstance(caught.value, RejectedError)
+            assert f"127.0.0.1:{server.port}" in str(caught.value)
+            server.proc.send_signal(signal.SIGCONT)  # it may now apply the timed-out bulk too
+            await sink.send_batch(batch)  # the worker's retry
+            await sink.aclose()
+            with Elasticsearch(server.address) as client:
+                found = docs(client, service)
+            assert len(found) == 12 and found["s0-0"]["status"] == 200  # upserts by id: once each
+        finally:
+            if server.proc is not None:
+                server.proc.send_signal(signal.SIGCONT)
+            server.stop()
 
     @pytest.mark.slow
     async def test_server_down_and_back(self) -> None:
