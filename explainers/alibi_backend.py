@@ -6,14 +6,14 @@ alibi is imported on first use; without it every method here fails with a messag
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from explainers.base import BaseExplainer, InstanceExplanation, Model
 from explainers.errors import MissingExtraError, UnsupportedModelError
-from explainers.shap_backend import Codes, sample_rows, to_instances
+from explainers.shap_backend import Codes, L1Reg, sample_rows, to_instances
 
 
 def _explainers() -> Any:
@@ -112,8 +112,8 @@ class AlibiShapOptions(BaseModel):
 class AlibiKernelParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    nsamples: int | Literal["auto"] = 200
-    l1_reg: bool | str = False
+    nsamples: Annotated[int, Field(ge=1)] | Literal["auto"] = 200  # as KernelParams: checked here, not deep in shap
+    l1_reg: bool | L1Reg = False
 
 
 def _task(model: Model) -> str:

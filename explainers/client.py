@@ -69,6 +69,7 @@ class PredictorClient:
         self.requests = 0
         """HTTP requests sent for predictions (for tests and benchmarks)."""
         self._picked = output  # V2: the output explained, asked for alone once known
+        self._layout: tuple[tuple[int, ...], bool] | None = None  # the first answer's (shape[1:], numeric)
         self._concurrency = concurrency
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -359,12 +360,27 @@ class PredictorClient:
             outputs = codecs.decode_v2_output(body, n, self._picked, raw)
             if self._picked is None:
                 self._picked = str(codecs.pick_output(body["outputs"], None).get("name"))
-            return outputs
+            return self._checked(outputs)
         try:
             body = orjson.loads(payload)
         except orjson.JSONDecodeError:
             raise PredictorError(f"predictor {self.url} answered with no JSON: {_short(payload)}") from None
-        return codecs.decode_v1_output(body, n)
+        return self._checked(codecs.decode_v1_output(body, n))
+
+    def _checked(self, outputs: np.ndarray) -> np.ndarray:
+        """`outputs` if laid out as the first answer's (per row: shape, numbers or labels). Else the
+        explainer fails deep inside the library (a 500 with a traceback), so it is the predictor's
+        error: 502 naming both layouts."""
+        layout = (outputs.shape[1:], outputs.dtype != object)
+        if self._layout is None:
+            self._layout = layout
+        elif layout != self._layout:
+            def show(shape: tuple[int, ...], numeric: bool) -> str:
+                return f"{list(shape)} {'numbers' if numeric else 'labels'} per row"
+
+            raise PredictorError(f"predictor {self.url} answered {show(*layout)}, "
+                                 f"but {show(*self._layout)} before")
+        return outputs
 
     # -- pass-through ----------------------------------------------------------------------------
 

@@ -68,7 +68,9 @@ def decode_body(body: bytes, header_length: str | None) -> dict[str, Any]:
         raise InvalidInputError(str(exc)) from None
     if raw:
         for tensor in doc["inputs"]:
-            if (data := raw.get(tensor.get("name"))) is not None:
+            if not isinstance(tensor, dict):
+                continue  # not a tensor: decode_instances names it (400), `.get` here would be a 500
+            if isinstance(name := tensor.get("name"), str) and (data := raw.get(name)) is not None:
                 tensor["data"] = _values(tensor["datatype"], data)
     return doc
 
@@ -100,7 +102,7 @@ def _rows(rows: list[Any], schema: Schema, key: str) -> np.ndarray:
     if schema.numeric and all(isinstance(r, list) for r in rows):
         try:  # the common case: one conversion, checked afterwards
             array = np.asarray(rows, dtype=float)
-            if array.ndim == 2 and array.shape[1] == schema.width and not _has_bool_or_str(rows):
+            if array.ndim == 2 and array.shape[1] == schema.width and not _has_non_number(rows):
                 return array
         except (TypeError, ValueError):
             pass
@@ -108,8 +110,9 @@ def _rows(rows: list[Any], schema: Schema, key: str) -> np.ndarray:
                     dtype=float if schema.numeric else object).reshape(len(rows), schema.width)
 
 
-def _has_bool_or_str(rows: list[list[Any]]) -> bool:
-    return any(isinstance(v, bool | str) for row in rows for v in row)
+def _has_non_number(rows: list[list[Any]]) -> bool:
+    # None too: numpy reads null as NaN, which `_value` refuses, so the fast path must not take it.
+    return any(v is None or isinstance(v, bool | str) for row in rows for v in row)
 
 
 def _row(row: Any, schema: Schema, where: str) -> list[Any]:
@@ -259,7 +262,17 @@ def decode_v1_output(body: Any, n: int) -> np.ndarray:
     try:
         return np.asarray(predictions, dtype=float)
     except (TypeError, ValueError):
-        return np.asarray(predictions, dtype=object)
+        pass
+    # Labels (anchors take them) are scalars; objects, nulls or ragged lists would fail in the explainer.
+    if not all(isinstance(p, str | int | float) for p in predictions):
+        raise PredictorError(f'the predictor answered "predictions" that are neither numbers nor labels: '
+                             f'{_short_json(predictions)}')
+    return np.asarray(predictions, dtype=object)
+
+
+def _short_json(value: Any, limit: int = 200) -> str:
+    text = orjson.dumps(value, default=str).decode()
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def pick_output(outputs: Sequence[Mapping[str, Any]], wanted: str | None) -> Mapping[str, Any]:

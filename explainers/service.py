@@ -192,6 +192,10 @@ class ExplainerService:
 
         if self.model is None:
             raise NotReadyError(f"explainer {self.name} is not ready")
-        rows = self.decode(orjson.loads(body))
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:  # a ValueError, not ours: it was a 500
+            raise InvalidInputError(f"the body is not JSON: {exc}") from None
+        rows = self.decode(doc)
         outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.model.predict, rows)
         return 200, "application/json", orjson.dumps({"predictions": np.asarray(outputs).tolist()})

@@ -8,10 +8,10 @@ Named `shap_backend` so that `import shap` in here is the library.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from explainers.base import BaseExplainer, InstanceExplanation, Model, OutputAttribution
 from explainers.errors import InvalidInputError, MissingExtraError, UnsupportedModelError
@@ -169,12 +169,17 @@ class KernelOptions(_Background):
     """`identity`: a random forest's 0/1 probabilities make `logit` NaN."""
 
 
+L1Reg = Annotated[str, StringConstraints(pattern=r"^(auto|aic|bic|num_features\(\d+\))$")]
+"""The l1_reg strings shap's KernelExplainer takes."""
+
+
 class KernelParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    nsamples: int | Literal["auto"] = 200
+    # Bounded here: shap fails on 0 or fewer deep inside (a 500), and an unknown l1_reg inside sklearn.
+    nsamples: Annotated[int, Field(ge=1)] | Literal["auto"] = 200
     """Coalitions per instance; each costs one model row per background row."""
-    l1_reg: bool | str = False
+    l1_reg: bool | L1Reg = False
     """shap >= 0.45 keeps only 10 features unless this is False."""
 
 

@@ -21,7 +21,7 @@ from infer_logger import binary_tensors as bt
 from infer_logger.testing import free_port
 from tests.explainers.conftest import serve
 from tests.explainers.models import estimator, table
-from tests.servers import Process
+from tests.servers import Process, Scripted
 
 IRIS = Schema(tuple(table("iris").feature_names))
 
@@ -434,3 +434,59 @@ class TestFailures:
             assert caught.value.status == 400 and client.requests == 1
         finally:
             await client.aclose()
+
+    async def test_outputs_in_another_layout_are_refused(self) -> None:
+        """Answers whose per-row layout differs from the first one's fail here, naming both, not
+        deep inside the explainer (which made a 500)."""
+        answers = iter([[[0.2, 0.8]], [0.5], [[0.2, 0.8]], ["a"], [{"p": 1}]])
+        app = FastAPI()
+
+        @app.post("/v1/models/{name}:predict")
+        async def predict(name: str) -> Any:
+            return {"predictions": next(answers)}
+
+        with serve(app) as url:
+            client = await started(url, "m", protocol="v1", retries=0)
+            try:
+                assert (await client.predict(np.ones((1, 2)))).shape == (1, 2)
+                with pytest.raises(PredictorError, match=r"answered \[\] numbers per row, but \[2\] numbers"):
+                    await client.predict(np.ones((1, 2)))
+                assert (await asyncio.to_thread(client.predict_blocking, np.ones((1, 2)))).shape == (1, 2)
+                with pytest.raises(PredictorError, match=r"\[\] labels per row, but \[2\] numbers"):
+                    await asyncio.to_thread(client.predict_blocking, np.ones((1, 2)))
+                with pytest.raises(PredictorError, match="neither numbers nor labels"):
+                    await client.predict(np.ones((1, 2)))
+            finally:
+                await client.aclose()
+
+    @pytest.mark.parametrize("blocking", [False, True])
+    async def test_a_predictor_hanging_up_mid_request(self, blocking: bool) -> None:
+        scripted = Scripted(lambda request: None)  # reads the request, closes without an answer
+        async with scripted as url:
+            client = await started(url, "m", protocol="v1", retries=1, backoff=0.01, timeout=2.0)
+            try:
+                with pytest.raises(PredictorError, match="failed after 2 attempts"):
+                    if blocking:
+                        await asyncio.to_thread(client.predict_blocking, np.ones((1, 2)))
+                    else:
+                        await client.predict(np.ones((1, 2)))
+            finally:
+                await client.aclose()
+        assert len(scripted.heads) == 2
+
+    async def test_v2_garbage_answers(self) -> None:
+        bodies = iter([b"<html>", b'{"outputs": "x"}', b'{"outputs": [{"name": "y", "shape": [1], "data": ["a"]}]}',
+                       b'{"outputs": [{"name": "y", "shape": [5], "data": [1, 2, 3, 4, 5]}]}'])
+        scripted = Scripted(lambda request: _http_200(next(bodies)))
+        async with scripted as url:
+            client = await started_v2(url, retries=0)
+            try:
+                for words in ("not JSON", "must be a list of tensors", "could not convert", r"shape \[5\]"):
+                    with pytest.raises(PredictorError, match=words):
+                        await client.predict(np.ones((1, 3)))
+            finally:
+                await client.aclose()
+
+
+def _http_200(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)

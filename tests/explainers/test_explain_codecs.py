@@ -82,6 +82,18 @@ class TestPredictorBodies:
         with pytest.raises(PredictorError, match="2 items"):
             codecs.decode_v1_output({"predictions": [1]}, 2)
 
+    def test_v1_labels_kept_but_not_objects_or_nulls(self) -> None:
+        assert codecs.decode_v1_output({"predictions": ["setosa", 2]}, 2).tolist() == ["setosa", 2]
+        for junk in ([{"p": 1}, {"p": 2}], [[0.1, 0.9], [0.1]], ["a", None]):
+            with pytest.raises(PredictorError, match="neither numbers nor labels"):
+                codecs.decode_v1_output({"predictions": junk}, 2)
+
+    def test_null_is_not_a_number(self) -> None:
+        for body in ({"instances": [[1, None, 3, 4]]},
+                     {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [1, None, 3, 4]}]}):
+            with pytest.raises(InvalidInputError, match="expected a number, got None"):
+                codecs.decode_instances(body, IRIS)
+
     def test_encode_v2_binary_as_the_schema_says(self) -> None:
         rows = np.array([[1.5, 2, 3, 4], [5, 6, 7, 8]])
         body, headers = codecs.encode_v2_binary(rows, Schema(IRIS.feature_names, datatype="FP32"))

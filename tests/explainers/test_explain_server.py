@@ -14,6 +14,8 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
 from explainers.app import create_app
 from explainers.errors import ArtifactError
@@ -252,3 +254,105 @@ class TestCommand:
                 np.array(IRIS_V1["instances"])), atol=1e-6)
         finally:
             assert proc.stop() in (0, -15)  # uvicorn re-raises SIGTERM once it has shut down
+
+
+class SwitchablePredictor:
+    """A V1 `iris` predictor answering probabilities, or failing as `mode` says (set between requests)."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.app = FastAPI()
+
+        @self.app.post("/v1/models/{name}:predict")
+        async def predict(name: str, request: Request) -> Response:
+            rows = np.asarray(orjson.loads(await request.body())["instances"], dtype=float)
+            n, out = len(rows), None
+            if self.mode == "slow":
+                await asyncio.sleep(3)
+            if self.mode == "ok":
+                out = {"predictions": estimator("iris").predict_proba(rows).tolist()}
+            elif self.mode == "two-columns":
+                out = {"predictions": [[0.1, 0.9]] * n}
+            elif self.mode == "labels":
+                out = {"predictions": ["setosa"] * n}
+            elif self.mode == "objects":
+                out = {"predictions": [{"p": 1}] * n}
+            elif self.mode == "ragged":
+                out = {"predictions": [[0.1, 0.9]] + [[0.1]] * (n - 1)}
+            if out is not None:
+                return Response(orjson.dumps(out), media_type="application/json")
+            if self.mode == "html":
+                return Response(b"<html>oops</html>", media_type="text/html")
+            if self.mode == "empty":
+                return Response(status_code=204)
+            return Response(b'{"error": "boom"}', status_code=500, media_type="application/json")
+
+
+@pytest.fixture(scope="module")
+def switchable() -> Iterator[tuple[SwitchablePredictor, str]]:
+    """A kernel explainer (fitted on good answers) over a predictor that then misbehaves."""
+    predictor = SwitchablePredictor()
+    with serve(predictor.app) as predictor_url:
+        service = ExplainerService(settings(model_name="iris", predictor_url=predictor_url, protocol="v1",
+                                            background="dataset:iris", params={"nsamples": 20},
+                                            timeout=1.0, retries=1))
+        with serve(create_app(service)) as url:
+            yield predictor, url
+            predictor.mode = "ok"
+
+
+class TestPredictorMisbehaves:
+    """An explainer whose predictor answers 5xx, no JSON, outputs of another layout or nothing in
+    time: 502 with a JSON reason, never a 500 with a traceback, and never a hang."""
+
+    @pytest.mark.parametrize("mode, words", [
+        ("500", "answered 500"), ("html", "no JSON"), ("empty", "no JSON"),
+        ("two-columns", "[2] numbers per row, but [3] numbers per row before"),
+        ("labels", "[] labels per row, but [3] numbers"), ("objects", "neither numbers nor labels"),
+        ("ragged", "answered"), ("slow", "no answer within 1s"),
+    ])
+    def test_502(self, switchable: tuple[SwitchablePredictor, str], mode: str, words: str) -> None:
+        predictor, url = switchable
+        predictor.mode = mode
+        try:
+            r = httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20)
+        finally:
+            predictor.mode = "ok"
+        assert r.status_code == 502 and words in r.json()["error"], r.text
+        assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
+
+
+class TestMoreBadInput:
+    """Inputs that got a 500 (or were taken) before: 400 with the reason."""
+
+    @pytest.mark.parametrize("body, words", [
+        ({"instances": [[None, 2, 3, 4]]}, "expected a number, got None"),
+        ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [1, 2, None, 4]}]},
+         "expected a number, got None"),
+        ({"instances": [[1, 2, 3, 4]], "parameters": {"nsamples": 0}}, "nsamples"),
+        ({"instances": [[1, 2, 3, 4]], "parameters": {"nsamples": -5}}, "nsamples"),
+        ({"instances": [[1, 2, 3, 4]], "parameters": {"l1_reg": "bogus"}}, "l1_reg"),
+    ])
+    def test_400(self, switchable: tuple[SwitchablePredictor, str], body: object, words: str) -> None:
+        _, url = switchable
+        r = httpx.post(f"{url}/v1/models/iris:explain", json=body, timeout=20)
+        assert r.status_code == 400 and words in r.json()["error"], r.text
+
+    def test_binary_body_with_a_non_tensor_input(self, switchable: tuple[SwitchablePredictor, str]) -> None:
+        _, url = switchable
+        tensor = {"name": "x", "shape": [1, 4], "datatype": "FP64", "parameters": {"binary_data_size": 32}}
+        head = orjson.dumps({"inputs": [tensor, 7]})
+        body, headers = head + np.ones(4).tobytes(), {bt.HEADER: str(len(head))}
+        r = httpx.post(f"{url}/v2/models/iris/infer", content=body, headers=headers, timeout=20)
+        assert r.status_code == 400 and "expected shape [n, 4]" in r.json()["error"], r.text  # was a 500
+
+    def test_white_box_predict_not_json(self, tmp_path: Path) -> None:
+        import joblib
+
+        joblib.dump(estimator("iris"), tmp_path / "iris.joblib")
+        service = ExplainerService(settings(model_name="iris", model_file=tmp_path / "iris.joblib",
+                                            background="dataset:iris", method="tree"))
+        with serve(create_app(service)) as url:
+            r = httpx.post(f"{url}/v1/models/iris:predict", content=b"{", timeout=20)
+            assert r.status_code == 400 and "not JSON" in r.json()["error"], r.text
+            assert httpx.post(f"{url}/v1/models/iris:predict", json=IRIS_V1, timeout=20).status_code == 200
