@@ -9,7 +9,7 @@ join it to the prediction; the first is answered with no reply (HTTP 202). Faile
 (status >= 400) and exchanges outside `sample` (chosen by id) are not explained.
 
 Failures: a predictor that cannot be reached raises `SinkError` (HTTP 502), so the broker
-retries later; the cached half stays until the explanation is done, and nothing is replied
+retries later; the cached half stays until the explanation is delivered, and nothing is replied
 before every instance is explained. A request whose payload cannot be read raises
 `RejectedError` (HTTP 400): retrying cannot help.
 
@@ -139,26 +139,33 @@ class ExplainSubscriber:
 
     async def handle(self, event: CloudEvent) -> CloudEvent | None:
         """The explanation event once both halves of an exchange are here, else None."""
+        reply, partner = await self._handle(event)
+        if partner is not None:
+            self.cache.pop(partner)  # only now: a retried delivery must find it again
+        return reply
+
+    async def _handle(self, event: CloudEvent) -> tuple[CloudEvent | None, tuple[str, str] | None]:
+        """`handle`'s reply, and the key of the cached half it used, left for the caller to drop
+        once the reply is delivered."""
         kind = event.type
         if kind not in (events.REQUEST, events.RESPONSE) or not self._sampled(event.id):
-            return None
+            return None, None
         other = events.RESPONSE if kind == events.REQUEST else events.REQUEST
         if kind == events.RESPONSE and _failed(event):
             self.cache.pop((event.id, other))
-            return None
+            return None, None
         partner = self.cache.get((event.id, other))
         if partner is None:
             self.cache.put((event.id, kind), event)
-            return None
+            return None, None
         request, response = (event, partner) if kind == events.REQUEST else (partner, event)
         try:
             explanation = await self._explain(request)
         except RejectedError:
             self.cache.pop((event.id, other))  # never explainable: do not keep it
             raise
-        self.cache.pop((event.id, other))  # only now: a retried delivery must find it again
         self.explained += 1
-        return explanation_event(request, response, explanation, self.settings.source)
+        return explanation_event(request, response, explanation, self.settings.source), (event.id, other)
 
     async def _explain(self, request: CloudEvent) -> Explanation:
         await self._ensure_started()
@@ -201,10 +208,16 @@ class ExplainSubscriber:
         """Explain what a batch completes and send the explanations to `reply_to`."""
         if self.reply_to is None:
             raise RejectedError("an ExplainSubscriber used as a sink needs `reply_to`")
-        results = await asyncio.gather(*(self.handle(e) for e in batch), return_exceptions=True)
-        replies = [r for r in results if isinstance(r, CloudEvent)]
+        results = await asyncio.gather(*(self._handle(e) for e in batch), return_exceptions=True)
+        done = [r for r in results if not isinstance(r, BaseException)]
+        replies = [reply for reply, _ in done if reply is not None]
         if replies:
+            # When `reply_to` fails, the caller retries the batch: the cached halves must still be
+            # there for it (dropped before, the retry cached the events as first halves: lost).
             await self.reply_to.send_batch(replies)
+        for _, partner in done:
+            if partner is not None:
+                self.cache.pop(partner)
         failures = [r for r in results if isinstance(r, BaseException)]
         retryable = [f for f in failures if not isinstance(f, RejectedError)]
         if retryable:
@@ -226,15 +239,25 @@ class ExplainSubscriber:
             received = ce_http.from_http_many(headers, body)
         except (InvalidEventError, ValueError) as exc:
             return _error(400, f"not a CloudEvent: {exc}")
-        results = await asyncio.gather(*(self.handle(e) for e in received), return_exceptions=True)
+        results = await asyncio.gather(*(self._handle(e) for e in received), return_exceptions=True)
         if errors := [r for r in results if isinstance(r, BaseException)]:
+            # The whole delivery fails, so the explanations made for the other events in it are not
+            # delivered: their cached halves stay, for the broker's retry (or a replay of its dead
+            # letter) to find. Dropping them lost those explanations for good.
             retry = next((e for e in errors if not isinstance(e, RejectedError)), None)
             if retry is not None:
                 if not isinstance(retry, SinkError):
                     log.exception("explaining an event failed", exc_info=retry)
                 return _error(502 if isinstance(retry, SinkError) else 500, str(retry))
             return _error(400, str(errors[0]))
-        replies = [r for r in results if isinstance(r, CloudEvent)]
+        replies = []
+        for result in results:
+            assert not isinstance(result, BaseException)
+            reply, partner = result
+            if partner is not None:
+                self.cache.pop(partner)
+            if reply is not None:
+                replies.append(reply)
         if not replies:
             return 202, {}, b""
         if len(replies) == 1 and len(received) == 1:

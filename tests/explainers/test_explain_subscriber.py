@@ -23,7 +23,7 @@ from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import RejectedError, SinkError
 from infer_logger.sinks.memory import MemorySink
 from infer_logger.store import AuditStore
-from tests.explainers.conftest import settings
+from tests.explainers.conftest import serve, settings
 from tests.explainers.models import estimator
 from tests.servers import Process
 
@@ -223,3 +223,84 @@ triggers:
         finally:
             await broker.shutdown()
             await subscriber.aclose()
+
+
+class TestDeliveryFailures:
+    """An explanation that is not delivered leaves the cached half for the retry; malformed events
+    are refused with a reason, over a real socket."""
+
+    async def test_reply_sink_down_keeps_the_cached_half(self, service: ExplainerService) -> None:
+        from infer_logger.sinks.memory import failing
+
+        out = MemorySink()
+        out.fail = failing(1)
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=out)
+        request, response = exchange("d-1")
+        await sub.send_batch([request])
+        with pytest.raises(SinkError, match="down"):
+            await sub.send_batch([response])
+        await sub.send_batch([response])  # the retry: the request is still cached
+        assert [e.id for e in out.events] == ["d-1"] and len(sub.cache) == 0
+
+    def test_a_batch_that_fails_keeps_the_others_cached_halves(self, model_server: Process) -> None:
+        app = create_app(service_for(model_server.url, subscriber={"linger": 0.001}))
+        with serve(app) as url:
+            good, bad = exchange("d-2"), exchange("d-3", rows=[[1.0, 2.0]])
+            headers, body = ce_http.to_batch([good[0], bad[0]])
+            r = httpx.post(f"{url}/events", headers=headers, content=body, timeout=30)
+            assert r.status_code == 202, r.text  # both requests cached (the bad one is refused on its response)
+            headers, body = ce_http.to_batch([good[1], bad[1]])
+            r = httpx.post(f"{url}/events", headers=headers, content=body, timeout=30)
+            assert r.status_code == 400 and "d-3" in r.json()["error"], r.text
+            headers, body = ce_http.to_binary(good[1])  # the good half again, on its own
+            r = httpx.post(f"{url}/events", headers=headers, content=body, timeout=30)
+            assert r.status_code == 200 and r.headers["ce-id"] == "d-2", r.text
+
+    @pytest.mark.parametrize("data, status", [(b"not json", 400), (b'{"instances": "x"}', 400),
+                                              (b"", 400), (b"[1, 2]", 400)])
+    def test_unreadable_request_data(self, model_server: Process, data: bytes, status: int) -> None:
+        with serve(create_app(service_for(model_server.url, subscriber={"linger": 0.001}))) as url:
+            request, response = exchange("d-4")
+            for event in (CloudEvent(request.attributes, data or None), response):
+                headers, body = ce_http.to_binary(event)
+                r = httpx.post(f"{url}/events", headers=headers, content=body, timeout=30)
+            assert r.status_code == status and "d-4" in r.json()["error"], r.text
+
+    def test_malformed_events_and_failed_responses(self, model_server: Process) -> None:
+        with serve(create_app(service_for(model_server.url, subscriber={"linger": 0.001}))) as url:
+            for headers, body in [({"content-type": "application/cloudevents+json"}, b"[1]"),
+                                  ({"content-type": "application/cloudevents-batch+json"}, b'{"a": 1}'),
+                                  ({"ce-specversion": "1.0", "ce-id": "x"}, b"{}")]:
+                r = httpx.post(f"{url}/events", headers=headers, content=body, timeout=30)
+                assert r.status_code == 400 and "not a CloudEvent" in r.json()["error"], r.text
+            request, failed = exchange("d-5", status=500)
+            for event in (failed, request):  # the failed response first: nothing to explain
+                headers, body = ce_http.to_binary(event)
+                assert httpx.post(f"{url}/events", headers=headers, content=body, timeout=30).status_code == 202
+
+    def test_predictor_down_is_502_then_explained(self) -> None:
+        from infer_logger.demo.predictor import create_app as predictor_app
+        from infer_logger.demo.quickstart import ServerThread
+        from infer_logger.server import uvicorn_config
+        from infer_logger.testing import free_port
+        from tests.explainers.models import Served
+
+        port = free_port()
+        predictor = lambda: ServerThread(uvicorn_config(predictor_app([Served("iris-proba", "iris", proba=True)]),
+                                                        "127.0.0.1", port))
+        request, response = exchange("d-6")
+        first = predictor()
+        with first:
+            service = service_for(f"http://127.0.0.1:{port}", subscriber={"linger": 0.001})
+            with serve(create_app(service)) as url:
+                def post(event: CloudEvent) -> httpx.Response:
+                    headers, body = ce_http.to_binary(event)
+                    return httpx.post(f"{url}/events", headers=headers, content=body, timeout=30)
+
+                assert post(request).status_code == 202
+                first.__exit__(None, None, None)
+                r = post(response)
+                assert r.status_code == 502 and "failed after 2 attempts" in r.json()["error"], r.text
+                with predictor():  # back: the broker's retry of the response finds the request
+                    r = post(response)
+                assert r.status_code == 200 and r.headers["ce-id"] == "d-6", r.text
