@@ -111,6 +111,12 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
         status = next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 500)
         return _json({"error": str(exc)}, status)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        # A bug (ours or a library's): the client still gets JSON; the traceback goes to the log.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _json({"error": f"internal error in the explainer ({type(exc).__name__}); see its log"}, 500)
+
     def model(name: str) -> ExplainerService:
         if name != service.name:
             raise UnknownModelError(name)

@@ -356,3 +356,19 @@ class TestMoreBadInput:
             r = httpx.post(f"{url}/v1/models/iris:predict", content=b"{", timeout=20)
             assert r.status_code == 400 and "not JSON" in r.json()["error"], r.text
             assert httpx.post(f"{url}/v1/models/iris:predict", json=IRIS_V1, timeout=20).status_code == 200
+
+
+def test_an_unexpected_error_is_a_json_500(switchable: tuple[SwitchablePredictor, str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug is still answered in JSON (the traceback goes to the log), and the server goes on."""
+    _, url = switchable
+
+    async def broken(*args: object, **kwargs: object) -> object:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(ExplainerService, "explain", broken)
+    r = httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20)
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert r.json() == {"error": "internal error in the explainer (ZeroDivisionError); see its log"}
+    monkeypatch.undo()
+    assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
