@@ -32,6 +32,7 @@ from explainers.errors import (
 from explainers.service import ExplainerService
 from explainers.subscriber import ExplainSubscriber
 from infer_logger import binary_tensors
+from infer_logger.asgi import BodyLimit, BodyTooLargeError
 
 log = logging.getLogger(__name__)
 _STATUS: dict[type[ExplainerError], int] = {
@@ -105,6 +106,11 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
 
     app = FastAPI(title="infer-logger explainer", lifespan=lifespan)
     app.state.service, app.state.subscriber = service, events
+    app.add_middleware(BodyLimit, limit=int(service.settings.max_request_bytes))
+
+    @app.exception_handler(BodyTooLargeError)
+    async def too_large(request: Request, exc: BodyTooLargeError) -> Response:
+        return _json({"error": f"{exc} (max_request_bytes)"}, 413)
 
     @app.exception_handler(ExplainerError)
     async def explainer_error(request: Request, exc: ExplainerError) -> Response:

@@ -64,6 +64,7 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Default explain parameter (requests may override). Repeatable.")
 @click.option("--workers", type=int, help="Explain threads.  [default: 2]")
+@click.option("--max-request-bytes", help="Refuse larger request bodies with 413.  [default: 64MiB]")
 @click.option("--fit-only", is_flag=True, help="Fit, save --save-artifact, and exit without serving.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from explainers.registry import METHODS, WHITE_BOX
@@ -93,6 +93,8 @@ class ExplainerSettings(LayeredSettings):
     chunk_size: int = Field(8, ge=1)
     """Instances per explain task; a batch's tasks run on the workers in parallel."""
     max_instances: int = Field(1000, ge=1)
+    max_request_bytes: ByteSize = ByteSize(64 << 20)
+    """Request bodies longer than this are refused with 413 (a body is held whole to be decoded)."""
     warmup: bool = True
     subscriber: SubscriberSettings = SubscriberSettings()
 

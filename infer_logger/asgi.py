@@ -39,6 +39,31 @@ async def read_body(receive: Receive, limit: int | None = None) -> bytes:
     return b"".join(chunks)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes raises `BodyTooLargeError` in the app's
+    `receive` (its handler answers 413), so no more of it is read or held."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        size = 0
+
+        async def limited() -> Message:
+            nonlocal size
+            message = await receive()
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                raise BodyTooLargeError(self.limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+
 async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})

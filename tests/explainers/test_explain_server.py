@@ -295,7 +295,7 @@ def switchable() -> Iterator[tuple[SwitchablePredictor, str]]:
     with serve(predictor.app) as predictor_url:
         service = ExplainerService(settings(model_name="iris", predictor_url=predictor_url, protocol="v1",
                                             background="dataset:iris", params={"nsamples": 20},
-                                            timeout=1.0, retries=1))
+                                            timeout=1.0, retries=1, max_request_bytes=4096))
         with serve(create_app(service)) as url:
             yield predictor, url
             predictor.mode = "ok"
@@ -371,4 +371,13 @@ def test_an_unexpected_error_is_a_json_500(switchable: tuple[SwitchablePredictor
     assert r.status_code == 500 and r.headers["content-type"] == "application/json"
     assert r.json() == {"error": "internal error in the explainer (ZeroDivisionError); see its log"}
     monkeypatch.undo()
+    assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
+
+
+def test_a_body_over_the_limit_is_413(switchable: tuple[SwitchablePredictor, str]) -> None:
+    _, url = switchable
+    for body in (b"x" * 4097, iter([b"x" * 3000, b"x" * 3000])):  # a declared length, then chunks
+        r = httpx.post(f"{url}/v1/models/iris:explain", content=body, timeout=20)
+        assert r.status_code == 413
+        assert r.json() == {"error": "the request body is larger than 4096 bytes (max_request_bytes)"}
     assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
