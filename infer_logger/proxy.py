@@ -44,6 +44,19 @@ _HOP = frozenset(
 )
 # The upstream client writes its own host; the body goes with the headers, so no Expect.
 _DROP_UPSTREAM = _HOP | {b"host", b"expect"}
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
+
+def _without_hop(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """`headers` less `drop` and less any header the `Connection` header names (RFC 9110 7.6.1:
+    those are hop-by-hop too, for this connection only)."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:  # rare: a plain check first
+            named.update(token.strip().lower() for token in value.split(b","))
+    if named:
+        drop = drop | named
+    return [(k, v) for k, v in headers if k not in drop]
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -125,7 +138,7 @@ class Proxy:
         if route is not None and not ev.skip_logging(headers):
             exchange = self.logger.begin(route, path, headers, raw, body, event_id)
 
-        forward = [(k, v) for k, v in raw if k not in _DROP_UPSTREAM]
+        forward = _without_hop(raw, _DROP_UPSTREAM)
         if "x-request-id" not in headers:
             forward.append((b"x-request-id", event_id.encode()))
         loop = asyncio.get_running_loop()
@@ -133,7 +146,7 @@ class Proxy:
         try:
             answer = await self.upstream.request(method, request.target, forward, body)
             status, out_body = answer.status, answer.body
-            out_headers = [(k, v) for k, v in answer.headers if k not in _HOP]
+            out_headers = _without_hop(answer.headers, _HOP)
             content_type = next((v.decode("latin-1") for k, v in out_headers if k == b"content-type"), None)
         except TimeoutError:
             status, content_type = 504, "application/json"

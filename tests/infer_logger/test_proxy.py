@@ -13,8 +13,10 @@ import pytest
 
 from infer_logger import events as ev
 from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.config import load_settings
+from infer_logger.server import SidecarThread
 from infer_logger.testing import EventCollector, free_port
-from tests.servers import Process, sidecar_process
+from tests.servers import Process, Scripted, sidecar_process
 
 pytestmark = pytest.mark.slow
 
@@ -243,3 +245,21 @@ class TestCloudEventRequests:
         r = httpx.post(sidecar.url + "/v1/models/iris:predict", content=b'{"specversion": "1.0", "id": "x"}',
                        headers={"content-type": "application/cloudevents+json"})
         assert r.status_code == 400 and r.json()["attribute"] in ("source", "type")
+
+
+async def test_headers_the_connection_header_names_stay_on_their_hop(tmp_path: Path) -> None:
+    """RFC 9110 7.6.1: `Connection: x-hop` makes `x-hop` hop-by-hop, both ways."""
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: X-Trace\r\nx-trace: up\r\n"
+              b"x-kept: up\r\ncontent-length: 2\r\n\r\n{}")
+    peer = Scripted(lambda _: answer)
+    async with peer as url:
+        port = free_port()
+        settings = load_settings(None, port=port, predictor_url=url, spool={"dir": str(tmp_path / "spool")},
+                                 sinks=[{"type": "file", "path": str(tmp_path / "events.jsonl")}])
+        with SidecarThread(settings):
+            async with httpx.AsyncClient() as client:
+                r = await client.post(f"http://127.0.0.1:{port}/v1/models/m:predict", content=b"{}",
+                                      headers={"connection": "keep-alive, X-Hop", "x-hop": "1", "x-end": "2"})
+    assert r.status_code == 200 and r.headers["x-kept"] == "up" and "x-trace" not in r.headers
+    [head] = peer.heads
+    assert b"x-hop" not in head and b"x-end: 2\r\n" in head
