@@ -241,13 +241,14 @@ class KafkaSource:
     async def _dead_letter(self, records: list[_Record]) -> None:
         if not records:
             return
-        first = records[0]
-        log.error("kafka source %s: %d records dead-lettered; first %s[%d] offset %d: %s", self.address,
-                  len(records), *first.partition, first.msg.offset(), first.reason)
         if self.config.dead_letter_topic is not None:
             await self._call(self._produce_dead_letters, records)
         elif self.config.dead_letter_file is not None:
             await self._call(self._write_dead_letters, records)
+        # Said once they are written: a dead-letter topic or file that fails is retried (and logged) first.
+        first = records[0]
+        log.error("kafka source %s: %d records dead-lettered; first %s[%d] offset %d: %s", self.address,
+                  len(records), *first.partition, first.msg.offset(), first.reason)
         self.dead_lettered += len(records)
 
     # -- in the consumer thread ------------------------------------------------------------------

@@ -366,3 +366,20 @@ class TestConfig:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                               check=True, cwd=root)
         assert "infer-logger[kafka]" in done.stdout
+
+
+async def test_a_dead_letter_topic_that_refuses_holds_the_offset(kafka_bootstrap: str,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Dead letters that cannot be written are not skipped: the batch is retried, nothing committed."""
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    await publish(kafka_bootstrap, topic, [event(0)])
+    publish_raw(kafka_bootstrap, topic, [(b"not an event", [])])
+    sink = MemorySink()
+    source = source_config(kafka_bootstrap, topic, group, dead_letter_topic="x" * 300).build(sink)  # too long a name
+    async with running(source):
+        await until(lambda: "retry 1" in caplog.text, what="a retried dead letter")
+        await asyncio.sleep(0.5)
+        assert committed(kafka_bootstrap, group, topic) == [-1001]
+        assert source.dead_lettered == 0 and "dead-letter topic" in caplog.text
+        assert "records dead-lettered" not in caplog.text  # not said while it is not so
+    assert [e.id for e in sink.events] == ["id-0"]  # taken once: the retry only re-sends the dead letter
