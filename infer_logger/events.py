@@ -17,6 +17,7 @@ from uuid_utils import uuid7
 
 from infer_logger import binary_tensors
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
+from infer_logger.cloudevents.http import from_http_many
 
 REQUEST = "org.kubeflow.serving.inference.request"
 RESPONSE = "org.kubeflow.serving.inference.response"
@@ -78,6 +79,17 @@ def event_id(headers: Mapping[str, str]) -> str:
     (random ids cost the store 1.1-1.2x per exchange: benchmarks/store_write.py).
     """
     return headers.get("ce-id") or headers.get("x-request-id") or str(uuid7())
+
+
+def cloudevent_id(headers: Mapping[str, str], body: bytes) -> str | None:
+    """The id of a request that is itself a CloudEvent (binary or structured), else None.
+
+    Raises InvalidEventError for a malformed one: the sidecar (and the middleware) answer 400 rather
+    than pass on what the predictor's CloudEvents handling would choke on.
+    """
+    if "ce-specversion" in headers or headers.get("content-type", "").startswith("application/cloudevents"):
+        return from_http_many(headers, body)[0].id
+    return None
 
 
 def skip_logging(headers: Mapping[str, str]) -> bool:

@@ -18,7 +18,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from infer_logger import events as ev
 from infer_logger.asgi import BodyTooLargeError, read_body, respond, run_lifespan
-from infer_logger.cloudevents.http import from_http_many
 from infer_logger.errors import InferLoggerError, InvalidEventError
 from infer_logger.httpserver import Reply, Request
 from infer_logger.logger import InferenceLogger, match_route
@@ -62,17 +61,6 @@ _JSON = [(b"content-type", b"application/json")]
 
 def error_body(status: int, reason: str, **extra: str) -> bytes:
     return orjson.dumps({"error": reason, "status": status, **extra})
-
-
-def cloudevent_id(headers: dict[str, str], body: bytes) -> str | None:
-    """The id of a request that is itself a CloudEvent (binary or structured), else None.
-
-    Raises InvalidEventError for a malformed one: the sidecar answers 400 rather than pass on
-    what the predictor's CloudEvents handling would choke on.
-    """
-    if "ce-specversion" in headers or headers.get("content-type", "").startswith("application/cloudevents"):
-        return from_http_many(headers, body)[0].id
-    return None
 
 
 class Proxy:
@@ -130,7 +118,7 @@ class Proxy:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}
         route = match_route(method, path)
         try:
-            event_id = (route and cloudevent_id(headers, body)) or ev.event_id(headers)
+            event_id = (route and ev.cloudevent_id(headers, body)) or ev.event_id(headers)
         except InvalidEventError as exc:
             self._count(False, 400)
             return 400, list(_JSON), error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute)

@@ -40,3 +40,24 @@ def test_logs_a_fastapi_predictor_under_uvicorn(tmp_path: Path) -> None:
     assert by[("mw-1", ev.RESPONSE)].json() == {"predictions": [1]}
     assert int(by[("mw-2", ev.RESPONSE)]["statuscode"]) == 400
     assert by[("mw-1", ev.REQUEST)]["inferenceservicename"] == "echo"
+
+
+def test_cloudevent_requests_as_the_sidecar_takes_them(tmp_path: Path) -> None:
+    """A structured CloudEvent keeps its envelope's id; a malformed one is a 400 naming the attribute."""
+    with EventCollector() as sink:
+        app = create_app([EchoModel()])
+        app.add_middleware(InferenceLoggerMiddleware,
+                           settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+                envelope = {"specversion": "1.0", "id": "env-1", "source": "/c", "type": "t",
+                            "data": {"instances": [[1, 2, 3, 4]]}}
+                r = client.post("/v1/models/echo:predict", json=envelope,
+                                headers={"content-type": "application/cloudevents+json"})
+                assert r.headers["x-request-id"] == "env-1"
+                bad = client.post("/v1/models/echo:predict", json={"instances": [[1]]},
+                                  headers={"ce-specversion": "1.0", "ce-id": "b-1", "ce-type": "t"})
+                assert bad.status_code == 400 and bad.json()["attribute"] == "source", bad.text
+        received = sink.wait_for(2)
+    assert {(e.id, e.type) for e in received} == {("env-1", ev.REQUEST), ("env-1", ev.RESPONSE)}
