@@ -1,7 +1,7 @@
 """The explainer server: KServe V1 (`:explain`, `:predict`), V2 (`/infer` answering an `explanation`
-output; JSON or binary tensor data both ways), health and metadata, and `POST /events` for
-explain-on-event. It only translates: the
-work is `ExplainerService`'s, the events' `ExplainSubscriber`'s.
+output; JSON or binary tensor data both ways), health and metadata, `POST /events` for
+explain-on-event, and Prometheus `/metrics`. It only translates: the work is `ExplainerService`'s,
+the events' `ExplainSubscriber`'s.
 
 The lifespan fits (or restores) and warms the explainer before the server takes requests, so the
 first one is not slow; errors answer `{"error": "..."}` with the status of their class.
@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from explainers import codecs
@@ -29,6 +30,7 @@ from explainers.errors import (
     PredictorError,
     UnknownModelError,
 )
+from explainers.metrics import ExplainerMetrics
 from explainers.service import ExplainerService
 from explainers.subscriber import ExplainSubscriber
 from infer_logger import binary_tensors
@@ -106,22 +108,27 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
 
     app = FastAPI(title="infer-logger explainer", lifespan=lifespan)
     app.state.service, app.state.subscriber = service, events
+    app.state.metrics = metrics = ExplainerMetrics(service, events)
     app.add_middleware(BodyLimit, limit=int(service.settings.max_request_bytes))
+
+    def failed(status: int, reason: str) -> Response:
+        metrics.errors.labels(str(status)).inc()
+        return _json({"error": reason}, status)
 
     @app.exception_handler(BodyTooLargeError)
     async def too_large(request: Request, exc: BodyTooLargeError) -> Response:
-        return _json({"error": f"{exc} (max_request_bytes)"}, 413)
+        return failed(413, f"{exc} (max_request_bytes)")
 
     @app.exception_handler(ExplainerError)
     async def explainer_error(request: Request, exc: ExplainerError) -> Response:
         status = next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 500)
-        return _json({"error": str(exc)}, status)
+        return failed(status, str(exc))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> Response:
         # A bug (ours or a library's): the client still gets JSON; the traceback goes to the log.
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return _json({"error": f"internal error in the explainer ({type(exc).__name__}); see its log"}, 500)
+        return failed(500, f"internal error in the explainer ({type(exc).__name__}); see its log")
 
     def model(name: str) -> ExplainerService:
         if name != service.name:
@@ -149,11 +156,12 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
         return ModelReady(name=model(name).name, ready=True)
 
     async def v1_explain(request: Request) -> Response:
-        found = model(request.path_params["name"])
-        body = await body_of(request)
-        rows = found.decode(body)
-        explanation = await found.explain(rows, codecs.explain_parameters(body))
-        return _json(explanation.to_dict())
+        with metrics.explain_seconds.labels("v1").time():
+            found = model(request.path_params["name"])
+            body = await body_of(request)
+            rows = found.decode(body)
+            explanation = await found.explain(rows, codecs.explain_parameters(body))
+            return _json(explanation.to_dict())
 
     @app.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request) -> Response:
@@ -197,6 +205,10 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
         )
 
     async def v2_infer(request: Request) -> Response:
+        with metrics.explain_seconds.labels("v2").time():
+            return await _v2_infer(request)
+
+    async def _v2_infer(request: Request) -> Response:
         name, model_version = request.path_params["name"], request.path_params.get("model_version")
         found = model(name)
         body = codecs.decode_body(await request.body(), request.headers.get(binary_tensors.HEADER))
@@ -218,9 +230,15 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
     app.add_route("/v2/models/{name}/infer", v2_infer, methods=["POST"])
     app.add_route("/v2/models/{name}/versions/{model_version}/infer", v2_infer, methods=["POST"])
 
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/events")
     async def on_events(request: Request) -> Response:
         status, headers, body = await events.handle_http(dict(request.headers), await request.body())
+        if status >= 400:
+            metrics.errors.labels(str(status)).inc()
         return Response(body, status_code=status, headers=headers)
 
     return app

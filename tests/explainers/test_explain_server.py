@@ -381,3 +381,21 @@ def test_a_body_over_the_limit_is_413(switchable: tuple[SwitchablePredictor, str
         assert r.status_code == 413
         assert r.json() == {"error": "the request body is larger than 4096 bytes (max_request_bytes)"}
     assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
+
+
+def test_metrics(switchable: tuple[SwitchablePredictor, str]) -> None:
+    predictor, url = switchable
+    assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
+    predictor.mode = "500"
+    try:
+        assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 502
+    finally:
+        predictor.mode = "ok"
+    text = httpx.get(f"{url}/metrics").text
+    assert 'infer_logger_explainer_explain_seconds_count{protocol="v1"}' in text
+    assert 'infer_logger_explainer_errors_total{status="502"}' in text
+    assert "infer_logger_explainer_ready 1.0" in text
+    requests = next(line for line in text.splitlines() if line.startswith("infer_logger_explainer_predictor_requests_total"))
+    assert float(requests.split()[-1]) > 0
+    for name in ("events_explained_total", "events_evicted_total", "events_waiting"):
+        assert f"infer_logger_explainer_{name} " in text
