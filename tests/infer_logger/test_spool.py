@@ -173,6 +173,21 @@ class TestDiskSpool:
         spool.close()  # a clean stop syncs what is written
         assert len(synced) == 1
 
+    @pytest.mark.parametrize("content", [b"{not json", b'{"segment": 1}', b'{"segment": "x", "offset": 0}'])
+    def test_an_unreadable_checkpoint_reads_from_the_oldest_segment(self, tmp_path: Path, content: bytes,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+        spool = DiskSpool(tmp_path)
+        for i in range(5):
+            spool.append(event(i))
+        reader = spool.reader("s")
+        reader.commit(reader.read(3)[1], force=True)
+        spool.close()
+        spool.checkpoint_path("s").write_bytes(content)
+        again = DiskSpool(tmp_path)
+        # At least once: what it cannot tell was delivered comes again, never skipped.
+        assert drain(again.reader("s")) == [str(i) for i in range(5)]
+        assert "unreadable checkpoint" in caplog.text
+
     def test_duplicate_reader_name_is_refused(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path)
         spool.reader("s")
