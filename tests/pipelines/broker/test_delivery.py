@@ -35,7 +35,7 @@ from pipelines.broker.delivery import (
 from tests.conformance import ROOT, reason
 
 from .conftest import MakeBroker
-from .helpers import Answer, Subscriber, binary_request, client, reply_with, settle
+from .helpers import Answer, Subscriber, binary_request, client, reply_with, settle, until
 
 DATA = ROOT / "knative-filters" / "delivery-retry-deadletter-cases.yaml"
 CASES: dict[str, Any] = yaml.safe_load(DATA.read_text(encoding="utf-8")) if DATA.is_file() else {}
@@ -315,6 +315,25 @@ class TestRetries:
         await _post(broker)
         await settle(broker, "destination", 1)
         assert subscriber.attempts == 3 and len(subscriber.events) == 1
+
+    async def test_a_failing_dead_letter_sink_is_retried_then_counted_lost(
+            self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
+        """The dead-letter sink gets the trigger's retries too; past them the event is lost, and counted."""
+        subscriber.fail_with = 500
+        answers: Iterator[Answer] = iter([(503, {}, b""), (202, {}, b"")])
+        other_subscriber.answer = lambda event, headers: next(answers, (503, {}, b""))
+        broker = await make_broker(_triggers(subscriber, dls=other_subscriber, retry=2))
+        await _post(broker)
+        await asyncio.to_thread(other_subscriber.wait_for_requests, 2)
+        dispatcher = broker.dispatchers[("default", "destination")]
+        await until(lambda: dispatcher._dead_lettered._value.get() == 1, what="dead-lettered on the 2nd try")
+        assert subscriber.attempts == 3 and dispatcher._lost._value.get() == 0
+        # A dead-letter sink that never takes it: given up after the retries, counted lost.
+        async with client(broker) as c:
+            second = CloudEvent({**_dispatcher_event().attributes, "id": "dispatch-2"}, b'"destination"')
+            assert (await c.post("/", **binary_request(second))).status_code == 202
+        await until(lambda: dispatcher._lost._value.get() == 1, what="lost after the dead-letter retries")
+        assert other_subscriber.attempts == 2 + 3
 
     async def test_timeout_counts_as_no_response(self, make_broker: MakeBroker, subscriber: Subscriber,
                                                  other_subscriber: Subscriber) -> None:
