@@ -40,8 +40,8 @@ class InferenceLoggerMiddleware:
         try:  # as the sidecar does: a request that is a CloudEvent keeps its id, a malformed one is refused
             event_id = ev.cloudevent_id(headers, body) or ev.event_id(headers)
         except InvalidEventError as exc:
-            reason = {"error": f"invalid CloudEvent: {exc}", "status": 400, "attribute": exc.attribute}
-            await respond(send, 400, [(b"content-type", b"application/json")], orjson.dumps(reason))
+            refusal = {"error": f"invalid CloudEvent: {exc}", "status": 400, "attribute": exc.attribute}
+            await respond(send, 400, [(b"content-type", b"application/json")], orjson.dumps(refusal))
             return
         exchange = self.logger.begin(route, scope["path"], headers, scope["headers"], body, event_id)
         replayed = False
