@@ -46,6 +46,7 @@ Handler = Callable[[Request], Awaitable[Reply]]
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _NO_BODY = frozenset({204, 304})
 _MAX_PIPELINED = 16  # requests queued behind the one being answered before we stop reading
+_MAX_HEAD = 64 << 10  # bytes of request line and headers: the parser would buffer any amount
 
 
 def _status_line(status: int) -> bytes:
@@ -88,6 +89,8 @@ class _Connection(asyncio.Protocol):
         self._headers: Headers = []
         self._body: list[bytes] = []
         self._size = 0
+        self._in_head = True  # reading a request line and headers (their size is bounded)
+        self._head_size = 0
 
     # -- asyncio.Protocol
 
@@ -103,23 +106,30 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last = self.server.loop.time()
+        if self._in_head:
+            self._head_size += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # The request itself was read (and queued); what follows is another protocol.
             self._stop_reading()
         except httptools.HttpParserError as exc:
-            too_large = isinstance(exc.__context__, _TooLarge)
-            if too_large:
-                reply = _error(413, f"the request body is larger than {self.server.max_body_bytes} bytes "
-                                    "(max_request_bytes)")
+            if isinstance(exc.__context__, _TooLarge):
+                self._refuse(413, f"the request body is larger than {self.server.max_body_bytes} bytes "
+                                  "(max_request_bytes)")
             else:
                 log.info("bad HTTP request from a client: %s", exc)
-                reply = _error(400, f"invalid HTTP request: {exc}")
-            self._stop_reading()
-            if not self.active and self.transport is not None:
-                self.transport.write(reply)
-                self.transport.close()
+                self._refuse(400, f"invalid HTTP request: {exc}")
+            return
+        if self._in_head and self._head_size > _MAX_HEAD:
+            self._refuse(431, f"the request line and headers are larger than {_MAX_HEAD} bytes")
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer (unless a request is being answered: the connection closes after it) and stop."""
+        self._stop_reading()
+        if not self.active and self.transport is not None:
+            self.transport.write(_error(status, reason))
+            self.transport.close()
 
     def _stop_reading(self) -> None:
         self.closing = True
@@ -141,6 +151,7 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         limit = self.server.max_body_bytes
         if limit is not None:
             for name, value in self._headers:
@@ -159,6 +170,7 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_head, self._head_size = True, 0  # the next request's head, counted afresh
         url = httptools.parse_url(self._url)
         raw_path = url.path or b"/"
         target = raw_path + b"?" + url.query if url.query else raw_path

@@ -149,6 +149,25 @@ class TestBodyLimit:
             assert answer.status_code == 200 and answer.json()["body"] == "x" * 10
 
 
+async def test_oversized_headers_are_431(server: HttpServer) -> None:
+    """The parser would buffer a head of any size: past 64 KiB the client gets a 431 and is cut off."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /p HTTP/1.1\r\nhost: x\r\nx-big: ")
+    for _ in range(20):  # 80 KiB of one header, in pieces, never finished
+        writer.write(b"a" * 4096)
+        await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    status, _, body = answers(raw)[0]
+    assert status.startswith(b"HTTP/1.1 431")
+    assert orjson.loads(body)["error"] == "the request line and headers are larger than 65536 bytes"
+    # Big but within the limit, and many requests on one connection: served.
+    raw = await exchange(server, b"GET /a HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 60000 + b"\r\n\r\n"
+                                 + b"GET /b HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 60000 + b"\r\n"
+                                 b"connection: close\r\n\r\n")
+    assert [s for s, _, _ in answers(raw)] == [b"HTTP/1.1 200 OK"] * 2
+
+
 async def test_handler_error_is_a_500_and_the_server_goes_on(server: HttpServer) -> None:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
         r = await client.get("/boom")
