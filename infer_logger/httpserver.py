@@ -5,9 +5,10 @@ several awaits per request) cost the sidecar about as much CPU as the predictor 
 server parses with the same parser (llhttp via httptools), hands the handler whole requests and
 writes each answer with one `write`. It serves what a reverse proxy in a pod needs: keep-alive,
 pipelining (answers in order), chunked request bodies, `Expect: 100-continue`, HTTP/1.0, an idle
-timeout, a request body limit (413: requests are held whole) and a graceful stop. Upgrades
-(websockets, h2c) are not served: the request is answered as plain HTTP and the connection
-closed. `infer-logger proxy --server uvicorn` runs the ASGI app instead.
+timeout, size limits (a body over `max_request_bytes` 413, a head over 64 KiB 431: requests are
+held whole) and a graceful stop. Upgrades (websockets, h2c) are not served: the request is
+answered as plain HTTP and the connection closed. `infer-logger proxy --server uvicorn` runs the
+ASGI app instead.
 """
 
 from __future__ import annotations
