@@ -34,6 +34,7 @@ from pipelines.sources.kafka import KafkaSource, KafkaSourceConfig
 log = logging.getLogger(__name__)
 
 _TIMEOUT = 10.0
+_LIBRDKAFKA_LOG = logging.getLogger(f"{__name__}.librdkafka")
 
 
 class KafkaChannel:
@@ -52,7 +53,9 @@ class KafkaChannel:
         self._admin = ThreadPoolExecutor(1, thread_name_prefix="kafka-channel")
 
     def _client_config(self) -> dict[str, Any]:
-        return {"bootstrap.servers": self.settings.bootstrap_servers, **self.settings.config}
+        # librdkafka's own log goes through logging (else it prints every failed connect to stderr).
+        return {"bootstrap.servers": self.settings.bootstrap_servers, "logger": _LIBRDKAFKA_LOG,
+                **self.settings.config}
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._admin, self._create_topic)
@@ -67,7 +70,11 @@ class KafkaChannel:
             log.info("kafka channel: created topic %s (%d partitions)", self.topic, self.settings.partitions)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise ChannelError(f"topic {self.topic}: {exc.args[0].str()}") from None
+                raise ChannelError(f"kafka at {self.settings.bootstrap_servers}: topic {self.topic}: "
+                                   f"{exc.args[0].str()}") from None
+        except TimeoutError:
+            raise ChannelError(f"kafka at {self.settings.bootstrap_servers}: no broker answered within "
+                               f"{_TIMEOUT:g}s (creating topic {self.topic})") from None
 
     # -- ingress ---------------------------------------------------------------------------------
 

@@ -222,3 +222,17 @@ def _groups(bootstrap: str) -> set[str]:
     listed = admin.list_consumer_groups(request_timeout=10).result()
     assert not listed.errors, listed.errors
     return {g.group_id for g in listed.valid}
+
+
+async def test_kafka_unreachable_at_start_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from infer_logger.testing import free_port
+    from pipelines.broker import ChannelError
+    from pipelines.broker import kafka_channel
+
+    monkeypatch.setattr(kafka_channel, "_TIMEOUT", 1.0)
+    address = f"127.0.0.1:{free_port()}"
+    broker = Broker(settings(tmp_path, channel="kafka", name="nokafka", kafka={"bootstrap_servers": address}),
+                    triggers="triggers: []")
+    with pytest.raises(ChannelError, match=f"kafka at {address}: no broker answered within 1s"):
+        await broker.startup()
+    await broker.shutdown()
