@@ -116,7 +116,7 @@ class SpoolChannel:
             return
         for event in events:
             if not self.spool.append(pack(event)):
-                raise ChannelError("the broker's log is full")
+                raise ChannelError("the broker's log cannot take events (full, or its disk refuses: see its log)")
 
     async def attach(self, trigger: str, handler: Handler) -> None:
         spool = self.spool
