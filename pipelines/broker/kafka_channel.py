@@ -34,7 +34,14 @@ from pipelines.sources.kafka import KafkaSource, KafkaSourceConfig
 log = logging.getLogger(__name__)
 
 _TIMEOUT = 10.0
+_RECONNECT_MAX = 10.0  # seconds between tries to reach Kafka at start
+_UNREACHABLE = frozenset({KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+                          KafkaError.REQUEST_TIMED_OUT})
 _LIBRDKAFKA_LOG = logging.getLogger(f"{__name__}.librdkafka")
+
+
+class _UnreachableError(ChannelError):
+    """No Kafka broker answered (as opposed to one that answered with a refusal)."""
 
 
 class KafkaChannel:
@@ -50,6 +57,9 @@ class KafkaChannel:
         self._pending: list[tuple[Sequence[CloudEvent], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._sources: dict[str, tuple[KafkaSource, asyncio.Task[None]]] = {}
+        self._reached = False  # the topic exists: Kafka answered
+        self._waiting: dict[str, Handler] = {}  # triggers attached before that
+        self._connecting: asyncio.Task[None] | None = None
         self._admin = ThreadPoolExecutor(1, thread_name_prefix="kafka-channel")
 
     def _client_config(self) -> dict[str, Any]:
@@ -58,7 +68,34 @@ class KafkaChannel:
                 **self.settings.config}
 
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._admin, self._create_topic)
+        """Create the topic. With Kafka unreachable the broker starts anyway, not ready (its ingress
+        answers 503), and keeps trying: triggers attach once Kafka answers."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._admin, self._create_topic)
+        except _UnreachableError as exc:
+            log.warning("kafka channel: %s; retrying until it answers (the ingress answers 503 meanwhile)", exc)
+            self._connecting = asyncio.get_running_loop().create_task(self._connect(), name=f"connect:{self.topic}")
+            return
+        self._reached = self.ready = True
+
+    async def _connect(self) -> None:
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._admin, self._create_topic)
+            except _UnreachableError:
+                delay = min(delay * 2, _RECONNECT_MAX)
+                continue
+            except ChannelError as exc:  # answered, but refused: nothing a retry changes
+                log.error("kafka channel: %s", exc)
+                return
+            break
+        log.warning("kafka channel: kafka at %s answers: topic %s ready", self.settings.bootstrap_servers, self.topic)
+        self._reached = True
+        waiting, self._waiting = self._waiting, {}
+        for trigger, handler in waiting.items():
+            await self.attach(trigger, handler)
         self.ready = True
 
     def _create_topic(self) -> None:
@@ -69,12 +106,14 @@ class KafkaChannel:
             future.result(timeout=_TIMEOUT)
             log.info("kafka channel: created topic %s (%d partitions)", self.topic, self.settings.partitions)
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise ChannelError(f"kafka at {self.settings.bootstrap_servers}: topic {self.topic}: "
-                                   f"{exc.args[0].str()}") from None
+            code = exc.args[0].code()
+            if code != KafkaError.TOPIC_ALREADY_EXISTS:
+                kind = _UnreachableError if code in _UNREACHABLE else ChannelError
+                raise kind(f"kafka at {self.settings.bootstrap_servers}: topic {self.topic}: "
+                           f"{exc.args[0].str()}") from None
         except TimeoutError:
-            raise ChannelError(f"kafka at {self.settings.bootstrap_servers}: no broker answered within "
-                               f"{_TIMEOUT:g}s (creating topic {self.topic})") from None
+            raise _UnreachableError(f"kafka at {self.settings.bootstrap_servers}: no broker answered within "
+                                    f"{_TIMEOUT:g}s (creating topic {self.topic})") from None
 
     # -- ingress ---------------------------------------------------------------------------------
 
@@ -113,6 +152,10 @@ class KafkaChannel:
         return f"{self.settings.group_prefix}-{self.namespace}-{trigger}"
 
     async def attach(self, trigger: str, handler: Handler) -> None:
+        if not self._reached:
+            # A new trigger's group starts at the topic's end, which takes Kafka to know: later.
+            self._waiting[trigger] = handler
+            return
         group = self.group(trigger)
         await asyncio.get_running_loop().run_in_executor(self._admin, self._start_at_end, group)
         source = KafkaSourceConfig(
@@ -144,6 +187,8 @@ class KafkaChannel:
             consumer.close()
 
     async def detach(self, trigger: str, *, forget: bool, timeout: float) -> None:
+        if self._waiting.pop(trigger, None) is not None:
+            return
         entry = self._sources.pop(trigger, None)
         if entry is None:
             return
@@ -175,6 +220,11 @@ class KafkaChannel:
         return None
 
     async def aclose(self, timeout: float) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
+        self._waiting.clear()
         await asyncio.gather(*(self.detach(t, forget=False, timeout=timeout) for t in list(self._sources)))
         if self._flusher is not None:
             with contextlib.suppress(Exception):

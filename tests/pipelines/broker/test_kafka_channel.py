@@ -224,15 +224,31 @@ def _groups(bootstrap: str) -> set[str]:
     return {g.group_id for g in listed.valid}
 
 
-async def test_kafka_unreachable_at_start_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from infer_logger.testing import free_port
-    from pipelines.broker import ChannelError
+async def test_kafka_unreachable_at_start_is_waited_for(tmp_path: Path, subscriber: Subscriber,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The broker starts anyway, not ready (503, naming nothing it cannot know yet), says which
+    address it waits for, and attaches its triggers once Kafka answers."""
     from pipelines.broker import kafka_channel
 
     monkeypatch.setattr(kafka_channel, "_TIMEOUT", 1.0)
-    address = f"127.0.0.1:{free_port()}"
-    broker = Broker(settings(tmp_path, channel="kafka", name="nokafka", kafka={"bootstrap_servers": address}),
-                    triggers="triggers: []")
-    with pytest.raises(ChannelError, match=f"kafka at {address}: no broker answered within 1s"):
-        await broker.startup()
-    await broker.shutdown()
+    monkeypatch.setattr(kafka_channel, "_RECONNECT_MAX", 1.0)
+    server = NoidaServer("kafka")  # its port, not yet listening
+    broker = Broker(settings(tmp_path, channel="kafka", name="late",
+                             kafka={"bootstrap_servers": server.address, "partitions": 2}),
+                    triggers=f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
+    await broker.startup()
+    try:
+        assert not broker.ready
+        assert f"kafka at {server.address}: no broker answered within 1s" in caplog.text
+        async with client(broker) as c:
+            assert (await c.get("/readyz")).status_code == 503
+            assert (await c.post("/", **binary_request(event("early")))).status_code == 503
+        server.start()
+        await until(lambda: broker.ready, 30, "ready once Kafka answers")
+        await _post(broker, ["k1", "k2"])
+        await asyncio.to_thread(subscriber.wait_for, 2, 30)
+    finally:
+        await broker.shutdown()
+        server.stop()
+    assert {e.id for e in subscriber.events} == {"k1", "k2"}
