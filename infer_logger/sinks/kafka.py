@@ -75,6 +75,7 @@ PERMANENT: frozenset[int] = frozenset({
 _TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE}) if CLIENT else frozenset()
 
 _POLL_SLICE = 0.1  # seconds per poll/flush in the poll thread: bounds how late it notices a dead broker
+_IDLE_POLL = 1.0  # seconds between polls of an idle producer (its log and error callbacks)
 _DOWN_GRACE = 2.0  # seconds a batch may wait with every broker down (reconnects take <= 1 s)
 _PROBE = 0.5  # seconds a metadata request may take to tell that a broker is back
 _FULL_WAIT = 0.005  # seconds the event loop waits for room when librdkafka's local queue is full
@@ -406,10 +407,15 @@ class _Client:
         producer = self.producer
         while True:
             with self._cond:
-                while not self.batches and not self._closing:
-                    self._cond.wait()
-                if not self.batches:
+                idle = not self.batches and not self._closing and not self._cond.wait(_IDLE_POLL)
+                if not self.batches and self._closing:
                     return  # closing, and every batch has its reports
+            if idle or not self.batches:
+                # Nothing out: still serve the client's log and error callbacks now and then, so
+                # that a broker going away is reported when it happens, not in a burst later.
+                self._serve_idle(producer)
+                continue
+            with self._cond:
                 sealed = [b for b in self.batches if b.sealed]
                 producing = len(sealed) < len(self.batches)
             try:
@@ -425,6 +431,14 @@ class _Client:
             except Exception:  # a bug in a callback: keep serving, or batches would hang
                 log.exception("kafka sink %s: error while serving delivery reports", self.address)
             self._check()
+
+    def _serve_idle(self, producer: Producer) -> None:
+        try:
+            producer.poll(0)
+        except KafkaException as exc:
+            self.note_fatal(exc.args[0])
+        except Exception:  # a bug in a callback: keep serving
+            log.exception("kafka sink %s: error while serving callbacks", self.address)
 
     def _check(self) -> None:
         """Drop finished batches; purge when nothing will be delivered soon."""

@@ -326,6 +326,22 @@ class TestSecurity:
             server.stop()
 
 
+async def test_an_idle_sink_reports_a_broker_going_away(caplog: pytest.LogCaptureFixture) -> None:
+    """No batch out, and still the client's callbacks are served: the warning comes when the broker
+    goes, not in a burst with the next batch."""
+    server = NoidaServer("kafka").start()
+    sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events").build()
+    try:
+        await sink.send_batch([event(0)])
+        server.stop()
+        deadline = time.monotonic() + 15
+        while f"no broker reachable at {server.address}" not in caplog.text:
+            assert time.monotonic() < deadline, "no warning while idle"
+            await asyncio.sleep(0.1)
+    finally:
+        await sink.aclose()
+
+
 class TestConcurrent:
     """Batches overlap in flight: each returns on its own acks and fails with its own records."""
 
