@@ -10,7 +10,7 @@ first one is not slow; errors answer `{"error": "..."}` with the status of their
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -37,6 +37,7 @@ from infer_logger import binary_tensors
 from infer_logger.asgi import BodyLimit, BodyTooLargeError
 
 log = logging.getLogger(__name__)
+Endpoint = Callable[[Request], Awaitable[Response]]
 _STATUS: dict[type[ExplainerError], int] = {
     InvalidInputError: 400, InvalidParametersError: 400, UnknownModelError: 404,
     PredictorError: 502, NotReadyError: 503,
@@ -156,12 +157,11 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
         return ModelReady(name=model(name).name, ready=True)
 
     async def v1_explain(request: Request) -> Response:
-        with metrics.explain_seconds.labels("v1").time():
-            found = model(request.path_params["name"])
-            body = await body_of(request)
-            rows = found.decode(body)
-            explanation = await found.explain(rows, codecs.explain_parameters(body))
-            return _json(explanation.to_dict())
+        found = model(request.path_params["name"])
+        body = await body_of(request)
+        rows = found.decode(body)
+        explanation = await found.explain(rows, codecs.explain_parameters(body))
+        return _json(explanation.to_dict())
 
     @app.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request) -> Response:
@@ -205,10 +205,6 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
         )
 
     async def v2_infer(request: Request) -> Response:
-        with metrics.explain_seconds.labels("v2").time():
-            return await _v2_infer(request)
-
-    async def _v2_infer(request: Request) -> Response:
         name, model_version = request.path_params["name"], request.path_params.get("model_version")
         found = model(name)
         body = codecs.decode_body(await request.body(), request.headers.get(binary_tensors.HEADER))
@@ -226,9 +222,18 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
 
     # The explain endpoints are plain routes: FastAPI's per-request parameter resolution is pure
     # overhead for handlers that read the body themselves, and it is on every explanation's path.
-    app.add_route("/v1/models/{name}:explain", v1_explain, methods=["POST"])
-    app.add_route("/v2/models/{name}/infer", v2_infer, methods=["POST"])
-    app.add_route("/v2/models/{name}/versions/{model_version}/infer", v2_infer, methods=["POST"])
+    def timed(protocol: str, handler: Endpoint) -> Endpoint:
+        seconds = metrics.explain_seconds.labels(protocol)
+
+        async def route(request: Request) -> Response:
+            with seconds.time():
+                return await handler(request)
+
+        return route
+
+    app.add_route("/v1/models/{name}:explain", timed("v1", v1_explain), methods=["POST"])
+    app.add_route("/v2/models/{name}/infer", timed("v2", v2_infer), methods=["POST"])
+    app.add_route("/v2/models/{name}/versions/{model_version}/infer", timed("v2", v2_infer), methods=["POST"])
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

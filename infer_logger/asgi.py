@@ -6,6 +6,8 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import orjson
+
 from infer_logger.errors import InferLoggerError
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,11 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+def error_body(status: int, reason: str, **extra: str) -> bytes:
+    """The JSON of an error answer: `{"error": reason, "status": status, ...extra}`."""
+    return orjson.dumps({"error": reason, "status": status, **extra})
 
 
 async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from infer_logger import events as ev
 from infer_logger.config import Settings
 from infer_logger.logger import InferenceLogger, match_route
-from infer_logger.asgi import read_body, respond
+from infer_logger.asgi import error_body, read_body, respond
 from infer_logger.errors import InvalidEventError
 
 
@@ -40,8 +38,8 @@ class InferenceLoggerMiddleware:
         try:  # as the sidecar does: a request that is a CloudEvent keeps its id, a malformed one is refused
             event_id = ev.cloudevent_id(headers, body) or ev.event_id(headers)
         except InvalidEventError as exc:
-            refusal = {"error": f"invalid CloudEvent: {exc}", "status": 400, "attribute": exc.attribute}
-            await respond(send, 400, [(b"content-type", b"application/json")], orjson.dumps(refusal))
+            refusal = error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute)
+            await respond(send, 400, [(b"content-type", b"application/json")], refusal)
             return
         exchange = self.logger.begin(route, scope["path"], headers, scope["headers"], body, event_id)
         replayed = False

@@ -17,7 +17,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from infer_logger import events as ev
-from infer_logger.asgi import BodyTooLargeError, read_body, respond, run_lifespan
+from infer_logger.asgi import BodyTooLargeError, error_body, read_body, respond, run_lifespan
 from infer_logger.errors import InferLoggerError, InvalidEventError
 from infer_logger.httpserver import Reply, Request
 from infer_logger.logger import InferenceLogger, match_route
@@ -46,21 +46,20 @@ _DROP_UPSTREAM = _HOP | {b"host", b"expect"}
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 
-def _without_hop(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+def _without_hop(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes], *,
+                 connection: bool = True) -> list[tuple[bytes, bytes]]:
     """`headers` less `drop` and less any header the `Connection` header names (RFC 9110 7.6.1:
-    those are hop-by-hop too, for this connection only)."""
-    named: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:  # rare: a plain check first
-            named.update(token.strip().lower() for token in value.split(b","))
-    if named:
-        drop = drop | named
+    those are hop-by-hop too, for this connection only). `connection=False`: the caller knows
+    there is none, and the headers are not searched for it (the request path)."""
+    if connection:
+        named = {token.strip().lower() for name, value in headers if name == b"connection"
+                 for token in value.split(b",")} - _PLAIN_CONNECTION
+        if named:
+            drop = drop | named
     return [(k, v) for k, v in headers if k not in drop]
+
+
 _JSON = [(b"content-type", b"application/json")]
-
-
-def error_body(status: int, reason: str, **extra: str) -> bytes:
-    return orjson.dumps({"error": reason, "status": status, **extra})
 
 
 class Proxy:
@@ -126,7 +125,7 @@ class Proxy:
         if route is not None and not ev.skip_logging(headers):
             exchange = self.logger.begin(route, path, headers, raw, body, event_id)
 
-        forward = _without_hop(raw, _DROP_UPSTREAM)
+        forward = _without_hop(raw, _DROP_UPSTREAM, connection="connection" in headers)
         if "x-request-id" not in headers:
             forward.append((b"x-request-id", event_id.encode()))
         loop = asyncio.get_running_loop()

@@ -407,18 +407,19 @@ class _Client:
         producer = self.producer
         while True:
             with self._cond:
-                idle = not self.batches and not self._closing and not self._cond.wait(_IDLE_POLL)
-                if not self.batches and self._closing:
+                if not self.batches and not self._closing:
+                    self._cond.wait(_IDLE_POLL)
+                idle = not self.batches
+                if idle and self._closing:
                     return  # closing, and every batch has its reports
-            if idle or not self.batches:
-                # Nothing out: still serve the client's log and error callbacks now and then, so
-                # that a broker going away is reported when it happens, not in a burst later.
-                self._serve_idle(producer)
-                continue
-            with self._cond:
                 sealed = [b for b in self.batches if b.sealed]
                 producing = len(sealed) < len(self.batches)
             try:
+                if idle:
+                    # Nothing out: still serve the client's log and error callbacks now and then, so
+                    # that a broker going away is reported when it happens, not in a burst later.
+                    producer.poll(0)
+                    continue
                 if producing:  # more records are coming: let `linger.ms` fill the requests
                     producer.poll(_POLL_SLICE)
                 elif producer.flush(_POLL_SLICE) == 0:
@@ -431,14 +432,6 @@ class _Client:
             except Exception:  # a bug in a callback: keep serving, or batches would hang
                 log.exception("kafka sink %s: error while serving delivery reports", self.address)
             self._check()
-
-    def _serve_idle(self, producer: Producer) -> None:
-        try:
-            producer.poll(0)
-        except KafkaException as exc:
-            self.note_fatal(exc.args[0])
-        except Exception:  # a bug in a callback: keep serving
-            log.exception("kafka sink %s: error while serving callbacks", self.address)
 
     def _check(self) -> None:
         """Drop finished batches; purge when nothing will be delivered soon."""

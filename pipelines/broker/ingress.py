@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import content_mode, from_http_many
 from infer_logger.errors import InvalidEventError
-from infer_logger.asgi import BodyTooLargeError, read_body, respond
+from infer_logger.asgi import BodyTooLargeError, error_body, read_body, respond
 from pipelines.broker.channel import ChannelError, RefusedError
 from pipelines.broker.endpoints import passthrough
 from pipelines.broker.handler import TriggerHandler
@@ -37,10 +37,6 @@ Send: TypeAlias = Callable[[Message], Awaitable[None]]
 
 _JSON = (b"content-type", b"application/json")
 _ALLOW = (b"allow", b"POST, OPTIONS")
-
-
-def _error(status: int, reason: str, **extra: str) -> bytes:
-    return orjson.dumps({"error": reason, "status": status, **extra})
 
 
 class Ingress:
@@ -62,7 +58,7 @@ class Ingress:
         elif len(parts) in (0, 2):
             await self._ingress(scope, (parts[0], parts[1]) if parts else None, receive, send)
         else:
-            await respond(send, 404, [_JSON], _error(404, f"nothing at {path}"))
+            await respond(send, 404, [_JSON], error_body(404, f"nothing at {path}"))
 
     async def _ingress(self, scope: Scope, key: tuple[str, str] | None, receive: Receive, send: Send) -> None:
         broker = self.broker
@@ -71,12 +67,12 @@ class Ingress:
             await respond(send, 200, [_ALLOW], b"")
             return
         if method != "POST":
-            await respond(send, 405, [_ALLOW, _JSON], _error(405, "events are POSTed"))
+            await respond(send, 405, [_ALLOW, _JSON], error_body(405, "events are POSTed"))
             return
         refused = broker.metrics.refused
         if not broker.ready or broker.settings.role == "dispatcher":
             refused.labels("unavailable").inc()
-            await respond(send, 503, [_JSON], _error(503, "the broker is not taking events here now"))
+            await respond(send, 503, [_JSON], error_body(503, "the broker is not taking events here now"))
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         settings = broker.settings
@@ -84,7 +80,7 @@ class Ingress:
             batch = content_mode(headers) == "batch"
         except InvalidEventError as exc:
             refused.labels("invalid").inc()
-            await respond(send, 400, [_JSON], _error(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
+            await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
         limit = int(settings.max_request_bytes if batch else settings.max_event_bytes)
         try:
@@ -94,18 +90,18 @@ class Ingress:
             body = await read_body(receive, limit)
         except (BodyTooLargeError, ValueError):
             refused.labels("oversize").inc()
-            await respond(send, 413, [_JSON], _error(413, f"the body is larger than {limit} bytes"))
+            await respond(send, 413, [_JSON], error_body(413, f"the body is larger than {limit} bytes"))
             return
         try:
             events = from_http_many(headers, body)
         except InvalidEventError as exc:
             refused.labels("invalid").inc()
-            await respond(send, 400, [_JSON], _error(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
+            await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
         maximum = int(settings.max_event_bytes)
         if batch and any(_size(e.attributes, e.data) > maximum for e in events):
             refused.labels("oversize").inc(len(events))
-            await respond(send, 413, [_JSON], _error(413, f"an event of the batch is larger than {maximum} bytes"))
+            await respond(send, 413, [_JSON], error_body(413, f"an event of the batch is larger than {maximum} bytes"))
             return
         forward = passthrough(headers)  # the only headers kept with the events
         events = [CloudEvent(e.attributes, e.data, forward) for e in events]
@@ -113,21 +109,21 @@ class Ingress:
             await broker.publish(key, events)
         except InvalidEventError as exc:
             refused.labels("invalid").inc(len(events))
-            await respond(send, 400, [_JSON], _error(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
+            await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
         except RefusedError as exc:
             # Others of a batch may have been stored: the message says how many were refused.
             status, label = (413, "oversize") if exc.too_large else (400, "invalid")
             refused.labels(label).inc(len(events))
-            await respond(send, status, [_JSON], _error(status, str(exc)))
+            await respond(send, status, [_JSON], error_body(status, str(exc)))
             return
         except ChannelError as exc:
             refused.labels("unavailable").inc(len(events))
-            await respond(send, 503, [_JSON], _error(503, str(exc)))
+            await respond(send, 503, [_JSON], error_body(503, str(exc)))
             return
         except LookupError as exc:
             refused.labels("unknown_broker").inc(len(events))
-            await respond(send, 404, [_JSON], _error(404, str(exc)))
+            await respond(send, 404, [_JSON], error_body(404, str(exc)))
             return
         await respond(send, 202, [], b"")
 
@@ -136,7 +132,7 @@ class Ingress:
         try:
             body = await read_body(receive, limit)
         except BodyTooLargeError:
-            await respond(send, 413, [_JSON], _error(413, f"the body is larger than {limit} bytes"))
+            await respond(send, 413, [_JSON], error_body(413, f"the body is larger than {limit} bytes"))
             return
         status, headers, out = await self.handler.handle(scope["method"], parts, scope["headers"], body)
         await respond(send, status, headers, out)
