@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from math import prod
+from math import isfinite, prod
 from typing import Any
 
 import numpy as np
@@ -102,7 +102,8 @@ def _rows(rows: list[Any], schema: Schema, key: str) -> np.ndarray:
     if schema.numeric and all(isinstance(r, list) for r in rows):
         try:  # the common case: one conversion, checked afterwards
             array = np.asarray(rows, dtype=float)
-            if array.ndim == 2 and array.shape[1] == schema.width and not _has_non_number(rows):
+            if (array.ndim == 2 and array.shape[1] == schema.width and not _has_non_number(rows)
+                    and np.isfinite(array).all()):
                 return array
         except (TypeError, ValueError):
             pass
@@ -134,7 +135,9 @@ def _value(value: Any, name: str, schema: Schema, where: str) -> Any:
             return value
         raise InvalidInputError(f"{where} ({name}): expected a string, got {value!r}")
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        if isfinite(value):  # NaN and infinities (binary tensor data holds them) as JSON's null
+            return float(value)
+        raise InvalidInputError(f"{where} ({name}): expected a finite number, got {value!r}")
     raise InvalidInputError(f"{where} ({name}): expected a number, got {value!r}; {schema.expected()}")
 
 

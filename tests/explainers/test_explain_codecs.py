@@ -94,6 +94,14 @@ class TestPredictorBodies:
             with pytest.raises(InvalidInputError, match="expected a number, got None"):
                 codecs.decode_instances(body, IRIS)
 
+    def test_binary_nan_and_infinity_refused_as_null_is(self) -> None:
+        for bad in (np.nan, np.inf, -np.inf):
+            rows = np.array([[1.0, bad, 3.0, 4.0]])
+            body, headers = codecs.encode_v2_binary(rows, IRIS)
+            doc = codecs.decode_body(body, headers[bt.HEADER])
+            with pytest.raises(InvalidInputError, match=r"\[1\] \(sw\): expected a finite number"):
+                codecs.decode_instances(doc, IRIS)
+
     def test_encode_v2_binary_as_the_schema_says(self) -> None:
         rows = np.array([[1.5, 2, 3, 4], [5, 6, 7, 8]])
         body, headers = codecs.encode_v2_binary(rows, Schema(IRIS.feature_names, datatype="FP32"))
