@@ -6,12 +6,12 @@ alibi is imported on first use; without it every method here fails with a messag
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from explainers.base import BaseExplainer, InstanceExplanation, Model
+from explainers.base import BaseExplainer, InstanceExplanation, Model, Samples
 from explainers.errors import MissingExtraError, UnsupportedModelError
 from explainers.shap_backend import Codes, L1Reg, sample_rows, to_instances
 
@@ -59,11 +59,11 @@ class AnchorParams(BaseModel):
     threshold: float = Field(0.95, gt=0, le=1)
     delta: float = Field(0.1, gt=0, lt=1)
     tau: float = Field(0.15, gt=0, lt=1)
-    batch_size: int = Field(100, ge=1)
-    coverage_samples: int = Field(10_000, ge=1)
+    batch_size: Samples = 100
+    coverage_samples: Samples = 10_000
     beam_size: int = Field(1, ge=1)
     max_anchor_size: int | None = None
-    min_samples_start: int = Field(100, ge=1)
+    min_samples_start: Samples = 100
 
 
 class AnchorTabular(_AlibiBackend):
@@ -112,7 +112,7 @@ class AlibiShapOptions(BaseModel):
 class AlibiKernelParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    nsamples: Annotated[int, Field(ge=1)] | Literal["auto"] = 200  # as KernelParams: checked here, not deep in shap
+    nsamples: Samples | Literal["auto"] = 200  # as KernelParams: checked here, not deep in shap
     l1_reg: bool | L1Reg = False
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from explainers import codecs
 from explainers.errors import (
     ExplainerError,
+    ExplainTimeoutError,
     InvalidInputError,
     InvalidParametersError,
     NotReadyError,
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 Endpoint = Callable[[Request], Awaitable[Response]]
 _STATUS: dict[type[ExplainerError], int] = {
     InvalidInputError: 400, InvalidParametersError: 400, UnknownModelError: 404,
-    PredictorError: 502, NotReadyError: 503,
+    PredictorError: 502, NotReadyError: 503, ExplainTimeoutError: 504,
 }
 
 

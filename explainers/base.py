@@ -23,9 +23,10 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
+from pydantic_core import PydanticCustomError
 
 from explainers.errors import InvalidParametersError, NotReadyError, UnsupportedModelError
 
@@ -125,7 +126,7 @@ class Explainer(Protocol):
 
     def state(self) -> dict[str, Any]: ...
 
-    def params(self, overrides: Mapping[str, Any] | None = None) -> BaseModel: ...
+    def params(self, overrides: Mapping[str, Any] | None = None, *, max_samples: int | None = None) -> BaseModel: ...
 
     def explain(self, rows: np.ndarray, params: BaseModel | Mapping[str, Any] | None = None) -> Explanation: ...
 
@@ -134,13 +135,46 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def checked(kind: type[BaseModel], values: Mapping[str, Any] | None, what: str) -> BaseModel:
+def _within_limit(value: int, info: ValidationInfo) -> int:
+    limit = (info.context or {}).get("max_samples")
+    if limit is not None and value > limit:
+        raise PydanticCustomError("over_limit", "{value} is over this server's limit of {limit} (max_samples)",
+                                  {"value": value, "limit": limit})
+    return value
+
+
+Samples = Annotated[int, Field(ge=1), AfterValidator(_within_limit)]
+"""A per-request count of samples or model evaluations: each costs model rows and memory, so it is
+at least 1 and at most the server's `max_samples` (given as validation context)."""
+
+
+def checked(kind: type[BaseModel], values: Mapping[str, Any] | None, what: str,
+            context: Mapping[str, Any] | None = None) -> BaseModel:
     try:
-        return kind.model_validate(dict(values or {}))
+        return kind.model_validate(dict(values or {}), context=context)
     except ValidationError as exc:
         allowed = ", ".join(kind.model_fields) or "none"
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or what}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{field or what}: {message}" for field, message in _problems(exc))
         raise InvalidParametersError(f"{what}: {problems} (allowed: {allowed})") from None
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """(field, message) per bad field. A union (`nsamples`: a number or "auto") fails once per
+    branch, its locations naming the branches: a type mismatch reads "a or b", a bad value of
+    the matching type (over a limit, say) alone."""
+    by_field: dict[str, list[Any]] = {}
+    for error in exc.errors():
+        by_field.setdefault(str(error["loc"][0]) if error["loc"] else "", []).append(error)
+    out = []
+    for field, errors in by_field.items():
+        if len(errors) > 1 and any(e["type"] not in _TYPE_MISMATCH for e in errors):
+            errors = [next(e for e in errors if e["type"] not in _TYPE_MISMATCH)]
+        out.append((field, " or ".join(e["msg"] for e in errors)))
+    return out
+
+
+_TYPE_MISMATCH = frozenset({"int_parsing", "int_type", "int_from_float", "float_parsing", "float_type",
+                            "literal_error", "string_type", "bool_parsing", "bool_type", "string_pattern_mismatch"})
 
 
 class BaseExplainer(ABC):
@@ -181,9 +215,10 @@ class BaseExplainer(ABC):
             raise NotReadyError(f"the {self.method} explainer is not fitted")
         return dict(self._state)
 
-    def params(self, overrides: Mapping[str, Any] | None = None) -> BaseModel:
+    def params(self, overrides: Mapping[str, Any] | None = None, *, max_samples: int | None = None) -> BaseModel:
+        """The defaults with `overrides` applied, checked (counts of samples against `max_samples`)."""
         merged = {**self.defaults.model_dump(), **(overrides or {})}
-        return checked(self.Params, merged, "parameters")
+        return checked(self.Params, merged, "parameters", {"max_samples": max_samples})
 
     def explain(self, rows: np.ndarray, params: BaseModel | Mapping[str, Any] | None = None) -> Explanation:
         if self.model is None or self._state is None:

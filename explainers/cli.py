@@ -65,6 +65,10 @@ def _names(value: str | None) -> list[str] | None:
               help="Default explain parameter (requests may override). Repeatable.")
 @click.option("--workers", type=int, help="Explain threads.  [default: 2]")
 @click.option("--max-request-bytes", help="Refuse larger request bodies with 413.  [default: 64MiB]")
+@click.option("--explain-timeout", type=float,
+              help="Seconds one explain request may take (queueing included); then 504.  [default: 60]")
+@click.option("--max-samples", type=int,
+              help="Cap of nsamples, max_evals and the like per request (400 above).  [default: 10000]")
 @click.option("--fit-only", is_flag=True, help="Fit, save --save-artifact, and exit without serving.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))

@@ -41,7 +41,7 @@ import orjson
 
 from explainers import codecs
 from explainers.codecs import Schema
-from explainers.errors import PredictorError
+from explainers.errors import ExplainTimeoutError, PredictorError
 from infer_logger import binary_tensors
 from infer_logger.errors import BinaryDataError
 
@@ -51,6 +51,7 @@ _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # How servers without the extension refuse a body that is not all JSON (422: FastAPI's validation).
 _BINARY_REFUSED = frozenset({400, 415, 422})
 _JSON = {"content-type": "application/json"}
+_READ = 1 << 20  # bytes asked for per read of an answer's body
 
 
 class PredictorClient:
@@ -146,9 +147,34 @@ class PredictorClient:
         if ahead is not None and (outputs := ahead.answer(rows)) is not None:
             return outputs
         if self.linger > 0 or len(rows) > self.max_batch_rows:  # merged, or split and sent concurrently
-            deadline = self.timeout * (self.retries + 1) + self.backoff * 2 ** self.retries + 5
-            return asyncio.run_coroutine_threadsafe(self.predict(rows), loop).result(deadline)
+            wait = self.timeout * (self.retries + 1) + self.backoff * 2 ** self.retries + 5
+            limit: _Deadline | None = getattr(self._lanes, "deadline", None)
+            if limit is not None:
+                wait = min(wait, limit.left())
+            future = asyncio.run_coroutine_threadsafe(self.predict(rows), loop)
+            try:
+                return future.result(wait)
+            except TimeoutError:
+                future.cancel()
+                if limit is not None:
+                    limit.left()  # raises once it has passed
+                raise PredictorError(f"predictor {self.url}: no answer within {wait:g}s") from None
         return self._call_here(rows)
+
+    @contextmanager
+    def deadline(self, at: float, message: str) -> Iterator[None]:
+        """Within the block this thread's predictor calls end by `at` (`time.monotonic()`): a call
+        after it, or one it cuts short, raises `ExplainTimeoutError(message)` (no retry)."""
+        self._lanes.deadline = _Deadline(at, message)
+        try:
+            yield
+        finally:
+            self._lanes.deadline = None
+
+    def _budget(self) -> float:
+        """Seconds this thread's next request may take: `timeout`, or what is left of its deadline."""
+        limit: _Deadline | None = getattr(self._lanes, "deadline", None)
+        return self.timeout if limit is None else min(self.timeout, limit.left())
 
     @contextmanager
     def asking_ahead(self, rows: np.ndarray) -> Iterator[None]:
@@ -275,11 +301,14 @@ class PredictorClient:
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(self.backoff * 2 ** (attempt - 1), 5.0))
+            budget = self._budget()  # past the deadline: ExplainTimeoutError
             try:
                 self.requests += 1
-                status, payload, header_length = self._exchange(parts, headers)
+                status, payload, header_length = self._exchange(parts, headers, budget=budget)
             except TimeoutError:
-                reason = f"no answer within {self.timeout:g}s"
+                if budget < self.timeout:
+                    self._budget()  # the deadline, not the predictor's own time, cut it short
+                reason = f"no answer within {budget:g}s"
                 continue
             except (http.client.HTTPException, OSError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
@@ -300,16 +329,17 @@ class PredictorClient:
         return self._decode(payload, header_length, n)
 
     def _exchange(self, parts: Sequence[bytes | memoryview], headers: Mapping[str, str], slot: str = "main",
-                  *, sent: bool = False) -> tuple[int, bytes, str | None]:
-        """One POST over this thread's connection in `slot` (`sent`: the request already went on it);
-        a kept-alive connection the predictor has closed since is replaced, and the request sent
-        again, without counting as an attempt."""
+                  *, sent: bool = False, budget: float) -> tuple[int, bytes, str | None]:
+        """One POST over this thread's connection in `slot` (`sent`: the request already went on it),
+        answered within `budget` seconds; a kept-alive connection the predictor has closed since is
+        replaced, and the request sent again, without counting as an attempt."""
         connection, reused = self._connection(slot)
         path = urlsplit(self.url).path
+        end = time.monotonic() + budget
         try:
             if not sent:
-                _request(connection, path, parts, headers)
-            return _response(connection)
+                _request(connection, path, parts, headers, budget)
+            return _response(connection, end)
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
             self._drop(slot)
             if not reused:
@@ -319,8 +349,8 @@ class PredictorClient:
             raise
         connection, _ = self._connection(slot)
         try:
-            _request(connection, path, parts, headers)
-            return _response(connection)
+            _request(connection, path, parts, headers, max(end - time.monotonic(), 0.001))
+            return _response(connection, end)
         except BaseException:
             self._drop(slot)
             raise
@@ -451,7 +481,7 @@ class _Ahead:
             self.parts = parts
             connection, _ = client._connection("ahead")
             client.requests += 1
-            _request(connection, urlsplit(client.url).path, parts, self.headers)
+            _request(connection, urlsplit(client.url).path, parts, self.headers, client._budget())
             self.pending = True
         except (http.client.HTTPException, OSError, PredictorError):
             client._drop("ahead")
@@ -464,7 +494,8 @@ class _Ahead:
         if self.pending:
             self.pending = False
             try:
-                status, payload, header_length = self.client._exchange(self.parts, self.headers, "ahead", sent=True)
+                status, payload, header_length = self.client._exchange(self.parts, self.headers, "ahead", sent=True,
+                                                                       budget=self.client._budget())
                 if status == 200:
                     self.outputs = self.client._decode(payload, header_length, self.n)
             except (http.client.HTTPException, OSError, PredictorError):
@@ -479,8 +510,27 @@ class _Ahead:
             self.client._drop("ahead")
 
 
+class _Deadline:
+    """A worker thread's deadline for its predictor calls (`PredictorClient.deadline`)."""
+
+    __slots__ = ("at", "message")
+
+    def __init__(self, at: float, message: str) -> None:
+        self.at, self.message = at, message
+
+    def left(self) -> float:
+        """Seconds left; ExplainTimeoutError once none are."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise ExplainTimeoutError(self.message)
+        return left
+
+
 def _request(connection: http.client.HTTPConnection, path: str, parts: Sequence[bytes | memoryview],
-             headers: Mapping[str, str]) -> None:
+             headers: Mapping[str, str], budget: float) -> None:
+    connection.timeout = budget  # a connection made now: its connect
+    if connection.sock is not None:
+        connection.sock.settimeout(budget)
     connection.putrequest("POST", path, skip_accept_encoding=True)
     for name, value in headers.items():
         connection.putheader(name, value)
@@ -490,9 +540,29 @@ def _request(connection: http.client.HTTPConnection, path: str, parts: Sequence[
         connection.send(part)
 
 
-def _response(connection: http.client.HTTPConnection) -> tuple[int, bytes, str | None]:
+def _response(connection: http.client.HTTPConnection, end: float) -> tuple[int, bytes, str | None]:
+    """The answer, read by `end` (`time.monotonic()`). A socket's timeout bounds each read, so a
+    predictor sending a byte now and then would never time out: the body is read a piece at a
+    time, each read given what is left (the head's reads only their own timeout)."""
+    sock = connection.sock  # the connection lets go of it when the answer says `Connection: close`
+    if sock is None:
+        raise http.client.NotConnected("no connection to read the answer from")
     response = connection.getresponse()
-    return response.status, response.read(), response.getheader(binary_tensors.HEADER)
+    pieces = []
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            response.close()
+            raise TimeoutError("the answer took too long")
+        sock.settimeout(left)
+        piece = response.read1(_READ)
+        if not piece:
+            break
+        pieces.append(piece)
+    if response.length:  # read1 takes an early end of a sized body for the end
+        raise http.client.IncompleteRead(b"".join(pieces), response.length)
+    response.close()  # done with (read1 does not say so when a sized body ends): the next request may go
+    return response.status, b"".join(pieces), response.getheader(binary_tensors.HEADER)
 
 
 def _row_key(rows: np.ndarray) -> bytes | None:

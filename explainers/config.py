@@ -78,7 +78,15 @@ class ExplainerSettings(LayeredSettings):
     options: dict[str, Any] = {}
     params: dict[str, Any] = {}
     timeout: float = Field(10.0, gt=0)
-    """Seconds per predictor request."""
+    """Seconds per predictor request (the whole answer, not each read)."""
+    explain_timeout: float = Field(60.0, gt=0)
+    """Seconds one explain request (or one batch of explain-on-event) may take, time queued for the
+    workers included: past it the caller gets a 504, and its work still queued or calling the
+    predictor is given up."""
+    max_samples: int = Field(10_000, ge=1)
+    """The most any per-request parameter that counts samples or model evaluations may ask for
+    (`nsamples`, `max_evals`, `batch_size`, `coverage_samples`, `min_samples_start`): each costs
+    model rows and memory, so one request could otherwise exhaust the server."""
     retries: int = Field(2, ge=0, le=10)
     max_batch_rows: int = Field(10_000, ge=1)
     predictor_concurrency: int = Field(4, ge=1, le=64)

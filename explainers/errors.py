@@ -7,6 +7,7 @@
         ├── UnknownModelError          404: no explainer for that model name
         ├── NotReadyError              503: still fitting or warming up
         ├── PredictorError             502: the predictor failed or was unreachable (after retries)
+        ├── ExplainTimeoutError        504: the explanation outlasted `explain_timeout`
         ├── MissingExtraError          the `explain` or `alibi` extra is not installed (also ImportError)
         ├── UnsupportedModelError      a white-box method given no model, or a model it cannot read
         └── ArtifactError              an artifact or model file that does not load; names path and cause
@@ -45,6 +46,10 @@ class PredictorError(ExplainerError):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ExplainTimeoutError(ExplainerError):
+    """An explanation that outlasted its deadline (`explain_timeout`); its work is given up."""
 
 
 class MissingExtraError(ExplainerError, ImportError):

@@ -29,7 +29,14 @@ from explainers.client import PredictorClient, schema_from_metadata
 from explainers.codecs import Schema
 from explainers.config import ExplainerSettings
 from explainers.data import Table, load_model_file, load_table, local_model
-from explainers.errors import ArtifactError, ExplainerError, InvalidInputError, NotReadyError
+from explainers.errors import (
+    ArtifactError,
+    ExplainerError,
+    ExplainTimeoutError,
+    InvalidInputError,
+    InvalidParametersError,
+    NotReadyError,
+)
 from explainers.registry import create
 
 log = logging.getLogger(__name__)
@@ -82,6 +89,10 @@ class ExplainerService:
         self.schema = Schema(fallback.feature_names, fallback.categorical)
         self.model = self._model(self.schema)
         self.explainer = await loop.run_in_executor(self._executor, self._explainer, self.model)
+        try:  # the configured defaults within the limit too: else every request would be refused
+            self.explainer.params(None, max_samples=s.max_samples)
+        except InvalidParametersError as exc:
+            raise InvalidParametersError(f"the configured {exc} (params, max_samples)") from None
         if s.warmup:
             await self._warm_up()
         self.ready = True
@@ -168,21 +179,38 @@ class ExplainerService:
         """Every instance explained; the batch runs in chunks on the worker threads."""
         if not self.ready or self.explainer is None:
             raise NotReadyError(f"explainer {self.name} is not ready")
-        chosen = self.explainer.params(params)  # bad parameters fail before any work
+        s = self.settings
+        chosen = self.explainer.params(params, max_samples=s.max_samples)  # bad parameters fail before any work
         loop = asyncio.get_running_loop()
-        size = self.settings.chunk_size
-        parts = await asyncio.gather(*(loop.run_in_executor(self._executor, self._explain_chunk,
-                                                            rows[i:i + size], chosen)
-                                       for i in range(0, len(rows), size)))
+        deadline = time.monotonic() + s.explain_timeout
+        size = s.chunk_size
+        try:
+            async with asyncio.timeout(s.explain_timeout):  # cancels the chunks still queued
+                parts = await asyncio.gather(*(loop.run_in_executor(self._executor, self._explain_chunk,
+                                                                    rows[i:i + size], chosen, deadline)
+                                               for i in range(0, len(rows), size)))
+        except TimeoutError:
+            raise ExplainTimeoutError(self._late(len(rows))) from None
         return Explanation.concat(parts)
 
-    def _explain_chunk(self, rows: np.ndarray, params: BaseModel) -> Explanation:
-        """On a worker thread; a method that asks for each row alone first gets them asked ahead."""
+    def _late(self, n: int) -> str:
+        return (f"explaining {n} instance(s) took over {self.settings.explain_timeout:g}s (explain_timeout): "
+                "ask for fewer instances or samples, or add workers")
+
+    def _explain_chunk(self, rows: np.ndarray, params: BaseModel, deadline: float) -> Explanation:
+        """On a worker thread. Black box: the client gives up at `deadline` (the explainer runs
+        on to its next predictor call, then stops); a method that asks for each row alone first
+        gets them asked ahead."""
         assert self.explainer is not None
-        if self.client is None or self._estimator is not None or not self.explainer.asks_rows_alone:
+        if time.monotonic() >= deadline:  # queued behind other work until too late
+            raise ExplainTimeoutError(self._late(len(rows)))
+        if self.client is None or self._estimator is not None:
             return self.explainer.explain(rows, params)
-        with self.client.asking_ahead(rows):
-            return self.explainer.explain(rows, params)
+        with self.client.deadline(deadline, self._late(len(rows))):
+            if not self.explainer.asks_rows_alone:
+                return self.explainer.explain(rows, params)
+            with self.client.asking_ahead(rows):
+                return self.explainer.explain(rows, params)
 
     async def predict(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
         """A V1 `:predict` call: to the predictor as is, or answered by the local model (white box)."""

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from explainers.base import BaseExplainer, InstanceExplanation, Model, OutputAttribution
+from explainers.base import BaseExplainer, InstanceExplanation, Model, OutputAttribution, Samples
 from explainers.errors import InvalidInputError, MissingExtraError, UnsupportedModelError
 
 
@@ -177,7 +177,7 @@ class KernelParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # Bounded here: shap fails on 0 or fewer deep inside (a 500), and an unknown l1_reg inside sklearn.
-    nsamples: Annotated[int, Field(ge=1)] | Literal["auto"] = 200
+    nsamples: Samples | Literal["auto"] = 200
     """Coalitions per instance; each costs one model row per background row."""
     l1_reg: bool | L1Reg = False
     """shap >= 0.45 keeps only 10 features unless this is False."""
@@ -234,9 +234,9 @@ class LinearShap(_ShapBackend):
 class MaskerParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_evals: int | Literal["auto"] = "auto"
+    max_evals: Samples | Literal["auto"] = "auto"
     """Model evaluations per instance (each over the background rows); at least 2 * features + 1."""
-    batch_size: int | Literal["auto"] = "auto"
+    batch_size: Samples | Literal["auto"] = "auto"
 
 
 class _MaskerShap(_ShapBackend):

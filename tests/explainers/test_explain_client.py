@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -12,11 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from explainers.client import PredictorClient, schema_from_metadata
 from explainers.codecs import Schema
-from explainers.errors import PredictorError
+from explainers.errors import ExplainTimeoutError, PredictorError
 from infer_logger import binary_tensors as bt
 from infer_logger.testing import free_port
 from tests.explainers.conftest import serve
@@ -473,6 +474,72 @@ class TestFailures:
             finally:
                 await client.aclose()
         assert len(scripted.heads) == 2
+
+    async def test_a_trickling_answer_is_cut_off(self) -> None:
+        """A socket timeout bounds each read, and this predictor sends a byte every 0.1 s: the
+        answer as a whole must come within `timeout`."""
+        body = b'{"predictions": [2.0]}'
+        app = FastAPI()
+
+        @app.post("/v1/models/{name}:predict")
+        async def predict(name: str) -> StreamingResponse:
+            async def drip() -> Any:
+                for byte in body:
+                    yield bytes([byte])
+                    await asyncio.sleep(0.1)
+
+            return StreamingResponse(drip(), headers={"content-length": str(len(body))})
+
+        with serve(app) as url:
+            client = await started(url, "m", protocol="v1", retries=0, timeout=0.5)
+            try:
+                began = time.monotonic()
+                with pytest.raises(PredictorError, match="no answer within 0.5s"):
+                    await asyncio.to_thread(client.predict_blocking, np.ones((1, 2)))
+                assert time.monotonic() - began < 1.5  # the whole answer takes 2.2 s
+            finally:
+                await client.aclose()
+
+    async def test_a_body_cut_short_is_a_failure(self) -> None:
+        scripted = Scripted(lambda request: b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"predictions"',
+                            close_after=1)
+        async with scripted as url:
+            client = await started(url, "m", protocol="v1", retries=0)
+            try:
+                with pytest.raises(PredictorError, match="IncompleteRead"):
+                    await asyncio.to_thread(client.predict_blocking, np.ones((1, 2)))
+            finally:
+                await client.aclose()
+
+    @pytest.mark.parametrize("linger", [0.0, 0.01])  # from the worker thread, and through the loop
+    async def test_a_deadline_ends_the_calls_without_retrying(self, linger: float) -> None:
+        app = FastAPI()
+
+        @app.post("/v1/models/{name}:predict")
+        async def predict(name: str) -> dict[str, Any]:
+            await asyncio.sleep(2)
+            return {"predictions": [2.0]}
+
+        with serve(app) as url:
+            client = await started(url, "m", protocol="v1", retries=2, timeout=5.0, linger=linger)
+
+            def explain() -> float:
+                with client.deadline(time.monotonic() + 0.3, "too late"):
+                    began = time.monotonic()
+                    with pytest.raises(ExplainTimeoutError, match="too late"):
+                        client.predict_blocking(np.ones((1, 2)))
+                    took = time.monotonic() - began
+                    with pytest.raises(ExplainTimeoutError):  # once past it, no request at all
+                        client.predict_blocking(np.ones((1, 2)))
+                out = client.predict_blocking(np.ones((1, 2)))  # outside the block: no deadline
+                assert out.tolist() == [2.0]
+                return took
+
+            try:
+                took = await asyncio.to_thread(explain)
+            finally:
+                await client.aclose()
+        assert took < 1.5 and client.requests == 2
 
     async def test_v2_garbage_answers(self) -> None:
         bodies = iter([b"<html>", b'{"outputs": "x"}', b'{"outputs": [{"name": "y", "shape": [1], "data": ["a"]}]}',

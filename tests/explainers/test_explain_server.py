@@ -7,18 +7,20 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import orjson
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from explainers.app import create_app
-from explainers.errors import ArtifactError
+from explainers.errors import ArtifactError, InvalidParametersError
 from explainers.service import ExplainerService
 from infer_logger import binary_tensors as bt
 from infer_logger.demo.predictor import create_app as predictor_app
@@ -269,6 +271,15 @@ class SwitchablePredictor:
             n, out = len(rows), None
             if self.mode == "slow":
                 await asyncio.sleep(3)
+            if self.mode == "trickle":  # the answer, 4 bytes every 0.1 s: no read waits long
+                body = orjson.dumps({"predictions": estimator("iris").predict_proba(rows).tolist()})
+
+                async def drip() -> Any:
+                    for i in range(0, len(body), 4):
+                        yield body[i:i + 4]
+                        await asyncio.sleep(0.1)
+
+                return StreamingResponse(drip(), headers={"content-length": str(len(body))})
             if self.mode == "ok":
                 out = {"predictions": estimator("iris").predict_proba(rows).tolist()}
             elif self.mode == "two-columns":
@@ -309,7 +320,7 @@ class TestPredictorMisbehaves:
         ("500", "answered 500"), ("html", "no JSON"), ("empty", "no JSON"),
         ("two-columns", "[2] numbers per row, but [3] numbers per row before"),
         ("labels", "[] labels per row, but [3] numbers"), ("objects", "neither numbers nor labels"),
-        ("ragged", "answered"), ("slow", "no answer within 1s"),
+        ("ragged", "answered"), ("slow", "no answer within 1s"), ("trickle", "no answer within 1s"),
     ])
     def test_502(self, switchable: tuple[SwitchablePredictor, str], mode: str, words: str) -> None:
         predictor, url = switchable
@@ -332,6 +343,8 @@ class TestMoreBadInput:
         ({"instances": [[1, 2, 3, 4]], "parameters": {"nsamples": 0}}, "nsamples"),
         ({"instances": [[1, 2, 3, 4]], "parameters": {"nsamples": -5}}, "nsamples"),
         ({"instances": [[1, 2, 3, 4]], "parameters": {"l1_reg": "bogus"}}, "l1_reg"),
+        ({"instances": [[1, 2, 3, 4]], "parameters": {"nsamples": 10**9}},
+         "nsamples: 1000000000 is over this server's limit of 10000 (max_samples)"),
     ])
     def test_400(self, switchable: tuple[SwitchablePredictor, str], body: object, words: str) -> None:
         _, url = switchable
@@ -356,6 +369,43 @@ class TestMoreBadInput:
             r = httpx.post(f"{url}/v1/models/iris:predict", content=b"{", timeout=20)
             assert r.status_code == 400 and "not JSON" in r.json()["error"], r.text
             assert httpx.post(f"{url}/v1/models/iris:predict", json=IRIS_V1, timeout=20).status_code == 200
+
+
+class TestLimits:
+    """One request cannot hold the server: its sample counts are capped (`max_samples`) and its
+    time (`explain_timeout`), after which its workers are free again."""
+
+    def test_over_its_time_is_504_and_the_workers_go_on(self) -> None:
+        predictor = SwitchablePredictor()
+        with serve(predictor.app) as predictor_url:
+            service = ExplainerService(settings(model_name="iris", predictor_url=predictor_url, protocol="v1",
+                                                background="dataset:iris", params={"nsamples": 20},
+                                                timeout=10.0, retries=2, workers=1, explain_timeout=1.0))
+            with serve(create_app(service)) as url:
+                predictor.mode = "slow"
+                began = time.monotonic()
+                r = httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20)
+                took = time.monotonic() - began
+                assert r.status_code == 504, r.text
+                assert r.json()["error"] == ("explaining 2 instance(s) took over 1s (explain_timeout): "
+                                             "ask for fewer instances or samples, or add workers")
+                assert took < 2.5  # not the predictor's 3 s, nor its retries
+                predictor.mode = "ok"
+                time.sleep(0.3)  # the worker's call was cut off at the deadline: it is free
+                began = time.monotonic()
+                assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
+                assert time.monotonic() - began < 2.5
+
+    async def test_configured_parameters_over_the_limit_fail_the_start(self, model_server: Process) -> None:
+        service = ExplainerService(settings(model_name="iris", predictor_url=model_server.url, protocol="v2",
+                                            background="dataset:iris", params={"nsamples": 500}, max_samples=100,
+                                            warmup=False))
+        try:
+            with pytest.raises(InvalidParametersError, match=r"the configured parameters: nsamples: 500 is over "
+                                                             r"this server's limit of 100 \(max_samples\)"):
+                await service.start()
+        finally:
+            await service.aclose()
 
 
 def test_an_unexpected_error_is_a_json_500(switchable: tuple[SwitchablePredictor, str],
