@@ -67,10 +67,10 @@ def decode_body(body: bytes, header_length: str | None) -> dict[str, Any]:
     except BinaryDataError as exc:
         raise InvalidInputError(str(exc)) from None
     if raw:
-        for tensor in doc["inputs"]:
+        for i, tensor in enumerate(doc["inputs"]):
             if not isinstance(tensor, dict):
                 continue  # not a tensor: decode_instances names it (400), `.get` here would be a 500
-            if isinstance(name := tensor.get("name"), str) and (data := raw.get(name)) is not None:
+            if (data := raw.get(binary_tensors.tensor_name(tensor, "inputs", i))) is not None:
                 tensor["data"] = _values(tensor["datatype"], data)
     return doc
 

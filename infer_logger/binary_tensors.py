@@ -71,7 +71,7 @@ def decode(body: bytes, header_length: str | int | None,
     for i, tensor in enumerate(tensors):
         if not isinstance(tensor, Mapping):
             continue  # not a tensor: the caller's check names it
-        name = _name(tensor, key, i)
+        name = tensor_name(tensor, key, i)
         size = _binary_size(tensor, name)
         if size is None:
             continue
@@ -262,7 +262,8 @@ def _binary_size(tensor: Mapping[str, Any], name: str) -> int | None:
     return size
 
 
-def _name(tensor: Mapping[str, Any], key: str, index: int) -> str:
+def tensor_name(tensor: Mapping[str, Any], key: str, index: int) -> str:
+    """The name `decode` files a tensor's bytes under: its `name`, or `<key>[<index>]` without one."""
     name = tensor.get("name")
     return name if isinstance(name, str) else f"{key}[{index}]"
 

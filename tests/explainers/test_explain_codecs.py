@@ -94,6 +94,14 @@ class TestPredictorBodies:
             with pytest.raises(InvalidInputError, match="expected a number, got None"):
                 codecs.decode_instances(body, IRIS)
 
+    def test_a_binary_tensor_without_a_name_is_read_as_a_json_one_is(self) -> None:
+        # Its bytes were left out (filed under `inputs[0]`), and the 400 spoke of missing row keys.
+        for tensor in ({}, {"name": 5}):
+            head = orjson.dumps({"inputs": [{**tensor, "shape": [1, 4], "datatype": "FP64",
+                                             "parameters": {"binary_data_size": 32}}]})
+            doc = codecs.decode_body(head + np.arange(4.0).tobytes(), str(len(head)))
+            assert codecs.decode_instances(doc, IRIS).tolist() == [[0.0, 1.0, 2.0, 3.0]]
+
     def test_binary_nan_and_infinity_refused_as_null_is(self) -> None:
         for bad in (np.nan, np.inf, -np.inf):
             rows = np.array([[1.0, bad, 3.0, 4.0]])
