@@ -36,6 +36,9 @@ class _StateCollector(Collector):
         yield CounterMetricFamily("infer_logger_explainer_events_evicted",
                                   "Halves of exchanges dropped from the join cache for room (never explained)",
                                   value=cache.evicted)
+        yield CounterMetricFamily("infer_logger_explainer_events_expired",
+                                  "Halves of exchanges whose other half did not come within cache_ttl (never explained)",
+                                  value=cache.expired)
         yield GaugeMetricFamily("infer_logger_explainer_events_waiting",
                                 "Halves of exchanges waiting in the join cache for their other half", value=len(cache))
 

@@ -46,12 +46,17 @@ _COPIED = (events.MODELNAME, events.MODELVERSION, events.INFERENCESERVICENAME, e
 
 
 class EventCache:
-    """Events by (id, type), at most `size` of them, each for `ttl` seconds."""
+    """Events by (id, type), at most `size` of them, each for `ttl` seconds. One dropped before its
+    other half came (for room, or expired) leaves its exchange unexplained: counted, and logged
+    at most once a minute with the counts since."""
 
     def __init__(self, size: int, ttl: float) -> None:
         self.size, self.ttl = size, ttl
         self.evicted = 0
+        self.expired = 0
         self._items: OrderedDict[tuple[str, str], tuple[float, CloudEvent]] = OrderedDict()
+        self._reported = (0, 0)  # (evicted, expired) as last logged
+        self._next_report = 0.0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -66,11 +71,21 @@ class EventCache:
         now = time.monotonic()
         while self._items and next(iter(self._items.values()))[0] < now:
             self._items.popitem(last=False)  # insertion order is expiry order
+            self.expired += 1
         self._items.pop(key, None)
         self._items[key] = (now + self.ttl, event)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
             self.evicted += 1
+        if (self.evicted, self.expired) != self._reported and now >= self._next_report:
+            self._report(now)
+
+    def _report(self, now: float) -> None:
+        evicted, expired = self.evicted - self._reported[0], self.expired - self._reported[1]
+        log.warning("explain-on-event: %d event(s) dropped for room (cache_size %d) and %d expired "
+                    "(cache_ttl %gs) before their other half came; those exchanges are not explained",
+                    evicted, self.size, expired, self.ttl)
+        self._reported, self._next_report = (self.evicted, self.expired), now + 60.0
 
     def pop(self, key: tuple[str, str]) -> None:
         self._items.pop(key, None)

@@ -117,14 +117,20 @@ class TestJoin:
         assert sorted(r.id for r in replies if r) == sorted(f"b-{i}" for i in range(12))
         assert sum(calls) == 12 and len(calls) < 12
 
-    def test_cache_bound_and_ttl(self) -> None:
+    def test_cache_bound_and_ttl(self, caplog: pytest.LogCaptureFixture) -> None:
         cache = EventCache(size=2, ttl=60)
-        for i in range(3):
+        for i in range(4):
             cache.put((str(i), "t"), exchange(str(i))[0])
-        assert cache.get(("0", "t")) is None and cache.get(("2", "t")) is not None and cache.evicted == 1
+        assert cache.get(("1", "t")) is None and cache.get(("3", "t")) is not None and cache.evicted == 2
+        # Logged once (then at most once a minute), with the count at the time.
+        assert [r.getMessage() for r in caplog.records if "explain-on-event" in r.getMessage()] == [
+            "explain-on-event: 1 event(s) dropped for room (cache_size 2) and 0 expired (cache_ttl 60s) before "
+            "their other half came; those exchanges are not explained"]
         expired = EventCache(size=10, ttl=1e-9)
         expired.put(("a", "t"), exchange("a")[0])
         assert expired.get(("a", "t")) is None
+        expired.put(("b", "t"), exchange("b")[0])
+        assert expired.expired == 1 and len(expired) == 1
 
 
 class TestFailures:
