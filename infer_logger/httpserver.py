@@ -47,7 +47,11 @@ Handler = Callable[[Request], Awaitable[Reply]]
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _NO_BODY = frozenset({204, 304})
 _MAX_PIPELINED = 16  # requests queued behind the one being answered before we stop reading
-_MAX_HEAD = 64 << 10  # bytes of request line and headers: the parser would buffer any amount
+MAX_HEAD = 64 << 10  # bytes of request line and headers: the parser would buffer any amount
+LINGER = 5.0
+"""Seconds a connection that refused a request goes on reading (and dropping) what the client still
+sends, before it closes: closing with bytes unread sends a reset, which can overtake the answer
+(a client uploading a body over the limit saw a reset instead of its 413). nginx's lingering close."""
 
 
 def _status_line(status: int) -> bytes:
@@ -72,9 +76,19 @@ class _TooLarge(Exception):
     """Raised in a parser callback: the body is over the limit, stop reading it."""
 
 
-def _error(status: int, reason: str) -> bytes:
+def error_reply(status: int, reason: str) -> bytes:
     body = orjson.dumps({"error": reason, "status": status})
     return encode_reply(status, [(b"content-type", b"application/json")], body, close=True, head=False)
+
+
+def refuse(transport: asyncio.Transport, reply: bytes) -> None:
+    """Answer `reply` and end the connection once the client stops sending (`LINGER`); the caller
+    drops whatever it still receives."""
+    transport.write(reply)
+    if transport.can_write_eof():
+        transport.write_eof()  # the client reads the answer to its end
+    transport.resume_reading()
+    asyncio.get_running_loop().call_later(LINGER, transport.close)
 
 
 class _Connection(asyncio.Protocol):
@@ -92,6 +106,7 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._in_head = True  # reading a request line and headers (their size is bounded)
         self._head_size = 0
+        self._refused = False  # answered a refusal: what comes now is dropped
 
     # -- asyncio.Protocol
 
@@ -107,6 +122,8 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last = self.server.loop.time()
+        if self._refused:
+            return
         if self._in_head:
             self._head_size += len(data)
         try:
@@ -122,15 +139,15 @@ class _Connection(asyncio.Protocol):
                 log.info("bad HTTP request from a client: %s", exc)
                 self._refuse(400, f"invalid HTTP request: {exc}")
             return
-        if self._in_head and self._head_size > _MAX_HEAD:
-            self._refuse(431, f"the request line and headers are larger than {_MAX_HEAD} bytes")
+        if self._in_head and self._head_size > MAX_HEAD:
+            self._refuse(431, f"the request line and headers are larger than {MAX_HEAD} bytes")
 
     def _refuse(self, status: int, reason: str) -> None:
         """Answer (unless a request is being answered: the connection closes after it) and stop."""
         self._stop_reading()
         if not self.active and self.transport is not None:
-            self.transport.write(_error(status, reason))
-            self.transport.close()
+            self._refused = True
+            refuse(self.transport, error_reply(status, reason))
 
     def _stop_reading(self) -> None:
         self.closing = True

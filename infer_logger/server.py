@@ -14,7 +14,7 @@ import uvicorn
 
 from infer_logger.config import Settings
 from infer_logger.errors import InferLoggerError
-from infer_logger.httpserver import HttpServer
+from infer_logger.httpserver import MAX_HEAD, HttpServer, error_reply, refuse
 from infer_logger.logger import InferenceLogger
 from infer_logger.proxy import Proxy
 
@@ -32,7 +32,7 @@ def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning"
         host=host,
         port=port,
         loop="uvloop" if fast else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=_head_limited_httptools() if importlib.util.find_spec("httptools") else "h11",
         lifespan="on",
         log_level=log_level,
         access_log=False,
@@ -42,6 +42,37 @@ def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning"
         server_header=False,
         date_header=False,
     )
+
+
+def _head_limited_httptools() -> type:
+    """uvicorn's httptools protocol refusing a request head over `MAX_HEAD` bytes with a 431, as the
+    sidecar's own server does: httptools buffers any amount, and uvicorn limits only h11's."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeadLimited(HttpToolsProtocol):
+        _in_head = True  # a connection starts with a head
+        _head_size = 0
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head, self._head_size = True, 0  # what follows is the next request's head
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            if self._head_size < 0:  # refused: dropped
+                return
+            if self._in_head:
+                self._head_size += len(data)
+            super().data_received(data)
+            if self._in_head and self._head_size > MAX_HEAD and not self.transport.is_closing():
+                self._head_size = -1
+                refuse(self.transport, error_reply(431, f"the request line and headers are larger than "
+                                                        f"{MAX_HEAD} bytes"))
+
+    return HeadLimited
 
 
 def serve(settings: Settings, *, log_level: str = "warning") -> None:

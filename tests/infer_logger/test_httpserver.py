@@ -142,6 +142,18 @@ class TestBodyLimit:
                                     b"8\r\n12345678\r\n8\r\n12345678\r\n")
         assert answers(raw)[0][0].startswith(b"HTTP/1.1 413")
 
+    async def test_a_large_upload_gets_its_413(self, small: HttpServer) -> None:
+        """Refused after its head, the body still coming: closing then (its bytes unread) sent a
+        reset that overtook the answer, and the client saw a dropped connection instead."""
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{small.port}") as client:
+            async def chunks() -> AsyncIterator[bytes]:
+                for _ in range(16):
+                    yield b"x" * (1 << 20)
+
+            for body in (b"x" * (16 << 20), chunks()):  # sized, then chunked
+                answer = await client.post("/p", content=body)
+                assert answer.status_code == 413 and "larger than 10 bytes" in answer.json()["error"]
+
     async def test_at_the_limit_is_served_and_the_server_goes_on(self, small: HttpServer) -> None:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{small.port}") as client:
             assert (await client.post("/p", content=b"x" * 11)).status_code == 413

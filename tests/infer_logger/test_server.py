@@ -42,3 +42,35 @@ def test_a_failed_start_is_raised_to_the_caller(tmp_path: Path) -> None:
                                  sinks=[{"type": "file", "path": str(tmp_path / "e.jsonl")}])
         with pytest.raises(InferLoggerError, match=f"cannot listen on 127.0.0.1:{port}"), SidecarThread(settings):
             pass
+
+
+def test_uvicorn_refuses_an_oversized_head_with_431() -> None:
+    """The broker and the explainer run on uvicorn's httptools protocol, which buffers a head of
+    any size: `uvicorn_config` gives it the sidecar's 64 KiB limit (a big body is not a big head)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from infer_logger.demo.quickstart import ServerThread
+    from infer_logger.server import uvicorn_config
+
+    async def echo(request: Request) -> JSONResponse:
+        return JSONResponse({"body": len(await request.body())})
+
+    port = free_port()
+    with ServerThread(uvicorn_config(Starlette(routes=[Route("/p", echo, methods=["POST"])]), "127.0.0.1", port)):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST /p HTTP/1.1\r\nhost: x\r\nx-big: ")
+            for _ in range(20):  # 80 KiB of one header, in pieces, never finished
+                sock.sendall(b"a" * 4096)
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431")
+        assert orjson.loads(body)["error"] == "the request line and headers are larger than 65536 bytes"
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(2):  # within the limit, on one connection, with a body of 1 MiB
+                r = client.post("/p", content=b"x" * (1 << 20), headers={"x-big": "a" * 60000})
+                assert r.status_code == 200 and r.json() == {"body": 1 << 20}
