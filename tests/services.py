@@ -7,9 +7,11 @@ docker-compose stack's real Kafka and Elasticsearch 8), unchanged.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -64,8 +66,13 @@ class NoidaServer:
                 return False
         from confluent_kafka.admin import AdminClient
 
+        try:  # the port first: librdkafka prints every refused connect to stderr
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
         try:
-            AdminClient({"bootstrap.servers": self.address}).list_topics(timeout=1)
+            AdminClient({"bootstrap.servers": self.address,
+                         "logger": logging.getLogger("tests.services.librdkafka")}).list_topics(timeout=1)
             return True
         except Exception:  # KafkaException while the port is not up yet
             return False
