@@ -166,10 +166,10 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
     for error in exc.errors():
         by_field.setdefault(str(error["loc"][0]) if error["loc"] else "", []).append(error)
     out = []
-    for field, errors in by_field.items():
+    for name, errors in by_field.items():
         if len(errors) > 1 and any(e["type"] not in _TYPE_MISMATCH for e in errors):
             errors = [next(e for e in errors if e["type"] not in _TYPE_MISMATCH)]
-        out.append((field, " or ".join(e["msg"] for e in errors)))
+        out.append((name, " or ".join(e["msg"] for e in errors)))
     return out
 
 

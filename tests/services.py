@@ -64,6 +64,7 @@ class NoidaServer:
                 return httpx.get(self.address + "/_cluster/health", timeout=1).status_code == 200
             except httpx.TransportError:
                 return False
+        from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
 
         try:  # the port first: librdkafka prints every refused connect to stderr
@@ -74,7 +75,7 @@ class NoidaServer:
             AdminClient({"bootstrap.servers": self.address,
                          "logger": logging.getLogger("tests.services.librdkafka")}).list_topics(timeout=1)
             return True
-        except Exception:  # KafkaException while the port is not up yet
+        except KafkaException:  # the port is up, the broker not yet
             return False
 
     def stop(self, *, keep_data: bool = False) -> None:

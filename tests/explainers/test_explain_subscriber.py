@@ -124,8 +124,8 @@ class TestJoin:
         assert cache.get(("1", "t")) is None and cache.get(("3", "t")) is not None and cache.evicted == 2
         # Logged once (then at most once a minute), with the count at the time.
         assert [r.getMessage() for r in caplog.records if "explain-on-event" in r.getMessage()] == [
-            "explain-on-event: 1 event(s) dropped for room (cache_size 2) and 0 expired (cache_ttl 60s) before "
-            "their other half came; those exchanges are not explained"]
+            ("explain-on-event: 1 event(s) dropped for room (cache_size 2) and 0 expired (cache_ttl 60s) before "
+             "their other half came; those exchanges are not explained")]
         expired = EventCache(size=10, ttl=1e-9)
         expired.put(("a", "t"), exchange("a")[0])
         assert expired.get(("a", "t")) is None
