@@ -91,8 +91,31 @@ def _json(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
+class _StartFailureInOneLine:
+    """Starlette reports any failed start to the server as a traceback, which uvicorn prints; an
+    `ExplainerError` (a predictor that does not answer, bad parameters) was logged in one line
+    naming the cause, so the server is told no more. Other errors keep their traceback."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], failures: list[ExplainerError]) -> None:
+        self.app, self.failures = app, failures
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
+                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def told(message: dict[str, Any]) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.failures:
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, told)
+
+
 def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None = None) -> FastAPI:
     events = subscriber or ExplainSubscriber(service)
+    failures: list[ExplainerError] = []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,6 +123,7 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
             await service.start()
         except ExplainerError as exc:
             log.error("explainer %s failed to start: %s", service.name, exc)
+            failures.append(exc)
             await service.aclose()
             raise
         try:
@@ -112,6 +136,7 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
     app.state.service, app.state.subscriber = service, events
     app.state.metrics = metrics = ExplainerMetrics(service, events)
     app.add_middleware(BodyLimit, limit=int(service.settings.max_request_bytes))
+    app.add_middleware(_StartFailureInOneLine, failures=failures)
 
     def failed(status: int, reason: str) -> Response:
         metrics.errors.labels(str(status)).inc()

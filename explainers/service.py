@@ -71,7 +71,18 @@ class ExplainerService:
             self._estimator = load_model_file(s.model_file)
         if self._artifact is None and s.background is not None:
             self._table = load_table(s.background)
+        self._check_method()
         self._prepared = True
+
+    def _check_method(self) -> None:
+        """The method's options and default parameters, checked before any fitting: the defaults
+        within `max_samples` too, or every request would be refused."""
+        a, s = self._artifact, self.settings
+        method, options, params = (a.method, a.options, a.params) if a else (s.method, s.options, s.params)
+        try:
+            create(method, options, params).params(None, max_samples=s.max_samples)
+        except InvalidParametersError as exc:
+            raise InvalidParametersError(f"the configured {exc}") from None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -89,10 +100,6 @@ class ExplainerService:
         self.schema = Schema(fallback.feature_names, fallback.categorical)
         self.model = self._model(self.schema)
         self.explainer = await loop.run_in_executor(self._executor, self._explainer, self.model)
-        try:  # the configured defaults within the limit too: else every request would be refused
-            self.explainer.params(None, max_samples=s.max_samples)
-        except InvalidParametersError as exc:
-            raise InvalidParametersError(f"the configured {exc} (params, max_samples)") from None
         if s.warmup:
             await self._warm_up()
         self.ready = True

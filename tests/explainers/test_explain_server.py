@@ -257,6 +257,22 @@ class TestCommand:
         finally:
             assert proc.stop() in (0, -15)  # uvicorn re-raises SIGTERM once it has shut down
 
+    def test_a_failed_start_says_why_in_one_line(self) -> None:
+        base = [sys.executable, "-m", "explainers", "--port", str(free_port()), "--protocol", "v1",
+                "--predictor-url", f"http://127.0.0.1:{free_port()}", "--background", "dataset:iris"]
+        # Defaults over the limit: refused before fitting, as a bad artifact is.
+        cli = subprocess.run([*base, "--param", "nsamples=50000"], check=False, capture_output=True, text=True,
+                             timeout=60)
+        assert cli.returncode == 1, cli.stderr
+        assert cli.stderr.splitlines()[-1] == (
+            "infer-logger explainer: the configured parameters: nsamples: 50000 is over this server's limit of "
+            "10000 (max_samples) (allowed: nsamples, l1_reg)")
+        # No predictor to warm up with: the server's start fails, logged in one line (no traceback).
+        cli = subprocess.run([*base, "--option", "background_size=5"], check=False, capture_output=True,
+                             text=True, timeout=60)
+        assert cli.returncode != 0 and "Traceback" not in cli.stderr, cli.stderr
+        assert "explainer model failed to start: predictor" in cli.stderr and "ConnectionRefusedError" in cli.stderr
+
 
 class SwitchablePredictor:
     """A V1 `iris` predictor answering probabilities, or failing as `mode` says (set between requests)."""
