@@ -9,6 +9,7 @@ import httpx
 import orjson
 import pytest
 
+from infer_logger import httpserver
 from infer_logger.httpserver import HttpServer, Reply, Request
 
 Handler = Callable[[Request], Awaitable[Reply]]
@@ -153,6 +154,23 @@ class TestBodyLimit:
             for body in (b"x" * (16 << 20), chunks()):  # sized, then chunked
                 answer = await client.post("/p", content=body)
                 assert answer.status_code == 413 and "larger than 10 bytes" in answer.json()["error"]
+
+    async def test_a_refused_client_that_goes_on_sending_is_cut_off(self, small: HttpServer,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+        """After the answer and an end of stream, what the client still sends is dropped, for
+        `LINGER` seconds at most: then the connection closes."""
+        monkeypatch.setattr(httpserver, "LINGER", 0.3)
+        reader, writer = await asyncio.open_connection("127.0.0.1", small.port)
+        writer.write(b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)  # to the server's end of stream
+        assert answer.startswith(b"HTTP/1.1 413") and len(small.connections) == 1
+        with pytest.raises(ConnectionError):  # the server reads (and drops) for a while, then closes
+            for _ in range(100):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+        assert not small.connections
+        writer.close()
 
     async def test_at_the_limit_is_served_and_the_server_goes_on(self, small: HttpServer) -> None:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{small.port}") as client:
