@@ -190,30 +190,28 @@ class ExplainerService:
         chosen = self.explainer.params(params, max_samples=s.max_samples)  # bad parameters fail before any work
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + s.explain_timeout
+        late = (f"explaining {len(rows)} instance(s) took over {s.explain_timeout:g}s (explain_timeout): "
+                "ask for fewer instances or samples, or add workers")
         size = s.chunk_size
         try:
             async with asyncio.timeout(s.explain_timeout):  # cancels the chunks still queued
                 parts = await asyncio.gather(*(loop.run_in_executor(self._executor, self._explain_chunk,
-                                                                    rows[i:i + size], chosen, deadline)
+                                                                    rows[i:i + size], chosen, deadline, late)
                                                for i in range(0, len(rows), size)))
         except TimeoutError:
-            raise ExplainTimeoutError(self._late(len(rows))) from None
+            raise ExplainTimeoutError(late) from None
         return Explanation.concat(parts)
 
-    def _late(self, n: int) -> str:
-        return (f"explaining {n} instance(s) took over {self.settings.explain_timeout:g}s (explain_timeout): "
-                "ask for fewer instances or samples, or add workers")
-
-    def _explain_chunk(self, rows: np.ndarray, params: BaseModel, deadline: float) -> Explanation:
+    def _explain_chunk(self, rows: np.ndarray, params: BaseModel, deadline: float, late: str) -> Explanation:
         """On a worker thread. Black box: the client gives up at `deadline` (the explainer runs
         on to its next predictor call, then stops); a method that asks for each row alone first
         gets them asked ahead."""
         assert self.explainer is not None
         if time.monotonic() >= deadline:  # queued behind other work until too late
-            raise ExplainTimeoutError(self._late(len(rows)))
+            raise ExplainTimeoutError(late)
         if self.client is None or self._estimator is not None:
             return self.explainer.explain(rows, params)
-        with self.client.deadline(deadline, self._late(len(rows))):
+        with self.client.deadline(deadline, late):
             if not self.explainer.asks_rows_alone:
                 return self.explainer.explain(rows, params)
             with self.client.asking_ahead(rows):
