@@ -8,6 +8,8 @@ concurrency, wrk POSTs a one-row V1 body to `/v1/models/<name>:predict` through:
     off         the sidecar, every request sent with `x-skip-logging: true` (whole proxy path,
                 no event appended)
     store       the sidecar logging to the embedded store (its default sink; spool on disk)
+    store-inline  the same with `delivery: {mode: inline}`: the store written by a thread of the
+                sidecar's own process instead of its delivery process (not in the default set)
     http        the sidecar logging to the http sink (binary mode, what `--log-url` gives: one POST
                 per event) to a receiver in its own process that counts and answers 202
     http-batch  the same with `mode: batch` (one POST per batch of up to 500 events)
@@ -35,9 +37,10 @@ from typing import Any
 
 import _harness as h
 
-ALL_VARIANTS = ("direct", "nginx", "off", "store", "http", "http-batch")
-SIDECAR_VARIANTS = ("off", "store", "http", "http-batch")
-LOGGING_VARIANTS = ("store", "http", "http-batch")
+ALL_VARIANTS = ("direct", "nginx", "off", "store", "http", "http-batch", "store-inline")
+DEFAULT_VARIANTS = ALL_VARIANTS[:-1]
+SIDECAR_VARIANTS = ("off", "store", "http", "http-batch", "store-inline")
+LOGGING_VARIANTS = ("store", "http", "http-batch", "store-inline")
 
 TARGET_SIDECAR_DIRECT = {"iris": 0.95, "echo": 0.6}
 TARGET_LOG_COST = 0.10
@@ -55,8 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="4,16,64", help="wrk connections per point.  [default: 4,16,64]")
     p.add_argument("--duration", type=float, default=5.0, help="Seconds per point.  [default: 5]")
     p.add_argument("--warmup", type=float, default=1.0, help="wrk warm-up before each point.  [default: 1]")
-    p.add_argument("--variants", default=",".join(ALL_VARIANTS),
-                   help=f"Subset of {','.join(ALL_VARIANTS)}.  [default: all]")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"Subset of {','.join(ALL_VARIANTS)}.  [default: all but store-inline]")
     p.add_argument("--pin", choices=["none", "split"], default="none",
                    help="none: the kernel schedules everything on every core; split: wrk on CPU 0, "
                         "every server on CPU 1.  [default: none]")
@@ -124,6 +127,9 @@ def start_variant(variant: str, predictor_url: str, workdir: Path, args: argpars
         else:
             config = vdir / "sidecar.yaml"
             config.write_text(f"sinks:\n  - type: http\n    url: {rurl}\n    mode: batch\n")
+    if variant == "store-inline":
+        config = vdir / "sidecar.yaml"
+        config.write_text("delivery:\n  mode: inline\n")
     # `off` and `store` run the default sink (the embedded store, in vdir/infer-logger-data).
     sidecar, url = h.start_sidecar(predictor_url, vdir / "spool", vdir, log_urls=log_urls, config=config,
                                    cpus=cpus, name=f"sidecar-{variant}")
