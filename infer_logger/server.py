@@ -69,6 +69,11 @@ def _head_limited_httptools() -> type:
             super().data_received(data)
             if self._in_head and self._head_size > MAX_HEAD and not self.transport.is_closing():
                 self._head_size = -1
+                if self.cycle is not None and not self.cycle.response_complete:
+                    # A pipelined head while an answer is being written: that answer goes out
+                    # whole, then the connection closes (as the sidecar's own server does).
+                    self.cycle.keep_alive = False
+                    return
                 refuse(self.transport, error_reply(431, f"the request line and headers are larger than "
                                                         f"{MAX_HEAD} bytes"))
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -58,8 +60,13 @@ def test_uvicorn_refuses_an_oversized_head_with_431() -> None:
     async def echo(request: Request) -> JSONResponse:
         return JSONResponse({"body": len(await request.body())})
 
+    async def slow(request: Request) -> JSONResponse:
+        await asyncio.sleep(0.3)
+        return JSONResponse({"slow": True})
+
     port = free_port()
-    with ServerThread(uvicorn_config(Starlette(routes=[Route("/p", echo, methods=["POST"])]), "127.0.0.1", port)):
+    app = Starlette(routes=[Route("/p", echo, methods=["POST"]), Route("/slow", slow)])
+    with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(b"POST /p HTTP/1.1\r\nhost: x\r\nx-big: ")
             for _ in range(20):  # 80 KiB of one header, in pieces, never finished
@@ -70,6 +77,17 @@ def test_uvicorn_refuses_an_oversized_head_with_431() -> None:
         head, _, body = raw.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 431")
         assert orjson.loads(body)["error"] == "the request line and headers are larger than 65536 bytes"
+        # Pipelined behind a request being answered: that answer goes out whole, then the
+        # connection closes (the 431 would have been taken for its answer).
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+            time.sleep(0.1)
+            sock.sendall(b"GET /slow HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (70 << 10))
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head and body == b'{"slow":true}'
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
             for _ in range(2):  # within the limit, on one connection, with a body of 1 MiB
                 r = client.post("/p", content=b"x" * (1 << 20), headers={"x-big": "a" * 60000})
