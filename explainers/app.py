@@ -119,6 +119,7 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        failures.clear()
         try:
             await service.start()
         except ExplainerError as exc:

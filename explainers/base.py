@@ -159,12 +159,15 @@ def checked(kind: type[BaseModel], values: Mapping[str, Any] | None, what: str,
 
 
 def _problems(exc: ValidationError) -> list[tuple[str, str]]:
-    """(field, message) per bad field. A union (`nsamples`: a number or "auto") fails once per
-    branch, its locations naming the branches: a type mismatch reads "a or b", a bad value of
-    the matching type (over a limit, say) alone."""
+    """(place, message) per bad value: the field, and the index in a list field (`disc_perc.2`).
+    A union (`nsamples`: a number or "auto") fails once per branch, its locations naming the
+    branches (left out here): a type mismatch reads "a or b", a bad value of the matching type
+    (over a limit, say) alone."""
     by_field: dict[str, list[Any]] = {}
     for error in exc.errors():
-        by_field.setdefault(str(error["loc"][0]) if error["loc"] else "", []).append(error)
+        loc = error["loc"]
+        place = ".".join([str(loc[0]), *(str(part) for part in loc[1:] if isinstance(part, int))]) if loc else ""
+        by_field.setdefault(place, []).append(error)
     out = []
     for name, errors in by_field.items():
         if len(errors) > 1 and any(e["type"] not in _TYPE_MISMATCH for e in errors):

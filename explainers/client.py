@@ -23,7 +23,10 @@ set-up instead of following it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
 import http.client
+import itertools
 import logging
 import socket
 import threading
@@ -41,6 +44,7 @@ import orjson
 
 from explainers import codecs
 from explainers.codecs import Schema
+from explainers.deadline import Deadline
 from explainers.errors import ExplainTimeoutError, PredictorError
 from infer_logger import binary_tensors
 from infer_logger.errors import BinaryDataError
@@ -51,7 +55,7 @@ _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # How servers without the extension refuse a body that is not all JSON (422: FastAPI's validation).
 _BINARY_REFUSED = frozenset({400, 415, 422})
 _JSON = {"content-type": "application/json"}
-_READ = 1 << 20  # bytes asked for per read of an answer's body
+_WATCH_TICK = 0.1  # seconds between the watchdog's looks: how late past its time an answer is cut off
 
 
 class PredictorClient:
@@ -83,6 +87,7 @@ class PredictorClient:
         self._lanes = threading.local()  # each worker thread's own connections, and its rows asked ahead
         self._connections: list[http.client.HTTPConnection] = []
         self._connections_lock = threading.Lock()
+        self._watchdog = _Watchdog()
 
     async def start(self) -> None:
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
@@ -101,6 +106,7 @@ class PredictorClient:
             connections, self._connections = self._connections, []
         for connection in connections:
             connection.close()
+        self._watchdog.stop()
 
     async def metadata(self) -> dict[str, Any] | None:
         """V2 model metadata (None for V1, which has none, or when the predictor has no answer)."""
@@ -148,7 +154,7 @@ class PredictorClient:
             return outputs
         if self.linger > 0 or len(rows) > self.max_batch_rows:  # merged, or split and sent concurrently
             wait = self.timeout * (self.retries + 1) + self.backoff * 2 ** self.retries + 5
-            limit: _Deadline | None = getattr(self._lanes, "deadline", None)
+            limit: Deadline | None = getattr(self._lanes, "deadline", None)
             if limit is not None:
                 wait = min(wait, limit.left())
             future = asyncio.run_coroutine_threadsafe(self.predict(rows), loop)
@@ -162,10 +168,10 @@ class PredictorClient:
         return self._call_here(rows)
 
     @contextmanager
-    def deadline(self, at: float, message: str) -> Iterator[None]:
-        """Within the block this thread's predictor calls end by `at` (`time.monotonic()`): a call
-        after it, or one it cuts short, raises `ExplainTimeoutError(message)` (no retry)."""
-        self._lanes.deadline = _Deadline(at, message)
+    def deadline(self, deadline: Deadline) -> Iterator[None]:
+        """Within the block this thread's predictor calls end by the deadline: a call after it, or
+        one it cuts short, raises its `ExplainTimeoutError` (no retry)."""
+        self._lanes.deadline = deadline
         try:
             yield
         finally:
@@ -173,7 +179,7 @@ class PredictorClient:
 
     def _budget(self) -> float:
         """Seconds this thread's next request may take: `timeout`, or what is left of its deadline."""
-        limit: _Deadline | None = getattr(self._lanes, "deadline", None)
+        limit: Deadline | None = getattr(self._lanes, "deadline", None)
         return self.timeout if limit is None else min(self.timeout, limit.left())
 
     @contextmanager
@@ -306,8 +312,7 @@ class PredictorClient:
                 self.requests += 1
                 status, payload, header_length = self._exchange(parts, headers, budget=budget)
             except TimeoutError:
-                if budget < self.timeout:
-                    self._budget()  # the deadline, not the predictor's own time, cut it short
+                self._budget()  # past the deadline: that, not the predictor's own time, ends the call
                 reason = f"no answer within {budget:g}s"
                 continue
             except (http.client.HTTPException, OSError) as exc:
@@ -318,6 +323,7 @@ class PredictorClient:
                 reason = outcome
                 continue
             return outcome
+        self._budget()
         raise PredictorError(f"predictor {self.url} failed after {self.retries + 1} attempts: {reason}")
 
     def _outcome(self, status: int, payload: bytes, header_length: str | None, n: int) -> np.ndarray | str:
@@ -339,7 +345,7 @@ class PredictorClient:
         try:
             if not sent:
                 _request(connection, path, parts, headers, budget)
-            return _response(connection, end)
+            return self._response(connection, end)
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
             self._drop(slot)
             if not reused:
@@ -350,10 +356,29 @@ class PredictorClient:
         connection, _ = self._connection(slot)
         try:
             _request(connection, path, parts, headers, max(end - time.monotonic(), 0.001))
-            return _response(connection, end)
+            return self._response(connection, end)
         except BaseException:
             self._drop(slot)
             raise
+
+    def _response(self, connection: http.client.HTTPConnection, end: float) -> tuple[int, bytes, str | None]:
+        """The answer, read by `end` (`time.monotonic()`). A socket's timeout bounds each read only,
+        so a predictor sending a byte now and then (its head, body, chunk sizes or trailers) would
+        never time out: the watchdog shuts the socket down at `end` instead."""
+        sock = connection.sock  # the connection lets go of it when the answer says `Connection: close`
+        if sock is None:
+            raise http.client.NotConnected("no connection to read the answer from")
+        watch = self._watchdog.watch(sock, end)
+        try:
+            response = connection.getresponse()
+            answer = response.status, response.read(), response.getheader(binary_tensors.HEADER)
+        except (http.client.HTTPException, OSError) as exc:
+            if self._watchdog.unwatch(watch) or time.monotonic() >= end:
+                raise TimeoutError("the answer took too long") from exc
+            raise
+        if self._watchdog.unwatch(watch):  # cut off: an end of stream may have passed for the answer's end
+            raise TimeoutError("the answer took too long")
+        return answer
 
     def _connection(self, slot: str) -> tuple[http.client.HTTPConnection, bool]:
         """This thread's connection in `slot` to the predictor `url` names, and whether it was used before."""
@@ -494,8 +519,13 @@ class _Ahead:
         if self.pending:
             self.pending = False
             try:
+                budget = self.client._budget()
+            except ExplainTimeoutError:
+                self.client._drop("ahead")  # its answer unread: the connection cannot take another request
+                raise
+            try:
                 status, payload, header_length = self.client._exchange(self.parts, self.headers, "ahead", sent=True,
-                                                                       budget=self.client._budget())
+                                                                       budget=budget)
                 if status == 200:
                     self.outputs = self.client._decode(payload, header_length, self.n)
             except (http.client.HTTPException, OSError, PredictorError):
@@ -510,20 +540,49 @@ class _Ahead:
             self.client._drop("ahead")
 
 
-class _Deadline:
-    """A worker thread's deadline for its predictor calls (`PredictorClient.deadline`)."""
+class _Watchdog:
+    """One thread per client that shuts down the sockets whose answers are late (checked every
+    `_WATCH_TICK` s): the worker's blocked read then returns, and `_response` says it timed out.
+    Watching costs a worker a lock and a heap push per request, and no wake-up of another thread."""
 
-    __slots__ = ("at", "message")
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._heap: list[tuple[float, int, list[Any]]] = []  # (end, order, entry)
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
 
-    def __init__(self, at: float, message: str) -> None:
-        self.at, self.message = at, message
+    def watch(self, sock: socket.socket, end: float) -> list[Any]:
+        entry: list[Any] = [sock, False]  # the socket (None once unwatched), whether it was cut off
+        with self._lock:
+            heapq.heappush(self._heap, (end, next(self._order), entry))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="predictor-watchdog", daemon=True)
+                self._thread.start()
+        return entry
 
-    def left(self) -> float:
-        """Seconds left; ExplainTimeoutError once none are."""
-        left = self.at - time.monotonic()
-        if left <= 0:
-            raise ExplainTimeoutError(self.message)
-        return left
+    def unwatch(self, entry: list[Any]) -> bool:
+        """Stop watching; whether the socket was cut off meanwhile."""
+        with self._lock:
+            entry[0] = None
+            return bool(entry[1])
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(_WATCH_TICK):
+            now = time.monotonic()
+            with self._lock:
+                while self._heap and (self._heap[0][0] <= now or self._heap[0][2][0] is None):
+                    _, _, entry = heapq.heappop(self._heap)
+                    sock, entry[0] = entry[0], None
+                    if sock is not None:
+                        entry[1] = True
+                        with contextlib.suppress(OSError):
+                            # The plain socket's shutdown, also under TLS: SSLSocket's own would drop
+                            # the TLS state the blocked read is still using.
+                            socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _request(connection: http.client.HTTPConnection, path: str, parts: Sequence[bytes | memoryview],
@@ -538,31 +597,6 @@ def _request(connection: http.client.HTTPConnection, path: str, parts: Sequence[
     connection.endheaders(parts[0])  # the headers and the first part in one packet
     for part in parts[1:]:
         connection.send(part)
-
-
-def _response(connection: http.client.HTTPConnection, end: float) -> tuple[int, bytes, str | None]:
-    """The answer, read by `end` (`time.monotonic()`). A socket's timeout bounds each read, so a
-    predictor sending a byte now and then would never time out: the body is read a piece at a
-    time, each read given what is left (the head's reads only their own timeout)."""
-    sock = connection.sock  # the connection lets go of it when the answer says `Connection: close`
-    if sock is None:
-        raise http.client.NotConnected("no connection to read the answer from")
-    response = connection.getresponse()
-    pieces = []
-    while True:
-        left = end - time.monotonic()
-        if left <= 0:
-            response.close()
-            raise TimeoutError("the answer took too long")
-        sock.settimeout(left)
-        piece = response.read1(_READ)
-        if not piece:
-            break
-        pieces.append(piece)
-    if response.length:  # read1 takes an early end of a sized body for the end
-        raise http.client.IncompleteRead(b"".join(pieces), response.length)
-    response.close()  # done with (read1 does not say so when a sized body ends): the next request may go
-    return response.status, b"".join(pieces), response.getheader(binary_tensors.HEADER)
 
 
 def _row_key(rows: np.ndarray) -> bytes | None:

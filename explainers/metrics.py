@@ -33,6 +33,7 @@ class _StateCollector(Collector):
         yield CounterMetricFamily("infer_logger_explainer_events_explained",
                                   "Explanation events made from inference events", value=self.subscriber.explained)
         cache = self.subscriber.cache
+        cache.sweep()
         yield CounterMetricFamily("infer_logger_explainer_events_evicted",
                                   "Halves of exchanges dropped from the join cache for room (never explained)",
                                   value=cache.evicted)

@@ -13,7 +13,9 @@ event loop stays free to serve, and to carry the black-box predictor calls the w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -24,11 +26,12 @@ from pydantic import BaseModel
 
 from explainers import codecs
 from explainers.artifacts import Artifact, load_artifact, save_artifact
-from explainers.base import BaseExplainer, Explanation, Model
+from explainers.base import BaseExplainer, Explanation, Model, PredictFn
 from explainers.client import PredictorClient, schema_from_metadata
 from explainers.codecs import Schema
 from explainers.config import ExplainerSettings
 from explainers.data import Table, load_model_file, load_table, local_model
+from explainers.deadline import Deadline
 from explainers.errors import (
     ArtifactError,
     ExplainerError,
@@ -57,6 +60,7 @@ class ExplainerService:
         self._estimator: Any = None
         self._table: Table | None = None
         self._prepared = False
+        self._lanes = threading.local()  # each worker thread's deadline, for a local model's calls
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -128,10 +132,8 @@ class ExplainerService:
         outputs = s.output_names or (self._artifact.output_names if self._artifact else None)
         if self._estimator is not None:
             model = local_model(self._estimator, list(schema.feature_names), tuple(sorted(schema.categorical)))
-            if outputs:
-                model = Model(model.predict, model.feature_names, list(outputs), model.estimator,
-                              model.categorical, model.task)
-            return model
+            return dataclasses.replace(model, predict=self._within_deadline(model.predict),
+                                       output_names=list(outputs) if outputs else model.output_names)
         assert self.client is not None
         if outputs is None and self._table is not None and self._table.target_names:
             outputs = self._table.target_names
@@ -193,29 +195,45 @@ class ExplainerService:
         late = (f"explaining {len(rows)} instance(s) took over {s.explain_timeout:g}s (explain_timeout): "
                 "ask for fewer instances or samples, or add workers")
         size = s.chunk_size
+        timeout = asyncio.timeout(s.explain_timeout)  # cancels the chunks still queued
         try:
-            async with asyncio.timeout(s.explain_timeout):  # cancels the chunks still queued
+            async with timeout:
                 parts = await asyncio.gather(*(loop.run_in_executor(self._executor, self._explain_chunk,
-                                                                    rows[i:i + size], chosen, deadline, late)
+                                                                    rows[i:i + size], chosen, Deadline(deadline, late))
                                                for i in range(0, len(rows), size)))
         except TimeoutError:
-            raise ExplainTimeoutError(late) from None
+            if timeout.expired():
+                raise ExplainTimeoutError(late) from None
+            raise
         return Explanation.concat(parts)
 
-    def _explain_chunk(self, rows: np.ndarray, params: BaseModel, deadline: float, late: str) -> Explanation:
-        """On a worker thread. Black box: the client gives up at `deadline` (the explainer runs
-        on to its next predictor call, then stops); a method that asks for each row alone first
-        gets them asked ahead."""
+    def _explain_chunk(self, rows: np.ndarray, params: BaseModel, deadline: Deadline) -> Explanation:
+        """On a worker thread, stopped at `deadline` by its next call of the model (the predictor
+        client's, or the local model's); a black-box method that asks for each row alone first
+        gets them asked ahead. A white-box method that never calls the model runs to its end."""
         assert self.explainer is not None
-        if time.monotonic() >= deadline:  # queued behind other work until too late
-            raise ExplainTimeoutError(late)
+        deadline.left()  # queued behind other work until too late: raises
         if self.client is None or self._estimator is not None:
-            return self.explainer.explain(rows, params)
-        with self.client.deadline(deadline, late):
+            self._lanes.deadline = deadline
+            try:
+                return self.explainer.explain(rows, params)
+            finally:
+                self._lanes.deadline = None
+        with self.client.deadline(deadline):
             if not self.explainer.asks_rows_alone:
                 return self.explainer.explain(rows, params)
             with self.client.asking_ahead(rows):
                 return self.explainer.explain(rows, params)
+
+    def _within_deadline(self, predict: PredictFn) -> PredictFn:
+        """A local model's predict that stops its worker's explanation past the deadline."""
+        def checked(rows: np.ndarray) -> np.ndarray:
+            deadline: Deadline | None = getattr(self._lanes, "deadline", None)
+            if deadline is not None:
+                deadline.left()
+            return predict(rows)
+
+        return checked
 
     async def predict(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
         """A V1 `:predict` call: to the predictor as is, or answered by the local model (white box)."""

@@ -68,10 +68,7 @@ class EventCache:
         return item[1]
 
     def put(self, key: tuple[str, str], event: CloudEvent) -> None:
-        now = time.monotonic()
-        while self._items and next(iter(self._items.values()))[0] < now:
-            self._items.popitem(last=False)  # insertion order is expiry order
-            self.expired += 1
+        now = self.sweep()
         self._items.pop(key, None)
         self._items[key] = (now + self.ttl, event)
         while len(self._items) > self.size:
@@ -79,6 +76,16 @@ class EventCache:
             self.evicted += 1
         if (self.evicted, self.expired) != self._reported and now >= self._next_report:
             self._report(now)
+
+    def sweep(self) -> float:
+        """Drop (and count) the expired events; also when no event comes (`/metrics` asks). Returns now."""
+        now = time.monotonic()
+        while self._items and next(iter(self._items.values()))[0] < now:
+            self._items.popitem(last=False)  # insertion order is expiry order
+            self.expired += 1
+        if self.expired != self._reported[1] and now >= self._next_report:
+            self._report(now)
+        return now
 
     def _report(self, now: float) -> None:
         evicted, expired = self.evicted - self._reported[0], self.expired - self._reported[1]

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from explainers.client import PredictorClient, schema_from_metadata
 from explainers.codecs import Schema
+from explainers.deadline import Deadline
 from explainers.errors import ExplainTimeoutError, PredictorError
 from infer_logger import binary_tensors as bt
 from infer_logger.testing import free_port
@@ -500,6 +501,43 @@ class TestFailures:
             finally:
                 await client.aclose()
 
+    @pytest.mark.parametrize("part", ["head", "trailers"])
+    async def test_an_answer_trickling_outside_its_body_is_cut_off_too(self, part: str) -> None:
+        """A header line or chunked trailers a byte or a line at a time: http.client reads them
+        in one call each, which no socket timeout ends; the watchdog does."""
+        body = b'{"predictions": [2.0]}'
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            if part == "head":
+                writer.write(b"HTTP/1.1 200 OK\r\nx-slow: ")
+                pieces, end = [b"y"] * 30, b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n"
+                             % (len(body), body))
+                pieces, end = [b"x-t: 1\r\n"] * 30, b"\r\n"
+            for piece in pieces:  # 3 s in all
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            writer.write(end)
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = await started(url, "m", protocol="v1", retries=0, timeout=0.5)
+        try:
+            began = time.monotonic()
+            with pytest.raises(PredictorError, match="no answer within 0.5s"):
+                await asyncio.to_thread(client.predict_blocking, np.ones((1, 2)))
+            assert time.monotonic() - began < 1.5
+        finally:
+            await client.aclose()
+            server.close()
+
     async def test_a_body_cut_short_is_a_failure(self) -> None:
         scripted = Scripted(lambda request: b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"predictions"',
                             close_after=1)
@@ -524,7 +562,7 @@ class TestFailures:
             client = await started(url, "m", protocol="v1", retries=2, timeout=5.0, linger=linger)
 
             def explain() -> float:
-                with client.deadline(time.monotonic() + 0.3, "too late"):
+                with client.deadline(Deadline(time.monotonic() + 0.3, "too late")):
                     began = time.monotonic()
                     with pytest.raises(ExplainTimeoutError, match="too late"):
                         client.predict_blocking(np.ones((1, 2)))
@@ -540,6 +578,34 @@ class TestFailures:
             finally:
                 await client.aclose()
         assert took < 1.5 and client.requests == 2
+
+    async def test_a_deadline_met_while_asking_ahead_leaves_no_half_used_connection(self) -> None:
+        app = FastAPI()
+
+        @app.post("/v1/models/{name}:predict")
+        async def predict(name: str, request: Request) -> dict[str, Any]:
+            await asyncio.sleep(0.3)
+            return {"predictions": [sum(row) for row in (await request.json())["instances"]]}
+
+        rows = np.array([[1.0, 2.0], [3.0, 4.0]])
+        with serve(app) as url:
+            client = await started(url, "m", protocol="v1", retries=0, timeout=5.0)
+
+            def explain_twice() -> int:
+                with client.deadline(Deadline(time.monotonic() + 0.1, "too late")), client.asking_ahead(rows):
+                    time.sleep(0.2)  # the explainer's own work outlasts the deadline
+                    with pytest.raises(ExplainTimeoutError):
+                        client.predict_blocking(rows[:1])
+                assert getattr(client._lanes, "ahead_connection", None) is None  # its answer was never read
+                before = client.requests
+                with client.asking_ahead(rows):  # the next explanation on this thread asks ahead again
+                    assert client.predict_blocking(rows[1:]).tolist() == [7.0]
+                return client.requests - before
+
+            try:
+                assert await asyncio.to_thread(explain_twice) == 1  # answered from the request ahead
+            finally:
+                await client.aclose()
 
     async def test_v2_garbage_answers(self) -> None:
         bodies = iter([b"<html>", b'{"outputs": "x"}', b'{"outputs": [{"name": "y", "shape": [1], "data": ["a"]}]}',

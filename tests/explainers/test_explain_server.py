@@ -412,6 +412,24 @@ class TestLimits:
                 assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
                 assert time.monotonic() - began < 2.5
 
+    def test_a_local_model_is_stopped_at_the_deadline_too(self, tmp_path: Path) -> None:
+        """White box, a method that calls the model (kernel): the worker stops at its next call."""
+        import joblib
+
+        joblib.dump(estimator("iris"), tmp_path / "iris.joblib")
+        service = ExplainerService(settings(model_name="iris", model_file=tmp_path / "iris.joblib", method="kernel",
+                                            background="dataset:iris", params={"nsamples": 500}, workers=1,
+                                            chunk_size=1000, explain_timeout=0.5))
+        rows = np.tile(np.array(IRIS_V1["instances"]), (300, 1))  # some seconds of work
+        with serve(create_app(service)) as url:
+            began = time.monotonic()
+            r = httpx.post(f"{url}/v1/models/iris:explain", json={"instances": rows.tolist()}, timeout=60)
+            assert r.status_code == 504 and "600 instance(s)" in r.json()["error"], r.text
+            assert time.monotonic() - began < 2.0
+            began = time.monotonic()
+            r = httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=60)
+            assert r.status_code == 200 and time.monotonic() - began < 1.5  # the worker was free again
+
     async def test_configured_parameters_over_the_limit_fail_the_start(self, model_server: Process) -> None:
         service = ExplainerService(settings(model_name="iris", predictor_url=model_server.url, protocol="v2",
                                             background="dataset:iris", params={"nsamples": 500}, max_samples=100,
