@@ -25,12 +25,21 @@ class BodyTooLargeError(InferLoggerError):
         self.limit = limit
 
 
+class ClientGoneError(InferLoggerError):
+    """The client disconnected before its request body ended: there is no request to act on."""
+
+    def __init__(self) -> None:
+        super().__init__("the client disconnected before the request body ended")
+
+
 async def read_body(receive: Receive, limit: int | None = None) -> bytes:
+    """The whole request body: BodyTooLargeError past `limit`, ClientGoneError if it was cut short
+    (a partial body must never pass for the request: RFC 9112 6.3)."""
     chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            raise ClientGoneError
         chunk = message.get("body", b"")
         size += len(chunk)
         if limit is not None and size > limit:

@@ -13,7 +13,7 @@ from typing import Any
 from infer_logger import events as ev
 from infer_logger.config import Settings
 from infer_logger.logger import InferenceLogger, match_route
-from infer_logger.asgi import error_body, read_body, respond
+from infer_logger.asgi import ClientGoneError, error_body, read_body, respond
 from infer_logger.errors import InvalidEventError
 
 
@@ -34,7 +34,10 @@ class InferenceLoggerMiddleware:
         if ev.skip_logging(headers):
             await self.app(scope, receive, send)
             return
-        body = await read_body(receive)
+        try:
+            body = await read_body(receive)
+        except ClientGoneError:
+            return  # nothing to answer, nothing logged
         try:  # as the sidecar does: a request that is a CloudEvent keeps its id, a malformed one is refused
             event_id = ev.cloudevent_id(headers, body) or ev.event_id(headers)
         except InvalidEventError as exc:

@@ -17,7 +17,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from infer_logger import events as ev
-from infer_logger.asgi import BodyTooLargeError, error_body, read_body, respond, run_lifespan
+from infer_logger.asgi import BodyTooLargeError, ClientGoneError, error_body, read_body, respond, run_lifespan
 from infer_logger.errors import InferLoggerError, InvalidEventError
 from infer_logger.httpserver import Reply, Request
 from infer_logger.logger import InferenceLogger, match_route
@@ -99,6 +99,8 @@ class Proxy:
             except BodyTooLargeError as exc:
                 await respond(send, 413, list(_JSON), error_body(413, f"{exc} (max_request_bytes)"))
                 return
+            except ClientGoneError:
+                return  # nothing forwarded, nothing logged
             target = scope.get("raw_path") or scope["path"].encode()
             if scope.get("query_string"):
                 target += b"?" + scope["query_string"]

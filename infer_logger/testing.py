@@ -24,7 +24,7 @@ import uvicorn
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import from_http_many
 from infer_logger.errors import InvalidEventError
-from infer_logger.asgi import read_body, respond
+from infer_logger.asgi import ClientGoneError, read_body, respond
 
 
 def free_port() -> int:
@@ -53,7 +53,10 @@ class EventCollector:
                     await send({"type": "lifespan.startup.complete"})
                 await send({"type": "lifespan.shutdown.complete"})
             return
-        body = await read_body(receive)
+        try:
+            body = await read_body(receive)
+        except ClientGoneError:
+            return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         with self._cond:
             self.attempts += 1
@@ -127,7 +130,10 @@ class CannedPredictor(EventCollector):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await super().__call__(scope, receive, send)
-        await read_body(receive)
+        try:
+            await read_body(receive)
+        except ClientGoneError:
+            return
         with self._cond:
             self.attempts += 1
         await respond(send, self.status, [(b"content-type", self.content_type.encode())], self.body)

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import content_mode, from_http_many
 from infer_logger.errors import InvalidEventError
-from infer_logger.asgi import BodyTooLargeError, error_body, read_body, respond
+from infer_logger.asgi import BodyTooLargeError, ClientGoneError, error_body, read_body, respond
 from pipelines.broker.channel import ChannelError, RefusedError
 from pipelines.broker.endpoints import passthrough
 from pipelines.broker.handler import TriggerHandler
@@ -92,6 +92,9 @@ class Ingress:
             refused.labels("oversize").inc()
             await respond(send, 413, [_JSON], error_body(413, f"the body is larger than {limit} bytes"))
             return
+        except ClientGoneError:  # a partial body is no event: the sender, unanswered, sends it again
+            refused.labels("disconnected").inc()
+            return
         try:
             events = from_http_many(headers, body)
         except InvalidEventError as exc:
@@ -133,6 +136,8 @@ class Ingress:
             body = await read_body(receive, limit)
         except BodyTooLargeError:
             await respond(send, 413, [_JSON], error_body(413, f"the body is larger than {limit} bytes"))
+            return
+        except ClientGoneError:
             return
         status, headers, out = await self.handler.handle(scope["method"], parts, scope["headers"], body)
         await respond(send, status, headers, out)

@@ -159,6 +159,19 @@ class TestLogging:
         events_for(collector, "fence-2")
         assert not any(e.id == "over-1" for e in collector.events)
 
+    def test_a_body_cut_short_by_the_client_is_neither_forwarded_nor_logged(
+            self, sidecar: Process, collector: EventCollector) -> None:
+        import socket
+
+        port = int(sidecar.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # 83 bytes declared, 20 sent
+            sock.sendall(b"POST /v1/models/iris:predict HTTP/1.1\r\nhost: x\r\nce-id: partial-1\r\n"
+                         b"content-type: application/json\r\ncontent-length: 83\r\n\r\n" + b'{"instances": [[5.1, ')
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", json=V1, headers={"ce-id": "fence-3"})
+        assert r.status_code == 200
+        events_for(collector, "fence-3")
+        assert not any(e.id == "partial-1" for e in collector.events)
+
     def test_own_endpoints(self, sidecar: Process) -> None:
         assert httpx.get(sidecar.url + "/healthz").json() == {"status": "ok"}
         ready = httpx.get(sidecar.url + "/readyz").json()

@@ -208,3 +208,31 @@ def test_served_on_a_thread_over_real_sockets(tmp_path: Path, subscriber: Subscr
         [received] = subscriber.wait_for(1)
         assert httpx.get(running.url + "readyz").json()["ready"] is True
     assert received.id == "thread-1" and not broker.started
+
+
+def test_a_body_cut_short_by_the_client_is_no_event(tmp_path: Path, subscriber: Subscriber) -> None:
+    """A client that declares 83 bytes, sends 20 and leaves: the partial body was stored as an
+    event (and the sender, never answered, would send it again)."""
+    import socket
+    import time
+
+    import httpx
+
+    from infer_logger.testing import free_port
+    from pipelines.broker import Broker, BrokerThread
+
+    from .helpers import settings
+
+    broker = Broker(settings(tmp_path), triggers=CATCH_ALL.format(url=subscriber.url))
+    with BrokerThread(broker, port=free_port()) as running:
+        port = int(running.url.rstrip("/").rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nhost: x\r\nce-specversion: 1.0\r\nce-id: partial\r\n"
+                         b"ce-source: /s\r\nce-type: t\r\ncontent-type: application/json\r\n"
+                         b"content-length: 83\r\n\r\n" + b'{"hello": "world", "')
+        headers, body = to_binary(event("whole"))
+        assert httpx.post(running.url, headers=headers, content=body).status_code == 202
+        subscriber.wait_for(1)
+        time.sleep(0.3)
+        assert 'reason="disconnected"' in httpx.get(running.url + "metrics").text
+    assert [e.id for e in subscriber.events] == ["whole"]
