@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from infer_logger.cloudevents.event import CloudEvent
 from pipelines.broker.channel import TTL, ChannelError
-from pipelines.broker.delivery import RetryPolicy, error_extensions, retry_after_seconds
+from pipelines.broker.delivery import NO_RESPONSE, RetryPolicy, error_extensions, retry_after_seconds
 from pipelines.broker.endpoints import BadReplyError, Endpoint, Response, parse_reply, passthrough
 from pipelines.broker.filters import FAIL
 from pipelines.broker.metrics import BrokerMetrics
@@ -83,6 +83,21 @@ class TriggerDispatcher:
         """Nothing to release: endpoints and components belong to the broker."""
 
     async def deliver(self, event: CloudEvent) -> None:
+        """Deliver (retrying), else dead-letter: the event is settled either way. A bug on the way
+        must not leave it unsettled, or its position in the log would never be committed (every
+        later event redelivered after a restart, the log never freed)."""
+        try:
+            await self._deliver(event)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("trigger %s: delivering event %s failed unexpectedly", self.trigger.label, event.id)
+            try:
+                await self._dead_letter(without_ttl(event)[0], Response(NO_RESPONSE, reason=f"internal error: {exc!r}"))
+            except Exception:  # noqa: BLE001
+                log.exception("trigger %s: dead-lettering event %s failed too: lost", self.trigger.label, event.id)
+                self._lost.inc()
+            self.settled += 1
+
+    async def _deliver(self, event: CloudEvent) -> None:
         started = time.perf_counter()
         out, ttl = without_ttl(event)
         attempt = 0

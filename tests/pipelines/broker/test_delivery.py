@@ -130,6 +130,9 @@ class TestRetryAfterHeader:
     def test_past_date_is_zero_and_junk_is_none(self) -> None:
         assert retry_after_seconds("Sun, 06 Nov 1994 08:00:00 GMT", self.NOW) == 0
         assert retry_after_seconds("-5") is None and retry_after_seconds("") is None
+        # Digits to str.isdigit(), not to float(): a latin-1 header byte 0xb2 reads as "²" (it
+        # raised, and the trigger's log position froze).
+        assert retry_after_seconds("²") is None and retry_after_seconds("１０") is None
 
 
 class TestDurations:
@@ -334,6 +337,22 @@ class TestRetries:
             assert (await c.post("/", **binary_request(second))).status_code == 202
         await until(lambda: dispatcher._lost._value.get() == 1, what="lost after the dead-letter retries")
         assert other_subscriber.attempts == 2 + 3
+
+    async def test_a_bug_on_the_way_dead_letters_instead_of_freezing_the_trigger(
+            self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        import pipelines.broker.dispatcher as dispatcher_module
+
+        def broken(value: str | None) -> float | None:
+            raise ValueError("a bug")
+
+        monkeypatch.setattr(dispatcher_module, "retry_after_seconds", broken)
+        subscriber.fail_with = 503
+        broker = await make_broker(_triggers(subscriber, dls=other_subscriber, retry=2))
+        await _post(broker)
+        headers, body = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        assert headers["ce-knativeerrorcode"] == "-1" and body == b'"destination"'
+        await settle(broker, "destination", 1)  # settled: the log position moves on
 
     async def test_timeout_counts_as_no_response(self, make_broker: MakeBroker, subscriber: Subscriber,
                                                  other_subscriber: Subscriber) -> None:
