@@ -18,6 +18,7 @@ from uuid_utils import uuid7
 from infer_logger import binary_tensors
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 from infer_logger.cloudevents.http import from_http_many
+from infer_logger.errors import InvalidEventError
 
 REQUEST = "org.kubeflow.serving.inference.request"
 RESPONSE = "org.kubeflow.serving.inference.response"
@@ -88,7 +89,10 @@ def cloudevent_id(headers: Mapping[str, str], body: bytes) -> str | None:
     than pass on what the predictor's CloudEvents handling would choke on.
     """
     if "ce-specversion" in headers or headers.get("content-type", "").startswith("application/cloudevents"):
-        return from_http_many(headers, body)[0].id
+        found = from_http_many(headers, body)
+        if not found:
+            raise InvalidEventError("", "an empty batch is no inference request")
+        return found[0].id
     return None
 
 

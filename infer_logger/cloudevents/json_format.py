@@ -107,7 +107,7 @@ def _read_data(members: Mapping[str, Any], attributes: dict[str, AttributeValue]
             raise InvalidEventError("data_base64", "must be a base64 string")
         try:
             return base64.b64decode(encoded, validate=True)
-        except binascii.Error as error:
+        except (binascii.Error, ValueError) as error:  # ValueError: characters outside ASCII
             raise InvalidEventError("data_base64", f"not valid base64: {error}") from None
     if value is None:
         return None

@@ -258,6 +258,14 @@ class TestCloudEventRequests:
         r = httpx.post(sidecar.url + "/v1/models/iris:predict", content=b'{"specversion": "1.0", "id": "x"}',
                        headers={"content-type": "application/cloudevents+json"})
         assert r.status_code == 400 and r.json()["attribute"] in ("source", "type")
+        # These were 500s: an empty batch, and data_base64 outside ASCII.
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", content=b"[]",
+                       headers={"content-type": "application/cloudevents-batch+json"})
+        assert r.status_code == 400 and "empty batch" in r.json()["error"]
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict",
+                       content='{"specversion": "1.0", "id": "x", "source": "/s", "type": "t", "data_base64": "é"}'.encode(),
+                       headers={"content-type": "application/cloudevents+json"})
+        assert r.status_code == 400 and r.json()["attribute"] == "data_base64"
 
 
 async def test_headers_the_connection_header_names_stay_on_their_hop(tmp_path: Path) -> None:
