@@ -81,7 +81,8 @@ def error_body(status: int, reason: str, **extra: str) -> bytes:
 
 
 async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    headers.append((b"content-length", str(len(body)).encode()))
+    if not any(name == b"content-length" for name, _ in headers):  # a HEAD answer brings its own
+        headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -62,7 +62,7 @@ def encode_reply(status: int, headers: Headers, body: bytes, *, close: bool, hea
     out = [_status_line(status)]
     for name, value in headers:
         out += (name, b": ", value, b"\r\n")
-    if status not in _NO_BODY and status >= 200:
+    if status not in _NO_BODY and status >= 200 and not (head and any(n == b"content-length" for n, _ in headers)):
         out.append(b"content-length: %d\r\n" % len(body))
     if close:
         out.append(b"connection: close\r\n")

@@ -43,6 +43,8 @@ _HOP = frozenset(
 )
 # The upstream client writes its own host; the body goes with the headers, so no Expect.
 _DROP_UPSTREAM = _HOP | {b"host", b"expect"}
+# A HEAD answer's content-length is the GET answer's (RFC 9110 8.6), not its empty body's.
+_HOP_HEAD = _HOP - {b"content-length"}
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 
@@ -135,7 +137,7 @@ class Proxy:
         try:
             answer = await self.upstream.request(method, request.target, forward, body)
             status, out_body = answer.status, answer.body
-            out_headers = _without_hop(answer.headers, _HOP)
+            out_headers = _without_hop(answer.headers, _HOP_HEAD if method == "HEAD" else _HOP)
             content_type = next((v.decode("latin-1") for k, v in out_headers if k == b"content-type"), None)
         except TimeoutError:
             status, content_type = 504, "application/json"
@@ -144,6 +146,11 @@ class Proxy:
         except (OSError, UpstreamError) as exc:
             status, content_type = 502, "application/json"
             out_body = error_body(502, f"predictor unreachable: {type(exc).__name__}: {exc}")
+            out_headers = list(_JSON)
+        except Exception as exc:  # a bug: the client still gets an answer, and the exchange its response event
+            log.exception("proxying %s %s failed", method, path)
+            status, content_type = 502, "application/json"
+            out_body = error_body(502, f"the sidecar failed to proxy this request ({type(exc).__name__}); see its log")
             out_headers = list(_JSON)
         self._upstream_latency.observe(loop.time() - started)
         if exchange is not None:

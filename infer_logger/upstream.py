@@ -61,6 +61,8 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"the predictor's answer is not HTTP/1.1: {exc}"))
+        except httptools.HttpParserUpgrade:  # not a subclass of the above; nothing asked to switch
+            self._fail(UpstreamError("the predictor switched protocols (101), which the sidecar never asks for"))
 
     def eof_received(self) -> bool | None:
         return None  # close our side too

@@ -284,3 +284,35 @@ async def test_headers_the_connection_header_names_stay_on_their_hop(tmp_path: P
     assert r.status_code == 200 and r.headers["x-kept"] == "up" and "x-trace" not in r.headers
     [head] = peer.heads
     assert b"x-hop" not in head and b"x-end: 2\r\n" in head
+
+
+@pytest.mark.parametrize("server", ["httptools", "uvicorn"])
+async def test_head_keeps_the_predictor_s_content_length(tmp_path: Path, server: str) -> None:
+    """RFC 9110 8.6: a HEAD answer's content-length is what a GET would send (it said 0)."""
+    peer = Scripted(lambda _: b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1234\r\n\r\n")
+    async with peer as url:
+        port = free_port()
+        settings = load_settings(None, port=port, predictor_url=url, server=server,
+                                 spool={"dir": str(tmp_path / "spool")},
+                                 sinks=[{"type": "file", "path": str(tmp_path / "events.jsonl")}])
+        with SidecarThread(settings):
+            async with httpx.AsyncClient() as client:
+                r = await client.head(f"http://127.0.0.1:{port}/v2/models/m")
+    assert r.status_code == 200 and r.headers["content-length"] == "1234" and r.content == b""
+
+
+async def test_a_predictor_switching_protocols_is_a_logged_502(tmp_path: Path) -> None:
+    """A 101 nobody asked for was a 500 with a traceback, and the request event had no response."""
+    peer = Scripted(lambda _: b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n")
+    out = tmp_path / "events.jsonl"
+    async with peer as url:
+        port = free_port()
+        settings = load_settings(None, port=port, predictor_url=url, spool={"dir": str(tmp_path / "spool")},
+                                 sinks=[{"type": "file", "path": str(out)}])
+        with SidecarThread(settings):
+            async with httpx.AsyncClient() as client:
+                r = await client.post(f"http://127.0.0.1:{port}/v1/models/m:predict", content=b"{}",
+                                      headers={"x-request-id": "switch-1"})
+    assert r.status_code == 502 and "switched protocols" in r.json()["error"]
+    logged = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert [(e["id"], e.get("statuscode")) for e in logged] == [("switch-1", None), ("switch-1", 502)]
