@@ -144,9 +144,14 @@ class Broker:
         if raw is None:
             return CloudEvent({**event.attributes, TTL: self.settings.default_ttl}, event.data, event.meta)
         try:
-            ttl = int(raw) - 1
+            if isinstance(raw, bool):
+                raise ValueError
+            value = int(raw)
         except ValueError:
             raise InvalidEventError(TTL, f"must be an integer, not {raw!r}") from None
+        if not -(2**31) <= value < 2**31:  # a CloudEvents Integer (a bigger one could not even be stored)
+            raise InvalidEventError(TTL, f"{value} is outside the signed 32-bit range")
+        ttl = value - 1
         if ttl <= 0:
             log.debug("event %s dropped: its %s ran out", event.get("id"), TTL)
             return None
