@@ -28,9 +28,11 @@ _TIMESTAMP = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:[Zz]|([+-])(\d{2}):(\d{2}))"
 )
 
-# RFC 2045 tokens; parameters as RFC 9110 writes them (optional whitespace around ";").
+# RFC 2045 tokens; parameters as RFC 9110 writes them (optional whitespace around ";"). A quoted
+# string holds at most obs-text (up to U+00FF) beyond ASCII: the value travels as an HTTP header
+# (content-type), where nothing else can be written, so such an event could never be delivered.
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_QUOTED = r'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\x09\x20-\x7e])*"'
+_QUOTED = r'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f\u0100-\U0010ffff]|\\[\x09\x20-\x7e])*"'
 _MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))*")
 
 # RFC 3986: the characters a URI may hold (percent-escapes checked whole), and the scheme.
