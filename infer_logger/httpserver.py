@@ -107,6 +107,7 @@ class _Connection(asyncio.Protocol):
         self._in_head = True  # reading a request line and headers (their size is bounded)
         self._head_size = 0
         self._refused = False  # answered a refusal: what comes now is dropped
+        self._message_size = 0  # bytes received since the last request ended: bounds chunk framing and trailers
 
     # -- asyncio.Protocol
 
@@ -126,6 +127,7 @@ class _Connection(asyncio.Protocol):
             return
         if self._in_head:
             self._head_size += len(data)
+        self._message_size += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -139,8 +141,13 @@ class _Connection(asyncio.Protocol):
                 log.info("bad HTTP request from a client: %s", exc)
                 self._refuse(400, f"invalid HTTP request: {exc}")
             return
-        if self._in_head and self._head_size > MAX_HEAD:
-            self._refuse(431, f"the request line and headers are larger than {MAX_HEAD} bytes")
+        if self._in_head:
+            if self._head_size > MAX_HEAD:
+                self._refuse(431, f"the request line and headers are larger than {MAX_HEAD} bytes")
+        elif (limit := self.server.max_body_bytes) is not None and self._message_size > limit + 2 * MAX_HEAD:
+            # The body itself is within the limit (on_body counts it): chunk framing or trailers are not.
+            self._refuse(413, f"the request is larger than {limit} bytes of body (max_request_bytes) "
+                              "and its framing")
 
     def _refuse(self, status: int, reason: str) -> None:
         """Answer (unless a request is being answered: the connection closes after it) and stop."""
@@ -166,7 +173,8 @@ class _Connection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        if self._in_head:  # else a trailer: not merged into the headers (RFC 9110 6.5.1), dropped
+            self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -188,7 +196,7 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        self._in_head, self._head_size = True, 0  # the next request's head, counted afresh
+        self._in_head, self._head_size, self._message_size = True, 0, 0  # the next request, counted afresh
         url = httptools.parse_url(self._url)
         raw_path = url.path or b"/"
         target = raw_path + b"?" + url.query if url.query else raw_path

@@ -90,6 +90,8 @@ class _Connection(asyncio.Protocol):
         self._headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:  # a trailer: not merged into the headers (RFC 9110 6.5.1), dropped
+            return
         lname = name.lower()
         if lname == b"content-length" or (lname == b"transfer-encoding" and b"chunked" in value.lower()):
             self._framed = True

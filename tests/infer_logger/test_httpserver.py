@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
@@ -171,6 +172,23 @@ class TestBodyLimit:
                 await asyncio.sleep(0.01)
         assert not small.connections
         writer.close()
+
+    async def test_trailers_are_dropped_and_bounded(self, small: HttpServer) -> None:
+        """Trailers were merged into the headers (a trailer x-request-id became the event id), and
+        counted against no limit: 100 MiB of them grew the sidecar by 230 MiB."""
+        raw = await exchange(small, b"POST /p HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+                                    b"connection: close\r\n\r\n3\r\nabc\r\n0\r\nx-request-id: t\r\n\r\n")
+        status, _, body = answers(raw)[0]
+        assert status == b"HTTP/1.1 200 OK" and "x-request-id" not in dict(orjson.loads(body)["headers"])
+        reader, writer = await asyncio.open_connection("127.0.0.1", small.port)
+        writer.write(b"POST /p HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):  # 256 KiB of trailers, never ended
+                writer.write(b"x-t: " + b"a" * 4089 + b"\r\n")
+                await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert raw.startswith(b"HTTP/1.1 413") and b"its framing" in raw
 
     async def test_at_the_limit_is_served_and_the_server_goes_on(self, small: HttpServer) -> None:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{small.port}") as client:

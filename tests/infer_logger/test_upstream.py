@@ -44,6 +44,19 @@ async def test_chunked_answer_is_joined() -> None:
         await up.close()
 
 
+async def test_trailers_are_not_merged_into_the_headers() -> None:
+    """RFC 9110 6.5.1: a predictor's trailers reached the client as headers (set-cookie too)."""
+    chunked = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n"
+               b"3\r\nabc\r\n0\r\nx-checksum: abc\r\nset-cookie: evil=1\r\n\r\n")
+    async with Scripted(lambda _: chunked) as url:
+        upstream = Upstream(url)
+        try:
+            answer = await upstream.request("GET", b"/", [], b"")
+        finally:
+            await upstream.close()
+    assert answer.body == b"abc" and not {b"x-checksum", b"set-cookie"} & {k for k, _ in answer.headers}
+
+
 async def test_answer_ended_by_close() -> None:
     async with Scripted(lambda _: b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end",
                         close_after=1) as url:
