@@ -76,6 +76,17 @@ class _TooLarge(Exception):
     """Raised in a parser callback: the body is over the limit, stop reading it."""
 
 
+class _UnknownCoding(Exception):
+    """Raised in a parser callback: a transfer coding other than chunked, which the parser would
+    take off while leaving the body encoded (RFC 9112 6.1: 501)."""
+
+
+def other_codings(headers: Headers) -> list[str]:
+    """The transfer codings beyond `chunked` that a message's transfer-encoding fields name."""
+    return [coding for name, value in headers if name == b"transfer-encoding"
+            for part in value.split(b",") if (coding := part.strip().lower().decode("latin-1")) not in ("chunked", "")]
+
+
 def error_reply(status: int, reason: str) -> bytes:
     body = orjson.dumps({"error": reason, "status": status})
     return encode_reply(status, [(b"content-type", b"application/json")], body, close=True, head=False)
@@ -108,6 +119,7 @@ class _Connection(asyncio.Protocol):
         self._head_size = 0
         self._refused = False  # answered a refusal: what comes now is dropped
         self._message_size = 0  # bytes received since the last request ended: bounds chunk framing and trailers
+        self._codings = False
 
     # -- asyncio.Protocol
 
@@ -137,6 +149,9 @@ class _Connection(asyncio.Protocol):
             if isinstance(exc.__context__, _TooLarge):
                 self._refuse(413, f"the request body is larger than {self.server.max_body_bytes} bytes "
                                   "(max_request_bytes)")
+            elif isinstance(exc.__context__, _UnknownCoding):
+                self._refuse(501, f"transfer coding {', '.join(other_codings(self._headers))} is not supported "
+                                  "(chunked is)")
             else:
                 log.info("bad HTTP request from a client: %s", exc)
                 self._refuse(400, f"invalid HTTP request: {exc}")
@@ -168,16 +183,22 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._body = []
         self._size = 0
+        self._codings = False  # a transfer-encoding other than plain chunked was named
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:  # else a trailer: not merged into the headers (RFC 9110 6.5.1), dropped
-            self._headers.append((name.lower(), value))
+            name = name.lower()
+            if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                self._codings = True
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._codings and other_codings(self._headers):
+            raise _UnknownCoding
         limit = self.server.max_body_bytes
         if limit is not None:
             for name, value in self._headers:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from infer_logger.errors import ConfigError, InferLoggerError
+from infer_logger.httpserver import other_codings
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -103,6 +104,10 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:
             # An interim answer (we never send Expect: the body goes with the headers): skip it.
             self._headers_done = False
+            return
+        if codings := other_codings(self._headers):  # llhttp takes off chunked only: the body would pass encoded
+            self._fail(UpstreamError(f"the predictor's answer has transfer coding {', '.join(codings)}; "
+                                     "the sidecar takes chunked only"))
             return
         if self.head:
             # No body follows, but llhttp cannot be told so: finish here and drop the socket.

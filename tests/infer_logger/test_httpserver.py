@@ -173,6 +173,14 @@ class TestBodyLimit:
         assert not small.connections
         writer.close()
 
+    async def test_a_transfer_coding_other_than_chunked_is_501(self, small: HttpServer) -> None:
+        """The parser takes chunked off and would pass a gzip-coded body on as if plain."""
+        raw = await exchange(small, b"POST /p HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
+                                    b"3\r\nabc\r\n0\r\n\r\n")
+        status, _, body = answers(raw)[0]
+        assert status.startswith(b"HTTP/1.1 501")
+        assert orjson.loads(body)["error"] == "transfer coding gzip is not supported (chunked is)"
+
     async def test_trailers_are_dropped_and_bounded(self, small: HttpServer) -> None:
         """Trailers were merged into the headers (a trailer x-request-id became the event id), and
         counted against no limit: 100 MiB of them grew the sidecar by 230 MiB."""

@@ -57,6 +57,17 @@ async def test_trailers_are_not_merged_into_the_headers() -> None:
     assert answer.body == b"abc" and not {b"x-checksum", b"set-cookie"} & {k for k, _ in answer.headers}
 
 
+async def test_an_answer_in_another_transfer_coding_is_refused() -> None:
+    coded = b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    async with Scripted(lambda _: coded) as url:
+        upstream = Upstream(url)
+        try:
+            with pytest.raises(UpstreamError, match="transfer coding gzip"):
+                await upstream.request("GET", b"/", [], b"")
+        finally:
+            await upstream.close()
+
+
 async def test_answer_ended_by_close() -> None:
     async with Scripted(lambda _: b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end",
                         close_after=1) as url:
