@@ -18,6 +18,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 from http import HTTPStatus
 from urllib.parse import unquote
 
@@ -76,6 +77,10 @@ class _TooLarge(Exception):
     """Raised in a parser callback: the body is over the limit, stop reading it."""
 
 
+class _BadHost(Exception):
+    """Raised in a parser callback: an HTTP/1.1 request without exactly one host (RFC 9112 3.2: 400)."""
+
+
 class _UnknownCoding(Exception):
     """Raised in a parser callback: a transfer coding other than chunked, which the parser would
     take off while leaving the body encoded (RFC 9112 6.1: 501)."""
@@ -108,7 +113,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.active = False  # a request is being answered
-        self.queue: deque[tuple[Request, bool]] = deque()
+        self.queue: deque[tuple[Request, bool | Literal["announce"]]] = deque()
         self.closing = False  # answer what was read, then close
         self.last = 0.0
         self._url = b""
@@ -149,6 +154,8 @@ class _Connection(asyncio.Protocol):
             if isinstance(exc.__context__, _TooLarge):
                 self._refuse(413, f"the request body is larger than {self.server.max_body_bytes} bytes "
                                   "(max_request_bytes)")
+            elif isinstance(exc.__context__, _BadHost):
+                self._refuse(400, "an HTTP/1.1 request has exactly one host header")
             elif isinstance(exc.__context__, _UnknownCoding):
                 self._refuse(501, f"transfer coding {', '.join(other_codings(self._headers))} is not supported "
                                   "(chunked is)")
@@ -184,6 +191,8 @@ class _Connection(asyncio.Protocol):
         self._body = []
         self._size = 0
         self._codings = False  # a transfer-encoding other than plain chunked was named
+        self._hosts = 0
+        self._expect = False  # Expect: 100-continue (case-insensitive)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -191,12 +200,19 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:  # else a trailer: not merged into the headers (RFC 9110 6.5.1), dropped
             name = name.lower()
-            if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            if name == b"host":
+                self._hosts += 1
+            elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
                 self._codings = True
+            elif name == b"expect" and value.strip().lower() == b"100-continue":
+                self._expect = True
             self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        old = self.parser.get_http_version() == "1.0"
+        if self._hosts != 1 and not (old and self._hosts == 0):
+            raise _BadHost
         if self._codings and other_codings(self._headers):
             raise _UnknownCoding
         limit = self.server.max_body_bytes
@@ -206,7 +222,8 @@ class _Connection(asyncio.Protocol):
                     if value.isdigit() and int(value) > limit:
                         raise _TooLarge  # before any of it is read (or a 100 Continue asks for it)
                     break
-        if self.transport is not None and (b"expect", b"100-continue") in self._headers:
+        # HTTP/1.0 has no 100 (RFC 9110 10.1.1); behind an answer still due it would come first.
+        if self._expect and not old and not self.active and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -225,7 +242,10 @@ class _Connection(asyncio.Protocol):
         if "%" in path:
             path = unquote(raw_path.decode("utf-8", "surrogateescape"))
         request = Request(self.parser.get_method().decode(), path, target, self._headers, b"".join(self._body))
-        keep = self.parser.should_keep_alive()
+        # An HTTP/1.0 client kept alive is told so in the answer, or it waits for the close.
+        keep: bool | Literal["announce"] = self.parser.should_keep_alive()
+        if keep and self.parser.get_http_version() == "1.0":
+            keep = "announce"
         if self.active:
             self.queue.append((request, keep))
             if len(self.queue) >= _MAX_PIPELINED and self.transport is not None:
@@ -235,11 +255,11 @@ class _Connection(asyncio.Protocol):
 
     # --
 
-    def _start(self, request: Request, keep: bool) -> None:
+    def _start(self, request: Request, keep: bool | Literal["announce"]) -> None:
         self.active = True
         self.server.loop.create_task(self._answer(request, keep))
 
-    async def _answer(self, request: Request, keep: bool) -> None:
+    async def _answer(self, request: Request, keep: bool | Literal["announce"]) -> None:
         try:
             status, headers, body = await self.server.handler(request)
         except Exception:
@@ -247,6 +267,8 @@ class _Connection(asyncio.Protocol):
             status, headers = 500, [(b"content-type", b"application/json")]
             body = orjson.dumps({"error": "internal error in the sidecar; see its log", "status": 500})
         close = not keep or self.server.stopping or (self.closing and not self.queue)
+        if keep == "announce" and not close:
+            headers = [*headers, (b"connection", b"keep-alive")]
         transport = self.transport
         if transport is None:  # the client left; what was logged stays logged
             self.active = False

@@ -32,6 +32,7 @@ _HOP = frozenset(
     {
         b"connection",
         b"keep-alive",
+        b"proxy-connection",  # never standard, still sent by some clients (RFC 9110 7.6.1)
         b"proxy-authenticate",
         b"proxy-authorization",
         b"te",

@@ -288,3 +288,21 @@ async def test_stop_answers_requests_in_flight_and_refuses_new_ones() -> None:
         assert r.status_code == 200 and r.headers["connection"] == "close"
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_host_expect_and_http10_keep_alive_as_rfc_9110_and_9112_say(server: HttpServer) -> None:
+    # RFC 9112 3.2: an HTTP/1.1 request with no host, or two, is a 400; HTTP/1.0 may go without.
+    for head in (b"GET /p HTTP/1.1\r\n\r\n", b"GET /p HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n"):
+        status, _, body = answers(await exchange(server, head))[0]
+        assert status.startswith(b"HTTP/1.1 400") and b"exactly one host" in body
+    assert answers(await exchange(server, b"GET /p HTTP/1.0\r\n\r\n"))[0][0] == b"HTTP/1.1 200 OK"
+    # Expect is matched whatever its case; HTTP/1.0 gets no 100 (RFC 9110 10.1.1).
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /p HTTP/1.1\r\nhost: x\r\nexpect: 100-Continue\r\ncontent-length: 2\r\n\r\n")
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.close()
+    raw = await exchange(server, b"POST /p HTTP/1.0\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\nhi")
+    assert raw.startswith(b"HTTP/1.1 200 OK")
+    # An HTTP/1.0 client kept alive is told so: else it waits for the connection to end.
+    raw = await exchange(server, b"GET /p HTTP/1.0\r\nconnection: keep-alive\r\n\r\n", until_close=False)
+    assert b"connection: keep-alive\r\n" in raw.split(b"\r\n\r\n")[0]
