@@ -125,6 +125,7 @@ class _Connection(asyncio.Protocol):
         self._refused = False  # answered a refusal: what comes now is dropped
         self._message_size = 0  # bytes received since the last request ended: bounds chunk framing and trailers
         self._codings = False
+        self._plain_head: bytes | None = None
 
     # -- asyncio.Protocol
 
@@ -147,9 +148,18 @@ class _Connection(asyncio.Protocol):
         self._message_size += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # The request itself was read (and queued); what follows is another protocol.
-            self._stop_reading()
+        except httptools.HttpParserUpgrade as exc:
+            if self._plain_head is None:
+                # The request itself was read (and queued); what follows is another protocol.
+                self._stop_reading()
+                return
+            # Upgrades are not served, but this request's body follows (`curl --http2 -d`,
+            # Java's HttpClient): a new parser reads the request again without the upgrade.
+            head, self._plain_head = self._plain_head, None
+            self.parser = httptools.HttpRequestParser(self)
+            self._in_head, self._head_size, self._message_size = True, 0, 0  # counted again, once
+            self.data_received(head + data[exc.args[0]:] if exc.args else head)
+            return
         except httptools.HttpParserError as exc:
             if isinstance(exc.__context__, _TooLarge):
                 self._refuse(413, f"the request body is larger than {self.server.max_body_bytes} bytes "
@@ -193,6 +203,7 @@ class _Connection(asyncio.Protocol):
         self._codings = False  # a transfer-encoding other than plain chunked was named
         self._hosts = 0
         self._expect = False  # Expect: 100-continue (case-insensitive)
+        self._plain_head = None  # an upgrade request's head without it, to read its body
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -222,6 +233,12 @@ class _Connection(asyncio.Protocol):
                     if value.isdigit() and int(value) > limit:
                         raise _TooLarge  # before any of it is read (or a 100 Continue asks for it)
                     break
+        if self.parser.should_upgrade() and any(
+                name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0"))
+                for name, value in self._headers):
+            # llhttp ends the message here and leaves the body unread: read it again without the upgrade.
+            self._plain_head = self._without_upgrade(old)
+            return
         # HTTP/1.0 has no 100 (RFC 9110 10.1.1); behind an answer still due it would come first.
         if self._expect and not old and not self.active and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -233,7 +250,15 @@ class _Connection(asyncio.Protocol):
             raise _TooLarge
         self._body.append(body)
 
+    def _without_upgrade(self, old: bool) -> bytes:
+        drop = (b"upgrade", b"connection", b"http2-settings")  # hop-by-hop: never forwarded anyway
+        lines = [b"%s %s HTTP/%s\r\n" % (self.parser.get_method(), self._url, b"1.0" if old else b"1.1")]
+        lines += [name + b": " + value + b"\r\n" for name, value in self._headers if name not in drop]
+        return b"".join(lines) + b"\r\n"
+
     def on_message_complete(self) -> None:
+        if self._plain_head is not None:
+            return  # the upgrade's end of message, the body unread: it is read again (data_received)
         self._in_head, self._head_size, self._message_size = True, 0, 0  # the next request, counted afresh
         url = httptools.parse_url(self._url)
         raw_path = url.path or b"/"

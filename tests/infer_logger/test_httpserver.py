@@ -306,3 +306,17 @@ async def test_host_expect_and_http10_keep_alive_as_rfc_9110_and_9112_say(server
     # An HTTP/1.0 client kept alive is told so: else it waits for the connection to end.
     raw = await exchange(server, b"GET /p HTTP/1.0\r\nconnection: keep-alive\r\n\r\n", until_close=False)
     assert b"connection: keep-alive\r\n" in raw.split(b"\r\n\r\n")[0]
+
+
+@pytest.mark.parametrize("framing", ["content-length: 11", "transfer-encoding: chunked"])
+async def test_an_upgrade_request_s_body_is_read(server: HttpServer, framing: str) -> None:
+    """`curl --http2 -d` and Java's HttpClient offer h2c on a POST with a body: upgrades are not
+    served, and the parser stopped at the head, so the body was dropped (MagicStack/httptools#124)."""
+    body = b"hello-body!" if framing.startswith("content") else b"b\r\nhello-body!\r\n0\r\n\r\n"
+    raw = await exchange(server, b"POST /p HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, HTTP2-Settings\r\n"
+                                 b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+                                 + framing.encode() + b"\r\n\r\n" + body, until_close=False)
+    status, _, answer = answers(raw)[0]
+    seen = orjson.loads(answer)
+    assert status == b"HTTP/1.1 200 OK" and seen["body"] == "hello-body!"
+    assert not {"upgrade", "connection", "http2-settings"} & {name for name, _ in seen["headers"]}
