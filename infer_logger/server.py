@@ -53,12 +53,23 @@ def _head_limited_httptools() -> type:
         _in_head = True  # a connection starts with a head
         _head_size = 0
 
+        _upgrade_with_body = False
+
         def on_message_complete(self) -> None:
+            if self._upgrade_with_body:
+                return  # its body unread: refused below
             super().on_message_complete()
             self._in_head, self._head_size = True, 0  # what follows is the next request's head
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            if (self.parser.should_upgrade() and not self._should_upgrade()
+                    and any(name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0"))
+                            for name, value in self.headers)):
+                # llhttp ends the message at the head and leaves the body unread, so the app would
+                # get an empty body (h2c from `curl --http2 -d`): refused instead of served so.
+                self._upgrade_with_body = True
+                return
             super().on_headers_complete()
 
         def data_received(self, data: bytes) -> None:
@@ -67,6 +78,11 @@ def _head_limited_httptools() -> type:
             if self._in_head:
                 self._head_size += len(data)
             super().data_received(data)
+            if self._upgrade_with_body and not self.transport.is_closing():
+                self._head_size = -1
+                refuse(self.transport, error_reply(501, "a request with a body cannot ask for an upgrade here "
+                                                        "(upgrades are not served): send it without Upgrade"))
+                return
             if self._in_head and self._head_size > MAX_HEAD and not self.transport.is_closing():
                 self._head_size = -1
                 if self.cycle is not None and not self.cycle.response_complete:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from pathlib import Path
@@ -92,3 +93,37 @@ def test_uvicorn_refuses_an_oversized_head_with_431() -> None:
             for _ in range(2):  # within the limit, on one connection, with a body of 1 MiB
                 r = client.post("/p", content=b"x" * (1 << 20), headers={"x-big": "a" * 60000})
                 assert r.status_code == 200 and r.json() == {"body": 1 << 20}
+
+
+def test_uvicorn_refuses_an_upgrade_with_a_body_it_would_lose() -> None:
+    """h2c offered on a POST (`curl --http2 -d`): llhttp stops at the head, and the app got an
+    empty body (the broker stored an event without its data): a 501 instead; without a body, or
+    without an upgrade, the request is served."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from infer_logger.demo.quickstart import ServerThread
+    from infer_logger.server import uvicorn_config
+
+    async def echo(request: Request) -> JSONResponse:
+        return JSONResponse({"body": (await request.body()).decode()})
+
+    port = free_port()
+    app = Starlette(routes=[Route("/p", echo, methods=["GET", "POST"])])
+    upgrade = b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+    with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+        for head, expected in ((b"POST /p HTTP/1.1\r\nhost: x\r\n" + upgrade + b"content-length: 5\r\n\r\nhello",
+                                b"HTTP/1.1 501"),
+                               (b"GET /p HTTP/1.1\r\nhost: x\r\n" + upgrade + b"\r\n", b"HTTP/1.1 200")):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(head)
+                raw = b""
+                with contextlib.suppress(socket.timeout):
+                    while chunk := sock.recv(65536):
+                        raw += chunk
+                        if b"}" in raw:
+                            break
+            assert raw.startswith(expected), raw
+        assert httpx.post(f"http://127.0.0.1:{port}/p", content=b"hello").json() == {"body": "hello"}
