@@ -43,8 +43,9 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[Answer] | None = None
         self.head = False  # the request was HEAD: the answer has no body whatever its headers say
         self.received = False
-        self.reused = False
+        self.reused = False  # and idle long enough to have been closed by the predictor meanwhile
         self.reusable = True
+        self.idle_since = 0.0
         self._headers: Headers = []
         self._body: list[bytes] = []
         self._framed = False  # content-length or chunked: EOF before the end means truncation
@@ -76,7 +77,7 @@ class _Connection(asyncio.Protocol):
             return
         if self._headers_done and not self._framed and not self._done:
             self._finish()  # a body delimited by the end of the connection (HTTP/1.0 style)
-        elif not self.received and self.reused:
+        elif not self.received and self.reused:  # the predictor closed it as it was reused: not read
             waiter.set_exception(_Stale())
         else:
             waiter.set_exception(exc or ConnectionResetError("the predictor closed the connection"))
@@ -146,6 +147,11 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+STALE_AFTER = 1.0
+"""Seconds a kept connection must have been idle for a loss before any answer to be taken for the
+predictor's keep-alive timeout (and the request sent again on a new connection)."""
+
+
 class _Stale(Exception):
     """A kept-alive connection the predictor had closed before our request reached it."""
 
@@ -195,7 +201,10 @@ class Upstream:
         while self._idle:
             conn = self._idle.pop()
             if conn.transport is not None and not conn.transport.is_closing():
-                conn.reused = True
+                # A POST must not be sent twice (RFC 9110 9.2.2), so a connection lost unanswered
+                # is tried again only if it had been idle long enough for a keep-alive timeout to
+                # close it as it was reused; else the predictor may have read the request.
+                conn.reused = loop.time() - conn.idle_since >= STALE_AFTER
                 return conn
         if self._closed:
             raise ConnectionResetError("the client is closed")
@@ -225,7 +234,7 @@ class Upstream:
             assert conn.transport is not None
             conn.transport.close()
         else:
-            conn.reused = True
+            conn.idle_since = asyncio.get_running_loop().time()
             self._idle.append(conn)
 
     def forget(self, conn: _Connection) -> None:

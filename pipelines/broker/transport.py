@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from infer_logger.upstream import STALE_AFTER
+
 USER_AGENT = "infer-logger-broker"
 _IDLE_MAX = 256  # idle connections kept per origin
 
@@ -68,6 +70,7 @@ class _Connection(asyncio.Protocol):
         self._headers_done = False
         self._framed = False  # content-length or chunked: a close before the end is a truncation
         self.keep_alive = False
+        self.idle_since = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -181,6 +184,9 @@ class HttpClient:
                 if not reused or connection.answered:
                     raise
                 # The server closed an idle connection as we used it: once more, on a new one.
+                # `reused` is only true after a second of idleness: a connection lost sooner may
+                # have had its request read (the subscriber then crashed), and a resend would be
+                # an attempt the retry policy did not allow.
                 self._drop(connection)
                 connection, _ = await self._connection(target.origin, deadline, fresh=True)
                 response = await connection.request(message, _left(deadline))
@@ -190,6 +196,7 @@ class HttpClient:
         self._busy.discard(connection)
         idle = self._idle.setdefault(target.origin, [])
         if connection.keep_alive and not connection.closed and len(idle) < _IDLE_MAX:
+            connection.idle_since = asyncio.get_running_loop().time()
             idle.append(connection)
         else:
             connection.close()
@@ -206,7 +213,7 @@ class HttpClient:
             connection = idle.pop()
             if not connection.closed:
                 self._busy.add(connection)
-                return connection, True
+                return connection, asyncio.get_running_loop().time() - connection.idle_since >= STALE_AFTER
         host, port, tls = origin
         if tls and self._ssl is None:
             self._ssl = ssl.create_default_context()

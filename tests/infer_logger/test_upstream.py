@@ -4,6 +4,7 @@ framings and failures, and the demo predictor."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Callable
 
 import orjson
@@ -11,6 +12,7 @@ import pytest
 
 from infer_logger.errors import ConfigError
 from infer_logger.testing import free_port
+from infer_logger import upstream as upstream_module
 from infer_logger.upstream import Upstream, UpstreamError
 from tests.servers import Process, Scripted
 
@@ -85,7 +87,8 @@ async def test_truncated_answer_is_an_error() -> None:
         await up.close()
 
 
-async def test_a_kept_connection_the_peer_closed_is_retried_once() -> None:
+async def test_a_kept_connection_the_peer_closed_is_retried_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream_module, "STALE_AFTER", 0.0)  # kept connections count as idle long enough
     peer = Scripted(ok(), close_after=1)  # hangs up after every answer, without saying so
     async with peer as url:
         up = Upstream(url)
@@ -93,6 +96,20 @@ async def test_a_kept_connection_the_peer_closed_is_retried_once() -> None:
             assert (await up.request("POST", b"/", [], b"x")).status == 200
         await up.close()
     assert peer.connections == 3 and len(peer.heads) == 3  # each request reached the peer once
+
+
+async def test_a_connection_lost_unanswered_right_after_use_is_not_resent() -> None:
+    """A POST must not be sent twice (RFC 9110 9.2.2): reused within a second of its last answer,
+    the connection was not closed by a keep-alive timeout, so the predictor may have read it."""
+    seen = itertools.count(1)
+    peer = Scripted(lambda _: None if next(seen) == 2 else ok()(b""))
+    async with peer as url:
+        up = Upstream(url)
+        assert (await up.request("POST", b"/", [], b"1")).status == 200
+        with pytest.raises(ConnectionResetError):
+            await up.request("POST", b"/", [], b"2")
+        await up.close()
+    assert [h[-1:] for h in peer.heads] == [b"1", b"2"]
 
 
 async def test_hang_up_after_the_request_is_not_retried() -> None:

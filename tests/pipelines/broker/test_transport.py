@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from infer_logger.testing import free_port
+from pipelines.broker import transport
 from pipelines.broker.transport import USER_AGENT, HttpClient
 from tests.servers import Scripted
 
@@ -35,10 +36,12 @@ async def test_keeps_the_connection_and_writes_the_head() -> None:
     assert b"content-length: 4\r\n" in head and b"ce-id: 1\r\n" in head and head.endswith(b"\r\n\r\nbody")
 
 
-async def test_a_kept_connection_the_peer_closed_is_retried_once_on_a_new_one() -> None:
+async def test_a_kept_connection_the_peer_closed_is_retried_once_on_a_new_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     seen = itertools.count(1)
     # The second request arrives on the kept connection, and the peer hangs up without an
     # answer (as a server closing an idle connection just then): sent again, on a new one.
+    monkeypatch.setattr(transport, "STALE_AFTER", 0.0)  # the connection counts as idle long enough
     peer = Scripted(lambda _: None if next(seen) == 2 else answer()(b""))
     client = HttpClient()
     async with peer as url:
@@ -46,6 +49,20 @@ async def test_a_kept_connection_the_peer_closed_is_retried_once_on_a_new_one() 
         assert (await client.post(url, {}, b"2")).status == 202
         await client.aclose()
     assert peer.connections == 2 and [h[-1:] for h in peer.heads] == [b"1", b"2", b"2"]
+
+
+async def test_a_connection_lost_unanswered_right_after_use_is_not_resent() -> None:
+    """It was idle too briefly for a keep-alive timeout: the subscriber may have read the POST
+    (and crashed), and a resend would be an attempt beyond the trigger's retry policy."""
+    seen = itertools.count(1)
+    peer = Scripted(lambda _: None if next(seen) == 2 else answer()(b""))
+    client = HttpClient()
+    async with peer as url:
+        assert (await client.post(url, {}, b"1")).status == 202
+        with pytest.raises(ConnectionError):
+            await client.post(url, {}, b"2")
+        await client.aclose()
+    assert [h[-1:] for h in peer.heads] == [b"1", b"2"]
 
 
 async def test_hang_up_on_a_new_connection_is_not_retried() -> None:
