@@ -27,7 +27,7 @@ from infer_logger.asgi import run_lifespan
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import ConfigError, InferLoggerError, InvalidEventError
 from infer_logger.spool import DiskSpool, MemorySpool
-from pipelines.broker.channel import TTL, Channel, SpoolChannel
+from pipelines.broker.channel import TTL, Channel, RefusedError, SpoolChannel, event_size
 from pipelines.broker.components import Component, Components, component_config
 from pipelines.broker.delivery import DeliverySpec, Destination, RetryPolicy
 from pipelines.broker.dispatcher import TriggerDispatcher
@@ -90,7 +90,8 @@ class Broker:
             await self.app(scope, receive, send)
 
     async def startup(self) -> None:
-        self._client = HttpClient()
+        # A reply beyond an event's size is refused anyway, and of an error only its start is kept.
+        self._client = HttpClient(max_response_bytes=2 * int(self.settings.max_event_bytes))
         await self._apply(self._load())
         if self._sighup:
             loop = asyncio.get_running_loop()
@@ -144,11 +145,11 @@ class Broker:
         if raw is None:
             return CloudEvent({**event.attributes, TTL: self.settings.default_ttl}, event.data, event.meta)
         try:
-            if isinstance(raw, bool):
-                raise ValueError
-            value = int(raw)
+            value = int(raw) if not isinstance(raw, bool) else None
         except ValueError:
-            raise InvalidEventError(TTL, f"must be an integer, not {raw!r}") from None
+            value = None
+        if value is None:
+            raise InvalidEventError(TTL, f"must be an integer, not {raw!r}")
         if not -(2**31) <= value < 2**31:  # a CloudEvents Integer (a bigger one could not even be stored)
             raise InvalidEventError(TTL, f"{value} is outside the signed 32-bit range")
         ttl = value - 1
@@ -249,6 +250,9 @@ class Broker:
         assert subscriber is not None
 
         async def reenter(event: CloudEvent) -> None:
+            maximum = int(self.settings.max_event_bytes)
+            if event_size(event) > maximum:  # as the ingress refuses it from a sender
+                raise RefusedError(f"the reply is larger than {maximum} bytes (max_event_bytes)", too_large=True)
             await self.publish(trigger.broker_key, [event])
 
         return TriggerDispatcher(trigger, subscriber, dead_letter, RetryPolicy.from_spec(spec), reenter, self.metrics,

@@ -42,6 +42,11 @@ class ChannelError(InferLoggerError):
     """A broker's log did not take events (full, or Kafka unreachable): the sender may retry."""
 
 
+def event_size(event: CloudEvent) -> int:
+    """What an event weighs against `max_event_bytes`: its data and attributes."""
+    return len(event.data or b"") + sum(len(k) + len(str(v)) for k, v in event.attributes.items())
+
+
 class RefusedError(ChannelError):
     """The log refused events for good (e.g. larger than Kafka takes): a retry cannot help.
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from infer_logger.cloudevents.event import CloudEvent
-from pipelines.broker.channel import TTL, ChannelError
+from pipelines.broker.channel import TTL, ChannelError, RefusedError
 from pipelines.broker.delivery import NO_RESPONSE, RetryPolicy, error_extensions, retry_after_seconds
 from pipelines.broker.endpoints import BadReplyError, Endpoint, Response, parse_reply, passthrough
 from pipelines.broker.filters import FAIL
@@ -88,11 +88,11 @@ class TriggerDispatcher:
         later event redelivered after a restart, the log never freed)."""
         try:
             await self._deliver(event)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("trigger %s: delivering event %s failed unexpectedly", self.trigger.label, event.id)
             try:
                 await self._dead_letter(without_ttl(event)[0], Response(NO_RESPONSE, reason=f"internal error: {exc!r}"))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("trigger %s: dead-lettering event %s failed too: lost", self.trigger.label, event.id)
                 self._lost.inc()
             self.settled += 1
@@ -134,6 +134,8 @@ class TriggerDispatcher:
             attributes[TTL] = ttl  # the broker takes one off: a reply loop ends when it reaches 0
         try:
             await self.reenter(CloudEvent(attributes, reply.data, passthrough(reply.meta)))
+        except RefusedError as exc:  # never storable: not retried
+            return Response(413, reason=f"the reply could not be stored: {exc}")
         except ChannelError as exc:
             return Response(503, reason=f"the reply could not be stored: {exc}")
         self._replies.inc()

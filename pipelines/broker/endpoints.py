@@ -50,6 +50,8 @@ class Response:
     retry_after: str | None = None
     reply: CloudEvent | None = None
     """A component's reply (a URL's is parsed from the body by `parse_reply`)."""
+    truncated: bool = False
+    """The body was longer than the broker holds (`body` is its start)."""
 
     @property
     def ok(self) -> bool:
@@ -70,6 +72,8 @@ class BadReplyError(ValueError):
 def parse_reply(response: Response) -> CloudEvent | None:
     if response.reply is not None:
         return response.reply
+    if response.truncated:
+        raise BadReplyError(f"the reply is larger than the {len(response.body)} bytes the broker reads")
     body = response.body
     if not body and "ce-specversion" not in response.headers:  # the usual 202: nothing to parse
         return None
@@ -142,7 +146,7 @@ class HttpEndpoint:
             return Response(NO_RESPONSE, reason=f"no answer within {timeout:g}s" if timeout else "timed out")
         except (OSError, ValueError, httptools.HttpParserError) as exc:
             return Response(NO_RESPONSE, reason=f"{type(exc).__name__}: {exc}")
-        return Response(answer.status, answer.body, answer.headers)
+        return Response(answer.status, answer.body, answer.headers, truncated=answer.truncated)
 
 
 class ComponentEndpoint:

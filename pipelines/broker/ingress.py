@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from infer_logger.asgi import BodyTooLargeError, ClientGoneError, error_body, read_body, respond
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import content_mode, from_http_many
 from infer_logger.errors import InvalidEventError
-from infer_logger.asgi import BodyTooLargeError, ClientGoneError, error_body, read_body, respond
-from pipelines.broker.channel import ChannelError, RefusedError
+from pipelines.broker.channel import ChannelError, RefusedError, event_size
 from pipelines.broker.endpoints import passthrough
 from pipelines.broker.handler import TriggerHandler
 
@@ -102,7 +102,7 @@ class Ingress:
             await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
         maximum = int(settings.max_event_bytes)
-        if batch and any(_size(e.attributes, e.data) > maximum for e in events):
+        if batch and any(event_size(e) > maximum for e in events):
             refused.labels("oversize").inc(len(events))
             await respond(send, 413, [_JSON], error_body(413, f"an event of the batch is larger than {maximum} bytes"))
             return
@@ -141,10 +141,6 @@ class Ingress:
             return
         status, headers, out = await self.handler.handle(scope["method"], parts, scope["headers"], body)
         await respond(send, status, headers, out)
-
-
-def _size(attributes: Any, data: bytes | None) -> int:
-    return len(data or b"") + sum(len(k) + len(str(v)) for k, v in attributes.items())
 
 
 async def _healthz(broker: Broker, send: Send) -> None:

@@ -29,6 +29,8 @@ class HttpResponse:
     status: int
     headers: dict[str, str]  # names lower-cased; a repeated header keeps its last value
     body: bytes
+    truncated: bool = False
+    """The body went past the client's `max_response_bytes`: `body` is its start, the rest was read and dropped."""
 
 
 def _left(deadline: float | None) -> float | None:
@@ -59,7 +61,8 @@ def _target(url: str) -> _Target:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, max_body: int | None = None) -> None:
+        self.max_body = max_body
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
@@ -69,6 +72,8 @@ class _Connection(asyncio.Protocol):
         self._received = False
         self._headers_done = False
         self._framed = False  # content-length or chunked: a close before the end is a truncation
+        self._size = 0
+        self._truncated = False
         self.keep_alive = False
         self.idle_since = 0.0
 
@@ -104,6 +109,11 @@ class _Connection(asyncio.Protocol):
         self._headers_done = True
 
     def on_body(self, body: bytes) -> None:
+        if self.max_body is not None:
+            room = self.max_body - self._size
+            if room < len(body):  # the rest is read (the connection stays usable) and dropped
+                body, self._truncated = body[:max(room, 0)], True
+            self._size += len(body)
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -121,7 +131,7 @@ class _Connection(asyncio.Protocol):
         waiter: asyncio.Future[HttpResponse] = loop.create_future()
         self._waiter = waiter
         self._headers, self._body, self._received, self._headers_done = {}, [], False, False
-        self._framed = False
+        self._framed, self._size, self._truncated = False, 0, False
         self.transport.write(message)
         # A timer, not asyncio.timeout: a third of the cost, and this runs once per delivery.
         timer = None if timeout is None else loop.call_later(timeout, self._expire, timeout)
@@ -143,7 +153,8 @@ class _Connection(asyncio.Protocol):
     def _finish(self) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
-            waiter.set_result(HttpResponse(self._parser.get_status_code(), self._headers, b"".join(self._body)))
+            waiter.set_result(HttpResponse(self._parser.get_status_code(), self._headers, b"".join(self._body),
+                                           self._truncated))
         self._headers_done = False
 
     def _fail(self, exc: Exception) -> None:
@@ -158,10 +169,12 @@ class _Connection(asyncio.Protocol):
 
 
 class HttpClient:
-    def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_response_bytes: int | None = None) -> None:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self._ssl = ssl_context
+        self._max_body = max_response_bytes
+        """A response body is held up to this many bytes (the rest is read and dropped)."""
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes, *,
                    timeout: float | None = None) -> HttpResponse:
@@ -219,7 +232,7 @@ class HttpClient:
             self._ssl = ssl.create_default_context()
         context = self._ssl if tls else None
         connect = asyncio.get_running_loop().create_connection(
-            _Connection, host, port, ssl=context, server_hostname=host if tls else None)
+            lambda: _Connection(self._max_body), host, port, ssl=context, server_hostname=host if tls else None)
         _, connection = await asyncio.wait_for(connect, _left(deadline))
         self._busy.add(connection)
         return connection, False

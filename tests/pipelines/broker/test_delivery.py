@@ -308,6 +308,30 @@ class TestDispatcherCases:
         assert len(body) == 2000
 
 
+class TestReplySize:
+    """A reply is an event like any other: over `max_event_bytes` the broker refuses it (it was
+    stored at any size), and of a response body the broker holds twice that at most (a 150 MB
+    error body grew it by 230 MB to keep 768 bytes of it)."""
+
+    async def test_a_reply_over_the_event_limit_dead_letters_the_original(
+            self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
+        subscriber.answer = reply_with(_reply_event(b"a" * 1500), 202)
+        broker = await make_broker(_triggers(subscriber, dls=other_subscriber, retry=2), max_event_bytes=1000)
+        await _post(broker)
+        headers, body = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        assert headers["ce-knativeerrorcode"] == "413" and body == b'"destination"'
+        assert subscriber.attempts == 1  # refused for good: not retried
+
+    async def test_a_response_over_twice_the_limit_is_read_not_held(
+            self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
+        subscriber.answer = reply_with(_reply_event(b"a" * 5000), 202)
+        broker = await make_broker(_triggers(subscriber, dls=other_subscriber), max_event_bytes=1000)
+        await _post(broker)
+        headers, _ = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        assert headers["ce-knativeerrorcode"] == "502"
+        assert len(base64.b64decode(headers["ce-knativeerrordata"])) == 768  # the start of what was held
+
+
 class TestRetries:
     """Attempts, Retry-After and timeouts as a subscriber sees them."""
 
