@@ -123,6 +123,7 @@ class _Connection(asyncio.Protocol):
         self._in_head = True  # reading a request line and headers (their size is bounded)
         self._head_size = 0
         self._refused = False  # answered a refusal: what comes now is dropped
+        self._refusal = b""  # a refusal to send once the answers due before it are
         self._message_size = 0  # bytes received since the last request ended: bounds chunk framing and trailers
         self._codings = False
         self._plain_head: bytes | None = None
@@ -182,11 +183,15 @@ class _Connection(asyncio.Protocol):
                               "and its framing")
 
     def _refuse(self, status: int, reason: str) -> None:
-        """Answer (unless a request is being answered: the connection closes after it) and stop."""
+        """Answer now, or after the answers still due (pipelined before it), and stop."""
         self._stop_reading()
-        if not self.active and self.transport is not None:
-            self._refused = True
-            refuse(self.transport, error_reply(status, reason))
+        if self.transport is None:
+            return
+        if self.active:
+            self._refusal = error_reply(status, reason)
+            return
+        self._refused = True
+        refuse(self.transport, error_reply(status, reason))
 
     def _stop_reading(self) -> None:
         self.closing = True
@@ -291,7 +296,8 @@ class _Connection(asyncio.Protocol):
             log.exception("unhandled error answering %s %s", request.method, request.path)
             status, headers = 500, [(b"content-type", b"application/json")]
             body = orjson.dumps({"error": "internal error in the sidecar; see its log", "status": 500})
-        close = not keep or self.server.stopping or (self.closing and not self.queue)
+        # Stopping, the requests already read are answered (graceful), then the connection closes.
+        close = not keep or ((self.server.stopping or self.closing) and not self.queue)
         if keep == "announce" and not close:
             headers = [*headers, (b"connection", b"keep-alive")]
         transport = self.transport
@@ -303,7 +309,11 @@ class _Connection(asyncio.Protocol):
         if close:
             self.queue.clear()
             self.active = False
-            transport.close()
+            if self.closing:  # reading was stopped with bytes maybe unread: a plain close would reset
+                self._refused = True  # what comes now is dropped
+                refuse(transport, self._refusal)
+            else:
+                transport.close()
         elif self.queue:
             if len(self.queue) == _MAX_PIPELINED - 1 and not self.closing:
                 transport.resume_reading()

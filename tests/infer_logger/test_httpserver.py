@@ -198,6 +198,20 @@ class TestBodyLimit:
         writer.close()
         assert raw.startswith(b"HTTP/1.1 413") and b"its framing" in raw
 
+    async def test_a_refusal_behind_an_answer_due_comes_after_it(self, small: HttpServer) -> None:
+        """It was never sent, and the close, with the refused body unread, reset the connection:
+        the answer still being written was cut short."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", small.port)
+        writer.write(b"POST /sleep HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\n0.2"
+                     b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(10):
+                writer.write(b"x" * 10000)
+                await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)  # to the end of the stream: no reset
+        writer.close()
+        assert [status for status, _, _ in answers(raw)] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 413 Request Entity Too Large"]
+
     async def test_at_the_limit_is_served_and_the_server_goes_on(self, small: HttpServer) -> None:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{small.port}") as client:
             assert (await client.post("/p", content=b"x" * 11)).status_code == 413
@@ -320,3 +334,17 @@ async def test_an_upgrade_request_s_body_is_read(server: HttpServer, framing: st
     seen = orjson.loads(answer)
     assert status == b"HTTP/1.1 200 OK" and seen["body"] == "hello-body!"
     assert not {"upgrade", "connection", "http2-settings"} & {name for name, _ in seen["headers"]}
+
+
+async def test_a_graceful_stop_answers_the_pipelined_requests_already_read() -> None:
+    srv = HttpServer(echo)
+    await srv.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(b"POST /sleep HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\n0.2"
+                 b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.05)  # all three read, the first being answered
+    await srv.stop(grace=2)
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert [orjson.loads(body)["path"] for _, _, body in answers(raw)] == ["/sleep", "/a", "/b"]
