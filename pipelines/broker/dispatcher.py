@@ -49,6 +49,7 @@ class TriggerDispatcher:
         self.settled = 0
         """Events done with: filtered out, delivered, dead-lettered or given up on."""
         self._filter = trigger.filter
+        self._reply_to = "broker:{}/{}".format(*trigger.broker_key)
         self._limit = asyncio.Semaphore(parallelism)
         label = trigger.label
         m = metrics
@@ -135,9 +136,9 @@ class TriggerDispatcher:
         try:
             await self.reenter(CloudEvent(attributes, reply.data, passthrough(reply.meta)))
         except RefusedError as exc:  # never storable: not retried
-            return Response(413, reason=f"the reply could not be stored: {exc}")
+            return Response(413, reason=f"the reply could not be stored: {exc}", destination=self._reply_to)
         except ChannelError as exc:
-            return Response(503, reason=f"the reply could not be stored: {exc}")
+            return Response(503, reason=f"the reply could not be stored: {exc}", destination=self._reply_to)
         self._replies.inc()
         return None
 
@@ -147,7 +148,9 @@ class TriggerDispatcher:
             self._lost.inc()
             self._warn("trigger %s: gave up on event %s (%s); no dead-letter sink", event.id, why)
             return
-        extensions = error_extensions(self.subscriber.address, failure.status, failure.body or failure.reason.encode())
+        # knativeerrordest: the subscriber, or the broker when the reply is what could not be delivered.
+        extensions = error_extensions(failure.destination or self.subscriber.address, failure.status,
+                                      failure.body or failure.reason.encode())
         letter = CloudEvent({**event.attributes, **extensions}, event.data, event.meta)
         attempt = 0
         while True:

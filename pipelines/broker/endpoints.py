@@ -52,6 +52,8 @@ class Response:
     """A component's reply (a URL's is parsed from the body by `parse_reply`)."""
     truncated: bool = False
     """The body was longer than the broker holds (`body` is its start)."""
+    destination: str | None = None
+    """Where the failed delivery went, when not to the subscriber (a reply into the broker)."""
 
     @property
     def ok(self) -> bool:

@@ -298,6 +298,7 @@ class TestDispatcherCases:
         headers, body = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
         assert body == b'"destination"' and headers["ce-abc"] == "%22ce-abc-value%22"
         assert headers["ce-knativeerrorcode"] == "503" and subscriber.attempts == 2
+        assert headers["ce-knativeerrordest"] == "broker:default/default"  # the reply's destination failed
 
     async def test_no_limit_on_reply_size(self, make_broker: MakeBroker, subscriber: Subscriber,
                                           other_subscriber: Subscriber) -> None:
