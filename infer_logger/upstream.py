@@ -147,6 +147,8 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+IDLE_MAX = 256  # idle connections kept: a burst's extra connections are closed, not kept open
+IDLE_EXPIRY = 30.0  # seconds the least recently used idle connection is kept
 STALE_AFTER = 1.0
 """Seconds a kept connection must have been idle for a loss before any answer to be taken for the
 predictor's keep-alive timeout (and the request sent again on a new connection)."""
@@ -234,8 +236,15 @@ class Upstream:
             assert conn.transport is not None
             conn.transport.close()
         else:
-            conn.idle_since = asyncio.get_running_loop().time()
+            now = conn.idle_since = asyncio.get_running_loop().time()
+            if len(self._idle) >= IDLE_MAX:
+                assert conn.transport is not None
+                conn.transport.close()
+                return
             self._idle.append(conn)
+            oldest = self._idle[0]  # taken last (the newest is taken first)
+            if now - oldest.idle_since > IDLE_EXPIRY and oldest.transport is not None:
+                oldest.transport.close()  # connection_lost forgets it
 
     def forget(self, conn: _Connection) -> None:
         try:

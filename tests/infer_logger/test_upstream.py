@@ -217,3 +217,19 @@ async def test_an_answer_nobody_asked_for_retires_the_connection() -> None:
         assert (await up.request("GET", b"/two", [], b"")).body == b"second"
         await up.close()
     assert peer.connections == 2
+
+
+async def test_idle_connections_are_capped_and_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of 150 concurrent requests left 150 predictor connections open for good."""
+    monkeypatch.setattr(upstream_module, "IDLE_MAX", 2)
+    monkeypatch.setattr(upstream_module, "IDLE_EXPIRY", 0.2)
+    peer = Scripted(ok())
+    async with peer as url:
+        up = Upstream(url)
+        await asyncio.gather(*(up.request("GET", b"/", [], b"") for _ in range(5)))
+        assert len(up._idle) == 2
+        await asyncio.sleep(0.3)
+        await up.request("GET", b"/", [], b"")  # its release expires the least recently used
+        await asyncio.sleep(0.05)
+        assert len(up._idle) == 1
+        await up.close()
