@@ -18,8 +18,8 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
 from http import HTTPStatus
+from typing import Literal
 from urllib.parse import unquote
 
 import httptools
@@ -48,6 +48,8 @@ Handler = Callable[[Request], Awaitable[Reply]]
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _NO_BODY = frozenset({204, 304})
 _MAX_PIPELINED = 16  # requests queued behind the one being answered before we stop reading
+_MAX_REPLAYS = 16  # upgrade requests with a body read again, per connection
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 MAX_HEAD = 64 << 10  # bytes of request line and headers: the parser would buffer any amount
 LINGER = 5.0
 """Seconds a connection that refused a request goes on reading (and dropping) what the client still
@@ -79,6 +81,10 @@ class _TooLarge(Exception):
 
 class _BadHost(Exception):
     """Raised in a parser callback: an HTTP/1.1 request without exactly one host (RFC 9112 3.2: 400)."""
+
+
+class _Unservable(Exception):
+    """Raised in a parser callback: a request this server cannot serve (501, the message says why)."""
 
 
 class _UnknownCoding(Exception):
@@ -124,6 +130,9 @@ class _Connection(asyncio.Protocol):
         self._head_size = 0
         self._refused = False  # answered a refusal: what comes now is dropped
         self._refusal = b""  # a refusal to send once the answers due before it are
+        self._replays = 0  # requests read again without their upgrade
+        self._continue_due = False  # a 100 Continue to send once the answers due are
+        self._chunks = 0
         self._message_size = 0  # bytes received since the last request ended: bounds chunk framing and trailers
         self._codings = False
         self._plain_head: bytes | None = None
@@ -144,43 +153,51 @@ class _Connection(asyncio.Protocol):
         self.last = self.server.loop.time()
         if self._refused:
             return
-        if self._in_head:
-            self._head_size += len(data)
-        self._message_size += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            if self._plain_head is None:
-                # The request itself was read (and queued); what follows is another protocol.
-                self._stop_reading()
+        while True:
+            if self._in_head:
+                self._head_size += len(data)
+            self._message_size += len(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                if self._plain_head is None:
+                    # The request itself was read (and queued); what follows is another protocol.
+                    self._stop_reading()
+                    return
+                # Upgrades are not served, but this request's body follows (`curl --http2 -d`,
+                # Java's HttpClient): a new parser reads the request again without the upgrade.
+                head, self._plain_head = self._plain_head, None
+                self.parser = httptools.HttpRequestParser(self)
+                self._in_head, self._head_size, self._message_size = True, 0, 0  # counted again, once
+                data = head + data[exc.args[0]:] if exc.args else head
+                continue
+            except httptools.HttpParserError as exc:
+                self._parse_error(exc)
                 return
-            # Upgrades are not served, but this request's body follows (`curl --http2 -d`,
-            # Java's HttpClient): a new parser reads the request again without the upgrade.
-            head, self._plain_head = self._plain_head, None
-            self.parser = httptools.HttpRequestParser(self)
-            self._in_head, self._head_size, self._message_size = True, 0, 0  # counted again, once
-            self.data_received(head + data[exc.args[0]:] if exc.args else head)
-            return
-        except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _TooLarge):
-                self._refuse(413, f"the request body is larger than {self.server.max_body_bytes} bytes "
-                                  "(max_request_bytes)")
-            elif isinstance(exc.__context__, _BadHost):
-                self._refuse(400, "an HTTP/1.1 request has exactly one host header")
-            elif isinstance(exc.__context__, _UnknownCoding):
-                self._refuse(501, f"transfer coding {', '.join(other_codings(self._headers))} is not supported "
-                                  "(chunked is)")
-            else:
-                log.info("bad HTTP request from a client: %s", exc)
-                self._refuse(400, f"invalid HTTP request: {exc}")
-            return
+            break
         if self._in_head:
             if self._head_size > MAX_HEAD:
                 self._refuse(431, f"the request line and headers are larger than {MAX_HEAD} bytes")
-        elif (limit := self.server.max_body_bytes) is not None and self._message_size > limit + 2 * MAX_HEAD:
-            # The body itself is within the limit (on_body counts it): chunk framing or trailers are not.
-            self._refuse(413, f"the request is larger than {limit} bytes of body (max_request_bytes) "
-                              "and its framing")
+        elif self._message_size - self._size > 2 * MAX_HEAD + 64 * self._chunks:
+            # Beyond its body (counted by on_body) a request holds its head, chunk framing and
+            # trailers, which the parser would buffer in any amount.
+            self._refuse(431, "the request's chunk framing and trailers are too large")
+
+    def _parse_error(self, exc: httptools.HttpParserError) -> None:
+        cause = exc.__context__
+        if isinstance(cause, _TooLarge):
+            self._refuse(413, f"the request body is larger than {self.server.max_body_bytes} bytes "
+                              "(max_request_bytes)")
+        elif isinstance(cause, _BadHost):
+            self._refuse(400, "an HTTP/1.1 request has exactly one host header")
+        elif isinstance(cause, _UnknownCoding):
+            self._refuse(501, f"transfer coding {', '.join(other_codings(self._headers))} is not supported "
+                              "(chunked is)")
+        elif isinstance(cause, _Unservable):
+            self._refuse(501, str(cause))
+        else:
+            log.info("bad HTTP request from a client: %s", exc)
+            self._refuse(400, f"invalid HTTP request: {exc}")
 
     def _refuse(self, status: int, reason: str) -> None:
         """Answer now, or after the answers still due (pipelined before it), and stop."""
@@ -205,6 +222,7 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._body = []
         self._size = 0
+        self._chunks = 0
         self._codings = False  # a transfer-encoding other than plain chunked was named
         self._hosts = 0
         self._expect = False  # Expect: 100-continue (case-insensitive)
@@ -241,12 +259,26 @@ class _Connection(asyncio.Protocol):
         if self.parser.should_upgrade() and any(
                 name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0"))
                 for name, value in self._headers):
-            # llhttp ends the message here and leaves the body unread: read it again without the upgrade.
+            # llhttp ends the message here and leaves the body unread: read it again without the
+            # upgrade. Not CONNECT (an upgrade whatever its headers), nor without end.
+            if self.parser.get_method() == b"CONNECT":
+                raise _Unservable("CONNECT is not served")
+            self._replays += 1
+            if self._replays > _MAX_REPLAYS:
+                raise _Unservable(f"more than {_MAX_REPLAYS} requests on one connection offered an upgrade "
+                                  "with a body (upgrades are not served)")
             self._plain_head = self._without_upgrade(old)
             return
-        # HTTP/1.0 has no 100 (RFC 9110 10.1.1); behind an answer still due it would come first.
-        if self._expect and not old and not self.active and self.transport is not None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # HTTP/1.0 has no 100 (RFC 9110 10.1.1); behind an answer still due it would come first,
+        # so it is sent once that answer is.
+        if self._expect and not old and self.transport is not None:
+            if self.active:
+                self._continue_due = True
+            else:
+                self.transport.write(_CONTINUE)
+
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -256,7 +288,7 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def _without_upgrade(self, old: bool) -> bytes:
-        drop = (b"upgrade", b"connection", b"http2-settings")  # hop-by-hop: never forwarded anyway
+        drop = (b"upgrade", b"http2-settings")  # without Upgrade, llhttp sees no upgrade; Connection stays as sent
         lines = [b"%s %s HTTP/%s\r\n" % (self.parser.get_method(), self._url, b"1.0" if old else b"1.1")]
         lines += [name + b": " + value + b"\r\n" for name, value in self._headers if name not in drop]
         return b"".join(lines) + b"\r\n"
@@ -311,7 +343,8 @@ class _Connection(asyncio.Protocol):
             self.active = False
             if self.closing:  # reading was stopped with bytes maybe unread: a plain close would reset
                 self._refused = True  # what comes now is dropped
-                refuse(transport, self._refusal)
+                # After an answer that said close, nothing more is answered (RFC 9112 9.6).
+                refuse(transport, self._refusal if keep else b"")
             else:
                 transport.close()
         elif self.queue:
@@ -320,6 +353,9 @@ class _Connection(asyncio.Protocol):
             self._start(*self.queue.popleft())
         else:
             self.active = False
+            if self._continue_due:  # a head read behind this answer waits for its go-ahead
+                self._continue_due = False
+                transport.write(_CONTINUE)
 
     def close_if_idle(self, idle_before: float) -> None:
         if not self.active and self.last < idle_before and self.transport is not None:
@@ -364,6 +400,8 @@ class HttpServer:
             self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for conn in list(self.connections):
+            conn._stop_reading()  # only the requests already read are answered
         deadline = self.loop.time() + grace
         while True:
             for conn in list(self.connections):

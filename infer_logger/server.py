@@ -80,6 +80,9 @@ def _head_limited_httptools() -> type:
             super().data_received(data)
             if self._upgrade_with_body and not self.transport.is_closing():
                 self._head_size = -1
+                if self.cycle is not None and not self.cycle.response_complete:
+                    self.cycle.keep_alive = False  # as for the 431 below: that answer first, then close
+                    return
                 refuse(self.transport, error_reply(501, "a request with a body cannot ask for an upgrade here "
                                                         "(upgrades are not served): send it without Upgrade"))
                 return

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from infer_logger.asgi import run_lifespan
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import ConfigError, InferLoggerError, InvalidEventError
 from infer_logger.spool import DiskSpool, MemorySpool
-from pipelines.broker.channel import TTL, Channel, RefusedError, SpoolChannel, event_size
+from pipelines.broker.channel import TTL, Channel, RefusedError, SpoolChannel
 from pipelines.broker.components import Component, Components, component_config
 from pipelines.broker.delivery import DeliverySpec, Destination, RetryPolicy
 from pipelines.broker.dispatcher import TriggerDispatcher
@@ -42,6 +43,7 @@ from pipelines.broker.trigger import Trigger, TriggerSet, load_trigger_files, lo
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+_INTEGER = re.compile(r"-?[0-9]+")
 _SETTINGS = Location("settings", 1, 1)
 
 
@@ -144,10 +146,8 @@ class Broker:
         raw = event.attributes.get(TTL)
         if raw is None:
             return CloudEvent({**event.attributes, TTL: self.settings.default_ttl}, event.data, event.meta)
-        try:
-            value = int(raw) if not isinstance(raw, bool) else None
-        except ValueError:
-            value = None
+        # int() would also take "1_0", " +5 " and other scripts' digits: a CloudEvents Integer is none of them.
+        value = raw if type(raw) is int else int(raw) if isinstance(raw, str) and _INTEGER.fullmatch(raw) else None
         if value is None:
             raise InvalidEventError(TTL, f"must be an integer, not {raw!r}")
         if not -(2**31) <= value < 2**31:  # a CloudEvents Integer (a bigger one could not even be stored)
@@ -251,7 +251,7 @@ class Broker:
 
         async def reenter(event: CloudEvent) -> None:
             maximum = int(self.settings.max_event_bytes)
-            if event_size(event) > maximum:  # as the ingress refuses it from a sender
+            if len(event.data or b"") > maximum:  # as the ingress measures a sender's single event
                 raise RefusedError(f"the reply is larger than {maximum} bytes (max_event_bytes)", too_large=True)
             await self.publish(trigger.broker_key, [event])
 

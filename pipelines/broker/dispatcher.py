@@ -123,6 +123,9 @@ class TriggerDispatcher:
 
     async def _take_reply(self, response: Response, ttl: int | None) -> Response | None:
         """None when the attempt succeeded (a reply, if any, stored); else the failure to handle."""
+        if response.truncated:  # larger than any event the broker takes: as reenter's refusal
+            return Response(413, response.body, reason="the reply is larger than the broker takes",
+                            destination=self._reply_to)
         try:
             reply = parse_reply(response)
         except BadReplyError as exc:
@@ -136,7 +139,8 @@ class TriggerDispatcher:
         try:
             await self.reenter(CloudEvent(attributes, reply.data, passthrough(reply.meta)))
         except RefusedError as exc:  # never storable: not retried
-            return Response(413, reason=f"the reply could not be stored: {exc}", destination=self._reply_to)
+            return Response(413 if exc.too_large else 400, reason=f"the reply could not be stored: {exc}",
+                            destination=self._reply_to)
         except ChannelError as exc:
             return Response(503, reason=f"the reply could not be stored: {exc}", destination=self._reply_to)
         self._replies.inc()

@@ -196,7 +196,7 @@ class TestBodyLimit:
                 await writer.drain()
         raw = await asyncio.wait_for(reader.read(), 5)
         writer.close()
-        assert raw.startswith(b"HTTP/1.1 413") and b"its framing" in raw
+        assert raw.startswith(b"HTTP/1.1 431") and b"chunk framing and trailers are too large" in raw
 
     async def test_a_refusal_behind_an_answer_due_comes_after_it(self, small: HttpServer) -> None:
         """It was never sent, and the close, with the refused body unread, reset the connection:
@@ -333,7 +333,7 @@ async def test_an_upgrade_request_s_body_is_read(server: HttpServer, framing: st
     status, _, answer = answers(raw)[0]
     seen = orjson.loads(answer)
     assert status == b"HTTP/1.1 200 OK" and seen["body"] == "hello-body!"
-    assert not {"upgrade", "connection", "http2-settings"} & {name for name, _ in seen["headers"]}
+    assert not {"upgrade", "http2-settings"} & {name for name, _ in seen["headers"]}  # connection: as sent
 
 
 async def test_a_graceful_stop_answers_the_pipelined_requests_already_read() -> None:
@@ -348,3 +348,79 @@ async def test_a_graceful_stop_answers_the_pipelined_requests_already_read() -> 
     raw = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert [orjson.loads(body)["path"] for _, _, body in answers(raw)] == ["/sleep", "/a", "/b"]
+
+
+H2C = b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+
+
+async def test_upgrade_replays_are_bounded_and_connect_is_not_served(server: HttpServer) -> None:
+    # CONNECT is an upgrade whatever its headers: read again, it recursed without end.
+    raw = await exchange(server, b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n"
+                                 b"content-length: 5\r\n\r\nhello")
+    assert answers(raw)[0][0].startswith(b"HTTP/1.1 501")
+    # Each replay nested in the one before: 1500 pipelined in one write hit the recursion limit.
+    one = b"POST /p HTTP/1.1\r\nhost: x\r\n" + H2C + b"content-length: 2\r\n\r\nhi"
+    raw = await exchange(server, one * 40)
+    statuses = [status for status, _, _ in answers(raw)]
+    assert statuses[:16] == [b"HTTP/1.1 200 OK"] * 16 and statuses[-1].startswith(b"HTTP/1.1 501")
+    # The replay keeps Connection as sent: its close is honoured, its hop-by-hop names known.
+    raw = await exchange(server, b"POST /p HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, close\r\nupgrade: h2c\r\n"
+                                 b"content-length: 2\r\n\r\nhi")  # read to the end: closed after it
+    assert [status for status, _, _ in answers(raw)] == [b"HTTP/1.1 200 OK"]
+
+
+async def test_small_chunks_are_not_taken_for_framing_abuse() -> None:
+    srv = HttpServer(echo, max_body_bytes=1 << 20)
+    await srv.start("127.0.0.1", 0)
+    try:
+        body = b"".join(b"10\r\n" + b"x" * 16 + b"\r\n" for _ in range(60000)) + b"0\r\n\r\n"  # 960 KB in 16 B chunks
+        raw = await exchange(srv, b"POST /p HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+                                  b"connection: close\r\n\r\n" + body)
+        assert answers(raw)[0][0] == b"HTTP/1.1 200 OK"
+    finally:
+        await srv.stop(grace=1)
+
+
+async def test_nothing_is_answered_after_an_answer_that_said_close(server: HttpServer) -> None:
+    raw = await exchange(server, b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert [status for status, _, _ in answers(raw)] == [b"HTTP/1.1 200 OK"]  # RFC 9112 9.6
+
+
+async def test_a_continue_due_behind_an_answer_is_sent_after_it(server: HttpServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /sleep HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\n0.2"
+                 b"POST /p HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n")
+    first = await asyncio.wait_for(reader.readuntil(b"}"), 3)
+    assert first.startswith(b"HTTP/1.1 200 OK")
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.close()
+
+
+async def test_a_stopping_server_reads_no_new_requests() -> None:
+    """A client pipelining a new request after each answer kept a stopping connection for the
+    whole grace period, then had an answer aborted."""
+    srv = HttpServer(echo)
+    await srv.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    request = b"POST /sleep HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\n0.05"
+
+    async def keep_asking() -> int:
+        answered = 0
+        writer.write(request)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                await reader.readexactly(length)
+                answered += 1
+                writer.write(request)
+        return answered
+
+    asking = asyncio.create_task(keep_asking())
+    await asyncio.sleep(0.02)
+    began = asyncio.get_running_loop().time()
+    await srv.stop(grace=3)
+    assert asyncio.get_running_loop().time() - began < 1
+    assert await asyncio.wait_for(asking, 3) <= 2
+    writer.close()

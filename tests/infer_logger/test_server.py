@@ -108,6 +108,8 @@ def test_uvicorn_refuses_an_upgrade_with_a_body_it_would_lose() -> None:
     from infer_logger.server import uvicorn_config
 
     async def echo(request: Request) -> JSONResponse:
+        if request.query_params.get("slow"):
+            await asyncio.sleep(0.3)
         return JSONResponse({"body": (await request.body()).decode()})
 
     port = free_port()
@@ -127,3 +129,11 @@ def test_uvicorn_refuses_an_upgrade_with_a_body_it_would_lose() -> None:
                             break
             assert raw.startswith(expected), raw
         assert httpx.post(f"http://127.0.0.1:{port}/p", content=b"hello").json() == {"body": "hello"}
+        # Pipelined behind a request being answered, it would have posed as that request's answer.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST /p?slow=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\na"
+                         b"POST /p HTTP/1.1\r\nhost: x\r\n" + upgrade + b"content-length: 5\r\n\r\nhello")
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b'{"body":"a"}') and b"501" not in raw

@@ -329,8 +329,19 @@ class TestReplySize:
         broker = await make_broker(_triggers(subscriber, dls=other_subscriber), max_event_bytes=1000)
         await _post(broker)
         headers, _ = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
-        assert headers["ce-knativeerrorcode"] == "502"
+        assert headers["ce-knativeerrorcode"] == "413" and headers["ce-knativeerrordest"] == "broker:default/default"
         assert len(base64.b64decode(headers["ce-knativeerrordata"])) == 768  # the start of what was held
+        assert subscriber.attempts == 1  # as a reply refused for its size: not retried
+
+    async def test_a_reply_is_measured_as_the_ingress_measures_an_event(
+            self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
+        """An event of 1000 data bytes is taken from a sender: echoed back, it was refused for its
+        attributes on top."""
+        subscriber.answer = reply_with(_reply_event(b"a" * 1000), 202)
+        broker = await make_broker(_triggers(subscriber, catch=other_subscriber), max_event_bytes=1000)
+        await _post(broker)
+        _, body = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        assert len(body) == 1000
 
 
 class TestRetries:

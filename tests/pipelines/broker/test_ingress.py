@@ -126,7 +126,7 @@ class TestTtl:
         events had been stored; over 32 bits is no CloudEvents Integer; a boolean is no integer."""
         broker = await make_broker(CATCH_ALL.format(url=subscriber.url))
         async with client(broker) as c:
-            for ttl in ("18446744073709551617", "2147483648"):
+            for ttl in ("18446744073709551617", "2147483648", "1_0", " +5 ", "\u0663"):
                 r = await c.post("/", **binary_request(event("big", knativebrokerttl=ttl)))
                 assert r.status_code == 400 and r.json()["attribute"] == "knativebrokerttl", r.text
             batch = [{"specversion": "1.0", "id": "b1", "source": "/s", "type": "t"},
