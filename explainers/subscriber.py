@@ -33,7 +33,13 @@ from pydantic import Field
 
 from explainers.base import Explanation
 from explainers.config import SubscriberSettings, load_explainer_settings
-from explainers.errors import ExplainerError, InvalidInputError, InvalidParametersError, NotReadyError
+from explainers.errors import (
+    ExplainerError,
+    ExplainTimeoutError,
+    InvalidInputError,
+    InvalidParametersError,
+    NotReadyError,
+)
 from explainers.service import ExplainerService
 from infer_logger import binary_tensors, events
 from infer_logger.cloudevents import http as ce_http
@@ -132,6 +138,16 @@ class _Batcher:
     async def _run(self, group: list[tuple[np.ndarray, asyncio.Future[Explanation]]]) -> None:
         try:
             explanation = await self.service.explain(np.concatenate([rows for rows, _ in group]))
+        except ExplainTimeoutError as exc:
+            if len(group) == 1:
+                if not group[0][1].done():
+                    group[0][1].set_exception(exc)
+                return
+            # Merged, the batch outlasted explain_timeout: each event alone, one after the other
+            # (else a retry would merge them again, and time out again, for good).
+            for rows, future in group:
+                await self._run([(rows, future)])
+            return
         except Exception as exc:  # noqa: BLE001 - each waiting event gets the failure
             for _, future in group:
                 if not future.done():

@@ -117,6 +117,29 @@ class TestJoin:
         assert sorted(r.id for r in replies if r) == sorted(f"b-{i}" for i in range(12))
         assert sum(calls) == 12 and len(calls) < 12
 
+    async def test_a_merged_batch_past_its_deadline_is_explained_event_by_event(
+            self, service: ExplainerService) -> None:
+        """Retried, the same events would merge again and time out again, for good."""
+        from explainers.errors import ExplainTimeoutError
+
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.05, batch_size=64))
+        calls = []
+        explain = service.explain
+
+        async def slow_when_merged(rows: np.ndarray, params: Any = None) -> Any:
+            calls.append(len(rows))
+            if len(rows) > 1:
+                raise ExplainTimeoutError("merged: too slow")
+            return await explain(rows, params)
+
+        service.explain = slow_when_merged  # type: ignore[method-assign]
+        pairs = [exchange(f"t-{i}", ROWS[i % 2:i % 2 + 1]) for i in range(3)]
+        for request, _ in pairs:
+            await sub.handle(request)
+        replies = await asyncio.gather(*(sub.handle(response) for _, response in pairs))
+        assert sorted(r.id for r in replies if r) == ["t-0", "t-1", "t-2"]
+        assert calls == [3, 1, 1, 1]
+
     def test_cache_bound_and_ttl(self, caplog: pytest.LogCaptureFixture) -> None:
         cache = EventCache(size=2, ttl=60)
         for i in range(4):
