@@ -168,8 +168,11 @@ class ComponentEndpoint:
         except RejectedError as exc:
             return Response(400, reason=str(exc))
         except SinkError as exc:
-            after = None if exc.retry_after is None else str(round(exc.retry_after))
-            return Response(NO_RESPONSE, reason=str(exc), retry_after=after)
+            if exc.retry_after is None:
+                return Response(NO_RESPONSE, reason=str(exc))
+            # A component that says when to retry (a receiver's 503 or 429 with Retry-After, say):
+            # as a 503 with Retry-After, which the retry policy honours up to retryAfterMax.
+            return Response(503, reason=str(exc), retry_after=str(round(exc.retry_after)))
         except TimeoutError:
             return Response(NO_RESPONSE, reason=f"no answer within {timeout:g}s")
         except Exception as exc:  # noqa: BLE001 - a component's bug fails this attempt, not the broker

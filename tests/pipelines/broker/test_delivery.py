@@ -427,3 +427,29 @@ async def test_retry_after_is_honoured_up_to_its_cap(make_broker: MakeBroker, su
     await _post(broker)
     await settle(broker, "destination", 1)
     assert waits == [2.0, 3.0] and subscriber.attempts == 3
+
+
+async def test_a_component_s_retry_after_is_honoured_too(make_broker: MakeBroker, subscriber: Subscriber,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An in-process `http` component whose receiver answers 503 + Retry-After: 2 (its SinkError
+    carried the delay, but the attempt counted as no answer, which Retry-After does not apply to)."""
+    import types
+
+    import pipelines.broker.dispatcher as dispatcher_module
+
+    waits: list[float] = []
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(dispatcher_module, "asyncio", types.SimpleNamespace(**{**vars(asyncio), "sleep": record}))
+    answers: Iterator[Answer] = iter([(503, {"retry-after": "2"}, b""), (202, {}, b"")])
+    subscriber.answer = lambda event, headers: next(answers)
+    text = _triggers(subscriber, retry=3).replace(f"subscriber: {subscriber.url}",
+                                                  f"subscriber: {{component: {{type: http, url: '{subscriber.url}'}}}}")
+    text = text.replace("backoffDelay", "retryAfterMax: PT3S, backoffDelay")
+    broker = await make_broker(text)
+    await _post(broker)
+    await settle(broker, "destination", 1)
+    assert waits == [2.0] and subscriber.attempts == 2
