@@ -46,6 +46,31 @@ def service_for(url: str, **values: Any) -> ExplainerService:
                                      background="dataset:iris", params={"nsamples": 20}, **values))
 
 
+def _recorded(service: ExplainerService, check: Any = None) -> list[int]:
+    """The row counts of the service's explain calls, from now on (`check(rows)` may raise first)."""
+    calls: list[int] = []
+    explain = service.explain
+
+    async def recorded(rows: np.ndarray, params: Any = None) -> Any:
+        calls.append(len(rows))
+        if check is not None:
+            check(rows)
+        return await explain(rows, params)
+
+    service.explain = recorded  # type: ignore[method-assign]
+    return calls
+
+
+async def _explain_concurrently(service: ExplainerService, prefix: str, n: int) -> list[str]:
+    """`n` exchanges through a subscriber that batches them: the ids of the explanations made."""
+    sub = ExplainSubscriber(service, SubscriberSettings(linger=0.05, batch_size=64))
+    pairs = [exchange(f"{prefix}-{i}", ROWS[i % 2:i % 2 + 1]) for i in range(n)]
+    for request, _ in pairs:
+        await sub.handle(request)
+    replies = await asyncio.gather(*(sub.handle(response) for _, response in pairs))
+    return sorted(r.id for r in replies if r)
+
+
 @pytest.fixture
 async def service(model_server: Process) -> AsyncIterator[ExplainerService]:
     svc = service_for(model_server.url)
@@ -101,20 +126,9 @@ class TestJoin:
         assert all([await none.handle(e) is None for e in exchange("ex-4")]) and len(none.cache) == 0
 
     async def test_batches_amortize(self, service: ExplainerService) -> None:
-        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.05, batch_size=64))
-        calls = []
-        explain = service.explain
-
-        async def counted(rows: np.ndarray, params: Any = None) -> Any:
-            calls.append(len(rows))
-            return await explain(rows, params)
-
-        service.explain = counted  # type: ignore[method-assign]
-        pairs = [exchange(f"b-{i}", ROWS[i % 2:i % 2 + 1]) for i in range(12)]
-        for request, _ in pairs:
-            await sub.handle(request)
-        replies = await asyncio.gather(*(sub.handle(response) for _, response in pairs))
-        assert sorted(r.id for r in replies if r) == sorted(f"b-{i}" for i in range(12))
+        calls = _recorded(service)
+        ids = await _explain_concurrently(service, "b", 12)
+        assert ids == sorted(f"b-{i}" for i in range(12))
         assert sum(calls) == 12 and len(calls) < 12
 
     async def test_a_merged_batch_past_its_deadline_is_explained_event_by_event(
@@ -122,22 +136,12 @@ class TestJoin:
         """Retried, the same events would merge again and time out again, for good."""
         from explainers.errors import ExplainTimeoutError
 
-        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.05, batch_size=64))
-        calls = []
-        explain = service.explain
-
-        async def slow_when_merged(rows: np.ndarray, params: Any = None) -> Any:
-            calls.append(len(rows))
+        def too_slow_when_merged(rows: np.ndarray) -> None:
             if len(rows) > 1:
                 raise ExplainTimeoutError("merged: too slow")
-            return await explain(rows, params)
 
-        service.explain = slow_when_merged  # type: ignore[method-assign]
-        pairs = [exchange(f"t-{i}", ROWS[i % 2:i % 2 + 1]) for i in range(3)]
-        for request, _ in pairs:
-            await sub.handle(request)
-        replies = await asyncio.gather(*(sub.handle(response) for _, response in pairs))
-        assert sorted(r.id for r in replies if r) == ["t-0", "t-1", "t-2"]
+        calls = _recorded(service, too_slow_when_merged)
+        assert await _explain_concurrently(service, "t", 3) == ["t-0", "t-1", "t-2"]
         assert calls == [3, 1, 1, 1]
 
     def test_cache_bound_and_ttl(self, caplog: pytest.LogCaptureFixture) -> None:
