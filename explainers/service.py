@@ -191,15 +191,15 @@ class ExplainerService:
         s = self.settings
         chosen = self.explainer.params(params, max_samples=s.max_samples)  # bad parameters fail before any work
         loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + s.explain_timeout
         late = (f"explaining {len(rows)} instance(s) took over {s.explain_timeout:g}s (explain_timeout): "
                 "ask for fewer instances or samples, or add workers")
+        deadline = Deadline(time.monotonic() + s.explain_timeout, late)
         size = s.chunk_size
         timeout = asyncio.timeout(s.explain_timeout)  # cancels the chunks still queued
         try:
             async with timeout:
                 parts = await asyncio.gather(*(loop.run_in_executor(self._executor, self._explain_chunk,
-                                                                    rows[i:i + size], chosen, Deadline(deadline, late))
+                                                                    rows[i:i + size], chosen, deadline)
                                                for i in range(0, len(rows), size)))
         except TimeoutError:
             if timeout.expired():

@@ -178,9 +178,15 @@ class ExplainSubscriber:
     async def handle(self, event: CloudEvent) -> CloudEvent | None:
         """The explanation event once both halves of an exchange are here, else None."""
         reply, partner = await self._handle(event)
-        if partner is not None:
-            self.cache.pop(partner)  # only now: a retried delivery must find it again
+        self._delivered([(reply, partner)])
         return reply
+
+    def _delivered(self, results: Sequence[tuple[CloudEvent | None, tuple[str, str] | None]]) -> None:
+        """`_handle`'s replies are delivered: the cached halves they used go (only now: a retried
+        delivery must find them again)."""
+        for _, partner in results:
+            if partner is not None:
+                self.cache.pop(partner)
 
     async def _handle(self, event: CloudEvent) -> tuple[CloudEvent | None, tuple[str, str] | None]:
         """`handle`'s reply, and the key of the cached half it used, left for the caller to drop
@@ -253,9 +259,7 @@ class ExplainSubscriber:
             # When `reply_to` fails, the caller retries the batch: the cached halves must still be
             # there for it (dropped before, the retry cached the events as first halves: lost).
             await self.reply_to.send_batch(replies)
-        for _, partner in done:
-            if partner is not None:
-                self.cache.pop(partner)
+        self._delivered(done)
         failures = [r for r in results if isinstance(r, BaseException)]
         retryable = [f for f in failures if not isinstance(f, RejectedError)]
         if retryable:
@@ -288,14 +292,9 @@ class ExplainSubscriber:
                     log.exception("explaining an event failed", exc_info=retry)
                 return _error(502 if isinstance(retry, SinkError) else 500, str(retry))
             return _error(400, str(errors[0]))
-        replies = []
-        for result in results:
-            assert not isinstance(result, BaseException)
-            reply, partner = result
-            if partner is not None:
-                self.cache.pop(partner)
-            if reply is not None:
-                replies.append(reply)
+        done = [r for r in results if not isinstance(r, BaseException)]
+        self._delivered(done)  # answered in this response: delivered as far as this server goes
+        replies = [reply for reply, _ in done if reply is not None]
         if not replies:
             return 202, {}, b""
         if len(replies) == 1 and len(received) == 1:

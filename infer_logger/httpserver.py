@@ -98,6 +98,12 @@ def other_codings(headers: Headers) -> list[str]:
             for part in value.split(b",") if (coding := part.strip().lower().decode("latin-1")) not in ("chunked", "")]
 
 
+def declares_body(headers: Headers) -> bool:
+    """Whether a request's headers (names lower-cased) announce a body: chunked, or a length > 0."""
+    return any(name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0"))
+               for name, value in headers)
+
+
 def error_reply(status: int, reason: str) -> bytes:
     body = orjson.dumps({"error": reason, "status": status})
     return encode_reply(status, [(b"content-type", b"application/json")], body, close=True, head=False)
@@ -224,6 +230,7 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._chunks = 0
         self._codings = False  # a transfer-encoding other than plain chunked was named
+        self._length = b""  # the content-length header's value
         self._hosts = 0
         self._expect = False  # Expect: 100-continue (case-insensitive)
         self._plain_head = None  # an upgrade request's head without it, to read its body
@@ -236,6 +243,8 @@ class _Connection(asyncio.Protocol):
             name = name.lower()
             if name == b"host":
                 self._hosts += 1
+            elif name == b"content-length":
+                self._length = value
             elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
                 self._codings = True
             elif name == b"expect" and value.strip().lower() == b"100-continue":
@@ -250,15 +259,9 @@ class _Connection(asyncio.Protocol):
         if self._codings and other_codings(self._headers):
             raise _UnknownCoding
         limit = self.server.max_body_bytes
-        if limit is not None:
-            for name, value in self._headers:
-                if name == b"content-length":
-                    if value.isdigit() and int(value) > limit:
-                        raise _TooLarge  # before any of it is read (or a 100 Continue asks for it)
-                    break
-        if self.parser.should_upgrade() and any(
-                name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0"))
-                for name, value in self._headers):
+        if limit is not None and self._length.isdigit() and int(self._length) > limit:
+            raise _TooLarge  # before any of it is read (or a 100 Continue asks for it)
+        if self.parser.should_upgrade() and declares_body(self._headers):
             # llhttp ends the message here and leaves the body unread: read it again without the
             # upgrade. Not CONNECT (an upgrade whatever its headers), nor without end.
             if self.parser.get_method() == b"CONNECT":

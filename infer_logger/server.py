@@ -14,7 +14,7 @@ import uvicorn
 
 from infer_logger.config import Settings
 from infer_logger.errors import InferLoggerError
-from infer_logger.httpserver import MAX_HEAD, HttpServer, error_reply, refuse
+from infer_logger.httpserver import MAX_HEAD, HttpServer, declares_body, error_reply, refuse
 from infer_logger.logger import InferenceLogger
 from infer_logger.proxy import Proxy
 
@@ -63,9 +63,7 @@ def _head_limited_httptools() -> type:
 
         def on_headers_complete(self) -> None:
             self._in_head = False
-            if (self.parser.should_upgrade() and not self._should_upgrade()
-                    and any(name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0"))
-                            for name, value in self.headers)):
+            if self.parser.should_upgrade() and not self._should_upgrade() and declares_body(self.headers):
                 # llhttp ends the message at the head and leaves the body unread, so the app would
                 # get an empty body (h2c from `curl --http2 -d`): refused instead of served so.
                 self._upgrade_with_body = True
@@ -78,23 +76,22 @@ def _head_limited_httptools() -> type:
             if self._in_head:
                 self._head_size += len(data)
             super().data_received(data)
-            if self._upgrade_with_body and not self.transport.is_closing():
-                self._head_size = -1
-                if self.cycle is not None and not self.cycle.response_complete:
-                    self.cycle.keep_alive = False  # as for the 431 below: that answer first, then close
-                    return
-                refuse(self.transport, error_reply(501, "a request with a body cannot ask for an upgrade here "
-                                                        "(upgrades are not served): send it without Upgrade"))
+            if self.transport.is_closing():
                 return
-            if self._in_head and self._head_size > MAX_HEAD and not self.transport.is_closing():
-                self._head_size = -1
-                if self.cycle is not None and not self.cycle.response_complete:
-                    # A pipelined head while an answer is being written: that answer goes out
-                    # whole, then the connection closes (as the sidecar's own server does).
-                    self.cycle.keep_alive = False
-                    return
-                refuse(self.transport, error_reply(431, f"the request line and headers are larger than "
-                                                        f"{MAX_HEAD} bytes"))
+            if self._upgrade_with_body:
+                self._refuse(501, "a request with a body cannot ask for an upgrade here (upgrades are not "
+                                  "served): send it without Upgrade")
+            elif self._in_head and self._head_size > MAX_HEAD:
+                self._refuse(431, f"the request line and headers are larger than {MAX_HEAD} bytes")
+
+        def _refuse(self, status: int, reason: str) -> None:
+            self._head_size = -1  # what comes now is dropped
+            if self.cycle is not None and not self.cycle.response_complete:
+                # Pipelined behind an answer being written: that answer goes out whole, then the
+                # connection closes (as the sidecar's own server does); the refusal would pose as it.
+                self.cycle.keep_alive = False
+                return
+            refuse(self.transport, error_reply(status, reason))
 
     return HeadLimited
 

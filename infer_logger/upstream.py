@@ -49,6 +49,7 @@ class _Connection(asyncio.Protocol):
         self._headers: Headers = []
         self._body: list[bytes] = []
         self._framed = False  # content-length or chunked: EOF before the end means truncation
+        self._codings = False  # a transfer-encoding other than plain chunked was named
         self._headers_done = False
         self._done = False
 
@@ -88,6 +89,7 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._body = []
         self._framed = False
+        self._codings = False
         self._done = False
         self._headers_done = False
 
@@ -95,8 +97,12 @@ class _Connection(asyncio.Protocol):
         if self._headers_done:  # a trailer: not merged into the headers (RFC 9110 6.5.1), dropped
             return
         lname = name.lower()
-        if lname == b"content-length" or (lname == b"transfer-encoding" and b"chunked" in value.lower()):
+        if lname == b"content-length":
             self._framed = True
+        elif lname == b"transfer-encoding":
+            coding = value.strip().lower()
+            self._framed = self._framed or b"chunked" in coding
+            self._codings = self._codings or coding != b"chunked"
         self._headers.append((lname, value))
 
     def on_headers_complete(self) -> None:
@@ -106,7 +112,8 @@ class _Connection(asyncio.Protocol):
             # An interim answer (we never send Expect: the body goes with the headers): skip it.
             self._headers_done = False
             return
-        if codings := other_codings(self._headers):  # llhttp takes off chunked only: the body would pass encoded
+        # llhttp takes off chunked only: a body in another coding would pass on still encoded.
+        if self._codings and (codings := other_codings(self._headers)):
             self._fail(UpstreamError(f"the predictor's answer has transfer coding {', '.join(codings)}; "
                                      "the sidecar takes chunked only"))
             return

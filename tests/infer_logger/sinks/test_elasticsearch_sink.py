@@ -17,12 +17,12 @@ import pytest
 from elasticsearch import Elasticsearch, NotFoundError
 
 from infer_logger import events
+from infer_logger.asgi import read_body, respond
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.dispatch import Backoff, Dispatcher
 from infer_logger.elasticsearch_template import VERSION, install_template
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.metrics import Metrics
-from infer_logger.asgi import read_body, respond
 from infer_logger.sinks.base import Sink
 from infer_logger.sinks.elasticsearch import (
     ElasticsearchSink,
@@ -69,6 +69,16 @@ def es(es_url: str) -> Iterator[Elasticsearch]:
     client = Elasticsearch(es_url, request_timeout=10)
     yield client
     client.close()
+
+
+@pytest.fixture
+def own_es() -> Iterator[NoidaServer]:
+    """An Elasticsearch-API server of the test's own, to stop, pause and restart."""
+    server = NoidaServer("elasticsearch").start()
+    yield server
+    if server.proc is not None:
+        server.proc.send_signal(signal.SIGCONT)  # in case the test paused it
+    server.stop()
 
 
 def docs(es: Elasticsearch, service: str, id_: str | None = None) -> dict[str, dict[str, Any]]:
@@ -316,53 +326,44 @@ class TestFailures:
         assert config.where in str(caught.value)
 
     @pytest.mark.slow
-    async def test_a_server_that_stops_answering_times_out_then_the_retry_does_not_duplicate(self) -> None:
-        server = NoidaServer("elasticsearch").start()
-        try:
-            service = unique()
-            sink = ElasticsearchSinkConfig(url=server.address, timeout=1).build()
-            await sink.send_batch([request("s0", service)])
-            assert server.proc is not None
-            server.proc.send_signal(signal.SIGSTOP)  # it takes the request, answers nothing
-            batch = [request(f"s{i}", service) for i in range(1, 6)] + [response("s0", service)]
-            started = time.monotonic()
-            with pytest.raises(SinkError) as caught:
-                await sink.send_batch(batch)
-            assert time.monotonic() - started < 5 and not isinstance(caught.value, RejectedError)
-            assert f"127.0.0.1:{server.port}" in str(caught.value)
-            server.proc.send_signal(signal.SIGCONT)  # it may now apply the timed-out bulk too
-            await sink.send_batch(batch)  # the worker's retry
-            await sink.aclose()
-            with Elasticsearch(server.address) as client:
-                found = docs(client, service)
-            assert len(found) == 12 and found["s0-0"]["status"] == 200  # upserts by id: once each
-        finally:
-            if server.proc is not None:
-                server.proc.send_signal(signal.SIGCONT)
-            server.stop()
+    async def test_a_server_that_stops_answering_times_out_then_the_retry_does_not_duplicate(
+            self, own_es: NoidaServer) -> None:
+        server, service = own_es, unique()
+        sink = ElasticsearchSinkConfig(url=server.address, timeout=1).build()
+        await sink.send_batch([request("s0", service)])
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)  # it takes the request, answers nothing
+        batch = [request(f"s{i}", service) for i in range(1, 6)] + [response("s0", service)]
+        started = time.monotonic()
+        with pytest.raises(SinkError) as caught:
+            await sink.send_batch(batch)
+        assert time.monotonic() - started < 5 and not isinstance(caught.value, RejectedError)
+        assert f"127.0.0.1:{server.port}" in str(caught.value)
+        server.proc.send_signal(signal.SIGCONT)  # it may now apply the timed-out bulk too
+        await sink.send_batch(batch)  # the worker's retry
+        await sink.aclose()
+        with Elasticsearch(server.address) as client:
+            found = docs(client, service)
+        assert len(found) == 12 and found["s0-0"]["status"] == 200  # upserts by id: once each
 
     @pytest.mark.slow
-    async def test_server_down_and_back(self) -> None:
-        server = NoidaServer("elasticsearch").start()
-        try:
-            service = unique()
-            sink = ElasticsearchSinkConfig(url=server.address, timeout=5).build()
-            before = [request(f"b{i}", service) for i in range(5)]
-            await sink.send_batch(before)
-            server.stop(keep_data=True)
-            during = [request(f"d{i}", service) for i in range(5)] + [response("b0", service)]
-            for _ in range(2):
-                with pytest.raises(SinkError, match=f"127.0.0.1:{server.port}"):
-                    await sink.send_batch(during)
-            server.start(fresh=False)
-            await sink.send_batch(during)  # the worker's retry: the same batch, the same client
-            await sink.aclose()
-            with Elasticsearch(server.address) as client:
-                found = docs(client, service)
-            assert len(found) == 20
-            assert found["b0-0"]["status"] == 200 and found["d4-1"]["request"] == {"values": [3.0, 4.0]}
-        finally:
-            server.stop()
+    async def test_server_down_and_back(self, own_es: NoidaServer) -> None:
+        server, service = own_es, unique()
+        sink = ElasticsearchSinkConfig(url=server.address, timeout=5).build()
+        before = [request(f"b{i}", service) for i in range(5)]
+        await sink.send_batch(before)
+        server.stop(keep_data=True)
+        during = [request(f"d{i}", service) for i in range(5)] + [response("b0", service)]
+        for _ in range(2):
+            with pytest.raises(SinkError, match=f"127.0.0.1:{server.port}"):
+                await sink.send_batch(during)
+        server.start(fresh=False)
+        await sink.send_batch(during)  # the worker's retry: the same batch, the same client
+        await sink.aclose()
+        with Elasticsearch(server.address) as client:
+            found = docs(client, service)
+        assert len(found) == 20
+        assert found["b0-0"]["status"] == 200 and found["d4-1"]["request"] == {"values": [3.0, 4.0]}
 
 
 async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -396,8 +397,8 @@ class TestWorker:
         assert dead["attributes"]["id"] == "bad" and "size" in dead["reason"]
 
     @pytest.mark.slow
-    async def test_outage_loses_nothing(self, tmp_path: Path) -> None:
-        server = NoidaServer("elasticsearch").start()
+    async def test_outage_loses_nothing(self, tmp_path: Path, own_es: NoidaServer) -> None:
+        server = own_es
         spool = DiskSpool(tmp_path / "spool")
         sink = ElasticsearchSink(ElasticsearchSinkConfig(url=server.address, timeout=5))
         d = Dispatcher(spool, {"es": sink}, Metrics(spool), batch_size=20,
@@ -420,7 +421,6 @@ class TestWorker:
         finally:
             await d.stop()
             await sink.aclose()
-            server.stop()
 
 
 class FakeBulk(EventCollector):
