@@ -155,11 +155,13 @@ def as_int(value: object) -> int | None:
     return int(number) if number is not None and number.is_integer() else None
 
 
-def capped(data: bytes, limit: int) -> tuple[bytes, dict[str, str | int | bool]]:
-    """Cut a payload to `limit` bytes, marking what was cut."""
-    if len(data) <= limit:
+def capped(data: bytes, limit: int, size: int | None = None) -> tuple[bytes, dict[str, str | int | bool]]:
+    """Cut a payload to `limit` bytes, marking what was cut; `size` is the whole payload's when
+    `data` is only its first part (a caller that kept no more than it logs)."""
+    size = len(data) if size is None else size
+    if size <= limit:
         return data, {}
-    return data[:limit], {TRUNCATED: True, DATASIZE: len(data)}
+    return data[:limit], {TRUNCATED: True, DATASIZE: size}
 
 
 def decode_data(event: CloudEvent) -> object:

@@ -180,8 +180,16 @@ class InferenceLogger:
             self._append(ev.REQUEST, attrs, content_type, body, self._accepted_request)
         return exchange
 
-    def end(self, exchange: Exchange, status: int, content_type: str | None, body: bytes) -> None:
-        """Log the response, whatever its status; called before the client gets it."""
+    @property
+    def payload_limit(self) -> int:
+        """Bytes of a payload the events keep; the rest is cut and marked."""
+        return self._limit
+
+    def end(self, exchange: Exchange, status: int, content_type: str | None, body: bytes,
+            size: int | None = None) -> None:
+        """Log the response, whatever its status; called before the client gets it.
+
+        `size`: the whole body's length when `body` is only its first `payload_limit` bytes."""
         if not self._log_response:
             return
         latency = (time.perf_counter() - exchange.started) * 1000
@@ -190,7 +198,7 @@ class InferenceLogger:
         # An integer keeps the attribute a valid CloudEvents type (no floats there).
         attrs[ev.LATENCYMS] = max(0, round(latency))
         self._append(
-            ev.RESPONSE, attrs, content_type or exchange.content_type, body, self._accepted_response
+            ev.RESPONSE, attrs, content_type or exchange.content_type, body, self._accepted_response, size
         )
 
     def _append(
@@ -200,8 +208,9 @@ class InferenceLogger:
         content_type: str,
         body: bytes,
         counter: object,
+        size: int | None = None,
     ) -> None:
-        data, marks = ev.capped(body, self._limit)
+        data, marks = ev.capped(body, self._limit, size)
         now = ev.now_rfc3339()
         event = CloudEvent(
             {

@@ -3,7 +3,8 @@
     app.add_middleware(InferenceLoggerMiddleware, settings=load_settings(...))
 
 The logger starts and stops with the app's lifespan. The request body is read first (and replayed
-to the app); the response event is appended before the last body chunk goes to the client.
+to the app); the response streams through, only the part the event keeps (`max_payload_bytes`)
+held, and the response event is appended before the last body chunk goes to the client.
 """
 
 from __future__ import annotations
@@ -56,11 +57,13 @@ class InferenceLoggerMiddleware:
 
         status = 500
         content_type: str | None = None
-        chunks: list[bytes] = []
+        kept = bytearray()  # the response's first `payload_limit` bytes: all its event keeps
+        size = 0
+        limit = self.logger.payload_limit
         logged = False
 
         async def capture(message: dict[str, Any]) -> None:
-            nonlocal status, content_type, logged
+            nonlocal status, content_type, logged, size
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message_headers = list(message.get("headers", []))
@@ -71,10 +74,13 @@ class InferenceLoggerMiddleware:
                     message_headers.append((b"x-request-id", event_id.encode()))
                 message = {**message, "headers": message_headers}
             elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
+                chunk = message.get("body", b"")
+                if len(kept) < limit:
+                    kept.extend(chunk[: limit - len(kept)])
+                size += len(chunk)
                 if not message.get("more_body", False):
                     logged = True
-                    self.logger.end(exchange, status, content_type, b"".join(chunks))
+                    self.logger.end(exchange, status, content_type, bytes(kept), size)
             await send(message)
 
         try:

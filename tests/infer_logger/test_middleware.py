@@ -61,3 +61,42 @@ def test_cloudevent_requests_as_the_sidecar_takes_them(tmp_path: Path) -> None:
                 assert bad.status_code == 400 and bad.json()["attribute"] == "source", bad.text
         received = sink.wait_for(2)
     assert {(e.id, e.type) for e in received} == {("env-1", ev.REQUEST), ("env-1", ev.RESPONSE)}
+
+
+def test_a_streamed_response_passes_through_and_only_its_logged_part_is_held(tmp_path: Path) -> None:
+    """A response over `max_payload_bytes` streams to the client whole; the event keeps its first
+    bytes, marked truncated with the whole size, and the middleware holds no more than that."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    chunk, count = b"x" * 65536, 64  # 4 MiB
+
+    async def predict(request: object) -> StreamingResponse:
+        async def body():  # type: ignore[no-untyped-def]
+            for _ in range(count):
+                yield chunk
+        return StreamingResponse(body(), media_type="application/octet-stream")
+
+    held: list[int] = []
+    with EventCollector() as sink:
+        settings = load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}, max_payload_bytes=1000)
+        middleware = InferenceLoggerMiddleware(Starlette(routes=[Route("/v1/models/big:predict", predict,
+                                                                       methods=["POST"])]), settings=settings)
+        end = middleware.logger.end
+
+        def spy(exchange, status, content_type, body, size=None):  # type: ignore[no-untyped-def]
+            held.append(len(body))
+            end(exchange, status, content_type, body, size)
+
+        middleware.logger.end = spy  # type: ignore[method-assign]
+        port = free_port()
+        with ServerThread(uvicorn_config(middleware, "127.0.0.1", port)):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+                r = client.post("/v1/models/big:predict", json={"instances": [1]}, headers={"ce-id": "big-1"})
+                assert r.status_code == 200 and r.content == chunk * count
+        received = sink.wait_for(2)
+    response = next(e for e in received if e.type == ev.RESPONSE)
+    assert response.data == b"x" * 1000
+    assert response[ev.TRUNCATED] in (True, "true") and int(response[ev.DATASIZE]) == len(chunk) * count
+    assert held == [1000]
