@@ -38,7 +38,10 @@ class Backoff:
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Full jitter: uniform in [0, min(max, initial * multiplier**attempt)]."""
-        ceiling = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
+        try:
+            ceiling = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
+        except OverflowError:  # attempt ~1025 at 2x (~40 min of outage): long past the maximum
+            ceiling = self.maximum
         delay = random.uniform(0, ceiling)
         return max(delay, min(retry_after or 0.0, self.maximum))
 

@@ -159,7 +159,8 @@ class RetryPolicy:
         """The wait before retry number `attempt` (1 = the first retry)."""
         if self.policy == "linear":
             return self.delay * attempt
-        return self.delay * 2.0**attempt
+        # `retry` is unbounded: past 2**1023 a float overflows (the wait is forever long before).
+        return self.delay * 2.0 ** min(attempt, 1000)
 
     def wait(self, attempt: int, status: int, retry_after: float | None) -> float:
         backoff = self.backoff(attempt)

@@ -43,6 +43,11 @@ class TestBackoff:
         assert all(0 <= b.delay(1) <= 1 for _ in range(50))
         assert all(0 <= b.delay(10) <= 8 for _ in range(50))
 
+    def test_an_outage_of_any_length_keeps_the_maximum(self) -> None:
+        """2.0 ** 1024 overflows a float: the attempt after ~40 min of outage at 2x once killed the worker."""
+        b = Backoff(initial=0.1, maximum=5)
+        assert all(0 <= b.delay(n) <= 5 for n in (1024, 1025, 10**6))
+
     def test_retry_after_floor(self) -> None:
         assert Backoff(initial=1, maximum=30).delay(1, retry_after=5) >= 5
 

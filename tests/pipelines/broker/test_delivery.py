@@ -81,6 +81,12 @@ def test_backoff(case: dict[str, Any]) -> None:
         assert policy.retry_after_max == case["expected_retry_after_max_seconds"]
 
 
+def test_an_exponential_wait_never_overflows() -> None:
+    """`retry` has no upper bound; 2.0 ** 1024 would raise in the trigger's delivery."""
+    policy = RetryPolicy.from_spec(DeliverySpec(retry=5000, backoffPolicy="exponential", backoffDelay="PT0.001S"))
+    assert policy.backoff(1024) == policy.backoff(5000) > 0
+
+
 @pytest.mark.parametrize("case", _params("delivery_spec_parse"))
 def test_delivery_spec_parse(case: dict[str, Any]) -> None:
     if case["expect_error"]:
