@@ -3,8 +3,9 @@
 One loop: fill a batch (poll in the consumer's own thread), decode it with the CloudEvents
 Kafka binding (binary and structured), give the events to the subscriber, dead-letter what is
 not a CloudEvent, and only then commit the batch's offsets. A failing subscriber is retried
-with backoff and nothing is committed or skipped meanwhile; the partitions are paused and
-polled, so the consumer stays in its group and learns of rebalances.
+with backoff and nothing is committed or skipped meanwhile; while it fails, and while a slow one
+works, the partitions are paused and polled, so the consumer stays in its group and learns of
+rebalances.
 
 Rebalances lose and reorder nothing: every consumer call, and so every rebalance callback,
 runs in that one thread between the loop's steps. A revoke drops the records of the revoked
@@ -19,7 +20,7 @@ import asyncio
 import base64
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ PARTITION_HEADER = "dead-letter-partition"
 OFFSET_HEADER = "dead-letter-offset"
 
 _POLL = 0.1  # seconds a poll may block: bounds how late `stop()` is noticed
+_KEEPALIVE = 1.0  # seconds between polls while the subscriber works on a batch
 _DEAD_LETTER_TIMEOUT = 10.0  # seconds to wait for the dead-letter topic's acknowledgements
 _METADATA_REFRESH_MS = 5000  # topic metadata refresh (librdkafka: 300000)
 
@@ -230,13 +232,29 @@ class KafkaSource:
         if not records:
             return
         try:
-            await self.subscriber.send_batch([cast(CloudEvent, r.event) for r in records])
+            await self._polling(self.subscriber.send_batch([cast(CloudEvent, r.event) for r in records]))
         except RejectedError as exc:
             refused = {id(e) for e in exc.events}
             for r in records:
                 if not refused or id(r.event) in refused:
                     r.event, r.reason = None, f"refused by the subscriber: {exc}"
         self.delivered += sum(1 for r in records if r.event is not None)
+
+    async def _polling(self, work: Coroutine[Any, Any, None]) -> None:
+        """Await `work`, polling the paused consumer every second while it runs.
+
+        A subscriber that retries inside `send_batch` (the broker's trigger dispatcher: minutes,
+        with its default delivery) would outlast `max.poll.interval.ms` (300 s): the consumer
+        left the group, the commit was refused, and the batch came again, forever.
+        """
+        task = asyncio.ensure_future(work)
+        try:
+            while not (await asyncio.wait({task}, timeout=_KEEPALIVE))[0]:
+                await self._call(self._hold)
+        finally:
+            if not task.done():
+                task.cancel()
+        task.result()
 
     async def _dead_letter(self, records: list[_Record]) -> None:
         if not records:

@@ -383,3 +383,28 @@ async def test_a_dead_letter_topic_that_refuses_holds_the_offset(kafka_bootstrap
         assert source.dead_lettered == 0 and "dead-letter topic" in caplog.text
         assert "records dead-lettered" not in caplog.text  # not said while it is not so
     assert [e.id for e in sink.events] == ["id-0"]  # taken once: the retry only re-sends the dead letter
+
+
+class _Slow(MemorySink):
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        await asyncio.sleep(self.seconds)
+        await super().send_batch(events)
+
+
+@pytest.mark.slow
+async def test_a_subscriber_slower_than_the_poll_interval_keeps_the_group(kafka_bootstrap: str) -> None:
+    """A batch that takes longer than max.poll.interval.ms (a broker trigger retrying for
+    minutes) is delivered once and committed: the consumer went on polling, paused, meanwhile.
+    Without that it left the group, its commit was refused, and the batch came again forever."""
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    await publish(kafka_bootstrap, topic, [event(i) for i in range(3)])
+    sink = _Slow(8.0)
+    source = source_config(kafka_bootstrap, topic, group, config={"max.poll.interval.ms": 6000}).build(sink)
+    async with running(source):
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [3], timeout=30, what="commit")
+        await asyncio.sleep(2)  # a refused commit would have brought the batch again by now
+    assert sink.calls == 1 and [e.id for e in sink.events] == ["id-0", "id-1", "id-2"]
