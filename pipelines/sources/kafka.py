@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
@@ -58,6 +59,7 @@ REASON_HEADER = "dead-letter-reason"
 TOPIC_HEADER = "dead-letter-topic"
 PARTITION_HEADER = "dead-letter-partition"
 OFFSET_HEADER = "dead-letter-offset"
+DROPPED_HEADER = "dead-letter-value-bytes"  # a copy too large to keep: its value's size, value and headers left out
 
 _POLL = 0.1  # seconds a poll may block: bounds how late `stop()` is noticed
 _KEEPALIVE = 1.0  # seconds between polls while the subscriber works on a batch
@@ -85,7 +87,8 @@ class KafkaSourceConfig(SourceConfig):
     """Longest pause, in seconds, between two attempts at a failing subscriber."""
     dead_letter_topic: str | None = None
     """Records that are not CloudEvents (or that the subscriber refused) go here, with headers
-    `dead-letter-reason`, `-topic`, `-partition`, `-offset`."""
+    `dead-letter-reason`, `-topic`, `-partition`, `-offset`; a copy too large for the producer or
+    the topic goes without its value and own headers, `dead-letter-value-bytes` saying its size."""
     dead_letter_file: Path | None = None
     """... or are appended here as JSON lines; with neither, they are logged and skipped."""
     config: dict[str, ClientValue] = Field(default_factory=dict)
@@ -153,7 +156,6 @@ class KafkaSource:
         self._done = asyncio.Event()
         self._closed = False
         self._dead_letters: Producer | None = None
-        self._dead_letter_failures: list[KafkaError] = []
         self._consumer = self._client(Consumer, config.consumer_config())
 
     def _client(self, cls: Callable[[dict[str, Any]], T], conf: dict[str, Any]) -> T:
@@ -358,26 +360,47 @@ class KafkaSource:
     def _produce_dead_letters(self, records: Sequence[_Record]) -> None:
         if self._dead_letters is None:
             conf: dict[str, Any] = {k: v for k, v in self.config.consumer_config().items() if k not in _CONSUMER_ONLY}
-            conf.update({"acks": "all", "enable.idempotence": True, "delivery.report.only.error": True,
-                         "on_delivery": self._on_dead_letter})
+            conf.update({"acks": "all", "enable.idempotence": True, "delivery.report.only.error": True})
             self._dead_letters = self._client(Producer, conf)
-        self._dead_letter_failures.clear()
         topic = cast(str, self.config.dead_letter_topic)
-        for r in records:
-            headers: Headers = [*cast(Headers, r.msg.headers() or []),
-                (REASON_HEADER, r.reason.encode()), (TOPIC_HEADER, r.partition[0].encode()),
-                (PARTITION_HEADER, str(r.partition[1]).encode()), (OFFSET_HEADER, str(r.msg.offset()).encode())]
-            self._dead_letters.produce(topic, r.msg.value(), r.msg.key(), headers=headers)
-        if self._dead_letters.flush(_DEAD_LETTER_TIMEOUT):
-            # Keep no copy queued that could arrive after the retry's.
-            self._dead_letters.purge(in_queue=True, in_flight=True, blocking=True)
-            self._dead_letters.flush(1.0)
-        if self._dead_letter_failures:
-            raise SinkError(f"dead-letter topic {topic}: {self._dead_letter_failures[0].str()}")
+        too_large = self._produce_copies(topic, records, whole=True)
+        # A copy over a size limit (ours or the topic's) would be refused at every retry, and
+        # hold the offsets for good: those records go again without their value and headers.
+        if self._produce_copies(topic, too_large, whole=False):
+            for r in too_large:
+                log.error("kafka source %s: %s[%d] offset %d not dead-lettered (too large even without its "
+                          "value): %s", self.address, *r.partition, r.msg.offset(), r.reason)
 
-    def _on_dead_letter(self, error: KafkaError | None, msg: Message) -> None:
-        if error is not None:
-            self._dead_letter_failures.append(error)
+    def _produce_copies(self, topic: str, records: Sequence[_Record], *, whole: bool) -> list[_Record]:
+        """Copies of `records` to the dead-letter topic, flushed; the records refused as too large."""
+        if not records:
+            return []
+        producer = cast(Producer, self._dead_letters)
+        failures: list[tuple[KafkaError, _Record]] = []
+        too_large: list[_Record] = []
+        for r in records:
+            ours: Headers = [(REASON_HEADER, r.reason.encode()), (TOPIC_HEADER, r.partition[0].encode()),
+                             (PARTITION_HEADER, str(r.partition[1]).encode()),
+                             (OFFSET_HEADER, str(r.msg.offset()).encode())]
+            if not whole:
+                ours.append((DROPPED_HEADER, str(len(r.msg.value() or b"")).encode()))
+            headers = [*cast(Headers, r.msg.headers() or []), *ours] if whole else ours
+            value = r.msg.value() if whole else None
+            try:
+                producer.produce(topic, value, r.msg.key(), headers=headers,
+                                 on_delivery=partial(_on_copy, failures, r))
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise
+                too_large.append(r)
+        if producer.flush(_DEAD_LETTER_TIMEOUT):
+            # Keep no copy queued that could arrive after the retry's.
+            producer.purge(in_queue=True, in_flight=True, blocking=True)
+            producer.flush(1.0)
+        too_large += [r for error, r in failures if error.code() == KafkaError.MSG_SIZE_TOO_LARGE]
+        if other := [error for error, _ in failures if error.code() != KafkaError.MSG_SIZE_TOO_LARGE]:
+            raise SinkError(f"dead-letter topic {topic}: {other[0].str()}")
+        return too_large
 
     def _write_dead_letters(self, records: Sequence[_Record]) -> None:
         path = cast(Path, self.config.dead_letter_file)
@@ -408,6 +431,12 @@ _CONSUMER_ONLY = frozenset({"group.id", "enable.auto.commit", "enable.auto.offse
                             "session.timeout.ms", "max.poll.interval.ms", "partition.assignment.strategy",
                             "heartbeat.interval.ms", "group.instance.id", "fetch.min.bytes", "fetch.wait.max.ms",
                             "isolation.level", "enable.partition.eof"})
+
+
+def _on_copy(failures: list[tuple[KafkaError, _Record]], record: _Record, error: KafkaError | None,
+             msg: Message) -> None:
+    if error is not None:
+        failures.append((error, record))
 
 
 def _text(raw: bytes | str | None) -> str | dict[str, str] | None:

@@ -25,6 +25,7 @@ from infer_logger.sinks.kafka import KafkaSinkConfig
 from infer_logger.sinks.memory import MemorySink
 from pipelines.sources import Source
 from pipelines.sources.kafka import (
+    DROPPED_HEADER,
     OFFSET_HEADER,
     PARTITION_HEADER,
     REASON_HEADER,
@@ -408,3 +409,33 @@ async def test_a_subscriber_slower_than_the_poll_interval_keeps_the_group(kafka_
         await until(lambda: committed(kafka_bootstrap, group, topic) == [3], timeout=30, what="commit")
         await asyncio.sleep(2)  # a refused commit would have brought the batch again by now
     assert sink.calls == 1 and [e.id for e in sink.events] == ["id-0", "id-1", "id-2"]
+
+
+async def test_a_dead_letter_copy_too_large_goes_without_its_value(kafka_bootstrap: str) -> None:
+    """A record just under the size limit grows past it with the dead-letter headers: the copy
+    was refused at every retry and the offsets never moved. It goes without value and headers."""
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    dead = f"{topic}-dead"
+    publish_raw(kafka_bootstrap, topic, [(b"x" * 1900, [("h", b"y" * 50)]), (b"small", [])])
+    await publish(kafka_bootstrap, topic, [event(0)])
+    sink = MemorySink()
+    # The producer's own limit (the topic's, on a real broker, refuses in the delivery report alike).
+    source = source_config(kafka_bootstrap, topic, group, dead_letter_topic=dead,
+                           config={"message.max.bytes": 2000}).build(sink)
+    async with running(source):
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [3], what="commit")
+    assert [e.id for e in sink.events] == ["id-0"] and source.dead_lettered == 2
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": "dlq-reader"})
+    consumer.assign([TopicPartition(dead, 0, 0)])
+    got: list[Message] = []
+    deadline = time.monotonic() + 10
+    while len(got) < 2 and time.monotonic() < deadline:
+        if (msg := consumer.poll(0.2)) is not None and msg.error() is None:
+            got.append(msg)
+    consumer.close()
+    by_offset = {dict(cast(list[tuple[str, bytes]], m.headers() or []))[OFFSET_HEADER]: m for m in got}
+    big, small = by_offset[b"0"], by_offset[b"1"]
+    assert big.value() is None and small.value() == b"small"
+    headers = dict(cast(list[tuple[str, bytes]], big.headers() or []))
+    assert headers[DROPPED_HEADER] == b"1900" and "h" not in headers
+    assert headers[REASON_HEADER].startswith(b"not a CloudEvent")
