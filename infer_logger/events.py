@@ -18,6 +18,7 @@ from uuid_utils import uuid7
 from infer_logger import binary_tensors
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 from infer_logger.cloudevents.http import from_http_many
+from infer_logger.cloudevents.json_format import is_event_format
 from infer_logger.errors import InvalidEventError
 
 REQUEST = "org.kubeflow.serving.inference.request"
@@ -88,7 +89,7 @@ def cloudevent_id(headers: Mapping[str, str], body: bytes) -> str | None:
     Raises InvalidEventError for a malformed one: the sidecar (and the middleware) answer 400 rather
     than pass on what the predictor's CloudEvents handling would choke on.
     """
-    if "ce-specversion" in headers or headers.get("content-type", "").startswith("application/cloudevents"):
+    if "ce-specversion" in headers or is_event_format(headers.get("content-type")):
         found = from_http_many(headers, body)
         if not found:
             raise InvalidEventError("", "an empty batch is no inference request")

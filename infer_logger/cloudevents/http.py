@@ -26,7 +26,11 @@ _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 
 
 def to_binary(event: CloudEvent) -> tuple[dict[str, str], bytes]:
-    """ce-* headers plus Content-Type = datacontenttype; the body is the data (empty if none)."""
+    """ce-* headers plus Content-Type = datacontenttype; the body is the data (empty if none).
+
+    An event whose data is itself a CloudEvents format goes structured (see `is_event_format`)."""
+    if json_format.is_event_format(event.datacontenttype):
+        return to_structured(event)
     headers: dict[str, str] = {}
     for name, value in event.attributes.items():
         if name == "datacontenttype":

@@ -23,6 +23,18 @@ from infer_logger.errors import InvalidEventError
 EVENT_MEDIA_TYPE = "application/cloudevents+json"
 BATCH_MEDIA_TYPE = "application/cloudevents-batch+json"
 
+_FORMAT_PREFIX = "application/cloudevents"
+
+
+def is_event_format(content_type: object) -> bool:
+    """Whether a content type names a CloudEvents format, compared as receivers do (any case).
+
+    Such data cannot travel in a binary-mode message: its receiver would read it as the event
+    itself (structured mode), so encoders send those events structured.
+    """
+    return type(content_type) is str and content_type.lstrip()[:23].lower() == _FORMAT_PREFIX
+
+
 # What the JSON format says an event without `datacontenttype` but with `data` carries.
 _IMPLIED_CONTENT_TYPE = "application/json"
 

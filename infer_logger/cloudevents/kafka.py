@@ -41,7 +41,11 @@ def key_by_id(event: CloudEvent) -> bytes:
 
 
 def to_kafka_binary(event: CloudEvent, key: Key = key_by_id) -> KafkaMessage:
-    """ce_* headers (raw UTF-8, no percent-encoding) and content-type; the value is the data."""
+    """ce_* headers (raw UTF-8, no percent-encoding) and content-type; the value is the data.
+
+    An event whose data is itself a CloudEvents format goes structured (see `is_event_format`)."""
+    if json_format.is_event_format(event.datacontenttype):
+        return to_kafka_structured(event, key)
     headers: dict[str, bytes] = {}
     for name, value in event.attributes.items():
         if name == "datacontenttype":

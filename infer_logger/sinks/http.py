@@ -92,11 +92,9 @@ class HttpSink:
         )
 
     async def _send_one(self, event: CloudEvent) -> tuple[int, float | None] | None:
-        # A payload that is itself a CloudEvent would read as structured mode in binary mode.
-        nested = (event.datacontenttype or "").startswith("application/cloudevents")
-        if self.config.mode == "structured" or nested:
+        if self.config.mode == "structured":
             headers, body = ce_http.to_structured(event)
-        else:
+        else:  # structured after all for a payload that is itself a CloudEvent
             headers, body = ce_http.to_binary(event)
         async with self._semaphore:
             return await self._post(headers, body)

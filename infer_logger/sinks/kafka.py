@@ -44,6 +44,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from infer_logger.cloudevents.event import AttributeValue, CloudEvent, attribute_text
+from infer_logger.cloudevents.json_format import is_event_format
 from infer_logger.cloudevents.kafka import to_kafka_structured
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.sinks.base import SinkConfig
@@ -80,7 +81,6 @@ _DOWN_GRACE = 2.0  # seconds a batch may wait with every broker down (reconnects
 _PROBE = 0.5  # seconds a metadata request may take to tell that a broker is back
 _FULL_WAIT = 0.005  # seconds the event loop waits for room when librdkafka's local queue is full
 _UNREACHABLE = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT, KafkaError._MSG_TIMED_OUT) if CLIENT else ()
-_NESTED = "application/cloudevents"  # a content type whose payload is a CloudEvent itself
 _TOPIC_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _MISSING = "unknown"
 _TOPIC_MAX = 249  # characters in a topic name
@@ -524,7 +524,7 @@ class KafkaSink:
 
     def _encode(self, event: CloudEvent) -> Record:
         # A payload that is itself a CloudEvent would read as structured mode in binary mode.
-        if self._structured or (event.datacontenttype or "").startswith(_NESTED):
+        if self._structured or is_event_format(event.datacontenttype):
             message = to_kafka_structured(event)
             headers: Headers = list(message.headers.items())
             return message.key, message.value, headers
@@ -562,7 +562,7 @@ class KafkaSink:
         try:
             for index, event in enumerate(events):
                 content_type = event.attributes.get("datacontenttype")
-                if binary is not None and not (type(content_type) is str and content_type.startswith(_NESTED)):
+                if binary is not None and not is_event_format(content_type):
                     key, value, headers = binary(event)
                 else:
                     key, value, headers = self._encode(event)

@@ -21,6 +21,7 @@ import httptools
 
 from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import AttributeValue, CloudEvent, attribute_text
+from infer_logger.cloudevents.json_format import is_event_format
 from infer_logger.errors import InvalidEventError, RejectedError, SinkError
 from pipelines.broker.components import Component, Replier
 from pipelines.broker.delivery import NO_RESPONSE, should_retry
@@ -130,7 +131,7 @@ class HttpEndpoint:
 
     def encode(self, event: CloudEvent) -> tuple[dict[str, str], bytes]:
         # A payload that is itself a CloudEvent would read as structured mode in binary mode.
-        if self._structured or (event.datacontenttype or "").startswith("application/cloudevents"):
+        if self._structured or is_event_format(event.datacontenttype):
             return ce_http.to_structured(event)
         return self._binary(event), event.data or b""
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.cloudevents.http import from_http, to_binary, to_structured
+from infer_logger.cloudevents.http import from_http, to_binary
 from infer_logger.errors import InvalidEventError
 from pipelines.broker.channel import TTL
 from pipelines.broker.delivery import NO_RESPONSE
@@ -75,7 +75,6 @@ class TriggerHandler:
         if ttl is not None:
             attributes[TTL] = ttl
         reply = CloudEvent(attributes, reply.data)
-        nested = (reply.datacontenttype or "").startswith("application/cloudevents")
-        out_headers, out_body = to_structured(reply) if nested else to_binary(reply)
+        out_headers, out_body = to_binary(reply)  # structured for a reply that carries a CloudEvent
         encoded = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out_headers.items()]
         return response.status, [*allowed, *encoded], out_body

@@ -18,3 +18,8 @@ def test_new_ids_are_uuid7_in_creation_order() -> None:
     assert len(set(ids)) == len(ids)
     # Time-ordered ids keep the store's primary key growing at one end.
     assert ids == sorted(ids)
+
+
+def test_a_structured_request_is_known_in_any_case_of_its_content_type() -> None:
+    envelope = b'{"specversion":"1.0","id":"env-1","source":"/c","type":"t"}'
+    assert ev.cloudevent_id({"content-type": "Application/CloudEvents+JSON"}, envelope) == "env-1"

@@ -108,6 +108,14 @@ class TestBinary:
         assert headers == {**HEADERS, "content-type": "text/plain", "ce-n": "5", "ce-ok": "true"}
         assert body == b"hi"
 
+    @pytest.mark.parametrize("content_type", ["application/cloudevents+json", "Application/CloudEvents+JSON"])
+    def test_a_cloudevent_payload_goes_structured(self, content_type: str) -> None:
+        """A receiver reads such a body as the event itself (content types compare in any case)."""
+        inner = b'{"specversion":"1.0","id":"inner","source":"/i","type":"t"}'
+        headers, body = to_binary(CloudEvent({**BASE, "datacontenttype": content_type}, inner))
+        back = from_http(headers, body)
+        assert back.id == "1" and back.data == inner and back.datacontenttype == content_type
+
     def test_no_data_is_an_empty_body_and_back(self) -> None:
         headers, body = to_binary(CloudEvent(dict(BASE)))
         assert body == b"" and from_http(headers, body).data is None

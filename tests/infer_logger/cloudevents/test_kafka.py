@@ -275,3 +275,15 @@ class TestSpecKafkaExamples:
             value = orjson.dumps(example.get("value_json_attributes", BASE))
         event = from_kafka(KafkaMessage(headers, key, value))
         assert_attributes(event, example.get("expected_attributes", {}))
+
+
+@pytest.mark.parametrize("content_type", ["application/cloudevents+json", "Application/CloudEvents+JSON; charset=utf-8",
+                                          "application/cloudevents-batch+json"])
+def test_binary_mode_sends_a_cloudevent_payload_structured(content_type: str) -> None:
+    """In binary mode the receiver would read such a payload as the event itself (any case)."""
+    inner = b'{"specversion":"1.0","id":"inner","source":"/i","type":"t"}'
+    event = CloudEvent({**BASE, "datacontenttype": content_type}, inner)
+    message = to_kafka_binary(event)
+    assert message.headers == {"content-type": b"application/cloudevents+json"}
+    back = from_kafka(message)
+    assert back.id == "req-1" and back.data == inner and back.datacontenttype == content_type
