@@ -75,7 +75,7 @@ class ForwardSourceConfig(SourceConfig):
     handshake_timeout: float = Field(10.0, gt=0)
     """Seconds a client has to send PING after HELO."""
     max_frame_bytes: int = Field(32 << 20, ge=1024)
-    """Largest frame, and largest decompressed entries; a bigger one closes the connection."""
+    """Largest frame as sent, and largest decompressed entries; a bigger one closes the connection."""
     record_type: str = "io.fluentd.record"
     """CloudEvents `type` of records that are not CloudEvents themselves."""
     source_uri: str | None = None
@@ -103,6 +103,47 @@ def _unpacker(limit: int) -> msgpack.Unpacker:
     # gets the exact bytes back. Non-string map keys are the record's business, not a protocol error.
     return msgpack.Unpacker(raw=False, unicode_errors="surrogateescape", strict_map_key=False,
                             max_buffer_size=limit)
+
+
+class _Messages:
+    """A connection's byte stream as msgpack messages of at most `limit` bytes each.
+
+    The Unpacker's buffer limit cannot say this: it parses as far as the bytes go and drops what
+    it parsed, so its buffer holds only the unfinished item (a frame of many small entries grew
+    without bound), and it holds whatever follows in the same read (a frame just under the limit
+    followed by the next one's start was BufferFull). So frames are measured here.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._unpacker = _unpacker(limit + _READ_SIZE)  # room for one read past an unfinished frame
+        self._fed = 0  # bytes fed so far
+        self._start = 0  # where the unfinished message starts
+
+    def feed(self, data: bytes) -> None:
+        self._unpacker.feed(data)
+        self._fed += len(data)
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            message = next(self._unpacker)
+        except StopIteration:
+            self._check(self._fed)
+            raise
+        end = self._unpacker.tell()  # exact after a whole message (not after a failed attempt)
+        self._check(end)
+        self._start = end
+        return message
+
+    def _check(self, end: int) -> None:
+        if end - self._start > self._limit:
+            raise FrameError(_TOO_BIG)
+
+
+_TOO_BIG = "frame exceeds max_frame_bytes"
 
 
 def parse_frame(message: object, limit: int) -> Frame:
@@ -308,17 +349,19 @@ class ForwardSource:
         self._tasks.add(task)
         self.connections += 1
         peer = writer.get_extra_info("peername")
-        unpacker = _unpacker(self.config.max_frame_bytes)
+        messages = _Messages(self.config.max_frame_bytes)
         try:
-            if self.config.shared_key is not None and not await self._handshake(reader, writer, unpacker, peer):
+            if self.config.shared_key is not None and not await self._handshake(reader, writer, messages, peer):
                 return
             while data := await reader.read(_READ_SIZE):
-                unpacker.feed(data)
-                for message in unpacker:
+                messages.feed(data)
+                for message in messages:
                     await self._take(parse_frame(message, self.config.max_frame_bytes), writer)
+        except msgpack.BufferFull:  # _Messages refuses first; kept as the backstop it was
+            self._close_for(peer, f"bad frame: {_TOO_BIG}")
         except (FrameError, msgpack.UnpackException, ValueError, OverflowError) as exc:
             # ValueError/OverflowError: msgpack's own, and times no calendar holds
-            self._close_for(peer, f"bad frame: {exc or type(exc).__name__}")
+            self._close_for(peer, f"bad frame: {str(exc) or type(exc).__name__}")
         except _Refused as exc:
             self._close_for(peer, f"subscriber refused the batch, not acked: {exc.__cause__!r}")
         except TimeoutError:
@@ -391,7 +434,7 @@ class ForwardSource:
         return events
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         unpacker: msgpack.Unpacker, peer: object) -> bool:
+                         messages: _Messages, peer: object) -> bool:
         assert self.config.shared_key is not None
         key = self.config.shared_key.get_secret_value()
         nonce = os.urandom(16)
@@ -399,7 +442,7 @@ class ForwardSource:
         # An empty `auth` (str, as Fluentd sends it) tells the client no user auth is wanted.
         writer.write(self._packer.pack(["HELO", {"nonce": nonce, "auth": auth_salt or "", "keepalive": True}]))
         async with asyncio.timeout(self.config.handshake_timeout):
-            ping = await _next_message(reader, unpacker)
+            ping = await _next_message(reader, messages)
         reason = self._check_ping(ping, nonce, auth_salt, key)
         hostname = self.config.self_hostname
         digest = "" if reason else shared_key_digest(as_bytes(ping[2]), hostname, nonce, key)
@@ -432,13 +475,13 @@ class _Refused(Exception):
     """The subscriber raised (the cause); the frame is not acked."""
 
 
-async def _next_message(reader: asyncio.StreamReader, unpacker: msgpack.Unpacker) -> Any:
+async def _next_message(reader: asyncio.StreamReader, messages: _Messages) -> Any:
     while True:
         try:
-            return next(unpacker)
+            return next(messages)
         except StopIteration:
             pass
         data = await reader.read(_READ_SIZE)
         if not data:
             raise ConnectionResetError("closed during the handshake")
-        unpacker.feed(data)
+        messages.feed(data)

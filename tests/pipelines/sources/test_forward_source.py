@@ -334,12 +334,27 @@ class TestFailures:
         assert source.errors == 1 and [e.json() for e in memory.events] == [{"ok": True}]
         await good.aclose()
 
-    async def test_oversized_frame_closes_the_connection(self, memory: MemorySink) -> None:
+    @pytest.mark.parametrize("frame", [
+        ["app", 1, {"big": "x" * 10_000}, {"chunk": "c"}],  # one big item
+        ["app", [[1, {"i": i}] for i in range(2000)], {"chunk": "c"}],  # many small ones
+    ], ids=["one-item", "many-items"])
+    async def test_oversized_frame_closes_the_connection(
+            self, memory: MemorySink, caplog: pytest.LogCaptureFixture, frame: object) -> None:
         async with ForwardSourceConfig(port=0, max_frame_bytes=4096).build(memory) as src:
             client = await Client.connect(src.port)
-            await client.send(["app", 1, {"big": "x" * 10_000}, {"chunk": "c"}])
+            await client.send(frame)
             assert await client.closed()
-            assert src.errors == 1
+            assert src.errors == 1 and memory.events == []
+        assert "bad frame: frame exceeds max_frame_bytes" in caplog.text
+
+    async def test_frame_at_the_limit_followed_by_the_next(self, memory: MemorySink) -> None:
+        """The limit is per frame: what follows in the same read does not count against it."""
+        async with ForwardSourceConfig(port=0, max_frame_bytes=65536).build(memory) as src:
+            overhead = len(pack(["app", pack([1, {"pad": "x" * 60_000}]), {"chunk": "big"}])) - 60_000
+            big = pack(["app", pack([1, {"pad": "x" * (65536 - overhead)}]), {"chunk": "big"}])
+            assert len(big) == 65536
+            assert await roundtrip(src, big + pack(["app", 1, {}, {"chunk": "next"}]), acks=2) == [
+                {"ack": "big"}, {"ack": "next"}]
 
     async def test_gzip_bomb_is_bounded(self, memory: MemorySink) -> None:
         async with ForwardSourceConfig(port=0, max_frame_bytes=4096).build(memory) as src:
