@@ -251,7 +251,8 @@ def rfc3339(ns: int) -> str:
 
 
 def _jsonable(value: object) -> object:
-    """orjson's fallback for msgpack values JSON lacks: bin as base64, EventTime as RFC 3339."""
+    """orjson's fallback for msgpack values JSON lacks: bin as base64, EventTime and msgpack's
+    Timestamp as RFC 3339."""
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     if isinstance(value, msgpack.ExtType):
@@ -259,18 +260,34 @@ def _jsonable(value: object) -> object:
             return rfc3339(time_ns(value))
         except (ValueError, OverflowError):
             return {"ext": value.code, "base64": base64.b64encode(value.data).decode()}
+    if isinstance(value, msgpack.Timestamp):
+        try:
+            return rfc3339(value.to_unix_nano())
+        except ValueError:
+            return {"ext": -1, "base64": base64.b64encode(value.to_bytes()).decode()}
     raise TypeError(type(value).__name__)
 
 
 def _scrub(value: Any) -> Any:
-    """Strings read with surrogateescape (invalid UTF-8) made valid, with U+FFFD where bytes were bad."""
+    """The record made writable: strings read with surrogateescape (invalid UTF-8) with U+FFFD where
+    bytes were bad, and map keys orjson takes no fallback for (bin, ext) as strings."""
     if isinstance(value, str):
         return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if isinstance(value, dict):
-        return {_scrub(k): _scrub(v) for k, v in value.items()}
+        return {_key(k): _scrub(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_scrub(v) for v in value]
     return value
+
+
+def _key(key: Any) -> Any:
+    if isinstance(key, bytes):
+        # A name, not a blob: msgpack-ruby writes ASCII-8BIT strings as bin, so "host" stays "host".
+        return key.decode("utf-8", "replace")
+    if isinstance(key, msgpack.ExtType | msgpack.Timestamp):
+        value = _jsonable(key)
+        return value if isinstance(value, str) else orjson.dumps(value).decode()
+    return _scrub(key)  # str; int, float, bool and None OPT_NON_STR_KEYS writes
 
 
 def _json(record: dict[Any, Any]) -> bytes:
@@ -278,7 +295,10 @@ def _json(record: dict[Any, Any]) -> bytes:
     try:
         return orjson.dumps(record, default=_jsonable, option=options)
     except orjson.JSONEncodeError:
-        return orjson.dumps(_scrub(record), default=_jsonable, option=options)
+        try:
+            return orjson.dumps(_scrub(record), default=_jsonable, option=options)
+        except orjson.JSONEncodeError as exc:  # e.g. nested deeper than orjson goes
+            raise FrameError(f"a record JSON cannot hold: {exc}") from exc
 
 
 class ForwardSource:
@@ -359,8 +379,9 @@ class ForwardSource:
                     await self._take(parse_frame(message, self.config.max_frame_bytes), writer)
         except msgpack.BufferFull:  # _Messages refuses first; kept as the backstop it was
             self._close_for(peer, f"bad frame: {_TOO_BIG}")
-        except (FrameError, msgpack.UnpackException, ValueError, OverflowError) as exc:
-            # ValueError/OverflowError: msgpack's own, and times no calendar holds
+        except (FrameError, msgpack.UnpackException, ValueError, OverflowError, TypeError) as exc:
+            # ValueError/OverflowError: msgpack's own, and times no calendar holds; TypeError:
+            # msgpack's for a map key Python cannot hash (an array or a map)
             self._close_for(peer, f"bad frame: {str(exc) or type(exc).__name__}")
         except _Refused as exc:
             self._close_for(peer, f"subscriber refused the batch, not acked: {exc.__cause__!r}")
@@ -407,7 +428,7 @@ class ForwardSource:
             if "specversion" in record:
                 try:
                     event = from_dict(record)
-                except InvalidEventError as exc:
+                except (TypeError, ValueError) as exc:  # also data JSON cannot hold: bin, ext, int keys
                     self.invalid_events += 1
                     log.debug("forward source: %s record is no valid CloudEvent (%s); kept as a record",
                               frame.tag, exc)

@@ -4,6 +4,7 @@ against fluent-logger's sender as a third-party peer."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import hashlib
 import os
@@ -214,6 +215,16 @@ class TestRecords:
         assert event.json() == {"b": "AP8=", "t": "2023-11-14T22:13:20.123456789Z",
                                 "x": {"ext": 5, "base64": "AQI="}, "s": "caf\ufffd"}
 
+    async def test_map_keys_json_lacks(self, source: ForwardSource, memory: MemorySink) -> None:
+        """bin keys (msgpack-ruby writes ASCII-8BIT strings so) as text, EventTime and msgpack
+        Timestamp keys as RFC 3339; a Timestamp value too."""
+        record = {b"host": "a", "nested": {b"bin-key": 1}, event_time(T_NS): "et",
+                  msgpack.Timestamp(1, 5): "ts", "t": msgpack.Timestamp(1, 5)}
+        assert await roundtrip(source, ["app", 1, record, {"chunk": "k"}]) == [{"ack": "k"}]
+        [event] = memory.events
+        assert event.json() == {"host": "a", "nested": {"bin-key": 1}, "2023-11-14T22:13:20.123456789Z": "et",
+                                "1970-01-01T00:00:01.000000005Z": "ts", "t": "1970-01-01T00:00:01.000000005Z"}
+
     async def test_without_chunk_ids_are_unique(self, source: ForwardSource, memory: MemorySink) -> None:
         client = await Client.connect(source.port)
         await client.send(["app", [[T_NS // NS, {}], [T_NS // NS, {}]]])
@@ -237,6 +248,19 @@ class TestRecords:
         [event] = memory.events
         assert event.type == "io.fluentd.record" and event.json() == {"specversion": "1.0", "id": ""}
         assert source.invalid_events == 1
+
+    @pytest.mark.parametrize(("data", "as_json"), [
+        ({"blob": b"\x00\x01"}, {"blob": "AAE="}),
+        ({"t": event_time(T_NS)}, {"t": "2023-11-14T22:13:20.123456789Z"}),
+        ({1: "a"}, {"1": "a"}),
+    ], ids=["bin", "EventTime", "int-key"])
+    async def test_cloudevent_record_with_data_json_lacks_is_kept_as_a_record(
+            self, source: ForwardSource, memory: MemorySink, data: dict[Any, Any], as_json: object) -> None:
+        record = {"specversion": "1.0", "id": "x", "source": "s", "type": "t", "data": data}
+        assert await roundtrip(source, ["app", 1, record, {"chunk": "c"}]) == [{"ack": "c"}]
+        [event] = memory.events
+        assert event.type == "io.fluentd.record" and event.json()["data"] == as_json
+        assert (source.invalid_events, source.errors) == (1, 0)
 
 
 class TestHandshake:
@@ -322,6 +346,8 @@ class TestFailures:
         pack(["app", 10**15, {}]),  # a year no calendar holds
         pack(["app", [[1, {}], [10**12, {}]], {}]),  # ... in a later entry
         pack(["bad\x01tag", 1, {}]),  # no valid CloudEvents subject
+        b"\x94\xa3app\x01\x81\x91\x01\x01\x81\xa5chunk\xa1c",  # a map keyed by an array: {[1]: 1}
+        pack(["app", 1, functools.reduce(lambda inner, _: {"a": inner}, range(300), {})]),  # deeper than JSON goes
     ], ids=lambda f: f.hex()[:24])
     async def test_malformed_frame_closes_only_its_connection(
             self, source: ForwardSource, memory: MemorySink, frame: bytes) -> None:
