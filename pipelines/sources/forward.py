@@ -9,8 +9,9 @@ Fluentd's out_forward defaults to `heartbeat_type transport`, plain TCP connects
 
 Each frame's records go to the subscriber as one batch. A `chunk` option is acked
 (`{"ack": chunk}`) only after `send_batch` returned, so a client with `require_ack_response`
-resends what the subscriber did not take. A frame that does not parse, a failed handshake or a
-refused batch closes that connection (logged, counted in `errors`); other connections go on.
+resends what the subscriber did not take. A frame that does not parse or is over a limit
+(`max_frame_bytes`, `max_frame_entries`), a failed handshake or a refused batch closes that
+connection (logged, counted in `errors`); other connections go on.
 
 Records in the CloudEvents JSON format (what the `fluentd` sink sends: they have `specversion`)
 become that event again. Any other record becomes an event of type `record_type` with the tag as
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _NS = 1_000_000_000
 _READ_SIZE = 256 * 1024
+_MAX_ENTRIES = 100_000
 
 
 class FrameError(ValueError):
@@ -76,6 +78,10 @@ class ForwardSourceConfig(SourceConfig):
     """Seconds a client has to send PING after HELO."""
     max_frame_bytes: int = Field(32 << 20, ge=1024)
     """Largest frame as sent, and largest decompressed entries; a bigger one closes the connection."""
+    max_frame_entries: int = Field(_MAX_ENTRIES, ge=1)
+    """Most entries (records) in one frame, gzip members counted too; more closes the connection.
+    max_frame_bytes cannot bound what entries become: a 3-byte entry is a ~1 KB CloudEvent, all of a
+    frame's held until the subscriber takes them. Fluentd's `chunk_limit_records` keeps a sender under it."""
     record_type: str = "io.fluentd.record"
     """CloudEvents `type` of records that are not CloudEvents themselves."""
     source_uri: str | None = None
@@ -146,7 +152,7 @@ class _Messages:
 _TOO_BIG = "frame exceeds max_frame_bytes"
 
 
-def parse_frame(message: object, limit: int) -> Frame:
+def parse_frame(message: object, limit: int, max_entries: int = _MAX_ENTRIES) -> Frame:
     """A decoded Forward message as (tag, entries, chunk); FrameError says what is wrong."""
     if not isinstance(message, list) or not 2 <= len(message) <= 4:
         raise FrameError(f"a frame is an array of 2 to 4 items, not {_describe(message)}")
@@ -156,6 +162,8 @@ def parse_frame(message: object, limit: int) -> Frame:
     try:
         if isinstance(second, list):  # Forward mode
             option = _option(message, 2)
+            if len(second) > max_entries:
+                raise FrameError(_too_many(max_entries))
             entries = [_entry(item) for item in second]
         elif isinstance(second, bytes | str):  # PackedForward, maybe compressed
             option = _option(message, 2)
@@ -165,7 +173,7 @@ def parse_frame(message: object, limit: int) -> Frame:
                 raw = _gunzip(raw, limit)
             elif compressed not in (None, "text"):
                 raise FrameError(f"unknown compression {compressed!r}")
-            entries = [_entry(item) for item in _unpack_all(raw, limit)]
+            entries = [_entry(item) for item in _unpack_all(raw, limit, max_entries)]
         else:  # Message mode
             if len(message) < 3:
                 raise FrameError("a Message mode frame is [tag, time, record, option?]")
@@ -202,11 +210,14 @@ def _record(value: object) -> dict[Any, Any]:
     return value
 
 
-def _unpack_all(raw: bytes, limit: int) -> list[Any]:
+def _unpack_all(raw: bytes, limit: int, max_entries: int) -> list[Any]:
     unpacker = _unpacker(max(limit, len(raw)))
     unpacker.feed(raw)
-    items, end = [], 0
+    items: list[Any] = []
+    end = 0
     for item in unpacker:
+        if len(items) == max_entries:  # before the rest is unpacked
+            raise FrameError(_too_many(max_entries))
         items.append(item)
         end = unpacker.tell()  # after the last whole entry (a failed attempt moves tell() on)
     if end != len(raw):
@@ -232,6 +243,10 @@ def _gunzip(raw: bytes, limit: int) -> bytes:
     except zlib.error as exc:
         raise FrameError(f"not gzip: {exc}") from exc
     return b"".join(parts)
+
+
+def _too_many(max_entries: int) -> str:
+    return f"more entries than max_frame_entries ({max_entries})"
 
 
 def _describe(value: object) -> str:
@@ -293,12 +308,15 @@ def _key(key: Any) -> Any:
 def _json(record: dict[Any, Any]) -> bytes:
     options = orjson.OPT_NON_STR_KEYS
     try:
-        return orjson.dumps(record, default=_jsonable, option=options)
+        data = orjson.dumps(record, default=_jsonable, option=options)
     except orjson.JSONEncodeError:
         try:
-            return orjson.dumps(_scrub(record), default=_jsonable, option=options)
+            data = orjson.dumps(_scrub(record), default=_jsonable, option=options)
         except orjson.JSONEncodeError as exc:  # e.g. nested deeper than orjson goes
             raise FrameError(f"a record JSON cannot hold: {exc}") from exc
+    # orjson's bytes keep its 4 KiB starting buffer: a copy holds a small record's JSON in its own
+    # size (100k tiny records held 400 MB, not 4).
+    return memoryview(data).tobytes() if len(data) < 4096 else data
 
 
 class ForwardSource:
@@ -376,7 +394,8 @@ class ForwardSource:
             while data := await reader.read(_READ_SIZE):
                 messages.feed(data)
                 for message in messages:
-                    await self._take(parse_frame(message, self.config.max_frame_bytes), writer)
+                    frame = parse_frame(message, self.config.max_frame_bytes, self.config.max_frame_entries)
+                    await self._take(frame, writer)
         except msgpack.BufferFull:  # _Messages refuses first; kept as the backstop it was
             self._close_for(peer, f"bad frame: {_TOO_BIG}")
         except (FrameError, msgpack.UnpackException, ValueError, OverflowError, TypeError) as exc:

@@ -10,6 +10,7 @@ import hashlib
 import os
 import struct
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -382,6 +383,25 @@ class TestFailures:
             assert await roundtrip(src, big + pack(["app", 1, {}, {"chunk": "next"}]), acks=2) == [
                 {"ack": "big"}, {"ack": "next"}]
 
+    @pytest.mark.parametrize("mode", ["forward", "packed", "compressed"])
+    @pytest.mark.parametrize("count", [10, 11])
+    async def test_max_frame_entries(self, memory: MemorySink, caplog: pytest.LogCaptureFixture,
+                                     mode: str, count: int) -> None:
+        entries = [[1, {}]] * count
+        packed = b"".join(pack(e) for e in entries)
+        frame = {"forward": ["app", entries, {"chunk": "c"}], "packed": ["app", packed, {"chunk": "c"}],
+                 "compressed": ["app", gzip.compress(packed), {"chunk": "c", "compressed": "gzip"}]}[mode]
+        async with ForwardSourceConfig(port=0, max_frame_entries=10).build(memory) as src:
+            if count == 10:
+                assert await roundtrip(src, frame) == [{"ack": "c"}]
+                assert len(memory.events) == 10
+            else:
+                client = await Client.connect(src.port)
+                await client.send(frame)
+                assert await client.closed()
+                assert memory.events == [] and src.errors == 1
+                assert "bad frame: more entries than max_frame_entries (10)" in caplog.text
+
     async def test_gzip_bomb_is_bounded(self, memory: MemorySink) -> None:
         async with ForwardSourceConfig(port=0, max_frame_bytes=4096).build(memory) as src:
             entries = gzip.compress(pack([1, {"z": "0" * 100_000}]))
@@ -441,6 +461,19 @@ class TestFluentLogger:
         assert before <= int(first.meta["fluentd-time"]) <= time.time_ns()
         assert second.meta["fluentd-time"] == str(1_700_000_000 * NS + NS // 4)  # EventTime kept the .25
         assert second["time"] == "2023-11-14T22:13:20.250000000Z"
+
+
+def test_small_records_hold_little_memory() -> None:
+    """A record's JSON holds its own size, not orjson's 4 KiB starting buffer (x5 what an event holds)."""
+    source = ForwardSourceConfig(port=0).build(MemorySink())
+    frame = parse_frame(["app", pack([1, {}]) * 10_000, {"chunk": "c"}], 1 << 20)
+    tracemalloc.start()
+    try:
+        events = source.to_events(frame)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(events) == 10_000 and held < 10_000 * 2048
 
 
 def test_parse_frame_modes_agree() -> None:
