@@ -170,7 +170,7 @@ def parse_frame(message: object, limit: int, max_entries: int = _MAX_ENTRIES) ->
             raw = as_bytes(second)
             compressed = option.get("compressed")
             if compressed == "gzip":
-                raw = _gunzip(raw, limit)
+                raw = _gunzip(raw, limit, max_entries)
             elif compressed not in (None, "text"):
                 raise FrameError(f"unknown compression {compressed!r}")
             entries = [_entry(item) for item in _unpack_all(raw, limit, max_entries)]
@@ -225,21 +225,32 @@ def _unpack_all(raw: bytes, limit: int, max_entries: int) -> list[Any]:
     return items
 
 
-def _gunzip(raw: bytes, limit: int) -> bytes:
-    """Every gzip member in turn (the spec lets a sender concatenate them), at most `limit` bytes."""
+def _gunzip(raw: bytes, limit: int, max_members: int) -> bytes:
+    """Every gzip member in turn (the spec lets a sender concatenate them; Fluentd writes one per
+    append, each with entries), at most `limit` bytes and `max_members` members."""
+    view = memoryview(raw)
     parts: list[bytes] = []
-    total = 0
+    total = offset = members = 0
     try:
-        while raw:
+        while offset < len(raw):
+            members += 1
+            if members > max_members:
+                raise FrameError(f"more gzip members than max_frame_entries ({max_members})")
             member = zlib.decompressobj(wbits=31)
-            part = member.decompress(raw, limit - total + 1)
-            total += len(part)
-            if total > limit or member.unconsumed_tail:
-                raise FrameError(f"the entries inflate beyond max_frame_bytes ({limit})")
-            if not member.eof:
-                raise FrameError("a gzip member is cut short")
-            parts.append(part)
-            raw = member.unused_data
+            # Fed in growing slices: at a member's end, unused_data copies the rest of what it was
+            # given, and given the whole rest every time, n small members cost n times the frame.
+            step = 256
+            while not member.eof:
+                if offset == len(raw):
+                    raise FrameError("a gzip member is cut short")
+                piece = view[offset:offset + step]
+                part = member.decompress(piece, limit - total + 1)
+                total += len(part)
+                if total > limit or member.unconsumed_tail:
+                    raise FrameError(f"the entries inflate beyond max_frame_bytes ({limit})")
+                parts.append(part)
+                offset += len(piece) - len(member.unused_data)
+                step *= 2
     except zlib.error as exc:
         raise FrameError(f"not gzip: {exc}") from exc
     return b"".join(parts)
@@ -389,7 +400,8 @@ class ForwardSource:
         peer = writer.get_extra_info("peername")
         messages = _Messages(self.config.max_frame_bytes)
         try:
-            if self.config.shared_key is not None and not await self._handshake(reader, writer, messages, peer):
+            if self.config.shared_key is not None and not await self._handshake(
+                    reader, writer, messages, peer):
                 return
             while data := await reader.read(_READ_SIZE):
                 messages.feed(data)

@@ -4,6 +4,7 @@ against fluent-logger's sender as a third-party peer."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import gzip
 import hashlib
@@ -151,6 +152,14 @@ class TestModes:
         frame = ["app", b"".join(members), {"compressed": "gzip", "chunk": "gz", "size": 9}]
         assert await roundtrip(source, frame) == [{"ack": "gz"}]
         assert [(e.json()["m"], e.json()["i"]) for e in memory.events] == [(m, i) for m in range(3) for i in range(3)]
+
+    async def test_gzip_members_of_every_size(self, source: ForwardSource, memory: MemorySink) -> None:
+        """Empty members, and one larger than any slice the source feeds zlib at once."""
+        blob = os.urandom(300_000)  # incompressible: a member of ~300 KB
+        members = [gzip.compress(b"")] * 50 + [gzip.compress(pack([1, record])) for record in ({"b": blob}, {"n": 2})]
+        frame = ["app", b"".join(members), {"compressed": "gzip", "chunk": "gz"}]
+        assert await roundtrip(source, frame) == [{"ack": "gz"}]
+        assert [e.json() for e in memory.events] == [{"b": base64.b64encode(blob).decode()}, {"n": 2}]
 
     async def test_no_chunk_no_reply(self, source: ForwardSource, memory: MemorySink) -> None:
         client = await Client.connect(source.port)
@@ -348,7 +357,7 @@ class TestFailures:
         pack(["app", [[1, {}], [10**12, {}]], {}]),  # ... in a later entry
         pack(["bad\x01tag", 1, {}]),  # no valid CloudEvents subject
         b"\x94\xa3app\x01\x81\x91\x01\x01\x81\xa5chunk\xa1c",  # a map keyed by an array: {[1]: 1}
-        pack(["app", 1, functools.reduce(lambda inner, _: {"a": inner}, range(300), {})]),  # deeper than JSON goes
+        pack(["app", 1, functools.reduce(lambda inner, _: {"a": inner}, range(300), {})]),  # deeper than JSON
     ], ids=lambda f: f.hex()[:24])
     async def test_malformed_frame_closes_only_its_connection(
             self, source: ForwardSource, memory: MemorySink, frame: bytes) -> None:
@@ -401,6 +410,16 @@ class TestFailures:
                 assert await client.closed()
                 assert memory.events == [] and src.errors == 1
                 assert "bad frame: more entries than max_frame_entries (10)" in caplog.text
+
+    async def test_gzip_members_count_against_max_frame_entries(
+            self, memory: MemorySink, caplog: pytest.LogCaptureFixture) -> None:
+        packed = gzip.compress(b"", mtime=0) * 10 + gzip.compress(pack([1, {}]))
+        async with ForwardSourceConfig(port=0, max_frame_entries=10).build(memory) as src:
+            client = await Client.connect(src.port)
+            await client.send(["app", packed, {"chunk": "c", "compressed": "gzip"}])
+            assert await client.closed()
+            assert memory.events == [] and src.errors == 1
+        assert "bad frame: more gzip members than max_frame_entries (10)" in caplog.text
 
     async def test_gzip_bomb_is_bounded(self, memory: MemorySink) -> None:
         async with ForwardSourceConfig(port=0, max_frame_bytes=4096).build(memory) as src:
