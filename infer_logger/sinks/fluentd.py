@@ -11,7 +11,8 @@ upserts by event id behind Fluentd, so a resend overwrites instead of duplicatin
 skips the wait (fire and forget, what fluent-logger gives).
 
 Tags are `<prefix>.<inferenceservicename>.<request|response|explanation>`; times are EventTime
-(nanoseconds) taken from the event's `time`. The record is the event in the CloudEvents JSON
+(nanoseconds) taken from the event's `time`, or integer seconds for one before 1970 or from 2106 on,
+which EventTime cannot hold. An event that cannot be packed is refused for good (RejectedError). The record is the event in the CloudEvents JSON
 format (`to_dict`): attributes at the top, `data` for JSON (parsed) or text, `data_base64` for
 anything else, so `from_dict` rebuilds the same event (JSON data comes back compact) and Fluentd
 filters address fields by name. `pipelines.sources.forward` is the receiving end and shares the
@@ -39,7 +40,7 @@ from pydantic import Field, SecretStr
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.json_format import to_dict
 from infer_logger.cloudevents.validation import parse_time
-from infer_logger.errors import InvalidEventError, SinkError
+from infer_logger.errors import InvalidEventError, RejectedError, SinkError
 from infer_logger.sinks.base import SinkConfig
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,13 @@ _TAG_UNSAFE = re.compile(r"[^a-z0-9_-]+")
 _KINDS = {"request", "response", "explanation"}
 
 
-def event_time(ns: int) -> msgpack.ExtType:
-    return msgpack.ExtType(EVENT_TIME_CODE, struct.pack(">II", ns // _NS, ns % _NS))
+def event_time(ns: int) -> msgpack.ExtType | int:
+    """EventTime; integer seconds (the spec's other time) when its unsigned 32-bit seconds cannot
+    hold the time: before 1970 or from 2106 on."""
+    seconds = ns // _NS
+    if 0 <= seconds < 1 << 32:
+        return msgpack.ExtType(EVENT_TIME_CODE, struct.pack(">II", seconds, ns % _NS))
+    return seconds
 
 
 def time_ns(value: object) -> int:
@@ -148,6 +154,9 @@ class FluentdSinkConfig(SinkConfig):
         return FluentdSink(self)
 
 
+_Chunk = tuple[str, bytes]  # (chunk id, PackedForward frame)
+
+
 class FluentdSink:
     """One connection, opened lazily and again after any failure; counters are plain attributes."""
 
@@ -168,7 +177,19 @@ class FluentdSink:
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         if not events:
             return
-        frames = self._frames(events)
+        try:
+            frames, refused = self._frames(events)
+        except (ValueError, TypeError, OverflowError) as exc:  # no retry could pack it either
+            raise RejectedError(f"fluentd sink: cannot pack the batch: {type(exc).__name__}: {exc}") from exc
+        if frames:
+            await self._send(frames)
+        self.records += len(events) - len(refused)
+        if refused:
+            event, reason = refused[0]
+            raise RejectedError(f"fluentd sink: {len(refused)} event(s) cannot be packed, e.g. {event.id}: "
+                                f"{reason}", [event for event, _ in refused])
+
+    async def _send(self, frames: list[_Chunk]) -> None:
         async with self._lock:
             try:
                 writer = await self._connected()
@@ -187,16 +208,21 @@ class FluentdSink:
                 self._fail()
                 raise SinkError(f"fluentd at {self.address}: {type(exc).__name__}: {exc}") from exc
         self.frames += len(frames)
-        self.records += len(events)
 
-    def _frames(self, events: Sequence[CloudEvent]) -> list[tuple[str, bytes]]:
-        """(chunk id, PackedForward frame) per tag, in the batch's order."""
-        by_tag: dict[str, list[CloudEvent]] = {}
+    def _frames(self, events: Sequence[CloudEvent]) -> tuple[list[_Chunk], list[tuple[CloudEvent, str]]]:
+        """(chunk id, PackedForward frame) per tag, in the batch's order; and the events that cannot
+        be packed, with why (no retry could: they are dead-lettered)."""
+        by_tag: dict[str, list[bytes]] = {}
+        refused = []
         for event in events:
-            by_tag.setdefault(tag_for(event, self.config.tag_prefix), []).append(event)
+            try:
+                entry = self._packer.pack([event_time(event_ns(event)), to_dict(event)])
+                by_tag.setdefault(tag_for(event, self.config.tag_prefix), []).append(entry)
+            except (ValueError, TypeError, OverflowError, struct.error) as exc:
+                refused.append((event, f"{type(exc).__name__}: {exc}"))
         frames = []
         for tag, group in by_tag.items():
-            entries = b"".join(self._packer.pack([event_time(event_ns(e)), to_dict(e)]) for e in group)
+            entries = b"".join(group)
             option: dict[str, Any] = {"size": len(group)}
             if self.config.compress:
                 entries = gzip.compress(entries, compresslevel=1, mtime=0)
@@ -205,7 +231,7 @@ class FluentdSink:
             if chunk:
                 option["chunk"] = chunk
             frames.append((chunk, self._packer.pack([tag, entries, option])))
-        return frames
+        return frames, refused
 
     async def _connected(self) -> asyncio.StreamWriter:
         reader, writer = self._reader, self._writer

@@ -13,12 +13,13 @@ import pytest
 
 from infer_logger import events as ev
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.errors import SinkError
+from infer_logger.errors import RejectedError, SinkError
 from infer_logger.sinks.fluentd import FluentdSink, FluentdSinkConfig, event_ns, tag_for
 from infer_logger.sinks.memory import MemorySink
 from infer_logger.testing import free_port
 from pipelines.sources.forward import ForwardSource, ForwardSourceConfig
 
+NS = 1_000_000_000
 CONF = Path(__file__).resolve().parents[3] / "fluentd" / "fluent.conf"
 
 
@@ -74,6 +75,24 @@ class TestRoundTrip:
         times = {e.type: int(e.meta["fluentd-time"]) for e in memory.events}
         assert times[ev.REQUEST] == 1767323045_123456000
         assert times[ev.RESPONSE] == 1767323045_234567891
+
+    @pytest.mark.parametrize(("time", "ns"), [
+        ("1969-12-31T23:59:59.5Z", -1 * NS),  # before EventTime's unsigned seconds begin...
+        ("2107-01-01T00:00:00Z", 4323283200 * NS),  # ... and past their end: integer seconds
+    ])
+    async def test_time_eventtime_cannot_hold(
+            self, sink: FluentdSink, memory: MemorySink, time: str, ns: int) -> None:
+        [request] = [CloudEvent({**e.attributes, "time": time}, e.data) for e in exchange(1)[:1]]
+        await sink.send_batch([request])
+        assert memory.events == [request] and memory.events[0].meta["fluentd-time"] == str(ns)
+
+    async def test_event_that_cannot_be_packed_is_rejected(self, sink: FluentdSink, memory: MemorySink) -> None:
+        good, _, _ = exchange(1)
+        bad = CloudEvent({**good.attributes, "id": "lone \udc80 surrogate"}, good.data)
+        with pytest.raises(RejectedError, match="1 event.* cannot be packed") as caught:
+            await sink.send_batch([good, bad])
+        assert caught.value.events == [bad] and memory.events == [good]
+        assert sink.errors == 0 and sink.records == 1
 
     async def test_compressed(self, source: ForwardSource, memory: MemorySink) -> None:
         sink = FluentdSinkConfig(port=source.port, compress=True).build()
