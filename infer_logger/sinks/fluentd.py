@@ -3,20 +3,21 @@
 Why not fluent-logger: its senders speak Message mode only and never ask for an ack, so `emit()`
 returns True for a record that went into a socket buffer nobody read. A sink may only return once
 its events are durably elsewhere (the spool checkpoint moves then), so this sink speaks the
-protocol itself with msgpack: one PackedForward frame per tag carrying a random `chunk` id, then
-it waits for `{"ack": chunk}`, which Fluentd's in_forward sends once the records are in its
-buffer (what out_forward's `require_ack_response` relies on). Anything not acked in time raises
+protocol itself with msgpack: PackedForward frames, per tag and of at most `max_frame_bytes` of
+entries, each carrying a random `chunk` id, then it waits for every `{"ack": chunk}`, which
+Fluentd's in_forward sends once the records are in its buffer (what out_forward's
+`require_ack_response` relies on). Anything not acked in time raises
 SinkError: the batch stays in the spool and is sent again. Delivery is at least once; Elasticsearch
 upserts by event id behind Fluentd, so a resend overwrites instead of duplicating. `ack: false`
 skips the wait (fire and forget, what fluent-logger gives).
 
 Tags are `<prefix>.<inferenceservicename>.<request|response|explanation>`; times are EventTime
 (nanoseconds) taken from the event's `time`, or integer seconds for one before 1970 or from 2106 on,
-which EventTime cannot hold. An event that cannot be packed is refused for good (RejectedError). The record is the event in the CloudEvents JSON
-format (`to_dict`): attributes at the top, `data` for JSON (parsed) or text, `data_base64` for
-anything else, so `from_dict` rebuilds the same event (JSON data comes back compact) and Fluentd
-filters address fields by name. `pipelines.sources.forward` is the receiving end and shares the
-protocol pieces below.
+which EventTime cannot hold. An event that cannot be packed is refused for good (RejectedError).
+The record is the event in the CloudEvents JSON format (`to_dict`): attributes at the top, `data`
+for JSON (parsed) or text, `data_base64` for anything else, so `from_dict` rebuilds the same event
+(JSON data comes back compact) and Fluentd filters address fields by name.
+`pipelines.sources.forward` is the receiving end and shares the protocol pieces below.
 """
 
 from __future__ import annotations
@@ -149,12 +150,34 @@ class FluentdSinkConfig(SinkConfig):
     username: str = ""
     """For a Fluentd with `user_auth true` (with `shared_key`)."""
     password: SecretStr = SecretStr("")
+    max_frame_bytes: int = Field(8 << 20, ge=1024)
+    """Most bytes of entries (before gzip) in one PackedForward frame: a batch's events of one tag
+    go in as many frames (chunks, each acked) as it takes; an event bigger than this goes alone.
+    Receivers refuse big frames: the forward source over its own max_frame_bytes (32 MiB)."""
 
     def build(self) -> FluentdSink:
         return FluentdSink(self)
 
 
 _Chunk = tuple[str, bytes]  # (chunk id, PackedForward frame)
+# The forward source takes up to 100,000 (its max_frame_entries); Fluentd any number.
+_MAX_FRAME_ENTRIES = 10_000
+
+
+def _split(entries: list[bytes], max_bytes: int) -> list[list[bytes]]:
+    """Packed entries in runs of at most `max_bytes` and _MAX_FRAME_ENTRIES; a bigger entry alone."""
+    groups: list[list[bytes]] = []
+    group: list[bytes] = []
+    size = 0
+    for entry in entries:
+        if group and (size + len(entry) > max_bytes or len(group) == _MAX_FRAME_ENTRIES):
+            groups.append(group)
+            group, size = [], 0
+        group.append(entry)
+        size += len(entry)
+    if group:
+        groups.append(group)
+    return groups
 
 
 class FluentdSink:
@@ -193,7 +216,7 @@ class FluentdSink:
         async with self._lock:
             try:
                 writer = await self._connected()
-                writer.write(b"".join(frame for _, frame in frames))
+                writer.writelines(frame for _, frame in frames)
                 async with asyncio.timeout(self.config.timeout):
                     await writer.drain()
                     if self.config.ack:
@@ -210,8 +233,8 @@ class FluentdSink:
         self.frames += len(frames)
 
     def _frames(self, events: Sequence[CloudEvent]) -> tuple[list[_Chunk], list[tuple[CloudEvent, str]]]:
-        """(chunk id, PackedForward frame) per tag, in the batch's order; and the events that cannot
-        be packed, with why (no retry could: they are dead-lettered)."""
+        """(chunk id, PackedForward frame) per tag and max_frame_bytes, in the batch's order; and the
+        events that cannot be packed, with why (no retry could: they are dead-lettered)."""
         by_tag: dict[str, list[bytes]] = {}
         refused = []
         for event in events:
@@ -221,17 +244,21 @@ class FluentdSink:
             except (ValueError, TypeError, OverflowError, struct.error) as exc:
                 refused.append((event, f"{type(exc).__name__}: {exc}"))
         frames = []
-        for tag, group in by_tag.items():
-            entries = b"".join(group)
-            option: dict[str, Any] = {"size": len(group)}
-            if self.config.compress:
-                entries = gzip.compress(entries, compresslevel=1, mtime=0)
-                option["compressed"] = "gzip"
-            chunk = base64.b64encode(os.urandom(16)).decode() if self.config.ack else ""
-            if chunk:
-                option["chunk"] = chunk
-            frames.append((chunk, self._packer.pack([tag, entries, option])))
+        for tag, tagged in by_tag.items():
+            for group in _split(tagged, self.config.max_frame_bytes):
+                frames.append(self._frame(tag, group))
         return frames, refused
+
+    def _frame(self, tag: str, group: list[bytes]) -> _Chunk:
+        entries = b"".join(group)
+        option: dict[str, Any] = {"size": len(group)}
+        if self.config.compress:
+            entries = gzip.compress(entries, compresslevel=1, mtime=0)
+            option["compressed"] = "gzip"
+        chunk = base64.b64encode(os.urandom(16)).decode() if self.config.ack else ""
+        if chunk:
+            option["chunk"] = chunk
+        return chunk, self._packer.pack([tag, entries, option])
 
     async def _connected(self) -> asyncio.StreamWriter:
         reader, writer = self._reader, self._writer
