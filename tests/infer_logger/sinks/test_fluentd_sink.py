@@ -86,7 +86,8 @@ class TestRoundTrip:
         await sink.send_batch([request])
         assert memory.events == [request] and memory.events[0].meta["fluentd-time"] == str(ns)
 
-    async def test_event_that_cannot_be_packed_is_rejected(self, sink: FluentdSink, memory: MemorySink) -> None:
+    async def test_event_that_cannot_be_packed_is_rejected(
+            self, sink: FluentdSink, memory: MemorySink) -> None:
         good, _, _ = exchange(1)
         bad = CloudEvent({**good.attributes, "id": "lone \udc80 surrogate"}, good.data)
         with pytest.raises(RejectedError, match="1 event.* cannot be packed") as caught:
@@ -95,11 +96,13 @@ class TestRoundTrip:
         assert sink.errors == 0 and sink.records == 1
 
     @pytest.mark.parametrize("compress", [False, True])
-    async def test_a_big_batch_goes_in_frames_the_source_takes(self, memory: MemorySink, compress: bool) -> None:
+    async def test_a_big_batch_goes_in_frames_the_source_takes(
+            self, memory: MemorySink, compress: bool) -> None:
         """max_frame_bytes of entries per frame, each acked; an event bigger than that alone."""
         request = exchange(1)[0]
         sizes = [5000] * 20 + [40_000, 10]
-        sent = [CloudEvent({**request.attributes, "id": f"e{i}"}, b'"%s"' % (b"x" * n)) for i, n in enumerate(sizes)]
+        sent = [CloudEvent({**request.attributes, "id": f"e{i}"}, b'"%s"' % (b"x" * n))
+                for i, n in enumerate(sizes)]
         async with ForwardSourceConfig(port=0, max_frame_bytes=65536).build(memory) as src:
             sink = FluentdSinkConfig(port=src.port, max_frame_bytes=32768, compress=compress).build()
             await sink.send_batch(sent)
@@ -108,8 +111,8 @@ class TestRoundTrip:
         assert memory.events == sent
 
     async def test_frames_hold_at_most_10000_entries(self, sink: FluentdSink, memory: MemorySink) -> None:
-        request = exchange(1)[0]
-        await sink.send_batch([CloudEvent({**request.attributes, "id": f"e{i}"}, b"1") for i in range(10_001)])
+        attributes = exchange(1)[0].attributes
+        await sink.send_batch([CloudEvent({**attributes, "id": f"e{i}"}, b"1") for i in range(10_001)])
         assert sink.frames == 2 and len(memory.events) == 10_001
 
     async def test_compressed(self, source: ForwardSource, memory: MemorySink) -> None:

@@ -156,7 +156,7 @@ class TestModes:
     async def test_gzip_members_of_every_size(self, source: ForwardSource, memory: MemorySink) -> None:
         """Empty members, and one larger than any slice the source feeds zlib at once."""
         blob = os.urandom(300_000)  # incompressible: a member of ~300 KB
-        members = [gzip.compress(b"")] * 50 + [gzip.compress(pack([1, record])) for record in ({"b": blob}, {"n": 2})]
+        members = [gzip.compress(b"")] * 50 + [gzip.compress(pack([1, r])) for r in ({"b": blob}, {"n": 2})]
         frame = ["app", b"".join(members), {"compressed": "gzip", "chunk": "gz"}]
         assert await roundtrip(source, frame) == [{"ack": "gz"}]
         assert [e.json() for e in memory.events] == [{"b": base64.b64encode(blob).decode()}, {"n": 2}]
