@@ -20,7 +20,7 @@ import asyncio
 import logging
 import re
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urljoin
 
@@ -28,7 +28,7 @@ from infer_logger.asgi import run_lifespan
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import ConfigError, InferLoggerError, InvalidEventError
 from infer_logger.spool import DiskSpool, MemorySpool
-from pipelines.broker.channel import TTL, Channel, RefusedError, SpoolChannel
+from pipelines.broker.channel import TTL, Channel, ChannelError, RefusedError, SpoolChannel
 from pipelines.broker.components import Component, Components, component_config
 from pipelines.broker.delivery import DeliverySpec, Destination, RetryPolicy
 from pipelines.broker.dispatcher import TriggerDispatcher
@@ -169,7 +169,7 @@ class Broker:
         """Read the trigger files again; on any error keep serving the current triggers."""
         try:
             await self._apply(self._load())
-        except ConfigError as exc:
+        except (ConfigError, ChannelError) as exc:
             self.metrics.reloads.labels("error").inc()
             log.error("trigger reload failed, the previous triggers keep running: %s", exc)
             return False
@@ -197,10 +197,15 @@ class Broker:
                     dispatchers[key] = self.dispatchers[key]
                 else:
                     dispatchers[key] = self._dispatcher(trigger, deliveries[trigger.broker_key])
+            self._check_channels(deliveries)
             for key in deliveries:
                 if key not in self.channels:
                     channel = self._open(key)
-                    await channel.start()
+                    try:
+                        await channel.start()
+                    except BaseException:
+                        await channel.aclose(0)
+                        raise
                     self.channels[key] = channel
             if s.role != "ingress":
                 await self._switch(wanted, dispatchers)
@@ -219,6 +224,12 @@ class Broker:
                 await channel.attach(trigger.name, dispatchers[key])
             elif dispatchers[key] is not self.dispatchers[key]:
                 await channel.replace(trigger.name, dispatchers[key], timeout=timeout)
+
+    def _check_channels(self, keys: Iterable[Key]) -> None:
+        """ConfigError for a broker whose channel could not exist (a Kafka topic name too long)."""
+        if self.settings.channel == "kafka":
+            for key in keys:
+                self.settings.kafka.topic(*key)
 
     def _open(self, key: Key) -> Channel:
         s = self.settings
@@ -239,6 +250,7 @@ class Broker:
         """Validate the triggers and what they reference, starting nothing; returns their number."""
         new = self._load()
         deliveries = {(d.namespace, d.name): d.delivery for d in new.brokers}
+        self._check_channels([self.default_key, *deliveries, *(t.broker_key for t in new.triggers)])
         base = self.settings.effective_delivery()
         for trigger in new.triggers:
             own = deliveries.get(trigger.broker_key)

@@ -48,7 +48,7 @@ class KafkaChannel:
     def __init__(self, settings: KafkaChannelSettings, namespace: str, name: str, *, batch_size: int = 100) -> None:
         self.settings = settings
         self.namespace = namespace
-        self.topic = f"{settings.topic_prefix}-{namespace}-{name}"
+        self.topic = settings.topic(namespace, name)
         self.batch_size = batch_size
         self.ready = False
         self._sink = KafkaSinkConfig(

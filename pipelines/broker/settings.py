@@ -17,6 +17,7 @@ Triggers live in their own files (see `pipelines.broker.trigger`), so that they 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, mo
 from pydantic_settings import SettingsConfigDict
 
 from infer_logger.config import LayeredSettings
+from infer_logger.errors import ConfigError
 from infer_logger.sinks.base import SinkConfig
 from pipelines.broker.components import component_config
 from pipelines.broker.delivery import DeliverySpec, Destination
@@ -50,6 +52,10 @@ class SpoolSection(BaseModel):
     memory_max_events: int = Field(100_000, ge=1)
 
 
+_TOPIC = re.compile(r"[a-zA-Z0-9._-]+")
+_MAX_TOPIC = 249
+
+
 class KafkaChannelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -63,6 +69,14 @@ class KafkaChannelSettings(BaseModel):
     replication_factor: int = Field(1, ge=1)
     config: dict[str, str | int | float | bool] = Field(default_factory=dict)
     """librdkafka properties for every client (TLS, SASL, ...)."""
+
+    def topic(self, namespace: str, name: str) -> str:
+        """A broker's topic; ConfigError where Kafka would refuse it (long names can add up)."""
+        topic = f"{self.topic_prefix}-{namespace}-{name}"
+        if len(topic) > _MAX_TOPIC or not _TOPIC.fullmatch(topic):
+            raise ConfigError("kafka.topic_prefix", f"broker {namespace}/{name}: its topic {topic[:80]!r} is no "
+                              f"Kafka topic name (at most {_MAX_TOPIC} of a-z A-Z 0-9 . _ -)")
+        return topic
 
 
 class BrokerSettings(LayeredSettings):

@@ -252,3 +252,27 @@ async def test_kafka_unreachable_at_start_is_waited_for(tmp_path: Path, subscrib
         await broker.shutdown()
         server.stop()
     assert {e.id for e in subscriber.events} == {"k1", "k2"}
+
+
+async def test_a_broker_whose_topic_kafka_cannot_name_is_a_config_error(
+        tmp_path: Path, kafka_settings: dict[str, Any], subscriber: Subscriber) -> None:
+    """Names valid alone (up to 253 characters) add up past Kafka's 249 for a topic: `check`
+    refuses them, and a reload keeps the running triggers (it left a traceback and a producer)."""
+    from infer_logger.errors import ConfigError
+
+    long = "b" * 240
+    path = tmp_path / "triggers.yaml"
+    path.write_text(f"triggers: [{{name: a, subscriber: '{subscriber.url}'}}]\n")
+    broker = Broker(settings(tmp_path, trigger_files=[path], **kafka_settings))
+    await broker.startup()
+    try:
+        path.write_text(f"triggers: [{{name: a, broker: {long}, subscriber: '{subscriber.url}'}}]\n")
+        with pytest.raises(ConfigError, match="topic"):
+            broker.check()
+        assert not await broker.reload()
+        assert set(broker.channels) == {broker.default_key} and set(broker.triggers) == {("default", "a")}
+        reloads = {s.labels["result"]: s.value for m in broker.metrics.reloads.collect() for s in m.samples
+                   if s.name.endswith("_total")}
+        assert reloads == {"error": 1.0}
+    finally:
+        await broker.shutdown()
