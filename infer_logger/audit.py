@@ -23,7 +23,9 @@ order ends in the same document:
                                                                is its argmax
                                  {"values": [...]}             any other list
                                  {"outputs": {...}}            several named outputs (V2 tensors)
-                                 {"error": "text"}             status >= 400: the body as text
+                                 {"error": "text"}             status >= 400: the body as text on
+                                                               instance 0; the other instances get
+                                                               its first 1,000 characters, marked
     explanation                  the explainer's object as is; a list becomes
                                  {"attributions": {name: v}} with names, else {"values": [...]}
     <kind>_time                  the event's `time`
@@ -58,6 +60,7 @@ KINDS = events.KINDS
 SHARED = events.SHARED_FIELDS
 _MAX_ID_BYTES = 512  # Elasticsearch refuses longer _ids
 _SUM_TOLERANCE = 0.01  # float32 softmax outputs rarely sum to exactly 1
+_ERROR_COPY_CHARS = 1000  # of an error body on the instances after the first
 
 
 def documents(
@@ -78,8 +81,12 @@ def documents(
     common = _common(event, kind)
     parts: list[Document | None]
     if kind == "response" and _failed(common.get("status")):
-        # The error body is the whole exchange's: every instance gets it.
-        parts = [{"error": _text(events.decode_data(event))}] * max(1, instances if per_instance else 1)
+        # The error body is the whole exchange's: every instance gets it, the first one whole. A
+        # copy per instance would multiply it (a 1 MiB body, 400 instances: 400 MiB to index).
+        text = _text(events.decode_data(event))
+        parts = [{"error": text}]
+        if per_instance and instances > 1:
+            parts += [{"error": _cut(text)}] * (instances - 1)
     else:
         parts = [_part(kind, item, feature_names) for item in payloads.instances(event)]
     if not per_instance:
@@ -195,6 +202,12 @@ def _metadata(value: object) -> Document | None:
 
 def _text(value: object) -> str:
     return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def _cut(text: str) -> str:
+    if len(text) <= _ERROR_COPY_CHARS:
+        return text
+    return f"{text[:_ERROR_COPY_CHARS]}... [cut from {len(text)} characters: instance 0 has it whole]"
 
 
 def _utc(value: object) -> datetime | None:

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import re
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import urlsplit
@@ -218,13 +218,15 @@ class ElasticsearchSink:
         self._counts: dict[str, int] = {}
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
-        ops, rejected = self._ops(events)
-        if ops and not self._template_checked:
-            await self._ensure_template()
+        rejected: dict[int, str] = {}
+        # Encoded as the chunks go out: a batch's documents are never all in memory at once.
+        ops: Iterable[_Op] = self._ops(events, rejected)
         delay = self.config.retry_delay
         for attempt in range(1, self.config.max_attempts + 1):
             retry: list[tuple[_Op, int]] = []
             for chunk in _chunks(ops, int(self.config.max_bulk_bytes)):
+                if not self._template_checked:
+                    await self._ensure_template()
                 for op, item in zip(chunk, await self._bulk(chunk)):
                     status = int(item.get("status", 500))
                     if status < 300:
@@ -252,9 +254,9 @@ class ElasticsearchSink:
                 [events[i] for i in sorted(rejected)],
             )
 
-    def _ops(self, batch: Sequence[CloudEvent]) -> tuple[list[_Op], dict[int, str]]:
-        ops: list[_Op] = []
-        rejected: dict[int, str] = {}
+    def _ops(self, batch: Sequence[CloudEvent], rejected: dict[int, str]) -> Iterator[_Op]:
+        """The batch's `update` operations, event by event; events that cannot be encoded go
+        to `rejected` instead, by their position."""
         for i, event in enumerate(batch):
             names = self.config.feature_names.get(str(event.get(events.MODELNAME) or ""))
             known = self._counts.get(event.id, 0) if event.type == events.RESPONSE else 0
@@ -265,10 +267,11 @@ class ElasticsearchSink:
                 self._remember(event.id, len(docs))
             index = self.index(event) if docs else ""
             try:
-                ops.extend(_Op(i, _update(index, doc_id, doc)) for doc_id, doc in docs)
+                lines = [_update(index, doc_id, doc) for doc_id, doc in docs]
             except TypeError as exc:  # orjson: not JSON-encodable
                 rejected[i] = f"cannot encode a document: {exc}"
-        return ops, rejected
+                continue
+            yield from (_Op(i, line) for line in lines)
 
     def _remember(self, event_id: str, count: int) -> None:
         self._counts.pop(event_id, None)
@@ -331,15 +334,18 @@ def _update(index: str, doc_id: str, doc: Mapping[str, Any]) -> bytes:
     return orjson.dumps(action) + b"\n" + orjson.dumps({"doc": doc, "doc_as_upsert": True}) + b"\n"
 
 
-def _chunks(ops: Sequence[_Op], limit: int) -> Iterator[Sequence[_Op]]:
-    start, size = 0, 0
-    for i, op in enumerate(ops):
-        if size and size + len(op.lines) > limit:
-            yield ops[start:i]
-            start, size = i, 0
+def _chunks(ops: Iterable[_Op], limit: int) -> Iterator[list[_Op]]:
+    """`ops` in lists of up to `limit` bytes (or one larger op), taken from `ops` as needed."""
+    chunk: list[_Op] = []
+    size = 0
+    for op in ops:
+        if chunk and size + len(op.lines) > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(op)
         size += len(op.lines)
-    if start < len(ops):
-        yield ops[start:]
+    if chunk:
+        yield chunk
 
 
 def _reason(item: Mapping[str, Any]) -> str:

@@ -215,6 +215,17 @@ class TestResponse:
         assert [k for k, _ in docs] == ["a-0", "a-1", "a-2"]
         assert all(d["response"] == {"error": '{"error":"boom"}'} and d["status"] == 500 for _, d in docs)
 
+    def test_a_large_error_is_whole_on_the_first_instance_only(self) -> None:
+        body = {"error": "E" * 5000}
+        text = orjson.dumps(body).decode()
+        docs = documents(response(body, status=500), instances=400)
+        assert len(docs) == 400 and all(d["status"] == 500 for _, d in docs)
+        assert docs[0][1]["response"] == {"error": text}
+        for _, doc in docs[1:]:
+            error = doc["response"]["error"]
+            assert error.startswith(text[:1000]) and len(error) < 1100
+            assert f"cut from {len(text)} characters" in error
+
     def test_fewer_predictions_than_instances(self) -> None:
         docs = documents(response({"predictions": [7]}), instances=3)
         assert [d.get("response") for _, d in docs] == [{"prediction": 7}, None, None]

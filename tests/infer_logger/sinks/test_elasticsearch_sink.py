@@ -28,6 +28,8 @@ from infer_logger.sinks.elasticsearch import (
     ElasticsearchSink,
     ElasticsearchSinkConfig,
     IndexNamer,
+    _chunks,
+    _Op,
     sanitize_index,
     setup_elasticsearch,
 )
@@ -280,6 +282,18 @@ class TestJoin:
         assert sorted(found) == ["err-0", "err-1", "err-2"]
         assert all(d["status"] == 500 and "model crashed" in d["response"]["error"] for d in found.values())
 
+    async def test_a_large_error_body_is_indexed_whole_once(self, es_url: str, es: Elasticsearch) -> None:
+        service = unique()
+        error = {"error": "E" * 200_000}
+        sink = ElasticsearchSinkConfig(url=es_url).build()
+        await sink.send_batch([request("big", service, {"instances": [[i] for i in range(50)]})])
+        await sink.send_batch([response("big", service, error, status=500)])
+        await sink.aclose()
+        found = docs(es, service)
+        assert len(found) == 50 and all(d["status"] == 500 for d in found.values())
+        assert found["big-0"]["response"]["error"] == orjson.dumps(error).decode()
+        assert all(len(found[f"big-{i}"]["response"]["error"]) < 1100 for i in range(1, 50))
+
     async def test_redelivery_does_not_duplicate(self, es_url: str, es: Elasticsearch) -> None:
         service = unique()
         batch = [request("r", service), response("r", service), explanation("r", service)]
@@ -453,6 +467,20 @@ class FakeBulk(EventCollector):
     def __enter__(self) -> Self:
         self.start()
         return self
+
+
+def test_chunks_take_operations_as_they_are_sent() -> None:
+    taken: list[int] = []
+
+    def ops() -> Iterator[_Op]:
+        for i in range(10):
+            taken.append(i)
+            yield _Op(i, b"x" * 100)
+
+    chunks = _chunks(ops(), 250)
+    assert [op.event for op in next(chunks)] == [0, 1]
+    assert taken == [0, 1, 2]  # the third was read to know the chunk was full, no more
+    assert [[op.event for op in chunk] for chunk in chunks] == [[2, 3], [4, 5], [6, 7], [8, 9]]
 
 
 def _fake_config(fake: FakeBulk) -> ElasticsearchSinkConfig:
