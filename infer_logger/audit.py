@@ -16,7 +16,9 @@ order ends in the same document:
     request                      {"features": {name: value}}   an object instance, or a list with
                                                                `feature_names` of the same length
                                  {"values": [...]}             a list, names unknown
-                                 {"value": x}                  anything else (text, base64...)
+                                 {"value": x}                  anything else (a JSON scalar)
+                                 {"raw": "base64"}             a payload that is not JSON, or was
+                                                               truncated (any kind; kept, not indexed)
     response                     {"prediction": x}             a scalar
                                  {"prediction": i, "probabilities": [...]}
                                                                a list that sums to 1 in [0, 1]: i
@@ -61,6 +63,8 @@ SHARED = events.SHARED_FIELDS
 _MAX_ID_BYTES = 512  # Elasticsearch refuses longer _ids
 _SUM_TOLERANCE = 0.01  # float32 softmax outputs rarely sum to exactly 1
 _ERROR_COPY_CHARS = 1000  # of an error body on the instances after the first
+_SPLIT = {"request": payloads.split_request, "response": payloads.split_response,
+          "explanation": payloads.split_explanation}
 
 
 def documents(
@@ -79,16 +83,19 @@ def documents(
     if kind is None:
         return []
     common = _common(event, kind)
+    body = events.decode_data(event)
     parts: list[Document | None]
     if kind == "response" and _failed(common.get("status")):
         # The error body is the whole exchange's: every instance gets it, the first one whole. A
         # copy per instance would multiply it (a 1 MiB body, 400 instances: 400 MiB to index).
-        text = _text(events.decode_data(event))
+        text = _text(body)
         parts = [{"error": text}]
         if per_instance and instances > 1:
             parts += [{"error": _cut(text)}] * (instances - 1)
+    elif (raw := _raw(event, body)) is not None:
+        parts = [{"raw": raw}]  # its shape is unknown: never a prediction or features
     else:
-        parts = [_part(kind, item, feature_names) for item in payloads.instances(event)]
+        parts = [_part(kind, item, feature_names) for item in _SPLIT[kind](body)]
     if not per_instance:
         doc = dict(common)
         if present := [p for p in parts if p is not None]:
@@ -208,6 +215,15 @@ def _cut(text: str) -> str:
     if len(text) <= _ERROR_COPY_CHARS:
         return text
     return f"{text[:_ERROR_COPY_CHARS]}... [cut from {len(text)} characters: instance 0 has it whole]"
+
+
+def _raw(event: CloudEvent, body: object) -> str | None:
+    """The base64 text `decode_data` gives for a payload that is not JSON (or was truncated);
+    None for JSON, even a JSON object that happens to be `{"base64": ...}`."""
+    if not (isinstance(body, Mapping) and len(body) == 1 and isinstance(text := body.get("base64"), str)):
+        return None
+    # Base64 of the data itself has exactly this length; JSON holding such a text is longer.
+    return text if event.data is not None and len(text) == (len(event.data) + 2) // 3 * 4 else None
 
 
 def _utc(value: object) -> datetime | None:

@@ -8,7 +8,17 @@ and float32 would round large integers), and every `*_attributes` value is a `ke
 
 Dynamic fields still take the type they are first seen with: a feature that is a number in one
 request and text in another is refused (400) from then on, and the sink dead-letters that event.
-Indices per model (the sink's default name) keep such clashes between models apart.
+Indices per model (the sink's default name) keep such clashes between models apart. Where one
+field routinely holds several types, it has a type that takes them all:
+
+- `request.values` and `explanation.values` (list instances without names, e.g. a tabular row
+  `[5.1, "red", 3]`) are `keyword`: numbers are kept and searchable as terms, not as ranges.
+  Configure the sink's `feature_names` for the model to get typed per-feature fields
+  (`request.features.<name>`, `explanation.attributions.<name>`). `response.values` stays numeric.
+- `*.raw` (a payload that is not JSON, or was truncated, as base64) is kept, not indexed.
+- `explanation.params` (the explainer's settings: `nsamples` 200 or "auto") is `flattened`.
+- Strings are never detected as dates (`date_detection` off): a feature "2024-01-01" is a
+  keyword, so a later "unknown" in it is taken.
 
 `version` marks our revision: installing skips a template of the same version, so running setup
 again changes nothing, and the sink creates the template only when it is missing.
@@ -24,7 +34,7 @@ if TYPE_CHECKING:
 
 TEMPLATE_NAME = "inference-log"
 INDEX_PATTERNS = ("inference-log-*",)
-VERSION = 1
+VERSION = 2  # 2: date_detection off, keyword `values`, `raw`, flattened `explanation.params`
 # Above the built-in templates (`logs-*-*` etc. sit at 100); equal priorities may not overlap.
 PRIORITY = 200
 
@@ -33,8 +43,10 @@ Outcome = Literal["created", "updated", "unchanged", "kept"]
 _KEYWORD = {"type": "keyword", "ignore_above": 1024}
 _DATE = {"type": "date"}
 _PAYLOAD = {"type": "object", "dynamic": True}
+_STORED = {"type": "keyword", "index": False, "doc_values": False}  # in _source only
 
 MAPPINGS: dict[str, Any] = {
+    "date_detection": False,
     "dynamic_templates": [
         {"attributes_as_keywords": {"path_match": "*_attributes.*", "mapping": _KEYWORD}},
         {"strings_as_keywords": {"match_mapping_type": "string", "mapping": _KEYWORD}},
@@ -56,12 +68,20 @@ MAPPINGS: dict[str, Any] = {
         "status": {"type": "integer"},
         "latency_ms": {"type": "float"},
         "metadata": {"type": "object", "dynamic": True},
-        "request": {**_PAYLOAD, "properties": {"features": _PAYLOAD}},
+        "request": {**_PAYLOAD, "properties": {"features": _PAYLOAD, "values": _KEYWORD, "raw": _STORED}},
         "response": {
             **_PAYLOAD,
-            "properties": {"probabilities": {"type": "float"}, "outputs": _PAYLOAD, "error": {"type": "text"}},
+            "properties": {
+                "probabilities": {"type": "float"},
+                "outputs": _PAYLOAD,
+                "error": {"type": "text"},
+                "raw": _STORED,
+            },
         },
-        "explanation": _PAYLOAD,
+        "explanation": {
+            **_PAYLOAD,
+            "properties": {"values": _KEYWORD, "raw": _STORED, "params": {"type": "flattened"}},
+        },
         **{f"{kind}_time": _DATE for kind in ("request", "response", "explanation")},
         **{f"{kind}_attributes": _PAYLOAD for kind in ("request", "response", "explanation")},
     },

@@ -181,7 +181,8 @@ class TestRequest:
     def test_scalars_and_binary(self) -> None:
         assert parts(request({"instances": ["some text"]}), "request") == [{"value": "some text"}]
         (got,) = parts(request(b"\x00\x01"), "request")
-        assert got == {"features": {"base64": "AAE="}}
+        assert got == {"raw": "AAE="}  # kept as is, never features
+        assert parts(request({"base64": "AAE="}), "request") == [{"features": {"base64": "AAE="}}]  # JSON
 
 
 class TestResponse:
@@ -225,6 +226,13 @@ class TestResponse:
             error = doc["response"]["error"]
             assert error.startswith(text[:1000]) and len(error) < 1100
             assert f"cut from {len(text)} characters" in error
+
+    def test_not_json_or_truncated_is_raw(self) -> None:
+        assert parts(response(b"setosa", datacontenttype="text/plain"), "response") == [{"raw": "c2V0b3Nh"}]
+        cut = orjson.dumps({"predictions": [1, 2, 3]})[:10]
+        (got,) = parts(response(cut, truncated=True, datasize=99), "response")
+        assert set(got) == {"raw"}  # not a prediction of the first 10 bytes
+        assert parts(explanation(b"<html>"), "explanation") == [{"raw": "PGh0bWw+"}]
 
     def test_fewer_predictions_than_instances(self) -> None:
         docs = documents(response({"predictions": [7]}), instances=3)

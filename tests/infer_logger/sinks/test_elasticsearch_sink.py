@@ -183,6 +183,40 @@ class TestTemplate:
             es.indices.delete(index=f"{prefix}-iris", ignore_unavailable=True)
             es.indices.delete_index_template(name=prefix)
 
+    async def test_payloads_of_mixed_types_are_taken(self, es_url: str, es: Elasticsearch) -> None:
+        prefix = unique("itest")
+        config = ElasticsearchSinkConfig(url=es_url, index=prefix + "-{modelname}", template_name=prefix)
+
+        def explained(id_: str, params: dict[str, Any]) -> CloudEvent:
+            body = {"explanations": [{"method": "kernel", "params": params, "attributions": {"a": 0.1}}]}
+            return _event(events.EXPLANATION, id_, body, T2, "iris")
+
+        batches = [
+            [request("row", "iris", {"instances": [[5.1, "red", 3]]})],  # a categorical column
+            [request("date", "iris", {"instances": [{"signup": "2024-01-01"}]})],
+            [request("text", "iris", {"instances": [{"signup": "unknown"}]})],  # not a date field
+            [response("num", "iris", {"predictions": [1, 0]})],
+            [_event(events.RESPONSE, "cut", {"predictions": [1]}, T1, "iris", statuscode=200, truncated=True)],
+            [CloudEvent(response("txt", "iris").attributes, b"setosa")],  # not JSON
+            [explained("e1", {"nsamples": 200, "l1_reg": False})],
+            [explained("e2", {"nsamples": "auto", "l1_reg": "aic"})],
+        ]
+        try:
+            await send(config, *batches)  # none refused
+            es.indices.refresh(index=f"{prefix}-iris")
+            assert es.count(index=f"{prefix}-iris")["count"] == 9
+            props = es.indices.get_mapping(index=f"{prefix}-iris")[f"{prefix}-iris"]["mappings"]["properties"]
+            assert props["request"]["properties"]["values"]["type"] == "keyword"
+            assert props["request"]["properties"]["features"]["properties"]["signup"]["type"] == "keyword"
+            assert props["response"]["properties"]["prediction"]["type"] == "double"
+            assert props["response"]["properties"]["raw"] == {"type": "keyword", "index": False, "doc_values": False}
+            assert props["explanation"]["properties"]["params"]["type"] == "flattened"
+            hits = es.search(index=f"{prefix}-iris", query={"term": {"request.values": "red"}})["hits"]["hits"]
+            assert [h["_id"] for h in hits] == ["row-0"]
+        finally:
+            es.indices.delete(index=f"{prefix}-iris", ignore_unavailable=True)
+            es.indices.delete_index_template(name=prefix)
+
     async def test_sink_creates_a_missing_template(self, es_url: str, es: Elasticsearch) -> None:
         prefix = unique("itest")
         config = ElasticsearchSinkConfig(url=es_url, index=prefix + "-{modelname}", template_name=prefix)
