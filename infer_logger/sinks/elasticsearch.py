@@ -13,8 +13,11 @@ overwrites. Per-item results decide what happens next:
   reason; the rest of the batch is taken.
 
 Failures of the whole request (connection refused, timeouts, auth, 5xx) raise `SinkError`: they
-are never the events' fault. `elasticsearch` is an optional extra, so this module imports it
-only when a sink is built.
+are never the events' fault. Before its first write the sink creates its index template when
+missing: a 429 or 5xx to that (a cluster still starting) is a `SinkError` too, and the template is
+checked again with the retry; a lasting refusal (400, 401, 403: no privilege) is logged once and
+the sink writes anyway. `elasticsearch` is an optional extra, so this module imports it only
+when a sink is built.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ DEFAULT_INDEX = "inference-log-{namespace}-{inferenceservicename}"
 # Item statuses that are the cluster's state, not the document's fault: an index that may not be
 # auto-created (404), a key without write privilege (401/403), conflicts, overload.
 RETRYABLE = frozenset({401, 403, 404, 408, 409, 429})
+_TRANSIENT = frozenset({408, 409, 429})  # and 5xx: the template check is tried again
 _INVALID = re.compile(r"[^a-z0-9_.+-]+")  # stricter than Elasticsearch: no \/*?"<>|,#: or spaces
 _LEADING = re.compile(r"^[-_+.]+")
 _MAX_INDEX_BYTES = 255
@@ -314,7 +318,16 @@ class ElasticsearchSink:
                 overwrite=False,
             )
         except ApiError as exc:
-            # E.g. an API key without manage_index_templates: write anyway, say so once.
+            if exc.meta.status in _TRANSIENT or exc.meta.status >= 500:
+                # A cluster still starting, or overloaded: writing now would auto-create indices
+                # without the template, for good. Checked again with the batch's retry.
+                raise SinkError(
+                    f"elasticsearch at {self.config.where} answered {exc.meta.status} to the index "
+                    f"template check: {exc.message}",
+                    retry_after=_retry_after(exc.meta.headers.get("retry-after")),
+                ) from exc
+            # A refusal that will not change, e.g. an API key without manage_index_templates
+            # (403): write anyway, say so once.
             log.warning("elasticsearch sink: cannot install index template %s: %s",
                         self.config.template_name, exc)
         except TransportError as exc:

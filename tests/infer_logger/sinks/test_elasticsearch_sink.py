@@ -254,6 +254,78 @@ class TestTemplate:
             es.indices.delete_index_template(name=name)
 
 
+class TemplateRefused(EventCollector):
+    """A proxy to a real Elasticsearch that answers the first `refusals` template requests with
+    `status` (a cluster still starting, or a key without the privilege)."""
+
+    def __init__(self, upstream: str, status: int, refusals: int = 1) -> None:
+        super().__init__()
+        self.upstream, self.status, self.refusals = upstream.rstrip("/"), status, refusals
+        self.refused: list[str] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await super().__call__(scope, receive, send)
+        import aiohttp
+
+        body = await read_body(receive)
+        headers = [(b"content-type", b"application/json"), (b"x-elastic-product", b"Elasticsearch")]
+        if scope["path"].startswith("/_index_template") and len(self.refused) < self.refusals:
+            self.refused.append(f"{scope['method']} {scope['path']}")
+            error = {"error": {"type": "refused", "reason": "refused by the test"}, "status": self.status}
+            return await respond(send, self.status, headers, orjson.dumps(error))
+        query = scope["query_string"].decode()
+        url = self.upstream + scope["path"] + (f"?{query}" if query else "")
+        forwarded = {k.decode(): v.decode() for k, v in scope["headers"] if k not in (b"host", b"content-length")}
+        async with aiohttp.ClientSession() as session, session.request(
+                scope["method"], url, data=body, headers=forwarded) as answer:
+            await respond(send, answer.status, headers, await answer.read())
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+
+class TestTemplateCheck:
+    """The sink's template check: retried when the cluster is not ready, given up when refused."""
+
+    async def test_a_cluster_not_ready_is_retried_before_any_write(self, es_url: str, es: Elasticsearch) -> None:
+        prefix = unique("itest")
+        with TemplateRefused(es_url, 503) as proxy:
+            config = ElasticsearchSinkConfig(url=proxy.url, index=prefix + "-{modelname}", template_name=prefix)
+            sink = config.build()
+            try:
+                with pytest.raises(SinkError, match="503") as caught:
+                    await sink.send_batch([request("a", "iris", {"instances": [{"x": 5}]})])
+                assert not isinstance(caught.value, RejectedError)
+                assert not es.indices.exists(index=f"{prefix}-iris")  # nothing written without it
+                await sink.send_batch([request("a", "iris", {"instances": [{"x": 5}]})])  # the retry
+            finally:
+                await sink.aclose()
+        try:
+            assert es.indices.exists_index_template(name=prefix)
+            props = es.indices.get_mapping(index=f"{prefix}-iris")[f"{prefix}-iris"]["mappings"]["properties"]
+            assert props["id"]["type"] == "keyword"
+            assert props["request"]["properties"]["features"]["properties"]["x"]["type"] == "double"
+        finally:
+            es.indices.delete(index=f"{prefix}-iris", ignore_unavailable=True)
+            es.indices.delete_index_template(name=prefix)
+
+    async def test_no_privilege_writes_anyway_and_says_so_once(
+            self, es_url: str, es: Elasticsearch, caplog: pytest.LogCaptureFixture) -> None:
+        prefix = unique("itest")
+        with TemplateRefused(es_url, 403, refusals=100) as proxy:
+            config = ElasticsearchSinkConfig(url=proxy.url, index=prefix + "-{modelname}", template_name=prefix)
+            await send(config, [request("a", "iris")], [request("b", "iris")])
+            assert len(proxy.refused) == 1
+        try:
+            es.indices.refresh(index=f"{prefix}-iris")
+            assert es.count(index=f"{prefix}-iris")["count"] == 4
+            assert sum("cannot install index template" in r.getMessage() for r in caplog.records) == 1
+        finally:
+            es.indices.delete(index=f"{prefix}-iris", ignore_unavailable=True)
+
+
 class TestJoin:
     """Request, response and explanation end in one document per instance, whatever the order."""
 
