@@ -190,14 +190,20 @@ def setup() -> None:
 
 @setup.command("elasticsearch", context_settings=_HELP)
 @click.option("--url", default="http://localhost:9200", show_default=True, help="Elasticsearch URL.")
+@click.option("--index", help="The sink's `index` setting, whose prefix the template matches.  "
+                              "[default: inference-log-{namespace}-{inferenceservicename}]")
+@click.option("--template-name", help="The sink's `template_name` setting.  [default: the index's prefix]")
 @click.option("--keep/--overwrite", default=False, show_default=True,
               help="Keep an existing template of another version instead of replacing it.")
-def setup_elasticsearch_command(url: str, keep: bool) -> None:
-    """Install the `inference-log` index template (explicit mappings for the audit record)."""
-    from infer_logger.sinks.elasticsearch import setup_elasticsearch
+def setup_elasticsearch_command(url: str, index: str | None, template_name: str | None, keep: bool) -> None:
+    """Install the index template a sink with these settings uses (explicit mappings for the
+    audit record): `inference-log` for `inference-log-*` by default."""
+    from infer_logger.sinks.elasticsearch import ElasticsearchSinkConfig, setup_elasticsearch
 
+    given = {"index": index, "template_name": template_name}
+    config = ElasticsearchSinkConfig(url=url, **{k: v for k, v in given.items() if v is not None})
     try:
-        for line in setup_elasticsearch(url, overwrite=not keep):
+        for line in setup_elasticsearch(config, overwrite=not keep):
             click.echo(line)
     except InferLoggerError as exc:
         click.echo(f"infer-logger: {exc}", err=True)

@@ -89,6 +89,8 @@ class ElasticsearchSinkConfig(SinkConfig):
     install_template: bool = True
     """Create the index template before the first write when it is missing (never replaces one)."""
     template_name: str = TEMPLATE_NAME
+    """The index template's name; unset: the index's fixed prefix (`inference-log` for the default
+    index), so that sinks writing other indices have templates of their own."""
 
     @field_validator("url")
     @classmethod
@@ -114,7 +116,10 @@ class ElasticsearchSinkConfig(SinkConfig):
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password go together")
         if self.install_template:
-            self.template_patterns()
+            patterns = self.template_patterns()
+            if "template_name" not in self.model_fields_set:
+                # One name per pattern: a shared one was found with the other's patterns and kept.
+                self.template_name = patterns[0].removesuffix("*").rstrip("-") or TEMPLATE_NAME
         return self
 
     @property
@@ -127,13 +132,15 @@ class ElasticsearchSinkConfig(SinkConfig):
         return ", ".join(_without_userinfo(u) for u in self.urls)
 
     def template_patterns(self) -> list[str]:
-        """The index patterns the template must match: the index name up to its first field."""
+        """The index patterns the template must match: the index name up to its first field,
+        sanitized as the names are (`_Audit-{namespace}` writes `audit-prod`: `audit-*`)."""
         prefix = self.index.split("{", 1)[0]
         if "{" not in self.index:
             return [sanitize_index(prefix)]
-        if not _LEADING.sub("", prefix.lower()):
+        fixed = _LEADING.sub("", _INVALID.sub("-", prefix.lower()))
+        if not fixed:
             raise ConfigError("index", f"{self.index!r} has no fixed prefix for the index template to match")
-        return [_INVALID.sub("-", prefix.lower()) + "*"]
+        return [fixed + "*"]
 
     def client(self) -> AsyncElasticsearch:
         try:
@@ -335,6 +342,14 @@ class ElasticsearchSink:
         else:
             if outcome == "created":
                 log.info("elasticsearch sink: created index template %s", self.config.template_name)
+            elif outcome == "kept":
+                log.warning(
+                    "elasticsearch sink: index template %s exists for other index patterns or of another "
+                    "version: kept, so indices %s may be created without our mappings (replace it with "
+                    "`infer-logger setup elasticsearch --index '%s' --template-name %s`)",
+                    self.config.template_name, ", ".join(self.config.template_patterns()),
+                    self.config.index, self.config.template_name,
+                )
         self._template_checked = True
 
     async def aclose(self) -> None:
@@ -395,7 +410,11 @@ def setup_elasticsearch(target: str | ElasticsearchSinkConfig, *, overwrite: boo
                 client, name=config.template_name, index_patterns=patterns, overwrite=overwrite
             )
         except ApiError as exc:
-            raise SinkError(f"elasticsearch at {config.where} answered {exc.meta.status}: {exc.message}") from exc
+            error = exc.body.get("error") if isinstance(exc.body, dict) else None
+            reason = f": {error.get('reason')}" if isinstance(error, dict) and error.get("reason") else ""
+            raise SinkError(
+                f"elasticsearch at {config.where} answered {exc.meta.status}: {exc.message}{reason}"
+            ) from exc
         except TransportError as exc:
             raise SinkError(f"elasticsearch at {config.where}: {exc}") from exc
         finally:

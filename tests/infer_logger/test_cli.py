@@ -70,6 +70,24 @@ def test_setup_elasticsearch(es_url: str) -> None:
     assert "inference-log" in result.output
 
 
+def test_setup_elasticsearch_for_a_sink_index(es_url: str) -> None:
+    from elasticsearch import Elasticsearch
+
+    result = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", es_url, "--index", "clitest-{namespace}"])
+    assert result.exit_code == 0, result.output
+    assert "index template clitest for clitest-*: created" in result.output
+    named = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", es_url, "--index", "clitest2-{namespace}",
+                                      "--template-name", "clitest-named"])
+    assert "index template clitest-named for clitest2-*: created" in named.output
+    overlapping = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", es_url, "--index", "clitest-x-{a}"])
+    assert overlapping.exit_code == 1 and "clitest" in overlapping.output  # the server's reason
+    with Elasticsearch(es_url) as es:
+        found = es.indices.get_index_template(name="clitest")["index_templates"][0]["index_template"]
+        assert found["index_patterns"] == ["clitest-*"]
+        es.indices.delete_index_template(name="clitest")
+        es.indices.delete_index_template(name="clitest-named")
+
+
 def test_setup_elasticsearch_unreachable_names_the_address() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     result = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", url])

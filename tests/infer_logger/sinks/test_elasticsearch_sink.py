@@ -112,6 +112,7 @@ class TestConfig:
         assert config.sink_name == "elasticsearch"
         assert config.urls == ["http://localhost:9200"]
         assert config.template_patterns() == ["inference-log-*"]
+        assert config.template_name == "inference-log"
         sink = config.build()
         assert isinstance(sink, Sink)
         asyncio.run(sink.aclose())
@@ -148,6 +149,20 @@ class TestConfig:
         got = client._headers.get("authorization") or node.config.headers.get("authorization")
         assert got == auth
         asyncio.run(client.close())
+
+    @pytest.mark.parametrize(("index", "patterns", "name"), [
+        ("audit-{inferenceservicename}", ["audit-*"], "audit"),
+        ("_audit-{namespace}", ["audit-*"], "audit"),  # written as audit-<namespace>
+        ("+Audit {namespace}", ["audit-*"], "audit"),
+        ("audit_{namespace}", ["audit_*"], "audit_"),
+        ("Audit", ["audit"], "audit"),
+    ])
+    def test_template_follows_the_index(self, index: str, patterns: list[str], name: str) -> None:
+        config = ElasticsearchSinkConfig(index=index)
+        assert (config.template_patterns(), config.template_name) == (patterns, name)
+        written = IndexNamer(index)(request("a", "iris"))
+        assert any(written.startswith(p.rstrip("*")) for p in patterns), written
+        assert ElasticsearchSinkConfig(index=index, template_name="mine").template_name == "mine"
 
     def test_index_names(self) -> None:
         namer = IndexNamer("inference-log-{namespace}-{inferenceservicename}")
@@ -228,6 +243,27 @@ class TestTemplate:
             assert mapping["properties"]["status"]["type"] == "integer"
         finally:
             es.indices.delete(index=f"{prefix}-iris", ignore_unavailable=True)
+            es.indices.delete_index_template(name=prefix)
+
+    async def test_a_custom_index_gets_its_own_template_beside_the_default(
+            self, es_url: str, es: Elasticsearch, caplog: pytest.LogCaptureFixture) -> None:
+        prefix = unique("itest")
+        await asyncio.to_thread(setup_elasticsearch, ElasticsearchSinkConfig(url=es_url))  # for inference-log-*
+        config = ElasticsearchSinkConfig(url=es_url, index=prefix + "-{modelname}")
+        try:
+            await send(config, [request("a", "iris", {"instances": [{"x": 5}]})])
+            assert es.indices.get_index_template(name=prefix)["index_templates"][0]["index_template"][
+                "index_patterns"] == [f"{prefix}-*"]
+            assert es.indices.get_index_template(name="inference-log")["index_templates"][0]["index_template"][
+                "index_patterns"] == ["inference-log-*"]
+            props = es.indices.get_mapping(index=f"{prefix}-iris")[f"{prefix}-iris"]["mappings"]["properties"]
+            assert props["id"]["type"] == "keyword"
+            # A name shared on purpose, with the other patterns: kept, and said so.
+            shared = ElasticsearchSinkConfig(url=es_url, index=prefix + "-x-{modelname}", template_name=prefix)
+            await send(shared, [request("b", "iris")])
+            assert any(r.levelname == "WARNING" and "kept" in r.getMessage() for r in caplog.records)
+        finally:
+            es.indices.delete(index=f"{prefix}-iris,{prefix}-x-iris", ignore_unavailable=True)
             es.indices.delete_index_template(name=prefix)
 
     def test_setup_without_a_server(self) -> None:
