@@ -198,13 +198,23 @@ def setup() -> None:
 def setup_elasticsearch_command(url: str, index: str | None, template_name: str | None, keep: bool) -> None:
     """Install the index template a sink with these settings uses (explicit mappings for the
     audit record): `inference-log` for `inference-log-*` by default."""
+    from pydantic import ValidationError
+
+    from infer_logger.config import config_error
     from infer_logger.sinks.elasticsearch import ElasticsearchSinkConfig, setup_elasticsearch
 
     given = {"index": index, "template_name": template_name}
-    config = ElasticsearchSinkConfig(url=url, **{k: v for k, v in given.items() if v is not None})
+    try:
+        config = ElasticsearchSinkConfig(url=url, **{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        click.echo(f"infer-logger: config error: {config_error(exc)}", err=True)
+        sys.exit(2)
     try:
         for line in setup_elasticsearch(config, overwrite=not keep):
             click.echo(line)
+    except ConfigError as exc:
+        click.echo(f"infer-logger: config error: {exc}", err=True)
+        sys.exit(2)
     except InferLoggerError as exc:
         click.echo(f"infer-logger: {exc}", err=True)
         sys.exit(1)

@@ -28,6 +28,7 @@ import re
 import string
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import urlsplit
 
@@ -99,8 +100,22 @@ class ElasticsearchSinkConfig(SinkConfig):
         if not urls:
             raise ValueError("give at least one URL")
         for url in urls:
-            if urlsplit(url).scheme not in ("http", "https"):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https"):
                 raise ValueError(f"{url!r}: an http:// or https:// URL is needed")
+            try:
+                host, _ = parts.hostname, parts.port  # .port raises for one out of range
+            except ValueError as exc:
+                raise ValueError(f"{url!r}: {exc}") from None
+            if not host:
+                raise ValueError(f"{url!r}: the URL names no host")
+        return value
+
+    @field_validator("ca_certs")
+    @classmethod
+    def _ca_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"{value!r} is not a file")
         return value
 
     @field_validator("index")
@@ -115,6 +130,8 @@ class ElasticsearchSinkConfig(SinkConfig):
             raise ValueError("api_key and username/password exclude each other")
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password go together")
+        if self.ca_certs and any(urlsplit(url).scheme != "https" for url in self.urls):
+            raise ValueError("ca_certs is for https:// URLs only")
         if self.install_template:
             patterns = self.template_patterns()
             if "template_name" not in self.model_fields_set:
@@ -163,7 +180,11 @@ class ElasticsearchSinkConfig(SinkConfig):
         if self.username is not None and self.password is not None:
             options["basic_auth"] = (self.username, self.password.get_secret_value())
         # The default node class (aiohttp) is a core dependency and as fast as httpx's here.
-        return AsyncElasticsearch(self.urls, **options)
+        try:
+            return AsyncElasticsearch(self.urls, **options)
+        except ValueError as exc:  # what the validators did not foresee: a bad URL or TLS option
+            field = "ca_certs" if self.ca_certs and ("ca_certs" in str(exc) or "TLS" in str(exc)) else "url"
+            raise ConfigError(field, f"the Elasticsearch client refused it: {exc}") from exc
 
     def build(self) -> ElasticsearchSink:
         return ElasticsearchSink(self)

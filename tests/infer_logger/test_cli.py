@@ -88,6 +88,18 @@ def test_setup_elasticsearch_for_a_sink_index(es_url: str) -> None:
         es.indices.delete_index_template(name="clitest-named")
 
 
+@pytest.mark.parametrize(("args", "field"), [
+    (["--url", "localhost:9200"], "url"),
+    (["--url", "http://127.0.0.1:99999"], "url"),
+    (["--index", "{namespace}"], "index"),
+])
+def test_setup_elasticsearch_bad_settings_are_exit_2(args: list[str], field: str) -> None:
+    result = CliRunner().invoke(main, ["setup", "elasticsearch", *args])
+    assert result.exit_code == 2, result.output
+    assert "config error: " in result.output and f"{field}: " in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+
+
 def test_setup_elasticsearch_unreachable_names_the_address() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     result = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", url])

@@ -126,10 +126,22 @@ class TestConfig:
         {"index": "{namespace}-log"},
         {"api_key": "k", "username": "u", "password": "p"},
         {"username": "u"},
+        {"url": "http://127.0.0.1:99999"},
+        {"url": "http://:9200"},
+        {"url": "https://es:9200", "ca_certs": "/no/such/ca.pem"},
+        {"url": "http://es:9200", "ca_certs": __file__},  # a CA for plain http
     ])
     def test_invalid(self, fields: dict[str, Any]) -> None:
         with pytest.raises(ValueError):
             ElasticsearchSinkConfig.model_validate(fields)
+
+    def test_what_the_client_refuses_is_a_config_error(self) -> None:
+        unchecked = ElasticsearchSinkConfig.model_construct(url="http://127.0.0.1:99999")
+        with pytest.raises(ConfigError, match="^url: .*99999"):
+            unchecked.client()
+        unchecked = ElasticsearchSinkConfig.model_construct(url="http://es:9200", ca_certs=__file__)
+        with pytest.raises(ConfigError, match="^ca_certs: "):
+            unchecked.client()
 
     def test_credentials_stay_out_of_messages(self) -> None:
         config = ElasticsearchSinkConfig(url=["https://u:secret@es1:9200", "http://es2:9200"])
