@@ -12,7 +12,8 @@ order ends in the same document:
     model, model_version, service, namespace, component, endpoint, protocol, path
                                  from the request and response events (copies of one another)
     metadata                     the `metadata` attribute as an object
-    status, latency_ms           the response's, on every instance's document it knows of
+    status, latency_ms           the response's, on every instance's document it knows of (a
+                                 latency that is not finite, or over ~30 years, is left out)
     request                      {"features": {name: value}}   an object instance, or a list with
                                                                `feature_names` of the same length
                                  {"values": [...]}             a list, names unknown
@@ -48,6 +49,7 @@ have no status. A response with more items than the request makes documents with
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -63,6 +65,7 @@ SHARED = events.SHARED_FIELDS
 _MAX_ID_BYTES = 512  # Elasticsearch refuses longer _ids
 _SUM_TOLERANCE = 0.01  # float32 softmax outputs rarely sum to exactly 1
 _ERROR_COPY_CHARS = 1000  # of an error body on the instances after the first
+_MAX_LATENCY_MS = 1e12  # ~30 years: anything longer is a broken attribute, not a latency
 _SPLIT = {"request": payloads.split_request, "response": payloads.split_response,
           "explanation": payloads.split_explanation}
 
@@ -134,13 +137,16 @@ def _common(event: CloudEvent, kind: str) -> Document:
         if time is not None:
             doc["@timestamp"] = _format(time)
     elif kind == "response":
-        status, latency = events.as_int(attrs.get(events.STATUSCODE)), events.as_float(attrs.get(events.LATENCYMS))
+        status, latency = events.as_int(attrs.get(events.STATUSCODE)), _latency(attrs.get(events.LATENCYMS))
         if status is not None:
             doc["status"] = status
         if latency is not None:
             doc["latency_ms"] = latency
         if time is not None:
-            doc["@timestamp"] = _format(time - timedelta(milliseconds=latency or 0.0))
+            try:
+                doc["@timestamp"] = _format(time - timedelta(milliseconds=latency or 0.0))
+            except OverflowError:  # a time within its latency of year 1: no request time
+                pass
     if time is not None:
         doc[f"{kind}_time"] = _format(time)
     doc[f"{kind}_attributes"] = {name: attribute_text(value) for name, value in attrs.items()}
@@ -226,6 +232,13 @@ def _raw(event: CloudEvent, body: object) -> str | None:
     return text if event.data is not None and len(text) == (len(event.data) + 2) // 3 * 4 else None
 
 
+def _latency(value: object) -> float | None:
+    latency = events.as_float(value)
+    if latency is None or not math.isfinite(latency) or abs(latency) > _MAX_LATENCY_MS:
+        return None
+    return latency
+
+
 def _utc(value: object) -> datetime | None:
     if value is None or value == "":
         return None
@@ -236,8 +249,12 @@ def _utc(value: object) -> datetime | None:
             moment = datetime.fromisoformat(str(value))
         except ValueError:
             return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    try:
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:30:00+01:00 is before year 1 in UTC
+        return None
 
 
 def _format(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # %Y writes year 999 as "999", which Elasticsearch's date format refuses.
+    return f"{moment.year:04d}-" + moment.strftime("%m-%dT%H:%M:%S.%fZ")

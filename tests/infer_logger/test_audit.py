@@ -131,6 +131,21 @@ class TestCommon:
         doc = documents(_event(events.REQUEST, {"instances": [1]}, "2025-01-01T02:00:00+02:00"))[0][1]
         assert doc["@timestamp"] == doc["request_time"] == "2025-01-01T00:00:00.000000Z"
 
+    def test_times_at_the_edge_of_year_1(self) -> None:
+        early = documents(_event(events.REQUEST, {"instances": [1]}, "0001-01-01T00:30:00+01:00"))[0][1]
+        assert "@timestamp" not in early and "request_time" not in early  # before year 1 in UTC
+        doc = documents(_event(events.RESPONSE, {"predictions": [1]}, "0001-01-01T00:00:00Z",
+                               statuscode=200, latencyms=5))[0][1]
+        assert "@timestamp" not in doc and doc["response_time"] == "0001-01-01T00:00:00.000000Z"
+        old = documents(_event(events.REQUEST, {"instances": [1]}, "0999-12-31T23:59:59Z"))[0][1]
+        assert old["@timestamp"] == "0999-12-31T23:59:59.000000Z"  # 4 digits, as dates need
+
+    @pytest.mark.parametrize("latency", ["1e20", "nan", "inf", "-1e300"])
+    def test_an_impossible_latency_is_left_out(self, latency: str) -> None:
+        doc = documents(_event(events.RESPONSE, {"predictions": [1]}, T_RESPONSE, statuscode=200,
+                               latencyms=latency))[0][1]
+        assert "latency_ms" not in doc and doc["@timestamp"] == T_RESPONSE
+
     def test_explanation_writes_no_shared_attributes(self) -> None:
         doc = documents(explanation(component="explainer"))[0][1]
         assert not {"@timestamp", "model", "component", "metadata", "status"} & doc.keys()

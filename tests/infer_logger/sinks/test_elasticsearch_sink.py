@@ -448,6 +448,21 @@ class TestJoin:
         assert found["big-0"]["response"]["error"] == orjson.dumps(error).decode()
         assert all(len(found[f"big-{i}"]["response"]["error"]) < 1100 for i in range(1, 50))
 
+    async def test_times_and_latencies_out_of_range(self, es_url: str, es: Elasticsearch) -> None:
+        service = unique()
+        batch = [
+            _event(events.REQUEST, "early", {"instances": [[1]]}, "0001-01-01T00:30:00+01:00", service),
+            _event(events.RESPONSE, "early", {"predictions": [1]}, "0001-01-01T00:00:00Z", service,
+                   statuscode=200, latencyms=5),
+            _event(events.REQUEST, "old", {"instances": [[1]]}, "0999-06-01T00:00:00Z", service),
+            _event(events.RESPONSE, "huge", {"predictions": [1]}, T1, service, statuscode=200, latencyms=1e20),
+        ]
+        await send(ElasticsearchSinkConfig(url=es_url), batch)  # none raised, none refused
+        found = docs(es, service)
+        assert "@timestamp" not in found["early-0"] and found["early-0"]["status"] == 200
+        assert found["old-0"]["@timestamp"] == "0999-06-01T00:00:00.000000Z"
+        assert "latency_ms" not in found["huge-0"] and found["huge-0"]["@timestamp"] == T1
+
     async def test_redelivery_does_not_duplicate(self, es_url: str, es: Elasticsearch) -> None:
         service = unique()
         batch = [request("r", service), response("r", service), explanation("r", service)]
