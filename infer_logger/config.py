@@ -68,10 +68,14 @@ class SpoolSettings(BaseModel):
     durability: Literal["disk", "memory"] = "disk"
     """`disk`: every event a client saw survives kill -9. `memory`: faster; a restart loses what
     the sinks had not taken yet."""
-    segment_bytes: ByteSize = ByteSize(16 << 20)
-    max_bytes: ByteSize = ByteSize(1 << 30)
+    segment_bytes: ByteSize = Field(ByteSize(16 << 20), gt=0)
+    """Size of a spool file, the unit in which delivered events are deleted (and `drop_oldest`
+    drops). At most a quarter of `max_bytes` is used, so a small cap just works."""
+    max_bytes: ByteSize = Field(ByteSize(1 << 30), gt=0)
     """Cap on spool size; past it the overflow policy applies (and is counted)."""
     overflow: Literal["drop_newest", "drop_oldest"] = "drop_newest"
+    """`drop_newest` refuses new events; `drop_oldest` deletes the oldest segment and counts the
+    events in it that a sink had not taken yet (all of them when delivery runs in its process)."""
     fsync_interval: float | None = Field(None, gt=0)
     """Seconds between fsyncs of the spool; unset = never (page cache only, survives kill -9)."""
     memory_max_events: int = Field(100_000, ge=1)

@@ -199,13 +199,6 @@ class _Segments:
         """The end of the log now: where a reader that wants only new events starts."""
         return Position(self._current, self._sizes.get(self._current, 0))
 
-    def _scan(self, number: int) -> Iterator[CloudEvent]:
-        try:
-            for event, _ in iter_records(self._path(number).read_bytes()):
-                yield event
-        except (CorruptRecordError, FileNotFoundError):
-            return
-
     def _next_segment(self, number: int) -> int | None:
         later = [n for n in self._sizes if n > number]
         return min(later) if later else None
@@ -255,7 +248,9 @@ class DiskSpool(_Segments):
     ) -> None:
         # Two writers on one spool would interleave segments and checkpoints: refuse the second.
         self._open_dir(directory, "lock", "in use by another process")
-        self.segment_bytes = segment_bytes
+        # The segment being written is never deleted, so it must stay well below the cap: else a
+        # spool every sink has caught up with could still be full, and refuse every event.
+        self.segment_bytes = max(1, min(segment_bytes, max_bytes // 4))
         self.max_bytes = max_bytes
         self.overflow = overflow
         self.fsync_interval = fsync_interval
@@ -353,11 +348,26 @@ class DiskSpool(_Segments):
             oldest = min(self._sizes)
             if oldest == self._current:
                 return False
-            lost = sum(1 for _ in self._scan(oldest))
+            lost = self._undelivered(oldest)
             self.stats.dropped["spool_overflow"] += lost
-            log.error("spool full: dropped segment %d with %d events", oldest, lost)
+            log.error("spool full: dropped segment %d with %d undelivered events", oldest, lost)
             self._delete(oldest)
         return True
+
+    def _undelivered(self, number: int) -> int:
+        """Events of segment `number` that some sink has not taken yet. Known for the readers in
+        this process; with none here (they are in the delivery process) every event counts."""
+        floor = min((r.position for r in self._readers.values()), default=Position(number, 0))
+        if floor.segment > number:
+            return 0
+        start = floor.offset if floor.segment == number else 0
+        count = 0
+        try:
+            for _, end in iter_records(self._path(number).read_bytes()):
+                count += end > start
+        except (CorruptRecordError, FileNotFoundError):  # what is past a corrupt record is lost anyway
+            pass
+        return count
 
     def refresh(self) -> None:
         """Forget segments deleted behind our back: by a `SpoolFollower` in the delivery process."""

@@ -69,6 +69,7 @@ class TestErrors:
             ("spool:\n  durability: tape\n", "spool.durability", "'disk' or 'memory'"),
             ("spool:\n  nope: 1\n", "spool.nope", "Extra inputs"),
             ("port: -1\n", "port", "greater than or equal"),
+            ("spool:\n  segment_bytes: 0\n", "spool.segment_bytes", "greater than 0"),
             ("sinks:\n  - type: file\n  - type: file\n", "sinks", "two sinks are named 'file'"),
         ],
     )

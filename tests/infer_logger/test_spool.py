@@ -103,6 +103,36 @@ class TestDiskSpool:
         assert ids[-1] == "99"
         assert len(ids) + spool.stats.dropped["spool_overflow"] == 100
 
+    @pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest"])
+    def test_a_cap_below_the_segment_size_still_takes_every_event_a_sink_keeps_up_with(
+        self, tmp_path: Path, overflow: str
+    ) -> None:
+        # The segment being written is never deleted: were it as big as the cap, a spool the
+        # sink has caught up with would fill up and refuse every event from then on.
+        spool = DiskSpool(tmp_path, segment_bytes=16 << 20, max_bytes=20_000, overflow=overflow)
+        reader = spool.reader("s")
+        for i in range(1000):
+            assert spool.append(event(i, 200))
+            events, end = reader.read(100)
+            reader.commit(end, force=True)
+        assert not spool.stats.dropped
+        assert spool.size_bytes() <= 20_000
+
+    def test_drop_oldest_counts_only_what_a_sink_had_not_taken(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=4000, overflow="drop_oldest")
+        reader = spool.reader("s")
+        reader.checkpoint_interval = float("inf")  # taken, but no checkpoint saved: nothing collected
+        for i in range(20):
+            spool.append(event(i, 50))
+        events, end = reader.read(100)
+        reader.commit(end)
+        assert len(events) == 20 and reader.lag() == 0
+        for i in range(20, 60):
+            assert spool.append(event(i, 50))
+        ids = drain(reader)
+        assert ids[-1] == "59"
+        assert len(ids) + spool.stats.dropped["spool_overflow"] == 40
+
     def test_corrupt_segment_is_skipped_and_counted(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path, segment_bytes=500)
         for i in range(30):
