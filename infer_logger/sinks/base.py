@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import ClassVar, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from infer_logger.cloudevents.event import CloudEvent
 
@@ -24,6 +25,9 @@ class Sink(Protocol):
     async def aclose(self) -> None: ...
 
 
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+
+
 class SinkConfig(BaseModel):
     """Base of every sink's settings; subclasses set `type` as a Literal and implement `build`."""
 
@@ -31,12 +35,22 @@ class SinkConfig(BaseModel):
 
     kind: ClassVar[str] = ""
     name: str | None = None
-    """Names the sink's checkpoint and metrics; defaults to its type (must be unique)."""
+    """Names the sink's checkpoint, dead-letter file and metrics; defaults to its type (must be
+    unique): up to 128 letters, digits, `_`, `-` and `.` (not first)."""
     batch_size: int | None = Field(None, ge=1)
     """Events per batch for this sink; unset = `delivery.batch_size`."""
     in_flight: int | None = Field(None, ge=1, le=64)
     """Batches handed to this sink before the oldest is acknowledged; unset = `delivery.in_flight`.
     Above 1, a retried batch may land after a later one (nothing is lost either way)."""
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, name: str | None) -> str | None:
+        # It names files in the spool directory: a `/` could not be saved (so the spool was never
+        # freed), a `..` would reach outside it.
+        if name is not None and not _NAME.fullmatch(name):
+            raise ValueError(f"{name!r}: use letters, digits, '_', '-' and '.' (not first)")
+        return name
 
     def build(self) -> Sink:
         raise NotImplementedError

@@ -71,6 +71,9 @@ class TestErrors:
             ("port: -1\n", "port", "greater than or equal"),
             ("spool:\n  segment_bytes: 0\n", "spool.segment_bytes", "greater than 0"),
             ("sinks:\n  - type: file\n  - type: file\n", "sinks", "two sinks are named 'file'"),
+            # A sink's name names its checkpoint file: one it could not save never freed the spool.
+            ("sinks:\n  - type: file\n    name: audit/events\n", "sinks.0.file.name", "'audit/events': use letters"),
+            ("sinks:\n  - type: store\n    name: ..\n", "sinks.0.store.name", "'..': use letters"),
         ],
     )
     def test_bad_yaml_values(self, tmp_path: Path, yaml_text: str, field: str, hint: str) -> None:
