@@ -8,6 +8,7 @@ prediction; a few hundred predictions go through, and the audit log is read back
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -71,12 +72,35 @@ def _requests(n: int, rows: list[list[float]]) -> list[tuple[str, dict[str, Any]
     return out
 
 
+# What a run leaves in its workdir, removed by the next run; the marker says the directory is ours.
+_MARKER = ".infer-logger-quickstart"
+_OWN = frozenset({_MARKER, "audit.db", "audit.db-wal", "audit.db-shm", "events.jsonl", "broker", "spool"})
+
+
+def _fresh_workdir(workdir: Path) -> None:
+    """Start clean: remove what an earlier run left, and only that. A directory holding anything
+    else that no quickstart made is refused (a --workdir pointing at the user's files)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise click.BadParameter(f"{workdir} is not a directory", param_hint="--workdir")
+    found = set(os.listdir(workdir)) if workdir.exists() else set()
+    if found - _OWN and _MARKER not in found:
+        raise click.BadParameter(
+            f"{workdir} holds files the quickstart did not make ({', '.join(sorted(found - _OWN)[:3])}): "
+            "name a new or empty directory", param_hint="--workdir")
+    for name in found & _OWN:
+        path = workdir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / _MARKER).write_text("made by `infer-logger quickstart`, which empties it on its next run\n")
+
+
 def run(*, n_requests: int, workdir: Path, explain: bool | None = None) -> None:
     from sklearn.datasets import load_iris
 
-    if workdir.exists():
-        shutil.rmtree(workdir)  # the quickstart's own folder: start clean each time
-    workdir.mkdir(parents=True)
+    _fresh_workdir(workdir)
     db = workdir / "audit.db"
     click.echo("1/5 training a random forest on scikit-learn's bundled iris data")
     model = train_iris()

@@ -55,3 +55,31 @@ def test_quickstart_command(tmp_path: Path) -> None:
     assert "predictions (rows)" in result.output and "infer-logger query --db" in result.output
     with AuditStore(tmp_path / "qs" / "audit.db", readonly=True) as store:
         assert store.summary().ids == 40
+
+
+def test_quickstart_refuses_a_workdir_of_other_files(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from infer_logger.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "project").mkdir()
+    result = CliRunner().invoke(main, ["quickstart", "--requests", "1", "--workdir", str(tmp_path)])
+    assert result.exit_code == 2 and "--workdir" in result.output and "notes.txt" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "project"]
+
+
+def test_a_quickstart_rerun_removes_only_what_a_run_made(tmp_path: Path) -> None:
+    from infer_logger.demo.quickstart import _fresh_workdir
+
+    _fresh_workdir(tmp_path / "qs")  # a new directory: made and marked
+    (tmp_path / "qs" / "spool").mkdir()
+    (tmp_path / "qs" / "audit.db").write_text("old run")
+    (tmp_path / "qs" / "notes.txt").write_text("added by the user since")
+    _fresh_workdir(tmp_path / "qs")
+    assert sorted(p.name for p in (tmp_path / "qs").iterdir()) == [".infer-logger-quickstart", "notes.txt"]
+    # A directory holding only what a quickstart makes (an earlier version's, unmarked) is one's too.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "events.jsonl").write_text("{}\n")
+    _fresh_workdir(tmp_path / "old")
+    assert [p.name for p in (tmp_path / "old").iterdir()] == [".infer-logger-quickstart"]
