@@ -7,18 +7,24 @@ and `sinks` are sections. Nested env vars use `__`: `INFER_LOGGER_SPOOL__DURABIL
 from __future__ import annotations
 
 import contextvars
+import re
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlparse
 
+import orjson
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     InitSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydantic_settings.exceptions import SettingsError
 
 from infer_logger.errors import ConfigError
 from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, SinkSpec, StoreSinkConfig
@@ -42,7 +48,8 @@ class LayeredSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, InitSettingsSource(settings_cls, _yaml_data.get()))
+        env = _EnvSource(settings_cls) if isinstance(env_settings, EnvSettingsSource) else env_settings
+        return (init_settings, env, InitSettingsSource(settings_cls, _yaml_data.get()))
 
     @classmethod
     def load(cls, config_file: Path | None = None, *, section: str | None = None, **flags: Any) -> Self:
@@ -56,8 +63,44 @@ class LayeredSettings(BaseSettings):
             return cls(**{k: v for k, v in flags.items() if v is not None and v != () and v != {}})
         except ValidationError as exc:
             raise config_error(exc) from None
+        except SettingsError as exc:
+            if isinstance(exc.__cause__, ConfigError):  # see _EnvSource
+                raise exc.__cause__ from None
+            raise ConfigError("environment", str(exc)) from None
         finally:
             _yaml_data.reset(token)
+
+
+class _EnvSource(EnvSettingsSource):
+    """The env var source, whose JSON errors name the variable and show the form it takes
+    (pydantic_settings says only that a field's value could not be parsed)."""
+
+    def prepare_field_value(self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool) -> Any:
+        try:
+            return super().prepare_field_value(field_name, field, value, value_is_complex)
+        except ValueError as exc:
+            name = f"{self.env_prefix}{field_name}".upper()
+            if value is None:  # from a nested variable: NAME__KEY
+                raise ConfigError(f"{name}__…", f"not valid JSON: {exc}") from None
+            if isinstance(field.default, list):
+                example = f"""{name}='["…", "…"]'"""
+            else:
+                example = f"""{name}='{{"key": "…"}}' or {name}__KEY=…"""
+            raise ConfigError(name, f"not valid JSON ({exc}): e.g. {example}") from None
+
+
+def comma_list(value: Any, separator: str = ",") -> Any:
+    """A list given as one string (an env var, a YAML scalar): JSON when it starts with `[`,
+    else items split at `separator` (a regex)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON list ({exc}); or give the items separated by commas") from None
+    return [item.strip() for item in re.split(separator, text) if item.strip()]
 
 
 class SpoolSettings(BaseModel):
@@ -124,8 +167,9 @@ class Settings(LayeredSettings):
     """Port of the predictor on localhost (KServe's agent flag)."""
     predictor_url: str | None = None
     """Predictor base URL; overrides --component-port."""
-    log_url: list[str] = []
-    """Shorthand sinks: http(s)://… (http sink), file://….jsonl (file sink), sqlite://…db (store)."""
+    log_url: Annotated[list[str], NoDecode] = []
+    """Shorthand sinks: http(s)://… (http sink), file://….jsonl (file sink), sqlite://…db (store).
+    As one string (an env var): a URL, several separated by commas, or a JSON list."""
     log_mode: Literal["all", "request", "response"] = "all"
     source_uri: str | None = None
     """CloudEvents `source`; defaults to the sidecar's own URL."""
@@ -133,8 +177,9 @@ class Settings(LayeredSettings):
     namespace: str = ""
     component: str = "predictor"
     endpoint: str = ""
-    metadata_headers: list[str] = []
-    """Request headers copied into the `metadata` attribute (case-insensitive)."""
+    metadata_headers: Annotated[list[str], NoDecode] = []
+    """Request headers copied into the `metadata` attribute (case-insensitive); as one string,
+    comma-separated or a JSON list."""
     annotations: dict[str, str] = {}
     max_payload_bytes: ByteSize = ByteSize(1 << 20)
     """Payloads longer than this are logged cut short with `truncated: true`."""
@@ -160,6 +205,17 @@ class Settings(LayeredSettings):
                 raise ValueError(f"two sinks are named {sink.sink_name!r}: give them distinct `name`s")
             seen.add(sink.sink_name)
         return sinks
+
+    @field_validator("log_url", mode="before")
+    @classmethod
+    def _urls(cls, value: Any) -> Any:
+        # Split only at a comma before a scheme: a URL's own commas (in a query) stay.
+        return comma_list(value, r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*:)")
+
+    @field_validator("metadata_headers", mode="before")
+    @classmethod
+    def _headers(cls, value: Any) -> Any:
+        return comma_list(value)
 
     @field_validator("predictor_url")
     @classmethod

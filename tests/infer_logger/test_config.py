@@ -107,3 +107,39 @@ class TestErrors:
         done = subprocess.run([sys.executable, "-m", "infer_logger.cli", "proxy"], capture_output=True,
                               text=True, timeout=60, env={"INFER_LOGGER_LOG_MODE": "x", "PATH": "/usr/bin"})
         assert done.returncode == 2 and "log_mode" in done.stderr
+
+
+class TestEnvLists:
+    """List and section env vars: the KServe-style bare forms work, and JSON errors name the variable."""
+
+    def test_a_bare_url_and_comma_separated_lists(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("INFER_LOGGER_LOG_URL", "http://broker/")
+        monkeypatch.setenv("INFER_LOGGER_METADATA_HEADERS", "x-user, x-tenant")
+        s = load_settings()
+        assert s.log_url == ["http://broker/"] and s.metadata_headers == ["x-user", "x-tenant"]
+        # Split at a comma before a scheme only: a URL's own commas stay.
+        monkeypatch.setenv("INFER_LOGGER_LOG_URL", "http://a/?q=1,2, sqlite://audit.db")
+        assert load_settings().log_url == ["http://a/?q=1,2", "sqlite://audit.db"]
+        monkeypatch.setenv("INFER_LOGGER_LOG_URL", '["http://a/", "http://b/"]')
+        assert load_settings().log_url == ["http://a/", "http://b/"]
+
+    @pytest.mark.parametrize(("name", "value", "example"), [
+        ("INFER_LOGGER_SINKS", "file", "INFER_LOGGER_SINKS='["),
+        ("INFER_LOGGER_SPOOL", "memory", "INFER_LOGGER_SPOOL__KEY="),
+        ("INFER_LOGGER_ANNOTATIONS", "team=a", "INFER_LOGGER_ANNOTATIONS='{"),
+    ])
+    def test_a_section_that_is_not_json_names_the_variable(self, monkeypatch: pytest.MonkeyPatch, name: str,
+                                                           value: str, example: str) -> None:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError) as info:
+            load_settings()
+        assert info.value.field == name and example in info.value.message
+
+    def test_the_cli_says_so_with_exit_2(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from click.testing import CliRunner
+
+        from infer_logger.cli import main
+
+        monkeypatch.setenv("INFER_LOGGER_SINKS", "file")
+        result = CliRunner().invoke(main, ["proxy"])
+        assert result.exit_code == 2 and "INFER_LOGGER_SINKS" in result.output
