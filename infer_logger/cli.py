@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import click
 from infer_logger.errors import ConfigError, InferLoggerError
 
 _HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+_SQLITE_INT_MAX = 2**63 - 1  # a larger number cannot be bound as a query parameter
 
 # Commands of the other packages, imported only when named: the sidecar package must not pull
 # in the broker or the explain stack (DESIGN.md: imports go one way).
@@ -128,9 +129,14 @@ def _time(value: str | None, name: str) -> datetime | None:
     if value is None:
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise click.BadParameter(f"{value!r} is not an ISO-8601 time", param_hint=name) from None
+    # The store compares in UTC: a time at either end of the calendar may have no UTC form.
+    try:
+        return moment.astimezone(UTC) if moment.tzinfo is not None else moment
+    except OverflowError:
+        raise click.BadParameter(f"{value!r} is out of range in UTC", param_hint=name) from None
 
 
 @main.command(context_settings=_HELP)
@@ -140,8 +146,8 @@ def _time(value: str | None, name: str) -> datetime | None:
 @click.option("--model", help="Model name.")
 @click.option("--since", help="From this time (ISO-8601, e.g. 2026-11-25T10:00:00Z).")
 @click.option("--until", help="Up to this time (ISO-8601).")
-@click.option("--status", type=int, help="HTTP status of the prediction.")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--status", type=click.IntRange(0, 999), help="HTTP status of the prediction.")
+@click.option("--limit", type=click.IntRange(1, _SQLITE_INT_MAX), default=20, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def query(db: Path, id_: str | None, model: str | None, since: str | None, until: str | None,
           status: int | None, limit: int, fmt: str) -> None:

@@ -64,6 +64,19 @@ def test_query_bad_input(tmp_path: Path) -> None:
     assert not_db.exception is None or isinstance(not_db.exception, SystemExit)  # a message, no traceback
 
 
+@pytest.mark.parametrize(("option", "value"), [
+    ("--status", "99999999999999999999"),
+    ("--limit", "99999999999999999999"),
+    ("--since", "0001-01-01T00:00:00+01:00"),  # no UTC form: before year 1
+    ("--until", "9999-12-31T23:00:00-05:00"),  # past year 9999
+])
+def test_query_values_the_store_cannot_take_are_bad_parameters(tmp_path: Path, option: str, value: str) -> None:
+    db = tmp_path / "audit.db"
+    seeded_store(db)
+    result = CliRunner().invoke(main, ["query", "--db", str(db), option, value])
+    assert result.exit_code == 2 and option in result.output, result.output
+
+
 def test_setup_elasticsearch(es_url: str) -> None:
     result = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", es_url])
     assert result.exit_code == 0, result.output
