@@ -90,6 +90,13 @@ class TestErrors:
         with pytest.raises(ConfigError, match=r"c.yaml:3:1"):
             load_settings(cfg)
 
+    def test_a_file_that_is_not_utf8_names_the_file(self, tmp_path: Path) -> None:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_bytes(b"namespace: caf\xe9\n")  # Latin-1
+        with pytest.raises(ConfigError, match="not UTF-8") as info:
+            load_settings(cfg)
+        assert info.value.field == str(cfg)
+
     def test_bad_log_url_scheme(self) -> None:
         with pytest.raises(ConfigError, match="scheme must be"):
             load_settings(log_url=["ftp://x"])
