@@ -253,14 +253,21 @@ class Settings(LayeredSettings):
 
 def sink_from_url(url: str) -> SinkSpec:
     """A `--log-url` value as a sink config (KServe's flag takes only a URL)."""
-    scheme = urlparse(url).scheme
-    if scheme in ("http", "https"):
+    parts = urlparse(url)
+    if parts.scheme in ("http", "https"):
         return HttpSinkConfig(url=url)
-    if scheme == "file":
-        return FileSinkConfig(path=Path(urlparse(url).path))
-    if scheme == "sqlite":
-        return StoreSinkConfig(path=url.split("://", 1)[1])
-    raise ValueError(f"{url!r}: scheme must be http, https, file or sqlite")
+    if parts.scheme not in ("file", "sqlite"):
+        raise ValueError(f"{url!r}: scheme must be http, https, file or sqlite")
+    # What follows `//` is the path, relative unless it starts with `/`: file://events.jsonl and
+    # sqlite://audit.db are files in the working directory, file:///var/log/e.jsonl is absolute
+    # (as is file://localhost/var/log/e.jsonl, RFC 8089).
+    path = url.split("://", 1)[1] if "://" in url and parts.netloc != "localhost" else parts.path
+    if not path or path.endswith("/"):
+        name = "events.jsonl" if parts.scheme == "file" else "audit.db"
+        raise ValueError(f"{url!r} names no file (e.g. {parts.scheme}://{name}, {parts.scheme}:///abs/{name})")
+    if parts.scheme == "file":
+        return FileSinkConfig(path=Path(path))
+    return StoreSinkConfig(path=path)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

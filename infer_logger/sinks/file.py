@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from pydantic import field_validator
+
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.json_format import to_json
 from infer_logger.errors import ConfigError, SinkError
@@ -20,6 +22,13 @@ class FileSinkConfig(SinkConfig):
     """The JSONL file to append to (its directory is created)."""
     fsync: bool = False
     """Fsync after every batch, for a file that must survive a machine crash."""
+
+    @field_validator("path")
+    @classmethod
+    def _not_a_directory(cls, path: Path) -> Path:
+        if path.is_dir():  # every batch would fail, and be retried for ever
+            raise ValueError(f"{path} is a directory: name the JSONL file")
+        return path
 
     def build(self) -> FileSink:
         return FileSink(self)

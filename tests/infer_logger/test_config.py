@@ -49,6 +49,25 @@ class TestSources:
         assert [type(x) for x in sinks] == [HttpSinkConfig, HttpSinkConfig, FileSinkConfig, StoreSinkConfig]
         assert [x.sink_name for x in sinks] == ["http", "http2", "file", "store"]
 
+    def test_file_and_sqlite_urls_take_what_follows_the_slashes_as_the_path(self) -> None:
+        # file://events.jsonl was a sink writing to '.' (the host part was dropped): every batch failed.
+        sinks = load_settings(log_url=["file://events.jsonl", "sqlite://audit.db", "file://localhost/tmp/e.jsonl"]).all_sinks()
+        assert [str(s.path) for s in sinks] == ["events.jsonl", "audit.db", "/tmp/e.jsonl"]
+
+    @pytest.mark.parametrize("url", ["file://", "sqlite://", "file://logs/"])
+    def test_a_url_naming_no_file_is_refused(self, url: str) -> None:
+        with pytest.raises(ConfigError, match="names no file") as info:
+            load_settings(log_url=[url])
+        assert info.value.field == "log_url"
+
+    def test_a_file_sink_on_a_directory_is_refused(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError, match="is a directory") as info:
+            load_settings(log_url=[f"file://{tmp_path}"])
+        assert info.value.field == "log_url.path"
+        with pytest.raises(ConfigError, match="is a directory") as info:
+            load_settings(sinks=[{"type": "file", "path": str(tmp_path)}])
+        assert info.value.field == "sinks.0.file.path"
+
     def test_sinks_from_yaml(self, tmp_path: Path) -> None:
         cfg = tmp_path / "c.yaml"
         cfg.write_text("sinks:\n  - type: http\n    url: http://broker/\n    mode: structured\n"

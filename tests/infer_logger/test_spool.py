@@ -113,7 +113,7 @@ class TestDiskSpool:
         reader = spool.reader("s")
         for i in range(1000):
             assert spool.append(event(i, 200))
-            events, end = reader.read(100)
+            _, end = reader.read(100)
             reader.commit(end, force=True)
         assert not spool.stats.dropped
         assert spool.size_bytes() <= 20_000
