@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,11 +45,23 @@ class FileSink:
             raise ConfigError("path", f"{config.path.parent}: cannot create the directory: {reason}") from None
 
     def _write(self, lines: bytes) -> None:
-        with self.config.path.open("ab") as fh:
-            fh.write(lines)
-            if self.config.fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
+        fd = os.open(self.config.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(lines)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self.config.fsync:
+                    os.fsync(fd)
+            except OSError:
+                # A full disk or a size limit may stop the batch midway: cut off what was written,
+                # so the retry does not append it after a torn line (as the spool does).
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         lines = b"".join(to_json(e) + b"\n" for e in events)

@@ -35,3 +35,38 @@ async def test_unwritable_path_is_a_retryable_error(tmp_path: Path) -> None:
     (target / "e.jsonl").mkdir()  # a directory where the file should be
     with pytest.raises(SinkError):
         await sink.send_batch([CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": "t"})])
+
+
+_SIZE_LIMIT = """
+import asyncio, resource, sys
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import SinkError
+from infer_logger.sinks.file import FileSinkConfig
+
+sink = FileSinkConfig(path=sys.argv[1]).build()
+batch = [CloudEvent({"specversion": "1.0", "id": str(i), "source": "/s", "type": "t"}, b"x" * 200)
+         for i in range(100)]
+asyncio.run(sink.send_batch(batch[:5]))
+# Files this process writes may grow to 10000 bytes: the kernel refuses the rest (EFBIG) midway
+# through the batch, as a full disk would (ENOSPC). Python ignores SIGXFSZ.
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (10000, hard))
+try:
+    asyncio.run(sink.send_batch(batch))
+except SinkError:
+    print("refused")
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+asyncio.run(sink.send_batch(batch))  # the worker's retry
+"""
+
+
+def test_a_batch_cut_short_leaves_no_torn_line_for_the_retry_to_follow(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "events.jsonl"
+    out = subprocess.run([sys.executable, "-c", _SIZE_LIMIT, str(path)], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).parents[3], check=False)
+    assert out.returncode == 0 and out.stdout.split() == ["refused"], out.stderr
+    ids = [from_json(line).id for line in path.read_bytes().splitlines()]
+    assert ids == [str(i) for i in range(5)] + [str(i) for i in range(100)]
