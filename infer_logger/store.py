@@ -255,7 +255,9 @@ class AuditStore:
         """Upsert a batch in one transaction; returns the rows written. Unknown types are skipped.
 
         A request whose response is in the same batch (the usual case: the sink worker lingers)
-        is written with it, one row write per instance; the rest kind by kind.
+        is written with it, one row write per instance; the rest kind by kind. A value no row can
+        hold (a statuscode past 64 bits, a time with no UTC form) raises OverflowError, TypeError
+        or ValueError and writes nothing: the store sink then finds and dead-letters that event.
         """
         updated = events.now_rfc3339()
         # A re-delivered event overwrites, so within a batch the last one of a kind and id counts.

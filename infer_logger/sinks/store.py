@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.errors import ConfigError, InferLoggerError, SinkError
+from infer_logger.errors import ConfigError, InferLoggerError, RejectedError, SinkError
 from infer_logger.sinks.base import SinkConfig
 from infer_logger.store import AuditStore
 
@@ -38,6 +38,24 @@ class StoreSink:
         except sqlite3.Error as exc:
             # "database is locked", disk full, I/O errors: none is the events' fault, so retry.
             raise SinkError(f"audit store {self.store.path}: {exc}") from exc
+        except (OverflowError, TypeError, ValueError):
+            # A value no row can hold (a statuscode past 64 bits, a time with no UTC form): some
+            # event's fault. Those are found one by one and dead-lettered; the rest are written.
+            await self._write_each(events)
+
+    async def _write_each(self, events: Sequence[CloudEvent]) -> None:
+        refused: list[CloudEvent] = []
+        reason = ""
+        for event in events:
+            try:
+                await asyncio.to_thread(self.store.write, [event])
+            except sqlite3.Error as exc:
+                raise SinkError(f"audit store {self.store.path}: {exc}") from exc
+            except (OverflowError, TypeError, ValueError) as exc:
+                refused.append(event)
+                reason = reason or f"event {event.id}: {type(exc).__name__}: {exc}"
+        if refused:
+            raise RejectedError(f"audit store cannot hold {len(refused)} event(s), e.g. {reason}", refused)
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.store.close)

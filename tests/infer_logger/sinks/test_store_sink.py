@@ -63,3 +63,23 @@ class TestStoreSink:
         await sink.send_batch([_event(events.REQUEST, "a", {"instances": [[1]]})])  # the retry succeeds
         assert len(sink.store.query()) == 1
         await sink.aclose()
+
+    @pytest.mark.parametrize("poison", [
+        {"statuscode": "1e300"},  # a number past SQLite's 64 bits
+        {"statuscode": 2**70},
+        {"time": "0001-01-01T00:00:00+01:00"},  # no UTC form: before year 1
+    ])
+    async def test_an_event_no_row_can_hold_is_rejected_and_the_rest_written(
+        self, tmp_path: Path, poison: dict[str, str | int]
+    ) -> None:
+        sink = StoreSinkConfig(path=str(tmp_path / "a.db")).build()
+        batch = [
+            _event(events.REQUEST, "good", {"instances": [[1]]}),
+            _event(events.RESPONSE, "bad", {"predictions": [1]}, **poison),
+            _event(events.RESPONSE, "good", {"predictions": [2]}, statuscode=200),
+        ]
+        with pytest.raises(RejectedError) as caught:  # dead-lettered, never retried
+            await sink.send_batch(batch)
+        assert [e.id for e in caught.value.events] == ["bad"] and "bad" in str(caught.value)
+        assert [(r.id, r.response, r.status) for r in sink.store.query()] == [("good", 2, 200)]
+        await sink.aclose()
