@@ -78,15 +78,24 @@ class DeliveryProcess:
             self._watcher = loop.create_task(self._watch())
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "infer_logger.delivery", "--log-level", _log_level(),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "infer_logger.delivery", "--log-level", _log_level(),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:  # out of memory, processes or file descriptors
+            raise InferLoggerError(f"delivery process: cannot start it: {exc}") from None
         assert proc.stdin is not None and proc.stdout is not None
-        # Pickled, not JSON: secrets (SecretStr) must reach the child unmasked.
-        proc.stdin.write(pickle.dumps(self.settings))
-        await proc.stdin.drain()
-        proc.stdin.close()
+        try:
+            # Pickled, not JSON: secrets (SecretStr) must reach the child unmasked.
+            proc.stdin.write(pickle.dumps(self.settings))
+            await proc.stdin.drain()
+            proc.stdin.close()
+        except OSError as exc:  # a broken pipe: it died at once
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise InferLoggerError(f"delivery process: cannot hand it its settings: {exc}") from None
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), _READY_WAIT)
         except TimeoutError:
@@ -126,7 +135,7 @@ class DeliveryProcess:
             try:
                 self._proc = await self._spawn()
                 return
-            except InferLoggerError as exc:
+            except (InferLoggerError, OSError) as exc:  # any failure: the supervisor must go on
                 log.error("delivery process did not start: %s", exc)
                 delay = min(delay * 2, 30.0)
                 await asyncio.sleep(delay)

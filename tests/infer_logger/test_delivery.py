@@ -186,6 +186,33 @@ async def test_a_dead_child_is_replaced(tmp_path: Path) -> None:
         await logger.stop()
 
 
+async def test_a_child_that_cannot_be_started_is_tried_again(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    logger = InferenceLogger(settings(tmp_path))
+    await logger.start()
+    spawn = asyncio.create_subprocess_exec
+    failures = [OSError(11, "Resource temporarily unavailable")]  # fork's EAGAIN, once
+
+    async def flaky_spawn(*args: object, **kwargs: object) -> object:
+        if failures:
+            raise failures.pop()
+        return await spawn(*args, **kwargs)
+
+    try:
+        assert logger.delivery is not None
+        first = logger.delivery.pid
+        assert first is not None
+        monkeypatch.setattr(asyncio, "create_subprocess_exec", flaky_spawn)
+        os.kill(first, signal.SIGKILL)
+        exchange(logger, "meanwhile")
+        # The failed start is logged and tried again later (it ended the supervisor for good).
+        await eventually(lambda: logger.delivery is not None and logger.delivery.restarts == 1, timeout=60)
+        assert not failures and logger.delivery.pid not in (None, first)
+        await eventually(lambda: {e["id"] for e in lines(tmp_path / "events.jsonl")} == {"meanwhile"})
+    finally:
+        await logger.stop()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("confluent_kafka") is None, reason="needs the kafka extra")
 async def test_a_sink_the_child_cannot_build_fails_the_start(tmp_path: Path) -> None:
     bad = {"type": "kafka", "bootstrap_servers": "127.0.0.1:1", "config": {"no.such.property": "x"}}
