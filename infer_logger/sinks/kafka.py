@@ -86,6 +86,44 @@ _MISSING = "unknown"
 _TOPIC_MAX = 249  # characters in a topic name
 
 
+class _Repeats(logging.Filter):
+    """librdkafka logs every failed connect at ERROR: with a broker down, a line every 50 ms to
+    1 s per client, for as long as it is down. The same line (digits aside: "after 0ms") from one
+    client passes once a minute; the clients' error callbacks say what it means meanwhile."""
+
+    EVERY = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[tuple[str, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple) or len(args) != 3:  # confluent-kafka's (facility, client, text)
+            return True
+        key = (str(args[1]), _DIGITS.sub("", f"{args[0]} {args[2]}"))
+        now = time.monotonic()
+        if now - self._last.get(key, -self.EVERY) < self.EVERY:
+            return False
+        if len(self._last) >= 1024:  # bounded: client names and broker addresses vary
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+_DIGITS = re.compile(r"\d+")
+_REPEATS = _Repeats()
+
+
+def client_logger(name: str) -> logging.Logger:
+    """The logger a librdkafka client gets (its own log goes through logging, else it prints to
+    stderr), with repeated lines held back."""
+    logger = logging.getLogger(f"{name}.librdkafka")
+    if _REPEATS not in logger.filters:
+        logger.addFilter(_REPEATS)
+    return logger
+
+
 def _refusal(error: KafkaError, topic: str) -> KafkaError:
     """Why `produce` refused a record. A name Kafka never accepts is refused for good, but when
     the broker's answer beats the first record (a race), librdkafka says "unknown topic"."""
@@ -375,7 +413,7 @@ class _Client:
             # its callback is released (`_Reports`), and only failures call it.
             "delivery.report.only.error": True,
             "error_cb": self._on_error,
-            "logger": logging.getLogger(f"{__name__}.librdkafka"),
+            "logger": client_logger(__name__),
         }
         try:
             self.producer = Producer(conf)

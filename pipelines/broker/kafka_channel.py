@@ -26,7 +26,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import RejectedError
-from infer_logger.sinks.kafka import KafkaSinkConfig
+from infer_logger.sinks.kafka import KafkaSinkConfig, client_logger
 from pipelines.broker.channel import ChannelError, Handler, RefusedError
 from pipelines.broker.settings import KafkaChannelSettings
 from pipelines.sources.kafka import KafkaSource, KafkaSourceConfig
@@ -37,7 +37,7 @@ _TIMEOUT = 10.0
 _RECONNECT_MAX = 10.0  # seconds between tries to reach Kafka at start
 _UNREACHABLE = frozenset({KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
                           KafkaError.REQUEST_TIMED_OUT})
-_LIBRDKAFKA_LOG = logging.getLogger(f"{__name__}.librdkafka")
+_LIBRDKAFKA_LOG = client_logger(__name__)
 
 
 class _UnreachableError(ChannelError):

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from infer_logger.cloudevents.kafka import KafkaMessage, from_kafka
 from infer_logger.dispatch import Backoff
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.sinks.base import Sink
-from infer_logger.sinks.kafka import CLIENT, NO_CLIENT, ClientValue
+from infer_logger.sinks.kafka import CLIENT, NO_CLIENT, ClientValue, client_logger
 from pipelines.sources.base import SourceConfig
 
 if CLIENT:  # else the config still validates, and `build()` says what to install
@@ -156,10 +157,11 @@ class KafkaSource:
         self._done = asyncio.Event()
         self._closed = False
         self._dead_letters: Producer | None = None
+        self._down_said = -60.0
         self._consumer = self._client(Consumer, config.consumer_config())
 
     def _client(self, cls: Callable[[dict[str, Any]], T], conf: dict[str, Any]) -> T:
-        full = {**conf, "error_cb": self._on_error, "logger": logging.getLogger(f"{__name__}.librdkafka")}
+        full = {**conf, "error_cb": self._on_error, "logger": client_logger(__name__)}
         try:
             return cls(full)
         except (KafkaException, TypeError, ValueError) as exc:
@@ -421,7 +423,10 @@ class KafkaSource:
 
     def _on_error(self, error: KafkaError) -> None:
         if error.code() == KafkaError._ALL_BROKERS_DOWN:
-            log.warning("kafka source: no broker reachable at %s; retrying", self.address)
+            now = time.monotonic()  # said again at each reconnect round (~1 s): once a minute is enough
+            if now - self._down_said >= 60.0:
+                self._down_said = now
+                log.warning("kafka source: no broker reachable at %s; retrying", self.address)
         elif error.code() not in (KafkaError._TRANSPORT, KafkaError._RESOLVE):
             log.warning("kafka source %s: %s", self.address, error.str())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import subprocess
 import sys
@@ -579,3 +580,19 @@ class TestConfig:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                               check=True, cwd=root)
         assert "infer-logger[kafka]" in done.stdout
+
+
+async def test_a_broker_down_does_not_flood_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """librdkafka logs each failed connect at ERROR, ~20 a second: one of each line gets through."""
+    import re
+
+    caplog.set_level(logging.DEBUG, logger="infer_logger.sinks.kafka.librdkafka")
+    sink = KafkaSinkConfig(bootstrap_servers=f"127.0.0.1:{free_port()}", topic="t").build()
+    try:
+        with pytest.raises(SinkError):
+            await sink.send_batch([event(0)])  # ~2.5 s of reconnects before it gives up
+    finally:
+        await sink.aclose()
+    lines = [re.sub(r"\d+", "", r.getMessage()) for r in caplog.records
+             if r.name == "infer_logger.sinks.kafka.librdkafka" and "Connect to" in r.getMessage()]
+    assert lines and len(lines) == len(set(lines)), lines
