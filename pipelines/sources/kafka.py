@@ -239,9 +239,15 @@ class KafkaSource:
             await self._polling(self.subscriber.send_batch([cast(CloudEvent, r.event) for r in records]))
         except RejectedError as exc:
             refused = {id(e) for e in exc.events}
+            batch = {id(r.event) for r in records}
             for r in records:
                 if not refused or id(r.event) in refused:
                     r.event, r.reason = None, f"refused by the subscriber: {exc}"
+            if strays := [e.id for e in exc.events if id(e) not in batch]:
+                # Events of earlier batches (a joining subscriber's cache): their records are
+                # committed, so there is no record to dead-letter; said, never dropped silently.
+                log.error("kafka source %s: the subscriber refused %d events of earlier batches (committed, "
+                          "not dead-lettered): %s; ids %s", self.address, len(strays), exc, ", ".join(strays[:10]))
         self.delivered += sum(1 for r in records if r.event is not None)
 
     async def _polling(self, work: Coroutine[Any, Any, None]) -> None:

@@ -441,3 +441,31 @@ async def test_a_dead_letter_copy_too_large_goes_without_its_value(kafka_bootstr
     headers = dict(cast(list[tuple[str, bytes]], big.headers() or []))
     assert headers[DROPPED_HEADER] == b"1900" and "h" not in headers
     assert headers[REASON_HEADER].startswith(b"not a CloudEvent")
+
+
+class _Joining(MemorySink):
+    """Keeps each batch's first event; refuses it when the next batch comes (a joining cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: CloudEvent | None = None
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        await super().send_batch(events)
+        earlier, self.kept = self.kept, events[0]
+        if earlier is not None:
+            raise RejectedError("cannot join", [earlier])
+
+
+async def test_a_refusal_of_an_earlier_batchs_event_is_said(kafka_bootstrap: str,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Its record is committed, so nothing can be dead-lettered; it was dropped without a word."""
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    sink = _Joining()
+    async with running(source_config(kafka_bootstrap, topic, group).build(sink)):
+        await publish(kafka_bootstrap, topic, [event(0)])
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [1], what="first commit")
+        await publish(kafka_bootstrap, topic, [event(1)])
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [2], what="second commit")
+    assert "refused 1 events of earlier batches" in caplog.text and "ids id-0" in caplog.text
+    assert [e.id for e in sink.events] == ["id-0", "id-1"]
