@@ -20,6 +20,7 @@ import asyncio
 import base64
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -157,6 +158,7 @@ class KafkaSource:
         self._done = asyncio.Event()
         self._closed = False
         self._dead_letters: Producer | None = None
+        self._delivering: threading.Event | None = None  # set once the subscriber has the batch
         self._down_said = -60.0
         self._consumer = self._client(Consumer, config.consumer_config())
 
@@ -258,12 +260,16 @@ class KafkaSource:
         left the group, the commit was refused, and the batch came again, forever.
         """
         task = asyncio.ensure_future(work)
+        delivering = self._delivering = threading.Event()
+        task.add_done_callback(lambda _: delivering.set())
         try:
             while not (await asyncio.wait({task}, timeout=_KEEPALIVE))[0]:
                 await self._call(self._hold)
         finally:
             if not task.done():
                 task.cancel()
+            delivering.set()
+            self._delivering = None
         task.result()
 
     async def _dead_letter(self, records: list[_Record]) -> None:
@@ -347,6 +353,12 @@ class KafkaSource:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = [(tp.topic, tp.partition) for tp in partitions]
+        delivering = self._delivering
+        if delivering is not None and any(r.partition in revoked for r in self._batch):
+            # Served by a keep-alive poll while the subscriber has these records: their next
+            # owner must not deliver them (and an id's later events) while that delivery is
+            # still going, or the older copies land last. Held up to max.poll.interval.ms.
+            delivering.wait()
         self._commit(revoked)  # what was handled; the batch in hand is not, and goes
         self._forget(set(revoked))
         log.info("kafka source %s: revoked %s", self.address, _names(partitions))

@@ -469,3 +469,45 @@ async def test_a_refusal_of_an_earlier_batchs_event_is_said(kafka_bootstrap: str
         await until(lambda: committed(kafka_bootstrap, group, topic) == [2], what="second commit")
     assert "refused 1 events of earlier batches" in caplog.text and "ids id-0" in caplog.text
     assert [e.id for e in sink.events] == ["id-0", "id-1"]
+
+
+class _Logged(MemorySink):
+    """Takes `delay` seconds per batch, then notes (id, data) in a log shared with others."""
+
+    def __init__(self, log: list[tuple[str, bytes | None]], delay: float) -> None:
+        super().__init__()
+        self.log, self.delay = log, delay
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        await asyncio.sleep(self.delay)
+        await super().send_batch(events)
+        self.log.extend((e.id, e.data) for e in events)
+
+
+@pytest.mark.slow
+async def test_a_partition_revoked_mid_delivery_waits_for_it(kafka_bootstrap: str) -> None:
+    """A keep-alive poll serves a rebalance while a slow subscriber has a partition's records:
+    the partition goes to its next owner only once that delivery ended, so an id's later event
+    cannot be overtaken by the older copy still in flight (last write must be the newest)."""
+    topic, group = new_topic(kafka_bootstrap, partitions=2), f"g-{uuid.uuid4().hex[:8]}"
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "acks": "all"})
+
+    def send(partition: int, id_: str, data: bytes) -> None:
+        headers = [("ce_specversion", b"1.0"), ("ce_id", id_.encode()), ("ce_source", b"/s"), ("ce_type", b"t"),
+                   ("content-type", b"text/plain")]
+        producer.produce(topic, data, id_.encode(), partition=partition, headers=headers)
+        assert producer.flush(10) == 0
+
+    send(1, "id-1", b"v1")
+    written: list[tuple[str, bytes | None]] = []
+    slow, quick = _Logged(written, 6.0), _Logged(written, 0.0)
+    config = {"partition.assignment.strategy": "range"}
+    async with running(source_config(kafka_bootstrap, topic, group, config=config).build(slow)):
+        await asyncio.sleep(2.0)  # the slow one has v1 in hand
+        async with running(source_config(kafka_bootstrap, topic, group, config=config).build(quick)):
+            await asyncio.sleep(2.0)  # joined: a rebalance revokes partition 1 or 0 from the slow one
+            send(1, "id-1", b"v2")
+            await until(lambda: (written[-1:] == [("id-1", b"v2")]) and len(written) >= 2, 30, "v2 written")
+            await asyncio.sleep(3.0)  # an older copy still in flight would land now
+    assert written[-1] == ("id-1", b"v2"), written
+    assert written.index(("id-1", b"v1")) < written.index(("id-1", b"v2"))
