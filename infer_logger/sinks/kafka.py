@@ -88,8 +88,10 @@ _TOPIC_MAX = 249  # characters in a topic name
 
 class _Repeats(logging.Filter):
     """librdkafka logs every failed connect at ERROR: with a broker down, a line every 50 ms to
-    1 s per client, for as long as it is down. The same line (digits aside: "after 0ms") from one
-    client passes once a minute; the clients' error callbacks say what it means meanwhile."""
+    1 s per client, for as long as it is down. The same line (its counters aside: "after 0ms",
+    "3 identical error(s) suppressed") from one client passes once a minute; the clients' error
+    callbacks say what it means meanwhile. Lines that differ otherwise (another broker, another
+    partition's offset reset) are other lines."""
 
     EVERY = 60.0
 
@@ -101,7 +103,7 @@ class _Repeats(logging.Filter):
         args = record.args
         if not isinstance(args, tuple) or len(args) != 3:  # confluent-kafka's (facility, client, text)
             return True
-        key = (str(args[1]), _DIGITS.sub("", f"{args[0]} {args[2]}"))
+        key = (str(args[1]), _COUNTERS.sub("", f"{args[0]} {args[2]}"))
         now = time.monotonic()
         if now - self._last.get(key, -self.EVERY) < self.EVERY:
             return False
@@ -111,7 +113,8 @@ class _Repeats(logging.Filter):
         return True
 
 
-_DIGITS = re.compile(r"\d+")
+# librdkafka: "(after 0ms in state CONNECT, 4 identical error(s) suppressed)"
+_COUNTERS = re.compile(r"after \d+ms|, \d+ identical error\(s\) suppressed")
 _REPEATS = _Repeats()
 
 

@@ -596,3 +596,21 @@ async def test_a_broker_down_does_not_flood_the_log(caplog: pytest.LogCaptureFix
     lines = [re.sub(r"\d+", "", r.getMessage()) for r in caplog.records
              if r.name == "infer_logger.sinks.kafka.librdkafka" and "Connect to" in r.getMessage()]
     assert lines and len(lines) == len(set(lines)), lines
+
+
+def test_the_log_filter_holds_back_repeats_only() -> None:
+    """Its counters aside a line is the same; another broker or partition is another line."""
+    from infer_logger.sinks.kafka import _Repeats
+
+    repeats = _Repeats()
+
+    def passes(text: str, client: str = "rdkafka#producer-1") -> bool:
+        return repeats.filter(logging.LogRecord("x", logging.ERROR, "", 0, "%s [%s] %s", ("FAIL", client, text), None))
+
+    fail = "[thrd:127.0.0.1:{port}/bootstrap]: Connect to ipv4#127.0.0.1:{port} failed (after {ms}ms in state CONNECT{n})"
+    assert passes(fail.format(port=9092, ms=0, n=""))
+    assert not passes(fail.format(port=9092, ms=12, n=""))
+    assert not passes(fail.format(port=9092, ms=3, n=", 5 identical error(s) suppressed"))
+    assert passes(fail.format(port=9093, ms=0, n=""))  # another broker
+    assert passes(fail.format(port=9092, ms=0, n=""), client="rdkafka#consumer-2")  # another client
+    assert passes("topic [0]: offset reset (at offset 500)") and passes("topic [1]: offset reset (at offset 700)")
