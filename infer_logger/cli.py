@@ -202,9 +202,13 @@ def setup() -> None:
 @click.option("--template-name", help="The sink's `template_name` setting.  [default: the index's prefix]")
 @click.option("--keep/--overwrite", default=False, show_default=True,
               help="Keep an existing template of another version instead of replacing it.")
-def setup_elasticsearch_command(url: str, index: str | None, template_name: str | None, keep: bool) -> None:
+@click.option("--force", is_flag=True,
+              help="Replace a template of that name that infer-logger did not make (refused otherwise).")
+def setup_elasticsearch_command(url: str, index: str | None, template_name: str | None, keep: bool,
+                                force: bool) -> None:
     """Install the index template a sink with these settings uses (explicit mappings for the
-    audit record): `inference-log` for `inference-log-*` by default."""
+    audit record): `inference-log` for `inference-log-*` by default. A template of that name
+    that is not infer-logger's is left alone (exit 1) unless --force."""
     from pydantic import ValidationError
 
     from infer_logger.config import config_error
@@ -217,7 +221,7 @@ def setup_elasticsearch_command(url: str, index: str | None, template_name: str 
         click.echo(f"infer-logger: config error: {config_error(exc)}", err=True)
         sys.exit(2)
     try:
-        for line in setup_elasticsearch(config, overwrite=not keep):
+        for line in setup_elasticsearch(config, overwrite=not keep, force=force):
             click.echo(line)
     except ConfigError as exc:
         click.echo(f"infer-logger: config error: {exc}", err=True)

@@ -22,6 +22,17 @@ field routinely holds several types, it has a type that takes them all:
 
 `version` marks our revision: installing skips a template of the same version, so running setup
 again changes nothing, and the sink creates the template only when it is missing.
+
+Templates live beside others in a cluster, so:
+
+- A template is replaced only when `_meta.managed_by` says it is ours: one of the same name that
+  is not is `foreign` and left alone (setup replaces it with `--force` only; the sink never).
+- The priority is 200 (above the built-in `logs-*-*` etc. at 100) plus the length of the
+  pattern's fixed part, so a more specific pattern wins where two overlap (`inference-*` beside
+  `inference-log-*`); Elasticsearch refuses two overlapping templates of equal priority.
+- Before templates were named after their index, every sink used `inference-log`, with its own
+  index's patterns (`audit-*`). Installing a template for those patterns under the new name
+  removes that old one (`retire_shared`); setup gives `inference-log` its own patterns back.
 """
 
 from __future__ import annotations
@@ -34,11 +45,16 @@ if TYPE_CHECKING:
 
 TEMPLATE_NAME = "inference-log"
 INDEX_PATTERNS = ("inference-log-*",)
-VERSION = 2  # 2: date_detection off, keyword `values`, `raw`, flattened `explanation.params`
+# 2: date_detection off, keyword `values`, `raw`, flattened `explanation.params`;
+# 3: priority by pattern length
+VERSION = 3
 # Above the built-in templates (`logs-*-*` etc. sit at 100); equal priorities may not overlap.
 PRIORITY = 200
+MANAGED_BY = "infer-logger"
 
-Outcome = Literal["created", "updated", "unchanged", "kept"]
+# created/updated/unchanged; kept: ours, of another version or patterns, left (overwrite off);
+# foreign: not ours, left (force off).
+Outcome = Literal["created", "updated", "unchanged", "kept", "foreign"]
 
 _KEYWORD = {"type": "keyword", "ignore_above": 1024}
 _DATE = {"type": "date"}
@@ -88,13 +104,18 @@ MAPPINGS: dict[str, Any] = {
 }
 
 
+def priority(index_patterns: Sequence[str]) -> int:
+    """200 + the longest fixed part (index names are at most 255 bytes): the more specific wins."""
+    return PRIORITY + min(max((len(p.split("*", 1)[0]) for p in index_patterns), default=0), 255)
+
+
 def index_template(index_patterns: Sequence[str] = INDEX_PATTERNS) -> dict[str, Any]:
     """The body of `PUT _index_template/<name>`."""
     return {
         "index_patterns": list(index_patterns),
-        "priority": PRIORITY,
+        "priority": priority(index_patterns),
         "version": VERSION,
-        "_meta": {"managed_by": "infer-logger", "description": "one audit record per prediction"},
+        "_meta": {"managed_by": MANAGED_BY, "description": "one audit record per prediction"},
         "template": {"mappings": MAPPINGS},
     }
 
@@ -105,21 +126,23 @@ async def install_template(
     name: str = TEMPLATE_NAME,
     index_patterns: Sequence[str] = INDEX_PATTERNS,
     overwrite: bool = True,
+    force: bool = False,
 ) -> Outcome:
-    """Create the template, or replace one of another version (`kept` when `overwrite` is off).
+    """Create the template, or replace one of ours of another version (`kept` when `overwrite`
+    is off); one that is not ours is `foreign` and left, unless `force`.
 
     Indices that exist already keep their mappings; the template applies to new ones.
     """
-    from elasticsearch import BadRequestError, NotFoundError
+    from elasticsearch import BadRequestError
 
     body = index_template(index_patterns)
-    try:
-        found = await client.indices.get_index_template(name=name)
-        current = found["index_templates"][0]["index_template"]
-    except NotFoundError:
-        current = None
+    current = await _get(client, name)
     if current is not None:
-        if current.get("version") == VERSION and list(current.get("index_patterns", ())) == body["index_patterns"]:
+        if not _ours(current) and not force:
+            return "foreign"
+        if _ours(current) and current.get("version") == VERSION and (
+            list(current.get("index_patterns", ())) == body["index_patterns"]
+        ):
             return "unchanged"
         if not overwrite:
             return "kept"
@@ -139,3 +162,37 @@ async def install_template(
             return "unchanged"
         raise
     return "created" if current is None else "updated"
+
+
+async def retire_shared(client: AsyncElasticsearch, *, name: str, index_patterns: Sequence[str]) -> bool:
+    """Delete our `inference-log` template when it holds `index_patterns`, now the template
+    `name`'s (it was every sink's before templates were named after their index); True if so.
+    Call it once `name` is installed, so that no index is created without a template meanwhile."""
+    from elasticsearch import NotFoundError
+
+    if name == TEMPLATE_NAME or list(index_patterns) == list(INDEX_PATTERNS):
+        return False
+    shared = await _get(client, TEMPLATE_NAME)
+    if shared is None or not _ours(shared) or list(shared.get("index_patterns", ())) != list(index_patterns):
+        return False
+    try:
+        await client.indices.delete_index_template(name=TEMPLATE_NAME)
+    except NotFoundError:  # another sink was first
+        pass
+    return True
+
+
+async def _get(client: AsyncElasticsearch, name: str) -> dict[str, Any] | None:
+    from elasticsearch import NotFoundError
+
+    try:
+        found = await client.indices.get_index_template(name=name)
+    except NotFoundError:
+        return None
+    template: dict[str, Any] = found["index_templates"][0]["index_template"]
+    return template
+
+
+def _ours(template: dict[str, Any]) -> bool:
+    meta = template.get("_meta")
+    return isinstance(meta, dict) and meta.get("managed_by") == MANAGED_BY

@@ -14,7 +14,7 @@ overwrites. Per-item results decide what happens next:
 
 Failures of the whole request (connection refused, timeouts, auth, 5xx) raise `SinkError`: they
 are never the events' fault. Before its first write the sink creates its index template when
-missing: a 429 or 5xx to that (a cluster still starting) is a `SinkError` too, and the template is
+missing (never replacing one, see `infer_logger.elasticsearch_template`): a 429 or 5xx to that (a cluster still starting) is a `SinkError` too, and the template is
 checked again with the retry; a lasting refusal (400, 401, 403: no privilege) is logged once and
 the sink writes anyway. `elasticsearch` is an optional extra, so this module imports it only
 when a sink is built.
@@ -37,7 +37,7 @@ from pydantic import ByteSize, Field, SecretStr, field_validator, model_validato
 
 from infer_logger import audit, events
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.elasticsearch_template import TEMPLATE_NAME, install_template
+from infer_logger.elasticsearch_template import MANAGED_BY, TEMPLATE_NAME, install_template, retire_shared
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.sinks.base import SinkConfig
 
@@ -55,6 +55,10 @@ _INVALID = re.compile(r"[^a-z0-9_.+-]+")  # stricter than Elasticsearch: no \/*?
 _LEADING = re.compile(r"^[-_+.]+")
 _MAX_INDEX_BYTES = 255
 _COUNTS_KEPT = 10_000
+# Names Elasticsearch ships index templates under (`logs`, `metrics-apm...`, `profiling-events`):
+# a derived name that is one of these, or starts with one and `-`, gets `infer-logger-` before it.
+_BUILT_IN_TEMPLATES = ("logs", "metrics", "traces", "synthetics", "profiling", "apm", "ilm-history",
+                       "slm-history", "elastic-connectors", "behavioral_analytics")
 
 
 class ElasticsearchSinkConfig(SinkConfig):
@@ -91,7 +95,9 @@ class ElasticsearchSinkConfig(SinkConfig):
     """Create the index template before the first write when it is missing (never replaces one)."""
     template_name: str = TEMPLATE_NAME
     """The index template's name; unset: the index's fixed prefix (`inference-log` for the default
-    index), so that sinks writing other indices have templates of their own."""
+    index), so that sinks writing other indices have templates of their own. A prefix that
+    Elasticsearch's own templates are named by (`logs`, `metrics`, `traces`, `synthetics`,
+    `profiling`, `apm`... alone or before `-`) gets `infer-logger-` before it: `infer-logger-logs`."""
 
     @field_validator("url")
     @classmethod
@@ -136,7 +142,7 @@ class ElasticsearchSinkConfig(SinkConfig):
             patterns = self.template_patterns()
             if "template_name" not in self.model_fields_set:
                 # One name per pattern: a shared one was found with the other's patterns and kept.
-                self.template_name = patterns[0].removesuffix("*").rstrip("-") or TEMPLATE_NAME
+                self.template_name = _derived_name(patterns[0])
         return self
 
     @property
@@ -188,6 +194,13 @@ class ElasticsearchSinkConfig(SinkConfig):
 
     def build(self) -> ElasticsearchSink:
         return ElasticsearchSink(self)
+
+
+def _derived_name(pattern: str) -> str:
+    name = pattern.removesuffix("*").rstrip("-") or TEMPLATE_NAME
+    if any(name == built_in or name.startswith(built_in + "-") for built_in in _BUILT_IN_TEMPLATES):
+        return f"infer-logger-{name}"
+    return name
 
 
 def index_fields(pattern: str) -> list[str]:
@@ -338,12 +351,11 @@ class ElasticsearchSink:
     async def _ensure_template(self) -> None:
         from elasticsearch import ApiError, TransportError
 
+        name, patterns = self.config.template_name, self.config.template_patterns()
         try:
-            outcome = await install_template(
-                self.client,
-                name=self.config.template_name,
-                index_patterns=self.config.template_patterns(),
-                overwrite=False,
+            outcome = await install_template(self.client, name=name, index_patterns=patterns, overwrite=False)
+            retired = outcome in ("created", "unchanged") and await retire_shared(
+                self.client, name=name, index_patterns=patterns
             )
         except ApiError as exc:
             if exc.meta.status in _TRANSIENT or exc.meta.status >= 500:
@@ -362,7 +374,16 @@ class ElasticsearchSink:
             raise SinkError(f"elasticsearch at {self.config.where}: {exc}") from exc
         else:
             if outcome == "created":
-                log.info("elasticsearch sink: created index template %s", self.config.template_name)
+                log.info("elasticsearch sink: created index template %s", name)
+            if retired:
+                log.info("elasticsearch sink: removed the index template %s for %s, now %s's",
+                         TEMPLATE_NAME, ", ".join(patterns), name)
+            if outcome == "foreign":
+                log.warning(
+                    "elasticsearch sink: index template %s is not infer-logger's: left as it is, so indices "
+                    "%s may be created without our mappings (give the sink another template_name)",
+                    name, ", ".join(patterns),
+                )
             elif outcome == "kept":
                 log.warning(
                     "elasticsearch sink: index template %s exists for other index patterns or of another "
@@ -415,9 +436,12 @@ def _without_userinfo(url: str) -> str:
     return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
-def setup_elasticsearch(target: str | ElasticsearchSinkConfig, *, overwrite: bool = True) -> list[str]:
+def setup_elasticsearch(
+    target: str | ElasticsearchSinkConfig, *, overwrite: bool = True, force: bool = False
+) -> list[str]:
     """Install the index template (what `infer-logger setup elasticsearch` runs); lines saying what
-    was done. Safe to run again: a template of our version is left as it is."""
+    was done. Safe to run again: a template of our version is left as it is. A template of that
+    name that is not ours is a SinkError, unless `force` (replace it)."""
     config = target if isinstance(target, ElasticsearchSinkConfig) else ElasticsearchSinkConfig(url=target)
 
     async def run() -> list[str]:
@@ -428,7 +452,10 @@ def setup_elasticsearch(target: str | ElasticsearchSinkConfig, *, overwrite: boo
             info = await client.info()
             patterns = config.template_patterns()
             outcome = await install_template(
-                client, name=config.template_name, index_patterns=patterns, overwrite=overwrite
+                client, name=config.template_name, index_patterns=patterns, overwrite=overwrite, force=force
+            )
+            retired = outcome in ("created", "updated", "unchanged") and await retire_shared(
+                client, name=config.template_name, index_patterns=patterns
             )
         except ApiError as exc:
             error = exc.body.get("error") if isinstance(exc.body, dict) else None
@@ -440,10 +467,20 @@ def setup_elasticsearch(target: str | ElasticsearchSinkConfig, *, overwrite: boo
             raise SinkError(f"elasticsearch at {config.where}: {exc}") from exc
         finally:
             await client.close()
+        if outcome == "foreign":
+            raise SinkError(
+                f"elasticsearch at {config.where} has an index template {config.template_name} that "
+                f"infer-logger did not make (its _meta.managed_by is not {MANAGED_BY!r}): left as it is; "
+                f"give another --template-name, or --force to replace it"
+            )
         version = info.get("version", {}).get("number", "?")
-        return [
+        lines = [
             f"elasticsearch {version} at {config.where}",
             f"index template {config.template_name} for {', '.join(patterns)}: {outcome}",
         ]
+        if retired:
+            lines.append(f"index template {TEMPLATE_NAME} for {', '.join(patterns)}: removed "
+                         f"(made by an earlier version; {config.template_name} takes its patterns)")
+        return lines
 
     return asyncio.run(run())

@@ -92,13 +92,38 @@ def test_setup_elasticsearch_for_a_sink_index(es_url: str) -> None:
     named = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", es_url, "--index", "clitest2-{namespace}",
                                       "--template-name", "clitest-named"])
     assert "index template clitest-named for clitest2-*: created" in named.output
-    overlapping = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", es_url, "--index", "clitest-x-{a}"])
+    nested = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", es_url, "--index", "clitest-x-{a}"])
+    assert "index template clitest-x for clitest-x-*: created" in nested.output  # more specific, ranks higher
+    # The same patterns under another name: equal priorities, refused by the server.
+    overlapping = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", es_url,
+                                            "--index", "clitest-{a}", "--template-name", "clitest-again"])
     assert overlapping.exit_code == 1 and "clitest" in overlapping.output  # the server's reason
     with Elasticsearch(es_url) as es:
         found = es.indices.get_index_template(name="clitest")["index_templates"][0]["index_template"]
         assert found["index_patterns"] == ["clitest-*"]
-        es.indices.delete_index_template(name="clitest")
-        es.indices.delete_index_template(name="clitest-named")
+        for name in ("clitest", "clitest-named", "clitest-x"):
+            es.indices.delete_index_template(name=name)
+
+
+def test_setup_elasticsearch_leaves_a_template_not_ours_unless_forced(es_url: str) -> None:
+    from elasticsearch import Elasticsearch
+
+    with Elasticsearch(es_url) as es:
+        es.indices.put_index_template(name="clitrail", index_patterns=["clitrail*"], priority=50,
+                                      meta={"owner": "security-team"}, template={})
+        try:
+            args = ["setup", "elasticsearch", "--url", es_url, "--index", "clitrail-{namespace}"]
+            refused = CliRunner().invoke(main, args)
+            assert refused.exit_code == 1, refused.output
+            assert refused.exception is None or isinstance(refused.exception, SystemExit)  # no traceback
+            assert "clitrail that infer-logger did not make" in refused.output and "--force" in refused.output
+            found = es.indices.get_index_template(name="clitrail")["index_templates"][0]["index_template"]
+            assert found["_meta"] == {"owner": "security-team"}
+            forced = CliRunner().invoke(main, [*args, "--force"])
+            assert forced.exit_code == 0, forced.output
+            assert "index template clitrail for clitrail-*: updated" in forced.output
+        finally:
+            es.indices.delete_index_template(name="clitrail")
 
 
 @pytest.mark.parametrize(("args", "field"), [

@@ -20,7 +20,7 @@ from infer_logger import events
 from infer_logger.asgi import read_body, respond
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.dispatch import Backoff, Dispatcher
-from infer_logger.elasticsearch_template import VERSION, install_template
+from infer_logger.elasticsearch_template import TEMPLATE_NAME, VERSION, install_template
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.metrics import Metrics
 from infer_logger.sinks.base import Sink
@@ -168,6 +168,11 @@ class TestConfig:
         ("+Audit {namespace}", ["audit-*"], "audit"),
         ("audit_{namespace}", ["audit_*"], "audit_"),
         ("Audit", ["audit"], "audit"),
+        # Names of Elasticsearch's own templates are never derived: ours would replace theirs.
+        ("logs-{namespace}", ["logs-*"], "infer-logger-logs"),
+        ("Metrics-App-{namespace}", ["metrics-app-*"], "infer-logger-metrics-app"),
+        ("traces{namespace}", ["traces*"], "infer-logger-traces"),
+        ("logstash-{namespace}", ["logstash-*"], "logstash"),
     ])
     def test_template_follows_the_index(self, index: str, patterns: list[str], name: str) -> None:
         config = ElasticsearchSinkConfig(index=index)
@@ -285,7 +290,8 @@ class TestTemplate:
 
     def test_other_versions(self, es_url: str, es: Elasticsearch) -> None:
         name = unique("itest")
-        es.indices.put_index_template(name=name, index_patterns=[f"{name}-*"], version=VERSION - 1, template={})
+        es.indices.put_index_template(name=name, index_patterns=[f"{name}-*"], version=VERSION - 1,
+                                      template={}, meta={"managed_by": "infer-logger"})
 
         async def install(overwrite: bool) -> str:
             client = ElasticsearchSinkConfig(url=es_url).client()
@@ -300,6 +306,78 @@ class TestTemplate:
             assert es.indices.get_index_template(name=name)["index_templates"][0]["index_template"]["version"] == VERSION
         finally:
             es.indices.delete_index_template(name=name)
+
+
+    async def test_a_template_not_ours_is_left_alone(
+            self, es_url: str, es: Elasticsearch, caplog: pytest.LogCaptureFixture) -> None:
+        name = unique("itest")
+        es.indices.put_index_template(name=name, index_patterns=[f"{name}*"], priority=50, version=7,
+                                      meta={"owner": "security-team"}, template={})
+        config = ElasticsearchSinkConfig(url=es_url, index=name + "-{modelname}")  # derives `name`
+
+        def theirs() -> bool:
+            found = es.indices.get_index_template(name=name)["index_templates"][0]["index_template"]
+            return found["_meta"] == {"owner": "security-team"} and found["index_patterns"] == [f"{name}*"]
+
+        try:
+            with pytest.raises(SinkError, match=f"{name} that infer-logger did not make.*--force"):
+                await asyncio.to_thread(setup_elasticsearch, config)
+            assert theirs()
+            await send(config, [request("a", "iris")])  # the sink neither
+            assert theirs()
+            assert any(r.levelname == "WARNING" and "not infer-logger's" in r.getMessage()
+                       for r in caplog.records)
+            lines = await asyncio.to_thread(setup_elasticsearch, config, force=True)
+            assert lines[1] == f"index template {name} for {name}-*: updated"
+            assert not theirs()
+        finally:
+            es.indices.delete(index=f"{name}-iris", ignore_unavailable=True)
+            es.indices.delete_index_template(name=name)
+
+    def test_the_more_specific_pattern_wins(self, es_url: str, es: Elasticsearch) -> None:
+        prefix = unique("itest")
+        specific = ElasticsearchSinkConfig(url=es_url, index=prefix + "-log-{modelname}")
+        general = ElasticsearchSinkConfig(url=es_url, index=prefix + "-{modelname}")
+        try:
+            # Overlapping patterns of equal priority are refused: the longer prefix ranks higher.
+            assert setup_elasticsearch(specific)[1].endswith(": created")
+            assert setup_elasticsearch(general)[1].endswith(": created")
+            found = {t["name"]: t["index_template"]["priority"] for t in
+                     es.indices.get_index_template(name=f"{prefix}*")["index_templates"]}
+            assert found[f"{prefix}-log"] > found[prefix] > 200
+        finally:
+            es.indices.delete_index_template(name=f"{prefix}-log")
+            es.indices.delete_index_template(name=prefix)
+
+    async def test_the_shared_template_of_an_earlier_version_is_removed(self, own_es: NoidaServer) -> None:
+        """Earlier versions named every sink's template `inference-log`: the derived one takes over."""
+        es = Elasticsearch(own_es.address)
+
+        def shared(patterns: list[str]) -> None:  # as an earlier version's sink made it
+            es.indices.put_index_template(name=TEMPLATE_NAME, index_patterns=patterns, priority=200,
+                                          version=1, meta={"managed_by": "infer-logger"}, template={})
+
+        try:
+            shared(["audit-*"])
+            lines = await asyncio.to_thread(setup_elasticsearch, ElasticsearchSinkConfig(
+                url=own_es.address, index="audit-{namespace}"))
+            assert lines[1:] == ["index template audit for audit-*: created",
+                                 ("index template inference-log for audit-*: removed (made by an earlier "
+                                  "version; audit takes its patterns)")]
+            assert not es.indices.exists_index_template(name=TEMPLATE_NAME)
+            shared(["trail-*"])
+            trail = ElasticsearchSinkConfig(url=own_es.address, index="trail-{modelname}")
+            await send(trail, [request("a", "iris")])
+            assert es.indices.exists_index_template(name="trail")
+            assert not es.indices.exists_index_template(name=TEMPLATE_NAME)
+            props = es.indices.get_mapping(index="trail-iris")["trail-iris"]["mappings"]["properties"]
+            assert props["id"]["type"] == "keyword"
+            shared(["other-*"])  # another sink's: left to it
+            other = ElasticsearchSinkConfig(url=own_es.address, index="x-{a}")
+            await asyncio.to_thread(setup_elasticsearch, other)
+            assert es.indices.exists_index_template(name=TEMPLATE_NAME)
+        finally:
+            es.close()
 
 
 class TemplateRefused(EventCollector):
