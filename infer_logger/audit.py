@@ -16,7 +16,10 @@ order ends in the same document:
                                  latency that is not finite, or over ~30 years, is left out)
     request                      {"features": {name: value}}   an object instance, or a list with
                                                                `feature_names` of the same length
-                                 {"values": [...]}             a list, names unknown
+                                 {"values": [...]}             a list of scalars (or of lists of
+                                                               them), names unknown
+                                 {"items": [{...}, ...]}       a list holding objects, names
+                                                               unknown; other items as {"value": x}
                                  {"value": x}                  anything else (a JSON scalar)
                                  {"raw": "base64"}             a payload that is not JSON, or was
                                                                truncated (any kind; kept, not indexed)
@@ -31,6 +34,7 @@ order ends in the same document:
                                                                its first 1,000 characters, marked
     explanation                  the explainer's object as is; a list becomes
                                  {"attributions": {name: v}} with names, else {"values": [...]}
+                                 or {"items": [...]} as for the request
     <kind>_time                  the event's `time`
     <kind>_attributes            every CloudEvents attribute, as text (the raw audit trail)
 
@@ -165,7 +169,11 @@ def _part(kind: str, item: Any, names: Sequence[str] | None) -> Document | None:
     if isinstance(item, list):
         if names and len(names) == len(item):
             return {"attributions" if kind == "explanation" else "features": dict(zip(names, item))}
-        return {"values": item}
+        if _scalars(item):
+            return {"values": item}
+        # Objects among the items (tokens, {feature, value} pairs): a keyword field refuses them,
+        # `items` (flattened) takes any shape whose top level is objects.
+        return {"items": [x if isinstance(x, Mapping) else {"value": x} for x in item]}
     if isinstance(item, Mapping):
         return {"features": dict(item)}
     return {"value": item}
@@ -179,6 +187,18 @@ def _response_part(item: Any) -> Document:
             return {"prediction": max(range(len(item)), key=item.__getitem__), "probabilities": item}
         return {"values": item}
     return {"prediction": item}
+
+
+def _scalars(values: list[Any]) -> bool:
+    """Only scalars, or lists of them, at any depth (a loop: JSON nests deeper than Python recurses)."""
+    pending = [values]
+    while pending:
+        for value in pending.pop():
+            if isinstance(value, list):
+                pending.append(value)
+            elif isinstance(value, Mapping):
+                return False
+    return True
 
 
 def _unwrap(item: Any) -> Any:

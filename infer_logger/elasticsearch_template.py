@@ -15,6 +15,9 @@ field routinely holds several types, it has a type that takes them all:
   `[5.1, "red", 3]`) are `keyword`: numbers are kept and searchable as terms, not as ranges.
   Configure the sink's `feature_names` for the model to get typed per-feature fields
   (`request.features.<name>`, `explanation.attributions.<name>`). `response.values` stays numeric.
+- `request.items` and `explanation.items` (list instances holding objects, e.g. tokens
+  `[{"token": "a", "pos": 1}]`) are `flattened`: every leaf a keyword, searchable as
+  `request.items.token`.
 - `*.raw` (a payload that is not JSON, or was truncated, as base64) is kept, not indexed.
 - `explanation.params` (the explainer's settings: `nsamples` 200 or "auto") is `flattened`.
 - Strings are never detected as dates (`date_detection` off): a feature "2024-01-01" is a
@@ -46,7 +49,7 @@ if TYPE_CHECKING:
 TEMPLATE_NAME = "inference-log"
 INDEX_PATTERNS = ("inference-log-*",)
 # 2: date_detection off, keyword `values`, `raw`, flattened `explanation.params`;
-# 3: priority by pattern length
+# 3: priority by pattern length, flattened `items`
 VERSION = 3
 # Above the built-in templates (`logs-*-*` etc. sit at 100); equal priorities may not overlap.
 PRIORITY = 200
@@ -60,6 +63,7 @@ _KEYWORD = {"type": "keyword", "ignore_above": 1024}
 _DATE = {"type": "date"}
 _PAYLOAD = {"type": "object", "dynamic": True}
 _STORED = {"type": "keyword", "index": False, "doc_values": False}  # in _source only
+_FLATTENED = {"type": "flattened", "ignore_above": 1024}  # any shape, every leaf a keyword
 
 MAPPINGS: dict[str, Any] = {
     "date_detection": False,
@@ -84,7 +88,10 @@ MAPPINGS: dict[str, Any] = {
         "status": {"type": "integer"},
         "latency_ms": {"type": "float"},
         "metadata": {"type": "object", "dynamic": True},
-        "request": {**_PAYLOAD, "properties": {"features": _PAYLOAD, "values": _KEYWORD, "raw": _STORED}},
+        "request": {
+            **_PAYLOAD,
+            "properties": {"features": _PAYLOAD, "values": _KEYWORD, "items": _FLATTENED, "raw": _STORED},
+        },
         "response": {
             **_PAYLOAD,
             "properties": {
@@ -96,7 +103,7 @@ MAPPINGS: dict[str, Any] = {
         },
         "explanation": {
             **_PAYLOAD,
-            "properties": {"values": _KEYWORD, "raw": _STORED, "params": {"type": "flattened"}},
+            "properties": {"values": _KEYWORD, "items": _FLATTENED, "raw": _STORED, "params": _FLATTENED},
         },
         **{f"{kind}_time": _DATE for kind in ("request", "response", "explanation")},
         **{f"{kind}_attributes": _PAYLOAD for kind in ("request", "response", "explanation")},

@@ -193,6 +193,23 @@ class TestRequest:
             {"features": {"age": 40, "city": "b"}},
         ]
 
+    def test_lists_holding_objects(self) -> None:
+        tokens = [{"token": "a", "pos": 1}, {"token": "b", "pos": 2}]
+        assert parts(request({"instances": [tokens]}), "request") == [{"items": tokens}]
+        # Top-level items that are not objects are wrapped: `items` is flattened, objects only.
+        mixed = [{"token": "a"}, 3, [{"token": "b"}], None]
+        assert parts(request({"instances": [mixed]}), "request") == [
+            {"items": [{"token": "a"}, {"value": 3}, {"value": [{"token": "b"}]}, {"value": None}]}
+        ]
+        assert parts(request({"instances": [[[1, "x"], [None, True]]]}), "request") == [
+            {"values": [[1, "x"], [None, True]]}  # lists of scalars at any depth stay values
+        ]
+
+    def test_deep_lists_do_not_recurse(self) -> None:
+        deep = b'{"instances": [' + b"[" * 1000 + b"1" + b"]" * 1000 + b"]}"  # as deep as orjson reads
+        (got,) = parts(request(deep), "request")
+        assert list(got) == ["values"]
+
     def test_scalars_and_binary(self) -> None:
         assert parts(request({"instances": ["some text"]}), "request") == [{"value": "some text"}]
         (got,) = parts(request(b"\x00\x01"), "request")
@@ -271,6 +288,8 @@ class TestExplanation:
         assert parts(explanation(body), "explanation", feature_names=["a", "b"]) == [
             {"attributions": {"a": 0.1, "b": -0.2}}
         ]
+        pairs = [{"feature": "x", "value": 0.3}, {"feature": "y", "value": -0.1}]
+        assert parts(explanation({"explanations": [pairs]}), "explanation") == [{"items": pairs}]
 
 
 class TestPerExchange:

@@ -232,11 +232,15 @@ class TestTemplate:
             [CloudEvent(response("txt", "iris").attributes, b"setosa")],  # not JSON
             [explained("e1", {"nsamples": 200, "l1_reg": False})],
             [explained("e2", {"nsamples": "auto", "l1_reg": "aic"})],
+            # Lists holding objects: tokens, {feature, value} pairs.
+            [request("tok", "iris", {"instances": [[{"token": "a", "pos": 1}, {"token": "b", "pos": 2}]]})],
+            [_event(events.EXPLANATION, "pairs", {"explanations": [[{"feature": "x", "value": 0.3}]]}, T2,
+                    "iris")],
         ]
         try:
             await send(config, *batches)  # none refused
             es.indices.refresh(index=f"{prefix}-iris")
-            assert es.count(index=f"{prefix}-iris")["count"] == 9
+            assert es.count(index=f"{prefix}-iris")["count"] == 11
             props = es.indices.get_mapping(index=f"{prefix}-iris")[f"{prefix}-iris"]["mappings"]["properties"]
             assert props["request"]["properties"]["values"]["type"] == "keyword"
             assert props["request"]["properties"]["features"]["properties"]["signup"]["type"] == "keyword"
@@ -245,6 +249,10 @@ class TestTemplate:
             assert props["explanation"]["properties"]["params"]["type"] == "flattened"
             hits = es.search(index=f"{prefix}-iris", query={"term": {"request.values": "red"}})["hits"]["hits"]
             assert [h["_id"] for h in hits] == ["row-0"]
+            query = {"term": {"request.items.token": "b"}}
+            hits = es.search(index=f"{prefix}-iris", query=query)["hits"]["hits"]
+            assert [h["_id"] for h in hits] == ["tok-0"]
+            assert props["explanation"]["properties"]["items"]["type"] == "flattened"
         finally:
             es.indices.delete(index=f"{prefix}-iris", ignore_unavailable=True)
             es.indices.delete_index_template(name=prefix)
