@@ -119,6 +119,13 @@ def documents(
     return out
 
 
+def instances(event: CloudEvent) -> int:
+    """How many per-instance documents `documents` makes for a request `event` (its instance
+    count, for the response's `instances`), without building them."""
+    body = events.decode_data(event)
+    return 1 if _raw(event, body) is not None else len(_SPLIT["request"](body))
+
+
 def doc_id(event_id: str, instance: int | None = None) -> str:
     """`<id>-<instance>` (or `<id>`); ids too long for Elasticsearch are replaced by their hash."""
     if len(event_id.encode()) > _MAX_ID_BYTES - 12:

@@ -264,6 +264,9 @@ class ElasticsearchSink:
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         rejected: dict[int, str] = {}
+        # Counted before the first await: a batch sent meanwhile (in flight beside this one) may
+        # hold the responses, and must know how many instances to mark.
+        self._count_requests(events)
         # Encoded as the chunks go out: a batch's documents are never all in memory at once.
         ops: Iterable[_Op] = self._ops(events, rejected)
         delay = self.config.retry_delay
@@ -308,8 +311,6 @@ class ElasticsearchSink:
             docs = audit.documents(
                 event, per_instance=self.config.per_instance, feature_names=names, instances=known
             )
-            if event.type == events.REQUEST and self.config.per_instance:
-                self._remember(event.id, len(docs))
             index = self.index(event) if docs else ""
             try:
                 lines = [_update(index, doc_id, doc) for doc_id, doc in docs]
@@ -318,11 +319,15 @@ class ElasticsearchSink:
                 continue
             yield from (_Op(i, line) for line in lines)
 
-    def _remember(self, event_id: str, count: int) -> None:
-        self._counts.pop(event_id, None)
-        self._counts[event_id] = count
-        if len(self._counts) > _COUNTS_KEPT:
-            del self._counts[next(iter(self._counts))]  # the oldest
+    def _count_requests(self, batch: Sequence[CloudEvent]) -> None:
+        if not self.config.per_instance:
+            return
+        for event in batch:
+            if event.type == events.REQUEST:
+                self._counts.pop(event.id, None)
+                self._counts[event.id] = audit.instances(event)
+                if len(self._counts) > _COUNTS_KEPT:
+                    del self._counts[next(iter(self._counts))]  # the oldest
 
     async def _bulk(self, chunk: Sequence[_Op]) -> list[Mapping[str, Any]]:
         from elasticsearch import ApiError, TransportError

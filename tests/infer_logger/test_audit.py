@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from infer_logger import events
-from infer_logger.audit import Document, doc_id, documents
+from infer_logger.audit import Document, doc_id, documents, instances
 from infer_logger.cloudevents.event import CloudEvent
 
 T_REQUEST = "2025-01-01T00:00:00.100000Z"
@@ -209,6 +209,13 @@ class TestRequest:
         deep = b'{"instances": [' + b"[" * 1000 + b"1" + b"]" * 1000 + b"]}"  # as deep as orjson reads
         (got,) = parts(request(deep), "request")
         assert list(got) == ["values"]
+
+    def test_instance_count(self) -> None:
+        assert instances(request()) == 2
+        assert instances(request({"instances": "x"})) == 1
+        assert instances(request(b"\x00\x01")) == 1
+        v2 = {"inputs": [{"name": "input-0", "shape": [3, 1], "datatype": "FP32", "data": [1, 2, 3]}]}
+        assert instances(request(v2)) == len(documents(request(v2))) == 3
 
     def test_scalars_and_binary(self) -> None:
         assert parts(request({"instances": ["some text"]}), "request") == [{"value": "some text"}]

@@ -522,6 +522,23 @@ class TestJoin:
         assert sorted(found) == ["err-0", "err-1", "err-2"]
         assert all(d["status"] == 500 and "model crashed" in d["response"]["error"] for d in found.values())
 
+    async def test_an_error_response_in_flight_beside_its_request(
+            self, es_url: str, es: Elasticsearch) -> None:
+        """Two batches in flight: the response's batch runs while the request's is still sending."""
+        service = unique()
+        sink = ElasticsearchSinkConfig(url=es_url, max_bulk_bytes=20_000).build()
+        padding = [request(f"pad{i}", service, {"instances": [{"pad": "x" * 3000}]}) for i in range(10)]
+        try:
+            await asyncio.gather(  # the request in the first batch's second _bulk chunk
+                sink.send_batch([*padding, request("err", service, {"instances": [[1], [2], [3]]})]),
+                sink.send_batch([response("err", service, {"error": "model crashed"}, status=500)]),
+            )
+        finally:
+            await sink.aclose()
+        found = docs(es, service, "err")
+        assert sorted(found) == ["err-0", "err-1", "err-2"]
+        assert all(d["status"] == 500 and "model crashed" in d["response"]["error"] for d in found.values())
+
     async def test_a_large_error_body_is_indexed_whole_once(self, es_url: str, es: Elasticsearch) -> None:
         service = unique()
         error = {"error": "E" * 200_000}
