@@ -57,6 +57,8 @@ _MAX_INDEX_BYTES = 255
 _COUNTS_KEPT = 10_000
 # Names Elasticsearch ships index templates under (`logs`, `metrics-apm...`, `profiling-events`):
 # a derived name that is one of these, or starts with one and `-`, gets `infer-logger-` before it.
+# Index patterns of Elasticsearch's built-in data stream templates (`logs-*-*`...), by their fixed part.
+_DATA_STREAMS = ("logs-", "metrics-", "traces-", "synthetics-", "profiling-")
 _BUILT_IN_TEMPLATES = ("logs", "metrics", "traces", "synthetics", "profiling", "apm", "ilm-history",
                        "slm-history", "elastic-connectors", "behavioral_analytics")
 
@@ -163,6 +165,11 @@ class ElasticsearchSinkConfig(SinkConfig):
         fixed = _LEADING.sub("", _INVALID.sub("-", prefix.lower()))
         if not fixed:
             raise ConfigError("index", f"{self.index!r} has no fixed prefix for the index template to match")
+        if taken := next((d for d in _DATA_STREAMS if (fixed + "*").startswith(d) or d.startswith(fixed)), None):
+            # Our template outranks the built-in one (priority 100): those data streams would
+            # become plain indices with our mappings, Elastic Agent's among them.
+            raise ConfigError("index", f"{self.index!r} overlaps Elasticsearch's built-in data streams "
+                                       f"{taken}*: choose another prefix, or set install_template: false")
         return [fixed + "*"]
 
     def client(self) -> AsyncElasticsearch:

@@ -15,6 +15,7 @@ from typing import Any, Self
 import orjson
 import pytest
 from elasticsearch import Elasticsearch, NotFoundError
+from pydantic import ValidationError
 
 from infer_logger import events
 from infer_logger.asgi import read_body, respond
@@ -169,9 +170,8 @@ class TestConfig:
         ("audit_{namespace}", ["audit_*"], "audit_"),
         ("Audit", ["audit"], "audit"),
         # Names of Elasticsearch's own templates are never derived: ours would replace theirs.
-        ("logs-{namespace}", ["logs-*"], "infer-logger-logs"),
-        ("Metrics-App-{namespace}", ["metrics-app-*"], "infer-logger-metrics-app"),
-        ("traces{namespace}", ["traces*"], "infer-logger-traces"),
+        ("apm-app-{namespace}", ["apm-app-*"], "infer-logger-apm-app"),
+        ("ilm-history{namespace}", ["ilm-history*"], "infer-logger-ilm-history"),
         ("logstash-{namespace}", ["logstash-*"], "logstash"),
     ])
     def test_template_follows_the_index(self, index: str, patterns: list[str], name: str) -> None:
@@ -180,6 +180,15 @@ class TestConfig:
         written = IndexNamer(index)(request("a", "iris"))
         assert any(written.startswith(p.rstrip("*")) for p in patterns), written
         assert ElasticsearchSinkConfig(index=index, template_name="mine").template_name == "mine"
+
+    @pytest.mark.parametrize("index", ["logs-{namespace}", "Metrics-App-{namespace}", "traces{namespace}",
+                                       "l{namespace}"])
+    def test_an_index_over_a_built_in_data_stream_is_refused(self, index: str) -> None:
+        """Our template would outrank `logs-*-*` (priority 100): Elastic Agent's data streams
+        would become plain indices with our mappings."""
+        with pytest.raises(ValidationError, match="built-in data streams"):
+            ElasticsearchSinkConfig(index=index)
+        assert ElasticsearchSinkConfig(index=index, install_template=False).index == index
 
     def test_index_names(self) -> None:
         namer = IndexNamer("inference-log-{namespace}-{inferenceservicename}")
