@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -16,11 +17,14 @@ from infer_logger.cloudevents.json_format import to_json
 from infer_logger.errors import ConfigError, SinkError
 from infer_logger.sinks.base import SinkConfig
 
+log = logging.getLogger(__name__)
+
 
 class FileSinkConfig(SinkConfig):
     type: Literal["file"] = "file"
     path: Path = Path("infer-logger-data/events.jsonl")
-    """The JSONL file to append to (its directory is created)."""
+    """The JSONL file to append to (its directory is created). This sink must be its only writer:
+    a batch cut short (full disk) is cut off again only when no one else appended meanwhile."""
     fsync: bool = False
     """Fsync after every batch, for a file that must survive a machine crash."""
 
@@ -43,25 +47,48 @@ class FileSink:
         except OSError as exc:  # a file in the way, no permission: say so at start, not per batch
             reason = exc.strerror or exc
             raise ConfigError("path", f"{config.path.parent}: cannot create the directory: {reason}") from None
+        self._lock = threading.Lock()
 
     def _write(self, lines: bytes) -> None:
-        fd = os.open(self.config.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(fd).st_size
+        # With in_flight > 1 several batches are in threads at once: one writes at a time, so
+        # a batch cut short cuts off only its own bytes, never a batch already acknowledged.
+        with self._lock:
+            fd = os.open(self.config.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                view = memoryview(lines)
-                while view:
-                    view = view[os.write(fd, view):]
-                if self.config.fsync:
-                    os.fsync(fd)
-            except OSError:
-                # A full disk or a size limit may stop the batch midway: cut off what was written,
-                # so the retry does not append it after a torn line (as the spool does).
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, size)
-                raise
-        finally:
-            os.close(fd)
+                self._append(fd, lines)
+            finally:
+                os.close(fd)
+
+    def _append(self, fd: int, lines: bytes) -> None:
+        start = written = 0
+        try:
+            view = memoryview(lines)
+            while view:
+                n = os.write(fd, view)
+                if not written:  # O_APPEND put it at the end of the file, wherever that was then
+                    start = os.lseek(fd, 0, os.SEEK_CUR) - n
+                written += n
+                view = view[n:]
+            if self.config.fsync:
+                os.fsync(fd)
+        except OSError:
+            if written:
+                self._cut(fd, start, written)
+            raise
+
+    def _cut(self, fd: int, start: int, written: int) -> None:
+        """Cut off a batch that stopped midway (a full disk, a size limit), so the retry does not
+        append after a torn line (as the spool does); but only if the file ends with our bytes."""
+        try:
+            if os.fstat(fd).st_size == start + written:
+                os.ftruncate(fd, start)
+                return
+            reason = "another writer appended to it meanwhile, so it is left as it is"
+        except OSError as exc:
+            reason = f"it could not be cut off ({exc})"
+        log.error("file sink %s: a batch stopped after %d bytes and %s: the file has a torn line "
+                  "(only one file sink, in one process, may append to a file)",
+                  self.config.path, written, reason)
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         lines = b"".join(to_json(e) + b"\n" for e in events)

@@ -70,3 +70,105 @@ def test_a_batch_cut_short_leaves_no_torn_line_for_the_retry_to_follow(tmp_path:
     assert out.returncode == 0 and out.stdout.split() == ["refused"], out.stderr
     ids = [from_json(line).id for line in path.read_bytes().splitlines()]
     assert ids == [str(i) for i in range(5)] + [str(i) for i in range(100)]
+
+
+_TWO_IN_FLIGHT = """
+import asyncio, os, resource, sys, threading
+import infer_logger.sinks.file as file_sink
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import SinkError
+
+sink = file_sink.FileSinkConfig(path=sys.argv[1]).build()
+big = [CloudEvent({"specversion": "1.0", "id": f"big{i}", "source": "/s", "type": "t"}, b"x" * 200)
+       for i in range(100)]
+small = [CloudEvent({"specversion": "1.0", "id": f"small{i}", "source": "/s", "type": "t"}) for i in range(3)]
+at_write, small_done = threading.Event(), threading.Event()
+
+class HeldOs:
+    # The big batch's thread stops just before its first write, as if descheduled there, until
+    # the small batch is done (a bounded wait: with one writer at a time the small one waits).
+    def __getattr__(self, name):
+        return getattr(os, name)
+    def write(self, fd, data):
+        if not at_write.is_set():
+            at_write.set()
+            small_done.wait(1)
+        return os.write(fd, data)
+
+file_sink.os = HeldOs()
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (10000, hard))  # the big batch does not fit
+
+async def main():
+    async def send_big():
+        try:
+            await sink.send_batch(big)
+        except SinkError:
+            print("big-refused")
+    async def send_small():
+        await asyncio.to_thread(at_write.wait)
+        await sink.send_batch(small)
+        small_done.set()
+        print("small-acknowledged")
+    await asyncio.gather(send_big(), send_small())
+asyncio.run(main())
+"""
+
+
+def test_a_batch_cut_short_never_cuts_a_batch_acknowledged_meanwhile(tmp_path: Path) -> None:
+    """in_flight >= 2 runs two batches of one sink in threads at once: the one that fails cuts
+    off only its own bytes (it cut the file back to its size before the write, losing the other's)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "events.jsonl"
+    out = subprocess.run([sys.executable, "-c", _TWO_IN_FLIGHT, str(path)], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).parents[3], check=False)
+    assert out.returncode == 0 and sorted(out.stdout.split()) == ["big-refused", "small-acknowledged"], out.stderr
+    assert [from_json(line).id for line in path.read_bytes().splitlines()] == ["small0", "small1", "small2"]
+
+
+_OTHER_WRITER = """
+import asyncio, os, resource, sys
+import infer_logger.sinks.file as file_sink
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import SinkError
+
+path = sys.argv[1]
+sink = file_sink.FileSinkConfig(path=path).build()
+batch = [CloudEvent({"specversion": "1.0", "id": str(i), "source": "/s", "type": "t"}, b"x" * 200)
+         for i in range(100)]
+calls = []
+
+class OtherWriterOs:
+    # The batch goes out in two writes; another process appends a line between them.
+    def __getattr__(self, name):
+        return getattr(os, name)
+    def write(self, fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return os.write(fd, data[:1000])
+        with open(path, "ab") as other:
+            other.write(b'{"other": "writer"}\\n')
+        return os.write(fd, data)
+
+file_sink.os = OtherWriterOs()
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (10000, hard))
+try:
+    asyncio.run(sink.send_batch(batch))
+except SinkError:
+    print("refused")
+"""
+
+
+def test_a_batch_cut_short_leaves_what_another_writer_appended(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "events.jsonl"
+    out = subprocess.run([sys.executable, "-c", _OTHER_WRITER, str(path)], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).parents[3], check=False)
+    assert out.returncode == 0 and out.stdout.split() == ["refused"], out.stderr
+    assert b'{"other": "writer"}\n' in path.read_bytes()  # not cut off with the torn batch
+    assert "another writer appended" in out.stderr
