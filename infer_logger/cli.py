@@ -174,7 +174,7 @@ def query(db: Path, id_: str | None, model: str | None, since: str | None, until
               help="How many predictions to send.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("infer-logger-data/quickstart"), show_default=True,
-              help="Where the store, spool and event log go: a new directory, or one an earlier "
+              help="Where the store, spool and event log go: a new or empty directory, or one an earlier "
                    "quickstart made (what that run left is replaced).")
 def quickstart(n_requests: int, workdir: Path) -> None:
     """Train a small model, serve it behind the sidecar, send traffic, and show the audit log.

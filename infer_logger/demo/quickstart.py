@@ -78,15 +78,16 @@ _OWN = frozenset({_MARKER, "audit.db", "audit.db-wal", "audit.db-shm", "events.j
 
 
 def _fresh_workdir(workdir: Path) -> None:
-    """Start clean: remove what an earlier run left, and only that. A directory holding anything
-    else that no quickstart made is refused (a --workdir pointing at the user's files)."""
+    """Start clean: in a directory an earlier run marked, remove what that run left, and only
+    that. An unmarked directory must be empty: the same names (audit.db, spool) are the proxy's
+    own, and `--workdir infer-logger-data` would delete its audit store and undelivered events."""
     if workdir.exists() and not workdir.is_dir():
         raise click.BadParameter(f"{workdir} is not a directory", param_hint="--workdir")
     found = set(os.listdir(workdir)) if workdir.exists() else set()
-    if found - _OWN and _MARKER not in found:
+    if found and _MARKER not in found:
         raise click.BadParameter(
-            f"{workdir} holds files the quickstart did not make ({', '.join(sorted(found - _OWN)[:3])}): "
-            "name a new or empty directory", param_hint="--workdir")
+            f"{workdir} is not empty ({', '.join(sorted(found)[:3])}) and no quickstart made it "
+            f"(it has no {_MARKER}): name a new or empty directory", param_hint="--workdir")
     for name in found & _OWN:
         path = workdir / name
         if path.is_dir() and not path.is_symlink():

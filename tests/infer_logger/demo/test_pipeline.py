@@ -78,8 +78,20 @@ def test_a_quickstart_rerun_removes_only_what_a_run_made(tmp_path: Path) -> None
     (tmp_path / "qs" / "notes.txt").write_text("added by the user since")
     _fresh_workdir(tmp_path / "qs")
     assert sorted(p.name for p in (tmp_path / "qs").iterdir()) == [".infer-logger-quickstart", "notes.txt"]
-    # A directory holding only what a quickstart makes (an earlier version's, unmarked) is one's too.
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "events.jsonl").write_text("{}\n")
-    _fresh_workdir(tmp_path / "old")
-    assert [p.name for p in (tmp_path / "old").iterdir()] == [".infer-logger-quickstart"]
+
+
+def test_quickstart_refuses_an_unmarked_directory_of_the_names_it_uses(tmp_path: Path) -> None:
+    """`--workdir infer-logger-data`, the proxy's own data directory: its audit store and spool
+    of undelivered events bear the quickstart's names, but no quickstart made them (they were deleted)."""
+    from click.testing import CliRunner
+
+    from infer_logger.cli import main
+
+    data = tmp_path / "infer-logger-data"
+    (data / "spool").mkdir(parents=True)
+    (data / "spool" / "00000000000000000001.seg").write_bytes(b"undelivered")
+    (data / "audit.db").write_text("the production audit store")
+    result = CliRunner().invoke(main, ["quickstart", "--requests", "1", "--workdir", str(data)])
+    assert result.exit_code == 2 and "--workdir" in result.output and "no quickstart made it" in result.output
+    assert sorted(p.name for p in data.iterdir()) == ["audit.db", "spool"]
+    assert (data / "spool" / "00000000000000000001.seg").read_bytes() == b"undelivered"
