@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import orjson
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -115,7 +115,8 @@ class SpoolSettings(BaseModel):
     """Size of a spool file, the unit in which delivered events are deleted (and `drop_oldest`
     drops). At most a quarter of `max_bytes` is used, so a small cap just works."""
     max_bytes: ByteSize = Field(ByteSize(1 << 30), gt=0)
-    """Cap on spool size; past it the overflow policy applies (and is counted)."""
+    """Cap on spool size; past it the overflow policy applies (and is counted). At least 4 x
+    `max_payload_bytes`."""
     overflow: Literal["drop_newest", "drop_oldest"] = "drop_newest"
     """`drop_newest` refuses new events; `drop_oldest` deletes the oldest segment and counts the
     events in it that a sink had not taken yet (all of them when delivery runs in its process)."""
@@ -205,6 +206,18 @@ class Settings(LayeredSettings):
                 raise ValueError(f"two sinks are named {sink.sink_name!r}: give them distinct `name`s")
             seen.add(sink.sink_name)
         return sinks
+
+    @field_validator("spool")
+    @classmethod
+    def _room_for_events(cls, spool: SpoolSettings, info: ValidationInfo) -> SpoolSettings:
+        # A cap of a few payloads holds no backlog worth the name, and one below a payload
+        # refuses every event that size.
+        payload = info.data.get("max_payload_bytes")
+        if spool.durability == "disk" and payload is not None and spool.max_bytes < 4 * payload:
+            raise ValueError(
+                f"spool.max_bytes ({spool.max_bytes.human_readable()}) must be at least 4 x max_payload_bytes "
+                f"({payload.human_readable()}): raise spool.max_bytes or lower max_payload_bytes")
+        return spool
 
     @field_validator("log_url", mode="before")
     @classmethod

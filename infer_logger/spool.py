@@ -207,9 +207,23 @@ class _Segments:
         """Delete segments that every reader has finished (by its saved checkpoint)."""
         if not self._readers:
             return
-        floor = min(r._saved.segment for r in self._readers.values())
+        floor = min(self._past(r._saved) for r in self._readers.values())
         for number in [n for n in self._sizes if n < floor and n != self._current]:
             self._delete(number)
+
+    def _past(self, saved: Position) -> int:
+        """The first segment a reader saved at `saved` still needs: at the end of a segment no
+        longer written, the next one (so the segment a roll just closed can go at once)."""
+        if saved.segment != self._current and saved.offset >= self._sizes.get(saved.segment, 0):
+            return saved.segment + 1
+        return saved.segment
+
+    def _save_held_back(self) -> None:
+        """Save the checkpoints the save interval held back: with nothing new to deliver no
+        commit would, and the segments they finished would stay (a full spool, for good)."""
+        for reader in self._readers.values():
+            if reader.position != reader._saved:
+                reader.commit(reader.position, force=True)
 
     def _delete(self, number: int) -> None:
         self._sizes.pop(number, None)
@@ -285,6 +299,12 @@ class DiskSpool(_Segments):
         self._sizes[self._current] += len(record)
         self.stats.appended += 1
         self._dirty = True
+        if self._sizes[self._current] >= self.segment_bytes:
+            # Closed now, not before the next append: the segment being written is never deleted,
+            # so one holding a record over half the cap would keep the spool full for good.
+            # If this roll fails, the next append's tries again.
+            with contextlib.suppress(OSError):
+                self._roll()
         for waiter in self._waiters:
             waiter.set()
         return True
@@ -339,6 +359,10 @@ class DiskSpool(_Segments):
         if now - self._refreshed >= 0.5:  # a follower may have deleted finished segments meanwhile
             self._refreshed = now
             self.refresh()
+        if self.size_bytes() + needed <= self.max_bytes:
+            return True
+        self._save_held_back()  # a checkpoint the save interval held back may free a segment
+        self.collect()
         return self.size_bytes() + needed <= self.max_bytes or self._make_room(needed)
 
     def _make_room(self, needed: int) -> bool:
@@ -422,6 +446,9 @@ class SpoolFollower(_Segments):
                     continue
             sizes[number] = known
         self._sizes, self._current = sizes, newest
+        # The newest segment is never deleted: once the writer has closed it, it can go.
+        self._save_held_back()
+        self.collect()
 
     def start_polling(self) -> None:
         if self._poll_task is None:

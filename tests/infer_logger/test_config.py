@@ -90,6 +90,8 @@ class TestErrors:
             ("port: -1\n", "port", "greater than or equal"),
             ("spool:\n  segment_bytes: 0\n", "spool.segment_bytes", "greater than 0"),
             ("sinks:\n  - type: file\n  - type: file\n", "sinks", "two sinks are named 'file'"),
+            # A spool of a couple of payloads is full with the next one (it refused them all).
+            ("spool:\n  max_bytes: 2MiB\n", "spool", "spool.max_bytes (2.0MiB) must be at least 4 x max_payload_bytes"),
             # A sink's name names its checkpoint file: one it could not save never freed the spool.
             ("sinks:\n  - type: file\n    name: audit/events\n", "sinks.0.file.name", "'audit/events': use letters"),
             ("sinks:\n  - type: store\n    name: ..\n", "sinks.0.store.name", "'..': use letters"),

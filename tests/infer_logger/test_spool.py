@@ -448,3 +448,38 @@ class TestSpoolFollower:
         assert drain(reader) == [str(i) for i in range(200)]
         assert len(list(tmp_path.glob("*.seg"))) == 1
         follower.close()
+
+
+class TestRecordsOverHalfTheCap:
+    """A 2 MiB cap with the default 1 MiB max_payload_bytes: each event fits alone. The segment
+    being written is never deleted; it held the last event, delivered or not, so every later
+    event was refused for good."""
+
+    def test_every_event_a_sink_keeps_up_with_is_taken(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path, max_bytes=2 << 20)
+        reader = spool.reader("s")
+        reader.checkpoint_interval = float("inf")  # taken, but no checkpoint saved by the commit
+        for i in range(6):
+            assert spool.append(event(i, 1 << 20)), i
+            events, end = reader.read(100)
+            reader.commit(end)
+            assert [e.id for e in events] == [str(i)]
+        assert not spool.stats.dropped
+        spool.close()
+
+    def test_the_delivery_process_frees_what_it_took(self, tmp_path: Path) -> None:
+        writer = DiskSpool(tmp_path, max_bytes=2 << 20)
+        follower = SpoolFollower(tmp_path)
+        reader = follower.reader("s")
+        reader.checkpoint_interval = float("inf")
+        for i in range(6):
+            writer._refreshed = 0.0  # its next look at the directory is due
+            assert writer.append(event(i, 1 << 20)), i
+            follower.refresh()  # what its poll does when the directory changed
+            events, end = reader.read(100)
+            reader.commit(end)
+            assert [e.id for e in events] == [str(i)]
+            follower.refresh()
+        assert not writer.stats.dropped
+        writer.close()
+        follower.close()
