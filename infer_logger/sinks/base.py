@@ -25,7 +25,8 @@ class Sink(Protocol):
     async def aclose(self) -> None: ...
 
 
-_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+# What a file name in the spool directory cannot hold: a path separator, NUL, control characters.
+_NOT_IN_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
 class SinkConfig(BaseModel):
@@ -36,7 +37,8 @@ class SinkConfig(BaseModel):
     kind: ClassVar[str] = ""
     name: str | None = None
     """Names the sink's checkpoint, dead-letter file and metrics; defaults to its type (must be
-    unique): up to 128 letters, digits, `_`, `-` and `.` (not first)."""
+    unique). Anything a file name can hold: no `/`, `\\` or control characters, not starting
+    with `.`, at most 200 bytes in UTF-8."""
     batch_size: int | None = Field(None, ge=1)
     """Events per batch for this sink; unset = `delivery.batch_size`."""
     in_flight: int | None = Field(None, ge=1, le=64)
@@ -47,9 +49,17 @@ class SinkConfig(BaseModel):
     @classmethod
     def _file_name(cls, name: str | None) -> str | None:
         # It names files in the spool directory: a `/` could not be saved (so the spool was never
-        # freed), a `..` would reach outside it.
-        if name is not None and not _NAME.fullmatch(name):
-            raise ValueError(f"{name!r}: use letters, digits, '_', '-' and '.' (not first)")
+        # freed), a `..` would reach outside it. Anything else stays: a renamed sink's checkpoint
+        # is orphaned and the whole spool sent again.
+        if name is None or name == "":
+            return name
+        bad = _NOT_IN_NAME.search(name)
+        if bad:
+            raise ValueError(f"{name!r}: a sink name names files, so it cannot hold {bad.group()!r}")
+        if name.startswith("."):
+            raise ValueError(f"{name!r}: a sink name names files, so it cannot start with '.'")
+        if len(name.encode("utf-8", "surrogateescape")) > 200:
+            raise ValueError(f"{name[:20]!r}…: a sink name names files, so it is at most 200 bytes (UTF-8)")
         return name
 
     def build(self) -> Sink:

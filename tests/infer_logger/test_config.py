@@ -93,8 +93,11 @@ class TestErrors:
             # A spool of a couple of payloads is full with the next one (it refused them all).
             ("spool:\n  max_bytes: 2MiB\n", "spool", "spool.max_bytes (2.0MiB) must be at least 4 x max_payload_bytes"),
             # A sink's name names its checkpoint file: one it could not save never freed the spool.
-            ("sinks:\n  - type: file\n    name: audit/events\n", "sinks.0.file.name", "'audit/events': use letters"),
-            ("sinks:\n  - type: store\n    name: ..\n", "sinks.0.store.name", "'..': use letters"),
+            ("sinks:\n  - type: file\n    name: audit/events\n", "sinks.0.file.name", "cannot hold '/'"),
+            ("sinks:\n  - type: file\n    name: 'a\\\\b'\n", "sinks.0.file.name", "cannot hold '\\\\'"),
+            ("sinks:\n  - type: file\n    name: \"a\\tb\"\n", "sinks.0.file.name", "cannot hold '\\t'"),
+            ("sinks:\n  - type: store\n    name: ..\n", "sinks.0.store.name", "cannot start with '.'"),
+            ("sinks:\n  - type: store\n    name: .hidden\n", "sinks.0.store.name", "cannot start with '.'"),
         ],
     )
     def test_bad_yaml_values(self, tmp_path: Path, yaml_text: str, field: str, hint: str) -> None:
@@ -104,6 +107,21 @@ class TestErrors:
             load_settings(cfg)
         assert info.value.field.startswith(field)
         assert hint in info.value.message
+
+    @pytest.mark.parametrize("name", ["es:prod", "audit store", "kafka@dc1", "журнал", "es.prod", "a..b"])
+    def test_a_sink_name_a_file_can_hold_loads_and_keeps_its_checkpoint(self, tmp_path: Path, name: str) -> None:
+        # Refused, a renamed sink would orphan its checkpoint and be sent the whole spool again.
+        from infer_logger.spool import DiskSpool
+
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f'sinks:\n  - {{type: file, name: "{name}", path: {tmp_path / "e.jsonl"}}}\n', encoding="utf-8")
+        assert load_settings(cfg).all_sinks()[0].sink_name == name
+        spool = DiskSpool(tmp_path / "spool")
+        reader = spool.reader(name)
+        reader.commit(reader.position, force=True)
+        assert spool.checkpoint_path(name).exists()
+        assert spool.checkpoint_path(name).parent == tmp_path / "spool" / "checkpoints"
+        spool.close()
 
     def test_broken_yaml_names_the_line(self, tmp_path: Path) -> None:
         cfg = tmp_path / "c.yaml"
