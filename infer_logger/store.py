@@ -452,7 +452,10 @@ def _utc(value: object) -> str | None:
             return text
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    moment = moment.astimezone(UTC)
+    # Four-digit years, as the text must sort as the time does: %Y writes year 500 as "500-",
+    # after "2024-" (a --since 0500-01-01 found nothing).
+    return f"{moment.year:04d}-" + moment.strftime("%m-%dT%H:%M:%S.%fZ")
 
 
 def _dumps(value: object) -> str:

@@ -255,6 +255,11 @@ class TestQuery:
         assert {r.id for r in filled.query(since=since, until=until)} == {"id2", "id3"}
         assert {r.id for r in filled.query(model="iris", status=500)} == {"id4"}
 
+    def test_a_time_before_year_1000_sorts_before_later_ones(self, filled: AuditStore) -> None:
+        # As text: "500-01-01..." sorted after "2025-...", so it found nothing.
+        assert len(filled.query(since="0500-01-01", limit=None)) == len(filled.query(limit=None))
+        assert filled.query(until="0500-01-01T00:00:00Z") == []
+
     def test_bad_order(self, filled: AuditStore) -> None:
         with pytest.raises(ValueError, match="order"):
             filled.query(order="sideways")  # type: ignore[arg-type]
