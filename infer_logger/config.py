@@ -7,6 +7,7 @@ and `sinks` are sections. Nested env vars use `__`: `INFER_LOGGER_SPOOL__DURABIL
 from __future__ import annotations
 
 import contextvars
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -59,16 +60,34 @@ class LayeredSettings(BaseSettings):
         if section and isinstance(data.get(section), dict):
             data = data[section]
         token = _yaml_data.set(data)
+        given = {k: v for k, v in flags.items() if v is not None and v != () and v != {}}
         try:
-            return cls(**{k: v for k, v in flags.items() if v is not None and v != () and v != {}})
+            return cls(**given)
         except ValidationError as exc:
-            raise config_error(exc) from None
+            error = config_error(exc)
+            var = cls._env_var(exc.errors()[0]["loc"], given)
+            raise (ConfigError(f"{var} ({error.field})", error.message) if var else error) from None
         except SettingsError as exc:
             if isinstance(exc.__cause__, ConfigError):  # see _EnvSource
                 raise exc.__cause__ from None
             raise ConfigError("environment", str(exc)) from None
         finally:
             _yaml_data.reset(token)
+
+
+    @classmethod
+    def _env_var(cls, loc: tuple[int | str, ...], flags: dict[str, Any]) -> str | None:
+        """The env var a bad value at `loc` came from, if one did (a flag overrides it): the
+        error then names it, not only the field."""
+        if not loc or loc[0] in flags:
+            return None
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        names = [f"{prefix}{loc[0]}"]
+        delimiter = cls.model_config.get("env_nested_delimiter")
+        if delimiter and len(loc) > 1:
+            names.insert(0, f"{prefix}{loc[0]}{delimiter}{loc[1]}")
+        present = {key.upper(): key for key in os.environ}  # env var names are case-insensitive here
+        return next((present[name.upper()] for name in names if name.upper() in present), None)
 
 
 class _EnvSource(EnvSettingsSource):
@@ -222,8 +241,9 @@ class Settings(LayeredSettings):
     @field_validator("log_url", mode="before")
     @classmethod
     def _urls(cls, value: Any) -> Any:
-        # Split only at a comma before a scheme: a URL's own commas (in a query) stay.
-        return comma_list(value, r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*:)")
+        # Split only at a comma before a sink URL's scheme and `//`: a URL's own commas (a
+        # query's `tags=env,team:ml`, a password's `p,w:d`) stay.
+        return comma_list(value, r"(?i),\s*(?=(?:https?|file|sqlite)://)")
 
     @field_validator("metadata_headers", mode="before")
     @classmethod

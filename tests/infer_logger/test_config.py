@@ -169,6 +169,26 @@ class TestEnvLists:
         monkeypatch.setenv("INFER_LOGGER_LOG_URL", '["http://a/", "http://b/"]')
         assert load_settings().log_url == ["http://a/", "http://b/"]
 
+    @pytest.mark.parametrize("url", [
+        "http://collector/log?tags=env,team:ml",  # a query's comma before `word:`
+        "http://user:p,w:d@collector/log",  # a password's
+    ])
+    def test_a_urls_own_comma_before_a_colon_stays(self, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+        monkeypatch.setenv("INFER_LOGGER_LOG_URL", url)
+        assert load_settings().log_url == [url]
+        monkeypatch.setenv("INFER_LOGGER_LOG_URL", f"{url},FILE:///tmp/e.jsonl")
+        assert load_settings().log_url == [url, "FILE:///tmp/e.jsonl"]
+
+    def test_a_bad_value_from_a_variable_names_it(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("INFER_LOGGER_LOG_URL", "ftp://collector/log")
+        with pytest.raises(ConfigError, match="scheme must be") as info:
+            load_settings()
+        assert info.value.field == "INFER_LOGGER_LOG_URL (log_url)"
+        monkeypatch.setenv("INFER_LOGGER_SPOOL__OVERFLOW", "explode")
+        with pytest.raises(ConfigError) as info:
+            load_settings(log_url=["http://a/"])  # a flag overrides the variable: not it
+        assert info.value.field == "INFER_LOGGER_SPOOL__OVERFLOW (spool.overflow)"
+
     @pytest.mark.parametrize(("name", "value", "example"), [
         ("INFER_LOGGER_SINKS", "file", "INFER_LOGGER_SINKS='["),
         ("INFER_LOGGER_SPOOL", "memory", "INFER_LOGGER_SPOOL__KEY="),
