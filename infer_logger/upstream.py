@@ -31,6 +31,8 @@ class Answer:
     status: int
     headers: Headers
     body: bytes
+    truncated: bool = False
+    """Only with `max_body`: `body` is the start of a longer or unfinished one (its connection is closed)."""
 
 
 class _Connection(asyncio.Protocol):
@@ -133,10 +135,10 @@ class _Connection(asyncio.Protocol):
 
     # --
 
-    def _finish(self) -> None:
+    def _finish(self, truncated: bool = False) -> None:
         self._done = True
         waiter, self.waiter = self.waiter, None
-        answer = Answer(self.parser.get_status_code(), self._headers, b"".join(self._body))
+        answer = Answer(self.parser.get_status_code(), self._headers, b"".join(self._body), truncated)
         if waiter is None:  # an answer nobody asked for: the connection is out of step
             self.reusable = False
         if self.reusable:
@@ -150,6 +152,64 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def expire(self, waiter: asyncio.Future[Answer]) -> None:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+
+class _CappedConnection(_Connection):
+    """A connection whose caller needs the head and at most `max_body` bytes of the body (the
+    http sink: the status and Retry-After). Once the head is in, the answer is returned as soon
+    as the body passes the cap, or stops (the deadline, a close, a broken chunk), with
+    `truncated` set; the rest is not read: the connection is closed. A separate class so that
+    the proxy's connections pay nothing for it."""
+
+    def __init__(self, pool: Upstream, max_body: int) -> None:
+        super().__init__(pool)
+        self.room = self.max_body = max_body
+
+    def data_received(self, data: bytes) -> None:
+        if not self.reusable and self._done:  # cut short: what still comes is not read
+            return
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._headers_done and self._framed and not self._done:
+            self._cut()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.room = self.max_body
+
+    def on_body(self, body: bytes) -> None:
+        if self._done:  # the rest of the data that went past the cap
+            return
+        if len(body) > self.room:
+            self._body.append(body[:self.room])
+            self._cut()
+            return
+        self.room -= len(body)
+        self._body.append(body)
+
+    def _fail(self, exc: Exception) -> None:
+        if self._headers_done and not self._done:  # a body that breaks after the head: still an answer
+            self._cut()
+        else:
+            super()._fail(exc)
+
+    def expire(self, waiter: asyncio.Future[Answer]) -> None:
+        if self._headers_done and not self._done and waiter is self.waiter:
+            self._cut()
+        else:
+            super().expire(waiter)
+
+    def _cut(self) -> None:
+        self.reusable = False  # its body was not read to the end: the next answer would not be ours
+        self._finish(truncated=True)
         if self.transport is not None:
             self.transport.abort()
 
@@ -172,9 +232,12 @@ class Upstream:
     predictor cannot be reached or hangs up, and UpstreamError for an answer that is not HTTP.
     A request that meets a kept-alive connection the predictor had just closed is sent again
     once on a new one: nothing of it can have reached the predictor.
+
+    With `max_body` (the http sink's, never the proxy's), an answer whose head is in is returned
+    with at most that many body bytes, `truncated` when the body was longer or never ended.
     """
 
-    def __init__(self, url: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 60.0, max_body: int | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("predictor_url", f"{url!r} is not an http(s)://host[:port] URL")
@@ -185,6 +248,7 @@ class Upstream:
         netloc = parts.netloc.rsplit("@", 1)[-1]
         self.host_header = netloc.encode("idna") if not netloc.isascii() else netloc.encode()
         self.timeout = timeout
+        self.max_body = max_body
         self._idle: list[_Connection] = []
         self._closed = False
 
@@ -218,8 +282,11 @@ class Upstream:
         if self._closed:
             raise ConnectionResetError("the client is closed")
         async with asyncio.timeout_at(deadline):
-            _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self.ssl)
+            _, conn = await loop.create_connection(self._new_connection, self.host, self.port, ssl=self.ssl)
         return conn
+
+    def _new_connection(self) -> _Connection:
+        return _Connection(self) if self.max_body is None else _CappedConnection(self, self.max_body)
 
     async def _exchange(self, loop: asyncio.AbstractEventLoop, conn: _Connection, data: bytes,
                         head: bool, deadline: float) -> Answer:
@@ -227,7 +294,7 @@ class Upstream:
         conn.waiter, conn.head, conn.received = waiter, head, False
         assert conn.transport is not None
         conn.transport.write(data)
-        timer = loop.call_at(deadline, _expire, waiter)
+        timer = loop.call_at(deadline, conn.expire, waiter)
         try:
             return await waiter
         except BaseException:
@@ -266,7 +333,3 @@ class Upstream:
                 conn.transport.close()
         self._idle.clear()
 
-
-def _expire(waiter: asyncio.Future[Answer]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())

@@ -20,6 +20,9 @@ from infer_logger.upstream import Upstream, UpstreamError
 
 # Knative's retry set: everything else in 4xx is the event's fault and never gets better.
 RETRYABLE = frozenset({404, 408, 409, 429})
+# Of an answer only the status and Retry-After count: a body is kept up to this and the rest not
+# read (a 2xx whose body never ends is still a delivery).
+RESPONSE_BODY_MAX = 4096
 
 
 class HttpSinkConfig(SinkConfig):
@@ -29,7 +32,7 @@ class HttpSinkConfig(SinkConfig):
     mode: Literal["binary", "structured", "batch"] = "binary"
     """CloudEvents HTTP content mode; `batch` sends one `application/cloudevents-batch+json` per batch."""
     timeout: float = Field(10.0, gt=0)
-    """Seconds to wait for each POST."""
+    """Seconds to wait for each POST's answer (a 2xx whose body is still coming then counts as delivered)."""
     concurrency: int = Field(16, ge=1)
     """POSTs in flight at once in binary and structured mode."""
     headers: dict[str, str] = {}
@@ -60,7 +63,8 @@ class HttpSink:
         self.config = config
         self.url = str(config.url)
         parts = urlsplit(self.url)
-        self._client = Upstream(f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}", timeout=config.timeout)
+        self._client = Upstream(f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}", timeout=config.timeout,
+                                max_body=RESPONSE_BODY_MAX)
         target = parts.path or "/"
         self._target = (target + ("?" + parts.query if parts.query else "")).encode()
         self._extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in config.headers.items()]

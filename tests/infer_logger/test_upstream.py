@@ -233,3 +233,52 @@ async def test_idle_connections_are_capped_and_expire(monkeypatch: pytest.Monkey
         await asyncio.sleep(0.05)
         assert len(up._idle) == 1
         await up.close()
+
+
+async def test_a_capped_body_keeps_its_start_and_the_connection_is_closed() -> None:
+    """The http sink kept a receiver's whole answer: a 503 with a 100 GB body grew it by GBs."""
+    huge = b"HTTP/1.1 503 Busy\r\nretry-after: 7\r\ncontent-length: 100000000000\r\n\r\n" + b"x" * (4 << 20)
+    peer = Scripted(lambda head: huge if b"/huge" in head else ok(b"small")(b""))
+    async with peer as url:
+        up = Upstream(url, max_body=1024)
+        answer = await up.request("POST", b"/huge", [], b"e")
+        assert (answer.status, answer.body, answer.truncated) == (503, b"x" * 1024, True)
+        assert (b"retry-after", b"7") in answer.headers
+        for _ in range(2):  # a whole answer under the cap keeps its connection
+            answer = await up.request("POST", b"/", [], b"e")
+            assert (answer.status, answer.body, answer.truncated) == (200, b"small", False)
+        await up.close()
+    assert peer.connections == 2  # the cut one was not reused
+
+
+@pytest.mark.parametrize("rest", [b"5\r\nhello\r\n", b"5\r\nhello\r\nnot a chunk\r\n"])
+async def test_a_capped_answer_whose_body_stalls_or_breaks_is_returned(rest: bytes) -> None:
+    """A 200 whose head came but whose body stalls (or breaks) was 'no answer' (TimeoutError) to
+    the http sink, which then sent the event again though the receiver had taken it."""
+    stalled = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + rest
+    peer = Scripted(lambda head: stalled if b"/stall" in head else ok()(b""))
+    async with peer as url:
+        up = Upstream(url, timeout=0.3, max_body=1024)
+        answer = await up.request("POST", b"/stall", [], b"e")
+        assert (answer.status, answer.body, answer.truncated) == (200, b"hello", True)
+        assert (await up.request("POST", b"/", [], b"e")).status == 200
+        await up.close()
+    assert peer.connections == 2
+
+
+async def test_a_capped_answer_cut_by_a_close_after_its_head_is_returned() -> None:
+    peer = Scripted(lambda _: b"HTTP/1.1 503 Busy\r\ncontent-length: 100\r\n\r\nabc", close_after=1)
+    async with peer as url:
+        up = Upstream(url, max_body=1024)
+        answer = await up.request("POST", b"/", [], b"e")
+        await up.close()
+    assert (answer.status, answer.body, answer.truncated) == (503, b"abc", True)
+
+
+async def test_without_a_cap_a_stalled_body_is_still_a_timeout() -> None:
+    stalled = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    async with Scripted(lambda _: stalled) as url:
+        up = Upstream(url, timeout=0.2)
+        with pytest.raises(TimeoutError):
+            await up.request("GET", b"/", [], b"")
+        await up.close()

@@ -74,6 +74,36 @@ async def test_slow_receiver_times_out_as_retryable() -> None:
         await sink.aclose()
 
 
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n400000\r\n" + b"x" * (4 << 20),  # endless
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",  # stalls
+    b"HTTP/1.1 200 OK\r\n\r\nuntil the close, which never comes",
+], ids=["endless", "stalled", "until-close"])
+async def test_a_2xx_whose_body_never_ends_is_a_delivery(answer: bytes) -> None:
+    """The sink kept the whole body (GBs of RSS for an endless one), then said 'no answer within'
+    and the event, which the receiver had taken, was sent again on every retry."""
+    from tests.servers import Scripted
+
+    peer = Scripted(lambda _: answer)
+    async with peer as url:
+        sink = HttpSinkConfig(url=url, timeout=0.5).build()
+        await sink.send_batch(events(1))
+        await sink.aclose()
+    assert len(peer.heads) == 1
+
+
+async def test_a_refusal_with_a_huge_body_is_classified_on_its_head() -> None:
+    from tests.servers import Scripted
+
+    answer = b"HTTP/1.1 503 Busy\r\nretry-after: 7\r\ncontent-length: 100000000000\r\n\r\n" + b"x" * (4 << 20)
+    async with Scripted(lambda _: answer) as url:
+        sink = HttpSinkConfig(url=url, timeout=5).build()
+        with pytest.raises(SinkError) as info:
+            await sink.send_batch(events(1))
+        await sink.aclose()
+    assert type(info.value) is SinkError and info.value.retry_after == 7 and "503" in str(info.value)
+
+
 def test_retry_after_parsing() -> None:
     assert retry_after("120") == 120
     assert retry_after(None) is None
