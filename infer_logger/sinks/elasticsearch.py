@@ -40,6 +40,7 @@ from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.elasticsearch_template import MANAGED_BY, TEMPLATE_NAME, install_template, retire_shared
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.sinks.base import SinkConfig
+from infer_logger.sinks.http import retry_after
 
 if TYPE_CHECKING:
     from elasticsearch import AsyncElasticsearch
@@ -344,7 +345,7 @@ class ElasticsearchSink:
             # Pre-encoded NDJSON: the client passes bytes through (typed as a list of dicts).
             resp = await self.client.bulk(operations=cast("Sequence[Mapping[str, Any]]", body))
         except ApiError as exc:
-            after = _retry_after(exc.meta.headers.get("retry-after"))
+            after = retry_after(exc.meta.headers.get("retry-after"))
             raise SinkError(
                 f"elasticsearch at {self.config.where} answered {exc.meta.status} to _bulk: {exc.message}",
                 retry_after=after,
@@ -376,7 +377,7 @@ class ElasticsearchSink:
                 raise SinkError(
                     f"elasticsearch at {self.config.where} answered {exc.meta.status} to the index "
                     f"template check: {exc.message}",
-                    retry_after=_retry_after(exc.meta.headers.get("retry-after")),
+                    retry_after=retry_after(exc.meta.headers.get("retry-after")),
                 ) from exc
             # A refusal that will not change, e.g. an API key without manage_index_templates
             # (403): write anyway, say so once.
@@ -435,10 +436,6 @@ def _reason(item: Mapping[str, Any]) -> str:
     if isinstance(error, Mapping):
         return f"{item.get('status')} {error.get('type')}: {error.get('reason')} (_id {item.get('_id')})"
     return f"{item.get('status')} {error} (_id {item.get('_id')})"
-
-
-def _retry_after(value: str | None) -> float | None:
-    return float(value) if value and value.strip().isdigit() else None
 
 
 def _without_userinfo(url: str) -> str:

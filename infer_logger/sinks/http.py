@@ -42,17 +42,27 @@ class HttpSinkConfig(SinkConfig):
         return HttpSink(self)
 
 
-def retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+RETRY_AFTER_MAX = 86400.0
+"""Seconds a Retry-After is cut to: it stays finite (a 400-digit one was inf), and every user caps it lower."""
+
+
+def retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds from a Retry-After header, None when absent or invalid: ASCII delta-seconds or an
+    HTTP date in any of RFC 9110's three forms (one without a zone is GMT; a past one is 0).
+
+    The one parser for the http sink, the Elasticsearch sink and the broker."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():  # str.isdigit() also takes "²", which float() refuses
+        return min(float(value), RETRY_AFTER_MAX)
     try:
-        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
-    except (TypeError, ValueError):
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    if when.tzinfo is None:  # asctime and "-0000" dates carry no zone; HTTP dates are always GMT
+        when = when.replace(tzinfo=UTC)
+    return min(max(0.0, (when - (now or datetime.now(UTC))).total_seconds()), RETRY_AFTER_MAX)
 
 
 class HttpSink:

@@ -14,8 +14,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.sinks.http import retry_after
 from pipelines.broker.channel import TTL, ChannelError, RefusedError
-from pipelines.broker.delivery import NO_RESPONSE, RetryPolicy, error_extensions, retry_after_seconds
+from pipelines.broker.delivery import NO_RESPONSE, RetryPolicy, error_extensions
 from pipelines.broker.endpoints import BadReplyError, Endpoint, Response, parse_reply, passthrough
 from pipelines.broker.filters import FAIL
 from pipelines.broker.metrics import BrokerMetrics
@@ -116,7 +117,7 @@ class TriggerDispatcher:
             if not response.retryable or attempt >= self.policy.retry:
                 break
             attempt += 1
-            after = retry_after_seconds(response.retry_after_header())
+            after = retry_after(response.retry_after_header())
             await asyncio.sleep(self.policy.wait(attempt, response.status, after))
         await self._dead_letter(out, response)
         self.settled += 1
@@ -166,7 +167,7 @@ class TriggerDispatcher:
             if not response.retryable or attempt >= self.policy.retry:
                 break
             attempt += 1
-            after = retry_after_seconds(response.retry_after_header())
+            after = retry_after(response.retry_after_header())
             await asyncio.sleep(self.policy.wait(attempt, response.status, after))
         self._lost.inc()
         self._warn("trigger %s: event %s lost: the dead-letter sink answered %s", event.id,

@@ -13,6 +13,7 @@ subscriber, and only `Retry-After` from the subscriber's response back to a call
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -23,6 +24,7 @@ from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import AttributeValue, CloudEvent, attribute_text
 from infer_logger.cloudevents.json_format import is_event_format
 from infer_logger.errors import InvalidEventError, RejectedError, SinkError
+from infer_logger.sinks.http import RETRY_AFTER_MAX
 from pipelines.broker.components import Component, Replier
 from pipelines.broker.delivery import NO_RESPONSE, should_retry
 from pipelines.broker.transport import HttpClient
@@ -169,11 +171,14 @@ class ComponentEndpoint:
         except RejectedError as exc:
             return Response(400, reason=str(exc))
         except SinkError as exc:
-            if exc.retry_after is None:
+            after = exc.retry_after
+            if after is None or math.isnan(after):
                 return Response(NO_RESPONSE, reason=str(exc))
             # A component that says when to retry (a receiver's 503 or 429 with Retry-After, say):
-            # as a 503 with Retry-After, which the retry policy honours up to retryAfterMax.
-            return Response(503, reason=str(exc), retry_after=str(round(exc.retry_after)))
+            # as a 503 with Retry-After, which the retry policy honours up to retryAfterMax. Cut
+            # first: round(inf) raised, and the attempt counted as the component's crash.
+            seconds = round(min(max(after, 0.0), RETRY_AFTER_MAX))
+            return Response(503, reason=str(exc), retry_after=str(seconds))
         except TimeoutError:
             return Response(NO_RESPONSE, reason=f"no answer within {timeout:g}s")
         except Exception as exc:  # noqa: BLE001 - a component's bug fails this attempt, not the broker

@@ -725,6 +725,7 @@ class FakeBulk(EventCollector):
         super().__init__()
         self.script = script  # per call: item statuses, or one status for the whole request
         self.calls: list[list[str]] = []  # the _ids of each call
+        self.retry_after = b"3"  # on a whole-request refusal
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -736,7 +737,7 @@ class FakeBulk(EventCollector):
         headers = [(b"content-type", b"application/json"), (b"x-elastic-product", b"Elasticsearch")]
         if isinstance(step, int):
             error = {"error": {"type": "es_rejected_execution_exception", "reason": "busy"}, "status": step}
-            await respond(send, step, headers + [(b"retry-after", b"3")], orjson.dumps(error))
+            await respond(send, step, headers + [(b"retry-after", self.retry_after)], orjson.dumps(error))
             return
         statuses = [step[i] if i < len(step) else 200 for i in range(len(actions))]
         items = [{"update": {"_index": a["_index"], "_id": a["_id"], "status": s,
@@ -797,3 +798,10 @@ class TestItemRetries:
             await send(_fake_config(fake), [request("e", "iris")])
         assert not isinstance(caught.value, RejectedError)
         assert caught.value.retry_after == 3.0 and "429" in str(caught.value)
+
+    async def test_a_retry_after_that_is_no_number_is_ignored(self) -> None:
+        """"²" passed str.isdigit() and float() raised: a ValueError instead of the SinkError."""
+        with FakeBulk([429]) as fake, pytest.raises(SinkError) as caught:
+            fake.retry_after = "²".encode()
+            await send(_fake_config(fake), [request("e", "iris")])
+        assert caught.value.retry_after is None and "429" in str(caught.value)

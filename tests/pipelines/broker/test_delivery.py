@@ -21,6 +21,8 @@ from pydantic import ValidationError
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import decode_header_value
+from infer_logger.errors import SinkError
+from infer_logger.sinks.http import RETRY_AFTER_MAX, retry_after
 from pipelines.broker.delivery import (
     ERROR_DATA_MAX,
     NO_RESPONSE,
@@ -28,10 +30,10 @@ from pipelines.broker.delivery import (
     RetryPolicy,
     error_extensions,
     parse_duration,
-    retry_after_seconds,
     should_retry,
     truncate_error_data,
 )
+from pipelines.broker.endpoints import ComponentEndpoint
 from tests.conformance import ROOT, reason
 
 from .conftest import MakeBroker
@@ -116,7 +118,7 @@ def test_retry_after(case: dict[str, Any]) -> None:
     }[case["retry_after"]]
     # Linear with delay = the standard backoff: attempt 1 waits exactly that.
     policy = RetryPolicy(retry=3, policy="linear", delay=standard, retry_after_max=case["retryAfterMax"])
-    wait = policy.wait(1, case["status"], retry_after_seconds(header, now))
+    wait = policy.wait(1, case["status"], retry_after(header, now))
     if "expected_backoff_seconds" in case:
         assert wait == pytest.approx(case["expected_backoff_seconds"], abs=1)
     else:
@@ -131,14 +133,22 @@ class TestRetryAfterHeader:
     @pytest.mark.parametrize("value", ["Sun, 06 Nov 1994 08:49:37 GMT", "Sunday, 06-Nov-94 08:49:37 GMT",
                                        "Sun Nov  6 08:49:37 1994"])
     def test_dates(self, value: str) -> None:
-        assert retry_after_seconds(value, self.NOW) == 30
+        assert retry_after(value, self.NOW) == 30
 
     def test_past_date_is_zero_and_junk_is_none(self) -> None:
-        assert retry_after_seconds("Sun, 06 Nov 1994 08:00:00 GMT", self.NOW) == 0
-        assert retry_after_seconds("-5") is None and retry_after_seconds("") is None
+        assert retry_after("Sun, 06 Nov 1994 08:00:00 GMT", self.NOW) == 0
+        assert retry_after("-5") is None and retry_after("") is None
         # Digits to str.isdigit(), not to float(): a latin-1 header byte 0xb2 reads as "²" (it
         # raised, and the trigger's log position froze).
-        assert retry_after_seconds("²") is None and retry_after_seconds("１０") is None
+        assert retry_after("²") is None and retry_after("１０") is None
+
+    @pytest.mark.parametrize("value", ["Sun, 06 Nov 1994 08:49:37 -0000", "Sun, 06 Nov 1994 09:49:37 +0100"])
+    def test_dates_with_a_numeric_zone(self, value: str) -> None:
+        assert retry_after(value, self.NOW) == 30
+
+    def test_a_huge_value_is_capped(self) -> None:
+        """A 400-digit Retry-After gave inf (an overflow further on); the cap is RETRY_AFTER_MAX."""
+        assert retry_after("9" * 400) == RETRY_AFTER_MAX == retry_after("Fri, 31 Dec 9999 23:59:59 GMT")
 
 
 class TestDurations:
@@ -388,7 +398,7 @@ class TestRetries:
         def broken(value: str | None) -> float | None:
             raise ValueError("a bug")
 
-        monkeypatch.setattr(dispatcher_module, "retry_after_seconds", broken)
+        monkeypatch.setattr(dispatcher_module, "retry_after", broken)
         subscriber.fail_with = 503
         broker = await make_broker(_triggers(subscriber, dls=other_subscriber, retry=2))
         await _post(broker)
@@ -459,3 +469,54 @@ async def test_a_component_s_retry_after_is_honoured_too(make_broker: MakeBroker
     await _post(broker)
     await settle(broker, "destination", 1)
     assert waits == [2.0] and subscriber.attempts == 2
+
+
+async def test_a_component_s_huge_retry_after_is_capped(make_broker: MakeBroker, subscriber: Subscriber,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receiver's 400-digit Retry-After gave inf, and round(inf) raised in the component's
+    endpoint: the attempt counted as the component's crash (500), its Retry-After lost."""
+    import types
+
+    import pipelines.broker.dispatcher as dispatcher_module
+
+    waits: list[float] = []
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(dispatcher_module, "asyncio", types.SimpleNamespace(**{**vars(asyncio), "sleep": record}))
+    answers: Iterator[Answer] = iter([(503, {"retry-after": "9" * 400}, b""), (202, {}, b"")])
+    subscriber.answer = lambda event, headers: next(answers)
+    text = _triggers(subscriber, retry=3).replace(f"subscriber: {subscriber.url}",
+                                                  f"subscriber: {{component: {{type: http, url: '{subscriber.url}'}}}}")
+    text = text.replace("backoffDelay", "retryAfterMax: PT3S, backoffDelay")
+    broker = await make_broker(text)
+    await _post(broker)
+    await settle(broker, "destination", 1)
+    assert waits == [3.0] and subscriber.attempts == 2
+
+
+class _Busy:
+    """A component that is busy for `after` seconds (pure logic: no transport involved)."""
+
+    def __init__(self, after: float) -> None:
+        self.after = after
+
+    async def send_batch(self, events: list[CloudEvent]) -> None:
+        raise SinkError("busy", retry_after=self.after)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("after", "status", "header"), [
+    (float("inf"), 503, str(round(RETRY_AFTER_MAX))), (1e300, 503, str(round(RETRY_AFTER_MAX))),
+    (-5.0, 503, "0"), (float("nan"), NO_RESPONSE, None),
+])
+async def test_a_component_s_retry_after_of_any_size_is_an_answer(after: float, status: int,
+                                                                  header: str | None) -> None:
+    """round(inf) raised OverflowError (round(nan) ValueError): the attempt became a 500."""
+    event = CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}, b"{}")
+    response = await ComponentEndpoint("busy", _Busy(after)).send(event, {}, reply=False, timeout=5)
+    assert (response.status, response.retry_after) == (status, header)
