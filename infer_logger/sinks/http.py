@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, HttpUrl
+from pydantic import Field, HttpUrl, field_validator
 
 from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
@@ -23,6 +24,8 @@ RETRYABLE = frozenset({404, 408, 409, 429})
 # Of an answer only the status and Retry-After count: a body is kept up to this and the rest not
 # read (a 2xx whose body never ends is still a delivery).
 RESPONSE_BODY_MAX = 4096
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2
+_OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
 
 
 class HttpSinkConfig(SinkConfig):
@@ -36,7 +39,26 @@ class HttpSinkConfig(SinkConfig):
     concurrency: int = Field(16, ge=1)
     """POSTs in flight at once in binary and structured mode."""
     headers: dict[str, str] = {}
-    """Extra headers on every POST (e.g. Authorization)."""
+    """Extra headers on every POST (e.g. Authorization): names are RFC 9110 tokens, values latin-1
+    text on one line; host, content-length and transfer-encoding are the sink's own."""
+
+    @field_validator("headers")
+    @classmethod
+    def _header_lines(cls, headers: dict[str, str]) -> dict[str, str]:
+        # Written as they are into each request: a line break would start a header of its own,
+        # and a character past latin-1 stopped the sidecar at start with a traceback.
+        for name, value in headers.items():
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name (letters, digits and !#$%&'*+-.^_`|~)")
+            if name.lower() in _OWN_HEADERS:
+                raise ValueError(f"{name!r} is set by the sink")
+            if "\r" in value or "\n" in value or "\0" in value:
+                raise ValueError(f"the value of {name!r} holds a line break or NUL")
+            try:
+                value.encode("latin-1")
+            except UnicodeEncodeError:
+                raise ValueError(f"the value of {name!r} is not latin-1 text") from None
+        return headers
 
     def build(self) -> HttpSink:
         return HttpSink(self)

@@ -165,6 +165,20 @@ def test_a_sink_its_client_refuses_stops_the_proxy_with_exit_2(tmp_path: Path) -
     assert "Traceback" not in done.stderr
 
 
+def test_an_http_sink_header_that_cannot_be_sent_stops_the_proxy_with_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text('sinks:\n  - type: http\n    url: http://127.0.0.1:9/\n    headers: {x-token: "é€"}\n',
+                      encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "infer_logger.cli", "proxy", "-c", str(config), "--port", str(free_port()),
+         "--spool-dir", str(tmp_path / "spool")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2, done.stderr  # was 1, with a UnicodeEncodeError's traceback
+    assert "config error: sinks.0.http.headers:" in done.stderr and "'x-token'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_taken_port_stops_the_proxy_with_a_message(tmp_path: Path) -> None:
     import socket
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from pydantic import ValidationError
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import RejectedError, SinkError
@@ -159,3 +160,23 @@ async def test_url_path_query_headers_and_userinfo_reach_the_receiver() -> None:
     assert "authorization: Basic dXNAZXI6cGE6c3M=\r\n" in head  # base64 of us@er:pa:ss
     assert "ce-source: /s\r\n" in head and "overridden" not in head  # the event's own headers win
     assert head.endswith('{"x": 0}')
+
+
+@pytest.mark.parametrize(("headers", "says"), [
+    ({"x-token": "é€"}, "the value of 'x-token' is not latin-1"),  # stopped the sidecar with a traceback
+    ({"x-a": "1\r\nx-injected: yes"}, "the value of 'x-a' holds a line break"),  # a header of its own
+    ({"x-a": "1\0"}, "holds a line break or NUL"),
+    ({"bad name": "v"}, "'bad name' is not a header name"),
+    ({"x:y": "v"}, "'x:y' is not a header name"),
+    ({"Content-Length": "0"}, "'Content-Length' is set by the sink"),
+])
+def test_configured_headers_are_checked(headers: dict[str, str], says: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        HttpSinkConfig(url="http://127.0.0.1:9/", headers=headers)
+    (error,) = info.value.errors()
+    assert error["loc"] == ("headers",) and says in error["msg"]
+
+
+def test_latin_1_header_values_are_sent_as_they_are() -> None:
+    sink = HttpSinkConfig(url="http://127.0.0.1:9/", headers={"X-Name": "Zoë \t!", "x_y~1": ""}).build()
+    assert sink._extra == [(b"x-name", "Zoë \t!".encode("latin-1")), (b"x_y~1", b"")]
