@@ -160,7 +160,8 @@ class FluentdSinkConfig(SinkConfig):
 
 
 _Chunk = tuple[str, bytes]  # (chunk id, PackedForward frame)
-# The forward source takes up to 100,000 (its max_frame_entries); Fluentd any number.
+# Entries per frame: less to resend when one fails. The forward source takes any number (handing
+# them on max_frame_entries at a time), Fluentd too.
 _MAX_FRAME_ENTRIES = 10_000
 
 

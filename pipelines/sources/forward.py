@@ -7,10 +7,14 @@ EventTime (ext type 0), integer or float seconds. With `shared_key` set every co
 with HELO -> PING -> PONG (`users` adds username/password auth). UDP heartbeats are not served:
 Fluentd's out_forward defaults to `heartbeat_type transport`, plain TCP connects.
 
-Each frame's records go to the subscriber as one batch. A `chunk` option is acked
-(`{"ack": chunk}`) only after `send_batch` returned, so a client with `require_ack_response`
-resends what the subscriber did not take. A frame that does not parse or is over a limit
-(`max_frame_bytes`, `max_frame_entries`), a failed handshake or a refused batch closes that
+A frame's records go to the subscriber in batches of at most `max_frame_entries`, each unpacked
+and converted only when the one before was taken, so a frame of many small entries holds one batch
+of events, not all of them (a PackedForward frame's entries are unpacked, and inflated, as they go;
+a Forward-mode array comes whole with its message). A `chunk` option is acked (`{"ack": chunk}`)
+only after the last batch's `send_batch` returned, so a client with `require_ack_response` resends
+what the subscriber did not take: the whole chunk, so the batches before a refused or bad one are
+delivered again (at-least-once; a chunk's record ids stay the same, see below). A frame that does
+not parse or is over `max_frame_bytes`, a failed handshake or a refused batch closes that
 connection (logged, counted in `errors`); other connections go on.
 
 Records in the CloudEvents JSON format (what the `fluentd` sink sends: they have `specversion`)
@@ -25,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import itertools
 import logging
 import os
 import socket
 import time
 import uuid
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Self
 
@@ -55,7 +61,8 @@ log = logging.getLogger(__name__)
 
 _NS = 1_000_000_000
 _READ_SIZE = 256 * 1024
-_MAX_ENTRIES = 100_000
+_PIECE = 256 * 1024  # most bytes of entries given to an unpacker at once
+_MAX_ENTRIES = 10_000
 
 
 class FrameError(ValueError):
@@ -79,9 +86,10 @@ class ForwardSourceConfig(SourceConfig):
     max_frame_bytes: int = Field(32 << 20, ge=1024)
     """Largest frame as sent, and largest decompressed entries; a bigger one closes the connection."""
     max_frame_entries: int = Field(_MAX_ENTRIES, ge=1)
-    """Most entries (records) in one frame, gzip members counted too; more closes the connection.
-    max_frame_bytes cannot bound what entries become: a 3-byte entry is a ~1 KB CloudEvent, all of a
-    frame's held until the subscriber takes them. Fluentd's `chunk_limit_records` keeps a sender under it."""
+    """Most records per batch handed to the subscriber; a frame with more goes in several, its chunk
+    acked after the last. max_frame_bytes cannot bound what entries become (a 3-byte entry is a ~1 KB
+    CloudEvent); this bounds how many are held at once. Also the most gzip members that end no entry
+    a frame may have (empty ones cost work and carry nothing)."""
     record_type: str = "io.fluentd.record"
     """CloudEvents `type` of records that are not CloudEvents themselves."""
     source_uri: str | None = None
@@ -97,11 +105,23 @@ class ForwardSourceConfig(SourceConfig):
         return ForwardSource(self, subscriber)
 
 
+Entry = tuple[int, dict[Any, Any]]  # (time in ns, record)
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
+    """A frame's tag and chunk, and its entries: checked and (PackedForward) unpacked as they are
+    iterated, once, so iterating can raise FrameError too."""
+
     tag: str
-    entries: list[tuple[int, dict[Any, Any]]]  # (time in ns, record)
+    entries: Iterable[Entry]
     chunk: str | None
+
+    def slices(self, size: int) -> Iterator[list[Entry]]:
+        """The entries, `size` at a time."""
+        entries = iter(self.entries)
+        while batch := list(itertools.islice(entries, size)):
+            yield batch
 
 
 def _unpacker(limit: int) -> msgpack.Unpacker:
@@ -153,27 +173,29 @@ _TOO_BIG = "frame exceeds max_frame_bytes"
 
 
 def parse_frame(message: object, limit: int, max_entries: int = _MAX_ENTRIES) -> Frame:
-    """A decoded Forward message as (tag, entries, chunk); FrameError says what is wrong."""
+    """A decoded Forward message as (tag, entries, chunk); FrameError says what is wrong with the
+    frame, and iterating its entries what is wrong with them. `limit` bounds the inflated entries,
+    `max_entries` the gzip members that end no entry."""
     if not isinstance(message, list) or not 2 <= len(message) <= 4:
         raise FrameError(f"a frame is an array of 2 to 4 items, not {_describe(message)}")
     tag, second = message[0], message[1]
     if not isinstance(tag, str) or not tag:
         raise FrameError(f"the tag must be a non-empty string, not {_describe(tag)}")
     try:
+        entries: Iterable[Entry]
         if isinstance(second, list):  # Forward mode
             option = _option(message, 2)
-            if len(second) > max_entries:
-                raise FrameError(_too_many(max_entries))
-            entries = [_entry(item) for item in second]
+            entries = _entries(second)
         elif isinstance(second, bytes | str):  # PackedForward, maybe compressed
             option = _option(message, 2)
             raw = as_bytes(second)
             compressed = option.get("compressed")
             if compressed == "gzip":
-                raw = _gunzip(raw, limit, max_entries)
-            elif compressed not in (None, "text"):
+                entries = _entries(_unpacked(_inflate(raw, limit), limit, max_entries))
+            elif compressed in (None, "text"):
+                entries = _entries(_unpacked(_pieces(raw), limit, max_entries))
+            else:
                 raise FrameError(f"unknown compression {compressed!r}")
-            entries = [_entry(item) for item in _unpack_all(raw, limit, max_entries)]
         else:  # Message mode
             if len(message) < 3:
                 raise FrameError("a Message mode frame is [tag, time, record, option?]")
@@ -198,7 +220,17 @@ def _option(message: list[Any], index: int) -> dict[Any, Any]:
     return option
 
 
-def _entry(item: object) -> tuple[int, dict[Any, Any]]:
+def _entries(items: Iterable[object]) -> Iterator[Entry]:
+    """Each item as an entry, as they come; whatever is wrong a FrameError."""
+    try:
+        for item in items:
+            yield _entry(item)
+    except (TypeError, ValueError, OverflowError, msgpack.UnpackException) as exc:
+        # TypeError: msgpack's for a map key Python cannot hash; ValueError/OverflowError: times
+        raise exc if isinstance(exc, FrameError) else FrameError(str(exc)) from exc
+
+
+def _entry(item: object) -> Entry:
     if not isinstance(item, list) or len(item) != 2:
         raise FrameError(f"an entry is [time, record], not {_describe(item)}")
     return time_ns(item[0]), _record(item[1])
@@ -210,32 +242,45 @@ def _record(value: object) -> dict[Any, Any]:
     return value
 
 
-def _unpack_all(raw: bytes, limit: int, max_entries: int) -> list[Any]:
-    unpacker = _unpacker(max(limit, len(raw)))
-    unpacker.feed(raw)
-    items: list[Any] = []
-    end = 0
-    for item in unpacker:
-        if len(items) == max_entries:  # before the rest is unpacked
-            raise FrameError(_too_many(max_entries))
-        items.append(item)
-        end = unpacker.tell()  # after the last whole entry (a failed attempt moves tell() on)
-    if end != len(raw):
-        raise FrameError(f"the packed entries end in a cut-off entry ({len(raw) - end} bytes)")
-    return items
-
-
-def _gunzip(raw: bytes, limit: int, max_members: int) -> bytes:
-    """Every gzip member in turn (the spec lets a sender concatenate them; Fluentd writes one per
-    append, each with entries), at most `limit` bytes and `max_members` members."""
+def _pieces(raw: bytes) -> Iterator[memoryview]:
     view = memoryview(raw)
-    parts: list[bytes] = []
-    total = offset = members = 0
+    for start in range(0, len(raw), _PIECE):
+        yield view[start:start + _PIECE]
+
+
+def _unpacked(pieces: Iterable[bytes | memoryview], limit: int, max_idle: int) -> Iterator[Any]:
+    """The msgpack items of packed entries given in pieces, each as soon as it is whole. An empty
+    piece ends a gzip member; more than `max_idle` members that end no item are refused (each costs
+    work, and 32 MiB holds 1.6 million empty ones)."""
+    unpacker = _unpacker(limit + _PIECE)  # one entry of at most `limit` bytes, and a piece
+    fed = end = items = idle = 0
+    items_at_member_start = 0
+    for piece in pieces:
+        if not piece:
+            if items == items_at_member_start:
+                idle += 1
+                if idle > max_idle:
+                    raise FrameError(f"more gzip members ending no entry than max_frame_entries ({max_idle})")
+            items_at_member_start = items
+            continue
+        unpacker.feed(piece)
+        fed += len(piece)
+        for item in unpacker:
+            end = unpacker.tell()  # after the last whole entry (a failed attempt moves tell() on)
+            items += 1
+            yield item
+    if end != fed:
+        raise FrameError(f"the packed entries end in a cut-off entry ({fed - end} bytes)")
+
+
+def _inflate(raw: bytes, limit: int) -> Iterator[bytes]:
+    """What every gzip member in turn inflates to (the spec lets a sender concatenate them; Fluentd
+    writes one per append), in pieces of at most _PIECE bytes, an empty one after each member;
+    at most `limit` bytes in all."""
+    view = memoryview(raw)
+    total = offset = 0
     try:
         while offset < len(raw):
-            members += 1
-            if members > max_members:
-                raise FrameError(f"more gzip members than max_frame_entries ({max_members})")
             member = zlib.decompressobj(wbits=31)
             # Fed in growing slices: at a member's end, unused_data copies the rest of what it was
             # given, and given the whole rest every time, n small members cost n times the frame.
@@ -244,20 +289,21 @@ def _gunzip(raw: bytes, limit: int, max_members: int) -> bytes:
                 if offset == len(raw):
                     raise FrameError("a gzip member is cut short")
                 piece = view[offset:offset + step]
-                part = member.decompress(piece, limit - total + 1)
-                total += len(part)
-                if total > limit or member.unconsumed_tail:
-                    raise FrameError(f"the entries inflate beyond max_frame_bytes ({limit})")
-                parts.append(part)
+                part = member.decompress(piece, _PIECE)
+                while True:
+                    total += len(part)
+                    if total > limit:
+                        raise FrameError(f"the entries inflate beyond max_frame_bytes ({limit})")
+                    if part:
+                        yield part
+                    if member.eof or not member.unconsumed_tail and len(part) < _PIECE:
+                        break
+                    part = member.decompress(member.unconsumed_tail, _PIECE)  # zlib holds more
                 offset += len(piece) - len(member.unused_data)
-                step *= 2
+                step = min(2 * step, _PIECE)
+            yield b""
     except zlib.error as exc:
         raise FrameError(f"not gzip: {exc}") from exc
-    return b"".join(parts)
-
-
-def _too_many(max_entries: int) -> str:
-    return f"more entries than max_frame_entries ({max_entries})"
 
 
 def _describe(value: object) -> str:
@@ -434,56 +480,65 @@ class ForwardSource:
         log.warning("forward source: closing connection from %s: %s", peer, reason)
 
     async def _take(self, frame: Frame, writer: asyncio.StreamWriter) -> None:
-        events = self.to_events(frame)
         self.frames += 1
-        if events:
-            try:
-                await self.subscriber.send_batch(events)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                raise _Refused() from exc
-            self.records += len(events)
+        for events in self.batches(frame):
+            if events:
+                try:
+                    await self.subscriber.send_batch(events)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    raise _Refused() from exc
+                self.records += len(events)
+            await asyncio.sleep(0)  # a frame of many batches lets other connections in between
         if frame.chunk is not None:
             writer.write(self._packer.pack({"ack": frame.chunk}))
             await writer.drain()
             self.acks += 1
 
-    def to_events(self, frame: Frame) -> list[CloudEvent]:
-        """The frame's records as CloudEvents (see the module docstring); FrameError if one cannot be."""
+    def batches(self, frame: Frame) -> Iterator[list[CloudEvent]]:
+        """The frame's records as CloudEvents (see the module docstring), `max_frame_entries` at a
+        time, each batch unpacked and converted when asked for; FrameError if one cannot be."""
         meta_tag = {"fluentd-tag": frame.tag}
-        events = []
         checked = False  # records that are no CloudEvents: is the frame's first one valid?
-        for index, (ns, record) in enumerate(frame.entries):
-            meta = {**meta_tag, "fluentd-time": str(ns)}
-            if "specversion" in record:
-                try:
-                    event = from_dict(record)
-                except (TypeError, ValueError) as exc:  # also data JSON cannot hold: bin, ext, int keys
-                    self.invalid_events += 1
-                    log.debug("forward source: %s record is no valid CloudEvent (%s); kept as a record",
-                              frame.tag, exc)
-                else:
-                    events.append(CloudEvent(event.attributes, event.data, meta))
-                    continue
-            event_id = f"{frame.chunk}-{index}" if frame.chunk else str(uuid.uuid4())
-            attributes: dict[str, str | int | bool] = {
-                "specversion": SPECVERSION, "id": event_id, "source": self.source_uri,
-                "type": self.config.record_type, "subject": frame.tag, "time": rfc3339(ns),
-                "datacontenttype": "application/json",
-            }
-            event = CloudEvent(attributes, _json(record), meta)
-            if not checked:
-                # Only id and time differ between these events, and both are ours (`<chunk>-<n>` or a
-                # UUID; rfc3339's own output), so the first one vouches for the rest: validation is
-                # most of this loop's cost.
-                try:
-                    validate(event)
-                except InvalidEventError as exc:  # e.g. a tag with control characters as subject
-                    raise FrameError(f"record {index} makes no valid CloudEvent: {exc}") from exc
-                checked = True
-            events.append(event)
-        return events
+        start = 0  # the slice's first index
+        for entries in frame.slices(self.config.max_frame_entries):
+            events = []
+            for index, (ns, record) in enumerate(entries, start):
+                meta = {**meta_tag, "fluentd-time": str(ns)}
+                if "specversion" in record:
+                    try:
+                        event = from_dict(record)
+                    except (TypeError, ValueError) as exc:  # also data JSON cannot hold: bin, ext, int keys
+                        self.invalid_events += 1
+                        log.debug("forward source: %s record is no valid CloudEvent (%s); kept as a record",
+                                  frame.tag, exc)
+                    else:
+                        events.append(CloudEvent(event.attributes, event.data, meta))
+                        continue
+                event_id = f"{frame.chunk}-{index}" if frame.chunk else str(uuid.uuid4())
+                attributes: dict[str, str | int | bool] = {
+                    "specversion": SPECVERSION, "id": event_id, "source": self.source_uri,
+                    "type": self.config.record_type, "subject": frame.tag, "time": rfc3339(ns),
+                    "datacontenttype": "application/json",
+                }
+                event = CloudEvent(attributes, _json(record), meta)
+                if not checked:
+                    # Only id and time differ between these events, and both are ours (`<chunk>-<n>`
+                    # or a UUID; rfc3339's own output), so the first one vouches for the rest:
+                    # validation is most of this loop's cost.
+                    try:
+                        validate(event)
+                    except InvalidEventError as exc:  # e.g. a tag with control characters as subject
+                        raise FrameError(f"record {index} makes no valid CloudEvent: {exc}") from exc
+                    checked = True
+                events.append(event)
+            start += len(entries)
+            yield events
+
+    def to_events(self, frame: Frame) -> list[CloudEvent]:
+        """All the frame's records as CloudEvents at once (see `batches`)."""
+        return [event for batch in self.batches(frame) for event in batch]
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          messages: _Messages, peer: object) -> bool:

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.json_format import to_dict
+from infer_logger.errors import SinkError
 from infer_logger.sinks.memory import MemorySink, failing
 from pipelines.sources.forward import (
     ForwardSource,
@@ -94,6 +95,21 @@ class Client:
 
     async def aclose(self) -> None:
         self.writer.close()
+
+
+class Batches:
+    """A subscriber that keeps the size of every batch it was handed."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.events: list[CloudEvent] = []
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        self.sizes.append(len(events))
+        self.events.extend(events)
+
+    async def aclose(self) -> None:
+        pass
 
 
 @pytest.fixture
@@ -195,6 +211,64 @@ class TestModes:
             release.set()
             assert await client.reply() == {"ack": "late"}
             await client.aclose()
+
+
+class TestSlices:
+    """A frame of any number of entries goes to the subscriber max_frame_entries at a time, and
+    its chunk is acked after the last."""
+
+    @pytest.mark.parametrize("compressed", [False, True], ids=["packed", "gzip"])
+    async def test_fluentd_chunk_of_200k_short_lines(self, memory: MemorySink, compressed: bool) -> None:
+        """Fluentd's default 8 MiB chunk of short log lines: ~200k entries, far under max_frame_bytes
+        (gzip: one member per 1,000, as Fluentd writes one per append)."""
+        runs = [b"".join(pack([event_time(T_NS + i), {"log": f"GET /healthz 200 {i}"}])
+                         for i in range(start, start + 1000)) for start in range(0, 200_000, 1000)]
+        entries = b"".join(gzip.compress(run, 1) for run in runs) if compressed else b"".join(runs)
+        option = {"chunk": "Y2h1bmsx", "size": 200_000, **({"compressed": "gzip"} if compressed else {})}
+        async with ForwardSourceConfig(port=0).build(memory) as src:
+            client = await Client.connect(src.port)
+            await client.send(["kube.var.log", entries, option])
+            assert await client.reply(timeout=120) == {"ack": "Y2h1bmsx"}  # 200k conversions: seconds
+            await client.aclose()
+            assert (src.records, src.errors) == (200_000, 0)
+        assert len(memory.events) == 200_000
+        assert memory.calls == 200_000 // src.config.max_frame_entries
+        assert memory.events[-1].id == "Y2h1bmsx-199999"
+        assert memory.events[-1].json() == {"log": "GET /healthz 200 199999"}
+
+    @pytest.mark.parametrize("mode", ["message", "forward", "packed", "compressed"])
+    async def test_slices_are_at_most_max_frame_entries(self, mode: str) -> None:
+        entries = [[T_NS // NS, {"i": i}] for i in range(25)]
+        packed = b"".join(pack(e) for e in entries)
+        frame = {"message": ["app", T_NS // NS, {"i": 0}, {"chunk": "c"}],
+                 "forward": ["app", entries, {"chunk": "c"}], "packed": ["app", packed, {"chunk": "c"}],
+                 "compressed": ["app", gzip.compress(packed), {"chunk": "c", "compressed": "gzip"}]}[mode]
+        subscriber = Batches()
+        async with ForwardSourceConfig(port=0, max_frame_entries=10).build(subscriber) as src:
+            assert await roundtrip(src, frame) == [{"ack": "c"}]
+        assert subscriber.sizes == ([1] if mode == "message" else [10, 10, 5])
+        assert [e.id for e in subscriber.events] == [f"c-{i}" for i in range(sum(subscriber.sizes))]
+
+    async def test_ack_waits_for_the_last_slice(self) -> None:
+        release = asyncio.Event()
+
+        class SecondWaits(Batches):
+            async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+                if self.sizes:
+                    await release.wait()
+                await super().send_batch(events)
+
+        subscriber = SecondWaits()
+        async with ForwardSourceConfig(port=0, max_frame_entries=10).build(subscriber) as src:
+            client = await Client.connect(src.port)
+            await client.send(["app", [[1, {}]] * 15, {"chunk": "late"}])
+            with pytest.raises(TimeoutError):
+                await client.reply(timeout=0.2)
+            assert subscriber.sizes == [10]
+            release.set()
+            assert await client.reply() == {"ack": "late"}
+            await client.aclose()
+        assert subscriber.sizes == [10, 5]
 
 
 class TestRecords:
@@ -392,34 +466,55 @@ class TestFailures:
             assert await roundtrip(src, big + pack(["app", 1, {}, {"chunk": "next"}]), acks=2) == [
                 {"ack": "big"}, {"ack": "next"}]
 
-    @pytest.mark.parametrize("mode", ["forward", "packed", "compressed"])
-    @pytest.mark.parametrize("count", [10, 11])
-    async def test_max_frame_entries(self, memory: MemorySink, caplog: pytest.LogCaptureFixture,
-                                     mode: str, count: int) -> None:
-        entries = [[1, {}]] * count
-        packed = b"".join(pack(e) for e in entries)
-        frame = {"forward": ["app", entries, {"chunk": "c"}], "packed": ["app", packed, {"chunk": "c"}],
-                 "compressed": ["app", gzip.compress(packed), {"chunk": "c", "compressed": "gzip"}]}[mode]
-        async with ForwardSourceConfig(port=0, max_frame_entries=10).build(memory) as src:
-            if count == 10:
-                assert await roundtrip(src, frame) == [{"ack": "c"}]
-                assert len(memory.events) == 10
-            else:
-                client = await Client.connect(src.port)
-                await client.send(frame)
-                assert await client.closed()
-                assert memory.events == [] and src.errors == 1
-                assert "bad frame: more entries than max_frame_entries (10)" in caplog.text
-
-    async def test_gzip_members_count_against_max_frame_entries(
+    async def test_refused_slice_is_not_acked_and_the_chunk_is_resent_whole(
             self, memory: MemorySink, caplog: pytest.LogCaptureFixture) -> None:
-        packed = gzip.compress(b"", mtime=0) * 10 + gzip.compress(pack([1, {}]))
+        """At-least-once: the slices before a refused one were delivered, and come again with the
+        same ids when the client resends the chunk."""
+        calls = [0]
+
+        def second_fails(batch: Sequence[CloudEvent]) -> Exception | None:
+            calls[0] += 1
+            return SinkError("down") if calls[0] == 2 else None
+
+        memory.fail = second_fails
+        frame = ["app", b"".join(pack([1, {"i": i}]) for i in range(25)), {"chunk": "c"}]
         async with ForwardSourceConfig(port=0, max_frame_entries=10).build(memory) as src:
             client = await Client.connect(src.port)
-            await client.send(["app", packed, {"chunk": "c", "compressed": "gzip"}])
+            await client.send(frame)
             assert await client.closed()
-            assert memory.events == [] and src.errors == 1
-        assert "bad frame: more gzip members than max_frame_entries (10)" in caplog.text
+            assert [e.id for e in memory.events] == [f"c-{i}" for i in range(10)]
+            assert (src.acks, src.errors) == (0, 1)
+            assert await roundtrip(src, frame) == [{"ack": "c"}]
+        assert [e.id for e in memory.events[10:]] == [f"c-{i}" for i in range(25)]
+        assert "subscriber refused the batch, not acked" in caplog.text
+
+    async def test_bad_entry_in_a_later_slice_is_not_acked(self, memory: MemorySink) -> None:
+        entries = [pack([1, {"i": i}]) for i in range(25)]
+        entries[15] = pack([1, "not a map"])
+        async with ForwardSourceConfig(port=0, max_frame_entries=10).build(memory) as src:
+            client = await Client.connect(src.port)
+            await client.send(["app", b"".join(entries), {"chunk": "c"}])
+            assert await client.closed()
+            assert (src.acks, src.errors, len(memory.events)) == (0, 1, 10)
+
+    @pytest.mark.parametrize(("empty", "refused"), [(10, False), (11, True)])
+    async def test_gzip_members_ending_no_entry(self, memory: MemorySink, caplog: pytest.LogCaptureFixture,
+                                                empty: int, refused: bool) -> None:
+        """Up to max_frame_entries of them (empty members cost work and carry nothing); members
+        with entries are not counted."""
+        with_entries = [gzip.compress(pack([1, {"i": i}])) for i in range(25)]
+        packed = b"".join(with_entries[:5]) + gzip.compress(b"", mtime=0) * empty + b"".join(with_entries[5:])
+        frame = ["app", packed, {"chunk": "c", "compressed": "gzip"}]
+        async with ForwardSourceConfig(port=0, max_frame_entries=10).build(memory) as src:
+            if not refused:
+                assert await roundtrip(src, frame) == [{"ack": "c"}]
+                assert [e.json()["i"] for e in memory.events] == list(range(25))
+                return
+            client = await Client.connect(src.port)
+            await client.send(frame)
+            assert await client.closed()
+            assert src.acks == 0 and src.errors == 1
+        assert "bad frame: more gzip members ending no entry than max_frame_entries (10)" in caplog.text
 
     async def test_gzip_bomb_is_bounded(self, memory: MemorySink) -> None:
         async with ForwardSourceConfig(port=0, max_frame_bytes=4096).build(memory) as src:
@@ -501,6 +596,6 @@ def test_parse_frame_modes_agree() -> None:
     message = parse_frame(["t", event_time(T_NS), {"a": 1}, {"chunk": "c"}], 1 << 20)
     forward = parse_frame(["t", entries, {"chunk": "c"}], 1 << 20)
     packed = parse_frame(["t", b"".join(pack(e) for e in entries), {"chunk": "c"}], 1 << 20)
-    assert message == forward == packed
-    assert message.entries == [(T_NS, {"a": 1})]
-    assert orjson.dumps(message.entries[0][1]) == b'{"a":1}'
+    frames = [(f.tag, list(f.entries), f.chunk) for f in (message, forward, packed)]
+    assert frames[0] == frames[1] == frames[2] == ("t", [(T_NS, {"a": 1})], "c")
+    assert orjson.dumps(frames[0][1][0][1]) == b'{"a":1}'
