@@ -79,6 +79,7 @@ class Broker:
         self._binary = BinaryHeaders()
         self._accepted: dict[Key, Any] = {}
         self._lock = asyncio.Lock()
+        self._reloading = asyncio.Lock()
         self._sighup = reload_on_sighup
         self.started = False
         self.app = Ingress(self)
@@ -166,13 +167,22 @@ class Broker:
         return load_trigger_files(self.settings.trigger_files, self.settings.namespace, self.settings.name)
 
     async def reload(self) -> bool:
-        """Read the trigger files again; on any error keep serving the current triggers."""
-        try:
-            await self._apply(self._load())
-        except (ConfigError, ChannelError) as exc:
-            self.metrics.reloads.labels("error").inc()
-            log.error("trigger reload failed, the previous triggers keep running: %s", exc)
-            return False
+        """Read the trigger files again; on any error keep serving the current triggers.
+
+        The files are read and checked on a thread: events keep flowing meanwhile, however
+        large or slow the files. Reloads run one at a time, so the last one read is applied.
+        """
+        async with self._reloading:
+            try:
+                await self._apply(await asyncio.to_thread(self._load))
+            except (ConfigError, ChannelError) as exc:
+                self.metrics.reloads.labels("error").inc()
+                log.error("trigger reload failed, the previous triggers keep running: %s", exc)
+                return False
+            except Exception:  # a bug: still no reason to stop serving (SIGHUP's task would hide it)
+                self.metrics.reloads.labels("error").inc()
+                log.exception("trigger reload failed unexpectedly, the previous triggers keep running")
+                return False
         self.metrics.reloads.labels("ok").inc()
         log.info("triggers reloaded: %d triggers", len(self.triggers))
         return True

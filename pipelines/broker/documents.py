@@ -3,10 +3,16 @@
 PyYAML's composed nodes carry marks; this keeps one per path (`("spec", "filters", 0, "cesql")`)
 next to the plain data. Timestamps stay strings (a trigger never wants a datetime), so a filter
 on `time: 2018-04-05T03:56:24Z` compares text with text.
+
+A document is refused (DocumentError) when it could not be read safely or means something else
+than it seems: nesting deeper than MAX_DEPTH (aliases included), an alias inside its own anchor,
+aliases repeating more than MAX_ALIAS_REPEATS values (a 15-byte `x: &a [*a, *a]` or a "billion
+laughs" file expands without end), and a lone UTF-16 surrogate (`"\\ud800"`: not a character).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +22,32 @@ import yaml
 
 from infer_logger.errors import ConfigError
 
+MAX_DEPTH = 100
+"""Nesting levels of a document, through aliases too: far below Python's recursion limit."""
+MAX_ALIAS_REPEATS = 100_000
+"""Values reached again through aliases, in all: generous for shared specs, fatal to alias bombs."""
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _LimitError(yaml.MarkedYAMLError):
+    """Valid YAML beyond what is read here (its `problem` is the whole reason)."""
+
 
 class _Loader(yaml.SafeLoader):
-    pass
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        # The composer recurses per level: 5000 `[` would end in a RecursionError.
+        if self._depth >= MAX_DEPTH:
+            raise _LimitError(problem=f"nested deeper than {MAX_DEPTH} levels",
+                              problem_mark=self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 # Drop the timestamp resolver: every other implicit type (int, bool, null, float) stays.
@@ -82,13 +111,15 @@ def read_documents(text: str, origin: str) -> list[Document]:
             node = loader.get_node()
             if node is None:
                 continue
-            document = Document(loader.construct_document(node), origin, len(documents))
-            _walk(node, (), document.marks, origin)
+            document = Document(None, origin, len(documents))
+            _Walk(document).visit(node, ())  # first: it refuses what constructing would choke on
+            document.data = loader.construct_document(node)
             documents.append(document)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Location(origin, mark.line + 1, mark.column + 1) if mark else Location(origin, 1, 1)
-        raise DocumentError(where, "", f"not valid YAML: {exc.problem or exc}") from None
+        reason = exc.problem if isinstance(exc, _LimitError) else f"not valid YAML: {exc.problem or exc}"
+        raise DocumentError(where, "", str(reason)) from None
     except yaml.YAMLError as exc:
         raise DocumentError(Location(origin, 1, 1), "", f"not valid YAML: {exc}") from None
     finally:
@@ -106,16 +137,75 @@ def read_file(path: Path) -> list[Document]:
     return read_documents(text, str(path))
 
 
-def _walk(node: yaml.Node, path: Path_, marks: dict[Path_, Location], origin: str) -> None:
-    if len(path) > 64:  # a recursive alias: deep enough for any error to find its line
-        return
-    mark = node.start_mark
-    quoted = isinstance(node, yaml.ScalarNode) and node.style in ("'", '"')
-    marks.setdefault(path, Location(origin, mark.line + 1, mark.column + 1, quoted))
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                _walk(value_node, (*path, str(key_node.value)), marks, origin)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _walk(item, (*path, index), marks, origin)
+class _Walk:
+    """Records marks per path, visiting each node's own checks once however many
+    aliases reach it; refuses what `read_documents` documents as refused."""
+
+    def __init__(self, document: Document) -> None:
+        self.document = document
+        self.seen: set[int] = set()
+        self.open: set[int] = set()  # the collections on the current path
+        self.repeats = 0
+
+    def visit(self, node: yaml.Node, path: Path_) -> None:
+        location = self._location(node)
+        if len(self.open) >= MAX_DEPTH:  # not len(path): chained merge keys (`<<: *b`) keep the path
+            raise DocumentError(location, _format(path), f"nested deeper than {MAX_DEPTH} levels (through aliases)")
+        if id(node) in self.seen:
+            self.repeats += 1
+            if self.repeats > MAX_ALIAS_REPEATS:
+                raise DocumentError(location, _format(path),
+                                    f"aliases repeat more than {MAX_ALIAS_REPEATS} values: refused as an alias bomb")
+        else:
+            self.seen.add(id(node))
+            self._check(node, path)
+        self.document.marks.setdefault(path, location)
+        if isinstance(node, yaml.ScalarNode):
+            return
+        if id(node) in self.open:
+            raise DocumentError(location, _format(path), "an alias inside its own anchor (a value containing itself)")
+        self.open.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            merged = []
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE:
+                    merged.append(value_node)
+                elif isinstance(key_node, yaml.ScalarNode):
+                    self.visit(value_node, (*path, str(key_node.value)))
+            for value_node in merged:  # `<<: *base` or `<<: [*a, *b]`: their keys land at this path
+                for source in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
+                    self.visit(source, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self.visit(item, (*path, index))
+        self.open.discard(id(node))
+
+    def _check(self, node: yaml.Node, path: Path_) -> None:
+        if isinstance(node, yaml.ScalarNode):
+            _check_text(node, path, self._location(node))
+            return
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                _check_text(key_node, (*path, str(key_node.value)), self._location(key_node))
+
+    def _location(self, node: yaml.Node) -> Location:
+        mark = node.start_mark
+        quoted = isinstance(node, yaml.ScalarNode) and node.style in ("'", '"')
+        return Location(self.document.origin, mark.line + 1, mark.column + 1, quoted)
+
+
+def _check_text(node: yaml.ScalarNode, path: Path_, location: Location) -> None:
+    found = _SURROGATE.search(node.value)
+    if found:
+        raise DocumentError(location, _format(path),
+                            f"U+{ord(found.group()):04X} is half of a UTF-16 surrogate pair, not a character: "
+                            "write the character itself (or a \\U escape of 8 hex digits)")
+
+
+def _format(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else part
+    return out

@@ -10,7 +10,7 @@ answers PASS, FAIL or NO_FILTER (the filter abstains); only FAIL stops a deliver
     cesql: PASS on TRUE without errors; any other result or any evaluation error is FAIL
 
 Validation errors carry the Knative-style path (`filters[0].exact[invALID]`) and the raw path
-(for pointing at a YAML line).
+(for pointing at a YAML line). Filters nest at most MAX_NESTING levels, as CESQL expressions do.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ PathPart: TypeAlias = "str | int | Key"
 
 ATTRIBUTE_NAME = re.compile(r"[a-z][a-z0-9]*")
 DIALECTS = ("exact", "prefix", "suffix", "all", "any", "not", "cesql")
+MAX_NESTING = 40
+"""all/any/not levels: deeper filters are refused (building and matching recurse per level)."""
 
 
 class FilterResult(enum.Enum):
@@ -233,10 +235,12 @@ def build_filters(filters: Sequence[Any], path: tuple[PathPart, ...], *, validat
     return children[0] if len(children) == 1 else AllFilter(children)
 
 
-def build_filter(spec: Any, path: tuple[PathPart, ...], *, validate: bool = True) -> Filter:
+def build_filter(spec: Any, path: tuple[PathPart, ...], *, validate: bool = True, _nesting: int = 0) -> Filter:
     """One Subscriptions API filter object: exactly one dialect (none set = no filter)."""
     if spec is None:
         return _no_filter
+    if _nesting > MAX_NESTING:
+        raise FilterError(path, f"filters nested deeper than {MAX_NESTING} levels of all, any and not")
     if not isinstance(spec, Mapping):
         raise FilterError(path, f"a filter is a mapping with one dialect, not {_kind(spec)}")
     unknown = [str(k) for k in spec if k not in DIALECTS]
@@ -259,12 +263,13 @@ def build_filter(spec: Any, path: tuple[PathPart, ...], *, validate: bool = True
     if dialect in ("all", "any"):
         if not isinstance(value, list):
             raise FilterError(here, f"must be a list of filters, not {_kind(value)}")
-        children = [build_filter(item, (*here, i), validate=validate) for i, item in enumerate(value)]
+        children = [build_filter(item, (*here, i), validate=validate, _nesting=_nesting + 1)
+                    for i, item in enumerate(value)]
         if not children:
             return _no_filter
         return AllFilter(children) if dialect == "all" else AnyFilter(children)
     if dialect == "not":
-        return NotFilter(build_filter(value, here, validate=validate))
+        return NotFilter(build_filter(value, here, validate=validate, _nesting=_nesting + 1))
     return _cesql(value, here)
 
 

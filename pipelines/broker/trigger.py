@@ -22,6 +22,7 @@ the field path and the reason.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import uuid
@@ -30,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipelines.broker.components import component_config
@@ -250,11 +250,12 @@ def _add_trigger(doc: Document, path: tuple[str | int, ...], spec: TriggerSpec, 
     dead_letter = spec.delivery.dead_letter_sink if spec.delivery else None
     if dead_letter is not None:
         _check_component(doc, (*base, "delivery", "deadLetterSink"), dead_letter)
-    fingerprint = orjson.dumps(
+    # json, not orjson: a YAML integer may be beyond 64 bits (`retry: 99999999999999999999999`).
+    fingerprint = json.dumps(
         [namespace, name, spec.model_dump(mode="json", by_alias=True, exclude_none=True,
                                           exclude={"name", "namespace", "uid"})],
-        option=orjson.OPT_SORT_KEYS,
-    ).decode()
+        sort_keys=True, separators=(",", ":"), default=repr,
+    )
     seen[(namespace, name)] = location
     out.triggers.append(Trigger(
         name=name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import orjson
@@ -220,6 +221,30 @@ class TestReload:
             await broker.shutdown()
         assert [e.id for e in subscriber.events] == ["1", "2", "3"]
         assert [e.id for e in other_subscriber.events] == ["2"]
+
+
+    async def test_events_flow_while_a_reload_reads(self, tmp_path: Path, subscriber: Subscriber) -> None:
+        """The files are read off the event loop: a reload stuck on a FIFO nobody writes yet (any
+        slow file, or one that takes long to check) leaves the broker serving."""
+        path = tmp_path / "triggers.yaml"
+        path.write_text(f"triggers: [{{name: a, subscriber: '{subscriber.url}'}}]\n")
+        broker = Broker(settings(tmp_path, trigger_files=[path]))
+        await broker.startup()
+        path.unlink()
+        os.mkfifo(path)
+        reloading = asyncio.create_task(broker.reload())
+        try:
+            await _post(broker, event("1"))
+            await asyncio.to_thread(subscriber.wait_for, 1)
+            assert not reloading.done()
+            await asyncio.to_thread(path.write_text, "x: &a [*a, *a]\n")  # 15 bytes, 2**64 paths
+            assert not await reloading
+            assert set(broker.triggers) == {("default", "a")}
+        finally:
+            if not reloading.done():  # let the reading thread go
+                await asyncio.to_thread(path.write_text, "")
+                await reloading
+            await broker.shutdown()
 
 
 class TestRestart:

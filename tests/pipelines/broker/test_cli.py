@@ -67,3 +67,18 @@ class TestBrokerCheck:
     def test_bad_setting(self, tmp_path: Path) -> None:
         result = CliRunner().invoke(broker_command, ["--role", "ingress", "--check"])
         assert result.exit_code == 2 and "needs channel: kafka" in result.output
+
+    def test_odd_yaml_values_are_config_errors(self, tmp_path: Path) -> None:
+        path = tmp_path / "triggers.yaml"
+        path.write_text("triggers:\n  - name: a\n    subscriber: 'http://127.0.0.1:9/'\n"
+                        '    filters: [{exact: {type: "\\ud800"}}]\n')
+        result = CliRunner().invoke(broker_command, ["-t", str(path), "--check"])
+        assert result.exit_code == 2
+        assert f"{path}:4:" in result.output and "triggers[0].filters[0].exact.type" in result.output
+
+    def test_an_integer_beyond_64_bits(self, tmp_path: Path) -> None:
+        path = tmp_path / "triggers.yaml"
+        path.write_text("triggers:\n  - name: a\n    subscriber: 'http://127.0.0.1:9/'\n"
+                        "    delivery: {retry: 99999999999999999999999}\n")
+        result = CliRunner().invoke(broker_command, ["-t", str(path), "--dir", str(tmp_path), "--check"])
+        assert result.exit_code == 0, result.output

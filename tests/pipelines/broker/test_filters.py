@@ -114,6 +114,13 @@ class TestValidation:
         assert info.value.path == ("filters", 0, "all", 0, "cesql")
         assert info.value.column == 7
 
+    def test_nesting_is_bounded(self) -> None:
+        spec: dict[str, Any] = {"exact": {"type": "t.a"}}
+        for _ in range(2000):
+            spec = {"not": spec}
+        with pytest.raises(FilterError, match="nested deeper than 40 levels"):
+            build_filter(spec, ("filters", 0))
+
     def test_path_format(self) -> None:
         from pipelines.broker.filters import Key
 

@@ -212,6 +212,73 @@ class TestErrors:
             load_trigger_files([tmp_path / "missing.yaml"])
 
 
+class TestOddYaml:
+    """What YAML can say beyond a plain manifest: refused with file, line and field, or read as written."""
+
+    LINE = _manifest({}).count("\n") + 1  # the line of a field added to _manifest's text
+    LAUGHS = "apiVersion: v1\nkind: ConfigMap\nl0: &l0 [lol]\n" + "".join(
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9))
+
+    @pytest.mark.timeout(30)  # before the fix, these walked 2**64 paths
+    @pytest.mark.parametrize(("text", "line", "field"), [
+        ("x: &a [*a, *a]\n", 1, "x[0]"),
+        ("a: &a {b: *a, c: *a}\n", 1, "a.b"),
+        ("x: &a {<<: *a}\n", 1, "x"),
+        (_manifest({}) + "  filters: &f [{all: *f}]\n", LINE, "spec.filters[0].all"),
+    ])
+    def test_an_alias_inside_its_anchor_is_refused(self, text: str, line: int, field: str) -> None:
+        error = _error(text)
+        assert error.location.line == line and error.path == field
+        assert "an alias inside its own anchor" in str(error)
+
+    @pytest.mark.timeout(30)
+    def test_an_alias_bomb_is_refused_even_in_a_skipped_document(self) -> None:
+        error = _error(self.LAUGHS)
+        assert str(error).startswith("triggers.yaml:") and "alias bomb" in str(error)
+
+    def test_aliases_and_merge_keys_within_bounds_still_work(self) -> None:
+        loaded = load_triggers("""
+triggers:
+  - &a {name: a, subscriber: 'http://h/', delivery: &d {retry: 3}}
+  - {<<: *a, name: b}
+  - {name: c, subscriber: 'http://h/', delivery: *d}
+""")
+        assert [(t.name, t.delivery and t.delivery.retry) for t in loaded.triggers] == [("a", 3), ("b", 3), ("c", 3)]
+
+    @pytest.mark.parametrize(("text", "line"), [
+        ("x: " + "[" * 5000 + "]" * 5000 + "\n", 1),
+        (_manifest({}) + "  filters: " + "[{not: " * 400 + "{exact: {type: a}}" + "}]" * 400 + "\n", LINE),
+        ("a0: &a0 [x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 1000)), 1),
+        ("m0: &m0 {x: 1}\n" + "".join(f"m{i}: &m{i} {{<<: *m{i - 1}, y{i}: 1}}\n" for i in range(1, 1000)), 1),
+    ])
+    def test_deep_nesting_is_refused(self, text: str, line: int) -> None:
+        error = _error(text)
+        assert error.location.line == line and "nested deeper than 100 levels" in str(error)
+
+    def test_filters_nest_at_most_40_levels(self) -> None:
+        text = _manifest({}) + "  filters: [" + "{not: " * 45 + "{exact: {type: a}}" + "}" * 45 + "]\n"
+        error = _error(text)
+        assert error.location.line == self.LINE and "filters nested deeper than 40 levels" in str(error)
+
+    def test_a_lone_surrogate_is_refused(self) -> None:
+        error = _error(_manifest({}) + '  filters: [{exact: {type: "\\ud800"}}]\n')
+        assert error.location.line == self.LINE and error.path == "spec.filters[0].exact.type"
+        assert "U+D800" in str(error)
+
+    def test_integers_beyond_64_bits(self) -> None:
+        loaded = load_triggers("""
+triggers:
+  - name: a
+    subscriber: http://127.0.0.1:9/
+    filters: [{exact: {requestid: 123456789012345678901234}}]
+    delivery: {retry: 99999999999999999999999}
+""")
+        [trigger] = loaded.triggers
+        assert trigger.filter({"requestid": "123456789012345678901234"}) is PASS
+        assert trigger.delivery is not None and trigger.delivery.retry == 99999999999999999999999
+
+
+
 EXAMPLES = sorted((Path(__file__).resolve().parents[3] / "examples" / "triggers").glob("*.yaml"))
 
 
