@@ -2,7 +2,8 @@
 
 PyYAML's composed nodes carry marks; this keeps one per path (`("spec", "filters", 0, "cesql")`)
 next to the plain data. Timestamps stay strings (a trigger never wants a datetime), so a filter
-on `time: 2018-04-05T03:56:24Z` compares text with text.
+on `time: 2018-04-05T03:56:24Z` compares text with text; an unquoted `007` or `no` is read as
+YAML's number or boolean, and `Document.texts` keeps the text written for it.
 
 A document is refused (DocumentError) when it could not be read safely or means something else
 than it seems: nesting deeper than MAX_DEPTH (aliases included), an alias inside its own anchor,
@@ -29,6 +30,7 @@ MAX_ALIAS_REPEATS = 100_000
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _MERGE = "tag:yaml.org,2002:merge"
+_PLAIN_TYPES = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"}
 
 
 class _LimitError(yaml.MarkedYAMLError):
@@ -78,6 +80,8 @@ class Document:
     origin: str
     index: int
     marks: dict[Path_, Location] = field(default_factory=dict)
+    texts: dict[Path_, str] = field(default_factory=dict)
+    """The text written for each unquoted scalar YAML read as a number or boolean (`007`, `no`)."""
 
     def locate(self, path: Sequence[object]) -> Location:
         """The location of the deepest value on `path` that exists (parts not found are skipped,
@@ -138,7 +142,7 @@ def read_file(path: Path) -> list[Document]:
 
 
 class _Walk:
-    """Records marks per path, visiting each node's own checks once however many
+    """Records marks and texts per path, visiting each node's own checks once however many
     aliases reach it; refuses what `read_documents` documents as refused."""
 
     def __init__(self, document: Document) -> None:
@@ -161,6 +165,8 @@ class _Walk:
             self._check(node, path)
         self.document.marks.setdefault(path, location)
         if isinstance(node, yaml.ScalarNode):
+            if node.style is None and node.tag in _PLAIN_TYPES:
+                self.document.texts.setdefault(path, node.value)
             return
         if id(node) in self.open:
             raise DocumentError(location, _format(path), "an alias inside its own anchor (a value containing itself)")

@@ -11,6 +11,10 @@ answers PASS, FAIL or NO_FILTER (the filter abstains); only FAIL stops a deliver
 
 Validation errors carry the Knative-style path (`filters[0].exact[invALID]`) and the raw path
 (for pointing at a YAML line). Filters nest at most MAX_NESTING levels, as CESQL expressions do.
+
+Attribute values are strings (Kubernetes refuses anything else in these maps). A number or boolean
+is taken as its text: `written(path)` gives the text a YAML file had there (`007`, not `7`;
+`no`, not `false`); without it, `attribute_text` makes one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pipelines.cesql import parse as parse_cesql
 
 Attributes: TypeAlias = Mapping[str, AttributeValue]
 PathPart: TypeAlias = "str | int | Key"
+
+Written: TypeAlias = Callable[[tuple[PathPart, ...]], "str | None"]
 
 ATTRIBUTE_NAME = re.compile(r"[a-z][a-z0-9]*")
 DIALECTS = ("exact", "prefix", "suffix", "all", "any", "not", "cesql")
@@ -205,37 +211,40 @@ class NotFilter:
 
 
 def build_trigger_filter(attributes: Mapping[str, Any] | None, filters: Sequence[Any] | None, *,
-                         validate: bool = True) -> Filter:
+                         validate: bool = True, written: Written | None = None) -> Filter:
     """The filter of a trigger: a non-empty `filters` wins over `filter.attributes`.
 
     Both are validated even when `filters` wins, as Knative's webhook does. `validate=False`
     skips the attribute-name rule only (as Knative's filter code, behind its webhook, does).
+    `written` gives the source text of a non-string value at a path (see the module docstring).
     """
-    legacy = build_attributes_filter(attributes, ("filter", "attributes"), validate=validate)
+    legacy = build_attributes_filter(attributes, ("filter", "attributes"), validate=validate, written=written)
     if filters:
-        return build_filters(filters, ("filters",), validate=validate)
+        return build_filters(filters, ("filters",), validate=validate, written=written)
     return legacy
 
 
 def build_attributes_filter(attributes: Mapping[str, Any] | None, path: tuple[PathPart, ...], *,
-                            validate: bool = True) -> Filter:
+                            validate: bool = True, written: Written | None = None) -> Filter:
     if attributes is None:
         return _no_filter
-    checked = _attribute_map(attributes, path, allow_empty_values=True, validate=validate)
+    checked = _attribute_map(attributes, path, allow_empty_values=True, validate=validate, written=written)
     return AttributesFilter(checked) if checked else _no_filter
 
 
-def build_filters(filters: Sequence[Any], path: tuple[PathPart, ...], *, validate: bool = True) -> Filter:
+def build_filters(filters: Sequence[Any], path: tuple[PathPart, ...], *, validate: bool = True,
+                  written: Written | None = None) -> Filter:
     """A `filters` list: its members are ANDed; an empty list does not filter."""
     if not isinstance(filters, list):
         raise FilterError(path, f"must be a list of filters, not {_kind(filters)}")
-    children = [build_filter(item, (*path, i), validate=validate) for i, item in enumerate(filters)]
+    children = [build_filter(item, (*path, i), validate=validate, written=written) for i, item in enumerate(filters)]
     if not children:
         return _no_filter
     return children[0] if len(children) == 1 else AllFilter(children)
 
 
-def build_filter(spec: Any, path: tuple[PathPart, ...], *, validate: bool = True, _nesting: int = 0) -> Filter:
+def build_filter(spec: Any, path: tuple[PathPart, ...], *, validate: bool = True, written: Written | None = None,
+                 _nesting: int = 0) -> Filter:
     """One Subscriptions API filter object: exactly one dialect (none set = no filter)."""
     if spec is None:
         return _no_filter
@@ -256,20 +265,20 @@ def build_filter(spec: Any, path: tuple[PathPart, ...], *, validate: bool = True
     dialect = present[0]
     value, here = spec[dialect], (*path, dialect)
     if dialect in ("exact", "prefix", "suffix"):
-        checked = _attribute_map(value, here, allow_empty_values=False, validate=validate)
+        checked = _attribute_map(value, here, allow_empty_values=False, validate=validate, written=written)
         if not checked:
             return _no_filter
         return {"exact": ExactFilter, "prefix": PrefixFilter, "suffix": SuffixFilter}[dialect](checked)
     if dialect in ("all", "any"):
         if not isinstance(value, list):
             raise FilterError(here, f"must be a list of filters, not {_kind(value)}")
-        children = [build_filter(item, (*here, i), validate=validate, _nesting=_nesting + 1)
+        children = [build_filter(item, (*here, i), validate=validate, written=written, _nesting=_nesting + 1)
                     for i, item in enumerate(value)]
         if not children:
             return _no_filter
         return AllFilter(children) if dialect == "all" else AnyFilter(children)
     if dialect == "not":
-        return NotFilter(build_filter(value, here, validate=validate, _nesting=_nesting + 1))
+        return NotFilter(build_filter(value, here, validate=validate, written=written, _nesting=_nesting + 1))
     return _cesql(value, here)
 
 
@@ -286,7 +295,7 @@ def _cesql(value: Any, path: tuple[PathPart, ...]) -> Filter:
 
 
 def _attribute_map(value: Any, path: tuple[PathPart, ...], *, allow_empty_values: bool,
-                   validate: bool) -> dict[str, str]:
+                   validate: bool, written: Written | None) -> dict[str, str]:
     if not isinstance(value, Mapping):
         raise FilterError(path, f"must be a mapping of attribute name to value, not {_kind(value)}")
     checked: dict[str, str] = {}
@@ -296,7 +305,10 @@ def _attribute_map(value: Any, path: tuple[PathPart, ...], *, allow_empty_values
             raise FilterError(
                 here, "Attribute name must start with a letter and can only contain lowercase alphanumeric"
             )
-        if isinstance(wanted, bool | int | str):
+        source = written(here) if written is not None and not isinstance(wanted, str) else None
+        if source is not None:
+            text = source
+        elif isinstance(wanted, bool | int | str):
             text = attribute_text(wanted)
         elif wanted is None and allow_empty_values:
             text = ""

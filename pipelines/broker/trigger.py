@@ -17,7 +17,8 @@ skipped), or the short form:
 
 Everything is checked at load (names, filters as Knative's webhook does, CESQL, durations,
 inline component configs); the first error raises `DocumentError` naming file:line:column,
-the field path and the reason.
+the field path and the reason. Filter values are text: an unquoted `007`, `no` or `0x1F` is
+compared as written, not as the number or boolean YAML reads.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipelines.broker.components import component_config
 from pipelines.broker.delivery import DeliverySpec, Destination
 from pipelines.broker.documents import Document, DocumentError, Location, read_documents, read_file
-from pipelines.broker.filters import Filter, FilterError, build_trigger_filter, format_path
+from pipelines.broker.filters import Filter, FilterError, PathPart, build_trigger_filter, format_path
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +243,17 @@ def _add_trigger(doc: Document, path: tuple[str | int, ...], spec: TriggerSpec, 
     if (namespace, name) in seen:
         raise DocumentError(location, format_path(path),
                             f"trigger {namespace}/{name} is already defined at {seen[(namespace, name)]}")
+    texts: list[tuple[str, str]] = []  # the filter's values as written: `007` and `7` are two filters
+
+    def written(filter_path: tuple[PathPart, ...]) -> str | None:
+        text = doc.texts.get((*base, *filter_path))
+        if text is not None:
+            texts.append((format_path(filter_path), text))
+        return text
+
     try:
-        trigger_filter = build_trigger_filter(spec.filter.attributes if spec.filter else None, spec.filters)
+        trigger_filter = build_trigger_filter(spec.filter.attributes if spec.filter else None, spec.filters,
+                                              written=written)
     except FilterError as exc:
         raise _filter_error(doc, base, exc) from None
     _check_component(doc, (*base, "subscriber"), spec.subscriber)
@@ -253,7 +263,7 @@ def _add_trigger(doc: Document, path: tuple[str | int, ...], spec: TriggerSpec, 
     # json, not orjson: a YAML integer may be beyond 64 bits (`retry: 99999999999999999999999`).
     fingerprint = json.dumps(
         [namespace, name, spec.model_dump(mode="json", by_alias=True, exclude_none=True,
-                                          exclude={"name", "namespace", "uid"})],
+                                          exclude={"name", "namespace", "uid"}), texts],
         sort_keys=True, separators=(",", ":"), default=repr,
     )
     seen[(namespace, name)] = location

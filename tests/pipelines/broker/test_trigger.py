@@ -277,6 +277,22 @@ triggers:
         assert trigger.filter({"requestid": "123456789012345678901234"}) is PASS
         assert trigger.delivery is not None and trigger.delivery.retry == 99999999999999999999999
 
+    @pytest.mark.parametrize("written", ["007", "0x1F", "1_000", "no", "on", "+1", "5", "true", "1.50", ".inf"])
+    def test_unquoted_filter_values_are_taken_as_written(self, written: str) -> None:
+        loaded = load_triggers(f"""
+triggers:
+  - {{name: a, subscriber: 'http://h/', filters: [{{exact: {{v: {written}}}}}, {{prefix: {{w: {written}}}}}]}}
+  - {{name: b, subscriber: 'http://h/', filter: {{attributes: {{v: {written}}}}}}}
+""")
+        for trigger in loaded.triggers:
+            assert trigger.filter({"v": written, "w": written + "x"}) is PASS
+
+    def test_a_filter_value_written_differently_is_another_trigger(self) -> None:
+        def fingerprint(value: str) -> str:
+            return load_triggers(f"triggers: [{{name: a, subscriber: 'http://h/', "
+                                 f"filters: [{{exact: {{v: {value}}}}}]}}]").triggers[0].fingerprint
+
+        assert fingerprint("007") != fingerprint("7") and fingerprint("7") == fingerprint("7")
 
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[3] / "examples" / "triggers").glob("*.yaml"))
