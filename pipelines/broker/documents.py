@@ -8,7 +8,8 @@ YAML's number or boolean, and `Document.texts` keeps the text written for it.
 A document is refused (DocumentError) when it could not be read safely or means something else
 than it seems: nesting deeper than MAX_DEPTH (aliases included), an alias inside its own anchor,
 aliases repeating more than MAX_ALIAS_REPEATS values (a 15-byte `x: &a [*a, *a]` or a "billion
-laughs" file expands without end), and a lone UTF-16 surrogate (`"\\ud800"`: not a character).
+laughs" file expands without end), a key written twice in a mapping (kubectl refuses it; the last
+one would silently win), and a lone UTF-16 surrogate (`"\\ud800"`: not a character).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ MAX_ALIAS_REPEATS = 100_000
 """Values reached again through aliases, in all: generous for shared specs, fatal to alias bombs."""
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_MERGE = "tag:yaml.org,2002:merge"
 _PLAIN_TYPES = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"}
+_MERGE = "tag:yaml.org,2002:merge"
 
 
 class _LimitError(yaml.MarkedYAMLError):
@@ -192,9 +193,16 @@ class _Walk:
             return
         if not isinstance(node, yaml.MappingNode):
             return
+        keys: dict[tuple[str, str], yaml.Node] = {}
         for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                _check_text(key_node, (*path, str(key_node.value)), self._location(key_node))
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
+                continue
+            here = (*path, str(key_node.value))
+            _check_text(key_node, here, self._location(key_node))
+            first = keys.setdefault((key_node.tag, key_node.value), key_node)
+            if first is not key_node:
+                raise DocumentError(self._location(key_node), _format(here),
+                                    f"the key {key_node.value!r} is already set at line {first.start_mark.line + 1}")
 
     def _location(self, node: yaml.Node) -> Location:
         mark = node.start_mark

@@ -265,6 +265,12 @@ triggers:
         assert error.location.line == self.LINE and error.path == "spec.filters[0].exact.type"
         assert "U+D800" in str(error)
 
+    def test_a_key_set_twice_is_refused(self) -> None:
+        error = _error("triggers:\n  - name: failures\n    subscriber: http://127.0.0.1:9/\n"
+                       "    filters: [{exact: {type: x}}]\n    filters: []\n")
+        assert error.location.line == 5 and error.path == "triggers[0].filters"
+        assert "already set at line 4" in str(error)
+
     def test_integers_beyond_64_bits(self) -> None:
         loaded = load_triggers("""
 triggers:
