@@ -61,8 +61,9 @@ def broker_command(config: Path | None, trigger_files: tuple[Path, ...], dir_: P
         click.echo(f"infer-logger broker: config error: {exc}", err=True)
         sys.exit(2)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    count = _check(settings)  # a bad trigger file is exit 2 naming it, not uvicorn's exit 3 at startup
     if check:
-        _check(settings)
+        click.echo(f"ok: {count} triggers")
         return
     from pipelines.broker.server import serve
 
@@ -75,15 +76,15 @@ def broker_command(config: Path | None, trigger_files: tuple[Path, ...], dir_: P
         sys.exit(1)
 
 
-def _check(settings: Any) -> None:
+def _check(settings: Any) -> int:
+    """The number of triggers; exit 2 naming what is wrong in them."""
     from pipelines.broker.broker import Broker
 
     try:
-        count = Broker(settings).check()
+        return Broker(settings).check()
     except ConfigError as exc:
         click.echo(f"infer-logger broker: {exc}", err=True)
         sys.exit(2)
-    click.echo(f"ok: {count} triggers")
 
 
 @click.command("cesql", context_settings=_HELP)

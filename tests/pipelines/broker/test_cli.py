@@ -82,3 +82,11 @@ class TestBrokerCheck:
                         "    delivery: {retry: 99999999999999999999999}\n")
         result = CliRunner().invoke(broker_command, ["-t", str(path), "--dir", str(tmp_path), "--check"])
         assert result.exit_code == 0, result.output
+
+
+def test_serving_with_a_bad_trigger_file_exits_2_naming_it(tmp_path: Path) -> None:
+    """Checked before serving: a bad file was uvicorn's exit 3 from its failed startup."""
+    path = tmp_path / "triggers.yaml"
+    path.write_text("triggers:\n  - {name: a, subscriber: {ref: {name: event-display}}}\n")
+    result = CliRunner().invoke(broker_command, ["-t", str(path), "--dir", str(tmp_path)])
+    assert result.exit_code == 2 and "no component or address named 'event-display'" in result.output
