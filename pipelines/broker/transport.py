@@ -30,7 +30,8 @@ class HttpResponse:
     headers: dict[str, str]  # names lower-cased; a repeated header keeps its last value
     body: bytes
     truncated: bool = False
-    """The body went past the client's `max_response_bytes`: `body` is its start, the rest was read and dropped."""
+    """The body went past the client's `max_response_bytes`: `body` is its start; the rest was not
+    read (the connection was closed), so an endless or huge body costs neither memory nor time."""
 
 
 def _left(deadline: float | None) -> float | None:
@@ -109,14 +110,26 @@ class _Connection(asyncio.Protocol):
         self._headers_done = True
 
     def on_body(self, body: bytes) -> None:
+        if self._truncated:  # cut: what the same read still held is not wanted
+            return
         if self.max_body is not None:
             room = self.max_body - self._size
-            if room < len(body):  # the rest is read (the connection stays usable) and dropped
-                body, self._truncated = body[:max(room, 0)], True
+            if room < len(body):
+                # Settled on what came; reading the rest would take as long as the receiver
+                # likes (an endless 2xx timed out, and its event was delivered again).
+                self._body.append(body[:max(room, 0)])
+                self._truncated, self.keep_alive = True, False
+                self._finish()
+                self.closed = True
+                if self.transport is not None:
+                    self.transport.abort()
+                return
             self._size += len(body)
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._truncated:
+            return
         if self._parser.get_status_code() < 200:  # an interim response (103, an unasked 100): the real one follows
             self._headers, self._body, self._headers_done, self._framed = {}, [], False, False
             return

@@ -145,3 +145,17 @@ async def test_bad_headers_and_urls_are_refused_before_sending() -> None:
             await client.post("ftp://127.0.0.1/", {}, b"")
         await client.aclose()
     assert peer.heads == []
+
+
+async def test_a_body_past_the_cap_is_not_waited_for() -> None:
+    """Past `max_response_bytes` the answer is settled and the connection closed: a body that
+    never ends (here 100 GB announced, 300 bytes sent) was read until the timeout, and its
+    delivery counted as unanswered (the event sent again)."""
+    peer = Scripted(lambda _: b"HTTP/1.1 200 OK\r\ncontent-length: 100000000000\r\n\r\n" + b"x" * 300)
+    client = HttpClient(max_response_bytes=100)
+    async with peer as url:
+        for _ in range(2):
+            response = await client.post(url, {}, b"", timeout=30)
+            assert (response.status, response.body, response.truncated) == (200, b"x" * 100, True)
+        await client.aclose()
+    assert peer.connections == 2  # never reused: the rest of its body would be the next answer
