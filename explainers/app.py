@@ -236,8 +236,11 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
         found = model(name)
         body = codecs.decode_body(await request.body(), request.headers.get(binary_tensors.HEADER))
         rows = found.decode(body)
+        request_id = body.get("id")
+        if not isinstance(request_id, str | int | float | None):  # echoed: a list nested deep fails orjson
+            raise InvalidInputError("`id` must be a string")
         explanation = await found.explain(rows, codecs.explain_parameters(body))
-        response = codecs.v2_explanation_response(name, explanation.to_dict(), body.get("id"))
+        response = codecs.v2_explanation_response(name, explanation.to_dict(), request_id)
         if model_version is not None:
             response["model_version"] = model_version
         if not binary_tensors.wants_binary(body, "explanation"):

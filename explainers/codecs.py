@@ -8,6 +8,7 @@ the predictor that does not fit raises `PredictorError`.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import isfinite, prod
@@ -21,6 +22,10 @@ from infer_logger import binary_tensors
 from infer_logger.errors import BinaryDataError
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
+_TOO_DEEP = "the request nests JSON too deeply to read"
+# A bad value in a message: JSON nests up to 1024 levels, and repr of that is a RecursionError (a 500).
+_brief = reprlib.Repr()
+_brief.maxlevel, _brief.maxstring, _brief.maxother = 3, 60, 60
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,8 @@ def decode_body(body: bytes, header_length: str | None) -> dict[str, Any]:
         doc, raw = binary_tensors.decode(body, header_length, "inputs")
     except BinaryDataError as exc:
         raise InvalidInputError(str(exc)) from None
+    except RecursionError:  # in the message naming a bad shape or datatype nested ~1000 deep
+        raise InvalidInputError(_TOO_DEEP) from None
     if raw:
         for i, tensor in enumerate(doc["inputs"]):
             if not isinstance(tensor, dict):
@@ -84,6 +91,13 @@ def _values(datatype: str, raw: memoryview) -> list[Any]:
 
 def decode_instances(body: Any, schema: Schema) -> np.ndarray:
     """The instances of a V1 (`instances`, or TF-style row `inputs`) or V2 (`inputs` tensors) request."""
+    try:
+        return _instances(body, schema)
+    except RecursionError:  # orjson reads 1024 levels; Python's recursion stops sooner
+        raise InvalidInputError(f"{_TOO_DEEP}; {schema.expected()}") from None
+
+
+def _instances(body: Any, schema: Schema) -> np.ndarray:
     if not isinstance(body, Mapping):
         raise InvalidInputError(f'expected a JSON object with "instances" or "inputs"; {schema.expected()}')
     if isinstance(body.get("instances"), list):
@@ -133,12 +147,13 @@ def _value(value: Any, name: str, schema: Schema, where: str) -> Any:
     if name in schema.categorical:
         if isinstance(value, str):
             return value
-        raise InvalidInputError(f"{where} ({name}): expected a string, got {value!r}")
+        raise InvalidInputError(f"{where} ({name}): expected a string, got {_brief.repr(value)}")
     if isinstance(value, int | float) and not isinstance(value, bool):
         if isfinite(value):  # NaN and infinities (binary tensor data holds them) as JSON's null
             return float(value)
-        raise InvalidInputError(f"{where} ({name}): expected a finite number, got {value!r}")
-    raise InvalidInputError(f"{where} ({name}): expected a number, got {value!r}; {schema.expected()}")
+        raise InvalidInputError(f"{where} ({name}): expected a finite number, got {_brief.repr(value)}")
+    raise InvalidInputError(f"{where} ({name}): expected a number, got {_brief.repr(value)}; "
+                            f"{schema.expected()}")
 
 
 def _tensors(inputs: list[Mapping[str, Any]], schema: Schema) -> np.ndarray:

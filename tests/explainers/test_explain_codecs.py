@@ -54,6 +54,18 @@ class TestDecodeInstances:
         with pytest.raises(InvalidInputError, match=r"island\): expected a string"):
             codecs.decode_instances({"instances": [[1, 40, "male"]]}, MIXED)
 
+    def test_json_nested_near_its_limit_is_400(self) -> None:
+        # orjson reads 1024 levels; repr of the bad value in the message, or str of a tensor name,
+        # recursed past Python's limit: RecursionError, a 500.
+        deep = orjson.loads(b"[" * 990 + b"1" + b"]" * 990)
+        with pytest.raises(InvalidInputError, match=r"\[3\] \(pw\): expected a number, got \[\[\[\[\.\.\.]]]]"):
+            codecs.decode_instances({"instances": [[1, 2, 3, deep]]}, IRIS)
+        with pytest.raises(InvalidInputError, match=r"\(island\): expected a string, got \[\[\[\["):
+            codecs.decode_instances({"instances": [[deep, 40, "male"]]}, MIXED)
+        per_feature = [{"name": n, "shape": [1], "datatype": "FP64", "data": [1]} for n in IRIS.feature_names]
+        with pytest.raises(InvalidInputError, match=r"nests JSON too deeply to read; expected shape \[n, 4\]"):
+            codecs.decode_instances({"inputs": [*per_feature, {"name": deep, "shape": [1], "data": [1]}]}, IRIS)
+
 
 class TestPredictorBodies:
     """What the client sends and reads back."""
@@ -159,6 +171,14 @@ class TestPredictorBodies:
             codecs.decode_body(body[:-1], headers[bt.HEADER])
         with pytest.raises(InvalidInputError, match="not JSON"):
             codecs.decode_body(b"{", None)
+
+    def test_decode_body_of_a_binary_tensor_field_nested_deep(self) -> None:
+        # binary_tensors' message quotes the bad shape: repr of it was a RecursionError (a 500).
+        deep = b"[" * 1010 + b"]" * 1010
+        head = (b'{"inputs": [{"name": "x", "shape": ' + deep
+                + b', "datatype": "FP64", "parameters": {"binary_data_size": 0}}]}')
+        with pytest.raises(InvalidInputError, match="nests JSON too deeply to read"):
+            codecs.decode_body(head, str(len(head)))
 
     def test_explain_parameters(self) -> None:
         assert codecs.explain_parameters({"instances": [], "parameters": {"nsamples": 10}}) == {"nsamples": 10}

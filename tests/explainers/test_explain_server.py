@@ -375,6 +375,24 @@ class TestMoreBadInput:
         r = httpx.post(f"{url}/v2/models/iris/infer", content=body, headers=headers, timeout=20)
         assert r.status_code == 400 and "expected shape [n, 4]" in r.json()["error"], r.text  # was a 500
 
+    def test_json_nested_near_its_limit(self, switchable: tuple[SwitchablePredictor, str]) -> None:
+        # Valid JSON (orjson reads 1024 levels) whose bad value the 400 quoted with repr, or whose
+        # echoed `id` orjson would not write back: RecursionError / TypeError, a 500.
+        _, url = switchable
+        deep = b"[" * 990 + b"1" + b"]" * 990
+        v2 = b'{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [' + deep + b', 2, 3, 4]}'
+        for path, body, words in [
+            ("/v1/models/iris:explain", b'{"instances": [[' + deep + b", 2, 3, 4]]}",
+             "expected a number, got [[[[...]]]]"),
+            ("/v2/models/iris/infer", b'{"inputs": [' + v2 + b"]}", "expected a number, got [[[[...]]]]"),
+            ("/v2/models/iris/infer", b'{"inputs": [{"name": ' + deep + b', "shape": [1], "data": [1]}, '
+                                      b'{"name": "b", "shape": [1], "data": [1]}]}', "nests JSON too deeply"),
+            ("/v2/models/iris/infer", b'{"id": ' + deep + b', "inputs": [{"name": "input-0", "shape": [1, 4], '
+                                      b'"datatype": "FP64", "data": [1, 2, 3, 4]}]}', "`id` must be a string"),
+        ]:
+            r = httpx.post(url + path, content=body, timeout=20)
+            assert r.status_code == 400 and words in r.json()["error"], r.text
+
     def test_white_box_predict_not_json(self, tmp_path: Path) -> None:
         import joblib
 
@@ -384,6 +402,10 @@ class TestMoreBadInput:
         with serve(create_app(service)) as url:
             r = httpx.post(f"{url}/v1/models/iris:predict", content=b"{", timeout=20)
             assert r.status_code == 400 and "not JSON" in r.json()["error"], r.text
+            deep = b"[" * 990 + b"1" + b"]" * 990
+            body = b'{"instances": [[' + deep + b", 2, 3, 4]]}"
+            r = httpx.post(f"{url}/v1/models/iris:predict", content=body, timeout=20)
+            assert r.status_code == 400 and "expected a number, got [[[[...]]]]" in r.json()["error"], r.text
             assert httpx.post(f"{url}/v1/models/iris:predict", json=IRIS_V1, timeout=20).status_code == 200
 
 
