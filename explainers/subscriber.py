@@ -217,10 +217,10 @@ class ExplainSubscriber:
             if request.get(events.TRUNCATED):
                 raise InvalidInputError("the request payload was truncated by the logger")
             rows = self.service.decode(_payload(request))
-        except (InvalidInputError, ValueError) as exc:  # ValueError: the payload is not JSON
-            raise RejectedError(f"event {request.id}: {exc}", [request]) from exc
         except NotReadyError as exc:
             raise SinkError(str(exc), retry_after=1.0) from exc
+        except Exception as exc:  # the same data fails alike on every retry: dead-letter it
+            raise RejectedError(f"event {request.id}: {str(exc) or type(exc).__name__}", [request]) from exc
         try:
             return await self._batcher.explain(rows)
         except (InvalidInputError, InvalidParametersError) as exc:
@@ -348,11 +348,15 @@ class ExplainerComponentConfig(SinkConfig):
 
 def _payload(request: CloudEvent) -> Any:
     """The request's JSON; a V2 body with binary tensor data (as tritonclient sends by default)
-    reads as the JSON it stands for. ValueError when it is neither."""
+    reads as the JSON it stands for. InvalidInputError when it is neither."""
     try:
         return request.json()
-    except ValueError:
+    except ValueError as exc:
+        not_json = exc
+    try:
         doc = binary_tensors.inline(request.data or b"")
-        if doc is None:
-            raise
-        return doc
+    except RecursionError:  # JSON nested past Python's limit, read by the stdlib's decoder
+        raise InvalidInputError("the request payload nests JSON too deeply to read") from None
+    if doc is None:
+        raise InvalidInputError(f"the request payload is not JSON: {not_json}")
+    return doc

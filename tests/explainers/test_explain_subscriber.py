@@ -188,6 +188,16 @@ class TestFailures:
             await sub.handle(response)
         assert len(sub.cache) == 0
 
+    async def test_data_nested_too_deep_is_rejected_as_a_sink(self, service: ExplainerService) -> None:
+        # RecursionError reading it escaped as a retryable failure (SinkError): retried for ever.
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=MemorySink())
+        request, response = exchange("f-3")
+        deep = CloudEvent(request.attributes, b'{"instances": ' + b"[" * 1100 + b"]" * 1100 + b"}")
+        await sub.send_batch([deep])
+        with pytest.raises(RejectedError, match="f-3: the request payload nests JSON too deeply") as caught:
+            await sub.send_batch([response])
+        assert caught.value.events == [deep] and len(sub.cache) == 0
+
     async def test_as_a_sink(self, service: ExplainerService) -> None:
         out = MemorySink()
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=out)
@@ -290,7 +300,10 @@ class TestDeliveryFailures:
             assert r.status_code == 200 and r.headers["ce-id"] == "d-2", r.text
 
     @pytest.mark.parametrize("data, status", [(b"not json", 400), (b'{"instances": "x"}', 400),
-                                              (b"", 400), (b"[1, 2]", 400)])
+                                              (b"", 400), (b"[1, 2]", 400),
+                                              # past orjson's 1024 levels; json's decoder (binary
+                                              # tensor data?) raised RecursionError: a 500
+                                              (b'{"instances": ' + b"[" * 1100 + b"]" * 1100 + b"}", 400)])
     def test_unreadable_request_data(self, model_server: Process, data: bytes, status: int) -> None:
         with serve(create_app(service_for(model_server.url, subscriber={"linger": 0.001}))) as url:
             request, response = exchange("d-4")
