@@ -9,6 +9,7 @@ the predictor that does not fit raises `PredictorError`.
 from __future__ import annotations
 
 import reprlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import isfinite, prod
@@ -75,11 +76,15 @@ def decode_body(body: bytes, header_length: str | None) -> dict[str, Any]:
         raise InvalidInputError(_TOO_DEEP) from None
     if raw:
         for i, tensor in enumerate(doc["inputs"]):
-            if not isinstance(tensor, dict):
-                continue  # not a tensor: decode_instances names it (400), `.get` here would be a 500
-            if (data := raw.get(binary_tensors.tensor_name(tensor, "inputs", i))) is not None:
-                tensor["data"] = _values(tensor["datatype"], data)
+            if not isinstance(tensor, dict) or not _is_binary(tensor):
+                continue  # not a tensor (decode_instances names it), or one carrying its own `data`
+            tensor["data"] = _values(tensor["datatype"], raw[binary_tensors.tensor_name(tensor, "inputs", i)])
     return doc
+
+
+def _is_binary(tensor: Mapping[str, Any]) -> bool:
+    params = tensor.get("parameters")
+    return isinstance(params, Mapping) and "binary_data_size" in params
 
 
 def _values(datatype: str, raw: memoryview) -> list[Any]:
@@ -104,6 +109,11 @@ def _instances(body: Any, schema: Schema) -> np.ndarray:
         return _rows(body["instances"], schema, "instances")
     inputs = body.get("inputs")
     if isinstance(inputs, list) and inputs and all(isinstance(t, Mapping) and "data" in t for t in inputs):
+        names = Counter(binary_tensors.tensor_name(t, "inputs", i) for i, t in enumerate(inputs))
+        twice = [name for name, n in names.items() if n > 1]
+        if twice:  # which one is the feature (or whose bytes were they, for a binary tensor)?
+            raise InvalidInputError(f"inputs: tensor {_brief.repr(twice[0])} is named twice; "
+                                    f"{schema.expected()}")
         return _tensors(inputs, schema)
     if isinstance(inputs, list):
         return _rows(inputs, schema, "inputs")

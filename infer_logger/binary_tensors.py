@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from math import prod
 from typing import Any
@@ -90,6 +91,10 @@ def decode(body: bytes, header_length: str | int | None,
         _check_size(name, datatype, shape, chunk)
         raw[name] = chunk
         offset += size
+    if raw:  # filed by name: another tensor of a binary one's name would be read as having its bytes
+        names = Counter(tensor_name(t, key, i) for i, t in enumerate(tensors) if isinstance(t, Mapping))
+        if twice := next((name for name in raw if names[name] > 1), None):
+            raise BinaryDataError(twice, f"is named twice in `{key}`")
     if offset != len(body):
         what = "the JSON part" if not raw else "the last binary tensor"
         raise BinaryDataError(None, f"{len(body) - offset} bytes after {what} belong to no tensor "

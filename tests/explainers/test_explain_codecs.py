@@ -66,6 +66,12 @@ class TestDecodeInstances:
         with pytest.raises(InvalidInputError, match=r"nests JSON too deeply to read; expected shape \[n, 4\]"):
             codecs.decode_instances({"inputs": [*per_feature, {"name": deep, "shape": [1], "data": [1]}]}, IRIS)
 
+    def test_a_tensor_name_used_twice(self) -> None:
+        # The per-feature tensors were looked up by name: the last of the two silently won.
+        tensors = [{"name": n, "shape": [1], "datatype": "FP64", "data": [1]} for n in IRIS.feature_names]
+        with pytest.raises(InvalidInputError, match="inputs: tensor 'pl' is named twice"):
+            codecs.decode_instances({"inputs": [*tensors, {**tensors[2], "data": [9]}]}, IRIS)
+
 
 class TestPredictorBodies:
     """What the client sends and reads back."""

@@ -393,6 +393,17 @@ class TestMoreBadInput:
             r = httpx.post(url + path, content=body, timeout=20)
             assert r.status_code == 400 and words in r.json()["error"], r.text
 
+    def test_binary_body_with_a_json_tensor_of_its_name(self, switchable: tuple[SwitchablePredictor, str]) -> None:
+        # The JSON tensor was read as the binary one, with its own datatype: KeyError (none, or
+        # BF16) or BinaryDataError (BYTES), a 500.
+        _, url = switchable
+        binary = {"name": "a", "shape": [1, 4], "datatype": "FP64", "parameters": {"binary_data_size": 32}}
+        for other in ({}, {"datatype": "BF16"}, {"datatype": "BYTES", "data": ["x"]}):
+            head = orjson.dumps({"inputs": [binary, {"name": "a", "shape": [1], "data": [1], **other}]})
+            r = httpx.post(f"{url}/v2/models/iris/infer", content=head + np.ones(4).tobytes(),
+                           headers={bt.HEADER: str(len(head))}, timeout=20)
+            assert r.status_code == 400 and "'a': is named twice" in r.json()["error"], r.text
+
     def test_white_box_predict_not_json(self, tmp_path: Path) -> None:
         import joblib
 

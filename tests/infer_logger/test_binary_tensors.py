@@ -173,6 +173,18 @@ class TestMalformed:
         self.fails(b'{"inputs": 3}', None, "`inputs` must be a list")
         self.fails(b"[1]", None, "not a JSON object")
 
+    def test_a_json_tensor_of_a_binary_ones_name(self) -> None:
+        # Its bytes are filed by name: a reader took the JSON tensor for the binary one (a 500 in
+        # the explainer: KeyError for no datatype, BinaryDataError unpacking BYTES).
+        binary = {"name": "x", "shape": [1], "datatype": "UINT8", "parameters": {"binary_data_size": 1}}
+        for tensors in ([{"name": "x", "shape": [1], "data": [1]}, binary],  # before it, or after it
+                        [binary, {"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]):
+            head = orjson.dumps({"inputs": tensors})
+            err = self.fails(head + b"\1", len(head), "'x'", "named twice in `inputs`")
+            assert err.tensor == "x"
+        json_only = orjson.dumps({"inputs": [{"name": "x", "shape": [1], "data": [1]}] * 2})
+        assert bt.decode(json_only, None, "inputs")[1] == {}  # no bytes to mistake: left to the caller
+
     def test_encode_checks_what_it_sends(self) -> None:
         with pytest.raises(BinaryDataError, match="'x': 4 bytes of FP64 for shape \\[1\\] \\(8 expected\\)"):
             bt.encode(request("FP64", [1]), "inputs", {"x": b"\0" * 4})
