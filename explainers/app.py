@@ -234,7 +234,8 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
     async def v2_infer(request: Request) -> Response:
         name, model_version = request.path_params["name"], request.path_params.get("model_version")
         found = model(name)
-        body = codecs.decode_body(await request.body(), request.headers.get(binary_tensors.HEADER))
+        body = codecs.decode_body(await request.body(), request.headers.get(binary_tensors.HEADER),
+                                  found.max_values)
         rows = found.decode(body)
         request_id = body.get("id")
         if not isinstance(request_id, str | int | float | None):  # echoed: a list nested deep fails orjson

@@ -66,8 +66,13 @@ def explain_parameters(body: Mapping[str, Any]) -> dict[str, Any]:
     return dict(params)
 
 
-def decode_body(body: bytes, header_length: str | None) -> dict[str, Any]:
-    """A request body, JSON or with binary tensor data; binary inputs get their values as `data`."""
+def decode_body(body: bytes, header_length: str | None, max_values: int | None = None) -> dict[str, Any]:
+    """A request body, JSON or with binary tensor data; binary inputs get their values as `data`.
+
+    A binary tensor of more than `max_values` values is refused before it is unpacked (its Python
+    values take ~20 times its bytes): a request within `max_instances` rows of `width` features
+    has none, so the caller passes their product.
+    """
     try:
         doc, raw = binary_tensors.decode(body, header_length, "inputs")
     except BinaryDataError as exc:
@@ -78,7 +83,12 @@ def decode_body(body: bytes, header_length: str | None) -> dict[str, Any]:
         for i, tensor in enumerate(doc["inputs"]):
             if not isinstance(tensor, dict) or not _is_binary(tensor):
                 continue  # not a tensor (decode_instances names it), or one carrying its own `data`
-            tensor["data"] = _values(tensor["datatype"], raw[binary_tensors.tensor_name(tensor, "inputs", i)])
+            name = binary_tensors.tensor_name(tensor, "inputs", i)
+            count = prod(tensor["shape"])  # decode checked it against the bytes
+            if max_values is not None and count > max_values:
+                raise InvalidInputError(f"inputs ({name}): {count} values; at most {max_values} per request "
+                                        "(max_instances rows of every feature)")
+            tensor["data"] = _values(tensor["datatype"], raw[name])
     return doc
 
 

@@ -184,6 +184,12 @@ class ExplainerService:
             raise InvalidInputError(f"{len(rows)} instances; at most {self.settings.max_instances} per request")
         return rows
 
+    @property
+    def max_values(self) -> int | None:
+        """The most values one input tensor of a request within `max_instances` can hold (all of
+        them in one `[n, width]` tensor): a binary one over it is refused before it is unpacked."""
+        return None if self.schema is None else self.settings.max_instances * self.schema.width
+
     async def explain(self, rows: np.ndarray, params: Mapping[str, Any] | None = None) -> Explanation:
         """Every instance explained; the batch runs in chunks on the worker threads."""
         if not self.ready or self.explainer is None:

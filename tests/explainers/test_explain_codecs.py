@@ -178,6 +178,12 @@ class TestPredictorBodies:
         with pytest.raises(InvalidInputError, match="not JSON"):
             codecs.decode_body(b"{", None)
 
+    def test_decode_body_unpacks_only_binary_tensors_within_max_values(self) -> None:
+        body, headers = codecs.encode_v2_binary(np.ones((3, 4)), IRIS)
+        with pytest.raises(InvalidInputError, match=r"inputs \(input-0\): 12 values; at most 8 per request"):
+            codecs.decode_body(body, headers[bt.HEADER], max_values=8)  # refused before it is unpacked
+        assert len(codecs.decode_body(body, headers[bt.HEADER], max_values=12)["inputs"][0]["data"]) == 12
+
     def test_decode_body_of_a_binary_tensor_field_nested_deep(self) -> None:
         # binary_tensors' message quotes the bad shape: repr of it was a RecursionError (a 500).
         deep = b"[" * 1010 + b"]" * 1010

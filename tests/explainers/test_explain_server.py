@@ -419,6 +419,19 @@ class TestMoreBadInput:
             assert r.status_code == 400 and "expected a number, got [[[[...]]]]" in r.json()["error"], r.text
             assert httpx.post(f"{url}/v1/models/iris:predict", json=IRIS_V1, timeout=20).status_code == 200
 
+    def test_a_binary_tensor_past_max_instances(self, tmp_path: Path) -> None:
+        # Refused before its values are unpacked (as Python objects, ~20 times its bytes), not after.
+        import joblib
+
+        joblib.dump(estimator("iris"), tmp_path / "iris.joblib")
+        service = ExplainerService(settings(model_name="iris", model_file=tmp_path / "iris.joblib",
+                                            background="dataset:iris", method="tree", max_instances=2))
+        with serve(create_app(service)) as url:
+            body, headers = bt.encode({"inputs": [{"name": "input-0", "shape": [3, 4], "datatype": "FP64"}]},
+                                      "inputs", {"input-0": np.ones((3, 4))})
+            r = httpx.post(f"{url}/v2/models/iris/infer", content=body, headers=headers, timeout=20)
+            assert r.status_code == 400 and "(input-0): 12 values; at most 8" in r.json()["error"], r.text
+
 
 class TestLimits:
     """One request cannot hold the server: its sample counts are capped (`max_samples`) and its
