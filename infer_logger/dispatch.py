@@ -8,6 +8,7 @@ it; events a sink refuses for good are written to a dead-letter file with the re
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import logging
 import random
@@ -19,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.cloudevents.event import CloudEvent, attribute_text
 from infer_logger.config import Settings
 from infer_logger.errors import RejectedError, SinkError
 from infer_logger.events import decode_data
@@ -73,6 +74,23 @@ class SinkWorker:
         self.healthy = True
 
     async def run(self) -> None:
+        """Deliver until drained or cancelled. A failure of the worker itself (a bug, never the
+        sink's: `_deliver` retries those) is logged, marks the sink unhealthy and restarts it from
+        the last commit after a backoff: the batches since are sent again, none is lost."""
+        attempt = 0
+        while True:
+            try:
+                await self._run()
+                return
+            except Exception:
+                attempt += 1
+                self.healthy = False
+                log.exception("sink %s: the worker failed; restarting from the last commit", self.name)
+                if self.draining:
+                    return
+                await asyncio.sleep(self.backoff.delay(attempt))
+
+    async def _run(self) -> None:
         """Keep up to `in_flight` batches with the sink; commit them strictly in spool order.
 
         With more than one in flight a retried batch can land after a later one (order across
@@ -133,7 +151,7 @@ class SinkWorker:
                 refused = exc.events or list(events)
                 try:
                     self._dead_letter(refused, str(exc))
-                except OSError as error:
+                except Exception as error:
                     # Not written down anywhere yet: the batch stays uncommitted and is tried again.
                     failure: Exception = SinkError(f"cannot write dead letters to {self.deadletter}: {error}")
                 else:
@@ -161,13 +179,24 @@ class SinkWorker:
     def _dead_letter(self, events: Sequence[CloudEvent], reason: str) -> None:
         """Append the refused events to the sink's dead-letter file (OSError: nothing counted)."""
         if self.deadletter is not None:
+            lines = b"".join(_dead_letter_line(event, reason) for event in events)
             self.deadletter.parent.mkdir(parents=True, exist_ok=True)
             with self.deadletter.open("ab") as fh:
-                for event in events:
-                    record = {"reason": reason, "attributes": event.attributes, "data": decode_data(event)}
-                    fh.write(orjson.dumps(record) + b"\n")
+                fh.write(lines)
         self.metrics.drop("rejected", len(events))
         log.error("sink %s refused %d events: %s", self.name, len(events), reason)
+
+
+def _dead_letter_line(event: CloudEvent, reason: str) -> bytes:
+    """One dead-letter record. A refused event is often one no encoder takes (JSON nested past
+    orjson's 254 levels or Python's recursion limit): then its data is kept as base64 and its
+    attributes as text, so that the record is always written."""
+    try:
+        return orjson.dumps({"reason": reason, "attributes": event.attributes, "data": decode_data(event)}) + b"\n"
+    except (TypeError, ValueError, RecursionError):
+        data = None if event.data is None else {"base64": base64.b64encode(event.data).decode()}
+        attributes = {name: attribute_text(value) for name, value in event.attributes.items()}
+        return orjson.dumps({"reason": reason, "attributes": attributes, "data": data}) + b"\n"
 
 
 def build_sinks(settings: Settings) -> dict[str, Sink]:

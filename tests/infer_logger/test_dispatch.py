@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from pathlib import Path
 
 import orjson
@@ -120,6 +121,54 @@ async def test_a_dead_letter_that_cannot_be_written_is_retried_not_lost(tmp_path
     (line,) = (tmp_path / "dead" / "s.jsonl").read_bytes().splitlines()
     assert orjson.loads(line)["attributes"]["id"] == "3"
     assert spool.stats.dropped["rejected"] == 1 and d.health()["s"]
+
+
+@pytest.mark.parametrize("depth", [300, 1100])
+async def test_an_event_no_encoder_takes_is_dead_lettered_as_base64(tmp_path: Path, depth: int) -> None:
+    """JSON nested 300 deep is past orjson's 254-level writer, 1100 deep past Python's recursion
+    limit: the dead-letter record once raised, which ended the worker for good (health still ok)."""
+    sink = MemorySink()
+    sink.fail = lambda batch: RejectedError("400 bad", [e for e in batch if e.id == "0"]) if any(
+        e.id == "0" for e in batch) else None
+    spool, d = dispatcher(tmp_path, s=sink)
+    d.start()
+    deep = b'{"instances":' + b"[" * depth + b"]" * depth + b"}"
+    spool.append(CloudEvent({"specversion": "1.0", "id": "0", "source": "/s", "type": "t", "statuscode": 1},
+                            deep))
+    await until(lambda: spool.stats.dropped["rejected"] == 1)
+    for i in range(1, 4):
+        spool.append(event(i))
+    await until(lambda: len(sink.events) == 3)
+    await d.stop()
+    (line,) = (tmp_path / "dead" / "s.jsonl").read_bytes().splitlines()
+    record = orjson.loads(line)
+    assert record["reason"] == "400 bad" and record["attributes"]["id"] == "0"
+    assert base64.b64decode(record["data"]["base64"]) == deep
+    assert spool.stats.dropped["rejected"] == 1 and d.health()["s"]
+
+
+async def test_a_failure_of_the_worker_itself_is_logged_and_retried(tmp_path: Path) -> None:
+    """Not the sink's failure (those are retried in `_deliver`) but the worker's own: it used to
+    end the worker's task, silently, with the sink still reported healthy."""
+    sink = MemorySink()
+    spool, d = dispatcher(tmp_path, s=sink)
+    reader = d.workers[0].reader
+    read, broken = reader.read, [True]
+
+    def flaky_read(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if broken[0]:
+            raise RuntimeError("a bug in the worker")
+        return read(*args, **kwargs)
+
+    reader.read = flaky_read  # type: ignore[method-assign]
+    spool.append(event(0))
+    d.start()
+    await until(lambda: not d.health()["s"])
+    assert not d._tasks[0].done()
+    broken[0] = False
+    await until(lambda: len(sink.events) == 1)
+    assert d.health()["s"]
+    await d.stop()
 
 
 async def test_a_checkpoint_that_cannot_be_saved_does_not_stop_delivery(tmp_path: Path) -> None:
