@@ -95,7 +95,7 @@ def documents(
     if kind == "response" and _failed(common.get("status")):
         # The error body is the whole exchange's: every instance gets it, the first one whole. A
         # copy per instance would multiply it (a 1 MiB body, 400 instances: 400 MiB to index).
-        text = _text(body)
+        text = _text(body, event)
         parts = [{"error": text}]
         if per_instance and instances > 1:
             parts += [{"error": _cut(text)}] * (instances - 1)
@@ -240,8 +240,13 @@ def _metadata(value: object) -> Document | None:
     return parsed if isinstance(parsed, dict) else {"raw": str(value)}
 
 
-def _text(value: object) -> str:
-    return value if isinstance(value, str) else orjson.dumps(value).decode()
+def _text(value: object, event: CloudEvent) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # nested past orjson's 254 levels: the payload's own text
+        return (event.data or b"").decode(errors="replace")
 
 
 def _cut(text: str) -> str:

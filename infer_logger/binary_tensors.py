@@ -155,7 +155,7 @@ def inline(body: bytes) -> dict[str, Any] | None:
     text = body[:_JSON_PART_MAX].decode("latin-1")
     try:
         _, end = json.JSONDecoder().raw_decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past Python's recursion limit: not one either
         return None
     try:
         probe = _json(memoryview(body)[:end], "the JSON part")

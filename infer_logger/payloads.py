@@ -9,8 +9,9 @@ accepts TF-style `inputs` too and mislabelled paths are common:
   is `{tensor_name: value}`, sliced by `shape[0]` from natural (nested) or flattened row-major data.
 - Explanations: `{"explanations": [...]}`, one per instance; any other explanation is instance 0's.
 
-Whatever cannot be split safely (error bodies, truncated or binary data, inconsistent shapes, empty
-batches) becomes one item holding the whole payload, so nothing is dropped from the audit trail.
+Whatever cannot be split safely (error bodies, truncated or binary data, inconsistent shapes, shapes
+of more than 64 dimensions, empty batches) becomes one item holding the whole payload, so nothing
+is dropped from the audit trail.
 Pure Python on purpose: the store runs in the sidecar, which must not pull in numpy or pandas.
 """
 
@@ -22,6 +23,8 @@ from typing import Any
 
 from infer_logger import events
 from infer_logger.cloudevents.event import CloudEvent
+
+_MAX_DIMS = 64  # numpy's own limit (NPY_MAXDIMS): a shape with more is not a tensor's
 
 
 def instances(event: CloudEvent) -> list[Any]:
@@ -103,7 +106,7 @@ def _columns_to_rows(columns: Mapping[str, Any]) -> list[dict[str, Any]] | None:
 
 def _rows(shape: Any, data: Any) -> list[Any] | None:
     """Rows of a V2 tensor along its first dimension, or None when shape and data disagree."""
-    if not isinstance(shape, list) or not shape or not all(_is_dim(d) for d in shape):
+    if not isinstance(shape, list) or not 0 < len(shape) <= _MAX_DIMS or not all(_is_dim(d) for d in shape):
         return None
     flat = _flatten(data)
     n, inner = shape[0], shape[1:]

@@ -256,8 +256,9 @@ class AuditStore:
 
         A request whose response is in the same batch (the usual case: the sink worker lingers)
         is written with it, one row write per instance; the rest kind by kind. A value no row can
-        hold (a statuscode past 64 bits, a time with no UTC form) raises OverflowError, TypeError
-        or ValueError and writes nothing: the store sink then finds and dead-letters that event.
+        hold (a statuscode past 64 bits, a time with no UTC form, JSON nested past orjson's 254
+        levels) raises OverflowError, TypeError or ValueError and writes nothing: the store sink
+        then finds and dead-letters that event (any exception but sqlite3.Error, in fact).
         """
         updated = events.now_rfc3339()
         # A re-delivered event overwrites, so within a batch the last one of a kind and id counts.

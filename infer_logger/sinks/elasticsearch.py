@@ -316,14 +316,17 @@ class ElasticsearchSink:
         for i, event in enumerate(batch):
             names = self.config.feature_names.get(str(event.get(events.MODELNAME) or ""))
             known = self._counts.get(event.id, 0) if event.type == events.RESPONSE else 0
-            docs = audit.documents(
-                event, per_instance=self.config.per_instance, feature_names=names, instances=known
-            )
-            index = self.index(event) if docs else ""
             try:
+                docs = audit.documents(
+                    event, per_instance=self.config.per_instance, feature_names=names, instances=known
+                )
+                index = self.index(event) if docs else ""
                 lines = [_update(index, doc_id, doc) for doc_id, doc in docs]
             except TypeError as exc:  # orjson: not JSON-encodable
                 rejected[i] = f"cannot encode a document: {exc}"
+                continue
+            except Exception as exc:  # a payload no document can be made of: never retried forever
+                rejected[i] = f"cannot make a document: {type(exc).__name__}: {exc}"
                 continue
             yield from (_Op(i, line) for line in lines)
 
@@ -333,7 +336,10 @@ class ElasticsearchSink:
         for event in batch:
             if event.type == events.REQUEST:
                 self._counts.pop(event.id, None)
-                self._counts[event.id] = audit.instances(event)
+                try:
+                    self._counts[event.id] = audit.instances(event)
+                except Exception:  # `_ops` rejects the event with the reason
+                    continue
                 if len(self._counts) > _COUNTS_KEPT:
                     del self._counts[next(iter(self._counts))]  # the oldest
 

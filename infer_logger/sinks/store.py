@@ -38,9 +38,10 @@ class StoreSink:
         except sqlite3.Error as exc:
             # "database is locked", disk full, I/O errors: none is the events' fault, so retry.
             raise SinkError(f"audit store {self.store.path}: {exc}") from exc
-        except (OverflowError, TypeError, ValueError):
-            # A value no row can hold (a statuscode past 64 bits, a time with no UTC form): some
-            # event's fault. Those are found one by one and dead-lettered; the rest are written.
+        except Exception:
+            # Not SQLite's: rows some event cannot make (a statuscode past 64 bits, a time with no
+            # UTC form, JSON nested past what orjson writes, a bug). Those are found one by one and
+            # dead-lettered, never retried forever; the rest are written.
             await self._write_each(events)
 
     async def _write_each(self, events: Sequence[CloudEvent]) -> None:
@@ -51,7 +52,7 @@ class StoreSink:
                 await asyncio.to_thread(self.store.write, [event])
             except sqlite3.Error as exc:
                 raise SinkError(f"audit store {self.store.path}: {exc}") from exc
-            except (OverflowError, TypeError, ValueError) as exc:
+            except Exception as exc:
                 refused.append(event)
                 reason = reason or f"event {event.id}: {type(exc).__name__}: {exc}"
         if refused:

@@ -210,6 +210,14 @@ class TestRequest:
         (got,) = parts(request(deep), "request")
         assert list(got) == ["values"]
 
+    @pytest.mark.parametrize("body", [
+        b'{"instances":' + b"[" * 1100 + b"]" * 1100 + b"}",  # past orjson's 1024 levels: raw
+        b'{"inputs":[{"name":"x","datatype":"FP32","shape":[' + b",".join([b"1"] * 1000) + b'],"data":[1]}]}',
+    ])
+    def test_payloads_deeper_than_python_recurses_make_one_document(self, body: bytes) -> None:
+        """Both raised RecursionError (while finding the end of the JSON, while reshaping rows)."""
+        assert instances(request(body)) == len(documents(request(body))) == 1
+
     def test_instance_count(self) -> None:
         assert instances(request()) == 2
         assert instances(request({"instances": "x"})) == 1
@@ -277,6 +285,12 @@ class TestResponse:
         docs = documents(response({"predictions": [7]}), instances=3)
         assert [d.get("response") for _, d in docs] == [{"prediction": 7}, None, None]
         assert all(d["status"] == 200 and d["latency_ms"] == 12.0 for _, d in docs)
+
+    def test_an_error_nested_past_what_orjson_writes_is_its_own_text(self) -> None:
+        """A 500 whose body nests 300 deep (orjson writes 254 levels) raised TypeError."""
+        body = b'{"error":' + b"[" * 300 + b"]" * 300 + b"}"
+        (got,) = parts(response(body, status=500), "response")
+        assert got == {"error": body.decode()}
 
     def test_error_without_known_instances(self) -> None:
         assert [k for k, _ in documents(response("plain text", status=502))] == ["a-0"]

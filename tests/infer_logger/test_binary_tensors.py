@@ -233,3 +233,7 @@ class TestInline:
         # Plain JSON is JSON's business; a cut or inconsistent body stays opaque (logged as base64).
         doc = bt.inline(body)
         assert doc is None or "data" not in str(doc)
+
+    def test_json_nested_past_the_recursion_limit_is_none(self) -> None:
+        """Past orjson's 1024 levels, the search for the JSON part's end raised RecursionError."""
+        assert bt.inline(b'{"instances":' + b"[" * 100_000 + b"]" * 100_000 + b"}") is None

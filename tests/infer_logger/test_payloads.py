@@ -133,6 +133,14 @@ class TestV2Tensors:
         body = {"inputs": tensors}
         assert split_request(body) == [body]
 
+    def test_more_dimensions_than_numpy_stays_whole(self) -> None:
+        """Rows were reshaped one recursion per dimension: 1000 dims raised RecursionError."""
+        body = {"inputs": [{"name": "x", "shape": [1] * 1000, "datatype": "FP32", "data": [1]}]}
+        assert split_request(body) == [body]
+        most = {"inputs": [{"name": "x", "shape": [2] + [1] * 63, "datatype": "FP32", "data": [1, 2]}]}
+        first, _ = split_request(most)
+        assert str(first) == "{'x': " + "[" * 63 + "1" + "]" * 63 + "}"  # 64 dims: still rows
+
 
 class TestOtherShapes:
     """TF formats, explanations and whatever is not a batch."""

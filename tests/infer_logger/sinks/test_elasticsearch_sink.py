@@ -613,6 +613,30 @@ class TestFailures:
         assert "size" in str(caught.value) and "bad-0" in str(caught.value)
         assert sorted(docs(es, service)) == ["first-0", "ok0-0", "ok1-0"]
 
+    async def test_payloads_deeper_than_python_recurses_are_indexed(self, es_url: str, es: Elasticsearch) -> None:
+        """Each raised while its documents were made (RecursionError, TypeError), outside the
+        sink's handling: the worker retried the batch forever. Nested 300 deep a request's
+        features cannot be encoded: that event alone is rejected."""
+        service = unique()
+        deep_request = _event(events.REQUEST, "deep", None, T0, service)
+        deep_500 = _event(events.RESPONSE, "err", None, T1, service, statuscode=500)
+        dims = _event(events.REQUEST, "dims", None, T0, service)
+        unencodable = _event(events.REQUEST, "bad", None, T0, service)
+        batch = [
+            CloudEvent(deep_request.attributes, b'{"instances":' + b"[" * 1100 + b"]" * 1100 + b"}"),
+            CloudEvent(deep_500.attributes, b'{"error":' + b"[" * 300 + b"]" * 300 + b"}"),
+            CloudEvent(dims.attributes, b'{"inputs":[{"name":"x","datatype":"FP32","shape":['
+                       + b",".join([b"1"] * 1000) + b'],"data":[1]}]}'),
+            CloudEvent(unencodable.attributes, b'{"instances":' + b"[" * 300 + b"]" * 300 + b"}"),
+        ]
+        with pytest.raises(RejectedError) as caught:
+            await send(ElasticsearchSinkConfig(url=es_url), batch)
+        assert [e.id for e in caught.value.events] == ["bad"]
+        found = docs(es, service)
+        assert sorted(found) == ["deep-0", "dims-0", "err-0"]
+        assert set(found["deep-0"]["request"]) == {"raw"}
+        assert found["err-0"]["response"]["error"].startswith('{"error":[[[')
+
     async def test_refused_connection(self) -> None:
         config = ElasticsearchSinkConfig(url=f"http://127.0.0.1:{free_port()}", timeout=2)
         with pytest.raises(SinkError) as caught:

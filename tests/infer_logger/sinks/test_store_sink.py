@@ -83,3 +83,23 @@ class TestStoreSink:
         assert [e.id for e in caught.value.events] == ["bad"] and "bad" in str(caught.value)
         assert [(r.id, r.response, r.status) for r in sink.store.query()] == [("good", 2, 200)]
         await sink.aclose()
+
+    async def test_payloads_deeper_than_python_recurses_are_written_and_deeper_than_orjson_rejected(
+        self, tmp_path: Path
+    ) -> None:
+        """The first two raised RecursionError, which the worker retried forever: the store never
+        got past them. Nested 300 deep (orjson writes 254 levels) no row can hold."""
+        def request(id_: str, body: bytes) -> CloudEvent:
+            return CloudEvent({"id": id_, "source": "s", "specversion": "1.0", "type": events.REQUEST}, body)
+
+        past_orjson = b'{"instances":' + b"[" * 2000 + b"]" * 2000 + b"}"
+        many_dims = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[' + b",".join([b"1"] * 1000) + b'],"data":[1]}]}'
+        sink = StoreSinkConfig(path=str(tmp_path / "a.db")).build()
+        deep = request("deep", b'{"instances":' + b"[" * 300 + b"]" * 300 + b"}")
+        with pytest.raises(RejectedError) as caught:
+            await sink.send_batch([request("past", past_orjson), deep, request("dims", many_dims)])
+        assert caught.value.events == [deep]
+        stored = {r.id: r.request for r in sink.store.query()}
+        assert stored.keys() == {"past", "dims"} and set(stored["past"]) == {"base64"}
+        assert stored["dims"]["inputs"][0]["shape"] == [1] * 1000
+        await sink.aclose()
