@@ -111,7 +111,7 @@ def _rows(shape: Any, data: Any) -> list[Any] | None:
     flat = _flatten(data)
     n, inner = shape[0], shape[1:]
     size = prod(inner)
-    if len(flat) != n * size:
+    if len(flat) != n * size or size == 0:  # rows of nothing: [10**12, 0] fits `[]`
         return None
     if not inner:
         return flat

@@ -122,6 +122,10 @@ class TestV2Tensors:
             [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3]}],  # too little data
             [{"name": "x", "shape": [], "datatype": "FP32", "data": [1]}],  # a scalar: no batch axis
             [{"name": "x", "shape": [0, 4], "datatype": "FP32", "data": []}],  # an empty batch
+            # Rows of nothing: the empty data fits any first dim, which made that many rows (a
+            # 70-byte body saying [10**12, 0] hung the store).
+            [{"name": "x", "shape": [1000, 0], "datatype": "FP32", "data": []}],
+            [{"name": "x", "shape": [3, 2, 0], "datatype": "FP32", "data": [[[], []], [[], []], [[], []]]}],
             [{"name": "x", "shape": ["n"], "datatype": "FP32", "data": [1]}],
             [
                 {"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]},
