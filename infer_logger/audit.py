@@ -92,7 +92,7 @@ def documents(
     common = _common(event, kind)
     body = events.decode_data(event)
     parts: list[Document | None]
-    if kind == "response" and _failed(common.get("status")):
+    if events.is_error(event):
         # The error body is the whole exchange's: every instance gets it, the first one whole. A
         # copy per instance would multiply it (a 1 MiB body, 400 instances: 400 MiB to index).
         text = _text(body, event)
@@ -223,10 +223,6 @@ def _is_distribution(values: list[Any]) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _failed(status: Any) -> bool:
-    return isinstance(status, int) and status >= 400
 
 
 def _metadata(value: object) -> Document | None:

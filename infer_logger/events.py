@@ -156,6 +156,13 @@ def as_int(value: object) -> int | None:
     return int(number) if number is not None and number.is_integer() else None
 
 
+def is_error(event: CloudEvent) -> bool:
+    """A response with a status of 400 or more (typed in the JSON format, text in binary modes):
+    its body describes the whole exchange, whatever it looks like, and is never split."""
+    status = as_int(event.get(STATUSCODE))
+    return event.type == RESPONSE and status is not None and status >= 400
+
+
 def capped(data: bytes, limit: int, size: int | None = None) -> tuple[bytes, dict[str, str | int | bool]]:
     """Cut a payload to `limit` bytes, marking what was cut; `size` is the whole payload's when
     `data` is only its first part (a caller that kept no more than it logs)."""

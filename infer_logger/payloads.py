@@ -33,11 +33,7 @@ def instances(event: CloudEvent) -> list[Any]:
     if event.type == events.REQUEST:
         return split_request(body)
     if event.type == events.RESPONSE:
-        status = event.get(events.STATUSCODE)
-        # An error body describes the whole exchange, whatever it looks like.
-        if isinstance(status, int) and status >= 400:
-            return [body]
-        return split_response(body)
+        return [body] if events.is_error(event) else split_response(body)
     if event.type == events.EXPLANATION:
         return split_explanation(body)
     return [body]

@@ -179,9 +179,11 @@ class TestInstances:
         assert instances(req) == [[1], [2]]
         assert instances(resp) == [0, 1]
 
-    def test_error_response_is_one_item(self) -> None:
+    @pytest.mark.parametrize("status", [500, "500", "404.0"])
+    def test_error_response_is_one_item(self, status: int | str) -> None:
+        """Binary modes (HTTP, Kafka) carry statuscode as text: such an error body was split."""
         body = {"predictions": [0, 1], "error": "partial"}
-        assert instances(_event(events.RESPONSE, orjson.dumps(body), statuscode=500)) == [body]
+        assert instances(_event(events.RESPONSE, orjson.dumps(body), statuscode=status)) == [body]
 
     def test_non_json_body(self) -> None:
         (item,) = instances(_event(events.RESPONSE, b"Internal Server Error", statuscode=500))

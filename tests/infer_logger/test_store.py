@@ -175,6 +175,13 @@ class TestStatus:
         store.write([event.with_attributes(statuscode="404", latencyms="7.5")])
         assert (store.query()[0].status, store.query()[0].latency_ms) == (404, 7.5)
 
+    @pytest.mark.parametrize("status", [500, "500"])
+    def test_an_error_body_is_never_split(self, store: AuditStore, status: int | str) -> None:
+        """With the statuscode as text (binary modes) an error body was split like predictions."""
+        body = {"predictions": [0, 1], "error": "partial"}
+        store.write([response(body=body).with_attributes(statuscode=status)])
+        assert [(r.instance, r.response, r.status) for r in store.query()] == [(0, body, 500)]
+
     def test_pending_without_response(self, store: AuditStore) -> None:
         store.write([request()])
         assert {r.status for r in store.query()} == {None}
