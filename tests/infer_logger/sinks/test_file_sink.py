@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,24 @@ async def test_unwritable_path_is_a_retryable_error(tmp_path: Path) -> None:
         await sink.send_batch([CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": "t"})])
 
 
+# Files the script's process writes may grow to 10000 bytes: the kernel refuses the rest (EFBIG)
+# midway through the batch, as a full disk would (ENOSPC). Python ignores SIGXFSZ.
+_SEND_LIMITED = """
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (10000, hard))
+try:
+    asyncio.run(sink.send_batch(batch))
+except SinkError:
+    print("refused")
+"""
+
+
+def _run(script: str, path: Path) -> subprocess.CompletedProcess[str]:
+    """`script` given `path`, in a process of its own: its file size limit must not touch pytest."""
+    return subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).parents[3], check=False)
+
+
 _SIZE_LIMIT = """
 import asyncio, resource, sys
 from infer_logger.cloudevents.event import CloudEvent
@@ -47,26 +67,15 @@ sink = FileSinkConfig(path=sys.argv[1]).build()
 batch = [CloudEvent({"specversion": "1.0", "id": str(i), "source": "/s", "type": "t"}, b"x" * 200)
          for i in range(100)]
 asyncio.run(sink.send_batch(batch[:5]))
-# Files this process writes may grow to 10000 bytes: the kernel refuses the rest (EFBIG) midway
-# through the batch, as a full disk would (ENOSPC). Python ignores SIGXFSZ.
-_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-resource.setrlimit(resource.RLIMIT_FSIZE, (10000, hard))
-try:
-    asyncio.run(sink.send_batch(batch))
-except SinkError:
-    print("refused")
+""" + _SEND_LIMITED + """
 resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
 asyncio.run(sink.send_batch(batch))  # the worker's retry
 """
 
 
 def test_a_batch_cut_short_leaves_no_torn_line_for_the_retry_to_follow(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     path = tmp_path / "events.jsonl"
-    out = subprocess.run([sys.executable, "-c", _SIZE_LIMIT, str(path)], capture_output=True, text=True,
-                         timeout=60, cwd=Path(__file__).parents[3], check=False)
+    out = _run(_SIZE_LIMIT, path)
     assert out.returncode == 0 and out.stdout.split() == ["refused"], out.stderr
     ids = [from_json(line).id for line in path.read_bytes().splitlines()]
     assert ids == [str(i) for i in range(5)] + [str(i) for i in range(100)]
@@ -118,12 +127,8 @@ asyncio.run(main())
 def test_a_batch_cut_short_never_cuts_a_batch_acknowledged_meanwhile(tmp_path: Path) -> None:
     """in_flight >= 2 runs two batches of one sink in threads at once: the one that fails cuts
     off only its own bytes (it cut the file back to its size before the write, losing the other's)."""
-    import subprocess
-    import sys
-
     path = tmp_path / "events.jsonl"
-    out = subprocess.run([sys.executable, "-c", _TWO_IN_FLIGHT, str(path)], capture_output=True, text=True,
-                         timeout=60, cwd=Path(__file__).parents[3], check=False)
+    out = _run(_TWO_IN_FLIGHT, path)
     assert out.returncode == 0 and sorted(out.stdout.split()) == ["big-refused", "small-acknowledged"], out.stderr
     assert [from_json(line).id for line in path.read_bytes().splitlines()] == ["small0", "small1", "small2"]
 
@@ -153,22 +158,12 @@ class OtherWriterOs:
         return os.write(fd, data)
 
 file_sink.os = OtherWriterOs()
-_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-resource.setrlimit(resource.RLIMIT_FSIZE, (10000, hard))
-try:
-    asyncio.run(sink.send_batch(batch))
-except SinkError:
-    print("refused")
-"""
+""" + _SEND_LIMITED
 
 
 def test_a_batch_cut_short_leaves_what_another_writer_appended(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     path = tmp_path / "events.jsonl"
-    out = subprocess.run([sys.executable, "-c", _OTHER_WRITER, str(path)], capture_output=True, text=True,
-                         timeout=60, cwd=Path(__file__).parents[3], check=False)
+    out = _run(_OTHER_WRITER, path)
     assert out.returncode == 0 and out.stdout.split() == ["refused"], out.stderr
     assert b'{"other": "writer"}\n' in path.read_bytes()  # not cut off with the torn batch
     assert "another writer appended" in out.stderr

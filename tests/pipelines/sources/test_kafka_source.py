@@ -75,6 +75,19 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> li
         consumer.close()
 
 
+def read_topic(bootstrap: str, topic: str, count: int) -> list[Message]:
+    """Up to `count` records of partition 0 from its start (10 s at most)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "dlq-reader"})
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    got: list[Message] = []
+    deadline = time.monotonic() + 10
+    while len(got) < count and time.monotonic() < deadline:
+        if (msg := consumer.poll(0.2)) is not None and msg.error() is None:
+            got.append(msg)
+    consumer.close()
+    return got
+
+
 async def until(check: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -225,14 +238,7 @@ class TestDeadLetters:
             await until(lambda: len(sink.events) >= 3, what="3 events")
             await until(lambda: committed(kafka_bootstrap, group, topic) == [6], what="commit")
         assert [e.id for e in sink.events] == ["id-0", "id-1", "id-2"] and source.dead_lettered == 3
-        consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": "dlq-reader"})
-        consumer.assign([TopicPartition(dead, 0, 0)])
-        got: list[Message] = []
-        deadline = time.monotonic() + 10
-        while len(got) < 3 and time.monotonic() < deadline:
-            if (msg := consumer.poll(0.2)) is not None and msg.error() is None:
-                got.append(msg)
-        consumer.close()
+        got = read_topic(kafka_bootstrap, dead, 3)
         assert [m.value() for m in got] == [value for value, _ in self.POISON]
         headers = [dict(cast(list[tuple[str, bytes]], m.headers() or [])) for m in got]
         assert [h[OFFSET_HEADER] for h in headers] == [b"2", b"3", b"4"]
@@ -427,14 +433,7 @@ async def test_a_dead_letter_copy_too_large_goes_without_its_value(kafka_bootstr
     async with running(source):
         await until(lambda: committed(kafka_bootstrap, group, topic) == [3], what="commit")
     assert [e.id for e in sink.events] == ["id-0"] and source.dead_lettered == 2
-    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": "dlq-reader"})
-    consumer.assign([TopicPartition(dead, 0, 0)])
-    got: list[Message] = []
-    deadline = time.monotonic() + 10
-    while len(got) < 2 and time.monotonic() < deadline:
-        if (msg := consumer.poll(0.2)) is not None and msg.error() is None:
-            got.append(msg)
-    consumer.close()
+    got = read_topic(kafka_bootstrap, dead, 2)
     by_offset = {dict(cast(list[tuple[str, bytes]], m.headers() or []))[OFFSET_HEADER]: m for m in got}
     big, small = by_offset[b"0"], by_offset[b"1"]
     assert big.value() is None and small.value() == b"small"
