@@ -35,7 +35,7 @@ Templates live beside others in a cluster, so:
   `inference-log-*`); Elasticsearch refuses two overlapping templates of equal priority.
 - Before templates were named after their index, every sink used `inference-log`, with its own
   index's patterns (`audit-*`). Installing a template for those patterns under the new name
-  removes that old one (`retire_shared`); setup gives `inference-log` its own patterns back.
+  gives that old one its own patterns back (`retire_shared`).
 """
 
 from __future__ import annotations
@@ -172,20 +172,17 @@ async def install_template(
 
 
 async def retire_shared(client: AsyncElasticsearch, *, name: str, index_patterns: Sequence[str]) -> bool:
-    """Delete our `inference-log` template when it holds `index_patterns`, now the template
-    `name`'s (it was every sink's before templates were named after their index); True if so.
-    Call it once `name` is installed, so that no index is created without a template meanwhile."""
-    from elasticsearch import NotFoundError
-
+    """Give our `inference-log` template its own patterns back when it holds `index_patterns`,
+    now the template `name`'s (it was every sink's before templates were named after their
+    index); True if so. Call it once `name` is installed, so that no index is created without a
+    template meanwhile. Not deleted: a default-index sink may have found it first (kept, as of
+    another version) and would write `inference-log-*` indices with no template at all."""
     if name == TEMPLATE_NAME or list(index_patterns) == list(INDEX_PATTERNS):
         return False
     shared = await _get(client, TEMPLATE_NAME)
     if shared is None or not _ours(shared) or list(shared.get("index_patterns", ())) != list(index_patterns):
         return False
-    try:
-        await client.indices.delete_index_template(name=TEMPLATE_NAME)
-    except NotFoundError:  # another sink was first
-        pass
+    await install_template(client, name=TEMPLATE_NAME, index_patterns=INDEX_PATTERNS, overwrite=True)
     return True
 
 

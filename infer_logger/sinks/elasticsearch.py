@@ -37,7 +37,13 @@ from pydantic import ByteSize, Field, SecretStr, field_validator, model_validato
 
 from infer_logger import audit, events
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.elasticsearch_template import MANAGED_BY, TEMPLATE_NAME, install_template, retire_shared
+from infer_logger.elasticsearch_template import (
+    INDEX_PATTERNS,
+    MANAGED_BY,
+    TEMPLATE_NAME,
+    install_template,
+    retire_shared,
+)
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.sinks.base import SinkConfig
 from infer_logger.sinks.http import retry_after
@@ -395,8 +401,8 @@ class ElasticsearchSink:
             if outcome == "created":
                 log.info("elasticsearch sink: created index template %s", name)
             if retired:
-                log.info("elasticsearch sink: removed the index template %s for %s, now %s's",
-                         TEMPLATE_NAME, ", ".join(patterns), name)
+                log.info("elasticsearch sink: index template %s is for %s again (%s, now %s's, was in it)",
+                         TEMPLATE_NAME, ", ".join(INDEX_PATTERNS), ", ".join(patterns), name)
             if outcome == "foreign":
                 log.warning(
                     "elasticsearch sink: index template %s is not infer-logger's: left as it is, so indices "
@@ -494,8 +500,8 @@ def setup_elasticsearch(
             f"index template {config.template_name} for {', '.join(patterns)}: {outcome}",
         ]
         if retired:
-            lines.append(f"index template {TEMPLATE_NAME} for {', '.join(patterns)}: removed "
-                         f"(made by an earlier version; {config.template_name} takes its patterns)")
+            lines.append(f"index template {TEMPLATE_NAME}: for {', '.join(INDEX_PATTERNS)} again (an earlier "
+                         f"version put {', '.join(patterns)} in it; {config.template_name} takes them)")
         return lines
 
     return asyncio.run(run())

@@ -366,9 +366,16 @@ class TestTemplate:
             es.indices.delete_index_template(name=f"{prefix}-log")
             es.indices.delete_index_template(name=prefix)
 
-    async def test_the_shared_template_of_an_earlier_version_is_removed(self, own_es: NoidaServer) -> None:
-        """Earlier versions named every sink's template `inference-log`: the derived one takes over."""
+    async def test_the_shared_template_of_an_earlier_version_gets_its_own_patterns_back(
+            self, own_es: NoidaServer) -> None:
+        """Earlier versions named every sink's template `inference-log`: the derived one takes its
+        patterns over, and `inference-log` is for `inference-log-*` again (deleted, a default-index
+        sink that had found it first, kept, wrote its indices with no template at all)."""
         es = Elasticsearch(own_es.address)
+
+        def patterns_of(name: str) -> list[str]:
+            return list(es.indices.get_index_template(name=name)["index_templates"][0]["index_template"]
+                        ["index_patterns"])
 
         def shared(patterns: list[str]) -> None:  # as an earlier version's sink made it
             es.indices.put_index_template(name=TEMPLATE_NAME, index_patterns=patterns, priority=200,
@@ -379,20 +386,34 @@ class TestTemplate:
             lines = await asyncio.to_thread(setup_elasticsearch, ElasticsearchSinkConfig(
                 url=own_es.address, index="audit-{namespace}"))
             assert lines[1:] == ["index template audit for audit-*: created",
-                                 ("index template inference-log for audit-*: removed (made by an earlier "
-                                  "version; audit takes its patterns)")]
-            assert not es.indices.exists_index_template(name=TEMPLATE_NAME)
+                                 ("index template inference-log: for inference-log-* again (an earlier "
+                                  "version put audit-* in it; audit takes them)")]
+            assert patterns_of(TEMPLATE_NAME) == ["inference-log-*"]
             shared(["trail-*"])
             trail = ElasticsearchSinkConfig(url=own_es.address, index="trail-{modelname}")
             await send(trail, [request("a", "iris")])
             assert es.indices.exists_index_template(name="trail")
-            assert not es.indices.exists_index_template(name=TEMPLATE_NAME)
+            assert patterns_of(TEMPLATE_NAME) == ["inference-log-*"]
             props = es.indices.get_mapping(index="trail-iris")["trail-iris"]["mappings"]["properties"]
             assert props["id"]["type"] == "keyword"
+            # The upgrade's race: the default sink finds `inference-log` of another version first
+            # (kept), then the audit sink takes `audit-*` from it: the default's next new index
+            # gets the template.
+            shared(["audit-*"])
+            default = ElasticsearchSinkConfig(url=own_es.address).build()  # one sink: it checks once
+            try:
+                await default.send_batch([request("d", "iris").with_attributes(namespace="one")])
+                await send(ElasticsearchSinkConfig(url=own_es.address, index="audit-{namespace}"),
+                           [request("a", "iris")])
+                await default.send_batch([request("d", "iris").with_attributes(namespace="two")])
+            finally:
+                await default.aclose()
+            props = es.indices.get_mapping(index="inference-log-two-iris")["inference-log-two-iris"]["mappings"]
+            assert props["properties"]["id"]["type"] == "keyword" and props["date_detection"] is False
             shared(["other-*"])  # another sink's: left to it
             other = ElasticsearchSinkConfig(url=own_es.address, index="x-{a}")
             await asyncio.to_thread(setup_elasticsearch, other)
-            assert es.indices.exists_index_template(name=TEMPLATE_NAME)
+            assert patterns_of(TEMPLATE_NAME) == ["other-*"]
         finally:
             es.close()
 
