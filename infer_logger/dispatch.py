@@ -117,6 +117,8 @@ class SinkWorker:
                     pending.append((task, end))
                 too_soon = not_before - loop.time()
                 if not pending:
+                    # All that was read is delivered: healthy, also after a restart with no traffic since.
+                    self.healthy = True
                     if self.draining:
                         return
                     await (asyncio.sleep(too_soon) if too_soon > 0 else self.reader.wait(0.5))

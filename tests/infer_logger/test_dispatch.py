@@ -253,3 +253,27 @@ async def test_in_flight_batches_commit_in_spool_order(tmp_path: Path) -> None:
     assert sorted(int(e.id) for e in slow.events) == list(range(50))
     assert d.workers[0].reader.read(100)[0] == []
     del sink
+
+
+async def test_a_worker_restarted_with_nothing_to_deliver_is_healthy_again(tmp_path: Path) -> None:
+    """Only a delivery said healthy again: a failure while the spool was idle (EMFILE opening a
+    segment) left the sink 'retrying' until the next event, without traffic for good."""
+    sink = MemorySink()
+    spool, d = dispatcher(tmp_path, s=sink)
+    reader = d.workers[0].reader
+    read, fail = reader.read, [False]
+
+    def failing_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if fail[0]:
+            fail[0] = False
+            raise OSError(24, "Too many open files")
+        return read(*args, **kwargs)
+
+    reader.read = failing_once  # type: ignore[method-assign]
+    d.start()
+    spool.append(event(0))
+    await until(lambda: len(sink.events) == 1)
+    fail[0] = True
+    await until(lambda: not fail[0])  # it failed once, the spool idle
+    await until(lambda: d.health()["s"])
+    await d.stop()
