@@ -168,16 +168,21 @@ class ElasticsearchSinkConfig(SinkConfig):
         sanitized as the names are (`_Audit-{namespace}` writes `audit-prod`: `audit-*`)."""
         prefix = self.index.split("{", 1)[0]
         if "{" not in self.index:
-            return [sanitize_index(prefix)]
-        fixed = _LEADING.sub("", _INVALID.sub("-", prefix.lower()))
-        if not fixed:
-            raise ConfigError("index", f"{self.index!r} has no fixed prefix for the index template to match")
-        if taken := next((d for d in _DATA_STREAMS if (fixed + "*").startswith(d) or d.startswith(fixed)), None):
+            pattern = sanitize_index(prefix)
+            overlaps = [d for d in _DATA_STREAMS if pattern.startswith(d)]
+        else:
+            fixed = _LEADING.sub("", _INVALID.sub("-", prefix.lower()))
+            if not fixed:
+                raise ConfigError("index", f"{self.index!r} has no fixed prefix for the index template to match")
+            pattern = fixed + "*"
+            overlaps = [d for d in _DATA_STREAMS if fixed.startswith(d) or d.startswith(fixed)]
+        if overlaps:
+            taken = overlaps[0]
             # Our template outranks the built-in one (priority 100): those data streams would
             # become plain indices with our mappings, Elastic Agent's among them.
             raise ConfigError("index", f"{self.index!r} overlaps Elasticsearch's built-in data streams "
                                        f"{taken}*: choose another prefix, or set install_template: false")
-        return [fixed + "*"]
+        return [pattern]
 
     def client(self) -> AsyncElasticsearch:
         try:

@@ -182,7 +182,7 @@ class TestConfig:
         assert ElasticsearchSinkConfig(index=index, template_name="mine").template_name == "mine"
 
     @pytest.mark.parametrize("index", ["logs-{namespace}", "Metrics-App-{namespace}", "traces{namespace}",
-                                       "l{namespace}"])
+                                       "logs-app-x", "l{namespace}"])
     def test_an_index_over_a_built_in_data_stream_is_refused(self, index: str) -> None:
         """Our template would outrank `logs-*-*` (priority 100): Elastic Agent's data streams
         would become plain indices with our mappings."""
