@@ -152,7 +152,10 @@ class _Walk:
         self.open: set[int] = set()  # the collections on the current path
         self.repeats = 0
 
-    def visit(self, node: yaml.Node, path: Path_) -> None:
+    def visit(self, node: yaml.Node, path: Path_, skip: frozenset[str] = frozenset()) -> set[str]:
+        """Walk `node` at `path`; a mapping's keys in `skip` are set by a mapping merging this one
+        (its own, or an earlier merge source), so they are not its value: not walked, no text
+        recorded. Returns the keys a mapping gives at `path` (empty for anything else)."""
         location = self._location(node)
         if len(self.open) >= MAX_DEPTH:  # not len(path): chained merge keys (`<<: *b`) keep the path
             raise DocumentError(location, _format(path), f"nested deeper than {MAX_DEPTH} levels (through aliases)")
@@ -168,24 +171,30 @@ class _Walk:
         if isinstance(node, yaml.ScalarNode):
             if node.style is None and node.tag in _PLAIN_TYPES:
                 self.document.texts.setdefault(path, node.value)
-            return
+            return set()
         if id(node) in self.open:
             raise DocumentError(location, _format(path), "an alias inside its own anchor (a value containing itself)")
         self.open.add(id(node))
+        taken = set(skip)
         if isinstance(node, yaml.MappingNode):
             merged = []
             for key_node, value_node in node.value:
                 if key_node.tag == _MERGE:
                     merged.append(value_node)
                 elif isinstance(key_node, yaml.ScalarNode):
-                    self.visit(value_node, (*path, str(key_node.value)))
-            for value_node in merged:  # `<<: *base` or `<<: [*a, *b]`: their keys land at this path
+                    if (key := str(key_node.value)) not in skip:
+                        self.visit(value_node, (*path, key))
+                    taken.add(key)
+            # `<<: *base` or `<<: [*a, *b]`: their keys land at this path, as PyYAML merges them:
+            # the mapping's own keys win, a later `<<` over an earlier one, *a over *b.
+            for value_node in reversed(merged):
                 for source in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
-                    self.visit(source, path)
+                    taken |= self.visit(source, path, frozenset(taken))
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
                 self.visit(item, (*path, index))
         self.open.discard(id(node))
+        return taken
 
     def _check(self, node: yaml.Node, path: Path_) -> None:
         if isinstance(node, yaml.ScalarNode):

@@ -245,6 +245,20 @@ triggers:
 """)
         assert [(t.name, t.delivery and t.delivery.retry) for t in loaded.triggers] == [("a", 3), ("b", 3), ("c", 3)]
 
+    @pytest.mark.parametrize(("merge", "expected"), [
+        # The mapping's own key wins; then the later merge key; in a list, the earlier entry.
+        ("<<: {type: dev.foo, source: 007}\n      source:", (("type", "dev.foo"), ("source", ""))),
+        ("<<: {source: 010}\n      <<: {source: 0x10}", (("source", "0x10"),)),
+        ("<<: [{source: 010}, {source: 0x10}]", (("source", "010"),)),
+    ], ids=["own", "later-key", "earlier-in-list"])
+    def test_a_value_a_merge_overrode_is_not_the_filter(self, merge: str, expected: tuple[Any, ...]) -> None:
+        """Values are compared as written: the text of a merged value the mapping overrides (as
+        YAML merges) was taken for the filter (`source:` over a merged 007 filtered on '007')."""
+        text = ("apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {name: t1}\nspec:\n"
+                "  broker: default\n  subscriber: {uri: 'http://a/'}\n  filter:\n    attributes:\n"
+                "      " + merge + "\n")
+        assert load_triggers(text).triggers[0].filter.items == expected
+
     @pytest.mark.parametrize(("text", "line"), [
         ("x: " + "[" * 5000 + "]" * 5000 + "\n", 1),
         (_manifest({}) + "  filters: " + "[{not: " * 400 + "{exact: {type: a}}" + "}]" * 400 + "\n", LINE),
