@@ -449,11 +449,14 @@ class ForwardSource:
             if self.config.shared_key is not None and not await self._handshake(
                     reader, writer, messages, peer):
                 return
-            while data := await reader.read(_READ_SIZE):
-                messages.feed(data)
+            while True:
+                # Frames first: some may have come in the handshake's last read, behind its PING.
                 for message in messages:
                     frame = parse_frame(message, self.config.max_frame_bytes, self.config.max_frame_entries)
                     await self._take(frame, writer)
+                if not (data := await reader.read(_READ_SIZE)):
+                    break
+                messages.feed(data)
         except msgpack.BufferFull:  # _Messages refuses first; kept as the backstop it was
             self._close_for(peer, f"bad frame: {_TOO_BIG}")
         except (FrameError, msgpack.UnpackException, ValueError, OverflowError, TypeError) as exc:

@@ -379,6 +379,20 @@ class TestHandshake:
             await client.aclose()
         assert len(memory.events) == 1
 
+    async def test_a_frame_in_the_pings_read_is_served(self, memory: MemorySink) -> None:
+        """A client that sends PING and its first frame at once, then waits for the ack: the frame
+        sat in the buffer until more bytes came (never, for this client)."""
+        async with ForwardSourceConfig(port=0, shared_key=self.KEY).build(memory) as src:
+            client = await Client.connect(src.port)
+            nonce = (await client.reply())[1]["nonce"]
+            salt = os.urandom(16)
+            ping = ["PING", "client.example", salt, self.digest(salt, "client.example", nonce, self.KEY), "", ""]
+            await client.send(pack(ping) + pack(["app", T_NS // NS, {"a": 1}, {"chunk": "k"}]))
+            assert (await client.reply())[:2] == ["PONG", True]
+            assert await client.reply() == {"ack": "k"}
+            await client.aclose()
+        assert len(memory.events) == 1
+
     async def test_wrong_key_is_refused_and_closed(self, memory: MemorySink) -> None:
         async with ForwardSourceConfig(port=0, shared_key=self.KEY).build(memory) as src:
             client, pong = await self.ping(src.port, "guess")
