@@ -81,6 +81,7 @@ class Broker:
         self._lock = asyncio.Lock()
         self._reloading = asyncio.Lock()
         self._sighup = reload_on_sighup
+        self._closing = False
         self.started = False
         self.app = Ingress(self)
 
@@ -103,11 +104,13 @@ class Broker:
 
     async def shutdown(self) -> None:
         self.started = False
+        self._closing = True  # a reload still reading its files applies nothing now
         if self._sighup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         timeout = self.settings.drain_timeout
-        await asyncio.gather(*(channel.aclose(timeout) for channel in self.channels.values()))
-        self.channels.clear()
+        async with self._lock:  # after a reload being applied: its channels are closed too
+            await asyncio.gather(*(channel.aclose(timeout) for channel in self.channels.values()))
+            self.channels.clear()
         await self.components.aclose()
         if self._client is not None:
             await self._client.aclose()
@@ -189,6 +192,8 @@ class Broker:
 
     async def _apply(self, new: TriggerSet) -> None:
         async with self._lock:
+            if self._closing:
+                raise ConfigError("triggers", "the broker is shutting down")
             s = self.settings
             declared: dict[Key, DeliverySpec | None] = {self.default_key: None}
             for decl in new.brokers:

@@ -274,3 +274,28 @@ triggers:
             await second.shutdown()
         assert {e.id for e in subscriber.events} == {e.id for e in sent}
 
+
+
+async def test_a_reload_still_reading_at_shutdown_opens_nothing(tmp_path: Path, subscriber: Subscriber) -> None:
+    """Its files are read on a thread: one that finished after shutdown opened channels (and
+    their Kafka clients) that nothing closed."""
+    import threading
+
+    path = tmp_path / "triggers.yaml"
+    path.write_text(f"triggers: [{{name: a, subscriber: '{subscriber.url}'}}]\n")
+    broker = Broker(settings(tmp_path, trigger_files=[path]))
+    await broker.startup()
+    load, release = broker._load, threading.Event()
+
+    def slow_load():  # type: ignore[no-untyped-def]
+        release.wait(10)
+        return load()
+
+    broker._load = slow_load  # type: ignore[method-assign]
+    path.write_text(f"triggers: [{{name: a, broker: other, subscriber: '{subscriber.url}'}}]\n")
+    reload = asyncio.create_task(broker.reload())
+    await asyncio.sleep(0.1)
+    await broker.shutdown()
+    release.set()
+    assert not await reload
+    assert broker.channels == {}
