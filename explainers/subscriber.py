@@ -8,6 +8,12 @@ oldest go first). Whichever of the two arrives second is answered with an
 join it to the prediction; the first is answered with no reply (HTTP 202). Failed predictions
 (status >= 400) and exchanges outside `sample` (chosen by id) are not explained.
 
+Deliveries are at least once, so an exchange is explained once: a copy of an event that comes
+while its exchange is being explained waits for that explanation and replies nothing new (over
+HTTP it gets the same reply, as the broker may have given up on the first answer; a batch holding
+it twice answers it once), and an id explained and delivered, or whose prediction failed, is
+remembered for `cache_ttl` (at most `cache_size` ids) so halves delivered again are ignored.
+
 Failures: a predictor that cannot be reached raises `SinkError` (HTTP 502), so the broker
 retries later; the cached half stays until the explanation is delivered, and nothing is replied
 before every instance is explained. A request whose payload cannot be read raises
@@ -104,6 +110,32 @@ class EventCache:
         self._items.pop(key, None)
 
 
+class _Settled:
+    """Ids whose exchange is done (explained and delivered, or failed), each for `ttl` seconds, at
+    most `size` of them: the halves delivered again are ignored rather than explained again or
+    cached as first halves that never complete."""
+
+    def __init__(self, size: int, ttl: float) -> None:
+        self.size, self.ttl = size, ttl
+        self._ids: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, event_id: str) -> None:
+        now = time.monotonic()
+        while self._ids and next(iter(self._ids.values())) < now:
+            self._ids.popitem(last=False)
+        self._ids.pop(event_id, None)
+        self._ids[event_id] = now + self.ttl
+        while len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, event_id: object) -> bool:
+        expiry = self._ids.get(event_id)  # type: ignore[call-overload]
+        return expiry is not None and expiry >= time.monotonic()
+
+
+_Result = tuple[CloudEvent | None, tuple[str, str] | None]
+
+
 class _Batcher:
     """Instances of concurrent events explained in one call (up to `size` rows, after `linger` s)."""
 
@@ -169,6 +201,9 @@ class ExplainSubscriber:
         self.settings = s = settings or service.settings.subscriber
         self.reply_to = reply_to
         self.cache = EventCache(s.cache_size, s.cache_ttl)
+        self._settled = _Settled(s.cache_size, s.cache_ttl)
+        self._running: dict[str, asyncio.Task[_Result]] = {}
+        """Exchanges being explained, by id: a copy of their completing half waits for them."""
         self.explained = 0
         """Explanation events made."""
         self._batcher = _Batcher(service, s.batch_size, s.linger)
@@ -181,27 +216,45 @@ class ExplainSubscriber:
         self._delivered([(reply, partner)])
         return reply
 
-    def _delivered(self, results: Sequence[tuple[CloudEvent | None, tuple[str, str] | None]]) -> None:
+    def _delivered(self, results: Sequence[_Result]) -> None:
         """`_handle`'s replies are delivered: the cached halves they used go (only now: a retried
-        delivery must find them again)."""
+        delivery must find them again), and their ids are settled."""
         for _, partner in results:
             if partner is not None:
                 self.cache.pop(partner)
+                self._settled.add(partner[0])
 
-    async def _handle(self, event: CloudEvent) -> tuple[CloudEvent | None, tuple[str, str] | None]:
+    async def _handle(self, event: CloudEvent, share: bool = False) -> _Result:
         """`handle`'s reply, and the key of the cached half it used, left for the caller to drop
-        once the reply is delivered."""
+        once the reply is delivered. A copy of an event whose exchange is being explained waits for
+        it and gets nothing, or with `share` the same result."""
         kind = event.type
         if kind not in (events.REQUEST, events.RESPONSE) or not self._sampled(event.id):
             return None, None
+        if event.id in self._settled:
+            return None, None
+        running = self._running.get(event.id)
+        if running is not None:
+            result = await asyncio.shield(running)
+            return result if share else (None, None)
         other = events.RESPONSE if kind == events.REQUEST else events.REQUEST
         if kind == events.RESPONSE and _failed(event):
+            # Also when the request is yet to come: it must not wait in the cache for nothing.
             self.cache.pop((event.id, other))
+            self._settled.add(event.id)
             return None, None
         partner = self.cache.get((event.id, other))
         if partner is None:
             self.cache.put((event.id, kind), event)
             return None, None
+        task = asyncio.ensure_future(self._complete(event, partner))
+        self._running[event.id] = task
+        task.add_done_callback(lambda _: self._running.pop(event.id, None))
+        return await task
+
+    async def _complete(self, event: CloudEvent, partner: CloudEvent) -> _Result:
+        """The explanation of the exchange `event` completes with the cached `partner`."""
+        kind, other = event.type, partner.type
         request, response = (event, partner) if kind == events.REQUEST else (partner, event)
         try:
             explanation = await self._explain(request)
@@ -281,7 +334,7 @@ class ExplainSubscriber:
             received = ce_http.from_http_many(headers, body)
         except (InvalidEventError, ValueError) as exc:
             return _error(400, f"not a CloudEvent: {exc}")
-        results = await asyncio.gather(*(self._handle(e) for e in received), return_exceptions=True)
+        results = await asyncio.gather(*(self._handle(e, share=True) for e in received), return_exceptions=True)
         if errors := [r for r in results if isinstance(r, BaseException)]:
             # The whole delivery fails, so the explanations made for the other events in it are not
             # delivered: their cached halves stay, for the broker's retry (or a replay of its dead
@@ -294,7 +347,8 @@ class ExplainSubscriber:
             return _error(400, str(errors[0]))
         done = [r for r in results if not isinstance(r, BaseException)]
         self._delivered(done)  # answered in this response: delivered as far as this server goes
-        replies = [reply for reply, _ in done if reply is not None]
+        # A batch holding an event twice shares one explanation: answered once.
+        replies = list({reply.id: reply for reply, _ in done if reply is not None}.values())
         if not replies:
             return 202, {}, b""
         if len(replies) == 1 and len(received) == 1:

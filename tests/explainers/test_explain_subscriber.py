@@ -125,6 +125,31 @@ class TestJoin:
         none = ExplainSubscriber(service, SubscriberSettings(sample=0.0))
         assert all([await none.handle(e) is None for e in exchange("ex-4")]) and len(none.cache) == 0
 
+    async def test_a_failed_response_before_its_request_leaves_nothing_cached(self, service: ExplainerService) -> None:
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
+        request, failed = exchange("ex-5", status=500)
+        assert await sub.handle(failed) is None
+        assert await sub.handle(request) is None and len(sub.cache) == 0  # was cached until cache_ttl
+
+    async def test_a_copy_of_the_completing_half_is_explained_once(self, service: ExplainerService) -> None:
+        """At-least-once deliveries: a copy while the explanation runs, and the whole exchange again."""
+        calls = _recorded(service)
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
+        request, response = exchange("ex-6")
+        assert await sub.handle(request) is None
+        replies = await asyncio.gather(sub.handle(response), sub.handle(response))
+        assert [r.id if r else None for r in replies] == ["ex-6", None]
+        for event in (request, response, response, request):  # delivered again after it was explained
+            assert await sub.handle(event) is None
+        assert calls == [2] and sub.explained == 1 and len(sub.cache) == 0
+
+    def test_a_batch_holding_an_event_twice_answers_it_once(self, model_server: Process) -> None:
+        with serve(create_app(service_for(model_server.url, subscriber={"linger": 0.001}))) as url:
+            request, response = exchange("ex-7")
+            headers, body = ce_http.to_batch([request, response, response])
+            r = httpx.post(f"{url}/events", headers=headers, content=body, timeout=30)
+            assert r.status_code == 200 and [e["id"] for e in r.json()] == ["ex-7"], r.text
+
     async def test_batches_amortize(self, service: ExplainerService) -> None:
         calls = _recorded(service)
         ids = await _explain_concurrently(service, "b", 12)
