@@ -93,19 +93,27 @@ class ExplainerService:
         await loop.run_in_executor(self._executor, self.prepare)
         fallback = self._fallback_schema()
         s = self.settings
-        if s.predictor_url is not None:
-            self.client = PredictorClient(
-                s.predictor_url, s.predictor_model or s.model_name, protocol=s.protocol, output=s.output,
-                timeout=s.timeout, retries=s.retries, max_batch_rows=s.max_batch_rows,
-                concurrency=s.predictor_concurrency, linger=s.linger, binary_data=s.binary_data)
-            await self.client.start()
-            self.client.schema = schema_from_metadata(await self.client.metadata(), fallback)
-            fallback = self.client.schema
-        self.schema = Schema(fallback.feature_names, fallback.categorical)
-        self.model = self._model(self.schema)
-        self.explainer = await loop.run_in_executor(self._executor, self._explainer, self.model)
-        if s.warmup:
-            await self._warm_up()
+        try:
+            if s.predictor_url is not None:
+                self.client = PredictorClient(
+                    s.predictor_url, s.predictor_model or s.model_name, protocol=s.protocol, output=s.output,
+                    timeout=s.timeout, retries=s.retries, max_batch_rows=s.max_batch_rows,
+                    concurrency=s.predictor_concurrency, linger=s.linger, binary_data=s.binary_data)
+                await self.client.start()
+                self.client.schema = schema_from_metadata(await self.client.metadata(), fallback)
+                fallback = self.client.schema
+            self.schema = Schema(fallback.feature_names, fallback.categorical)
+            self.model = self._model(self.schema)
+            self.explainer = await loop.run_in_executor(self._executor, self._explainer, self.model)
+            if s.warmup:
+                await self._warm_up()
+        except BaseException:
+            # A failed start may be tried again (the subscriber does, on each delivery): the
+            # client of this attempt, its watchdog thread too, must not outlive it.
+            if self.client is not None:
+                client, self.client = self.client, None
+                await client.aclose()
+            raise
         self.ready = True
         log.info("explainer %s ready: %s over %d features", self.name, self.explainer.method, self.schema.width)
 

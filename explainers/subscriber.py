@@ -265,7 +265,10 @@ class ExplainSubscriber:
         return explanation_event(request, response, explanation, self.settings.source), (event.id, other)
 
     async def _explain(self, request: CloudEvent) -> Explanation:
-        await self._ensure_started()
+        try:
+            await self._ensure_started()
+        except ExplainerError as exc:  # the predictor, mostly (down, loading): started again on the retry
+            raise SinkError(f"starting the explainer: {exc}") from exc
         try:
             if request.get(events.TRUNCATED):
                 raise InvalidInputError("the request payload was truncated by the logger")

@@ -313,6 +313,40 @@ class TestDeliveryFailures:
         await sub.send_batch([response])  # the retry: the request is still cached
         assert [e.id for e in out.events] == ["d-1"] and len(sub.cache) == 0
 
+    async def test_failed_starts_close_their_predictor_clients(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An owned service starts again on each delivery while the predictor answers 5xx: each
+        failed start closed nothing, and left a watchdog thread running for good."""
+        from fastapi import FastAPI
+        from fastapi.responses import Response
+
+        import explainers.service
+        from explainers.client import PredictorClient
+
+        down = FastAPI()
+
+        @down.post("/v1/models/{name}:predict")
+        async def loading(name: str) -> Response:
+            return Response(b'{"error": "model loading"}', status_code=500, media_type="application/json")
+
+        clients: list[PredictorClient] = []
+
+        class Recorded(PredictorClient):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                clients.append(self)
+
+        monkeypatch.setattr(explainers.service, "PredictorClient", Recorded)
+        with serve(down) as url:
+            sub = ExplainSubscriber(service_for(url, retries=0), owns_service=True)
+            request, response = exchange("d-0")
+            await sub.handle(request)
+            for _ in range(3):
+                with pytest.raises(SinkError):
+                    await sub.handle(response)
+        assert len(clients) == 3 and sub.service.client is None
+        assert all(c._session is None and c._watchdog._stopped.is_set() for c in clients)
+        await sub.aclose()
+
     def test_a_batch_that_fails_keeps_the_others_cached_halves(self, model_server: Process) -> None:
         app = create_app(service_for(model_server.url, subscriber={"linger": 0.001}))
         with serve(app) as url:
