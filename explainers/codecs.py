@@ -298,7 +298,7 @@ def decode_v1_output(body: Any, n: int) -> np.ndarray:
     if not isinstance(predictions, list) or len(predictions) != n:
         raise PredictorError(f'the predictor answered no "predictions" list of {n} items')
     try:
-        return np.asarray(predictions, dtype=float)
+        return _finite(np.asarray(predictions, dtype=float), '"predictions"')
     except (TypeError, ValueError):
         pass
     # Labels (anchors take them) are scalars; objects, nulls or ragged lists would fail in the explainer.
@@ -345,7 +345,17 @@ def decode_v2_output(body: Any, n: int, wanted: str | None,
         raise PredictorError(f"output {name!r}: {exc}") from None
     if array.ndim == 0 or array.shape[0] != n:
         raise PredictorError(f"output {name!r} has shape {list(array.shape)}, expected [{n}, ...]")
+    _finite(array, f"output {name!r}")
     return array.reshape(n, -1) if array.ndim > 2 else array
+
+
+def _finite(array: np.ndarray, what: str) -> np.ndarray:
+    """`array`, or PredictorError when it holds a NaN or infinity (JSON null reads as NaN): the
+    explainer would answer null attributions."""
+    if not np.isfinite(array).all():
+        raise PredictorError(f"the predictor answered non-finite {what} (null, NaN or infinity): "
+                             f"{np.count_nonzero(~np.isfinite(array))} of {array.size} values")
+    return array
 
 
 def v2_explanation_response(model: str, explanation: Mapping[str, Any], request_id: Any = None) -> dict[str, Any]:

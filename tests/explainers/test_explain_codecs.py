@@ -100,6 +100,20 @@ class TestPredictorBodies:
         with pytest.raises(PredictorError, match="2 items"):
             codecs.decode_v1_output({"predictions": [1]}, 2)
 
+    def test_non_finite_outputs_are_refused(self) -> None:
+        """JSON null reads as NaN: explained, it gave null attributions, answered 200."""
+        for body in ({"predictions": [[None, None], [0.5, 0.5]]}, {"predictions": [None, 1]}):
+            with pytest.raises(PredictorError, match='non-finite "predictions"'):
+                codecs.decode_v1_output(body, 2)
+        nulls = {"outputs": [{"name": "proba", "shape": [2, 2], "datatype": "FP64", "data": [None, 0.5, 0.5, 0.5]}]}
+        with pytest.raises(PredictorError, match="non-finite output 'proba'.*1 of 4"):
+            codecs.decode_v2_output(nulls, 2, None)
+        doc = {"outputs": [{"name": "proba", "shape": [2, 2], "datatype": "FP64"}]}
+        body, headers = bt.encode(doc, "outputs", {"proba": np.array([[np.nan, 1.0], [0.5, np.inf]])})
+        parsed, raw = bt.decode(body, headers[bt.HEADER], "outputs")
+        with pytest.raises(PredictorError, match="non-finite output 'proba'.*2 of 4"):
+            codecs.decode_v2_output(parsed, 2, None, raw)
+
     def test_v1_labels_kept_but_not_objects_or_nulls(self) -> None:
         assert codecs.decode_v1_output({"predictions": ["setosa", 2]}, 2).tolist() == ["setosa", 2]
         for junk in ([{"p": 1}, {"p": 2}], [[0.1, 0.9], [0.1]], ["a", None]):
