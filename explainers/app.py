@@ -10,7 +10,7 @@ first one is not slow; errors answer `{"error": "..."}` with the status of their
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -240,6 +240,10 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
         request_id = body.get("id")
         if not isinstance(request_id, str | int | float | None):  # echoed: a list nested deep fails orjson
             raise InvalidInputError("`id` must be a string")
+        wanted = body.get("outputs")
+        if wanted is not None and not (isinstance(wanted, list) and all(isinstance(o, Mapping) for o in wanted)):
+            # Read only after explaining: refused now, before the work is spent.
+            raise InvalidInputError("`outputs` must be a list of objects")
         explanation = await found.explain(rows, codecs.explain_parameters(body))
         response = codecs.v2_explanation_response(name, explanation.to_dict(), request_id)
         if model_version is not None:

@@ -190,8 +190,9 @@ def _text_or_base64(value: bytes) -> str | dict[str, str]:
 
 def wants_binary(request: Mapping[str, Any], output: str) -> bool:
     """Whether `request` asks for `output` as binary data: its own `binary_data`, else the request's
-    `binary_data_output`."""
-    for wanted in request.get("outputs") or []:
+    `binary_data_output`. An `outputs` that is not a list names none."""
+    outputs = request.get("outputs")
+    for wanted in outputs if isinstance(outputs, list) else ():
         if isinstance(wanted, Mapping) and wanted.get("name") == output:
             params = wanted.get("parameters")
             if isinstance(params, Mapping) and "binary_data" in params:

@@ -393,6 +393,17 @@ class TestMoreBadInput:
             r = httpx.post(url + path, content=body, timeout=20)
             assert r.status_code == 400 and words in r.json()["error"], r.text
 
+    def test_v2_outputs_not_a_list_of_objects(self, switchable: tuple[SwitchablePredictor, str]) -> None:
+        # Read after explaining, by iterating it: a 500 for a number or `true`.
+        _, url = switchable
+        tensor = {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [6.8, 2.8, 4.8, 1.4]}
+        for outputs in (1, True, "explanation", [7]):
+            r = httpx.post(f"{url}/v2/models/iris/infer", json={"inputs": [tensor], "outputs": outputs}, timeout=20)
+            assert r.status_code == 400 and "`outputs` must be a list of objects" in r.json()["error"], r.text
+        for outputs in (None, [{"name": "explanation"}]):
+            r = httpx.post(f"{url}/v2/models/iris/infer", json={"inputs": [tensor], "outputs": outputs}, timeout=20)
+            assert r.status_code == 200, r.text
+
     def test_binary_body_with_a_json_tensor_of_its_name(self, switchable: tuple[SwitchablePredictor, str]) -> None:
         # The JSON tensor was read as the binary one, with its own datatype: KeyError (none, or
         # BF16) or BinaryDataError (BYTES), a 500.

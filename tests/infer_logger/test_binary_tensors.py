@@ -92,6 +92,8 @@ class TestRequestedOutputs:
         assert not bt.wants_binary({"outputs": [{"name": "q", "parameters": {"binary_data": True}}]}, "p")
         assert not bt.wants_binary({"parameters": {"binary_data_output": True},
                                     "outputs": [{"name": "p", "parameters": {"binary_data": False}}]}, "p")
+        for outputs in (1, True, "p"):  # iterated: a TypeError for a number
+            assert bt.wants_binary({"parameters": {"binary_data_output": True}, "outputs": outputs}, "p")
 
 
 class TestMalformed:
