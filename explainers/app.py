@@ -87,6 +87,20 @@ class ModelMetadata(BaseModel):
     parameters: dict[str, Any] = {}
 
 
+# Hop-by-hop headers (RFC 9110 7.6.1) describe this connection, not the request: forwarded, a
+# `transfer-encoding: chunked` beside the content-length the client sets made the predictor refuse.
+_HOP_BY_HOP = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
+                         "trailer", "upgrade", "expect", "proxy-connection", "proxy-authenticate",
+                         "proxy-authorization"})
+
+
+def _end_to_end(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of a request to pass on: without the hop-by-hop ones, those `Connection` names too."""
+    named = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    return {k: v for k, v in headers.items()
+            if (key := k.lower()) not in _HOP_BY_HOP and key not in named and not key.startswith("proxy-")}
+
+
 def _json(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
@@ -193,8 +207,7 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
     @app.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request) -> Response:
         found = model(name)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-        status, content_type, body = await found.predict(await request.body(), headers)
+        status, content_type, body = await found.predict(await request.body(), _end_to_end(request.headers))
         return Response(body, status_code=status, media_type=content_type)
 
     @app.get("/v2", response_model=ServerMetadata)

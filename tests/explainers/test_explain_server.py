@@ -279,10 +279,13 @@ class SwitchablePredictor:
 
     def __init__(self) -> None:
         self.mode = "ok"
+        self.headers: dict[str, str] = {}
+        """Those of the last request."""
         self.app = FastAPI()
 
         @self.app.post("/v1/models/{name}:predict")
         async def predict(name: str, request: Request) -> Response:
+            self.headers = dict(request.headers)
             rows = np.asarray(orjson.loads(await request.body())["instances"], dtype=float)
             n, out = len(rows), None
             if self.mode == "slow":
@@ -403,6 +406,20 @@ class TestMoreBadInput:
         for outputs in (None, [{"name": "explanation"}]):
             r = httpx.post(f"{url}/v2/models/iris/infer", json={"inputs": [tensor], "outputs": outputs}, timeout=20)
             assert r.status_code == 200, r.text
+
+    def test_predict_passes_no_hop_by_hop_headers(self, switchable: tuple[SwitchablePredictor, str]) -> None:
+        # Forwarded, a chunked body's transfer-encoding beside the client's content-length: a 400.
+        predictor, url = switchable
+        body = orjson.dumps(IRIS_V1)
+        for content, headers in [(iter([body[:10], body[10:]]), {}),
+                                 (body, {"expect": "100-continue", "te": "trailers"}),
+                                 (body, {"connection": "keep-alive, x-hop", "x-hop": "1", "keep-alive": "timeout=5",
+                                         "proxy-authorization": "Basic eA==", "x-end": "2"})]:
+            r = httpx.post(f"{url}/v1/models/iris:predict", content=content, headers=headers, timeout=20)
+            assert r.status_code == 200 and len(r.json()["predictions"]) == 2, r.text
+            seen = set(predictor.headers)
+            assert not seen & {"transfer-encoding", "expect", "te", "x-hop", "keep-alive", "proxy-authorization"}, seen
+        assert predictor.headers["x-end"] == "2"
 
     def test_binary_body_with_a_json_tensor_of_its_name(self, switchable: tuple[SwitchablePredictor, str]) -> None:
         # The JSON tensor was read as the binary one, with its own datatype: KeyError (none, or
