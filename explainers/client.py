@@ -618,12 +618,13 @@ def schema_from_metadata(metadata: Mapping[str, Any] | None, fallback: Schema) -
     `fallback` (configuration or background data), which also supplies the width when unknown.
     """
     inputs = (metadata or {}).get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        return fallback
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(t, Mapping) for t in inputs):
+        return fallback  # none, or not tensor metadata: the configured layout (an AttributeError before)
     params = (metadata or {}).get("parameters") or {}
     given = params.get("feature_names") if isinstance(params, Mapping) else None
     if len(inputs) == 1:
-        shape = inputs[0].get("shape") or []
+        shape = inputs[0].get("shape")
+        shape = shape if isinstance(shape, list) else []
         width = shape[-1] if len(shape) >= 2 and isinstance(shape[-1], int) and shape[-1] > 0 else fallback.width
         names = given if isinstance(given, list) and len(given) == width else list(fallback.feature_names)
         if len(names) != width:

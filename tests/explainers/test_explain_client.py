@@ -127,6 +127,18 @@ class TestAgainstThePredictor:
             await v2.aclose()
 
 
+class TestSchemaFromMetadata:
+    """Metadata whose inputs are not tensor objects leaves the configured layout (the start failed
+    with an AttributeError traceback)."""
+
+    def test_odd_inputs_fall_back(self) -> None:
+        for inputs in (["input-0"], [7, {"name": "a"}], [None]):
+            assert schema_from_metadata({"inputs": inputs}, IRIS) is IRIS
+        for shape in ("[-1, 4]", 4, None, {"a": 1}):
+            schema = schema_from_metadata({"inputs": [{"name": "x", "shape": shape}]}, IRIS)
+            assert schema.feature_names == IRIS.feature_names and schema.tensor == "x"
+
+
 class TestBinaryData:
     """V2 rows go as binary tensor data with binary outputs asked for; JSON answers are read too; a
     predictor that refuses binary data gets JSON, once told."""
