@@ -35,7 +35,7 @@ from infer_logger.config import Settings
 from infer_logger.dispatch import Dispatcher, build_sinks
 from infer_logger.errors import ConfigError, InferLoggerError, SpoolError
 from infer_logger.metrics import Metrics, RemoteStatus, export
-from infer_logger.spool import SpoolFollower
+from infer_logger.spool import Position, SpoolFollower
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,9 @@ _SHORT_LIFE = 10.0  # seconds: a child that dies sooner is restarted with a grow
 class DeliveryProcess:
     """The sidecar's handle on its delivery child: start, supervise, read its status, stop."""
 
-    def __init__(self, settings: Settings, backlog: Callable[[], int] | None = None) -> None:
-        """`backlog()`: bytes of spool not yet delivered (the writer's view), for the catch-up rule."""
+    def __init__(self, settings: Settings, backlog: Callable[[Position], int] | None = None) -> None:
+        """`backlog(position)`: spool bytes after `position` (the writer's view), for the catch-up
+        rule; the child reports the position every sink has got to."""
         self.settings = settings
         self.sink_names = [cfg.sink_name for cfg in settings.all_sinks()]
         self.status_path = Path(settings.spool.dir) / STATUS_FILE
@@ -149,7 +150,13 @@ class DeliveryProcess:
             status = self.status()
             if status is None or status.get("priority", "normal") == "normal" or self._promoting:
                 continue
-            behind = self.backlog()
+            # Measured from what the child delivered: the segment being written is never
+            # deleted, so the spool's size alone would count delivered bytes (and promote an
+            # idle, caught-up child every second when catch_up_bytes is below a segment).
+            delivered = status.get("delivered")
+            if delivered is None:
+                continue
+            behind = self.backlog(Position(*delivered))
             if behind > self.catch_up_bytes and self._proc is not None and self._proc.returncode is None:
                 log.warning("delivery is %d bytes behind: restarting it at normal priority until it catches up",
                             behind)
@@ -237,11 +244,14 @@ def _write_status(path: Path, dispatcher: Dispatcher, metrics: Metrics, priority
     """Write the report; an error (e.g. a full disk) is returned: delivery goes on regardless,
     and the sidecar sees the report go stale meanwhile."""
     dispatcher.update_lag()
+    floor = min((w.reader.position for w in dispatcher.workers), default=None)
     report: dict[str, Any] = {
         "pid": os.getpid(),
         "at": time.time(),
         "sinks": dispatcher.health(),
         "priority": priority,
+        # Where every sink has got to: the sidecar measures the backlog from there.
+        "delivered": None if floor is None else [floor.segment, floor.offset],
         **export(metrics),
     }
     tmp = path.with_suffix(".tmp")

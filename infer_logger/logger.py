@@ -20,7 +20,7 @@ from infer_logger.config import Settings
 from infer_logger.delivery import DeliveryProcess
 from infer_logger.dispatch import Dispatcher
 from infer_logger.metrics import Metrics
-from infer_logger.spool import DiskSpool, MemorySpool, Spool
+from infer_logger.spool import DiskSpool, MemorySpool, Position, Spool
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,11 @@ class InferenceLogger:
         self.spool.close()
         self.started = False
 
-    def _backlog(self) -> int:
-        """Spool bytes not yet delivered: segments the delivery child has not finished and deleted."""
-        self.spool.refresh()
-        return self.spool.size_bytes()
+    def _backlog(self, delivered: Position) -> int:
+        """Spool bytes not yet delivered: those appended after the position the delivery child
+        reports every sink has got to (the segment being written stays, delivered or not)."""
+        assert isinstance(self.spool, DiskSpool)  # a delivery child reads a disk spool
+        return self.spool.bytes_after(delivered)
 
     def sink_states(self) -> dict[str, str]:
         """Each sink's state for /readyz: ok, retrying (failing, backing off) or down (no delivery process)."""

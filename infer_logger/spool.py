@@ -232,6 +232,12 @@ class _Segments:
     def size_bytes(self) -> int:
         return sum(self._sizes.values())
 
+    def bytes_after(self, position: Position) -> int:
+        """Bytes appended after `position`, as this process sees the segments."""
+        return sum(size for n, size in self._sizes.items() if n > position.segment) + max(
+            0, self._sizes.get(position.segment, 0) - position.offset
+        )
+
     def _path(self, number: int) -> Path:
         return self.dir / f"{number:020d}{_SUFFIX}"
 
@@ -656,10 +662,7 @@ class DiskReader:
 
     def lag(self, start: Position | None = None) -> int:
         """Bytes appended after `start` (default: the committed cursor)."""
-        pos = start or self.position
-        return sum(size for n, size in self.spool._sizes.items() if n > pos.segment) + max(
-            0, self.spool._sizes.get(pos.segment, 0) - pos.offset
-        )
+        return self.spool.bytes_after(start or self.position)
 
 
 

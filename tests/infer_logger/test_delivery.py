@@ -157,6 +157,25 @@ async def test_a_lowered_child_far_behind_is_replaced_by_one_at_normal_priority(
         await logger.stop()
 
 
+async def test_a_caught_up_child_is_not_replaced_for_what_it_delivered(tmp_path: Path) -> None:
+    # catch_up_bytes below what the segment being written holds: delivered bytes stay in it.
+    logger = InferenceLogger(settings(tmp_path, delivery={"priority": "idle", "catch_up_bytes": "1KiB"}))
+    await logger.start()
+    try:
+        assert logger.delivery is not None
+        first = logger.delivery.pid
+        assert first is not None
+        for i in range(20):
+            exchange(logger, f"c{i}")
+        await eventually(lambda: len(lines(tmp_path / "events.jsonl")) == 40)
+        await eventually(lambda: (logger.delivery.status() or {}).get("priority") == "idle")  # type: ignore[union-attr]
+        assert logger.spool.size_bytes() > 1024
+        await asyncio.sleep(3.0)  # several rounds of the catch-up rule
+        assert logger.delivery.pid == first and logger.delivery.promotions == 0
+    finally:
+        await logger.stop()
+
+
 async def test_stop_drains_what_was_appended(tmp_path: Path) -> None:
     logger = InferenceLogger(settings(tmp_path))
     await logger.start()
