@@ -2,13 +2,15 @@
 
     app.add_middleware(InferenceLoggerMiddleware, settings=load_settings(...))
 
-The logger starts and stops with the app's lifespan. The request body is read first (and replayed
-to the app); the response streams through, only the part the event keeps (`max_payload_bytes`)
-held, and the response event is appended before the last body chunk goes to the client.
+The logger starts and stops with the app's lifespan (one that cannot start fails the startup).
+The request body is read first (and replayed to the app); the response streams through, only the
+part the event keeps (`max_payload_bytes`) held, and the response event is appended before the
+last body chunk goes to the client.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from infer_logger import events as ev
@@ -25,7 +27,7 @@ class InferenceLoggerMiddleware:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            await self.app(scope, self._lifespan_receive(receive), send)
+            await self.app(scope, self._lifespan_receive(receive, send), send)
             return
         route = match_route(scope.get("method", ""), scope.get("path", "")) if scope["type"] == "http" else None
         if route is None:
@@ -92,11 +94,20 @@ class InferenceLoggerMiddleware:
                 self.logger.end(exchange, 500, "application/json", reason)
             raise
 
-    def _lifespan_receive(self, receive: Any) -> Any:
+    def _lifespan_receive(self, receive: Any, send: Any) -> Any:
         async def wrapped() -> dict[str, Any]:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await self.logger.start()
+                try:
+                    await self.logger.start()
+                except Exception as exc:
+                    # Said here: Starlette awaits this receive outside its own error handling, so
+                    # uvicorn took the raise for "lifespan unsupported" and served, logging nothing.
+                    # The app's startup is not run; the error ends its lifespan.
+                    await send({"type": "lifespan.startup.failed", "message": f"infer-logger: {exc}"})
+                    with contextlib.suppress(Exception):
+                        await self.logger.stop()  # what did start (the spool and its lock)
+                    raise
             elif message["type"] == "lifespan.shutdown":
                 await self.logger.stop()
             return message

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
 
 from infer_logger import events as ev
 from infer_logger.config import load_settings
@@ -100,3 +107,28 @@ def test_a_streamed_response_passes_through_and_only_its_logged_part_is_held(tmp
     assert response.data == b"x" * 1000
     assert response[ev.TRUNCATED] in (True, "true") and int(response[ev.DATASIZE]) == len(chunk) * count
     assert held == [1000]
+
+
+def test_a_logger_that_cannot_start_fails_the_apps_startup(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A sink that cannot be built is a failed startup: uvicorn exits saying why, the app is not started."""
+    started: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started.append("app")
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+    bad = tmp_path / "not-a-dir"
+    bad.write_text("")  # a file where the sink's directory should be
+    settings = load_settings(log_url=[f"file://{bad}/events.jsonl"], spool={"dir": str(tmp_path / "spool")})
+    app.add_middleware(InferenceLoggerMiddleware, settings=settings)
+    # lifespan "auto", uvicorn's default: a raise there reads as "lifespan unsupported".
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), lifespan="auto",
+                                           log_config=None))
+    with caplog.at_level(logging.ERROR, logger="uvicorn.error"), pytest.raises(SystemExit) as exited:
+        asyncio.run(server.serve())
+    assert exited.value.code == 3  # uvicorn's startup failure
+    assert not server.started and started == []
+    assert any(r.getMessage().startswith("infer-logger:") and "not-a-dir" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
