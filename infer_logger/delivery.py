@@ -64,6 +64,8 @@ class DeliveryProcess:
         d = settings.delivery
         self.catch_up_bytes = int(d.catch_up_bytes) if d.catch_up_bytes is not None else int(settings.spool.max_bytes) // 4
         self._proc: asyncio.subprocess.Process | None = None
+        # A child started but not yet ready: stop() must end it too (it is not `_proc` yet).
+        self._spawning: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._promoting = False
@@ -86,6 +88,20 @@ class DeliveryProcess:
             )
         except OSError as exc:  # out of memory, processes or file descriptors
             raise InferLoggerError(f"delivery process: cannot start it: {exc}") from None
+        self._spawning = proc
+        try:
+            return await self._handshake(proc)
+        except asyncio.CancelledError:
+            if not self._stopping:  # else stop() ends it, letting it drain
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+            raise
+        finally:
+            self._spawning = None
+
+    async def _handshake(self, proc: asyncio.subprocess.Process) -> asyncio.subprocess.Process:
+        """Hand the new child its settings and wait for it to say ready (or why it cannot)."""
         assert proc.stdin is not None and proc.stdout is not None
         try:
             # Pickled, not JSON: secrets (SecretStr) must reach the child unmasked.
@@ -167,19 +183,12 @@ class DeliveryProcess:
     async def stop(self, drain_timeout: float) -> None:
         """Let the child drain for `drain_timeout`, then stop it (what is left stays spooled)."""
         self._stopping = True
+        # The one being started, if any, too: else it would live on (and hold the spool).
+        procs = [p for p in (self._proc, self._spawning) if p is not None and p.returncode is None]
         for task in (self._supervisor, self._watcher):
             if task is not None:
                 task.cancel()
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), drain_timeout + 5.0)
-        except TimeoutError:
-            log.error("delivery process did not stop within %.0fs: killed", drain_timeout + 5.0)
-            proc.kill()
-            await proc.wait()
+        await asyncio.gather(*(_end(proc, drain_timeout + 5.0) for proc in procs))
 
     @property
     def pid(self) -> int | None:
@@ -206,6 +215,18 @@ class DeliveryProcess:
         if status is None:
             return {name: "down" for name in self.sink_names}
         return {name: "ok" if healthy else "retrying" for name, healthy in status["sinks"].items()}
+
+
+async def _end(proc: asyncio.subprocess.Process, timeout: float) -> None:
+    """Terminate a child (it drains first) and reap it; killed after `timeout` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        log.error("delivery process did not stop within %.0fs: killed", timeout)
+        proc.kill()
+        await proc.wait()
 
 
 def _log_level() -> str:

@@ -232,6 +232,34 @@ async def test_a_child_that_cannot_be_started_is_tried_again(tmp_path: Path,
         await logger.stop()
 
 
+async def test_stop_ends_a_replacement_still_starting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    logger = InferenceLogger(settings(tmp_path))
+    await logger.start()
+    spawn = asyncio.create_subprocess_exec
+    started: list[asyncio.subprocess.Process] = []
+
+    async def recorded(*args: object, **kwargs: object) -> asyncio.subprocess.Process:
+        started.append(await spawn(*args, **kwargs))  # type: ignore[arg-type]
+        return started[-1]
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", recorded)
+    try:
+        assert logger.delivery is not None
+        first = logger.delivery.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await eventually(lambda: bool(started))  # the replacement is importing, not ready yet
+    finally:
+        await logger.stop()
+    try:
+        assert [p.returncode is not None and not alive(p.pid) for p in started] == [True]
+    finally:
+        for p in started:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("confluent_kafka") is None, reason="needs the kafka extra")
 async def test_a_sink_the_child_cannot_build_fails_the_start(tmp_path: Path) -> None:
     bad = {"type": "kafka", "bootstrap_servers": "127.0.0.1:1", "config": {"no.such.property": "x"}}
