@@ -34,7 +34,7 @@ import orjson
 from infer_logger.config import Settings
 from infer_logger.dispatch import Dispatcher, build_sinks
 from infer_logger.errors import ConfigError, InferLoggerError, SpoolError
-from infer_logger.metrics import Metrics, RemoteStatus, export
+from infer_logger.metrics import CarriedReports, Metrics, RemoteStatus, export
 from infer_logger.spool import Position, SpoolFollower
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class DeliveryProcess:
         self._promoting = False
         self._stopping = False
         self._cached: tuple[float, RemoteStatus | None] = (0.0, None)
+        self._carried = CarriedReports()
 
     async def start(self) -> None:
         """Start the child and wait until its sinks are built: a bad sink config fails the start."""
@@ -133,6 +134,7 @@ class DeliveryProcess:
         while True:
             assert self._proc is not None
             code = await self._proc.wait()
+            self._keep_final(self._proc.pid)
             if self._stopping:
                 return
             if self._promoting:  # replaced on purpose (see _watch): at once, no backoff
@@ -189,6 +191,8 @@ class DeliveryProcess:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*(_end(proc, drain_timeout + 5.0) for proc in procs))
+        if self._proc is not None:
+            self._keep_final(self._proc.pid)
 
     @property
     def pid(self) -> int | None:
@@ -203,12 +207,32 @@ class DeliveryProcess:
         if now - read_at < 0.25:
             return status
         status = None
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            report = orjson.loads(self.status_path.read_bytes())
-            if report["pid"] == self.pid and time.time() - report["at"] < _STALE:
+        with contextlib.suppress(KeyError, TypeError):
+            report = self._read()
+            if report is not None and report["pid"] == self.pid and time.time() - report["at"] < _STALE:
                 status = report
+                self._carried.keep(report)
         self._cached = (now, status)
         return status
+
+    def report(self) -> RemoteStatus | None:
+        """The children's metrics for /metrics: counters carried over from the replaced ones, and
+        the last report while no fresh one exists (`status()` says stale meanwhile)."""
+        self.status()
+        return self._carried.report()
+
+    def _read(self) -> RemoteStatus | None:
+        with contextlib.suppress(OSError, ValueError):
+            report = orjson.loads(self.status_path.read_bytes())
+            return report if isinstance(report, dict) else None
+        return None
+
+    def _keep_final(self, pid: int) -> None:
+        """Take an exited child's last report in, so its counts are carried over."""
+        with contextlib.suppress(KeyError, TypeError):
+            report = self._read()
+            if report is not None and report["pid"] == pid:
+                self._carried.keep(report)
 
     def sink_states(self) -> dict[str, str]:
         status = self.status()

@@ -85,7 +85,7 @@ class InferenceLogger:
         self.dispatcher: Dispatcher | None = None
         if settings.delivery.mode == "process" and settings.spool.durability == "disk":
             self.delivery = DeliveryProcess(settings, backlog=self._backlog)
-            self.metrics = Metrics(self.spool, remote=self.delivery.status)
+            self.metrics = Metrics(self.spool, remote=self.delivery.report)
         else:
             self.metrics = Metrics(self.spool)
             self.dispatcher = Dispatcher.from_settings(settings, self.spool, self.metrics)

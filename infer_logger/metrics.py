@@ -59,6 +59,55 @@ class _RemoteCollector(Collector):
             yield family
 
 
+class CarriedReports:
+    """The delivery children's reports as one series: a child's counters start at zero, so
+    those of the children before it are added in, and the last report stays shown while no
+    fresh one exists (a child restarting), so /metrics never goes backwards or gaps."""
+
+    def __init__(self) -> None:
+        self._last: RemoteStatus | None = None
+        self._bases: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._dropped: dict[str, float] = {}
+
+    def keep(self, report: RemoteStatus) -> None:
+        """Take a child's report; one from a new child first folds the previous one's counts in."""
+        last = self._last
+        if last is not None and last["pid"] != report["pid"]:
+            for _, _, kind, samples in last["families"]:
+                for name, labels, value in samples:
+                    if _cumulative(kind, name):
+                        key = (name, tuple(sorted(labels.items())))
+                        self._bases[key] = self._bases.get(key, 0.0) + value
+            for reason, count in last["dropped"].items():
+                self._dropped[reason] = self._dropped.get(reason, 0) + count
+        self._last = report
+
+    def report(self) -> RemoteStatus | None:
+        """The last report kept, its counters carried over (None before the first)."""
+        if self._last is None:
+            return None
+        bases = dict(self._bases)
+        families = []
+        for name, documentation, kind, samples in self._last["families"]:
+            out = []
+            for sample, labels, value in samples:
+                key = (sample, tuple(sorted(labels.items())))
+                out.append([sample, labels, value + bases.pop(key, 0.0) if _cumulative(kind, sample) else value])
+            # Series only a departed child had (a label the new one has not used yet).
+            for key in [k for k in bases if k[0].startswith(name + "_") and _cumulative(kind, k[0])]:
+                out.append([key[0], dict(key[1]), bases.pop(key)])
+            families.append([name, documentation, kind, out])
+        dropped = dict(self._dropped)
+        for reason, count in self._last["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + count
+        return {"families": families, "dropped": dropped}
+
+
+def _cumulative(kind: str, sample: str) -> bool:
+    """Samples that only grow within a child (not gauges, nor a counter's creation time)."""
+    return kind in ("counter", "histogram") and not sample.endswith("_created")
+
+
 def export(metrics: Metrics) -> RemoteStatus:
     """What a delivery child reports of its metrics: the delivery families and its drop counts."""
     families = [

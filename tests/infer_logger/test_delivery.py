@@ -205,6 +205,33 @@ async def test_a_dead_child_is_replaced(tmp_path: Path) -> None:
         await logger.stop()
 
 
+async def test_delivery_counters_carry_over_a_replaced_child(tmp_path: Path) -> None:
+    logger = InferenceLogger(settings(tmp_path))
+    await logger.start()
+
+    def delivered() -> bytes | None:
+        text = generate_latest(logger.metrics.registry)
+        line = [ln for ln in text.splitlines() if ln.startswith(b'infer_logger_events_delivered_total{sink="file"}')]
+        return line[0].rpartition(b" ")[2] if line else None
+
+    try:
+        assert logger.delivery is not None
+        first = logger.delivery.pid
+        assert first is not None
+        for i in range(5):
+            exchange(logger, f"r{i}")
+        await eventually(lambda: delivered() == b"10.0")
+        os.kill(first, signal.SIGKILL)
+        await eventually(lambda: logger.delivery is not None and logger.delivery.pid is None)
+        assert delivered() == b"10.0"  # no child: its last counts stay shown
+        await eventually(lambda: logger.delivery is not None and logger.delivery.pid not in (None, first))
+        exchange(logger, "after")
+        await eventually(lambda: len(lines(tmp_path / "events.jsonl")) == 12)
+        await eventually(lambda: delivered() == b"12.0")  # the new child's 2 on top of the 10
+    finally:
+        await logger.stop()
+
+
 async def test_a_child_that_cannot_be_started_is_tried_again(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     logger = InferenceLogger(settings(tmp_path))
