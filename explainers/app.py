@@ -36,6 +36,7 @@ from explainers.service import ExplainerService
 from explainers.subscriber import ExplainSubscriber
 from infer_logger import binary_tensors
 from infer_logger.asgi import BodyLimit, BodyTooLargeError
+from infer_logger.proxy import end_to_end
 
 log = logging.getLogger(__name__)
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -85,20 +86,6 @@ class ModelMetadata(BaseModel):
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
     parameters: dict[str, Any] = {}
-
-
-# Hop-by-hop headers (RFC 9110 7.6.1) describe this connection, not the request: forwarded, a
-# `transfer-encoding: chunked` beside the content-length the client sets made the predictor refuse.
-_HOP_BY_HOP = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
-                         "trailer", "upgrade", "expect", "proxy-connection", "proxy-authenticate",
-                         "proxy-authorization"})
-
-
-def _end_to_end(headers: Mapping[str, str]) -> dict[str, str]:
-    """The headers of a request to pass on: without the hop-by-hop ones, those `Connection` names too."""
-    named = {token.strip().lower() for token in headers.get("connection", "").split(",")}
-    return {k: v for k, v in headers.items()
-            if (key := k.lower()) not in _HOP_BY_HOP and key not in named and not key.startswith("proxy-")}
 
 
 def _json(content: Any, status: int = 200) -> Response:
@@ -207,7 +194,10 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
     @app.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request) -> Response:
         found = model(name)
-        status, content_type, body = await found.predict(await request.body(), _end_to_end(request.headers))
+        # Hop-by-hop headers describe this connection: a client's `transfer-encoding: chunked`
+        # beside the content-length the predictor client sets made the predictor refuse.
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in end_to_end(request.headers.raw)}
+        status, content_type, body = await found.predict(await request.body(), headers)
         return Response(body, status_code=status, media_type=content_type)
 
     @app.get("/v2", response_model=ServerMetadata)

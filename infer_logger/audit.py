@@ -99,7 +99,7 @@ def documents(
         parts = [{"error": text}]
         if per_instance and instances > 1:
             parts += [{"error": _cut(text)}] * (instances - 1)
-    elif (raw := _raw(event, body)) is not None:
+    elif (raw := _raw(body)) is not None:
         parts = [{"raw": raw}]  # its shape is unknown: never a prediction or features
     else:
         parts = [_part(kind, item, feature_names) for item in _SPLIT[kind](body)]
@@ -123,7 +123,7 @@ def instances(event: CloudEvent) -> int:
     """How many per-instance documents `documents` makes for a request `event` (its instance
     count, for the response's `instances`), without building them."""
     body = events.decode_data(event)
-    return 1 if _raw(event, body) is not None else len(_SPLIT["request"](body))
+    return 1 if _raw(body) is not None else len(_SPLIT["request"](body))
 
 
 def doc_id(event_id: str, instance: int | None = None) -> str:
@@ -251,13 +251,10 @@ def _cut(text: str) -> str:
     return f"{text[:_ERROR_COPY_CHARS]}... [cut from {len(text)} characters: instance 0 has it whole]"
 
 
-def _raw(event: CloudEvent, body: object) -> str | None:
+def _raw(body: object) -> str | None:
     """The base64 text `decode_data` gives for a payload that is not JSON (or was truncated);
     None for JSON, even a JSON object that happens to be `{"base64": ...}`."""
-    if not (isinstance(body, Mapping) and len(body) == 1 and isinstance(text := body.get("base64"), str)):
-        return None
-    # Base64 of the data itself has exactly this length; JSON holding such a text is longer.
-    return text if event.data is not None and len(text) == (len(event.data) + 2) // 3 * 4 else None
+    return body["base64"] if isinstance(body, events.RawPayload) else None
 
 
 def _latency(value: object) -> float | None:

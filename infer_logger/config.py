@@ -74,7 +74,6 @@ class LayeredSettings(BaseSettings):
         finally:
             _yaml_data.reset(token)
 
-
     @classmethod
     def _env_var(cls, loc: tuple[int | str, ...], flags: dict[str, Any]) -> str | None:
         """The env var a bad value at `loc` came from, if one did (a flag overrides it): the

@@ -208,8 +208,8 @@ class DeliveryProcess:
             return status
         status = None
         with contextlib.suppress(KeyError, TypeError):
-            report = self._read()
-            if report is not None and report["pid"] == self.pid and time.time() - report["at"] < _STALE:
+            report = self._read(self.pid)
+            if report is not None and time.time() - report["at"] < _STALE:
                 status = report
                 self._carried.keep(report)
         self._cached = (now, status)
@@ -221,17 +221,17 @@ class DeliveryProcess:
         self.status()
         return self._carried.report()
 
-    def _read(self) -> RemoteStatus | None:
+    def _read(self, pid: int | None) -> RemoteStatus | None:
+        """The status file's report when child `pid` wrote it (KeyError/TypeError for a bad one)."""
         with contextlib.suppress(OSError, ValueError):
             report = orjson.loads(self.status_path.read_bytes())
-            return report if isinstance(report, dict) else None
+            return report if isinstance(report, dict) and report["pid"] == pid else None
         return None
 
     def _keep_final(self, pid: int) -> None:
         """Take an exited child's last report in, so its counts are carried over."""
         with contextlib.suppress(KeyError, TypeError):
-            report = self._read()
-            if report is not None and report["pid"] == pid:
+            if (report := self._read(pid)) is not None:
                 self._carried.keep(report)
 
     def sink_states(self) -> dict[str, str]:

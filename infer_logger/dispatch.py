@@ -8,7 +8,6 @@ it; events a sink refuses for good are written to a dead-letter file with the re
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import logging
 import random
@@ -23,7 +22,7 @@ import orjson
 from infer_logger.cloudevents.event import CloudEvent, attribute_text
 from infer_logger.config import Settings
 from infer_logger.errors import RejectedError, SinkError
-from infer_logger.events import decode_data
+from infer_logger.events import RawPayload, decode_data
 from infer_logger.metrics import Metrics
 from infer_logger.sinks.base import Sink
 from infer_logger.spool import Position, SpoolReader, SpoolView
@@ -196,7 +195,7 @@ def _dead_letter_line(event: CloudEvent, reason: str) -> bytes:
     try:
         return orjson.dumps({"reason": reason, "attributes": event.attributes, "data": decode_data(event)}) + b"\n"
     except (TypeError, ValueError, RecursionError):
-        data = None if event.data is None else {"base64": base64.b64encode(event.data).decode()}
+        data = None if event.data is None else RawPayload.of(event.data)
         attributes = {name: attribute_text(value) for name, value in event.attributes.items()}
         return orjson.dumps({"reason": reason, "attributes": attributes, "data": data}) + b"\n"
 

@@ -174,9 +174,18 @@ def capped(data: bytes, limit: int, size: int | None = None) -> tuple[bytes, dic
     return data[:limit], {TRUNCATED: True, DATASIZE: size}
 
 
+class RawPayload(dict[str, str]):
+    """`decode_data`'s form of a payload that is not JSON, or was truncated: `{"base64": ...}`,
+    told apart from a JSON object that happens to look the same by its type."""
+
+    @classmethod
+    def of(cls, data: bytes) -> RawPayload:
+        return cls(base64=base64.b64encode(data).decode())
+
+
 def decode_data(event: CloudEvent) -> object:
     """The payload as JSON when it is JSON (a V2 body with binary tensor data too, its tensors'
-    `data` filled in), else base64 text: for stores and displays."""
+    `data` filled in), else base64 text (a RawPayload): for stores and displays."""
     if event.data is None:
         return None
     if not event.get(TRUNCATED):
@@ -186,4 +195,4 @@ def decode_data(event: CloudEvent) -> object:
             doc = binary_tensors.inline(event.data)
             if doc is not None:
                 return doc
-    return {"base64": base64.b64encode(event.data).decode()}
+    return RawPayload.of(event.data)

@@ -62,6 +62,12 @@ def _without_hop(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes], *,
     return [(k, v) for k, v in headers if k not in drop]
 
 
+def end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A request's headers (lower-case names) to pass on to the next hop: less the hop-by-hop
+    ones, those `Connection` names, and Host and Expect (the client sending it writes its own)."""
+    return _without_hop(headers, _DROP_UPSTREAM)
+
+
 _JSON = [(b"content-type", b"application/json")]
 
 
