@@ -284,7 +284,7 @@ class ElasticsearchSink:
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         rejected: dict[int, str] = {}
         # Counted before the first await: a batch sent meanwhile (in flight beside this one) may
-        # hold the responses, and must know how many instances to mark.
+        # hold the responses of requests in this one, and must know how many instances to mark.
         self._count_requests(events)
         # Encoded as the chunks go out: a batch's documents are never all in memory at once.
         ops: Iterable[_Op] = self._ops(events, rejected)
@@ -331,6 +331,8 @@ class ElasticsearchSink:
                 docs = audit.documents(
                     event, per_instance=self.config.per_instance, feature_names=names, instances=known
                 )
+                if event.type == events.REQUEST and self.config.per_instance:
+                    self._remember(event.id, len(docs))  # for its response, later in the batch
                 index = self.index(event) if docs else ""
                 lines = [_update(index, doc_id, doc) for doc_id, doc in docs]
             except TypeError as exc:  # orjson: not JSON-encodable
@@ -342,17 +344,23 @@ class ElasticsearchSink:
             yield from (_Op(i, line) for line in lines)
 
     def _count_requests(self, batch: Sequence[CloudEvent]) -> None:
+        """The instance counts of the batch's requests whose responses are not in it (those that
+        are get theirs as `_ops` reaches them, their payload decoded once)."""
         if not self.config.per_instance:
             return
+        answered = {event.id for event in batch if event.type == events.RESPONSE}
         for event in batch:
-            if event.type == events.REQUEST:
-                self._counts.pop(event.id, None)
+            if event.type == events.REQUEST and event.id not in answered:
                 try:
-                    self._counts[event.id] = audit.instances(event)
+                    self._remember(event.id, audit.instances(event))
                 except Exception:  # `_ops` rejects the event with the reason
                     continue
-                if len(self._counts) > _COUNTS_KEPT:
-                    del self._counts[next(iter(self._counts))]  # the oldest
+
+    def _remember(self, event_id: str, count: int) -> None:
+        self._counts.pop(event_id, None)
+        self._counts[event_id] = count
+        if len(self._counts) > _COUNTS_KEPT:
+            del self._counts[next(iter(self._counts))]  # the oldest
 
     async def _bulk(self, chunk: Sequence[_Op]) -> list[Mapping[str, Any]]:
         from elasticsearch import ApiError, TransportError
