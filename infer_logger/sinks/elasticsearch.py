@@ -45,8 +45,8 @@ from infer_logger.elasticsearch_template import (
     retire_shared,
 )
 from infer_logger.errors import ConfigError, RejectedError, SinkError
+from infer_logger.retry import retry_after
 from infer_logger.sinks.base import SinkConfig
-from infer_logger.sinks.http import retry_after
 
 if TYPE_CHECKING:
     from elasticsearch import AsyncElasticsearch

@@ -6,8 +6,6 @@ import asyncio
 import base64
 import re
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
@@ -16,6 +14,7 @@ from pydantic import Field, HttpUrl, field_validator
 from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import RejectedError, SinkError
+from infer_logger.retry import retry_after
 from infer_logger.sinks.base import SinkConfig
 from infer_logger.upstream import Upstream, UpstreamError
 
@@ -62,29 +61,6 @@ class HttpSinkConfig(SinkConfig):
 
     def build(self) -> HttpSink:
         return HttpSink(self)
-
-
-RETRY_AFTER_MAX = 86400.0
-"""Seconds a Retry-After is cut to: it stays finite (a 400-digit one was inf), and every user caps it lower."""
-
-
-def retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds from a Retry-After header, None when absent or invalid: ASCII delta-seconds or an
-    HTTP date in any of RFC 9110's three forms (one without a zone is GMT; a past one is 0).
-
-    The one parser for the http sink, the Elasticsearch sink and the broker."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():  # str.isdigit() also takes "²", which float() refuses
-        return min(float(value), RETRY_AFTER_MAX)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:  # asctime and "-0000" dates carry no zone; HTTP dates are always GMT
-        when = when.replace(tzinfo=UTC)
-    return min(max(0.0, (when - (now or datetime.now(UTC))).total_seconds()), RETRY_AFTER_MAX)
 
 
 class HttpSink:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.sinks.http import retry_after
+from infer_logger.retry import retry_after
 from pipelines.broker.channel import TTL, ChannelError, RefusedError
 from pipelines.broker.delivery import NO_RESPONSE, RetryPolicy, error_extensions
 from pipelines.broker.endpoints import BadReplyError, Endpoint, Response, parse_reply, passthrough

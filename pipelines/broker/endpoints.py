@@ -24,7 +24,7 @@ from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import AttributeValue, CloudEvent, attribute_text
 from infer_logger.cloudevents.json_format import is_event_format
 from infer_logger.errors import InvalidEventError, RejectedError, SinkError
-from infer_logger.sinks.http import RETRY_AFTER_MAX
+from infer_logger.retry import RETRY_AFTER_MAX
 from pipelines.broker.components import Component, Replier
 from pipelines.broker.delivery import NO_RESPONSE, should_retry
 from pipelines.broker.transport import HttpClient

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 from pydantic import ValidationError
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import RejectedError, SinkError
-from infer_logger.sinks.http import RETRY_AFTER_MAX, HttpSinkConfig, retry_after
+from infer_logger.sinks.http import HttpSinkConfig
 from infer_logger.testing import EventCollector, free_port
 
 
@@ -105,20 +103,6 @@ async def test_a_refusal_with_a_huge_body_is_classified_on_its_head() -> None:
             await sink.send_batch(events(1))
         await sink.aclose()
     assert type(info.value) is SinkError and info.value.retry_after == 7 and "503" in str(info.value)
-
-
-def test_retry_after_parsing() -> None:
-    """The broker's cases (tests/pipelines/broker/test_delivery.py) hold too: it is one parser."""
-    assert retry_after("120") == 120
-    assert retry_after(None) is None
-    assert retry_after("soon") is None
-    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0
-    # A stale copy: "²" raised, 400 digits gave inf, and dates without a zone were ignored.
-    assert retry_after("²") is None and retry_after("1, 2") is None
-    assert retry_after("9" * 400) == RETRY_AFTER_MAX
-    now = datetime(1994, 11, 6, 8, 49, 7, tzinfo=UTC)
-    assert retry_after("Sun Nov  6 08:49:37 1994", now) == 30
-    assert retry_after("Sun, 06 Nov 1994 08:49:37 -0000", now) == 30
 
 
 async def test_a_refusal_with_a_bad_retry_after_is_still_a_refusal() -> None:

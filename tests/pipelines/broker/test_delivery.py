@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import decode_header_value
 from infer_logger.errors import SinkError
-from infer_logger.sinks.http import RETRY_AFTER_MAX, retry_after
+from infer_logger.retry import RETRY_AFTER_MAX, retry_after
 from pipelines.broker.delivery import (
     ERROR_DATA_MAX,
     NO_RESPONSE,
