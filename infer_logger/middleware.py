@@ -14,10 +14,10 @@ import contextlib
 from typing import Any
 
 from infer_logger import events as ev
-from infer_logger.config import Settings
-from infer_logger.logger import InferenceLogger, match_route
 from infer_logger.asgi import ClientGoneError, error_body, read_body, respond
+from infer_logger.config import Settings
 from infer_logger.errors import InvalidEventError
+from infer_logger.logger import InferenceLogger, match_route
 
 
 class InferenceLoggerMiddleware:

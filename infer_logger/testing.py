@@ -21,10 +21,10 @@ from typing import Any
 import orjson
 import uvicorn
 
+from infer_logger.asgi import ClientGoneError, read_body, respond
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import from_http_many
 from infer_logger.errors import InvalidEventError
-from infer_logger.asgi import ClientGoneError, read_body, respond
 
 
 def free_port() -> int:

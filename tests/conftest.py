@@ -12,7 +12,6 @@ from tests.servers import Process, predictor_process
 from tests.services import NoidaServer, external
 
 
-
 @pytest.fixture(scope="session")
 def conformance() -> Path:
     if not ROOT.is_dir():

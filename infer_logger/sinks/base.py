@@ -67,4 +67,4 @@ class SinkConfig(BaseModel):
 
     @property
     def sink_name(self) -> str:
-        return self.name or str(getattr(self, "type"))
+        return self.name or str(self.type)

@@ -58,7 +58,7 @@ class Reference(BaseModel):
 
     name: str
     kind: str | None = None
-    apiVersion: str | None = None  # noqa: N815 - Kubernetes field names, kept as written
+    apiVersion: str | None = None  # Kubernetes field names, kept as written
     namespace: str | None = None
     group: str | None = None
     address: str | None = None

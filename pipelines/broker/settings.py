@@ -31,7 +31,6 @@ from pipelines.broker.components import component_config
 from pipelines.broker.delivery import DeliverySpec, Destination
 from pipelines.broker.trigger import check_name
 
-
 DEFAULT_DELIVERY = DeliverySpec(
     retry=10, backoff_policy="exponential", backoff_delay="PT0.2S", timeout="PT30S", retry_after_max="PT30S"
 )

@@ -86,7 +86,7 @@ class TriggerSpec(_Named):
 class TriggerManifest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # status
 
-    apiVersion: Literal["eventing.knative.dev/v1"]  # noqa: N815
+    apiVersion: Literal["eventing.knative.dev/v1"]
     kind: Literal["Trigger"]
     metadata: ObjectMeta
     spec: TriggerSpec
@@ -101,7 +101,7 @@ class BrokerSpec(BaseModel):
 class BrokerManifest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    apiVersion: Literal["eventing.knative.dev/v1"]  # noqa: N815
+    apiVersion: Literal["eventing.knative.dev/v1"]
     kind: Literal["Broker"]
     metadata: ObjectMeta
     spec: BrokerSpec = BrokerSpec()

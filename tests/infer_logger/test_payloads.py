@@ -9,8 +9,8 @@ import yaml
 
 from infer_logger import events
 from infer_logger.cloudevents.event import CloudEvent
-from tests.conformance import ROOT, reason
 from infer_logger.payloads import instances, split_explanation, split_request, split_response
+from tests.conformance import ROOT, reason
 
 KSERVE = ROOT / "kserve"
 needs_conformance = pytest.mark.skipif(not KSERVE.is_dir(), reason=reason("kserve"))

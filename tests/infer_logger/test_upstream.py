@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Callable
 import orjson
 import pytest
 
+from infer_logger import upstream as upstream_module
 from infer_logger.errors import ConfigError
 from infer_logger.testing import free_port
-from infer_logger import upstream as upstream_module
 from infer_logger.upstream import Upstream, UpstreamError
 from tests.servers import Process, Scripted
 

@@ -23,11 +23,11 @@ from infer_logger.cloudevents import (
 from infer_logger.errors import InvalidEventError, MissingAttributeError
 
 from .conformance import (
+    GOLDEN_BATCHES,
     assert_attributes,
     assert_data,
     assert_same_event,
     cases,
-    GOLDEN_BATCHES,
     format_event,
     golden,
     is_json_type,

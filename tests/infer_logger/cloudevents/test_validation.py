@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -143,7 +143,7 @@ class TestTime:
         assert parsed.microsecond == 123456
 
     def test_leap_second_is_the_instant_before(self) -> None:
-        expected = datetime(2016, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
+        expected = datetime(2016, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
         assert parse_time("2016-12-31T23:59:60Z") == expected
 
     def test_parse_time_names_the_attribute(self) -> None:

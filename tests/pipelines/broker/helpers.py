@@ -11,10 +11,10 @@ from typing import Any
 
 import httpx
 
+from infer_logger.asgi import read_body, respond
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import from_http, to_binary, to_structured
 from infer_logger.errors import InvalidEventError
-from infer_logger.asgi import read_body, respond
 from infer_logger.testing import EventCollector
 from pipelines.broker import Broker, BrokerSettings
 

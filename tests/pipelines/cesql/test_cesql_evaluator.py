@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -64,7 +64,7 @@ class TestEvents:
         assert kinds("subject", {**ATTRIBUTES, "subject": None}) == (False, ["missingAttribute"])
 
     def test_non_primitive_values_become_strings(self) -> None:
-        event = {**ATTRIBUTES, "time": datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)}
+        event = {**ATTRIBUTES, "time": datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)}
         assert kinds("time", event) == ("2024-01-02T03:04:05Z", [])
         assert kinds("big", {**ATTRIBUTES, "big": 2**40}) == (str(2**40), [])
 

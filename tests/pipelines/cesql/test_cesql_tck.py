@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conformance import ROOT, reason
 from pipelines.cesql import CesqlParseError, evaluate, parse
+from tests.conformance import ROOT, reason
 
 TCK = ROOT / "cesql-tck"
 TCK_CASES = 275
