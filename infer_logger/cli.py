@@ -83,6 +83,8 @@ def main() -> None:
 @click.option("--max-payload-bytes", help="Log payloads cut to this size (e.g. 1MiB).")
 @click.option("--max-request-bytes", help="Refuse larger request bodies with 413.  [default: 256MiB]")
 @click.option("--timeout", type=float, help="Seconds to wait for the predictor.  [default: 60]")
+@click.option("--request-read-timeout", type=float,
+              help="Seconds a request may take to arrive whole before a 408.  [default: 60]")
 @click.option("--spool-dir", type=click.Path(path_type=Path), help="Spool directory.")
 @click.option("--durability", type=click.Choice(["disk", "memory"]),
               help="disk: survives kill -9 (default); memory: faster, loses unsent events on restart.")

@@ -5,8 +5,9 @@ several awaits per request) cost the sidecar about as much CPU as the predictor 
 server parses with the same parser (llhttp via httptools), hands the handler whole requests and
 writes each answer with one `write`. It serves what a reverse proxy in a pod needs: keep-alive,
 pipelining (answers in order), chunked request bodies, `Expect: 100-continue`, HTTP/1.0, an idle
-timeout, size limits (a body over `max_request_bytes` 413, a head over 64 KiB 431: requests are
-held whole) and a graceful stop. Upgrades (websockets, h2c) are not served: the request is
+timeout, a read deadline (a request not whole within `request_read_timeout` of its first byte 408),
+size limits (a body over `max_request_bytes` 413, a head over 64 KiB 431: requests are held whole)
+and a graceful stop. Upgrades (websockets, h2c) are not served: the request is
 answered as plain HTTP and the connection closed. `infer-logger proxy --server uvicorn` runs the
 ASGI app instead.
 """
@@ -50,6 +51,8 @@ _NO_BODY = frozenset({204, 304})
 _MAX_PIPELINED = 16  # requests queued behind the one being answered before we stop reading
 _MAX_REPLAYS = 16  # upgrade requests with a body read again, per connection
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NOT_READING = float("inf")  # `_Connection.began` between requests
+_BEHIND = float("-inf")  # `_Connection.began` of a request read behind answers still due
 MAX_HEAD = 64 << 10  # bytes of request line and headers: the parser would buffer any amount
 LINGER = 5.0
 """Seconds a connection that refused a request goes on reading (and dropping) what the client still
@@ -128,6 +131,7 @@ class _Connection(asyncio.Protocol):
         self.queue: deque[tuple[Request, bool | Literal["announce"]]] = deque()
         self.closing = False  # answer what was read, then close
         self.last = 0.0
+        self.began = _NOT_READING  # when the request being read had its first byte (the sweeper's deadline)
         self._url = b""
         self._headers: Headers = []
         self._body: list[bytes] = []
@@ -224,6 +228,7 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks
 
     def on_message_begin(self) -> None:
+        self.began = self.last  # the time of the read that brought its first byte: no clock call
         self._url = b""
         self._headers = []
         self._body = []
@@ -299,7 +304,8 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._plain_head is not None:
             return  # the upgrade's end of message, the body unread: it is read again (data_received)
-        self._in_head, self._head_size, self._message_size = True, 0, 0  # the next request, counted afresh
+        # The next request, counted afresh; its deadline starts at its first byte.
+        self._in_head, self._head_size, self._message_size, self.began = True, 0, 0, _NOT_READING
         url = httptools.parse_url(self._url)
         raw_path = url.path or b"/"
         target = raw_path + b"?" + url.query if url.query else raw_path
@@ -364,14 +370,38 @@ class _Connection(asyncio.Protocol):
         if not self.active and self.last < idle_before and self.transport is not None:
             self.transport.close()
 
+    def check_read_deadline(self, now: float) -> None:
+        """408 a request still arriving `request_read_timeout` s after its first byte (a client
+        dribbling it would hold the connection, and what it sent, for ever). Time spent answering
+        the requests before it does not count: reading may be paused then (`_MAX_PIPELINED`)."""
+        if self.closing:
+            return
+        if self.began == _NOT_READING:
+            if self._message_size and not self.active:
+                # Only blank lines so far, which llhttp skips before a request without beginning
+                # one: they count (else a CRLF every few seconds keeps the connection for ever).
+                self.began = now
+            return
+        if self.active:
+            self.began = _BEHIND
+        elif self.began == _BEHIND:
+            self.began = now  # the answers before it are out: its time starts
+        elif now - self.began > self.server.request_read_timeout:
+            self.began = _NOT_READING
+            self._refuse(408, f"the request did not arrive whole within {self.server.request_read_timeout:g} "
+                              "seconds (request_read_timeout)")
+
 
 class HttpServer:
     """Serve `handler` on host:port until `stop`."""
 
     def __init__(self, handler: Handler, *, keep_alive_timeout: float = 5.0,
-                 max_body_bytes: int | None = None) -> None:
+                 max_body_bytes: int | None = None, request_read_timeout: float = 60.0) -> None:
         self.handler = handler
         self.keep_alive_timeout = keep_alive_timeout
+        self.request_read_timeout = request_read_timeout
+        """A request whose head and body have not arrived this many seconds after its first byte is
+        answered 408 and the connection closed (checked by the sweeper, about once a second)."""
         self.max_body_bytes = max_body_bytes
         """Larger request bodies are answered 413 and the connection closed (None: no limit)."""
         self.connections: set[_Connection] = set()
@@ -391,9 +421,11 @@ class HttpServer:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(min(1.0, self.keep_alive_timeout))
-            idle_before = self.loop.time() - self.keep_alive_timeout
+            await asyncio.sleep(min(1.0, self.keep_alive_timeout, self.request_read_timeout))
+            now = self.loop.time()
+            idle_before = now - self.keep_alive_timeout
             for conn in list(self.connections):
+                conn.check_read_deadline(now)
                 conn.close_if_idle(idle_before)
 
     async def stop(self, grace: float = 10.0) -> None:

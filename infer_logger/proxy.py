@@ -76,9 +76,11 @@ class Proxy:
     and the object is also an ASGI app (for uvicorn, or mounting in-process)."""
 
     def __init__(self, logger: InferenceLogger, upstream: str, *, timeout: float = 60.0,
-                 max_body_bytes: int | None = None) -> None:
+                 max_body_bytes: int | None = None, read_timeout: float = 60.0) -> None:
         self.logger = logger
         self.max_body_bytes = max_body_bytes
+        self.read_timeout = read_timeout
+        """Seconds a request may take to arrive whole (`request_read_timeout`): then a 408."""
         self.upstream = Upstream(upstream, timeout=timeout)
         self.serving = False
         self.startup_error: InferLoggerError | None = None

@@ -21,7 +21,7 @@ from infer_logger.proxy import Proxy
 
 def build_app(settings: Settings) -> Proxy:
     return Proxy(InferenceLogger(settings), settings.upstream, timeout=settings.timeout,
-                 max_body_bytes=int(settings.max_request_bytes))
+                 max_body_bytes=int(settings.max_request_bytes), read_timeout=settings.request_read_timeout)
 
 
 def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning") -> uvicorn.Config:
@@ -126,7 +126,7 @@ async def run(app: Proxy, host: str, port: int, stop: asyncio.Event,
     except BaseException:
         await app.shutdown()
         raise
-    server = HttpServer(app.handle, max_body_bytes=app.max_body_bytes)
+    server = HttpServer(app.handle, max_body_bytes=app.max_body_bytes, request_read_timeout=app.read_timeout)
     try:
         await server.start(host, port)
     except OSError as exc:

@@ -424,3 +424,65 @@ async def test_a_stopping_server_reads_no_new_requests() -> None:
     assert asyncio.get_running_loop().time() - began < 1
     assert await asyncio.wait_for(asking, 3) <= 2
     writer.close()
+
+
+class TestReadDeadline:
+    """A request not whole `request_read_timeout` s after its first byte: 408 with a JSON reason and
+    the connection closed (a slowloris client held it, and what it had sent, for ever)."""
+
+    @pytest.fixture
+    async def strict(self) -> AsyncIterator[HttpServer]:
+        srv = HttpServer(echo, request_read_timeout=0.5)
+        await srv.start("127.0.0.1", 0)
+        yield srv
+        await srv.stop(grace=1)
+
+    @staticmethod
+    async def dribble(server: HttpServer, head: bytes, data: bytes) -> bytes:
+        """Send `head`, then `data` a byte every 0.05 s until the server answers; what it answered,
+        to its end of stream."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(head)
+        try:
+            for i in range(200):  # 10 s: a generous bound
+                writer.write(data[i % len(data):i % len(data) + 1])
+                with contextlib.suppress(asyncio.TimeoutError):
+                    first = await asyncio.wait_for(reader.read(1), 0.05)
+                    return first + await asyncio.wait_for(reader.read(), 5)
+            raise AssertionError("never answered")
+        finally:
+            writer.close()
+
+    @pytest.mark.parametrize(("head", "data"), [
+        pytest.param(b"", b"GET /x HTTP/1.1\r\nhost: x\r\nx-slow: " + b"a" * 1000, id="head"),
+        pytest.param(b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n", b"x", id="body"),
+        pytest.param(b"POST /p HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n", b"1\r\nx\r\n", id="chunks"),
+        pytest.param(b"", b"\r\n", id="blank-lines"),  # llhttp skips them without beginning a request
+    ])
+    async def test_a_dribbled_request_is_408_and_closed(self, strict: HttpServer, head: bytes, data: bytes) -> None:
+        raw = await self.dribble(strict, head, data)
+        [(status, headers, body)] = answers(raw)
+        assert status.startswith(b"HTTP/1.1 408") and headers[b"connection"] == b"close"
+        assert orjson.loads(body) == {"error": "the request did not arrive whole within 0.5 seconds "
+                                               "(request_read_timeout)", "status": 408}
+
+    async def test_keep_alive_requests_each_have_their_own_deadline(self, strict: HttpServer) -> None:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{strict.port}") as client:
+            for i in range(4):  # longer than the deadline in all, on one connection
+                assert (await client.post("/p", content=b"x" * i)).json()["body"] == "x" * i
+                await asyncio.sleep(0.3)
+            assert len(strict.connections) == 1
+
+    async def test_a_slow_answer_and_the_request_read_behind_it_are_not_cut(self, strict: HttpServer) -> None:
+        """The deadline is the client's: time answering (here 1.5 s), even with the next request's
+        head begun behind it, does not count."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", strict.port)
+        writer.write(b"POST /sleep HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\n1.5GET /next HTTP/1.1\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.write(b"host: x\r\n\r\n")
+        raw = await asyncio.wait_for(reader.readuntil(b"}"), 5)
+        raw += await asyncio.wait_for(reader.readuntil(b"}"), 5)
+        [first, second] = answers(head + raw)
+        assert first[2] and second[0] == b"HTTP/1.1 200 OK" and orjson.loads(second[2])["path"] == "/next"
+        writer.close()

@@ -137,3 +137,23 @@ def test_uvicorn_refuses_an_upgrade_with_a_body_it_would_lose() -> None:
             while chunk := sock.recv(65536):
                 raw += chunk
         assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b'{"body":"a"}') and b"501" not in raw
+
+
+def test_the_sidecar_answers_a_dribbled_request_408(tmp_path: Path) -> None:
+    """`request_read_timeout` reaches the sidecar's server: a head sent a byte at a time is cut off."""
+    port = free_port()
+    settings = load_settings(None, port=port, request_read_timeout=0.5, spool={"dir": str(tmp_path / "spool")},
+                             sinks=[{"type": "file", "path": str(tmp_path / "e.jsonl")}])
+    with SidecarThread(settings), socket.create_connection(("127.0.0.1", port), timeout=0.05) as sock:
+        raw = b""
+        for byte in b"GET /v1/models/m HTTP/1.1\r\nhost: x\r\nx-slow: " + b"a" * 200:  # 10 s at most
+            sock.sendall(bytes([byte]))
+            with contextlib.suppress(socket.timeout):
+                if raw := sock.recv(65536):
+                    break
+        sock.settimeout(5)
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head
+    assert orjson.loads(body)["error"].endswith("(request_read_timeout)")
