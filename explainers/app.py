@@ -35,7 +35,7 @@ from explainers.metrics import ExplainerMetrics
 from explainers.service import ExplainerService
 from explainers.subscriber import ExplainSubscriber
 from infer_logger import binary_tensors
-from infer_logger.asgi import BodyLimit, BodyTooLargeError
+from infer_logger.asgi import BodyLimit, BodyTimeoutError, BodyTooLargeError
 from infer_logger.proxy import end_to_end
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,8 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
     app = FastAPI(title="infer-logger explainer", lifespan=lifespan)
     app.state.service, app.state.subscriber = service, events
     app.state.metrics = metrics = ExplainerMetrics(service, events)
-    app.add_middleware(BodyLimit, limit=int(service.settings.max_request_bytes))
+    app.add_middleware(BodyLimit, limit=int(service.settings.max_request_bytes),
+                       timeout=service.settings.request_read_timeout)
     app.add_middleware(_StartFailureInOneLine, failures=failures)
 
     def failed(status: int, reason: str) -> Response:
@@ -147,6 +148,12 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
     @app.exception_handler(BodyTooLargeError)
     async def too_large(request: Request, exc: BodyTooLargeError) -> Response:
         return failed(413, f"{exc} (max_request_bytes)")
+
+    @app.exception_handler(BodyTimeoutError)
+    async def too_slow(request: Request, exc: BodyTimeoutError) -> Response:
+        answer = failed(408, f"{exc} (request_read_timeout)")
+        answer.headers["connection"] = "close"  # uvicorn closes it: the rest of the body is not read
+        return answer
 
     @app.exception_handler(ExplainerError)
     async def explainer_error(request: Request, exc: ExplainerError) -> Response:

@@ -65,6 +65,8 @@ def _names(value: str | None) -> list[str] | None:
               help="Default explain parameter (requests may override). Repeatable.")
 @click.option("--workers", type=int, help="Explain threads.  [default: 2]")
 @click.option("--max-request-bytes", help="Refuse larger request bodies with 413.  [default: 64MiB]")
+@click.option("--request-read-timeout", type=float,
+              help="Seconds a request body may take to arrive whole before a 408.  [default: 60]")
 @click.option("--explain-timeout", type=float,
               help="Seconds one explain request may take (queueing included); then 504.  [default: 60]")
 @click.option("--max-samples", type=int,

@@ -103,6 +103,9 @@ class ExplainerSettings(LayeredSettings):
     max_instances: int = Field(1000, ge=1)
     max_request_bytes: ByteSize = ByteSize(64 << 20)
     """Request bodies longer than this are refused with 413 (a body is held whole to be decoded)."""
+    request_read_timeout: float = Field(60.0, gt=0)
+    """Seconds a request body may take to arrive whole, from its head, before it is answered 408 and
+    the connection closed (a client dribbling it would hold the connection for ever)."""
     warmup: bool = True
     subscriber: SubscriberSettings = SubscriberSettings()
 

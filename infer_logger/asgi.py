@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -25,6 +26,18 @@ class BodyTooLargeError(InferLoggerError):
         self.limit = limit
 
 
+class BodyTimeoutError(InferLoggerError):
+    """A request body not whole within the reader's deadline: answered 408 and the connection closed."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"the request body did not arrive whole within {timeout:g} seconds")
+        self.timeout = timeout
+
+
+CLOSE = (b"connection", b"close")
+"""The header of a 408: the server (uvicorn) then closes the connection, the rest of the body unread."""
+
+
 class ClientGoneError(InferLoggerError):
     """The client disconnected before its request body ended: there is no request to act on."""
 
@@ -32,9 +45,22 @@ class ClientGoneError(InferLoggerError):
         super().__init__("the client disconnected before the request body ended")
 
 
-async def read_body(receive: Receive, limit: int | None = None) -> bytes:
+async def read_body(receive: Receive, limit: int | None = None, timeout: float | None = None) -> bytes:
     """The whole request body: BodyTooLargeError past `limit`, ClientGoneError if it was cut short
-    (a partial body must never pass for the request: RFC 9112 6.3)."""
+    (a partial body must never pass for the request: RFC 9112 6.3), BodyTimeoutError if it has not
+    ended `timeout` s after the app was called (a client dribbling it would hold the connection and
+    what it sent for ever). The deadline cannot cover the head: the server reads that before an ASGI
+    app is called, and uvicorn bounds only the wait between requests (timeout_keep_alive)."""
+    if timeout is None:
+        return await _read_body(receive, limit)
+    try:
+        async with asyncio.timeout(timeout):  # one timer per request: uvicorn has no sweeper to lend
+            return await _read_body(receive, limit)
+    except TimeoutError:
+        raise BodyTimeoutError(timeout) from None
+
+
+async def _read_body(receive: Receive, limit: int | None) -> bytes:
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -52,21 +78,34 @@ async def read_body(receive: Receive, limit: int | None = None) -> bytes:
 
 class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes raises `BodyTooLargeError` in the app's
-    `receive` (its handler answers 413), so no more of it is read or held."""
+    `receive` (its handler answers 413), so no more of it is read or held; one not ended `timeout`
+    s after the app was called raises `BodyTimeoutError` (its handler answers 408, see `read_body`)."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], limit: int) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int, timeout: float | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         size = 0
+        timeout = self.timeout
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
 
         async def limited() -> Message:
-            nonlocal size
-            message = await receive()
+            nonlocal size, deadline
+            if deadline is None:  # no deadline, or the body has ended (later receives wait for a disconnect)
+                message = await receive()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    raise BodyTimeoutError(timeout) from None  # type: ignore[arg-type]
+                if not message.get("more_body", False):
+                    deadline = None
             size += len(message.get("body", b""))
             if size > self.limit:
                 raise BodyTooLargeError(self.limit)

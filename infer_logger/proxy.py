@@ -17,7 +17,16 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from infer_logger import events as ev
-from infer_logger.asgi import BodyTooLargeError, ClientGoneError, error_body, read_body, respond, run_lifespan
+from infer_logger.asgi import (
+    CLOSE,
+    BodyTimeoutError,
+    BodyTooLargeError,
+    ClientGoneError,
+    error_body,
+    read_body,
+    respond,
+    run_lifespan,
+)
 from infer_logger.errors import InferLoggerError, InvalidEventError
 from infer_logger.httpserver import Reply, Request
 from infer_logger.logger import InferenceLogger, match_route
@@ -106,9 +115,12 @@ class Proxy:
         kind = scope["type"]
         if kind == "http":
             try:
-                body = await read_body(receive, self.max_body_bytes)
+                body = await read_body(receive, self.max_body_bytes, self.read_timeout)
             except BodyTooLargeError as exc:
                 await respond(send, 413, list(_JSON), error_body(413, f"{exc} (max_request_bytes)"))
+                return
+            except BodyTimeoutError as exc:
+                await respond(send, 408, [*_JSON, CLOSE], error_body(408, f"{exc} (request_read_timeout)"))
                 return
             except ClientGoneError:
                 return  # nothing forwarded, nothing logged

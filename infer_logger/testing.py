@@ -136,4 +136,6 @@ class CannedPredictor(EventCollector):
             return
         with self._cond:
             self.attempts += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
         await respond(send, self.status, [(b"content-type", self.content_type.encode())], self.body)

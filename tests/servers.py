@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -122,3 +123,21 @@ class Scripted:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         writer.close()
+
+
+def dribble(port: int, head: bytes, data: bytes, *, every: float = 0.05, bound: float = 10.0) -> bytes:
+    """A slowloris client: send `head`, then `data` a byte every `every` s (round and round) until
+    the server answers; what it answered, to its end of stream (AssertionError if not within `bound`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=every) as sock:
+        sock.sendall(head)
+        for i in range(int(bound / every)):
+            sock.sendall(data[i % len(data):i % len(data) + 1])
+            try:
+                raw = sock.recv(65536)
+            except TimeoutError:
+                continue
+            sock.settimeout(5)
+            while chunk := sock.recv(65536):
+                raw += chunk
+            return raw
+    raise AssertionError(f"no answer within {bound} s")

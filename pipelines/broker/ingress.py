@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from infer_logger.asgi import BodyTooLargeError, ClientGoneError, error_body, read_body, respond
+from infer_logger.asgi import (
+    CLOSE,
+    BodyTimeoutError,
+    BodyTooLargeError,
+    ClientGoneError,
+    error_body,
+    read_body,
+    respond,
+)
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import content_mode, from_http_many
 from infer_logger.errors import InvalidEventError
@@ -87,10 +95,14 @@ class Ingress:
             declared = int(headers.get("content-length", "0"))
             if declared > limit:
                 raise BodyTooLargeError(limit)
-            body = await read_body(receive, limit)
+            body = await read_body(receive, limit, settings.request_read_timeout)
         except (BodyTooLargeError, ValueError):
             refused.labels("oversize").inc()
             await respond(send, 413, [_JSON], error_body(413, f"the body is larger than {limit} bytes"))
+            return
+        except BodyTimeoutError as exc:  # nothing stored: the sender, answered 408, may send it again
+            refused.labels("timeout").inc()
+            await respond(send, 408, [_JSON, CLOSE], error_body(408, f"{exc} (request_read_timeout)"))
             return
         except ClientGoneError:  # a partial body is no event: the sender, unanswered, sends it again
             refused.labels("disconnected").inc()
@@ -131,11 +143,15 @@ class Ingress:
         await respond(send, 202, [], b"")
 
     async def _trigger(self, scope: Scope, parts: list[str], receive: Receive, send: Send) -> None:
-        limit = int(self.broker.settings.max_request_bytes)
+        settings = self.broker.settings
+        limit = int(settings.max_request_bytes)
         try:
-            body = await read_body(receive, limit)
+            body = await read_body(receive, limit, settings.request_read_timeout)
         except BodyTooLargeError:
             await respond(send, 413, [_JSON], error_body(413, f"the body is larger than {limit} bytes"))
+            return
+        except BodyTimeoutError as exc:
+            await respond(send, 408, [_JSON, CLOSE], error_body(408, f"{exc} (request_read_timeout)"))
             return
         except ClientGoneError:
             return

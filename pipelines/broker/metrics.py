@@ -13,7 +13,7 @@ class BrokerMetrics:
         )
         self.refused = Counter(
             "infer_logger_broker_events_refused",
-            "Events not taken, by reason (invalid, oversize, disconnected, unavailable, ttl_expired, unknown_broker)",
+            "Events not taken, by reason (invalid, oversize, disconnected, timeout, unavailable, ttl_expired, unknown_broker)",
             ["reason"],
             registry=r,
         )

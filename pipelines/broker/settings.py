@@ -112,6 +112,9 @@ class BrokerSettings(LayeredSettings):
     """Largest event accepted (413 beyond)."""
     max_request_bytes: ByteSize = ByteSize(16 << 20)
     """Largest request body (a batch) accepted (413 beyond)."""
+    request_read_timeout: float = Field(60.0, gt=0)
+    """Seconds a request body may take to arrive whole, from its head, before it is answered 408 and
+    the connection closed (a sender dribbling it would hold the connection for ever)."""
     batch_size: int = Field(100, ge=1)
     """Events a trigger reads from the log at a time."""
     parallelism: int = Field(64, ge=1)

@@ -27,7 +27,7 @@ from infer_logger.demo.predictor import create_app as predictor_app
 from infer_logger.testing import free_port
 from tests.explainers.conftest import serve, settings
 from tests.explainers.models import Served, estimator, table
-from tests.servers import Process
+from tests.servers import Process, dribble
 
 PAYLOADS = Path(__file__).resolve().parents[3] / "shared" / "conformance" / "kserve" / "payloads"
 IRIS_V1 = {"instances": [[6.8, 2.8, 4.8, 1.4], [6.0, 3.4, 4.5, 1.6]]}
@@ -325,7 +325,8 @@ def switchable() -> Iterator[tuple[SwitchablePredictor, str]]:
     with serve(predictor.app) as predictor_url:
         service = ExplainerService(settings(model_name="iris", predictor_url=predictor_url, protocol="v1",
                                             background="dataset:iris", params={"nsamples": 20},
-                                            timeout=1.0, retries=1, max_request_bytes=4096))
+                                            timeout=1.0, retries=1, max_request_bytes=4096,
+                                            request_read_timeout=1.0))
         with serve(create_app(service)) as url:
             yield predictor, url
             predictor.mode = "ok"
@@ -538,6 +539,17 @@ def test_a_body_over_the_limit_is_413(switchable: tuple[SwitchablePredictor, str
         r = httpx.post(f"{url}/v1/models/iris:explain", content=body, timeout=20)
         assert r.status_code == 413
         assert r.json() == {"error": "the request body is larger than 4096 bytes (max_request_bytes)"}
+    assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
+
+
+def test_a_dribbled_body_is_408_and_closed(switchable: tuple[SwitchablePredictor, str]) -> None:
+    """A body sent a byte at a time held its connection (and what it had sent) for ever."""
+    _, url = switchable
+    raw = dribble(int(url.rsplit(":", 1)[1]), b"POST /v1/models/iris:explain HTTP/1.1\r\nhost: x\r\n"
+                                              b"content-type: application/json\r\ncontent-length: 999\r\n\r\n", b" ")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head
+    assert orjson.loads(body) == {"error": "the request body did not arrive whole within 1 seconds (request_read_timeout)"}
     assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +16,8 @@ from infer_logger import events as ev
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.config import load_settings
 from infer_logger.server import SidecarThread
-from infer_logger.testing import EventCollector, free_port
-from tests.servers import Process, Scripted, sidecar_process
+from infer_logger.testing import CannedPredictor, EventCollector, free_port
+from tests.servers import Process, Scripted, dribble, sidecar_process
 
 pytestmark = pytest.mark.slow
 
@@ -316,3 +317,29 @@ async def test_a_predictor_switching_protocols_is_a_logged_502(tmp_path: Path) -
     assert r.status_code == 502 and "switched protocols" in r.json()["error"]
     logged = [orjson.loads(line) for line in out.read_bytes().splitlines()]
     assert [(e["id"], e.get("statuscode")) for e in logged] == [("switch-1", None), ("switch-1", 502)]
+
+
+def test_under_uvicorn_a_dribbled_body_is_408_and_closed(tmp_path: Path) -> None:
+    """`proxy --server uvicorn`: a body sent a byte at a time held its connection for ever; now
+    a 408 past `request_read_timeout`, while whole requests and a slow predictor are served."""
+    from infer_logger.demo.quickstart import ServerThread
+    from infer_logger.server import build_app, uvicorn_config
+
+    with CannedPredictor(body=b'{"predictions": [1]}') as predictor:
+        port = free_port()
+        settings = load_settings(None, port=port, predictor_url=predictor.url.rstrip("/"), server="uvicorn",
+                                 request_read_timeout=0.5, spool={"dir": str(tmp_path / "spool")},
+                                 sinks=[{"type": "file", "path": str(tmp_path / "events.jsonl")}])
+        with ServerThread(uvicorn_config(build_app(settings), "127.0.0.1", port)):
+            raw = dribble(port, b"POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ncontent-length: 500\r\n\r\n", b"x")
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head
+            assert orjson.loads(body) == {"error": "the request body did not arrive whole within 0.5 seconds "
+                                                   "(request_read_timeout)", "status": 408}
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+                for _ in range(3):  # keep-alive, longer than the deadline in all
+                    assert client.post("/v1/models/m:predict", json=V1).json() == {"predictions": [1]}
+                    time.sleep(0.3)
+                predictor.delay = 1.2  # the predictor's time is governed by --timeout, not this
+                assert client.post("/v1/models/m:predict", json=V1).json() == {"predictions": [1]}
+    assert predictor.attempts == 4  # the dribbled request never reached it

@@ -255,3 +255,30 @@ def test_a_body_cut_short_by_the_client_is_no_event(tmp_path: Path, subscriber: 
         time.sleep(0.3)
         assert 'reason="disconnected"' in httpx.get(running.url + "metrics").text
     assert [e.id for e in subscriber.events] == ["whole"]
+
+
+def test_a_dribbled_body_is_408_and_no_event(tmp_path: Path, subscriber: Subscriber) -> None:
+    """A sender dribbling its body held the connection (and the bytes read so far) for ever: a 408
+    past `request_read_timeout`, the connection closed, nothing stored; whole events still go in."""
+    import httpx
+
+    from infer_logger.testing import free_port
+    from pipelines.broker import Broker, BrokerThread
+    from tests.servers import dribble
+
+    from .helpers import settings
+
+    broker = Broker(settings(tmp_path, request_read_timeout=0.5), triggers=CATCH_ALL.format(url=subscriber.url))
+    with BrokerThread(broker, port=free_port()) as running:
+        port = int(running.url.rstrip("/").rsplit(":", 1)[1])
+        raw = dribble(port, b"POST / HTTP/1.1\r\nhost: x\r\nce-specversion: 1.0\r\nce-id: slow\r\nce-source: /s\r\n"
+                            b"ce-type: t\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n", b" ")
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head
+        assert orjson.loads(body) == {"error": "the request body did not arrive whole within 0.5 seconds "
+                                               "(request_read_timeout)", "status": 408}
+        headers, whole = to_binary(event("whole"))
+        assert httpx.post(running.url, headers=headers, content=whole).status_code == 202
+        subscriber.wait_for(1)
+        assert 'reason="timeout"' in httpx.get(running.url + "metrics").text
+    assert [e.id for e in subscriber.events] == ["whole"]
