@@ -102,7 +102,7 @@ def in_process(frames: Sequence[bytes]) -> int:
     source = ForwardSourceConfig(port=0).build(NoOp())
     records = 0
     for frame in frames:
-        records += len(source.to_events(parse_frame(msgpack.unpackb(frame, raw=False), LIMIT)))
+        records += len(source.to_events(parse_frame(frame, LIMIT)))
     return records
 
 

@@ -8,14 +8,14 @@ with HELO -> PING -> PONG (`users` adds username/password auth). UDP heartbeats 
 Fluentd's out_forward defaults to `heartbeat_type transport`, plain TCP connects.
 
 A frame's records go to the subscriber in batches of at most `max_frame_entries`, each unpacked
-and converted only when the one before was taken, so a frame of many small entries holds one batch
-of events, not all of them (a PackedForward frame's entries are unpacked, and inflated, as they go;
-a Forward-mode array comes whole with its message). A `chunk` option is acked (`{"ack": chunk}`)
-only after the last batch's `send_batch` returned, so a client with `require_ack_response` resends
-what the subscriber did not take: the whole chunk, so the batches before a refused or bad one are
-delivered again (at-least-once; a chunk's record ids stay the same, see below). A frame that does
-not parse or is over `max_frame_bytes`, a failed handshake or a refused batch closes that
-connection (logged, counted in `errors`); other connections go on.
+and converted only when the one before was taken, so a frame of many small entries holds its bytes
+and one batch of events, not all of them decoded (a Forward-mode array's entries are read from the
+frame's bytes, a PackedForward bin's unpacked, and inflated, as they go). A `chunk` option is acked
+(`{"ack": chunk}`) only after the last batch's `send_batch` returned, so a client with
+`require_ack_response` resends what the subscriber did not take: the whole chunk, so the batches
+before a refused or bad one are delivered again (at-least-once; a chunk's record ids stay the same,
+see below). A frame that does not parse or is over `max_frame_bytes`, a failed handshake or a
+refused batch closes that connection (logged, counted in `errors`); other connections go on.
 
 Records in the CloudEvents JSON format (what the `fluentd` sink sends: they have `specversion`)
 become that event again. Any other record becomes an event of type `record_type` with the tag as
@@ -63,6 +63,7 @@ _NS = 1_000_000_000
 _READ_SIZE = 256 * 1024
 _PIECE = 256 * 1024  # most bytes of entries given to an unpacker at once
 _MAX_ENTRIES = 10_000
+_WALK_READ = 16 * 1024  # bytes of a frame an unpacker reads at once while walking it
 
 
 class FrameError(ValueError):
@@ -110,8 +111,8 @@ Entry = tuple[int, dict[Any, Any]]  # (time in ns, record)
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A frame's tag and chunk, and its entries: checked and (PackedForward) unpacked as they are
-    iterated, once, so iterating can raise FrameError too."""
+    """A frame's tag and chunk, and its entries: checked and (but in Message mode) unpacked as they
+    are iterated, once, so iterating can raise FrameError too."""
 
     tag: str
     entries: Iterable[Entry]
@@ -124,44 +125,87 @@ class Frame:
             yield batch
 
 
-def _unpacker(limit: int) -> msgpack.Unpacker:
-    # surrogateescape: PackedForward entries may arrive as str holding binary msgpack; as_bytes()
-    # gets the exact bytes back. Non-string map keys are the record's business, not a protocol error.
-    return msgpack.Unpacker(raw=False, unicode_errors="surrogateescape", strict_map_key=False,
-                            max_buffer_size=limit)
+def _unpacker(limit: int, file: _Reader | None = None, read_size: int = 0) -> msgpack.Unpacker:
+    # surrogateescape: records may hold invalid UTF-8 (see _scrub). Non-string map keys are the
+    # record's business, not a protocol error.
+    return msgpack.Unpacker(file, raw=False, unicode_errors="surrogateescape", strict_map_key=False,
+                            max_buffer_size=limit, read_size=read_size)
 
 
 class _Messages:
-    """A connection's byte stream as msgpack messages of at most `limit` bytes each.
+    """A connection's byte stream cut into msgpack messages of at most `limit` bytes each, given as
+    their bytes: parse_frame decodes what it needs of them (decoded whole, a frame of tiny entries
+    is ~50 times its size).
 
-    The Unpacker's buffer limit cannot say this: it parses as far as the bytes go and drops what
-    it parsed, so its buffer holds only the unfinished item (a frame of many small entries grew
-    without bound), and it holds whatever follows in the same read (a frame just under the limit
-    followed by the next one's start was BufferFull). So frames are measured here.
+    They are found by Unpacker.skip(), which builds nothing and drops what it passed, so its buffer
+    holds about a read (all of a bin or str while one comes in). Its buffer limit cannot bound a
+    frame: it holds whatever follows in the same read (a frame just under the limit followed by the
+    next one's start was BufferFull), so frames are measured here.
     """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._unpacker = _unpacker(limit + _READ_SIZE)  # room for one read past an unfinished frame
+        self._unpacker = self._new_unpacker()
+        self._base = 0  # where in the stream the unpacker's tell() counts from
         self._fed = 0  # bytes fed so far
         self._start = 0  # where the unfinished message starts
+        self._reads: list[bytes] = []  # the reads it is in, and what follows it
+        self._offset = 0  # where it starts in the first
 
     def feed(self, data: bytes) -> None:
         self._unpacker.feed(data)
+        self._reads.append(data)
         self._fed += len(data)
 
     def __iter__(self) -> Self:
         return self
 
-    def __next__(self) -> Any:
+    def __next__(self) -> bytes | memoryview:
         try:
-            message = next(self._unpacker)
-        except StopIteration:
+            self._unpacker.skip()
+        except msgpack.OutOfData:
             self._check(self._fed)
-            raise
-        end = self._unpacker.tell()  # exact after a whole message (not after a failed attempt)
+            raise StopIteration from None
+        end = self._base + self._unpacker.tell()  # exact after a whole message, not after a failed attempt
         self._check(end)
+        big = end - self._start > _READ_SIZE
+        if big:
+            # A bin or str that big left the unpacker's buffer as big, for good: dropped before
+            # the message is joined, it and the reads are not held twice at once.
+            self._unpacker = self._new_unpacker()
+            self._base = end
+        message = self._cut(end - self._start)
         self._start = end
+        if big and self._reads:  # the rest of the last read: the next message's start
+            self._unpacker.feed(memoryview(self._reads[0])[self._offset:])
+            for data in self._reads[1:]:
+                self._unpacker.feed(data)
+        return message
+
+    def _new_unpacker(self) -> msgpack.Unpacker:
+        # Room for one read past an unfinished frame; starting with a read's room, not 1 MiB.
+        return _unpacker(self._limit + _READ_SIZE, read_size=_READ_SIZE)
+
+    def _cut(self, size: int) -> bytes | memoryview:
+        """The next `size` bytes of the reads as one buffer: a view when they are in one read."""
+        first = memoryview(self._reads[0])[self._offset:]
+        if size <= len(first):
+            message: bytes | memoryview = first[:size]
+            self._offset += size
+        else:
+            parts: list[bytes | memoryview] = [first]
+            left, used = size - len(first), 1
+            while left > len(self._reads[used]):
+                parts.append(self._reads[used])
+                left -= len(self._reads[used])
+                used += 1
+            parts.append(memoryview(self._reads[used])[:left])
+            message = b"".join(parts)
+            del self._reads[:used]
+            self._offset = left
+        if self._offset == len(self._reads[0]):
+            del self._reads[0]
+            self._offset = 0
         return message
 
     def _check(self, end: int) -> None:
@@ -172,23 +216,29 @@ class _Messages:
 _TOO_BIG = "frame exceeds max_frame_bytes"
 
 
-def parse_frame(message: object, limit: int, max_entries: int = _MAX_ENTRIES) -> Frame:
-    """A decoded Forward message as (tag, entries, chunk); FrameError says what is wrong with the
-    frame, and iterating its entries what is wrong with them. `limit` bounds the inflated entries,
-    `max_entries` the gzip members that end no entry."""
-    if not isinstance(message, list) or not 2 <= len(message) <= 4:
-        raise FrameError(f"a frame is an array of 2 to 4 items, not {_describe(message)}")
-    tag, second = message[0], message[1]
-    if not isinstance(tag, str) or not tag:
-        raise FrameError(f"the tag must be a non-empty string, not {_describe(tag)}")
+def parse_frame(frame: bytes | memoryview, limit: int, max_entries: int = _MAX_ENTRIES) -> Frame:
+    """A Forward message, the bytes of one msgpack item, as (tag, entries, chunk); FrameError says
+    what is wrong with the frame, and iterating its entries what is wrong with them. Only the tag,
+    the option and a Message mode record are decoded here; the entries are unpacked as they are
+    iterated. `limit` bounds the inflated entries, `max_entries` the gzip members that end no entry."""
+    walk = _Walk(memoryview(frame))
     try:
+        size = walk.array_header() if walk.kind() == "array" else None
+        if size is None or not 2 <= size <= 4:
+            found = _describe(walk.value()) if size is None else f"an array of {size} items"
+            raise FrameError(f"a frame is an array of 2 to 4 items, not {found}")
+        tag = walk.value()
+        if not isinstance(tag, str) or not tag:
+            raise FrameError(f"the tag must be a non-empty string, not {_describe(tag)}")
         entries: Iterable[Entry]
-        if isinstance(second, list):  # Forward mode
-            option = _option(message, 2)
-            entries = _entries(second)
-        elif isinstance(second, bytes | str):  # PackedForward, maybe compressed
-            option = _option(message, 2)
-            raw = as_bytes(second)
+        kind = walk.kind()
+        if kind == "array":  # Forward mode: its items are packed entries one after another
+            items = walk.items()
+            option = _option(walk, size, 2)
+            entries = _entries(_unpacked(_pieces(items), limit, max_entries))
+        elif kind == "raw":  # PackedForward, maybe compressed: in a bin, or an old sender's str
+            raw = walk.raw()
+            option = _option(walk, size, 2)
             compressed = option.get("compressed")
             if compressed == "gzip":
                 entries = _entries(_unpacked(_inflate(raw, limit), limit, max_entries))
@@ -197,27 +247,155 @@ def parse_frame(message: object, limit: int, max_entries: int = _MAX_ENTRIES) ->
             else:
                 raise FrameError(f"unknown compression {compressed!r}")
         else:  # Message mode
-            if len(message) < 3:
+            if size < 3:
                 raise FrameError("a Message mode frame is [tag, time, record, option?]")
-            option = _option(message, 3)
-            entries = [(time_ns(second), _record(message[2]))]
+            wire_time, record = walk.value(), walk.value(maps=True)
+            option = _option(walk, size, 3)
+            entries = [(time_ns(wire_time), _record(record))]
     except (TypeError, ValueError, OverflowError, msgpack.UnpackException) as exc:
-        raise exc if isinstance(exc, FrameError) else FrameError(str(exc)) from exc
+        # TypeError: msgpack's for a map key Python cannot hash; ValueError/OverflowError: times
+        raise exc if isinstance(exc, FrameError) else FrameError(str(exc) or type(exc).__name__) from exc
     chunk = option.get("chunk")
     if chunk is not None and not isinstance(chunk, str):
         raise FrameError(f"the chunk option must be a string, not {_describe(chunk)}")
     return Frame(tag, entries, chunk)
 
 
-def _option(message: list[Any], index: int) -> dict[Any, Any]:
-    if len(message) > index + 1:
-        raise FrameError(f"{len(message)} items is too many for this mode")
-    option = message[index] if len(message) > index else None
-    if option is None:
+def _option(walk: _Walk, size: int, index: int) -> dict[str, Any]:
+    """The option's `chunk` and `compressed`, all this source reads of it (the rest is skipped)."""
+    if size > index + 1:
+        raise FrameError(f"{size} items is too many for this mode")
+    if size == index:
         return {}
-    if not isinstance(option, dict):
+    if walk.kind() != "map":
+        if (option := walk.value()) is None:
+            return {}
         raise FrameError(f"the option must be a map, not {_describe(option)}")
+    option = {}
+    for _ in range(walk.map_header()):
+        key = walk.value()
+        if isinstance(key, _Skipped):  # what decoding the map would have raised
+            raise TypeError(f"an option key cannot be a {key.kind}")
+        if key in ("chunk", "compressed"):
+            option[key] = walk.value()
+        else:
+            walk.skip()
     return option
+
+
+class _Reader:
+    """A frame's bytes as the file an Unpacker reads, a piece at a time (BytesIO copies them)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+
+    def read(self, size: int) -> bytes:
+        piece = self._view[self._pos:self._pos + size]
+        self._pos += len(piece)
+        return piece.tobytes()
+
+
+# msgpack type bytes of arrays, maps, str and bin -> (kind, bytes of the length that follows;
+# 0: the length is in the type byte's low bits)
+_HEADERS = {
+    **{byte: ("map", 0) for byte in range(0x80, 0x90)},
+    **{byte: ("array", 0) for byte in range(0x90, 0xa0)},
+    **{byte: ("raw", 0) for byte in range(0xa0, 0xc0)},
+    0xc4: ("raw", 1), 0xc5: ("raw", 2), 0xc6: ("raw", 4),  # bin 8/16/32
+    0xd9: ("raw", 1), 0xda: ("raw", 2), 0xdb: ("raw", 4),  # str 8/16/32
+    0xdc: ("array", 2), 0xdd: ("array", 4), 0xde: ("map", 2), 0xdf: ("map", 4),
+}
+_KINDS = {byte: kind for byte, (kind, _) in _HEADERS.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class _Skipped:
+    """An array or a map found where a scalar belongs, left undecoded."""
+
+    kind: str
+    length: int
+
+    def __str__(self) -> str:
+        return f"{self.kind} of {self.length} items"
+
+
+class _Walk:
+    """A frame's items one after another, read from its bytes and decoded only when asked for."""
+
+    def __init__(self, frame: memoryview) -> None:
+        self._frame = frame
+        self._seek(0)
+
+    def _seek(self, pos: int) -> None:
+        self._base = pos
+        rest = self._frame[pos:]
+        if len(rest) > _WALK_READ:
+            self._unpacker = _unpacker(len(rest), _Reader(rest), _WALK_READ)
+        else:  # most frames: fed at once, cheaper than read
+            self._unpacker = _unpacker(_WALK_READ, read_size=_WALK_READ)
+            self._unpacker.feed(rest)
+
+    @property
+    def _pos(self) -> int:
+        return self._base + self._unpacker.tell()
+
+    def kind(self) -> str:
+        """The next item's: 'array', 'map', 'raw' (str or bin) or 'other'."""
+        return _KINDS.get(self._frame[self._base + self._unpacker.tell()], "other")
+
+    def _header(self) -> tuple[int, int]:
+        """The next array's, map's, str's or bin's header size and its length (items or bytes)."""
+        pos = self._pos
+        byte = self._frame[pos]
+        width = _HEADERS[byte][1]
+        if not width:
+            return 1, byte & (0x1f if byte >= 0xa0 else 0x0f)
+        return 1 + width, int.from_bytes(self._frame[pos + 1:pos + 1 + width], "big")
+
+    def array_header(self) -> int:
+        return int(self._unpacker.read_array_header())
+
+    def map_header(self) -> int:
+        return int(self._unpacker.read_map_header())
+
+    def value(self, maps: bool = False) -> Any:
+        """The next item; an array, or a map unless `maps`, stands as a _Skipped."""
+        kind = self.kind()
+        if kind == "array" or kind == "map" and not maps:
+            length = self._header()[1]
+            self._unpacker.skip()
+            return _Skipped(kind, length)
+        return self._unpacker.unpack()
+
+    def skip(self) -> None:
+        if self.kind() == "raw":
+            self.raw()
+        else:
+            self._unpacker.skip()
+
+    def items(self) -> memoryview:
+        """The next array's items (packed one after another)."""
+        header = self._header()[0]
+        start = self._pos + header
+        self._unpacker.skip()
+        return self._frame[start:self._pos]
+
+    def raw(self) -> memoryview:
+        """The next str's or bin's bytes, not copied (skip() would read them into the unpacker)."""
+        header, length = self._header()
+        start = self._pos + header
+        self._seek(start + length)
+        return self._frame[start:start + length]
+
+
+def _ping(message: bytes | memoryview) -> list[Any]:
+    """PING's six items (an array or a map among them, which PING has none of, as a _Skipped), or
+    none when it is no array of six."""
+    walk = _Walk(memoryview(message))
+    if walk.kind() != "array" or walk.array_header() != 6:
+        return []
+    return [walk.value() for _ in range(6)]
 
 
 def _entries(items: Iterable[object]) -> Iterator[Entry]:
@@ -242,7 +420,7 @@ def _record(value: object) -> dict[Any, Any]:
     return value
 
 
-def _pieces(raw: bytes) -> Iterator[memoryview]:
+def _pieces(raw: bytes | memoryview) -> Iterator[memoryview]:
     view = memoryview(raw)
     for start in range(0, len(raw), _PIECE):
         yield view[start:start + _PIECE]
@@ -252,7 +430,7 @@ def _unpacked(pieces: Iterable[bytes | memoryview], limit: int, max_idle: int) -
     """The msgpack items of packed entries given in pieces, each as soon as it is whole. An empty
     piece ends a gzip member; more than `max_idle` members that end no item are refused (each costs
     work, and 32 MiB holds 1.6 million empty ones)."""
-    unpacker = _unpacker(limit + _PIECE)  # one entry of at most `limit` bytes, and a piece
+    unpacker = _unpacker(limit + _PIECE, read_size=_PIECE)  # one entry of at most `limit` bytes, and a piece
     fed = end = items = idle = 0
     items_at_member_start = 0
     for piece in pieces:
@@ -273,7 +451,7 @@ def _unpacked(pieces: Iterable[bytes | memoryview], limit: int, max_idle: int) -
         raise FrameError(f"the packed entries end in a cut-off entry ({fed - end} bytes)")
 
 
-def _inflate(raw: bytes, limit: int) -> Iterator[bytes]:
+def _inflate(raw: bytes | memoryview, limit: int) -> Iterator[bytes]:
     """What every gzip member in turn inflates to (the spec lets a sender concatenate them; Fluentd
     writes one per append), in pieces of at most _PIECE bytes, an empty one after each member;
     at most `limit` bytes in all."""
@@ -307,6 +485,8 @@ def _inflate(raw: bytes, limit: int) -> Iterator[bytes]:
 
 
 def _describe(value: object) -> str:
+    if isinstance(value, _Skipped):
+        return f"an {value}" if value.kind == "array" else f"a {value}"
     text = repr(value)
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
@@ -552,7 +732,7 @@ class ForwardSource:
         # An empty `auth` (str, as Fluentd sends it) tells the client no user auth is wanted.
         writer.write(self._packer.pack(["HELO", {"nonce": nonce, "auth": auth_salt or "", "keepalive": True}]))
         async with asyncio.timeout(self.config.handshake_timeout):
-            ping = await _next_message(reader, messages)
+            ping = _ping(await _next_message(reader, messages))
         reason = self._check_ping(ping, nonce, auth_salt, key)
         hostname = self.config.self_hostname
         digest = "" if reason else shared_key_digest(as_bytes(ping[2]), hostname, nonce, key)
@@ -585,7 +765,7 @@ class _Refused(Exception):
     """The subscriber raised (the cause); the frame is not acked."""
 
 
-async def _next_message(reader: asyncio.StreamReader, messages: _Messages) -> Any:
+async def _next_message(reader: asyncio.StreamReader, messages: _Messages) -> bytes | memoryview:
     while True:
         try:
             return next(messages)

@@ -112,6 +112,19 @@ class Batches:
         pass
 
 
+class Counted:
+    """A subscriber that only counts what it was handed (holding the events would dwarf a frame)."""
+
+    def __init__(self) -> None:
+        self.records = 0
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        self.records += len(events)
+
+    async def aclose(self) -> None:
+        pass
+
+
 @pytest.fixture
 async def memory() -> MemorySink:
     return MemorySink()
@@ -248,6 +261,27 @@ class TestSlices:
             assert await roundtrip(src, frame) == [{"ack": "c"}]
         assert subscriber.sizes == ([1] if mode == "message" else [10, 10, 5])
         assert [e.id for e in subscriber.events] == [f"c-{i}" for i in range(sum(subscriber.sizes))]
+
+    async def test_forward_mode_frame_holds_its_bytes_not_its_entries(self) -> None:
+        """A Forward-mode frame (entries as an array) is walked like a PackedForward one, not
+        decoded whole: decoded, a 3-byte entry is a list and a dict of ~200 bytes (a 16 MiB frame
+        of them held ~900 MB)."""
+        frame = pack(["app", [[1, {}]] * 100_000, {"chunk": "c"}])
+        subscriber = Counted()
+        async with ForwardSourceConfig(port=0, max_frame_entries=100).build(subscriber) as src:
+            client = await Client.connect(src.port)
+            tracemalloc.start()
+            try:
+                await client.send(frame)
+                assert await client.reply(timeout=120) == {"ack": "c"}
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            await client.aclose()
+        assert subscriber.records == 100_000
+        # The frame as sent, as read and as joined, and the two unpackers' 256 KiB buffers; decoded
+        # whole it was ~15 MB.
+        assert peak < 3 * len(frame) + (1 << 20), f"peak {peak} bytes for a frame of {len(frame)}"
 
     async def test_ack_waits_for_the_last_slice(self) -> None:
         release = asyncio.Event()
@@ -594,7 +628,7 @@ class TestFluentLogger:
 def test_small_records_hold_little_memory() -> None:
     """A record's JSON holds its own size, not orjson's 4 KiB starting buffer (x5 what an event holds)."""
     source = ForwardSourceConfig(port=0).build(MemorySink())
-    frame = parse_frame(["app", pack([1, {}]) * 10_000, {"chunk": "c"}], 1 << 20)
+    frame = parse_frame(pack(["app", pack([1, {}]) * 10_000, {"chunk": "c"}]), 1 << 20)
     tracemalloc.start()
     try:
         events = source.to_events(frame)
@@ -607,9 +641,9 @@ def test_small_records_hold_little_memory() -> None:
 def test_parse_frame_modes_agree() -> None:
     """The three uncompressed modes carrying the same entries parse to the same frame."""
     entries = [[event_time(T_NS), {"a": 1}]]
-    message = parse_frame(["t", event_time(T_NS), {"a": 1}, {"chunk": "c"}], 1 << 20)
-    forward = parse_frame(["t", entries, {"chunk": "c"}], 1 << 20)
-    packed = parse_frame(["t", b"".join(pack(e) for e in entries), {"chunk": "c"}], 1 << 20)
+    message = parse_frame(pack(["t", event_time(T_NS), {"a": 1}, {"chunk": "c"}]), 1 << 20)
+    forward = parse_frame(pack(["t", entries, {"chunk": "c"}]), 1 << 20)
+    packed = parse_frame(pack(["t", b"".join(pack(e) for e in entries), {"chunk": "c"}]), 1 << 20)
     frames = [(f.tag, list(f.entries), f.chunk) for f in (message, forward, packed)]
     assert frames[0] == frames[1] == frames[2] == ("t", [(T_NS, {"a": 1})], "c")
     assert orjson.dumps(frames[0][1][0][1]) == b'{"a":1}'
