@@ -75,6 +75,7 @@ class DeliveryProcess:
 
     async def start(self) -> None:
         """Start the child and wait until its sinks are built: a bad sink config fails the start."""
+        self._stopping = self._promoting = False  # started again after a stop (an app's second lifespan)
         self._proc = await self._spawn()
         loop = asyncio.get_running_loop()
         self._supervisor = loop.create_task(self._supervise())

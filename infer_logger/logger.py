@@ -109,8 +109,13 @@ class InferenceLogger:
         self._accepted_request = self.metrics.accepted.labels("request")
         self._accepted_response = self.metrics.accepted.labels("response")
         self.started = False
+        self._closed = False  # stop() closed the spool: start() opens it again
 
     async def start(self) -> None:
+        """Start delivery; after a stop, first open the spool again, as a new process would (an
+        app's lifespan can run twice in one process: two TestClient blocks, an in-process reload)."""
+        if self._closed:
+            self._reopen()
         self.spool.start_fsync()
         if self.delivery is not None:
             await self.delivery.start()
@@ -120,6 +125,8 @@ class InferenceLogger:
         self.started = True
 
     async def stop(self) -> None:
+        if self._closed:  # a start that failed in _reopen, stopped again
+            return
         drain = self.settings.delivery.drain_timeout
         if self.delivery is not None:
             # The child reads what is on disk: the spool closes (flushed) only after it drained.
@@ -127,7 +134,23 @@ class InferenceLogger:
         elif self.dispatcher is not None:
             await self.dispatcher.stop(drain)
         self.spool.close()
+        self._closed = True
         self.started = False
+
+    def _reopen(self) -> None:
+        """A new spool (locked again, its checkpoints read) and, inline, new sink workers over it
+        (stop closed their sinks); the metrics carry on over the new spool."""
+        spool = build_spool(self.settings)
+        if self.dispatcher is not None:
+            try:
+                dispatcher = Dispatcher.from_settings(self.settings, spool, self.metrics)
+            except BaseException:
+                spool.close()
+                raise
+            self.dispatcher = dispatcher
+        self.spool = spool
+        self.metrics.use(spool)
+        self._closed = False
 
     def _backlog(self, delivered: Position) -> int:
         """Spool bytes not yet delivered: those appended after the position the delivery child

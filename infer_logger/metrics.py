@@ -127,7 +127,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.spool = spool
         r = self.registry
-        r.register(_SpoolCollector(spool, remote))
+        self._spool_collector = _SpoolCollector(spool, remote)
+        r.register(self._spool_collector)
         own = r if remote is None else None
         if remote is not None:
             r.register(_RemoteCollector(remote))
@@ -158,6 +159,10 @@ class Metrics:
         self.upstream_latency = Histogram(
             "infer_logger_upstream_latency_seconds", "Predictor response time", registry=r
         )
+
+    def use(self, spool: SpoolView) -> None:
+        """Read `spool` from now on: a logger started again after a stop opens a new one."""
+        self.spool = self._spool_collector.spool = spool
 
     def drop(self, reason: str, count: int) -> None:
         self.spool.stats.dropped[reason] += count

@@ -2,10 +2,10 @@
 
     app.add_middleware(InferenceLoggerMiddleware, settings=load_settings(...))
 
-The logger starts and stops with the app's lifespan (one that cannot start fails the startup).
-The request body is read first (and replayed to the app); the response streams through, only the
-part the event keeps (`max_payload_bytes`) held, and the response event is appended before the
-last body chunk goes to the client.
+The logger starts and stops with the app's lifespan, each time it runs (one that cannot start
+fails the startup). The request body is read first (and replayed to the app); the response streams
+through, only the part the event keeps (`max_payload_bytes`) held, and the response event is
+appended before the last body chunk goes to the client.
 """
 
 from __future__ import annotations

@@ -205,6 +205,28 @@ async def test_a_dead_child_is_replaced(tmp_path: Path) -> None:
         await logger.stop()
 
 
+async def test_a_logger_started_again_after_a_stop_works_as_a_new_one(tmp_path: Path) -> None:
+    """A second start (an app's second lifespan) opens the spool again, /metrics reads that one,
+    and its child is supervised (stop's flag stayed set: a dead child was never replaced)."""
+    logger = InferenceLogger(settings(tmp_path))
+    await logger.start()
+    await logger.stop()
+    await logger.start()
+    try:
+        assert logger.delivery is not None
+        first = logger.delivery.pid
+        assert first is not None
+        exchange(logger, "again")
+        scrape = generate_latest(logger.metrics.registry).decode()
+        assert "infer_logger_spool_bytes 0.0" not in scrape and "infer_logger_spool_bytes" in scrape, scrape
+        os.kill(first, signal.SIGKILL)
+        await eventually(lambda: logger.delivery is not None and logger.delivery.restarts == 1)
+        exchange(logger, "after")
+        await eventually(lambda: {e["id"] for e in lines(tmp_path / "events.jsonl")} == {"again", "after"})
+    finally:
+        await logger.stop()
+
+
 async def test_delivery_counters_carry_over_a_replaced_child(tmp_path: Path) -> None:
     logger = InferenceLogger(settings(tmp_path))
     await logger.start()

@@ -132,3 +132,23 @@ def test_a_logger_that_cannot_start_fails_the_apps_startup(tmp_path: Path, caplo
     assert not server.started and started == []
     assert any(r.getMessage().startswith("infer-logger:") and "not-a-dir" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("mode", ["process", "inline"])
+def test_the_apps_lifespan_can_run_again(tmp_path: Path, mode: str) -> None:
+    """A second lifespan in the same process (two TestClient blocks, an in-process restart) logs
+    and delivers like the first (stop closed the spool and start never opened it again)."""
+    with EventCollector() as sink:
+        app = create_app([EchoModel()])
+        app.add_middleware(InferenceLoggerMiddleware, settings=load_settings(
+            log_url=[sink.url], spool={"dir": str(tmp_path)}, delivery={"mode": mode}))
+        for run in (1, 2):
+            port = free_port()
+            with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/models/echo:predict",
+                               json={"instances": [[1, 2, 3, 4]]}, headers={"ce-id": f"run-{run}"})
+                assert r.status_code == 200
+        received = sink.wait_for(4)
+    assert sorted((e.id, e.type) for e in received) == [
+        ("run-1", ev.REQUEST), ("run-1", ev.RESPONSE), ("run-2", ev.REQUEST), ("run-2", ev.RESPONSE)]
+
