@@ -6,6 +6,11 @@ The logger starts and stops with the app's lifespan, each time it runs (one that
 fails the startup). The request body is read first (and replayed to the app); the response streams
 through, only the part the event keeps (`max_payload_bytes`) held, and the response event is
 appended before the last body chunk goes to the client.
+
+The spool is locked by the process logging into it: each worker process (`uvicorn --workers N`)
+needs its own `spool.dir`, and one that finds it taken fails its startup saying so. Workers are not
+given subdirectories of one: they have no stable identity, so a subdirectory left by a worker that
+does not come back (a restart with fewer workers) would never be delivered.
 """
 
 from __future__ import annotations
@@ -23,7 +28,18 @@ from infer_logger.logger import InferenceLogger, match_route
 class InferenceLoggerMiddleware:
     def __init__(self, app: Any, settings: Settings | None = None, logger: InferenceLogger | None = None):
         self.app = app
-        self.logger = logger or InferenceLogger(settings or Settings())
+        self.settings = logger.settings if logger is not None else settings or Settings()
+        self._logger = logger
+
+    @property
+    def logger(self) -> InferenceLogger:
+        """The logger, made (its spool opened and locked) on first use: normally the lifespan's
+        startup, where a spool another process holds fails the startup. Starlette builds its user
+        middleware on the first ASGI call, outside its lifespan handling: a SpoolError raised
+        there read as "lifespan unsupported", and every request was a 500."""
+        if self._logger is None:
+            self._logger = InferenceLogger(self.settings)
+        return self._logger
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -105,8 +121,9 @@ class InferenceLoggerMiddleware:
                     # uvicorn took the raise for "lifespan unsupported" and served, logging nothing.
                     # The app's startup is not run; the error ends its lifespan.
                     await send({"type": "lifespan.startup.failed", "message": f"infer-logger: {exc}"})
-                    with contextlib.suppress(Exception):
-                        await self.logger.stop()  # what did start (the spool and its lock)
+                    if self._logger is not None:  # else it could not even be made
+                        with contextlib.suppress(Exception):
+                            await self._logger.stop()  # what did start (the spool and its lock)
                     raise
             elif message["type"] == "lifespan.shutdown":
                 await self.logger.stop()

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
+import infer_logger
 from infer_logger import events as ev
 from infer_logger.config import load_settings
 from infer_logger.demo.predictor import EchoModel, create_app
@@ -151,4 +156,32 @@ def test_the_apps_lifespan_can_run_again(tmp_path: Path, mode: str) -> None:
         received = sink.wait_for(4)
     assert sorted((e.id, e.type) for e in received) == [
         ("run-1", ev.REQUEST), ("run-1", ev.RESPONSE), ("run-2", ev.REQUEST), ("run-2", ev.RESPONSE)]
+
+
+def test_two_uvicorn_workers_on_one_spool_fail_the_startup(tmp_path: Path) -> None:
+    """The second worker cannot lock the spool: its startup fails saying so and uvicorn stops
+    (the lock was taken where Starlette builds the middleware, outside its lifespan handling:
+    uvicorn took it for "lifespan unsupported" and that worker answered every request 500)."""
+    (tmp_path / "mwapp.py").write_text(
+        "from fastapi import FastAPI\n"
+        "from infer_logger.config import load_settings\n"
+        "from infer_logger.middleware import InferenceLoggerMiddleware\n"
+        "app = FastAPI()\n"
+        f"app.add_middleware(InferenceLoggerMiddleware, settings=load_settings(\n"
+        f"    log_url=['file://{tmp_path}/events.jsonl'], spool={{'dir': '{tmp_path}/spool'}}))\n"
+    )
+    here = str(Path(infer_logger.__file__).parents[1])  # the workers import this infer_logger
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(tmp_path), "mwapp:app", "--port", str(free_port()),
+         "--workers", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # still serving: its workers too (the group is the parent's pid)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert f"infer-logger: spool {tmp_path}/spool: in use by another process" in out, out
+    assert "failed to start, stopping the parent process" in out and "unsupported" not in out, out
 
