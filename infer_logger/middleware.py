@@ -7,6 +7,13 @@ fails the startup). The request body is read first (and replayed to the app); th
 through, only the part the event keeps (`max_payload_bytes`) held, and the response event is
 appended before the last body chunk goes to the client.
 
+Added with `add_middleware`, it runs inside Starlette's ServerErrorMiddleware: for an exception
+the app raises, the logged response is its own 500 `{"error": "<ExceptionName>"}`, whatever an
+`exception_handler(Exception)` then answers (that answer has no x-request-id either). Wrapped
+around the app instead, it logs every answer as the client gets it, lifespan included:
+
+    app = InferenceLoggerMiddleware(FastAPI(...), settings=load_settings(...))
+
 The spool is locked by the process logging into it: each worker process (`uvicorn --workers N`)
 needs its own `spool.dir`, and one that finds it taken fails its startup saying so. Workers are not
 given subdirectories of one: they have no stable identity, so a subdirectory left by a worker that

@@ -185,3 +185,38 @@ def test_two_uvicorn_workers_on_one_spool_fail_the_startup(tmp_path: Path) -> No
     assert f"infer-logger: spool {tmp_path}/spool: in use by another process" in out, out
     assert "failed to start, stopping the parent process" in out and "unsupported" not in out, out
 
+
+def test_as_the_outermost_wrapper_it_logs_what_an_exception_handler_answered(tmp_path: Path) -> None:
+    """Wrapped around the app (not added to it), the middleware sees the answer of an
+    `exception_handler(Exception)`, which Starlette sends outside user middleware: that status
+    and body are logged and carry the x-request-id; the app's own lifespan still runs."""
+    from fastapi.responses import JSONResponse
+
+    started: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started.append("app")
+        yield
+
+    inner = FastAPI(lifespan=lifespan)
+
+    @inner.exception_handler(Exception)
+    async def not_ready(request: object, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": "model not ready, retry"}, status_code=503)
+
+    @inner.post("/v1/models/{name}:predict")
+    async def predict(name: str) -> None:
+        raise LookupError("not loaded")
+
+    with EventCollector() as sink:
+        app = InferenceLoggerMiddleware(inner, settings=load_settings(log_url=[sink.url],
+                                                                      spool={"dir": str(tmp_path)}))
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/models/m:predict", json={}, headers={"ce-id": "h-1"})
+        received = sink.wait_for(2)
+    assert r.status_code == 503 and r.headers["x-request-id"] == "h-1"
+    response = next(e for e in received if e.type == ev.RESPONSE)
+    assert int(response[ev.STATUSCODE]) == 503 and response.json() == {"error": "model not ready, retry"}
+    assert started == ["app"]
