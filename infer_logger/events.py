@@ -19,6 +19,7 @@ from infer_logger import binary_tensors
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 from infer_logger.cloudevents.http import from_http_many
 from infer_logger.cloudevents.json_format import is_event_format
+from infer_logger.cloudevents.validation import is_string
 from infer_logger.errors import InvalidEventError
 
 REQUEST = "org.kubeflow.serving.inference.request"
@@ -76,11 +77,44 @@ def now_rfc3339() -> str:
 def event_id(headers: Mapping[str, str]) -> str:
     """The id shared by an exchange's events: `ce-id`, else `x-request-id`, else a new UUID.
 
-    `headers` must have lower-case keys. New ids are UUIDv7 (RFC 9562): they sort by time, so the
-    audit store's primary key grows at one end instead of touching a random index page per row
-    (random ids cost the store 1.1-1.2x per exchange: benchmarks/store_write.py).
+    `headers` must have lower-case keys. A given id that no event may carry (`read_id`) is
+    replaced by a new one too: the sinks would refuse the events, and in a batch those of other
+    requests with them. New ids are UUIDv7 (RFC 9562): they sort by time, so the audit store's
+    primary key grows at one end instead of touching a random index page per row (random ids
+    cost the store 1.1-1.2x per exchange: benchmarks/store_write.py).
     """
-    return headers.get("ce-id") or headers.get("x-request-id") or str(uuid7())
+    given = headers.get("ce-id") or headers.get("x-request-id")
+    if given and given.isascii() and given.isprintable():  # the usual id, checked inline: the hot path
+        return given
+    return (given and read_id(given)) or str(uuid7())
+
+
+def read_id(value: str) -> str | None:
+    """A client's id header as an event id, or None when it cannot be one.
+
+    Servers hand header values over as their bytes read as Latin-1: UTF-8 bytes are read as
+    UTF-8 (so the log, and `query --id`, hold what the client wrote), others stay Latin-1. None
+    when that is no CloudEvents String: a tab or 0x80-0x9F are legal in a header, not in an id.
+    """
+    if value.isascii():  # the usual id: one cheap check
+        return value if value and value.isprintable() else None
+    try:
+        value = value.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # not UTF-8 (or already text, not wire bytes)
+        pass
+    return value if is_string(value) else None
+
+
+def id_header(event_id: str, headers: Mapping[str, str]) -> bytes:
+    """The `x-request-id` to answer with: the very bytes the client sent when they are what
+    `event_id` was read from (a UTF-8 or Latin-1 id comes back as sent), else the id in UTF-8."""
+    sent = headers.get("x-request-id")
+    if sent is not None and (sent == event_id or read_id(sent) == event_id):
+        try:
+            return sent.encode("latin-1")
+        except UnicodeError:  # already text: there are no wire bytes to give back
+            pass
+    return event_id.encode()
 
 
 def cloudevent_id(headers: Mapping[str, str], body: bytes) -> str | None:

@@ -71,6 +71,10 @@ class InferenceLoggerMiddleware:
             await respond(send, 400, [(b"content-type", b"application/json")], refusal)
             return
         exchange = self.logger.begin(route, scope["path"], headers, scope["headers"], body, event_id)
+        if (sent := headers.get("x-request-id")) is not None and ev.read_id(sent) is None:
+            # The app (and what it echoes) sees the id that replaced it, as the client does.
+            others = [(k, v) for k, v in scope["headers"] if k != b"x-request-id"]
+            scope = {**scope, "headers": [*others, (b"x-request-id", event_id.encode())]}
         replayed = False
 
         async def replay() -> dict[str, Any]:
@@ -96,7 +100,7 @@ class InferenceLoggerMiddleware:
                     if k.lower() == b"content-type":
                         content_type = v.decode("latin-1")
                 if not any(k.lower() == b"x-request-id" for k, _ in message_headers):
-                    message_headers.append((b"x-request-id", event_id.encode()))
+                    message_headers.append((b"x-request-id", ev.id_header(event_id, headers)))
                 message = {**message, "headers": message_headers}
             elif message["type"] == "http.response.body":
                 chunk = message.get("body", b"")

@@ -151,7 +151,10 @@ class Proxy:
             exchange = self.logger.begin(route, path, headers, raw, body, event_id)
 
         forward = _without_hop(raw, _DROP_UPSTREAM, connection="connection" in headers)
-        if "x-request-id" not in headers:
+        sent = headers.get("x-request-id")
+        if sent is None or (sent != event_id and ev.read_id(sent) is None):  # none, or not an id: the event's
+            if sent is not None:
+                forward = [(k, v) for k, v in forward if k != b"x-request-id"]
             forward.append((b"x-request-id", event_id.encode()))
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -178,7 +181,7 @@ class Proxy:
             self.logger.end(exchange, status, content_type, out_body)
         self._count(exchange is not None, status)
         if not any(k == b"x-request-id" for k, _ in out_headers):
-            out_headers.append((b"x-request-id", event_id.encode()))
+            out_headers.append((b"x-request-id", ev.id_header(event_id, headers)))
         return status, out_headers, out_body
 
     def _count(self, logged: bool, status: int) -> None:

@@ -32,7 +32,7 @@ from infer_logger.cloudevents.kafka import (
     to_kafka_binary,
     to_kafka_structured,
 )
-from infer_logger.cloudevents.validation import parse_time, validate
+from infer_logger.cloudevents.validation import is_string, parse_time, validate
 
 __all__ = [
     "BATCH_MEDIA_TYPE",
@@ -53,6 +53,7 @@ __all__ = [
     "from_json",
     "from_json_batch",
     "from_kafka",
+    "is_string",
     "key_by_id",
     "parse_time",
     "to_batch",

@@ -114,6 +114,14 @@ def _non_empty_string(name: str, value: object) -> str:
     return value
 
 
+def is_string(value: str) -> bool:
+    """Whether `value` is a non-empty CloudEvents String (what `id` must be), without raising:
+    for callers that replace a value that is not rather than refuse it."""
+    if value.isascii():  # printable ASCII holds none of the excluded characters
+        return value.isprintable() and bool(value)
+    return _BAD_CHAR.search(value) is None
+
+
 def _check_chars(name: str, value: str) -> None:
     # Fast path for the common case: printable ASCII holds none of the excluded characters.
     if value.isascii() and value.isprintable():

@@ -9,13 +9,15 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 import infer_logger
 from infer_logger import events as ev
@@ -73,6 +75,31 @@ def test_cloudevent_requests_as_the_sidecar_takes_them(tmp_path: Path) -> None:
                 assert bad.status_code == 400 and bad.json()["attribute"] == "source", bad.text
         received = sink.wait_for(2)
     assert {(e.id, e.type) for e in received} == {("env-1", ev.REQUEST), ("env-1", ev.RESPONSE)}
+
+
+def test_ids_as_the_sidecar_takes_them(tmp_path: Path) -> None:
+    """An id no event may carry is replaced (for the app too); a UTF-8 one comes back as sent."""
+    app = FastAPI()
+
+    @app.post("/v1/models/m:predict")
+    async def predict(request: Request) -> JSONResponse:
+        echoed = {"x-request-id": request.headers["x-request-id"]} if "x-echo" in request.headers else {}
+        return JSONResponse({"predictions": [1]}, headers=echoed)
+
+    with EventCollector() as sink:
+        app.add_middleware(InferenceLoggerMiddleware,
+                           settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+                bad = client.post("/v1/models/m:predict", json={}, headers=[(b"x-request-id", b"bad\tid"),
+                                                                            (b"x-echo", b"1")])
+                utf8 = client.post("/v1/models/m:predict", json={}, headers=[(b"x-request-id", b"caf\xc3\xa9")])
+        received = sink.wait_for(4)
+    new = bad.headers["x-request-id"]
+    assert bad.status_code == 200 and uuid.UUID(new).version == 7
+    assert [v for k, v in utf8.headers.raw if k.lower() == b"x-request-id"] == [b"caf\xc3\xa9"]
+    assert sorted(e.id for e in received) == sorted([new, new, "café", "café"])
 
 
 def test_a_streamed_response_passes_through_and_only_its_logged_part_is_held(tmp_path: Path) -> None:

@@ -105,6 +105,28 @@ class TestLogging:
         assert r.headers["x-request-id"] == "rid-7"
         events_for(collector, "rid-7")
 
+    @pytest.mark.parametrize("header", [(b"x-request-id", b"bad\tid"), (b"x-request-id", b"caf\x85"),
+                                        (b"ce-id", b"bad\tid")], ids=["tab", "c1-control", "ce-id"])
+    def test_an_id_no_event_may_carry_is_replaced(self, sidecar: Process, collector: EventCollector,
+                                                  header: tuple[bytes, bytes]) -> None:
+        """Legal in a header, not in a CloudEvents id: the sink refused the events (dead letters)."""
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", json=V1, headers=[header])
+        assert r.status_code == 200
+        rid = r.headers["x-request-id"]
+        assert uuid.UUID(rid).version == 7
+        events_for(collector, rid)
+
+    @pytest.mark.parametrize(("sent", "logged"), [(b"caf\xc3\xa9-8", "café-8"), (b"na\xefve-1", "naïve-1")],
+                             ids=["utf-8", "latin-1"])
+    def test_a_non_ascii_id_comes_back_as_sent(self, sidecar: Process, collector: EventCollector,
+                                               sent: bytes, logged: str) -> None:
+        """UTF-8 is logged as such (query --id finds it); the client gets its bytes back, not
+        their Latin-1 reading encoded as UTF-8."""
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict", json=V1, headers=[(b"x-request-id", sent)])
+        assert r.status_code == 200
+        assert [v for k, v in r.headers.raw if k.lower() == b"x-request-id"] == [sent]
+        events_for(collector, logged)
+
     def test_error_responses_are_logged_with_status(self, sidecar: Process, collector: EventCollector) -> None:
         r = httpx.post(sidecar.url + "/v1/models/iris:predict", json={"instances": [[1]]})
         assert r.status_code == 400
@@ -343,3 +365,27 @@ def test_under_uvicorn_a_dribbled_body_is_408_and_closed(tmp_path: Path) -> None
                 predictor.delay = 1.2  # the predictor's time is governed by --timeout, not this
                 assert client.post("/v1/models/m:predict", json=V1).json() == {"predictions": [1]}
     assert predictor.attempts == 4  # the dribbled request never reached it
+
+
+async def test_a_predictor_echoing_the_id_echoes_the_one_that_replaced_a_bad_one(tmp_path: Path) -> None:
+    """The predictor gets the event's id in place of one no event may carry, so its echo (KServe's
+    predictors echo x-request-id) matches the log."""
+    def echo(request: bytes) -> bytes:
+        rid = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                   if line.lower().startswith(b"x-request-id:"))
+        return (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-request-id: " + rid
+                + b"\r\ncontent-length: 2\r\n\r\n{}")
+
+    out = tmp_path / "events.jsonl"
+    async with Scripted(echo) as url:
+        port = free_port()
+        settings = load_settings(None, port=port, predictor_url=url, spool={"dir": str(tmp_path / "spool")},
+                                 sinks=[{"type": "file", "path": str(out)}])
+        with SidecarThread(settings):
+            async with httpx.AsyncClient() as client:
+                r = await client.post(f"http://127.0.0.1:{port}/v1/models/m:predict", content=b"{}",
+                                      headers=[(b"x-request-id", b"bad\tid")])
+    rid = r.headers["x-request-id"]
+    assert r.status_code == 200 and uuid.UUID(rid).version == 7
+    logged = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert [e["id"] for e in logged] == [rid, rid]
