@@ -72,7 +72,7 @@ def main() -> None:
                    "Repeatable. [default: the embedded store]")
 @click.option("--log-mode", type=click.Choice(["all", "request", "response"]),
               help="Which events to log.  [default: all]")
-@click.option("--source-uri", help="CloudEvents source.  [default: the sidecar's URL]")
+@click.option("--source-uri", help="CloudEvents source, a URI reference.  [default: the sidecar's URL]")
 @click.option("--inference-service", help="InferenceService name (inferenceservicename).")
 @click.option("--namespace", help="Namespace attribute.")
 @click.option("--component", help="Component attribute.  [default: predictor]")

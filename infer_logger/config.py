@@ -27,7 +27,8 @@ from pydantic_settings import (
 )
 from pydantic_settings.exceptions import SettingsError
 
-from infer_logger.errors import ConfigError
+from infer_logger.cloudevents.validation import check_uri_reference
+from infer_logger.errors import ConfigError, InvalidEventError
 from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, SinkSpec, StoreSinkConfig
 
 _yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
@@ -191,7 +192,7 @@ class Settings(LayeredSettings):
     As one string (an env var): a URL, several separated by commas, or a JSON list."""
     log_mode: Literal["all", "request", "response"] = "all"
     source_uri: str | None = None
-    """CloudEvents `source`; defaults to the sidecar's own URL."""
+    """CloudEvents `source`, a URI reference; defaults to the sidecar's own URL."""
     inference_service: str = ""
     namespace: str = ""
     component: str = "predictor"
@@ -253,6 +254,18 @@ class Settings(LayeredSettings):
     def _headers(cls, value: Any) -> Any:
         return comma_list(value)
 
+    @field_validator("source_uri")
+    @classmethod
+    def _uri_reference(cls, uri: str | None) -> str | None:
+        # Every event carries it: one that is no URI reference has each of them refused downstream.
+        if uri:
+            try:
+                check_uri_reference("source", uri)
+            except InvalidEventError as exc:
+                example = "e.g. http://my-model/ or /my-model"
+                raise ValueError(f"{exc.message}, as the events' source must be ({example})") from None
+        return uri
+
     @field_validator("predictor_url")
     @classmethod
     def _http_url(cls, url: str | None) -> str | None:
@@ -281,6 +294,15 @@ class Settings(LayeredSettings):
             taken.add(name)
             sinks.append(sink.model_copy(update={"name": name}))
         return sinks or [StoreSinkConfig()]
+
+    @property
+    def source(self) -> str:
+        """The events' `source`: `source_uri`, else the sidecar's URL (an IPv6 host in brackets,
+        its zone's `%` escaped, RFC 6874: `http://:::9081/` is no URI)."""
+        if self.source_uri:
+            return self.source_uri
+        host = f"[{self.host.replace('%', '%25')}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
 
     @property
     def upstream(self) -> str:

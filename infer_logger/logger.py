@@ -89,7 +89,7 @@ class InferenceLogger:
         else:
             self.metrics = Metrics(self.spool)
             self.dispatcher = Dispatcher.from_settings(settings, self.spool, self.metrics)
-        source = settings.source_uri or f"http://{settings.host}:{settings.port}/"
+        source = settings.source
         annotations = orjson.dumps(settings.annotations).decode() if settings.annotations else None
         self.origin = ev.Origin(
             source,

@@ -32,7 +32,7 @@ from infer_logger.cloudevents.kafka import (
     to_kafka_binary,
     to_kafka_structured,
 )
-from infer_logger.cloudevents.validation import is_string, parse_time, validate
+from infer_logger.cloudevents.validation import check_uri_reference, is_string, parse_time, validate
 
 __all__ = [
     "BATCH_MEDIA_TYPE",
@@ -44,6 +44,7 @@ __all__ = [
     "Key",
     "KeyChooser",
     "attribute_text",
+    "check_uri_reference",
     "content_mode",
     "decode_header_value",
     "encode_header_value",

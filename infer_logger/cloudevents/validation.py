@@ -145,7 +145,9 @@ def _check_extension(name: str, value: object) -> None:
         raise InvalidEventError(name, f"{type(value).__name__} is not a CloudEvents type")
 
 
-def _check_uri_reference(name: str, value: str) -> None:
+def check_uri_reference(name: str, value: str) -> None:
+    """Raise InvalidEventError naming `name` unless `value` is an RFC 3986 URI reference (what
+    `source` must be); for settings that become one, checked when they are read."""
     if not _URI_CHARS.fullmatch(value) or value.count("#") > 1:
         raise InvalidEventError(name, f"{value!r} is not a URI reference")
     # A colon before any "/", "?" or "#" ends a scheme; a relative path cannot hold one there.
@@ -155,7 +157,7 @@ def _check_uri_reference(name: str, value: str) -> None:
 
 
 def _check_uri(name: str, value: str) -> None:
-    _check_uri_reference(name, value)
+    check_uri_reference(name, value)
     head = re.split(r"[/?#]", value, maxsplit=1)[0]
     # RFC 3986 section 4.3 leaves out the fragment too; schema pointers use one, so it is allowed.
     if ":" not in head:
@@ -177,7 +179,7 @@ def _check_string(name: str, value: str) -> None:
 
 _CORE: dict[str, Callable[[str, str], None]] = {
     "id": _check_string,
-    "source": _check_uri_reference,
+    "source": check_uri_reference,
     "specversion": _check_string,  # already checked first
     "type": _check_string,
     "datacontenttype": _check_media_type,

@@ -217,3 +217,10 @@ def test_a_predictor_url_that_is_not_http_is_exit_2(tmp_path: Path) -> None:
                                        "--spool-dir", str(tmp_path / "spool")])
     assert result.exit_code == 2
     assert "predictor_url" in result.output and "http(s)://host[:port]" in result.output
+
+
+def test_a_source_uri_that_is_no_uri_reference_is_exit_2(tmp_path: Path) -> None:
+    """It was taken, then every event was refused downstream and dead-lettered."""
+    result = CliRunner().invoke(main, ["proxy", "--source-uri", "my source", "--spool-dir", str(tmp_path / "spool")])
+    assert result.exit_code == 2
+    assert "source_uri" in result.output and "not a URI reference" in result.output

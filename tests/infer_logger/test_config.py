@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from infer_logger.cloudevents import CloudEvent, validate
 from infer_logger.config import load_settings
 from infer_logger.errors import ConfigError
 from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, StoreSinkConfig
@@ -68,6 +69,17 @@ class TestSources:
             load_settings(sinks=[{"type": "file", "path": str(tmp_path)}])
         assert info.value.field == "sinks.0.file.path"
 
+    @pytest.mark.parametrize(("host", "source"), [
+        ("0.0.0.0", "http://0.0.0.0:9081/"),
+        ("::", "http://[::]:9081/"),  # was http://:::9081/, which no sink takes as a source
+        ("fe80::1%eth0", "http://[fe80::1%25eth0]:9081/"),
+    ])
+    def test_the_default_source_is_the_sidecars_url(self, host: str, source: str) -> None:
+        settings = load_settings(host=host)
+        assert settings.source == source
+        validate(CloudEvent({"specversion": "1.0", "id": "1", "type": "t", "source": settings.source}))
+        assert load_settings(host=host, source_uri="/mine").source == "/mine"
+
     def test_sinks_from_yaml(self, tmp_path: Path) -> None:
         cfg = tmp_path / "c.yaml"
         cfg.write_text("sinks:\n  - type: http\n    url: http://broker/\n    mode: structured\n"
@@ -98,6 +110,9 @@ class TestErrors:
             ("sinks:\n  - type: file\n    name: \"a\\tb\"\n", "sinks.0.file.name", "cannot hold '\\t'"),
             ("sinks:\n  - type: store\n    name: ..\n", "sinks.0.store.name", "cannot start with '.'"),
             ("sinks:\n  - type: store\n    name: .hidden\n", "sinks.0.store.name", "cannot start with '.'"),
+            # Every event carries it: the broker refused them all, and each was dead-lettered.
+            ("source_uri: my source\n", "source_uri", "'my source' is not a URI reference"),
+            ("source_uri: '1x:y'\n", "source_uri", "invalid URI scheme"),
         ],
     )
     def test_bad_yaml_values(self, tmp_path: Path, yaml_text: str, field: str, hint: str) -> None:
