@@ -77,7 +77,8 @@ def main() -> None:
 @click.option("--namespace", help="Namespace attribute.")
 @click.option("--component", help="Component attribute.  [default: predictor]")
 @click.option("--endpoint", help="Endpoint attribute (e.g. default, canary).")
-@click.option("--metadata-headers", help="Comma-separated request headers to copy into `metadata`.")
+@click.option("--metadata-headers", multiple=True,
+              help="Comma-separated request headers to copy into `metadata`. Repeatable.")
 @click.option("--annotation", "annotations", multiple=True, metavar="KEY=VALUE",
               help="Adds to the `annotations` attribute (JSON). Repeatable.")
 @click.option("--max-payload-bytes", help="Log payloads cut to this size (e.g. 1MiB).")
@@ -94,7 +95,7 @@ def main() -> None:
               help="httptools: the sidecar's own HTTP/1.1 server (default, fastest); uvicorn: an ASGI server.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def proxy(config: Path | None, metadata_headers: str | None, annotations: tuple[str, ...],
+def proxy(config: Path | None, metadata_headers: tuple[str, ...], annotations: tuple[str, ...],
           spool_dir: Path | None, durability: str | None, delivery: str | None, log_level: str,
           **flags: Any) -> None:
     """Run the logger sidecar in front of a predictor (KServe V1 and V2 / Open Inference Protocol).
@@ -104,7 +105,8 @@ def proxy(config: Path | None, metadata_headers: str | None, annotations: tuple[
     from infer_logger.server import serve
 
     if metadata_headers:
-        flags["metadata_headers"] = [h.strip() for h in metadata_headers.split(",") if h.strip()]
+        # Every occurrence, each comma-split: as KServe's agent takes it (a pflag StringSlice).
+        flags["metadata_headers"] = [h.strip() for given in metadata_headers for h in given.split(",") if h.strip()]
     flags["log_url"] = list(flags["log_url"]) or None
     if annotations:
         if bad := [a for a in annotations if "=" not in a]:

@@ -224,3 +224,15 @@ def test_a_source_uri_that_is_no_uri_reference_is_exit_2(tmp_path: Path) -> None
     result = CliRunner().invoke(main, ["proxy", "--source-uri", "my source", "--spool-dir", str(tmp_path / "spool")])
     assert result.exit_code == 2
     assert "source_uri" in result.output and "not a URI reference" in result.output
+
+
+def test_metadata_headers_repeat_and_split_at_commas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As KServe's agent takes the flag (a pflag StringSlice); a repeat kept only the last one."""
+    import infer_logger.server
+
+    served = []
+    monkeypatch.setattr(infer_logger.server, "serve", lambda settings, **_: served.append(settings))
+    result = CliRunner().invoke(main, ["proxy", "--spool-dir", str(tmp_path / "spool"), "--metadata-headers", "Foo",
+                                       "--metadata-headers", "Bar, Baz"])
+    assert result.exit_code == 0, result.output
+    assert served[0].metadata_headers == ["Foo", "Bar", "Baz"]
