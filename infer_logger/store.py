@@ -493,14 +493,19 @@ def _percentile(ordered: Sequence[float], pct: float) -> float | None:
 
 
 def format_table(records: Iterable[AuditRecord], *, width: int = 40) -> str:
-    """Aligned plain-text columns for `infer-logger query`; the prediction is cut to `width`."""
+    """Aligned plain-text columns for `infer-logger query`; the prediction is cut to `width`.
+
+    Characters that are not printable (newlines, tabs, escape sequences, bidi overrides) are
+    shown escaped: cells hold what clients sent, which must not break the table or forge lines
+    in an operator's terminal.
+    """
     header = ("TIME", "ID", "INSTANCE", "MODEL", "STATUS", "LATENCY_MS", "PREDICTION")
     lines = [header] + [
         (
-            r.time or "-",
-            r.id,
+            _escaped(r.time or "-"),
+            _escaped(r.id),
             str(r.instance),
-            (r.model or "-") + (f":{r.model_version}" if r.model_version else ""),
+            _escaped((r.model or "-") + (f":{r.model_version}" if r.model_version else "")),
             "-" if r.status is None else str(r.status),
             "-" if r.latency_ms is None else f"{r.latency_ms:.1f}",
             _short(r.response, width),
@@ -516,8 +521,15 @@ def format_table(records: Iterable[AuditRecord], *, width: int = 40) -> str:
 def _short(value: object, width: int) -> str:
     if value is None:
         return "-"
-    text = value if isinstance(value, str) else _dumps(value)
+    text = _escaped(value if isinstance(value, str) else _dumps(value))
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _escaped(text: str) -> str:
+    """`text` with what is not printable as Python escapes it (`\\n`, `\\x1b`, `\\u202e`)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def records_to_json(records: Iterable[AuditRecord]) -> str:

@@ -50,6 +50,22 @@ def test_query_filters_and_formats(tmp_path: Path) -> None:
     assert [r["id"] for r in records] == ["q1"]
 
 
+def test_query_table_shows_control_characters_escaped(tmp_path: Path) -> None:
+    """A client's newline, tab or escape sequence broke the table and could forge lines on the
+    operator's terminal; JSON output was already safe."""
+    db = tmp_path / "audit.db"
+    attrs = {"specversion": "1.0", "source": "/s", "protocol": "v1", "datacontenttype": "application/json",
+             "id": "a\n2026-01-01T00:00:00Z  forged", "modelname": "iris\x1b[2J\u202e", "type": RESPONSE,
+             "statuscode": 200}
+    with AuditStore(db) as store:
+        store.write([CloudEvent(attrs, b'"x\\ty\\u0085"')])  # a JSON string: shown bare
+    out = CliRunner().invoke(main, ["query", "--db", str(db)]).output
+    lines = out.splitlines()
+    assert len(lines) == 2, out
+    assert "a\\n2026-01-01T00:00:00Z  forged" in lines[1] and "iris\\x1b[2J\\u202e" in lines[1]
+    assert "x\\ty\\x85" in lines[1] and "\x1b" not in out and "\t" not in out
+
+
 def test_query_bad_input(tmp_path: Path) -> None:
     runner = CliRunner()
     missing = runner.invoke(main, ["query", "--db", str(tmp_path / "nope.db")])
