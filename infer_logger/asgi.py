@@ -34,6 +34,7 @@ class BodyTimeoutError(InferLoggerError):
         self.timeout = timeout
 
 
+_JSON = (b"content-type", b"application/json")
 CLOSE = (b"connection", b"close")
 """The header of a 408: the server (uvicorn) then closes the connection, the rest of the body unread."""
 
@@ -58,6 +59,20 @@ async def read_body(receive: Receive, limit: int | None = None, timeout: float |
             return await _read_body(receive, limit)
     except TimeoutError:
         raise BodyTimeoutError(timeout) from None
+
+
+async def read_or_refuse(receive: Receive, send: Send, limit: int | None, timeout: float | None) -> bytes | None:
+    """`read_body`, a refusal answered here: 413 past `limit` (max_request_bytes), 408 past `timeout`
+    (request_read_timeout, the connection closed); None then, and when the client went away."""
+    try:
+        return await read_body(receive, limit, timeout)
+    except BodyTooLargeError as exc:
+        await respond(send, 413, [_JSON], error_body(413, f"{exc} (max_request_bytes)"))
+    except BodyTimeoutError as exc:
+        await respond(send, 408, [_JSON, CLOSE], error_body(408, f"{exc} (request_read_timeout)"))
+    except ClientGoneError:
+        pass  # nothing to answer
+    return None
 
 
 async def _read_body(receive: Receive, limit: int | None) -> bytes:

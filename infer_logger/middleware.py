@@ -26,7 +26,7 @@ import contextlib
 from typing import Any
 
 from infer_logger import events as ev
-from infer_logger.asgi import ClientGoneError, error_body, read_body, respond
+from infer_logger.asgi import error_body, read_or_refuse, respond
 from infer_logger.config import Settings
 from infer_logger.errors import InvalidEventError
 from infer_logger.logger import InferenceLogger, match_route
@@ -60,10 +60,10 @@ class InferenceLoggerMiddleware:
         if ev.skip_logging(headers):
             await self.app(scope, receive, send)
             return
-        try:
-            body = await read_body(receive)
-        except ClientGoneError:
-            return  # nothing to answer, nothing logged
+        settings = self.settings
+        body = await read_or_refuse(receive, send, int(settings.max_request_bytes), settings.request_read_timeout)
+        if body is None:
+            return  # refused as the sidecar refuses (413, 408), or the client went away: nothing logged
         try:  # as the sidecar does: a request that is a CloudEvent keeps its id, a malformed one is refused
             event_id = ev.cloudevent_id(headers, body) or ev.event_id(headers)
         except InvalidEventError as exc:

@@ -17,16 +17,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from infer_logger import events as ev
-from infer_logger.asgi import (
-    CLOSE,
-    BodyTimeoutError,
-    BodyTooLargeError,
-    ClientGoneError,
-    error_body,
-    read_body,
-    respond,
-    run_lifespan,
-)
+from infer_logger.asgi import error_body, read_or_refuse, respond, run_lifespan
 from infer_logger.errors import InferLoggerError, InvalidEventError
 from infer_logger.httpserver import Reply, Request
 from infer_logger.logger import InferenceLogger, match_route
@@ -114,16 +105,9 @@ class Proxy:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http":
-            try:
-                body = await read_body(receive, self.max_body_bytes, self.read_timeout)
-            except BodyTooLargeError as exc:
-                await respond(send, 413, list(_JSON), error_body(413, f"{exc} (max_request_bytes)"))
-                return
-            except BodyTimeoutError as exc:
-                await respond(send, 408, [*_JSON, CLOSE], error_body(408, f"{exc} (request_read_timeout)"))
-                return
-            except ClientGoneError:
-                return  # nothing forwarded, nothing logged
+            body = await read_or_refuse(receive, send, self.max_body_bytes, self.read_timeout)
+            if body is None:
+                return  # refused (413, 408), or the client went away: nothing forwarded, nothing logged
             target = scope.get("raw_path") or scope["path"].encode()
             if scope.get("query_string"):
                 target += b"?" + scope["query_string"]

@@ -102,6 +102,30 @@ def test_ids_as_the_sidecar_takes_them(tmp_path: Path) -> None:
     assert sorted(e.id for e in received) == sorted([new, new, "café", "café"])
 
 
+def test_a_body_over_max_request_bytes_is_refused_as_the_sidecar_refuses_it(tmp_path: Path) -> None:
+    """The middleware held any body whole (to log and replay it) whatever `max_request_bytes` said."""
+    calls = []
+    app = FastAPI()
+
+    @app.post("/v1/models/m:predict")
+    async def predict(request: Request) -> JSONResponse:
+        calls.append(len(await request.body()))
+        return JSONResponse({"predictions": [1]})
+
+    with EventCollector() as sink:
+        app.add_middleware(InferenceLoggerMiddleware, settings=load_settings(
+            log_url=[sink.url], spool={"dir": str(tmp_path)}, max_request_bytes=1000))
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+                big = client.post("/v1/models/m:predict", content=b"x" * 5000, headers={"ce-id": "big"})
+                small = client.post("/v1/models/m:predict", json={"instances": [[1]]}, headers={"ce-id": "ok"})
+        received = sink.wait_for(2)
+    assert big.status_code == 413 and "max_request_bytes" in big.json()["error"]
+    assert small.status_code == 200 and calls == [len(small.request.content)]
+    assert {e.id for e in received} == {"ok"}
+
+
 def test_a_streamed_response_passes_through_and_only_its_logged_part_is_held(tmp_path: Path) -> None:
     """A response over `max_payload_bytes` streams to the client whole; the event keeps its first
     bytes, marked truncated with the whole size, and the middleware holds no more than that."""
