@@ -144,8 +144,11 @@ def _time(value: str | None, name: str) -> datetime | None:
 
 
 @main.command(context_settings=_HELP)
+@click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The proxy's YAML settings: the store is its `store` sink's file (INFER_LOGGER_* apply too).")
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("infer-logger-data/audit.db"), show_default=True, help="The store's SQLite file.")
+              help="The store's SQLite file.  [default: the configured store sink's, else "
+                   "infer-logger-data/audit.db]")
 @click.option("--id", "id_", help="One prediction's id (x-request-id / ce-id).")
 @click.option("--model", help="Model name.")
 @click.option("--since", help="From this time (ISO-8601, e.g. 2026-11-25T10:00:00Z).")
@@ -153,11 +156,13 @@ def _time(value: str | None, name: str) -> datetime | None:
 @click.option("--status", type=click.IntRange(0, 999), help="HTTP status of the prediction.")
 @click.option("--limit", type=click.IntRange(1, _SQLITE_INT_MAX), default=20, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def query(db: Path, id_: str | None, model: str | None, since: str | None, until: str | None,
-          status: int | None, limit: int, fmt: str) -> None:
+def query(config: Path | None, db: Path | None, id_: str | None, model: str | None, since: str | None,
+          until: str | None, status: int | None, limit: int, fmt: str) -> None:
     """Read audit records (request, response and explanation joined) from the embedded store."""
     from infer_logger.store import AuditStore, format_table, records_to_json
 
+    if db is None:
+        db = _store_path(_settings(config))
     if not db.exists():
         raise click.BadParameter(f"{db} does not exist (run the proxy or the quickstart first)",
                                  param_hint="--db")
@@ -171,6 +176,15 @@ def query(db: Path, id_: str | None, model: str | None, since: str | None, until
     finally:
         store.close()
     click.echo(records_to_json(records) if fmt == "json" else format_table(records))
+
+
+def _store_path(settings: Any) -> Path:
+    """The file of the first `store` sink the proxy would run with these settings (the embedded
+    default when none are configured); one without a store sink needs --db."""
+    stores = [sink.path for sink in settings.all_sinks() if sink.type == "store"]
+    if not stores:
+        raise click.UsageError("the configured sinks have no store: name its file with --db")
+    return Path(stores[0])
 
 
 @main.command(context_settings=_HELP)

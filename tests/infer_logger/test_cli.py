@@ -50,6 +50,25 @@ def test_query_filters_and_formats(tmp_path: Path) -> None:
     assert [r["id"] for r in records] == ["q1"]
 
 
+def test_query_finds_the_store_the_proxy_is_configured_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --db, query read infer-logger-data/audit.db whatever the proxy's YAML or
+    INFER_LOGGER_* settings named as its store."""
+    monkeypatch.chdir(tmp_path)
+    seeded_store(tmp_path / "configured.db")
+    (tmp_path / "proxy.yaml").write_text(f"sinks:\n  - type: store\n    path: {tmp_path / 'configured.db'}\n")
+    runner = CliRunner()
+    by_file = runner.invoke(main, ["query", "-c", "proxy.yaml", "--format", "json"])
+    assert by_file.exit_code == 0 and len(json.loads(by_file.output)) == 3
+    monkeypatch.setenv("INFER_LOGGER_LOG_URL", f"sqlite://{tmp_path / 'configured.db'}")
+    assert len(json.loads(runner.invoke(main, ["query", "--format", "json"]).output)) == 3
+    monkeypatch.setenv("INFER_LOGGER_LOG_URL", "http://broker.example/")
+    no_store = runner.invoke(main, ["query"])
+    assert no_store.exit_code == 2 and "no store" in no_store.output and "--db" in no_store.output
+    monkeypatch.delenv("INFER_LOGGER_LOG_URL")
+    default = runner.invoke(main, ["query"])  # no sinks configured: the embedded default's file
+    assert default.exit_code == 2 and "infer-logger-data/audit.db does not exist" in default.output
+
+
 def test_query_table_shows_control_characters_escaped(tmp_path: Path) -> None:
     """A client's newline, tab or escape sequence broke the table and could forge lines on the
     operator's terminal; JSON output was already safe."""
