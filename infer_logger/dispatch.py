@@ -120,6 +120,9 @@ class SinkWorker:
                     self.healthy = True
                     if self.draining:
                         return
+                    # Saves a checkpoint the save interval held back (no later commit would while
+                    # idle: a kill -9 hours later re-delivered the burst's last batches).
+                    self.reader.commit(self.reader.position)
                     await (asyncio.sleep(too_soon) if too_soon > 0 else self.reader.wait(0.5))
                     continue
                 head, end = pending[0]

@@ -625,10 +625,12 @@ class DiskReader:
         """Move the cursor after the sink took everything before it.
 
         The checkpoint file is rewritten at most every `checkpoint_interval` seconds (and on
-        `flush`): a crash re-delivers at most that much, which at-least-once allows, and the
-        file I/O stays off the per-batch path.
+        `flush`, and by a worker gone idle): a crash re-delivers at most that much, which
+        at-least-once allows, and the file I/O stays off the per-batch path.
         """
         self.position = position
+        if position == self._saved:
+            return  # also what an idle worker's repeated commit of where it is costs
         now = time.monotonic()
         if force or now - self._saved_at >= self.checkpoint_interval:
             self._save(now)

@@ -189,6 +189,23 @@ async def test_a_checkpoint_that_cannot_be_saved_does_not_stop_delivery(tmp_path
     assert DiskSpool(tmp_path / "spool").reader("s").read(100)[0] == []
 
 
+async def test_an_idle_worker_saves_the_checkpoint_the_interval_held_back(tmp_path: Path) -> None:
+    """Commits closer together than the save interval are saved by the next one; with nothing
+    more to deliver there was none, and a kill -9 at any later time re-delivered those batches."""
+    sink = MemorySink()
+    spool, d = dispatcher(tmp_path, s=sink)
+    d.start()
+    for i in range(25):  # three batches, committed within the interval
+        spool.append(event(i))
+    await until(lambda: len(sink.events) == 25)
+    saved = spool.checkpoint_path("s")
+    # No more events, no stop: what a kill -9 now would restart from.
+    await until(lambda: saved.exists() and orjson.loads(saved.read_bytes()) == {
+        "segment": spool.tail().segment, "offset": spool.tail().offset})
+    await d.stop()
+    spool.close()
+
+
 async def test_stop_drains_what_it_can(tmp_path: Path) -> None:
     sink = MemorySink()
     spool, d = dispatcher(tmp_path, s=sink)
