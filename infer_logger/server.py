@@ -141,9 +141,29 @@ async def run(app: Proxy, host: str, port: int, stop: asyncio.Event,
         await app.shutdown()
 
 
+async def run_uvicorn(app: Proxy, host: str, port: int, stop: asyncio.Event,
+                      listening: Callable[[], None] | None = None) -> None:
+    """`run`, under uvicorn (`server: uvicorn`); off the main thread uvicorn leaves signals alone."""
+    server = uvicorn.Server(uvicorn_config(app, host, port))
+    serving = asyncio.ensure_future(server.serve())
+    while not server.started:
+        if serving.done():  # a failed startup returns without serving
+            await serving
+            raise app.startup_error or InferLoggerError(f"the sidecar did not start on {host}:{port}")
+        await asyncio.sleep(0.01)
+    if listening is not None:
+        listening()
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    server.should_exit = True
+    await serving
+
+
 class SidecarThread:
     """The sidecar on its own thread and event loop, for a process that does other things (the
-    quickstart, tests); signals stay with the main thread. A context manager: serving inside."""
+    quickstart, tests), on the server `settings.server` names; signals stay with the main thread.
+    A context manager: serving inside."""
 
     def __init__(self, settings: Settings, *, start_timeout: float = 60.0) -> None:
         self.app = build_app(settings)
@@ -158,7 +178,8 @@ class SidecarThread:
     def _main(self) -> None:
         async def main() -> None:
             self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-            await run(self.app, self.settings.host, self.settings.port, self._stop, self._listening.set)
+            serve = run_uvicorn if self.settings.server == "uvicorn" else run
+            await serve(self.app, self.settings.host, self.settings.port, self._stop, self._listening.set)
 
         try:
             asyncio.run(main())

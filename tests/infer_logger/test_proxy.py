@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,21 @@ from infer_logger.testing import CannedPredictor, EventCollector, free_port
 from tests.servers import Process, Scripted, dribble, sidecar_process
 
 pytestmark = pytest.mark.slow
+
+@contextlib.asynccontextmanager
+async def before(peer: Scripted, tmp_path: Path, **settings: object) -> AsyncIterator[str]:
+    """A sidecar (on a thread, its file sink `events.jsonl` in `tmp_path`) in front of `peer`: its URL."""
+    async with peer as url:
+        port = free_port()
+        with SidecarThread(load_settings(None, port=port, predictor_url=url, **settings,
+                                         spool={"dir": str(tmp_path / "spool")},
+                                         sinks=[{"type": "file", "path": str(tmp_path / "events.jsonl")}])):
+            yield f"http://127.0.0.1:{port}"
+
+
+def logged(tmp_path: Path) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in (tmp_path / "events.jsonl").read_bytes().splitlines()]
+
 
 V1 = {"instances": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}
 V2 = {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]}
@@ -296,14 +312,9 @@ async def test_headers_the_connection_header_names_stay_on_their_hop(tmp_path: P
     answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: X-Trace\r\nx-trace: up\r\n"
               b"x-kept: up\r\ncontent-length: 2\r\n\r\n{}")
     peer = Scripted(lambda _: answer)
-    async with peer as url:
-        port = free_port()
-        settings = load_settings(None, port=port, predictor_url=url, spool={"dir": str(tmp_path / "spool")},
-                                 sinks=[{"type": "file", "path": str(tmp_path / "events.jsonl")}])
-        with SidecarThread(settings):
-            async with httpx.AsyncClient() as client:
-                r = await client.post(f"http://127.0.0.1:{port}/v1/models/m:predict", content=b"{}",
-                                      headers={"connection": "keep-alive, X-Hop", "x-hop": "1", "x-end": "2"})
+    async with before(peer, tmp_path) as sidecar, httpx.AsyncClient() as client:
+        r = await client.post(f"{sidecar}/v1/models/m:predict", content=b"{}",
+                              headers={"connection": "keep-alive, X-Hop", "x-hop": "1", "x-end": "2"})
     assert r.status_code == 200 and r.headers["x-kept"] == "up" and "x-trace" not in r.headers
     [head] = peer.heads
     assert b"x-hop" not in head and b"x-end: 2\r\n" in head
@@ -313,32 +324,18 @@ async def test_headers_the_connection_header_names_stay_on_their_hop(tmp_path: P
 async def test_head_keeps_the_predictor_s_content_length(tmp_path: Path, server: str) -> None:
     """RFC 9110 8.6: a HEAD answer's content-length is what a GET would send (it said 0)."""
     peer = Scripted(lambda _: b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1234\r\n\r\n")
-    async with peer as url:
-        port = free_port()
-        settings = load_settings(None, port=port, predictor_url=url, server=server,
-                                 spool={"dir": str(tmp_path / "spool")},
-                                 sinks=[{"type": "file", "path": str(tmp_path / "events.jsonl")}])
-        with SidecarThread(settings):
-            async with httpx.AsyncClient() as client:
-                r = await client.head(f"http://127.0.0.1:{port}/v2/models/m")
+    async with before(peer, tmp_path, server=server) as sidecar, httpx.AsyncClient() as client:
+        r = await client.head(f"{sidecar}/v2/models/m")
     assert r.status_code == 200 and r.headers["content-length"] == "1234" and r.content == b""
 
 
 async def test_a_predictor_switching_protocols_is_a_logged_502(tmp_path: Path) -> None:
     """A 101 nobody asked for was a 500 with a traceback, and the request event had no response."""
     peer = Scripted(lambda _: b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n")
-    out = tmp_path / "events.jsonl"
-    async with peer as url:
-        port = free_port()
-        settings = load_settings(None, port=port, predictor_url=url, spool={"dir": str(tmp_path / "spool")},
-                                 sinks=[{"type": "file", "path": str(out)}])
-        with SidecarThread(settings):
-            async with httpx.AsyncClient() as client:
-                r = await client.post(f"http://127.0.0.1:{port}/v1/models/m:predict", content=b"{}",
-                                      headers={"x-request-id": "switch-1"})
+    async with before(peer, tmp_path) as sidecar, httpx.AsyncClient() as client:
+        r = await client.post(f"{sidecar}/v1/models/m:predict", content=b"{}", headers={"x-request-id": "switch-1"})
     assert r.status_code == 502 and "switched protocols" in r.json()["error"]
-    logged = [orjson.loads(line) for line in out.read_bytes().splitlines()]
-    assert [(e["id"], e.get("statuscode")) for e in logged] == [("switch-1", None), ("switch-1", 502)]
+    assert [(e["id"], e.get("statuscode")) for e in logged(tmp_path)] == [("switch-1", None), ("switch-1", 502)]
 
 
 def test_under_uvicorn_a_dribbled_body_is_408_and_closed(tmp_path: Path) -> None:
@@ -376,16 +373,8 @@ async def test_a_predictor_echoing_the_id_echoes_the_one_that_replaced_a_bad_one
         return (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-request-id: " + rid
                 + b"\r\ncontent-length: 2\r\n\r\n{}")
 
-    out = tmp_path / "events.jsonl"
-    async with Scripted(echo) as url:
-        port = free_port()
-        settings = load_settings(None, port=port, predictor_url=url, spool={"dir": str(tmp_path / "spool")},
-                                 sinks=[{"type": "file", "path": str(out)}])
-        with SidecarThread(settings):
-            async with httpx.AsyncClient() as client:
-                r = await client.post(f"http://127.0.0.1:{port}/v1/models/m:predict", content=b"{}",
-                                      headers=[(b"x-request-id", b"bad\tid")])
+    async with before(Scripted(echo), tmp_path) as sidecar, httpx.AsyncClient() as client:
+        r = await client.post(f"{sidecar}/v1/models/m:predict", content=b"{}", headers=[(b"x-request-id", b"bad\tid")])
     rid = r.headers["x-request-id"]
     assert r.status_code == 200 and uuid.UUID(rid).version == 7
-    logged = [orjson.loads(line) for line in out.read_bytes().splitlines()]
-    assert [e["id"] for e in logged] == [rid, rid]
+    assert [e["id"] for e in logged(tmp_path)] == [rid, rid]
