@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from infer_logger import binary_tensors
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 from infer_logger.cloudevents.http import from_http_many
 from infer_logger.cloudevents.json_format import is_event_format
-from infer_logger.cloudevents.validation import is_string
+from infer_logger.cloudevents.validation import is_media_type, is_string
 from infer_logger.errors import InvalidEventError
 
 REQUEST = "org.kubeflow.serving.inference.request"
@@ -98,11 +100,19 @@ def read_id(value: str) -> str | None:
     """
     if value.isascii():  # the usual id: one cheap check
         return value if value and value.isprintable() else None
-    try:
-        value = value.encode("latin-1").decode("utf-8")
-    except UnicodeError:  # not UTF-8 (or already text, not wire bytes)
-        pass
+    value = header_text(value)
     return value if is_string(value) else None
+
+
+def header_text(value: str) -> str:
+    """A header value as the client wrote it: servers hand values over as their bytes read as
+    Latin-1; bytes that are UTF-8 are read as UTF-8, others stay Latin-1."""
+    if value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # not UTF-8 (or already text, not wire bytes)
+        return value
 
 
 def id_header(event_id: str, headers: Mapping[str, str]) -> bytes:
@@ -138,7 +148,9 @@ def skip_logging(headers: Mapping[str, str]) -> bool:
 def metadata_json(headers: Iterable[tuple[str, str]], allowed: Iterable[str]) -> str:
     """KServe's `metadata` extension: JSON of allow-listed headers -> list of values.
 
-    Names match case-insensitively and are reported as configured.
+    Names match case-insensitively and are reported as configured; values are read as
+    `header_text` does. The text is a CloudEvents String: what one may not hold (C1 controls,
+    noncharacters, which orjson writes as they are) is \\u-escaped, as JSON allows.
     """
     wanted = {name.lower(): name for name in allowed}
     out: dict[str, list[str]] = {}
@@ -146,8 +158,31 @@ def metadata_json(headers: Iterable[tuple[str, str]], allowed: Iterable[str]) ->
         for name, value in headers:
             key = wanted.get(name.lower())
             if key is not None:
-                out.setdefault(key, []).append(value)
-    return orjson.dumps(out).decode()
+                out.setdefault(key, []).append(header_text(value))
+    text = orjson.dumps(out).decode()
+    if (text.isascii() and text.isprintable()) or is_string(text):  # orjson escapes C0 controls only
+        return text
+    # DEL is ASCII, so ensure_ascii keeps it; in JSON text it can only be inside a string.
+    return json.dumps(out, ensure_ascii=True, separators=(",", ":")).replace("\x7f", "\\u007f")
+
+
+# W3C Trace Context 3.2: version-traceid-parentid-flags in lower-case hex, ids not all zeros,
+# version ff invalid; a later version than 00 may add fields after another "-" (kept when they
+# are printable ASCII). One regex: this runs on every traced request.
+_TRACE_IDS = r"-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+_TRACEPARENT = re.compile(rf"00{_TRACE_IDS}|(?!00|ff)[0-9a-f]{{2}}{_TRACE_IDS}(?:-[!-~]*)?")
+
+
+def traceparent(value: str) -> str | None:
+    """A `traceparent` header for the distributed-tracing extension, or None when it is none
+    (W3C: a receiver ignores an invalid one; copied, it could make the event invalid)."""
+    return value if _TRACEPARENT.fullmatch(value) else None
+
+
+def media_type(value: str | None) -> str | None:
+    """A Content-Type header as `datacontenttype`, or None when absent or no media type an
+    event may carry (`json`, a C1 control): the caller then says what it says for none."""
+    return value if value is not None and is_media_type(value) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -196,9 +196,10 @@ class InferenceLogger:
             attrs[ev.MODELVERSION] = route.version
         attrs[ev.PROTOCOL] = route.protocol
         attrs[ev.PATH] = path
-        if traceparent := headers.get("traceparent"):
+        if (sent := headers.get("traceparent")) and (traceparent := ev.traceparent(sent)):
             attrs[ev.TRACEPARENT] = traceparent
-        content_type = headers.get("content-type", "application/json")
+        # One no event may carry (`json`, a C1 control) is taken as none, for the same guess.
+        content_type = ev.media_type(headers.get("content-type")) or "application/json"
         exchange = Exchange(event_id, route, path, started, content_type, attrs)
         if self._log_request:
             self._append(ev.REQUEST, attrs, content_type, body, self._accepted_request)
@@ -213,6 +214,7 @@ class InferenceLogger:
             size: int | None = None) -> None:
         """Log the response, whatever its status; called before the client gets it.
 
+        A `content_type` no event may carry is taken as none: the request's stands in.
         `size`: the whole body's length when `body` is only its first `payload_limit` bytes."""
         if not self._log_response:
             return
@@ -221,9 +223,8 @@ class InferenceLogger:
         attrs[ev.STATUSCODE] = status
         # An integer keeps the attribute a valid CloudEvents type (no floats there).
         attrs[ev.LATENCYMS] = max(0, round(latency))
-        self._append(
-            ev.RESPONSE, attrs, content_type or exchange.content_type, body, self._accepted_response, size
-        )
+        content_type = ev.media_type(content_type) or exchange.content_type
+        self._append(ev.RESPONSE, attrs, content_type, body, self._accepted_response, size)
 
     def _append(
         self,

@@ -32,7 +32,13 @@ from infer_logger.cloudevents.kafka import (
     to_kafka_binary,
     to_kafka_structured,
 )
-from infer_logger.cloudevents.validation import check_uri_reference, is_string, parse_time, validate
+from infer_logger.cloudevents.validation import (
+    check_uri_reference,
+    is_media_type,
+    is_string,
+    parse_time,
+    validate,
+)
 
 __all__ = [
     "BATCH_MEDIA_TYPE",
@@ -54,6 +60,7 @@ __all__ = [
     "from_json",
     "from_json_batch",
     "from_kafka",
+    "is_media_type",
     "is_string",
     "key_by_id",
     "parse_time",

@@ -122,6 +122,12 @@ def is_string(value: str) -> bool:
     return _BAD_CHAR.search(value) is None
 
 
+@functools.lru_cache(maxsize=256)  # content types repeat; the lookup is half the regex
+def is_media_type(value: str) -> bool:
+    """Whether `value` can be a `datacontenttype` (an RFC 2046 media type), without raising."""
+    return is_string(value) and _MEDIA_TYPE.fullmatch(value) is not None
+
+
 def _check_chars(name: str, value: str) -> None:
     # Fast path for the common case: printable ASCII holds none of the excluded characters.
     if value.isascii() and value.isprintable():

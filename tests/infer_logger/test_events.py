@@ -1,10 +1,14 @@
-"""The exchange id rule and the ids the sidecar makes."""
+"""The exchange id rule, the ids the sidecar makes, and attributes read off client input."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
+import pytest
+
 from infer_logger import events as ev
+from infer_logger.cloudevents import is_string
 
 
 def test_ce_id_wins_then_x_request_id() -> None:
@@ -40,3 +44,47 @@ def test_new_ids_are_uuid7_in_creation_order() -> None:
 def test_a_structured_request_is_known_in_any_case_of_its_content_type() -> None:
     envelope = b'{"specversion":"1.0","id":"env-1","source":"/c","type":"t"}'
     assert ev.cloudevent_id({"content-type": "Application/CloudEvents+JSON"}, envelope) == "env-1"
+
+
+class TestMetadata:
+    """`metadata` is JSON of allow-listed header values, and always a CloudEvents String."""
+
+    def test_values_are_read_as_utf_8_else_latin_1(self) -> None:
+        # b"caf\xc3\xa9" and b"na\xefve" as servers hand them over
+        text = ev.metadata_json([("Foo", "caf\xc3\xa9"), ("foo", "na\xefve"), ("Bar", "x")], ["foo"])
+        assert json.loads(text) == {"foo": ["café", "naïve"]}
+        assert text == '{"foo":["café","naïve"]}'  # valid as it is: left as orjson wrote it
+
+    @pytest.mark.parametrize("value", ["a\x85b", "a\x7fb", "a\tb", "\xef\xb7\x90"], ids=["c1", "del", "tab", "U+FDD0"])
+    def test_what_a_string_may_not_hold_is_escaped(self, value: str) -> None:
+        """orjson writes C1 controls, DEL and noncharacters as they are: the event was refused."""
+        text = ev.metadata_json([("foo", value)], ["Foo"])
+        assert is_string(text) and text.isascii()
+        assert json.loads(text) == {"Foo": [ev.header_text(value)]}
+
+
+class TestTraceparent:
+    """W3C Trace Context's `traceparent` is copied only when it is one."""
+
+    VALID = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    @pytest.mark.parametrize("value", [VALID, "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+                                       "cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-09-what-comes"])
+    def test_valid(self, value: str) -> None:
+        assert ev.traceparent(value) == value
+
+    @pytest.mark.parametrize("value", [
+        "x\tz", "\x85", "", VALID.upper(), VALID + "-more", VALID[:-1],
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+        "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-a\x85",
+    ])
+    def test_invalid(self, value: str) -> None:
+        assert ev.traceparent(value) is None
+
+
+def test_a_content_type_no_event_may_carry_is_none() -> None:
+    assert ev.media_type("application/json; charset=utf-8") == "application/json; charset=utf-8"
+    for value in (None, "json", "application/json; x=\x85", "text/plain;", "a/b\tc"):
+        assert ev.media_type(value) is None

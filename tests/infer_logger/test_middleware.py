@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
@@ -124,6 +125,31 @@ def test_a_body_over_max_request_bytes_is_refused_as_the_sidecar_refuses_it(tmp_
     assert big.status_code == 413 and "max_request_bytes" in big.json()["error"]
     assert small.status_code == 200 and calls == [len(small.request.content)]
     assert {e.id for e in received} == {"ok"}
+
+
+def test_attributes_read_off_the_client_keep_the_events_valid(tmp_path: Path) -> None:
+    """As in the sidecar: a C1 control in a `metadata` header, a broken traceparent and an app
+    answering `content-type: json` made events that every sink refused."""
+    app = FastAPI()
+
+    @app.post("/v1/models/{name}:predict")
+    async def predict(name: str) -> JSONResponse:
+        return JSONResponse({"model": name}, media_type="json")
+
+    with EventCollector() as sink:  # it refuses (400) an invalid event, as the broker does
+        settings = load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}, metadata_headers=["Foo"])
+        app.add_middleware(InferenceLoggerMiddleware, settings=settings)
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+                r = client.post("/v1/models/m:predict", json={},
+                                headers=[(b"foo", b"a\x85b"), (b"traceparent", b"not-one")])
+        received = sink.wait_for(2)
+    assert r.status_code == 200 and r.json() == {"model": "m"}
+    for event in received:
+        assert event.get("traceparent") is None
+        assert orjson.loads(event["metadata"]) == {"Foo": ["a\x85b"]}
+        assert event.datacontenttype == "application/json"
 
 
 def test_a_streamed_response_passes_through_and_only_its_logged_part_is_held(tmp_path: Path) -> None:

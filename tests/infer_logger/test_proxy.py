@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from infer_logger import events as ev
+from infer_logger.cloudevents import from_dict
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.config import load_settings
 from infer_logger.server import SidecarThread
@@ -378,3 +379,38 @@ async def test_a_predictor_echoing_the_id_echoes_the_one_that_replaced_a_bad_one
     rid = r.headers["x-request-id"]
     assert r.status_code == 200 and uuid.UUID(rid).version == 7
     assert [e["id"] for e in logged(tmp_path)] == [rid, rid]
+
+
+@pytest.mark.parametrize("server", ["httptools", "uvicorn"])
+async def test_attributes_read_off_the_client_keep_the_events_valid(tmp_path: Path, server: str) -> None:
+    """Legal in a request, not in a CloudEvents String: a C1 control in an allow-listed header, a
+    broken traceparent or content type. Each event
+    was refused by every sink (in batch mode with other clients' events); now each is valid, and
+    the predictor still gets the request as sent."""
+    ok = b"HTTP/1.1 200 OK\r\ncontent-type: json\r\ncontent-length: 2\r\n\r\n{}"  # a sloppy predictor too
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    sent = [
+        ("/v1/models/iris:predict", [(b"foo", b"a\x85b"), (b"foo", b"caf\xc3\xa9")]),
+        ("/v1/models/iris:predict", [(b"traceparent", b"00-x\t-1"), (b"content-type", b"json")]),
+        ("/v1/models/iris:predict", [(b"traceparent", trace.encode())]),
+    ]
+    peer = Scripted(lambda _: ok)
+    async with before(peer, tmp_path, server=server, metadata_headers=["Foo"]) as sidecar:
+        async with httpx.AsyncClient(base_url=sidecar) as client:
+            for i, (path, headers) in enumerate(sent):
+                r = await client.post(path, content=b"{}", headers=[(b"x-request-id", b"a-%d" % i), *headers])
+                assert r.status_code == 200
+    for (path, headers), head in zip(sent, peer.heads, strict=True):
+        assert head.startswith(f"POST {path} HTTP/1.1\r\n".encode())
+        assert all(b"%s: %s\r\n" % header in head for header in headers)
+    by_id: dict[str, list[CloudEvent]] = {}
+    for line in (tmp_path / "events.jsonl").read_bytes().splitlines():
+        event = from_dict(orjson.loads(line))  # validates
+        by_id.setdefault(event.id, []).append(event)
+    assert sorted(by_id) == ["a-0", "a-1", "a-2"]
+    assert all(len(events) == 2 for events in by_id.values())
+    request = {id_: events[0] for id_, events in by_id.items()}
+    assert json.loads(request["a-0"]["metadata"]) == {"Foo": ["a\x85b", "café"]}
+    assert request["a-1"].get("traceparent") is None and request["a-1"].datacontenttype == "application/json"
+    assert request["a-2"]["traceparent"] == trace
+    assert {e.datacontenttype for events in by_id.values() for e in events} == {"application/json"}

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from infer_logger.cloudevents import CloudEvent, parse_time, validate
+from infer_logger.cloudevents import CloudEvent, is_media_type, parse_time, validate
 from infer_logger.errors import InvalidEventError, MissingAttributeError
 
 BASE = {"specversion": "1.0", "id": "1", "source": "/src", "type": "t"}
@@ -169,12 +169,14 @@ class TestDataContentType:
     )
     def test_valid(self, value: str) -> None:
         validate(event(datacontenttype=value))
+        assert is_media_type(value)
 
     # Past U+00FF no header can carry it: taken, such an event could never be delivered (binary mode).
     @pytest.mark.parametrize("value", ["xyz", "", "text/", "/json", "text/plain;", "text plain", "a/b; c",
-                                       'text/plain; charset="\u20ac"'])
+                                       'text/plain; charset="\u20ac"', 'text/plain; x="\x85"', "a/b;\tc=d"])
     def test_invalid(self, value: str) -> None:
         assert rejected({**BASE, "datacontenttype": value}).attribute == "datacontenttype"
+        assert not is_media_type(value)
 
 
 class TestUris:
