@@ -191,14 +191,21 @@ class InferenceLogger:
         if self._metadata_headers:
             pairs = ((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers)
             attrs[ev.METADATA] = ev.metadata_json(pairs, self._metadata_headers)
-        attrs[ev.MODELNAME] = route.model
-        if route.version:
-            attrs[ev.MODELVERSION] = route.version
+        # Read off the decoded path, where `%09` or `%C2%85` are legal: kept as such in the event.
+        if path.isascii() and path.isprintable():  # the usual path: its parts are fine too
+            attrs[ev.MODELNAME] = route.model
+            if route.version:
+                attrs[ev.MODELVERSION] = route.version
+            attrs[ev.PATH] = path
+        else:
+            attrs[ev.MODELNAME] = ev.path_text(route.model)
+            if route.version:
+                attrs[ev.MODELVERSION] = ev.path_text(route.version)
+            attrs[ev.PATH] = ev.path_text(path)
         attrs[ev.PROTOCOL] = route.protocol
-        attrs[ev.PATH] = path
         if (sent := headers.get("traceparent")) and (traceparent := ev.traceparent(sent)):
             attrs[ev.TRACEPARENT] = traceparent
-        # One no event may carry (`json`, a C1 control) is taken as none, for the same guess.
+        # One no event may carry (`json`, a C1 control) is taken as none: guessed JSON too.
         content_type = ev.media_type(headers.get("content-type")) or "application/json"
         exchange = Exchange(event_id, route, path, started, content_type, attrs)
         if self._log_request:

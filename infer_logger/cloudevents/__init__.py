@@ -34,6 +34,7 @@ from infer_logger.cloudevents.kafka import (
 )
 from infer_logger.cloudevents.validation import (
     check_uri_reference,
+    escape_string,
     is_media_type,
     is_string,
     parse_time,
@@ -54,6 +55,7 @@ __all__ = [
     "content_mode",
     "decode_header_value",
     "encode_header_value",
+    "escape_string",
     "from_dict",
     "from_http",
     "from_http_many",

@@ -122,6 +122,14 @@ def is_string(value: str) -> bool:
     return _BAD_CHAR.search(value) is None
 
 
+def escape_string(value: str, escape: Callable[[str], str]) -> str:
+    """`value` with each character a CloudEvents String may not hold replaced by `escape(char)`:
+    for callers that keep a value that is not one (a model name off the path) rather than drop it."""
+    if value.isascii() and value.isprintable():  # the usual value: one cheap check
+        return value
+    return _BAD_CHAR.sub(lambda bad: escape(bad.group()), value)
+
+
 @functools.lru_cache(maxsize=256)  # content types repeat; the lookup is half the regex
 def is_media_type(value: str) -> bool:
     """Whether `value` can be a `datacontenttype` (an RFC 2046 media type), without raising."""

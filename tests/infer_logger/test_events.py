@@ -84,6 +84,21 @@ class TestTraceparent:
         assert ev.traceparent(value) is None
 
 
+class TestPathText:
+    """Names read off a decoded path keep what a String may hold; the rest is percent-encoded."""
+
+    @pytest.mark.parametrize("value", ["iris", "/v1/models/iris:predict", "modèle-été", "a b%20c"])
+    def test_valid_names_are_unchanged(self, value: str) -> None:
+        assert ev.path_text(value) == value
+
+    @pytest.mark.parametrize(("value", "escaped"), [
+        ("a\tb", "a%09b"), ("a\x85b", "a%C2%85b"), ("a\x7f", "a%7F"), ("\ufdd0x", "%EF%B7%90x"),
+        ("a\udc85b", "a%85b"),  # a byte that was no UTF-8 (surrogateescape): that byte again
+    ])
+    def test_what_a_string_may_not_hold_is_percent_encoded(self, value: str, escaped: str) -> None:
+        assert ev.path_text(value) == escaped
+
+
 def test_a_content_type_no_event_may_carry_is_none() -> None:
     assert ev.media_type("application/json; charset=utf-8") == "application/json; charset=utf-8"
     for value in (None, "json", "application/json; x=\x85", "text/plain;", "a/b\tc"):

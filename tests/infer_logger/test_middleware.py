@@ -128,8 +128,8 @@ def test_a_body_over_max_request_bytes_is_refused_as_the_sidecar_refuses_it(tmp_
 
 
 def test_attributes_read_off_the_client_keep_the_events_valid(tmp_path: Path) -> None:
-    """As in the sidecar: a C1 control in a `metadata` header, a broken traceparent and an app
-    answering `content-type: json` made events that every sink refused."""
+    """As in the sidecar: a `%09` in the model name, a C1 control in a `metadata` header, a broken
+    traceparent and an app answering `content-type: json` made events that every sink refused."""
     app = FastAPI()
 
     @app.post("/v1/models/{name}:predict")
@@ -142,12 +142,12 @@ def test_attributes_read_off_the_client_keep_the_events_valid(tmp_path: Path) ->
         port = free_port()
         with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
             with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
-                r = client.post("/v1/models/m:predict", json={},
+                r = client.post("/v1/models/a%09b:predict", json={},
                                 headers=[(b"foo", b"a\x85b"), (b"traceparent", b"not-one")])
         received = sink.wait_for(2)
-    assert r.status_code == 200 and r.json() == {"model": "m"}
+    assert r.status_code == 200 and r.json() == {"model": "a\tb"}  # the app gets the name as sent
     for event in received:
-        assert event.get("traceparent") is None
+        assert event["modelname"] == "a%09b" and event.get("traceparent") is None
         assert orjson.loads(event["metadata"]) == {"Foo": ["a\x85b"]}
         assert event.datacontenttype == "application/json"
 

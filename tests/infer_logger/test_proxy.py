@@ -384,7 +384,7 @@ async def test_a_predictor_echoing_the_id_echoes_the_one_that_replaced_a_bad_one
 @pytest.mark.parametrize("server", ["httptools", "uvicorn"])
 async def test_attributes_read_off_the_client_keep_the_events_valid(tmp_path: Path, server: str) -> None:
     """Legal in a request, not in a CloudEvents String: a C1 control in an allow-listed header, a
-    broken traceparent or content type. Each event
+    broken traceparent or content type, `%09`/`%C2%85` in the model name or version. Each event
     was refused by every sink (in batch mode with other clients' events); now each is valid, and
     the predictor still gets the request as sent."""
     ok = b"HTTP/1.1 200 OK\r\ncontent-type: json\r\ncontent-length: 2\r\n\r\n{}"  # a sloppy predictor too
@@ -393,6 +393,8 @@ async def test_attributes_read_off_the_client_keep_the_events_valid(tmp_path: Pa
         ("/v1/models/iris:predict", [(b"foo", b"a\x85b"), (b"foo", b"caf\xc3\xa9")]),
         ("/v1/models/iris:predict", [(b"traceparent", b"00-x\t-1"), (b"content-type", b"json")]),
         ("/v1/models/iris:predict", [(b"traceparent", trace.encode())]),
+        ("/v1/models/a%09b:predict", []),
+        ("/v2/models/a%C2%85b/versions/v%7F1/infer", []),
     ]
     peer = Scripted(lambda _: ok)
     async with before(peer, tmp_path, server=server, metadata_headers=["Foo"]) as sidecar:
@@ -407,10 +409,12 @@ async def test_attributes_read_off_the_client_keep_the_events_valid(tmp_path: Pa
     for line in (tmp_path / "events.jsonl").read_bytes().splitlines():
         event = from_dict(orjson.loads(line))  # validates
         by_id.setdefault(event.id, []).append(event)
-    assert sorted(by_id) == ["a-0", "a-1", "a-2"]
+    assert sorted(by_id) == ["a-0", "a-1", "a-2", "a-3", "a-4"]
     assert all(len(events) == 2 for events in by_id.values())
     request = {id_: events[0] for id_, events in by_id.items()}
     assert json.loads(request["a-0"]["metadata"]) == {"Foo": ["a\x85b", "café"]}
     assert request["a-1"].get("traceparent") is None and request["a-1"].datacontenttype == "application/json"
     assert request["a-2"]["traceparent"] == trace
     assert {e.datacontenttype for events in by_id.values() for e in events} == {"application/json"}
+    assert (request["a-3"]["modelname"], request["a-3"]["path"]) == ("a%09b", "/v1/models/a%09b:predict")
+    assert (request["a-4"]["modelname"], request["a-4"]["modelversion"]) == ("a%C2%85b", "v%7F1")
