@@ -42,11 +42,11 @@ from typing import Any, Literal, Self
 
 import msgpack
 import orjson
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 from infer_logger.cloudevents.json_format import from_dict
-from infer_logger.cloudevents.validation import validate
+from infer_logger.cloudevents.validation import check_uri_reference, validate
 from infer_logger.errors import InvalidEventError
 from infer_logger.sinks.base import Sink
 from pipelines.sources.base import SourceConfig
@@ -94,7 +94,20 @@ class ForwardSourceConfig(SourceConfig):
     record_type: str = "io.fluentd.record"
     """CloudEvents `type` of records that are not CloudEvents themselves."""
     source_uri: str | None = None
-    """Their `source`; default `fluent-forward://<host>:<port>`."""
+    """Their `source`, a URI reference; default `fluent-forward://<host>:<port>` (an IPv6 host in
+    brackets)."""
+
+    @field_validator("source_uri")
+    @classmethod
+    def _uri_reference(cls, uri: str | None) -> str | None:
+        # Every record's event carries it: one that is no URI reference had each frame refused.
+        if uri:
+            try:
+                check_uri_reference("source", uri)
+            except InvalidEventError as exc:
+                raise ValueError(f"{exc.message}, as the events' source must be "
+                                 "(e.g. fluent-forward://fluentd/ or /fluentd)") from None
+        return uri
 
     @model_validator(mode="after")
     def _users_need_key(self) -> ForwardSourceConfig:
@@ -578,7 +591,12 @@ class ForwardSource:
 
     @property
     def source_uri(self) -> str:
-        return self.config.source_uri or f"fluent-forward://{self.config.host}:{self.port}"
+        if self.config.source_uri:
+            return self.config.source_uri
+        # RFC 3986 3.2.2 (and 6874 for a zone's `%`): `fluent-forward://:::24224` is no URI.
+        host = self.config.host
+        host = f"[{host.replace('%', '%25')}]" if ":" in host else host
+        return f"fluent-forward://{host}:{self.port}"
 
     async def start(self) -> None:
         if self._server is None:

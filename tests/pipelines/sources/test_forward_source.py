@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.json_format import to_dict
+from infer_logger.cloudevents.validation import validate
 from infer_logger.errors import SinkError
 from infer_logger.sinks.memory import MemorySink, failing
 from pipelines.sources.forward import (
@@ -61,8 +62,8 @@ class Client:
         self.unpacker = msgpack.Unpacker(raw=False)
 
     @classmethod
-    async def connect(cls, port: int) -> Client:
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
+    async def connect(cls, port: int, host: str = "127.0.0.1") -> Client:
+        return cls(*await asyncio.open_connection(host, port))
 
     async def send(self, *frames: object) -> None:
         for frame in frames:
@@ -317,6 +318,26 @@ class TestRecords:
             "datacontenttype": "application/json",
         }
         assert event.json() == {"k": [1, 2.5, None], "3": True}
+
+    async def test_an_ipv6_host_makes_a_uri_source(self, memory: MemorySink) -> None:
+        """RFC 3986 brackets an IPv6 host: `fluent-forward://::1:<port>` was no URI, which a receiver
+        stricter than ours (it checks characters and the scheme) refuses."""
+        async with ForwardSourceConfig(host="::1", port=0).build(memory) as src:
+            client = await Client.connect(src.port, "::1")
+            await client.send(["app", event_time(T_NS), {"k": 1}, {"chunk": "v6"}])
+            assert await client.reply() == {"ack": "v6"}
+            await client.aclose()
+        [event] = memory.events
+        assert event["source"] == f"fluent-forward://[::1]:{src.port}"
+        validate(event)
+
+    @pytest.mark.parametrize("uri", ["my source", "fluent forward://x", "a\tb", "1x:y"])
+    def test_a_source_uri_that_is_no_uri_reference_is_refused(self, uri: str) -> None:
+        """Every record's event carries it: each frame was refused, and its sender retried for ever."""
+        with pytest.raises(ValidationError, match="source_uri") as info:
+            ForwardSourceConfig(source_uri=uri)
+        assert "is not a URI reference" in str(info.value) or "invalid URI scheme" in str(info.value)
+        assert ForwardSourceConfig(source_uri="/fluentd").source_uri == "/fluentd"
 
     async def test_values_json_lacks(self, source: ForwardSource, memory: MemorySink) -> None:
         """bin as base64, an EventTime as RFC 3339, another ext as code + base64, invalid UTF-8
