@@ -21,7 +21,7 @@ from infer_logger import binary_tensors
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 from infer_logger.cloudevents.http import from_http_many
 from infer_logger.cloudevents.json_format import is_event_format
-from infer_logger.cloudevents.validation import escape_string, is_media_type, is_string
+from infer_logger.cloudevents.validation import is_media_type, is_string
 from infer_logger.errors import InvalidEventError
 
 REQUEST = "org.kubeflow.serving.inference.request"
@@ -177,21 +177,6 @@ def traceparent(value: str) -> str | None:
     """A `traceparent` header for the distributed-tracing extension, or None when it is none
     (W3C: a receiver ignores an invalid one; copied, it could make the event invalid)."""
     return value if _TRACEPARENT.fullmatch(value) else None
-
-
-def path_text(value: str) -> str:
-    """A decoded path (or a part of it: the model name, its version) as a CloudEvents String:
-    unchanged when it is one, else with each character it may not hold percent-encoded, as
-    the client sent it (`a%09b`: legal in a URL, a tab is not in an attribute)."""
-    return escape_string(value, _percent_encoded)
-
-
-def _percent_encoded(char: str) -> str:
-    try:  # a byte the server could not read as UTF-8 (surrogateescape) is that byte again
-        raw = char.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate from elsewhere
-        raw = char.encode("utf-8", "surrogatepass")
-    return "".join(f"%{byte:02X}" for byte in raw)
 
 
 def media_type(value: str | None) -> str | None:

@@ -16,6 +16,7 @@ import orjson
 
 from infer_logger import events as ev
 from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.cloudevents.validation import percent_escaped
 from infer_logger.config import Settings
 from infer_logger.delivery import DeliveryProcess
 from infer_logger.dispatch import Dispatcher
@@ -198,10 +199,10 @@ class InferenceLogger:
                 attrs[ev.MODELVERSION] = route.version
             attrs[ev.PATH] = path
         else:
-            attrs[ev.MODELNAME] = ev.path_text(route.model)
+            attrs[ev.MODELNAME] = percent_escaped(route.model)
             if route.version:
-                attrs[ev.MODELVERSION] = ev.path_text(route.version)
-            attrs[ev.PATH] = ev.path_text(path)
+                attrs[ev.MODELVERSION] = percent_escaped(route.version)
+            attrs[ev.PATH] = percent_escaped(path)
         attrs[ev.PROTOCOL] = route.protocol
         if (sent := headers.get("traceparent")) and (traceparent := ev.traceparent(sent)):
             attrs[ev.TRACEPARENT] = traceparent

@@ -34,10 +34,10 @@ from infer_logger.cloudevents.kafka import (
 )
 from infer_logger.cloudevents.validation import (
     check_uri_reference,
-    escape_string,
     is_media_type,
     is_string,
     parse_time,
+    percent_escaped,
     validate,
 )
 
@@ -55,7 +55,6 @@ __all__ = [
     "content_mode",
     "decode_header_value",
     "encode_header_value",
-    "escape_string",
     "from_dict",
     "from_http",
     "from_http_many",
@@ -64,6 +63,7 @@ __all__ = [
     "from_kafka",
     "is_media_type",
     "is_string",
+    "percent_escaped",
     "key_by_id",
     "parse_time",
     "to_batch",

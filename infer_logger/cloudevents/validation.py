@@ -122,12 +122,21 @@ def is_string(value: str) -> bool:
     return _BAD_CHAR.search(value) is None
 
 
-def escape_string(value: str, escape: Callable[[str], str]) -> str:
-    """`value` with each character a CloudEvents String may not hold replaced by `escape(char)`:
-    for callers that keep a value that is not one (a model name off the path) rather than drop it."""
+def percent_escaped(value: str) -> str:
+    """`value` as a CloudEvents String: unchanged when it is one, else each character it may not
+    hold percent-encoded as its UTF-8 bytes (a tab is `%09`). For callers that keep a value read
+    off the wire (a model name off a decoded path, a Fluentd tag) rather than refuse it."""
     if value.isascii() and value.isprintable():  # the usual value: one cheap check
         return value
-    return _BAD_CHAR.sub(lambda bad: escape(bad.group()), value)
+    return _BAD_CHAR.sub(lambda bad: _percent_encoded(bad.group()), value)
+
+
+def _percent_encoded(char: str) -> str:
+    try:  # a byte the server could not read as UTF-8 (surrogateescape) is that byte again
+        raw = char.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate from elsewhere
+        raw = char.encode("utf-8", "surrogatepass")
+    return "".join(f"%{byte:02X}" for byte in raw)
 
 
 @functools.lru_cache(maxsize=256)  # content types repeat; the lookup is half the regex

@@ -21,7 +21,8 @@ Records in the CloudEvents JSON format (what the `fluentd` sink sends: they have
 become that event again. Any other record becomes an event of type `record_type` with the tag as
 `subject`, the Fluentd time as `time` (nanoseconds), the record as JSON `data`, and the id
 `<chunk>-<index>` when the frame has a chunk (a resent chunk keeps its ids, so an id-keyed store
-overwrites) or else a new UUID. Every event's `meta` carries `fluentd-tag` and `fluentd-time` (ns).
+overwrites) or else a new UUID; in subject and id, what an attribute may not hold (a control
+character) is percent-encoded. Every event's `meta` carries `fluentd-tag` and `fluentd-time` (ns).
 """
 
 from __future__ import annotations
@@ -46,16 +47,16 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 from infer_logger.cloudevents.json_format import from_dict
-from infer_logger.cloudevents.validation import check_uri_reference, validate
+from infer_logger.cloudevents.validation import check_uri_reference, percent_escaped, validate
 from infer_logger.errors import InvalidEventError
 from infer_logger.sinks.base import Sink
-from pipelines.sources.base import SourceConfig
 from infer_logger.sinks.fluentd import (
     as_bytes,
     password_digest,
     shared_key_digest,
     time_ns,
 )
+from pipelines.sources.base import SourceConfig
 
 log = logging.getLogger(__name__)
 
@@ -701,6 +702,10 @@ class ForwardSource:
         """The frame's records as CloudEvents (see the module docstring), `max_frame_entries` at a
         time, each batch unpacked and converted when asked for; FrameError if one cannot be."""
         meta_tag = {"fluentd-tag": frame.tag}
+        # Tag and chunk are a sender's text: a control character in them made every record an
+        # invalid event, the frame was refused and the sender resent it for ever.
+        subject = percent_escaped(frame.tag)
+        prefix = percent_escaped(frame.chunk) if frame.chunk else None
         checked = False  # records that are no CloudEvents: is the frame's first one valid?
         start = 0  # the slice's first index
         for entries in frame.slices(self.config.max_frame_entries):
@@ -717,10 +722,10 @@ class ForwardSource:
                     else:
                         events.append(CloudEvent(event.attributes, event.data, meta))
                         continue
-                event_id = f"{frame.chunk}-{index}" if frame.chunk else str(uuid.uuid4())
+                event_id = f"{prefix}-{index}" if prefix else str(uuid.uuid4())
                 attributes: dict[str, str | int | bool] = {
                     "specversion": SPECVERSION, "id": event_id, "source": self.source_uri,
-                    "type": self.config.record_type, "subject": frame.tag, "time": rfc3339(ns),
+                    "type": self.config.record_type, "subject": subject, "time": rfc3339(ns),
                     "datacontenttype": "application/json",
                 }
                 event = CloudEvent(attributes, _json(record), meta)
@@ -730,7 +735,7 @@ class ForwardSource:
                     # validation is most of this loop's cost.
                     try:
                         validate(event)
-                    except InvalidEventError as exc:  # e.g. a tag with control characters as subject
+                    except InvalidEventError as exc:
                         raise FrameError(f"record {index} makes no valid CloudEvent: {exc}") from exc
                     checked = True
                 events.append(event)

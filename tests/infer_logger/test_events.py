@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from infer_logger import events as ev
-from infer_logger.cloudevents import is_string
+from infer_logger.cloudevents import is_string, percent_escaped
 
 
 def test_ce_id_wins_then_x_request_id() -> None:
@@ -89,14 +89,14 @@ class TestPathText:
 
     @pytest.mark.parametrize("value", ["iris", "/v1/models/iris:predict", "modèle-été", "a b%20c"])
     def test_valid_names_are_unchanged(self, value: str) -> None:
-        assert ev.path_text(value) == value
+        assert percent_escaped(value) == value
 
     @pytest.mark.parametrize(("value", "escaped"), [
         ("a\tb", "a%09b"), ("a\x85b", "a%C2%85b"), ("a\x7f", "a%7F"), ("\ufdd0x", "%EF%B7%90x"),
         ("a\udc85b", "a%85b"),  # a byte that was no UTF-8 (surrogateescape): that byte again
     ])
     def test_what_a_string_may_not_hold_is_percent_encoded(self, value: str, escaped: str) -> None:
-        assert ev.path_text(value) == escaped
+        assert percent_escaped(value) == escaped
 
 
 def test_a_content_type_no_event_may_carry_is_none() -> None:

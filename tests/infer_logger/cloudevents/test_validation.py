@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from infer_logger.cloudevents import CloudEvent, escape_string, is_media_type, parse_time, validate
+from infer_logger.cloudevents import CloudEvent, is_media_type, parse_time, percent_escaped, validate
 from infer_logger.errors import InvalidEventError, MissingAttributeError
 
 BASE = {"specversion": "1.0", "id": "1", "source": "/src", "type": "t"}
@@ -97,14 +97,11 @@ class TestStrings:
     def test_unicode_allowed(self) -> None:
         validate(event(subject="Euro € 😀 世界", ext="no-break\u00a0space"))
 
-    def test_escape_string_replaces_only_what_a_string_may_not_hold(self) -> None:
-        def escape(char: str) -> str:
-            return f"<{ord(char):X}>"
-
-        assert escape_string("plain ascii", escape) == "plain ascii"
-        assert escape_string("Euro € \u00a0", escape) == "Euro € \u00a0"
-        escaped = escape_string("a\tb\x85c\ud800\ufffe\x7f", escape)
-        assert escaped == "a<9>b<85>c<D800><FFFE><7F>"
+    def test_percent_escaped_replaces_only_what_a_string_may_not_hold(self) -> None:
+        assert percent_escaped("plain ascii") == "plain ascii"
+        assert percent_escaped("Euro € \u00a0") == "Euro € \u00a0"
+        escaped = percent_escaped("a\tb\x85c\ufffe\x7f")
+        assert escaped == "a%09b%C2%85c%EF%BF%BE%7F"
         validate(event(ext=escaped))
 
 

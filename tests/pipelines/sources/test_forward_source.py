@@ -364,6 +364,16 @@ class TestRecords:
         assert event.json() == {"host": "a", "nested": {"bin-key": 1}, "2023-11-14T22:13:20.123456789Z": "et",
                                 "1970-01-01T00:00:01.000000005Z": "ts", "t": "1970-01-01T00:00:01.000000005Z"}
 
+    async def test_a_tag_or_chunk_no_attribute_may_hold_is_kept_escaped(
+            self, source: ForwardSource, memory: MemorySink) -> None:
+        """A control character in the tag (the subject) or the chunk (in the ids) made every record
+        an invalid event: the frame was refused and the sender resent it for ever."""
+        replies = await roundtrip(source, ["app\x01web\u0085", [[1, {}], [2, {}]], {"chunk": "c\tk"}])
+        assert replies == [{"ack": "c\tk"}]  # acked as sent
+        assert [(e.id, e["subject"]) for e in memory.events] == [("c%09k-0", "app%01web%C2%85"),
+                                                                 ("c%09k-1", "app%01web%C2%85")]
+        assert memory.events[0].meta["fluentd-tag"] == "app\x01web\u0085"
+
     async def test_without_chunk_ids_are_unique(self, source: ForwardSource, memory: MemorySink) -> None:
         client = await Client.connect(source.port)
         await client.send(["app", [[T_NS // NS, {}], [T_NS // NS, {}]]])
@@ -498,7 +508,6 @@ class TestFailures:
         pack(["app", msgpack.ExtType(5, b"12345678"), {}]),
         pack(["app", 10**15, {}]),  # a year no calendar holds
         pack(["app", [[1, {}], [10**12, {}]], {}]),  # ... in a later entry
-        pack(["bad\x01tag", 1, {}]),  # no valid CloudEvents subject
         b"\x94\xa3app\x01\x81\x91\x01\x01\x81\xa5chunk\xa1c",  # a map keyed by an array: {[1]: 1}
         pack(["app", 1, functools.reduce(lambda inner, _: {"a": inner}, range(300), {})]),  # deeper than JSON
     ], ids=lambda f: f.hex()[:24])
