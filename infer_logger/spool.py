@@ -629,8 +629,9 @@ class DiskReader:
         at-least-once allows, and the file I/O stays off the per-batch path.
         """
         self.position = position
-        if position == self._saved:
-            return  # also what an idle worker's repeated commit of where it is costs
+        if position == self._saved and not force:
+            return  # what an idle worker's repeated commit of where it is costs (a forced one
+            # writes the file: the broker's attach marks a trigger as known by it)
         now = time.monotonic()
         if force or now - self._saved_at >= self.checkpoint_interval:
             self._save(now)

@@ -69,6 +69,29 @@ def test_kill9_and_restart_delivers_everything_accepted(tmp_path: Path) -> None:
     assert len(delivered_before) < 300
 
 
+def test_a_stop_while_a_new_trigger_s_subscriber_is_down_keeps_its_events(tmp_path: Path) -> None:
+    """A trigger attached to a fresh log is known by its checkpoint file; when a commit stopped
+    writing a position equal to the loaded one, none was written, and the restarted broker took the
+    trigger for a new one: it started at the tail and the events accepted meanwhile were skipped."""
+    sub_port, port = free_port(), free_port()
+    triggers = _triggers(tmp_path / "triggers.yaml", f"http://127.0.0.1:{sub_port}/")
+    broker = _broker(tmp_path, triggers, port).start()
+    try:
+        accepted = _post_all(broker.url + "/", 5, "down")  # nothing listens: retried, then the stop
+    finally:
+        broker.stop()
+    assert len(accepted) == 5
+    with Subscriber(port=sub_port) as subscriber:
+        broker = _broker(tmp_path, triggers, port).start()
+        try:
+            deadline = time.monotonic() + 30
+            while missing := set(accepted) - {e.id for e in subscriber.events}:
+                assert time.monotonic() < deadline, f"never delivered: {sorted(missing)}"
+                time.sleep(0.1)
+        finally:
+            broker.stop()
+
+
 def test_sighup_reloads_and_keeps_the_last_good_triggers(tmp_path: Path) -> None:
     with Subscriber() as first, Subscriber() as second:
         triggers = _triggers(tmp_path / "triggers.yaml", first.url)
