@@ -145,7 +145,14 @@ async def run_uvicorn(app: Proxy, host: str, port: int, stop: asyncio.Event,
                       listening: Callable[[], None] | None = None) -> None:
     """`run`, under uvicorn (`server: uvicorn`); off the main thread uvicorn leaves signals alone."""
     server = uvicorn.Server(uvicorn_config(app, host, port))
-    serving = asyncio.ensure_future(server.serve())
+
+    async def serve() -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn's answer to a port it cannot bind: out of the loop, not a reason
+            raise InferLoggerError(f"cannot listen on {host}:{port}") from None
+
+    serving = asyncio.ensure_future(serve())
     while not server.started:
         if serving.done():  # a failed startup returns without serving
             await serving

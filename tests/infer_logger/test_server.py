@@ -36,12 +36,14 @@ def test_serves_then_drains_on_exit(echo_predictor: Process, tmp_path: Path) -> 
         httpx.get(f"http://127.0.0.1:{port}/healthz")
 
 
-def test_a_failed_start_is_raised_to_the_caller(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", ["httptools", "uvicorn"])
+def test_a_failed_start_is_raised_to_the_caller(tmp_path: Path, server: str) -> None:
+    """Under uvicorn a taken port was its SystemExit(3), out of the caller's process."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        settings = load_settings(None, port=port, spool={"dir": str(tmp_path / "spool")},
+        settings = load_settings(None, port=port, server=server, spool={"dir": str(tmp_path / "spool")},
                                  sinks=[{"type": "file", "path": str(tmp_path / "e.jsonl")}])
         with pytest.raises(InferLoggerError, match=f"cannot listen on 127.0.0.1:{port}"), SidecarThread(settings):
             pass
