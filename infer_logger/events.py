@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -166,17 +165,11 @@ def metadata_json(headers: Iterable[tuple[str, str]], allowed: Iterable[str]) ->
     return json.dumps(out, ensure_ascii=True, separators=(",", ":")).replace("\x7f", "\\u007f")
 
 
-# W3C Trace Context 3.2: version-traceid-parentid-flags in lower-case hex, ids not all zeros,
-# version ff invalid; a later version than 00 may add fields after another "-" (kept when they
-# are printable ASCII). One regex: this runs on every traced request.
-_TRACE_IDS = r"-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
-_TRACEPARENT = re.compile(rf"00{_TRACE_IDS}|(?!00|ff)[0-9a-f]{{2}}{_TRACE_IDS}(?:-[!-~]*)?")
-
-
 def traceparent(value: str) -> str | None:
-    """A `traceparent` header for the distributed-tracing extension, or None when it is none
-    (W3C: a receiver ignores an invalid one; copied, it could make the event invalid)."""
-    return value if _TRACEPARENT.fullmatch(value) else None
+    """A `traceparent` header for the distributed-tracing extension when it is a CloudEvents String
+    (a tab or a C1 control in it made the event invalid), else None. Its W3C syntax is the tracing
+    system's to judge (W3C: a receiver ignores an invalid one); a regex here cost ~0.5 us a request."""
+    return value if is_string(value) else None
 
 
 def media_type(value: str | None) -> str | None:

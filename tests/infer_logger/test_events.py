@@ -64,23 +64,16 @@ class TestMetadata:
 
 
 class TestTraceparent:
-    """W3C Trace Context's `traceparent` is copied only when it is one."""
+    """`traceparent` is copied when an attribute may hold it; its W3C syntax is not judged here."""
 
     VALID = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
-    @pytest.mark.parametrize("value", [VALID, "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
-                                       "cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-09-what-comes"])
-    def test_valid(self, value: str) -> None:
+    @pytest.mark.parametrize("value", [VALID, VALID.upper(), VALID + "-what-comes", "not-w3c"])
+    def test_copied(self, value: str) -> None:
         assert ev.traceparent(value) == value
 
-    @pytest.mark.parametrize("value", [
-        "x\tz", "\x85", "", VALID.upper(), VALID + "-more", VALID[:-1],
-        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
-        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
-        "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-a\x85",
-    ])
-    def test_invalid(self, value: str) -> None:
+    @pytest.mark.parametrize("value", ["x\tz", "\x85", "", VALID + "-a\x85", VALID + "\x7f"])
+    def test_dropped_when_no_attribute_may_hold_it(self, value: str) -> None:
         assert ev.traceparent(value) is None
 
 

@@ -143,7 +143,7 @@ def test_attributes_read_off_the_client_keep_the_events_valid(tmp_path: Path) ->
         with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
             with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
                 r = client.post("/v1/models/a%09b:predict", json={},
-                                headers=[(b"foo", b"a\x85b"), (b"traceparent", b"not-one")])
+                                headers=[(b"foo", b"a\x85b"), (b"traceparent", b"00-a\tb")])
         received = sink.wait_for(2)
     assert r.status_code == 200 and r.json() == {"model": "a\tb"}  # the app gets the name as sent
     for event in received:
