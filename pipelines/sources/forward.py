@@ -259,11 +259,13 @@ def parse_frame(frame: bytes | memoryview, limit: int, max_entries: int = _MAX_E
             elif compressed in (None, "text"):
                 entries = _entries(_unpacked(_pieces(raw), limit, max_entries))
             else:
-                raise FrameError(f"unknown compression {compressed!r}")
+                raise FrameError(f"unknown compression {_describe(compressed)}")
         else:  # Message mode
             if size < 3:
                 raise FrameError("a Message mode frame is [tag, time, record, option?]")
             wire_time, record = walk.value(), walk.value(maps=True)
+            if isinstance(wire_time, _Skipped):
+                raise FrameError(f"a time is an EventTime or a number, not {_describe(wire_time)}")
             option = _option(walk, size, 3)
             entries = [(time_ns(wire_time), _record(record))]
     except (TypeError, ValueError, OverflowError, msgpack.UnpackException) as exc:
