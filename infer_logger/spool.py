@@ -174,6 +174,7 @@ class _Segments:
         self.stats = SpoolStats()
         self._readers: dict[str, DiskReader] = {}
         self._waiters: set[asyncio.Event] = set()
+        self._strays: set[str] = set()  # files that look like segments and are not: logged once
 
     def refresh(self) -> None:
         """Bring the view of the segments up to date (another process may change them)."""
@@ -242,9 +243,21 @@ class _Segments:
         return self.dir / f"{number:020d}{_SUFFIX}"
 
     def _segments(self) -> list[int]:
-        """The numbers of the segment files in the directory, oldest first."""
-        stems = (name[: -len(_SUFFIX)] for name in os.listdir(self.dir) if name.endswith(_SUFFIX))
-        return sorted(int(stem) for stem in stems if stem.isdigit())
+        """The numbers of the segment files in the directory, oldest first; any other `*.seg`
+        (a stray `x.seg`, `².seg`, `7.seg`) is ignored, logged once."""
+        numbers = []
+        for name in os.listdir(self.dir):
+            if not name.endswith(_SUFFIX):
+                continue
+            stem = name[: -len(_SUFFIX)]
+            # Only the names _path() writes: str.isdigit() also takes "²", which int() refuses,
+            # and "7.seg" is not the file _path(7) opens.
+            if stem.isascii() and stem.isdigit() and self._path(int(stem)).name == name:
+                numbers.append(int(stem))
+            elif name not in self._strays:
+                self._strays.add(name)
+                log.warning("spool %s: ignoring %r, not a segment name", self.dir, name)
+        return sorted(numbers)
 
     def checkpoint_path(self, name: str) -> Path:
         return self.dir / "checkpoints" / f"{name}.json"

@@ -218,6 +218,27 @@ class TestDiskSpool:
         assert drain(again.reader("s")) == [str(i) for i in range(5)]
         assert "unreadable checkpoint" in caplog.text
 
+    def test_stray_files_named_like_segments_are_ignored_and_logged_once(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        (tmp_path / "spool").mkdir()
+        strays = ["\u00b2.seg", "x.seg", "7.seg", "\u0661.seg"]  # superscript two, a letter, unpadded, Arabic-Indic one
+        for name in strays:
+            (tmp_path / "spool" / name).write_bytes(b"not a segment")
+        spool = DiskSpool(tmp_path / "spool")
+        follower = SpoolFollower(tmp_path / "spool")
+        reader = follower.reader("r")
+        for i in range(3):
+            spool.append(event(i))
+        follower.refresh()
+        follower.refresh()
+        assert drain(reader) == ["0", "1", "2"]
+        for name in strays:  # each logged once per spool and follower, not on every look
+            assert sum(name in r.getMessage() for r in caplog.records) == 2
+            assert (tmp_path / "spool" / name).exists()  # someone else's file: left alone
+        follower.close()
+        spool.close()
+
     def test_duplicate_reader_name_is_refused(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path)
         spool.reader("s")
