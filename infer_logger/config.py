@@ -134,15 +134,16 @@ class SpoolSettings(BaseModel):
     """Size of a spool file, the unit in which delivered events are deleted (and `drop_oldest`
     drops). At most a quarter of `max_bytes` is used, so a small cap just works."""
     max_bytes: ByteSize = Field(ByteSize(1 << 30), gt=0)
-    """Cap on spool size; past it the overflow policy applies (and is counted). At least 4 x
-    `max_payload_bytes`."""
+    """Cap on spool size, on disk or in memory (`durability: memory`); past it the overflow
+    policy applies (and is counted). At least 4 x `max_payload_bytes`."""
     overflow: Literal["drop_newest", "drop_oldest"] = "drop_newest"
     """`drop_newest` refuses new events; `drop_oldest` deletes the oldest segment and counts the
     events in it that a sink had not taken yet (all of them when delivery runs in its process)."""
     fsync_interval: float | None = Field(None, gt=0)
     """Seconds between fsyncs of the spool; unset = never (page cache only, survives kill -9)."""
     memory_max_events: int = Field(100_000, ge=1)
-    """Bound of the in-memory log when `durability: memory`."""
+    """Bound on the events of the in-memory log when `durability: memory` (`max_bytes` bounds
+    its size); past it the overflow policy applies."""
 
 
 class DeliverySettings(BaseModel):
@@ -236,7 +237,7 @@ class Settings(LayeredSettings):
         # A cap of a few payloads holds no backlog worth the name, and one below a payload
         # refuses every event that size.
         payload = info.data.get("max_payload_bytes")
-        if spool.durability == "disk" and payload is not None and spool.max_bytes < 4 * payload:
+        if payload is not None and spool.max_bytes < 4 * payload:
             raise ValueError(
                 f"spool.max_bytes ({spool.max_bytes.human_readable()}) must be at least 4 x max_payload_bytes "
                 f"({payload.human_readable()}): raise spool.max_bytes or lower max_payload_bytes")

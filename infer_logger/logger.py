@@ -65,7 +65,7 @@ class Exchange:
 def build_spool(settings: Settings) -> Spool:
     s = settings.spool
     if s.durability == "memory":
-        return MemorySpool(max_events=s.memory_max_events, overflow=s.overflow)
+        return MemorySpool(max_events=s.memory_max_events, max_bytes=int(s.max_bytes), overflow=s.overflow)
     return DiskSpool(
         s.dir,
         segment_bytes=int(s.segment_bytes),

@@ -10,8 +10,9 @@ the attributes as JSON and the raw data bytes. The CRC covers both bodies; flags
 is None". A record that fails its CRC, or a frame cut short by a crash, ends its segment for the
 reader: the rest of that segment is skipped, logged and counted, never a crash.
 
-`MemorySpool` has the same interface and keeps events in a bounded deque: faster, but a restart or
-a crash loses whatever the sinks had not taken yet.
+`MemorySpool` has the same interface and keeps events in a deque bounded by count and by bytes
+(the same `max_bytes` and overflow policy): faster, but a restart or a crash loses whatever the
+sinks had not taken yet.
 """
 
 from __future__ import annotations
@@ -685,8 +686,10 @@ class DiskReader:
 class MemorySpool:
     """`durability: memory`: a bounded in-memory log. Lost on restart or crash, by choice."""
 
-    def __init__(self, *, max_events: int = 100_000, overflow: Overflow = "drop_newest") -> None:
+    def __init__(self, *, max_events: int = 100_000, max_bytes: int = 1 << 30,
+                 overflow: Overflow = "drop_newest") -> None:
         self.max_events = max_events
+        self.max_bytes = max_bytes
         self.overflow = overflow
         self.stats = SpoolStats()
         self._log: collections.deque[tuple[int, CloudEvent, int]] = collections.deque()
@@ -695,14 +698,17 @@ class MemorySpool:
         self._readers: dict[str, MemoryReader] = {}
 
     def append(self, event: CloudEvent) -> bool:
-        if len(self._log) >= self.max_events:
-            if self.overflow == "drop_newest":
-                self.stats.dropped["spool_full"] += 1
-                return False
-            _, _, size = self._log.popleft()
-            self._bytes -= size
+        """Append one event; False (and counted) when `max_events` or `max_bytes` refuses it."""
+        # Counted as the disk spool would store it, so max_bytes means the same in both.
+        size = _HEADER.size + len(orjson.dumps(event.attributes)) + len(event.data or b"")
+        full = len(self._log) >= self.max_events or self._bytes + size > self.max_bytes
+        if full and (self.overflow == "drop_newest" or size > self.max_bytes):
+            self.stats.dropped["spool_full"] += 1
+            return False
+        while self._log and (len(self._log) >= self.max_events or self._bytes + size > self.max_bytes):
+            _, _, dropped = self._log.popleft()  # every event held is one a reader has not taken
+            self._bytes -= dropped
             self.stats.dropped["spool_overflow"] += 1
-        size = len(event.data or b"") + 64
         self._log.append((self._next, event, size))
         self._bytes += size
         self._next += 1

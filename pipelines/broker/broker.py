@@ -254,7 +254,8 @@ class Broker:
             return KafkaChannel(s.kafka, *key, batch_size=s.batch_size)
         spool: DiskSpool | MemorySpool
         if s.channel == "memory":
-            spool = MemorySpool(max_events=s.spool.memory_max_events, overflow=s.spool.overflow)
+            spool = MemorySpool(max_events=s.spool.memory_max_events, max_bytes=int(s.spool.max_bytes),
+                                overflow=s.spool.overflow)
         else:
             spool = DiskSpool(s.dir / key[0] / key[1], segment_bytes=int(s.spool.segment_bytes),
                               max_bytes=int(s.spool.max_bytes), overflow=s.spool.overflow,

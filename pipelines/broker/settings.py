@@ -43,8 +43,9 @@ class SpoolSection(BaseModel):
 
     segment_bytes: ByteSize = ByteSize(16 << 20)
     max_bytes: ByteSize = ByteSize(1 << 30)
-    """Cap on one broker's log on disk; past it new events are refused (503) or, with
-    `overflow: drop_oldest`, the oldest segment is dropped (even if a trigger has not read it)."""
+    """Cap on one broker's log, on disk or in memory (`channel: memory`); past it new events are
+    refused (503) or, with `overflow: drop_oldest`, the oldest segment (in memory: events) is
+    dropped (even if a trigger has not read it)."""
     overflow: Literal["drop_newest", "drop_oldest"] = "drop_newest"
     fsync_interval: float | None = Field(None, gt=0)
     """Seconds between fsyncs; unset = page cache only (survives kill -9, not a power cut)."""

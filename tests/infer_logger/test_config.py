@@ -104,6 +104,9 @@ class TestErrors:
             ("sinks:\n  - type: file\n  - type: file\n", "sinks", "two sinks are named 'file'"),
             # A spool of a couple of payloads is full with the next one (it refused them all).
             ("spool:\n  max_bytes: 2MiB\n", "spool", "spool.max_bytes (2.0MiB) must be at least 4 x max_payload_bytes"),
+            # In memory too: the cap is what bounds the sidecar's memory during a sink outage.
+            ("spool:\n  durability: memory\n  max_bytes: 2MiB\n", "spool",
+             "spool.max_bytes (2.0MiB) must be at least 4 x max_payload_bytes"),
             # A sink's name names its checkpoint file: one it could not save never freed the spool.
             ("sinks:\n  - type: file\n    name: audit/events\n", "sinks.0.file.name", "cannot hold '/'"),
             ("sinks:\n  - type: file\n    name: 'a\\\\b'\n", "sinks.0.file.name", "cannot hold '\\\\'"),

@@ -332,6 +332,21 @@ def test_memory_durability_and_inline_mode_deliver_in_process(tmp_path: Path) ->
     assert memory.delivery is None and memory.dispatcher is not None
 
 
+@pytest.mark.parametrize(("overflow", "reason"), [("drop_newest", "spool_full"), ("drop_oldest", "spool_overflow")])
+def test_memory_durability_holds_no_more_than_spool_max_bytes(tmp_path: Path, overflow: str, reason: str) -> None:
+    # Not started: no sink takes anything, as in an outage. The cap bounds the sidecar's memory.
+    memory = InferenceLogger(settings(tmp_path, max_payload_bytes="64KiB", spool={
+        "dir": str(tmp_path / "m"), "durability": "memory", "max_bytes": "256KiB", "overflow": overflow}))
+    assert ROUTE is not None
+    body = b"x" * (64 << 10)
+    for i in range(20):
+        ex = memory.begin(ROUTE, "/v1/models/iris:predict", {}, [], body, f"e{i}")
+        memory.end(ex, 200, "application/json", body)
+    assert 0 < memory.spool.size_bytes() <= 256 << 10
+    assert memory.spool.stats.dropped[reason] >= 40 - (256 << 10) // (64 << 10)
+    memory.spool.close()
+
+
 def test_the_child_leaves_with_a_killed_sidecar(iris_predictor: Process, tmp_path: Path) -> None:
     proc = sidecar_process(iris_predictor.url, tmp_path, "--log-url", f"file://{tmp_path}/events.jsonl").start()
     status = tmp_path / "spool" / STATUS_FILE

@@ -306,6 +306,40 @@ class TestMemorySpool:
         assert reader.position == Position(0, 8)
 
 
+    def test_max_bytes_refuses_newest_and_counts(self) -> None:
+        spool = MemorySpool(max_bytes=10_000)
+        reader = spool.reader("a")
+        taken = sum(spool.append(event(i, 1000)) for i in range(30))
+        assert 5 <= taken < 10 and spool.size_bytes() <= 10_000
+        assert spool.stats.dropped["spool_full"] == 30 - taken
+        assert drain(reader) == [str(i) for i in range(taken)]
+        assert spool.size_bytes() == 0 and spool.append(event(30, 1000))  # room again once taken
+
+    def test_max_bytes_drops_oldest_and_counts(self) -> None:
+        spool = MemorySpool(max_bytes=10_000, overflow="drop_oldest")
+        reader = spool.reader("a")
+        assert all(spool.append(event(i, 1000)) for i in range(30))
+        assert spool.size_bytes() <= 10_000
+        ids = drain(reader)
+        assert ids == [str(i) for i in range(30 - len(ids), 30)]
+        assert spool.stats.dropped["spool_overflow"] == 30 - len(ids)
+
+    @pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest"])
+    def test_an_event_over_max_bytes_is_refused_and_keeps_the_others(self, overflow: str) -> None:
+        spool = MemorySpool(max_bytes=10_000, overflow=overflow)
+        reader = spool.reader("a")
+        spool.append(event(0, 1000))
+        assert not spool.append(event(1, 20_000))
+        assert spool.stats.dropped["spool_full"] == 1
+        assert drain(reader) == ["0"]
+
+    def test_the_attributes_count_towards_max_bytes(self) -> None:
+        spool = MemorySpool(max_bytes=10_000)
+        spool.reader("a")
+        big = CloudEvent({"id": "1", "type": "t", "source": "s", "specversion": "1.0", "metadata": "m" * 4000}, b"")
+        assert sum(spool.append(big) for _ in range(5)) == 2
+
+
 def test_a_second_process_cannot_open_the_same_spool(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -90,6 +90,15 @@ class TestRefusals:
             statuses = [(await c.post("/", **binary_request(event(str(i))))).status_code for i in range(3)]
         assert statuses == [202, 202, 503]
 
+    async def test_a_memory_log_past_max_bytes_is_503(self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        subscriber.fail_with = 503  # nothing is delivered: the log holds all it took, in memory
+        triggers = f"triggers: [{{name: t, subscriber: '{subscriber.url}', delivery: {{retry: 100}}}}]"
+        broker = await make_broker(triggers, channel="memory", spool={"max_bytes": 2500})
+        big = b'"' + b"x" * 1000 + b'"'
+        async with client(broker) as c:
+            statuses = [(await c.post("/", **binary_request(event(str(i), data=big)))).status_code for i in range(3)]
+        assert statuses == [202, 202, 503]
+
     async def test_a_broker_without_triggers_keeps_nothing(self, make_broker: MakeBroker) -> None:
         broker = await make_broker(channel="memory", spool={"memory_max_events": 2})
         async with client(broker) as c:
