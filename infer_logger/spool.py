@@ -176,6 +176,7 @@ class _Segments:
         self._readers: dict[str, DiskReader] = {}
         self._waiters: set[asyncio.Event] = set()
         self._strays: set[str] = set()  # files that look like segments and are not: logged once
+        self._collect_failing = False  # finished segments cannot be deleted: logged once per stretch
 
     def refresh(self) -> None:
         """Bring the view of the segments up to date (another process may change them)."""
@@ -210,8 +211,19 @@ class _Segments:
         if not self._readers:
             return
         floor = min(self._past(r._saved) for r in self._readers.values())
-        for number in [n for n in self._sizes if n < floor and n != self._current]:
-            self._delete(number)
+        try:
+            for number in [n for n in self._sizes if n < floor and n != self._current]:
+                self._delete(number)
+        except OSError as exc:
+            # Its callers are a sink worker's commit, an append, the follower's poll: none may
+            # fail for it. The segment stays counted, and the next collect tries again.
+            if not self._collect_failing:
+                log.error("spool %s: cannot delete a finished segment (%s): retried", self.dir, exc)
+                self._collect_failing = True
+            return
+        if self._collect_failing:
+            log.warning("spool %s: finished segments are deleted again", self.dir)
+            self._collect_failing = False
 
     def _past(self, saved: Position) -> int:
         """The first segment a reader saved at `saved` still needs: at the end of a segment no
@@ -228,8 +240,8 @@ class _Segments:
                 reader.commit(reader.position, force=True)
 
     def _delete(self, number: int) -> None:
+        self._path(number).unlink(missing_ok=True)  # first: one that stays stays counted
         self._sizes.pop(number, None)
-        self._path(number).unlink(missing_ok=True)
 
     def size_bytes(self) -> int:
         return sum(self._sizes.values())
@@ -302,10 +314,11 @@ class DiskSpool(_Segments):
     def append(self, event: CloudEvent) -> bool:
         """Append one event; False (and counted) when the size cap refuses it."""
         record = encode_record(event)
-        if self.size_bytes() + len(record) > self.max_bytes and not self._room(len(record)):
-            self.stats.dropped["spool_full"] += 1
-            return False
         try:
+            # Making room reads and deletes segments: its OSErrors cost the event, as a write's do.
+            if self.size_bytes() + len(record) > self.max_bytes and not self._room(len(record)):
+                self.stats.dropped["spool_full"] += 1
+                return False
             if self._sizes[self._current] + len(record) > self.segment_bytes and self._sizes[self._current]:
                 self._roll()
             written = os.write(self._fd, record)
@@ -393,9 +406,9 @@ class DiskSpool(_Segments):
             if oldest == self._current:
                 return False
             lost = self._undelivered(oldest)
+            self._delete(oldest)  # an OSError: the append fails, nothing was dropped
             self.stats.dropped["spool_overflow"] += lost
             log.error("spool full: dropped segment %d with %d undelivered events", oldest, lost)
-            self._delete(oldest)
         return True
 
     def _undelivered(self, number: int) -> int:

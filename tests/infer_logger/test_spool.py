@@ -239,6 +239,51 @@ class TestDiskSpool:
         follower.close()
         spool.close()
 
+    def test_a_segment_that_cannot_be_deleted_on_overflow_costs_the_event_never_the_request(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # Inline delivery: the append that finds the spool full deletes the oldest segment.
+        spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=3000, overflow="drop_oldest")
+        reader = spool.reader("s")
+        taken = [i for i in range(40) if spool.append(event(i, 50))]
+        assert taken == list(range(40))
+        unlink = os.unlink
+
+        def refused(path: object, *args: object, **kwargs: object) -> None:
+            if str(path).endswith(".seg"):
+                raise PermissionError(13, "Permission denied", str(path))
+            unlink(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "unlink", refused)
+        refusals = [i for i in range(40, 50) if not spool.append(event(i, 50))]
+        assert refusals and spool.stats.dropped["spool_error"] == len(refusals)
+        assert sum("Permission denied" in r.getMessage() for r in caplog.records) == 1  # once per stretch
+        monkeypatch.setattr(os, "unlink", unlink)
+        assert spool.append(event(50, 50))
+        ids = drain(reader)
+        assert ids[-1] == "50" and not set(ids) & set(map(str, refusals))
+        spool.close()
+
+    def test_a_finished_segment_that_cannot_be_deleted_stays_and_goes_later(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A sink worker's commit deletes what every reader finished: a failure must not reach it.
+        spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=100_000)
+        reader = spool.reader("s")
+        for i in range(40):
+            spool.append(event(i, 50))
+        monkeypatch.setattr(os, "unlink", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+        events, end = reader.read(100)
+        reader.commit(end, force=True)
+        assert len(events) == 40 and len(spool._segments()) > 1
+        assert spool.size_bytes() == sum(p.stat().st_size for p in tmp_path.glob("*.seg"))  # still counted
+        monkeypatch.undo()
+        spool.append(event(40, 50))
+        events, end = reader.read(100)
+        reader.commit(end, force=True)
+        assert [e.id for e in events] == ["40"] and len(spool._segments()) == 1
+        spool.close()
+
     def test_duplicate_reader_name_is_refused(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path)
         spool.reader("s")
