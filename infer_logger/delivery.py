@@ -9,8 +9,9 @@ sink's checkpoint and deletes finished segments, exactly as the in-process worke
 The child reports through a status file in the spool directory, rewritten every half second:
 its sinks' health and its metric families, which the sidecar's `/readyz` and `/metrics` show.
 It exits when told to (SIGTERM/SIGINT: it drains for `drain_timeout` first) and when its parent
-is gone (a `kill -9` of the sidecar: the next sidecar starts a new child). The sidecar restarts
-a child that dies, with backoff.
+is gone (a `kill -9` of the sidecar: the next sidecar starts a new child), and exits 1 when its
+follower stopped polling the spool (only a bug does that). The sidecar restarts a child that
+dies, with backoff.
 
     python -m infer_logger.delivery   # reads the pickled Settings on stdin; says "ready" on stdout
 """
@@ -342,6 +343,7 @@ async def deliver(settings: Settings) -> None:
     status_error: OSError | None = None
     try:
         while not stop.is_set():
+            follower.check_polling()  # else a dead poll task would deliver nothing more, silently
             if priority != settings.delivery.priority and all(w.reader.lag() == 0 for w in dispatcher.workers):
                 lower_priority(settings.delivery.priority)
                 priority = settings.delivery.priority

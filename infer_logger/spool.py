@@ -491,25 +491,48 @@ class SpoolFollower(_Segments):
         # Between full looks (every 20th poll, or when the directory changed), a stat of the
         # newest segment: the common case is that the writer only appended to it.
         polls = 0
-        seen = os.stat(self.dir).st_mtime_ns
+        seen: int | None = None  # the directory's mtime at the last full look
         interval = self.poll_interval
+        failing = False
         while True:
             await asyncio.sleep(interval)
             before = self.tail(), len(self._sizes)
             polls += 1
-            changed = os.stat(self.dir).st_mtime_ns
-            if changed != seen or polls % 20 == 0:
-                seen = changed
-                self.refresh()
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    self._sizes[self._current] = self._path(self._current).stat().st_size
+            try:
+                changed = os.stat(self.dir).st_mtime_ns
+                if changed != seen or polls % 20 == 0:
+                    self.refresh()
+                    seen = changed
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._sizes[self._current] = self._path(self._current).stat().st_size
+            except OSError as exc:
+                # EMFILE, EIO: the next poll looks again. Were the task to end, nothing more would
+                # be delivered, with every sink reporting ok.
+                if not failing:
+                    log.error("spool %s: cannot look for new events (%s): retrying", self.dir, exc)
+                    failing = True
+                seen = None  # a full look once it works again
+                interval = min(interval * 2, self.idle_poll_interval)
+                continue
+            if failing:
+                log.warning("spool %s: looking for new events again", self.dir)
+                failing = False
             if (self.tail(), len(self._sizes)) != before:
                 interval = self.poll_interval
                 for waiter in self._waiters:
                     waiter.set()
             else:
                 interval = min(interval * 2, self.idle_poll_interval)
+
+    def check_polling(self) -> None:
+        """SpoolError if the poll task ended (only a bug ends it): its readers would never see
+        another event. The delivery process exits on it, and the sidecar starts a new one."""
+        task = self._poll_task
+        if task is not None and task.done() and not task.cancelled():
+            exc = task.exception()
+            log.critical("spool %s: polling stopped", self.dir, exc_info=exc)
+            raise SpoolError(f"spool {self.dir}: polling stopped ({exc!r})")
 
     def close(self) -> None:
         if self._poll_task is not None:

@@ -261,6 +261,52 @@ async def test_delivery_counters_carry_over_a_replaced_child(tmp_path: Path) -> 
         await logger.stop()
 
 
+_POLL_BUG = """
+# Imported by the delivery child at its start (sitecustomize): a bug ends the follower's poll
+# task the first time it looks after the trigger file appears.
+import os
+from pathlib import Path
+
+from infer_logger.spool import SpoolFollower
+
+trigger, refresh = Path(os.environ["SPOOL_TEST_POLL_BUG"]), SpoolFollower.refresh
+
+def buggy(self):
+    if trigger.exists():
+        trigger.unlink()
+        raise RuntimeError("a bug in the poll")
+    refresh(self)
+
+SpoolFollower.refresh = buggy
+"""
+
+
+async def test_a_child_whose_spool_polling_died_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With its poll task gone the child would deliver nothing more, reporting every sink ok.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_POLL_BUG)
+    trigger = tmp_path / "poll-bug"
+    monkeypatch.setenv("SPOOL_TEST_POLL_BUG", str(trigger))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    logger = InferenceLogger(settings(tmp_path))
+    await logger.start()
+    try:
+        assert logger.delivery is not None
+        first = logger.delivery.pid
+        out = tmp_path / "events.jsonl"
+        exchange(logger, "before")
+        await eventually(lambda: len(lines(out)) == 2)
+        trigger.touch()
+        await eventually(lambda: not trigger.exists())  # the child's poll task has died
+        exchange(logger, "after")
+        await eventually(lambda: logger.delivery is not None and logger.delivery.restarts == 1, timeout=30)
+        assert logger.delivery.pid not in (None, first)
+        await eventually(lambda: {e["id"] for e in lines(out)} == {"before", "after"})
+    finally:
+        await logger.stop()
+
+
 async def test_a_child_that_cannot_be_started_is_tried_again(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     logger = InferenceLogger(settings(tmp_path))

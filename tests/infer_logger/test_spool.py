@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,14 @@ from infer_logger.spool import DiskSpool, MemorySpool, Position, SpoolFollower, 
 
 def event(i: int, size: int = 10) -> CloudEvent:
     return CloudEvent({"id": str(i), "type": "t", "source": "s", "specversion": "1.0"}, b"x" * size)
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
 
 
 def drain(reader, batch: int = 1000) -> list[str]:
@@ -501,6 +512,58 @@ class TestSpoolFollower:
         await asyncio.wait_for(waiting, 1.0)
         assert [e.id for e in reader.read(10)[0]] == ["1"]
         writer.close()
+        follower.close()
+
+    async def test_a_failed_look_at_the_directory_is_retried_and_delivery_goes_on(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        from infer_logger.dispatch import Dispatcher
+        from infer_logger.metrics import Metrics
+        from infer_logger.sinks.memory import MemorySink
+
+        writer = DiskSpool(tmp_path)
+        follower = SpoolFollower(tmp_path)
+        sink = MemorySink()
+        dispatcher = Dispatcher(follower, {"s": sink}, Metrics(follower), linger=0)
+        follower.start_polling()
+        dispatcher.start()
+        for i in range(10):
+            writer.append(event(i))
+        await eventually(lambda: len(sink.events) == 10)
+        listdir = os.listdir
+        failed: list[bool] = []
+
+        def out_of_fds(path: object = ".") -> list[str]:
+            if not failed:  # once, as when the process briefly ran out of file descriptors
+                failed.append(True)
+                raise OSError(errno.EMFILE, "Too many open files")
+            return listdir(path)
+
+        monkeypatch.setattr(os, "listdir", out_of_fds)
+        os.utime(tmp_path)  # the directory changed: the next poll lists it
+        await eventually(lambda: bool(failed))
+        for i in range(10, 20):
+            writer.append(event(i))
+        await eventually(lambda: len(sink.events) == 20)
+        assert [e.id for e in sink.events] == [str(i) for i in range(20)]
+        follower.check_polling()  # still polling
+        messages = [r.getMessage() for r in caplog.records if r.name == "infer_logger.spool"]
+        assert sum("Too many open files" in m for m in messages) == 1
+        assert any("looking for new events again" in m for m in messages)
+        await dispatcher.stop(1.0)
+        follower.close()
+        writer.close()
+
+    async def test_a_poll_task_ended_by_a_bug_is_reported(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        follower = SpoolFollower(tmp_path)
+        follower.check_polling()  # not started: nothing to report
+        monkeypatch.setattr(follower, "refresh", lambda: 1 / 0)
+        follower.start_polling()
+        os.utime(tmp_path)
+        assert follower._poll_task is not None
+        await eventually(follower._poll_task.done)
+        with pytest.raises(SpoolError, match="polling stopped.*ZeroDivisionError"):
+            follower.check_polling()
         follower.close()
 
     async def test_an_idle_follower_polls_less_and_still_wakes_its_reader(
