@@ -3,6 +3,7 @@
 One worker per sink, each with its own spool cursor, so a slow or dead sink holds back only
 itself. A failed batch is retried with exponential backoff and full jitter until the sink takes
 it; events a sink refuses for good are written to a dead-letter file with the reason, and counted.
+A batch refused as a whole for its size is sent again in smaller pieces first.
 """
 
 from __future__ import annotations
@@ -146,6 +147,11 @@ class SinkWorker:
                     task.cancel()
 
     async def _deliver(self, events: Sequence[CloudEvent]) -> bool:
+        """Until the sink took or refused each event; False only when draining with it still failing.
+
+        Events refused together for their size (a batch POST answered 413) go again in halves, in
+        order, each retried on its own: only an event refused alone for its size is dead-lettered.
+        """
         attempt = 0
         while True:
             started = time.perf_counter()
@@ -153,6 +159,13 @@ class SinkWorker:
                 await self.sink.send_batch(events)
             except RejectedError as exc:
                 refused = exc.events or list(events)
+                # Only what was refused goes again; the halves shrink, so this ends at single events.
+                if exc.too_large and exc.together and 1 < len(refused) <= len(events):
+                    self.metrics.delivered.labels(self.name).inc(len(events) - len(refused))
+                    log.debug("sink %s: %d events refused together for their size: sent in halves",
+                              self.name, len(refused))
+                    half = len(refused) // 2
+                    return await self._deliver(refused[:half]) and await self._deliver(refused[half:])
                 try:
                     self._dead_letter(refused, str(exc))
                 except Exception as error:

@@ -74,9 +74,13 @@ class RejectedError(SinkError):
 
     `events` lists the refused ones (all of the batch when empty); the rest were taken.
     `too_large`: refused for their size (what an HTTP front answers with 413).
+    `together`: refused as one message (a batch POST), not each on its own: refused for their
+    size, each may still be taken alone or in a smaller batch, so the worker sends them in halves.
     """
 
-    def __init__(self, message: str, events: Sequence[CloudEvent] = (), *, too_large: bool = False) -> None:
+    def __init__(self, message: str, events: Sequence[CloudEvent] = (), *, too_large: bool = False,
+                 together: bool = False) -> None:
         super().__init__(message)
         self.events = list(events)
         self.too_large = too_large
+        self.together = together

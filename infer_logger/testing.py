@@ -4,6 +4,7 @@
         ... point an http sink at sink.url ...
         sink.wait_for(10)                    # blocks until 10 events arrived
         sink.fail_with = 503                 # now it refuses (and records the attempts)
+        sink.max_body = 1 << 20              # a larger body is answered 413, as a broker's limit
 
 It decodes every content mode with infer-logger's own codec and answers 400 to what is not a
 CloudEvent, like a broker would.
@@ -41,6 +42,7 @@ class EventCollector:
         self.attempts = 0
         self.fail_with: int | None = None
         self.retry_after: str | None = None
+        self.max_body: int | None = None
         self.delay = 0.0
         self._cond = threading.Condition()
         self._server: uvicorn.Server | None = None
@@ -65,6 +67,9 @@ class EventCollector:
         if self.fail_with:
             extra = [(b"retry-after", self.retry_after.encode())] if self.retry_after else []
             await respond(send, self.fail_with, extra, b"")
+            return
+        if self.max_body is not None and len(body) > self.max_body:
+            await respond(send, 413, [], b"")
             return
         try:
             received = from_http_many(headers, body)

@@ -131,7 +131,8 @@ class HttpSink:
     def _raise(self, status: int, after: float | None, events: Sequence[CloudEvent]) -> None:
         if status in RETRYABLE or status >= 500:
             raise SinkError(f"{self.url} answered {status}", retry_after=after)
-        raise RejectedError(f"{self.url} refused the batch with {status}", events, too_large=status == 413)
+        raise RejectedError(f"{self.url} refused the batch with {status}", events, too_large=status == 413,
+                            together=True)
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -294,3 +295,56 @@ async def test_a_worker_restarted_with_nothing_to_deliver_is_healthy_again(tmp_p
     await until(lambda: not fail[0])  # it failed once, the spool idle
     await until(lambda: d.health()["s"])
     await d.stop()
+
+
+class TestRefusedForSize:
+    """A batch refused as a whole for its size (an http batch POST answered 413) goes again in
+    halves; only an event refused alone is dead-lettered. Each had been dead-lettered with the batch."""
+
+    async def test_halves_until_each_piece_is_taken(self, tmp_path: Path) -> None:
+        sink = MemorySink()
+        flaky = [True]
+
+        def fail(batch: Sequence[CloudEvent]) -> Exception | None:
+            if len(batch) > 3 or any(e.id == "13" for e in batch):  # 13 is too large even alone
+                return RejectedError("413", batch, too_large=True, together=True)
+            if batch[0].id == "2" and flaky:
+                flaky.clear()
+                return SinkError("down")  # retried alone: the piece before it is not sent again
+            return None
+
+        sink.fail = fail
+        spool, d = dispatcher(tmp_path, s=sink)
+        for i in range(25):
+            spool.append(event(i))
+        d.start()
+        await until(lambda: len(sink.events) == 24 and (tmp_path / "dead" / "s.jsonl").exists())
+        await d.stop()
+        assert [e.id for e in sink.events] == [str(i) for i in range(25) if i != 13]
+        (line,) = (tmp_path / "dead" / "s.jsonl").read_bytes().splitlines()
+        assert orjson.loads(line)["attributes"]["id"] == "13"
+        assert spool.stats.dropped["rejected"] == 1
+        assert d.metrics.delivered.labels("s")._value.get() == 24
+        assert d.metrics.retried.labels("s")._value.get() == 1
+        assert d.workers[0].reader.read(100)[0] == []  # all committed
+
+    async def test_events_refused_each_alone_are_not_sent_again(self, tmp_path: Path) -> None:
+        """Kafka refuses records one by one (MSG_SIZE_TOO_LARGE) and takes the rest: too_large
+        without `together`, so they are dead-lettered at once, the others never sent twice."""
+
+        class TakesTheSmall(MemorySink):
+            async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+                self.calls += 1
+                self.events.extend(e for e in events if e.id not in ("3", "4"))
+                raise RejectedError("too large", [e for e in events if e.id in ("3", "4")], too_large=True)
+
+        sink = TakesTheSmall()
+        spool, d = dispatcher(tmp_path, s=sink)
+        for i in range(8):
+            spool.append(event(i))
+        d.start()
+        await until(lambda: (tmp_path / "dead" / "s.jsonl").exists())
+        await d.stop()
+        assert sink.calls == 1 and [e.id for e in sink.events] == ["0", "1", "2", "5", "6", "7"]
+        lines = (tmp_path / "dead" / "s.jsonl").read_bytes().splitlines()
+        assert [orjson.loads(line)["attributes"]["id"] for line in lines] == ["3", "4"]

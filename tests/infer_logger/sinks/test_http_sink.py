@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
+import orjson
 import pytest
 from pydantic import ValidationError
 
 from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.dispatch import Backoff, Dispatcher
 from infer_logger.errors import RejectedError, SinkError
+from infer_logger.metrics import Metrics
 from infer_logger.sinks.http import HttpSinkConfig
+from infer_logger.spool import DiskSpool
 from infer_logger.testing import EventCollector, free_port
 
 
@@ -15,6 +22,15 @@ def events(n: int) -> list[CloudEvent]:
     return [
         CloudEvent({"specversion": "1.0", "id": f"e{i}", "source": "/s", "type": "t",
                     "datacontenttype": "application/json", "statuscode": 200}, b'{"x": %d}' % i)
+        for i in range(n)
+    ]
+
+
+def padded(n: int, pad: int, big: dict[int, int]) -> list[CloudEvent]:
+    """`n` events with about `pad` bytes of data each (those in `big`: as many as it says)."""
+    return [
+        CloudEvent({"specversion": "1.0", "id": f"e{i}", "source": "/s", "type": "t",
+                    "datacontenttype": "application/json"}, b'{"pad": "%s"}' % (b"p" * big.get(i, pad)))
         for i in range(n)
     ]
 
@@ -46,6 +62,31 @@ async def test_status_classification(status: int, error: type[Exception], mode: 
     if error is RejectedError:
         assert len(info.value.events) == 3
         assert info.value.too_large is (status == 413)
+
+
+async def test_a_batch_answered_413_goes_again_in_smaller_batches(tmp_path: Path) -> None:
+    """A receiver's request limit (our broker's: 16 MiB a batch, 1 MiB an event) refused the
+    batch POST with 413 and the worker dead-lettered every event of it, though each fitted."""
+    spool = DiskSpool(tmp_path / "spool")
+    with EventCollector() as receiver:
+        receiver.max_body = 40_000
+        sink = HttpSinkConfig(url=receiver.url, mode="batch").build()
+        d = Dispatcher(spool, {"http": sink}, Metrics(spool), batch_size=50, backoff=Backoff(0.001, 0.01),
+                       deadletter_dir=tmp_path / "dead")
+        for e in padded(60, 2000, {25: 50_000}):
+            spool.append(e)
+        d.start()
+        for _ in range(1000):
+            if spool.stats.dropped["rejected"] + len(receiver.events) >= 60:
+                break
+            await asyncio.sleep(0.01)
+        await d.stop()
+    assert [e.id for e in receiver.events] == [f"e{i}" for i in range(60) if i != 25]  # in order, once each
+    (line,) = (tmp_path / "dead" / "http.jsonl").read_bytes().splitlines()
+    assert orjson.loads(line)["attributes"]["id"] == "e25" and "413" in orjson.loads(line)["reason"]
+    assert spool.stats.dropped["rejected"] == 1
+    assert d.workers[0].reader.read(100)[0] == []
+    spool.close()
 
 
 async def test_retry_after_is_passed_on() -> None:
