@@ -10,6 +10,7 @@ from infer_logger.cloudevents.http import (
     from_http,
     from_http_many,
     to_batch,
+    to_batches,
     to_binary,
     to_structured,
 )
@@ -22,6 +23,7 @@ from infer_logger.cloudevents.json_format import (
     to_dict,
     to_json,
     to_json_batch,
+    to_json_batches,
 )
 from infer_logger.cloudevents.kafka import (
     KafkaMessage,
@@ -67,10 +69,12 @@ __all__ = [
     "key_by_id",
     "parse_time",
     "to_batch",
+    "to_batches",
     "to_binary",
     "to_dict",
     "to_json",
     "to_json_batch",
+    "to_json_batches",
     "to_kafka_binary",
     "to_kafka_structured",
     "to_structured",

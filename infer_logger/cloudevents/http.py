@@ -8,7 +8,7 @@ case, pick the mode from Content-Type as the binding says, and validate every ev
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 from urllib.parse import unquote_to_bytes
 
@@ -46,6 +46,13 @@ def to_structured(event: CloudEvent) -> tuple[dict[str, str], bytes]:
 
 def to_batch(events: Iterable[CloudEvent]) -> tuple[dict[str, str], bytes]:
     return {"content-type": json_format.BATCH_MEDIA_TYPE}, json_format.to_json_batch(events)
+
+
+def to_batches(events: Sequence[CloudEvent], max_bytes: int
+               ) -> Iterator[tuple[Sequence[CloudEvent], dict[str, str], bytes]]:
+    """Batched messages of `events` in order, each body up to `max_bytes` (an event larger alone)."""
+    for chunk, body in json_format.to_json_batches(events, max_bytes):
+        yield chunk, {"content-type": json_format.BATCH_MEDIA_TYPE}, body
 
 
 def from_http(headers: Mapping[str, str], body: bytes) -> CloudEvent:

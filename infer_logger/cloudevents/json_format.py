@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -50,6 +50,22 @@ def to_json(event: CloudEvent) -> bytes:
 
 def to_json_batch(events: Iterable[CloudEvent]) -> bytes:
     return orjson.dumps([_members(event, embed_raw=True) for event in events])
+
+
+def to_json_batches(events: Sequence[CloudEvent], limit: int) -> Iterator[tuple[Sequence[CloudEvent], bytes]]:
+    """`events` in order as batches of up to `limit` bytes each (an event larger than that alone),
+    each with its events; encoded as they are taken, so only one batch is in memory at a time."""
+    parts: list[bytes] = []
+    start, size = 0, 1
+    for i, event in enumerate(events):
+        part = to_json(event)
+        if parts and size + 1 + len(part) > limit:
+            yield events[start:i], b"[" + b",".join(parts) + b"]"
+            start, parts, size = i, [], 1
+        parts.append(part)
+        size += 1 + len(part)  # a comma or the closing bracket
+    if parts:
+        yield events[start:], b"[" + b",".join(parts) + b"]"
 
 
 def from_dict(members: Mapping[str, Any]) -> CloudEvent:

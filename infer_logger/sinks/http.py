@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, HttpUrl, field_validator
+from pydantic import ByteSize, Field, HttpUrl, field_validator
 
 from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
@@ -32,7 +32,12 @@ class HttpSinkConfig(SinkConfig):
     url: HttpUrl
     """Where events go."""
     mode: Literal["binary", "structured", "batch"] = "binary"
-    """CloudEvents HTTP content mode; `batch` sends one `application/cloudevents-batch+json` per batch."""
+    """CloudEvents HTTP content mode; `batch` sends one `application/cloudevents-batch+json` per batch
+    (or per `max_batch_bytes` of it)."""
+    max_batch_bytes: ByteSize = Field(ByteSize(8 << 20), gt=0)
+    """In `batch` mode, a batch larger than this goes in several POSTs, in order (an event larger
+    alone): below the receivers' limits (our broker's `max_request_bytes`, 16 MiB). A batch a
+    receiver still answers 413 is sent again in halves."""
     timeout: float = Field(10.0, gt=0)
     """Seconds to wait for each POST's answer (a 2xx whose body is still coming then counts as delivered)."""
     concurrency: int = Field(16, ge=1)
@@ -84,10 +89,7 @@ class HttpSink:
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         if self.config.mode == "batch":
-            headers, body = ce_http.to_batch(events)
-            failure = await self._post(headers, body)
-            if failure is not None:
-                self._raise(*failure, events)
+            await self._send_batches(events)
             return
         results = await asyncio.gather(*(self._send_one(e) for e in events))
         failed = [(e, r) for e, r in zip(events, results) if r is not None]
@@ -128,11 +130,32 @@ class HttpSink:
         after = next((v.decode("latin-1") for k, v in answer.headers if k == b"retry-after"), None)
         return answer.status, retry_after(after)
 
-    def _raise(self, status: int, after: float | None, events: Sequence[CloudEvent]) -> None:
-        if status in RETRYABLE or status >= 500:
-            raise SinkError(f"{self.url} answered {status}", retry_after=after)
-        raise RejectedError(f"{self.url} refused the batch with {status}", events, too_large=status == 413,
-                            together=True)
+    async def _send_batches(self, events: Sequence[CloudEvent]) -> None:
+        """One POST per `max_batch_bytes`, in order. A 413 stops there: its events and the rest
+        are refused together for their size, and the worker sends them again in halves, in order.
+        Another refusal does not stop the next POST (those events are refused; with a 413 after,
+        sent again too). A failure raises, and the worker resends the whole batch, also what was
+        taken before it (at-least-once)."""
+        refused: list[CloudEvent] = []
+        statuses: list[int] = []
+        sent = 0
+        for chunk, headers, body in ce_http.to_batches(events, int(self.config.max_batch_bytes)):
+            failure = await self._post(headers, body)
+            if failure is not None:
+                status, after = failure
+                if status in RETRYABLE or status >= 500:
+                    raise SinkError(f"{self.url} answered {status}", retry_after=after)
+                statuses.append(status)
+                if status == 413:
+                    refused += events[sent:]
+                    break
+                refused += chunk
+            sent += len(chunk)
+        if refused:
+            said = " and ".join(str(s) for s in sorted(set(statuses)))
+            what = "the batch" if len(refused) == len(events) and len(statuses) == 1 else f"{len(refused)} events"
+            raise RejectedError(f"{self.url} refused {what} with {said}", refused,
+                                too_large=413 in statuses, together=True)
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -19,6 +19,7 @@ from infer_logger.cloudevents import (
     to_dict,
     to_json,
     to_json_batch,
+    to_json_batches,
 )
 from infer_logger.errors import InvalidEventError, MissingAttributeError
 
@@ -146,6 +147,18 @@ class TestBatch:
         events = [CloudEvent(dict(BASE)), CloudEvent({**BASE, "datacontenttype": "text/plain"}, b"x")]
         assert from_json_batch(to_json_batch(events)) == events
         assert to_json_batch([]) == b"[]"
+
+    @pytest.mark.parametrize("limit", [1, 300, 700, 10**6])
+    def test_batches_up_to_a_size(self, limit: int) -> None:
+        """In order, each as to_json_batch would write it, within the limit or one event alone."""
+        events = [CloudEvent({**BASE, "id": str(i), "datacontenttype": "text/plain"}, b"x" * (i * 40))
+                  for i in range(10)]
+        batches = list(to_json_batches(events, limit))
+        assert [e for chunk, _ in batches for e in chunk] == events
+        assert all(body == to_json_batch(chunk) for chunk, body in batches)
+        assert all(len(body) <= limit or len(chunk) == 1 for chunk, body in batches)
+        assert len(batches) == {1: 10, 10**6: 1}.get(limit, len(batches))
+        assert list(to_json_batches([], limit)) == []
 
     def test_not_an_array(self) -> None:
         with pytest.raises(InvalidEventError):

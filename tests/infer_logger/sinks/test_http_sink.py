@@ -64,29 +64,76 @@ async def test_status_classification(status: int, error: type[Exception], mode: 
         assert info.value.too_large is (status == 413)
 
 
+async def through_a_worker(tmp_path: Path, receiver: EventCollector, config: HttpSinkConfig,
+                           batch: list[CloudEvent]) -> list[dict]:
+    """Spool `batch`, let a sink worker deliver it (batches of 50) until each event is taken or
+    dead-lettered; the dead-letter records. The checkpoint must be past all of it."""
+    spool = DiskSpool(tmp_path / "spool")
+    d = Dispatcher(spool, {"http": config.build()}, Metrics(spool), batch_size=50,
+                   backoff=Backoff(0.001, 0.01), deadletter_dir=tmp_path / "dead")
+    for e in batch:
+        spool.append(e)
+    d.start()
+    for _ in range(1000):
+        if spool.stats.dropped["rejected"] + len(receiver.events) >= len(batch):
+            break
+        await asyncio.sleep(0.01)
+    await d.stop()
+    assert d.workers[0].reader.read(100)[0] == [] and spool.stats.dropped["rejected"] == len(
+        (tmp_path / "dead" / "http.jsonl").read_bytes().splitlines())
+    spool.close()
+    return [orjson.loads(line) for line in (tmp_path / "dead" / "http.jsonl").read_bytes().splitlines()]
+
+
 async def test_a_batch_answered_413_goes_again_in_smaller_batches(tmp_path: Path) -> None:
     """A receiver's request limit (our broker's: 16 MiB a batch, 1 MiB an event) refused the
     batch POST with 413 and the worker dead-lettered every event of it, though each fitted."""
-    spool = DiskSpool(tmp_path / "spool")
     with EventCollector() as receiver:
         receiver.max_body = 40_000
-        sink = HttpSinkConfig(url=receiver.url, mode="batch").build()
-        d = Dispatcher(spool, {"http": sink}, Metrics(spool), batch_size=50, backoff=Backoff(0.001, 0.01),
-                       deadletter_dir=tmp_path / "dead")
-        for e in padded(60, 2000, {25: 50_000}):
-            spool.append(e)
-        d.start()
-        for _ in range(1000):
-            if spool.stats.dropped["rejected"] + len(receiver.events) >= 60:
-                break
-            await asyncio.sleep(0.01)
-        await d.stop()
+        dead = await through_a_worker(tmp_path, receiver, HttpSinkConfig(url=receiver.url, mode="batch"),
+                                      padded(60, 2000, {25: 50_000}))
     assert [e.id for e in receiver.events] == [f"e{i}" for i in range(60) if i != 25]  # in order, once each
-    (line,) = (tmp_path / "dead" / "http.jsonl").read_bytes().splitlines()
-    assert orjson.loads(line)["attributes"]["id"] == "e25" and "413" in orjson.loads(line)["reason"]
-    assert spool.stats.dropped["rejected"] == 1
-    assert d.workers[0].reader.read(100)[0] == []
-    spool.close()
+    assert [d["attributes"]["id"] for d in dead] == ["e25"] and "413" in dead[0]["reason"]
+
+
+async def test_a_batch_past_max_batch_bytes_goes_in_several_posts() -> None:
+    """Each POST within the cap, in order; an event larger than the cap goes alone."""
+    with EventCollector() as receiver:
+        receiver.max_body = 10_000
+        sink = HttpSinkConfig(url=receiver.url, mode="batch", max_batch_bytes=10_000).build()
+        await sink.send_batch(padded(30, 2000, {}))  # a POST past the cap would be a 413
+        await sink.aclose()
+        assert [e.id for e in receiver.events] == [f"e{i}" for i in range(30)] and receiver.attempts > 1
+        receiver.events.clear()
+        receiver.max_body, before = None, receiver.attempts
+        sink = HttpSinkConfig(url=receiver.url, mode="batch", max_batch_bytes=10_000).build()
+        await sink.send_batch(padded(6, 2000, {3: 30_000}))
+        await sink.aclose()
+        assert [e.id for e in receiver.events] == [f"e{i}" for i in range(6)]
+        assert receiver.attempts - before == 3  # e0-e2, e3 alone, e4-e5
+
+
+async def test_posts_refused_for_size_and_for_content_leave_only_those_events_dead(tmp_path: Path) -> None:
+    """One POST answered 400 (an event the receiver finds invalid), a later one 413: the good
+    events of both are delivered once (those of the first after the POSTs between), the two bad
+    ones dead-lettered each with its own reason."""
+    batch = padded(20, 2000, {12: 30_000})
+    batch[3] = CloudEvent({**batch[3].attributes, "time": "yesterday"}, batch[3].data)
+    with EventCollector() as receiver:
+        receiver.max_body = 20_000
+        config = HttpSinkConfig(url=receiver.url, mode="batch", max_batch_bytes=10_000)
+        dead = await through_a_worker(tmp_path, receiver, config, batch)
+    assert sorted(e.id for e in receiver.events) == sorted(f"e{i}" for i in range(20) if i not in (3, 12))
+    assert [e.id for e in receiver.events][-7:] == [f"e{i}" for i in range(13, 20)]  # behind the 413, in order
+    assert [(d["attributes"]["id"], "400" in d["reason"], "413" in d["reason"]) for d in dead] == [
+        ("e3", True, False), ("e12", False, True)]
+
+
+def test_max_batch_bytes_is_checked() -> None:
+    assert HttpSinkConfig(url="http://127.0.0.1:9/", max_batch_bytes="1MiB").max_batch_bytes == 1 << 20
+    with pytest.raises(ValidationError) as info:
+        HttpSinkConfig(url="http://127.0.0.1:9/", max_batch_bytes=0)
+    assert info.value.errors()[0]["loc"] == ("max_batch_bytes",)
 
 
 async def test_retry_after_is_passed_on() -> None:
