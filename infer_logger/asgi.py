@@ -36,6 +36,10 @@ class BodyTimeoutError(InferLoggerError):
 
 _JSON = (b"content-type", b"application/json")
 CLOSE = (b"connection", b"close")
+READ_RATE_ALLOWANCE = float(1 << 20)
+"""Bytes a second a request's read deadline allows on top of `request_read_timeout`: each MiB that
+arrived buys a second more, so a big upload on a slow link (256 MiB at 4 MB/s takes a minute) is
+not cut, while a client dribbling bytes gets no more than the timeout."""
 """The header of a 408: the server (uvicorn) then closes the connection, the rest of the body unread."""
 
 
@@ -49,14 +53,22 @@ class ClientGoneError(InferLoggerError):
 async def read_body(receive: Receive, limit: int | None = None, timeout: float | None = None) -> bytes:
     """The whole request body: BodyTooLargeError past `limit`, ClientGoneError if it was cut short
     (a partial body must never pass for the request: RFC 9112 6.3), BodyTimeoutError if it has not
-    ended `timeout` s after the app was called (a client dribbling it would hold the connection and
-    what it sent for ever). The deadline cannot cover the head: the server reads that before an ASGI
+    ended `timeout` s after the app was called, plus a second per MiB that arrived
+    (READ_RATE_ALLOWANCE; a client dribbling it would hold the connection and what it sent for
+    ever). The deadline cannot cover the head: the server reads that before an ASGI
     app is called, and uvicorn bounds only the wait between requests (timeout_keep_alive)."""
     if timeout is None:
         return await _read_body(receive, limit)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     try:
-        async with asyncio.timeout(timeout):  # one timer per request: uvicorn has no sweeper to lend
-            return await _read_body(receive, limit)
+        # One timer per request (uvicorn has no sweeper to lend), pushed back as bytes arrive.
+        async with asyncio.timeout(timeout) as deadline:
+
+            def arrived(size: int) -> None:
+                deadline.reschedule(start + timeout + size / READ_RATE_ALLOWANCE)
+
+            return await _read_body(receive, limit, arrived)
     except TimeoutError:
         raise BodyTimeoutError(timeout) from None
 
@@ -75,7 +87,8 @@ async def read_or_refuse(receive: Receive, send: Send, limit: int | None, timeou
     return None
 
 
-async def _read_body(receive: Receive, limit: int | None) -> bytes:
+async def _read_body(receive: Receive, limit: int | None,
+                     arrived: Callable[[int], None] | None = None) -> bytes:
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -85,6 +98,8 @@ async def _read_body(receive: Receive, limit: int | None) -> bytes:
         size += len(chunk)
         if limit is not None and size > limit:
             raise BodyTooLargeError(limit)
+        if arrived is not None and chunk:
+            arrived(size)
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
@@ -107,7 +122,8 @@ class BodyLimit:
             return
         size = 0
         timeout = self.timeout
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        start = asyncio.get_running_loop().time()
+        deadline = None if timeout is None else start + timeout
 
         async def limited() -> Message:
             nonlocal size, deadline
@@ -122,6 +138,8 @@ class BodyLimit:
                 if not message.get("more_body", False):
                     deadline = None
             size += len(message.get("body", b""))
+            if deadline is not None:
+                deadline = start + timeout + size / READ_RATE_ALLOWANCE  # type: ignore[operator]
             if size > self.limit:
                 raise BodyTooLargeError(self.limit)
             return message

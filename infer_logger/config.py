@@ -210,9 +210,10 @@ class Settings(LayeredSettings):
     timeout: float = Field(60.0, gt=0)
     """Seconds to wait for the predictor before answering 504."""
     request_read_timeout: float = Field(60.0, gt=0)
-    """Seconds a request's head and body may take to arrive, from its first byte, before it is
-    answered 408 and the connection closed (a client sending it a byte at a time would hold the
-    connection for ever). Under `server: uvicorn` the body only: uvicorn reads the head."""
+    """Seconds a request's head and body may take to arrive, from its first byte, plus one per MiB
+    that arrived (a 256 MiB upload at 1 MiB/s passes), before it is answered 408 and the connection
+    closed (a client sending it a byte at a time would hold the connection for ever). Under
+    `server: uvicorn` the body only: uvicorn reads the head."""
     server: Literal["httptools", "uvicorn"] = "httptools"
     """`httptools`: the sidecar's own HTTP/1.1 server (a third of uvicorn's CPU per request);
     `uvicorn`: the same proxy as an ASGI app under uvicorn."""

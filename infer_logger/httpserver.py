@@ -26,6 +26,8 @@ from urllib.parse import unquote
 import httptools
 import orjson
 
+from infer_logger.asgi import READ_RATE_ALLOWANCE
+
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
@@ -371,7 +373,8 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def check_read_deadline(self, now: float) -> None:
-        """408 a request still arriving `request_read_timeout` s after its first byte (a client
+        """408 a request still arriving `request_read_timeout` s after its first byte, plus a second
+        per MiB that came (READ_RATE_ALLOWANCE: a big upload on a slow link is not cut; a client
         dribbling it would hold the connection, and what it sent, for ever). Time spent answering
         the requests before it does not count: reading may be paused then (`_MAX_PIPELINED`)."""
         if self.closing:
@@ -386,7 +389,7 @@ class _Connection(asyncio.Protocol):
             self.began = _BEHIND
         elif self.began == _BEHIND:
             self.began = now  # the answers before it are out: its time starts
-        elif now - self.began > self.server.request_read_timeout:
+        elif now - self.began > self.server.request_read_timeout + self._message_size / READ_RATE_ALLOWANCE:
             self.began = _NOT_READING
             self._refuse(408, f"the request did not arrive whole within {self.server.request_read_timeout:g} "
                               "seconds (request_read_timeout)")

@@ -466,6 +466,20 @@ class TestReadDeadline:
         assert orjson.loads(body) == {"error": "the request did not arrive whole within 0.5 seconds "
                                                "(request_read_timeout)", "status": 408}
 
+    async def test_a_big_body_arriving_steadily_is_not_cut(self, strict: HttpServer) -> None:
+        """Each MiB that arrives buys a second more: 3 MiB at ~2 MiB/s take three times the deadline
+        (a plain 0.5 s total cut it: a 256 MiB upload needed 4.4 MB/s against the 60 s default)."""
+        size, piece = 3 << 20, 64 << 10
+        reader, writer = await asyncio.open_connection("127.0.0.1", strict.port)
+        writer.write(b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % size)
+        for _ in range(size // piece):
+            writer.write(b"x" * piece)
+            await writer.drain()
+            await asyncio.sleep(piece / (2 << 20))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        writer.close()
+
     async def test_keep_alive_requests_each_have_their_own_deadline(self, strict: HttpServer) -> None:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{strict.port}") as client:
             for i in range(4):  # longer than the deadline in all, on one connection
