@@ -151,6 +151,7 @@ class SinkWorker:
 
         Events refused together for their size (a batch POST answered 413) go again in halves, in
         order, each retried on its own: only an event refused alone for its size is dead-lettered.
+        A failure that names its `pending` events retries only those.
         """
         attempt = 0
         while True:
@@ -177,6 +178,10 @@ class SinkWorker:
                     return True
             except Exception as exc:  # any failure of a sink is retried, never fatal
                 failure = exc
+                pending = getattr(exc, "pending", None)
+                if pending and len(pending) < len(events):  # the others were taken: only these again
+                    self.metrics.delivered.labels(self.name).inc(len(events) - len(pending))
+                    events = pending
             else:
                 self.healthy = True
                 self.metrics.sink_latency.labels(self.name).observe(time.perf_counter() - started)

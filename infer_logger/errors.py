@@ -62,11 +62,17 @@ class CorruptRecordError(SpoolError):
 
 
 class SinkError(InferLoggerError):
-    """A sink failed to take a batch; the worker retries with backoff."""
+    """A sink failed to take a batch; the worker retries with backoff.
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    `pending`: the events still to send, when the sink knows it took the others (empty: all of
+    the batch); the worker then retries only those, so a flaky receiver does not get the rest again.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 pending: Sequence[CloudEvent] = ()) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.pending = list(pending)
 
 
 class RejectedError(SinkError):

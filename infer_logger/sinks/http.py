@@ -91,14 +91,24 @@ class HttpSink:
         if self.config.mode == "batch":
             await self._send_batches(events)
             return
-        results = await asyncio.gather(*(self._send_one(e) for e in events))
+        results = await asyncio.gather(*(self._send_one(e) for e in events), return_exceptions=True)
         failed = [(e, r) for e, r in zip(events, results) if r is not None]
         if not failed:
             return
-        retryable = [r for _, r in failed if r[0] in RETRYABLE or r[0] >= 500]
+        # Only the events that failed go again (`pending`): the others were taken.
+        pending = [e for e, _ in failed]
+        for _, result in failed:
+            if isinstance(result, BaseException):  # no answer (SinkError), or a bug: retried too
+                if not isinstance(result, Exception):
+                    raise result
+                raise SinkError(f"{result} ({len(failed)} of {len(events)} events not taken)",
+                                retry_after=getattr(result, "retry_after", None), pending=pending) from result
+        answers = [r for _, r in failed if not isinstance(r, BaseException)]
+        retryable = [r for r in answers if r[0] in RETRYABLE or r[0] >= 500]
         if retryable:
             status, after = retryable[0]
-            raise SinkError(f"{self.url} answered {status} to {len(retryable)} events", retry_after=after)
+            raise SinkError(f"{self.url} answered {status} to {len(retryable)} events", retry_after=after,
+                            pending=pending)
         raise RejectedError(
             f"{self.url} refused {len(failed)} events with {failed[0][1][0]}",
             [e for e, _ in failed],
@@ -134,17 +144,22 @@ class HttpSink:
         """One POST per `max_batch_bytes`, in order. A 413 stops there: its events and the rest
         are refused together for their size, and the worker sends them again in halves, in order.
         Another refusal does not stop the next POST (those events are refused; with a 413 after,
-        sent again too). A failure raises, and the worker resends the whole batch, also what was
-        taken before it (at-least-once)."""
+        sent again too). A failure raises with the events not taken as `pending` (those refused
+        before it and the rest), which the worker sends again."""
         refused: list[CloudEvent] = []
         statuses: list[int] = []
         sent = 0
         for chunk, headers, body in ce_http.to_batches(events, int(self.config.max_batch_bytes)):
-            failure = await self._post(headers, body)
+            try:
+                failure = await self._post(headers, body)
+            except SinkError as exc:  # no answer: this POST and the rest go again, not those taken
+                exc.pending = [*refused, *events[sent:]]
+                raise
             if failure is not None:
                 status, after = failure
                 if status in RETRYABLE or status >= 500:
-                    raise SinkError(f"{self.url} answered {status}", retry_after=after)
+                    raise SinkError(f"{self.url} answered {status}", retry_after=after,
+                                    pending=[*refused, *events[sent:]])
                 statuses.append(status)
                 if status == 413:
                     refused += events[sent:]

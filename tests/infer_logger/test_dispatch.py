@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -65,6 +66,32 @@ async def test_retries_until_taken(tmp_path: Path) -> None:
     await d.stop()
     assert [e.id for e in sink.events] == [str(i) for i in range(25)]
     assert d.metrics.retried.labels("s")._value.get() == 3
+
+
+async def test_a_failure_naming_its_pending_events_retries_only_those(tmp_path: Path) -> None:
+    """A sink that took part of a batch (an http POST per event, a Kafka batch with one topic
+    missing) had all of it sent again on every retry: duplicates for as long as the rest failed."""
+    sink = MemorySink()
+    failures = [3]
+
+    def take_even(batch: Sequence[CloudEvent]) -> Exception | None:
+        if failures[0] == 0:
+            return None
+        failures[0] -= 1
+        taken = [e for e in batch if int(e.id) % 2 == 0]
+        sink.events.extend(taken)
+        return SinkError("odd ones failed", pending=[e for e in batch if e not in taken])
+
+    sink.fail = take_even
+    spool, d = dispatcher(tmp_path, s=sink)
+    d.start()
+    for i in range(10):
+        spool.append(event(i))
+    await until(lambda: len(sink.events) == 10)
+    await d.stop()
+    spool.close()
+    assert sorted(int(e.id) for e in sink.events) == list(range(10))  # each once
+    assert d.metrics.delivered.labels("s")._value.get() == 10
 
 
 async def test_a_dead_sink_does_not_hold_back_the_others(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from infer_logger.metrics import Metrics
 from infer_logger.sinks.http import HttpSinkConfig
 from infer_logger.spool import DiskSpool
 from infer_logger.testing import EventCollector, free_port
+from tests.servers import Scripted
 
 
 def events(n: int) -> list[CloudEvent]:
@@ -83,6 +84,54 @@ async def through_a_worker(tmp_path: Path, receiver: EventCollector, config: Htt
         (tmp_path / "dead" / "http.jsonl").read_bytes().splitlines())
     spool.close()
     return [orjson.loads(line) for line in (tmp_path / "dead" / "http.jsonl").read_bytes().splitlines()]
+
+
+async def test_a_retry_sends_only_what_the_receiver_did_not_take(tmp_path: Path) -> None:
+    """One 503 among a batch's POSTs had the worker send the whole batch again, the events already
+    taken included: a receiver failing now and then got duplicates on every retry."""
+    from tests.pipelines.broker.helpers import Subscriber
+
+    answered: dict[str, int] = {}
+
+    def flaky(event: CloudEvent | None, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        assert event is not None
+        answered[event.id] = answered.get(event.id, 0) + 1
+        return (503 if int(event.id[1:]) % 3 == 0 and answered[event.id] <= 2 else 202), {}, b""
+
+    with Subscriber() as receiver:
+        receiver.answer = flaky
+        spool = DiskSpool(tmp_path / "spool")
+        config = HttpSinkConfig(url=receiver.url, mode="binary")
+        d = Dispatcher(spool, {"http": config.build()}, Metrics(spool), batch_size=50, backoff=Backoff(0.001, 0.01))
+        for e in events(12):
+            spool.append(e)
+        d.start()
+        for _ in range(1000):
+            if d.workers[0].reader.read(100)[0] == []:
+                break
+            await asyncio.sleep(0.01)
+        await d.stop()
+        spool.close()
+    assert sorted(e.id for e in receiver.events) == sorted(f"e{i}" for i in range(12))  # each taken once
+
+
+async def test_a_failed_batch_post_names_what_was_not_taken() -> None:
+    """Batch mode: the POSTs before a failure were taken; only that one and the rest are pending."""
+    posts = []
+
+    def second_fails(request: bytes) -> bytes:
+        posts.append(request)
+        status = b"503 Service Unavailable" if len(posts) == 2 else b"202 Accepted"
+        return b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\n\r\n"
+
+    batch = padded(9, 300, {})
+    async with Scripted(second_fails) as url:
+        sink = HttpSinkConfig(url=url + "/", mode="batch", max_batch_bytes=1000).build()
+        with pytest.raises(SinkError) as info:
+            await sink.send_batch(batch)
+        await sink.aclose()
+    first = orjson.loads(posts[0].partition(b"\r\n\r\n")[2])
+    assert 0 < len(first) < 9 and info.value.pending == batch[len(first):]
 
 
 async def test_a_batch_answered_413_goes_again_in_smaller_batches(tmp_path: Path) -> None:
