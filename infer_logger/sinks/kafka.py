@@ -20,8 +20,11 @@ Batches are produced whole and in call order. Binary mode's headers come from a 
 (`BinaryRecords`). So the sink's client CPU per event stays near the raw producer's plus encoding.
 
 Failures: a record the broker refuses for good (too large, invalid topic) is rejected and
-dead-lettered by the worker; anything else (broker down, timeouts, leader moves) fails the
-batch with `SinkError` and the worker retries it whole (at-least-once: a retry may duplicate).
+dead-lettered by the worker; records the broker refused as one record batch for its size (a topic
+whose `max.message.bytes` is below librdkafka's batches) are refused together, and the worker sends
+them again in halves, so that only a record too large alone is dead-lettered. Anything else
+(broker down, timeouts, leader moves) fails the batch with `SinkError` and the worker retries it
+whole (at-least-once: a retry may duplicate).
 When no broker is reachable, batches fail after `_DOWN_GRACE` rather than waiting out the
 delivery timeout: everything queued is purged, so that a retry does not duplicate it, and each
 purged record's report reaches its own batch as a failure. A fatal client error fails the
@@ -163,7 +166,9 @@ class KafkaSinkConfig(SinkConfig):
     reorder as well."""
     config: dict[str, ClientValue] = Field(default_factory=dict)
     """librdkafka properties passed through last, e.g. TLS and SASL: `security.protocol`,
-    `ssl.ca.location`, `sasl.mechanism`, `sasl.username`, `sasl.password`."""
+    `ssl.ca.location`, `sasl.mechanism`, `sasl.username`, `sasl.password`. For topics whose
+    `max.message.bytes` is below librdkafka's `batch.size` (1 MB), give `batch.size` at most
+    theirs: record batches the broker refuses for their size are sent again in halves."""
 
     @field_validator("topic")
     @classmethod
@@ -643,6 +648,10 @@ class KafkaSink:
         if not refused and not failed:
             return
         failures, unmatched = self._match_failures(events, failed)
+        # The broker refuses a whole record batch for its size (a topic's max.message.bytes below
+        # librdkafka's ~1 MB batches): several reports then say so, and each record may be taken
+        # alone. Not counted: produce() refusing a record for its own size (in `refused`).
+        together = sum(1 for e in failures.values() if e.code() in _TOO_LARGE) > 1
         failures.update(refused)
         # A report that matches no event cannot be dead-lettered precisely: retrying is the safe answer.
         retryable = unmatched + [e for e in failures.values() if e.code() not in PERMANENT]
@@ -651,9 +660,11 @@ class KafkaSink:
                             f"{len(events)} events not delivered: {client.describe(retryable[0])}")
         bad = sorted(failures)
         reason = client.describe(failures[bad[0]])
-        too_large = all(e.code() in _TOO_LARGE for e in failures.values())
+        too_large = together or all(e.code() in _TOO_LARGE for e in failures.values())
+        # Together: the worker sends every failed record again in halves (refused ones among them
+        # are refused again, alone at last); none that was acknowledged is resent.
         raise RejectedError(f"kafka {self.address} refused {len(bad)} events: {reason}", [events[i] for i in bad],
-                            too_large=too_large)
+                            too_large=too_large, together=together)
 
     def _match_failures(self, events: Sequence[CloudEvent], failed: list[tuple[KafkaError, Message]]
                         ) -> tuple[dict[int, KafkaError], list[KafkaError]]:

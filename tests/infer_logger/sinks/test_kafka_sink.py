@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar, Literal, cast
 
+import orjson
 import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -45,10 +46,12 @@ def event(i: int, type_: str = REQUEST, model: str = "iris", data: bytes | None 
     )
 
 
-def new_topic(bootstrap: str, partitions: int = 1) -> str:
-    name = f"sink-{uuid.uuid4().hex[:12]}"
+def new_topic(bootstrap: str, partitions: int = 1, *, name: str | None = None,
+              config: dict[str, str] | None = None) -> str:
+    name = name or f"sink-{uuid.uuid4().hex[:12]}"
     admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive until the topic exists
-    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[name].result(10)
+    topic = NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})
+    admin.create_topics([topic])[name].result(10)
     return name
 
 
@@ -497,6 +500,41 @@ class TestWorker:
             spool.close()
         # One partition, no retries: the idempotent producer keeps spool order across batches.
         assert [decode(m).id for m in got] == [f"id-{i}" for i in range(3000)]
+
+    async def test_a_record_batch_refused_for_its_size_goes_again_in_halves(self, kafka_bootstrap: str,
+                                                                             tmp_path: Path) -> None:
+        """A topic's max.message.bytes of 100 KB (a standard topic setting): librdkafka packed
+        several 30 KB records into one record batch, the broker refused it whole, and the worker
+        dead-lettered every record of it, though each alone is taken."""
+        prefix = f"l{uuid.uuid4().hex[:8]}"
+        limited = new_topic(kafka_bootstrap, name=f"{prefix}-limited", config={"max.message.bytes": "100000"})
+        free = new_topic(kafka_bootstrap, name=f"{prefix}-free")
+        config = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=prefix + "-{modelname}")
+        # Records for both topics share produce requests; only the limited topic's fail.
+        batch = [event(i, model="limited", data=b'"' + b"x" * 30_000 + b'"') if i % 2 else event(i, model="free")
+                 for i in range(40)]
+        batch.insert(20, event(99, model="limited", data=b'"' + b"x" * 150_000 + b'"'))  # too large alone
+        spool = DiskSpool(tmp_path / "spool")
+        for e in batch:
+            spool.append(e)
+        d = Dispatcher(spool, {"kafka": config.build()}, Metrics(spool), batch_size=100,
+                       backoff=Backoff(initial=0.01, maximum=0.1), deadletter_dir=tmp_path / "dead",
+                       overrides={"kafka": (config.batch_size, config.in_flight)})
+        d.start()
+        try:
+            deadline = time.monotonic() + 30
+            while d.workers[0].reader.lag() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            await d.stop()
+            spool.close()
+        dead = [orjson.loads(line) for line in (tmp_path / "dead" / "kafka.jsonl").read_bytes().splitlines()]
+        assert [d["attributes"]["id"] for d in dead] == ["id-99"] and "MSG_SIZE_TOO_LARGE" in dead[0]["reason"]
+        # Each good record once (acknowledged ones were not sent again), in spool order.
+        assert (end_offset(kafka_bootstrap, limited), end_offset(kafka_bootstrap, free)) == (20, 20)
+        assert [decode(m).id for m in read_back(kafka_bootstrap, limited, 20)] == [f"id-{i}" for i in range(1, 40, 2)]
+        assert [decode(m).id for m in read_back(kafka_bootstrap, free, 20)] == [f"id-{i}" for i in range(0, 40, 2)]
+        assert d.metrics.delivered.labels("kafka")._value.get() == 40 and spool.stats.dropped["rejected"] == 1
 
 
 class TestBinaryRecords:
