@@ -13,7 +13,12 @@ overwrites. Per-item results decide what happens next:
   reason; the rest of the batch is taken.
 
 Failures of the whole request (connection refused, timeouts, auth, 5xx) raise `SinkError`: they
-are never the events' fault. Before its first write the sink creates its index template when
+are never the events' fault. A `_bulk` answered 413 (larger than a front such as nginx, or the
+cluster's `http.max_content_length`, takes) raises `RejectedError` refused together for their size,
+with its events and those not yet taken: the worker sends them again in halves, and dead-letters
+an event whose own documents are too large.
+
+Before its first write the sink creates its index template when
 missing (never replacing one, see `infer_logger.elasticsearch_template`): a 429 or 5xx to that (a cluster still starting) is a `SinkError` too, and the template is
 checked again with the retry; a lasting refusal (400, 401, 403: no privilege) is logged once and
 the sink writes anyway. `elasticsearch` is an optional extra, so this module imports it only
@@ -99,7 +104,9 @@ class ElasticsearchSinkConfig(SinkConfig):
     retry_delay: float = Field(default=0.2, ge=0, le=10)
     """Seconds before the first item retry; doubled for each next one."""
     max_bulk_bytes: ByteSize = ByteSize(8 << 20)
-    """A batch larger than this goes in several `_bulk` requests."""
+    """A batch larger than this goes in several `_bulk` requests: below what the cluster
+    (`http.max_content_length`) and any front before it take, since a `_bulk` answered 413 is sent
+    again in halves."""
     install_template: bool = True
     """Create the index template before the first write when it is missing (never replaces one)."""
     template_name: str = TEMPLATE_NAME
@@ -288,13 +295,26 @@ class ElasticsearchSink:
         self._count_requests(events)
         # Encoded as the chunks go out: a batch's documents are never all in memory at once.
         ops: Iterable[_Op] = self._ops(events, rejected)
+        again: list[_Op] = []  # the operations sent again, after the first attempt
         delay = self.config.retry_delay
         for attempt in range(1, self.config.max_attempts + 1):
             retry: list[tuple[_Op, int]] = []
+            answered = 0  # operations of this attempt in the chunks answered so far
             for chunk in _chunks(ops, int(self.config.max_bulk_bytes)):
                 if not self._template_checked:
                     await self._ensure_template()
-                for op, item in zip(chunk, await self._bulk(chunk)):
+                try:
+                    items = await self._bulk(chunk)
+                except RejectedError as exc:  # 413: the chunks before were taken, this one and the rest not
+                    # The first attempt goes through the events in order; a later one through `again`.
+                    rest = (range(chunk[0].event, len(events)) if attempt == 1
+                            else {op.event for op in again[answered:]})
+                    # Refused ones too: those left out of the error would count as taken.
+                    left = sorted({*rest, *(op.event for op, _ in retry), *rejected})
+                    raise RejectedError(str(exc), [events[i] for i in left], too_large=True,
+                                        together=True) from None
+                answered += len(chunk)
+                for op, item in zip(chunk, items):
                     status = int(item.get("status", 500))
                     if status < 300:
                         continue
@@ -310,7 +330,7 @@ class ElasticsearchSink:
                     f"elasticsearch at {self.config.where} answered {statuses} to {len(retry)} documents "
                     f"after {attempt} attempts"
                 )
-            ops = [op for op, _ in retry]
+            ops = again = [op for op, _ in retry]
             await asyncio.sleep(delay)
             delay *= 2
         if rejected:
@@ -363,6 +383,7 @@ class ElasticsearchSink:
             del self._counts[next(iter(self._counts))]  # the oldest
 
     async def _bulk(self, chunk: Sequence[_Op]) -> list[Mapping[str, Any]]:
+        """The chunk's item results; RejectedError (no events named) when it is too large to be taken."""
         from elasticsearch import ApiError, TransportError
 
         body = b"".join(op.lines for op in chunk)
@@ -370,6 +391,10 @@ class ElasticsearchSink:
             # Pre-encoded NDJSON: the client passes bytes through (typed as a list of dicts).
             resp = await self.client.bulk(operations=cast("Sequence[Mapping[str, Any]]", body))
         except ApiError as exc:
+            if exc.meta.status == 413:  # its body, often a front's HTML page, says no more than this
+                raise RejectedError(f"elasticsearch at {self.config.where} answered 413 to a _bulk of "
+                                    f"{len(body)} bytes ({len(chunk)} documents)", too_large=True,
+                                    together=True) from exc
             after = retry_after(exc.meta.headers.get("retry-after"))
             raise SinkError(
                 f"elasticsearch at {self.config.where} answered {exc.meta.status} to _bulk: {exc.message}",

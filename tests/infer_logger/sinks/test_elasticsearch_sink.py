@@ -450,6 +450,37 @@ class TemplateRefused(EventCollector):
         return self
 
 
+class BodyLimit(TemplateRefused):
+    """A front such as nginx (`client_max_body_size`) before a real Elasticsearch: a body larger
+    than `limit` is answered 413 with nginx's page; the rest is passed on. `taken` counts each
+    `_id` in the bulks passed on."""
+
+    PAGE = b"<html><head><title>413 Request Entity Too Large</title></head></html>"
+
+    def __init__(self, upstream: str, limit: int) -> None:
+        super().__init__(upstream, 413, refusals=0)
+        self.limit = limit
+        self.too_large = 0
+        self.taken: dict[str, int] = {}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await super().__call__(scope, receive, send)
+        body = await read_body(receive)
+        if len(body) > self.limit:
+            self.too_large += 1
+            return await respond(send, 413, [(b"content-type", b"text/html")], self.PAGE)
+        if scope["path"] == "/_bulk":
+            for line in body.splitlines()[::2]:
+                doc_id = orjson.loads(line)["update"]["_id"]
+                self.taken[doc_id] = self.taken.get(doc_id, 0) + 1
+
+        async def replay() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await super().__call__(scope, replay, send)
+
+
 class TestTemplateCheck:
     """The sink's template check: retried when the cluster is not ready, given up when refused."""
 
@@ -736,6 +767,36 @@ class TestWorker:
         dead = orjson.loads(line)
         assert dead["attributes"]["id"] == "bad" and "size" in dead["reason"]
 
+    @pytest.mark.parametrize("max_bulk_bytes", [8 << 20, 200_000])
+    async def test_a_bulk_answered_413_goes_again_in_halves(self, es_url: str, es: Elasticsearch, tmp_path: Path,
+                                                            max_bulk_bytes: int) -> None:
+        """A front's body limit below max_bulk_bytes (nginx's client_max_body_size): the 413 was a
+        SinkError, the same bulk retried for ever: nothing taken, nothing dead-lettered. Now each
+        document is taken once (bulks taken before the 413 are not sent again), and only the event
+        too large alone is dead-lettered."""
+        service = unique()
+        batch = [request(f"e{i}", service, {"instances": [["x" * 60_000]]}) for i in range(30)]
+        batch.insert(20, request("huge", service, {"instances": [["x" * 300_000]]}))
+        spool = DiskSpool(tmp_path / "spool")
+        for event in batch:
+            spool.append(event)
+        with BodyLimit(es_url, 256 << 10) as front:
+            sink = ElasticsearchSinkConfig(url=front.url, max_bulk_bytes=max_bulk_bytes).build()
+            d = Dispatcher(spool, {"es": sink}, Metrics(spool), batch_size=100,
+                           backoff=Backoff(initial=0.01, maximum=0.1), deadletter_dir=tmp_path / "dead")
+            d.start()
+            try:
+                await until(lambda: d.workers[0].reader.lag() == 0)
+            finally:
+                await d.stop()
+                spool.close()
+        (line,) = (tmp_path / "dead" / "es.jsonl").read_bytes().splitlines()
+        dead = orjson.loads(line)
+        assert dead["attributes"]["id"] == "huge" and "answered 413" in dead["reason"]
+        assert front.too_large and front.taken == {f"e{i}-0": 1 for i in range(30)}
+        assert sorted(docs(es, service)) == sorted(f"e{i}-0" for i in range(30))
+        assert d.metrics.delivered.labels("es")._value.get() == 30 and spool.stats.dropped["rejected"] == 1
+
     @pytest.mark.slow
     async def test_outage_loses_nothing(self, tmp_path: Path, own_es: NoidaServer) -> None:
         server = own_es
@@ -837,6 +898,20 @@ class TestItemRetries:
             await send(_fake_config(fake), batch)
         assert caught.value.events == [batch[0]]
         assert fake.calls[1] == ["e1-0"]
+
+    @pytest.mark.parametrize(("script", "refused"), [
+        ([[200], 413], ["e1", "e2"]),  # the first bulk was taken: not sent again
+        ([[200], [429], [200], 413], ["e1"]),  # only e1 was left, for its retry
+        ([[400], [200], 413], ["e0", "e2"]),  # e0's refusal would be lost with it left out
+    ])
+    async def test_a_bulk_answered_413_is_refused_with_the_events_not_taken(self, script: list[list[int] | int],
+                                                                         refused: list[str]) -> None:
+        batch = [request(f"e{i}", "iris", {"instances": [[i]]}) for i in range(3)]
+        with FakeBulk(script) as fake, pytest.raises(RejectedError) as caught:
+            config = _fake_config(fake).model_copy(update={"max_bulk_bytes": 1})  # a bulk per document
+            await send(config, batch)
+        assert [e.id for e in caught.value.events] == refused
+        assert caught.value.too_large and caught.value.together and "answered 413" in str(caught.value)
 
     async def test_whole_request_refused(self) -> None:
         with FakeBulk([429]) as fake, pytest.raises(SinkError) as caught:
