@@ -352,8 +352,8 @@ class _Reports:
 class _Batch:
     """Delivery accounting of one `send_batch`: its failures, and a future set once all is reported."""
 
-    __slots__ = ("client", "done", "failed", "future", "loop", "pinned", "produced", "sealed", "since", "topic",
-                 "watch")
+    __slots__ = ("client", "done", "failed", "future", "loop", "pinned", "produced", "sealed", "since", "stopped",
+                 "topic", "watch")
 
     def __init__(self, client: _Client, loop: asyncio.AbstractEventLoop) -> None:
         self.client = client
@@ -361,6 +361,7 @@ class _Batch:
         self.future: asyncio.Future[None] = loop.create_future()
         self.failed: list[tuple[KafkaError, Message]] = []
         self.produced = 0
+        self.stopped: int | None = None  # the index of the first event not produced, if any was not
         self.topic: str | None = None  # of its last record: what a probe asks about
         self.sealed = False  # every record is produced (or none more will be)
         self.done = False  # every produced record is reported
@@ -589,7 +590,7 @@ class KafkaSink:
             refused: dict[int, KafkaError] = {}
             await self._produce_all(batch, events, refused)
         await batch.future
-        self._raise_failures(client, events, refused, batch.failed)
+        self._raise_failures(client, events, refused, batch.failed, batch.stopped)
 
     async def _produce_all(self, batch: _Batch, events: Sequence[CloudEvent], refused: dict[int, KafkaError]) -> None:
         """Queues the events; those librdkafka refused on the spot go to `refused`, by index.
@@ -631,6 +632,7 @@ class KafkaSink:
                         break
                     except BufferError:  # the local queue is full: the poll thread drains it
                         if any(e.code() not in PERMANENT for e, _ in batch.failed):
+                            batch.stopped = index
                             return  # purged or failing: the rest would fail too
                         await asyncio.sleep(_FULL_WAIT)
                     except KafkaException as exc:
@@ -644,8 +646,12 @@ class KafkaSink:
             batch.client.seal(batch, held)
 
     def _raise_failures(self, client: _Client, events: Sequence[CloudEvent], refused: dict[int, KafkaError],
-                        failed: list[tuple[KafkaError, Message]]) -> None:
-        if not refused and not failed:
+                        failed: list[tuple[KafkaError, Message]], stopped: int | None = None) -> None:
+        """Raise for what the batch did not deliver: RejectedError for records refused for good,
+        else SinkError naming as `pending` the failed records and those never produced (from
+        `stopped` on; one topic missing resent every other topic's records on each retry)."""
+        produced = len(events) if stopped is None else stopped
+        if not refused and not failed and stopped is None:
             return
         failures, unmatched = self._match_failures(events, failed)
         # The broker refuses a whole record batch for its size (a topic's max.message.bytes below
@@ -655,9 +661,11 @@ class KafkaSink:
         failures.update(refused)
         # A report that matches no event cannot be dead-lettered precisely: retrying is the safe answer.
         retryable = unmatched + [e for e in failures.values() if e.code() not in PERMANENT]
-        if retryable:
-            raise SinkError(f"kafka {self.address}: {len(events) if unmatched else len(retryable)} of "
-                            f"{len(events)} events not delivered: {client.describe(retryable[0])}")
+        if retryable or produced < len(events):
+            pending = [] if unmatched else [e for i, e in enumerate(events) if i in failures or i >= produced]
+            what = client.describe(retryable[0]) if retryable else "the local queue stayed full"
+            raise SinkError(f"kafka {self.address}: {len(pending) or len(events)} of {len(events)} events not "
+                            f"delivered: {what}", pending=pending)
         bad = sorted(failures)
         reason = client.describe(failures[bad[0]])
         too_large = together or all(e.code() in _TOO_LARGE for e in failures.values())
