@@ -23,6 +23,8 @@ become that event again. Any other record becomes an event of type `record_type`
 `<chunk>-<index>` when the frame has a chunk (a resent chunk keeps its ids, so an id-keyed store
 overwrites) or else a new UUID; in subject and id, what an attribute may not hold (a control
 character) is percent-encoded. Every event's `meta` carries `fluentd-tag` and `fluentd-time` (ns).
+A record or JSON `data` nested deeper than orjson writes (254 levels; msgpack reads 1024) is written
+level by level here, so it is delivered like any other, not refused.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Self
 
@@ -538,14 +540,31 @@ def _jsonable(value: object) -> object:
 
 def _scrub(value: Any) -> Any:
     """The record made writable: strings read with surrogateescape (invalid UTF-8) with U+FFFD where
-    bytes were bad, and map keys orjson takes no fallback for (bin, ext) as strings."""
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    if isinstance(value, dict):
-        return {_key(k): _scrub(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub(v) for v in value]
-    return value
+    bytes were bad, and map keys orjson takes no fallback for (bin, ext) as strings. Without
+    recursion: msgpack reads 1024 levels, past Python's recursion limit (a RecursionError escaped
+    the connection's handler)."""
+    if not isinstance(value, dict | list):
+        return _text(value) if isinstance(value, str) else value
+    top: dict[Any, Any] | list[Any] = {} if isinstance(value, dict) else []
+    todo = [(value, top)]
+    while todo:
+        original, copy = todo.pop()
+        items = original.items() if isinstance(original, dict) else enumerate(original)
+        for key, item in items:
+            if isinstance(item, dict | list):
+                child: Any = {} if isinstance(item, dict) else []
+                todo.append((item, child))  # filled later, in its place already
+            else:
+                child = _text(item) if isinstance(item, str) else item
+            if isinstance(copy, dict):
+                copy[_key(key)] = child
+            else:
+                copy.append(child)
+    return top
+
+
+def _text(value: str) -> str:
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _key(key: Any) -> Any:
@@ -555,7 +574,7 @@ def _key(key: Any) -> Any:
     if isinstance(key, msgpack.ExtType | msgpack.Timestamp):
         value = _jsonable(key)
         return value if isinstance(value, str) else orjson.dumps(value).decode()
-    return _scrub(key)  # str; int, float, bool and None OPT_NON_STR_KEYS writes
+    return _text(key) if isinstance(key, str) else key  # int, float, bool and None OPT_NON_STR_KEYS writes
 
 
 def _json(record: dict[Any, Any]) -> bytes:
@@ -563,13 +582,66 @@ def _json(record: dict[Any, Any]) -> bytes:
     try:
         data = orjson.dumps(record, default=_jsonable, option=options)
     except orjson.JSONEncodeError:
+        record = _scrub(record)
         try:
-            data = orjson.dumps(_scrub(record), default=_jsonable, option=options)
-        except orjson.JSONEncodeError as exc:  # e.g. nested deeper than orjson goes
-            raise FrameError(f"a record JSON cannot hold: {exc}") from exc
+            data = orjson.dumps(record, default=_jsonable, option=options)
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes
+            try:
+                data = _deep_json(record, _jsonable, options)
+            except orjson.JSONEncodeError as exc:
+                raise FrameError(f"a record JSON cannot hold: {exc}") from exc
     # orjson's bytes keep its 4 KiB starting buffer: a copy holds a small record's JSON in its own
     # size (100k tiny records held 400 MB, not 4).
     return memoryview(data).tobytes() if len(data) < 4096 else data
+
+
+def _deep_json(value: Any, default: Callable[[Any], Any] | None = None, option: int = 0) -> bytes:
+    """What `orjson.dumps(value, default=default, option=option)` writes, for a value nested deeper
+    than it goes (254 levels; it and msgpack read 1024): containers here, without recursion, and
+    every scalar and key by orjson (JSONEncodeError as it raises it)."""
+    out = bytearray()
+    todo: list[tuple[bool, Any]] = [(False, value)]  # (written as is, item)
+    while todo:
+        literal, item = todo.pop()
+        if literal:
+            out += item
+        elif isinstance(item, dict):
+            out += b"{"
+            todo.append((True, b"}"))
+            pairs = list(item.items())
+            for index in range(len(pairs) - 1, -1, -1):
+                key, member = pairs[index]
+                todo.append((False, member))
+                name = orjson.dumps({key: None}, option=option)[1:-6]  # b'{"k":null}' -> b'"k"'
+                todo.append((True, b"," + name + b":" if index else name + b":"))
+        elif isinstance(item, list):
+            out += b"["
+            todo.append((True, b"]"))
+            for index in range(len(item) - 1, -1, -1):
+                todo.append((False, item[index]))
+                if index:
+                    todo.append((True, b","))
+        else:
+            out += orjson.dumps(item, default=default, option=option)
+    return bytes(out)
+
+
+def _event(record: dict[Any, Any]) -> CloudEvent:
+    """`from_dict`; for JSON data nested deeper than orjson writes again (from_dict does), the same
+    event with that data's text written by _deep_json (a sender's valid JSON: refusing it wedged the
+    sender, which resent it for ever)."""
+    try:
+        return from_dict(record)
+    except orjson.JSONEncodeError as exc:
+        data = record.get("data")
+        # orjson says why; any other failure (bin or ext in data, int keys) keeps it a record.
+        if "ecursion" not in str(exc) or not isinstance(data, dict | list):
+            raise
+        members = {name: value for name, value in record.items() if name != "data"}
+        if members.get("datacontenttype") is None:
+            members["datacontenttype"] = "application/json"  # what from_dict implies for `data`
+        members["data_base64"] = base64.b64encode(_deep_json(data)).decode("ascii")
+        return from_dict(members)
 
 
 class ForwardSource:
@@ -716,7 +788,7 @@ class ForwardSource:
                 meta = {**meta_tag, "fluentd-time": str(ns)}
                 if "specversion" in record:
                     try:
-                        event = from_dict(record)
+                        event = _event(record)
                     except (TypeError, ValueError) as exc:  # also data JSON cannot hold: bin, ext, int keys
                         self.invalid_events += 1
                         log.debug("forward source: %s record is no valid CloudEvent (%s); kept as a record",
