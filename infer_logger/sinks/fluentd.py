@@ -16,7 +16,9 @@ Tags are `<prefix>.<inferenceservicename>.<request|response|explanation>`; times
 which EventTime cannot hold. An event that cannot be packed is refused for good (RejectedError).
 The record is the event in the CloudEvents JSON format (`to_dict`): attributes at the top, `data`
 for JSON (parsed) or text, `data_base64` for anything else, so `from_dict` rebuilds the same event
-(JSON data comes back compact) and Fluentd filters address fields by name.
+(JSON data comes back compact) and Fluentd filters address fields by name. JSON data nested deeper
+than orjson writes (254 levels; it reads 1024) goes as `data_base64` too: a receiver rebuilding the
+event writes it again (the forward source with orjson), and msgpack nests at most 1024 levels.
 `pipelines.sources.forward` is the receiving end and shares the protocol pieces below.
 """
 
@@ -36,6 +38,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgpack
+import orjson
 from pydantic import Field, SecretStr
 
 from infer_logger.cloudevents.event import CloudEvent
@@ -160,6 +163,24 @@ class FluentdSinkConfig(SinkConfig):
 
 
 _Chunk = tuple[str, bytes]  # (chunk id, PackedForward frame)
+_MAX_JSON_DEPTH = 254  # orjson writes no deeper (it reads 1024)
+
+
+def _record(event: CloudEvent) -> dict[str, Any]:
+    """`to_dict`, with JSON data nested deeper than _MAX_JSON_DEPTH as `data_base64` (the same bytes
+    for `from_dict`): the forward source could not write it again, so it refused the frame and the
+    batch was resent for ever; past 1023 levels msgpack could not pack it."""
+    record = to_dict(event)
+    data = record.get("data")
+    raw = event.data or b""
+    # Counting brackets is cheap and bounds the depth: most events need no second look.
+    if isinstance(data, list | dict) and raw.count(b"[") + raw.count(b"{") > _MAX_JSON_DEPTH:
+        try:
+            orjson.dumps(data)
+        except orjson.JSONEncodeError:
+            del record["data"]
+            record["data_base64"] = base64.b64encode(raw).decode("ascii")
+    return record
 # Entries per frame: less to resend when one fails. The forward source takes any number (handing
 # them on max_frame_entries at a time), Fluentd too.
 _MAX_FRAME_ENTRIES = 10_000
@@ -240,7 +261,7 @@ class FluentdSink:
         refused = []
         for event in events:
             try:
-                entry = self._packer.pack([event_time(event_ns(event)), to_dict(event)])
+                entry = self._packer.pack([event_time(event_ns(event)), _record(event)])
                 by_tag.setdefault(tag_for(event, self.config.tag_prefix), []).append(entry)
             except (ValueError, TypeError, OverflowError, struct.error) as exc:
                 refused.append((event, f"{type(exc).__name__}: {exc}"))

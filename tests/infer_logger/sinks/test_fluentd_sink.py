@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,14 +13,24 @@ import pytest
 
 from infer_logger import events as ev
 from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.dispatch import Backoff, Dispatcher
 from infer_logger.errors import RejectedError, SinkError
+from infer_logger.metrics import Metrics
 from infer_logger.sinks.fluentd import FluentdSink, FluentdSinkConfig, event_ns, tag_for
 from infer_logger.sinks.memory import MemorySink
+from infer_logger.spool import DiskSpool
 from infer_logger.testing import free_port
 from pipelines.sources.forward import ForwardSource, ForwardSourceConfig
 
 NS = 1_000_000_000
 CONF = Path(__file__).resolve().parents[3] / "fluentd" / "fluent.conf"
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
 
 
 def exchange(i: int, service: str = "iris") -> list[CloudEvent]:
@@ -94,6 +104,17 @@ class TestRoundTrip:
             await sink.send_batch([good, bad])
         assert caught.value.events == [bad] and memory.events == [good]
         assert sink.errors == 0 and sink.records == 1
+
+    @pytest.mark.parametrize("depth", [255, 600, 1023, 1024])
+    async def test_json_data_nested_deeper_than_orjson_writes_comes_back_equal(
+            self, sink: FluentdSink, memory: MemorySink, depth: int) -> None:
+        """Valid JSON (orjson reads 1024 levels, writes 254) goes as data_base64: 1023 deep, the
+        entry nested past what msgpack reads and the source refused the frame for ever; 1024 deep,
+        the sink could not pack it and dead-lettered it."""
+        request = exchange(1)[0]
+        deep = CloudEvent({**request.attributes, "id": "deep"}, b"[" * depth + b"]" * depth)
+        await sink.send_batch([deep, request])
+        assert memory.events == [deep, request] and memory.events[0].data == deep.data
 
     @pytest.mark.parametrize("compress", [False, True])
     async def test_a_big_batch_goes_in_frames_the_source_takes(
@@ -227,6 +248,31 @@ class TestFailures:
             assert (sink.errors, sink.reconnects) == (1, 1)
             await sink.aclose()
         assert {e.id for e in memory.events} >= {"id-2"}
+
+
+class TestBehindTheWorker:
+    """The sink behind a real spool and worker, the source its receiver."""
+
+    @pytest.mark.parametrize("depth", [300, 600, 1023])
+    async def test_deeply_nested_json_data_blocks_nothing(
+            self, source: ForwardSource, memory: MemorySink, tmp_path: Path, depth: int) -> None:
+        """One such event had its batch resent for ever, and nothing behind it was delivered."""
+        spool = DiskSpool(tmp_path / "spool")
+        sink = FluentdSinkConfig(port=source.port, timeout=2).build()
+        d = Dispatcher(spool, {"fluentd": sink}, Metrics(spool), batch_size=10,
+                       backoff=Backoff(initial=0.01, maximum=0.1), deadletter_dir=tmp_path / "dead")
+        request = exchange(0)[0]
+        sent = [CloudEvent({**request.attributes, "id": "deep"}, b"[" * depth + b"]" * depth)]
+        sent += [CloudEvent({**request.attributes, "id": f"e{i}"}, request.data) for i in range(30)]
+        for event in sent:
+            spool.append(event)
+        d.start()
+        await until(lambda: len(memory.events) >= len(sent))
+        await d.stop()
+        await sink.aclose()
+        assert memory.events == sent and d.metrics.retried.labels("fluentd")._value.get() == 0
+        assert d.workers[0].reader.read(100)[0] == [] and not (tmp_path / "dead").exists()
+        spool.close()
 
 
 class TestSharedKey:
