@@ -4,12 +4,14 @@ Why not fluent-logger: its senders speak Message mode only and never ask for an 
 returns True for a record that went into a socket buffer nobody read. A sink may only return once
 its events are durably elsewhere (the spool checkpoint moves then), so this sink speaks the
 protocol itself with msgpack: PackedForward frames, per tag and of at most `max_frame_bytes` of
-entries, each carrying a random `chunk` id, then it waits for every `{"ack": chunk}`, which
-Fluentd's in_forward sends once the records are in its buffer (what out_forward's
-`require_ack_response` relies on). Anything not acked in time raises
-SinkError: the batch stays in the spool and is sent again. Delivery is at least once; Elasticsearch
-upserts by event id behind Fluentd, so a resend overwrites instead of duplicating. `ack: false`
-skips the wait (fire and forget, what fluent-logger gives).
+entries and `max_frame_events` events, each carrying a random `chunk` id, then it waits for every
+`{"ack": chunk}`, which Fluentd's in_forward sends once the records are in its buffer (what
+out_forward's `require_ack_response` relies on). It waits as long as the receiver takes bytes or
+acks a frame within `timeout` of the last time, so a slow but steady receiver gets the batch
+through; one silent that long raises SinkError: the batch stays in the spool and is sent again.
+Delivery is at least once; Elasticsearch upserts by event id behind Fluentd, so a resend
+overwrites instead of duplicating. `ack: false` skips the wait (fire and forget, what
+fluent-logger gives).
 
 Tags are `<prefix>.<inferenceservicename>.<request|response|explanation>`; times are EventTime
 (nanoseconds) taken from the event's `time`, or integer seconds for one before 1970 or from 2106 on,
@@ -34,7 +36,7 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import msgpack
@@ -143,7 +145,8 @@ class FluentdSinkConfig(SinkConfig):
     ack: bool = True
     """Wait for Fluentd's ack of every chunk (`require_ack_response`); off = fire and forget."""
     timeout: float = Field(10.0, gt=0)
-    """Seconds for connecting (with the handshake) and again for the acks of one batch."""
+    """Seconds for connecting (with the handshake), and that a batch's sending may go without the
+    receiver taking bytes or acking a frame (a slow but steady receiver is waited for)."""
     compress: bool = False
     """Send CompressedPackedForward (gzip) frames."""
     shared_key: SecretStr | None = None
@@ -157,12 +160,17 @@ class FluentdSinkConfig(SinkConfig):
     """Most bytes of entries (before gzip) in one PackedForward frame: a batch's events of one tag
     go in as many frames (chunks, each acked) as it takes; an event bigger than this goes alone.
     Receivers refuse big frames: the forward source over its own max_frame_bytes (32 MiB)."""
+    max_frame_events: int = Field(100, ge=1)
+    """Most events in one frame. Each frame is acked on its own, and an ack is how the receiver
+    shows progress: it must take this many events within `timeout` (the forward source acks a frame
+    once its subscriber took them all)."""
 
     def build(self) -> FluentdSink:
         return FluentdSink(self)
 
 
 _Chunk = tuple[str, bytes]  # (chunk id, PackedForward frame)
+_WRITE_PIECE = 64 * 1024  # bytes written between looks at the receiver's progress
 _MAX_JSON_DEPTH = 254  # orjson writes no deeper (it reads 1024)
 
 
@@ -181,18 +189,13 @@ def _record(event: CloudEvent) -> dict[str, Any]:
             del record["data"]
             record["data_base64"] = base64.b64encode(raw).decode("ascii")
     return record
-# Entries per frame: less to resend when one fails. The forward source takes any number (handing
-# them on max_frame_entries at a time), Fluentd too.
-_MAX_FRAME_ENTRIES = 10_000
-
-
-def _split(entries: list[bytes], max_bytes: int) -> list[list[bytes]]:
-    """Packed entries in runs of at most `max_bytes` and _MAX_FRAME_ENTRIES; a bigger entry alone."""
+def _split(entries: list[bytes], max_bytes: int, max_entries: int) -> list[list[bytes]]:
+    """Packed entries in runs of at most `max_bytes` and `max_entries`; a bigger entry alone."""
     groups: list[list[bytes]] = []
     group: list[bytes] = []
     size = 0
     for entry in entries:
-        if group and (size + len(entry) > max_bytes or len(group) == _MAX_FRAME_ENTRIES):
+        if group and (size + len(entry) > max_bytes or len(group) == max_entries):
             groups.append(group)
             group, size = [], 0
         group.append(entry)
@@ -238,17 +241,14 @@ class FluentdSink:
         async with self._lock:
             try:
                 writer = await self._connected()
-                writer.writelines(frame for _, frame in frames)
-                async with asyncio.timeout(self.config.timeout):
-                    await writer.drain()
-                    if self.config.ack:
-                        await self._acks({chunk for chunk, _ in frames})
+                await self._deliver(writer, frames)
             except SinkError:
                 self._fail()
                 raise
             except TimeoutError as exc:
                 self._fail()
-                raise SinkError(f"fluentd at {self.address}: no ack within {self.config.timeout} s") from exc
+                silent = "took no bytes and acked nothing" if self.config.ack else "took no bytes"
+                raise SinkError(f"fluentd at {self.address}: {silent} for {self.config.timeout} s") from exc
             except (OSError, ValueError, msgpack.UnpackException) as exc:
                 self._fail()
                 raise SinkError(f"fluentd at {self.address}: {type(exc).__name__}: {exc}") from exc
@@ -267,7 +267,7 @@ class FluentdSink:
                 refused.append((event, f"{type(exc).__name__}: {exc}"))
         frames = []
         for tag, tagged in by_tag.items():
-            for group in _split(tagged, self.config.max_frame_bytes):
+            for group in _split(tagged, self.config.max_frame_bytes, self.config.max_frame_events):
                 frames.append(self._frame(tag, group))
         return frames, refused
 
@@ -324,13 +324,40 @@ class FluentdSink:
         if pong[4] != shared_key_digest(salt.encode(), str(pong[3]), nonce, key):
             raise SinkError(f"fluentd at {self.address} does not know our shared key (PONG digest differs)")
 
-    async def _acks(self, chunks: set[str]) -> None:
+    async def _deliver(self, writer: asyncio.StreamWriter, frames: list[_Chunk]) -> None:
+        """Write the frames and wait for their acks while the receiver makes progress: `timeout`
+        for the whole batch had a slow receiver's batch time out and sent again for ever."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.config.timeout) as idle:
+            def progress() -> None:
+                idle.reschedule(loop.time() + self.config.timeout)
+
+            try:
+                # Acks are read while writing: unread, they could fill the socket and stop the receiver.
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._write(writer, frames, progress))
+                    if self.config.ack:
+                        group.create_task(self._acks({chunk for chunk, _ in frames}, progress))
+            except ExceptionGroup as failed:
+                raise failed.exceptions[0] from None
+
+    @staticmethod
+    async def _write(writer: asyncio.StreamWriter, frames: list[_Chunk], progress: Callable[[], None]) -> None:
+        for _, frame in frames:
+            view = memoryview(frame)
+            for start in range(0, len(view), _WRITE_PIECE):
+                writer.write(view[start:start + _WRITE_PIECE])
+                await writer.drain()  # returns once the socket took (nearly) all of it
+                progress()
+
+    async def _acks(self, chunks: set[str], progress: Callable[[], None]) -> None:
         while chunks:
             reply = await self._message()
             if isinstance(reply, list) and reply and reply[0] == "HELO":
                 raise SinkError(f"fluentd at {self.address} wants the shared-key handshake: set shared_key")
-            if isinstance(reply, dict):
-                chunks.discard(reply.get("ack"))
+            if isinstance(reply, dict) and isinstance(ack := reply.get("ack"), str) and ack in chunks:
+                chunks.discard(ack)
+                progress()
 
     async def _message(self) -> Any:
         """The next msgpack object the server sent (the caller bounds the wait)."""

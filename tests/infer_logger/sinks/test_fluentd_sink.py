@@ -67,6 +67,20 @@ async def sink(source: ForwardSource) -> AsyncIterator[FluentdSink]:
     await s.aclose()
 
 
+class Slow:
+    """A subscriber taking `delay` seconds over every batch, then handing it on."""
+
+    def __init__(self, memory: MemorySink, delay: float) -> None:
+        self.memory, self.delay = memory, delay
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        await asyncio.sleep(self.delay)
+        await self.memory.send_batch(events)
+
+    async def aclose(self) -> None:
+        pass
+
+
 class TestRoundTrip:
     """Events sent by the sink come out of the source equal, tagged and timed as specified."""
 
@@ -131,10 +145,12 @@ class TestRoundTrip:
             assert src.acks == sink.frames == 6  # 6 + 6 + 6 + 2 of 5 KB, the 40 KB one alone, the last
         assert memory.events == sent
 
-    async def test_frames_hold_at_most_10000_entries(self, sink: FluentdSink, memory: MemorySink) -> None:
+    async def test_frames_hold_at_most_max_frame_events(
+            self, sink: FluentdSink, source: ForwardSource, memory: MemorySink) -> None:
         attributes = exchange(1)[0].attributes
-        await sink.send_batch([CloudEvent({**attributes, "id": f"e{i}"}, b"1") for i in range(10_001)])
-        assert sink.frames == 2 and len(memory.events) == 10_001
+        sent = [CloudEvent({**attributes, "id": f"e{i}"}, b"1") for i in range(250)]
+        await sink.send_batch(sent)
+        assert sink.frames == source.acks == 3 and memory.events == sent  # 100 + 100 + 50
 
     async def test_compressed(self, source: ForwardSource, memory: MemorySink) -> None:
         sink = FluentdSinkConfig(port=source.port, compress=True).build()
@@ -231,19 +247,35 @@ class TestFailures:
         assert len(got) == 3 and sink.reconnects == 1 and sink.errors == 1
         await sink.aclose()
 
+    async def test_a_slow_but_steady_receiver_is_waited_for(self, memory: MemorySink) -> None:
+        """Each frame is acked well within `timeout`, the whole batch is not: one timeout for the
+        batch had every attempt time out, and the same batch was sent again for ever."""
+        async with ForwardSourceConfig(port=0, max_frame_entries=10).build(Slow(memory, 0.05)) as src:
+            sink = FluentdSinkConfig(port=src.port, timeout=0.5, max_frame_events=20).build()
+            sent = [CloudEvent({**exchange(1)[0].attributes, "id": f"e{i}"}, b"1") for i in range(200)]
+            await sink.send_batch(sent)  # 20 slices of 10 events, 0.05 s each
+            await sink.aclose()
+        assert memory.events == sent and (sink.errors, src.acks) == (0, 10)
+
+    async def test_a_slow_reader_is_waited_for(self, memory: MemorySink) -> None:
+        """Without acks, the wait is for the receiver to take the bytes: a big batch on a slow link
+        timed out while the receiver was still reading it."""
+        async with ForwardSourceConfig(port=0).build(Slow(memory, 0.15)) as src:
+            sink = FluentdSinkConfig(port=src.port, timeout=0.5, ack=False, max_frame_bytes=1 << 20).build()
+            big = b'"%s"' % (b"x" * (1 << 20))
+            sent = [CloudEvent({**exchange(1)[0].attributes, "id": f"e{i}"}, big) for i in range(20)]
+            await sink.send_batch(sent)  # 20 MiB, frames of 1 MiB the receiver reads one per 0.15 s
+            await until(lambda: len(memory.events) == 20)
+            await sink.aclose()
+        assert memory.events == sent and sink.errors == 0
+
     async def test_slow_server_times_out(self, memory: MemorySink) -> None:
-        delay = [1.0]
-
-        class Slow:
-            async def send_batch(self, events: Sequence[CloudEvent]) -> None:
-                await asyncio.sleep(delay[0])
-                await memory.send_batch(events)
-
-        async with ForwardSourceConfig(port=0).build(Slow()) as src:
+        slow = Slow(memory, 1.0)
+        async with ForwardSourceConfig(port=0).build(slow) as src:
             sink = FluentdSinkConfig(port=src.port, timeout=0.3).build()
-            with pytest.raises(SinkError, match="no ack within 0.3 s"):
+            with pytest.raises(SinkError, match="took no bytes and acked nothing for 0.3 s"):
                 await sink.send_batch(exchange(1))
-            delay[0] = 0.0
+            slow.delay = 0.0
             await sink.send_batch(exchange(2))  # on a new connection: late acks cannot confuse it
             assert (sink.errors, sink.reconnects) == (1, 1)
             await sink.aclose()
@@ -272,6 +304,25 @@ class TestBehindTheWorker:
         await sink.aclose()
         assert memory.events == sent and d.metrics.retried.labels("fluentd")._value.get() == 0
         assert d.workers[0].reader.read(100)[0] == [] and not (tmp_path / "dead").exists()
+        spool.close()
+
+    async def test_a_slow_but_steady_receiver_gets_every_event_once(
+            self, memory: MemorySink, tmp_path: Path) -> None:
+        """A batch the receiver took longer than `timeout` over timed out every time: the spool
+        never moved and the receiver got the same events again and again."""
+        spool = DiskSpool(tmp_path / "spool")
+        async with ForwardSourceConfig(port=0, max_frame_entries=10).build(Slow(memory, 0.05)) as src:
+            sink = FluentdSinkConfig(port=src.port, timeout=0.5, max_frame_events=10).build()
+            d = Dispatcher(spool, {"fluentd": sink}, Metrics(spool), batch_size=200,
+                           backoff=Backoff(initial=0.01, maximum=0.1), deadletter_dir=tmp_path / "dead")
+            sent = [CloudEvent({**exchange(1)[0].attributes, "id": f"e{i}"}, b"1") for i in range(400)]
+            for event in sent:
+                spool.append(event)
+            d.start()
+            await until(lambda: d.workers[0].reader.lag() == 0)
+            await d.stop()
+            await sink.aclose()
+        assert memory.events == sent and d.metrics.retried.labels("fluentd")._value.get() == 0
         spool.close()
 
 
