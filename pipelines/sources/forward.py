@@ -15,7 +15,9 @@ frame's bytes, a PackedForward bin's unpacked, and inflated, as they go). A `chu
 `require_ack_response` resends what the subscriber did not take: the whole chunk, so the batches
 before a refused or bad one are delivered again (at-least-once; a chunk's record ids stay the same,
 see below). A frame that does not parse or is over `max_frame_bytes`, a failed handshake or a
-refused batch closes that connection (logged, counted in `errors`); other connections go on.
+refused batch closes that connection (logged, counted in `errors`); other connections go on. A chunk
+whose sender went away is not handed on further (counted in `abandoned`): it can no longer be
+acked, and the sender sends it again.
 
 Records in the CloudEvents JSON format (what the `fluentd` sink sends: they have `specversion`)
 become that event again. Any other record becomes an event of type `record_type` with the tag as
@@ -656,6 +658,7 @@ class ForwardSource:
         self.records = 0
         self.acks = 0
         self.errors = 0  # connections closed for a bad frame, a failed handshake, a refused batch
+        self.abandoned = 0  # frames left part-taken: their sender was gone (it sends them again)
         self.auth_failures = 0
         self.invalid_events = 0  # CloudEvent-looking records that failed validation (kept as records)
         self._server: asyncio.Server | None = None
@@ -726,7 +729,7 @@ class ForwardSource:
                 # Frames first: some may have come in the handshake's last read, behind its PING.
                 for message in messages:
                     frame = parse_frame(message, self.config.max_frame_bytes, self.config.max_frame_entries)
-                    await self._take(frame, writer)
+                    await self._take(frame, reader, writer)
                 if not (data := await reader.read(_READ_SIZE)):
                     break
                 messages.feed(data)
@@ -755,9 +758,15 @@ class ForwardSource:
         self.errors += 1
         log.warning("forward source: closing connection from %s: %s", peer, reason)
 
-    async def _take(self, frame: Frame, writer: asyncio.StreamWriter) -> None:
+    async def _take(self, frame: Frame, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.frames += 1
         for events in self.batches(frame):
+            if frame.chunk is not None and (reader.at_eof() or writer.transport.is_closing()):
+                # The sender closed the connection (its ack timeout): no ack can reach it (Fluentd
+                # too drops a connection at EOF), and it sends the chunk again, so the rest of this
+                # one would be taken twice.
+                self.abandoned += 1
+                raise ConnectionResetError("the sender went away mid-frame")
             if events:
                 try:
                     await self.subscriber.send_batch(events)

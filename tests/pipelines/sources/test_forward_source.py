@@ -304,6 +304,30 @@ class TestSlices:
             await client.aclose()
         assert subscriber.sizes == [10, 5]
 
+    @pytest.mark.parametrize("chunk", ["c", None])
+    async def test_a_chunk_whose_sender_went_away_is_handed_on_no_further(self, chunk: str | None) -> None:
+        """Its sender (the fluentd sink past its timeout) sends it again: the rest of it went on to
+        the subscriber all the same, and every resend was delivered once more. Without a chunk
+        nothing is sent again: it all goes on."""
+        release = asyncio.Event()
+
+        class FirstWaits(Batches):
+            async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+                if not self.sizes:
+                    await release.wait()
+                await super().send_batch(events)
+
+        subscriber = FirstWaits()
+        async with ForwardSourceConfig(port=0, max_frame_entries=1).build(subscriber) as src:
+            client = await Client.connect(src.port)
+            await client.send(["app", [[1, {}]] * 10, {"chunk": chunk}])
+            await eventually(lambda: src.frames == 1)
+            client.writer.transport.abort()  # what the sink does on a timeout
+            await asyncio.sleep(0.1)  # for the close to reach the source's socket
+            release.set()
+            await eventually(lambda: len(subscriber.sizes) == (1 if chunk else 10) and not src._tasks)
+        assert src.abandoned == (1 if chunk else 0) and src.errors == 0
+
 
 class TestRecords:
     """Records become CloudEvents: the sink's shape back to the same event, others wrapped."""
