@@ -27,8 +27,8 @@ from pydantic_settings import (
 )
 from pydantic_settings.exceptions import SettingsError
 
-from infer_logger.cloudevents.validation import check_uri_reference
-from infer_logger.errors import ConfigError, InvalidEventError
+from infer_logger.cloudevents.validation import source_setting
+from infer_logger.errors import ConfigError
 from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, SinkSpec, StoreSinkConfig
 
 _yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
@@ -259,14 +259,7 @@ class Settings(LayeredSettings):
     @field_validator("source_uri")
     @classmethod
     def _uri_reference(cls, uri: str | None) -> str | None:
-        # Every event carries it: one that is no URI reference has each of them refused downstream.
-        if uri:
-            try:
-                check_uri_reference("source", uri)
-            except InvalidEventError as exc:
-                example = "e.g. http://my-model/ or /my-model"
-                raise ValueError(f"{exc.message}, as the events' source must be ({example})") from None
-        return uri
+        return source_setting(uri, "http://my-model/ or /my-model")
 
     @field_validator("predictor_url")
     @classmethod

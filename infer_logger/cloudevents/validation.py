@@ -179,6 +179,17 @@ def check_uri_reference(name: str, value: str) -> None:
         raise InvalidEventError(name, f"{value!r} has an invalid URI scheme")
 
 
+def source_setting(uri: str | None, example: str) -> str | None:
+    """A setting that becomes the events' `source`, checked as a URI reference when it is read
+    (ValueError for pydantic: one that is not had every event refused downstream)."""
+    if uri:
+        try:
+            check_uri_reference("source", uri)
+        except InvalidEventError as exc:
+            raise ValueError(f"{exc.message}, as the events' source must be (e.g. {example})") from None
+    return uri
+
+
 def _check_uri(name: str, value: str) -> None:
     check_uri_reference(name, value)
     head = re.split(r"[/?#]", value, maxsplit=1)[0]

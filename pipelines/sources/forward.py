@@ -51,7 +51,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 from infer_logger.cloudevents.json_format import from_dict
-from infer_logger.cloudevents.validation import check_uri_reference, percent_escaped, validate
+from infer_logger.cloudevents.validation import percent_escaped, source_setting, validate
 from infer_logger.errors import InvalidEventError
 from infer_logger.sinks.base import Sink
 from infer_logger.sinks.fluentd import (
@@ -105,14 +105,7 @@ class ForwardSourceConfig(SourceConfig):
     @field_validator("source_uri")
     @classmethod
     def _uri_reference(cls, uri: str | None) -> str | None:
-        # Every record's event carries it: one that is no URI reference had each frame refused.
-        if uri:
-            try:
-                check_uri_reference("source", uri)
-            except InvalidEventError as exc:
-                raise ValueError(f"{exc.message}, as the events' source must be "
-                                 "(e.g. fluent-forward://fluentd/ or /fluentd)") from None
-        return uri
+        return source_setting(uri, "fluent-forward://fluentd/ or /fluentd")
 
     @model_validator(mode="after")
     def _users_need_key(self) -> ForwardSourceConfig:

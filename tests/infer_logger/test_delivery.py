@@ -7,7 +7,6 @@ import importlib.util
 import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -19,6 +18,7 @@ from infer_logger.delivery import STATUS_FILE, DeliveryProcess
 from infer_logger.errors import ConfigError
 from infer_logger.logger import InferenceLogger, match_route
 from tests.servers import Process, sidecar_process
+from tests.waiting import until
 
 ROUTE = match_route("POST", "/v1/models/iris:predict")
 
@@ -42,14 +42,6 @@ def lines(path: Path) -> list[dict[str, object]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -69,11 +61,11 @@ async def test_events_reach_the_sink_through_the_child(tmp_path: Path) -> None:
         for i in range(20):
             exchange(logger, f"e{i}")
         out = tmp_path / "events.jsonl"
-        await eventually(lambda: len(lines(out)) == 40)
+        await until(lambda: len(lines(out)) == 40)
         assert {e["id"] for e in lines(out)} == {f"e{i}" for i in range(20)}
-        await eventually(lambda: logger.delivery is not None and logger.delivery.status() is not None
+        await until(lambda: logger.delivery is not None and logger.delivery.status() is not None
                          and logger.sink_states() == {"file": "ok"})
-        await eventually(lambda: b'infer_logger_events_delivered_total{sink="file"} 40.0'
+        await until(lambda: b'infer_logger_events_delivered_total{sink="file"} 40.0'
                          in generate_latest(logger.metrics.registry))
         text = generate_latest(logger.metrics.registry).decode()
         assert 'infer_logger_events_accepted_total{type="request"} 20.0' in text
@@ -94,13 +86,13 @@ async def test_a_status_report_that_cannot_be_written_does_not_stop_the_child(tm
         child = logger.delivery.pid
         for i in range(10):
             exchange(logger, f"s{i}")
-        await eventually(lambda: len(lines(tmp_path / "events.jsonl")) == 20)
+        await until(lambda: len(lines(tmp_path / "events.jsonl")) == 20)
         await asyncio.sleep(1.5)  # several reports failed meanwhile
         exchange(logger, "later")
-        await eventually(lambda: len(lines(tmp_path / "events.jsonl")) == 22)
+        await until(lambda: len(lines(tmp_path / "events.jsonl")) == 22)
         assert child is not None and alive(child) and logger.delivery.pid == child
         blocker.rmdir()
-        await eventually(lambda: logger.sink_states() == {"file": "ok"})  # reports again
+        await until(lambda: logger.sink_states() == {"file": "ok"})  # reports again
     finally:
         await logger.stop()
 
@@ -121,9 +113,9 @@ async def test_the_child_lowers_itself_once_caught_up(tmp_path: Path, priority: 
         pid = logger.delivery.pid
         assert pid is not None
         exchange(logger, "p1")
-        await eventually(lambda: len(lines(tmp_path / "events.jsonl")) == 2)
-        await eventually(lambda: policy(pid) == priority)
-        await eventually(lambda: (logger.delivery.status() or {}).get("priority") == priority)  # type: ignore[union-attr]
+        await until(lambda: len(lines(tmp_path / "events.jsonl")) == 2)
+        await until(lambda: policy(pid) == priority)
+        await until(lambda: (logger.delivery.status() or {}).get("priority") == priority)  # type: ignore[union-attr]
     finally:
         await logger.stop()
 
@@ -141,17 +133,17 @@ async def test_a_lowered_child_far_behind_is_replaced_by_one_at_normal_priority(
         assert logger.delivery is not None
         first = logger.delivery.pid
         assert first is not None
-        await eventually(lambda: policy(first) == "idle")  # nothing to deliver yet
+        await until(lambda: policy(first) == "idle")  # nothing to deliver yet
         for i in range(100):  # ~40 KiB the sink (down) cannot take
             exchange(logger, f"b{i}")
-        await eventually(lambda: logger.delivery is not None and logger.delivery.pid not in (None, first))
+        await until(lambda: logger.delivery is not None and logger.delivery.pid not in (None, first))
         second = logger.delivery.pid
         assert second is not None and logger.delivery.promotions == 1
         await asyncio.sleep(1.5)
         assert policy(second) == "normal"  # still behind: it keeps its share
         with EventCollector(port) as sink:
-            await eventually(lambda: len({e.id for e in list(sink.events)}) == 100, timeout=20)
-            await eventually(lambda: policy(second) == "idle")  # caught up: lowered again
+            await until(lambda: len({e.id for e in list(sink.events)}) == 100, timeout=20)
+            await until(lambda: policy(second) == "idle")  # caught up: lowered again
         assert logger.delivery.pid == second and logger.delivery.restarts == 0
     finally:
         await logger.stop()
@@ -167,8 +159,8 @@ async def test_a_caught_up_child_is_not_replaced_for_what_it_delivered(tmp_path:
         assert first is not None
         for i in range(20):
             exchange(logger, f"c{i}")
-        await eventually(lambda: len(lines(tmp_path / "events.jsonl")) == 40)
-        await eventually(lambda: (logger.delivery.status() or {}).get("priority") == "idle")  # type: ignore[union-attr]
+        await until(lambda: len(lines(tmp_path / "events.jsonl")) == 40)
+        await until(lambda: (logger.delivery.status() or {}).get("priority") == "idle")  # type: ignore[union-attr]
         assert logger.spool.size_bytes() > 1024
         await asyncio.sleep(3.0)  # several rounds of the catch-up rule
         assert logger.delivery.pid == first and logger.delivery.promotions == 0
@@ -194,13 +186,13 @@ async def test_a_dead_child_is_replaced(tmp_path: Path) -> None:
         assert first is not None
         exchange(logger, "before")
         out = tmp_path / "events.jsonl"
-        await eventually(lambda: len(lines(out)) == 2)
+        await until(lambda: len(lines(out)) == 2)
         os.kill(first, signal.SIGKILL)
         exchange(logger, "meanwhile")  # spooled while no child runs
-        await eventually(lambda: logger.delivery is not None and logger.delivery.restarts == 1)
+        await until(lambda: logger.delivery is not None and logger.delivery.restarts == 1)
         assert logger.delivery.pid not in (None, first)
         exchange(logger, "after")
-        await eventually(lambda: {e["id"] for e in lines(out)} == {"before", "meanwhile", "after"})
+        await until(lambda: {e["id"] for e in lines(out)} == {"before", "meanwhile", "after"})
     finally:
         await logger.stop()
 
@@ -220,9 +212,9 @@ async def test_a_logger_started_again_after_a_stop_works_as_a_new_one(tmp_path: 
         scrape = generate_latest(logger.metrics.registry).decode()
         assert "infer_logger_spool_bytes 0.0" not in scrape and "infer_logger_spool_bytes" in scrape, scrape
         os.kill(first, signal.SIGKILL)
-        await eventually(lambda: logger.delivery is not None and logger.delivery.restarts == 1)
+        await until(lambda: logger.delivery is not None and logger.delivery.restarts == 1)
         exchange(logger, "after")
-        await eventually(lambda: {e["id"] for e in lines(tmp_path / "events.jsonl")} == {"again", "after"})
+        await until(lambda: {e["id"] for e in lines(tmp_path / "events.jsonl")} == {"again", "after"})
     finally:
         await logger.stop()
 
@@ -242,21 +234,21 @@ async def test_delivery_counters_carry_over_a_replaced_child(tmp_path: Path) -> 
         assert first is not None
         for i in range(5):
             exchange(logger, f"r{i}")
-        await eventually(lambda: delivered() == b"10.0")
+        await until(lambda: delivered() == b"10.0")
         # Killed once its checkpoint is saved (an idle child saves it within about 0.5 s): killed
         # before, it re-delivers the batches since the last save, at-least-once, and counts them.
         tail = logger.spool.tail()
         saved = logger.spool.checkpoint_path("file")
-        await eventually(lambda: saved.exists() and orjson.loads(saved.read_bytes()) == {
+        await until(lambda: saved.exists() and orjson.loads(saved.read_bytes()) == {
             "segment": tail.segment, "offset": tail.offset})
         os.kill(first, signal.SIGKILL)
         # The supervisor may have a new child before this looks: any pid but the first one.
-        await eventually(lambda: logger.delivery is not None and logger.delivery.pid != first)
+        await until(lambda: logger.delivery is not None and logger.delivery.pid != first)
         assert delivered() == b"10.0"  # the dead child's last counts stay shown, then carried over
-        await eventually(lambda: logger.delivery is not None and logger.delivery.pid not in (None, first))
+        await until(lambda: logger.delivery is not None and logger.delivery.pid not in (None, first))
         exchange(logger, "after")
-        await eventually(lambda: len(lines(tmp_path / "events.jsonl")) == 12)
-        await eventually(lambda: delivered() == b"12.0")  # the new child's 2 on top of the 10
+        await until(lambda: len(lines(tmp_path / "events.jsonl")) == 12)
+        await until(lambda: delivered() == b"12.0")  # the new child's 2 on top of the 10
     finally:
         await logger.stop()
 
@@ -296,13 +288,13 @@ async def test_a_child_whose_spool_polling_died_is_replaced(tmp_path: Path, monk
         first = logger.delivery.pid
         out = tmp_path / "events.jsonl"
         exchange(logger, "before")
-        await eventually(lambda: len(lines(out)) == 2)
+        await until(lambda: len(lines(out)) == 2)
         trigger.touch()
-        await eventually(lambda: not trigger.exists())  # the child's poll task has died
+        await until(lambda: not trigger.exists())  # the child's poll task has died
         exchange(logger, "after")
-        await eventually(lambda: logger.delivery is not None and logger.delivery.restarts == 1, timeout=30)
+        await until(lambda: logger.delivery is not None and logger.delivery.restarts == 1, timeout=30)
         assert logger.delivery.pid not in (None, first)
-        await eventually(lambda: {e["id"] for e in lines(out)} == {"before", "after"})
+        await until(lambda: {e["id"] for e in lines(out)} == {"before", "after"})
     finally:
         await logger.stop()
 
@@ -327,9 +319,9 @@ async def test_a_child_that_cannot_be_started_is_tried_again(tmp_path: Path,
         os.kill(first, signal.SIGKILL)
         exchange(logger, "meanwhile")
         # The failed start is logged and tried again later (it ended the supervisor for good).
-        await eventually(lambda: logger.delivery is not None and logger.delivery.restarts == 1, timeout=60)
+        await until(lambda: logger.delivery is not None and logger.delivery.restarts == 1, timeout=60)
         assert not failures and logger.delivery.pid not in (None, first)
-        await eventually(lambda: {e["id"] for e in lines(tmp_path / "events.jsonl")} == {"meanwhile"})
+        await until(lambda: {e["id"] for e in lines(tmp_path / "events.jsonl")} == {"meanwhile"})
     finally:
         await logger.stop()
 
@@ -350,7 +342,7 @@ async def test_stop_ends_a_replacement_still_starting(tmp_path: Path, monkeypatc
         first = logger.delivery.pid
         assert first is not None
         os.kill(first, signal.SIGKILL)
-        await eventually(lambda: bool(started))  # the replacement is importing, not ready yet
+        await until(lambda: bool(started))  # the replacement is importing, not ready yet
     finally:
         await logger.stop()
     try:

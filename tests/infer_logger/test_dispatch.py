@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Sequence
-from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -17,19 +16,13 @@ from infer_logger.errors import RejectedError, SinkError
 from infer_logger.metrics import Metrics
 from infer_logger.sinks.memory import MemorySink, failing
 from infer_logger.spool import DiskSpool
+from tests.waiting import until
 
 FAST = Backoff(initial=0.001, maximum=0.01)
 
 
 def event(i: int) -> CloudEvent:
     return CloudEvent({"specversion": "1.0", "id": str(i), "source": "/s", "type": "t"}, b"{}")
-
-
-async def until(condition, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition never held"
-        await asyncio.sleep(0.005)
 
 
 def dispatcher(tmp_path: Path, **sinks: MemorySink) -> tuple[DiskSpool, Dispatcher]:

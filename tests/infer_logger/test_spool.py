@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,18 +12,11 @@ import pytest
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import SpoolError
 from infer_logger.spool import DiskSpool, MemorySpool, Position, SpoolFollower, encode_record, iter_records
+from tests.waiting import until
 
 
 def event(i: int, size: int = 10) -> CloudEvent:
     return CloudEvent({"id": str(i), "type": "t", "source": "s", "specversion": "1.0"}, b"x" * size)
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def drain(reader, batch: int = 1000) -> list[str]:
@@ -361,7 +352,6 @@ class TestMemorySpool:
         assert drain(reader) == ["3", "4", "5", "6", "7"]
         assert reader.position == Position(0, 8)
 
-
     def test_max_bytes_refuses_newest_and_counts(self) -> None:
         spool = MemorySpool(max_bytes=10_000)
         reader = spool.reader("a")
@@ -528,7 +518,7 @@ class TestSpoolFollower:
         dispatcher.start()
         for i in range(10):
             writer.append(event(i))
-        await eventually(lambda: len(sink.events) == 10)
+        await until(lambda: len(sink.events) == 10)
         listdir = os.listdir
         failed: list[bool] = []
 
@@ -540,10 +530,10 @@ class TestSpoolFollower:
 
         monkeypatch.setattr(os, "listdir", out_of_fds)
         os.utime(tmp_path)  # the directory changed: the next poll lists it
-        await eventually(lambda: bool(failed))
+        await until(lambda: bool(failed))
         for i in range(10, 20):
             writer.append(event(i))
-        await eventually(lambda: len(sink.events) == 20)
+        await until(lambda: len(sink.events) == 20)
         assert [e.id for e in sink.events] == [str(i) for i in range(20)]
         follower.check_polling()  # still polling
         messages = [r.getMessage() for r in caplog.records if r.name == "infer_logger.spool"]
@@ -561,7 +551,7 @@ class TestSpoolFollower:
         follower.start_polling()
         os.utime(tmp_path)
         assert follower._poll_task is not None
-        await eventually(follower._poll_task.done)
+        await until(follower._poll_task.done)
         with pytest.raises(SpoolError, match="polling stopped.*ZeroDivisionError"):
             follower.check_polling()
         follower.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,16 +21,10 @@ from infer_logger.sinks.memory import MemorySink
 from infer_logger.spool import DiskSpool
 from infer_logger.testing import free_port
 from pipelines.sources.forward import ForwardSource, ForwardSourceConfig
+from tests.waiting import until
 
 NS = 1_000_000_000
 CONF = Path(__file__).resolve().parents[3] / "fluentd" / "fluent.conf"
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition never held"
-        await asyncio.sleep(0.01)
 
 
 def exchange(i: int, service: str = "iris") -> list[CloudEvent]:

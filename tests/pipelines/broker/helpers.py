@@ -17,6 +17,7 @@ from infer_logger.cloudevents.http import from_http, to_binary, to_structured
 from infer_logger.errors import InvalidEventError
 from infer_logger.testing import EventCollector
 from pipelines.broker import Broker, BrokerSettings
+from tests.waiting import until
 
 Answer = tuple[int, dict[str, str], bytes]
 Script = Callable[[CloudEvent | None, dict[str, str]], Answer]
@@ -97,15 +98,6 @@ def binary_request(e: CloudEvent, **headers: str) -> dict[str, Any]:
     """httpx keyword arguments POSTing `e` in binary mode."""
     out, body = to_binary(e)
     return {"headers": {**out, **headers}, "content": body}
-
-
-async def until(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `check` (every 20 ms) until true; TimeoutError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 async def settle(broker: Broker, trigger: str, count: int, namespace: str = "default", timeout: float = 10.0) -> None:

@@ -11,7 +11,7 @@ import os
 import struct
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import msgpack
@@ -31,6 +31,7 @@ from pipelines.sources.forward import (
     parse_frame,
     rfc3339,
 )
+from tests.waiting import until
 
 NS = 1_000_000_000
 T_NS = 1_700_000_000_123_456_789
@@ -43,14 +44,6 @@ def event_time(ns: int) -> msgpack.ExtType:
 def pack(obj: object, *, bin_type: bool = True) -> bytes:
     packed: bytes = msgpack.packb(obj, use_bin_type=bin_type)
     return packed
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 class Client:
@@ -193,7 +186,7 @@ class TestModes:
     async def test_no_chunk_no_reply(self, source: ForwardSource, memory: MemorySink) -> None:
         client = await Client.connect(source.port)
         await client.send(["app", T_NS // NS, {"a": 1}])
-        await eventually(lambda: len(memory.events) == 1)
+        await until(lambda: len(memory.events) == 1)
         with pytest.raises(TimeoutError):
             await client.reply(timeout=0.2)
         assert source.acks == 0
@@ -321,11 +314,11 @@ class TestSlices:
         async with ForwardSourceConfig(port=0, max_frame_entries=1).build(subscriber) as src:
             client = await Client.connect(src.port)
             await client.send(["app", [[1, {}]] * 10, {"chunk": chunk}])
-            await eventually(lambda: src.frames == 1)
+            await until(lambda: src.frames == 1)
             client.writer.transport.abort()  # what the sink does on a timeout
             await asyncio.sleep(0.1)  # for the close to reach the source's socket
             release.set()
-            await eventually(lambda: len(subscriber.sizes) == (1 if chunk else 10) and not src._tasks)
+            await until(lambda: len(subscriber.sizes) == (1 if chunk else 10) and not src._tasks)
         assert src.abandoned == (1 if chunk else 0) and src.errors == 0
 
 
@@ -400,7 +393,7 @@ class TestRecords:
     async def test_without_chunk_ids_are_unique(self, source: ForwardSource, memory: MemorySink) -> None:
         client = await Client.connect(source.port)
         await client.send(["app", [[T_NS // NS, {}], [T_NS // NS, {}]]])
-        await eventually(lambda: len(memory.events) == 2)
+        await until(lambda: len(memory.events) == 2)
         assert memory.events[0].id != memory.events[1].id
         await client.aclose()
 
@@ -686,7 +679,7 @@ class TestFailures:
     async def test_run_serves_until_closed(self, memory: MemorySink) -> None:
         src = ForwardSourceConfig(port=0).build(memory)
         runner = asyncio.create_task(src.run())
-        await eventually(lambda: src.port != 0)
+        await until(lambda: src.port != 0)
         assert await roundtrip(src, ["app", 1, {}, {"chunk": "r"}]) == [{"ack": "r"}]
         await src.aclose()
         await asyncio.wait_for(runner, 5)
@@ -703,7 +696,7 @@ class TestFluentLogger:
             assert await asyncio.to_thread(sender.emit_with_time, "web", 1_700_000_000.25, {"n": 2})
         finally:
             await asyncio.to_thread(sender.close)
-        await eventually(lambda: len(memory.events) == 2)
+        await until(lambda: len(memory.events) == 2)
         first, second = memory.events
         assert first["subject"] == "app.web" and first.json() == {"user": "u1", "latency": 1.5}
         assert before <= int(first.meta["fluentd-time"]) <= time.time_ns()
