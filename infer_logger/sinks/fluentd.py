@@ -37,7 +37,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgpack
 import orjson
@@ -169,7 +169,10 @@ class FluentdSinkConfig(SinkConfig):
         return FluentdSink(self)
 
 
-_Chunk = tuple[str, bytes]  # (chunk id, PackedForward frame)
+class _Frame(NamedTuple):
+    chunk: str  # its `chunk` option ("" without acks)
+    data: bytes  # the PackedForward frame
+    events: list[CloudEvent]  # what it carries: pending again until its ack came
 _WRITE_PIECE = 64 * 1024  # bytes written between looks at the receiver's progress
 _MAX_JSON_DEPTH = 254  # orjson writes no deeper (it reads 1024)
 
@@ -189,6 +192,8 @@ def _record(event: CloudEvent) -> dict[str, Any]:
             del record["data"]
             record["data_base64"] = base64.b64encode(raw).decode("ascii")
     return record
+
+
 def _split(entries: list[bytes], max_bytes: int, max_entries: int) -> list[list[bytes]]:
     """Packed entries in runs of at most `max_bytes` and `max_entries`; a bigger entry alone."""
     groups: list[list[bytes]] = []
@@ -230,48 +235,68 @@ class FluentdSink:
         except (ValueError, TypeError, OverflowError) as exc:  # no retry could pack it either
             raise RejectedError(f"fluentd sink: cannot pack the batch: {type(exc).__name__}: {exc}") from exc
         if frames:
-            await self._send(frames)
+            await self._send(frames, [event for event, _ in refused])
         self.records += len(events) - len(refused)
         if refused:
             event, reason = refused[0]
             raise RejectedError(f"fluentd sink: {len(refused)} event(s) cannot be packed, e.g. {event.id}: "
                                 f"{reason}", [event for event, _ in refused])
 
-    async def _send(self, frames: list[_Chunk]) -> None:
-        async with self._lock:
-            try:
-                writer = await self._connected()
-                await self._deliver(writer, frames)
-            except SinkError:
-                self._fail()
-                raise
-            except TimeoutError as exc:
-                self._fail()
-                silent = "took no bytes and acked nothing" if self.config.ack else "took no bytes"
-                raise SinkError(f"fluentd at {self.address}: {silent} for {self.config.timeout} s") from exc
-            except (OSError, ValueError, msgpack.UnpackException) as exc:
-                self._fail()
-                raise SinkError(f"fluentd at {self.address}: {type(exc).__name__}: {exc}") from exc
+    async def _send(self, frames: list[_Frame], unpacked: list[CloudEvent]) -> None:
+        """Send and, with acks, wait for each frame's. A failure names as `pending` the events of
+        the frames not acked (and `unpacked`, refused once the rest is through): acked frames are
+        not sent again."""
+        unacked = {frame.chunk for frame in frames}
+        try:
+            async with self._lock:
+                try:
+                    writer = await self._connected()
+                    await self._deliver(writer, frames, unacked)
+                except BaseException:  # also a cancel or a bug mid-frame: no half frame may stay
+                    self._fail()
+                    raise
+        except SinkError as exc:
+            exc.pending = self._pending(frames, unacked, unpacked)
+            raise
+        except TimeoutError as exc:
+            silent = "took no bytes and acked nothing" if self.config.ack else "took no bytes"
+            raise SinkError(f"fluentd at {self.address}: {silent} for {self.config.timeout} s",
+                            pending=self._pending(frames, unacked, unpacked)) from exc
+        except (OSError, ValueError, msgpack.UnpackException) as exc:
+            raise SinkError(f"fluentd at {self.address}: {type(exc).__name__}: {exc}",
+                            pending=self._pending(frames, unacked, unpacked)) from exc
         self.frames += len(frames)
 
-    def _frames(self, events: Sequence[CloudEvent]) -> tuple[list[_Chunk], list[tuple[CloudEvent, str]]]:
-        """(chunk id, PackedForward frame) per tag and max_frame_bytes, in the batch's order; and the
-        events that cannot be packed, with why (no retry could: they are dead-lettered)."""
-        by_tag: dict[str, list[bytes]] = {}
+    def _pending(self, frames: list[_Frame], unacked: set[str],
+                 unpacked: list[CloudEvent]) -> list[CloudEvent]:
+        if not self.config.ack:  # nothing tells what was taken: all of it again
+            return []
+        return [event for frame in frames if frame.chunk in unacked for event in frame.events] + unpacked
+
+    def _frames(self, events: Sequence[CloudEvent]) -> tuple[list[_Frame], list[tuple[CloudEvent, str]]]:
+        """The PackedForward frames per tag, max_frame_bytes and max_frame_events, in the batch's
+        order; and the events that cannot be packed, with why (no retry could: dead-lettered)."""
+        by_tag: dict[str, tuple[list[bytes], list[CloudEvent]]] = {}
         refused = []
         for event in events:
             try:
                 entry = self._packer.pack([event_time(event_ns(event)), _record(event)])
-                by_tag.setdefault(tag_for(event, self.config.tag_prefix), []).append(entry)
             except (ValueError, TypeError, OverflowError, struct.error) as exc:
                 refused.append((event, f"{type(exc).__name__}: {exc}"))
+                continue
+            entries, owners = by_tag.setdefault(tag_for(event, self.config.tag_prefix), ([], []))
+            entries.append(entry)
+            owners.append(event)
         frames = []
-        for tag, tagged in by_tag.items():
-            for group in _split(tagged, self.config.max_frame_bytes, self.config.max_frame_events):
-                frames.append(self._frame(tag, group))
+        for tag, (entries, owners) in by_tag.items():
+            start = 0
+            for group in _split(entries, self.config.max_frame_bytes, self.config.max_frame_events):
+                chunk, data = self._frame(tag, group)
+                frames.append(_Frame(chunk, data, owners[start:start + len(group)]))
+                start += len(group)
         return frames, refused
 
-    def _frame(self, tag: str, group: list[bytes]) -> _Chunk:
+    def _frame(self, tag: str, group: list[bytes]) -> tuple[str, bytes]:
         entries = b"".join(group)
         option: dict[str, Any] = {"size": len(group)}
         if self.config.compress:
@@ -307,7 +332,8 @@ class FluentdSink:
 
     async def _handshake(self, key: str) -> None:
         helo = await self._message()
-        if not (isinstance(helo, list) and len(helo) == 2 and helo[0] == "HELO" and isinstance(helo[1], dict)):
+        if not (isinstance(helo, list) and len(helo) == 2 and helo[0] == "HELO"
+                and isinstance(helo[1], dict)):
             raise SinkError(f"fluentd at {self.address} sent no HELO (is `<security>` configured there?)")
         nonce, auth_salt = as_bytes(helo[1].get("nonce", b"")), as_bytes(helo[1].get("auth", b""))
         salt = os.urandom(16).hex()  # a str: some servers only take str salts
@@ -324,27 +350,30 @@ class FluentdSink:
         if pong[4] != shared_key_digest(salt.encode(), str(pong[3]), nonce, key):
             raise SinkError(f"fluentd at {self.address} does not know our shared key (PONG digest differs)")
 
-    async def _deliver(self, writer: asyncio.StreamWriter, frames: list[_Chunk]) -> None:
-        """Write the frames and wait for their acks while the receiver makes progress: `timeout`
-        for the whole batch had a slow receiver's batch time out and sent again for ever."""
+    async def _deliver(self, writer: asyncio.StreamWriter, frames: list[_Frame], unacked: set[str]) -> None:
+        """Write the frames and wait for their acks (`unacked` loses each chunk acked) while the
+        receiver makes progress: `timeout` for the whole batch had a slow receiver's batch time
+        out and sent again for ever."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.config.timeout) as idle:
             def progress() -> None:
-                idle.reschedule(loop.time() + self.config.timeout)
+                if not idle.expired():  # progress in the deadline's own loop pass: it stands
+                    idle.reschedule(loop.time() + self.config.timeout)
 
             try:
                 # Acks are read while writing: unread, they could fill the socket and stop the receiver.
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._write(writer, frames, progress))
                     if self.config.ack:
-                        group.create_task(self._acks({chunk for chunk, _ in frames}, progress))
+                        group.create_task(self._acks(unacked, progress))
             except ExceptionGroup as failed:
                 raise failed.exceptions[0] from None
 
     @staticmethod
-    async def _write(writer: asyncio.StreamWriter, frames: list[_Chunk], progress: Callable[[], None]) -> None:
-        for _, frame in frames:
-            view = memoryview(frame)
+    async def _write(writer: asyncio.StreamWriter, frames: list[_Frame],
+                     progress: Callable[[], None]) -> None:
+        for frame in frames:
+            view = memoryview(frame.data)
             for start in range(0, len(view), _WRITE_PIECE):
                 writer.write(view[start:start + _WRITE_PIECE])
                 await writer.drain()  # returns once the socket took (nearly) all of it

@@ -320,6 +320,40 @@ class TestBehindTheWorker:
         spool.close()
 
 
+    async def test_a_failed_batch_sends_again_only_its_frames_not_acked(
+            self, memory: MemorySink, tmp_path: Path) -> None:
+        """Frames are acked one by one, yet a failure had every frame of the batch sent again:
+        the receiver got the acked ones twice."""
+
+        class RefusesOnce:
+            refused = False
+
+            async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+                if events[0].id == "e10" and not self.refused:  # the second frame, once
+                    self.refused = True
+                    raise SinkError("not now")
+                await memory.send_batch(events)
+
+            async def aclose(self) -> None:
+                pass
+
+        spool = DiskSpool(tmp_path / "spool")
+        async with ForwardSourceConfig(port=0).build(RefusesOnce()) as src:
+            sink = FluentdSinkConfig(port=src.port, timeout=2, max_frame_events=10).build()
+            d = Dispatcher(spool, {"fluentd": sink}, Metrics(spool), batch_size=30,
+                           backoff=Backoff(initial=0.01, maximum=0.1), deadletter_dir=tmp_path / "dead")
+            sent = [CloudEvent({**exchange(1)[0].attributes, "id": f"e{i}"}, b"1") for i in range(30)]
+            for event in sent:
+                spool.append(event)
+            d.start()
+            await until(lambda: d.workers[0].reader.lag() == 0)
+            await d.stop()
+            await sink.aclose()
+        assert sorted(e.id for e in memory.events) == sorted(e.id for e in sent)  # each once
+        assert d.metrics.retried.labels("fluentd")._value.get() == 1
+        spool.close()
+
+
 class TestSharedKey:
     """The client side of the handshake against the source's server side."""
 
