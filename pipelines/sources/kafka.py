@@ -131,7 +131,6 @@ class _Record:
     msg: Message
     event: CloudEvent | None  # None: dead-lettered, for `reason`
     reason: str = ""
-    taken: bool = False  # by the subscriber, in a try that failed for others (not sent again)
 
     @property
     def partition(self) -> PartitionKey:
@@ -216,7 +215,7 @@ class KafkaSource:
         while True:
             try:
                 if not delivered:
-                    await self._deliver([r for r in self._batch if r.event is not None and not r.taken])
+                    await self._deliver([r for r in self._batch if r.event is not None])
                     delivered = True
                 await self._dead_letter([r for r in self._batch if r.event is None])
                 return True
@@ -251,16 +250,6 @@ class KafkaSource:
                 # committed, so there is no record to dead-letter; said, never dropped silently.
                 log.error("kafka source %s: the subscriber refused %d events of earlier batches (committed, "
                           "not dead-lettered): %s; ids %s", self.address, len(strays), exc, ", ".join(strays[:10]))
-        except SinkError as exc:
-            if not exc.pending:
-                raise
-            # The subscriber took the others: only the pending ones go again.
-            pending = {id(e) for e in exc.pending}
-            for r in records:
-                if id(r.event) not in pending:
-                    r.taken = True
-            self.delivered += sum(1 for r in records if r.taken)
-            raise
         self.delivered += sum(1 for r in records if r.event is not None)
 
     async def _polling(self, work: Coroutine[Any, Any, None]) -> None:

@@ -159,26 +159,6 @@ class TestFailingSubscriber:
             await until(lambda: committed(kafka_bootstrap, group, topic) == [30], what="commit")
         assert [e.id for e in sink.events] == [f"id-{i}" for i in range(30)]
 
-    async def test_a_subscriber_that_took_part_gets_only_the_rest_again(self, kafka_bootstrap: str) -> None:
-        """A subscriber naming its pending events (SinkError.pending) had the whole batch again."""
-        topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
-        await publish(kafka_bootstrap, topic, [event(i) for i in range(30)])
-        sink, failures = MemorySink(), [2]
-
-        def take_even(batch: Sequence[CloudEvent]) -> Exception | None:
-            if not failures[0]:
-                return None
-            failures[0] -= 1
-            taken = [e for e in batch if int(e.id.split("-")[1]) % 2 == 0]
-            sink.events.extend(taken)
-            return SinkError("odd ones failed", pending=[e for e in batch if e not in taken])
-
-        sink.fail = take_even
-        async with running(source_config(kafka_bootstrap, topic, group).build(sink)) as source:
-            await until(lambda: committed(kafka_bootstrap, group, topic) == [30], what="commit")
-        assert sorted(e.id for e in sink.events) == sorted(f"id-{i}" for i in range(30))  # each once
-        assert source.delivered == 30
-
     async def test_stopped_while_failing_then_redelivered(self, kafka_bootstrap: str) -> None:
         topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
         await publish(kafka_bootstrap, topic, [event(i) for i in range(10)])
