@@ -269,8 +269,12 @@ class FluentdSink:
 
     def _pending(self, frames: list[_Frame], unacked: set[str],
                  unpacked: list[CloudEvent]) -> list[CloudEvent]:
+        """What a failed try sends again; the frames acked in it count as sent (once per try)."""
         if not self.config.ack:  # nothing tells what was taken: all of it again
             return []
+        taken = [frame for frame in frames if frame.chunk not in unacked]
+        self.frames += len(taken)  # counted now: they are not sent again
+        self.records += sum(len(frame.events) for frame in taken)
         return [event for frame in frames if frame.chunk in unacked for event in frame.events] + unpacked
 
     def _frames(self, events: Sequence[CloudEvent]) -> tuple[list[_Frame], list[tuple[CloudEvent, str]]]:

@@ -351,6 +351,7 @@ class TestBehindTheWorker:
             await sink.aclose()
         assert sorted(e.id for e in memory.events) == sorted(e.id for e in sent)  # each once
         assert d.metrics.retried.labels("fluentd")._value.get() == 1
+        assert (sink.records, sink.frames) == (30, 3)  # the frame acked in the failed try too
         spool.close()
 
 
