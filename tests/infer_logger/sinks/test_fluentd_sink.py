@@ -8,6 +8,7 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -276,6 +277,29 @@ class TestFailures:
         assert {e.id for e in memory.events} >= {"id-2"}
 
 
+def numbered(n: int) -> list[CloudEvent]:
+    return [CloudEvent({**exchange(1)[0].attributes, "id": f"e{i}"}, b"1") for i in range(n)]
+
+
+async def through_a_worker(tmp_path: Path, source: ForwardSourceConfig, subscriber: Any,
+                           sent: list[CloudEvent], *, batch_size: int, **sink: Any) -> tuple[Dispatcher, FluentdSink]:
+    """`sent` through a spool and a sink worker to a Forward source handing them to `subscriber`,
+    until the worker caught up; the dispatcher and the sink, stopped."""
+    spool = DiskSpool(tmp_path / "spool")
+    async with source.build(subscriber) as src:
+        fluentd = FluentdSinkConfig(port=src.port, **sink).build()
+        d = Dispatcher(spool, {"fluentd": fluentd}, Metrics(spool), batch_size=batch_size,
+                       backoff=Backoff(initial=0.01, maximum=0.1), deadletter_dir=tmp_path / "dead")
+        for event in sent:
+            spool.append(event)
+        d.start()
+        await until(lambda: d.workers[0].reader.lag() == 0)
+        await d.stop()
+        await fluentd.aclose()
+    spool.close()
+    return d, fluentd
+
+
 class TestBehindTheWorker:
     """The sink behind a real spool and worker, the source its receiver."""
 
@@ -304,21 +328,11 @@ class TestBehindTheWorker:
             self, memory: MemorySink, tmp_path: Path) -> None:
         """A batch the receiver took longer than `timeout` over timed out every time: the spool
         never moved and the receiver got the same events again and again."""
-        spool = DiskSpool(tmp_path / "spool")
-        async with ForwardSourceConfig(port=0, max_frame_entries=10).build(Slow(memory, 0.05)) as src:
-            sink = FluentdSinkConfig(port=src.port, timeout=0.5, max_frame_events=10).build()
-            d = Dispatcher(spool, {"fluentd": sink}, Metrics(spool), batch_size=200,
-                           backoff=Backoff(initial=0.01, maximum=0.1), deadletter_dir=tmp_path / "dead")
-            sent = [CloudEvent({**exchange(1)[0].attributes, "id": f"e{i}"}, b"1") for i in range(400)]
-            for event in sent:
-                spool.append(event)
-            d.start()
-            await until(lambda: d.workers[0].reader.lag() == 0)
-            await d.stop()
-            await sink.aclose()
+        sent = numbered(400)
+        d, _ = await through_a_worker(tmp_path, ForwardSourceConfig(port=0, max_frame_entries=10),
+                                      Slow(memory, 0.05), sent, batch_size=200, timeout=0.5,
+                                      max_frame_events=10)
         assert memory.events == sent and d.metrics.retried.labels("fluentd")._value.get() == 0
-        spool.close()
-
 
     async def test_a_failed_batch_sends_again_only_its_frames_not_acked(
             self, memory: MemorySink, tmp_path: Path) -> None:
@@ -337,22 +351,12 @@ class TestBehindTheWorker:
             async def aclose(self) -> None:
                 pass
 
-        spool = DiskSpool(tmp_path / "spool")
-        async with ForwardSourceConfig(port=0).build(RefusesOnce()) as src:
-            sink = FluentdSinkConfig(port=src.port, timeout=2, max_frame_events=10).build()
-            d = Dispatcher(spool, {"fluentd": sink}, Metrics(spool), batch_size=30,
-                           backoff=Backoff(initial=0.01, maximum=0.1), deadletter_dir=tmp_path / "dead")
-            sent = [CloudEvent({**exchange(1)[0].attributes, "id": f"e{i}"}, b"1") for i in range(30)]
-            for event in sent:
-                spool.append(event)
-            d.start()
-            await until(lambda: d.workers[0].reader.lag() == 0)
-            await d.stop()
-            await sink.aclose()
+        sent = numbered(30)
+        d, sink = await through_a_worker(tmp_path, ForwardSourceConfig(port=0), RefusesOnce(), sent,
+                                         batch_size=30, timeout=2, max_frame_events=10)
         assert sorted(e.id for e in memory.events) == sorted(e.id for e in sent)  # each once
         assert d.metrics.retried.labels("fluentd")._value.get() == 1
         assert (sink.records, sink.frames) == (30, 3)  # the frame acked in the failed try too
-        spool.close()
 
 
 class TestSharedKey:
