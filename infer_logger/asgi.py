@@ -36,11 +36,11 @@ class BodyTimeoutError(InferLoggerError):
 
 _JSON = (b"content-type", b"application/json")
 CLOSE = (b"connection", b"close")
+"""The header of a 408: the server (uvicorn) then closes the connection, the rest of the body unread."""
 READ_RATE_ALLOWANCE = float(1 << 20)
 """Bytes a second a request's read deadline allows on top of `request_read_timeout`: each MiB that
 arrived buys a second more, so a big upload on a slow link (256 MiB at 4 MB/s takes a minute) is
 not cut, while a client dribbling bytes gets no more than the timeout."""
-"""The header of a 408: the server (uvicorn) then closes the connection, the rest of the body unread."""
 
 
 class ClientGoneError(InferLoggerError):

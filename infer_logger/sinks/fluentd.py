@@ -173,6 +173,8 @@ class _Frame(NamedTuple):
     chunk: str  # its `chunk` option ("" without acks)
     data: bytes  # the PackedForward frame
     events: list[CloudEvent]  # what it carries: pending again until its ack came
+
+
 _WRITE_PIECE = 64 * 1024  # bytes written between looks at the receiver's progress
 _MAX_JSON_DEPTH = 254  # orjson writes no deeper (it reads 1024)
 
@@ -255,16 +257,17 @@ class FluentdSink:
                 except BaseException:  # also a cancel or a bug mid-frame: no half frame may stay
                     self._fail()
                     raise
-        except SinkError as exc:
-            exc.pending = self._pending(frames, unacked, unpacked)
-            raise
-        except TimeoutError as exc:
-            silent = "took no bytes and acked nothing" if self.config.ack else "took no bytes"
-            raise SinkError(f"fluentd at {self.address}: {silent} for {self.config.timeout} s",
-                            pending=self._pending(frames, unacked, unpacked)) from exc
-        except (OSError, ValueError, msgpack.UnpackException) as exc:
-            raise SinkError(f"fluentd at {self.address}: {type(exc).__name__}: {exc}",
-                            pending=self._pending(frames, unacked, unpacked)) from exc
+        except (SinkError, OSError, ValueError, msgpack.UnpackException) as exc:  # OSError: TimeoutError too
+            pending = self._pending(frames, unacked, unpacked)
+            if isinstance(exc, SinkError):
+                exc.pending = pending
+                raise
+            if isinstance(exc, TimeoutError):
+                silent = "took no bytes and acked nothing" if self.config.ack else "took no bytes"
+                reason = f"{silent} for {self.config.timeout} s"
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
+            raise SinkError(f"fluentd at {self.address}: {reason}", pending=pending) from exc
         self.frames += len(frames)
 
     def _pending(self, frames: list[_Frame], unacked: set[str],

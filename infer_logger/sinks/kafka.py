@@ -23,8 +23,9 @@ Failures: a record the broker refuses for good (too large, invalid topic) is rej
 dead-lettered by the worker; records the broker refused as one record batch for its size (a topic
 whose `max.message.bytes` is below librdkafka's batches) are refused together, and the worker sends
 them again in halves, so that only a record too large alone is dead-lettered. Anything else
-(broker down, timeouts, leader moves) fails the batch with `SinkError` and the worker retries it
-whole (at-least-once: a retry may duplicate).
+(broker down, timeouts, leader moves) fails the batch with `SinkError` naming as `pending` the
+records not acknowledged (and those never produced), which the worker retries (at-least-once: a
+report that matches no record has the whole batch retried, which may duplicate).
 When no broker is reachable, batches fail after `_DOWN_GRACE` rather than waiting out the
 delivery timeout: everything queued is purged, so that a retry does not duplicate it, and each
 purged record's report reaches its own batch as a failure. A fatal client error fails the
@@ -650,9 +651,9 @@ class KafkaSink:
         """Raise for what the batch did not deliver: RejectedError for records refused for good,
         else SinkError naming as `pending` the failed records and those never produced (from
         `stopped` on; one topic missing resent every other topic's records on each retry)."""
-        produced = len(events) if stopped is None else stopped
         if not refused and not failed and stopped is None:
             return
+        unsent = len(events) if stopped is None else stopped  # the first event never produced
         failures, unmatched = self._match_failures(events, failed)
         # The broker refuses a whole record batch for its size (a topic's max.message.bytes below
         # librdkafka's ~1 MB batches): several reports then say so, and each record may be taken
@@ -661,8 +662,8 @@ class KafkaSink:
         failures.update(refused)
         # A report that matches no event cannot be dead-lettered precisely: retrying is the safe answer.
         retryable = unmatched + [e for e in failures.values() if e.code() not in PERMANENT]
-        if retryable or produced < len(events):
-            pending = [] if unmatched else [e for i, e in enumerate(events) if i in failures or i >= produced]
+        if retryable or stopped is not None:
+            pending = [] if unmatched else [e for i, e in enumerate(events) if i in failures or i >= unsent]
             what = client.describe(retryable[0]) if retryable else "the local queue stayed full"
             raise SinkError(f"kafka {self.address}: {len(pending) or len(events)} of {len(events)} events not "
                             f"delivered: {what}", pending=pending)

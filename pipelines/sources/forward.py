@@ -355,7 +355,7 @@ class _Walk:
 
     def kind(self) -> str:
         """The next item's: 'array', 'map', 'raw' (str or bin) or 'other'."""
-        return _KINDS.get(self._frame[self._base + self._unpacker.tell()], "other")
+        return _KINDS.get(self._frame[self._pos], "other")
 
     def _header(self) -> tuple[int, int]:
         """The next array's, map's, str's or bin's header size and its length (items or bytes)."""
