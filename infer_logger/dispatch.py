@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from infer_logger.cloudevents.event import CloudEvent, attribute_text
+from infer_logger import deadletter
+from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.config import Settings
 from infer_logger.errors import RejectedError, SinkError
-from infer_logger.events import RawPayload, decode_data
 from infer_logger.metrics import Metrics
 from infer_logger.sinks.base import Sink
+from infer_logger.sinks.halving import Halving
 from infer_logger.spool import Position, SpoolReader, SpoolView
 
 log = logging.getLogger(__name__)
@@ -65,6 +64,7 @@ class SinkWorker:
         self.in_flight = in_flight
         self.linger = linger
         self.sink = sink
+        self._send = Halving(sink).send_batch
         self.reader = reader
         self.metrics = metrics
         self.batch_size = batch_size
@@ -149,26 +149,19 @@ class SinkWorker:
     async def _deliver(self, events: Sequence[CloudEvent]) -> bool:
         """Until the sink took or refused each event; False only when draining with it still failing.
 
-        Events refused together for their size (a batch POST answered 413) go again in halves, in
-        order, each retried on its own: only an event refused alone for its size is dead-lettered.
-        A failure that names its `pending` events retries only those.
+        Events refused together for their size (a batch POST answered 413) go again in halves
+        (`Halving`): only an event refused alone for its size is dead-lettered. A failure that
+        names its `pending` events retries only those.
         """
         attempt = 0
         while True:
             started = time.perf_counter()
             try:
-                await self.sink.send_batch(events)
+                await self._send(events)
             except RejectedError as exc:
-                refused = exc.events or list(events)
-                # Only what was refused goes again; the halves shrink, so this ends at single events.
-                if exc.too_large and exc.together and 1 < len(refused) <= len(events):
-                    self.metrics.delivered.labels(self.name).inc(len(events) - len(refused))
-                    log.debug("sink %s: %d events refused together for their size: sent in halves",
-                              self.name, len(refused))
-                    half = len(refused) // 2
-                    return await self._deliver(refused[:half]) and await self._deliver(refused[half:])
+                refused = exc.refusals(events)
                 try:
-                    self._dead_letter(refused, str(exc))
+                    self._dead_letter(refused)
                 except Exception as error:
                     # Not written down anywhere yet: the batch stays uncommitted and is tried again.
                     failure: Exception = SinkError(f"cannot write dead letters to {self.deadletter}: {error}")
@@ -198,27 +191,12 @@ class SinkWorker:
                 log.warning("sink %s: %s; retry %d in %.2fs", self.name, failure, attempt, delay)
             await asyncio.sleep(delay)
 
-    def _dead_letter(self, events: Sequence[CloudEvent], reason: str) -> None:
+    def _dead_letter(self, refused: Sequence[tuple[CloudEvent, str]]) -> None:
         """Append the refused events to the sink's dead-letter file (OSError: nothing counted)."""
         if self.deadletter is not None:
-            lines = b"".join(_dead_letter_line(event, reason) for event in events)
-            self.deadletter.parent.mkdir(parents=True, exist_ok=True)
-            with self.deadletter.open("ab") as fh:
-                fh.write(lines)
-        self.metrics.drop("rejected", len(events))
-        log.error("sink %s refused %d events: %s", self.name, len(events), reason)
-
-
-def _dead_letter_line(event: CloudEvent, reason: str) -> bytes:
-    """One dead-letter record. A refused event is often one no encoder takes (JSON nested past
-    orjson's 254 levels or Python's recursion limit): then its data is kept as base64 and its
-    attributes as text, so that the record is always written."""
-    try:
-        return orjson.dumps({"reason": reason, "attributes": event.attributes, "data": decode_data(event)}) + b"\n"
-    except (TypeError, ValueError, RecursionError):
-        data = None if event.data is None else RawPayload.of(event.data)
-        attributes = {name: attribute_text(value) for name, value in event.attributes.items()}
-        return orjson.dumps({"reason": reason, "attributes": attributes, "data": data}) + b"\n"
+            deadletter.append(self.deadletter, refused)
+        self.metrics.drop("rejected", len(refused))
+        log.error("sink %s refused %d events: %s", self.name, len(refused), refused[0][1])
 
 
 def build_sinks(settings: Settings) -> dict[str, Sink]:

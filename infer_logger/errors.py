@@ -85,8 +85,17 @@ class RejectedError(SinkError):
     """
 
     def __init__(self, message: str, events: Sequence[CloudEvent] = (), *, too_large: bool = False,
-                 together: bool = False) -> None:
+                 together: bool = False, reasons: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.events = list(events)
         self.too_large = too_large
         self.together = together
+        self.reasons = list(reasons)
+        """Each event's own reason, when they differ (refusals gathered from several sends)."""
+
+    def refusals(self, batch: Sequence[CloudEvent]) -> list[tuple[CloudEvent, str]]:
+        """The refused events of `batch` (what was sent) with the reason for each."""
+        refused = self.events or list(batch)
+        if len(self.reasons) == len(refused):
+            return list(zip(refused, self.reasons, strict=True))
+        return [(event, str(self)) for event in refused]

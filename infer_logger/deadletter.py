@@ -1,0 +1,41 @@
+"""Dead-letter files: events refused for good, one JSON line each with the reason.
+
+The sink workers write one per sink (`<spool>/deadletter/<sink>.jsonl`); sources that have no
+one to hand a refused event back to (the `forward` source) write their own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from infer_logger.cloudevents.event import CloudEvent, attribute_text
+from infer_logger.events import RawPayload, decode_data
+
+
+def line(event: CloudEvent, reason: str) -> bytes:
+    """One dead-letter record. A refused event is often one no encoder takes (JSON nested past
+    orjson's 254 levels or Python's recursion limit): then its data is kept as base64 and its
+    attributes as text, so that the record is always written."""
+    try:
+        record = {"reason": reason, "attributes": event.attributes, "data": decode_data(event)}
+        return orjson.dumps(record) + b"\n"
+    except (TypeError, ValueError, RecursionError):
+        data = None if event.data is None else RawPayload.of(event.data)
+        attributes = {name: attribute_text(value) for name, value in event.attributes.items()}
+        return orjson.dumps({"reason": reason, "attributes": attributes, "data": data}) + b"\n"
+
+
+def append(path: Path, refused: Sequence[tuple[CloudEvent, str]], *, fsync: bool = False) -> None:
+    """Append a record of each (event, reason) to `path` (OSError when it cannot be written);
+    `fsync` before returning when what comes next forgets them elsewhere (an ack to a sender)."""
+    lines = b"".join(line(event, reason) for event, reason in refused)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab") as fh:
+        fh.write(lines)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
