@@ -37,6 +37,7 @@ from infer_logger.cloudevents.kafka import KafkaMessage, from_kafka
 from infer_logger.dispatch import Backoff
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.sinks.base import Sink
+from infer_logger.sinks.halving import Halving
 from infer_logger.sinks.kafka import CLIENT, NO_CLIENT, ClientValue, client_logger
 from pipelines.sources.base import SourceConfig
 
@@ -141,6 +142,7 @@ class KafkaSource:
     def __init__(self, config: KafkaSourceConfig, subscriber: Sink) -> None:
         self.config = config
         self.subscriber = subscriber
+        self._send = Halving(subscriber).send_batch  # batches refused together for their size go in halves
         self.address = config.bootstrap_servers
         self.assignment: frozenset[PartitionKey] = frozenset()
         """Partitions this consumer owns now."""
@@ -237,14 +239,15 @@ class KafkaSource:
     async def _deliver(self, records: list[_Record]) -> None:
         if not records:
             return
+        sent = [cast(CloudEvent, r.event) for r in records]
         try:
-            await self._polling(self.subscriber.send_batch([cast(CloudEvent, r.event) for r in records]))
+            await self._polling(self._send(sent))
         except RejectedError as exc:
-            refused = {id(e) for e in exc.events}
-            batch = {id(r.event) for r in records}
+            why = {id(e): reason for e, reason in exc.refusals(sent)}
+            batch = {id(e) for e in sent}
             for r in records:
-                if not refused or id(r.event) in refused:
-                    r.event, r.reason = None, f"refused by the subscriber: {exc}"
+                if id(r.event) in why:
+                    r.event, r.reason = None, f"refused by the subscriber: {why[id(r.event)]}"
             if strays := [e.id for e in exc.events if id(e) not in batch]:
                 # Events of earlier batches (a joining subscriber's cache): their records are
                 # committed, so there is no record to dead-letter; said, never dropped silently.

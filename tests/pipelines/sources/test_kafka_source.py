@@ -21,8 +21,10 @@ from pydantic import ValidationError
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.events import EXPLANATION, REQUEST, RESPONSE
+from infer_logger.sinks.http import HttpSinkConfig
 from infer_logger.sinks.kafka import KafkaSinkConfig
 from infer_logger.sinks.memory import MemorySink
+from infer_logger.testing import EventCollector
 from pipelines.sources import Source
 from pipelines.sources.kafka import (
     DROPPED_HEADER,
@@ -262,6 +264,25 @@ class TestDeadLetters:
         assert lines[0]["key"] == "id-1" and lines[0]["topic"] == topic
         assert [e.id for e in sink.events] == ["id-0", "id-2"]
 
+
+    async def test_a_batch_refused_for_its_size_goes_in_halves(self, kafka_bootstrap: str, tmp_path: Path) -> None:
+        """A subscriber's batch POST answered 413 (a receiver's request limit) had every event of
+        the batch dead-lettered, though each fitted: only the event too large alone is."""
+        topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+        padded = [CloudEvent(e.attributes, b'"%s"' % (b"x" * (50_000 if i == 25 else 2000)))
+                  for i, e in enumerate(map(event, range(60)))]
+        await publish(kafka_bootstrap, topic, padded)
+        path = tmp_path / "dead.jsonl"
+        with EventCollector() as receiver:
+            receiver.max_body = 40_000
+            sink = HttpSinkConfig(url=receiver.url, mode="batch").build()
+            source = source_config(kafka_bootstrap, topic, group, dead_letter_file=path).build(sink)
+            async with running(source):
+                await until(lambda: committed(kafka_bootstrap, group, topic) == [60], what="commit")
+            await sink.aclose()
+            assert [e.id for e in receiver.events] == [f"id-{i}" for i in range(60) if i != 25]
+        (line,) = (orjson.loads(line) for line in path.read_bytes().splitlines())
+        assert line["key"] == "id-25" and "413" in line["reason"] and source.dead_lettered == 1
 
 class Picky(MemorySink):
     """Takes every event but one, which it refuses for good (RejectedError names it)."""
