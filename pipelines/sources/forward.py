@@ -13,9 +13,12 @@ and one batch of events, not all of them decoded (a Forward-mode array's entries
 frame's bytes, a PackedForward bin's unpacked, and inflated, as they go). A `chunk` option is acked
 (`{"ack": chunk}`) only after the last batch's `send_batch` returned, so a client with
 `require_ack_response` resends what the subscriber did not take: the whole chunk, so the batches
-before a refused or bad one are delivered again (at-least-once; a chunk's record ids stay the same,
+before a failed or bad one are delivered again (at-least-once; a chunk's record ids stay the same,
 see below). A frame that does not parse or is over `max_frame_bytes`, a failed handshake or a
-refused batch closes that connection (logged, counted in `errors`); other connections go on. A chunk
+batch the subscriber failed to take closes that connection (logged, counted in `errors`); other
+connections go on. Events the subscriber refuses for good (`RejectedError`, after a batch refused
+together for its size went again in halves) are dead-lettered to `dead_letter_file`, or logged,
+and the chunk is acked: resent, they would only be refused again. A chunk
 whose sender went away is not handed on further (counted in `abandoned`): it can no longer be
 acked, and the sender sends it again.
 
@@ -43,16 +46,18 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Self
 
 import msgpack
 import orjson
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from infer_logger import deadletter
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 from infer_logger.cloudevents.json_format import from_dict
 from infer_logger.cloudevents.validation import percent_escaped, source_setting, validate
-from infer_logger.errors import InvalidEventError
+from infer_logger.errors import InvalidEventError, RejectedError
 from infer_logger.sinks.base import Sink
 from infer_logger.sinks.fluentd import (
     as_bytes,
@@ -60,6 +65,7 @@ from infer_logger.sinks.fluentd import (
     shared_key_digest,
     time_ns,
 )
+from infer_logger.sinks.halving import Halving
 from pipelines.sources.base import SourceConfig
 
 log = logging.getLogger(__name__)
@@ -101,6 +107,10 @@ class ForwardSourceConfig(SourceConfig):
     source_uri: str | None = None
     """Their `source`, a URI reference; default `fluent-forward://<host>:<port>` (an IPv6 host in
     brackets)."""
+    dead_letter_file: Path | None = None
+    """Events the subscriber refuses for good are appended here as JSON lines with the reason
+    (written before the chunk is acked); without it they are logged with their ids. Counted in
+    `refused` either way."""
 
     @field_validator("source_uri")
     @classmethod
@@ -645,6 +655,7 @@ class ForwardSource:
     def __init__(self, config: ForwardSourceConfig, subscriber: Sink) -> None:
         self.config = config
         self.subscriber = subscriber
+        self._send = Halving(subscriber).send_batch  # batches refused together for their size go in halves
         self.port = config.port  # the bound one after start()
         self.connections = 0
         self.frames = 0
@@ -654,6 +665,7 @@ class ForwardSource:
         self.abandoned = 0  # frames left part-taken: their sender was gone (it sends them again)
         self.auth_failures = 0
         self.invalid_events = 0  # CloudEvent-looking records that failed validation (kept as records)
+        self.refused = 0  # events the subscriber refused for good (dead-lettered or logged)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -762,17 +774,36 @@ class ForwardSource:
                 raise ConnectionResetError("the sender went away mid-frame")
             if events:
                 try:
-                    await self.subscriber.send_batch(events)
+                    await self._send(events)
+                    taken = len(events)
+                except RejectedError as exc:
+                    # Refused for good: sent again they would be refused again, and the sender
+                    # would resend the chunk for ever. Written down, the rest of it is acked.
+                    refused = exc.refusals(events)
+                    try:
+                        self._dead_letter(refused)
+                    except OSError as error:
+                        raise _Refused() from error
+                    taken = len(events) - len(refused)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     raise _Refused() from exc
-                self.records += len(events)
+                self.records += taken
             await asyncio.sleep(0)  # a frame of many batches lets other connections in between
         if frame.chunk is not None:
             writer.write(self._packer.pack({"ack": frame.chunk}))
             await writer.drain()
             self.acks += 1
+
+    def _dead_letter(self, refused: list[tuple[CloudEvent, str]]) -> None:
+        path = self.config.dead_letter_file
+        if path is not None:
+            deadletter.append(path, refused, fsync=True)  # on disk before the ack forgets them
+        self.refused += len(refused)
+        log.error("forward source: the subscriber refused %d events%s: %s; ids %s", len(refused),
+                  f" (dead-lettered to {path})" if path else "", refused[0][1],
+                  ", ".join(e.id for e, _ in refused[:10]))
 
     def batches(self, frame: Frame) -> Iterator[list[CloudEvent]]:
         """The frame's records as CloudEvents (see the module docstring), `max_frame_entries` at a

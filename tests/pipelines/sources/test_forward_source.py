@@ -12,6 +12,7 @@ import struct
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -23,8 +24,10 @@ from pydantic import ValidationError
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.json_format import to_dict
 from infer_logger.cloudevents.validation import validate
-from infer_logger.errors import SinkError
+from infer_logger.errors import RejectedError, SinkError
+from infer_logger.sinks.http import HttpSinkConfig
 from infer_logger.sinks.memory import MemorySink, failing
+from infer_logger.testing import EventCollector
 from pipelines.sources.forward import (
     ForwardSource,
     ForwardSourceConfig,
@@ -683,6 +686,46 @@ class TestFailures:
         assert await roundtrip(src, ["app", 1, {}, {"chunk": "r"}]) == [{"ack": "r"}]
         await src.aclose()
         await asyncio.wait_for(runner, 5)
+
+
+class TestRefusedForGood:
+    """Events the subscriber refuses for good are dead-lettered and the chunk acked: resent, the
+    chunk was refused again, for ever (the sender stuck on it, the records behind the refused one
+    never delivered). A batch refused together for its size goes in halves first."""
+
+    async def test_a_batch_refused_for_its_size_goes_in_halves(self, tmp_path: Path) -> None:
+        dead = tmp_path / "dead" / "forward.jsonl"
+        records = [[1, {"i": i, "pad": "x" * (50_000 if i == 25 else 2000)}] for i in range(60)]
+        with EventCollector() as receiver:
+            receiver.max_body = 40_000  # a receiver's request limit: the batch POST answered 413
+            sink = HttpSinkConfig(url=receiver.url, mode="batch").build()
+            async with ForwardSourceConfig(port=0, dead_letter_file=dead).build(sink) as src:
+                assert await roundtrip(src, ["app", records, {"chunk": "c"}]) == [{"ack": "c"}]
+                assert (src.records, src.refused, src.errors) == (59, 1, 0)
+            await sink.aclose()
+            assert [e.id for e in receiver.events] == [f"c-{i}" for i in range(60) if i != 25]  # in order, once
+        (line,) = dead.read_bytes().splitlines()
+        assert orjson.loads(line)["attributes"]["id"] == "c-25" and "413" in orjson.loads(line)["reason"]
+
+    async def test_without_a_dead_letter_file_they_are_logged(
+            self, memory: MemorySink, caplog: pytest.LogCaptureFixture) -> None:
+        memory.fail = lambda batch: RejectedError("invalid for the receiver", [e for e in batch if e.id == "c-1"])
+        memory.events.clear()
+        async with ForwardSourceConfig(port=0).build(memory) as src:
+            frame = ["app", [[1, {"i": i}] for i in range(3)], {"chunk": "c"}]
+            assert await roundtrip(src, frame) == [{"ack": "c"}]
+            assert (src.records, src.refused, src.acks) == (2, 1, 1)
+        assert "refused 1 events: invalid for the receiver; ids c-1" in caplog.text
+
+    async def test_a_dead_letter_file_that_cannot_be_written_is_not_acked(
+            self, memory: MemorySink, tmp_path: Path) -> None:
+        memory.fail = lambda batch: RejectedError("no")
+        (tmp_path / "file").write_text("")
+        async with ForwardSourceConfig(port=0, dead_letter_file=tmp_path / "file" / "dead.jsonl").build(memory) as src:
+            client = await Client.connect(src.port)
+            await client.send(["app", 1, {}, {"chunk": "c"}])
+            assert await client.closed()  # the sender sends it again
+            assert (src.acks, src.refused, src.errors) == (0, 0, 1)
 
 
 class TestFluentLogger:
