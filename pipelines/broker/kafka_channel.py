@@ -26,6 +26,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import RejectedError
+from infer_logger.sinks.halving import Halving
 from infer_logger.sinks.kafka import KafkaSinkConfig, client_logger
 from pipelines.broker.channel import ChannelError, Handler, RefusedError
 from pipelines.broker.settings import KafkaChannelSettings
@@ -51,9 +52,10 @@ class KafkaChannel:
         self.topic = settings.topic(namespace, name)
         self.batch_size = batch_size
         self.ready = False
-        self._sink = KafkaSinkConfig(
+        # Records refused as one record batch for its size (a topic's max.message.bytes) go in halves.
+        self._sink = Halving(KafkaSinkConfig(
             bootstrap_servers=settings.bootstrap_servers, topic=self.topic, linger_ms=1, config=dict(settings.config)
-        ).build()
+        ).build())
         self._pending: list[tuple[Sequence[CloudEvent], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._sources: dict[str, tuple[KafkaSource, asyncio.Task[None]]] = {}

@@ -11,8 +11,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from infer_logger.cloudevents.json_format import to_dict
 from pipelines.broker import Broker
 from pipelines.broker.kafka_channel import KafkaChannel
 from tests.services import NoidaServer
@@ -153,6 +156,30 @@ async def test_an_event_kafka_refuses_for_good_is_413_and_others_go_on(
         await broker.shutdown()
     assert received.id == "after"
 
+
+
+async def test_events_refused_as_one_record_batch_are_taken_in_halves(
+        tmp_path: Path, kafka_settings: dict[str, Any], subscriber: Subscriber) -> None:
+    """A channel topic's max.message.bytes of 100 KB (a standard topic setting): librdkafka packed
+    a batch POST's 30 KB events into one record batch, Kafka refused it whole, and the ingress
+    answered 413 for events each of which fits."""
+    topic = f"knative-broker-default-{kafka_settings['name']}"
+    admin = AdminClient({"bootstrap.servers": kafka_settings["kafka"]["bootstrap_servers"]})
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1,
+                                  config={"max.message.bytes": "100000"})])[topic].result(10)
+    broker = Broker(settings(tmp_path, **kafka_settings),
+                    triggers=f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
+    await broker.startup()
+    try:
+        batch = [to_dict(event(f"b{i}", data=b'"' + b"x" * 30_000 + b'"')) for i in range(10)]
+        async with client(broker) as c:
+            response = await c.post("/", content=orjson.dumps(batch),
+                                     headers={"content-type": "application/cloudevents-batch+json"})
+            assert response.status_code == 202, response.text
+        received = await asyncio.to_thread(subscriber.wait_for, 10, 30)
+    finally:
+        await broker.shutdown()
+    assert sorted(e.id for e in received) == sorted(f"b{i}" for i in range(10))
 
 async def test_kafka_down_is_503_then_back(tmp_path: Path, subscriber: Subscriber) -> None:
     """Kafka gone: the ingress answers 503 naming it, soon (no 30 s hang), and takes events again,
