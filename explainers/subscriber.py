@@ -52,6 +52,7 @@ from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import InvalidEventError, RejectedError, SinkError
 from infer_logger.sinks.base import Sink, SinkConfig
+from infer_logger.sinks.halving import Halving
 
 log = logging.getLogger(__name__)
 _COPIED = (events.MODELNAME, events.MODELVERSION, events.INFERENCESERVICENAME, events.NAMESPACE)
@@ -200,6 +201,9 @@ class ExplainSubscriber:
         self.service = service
         self.settings = s = settings or service.settings.subscriber
         self.reply_to = reply_to
+        # Replies refused together for their size (a batch POST answered 413) go in halves here:
+        # a caller halving its own batch would hand the replies back in as its events.
+        self._reply = None if reply_to is None else Halving(reply_to)
         self.cache = EventCache(s.cache_size, s.cache_ttl)
         self._settled = _Settled(s.cache_size, s.cache_ttl)
         self._running: dict[str, asyncio.Task[_Result]] = {}
@@ -306,7 +310,7 @@ class ExplainSubscriber:
 
     async def send_batch(self, batch: Sequence[CloudEvent]) -> None:
         """Explain what a batch completes and send the explanations to `reply_to`."""
-        if self.reply_to is None:
+        if self._reply is None:
             raise RejectedError("an ExplainSubscriber used as a sink needs `reply_to`")
         results = await asyncio.gather(*(self._handle(e) for e in batch), return_exceptions=True)
         done = [r for r in results if not isinstance(r, BaseException)]
@@ -314,7 +318,7 @@ class ExplainSubscriber:
         if replies:
             # When `reply_to` fails, the caller retries the batch: the cached halves must still be
             # there for it (dropped before, the retry cached the events as first halves: lost).
-            await self.reply_to.send_batch(replies)
+            await self._reply.send_batch(replies)
         self._delivered(done)
         failures = [r for r in results if isinstance(r, BaseException)]
         retryable = [f for f in failures if not isinstance(f, RejectedError)]

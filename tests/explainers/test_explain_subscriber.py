@@ -21,8 +21,10 @@ from infer_logger import binary_tensors, events
 from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import RejectedError, SinkError
+from infer_logger.sinks.http import HttpSinkConfig
 from infer_logger.sinks.memory import MemorySink
 from infer_logger.store import AuditStore
+from infer_logger.testing import EventCollector
 from tests.explainers.conftest import serve, settings
 from tests.explainers.models import estimator
 from tests.servers import Process
@@ -231,6 +233,21 @@ class TestFailures:
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=out)
         await sub.send_batch([*exchange("s-1"), *exchange("s-2")])
         assert sorted(e.id for e in out.events) == ["s-1", "s-2"]
+
+    async def test_replies_refused_together_for_their_size_go_in_halves(self, service: ExplainerService) -> None:
+        """`reply_to` a batch POST answered 413: the refusal reached the caller, whose own halving
+        handed the explanations back in as its events."""
+        out = MemorySink()
+        sizing = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=out)
+        await sizing.send_batch([*exchange("z-1")])
+        one = len(ce_http.to_batch(out.events)[1])
+        with EventCollector() as receiver:
+            receiver.max_body = one * 3 // 2  # one explanation per POST fits, two do not
+            sink = HttpSinkConfig(url=receiver.url, mode="batch").build()
+            sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=sink)
+            await sub.send_batch([e for i in range(4) for e in exchange(f"z-{i}")])
+            await sink.aclose()
+            assert sorted(e.id for e in receiver.events) == [f"z-{i}" for i in range(4)]
 
 
 class TestHttpEndpoint:
