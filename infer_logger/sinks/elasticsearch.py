@@ -14,9 +14,10 @@ overwrites. Per-item results decide what happens next:
 
 Failures of the whole request (connection refused, timeouts, auth, 5xx) raise `SinkError`: they
 are never the events' fault. A `_bulk` answered 413 (larger than a front such as nginx, or the
-cluster's `http.max_content_length`, takes) raises `RejectedError` refused together for their size,
-with its events and those not yet taken: the worker sends them again in halves, and dead-letters
-an event whose own documents are too large.
+cluster's `http.max_content_length`, takes) goes again in halves, down to single documents, and
+the sink's bulks stay at most half that size from then on: only an event with a document too
+large alone is refused (`RejectedError`, too large), even when its many instances' documents
+together are over the limit.
 
 Before its first write the sink creates its index template when
 missing (never replacing one, see `infer_logger.elasticsearch_template`): a 429 or 5xx to that (a cluster still starting) is a `SinkError` too, and the template is
@@ -31,7 +32,7 @@ import asyncio
 import logging
 import re
 import string
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -106,7 +107,7 @@ class ElasticsearchSinkConfig(SinkConfig):
     max_bulk_bytes: ByteSize = ByteSize(8 << 20)
     """A batch larger than this goes in several `_bulk` requests: below what the cluster
     (`http.max_content_length`) and any front before it take, since a `_bulk` answered 413 is sent
-    again in halves."""
+    again in halves (and the sink's bulks stay at most half its size from then on)."""
     install_template: bool = True
     """Create the index template before the first write when it is missing (never replaces one)."""
     template_name: str = TEMPLATE_NAME
@@ -284,37 +285,32 @@ class ElasticsearchSink:
         self.client = client or config.client()
         self.index = IndexNamer(config.index)
         self._template_checked = not config.install_template
+        self._bulk_bytes = int(config.max_bulk_bytes)  # lowered by each 413
         # Request instance counts by id, so a response with fewer items (an error) still marks
         # every instance; the spool orders a request before its response.
         self._counts: dict[str, int] = {}
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
-        rejected: dict[int, str] = {}
+        rejected: dict[int, str] = {}  # by the event's position: why it was refused
+        too_large: set[int] = set()  # those refused for a document's size
         # Counted before the first await: a batch sent meanwhile (in flight beside this one) may
         # hold the responses of requests in this one, and must know how many instances to mark.
         self._count_requests(events)
         # Encoded as the chunks go out: a batch's documents are never all in memory at once.
         ops: Iterable[_Op] = self._ops(events, rejected)
-        again: list[_Op] = []  # the operations sent again, after the first attempt
         delay = self.config.retry_delay
         for attempt in range(1, self.config.max_attempts + 1):
             retry: list[tuple[_Op, int]] = []
-            answered = 0  # operations of this attempt in the chunks answered so far
-            for chunk in _chunks(ops, int(self.config.max_bulk_bytes)):
+            for chunk in _chunks(ops, lambda: self._bulk_bytes):
                 if not self._template_checked:
                     await self._ensure_template()
-                try:
-                    items = await self._bulk(chunk)
-                except RejectedError as exc:  # 413: the chunks before were taken, this one and the rest not
-                    # The first attempt goes through the events in order; a later one through `again`.
-                    rest = (range(chunk[0].event, len(events)) if attempt == 1
-                            else {op.event for op in again[answered:]})
-                    # Refused ones too: those left out of the error would count as taken.
-                    left = sorted({*rest, *(op.event for op, _ in retry), *rejected})
-                    raise RejectedError(str(exc), [events[i] for i in left], too_large=True,
-                                        together=True) from None
-                answered += len(chunk)
-                for op, item in zip(chunk, items):
+                for op, item in zip(chunk, await self._bulk_fitting(chunk)):
+                    if item is None:
+                        if op.event not in rejected:
+                            too_large.add(op.event)
+                            rejected[op.event] = (f"elasticsearch at {self.config.where} answered 413 to a "
+                                                  f"document of {len(op.lines)} bytes alone")
+                        continue
                     status = int(item.get("status", 500))
                     if status < 300:
                         continue
@@ -330,15 +326,18 @@ class ElasticsearchSink:
                     f"elasticsearch at {self.config.where} answered {statuses} to {len(retry)} documents "
                     f"after {attempt} attempts"
                 )
-            ops = again = [op for op, _ in retry]
+            ops = [op for op, _ in retry]
             await asyncio.sleep(delay)
             delay *= 2
         if rejected:
             more = f" (and {len(rejected) - 1} more)" if len(rejected) > 1 else ""
+            order = sorted(rejected)
             raise RejectedError(
                 f"elasticsearch at {self.config.where} refused {len(rejected)} events: "
-                f"{rejected[min(rejected)]}{more}",
-                [events[i] for i in sorted(rejected)],
+                f"{rejected[order[0]]}{more}",
+                [events[i] for i in order],
+                too_large=all(i in too_large for i in order),
+                reasons=[rejected[i] for i in order],
             )
 
     def _ops(self, batch: Sequence[CloudEvent], rejected: dict[int, str]) -> Iterator[_Op]:
@@ -381,6 +380,29 @@ class ElasticsearchSink:
         self._counts[event_id] = count
         if len(self._counts) > _COUNTS_KEPT:
             del self._counts[next(iter(self._counts))]  # the oldest
+
+    async def _bulk_fitting(self, chunk: list[_Op]) -> list[Mapping[str, Any] | None]:
+        """The chunk's item results; a chunk answered 413 goes again in smaller pieces (None: a
+        document refused alone for its size). Each 413 lowers the sink's bulk size, to half the
+        refused bulk's (below a document refused alone), for the pieces and all that follows: a
+        front's limit costs a few refusals, not some for every batch."""
+        try:
+            return list(await self._bulk(chunk))
+        except RejectedError as exc:
+            if not exc.too_large:
+                raise
+            size = sum(len(op.lines) for op in chunk)
+            lower = size - 1 if len(chunk) == 1 else size // 2
+            if lower < self._bulk_bytes:
+                self._bulk_bytes = max(lower, 1)
+                log.warning("%s; sending bulks of at most %d bytes from now on", exc, self._bulk_bytes)
+            if len(chunk) == 1:
+                return [None]
+            # Cut as they go: once a first piece found the limit, the next ones are cut below it.
+            items: list[Mapping[str, Any] | None] = []
+            for piece in _chunks(chunk, lambda: self._bulk_bytes):
+                items += await self._bulk_fitting(piece)
+            return items
 
     async def _bulk(self, chunk: Sequence[_Op]) -> list[Mapping[str, Any]]:
         """The chunk's item results; RejectedError (no events named) when it is too large to be taken."""
@@ -467,12 +489,12 @@ def _update(index: str, doc_id: str, doc: Mapping[str, Any]) -> bytes:
     return orjson.dumps(action) + b"\n" + orjson.dumps({"doc": doc, "doc_as_upsert": True}) + b"\n"
 
 
-def _chunks(ops: Iterable[_Op], limit: int) -> Iterator[list[_Op]]:
-    """`ops` in lists of up to `limit` bytes (or one larger op), taken from `ops` as needed."""
+def _chunks(ops: Iterable[_Op], limit: Callable[[], int]) -> Iterator[list[_Op]]:
+    """`ops` in lists of up to `limit()` bytes (or one larger op), taken from `ops` as needed."""
     chunk: list[_Op] = []
     size = 0
     for op in ops:
-        if chunk and size + len(op.lines) > limit:
+        if chunk and size + len(op.lines) > limit():
             yield chunk
             chunk, size = [], 0
         chunk.append(op)

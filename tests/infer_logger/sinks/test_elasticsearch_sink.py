@@ -777,6 +777,8 @@ class TestWorker:
         service = unique()
         batch = [request(f"e{i}", service, {"instances": [["x" * 60_000]]}) for i in range(30)]
         batch.insert(20, request("huge", service, {"instances": [["x" * 300_000]]}))
+        # Its documents together are over the front's limit, each is not: it was dead-lettered.
+        batch.insert(10, request("many", service, {"instances": [["y" * 20_000]] * 40}))
         spool = DiskSpool(tmp_path / "spool")
         for event in batch:
             spool.append(event)
@@ -793,9 +795,12 @@ class TestWorker:
         (line,) = (tmp_path / "dead" / "es.jsonl").read_bytes().splitlines()
         dead = orjson.loads(line)
         assert dead["attributes"]["id"] == "huge" and "answered 413" in dead["reason"]
-        assert front.too_large and front.taken == {f"e{i}-0": 1 for i in range(30)}
-        assert sorted(docs(es, service)) == sorted(f"e{i}-0" for i in range(30))
-        assert d.metrics.delivered.labels("es")._value.get() == 30 and spool.stats.dropped["rejected"] == 1
+        many = {f"many-{i}" for i in range(40)}
+        assert front.taken == {f"e{i}-0": 1 for i in range(30)} | dict.fromkeys(many, 1)
+        assert sorted(docs(es, service)) == sorted({f"e{i}-0" for i in range(30)} | many)
+        assert d.metrics.delivered.labels("es")._value.get() == 31 and spool.stats.dropped["rejected"] == 1
+        # The sink's bulks shrank below the limit: refusals for the first bulks only, not for each.
+        assert 0 < front.too_large <= 6
 
     @pytest.mark.slow
     async def test_outage_loses_nothing(self, tmp_path: Path, own_es: NoidaServer) -> None:
@@ -865,7 +870,7 @@ def test_chunks_take_operations_as_they_are_sent() -> None:
             taken.append(i)
             yield _Op(i, b"x" * 100)
 
-    chunks = _chunks(ops(), 250)
+    chunks = _chunks(ops(), lambda: 250)
     assert [op.event for op in next(chunks)] == [0, 1]
     assert taken == [0, 1, 2]  # the third was read to know the chunk was full, no more
     assert [[op.event for op in chunk] for chunk in chunks] == [[2, 3], [4, 5], [6, 7], [8, 9]]
@@ -904,14 +909,15 @@ class TestItemRetries:
         ([[200], [429], [200], 413], ["e1"]),  # only e1 was left, for its retry
         ([[400], [200], 413], ["e0", "e2"]),  # e0's refusal would be lost with it left out
     ])
-    async def test_a_bulk_answered_413_is_refused_with_the_events_not_taken(self, script: list[list[int] | int],
-                                                                         refused: list[str]) -> None:
+    async def test_a_document_answered_413_alone_is_refused(self, script: list[list[int] | int],
+                                                            refused: list[str]) -> None:
         batch = [request(f"e{i}", "iris", {"instances": [[i]]}) for i in range(3)]
         with FakeBulk(script) as fake, pytest.raises(RejectedError) as caught:
             config = _fake_config(fake).model_copy(update={"max_bulk_bytes": 1})  # a bulk per document
             await send(config, batch)
-        assert [e.id for e in caught.value.events] == refused
-        assert caught.value.too_large and caught.value.together and "answered 413" in str(caught.value)
+        assert [e.id for e in caught.value.events] == refused and not caught.value.together
+        assert [("answered 413" in why) for _, why in caught.value.refusals([])] == [i != "e0" for i in refused]
+        assert caught.value.too_large is ("e0" not in refused)
 
     async def test_whole_request_refused(self) -> None:
         with FakeBulk([429]) as fake, pytest.raises(SinkError) as caught:
