@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 from collections.abc import Sequence
 from typing import Literal
@@ -25,6 +26,8 @@ RETRYABLE = frozenset({404, 408, 409, 429})
 RESPONSE_BODY_MAX = 4096
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2
 _OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
+
+log = logging.getLogger(__name__)
 
 
 class HttpSinkConfig(SinkConfig):
@@ -86,6 +89,7 @@ class HttpSink:
             token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode())
             self._extra.append((b"authorization", b"Basic " + token))
         self._semaphore = asyncio.Semaphore(config.concurrency)
+        self._batch_bytes = int(config.max_batch_bytes)  # lowered by each 413 in batch mode
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         if self.config.mode == "batch":
@@ -142,14 +146,16 @@ class HttpSink:
 
     async def _send_batches(self, events: Sequence[CloudEvent]) -> None:
         """One POST per `max_batch_bytes`, in order. A 413 stops there: its events and the rest
-        are refused together for their size, and the worker sends them again in halves, in order.
+        are refused together for their size, and the worker sends them again in halves, in order;
+        the sink's POSTs stay at most half the refused one's size from then on (below an event
+        refused alone), so a receiver's limit costs a few refusals, not some for every batch.
         Another refusal does not stop the next POST (those events are refused; with a 413 after,
         sent again too). A failure raises with the events not taken as `pending` (those refused
         before it and the rest), which the worker sends again."""
         refused: list[CloudEvent] = []
         statuses: list[int] = []
         sent = 0
-        for chunk, headers, body in ce_http.to_batches(events, int(self.config.max_batch_bytes)):
+        for chunk, headers, body in ce_http.to_batches(events, self._batch_bytes):
             try:
                 failure = await self._post(headers, body)
             except SinkError as exc:  # no answer: this POST and the rest go again, not those taken
@@ -162,6 +168,11 @@ class HttpSink:
                                     pending=[*refused, *events[sent:]])
                 statuses.append(status)
                 if status == 413:
+                    lower = len(body) // 2 if len(chunk) > 1 else len(body) - 1
+                    if lower < self._batch_bytes:
+                        self._batch_bytes = max(lower, 1)
+                        log.warning("%s answered 413 to a batch POST of %d bytes: POSTs of at most %d bytes "
+                                    "from now on", self.url, len(body), self._batch_bytes)
                     refused += events[sent:]
                     break
                 refused += chunk

@@ -9,10 +9,12 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.dispatch import Backoff, Dispatcher
 from infer_logger.errors import RejectedError, SinkError
 from infer_logger.metrics import Metrics
+from infer_logger.sinks.halving import Halving
 from infer_logger.sinks.http import HttpSinkConfig
 from infer_logger.spool import DiskSpool
 from infer_logger.testing import EventCollector, free_port
@@ -144,6 +146,22 @@ async def test_a_batch_answered_413_goes_again_in_smaller_batches(tmp_path: Path
     assert [e.id for e in receiver.events] == [f"e{i}" for i in range(60) if i != 25]  # in order, once each
     assert [d["attributes"]["id"] for d in dead] == ["e25"] and "413" in dead[0]["reason"]
 
+
+
+async def test_a_413_lowers_the_post_size_for_later_batches() -> None:
+    """Each batch paid the 413s again (an 8 MiB POST refused, then its halves...) behind a
+    receiver with a lower limit: the sink keeps to half a refused POST's size from then on."""
+    with EventCollector() as receiver:
+        receiver.max_body = 40_000
+        http = HttpSinkConfig(url=receiver.url, mode="batch").build()
+        sink = Halving(http)
+        await sink.send_batch(padded(60, 2000, {}))
+        learned, before = http._batch_bytes, receiver.attempts
+        second = padded(60, 2000, {})
+        await sink.send_batch(second)
+        await sink.aclose()
+        assert learned <= 40_000 and len(receiver.events) == 120
+        assert receiver.attempts - before == len(list(ce_http.to_batches(second, learned)))  # no 413 among them
 
 async def test_a_batch_past_max_batch_bytes_goes_in_several_posts() -> None:
     """Each POST within the cap, in order; an event larger than the cap goes alone."""
