@@ -149,9 +149,9 @@ class SinkWorker:
     async def _deliver(self, events: Sequence[CloudEvent]) -> bool:
         """Until the sink took or refused each event; False only when draining with it still failing.
 
-        Events refused together for their size (a batch POST answered 413) go again in halves
-        (`Halving`): only an event refused alone for its size is dead-lettered. A failure that
-        names its `pending` events retries only those.
+        Events refused together (a batch POST answered 413 or 400) go again in halves
+        (`Halving`): only an event refused alone is dead-lettered. A failure that names its
+        `pending` events retries only those.
         """
         attempt = 0
         while True:
@@ -163,8 +163,15 @@ class SinkWorker:
                 try:
                     self._dead_letter(refused)
                 except Exception as error:
-                    # Not written down anywhere yet: the batch stays uncommitted and is tried again.
+                    # Not written down anywhere yet: the batch stays uncommitted and is tried again,
+                    # only the refused events when each is one of the batch (the rest was taken: a
+                    # batch refused in halves went to the sink again and again).
                     failure: Exception = SinkError(f"cannot write dead letters to {self.deadletter}: {error}")
+                    named = {id(e) for e, _ in refused}
+                    left = [e for e in events if id(e) in named]
+                    if 0 < len(left) == len(named) and len(left) < len(events):
+                        self.metrics.delivered.labels(self.name).inc(len(events) - len(left))
+                        events = left
                 else:
                     self.healthy = True
                     self.metrics.delivered.labels(self.name).inc(len(events) - len(refused))

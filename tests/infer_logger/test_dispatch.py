@@ -348,6 +348,25 @@ class TestRefusedForSize:
         assert d.metrics.retried.labels("s")._value.get() == 1
         assert d.workers[0].reader.read(100)[0] == []  # all committed
 
+    async def test_dead_letters_that_cannot_be_written_leave_only_the_refused_pending(self, tmp_path: Path) -> None:
+        """The halves taken were sent to the sink again on every retry while the dead-letter file
+        could not be written; only the refused event is tried again, until it can."""
+        sink = MemorySink()
+        sink.fail = lambda batch: (RejectedError("413", batch, too_large=True, together=True)
+                                   if len(batch) > 2 or any(e.id == "5" for e in batch) else None)
+        (tmp_path / "dead").write_text("")  # a file where the dead-letter directory goes
+        spool, d = dispatcher(tmp_path, s=sink)
+        for i in range(10):
+            spool.append(event(i))
+        d.start()
+        await until(lambda: sink.calls > 30)  # retrying event 5 alone
+        assert sorted(e.id for e in sink.events) == [str(i) for i in range(10) if i != 5]  # once each
+        assert d.metrics.delivered.labels("s")._value.get() == 9
+        (tmp_path / "dead").unlink()
+        await until(lambda: (tmp_path / "dead" / "s.jsonl").exists())
+        await d.stop()
+        assert d.workers[0].reader.read(100)[0] == []  # all committed
+
     async def test_events_refused_each_alone_are_not_sent_again(self, tmp_path: Path) -> None:
         """Kafka refuses records one by one (MSG_SIZE_TOO_LARGE) and takes the rest: too_large
         without `together`, so they are dead-lettered at once, the others never sent twice."""
