@@ -132,8 +132,9 @@ class KafkaChannel:
     async def _flush(self) -> None:
         while self._pending:
             waiting, self._pending = self._pending, []
+            sent = [e for events, _ in waiting for e in events]
             try:
-                await self._sink.send_batch([e for events, _ in waiting for e in events])
+                await self._sink.send_batch(sent)
             except RejectedError as exc:  # some events refused for good (e.g. too large)
                 refused = {id(e) for e in exc.events}
                 for events, done in waiting:
@@ -142,8 +143,15 @@ class KafkaChannel:
                     else:
                         done.set_result(None)
             except Exception as exc:  # noqa: BLE001 - every waiter learns it, none is left hanging
-                for _, done in waiting:
-                    done.set_exception(ChannelError(str(exc)))
+                # Appends none of whose events are pending were written (part of a batch refused
+                # in halves): told so, their senders would not send them again, a duplicate each.
+                pending = {id(e) for e in getattr(exc, "pending", ())}
+                trusted = pending and pending <= {id(e) for e in sent}
+                for events, done in waiting:
+                    if trusted and not any(id(e) in pending for e in events):
+                        done.set_result(None)
+                    else:
+                        done.set_exception(ChannelError(str(exc)))
             else:
                 for _, done in waiting:
                     done.set_result(None)

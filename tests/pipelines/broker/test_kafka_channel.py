@@ -16,8 +16,13 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from infer_logger.cloudevents.json_format import to_dict
+from infer_logger.errors import RejectedError, SinkError
+from infer_logger.sinks.halving import Halving
+from infer_logger.sinks.memory import MemorySink
 from pipelines.broker import Broker
+from pipelines.broker.channel import ChannelError
 from pipelines.broker.kafka_channel import KafkaChannel
+from pipelines.broker.settings import KafkaChannelSettings
 from tests.services import NoidaServer
 
 from .helpers import Subscriber, binary_request, client, event, settings, until
@@ -180,6 +185,20 @@ async def test_events_refused_as_one_record_batch_are_taken_in_halves(
     finally:
         await broker.shutdown()
     assert sorted(e.id for e in received) == sorted(f"b{i}" for i in range(10))
+
+
+async def test_a_failure_after_halves_were_written_fails_only_the_appends_not_written() -> None:
+    """Logic (Kafka cannot be made to fail between two halves): every append flushed with the
+    batch was failed, its sender told 503, and the events already in the topic sent again."""
+    channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers="127.0.0.1:9"), "default", "b")
+    topic = MemorySink()
+    topic.fail = lambda batch: (RejectedError("MSG_SIZE_TOO_LARGE", batch, too_large=True, together=True)
+                                if len(batch) > 2 else SinkError("down") if batch[0].id.startswith("b") else None)
+    channel._sink = Halving(topic)
+    a, b = [event(f"a{i}") for i in range(2)], [event(f"b{i}") for i in range(2)]
+    written, failed = await asyncio.gather(channel.append(a), channel.append(b), return_exceptions=True)
+    assert written is None and isinstance(failed, ChannelError)
+    assert [e.id for e in topic.events] == ["a0", "a1"]
 
 async def test_kafka_down_is_503_then_back(tmp_path: Path, subscriber: Subscriber) -> None:
     """Kafka gone: the ingress answers 503 naming it, soon (no 30 s hang), and takes events again,
