@@ -318,7 +318,14 @@ class ExplainSubscriber:
         if replies:
             # When `reply_to` fails, the caller retries the batch: the cached halves must still be
             # there for it (dropped before, the retry cached the events as first halves: lost).
-            await self._reply.send_batch(replies)
+            try:
+                await self._reply.send_batch(replies)
+            except RejectedError:
+                raise  # the explanations refused for good: the caller dead-letters them
+            except SinkError as exc:
+                # Its `pending` are explanations, not this batch's events: a caller retrying only
+                # those as its own events would have the rest of the explanations lost.
+                raise SinkError(str(exc), retry_after=exc.retry_after) from exc
         self._delivered(done)
         failures = [r for r in results if isinstance(r, BaseException)]
         retryable = [f for f in failures if not isinstance(f, RejectedError)]

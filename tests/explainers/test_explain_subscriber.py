@@ -234,6 +234,16 @@ class TestFailures:
         await sub.send_batch([*exchange("s-1"), *exchange("s-2")])
         assert sorted(e.id for e in out.events) == ["s-1", "s-2"]
 
+    async def test_a_reply_failure_names_no_pending_events_of_its_own(self, service: ExplainerService) -> None:
+        """`reply_to` failing part-way names explanations as `pending`: a caller retrying only
+        those as its events lost the other explanations; it retries its whole batch."""
+        out = MemorySink()
+        out.fail = lambda batch: SinkError("down", pending=batch[1:], retry_after=2.0)
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=out)
+        with pytest.raises(SinkError) as caught:
+            await sub.send_batch([*exchange("p-1"), *exchange("p-2")])
+        assert caught.value.pending == [] and caught.value.retry_after == 2.0
+
     async def test_replies_refused_together_for_their_size_go_in_halves(self, service: ExplainerService) -> None:
         """`reply_to` a batch POST answered 413: the refusal reached the caller, whose own halving
         handed the explanations back in as its events."""
