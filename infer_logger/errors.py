@@ -80,8 +80,9 @@ class RejectedError(SinkError):
 
     `events` lists the refused ones (all of the batch when empty); the rest were taken.
     `too_large`: refused for their size (what an HTTP front answers with 413).
-    `together`: refused as one message (a batch POST), not each on its own: refused for their
-    size, each may still be taken alone or in a smaller batch, so the worker sends them in halves.
+    `together`: refused as one message (a batch POST), not each on its own: for its size, or for
+    one bad event in it; each may still be taken alone or in a smaller batch, so the worker sends
+    them again in halves.
     """
 
     def __init__(self, message: str, events: Sequence[CloudEvent] = (), *, too_large: bool = False,

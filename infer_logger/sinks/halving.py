@@ -1,11 +1,12 @@
-"""`Halving`: a sink whose batches refused together for their size go again in halves.
+"""`Halving`: a sink whose batches refused together go again in halves.
 
-A sink that sends a batch as one message (an http batch POST, a `_bulk`, a Kafka record batch)
-may have it refused for its size (413, a topic's `max.message.bytes`) although each event, or a
-smaller batch, would be taken: `RejectedError(too_large=True, together=True)`. Those events go
-again in halves, in order, until each piece is taken or an event is refused alone. The sink
-workers and everything else that calls `send_batch` itself (the sources, the broker's Kafka
-channel) send through it, so that only an event too large alone is dead-lettered.
+A sink that sends a batch as one message (an http batch POST, a Kafka record batch) may have it
+refused whole although each event, or a smaller batch, would be taken: for its size (413, a
+topic's `max.message.bytes`), or for one bad event in it (a 400 to a batch POST):
+`RejectedError(together=True)`. Those events go again in halves, in order, until each piece is
+taken or an event is refused alone. The sink workers and everything else that calls
+`send_batch` itself (the sources, the broker's Kafka channel, the explainer's replies) send
+through it, so that only an event refused alone is dead-lettered.
 
 It raises what a sink raises: `RejectedError` naming the events refused for good (the others
 taken; `reasons` holds each one's own), or, for a failure worth retrying once part of the batch
@@ -26,7 +27,7 @@ def _split(exc: RejectedError, piece: Sequence[CloudEvent]) -> list[CloudEvent] 
     """The events to send again in halves, or None when the refusal is for good."""
     refused = exc.events or list(piece)
     # The halves shrink, so this ends at single events.
-    if exc.too_large and exc.together and 1 < len(refused) <= len(piece):
+    if exc.together and 1 < len(refused) <= len(piece):
         return refused
     return None
 

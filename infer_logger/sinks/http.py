@@ -149,9 +149,10 @@ class HttpSink:
         are refused together for their size, and the worker sends them again in halves, in order;
         the sink's POSTs stay at most half the refused one's size from then on (below an event
         refused alone), so a receiver's limit costs a few refusals, not some for every batch.
-        Another refusal does not stop the next POST (those events are refused; with a 413 after,
-        sent again too). A failure raises with the events not taken as `pending` (those refused
-        before it and the rest), which the worker sends again."""
+        Another refusal (a 400 for one bad event) does not stop the next POST; its events are
+        refused together too, so that the halves find the bad one. A failure raises with the
+        events not taken as `pending` (those refused before it and the rest), which the worker
+        sends again."""
         refused: list[CloudEvent] = []
         statuses: list[int] = []
         sent = 0

@@ -196,6 +196,17 @@ async def test_posts_refused_for_size_and_for_content_leave_only_those_events_de
         ("e3", True, False), ("e12", False, True)]
 
 
+
+async def test_a_batch_post_answered_400_for_one_bad_event_leaves_only_it_dead(tmp_path: Path) -> None:
+    """A receiver refusing a batch POST for one event it finds invalid: every event of the POST
+    was dead-lettered; the halves find the bad one."""
+    batch = padded(20, 200, {})
+    batch[13] = CloudEvent({**batch[13].attributes, "time": "yesterday"}, batch[13].data)
+    with EventCollector() as receiver:
+        dead = await through_a_worker(tmp_path, receiver, HttpSinkConfig(url=receiver.url, mode="batch"), batch)
+    assert [e.id for e in receiver.events] == [f"e{i}" for i in range(20) if i != 13]
+    assert [d["attributes"]["id"] for d in dead] == ["e13"] and "400" in dead[0]["reason"]
+
 def test_max_batch_bytes_is_checked() -> None:
     assert HttpSinkConfig(url="http://127.0.0.1:9/", max_batch_bytes="1MiB").max_batch_bytes == 1 << 20
     with pytest.raises(ValidationError) as info:
