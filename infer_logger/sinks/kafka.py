@@ -22,7 +22,9 @@ Batches are produced whole and in call order. Binary mode's headers come from a 
 Failures: a record the broker refuses for good (too large, invalid topic) is rejected and
 dead-lettered by the worker; records the broker refused as one record batch for its size (a topic
 whose `max.message.bytes` is below librdkafka's batches) are refused together, and the worker sends
-them again in halves, so that only a record too large alone is dead-lettered. Anything else
+them again in halves, so that only a record too large alone is dead-lettered (those records may
+then land after later ones of their partition: a piece may go in two record batches, the first
+refused again). Anything else
 (broker down, timeouts, leader moves) fails the batch with `SinkError` naming as `pending` the
 records not acknowledged (and those never produced), which the worker retries (at-least-once: a
 report that matches no record has the whole batch retried, which may duplicate).

@@ -530,9 +530,12 @@ class TestWorker:
             spool.close()
         dead = [orjson.loads(line) for line in (tmp_path / "dead" / "kafka.jsonl").read_bytes().splitlines()]
         assert [d["attributes"]["id"] for d in dead] == ["id-99"] and "MSG_SIZE_TOO_LARGE" in dead[0]["reason"]
-        # Each good record once (acknowledged ones were not sent again), in spool order.
+        # Each good record once (acknowledged ones were not sent again). Not in spool order: a
+        # piece sent again may go in two record batches (librdkafka's timing), the second taken
+        # and the first refused again, halved and taken after it.
         assert (end_offset(kafka_bootstrap, limited), end_offset(kafka_bootstrap, free)) == (20, 20)
-        assert [decode(m).id for m in read_back(kafka_bootstrap, limited, 20)] == [f"id-{i}" for i in range(1, 40, 2)]
+        assert sorted(decode(m).id for m in read_back(kafka_bootstrap, limited, 20)) == sorted(
+            f"id-{i}" for i in range(1, 40, 2))
         assert [decode(m).id for m in read_back(kafka_bootstrap, free, 20)] == [f"id-{i}" for i in range(0, 40, 2)]
         assert d.metrics.delivered.labels("kafka")._value.get() == 40 and spool.stats.dropped["rejected"] == 1
 
