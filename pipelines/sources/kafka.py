@@ -132,6 +132,7 @@ class _Record:
     msg: Message
     event: CloudEvent | None  # None: dead-lettered, for `reason`
     reason: str = ""
+    taken: bool = False  # by the subscriber, in an attempt that failed for other events
 
     @property
     def partition(self) -> PartitionKey:
@@ -217,7 +218,7 @@ class KafkaSource:
         while True:
             try:
                 if not delivered:
-                    await self._deliver([r for r in self._batch if r.event is not None])
+                    await self._deliver([r for r in self._batch if r.event is not None and not r.taken])
                     delivered = True
                 await self._dead_letter([r for r in self._batch if r.event is None])
                 return True
@@ -253,6 +254,16 @@ class KafkaSource:
                 # committed, so there is no record to dead-letter; said, never dropped silently.
                 log.error("kafka source %s: the subscriber refused %d events of earlier batches (committed, "
                           "not dead-lettered): %s; ids %s", self.address, len(strays), exc, ", ".join(strays[:10]))
+        except SinkError as exc:
+            # It took all but `pending` (part of a batch sent in halves, then a failure): those are
+            # not sent again. Trusted only when each pending event is one of those sent: a copy
+            # would leave its record marked taken, and it was not.
+            pending = {id(e) for e in exc.pending}
+            if pending and pending <= {id(e) for e in sent}:
+                for r in records:
+                    r.taken = id(r.event) not in pending
+                self.delivered += sum(1 for r in records if r.taken)
+            raise
         self.delivered += sum(1 for r in records if r.event is not None)
 
     async def _polling(self, work: Coroutine[Any, Any, None]) -> None:

@@ -284,6 +284,27 @@ class TestDeadLetters:
         (line,) = (orjson.loads(line) for line in path.read_bytes().splitlines())
         assert line["key"] == "id-25" and "413" in line["reason"] and source.dead_lettered == 1
 
+    async def test_a_failure_after_halves_were_taken_sends_only_the_rest_again(self, kafka_bootstrap: str) -> None:
+        """A batch refused together, its first halves taken, then a failure: the whole batch was
+        sent again, the halves taken twice."""
+        topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+        await publish(kafka_bootstrap, topic, [event(i) for i in range(8)])
+        sink, flaky = MemorySink(), [True]
+
+        def fail(batch: Sequence[CloudEvent]) -> Exception | None:
+            if len(batch) > 2:
+                return RejectedError("413", batch, too_large=True, together=True)
+            if batch[0].id == "id-4" and flaky:
+                flaky.clear()
+                return SinkError("down")
+            return None
+
+        sink.fail = fail
+        source = source_config(kafka_bootstrap, topic, group).build(sink)
+        async with running(source):
+            await until(lambda: committed(kafka_bootstrap, group, topic) == [8], what="commit")
+        assert [e.id for e in sink.events] == [f"id-{i}" for i in range(8)] and source.delivered == 8
+
 class Picky(MemorySink):
     """Takes every event but one, which it refuses for good (RejectedError names it)."""
 
