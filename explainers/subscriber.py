@@ -201,7 +201,7 @@ class ExplainSubscriber:
         self.service = service
         self.settings = s = settings or service.settings.subscriber
         self.reply_to = reply_to
-        # Replies refused together for their size (a batch POST answered 413) go in halves here:
+        # Replies refused together (a batch POST answered 413 or 400) go in halves here:
         # a caller halving its own batch would hand the replies back in as its events.
         self._reply = None if reply_to is None else Halving(reply_to)
         self.cache = EventCache(s.cache_size, s.cache_ttl)

@@ -3,7 +3,7 @@
 One worker per sink, each with its own spool cursor, so a slow or dead sink holds back only
 itself. A failed batch is retried with exponential backoff and full jitter until the sink takes
 it; events a sink refuses for good are written to a dead-letter file with the reason, and counted.
-A batch refused as a whole for its size is sent again in smaller pieces first.
+A batch refused as a whole (for its size, or for one bad event in it) is sent again in halves first.
 """
 
 from __future__ import annotations

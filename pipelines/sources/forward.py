@@ -17,7 +17,7 @@ before a failed or bad one are delivered again (at-least-once; a chunk's record 
 see below). A frame that does not parse or is over `max_frame_bytes`, a failed handshake or a
 batch the subscriber failed to take closes that connection (logged, counted in `errors`); other
 connections go on. Events the subscriber refuses for good (`RejectedError`, after a batch refused
-together for its size went again in halves) are dead-lettered to `dead_letter_file`, or logged,
+together went again in halves) are dead-lettered to `dead_letter_file`, or logged,
 and the chunk is acked: resent, they would only be refused again. A chunk
 whose sender went away is not handed on further (counted in `abandoned`): it can no longer be
 acked, and the sender sends it again.
@@ -655,7 +655,7 @@ class ForwardSource:
     def __init__(self, config: ForwardSourceConfig, subscriber: Sink) -> None:
         self.config = config
         self.subscriber = subscriber
-        self._send = Halving(subscriber).send_batch  # batches refused together for their size go in halves
+        self._send = Halving(subscriber).send_batch  # batches refused together go again in halves
         self.port = config.port  # the bound one after start()
         self.connections = 0
         self.frames = 0

@@ -143,7 +143,7 @@ class KafkaSource:
     def __init__(self, config: KafkaSourceConfig, subscriber: Sink) -> None:
         self.config = config
         self.subscriber = subscriber
-        self._send = Halving(subscriber).send_batch  # batches refused together for their size go in halves
+        self._send = Halving(subscriber).send_batch  # batches refused together go again in halves
         self.address = config.bootstrap_servers
         self.assignment: frozenset[PartitionKey] = frozenset()
         """Partitions this consumer owns now."""
