@@ -14,10 +14,10 @@ overwrites. Per-item results decide what happens next:
 
 Failures of the whole request (connection refused, timeouts, auth, 5xx) raise `SinkError`: they
 are never the events' fault. A `_bulk` answered 413 (larger than a front such as nginx, or the
-cluster's `http.max_content_length`, takes) goes again in halves, down to single documents, and
-the sink's bulks stay at most half that size from then on: only an event with a document too
-large alone is refused (`RejectedError`, too large), even when its many instances' documents
-together are over the limit.
+cluster's `http.max_content_length`, takes) goes again in smaller bulks, down to single documents,
+and the sink's bulks stay at most half that size for a while (`SizeLimit`): only an event with a
+document too large alone is refused (`RejectedError`, too large), even when its many instances'
+documents together are over the limit.
 
 Before its first write the sink creates its index template when
 missing (never replacing one, see `infer_logger.elasticsearch_template`): a 429 or 5xx to that (a cluster still starting) is a `SinkError` too, and the template is
@@ -53,6 +53,7 @@ from infer_logger.elasticsearch_template import (
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.retry import retry_after
 from infer_logger.sinks.base import SinkConfig
+from infer_logger.sinks.size_limit import SizeLimit
 
 if TYPE_CHECKING:
     from elasticsearch import AsyncElasticsearch
@@ -107,7 +108,7 @@ class ElasticsearchSinkConfig(SinkConfig):
     max_bulk_bytes: ByteSize = ByteSize(8 << 20)
     """A batch larger than this goes in several `_bulk` requests: below what the cluster
     (`http.max_content_length`) and any front before it take, since a `_bulk` answered 413 is sent
-    again in halves (and the sink's bulks stay at most half its size from then on)."""
+    again in halves (and the sink's bulks stay at most half its size for a while)."""
     install_template: bool = True
     """Create the index template before the first write when it is missing (never replaces one)."""
     template_name: str = TEMPLATE_NAME
@@ -285,7 +286,7 @@ class ElasticsearchSink:
         self.client = client or config.client()
         self.index = IndexNamer(config.index)
         self._template_checked = not config.install_template
-        self._bulk_bytes = int(config.max_bulk_bytes)  # lowered by each 413
+        self._bulk_bytes = SizeLimit(int(config.max_bulk_bytes))  # lowered by a 413
         # Request instance counts by id, so a response with fewer items (an error) still marks
         # every instance; the spool orders a request before its response.
         self._counts: dict[str, int] = {}
@@ -301,7 +302,7 @@ class ElasticsearchSink:
         delay = self.config.retry_delay
         for attempt in range(1, self.config.max_attempts + 1):
             retry: list[tuple[_Op, int]] = []
-            for chunk in _chunks(ops, lambda: self._bulk_bytes):
+            for chunk in _chunks(ops, self._bulk_bytes):
                 if not self._template_checked:
                     await self._ensure_template()
                 for op, item in zip(chunk, await self._bulk_fitting(chunk)):
@@ -383,24 +384,22 @@ class ElasticsearchSink:
 
     async def _bulk_fitting(self, chunk: list[_Op]) -> list[Mapping[str, Any] | None]:
         """The chunk's item results; a chunk answered 413 goes again in smaller pieces (None: a
-        document refused alone for its size). Each 413 lowers the sink's bulk size, to half the
-        refused bulk's (below a document refused alone), for the pieces and all that follows: a
-        front's limit costs a few refusals, not some for every batch."""
+        document refused alone for its size). Each 413 lowers the sink's bulk size (`SizeLimit`)
+        for the pieces and what follows: a front's limit costs a few refusals, not some for every
+        batch."""
         try:
             return list(await self._bulk(chunk))
         except RejectedError as exc:
             if not exc.too_large:
                 raise
-            size = sum(len(op.lines) for op in chunk)
-            lower = size - 1 if len(chunk) == 1 else size // 2
-            if lower < self._bulk_bytes:
-                self._bulk_bytes = max(lower, 1)
-                log.warning("%s; sending bulks of at most %d bytes from now on", exc, self._bulk_bytes)
+            lower = self._bulk_bytes.refused(sum(len(op.lines) for op in chunk), len(chunk))
+            if lower is not None:
+                log.warning("%s; sending bulks of at most %d bytes for a while", exc, lower)
             if len(chunk) == 1:
                 return [None]
             # Cut as they go: once a first piece found the limit, the next ones are cut below it.
             items: list[Mapping[str, Any] | None] = []
-            for piece in _chunks(chunk, lambda: self._bulk_bytes):
+            for piece in _chunks(chunk, self._bulk_bytes):
                 items += await self._bulk_fitting(piece)
             return items
 
