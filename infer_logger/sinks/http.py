@@ -17,6 +17,7 @@ from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import RejectedError, SinkError
 from infer_logger.retry import retry_after
 from infer_logger.sinks.base import SinkConfig
+from infer_logger.sinks.size_limit import SizeLimit
 from infer_logger.upstream import Upstream, UpstreamError
 
 # Knative's retry set: everything else in 4xx is the event's fault and never gets better.
@@ -24,6 +25,8 @@ RETRYABLE = frozenset({404, 408, 409, 429})
 # Of an answer only the status and Retry-After count: a body is kept up to this and the rest not
 # read (a 2xx whose body never ends is still a delivery).
 RESPONSE_BODY_MAX = 4096
+# Refusals of a batch POST that may be for some of its events only: for its size, or a bad event.
+_PARTIAL = frozenset({400, 413, 422})
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2
 _OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
 
@@ -89,7 +92,7 @@ class HttpSink:
             token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode())
             self._extra.append((b"authorization", b"Basic " + token))
         self._semaphore = asyncio.Semaphore(config.concurrency)
-        self._batch_bytes = int(config.max_batch_bytes)  # lowered by each 413 in batch mode
+        self._batch_bytes = SizeLimit(int(config.max_batch_bytes))  # lowered by a 413 in batch mode
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         if self.config.mode == "batch":
@@ -147,16 +150,16 @@ class HttpSink:
     async def _send_batches(self, events: Sequence[CloudEvent]) -> None:
         """One POST per `max_batch_bytes`, in order. A 413 stops there: its events and the rest
         are refused together for their size, and the worker sends them again in halves, in order;
-        the sink's POSTs stay at most half the refused one's size from then on (below an event
-        refused alone), so a receiver's limit costs a few refusals, not some for every batch.
-        Another refusal (a 400 for one bad event) does not stop the next POST; its events are
-        refused together too, so that the halves find the bad one. A failure raises with the
-        events not taken as `pending` (those refused before it and the rest), which the worker
-        sends again."""
+        the sink's POSTs stay at most half the refused one's size for a while (below an event
+        refused alone, `SizeLimit`), so a receiver's limit costs a few refusals, not some for
+        every batch. Another refusal does not stop the next POST; a 400 or 422 (one bad event)
+        refuses its events together too, so that the halves find the bad one. A failure raises
+        with the events not taken as `pending` (those refused before it and the rest), which the
+        worker sends again."""
         refused: list[CloudEvent] = []
         statuses: list[int] = []
         sent = 0
-        for chunk, headers, body in ce_http.to_batches(events, self._batch_bytes):
+        for chunk, headers, body in ce_http.to_batches(events, self._batch_bytes()):
             try:
                 failure = await self._post(headers, body)
             except SinkError as exc:  # no answer: this POST and the rest go again, not those taken
@@ -169,11 +172,9 @@ class HttpSink:
                                     pending=[*refused, *events[sent:]])
                 statuses.append(status)
                 if status == 413:
-                    lower = len(body) // 2 if len(chunk) > 1 else len(body) - 1
-                    if lower < self._batch_bytes:
-                        self._batch_bytes = max(lower, 1)
+                    if (lower := self._batch_bytes.refused(len(body), len(chunk))) is not None:
                         log.warning("%s answered 413 to a batch POST of %d bytes: POSTs of at most %d bytes "
-                                    "from now on", self.url, len(body), self._batch_bytes)
+                                    "for a while", self.url, len(body), lower)
                     refused += events[sent:]
                     break
                 refused += chunk
@@ -181,8 +182,10 @@ class HttpSink:
         if refused:
             said = " and ".join(str(s) for s in sorted(set(statuses)))
             what = "the batch" if len(refused) == len(events) and len(statuses) == 1 else f"{len(refused)} events"
+            # Smaller batches can pass a size limit or leave out a bad event; a 401, 403, 415...
+            # refuses any batch, so halving would only send each event alone to be refused again.
             raise RejectedError(f"{self.url} refused {what} with {said}", refused,
-                                too_large=413 in statuses, together=True)
+                                too_large=413 in statuses, together=set(statuses) <= _PARTIAL)
 
     async def aclose(self) -> None:
         await self._client.close()

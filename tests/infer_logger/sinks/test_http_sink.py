@@ -156,7 +156,7 @@ async def test_a_413_lowers_the_post_size_for_later_batches() -> None:
         http = HttpSinkConfig(url=receiver.url, mode="batch").build()
         sink = Halving(http)
         await sink.send_batch(padded(60, 2000, {}))
-        learned, before = http._batch_bytes, receiver.attempts
+        learned, before = http._batch_bytes(), receiver.attempts
         second = padded(60, 2000, {})
         await sink.send_batch(second)
         await sink.aclose()
@@ -206,6 +206,17 @@ async def test_a_batch_post_answered_400_for_one_bad_event_leaves_only_it_dead(t
         dead = await through_a_worker(tmp_path, receiver, HttpSinkConfig(url=receiver.url, mode="batch"), batch)
     assert [e.id for e in receiver.events] == [f"e{i}" for i in range(20) if i != 13]
     assert [d["attributes"]["id"] for d in dead] == ["e13"] and "400" in dead[0]["reason"]
+
+
+@pytest.mark.parametrize("status", [401, 403, 415])
+async def test_a_batch_post_refused_for_any_batch_is_not_halved(tmp_path: Path, status: int) -> None:
+    """A receiver refusing every POST (an expired token): halving sent each event alone to be
+    refused again, 2n - 1 POSTs a batch."""
+    with EventCollector() as receiver:
+        receiver.fail_with = status
+        dead = await through_a_worker(tmp_path, receiver, HttpSinkConfig(url=receiver.url, mode="batch"),
+                                      padded(20, 200, {}))
+        assert receiver.attempts == 1 and len(dead) == 20 and str(status) in dead[0]["reason"]
 
 def test_max_batch_bytes_is_checked() -> None:
     assert HttpSinkConfig(url="http://127.0.0.1:9/", max_batch_bytes="1MiB").max_batch_bytes == 1 << 20
