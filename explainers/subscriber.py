@@ -315,25 +315,30 @@ class ExplainSubscriber:
         results = await asyncio.gather(*(self._handle(e) for e in batch), return_exceptions=True)
         done = [r for r in results if not isinstance(r, BaseException)]
         replies = [reply for reply, _ in done if reply is not None]
+        refused: list[tuple[CloudEvent, str]] = []  # the events refused for good, and why
         if replies:
             # When `reply_to` fails, the caller retries the batch: the cached halves must still be
             # there for it (dropped before, the retry cached the events as first halves: lost).
             try:
                 await self._reply.send_batch(replies)
-            except RejectedError:
-                raise  # the explanations refused for good: the caller dead-letters them
+            except RejectedError as exc:
+                refused += exc.refusals(replies)  # the caller dead-letters those explanations
             except SinkError as exc:
                 # Its `pending` are explanations, not this batch's events: a caller retrying only
                 # those as its own events would have the rest of the explanations lost.
                 raise SinkError(str(exc), retry_after=exc.retry_after) from exc
-        self._delivered(done)
         failures = [r for r in results if isinstance(r, BaseException)]
         retryable = [f for f in failures if not isinstance(f, RejectedError)]
+        # A refused explanation's exchange stays unsettled while the batch is retried for others'
+        # failures: the retry explains it again, refused again, and it is dead-lettered then.
+        gone = {e.id for e, _ in refused} if retryable else set()
+        self._delivered([r for r in done if r[0] is None or r[0].id not in gone])
         if retryable:
             raise SinkError(f"{len(retryable)} explanations failed: {retryable[0]}")
-        if failures:
-            raise RejectedError("; ".join(map(str, failures)),
-                                [e for f in failures if isinstance(f, RejectedError) for e in f.events])
+        refused += [(e, str(f)) for f in failures if isinstance(f, RejectedError) for e in f.events]
+        if refused:
+            raise RejectedError("; ".join(dict.fromkeys(why for _, why in refused)), [e for e, _ in refused],
+                                reasons=[why for _, why in refused])
 
     async def aclose(self) -> None:
         if self._owns:

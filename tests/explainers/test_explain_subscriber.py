@@ -4,7 +4,7 @@ store join, failures (retried, nothing half-written), the HTTP endpoint and the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -339,6 +339,38 @@ class TestDeliveryFailures:
             await sub.send_batch([response])
         await sub.send_batch([response])  # the retry: the request is still cached
         assert [e.id for e in out.events] == ["d-1"] and len(sub.cache) == 0
+
+    async def test_a_refused_explanation_does_not_hide_an_others_retryable_failure(
+            self, service: ExplainerService, monkeypatch: pytest.MonkeyPatch) -> None:
+        """reply_to refusing one explanation for good was raised at once: another exchange's
+        retryable failure (the predictor's blip) went unsaid, the batch was committed, and that
+        exchange was never explained."""
+
+        class TakesAllButB(MemorySink):
+            async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+                self.events.extend(e for e in events if e.id != "r-B")
+                if any(e.id == "r-B" for e in events):
+                    raise RejectedError("413 too large", [e for e in events if e.id == "r-B"], too_large=True)
+
+        out = TakesAllButB()
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=out)
+        explain, blips = sub._explain, ["r-A"]
+
+        async def blip_once(request: CloudEvent) -> Any:
+            if request.id in blips:
+                blips.clear()
+                raise SinkError("the predictor answered 503")
+            return await explain(request)
+
+        monkeypatch.setattr(sub, "_explain", blip_once)
+        batch = [*exchange("r-A"), *exchange("r-B")]
+        with pytest.raises(SinkError, match="503") as first:
+            await sub.send_batch(batch)
+        assert not isinstance(first.value, RejectedError)
+        with pytest.raises(RejectedError, match="413") as second:
+            await sub.send_batch(batch)  # the worker's retry
+        assert [e.id for e in second.value.events] == ["r-B"] and second.value.events[0].type == events.EXPLANATION
+        assert [e.id for e in out.events] == ["r-A"] and len(sub.cache) == 0
 
     async def test_failed_starts_close_their_predictor_clients(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """An owned service starts again on each delivery while the predictor answers 5xx: each
