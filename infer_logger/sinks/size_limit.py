@@ -30,8 +30,7 @@ class SizeLimit:
         """A request of `size` bytes holding `items` items was answered 413: the new, lower limit,
         or None when it already was at most that."""
         lower = max(1, size // 2 if items > 1 else size - 1)
-        self._since = time.monotonic()  # each 413 keeps what was learned for another while
         if lower >= self():
-            return None
-        self._lowered = lower
+            return None  # a 413 that lowers nothing keeps nothing longer (one item over a per-item limit)
+        self._lowered, self._since = lower, time.monotonic()
         return lower

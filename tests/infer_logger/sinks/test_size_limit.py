@@ -37,8 +37,18 @@ def test_the_configured_size_comes_back_after_a_while_without_413(clock: Clock) 
     limit = SizeLimit(8000, forget_after=300)
     limit.refused(4000, items=4)
     clock.now += 200
-    limit.refused(1500, items=1)  # a 413 keeps what was learned for another while
+    limit.refused(1500, items=1)  # lowered again: kept for another while
     clock.now += 200
     assert limit() == 1499
-    clock.now += 301
+    clock.now += 101
+    assert limit() == 8000
+
+
+def test_a_413_that_lowers_nothing_keeps_nothing_longer(clock: Clock) -> None:
+    """One event over a receiver's per-event limit, every few minutes, kept the lowered size for good."""
+    limit = SizeLimit(8000, forget_after=300)
+    limit.refused(4000, items=4)
+    for _ in range(3):
+        clock.now += 200
+        assert limit.refused(2_000_000, items=1) is None
     assert limit() == 8000
