@@ -329,9 +329,10 @@ class ExplainSubscriber:
                 raise SinkError(str(exc), retry_after=exc.retry_after) from exc
         failures = [r for r in results if isinstance(r, BaseException)]
         retryable = [f for f in failures if not isinstance(f, RejectedError)]
-        # A refused explanation's exchange stays unsettled while the batch is retried for others'
-        # failures: the retry explains it again, refused again, and it is dead-lettered then.
-        gone = {e.id for e, _ in refused} if retryable else set()
+        # A refused explanation's exchange stays unsettled, its cached half kept: a retry (for
+        # others' failures, or a dead letter that could not be written) explains it again, and
+        # it is refused again, never settled unwritten. Redelivered later: a second dead letter.
+        gone = {e.id for e, _ in refused}
         self._delivered([r for r in done if r[0] is None or r[0].id not in gone])
         if retryable:
             raise SinkError(f"{len(retryable)} explanations failed: {retryable[0]}")

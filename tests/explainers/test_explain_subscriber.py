@@ -370,7 +370,19 @@ class TestDeliveryFailures:
         with pytest.raises(RejectedError, match="413") as second:
             await sub.send_batch(batch)  # the worker's retry
         assert [e.id for e in second.value.events] == ["r-B"] and second.value.events[0].type == events.EXPLANATION
-        assert [e.id for e in out.events] == ["r-A"] and len(sub.cache) == 0
+        assert [e.id for e in out.events] == ["r-A"] and len(sub.cache) == 1  # r-B's half, for a retry
+
+    async def test_a_refused_explanation_is_refused_again_on_a_retry(self, service: ExplainerService) -> None:
+        """Its exchange was settled at once: when the caller could not write the dead letter and
+        sent the batch again, nothing was explained, and the batch was committed without it."""
+        out = MemorySink()
+        out.fail = lambda batch: RejectedError("413 too large", batch, too_large=True)
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=out)
+        batch = list(exchange("g-1"))
+        for _ in range(2):
+            with pytest.raises(RejectedError, match="413") as caught:
+                await sub.send_batch(batch)
+            assert [(e.id, e.type) for e in caught.value.events] == [("g-1", events.EXPLANATION)]
 
     async def test_failed_starts_close_their_predictor_clients(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """An owned service starts again on each delivery while the predictor answers 5xx: each
