@@ -174,7 +174,7 @@ class SinkWorker:
                         events = left
                 else:
                     self.healthy = True
-                    self.metrics.delivered.labels(self.name).inc(len(events) - len(refused))
+                    self.metrics.delivered.labels(self.name).inc(exc.taken(events))
                     return True
             except Exception as exc:  # any failure of a sink is retried, never fatal
                 failure = exc

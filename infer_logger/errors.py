@@ -94,6 +94,14 @@ class RejectedError(SinkError):
         self.reasons = list(reasons)
         """Each event's own reason, when they differ (refusals gathered from several sends)."""
 
+    def taken(self, batch: Sequence[CloudEvent]) -> int:
+        """How many events of `batch` were taken: those not named (naming other events, such as
+        an explanation the sink made of them, does not make them fewer)."""
+        if not self.events:
+            return 0
+        named = {id(e) for e in self.events}
+        return sum(1 for e in batch if id(e) not in named)
+
     def refusals(self, batch: Sequence[CloudEvent]) -> list[tuple[CloudEvent, str]]:
         """The refused events of `batch` (what was sent) with the reason for each."""
         refused = self.events or list(batch)

@@ -784,7 +784,7 @@ class ForwardSource:
                         self._dead_letter(refused)
                     except OSError as error:
                         raise _Refused() from error
-                    taken = len(events) - len(refused)
+                    taken = exc.taken(events)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:

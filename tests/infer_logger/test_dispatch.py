@@ -367,6 +367,23 @@ class TestRefusedForSize:
         await d.stop()
         assert d.workers[0].reader.read(100)[0] == []  # all committed
 
+    async def test_a_refused_event_of_the_sinks_own_is_dead_lettered_and_the_batch_counted(
+            self, tmp_path: Path) -> None:
+        """An event the sink made of the batch (the explainer's explanation) refused: it counted
+        against the batch's delivered events."""
+        made = event(99)
+        sink = MemorySink()
+        sink.fail = lambda batch: RejectedError("413", [made], too_large=True)
+        spool, d = dispatcher(tmp_path, s=sink)
+        for i in range(3):
+            spool.append(event(i))
+        d.start()
+        await until(lambda: (tmp_path / "dead" / "s.jsonl").exists())
+        await d.stop()
+        (line,) = (tmp_path / "dead" / "s.jsonl").read_bytes().splitlines()
+        assert orjson.loads(line)["attributes"]["id"] == "99"
+        assert d.metrics.delivered.labels("s")._value.get() == 3
+
     async def test_events_refused_each_alone_are_not_sent_again(self, tmp_path: Path) -> None:
         """Kafka refuses records one by one (MSG_SIZE_TOO_LARGE) and takes the rest: too_large
         without `together`, so they are dead-lettered at once, the others never sent twice."""
