@@ -32,8 +32,9 @@ from typing import Any, Literal, TypeVar, cast
 import orjson
 from pydantic import Field, model_validator
 
+from infer_logger import deadletter
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.cloudevents.kafka import KafkaMessage, from_kafka
+from infer_logger.cloudevents.kafka import KafkaMessage, from_kafka, to_kafka_structured
 from infer_logger.dispatch import Backoff
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.sinks.base import Sink
@@ -249,11 +250,11 @@ class KafkaSource:
             for r in records:
                 if id(r.event) in why:
                     r.event, r.reason = None, f"refused by the subscriber: {why[id(r.event)]}"
-            if strays := [e.id for e in exc.events if id(e) not in batch]:
-                # Events of earlier batches (a joining subscriber's cache): their records are
-                # committed, so there is no record to dead-letter; said, never dropped silently.
-                log.error("kafka source %s: the subscriber refused %d events of earlier batches (committed, "
-                          "not dead-lettered): %s; ids %s", self.address, len(strays), exc, ", ".join(strays[:10]))
+            if strays := [(e, reason) for e, reason in exc.refusals(sent) if id(e) not in batch]:
+                # Events the subscriber made of these or earlier batches' (an explanation, a cached
+                # half): no record of this batch to dead-letter, so written as events, before the
+                # offsets move past what made them.
+                await self._call(self._dead_letter_events, strays)
         except SinkError as exc:
             # It took all but `pending` (part of a batch sent in halves, then a failure): those are
             # not sent again. Trusted only when each pending event is one of those sent: a copy
@@ -391,11 +392,15 @@ class KafkaSource:
     def _close_consumer(self) -> None:
         self._consumer.close()  # leaves the group; on_revoke commits what was handled
 
-    def _produce_dead_letters(self, records: Sequence[_Record]) -> None:
+    def _dead_letter_producer(self) -> Producer:
         if self._dead_letters is None:
             conf: dict[str, Any] = {k: v for k, v in self.config.consumer_config().items() if k not in _CONSUMER_ONLY}
             conf.update({"acks": "all", "enable.idempotence": True, "delivery.report.only.error": True})
             self._dead_letters = self._client(Producer, conf)
+        return self._dead_letters
+
+    def _produce_dead_letters(self, records: Sequence[_Record]) -> None:
+        self._dead_letter_producer()
         topic = cast(str, self.config.dead_letter_topic)
         too_large = self._produce_copies(topic, records, whole=True)
         # A copy over a size limit (ours or the topic's) would be refused at every retry, and
@@ -435,6 +440,42 @@ class KafkaSource:
         if other := [error for error, _ in failures if error.code() != KafkaError.MSG_SIZE_TOO_LARGE]:
             raise SinkError(f"dead-letter topic {topic}: {other[0].str()}")
         return too_large
+
+    def _dead_letter_events(self, refused: Sequence[tuple[CloudEvent, str]]) -> None:
+        """Events that are no record of the batch, as structured CloudEvents to the dead-letter
+        topic (with `dead-letter-reason`) or as events to the file; with neither, logged."""
+        ids = ", ".join(e.id for e, _ in refused[:10])
+        if self.config.dead_letter_topic is not None:
+            self._produce_events(self.config.dead_letter_topic, refused)
+        elif self.config.dead_letter_file is not None:
+            deadletter.append(self.config.dead_letter_file, refused, fsync=True)
+        else:
+            log.error("kafka source %s: the subscriber refused %d events that are no records of the batch "
+                      "(not dead-lettered: no dead-letter topic or file): %s; ids %s", self.address,
+                      len(refused), refused[0][1], ids)
+            return
+        log.error("kafka source %s: the subscriber refused %d events that are no records of the batch, "
+                  "dead-lettered: %s; ids %s", self.address, len(refused), refused[0][1], ids)
+        self.dead_lettered += len(refused)
+
+    def _produce_events(self, topic: str, refused: Sequence[tuple[CloudEvent, str]]) -> None:
+        producer = self._dead_letter_producer()
+        failures: list[KafkaError] = []
+        for event, reason in refused:
+            message = to_kafka_structured(event)
+            headers = [*message.headers.items(), (REASON_HEADER, reason.encode())]
+            try:
+                producer.produce(topic, message.value, message.key, headers=headers,
+                                 on_delivery=lambda error, _: failures.append(error) if error else None)
+            except KafkaException as exc:  # too large even for the producer: said, not held for ever
+                log.error("kafka source %s: refused event %s not dead-lettered: %s", self.address, event.id,
+                          exc.args[0].str())
+        if producer.flush(_DEAD_LETTER_TIMEOUT):
+            producer.purge(in_queue=True, in_flight=True, blocking=True)
+            producer.flush(1.0)
+            raise SinkError(f"dead-letter topic {topic}: not acknowledged within {_DEAD_LETTER_TIMEOUT:g}s")
+        if failures:
+            raise SinkError(f"dead-letter topic {topic}: {failures[0].str()}")
 
     def _write_dead_letters(self, records: Sequence[_Record]) -> None:
         path = cast(Path, self.config.dead_letter_file)

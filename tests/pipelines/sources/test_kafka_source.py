@@ -498,18 +498,34 @@ class _Joining(MemorySink):
             raise RejectedError("cannot join", [earlier])
 
 
-async def test_a_refusal_of_an_earlier_batchs_event_is_said(kafka_bootstrap: str,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
-    """Its record is committed, so nothing can be dead-lettered; it was dropped without a word."""
+@pytest.mark.parametrize("where", ["none", "file", "topic"])
+async def test_a_refused_event_that_is_no_record_of_the_batch_is_dead_lettered(
+        kafka_bootstrap: str, caplog: pytest.LogCaptureFixture, tmp_path: Path, where: str) -> None:
+    """An event of an earlier batch (a joining cache), or one the subscriber made (an explanation):
+    no record of the batch to dead-letter; it was only logged, as of an earlier batch, with a
+    dead-letter file or topic configured."""
     topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    path, dead = tmp_path / "dead.jsonl", f"{topic}-dead"
+    extra: dict[str, Any] = {"none": {}, "file": {"dead_letter_file": path}, "topic": {"dead_letter_topic": dead}}[where]
     sink = _Joining()
-    async with running(source_config(kafka_bootstrap, topic, group).build(sink)):
+    source = source_config(kafka_bootstrap, topic, group, **extra).build(sink)
+    async with running(source):
         await publish(kafka_bootstrap, topic, [event(0)])
         await until(lambda: committed(kafka_bootstrap, group, topic) == [1], what="first commit")
         await publish(kafka_bootstrap, topic, [event(1)])
         await until(lambda: committed(kafka_bootstrap, group, topic) == [2], what="second commit")
-    assert "refused 1 events of earlier batches" in caplog.text and "ids id-0" in caplog.text
-    assert [e.id for e in sink.events] == ["id-0", "id-1"]
+    assert [e.id for e in sink.events] == ["id-0", "id-1"] and "ids id-0" in caplog.text
+    if where == "none":
+        assert "not dead-lettered" in caplog.text and source.dead_lettered == 0
+        return
+    assert source.dead_lettered == 1
+    if where == "file":
+        (line,) = (orjson.loads(line) for line in path.read_bytes().splitlines())
+        assert line["attributes"]["id"] == "id-0" and line["reason"] == "cannot join"
+    else:
+        (msg,) = read_topic(kafka_bootstrap, dead, 1)
+        headers = dict(cast(list[tuple[str, bytes]], msg.headers() or []))
+        assert headers[REASON_HEADER] == b"cannot join" and orjson.loads(msg.value() or b"")["id"] == "id-0"
 
 
 class _Logged(MemorySink):
