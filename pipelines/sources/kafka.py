@@ -94,7 +94,9 @@ class KafkaSourceConfig(SourceConfig):
     `dead-letter-reason`, `-topic`, `-partition`, `-offset`; a copy too large for the producer or
     the topic goes without its value and own headers, `dead-letter-value-bytes` saying its size."""
     dead_letter_file: Path | None = None
-    """... or are appended here as JSON lines; with neither, they are logged and skipped."""
+    """... or are appended here as JSON lines; with neither, they are logged and skipped. Refused
+    events that are no records (an explanation the subscriber made) go as events: structured
+    CloudEvents with `dead-letter-reason` to the topic, `{reason, attributes, data}` to the file."""
     config: dict[str, ClientValue] = Field(default_factory=dict)
     """librdkafka properties passed through last (TLS, SASL, `max.poll.interval.ms`,
     `partition.assignment.strategy`, ...); the dead-letter producer gets all but the consumer's own."""
