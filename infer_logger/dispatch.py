@@ -154,39 +154,39 @@ class SinkWorker:
         `pending` events retries only those.
         """
         attempt = 0
+        # Once the sink refused events for good, only writing them down is tried again: asked
+        # again, a sink may not refuse the same way (an explainer's exchange is settled by then).
+        refused: list[tuple[CloudEvent, str]] | None = None
+        taken = 0
         while True:
             started = time.perf_counter()
-            try:
-                await self._send(events)
-            except RejectedError as exc:
-                refused = exc.refusals(events)
+            failure: Exception | None = None
+            if refused is None:
                 try:
-                    self._dead_letter(refused)
-                except Exception as error:
-                    # Not written down anywhere yet: the batch stays uncommitted and is tried again,
-                    # only the refused events when each is one of the batch (the rest was taken: a
-                    # batch refused in halves went to the sink again and again).
-                    failure: Exception = SinkError(f"cannot write dead letters to {self.deadletter}: {error}")
-                    named = {id(e) for e, _ in refused}
-                    left = [e for e in events if id(e) in named]
-                    if 0 < len(left) == len(named) and len(left) < len(events):
-                        self.metrics.delivered.labels(self.name).inc(len(events) - len(left))
-                        events = left
+                    await self._send(events)
+                except RejectedError as exc:
+                    refused, taken = exc.refusals(events), exc.taken(events)
+                except Exception as exc:  # any failure of a sink is retried, never fatal
+                    failure = exc
+                    pending = getattr(exc, "pending", None)
+                    if pending and len(pending) < len(events):  # the others were taken: only these again
+                        self.metrics.delivered.labels(self.name).inc(len(events) - len(pending))
+                        events = pending
                 else:
                     self.healthy = True
-                    self.metrics.delivered.labels(self.name).inc(exc.taken(events))
+                    self.metrics.sink_latency.labels(self.name).observe(time.perf_counter() - started)
+                    self.metrics.delivered.labels(self.name).inc(len(events))
                     return True
-            except Exception as exc:  # any failure of a sink is retried, never fatal
-                failure = exc
-                pending = getattr(exc, "pending", None)
-                if pending and len(pending) < len(events):  # the others were taken: only these again
-                    self.metrics.delivered.labels(self.name).inc(len(events) - len(pending))
-                    events = pending
-            else:
-                self.healthy = True
-                self.metrics.sink_latency.labels(self.name).observe(time.perf_counter() - started)
-                self.metrics.delivered.labels(self.name).inc(len(events))
-                return True
+            if refused is not None:
+                try:
+                    self._dead_letter(refused)
+                except Exception as error:  # not written down anywhere yet: the batch stays uncommitted
+                    failure = SinkError(f"cannot write dead letters to {self.deadletter}: {error}")
+                else:
+                    self.healthy = True
+                    self.metrics.delivered.labels(self.name).inc(taken)
+                    return True
+            assert failure is not None
             attempt += 1
             self.healthy = False
             self.metrics.retried.labels(self.name).inc()
