@@ -65,6 +65,9 @@ PARTITION_HEADER = "dead-letter-partition"
 OFFSET_HEADER = "dead-letter-offset"
 DROPPED_HEADER = "dead-letter-value-bytes"  # a copy too large to keep: its value's size, value and headers left out
 
+Letter = tuple[bytes | None, bytes | None, Headers]
+"""(value, key, headers) of a dead-letter record."""
+
 _POLL = 0.1  # seconds a poll may block: bounds how late `stop()` is noticed
 _KEEPALIVE = 1.0  # seconds between polls while the subscriber works on a batch
 _DEAD_LETTER_TIMEOUT = 10.0  # seconds to wait for the dead-letter topic's acknowledgements
@@ -156,6 +159,7 @@ class KafkaSource:
         # Every consumer call runs in this one thread (the rebalance callbacks with them).
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="kafka-source")
         self._batch: list[_Record] = []
+        self._strays: list[tuple[CloudEvent, str]] = []  # refused events that are no records of it
         self._uncommitted: dict[PartitionKey, int] = {}
         self._held = False
         self._stopping = False
@@ -223,7 +227,14 @@ class KafkaSource:
                 if not delivered:
                     await self._deliver([r for r in self._batch if r.event is not None and not r.taken])
                     delivered = True
-                await self._dead_letter([r for r in self._batch if r.event is None])
+                # Each written once: a retry after a failure here sends nothing to the subscriber
+                # again (asked again, it may not refuse the same way).
+                await self._dead_letter([r for r in self._batch if r.event is None and not r.taken])
+                for r in self._batch:
+                    r.taken = True
+                if self._strays:
+                    await self._call(self._dead_letter_events, self._strays)
+                    self._strays = []
                 return True
             except Exception as exc:  # noqa: BLE001 - any failure of the subscriber is retried, never fatal
                 attempt += 1
@@ -252,11 +263,10 @@ class KafkaSource:
             for r in records:
                 if id(r.event) in why:
                     r.event, r.reason = None, f"refused by the subscriber: {why[id(r.event)]}"
-            if strays := [(e, reason) for e, reason in exc.refusals(sent) if id(e) not in batch]:
-                # Events the subscriber made of these or earlier batches' (an explanation, a cached
-                # half): no record of this batch to dead-letter, so written as events, before the
-                # offsets move past what made them.
-                await self._call(self._dead_letter_events, strays)
+            # Events the subscriber made of these or earlier batches' (an explanation, a cached
+            # half): no record of this batch to dead-letter, so written as events, before the
+            # offsets move past what made them.
+            self._strays += [(e, reason) for e, reason in exc.refusals(sent) if id(e) not in batch]
         except SinkError as exc:
             # It took all but `pending` (part of a batch sent in halves, then a failure): those are
             # not sent again. Trusted only when each pending event is one of those sent: a copy
@@ -402,82 +412,80 @@ class KafkaSource:
         return self._dead_letters
 
     def _produce_dead_letters(self, records: Sequence[_Record]) -> None:
-        self._dead_letter_producer()
         topic = cast(str, self.config.dead_letter_topic)
-        too_large = self._produce_copies(topic, records, whole=True)
+
+        def ours(r: _Record) -> Headers:
+            return [(REASON_HEADER, r.reason.encode()), (TOPIC_HEADER, r.partition[0].encode()),
+                    (PARTITION_HEADER, str(r.partition[1]).encode()), (OFFSET_HEADER, str(r.msg.offset()).encode())]
+
+        whole = [(r.msg.value(), r.msg.key(), [*cast(Headers, r.msg.headers() or []), *ours(r)]) for r in records]
         # A copy over a size limit (ours or the topic's) would be refused at every retry, and
         # hold the offsets for good: those records go again without their value and headers.
-        if self._produce_copies(topic, too_large, whole=False):
-            for r in too_large:
-                log.error("kafka source %s: %s[%d] offset %d not dead-lettered (too large even without its "
-                          "value): %s", self.address, *r.partition, r.msg.offset(), r.reason)
+        big = [records[i] for i in self._produce_letters(topic, whole)]
+        bare = [(None, r.msg.key(), [*ours(r), (DROPPED_HEADER, str(len(r.msg.value() or b"")).encode())])
+                for r in big]
+        for i in self._produce_letters(topic, bare):
+            r = big[i]
+            log.error("kafka source %s: %s[%d] offset %d not dead-lettered (too large even without its value): %s",
+                      self.address, *r.partition, r.msg.offset(), r.reason)
 
-    def _produce_copies(self, topic: str, records: Sequence[_Record], *, whole: bool) -> list[_Record]:
-        """Copies of `records` to the dead-letter topic, flushed; the records refused as too large."""
-        if not records:
+    def _produce_letters(self, topic: str, letters: Sequence[Letter]) -> list[int]:
+        """(value, key, headers) records to the dead-letter topic, flushed; the indexes of those
+        refused as too large (SinkError for any other failure)."""
+        if not letters:
             return []
-        producer = cast(Producer, self._dead_letters)
-        failures: list[tuple[KafkaError, _Record]] = []
-        too_large: list[_Record] = []
-        for r in records:
-            ours: Headers = [(REASON_HEADER, r.reason.encode()), (TOPIC_HEADER, r.partition[0].encode()),
-                             (PARTITION_HEADER, str(r.partition[1]).encode()),
-                             (OFFSET_HEADER, str(r.msg.offset()).encode())]
-            if not whole:
-                ours.append((DROPPED_HEADER, str(len(r.msg.value() or b"")).encode()))
-            headers = [*cast(Headers, r.msg.headers() or []), *ours] if whole else ours
-            value = r.msg.value() if whole else None
+        producer = self._dead_letter_producer()
+        failures: list[tuple[KafkaError, int]] = []
+        too_large: list[int] = []
+        for i, (value, key, headers) in enumerate(letters):
             try:
-                producer.produce(topic, value, r.msg.key(), headers=headers,
-                                 on_delivery=partial(_on_copy, failures, r))
+                producer.produce(topic, value, key, headers=headers, on_delivery=partial(_on_letter, failures, i))
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
                     raise
-                too_large.append(r)
+                too_large.append(i)
         if producer.flush(_DEAD_LETTER_TIMEOUT):
             # Keep no copy queued that could arrive after the retry's.
             producer.purge(in_queue=True, in_flight=True, blocking=True)
             producer.flush(1.0)
-        too_large += [r for error, r in failures if error.code() == KafkaError.MSG_SIZE_TOO_LARGE]
+        too_large += [i for error, i in failures if error.code() == KafkaError.MSG_SIZE_TOO_LARGE]
         if other := [error for error, _ in failures if error.code() != KafkaError.MSG_SIZE_TOO_LARGE]:
             raise SinkError(f"dead-letter topic {topic}: {other[0].str()}")
-        return too_large
+        return sorted(too_large)
 
     def _dead_letter_events(self, refused: Sequence[tuple[CloudEvent, str]]) -> None:
         """Events that are no record of the batch, as structured CloudEvents to the dead-letter
-        topic (with `dead-letter-reason`) or as events to the file; with neither, logged."""
+        topic (with `dead-letter-reason`; one too large there without its data) or as events to
+        the file; with neither, logged."""
         ids = ", ".join(e.id for e, _ in refused[:10])
+        lost: list[CloudEvent] = []
         if self.config.dead_letter_topic is not None:
-            self._produce_events(self.config.dead_letter_topic, refused)
+            lost = self._produce_events(self.config.dead_letter_topic, refused)
         elif self.config.dead_letter_file is not None:
             deadletter.append(self.config.dead_letter_file, refused, fsync=True)
         else:
-            log.error("kafka source %s: the subscriber refused %d events that are no records of the batch "
-                      "(not dead-lettered: no dead-letter topic or file): %s; ids %s", self.address,
-                      len(refused), refused[0][1], ids)
-            return
-        log.error("kafka source %s: the subscriber refused %d events that are no records of the batch, "
-                  "dead-lettered: %s; ids %s", self.address, len(refused), refused[0][1], ids)
-        self.dead_lettered += len(refused)
+            lost = [e for e, _ in refused]
+        if lost:
+            log.error("kafka source %s: the subscriber refused %d events that are no records of the batch, not "
+                      "dead-lettered (%s): %s; ids %s", self.address, len(lost),
+                      "too large even without data" if self.config.dead_letter_topic else "no dead-letter topic or file",
+                      refused[0][1], ", ".join(e.id for e in lost[:10]))
+        if written := len(refused) - len(lost):
+            log.error("kafka source %s: the subscriber refused %d events that are no records of the batch, "
+                      "dead-lettered: %s; ids %s", self.address, written, refused[0][1], ids)
+            self.dead_lettered += written
 
-    def _produce_events(self, topic: str, refused: Sequence[tuple[CloudEvent, str]]) -> None:
-        producer = self._dead_letter_producer()
-        failures: list[KafkaError] = []
-        for event, reason in refused:
+    def _produce_events(self, topic: str, refused: Sequence[tuple[CloudEvent, str]]) -> list[CloudEvent]:
+        """The events, structured, to `topic`; those too large even without their data."""
+
+        def letter(event: CloudEvent, reason: str, *dropped: tuple[str, bytes]) -> Letter:
             message = to_kafka_structured(event)
-            headers = [*message.headers.items(), (REASON_HEADER, reason.encode())]
-            try:
-                producer.produce(topic, message.value, message.key, headers=headers,
-                                 on_delivery=lambda error, _: failures.append(error) if error else None)
-            except KafkaException as exc:  # too large even for the producer: said, not held for ever
-                log.error("kafka source %s: refused event %s not dead-lettered: %s", self.address, event.id,
-                          exc.args[0].str())
-        if producer.flush(_DEAD_LETTER_TIMEOUT):
-            producer.purge(in_queue=True, in_flight=True, blocking=True)
-            producer.flush(1.0)
-            raise SinkError(f"dead-letter topic {topic}: not acknowledged within {_DEAD_LETTER_TIMEOUT:g}s")
-        if failures:
-            raise SinkError(f"dead-letter topic {topic}: {failures[0].str()}")
+            return message.value, message.key, [*message.headers.items(), (REASON_HEADER, reason.encode()), *dropped]
+
+        big = [refused[i] for i in self._produce_letters(topic, [letter(e, why) for e, why in refused])]
+        bare = [letter(CloudEvent(e.attributes, None), why, (DROPPED_HEADER, str(len(e.data or b"")).encode()))
+                for e, why in big]
+        return [big[i][0] for i in self._produce_letters(topic, bare)]
 
     def _write_dead_letters(self, records: Sequence[_Record]) -> None:
         path = cast(Path, self.config.dead_letter_file)
@@ -513,10 +521,9 @@ _CONSUMER_ONLY = frozenset({"group.id", "enable.auto.commit", "enable.auto.offse
                             "isolation.level", "enable.partition.eof"})
 
 
-def _on_copy(failures: list[tuple[KafkaError, _Record]], record: _Record, error: KafkaError | None,
-             msg: Message) -> None:
+def _on_letter(failures: list[tuple[KafkaError, int]], index: int, error: KafkaError | None, msg: Message) -> None:
     if error is not None:
-        failures.append((error, record))
+        failures.append((error, index))
 
 
 def _text(raw: bytes | str | None) -> str | dict[str, str] | None:

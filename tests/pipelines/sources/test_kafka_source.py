@@ -528,6 +528,54 @@ async def test_a_refused_event_that_is_no_record_of_the_batch_is_dead_lettered(
         assert headers[REASON_HEADER] == b"cannot join" and orjson.loads(msg.value() or b"")["id"] == "id-0"
 
 
+
+class _Explaining(MemorySink):
+    """Takes each batch and refuses, for good, an event it made of its first (an explanation)."""
+
+    def __init__(self, size: int = 10) -> None:
+        super().__init__()
+        self.size = size
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        await super().send_batch(events)
+        made = CloudEvent({**events[0].attributes, "type": EXPLANATION}, b'"' + b"x" * self.size + b'"')
+        raise RejectedError("413 too large", [made], too_large=True)
+
+
+async def test_a_made_event_too_large_for_the_dead_letter_topic_goes_without_its_data(kafka_bootstrap: str) -> None:
+    """Over the topic's limit it was retried for ever, the batch's offsets held (and its records
+    sent to the subscriber again each time); over the producer's it was counted as written."""
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    dead = f"{topic}-dead"
+    await publish(kafka_bootstrap, topic, [event(0)])
+    sink = _Explaining(1_200_000)
+    source = source_config(kafka_bootstrap, topic, group, dead_letter_topic=dead,
+                           config={"message.max.bytes": 5_000_000}).build(sink)
+    async with running(source):
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [1], what="commit")
+    (msg,) = read_topic(kafka_bootstrap, dead, 1)
+    headers = dict(cast(list[tuple[str, bytes]], msg.headers() or []))
+    assert headers[DROPPED_HEADER] == b"1200002" and headers[REASON_HEADER] == b"413 too large"
+    assert "data" not in orjson.loads(msg.value() or b"") and sink.calls == 1 and source.dead_lettered == 1
+
+
+async def test_a_made_event_whose_dead_letter_fails_is_written_later_without_asking_again(
+        kafka_bootstrap: str, tmp_path: Path) -> None:
+    """The batch went to the subscriber again, which need not refuse the same way twice (the
+    explainer had settled the exchange): the refused event was then lost."""
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    await publish(kafka_bootstrap, topic, [event(0)])
+    (tmp_path / "dead").write_text("")  # a file where the dead-letter file's directory goes
+    sink = _Explaining()
+    source = source_config(kafka_bootstrap, topic, group, dead_letter_file=tmp_path / "dead" / "k.jsonl").build(sink)
+    async with running(source):
+        await until(lambda: sink.calls == 1, what="delivery")
+        await asyncio.sleep(1.0)  # retrying the dead letter, not the subscriber
+        (tmp_path / "dead").unlink()
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [1], what="commit")
+    (line,) = (orjson.loads(line) for line in (tmp_path / "dead" / "k.jsonl").read_bytes().splitlines())
+    assert line["attributes"]["type"] == EXPLANATION and sink.calls == 1
+
 class _Logged(MemorySink):
     """Takes `delay` seconds per batch, then notes (id, data) in a log shared with others."""
 
