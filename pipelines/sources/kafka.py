@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import threading
@@ -302,15 +303,23 @@ class KafkaSource:
     async def _dead_letter(self, records: list[_Record]) -> None:
         if not records:
             return
+        lost: list[_Record] = []
         if self.config.dead_letter_topic is not None:
-            await self._call(self._produce_dead_letters, records)
+            lost = await self._call(self._produce_dead_letters, records)
         elif self.config.dead_letter_file is not None:
             await self._call(self._write_dead_letters, records)
+        else:
+            lost = records
         # Said once they are written: a dead-letter topic or file that fails is retried (and logged) first.
         first = records[0]
-        log.error("kafka source %s: %d records dead-lettered; first %s[%d] offset %d: %s", self.address,
-                  len(records), *first.partition, first.msg.offset(), first.reason)
-        self.dead_lettered += len(records)
+        if written := len(records) - len(lost):
+            log.error("kafka source %s: %d records dead-lettered; first %s[%d] offset %d: %s", self.address,
+                      written, *first.partition, first.msg.offset(), first.reason)
+            self.dead_lettered += written
+        if not self.config.dead_letter_topic and not self.config.dead_letter_file:
+            log.error("kafka source %s: %d records skipped, not dead-lettered (no dead-letter topic or file); "
+                      "first %s[%d] offset %d: %s", self.address, len(records), *first.partition,
+                      first.msg.offset(), first.reason)
 
     # -- in the consumer thread ------------------------------------------------------------------
 
@@ -411,7 +420,8 @@ class KafkaSource:
             self._dead_letters = self._client(Producer, conf)
         return self._dead_letters
 
-    def _produce_dead_letters(self, records: Sequence[_Record]) -> None:
+    def _produce_dead_letters(self, records: Sequence[_Record]) -> list[_Record]:
+        """Copies of the records to the dead-letter topic; those too large even without their value."""
         topic = cast(str, self.config.dead_letter_topic)
 
         def ours(r: _Record) -> Headers:
@@ -424,32 +434,53 @@ class KafkaSource:
         big = [records[i] for i in self._produce_letters(topic, whole)]
         bare = [(None, r.msg.key(), [*ours(r), (DROPPED_HEADER, str(len(r.msg.value() or b"")).encode())])
                 for r in big]
-        for i in self._produce_letters(topic, bare):
-            r = big[i]
+        lost = [big[i] for i in self._produce_letters(topic, bare)]
+        for r in lost:
             log.error("kafka source %s: %s[%d] offset %d not dead-lettered (too large even without its value): %s",
                       self.address, *r.partition, r.msg.offset(), r.reason)
+        return lost
 
     def _produce_letters(self, topic: str, letters: Sequence[Letter]) -> list[int]:
         """(value, key, headers) records to the dead-letter topic, flushed; the indexes of those
-        refused as too large (SinkError for any other failure)."""
+        refused as too large alone (SinkError for any other failure)."""
+        too_large = self._produce_flushed(topic, letters)
+        if len(too_large) > 1:
+            # The broker refuses a record batch for its size (a topic's max.message.bytes) with
+            # each record's report saying so: asked alone, most may be taken whole.
+            too_large = [i for i in too_large if self._produce_flushed(topic, [letters[i]])]
+        return too_large
+
+    def _produce_flushed(self, topic: str, letters: Sequence[Letter]) -> list[int]:
         if not letters:
             return []
         producer = self._dead_letter_producer()
         failures: list[tuple[KafkaError, int]] = []
         too_large: list[int] = []
-        for i, (value, key, headers) in enumerate(letters):
-            try:
-                producer.produce(topic, value, key, headers=headers, on_delivery=partial(_on_letter, failures, i))
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
-                    raise
-                too_large.append(i)
-        if producer.flush(_DEAD_LETTER_TIMEOUT):
-            # Keep no copy queued that could arrive after the retry's.
-            producer.purge(in_queue=True, in_flight=True, blocking=True)
-            producer.flush(1.0)
+        try:
+            for i, (value, key, headers) in enumerate(letters):
+                try:
+                    producer.produce(topic, value, key, headers=headers, on_delivery=partial(_on_letter, failures, i))
+                except KafkaException as exc:
+                    if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                        failures.append((exc.args[0], i))
+                        break
+                    too_large.append(i)
+            if producer.flush(_DEAD_LETTER_TIMEOUT):
+                # Keep no copy queued that could arrive after the retry's.
+                producer.purge(in_queue=True, in_flight=True, blocking=True)
+                producer.flush(1.0)
+        except KafkaException as exc:  # confluent-kafka raises a fatal error from flush
+            failures.append((exc.args[0], -1))
         too_large += [i for error, i in failures if error.code() == KafkaError.MSG_SIZE_TOO_LARGE]
         if other := [error for error, _ in failures if error.code() != KafkaError.MSG_SIZE_TOO_LARGE]:
+            if any(e.fatal() or e.code() == KafkaError._FATAL for e in other):
+                # An idempotent producer's fatal error (the broker lost its sequence state) stays
+                # for good: the retry gets a new producer.
+                self._dead_letters = None
+                with contextlib.suppress(Exception):  # nothing of it may linger: dropped, it is destroyed
+                    producer.purge(in_queue=True, in_flight=True, blocking=False)
+                log.warning("kafka source %s: the dead-letter producer failed for good (%s): a new one is made",
+                            self.address, other[0].str())
             raise SinkError(f"dead-letter topic {topic}: {other[0].str()}")
         return sorted(too_large)
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, cast
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from pydantic import ValidationError
 
@@ -575,6 +575,57 @@ async def test_a_made_event_whose_dead_letter_fails_is_written_later_without_ask
         await until(lambda: committed(kafka_bootstrap, group, topic) == [1], what="commit")
     (line,) = (orjson.loads(line) for line in (tmp_path / "dead" / "k.jsonl").read_bytes().splitlines())
     assert line["attributes"]["type"] == EXPLANATION and sink.calls == 1
+
+
+async def test_dead_letters_refused_as_one_record_batch_keep_their_values(kafka_bootstrap: str) -> None:
+    """A dead-letter topic's max.message.bytes below librdkafka's record batch: every copy in it
+    was reported too large and went again without its value, though each fitted alone."""
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    dead = f"{topic}-dead"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_topics([NewTopic(dead, num_partitions=1, replication_factor=1,
+                                  config={"max.message.bytes": "100000"})])[dead].result(10)
+    publish_raw(kafka_bootstrap, topic, [(b"x" * 40_000, []) for _ in range(3)])
+    source = source_config(kafka_bootstrap, topic, group, dead_letter_topic=dead).build(MemorySink())
+    async with running(source):
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [3], what="commit")
+    got = read_topic(kafka_bootstrap, dead, 3)
+    assert [len(m.value() or b"") for m in got] == [40_000] * 3 and source.dead_lettered == 3
+
+
+async def test_records_skipped_without_a_dead_letter_setting_are_not_counted(
+        kafka_bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    publish_raw(kafka_bootstrap, topic, [(b"not an event", [])])
+    source = source_config(kafka_bootstrap, topic, group).build(MemorySink())
+    async with running(source):
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [1], what="commit")
+    assert source.dead_lettered == 0 and "1 records skipped, not dead-lettered" in caplog.text
+
+
+async def test_a_dead_letter_producer_failed_for_good_is_replaced(kafka_bootstrap: str) -> None:
+    """An idempotent producer's fatal error (a restarted broker that lost its sequence state) is
+    for good: the same producer was used for ever, the source stuck on the batch."""
+
+    class Fatal:  # a producer in librdkafka's fatal state: every produce refused
+        def produce(self, *args: Any, **kwargs: Any) -> None:
+            raise KafkaException(KafkaError(KafkaError._FATAL, "out of order sequence number", fatal=True))
+
+        def flush(self, timeout: float) -> int:
+            return 0
+
+        def close(self) -> None:
+            pass
+
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    publish_raw(kafka_bootstrap, topic, [(b"not an event", [])])
+    source = source_config(kafka_bootstrap, topic, group, dead_letter_topic=f"{topic}-dead").build(MemorySink())
+    async with running(source):
+        await until(lambda: source.dead_lettered == 1, what="the first dead letter")
+        source._dead_letters = cast(Any, Fatal())
+        publish_raw(kafka_bootstrap, topic, [(b"not an event either", [])])
+        await until(lambda: source.dead_lettered == 2, what="the second dead letter")
+    assert committed(kafka_bootstrap, group, topic) == [2]
 
 class _Logged(MemorySink):
     """Takes `delay` seconds per batch, then notes (id, data) in a log shared with others."""
