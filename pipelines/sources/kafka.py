@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import os
 import threading
@@ -235,7 +234,6 @@ class KafkaSource:
                     r.taken = True
                 if self._strays:
                     await self._call(self._dead_letter_events, self._strays)
-                    self._strays = []
                 return True
             except Exception as exc:  # noqa: BLE001 - any failure of the subscriber is retried, never fatal
                 attempt += 1
@@ -301,25 +299,32 @@ class KafkaSource:
         task.result()
 
     async def _dead_letter(self, records: list[_Record]) -> None:
+        """Dead letters of the records not taken; each one written is marked `taken` at once, so
+        that a retry after a later failure does not write it twice."""
         if not records:
             return
-        lost: list[_Record] = []
-        if self.config.dead_letter_topic is not None:
-            lost = await self._call(self._produce_dead_letters, records)
-        elif self.config.dead_letter_file is not None:
-            await self._call(self._write_dead_letters, records)
-        else:
-            lost = records
-        # Said once they are written: a dead-letter topic or file that fails is retried (and logged) first.
-        first = records[0]
-        if written := len(records) - len(lost):
-            log.error("kafka source %s: %d records dead-lettered; first %s[%d] offset %d: %s", self.address,
-                      written, *first.partition, first.msg.offset(), first.reason)
-            self.dead_lettered += written
-        if not self.config.dead_letter_topic and not self.config.dead_letter_file:
-            log.error("kafka source %s: %d records skipped, not dead-lettered (no dead-letter topic or file); "
-                      "first %s[%d] offset %d: %s", self.address, len(records), *first.partition,
-                      first.msg.offset(), first.reason)
+        before = self.dead_lettered
+        try:
+            if self.config.dead_letter_topic is not None:
+                await self._call(self._produce_dead_letters, records)
+            elif self.config.dead_letter_file is not None:
+                await self._call(self._write_dead_letters, records)
+                for r in records:
+                    r.taken = True
+                self.dead_lettered += len(records)
+            else:
+                for r in records:
+                    r.taken = True
+                first = records[0]
+                log.error("kafka source %s: %d records skipped, not dead-lettered (no dead-letter topic or file); "
+                          "first %s[%d] offset %d: %s", self.address, len(records), *first.partition,
+                          first.msg.offset(), first.reason)
+        finally:
+            # Said once they are written: a dead-letter topic or file that fails is retried (and logged) first.
+            if written := self.dead_lettered - before:
+                first = records[0]
+                log.error("kafka source %s: %d records dead-lettered; first %s[%d] offset %d: %s", self.address,
+                          written, *first.partition, first.msg.offset(), first.reason)
 
     # -- in the consumer thread ------------------------------------------------------------------
 
@@ -420,103 +425,146 @@ class KafkaSource:
             self._dead_letters = self._client(Producer, conf)
         return self._dead_letters
 
-    def _produce_dead_letters(self, records: Sequence[_Record]) -> list[_Record]:
-        """Copies of the records to the dead-letter topic; those too large even without their value."""
+    def _produce_dead_letters(self, records: Sequence[_Record]) -> None:
+        """Copies of the records to the dead-letter topic, each marked `taken` once written (and
+        counted) or given up: too large even without its value (logged)."""
         topic = cast(str, self.config.dead_letter_topic)
 
         def ours(r: _Record) -> Headers:
             return [(REASON_HEADER, r.reason.encode()), (TOPIC_HEADER, r.partition[0].encode()),
                     (PARTITION_HEADER, str(r.partition[1]).encode()), (OFFSET_HEADER, str(r.msg.offset()).encode())]
 
+        def written(r: _Record) -> None:
+            r.taken = True
+            self.dead_lettered += 1
+
         whole = [(r.msg.value(), r.msg.key(), [*cast(Headers, r.msg.headers() or []), *ours(r)]) for r in records]
         # A copy over a size limit (ours or the topic's) would be refused at every retry, and
         # hold the offsets for good: those records go again without their value and headers.
-        big = [records[i] for i in self._produce_letters(topic, whole)]
+        big = [records[i] for i in self._produce_letters(topic, whole, lambda i: written(records[i]))]
         bare = [(None, r.msg.key(), [*ours(r), (DROPPED_HEADER, str(len(r.msg.value() or b"")).encode())])
                 for r in big]
-        lost = [big[i] for i in self._produce_letters(topic, bare)]
-        for r in lost:
+        for i in self._produce_letters(topic, bare, lambda i: written(big[i])):
+            r = big[i]
+            r.taken = True
             log.error("kafka source %s: %s[%d] offset %d not dead-lettered (too large even without its value): %s",
                       self.address, *r.partition, r.msg.offset(), r.reason)
-        return lost
 
-    def _produce_letters(self, topic: str, letters: Sequence[Letter]) -> list[int]:
-        """(value, key, headers) records to the dead-letter topic, flushed; the indexes of those
-        refused as too large alone (SinkError for any other failure)."""
-        too_large = self._produce_flushed(topic, letters)
+    def _produce_letters(self, topic: str, letters: Sequence[Letter], done: Callable[[int], None]) -> list[int]:
+        """(value, key, headers) records to the dead-letter topic; `done(i)` for each one the broker
+        took (also when a later one fails: a retry does not write it twice); the indexes of those
+        refused as too large alone. SinkError for any other failure."""
+        too_large = self._produce_flushed(topic, letters, done)
         if len(too_large) > 1:
             # The broker refuses a record batch for its size (a topic's max.message.bytes) with
             # each record's report saying so: asked alone, most may be taken whole.
-            too_large = [i for i in too_large if self._produce_flushed(topic, [letters[i]])]
+            too_large = [i for i in too_large if self._produce_flushed(topic, [letters[i]], _Alone(done, i))]
         return too_large
 
-    def _produce_flushed(self, topic: str, letters: Sequence[Letter]) -> list[int]:
+    def _produce_flushed(self, topic: str, letters: Sequence[Letter], done: Callable[[int], None]) -> list[int]:
         if not letters:
             return []
         producer = self._dead_letter_producer()
         failures: list[tuple[KafkaError, int]] = []
         too_large: list[int] = []
-        try:
-            for i, (value, key, headers) in enumerate(letters):
-                try:
-                    producer.produce(topic, value, key, headers=headers, on_delivery=partial(_on_letter, failures, i))
-                except KafkaException as exc:
-                    if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
-                        failures.append((exc.args[0], i))
-                        break
+        produced: list[int] = []
+        deadline = time.monotonic() + _DEAD_LETTER_TIMEOUT
+        for i, letter in enumerate(letters):
+            try:
+                if not self._produce_one(producer, topic, letter, partial(_on_letter, failures, i), deadline):
+                    failures.append((KafkaError(KafkaError._TIMED_OUT, "the local queue stayed full"), i))
+                    break
+            except KafkaException as exc:
+                if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:  # over the producer's own limit
                     too_large.append(i)
-            if producer.flush(_DEAD_LETTER_TIMEOUT):
-                # Keep no copy queued that could arrive after the retry's.
+                    continue
+                failures.append((exc.args[0], i))
+                break
+            produced.append(i)
+        # Everything queued is settled before going on: none lingers to arrive after a retry's copy.
+        try:
+            settled = producer.flush(max(0.0, deadline - time.monotonic())) == 0
+            if not settled:
                 producer.purge(in_queue=True, in_flight=True, blocking=True)
-                producer.flush(1.0)
-        except KafkaException as exc:  # confluent-kafka raises a fatal error from flush
+                settled = producer.flush(1.0) == 0  # the purged ones' reports
+        except KafkaException as exc:  # a fatal error, raised from flush
             failures.append((exc.args[0], -1))
+            settled = False
+        failed = {i for _, i in failures}
+        if settled:  # with only failures reported, each other one produced was taken
+            for i in produced:
+                if i not in failed:
+                    done(i)
         too_large += [i for error, i in failures if error.code() == KafkaError.MSG_SIZE_TOO_LARGE]
-        if other := [error for error, _ in failures if error.code() != KafkaError.MSG_SIZE_TOO_LARGE]:
+        other = [error for error, _ in failures if error.code() != KafkaError.MSG_SIZE_TOO_LARGE]
+        if other or not settled:
             if any(e.fatal() or e.code() == KafkaError._FATAL for e in other):
                 # An idempotent producer's fatal error (the broker lost its sequence state) stays
                 # for good: the retry gets a new producer.
                 self._dead_letters = None
-                with contextlib.suppress(Exception):  # nothing of it may linger: dropped, it is destroyed
-                    producer.purge(in_queue=True, in_flight=True, blocking=False)
                 log.warning("kafka source %s: the dead-letter producer failed for good (%s): a new one is made",
                             self.address, other[0].str())
-            raise SinkError(f"dead-letter topic {topic}: {other[0].str()}")
-        return sorted(too_large)
+            what = other[0].str() if other else f"not acknowledged within {_DEAD_LETTER_TIMEOUT:g}s"
+            raise SinkError(f"dead-letter topic {topic}: {what}")
+        return sorted(set(too_large))
 
-    def _dead_letter_events(self, refused: Sequence[tuple[CloudEvent, str]]) -> None:
+    @staticmethod
+    def _produce_one(producer: Producer, topic: str, letter: Letter, on_delivery: Callable[..., None],
+                     deadline: float) -> bool:
+        """Queue one letter (KafkaException when refused); False when the local queue stayed full."""
+        value, key, headers = letter
+        while True:
+            try:
+                producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                return True
+            except BufferError:  # the local queue is full: what is out makes room
+                if time.monotonic() >= deadline:
+                    return False
+                producer.poll(0.1)
+
+    def _dead_letter_events(self, refused: list[tuple[CloudEvent, str]]) -> None:
         """Events that are no record of the batch, as structured CloudEvents to the dead-letter
         topic (with `dead-letter-reason`; one too large there without its data) or as events to
-        the file; with neither, logged."""
+        the file; with neither, logged. Each one written or given up leaves `refused` at once,
+        so that a retry after a later failure does not write it twice."""
         ids = ", ".join(e.id for e, _ in refused[:10])
+        reason = refused[0][1] if refused else ""
+        gone: set[int] = set()
         lost: list[CloudEvent] = []
-        if self.config.dead_letter_topic is not None:
-            lost = self._produce_events(self.config.dead_letter_topic, refused)
-        elif self.config.dead_letter_file is not None:
-            deadletter.append(self.config.dead_letter_file, refused, fsync=True)
-        else:
-            lost = [e for e, _ in refused]
+        try:
+            if self.config.dead_letter_topic is not None:
+                lost = self._produce_events(self.config.dead_letter_topic, refused, gone.add)
+            elif self.config.dead_letter_file is not None:
+                deadletter.append(self.config.dead_letter_file, refused, fsync=True)
+                gone.update(range(len(refused)))
+            else:
+                lost = [e for e, _ in refused]
+        finally:
+            if written := len(gone):
+                log.error("kafka source %s: the subscriber refused %d events that are no records of the batch, "
+                          "dead-lettered: %s; ids %s", self.address, written, reason, ids)
+                self.dead_lettered += written
+            refused[:] = [x for k, x in enumerate(refused) if k not in gone]
         if lost:
             log.error("kafka source %s: the subscriber refused %d events that are no records of the batch, not "
                       "dead-lettered (%s): %s; ids %s", self.address, len(lost),
                       "too large even without data" if self.config.dead_letter_topic else "no dead-letter topic or file",
-                      refused[0][1], ", ".join(e.id for e in lost[:10]))
-        if written := len(refused) - len(lost):
-            log.error("kafka source %s: the subscriber refused %d events that are no records of the batch, "
-                      "dead-lettered: %s; ids %s", self.address, written, refused[0][1], ids)
-            self.dead_lettered += written
+                      reason, ", ".join(e.id for e in lost[:10]))
+        refused.clear()
 
-    def _produce_events(self, topic: str, refused: Sequence[tuple[CloudEvent, str]]) -> list[CloudEvent]:
-        """The events, structured, to `topic`; those too large even without their data."""
+    def _produce_events(self, topic: str, refused: Sequence[tuple[CloudEvent, str]],
+                        done: Callable[[int], None]) -> list[CloudEvent]:
+        """The events, structured, to `topic` (`done(i)` for each one written); those too large
+        even without their data."""
 
         def letter(event: CloudEvent, reason: str, *dropped: tuple[str, bytes]) -> Letter:
             message = to_kafka_structured(event)
             return message.value, message.key, [*message.headers.items(), (REASON_HEADER, reason.encode()), *dropped]
 
-        big = [refused[i] for i in self._produce_letters(topic, [letter(e, why) for e, why in refused])]
-        bare = [letter(CloudEvent(e.attributes, None), why, (DROPPED_HEADER, str(len(e.data or b"")).encode()))
-                for e, why in big]
-        return [big[i][0] for i in self._produce_letters(topic, bare)]
+        big = self._produce_letters(topic, [letter(e, why) for e, why in refused], done)
+        bare = [letter(CloudEvent(refused[i][0].attributes, None), refused[i][1],
+                       (DROPPED_HEADER, str(len(refused[i][0].data or b"")).encode())) for i in big]
+        return [refused[big[k]][0] for k in self._produce_letters(topic, bare, lambda k: done(big[k]))]
 
     def _write_dead_letters(self, records: Sequence[_Record]) -> None:
         path = cast(Path, self.config.dead_letter_file)
@@ -550,6 +598,16 @@ _CONSUMER_ONLY = frozenset({"group.id", "enable.auto.commit", "enable.auto.offse
                             "session.timeout.ms", "max.poll.interval.ms", "partition.assignment.strategy",
                             "heartbeat.interval.ms", "group.instance.id", "fetch.min.bytes", "fetch.wait.max.ms",
                             "isolation.level", "enable.partition.eof"})
+
+
+class _Alone:
+    """`done` of a letter sent again alone: its index in the pass it came from."""
+
+    def __init__(self, done: Callable[[int], None], index: int) -> None:
+        self.done, self.index = done, index
+
+    def __call__(self, _: int) -> None:
+        self.done(self.index)
 
 
 def _on_letter(failures: list[tuple[KafkaError, int]], index: int, error: KafkaError | None, msg: Message) -> None:

@@ -593,6 +593,44 @@ async def test_dead_letters_refused_as_one_record_batch_keep_their_values(kafka_
     assert [len(m.value() or b"") for m in got] == [40_000] * 3 and source.dead_lettered == 3
 
 
+
+async def test_dead_letters_written_before_a_failure_are_not_written_again(
+        kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copies go in passes (whole, then without the value for those too large): a failure in a
+    later pass had the retry write the first pass's copies again."""
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    dead = f"{topic}-dead"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_topics([NewTopic(dead, num_partitions=1, replication_factor=1,
+                                  config={"max.message.bytes": "100000"})])[dead].result(10)
+    publish_raw(kafka_bootstrap, topic, [(b"small", []), (b"x" * 150_000, [])])
+    source = source_config(kafka_bootstrap, topic, group, dead_letter_topic=dead).build(MemorySink())
+    passes, produce = [0], source._produce_letters
+
+    def failing_second_pass(*args: Any) -> list[int]:
+        passes[0] += 1
+        if passes[0] == 2:
+            raise SinkError("the broker stalled")
+        return produce(*args)
+
+    monkeypatch.setattr(source, "_produce_letters", failing_second_pass)
+    async with running(source):
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [2], what="commit")
+    offsets = [dict(cast(list[tuple[str, bytes]], m.headers() or []))[OFFSET_HEADER] for m in read_topic(kafka_bootstrap, dead, 3)]
+    assert offsets == [b"0", b"1"] and source.dead_lettered == 2
+
+
+async def test_more_dead_letters_than_the_producer_queue_holds(kafka_bootstrap: str) -> None:
+    """The local queue full: BufferError escaped the dead-letter pass, and every retry found the
+    queue still full (nothing flushed): the batch looped for ever."""
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    publish_raw(kafka_bootstrap, topic, [(b"not an event", []) for _ in range(7)])
+    source = source_config(kafka_bootstrap, topic, group, dead_letter_topic=f"{topic}-dead",
+                           config={"queue.buffering.max.messages": 3}).build(MemorySink())
+    async with running(source):
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [7], what="commit")
+    assert len(read_topic(kafka_bootstrap, f"{topic}-dead", 7)) == 7 and source.dead_lettered == 7
+
 async def test_records_skipped_without_a_dead_letter_setting_are_not_counted(
         kafka_bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
     topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
