@@ -31,6 +31,18 @@ def dispatcher(tmp_path: Path, **sinks: MemorySink) -> tuple[DiskSpool, Dispatch
                              deadletter_dir=tmp_path / "dead")
 
 
+async def until_dead_lettered(tmp_path: Path, sink: MemorySink, count: int) -> tuple[Dispatcher, list[str]]:
+    """`count` events through a worker until its dead-letter file appears: the ids in it."""
+    spool, d = dispatcher(tmp_path, s=sink)
+    for i in range(count):
+        spool.append(event(i))
+    d.start()
+    await until(lambda: (tmp_path / "dead" / "s.jsonl").exists())
+    await d.stop()
+    lines = (tmp_path / "dead" / "s.jsonl").read_bytes().splitlines()
+    return d, [orjson.loads(line)["attributes"]["id"] for line in lines]
+
+
 class TestBackoff:
     """Full jitter under an exponential ceiling; Retry-After is a floor."""
 
@@ -376,15 +388,8 @@ class TestRefusedForSize:
         made = event(99)
         sink = MemorySink()
         sink.fail = lambda batch: RejectedError("413", [made], too_large=True)
-        spool, d = dispatcher(tmp_path, s=sink)
-        for i in range(3):
-            spool.append(event(i))
-        d.start()
-        await until(lambda: (tmp_path / "dead" / "s.jsonl").exists())
-        await d.stop()
-        (line,) = (tmp_path / "dead" / "s.jsonl").read_bytes().splitlines()
-        assert orjson.loads(line)["attributes"]["id"] == "99"
-        assert d.metrics.delivered.labels("s")._value.get() == 3
+        d, dead = await until_dead_lettered(tmp_path, sink, 3)
+        assert dead == ["99"] and d.metrics.delivered.labels("s")._value.get() == 3
 
     async def test_events_refused_each_alone_are_not_sent_again(self, tmp_path: Path) -> None:
         """Kafka refuses records one by one (MSG_SIZE_TOO_LARGE) and takes the rest: too_large
@@ -397,12 +402,6 @@ class TestRefusedForSize:
                 raise RejectedError("too large", [e for e in events if e.id in ("3", "4")], too_large=True)
 
         sink = TakesTheSmall()
-        spool, d = dispatcher(tmp_path, s=sink)
-        for i in range(8):
-            spool.append(event(i))
-        d.start()
-        await until(lambda: (tmp_path / "dead" / "s.jsonl").exists())
-        await d.stop()
+        _, dead = await until_dead_lettered(tmp_path, sink, 8)
         assert sink.calls == 1 and [e.id for e in sink.events] == ["0", "1", "2", "5", "6", "7"]
-        lines = (tmp_path / "dead" / "s.jsonl").read_bytes().splitlines()
-        assert [orjson.loads(line)["attributes"]["id"] for line in lines] == ["3", "4"]
+        assert dead == ["3", "4"]
