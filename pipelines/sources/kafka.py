@@ -71,6 +71,8 @@ Letter = tuple[bytes | None, bytes | None, Headers]
 _POLL = 0.1  # seconds a poll may block: bounds how late `stop()` is noticed
 _KEEPALIVE = 1.0  # seconds between polls while the subscriber works on a batch
 _DEAD_LETTER_TIMEOUT = 10.0  # seconds to wait for the dead-letter topic's acknowledgements
+_DEAD_LETTER_MESSAGE_TIMEOUT_MS = 30_000  # the dead-letter producer's delivery timeout (librdkafka: 300 s)
+_IN_FLIGHT_WAIT = 35.0  # seconds in-flight dead letters may take to settle: past the delivery timeout
 _METADATA_REFRESH_MS = 5000  # topic metadata refresh (librdkafka: 300000)
 
 
@@ -420,7 +422,9 @@ class KafkaSource:
 
     def _dead_letter_producer(self) -> Producer:
         if self._dead_letters is None:
-            conf: dict[str, Any] = {k: v for k, v in self.config.consumer_config().items() if k not in _CONSUMER_ONLY}
+            # Its delivery timeout bounds how long a stalled broker holds a batch's dead letters.
+            conf: dict[str, Any] = {"message.timeout.ms": _DEAD_LETTER_MESSAGE_TIMEOUT_MS, **{
+                k: v for k, v in self.config.consumer_config().items() if k not in _CONSUMER_ONLY}}
             conf.update({"acks": "all", "enable.idempotence": True, "delivery.report.only.error": True})
             self._dead_letters = self._client(Producer, conf)
         return self._dead_letters
@@ -485,8 +489,13 @@ class KafkaSource:
         try:
             settled = producer.flush(max(0.0, deadline - time.monotonic())) == 0
             if not settled:
+                # What was never sent goes; what is in flight settles (message.timeout.ms bounds
+                # it): purged in flight, a copy the broker took anyway was written again.
+                producer.purge(in_queue=True, in_flight=False, blocking=True)
+                settled = producer.flush(_IN_FLIGHT_WAIT) == 0
+            if not settled:  # a backstop: librdkafka's own timeout fires first
                 producer.purge(in_queue=True, in_flight=True, blocking=True)
-                settled = producer.flush(1.0) == 0  # the purged ones' reports
+                producer.flush(1.0)
         except KafkaException as exc:  # a fatal error, raised from flush
             failures.append((exc.args[0], -1))
             settled = False
@@ -518,6 +527,9 @@ class KafkaSource:
                 producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
                 return True
             except BufferError:  # the local queue is full: what is out makes room
+                if len(producer) == 0:  # nothing out to make room: larger than queue.buffering.max.kbytes
+                    too_large = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "larger than the local queue")
+                    raise KafkaException(too_large) from None
                 if time.monotonic() >= deadline:
                     return False
                 producer.poll(0.1)

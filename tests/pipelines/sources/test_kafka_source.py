@@ -631,6 +631,20 @@ async def test_more_dead_letters_than_the_producer_queue_holds(kafka_bootstrap: 
         await until(lambda: committed(kafka_bootstrap, group, topic) == [7], what="commit")
     assert len(read_topic(kafka_bootstrap, f"{topic}-dead", 7)) == 7 and source.dead_lettered == 7
 
+
+async def test_a_dead_letter_larger_than_the_producer_queue_goes_without_its_value(kafka_bootstrap: str) -> None:
+    """Under message.max.bytes but over queue.buffering.max.kbytes: BufferError with the queue
+    empty, room waited for that never came, and the batch retried for ever."""
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    publish_raw(kafka_bootstrap, topic, [(b"x" * 200_000, [])])
+    source = source_config(kafka_bootstrap, topic, group, dead_letter_topic=f"{topic}-dead",
+                           config={"queue.buffering.max.kbytes": 100}).build(MemorySink())
+    async with running(source):
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [1], what="commit")
+    (msg,) = read_topic(kafka_bootstrap, f"{topic}-dead", 1)
+    headers = dict(cast(list[tuple[str, bytes]], msg.headers() or []))
+    assert msg.value() is None and headers[DROPPED_HEADER] == b"200000" and source.dead_lettered == 1
+
 async def test_records_skipped_without_a_dead_letter_setting_are_not_counted(
         kafka_bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
     topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
