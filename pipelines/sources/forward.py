@@ -783,7 +783,10 @@ class ForwardSource:
                     try:
                         self._dead_letter(refused)
                     except OSError as error:
-                        raise _Refused() from error
+                        if frame.chunk is not None:
+                            raise _Refused() from error  # not acked: the sender sends it again
+                        # No chunk, no resend: closing would lose the rest of the frame too.
+                        self._dead_letter(refused, f"not dead-lettered ({error})")
                     taken = exc.taken(events)
                 except asyncio.CancelledError:
                     raise
@@ -796,14 +799,17 @@ class ForwardSource:
             await writer.drain()
             self.acks += 1
 
-    def _dead_letter(self, refused: list[tuple[CloudEvent, str]]) -> None:
+    def _dead_letter(self, refused: list[tuple[CloudEvent, str]], failed: str = "") -> None:
+        """Written to `dead_letter_file` (OSError when it cannot be), else (or when `failed` says
+        why it could not be) logged with their ids."""
         path = self.config.dead_letter_file
-        if path is not None:
+        if path is not None and not failed:
             deadletter.append(path, refused, fsync=True)  # on disk before the ack forgets them
         self.refused += len(refused)
-        log.error("forward source: the subscriber refused %d events%s: %s; ids %s", len(refused),
-                  f" (dead-lettered to {path})" if path else "", refused[0][1],
-                  ", ".join(e.id for e, _ in refused[:10]))
+        where = failed or (f"dead-lettered to {path}" if path else "not dead-lettered: no dead_letter_file")
+        ids = ", ".join(e.id for e, _ in refused)
+        log.error("forward source: the subscriber refused %d events (%s): %s; ids %s", len(refused), where,
+                  refused[0][1], ids)
 
     def batches(self, frame: Frame) -> Iterator[list[CloudEvent]]:
         """The frame's records as CloudEvents (see the module docstring), `max_frame_entries` at a

@@ -715,7 +715,28 @@ class TestRefusedForGood:
             frame = ["app", [[1, {"i": i}] for i in range(3)], {"chunk": "c"}]
             assert await roundtrip(src, frame) == [{"ack": "c"}]
             assert (src.records, src.refused, src.acks) == (2, 1, 1)
-        assert "refused 1 events: invalid for the receiver; ids c-1" in caplog.text
+        assert "refused 1 events (not dead-lettered: no dead_letter_file): invalid for the receiver; ids c-1" in caplog.text
+
+    async def test_a_frame_without_chunk_goes_on_when_its_dead_letters_cannot_be_written(
+            self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """No chunk, no resend: the connection was closed, the rest of the frame lost and the
+        refused events' ids never said."""
+        class RefusesOne(MemorySink):  # takes the others, as a RejectedError says
+            async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+                self.events.extend(e for e in events if e.json() != {"i": 1})
+                if bad := [e for e in events if e.json() == {"i": 1}]:
+                    raise RejectedError("no", bad)
+
+        memory = RefusesOne()
+        (tmp_path / "file").write_text("")
+        async with ForwardSourceConfig(port=0, max_frame_entries=2,
+                                       dead_letter_file=tmp_path / "file" / "dead.jsonl").build(memory) as src:
+            client = await Client.connect(src.port)
+            await client.send(["app", [[1, {"i": i}] for i in range(5)]])
+            await until(lambda: src.records == 4)
+            await client.aclose()
+        assert [e.json()["i"] for e in memory.events] == [0, 2, 3, 4] and src.refused == 1
+        assert "(not dead-lettered (" in caplog.text and src.errors == 0
 
     async def test_a_dead_letter_file_that_cannot_be_written_is_not_acked(
             self, memory: MemorySink, tmp_path: Path) -> None:
