@@ -104,7 +104,8 @@ class KafkaSourceConfig(SourceConfig):
     CloudEvents with `dead-letter-reason` to the topic, `{reason, attributes, data}` to the file."""
     config: dict[str, ClientValue] = Field(default_factory=dict)
     """librdkafka properties passed through last (TLS, SASL, `max.poll.interval.ms`,
-    `partition.assignment.strategy`, ...); the dead-letter producer gets all but the consumer's own."""
+    `partition.assignment.strategy`, ...); the dead-letter producer gets all but the consumer's own,
+    and a delivery timeout of its own (30 s: a stalled broker holds a batch's dead letters no longer)."""
 
     @model_validator(mode="after")
     def _check_dead_letter(self) -> KafkaSourceConfig:
@@ -392,6 +393,14 @@ class KafkaSource:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment = self.assignment | {(tp.topic, tp.partition) for tp in partitions}
+        if not self._held:
+            # librdkafka keeps a partition's pause across losing and getting it back: one paused
+            # by `_hold`, then lost (a stalled broker past session.timeout.ms) and assigned
+            # again after the resume, was never read again.
+            try:
+                consumer.resume(partitions)
+            except KafkaException as exc:
+                log.warning("kafka source %s: resuming %s: %s", self.address, _names(partitions), exc.args[0].str())
         log.info("kafka source %s: assigned %s", self.address, _names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -422,9 +431,11 @@ class KafkaSource:
 
     def _dead_letter_producer(self) -> Producer:
         if self._dead_letters is None:
-            # Its delivery timeout bounds how long a stalled broker holds a batch's dead letters.
-            conf: dict[str, Any] = {"message.timeout.ms": _DEAD_LETTER_MESSAGE_TIMEOUT_MS, **{
-                k: v for k, v in self.config.consumer_config().items() if k not in _CONSUMER_ONLY}}
+            conf: dict[str, Any] = {k: v for k, v in self.config.consumer_config().items()
+                                    if k not in _CONSUMER_ONLY and k not in ("message.timeout.ms", "delivery.timeout.ms")}
+            # Its delivery timeout bounds how long a stalled broker holds a batch's dead letters
+            # (in-flight copies settle within it: `_IN_FLIGHT_WAIT`), whatever the consumer's config.
+            conf["message.timeout.ms"] = _DEAD_LETTER_MESSAGE_TIMEOUT_MS
             conf.update({"acks": "all", "enable.idempotence": True, "delivery.report.only.error": True})
             self._dead_letters = self._client(Producer, conf)
         return self._dead_letters
@@ -495,7 +506,7 @@ class KafkaSource:
                 settled = producer.flush(_IN_FLIGHT_WAIT) == 0
             if not settled:  # a backstop: librdkafka's own timeout fires first
                 producer.purge(in_queue=True, in_flight=True, blocking=True)
-                producer.flush(1.0)
+                settled = producer.flush(1.0) == 0  # a purged one reports it; one without a report was taken
         except KafkaException as exc:  # a fatal error, raised from flush
             failures.append((exc.args[0], -1))
             settled = False

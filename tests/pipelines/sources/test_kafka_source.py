@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 import time
@@ -387,6 +388,47 @@ class TestBrokerDown:
             server.stop()
         assert first_seen(sink.events) == [(f"id-{i}", REQUEST) for i in range(60)]
 
+
+    async def test_a_partition_lost_while_held_is_read_again_when_assigned_again(self) -> None:
+        """Paused while the subscriber failed, lost while the broker stalled past the session
+        timeout, assigned again after the resume: librdkafka kept it paused, never read again."""
+
+        class DownFor(MemorySink):
+            until = 0.0
+
+            async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+                if time.monotonic() < self.until:
+                    raise SinkError("subscriber down")
+                await super().send_batch(events)
+
+        server = NoidaServer("kafka").start()
+        topic, group = new_topic(server.address), f"g-{uuid.uuid4().hex[:8]}"
+        sink = DownFor()
+        source = source_config(server.address, topic, group).build(sink)
+        try:
+            async with running(source):
+                await publish(server.address, topic, [event(1)])
+                await until(lambda: committed(server.address, group, topic) == [1], what="first commit")
+                sink.until = time.monotonic() + 14
+                await publish(server.address, topic, [event(2)])
+                await until(lambda: source._held, what="held")
+                assert server.proc is not None
+                server.proc.send_signal(signal.SIGSTOP)  # past session.timeout.ms (6 s): the partition is lost
+                await asyncio.sleep(12)
+                server.proc.send_signal(signal.SIGCONT)
+
+                def second_commit() -> bool:
+                    try:
+                        return committed(server.address, group, topic) == [2]
+                    except KafkaException:  # the broker still waking up
+                        return False
+
+                await until(second_commit, 40, what="second commit")
+        finally:
+            if server.proc is not None:
+                server.proc.send_signal(signal.SIGCONT)
+            server.stop()
+        assert [e.id for e in sink.events] == ["id-1", "id-2"]
 
 class TestConfig:
     """Config mistakes are refused when read."""
