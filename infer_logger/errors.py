@@ -74,6 +74,12 @@ class SinkError(InferLoggerError):
         self.retry_after = retry_after
         self.pending = list(pending)
 
+    def pending_among(self, sent: Sequence[CloudEvent]) -> set[int] | None:
+        """The `id()`s of the pending events when there are some and each is one of `sent`, else
+        None: a copy named instead would have its original taken for taken, and it was not."""
+        pending = {id(e) for e in self.pending}
+        return pending if pending and pending <= {id(e) for e in sent} else None
+
 
 class RejectedError(SinkError):
     """The sink refused some events for good (e.g. HTTP 400): retrying cannot help.

@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.errors import RejectedError
+from infer_logger.errors import RejectedError, SinkError
 from infer_logger.sinks.halving import Halving
 from infer_logger.sinks.kafka import KafkaSinkConfig, client_logger
 from pipelines.broker.channel import ChannelError, Handler, RefusedError
@@ -145,10 +145,9 @@ class KafkaChannel:
             except Exception as exc:  # noqa: BLE001 - every waiter learns it, none is left hanging
                 # Appends none of whose events are pending were written (part of a batch refused
                 # in halves): told so, their senders would not send them again, a duplicate each.
-                pending = {id(e) for e in getattr(exc, "pending", ())}
-                trusted = pending and pending <= {id(e) for e in sent}
+                pending = exc.pending_among(sent) if isinstance(exc, SinkError) else None
                 for events, done in waiting:
-                    if trusted and not any(id(e) in pending for e in events):
+                    if pending is not None and not any(id(e) in pending for e in events):
                         done.set_result(None)
                     else:
                         done.set_exception(ChannelError(str(exc)))

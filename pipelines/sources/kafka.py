@@ -260,7 +260,8 @@ class KafkaSource:
         try:
             await self._polling(self._send(sent))
         except RejectedError as exc:
-            why = {id(e): reason for e, reason in exc.refusals(sent)}
+            refusals = exc.refusals(sent)
+            why = {id(e): reason for e, reason in refusals}
             batch = {id(e) for e in sent}
             for r in records:
                 if id(r.event) in why:
@@ -268,13 +269,11 @@ class KafkaSource:
             # Events the subscriber made of these or earlier batches' (an explanation, a cached
             # half): no record of this batch to dead-letter, so written as events, before the
             # offsets move past what made them.
-            self._strays += [(e, reason) for e, reason in exc.refusals(sent) if id(e) not in batch]
+            self._strays += [(e, reason) for e, reason in refusals if id(e) not in batch]
         except SinkError as exc:
             # It took all but `pending` (part of a batch sent in halves, then a failure): those are
-            # not sent again. Trusted only when each pending event is one of those sent: a copy
-            # would leave its record marked taken, and it was not.
-            pending = {id(e) for e in exc.pending}
-            if pending and pending <= {id(e) for e in sent}:
+            # not sent again.
+            if (pending := exc.pending_among(sent)) is not None:
                 for r in records:
                     r.taken = id(r.event) not in pending
                 self.delivered += sum(1 for r in records if r.taken)
@@ -309,19 +308,18 @@ class KafkaSource:
         before = self.dead_lettered
         try:
             if self.config.dead_letter_topic is not None:
-                await self._call(self._produce_dead_letters, records)
-            elif self.config.dead_letter_file is not None:
-                await self._call(self._write_dead_letters, records)
-                for r in records:
-                    r.taken = True
-                self.dead_lettered += len(records)
+                await self._call(self._produce_dead_letters, records)  # marks each as it goes
             else:
+                if self.config.dead_letter_file is not None:
+                    await self._call(self._write_dead_letters, records)
+                    self.dead_lettered += len(records)
+                else:
+                    first = records[0]
+                    log.error("kafka source %s: %d records skipped, not dead-lettered (no dead-letter topic or "
+                              "file); first %s[%d] offset %d: %s", self.address, len(records), *first.partition,
+                              first.msg.offset(), first.reason)
                 for r in records:
                     r.taken = True
-                first = records[0]
-                log.error("kafka source %s: %d records skipped, not dead-lettered (no dead-letter topic or file); "
-                          "first %s[%d] offset %d: %s", self.address, len(records), *first.partition,
-                          first.msg.offset(), first.reason)
         finally:
             # Said once they are written: a dead-letter topic or file that fails is retried (and logged) first.
             if written := self.dead_lettered - before:
@@ -469,11 +467,15 @@ class KafkaSource:
         """(value, key, headers) records to the dead-letter topic; `done(i)` for each one the broker
         took (also when a later one fails: a retry does not write it twice); the indexes of those
         refused as too large alone. SinkError for any other failure."""
+
+        def refused_alone(i: int) -> bool:
+            return bool(self._produce_flushed(topic, [letters[i]], lambda _: done(i)))
+
         too_large = self._produce_flushed(topic, letters, done)
         if len(too_large) > 1:
             # The broker refuses a record batch for its size (a topic's max.message.bytes) with
             # each record's report saying so: asked alone, most may be taken whole.
-            too_large = [i for i in too_large if self._produce_flushed(topic, [letters[i]], _Alone(done, i))]
+            too_large = [i for i in too_large if refused_alone(i)]
         return too_large
 
     def _produce_flushed(self, topic: str, letters: Sequence[Letter], done: Callable[[int], None]) -> list[int]:
@@ -621,16 +623,6 @@ _CONSUMER_ONLY = frozenset({"group.id", "enable.auto.commit", "enable.auto.offse
                             "session.timeout.ms", "max.poll.interval.ms", "partition.assignment.strategy",
                             "heartbeat.interval.ms", "group.instance.id", "fetch.min.bytes", "fetch.wait.max.ms",
                             "isolation.level", "enable.partition.eof"})
-
-
-class _Alone:
-    """`done` of a letter sent again alone: its index in the pass it came from."""
-
-    def __init__(self, done: Callable[[int], None], index: int) -> None:
-        self.done, self.index = done, index
-
-    def __call__(self, _: int) -> None:
-        self.done(self.index)
 
 
 def _on_letter(failures: list[tuple[KafkaError, int]], index: int, error: KafkaError | None, msg: Message) -> None:

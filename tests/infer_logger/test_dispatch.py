@@ -31,6 +31,18 @@ def dispatcher(tmp_path: Path, **sinks: MemorySink) -> tuple[DiskSpool, Dispatch
                              deadletter_dir=tmp_path / "dead")
 
 
+async def until_taken(tmp_path: Path, sink: MemorySink, count: int) -> Dispatcher:
+    """`count` events through a worker until the sink holds as many."""
+    spool, d = dispatcher(tmp_path, s=sink)
+    d.start()
+    for i in range(count):
+        spool.append(event(i))
+    await until(lambda: len(sink.events) == count)
+    await d.stop()
+    spool.close()
+    return d
+
+
 async def until_dead_lettered(tmp_path: Path, sink: MemorySink, count: int) -> tuple[Dispatcher, list[str]]:
     """`count` events through a worker until its dead-letter file appears: the ids in it."""
     spool, d = dispatcher(tmp_path, s=sink)
@@ -63,12 +75,7 @@ class TestBackoff:
 async def test_retries_until_taken(tmp_path: Path) -> None:
     sink = MemorySink()
     sink.fail = failing(3)
-    spool, d = dispatcher(tmp_path, s=sink)
-    d.start()
-    for i in range(25):
-        spool.append(event(i))
-    await until(lambda: len(sink.events) == 25)
-    await d.stop()
+    d = await until_taken(tmp_path, sink, 25)
     assert [e.id for e in sink.events] == [str(i) for i in range(25)]
     assert d.metrics.retried.labels("s")._value.get() == 3
 
@@ -88,13 +95,7 @@ async def test_a_failure_naming_its_pending_events_retries_only_those(tmp_path: 
         return SinkError("odd ones failed", pending=[e for e in batch if e not in taken])
 
     sink.fail = take_even
-    spool, d = dispatcher(tmp_path, s=sink)
-    d.start()
-    for i in range(10):
-        spool.append(event(i))
-    await until(lambda: len(sink.events) == 10)
-    await d.stop()
-    spool.close()
+    d = await until_taken(tmp_path, sink, 10)
     assert sorted(int(e.id) for e in sink.events) == list(range(10))  # each once
     assert d.metrics.delivered.labels("s")._value.get() == 10
 

@@ -46,6 +46,13 @@ def _triggers(path: Path, *urls: str) -> Path:
     return path
 
 
+def _until_delivered(subscriber: Subscriber, accepted: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while missing := set(accepted) - {e.id for e in subscriber.events}:
+        assert time.monotonic() < deadline, f"never delivered: {sorted(missing)[:10]}"
+        time.sleep(0.1)
+
+
 def test_kill9_and_restart_delivers_everything_accepted(tmp_path: Path) -> None:
     with Subscriber() as subscriber:
         subscriber.delay = 0.01
@@ -59,10 +66,7 @@ def test_kill9_and_restart_delivers_everything_accepted(tmp_path: Path) -> None:
             delivered_before = {e.id for e in subscriber.events}
             broker = _broker(tmp_path, triggers, port).start()
             accepted += _post_all(broker.url + "/", 50, "b")
-            deadline = time.monotonic() + 60
-            while missing := set(accepted) - {e.id for e in subscriber.events}:
-                assert time.monotonic() < deadline, f"never delivered: {sorted(missing)[:10]}"
-                time.sleep(0.1)
+            _until_delivered(subscriber, accepted, 60)
         finally:
             broker.stop()
     # The kill came with a backlog (else this test would prove little); duplicates are allowed.
@@ -84,10 +88,7 @@ def test_a_stop_while_a_new_trigger_s_subscriber_is_down_keeps_its_events(tmp_pa
     with Subscriber(port=sub_port) as subscriber:
         broker = _broker(tmp_path, triggers, port).start()
         try:
-            deadline = time.monotonic() + 30
-            while missing := set(accepted) - {e.id for e in subscriber.events}:
-                assert time.monotonic() < deadline, f"never delivered: {sorted(missing)}"
-                time.sleep(0.1)
+            _until_delivered(subscriber, accepted, 30)
         finally:
             broker.stop()
 
