@@ -147,7 +147,7 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def error_body(status: int, reason: str, **extra: str) -> bytes:
+def error_body(status: int, reason: str, **extra: object) -> bytes:
     """The JSON of an error answer: `{"error": reason, "status": status, ...extra}`."""
     return orjson.dumps({"error": reason, "status": status, **extra})
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
+import orjson
 from pydantic import ByteSize, Field, HttpUrl, field_validator
 
 from infer_logger.cloudevents import http as ce_http
@@ -22,9 +23,9 @@ from infer_logger.upstream import Upstream, UpstreamError
 
 # Knative's retry set: everything else in 4xx is the event's fault and never gets better.
 RETRYABLE = frozenset({404, 408, 409, 429})
-# Of an answer only the status and Retry-After count: a body is kept up to this and the rest not
-# read (a 2xx whose body never ends is still a delivery).
-RESPONSE_BODY_MAX = 4096
+# Of an answer the status and Retry-After count, and a batch refusal's positions: a body is kept
+# up to this and the rest not read (a 2xx whose body never ends is still a delivery).
+RESPONSE_BODY_MAX = 64 << 10
 # Refusals of a batch POST that may be for some of its events only: for its size, or a bad event.
 _PARTIAL = frozenset({400, 413, 422})
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2
@@ -113,7 +114,7 @@ class HttpSink:
         answers = [r for _, r in failed if not isinstance(r, BaseException)]
         retryable = [r for r in answers if r[0] in RETRYABLE or r[0] >= 500]
         if retryable:
-            status, after = retryable[0]
+            status, after, _ = retryable[0]
             raise SinkError(f"{self.url} answered {status} to {len(retryable)} events", retry_after=after,
                             pending=pending)
         raise RejectedError(
@@ -122,7 +123,7 @@ class HttpSink:
             too_large=all(r[0] == 413 for _, r in failed),
         )
 
-    async def _send_one(self, event: CloudEvent) -> tuple[int, float | None] | None:
+    async def _send_one(self, event: CloudEvent) -> tuple[int, float | None, bytes] | None:
         if self.config.mode == "structured":
             headers, body = ce_http.to_structured(event)
         else:  # structured after all for a payload that is itself a CloudEvent
@@ -130,8 +131,8 @@ class HttpSink:
         async with self._semaphore:
             return await self._post(headers, body)
 
-    async def _post(self, headers: dict[str, str], body: bytes) -> tuple[int, float | None] | None:
-        """None on success, else (status, retry-after); raises SinkError when nothing answered."""
+    async def _post(self, headers: dict[str, str], body: bytes) -> tuple[int, float | None, bytes] | None:
+        """None on success, else (status, retry-after, body); raises SinkError when nothing answered."""
         # The event's own headers win over configured ones of the same name.
         own = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         names = {k for k, _ in own}
@@ -145,7 +146,7 @@ class HttpSink:
         if answer.status < 300:
             return None
         after = next((v.decode("latin-1") for k, v in answer.headers if k == b"retry-after"), None)
-        return answer.status, retry_after(after)
+        return answer.status, retry_after(after), b"" if answer.truncated else answer.body
 
     async def _send_batches(self, events: Sequence[CloudEvent]) -> None:
         """One POST per `max_batch_bytes`, in order. A 413 stops there: its events and the rest
@@ -155,9 +156,15 @@ class HttpSink:
         every batch. Another refusal does not stop the next POST; a 400 or 422 (one bad event)
         refuses its events together too, so that the halves find the bad one. A failure raises
         with the events not taken as `pending` (those refused before it and the rest), which the
-        worker sends again."""
+        worker sends again.
+
+        A receiver that stored part of a POST may name the others in its JSON answer (our
+        broker does): `"refused": [positions]` with a 400, 413 or 422 (those refused for good),
+        `"pending": [positions]` with a 5xx (to send again): the rest of that POST is taken,
+        not sent again (a duplicate each)."""
         refused: list[CloudEvent] = []
-        statuses: list[int] = []
+        statuses: list[int] = []  # of the refusals that named no events
+        named: set[int] = set()  # of those that did
         sent = 0
         for chunk, headers, body in ce_http.to_batches(events, self._batch_bytes()):
             try:
@@ -166,10 +173,18 @@ class HttpSink:
                 exc.pending = [*refused, *events[sent:]]
                 raise
             if failure is not None:
-                status, after = failure
+                status, after, answer = failure
                 if status in RETRYABLE or status >= 500:
-                    raise SinkError(f"{self.url} answered {status}", retry_after=after,
-                                    pending=[*refused, *events[sent:]])
+                    left = _named(answer, "pending", chunk) if status >= 500 else None
+                    raise SinkError(f"{self.url} answered {status}" + (
+                        "" if left is None else f" ({len(left)} of the {len(chunk)} events of its POST not taken)"),
+                        retry_after=after, pending=[*refused, *(chunk if left is None else left),
+                                                    *events[sent + len(chunk):]])
+                if status in _PARTIAL and (own := _named(answer, "refused", chunk)) is not None:
+                    refused += own  # each refused for good; the others of the POST taken
+                    named.add(status)
+                    sent += len(chunk)
+                    continue
                 statuses.append(status)
                 if status == 413:
                     if (lower := self._batch_bytes.refused(len(body), len(chunk))) is not None:
@@ -180,12 +195,30 @@ class HttpSink:
                 refused += chunk
             sent += len(chunk)
         if refused:
-            said = " and ".join(str(s) for s in sorted(set(statuses)))
+            said = " and ".join(str(s) for s in sorted({*statuses, *named}))
             what = "the batch" if len(refused) == len(events) and len(statuses) == 1 else f"{len(refused)} events"
             # Smaller batches can pass a size limit or leave out a bad event; a 401, 403, 415...
             # refuses any batch, so halving would only send each event alone to be refused again.
+            # (Events the receiver named as refused, if halved with others, are refused again alone.)
             raise RejectedError(f"{self.url} refused {what} with {said}", refused,
-                                too_large=413 in statuses, together=set(statuses) <= _PARTIAL)
+                                too_large=413 in statuses or 413 in named,
+                                together=bool(statuses) and set(statuses) <= _PARTIAL)
 
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def _named(answer: bytes, key: str, chunk: Sequence[CloudEvent]) -> list[CloudEvent] | None:
+    """The events of `chunk` at the positions an answer's JSON lists under `key`, or None when it
+    names none that way (no JSON, no such list, a position out of range or twice)."""
+    try:
+        positions = orjson.loads(answer).get(key) if answer else None
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if (not isinstance(positions, list) or not positions
+            or not all(type(p) is int and 0 <= p < len(chunk) for p in positions)
+            or len(set(positions)) != len(positions)):
+        return None
+    return [chunk[p] for p in sorted(positions)]
     async def aclose(self) -> None:
         await self._client.close()

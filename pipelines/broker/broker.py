@@ -125,26 +125,44 @@ class Broker:
         """Put events into a broker's log (TTL rules applied); returns how many were taken.
 
         Raises UnknownBrokerError, InvalidEventError (a bad TTL) or ChannelError (not stored; its
-        RefusedError: never storable, e.g. too large for Kafka).
+        RefusedError: never storable, e.g. too large for Kafka). Their `pending` and `refused`
+        are positions in `events` (those the TTL rules dropped are neither).
         """
         key = broker or self.default_key
         channel = self.channels.get(key)
         if channel is None:
             raise UnknownBrokerError(f"no broker {key[0]}/{key[1]}")
         admitted = []
-        for event in events:
+        positions = []  # of each admitted event in `events`
+        for i, event in enumerate(events):
             kept = self.admit(event)
             if kept is None:
                 self.metrics.refused.labels("ttl_expired").inc()
             else:
                 admitted.append(kept)
-        if admitted:
+                positions.append(i)
+        if not admitted:
+            return 0
+        try:
             await channel.append(admitted)
-            counter = self._accepted.get(key)
-            if counter is None:
-                counter = self._accepted[key] = self.metrics.accepted.labels(f"{key[0]}/{key[1]}")
-            counter.inc(len(admitted))
+        except RefusedError as exc:
+            if exc.refused is not None:
+                self._count_accepted(key, len(admitted) - len(exc.refused))
+                exc.refused = [positions[i] for i in exc.refused]
+            raise
+        except ChannelError as exc:
+            if exc.pending is not None:
+                self._count_accepted(key, len(admitted) - len(exc.pending))
+                exc.pending = [positions[i] for i in exc.pending]
+            raise
+        self._count_accepted(key, len(admitted))
         return len(admitted)
+
+    def _count_accepted(self, key: Key, n: int) -> None:
+        counter = self._accepted.get(key)
+        if counter is None:
+            counter = self._accepted[key] = self.metrics.accepted.labels(f"{key[0]}/{key[1]}")
+        counter.inc(n)
 
     def admit(self, event: CloudEvent) -> CloudEvent | None:
         raw = event.attributes.get(TTL)

@@ -39,7 +39,14 @@ _COMMIT_INTERVAL = 0.05
 
 
 class ChannelError(InferLoggerError):
-    """A broker's log did not take events (full, or Kafka unreachable): the sender may retry."""
+    """A broker's log did not take events (full, or Kafka unreachable): the sender may retry.
+
+    `pending`: the positions (in the events appended) of those not stored, when the others were;
+    None when none or which is not known."""
+
+    def __init__(self, message: str, *, pending: Sequence[int] | None = None) -> None:
+        super().__init__(message)
+        self.pending = None if pending is None else list(pending)
 
 
 def event_size(event: CloudEvent) -> int:
@@ -50,11 +57,13 @@ def event_size(event: CloudEvent) -> int:
 class RefusedError(ChannelError):
     """The log refused events for good (e.g. larger than Kafka takes): a retry cannot help.
 
-    The other events of the same request were stored."""
+    `refused`: the positions (in the events appended) of the refused ones, the others stored;
+    None: all of them."""
 
-    def __init__(self, message: str, *, too_large: bool) -> None:
+    def __init__(self, message: str, *, too_large: bool, refused: Sequence[int] | None = None) -> None:
         super().__init__(message)
         self.too_large = too_large
+        self.refused = None if refused is None else list(refused)
 
 
 class Handler(Protocol):
@@ -119,9 +128,10 @@ class SpoolChannel:
             # No trigger, no one to deliver to (a later trigger starts at the end anyway): keeping
             # them would only grow the log, which nothing would ever collect.
             return
-        for event in events:
+        for i, event in enumerate(events):
             if not self.spool.append(pack(event)):
-                raise ChannelError("the broker's log cannot take events (full, or its disk refuses: see its log)")
+                raise ChannelError("the broker's log cannot take events (full, or its disk refuses: see its log)",
+                                   pending=range(i, len(events)) if i else None)
 
     async def attach(self, trigger: str, handler: Handler) -> None:
         spool = self.spool

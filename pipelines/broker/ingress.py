@@ -5,10 +5,14 @@
     POST /triggers/<ns>/<name>/<uid>  one filtered, synchronous delivery (see `handler`)
     GET  /healthz  /readyz  /metrics
 
-Events come in binary, structured or batch mode. 202: every event is in the broker's log (a
-batch is taken whole or the error says so); 400 names what is wrong with an event; 413: the
-body or an event is over the limit; 404: no such broker; 503: the log refused (full, Kafka
-down) or the broker is not ready: try again.
+Events come in binary, structured or batch mode. 202: every event is in the broker's log; 400
+names what is wrong with an event; 413: the body or an event is over the limit; 404: no such
+broker; 503: the log refused (full, Kafka down) or the broker is not ready: try again.
+
+A batch is stored whole, or the answer says which of its events were not: a 400 or 413 whose
+JSON has `"refused": [positions]` (Kafka refused those for good) and a 503 with `"pending":
+[positions]` (the log failed part way) stored all the others, which a sender must not send again
+(our http sink reads both); without the list, the whole batch is refused or to be sent again.
 """
 
 from __future__ import annotations
@@ -127,14 +131,17 @@ class Ingress:
             await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
         except RefusedError as exc:
-            # Others of a batch may have been stored: the message says how many were refused.
+            # The others of a batch were stored: `refused` names the refused ones.
             status, label = (413, "oversize") if exc.too_large else (400, "invalid")
-            refused.labels(label).inc(len(events))
-            await respond(send, status, [_JSON], error_body(status, str(exc)))
+            refused.labels(label).inc(len(events) if exc.refused is None else len(exc.refused))
+            extra = {} if exc.refused is None else {"refused": exc.refused}
+            await respond(send, status, [_JSON], error_body(status, str(exc), **extra))
             return
         except ChannelError as exc:
-            refused.labels("unavailable").inc(len(events))
-            await respond(send, 503, [_JSON], error_body(503, str(exc)))
+            # Some of a batch may have been stored: `pending` names the others, to send again.
+            refused.labels("unavailable").inc(len(events) if exc.pending is None else len(exc.pending))
+            extra = {} if exc.pending is None else {"pending": exc.pending}
+            await respond(send, 503, [_JSON], error_body(503, str(exc), **extra))
             return
         except LookupError as exc:
             refused.labels("unknown_broker").inc(len(events))

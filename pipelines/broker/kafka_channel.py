@@ -136,21 +136,26 @@ class KafkaChannel:
             try:
                 await self._sink.send_batch(sent)
             except RejectedError as exc:  # some events refused for good (e.g. too large)
-                refused = {id(e) for e in exc.events}
+                refused = {id(e) for e, _ in exc.refusals(sent)}
                 for events, done in waiting:
-                    if not refused or any(id(e) in refused for e in events):
-                        done.set_exception(RefusedError(str(exc), too_large=exc.too_large))
+                    mine = [i for i, e in enumerate(events) if id(e) in refused]
+                    if mine:  # the others of the append were stored: the sender is told which
+                        done.set_exception(RefusedError(str(exc), too_large=exc.too_large,
+                                                        refused=mine if len(mine) < len(events) else None))
                     else:
                         done.set_result(None)
             except Exception as exc:  # noqa: BLE001 - every waiter learns it, none is left hanging
-                # Appends none of whose events are pending were written (part of a batch refused
-                # in halves): told so, their senders would not send them again, a duplicate each.
+                # Part of a batch refused in halves may have been written: an append none of whose
+                # events are pending is done, another is told which of its events are pending
+                # (told to send them all again, its sender would duplicate those written).
                 pending = exc.pending_among(sent) if isinstance(exc, SinkError) else None
                 for events, done in waiting:
-                    if pending is not None and not any(id(e) in pending for e in events):
+                    left = None if pending is None else [i for i, e in enumerate(events) if id(e) in pending]
+                    if left == []:
                         done.set_result(None)
                     else:
-                        done.set_exception(ChannelError(str(exc)))
+                        partial = left is not None and len(left) < len(events)
+                        done.set_exception(ChannelError(str(exc), pending=left if partial else None))
             else:
                 for _, done in waiting:
                     done.set_result(None)

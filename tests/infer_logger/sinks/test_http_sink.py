@@ -208,6 +208,61 @@ async def test_a_batch_post_answered_400_for_one_bad_event_leaves_only_it_dead(t
     assert [d["attributes"]["id"] for d in dead] == ["e13"] and "400" in dead[0]["reason"]
 
 
+def _answering(answers: dict[int, tuple[bytes, dict[str, object]]], posts: list[list[str]]):  # noqa: ANN202
+    """A receiver answering the n-th batch POST (from 1) as `answers` says, others 202; the ids of
+    each POST's events go to `posts`."""
+
+    def reply(request: bytes) -> bytes:
+        posts.append([e["id"] for e in orjson.loads(request.partition(b"\r\n\r\n")[2])])
+        status, body = answers.get(len(posts), (b"202 Accepted", {}))
+        out = orjson.dumps(body) if body else b""
+        return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                % len(out) + out)
+    return reply
+
+
+async def test_a_batch_post_the_receiver_took_in_part_is_not_sent_again_whole() -> None:
+    """Our broker, its Kafka log refusing one event of a batch POST for good (or failing part
+    way), stored the others: answered 413 (or 503) for the whole POST, the sink sent it again
+    in halves (or whole) and each stored event arrived twice. It names the refused (pending) ones."""
+    batch = padded(9, 300, {})
+    posts: list[list[str]] = []
+    refused = {1: (b"413 Payload Too Large", {"error": "too large", "refused": [1]})}
+    async with Scripted(_answering(refused, posts)) as url:
+        sink = Halving(HttpSinkConfig(url=url + "/", mode="batch", max_batch_bytes=1000).build())
+        with pytest.raises(RejectedError) as info:
+            await sink.send_batch(batch)
+        await sink.aclose()
+    first = len(posts[0])
+    assert info.value.events == [batch[1]] and info.value.too_large and not info.value.together
+    assert sum(posts, []) == [e.id for e in batch]  # each once: no halves, later POSTs still sent
+
+    posts.clear()
+    failing = {2: (b"503 Service Unavailable", {"error": "down", "pending": [1]})}
+    async with Scripted(_answering(failing, posts)) as url:
+        sink = Halving(HttpSinkConfig(url=url + "/", mode="batch", max_batch_bytes=1000).build())
+        with pytest.raises(SinkError) as failed:
+            await sink.send_batch(batch)
+        await sink.aclose()
+    second = posts[1]
+    assert len(second) > 1 and len(posts) == 2
+    assert [e.id for e in failed.value.pending] == [second[1], *(e.id for e in batch[first + len(second):])]
+
+
+@pytest.mark.parametrize("answer", [{"refused": [9]}, {"refused": [0, 0]}, {"refused": []}, {"refused": "0"},
+                                    {"refused": [True]}, ["refused"]])
+async def test_a_batch_refusal_naming_no_events_rightly_refuses_the_post_together(answer: object) -> None:
+    """Positions out of range, twice, none, or no list at all: the POST is refused together, as
+    from a receiver that names none (halved by the worker to find the event at fault)."""
+    posts: list[list[str]] = []
+    async with Scripted(_answering({1: (b"400 Bad Request", answer)}, posts)) as url:  # type: ignore[dict-item]
+        sink = HttpSinkConfig(url=url + "/", mode="batch").build()
+        with pytest.raises(RejectedError) as info:
+            await sink.send_batch(padded(3, 300, {}))
+        await sink.aclose()
+    assert len(info.value.events) == 3 and info.value.together
+
+
 @pytest.mark.parametrize("status", [401, 403, 415])
 async def test_a_batch_post_refused_for_any_batch_is_not_halved(tmp_path: Path, status: int) -> None:
     """A receiver refusing every POST (an expired token): halving sent each event alone to be

@@ -99,6 +99,20 @@ class TestRefusals:
             statuses = [(await c.post("/", **binary_request(event(str(i), data=big)))).status_code for i in range(3)]
         assert statuses == [202, 202, 503]
 
+    async def test_a_batch_the_log_took_in_part_names_the_events_to_send_again(
+            self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        """A log full after two events of a batch of five: the 503 did not say that two were
+        stored, and a sender that sent the batch again made duplicates of those two. An event
+        whose TTL ran out (not stored, not to be sent again) keeps its position."""
+        subscriber.fail_with = 503
+        triggers = f"triggers: [{{name: t, subscriber: '{subscriber.url}', delivery: {{retry: 100}}}}]"
+        broker = await make_broker(triggers, channel="memory", spool={"memory_max_events": 2})
+        batch = [event("0"), event("expired", knativebrokerttl=1), *(event(str(i)) for i in range(1, 4))]
+        async with client(broker) as c:
+            response = await c.post("/", headers=to_batch(batch)[0], content=to_batch(batch)[1])
+        assert response.status_code == 503 and response.json()["pending"] == [3, 4], response.text
+        assert broker.metrics.accepted.labels("default/default")._value.get() == 2
+
     async def test_a_broker_without_triggers_keeps_nothing(self, make_broker: MakeBroker) -> None:
         broker = await make_broker(channel="memory", spool={"memory_max_events": 2})
         async with client(broker) as c:
