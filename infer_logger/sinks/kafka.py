@@ -133,6 +133,14 @@ def client_logger(name: str) -> logging.Logger:
     return logger
 
 
+def without_transactions(config: dict[str, ClientValue]) -> dict[str, ClientValue]:
+    """A config validator: with `transactional.id` librdkafka refuses every record until
+    `init_transactions()`, which nothing here calls, so every batch would fail for ever."""
+    if "transactional.id" in config:
+        raise ValueError("transactional.id is not supported: a transactional producer would refuse every record")
+    return config
+
+
 def _refusal(error: KafkaError, topic: str) -> KafkaError:
     """Why `produce` refused a record. A name Kafka never accepts is refused for good, but when
     the broker's answer beats the first record (a race), librdkafka says "unknown topic"."""
@@ -178,6 +186,11 @@ class KafkaSinkConfig(SinkConfig):
     def _check_topic(cls, value: str) -> str:
         TopicTemplate(value)
         return value
+
+    @field_validator("config")
+    @classmethod
+    def _check_config(cls, value: dict[str, ClientValue]) -> dict[str, ClientValue]:
+        return without_transactions(value)
 
     def producer_config(self) -> dict[str, ClientValue]:
         return {

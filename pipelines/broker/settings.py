@@ -27,6 +27,7 @@ from pydantic_settings import SettingsConfigDict
 from infer_logger.config import LayeredSettings
 from infer_logger.errors import ConfigError
 from infer_logger.sinks.base import SinkConfig
+from infer_logger.sinks.kafka import without_transactions
 from pipelines.broker.components import component_config
 from pipelines.broker.delivery import DeliverySpec, Destination
 from pipelines.broker.trigger import check_name
@@ -69,6 +70,11 @@ class KafkaChannelSettings(BaseModel):
     replication_factor: int = Field(1, ge=1)
     config: dict[str, str | int | float | bool] = Field(default_factory=dict)
     """librdkafka properties for every client (TLS, SASL, ...)."""
+
+    @field_validator("config")
+    @classmethod
+    def _check_config(cls, value: dict[str, str | int | float | bool]) -> dict[str, str | int | float | bool]:
+        return without_transactions(value)
 
     def topic(self, namespace: str, name: str) -> str:
         """A broker's topic; ConfigError where Kafka would refuse it (long names can add up)."""

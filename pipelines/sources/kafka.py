@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 import orjson
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from infer_logger import deadletter
 from infer_logger.cloudevents.event import CloudEvent
@@ -39,7 +39,7 @@ from infer_logger.dispatch import Backoff
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.sinks.base import Sink
 from infer_logger.sinks.halving import Halving
-from infer_logger.sinks.kafka import CLIENT, NO_CLIENT, ClientValue, client_logger
+from infer_logger.sinks.kafka import CLIENT, NO_CLIENT, ClientValue, client_logger, without_transactions
 from pipelines.sources.base import SourceConfig
 
 if CLIENT:  # else the config still validates, and `build()` says what to install
@@ -106,6 +106,11 @@ class KafkaSourceConfig(SourceConfig):
     """librdkafka properties passed through last (TLS, SASL, `max.poll.interval.ms`,
     `partition.assignment.strategy`, ...); the dead-letter producer gets all but the consumer's own,
     and a delivery timeout of its own (30 s: a stalled broker holds a batch's dead letters no longer)."""
+
+    @field_validator("config")
+    @classmethod
+    def _check_config(cls, value: dict[str, ClientValue]) -> dict[str, ClientValue]:
+        return without_transactions(value)  # the dead-letter producer gets it
 
     @model_validator(mode="after")
     def _check_dead_letter(self) -> KafkaSourceConfig:

@@ -639,6 +639,12 @@ class TestConfig:
         with pytest.raises(ConfigError, match="no.such.property"):
             KafkaSinkConfig(bootstrap_servers="b:9092", config={"no.such.property": "1"}).build()
 
+    def test_transactions_are_refused_when_read(self) -> None:
+        """librdkafka refuses every record of a producer with `transactional.id` until
+        `init_transactions()`: the sink retried every batch for ever."""
+        with pytest.raises(ValidationError, match=r"config[\s\S]*transactional.id"):
+            KafkaSinkConfig(bootstrap_servers="b:9092", config={"transactional.id": "t"})
+
     def test_in_flight(self) -> None:
         assert KafkaSinkConfig(bootstrap_servers="b:9092").in_flight == 4
         assert KafkaSinkConfig(bootstrap_servers="b:9092", in_flight=None).in_flight is None  # the default's

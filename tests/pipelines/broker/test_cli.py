@@ -68,6 +68,11 @@ class TestBrokerCheck:
         result = CliRunner().invoke(broker_command, ["--role", "ingress", "--check"])
         assert result.exit_code == 2 and "needs channel: kafka" in result.output
 
+    def test_a_transactional_kafka_client_is_a_config_error(self) -> None:
+        result = CliRunner().invoke(broker_command, ["--channel", "kafka", "--check"],
+                                    env={"INFER_LOGGER_BROKER_KAFKA__CONFIG": '{"transactional.id": "t"}'})
+        assert result.exit_code == 2 and "kafka.config" in result.output and "transactional.id" in result.output
+
     def test_odd_yaml_values_are_config_errors(self, tmp_path: Path) -> None:
         path = tmp_path / "triggers.yaml"
         path.write_text("triggers:\n  - name: a\n    subscriber: 'http://127.0.0.1:9/'\n"

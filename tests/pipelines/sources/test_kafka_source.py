@@ -442,6 +442,12 @@ class TestConfig:
         with pytest.raises(ValidationError):
             KafkaSourceConfig(bootstrap_servers="b:9092", topics=[])
 
+    def test_transactions_are_refused_when_read(self) -> None:
+        """The dead-letter producer gets the source's config: with `transactional.id` it refused
+        every dead letter, and the source held its batch for ever."""
+        with pytest.raises(ValidationError, match=r"config[\s\S]*transactional.id"):
+            KafkaSourceConfig(bootstrap_servers="b:9092", topics=["t"], config={"transactional.id": "t"})
+
     def test_client_config(self) -> None:
         conf = KafkaSourceConfig(bootstrap_servers="b:9092", topics=["t"], config={"security.protocol": "SSL"})
         assert conf.consumer_config()["enable.auto.commit"] is False
