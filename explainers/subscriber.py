@@ -216,7 +216,11 @@ class ExplainSubscriber:
 
     async def handle(self, event: CloudEvent) -> CloudEvent | None:
         """The explanation event once both halves of an exchange are here, else None."""
-        reply, partner = await self._handle(event)
+        try:
+            reply, partner = await self._handle(event)
+        except RejectedError:
+            self._refused([event])
+            raise
         self._delivered([(reply, partner)])
         return reply
 
@@ -227,6 +231,15 @@ class ExplainSubscriber:
             if partner is not None:
                 self.cache.pop(partner)
                 self._settled.add(partner[0])
+
+    def _refused(self, completing: Sequence[CloudEvent]) -> None:
+        """Their exchanges' refusals reached the caller for good: the cached halves go. (Kept
+        until then: a retry for another event's failure must be refused again, or the refusal
+        is never dead-lettered and the retry caches the other half as a first one.)"""
+        for event in completing:
+            other = events.RESPONSE if event.type == events.REQUEST else events.REQUEST
+            self.cache.pop((event.id, other))
+            self._settled.add(event.id)
 
     async def _handle(self, event: CloudEvent, share: bool = False) -> _Result:
         """`handle`'s reply, and the key of the cached half it used, left for the caller to drop
@@ -260,11 +273,7 @@ class ExplainSubscriber:
         """The explanation of the exchange `event` completes with the cached `partner`."""
         kind, other = event.type, partner.type
         request, response = (event, partner) if kind == events.REQUEST else (partner, event)
-        try:
-            explanation = await self._explain(request)
-        except RejectedError:
-            self.cache.pop((event.id, other))  # never explainable: do not keep it
-            raise
+        explanation = await self._explain(request)  # refused: the caller settles it (`_refused`)
         self.explained += 1
         return explanation_event(request, response, explanation, self.settings.source), (event.id, other)
 
@@ -336,6 +345,7 @@ class ExplainSubscriber:
         self._delivered([r for r in done if r[0] is None or r[0].id not in gone])
         if retryable:
             raise SinkError(f"{len(retryable)} explanations failed: {retryable[0]}")
+        self._refused([e for e, r in zip(batch, results, strict=True) if isinstance(r, RejectedError)])
         refused += [(e, str(f)) for f in failures if isinstance(f, RejectedError) for e in f.events]
         if refused:
             raise RejectedError("; ".join(dict.fromkeys(why for _, why in refused)), [e for e, _ in refused],
@@ -364,6 +374,7 @@ class ExplainSubscriber:
                 if not isinstance(retry, SinkError):
                     log.exception("explaining an event failed", exc_info=retry)
                 return _error(502 if isinstance(retry, SinkError) else 500, str(retry))
+            self._refused([e for e, r in zip(received, results, strict=True) if isinstance(r, RejectedError)])
             return _error(400, str(errors[0]))
         done = [r for r in results if not isinstance(r, BaseException)]
         self._delivered(done)  # answered in this response: delivered as far as this server goes

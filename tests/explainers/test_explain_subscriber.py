@@ -372,6 +372,41 @@ class TestDeliveryFailures:
         assert [e.id for e in second.value.events] == ["r-B"] and second.value.events[0].type == events.EXPLANATION
         assert [e.id for e in out.events] == ["r-A"] and len(sub.cache) == 1  # r-B's half, for a retry
 
+    async def test_a_request_refused_with_an_others_retryable_failure_is_refused_on_the_retry(
+            self, service: ExplainerService, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An exchange whose request cannot be explained dropped its cached half at once: when
+        another exchange of the batch failed for a while, the retry cached the refused one's
+        response as a first half (expired later, counted as a partner that never came), and the
+        refusal never reached the caller: no dead letter."""
+        out = MemorySink()
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=out)
+        explain, blips = sub._explain, ["h-A"]
+
+        async def blip_once(request: CloudEvent) -> Any:
+            if request.id in blips:
+                blips.clear()
+                raise SinkError("the predictor answered 503")
+            return await explain(request)
+
+        monkeypatch.setattr(sub, "_explain", blip_once)
+        (bad_request, bad_response), (request, response) = exchange("h-C", rows=[[1.0, 2.0]]), exchange("h-A")
+        await sub.send_batch([bad_request, request])  # both cached, in an earlier batch
+        with pytest.raises(SinkError, match="503") as first:
+            await sub.send_batch([bad_response, response])
+        assert not isinstance(first.value, RejectedError)
+        with pytest.raises(RejectedError, match=r"h-C.*\[n, 4\]") as second:
+            await sub.send_batch([bad_response, response])  # the worker's retry
+        assert second.value.events == [bad_request] and [e.id for e in out.events] == ["h-A"]
+        assert len(sub.cache) == 0 and (await sub.handle(bad_response)) is None and len(sub.cache) == 0
+
+        # The same over HTTP (a trigger's delivery): 502 for the blip, then 400 for the refusal.
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
+        blips.append("h-A")
+        monkeypatch.setattr(sub, "_explain", blip_once)
+        await sub.handle_http(*ce_http.to_batch([bad_request, request]))
+        statuses = [(await sub.handle_http(*ce_http.to_batch([bad_response, response])))[0] for _ in range(2)]
+        assert statuses == [502, 400] and len(sub.cache) == 1  # A's request: its explanation was not delivered
+
     async def test_a_refused_explanation_is_refused_again_on_a_retry(self, service: ExplainerService) -> None:
         """Its exchange was settled at once: when the caller could not write the dead letter and
         sent the batch again, nothing was explained, and the batch was committed without it."""
