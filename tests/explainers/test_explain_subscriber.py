@@ -63,6 +63,19 @@ def _recorded(service: ExplainerService, check: Any = None) -> list[int]:
     return calls
 
 
+def _blip_once(sub: ExplainSubscriber, monkeypatch: pytest.MonkeyPatch, event_id: str) -> None:
+    """The predictor's blip: explaining `event_id` fails once, retryably (as 503)."""
+    explain, blips = sub._explain, [event_id]
+
+    async def blip_once(request: CloudEvent) -> Any:
+        if request.id in blips:
+            blips.clear()
+            raise SinkError("the predictor answered 503")
+        return await explain(request)
+
+    monkeypatch.setattr(sub, "_explain", blip_once)
+
+
 async def _explain_concurrently(service: ExplainerService, prefix: str, n: int) -> list[str]:
     """`n` exchanges through a subscriber that batches them: the ids of the explanations made."""
     sub = ExplainSubscriber(service, SubscriberSettings(linger=0.05, batch_size=64))
@@ -354,15 +367,7 @@ class TestDeliveryFailures:
 
         out = TakesAllButB()
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=out)
-        explain, blips = sub._explain, ["r-A"]
-
-        async def blip_once(request: CloudEvent) -> Any:
-            if request.id in blips:
-                blips.clear()
-                raise SinkError("the predictor answered 503")
-            return await explain(request)
-
-        monkeypatch.setattr(sub, "_explain", blip_once)
+        _blip_once(sub, monkeypatch, "r-A")
         batch = [*exchange("r-A"), *exchange("r-B")]
         with pytest.raises(SinkError, match="503") as first:
             await sub.send_batch(batch)
@@ -380,15 +385,7 @@ class TestDeliveryFailures:
         refusal never reached the caller: no dead letter."""
         out = MemorySink()
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=out)
-        explain, blips = sub._explain, ["h-A"]
-
-        async def blip_once(request: CloudEvent) -> Any:
-            if request.id in blips:
-                blips.clear()
-                raise SinkError("the predictor answered 503")
-            return await explain(request)
-
-        monkeypatch.setattr(sub, "_explain", blip_once)
+        _blip_once(sub, monkeypatch, "h-A")
         (bad_request, bad_response), (request, response) = exchange("h-C", rows=[[1.0, 2.0]]), exchange("h-A")
         await sub.send_batch([bad_request, request])  # both cached, in an earlier batch
         with pytest.raises(SinkError, match="503") as first:
@@ -401,8 +398,7 @@ class TestDeliveryFailures:
 
         # The same over HTTP (a trigger's delivery): 502 for the blip, then 400 for the refusal.
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
-        blips.append("h-A")
-        monkeypatch.setattr(sub, "_explain", blip_once)
+        _blip_once(sub, monkeypatch, "h-A")
         await sub.handle_http(*ce_http.to_batch([bad_request, request]))
         statuses = [(await sub.handle_http(*ce_http.to_batch([bad_response, response])))[0] for _ in range(2)]
         assert statuses == [502, 400] and len(sub.cache) == 1  # A's request: its explanation was not delivered

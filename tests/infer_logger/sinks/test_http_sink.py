@@ -221,32 +221,36 @@ def _answering(answers: dict[int, tuple[bytes, dict[str, object]]], posts: list[
     return reply
 
 
+async def _send_to(answers: dict[int, tuple[bytes, object]], batch: list[CloudEvent], error: type[Exception],
+                   *, halving: bool = True, **config: object) -> tuple[Exception, list[list[str]]]:
+    """The error a batch sent (through `Halving`) to an `_answering` receiver raises, and its POSTs."""
+    posts: list[list[str]] = []
+    async with Scripted(_answering(answers, posts)) as url:  # type: ignore[arg-type]
+        http = HttpSinkConfig(url=url + "/", mode="batch", **config).build()  # type: ignore[arg-type]
+        sink = Halving(http) if halving else http
+        with pytest.raises(error) as info:
+            await sink.send_batch(batch)
+        await sink.aclose()
+    return info.value, posts
+
+
 async def test_a_batch_post_the_receiver_took_in_part_is_not_sent_again_whole() -> None:
     """Our broker, its Kafka log refusing one event of a batch POST for good (or failing part
     way), stored the others: answered 413 (or 503) for the whole POST, the sink sent it again
     in halves (or whole) and each stored event arrived twice. It names the refused (pending) ones."""
     batch = padded(9, 300, {})
-    posts: list[list[str]] = []
     refused = {1: (b"413 Payload Too Large", {"error": "too large", "refused": [1]})}
-    async with Scripted(_answering(refused, posts)) as url:
-        sink = Halving(HttpSinkConfig(url=url + "/", mode="batch", max_batch_bytes=1000).build())
-        with pytest.raises(RejectedError) as info:
-            await sink.send_batch(batch)
-        await sink.aclose()
+    rejected, posts = await _send_to(refused, batch, RejectedError, max_batch_bytes=1000)
     first = len(posts[0])
-    assert info.value.events == [batch[1]] and info.value.too_large and not info.value.together
+    assert isinstance(rejected, RejectedError)
+    assert rejected.events == [batch[1]] and rejected.too_large and not rejected.together
     assert sum(posts, []) == [e.id for e in batch]  # each once: no halves, later POSTs still sent
 
-    posts.clear()
     failing = {2: (b"503 Service Unavailable", {"error": "down", "pending": [1]})}
-    async with Scripted(_answering(failing, posts)) as url:
-        sink = Halving(HttpSinkConfig(url=url + "/", mode="batch", max_batch_bytes=1000).build())
-        with pytest.raises(SinkError) as failed:
-            await sink.send_batch(batch)
-        await sink.aclose()
+    failed, posts = await _send_to(failing, batch, SinkError, max_batch_bytes=1000)
     second = posts[1]
-    assert len(second) > 1 and len(posts) == 2
-    assert [e.id for e in failed.value.pending] == [second[1], *(e.id for e in batch[first + len(second):])]
+    assert len(second) > 1 and len(posts) == 2 and isinstance(failed, SinkError)
+    assert [e.id for e in failed.pending] == [second[1], *(e.id for e in batch[first + len(second):])]
 
 
 @pytest.mark.parametrize("answer", [{"refused": [9]}, {"refused": [0, 0]}, {"refused": []}, {"refused": "0"},
@@ -254,13 +258,8 @@ async def test_a_batch_post_the_receiver_took_in_part_is_not_sent_again_whole() 
 async def test_a_batch_refusal_naming_no_events_rightly_refuses_the_post_together(answer: object) -> None:
     """Positions out of range, twice, none, or no list at all: the POST is refused together, as
     from a receiver that names none (halved by the worker to find the event at fault)."""
-    posts: list[list[str]] = []
-    async with Scripted(_answering({1: (b"400 Bad Request", answer)}, posts)) as url:  # type: ignore[dict-item]
-        sink = HttpSinkConfig(url=url + "/", mode="batch").build()
-        with pytest.raises(RejectedError) as info:
-            await sink.send_batch(padded(3, 300, {}))
-        await sink.aclose()
-    assert len(info.value.events) == 3 and info.value.together
+    rejected, _ = await _send_to({1: (b"400 Bad Request", answer)}, padded(3, 300, {}), RejectedError, halving=False)
+    assert isinstance(rejected, RejectedError) and len(rejected.events) == 3 and rejected.together
 
 
 @pytest.mark.parametrize("status", [401, 403, 415])
