@@ -23,9 +23,13 @@ from infer_logger.upstream import Upstream, UpstreamError
 
 # Knative's retry set: everything else in 4xx is the event's fault and never gets better.
 RETRYABLE = frozenset({404, 408, 409, 429})
-# Of an answer the status and Retry-After count, and a batch refusal's positions: a body is kept
-# up to this and the rest not read (a 2xx whose body never ends is still a delivery).
-RESPONSE_BODY_MAX = 64 << 10
+# Of an answer the status and Retry-After count, and a batch refusal's positions (~7 bytes an
+# event): a body is kept up to this and the rest not read (a 2xx whose body never ends is still a
+# delivery).
+RESPONSE_BODY_MAX = 1 << 20
+# The header of an answer whose JSON names a batch's events by position (`_send_batches`): only
+# a receiver that says so is trusted to have taken the others.
+POSITIONS_HEADER = b"infer-logger-positions"
 # Refusals of a batch POST that may be for some of its events only: for its size, or a bad event.
 _PARTIAL = frozenset({400, 413, 422})
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2
@@ -132,7 +136,8 @@ class HttpSink:
             return await self._post(headers, body)
 
     async def _post(self, headers: dict[str, str], body: bytes) -> tuple[int, float | None, bytes] | None:
-        """None on success, else (status, retry-after, body); raises SinkError when nothing answered."""
+        """None on success, else (status, retry-after, the body when it names events by position);
+        raises SinkError when nothing answered."""
         # The event's own headers win over configured ones of the same name.
         own = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         names = {k for k, _ in own}
@@ -146,7 +151,8 @@ class HttpSink:
         if answer.status < 300:
             return None
         after = next((v.decode("latin-1") for k, v in answer.headers if k == b"retry-after"), None)
-        return answer.status, retry_after(after), b"" if answer.truncated else answer.body
+        named = not answer.truncated and any(k == POSITIONS_HEADER for k, _ in answer.headers)
+        return answer.status, retry_after(after), answer.body if named else b""
 
     async def _send_batches(self, events: Sequence[CloudEvent]) -> None:
         """One POST per `max_batch_bytes`, in order. A 413 stops there: its events and the rest
@@ -159,9 +165,9 @@ class HttpSink:
         worker sends again.
 
         A receiver that stored part of a POST may name the others in its JSON answer (our
-        broker does): `"refused": [positions]` with a 400, 413 or 422 (those refused for good),
-        `"pending": [positions]` with a 5xx (to send again): the rest of that POST is taken,
-        not sent again (a duplicate each)."""
+        broker does), saying so with an `Infer-Logger-Positions` header: `"refused": [positions]`
+        with a 400, 413 or 422 (those refused for good), `"pending": [positions]` with a 5xx (to
+        send again): the rest of that POST is taken, not sent again (a duplicate each)."""
         refused: list[CloudEvent] = []
         statuses: list[int] = []  # of the refusals that named no events
         named: set[int] = set()  # of those that did
@@ -220,5 +226,3 @@ def _named(answer: bytes, key: str, chunk: Sequence[CloudEvent]) -> list[CloudEv
             or len(set(positions)) != len(positions)):
         return None
     return [chunk[p] for p in sorted(positions)]
-    async def aclose(self) -> None:
-        await self._client.close()

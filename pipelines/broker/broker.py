@@ -126,7 +126,7 @@ class Broker:
 
         Raises UnknownBrokerError, InvalidEventError (a bad TTL) or ChannelError (not stored; its
         RefusedError: never storable, e.g. too large for Kafka). Their `pending` and `refused`
-        are positions in `events` (those the TTL rules dropped are neither).
+        are then the positions in `events` of those not stored (not of those the TTL rules dropped).
         """
         key = broker or self.default_key
         channel = self.channels.get(key)
@@ -145,15 +145,13 @@ class Broker:
             return 0
         try:
             await channel.append(admitted)
-        except RefusedError as exc:
-            if exc.refused is not None:
-                self._count_accepted(key, len(admitted) - len(exc.refused))
-                exc.refused = [positions[i] for i in exc.refused]
+        except RefusedError as exc:  # its positions from here on are in `events`, and never None
+            exc.refused = positions if exc.refused is None else [positions[i] for i in exc.refused]
+            self._count_accepted(key, len(admitted) - len(exc.refused))
             raise
         except ChannelError as exc:
-            if exc.pending is not None:
-                self._count_accepted(key, len(admitted) - len(exc.pending))
-                exc.pending = [positions[i] for i in exc.pending]
+            exc.pending = positions if exc.pending is None else [positions[i] for i in exc.pending]
+            self._count_accepted(key, len(admitted) - len(exc.pending))
             raise
         self._count_accepted(key, len(admitted))
         return len(admitted)

@@ -9,10 +9,10 @@ Events come in binary, structured or batch mode. 202: every event is in the brok
 names what is wrong with an event; 413: the body or an event is over the limit; 404: no such
 broker; 503: the log refused (full, Kafka down) or the broker is not ready: try again.
 
-A batch is stored whole, or the answer says which of its events were not: a 400 or 413 whose
-JSON has `"refused": [positions]` (Kafka refused those for good) and a 503 with `"pending":
-[positions]` (the log failed part way) stored all the others, which a sender must not send again
-(our http sink reads both); without the list, the whole batch is refused or to be sent again.
+A batch is stored whole, or the answer says which of its events were not: a 400 or 413 from the
+log has `"refused": [positions]` (those Kafka refused for good) and a 503 from it `"pending":
+[positions]` (to send again), with an `Infer-Logger-Positions` header; it stored all the others
+(but for those whose TTL ran out), which a sender must not send again: our http sink reads it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from infer_logger.asgi import (
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import content_mode, from_http_many
 from infer_logger.errors import InvalidEventError
+from infer_logger.sinks.http import POSITIONS_HEADER
 from pipelines.broker.channel import ChannelError, RefusedError, event_size
 from pipelines.broker.endpoints import passthrough
 from pipelines.broker.handler import TriggerHandler
@@ -49,6 +50,7 @@ Send: TypeAlias = Callable[[Message], Awaitable[None]]
 
 _JSON = (b"content-type", b"application/json")
 _ALLOW = (b"allow", b"POST, OPTIONS")
+_POSITIONS = (POSITIONS_HEADER, b"1")  # the JSON names events by position (the http sink reads it)
 
 
 class Ingress:
@@ -131,17 +133,16 @@ class Ingress:
             await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
         except RefusedError as exc:
-            # The others of a batch were stored: `refused` names the refused ones.
+            # The others of a batch were stored (or dropped, their TTL run out).
             status, label = (413, "oversize") if exc.too_large else (400, "invalid")
-            refused.labels(label).inc(len(events) if exc.refused is None else len(exc.refused))
-            extra = {} if exc.refused is None else {"refused": exc.refused}
-            await respond(send, status, [_JSON], error_body(status, str(exc), **extra))
+            positions = exc.refused or []
+            refused.labels(label).inc(len(positions))
+            await respond(send, status, [_JSON, _POSITIONS], error_body(status, str(exc), refused=positions))
             return
         except ChannelError as exc:
-            # Some of a batch may have been stored: `pending` names the others, to send again.
-            refused.labels("unavailable").inc(len(events) if exc.pending is None else len(exc.pending))
-            extra = {} if exc.pending is None else {"pending": exc.pending}
-            await respond(send, 503, [_JSON], error_body(503, str(exc), **extra))
+            positions = exc.pending or []
+            refused.labels("unavailable").inc(len(positions))
+            await respond(send, 503, [_JSON, _POSITIONS], error_body(503, str(exc), pending=positions))
             return
         except LookupError as exc:
             refused.labels("unknown_broker").inc(len(events))

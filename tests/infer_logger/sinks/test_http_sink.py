@@ -208,24 +208,27 @@ async def test_a_batch_post_answered_400_for_one_bad_event_leaves_only_it_dead(t
     assert [d["attributes"]["id"] for d in dead] == ["e13"] and "400" in dead[0]["reason"]
 
 
-def _answering(answers: dict[int, tuple[bytes, dict[str, object]]], posts: list[list[str]]):  # noqa: ANN202
-    """A receiver answering the n-th batch POST (from 1) as `answers` says, others 202; the ids of
-    each POST's events go to `posts`."""
+def _answering(answers: dict[int, tuple[bytes, dict[str, object]]], posts: list[list[str]],
+               marked: bool = True):  # noqa: ANN202
+    """A receiver answering the n-th batch POST (from 1) as `answers` says (`marked`: with the
+    header saying that its JSON names events by position), others 202; the ids of each POST's
+    events go to `posts`."""
+    marker = b"infer-logger-positions: 1\r\n" if marked else b""
 
     def reply(request: bytes) -> bytes:
         posts.append([e["id"] for e in orjson.loads(request.partition(b"\r\n\r\n")[2])])
         status, body = answers.get(len(posts), (b"202 Accepted", {}))
         out = orjson.dumps(body) if body else b""
-        return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-                % len(out) + out)
+        return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n" + marker
+                + b"content-length: %d\r\n\r\n" % len(out) + out)
     return reply
 
 
 async def _send_to(answers: dict[int, tuple[bytes, object]], batch: list[CloudEvent], error: type[Exception],
-                   *, halving: bool = True, **config: object) -> tuple[Exception, list[list[str]]]:
+                   *, halving: bool = True, marked: bool = True, **config: object) -> tuple[Exception, list[list[str]]]:
     """The error a batch sent (through `Halving`) to an `_answering` receiver raises, and its POSTs."""
     posts: list[list[str]] = []
-    async with Scripted(_answering(answers, posts)) as url:  # type: ignore[arg-type]
+    async with Scripted(_answering(answers, posts, marked)) as url:  # type: ignore[arg-type]
         http = HttpSinkConfig(url=url + "/", mode="batch", **config).build()  # type: ignore[arg-type]
         sink = Halving(http) if halving else http
         with pytest.raises(error) as info:
@@ -260,6 +263,17 @@ async def test_a_batch_refusal_naming_no_events_rightly_refuses_the_post_togethe
     from a receiver that names none (halved by the worker to find the event at fault)."""
     rejected, _ = await _send_to({1: (b"400 Bad Request", answer)}, padded(3, 300, {}), RejectedError, halving=False)
     assert isinstance(rejected, RejectedError) and len(rejected.events) == 3 and rejected.together
+
+
+@pytest.mark.parametrize(("status", "key", "error"), [(b"400 Bad Request", "refused", RejectedError),
+                                                       (b"503 Service Unavailable", "pending", SinkError)])
+async def test_positions_from_a_receiver_that_does_not_say_it_names_events_are_not_read(
+        status: bytes, key: str, error: type[Exception]) -> None:
+    """Another receiver's JSON may hold a "refused" or "pending" list meaning something else:
+    read as ours, the events it did not list counted as taken, though it stored none."""
+    batch = padded(3, 300, {})
+    failure, _ = await _send_to({1: (status, {key: [0]})}, batch, error, halving=False, marked=False)
+    assert (failure.events if isinstance(failure, RejectedError) else failure.pending) == batch  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("status", [401, 403, 415])

@@ -111,7 +111,14 @@ class TestRefusals:
         async with client(broker) as c:
             response = await c.post("/", headers=to_batch(batch)[0], content=to_batch(batch)[1])
         assert response.status_code == 503 and response.json()["pending"] == [3, 4], response.text
-        assert broker.metrics.accepted.labels("default/default")._value.get() == 2
+        assert response.headers["infer-logger-positions"] == "1"
+        metrics = broker.metrics
+        assert metrics.accepted.labels("default/default")._value.get() == 2
+        assert [metrics.refused.labels(r)._value.get() for r in ("ttl_expired", "unavailable")] == [1, 2]
+        async with client(broker) as c:  # nothing stored: all admitted pending (the expired one counted once)
+            response = await c.post("/", headers=to_batch(batch)[0], content=to_batch(batch)[1])
+        assert response.status_code == 503 and response.json()["pending"] == [0, 2, 3, 4], response.text
+        assert [metrics.refused.labels(r)._value.get() for r in ("ttl_expired", "unavailable")] == [2, 6]
 
     async def test_a_broker_without_triggers_keeps_nothing(self, make_broker: MakeBroker) -> None:
         broker = await make_broker(channel="memory", spool={"memory_max_events": 2})

@@ -167,10 +167,10 @@ async def test_an_event_kafka_refuses_for_good_is_413_and_others_go_on(
 
 def test_a_batch_post_kafka_took_in_part_reaches_the_trigger_once_each(
         tmp_path: Path, kafka_settings: dict[str, Any], subscriber: Subscriber) -> None:
-    """An http sink in batch mode in front of the broker (a sidecar, the Forward source): one
-    event of ten over the producer's record limit was refused, the nine others written, and
-    the 413 answered for the whole POST made the sink send them again in halves: each of
-    the nine reached the trigger twice. The 413 names the refused event now."""
+    """An http sink in batch mode in front of the broker (a sidecar's, or a source's
+    subscriber): one event of ten over the producer's record limit was refused, the nine
+    others written, and the 413 answered for the whole POST made the sink send them again in
+    halves: each of the nine reached the trigger twice. The 413 names the refused event now."""
     broker = Broker(settings(tmp_path, **kafka_settings),
                     triggers=f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
     batch = [event(f"p{i}") for i in range(10)]
