@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -148,7 +149,15 @@ def _read_data(members: Mapping[str, Any], attributes: dict[str, AttributeValue]
         return value.encode("utf-8")
     # JSON content (a JSON string stays a JSON string, quotes and all). The spec lets a reader
     # refuse non-string data under a non-JSON type; its JSON text is the kinder reading.
-    return orjson.dumps(value)
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        # orjson reads 1024 levels deep but writes 254: a payload a predictor took (and our
+        # structured sinks wrote) stopped the reader with a TypeError.
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        except RecursionError:
+            raise InvalidEventError("data", "nests JSON too deeply") from None
 
 
 def _is_json(content_type: str | None) -> bool:

@@ -112,5 +112,6 @@ def _meta(headers: dict[str, bytes], *, skip_ce: bool) -> dict[str, str]:
     return {
         name: value.decode("utf-8", "backslashreplace")
         for name, value in headers.items()
-        if name != "content-type" and not (skip_ce and name.startswith(_PREFIX))
+        # Kafka headers may be null (Java clients write them): no value to keep.
+        if value is not None and name != "content-type" and not (skip_ce and name.startswith(_PREFIX))
     }

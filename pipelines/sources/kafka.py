@@ -20,6 +20,7 @@ import asyncio
 import base64
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -112,12 +113,25 @@ class KafkaSourceConfig(SourceConfig):
     def _check_config(cls, value: dict[str, ClientValue]) -> dict[str, ClientValue]:
         return without_transactions(value)  # the dead-letter producer gets it
 
+    @field_validator("topics")
+    @classmethod
+    def _check_patterns(cls, topics: list[str]) -> list[str]:
+        # librdkafka refused a bad one only once subscribing, a KafkaException out of `run()`.
+        for topic in topics:
+            if topic.startswith("^"):
+                try:
+                    re.compile(topic)
+                except re.error as exc:
+                    raise ValueError(f"{topic!r} is no regular expression: {exc}") from None
+        return topics
+
     @model_validator(mode="after")
     def _check_dead_letter(self) -> KafkaSourceConfig:
         if self.dead_letter_topic is not None and self.dead_letter_file is not None:
             raise ValueError("dead_letter_topic and dead_letter_file: choose one")
-        if self.dead_letter_topic in self.topics:
-            raise ValueError(f"dead_letter_topic {self.dead_letter_topic!r} is also read: records would loop")
+        dead = self.dead_letter_topic
+        if dead is not None and any(t == dead or (t.startswith("^") and re.search(t, dead)) for t in self.topics):
+            raise ValueError(f"dead_letter_topic {dead!r} is also read: records would loop")
         return self
 
     def consumer_config(self) -> dict[str, ClientValue]:
@@ -179,6 +193,14 @@ class KafkaSource:
         self._delivering: threading.Event | None = None  # set once the subscriber has the batch
         self._down_said = -60.0
         self._consumer = self._client(Consumer, config.consumer_config())
+        if config.dead_letter_topic is not None:
+            # Made now: a setting it refuses (one the consumer takes) is a ConfigError at build,
+            # not a first dead letter retried for ever.
+            try:
+                self._dead_letter_producer()
+            except ConfigError:
+                self._consumer.close()
+                raise
 
     def _client(self, cls: Callable[[dict[str, Any]], T], conf: dict[str, Any]) -> T:
         full = {**conf, "error_cb": self._on_error, "logger": client_logger(__name__)}
@@ -361,7 +383,9 @@ class KafkaSource:
         try:
             headers = dict(cast(list[tuple[str, bytes]], msg.headers() or []))
             return _Record(msg, from_kafka(KafkaMessage(headers, msg.key(), msg.value())))
-        except ValueError as exc:  # InvalidEventError, bad UTF-8, bad JSON: not a CloudEvent
+        except Exception as exc:  # noqa: BLE001 - InvalidEventError, bad UTF-8, bad JSON: not a CloudEvent
+            # Anything else a record makes decoding raise is its fault too: out of here, it
+            # ended `run()`, and a restart met the same record.
             return _Record(msg, None, f"not a CloudEvent: {exc}")
 
     def _hold(self) -> None:

@@ -249,6 +249,24 @@ class TestDeadLetters:
         assert all(h[REASON_HEADER].startswith(b"not a CloudEvent") for h in headers)
         assert b"id" in headers[2][REASON_HEADER] and headers[1]["content-type"] == b"application/cloudevents+json"
 
+    async def test_records_that_broke_decoding_itself(self, kafka_bootstrap: str) -> None:
+        """A null header value (Java clients write them) and a structured record whose data nests
+        JSON 300 deep (our own structured sink writes it; orjson reads 1024 levels but writes
+        254) raised out of decoding: `run()` ended, nothing committed, and every restart died on
+        the same record. The first is delivered now (the null header dropped), the second too."""
+        topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+        await publish(kafka_bootstrap, topic, [event(0)])
+        publish_raw(kafka_bootstrap, topic, [(b"{}", [("ce_specversion", b"1.0"), ("ce_id", b"id-1"),
+                                                      ("ce_source", b"/s"), ("ce_type", b"t"), ("trace", None)])])
+        deep = b"[" * 300 + b"]" * 300
+        await publish(kafka_bootstrap, topic, [CloudEvent(event(2).attributes, deep)], mode="structured")
+        sink = MemorySink()
+        source = source_config(kafka_bootstrap, topic, group, dead_letter_topic=f"{topic}-dead").build(sink)
+        async with running(source):
+            await until(lambda: committed(kafka_bootstrap, group, topic) == [3], what="commit")
+        assert [e.id for e in sink.events] == ["id-0", "id-1", "id-2"] and source.dead_lettered == 0
+        assert "trace" not in sink.events[1].meta and sink.events[2].data == deep
+
     async def test_to_a_file_with_the_subscribers_refusals(self, kafka_bootstrap: str, tmp_path: Path) -> None:
         topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
         await publish(kafka_bootstrap, topic, [event(0), event(1), event(2)])
@@ -441,6 +459,26 @@ class TestConfig:
             KafkaSourceConfig(bootstrap_servers="b:9092", topics=["t", "d"], dead_letter_topic="d")
         with pytest.raises(ValidationError):
             KafkaSourceConfig(bootstrap_servers="b:9092", topics=[])
+        # A pattern that matches it read each dead letter again: one bad record, ~180 dead letters a second.
+        with pytest.raises(ValidationError, match="loop"):
+            KafkaSourceConfig(bootstrap_servers="b:9092", topics=["^src-.*"], dead_letter_topic="src-dead")
+        assert KafkaSourceConfig(bootstrap_servers="b:9092", topics=["^src-.*"], dead_letter_topic="dead-src")
+
+    def test_a_bad_topic_pattern_is_refused_when_read(self) -> None:
+        """librdkafka refused it only once subscribing: a KafkaException ended `run()`."""
+        with pytest.raises(ValidationError, match=r"topics[\s\S]*no regular expression"):
+            KafkaSourceConfig(bootstrap_servers="b:9092", topics=["^(unclosed"])
+
+    @pytest.mark.parametrize("setting", [{"max.in.flight.requests.per.connection": 10}, {"retries": 0}])
+    def test_a_setting_the_dead_letter_producer_refuses_is_refused_at_build(self, setting: dict[str, Any]) -> None:
+        """The consumer takes these; the idempotent dead-letter producer, made at the first dead
+        letter, did not: its ConfigError was retried for ever, the offsets never moved."""
+        config = KafkaSourceConfig(bootstrap_servers="127.0.0.1:9", topics=["t"], dead_letter_topic="d",
+                                   config=setting)
+        with pytest.raises(ConfigError, match="config"):
+            config.build(MemorySink())
+        source = config.model_copy(update={"dead_letter_topic": None}).build(MemorySink())  # no producer: fine
+        asyncio.run(source.aclose())
 
     def test_transactions_are_refused_when_read(self) -> None:
         """The dead-letter producer gets the source's config: with `transactional.id` it refused
