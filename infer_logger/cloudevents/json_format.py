@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -151,13 +150,12 @@ def _read_data(members: Mapping[str, Any], attributes: dict[str, AttributeValue]
     # refuse non-string data under a non-JSON type; its JSON text is the kinder reading.
     try:
         return orjson.dumps(value)
-    except orjson.JSONEncodeError:
+    except orjson.JSONEncodeError as exc:
+        if "ecursion" not in str(exc):  # what JSON cannot hold (bytes, int keys: a msgpack reader's)
+            raise
         # orjson reads 1024 levels deep but writes 254: a payload a predictor took (and our
         # structured sinks wrote) stopped the reader with a TypeError.
-        try:
-            return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-        except RecursionError:
-            raise InvalidEventError("data", "nests JSON too deeply") from None
+        return deep_dumps(value)
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -178,3 +176,34 @@ def _loads(raw: bytes | str) -> Any:
 def _json_kind(value: object) -> str:
     kinds = {dict: "object", list: "array", str: "string", float: "number", bool: "boolean"}
     return kinds.get(type(value), type(value).__name__)
+
+
+def deep_dumps(value: Any, default: Callable[[Any], Any] | None = None, option: int = 0) -> bytes:
+    """What `orjson.dumps(value, default=default, option=option)` writes, for a value nested deeper
+    than it goes (254 levels; it and msgpack read 1024): containers here, without recursion, and
+    every scalar and key by orjson (JSONEncodeError as it raises it)."""
+    out = bytearray()
+    todo: list[tuple[bool, Any]] = [(False, value)]  # (written as is, item)
+    while todo:
+        literal, item = todo.pop()
+        if literal:
+            out += item
+        elif isinstance(item, dict):
+            out += b"{"
+            todo.append((True, b"}"))
+            pairs = list(item.items())
+            for index in range(len(pairs) - 1, -1, -1):
+                key, member = pairs[index]
+                todo.append((False, member))
+                name = orjson.dumps({key: None}, option=option)[1:-6]  # b'{"k":null}' -> b'"k"'
+                todo.append((True, b"," + name + b":" if index else name + b":"))
+        elif isinstance(item, list):
+            out += b"["
+            todo.append((True, b"]"))
+            for index in range(len(item) - 1, -1, -1):
+                todo.append((False, item[index]))
+                if index:
+                    todo.append((True, b","))
+        else:
+            out += orjson.dumps(item, default=default, option=option)
+    return bytes(out)

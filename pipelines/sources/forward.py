@@ -44,7 +44,7 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -55,7 +55,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from infer_logger import deadletter
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
-from infer_logger.cloudevents.json_format import from_dict
+from infer_logger.cloudevents.json_format import deep_dumps, from_dict
 from infer_logger.cloudevents.validation import percent_escaped, source_setting, validate
 from infer_logger.errors import InvalidEventError, RejectedError
 from infer_logger.sinks.base import Sink
@@ -96,7 +96,9 @@ class ForwardSourceConfig(SourceConfig):
     handshake_timeout: float = Field(10.0, gt=0)
     """Seconds a client has to send PING after HELO."""
     max_frame_bytes: int = Field(32 << 20, ge=1024)
-    """Largest frame as sent, and largest decompressed entries; a bigger one closes the connection."""
+    """Largest frame as sent, and largest decompressed entries; a bigger one closes the connection.
+    A batch's entries (`max_frame_entries`) may decode into at most a sixteenth as many values
+    (maps, arrays and their items: 2 Mi by default), as tiny ones are ~64 bytes each in memory."""
     max_frame_entries: int = Field(_MAX_ENTRIES, ge=1)
     """Most records per batch handed to the subscriber; a frame with more goes in several, its chunk
     acked after the last. max_frame_bytes cannot bound what entries become (a 3-byte entry is a ~1 KB
@@ -130,6 +132,32 @@ class ForwardSourceConfig(SourceConfig):
 Entry = tuple[int, dict[Any, Any]]  # (time in ns, record)
 
 
+class _Budget:
+    """How many values (maps, arrays and their items) entries may decode into until `reset`:
+    max_frame_bytes bounds their bytes, not what they become (a one-byte empty map is a 64-byte
+    dict, and a 2 KB gzip member inflates to a million of them). Counted by the unpacker's hooks
+    as each map or array is made, so a frame past it stops there."""
+
+    __slots__ = ("left", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = self.left = size
+
+    def reset(self) -> None:
+        self.left = self.size
+
+    def take(self, value: Any) -> Any:
+        self.left -= len(value) + 1
+        if self.left < 0:
+            raise FrameError(f"the entries decode into more than {self.size} values (max_frame_bytes / 16 "
+                             f"per batch of max_frame_entries)")
+        return value
+
+
+def _values(limit: int) -> int:
+    return max(1 << 16, limit // 16)
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     """A frame's tag and chunk, and its entries: checked and (but in Message mode) unpacked as they
@@ -138,19 +166,27 @@ class Frame:
     tag: str
     entries: Iterable[Entry]
     chunk: str | None
+    budget: _Budget | None = None  # of the entries still to unpack
 
     def slices(self, size: int) -> Iterator[list[Entry]]:
-        """The entries, `size` at a time."""
+        """The entries, `size` at a time (each batch with the whole budget: those before are
+        converted by then)."""
         entries = iter(self.entries)
-        while batch := list(itertools.islice(entries, size)):
+        while True:
+            if self.budget is not None:
+                self.budget.reset()
+            if not (batch := list(itertools.islice(entries, size))):
+                return
             yield batch
 
 
-def _unpacker(limit: int, file: _Reader | None = None, read_size: int = 0) -> msgpack.Unpacker:
+def _unpacker(limit: int, file: _Reader | None = None, read_size: int = 0,
+              budget: _Budget | None = None) -> msgpack.Unpacker:
     # surrogateescape: records may hold invalid UTF-8 (see _scrub). Non-string map keys are the
     # record's business, not a protocol error.
+    hooks = {} if budget is None else {"list_hook": budget.take, "object_hook": budget.take}
     return msgpack.Unpacker(file, raw=False, unicode_errors="surrogateescape", strict_map_key=False,
-                            max_buffer_size=limit, read_size=read_size)
+                            max_buffer_size=limit, read_size=read_size, **hooks)
 
 
 class _Messages:
@@ -242,7 +278,8 @@ def parse_frame(frame: bytes | memoryview, limit: int, max_entries: int = _MAX_E
     what is wrong with the frame, and iterating its entries what is wrong with them. Only the tag,
     the option and a Message mode record are decoded here; the entries are unpacked as they are
     iterated. `limit` bounds the inflated entries, `max_entries` the gzip members that end no entry."""
-    walk = _Walk(memoryview(frame))
+    budget = _Budget(_values(limit))
+    walk = _Walk(memoryview(frame), budget)
     try:
         size = walk.array_header() if walk.kind() == "array" else None
         if size is None or not 2 <= size <= 4:
@@ -256,15 +293,15 @@ def parse_frame(frame: bytes | memoryview, limit: int, max_entries: int = _MAX_E
         if kind == "array":  # Forward mode: its items are packed entries one after another
             items = walk.items()
             option = _option(walk, size, 2)
-            entries = _entries(_unpacked(_pieces(items), limit, max_entries))
+            entries = _entries(_unpacked(_pieces(items), limit, max_entries, budget))
         elif kind == "raw":  # PackedForward, maybe compressed: in a bin, or an old sender's str
             raw = walk.raw()
             option = _option(walk, size, 2)
             compressed = option.get("compressed")
             if compressed == "gzip":
-                entries = _entries(_unpacked(_inflate(raw, limit), limit, max_entries))
+                entries = _entries(_unpacked(_inflate(raw, limit), limit, max_entries, budget))
             elif compressed in (None, "text"):
-                entries = _entries(_unpacked(_pieces(raw), limit, max_entries))
+                entries = _entries(_unpacked(_pieces(raw), limit, max_entries, budget))
             else:
                 raise FrameError(f"unknown compression {_describe(compressed)}")
         else:  # Message mode
@@ -281,7 +318,7 @@ def parse_frame(frame: bytes | memoryview, limit: int, max_entries: int = _MAX_E
     chunk = option.get("chunk")
     if chunk is not None and not isinstance(chunk, str):
         raise FrameError(f"the chunk option must be a string, not {_describe(chunk)}")
-    return Frame(tag, entries, chunk)
+    return Frame(tag, entries, chunk, budget)
 
 
 def _option(walk: _Walk, size: int, index: int) -> dict[str, Any]:
@@ -346,17 +383,18 @@ class _Skipped:
 class _Walk:
     """A frame's items one after another, read from its bytes and decoded only when asked for."""
 
-    def __init__(self, frame: memoryview) -> None:
+    def __init__(self, frame: memoryview, budget: _Budget | None = None) -> None:
         self._frame = frame
+        self._budget = budget
         self._seek(0)
 
     def _seek(self, pos: int) -> None:
         self._base = pos
         rest = self._frame[pos:]
         if len(rest) > _WALK_READ:
-            self._unpacker = _unpacker(len(rest), _Reader(rest), _WALK_READ)
+            self._unpacker = _unpacker(len(rest), _Reader(rest), _WALK_READ, self._budget)
         else:  # most frames: fed at once, cheaper than read
-            self._unpacker = _unpacker(_WALK_READ, read_size=_WALK_READ)
+            self._unpacker = _unpacker(_WALK_READ, read_size=_WALK_READ, budget=self._budget)
             self._unpacker.feed(rest)
 
     @property
@@ -449,11 +487,12 @@ def _pieces(raw: bytes | memoryview) -> Iterator[memoryview]:
         yield view[start:start + _PIECE]
 
 
-def _unpacked(pieces: Iterable[bytes | memoryview], limit: int, max_idle: int) -> Iterator[Any]:
+def _unpacked(pieces: Iterable[bytes | memoryview], limit: int, max_idle: int,
+              budget: _Budget | None = None) -> Iterator[Any]:
     """The msgpack items of packed entries given in pieces, each as soon as it is whole. An empty
     piece ends a gzip member; more than `max_idle` members that end no item are refused (each costs
     work, and 32 MiB holds 1.6 million empty ones)."""
-    unpacker = _unpacker(limit + _PIECE, read_size=_PIECE)  # one entry of at most `limit` bytes, and a piece
+    unpacker = _unpacker(limit + _PIECE, read_size=_PIECE, budget=budget)  # an entry of at most `limit` bytes, and a piece
     fed = end = items = idle = 0
     items_at_member_start = 0
     for piece in pieces:
@@ -510,7 +549,13 @@ def _inflate(raw: bytes | memoryview, limit: int) -> Iterator[bytes]:
 def _describe(value: object) -> str:
     if isinstance(value, _Skipped):
         return f"an {value}" if value.kind == "array" else f"a {value}"
-    text = repr(value)
+    # Not repr() of a map or an array: one nested 1000 deep raised RecursionError (a traceback
+    # instead of a reason), and one of millions of items built a string that long for 60 characters.
+    if isinstance(value, list):
+        return f"an array of {len(value)} items"
+    if isinstance(value, dict):
+        return f"a map of {len(value)} items"
+    text = repr(value[:61] if isinstance(value, (str, bytes)) else value)
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
@@ -592,61 +637,12 @@ def _json(record: dict[Any, Any]) -> bytes:
             data = orjson.dumps(record, default=_jsonable, option=options)
         except orjson.JSONEncodeError:  # nested deeper than orjson writes
             try:
-                data = _deep_json(record, _jsonable, options)
+                data = deep_dumps(record, _jsonable, options)
             except orjson.JSONEncodeError as exc:
                 raise FrameError(f"a record JSON cannot hold: {exc}") from exc
     # orjson's bytes keep its 4 KiB starting buffer: a copy holds a small record's JSON in its own
     # size (100k tiny records held 400 MB, not 4).
     return memoryview(data).tobytes() if len(data) < 4096 else data
-
-
-def _deep_json(value: Any, default: Callable[[Any], Any] | None = None, option: int = 0) -> bytes:
-    """What `orjson.dumps(value, default=default, option=option)` writes, for a value nested deeper
-    than it goes (254 levels; it and msgpack read 1024): containers here, without recursion, and
-    every scalar and key by orjson (JSONEncodeError as it raises it)."""
-    out = bytearray()
-    todo: list[tuple[bool, Any]] = [(False, value)]  # (written as is, item)
-    while todo:
-        literal, item = todo.pop()
-        if literal:
-            out += item
-        elif isinstance(item, dict):
-            out += b"{"
-            todo.append((True, b"}"))
-            pairs = list(item.items())
-            for index in range(len(pairs) - 1, -1, -1):
-                key, member = pairs[index]
-                todo.append((False, member))
-                name = orjson.dumps({key: None}, option=option)[1:-6]  # b'{"k":null}' -> b'"k"'
-                todo.append((True, b"," + name + b":" if index else name + b":"))
-        elif isinstance(item, list):
-            out += b"["
-            todo.append((True, b"]"))
-            for index in range(len(item) - 1, -1, -1):
-                todo.append((False, item[index]))
-                if index:
-                    todo.append((True, b","))
-        else:
-            out += orjson.dumps(item, default=default, option=option)
-    return bytes(out)
-
-
-def _event(record: dict[Any, Any]) -> CloudEvent:
-    """`from_dict`; for JSON data nested deeper than orjson writes again (from_dict does), the same
-    event with that data's text written by _deep_json (a sender's valid JSON: refusing it wedged the
-    sender, which resent it for ever)."""
-    try:
-        return from_dict(record)
-    except orjson.JSONEncodeError as exc:
-        data = record.get("data")
-        # orjson says why; any other failure (bin or ext in data, int keys) keeps it a record.
-        if "ecursion" not in str(exc) or not isinstance(data, dict | list):
-            raise
-        members = {name: value for name, value in record.items() if name != "data"}
-        if members.get("datacontenttype") is None:
-            members["datacontenttype"] = "application/json"  # what from_dict implies for `data`
-        members["data_base64"] = base64.b64encode(_deep_json(data)).decode("ascii")
-        return from_dict(members)
 
 
 class ForwardSource:
@@ -670,7 +666,9 @@ class ForwardSource:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self._closing = False
-        self._packer = msgpack.Packer(use_bin_type=True)
+        # surrogateescape: an ack echoes a chunk that is not UTF-8 (read so) byte for byte; strict,
+        # it failed after the records were handed on, and every resend delivered them again.
+        self._packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
 
     @property
     def source_uri(self) -> str:
@@ -827,7 +825,7 @@ class ForwardSource:
                 meta = {**meta_tag, "fluentd-time": str(ns)}
                 if "specversion" in record:
                     try:
-                        event = _event(record)
+                        event = from_dict(record)
                     except (TypeError, ValueError) as exc:  # also data JSON cannot hold: bin, ext, int keys
                         self.invalid_events += 1
                         log.debug("forward source: %s record is no valid CloudEvent (%s); kept as a record",

@@ -12,6 +12,7 @@ import struct
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Sequence
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -652,6 +653,54 @@ class TestFailures:
             client = await Client.connect(src.port)
             await client.send(["app", entries, {"compressed": "gzip", "chunk": "c"}])
             assert await client.closed()
+
+    @pytest.mark.parametrize("mode", ["message", "compressed"])
+    async def test_entries_that_decode_into_millions_of_values_are_refused(
+            self, memory: MemorySink, caplog: pytest.LogCaptureFixture, mode: str) -> None:
+        """max_frame_bytes bounds bytes, not what they become: a one-byte empty map is a 64-byte
+        dict, so a 29 KB gzip frame of one record (30 million of them) took 2.2 GB."""
+        n = 1_000_000
+        record = pack({"a": None})[:-1] + b"\xdd" + struct.pack(">I", n) + b"\x80" * n  # {"a": [{} x n]}
+        if mode == "message":
+            frame = b"\x94" + pack("app") + pack(1) + record + pack({"chunk": "c"})
+        else:
+            frame = pack(["app", gzip.compress(b"\x92\x01" + record), {"compressed": "gzip", "chunk": "c"}])
+        async with ForwardSourceConfig(port=0, max_frame_bytes=(1 << 20) + 4096).build(memory) as src:
+            client = await Client.connect(src.port)
+            tracemalloc.start()
+            try:
+                await client.send(frame)
+                assert await client.closed()
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert (src.acks, src.errors, memory.events) == (0, 1, [])
+        assert "decode into more than 65792 values" in caplog.text and peak < 24 << 20
+
+    @pytest.mark.parametrize("frame", [pack(["app", [reduce(lambda v, _: [v], range(1000), [])]]),
+                                       pack(["app", [[1, reduce(lambda v, _: [v], range(1000), [])]]])],
+                             ids=["entry", "record"])
+    async def test_a_deep_entry_or_record_closes_with_its_reason(
+            self, memory: MemorySink, caplog: pytest.LogCaptureFixture, frame: bytes) -> None:
+        """Describing it for the reason repr()ed it: a RecursionError, asyncio's traceback, no reason."""
+        async with ForwardSourceConfig(port=0).build(memory) as src:
+            client = await Client.connect(src.port)
+            await client.send(frame)
+            assert await client.closed()
+            assert src.errors == 1
+        assert "an array of 1 items" in caplog.text and not [r for r in caplog.records if r.exc_info]
+
+    async def test_a_chunk_that_is_not_utf8_is_acked_as_sent(self, memory: MemorySink) -> None:
+        """Its ack could not be packed once the records were handed on: the connection closed
+        unacked, and every resend delivered them again."""
+        frame = b"\x93" + pack("app") + pack(pack([1, {"k": "v"}])) + b"\x81" + pack("chunk") + b"\xa2a\xff"
+        async with ForwardSourceConfig(port=0).build(memory) as src:
+            client = await Client.connect(src.port)
+            await client.send(frame)
+            async with asyncio.timeout(5):
+                ack = await client.reader.read(100)
+            await client.aclose()
+            assert ack == b"\x81\xa3ack\xa2a\xff" and src.acks == 1 and len(memory.events) == 1
 
     async def test_subscriber_failure_is_not_acked(self, source: ForwardSource, memory: MemorySink) -> None:
         memory.fail = failing(1)
