@@ -95,6 +95,9 @@ class ForwardSourceConfig(SourceConfig):
     """username -> password; when set, PING must also authenticate one of them."""
     handshake_timeout: float = Field(10.0, gt=0)
     """Seconds a client has to send PING after HELO."""
+    frame_timeout: float = Field(60.0, gt=0)
+    """Seconds a frame begun may go without a byte more; then the connection is closed (a client
+    that stopped mid-frame held its bytes, up to max_frame_bytes, for as long as it stayed)."""
     max_frame_bytes: int = Field(32 << 20, ge=1024)
     """Largest frame as sent, and largest decompressed entries; a bigger one closes the connection.
     A batch's entries (`max_frame_entries`) may decode into at most a sixteenth as many values
@@ -213,6 +216,11 @@ class _Messages:
         self._unpacker.feed(data)
         self._reads.append(data)
         self._fed += len(data)
+
+    @property
+    def partial(self) -> bool:
+        """Whether a message has begun and not ended (once iterating stopped)."""
+        return self._fed > self._start
 
     def __iter__(self) -> Self:
         return self
@@ -733,7 +741,16 @@ class ForwardSource:
                 for message in messages:
                     frame = parse_frame(message, self.config.max_frame_bytes, self.config.max_frame_entries)
                     await self._take(frame, reader, writer)
-                if not (data := await reader.read(_READ_SIZE)):
+                if not messages.partial:
+                    data = await reader.read(_READ_SIZE)
+                else:
+                    try:
+                        async with asyncio.timeout(self.config.frame_timeout):
+                            data = await reader.read(_READ_SIZE)
+                    except TimeoutError:
+                        raise FrameError(f"no byte of the frame begun for {self.config.frame_timeout:g}s "
+                                         f"(frame_timeout)") from None
+                if not data:
                     break
                 messages.feed(data)
         except msgpack.BufferFull:  # _Messages refuses first; kept as the backstop it was

@@ -702,6 +702,22 @@ class TestFailures:
             await client.aclose()
             assert ack == b"\x81\xa3ack\xa2a\xff" and src.acks == 1 and len(memory.events) == 1
 
+    async def test_a_frame_stopped_midway_closes_the_connection(
+            self, memory: MemorySink, caplog: pytest.LogCaptureFixture) -> None:
+        """A client that stopped mid-frame held its bytes (up to max_frame_bytes) for as long as it
+        stayed; one idle between frames stays."""
+        frame = pack(["app", 1, {"a": 1}, {"chunk": "c"}])
+        async with ForwardSourceConfig(port=0, frame_timeout=0.3).build(memory) as src:
+            idle, stalled = await Client.connect(src.port), await Client.connect(src.port)
+            await stalled.send(frame[:5])
+            assert await stalled.closed()
+            assert await roundtrip(src, frame) == [{"ack": "c"}]
+            await asyncio.sleep(0.5)
+            await idle.send(frame)
+            assert await idle.reply() == {"ack": "c"} and src.errors == 1
+            await idle.aclose()
+        assert "no byte of the frame begun for 0.3s (frame_timeout)" in caplog.text
+
     async def test_subscriber_failure_is_not_acked(self, source: ForwardSource, memory: MemorySink) -> None:
         memory.fail = failing(1)
         frame = ["app", T_NS // NS, {"a": 1}, {"chunk": "retry-me"}]
