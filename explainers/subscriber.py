@@ -55,7 +55,9 @@ from infer_logger.sinks.base import Sink, SinkConfig
 from infer_logger.sinks.halving import Halving
 
 log = logging.getLogger(__name__)
-_COPIED = (events.MODELNAME, events.MODELVERSION, events.INFERENCESERVICENAME, events.NAMESPACE)
+# Every attribute the audit record shares between an exchange's events: a sink's index or topic
+# made of one missing (an Elasticsearch `index` with `{component}`) put the explanation elsewhere.
+_COPIED = tuple(events.SHARED_FIELDS.values())
 
 
 class EventCache:

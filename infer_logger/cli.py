@@ -222,8 +222,13 @@ def setup() -> None:
               help="Keep an existing template of another version instead of replacing it.")
 @click.option("--force", is_flag=True,
               help="Replace a template of that name that infer-logger did not make (refused otherwise).")
+@click.option("--api-key", envvar="INFER_LOGGER_ES_API_KEY", help="An encoded API key (the sink's `api_key`; "
+              "or env INFER_LOGGER_ES_API_KEY). Basic auth: user:password@ in the URL.")
+@click.option("--ca-certs", help="A CA bundle file for an https URL's certificate (the sink's `ca_certs`).")
+@click.option("--verify-certs/--no-verify-certs", default=True, show_default=True,
+              help="Check an https URL's certificate.")
 def setup_elasticsearch_command(url: str, index: str | None, template_name: str | None, keep: bool,
-                                force: bool) -> None:
+                                force: bool, api_key: str | None, ca_certs: str | None, verify_certs: bool) -> None:
     """Install the index template a sink with these settings uses (explicit mappings for the
     audit record): `inference-log` for `inference-log-*` by default. A template of that name
     that is not infer-logger's is left alone (exit 1) unless --force."""
@@ -232,7 +237,9 @@ def setup_elasticsearch_command(url: str, index: str | None, template_name: str 
     from infer_logger.config import config_error
     from infer_logger.sinks.elasticsearch import ElasticsearchSinkConfig, setup_elasticsearch
 
-    given = {"index": index, "template_name": template_name}
+    # Elasticsearch 8 serves https with its own CA and needs credentials by default.
+    given = {"index": index, "template_name": template_name, "api_key": api_key, "ca_certs": ca_certs,
+             "verify_certs": None if verify_certs else False}
     try:
         config = ElasticsearchSinkConfig(url=url, **{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:

@@ -49,8 +49,9 @@ if TYPE_CHECKING:
 TEMPLATE_NAME = "inference-log"
 INDEX_PATTERNS = ("inference-log-*",)
 # 2: date_detection off, keyword `values`, `raw`, flattened `explanation.params`;
-# 3: priority by pattern length, flattened `items`
-VERSION = 3
+# 3: priority by pattern length, flattened `items`; 4: ignore_above on the attribute keywords,
+# room for 5000 fields
+VERSION = 4
 # Above the built-in templates (`logs-*-*` etc. sit at 100); equal priorities may not overlap.
 PRIORITY = 200
 MANAGED_BY = "infer-logger"
@@ -60,6 +61,9 @@ MANAGED_BY = "infer-logger"
 Outcome = Literal["created", "updated", "unchanged", "kept", "foreign"]
 
 _KEYWORD = {"type": "keyword", "ignore_above": 1024}
+# Elasticsearch refuses a document with a term over 32,766 bytes ("immense term"): an id that long
+# (the sidecar takes headers up to 64 KiB) dead-lettered its exchange. Longer ones are kept, not indexed.
+_LONG_KEYWORD = {"type": "keyword", "ignore_above": 8191}
 _DATE = {"type": "date"}
 _PAYLOAD = {"type": "object", "dynamic": True}
 _STORED = {"type": "keyword", "index": False, "doc_values": False}  # in _source only
@@ -75,16 +79,10 @@ MAPPINGS: dict[str, Any] = {
     ],
     "properties": {
         "@timestamp": _DATE,
-        "id": {"type": "keyword"},
+        "id": _LONG_KEYWORD,
         "instance": {"type": "integer"},
-        "model": {"type": "keyword"},
-        "model_version": {"type": "keyword"},
-        "service": {"type": "keyword"},
-        "namespace": {"type": "keyword"},
-        "component": {"type": "keyword"},
-        "endpoint": {"type": "keyword"},
-        "protocol": {"type": "keyword"},
-        "path": {"type": "keyword"},
+        **{name: _LONG_KEYWORD for name in ("model", "model_version", "service", "namespace", "component", "endpoint",
+                                  "protocol", "path")},
         "status": {"type": "integer"},
         "latency_ms": {"type": "float"},
         "metadata": {"type": "object", "dynamic": True},
@@ -111,6 +109,12 @@ MAPPINGS: dict[str, Any] = {
 }
 
 
+# A model's features and their attributions are fields of their own (`request.features.<name>`,
+# `explanation.attributions.<name>`): Elasticsearch's default of 1000 fields an index refused
+# every document of a 600-feature model once its explanations came (a 400: dead-lettered).
+SETTINGS: dict[str, Any] = {"index.mapping.total_fields.limit": 5000}
+
+
 def priority(index_patterns: Sequence[str]) -> int:
     """200 + the longest fixed part (index names are at most 255 bytes): the more specific wins."""
     return PRIORITY + min(max((len(p.split("*", 1)[0]) for p in index_patterns), default=0), 255)
@@ -123,7 +127,7 @@ def index_template(index_patterns: Sequence[str] = INDEX_PATTERNS) -> dict[str, 
         "priority": priority(index_patterns),
         "version": VERSION,
         "_meta": {"managed_by": MANAGED_BY, "description": "one audit record per prediction"},
-        "template": {"mappings": MAPPINGS},
+        "template": {"settings": SETTINGS, "mappings": MAPPINGS},
     }
 
 

@@ -77,6 +77,9 @@ _BUILT_IN_TEMPLATES = ("logs", "metrics", "traces", "synthetics", "profiling", "
                        "slm-history", "elastic-connectors", "behavioral_analytics")
 
 
+_NOT_IN_NAMES = ' ,#*\\/?"<>|'
+
+
 class ElasticsearchSinkConfig(SinkConfig):
     """Upserts one audit document per prediction into Elasticsearch 8 (see `infer_logger.audit`)."""
 
@@ -146,6 +149,16 @@ class ElasticsearchSinkConfig(SinkConfig):
     @classmethod
     def _index_pattern(cls, value: str) -> str:
         index_fields(value)
+        return value
+
+    @field_validator("template_name")
+    @classmethod
+    def _template_name(cls, value: str) -> str:
+        # Elasticsearch's own rules for template names: refused there, the sink warned once and
+        # wrote into indices it auto-created with dynamic mappings, for good.
+        if not value or value != value.lower() or value.startswith("_") or any(c in value for c in _NOT_IN_NAMES):
+            raise ValueError(f"{value!r}: a template name is lower case, without spaces or any of "
+                             f"{_NOT_IN_NAMES.strip()}, and does not start with _")
         return value
 
     @model_validator(mode="after")
@@ -364,13 +377,16 @@ class ElasticsearchSink:
             yield from (_Op(i, line) for line in lines)
 
     def _count_requests(self, batch: Sequence[CloudEvent]) -> None:
-        """The instance counts of the batch's requests whose responses are not in it (those that
-        are get theirs as `_ops` reaches them, their payload decoded once)."""
+        """The instance counts of the batch's requests but those whose responses come after them
+        in it (they get theirs as `_ops` reaches them, their payload decoded once). A response
+        before its request needs the count first: without it, its status went on instance 0 only."""
         if not self.config.per_instance:
             return
-        answered = {event.id for event in batch if event.type == events.RESPONSE}
-        for event in batch:
-            if event.type == events.REQUEST and event.id not in answered:
+        answered_later: set[str] = set()
+        for event in reversed(batch):
+            if event.type == events.RESPONSE:
+                answered_later.add(event.id)
+            elif event.type == events.REQUEST and event.id not in answered_later:
                 try:
                     self._remember(event.id, audit.instances(event))
                 except Exception:  # `_ops` rejects the event with the reason

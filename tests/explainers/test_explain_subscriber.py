@@ -114,6 +114,19 @@ class TestJoin:
             total = [o["base_value"] + sum(o["attributions"].values()) for o in explanation["outputs"]]
             np.testing.assert_allclose(total, record.response, atol=1e-6)
 
+    def test_the_explanation_carries_every_shared_attribute(self) -> None:
+        """It carried the model, version, service and namespace only: a sink indexing by
+        `{component}` put it in an `...-unknown` index, never joined with its exchange."""
+        from explainers.base import Explanation
+        from explainers.subscriber import explanation_event
+
+        request, response = exchange("ex-attrs")
+        shared = {"component": "predictor", "endpoint": "default", "protocol": "v1", "path": "/v1/models/m:predict"}
+        request = CloudEvent({**request.attributes, **shared}, request.data)
+        reply = explanation_event(request, response, Explanation("kernel", {}, [], []), "urn:explainer")
+        assert {name: reply.get(attr) for name, attr in events.SHARED_FIELDS.items()} == {
+            name: request.get(attr) for name, attr in events.SHARED_FIELDS.items()}
+
     async def test_a_request_with_binary_tensor_data(self, service: ExplainerService) -> None:
         """tritonclient's default: a V2 body whose rows travel as raw bytes after the JSON part."""
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))

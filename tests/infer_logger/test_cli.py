@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -161,10 +162,32 @@ def test_setup_elasticsearch_leaves_a_template_not_ours_unless_forced(es_url: st
             es.indices.delete_index_template(name="clitrail")
 
 
+def test_setup_elasticsearch_takes_the_credentials_a_secured_cluster_needs(
+        es_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only --url: a default Elasticsearch 8 (https with its own CA, an API key) was out of reach."""
+    from infer_logger.sinks import elasticsearch
+
+    seen = []
+    setup = elasticsearch.setup_elasticsearch
+
+    def recorded(config: Any, **kwargs: Any) -> Any:
+        seen.append(config)
+        return setup(config, **kwargs)
+
+    monkeypatch.setattr(elasticsearch, "setup_elasticsearch", recorded)
+    monkeypatch.setenv("INFER_LOGGER_ES_API_KEY", "a2V5OnNlY3JldA==")
+    result = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", es_url, "--no-verify-certs"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].api_key.get_secret_value() == "a2V5OnNlY3JldA==" and seen[0].verify_certs is False
+    refused = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", es_url, "--ca-certs", __file__])
+    assert refused.exit_code == 2 and "ca_certs is for https:// URLs only" in refused.output
+
+
 @pytest.mark.parametrize(("args", "field"), [
     (["--url", "localhost:9200"], "url"),
     (["--url", "http://127.0.0.1:99999"], "url"),
     (["--index", "{namespace}"], "index"),
+    (["--template-name", "Audit"], "template_name"),
 ])
 def test_setup_elasticsearch_bad_settings_are_exit_2(args: list[str], field: str) -> None:
     result = CliRunner().invoke(main, ["setup", "elasticsearch", *args])

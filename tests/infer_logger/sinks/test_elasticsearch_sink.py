@@ -131,6 +131,10 @@ class TestConfig:
         {"url": "http://:9200"},
         {"url": "https://es:9200", "ca_certs": "/no/such/ca.pem"},
         {"url": "http://es:9200", "ca_certs": __file__},  # a CA for plain http
+        # Template names Elasticsearch refuses: the sink warned once and wrote into indices with
+        # dynamic mappings for good.
+        {"template_name": "Inference_Audit"}, {"template_name": "_audit"}, {"template_name": "a b"},
+        {"template_name": "audit*"}, {"template_name": "a,b"}, {"template_name": ""},
     ])
     def test_invalid(self, fields: dict[str, Any]) -> None:
         with pytest.raises(ValueError):
@@ -189,6 +193,17 @@ class TestConfig:
         with pytest.raises(ValidationError, match="built-in data streams"):
             ElasticsearchSinkConfig(index=index)
         assert ElasticsearchSinkConfig(index=index, install_template=False).index == index
+
+    def test_the_template_keeps_real_elasticsearch_from_refusing_documents(self) -> None:
+        """Elasticsearch 8 (not noida-db) refuses a term over 32,766 bytes and, by default, a
+        1001st field of an index: a 40,000-character request id, or a 600-feature model's
+        explanations, dead-lettered whole exchanges."""
+        from infer_logger.elasticsearch_template import index_template
+
+        template = index_template()["template"]
+        properties = template["mappings"]["properties"]
+        assert all(properties[name]["ignore_above"] * 4 <= 32_766 for name in ("id", "model", "path", "component"))
+        assert template["settings"]["index.mapping.total_fields.limit"] >= 5000
 
     def test_index_names(self) -> None:
         namer = IndexNamer("inference-log-{namespace}-{inferenceservicename}")
@@ -573,11 +588,18 @@ class TestJoin:
         assert whole["whole"]["request"] == [{"values": [1.0, 2.0]}, {"values": [3.0, 4.0]}]
         assert whole["whole"]["status"] == 200
 
-    async def test_error_response_marks_every_instance(self, es_url: str, es: Elasticsearch) -> None:
+    @pytest.mark.parametrize("order", ["apart", "response-first-in-one-batch", "request-first-in-one-batch"])
+    async def test_error_response_marks_every_instance(self, es_url: str, es: Elasticsearch, order: str) -> None:
+        """Also ahead of its request in one batch: the count was taken only as the request came,
+        so the status went on instance 0 alone."""
         service = unique()
         sink = ElasticsearchSinkConfig(url=es_url).build()
-        await sink.send_batch([request("err", service, {"instances": [[1], [2], [3]]})])
-        await sink.send_batch([response("err", service, {"error": "model crashed"}, status=500)])
+        req = request("err", service, {"instances": [[1], [2], [3]]})
+        resp = response("err", service, {"error": "model crashed"}, status=500)
+        batches = {"apart": [[req], [resp]], "response-first-in-one-batch": [[resp, req]],
+                   "request-first-in-one-batch": [[req, resp]]}[order]
+        for batch in batches:
+            await sink.send_batch(batch)
         await sink.aclose()
         found = docs(es, service)
         assert sorted(found) == ["err-0", "err-1", "err-2"]
