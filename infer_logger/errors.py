@@ -58,7 +58,11 @@ class SpoolError(InferLoggerError):
 
 
 class CorruptRecordError(SpoolError):
-    pass
+    """`resume`: where the records go on past the bad one (its frame held), else None."""
+
+    def __init__(self, message: str, resume: int | None = None) -> None:
+        super().__init__(message)
+        self.resume = resume
 
 
 class SinkError(InferLoggerError):

@@ -116,7 +116,8 @@ def iter_records(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[Clou
     """Decode records from `start`, yielding each with the offset just past it.
 
     Stops quietly at a clean end or a partial trailing frame (the writer may be mid-append);
-    raises CorruptRecordError when a complete frame is wrong.
+    raises CorruptRecordError when a complete frame is wrong (with `resume`, the offset past it,
+    when only its checksum is: the frame's lengths hold, and the records after it are whole).
     """
     # The sink workers' per-event cost: attributes parse from a view (no copy), and one CRC
     # runs over attributes and data at once (crc32(data, crc32(attrs)) is the CRC of both).
@@ -134,7 +135,7 @@ def iter_records(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[Clou
         if stop > end:
             return
         if crc32(view[body:stop]) != crc:
-            raise CorruptRecordError(f"checksum mismatch at offset {pos}")
+            raise CorruptRecordError(f"checksum mismatch at offset {pos}", resume=stop)
         if flags & _NO_DATA:
             data = None
         else:
@@ -300,7 +301,12 @@ class DiskSpool(_Segments):
         self.max_bytes = max_bytes
         self.overflow = overflow
         self.fsync_interval = fsync_interval
-        self._sizes: dict[int, int] = {n: self._path(n).stat().st_size for n in self._segments()}
+        self._sizes: dict[int, int] = {}
+        for n in self._segments():
+            try:
+                self._sizes[n] = self._path(n).stat().st_size
+            except FileNotFoundError:  # finished meanwhile by a delivery process still running
+                continue
         # Never append to a segment a previous process wrote: its tail may be torn.
         self._current = max(self._sizes, default=0) + 1
         self._fd = self._open(self._current)
@@ -411,10 +417,24 @@ class DiskSpool(_Segments):
             log.error("spool full: dropped segment %d with %d undelivered events", oldest, lost)
         return True
 
+    def _saved_floor(self, number: int) -> Position:
+        """The lowest position the readers' checkpoint files hold (segment `number`'s start
+        when there is none or one cannot be read)."""
+        floor = None
+        try:
+            for path in (self.dir / "checkpoints").glob("*.json"):
+                saved = orjson.loads(path.read_bytes())
+                position = Position(int(saved["segment"]), int(saved["offset"]))
+                floor = position if floor is None else min(floor, position)
+        except (OSError, ValueError, KeyError, TypeError):
+            return Position(number, 0)
+        return floor or Position(number, 0)
+
     def _undelivered(self, number: int) -> int:
-        """Events of segment `number` that some sink has not taken yet. Known for the readers in
-        this process; with none here (they are in the delivery process) every event counts."""
-        floor = min((r.position for r in self._readers.values()), default=Position(number, 0))
+        """Events of segment `number` that some sink has not taken yet: past the readers in this
+        process or, with none here (they are in the delivery process), their saved checkpoints
+        (which trail a little: an upper bound); with neither, every event counts."""
+        floor = min((r.position for r in self._readers.values()), default=None) or self._saved_floor(number)
         if floor.segment > number:
             return 0
         start = floor.offset if floor.segment == number else 0
@@ -610,32 +630,39 @@ class DiskReader:
     def _read_segment(
         self, segment: int, offset: int, size: int, limit: int, out: list[CloudEvent]
     ) -> int:
-        """Decode records of one segment into `out`; returns the offset reached."""
+        """Decode records of one segment into `out`; returns the offset reached (its end when
+        the file is gone: dropped on overflow by the writer, which counted it)."""
         fh = self._open(segment)
-        if fh is not None:
-            while offset < size and limit > 0:
-                fh.seek(offset)
-                buf = fh.read(min(size - offset, _CHUNK))
-                if len(buf) >= _HEADER.size:
-                    # A record bigger than a chunk: read exactly that record.
-                    _, _, _, alen, dlen = _HEADER.unpack_from(buf, 0)
-                    need = _HEADER.size + alen + dlen
-                    if need > len(buf) and offset + need <= size:
-                        fh.seek(offset)
-                        buf = fh.read(need)
-                start = offset
-                try:
-                    for event, stop in iter_records(buf):
-                        out.append(event)
-                        offset = start + stop
-                        limit -= 1
-                        if limit == 0:
-                            break
-                except CorruptRecordError as exc:
+        if fh is None:
+            return size
+        while offset < size and limit > 0:
+            fh.seek(offset)
+            buf = fh.read(min(size - offset, _CHUNK))
+            if len(buf) >= _HEADER.size:
+                # A record bigger than a chunk: read exactly that record.
+                _, _, _, alen, dlen = _HEADER.unpack_from(buf, 0)
+                need = _HEADER.size + alen + dlen
+                if need > len(buf) and offset + need <= size:
+                    fh.seek(offset)
+                    buf = fh.read(need)
+            start = offset
+            try:
+                for event, stop in iter_records(buf):
+                    out.append(event)
+                    offset = start + stop
+                    limit -= 1
+                    if limit == 0:
+                        break
+            except CorruptRecordError as exc:
+                if exc.resume is None:  # the frame itself is broken: where the next starts is unknown
                     self._skip_corrupt(segment, offset, size, str(exc))
                     return size
-                if offset == start:  # only a partial frame left: the writer is mid-append
-                    break
+                resume = start + exc.resume  # only this record: the ones after it are whole
+                self._skip_corrupt(segment, offset, resume, str(exc))
+                offset = resume
+                continue
+            if offset == start:  # only a partial frame left: the writer is mid-append
+                break
         return offset
 
     def _open(self, segment: int) -> BinaryIO | None:

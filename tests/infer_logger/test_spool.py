@@ -147,7 +147,37 @@ class TestDiskSpool:
         again = DiskSpool(tmp_path)
         ids = drain(again.reader("s"))
         assert again.stats.corrupt == 1
-        assert ids and "0" not in ids and ids[-1] == "29"
+        assert ids == [str(i) for i in range(1, 30)]  # only the damaged record: its frame held
+
+    def test_a_broken_frame_skips_the_rest_of_its_segment(self, tmp_path: Path) -> None:
+        """Where the next record starts is unknown past a bad magic: the segment's rest goes."""
+        spool = DiskSpool(tmp_path, segment_bytes=500)
+        for i in range(30):
+            spool.append(event(i, 50))
+        spool.close()
+        first = sorted(tmp_path.glob("*.seg"))[0]
+        raw = bytearray(first.read_bytes())
+        raw[0] ^= 0xFF  # the first record's magic
+        first.write_bytes(bytes(raw))
+        again = DiskSpool(tmp_path)
+        ids = drain(again.reader("s"))
+        assert again.stats.corrupt == 1 and ids and "0" not in ids and ids[-1] == "29"
+
+    def test_one_bad_checksum_costs_that_record_only(self, tmp_path: Path) -> None:
+        """One flipped byte in a record's payload skipped every good record after it in its
+        segment (up to 16 MiB of events)."""
+        spool = DiskSpool(tmp_path, segment_bytes=1 << 20)
+        for i in range(1000):
+            spool.append(event(i, 100))
+        spool.close()
+        seg = sorted(tmp_path.glob("*.seg"))[0]
+        raw = bytearray(seg.read_bytes())
+        record = len(encode_record(event(0, 100)))
+        raw[5 * record + record - 10] ^= 0xFF  # inside record 5's data
+        seg.write_bytes(bytes(raw))
+        again = DiskSpool(tmp_path)
+        ids = drain(again.reader("s"), batch=100)
+        assert ids == [str(i) for i in range(1000) if i != 5] and again.stats.corrupt == 1
 
     def test_torn_tail_after_crash(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path)
@@ -401,6 +431,57 @@ def test_a_second_process_cannot_open_the_same_spool(tmp_path: Path) -> None:
 
 class TestSpoolFollower:
     """The delivery process's view of a spool another process writes."""
+
+    def test_a_sidecar_opening_the_spool_while_its_old_delivery_child_deletes(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """After a kill -9 the orphaned delivery child keeps delivering, deleting finished
+        segments: one deleted between the new writer's listing and its stat stopped the sidecar
+        at start with a FileNotFoundError traceback."""
+        from infer_logger.spool import _Segments
+
+        writer = DiskSpool(tmp_path, segment_bytes=1000)
+        for i in range(30):
+            writer.append(event(i, 100))
+        writer.close()  # the killed sidecar
+        child = SpoolFollower(tmp_path).reader("store")
+        events, end = child.read(1000)
+        listed = _Segments._segments
+
+        def listed_then_deleted(self: _Segments) -> list[int]:
+            numbers = listed(self)
+            if isinstance(self, DiskSpool):
+                child.commit(end, force=True)  # the child's checkpoint lands here: it deletes
+            return numbers
+
+        monkeypatch.setattr(_Segments, "_segments", listed_then_deleted)
+        again = DiskSpool(tmp_path, segment_bytes=1000)
+        again.append(event(30))
+        assert len(events) == 30 and drain(again.reader("store")) == ["30"]
+
+    def test_a_segment_the_writer_dropped_on_overflow_is_no_corruption(
+            self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """The follower, still listing it until its next poll, read it as a truncated record:
+        an error and a corrupt-segment count for every drop; and the writer, with the readers in
+        the other process, counted as lost the events a sink had already taken."""
+        writer = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=4000, overflow="drop_oldest")
+        follower = SpoolFollower(tmp_path)
+        reader = follower.reader("store")
+        for i in range(20):  # 5 records a segment: segments 1-4
+            writer.append(event(i, 100))
+        follower.refresh()
+        taken, end = reader.read(4)  # the sink took 4 of segment 1's 5
+        reader.commit(end, force=True)
+        for i in range(20, 30):  # full: the oldest segments dropped
+            writer.append(event(i, 100))
+        rest = drain(reader)
+        follower.refresh()
+        rest += drain(reader)
+        assert follower.stats.corrupt == 0 and "truncated record" not in caplog.text
+        # Segment 1's fifth event and segment 2's five were not taken: 6 counted lost, not 10
+        # (the fifth still came, from the file the reader had open).
+        assert writer.stats.dropped["spool_overflow"] == 6
+        missing = {str(i) for i in range(30)} - {e.id for e in taken} - set(rest)
+        assert missing == {str(i) for i in range(5, 10)}
 
     def test_reads_what_the_writer_appends_across_segments(self, tmp_path: Path) -> None:
         writer = DiskSpool(tmp_path, segment_bytes=500)
