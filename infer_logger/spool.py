@@ -7,8 +7,9 @@ own checkpoint, and segments every sink has passed are deleted.
 
 Record frame (little-endian): magic u16, flags u16, crc32 u32, attrs_len u32, data_len u32, then
 the attributes as JSON and the raw data bytes. The CRC covers both bodies; flags bit 0 marks "data
-is None". A record that fails its CRC, or a frame cut short by a crash, ends its segment for the
-reader: the rest of that segment is skipped, logged and counted, never a crash.
+is None". A record that fails its CRC is skipped alone (its lengths say where the next starts);
+a broken frame (a bad magic) or one cut short by a crash ends its segment for the reader: the
+rest of that segment is skipped. Both are logged and counted, never a crash.
 
 `MemorySpool` has the same interface and keeps events in a deque bounded by count and by bytes
 (the same `max_bytes` and overflow policy): faster, but a restart or a crash loses whatever the
