@@ -98,7 +98,7 @@ class SpoolReader(Protocol):
 
     def wake(self) -> None: ...
 
-    def commit(self, position: Position, *, force: bool = False) -> None: ...
+    def commit(self, position: Position, *, force: bool = False, collect: bool = True) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -699,12 +699,14 @@ class DiskReader:
         except TimeoutError:
             pass
 
-    def commit(self, position: Position, *, force: bool = False) -> None:
+    def commit(self, position: Position, *, force: bool = False, collect: bool = True) -> None:
         """Move the cursor after the sink took everything before it.
 
         The checkpoint file is rewritten at most every `checkpoint_interval` seconds (and on
         `flush`, and by a worker gone idle): a crash re-delivers at most that much, which
-        at-least-once allows, and the file I/O stays off the per-batch path.
+        at-least-once allows, and the file I/O stays off the per-batch path. A save deletes the
+        segments every reader has passed, but with `collect` off: a reader made before the
+        others that may still need them (the broker's new trigger, at the log's end).
         """
         self.position = position
         if position == self._saved and not force:
@@ -712,7 +714,7 @@ class DiskReader:
             # writes the file: the broker's attach marks a trigger as known by it)
         now = time.monotonic()
         if force or now - self._saved_at >= self.checkpoint_interval:
-            self._save(now)
+            self._save(now, collect)
 
     def flush(self) -> None:
         """Write the checkpoint now if it moved (at shutdown)."""
@@ -720,7 +722,7 @@ class DiskReader:
             self._save(time.monotonic())
         self._close_file()
 
-    def _save(self, now: float) -> None:
+    def _save(self, now: float, collect: bool = True) -> None:
         position = self.position
         path = self.spool.checkpoint_path(self.name)
         tmp = path.with_suffix(".tmp")
@@ -739,7 +741,8 @@ class DiskReader:
             log.warning("checkpoint %s saved again", path)
             self._save_failing = False
         self._saved, self._saved_at = position, now
-        self.spool.collect()
+        if collect:
+            self.spool.collect()
 
     def lag(self, start: Position | None = None) -> int:
         """Bytes appended after `start` (default: the committed cursor)."""
@@ -843,9 +846,10 @@ class MemoryReader:
         except TimeoutError:
             pass
 
-    def commit(self, position: Position, *, force: bool = False) -> None:
+    def commit(self, position: Position, *, force: bool = False, collect: bool = True) -> None:
         self.position = position
-        self.spool.collect()
+        if collect:
+            self.spool.collect()
 
     def flush(self) -> None:
         pass

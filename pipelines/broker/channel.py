@@ -138,7 +138,9 @@ class SpoolChannel:
         fresh = isinstance(spool, MemorySpool) or not spool.checkpoint_path(trigger).exists()
         reader = spool.reader(trigger)
         if fresh:
-            reader.commit(spool.tail(), force=True)
+            # Not collecting: at start, a trigger with undelivered events may come after this
+            # one, not yet attached to claim the segments (a restart never appends to old ones).
+            reader.commit(spool.tail(), force=True, collect=False)
         runner = self._runners[trigger] = _Runner(self, reader, handler)
         runner.start()
 

@@ -274,6 +274,29 @@ triggers:
             await second.shutdown()
         assert {e.id for e in subscriber.events} == {e.id for e in sent}
 
+    async def test_a_trigger_added_before_one_with_a_backlog_leaves_it(
+            self, tmp_path: Path, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
+        """A new trigger starts at the log's end and saves that at once: listed before an old
+        trigger with undelivered events, its save deleted every segment the old one had not yet
+        been attached to claim (a restart never appends to an old segment): its backlog lost."""
+        old = f"  - {{name: t, subscriber: '{subscriber.url}', delivery: {{retry: 1000, backoffDelay: PT0.05S}}}}\n"
+        subscriber.fail_with = 503
+        first = Broker(settings(tmp_path, drain_timeout=0.2), triggers="triggers:\n" + old)
+        await first.startup()
+        sent = [event(str(i)) for i in range(30)]
+        await _post(first, *sent)
+        await until(lambda: subscriber.attempts >= 30, what="first attempts")
+        await first.shutdown()
+
+        subscriber.fail_with = None
+        new = f"  - {{name: a-new-one, subscriber: '{other_subscriber.url}'}}\n"
+        second = Broker(settings(tmp_path), triggers="triggers:\n" + new + old)
+        await second.startup()
+        try:
+            await asyncio.to_thread(subscriber.wait_for, 30)
+        finally:
+            await second.shutdown()
+        assert {e.id for e in subscriber.events} == {e.id for e in sent} and not other_subscriber.events
 
 
 async def test_a_reload_still_reading_at_shutdown_opens_nothing(tmp_path: Path, subscriber: Subscriber) -> None:
