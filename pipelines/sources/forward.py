@@ -96,12 +96,13 @@ class ForwardSourceConfig(SourceConfig):
     handshake_timeout: float = Field(10.0, gt=0)
     """Seconds a client has to send PING after HELO."""
     frame_timeout: float = Field(60.0, gt=0)
-    """Seconds a frame begun may go without a byte more; then the connection is closed (a client
-    that stopped mid-frame held its bytes, up to max_frame_bytes, for as long as it stayed)."""
+    """Seconds a frame has to arrive whole once begun; then the connection is closed (a client
+    that stopped or dripped mid-frame held its bytes, up to max_frame_bytes, for as long as it
+    stayed)."""
     max_frame_bytes: int = Field(32 << 20, ge=1024)
     """Largest frame as sent, and largest decompressed entries; a bigger one closes the connection.
-    A batch's entries (`max_frame_entries`) may decode into at most a sixteenth as many values
-    (maps, arrays and their items: 2 Mi by default), as tiny ones are ~64 bytes each in memory."""
+    A batch's entries (`max_frame_entries`) may decode into at most a sixteenth as many maps and
+    arrays (2 Mi by default), as an empty one is a byte there and ~64 in memory."""
     max_frame_entries: int = Field(_MAX_ENTRIES, ge=1)
     """Most records per batch handed to the subscriber; a frame with more goes in several, its chunk
     acked after the last. max_frame_bytes cannot bound what entries become (a 3-byte entry is a ~1 KB
@@ -136,10 +137,11 @@ Entry = tuple[int, dict[Any, Any]]  # (time in ns, record)
 
 
 class _Budget:
-    """How many values (maps, arrays and their items) entries may decode into until `reset`:
-    max_frame_bytes bounds their bytes, not what they become (a one-byte empty map is a 64-byte
-    dict, and a 2 KB gzip member inflates to a million of them). Counted by the unpacker's hooks
-    as each map or array is made, so a frame past it stops there."""
+    """How many maps and arrays entries may decode into until `reset`: max_frame_bytes bounds
+    their bytes, not what they become (a one-byte empty map is a 64-byte dict, and a 2 KB gzip
+    member inflates to a million of them). Counted by the unpacker's hooks as each is made, so a
+    frame past it stops there. Their items are not counted: records of many small values (250
+    integers each, 4 MB a frame) are ordinary, and cost ~8 bytes an item."""
 
     __slots__ = ("left", "size")
 
@@ -150,10 +152,10 @@ class _Budget:
         self.left = self.size
 
     def take(self, value: Any) -> Any:
-        self.left -= len(value) + 1
+        self.left -= 1
         if self.left < 0:
-            raise FrameError(f"the entries decode into more than {self.size} values (max_frame_bytes / 16 "
-                             f"per batch of max_frame_entries)")
+            raise FrameError(f"the entries decode into more than {self.size} maps and arrays (max_frame_bytes "
+                             f"/ 16 per batch of max_frame_entries)")
         return value
 
 
@@ -181,6 +183,7 @@ class Frame:
             if not (batch := list(itertools.islice(entries, size))):
                 return
             yield batch
+            batch.clear()  # converted by now: not held while the next one decodes
 
 
 def _unpacker(limit: int, file: _Reader | None = None, read_size: int = 0,
@@ -221,6 +224,11 @@ class _Messages:
     def partial(self) -> bool:
         """Whether a message has begun and not ended (once iterating stopped)."""
         return self._fed > self._start
+
+    @property
+    def begun(self) -> int:
+        """Where in the stream the unfinished message starts."""
+        return self._start
 
     def __iter__(self) -> Self:
         return self
@@ -732,6 +740,7 @@ class ForwardSource:
         self.connections += 1
         peer = writer.get_extra_info("peername")
         messages = _Messages(self.config.max_frame_bytes)
+        begun: tuple[int, float] | None = None  # the unfinished frame's start and deadline
         try:
             if self.config.shared_key is not None and not await self._handshake(
                     reader, writer, messages, peer):
@@ -742,13 +751,16 @@ class ForwardSource:
                     frame = parse_frame(message, self.config.max_frame_bytes, self.config.max_frame_entries)
                     await self._take(frame, reader, writer)
                 if not messages.partial:
+                    begun = None
                     data = await reader.read(_READ_SIZE)
                 else:
+                    if begun is None or begun[0] != messages.begun:  # a frame begun since: its own deadline
+                        begun = messages.begun, asyncio.get_running_loop().time() + self.config.frame_timeout
                     try:
-                        async with asyncio.timeout(self.config.frame_timeout):
+                        async with asyncio.timeout_at(begun[1]):
                             data = await reader.read(_READ_SIZE)
                     except TimeoutError:
-                        raise FrameError(f"no byte of the frame begun for {self.config.frame_timeout:g}s "
+                        raise FrameError(f"a frame begun did not arrive whole within {self.config.frame_timeout:g}s "
                                          f"(frame_timeout)") from None
                 if not data:
                     break

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import hashlib
 import os
@@ -675,7 +676,15 @@ class TestFailures:
             finally:
                 tracemalloc.stop()
             assert (src.acks, src.errors, memory.events) == (0, 1, [])
-        assert "decode into more than 65792 values" in caplog.text and peak < 24 << 20
+        assert "decode into more than 65792 maps and arrays" in caplog.text and peak < 24 << 20
+
+    async def test_records_of_many_small_values_are_no_bomb(self, memory: MemorySink) -> None:
+        """Counting every item, 10,000 records of 250 small integers (a 4 MB frame) were refused,
+        and each resend delivered the first batch again."""
+        entries = b"".join(pack([1, {"v": list(range(250))}]) for _ in range(10_000))
+        async with ForwardSourceConfig(port=0).build(memory) as src:
+            assert await roundtrip(src, ["app", entries, {"chunk": "c"}]) == [{"ack": "c"}]
+            assert len(memory.events) == 10_000 and src.errors == 0
 
     @pytest.mark.parametrize("frame", [pack(["app", [reduce(lambda v, _: [v], range(1000), [])]]),
                                        pack(["app", [[1, reduce(lambda v, _: [v], range(1000), [])]]])],
@@ -716,7 +725,21 @@ class TestFailures:
             await idle.send(frame)
             assert await idle.reply() == {"ack": "c"} and src.errors == 1
             await idle.aclose()
-        assert "no byte of the frame begun for 0.3s (frame_timeout)" in caplog.text
+        assert "a frame begun did not arrive whole within 0.3s (frame_timeout)" in caplog.text
+
+    async def test_a_frame_dripped_past_frame_timeout_closes_the_connection(self, memory: MemorySink) -> None:
+        """The deadline was per read: a byte every 0.4 s held a frame for ever under a 0.5 s timeout."""
+        frame = pack(["app", 1, {"a": "x" * 100}, {"chunk": "c"}])
+        async with ForwardSourceConfig(port=0, frame_timeout=0.5).build(memory) as src:
+            client = await Client.connect(src.port)
+            sent = 0
+            with contextlib.suppress(ConnectionError):
+                while sent < 20 and not src.errors:  # 4 s of drip, a byte every 0.2 s
+                    await client.send(frame[sent:sent + 1])
+                    sent += 1
+                    await asyncio.sleep(0.2)
+            assert src.errors == 1 and sent < 8 and memory.events == []  # closed ~0.5 s in
+            await client.aclose()
 
     async def test_subscriber_failure_is_not_acked(self, source: ForwardSource, memory: MemorySink) -> None:
         memory.fail = failing(1)
