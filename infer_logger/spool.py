@@ -176,6 +176,7 @@ class _Segments:
         self._lock = _lock(self.dir / lock, busy)
         self.stats = SpoolStats()
         self._readers: dict[str, DiskReader] = {}
+        self._parked: dict[str, Position] = {}  # readers removed but not forgotten: their saved positions
         self._waiters: set[asyncio.Event] = set()
         self._strays: set[str] = set()  # files that look like segments and are not: logged once
         self._collect_failing = False  # finished segments cannot be deleted: logged once per stretch
@@ -188,15 +189,21 @@ class _Segments:
             raise SpoolError(f"a reader named {name!r} already exists")
         reader = DiskReader(self, name)
         self._readers[name] = reader
+        self._parked.pop(name, None)
         return reader
 
     def remove_reader(self, name: str, *, forget: bool = False) -> None:
-        """Stop keeping segments for `name`; `forget` also deletes its checkpoint."""
+        """Stop reading for `name`; `forget` also deletes its checkpoint and stops keeping its
+        segments. Without it they are kept (`_parked`): the other readers, still delivering as
+        the broker closes, collected them past its saved checkpoint (its backlog, lost)."""
         reader = self._readers.pop(name, None)
         if reader is not None:
             reader.flush()
             self._waiters.discard(reader._event)
+            if not forget:
+                self._parked[name] = reader._saved
         if forget:
+            self._parked.pop(name, None)
             self.checkpoint_path(name).unlink(missing_ok=True)
         self.collect()
 
@@ -212,7 +219,8 @@ class _Segments:
         """Delete segments that every reader has finished (by its saved checkpoint)."""
         if not self._readers:
             return
-        floor = min(self._past(r._saved) for r in self._readers.values())
+        floor = min(self._past(saved) for saved in [*(r._saved for r in self._readers.values()),
+                                                     *self._parked.values()])
         try:
             for number in [n for n in self._sizes if n < floor and n != self._current]:
                 self._delete(number)
@@ -441,11 +449,19 @@ class DiskSpool(_Segments):
         start = floor.offset if floor.segment == number else 0
         count = 0
         try:
-            for _, end in iter_records(self._path(number).read_bytes()):
-                count += end > start
-        except (CorruptRecordError, FileNotFoundError):  # what is past a corrupt record is lost anyway
-            pass
-        return count
+            raw = self._path(number).read_bytes()
+        except FileNotFoundError:
+            return 0
+        offset = 0
+        while True:
+            try:
+                for _, end in iter_records(raw, offset):
+                    count += end > start
+                return count
+            except CorruptRecordError as exc:  # readers go on past a bad checksum; past a broken frame, not
+                if exc.resume is None:
+                    return count
+                offset = exc.resume
 
     def refresh(self) -> None:
         """Forget segments deleted behind our back: by a `SpoolFollower` in the delivery process."""
@@ -579,6 +595,10 @@ class DiskReader:
         self._save_failing = False
         self.checkpoint_interval = checkpoint_interval
         self._file: tuple[int, BinaryIO] | None = None  # the segment being read, kept open
+        if not spool.checkpoint_path(name).exists():
+            # Saved at once: a writer in another process counts what an overflow drops past the
+            # checkpoints it finds, and a sink failing from its start would have none.
+            self._save(time.monotonic(), collect=False)
 
     def _load(self) -> Position:
         path = self.spool.checkpoint_path(self.name)

@@ -458,6 +458,34 @@ class TestSpoolFollower:
         again.append(event(30))
         assert len(events) == 30 and drain(again.reader("store")) == ["30"]
 
+    def test_overflow_counts_what_a_sink_failing_from_its_start_never_took(self, tmp_path: Path) -> None:
+        """A sink that never delivered had no checkpoint file: the writer's count went by the
+        healthy sink's, and a dropped segment's events it never got were counted as none."""
+        writer = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=4000, overflow="drop_oldest")
+        follower = SpoolFollower(tmp_path)
+        healthy, failing = follower.reader("healthy"), follower.reader("failing")
+        for i in range(20):
+            writer.append(event(i, 100))
+        follower.refresh()
+        drain(healthy)
+        for i in range(20, 25):  # full: segment 1 dropped, none of it taken by `failing`
+            writer.append(event(i, 100))
+        assert writer.stats.dropped["spool_overflow"] == 5 and failing.position.segment == 1
+
+    def test_overflow_counts_the_records_after_a_bad_checksum(self, tmp_path: Path) -> None:
+        """Readers go on past a record that fails its checksum: so does the count of a dropped segment."""
+        writer = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=4000, overflow="drop_oldest")
+        writer.reader("down")  # never reads: every dropped event is its loss
+        for i in range(5):
+            writer.append(event(i, 100))
+        seg = sorted(tmp_path.glob("*.seg"))[0]
+        raw = bytearray(seg.read_bytes())
+        raw[len(encode_record(event(0, 100))) - 10] ^= 0xFF  # inside record 0's data
+        seg.write_bytes(bytes(raw))
+        for i in range(5, 25):
+            writer.append(event(i, 100))
+        assert writer.stats.dropped["spool_overflow"] == 4  # the damaged one was lost anyway
+
     def test_a_segment_the_writer_dropped_on_overflow_is_no_corruption(
             self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         """The follower, still listing it until its next poll, read it as a truncated record:

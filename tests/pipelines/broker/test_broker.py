@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import orjson
@@ -297,6 +298,42 @@ triggers:
         finally:
             await second.shutdown()
         assert {e.id for e in subscriber.events} == {e.id for e in sent} and not other_subscriber.events
+
+
+    async def test_a_trigger_stopped_first_at_shutdown_keeps_its_backlog(self, tmp_path: Path) -> None:
+        """Shutdown stops the triggers together: one removed first (its subscriber down) had
+        its segments collected by another still finishing a delivery, past its checkpoint."""
+        from infer_logger.spool import DiskSpool
+        from pipelines.broker.channel import SpoolChannel
+
+        class Handler:
+            def __init__(self, hangs: Callable[[CloudEvent], bool]) -> None:
+                self.settled, self.hangs, self.got = 0, hangs, []
+
+            def take(self, events: Sequence[CloudEvent]) -> list[CloudEvent]:
+                return list(events)
+
+            async def deliver(self, event: CloudEvent) -> None:
+                if self.hangs(event):
+                    await asyncio.sleep(3600)
+                self.got.append(event.id)
+
+        channel = SpoolChannel(DiskSpool(tmp_path, segment_bytes=1000))
+        down, busy = Handler(lambda e: True), Handler(lambda e: e.id == "late")
+        await channel.attach("down", down)
+        await channel.attach("busy", busy)
+        await channel.append([event(str(i), data=b'"' + b"x" * 100 + b'"') for i in range(30)])
+        await until(lambda: len(busy.got) == 30, what="the busy trigger's deliveries")
+        await channel.append([event("late")])
+        await asyncio.sleep(0.2)
+        await channel.aclose(0.2)  # Broker.shutdown's drain_timeout
+
+        again = SpoolChannel(DiskSpool(tmp_path, segment_bytes=1000))
+        back = Handler(lambda e: False)
+        await again.attach("down", back)
+        await until(lambda: len(back.got) == 31, what="the backlog after the restart")
+        await again.aclose(0.2)
+        assert back.got == [*(str(i) for i in range(30)), "late"]
 
 
 async def test_a_reload_still_reading_at_shutdown_opens_nothing(tmp_path: Path, subscriber: Subscriber) -> None:
