@@ -193,6 +193,14 @@ class KafkaSource:
         self._delivering: threading.Event | None = None  # set once the subscriber has the batch
         self._down_said = -60.0
         self._consumer = self._client(Consumer, config.consumer_config())
+        try:
+            # librdkafka's own regex engine judges `^patterns` (no lookahead, no `(?:`): refused
+            # here, not by `run()` with a KafkaException. `run()` subscribes again, with callbacks.
+            self._consumer.subscribe(config.topics)
+        except KafkaException as exc:
+            self._consumer.close()
+            raise ConfigError("topics", f"kafka source {self.address}: librdkafka refuses {config.topics}: "
+                                        f"{exc.args[0].str()}") from None
         if config.dead_letter_topic is not None:
             # Made now: a setting it refuses (one the consumer takes) is a ConfigError at build,
             # not a first dead letter retried for ever.
