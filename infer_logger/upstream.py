@@ -10,6 +10,8 @@ the answer with httptools (llhttp, the parser uvicorn and Node use) and keeps co
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -225,13 +227,39 @@ class _Stale(Exception):
     """A kept-alive connection the predictor had closed before our request reached it."""
 
 
+# Methods a request of which may be sent twice (RFC 9110 9.2.2): POST may not.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+def _peer_closed(transport: asyncio.BaseTransport) -> bool:
+    """Whether the predictor's end of the connection (or a reset) has arrived, unread by the
+    event loop so far. Not told over TLS, whose close_notify is data: such a connection is used."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.get_extra_info("sslcontext") is not None:
+        return False
+    try:
+        probe = socket.socket(sock.family, sock.type, fileno=os.dup(sock.fileno()))
+    except OSError:
+        return True
+    try:
+        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
+
+
 class Upstream:
     """Requests to one origin over kept-alive connections.
 
     `request` raises TimeoutError past `timeout` (the connection is dropped), OSError when the
     predictor cannot be reached or hangs up, and UpstreamError for an answer that is not HTTP.
-    A request that meets a kept-alive connection the predictor had just closed is sent again
-    once on a new one: nothing of it can have reached the predictor.
+    A kept-alive connection the predictor closed is not used: the event loop may not have read
+    its end yet, so one idle for a while is looked at first. One lost unanswered as the request
+    went out is sent again once on a new one only for methods that may be (GET, HEAD, PUT...):
+    a POST may have been read, and a predictor that died of it must not get it twice (502).
 
     With `max_body` (the http sink's, never the proxy's), an answer whose head is in is returned
     with at most that many body bytes, `truncated` when the body was longer or never ended.
@@ -267,6 +295,9 @@ class Upstream:
             try:
                 return await self._exchange(loop, conn, data, method == "HEAD", deadline)
             except _Stale:
+                if method not in _IDEMPOTENT:
+                    raise ConnectionResetError("the predictor closed a kept-alive connection as the request went "
+                                               "out (not sent again: it may have been read)") from None
                 continue
         raise ConnectionResetError("the predictor closed two connections in a row before answering")
 
@@ -274,10 +305,13 @@ class Upstream:
         while self._idle:
             conn = self._idle.pop()
             if conn.transport is not None and not conn.transport.is_closing():
-                # A POST must not be sent twice (RFC 9110 9.2.2), so a connection lost unanswered
-                # is tried again only if it had been idle long enough for a keep-alive timeout to
-                # close it as it was reused; else the predictor may have read the request.
+                # A connection lost unanswered is taken for one the predictor's keep-alive timeout
+                # closed as it was reused only if it had been idle that long; else the predictor
+                # may have read the request.
                 conn.reused = loop.time() - conn.idle_since >= STALE_AFTER
+                if conn.reused and _peer_closed(conn.transport):
+                    conn.transport.abort()
+                    continue
                 return conn
         if self._closed:
             raise ConnectionResetError("the client is closed")

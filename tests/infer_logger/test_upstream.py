@@ -93,9 +93,42 @@ async def test_a_kept_connection_the_peer_closed_is_retried_once(monkeypatch: py
     async with peer as url:
         up = Upstream(url)
         for _ in range(3):
-            assert (await up.request("POST", b"/", [], b"x")).status == 200
+            assert (await up.request("GET", b"/", [], b"")).status == 200
         await up.close()
     assert peer.connections == 3 and len(peer.heads) == 3  # each request reached the peer once
+
+
+async def test_a_post_lost_unanswered_on_a_kept_connection_is_not_sent_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A predictor that read the POST and died of it (no answer) on a connection idle past the
+    keep-alive threshold got it a second time on a new connection: a killer request, two workers."""
+    monkeypatch.setattr(upstream_module, "STALE_AFTER", 0.0)
+    seen = itertools.count(1)
+    peer = Scripted(lambda _: None if next(seen) == 2 else ok()(b""))
+    async with peer as url:
+        up = Upstream(url)
+        assert (await up.request("POST", b"/", [], b"1")).status == 200
+        with pytest.raises(ConnectionResetError, match="not sent again"):
+            await up.request("POST", b"/", [], b"2")
+        await up.close()
+    assert [h[-1:] for h in peer.heads] == [b"1", b"2"]
+
+
+async def test_a_kept_connection_whose_end_came_unread_is_not_used() -> None:
+    """The predictor's FIN in, the event loop not yet round to reading it: looked at first."""
+    import socket
+    import time
+
+    from infer_logger.upstream import _peer_closed
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        transport, _ = await asyncio.get_running_loop().create_connection(
+            asyncio.Protocol, "127.0.0.1", server.getsockname()[1])
+        accepted, _ = server.accept()
+        assert not _peer_closed(transport)
+        accepted.close()
+        time.sleep(0.05)  # blocking: the loop reads nothing meanwhile
+        assert not transport.is_closing() and _peer_closed(transport)
+        transport.close()
 
 
 async def test_a_connection_lost_unanswered_right_after_use_is_not_resent() -> None:
