@@ -71,8 +71,9 @@ class InferenceLoggerMiddleware:
             await respond(send, 400, [(b"content-type", b"application/json")], refusal)
             return
         exchange = self.logger.begin(route, scope["path"], headers, scope["headers"], body, event_id)
-        if (sent := headers.get("x-request-id")) is not None and ev.read_id(sent) is None:
-            # The app (and what it echoes) sees the id that replaced it, as the client does.
+        if (sent := headers.get("x-request-id")) is None or (sent != event_id and ev.read_id(sent) is None):
+            # The app (and what it echoes) sees the id that replaced it (or was made), as the
+            # client does and as the sidecar's predictor does.
             others = [(k, v) for k, v in scope["headers"] if k != b"x-request-id"]
             scope = {**scope, "headers": [*others, (b"x-request-id", event_id.encode())]}
         replayed = False
@@ -99,8 +100,9 @@ class InferenceLoggerMiddleware:
                 for k, v in message_headers:
                     if k.lower() == b"content-type":
                         content_type = v.decode("latin-1")
-                if not any(k.lower() == b"x-request-id" for k, _ in message_headers):
-                    message_headers.append((b"x-request-id", ev.id_header(event_id, headers)))
+                # The client can find the events by it, whatever id the app answered with.
+                message_headers = [(k, v) for k, v in message_headers if k.lower() != b"x-request-id"]
+                message_headers.append((b"x-request-id", ev.id_header(event_id, headers)))
                 message = {**message, "headers": message_headers}
             elif message["type"] == "http.response.body":
                 chunk = message.get("body", b"")

@@ -125,13 +125,15 @@ class Proxy:
         method, body, raw = request.method, request.body, request.headers
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}
         route = match_route(method, path)
+        if route is not None and ev.skip_logging(headers):
+            route = None  # proxied as it is, unlogged: a body that is no valid CloudEvent too (as the middleware)
         try:
             event_id = (route and ev.cloudevent_id(headers, body)) or ev.event_id(headers)
         except InvalidEventError as exc:
             self._count(False, 400)
             return 400, list(_JSON), error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute)
         exchange = None
-        if route is not None and not ev.skip_logging(headers):
+        if route is not None:
             exchange = self.logger.begin(route, path, headers, raw, body, event_id)
 
         forward = _without_hop(raw, _DROP_UPSTREAM, connection="connection" in headers)
@@ -164,7 +166,12 @@ class Proxy:
         if exchange is not None:
             self.logger.end(exchange, status, content_type, out_body)
         self._count(exchange is not None, status)
-        if not any(k == b"x-request-id" for k, _ in out_headers):
+        if exchange is not None:
+            # The client can find the events by it: a predictor's own (a correlation-id middleware
+            # replacing ours, an echo of the client's x-request-id beside its ce-id) named none.
+            out_headers = [(k, v) for k, v in out_headers if k != b"x-request-id"]
+            out_headers.append((b"x-request-id", ev.id_header(event_id, headers)))
+        elif not any(k == b"x-request-id" for k, _ in out_headers):
             out_headers.append((b"x-request-id", ev.id_header(event_id, headers)))
         return status, out_headers, out_body
 

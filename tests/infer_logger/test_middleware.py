@@ -103,6 +103,30 @@ def test_ids_as_the_sidecar_takes_them(tmp_path: Path) -> None:
     assert sorted(e.id for e in received) == sorted([new, new, "café", "café"])
 
 
+def test_the_app_sees_the_id_and_the_client_gets_the_one_its_events_carry(tmp_path: Path) -> None:
+    """Without an id sent, the app never saw the one made (the sidecar's predictor does); an app
+    answering with an x-request-id of its own kept it, naming no event."""
+    app = FastAPI()
+    seen: list[str | None] = []
+
+    @app.post("/v1/models/m:predict")
+    async def predict(request: Request) -> JSONResponse:
+        seen.append(request.headers.get("x-request-id"))
+        return JSONResponse({"predictions": [1]}, headers={"x-request-id": "the-apps-own"})
+
+    with EventCollector() as sink:
+        app.add_middleware(InferenceLoggerMiddleware,
+                           settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+                r = client.post("/v1/models/m:predict", json={})
+        received = sink.wait_for(2)
+    rid = r.headers["x-request-id"]
+    assert seen == [rid] and [v for k, v in r.headers.raw if k.lower() == b"x-request-id"] == [rid.encode()]
+    assert {e.id for e in received} == {rid}
+
+
 def test_a_body_over_max_request_bytes_is_refused_as_the_sidecar_refuses_it(tmp_path: Path) -> None:
     """The middleware held any body whole (to log and replay it) whatever `max_request_bytes` said."""
     calls = []

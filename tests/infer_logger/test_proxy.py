@@ -381,6 +381,32 @@ async def test_a_predictor_echoing_the_id_echoes_the_one_that_replaced_a_bad_one
     assert [e["id"] for e in logged(tmp_path)] == [rid, rid]
 
 
+@pytest.mark.parametrize(("sent", "answered"), [
+    ([(b"x-request-id", b"mine")], b"4e84a8b1c0de4c3e9f6b2a1d7c5e3f90"),  # a correlation-id middleware's own
+    ([(b"ce-specversion", b"1.0"), (b"ce-id", b"A"), (b"ce-source", b"/c"), (b"ce-type", b"t"),
+      (b"x-request-id", b"B")], b"B"),  # the client's x-request-id, echoed, beside its ce-id
+])
+async def test_the_client_gets_the_id_its_events_carry(tmp_path: Path, sent: list[tuple[bytes, bytes]],
+                                                       answered: bytes) -> None:
+    """A predictor answering with an x-request-id of its own kept it: the client could find no
+    event by the id it was given."""
+    reply = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-request-id: " + answered
+             + b"\r\ncontent-length: 2\r\n\r\n{}")
+    async with before(Scripted(lambda _: reply), tmp_path) as sidecar, httpx.AsyncClient() as client:
+        r = await client.post(f"{sidecar}/v1/models/m:predict", content=b"{}", headers=sent)
+    assert [v for k, v in r.headers.raw if k.lower() == b"x-request-id"] == [dict(sent).get(b"ce-id", b"mine")]
+    assert {e["id"] for e in logged(tmp_path)} == {r.headers["x-request-id"]}
+
+
+async def test_a_request_not_to_be_logged_is_not_checked_as_a_cloudevent(tmp_path: Path) -> None:
+    """x-skip-logging: proxied as it is (the middleware did; the sidecar answered 400)."""
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    async with before(Scripted(lambda _: reply), tmp_path) as sidecar, httpx.AsyncClient() as client:
+        r = await client.post(f"{sidecar}/v1/models/m:predict", content=b"{}",
+                              headers={"x-skip-logging": "true", "ce-specversion": "1.0", "ce-id": "x"})
+    assert r.status_code == 200 and not (tmp_path / "events.jsonl").exists()
+
+
 @pytest.mark.parametrize("server", ["httptools", "uvicorn"])
 async def test_attributes_read_off_the_client_keep_the_events_valid(tmp_path: Path, server: str) -> None:
     """Legal in a request, not in a CloudEvents String: a C1 control in an allow-listed header, a
