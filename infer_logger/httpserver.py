@@ -70,7 +70,8 @@ def encode_reply(status: int, headers: Headers, body: bytes, *, close: bool, hea
     out = [_status_line(status)]
     for name, value in headers:
         out += (name, b": ", value, b"\r\n")
-    if status not in _NO_BODY and status >= 200 and not (head and any(n == b"content-length" for n, _ in headers)):
+    # A HEAD answer says the length only when the predictor's did (a chunked one says none: 0 was wrong).
+    if status not in _NO_BODY and status >= 200 and not head:
         out.append(b"content-length: %d\r\n" % len(body))
     if close:
         out.append(b"connection: close\r\n")
@@ -308,6 +309,7 @@ class _Connection(asyncio.Protocol):
             return  # the upgrade's end of message, the body unread: it is read again (data_received)
         # The next request, counted afresh; its deadline starts at its first byte.
         self._in_head, self._head_size, self._message_size, self.began = True, 0, 0, _NOT_READING
+        self._continue_due = False  # its body is in: a go-ahead sent after its answer would be a stray 100
         url = httptools.parse_url(self._url)
         raw_path = url.path or b"/"
         target = raw_path + b"?" + url.query if url.query else raw_path
@@ -369,7 +371,10 @@ class _Connection(asyncio.Protocol):
                 transport.write(_CONTINUE)
 
     def close_if_idle(self, idle_before: float) -> None:
-        if not self.active and self.last < idle_before and self.transport is not None:
+        # Between requests only: one paused mid-body has request_read_timeout (a 408), not the
+        # keep-alive timeout (closed unanswered).
+        if (not self.active and self.began == _NOT_READING and not self._message_size
+                and self.last < idle_before and self.transport is not None):
             self.transport.close()
 
     def check_read_deadline(self, now: float) -> None:

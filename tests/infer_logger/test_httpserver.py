@@ -396,6 +396,44 @@ async def test_a_continue_due_behind_an_answer_is_sent_after_it(server: HttpServ
     writer.close()
 
 
+async def test_a_continue_due_for_a_body_that_came_anyway_is_not_sent(server: HttpServer) -> None:
+    """Its head and body read behind an answer still due: the 100 went out after its own 200,
+    into the next exchange on the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /sleep HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\n0.2"
+                 b"POST /p HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\nhi")
+    raw = await asyncio.wait_for(reader.read(), 5)  # until the keep-alive timeout closes it
+    writer.close()
+    assert [status for status, _, _ in answers(raw)] == [b"HTTP/1.1 200 OK"] * 2
+
+
+async def test_a_request_paused_mid_body_is_not_closed_as_idle(server: HttpServer) -> None:
+    """The keep-alive sweep (0.5 s here) closed a connection whose request paused mid-body,
+    unanswered: request_read_timeout (a 408) is its limit."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /p HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 4\r\n\r\nab")
+    await asyncio.sleep(1.2)
+    writer.write(b"cd")
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    [(status, _, body)] = answers(raw)
+    assert status == b"HTTP/1.1 200 OK" and orjson.loads(body)["body"] == "abcd"
+
+
+async def test_head_of_an_answer_without_a_length_says_none() -> None:
+    """A predictor's chunked answer to HEAD has no length to say: `content-length: 0` was wrong."""
+    async def chunked(request: Request) -> Reply:
+        return 200, [(b"content-type", b"text/plain")], b""
+
+    srv = HttpServer(chunked)
+    await srv.start("127.0.0.1", 0)
+    try:
+        raw = await exchange(srv, b"HEAD /h HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    finally:
+        await srv.stop(grace=1)
+    assert raw.startswith(b"HTTP/1.1 200 OK") and b"content-length" not in raw.lower()
+
+
 async def test_a_stopping_server_reads_no_new_requests() -> None:
     """A client pipelining a new request after each answer kept a stopping connection for the
     whole grace period, then had an answer aborted."""
