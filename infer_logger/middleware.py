@@ -71,11 +71,15 @@ class InferenceLoggerMiddleware:
             await respond(send, 400, [(b"content-type", b"application/json")], refusal)
             return
         exchange = self.logger.begin(route, scope["path"], headers, scope["headers"], body, event_id)
+        # The app (and what it echoes) sees the id that replaced it (or was made), as the client
+        # does and as the sidecar's predictor does; and, as there, is not asked to compress (a
+        # compressing middleware inside this one had its gzip bytes logged as JSON).
+        kept = [(k, v) for k, v in scope["headers"] if k not in (b"x-request-id", b"accept-encoding")]
         if (sent := headers.get("x-request-id")) is None or (sent != event_id and ev.read_id(sent) is None):
-            # The app (and what it echoes) sees the id that replaced it (or was made), as the
-            # client does and as the sidecar's predictor does.
-            others = [(k, v) for k, v in scope["headers"] if k != b"x-request-id"]
-            scope = {**scope, "headers": [*others, (b"x-request-id", event_id.encode())]}
+            kept.append((b"x-request-id", event_id.encode()))
+        else:
+            kept += [(k, v) for k, v in scope["headers"] if k == b"x-request-id"]
+        scope = {**scope, "headers": kept}
         replayed = False
 
         async def replay() -> dict[str, Any]:

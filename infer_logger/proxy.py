@@ -46,6 +46,10 @@ _HOP = frozenset(
 _DROP_UPSTREAM = _HOP | {b"host", b"expect"}
 # A HEAD answer's content-length is the GET answer's (RFC 9110 8.6), not its empty body's.
 _HOP_HEAD = _HOP - {b"content-length"}
+# On a logged call the predictor is asked for its answer as it is: one it compressed (for a
+# client that accepts gzip, as python-requests does) was logged as gzip bytes labelled JSON, the
+# predictions unreadable in the audit. Between a sidecar and its predictor bytes cost nothing.
+_DROP_LOGGED = _DROP_UPSTREAM | {b"accept-encoding"}
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 
@@ -136,7 +140,8 @@ class Proxy:
         if route is not None:
             exchange = self.logger.begin(route, path, headers, raw, body, event_id)
 
-        forward = _without_hop(raw, _DROP_UPSTREAM, connection="connection" in headers)
+        forward = _without_hop(raw, _DROP_LOGGED if exchange is not None else _DROP_UPSTREAM,
+                               connection="connection" in headers)
         sent = headers.get("x-request-id")
         if sent is None or (sent != event_id and ev.read_id(sent) is None):  # none, or not an id: the event's
             if sent is not None:

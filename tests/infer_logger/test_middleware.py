@@ -127,6 +127,31 @@ def test_the_app_sees_the_id_and_the_client_gets_the_one_its_events_carry(tmp_pa
     assert {e.id for e in received} == {rid}
 
 
+def test_a_compressing_middleware_inside_it_is_not_asked_to(tmp_path: Path) -> None:
+    """GZipMiddleware inside the logging one compressed for a client accepting gzip: the
+    response event held gzip bytes labelled JSON."""
+    from starlette.middleware.gzip import GZipMiddleware
+
+    app = FastAPI()
+    predictions = {"predictions": list(range(300))}  # past GZipMiddleware's 500-byte minimum
+
+    @app.post("/v1/models/m:predict")
+    async def predict() -> JSONResponse:
+        return JSONResponse(predictions)
+
+    with EventCollector() as sink:
+        app.add_middleware(GZipMiddleware)
+        app.add_middleware(InferenceLoggerMiddleware,
+                           settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+                r = client.post("/v1/models/m:predict", json={}, headers={"accept-encoding": "gzip"})
+        received = sink.wait_for(2)
+    assert r.json() == predictions
+    assert next(e for e in received if e.type == ev.RESPONSE).json() == predictions
+
+
 def test_a_body_over_max_request_bytes_is_refused_as_the_sidecar_refuses_it(tmp_path: Path) -> None:
     """The middleware held any body whole (to log and replay it) whatever `max_request_bytes` said."""
     calls = []

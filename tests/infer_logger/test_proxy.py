@@ -398,6 +398,27 @@ async def test_the_client_gets_the_id_its_events_carry(tmp_path: Path, sent: lis
     assert {e["id"] for e in logged(tmp_path)} == {r.headers["x-request-id"]}
 
 
+async def test_a_predictor_that_compresses_is_not_asked_to_on_a_logged_call(tmp_path: Path) -> None:
+    """python-requests accepts gzip by default, and Triton or a GZip middleware compress: the
+    response event held gzip bytes labelled JSON, the predictions unreadable in the audit."""
+    import gzip
+
+    def compressing(request: bytes) -> bytes:
+        head = request.split(b"\r\n\r\n", 1)[0].lower()
+        body, coding = b'{"predictions": [1]}', b""
+        if b"accept-encoding: gzip" in head:
+            body, coding = gzip.compress(body), b"content-encoding: gzip\r\n"
+        return (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" + coding
+                + b"content-length: %d\r\n\r\n" % len(body) + body)
+
+    async with before(Scripted(compressing), tmp_path) as sidecar, httpx.AsyncClient() as client:
+        r = await client.post(f"{sidecar}/v1/models/m:predict", content=b"{}", headers={"accept-encoding": "gzip"})
+        other = await client.get(f"{sidecar}/other", headers={"accept-encoding": "gzip"})
+    assert r.json() == {"predictions": [1]} and other.headers["content-encoding"] == "gzip"  # unlogged: as asked
+    response = next(e for e in logged(tmp_path) if e["type"] == ev.RESPONSE)
+    assert response["data"] == {"predictions": [1]}
+
+
 async def test_a_request_not_to_be_logged_is_not_checked_as_a_cloudevent(tmp_path: Path) -> None:
     """x-skip-logging: proxied as it is (the middleware did; the sidecar answered 400)."""
     reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
