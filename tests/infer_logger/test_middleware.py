@@ -10,8 +10,9 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import orjson
@@ -22,12 +23,15 @@ from fastapi.responses import JSONResponse
 
 import infer_logger
 from infer_logger import events as ev
+from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.config import load_settings
 from infer_logger.demo.predictor import EchoModel, create_app
 from infer_logger.demo.quickstart import ServerThread
 from infer_logger.middleware import InferenceLoggerMiddleware
 from infer_logger.server import uvicorn_config
 from infer_logger.testing import EventCollector, free_port
+
+T = TypeVar("T")
 
 
 def test_logs_a_fastapi_predictor_under_uvicorn(tmp_path: Path) -> None:
@@ -78,6 +82,19 @@ def test_cloudevent_requests_as_the_sidecar_takes_them(tmp_path: Path) -> None:
     assert {(e.id, e.type) for e in received} == {("env-1", ev.REQUEST), ("env-1", ev.RESPONSE)}
 
 
+def _served(app: FastAPI, tmp_path: Path, calls: Callable[[httpx.Client], T], events: int) -> tuple[T, list[CloudEvent]]:
+    """`calls` made to `app` under uvicorn behind the logging middleware (its sink a collector),
+    and the `events` it logged, once the server stopped (its logger drained)."""
+    with EventCollector() as sink:
+        app.add_middleware(InferenceLoggerMiddleware,
+                           settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+                result = calls(client)
+        return result, sink.wait_for(events)
+
+
 def test_ids_as_the_sidecar_takes_them(tmp_path: Path) -> None:
     """An id no event may carry is replaced (for the app too); a UTF-8 one comes back as sent."""
     app = FastAPI()
@@ -87,16 +104,11 @@ def test_ids_as_the_sidecar_takes_them(tmp_path: Path) -> None:
         echoed = {"x-request-id": request.headers["x-request-id"]} if "x-echo" in request.headers else {}
         return JSONResponse({"predictions": [1]}, headers=echoed)
 
-    with EventCollector() as sink:
-        app.add_middleware(InferenceLoggerMiddleware,
-                           settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
-        port = free_port()
-        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
-                bad = client.post("/v1/models/m:predict", json={}, headers=[(b"x-request-id", b"bad\tid"),
-                                                                            (b"x-echo", b"1")])
-                utf8 = client.post("/v1/models/m:predict", json={}, headers=[(b"x-request-id", b"caf\xc3\xa9")])
-        received = sink.wait_for(4)
+    def calls(client: httpx.Client) -> tuple[httpx.Response, httpx.Response]:
+        bad = client.post("/v1/models/m:predict", json={}, headers=[(b"x-request-id", b"bad\tid"), (b"x-echo", b"1")])
+        return bad, client.post("/v1/models/m:predict", json={}, headers=[(b"x-request-id", b"caf\xc3\xa9")])
+
+    (bad, utf8), received = _served(app, tmp_path, calls, 4)
     new = bad.headers["x-request-id"]
     assert bad.status_code == 200 and uuid.UUID(new).version == 7
     assert [v for k, v in utf8.headers.raw if k.lower() == b"x-request-id"] == [b"caf\xc3\xa9"]
@@ -114,14 +126,7 @@ def test_the_app_sees_the_id_and_the_client_gets_the_one_its_events_carry(tmp_pa
         seen.append(request.headers.get("x-request-id"))
         return JSONResponse({"predictions": [1]}, headers={"x-request-id": "the-apps-own"})
 
-    with EventCollector() as sink:
-        app.add_middleware(InferenceLoggerMiddleware,
-                           settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
-        port = free_port()
-        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
-                r = client.post("/v1/models/m:predict", json={})
-        received = sink.wait_for(2)
+    r, received = _served(app, tmp_path, lambda client: client.post("/v1/models/m:predict", json={}), 2)
     rid = r.headers["x-request-id"]
     assert seen == [rid] and [v for k, v in r.headers.raw if k.lower() == b"x-request-id"] == [rid.encode()]
     assert {e.id for e in received} == {rid}
@@ -139,15 +144,9 @@ def test_a_compressing_middleware_inside_it_is_not_asked_to(tmp_path: Path) -> N
     async def predict() -> JSONResponse:
         return JSONResponse(predictions)
 
-    with EventCollector() as sink:
-        app.add_middleware(GZipMiddleware)
-        app.add_middleware(InferenceLoggerMiddleware,
-                           settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
-        port = free_port()
-        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
-                r = client.post("/v1/models/m:predict", json={}, headers={"accept-encoding": "gzip"})
-        received = sink.wait_for(2)
+    app.add_middleware(GZipMiddleware)
+    r, received = _served(app, tmp_path, lambda client: client.post(
+        "/v1/models/m:predict", json={}, headers={"accept-encoding": "gzip"}), 2)
     assert r.json() == predictions
     assert next(e for e in received if e.type == ev.RESPONSE).json() == predictions
 

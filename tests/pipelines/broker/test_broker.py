@@ -252,27 +252,7 @@ class TestRestart:
     """Everything accepted survives a restart (disk channel); a new broker object picks it up."""
 
     async def test_restart_loses_nothing(self, tmp_path: Path, subscriber: Subscriber) -> None:
-        triggers = f"""
-triggers:
-  - name: t
-    subscriber: '{subscriber.url}'
-    delivery: {{retry: 1000, backoffPolicy: linear, backoffDelay: PT0.05S}}
-"""
-        subscriber.fail_with = 503
-        first = Broker(settings(tmp_path, drain_timeout=0.2), triggers=triggers)
-        await first.startup()
-        sent = [event(str(i)) for i in range(30)]
-        await _post(first, *sent)
-        await until(lambda: subscriber.attempts >= 30, what="first attempts")
-        await first.shutdown()
-
-        subscriber.fail_with = None
-        second = Broker(settings(tmp_path), triggers=triggers)
-        await second.startup()
-        try:
-            await asyncio.to_thread(subscriber.wait_for, 30)
-        finally:
-            await second.shutdown()
+        sent = await _backlog_then_restart(tmp_path, subscriber, "")
         assert {e.id for e in subscriber.events} == {e.id for e in sent}
 
     async def test_a_trigger_added_before_one_with_a_backlog_leaves_it(
@@ -280,25 +260,9 @@ triggers:
         """A new trigger starts at the log's end and saves that at once: listed before an old
         trigger with undelivered events, its save deleted every segment the old one had not yet
         been attached to claim (a restart never appends to an old segment): its backlog lost."""
-        old = f"  - {{name: t, subscriber: '{subscriber.url}', delivery: {{retry: 1000, backoffDelay: PT0.05S}}}}\n"
-        subscriber.fail_with = 503
-        first = Broker(settings(tmp_path, drain_timeout=0.2), triggers="triggers:\n" + old)
-        await first.startup()
-        sent = [event(str(i)) for i in range(30)]
-        await _post(first, *sent)
-        await until(lambda: subscriber.attempts >= 30, what="first attempts")
-        await first.shutdown()
-
-        subscriber.fail_with = None
         new = f"  - {{name: a-new-one, subscriber: '{other_subscriber.url}'}}\n"
-        second = Broker(settings(tmp_path), triggers="triggers:\n" + new + old)
-        await second.startup()
-        try:
-            await asyncio.to_thread(subscriber.wait_for, 30)
-        finally:
-            await second.shutdown()
+        sent = await _backlog_then_restart(tmp_path, subscriber, new)
         assert {e.id for e in subscriber.events} == {e.id for e in sent} and not other_subscriber.events
-
 
     async def test_a_trigger_stopped_first_at_shutdown_keeps_its_backlog(self, tmp_path: Path) -> None:
         """Shutdown stops the triggers together: one removed first (its subscriber down) had
@@ -334,6 +298,28 @@ triggers:
         await until(lambda: len(back.got) == 31, what="the backlog after the restart")
         await again.aclose(0.2)
         assert back.got == [*(str(i) for i in range(30)), "late"]
+
+
+async def _backlog_then_restart(tmp_path: Path, subscriber: Subscriber, listed_first: str) -> list[CloudEvent]:
+    """30 events a trigger's subscriber refused until a stop, then a broker restarted with
+    `listed_first` before that trigger; returns them once the subscriber got them again."""
+    old = f"  - {{name: t, subscriber: '{subscriber.url}', delivery: {{retry: 1000, backoffDelay: PT0.05S}}}}\n"
+    subscriber.fail_with = 503
+    first = Broker(settings(tmp_path, drain_timeout=0.2), triggers="triggers:\n" + old)
+    await first.startup()
+    sent = [event(str(i)) for i in range(30)]
+    await _post(first, *sent)
+    await until(lambda: subscriber.attempts >= 30, what="first attempts")
+    await first.shutdown()
+
+    subscriber.fail_with = None
+    second = Broker(settings(tmp_path), triggers="triggers:\n" + listed_first + old)
+    await second.startup()
+    try:
+        await asyncio.to_thread(subscriber.wait_for, 30)
+    finally:
+        await second.shutdown()
+    return sent
 
 
 async def test_a_reload_still_reading_at_shutdown_opens_nothing(tmp_path: Path, subscriber: Subscriber) -> None:
