@@ -140,6 +140,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._in_head = True  # reading a request line and headers (their size is bounded)
+        self._midway = False  # a request begun (its first byte read) and not yet whole
         self._head_size = 0
         self._refused = False  # answered a refusal: what comes now is dropped
         self._refusal = b""  # a refusal to send once the answers due before it are
@@ -232,6 +233,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.began = self.last  # the time of the read that brought its first byte: no clock call
+        self._midway = True
         self._url = b""
         self._headers = []
         self._body = []
@@ -309,6 +311,7 @@ class _Connection(asyncio.Protocol):
             return  # the upgrade's end of message, the body unread: it is read again (data_received)
         # The next request, counted afresh; its deadline starts at its first byte.
         self._in_head, self._head_size, self._message_size, self.began = True, 0, 0, _NOT_READING
+        self._midway = False
         self._continue_due = False  # its body is in: a go-ahead sent after its answer would be a stray 100
         url = httptools.parse_url(self._url)
         raw_path = url.path or b"/"
@@ -370,10 +373,11 @@ class _Connection(asyncio.Protocol):
                 self._continue_due = False
                 transport.write(_CONTINUE)
 
-    def close_if_idle(self, idle_before: float) -> None:
-        # Between requests only: one paused mid-body has request_read_timeout (a 408), not the
-        # keep-alive timeout (closed unanswered).
-        if (not self.active and self.began == _NOT_READING and not self._message_size
+    def close_if_idle(self, idle_before: float, *, reading: bool = True) -> None:
+        # Between requests only: one paused mid-request has request_read_timeout (a 408), not the
+        # keep-alive timeout (closed unanswered). Blank lines before a request begun are idle.
+        # Not `reading` (stopping): a request partly read can never finish, so it is idle too.
+        if (not self.active and not (reading and self._midway)
                 and self.last < idle_before and self.transport is not None):
             self.transport.close()
 
@@ -448,7 +452,7 @@ class HttpServer:
         deadline = self.loop.time() + grace
         while True:
             for conn in list(self.connections):
-                conn.close_if_idle(float("inf"))
+                conn.close_if_idle(float("inf"), reading=False)
             if not self.connections or self.loop.time() > deadline:
                 break
             await asyncio.sleep(0.02)

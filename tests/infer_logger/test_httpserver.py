@@ -420,6 +420,29 @@ async def test_a_request_paused_mid_body_is_not_closed_as_idle(server: HttpServe
     assert status == b"HTTP/1.1 200 OK" and orjson.loads(body)["body"] == "abcd"
 
 
+async def test_a_stop_does_not_wait_for_a_request_that_can_no_longer_come_whole() -> None:
+    """Reading stops at a stop: a request paused mid-body, kept from the idle close, held the
+    stop for its whole grace period."""
+    srv = HttpServer(echo)
+    await srv.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nab")
+    await asyncio.sleep(0.1)
+    started = asyncio.get_running_loop().time()
+    await srv.stop(grace=3)
+    assert asyncio.get_running_loop().time() - started < 1
+    writer.close()
+
+
+async def test_blank_lines_before_a_request_are_idle(server: HttpServer) -> None:
+    """A stray CRLF on a kept connection is no request begun: closed at the keep-alive timeout
+    (0.5 s here), not answered 408 at the read deadline."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"\r\n")
+    assert await asyncio.wait_for(reader.read(), 3) == b""
+    writer.close()
+
+
 async def test_head_of_an_answer_without_a_length_says_none() -> None:
     """A predictor's chunked answer to HEAD has no length to say: `content-length: 0` was wrong."""
     async def chunked(request: Request) -> Reply:
