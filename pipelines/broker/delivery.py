@@ -124,6 +124,15 @@ class DeliverySpec(BaseModel):
             parse_duration(value)
         return value
 
+    @field_validator("timeout")
+    @classmethod
+    def _some_time(cls, value: str | None) -> str | None:
+        # As Knative's webhook refuses it: a zero timeout failed every attempt before it was sent,
+        # the dead letter's too (the same timeout), and every event was lost.
+        if value is not None and parse_duration(value) <= 0:
+            raise ValueError(f"{value!r}: a timeout must be longer than zero")
+        return value
+
     def over(self, base: DeliverySpec | None) -> DeliverySpec:
         """This spec with the fields it leaves unset taken from `base` (trigger over broker)."""
         if base is None:
@@ -176,11 +185,10 @@ def should_retry(status: int | None) -> bool:
 
 def error_extensions(destination: str, status: int, body: bytes) -> dict[str, str]:
     """What a dead-lettered event gains: where and how its delivery failed."""
-    extensions = {"knativeerrordest": destination, "knativeerrorcode": str(status)}
-    if body:
-        # base64 of the first 768 bytes is exactly the first 1024 characters of the whole body's.
-        extensions["knativeerrordata"] = base64.b64encode(body[:_ERROR_BODY_MAX]).decode("ascii")
-    return extensions
+    # Always set, if empty: an event dead-lettered before keeps no data of that earlier failure.
+    # (base64 of the first 768 bytes is exactly the first 1024 characters of the whole body's.)
+    return {"knativeerrordest": destination, "knativeerrorcode": str(status),
+            "knativeerrordata": base64.b64encode(body[:_ERROR_BODY_MAX]).decode("ascii")}
 
 
 def truncate_error_data(text: str) -> str:

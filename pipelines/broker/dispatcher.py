@@ -17,7 +17,14 @@ from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.retry import retry_after
 from pipelines.broker.channel import TTL, ChannelError, RefusedError
 from pipelines.broker.delivery import NO_RESPONSE, RetryPolicy, error_extensions
-from pipelines.broker.endpoints import BadReplyError, Endpoint, Response, parse_reply, passthrough
+from pipelines.broker.endpoints import (
+    BadReplyError,
+    Endpoint,
+    Response,
+    looks_like_event,
+    parse_reply,
+    passthrough,
+)
 from pipelines.broker.filters import FAIL
 from pipelines.broker.metrics import BrokerMetrics
 from pipelines.broker.trigger import Trigger
@@ -124,9 +131,12 @@ class TriggerDispatcher:
 
     async def _take_reply(self, response: Response, ttl: int | None) -> Response | None:
         """None when the attempt succeeded (a reply, if any, stored); else the failure to handle."""
-        if response.truncated:  # larger than any event the broker takes: as reenter's refusal
-            return Response(413, response.body, reason="the reply is larger than the broker takes",
-                            destination=self._reply_to)
+        if response.truncated:
+            if looks_like_event(response):  # larger than any event the broker takes: as reenter's refusal
+                return Response(413, response.body, reason="the reply is larger than the broker takes",
+                                destination=self._reply_to)
+            # A large body that is no event (an HTML page): Knative's 502, retried like any other.
+            return Response(502, response.body, reason="the subscriber answered with a body that is no CloudEvent")
         try:
             reply = parse_reply(response)
         except BadReplyError as exc:

@@ -74,6 +74,12 @@ class BadReplyError(ValueError):
     """A 2xx response whose body is not a CloudEvent."""
 
 
+def looks_like_event(response: Response) -> bool:
+    """Whether an answer says it carries a CloudEvent (binary or structured mode), read or not."""
+    content_type = response.headers.get("content-type", "").lower()
+    return "ce-specversion" in response.headers or content_type.startswith("application/cloudevents")
+
+
 def parse_reply(response: Response) -> CloudEvent | None:
     if response.reply is not None:
         return response.reply

@@ -65,6 +65,9 @@ class TriggerHandler:
         allowed: Headers = [(b"retry-after", retry_after.encode("latin-1"))] if retry_after else []
         if not response.ok:
             return (502 if response.status == NO_RESPONSE else response.status), allowed, b""
+        if response.truncated:  # cut at twice max_event_bytes: answered whole, it would pass as the reply
+            return 502, [*allowed, _JSON], orjson.dumps({"error": "the subscriber's reply is larger than the broker "
+                                                                  "takes", "status": 502})
         try:
             reply = parse_reply(response)
         except BadReplyError as exc:

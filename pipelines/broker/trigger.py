@@ -261,8 +261,10 @@ def _add_trigger(doc: Document, path: tuple[str | int, ...], spec: TriggerSpec, 
     if dead_letter is not None:
         _check_component(doc, (*base, "delivery", "deadLetterSink"), dead_letter)
     # json, not orjson: a YAML integer may be beyond 64 bits (`retry: 99999999999999999999999`).
+    # Unset and null are told apart (a delivery's `deadLetterSink: null` opts out of the broker's):
+    # fingerprinted alike, a reload adding or removing one kept the old dispatcher.
     fingerprint = json.dumps(
-        [namespace, name, spec.model_dump(mode="json", by_alias=True, exclude_none=True,
+        [namespace, name, spec.model_dump(mode="json", by_alias=True, exclude_unset=True,
                                           exclude={"name", "namespace", "uid"}), texts],
         sort_keys=True, separators=(",", ":"), default=repr,
     )

@@ -360,6 +360,43 @@ class TestReplySize:
         assert len(body) == 1000
 
 
+    async def test_a_large_body_that_is_no_event_is_retried_as_any_non_event(
+            self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
+        """A 2xx HTML page past twice the limit was taken for a reply too large (413, the broker as
+        destination, not retried); one below it for what it is (502, retried): Knative's 502 for both."""
+        subscriber.answer = lambda event, headers: (200, {"content-type": "text/html"}, b"<p>" + b"x" * 3000)
+        broker = await make_broker(_triggers(subscriber, dls=other_subscriber, retry=2), max_event_bytes=1000)
+        await _post(broker)
+        headers, _ = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        assert headers["ce-knativeerrorcode"] == "502" and headers["ce-knativeerrordest"] == subscriber.url
+        assert subscriber.attempts == 3
+
+    async def test_a_truncated_reply_is_no_reply_on_the_trigger_endpoint(
+            self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        """POST /triggers/...: a reply cut at twice the limit was answered 200 as if whole."""
+        subscriber.answer = reply_with(_reply_event(b"a" * 5000), 200)
+        broker = await make_broker(_triggers(subscriber), max_event_bytes=1000)
+        uid = broker.triggers[("default", "destination")].uid
+        event = CloudEvent({**_dispatcher_event().attributes, "knativebrokerttl": 5}, b"x")
+        async with client(broker) as c:
+            r = await c.post(f"/triggers/default/destination/{uid}", **binary_request(event))
+        assert r.status_code == 502 and "larger than the broker takes" in r.json()["error"]
+
+
+def test_a_dead_letter_never_keeps_the_error_data_of_an_earlier_failure() -> None:
+    """An event dead-lettered before (sent back for another try) failing with an empty body kept
+    its old knativeerrordata beside the new code."""
+    assert error_extensions("http://s/", 500, b"")["knativeerrordata"] == ""
+
+
+@pytest.mark.parametrize("timeout", ["PT0S", "PT0.000S", "P0D"])
+def test_a_zero_timeout_is_refused(timeout: str) -> None:
+    """As Knative's webhook refuses it: every attempt failed before it was sent, the dead
+    letter's too, and every event was lost."""
+    with pytest.raises(ValidationError, match="longer than zero"):
+        DeliverySpec(timeout=timeout)
+
+
 class TestRetries:
     """Attempts, Retry-After and timeouts as a subscriber sees them."""
 

@@ -314,6 +314,16 @@ triggers:
 
         assert fingerprint("007") != fingerprint("7") and fingerprint("7") == fingerprint("7")
 
+    def test_a_delivery_field_set_to_null_is_another_trigger(self) -> None:
+        """`deadLetterSink: null` opts out of the broker's: fingerprinted as unset, a reload adding
+        or removing it kept the old dispatcher (and its dead-letter sink)."""
+        def fingerprint(delivery: str) -> str:
+            return load_triggers(f"triggers: [{{name: a, subscriber: 'http://h/', delivery: {delivery}}}]"
+                                 ).triggers[0].fingerprint
+
+        assert fingerprint("{retry: 1}") != fingerprint("{retry: 1, deadLetterSink: null}")
+        assert fingerprint("{retry: 1, timeout: null}") != fingerprint("{retry: 1}")
+
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[3] / "examples" / "triggers").glob("*.yaml"))
 
