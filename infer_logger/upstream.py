@@ -259,13 +259,15 @@ class Upstream:
     A kept-alive connection the predictor closed is not used: the event loop may not have read
     its end yet, so one idle for a while is looked at first. One lost unanswered as the request
     went out is sent again once on a new one only for methods that may be (GET, HEAD, PUT...):
-    a POST may have been read, and a predictor that died of it must not get it twice (502).
+    a POST may have been read, and a predictor that died of it must not get it twice (502);
+    unless `resend_unanswered` (a sender that resends anyway: the http sink).
 
     With `max_body` (the http sink's, never the proxy's), an answer whose head is in is returned
     with at most that many body bytes, `truncated` when the body was longer or never ended.
     """
 
-    def __init__(self, url: str, *, timeout: float = 60.0, max_body: int | None = None) -> None:
+    def __init__(self, url: str, *, timeout: float = 60.0, max_body: int | None = None,
+                 resend_unanswered: bool = False) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("predictor_url", f"{url!r} is not an http(s)://host[:port] URL")
@@ -277,6 +279,9 @@ class Upstream:
         self.host_header = netloc.encode("idna") if not netloc.isascii() else netloc.encode()
         self.timeout = timeout
         self.max_body = max_body
+        # The http sink's: its worker would send the whole batch again anyway (at-least-once),
+        # so a POST lost on a stale connection is better sent again at once.
+        self.resend_unanswered = resend_unanswered
         self._idle: list[_Connection] = []
         self._closed = False
 
@@ -295,7 +300,7 @@ class Upstream:
             try:
                 return await self._exchange(loop, conn, data, method == "HEAD", deadline)
             except _Stale:
-                if method not in _IDEMPOTENT:
+                if method not in _IDEMPOTENT and not self.resend_unanswered:
                     raise ConnectionResetError("the predictor closed a kept-alive connection as the request went "
                                                "out (not sent again: it may have been read)") from None
                 continue

@@ -88,7 +88,7 @@ class HttpSink:
         self.url = str(config.url)
         parts = urlsplit(self.url)
         self._client = Upstream(f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}", timeout=config.timeout,
-                                max_body=RESPONSE_BODY_MAX)
+                                max_body=RESPONSE_BODY_MAX, resend_unanswered=True)
         target = parts.path or "/"
         self._target = (target + ("?" + parts.query if parts.query else "")).encode()
         self._extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in config.headers.items()]

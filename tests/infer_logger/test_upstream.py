@@ -113,6 +113,20 @@ async def test_a_post_lost_unanswered_on_a_kept_connection_is_not_sent_again(mon
     assert [h[-1:] for h in peer.heads] == [b"1", b"2"]
 
 
+async def test_a_sender_that_resends_anyway_has_a_stale_post_sent_again_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The http sink: its worker sends the batch again anyway; failing it cost a backoff and a warning."""
+    monkeypatch.setattr(upstream_module, "STALE_AFTER", 0.0)
+    seen = itertools.count(1)
+    peer = Scripted(lambda _: None if next(seen) == 2 else ok()(b""))
+    async with peer as url:
+        up = Upstream(url, resend_unanswered=True)
+        assert (await up.request("POST", b"/", [], b"1")).status == 200
+        assert (await up.request("POST", b"/", [], b"2")).status == 200
+        await up.close()
+    assert [h[-1:] for h in peer.heads] == [b"1", b"2", b"2"]
+
+
 async def test_a_kept_connection_whose_end_came_unread_is_not_used() -> None:
     """The predictor's FIN in, the event loop not yet round to reading it: looked at first."""
     import socket
