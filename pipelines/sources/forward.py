@@ -54,6 +54,7 @@ import orjson
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from infer_logger import deadletter
+from infer_logger.asgi import READ_RATE_ALLOWANCE
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 from infer_logger.cloudevents.json_format import deep_dumps, from_dict
 from infer_logger.cloudevents.validation import percent_escaped, source_setting, validate
@@ -96,9 +97,9 @@ class ForwardSourceConfig(SourceConfig):
     handshake_timeout: float = Field(10.0, gt=0)
     """Seconds a client has to send PING after HELO."""
     frame_timeout: float = Field(60.0, gt=0)
-    """Seconds a frame has to arrive whole once begun; then the connection is closed (a client
-    that stopped or dripped mid-frame held its bytes, up to max_frame_bytes, for as long as it
-    stayed)."""
+    """Seconds a frame has to arrive whole once begun, plus one per MiB of it that came (a big
+    frame on a slow link is not cut); then the connection is closed (a client that stopped or
+    dripped mid-frame held its bytes, up to max_frame_bytes, for as long as it stayed)."""
     max_frame_bytes: int = Field(32 << 20, ge=1024)
     """Largest frame as sent, and largest decompressed entries; a bigger one closes the connection.
     A batch's entries (`max_frame_entries`) may decode into at most a sixteenth as many maps and
@@ -141,7 +142,9 @@ class _Budget:
     their bytes, not what they become (a one-byte empty map is a 64-byte dict, and a 2 KB gzip
     member inflates to a million of them). Counted by the unpacker's hooks as each is made, so a
     frame past it stops there. Their items are not counted: records of many small values (250
-    integers each, 4 MB a frame) are ordinary, and cost ~8 bytes an item."""
+    integers each, 4 MB a frame) are ordinary. Short strings still cost ~25 times their bytes
+    (a 3-byte "ab" is a ~59-byte str): max_frame_bytes bounds what a connection holds to about
+    25 times itself, so keep it to what the senders need."""
 
     __slots__ = ("left", "size")
 
@@ -229,6 +232,11 @@ class _Messages:
     def begun(self) -> int:
         """Where in the stream the unfinished message starts."""
         return self._start
+
+    @property
+    def received(self) -> int:
+        """Bytes of the unfinished message so far."""
+        return self._fed - self._start
 
     def __iter__(self) -> Self:
         return self
@@ -756,8 +764,10 @@ class ForwardSource:
                 else:
                     if begun is None or begun[0] != messages.begun:  # a frame begun since: its own deadline
                         begun = messages.begun, asyncio.get_running_loop().time() + self.config.frame_timeout
+                    # A second more per MiB of it that came: a big frame on a slow link is not cut.
+                    deadline = begun[1] + messages.received / READ_RATE_ALLOWANCE
                     try:
-                        async with asyncio.timeout_at(begun[1]):
+                        async with asyncio.timeout_at(deadline):
                             data = await reader.read(_READ_SIZE)
                     except TimeoutError:
                         raise FrameError(f"a frame begun did not arrive whole within {self.config.frame_timeout:g}s "

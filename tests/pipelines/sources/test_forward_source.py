@@ -727,6 +727,18 @@ class TestFailures:
             await idle.aclose()
         assert "a frame begun did not arrive whole within 0.3s (frame_timeout)" in caplog.text
 
+    async def test_a_big_frame_on_a_slow_link_has_time_for_its_size(self, memory: MemorySink) -> None:
+        """One deadline for the frame, whatever its size: a 2 MB frame over a link slower than
+        frame_timeout allowed was refused, and every resend too."""
+        frame = pack(["app", 1, {"pad": "x" * (2 << 20)}, {"chunk": "c"}])
+        async with ForwardSourceConfig(port=0, frame_timeout=0.3).build(memory) as src:
+            client = await Client.connect(src.port)
+            for start in range(0, len(frame), 256 << 10):  # ~1 s in all: over 0.3 s, under 0.3 + 2 s
+                await client.send(frame[start:start + (256 << 10)])
+                await asyncio.sleep(0.12)
+            assert await client.reply() == {"ack": "c"} and src.errors == 0
+            await client.aclose()
+
     async def test_a_frame_dripped_past_frame_timeout_closes_the_connection(self, memory: MemorySink) -> None:
         """The deadline was per read: a byte every 0.4 s held a frame for ever under a 0.5 s timeout."""
         frame = pack(["app", 1, {"a": "x" * 100}, {"chunk": "c"}])
