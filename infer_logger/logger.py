@@ -214,6 +214,11 @@ class InferenceLogger:
         return exchange
 
     @property
+    def logs_responses(self) -> bool:
+        """Whether `end` logs anything (log mode `all` or `response`)."""
+        return self._log_response
+
+    @property
     def payload_limit(self) -> int:
         """Bytes of a payload the events keep; the rest is cut and marked."""
         return self._limit

@@ -74,11 +74,12 @@ class InferenceLoggerMiddleware:
         # The app (and what it echoes) sees the id that replaced it (or was made), as the client
         # does and as the sidecar's predictor does; and, as there, is not asked to compress (a
         # compressing middleware inside this one had its gzip bytes logged as JSON).
-        kept = [(k, v) for k, v in scope["headers"] if k not in (b"x-request-id", b"accept-encoding")]
+        dropped = (b"x-request-id", b"accept-encoding") if self.logger.logs_responses else (b"x-request-id",)
+        kept = [(k, v) for k, v in scope["headers"] if k not in dropped]
         if (sent := headers.get("x-request-id")) is None or (sent != event_id and ev.read_id(sent) is None):
             kept.append((b"x-request-id", event_id.encode()))
-        else:
-            kept += [(k, v) for k, v in scope["headers"] if k == b"x-request-id"]
+        else:  # one, the events' (a client's sent twice: frameworks read the first)
+            kept.append((b"x-request-id", sent.encode("latin-1")))
         scope = {**scope, "headers": kept}
         replayed = False
 

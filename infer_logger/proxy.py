@@ -140,13 +140,18 @@ class Proxy:
         if route is not None:
             exchange = self.logger.begin(route, path, headers, raw, body, event_id)
 
-        forward = _without_hop(raw, _DROP_LOGGED if exchange is not None else _DROP_UPSTREAM,
+        compressed_ok = exchange is None or not self.logger.logs_responses
+        forward = _without_hop(raw, _DROP_UPSTREAM if compressed_ok else _DROP_LOGGED,
                                connection="connection" in headers)
         sent = headers.get("x-request-id")
         if sent is None or (sent != event_id and ev.read_id(sent) is None):  # none, or not an id: the event's
             if sent is not None:
                 forward = [(k, v) for k, v in forward if k != b"x-request-id"]
             forward.append((b"x-request-id", event_id.encode()))
+        elif len(headers) != len(raw):  # a name sent twice (cheap to tell): x-request-id?
+            # Frameworks read the first, the events carry the last: the predictor gets that one only.
+            forward = [(k, v) for k, v in forward if k != b"x-request-id"]
+            forward.append((b"x-request-id", sent.encode("latin-1")))
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:

@@ -441,9 +441,10 @@ class DiskSpool(_Segments):
 
     def _undelivered(self, number: int) -> int:
         """Events of segment `number` that some sink has not taken yet: past the readers in this
-        process or, with none here (they are in the delivery process), their saved checkpoints
+        process (those stopped too) or, with none here (they are in the delivery process), their saved checkpoints
         (which trail a little: an upper bound); with neither, every event counts."""
-        floor = min((r.position for r in self._readers.values()), default=None) or self._saved_floor(number)
+        positions = [*(r.position for r in self._readers.values()), *self._parked.values()]
+        floor = min(positions, default=None) or self._saved_floor(number)
         if floor.segment > number:
             return 0
         start = floor.offset if floor.segment == number else 0

@@ -417,6 +417,23 @@ async def test_a_predictor_that_compresses_is_not_asked_to_on_a_logged_call(tmp_
     assert r.json() == {"predictions": [1]} and other.headers["content-encoding"] == "gzip"  # unlogged: as asked
     response = next(e for e in logged(tmp_path) if e["type"] == ev.RESPONSE)
     assert response["data"] == {"predictions": [1]}
+    # Logging requests only, the answer is the client's as it asked for it.
+    async with before(Scripted(compressing), tmp_path / "requests", log_mode="request") as sidecar:
+        async with httpx.AsyncClient() as client:
+            r = await client.post(f"{sidecar}/v1/models/m:predict", content=b"{}", headers={"accept-encoding": "gzip"})
+    assert r.headers["content-encoding"] == "gzip" and r.json() == {"predictions": [1]}
+
+
+async def test_an_id_sent_twice_reaches_the_predictor_once(tmp_path: Path) -> None:
+    """Frameworks read the first x-request-id, the events carry the last: the predictor got both."""
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    peer = Scripted(lambda _: reply)
+    async with before(peer, tmp_path) as sidecar, httpx.AsyncClient() as client:
+        r = await client.post(f"{sidecar}/v1/models/m:predict", content=b"{}",
+                              headers=[(b"x-request-id", b"A"), (b"x-request-id", b"B")])
+    ids = [line for line in peer.heads[0].split(b"\r\n") if line.lower().startswith(b"x-request-id:")]
+    assert ids == [b"x-request-id: B"] and r.headers["x-request-id"] == "B"
+    assert {e["id"] for e in logged(tmp_path)} == {"B"}
 
 
 async def test_a_request_not_to_be_logged_is_not_checked_as_a_cloudevent(tmp_path: Path) -> None:

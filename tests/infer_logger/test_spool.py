@@ -479,6 +479,18 @@ class TestSpoolFollower:
             writer.append(event(i, 100))
         assert writer.stats.dropped["spool_overflow"] == 4  # the damaged one was lost anyway
 
+    def test_overflow_counts_what_a_stopped_reader_had_not_taken(self, tmp_path: Path) -> None:
+        """A reader removed without being forgotten (the broker's shutdown) keeps its place: what
+        an overflow drops of it is counted too."""
+        writer = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=4000, overflow="drop_oldest")
+        writer.reader("stopped")
+        writer.remove_reader("stopped")
+        ahead = writer.reader("ahead")
+        for i in range(25):
+            writer.append(event(i, 100))
+            drain(ahead)
+        assert writer.stats.dropped["spool_overflow"] == 5
+
     def test_a_segment_the_writer_dropped_on_overflow_is_no_corruption(
             self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         """The follower, still listing it until its next poll, read it as a truncated record:
