@@ -193,14 +193,6 @@ class KafkaSource:
         self._delivering: threading.Event | None = None  # set once the subscriber has the batch
         self._down_said = -60.0
         self._consumer = self._client(Consumer, config.consumer_config())
-        try:
-            # librdkafka's own regex engine judges `^patterns` (no lookahead, no `(?:`): refused
-            # here, not by `run()` with a KafkaException. `run()` subscribes again, with callbacks.
-            self._consumer.subscribe(config.topics)
-        except KafkaException as exc:
-            self._consumer.close()
-            raise ConfigError("topics", f"kafka source {self.address}: librdkafka refuses {config.topics}: "
-                                        f"{exc.args[0].str()}") from None
         if config.dead_letter_topic is not None:
             # Made now: a setting it refuses (one the consumer takes) is a ConfigError at build,
             # not a first dead letter retried for ever.
@@ -365,8 +357,14 @@ class KafkaSource:
     # -- in the consumer thread ------------------------------------------------------------------
 
     def _subscribe(self) -> None:
-        self._consumer.subscribe(self.config.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                 on_lost=self._on_lost)
+        try:
+            self._consumer.subscribe(self.config.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                     on_lost=self._on_lost)
+        except KafkaException as exc:
+            # librdkafka's own regex engine judges `^patterns` (no lookahead, no `(?:`), and only
+            # here: subscribing at build joined the group before `run()` (rebalances for others).
+            raise ConfigError("topics", f"kafka source {self.address}: librdkafka refuses {self.config.topics}: "
+                                        f"{exc.args[0].str()}") from None
 
     def _fill(self) -> list[_Record]:
         """Up to batch_size records: waits for the first, then takes only what is already there."""

@@ -114,7 +114,9 @@ triggers:
         assert sorted(e.id for e in received) == sorted(e.id for e in events)
         await settle(broker, "hanging", 20, timeout=30)
         letters = [orjson.loads(line) for line in dead_letters.read_bytes().splitlines()]
-        assert sorted(x["id"] for x in letters) == sorted(e.id for e in events)
+        # Each at least once: a dead letter written past its 0.2 s timeout (a busy machine) is
+        # tried again, as at-least-once allows.
+        assert {x["id"] for x in letters} == {e.id for e in events}
         assert {x["knativeerrorcode"] for x in letters} == {"-1"}
         assert all(x["knativeerrordest"] == subscriber.url for x in letters)
 
