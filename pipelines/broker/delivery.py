@@ -185,10 +185,11 @@ def should_retry(status: int | None) -> bool:
 
 def error_extensions(destination: str, status: int, body: bytes) -> dict[str, str]:
     """What a dead-lettered event gains: where and how its delivery failed."""
-    # Always set, if empty: an event dead-lettered before keeps no data of that earlier failure.
-    # (base64 of the first 768 bytes is exactly the first 1024 characters of the whole body's.)
-    return {"knativeerrordest": destination, "knativeerrorcode": str(status),
-            "knativeerrordata": base64.b64encode(body[:_ERROR_BODY_MAX]).decode("ascii")}
+    extensions = {"knativeerrordest": destination, "knativeerrorcode": str(status)}
+    if body:  # as Knative: no data, no attribute (the letter drops an earlier failure's)
+        # base64 of the first 768 bytes is exactly the first 1024 characters of the whole body's.
+        extensions["knativeerrordata"] = base64.b64encode(body[:_ERROR_BODY_MAX]).decode("ascii")
+    return extensions
 
 
 def truncate_error_data(text: str) -> str:

@@ -166,7 +166,9 @@ class TriggerDispatcher:
         # knativeerrordest: the subscriber, or the broker when the reply is what could not be delivered.
         extensions = error_extensions(failure.destination or self.subscriber.address, failure.status,
                                       failure.body or failure.reason.encode())
-        letter = CloudEvent({**event.attributes, **extensions}, event.data, event.meta)
+        # An event dead-lettered before keeps no data of that earlier failure.
+        kept = {k: v for k, v in event.attributes.items() if k != "knativeerrordata"}
+        letter = CloudEvent({**kept, **extensions}, event.data, event.meta)
         attempt = 0
         while True:
             response = await self.dead_letter.send(letter, event.meta, reply=False, timeout=self.policy.timeout)
