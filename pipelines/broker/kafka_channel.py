@@ -45,6 +45,14 @@ class _UnreachableError(ChannelError):
     """No Kafka broker answered (as opposed to one that answered with a refusal)."""
 
 
+def _said_if_failed(task: asyncio.Task[None]) -> None:
+    """A trigger's consumer that ended with an error reads nothing more: said at once, not as
+    "Task exception was never retrieved" at the broker's exit (or never)."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("kafka channel: %s stopped: %s: %s; its trigger delivers nothing until the broker restarts",
+                  task.get_name(), type(exc).__name__, exc)
+
+
 class KafkaChannel:
     def __init__(self, settings: KafkaChannelSettings, namespace: str, name: str, *, batch_size: int = 100) -> None:
         self.settings = settings
@@ -178,6 +186,7 @@ class KafkaChannel:
             config=dict(self.settings.config),
         ).build(handler)  # type: ignore[arg-type]  # a dispatcher is a Sink: send_batch + aclose
         task = asyncio.get_running_loop().create_task(source.run(), name=f"trigger:{group}")
+        task.add_done_callback(_said_if_failed)
         self._sources[trigger] = (source, task)
 
     def _start_at_end(self, group: str) -> None:

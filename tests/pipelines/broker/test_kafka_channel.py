@@ -5,6 +5,7 @@ starting at the end, two broker processes sharing the work, and Kafka refusing o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import uuid
@@ -232,6 +233,21 @@ async def test_a_failure_after_halves_were_written_fails_only_the_appends_not_wr
     with pytest.raises(ChannelError) as info:
         await channel.append([event("a2"), event("a3"), event("b2"), event("b3")])
     assert info.value.pending == [2, 3] and [e.id for e in topic.events] == ["a2", "a3"]
+
+async def test_a_trigger_consumer_that_fails_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """Its task's exception was never retrieved: the trigger stopped delivering, silently."""
+    from pipelines.broker.kafka_channel import _said_if_failed
+
+    async def fails() -> None:
+        raise RuntimeError("consumer gone")
+
+    task = asyncio.get_running_loop().create_task(fails(), name="trigger:knative-trigger-default-t")
+    task.add_done_callback(_said_if_failed)
+    with contextlib.suppress(RuntimeError):
+        await task
+    await asyncio.sleep(0)
+    assert "trigger:knative-trigger-default-t stopped: RuntimeError: consumer gone" in caplog.text
+
 
 async def test_kafka_down_is_503_then_back(tmp_path: Path, subscriber: Subscriber) -> None:
     """Kafka gone: the ingress answers 503 naming it, soon (no 30 s hang), and takes events again,
