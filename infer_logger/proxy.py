@@ -145,13 +145,15 @@ class Proxy:
                                connection="connection" in headers)
         sent = headers.get("x-request-id")
         if sent is None or (sent != event_id and ev.read_id(sent) is None):  # none, or not an id: the event's
+            forwarded: bytes | None = event_id.encode()
+        else:
+            # A name sent twice (cheap to tell) may be x-request-id: frameworks read the first, the
+            # events carry the last, so the predictor gets that one only.
+            forwarded = sent.encode("latin-1") if len(headers) != len(raw) else None
+        if forwarded is not None:
             if sent is not None:
                 forward = [(k, v) for k, v in forward if k != b"x-request-id"]
-            forward.append((b"x-request-id", event_id.encode()))
-        elif len(headers) != len(raw):  # a name sent twice (cheap to tell): x-request-id?
-            # Frameworks read the first, the events carry the last: the predictor gets that one only.
-            forward = [(k, v) for k, v in forward if k != b"x-request-id"]
-            forward.append((b"x-request-id", sent.encode("latin-1")))
+            forward.append((b"x-request-id", forwarded))
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:

@@ -429,20 +429,16 @@ class DiskSpool(_Segments):
     def _saved_floor(self, number: int) -> Position:
         """The lowest position the readers' checkpoint files hold (segment `number`'s start
         when there is none or one cannot be read)."""
-        floor = None
         try:
-            for path in (self.dir / "checkpoints").glob("*.json"):
-                saved = orjson.loads(path.read_bytes())
-                position = Position(int(saved["segment"]), int(saved["offset"]))
-                floor = position if floor is None else min(floor, position)
+            saved = [_read_checkpoint(path) for path in (self.dir / "checkpoints").glob("*.json")]
         except (OSError, ValueError, KeyError, TypeError):
             return Position(number, 0)
-        return floor or Position(number, 0)
+        return min(saved, default=Position(number, 0))
 
     def _undelivered(self, number: int) -> int:
         """Events of segment `number` that some sink has not taken yet: past the readers in this
-        process (those stopped too) or, with none here (they are in the delivery process), their saved checkpoints
-        (which trail a little: an upper bound); with neither, every event counts."""
+        process (those stopped too) or, with none here (they are in the delivery process), their
+        saved checkpoints (which trail a little: an upper bound); with neither, every event counts."""
         positions = [*(r.position for r in self._readers.values()), *self._parked.values()]
         floor = min(positions, default=None) or self._saved_floor(number)
         if floor.segment > number:
@@ -582,6 +578,12 @@ class SpoolFollower(_Segments):
             self._lock = -1
 
 
+def _read_checkpoint(path: Path) -> Position:
+    """A checkpoint file's position: OSError, ValueError, KeyError or TypeError if it has none."""
+    saved = orjson.loads(path.read_bytes())
+    return Position(int(saved["segment"]), int(saved["offset"]))
+
+
 class DiskReader:
     """One sink's cursor over the spool, with a checkpoint file that survives restarts."""
 
@@ -596,7 +598,7 @@ class DiskReader:
         self._save_failing = False
         self.checkpoint_interval = checkpoint_interval
         self._file: tuple[int, BinaryIO] | None = None  # the segment being read, kept open
-        if not spool.checkpoint_path(name).exists():
+        if self._unsaved:
             # Saved at once: a writer in another process counts what an overflow drops past the
             # checkpoints it finds, and a sink failing from its start would have none.
             self._save(time.monotonic(), collect=False)
@@ -604,10 +606,11 @@ class DiskReader:
     def _load(self) -> Position:
         path = self.spool.checkpoint_path(self.name)
         first = min(self.spool._sizes, default=self.spool._current)
+        self._unsaved = False
         try:
-            saved = orjson.loads(path.read_bytes())
-            position = Position(int(saved["segment"]), int(saved["offset"]))
+            position = _read_checkpoint(path)
         except FileNotFoundError:
+            self._unsaved = True
             return Position(first, 0)
         except (ValueError, KeyError, TypeError):
             log.error("unreadable checkpoint %s: reading %s from the oldest segment", path, self.name)

@@ -157,12 +157,12 @@ class _Budget:
     def take(self, value: Any) -> Any:
         self.left -= 1
         if self.left < 0:
-            raise FrameError(f"the entries decode into more than {self.size} maps and arrays (max_frame_bytes "
-                             f"/ 16 per batch of max_frame_entries)")
+            raise FrameError(f"the entries decode into more than {self.size} maps and arrays "
+                             f"(max_frame_bytes / 16 per batch of max_frame_entries)")
         return value
 
 
-def _values(limit: int) -> int:
+def _containers(limit: int) -> int:
     return max(1 << 16, limit // 16)
 
 
@@ -215,10 +215,14 @@ class _Messages:
         self._base = 0  # where in the stream the unpacker's tell() counts from
         self._fed = 0  # bytes fed so far
         self._start = 0  # where the unfinished message starts
+        self._fed_at = self.begun_at = 0.0  # when the last read came; when the unfinished message's first did
         self._reads: list[bytes] = []  # the reads it is in, and what follows it
         self._offset = 0  # where it starts in the first
 
     def feed(self, data: bytes) -> None:
+        self._fed_at = time.monotonic()  # the event loop's clock
+        if not self.partial:
+            self.begun_at = self._fed_at
         self._unpacker.feed(data)
         self._reads.append(data)
         self._fed += len(data)
@@ -228,10 +232,6 @@ class _Messages:
         """Whether a message has begun and not ended (once iterating stopped)."""
         return self._fed > self._start
 
-    @property
-    def begun(self) -> int:
-        """Where in the stream the unfinished message starts."""
-        return self._start
 
     @property
     def received(self) -> int:
@@ -257,6 +257,7 @@ class _Messages:
             self._base = end
         message = self._cut(end - self._start)
         self._start = end
+        self.begun_at = self._fed_at  # the next one's first byte (if any) came in the last read
         if big and self._reads:  # the rest of the last read: the next message's start
             self._unpacker.feed(memoryview(self._reads[0])[self._offset:])
             for data in self._reads[1:]:
@@ -302,7 +303,7 @@ def parse_frame(frame: bytes | memoryview, limit: int, max_entries: int = _MAX_E
     what is wrong with the frame, and iterating its entries what is wrong with them. Only the tag,
     the option and a Message mode record are decoded here; the entries are unpacked as they are
     iterated. `limit` bounds the inflated entries, `max_entries` the gzip members that end no entry."""
-    budget = _Budget(_values(limit))
+    budget = _Budget(_containers(limit))
     walk = _Walk(memoryview(frame), budget)
     try:
         size = walk.array_header() if walk.kind() == "array" else None
@@ -516,7 +517,8 @@ def _unpacked(pieces: Iterable[bytes | memoryview], limit: int, max_idle: int,
     """The msgpack items of packed entries given in pieces, each as soon as it is whole. An empty
     piece ends a gzip member; more than `max_idle` members that end no item are refused (each costs
     work, and 32 MiB holds 1.6 million empty ones)."""
-    unpacker = _unpacker(limit + _PIECE, read_size=_PIECE, budget=budget)  # an entry of at most `limit` bytes, and a piece
+    # Room for an entry of at most `limit` bytes, and a piece.
+    unpacker = _unpacker(limit + _PIECE, read_size=_PIECE, budget=budget)
     fed = end = items = idle = 0
     items_at_member_start = 0
     for piece in pieces:
@@ -748,7 +750,6 @@ class ForwardSource:
         self.connections += 1
         peer = writer.get_extra_info("peername")
         messages = _Messages(self.config.max_frame_bytes)
-        begun: tuple[int, float] | None = None  # the unfinished frame's start and deadline
         try:
             if self.config.shared_key is not None and not await self._handshake(
                     reader, writer, messages, peer):
@@ -758,21 +759,7 @@ class ForwardSource:
                 for message in messages:
                     frame = parse_frame(message, self.config.max_frame_bytes, self.config.max_frame_entries)
                     await self._take(frame, reader, writer)
-                if not messages.partial:
-                    begun = None
-                    data = await reader.read(_READ_SIZE)
-                else:
-                    if begun is None or begun[0] != messages.begun:  # a frame begun since: its own deadline
-                        begun = messages.begun, asyncio.get_running_loop().time() + self.config.frame_timeout
-                    # A second more per MiB of it that came: a big frame on a slow link is not cut.
-                    deadline = begun[1] + messages.received / READ_RATE_ALLOWANCE
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            data = await reader.read(_READ_SIZE)
-                    except TimeoutError:
-                        raise FrameError(f"a frame begun did not arrive whole within {self.config.frame_timeout:g}s "
-                                         f"(frame_timeout)") from None
-                if not data:
+                if not (data := await self._read(reader, messages)):
                     break
                 messages.feed(data)
         except msgpack.BufferFull:  # _Messages refuses first; kept as the backstop it was
@@ -795,6 +782,19 @@ class ForwardSource:
         finally:
             self._tasks.discard(task)
             writer.transport.abort()
+
+    async def _read(self, reader: asyncio.StreamReader, messages: _Messages) -> bytes:
+        """The next read; within the frame's deadline when one has begun: `frame_timeout` from
+        its first byte, plus a second per MiB of it that came (a big frame on a slow link is not cut)."""
+        if not messages.partial:
+            return await reader.read(_READ_SIZE)
+        deadline = messages.begun_at + self.config.frame_timeout + messages.received / READ_RATE_ALLOWANCE
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await reader.read(_READ_SIZE)
+        except TimeoutError:
+            raise FrameError(f"a frame begun did not arrive whole within {self.config.frame_timeout:g}s "
+                             f"(frame_timeout)") from None
 
     def _close_for(self, peer: object, reason: str) -> None:
         self.errors += 1
