@@ -105,7 +105,11 @@ def tokenize(source: str) -> list[Token]:
 
 def _word(text: str, position: int) -> Token:
     if text.isdigit():  # only ASCII digits reach here
-        return Token(TokenKind.INTEGER, text, position, int(text))
+        # Past 10 digits it is out of range whatever its sign (the parser says so); int() raises
+        # ValueError past 4300, leading zeros included.
+        digits = text.lstrip("0") or "0"
+        number = int(digits) if len(digits) <= 10 else 1 << 32
+        return Token(TokenKind.INTEGER, text, position, number)
     keyword = KEYWORDS.get(text.upper())
     if keyword is not None:
         return Token(keyword, text, position)

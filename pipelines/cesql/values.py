@@ -85,7 +85,9 @@ def _parse_int(text: str) -> tuple[int, CesqlCastError | None]:
     # Stricter than int(): no surrounding blanks, no "_" separators, ASCII digits only.
     if _INTEGER_TEXT.fullmatch(text) is None:
         return 0, CesqlCastError(f"cannot cast {text!r} to Integer")
-    number = int(text)
+    # int() raises past 4300 digits, leading zeros included: past 10 it is out of range anyway.
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    number = (-1 if text[0] == "-" else 1) * int(digits) if len(digits) <= 10 else INT32_MAX + 1
     if not in_int32(number):
         return 0, CesqlCastError(f"{text!r} is outside the 32-bit integer range")
     return number, None

@@ -56,6 +56,14 @@ class TestMatches:
 class TestEvents:
     """Attributes come from a mapping or `.attributes`; other types are read as strings."""
 
+    @pytest.mark.parametrize(("digits", "expected"), [
+        ("1" * 5000, (False, ["cast"])),  # int() raises ValueError past 4300 digits: it stopped
+        ("+" + "9" * 11, (False, ["cast"])),  # a trigger's delivery for good
+        ("-" + "0" * 5000 + "7", (False, [])),  # leading zeros do not count
+    ])
+    def test_long_numeric_text(self, digits: str, expected: tuple[object, list[str]]) -> None:
+        assert kinds("big > 5", {**ATTRIBUTES, "big": digits}) == expected
+
     def test_payload_is_not_an_attribute(self) -> None:
         assert kinds("EXISTS data", {**ATTRIBUTES, "data": {"a": 1}}) == (False, [])
 

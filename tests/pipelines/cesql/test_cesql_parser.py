@@ -29,6 +29,8 @@ class TestParseErrors:
             ("1abc_d(1)", 0),
             ("2147483648", 0),
             ("- 2147483649", 0),
+            ("1" * 5000, 0),  # int() refuses past 4300 digits: out of range, not a ValueError
+            ("-" + "9" * 5000, 0),
             ("a NOT = 1", 6),
             ("EXISTS 'id'", 7),
             ("id IN ()", 7),
@@ -71,6 +73,7 @@ class TestSyntax:
         assert value_of("4-1") == 3
         assert value_of("4 -1") == 3
         assert value_of("- -3") == 3
+        assert value_of("0" * 5000 + "12") == 12  # int() alone raises past 4300 digits
 
     def test_keywords_case_insensitive_identifiers_lowercased(self) -> None:
         assert value_of("exists ID And Id = '1' oR false") is True
