@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
 from infer_logger.cloudevents.event import AttributeValue, attribute_text
@@ -90,6 +90,34 @@ def format_path(path: Sequence[PathPart]) -> str:
 
 def _text(value: AttributeValue) -> str:
     return value if type(value) is str else attribute_text(value)
+
+
+class Delivered(Mapping[str, str]):
+    """An event's attributes as its subscriber gets them, which is what every filter sees: each
+    value as its text (binary HTTP carries text, and a Kafka channel stores the binary binding:
+    a typed value would pass or fail by the channel) and without `hidden` (the broker's TTL,
+    which Knative drops before filtering)."""
+
+    __slots__ = ("_attributes", "_hidden")
+
+    def __init__(self, attributes: Attributes, hidden: str) -> None:
+        self._attributes = attributes
+        self._hidden = hidden
+
+    def __getitem__(self, name: str) -> str:
+        if name == self._hidden:
+            raise KeyError(name)
+        return _text(self._attributes[name])
+
+    def get(self, name: str, default: Any = None) -> Any:  # the filters' one lookup: no KeyError
+        value = self._attributes.get(name)
+        return default if value is None or name == self._hidden else _text(value)
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in self._attributes if name != self._hidden)
+
+    def __len__(self) -> int:
+        return len(self._attributes) - (self._hidden in self._attributes)
 
 
 def _no_filter(attributes: Attributes) -> FilterResult:

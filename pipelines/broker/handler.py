@@ -20,7 +20,7 @@ from pipelines.broker.channel import TTL
 from pipelines.broker.delivery import NO_RESPONSE
 from pipelines.broker.dispatcher import without_ttl
 from pipelines.broker.endpoints import BadReplyError, parse_reply, passthrough
-from pipelines.broker.filters import FAIL
+from pipelines.broker.filters import FAIL, Delivered
 
 if TYPE_CHECKING:
     from pipelines.broker.broker import Broker
@@ -56,7 +56,7 @@ class TriggerHandler:
             return _error(400, f"invalid CloudEvent: {exc}")
         if TTL not in event.attributes:
             return _error(400, f"the event has no {TTL}: only events that came through a broker are taken")
-        if trigger.filter(event.attributes) is FAIL:
+        if trigger.filter(Delivered(event.attributes, TTL)) is FAIL:
             return 200, [], b""
         out, ttl = without_ttl(event)
         response = await dispatcher.subscriber.send(out, passthrough(headers), reply=True,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import orjson
@@ -15,6 +15,7 @@ from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import SinkError
 from infer_logger.store import AuditStore
 from pipelines.broker import Broker
+from pipelines.broker.filters import FilterResult
 
 from .conftest import MakeBroker
 from .helpers import (
@@ -87,6 +88,51 @@ triggers:
         await _post(broker, event())
         [letter] = await asyncio.to_thread(other_subscriber.wait_for, 1)
         assert letter.attributes["knativeerrorcode"] == "502" and subscriber.attempts == 2
+
+
+class TestFilters:
+    """Filters see an event as its subscriber gets it, whatever the channel, and never stop a trigger."""
+
+    async def test_filters_see_the_delivered_event(self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        broker = await make_broker(f"""
+triggers:
+  - {{name: big, filters: [{{cesql: "big > 5"}}], subscriber: '{subscriber.url}'}}
+  - {{name: text, filters: [{{cesql: "sampled IN ('yes', 'true')"}}], subscriber: '{subscriber.url}'}}
+  - {{name: nottl, filters: [{{cesql: "NOT EXISTS knativebrokerttl"}}], subscriber: '{subscriber.url}'}}
+  - {{name: ttl, filters: [{{exact: {{knativebrokerttl: "255"}}}}], subscriber: '{subscriber.url}'}}
+""")
+        bodies = [{"specversion": "1.0", "id": str(i), "source": "/s", "type": "t", "big": big, "sampled": True,
+                   "knativebrokerttl": 255} for i, big in enumerate(["10", "1" * 5000, "20"])]
+        async with client(broker) as c:
+            for body in bodies:  # structured: the disk channel keeps JSON types (a Kafka channel would not)
+                r = await c.post("/", headers={"content-type": "application/cloudevents+json"},
+                                 content=orjson.dumps(body))
+                assert r.status_code == 202, r.text
+        for name in ("big", "text", "nottl", "ttl"):
+            await settle(broker, name, 3)
+
+        def delivered(name: str) -> float:
+            return broker.metrics.delivered.labels(f"default/{name}")._value.get()
+
+        # A 5000-digit value raised ValueError out of the filter and ended the trigger's runner:
+        # the events after it were never delivered (nor after a restart).
+        assert delivered("big") == 2
+        # The subscriber gets `sampled` as the text "true" and no TTL (Knative drops it before filtering).
+        assert (delivered("text"), delivered("nottl"), delivered("ttl")) == (3, 3, 0)
+
+    async def test_a_filter_raising_filters_out_and_goes_on(self, make_broker: MakeBroker,
+                                                            subscriber: Subscriber) -> None:
+        broker = await make_broker(f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
+
+        def bug(attributes: Mapping[str, str]) -> FilterResult:
+            if attributes["id"] == "bad":
+                raise RuntimeError("a bug in a filter")
+            return FilterResult.PASS
+
+        broker.dispatchers[("default", "t")]._filter = bug
+        await _post(broker, event("bad"), event("good"))
+        await settle(broker, "t", 2)
+        assert [e.id for e in subscriber.events] == ["good"]
 
 
 class TestIsolation:

@@ -12,6 +12,7 @@ from pipelines.broker.filters import (
     FAIL,
     NO_FILTER,
     PASS,
+    Delivered,
     FilterError,
     FilterResult,
     build_filter,
@@ -165,3 +166,12 @@ def test_cesql_tck_as_trigger_filter(test: dict[str, Any]) -> None:
     result: FilterResult = build_filter({"cesql": expression}, ())(event)
     assert result is expected
     assert parse(expression).matches(event) is (expected is PASS)
+
+
+def test_delivered_view() -> None:
+    """What filters see: text values, as binary HTTP and a Kafka channel carry them, and no TTL."""
+    view = Delivered({"id": "1", "statuscode": 500, "sampled": True, "knativebrokerttl": 255}, "knativebrokerttl")
+    assert dict(view) == {"id": "1", "statuscode": "500", "sampled": "true"}
+    assert len(view) == 3 and "knativebrokerttl" not in view and view.get("knativebrokerttl") is None
+    cesql = build_trigger_filter(None, [{"cesql": "sampled IN ('yes', 'true') AND statuscode = 500"}])
+    assert cesql(view) is PASS

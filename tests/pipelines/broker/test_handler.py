@@ -155,3 +155,19 @@ async def test_filtering_through_the_broker(case: dict[str, Any], make_broker: M
     assert (subscriber.attempts > 0) is case["expect"]["dispatched"]
     if subscriber.events:
         assert subscriber.events[0].attributes == attributes
+
+
+async def test_filter_handler_filters_what_the_subscriber_gets(make_broker: MakeBroker,
+                                                               subscriber: Subscriber) -> None:
+    """Knative drops the TTL before filtering: a trigger cannot filter on it (it could here)."""
+    broker = await make_broker(f"""
+triggers:
+  - {{name: nottl, filters: [{{cesql: "NOT EXISTS knativebrokerttl"}}], subscriber: '{subscriber.url}'}}
+""")
+    trigger = broker.triggers[("default", "nottl")]
+    headers, body = to_binary(CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": "t",
+                                          "knativebrokerttl": 255}))
+    async with client(broker) as c:
+        response = await c.post(f"/triggers/default/nottl/{trigger.uid}", headers=headers, content=body)
+    assert response.is_success
+    assert [e.id for e in subscriber.events] == ["1"]
