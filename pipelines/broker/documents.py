@@ -67,7 +67,9 @@ class Location:
     origin: str
     line: int  # 1-based
     column: int  # 1-based
-    quoted: bool = False
+    offset: int | None = None
+    """Columns from here to a scalar value's first character, when its characters lie one to one
+    on this line (plain or quoted, without escapes); None otherwise (folded, multi-line, escaped)."""
 
     def __str__(self) -> str:
         return f"{self.origin}:{self.line}:{self.column}"
@@ -215,8 +217,12 @@ class _Walk:
 
     def _location(self, node: yaml.Node) -> Location:
         mark = node.start_mark
-        quoted = isinstance(node, yaml.ScalarNode) and node.style in ("'", '"')
-        return Location(self.document.origin, mark.line + 1, mark.column + 1, quoted)
+        offset = None
+        if isinstance(node, yaml.ScalarNode) and node.style in (None, "'", '"') and node.end_mark.line == mark.line:
+            quotes = 0 if node.style is None else 2
+            if node.end_mark.index - mark.index == len(node.value) + quotes:
+                offset = quotes // 2
+        return Location(self.document.origin, mark.line + 1, mark.column + 1, offset)
 
 
 def _check_text(node: yaml.ScalarNode, path: Path_, location: Location) -> None:

@@ -317,7 +317,6 @@ def _pydantic_error(doc: Document, path: tuple[str | int, ...], exc: ValidationE
 def _filter_error(doc: Document, base: tuple[str | int, ...], exc: FilterError) -> DocumentError:
     full = (*base, *exc.path)
     location = doc.locate(full)
-    if exc.column is not None:  # point at the CESQL token, on a one-line scalar
-        location = Location(location.origin, location.line,
-                            location.column + exc.column + (1 if location.quoted else 0), location.quoted)
+    if exc.column is not None and location.offset is not None:  # point at the CESQL token
+        location = Location(location.origin, location.line, location.column + location.offset + exc.column)
     return DocumentError(location, format_path(full), exc.reason)

@@ -157,6 +157,17 @@ class TestErrors:
         assert error.location.line == 5 and error.location.column == 17 + 7  # the opening quote is at 16
         assert "triggers[0].filters[0].cesql" in str(error) and "position 7" in str(error)
 
+    @pytest.mark.parametrize(("scalar", "column"), [
+        ("type = = 'x'", 16 + 7),  # plain: the token
+        ("'type = = ''x'''", 16),  # a doubled quote: columns no longer map, so the scalar's start
+        (r'"type = \"x\" AND AND"', 16),  # escapes
+        (">-\n          type = 'x' AND\n          AND", 16),  # folded: the expression is on later lines
+    ])
+    def test_cesql_column_only_where_it_maps(self, scalar: str, column: int) -> None:
+        error = _error("triggers:\n  - name: a\n    subscriber: http://127.0.0.1:9/\n    filters:\n"
+                       f"      - cesql: {scalar}\n")
+        assert (error.location.line, error.location.column) == (5, column), str(error)
+
     def test_bad_attribute_name_in_a_manifest(self) -> None:
         error = _error(_manifest({"filter": {"attributes": {"Type": "x"}}}))
         assert "spec.filter.attributes[Type]" in str(error)
