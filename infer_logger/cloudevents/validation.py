@@ -24,8 +24,8 @@ _PLANE_ENDS = "".join(f"\\U{p + 0xFFFE:08x}\\U{p + 0xFFFF:08x}" for p in range(0
 _BAD_CHAR = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f\\ud800-\\udfff\\ufdd0-\\ufdef{_PLANE_ENDS}]")
 
 # RFC 3339 section 5.6; the separator may be lower-case "t" and the zone "z" (section 5.6 note).
-_TIMESTAMP = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:[Zz]|([+-])(\d{2}):(\d{2}))"
+_TIMESTAMP = re.compile(  # ASCII: RFC 3339's DIGIT is 0-9 (\d also takes "２０２４")
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:[Zz]|([+-])(\d{2}):(\d{2}))", re.ASCII
 )
 
 # RFC 2045 tokens; parameters as RFC 9110 writes them (optional whitespace around ";"). A quoted
@@ -71,7 +71,8 @@ def parse_time(value: str, attribute: str = "time") -> datetime:
     fraction, sign, off_hour, off_minute = match.group(7, 8, 9, 10)
     offset = 0 if sign is None else int(off_hour) * 60 + int(off_minute)
     if not (
-        1 <= month <= 12
+        year >= 1  # RFC 3339 has year 0000; datetime has not
+        and 1 <= month <= 12
         and 1 <= day <= calendar.monthrange(year, month)[1]
         and hour <= 23
         and minute <= 59

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 EVENT_TIME_CODE = 0  # msgpack ext type of EventTime: uint32 seconds, uint32 nanoseconds, big-endian
 _NS = 1_000_000_000
-_FRACTION = re.compile(r"\.(\d+)")
+_FRACTION = re.compile(r"\.(\d+)", re.ASCII)
 _TAG_UNSAFE = re.compile(r"[^a-z0-9_-]+")
 _KINDS = {"request", "response", "explanation"}
 

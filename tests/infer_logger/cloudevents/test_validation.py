@@ -138,6 +138,9 @@ class TestTime:
             "2023-02-29T00:00:00Z",
             "2018-04-05T24:00:00Z",
             "2018-04-05T18:31:00.Z",
+            "0000-01-01T00:00:00Z",  # RFC 3339's, not datetime's: a ValueError (500s) before
+            "\uff12\uff10\uff11\uff18-04-05T18:31:00Z",  # full-width digits: \d took them
+            "2018-04-05T18:31:00.\u0661Z",
         ],
     )
     def test_invalid(self, value: str) -> None:
