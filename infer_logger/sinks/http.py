@@ -109,17 +109,20 @@ class HttpSink:
             return
         # Only the events that failed go again (`pending`): the others were taken.
         pending = [e for e, _ in failed]
+        answers = [r for _, r in failed if not isinstance(r, BaseException)]
+        retryable = [r for r in answers if r[0] in RETRYABLE or r[0] >= 500]
+        # The longest wait any answer asked for: one 429's Retry-After beside a 503 without one.
+        afters = [r[1] for r in retryable] + [getattr(r, "retry_after", None) for _, r in failed
+                                              if isinstance(r, BaseException)]
+        after = max((a for a in afters if a is not None), default=None)
         for _, result in failed:
             if isinstance(result, BaseException):  # no answer (SinkError), or a bug: retried too
                 if not isinstance(result, Exception):
                     raise result
                 raise SinkError(f"{result} ({len(failed)} of {len(events)} events not taken)",
-                                retry_after=getattr(result, "retry_after", None), pending=pending) from result
-        answers = [r for _, r in failed if not isinstance(r, BaseException)]
-        retryable = [r for r in answers if r[0] in RETRYABLE or r[0] >= 500]
+                                retry_after=after, pending=pending) from result
         if retryable:
-            status, after, _ = retryable[0]
-            raise SinkError(f"{self.url} answered {status} to {len(retryable)} events", retry_after=after,
+            raise SinkError(f"{self.url} answered {retryable[0][0]} to {len(retryable)} events", retry_after=after,
                             pending=pending)
         raise RejectedError(
             f"{self.url} refused {len(failed)} events with {failed[0][1][0]}",

@@ -303,6 +303,24 @@ async def test_retry_after_is_passed_on() -> None:
     assert info.value.retry_after == 7
 
 
+async def test_the_longest_retry_after_of_a_batch_is_passed_on() -> None:
+    """Binary mode: one event answered 503 without Retry-After, another 429 with one. Only the
+    first failure's answer was read, and the receiver's 30 s was lost."""
+    from tests.servers import Scripted
+
+    def answer(request: bytes) -> bytes:
+        if b"ce-id: e0" in request:
+            return b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\n\r\n"
+        return b"HTTP/1.1 429 Slow down\r\nretry-after: 30\r\ncontent-length: 0\r\n\r\n"
+
+    async with Scripted(answer) as url:
+        sink = HttpSinkConfig(url=url, mode="binary", concurrency=1).build()
+        with pytest.raises(SinkError) as info:
+            await sink.send_batch(events(2))
+        await sink.aclose()
+    assert info.value.retry_after == 30
+
+
 async def test_refused_connection_is_retryable() -> None:
     sink = HttpSinkConfig(url=f"http://127.0.0.1:{free_port()}/", timeout=2).build()
     with pytest.raises(SinkError) as info:
