@@ -112,9 +112,10 @@ def _members(event: CloudEvent, *, embed_raw: bool) -> dict[str, Any]:
         except orjson.JSONDecodeError:
             pass  # JSON in name only: base64 keeps the bytes intact
         else:
-            # A Fragment splices the already-checked bytes in without re-serializing them.
-            members["data"] = orjson.Fragment(data) if embed_raw else value
-            return members
+            if value is not None:  # `"data": null` reads as no data: base64 keeps a JSON null
+                # A Fragment splices the already-checked bytes in without re-serializing them.
+                members["data"] = orjson.Fragment(data) if embed_raw else value
+                return members
     else:
         try:
             members["data"] = data.decode("utf-8")

@@ -69,6 +69,13 @@ class TestWriteData:
     def test_non_utf8_under_a_text_type_goes_base64(self) -> None:
         assert written(b"\xff\xfe", "text/plain")["data_base64"] == "//4="
 
+    @pytest.mark.parametrize("embed", [True, False], ids=["to_json", "to_dict"])
+    def test_json_null_data_goes_base64(self, embed: bool) -> None:
+        """`"data": null` reads as no data: a predictor's `null` answer was lost."""
+        event = CloudEvent({**BASE, "datacontenttype": "application/json"}, b"null")
+        members = orjson.loads(to_json(event)) if embed else to_dict(event)
+        assert "data" not in members and from_dict(members).data == b"null"
+
     def test_no_data_no_member(self) -> None:
         members = written(None, "application/json")
         assert "data" not in members and "data_base64" not in members
