@@ -7,6 +7,7 @@ and `sinks` are sections. Nested env vars use `__`: `INFER_LOGGER_SPOOL__DURABIL
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -190,7 +191,9 @@ class Settings(LayeredSettings):
     """Predictor base URL; overrides --component-port."""
     log_url: Annotated[list[str], NoDecode] = []
     """Shorthand sinks: http(s)://… (http sink), file://….jsonl (file sink), sqlite://…db (store).
-    As one string (an env var): a URL, several separated by commas, or a JSON list."""
+    As one string (an env var): a URL, several separated by commas, or a JSON list. Each is a sink
+    named by its type (its checkpoint in the spool goes by that name); several of one type, or one
+    whose type names a configured sink, are `<type>-<8 hex digits of the URL's SHA-256>`."""
     log_mode: Literal["all", "request", "response"] = "all"
     source_uri: str | None = None
     """CloudEvents `source`, a URI reference; defaults to the sidecar's own URL."""
@@ -275,17 +278,23 @@ class Settings(LayeredSettings):
     def _known_schemes(cls, urls: list[str]) -> list[str]:
         for url in urls:
             sink_from_url(url)
+        if len(set(urls)) < len(urls):
+            twice = next(url for url in urls if urls.count(url) > 1)
+            raise ValueError(f"{twice!r} is given twice")
         return urls
 
     def all_sinks(self) -> list[SinkSpec]:
         sinks = list(self.sinks)
         taken = {s.sink_name for s in sinks}
-        for url in self.log_url:
-            sink = sink_from_url(url)
-            name, n = sink.sink_name, 1
-            while name in taken:  # several --log-url of one type: http, http2, …
-                n += 1
-                name = f"{sink.sink_name}{n}"
+        made = [sink_from_url(url) for url in self.log_url]
+        types = [sink.sink_name for sink in made]
+        for url, sink in zip(self.log_url, made, strict=True):
+            name = sink.sink_name
+            if types.count(name) > 1 or name in taken:
+                # Named after the URL, not its place: a sink's checkpoint goes by its name, and
+                # with `http2` for the second URL, dropping the first gave the second its
+                # checkpoint (events it never had, skipped).
+                name = f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
             taken.add(name)
             sinks.append(sink.model_copy(update={"name": name}))
         return sinks or [StoreSinkConfig()]
