@@ -163,7 +163,11 @@ def query(config: Path | None, db: Path | None, id_: str | None, model: str | No
 
     if db is None:
         db = _store_path(_settings(config))
-    if not db.exists():
+    try:
+        exists = db.exists()
+    except OSError as exc:  # a name too long, a directory not ours to look in
+        raise click.BadParameter(f"{db}: {exc.strerror or exc}", param_hint="--db") from None
+    if not exists:
         raise click.BadParameter(f"{db} does not exist (run the proxy or the quickstart first)",
                                  param_hint="--db")
     try:

@@ -148,7 +148,10 @@ def iter_records(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[Clou
 
 def _lock(path: Path, what: str) -> int:
     """An exclusive flock on `path`, held while the fd is open; SpoolError when another has it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # another user's lock file (a pod's new runAsUser), a directory in the way
+        raise SpoolError(f"spool directory {path.parent}: cannot use {path.name}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -81,21 +81,24 @@ def _fresh_workdir(workdir: Path) -> None:
     """Start clean: in a directory an earlier run marked, remove what that run left, and only
     that. An unmarked directory must be empty: the same names (audit.db, spool) are the proxy's
     own, and `--workdir infer-logger-data` would delete its audit store and undelivered events."""
-    if workdir.exists() and not workdir.is_dir():
-        raise click.BadParameter(f"{workdir} is not a directory", param_hint="--workdir")
-    found = set(os.listdir(workdir)) if workdir.exists() else set()
-    if found and _MARKER not in found:
-        raise click.BadParameter(
-            f"{workdir} is not empty ({', '.join(sorted(found)[:3])}) and no quickstart made it "
-            f"(it has no {_MARKER}): name a new or empty directory", param_hint="--workdir")
-    for name in found & _OWN:
-        path = workdir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / _MARKER).write_text("made by `infer-logger quickstart`, which empties it on its next run\n")
+    try:
+        if workdir.exists() and not workdir.is_dir():
+            raise click.BadParameter(f"{workdir} is not a directory", param_hint="--workdir")
+        found = set(os.listdir(workdir)) if workdir.exists() else set()
+        if found and _MARKER not in found:
+            raise click.BadParameter(
+                f"{workdir} is not empty ({', '.join(sorted(found)[:3])}) and no quickstart made it "
+                f"(it has no {_MARKER}): name a new or empty directory", param_hint="--workdir")
+        for name in found & _OWN:
+            path = workdir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / _MARKER).write_text("made by `infer-logger quickstart`, which empties it on its next run\n")
+    except OSError as exc:  # not writable here (run from a read-only directory), a name too long
+        raise click.BadParameter(f"{workdir}: {exc.strerror or exc}", param_hint="--workdir") from None
 
 
 def run(*, n_requests: int, workdir: Path, explain: bool | None = None) -> None:

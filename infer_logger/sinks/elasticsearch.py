@@ -141,7 +141,13 @@ class ElasticsearchSinkConfig(SinkConfig):
     @field_validator("ca_certs")
     @classmethod
     def _ca_file(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_file():
+        if value is None:
+            return value
+        try:
+            is_file = Path(value).is_file()
+        except OSError as exc:  # a name too long, a directory not ours to look in
+            raise ValueError(f"{value!r}: {exc.strerror or exc}") from None
+        if not is_file:
             raise ValueError(f"{value!r} is not a file")
         return value
 

@@ -31,7 +31,11 @@ class FileSinkConfig(SinkConfig):
     @field_validator("path")
     @classmethod
     def _not_a_directory(cls, path: Path) -> Path:
-        if path.is_dir():  # every batch would fail, and be retried for ever
+        try:
+            is_dir = path.is_dir()
+        except OSError as exc:  # a name too long, a directory not ours to look in
+            raise ValueError(f"{path}: {exc.strerror or exc}") from None
+        if is_dir:  # every batch would fail, and be retried for ever
             raise ValueError(f"{path} is a directory: name the JSONL file")
         return path
 

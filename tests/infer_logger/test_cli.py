@@ -51,6 +51,11 @@ def test_query_filters_and_formats(tmp_path: Path) -> None:
     assert [r["id"] for r in records] == ["q1"]
 
 
+def test_query_names_a_db_it_cannot_look_at(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["query", "--db", str(tmp_path / ("a" * 300 + ".db"))])
+    assert result.exit_code == 2 and "--db" in result.output and "too long" in result.output
+
+
 def test_query_finds_the_store_the_proxy_is_configured_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without --db, query read infer-logger-data/audit.db whatever the proxy's YAML or
     INFER_LOGGER_* settings named as its store."""

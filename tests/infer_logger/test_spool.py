@@ -596,6 +596,16 @@ class TestSpoolFollower:
         writer.close()
         follower.close()
 
+    def test_a_lock_file_it_cannot_open_is_a_spool_error(self, tmp_path: Path) -> None:
+        """Another user's lock file (a pod's new runAsUser), or here a directory: a traceback."""
+        (tmp_path / "checkpoints").mkdir()
+        for name in ("lock", "follower.lock"):
+            (tmp_path / name).mkdir()
+        with pytest.raises(SpoolError, match="cannot use lock"):
+            DiskSpool(tmp_path)
+        with pytest.raises(SpoolError, match="cannot use follower.lock"):
+            SpoolFollower(tmp_path)
+
     def test_one_follower_per_spool(self, tmp_path: Path) -> None:
         follower = SpoolFollower(tmp_path)
         with pytest.raises(SpoolError, match="another delivery process"):

@@ -69,6 +69,16 @@ def test_quickstart_refuses_a_workdir_of_other_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "project"]
 
 
+def test_quickstart_names_a_workdir_it_cannot_use(tmp_path: Path) -> None:
+    """An OSError (here a name too long; a read-only directory as a user) was a traceback."""
+    from click.testing import CliRunner
+
+    from infer_logger.cli import main
+
+    result = CliRunner().invoke(main, ["quickstart", "--requests", "1", "--workdir", str(tmp_path / ("a" * 300))])
+    assert result.exit_code == 2 and "--workdir" in result.output and "too long" in result.output
+
+
 def test_a_quickstart_rerun_removes_only_what_a_run_made(tmp_path: Path) -> None:
     from infer_logger.demo.quickstart import _fresh_workdir
 

@@ -131,6 +131,7 @@ class TestConfig:
         {"url": "http://:9200"},
         {"url": "https://es:9200", "ca_certs": "/no/such/ca.pem"},
         {"url": "http://es:9200", "ca_certs": __file__},  # a CA for plain http
+        {"url": "https://es:9200", "ca_certs": "/tmp/" + "a" * 300},  # stat fails: an OSError escaped
         # Template names Elasticsearch refuses: the sink warned once and wrote into indices with
         # dynamic mappings for good.
         {"template_name": "Inference_Audit"}, {"template_name": "_audit"}, {"template_name": "a b"},

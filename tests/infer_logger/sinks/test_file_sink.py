@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.json_format import from_json
@@ -29,6 +30,11 @@ async def test_jsonl_round_trip(tmp_path: Path) -> None:
     assert len(lines) == 3
     back = [from_json(line) for line in lines]
     assert back[0].json() == {"a": [1, 2]} and back[1].data == bytes(range(10))
+
+
+def test_a_path_it_cannot_look_at_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="too long"):  # an OSError escaped pydantic: a traceback
+        FileSinkConfig(path=tmp_path / ("a" * 300 + ".jsonl"))
 
 
 async def test_unwritable_path_is_a_retryable_error(tmp_path: Path) -> None:
