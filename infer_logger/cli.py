@@ -86,7 +86,7 @@ def main() -> None:
 @click.option("--timeout", type=float, help="Seconds to wait for the predictor.  [default: 60]")
 @click.option("--request-read-timeout", type=float,
               help="Seconds a request may take to arrive whole before a 408.  [default: 60]")
-@click.option("--spool-dir", type=click.Path(path_type=Path), help="Spool directory.")
+@click.option("--spool-dir", type=click.Path(), help="Spool directory.")
 @click.option("--durability", type=click.Choice(["disk", "memory"]),
               help="disk: survives kill -9 (default); memory: faster, loses unsent events on restart.")
 @click.option("--delivery", type=click.Choice(["process", "inline"]),
@@ -96,7 +96,7 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def proxy(config: Path | None, metadata_headers: tuple[str, ...], annotations: tuple[str, ...],
-          spool_dir: Path | None, durability: str | None, delivery: str | None, log_level: str,
+          spool_dir: str | None, durability: str | None, delivery: str | None, log_level: str,
           **flags: Any) -> None:
     """Run the logger sidecar in front of a predictor (KServe V1 and V2 / Open Inference Protocol).
 

@@ -146,6 +146,14 @@ class SpoolSettings(BaseModel):
     """Bound on the events of the in-memory log when `durability: memory` (`max_bytes` bounds
     its size); past it the overflow policy applies."""
 
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _named(cls, value: object) -> object:
+        # Path("") is ".": segments, locks and checkpoints were spread in the working directory.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: name the spool directory")
+        return value
+
 
 class DeliverySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -182,8 +190,9 @@ class Settings(LayeredSettings):
         env_prefix="INFER_LOGGER_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
     )
 
-    host: str = "127.0.0.1"
-    """Address to listen on (use 0.0.0.0 in a pod)."""
+    host: str = Field("127.0.0.1", min_length=1)
+    """Address to listen on (use 0.0.0.0 in a pod). Empty is refused: asyncio reads it as every
+    address (an unset manifest value gives it)."""
     port: int = Field(9081, ge=0, le=65535)
     component_port: int = Field(8080, ge=1, le=65535)
     """Port of the predictor on localhost (KServe's agent flag)."""

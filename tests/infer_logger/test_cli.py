@@ -299,3 +299,11 @@ def test_metadata_headers_repeat_and_split_at_commas(tmp_path: Path, monkeypatch
                                        "--metadata-headers", "Bar, Baz"])
     assert result.exit_code == 0, result.output
     assert served[0].metadata_headers == ["Foo", "Bar", "Baz"]
+
+
+def test_an_empty_spool_dir_is_refused(tmp_path: Path) -> None:
+    """click made Path("") of it, which is ".": the spool spread over the working directory."""
+    done = subprocess.run([sys.executable, "-m", "infer_logger.cli", "proxy", "--spool-dir", "", "--port", "0"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2 and "spool.dir" in done.stderr and "is empty" in done.stderr
+    assert list(tmp_path.iterdir()) == []

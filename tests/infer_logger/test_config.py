@@ -129,6 +129,9 @@ class TestErrors:
             # Every event carries it: the broker refused them all, and each was dead-lettered.
             ("source_uri: my source\n", "source_uri", "'my source' is not a URI reference"),
             ("source_uri: '1x:y'\n", "source_uri", "invalid URI scheme"),
+            # Path("") is "." (the spool spread in the working directory); "" is every address.
+            ("spool: {dir: ''}\n", "spool.dir", "is empty"),
+            ("host: ''\n", "host", "at least 1 character"),
         ],
     )
     def test_bad_yaml_values(self, tmp_path: Path, yaml_text: str, field: str, hint: str) -> None:
