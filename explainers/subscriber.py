@@ -12,11 +12,14 @@ Deliveries are at least once, so an exchange is explained once: a copy of an eve
 while its exchange is being explained waits for that explanation and replies nothing new (over
 HTTP it gets the same reply, as the broker may have given up on the first answer; a batch holding
 it twice answers it once), and an id explained and delivered, or whose prediction failed, is
-remembered for `cache_ttl` (at most `cache_size` ids) so halves delivered again are ignored.
+remembered with its explanation for `cache_ttl` (at most `cache_size` ids): its completing half
+delivered again gets that explanation again (the broker's attempt may have timed out, or its reply
+not been stored), the other half nothing.
 
 Failures: a predictor that cannot be reached raises `SinkError` (HTTP 502), so the broker
-retries later; the cached half stays until the explanation is delivered, and nothing is replied
-before every instance is explained. A request whose payload cannot be read raises
+retries later; the cached half is held out of the cache while its explanation runs (left in, the
+oldest entry, it went first for room) and put back unless the explanation is delivered, and
+nothing is replied before every instance is explained. A request whose payload cannot be read raises
 `RejectedError` (HTTP 400): retrying cannot help.
 
 The subscriber is a broker `Replier` (`handle(event) -> reply | None`), a `Sink` whose
@@ -82,6 +85,12 @@ class EventCache:
             return None
         return item[1]
 
+    def take(self, key: tuple[str, str]) -> CloudEvent | None:
+        """`get`, and out of the cache: an exchange being explained is no candidate for eviction."""
+        event = self.get(key)
+        self._items.pop(key, None)
+        return event
+
     def put(self, key: tuple[str, str], event: CloudEvent) -> None:
         now = self.sweep()
         self._items.pop(key, None)
@@ -115,28 +124,39 @@ class EventCache:
 
 class _Settled:
     """Ids whose exchange is done (explained and delivered, or failed), each for `ttl` seconds, at
-    most `size` of them: the halves delivered again are ignored rather than explained again or
-    cached as first halves that never complete."""
+    most `size` of them: the halves delivered again are not explained again nor cached as first
+    halves that never complete. The explanation is kept with its id: the broker's timed-out attempt,
+    or a reply it could not store, sends the completing half again, and only an answer with the
+    explanation delivers it (re-sending is safe: sinks overwrite by id)."""
 
     def __init__(self, size: int, ttl: float) -> None:
         self.size, self.ttl = size, ttl
-        self._ids: OrderedDict[str, float] = OrderedDict()
+        # id -> (expiry, the explanation event, the type of the half it answered)
+        self._ids: OrderedDict[str, tuple[float, CloudEvent | None, str | None]] = OrderedDict()
 
-    def add(self, event_id: str) -> None:
+    def add(self, event_id: str, reply: CloudEvent | None = None, answered: str | None = None) -> None:
         now = time.monotonic()
-        while self._ids and next(iter(self._ids.values())) < now:
+        while self._ids and next(iter(self._ids.values()))[0] < now:
             self._ids.popitem(last=False)
         self._ids.pop(event_id, None)
-        self._ids[event_id] = now + self.ttl
+        self._ids[event_id] = (now + self.ttl, reply, answered)
         while len(self._ids) > self.size:
             self._ids.popitem(last=False)
 
     def __contains__(self, event_id: object) -> bool:
-        expiry = self._ids.get(event_id)  # type: ignore[call-overload]
-        return expiry is not None and expiry >= time.monotonic()
+        item = self._ids.get(event_id)  # type: ignore[call-overload]
+        return item is not None and item[0] >= time.monotonic()
+
+    def reply(self, event: CloudEvent) -> CloudEvent | None:
+        """The explanation `event` was answered with, if it is the half that completed its exchange."""
+        item = self._ids.get(event.id)
+        if item is None or item[0] < time.monotonic() or item[2] != event.type:
+            return None
+        return item[1]
 
 
-_Result = tuple[CloudEvent | None, tuple[str, str] | None]
+_Result = tuple[CloudEvent | None, CloudEvent | None]
+"""An explanation event (or None), and the cached half it was made with, until it is delivered."""
 
 
 class _Batcher:
@@ -227,12 +247,20 @@ class ExplainSubscriber:
         return reply
 
     def _delivered(self, results: Sequence[_Result]) -> None:
-        """`_handle`'s replies are delivered: the cached halves they used go (only now: a retried
-        delivery must find them again), and their ids are settled."""
-        for _, partner in results:
+        """`_handle`'s replies are delivered: their ids are settled (a copy of the cached half that
+        came meanwhile goes)."""
+        for reply, partner in results:
             if partner is not None:
-                self.cache.pop(partner)
-                self._settled.add(partner[0])
+                self.cache.pop((partner.id, partner.type))
+                answered = events.RESPONSE if partner.type == events.REQUEST else events.REQUEST
+                self._settled.add(partner.id, reply, answered)
+
+    def _undelivered(self, results: Sequence[_Result]) -> None:
+        """`_handle`'s replies are not delivered: the cached halves they used go back, for a retried
+        delivery to find (unless a copy of the exchange delivered its explanation meanwhile)."""
+        for _, partner in results:
+            if partner is not None and partner.id not in self._settled:
+                self.cache.put((partner.id, partner.type), partner)
 
     def _refused(self, completing: Sequence[CloudEvent]) -> None:
         """Their exchanges' refusals reached the caller for good: the cached halves go. (Kept
@@ -244,14 +272,14 @@ class ExplainSubscriber:
             self._settled.add(event.id)
 
     async def _handle(self, event: CloudEvent, share: bool = False) -> _Result:
-        """`handle`'s reply, and the key of the cached half it used, left for the caller to drop
-        once the reply is delivered. A copy of an event whose exchange is being explained waits for
+        """`handle`'s reply, and the cached half it used, for the caller to settle (`_delivered`) or
+        put back (`_undelivered`). A copy of an event whose exchange is being explained waits for
         it and gets nothing, or with `share` the same result."""
         kind = event.type
         if kind not in (events.REQUEST, events.RESPONSE) or not self._sampled(event.id):
             return None, None
         if event.id in self._settled:
-            return None, None
+            return self._settled.reply(event), None
         running = self._running.get(event.id)
         if running is not None:
             result = await asyncio.shield(running)
@@ -262,7 +290,7 @@ class ExplainSubscriber:
             self.cache.pop((event.id, other))
             self._settled.add(event.id)
             return None, None
-        partner = self.cache.get((event.id, other))
+        partner = self.cache.take((event.id, other))
         if partner is None:
             self.cache.put((event.id, kind), event)
             return None, None
@@ -275,9 +303,14 @@ class ExplainSubscriber:
         """The explanation of the exchange `event` completes with the cached `partner`."""
         kind, other = event.type, partner.type
         request, response = (event, partner) if kind == events.REQUEST else (partner, event)
-        explanation = await self._explain(request)  # refused: the caller settles it (`_refused`)
+        try:
+            explanation = await self._explain(request)
+        except BaseException:
+            # Back for the retry; refused, the caller drops it and settles the id (`_refused`).
+            self.cache.put((partner.id, other), partner)
+            raise
         self.explained += 1
-        return explanation_event(request, response, explanation, self.settings.source), (event.id, other)
+        return explanation_event(request, response, explanation, self.settings.source), partner
 
     async def _explain(self, request: CloudEvent) -> Explanation:
         try:
@@ -335,6 +368,7 @@ class ExplainSubscriber:
             except RejectedError as exc:
                 refused += exc.refusals(replies)  # the caller dead-letters those explanations
             except SinkError as exc:
+                self._undelivered(done)
                 # Its `pending` are explanations, not this batch's events: a caller retrying only
                 # those as its own events would have the rest of the explanations lost.
                 raise SinkError(str(exc), retry_after=exc.retry_after) from exc
@@ -344,6 +378,7 @@ class ExplainSubscriber:
         # others' failures, or a dead letter that could not be written) explains it again, and
         # it is refused again, never settled unwritten. Redelivered later: a second dead letter.
         gone = {e.id for e, _ in refused}
+        self._undelivered([r for r in done if r[0] is not None and r[0].id in gone])
         self._delivered([r for r in done if r[0] is None or r[0].id not in gone])
         if retryable:
             raise SinkError(f"{len(retryable)} explanations failed: {retryable[0]}")
@@ -367,10 +402,12 @@ class ExplainSubscriber:
         except (InvalidEventError, ValueError) as exc:
             return _error(400, f"not a CloudEvent: {exc}")
         results = await asyncio.gather(*(self._handle(e, share=True) for e in received), return_exceptions=True)
+        done = [r for r in results if not isinstance(r, BaseException)]
         if errors := [r for r in results if isinstance(r, BaseException)]:
             # The whole delivery fails, so the explanations made for the other events in it are not
-            # delivered: their cached halves stay, for the broker's retry (or a replay of its dead
+            # delivered: their cached halves go back, for the broker's retry (or a replay of its dead
             # letter) to find. Dropping them lost those explanations for good.
+            self._undelivered(done)
             retry = next((e for e in errors if not isinstance(e, RejectedError)), None)
             if retry is not None:
                 if not isinstance(retry, SinkError):
@@ -378,7 +415,6 @@ class ExplainSubscriber:
                 return _error(502 if isinstance(retry, SinkError) else 500, str(retry))
             self._refused([e for e, r in zip(received, results, strict=True) if isinstance(r, RejectedError)])
             return _error(400, str(errors[0]))
-        done = [r for r in results if not isinstance(r, BaseException)]
         self._delivered(done)  # answered in this response: delivered as far as this server goes
         # A batch holding an event twice shares one explanation: answered once.
         replies = list({reply.id: reply for reply, _ in done if reply is not None}.values())
