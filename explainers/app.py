@@ -254,6 +254,11 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
         if wanted is not None and not (isinstance(wanted, list) and all(isinstance(o, Mapping) for o in wanted)):
             # Read only after explaining: refused now, before the work is spent.
             raise InvalidInputError("`outputs` must be a list of objects")
+        for output in wanted or ():
+            asked = output.get("name")
+            if asked != "explanation":  # answered 200 anyway: the client never learnt its mistake
+                named = repr(asked[:100]) if isinstance(asked, str) else "with no string `name`"
+                raise InvalidInputError(f"unknown output {named}: this model has one output, 'explanation'")
         explanation = await found.explain(rows, codecs.explain_parameters(body))
         response = codecs.v2_explanation_response(name, explanation.to_dict(), request_id)
         if model_version is not None:

@@ -633,4 +633,5 @@ def schema_from_metadata(metadata: Mapping[str, Any] | None, fallback: Schema) -
                       str(inputs[0].get("datatype") or fallback.datatype))
     columns = tuple(str(t.get("name")) for t in inputs)
     strings = frozenset(str(t.get("name")) for t in inputs if t.get("datatype") == "BYTES")
-    return Schema(columns, strings | (fallback.categorical & set(columns)), None, fallback.datatype)
+    datatypes = tuple(str(t.get("datatype") or "FP64") for t in inputs)
+    return Schema(columns, strings | (fallback.categorical & set(columns)), None, fallback.datatype, datatypes)

@@ -38,6 +38,9 @@ class Schema:
     tensor: str | None = "input-0"
     """V2: one `[n, width]` tensor of this name; None: one tensor per feature, named by it."""
     datatype: str = "FP64"
+    datatypes: tuple[str, ...] = ()
+    """One tensor per feature: each one's datatype, in feature order (none known: FP64, or BYTES
+    for strings). A strict server (Triton) refuses any other than its metadata's."""
 
     @property
     def width(self) -> int:
@@ -47,6 +50,12 @@ class Schema:
     def numeric(self) -> bool:
         return not self.categorical
 
+    def datatype_of(self, index: int) -> str:
+        """The datatype of the tensor of feature `index` (one tensor per feature)."""
+        if self.feature_names[index] in self.categorical:
+            return "BYTES"
+        return self.datatypes[index] if self.datatypes else "FP64"
+
     def expected(self) -> str:
         names = ", ".join(self.feature_names)
         return f"expected shape [n, {self.width}] ({names})"
@@ -55,7 +64,7 @@ class Schema:
 def explain_parameters(body: Mapping[str, Any]) -> dict[str, Any]:
     """Per-request parameters: V2 `parameters.explain_parameters`, V1 `parameters` (or `explain_parameters`)."""
     params = body.get("parameters")
-    if "inputs" in body and isinstance(params, Mapping):
+    if _holds_tensors(body.get("inputs")) and isinstance(params, Mapping):
         params = params.get("explain_parameters")
     elif params is None:
         params = body.get("explain_parameters")
@@ -118,7 +127,7 @@ def _instances(body: Any, schema: Schema) -> np.ndarray:
     if isinstance(body.get("instances"), list):
         return _rows(body["instances"], schema, "instances")
     inputs = body.get("inputs")
-    if isinstance(inputs, list) and inputs and all(isinstance(t, Mapping) and "data" in t for t in inputs):
+    if inputs and _holds_tensors(inputs):
         names = Counter(binary_tensors.tensor_name(t, "inputs", i) for i, t in enumerate(inputs))
         twice = [name for name, n in names.items() if n > 1]
         if twice:  # which one is the feature (or whose bytes were they, for a binary tensor)?
@@ -130,7 +139,13 @@ def _instances(body: Any, schema: Schema) -> np.ndarray:
     raise InvalidInputError(f'expected "instances" (V1) or "inputs" (V2); {schema.expected()}')
 
 
-def _rows(rows: list[Any], schema: Schema, key: str) -> np.ndarray:
+def _holds_tensors(inputs: Any) -> bool:
+    """V2 `inputs` (tensor objects), not TF-style V1 rows (lists, or objects keyed by feature)."""
+    return isinstance(inputs, list) and all(isinstance(t, Mapping) and "data" in t for t in inputs)
+
+
+def _rows(rows: list[Any], schema: Schema, key: str, text: frozenset[str] = frozenset()) -> np.ndarray:
+    """`text`: the features that came in BYTES tensors, whose numbers are strings."""
     if not rows:
         raise InvalidInputError(f"{key} is empty; {schema.expected()}")
     if schema.numeric and all(isinstance(r, list) for r in rows):
@@ -141,7 +156,7 @@ def _rows(rows: list[Any], schema: Schema, key: str) -> np.ndarray:
                 return array
         except (TypeError, ValueError):
             pass
-    return np.array([_row(r, schema, f"{key}[{i}]") for i, r in enumerate(rows)],
+    return np.array([_row(r, schema, f"{key}[{i}]", text) for i, r in enumerate(rows)],
                     dtype=float if schema.numeric else object).reshape(len(rows), schema.width)
 
 
@@ -150,7 +165,7 @@ def _has_non_number(rows: list[list[Any]]) -> bool:
     return any(v is None or isinstance(v, bool | str) for row in rows for v in row)
 
 
-def _row(row: Any, schema: Schema, where: str) -> list[Any]:
+def _row(row: Any, schema: Schema, where: str, text: frozenset[str] = frozenset()) -> list[Any]:
     if isinstance(row, Mapping):
         missing = [f for f in schema.feature_names if f not in row]
         unknown = [k for k in row if k not in schema.feature_names]
@@ -160,14 +175,23 @@ def _row(row: Any, schema: Schema, where: str) -> list[Any]:
     if not isinstance(row, list) or len(row) != schema.width:
         got = f"{len(row)} values" if isinstance(row, list) else type(row).__name__
         raise InvalidInputError(f"{where}: got {got}; {schema.expected()}")
-    return [_value(v, name, schema, f"{where}[{j}]") for j, (v, name) in enumerate(zip(row, schema.feature_names))]
+    return [_value(v, name, schema, f"{where}[{j}]", name in text)
+            for j, (v, name) in enumerate(zip(row, schema.feature_names))]
 
 
-def _value(value: Any, name: str, schema: Schema, where: str) -> Any:
+def _value(value: Any, name: str, schema: Schema, where: str, text: bool = False) -> Any:
     if name in schema.categorical:
         if isinstance(value, str):
             return value
         raise InvalidInputError(f"{where} ({name}): expected a string, got {_brief.repr(value)}")
+    if text and isinstance(value, str | bytes):
+        # BYTES elements are strings (the Open Inference Protocol): a mixed model's one input
+        # tensor is BYTES, its numbers sent as text (by our own predictor client too).
+        try:
+            value = float(value)
+        except ValueError:
+            raise InvalidInputError(f"{where} ({name}): expected a number, got {_brief.repr(value)}; "
+                                    f"{schema.expected()}") from None
     if isinstance(value, int | float) and not isinstance(value, bool):
         if isfinite(value):  # NaN and infinities (binary tensor data holds them) as JSON's null
             return float(value)
@@ -177,7 +201,7 @@ def _value(value: Any, name: str, schema: Schema, where: str) -> Any:
 
 
 def _tensors(inputs: list[Mapping[str, Any]], schema: Schema) -> np.ndarray:
-    if len(inputs) == 1 and schema.width > 1 or schema.width == 1:
+    if len(inputs) == 1:  # several, for one feature too: the one named by it (not the first)
         tensor = inputs[0]
         shape = _shape(tensor)
         if len(shape) == 1:  # one instance as a vector, or one feature as a column
@@ -186,7 +210,8 @@ def _tensors(inputs: list[Mapping[str, Any]], schema: Schema) -> np.ndarray:
             raise InvalidInputError(f"inputs[0] ({tensor.get('name')}): shape {shape}; {schema.expected()}")
         flat = _flat(tensor, shape)
         rows = [flat[i * schema.width:(i + 1) * schema.width] for i in range(shape[0])]
-        return _rows(rows, schema, f"inputs[0] ({tensor.get('name')})")
+        text = frozenset(schema.feature_names) if tensor.get("datatype") == "BYTES" else frozenset()
+        return _rows(rows, schema, f"inputs[0] ({tensor.get('name')})", text)
     by_name = {str(t.get("name")): t for t in inputs}
     missing = [f for f in schema.feature_names if f not in by_name]
     if missing:
@@ -200,7 +225,8 @@ def _tensors(inputs: list[Mapping[str, Any]], schema: Schema) -> np.ndarray:
         columns.append(_flat(by_name[name], [shape[0]]))
     if len({len(c) for c in columns}) != 1:
         raise InvalidInputError("inputs: the feature tensors have different lengths")
-    return _rows([list(r) for r in zip(*columns)], schema, "inputs")
+    text = frozenset(name for name in schema.feature_names if by_name[name].get("datatype") == "BYTES")
+    return _rows([list(r) for r in zip(*columns)], schema, "inputs", text)
 
 
 def _shape(tensor: Mapping[str, Any]) -> list[int]:
@@ -276,7 +302,8 @@ def _v2(rows: np.ndarray, schema: Schema, output: str | None, *,
         add(schema.tensor, [n, schema.width], rows, "BYTES")
     else:
         for j, name in enumerate(schema.feature_names):
-            add(name, [n], rows[:, j], "BYTES" if name in schema.categorical else "FP64")
+            datatype = schema.datatype_of(j)
+            add(name, [n], rows[:, j], datatype if datatype == "BYTES" else _numeric(datatype, binary))
     doc: dict[str, Any] = {"inputs": tensors}
     if output is not None:
         wanted: dict[str, Any] = {"name": output}
@@ -298,9 +325,11 @@ def decode_v1_output(body: Any, n: int) -> np.ndarray:
     if not isinstance(predictions, list) or len(predictions) != n:
         raise PredictorError(f'the predictor answered no "predictions" list of {n} items')
     try:
-        return _finite(np.asarray(predictions, dtype=float), '"predictions"')
+        array = _finite(np.asarray(predictions, dtype=float), '"predictions"')
     except (TypeError, ValueError):
         pass
+    else:  # [n, 1, k] and the like: one row of outputs per instance, as for V2
+        return array.reshape(n, -1) if array.ndim > 2 else array
     # Labels (anchors take them) are scalars; objects, nulls or ragged lists would fail in the explainer.
     if not all(isinstance(p, str | int | float) for p in predictions):
         raise PredictorError(f'the predictor answered "predictions" that are neither numbers nor labels: '

@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from explainers.base import BaseExplainer, InstanceExplanation, Model, OutputAttribution, Samples
-from explainers.errors import InvalidInputError, MissingExtraError, UnsupportedModelError
+from explainers.base import BaseExplainer, InstanceExplanation, Model, OutputAttribution, PredictFn, Samples
+from explainers.errors import InvalidInputError, MissingExtraError, PredictorError, UnsupportedModelError
 
 
 def _shap() -> Any:
@@ -101,6 +101,22 @@ class Codes:
         for i, values in self.categories.items():
             out[:, i] = np.asarray(values, dtype=object)[np.asarray(codes[:, i], dtype=int)]
         return out
+
+
+def numeric_outputs(predict: PredictFn, method: str) -> PredictFn:
+    """`predict`, refusing outputs that are not numbers: class labels (a classifier's `predict`
+    over V1) failed deep in shap (TypeError, numba's TypingError) as a 500."""
+
+    def numeric(rows: np.ndarray) -> np.ndarray:
+        outputs = np.asarray(predict(rows))
+        if outputs.dtype.kind not in "biuf":
+            shown = ", ".join(map(repr, outputs.reshape(-1)[:3].tolist()))
+            raise PredictorError(f"the predictor answered labels ({shown}, ...), not numbers: the {method} "
+                                 "method explains numeric outputs; serve class probabilities, or name a "
+                                 "numeric V2 output (`output`)")
+        return outputs
+
+    return numeric
 
 
 class _Background(BaseModel):
@@ -203,7 +219,7 @@ class KernelShap(_ShapBackend):
             from shap.utils._legacy import DenseData
 
             data = DenseData(data, list(model.feature_names), None, np.array(state["weights"], dtype=float))
-        return shap.KernelExplainer(model.predict, data, link=self.options.link)
+        return shap.KernelExplainer(numeric_outputs(model.predict, self.method), data, link=self.options.link)
 
     def _explain(self, engine: Any, rows: np.ndarray, params: Any) -> tuple[list[InstanceExplanation], list[str]]:
         values = engine.shap_values(rows, nsamples=params.nsamples, l1_reg=params.l1_reg, silent=True)
@@ -254,7 +270,8 @@ class _MaskerShap(_ShapBackend):
 
     def _build(self, model: Model, state: dict[str, Any]) -> Any:
         codes = Codes(state.get("categories") or {})
-        return self._engine_for(model, lambda x: model.predict(codes.decode(x)), state["background"]), codes
+        predict = numeric_outputs(model.predict, self.method)
+        return self._engine_for(model, lambda x: predict(codes.decode(x)), state["background"]), codes
 
     def _engine_for(self, model: Model, predict: Any, background: np.ndarray) -> Any:
         raise NotImplementedError

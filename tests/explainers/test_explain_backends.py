@@ -12,7 +12,7 @@ import pytest
 from explainers import registry
 from explainers.base import Explanation, Model
 from explainers.data import local_model
-from explainers.errors import InvalidParametersError, MissingExtraError, UnsupportedModelError
+from explainers.errors import InvalidParametersError, MissingExtraError, PredictorError, UnsupportedModelError
 from tests.explainers.models import estimator, frame, table
 
 
@@ -121,6 +121,18 @@ class TestContract:
         black_box = Model(iris_model().predict, table("iris").feature_names)
         with pytest.raises(UnsupportedModelError, match="model file"):
             registry.create("tree").fit(black_box, table("iris").rows)
+
+    @pytest.mark.parametrize("method", ["kernel", "permutation", "partition", "auto"])
+    def test_class_labels_are_refused_as_the_predictors(self, method: str) -> None:
+        """A V1 classifier's `predict` answers labels: shap failed on them (TypeError, numba's
+        TypingError), a 500; the predictor's answer does not suit the method, a 502."""
+        names = np.array(["setosa", "versicolor", "virginica"], dtype=object)
+        labels = Model(lambda rows: names[estimator("iris").predict(np.asarray(rows, dtype=float))],
+                       table("iris").feature_names)
+        explainer = registry.create(method, {"background_size": 10}, {"nsamples": 20} if method == "kernel" else {})
+        explainer.fit(labels, table("iris").rows)
+        with pytest.raises(PredictorError, match=f"answered labels.*the {method} method explains numeric outputs"):
+            explainer.explain(table("iris").rows[:1])
 
     def test_unknown_method(self) -> None:
         with pytest.raises(registry.UnknownMethodError, match="known: tree, kernel"):

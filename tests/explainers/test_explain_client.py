@@ -139,6 +139,16 @@ class TestSchemaFromMetadata:
             assert schema.feature_names == IRIS.feature_names and schema.tensor == "x"
 
 
+    def test_per_feature_tensors_keep_their_datatypes(self) -> None:
+        """Each was sent as FP64 whatever the metadata said: a strict server (Triton) refused them."""
+        inputs = [{"name": "island", "datatype": "BYTES", "shape": [-1]},
+                  {"name": "bill", "datatype": "FP32", "shape": [-1, 1]},
+                  {"name": "year", "datatype": "INT64", "shape": [-1, 1]}]
+        schema = schema_from_metadata({"inputs": inputs}, IRIS)
+        assert schema.tensor is None and schema.categorical == {"island"}
+        assert [schema.datatype_of(j) for j in range(3)] == ["BYTES", "FP32", "INT64"]
+
+
 class TestBinaryData:
     """V2 rows go as binary tensor data with binary outputs asked for; JSON answers are read too; a
     predictor that refuses binary data gets JSON, once told."""

@@ -50,6 +50,22 @@ class TestDecodeInstances:
             codecs.decode_instances(body, IRIS)
         assert all(w in str(caught.value) for w in words), str(caught.value)
 
+    def test_numbers_in_bytes_tensors_may_be_strings(self) -> None:
+        """A mixed model's input is BYTES, whose elements are strings: '40.5' was refused (JSON and binary)."""
+        tensor = {"name": "input-0", "shape": [1, 3], "datatype": "BYTES", "data": ["Biscoe", "40.5", "male"]}
+        raw = bt.pack_values("BYTES", tensor["data"])
+        binary = {k: v for k, v in tensor.items() if k != "data"}
+        head = orjson.dumps({"inputs": [{**binary, "parameters": {"binary_data_size": len(raw)}}]})
+        per_feature = [{"name": n, "shape": [1], "datatype": "BYTES", "data": [v]}
+                       for n, v in zip(MIXED.feature_names, tensor["data"])]
+        for doc in ({"inputs": [tensor]}, codecs.decode_body(head + raw, str(len(head))), {"inputs": per_feature}):
+            assert codecs.decode_instances(doc, MIXED).tolist() == [["Biscoe", 40.5, "male"]]
+        for bad, why in (("x", "expected a number, got 'x'"), ("nan", "expected a finite number")):
+            with pytest.raises(InvalidInputError, match=rf"\(bill\): {why}"):
+                codecs.decode_instances({"inputs": [{**tensor, "data": ["Biscoe", bad, "male"]}]}, MIXED)
+        with pytest.raises(InvalidInputError, match=r"\(bill\): expected a number, got '40.5'"):  # not BYTES
+            codecs.decode_instances({"inputs": [{**tensor, "datatype": "FP64"}]}, MIXED)
+
     def test_categorical_needs_strings(self) -> None:
         with pytest.raises(InvalidInputError, match=r"island\): expected a string"):
             codecs.decode_instances({"instances": [[1, 40, "male"]]}, MIXED)
@@ -65,6 +81,16 @@ class TestDecodeInstances:
         per_feature = [{"name": n, "shape": [1], "datatype": "FP64", "data": [1]} for n in IRIS.feature_names]
         with pytest.raises(InvalidInputError, match=r"nests JSON too deeply to read; expected shape \[n, 4\]"):
             codecs.decode_instances({"inputs": [*per_feature, {"name": deep, "shape": [1], "data": [1]}]}, IRIS)
+
+    def test_one_feature_among_several_tensors_is_read_by_name(self) -> None:
+        """A width-1 model read inputs[0], whatever its name."""
+        tensors = [{"name": "z", "shape": [1], "datatype": "FP64", "data": [99]},
+                   {"name": "a", "shape": [1], "datatype": "FP64", "data": [1]}]
+        assert codecs.decode_instances({"inputs": tensors}, Schema(("a",))).tolist() == [[1.0]]
+        with pytest.raises(InvalidInputError, match=r"no tensor for \['b'\]"):
+            codecs.decode_instances({"inputs": tensors}, Schema(("b",)))
+        one = {"inputs": tensors[:1]}  # one tensor: read whatever its name
+        assert codecs.decode_instances(one, Schema(("b",))).tolist() == [[99.0]]
 
     def test_a_tensor_name_used_twice(self) -> None:
         # The per-feature tensors were looked up by name: the last of the two silently won.
@@ -86,6 +112,17 @@ class TestPredictorBodies:
         assert [(t["name"], t["datatype"], t["data"]) for t in body["inputs"]] == [
             ("island", "BYTES", ["Dream"]), ("bill", "FP64", [40.0]), ("sex", "BYTES", ["male"])]
 
+    def test_encode_v2_per_feature_in_their_datatypes(self) -> None:
+        """Every number feature went as FP64, whatever the predictor's metadata said (JSON and binary)."""
+        schema = Schema(MIXED.feature_names, MIXED.categorical, tensor=None, datatypes=("BYTES", "FP32", "BYTES"))
+        rows = np.array([["Dream", 40.5, "male"]], dtype=object)
+        body = orjson.loads(codecs.encode_v2(rows, schema))
+        assert [(t["datatype"], t["data"]) for t in body["inputs"]] == [
+            ("BYTES", ["Dream"]), ("FP32", [40.5]), ("BYTES", ["male"])]
+        body, headers = codecs.encode_v2_binary(rows, schema)
+        doc, raw = bt.decode(body, headers[bt.HEADER], "inputs")
+        assert [t["datatype"] for t in doc["inputs"]] == ["BYTES", "FP32", "BYTES"] and raw["bill"].nbytes == 4
+
     def test_encode_v1(self) -> None:
         assert orjson.loads(codecs.encode_v1(np.array([[1.0, 2.0]]))) == {"instances": [[1.0, 2.0]]}
 
@@ -99,6 +136,11 @@ class TestPredictorBodies:
             codecs.decode_v2_output(body, 2, "nope")
         with pytest.raises(PredictorError, match="2 items"):
             codecs.decode_v1_output({"predictions": [1]}, 2)
+
+    def test_v1_outputs_of_more_than_two_dimensions_are_rows_of_outputs(self) -> None:
+        """[[[p0, p1, p2]]] reached shap as is: a ValueError reshaping it, a 500 (V2's were flattened)."""
+        predictions = [[[0.1, 0.2, 0.7]], [[0.3, 0.3, 0.4]]]
+        assert codecs.decode_v1_output({"predictions": predictions}, 2).tolist() == [[0.1, 0.2, 0.7], [0.3, 0.3, 0.4]]
 
     def test_non_finite_outputs_are_refused(self) -> None:
         """JSON null reads as NaN: explained, it gave null attributions, answered 200."""
@@ -212,3 +254,11 @@ class TestPredictorBodies:
         assert codecs.explain_parameters(v2) == {"threshold": 0.9}
         with pytest.raises(InvalidInputError):
             codecs.explain_parameters({"instances": [], "parameters": [1]})
+
+    def test_explain_parameters_of_tf_style_rows(self) -> None:
+        """V1 rows under `inputs` were taken for V2 tensors: their `parameters` were lost."""
+        for rows in ([[1, 2, 3, 4]], [{"sl": 1, "sw": 2, "pl": 3, "pw": 4}]):
+            assert codecs.explain_parameters({"inputs": rows, "parameters": {"nsamples": 10}}) == {"nsamples": 10}
+        tensor = {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [1, 2, 3, 4]}
+        v2 = {"inputs": [tensor], "parameters": {"explain_parameters": {"nsamples": 10}, "other": 1}}
+        assert codecs.explain_parameters(v2) == {"nsamples": 10}

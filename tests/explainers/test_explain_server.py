@@ -408,6 +408,15 @@ class TestMoreBadInput:
             r = httpx.post(f"{url}/v2/models/iris/infer", json={"inputs": [tensor], "outputs": outputs}, timeout=20)
             assert r.status_code == 200, r.text
 
+    def test_v2_an_unknown_output_is_400(self, switchable: tuple[SwitchablePredictor, str]) -> None:
+        """Answered 200 with the explanation: the client never learnt it had named no output of this model."""
+        _, url = switchable
+        tensor = {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [6.8, 2.8, 4.8, 1.4]}
+        for outputs, words in (([{"name": "foo"}], "unknown output 'foo'"),
+                               ([{"name": "explanation"}, {}], "unknown output with no string `name`")):
+            r = httpx.post(f"{url}/v2/models/iris/infer", json={"inputs": [tensor], "outputs": outputs}, timeout=20)
+            assert r.status_code == 400 and words in r.json()["error"], r.text
+
     def test_predict_passes_no_hop_by_hop_headers(self, switchable: tuple[SwitchablePredictor, str]) -> None:
         # Forwarded, a chunked body's transfer-encoding beside the client's content-length: a 400.
         predictor, url = switchable
