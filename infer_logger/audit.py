@@ -55,7 +55,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -136,7 +136,7 @@ def doc_id(event_id: str, instance: int | None = None) -> str:
 def _common(event: CloudEvent, kind: str) -> Document:
     attrs = event.attributes
     doc: Document = {"id": event.id}
-    time = _utc(attrs.get("time"))
+    time = events.as_utc(attrs.get("time"))
     if kind != "explanation":
         for field, name in SHARED.items():
             value = attrs.get(name)
@@ -262,22 +262,6 @@ def _latency(value: object) -> float | None:
     if latency is None or not math.isfinite(latency) or abs(latency) > _MAX_LATENCY_MS:
         return None
     return latency
-
-
-def _utc(value: object) -> datetime | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        moment = value
-    else:
-        try:
-            moment = datetime.fromisoformat(str(value))
-        except ValueError:
-            return None
-    try:
-        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-    except OverflowError:  # 0001-01-01T00:30:00+01:00 is before year 1 in UTC
-        return None
 
 
 def _format(moment: datetime) -> str:

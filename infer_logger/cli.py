@@ -177,6 +177,9 @@ def query(config: Path | None, db: Path | None, id_: str | None, model: str | No
     try:
         records = store.query(id=id_, model=model, since=_time(since, "--since"),
                               until=_time(until, "--until"), status=status, limit=limit)
+    except InferLoggerError as exc:  # damaged past what opening it read
+        click.echo(f"infer-logger: {exc}", err=True)
+        sys.exit(1)
     finally:
         store.close()
     click.echo(records_to_json(records) if fmt == "json" else format_table(records))

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import orjson
 from uuid_utils import uuid7
@@ -20,7 +21,7 @@ from infer_logger import binary_tensors
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 from infer_logger.cloudevents.http import from_http_many
 from infer_logger.cloudevents.json_format import is_event_format
-from infer_logger.cloudevents.validation import is_media_type, is_string
+from infer_logger.cloudevents.validation import is_media_type, is_string, parse_time
 from infer_logger.errors import InvalidEventError
 
 REQUEST = "org.kubeflow.serving.inference.request"
@@ -210,6 +211,31 @@ def as_float(value: object) -> float | None:
     try:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
+        return None
+
+
+def as_utc(value: object) -> datetime | None:
+    """A time attribute (or a query bound) as an aware UTC datetime; None when it has none.
+
+    RFC 3339 first, as events carry it (lower-case `t` and `z`, a leap second: forms
+    `fromisoformat` refuses), then ISO 8601 (`2025-01-01`); naive means UTC. A time at either
+    end of the calendar may have no UTC form (0001-01-01T00:30:00+01:00).
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        try:
+            moment = parse_time(str(value))
+        except InvalidEventError:
+            try:
+                moment = datetime.fromisoformat(str(value))
+            except ValueError:
+                return None
+    try:
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:
         return None
 
 

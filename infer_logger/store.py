@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from math import ceil
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -240,6 +240,11 @@ class AuditStore:
             self._conn.execute("COMMIT")
 
     def _migrate(self) -> None:
+        # Looked at first without the write lock: a store in use by another writer (an old
+        # delivery process finishing a big batch) would hold this open past `timeout`, and the
+        # sink's start failed as a config error.
+        if self._conn.execute("PRAGMA user_version").fetchone()[0] != 0:
+            return
         with self._transaction() as conn:
             if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
                 for statement in _SCHEMA.split(";"):
@@ -253,6 +258,9 @@ class AuditStore:
             raise InferLoggerError(
                 f"{self.path}: audit store schema version {version}, expected {SCHEMA_VERSION}"
             )
+        # Another application's database may have a user_version of 1 too: every batch failed.
+        if self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone() is None:
+            raise InferLoggerError(f"{self.path}: not an audit store (it has no records table)")
 
     def write(self, batch: Sequence[CloudEvent]) -> int:
         """Upsert a batch in one transaction; returns the rows written. Unknown types are skipped.
@@ -330,7 +338,10 @@ class AuditStore:
         sql += f" ORDER BY time {order}, id {order}, instance LIMIT ?"
         params.append(-1 if limit is None else limit)
         with self._lock:
-            fetched = self._conn.execute(sql, params).fetchall()
+            try:
+                fetched = self._conn.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:  # "database disk image is malformed": pages past the header
+                raise InferLoggerError(f"{self.path}: cannot read the audit store: {exc}") from None
         return [_record(row) for row in fetched]
 
     def summary(self) -> Summary:
@@ -441,22 +452,15 @@ def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
 
 
 def _utc(value: object) -> str | None:
-    """RFC 3339 UTC with microseconds (the form `events.now_rfc3339` makes); naive means UTC."""
+    """RFC 3339 UTC with microseconds (the form `events.now_rfc3339` makes); naive means UTC.
+    Text with no time in it is kept as it is."""
     if value is None or value == "":
         return None
-    if isinstance(value, datetime):
-        moment = value
-    else:
-        text = str(value)
-        if len(text) == 27 and text[19] == "." and text.endswith("Z"):
-            return text  # already canonical: the common case, skip parsing
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            return text
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    moment = moment.astimezone(UTC)
+    if isinstance(value, str) and len(value) == 27 and value[10] == "T" and value[19] == "." and value[26] == "Z":
+        return value  # already canonical: the common case, skip parsing
+    moment = events.as_utc(value)
+    if moment is None:
+        return str(value)
     # Four-digit years, as the text must sort as the time does: %Y writes year 500 as "500-",
     # after "2024-" (a --since 0500-01-01 found nothing).
     return f"{moment.year:04d}-" + moment.strftime("%m-%dT%H:%M:%S.%fZ")

@@ -131,6 +131,15 @@ class TestCommon:
         doc = documents(_event(events.REQUEST, {"instances": [1]}, "2025-01-01T02:00:00+02:00"))[0][1]
         assert doc["@timestamp"] == doc["request_time"] == "2025-01-01T00:00:00.000000Z"
 
+    @pytest.mark.parametrize(("time", "utc"), [
+        ("2025-01-01t00:30:00z", "2025-01-01T00:30:00.000000Z"),  # RFC 3339 allows lower case
+        ("2016-12-31T23:59:60+01:00", "2016-12-31T22:59:59.999999Z"),  # a leap second
+    ])
+    def test_rfc_3339_times_fromisoformat_refuses(self, time: str, utc: str) -> None:
+        """They had no @timestamp: the document dropped out of every time-based view."""
+        doc = documents(_event(events.REQUEST, {"instances": [1]}, time))[0][1]
+        assert doc["@timestamp"] == doc["request_time"] == utc
+
     def test_times_at_the_edge_of_year_1(self) -> None:
         early = documents(_event(events.REQUEST, {"instances": [1]}, "0001-01-01T00:30:00+01:00"))[0][1]
         assert "@timestamp" not in early and "request_time" not in early  # before year 1 in UTC

@@ -281,6 +281,18 @@ class TestQuery:
         assert len(filled.query(since="0500-01-01", limit=None)) == len(filled.query(limit=None))
         assert filled.query(until="0500-01-01T00:00:00Z") == []
 
+    @pytest.mark.parametrize(("time", "utc"), [
+        ("2025-01-01t00:30:00z", "2025-01-01T00:30:00.000000Z"),  # RFC 3339 allows lower case
+        ("2025-01-01t00:30:00.000000Z", "2025-01-01T00:30:00.000000Z"),  # (the canonical form's length)
+        ("2016-12-31T23:59:60+01:00", "2016-12-31T22:59:59.999999Z"),  # a leap second
+        ("0001-01-01T00:00:00+01:00", "0001-01-01T00:00:00+01:00"),  # no UTC form: an OverflowError
+    ])
+    def test_rfc_3339_times_are_stored_in_utc(self, store: AuditStore, time: str, utc: str) -> None:
+        """fromisoformat refuses the first three: the text was stored as it came, sorted and
+        filtered as text (a --since/--until around it missed it)."""
+        store.write([request("t", time=time), response("t", time=time)])
+        assert {r.time for r in store.query(id="t")} == {utc}
+
     def test_bad_order(self, filled: AuditStore) -> None:
         with pytest.raises(ValueError, match="order"):
             filled.query(order="sideways")  # type: ignore[arg-type]
@@ -356,6 +368,31 @@ class TestFile:
         path.write_bytes(b"just some text, not SQLite" * 100)
         with pytest.raises(InferLoggerError, match="not a usable audit store: file is not a database"):
             AuditStore(path, readonly=readonly)
+
+    @pytest.mark.parametrize("readonly", [True, False])
+    def test_another_applications_database_is_refused(self, tmp_path: Path, readonly: bool) -> None:
+        """Its user_version may be 1 too: a query gave a traceback, and the sink failed every batch."""
+        path = tmp_path / "other.db"
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE things (x)")
+        conn.execute("PRAGMA user_version = 1")
+        conn.close()
+        with pytest.raises(InferLoggerError, match="not an audit store"):
+            AuditStore(path, readonly=readonly)
+
+    def test_opening_a_store_another_writer_holds_waits_for_nothing(self, tmp_path: Path) -> None:
+        """Every open took the write lock to look at the schema: an old delivery process finishing
+        a big batch made the new one's store sink fail to start (a config error)."""
+        path = tmp_path / "a.db"
+        AuditStore(path).close()
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO records (id, instance, updated) VALUES ('x', 0, 'now')")
+        try:
+            AuditStore(path, timeout=0.2).close()
+        finally:
+            other.execute("COMMIT")
+            other.close()
 
     def test_readonly_missing(self, tmp_path: Path) -> None:
         with pytest.raises(InferLoggerError, match="no audit store"):
