@@ -117,8 +117,8 @@ def proxy(config: Path | None, metadata_headers: tuple[str, ...], annotations: t
     settings = _settings(config, **flags, spool=spool or None, delivery={"mode": delivery} if delivery else None)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sinks = ", ".join(f"{s.sink_name} ({s.type})" for s in settings.all_sinks())
-    click.echo(f"infer-logger: http://{settings.host}:{settings.port} -> {settings.upstream}; sinks: {sinks}",
-               err=True)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    click.echo(f"infer-logger: http://{host}:{settings.port} -> {settings.upstream}; sinks: {sinks}", err=True)
     try:
         serve(settings, log_level="warning" if log_level != "debug" else "info")
     except ConfigError as exc:  # e.g. a sink's client refused its settings when built

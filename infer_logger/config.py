@@ -204,8 +204,9 @@ class Settings(LayeredSettings):
     named by its type (its checkpoint in the spool goes by that name); several of one type, or one
     whose type names a configured sink, are `<type>-<8 hex digits of the URL's SHA-256>`."""
     log_mode: Literal["all", "request", "response"] = "all"
-    source_uri: str | None = None
-    """CloudEvents `source`, a URI reference; defaults to the sidecar's own URL."""
+    source_uri: str | None = Field(None, validate_default=True)
+    """CloudEvents `source`, a URI reference; defaults to the sidecar's own URL (so with `port` 0,
+    any free port, it must be given)."""
     inference_service: str = ""
     namespace: str = ""
     component: str = "predictor"
@@ -270,7 +271,10 @@ class Settings(LayeredSettings):
 
     @field_validator("source_uri")
     @classmethod
-    def _uri_reference(cls, uri: str | None) -> str | None:
+    def _uri_reference(cls, uri: str | None, info: ValidationInfo) -> str | None:
+        if uri is None and info.data.get("port") == 0:  # every event's source said :0
+            raise ValueError("port 0 picks any free port, which the events' source cannot name: set it "
+                             "(--source-uri)")
         return source_setting(uri, "http://my-model/ or /my-model")
 
     @field_validator("predictor_url")

@@ -243,3 +243,11 @@ class TestEnvLists:
         monkeypatch.setenv("INFER_LOGGER_SINKS", "file")
         result = CliRunner().invoke(main, ["proxy"])
         assert result.exit_code == 2 and "INFER_LOGGER_SINKS" in result.output
+
+
+def test_port_0_needs_a_source_uri() -> None:
+    """Any free port: every event's source said http://127.0.0.1:0/."""
+    with pytest.raises(ConfigError, match="port 0") as info:
+        load_settings(port=0)
+    assert info.value.field == "source_uri"
+    assert load_settings(port=0, source_uri="/my-model").source == "/my-model"
