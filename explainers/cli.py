@@ -53,7 +53,7 @@ def _names(value: str | None) -> list[str] | None:
                    "[default: on]")
 @click.option("--output", help="V2 output to explain.  [default: *proba*, else the first]")
 @click.option("--model-file", type=click.Path(path_type=Path), help="White box: a joblib/pickle model file.")
-@click.option("--background", help="dataset:<iris|breast_cancer|wine|diabetes|penguins>, or a "
+@click.option("--background", help="dataset:NAME (iris, breast_cancer, wine, diabetes, penguins), or a "
                                    ".csv/.parquet/.npy/.joblib table.")
 @click.option("--feature-names", help="Comma-separated feature names.")
 @click.option("--categorical", help="Comma-separated names of string features.")
@@ -81,9 +81,10 @@ def explainer_command(config: Path | None, feature_names: str | None, categorica
     inference events from a broker (`POST /events`).
 
     \b
-    Black box:  infer-logger explainer --predictor-url http://127.0.0.1:8080 --model-name iris \\
-                    --background dataset:iris --method kernel
-    White box:  infer-logger explainer --model-file model.joblib --background data.csv --method tree
+    Black box:  infer-logger explainer --predictor-url http://127.0.0.1:8080 \\
+                    --model-name iris --background dataset:iris --method kernel
+    White box:  infer-logger explainer --model-file model.joblib \\
+                    --background data.csv --method tree
     """
     from explainers.config import load_explainer_settings
     from explainers.errors import ExplainerError

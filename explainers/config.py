@@ -21,7 +21,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, mo
 from pydantic_settings import SettingsConfigDict
 
 from explainers.registry import METHODS, WHITE_BOX
-from infer_logger.config import LayeredSettings
+from infer_logger.config import LayeredSettings, http_url
 from infer_logger.errors import ConfigError
 
 
@@ -115,6 +115,11 @@ class ExplainerSettings(LayeredSettings):
         if value not in METHODS:
             raise ValueError(f"unknown method {value!r} (known: {', '.join(METHODS)})")
         return value
+
+    @field_validator("predictor_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        return http_url(url)  # the sidecar's rule: `localhost:8080` failed only when fitting
 
     @model_validator(mode="after")
     def _sources(self) -> ExplainerSettings:

@@ -81,12 +81,19 @@ def main() -> None:
               help="Comma-separated request headers to copy into `metadata`. Repeatable.")
 @click.option("--annotation", "annotations", multiple=True, metavar="KEY=VALUE",
               help="Adds to the `annotations` attribute (JSON). Repeatable.")
-@click.option("--max-payload-bytes", help="Log payloads cut to this size (e.g. 1MiB).")
+@click.option("--metadata-annotations", multiple=True, metavar="KEY=VALUE,…",
+              help="Comma-separated KEY=VALUE pairs, as --annotation (KServe's agent flag). Repeatable.")
+# KServe's injector always passes it; the http sink has no setting to skip verification, so it is
+# taken and, when true, only warned about.
+@click.option("--logger-tls-skip-verify", type=click.BOOL, is_flag=False, flag_value=True, metavar="BOOL",
+              help="Accepted for KServe; ignored: https sinks' certificates are always verified.")
+@click.option("--max-payload-bytes", help="Log payloads cut to this size.  [default: 1MiB]")
 @click.option("--max-request-bytes", help="Refuse larger request bodies with 413.  [default: 256MiB]")
 @click.option("--timeout", type=float, help="Seconds to wait for the predictor.  [default: 60]")
 @click.option("--request-read-timeout", type=float,
               help="Seconds a request may take to arrive whole before a 408.  [default: 60]")
-@click.option("--spool-dir", type=click.Path(), help="Spool directory.")
+@click.option("--spool-dir", type=click.Path(),
+              help="Spool directory, where events wait for their sinks.  [default: infer-logger-data/spool]")
 @click.option("--durability", type=click.Choice(["disk", "memory"]),
               help="disk: survives kill -9 (default); memory: faster, loses unsent events on restart.")
 @click.option("--delivery", type=click.Choice(["process", "inline"]),
@@ -96,8 +103,8 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def proxy(config: Path | None, metadata_headers: tuple[str, ...], annotations: tuple[str, ...],
-          spool_dir: str | None, durability: str | None, delivery: str | None, log_level: str,
-          **flags: Any) -> None:
+          metadata_annotations: tuple[str, ...], logger_tls_skip_verify: bool | None, spool_dir: str | None,
+          durability: str | None, delivery: str | None, log_level: str, **flags: Any) -> None:
     """Run the logger sidecar in front of a predictor (KServe V1 and V2 / Open Inference Protocol).
 
     Accepts KServe's agent flags, so it can stand in for KServe's logger.
@@ -108,10 +115,13 @@ def proxy(config: Path | None, metadata_headers: tuple[str, ...], annotations: t
         # Every occurrence, each comma-split: as KServe's agent takes it (a pflag StringSlice).
         flags["metadata_headers"] = [h.strip() for given in metadata_headers for h in given.split(",") if h.strip()]
     flags["log_url"] = list(flags["log_url"]) or None
-    if annotations:
-        if bad := [a for a in annotations if "=" not in a]:
-            raise click.BadParameter(f"{bad[0]!r} is not KEY=VALUE", param_hint="--annotation")
-        flags["annotations"] = dict(a.split("=", 1) for a in annotations)
+    # KServe joins the pairs with commas (an empty value when no annotation was found).
+    pairs = [(p.strip(), "--metadata-annotations") for m in metadata_annotations for p in m.split(",")]
+    pairs = [(p, hint) for p, hint in pairs if p] + [(a, "--annotation") for a in annotations]
+    if pairs:
+        if bad := [(p, hint) for p, hint in pairs if "=" not in p]:
+            raise click.BadParameter(f"{bad[0][0]!r} is not KEY=VALUE", param_hint=bad[0][1])
+        flags["annotations"] = dict(p.split("=", 1) for p, _ in pairs)
     # Sources are deep-merged: these two keys override only themselves in the spool section.
     spool = {k: v for k, v in (("dir", spool_dir), ("durability", durability)) if v is not None}
     settings = _settings(config, **flags, spool=spool or None, delivery={"mode": delivery} if delivery else None)
@@ -119,6 +129,9 @@ def proxy(config: Path | None, metadata_headers: tuple[str, ...], annotations: t
     sinks = ", ".join(f"{s.sink_name} ({s.type})" for s in settings.all_sinks())
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     click.echo(f"infer-logger: http://{host}:{settings.port} -> {settings.upstream}; sinks: {sinks}", err=True)
+    if logger_tls_skip_verify and any(url.lower().startswith("https:") for url in settings.log_url):
+        click.echo("infer-logger: --logger-tls-skip-verify is ignored: https sinks verify certificates",
+                   err=True)
     try:
         serve(settings, log_level="warning" if log_level != "debug" else "info")
     except ConfigError as exc:  # e.g. a sink's client refused its settings when built

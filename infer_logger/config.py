@@ -7,7 +7,9 @@ and `sinks` are sections. Nested env vars use `__`: `INFER_LOGGER_SPOOL__DURABIL
 from __future__ import annotations
 
 import contextvars
+import difflib
 import hashlib
+import itertools
 import os
 import re
 from pathlib import Path
@@ -18,6 +20,7 @@ import orjson
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -31,6 +34,18 @@ from pydantic_settings.exceptions import SettingsError
 from infer_logger.cloudevents.validation import source_setting
 from infer_logger.errors import ConfigError
 from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, SinkSpec, StoreSinkConfig
+
+# Names under a settings class's prefix that are not its settings: the other services' prefixes,
+# and variables read elsewhere (the tests' data, `setup elasticsearch --api-key`).
+_OTHER_ENV = (
+    "INFER_LOGGER_BROKER_", "INFER_LOGGER_EXPLAINER_", "INFER_LOGGER_CONFORMANCE", "INFER_LOGGER_ES_API_KEY"
+)
+# Kubernetes gives every pod of a namespace <SERVICE>_SERVICE_HOST, <SERVICE>_PORT_80_TCP and the like
+# for each Service there: one named infer-logger-ui must not stop the sidecar.
+_SERVICE_LINK = re.compile(
+    r"(?P<service>\w+?)_"
+    r"(?:SERVICE_HOST|SERVICE_PORT(?:_\w+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_(?:PROTO|PORT|ADDR))?)?)"
+)
 
 _yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
 
@@ -61,13 +76,14 @@ class LayeredSettings(BaseSettings):
         data = read_yaml(config_file) if config_file else {}
         if section and isinstance(data.get(section), dict):
             data = data[section]
+        cls._refuse_unknown_env()
         token = _yaml_data.set(data)
         given = {k: v for k, v in flags.items() if v is not None and v != () and v != {}}
         try:
             return cls(**given)
         except ValidationError as exc:
             error = config_error(exc)
-            var = cls._env_var(exc.errors()[0]["loc"], given)
+            var = cls._env_var(exc.errors()[0], given)
             raise (ConfigError(f"{var} ({error.field})", error.message) if var else error) from None
         except SettingsError as exc:
             if isinstance(exc.__cause__, ConfigError):  # see _EnvSource
@@ -77,18 +93,59 @@ class LayeredSettings(BaseSettings):
             _yaml_data.reset(token)
 
     @classmethod
-    def _env_var(cls, loc: tuple[int | str, ...], flags: dict[str, Any]) -> str | None:
-        """The env var a bad value at `loc` came from, if one did (a flag overrides it): the
-        error then names it, not only the field."""
-        if not loc or loc[0] in flags:
+    def _env_var(cls, error: ErrorDetails, flags: dict[str, Any]) -> str | None:
+        """The env var the bad value came from, if one did: the error then names it, not only the
+        field. Not when a flag or the YAML file gave it: `INFER_LOGGER_SPOOL` may hold other keys."""
+        loc = error["loc"]
+        if error["type"] == "missing":  # nothing is at `loc`: what lacks it was given
+            loc = loc[:-1]
+        if not loc or _holds(flags, loc) or not _holds(_EnvSource(cls)(), loc):
             return None
         prefix = str(cls.model_config.get("env_prefix", ""))
-        names = [f"{prefix}{loc[0]}"]
-        delimiter = cls.model_config.get("env_nested_delimiter")
-        if delimiter and len(loc) > 1:
-            names.insert(0, f"{prefix}{loc[0]}{delimiter}{loc[1]}")
+        delimiter = cls.model_config.get("env_nested_delimiter") or ""
+        # Not past a list's index: an item has no variable of its own.
+        keys = [str(part) for part in itertools.takewhile(lambda part: isinstance(part, str), loc)]
+        names = [prefix + delimiter.join(keys[:n]) for n in range(1, len(keys) + 1 if delimiter else 2)]
         present = {key.upper(): key for key in os.environ}  # env var names are case-insensitive here
-        return next((present[name.upper()] for name in names if name.upper() in present), None)
+        # The deepest first: `SPOOL__MAX_BYTES` is merged over the JSON of `SPOOL`.
+        return next((present[name.upper()] for name in reversed(names) if name.upper() in present), None)
+
+    @classmethod
+    def _refuse_unknown_env(cls) -> None:
+        """A misspelt top-level variable was ignored (a nested one is refused, `extra="forbid"`)."""
+        prefix = str(cls.model_config.get("env_prefix", "")).upper()
+        delimiter = cls.model_config.get("env_nested_delimiter")
+        if not prefix:
+            return
+        fields = {name.upper() for name in cls.model_fields}
+        others = tuple(other for other in _OTHER_ENV if other.startswith(prefix) and other != prefix)
+        present = {key.upper() for key in os.environ}
+        for key in os.environ:
+            name = key.upper()
+            if not name.startswith(prefix) or name.startswith(others):
+                continue
+            rest = name[len(prefix):]
+            if (rest.partition(delimiter)[0] if delimiter else rest) in fields:
+                continue
+            link = _SERVICE_LINK.fullmatch(name)
+            if link and f"{link['service']}_SERVICE_HOST" in present:
+                continue
+            near = difflib.get_close_matches(name, [prefix + field for field in fields], n=1)
+            raise ConfigError(key, "matches no setting" + (f" (did you mean {near[0]}?)" if near else ""))
+
+
+def _holds(data: Any, loc: tuple[int | str, ...]) -> bool:
+    """Whether `data`, one source's input, gave the value at `loc`."""
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and -len(data) <= part < len(data):
+            data = data[part]
+        elif isinstance(data, dict) and part in data.values():
+            continue  # a union's tag, not a key: sinks.0.http.url
+        else:
+            return not isinstance(data, dict | list)  # a scalar given where a section goes is what is bad
+    return True
 
 
 class _EnvSource(EnvSettingsSource):
@@ -280,11 +337,7 @@ class Settings(LayeredSettings):
     @field_validator("predictor_url")
     @classmethod
     def _http_url(cls, url: str | None) -> str | None:
-        if url is not None:
-            parts = urlparse(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"{url!r} is not an http(s)://host[:port] URL")
-        return url
+        return http_url(url)
 
     @field_validator("log_url")
     @classmethod
@@ -324,6 +377,16 @@ class Settings(LayeredSettings):
     @property
     def upstream(self) -> str:
         return (self.predictor_url or f"http://127.0.0.1:{self.component_port}").rstrip("/")
+
+
+def http_url(url: str | None) -> str | None:
+    """A predictor's base URL, checked: `localhost:8080` parses as scheme `localhost`, and was
+    only refused by the first request's connection error."""
+    if url is not None:
+        parts = urlparse(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http(s)://host[:port] URL")
+    return url
 
 
 def sink_from_url(url: str) -> SinkSpec:

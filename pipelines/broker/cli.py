@@ -30,7 +30,8 @@ _HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
               help="Where the broker's log lives.  [default: disk]")
 @click.option("--dir", "dir_", type=click.Path(file_okay=False, path_type=Path),
               help="Spool directory (disk channel).  [default: infer-logger-data/broker]")
-@click.option("--kafka-bootstrap", help="Kafka brokers host:port[,...] (kafka channel).")
+@click.option("--kafka-bootstrap",
+              help="Kafka brokers host:port[,...] (kafka channel).  [default: 127.0.0.1:9092]")
 @click.option("--role", type=click.Choice(["all", "ingress", "dispatcher"]),
               help="kafka channel: run only the ingress or only the trigger dispatchers.  [default: all]")
 @click.option("--check", is_flag=True, help="Validate the settings and trigger files, then exit.")
@@ -40,12 +41,11 @@ def broker_command(config: Path | None, trigger_files: tuple[Path, ...], dir_: P
                    kafka_bootstrap: str | None, check: bool, log_level: str, **flags: Any) -> None:
     """Run a CloudEvents broker with triggers (Knative Eventing's model, Knative YAML as is).
 
-    \b
-    POST events to /  (the default broker) or /<namespace>/<broker>:
-    binary, structured or batch mode. Triggers filter them (attributes, exact, prefix, suffix,
-    all, any, not, cesql) and deliver to a URL or an in-process component (store, ...), with
-    retries, backoff and a dead-letter sink. SIGHUP reloads the trigger files; an invalid file
-    is reported (file:line) and the running triggers stay as they were.
+    POST events to / (the default broker) or /<namespace>/<broker>: binary, structured or batch
+    mode. Triggers filter them (attributes, exact, prefix, suffix, all, any, not, cesql) and
+    deliver to a URL or an in-process component (store, ...), with retries, backoff and a
+    dead-letter sink. SIGHUP reloads the trigger files; an invalid file is reported (file:line)
+    and the running triggers stay as they were.
     """
     from pipelines.broker.settings import load_broker_settings
 
@@ -95,8 +95,11 @@ def cesql_command(expression: str, event_file: Any) -> None:
     """Check a CESQL expression, and evaluate it against an event.
 
     \b
-    Exit status: 0 = valid (and, with --event, the event matches as a trigger filter would take
-    it: TRUE without errors), 1 = the event does not match, 2 = invalid expression or event.
+    Exit status:
+      0  valid (and, with --event, the event matches as a trigger filter
+         would take it: TRUE without errors)
+      1  the event does not match
+      2  invalid expression or event
     """
     from pipelines.cesql import CesqlParseError, parse
 

@@ -40,3 +40,30 @@ class TestBinaryData:
         args = ["--predictor-url", REQUIRED["predictor_url"], "--background", REQUIRED["background"]]
         result = CliRunner().invoke(explainer_command, [*args, *([flag] if flag else [])])
         assert result.exit_code == 2 and seen["binary_data"] is expected
+
+
+class TestPredictorUrl:
+    """Checked as the sidecar checks its own: it failed only after the fitting's retries (exit 1)."""
+
+    @pytest.mark.parametrize("url", ["localhost:8080", "ftp://x", "http://"])
+    def test_not_http_is_a_config_error(self, url: str) -> None:
+        with pytest.raises(ConfigError, match=r"http\(s\)://host\[:port\]") as info:
+            load_explainer_settings(None, **{**REQUIRED, "predictor_url": url})
+        assert info.value.field == "predictor_url"
+
+    def test_the_cli_exits_2_naming_it(self) -> None:
+        result = CliRunner().invoke(explainer_command, ["--predictor-url", "localhost:8080",
+                                                        "--background", REQUIRED["background"]])
+        assert result.exit_code == 2 and "predictor_url" in result.output
+
+
+def test_unknown_variable_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFER_LOGGER_EXPLAINER_BINARYDATA", "false")
+    with pytest.raises(ConfigError, match="INFER_LOGGER_EXPLAINER_BINARY_DATA"):
+        load_explainer_settings(None, **REQUIRED)
+
+
+def test_help_fits_80_columns_without_breaking_words() -> None:
+    out = CliRunner().invoke(explainer_command, ["--help"], terminal_width=78).output  # an 80-column terminal
+    assert max(len(line) for line in out.splitlines()) < 80
+    assert "diabetes, penguins)" in " ".join(out.split())  # was "pe nguins"

@@ -269,8 +269,8 @@ def test_a_path_that_cannot_be_used_is_a_message(tmp_path: Path, where: str, cod
     args = [where.format(f=blocker)]
     if "spool" not in where:
         args.append(f"--spool-dir={tmp_path / 'spool'}")
-    done = subprocess.run([sys.executable, "-m", "infer_logger.cli", "proxy", "--port", "0",
-                           "--component-port", "1", *args], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "infer_logger.cli", "proxy", "--port", "0", "--source-uri",
+                           "/m", "--component-port", "1", *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == code, done.stderr
     assert says.format(f=blocker) in done.stderr and "Traceback" not in done.stderr
 
@@ -303,7 +303,60 @@ def test_metadata_headers_repeat_and_split_at_commas(tmp_path: Path, monkeypatch
 
 def test_an_empty_spool_dir_is_refused(tmp_path: Path) -> None:
     """click made Path("") of it, which is ".": the spool spread over the working directory."""
-    done = subprocess.run([sys.executable, "-m", "infer_logger.cli", "proxy", "--spool-dir", "", "--port", "0"],
+    done = subprocess.run([sys.executable, "-m", "infer_logger.cli", "proxy", "--spool-dir", "", "--port",
+                           "0", "--source-uri", "/m"],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 2 and "spool.dir" in done.stderr and "is empty" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The settings `proxy` would serve with, instead of serving."""
+    import infer_logger.server
+
+    settings: list[Any] = []
+    monkeypatch.setattr(infer_logger.server, "serve", lambda s, **_: settings.append(s))
+    return settings
+
+
+def test_kserves_agent_arguments_are_taken(tmp_path: Path, served: list[Any]) -> None:
+    """As KServe's agent injector writes them (pkg/webhook/admission/pod/agent_injector.go)."""
+    args = ["--log-url", "http://message-dumper.default/", "--source-uri", "iris-predictor-abc",
+            "--log-mode", "all", "--inference-service", "iris", "--namespace", "default", "--endpoint", "",
+            "--component", "predictor",
+            "--metadata-headers", "x-user", "--metadata-annotations", "team=ml,cost=a=b",
+            "--logger-tls-skip-verify", "false", "--component-port", "8080"]
+    result = CliRunner().invoke(main, ["proxy", "--spool-dir", str(tmp_path / "spool"), *args,
+                                       "--annotation", "extra=1", "--metadata-annotations", ""])
+    assert result.exit_code == 0, result.output
+    assert served[0].annotations == {"team": "ml", "cost": "a=b", "extra": "1"}
+    assert "ignored" not in result.output
+
+
+@pytest.mark.parametrize(("args", "warned"), [
+    (["--logger-tls-skip-verify", "true", "--log-url", "https://collector/"], True),
+    (["--log-url", "https://collector/", "--logger-tls-skip-verify"], True),  # pflag's bare form
+    (["--logger-tls-skip-verify=true", "--log-url", "http://collector/"], False),  # nothing to verify
+    (["--logger-tls-skip-verify", "false", "--log-url", "https://collector/"], False),
+])
+def test_tls_skip_verify_is_taken_and_said_to_be_ignored(tmp_path: Path, served: list[Any], args: list[str],
+                                                         warned: bool) -> None:
+    result = CliRunner().invoke(main, ["proxy", "--spool-dir", str(tmp_path / "spool"), *args])
+    assert result.exit_code == 0, result.output
+    assert ("--logger-tls-skip-verify is ignored" in result.output) is warned
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--logger-tls-skip-verify", "maybe"], "not a valid boolean"),
+    (["--metadata-annotations", "team=ml,cost"], "--metadata-annotations: 'cost' is not KEY=VALUE"),
+])
+def test_bad_kserve_values_are_exit_2(args: list[str], says: str) -> None:
+    result = CliRunner().invoke(main, ["proxy", *args])
+    assert result.exit_code == 2 and says in result.output
+
+
+def test_proxy_help_shows_the_defaults() -> None:
+    out = " ".join(CliRunner().invoke(main, ["proxy", "--help"], terminal_width=80).output.split())
+    assert "cut to this size. [default: 1MiB]" in out
+    assert "[default: infer-logger-data/spool]" in out  # whole: a hyphen is where it broke

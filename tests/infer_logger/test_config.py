@@ -223,6 +223,31 @@ class TestEnvLists:
             load_settings(log_url=["http://a/"])  # a flag overrides the variable: not it
         assert info.value.field == "INFER_LOGGER_SPOOL__OVERFLOW (spool.overflow)"
 
+    def test_a_yaml_value_is_not_blamed_on_a_variable_holding_other_keys(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("spool:\n  max_bytes: lots\n")
+        monkeypatch.setenv("INFER_LOGGER_SPOOL", '{"dir": "sp"}')
+        with pytest.raises(ConfigError) as info:
+            load_settings(cfg)
+        assert info.value.field == "spool.max_bytes"
+        # A flag for another key of the section does not hide the variable that holds the bad one.
+        monkeypatch.setenv("INFER_LOGGER_SPOOL", '{"max_bytes": "lots"}')
+        with pytest.raises(ConfigError) as info:
+            load_settings(spool={"dir": "sp"})
+        assert info.value.field == "INFER_LOGGER_SPOOL (spool.max_bytes)"
+
+    @pytest.mark.parametrize(("sinks", "field"), [
+        ('[{"type": "http", "url": "ftp://x"}]', "sinks.0.http.url"),  # past the union's tag
+        ('[{"type": "http"}]', "sinks.0.http.url"),  # missing: the entry lacking it is the variable's
+    ])
+    def test_a_value_the_variable_holds_names_it(self, monkeypatch: pytest.MonkeyPatch, sinks: str,
+                                                 field: str) -> None:
+        monkeypatch.setenv("INFER_LOGGER_SINKS", sinks)
+        with pytest.raises(ConfigError) as info:
+            load_settings()
+        assert info.value.field == f"INFER_LOGGER_SINKS ({field})"
+
     @pytest.mark.parametrize(("name", "value", "example"), [
         ("INFER_LOGGER_SINKS", "file", "INFER_LOGGER_SINKS='["),
         ("INFER_LOGGER_SPOOL", "memory", "INFER_LOGGER_SPOOL__KEY="),
@@ -251,3 +276,31 @@ def test_port_0_needs_a_source_uri() -> None:
         load_settings(port=0)
     assert info.value.field == "source_uri"
     assert load_settings(port=0, source_uri="/my-model").source == "/my-model"
+
+
+class TestUnknownVariables:
+    """A misspelt top-level variable is refused, as a nested one is; other readers' names are not."""
+
+    def test_an_unknown_name_is_refused_naming_it(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("INFER_LOGGER_LOGURL", "http://broker/")
+        with pytest.raises(ConfigError, match="did you mean INFER_LOGGER_LOG_URL") as info:
+            load_settings()
+        assert info.value.field == "INFER_LOGGER_LOGURL"
+
+    @pytest.mark.parametrize("names", [
+        ["INFER_LOGGER_CONFORMANCE", "INFER_LOGGER_ES_API_KEY"],  # the tests', `setup elasticsearch`'s
+        ["INFER_LOGGER_BROKER_PORT", "INFER_LOGGER_EXPLAINER_NOPE"],  # the other services' own
+        # Kubernetes' links to a Service named infer-logger-ui in the pod's namespace.
+        ["INFER_LOGGER_UI_SERVICE_HOST", "INFER_LOGGER_UI_SERVICE_PORT_HTTP", "INFER_LOGGER_UI_PORT",
+         "INFER_LOGGER_UI_PORT_80_TCP_ADDR"],
+    ])
+    def test_names_read_elsewhere_are_left_alone(self, monkeypatch: pytest.MonkeyPatch,
+                                                 names: list[str]) -> None:
+        for name in names:
+            monkeypatch.setenv(name, "1")
+        assert load_settings().port == 9081
+
+    def test_a_port_name_without_its_service_is_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("INFER_LOGGER_SPOOL_PORT", "1")
+        with pytest.raises(ConfigError, match="matches no setting"):
+            load_settings()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import orjson
+import pytest
 from click.testing import CliRunner
 
 from pipelines.broker.cli import broker_command, cesql_command
@@ -95,3 +97,14 @@ def test_serving_with_a_bad_trigger_file_exits_2_naming_it(tmp_path: Path) -> No
     path.write_text("triggers:\n  - {name: a, subscriber: {ref: {name: event-display}}}\n")
     result = CliRunner().invoke(broker_command, ["-t", str(path), "--dir", str(tmp_path)])
     assert result.exit_code == 2 and "no component or address named 'event-display'" in result.output
+
+
+@pytest.mark.parametrize("command", [broker_command, cesql_command])
+def test_help_fits_80_columns(command: click.Command) -> None:
+    out = CliRunner().invoke(command, ["--help"], terminal_width=78).output  # what click fills in 80 columns
+    assert max(len(line) for line in out.splitlines()) < 80
+
+
+def test_broker_help_shows_the_kafka_default() -> None:
+    out = CliRunner().invoke(broker_command, ["--help"], terminal_width=80).output
+    assert "[default: 127.0.0.1:9092]" in " ".join(out.split())
