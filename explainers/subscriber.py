@@ -473,9 +473,11 @@ def _payload(request: CloudEvent) -> Any:
     """The request's JSON; a V2 body with binary tensor data (as tritonclient sends by default)
     reads as the JSON it stands for. InvalidInputError when it is neither."""
     try:
-        return request.json()
+        doc = request.json()
     except ValueError as exc:
         not_json = exc
+    else:  # a binary part of blanks only (INT8 10) is JSON's trailing whitespace
+        return binary_tensors.inline(request.data or b"") or doc if binary_tensors.carries_binary(doc) else doc
     try:
         doc = binary_tensors.inline(request.data or b"")
     except RecursionError:  # JSON nested past Python's limit, read by the stdlib's decoder

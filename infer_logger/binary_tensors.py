@@ -181,6 +181,21 @@ def inline(body: bytes) -> dict[str, Any] | None:
     return {**doc, key: tensors}
 
 
+def carries_binary(doc: object) -> bool:
+    """Whether a body that parsed as JSON says its tensors' data follows in binary: a binary part
+    of blanks only (INT8 9, 10, 13 or 32, a zero-size tensor) is JSON's trailing whitespace."""
+    if not isinstance(doc, dict):
+        return False
+    for key in ("inputs", "outputs"):
+        tensors = doc.get(key)
+        if isinstance(tensors, list) and any(
+            isinstance(t, Mapping) and isinstance(t.get("parameters"), Mapping) and "binary_data_size" in t["parameters"]
+            for t in tensors
+        ):
+            return True
+    return False
+
+
 def _text_or_base64(value: bytes) -> str | dict[str, str]:
     try:
         return value.decode()
@@ -246,10 +261,13 @@ def _json(part: bytes | memoryview, what: str) -> dict[str, Any]:
 
 
 def _length(header: str | int, available: int) -> int:
-    try:
-        length = int(header)
-    except ValueError:
-        raise BinaryDataError(None, f"{HEADER}: {header!r} is not a byte count") from None
+    # Digits only (around them the blanks a field value may have), as HTTP writes numbers: int()
+    # also takes "+100" and "1_00".
+    if isinstance(header, str):
+        header = header.strip(" \t")
+        if not (header.isascii() and header.isdigit()):
+            raise BinaryDataError(None, f"{HEADER}: {header!r} is not a byte count")
+    length = int(header)
     if length <= 0:
         raise BinaryDataError(None, f"{HEADER}: {length} is not a length of a JSON part")
     if length > available:

@@ -278,9 +278,11 @@ def decode_data(event: CloudEvent) -> object:
         return None
     if not event.get(TRUNCATED):
         try:
-            return event.json()
+            doc = event.json()
         except ValueError:
-            doc = binary_tensors.inline(event.data)
-            if doc is not None:
-                return doc
+            inlined = binary_tensors.inline(event.data)
+            if inlined is not None:
+                return inlined
+        else:
+            return binary_tensors.inline(event.data) or doc if binary_tensors.carries_binary(doc) else doc
     return RawPayload.of(event.data)

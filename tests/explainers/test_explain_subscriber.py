@@ -568,3 +568,16 @@ class TestDeliveryFailures:
                 with predictor():  # back: the broker's retry of the response finds the request
                     r = post(response)
                 assert r.status_code == 200 and r.headers["ce-id"] == "d-6", r.text
+
+
+def test_a_binary_part_of_blanks_reads_as_binary_data() -> None:
+    """INT8 10 after the JSON part is JSON's trailing whitespace: the request was explained from
+    tensors without data (a 400 for a request the predictor had answered)."""
+    from explainers.subscriber import _payload
+    from infer_logger import binary_tensors
+    from infer_logger.cloudevents.event import CloudEvent
+
+    body, _ = binary_tensors.encode({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "INT8"}]}, "inputs",
+                                    {"x": binary_tensors.pack_values("INT8", [10])})
+    event = CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}, body)
+    assert _payload(event) == {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "INT8", "data": [10]}]}

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from infer_logger import binary_tensors as bt
+from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import BinaryDataError
 
 SAMPLES: dict[str, list[Any]] = {
@@ -130,6 +131,10 @@ class TestMalformed:
         err = self.fails(body, len(body) + 1, f"{len(body) + 1} bytes", f"only {len(body)}")
         assert err.tensor is None
         self.fails(body, "twelve", "not a byte count")
+        n = len(body) - 8
+        for loose in (f"+{n}", f"{n // 10}_{n % 10}", "-0"):  # int() takes these; HTTP does not
+            self.fails(body, loose, "not a byte count")
+        assert bt.decode(body, f" {n}\t", "inputs")[0]["inputs"][0]["name"] == "input-0"
         self.fails(body, 0, "not a length")
 
     def test_header_inside_the_json(self) -> None:
@@ -227,6 +232,24 @@ class TestInline:
         assert doc["outputs"][0] == {"name": "p", "shape": [3], "datatype": "INT64", "data": [1, 2, 3],
                                      "parameters": {"binary_data": True}}
         assert doc["outputs"][1] == outputs[1]
+
+    @pytest.mark.parametrize(("datatype", "values"), [("INT8", [10]), ("UINT8", [32, 9, 13]), ("INT16", [8224]),
+                                                      ("FP32", [])])
+    def test_a_binary_part_of_blanks_is_no_json_whitespace(self, datatype: str, values: list[int]) -> None:
+        """orjson takes blank bytes after the JSON part as whitespace: the body parsed as JSON, its
+        tensors without data, and the audit held tensor metadata as features."""
+        from infer_logger.events import decode_data
+
+        tensors = [{"name": "x", "shape": [len(values)], "datatype": datatype}]
+        body, _ = bt.encode({"inputs": tensors}, "inputs", {"x": bt.pack_values(datatype, values)})
+        event = CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": "t",
+                            "datacontenttype": "application/json"}, body)
+        event.json()  # it does parse
+        expected = {"inputs": [{"name": "x", "shape": [len(values)], "datatype": datatype, "data": values}]}
+        assert decode_data(event) == expected
+        plain = CloudEvent(event.attributes, b'{"inputs": [{"name": "x", "data": [1], "parameters": '
+                                             b'{"binary_data_size": 4}}]}')  # claims binary, has none: as parsed
+        assert decode_data(plain) == plain.json()
 
     @pytest.mark.parametrize("body", [b"", b"not json", b'{"inputs": []}', b'{"a": 1', b"\x00\x01{}",
                                       b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", '
