@@ -25,7 +25,7 @@ from infer_logger.spool import DiskSpool, MemorySpool, Position, Spool
 
 log = logging.getLogger(__name__)
 
-_V1 = re.compile(r"^/v1/models/([^/:]+):(predict|explain)$")
+_V1 = re.compile(r"^/v1/models/([^/]+):(predict|explain)$")
 _V2 = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 
 
