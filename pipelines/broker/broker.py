@@ -17,6 +17,7 @@ new ones start at the end of the log, removed ones are stopped and their checkpo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import signal
@@ -135,12 +136,12 @@ class Broker:
         admitted = []
         positions = []  # of each admitted event in `events`
         for i, event in enumerate(events):
-            kept = self.admit(event)
-            if kept is None:
-                self.metrics.refused.labels("ttl_expired").inc()
-            else:
+            kept = self.admit(event)  # a bad TTL raises: the ingress counts the whole batch invalid
+            if kept is not None:
                 admitted.append(kept)
                 positions.append(i)
+        if expired := len(events) - len(admitted):  # counted once the batch passed: not twice
+            self.metrics.refused.labels("ttl_expired").inc(expired)
         if not admitted:
             return 0
         try:
@@ -248,6 +249,8 @@ class Broker:
             replacement = wanted.get(key)
             if replacement is None or replacement.broker_key != current.broker_key:
                 await self.channels[current.broker_key].detach(current.name, forget=True, timeout=timeout)
+                with contextlib.suppress(KeyError):  # its last lag stayed on every scrape
+                    self.metrics.lag.remove(current.label)
         for key, trigger in wanted.items():
             old = self.triggers.get(key)
             channel = self.channels[trigger.broker_key]

@@ -258,9 +258,13 @@ class TestReload:
             assert set(broker.triggers) == {("default", "a"), ("default", "b")}
             assert broker.metrics.reloads.labels("error")._value.get() == 1
 
+            broker.metrics.lag.labels("default/b").set(411)  # as a scrape leaves it
             changed = f"triggers: [{{name: a, filters: [{{exact: {{type: y}}}}], subscriber: '{subscriber.url}'}}]\n"
             path.write_text(changed)
             assert await broker.reload()
+            # A removed trigger's lag was scraped for good (a lag alert for a trigger that is gone).
+            assert broker.metrics.registry.get_sample_value("infer_logger_trigger_lag_bytes",
+                                                            {"trigger": "default/b"}) is None
             assert broker.dispatchers[("default", "a")] is not kept
             await _post(broker, event("3", "y"), event("4", "x"))
             await settle(broker, "a", 2)

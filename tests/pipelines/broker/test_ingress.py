@@ -164,6 +164,13 @@ class TestTtl:
             r = await c.post("/", headers={"content-type": "application/cloudevents-batch+json"},
                              content=orjson.dumps(batch))
             assert r.status_code == 400 and r.json()["attribute"] == "knativebrokerttl", r.text
+            # An expired event ahead of a bad TTL: the batch is refused, each event counted once
+            # (the expired one was counted ttl_expired too).
+            batch[0]["knativebrokerttl"] = 1
+            r = await c.post("/", headers={"content-type": "application/cloudevents-batch+json"},
+                             content=orjson.dumps(batch))
+            assert r.status_code == 400
+            assert broker.metrics.refused.labels("ttl_expired")._value.get() == 0
             assert (await c.post("/", **binary_request(event("fence")))).status_code == 202
         await asyncio.to_thread(subscriber.wait_for, 1)
         await asyncio.sleep(0.2)
