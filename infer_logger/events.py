@@ -10,6 +10,7 @@ import base64
 import functools
 import json
 import time
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -260,6 +261,29 @@ def capped(data: bytes, limit: int, size: int | None = None) -> tuple[bytes, dic
     if size <= limit:
         return data, {}
     return data[:limit], {TRUNCATED: True, DATASIZE: size}
+
+
+_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+
+
+def decoded(body: bytes, encoding: str, limit: int) -> tuple[bytes, dict[str, str | int | bool]] | None:
+    """A request's logged copy under its Content-Encoding (gzip, deflate): the payload decoded, at
+    most `limit` bytes of it (cut there and marked, its whole size not looked for: a small body
+    may inflate without end); None for another coding, or a body that does not decode whole."""
+    wbits = _WBITS.get(encoding.strip().lower())
+    if wbits is None:
+        return None
+    for bits in (wbits, -15) if wbits == 15 else (wbits,):  # deflate as zlib, or raw as some send it
+        inflater = zlib.decompressobj(bits)
+        try:
+            out = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit:
+            return out[:limit], {TRUNCATED: True}
+        if inflater.eof:
+            return out, {}
+    return None
 
 
 class RawPayload(dict[str, str]):

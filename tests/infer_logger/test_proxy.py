@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import time
@@ -482,3 +483,31 @@ async def test_attributes_read_off_the_client_keep_the_events_valid(tmp_path: Pa
     assert {e.datacontenttype for events in by_id.values() for e in events} == {"application/json"}
     assert (request["a-3"]["modelname"], request["a-3"]["path"]) == ("a%09b", "/v1/models/a%09b:predict")
     assert (request["a-4"]["modelname"], request["a-4"]["modelversion"]) == ("a%C2%85b", "v%7F1")
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "deflate-raw", "br", "gzip-bomb"])
+async def test_a_compressed_request_is_logged_decoded(tmp_path: Path, coding: str) -> None:
+    """tritonclient can compress its requests: the request event held gzip bytes labelled JSON."""
+    import gzip
+    import zlib
+
+    payload = b'{"instances": [[1, 2]]}'
+    body = {"gzip": gzip.compress(payload), "deflate": zlib.compress(payload), "br": b"\x0b\x03\x80{}\x03",
+            "gzip-bomb": gzip.compress(b" " * (8 << 20))}.get(coding)
+    if coding == "deflate-raw":  # as some clients send "deflate"
+        raw = zlib.compressobj(wbits=-15)
+        body = raw.compress(payload) + raw.flush()
+    header = coding.split("-")[0]
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    async with before(Scripted(lambda _: reply), tmp_path, max_payload_bytes=4096) as sidecar:
+        async with httpx.AsyncClient() as client:
+            r = await client.post(f"{sidecar}/v1/models/m:predict", content=body,
+                                  headers={"content-encoding": header, "content-type": "application/json"})
+    assert r.status_code == 200
+    request = next(e for e in logged(tmp_path) if e["type"] == ev.REQUEST)
+    if coding == "br":  # not one it decodes: said to be bytes, not JSON
+        assert request["datacontenttype"] == "application/octet-stream" and "data_base64" in request
+    elif coding == "gzip-bomb":  # cut at the payload cap, no further inflated
+        assert request["truncated"] is True and len(base64.b64decode(request["data_base64"])) == 4096
+    else:
+        assert request["data"] == {"instances": [[1, 2]]} and "truncated" not in request
