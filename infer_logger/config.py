@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextvars
 import difflib
-import hashlib
 import itertools
 import os
 import re
@@ -258,8 +257,7 @@ class Settings(LayeredSettings):
     log_url: Annotated[list[str], NoDecode] = []
     """Shorthand sinks: http(s)://… (http sink), file://….jsonl (file sink), sqlite://…db (store).
     As one string (an env var): a URL, several separated by commas, or a JSON list. Each is a sink
-    named by its type (its checkpoint in the spool goes by that name); several of one type, or one
-    whose type names a configured sink, are `<type>-<8 hex digits of the URL's SHA-256>`."""
+    named by its type, the second of a type `<type>2`, and so on."""
     log_mode: Literal["all", "request", "response"] = "all"
     source_uri: str | None = Field(None, validate_default=True)
     """CloudEvents `source`, a URI reference; defaults to the sidecar's own URL (so with `port` 0,
@@ -350,20 +348,27 @@ class Settings(LayeredSettings):
         return urls
 
     def all_sinks(self) -> list[SinkSpec]:
-        sinks = list(self.sinks)
-        taken = {s.sink_name for s in sinks}
-        made = [sink_from_url(url) for url in self.log_url]
-        types = [sink.sink_name for sink in made]
-        for url, sink in zip(self.log_url, made, strict=True):
-            name = sink.sink_name
-            if types.count(name) > 1 or name in taken:
-                # Named after the URL, not its place: a sink's checkpoint goes by its name, and
-                # with `http2` for the second URL, dropping the first gave the second its
-                # checkpoint (events it never had, skipped).
-                name = f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
-            taken.add(name)
-            sinks.append(sink.model_copy(update={"name": name}))
+        sinks = [spec for spec, _ in self._sinks_and_urls()]
         return sinks or [StoreSinkConfig()]
+
+    def destinations(self) -> dict[str, str]:
+        """The URL of each sink a `--log-url` made, by sink name. Those names go by place (`http`,
+        `http2`), and a sink's checkpoint by its name: the spool keeps the URL with it, so that
+        another URL taking the name does not take the checkpoint (events it never had, skipped)."""
+        return {spec.sink_name: url for spec, url in self._sinks_and_urls() if url is not None}
+
+    def _sinks_and_urls(self) -> list[tuple[SinkSpec, str | None]]:
+        out: list[tuple[SinkSpec, str | None]] = [(spec, None) for spec in self.sinks]
+        taken = {s.sink_name for s in self.sinks}
+        for url in self.log_url:
+            sink = sink_from_url(url)
+            name, n = sink.sink_name, 1
+            while name in taken:  # several --log-url of one type: http, http2, …
+                n += 1
+                name = f"{sink.sink_name}{n}"
+            taken.add(name)
+            out.append((sink.model_copy(update={"name": name}), url))
+        return out
 
     @property
     def source(self) -> str:

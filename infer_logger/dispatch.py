@@ -226,8 +226,10 @@ class Dispatcher:
         backoff: Backoff = Backoff(),
         deadletter_dir: Path | None = None,
         overrides: dict[str, tuple[int | None, int | None]] | None = None,
+        destinations: dict[str, str] | None = None,
     ) -> None:
-        """`overrides` maps a sink name to its own (batch_size, in_flight); None keeps the default."""
+        """`overrides` maps a sink name to its own (batch_size, in_flight); None keeps the default.
+        `destinations`: a sink's URL, kept with its checkpoint (`Settings.destinations`)."""
         self.spool = spool
         self.metrics = metrics
         self.workers = []
@@ -237,7 +239,7 @@ class Dispatcher:
                 SinkWorker(
                     name,
                     sink,
-                    spool.reader(name),
+                    spool.reader(name, destination=(destinations or {}).get(name)),
                     metrics,
                     batch_size=own_batch or batch_size,
                     in_flight=own_flight or in_flight,
@@ -264,6 +266,7 @@ class Dispatcher:
             backoff=Backoff(d.backoff_initial, d.backoff_max),
             deadletter_dir=Path(settings.spool.dir) / "deadletter",
             overrides={cfg.sink_name: (cfg.batch_size, cfg.in_flight) for cfg in configs},
+            destinations=settings.destinations(),
         )
 
     def start(self) -> None:

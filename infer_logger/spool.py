@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import struct
@@ -70,7 +71,7 @@ class SpoolView(Protocol):
 
     stats: SpoolStats
 
-    def reader(self, name: str) -> SpoolReader: ...
+    def reader(self, name: str, *, destination: str | None = None) -> SpoolReader: ...
 
     def remove_reader(self, name: str, *, forget: bool = False) -> None: ...
 
@@ -187,10 +188,12 @@ class _Segments:
     def refresh(self) -> None:
         """Bring the view of the segments up to date (another process may change them)."""
 
-    def reader(self, name: str) -> DiskReader:
+    def reader(self, name: str, *, destination: str | None = None) -> DiskReader:
+        """`destination`: what the reader delivers to, saved with its checkpoint; a checkpoint saved
+        for another destination is not taken (the reader starts as a new one)."""
         if name in self._readers:
             raise SpoolError(f"a reader named {name!r} already exists")
-        reader = DiskReader(self, name)
+        reader = DiskReader(self, name, destination=destination)
         self._readers[name] = reader
         self._parked.pop(name, None)
         return reader
@@ -590,9 +593,12 @@ def _read_checkpoint(path: Path) -> Position:
 class DiskReader:
     """One sink's cursor over the spool, with a checkpoint file that survives restarts."""
 
-    def __init__(self, spool: _Segments, name: str, *, checkpoint_interval: float = 0.2) -> None:
+    def __init__(self, spool: _Segments, name: str, *, checkpoint_interval: float = 0.2,
+                 destination: str | None = None) -> None:
         self.spool = spool
         self.name = name
+        # A digest: a URL may hold a password, and checkpoint files are no place for it.
+        self.destination = None if destination is None else hashlib.sha256(destination.encode()).hexdigest()[:16]
         self._event = asyncio.Event()
         spool._waiters.add(self._event)
         self.position = self._load()
@@ -611,12 +617,21 @@ class DiskReader:
         first = min(self.spool._sizes, default=self.spool._current)
         self._unsaved = False
         try:
-            position = _read_checkpoint(path)
+            saved = orjson.loads(path.read_bytes())
+            position = Position(int(saved["segment"]), int(saved["offset"]))
         except FileNotFoundError:
             self._unsaved = True
             return Position(first, 0)
         except (ValueError, KeyError, TypeError):
             log.error("unreadable checkpoint %s: reading %s from the oldest segment", path, self.name)
+            return Position(first, 0)
+        was = saved.get("destination")
+        if self.destination is not None and was is not None and was != self.destination:
+            # Sinks from --log-url are named by place: dropping the first URL gave the second its
+            # name, and it skipped what the first had delivered and it had not.
+            log.warning("checkpoint %s was saved for another destination: reading %s from the oldest segment",
+                        path, self.name)
+            self._unsaved = True
             return Position(first, 0)
         if position.segment not in self.spool._sizes:
             # Its segment is gone (dropped on overflow, or finished): go on from the next one.
@@ -754,7 +769,10 @@ class DiskReader:
         path = self.spool.checkpoint_path(self.name)
         tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_bytes(orjson.dumps({"segment": position.segment, "offset": position.offset}))
+            saved: dict[str, object] = {"segment": position.segment, "offset": position.offset}
+            if self.destination is not None:
+                saved["destination"] = self.destination
+            tmp.write_bytes(orjson.dumps(saved))
             os.replace(tmp, path)
         except OSError as exc:
             # E.g. a full disk: delivery goes on, and the next commit tries again. Until then a
@@ -811,7 +829,7 @@ class MemorySpool:
             reader._event.set()
         return True
 
-    def reader(self, name: str) -> MemoryReader:
+    def reader(self, name: str, *, destination: str | None = None) -> MemoryReader:
         if name in self._readers:
             raise SpoolError(f"a reader named {name!r} already exists")
         reader = MemoryReader(self, self._log[0][0] if self._log else self._next)

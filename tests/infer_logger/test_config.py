@@ -48,17 +48,12 @@ class TestSources:
         s = load_settings(log_url=["http://a/", "http://b/", "file:///tmp/e.jsonl", "sqlite:///tmp/a.db"])
         sinks = s.all_sinks()
         assert [type(x) for x in sinks] == [HttpSinkConfig, HttpSinkConfig, FileSinkConfig, StoreSinkConfig]
-        assert [x.sink_name for x in sinks] == ["http-282a35d7", "http-bec77edc", "file", "store"]
+        assert [x.sink_name for x in sinks] == ["http", "http2", "file", "store"]
 
-    def test_a_log_url_keeps_its_sink_name_whatever_its_place(self) -> None:
-        """A sink's checkpoint goes by its name: with `http2` for the second URL, dropping the
-        first gave the second one the first's checkpoint, and it skipped what it never had."""
-        both = load_settings(log_url=["http://a/", "http://b/", "http://c/"]).all_sinks()
-        fewer = load_settings(log_url=["http://c/", "http://b/"]).all_sinks()
-        assert {x.url: x.sink_name for x in fewer}.items() <= {x.url: x.sink_name for x in both}.items()
-        assert load_settings(log_url=["http://a/"]).all_sinks()[0].sink_name == "http"  # alone: as before
-        named = load_settings(log_url=["http://a/"], sinks=[{"type": "http", "url": "http://b/"}]).all_sinks()
-        assert [x.sink_name for x in named] == ["http", "http-282a35d7"]
+    def test_log_url_sinks_name_their_destination(self) -> None:
+        """Named by place, a sink's checkpoint must say whose it is (the spool keeps it with it)."""
+        s = load_settings(log_url=["http://a/", "http://b/"], sinks=[{"type": "http", "url": "http://c/"}])
+        assert s.destinations() == {"http2": "http://a/", "http3": "http://b/"}
         with pytest.raises(ConfigError, match="given twice") as info:
             load_settings(log_url=["http://a/", "http://a/"])
         assert info.value.field == "log_url"

@@ -71,6 +71,31 @@ class TestDiskSpool:
             again.append(event(i))
         assert drain(again.reader("s")) == [str(i) for i in range(4, 12)]
 
+    def test_a_checkpoint_saved_for_another_destination_is_not_taken(self, tmp_path: Path) -> None:
+        """--log-url sinks are named by place: dropping the first URL gave the second its name and
+        checkpoint, and it skipped what the first had delivered and it had not."""
+        spool = DiskSpool(tmp_path)
+        for i in range(10):
+            spool.append(event(i))
+        first = spool.reader("http", destination="http://a/")
+        first.commit(first.read(6)[1], force=True)
+        spool.reader("http2", destination="http://user:secret@b/")  # down: took nothing
+        spool.close()
+        assert "secret" not in "".join(p.read_text() for p in (tmp_path / "checkpoints").glob("*.json"))
+        again = DiskSpool(tmp_path)
+        assert drain(again.reader("http", destination="http://user:secret@b/")) == [str(i) for i in range(10)]
+        again.close()
+        again = DiskSpool(tmp_path)  # the same destination again: its checkpoint is taken
+        assert drain(again.reader("http", destination="http://user:secret@b/")) == []
+        again.close()
+        other = DiskSpool(tmp_path / "other")  # a checkpoint from before destinations: taken
+        for i in range(10):
+            other.append(event(i))
+        end = (tmp_path / "other" / f"{1:020d}.seg").stat().st_size
+        (tmp_path / "other" / "checkpoints" / "old.json").write_text(f'{{"segment": 1, "offset": {end}}}')
+        assert drain(other.reader("old", destination="http://c/")) == []
+        other.close()
+
     def test_segments_roll_and_finished_ones_are_deleted(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path, segment_bytes=1000)
         for i in range(100):
