@@ -101,6 +101,8 @@ def cesql_command(expression: str, event_file: Any) -> None:
       1  the event does not match
       2  invalid expression or event
     """
+    from pipelines.broker.channel import TTL
+    from pipelines.broker.filters import PASS, Delivered, build_filter
     from pipelines.cesql import CesqlParseError, parse
 
     try:
@@ -111,13 +113,14 @@ def cesql_command(expression: str, event_file: Any) -> None:
     if event_file is None:
         click.echo("valid")
         return
-    attributes = _read_event(event_file)
+    # As a trigger sees it: values as text, without the broker's TTL.
+    attributes = Delivered(_read_event(event_file), TTL)
     value, errors = parsed.evaluate(attributes)
     click.echo(f"result: {_literal(value)}")
     for error in errors:
         where = "" if error.position is None else f" at position {error.position}"
         click.echo(f"error ({error.kind}){where}: {error.message}")
-    matches = value is True and not errors
+    matches = build_filter({"cesql": expression}, ())(attributes) is PASS
     click.echo(f"matches: {'yes' if matches else 'no'}")
     sys.exit(0 if matches else 1)
 

@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
 from infer_logger.cloudevents.event import AttributeValue, attribute_text
-from pipelines.cesql import CesqlParseError, Expression
+from pipelines.cesql import CesqlParseError, Expression, ValueType
 from pipelines.cesql import parse as parse_cesql
+from pipelines.cesql.values import cast as cast_value
 
 Attributes: TypeAlias = Mapping[str, AttributeValue]
 PathPart: TypeAlias = "str | int | Key"
@@ -193,7 +194,13 @@ class CesqlFilter:
         self.expression = expression
 
     def __call__(self, attributes: Attributes) -> FilterResult:
-        return PASS if self.expression.matches(attributes) else FAIL
+        value, errors = self.expression.evaluate(attributes)
+        if isinstance(value, str):
+            # Filters see text (`Delivered`): `cesql: sampled` on a boolean extension yields the
+            # String "true", which passes as the Boolean it is cast to ("yes" fails: a cast error).
+            value, error = cast_value(value, ValueType.BOOLEAN)
+            errors = [*errors, error] if error else errors
+        return PASS if value is True and not errors else FAIL
 
 
 # -- combinators -------------------------------------------------------------------------------

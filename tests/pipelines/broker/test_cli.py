@@ -31,6 +31,16 @@ class TestCesql:
         result = CliRunner().invoke(cesql_command, ["statuscode >= 500", "--event", str(path)])
         assert (result.exit_code, result.output) == (0, "result: TRUE\nmatches: yes\n")
 
+    @pytest.mark.parametrize(("expression", "matches"), [
+        ("truncated", 0),  # a boolean extension: the String "true" to a trigger, cast for the filter
+        ("NOT EXISTS knativebrokerttl", 0),  # a trigger never sees the broker's TTL
+        ("statuscode = '500'", 0),  # text, as delivered
+    ])
+    def test_an_event_is_taken_as_a_trigger_takes_it(self, expression: str, matches: int) -> None:
+        event = {**EVENT, "truncated": True, "knativebrokerttl": 255}
+        result = CliRunner().invoke(cesql_command, [expression, "--event", "-"], input=orjson.dumps(event))
+        assert result.exit_code == matches, result.output
+
     def test_event_errors_do_not_match(self) -> None:
         result = CliRunner().invoke(cesql_command, ["subject = 'x'", "--event", "-"],
                                     input=orjson.dumps({"type": "t"}))
