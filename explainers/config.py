@@ -47,7 +47,7 @@ class ExplainerSettings(LayeredSettings):
         env_prefix="INFER_LOGGER_EXPLAINER_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
     )
 
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", min_length=1)  # "" is every address to uvicorn
     port: int = Field(9083, ge=0, le=65535)
     model_name: str = "model"
     """The name this server answers to (`/v1/models/<name>:explain`)."""

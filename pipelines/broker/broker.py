@@ -167,8 +167,14 @@ class Broker:
         raw = event.attributes.get(TTL)
         if raw is None:
             return CloudEvent({**event.attributes, TTL: self.settings.default_ttl}, event.data, event.meta)
-        # int() would also take "1_0", " +5 " and other scripts' digits: a CloudEvents Integer is none of them.
-        value = raw if type(raw) is int else int(raw) if isinstance(raw, str) and _INTEGER.fullmatch(raw) else None
+        # int() would also take "1_0", " +5 " and other scripts' digits: a CloudEvents Integer is
+        # none of them; and it raises past 4300 digits (12 are past the 32-bit range already).
+        value: int | None = raw if type(raw) is int else None
+        if isinstance(raw, str) and _INTEGER.fullmatch(raw):
+            digits = raw.lstrip("-").lstrip("0") or "0"
+            if len(digits) > 11:
+                raise InvalidEventError(TTL, f"{raw[:20]}... is outside the signed 32-bit range")
+            value = -int(digits) if raw.startswith("-") else int(digits)
         if value is None:
             raise InvalidEventError(TTL, f"must be an integer, not {raw!r}")
         if not -(2**31) <= value < 2**31:  # a CloudEvents Integer (a bigger one could not even be stored)

@@ -90,7 +90,7 @@ class BrokerSettings(LayeredSettings):
         env_prefix="INFER_LOGGER_BROKER_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
     )
 
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", min_length=1)  # "" is every address to uvicorn
     port: int = Field(9082, ge=0, le=65535)
     namespace: str = "default"
     """Namespace of triggers and brokers that name none."""

@@ -67,3 +67,13 @@ def test_help_fits_80_columns_without_breaking_words() -> None:
     out = CliRunner().invoke(explainer_command, ["--help"], terminal_width=78).output  # an 80-column terminal
     assert max(len(line) for line in out.splitlines()) < 80
     assert "diabetes, penguins)" in " ".join(out.split())  # was "pe nguins"
+
+
+def test_an_empty_host_is_refused() -> None:
+    """uvicorn binds "" (an unset manifest value) to every address."""
+    from pydantic import ValidationError
+
+    from explainers.config import ExplainerSettings
+
+    with pytest.raises(ValidationError, match="host"):
+        ExplainerSettings(host="")

@@ -118,3 +118,9 @@ def test_help_fits_80_columns(command: click.Command) -> None:
 def test_broker_help_shows_the_kafka_default() -> None:
     out = CliRunner().invoke(broker_command, ["--help"], terminal_width=80).output
     assert "[default: 127.0.0.1:9092]" in " ".join(out.split())
+
+
+def test_an_empty_host_is_refused(tmp_path: Path) -> None:
+    """uvicorn binds "" (an unset manifest value) to every address."""
+    result = CliRunner().invoke(broker_command, ["--check", "--dir", str(tmp_path)], env={"INFER_LOGGER_BROKER_HOST": ""})
+    assert result.exit_code == 2 and "host" in result.output

@@ -156,7 +156,7 @@ class TestTtl:
         events had been stored; over 32 bits is no CloudEvents Integer; a boolean is no integer."""
         broker = await make_broker(CATCH_ALL.format(url=subscriber.url))
         async with client(broker) as c:
-            for ttl in ("18446744073709551617", "2147483648", "1_0", " +5 ", "\u0663"):
+            for ttl in ("18446744073709551617", "2147483648", "1_0", " +5 ", "\u0663", "9" * 5000):
                 r = await c.post("/", **binary_request(event("big", knativebrokerttl=ttl)))
                 assert r.status_code == 400 and r.json()["attribute"] == "knativebrokerttl", r.text
             batch = [{"specversion": "1.0", "id": "b1", "source": "/s", "type": "t"},
@@ -171,10 +171,12 @@ class TestTtl:
                              content=orjson.dumps(batch))
             assert r.status_code == 400
             assert broker.metrics.refused.labels("ttl_expired")._value.get() == 0
+            long_five = binary_request(event("long", knativebrokerttl="0" * 5000 + "5"))  # int() alone raised
+            assert (await c.post("/", **long_five)).status_code == 202
             assert (await c.post("/", **binary_request(event("fence")))).status_code == 202
-        await asyncio.to_thread(subscriber.wait_for, 1)
+        await asyncio.to_thread(subscriber.wait_for, 2)
         await asyncio.sleep(0.2)
-        assert [e.id for e in subscriber.events] == ["fence"]
+        assert [e.id for e in subscriber.events] == ["long", "fence"]
 
 
 class TestHeaders:
