@@ -86,10 +86,15 @@ class EventCache:
         return item[1]
 
     def take(self, key: tuple[str, str]) -> CloudEvent | None:
-        """`get`, and out of the cache: an exchange being explained is no candidate for eviction."""
-        event = self.get(key)
-        self._items.pop(key, None)
-        return event
+        """`get`, and out of the cache: an exchange being explained is no candidate for eviction.
+        An expired one is counted so, as `sweep` would have (its other half came too late)."""
+        item = self._items.pop(key, None)
+        if item is None:
+            return None
+        if item[0] < time.monotonic():
+            self.expired += 1
+            return None
+        return item[1]
 
     def put(self, key: tuple[str, str], event: CloudEvent) -> None:
         now = self.sweep()
@@ -271,7 +276,7 @@ class ExplainSubscriber:
             self.cache.pop((event.id, other))
             self._settled.add(event.id)
 
-    async def _handle(self, event: CloudEvent, share: bool = False) -> _Result:
+    async def _handle(self, event: CloudEvent, share: bool = False, again: bool = True) -> _Result:
         """`handle`'s reply, and the cached half it used, for the caller to settle (`_delivered`) or
         put back (`_undelivered`). A copy of an event whose exchange is being explained waits for
         it and gets nothing, or with `share` the same result."""
@@ -279,7 +284,9 @@ class ExplainSubscriber:
         if kind not in (events.REQUEST, events.RESPONSE) or not self._sampled(event.id):
             return None, None
         if event.id in self._settled:
-            return self._settled.reply(event), None
+            # A caller that answers gets the explanation again (its first answer may be lost); a
+            # sink's `reply_to` took it already: a second would be a duplicate.
+            return (self._settled.reply(event) if again else None), None
         running = self._running.get(event.id)
         if running is not None:
             result = await asyncio.shield(running)
@@ -356,7 +363,7 @@ class ExplainSubscriber:
         """Explain what a batch completes and send the explanations to `reply_to`."""
         if self._reply is None:
             raise RejectedError("an ExplainSubscriber used as a sink needs `reply_to`")
-        results = await asyncio.gather(*(self._handle(e) for e in batch), return_exceptions=True)
+        results = await asyncio.gather(*(self._handle(e, again=False) for e in batch), return_exceptions=True)
         done = [r for r in results if not isinstance(r, BaseException)]
         replies = [reply for reply, _ in done if reply is not None]
         refused: list[tuple[CloudEvent, str]] = []  # the events refused for good, and why

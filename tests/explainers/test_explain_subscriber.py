@@ -213,6 +213,8 @@ class TestJoin:
         assert expired.get(("a", "t")) is None
         expired.put(("b", "t"), exchange("b")[0])
         assert expired.expired == 1 and len(expired) == 1
+        # Taken by its other half after its time: counted (taking it dropped it uncounted).
+        assert expired.take(("b", "t")) is None and expired.expired == 2 and len(expired) == 0
 
 
 class TestFailures:
@@ -286,6 +288,9 @@ class TestFailures:
         out = MemorySink()
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=out)
         await sub.send_batch([*exchange("s-1"), *exchange("s-2")])
+        assert sorted(e.id for e in out.events) == ["s-1", "s-2"]
+        # An upstream copy (a spool replay, a resend): reply_to took the explanation already.
+        await sub.send_batch(list(exchange("s-1")))
         assert sorted(e.id for e in out.events) == ["s-1", "s-2"]
 
     async def test_a_reply_failure_names_no_pending_events_of_its_own(self, service: ExplainerService) -> None:
