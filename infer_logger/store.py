@@ -198,6 +198,7 @@ class AuditStore:
         self._lock = threading.Lock()
         try:
             if not readonly:
+                self._refuse_foreign()
                 # A row is ~1-2 KB: 16 KiB pages (set before the file has any; an older store
                 # keeps its own) mean a quarter of the WAL frames, each one write, per commit.
                 self._conn.execute("PRAGMA page_size=16384")
@@ -239,6 +240,13 @@ class AuditStore:
         finally:
             self._conn.execute("COMMIT")
 
+    def _refuse_foreign(self) -> None:
+        """Another application's database (tables, no schema version of ours) is left as it is:
+        it was switched to WAL and given our table and version."""
+        tables = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "records" not in tables:
+            raise InferLoggerError(f"{self.path}: not an audit store (it has tables of another application)")
+
     def _migrate(self) -> None:
         # Looked at first without the write lock: a store in use by another writer (an old
         # delivery process finishing a big batch) would hold this open past `timeout`, and the
@@ -254,6 +262,8 @@ class AuditStore:
 
     def _check_version(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            raise InferLoggerError(f"{self.path}: not an audit store (no schema version of one)")
         if version != SCHEMA_VERSION:
             raise InferLoggerError(
                 f"{self.path}: audit store schema version {version}, expected {SCHEMA_VERSION}"

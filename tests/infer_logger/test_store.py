@@ -13,7 +13,7 @@ import pytest
 from infer_logger import binary_tensors, events
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import InferLoggerError
-from infer_logger.store import SCHEMA_VERSION, AuditRecord, AuditStore, format_table, records_to_json
+from infer_logger.store import _SCHEMA, SCHEMA_VERSION, AuditRecord, AuditStore, format_table, records_to_json
 
 T0 = "2025-01-01T00:00:00.000000Z"
 
@@ -344,7 +344,8 @@ class TestFile:
         path = tmp_path / "a.db"
         conn = sqlite3.connect(path)
         conn.execute("PRAGMA page_size=4096")
-        conn.execute("CREATE TABLE filler (x)")
+        conn.executescript(_SCHEMA)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.close()
         with AuditStore(path) as s:
             s.write([request()])
@@ -372,13 +373,18 @@ class TestFile:
     @pytest.mark.parametrize("readonly", [True, False])
     def test_another_applications_database_is_refused(self, tmp_path: Path, readonly: bool) -> None:
         """Its user_version may be 1 too: a query gave a traceback, and the sink failed every batch."""
-        path = tmp_path / "other.db"
-        conn = sqlite3.connect(path)
-        conn.execute("CREATE TABLE things (x)")
-        conn.execute("PRAGMA user_version = 1")
-        conn.close()
-        with pytest.raises(InferLoggerError, match="not an audit store"):
-            AuditStore(path, readonly=readonly)
+        for version in (1, 0):  # 0: SQLite's own default, which ours was taken to be
+            path = tmp_path / f"other{version}.db"
+            conn = sqlite3.connect(path)
+            conn.execute("CREATE TABLE things (x)")
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.close()
+            with pytest.raises(InferLoggerError, match="not an audit store"):
+                AuditStore(path, readonly=readonly)
+            conn = sqlite3.connect(path)  # left as it was: not switched to WAL, no table of ours
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+            assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["things"]
+            conn.close()
 
     def test_opening_a_store_another_writer_holds_waits_for_nothing(self, tmp_path: Path) -> None:
         """Every open took the write lock to look at the schema: an old delivery process finishing
