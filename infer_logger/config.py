@@ -327,7 +327,7 @@ class Settings(LayeredSettings):
     @field_validator("source_uri")
     @classmethod
     def _uri_reference(cls, uri: str | None, info: ValidationInfo) -> str | None:
-        if uri is None and info.data.get("port") == 0:  # every event's source said :0
+        if not uri and info.data.get("port") == 0:  # every event's source said :0 ("" is unset too)
             raise ValueError("port 0 picks any free port, which the events' source cannot name: set it "
                              "(--source-uri)")
         return source_setting(uri, "http://my-model/ or /my-model")

@@ -267,9 +267,10 @@ class TestEnvLists:
 
 def test_port_0_needs_a_source_uri() -> None:
     """Any free port: every event's source said http://127.0.0.1:0/."""
-    with pytest.raises(ConfigError, match="port 0") as info:
-        load_settings(port=0)
-    assert info.value.field == "source_uri"
+    for unset in (None, ""):
+        with pytest.raises(ConfigError, match="port 0") as info:
+            load_settings(port=0, source_uri=unset)
+        assert info.value.field == "source_uri"
     assert load_settings(port=0, source_uri="/my-model").source == "/my-model"
 
 
