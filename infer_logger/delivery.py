@@ -34,7 +34,7 @@ import orjson
 
 from infer_logger.config import Settings
 from infer_logger.dispatch import Dispatcher, build_sinks
-from infer_logger.errors import ConfigError, InferLoggerError, SpoolError
+from infer_logger.errors import ConfigError, InferLoggerError, SpoolBusyError
 from infer_logger.metrics import CarriedReports, Metrics, RemoteStatus, export
 from infer_logger.spool import Position, SpoolFollower
 
@@ -268,7 +268,7 @@ async def _follow(directory: Path) -> SpoolFollower:
     while True:
         try:
             return SpoolFollower(directory)
-        except SpoolError:
+        except SpoolBusyError:  # not another error (a lock file it cannot open): waited 30 s for nothing
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)

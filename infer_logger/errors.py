@@ -57,6 +57,10 @@ class SpoolError(InferLoggerError):
     pass
 
 
+class SpoolBusyError(SpoolError):
+    """Another process holds the spool's lock (it may let go: worth waiting for)."""
+
+
 class CorruptRecordError(SpoolError):
     """`resume`: where the records go on past the bad one (its frame held), else None."""
 

@@ -36,7 +36,7 @@ from typing import BinaryIO, Literal, Protocol
 import orjson
 
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.errors import CorruptRecordError, SpoolError
+from infer_logger.errors import CorruptRecordError, SpoolBusyError, SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _lock(path: Path, what: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise SpoolError(f"spool {path.parent}: {what}") from None
+        raise SpoolBusyError(f"spool {path.parent}: {what}") from None
     return fd
 
 

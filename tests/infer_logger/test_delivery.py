@@ -435,3 +435,15 @@ def test_the_delivery_flag_keeps_the_workers_in_the_sidecar(iris_predictor: Proc
         assert children == [] and not (tmp_path / "spool" / STATUS_FILE).exists()
     finally:
         proc.stop()
+
+
+async def test_a_follower_lock_that_cannot_be_opened_fails_at_once(tmp_path: Path) -> None:
+    """Only another process holding the lock is worth waiting for: a lock file it cannot open (a
+    directory here, another user's in a pod) held each child's start for 30 s, then again."""
+    from infer_logger.delivery import _follow
+    from infer_logger.errors import SpoolBusyError, SpoolError
+
+    (tmp_path / "follower.lock").mkdir()
+    with pytest.raises(SpoolError) as caught:
+        await asyncio.wait_for(_follow(tmp_path), 5)
+    assert not isinstance(caught.value, SpoolBusyError) and "follower.lock" in str(caught.value)
