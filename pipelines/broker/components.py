@@ -10,6 +10,7 @@ with the broker.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
@@ -36,6 +37,9 @@ class Replier(Protocol):
 Component: TypeAlias = Sink | Replier
 
 _EXTRA: dict[str, type[SinkConfig]] = {}
+# Types of the project's other packages, imported when a config names them (the explainer's pulls
+# in numpy and its extra: not for every broker).
+_OPTIONAL = {"explainer": ("explainers.subscriber", "ExplainerComponentConfig", "explain")}
 
 
 def register_component(config: type[SinkConfig]) -> type[SinkConfig]:
@@ -56,6 +60,13 @@ def component_types() -> dict[str, type[SinkConfig]]:
 def component_config(spec: Mapping[str, Any]) -> SinkConfig:
     """The validated config of an inline component; ValueError / ValidationError when it is not."""
     kind = spec.get("type")
+    if isinstance(kind, str) and kind in _OPTIONAL and kind not in component_types():
+        module, name, extra = _OPTIONAL[kind]
+        try:
+            register_component(getattr(importlib.import_module(module), name))
+        except ImportError as exc:
+            raise ValueError(f"component type {kind!r} needs the {extra} extra (pip install "
+                             f"'infer-logger[{extra}]'): {exc}") from None
     config = component_types().get(kind) if isinstance(kind, str) else None
     if config is None:
         known = ", ".join(sorted(component_types()))

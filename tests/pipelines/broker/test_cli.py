@@ -124,3 +124,13 @@ def test_an_empty_host_is_refused(tmp_path: Path) -> None:
     """uvicorn binds "" (an unset manifest value) to every address."""
     result = CliRunner().invoke(broker_command, ["--check", "--dir", str(tmp_path)], env={"INFER_LOGGER_BROKER_HOST": ""})
     assert result.exit_code == 2 and "host" in result.output
+
+
+def test_an_explainer_component_needs_no_registration(tmp_path: Path) -> None:
+    """README promises `type: explainer` components; only code that registered it could use it."""
+    pytest.importorskip("explainers.subscriber")
+    config = tmp_path / "broker.yaml"
+    config.write_text("components:\n  - {type: explainer, name: explainer, settings: {predictor_url: "
+                      "'http://127.0.0.1:9', model_name: iris, background: 'dataset:iris'}}\n")
+    result = CliRunner().invoke(broker_command, ["--check", "--dir", str(tmp_path / "b"), "-c", str(config)])
+    assert result.exit_code == 0, result.output
