@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from explainers import codecs
 from explainers.errors import (
@@ -159,6 +160,12 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
     async def explainer_error(request: Request, exc: ExplainerError) -> Response:
         status = next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 500)
         return failed(status, str(exc))
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client left mid-body: no one to answer, and no error of ours (it was a logged 500).
+        log.debug("%s %s: the client disconnected before its request was whole", request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> Response:

@@ -578,3 +578,24 @@ def test_metrics(switchable: tuple[SwitchablePredictor, str]) -> None:
     assert float(requests.split()[-1]) > 0
     for name in ("events_explained_total", "events_evicted_total", "events_expired_total", "events_waiting"):
         assert f"infer_logger_explainer_{name} " in text
+
+
+def test_a_client_gone_mid_body_is_no_error_of_ours(switchable: tuple[SwitchablePredictor, str]) -> None:
+    """It was logged with a traceback and counted as a 500."""
+    import socket
+
+    _, url = switchable
+
+    def server_errors() -> float:
+        line = next((x for x in httpx.get(f"{url}/metrics").text.splitlines()
+                     if x.startswith('infer_logger_explainer_errors_total{status="500"}')), None)
+        return 0.0 if line is None else float(line.split()[-1])
+
+    before = server_errors()
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as client:
+        client.sendall(b"POST /v1/models/iris:explain HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                       b"content-length: 1000\r\n\r\n{\"instances\": ")
+        time.sleep(0.3)
+    time.sleep(0.5)
+    assert server_errors() == before
+    assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
