@@ -184,6 +184,7 @@ class _Segments:
         self._waiters: set[asyncio.Event] = set()
         self._strays: set[str] = set()  # files that look like segments and are not: logged once
         self._collect_failing = False  # finished segments cannot be deleted: logged once per stretch
+        self._corrupt_seen: set[tuple[int, int]] = set()  # (segment, offset) of the stretches skipped
 
     def refresh(self) -> None:
         """Bring the view of the segments up to date (another process may change them)."""
@@ -725,6 +726,9 @@ class DiskReader:
             self._file = None
 
     def _skip_corrupt(self, segment: int, offset: int, size: int, reason: str) -> None:
+        if (segment, offset) in self.spool._corrupt_seen:  # another sink's reader met it first
+            return
+        self.spool._corrupt_seen.add((segment, offset))  # counted (and logged) once, not per sink
         self.spool.stats.corrupt += 1
         log.error(
             "spool segment %d: %s; skipping %d bytes from offset %d", segment, reason, size - offset, offset
