@@ -218,9 +218,10 @@ def as_float(value: object) -> float | None:
 def as_utc(value: object) -> datetime | None:
     """A time attribute (or a query bound) as an aware UTC datetime; None when it has none.
 
-    RFC 3339 first, as events carry it (lower-case `t` and `z`, a leap second: forms
-    `fromisoformat` refuses), then ISO 8601 (`2025-01-01`); naive means UTC. A time at either
-    end of the calendar may have no UTC form (0001-01-01T00:30:00+01:00).
+    ISO 8601 as `fromisoformat` reads it (in C: the audit documents' path, per event), else RFC
+    3339 as events may carry it (lower-case `t` and `z`, a leap second: forms `fromisoformat`
+    refuses); naive means UTC. A time at either end of the calendar may have no UTC form
+    (0001-01-01T00:30:00+01:00).
     """
     if value is None or value == "":
         return None
@@ -228,11 +229,11 @@ def as_utc(value: object) -> datetime | None:
         moment = value
     else:
         try:
-            moment = parse_time(str(value))
-        except InvalidEventError:
+            moment = datetime.fromisoformat(str(value))
+        except ValueError:
             try:
-                moment = datetime.fromisoformat(str(value))
-            except ValueError:
+                moment = parse_time(str(value))
+            except InvalidEventError:
                 return None
     try:
         return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
