@@ -114,6 +114,9 @@ class Delivered(Mapping[str, str]):
         value = self._attributes.get(name)
         return default if value is None or name == self._hidden else _text(value)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's goes through __getitem__ and a KeyError
+        return name != self._hidden and name in self._attributes
+
     def __iter__(self) -> Iterator[str]:
         return (name for name in self._attributes if name != self._hidden)
 

@@ -27,7 +27,8 @@ Event: TypeAlias = Mapping[str, object] | HasAttributes
 
 def attributes_of(event: Event) -> Mapping[str, object]:
     if isinstance(event, Mapping):
-        if _PAYLOAD_KEYS.isdisjoint(event):
+        # Two lookups, not isdisjoint(): that iterates a mapping that is not a dict key by key.
+        if "data" not in event and "data_base64" not in event:
             return event
         return {name: value for name, value in event.items() if name not in _PAYLOAD_KEYS}
     attributes = getattr(event, "attributes", None)
