@@ -25,11 +25,12 @@ from explainers.service import ExplainerService
 from infer_logger import binary_tensors as bt
 from infer_logger.demo.predictor import create_app as predictor_app
 from infer_logger.testing import free_port
+from tests.conformance import ROOT
 from tests.explainers.conftest import serve, settings
 from tests.explainers.models import Served, estimator, table
 from tests.servers import Process, dribble
 
-PAYLOADS = Path(__file__).resolve().parents[3] / "shared" / "conformance" / "kserve" / "payloads"
+PAYLOADS = ROOT / "kserve" / "payloads"  # $INFER_LOGGER_CONFORMANCE, else ../shared/conformance
 IRIS_V1 = {"instances": [[6.8, 2.8, 4.8, 1.4], [6.0, 3.4, 4.5, 1.6]]}
 
 
