@@ -67,7 +67,6 @@ class TestStoreSink:
     @pytest.mark.parametrize("poison", [
         {"statuscode": "1e300"},  # a number past SQLite's 64 bits
         {"statuscode": 2**70},
-        {"time": "0001-01-01T00:00:00+01:00"},  # no UTC form: before year 1
     ])
     async def test_an_event_no_row_can_hold_is_rejected_and_the_rest_written(
         self, tmp_path: Path, poison: dict[str, str | int]
@@ -82,6 +81,13 @@ class TestStoreSink:
             await sink.send_batch(batch)
         assert [e.id for e in caught.value.events] == ["bad"] and "bad" in str(caught.value)
         assert [(r.id, r.response, r.status) for r in sink.store.query()] == [("good", 2, 200)]
+        await sink.aclose()
+
+    async def test_a_time_with_no_utc_form_is_stored_as_written(self, tmp_path: Path) -> None:
+        """Before year 1 in UTC: its row keeps the text (it sorts first), not a dead letter."""
+        sink = StoreSinkConfig(path=str(tmp_path / "a.db")).build()
+        await sink.send_batch([_event(events.RESPONSE, "old", {"predictions": [1]}, time="0001-01-01T00:00:00+01:00")])
+        assert [(r.id, r.time) for r in sink.store.query()] == [("old", "0001-01-01T00:00:00+01:00")]
         await sink.aclose()
 
     async def test_payloads_deeper_than_python_recurses_are_written_and_deeper_than_orjson_rejected(
