@@ -83,10 +83,12 @@ def main() -> None:
               help="Adds to the `annotations` attribute (JSON). Repeatable.")
 @click.option("--metadata-annotations", multiple=True, metavar="KEY=VALUE,…",
               help="Comma-separated KEY=VALUE pairs, as --annotation (KServe's agent flag). Repeatable.")
-# KServe's injector always passes it; the http sink has no setting to skip verification, so it is
-# taken and, when true, only warned about.
-@click.option("--logger-tls-skip-verify", type=click.BOOL, is_flag=False, flag_value=True, metavar="BOOL",
-              help="Accepted for KServe; ignored: https sinks' certificates are always verified.")
+@click.option("--logger-tls-skip-verify", "log_tls_skip_verify", type=click.BOOL, is_flag=False, flag_value=True,
+              default=None, metavar="BOOL",
+              help="https --log-url sinks take any certificate (KServe's agent flag).  [default: false]")
+@click.option("--logger-ca-cert-file", "log_ca_cert_file", metavar="FILE",
+              help="PEM CAs the https --log-url sinks trust (KServe's agent flag); a missing file leaves "
+                   "the system's.")
 @click.option("--max-payload-bytes", help="Log payloads cut to this size.  [default: 1MiB]")
 @click.option("--max-request-bytes", help="Refuse larger request bodies with 413.  [default: 256MiB]")
 @click.option("--timeout", type=float, help="Seconds to wait for the predictor.  [default: 60]")
@@ -103,7 +105,7 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def proxy(config: Path | None, metadata_headers: tuple[str, ...], annotations: tuple[str, ...],
-          metadata_annotations: tuple[str, ...], logger_tls_skip_verify: bool | None, spool_dir: str | None,
+          metadata_annotations: tuple[str, ...], spool_dir: str | None,
           durability: str | None, delivery: str | None, log_level: str, **flags: Any) -> None:
     """Run the logger sidecar in front of a predictor (KServe V1 and V2 / Open Inference Protocol).
 
@@ -129,8 +131,8 @@ def proxy(config: Path | None, metadata_headers: tuple[str, ...], annotations: t
     sinks = ", ".join(f"{s.sink_name} ({s.type})" for s in settings.all_sinks())
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     click.echo(f"infer-logger: http://{host}:{settings.port} -> {settings.upstream}; sinks: {sinks}", err=True)
-    if logger_tls_skip_verify and any(url.lower().startswith("https:") for url in settings.log_url):
-        click.echo("infer-logger: --logger-tls-skip-verify is ignored: https sinks verify certificates",
+    if settings.log_ca_cert_file and not Path(settings.log_ca_cert_file).is_file():
+        click.echo(f"infer-logger: {settings.log_ca_cert_file} is not a file: https sinks trust the system's CAs",
                    err=True)
     try:
         serve(settings, log_level="warning" if log_level != "debug" else "info")

@@ -258,6 +258,11 @@ class Settings(LayeredSettings):
     """Shorthand sinks: http(s)://… (http sink), file://….jsonl (file sink), sqlite://…db (store).
     As one string (an env var): a URL, several separated by commas, or a JSON list. Each is a sink
     named by its type, the second of a type `<type>2`, and so on."""
+    log_tls_skip_verify: bool = False
+    """The https sinks `log_url` makes take any certificate (KServe's --logger-tls-skip-verify)."""
+    log_ca_cert_file: str | None = None
+    """A PEM file of the CAs those sinks trust (KServe's --logger-ca-cert-file); a file that is not
+    there leaves the system's (KServe mounts it from an optional ConfigMap)."""
     log_mode: Literal["all", "request", "response"] = "all"
     source_uri: str | None = Field(None, validate_default=True)
     """CloudEvents `source`, a URI reference; defaults to the sidecar's own URL (so with `port` 0,
@@ -360,8 +365,11 @@ class Settings(LayeredSettings):
     def _sinks_and_urls(self) -> list[tuple[SinkSpec, str | None]]:
         out: list[tuple[SinkSpec, str | None]] = [(spec, None) for spec in self.sinks]
         taken = {s.sink_name for s in self.sinks}
+        ca = self.log_ca_cert_file if self.log_ca_cert_file and Path(self.log_ca_cert_file).is_file() else None
         for url in self.log_url:
             sink = sink_from_url(url)
+            if isinstance(sink, HttpSinkConfig):
+                sink = sink.model_copy(update={"tls_verify": not self.log_tls_skip_verify, "ca_certs": ca})
             name, n = sink.sink_name, 1
             while name in taken:  # several --log-url of one type: http, http2, …
                 n += 1

@@ -267,13 +267,13 @@ class Upstream:
     """
 
     def __init__(self, url: str, *, timeout: float = 60.0, max_body: int | None = None,
-                 resend_unanswered: bool = False) -> None:
+                 resend_unanswered: bool = False, tls: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("predictor_url", f"{url!r} is not an http(s)://host[:port] URL")
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self.ssl = (tls or ssl.create_default_context()) if parts.scheme == "https" else None
         self.prefix = parts.path.rstrip("/").encode()
         netloc = parts.netloc.rsplit("@", 1)[-1]
         self.host_header = netloc.encode("idna") if not netloc.isascii() else netloc.encode()

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import logging
 import re
+import ssl
 from collections.abc import Sequence
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -15,7 +16,7 @@ from pydantic import ByteSize, Field, HttpUrl, field_validator
 
 from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.errors import RejectedError, SinkError
+from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.retry import retry_after
 from infer_logger.sinks.base import SinkConfig
 from infer_logger.sinks.size_limit import SizeLimit
@@ -53,6 +54,10 @@ class HttpSinkConfig(SinkConfig):
     """Seconds to wait for each POST's answer (a 2xx whose body is still coming then counts as delivered)."""
     concurrency: int = Field(16, ge=1)
     """POSTs in flight at once in binary and structured mode."""
+    tls_verify: bool = True
+    """Verify an https receiver's certificate; false takes any (KServe's --logger-tls-skip-verify)."""
+    ca_certs: str | None = None
+    """A PEM file of the CAs to trust for an https receiver, instead of the system's."""
     headers: dict[str, str] = {}
     """Extra headers on every POST (e.g. Authorization): names are RFC 9110 tokens, values latin-1
     text on one line; host, content-length and transfer-encoding are the sink's own."""
@@ -79,6 +84,19 @@ class HttpSinkConfig(SinkConfig):
         return HttpSink(self)
 
 
+def _tls(config: HttpSinkConfig) -> ssl.SSLContext | None:
+    if config.ca_certs is None and config.tls_verify:
+        return None  # the system's CAs
+    try:
+        context = ssl.create_default_context(cafile=config.ca_certs)
+    except (OSError, ssl.SSLError) as exc:  # unreadable, or no certificate in it
+        raise ConfigError("ca_certs", f"{config.ca_certs}: {exc}") from None
+    if not config.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class HttpSink:
     """POSTs over the sidecar's own keep-alive client (`infer_logger.upstream`): in binary mode,
     one POST per event, aiohttp's per-request cost was most of this sink's CPU."""
@@ -88,7 +106,7 @@ class HttpSink:
         self.url = str(config.url)
         parts = urlsplit(self.url)
         self._client = Upstream(f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}", timeout=config.timeout,
-                                max_body=RESPONSE_BODY_MAX, resend_unanswered=True)
+                                max_body=RESPONSE_BODY_MAX, resend_unanswered=True, tls=_tls(config))
         target = parts.path or "/"
         self._target = (target + ("?" + parts.query if parts.query else "")).encode()
         self._extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in config.headers.items()]

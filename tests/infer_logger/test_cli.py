@@ -331,20 +331,29 @@ def test_kserves_agent_arguments_are_taken(tmp_path: Path, served: list[Any]) ->
                                        "--annotation", "extra=1", "--metadata-annotations", ""])
     assert result.exit_code == 0, result.output
     assert served[0].annotations == {"team": "ml", "cost": "a=b", "extra": "1"}
-    assert "ignored" not in result.output
 
 
-@pytest.mark.parametrize(("args", "warned"), [
-    (["--logger-tls-skip-verify", "true", "--log-url", "https://collector/"], True),
-    (["--log-url", "https://collector/", "--logger-tls-skip-verify"], True),  # pflag's bare form
-    (["--logger-tls-skip-verify=true", "--log-url", "http://collector/"], False),  # nothing to verify
-    (["--logger-tls-skip-verify", "false", "--log-url", "https://collector/"], False),
+@pytest.mark.parametrize(("args", "verify"), [
+    (["--logger-tls-skip-verify", "true"], False),
+    (["--logger-tls-skip-verify"], False),  # pflag's bare form
+    (["--logger-tls-skip-verify=false"], True),
+    ([], True),
 ])
-def test_tls_skip_verify_is_taken_and_said_to_be_ignored(tmp_path: Path, served: list[Any], args: list[str],
-                                                         warned: bool) -> None:
-    result = CliRunner().invoke(main, ["proxy", "--spool-dir", str(tmp_path / "spool"), *args])
+def test_tls_flags_reach_the_log_url_sinks(tmp_path: Path, served: list[Any], args: list[str],
+                                           verify: bool) -> None:
+    """KServe's injector always passes --logger-tls-skip-verify (it was refused, then ignored)."""
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not read here")
+    result = CliRunner().invoke(main, ["proxy", "--spool-dir", str(tmp_path / "spool"), "--log-url",
+                                       "https://collector/", "--logger-ca-cert-file", str(ca), *args])
     assert result.exit_code == 0, result.output
-    assert ("--logger-tls-skip-verify is ignored" in result.output) is warned
+    [sink] = served[0].all_sinks()
+    assert (sink.tls_verify, sink.ca_certs) == (verify, str(ca))
+    # KServe mounts the CA file from an optional ConfigMap: a missing one leaves the system's CAs.
+    result = CliRunner().invoke(main, ["proxy", "--spool-dir", str(tmp_path / "spool"), "--log-url",
+                                       "https://collector/", "--logger-ca-cert-file", str(tmp_path / "none")])
+    assert result.exit_code == 0 and "is not a file" in result.output
+    assert served[-1].all_sinks()[0].ca_certs is None
 
 
 @pytest.mark.parametrize(("args", "says"), [

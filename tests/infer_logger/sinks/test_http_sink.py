@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import orjson
@@ -427,3 +428,60 @@ def test_configured_headers_are_checked(headers: dict[str, str], says: str) -> N
 def test_latin_1_header_values_are_sent_as_they_are() -> None:
     sink = HttpSinkConfig(url="http://127.0.0.1:9/", headers={"X-Name": "Zoë \t!", "x_y~1": ""}).build()
     assert sink._extra == [(b"x-name", "Zoë \t!".encode("latin-1")), (b"x_y~1", b"")]
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that no system trusts, and its key (openssl, as on the machine)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+async def test_an_https_receiver_is_verified_as_configured(self_signed: tuple[Path, Path]) -> None:
+    """KServe's --logger-tls-skip-verify and --logger-ca-cert-file: a receiver with a private CA."""
+    import ssl
+
+    cert, key = self_signed
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    posts: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length"))
+                posts.append(await reader.readexactly(length))
+                writer.write(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    try:
+        for config, delivered in ((HttpSinkConfig(url=url), False),  # the system's CAs: not this one
+                                  (HttpSinkConfig(url=url, tls_verify=False), True),
+                                  (HttpSinkConfig(url=url, ca_certs=str(cert)), True)):
+            sink = config.build()
+            try:
+                if delivered:
+                    await sink.send_batch(events(1))
+                else:
+                    with pytest.raises(SinkError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+                        await sink.send_batch(events(1))
+            finally:
+                await sink.aclose()
+        assert len(posts) == 2
+    finally:
+        server.close()
+        await server.wait_closed()
