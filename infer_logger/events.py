@@ -275,15 +275,20 @@ def decoded(body: bytes, encoding: str, limit: int) -> tuple[bytes, dict[str, st
     if wbits is None:
         return None
     for bits in (wbits, -15) if wbits == 15 else (wbits,):  # deflate as zlib, or raw as some send it
-        inflater = zlib.decompressobj(bits)
+        out, rest = b"", body
         try:
-            out = inflater.decompress(body, limit + 1)
+            while True:
+                inflater = zlib.decompressobj(bits)
+                out += inflater.decompress(rest, limit + 1 - len(out))
+                if len(out) > limit:
+                    return out[:limit], {TRUNCATED: True}
+                if not inflater.eof:
+                    break  # cut short
+                rest = inflater.unused_data
+                if not rest or bits != 31:  # gzip may hold several members (RFC 1952), one after another
+                    return (out, {}) if not rest else None
         except zlib.error:
             continue
-        if len(out) > limit:
-            return out[:limit], {TRUNCATED: True}
-        if inflater.eof:
-            return out, {}
     return None
 
 

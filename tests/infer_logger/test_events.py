@@ -96,3 +96,20 @@ def test_a_content_type_no_event_may_carry_is_none() -> None:
     assert ev.media_type("application/json; charset=utf-8") == "application/json; charset=utf-8"
     for value in (None, "json", "application/json; x=\x85", "text/plain;", "a/b\tc"):
         assert ev.media_type(value) is None
+
+
+def test_decoded_request_bodies() -> None:
+    """The logged copy of a compressed request (gzip may hold several members, RFC 1952)."""
+    import gzip
+    import zlib
+
+    from infer_logger.events import decoded
+
+    payload = b'{"instances": [[1, 2]]}'
+    two = gzip.compress(payload[:10]) + gzip.compress(payload[10:])  # only the first was logged
+    assert decoded(two, "gzip", 1000) == (payload, {})
+    assert decoded(gzip.compress(payload) + b"garbage", "gzip", 1000) is None  # not whole: not JSON
+    assert decoded(gzip.compress(payload)[:-4], "gzip", 1000) is None  # cut short
+    assert decoded(zlib.compress(payload), "Deflate ", 1000) == (payload, {})
+    assert decoded(gzip.compress(b" " * 10_000) * 3, "gzip", 100) == (b" " * 100, {"truncated": True})
+    assert decoded(payload, "br", 1000) is None
