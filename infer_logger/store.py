@@ -244,7 +244,8 @@ class AuditStore:
         """Another application's database (tables, no schema version of ours) is left as it is:
         it was switched to WAL and given our table and version."""
         tables = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if tables and "records" not in tables:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if tables and ("records" not in tables or version == 0):  # ours sets both in one transaction
             raise InferLoggerError(f"{self.path}: not an audit store (it has tables of another application)")
 
     def _migrate(self) -> None:

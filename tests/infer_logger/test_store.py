@@ -373,17 +373,17 @@ class TestFile:
     @pytest.mark.parametrize("readonly", [True, False])
     def test_another_applications_database_is_refused(self, tmp_path: Path, readonly: bool) -> None:
         """Its user_version may be 1 too: a query gave a traceback, and the sink failed every batch."""
-        for version in (1, 0):  # 0: SQLite's own default, which ours was taken to be
-            path = tmp_path / f"other{version}.db"
+        for version, table in ((1, "things"), (0, "things"), (0, "records")):  # 0: SQLite's default
+            path = tmp_path / f"other{version}{table}.db"
             conn = sqlite3.connect(path)
-            conn.execute("CREATE TABLE things (x)")
+            conn.execute(f"CREATE TABLE {table} (x)")
             conn.execute(f"PRAGMA user_version = {version}")
             conn.close()
             with pytest.raises(InferLoggerError, match="not an audit store"):
                 AuditStore(path, readonly=readonly)
             conn = sqlite3.connect(path)  # left as it was: not switched to WAL, no table of ours
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
-            assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["things"]
+            assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == [table]
             conn.close()
 
     def test_opening_a_store_another_writer_holds_waits_for_nothing(self, tmp_path: Path) -> None:
