@@ -57,17 +57,22 @@ def component_types() -> dict[str, type[SinkConfig]]:
     return {**sinks.REGISTRY, **_EXTRA}
 
 
-def component_config(spec: Mapping[str, Any]) -> SinkConfig:
-    """The validated config of an inline component; ValueError / ValidationError when it is not."""
-    kind = spec.get("type")
-    if isinstance(kind, str) and kind in _OPTIONAL and kind not in component_types():
+def _type(kind: str) -> type[SinkConfig] | None:
+    """The config class of a component type, importing the optional ones when first named."""
+    if kind in _OPTIONAL and kind not in component_types():
         module, name, extra = _OPTIONAL[kind]
         try:
             register_component(getattr(importlib.import_module(module), name))
         except ImportError as exc:
             raise ValueError(f"component type {kind!r} needs the {extra} extra (pip install "
                              f"'infer-logger[{extra}]'): {exc}") from None
-    config = component_types().get(kind) if isinstance(kind, str) else None
+    return component_types().get(kind)
+
+
+def component_config(spec: Mapping[str, Any]) -> SinkConfig:
+    """The validated config of an inline component; ValueError / ValidationError when it is not."""
+    kind = spec.get("type")
+    config = _type(kind) if isinstance(kind, str) else None
     if config is None:
         known = ", ".join(sorted(component_types()))
         raise ValueError(f"unknown component type {kind!r} (registered: {known})")
@@ -105,12 +110,10 @@ class Components:
     @staticmethod
     def _default(name: str) -> SinkConfig | None:
         """`ref: {name: store}` with no declared `store`: the type's defaults, if it has them."""
-        config = component_types().get(name)
-        if config is None:
-            return None
         try:
-            return config()
-        except ValidationError:  # e.g. http needs a url: it must be declared
+            config = _type(name)
+            return None if config is None else config()
+        except (ValidationError, ValueError):  # e.g. http needs a url: it must be declared
             return None
 
     async def aclose(self) -> None:

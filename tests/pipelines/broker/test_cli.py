@@ -134,3 +134,6 @@ def test_an_explainer_component_needs_no_registration(tmp_path: Path) -> None:
                       "'http://127.0.0.1:9', model_name: iris, background: 'dataset:iris'}}\n")
     result = CliRunner().invoke(broker_command, ["--check", "--dir", str(tmp_path / "b"), "-c", str(config)])
     assert result.exit_code == 0, result.output
+    from pipelines.broker.components import Components
+
+    assert Components().knows("explainer")  # `ref: {name: explainer}` with its defaults, too
