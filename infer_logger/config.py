@@ -41,9 +41,10 @@ _OTHER_ENV = (
 )
 # Kubernetes gives every pod of a namespace <SERVICE>_SERVICE_HOST, <SERVICE>_PORT_80_TCP and the like
 # for each Service there: one named infer-logger-ui must not stop the sidecar.
+# Each "_" a service link's suffix may follow: a Service named infer-logger-service gives
+# INFER_LOGGER_SERVICE_PORT, its service INFER_LOGGER_SERVICE, not INFER_LOGGER.
 _SERVICE_LINK = re.compile(
-    r"(?P<service>\w+?)_"
-    r"(?:SERVICE_HOST|SERVICE_PORT(?:_\w+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_(?:PROTO|PORT|ADDR))?)?)"
+    r"_(?=(?:SERVICE_HOST|SERVICE_PORT(?:_\w+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_(?:PROTO|PORT|ADDR))?)?)$)"
 )
 
 _yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
@@ -126,8 +127,7 @@ class LayeredSettings(BaseSettings):
             rest = name[len(prefix):]
             if (rest.partition(delimiter)[0] if delimiter else rest) in fields:
                 continue
-            link = _SERVICE_LINK.fullmatch(name)
-            if link and f"{link['service']}_SERVICE_HOST" in present:
+            if any(f"{name[:at.start()]}_SERVICE_HOST" in present for at in _SERVICE_LINK.finditer(name)):
                 continue
             near = difflib.get_close_matches(name, [prefix + field for field in fields], n=1)
             raise ConfigError(key, "matches no setting" + (f" (did you mean {near[0]}?)" if near else ""))

@@ -289,6 +289,8 @@ class TestUnknownVariables:
         # Kubernetes' links to a Service named infer-logger-ui in the pod's namespace.
         ["INFER_LOGGER_UI_SERVICE_HOST", "INFER_LOGGER_UI_SERVICE_PORT_HTTP", "INFER_LOGGER_UI_PORT",
          "INFER_LOGGER_UI_PORT_80_TCP_ADDR"],
+        # ... and to one named infer-logger-service (the first split, INFER_LOGGER, was taken: refused).
+        ["INFER_LOGGER_SERVICE_SERVICE_HOST", "INFER_LOGGER_SERVICE_PORT", "INFER_LOGGER_SERVICE_SERVICE_PORT"],
     ])
     def test_names_read_elsewhere_are_left_alone(self, monkeypatch: pytest.MonkeyPatch,
                                                  names: list[str]) -> None:
