@@ -353,17 +353,7 @@ class Settings(LayeredSettings):
         return urls
 
     def all_sinks(self) -> list[SinkSpec]:
-        sinks = [spec for spec, _ in self._sinks_and_urls()]
-        return sinks or [StoreSinkConfig()]
-
-    def destinations(self) -> dict[str, str]:
-        """The URL of each sink a `--log-url` made, by sink name. Those names go by place (`http`,
-        `http2`), and a sink's checkpoint by its name: the spool keeps the URL with it, so that
-        another URL taking the name does not take the checkpoint (events it never had, skipped)."""
-        return {spec.sink_name: url for spec, url in self._sinks_and_urls() if url is not None}
-
-    def _sinks_and_urls(self) -> list[tuple[SinkSpec, str | None]]:
-        out: list[tuple[SinkSpec, str | None]] = [(spec, None) for spec in self.sinks]
+        sinks: list[SinkSpec] = list(self.sinks)
         taken = {s.sink_name for s in self.sinks}
         ca = self.log_ca_cert_file if self.log_ca_cert_file and Path(self.log_ca_cert_file).is_file() else None
         for url in self.log_url:
@@ -375,8 +365,15 @@ class Settings(LayeredSettings):
                 n += 1
                 name = f"{sink.sink_name}{n}"
             taken.add(name)
-            out.append((sink.model_copy(update={"name": name}), url))
-        return out
+            sinks.append(sink.model_copy(update={"name": name}))
+        return sinks or [StoreSinkConfig()]
+
+    def destinations(self) -> dict[str, str]:
+        """Where each sink delivers, by name (`SinkConfig.destination`). Names of `--log-url` sinks
+        go by place (`http`, `http2`), a checkpoint by its sink's name: the spool keeps the
+        destination with it, so that a sink given another's name does not take its checkpoint
+        (events it never had, skipped), and a renamed one finds its own (no events sent twice)."""
+        return {spec.sink_name: spec.destination() for spec in self.all_sinks()}
 
     @property
     def source(self) -> str:

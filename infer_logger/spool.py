@@ -602,6 +602,7 @@ class DiskReader:
         self.destination = None if destination is None else hashlib.sha256(destination.encode()).hexdigest()[:16]
         self._event = asyncio.Event()
         spool._waiters.add(self._event)
+        self._old_name: Path | None = None  # its checkpoint under an earlier name, taken over (`_renamed`)
         self.position = self._load()
         self._saved = self.position
         self._saved_at = 0.0
@@ -621,24 +622,48 @@ class DiskReader:
             saved = orjson.loads(path.read_bytes())
             position = Position(int(saved["segment"]), int(saved["offset"]))
         except FileNotFoundError:
-            self._unsaved = True
-            return Position(first, 0)
+            saved, position = None, None
         except (ValueError, KeyError, TypeError):
             log.error("unreadable checkpoint %s: reading %s from the oldest segment", path, self.name)
             return Position(first, 0)
-        was = saved.get("destination")
-        if self.destination is not None and was is not None and was != self.destination:
-            # Sinks from --log-url are named by place: dropping the first URL gave the second its
-            # name, and it skipped what the first had delivered and it had not.
-            log.warning("checkpoint %s was saved for another destination: reading %s from the oldest segment",
-                        path, self.name)
-            self._unsaved = True
-            return Position(first, 0)
+        was = None if saved is None else saved.get("destination")
+        if saved is None or (self.destination is not None and was is not None and was != self.destination):
+            # Sinks from --log-url are named by place: dropping the first URL gave the second the
+            # first's name, and it skipped what the first had delivered and it had not. Its own
+            # checkpoint is under its old name, found by its destination.
+            position = self._renamed()
+            self._unsaved = True  # saved under this name at once (the old name's file goes then)
+            if position is None:
+                if saved is not None:
+                    log.warning("checkpoint %s was saved for another destination: reading %s from the oldest "
+                                "segment", path, self.name)
+                return Position(first, 0)
+        assert position is not None
         if position.segment not in self.spool._sizes:
             # Its segment is gone (dropped on overflow, or finished): go on from the next one.
             following = self.spool._next_segment(position.segment)
             return Position(following if following is not None else self.spool._current, 0)
         return position
+
+    def _renamed(self) -> Position | None:
+        """The position another checkpoint file saved for this destination holds (this sink's,
+        under its old name), taken over; that file goes at the first save."""
+        if self.destination is None:
+            return None
+        for path in sorted((self.spool.dir / "checkpoints").glob("*.json")):
+            if path.stem == self.name or path.stem in self.spool._readers:
+                continue
+            try:
+                saved = orjson.loads(path.read_bytes())
+                if saved.get("destination") != self.destination:
+                    continue
+                position = Position(int(saved["segment"]), int(saved["offset"]))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+            log.info("sink %s takes its checkpoint under its old name, %s", self.name, path.stem)
+            self._old_name = path
+            return position
+        return None
 
     def read(self, max_events: int, start: Position | None = None) -> tuple[list[CloudEvent], Position]:
         """Up to `max_events` events after `start` (default: the cursor), and the position past them.
@@ -789,6 +814,9 @@ class DiskReader:
         if self._save_failing:
             log.warning("checkpoint %s saved again", path)
             self._save_failing = False
+        if self._old_name is not None:  # saved under this name: the old one is no one's now
+            self._old_name.unlink(missing_ok=True)
+            self._old_name = None
         self._saved, self._saved_at = position, now
         if collect:
             self.spool.collect()

@@ -27,6 +27,8 @@ class Sink(Protocol):
 
 # What a file name in the spool directory cannot hold: a path separator, NUL, control characters.
 _NOT_IN_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+_USERINFO = re.compile(r"//[^/@]*@")
+_ADDRESS = ("url", "path", "bootstrap_servers", "topic", "host", "port", "index")
 
 
 class SinkConfig(BaseModel):
@@ -64,6 +66,15 @@ class SinkConfig(BaseModel):
 
     def build(self) -> Sink:
         raise NotImplementedError
+
+    def destination(self) -> str:
+        """Where it delivers, kept (as a digest) with its checkpoint: a renamed sink finds its own,
+        another one given its name does not take it. Its address only (another timeout is the
+        same place), a URL without user and password (a new password is too)."""
+        address = {key: str(getattr(self, key)) for key in _ADDRESS if getattr(self, key, None) is not None}
+        if "url" in address:
+            address["url"] = _USERINFO.sub("//", address["url"])
+        return f"{getattr(self, 'type', '')}:{sorted(address.items())}"
 
     @property
     def sink_name(self) -> str:

@@ -52,8 +52,12 @@ class TestSources:
 
     def test_log_url_sinks_name_their_destination(self) -> None:
         """Named by place, a sink's checkpoint must say whose it is (the spool keeps it with it)."""
-        s = load_settings(log_url=["http://a/", "http://b/"], sinks=[{"type": "http", "url": "http://c/"}])
-        assert s.destinations() == {"http2": "http://a/", "http3": "http://b/"}
+        s = load_settings(log_url=["http://user:pw@a/", "http://b/"], sinks=[{"type": "http", "url": "http://c/"}])
+        where = s.destinations()
+        assert list(where) == ["http", "http2", "http3"] and len(set(where.values())) == 3
+        # Its address only: another password or timeout is the same place.
+        again = load_settings(log_url=["http://user:new@a/"], sinks=[{"type": "http", "url": "http://c/", "timeout": 3}])
+        assert list(again.destinations().values()) == [where["http"], where["http2"]]
         with pytest.raises(ConfigError, match="given twice") as info:
             load_settings(log_url=["http://a/", "http://a/"])
         assert info.value.field == "log_url"

@@ -96,6 +96,22 @@ class TestDiskSpool:
         assert drain(other.reader("old", destination="http://c/")) == []
         other.close()
 
+    def test_a_renamed_sink_finds_its_checkpoint_and_another_given_its_name_does_not(self, tmp_path: Path) -> None:
+        """`--log-url A --log-url B`, then only B: B (http2 -> http) re-sent all it had delivered;
+        a YAML sink's checkpoint (no destination then) was taken by a --log-url sink given its name."""
+        spool = DiskSpool(tmp_path)
+        for i in range(10):
+            spool.append(event(i))
+        a, b = spool.reader("http", destination="A"), spool.reader("http2", destination="B")
+        a.commit(a.read(8)[1], force=True)
+        b.commit(b.read(2)[1], force=True)
+        spool.close()
+        again = DiskSpool(tmp_path)
+        renamed = again.reader("http", destination="B")  # B's own place, under its old name
+        assert drain(renamed) == [str(i) for i in range(2, 10)]
+        assert sorted(p.stem for p in (tmp_path / "checkpoints").glob("*.json")) == ["http"]  # http2.json went
+        again.close()
+
     def test_segments_roll_and_finished_ones_are_deleted(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path, segment_bytes=1000)
         for i in range(100):
