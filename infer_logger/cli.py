@@ -129,8 +129,7 @@ def proxy(config: Path | None, metadata_headers: tuple[str, ...], annotations: t
     settings = _settings(config, **flags, spool=spool or None, delivery={"mode": delivery} if delivery else None)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sinks = ", ".join(f"{s.sink_name} ({s.type})" for s in settings.all_sinks())
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    click.echo(f"infer-logger: http://{host}:{settings.port} -> {settings.upstream}; sinks: {sinks}", err=True)
+    click.echo(f"infer-logger: {settings.url.rstrip('/')} -> {settings.upstream}; sinks: {sinks}", err=True)
     if settings.log_ca_cert_file and not Path(settings.log_ca_cert_file).is_file():
         click.echo(f"infer-logger: {settings.log_ca_cert_file} is not a file: https sinks trust the system's CAs",
                    err=True)

@@ -377,10 +377,13 @@ class Settings(LayeredSettings):
 
     @property
     def source(self) -> str:
-        """The events' `source`: `source_uri`, else the sidecar's URL (an IPv6 host in brackets,
-        its zone's `%` escaped, RFC 6874: `http://:::9081/` is no URI)."""
-        if self.source_uri:
-            return self.source_uri
+        """The events' `source`: `source_uri`, else the sidecar's URL."""
+        return self.source_uri or self.url
+
+    @property
+    def url(self) -> str:
+        """The sidecar's own URL (an IPv6 host in brackets, its zone's `%` escaped, RFC 6874:
+        `http://:::9081/` is no URI)."""
         host = f"[{self.host.replace('%', '%25')}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
 

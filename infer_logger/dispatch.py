@@ -229,7 +229,7 @@ class Dispatcher:
         destinations: dict[str, str] | None = None,
     ) -> None:
         """`overrides` maps a sink name to its own (batch_size, in_flight); None keeps the default.
-        `destinations`: a sink's URL, kept with its checkpoint (`Settings.destinations`)."""
+        `destinations`: where each sink delivers, kept with its checkpoint (`Settings.destinations`)."""
         self.spool = spool
         self.metrics = metrics
         self.workers = []

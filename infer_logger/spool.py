@@ -190,8 +190,9 @@ class _Segments:
         """Bring the view of the segments up to date (another process may change them)."""
 
     def reader(self, name: str, *, destination: str | None = None) -> DiskReader:
-        """`destination`: what the reader delivers to, saved with its checkpoint; a checkpoint saved
-        for another destination is not taken (the reader starts as a new one)."""
+        """`destination`: what the reader delivers to, saved (as a digest) with its checkpoint; a
+        checkpoint saved for another destination is not taken, and one saved for this destination
+        under another name is (a renamed sink's)."""
         if name in self._readers:
             raise SpoolError(f"a reader named {name!r} already exists")
         reader = DiskReader(self, name, destination=destination)
@@ -437,7 +438,7 @@ class DiskSpool(_Segments):
         """The lowest position the readers' checkpoint files hold (segment `number`'s start
         when there is none or one cannot be read)."""
         try:
-            saved = [_read_checkpoint(path) for path in (self.dir / "checkpoints").glob("*.json")]
+            saved = [_read_checkpoint(path)[0] for path in (self.dir / "checkpoints").glob("*.json")]
         except (OSError, ValueError, KeyError, TypeError):
             return Position(number, 0)
         return min(saved, default=Position(number, 0))
@@ -585,10 +586,14 @@ class SpoolFollower(_Segments):
             self._lock = -1
 
 
-def _read_checkpoint(path: Path) -> Position:
-    """A checkpoint file's position: OSError, ValueError, KeyError or TypeError if it has none."""
+def _read_checkpoint(path: Path) -> tuple[Position, str | None]:
+    """A checkpoint file's position and destination digest (None in files from before them):
+    OSError, ValueError, KeyError or TypeError if it has no position."""
     saved = orjson.loads(path.read_bytes())
-    return Position(int(saved["segment"]), int(saved["offset"]))
+    if not isinstance(saved, dict):
+        raise TypeError(f"not a JSON object: {type(saved).__name__}")
+    destination = saved.get("destination")
+    return Position(int(saved["segment"]), int(saved["offset"])), str(destination) if destination else None
 
 
 class DiskReader:
@@ -618,23 +623,23 @@ class DiskReader:
         path = self.spool.checkpoint_path(self.name)
         first = min(self.spool._sizes, default=self.spool._current)
         self._unsaved = False
+        position: Position | None
         try:
-            saved = orjson.loads(path.read_bytes())
-            position = Position(int(saved["segment"]), int(saved["offset"]))
+            position, was = _read_checkpoint(path)
         except FileNotFoundError:
-            saved, position = None, None
+            position, was = None, None
         except (ValueError, KeyError, TypeError):
             log.error("unreadable checkpoint %s: reading %s from the oldest segment", path, self.name)
             return Position(first, 0)
-        was = None if saved is None else saved.get("destination")
-        if saved is None or (self.destination is not None and was is not None and was != self.destination):
+        if position is None or (self.destination is not None and was is not None and was != self.destination):
             # Sinks from --log-url are named by place: dropping the first URL gave the second the
             # first's name, and it skipped what the first had delivered and it had not. Its own
             # checkpoint is under its old name, found by its destination.
+            missing = position is None
             position = self._renamed()
             self._unsaved = True  # saved under this name at once (the old name's file goes then)
             if position is None:
-                if saved is not None:
+                if not missing:
                     log.warning("checkpoint %s was saved for another destination: reading %s from the oldest "
                                 "segment", path, self.name)
                 return Position(first, 0)
@@ -654,11 +659,10 @@ class DiskReader:
             if path.stem == self.name or path.stem in self.spool._readers:
                 continue
             try:
-                saved = orjson.loads(path.read_bytes())
-                if saved.get("destination") != self.destination:
-                    continue
-                position = Position(int(saved["segment"]), int(saved["offset"]))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                position, was = _read_checkpoint(path)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if was != self.destination:
                 continue
             log.info("sink %s takes its checkpoint under its old name, %s", self.name, path.stem)
             self._old_name = path
