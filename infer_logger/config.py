@@ -47,6 +47,9 @@ _SERVICE_LINK = re.compile(
     r"_(?=(?:SERVICE_HOST|SERVICE_PORT(?:_\w+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_(?:PROTO|PORT|ADDR))?)?)$)"
 )
 
+# A Service named as a prefix (infer-logger, infer-logger-broker) gives <PREFIX>PORT=tcp://<ip>:<port>.
+_LINK_VALUE = re.compile(r"(?:tcp|udp|sctp)://[^/\s]+:\d+", re.IGNORECASE)
+
 _yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
 
 
@@ -150,6 +153,15 @@ def _holds(data: Any, loc: tuple[int | str, ...]) -> bool:
 class _EnvSource(EnvSettingsSource):
     """The env var source, whose JSON errors name the variable and show the form it takes
     (pydantic_settings says only that a field's value could not be parsed)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """Not a Kubernetes service link's value: the port of the Service named as the prefix."""
+        value, key, complex_ = super().get_field_value(field, field_name)
+        if isinstance(value, str) and _LINK_VALUE.fullmatch(value.strip()):
+            host = f"{self.env_prefix}SERVICE_HOST"
+            if (host if self.case_sensitive else host.lower()) in self.env_vars:
+                return None, key, complex_
+        return value, key, complex_
 
     def prepare_field_value(self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool) -> Any:
         try:

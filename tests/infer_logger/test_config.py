@@ -302,6 +302,36 @@ class TestUnknownVariables:
             monkeypatch.setenv(name, "1")
         assert load_settings().port == 9081
 
+    @pytest.mark.parametrize(("prefix", "load", "default"), [
+        ("INFER_LOGGER_", "load_settings", 9081),
+        ("INFER_LOGGER_BROKER_", "load_broker_settings", None),
+        ("INFER_LOGGER_EXPLAINER_", "load_explainer_settings", None),
+    ])
+    def test_a_service_named_as_the_prefix_does_not_set_the_port(
+            self, monkeypatch: pytest.MonkeyPatch, prefix: str, load: str, default: int | None) -> None:
+        """A Service named infer-logger (-broker, -explainer) gives every pod of its namespace
+        <PREFIX>PORT=tcp://<ip>:<port>: a service link, not the port to listen on."""
+        from explainers.config import load_explainer_settings
+        from pipelines.broker.settings import load_broker_settings
+
+        loader = {"load_settings": load_settings, "load_broker_settings": load_broker_settings,
+                  "load_explainer_settings": load_explainer_settings}[load]
+        flags = {"predictor_url": "http://127.0.0.1:8080", "background": "dataset:iris"} if "EXPLAINER" in prefix else {}
+        expected = loader(**flags).port if default is None else default
+        links = {"SERVICE_HOST": "10.96.0.12", "SERVICE_PORT": "80", "PORT": "tcp://10.96.0.12:80",
+                 "PORT_80_TCP": "tcp://10.96.0.12:80", "PORT_80_TCP_ADDR": "10.96.0.12",
+                 "PORT_80_TCP_PORT": "80", "PORT_80_TCP_PROTO": "tcp"}
+        for suffix, value in links.items():
+            monkeypatch.setenv(prefix + suffix, value)
+        assert loader(**flags).port == expected
+        monkeypatch.setenv(prefix + "PORT", "9200")  # a port given as such still counts
+        assert loader(**flags).port == 9200
+
+    def test_a_link_like_port_without_its_service_is_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("INFER_LOGGER_PORT", "tcp://10.96.0.12:80")
+        with pytest.raises(ConfigError, match="INFER_LOGGER_PORT"):
+            load_settings()
+
     def test_a_port_name_without_its_service_is_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("INFER_LOGGER_SPOOL_PORT", "1")
         with pytest.raises(ConfigError, match="matches no setting"):
