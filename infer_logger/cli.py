@@ -22,6 +22,7 @@ _LAZY = {
     "broker": ("pipelines.broker.cli", "broker_command"),
     "cesql": ("pipelines.broker.cli", "cesql_command"),
     "explainer": ("explainers.cli", "explainer_command"),
+    "ingest": ("pipelines.sources.cli", "ingest_command"),
 }
 
 

@@ -37,7 +37,8 @@ from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, SinkSpec, StoreSi
 # Names under a settings class's prefix that are not its settings: the other services' prefixes,
 # and variables read elsewhere (the tests' data, `setup elasticsearch --api-key`).
 _OTHER_ENV = (
-    "INFER_LOGGER_BROKER_", "INFER_LOGGER_EXPLAINER_", "INFER_LOGGER_CONFORMANCE", "INFER_LOGGER_ES_API_KEY"
+    "INFER_LOGGER_BROKER_", "INFER_LOGGER_EXPLAINER_", "INFER_LOGGER_INGEST_", "INFER_LOGGER_CONFORMANCE",
+    "INFER_LOGGER_ES_API_KEY"
 )
 # Kubernetes gives every pod of a namespace <SERVICE>_SERVICE_HOST, <SERVICE>_PORT_80_TCP and the like
 # for each Service there: one named infer-logger-ui must not stop the sidecar.
@@ -102,12 +103,18 @@ class LayeredSettings(BaseSettings):
         loc = error["loc"]
         if error["type"] == "missing":  # nothing is at `loc`: what lacks it was given
             loc = loc[:-1]
-        if not loc or _holds(flags, loc) or not _holds(_EnvSource(cls)(), loc):
+        env = _EnvSource(cls)()
+        if not loc or _holds(flags, loc) or not _holds(env, loc):
             return None
         prefix = str(cls.model_config.get("env_prefix", ""))
         delimiter = cls.model_config.get("env_nested_delimiter") or ""
-        # Not past a list's index: an item has no variable of its own.
-        keys = [str(part) for part in itertools.takewhile(lambda part: isinstance(part, str), loc)]
+        # Not past a list's index: an item has no variable of its own; nor a union's tag
+        # (`source.forward.port` is SOURCE__PORT).
+        keys: list[str] = []
+        for part in itertools.takewhile(lambda part: isinstance(part, str), loc):
+            if isinstance(env, dict) and part in env:
+                keys.append(str(part))
+                env = env[part]
         names = [prefix + delimiter.join(keys[:n]) for n in range(1, len(keys) + 1 if delimiter else 2)]
         present = {key.upper(): key for key in os.environ}  # env var names are case-insensitive here
         # The deepest first: `SPOOL__MAX_BYTES` is merged over the JSON of `SPOOL`.
@@ -138,13 +145,15 @@ class LayeredSettings(BaseSettings):
 
 def _holds(data: Any, loc: tuple[int | str, ...]) -> bool:
     """Whether `data`, one source's input, gave the value at `loc`."""
-    for part in loc:
+    for index, part in enumerate(loc):
         if isinstance(data, dict) and part in data:
             data = data[part]
         elif isinstance(data, list) and isinstance(part, int) and -len(data) <= part < len(data):
             data = data[part]
-        elif isinstance(data, dict) and part in data.values():
-            continue  # a union's tag, not a key: sinks.0.http.url
+        elif isinstance(data, dict) and (part in data.values() or (index + 1 < len(loc) and loc[index + 1] in data)):
+            # A union's tag, not a key: sinks.0.http.url; source.forward.port when the tag was
+            # left to its default (not in this input)
+            continue
         else:
             return not isinstance(data, dict | list)  # a scalar given where a section goes is what is bad
     return True

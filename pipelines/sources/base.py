@@ -22,11 +22,20 @@ class Source(Protocol):
     committed half-way); `aclose` stops it, waits for `run`, and releases the connections.
     """
 
+    async def start(self) -> None:
+        """Take what must be had before `run` (a listening socket); raises when it cannot be.
+        A peer that is not there yet (a Kafka broker) is waited for by `run`, not refused here."""
+        ...
+
     async def run(self) -> None: ...
 
     def stop(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+    def stats(self) -> dict[str, int]:
+        """Its counters by name, each only ever growing (`/metrics` of `infer-logger ingest`)."""
+        ...
 
 
 class SourceConfig(BaseModel):

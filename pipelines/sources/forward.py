@@ -671,6 +671,10 @@ def _json(record: dict[Any, Any]) -> bytes:
     return memoryview(data).tobytes() if len(data) < 4096 else data
 
 
+_COUNTERS = ("connections", "frames", "records", "acks", "errors", "abandoned", "auth_failures",
+             "invalid_events", "refused")
+
+
 class ForwardSource:
     """The server; counters are plain attributes (`connections`, `frames`, `records`, `acks`...)."""
 
@@ -711,6 +715,9 @@ class ForwardSource:
             self._server = await asyncio.start_server(self._serve, self.config.host, self.config.port)
             self.port = int(self._server.sockets[0].getsockname()[1])
             log.info("forward source listening on %s:%s", self.config.host, self.port)
+
+    def stats(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in _COUNTERS}
 
     async def run(self) -> None:
         """Serve until `aclose()`."""

@@ -214,6 +214,12 @@ class KafkaSource:
 
     # -- the loop -------------------------------------------------------------------------------
 
+    async def start(self) -> None:
+        """Nothing to take first: `run` waits for brokers that are not there yet."""
+
+    def stats(self) -> dict[str, int]:
+        return {"delivered": self.delivered, "dead_lettered": self.dead_lettered}
+
     async def run(self) -> None:
         if self._closed:
             return

@@ -1,0 +1,172 @@
+"""`infer-logger ingest`: one source feeding one sink, with `/healthz`, `/readyz` and `/metrics`.
+
+The source runs beside a small FastAPI app in one event loop: it starts before the app is served
+(a Forward port in use is an error at start, not a dead task behind a live process), and stops in
+the app's shutdown, so SIGTERM lets the batch in hand finish (or stay unacked, uncommitted) and the
+sink close. A source that stops by itself stops the service, which then exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import socket
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from infer_logger.errors import InferLoggerError
+from infer_logger.server import uvicorn_config
+from infer_logger.sinks.base import Sink
+from pipelines.sources.base import Source
+from pipelines.sources.settings import IngestSettings
+
+log = logging.getLogger(__name__)
+
+
+class Ingest:
+    """A built source and its sink; `begin` runs the source, `aclose` stops it and closes both."""
+
+    def __init__(self, settings: IngestSettings, source: Source, sink: Sink) -> None:
+        self.settings = settings
+        self.name = settings.source.name or settings.source.type
+        self.source = source
+        self.sink = sink
+        self.failure: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.on_stopped = lambda: None
+        """Called when the source stops by itself (the service then shuts down)."""
+
+    @classmethod
+    async def open(cls, settings: IngestSettings) -> Ingest:
+        """Build the sink, then the source over it (ConfigError naming the field when one cannot be)."""
+        sink = settings.sink.build()
+        try:
+            source = settings.source.build(sink)
+        except BaseException:
+            await sink.aclose()
+            raise
+        return cls(settings, source, sink)
+
+    async def start(self) -> None:
+        try:
+            await self.source.start()
+        except OSError as exc:  # asyncio's message names the address
+            await self.aclose()
+            raise InferLoggerError(f"{self.name} source: {exc}") from None
+
+    def begin(self) -> None:
+        self._task = asyncio.create_task(self.source.run(), name=f"source:{self.name}")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if self._closing:
+            return
+        error = None if task.cancelled() else task.exception()
+        self.failure = f"{type(error).__name__}: {error}" if error else "it stopped"
+        log.error("%s source stopped by itself (%s): shutting down", self.name, self.failure)
+        self.on_stopped()
+
+    @property
+    def ready(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def aclose(self) -> None:
+        self._closing = True
+        try:
+            await self.source.aclose()  # also ends `run`
+            if self._task is not None:
+                await asyncio.gather(self._task, return_exceptions=True)
+        finally:
+            await self.sink.aclose()
+
+
+class _Counters(Collector):
+    """The source's own counters, read at scrape time."""
+
+    def __init__(self, ingest: Ingest) -> None:
+        self.ingest = ingest
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for key, value in self.ingest.source.stats().items():
+            family = CounterMetricFamily(f"infer_logger_ingest_{key}", f"The {self.ingest.settings.source.type} "
+                                         f"source's {key.replace('_', ' ')}.", labels=["source"])
+            family.add_metric([self.ingest.name], value)
+            yield family
+
+
+def create_app(ingest: Ingest) -> FastAPI:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(_Counters(ingest))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ingest.begin()
+        try:
+            yield
+        finally:
+            await ingest.aclose()
+
+    app = FastAPI(title="infer-logger ingest", lifespan=lifespan)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if ingest.ready:
+            return JSONResponse({"ready": True, "source": ingest.name})
+        return JSONResponse({"ready": False, "source": ingest.name, "reason": ingest.failure or "not running"},
+                            status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The endpoints' socket, bound before anything runs: a port in use is a clear error."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise InferLoggerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+async def main(settings: IngestSettings, *, log_level: str = "warning", banner: Any = None) -> None:
+    """Serve until SIGINT/SIGTERM (or the source stops: InferLoggerError)."""
+    sock = listen(settings.host, settings.port)
+    try:
+        ingest = await Ingest.open(settings)
+        await ingest.start()
+        server = uvicorn.Server(uvicorn_config(create_app(ingest), settings.host, settings.port,
+                                               log_level=log_level))
+        ingest.on_stopped = lambda: setattr(server, "should_exit", True)
+        if banner is not None:
+            banner(ingest, sock.getsockname()[1])
+        await server.serve(sockets=[sock])
+    finally:
+        sock.close()
+    if ingest.failure:
+        raise InferLoggerError(f"the {ingest.name} source stopped: {ingest.failure}")
+
+
+def serve(settings: IngestSettings, *, log_level: str = "warning", banner: Any = None) -> None:
+    if importlib.util.find_spec("uvloop") is not None:  # as the other services run
+        import uvloop
+
+        uvloop.run(main(settings, log_level=log_level, banner=banner))
+    else:
+        asyncio.run(main(settings, log_level=log_level, banner=banner))

@@ -1,0 +1,53 @@
+"""`infer-logger ingest` settings: one source feeding one sink, and where to serve health and metrics.
+
+    source:
+      type: forward          # or kafka (bootstrap_servers, topics, group_id, ...)
+      port: 24224
+    sink:
+      type: store            # any sink the sidecar has: http (a broker), elasticsearch, ...
+      path: infer-logger-data/audit.db
+    port: 9083               # /healthz /readyz /metrics
+
+Flags override `INFER_LOGGER_INGEST_*` env vars (nested keys with `__`:
+`INFER_LOGGER_INGEST_SOURCE__PORT=24225`), which override the YAML file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from infer_logger.config import LayeredSettings
+from infer_logger.sinks import SinkSpec, StoreSinkConfig
+from pipelines.sources.forward import ForwardSourceConfig
+from pipelines.sources.kafka import KafkaSourceConfig
+
+SourceSpec = Annotated[ForwardSourceConfig | KafkaSourceConfig, Field(discriminator="type")]
+
+
+class IngestSettings(LayeredSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INFER_LOGGER_INGEST_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
+    )
+
+    host: str = Field("127.0.0.1", min_length=1)  # "" is every address to uvicorn
+    """Address of the health and metrics endpoints."""
+    port: int = Field(9083, ge=0, le=65535)
+    source: SourceSpec = ForwardSourceConfig()
+    """Where events come from: `forward` (a Fluentd Forward server) or `kafka` (a consumer group)."""
+    sink: SinkSpec = StoreSinkConfig()
+    """Where they go: the source moves on (acks a chunk, commits an offset) only once it took them."""
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _forward_by_default(cls, value: Any) -> Any:
+        """A `source:` naming no type (`--listen` alone) is the default's type."""
+        return {"type": "forward", **value} if isinstance(value, dict) and "type" not in value else value
+
+
+def load_ingest_settings(config_file: Path | None = None, **flags: Any) -> IngestSettings:
+    """Merge the sources and validate; ConfigError names the first bad field."""
+    return IngestSettings.load(config_file, **flags)

@@ -1,0 +1,209 @@
+"""`infer-logger ingest`: a source feeding a sink as a service, run as the command it is, against
+real peers (fluent-logger's sender, noida-db's Kafka protocol) and the store it writes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fluent.sender import FluentSender
+
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.events import REQUEST, RESPONSE
+from infer_logger.sinks.memory import MemorySink
+from infer_logger.store import AuditStore
+from infer_logger.testing import free_port
+from pipelines.sources.service import Ingest, create_app
+from pipelines.sources.settings import IngestSettings
+from tests.pipelines.sources.test_kafka_source import new_topic, publish
+from tests.servers import Process
+
+INGEST = [sys.executable, "-m", "infer_logger.cli", "ingest"]
+
+
+def ingest_process(tmp: Path, *args: str) -> Process:
+    port = free_port()
+    return Process([*INGEST, "--port", str(port), *args], port, ready_path="/readyz", log=tmp / "ingest.log")
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for proc in started:
+        proc.stop()
+
+
+def rows(db: Path) -> list[tuple[str, str | None]]:
+    if not db.exists():
+        return []
+    store = AuditStore(db, readonly=True)
+    try:
+        return sorted((r.id, r.model) for r in store.query(limit=1000))
+    finally:
+        store.close()
+
+
+def wait_for(check: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def inference_record(i: int, kind: str) -> dict[str, object]:
+    return {"specversion": "1.0", "id": f"fl-{i}", "source": "/fluent-bit", "type": kind,
+            "inferenceservicename": "iris", "modelname": "iris", "datacontenttype": "application/json",
+            "data": {"instances": [[i, 1.0]]} if kind == REQUEST else {"predictions": [i % 3]}}
+
+
+class TestForward:
+    def test_fluent_logger_to_the_store(self, tmp_path: Path, running: list[Process]) -> None:
+        db, forward = tmp_path / "audit.db", free_port()
+        proc = ingest_process(tmp_path, "--listen", f"127.0.0.1:{forward}", "--db", str(db)).start()
+        running.append(proc)
+        sender = FluentSender("inference", host="127.0.0.1", port=forward)
+        try:
+            for i in range(20):
+                for kind in (REQUEST, RESPONSE):
+                    assert sender.emit("iris", inference_record(i, kind)), sender.last_error
+            assert sender.emit("app", {"message": "not an inference event"})
+        finally:
+            sender.close()
+        wait_for(lambda: len(rows(db)) == 20)
+        assert rows(db) == sorted((f"fl-{i}", "iris") for i in range(20))
+        metrics = httpx.get(proc.url + "/metrics").text
+        assert 'infer_logger_ingest_records_total{source="forward"} 41.0' in metrics
+        assert httpx.get(proc.url + "/healthz").json() == {"status": "alive"}
+        assert httpx.get(proc.url + "/readyz").json() == {"ready": True, "source": "forward"}
+        # SIGTERM: a graceful stop (uvicorn's convention: the signal is raised again after it).
+        assert proc.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+        assert "Traceback" not in (tmp_path / "ingest.log").read_text()
+
+    def test_forward_port_in_use_is_a_clear_error(self, tmp_path: Path) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            done = subprocess.run([*INGEST, "--listen", f"127.0.0.1:{port}", "--db", str(tmp_path / "a.db"),
+                                   "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stderr
+        assert "forward source" in done.stderr and str(port) in done.stderr
+        assert "Traceback" not in done.stderr
+
+    def test_endpoint_port_in_use_is_a_clear_error(self, tmp_path: Path) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            done = subprocess.run([*INGEST, "--listen", f"127.0.0.1:{free_port()}", "--port", str(port),
+                                   "--db", str(tmp_path / "a.db")], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stderr
+        assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+class TestKafka:
+    def test_a_topic_to_the_store_committed(self, kafka_bootstrap: str, tmp_path: Path,
+                                            running: list[Process]) -> None:
+        topic, db = new_topic(kafka_bootstrap), tmp_path / "audit.db"
+        events = [CloudEvent({"specversion": "1.0", "id": f"k-{i // 2}", "source": "/sidecar",
+                              "type": REQUEST if i % 2 == 0 else RESPONSE, "modelname": "iris",
+                              "datacontenttype": "application/json"}, b'{"predictions": [1]}')
+                  for i in range(30)]
+        asyncio.run(publish(kafka_bootstrap, topic, events))
+        group = f"ingest-{uuid.uuid4().hex[:8]}"
+        proc = ingest_process(tmp_path, "--source", "kafka", "--kafka-bootstrap", kafka_bootstrap,
+                              "--topic", topic, "--group-id", group, "--db", str(db)).start()
+        running.append(proc)
+        wait_for(lambda: len(rows(db)) == 15)
+        wait_for(lambda: 'infer_logger_ingest_delivered_total{source="kafka"} 30.0'
+                 in httpx.get(proc.url + "/metrics").text)
+        proc.stop()
+        from tests.pipelines.sources.test_kafka_source import committed
+
+        assert committed(kafka_bootstrap, group, topic) == [30]
+
+
+class TestConfig:
+    @pytest.mark.parametrize(("args", "env", "names"), [
+        (["--source", "kafka"], {}, "bootstrap_servers"),
+        (["--listen", "24224"], {}, "--listen"),
+        (["--sink-url", "http://127.0.0.1:1/", "--db", "x.db"], {}, "--sink-url and --db"),
+        ([], {"INFER_LOGGER_INGEST_PROT": "1"}, "INFER_LOGGER_INGEST_PROT"),
+        ([], {"INFER_LOGGER_INGEST_SOURCE__PORT": "x"}, "INFER_LOGGER_INGEST_SOURCE__PORT"),
+    ])
+    def test_bad_settings_exit_2_naming_them(self, args: list[str], env: dict[str, str], names: str) -> None:
+        import os
+
+        done = subprocess.run([*INGEST, *args, "--check"], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **env})
+        assert done.returncode == 2, done.stderr
+        assert names in done.stderr and "Traceback" not in done.stderr
+
+    def test_check_names_what_runs(self, tmp_path: Path) -> None:
+        config = tmp_path / "ingest.yaml"
+        config.write_text("source:\n  type: kafka\n  bootstrap_servers: 127.0.0.1:9092\n  topics: [a]\n"
+                          "sink:\n  type: http\n  url: http://127.0.0.1:9082/\n")
+        done = subprocess.run([*INGEST, "-c", str(config), "--topic", "b", "--check"], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "ok: kafka source -> http sink"
+
+    def test_the_flags_lie_over_the_file(self, tmp_path: Path) -> None:
+        config = tmp_path / "ingest.yaml"
+        config.write_text("source:\n  type: kafka\n  bootstrap_servers: kafka:9092\n  topics: [a]\n")
+        from pipelines.sources.settings import load_ingest_settings
+
+        settings = load_ingest_settings(config, source={"topics": ["b"]})
+        assert settings.source.type == "kafka"
+        assert (settings.source.bootstrap_servers, settings.source.topics) == ("kafka:9092", ["b"])
+        assert load_ingest_settings(None, source={"port": 24225}).source.type == "forward"
+
+
+class _Stops:
+    """A source whose run ends by itself (a bug, a fatal client error)."""
+
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+        self.closed = False
+
+    async def start(self) -> None: ...
+
+    async def run(self) -> None:
+        await asyncio.sleep(0)
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None: ...
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    def stats(self) -> dict[str, int]:
+        return {"records": 3}
+
+
+class TestService:
+    @pytest.mark.parametrize("error", [RuntimeError("fatal"), None])
+    async def test_a_source_that_stops_stops_the_service(self, error: Exception | None) -> None:
+        sink = MemorySink()
+        ingest = Ingest(IngestSettings(), _Stops(error), sink)
+        stopped = asyncio.Event()
+        ingest.on_stopped = stopped.set
+        app = create_app(ingest)
+        async with app.router.lifespan_context(app):
+            await asyncio.wait_for(stopped.wait(), 5)
+            assert not ingest.ready
+            assert ingest.failure == ("RuntimeError: fatal" if error else "it stopped")
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as client:
+                ready = await client.get("/readyz")
+                assert ready.status_code == 503 and ready.json()["reason"] == ingest.failure
+                assert 'infer_logger_ingest_records_total{source="forward"} 3.0' in (await client.get("/metrics")).text
+        assert ingest.source.closed  # type: ignore[attr-defined]
