@@ -636,6 +636,8 @@ class DiskReader:
             # first's name, and it skipped what the first had delivered and it had not. Its own
             # checkpoint is under its old name, found by its destination.
             missing = position is None
+            if not missing:
+                self._set_aside(path, was)
             position = self._renamed()
             self._unsaved = True  # saved under this name at once (the old name's file goes then)
             if position is None:
@@ -649,6 +651,16 @@ class DiskReader:
             following = self.spool._next_segment(position.segment)
             return Position(following if following is not None else self.spool._current, 0)
         return position
+
+    def _set_aside(self, path: Path, destination: str | None) -> None:
+        """Keep another destination's checkpoint from this name's first save: under a name no sink
+        may have (a leading dot), where that sink, renamed, finds it (`--log-url B --log-url A`
+        after `--log-url A`: A, now http2, looked after B had saved over it, and re-sent it all)."""
+        try:
+            os.replace(path, path.with_name(f".{destination}.json"))
+        except OSError as exc:
+            log.error("checkpoint %s not set aside (%s): its sink, renamed, reads from the oldest segment",
+                      path, exc)
 
     def _renamed(self) -> Position | None:
         """The position another checkpoint file saved for this destination holds (this sink's,

@@ -109,8 +109,30 @@ class TestDiskSpool:
         again = DiskSpool(tmp_path)
         renamed = again.reader("http", destination="B")  # B's own place, under its old name
         assert drain(renamed) == [str(i) for i in range(2, 10)]
-        assert sorted(p.stem for p in (tmp_path / "checkpoints").glob("*.json")) == ["http"]  # http2.json went
+        assert "http2" not in [p.stem for p in (tmp_path / "checkpoints").glob("*.json")]  # it went
         again.close()
+
+    def test_a_sink_put_before_another_leaves_it_its_checkpoint(self, tmp_path: Path) -> None:
+        """`--log-url A`, then `--log-url B --log-url A`: B, given A's old name, saved over A's
+        checkpoint before A (now http2) looked for it, and A re-sent all it had delivered."""
+        spool = DiskSpool(tmp_path)
+        for i in range(10):
+            spool.append(event(i))
+        a = spool.reader("http", destination="A")
+        a.commit(a.read(7)[1], force=True)
+        spool.close()
+        again = DiskSpool(tmp_path)
+        b, a = again.reader("http", destination="B"), again.reader("http2", destination="A")
+        assert drain(a) == ["7", "8", "9"]
+        assert drain(b) == [str(i) for i in range(10)]
+        for i in range(10, 12):
+            again.append(event(i))
+        b.commit(b.read(1)[1], force=True)  # B took one more, A none
+        again.close()
+        swapped = DiskSpool(tmp_path)  # `--log-url A --log-url B`: each finds its own
+        a, b = swapped.reader("http", destination="A"), swapped.reader("http2", destination="B")
+        assert (drain(a), drain(b)) == (["10", "11"], ["11"])
+        swapped.close()
 
     def test_segments_roll_and_finished_ones_are_deleted(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path, segment_bytes=1000)
