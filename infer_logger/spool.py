@@ -412,7 +412,10 @@ class DiskSpool(_Segments):
 
     def _room(self, needed: int) -> bool:
         now = time.monotonic()
-        if now - self._refreshed >= 0.5:  # a follower may have deleted finished segments meanwhile
+        # A follower (the delivery process) may have deleted finished segments meanwhile, the
+        # oldest first: one stat tells, so a spool it just emptied takes the next event, not
+        # one 0.5 s later (the whole refresh, a stat per segment, waits that long otherwise).
+        if now - self._refreshed >= 0.5 or not self._path(min(self._sizes)).exists():
             self._refreshed = now
             self.refresh()
         if self.size_bytes() + needed <= self.max_bytes:

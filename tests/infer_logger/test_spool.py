@@ -159,6 +159,25 @@ class TestDiskSpool:
         assert spool.stats.dropped["spool_full"] == 100 - accepted
         assert spool.size_bytes() <= 3000
 
+    def test_drop_newest_takes_events_as_soon_as_a_delivery_process_freed_room(self, tmp_path: Path) -> None:
+        """The writer's view of the segments was refreshed at most every 0.5 s: after an outage it
+        refused ~0.5 s of traffic into a spool the delivery process had just emptied."""
+        spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=4000)
+        follower = SpoolFollower(tmp_path)
+        try:
+            reader = follower.reader("http")
+            i = 0
+            while spool.append(event(i, 50)):
+                i += 1
+            assert not spool.append(event(i, 50))  # full, and just looked
+            follower.refresh()
+            assert len(drain(reader)) == i  # the sink is back: the child delivers, and frees
+            assert spool.append(event(i, 50))
+            assert spool.stats.dropped["spool_full"] == 2
+        finally:
+            follower.close()
+            spool.close()
+
     def test_drop_oldest_keeps_newest_and_counts(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=3000, overflow="drop_oldest")
         reader = spool.reader("s")
