@@ -671,6 +671,8 @@ def _json(record: dict[Any, Any]) -> bytes:
     return memoryview(data).tobytes() if len(data) < 4096 else data
 
 
+_NIL = 0xC0  # msgpack's nil: the protocol's TCP heartbeat
+
 _COUNTERS = ("connections", "frames", "records", "acks", "errors", "abandoned", "auth_failures",
              "invalid_events", "refused")
 
@@ -712,6 +714,7 @@ class ForwardSource:
     async def start(self) -> None:
         if self._server is None:
             self._stopped.clear()
+            self._closing = False
             self._server = await asyncio.start_server(self._serve, self.config.host, self.config.port)
             self.port = int(self._server.sockets[0].getsockname()[1])
             log.info("forward source listening on %s:%s", self.config.host, self.port)
@@ -720,25 +723,29 @@ class ForwardSource:
         return {name: getattr(self, name) for name in _COUNTERS}
 
     async def run(self) -> None:
-        """Serve until `aclose()`."""
+        """Serve until `stop()` or `aclose()`."""
         await self.start()
         await self._stopped.wait()
 
     def stop(self) -> None:
-        """Stop accepting; `run` returns once `aclose` has ended the connections."""
+        """Stop accepting, and let `run` return; the connections open go on until `aclose`."""
         if self._server is not None:
             self._server.close()
+        self._stopped.set()
 
     async def aclose(self) -> None:
         if self._server is not None:
+            # Stays set until a new start: a connection accepted before the close whose task
+            # had not begun yet ends as it begins (it was served on after this returned, and
+            # on Python 3.12 wait_closed waited for it, for as long as the client stayed).
             self._closing = True
             self._server.close()
-            for task in list(self._tasks):  # a batch in flight is not acked: the client resends it
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            while self._tasks:  # a batch in flight is not acked: the client resends it
+                for task in list(self._tasks):
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
-            self._closing = False
         self._stopped.set()
 
     async def __aenter__(self) -> Self:
@@ -751,6 +758,9 @@ class ForwardSource:
     # -- one connection ---------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closing:
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -764,6 +774,8 @@ class ForwardSource:
             while True:
                 # Frames first: some may have come in the handshake's last read, behind its PING.
                 for message in messages:
+                    if len(message) == 1 and message[0] == _NIL:
+                        continue  # a heartbeat (Fluentd's in_forward skips it too)
                     frame = parse_frame(message, self.config.max_frame_bytes, self.config.max_frame_entries)
                     await self._take(frame, reader, writer)
                 if not (data := await self._read(reader, messages)):

@@ -9,6 +9,7 @@ import contextlib
 import gzip
 import hashlib
 import os
+import socket
 import struct
 import time
 import tracemalloc
@@ -786,6 +787,46 @@ class TestFailures:
         assert await roundtrip(src, ["app", 1, {}, {"chunk": "r"}]) == [{"ack": "r"}]
         await src.aclose()
         await asyncio.wait_for(runner, 5)
+
+
+class TestLifecycle:
+    async def test_a_heartbeat_between_frames_is_ignored(self, source: ForwardSource, memory: MemorySink) -> None:
+        """A msgpack nil is the protocol's TCP heartbeat (Fluentd's in_forward skips it): it closed
+        the connection as a bad frame, and what was sent behind it had to come again."""
+        acks = await roundtrip(source, ["app", 1, {"a": 1}, {"chunk": "c1"}], None,
+                               ["app", 2, {"a": 2}, {"chunk": "c2"}], acks=2)
+        assert acks == [{"ack": "c1"}, {"ack": "c2"}]
+        assert (len(memory.events), source.frames, source.errors) == (2, 2, 0)
+
+    async def test_run_returns_after_stop(self, memory: MemorySink) -> None:
+        """The Source contract; `run` waited for `aclose`."""
+        src = ForwardSourceConfig(port=0).build(memory)
+        task = asyncio.create_task(src.run())
+        await until(lambda: src.port != 0)
+        src.stop()
+        await asyncio.wait_for(task, 5)
+        await src.aclose()
+
+    @pytest.mark.parametrize("steps", range(6))
+    async def test_a_connection_accepted_as_it_closes_is_ended_too(self, memory: MemorySink, steps: int) -> None:
+        """One accepted before `aclose` whose task had not begun was not among those ended: it was
+        served after `aclose` returned (events into a closed subscriber), or, on Python 3.12,
+        held `aclose` until the client left."""
+        src = ForwardSourceConfig(port=0).build(memory)
+        await src.start()
+        sock = socket.create_connection(("127.0.0.1", src.port))  # accepted by the kernel at once
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        await asyncio.wait_for(src.aclose(), 5)
+        client = Client(*await asyncio.open_connection(sock=sock))
+        reply = None
+        # Ended (reset), or, when asyncio's accept met the closed server (Python 3.11 drops such
+        # a connection silently, its socket left to the GC), never answered: not served either way.
+        with contextlib.suppress(OSError, EOFError, TimeoutError):
+            await client.send(["app", 1, {"a": 1}, {"chunk": "after"}])
+            reply = await client.reply(timeout=0.5)
+        await client.aclose()
+        assert (reply, memory.events) == (None, [])
 
 
 class TestRefusedForGood:
