@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -16,6 +15,7 @@ from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.json_format import to_json
 from infer_logger.errors import ConfigError, SinkError
 from infer_logger.sinks.base import SinkConfig
+from infer_logger.sinks.own_thread import OwnThread
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class FileSinkConfig(SinkConfig):
 class FileSink:
     def __init__(self, config: FileSinkConfig) -> None:
         self.config = config
+        self._thread = OwnThread("file-sink", str(config.path))  # writes and fsyncs block
         try:
             config.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file in the way, no permission: say so at start, not per batch
@@ -97,9 +98,9 @@ class FileSink:
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         lines = b"".join(to_json(e) + b"\n" for e in events)
         try:
-            await asyncio.to_thread(self._write, lines)
+            await self._thread.call(self._write, lines)
         except OSError as exc:
             raise SinkError(f"{self.config.path}: {exc}") from exc
 
     async def aclose(self) -> None:
-        pass
+        self._thread.shutdown()

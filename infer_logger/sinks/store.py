@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Sequence
 from typing import Literal
@@ -10,6 +10,7 @@ from typing import Literal
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import ConfigError, InferLoggerError, RejectedError, SinkError
 from infer_logger.sinks.base import SinkConfig
+from infer_logger.sinks.own_thread import OwnThread
 from infer_logger.store import AuditStore
 
 
@@ -30,14 +31,17 @@ class StoreSinkConfig(SinkConfig):
 class StoreSink:
     def __init__(self, store: AuditStore) -> None:
         self.store = store
+        # SQLite blocks (fsync, busy waits up to the store's timeout): off the event loop.
+        self._thread = OwnThread("store-sink", f"audit store {store.path}")
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
-        # SQLite blocks (fsync, busy waits), so it runs off the event loop.
         try:
-            await asyncio.to_thread(self.store.write, events)
+            await self._thread.call(self.store.write, events)
         except sqlite3.Error as exc:
             # "database is locked", disk full, I/O errors: none is the events' fault, so retry.
             raise SinkError(f"audit store {self.store.path}: {exc}") from exc
+        except SinkError:
+            raise
         except Exception:
             # Not SQLite's: rows some event cannot make (a statuscode past 64 bits, a time with no
             # UTC form, JSON nested past what orjson writes, a bug). Those are found one by one and
@@ -49,9 +53,11 @@ class StoreSink:
         reason = ""
         for event in events:
             try:
-                await asyncio.to_thread(self.store.write, [event])
+                await self._thread.call(self.store.write, [event])
             except sqlite3.Error as exc:
                 raise SinkError(f"audit store {self.store.path}: {exc}") from exc
+            except SinkError:
+                raise
             except Exception as exc:
                 refused.append(event)
                 reason = reason or f"event {event.id}: {type(exc).__name__}: {exc}"
@@ -59,4 +65,6 @@ class StoreSink:
             raise RejectedError(f"audit store cannot hold {len(refused)} event(s), e.g. {reason}", refused)
 
     async def aclose(self) -> None:
-        await asyncio.to_thread(self.store.close)
+        with contextlib.suppress(SinkError):  # closed already
+            await self._thread.call(self.store.close)
+        self._thread.shutdown()

@@ -109,3 +109,32 @@ class TestStoreSink:
         assert stored.keys() == {"past", "dims"} and set(stored["past"]) == {"base64"}
         assert stored["dims"]["inputs"][0]["shape"] == [1] * 1000
         await sink.aclose()
+
+
+async def test_a_blocked_store_holds_none_of_the_default_threads(tmp_path: Path) -> None:
+    """A store another writer holds locked waits in its own thread: its batches (a broker's
+    component takes 64 per trigger at once) filled asyncio's default pool, which the broker's
+    other triggers resolve subscriber hosts with: a healthy trigger timed out and lost events."""
+    db = tmp_path / "audit.db"
+    sink = StoreSink(AuditStore(db, timeout=3))
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        writes = [asyncio.create_task(sink.send_batch([_event(events.REQUEST, f"r{i}", {"instances": [[i]]})]))
+                  for i in range(40)]
+        await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 1) == "free"
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    await asyncio.gather(*writes, return_exceptions=True)
+    await sink.aclose()
+
+
+async def test_closed_twice_and_written_after_close_retried_not_refused(tmp_path: Path) -> None:
+    sink = StoreSink(AuditStore(tmp_path / "audit.db"))
+    await sink.aclose()
+    await sink.aclose()
+    with pytest.raises(SinkError, match="closed") as info:
+        await sink.send_batch([_event(events.REQUEST, "r1", {"instances": [[1]]})])
+    assert not isinstance(info.value, RejectedError)
