@@ -215,39 +215,49 @@ class Broker:
 
     async def _apply(self, new: TriggerSet) -> None:
         async with self._lock:
-            if self._closing:
-                raise ConfigError("triggers", "the broker is shutting down")
-            s = self.settings
-            declared: dict[Key, DeliverySpec | None] = {self.default_key: None}
-            for decl in new.brokers:
-                declared[(decl.namespace, decl.name)] = decl.delivery
-            for trigger in new.triggers:
-                declared.setdefault(trigger.broker_key, None)
-            base = s.effective_delivery()
-            deliveries = {key: base if spec is None else spec.over(base) for key, spec in declared.items()}
-            wanted = {t.key: t for t in new.triggers}
-            # Build everything first: a bad reference fails the whole change, nothing half-applied.
-            dispatchers: dict[Key, TriggerDispatcher] = {}
-            for key, trigger in wanted.items():
-                old = self.triggers.get(key)
-                same_broker = self._deliveries.get(trigger.broker_key) == deliveries[trigger.broker_key]
-                if old is not None and old.fingerprint == trigger.fingerprint and same_broker:
-                    dispatchers[key] = self.dispatchers[key]
-                else:
-                    dispatchers[key] = self._dispatcher(trigger, deliveries[trigger.broker_key])
-            self._check_channels(deliveries)
-            for key in deliveries:
-                if key not in self.channels:
-                    channel = self._open(key)
-                    try:
-                        await channel.start()
-                    except BaseException:
-                        await channel.aclose(0)
-                        raise
-                    self.channels[key] = channel
-            if s.role != "ingress":
-                await self._switch(wanted, dispatchers)
-            self.triggers, self.dispatchers, self._deliveries = wanted, dispatchers, deliveries
+            try:
+                await self._apply_locked(new)
+            finally:  # also those a failed change built
+                await self.components.prune(self._components_in_use())
+
+    def _components_in_use(self) -> list[Component]:
+        endpoints = [e for d in self.dispatchers.values() for e in (d.subscriber, d.dead_letter)]
+        return [e.component for e in endpoints if isinstance(e, ComponentEndpoint)]
+
+    async def _apply_locked(self, new: TriggerSet) -> None:
+        if self._closing:
+            raise ConfigError("triggers", "the broker is shutting down")
+        s = self.settings
+        declared: dict[Key, DeliverySpec | None] = {self.default_key: None}
+        for decl in new.brokers:
+            declared[(decl.namespace, decl.name)] = decl.delivery
+        for trigger in new.triggers:
+            declared.setdefault(trigger.broker_key, None)
+        base = s.effective_delivery()
+        deliveries = {key: base if spec is None else spec.over(base) for key, spec in declared.items()}
+        wanted = {t.key: t for t in new.triggers}
+        # Build everything first: a bad reference fails the whole change, nothing half-applied.
+        dispatchers: dict[Key, TriggerDispatcher] = {}
+        for key, trigger in wanted.items():
+            old = self.triggers.get(key)
+            same_broker = self._deliveries.get(trigger.broker_key) == deliveries[trigger.broker_key]
+            if old is not None and old.fingerprint == trigger.fingerprint and same_broker:
+                dispatchers[key] = self.dispatchers[key]
+            else:
+                dispatchers[key] = self._dispatcher(trigger, deliveries[trigger.broker_key])
+        self._check_channels(deliveries)
+        for key in deliveries:
+            if key not in self.channels:
+                channel = self._open(key)
+                try:
+                    await channel.start()
+                except BaseException:
+                    await channel.aclose(0)
+                    raise
+                self.channels[key] = channel
+        if s.role != "ingress":
+            await self._switch(wanted, dispatchers)
+        self.triggers, self.dispatchers, self._deliveries = wanted, dispatchers, deliveries
 
     async def _switch(self, wanted: dict[Key, Trigger], dispatchers: dict[Key, TriggerDispatcher]) -> None:
         timeout = self.settings.drain_timeout

@@ -11,7 +11,8 @@ with the broker.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import orjson
@@ -20,6 +21,8 @@ from pydantic import ValidationError
 from infer_logger import sinks
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.sinks.base import Sink, SinkConfig
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -115,6 +118,18 @@ class Components:
             return None if config is None else config()
         except (ValidationError, ValueError):  # e.g. http needs a url: it must be declared
             return None
+
+    async def prune(self, in_use: Iterable[Component]) -> None:
+        """Close the inline (`component: {...}`) ones no trigger uses any more: a reload that
+        changed or removed them kept each open until the broker exited. Declared ones stay."""
+        used = {id(component) for component in in_use}
+        for key, component in list(self._live.items()):
+            if key.startswith("config:") and key not in self._given and id(component) not in used:
+                del self._live[key]
+                try:
+                    await component.aclose()
+                except Exception:  # noqa: BLE001 - a component failing to close must not fail the reload
+                    log.exception("component %s: closing it failed", key)
 
     async def aclose(self) -> None:
         for key, component in list(self._live.items()):

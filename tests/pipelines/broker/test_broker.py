@@ -397,3 +397,36 @@ async def test_a_reload_still_reading_at_shutdown_opens_nothing(tmp_path: Path, 
     release.set()
     assert not await reload
     assert broker.channels == {}
+
+
+async def test_a_reload_closes_the_inline_components_no_trigger_uses(tmp_path: Path) -> None:
+    """`subscriber: {component: {...}}` changed or removed by a reload stayed open until the
+    broker exited: each SIGHUP kept another SQLite connection (an explainer's model and threads)."""
+    triggers = tmp_path / "t.yaml"
+
+    def write(i: int, dead_letter: int | None = None) -> None:
+        delivery = "" if dead_letter is None else (
+            f"\n    delivery: {{deadLetterSink: {{component: {{type: store, path: '{tmp_path}/dl{dead_letter}.db'}}}}}}")
+        triggers.write_text(f"triggers:\n  - name: audit\n    subscriber: {{component: {{type: store, "
+                            f"path: '{tmp_path}/audit{i}.db'}}}}{delivery}\n"
+                            f"  - name: kept\n    subscriber: {{component: {{type: store, path: '{tmp_path}/kept.db'}}}}\n")
+
+    def stores(broker: Broker) -> list[str]:
+        return sorted(Path(c.store.path).name for c in broker.components._live.values())  # type: ignore[attr-defined]
+
+    write(0, dead_letter=0)
+    broker = Broker(settings(tmp_path, trigger_files=[triggers]))
+    await broker.startup()
+    try:
+        for i in range(1, 4):
+            write(i, dead_letter=0)
+            assert await broker.reload()
+        assert stores(broker) == ["audit3.db", "dl0.db", "kept.db"]
+        triggers.write_text("triggers:\n  - name: audit\n    subscriber: {component: {type: nope}}\n")
+        assert not await broker.reload()  # a bad file changes nothing
+        assert stores(broker) == ["audit3.db", "dl0.db", "kept.db"]
+        triggers.write_text("triggers: []\n")
+        assert await broker.reload()
+        assert stores(broker) == []
+    finally:
+        await broker.shutdown()
