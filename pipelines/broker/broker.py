@@ -245,7 +245,7 @@ class Broker:
                 dispatchers[key] = self.dispatchers[key]
             else:
                 dispatchers[key] = self._dispatcher(trigger, deliveries[trigger.broker_key])
-        self._check_channels(deliveries)
+        self._check_channels(deliveries, wanted)
         for key in deliveries:
             if key not in self.channels:
                 channel = self._open(key)
@@ -275,11 +275,22 @@ class Broker:
             elif dispatchers[key] is not self.dispatchers[key]:
                 await channel.replace(trigger.name, dispatchers[key], timeout=timeout)
 
-    def _check_channels(self, keys: Iterable[Key]) -> None:
-        """ConfigError for a broker whose channel could not exist (a Kafka topic name too long)."""
-        if self.settings.channel == "kafka":
-            for key in keys:
-                self.settings.kafka.topic(*key)
+    def _check_channels(self, keys: Iterable[Key], triggers: Iterable[Key]) -> None:
+        """ConfigError for a broker whose channel could not exist (a Kafka topic name too long), or
+        two brokers (two triggers) whose Kafka topics (consumer groups) would be one: names join
+        with `-`, which they may hold, so broker a-b/c and a/b-c delivered each other's events."""
+        if self.settings.channel != "kafka":
+            return
+        kafka = self.settings.kafka
+        for what, names in (("brokers", {key: kafka.topic(*key) for key in keys}),
+                            ("triggers", {key: kafka.group(*key) for key in triggers})):
+            seen: dict[str, Key] = {}
+            for key, name in names.items():
+                other = seen.setdefault(name, key)
+                if other != key:
+                    kind = "topic" if what == "brokers" else "consumer group"
+                    raise ConfigError(what, f"{'/'.join(other)} and {'/'.join(key)} would share the Kafka {kind} "
+                                      f"{name!r}: rename one")
 
     def _open(self, key: Key) -> Channel:
         s = self.settings
@@ -301,7 +312,8 @@ class Broker:
         """Validate the triggers and what they reference, starting nothing; returns their number."""
         new = self._load()
         deliveries = {(d.namespace, d.name): d.delivery for d in new.brokers}
-        self._check_channels([self.default_key, *deliveries, *(t.broker_key for t in new.triggers)])
+        self._check_channels([self.default_key, *deliveries, *(t.broker_key for t in new.triggers)],
+                             [t.key for t in new.triggers])
         base = self.settings.effective_delivery()
         for trigger in new.triggers:
             own = deliveries.get(trigger.broker_key)

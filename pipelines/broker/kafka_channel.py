@@ -171,7 +171,7 @@ class KafkaChannel:
     # -- triggers --------------------------------------------------------------------------------
 
     def group(self, trigger: str) -> str:
-        return f"{self.settings.group_prefix}-{self.namespace}-{trigger}"
+        return self.settings.group(self.namespace, trigger)
 
     async def attach(self, trigger: str, handler: Handler) -> None:
         if not self._reached:

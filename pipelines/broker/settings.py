@@ -84,6 +84,10 @@ class KafkaChannelSettings(BaseModel):
                               f"Kafka topic name (at most {_MAX_TOPIC} of a-z A-Z 0-9 . _ -)")
         return topic
 
+    def group(self, namespace: str, trigger: str) -> str:
+        """A trigger's consumer group."""
+        return f"{self.group_prefix}-{namespace}-{trigger}"
+
 
 class BrokerSettings(LayeredSettings):
     model_config = SettingsConfigDict(

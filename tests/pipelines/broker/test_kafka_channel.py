@@ -371,3 +371,21 @@ async def test_a_broker_whose_topic_kafka_cannot_name_is_a_config_error(
         assert reloads == {"error": 1.0}
     finally:
         await broker.shutdown()
+
+
+@pytest.mark.parametrize(("triggers", "shared"), [
+    # brokers a-x/c and a/x-c: one topic, and each delivered the other's events
+    ("[{name: t1, namespace: a-x, broker: c, subscriber: 'http://s/'},"
+     " {name: t2, namespace: a, broker: x-c, subscriber: 'http://s/'}]", "topic 'knative-broker-a-x-c'"),
+    # triggers a-b/c and a/b-c: one consumer group (removing one deleted the other's offsets)
+    ("[{name: c, namespace: a-b, subscriber: 'http://s/'},"
+     " {name: b-c, namespace: a, subscriber: 'http://s/'}]", "consumer group 'knative-trigger-a-b-c'"),
+])
+def test_names_that_join_into_one_kafka_name_are_refused(tmp_path: Path, triggers: str, shared: str) -> None:
+    from infer_logger.errors import ConfigError
+
+    path = tmp_path / "triggers.yaml"
+    path.write_text(f"triggers: {triggers}\n")
+    broker = Broker(settings(tmp_path, trigger_files=[path], channel="kafka"))
+    with pytest.raises(ConfigError, match=f"would share the Kafka {shared}"):
+        broker.check()
