@@ -170,8 +170,10 @@ class TriggerDispatcher:
             self._warn("trigger %s: gave up on event %s (%s); no dead-letter sink", event.id, why)
             return
         # knativeerrordest: the subscriber, or the broker when the reply is what could not be delivered.
-        extensions = error_extensions(failure.destination or self.subscriber.address, failure.status,
-                                      failure.body or failure.reason.encode())
+        status, body = failure.status, failure.body or failure.reason.encode()
+        if status == NO_RESPONSE:  # as Knative's dispatcher: no answer is a 500, with the error as data
+            status, body = 500, f"dispatch error: {failure.reason}".encode()
+        extensions = error_extensions(failure.destination or self.subscriber.address, status, body)
         # An event dead-lettered before keeps no data of that earlier failure.
         kept = {k: v for k, v in event.attributes.items() if k != "knativeerrordata"}
         letter = CloudEvent({**kept, **extensions}, event.data, event.meta)

@@ -163,7 +163,7 @@ triggers:
         # Each at least once: a dead letter written past its 0.2 s timeout (a busy machine) is
         # tried again, as at-least-once allows.
         assert {x["id"] for x in letters} == {e.id for e in events}
-        assert {x["knativeerrorcode"] for x in letters} == {"-1"}
+        assert {x["knativeerrorcode"] for x in letters} == {"500"}
         assert all(x["knativeerrordest"] == subscriber.url for x in letters)
 
 
