@@ -56,6 +56,7 @@ class _Connection(asyncio.Protocol):
         self._codings = False  # a transfer-encoding other than plain chunked was named
         self._headers_done = False
         self._done = False
+        self._stray = False  # an answer nobody asked for began: retired
 
     # -- asyncio.Protocol
 
@@ -90,6 +91,14 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self.waiter is None and not self._stray:
+            # An answer nobody asked for begins (the predictor is out of step): idle in the pool,
+            # the next request would take its rest as its own answer. Not used again.
+            self._stray = True
+            self.reusable = False
+            self.pool.forget(self)
+            if self.transport is not None:
+                self.transport.close()
         self._headers = []
         self._body = []
         self._framed = False
@@ -141,6 +150,7 @@ class _Connection(asyncio.Protocol):
         self._done = True
         waiter, self.waiter = self.waiter, None
         answer = Answer(self.parser.get_status_code(), self._headers, b"".join(self._body), truncated)
+        self._headers, self._body = [], []  # an idle connection holds none of it (a 188 MiB answer)
         if waiter is None:  # an answer nobody asked for: the connection is out of step
             self.reusable = False
         if self.reusable:

@@ -4,6 +4,7 @@ framings and failures, and the demo predictor."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable
 
@@ -264,6 +265,34 @@ async def test_an_answer_nobody_asked_for_retires_the_connection() -> None:
         assert (await up.request("GET", b"/two", [], b"")).body == b"second"
         await up.close()
     assert peer.connections == 2
+
+
+async def test_an_answer_nobody_asked_for_that_comes_slowly_retires_the_connection() -> None:
+    """Its head came while the connection was idle in the pool, its body later: the next request
+    took the connection with its parser midway, and got that body as its own answer."""
+    stray = b'{"stray": "not yours"}'
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                if b"/one" in head:
+                    writer.write(ok(b"first")(b"") + b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(stray))
+                    await writer.drain()
+                    await asyncio.sleep(0.3)
+                    writer.write(stray)
+                else:
+                    writer.write(ok(b"second")(b""))
+                await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        up = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        assert (await up.request("GET", b"/one", [], b"")).body == b"first"
+        await asyncio.sleep(0.1)  # the stray head is in
+        assert (await up.request("GET", b"/two", [], b"")).body == b"second"
+        await up.close()
+    finally:
+        server.close()
 
 
 async def test_idle_connections_are_capped_and_expire(monkeypatch: pytest.MonkeyPatch) -> None:
