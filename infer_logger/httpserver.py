@@ -150,6 +150,8 @@ class _Connection(asyncio.Protocol):
         self._message_size = 0  # bytes received since the last request ended: bounds chunk framing and trailers
         self._codings = False
         self._plain_head: bytes | None = None
+        self._writing_paused = False  # the transport's buffer is full: the client is behind
+        self._held: tuple[Request, bool | Literal["announce"]] | None = None  # next to answer, once it reads
 
     # -- asyncio.Protocol
 
@@ -162,6 +164,22 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.transport = None
         self.queue.clear()
+        self._headers, self._body = [], []  # a request cut off midway (see on_message_complete)
+
+    def pause_writing(self) -> None:
+        # The client is not reading its answers: answer no more of its pipelined requests, and
+        # read none, until it has (the answers went into the transport's buffer without bound).
+        self._writing_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._start(*held)
+        if self.transport is not None and not self.closing and len(self.queue) < _MAX_PIPELINED - 1:
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self.last = self.server.loop.time()
@@ -320,6 +338,9 @@ class _Connection(asyncio.Protocol):
         if "%" in path:
             path = unquote(raw_path.decode("utf-8", "surrogateescape"))
         request = Request(self.parser.get_method().decode(), path, target, self._headers, b"".join(self._body))
+        # Not kept here: the connection and its parser refer to each other, so a closed one waits
+        # for the GC's rare full collection, and held its last body (each upload grew RSS by it).
+        self._headers, self._body = [], []
         # An HTTP/1.0 client kept alive is told so in the answer, or it waits for the close.
         keep: bool | Literal["announce"] = self.parser.should_keep_alive()
         if keep and self.parser.get_http_version() == "1.0":
@@ -364,9 +385,12 @@ class _Connection(asyncio.Protocol):
             else:
                 transport.close()
         elif self.queue:
-            if len(self.queue) == _MAX_PIPELINED - 1 and not self.closing:
+            if len(self.queue) == _MAX_PIPELINED - 1 and not self.closing and not self._writing_paused:
                 transport.resume_reading()
-            self._start(*self.queue.popleft())
+            if self._writing_paused:  # still `active`: resume_writing answers it
+                self._held = self.queue.popleft()
+            else:
+                self._start(*self.queue.popleft())
         else:
             self.active = False
             if self._continue_due:  # a head read behind this answer waits for its go-ahead

@@ -561,3 +561,60 @@ class TestReadDeadline:
         [first, second] = answers(head + raw)
         assert first[2] and second[0] == b"HTTP/1.1 200 OK" and orjson.loads(second[2])["path"] == "/next"
         writer.close()
+
+
+async def test_a_closed_connection_holds_no_body_without_the_gc() -> None:
+    """A connection and its parser refer to each other, so only the GC's rare full collection
+    freed a closed one, and with it its last request's body: RSS grew by each upload."""
+    import gc
+    import tracemalloc
+
+    async def small(request: Request) -> Reply:
+        return 200, [], b"{}"
+
+    srv = HttpServer(small)
+    await srv.start("127.0.0.1", 0)
+    body = b"x" * (8 << 20)
+    gc.disable()
+    tracemalloc.start()
+    try:
+        for _ in range(4):
+            raw = await exchange(srv, b"POST / HTTP/1.1\r\nhost: a\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+                                 % len(body) + body)
+            assert raw.startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.05)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+        await srv.stop(grace=1)
+    assert held < 12 << 20, f"{held >> 20} MiB still held"
+
+
+async def test_a_client_that_does_not_read_its_answers_is_not_answered_ahead() -> None:
+    """No flow control: answers to pipelined requests were written into the transport's buffer
+    however far the client was behind (a client that never read ran the sidecar out of memory)."""
+    answer = b"y" * (1 << 20)
+
+    async def big(request: Request) -> Reply:
+        return 200, [], answer
+
+    srv = HttpServer(big)
+    await srv.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port, limit=1 << 16)
+    try:
+        writer.transport.pause_reading()  # read nothing for now
+        writer.write(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n" * 40)
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        buffered = max(c.transport.get_write_buffer_size() for c in srv.connections if c.transport)
+        assert buffered < 8 << 20, f"{buffered >> 20} MiB of answers buffered for a client that reads none"
+        writer.transport.resume_reading()
+        got = 0
+        while got < 40 * len(answer):  # every answer comes once it reads (heads add a little)
+            data = await asyncio.wait_for(reader.read(1 << 20), 10)
+            assert data
+            got += len(data)
+    finally:
+        writer.close()
+        await srv.stop(grace=1)
