@@ -32,6 +32,16 @@ from infer_logger.errors import InvalidEventError
 from infer_logger.logger import InferenceLogger, match_route
 
 
+def _route_path(scope: dict[str, Any]) -> str:
+    """The path the app routes on: without the `root_path` ASGI servers put before it (uvicorn
+    --root-path, a Starlette Mount), as Starlette takes it off."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):]
+    return path
+
+
 class InferenceLoggerMiddleware:
     def __init__(self, app: Any, settings: Settings | None = None, logger: InferenceLogger | None = None):
         self.app = app
@@ -52,7 +62,8 @@ class InferenceLoggerMiddleware:
         if scope["type"] == "lifespan":
             await self.app(scope, self._lifespan_receive(receive, send), send)
             return
-        route = match_route(scope.get("method", ""), scope.get("path", "")) if scope["type"] == "http" else None
+        path = _route_path(scope)
+        route = match_route(scope.get("method", ""), path) if scope["type"] == "http" else None
         if route is None:
             await self.app(scope, receive, send)
             return
@@ -70,7 +81,7 @@ class InferenceLoggerMiddleware:
             refusal = error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute)
             await respond(send, 400, [(b"content-type", b"application/json")], refusal)
             return
-        exchange = self.logger.begin(route, scope["path"], headers, scope["headers"], body, event_id)
+        exchange = self.logger.begin(route, path, headers, scope["headers"], body, event_id)
         # The app (and what it echoes) sees the id that replaced it (or was made), as the client
         # does and as the sidecar's predictor does; and, as there, is not asked to compress (a
         # compressing middleware inside this one had its gzip bytes logged as JSON).

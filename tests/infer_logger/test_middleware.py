@@ -345,3 +345,22 @@ def test_as_the_outermost_wrapper_it_logs_what_an_exception_handler_answered(tmp
     response = next(e for e in received if e.type == ev.RESPONSE)
     assert int(response[ev.STATUSCODE]) == 503 and response.json() == {"error": "model not ready, retry"}
     assert started == ["app"]
+
+
+def test_an_app_served_under_a_root_path_is_logged(tmp_path: Path) -> None:
+    """uvicorn --root-path /api (behind a proxy that strips it) puts it before `path`: routes
+    matched on the whole path never matched, and every prediction went unlogged."""
+    with EventCollector() as sink:
+        app = create_app([EchoModel()])
+        app.add_middleware(InferenceLoggerMiddleware,
+                           settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
+        port = free_port()
+        config = uvicorn_config(app, "127.0.0.1", port)
+        config.root_path = "/api"
+        with ServerThread(config):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/models/echo:predict", json={"instances": [[1, 2, 3, 4]]},
+                           headers={"x-request-id": "rp-1"})
+            assert r.json() == {"predictions": [1]} and r.headers["x-request-id"] == "rp-1"
+        received = sink.wait_for(2)
+    assert {(e.id, e.type) for e in received} == {("rp-1", ev.REQUEST), ("rp-1", ev.RESPONSE)}
+    assert {e["path"] for e in received} == {"/v1/models/echo:predict"}
