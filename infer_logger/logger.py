@@ -25,8 +25,8 @@ from infer_logger.spool import DiskSpool, MemorySpool, Position, Spool
 
 log = logging.getLogger(__name__)
 
-_V1 = re.compile(r"^/v1/models/([^/]+):(predict|explain)$")
-_V2 = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+_V1 = re.compile(r"/v1/models/([^/]+):(predict|explain)")
+_V2 = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +43,9 @@ def match_route(method: str, path: str) -> Route | None:
     """KServe V1 `:predict`/`:explain` and V2 `infer` POSTs are logged; anything else is not."""
     if method != "POST":
         return None
-    if m := _V1.match(path):
+    if m := _V1.fullmatch(path):
         return Route("v1", m.group(1), None, m.group(2))
-    if m := _V2.match(path):
+    if m := _V2.fullmatch(path):
         return Route("v2", m.group(1), m.group(2), "infer")
     return None
 

@@ -29,6 +29,9 @@ def test_logged_routes(path: str, route: Route) -> None:
     ("POST", "/v1/models/iris:predict/x"),
     ("POST", "/v2/models/iris/ready"),
     ("POST", "/healthz"),
+    # `$` matched before a last newline: /v1/models/echo:predict%0A, another path, logged as echo's
+    ("POST", "/v1/models/echo:predict\n"),
+    ("POST", "/v2/models/echo/infer\n"),
 ])
 def test_unlogged(method: str, path: str) -> None:
     assert match_route(method, path) is None
