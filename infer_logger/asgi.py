@@ -152,8 +152,12 @@ def error_body(status: int, reason: str, **extra: object) -> bytes:
     return orjson.dumps({"error": reason, "status": status, **extra})
 
 
-async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    if not any(name == b"content-length" for name, _ in headers):  # a HEAD answer brings its own
+async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *,
+                  head: bool = False) -> None:
+    """The answer, with a content-length where one may be (RFC 9110 8.6): never in a 204 or 1xx,
+    in a 304 or a HEAD answer only the one it brings (the predictor's; not 0 for a chunked one)."""
+    if not (head or status in (204, 304) or status < 200) and not any(name == b"content-length"
+                                                                      for name, _ in headers):
         headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -117,7 +117,7 @@ class Proxy:
                 target += b"?" + scope["query_string"]
             request = Request(scope["method"], scope["path"], target, scope["headers"], body)
             status, headers, out = await self.handle(request)
-            await respond(send, status, headers, out)
+            await respond(send, status, headers, out, head=request.method == "HEAD")
         elif kind == "lifespan":
             await run_lifespan(receive, send, self.startup, self.shutdown)
         # websockets are not inference traffic: refuse by not accepting

@@ -33,3 +33,35 @@ async def test_a_body_arriving_steadily_gets_a_second_per_mib() -> None:
 async def test_a_dribbled_body_is_cut_at_the_deadline() -> None:
     with pytest.raises(BodyTimeoutError):
         await read_body(paced(1000, 1, 0.05), timeout=0.3)
+
+
+@pytest.mark.parametrize(("method", "status", "length"), [
+    ("GET", 200, b"2"), ("GET", 204, None), ("GET", 304, None), ("HEAD", 200, None),
+])
+def test_an_answer_gets_a_content_length_only_where_one_may_be(method: str, status: int,
+                                                                length: bytes | None) -> None:
+    """`--server uvicorn`: a 204, a 304 and a HEAD answer (the predictor's chunked) were sent
+    `content-length: 0` (RFC 9110 8.6: none in a 204; in a 304 and a HEAD answer, the GET's)."""
+    import socket
+
+    from infer_logger.asgi import respond
+    from infer_logger.demo.quickstart import ServerThread
+    from infer_logger.server import uvicorn_config
+    from infer_logger.testing import free_port
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await respond(send, status, [], b"{}" if status == 200 and method == "GET" else b"",
+                          head=scope["method"] == "HEAD")
+
+    port = free_port()
+    with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(f"{method} / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n".encode())
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+    head = raw.split(b"\r\n\r\n")[0].lower().split(b"\r\n")
+    assert head[0].startswith(b"http/1.1 %d" % status)
+    lengths = [line.split(b":", 1)[1].strip() for line in head if line.startswith(b"content-length:")]
+    assert lengths == ([] if length is None else [length])
