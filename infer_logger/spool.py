@@ -439,9 +439,11 @@ class DiskSpool(_Segments):
 
     def _saved_floor(self, number: int) -> Position:
         """The lowest position the readers' checkpoint files hold (segment `number`'s start
-        when there is none or one cannot be read)."""
+        when there is none or one cannot be read); not those set aside (`.<digest>.json`), of
+        destinations no sink delivers to now."""
         try:
-            saved = [_read_checkpoint(path)[0] for path in (self.dir / "checkpoints").glob("*.json")]
+            saved = [_read_checkpoint(path)[0] for path in (self.dir / "checkpoints").glob("*.json")
+                     if not path.name.startswith(".")]
         except (OSError, ValueError, KeyError, TypeError):
             return Position(number, 0)
         return min(saved, default=Position(number, 0))

@@ -178,6 +178,25 @@ class TestDiskSpool:
             follower.close()
             spool.close()
 
+    def test_drop_oldest_counts_past_the_sinks_checkpoints_not_a_set_aside_one(self, tmp_path: Path) -> None:
+        """A checkpoint set aside for a destination no sink has now was read as a sink's (the
+        writer, its sinks in the delivery process, looks at the files): all 10 counted lost."""
+        import orjson
+
+        size = len(encode_record(event(0, 50)))
+        spool = DiskSpool(tmp_path, segment_bytes=size * 10, max_bytes=size * 40, overflow="drop_oldest")
+        for i in range(30):
+            assert spool.append(event(i, 50))
+        checkpoints = tmp_path / "checkpoints"
+        checkpoints.joinpath("http.json").write_bytes(
+            orjson.dumps({"segment": min(spool._sizes), "offset": size * 9, "destination": "b" * 16}))
+        checkpoints.joinpath(f".{'a' * 16}.json").write_bytes(
+            orjson.dumps({"segment": 0, "offset": 0, "destination": "a" * 16}))
+        for i in range(30, 45):
+            spool.append(event(i, 50))
+        assert spool.stats.dropped["spool_overflow"] == 1  # the one event the sink had not taken
+        spool.close()
+
     def test_drop_oldest_keeps_newest_and_counts(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=3000, overflow="drop_oldest")
         reader = spool.reader("s")
