@@ -81,8 +81,9 @@ class LayeredSettings(BaseSettings):
         if section and isinstance(data.get(section), dict):
             data = data[section]
         cls._refuse_unknown_env()
-        token = _yaml_data.set(data)
         given = {k: v for k, v in flags.items() if v is not None and v != () and v != {}}
+        data = cls._replaced(data, given)
+        token = _yaml_data.set(data)
         try:
             return cls(**given)
         except ValidationError as exc:
@@ -95,6 +96,20 @@ class LayeredSettings(BaseSettings):
             raise ConfigError("environment", str(exc)) from None
         finally:
             _yaml_data.reset(token)
+
+    @classmethod
+    def _replaced(cls, data: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+        """The file's data without the sections a flag gives anew: a section of another `type`
+        (`--db` over the file's http sink) is not merged into, which mixed their options."""
+        for key, value in flags.items():
+            section = data.get(key)
+            if not (isinstance(value, dict) and "type" in value and isinstance(section, dict)):
+                continue
+            field = cls.model_fields.get(key)
+            default = getattr(field.default, "type", None) if field is not None else None
+            if section.get("type", default) != value["type"]:
+                data = {**data, key: {}}
+        return data
 
     @classmethod
     def _env_var(cls, error: ErrorDetails, flags: dict[str, Any]) -> str | None:
@@ -166,7 +181,7 @@ class _EnvSource(EnvSettingsSource):
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         """Not a Kubernetes service link's value: the port of the Service named as the prefix."""
         value, key, complex_ = super().get_field_value(field, field_name)
-        if isinstance(value, str) and _LINK_VALUE.fullmatch(value.strip()):
+        if field_name == "port" and isinstance(value, str) and _LINK_VALUE.fullmatch(value.strip()):
             host = f"{self.env_prefix}SERVICE_HOST"
             if (host if self.case_sensitive else host.lower()) in self.env_vars:
                 return None, key, complex_

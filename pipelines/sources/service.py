@@ -2,8 +2,9 @@
 
 The source runs beside a small FastAPI app in one event loop: it starts before the app is served
 (a Forward port in use is an error at start, not a dead task behind a live process), and stops in
-the app's shutdown, so SIGTERM lets the batch in hand finish (or stay unacked, uncommitted) and the
-sink close. A source that stops by itself stops the service, which then exits 1.
+the app's shutdown, so SIGTERM gives the batch in hand `drain_timeout` seconds (else it stays unacked,
+uncommitted: sent again) and closes the sink. A source that stops by itself stops the service, which
+then exits 1. `/readyz` is 503 while the sink's last batch failed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import importlib.util
 import logging
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,7 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from infer_logger.errors import InferLoggerError
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import InferLoggerError, RejectedError
 from infer_logger.server import uvicorn_config
 from infer_logger.sinks.base import Sink
 from pipelines.sources.base import Source
@@ -32,10 +34,32 @@ from pipelines.sources.settings import IngestSettings
 log = logging.getLogger(__name__)
 
 
+class Watched:
+    """The sink as the source sees it, remembering whether its last batch failed (`/readyz`)."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.failure: str | None = None
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        try:
+            await self.sink.send_batch(events)
+        except RejectedError:  # refused for good: the sink answers
+            self.failure = None
+            raise
+        except Exception as exc:
+            self.failure = f"the sink fails: {exc}"
+            raise
+        self.failure = None
+
+    async def aclose(self) -> None:
+        await self.sink.aclose()
+
+
 class Ingest:
     """A built source and its sink; `begin` runs the source, `aclose` stops it and closes both."""
 
-    def __init__(self, settings: IngestSettings, source: Source, sink: Sink) -> None:
+    def __init__(self, settings: IngestSettings, source: Source, sink: Watched) -> None:
         self.settings = settings
         self.name = settings.source.name or settings.source.type
         self.source = source
@@ -49,7 +73,7 @@ class Ingest:
     @classmethod
     async def open(cls, settings: IngestSettings) -> Ingest:
         """Build the sink, then the source over it (ConfigError naming the field when one cannot be)."""
-        sink = settings.sink.build()
+        sink = Watched(settings.sink.build())
         try:
             source = settings.source.build(sink)
         except BaseException:
@@ -77,15 +101,26 @@ class Ingest:
         self.on_stopped()
 
     @property
-    def ready(self) -> bool:
-        return self._task is not None and not self._task.done()
+    def problem(self) -> str | None:
+        """Why it is not ready: not running, or its sink failing (None when ready)."""
+        if self._task is None or self._task.done():
+            return self.failure or "not running"
+        return self.sink.failure
 
     async def aclose(self) -> None:
+        """Stop the source; the batch in hand gets `drain_timeout` seconds, then is given up."""
         self._closing = True
         try:
-            await self.source.aclose()  # also ends `run`
+            self.source.stop()
             if self._task is not None:
+                _, running = await asyncio.wait({self._task}, timeout=self.settings.drain_timeout)
+                if running:
+                    log.warning("%s source: the batch in hand was not taken within %gs (drain_timeout): "
+                                "given up, not acked or committed (it comes again)", self.name,
+                                self.settings.drain_timeout)
+                    self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
+            await self.source.aclose()
         finally:
             await self.sink.aclose()
 
@@ -124,10 +159,9 @@ def create_app(ingest: Ingest) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        if ingest.ready:
+        if (problem := ingest.problem) is None:
             return JSONResponse({"ready": True, "source": ingest.name})
-        return JSONResponse({"ready": False, "source": ingest.name, "reason": ingest.failure or "not running"},
-                            status_code=503)
+        return JSONResponse({"ready": False, "source": ingest.name, "reason": problem}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

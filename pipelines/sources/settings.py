@@ -40,6 +40,9 @@ class IngestSettings(LayeredSettings):
     """Where events come from: `forward` (a Fluentd Forward server) or `kafka` (a consumer group)."""
     sink: SinkSpec = StoreSinkConfig()
     """Where they go: the source moves on (acks a chunk, commits an offset) only once it took them."""
+    drain_timeout: float = Field(5.0, ge=0)
+    """Seconds a stop waits for the batch in hand; then it is given up: not acked, not committed,
+    sent again (a sink that does not answer held SIGTERM for minutes, past a pod's grace period)."""
 
     @field_validator("source", mode="before")
     @classmethod

@@ -332,6 +332,13 @@ class TestUnknownVariables:
         with pytest.raises(ConfigError, match="INFER_LOGGER_PORT"):
             load_settings()
 
+    def test_only_the_port_is_a_link_s_name(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A link-like value of another setting is the user's: used (here refused), not dropped."""
+        monkeypatch.setenv("INFER_LOGGER_SERVICE_HOST", "10.96.0.12")
+        monkeypatch.setenv("INFER_LOGGER_LOG_URL", "tcp://10.96.0.12:80")
+        with pytest.raises(ConfigError, match="INFER_LOGGER_LOG_URL"):
+            load_settings()
+
     def test_a_port_name_without_its_service_is_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("INFER_LOGGER_SPOOL_PORT", "1")
         with pytest.raises(ConfigError, match="matches no setting"):

@@ -21,8 +21,8 @@ from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.events import REQUEST, RESPONSE
 from infer_logger.sinks.memory import MemorySink
 from infer_logger.store import AuditStore
-from infer_logger.testing import free_port
-from pipelines.sources.service import Ingest, create_app
+from infer_logger.testing import EventCollector, free_port
+from pipelines.sources.service import Ingest, Watched, create_app
 from pipelines.sources.settings import IngestSettings
 from tests.pipelines.sources.test_kafka_source import new_topic, publish
 from tests.servers import Process
@@ -89,6 +89,27 @@ class TestForward:
         assert proc.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
         assert "Traceback" not in (tmp_path / "ingest.log").read_text()
 
+    def test_not_ready_while_the_sink_fails_and_ready_once_it_takes_them(self, tmp_path: Path,
+                                                                         running: list[Process]) -> None:
+        forward, receiver_port = free_port(), free_port()
+        proc = ingest_process(tmp_path, "--listen", f"127.0.0.1:{forward}",
+                              "--sink-url", f"http://127.0.0.1:{receiver_port}/").start()
+        running.append(proc)
+        sender = FluentSender("inference", host="127.0.0.1", port=forward)
+        try:
+            sender.emit("iris", inference_record(1, REQUEST))  # the sink is down: not taken
+            wait_for(lambda: httpx.get(proc.url + "/readyz").status_code == 503)
+            assert "the sink fails" in httpx.get(proc.url + "/readyz").json()["reason"]
+            with EventCollector(port=receiver_port) as receiver:
+                sender.close()  # its connection was closed on it: a new one
+                sender = FluentSender("inference", host="127.0.0.1", port=forward)
+                assert sender.emit("iris", inference_record(2, REQUEST)), sender.last_error
+                received = receiver.wait_for(1)
+                wait_for(lambda: httpx.get(proc.url + "/readyz").status_code == 200)
+            assert received[0].id == "fl-2"
+        finally:
+            sender.close()
+
     def test_forward_port_in_use_is_a_clear_error(self, tmp_path: Path) -> None:
         with socket.create_server(("127.0.0.1", 0)) as taken:
             port = taken.getsockname()[1]
@@ -130,6 +151,33 @@ class TestKafka:
         assert committed(kafka_bootstrap, group, topic) == [30]
 
 
+    def test_sigterm_gives_the_batch_in_hand_drain_timeout_then_leaves_it_uncommitted(
+            self, kafka_bootstrap: str, tmp_path: Path) -> None:
+        """A sink that never answers: the stop waited for the whole batch, 16 POSTs of 10 s at a
+        time (~5 min for 500 events), past a pod's grace period, sending all the while."""
+        topic, group = new_topic(kafka_bootstrap), f"ingest-{uuid.uuid4().hex[:8]}"
+        asyncio.run(publish(kafka_bootstrap, topic, [CloudEvent(
+            {"specversion": "1.0", "id": f"h-{i}", "source": "/s", "type": REQUEST}, b"{}") for i in range(200)]))
+        silent = socket.create_server(("127.0.0.1", 0))  # takes connections, never answers
+        try:
+            port = free_port()
+            proc = Process([*INGEST, "--port", str(port), "--source", "kafka", "--kafka-bootstrap", kafka_bootstrap,
+                            "--topic", topic, "--group-id", group,
+                            "--sink-url", f"http://127.0.0.1:{silent.getsockname()[1]}/"],
+                           port, ready_path="/readyz", log=tmp_path / "ingest.log",
+                           env={"INFER_LOGGER_INGEST_DRAIN_TIMEOUT": "1"}).start()
+            time.sleep(2)  # the first batch is with the sink
+            started = time.monotonic()
+            proc.stop(signal.SIGTERM, timeout=60)
+            assert time.monotonic() - started < 30  # was minutes
+        finally:
+            silent.close()
+        from tests.pipelines.sources.test_kafka_source import committed
+
+        assert all(offset <= 0 for offset in committed(kafka_bootstrap, group, topic))  # nothing committed
+        assert "drain_timeout" in (tmp_path / "ingest.log").read_text()
+
+
 class TestConfig:
     @pytest.mark.parametrize(("args", "env", "names"), [
         (["--source", "kafka"], {}, "bootstrap_servers"),
@@ -165,6 +213,20 @@ class TestConfig:
         assert (settings.source.bootstrap_servers, settings.source.topics) == ("kafka:9092", ["b"])
         assert load_ingest_settings(None, source={"port": 24225}).source.type == "forward"
 
+    def test_a_flag_of_another_type_replaces_the_files_section(self, tmp_path: Path) -> None:
+        """`--db` over the file's http sink was merged into it: `sink.store.url: Extra inputs`."""
+        from pipelines.sources.settings import load_ingest_settings
+
+        config = tmp_path / "ingest.yaml"
+        config.write_text("source: {port: 24225, shared_key: s}\nsink: {type: http, url: 'http://b/'}\n")
+        settings = load_ingest_settings(config, sink={"type": "store", "path": "x.db"},
+                                        source={"type": "forward", "host": "0.0.0.0"})
+        assert (settings.sink.type, settings.sink.path) == ("store", "x.db")  # type: ignore[union-attr]
+        # The same type (the file's by default): merged, its options kept.
+        assert (settings.source.host, settings.source.port) == ("0.0.0.0", 24225)  # type: ignore[union-attr]
+        kafka = load_ingest_settings(config, source={"type": "kafka", "bootstrap_servers": "k:9092", "topics": ["t"]})
+        assert kafka.source.type == "kafka"
+
 
 class _Stops:
     """A source whose run ends by itself (a bug, a fatal client error)."""
@@ -192,15 +254,15 @@ class _Stops:
 class TestService:
     @pytest.mark.parametrize("error", [RuntimeError("fatal"), None])
     async def test_a_source_that_stops_stops_the_service(self, error: Exception | None) -> None:
-        sink = MemorySink()
+        sink = Watched(MemorySink())
         ingest = Ingest(IngestSettings(), _Stops(error), sink)
         stopped = asyncio.Event()
         ingest.on_stopped = stopped.set
         app = create_app(ingest)
         async with app.router.lifespan_context(app):
             await asyncio.wait_for(stopped.wait(), 5)
-            assert not ingest.ready
             assert ingest.failure == ("RuntimeError: fatal" if error else "it stopped")
+            assert ingest.problem == ingest.failure
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as client:
                 ready = await client.get("/readyz")
