@@ -166,6 +166,14 @@ class _Connection(asyncio.Protocol):
         self.queue.clear()
         self._headers, self._body = [], []  # a request cut off midway (see on_message_complete)
 
+    def eof_received(self) -> bool | None:
+        # The client is done sending (a half-close): answer what it sent, then close; with
+        # nothing to answer, close now (a request begun can never end).
+        if self.active or self.queue:
+            self._stop_reading()
+            return True
+        return None
+
     def pause_writing(self) -> None:
         # The client is not reading its answers: answer no more of its pipelined requests, and
         # read none, until it has (the answers went into the transport's buffer without bound).

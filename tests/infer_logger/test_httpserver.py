@@ -618,3 +618,14 @@ async def test_a_client_that_does_not_read_its_answers_is_not_answered_ahead() -
     finally:
         writer.close()
         await srv.stop(grace=1)
+
+
+async def test_a_client_that_half_closes_after_its_request_gets_the_answer(server: HttpServer) -> None:
+    """`shutdown(SHUT_WR)` after sending (netcat, some HTTP/1.0 clients): the connection was
+    closed at the EOF, the answer unsent, though the request was handled (and logged)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /sleep HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\n0.2")
+    writer.write_eof()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 200")
