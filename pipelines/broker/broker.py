@@ -80,6 +80,7 @@ class Broker:
         self._binary = BinaryHeaders()
         self._accepted: dict[Key, Any] = {}
         self._lock = asyncio.Lock()
+        self._partly_switched = False  # a reload failed within the switch of dispatchers
         self._reloading = asyncio.Lock()
         self._sighup = reload_on_sighup
         self._closing = False
@@ -215,10 +216,15 @@ class Broker:
 
     async def _apply(self, new: TriggerSet) -> None:
         async with self._lock:
+            self._partly_switched = False
             try:
                 await self._apply_locked(new)
-            finally:  # also those a failed change built
-                await self.components.prune(self._components_in_use())
+            finally:
+                # Also those a failed change built; not after a switch that stopped midway: the
+                # channels then run some of the new dispatchers, which self.dispatchers lacks (the
+                # next reload that succeeds closes what no trigger uses).
+                if not self._partly_switched:
+                    await self.components.prune(self._components_in_use())
 
     def _components_in_use(self) -> list[Component]:
         endpoints = [e for d in self.dispatchers.values() for e in (d.subscriber, d.dead_letter)]
@@ -256,7 +262,9 @@ class Broker:
                     raise
                 self.channels[key] = channel
         if s.role != "ingress":
+            self._partly_switched = True
             await self._switch(wanted, dispatchers)
+        self._partly_switched = False
         self.triggers, self.dispatchers, self._deliveries = wanted, dispatchers, deliveries
 
     async def _switch(self, wanted: dict[Key, Trigger], dispatchers: dict[Key, TriggerDispatcher]) -> None:

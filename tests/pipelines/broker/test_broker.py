@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 
 from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.events import REQUEST
 from infer_logger.errors import SinkError
 from infer_logger.store import AuditStore
 from pipelines.broker import Broker
@@ -428,5 +429,25 @@ async def test_a_reload_closes_the_inline_components_no_trigger_uses(tmp_path: P
         triggers.write_text("triggers: []\n")
         assert await broker.reload()
         assert stores(broker) == []
+    finally:
+        await broker.shutdown()
+
+
+async def test_a_reload_failing_within_the_switch_closes_no_component_a_trigger_runs(tmp_path: Path) -> None:
+    """Trigger a switched to its new inline store, then attaching b failed: the prune, judging by
+    the dispatchers of before, closed a's new store, and a's events were given up."""
+    triggers = tmp_path / "t.yaml"
+    line = "  - name: {}\n    subscriber: {{component: {{type: store, path: '{}'}}}}\n"
+    triggers.write_text("triggers:\n" + line.format("a", tmp_path / "a1.db"))
+    broker = Broker(settings(tmp_path, trigger_files=[triggers]))
+    await broker.startup()
+    try:
+        spool = broker.channels[broker.default_key].spool  # type: ignore[attr-defined]
+        (spool.dir / "checkpoints" / "b.json").mkdir(parents=True)  # b's attach fails: an I/O error
+        triggers.write_text("triggers:\n" + line.format("a", tmp_path / "a2.db") + line.format("b", tmp_path / "b.db"))
+        assert not await broker.reload()
+        await _post(broker, *(event(f"e{i}", REQUEST, b'{"instances": [1]}') for i in range(3)))
+        await until(lambda: (tmp_path / "a2.db").exists() and len(AuditStore(tmp_path / "a2.db", readonly=True)
+                                                                    .query(limit=10)) == 3, timeout=10)
     finally:
         await broker.shutdown()
