@@ -165,6 +165,7 @@ class _Connection(asyncio.Protocol):
         self.transport = None
         self.queue.clear()
         self._headers, self._body = [], []  # a request cut off midway (see on_message_complete)
+        self._held = None
 
     def eof_received(self) -> bool | None:
         # The client is done sending (a half-close): answer what it sent, then close; with
@@ -178,7 +179,9 @@ class _Connection(asyncio.Protocol):
         # The client is not reading its answers: answer no more of its pipelined requests, and
         # read none, until it has (the answers went into the transport's buffer without bound).
         self._writing_paused = True
-        if self.transport is not None:
+        # At a request's end, not midway: a client writing a big upload pipelined behind the
+        # answer it is not reading yet would wait for us as we wait for it (and get a 408).
+        if self.transport is not None and not self._midway:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
@@ -355,7 +358,7 @@ class _Connection(asyncio.Protocol):
             keep = "announce"
         if self.active:
             self.queue.append((request, keep))
-            if len(self.queue) >= _MAX_PIPELINED and self.transport is not None:
+            if (len(self.queue) >= _MAX_PIPELINED or self._writing_paused) and self.transport is not None:
                 self.transport.pause_reading()
         else:
             self._start(request, keep)

@@ -629,3 +629,29 @@ async def test_a_client_that_half_closes_after_its_request_gets_the_answer(serve
     raw = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert raw.startswith(b"HTTP/1.1 200")
+
+
+async def test_an_upload_pipelined_behind_an_unread_answer_is_still_read() -> None:
+    """A client writing all its requests before reading: with reading paused for its unread
+    answer, it could not finish writing its upload, and the upload was answered 408."""
+    big = b"y" * (16 << 20)
+
+    async def handler(request: Request) -> Reply:
+        return 200, [], big if request.path == "/big" else b"got %d" % len(request.body)
+
+    srv = HttpServer(handler, request_read_timeout=3.0)
+    await srv.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        body = b"x" * (16 << 20)
+        writer.write(b"GET /big HTTP/1.1\r\nhost: a\r\n\r\n"
+                     b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        await asyncio.wait_for(writer.drain(), 10)  # all of it taken before any answer is read
+        raw = b""
+        while not raw.endswith(b"got %d" % len(body)):
+            data = await asyncio.wait_for(reader.read(1 << 20), 10)
+            assert data, raw[-200:]
+            raw += data
+    finally:
+        writer.close()
+        await srv.stop(grace=1)
