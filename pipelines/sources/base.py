@@ -31,6 +31,11 @@ class Source(Protocol):
 
     def stop(self) -> None: ...
 
+    async def drain(self, timeout: float) -> bool:
+        """`stop`, and wait up to `timeout` s for the batch in hand to be handled (acked,
+        committed); False if it was not: `aclose` then gives it up, to come again."""
+        ...
+
     async def aclose(self) -> None: ...
 
     def stats(self) -> dict[str, int]:

@@ -698,6 +698,10 @@ class ForwardSource:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self._closing = False
+        self._draining = False  # no frame is taken now: those in hand finish (`drain`)
+        self._taking = 0  # frames being taken (handed on, then acked)
+        self._idle = asyncio.Event()
+        self._idle.set()
         # surrogateescape: an ack echoes a chunk that is not UTF-8 (read so) byte for byte; strict,
         # it failed after the records were handed on, and every resend delivered them again.
         self._packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
@@ -714,7 +718,7 @@ class ForwardSource:
     async def start(self) -> None:
         if self._server is None:
             self._stopped.clear()
-            self._closing = False
+            self._closing = self._draining = False
             self._server = await asyncio.start_server(self._serve, self.config.host, self.config.port)
             self.port = int(self._server.sockets[0].getsockname()[1])
             log.info("forward source listening on %s:%s", self.config.host, self.port)
@@ -732,6 +736,15 @@ class ForwardSource:
         if self._server is not None:
             self._server.close()
         self._stopped.set()
+
+    async def drain(self, timeout: float) -> bool:
+        self.stop()
+        self._draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def aclose(self) -> None:
         if self._server is not None:
@@ -774,10 +787,19 @@ class ForwardSource:
             while True:
                 # Frames first: some may have come in the handshake's last read, behind its PING.
                 for message in messages:
+                    if self._draining:
+                        return  # not taken, not acked: the sender sends it again
                     if len(message) == 1 and message[0] == _NIL:
                         continue  # a heartbeat (Fluentd's in_forward skips it too)
                     frame = parse_frame(message, self.config.max_frame_bytes, self.config.max_frame_entries)
-                    await self._take(frame, reader, writer)
+                    self._taking += 1
+                    self._idle.clear()
+                    try:
+                        await self._take(frame, reader, writer)
+                    finally:
+                        self._taking -= 1
+                        if not self._taking:
+                            self._idle.set()
                 if not (data := await self._read(reader, messages)):
                     break
                 messages.feed(data)

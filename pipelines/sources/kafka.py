@@ -241,6 +241,15 @@ class KafkaSource:
         self._stopping = True
         self._wake.set()
 
+    async def drain(self, timeout: float) -> bool:
+        self.stop()
+        if self._running:
+            try:
+                await asyncio.wait_for(self._done.wait(), timeout)
+            except TimeoutError:
+                return False
+        return True
+
     async def aclose(self) -> None:
         if self._closed:
             return

@@ -4,7 +4,7 @@ The source runs beside a small FastAPI app in one event loop: it starts before t
 (a Forward port in use is an error at start, not a dead task behind a live process), and stops in
 the app's shutdown, so SIGTERM gives the batch in hand `drain_timeout` seconds (else it stays unacked,
 uncommitted: sent again) and closes the sink. A source that stops by itself stops the service, which
-then exits 1. `/readyz` is 503 while the sink's last batch failed.
+then exits 1. `/readyz` is 503 for 10 s after a batch the sink failed.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import asyncio
 import importlib.util
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -35,22 +36,33 @@ log = logging.getLogger(__name__)
 
 
 class Watched:
-    """The sink as the source sees it, remembering whether its last batch failed (`/readyz`)."""
+    """The sink as the source sees it, remembering whether its last batch failed (`/readyz`).
 
-    def __init__(self, sink: Sink) -> None:
+    For `hold` seconds only: unready, a pod behind a Service gets no connection, so no batch
+    would come to find the sink back (a Forward replica stayed out of service for good)."""
+
+    def __init__(self, sink: Sink, hold: float = 10.0) -> None:
         self.sink = sink
-        self.failure: str | None = None
+        self.hold = hold
+        self._failure: str | None = None
+        self._failed_at = 0.0
+
+    @property
+    def failure(self) -> str | None:
+        if self._failure is not None and time.monotonic() - self._failed_at < self.hold:
+            return self._failure
+        return None
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         try:
             await self.sink.send_batch(events)
         except RejectedError:  # refused for good: the sink answers
-            self.failure = None
+            self._failure = None
             raise
         except Exception as exc:
-            self.failure = f"the sink fails: {exc}"
+            self._failure, self._failed_at = f"the sink fails: {exc}", time.monotonic()
             raise
-        self.failure = None
+        self._failure = None
 
     async def aclose(self) -> None:
         await self.sink.aclose()
@@ -111,14 +123,12 @@ class Ingest:
         """Stop the source; the batch in hand gets `drain_timeout` seconds, then is given up."""
         self._closing = True
         try:
-            self.source.stop()
+            if not await self.source.drain(self.settings.drain_timeout):
+                log.warning("%s source: the batch in hand was not taken within %gs (drain_timeout): "
+                            "given up, not acked or committed (it comes again)", self.name,
+                            self.settings.drain_timeout)
             if self._task is not None:
-                _, running = await asyncio.wait({self._task}, timeout=self.settings.drain_timeout)
-                if running:
-                    log.warning("%s source: the batch in hand was not taken within %gs (drain_timeout): "
-                                "given up, not acked or committed (it comes again)", self.name,
-                                self.settings.drain_timeout)
-                    self._task.cancel()
+                self._task.cancel()  # done by now, unless the drain ran out
                 await asyncio.gather(self._task, return_exceptions=True)
             await self.source.aclose()
         finally:

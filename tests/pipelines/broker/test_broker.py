@@ -12,8 +12,8 @@ from pathlib import Path
 import orjson
 
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.events import REQUEST
 from infer_logger.errors import SinkError
+from infer_logger.events import REQUEST
 from infer_logger.store import AuditStore
 from pipelines.broker import Broker
 from pipelines.broker.filters import FilterResult

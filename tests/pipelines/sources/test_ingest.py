@@ -244,6 +244,9 @@ class _Stops:
 
     def stop(self) -> None: ...
 
+    async def drain(self, timeout: float) -> bool:
+        return True
+
     async def aclose(self) -> None:
         self.closed = True
 
@@ -269,3 +272,46 @@ class TestService:
                 assert ready.status_code == 503 and ready.json()["reason"] == ingest.failure
                 assert 'infer_logger_ingest_records_total{source="forward"} 3.0' in (await client.get("/metrics")).text
         assert ingest.source.closed  # type: ignore[attr-defined]
+
+    async def test_a_stop_lets_the_forward_frame_in_hand_be_taken_and_acked(self) -> None:
+        """The Forward source's stop let `run` return at once: the connection was cancelled with
+        its frame at the sink, taken but not acked, and Fluent Bit sent it again."""
+        import msgpack
+
+        class Slow:
+            def __init__(self) -> None:
+                self.events: list[CloudEvent] = []
+
+            async def send_batch(self, events: list[CloudEvent]) -> None:
+                await asyncio.sleep(1.0)
+                self.events.extend(events)
+
+            async def aclose(self) -> None: ...
+
+        settings = IngestSettings(source={"type": "forward", "port": 0})
+        sink = Watched(Slow())  # type: ignore[arg-type]
+        source = settings.source.build(sink)
+        ingest = Ingest(settings, source, sink)
+        await ingest.start()
+        ingest.begin()
+        reader, writer = await asyncio.open_connection("127.0.0.1", source.port)  # type: ignore[attr-defined]
+        writer.write(msgpack.packb(["app", [[1, {"a": 1}]], {"chunk": "c1"}]))
+        await asyncio.sleep(0.3)  # with the sink
+        await ingest.aclose()
+        assert msgpack.unpackb(await asyncio.wait_for(reader.read(100), 5)) == {"ack": "c1"}
+        assert len(sink.sink.events) == 1  # type: ignore[attr-defined]
+        writer.close()
+
+    async def test_a_failing_sink_makes_it_unready_for_a_while_only(self) -> None:
+        """Unready, no connection comes behind a Service, so no batch finds the sink back."""
+        from infer_logger.errors import SinkError
+        from infer_logger.sinks.memory import failing
+
+        memory = MemorySink()
+        memory.fail = failing(1, SinkError("down"))
+        watched = Watched(memory, hold=0.3)
+        with pytest.raises(SinkError):
+            await watched.send_batch([CloudEvent({"specversion": "1.0", "id": "1", "source": "/", "type": "t"})])
+        assert watched.failure == "the sink fails: down"
+        await asyncio.sleep(0.4)
+        assert watched.failure is None
