@@ -356,10 +356,15 @@ class _Connection(asyncio.Protocol):
         keep: bool | Literal["announce"] = self.parser.should_keep_alive()
         if keep and self.parser.get_http_version() == "1.0":
             keep = "announce"
+        if self._writing_paused and self.transport is not None:
+            self.transport.pause_reading()  # here at the latest (pause_writing came midway)
         if self.active:
             self.queue.append((request, keep))
-            if (len(self.queue) >= _MAX_PIPELINED or self._writing_paused) and self.transport is not None:
+            if len(self.queue) >= _MAX_PIPELINED and self.transport is not None:
                 self.transport.pause_reading()
+        elif self._writing_paused:  # answered once the client reads what it was sent
+            self.active = True
+            self._held = (request, keep)
         else:
             self._start(request, keep)
 

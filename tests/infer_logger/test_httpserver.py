@@ -655,3 +655,39 @@ async def test_an_upload_pipelined_behind_an_unread_answer_is_still_read() -> No
     finally:
         writer.close()
         await srv.stop(grace=1)
+
+
+async def test_a_request_finished_after_the_pause_is_held_and_reading_stops() -> None:
+    """The pause came with a request midway: once it was whole it was answered at once, and every
+    request after it too, into the buffer of a client that read none (the pause never came again)."""
+    import socket
+
+    big = b"y" * (4 << 20)
+
+    async def handler(request: Request) -> Reply:
+        return 200, [], big if request.path == "/big" else b"small"
+
+    srv = HttpServer(handler, request_read_timeout=30.0, keep_alive_timeout=60.0)
+    await srv.start("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel takes little for it
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", srv.port))
+        get = b"GET /big HTTP/1.1\r\nhost: a\r\n\r\n"
+        await loop.sock_sendall(sock, get + b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\n")
+        await asyncio.sleep(0.3)  # /big answered with the POST midway: the pause
+        await loop.sock_sendall(sock, b"0123456789")
+        await asyncio.sleep(0.1)
+        for _ in range(10):
+            with contextlib.suppress(TimeoutError):  # reading stopped: the kernel's buffer fills
+                await asyncio.wait_for(loop.sock_sendall(sock, get), 0.5)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        [conn] = list(srv.connections)
+        assert conn.transport is not None
+        assert conn.transport.get_write_buffer_size() < 12 << 20, "answered into the buffer of a client reading none"
+    finally:
+        sock.close()
+        await srv.stop(grace=1)
