@@ -80,7 +80,6 @@ class Broker:
         self._binary = BinaryHeaders()
         self._accepted: dict[Key, Any] = {}
         self._lock = asyncio.Lock()
-        self._partly_switched = False  # a reload failed within the switch of dispatchers
         self._reloading = asyncio.Lock()
         self._sighup = reload_on_sighup
         self._closing = False
@@ -216,15 +215,10 @@ class Broker:
 
     async def _apply(self, new: TriggerSet) -> None:
         async with self._lock:
-            self._partly_switched = False
             try:
                 await self._apply_locked(new)
-            finally:
-                # Also those a failed change built; not after a switch that stopped midway: the
-                # channels then run some of the new dispatchers, which self.dispatchers lacks (the
-                # next reload that succeeds closes what no trigger uses).
-                if not self._partly_switched:
-                    await self.components.prune(self._components_in_use())
+            finally:  # also those a failed change built (`_switch` keeps `dispatchers` true)
+                await self.components.prune(self._components_in_use())
 
     def _components_in_use(self) -> list[Component]:
         endpoints = [e for d in self.dispatchers.values() for e in (d.subscriber, d.dead_letter)]
@@ -262,26 +256,29 @@ class Broker:
                     raise
                 self.channels[key] = channel
         if s.role != "ingress":
-            self._partly_switched = True
             await self._switch(wanted, dispatchers)
-        self._partly_switched = False
         self.triggers, self.dispatchers, self._deliveries = wanted, dispatchers, deliveries
 
     async def _switch(self, wanted: dict[Key, Trigger], dispatchers: dict[Key, TriggerDispatcher]) -> None:
+        """Detach, attach and replace runners; `triggers` and `dispatchers` follow each step, so
+        they say what the channels run also after a step failed (a prune judging by those of
+        before closed a new runner's component; a reload back to them then replaced nothing)."""
         timeout = self.settings.drain_timeout
-        for key, current in self.triggers.items():
+        for key, current in list(self.triggers.items()):
             replacement = wanted.get(key)
             if replacement is None or replacement.broker_key != current.broker_key:
                 await self.channels[current.broker_key].detach(current.name, forget=True, timeout=timeout)
+                del self.triggers[key]
+                self.dispatchers.pop(key, None)
                 with contextlib.suppress(KeyError):  # its last lag stayed on every scrape
                     self.metrics.lag.remove(current.label)
         for key, trigger in wanted.items():
-            old = self.triggers.get(key)
             channel = self.channels[trigger.broker_key]
-            if old is None or old.broker_key != trigger.broker_key:
+            if key not in self.triggers:
                 await channel.attach(trigger.name, dispatchers[key])
             elif dispatchers[key] is not self.dispatchers[key]:
                 await channel.replace(trigger.name, dispatchers[key], timeout=timeout)
+            self.triggers[key], self.dispatchers[key] = trigger, dispatchers[key]
 
     def _check_channels(self, keys: Iterable[Key], triggers: Iterable[Key]) -> None:
         """ConfigError for a broker whose channel could not exist (a Kafka topic name too long), or

@@ -449,5 +449,12 @@ async def test_a_reload_failing_within_the_switch_closes_no_component_a_trigger_
         await _post(broker, *(event(f"e{i}", REQUEST, b'{"instances": [1]}') for i in range(3)))
         await until(lambda: (tmp_path / "a2.db").exists() and len(AuditStore(tmp_path / "a2.db", readonly=True)
                                                                     .query(limit=10)) == 3, timeout=10)
+        # Back to the file of before: a runs its first store again (it replaced nothing, taking
+        # its old runner for the one running, and closed the store it ran).
+        triggers.write_text("triggers:\n" + line.format("a", tmp_path / "a1.db"))
+        assert await broker.reload()
+        await _post(broker, *(event(f"f{i}", REQUEST, b'{"instances": [1]}') for i in range(3)))
+        await until(lambda: (tmp_path / "a1.db").exists() and len(AuditStore(tmp_path / "a1.db", readonly=True)
+                                                                    .query(limit=10)) == 3, timeout=10)
     finally:
         await broker.shutdown()
