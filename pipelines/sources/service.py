@@ -4,7 +4,7 @@ The source runs beside a small FastAPI app in one event loop: it starts before t
 (a Forward port in use is an error at start, not a dead task behind a live process), and stops in
 the app's shutdown, so SIGTERM gives the batch in hand `drain_timeout` seconds (else it stays unacked,
 uncommitted: sent again) and closes the sink. A source that stops by itself stops the service, which
-then exits 1. `/readyz` is 503 for 10 s after a batch the sink failed.
+then exits 1. `/readyz` is 503 while the sink's last batch failed (Forward: for 10 s after it).
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ log = logging.getLogger(__name__)
 class Watched:
     """The sink as the source sees it, remembering whether its last batch failed (`/readyz`).
 
-    For `hold` seconds only: unready, a pod behind a Service gets no connection, so no batch
-    would come to find the sink back (a Forward replica stayed out of service for good)."""
+    For `hold` seconds only, when given: unready, a pod behind a Service gets no connection, so
+    no batch would come to find the sink back (a Forward replica stayed out of service for good).
+    A source that pulls (Kafka) retries anyway: until a batch passes."""
 
-    def __init__(self, sink: Sink, hold: float = 10.0) -> None:
+    def __init__(self, sink: Sink, hold: float | None = None) -> None:
         self.sink = sink
         self.hold = hold
         self._failure: str | None = None
@@ -49,7 +50,7 @@ class Watched:
 
     @property
     def failure(self) -> str | None:
-        if self._failure is not None and time.monotonic() - self._failed_at < self.hold:
+        if self._failure is not None and (self.hold is None or time.monotonic() - self._failed_at < self.hold):
             return self._failure
         return None
 
@@ -85,7 +86,7 @@ class Ingest:
     @classmethod
     async def open(cls, settings: IngestSettings) -> Ingest:
         """Build the sink, then the source over it (ConfigError naming the field when one cannot be)."""
-        sink = Watched(settings.sink.build())
+        sink = Watched(settings.sink.build(), hold=10.0 if settings.source.type == "forward" else None)
         try:
             source = settings.source.build(sink)
         except BaseException:

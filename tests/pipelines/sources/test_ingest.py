@@ -315,3 +315,9 @@ class TestService:
         assert watched.failure == "the sink fails: down"
         await asyncio.sleep(0.4)
         assert watched.failure is None
+        pulled = Watched(memory)  # Kafka's: it retries anyway, until a batch passes
+        memory.fail = failing(1, SinkError("down"))
+        with pytest.raises(SinkError):
+            await pulled.send_batch([CloudEvent({"specversion": "1.0", "id": "1", "source": "/", "type": "t"})])
+        await asyncio.sleep(0.4)
+        assert pulled.failure == "the sink fails: down"
