@@ -7,8 +7,8 @@ import importlib.util
 import signal
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import uvicorn
 
@@ -17,6 +17,8 @@ from infer_logger.errors import InferLoggerError
 from infer_logger.httpserver import MAX_HEAD, HttpServer, declares_body, error_reply, refuse
 from infer_logger.logger import InferenceLogger
 from infer_logger.proxy import Proxy
+
+T = TypeVar("T")
 
 
 def build_app(settings: Settings) -> Proxy:
@@ -102,12 +104,16 @@ def serve(settings: Settings, *, log_level: str = "warning") -> None:
     if settings.server == "uvicorn":
         _serve_uvicorn(app, settings, log_level)
         return
+    run_loop(_serve(app, settings))
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """`main` on uvloop (the services' loop: it doubles what they serve), on asyncio without it."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        asyncio.run(_serve(app, settings))
-    else:
-        uvloop.run(_serve(app, settings))
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def _serve(app: Proxy, settings: Settings) -> None:

@@ -151,9 +151,7 @@ class _Connection(asyncio.Protocol):
         waiter, self.waiter = self.waiter, None
         answer = Answer(self.parser.get_status_code(), self._headers, b"".join(self._body), truncated)
         self._headers, self._body = [], []  # an idle connection holds none of it (a 188 MiB answer)
-        if waiter is None:  # an answer nobody asked for: the connection is out of step
-            self.reusable = False
-        if self.reusable:
+        if self.reusable:  # not after an answer nobody asked for (on_message_begin)
             self.pool.release(self)
         elif self.transport is not None:
             self.transport.close()

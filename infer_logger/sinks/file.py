@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -46,23 +45,21 @@ class FileSinkConfig(SinkConfig):
 class FileSink:
     def __init__(self, config: FileSinkConfig) -> None:
         self.config = config
-        self._thread = OwnThread("file-sink", str(config.path))  # writes and fsyncs block
         try:
             config.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file in the way, no permission: say so at start, not per batch
             reason = exc.strerror or exc
             raise ConfigError("path", f"{config.path.parent}: cannot create the directory: {reason}") from None
-        self._lock = threading.Lock()
+        # Writes and fsyncs block. One thread: with in_flight > 1 too, one batch is written at a
+        # time, so a batch cut short cuts off only its own bytes, never one already acknowledged.
+        self._thread = OwnThread("file-sink", str(config.path))
 
     def _write(self, lines: bytes) -> None:
-        # With in_flight > 1 several batches are in threads at once: one writes at a time, so
-        # a batch cut short cuts off only its own bytes, never a batch already acknowledged.
-        with self._lock:
-            fd = os.open(self.config.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                self._append(fd, lines)
-            finally:
-                os.close(fd)
+        fd = os.open(self.config.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self._append(fd, lines)
+        finally:
+            os.close(fd)
 
     def _append(self, fd: int, lines: bytes) -> None:
         start = written = 0

@@ -10,7 +10,6 @@ then exits 1. `/readyz` is 503 while the sink's last batch failed (Forward: for 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import socket
 import time
@@ -27,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import InferLoggerError, RejectedError
-from infer_logger.server import uvicorn_config
+from infer_logger.server import run_loop, uvicorn_config
 from infer_logger.sinks.base import Sink
 from pipelines.sources.base import Source
 from pipelines.sources.settings import IngestSettings
@@ -209,9 +208,4 @@ async def main(settings: IngestSettings, *, log_level: str = "warning", banner: 
 
 
 def serve(settings: IngestSettings, *, log_level: str = "warning", banner: Any = None) -> None:
-    if importlib.util.find_spec("uvloop") is not None:  # as the other services run
-        import uvloop
-
-        uvloop.run(main(settings, log_level=log_level, banner=banner))
-    else:
-        asyncio.run(main(settings, log_level=log_level, banner=banner))
+    run_loop(main(settings, log_level=log_level, banner=banner))
