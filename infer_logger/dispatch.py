@@ -72,6 +72,7 @@ class SinkWorker:
         self.deadletter = deadletter_dir / f"{name}.jsonl" if deadletter_dir else None
         self.draining = False
         self.healthy = True
+        self._failing = 0  # batches that failed and are not taken yet: no new batch starts meanwhile
 
     async def run(self) -> None:
         """Deliver until drained or cancelled. A failure of the worker itself (a bug, never the
@@ -93,8 +94,12 @@ class SinkWorker:
     async def _run(self) -> None:
         """Keep up to `in_flight` batches with the sink; commit them strictly in spool order.
 
-        With more than one in flight a retried batch can land after a later one (order across
-        batches is then not kept, duplicates never lost); one in flight keeps spool order.
+        Batches are handed over in spool order, and so are their retries: once one failed, no new
+        batch starts, and a failed batch is sent again only after the batches before it are done
+        (a request in one batch and its response in the next, both failing as a broker stalled,
+        were retried each on its own backoff, and the response landed first). What a sink took
+        of a later batch before an earlier one failed stays taken: only one in flight keeps spool
+        order even then.
         """
         loop = asyncio.get_running_loop()
         cursor = self.reader.position
@@ -105,7 +110,8 @@ class SinkWorker:
         not_before = 0.0
         try:
             while True:
-                while len(pending) < self.in_flight and (self.draining or loop.time() >= not_before):
+                while (len(pending) < self.in_flight and not self._failing
+                       and (self.draining or loop.time() >= not_before)):
                     events, end = self.reader.read(self.batch_size, cursor)
                     if end == cursor:
                         break
@@ -113,7 +119,8 @@ class SinkWorker:
                     if len(events) < self.batch_size:
                         not_before = loop.time() + self.linger
                     # No events but a new position: past a corrupt stretch; commit it in turn.
-                    task = asyncio.create_task(self._deliver(events)) if events else None
+                    before = next((t for t, _ in reversed(pending) if t is not None), None)
+                    task = asyncio.create_task(self._deliver(events, before)) if events else None
                     pending.append((task, end))
                 too_soon = not_before - loop.time()
                 if not pending:
@@ -129,7 +136,7 @@ class SinkWorker:
                 head, end = pending[0]
                 if head is not None and not head.done():
                     waits: set[asyncio.Future[Any]] = {head}
-                    if len(pending) < self.in_flight:  # room for more: also wake for the next batch
+                    if len(pending) < self.in_flight and not self._failing:  # room: also wake for the next batch
                         later = asyncio.sleep(too_soon) if too_soon > 0 else self.reader.wait(0.5)
                         waits.add(asyncio.ensure_future(later))
                     _, others = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -146,57 +153,66 @@ class SinkWorker:
                 if task is not None:
                     task.cancel()
 
-    async def _deliver(self, events: Sequence[CloudEvent]) -> bool:
+    async def _deliver(self, events: Sequence[CloudEvent], before: asyncio.Task[bool] | None = None) -> bool:
         """Until the sink took or refused each event; False only when draining with it still failing.
 
         Events refused together (a batch POST answered 413 or 400) go again in halves
         (`Halving`): only an event refused alone is dead-lettered. A failure that names its
-        `pending` events retries only those.
+        `pending` events retries only those, and only once `before` (the batch handed over
+        before this one) is done.
         """
         attempt = 0
         # Once the sink refused events for good, only writing them down is tried again: asked
         # again, a sink may not refuse the same way (an explainer's exchange is settled by then).
         refused: list[tuple[CloudEvent, str]] | None = None
         taken = 0
-        while True:
-            started = time.perf_counter()
-            failure: Exception | None = None
-            if refused is None:
-                try:
-                    await self._send(events)
-                except RejectedError as exc:
-                    refused, taken = exc.refusals(events), exc.taken(events)
-                except Exception as exc:  # any failure of a sink is retried, never fatal
-                    failure = exc
-                    pending = getattr(exc, "pending", None)
-                    if pending and len(pending) < len(events):  # the others were taken: only these again
-                        self.metrics.delivered.labels(self.name).inc(len(events) - len(pending))
-                        events = pending
-                else:
-                    self.healthy = True
-                    self.metrics.sink_latency.labels(self.name).observe(time.perf_counter() - started)
-                    self.metrics.delivered.labels(self.name).inc(len(events))
-                    return True
-            if refused is not None:
-                try:
-                    self._dead_letter(refused)
-                except Exception as error:  # not written down anywhere yet: the batch stays uncommitted
-                    failure = SinkError(f"cannot write dead letters to {self.deadletter}: {error}")
-                else:
-                    self.healthy = True
-                    self.metrics.delivered.labels(self.name).inc(taken)
-                    return True
-            assert failure is not None
-            attempt += 1
-            self.healthy = False
-            self.metrics.retried.labels(self.name).inc()
-            if self.draining:
-                log.warning("sink %s still failing at shutdown (%s): kept in the spool", self.name, failure)
-                return False
-            delay = self.backoff.delay(attempt, getattr(failure, "retry_after", None))
-            if attempt == 1 or attempt % 10 == 0:
-                log.warning("sink %s: %s; retry %d in %.2fs", self.name, failure, attempt, delay)
-            await asyncio.sleep(delay)
+        try:
+            while True:
+                started = time.perf_counter()
+                failure: Exception | None = None
+                if refused is None:
+                    try:
+                        await self._send(events)
+                    except RejectedError as exc:
+                        refused, taken = exc.refusals(events), exc.taken(events)
+                    except Exception as exc:  # any failure of a sink is retried, never fatal
+                        failure = exc
+                        pending = getattr(exc, "pending", None)
+                        if pending and len(pending) < len(events):  # the others were taken: only these again
+                            self.metrics.delivered.labels(self.name).inc(len(events) - len(pending))
+                            events = pending
+                    else:
+                        self.healthy = True
+                        self.metrics.sink_latency.labels(self.name).observe(time.perf_counter() - started)
+                        self.metrics.delivered.labels(self.name).inc(len(events))
+                        return True
+                if refused is not None:
+                    try:
+                        self._dead_letter(refused)
+                    except Exception as error:  # not written down anywhere yet: the batch stays uncommitted
+                        failure = SinkError(f"cannot write dead letters to {self.deadletter}: {error}")
+                    else:
+                        self.healthy = True
+                        self.metrics.delivered.labels(self.name).inc(taken)
+                        return True
+                assert failure is not None
+                attempt += 1
+                if attempt == 1:
+                    self._failing += 1
+                self.healthy = False
+                self.metrics.retried.labels(self.name).inc()
+                if self.draining:
+                    log.warning("sink %s still failing at shutdown (%s): kept in the spool", self.name, failure)
+                    return False
+                delay = self.backoff.delay(attempt, getattr(failure, "retry_after", None))
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning("sink %s: %s; retry %d in %.2fs", self.name, failure, attempt, delay)
+                await asyncio.sleep(delay)
+                if before is not None and not before.done():  # retries go in spool order too
+                    await asyncio.wait({before})
+        finally:
+            if attempt:
+                self._failing -= 1
 
     def _dead_letter(self, refused: Sequence[tuple[CloudEvent, str]]) -> None:
         """Append the refused events to the sink's dead-letter file (OSError: nothing counted)."""

@@ -171,10 +171,11 @@ class KafkaSinkConfig(SinkConfig):
     in_flight: int | None = Field(4, ge=1, le=64)
     """Batches with the sink before the oldest is acknowledged (null: `delivery.in_flight`).
     Batches are produced in spool order, and the idempotent producer keeps that order across its
-    in-flight requests, so order holds across batches too, unless a batch fails and is retried:
-    the retry may land after later batches delivered meanwhile (nothing is lost; a retry may
-    duplicate). 1 keeps spool order even then; without `idempotent`, librdkafka's own retries may
-    reorder as well."""
+    in-flight requests, so order holds across batches too. Failed batches are retried in spool
+    order and no new batch starts meanwhile, so a broker outage keeps it as well (nothing is lost;
+    a retry may duplicate); only records of a later batch the broker took before an earlier
+    batch's records failed stay ahead of them. 1 keeps spool order even then; without
+    `idempotent`, librdkafka's own retries may reorder as well."""
     config: dict[str, ClientValue] = Field(default_factory=dict)
     """librdkafka properties passed through last, e.g. TLS and SASL: `security.protocol`,
     `ssl.ca.location`, `sasl.mechanism`, `sasl.username`, `sasl.password`. For topics whose

@@ -307,6 +307,37 @@ async def test_in_flight_batches_commit_in_spool_order(tmp_path: Path) -> None:
     del sink
 
 
+async def test_failed_batches_are_retried_in_spool_order(tmp_path: Path) -> None:
+    """Batches in flight that all fail (a stalled broker) go again in spool order, and no new
+    batch overtakes them: each was retried on its own jittered backoff, and a batch of responses
+    landed before the batch holding their requests."""
+    spool = DiskSpool(tmp_path / "spool")
+    taken: list[int] = []
+    tried: set[str] = set()
+
+    class Stalled(MemorySink):
+        async def send_batch(self, events):  # type: ignore[no-untyped-def]
+            first = events[0].id
+            if first not in tried:  # every batch fails once, as all in flight do in a stall
+                tried.add(first)
+                await asyncio.sleep(0.01)
+                raise SinkError("timed out")
+            taken.extend(int(e.id) for e in events)
+
+    for i in range(60):
+        spool.append(event(i))
+    d = Dispatcher(spool, {"s": Stalled()}, Metrics(spool), batch_size=5, in_flight=4,
+                   backoff=Backoff(initial=0.02, maximum=0.05))
+    d.start()
+    await until(lambda: len(taken) >= 30)
+    for i in range(60, 100):  # more arrive while batches are being retried
+        spool.append(event(i))
+    await until(lambda: len(taken) == 100)
+    await d.stop()
+    spool.close()
+    assert taken == list(range(100))
+
+
 async def test_a_worker_restarted_with_nothing_to_deliver_is_healthy_again(tmp_path: Path) -> None:
     """Only a delivery said healthy again: a failure while the spool was idle (EMFILE opening a
     segment) left the sink 'retrying' until the next event, without traffic for good."""

@@ -35,6 +35,7 @@ from infer_logger.sinks.kafka import (
 from infer_logger.spool import DiskSpool
 from infer_logger.testing import free_port
 from tests.services import NoidaServer
+from tests.waiting import until
 
 
 def event(i: int, type_: str = REQUEST, model: str = "iris", data: bytes | None = None) -> CloudEvent:
@@ -500,6 +501,38 @@ class TestWorker:
             spool.close()
         # One partition, no retries: the idempotent producer keeps spool order across batches.
         assert [decode(m).id for m in got] == [f"id-{i}" for i in range(3000)]
+
+    async def test_a_stalled_broker_keeps_spool_order(self, tmp_path: Path) -> None:
+        """Every batch in flight times out while the broker is frozen: their retries go in spool
+        order (each on its own backoff, a later batch landed first)."""
+        server = NoidaServer("kafka").start()
+        # One small request at a time on the wire: the frozen broker holds one (and writes it on
+        # waking, in order); the other records time out queued in the client and go again.
+        config = KafkaSinkConfig(bootstrap_servers=server.address, topic="events", delivery_timeout=1.5,
+                                 config={"max.in.flight.requests.per.connection": 1, "batch.size": 2000})
+        spool = DiskSpool(tmp_path / "spool")
+        d = Dispatcher(spool, {"kafka": config.build()}, Metrics(spool), batch_size=100,
+                       backoff=Backoff(initial=0.5, maximum=0.5),
+                       overrides={"kafka": (config.batch_size, config.in_flight)})
+        try:
+            await d.workers[0].sink.send_batch([event(-1)])  # connected, the topic made
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)  # takes requests, acknowledges none
+            for i in range(1000):
+                spool.append(event(i))
+            d.start()
+            await asyncio.sleep(2.5)  # the four batches in flight timed out, their retries queued
+            assert d.metrics.retried.labels("kafka")._value.get() >= 4
+            server.proc.send_signal(signal.SIGCONT)
+            await until(lambda: d.workers[0].reader.lag() == 0, timeout=20)
+            got = await asyncio.to_thread(read_back, server.address, "events", end_offset(server.address, "events"))
+        finally:
+            await d.stop()
+            spool.close()
+            server.stop()
+        ids = list(dict.fromkeys(decode(m).id for m in got))  # first landing of each (a retry may duplicate)
+        expected = ["id--1", *(f"id-{i}" for i in range(1000))]
+        assert ids == expected
 
     async def test_a_record_batch_refused_for_its_size_goes_again_in_halves(self, kafka_bootstrap: str,
                                                                              tmp_path: Path) -> None:
