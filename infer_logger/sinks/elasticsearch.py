@@ -64,6 +64,10 @@ DEFAULT_INDEX = "inference-log-{namespace}-{inferenceservicename}"
 # Item statuses that are the cluster's state, not the document's fault: an index that may not be
 # auto-created (404), a key without write privilege (401/403), conflicts, overload.
 RETRYABLE = frozenset({401, 403, 404, 408, 409, 429})
+# 400s of the same kind, by error type: a closed index (reopened after maintenance), and the
+# cluster's shard limit met as an index is auto-created (its reason names "shards").
+_CLOSED = "index_closed_exception"
+_SHARD_LIMIT = "validation_exception"
 _TRANSIENT = frozenset({408, 409, 429})  # and 5xx: the template check is tried again
 _INVALID = re.compile(r"[^a-z0-9_.+-]+")  # stricter than Elasticsearch: no \/*?"<>|,#: or spaces
 _LEADING = re.compile(r"^[-_+.]+")
@@ -331,10 +335,10 @@ class ElasticsearchSink:
                             rejected[op.event] = (f"elasticsearch at {self.config.where} answered 413 to a "
                                                   f"document of {len(op.lines)} bytes alone")
                         continue
-                    status = int(item.get("status", 500))
+                    status = item["status"]
                     if status < 300:
                         continue
-                    if status in RETRYABLE or status >= 500:
+                    if _retryable(status, item):
                         retry.append((op, status))
                     else:
                         rejected.setdefault(op.event, _reason(item))
@@ -445,14 +449,24 @@ class ElasticsearchSink:
             ) from exc
         except TransportError as exc:
             raise SinkError(f"elasticsearch at {self.config.where}: {exc}") from exc
-        items = resp.body.get("items") or []
+        body = resp.body
+        items = body.get("items") if isinstance(body, Mapping) else None
+        if not isinstance(items, list):  # a proxy's login page answered 200, or no _bulk API
+            raise SinkError(f"elasticsearch at {self.config.where} answered _bulk with no items: "
+                            f"{str(body)[:200]!r}")
         if len(items) != len(chunk):
             raise SinkError(
                 f"elasticsearch at {self.config.where} answered {len(items)} items to {len(chunk)} actions"
             )
-        if not resp.body.get("errors"):
+        if not body.get("errors"):
             return [{"status": 200}] * len(chunk)
-        return [next(iter(item.values())) for item in items]
+        results = [next(iter(item.values()), None) if isinstance(item, Mapping) and len(item) == 1 else None
+                   for item in items]
+        for result in results:
+            if not (isinstance(result, Mapping) and type(result.get("status")) is int):
+                raise SinkError(f"elasticsearch at {self.config.where} answered a _bulk item that has no "
+                                f"status: {str(result)[:200]!r}")
+        return cast("list[Mapping[str, Any]]", results)
 
     async def _ensure_template(self) -> None:
         from elasticsearch import ApiError, TransportError
@@ -522,6 +536,14 @@ def _chunks(ops: Iterable[_Op], limit: Callable[[], int]) -> Iterator[list[_Op]]
         size += len(op.lines)
     if chunk:
         yield chunk
+
+
+def _retryable(status: int, item: Mapping[str, Any]) -> bool:
+    if status in RETRYABLE or status >= 500:
+        return True
+    error = item.get("error")
+    kind = error.get("type") if isinstance(error, Mapping) else None
+    return kind == _CLOSED or (kind == _SHARD_LIMIT and "shards" in str(error.get("reason")))
 
 
 def _reason(item: Mapping[str, Any]) -> str:

@@ -855,9 +855,11 @@ class TestWorker:
 class FakeBulk(EventCollector):
     """An Elasticsearch stand-in that answers `_bulk` items with scripted statuses per call."""
 
-    def __init__(self, script: list[list[int] | int]) -> None:
+    def __init__(self, script: list[list[int | tuple[int, str, str]] | int | bytes]) -> None:
         super().__init__()
-        self.script = script  # per call: item statuses, or one status for the whole request
+        # Per call: item statuses (or (status, error type, reason)), one status for the whole
+        # request, or a whole body answered 200.
+        self.script = script
         self.calls: list[list[str]] = []  # the _ids of each call
         self.retry_after = b"3"  # on a whole-request refusal
 
@@ -873,11 +875,15 @@ class FakeBulk(EventCollector):
             error = {"error": {"type": "es_rejected_execution_exception", "reason": "busy"}, "status": step}
             await respond(send, step, headers + [(b"retry-after", self.retry_after)], orjson.dumps(error))
             return
-        statuses = [step[i] if i < len(step) else 200 for i in range(len(actions))]
+        if isinstance(step, bytes):
+            await respond(send, 200, headers, step)
+            return
+        answers = [step[i] if i < len(step) else 200 for i in range(len(actions))]
+        errors = [a if isinstance(a, tuple) else (a, "x_exception", f"status {a}") for a in answers]
         items = [{"update": {"_index": a["_index"], "_id": a["_id"], "status": s,
-                             **({"error": {"type": "x_exception", "reason": f"status {s}"}} if s >= 300 else {})}}
-                 for a, s in zip(actions, statuses)]
-        body = {"took": 1, "errors": any(s >= 300 for s in statuses), "items": items}
+                             **({"error": {"type": kind, "reason": why}} if s >= 300 else {})}}
+                 for a, (s, kind, why) in zip(actions, errors)]
+        body = {"took": 1, "errors": any(s >= 300 for s, _, _ in errors), "items": items}
         await respond(send, 200, headers, orjson.dumps(body))
 
     def __enter__(self) -> Self:
@@ -919,6 +925,28 @@ class TestItemRetries:
             await send(_fake_config(fake), [request("e", "iris", {"instances": [[1]]})])
         assert not isinstance(caught.value, RejectedError)
         assert len(fake.calls) == 3
+
+    async def test_a_closed_index_or_the_shard_limit_is_retried(self) -> None:
+        """400s that are the cluster's state: dead-lettered, every event written while an index
+        was closed for maintenance was lost to Elasticsearch."""
+        batch = [request(f"e{i}", "iris", {"instances": [[i]]}) for i in range(3)]
+        closed = (400, "index_closed_exception", "closed")
+        full = (400, "validation_exception", "Validation Failed: 1: this action would add [2] shards, but this "
+                                             "cluster currently has [1000]/[1000] maximum normal shards open;")
+        with FakeBulk([[closed, full, 200], [200, 200]]) as fake:
+            await send(_fake_config(fake), batch)
+        assert fake.calls == [["e0-0", "e1-0", "e2-0"], ["e0-0", "e1-0"]]
+
+    @pytest.mark.parametrize("body", [
+        b"<html>log in</html>", b"[]", b'{"errors": true}', b'{"errors": true, "items": [{}]}',
+        b'{"errors": true, "items": [{"update": {"status": null}}]}', b'{"errors": true, "items": [[1]]}',
+    ])
+    async def test_an_answer_that_is_no_bulk_answer_is_a_sink_error(self, body: bytes) -> None:
+        """A proxy's page or a broken item: retried as a SinkError naming the address (it was an
+        AttributeError, or "coroutine raised StopIteration")."""
+        with FakeBulk([body]) as fake, pytest.raises(SinkError) as caught:
+            await send(_fake_config(fake), [request("e", "iris")])
+        assert not isinstance(caught.value, RejectedError) and fake.url.split("//")[1] in str(caught.value)
 
     async def test_refused_and_retried_items_in_one_batch(self) -> None:
         batch = [request(f"e{i}", "iris", {"instances": [[i]]}) for i in range(3)]
