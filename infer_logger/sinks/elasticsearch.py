@@ -542,7 +542,9 @@ def _retryable(status: int, item: Mapping[str, Any]) -> bool:
     if status in RETRYABLE or status >= 500:
         return True
     error = item.get("error")
-    kind = error.get("type") if isinstance(error, Mapping) else None
+    if not isinstance(error, Mapping):
+        return False
+    kind = error.get("type")
     return kind == _CLOSED or (kind == _SHARD_LIMIT and "shards" in str(error.get("reason")))
 
 

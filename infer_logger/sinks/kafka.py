@@ -49,6 +49,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from infer_logger import events
 from infer_logger.cloudevents.event import AttributeValue, CloudEvent, attribute_text
 from infer_logger.cloudevents.json_format import is_event_format
 from infer_logger.cloudevents.kafka import to_kafka_structured
@@ -90,6 +91,8 @@ _UNREACHABLE = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT, KafkaError.
 _TOPIC_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _MISSING = "unknown"
 _TOPIC_MAX = 249  # characters in a topic name
+_MAX_RECORD = 1_000_000  # librdkafka's default message.max.bytes
+_CUT_MARGIN = 4096  # bytes kept free in a record whose data was cut to fit: its two new headers, rounding
 
 
 class _Repeats(logging.Filter):
@@ -580,6 +583,7 @@ class KafkaSink:
         self._topic = TopicTemplate(config.topic)
         self._structured = config.mode == "structured"
         self._binary = BinaryRecords()
+        self._max_record = int(config.producer_config().get("message.max.bytes", _MAX_RECORD))
         # Held while a batch's records are produced (and while a fatal producer is replaced), not
         # while they are awaited: batches go out whole, in call order, and overlap in flight.
         self._producing = asyncio.Lock()
@@ -631,6 +635,7 @@ class KafkaSink:
                 else:
                     key, value, headers = self._encode(event)
                 topic = constant or render(event)
+                cuts = 0
                 while True:
                     try:
                         if produced:
@@ -653,6 +658,12 @@ class KafkaSink:
                             return  # purged or failing: the rest would fail too
                         await asyncio.sleep(_FULL_WAIT)
                     except KafkaException as exc:
+                        if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE and cuts < 3:
+                            cut = self._cut(event, key, value, headers)
+                            if cut is not None:
+                                cuts += 1
+                                key, value, headers = self._encode(cut)
+                                continue
                         refused[index] = _refusal(exc.args[0], topic)
                         batch.client.note_fatal(exc.args[0])
                         break
@@ -661,6 +672,23 @@ class KafkaSink:
             batch.topic = topic
             del reports  # with every report in already, this completes the batch
             batch.client.seal(batch, held)
+
+    def _cut(self, event: CloudEvent, key: bytes | None, value: bytes | None, headers: Headers) -> CloudEvent | None:
+        """`event` with its data cut so that its record (key, value, headers) fits `message.max.bytes`,
+        marked as the sidecar marks a payload over its `max_payload_bytes` (whose default, 1 MiB,
+        is over librdkafka's 1,000,000 bytes: every truncated payload was dead-lettered here);
+        None when cutting the data cannot make it fit. The record shrinks with the data in both
+        modes (structured mode may hold it as base64): cut in proportion, less a margin."""
+        data = event.data
+        rest = len(key or b"") + sum(len(name) + len(text or b"") for name, text in headers)
+        room = self._max_record - _CUT_MARGIN - rest
+        if not data or not value or room <= 0:  # too large without the data too
+            return None
+        keep = len(data) * room // len(value)
+        attributes = dict(event.attributes)
+        attributes[events.DATASIZE] = attributes.get(events.DATASIZE) or len(data)
+        attributes[events.TRUNCATED] = True
+        return CloudEvent(attributes, data[:keep])
 
     def _raise_failures(self, client: _Client, events: Sequence[CloudEvent], refused: dict[int, KafkaError],
                         failed: list[tuple[KafkaError, Message]], stopped: int | None = None) -> None:
