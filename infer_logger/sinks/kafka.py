@@ -242,7 +242,9 @@ class TopicTemplate:
             return self.constant
         attributes = event.attributes
         values = tuple(attributes.get(f) for f in self.fields)
-        topic = self._cache.get(values)
+        # Only texts are cached: as keys True == 1 (rendered "true" and "1"), False == 0.
+        cached = all(type(v) is str or v is None for v in values)
+        topic = self._cache.get(values) if cached else None
         if topic is None:
             if len(self._cache) > 10_000:  # attribute values are few (models); bound the odd case
                 self._cache.clear()
@@ -253,7 +255,9 @@ class TopicTemplate:
                     value = attributes.get(field)
                     text = "" if value is None else attribute_text(value)
                     out.append(_TOPIC_CHARS.sub("_", text) or _MISSING)
-            topic = self._cache[values] = "".join(out)
+            topic = "".join(out)
+            if cached:
+                self._cache[values] = topic
         return topic
 
 

@@ -680,6 +680,12 @@ class TestConfig:
         assert TopicTemplate("{modelname}").render(event(0)) == "iris"
         assert TopicTemplate("plain").constant == "plain"
 
+    def test_a_template_tells_booleans_from_numbers(self) -> None:
+        """As dict keys True == 1: the first seen named the topic of both."""
+        template = TopicTemplate("events-{flag}")
+        rendered = [template.render(event(0).with_attributes(flag=v)) for v in (True, 1, False, 0, 1, True)]
+        assert rendered == ["events-true", "events-1", "events-false", "events-0", "events-1", "events-true"]
+
     @pytest.mark.parametrize("topic", ["", "bad topic", "x-{model.name}", "x-{modelname!r}", "x-{a:>3}",
                                        "x-{ModelName}", "x-{", "x-{}"])
     def test_bad_topics(self, topic: str) -> None:
