@@ -19,7 +19,7 @@ import orjson
 from uuid_utils import uuid7
 
 from infer_logger import binary_tensors
-from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
+from infer_logger.cloudevents.event import SPECVERSION, CloudEvent, InexactJSONError
 from infer_logger.cloudevents.http import from_http_many
 from infer_logger.cloudevents.json_format import is_event_format
 from infer_logger.cloudevents.validation import is_media_type, is_string, parse_time
@@ -309,6 +309,8 @@ def decode_data(event: CloudEvent) -> object:
     if not event.get(TRUNCATED):
         try:
             doc = event.json()
+        except InexactJSONError:
+            pass  # JSON whose numbers would change as read: the bytes sent, as base64
         except ValueError:
             inlined = binary_tensors.inline(event.data)
             if inlined is not None:

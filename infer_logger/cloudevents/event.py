@@ -8,16 +8,23 @@ encode time whether the bytes embed as JSON (`data`) or travel as `data_base64`.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 AttributeValue = str | int | bool
+_LONG_NUMBER = re.compile(rb"\d{19}")
 
 SPECVERSION = "1.0"
 REQUIRED = ("id", "source", "specversion", "type")
 OPTIONAL = ("datacontenttype", "dataschema", "subject", "time")
+
+
+class InexactJSONError(ValueError):
+    """JSON that orjson would not read as it is written (an integer past 64 bits)."""
 
 
 def attribute_text(value: AttributeValue) -> str:
@@ -54,10 +61,15 @@ class CloudEvent:
         return None if value is None else str(value)
 
     def json(self) -> Any:
-        """The data parsed as JSON (raises ValueError when it is not JSON)."""
+        """The data parsed as JSON (raises ValueError when it is not JSON, or holds an integer
+        past 64 bits: orjson reads one as a float, and the value would change unseen)."""
         if self.data is None:
             return None
-        return orjson.loads(self.data)
+        value = orjson.loads(self.data)
+        # Only a run of 19 digits may be past int64 (uint64 has 20); stdlib json reads it exactly.
+        if _LONG_NUMBER.search(self.data) and json.loads(self.data) != value:
+            raise InexactJSONError("the data holds an integer past 64 bits, which would be read as a float")
+        return value
 
     def with_attributes(self, **changes: AttributeValue) -> CloudEvent:
         return CloudEvent({**self.attributes, **changes}, self.data)

@@ -108,9 +108,10 @@ def _members(event: CloudEvent, *, embed_raw: bool) -> dict[str, Any]:
         return members
     if _is_json(event.datacontenttype):
         try:
-            value = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass  # JSON in name only: base64 keeps the bytes intact
+            # Embedded raw, the bytes are only checked; parsed, they must read back exactly.
+            value = orjson.loads(data) if embed_raw else event.json()
+        except ValueError:
+            pass  # JSON in name only (or not as orjson reads it): base64 keeps the bytes intact
         else:
             if value is not None:  # `"data": null` reads as no data: base64 keeps a JSON null
                 # A Fragment splices the already-checked bytes in without re-serializing them.

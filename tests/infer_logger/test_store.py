@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import itertools
 import sqlite3
 import threading
@@ -240,6 +241,14 @@ class TestPayloads:
         first, second = _by_instance(store)
         assert set(first.request) == {"base64"}
         assert (second.request, second.response) == (None, 1)
+
+    def test_integers_past_64_bits_are_kept_exactly(self, store: AuditStore) -> None:
+        """orjson reads them as floats: the record said 1.2345678901234568e+29 where the client
+        sent 123456789012345678901234567890. Kept as the bytes sent (base64), as non-JSON is."""
+        body = b'{"instances": [[123456789012345678901234567890, 2]]}'
+        store.write([CloudEvent(request().attributes, body), response()])
+        first, second = _by_instance(store)
+        assert base64.b64decode(first.request["base64"]) == body and second.request is None
 
     def test_unknown_type_skipped(self, store: AuditStore) -> None:
         other = CloudEvent({"id": "z", "source": "s", "specversion": "1.0", "type": "com.example"}, b"{}")

@@ -125,6 +125,16 @@ class TestRoundTrip:
         await sink.send_batch([deep, request])
         assert memory.events == [deep, request] and memory.events[0].data == deep.data
 
+    async def test_integers_past_64_bits_come_back_equal(self, sink: FluentdSink, memory: MemorySink) -> None:
+        """orjson reads them as floats: the record carried 1.2345678901234568e+29 for the
+        client's 123456789012345678901234567890. Such data goes as data_base64."""
+        request = exchange(1)[0]
+        big = CloudEvent({**request.attributes, "id": "big"},
+                         b'{"instances":[[123456789012345678901234567890,-9223372036854775809]]}')
+        near = CloudEvent({**request.attributes, "id": "near"}, b'[9223372036854775807,-9223372036854775808,18446744073709551615]')
+        await sink.send_batch([big, near])
+        assert memory.events == [big, near]
+
     @pytest.mark.parametrize("compress", [False, True])
     async def test_a_big_batch_goes_in_frames_the_source_takes(
             self, memory: MemorySink, compress: bool) -> None:
