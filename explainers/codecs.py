@@ -83,7 +83,7 @@ def decode_body(body: bytes, header_length: str | None, max_values: int | None =
     has none, so the caller passes their product.
     """
     try:
-        doc, raw = binary_tensors.decode(body, header_length, "inputs")
+        doc, raw = binary_tensors.decode(body, header_length, "inputs", max_values)
     except BinaryDataError as exc:
         raise InvalidInputError(str(exc)) from None
     except RecursionError:  # in the message naming a bad shape or datatype nested ~1000 deep
@@ -93,10 +93,6 @@ def decode_body(body: bytes, header_length: str | None, max_values: int | None =
             if not isinstance(tensor, dict) or not _is_binary(tensor):
                 continue  # not a tensor (decode_instances names it), or one carrying its own `data`
             name = binary_tensors.tensor_name(tensor, "inputs", i)
-            count = prod(tensor["shape"])  # decode checked it against the bytes
-            if max_values is not None and count > max_values:
-                raise InvalidInputError(f"inputs ({name}): {count} values; at most {max_values} per request "
-                                        "(max_instances rows of every feature)")
             tensor["data"] = _values(tensor["datatype"], raw[name])
     return doc
 
@@ -113,18 +109,21 @@ def _values(datatype: str, raw: memoryview) -> list[Any]:
     return values
 
 
-def decode_instances(body: Any, schema: Schema) -> np.ndarray:
-    """The instances of a V1 (`instances`, or TF-style row `inputs`) or V2 (`inputs` tensors) request."""
+def decode_instances(body: Any, schema: Schema, max_rows: int | None = None) -> np.ndarray:
+    """The instances of a V1 (`instances`, or TF-style row `inputs`) or V2 (`inputs` tensors) request.
+
+    More than `max_rows` are refused before any is converted (6 million took seconds)."""
     try:
-        return _instances(body, schema)
+        return _instances(body, schema, max_rows)
     except RecursionError:  # orjson reads 1024 levels; Python's recursion stops sooner
         raise InvalidInputError(f"{_TOO_DEEP}; {schema.expected()}") from None
 
 
-def _instances(body: Any, schema: Schema) -> np.ndarray:
+def _instances(body: Any, schema: Schema, max_rows: int | None) -> np.ndarray:
     if not isinstance(body, Mapping):
         raise InvalidInputError(f'expected a JSON object with "instances" or "inputs"; {schema.expected()}')
     if isinstance(body.get("instances"), list):
+        _check_count(len(body["instances"]), max_rows)
         return _rows(body["instances"], schema, "instances")
     inputs = body.get("inputs")
     if inputs and _holds_tensors(inputs):
@@ -133,8 +132,9 @@ def _instances(body: Any, schema: Schema) -> np.ndarray:
         if twice:  # which one is the feature (or whose bytes were they, for a binary tensor)?
             raise InvalidInputError(f"inputs: tensor {_brief.repr(twice[0])} is named twice; "
                                     f"{schema.expected()}")
-        return _tensors(inputs, schema)
+        return _tensors(inputs, schema, max_rows)
     if isinstance(inputs, list):
+        _check_count(len(inputs), max_rows)
         return _rows(inputs, schema, "inputs")
     raise InvalidInputError(f'expected "instances" (V1) or "inputs" (V2); {schema.expected()}')
 
@@ -200,7 +200,12 @@ def _value(value: Any, name: str, schema: Schema, where: str, text: bool = False
                             f"{schema.expected()}")
 
 
-def _tensors(inputs: list[Mapping[str, Any]], schema: Schema) -> np.ndarray:
+def _check_count(count: int, max_rows: int | None) -> None:
+    if max_rows is not None and count > max_rows:
+        raise InvalidInputError(f"{count} instances; at most {max_rows} per request")
+
+
+def _tensors(inputs: list[Mapping[str, Any]], schema: Schema, max_rows: int | None) -> np.ndarray:
     if len(inputs) == 1:  # several, for one feature too: the one named by it (not the first)
         tensor = inputs[0]
         shape = _shape(tensor)
@@ -208,6 +213,7 @@ def _tensors(inputs: list[Mapping[str, Any]], schema: Schema) -> np.ndarray:
             shape = [1, shape[0]] if schema.width > 1 else [shape[0], 1]
         if len(shape) != 2 or shape[1] != schema.width:
             raise InvalidInputError(f"inputs[0] ({tensor.get('name')}): shape {shape}; {schema.expected()}")
+        _check_count(shape[0], max_rows)
         flat = _flat(tensor, shape)
         rows = [flat[i * schema.width:(i + 1) * schema.width] for i in range(shape[0])]
         text = frozenset(schema.feature_names) if tensor.get("datatype") == "BYTES" else frozenset()
@@ -222,6 +228,7 @@ def _tensors(inputs: list[Mapping[str, Any]], schema: Schema) -> np.ndarray:
         shape = _shape(by_name[name])
         if not shape or prod(shape[1:]) != 1:
             raise InvalidInputError(f"inputs ({name}): shape {shape}; expected [n] or [n, 1]")
+        _check_count(shape[0], max_rows)
         columns.append(_flat(by_name[name], [shape[0]]))
     if len({len(c) for c in columns}) != 1:
         raise InvalidInputError("inputs: the feature tensors have different lengths")
@@ -239,6 +246,8 @@ def _shape(tensor: Mapping[str, Any]) -> list[int]:
 
 def _flat(tensor: Mapping[str, Any], shape: Sequence[int]) -> list[Any]:
     data = tensor["data"]
+    if isinstance(data, list) and len(data) > prod(shape):  # flat or nested, too many: before converting
+        raise InvalidInputError(f"inputs ({tensor.get('name')}): {len(data)} values or more for shape {list(shape)}")
     try:
         flat = np.asarray(data, dtype=object).reshape(-1).tolist() if isinstance(data, list) else [data]
     except ValueError:  # ragged nesting

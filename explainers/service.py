@@ -187,10 +187,7 @@ class ExplainerService:
         """The instances of a V1 or V2 request body (InvalidInputError names the expected shape)."""
         if self.schema is None:
             raise NotReadyError(f"explainer {self.name} is not ready")
-        rows = codecs.decode_instances(body, self.schema)
-        if len(rows) > self.settings.max_instances:
-            raise InvalidInputError(f"{len(rows)} instances; at most {self.settings.max_instances} per request")
-        return rows
+        return codecs.decode_instances(body, self.schema, self.settings.max_instances)
 
     @property
     def max_values(self) -> int | None:

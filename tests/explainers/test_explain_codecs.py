@@ -236,9 +236,31 @@ class TestPredictorBodies:
 
     def test_decode_body_unpacks_only_binary_tensors_within_max_values(self) -> None:
         body, headers = codecs.encode_v2_binary(np.ones((3, 4)), IRIS)
-        with pytest.raises(InvalidInputError, match=r"inputs \(input-0\): 12 values; at most 8 per request"):
+        with pytest.raises(InvalidInputError, match=r"'input-0': 12 values; at most 8 per request"):
             codecs.decode_body(body, headers[bt.HEADER], max_values=8)  # refused before it is unpacked
         assert len(codecs.decode_body(body, headers[bt.HEADER], max_values=12)["inputs"][0]["data"]) == 12
+
+    def test_a_bytes_tensor_past_max_values_is_refused_before_its_elements_are_read(self) -> None:
+        """Its elements were all split out first (57 MiB of them held the server ~7 s)."""
+        head = b'{"inputs": [{"name": "x", "shape": [3, 4], "datatype": "BYTES", "parameters": {"binary_data_size": 3}}]}'
+        with pytest.raises(InvalidInputError, match=r"'x': 12 values; at most 8 per request"):
+            codecs.decode_body(head + b"\xff\xff\xff", str(len(head)), max_values=8)  # not even one element
+
+    @pytest.mark.parametrize("body", [
+        {"instances": [["x"]] * 3},
+        {"inputs": [["x"]] * 3},
+        {"inputs": [{"name": "x", "shape": [3, 4], "datatype": "FP64", "data": [["x"]] * 3}]},
+        {"inputs": [{"name": n, "shape": [3], "datatype": "FP64", "data": ["x"] * 3} for n in IRIS.feature_names]},
+    ])
+    def test_more_instances_than_allowed_are_refused_before_they_are_read(self, body: object) -> None:
+        """6 million rows were converted (seconds on the event loop) before their count was looked at."""
+        with pytest.raises(InvalidInputError, match="^3 instances; at most 2 per request$"):
+            codecs.decode_instances(body, IRIS, max_rows=2)
+
+    def test_tensor_data_longer_than_its_shape_is_refused_before_it_is_read(self) -> None:
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [["x"]] * 5}]}
+        with pytest.raises(InvalidInputError, match="5 values or more for shape"):
+            codecs.decode_instances(body, IRIS)
 
     def test_decode_body_of_a_binary_tensor_field_nested_deep(self) -> None:
         # binary_tensors' message quotes the bad shape: repr of it was a RecursionError (a 500).

@@ -469,7 +469,7 @@ class TestMoreBadInput:
             body, headers = bt.encode({"inputs": [{"name": "input-0", "shape": [3, 4], "datatype": "FP64"}]},
                                       "inputs", {"input-0": np.ones((3, 4))})
             r = httpx.post(f"{url}/v2/models/iris/infer", content=body, headers=headers, timeout=20)
-            assert r.status_code == 400 and "(input-0): 12 values; at most 8" in r.json()["error"], r.text
+            assert r.status_code == 400 and "'input-0': 12 values; at most 8" in r.json()["error"], r.text
 
 
 class TestLimits:
