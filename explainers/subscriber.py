@@ -136,10 +136,12 @@ class _Settled:
 
     def __init__(self, size: int, ttl: float) -> None:
         self.size, self.ttl = size, ttl
-        # id -> (expiry, the explanation event, the type of the half it answered)
-        self._ids: OrderedDict[str, tuple[float, CloudEvent | None, str | None]] = OrderedDict()
+        # id -> (expiry, the explanation event or why it was refused, the type of the half it answered)
+        self._ids: OrderedDict[str, tuple[float, CloudEvent | str | None, str | None]] = OrderedDict()
 
-    def add(self, event_id: str, reply: CloudEvent | None = None, answered: str | None = None) -> None:
+    def add(self, event_id: str, reply: CloudEvent | str | None = None, answered: str | None = None) -> None:
+        """`reply`: the explanation, or the reason the completing half was refused (its copy is
+        refused again: answered 202, the broker took the copy of a refusal it never got as done)."""
         now = time.monotonic()
         while self._ids and next(iter(self._ids.values()))[0] < now:
             self._ids.popitem(last=False)
@@ -152,8 +154,9 @@ class _Settled:
         item = self._ids.get(event_id)  # type: ignore[call-overload]
         return item is not None and item[0] >= time.monotonic()
 
-    def reply(self, event: CloudEvent) -> CloudEvent | None:
-        """The explanation `event` was answered with, if it is the half that completed its exchange."""
+    def reply(self, event: CloudEvent) -> CloudEvent | str | None:
+        """The explanation `event` was answered with (or why it was refused), if it is the half that
+        completed its exchange."""
         item = self._ids.get(event.id)
         if item is None or item[0] < time.monotonic() or item[2] != event.type:
             return None
@@ -233,8 +236,9 @@ class ExplainSubscriber:
         self._reply = None if reply_to is None else Halving(reply_to)
         self.cache = EventCache(s.cache_size, s.cache_ttl)
         self._settled = _Settled(s.cache_size, s.cache_ttl)
-        self._running: dict[str, asyncio.Task[_Result]] = {}
-        """Exchanges being explained, by id: a copy of their completing half waits for them."""
+        self._running: dict[str, tuple[asyncio.Task[_Result], str]] = {}
+        """Exchanges being explained, by id, with the type of their completing half: a copy of
+        either half waits for them."""
         self.explained = 0
         """Explanation events made."""
         self._batcher = _Batcher(service, s.batch_size, s.linger)
@@ -245,8 +249,8 @@ class ExplainSubscriber:
         """The explanation event once both halves of an exchange are here, else None."""
         try:
             reply, partner = await self._handle(event)
-        except RejectedError:
-            self._refused([event])
+        except RejectedError as exc:
+            self._refused([(event, str(exc))])
             raise
         self._delivered([(reply, partner)])
         return reply
@@ -267,30 +271,38 @@ class ExplainSubscriber:
             if partner is not None and partner.id not in self._settled:
                 self.cache.put((partner.id, partner.type), partner)
 
-    def _refused(self, completing: Sequence[CloudEvent]) -> None:
-        """Their exchanges' refusals reached the caller for good: the cached halves go. (Kept
-        until then: a retry for another event's failure must be refused again, or the refusal
-        is never dead-lettered and the retry caches the other half as a first one.)"""
-        for event in completing:
+    def _refused(self, completing: Sequence[tuple[CloudEvent, str]]) -> None:
+        """Their exchanges' refusals (the completing halves, and why) reached the caller for good:
+        the cached halves go. (Kept until then: a retry for another event's failure must be
+        refused again, or the refusal is never dead-lettered and the retry caches the other half
+        as a first one.)"""
+        for event, why in completing:
             other = events.RESPONSE if event.type == events.REQUEST else events.REQUEST
             self.cache.pop((event.id, other))
-            self._settled.add(event.id)
+            self._settled.add(event.id, why, event.type)
 
     async def _handle(self, event: CloudEvent, share: bool = False, again: bool = True) -> _Result:
         """`handle`'s reply, and the cached half it used, for the caller to settle (`_delivered`) or
         put back (`_undelivered`). A copy of an event whose exchange is being explained waits for
-        it and gets nothing, or with `share` the same result."""
+        it and gets nothing, or with `share`, when it copies the completing half, the same result
+        (the other half was answered already: an explanation for its copy was a second one)."""
         kind = event.type
         if kind not in (events.REQUEST, events.RESPONSE) or not self._sampled(event.id):
             return None, None
         if event.id in self._settled:
-            # A caller that answers gets the explanation again (its first answer may be lost); a
-            # sink's `reply_to` took it already: a second would be a duplicate.
-            return (self._settled.reply(event) if again else None), None
+            # A caller that answers gets the explanation (or refusal) again (its first answer may
+            # be lost); a sink's `reply_to` took it already: a second would be a duplicate.
+            reply = self._settled.reply(event) if again else None
+            if isinstance(reply, str):
+                raise RejectedError(reply, [event])
+            return reply, None
         running = self._running.get(event.id)
         if running is not None:
-            result = await asyncio.shield(running)
-            return result if share else (None, None)
+            task, completing = running
+            if not (share and kind == completing):
+                await asyncio.wait({task})
+                return None, None
+            return await asyncio.shield(task)
         other = events.RESPONSE if kind == events.REQUEST else events.REQUEST
         if kind == events.RESPONSE and _failed(event):
             # Also when the request is yet to come: it must not wait in the cache for nothing.
@@ -302,7 +314,7 @@ class ExplainSubscriber:
             self.cache.put((event.id, kind), event)
             return None, None
         task = asyncio.ensure_future(self._complete(event, partner))
-        self._running[event.id] = task
+        self._running[event.id] = task, kind
         task.add_done_callback(lambda _: self._running.pop(event.id, None))
         return await task
 
@@ -389,7 +401,7 @@ class ExplainSubscriber:
         self._delivered([r for r in done if r[0] is None or r[0].id not in gone])
         if retryable:
             raise SinkError(f"{len(retryable)} explanations failed: {retryable[0]}")
-        self._refused([e for e, r in zip(batch, results, strict=True) if isinstance(r, RejectedError)])
+        self._refused([(e, str(r)) for e, r in zip(batch, results, strict=True) if isinstance(r, RejectedError)])
         refused += [(e, str(f)) for f in failures if isinstance(f, RejectedError) for e in f.events]
         if refused:
             raise RejectedError("; ".join(dict.fromkeys(why for _, why in refused)), [e for e, _ in refused],
@@ -420,7 +432,8 @@ class ExplainSubscriber:
                 if not isinstance(retry, SinkError):
                     log.exception("explaining an event failed", exc_info=retry)
                 return _error(502 if isinstance(retry, SinkError) else 500, str(retry))
-            self._refused([e for e, r in zip(received, results, strict=True) if isinstance(r, RejectedError)])
+            self._refused([(e, str(r)) for e, r in zip(received, results, strict=True)
+                           if isinstance(r, RejectedError)])
             return _error(400, str(errors[0]))
         self._delivered(done)  # answered in this response: delivered as far as this server goes
         # A batch holding an event twice shares one explanation: answered once.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +355,33 @@ class TestHttpEndpoint:
         assert answers[2].headers["ce-id"] == "h-3" and answers[2].content == answers[1].content
 
 
+    async def test_a_copy_of_the_other_half_while_explaining_gets_no_explanation(self, model_server: Process) -> None:
+        """Only the completing half's copy shares the explanation: the request's copy, arriving as
+        its exchange was being explained, got it too, and the broker held two explanation events."""
+        app = create_app(service_for(model_server.url, subscriber={"linger": 0.001}))
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x")
+        async with app.router.lifespan_context(app), client:
+            request, response = exchange("h-4")
+            post = [partial(client.post, "/events", headers=h, content=b)
+                    for h, b in map(ce_http.to_binary, (request, response))]
+            assert (await post[0]()).status_code == 202
+            answers = await asyncio.gather(post[1](), post[0](), post[1]())
+        assert [r.status_code for r in answers] == [200, 202, 200]
+        assert answers[2].content == answers[0].content
+
+    async def test_a_refused_completing_half_delivered_again_is_refused_again(self, model_server: Process) -> None:
+        """Its 400 may never have reached the broker: the copy got 202 (done), and the exchange
+        went without a dead letter."""
+        app = create_app(service_for(model_server.url, subscriber={"linger": 0.001}))
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x")
+        async with app.router.lifespan_context(app), client:
+            request, response = exchange("h-5", rows=[[1.0, 2.0]])  # two features of four
+            answers = [await client.post("/events", headers=h, content=b)
+                       for h, b in map(ce_http.to_binary, (request, response, response, request))]
+        assert [r.status_code for r in answers] == [202, 400, 400, 202]
+        assert answers[2].json() == answers[1].json() and "h-5" in answers[1].json()["error"]
+
+
 class TestBroker:
     """In a broker: request and response events in, the explanation joined in the store."""
 
@@ -453,7 +481,10 @@ class TestDeliveryFailures:
         with pytest.raises(RejectedError, match=r"h-C.*\[n, 4\]") as second:
             await sub.send_batch([bad_response, response])  # the worker's retry
         assert second.value.events == [bad_request] and [e.id for e in out.events] == ["h-A"]
-        assert len(sub.cache) == 0 and (await sub.handle(bad_response)) is None and len(sub.cache) == 0
+        assert len(sub.cache) == 0
+        with pytest.raises(RejectedError, match=r"h-C"):  # delivered again: refused again, nothing cached
+            await sub.handle(bad_response)
+        assert len(sub.cache) == 0
 
         # The same over HTTP (a trigger's delivery): 502 for the blip, then 400 for the refusal.
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
