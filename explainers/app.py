@@ -115,6 +115,35 @@ class _StartFailureInOneLine:
         await self.app(scope, receive, told)
 
 
+class _Unexpected:
+    """A bug (ours or a library's) is answered here, in JSON, its traceback logged. Not by an
+    `exception_handler(Exception)`: Starlette's outermost middleware runs that one and then raises
+    again, and uvicorn closed the kept-alive connection, failing the client's next request on it."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], answer: Callable[[Exception], Response]) -> None:
+        self.app, self.answer = app, answer
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
+                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            log.error("%s %s failed", scope["method"], scope["path"], exc_info=exc)
+            if started:  # too late to answer: the connection goes
+                raise
+            await self.answer(exc)(scope, receive, send)
+
+
 def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None = None) -> FastAPI:
     events = subscriber or ExplainSubscriber(service)
     failures: list[ExplainerError] = []
@@ -141,6 +170,10 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
     app.add_middleware(BodyLimit, limit=int(service.settings.max_request_bytes),
                        timeout=service.settings.request_read_timeout)
     app.add_middleware(_StartFailureInOneLine, failures=failures)
+    app.add_middleware(
+        _Unexpected,
+        answer=lambda exc: failed(500, f"internal error in the explainer ({type(exc).__name__}); see its log"),
+    )
 
     def failed(status: int, reason: str) -> Response:
         metrics.errors.labels(str(status)).inc()
@@ -166,12 +199,6 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
         # The client left mid-body: no one to answer, and no error of ours (it was a logged 500).
         log.debug("%s %s: the client disconnected before its request was whole", request.method, request.url.path)
         return Response(status_code=400)
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, exc: Exception) -> Response:
-        # A bug (ours or a library's): the client still gets JSON; the traceback goes to the log.
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return failed(500, f"internal error in the explainer ({type(exc).__name__}); see its log")
 
     def model(name: str) -> ExplainerService:
         if name != service.name:

@@ -14,7 +14,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from explainers.base import BaseExplainer, InstanceExplanation, Model, OutputAttribution, PredictFn, Samples
-from explainers.errors import InvalidInputError, MissingExtraError, PredictorError, UnsupportedModelError
+from explainers.errors import (
+    InvalidInputError,
+    InvalidParametersError,
+    MissingExtraError,
+    PredictorError,
+    UnsupportedModelError,
+)
 
 
 def _shap() -> Any:
@@ -222,7 +228,18 @@ class KernelShap(_ShapBackend):
         return shap.KernelExplainer(numeric_outputs(model.predict, self.method), data, link=self.options.link)
 
     def _explain(self, engine: Any, rows: np.ndarray, params: Any) -> tuple[list[InstanceExplanation], list[str]]:
-        values = engine.shap_values(rows, nsamples=params.nsamples, l1_reg=params.l1_reg, silent=True)
+        try:
+            values = engine.shap_values(rows, nsamples=params.nsamples, l1_reg=params.l1_reg, silent=True)
+        except ValueError as exc:
+            # scikit-learn's LassoLarsIC needs more samples than features + 1: for `aic`/`bic` shap
+            # fits it on the coalitions (nsamples, at most 2^M - 2 for the M features that differ
+            # from the background), so it depends on the row too. Was a 500.
+            if params.l1_reg in ("aic", "bic") and "LassoLarsIC" in str(exc):
+                raise InvalidParametersError(
+                    f"l1_reg {params.l1_reg!r} needs more coalitions than features + 1 (nsamples "
+                    f"{params.nsamples}, and at most 2^M - 2 for the M features of a row that differ "
+                    f"from the background): raise nsamples, or use another l1_reg") from None
+            raise
         assert self.model is not None
         return to_instances(values, engine.expected_value, self.model)
 

@@ -117,6 +117,15 @@ class TestContract:
         with pytest.raises(InvalidParametersError, match="options"):
             registry.create("kernel", {"nope": 1})
 
+    @pytest.mark.parametrize("params", [{"l1_reg": "aic", "nsamples": 1}, {"l1_reg": "bic", "nsamples": 2}])
+    def test_too_few_coalitions_for_an_information_criterion_is_a_parameter_error(
+            self, params: dict[str, object]) -> None:
+        """scikit-learn's ValueError (fewer samples than features + 1) was a 500."""
+        explainer = registry.create("kernel", {"background_size": 10})
+        explainer.fit(iris_model(), table("iris").rows)
+        with pytest.raises(InvalidParametersError, match=f"l1_reg '{params['l1_reg']}' needs more coalitions"):
+            explainer.explain(table("iris").rows[:1], params)
+
     def test_white_box_method_needs_the_model(self) -> None:
         black_box = Model(iris_model().predict, table("iris").feature_names)
         with pytest.raises(UnsupportedModelError, match="model file"):

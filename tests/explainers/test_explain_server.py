@@ -536,11 +536,12 @@ def test_an_unexpected_error_is_a_json_500(switchable: tuple[SwitchablePredictor
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(ExplainerService, "explain", broken)
-    r = httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20)
-    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
-    assert r.json() == {"error": "internal error in the explainer (ZeroDivisionError); see its log"}
-    monkeypatch.undo()
-    assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
+    with httpx.Client(timeout=20) as client:  # one kept-alive connection: it was closed under the client
+        r = client.post(f"{url}/v1/models/iris:explain", json=IRIS_V1)
+        assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+        assert r.json() == {"error": "internal error in the explainer (ZeroDivisionError); see its log"}
+        monkeypatch.undo()
+        assert client.post(f"{url}/v1/models/iris:explain", json=IRIS_V1).status_code == 200
 
 
 def test_a_body_over_the_limit_is_413(switchable: tuple[SwitchablePredictor, str]) -> None:
