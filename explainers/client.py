@@ -45,7 +45,7 @@ import orjson
 from explainers import codecs
 from explainers.codecs import Schema
 from explainers.deadline import Deadline
-from explainers.errors import ExplainTimeoutError, PredictorError
+from explainers.errors import ExplainTimeoutError, PredictorError, PredictorRefusedError
 from infer_logger import binary_tensors
 from infer_logger.errors import BinaryDataError
 
@@ -54,6 +54,7 @@ SKIP_LOGGING = {"x-skip-logging": "true"}
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # How servers without the extension refuse a body that is not all JSON (422: FastAPI's validation).
 _BINARY_REFUSED = frozenset({400, 415, 422})
+_REFUSED = frozenset({400, 422})  # the rows themselves, when in JSON (a binary body may be refused so too)
 _JSON = {"content-type": "application/json"}
 _WATCH_TICK = 0.1  # seconds between the watchdog's looks: how late past its time an answer is cut off
 
@@ -331,7 +332,8 @@ class PredictorClient:
         if status in _RETRY_STATUSES:
             return f"answered {status}: {_short(payload)}"
         if status >= 400:
-            raise PredictorError(f"predictor {self.url} answered {status}: {_short(payload)}", status=status)
+            error = PredictorRefusedError if status in _REFUSED else PredictorError
+            raise error(f"predictor {self.url} answered {status}: {_short(payload)}", status=status)
         return self._decode(payload, header_length, n)
 
     def _exchange(self, parts: Sequence[bytes | memoryview], headers: Mapping[str, str], slot: str = "main",

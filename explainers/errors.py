@@ -48,6 +48,11 @@ class PredictorError(ExplainerError):
         self.status = status
 
 
+class PredictorRefusedError(PredictorError, InvalidInputError):
+    """The predictor refused the rows (400 or 422, in JSON too): input the model cannot take,
+    which no retry fixes (a 400 to the client, dead-lettered by the subscriber), not a failure."""
+
+
 class ExplainTimeoutError(ExplainerError):
     """An explanation that outlasted its deadline (`explain_timeout`); its work is given up."""
 

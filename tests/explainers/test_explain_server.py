@@ -316,6 +316,9 @@ class SwitchablePredictor:
                 return Response(b"<html>oops</html>", media_type="text/html")
             if self.mode == "empty":
                 return Response(status_code=204)
+            if self.mode in ("400", "422"):  # the rows themselves, as a model server refuses them
+                return Response(b'{"error": "Input X contains infinity"}', status_code=int(self.mode),
+                                media_type="application/json")
             return Response(b'{"error": "boom"}', status_code=500, media_type="application/json")
 
 
@@ -352,6 +355,19 @@ class TestPredictorMisbehaves:
             predictor.mode = "ok"
         assert r.status_code == 502 and words in r.json()["error"], r.text
         assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
+
+
+    @pytest.mark.parametrize("mode", ["400", "422"])
+    def test_rows_the_predictor_refuses_are_400(self, switchable: tuple[SwitchablePredictor, str], mode: str) -> None:
+        """Input the model cannot take (in JSON too): no retry helps, and a 502 told the broker to
+        retry it."""
+        predictor, url = switchable
+        predictor.mode = mode
+        try:
+            r = httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20)
+        finally:
+            predictor.mode = "ok"
+        assert r.status_code == 400 and f"answered {mode}" in r.json()["error"] and "infinity" in r.text, r.text
 
 
 class TestMoreBadInput:
