@@ -162,6 +162,26 @@ class TestErrors:
         with pytest.raises(ConfigError, match=r"c.yaml:3:1"):
             load_settings(cfg)
 
+    @pytest.mark.parametrize(("text", "where", "words"), [
+        ("off: true\n", "c.yaml:1:1", "the key False is not text"),  # YAML 1.1's booleans: a traceback
+        ("1: 2\n", "c.yaml:1:1", "the key 1 is not text"),
+        ("explainer:\n  yes: 1\n", "c.yaml:2:3", "the key True is not text"),
+        ("port: 1\nport: 2\n", "c.yaml:2:1", "the key 'port' is given twice"),  # the last one won
+        ("spool:\n  max_bytes: 1GiB\n  max_bytes: 2GiB\n", "c.yaml:3:3", "'max_bytes' is given twice"),
+    ])
+    def test_keys_that_are_not_text_or_given_twice(self, tmp_path: Path, text: str, where: str, words: str) -> None:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(text)
+        with pytest.raises(ConfigError, match=words) as info:
+            load_settings(cfg)
+        assert info.value.field.endswith(where)
+
+    def test_merge_keys_may_be_overridden(self, tmp_path: Path) -> None:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("base: &b {port: 1, namespace: a}\n"
+                       "x:\n  <<: *b\n  port: 9090\n")
+        assert load_settings(cfg, section="x").port == 9090
+
     def test_a_file_that_is_not_utf8_names_the_file(self, tmp_path: Path) -> None:
         cfg = tmp_path / "c.yaml"
         cfg.write_bytes(b"namespace: caf\xe9\n")  # Latin-1
