@@ -179,6 +179,9 @@ class KafkaSinkConfig(SinkConfig):
     a retry may duplicate); only records of a later batch the broker took before an earlier
     batch's records failed stay ahead of them. 1 keeps spool order even then; without
     `idempotent`, librdkafka's own retries may reorder as well."""
+    cut_to_fit: bool = True
+    """Data over librdkafka's `message.max.bytes` is cut to fit and marked `truncated` (as the
+    sidecar marks payloads over its `max_payload_bytes`); off, the event is refused (dead-lettered)."""
     config: dict[str, ClientValue] = Field(default_factory=dict)
     """librdkafka properties passed through last, e.g. TLS and SASL: `security.protocol`,
     `ssl.ca.location`, `sasl.mechanism`, `sasl.username`, `sasl.password`. For topics whose
@@ -587,6 +590,7 @@ class KafkaSink:
         self._topic = TopicTemplate(config.topic)
         self._structured = config.mode == "structured"
         self._binary = BinaryRecords()
+        self._cut_to_fit = config.cut_to_fit
         self._max_record = int(config.producer_config().get("message.max.bytes", _MAX_RECORD))
         # Held while a batch's records are produced (and while a fatal producer is replaced), not
         # while they are awaited: batches go out whole, in call order, and overlap in flight.
@@ -662,7 +666,7 @@ class KafkaSink:
                             return  # purged or failing: the rest would fail too
                         await asyncio.sleep(_FULL_WAIT)
                     except KafkaException as exc:
-                        if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE and cuts < 3:
+                        if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE and self._cut_to_fit and cuts < 3:
                             cut = self._cut(event, key, value, headers)
                             if cut is not None:
                                 cuts += 1

@@ -61,8 +61,10 @@ class KafkaChannel:
         self.batch_size = batch_size
         self.ready = False
         # Records refused as one record batch for its size (a topic's max.message.bytes) go in halves.
+        # An event too large is the sender's to keep (413), not the log's to cut.
         self._sink = Halving(KafkaSinkConfig(
-            bootstrap_servers=settings.bootstrap_servers, topic=self.topic, linger_ms=1, config=dict(settings.config)
+            bootstrap_servers=settings.bootstrap_servers, topic=self.topic, linger_ms=1, cut_to_fit=False,
+            config=dict(settings.config),
         ).build())
         self._pending: list[tuple[Sequence[CloudEvent], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
