@@ -42,8 +42,8 @@ timeout per attempt, and Retry-After honoured up to 30 s."""
 class SpoolSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    segment_bytes: ByteSize = ByteSize(16 << 20)
-    max_bytes: ByteSize = ByteSize(1 << 30)
+    segment_bytes: ByteSize = Field(ByteSize(16 << 20), gt=0)
+    max_bytes: ByteSize = Field(ByteSize(1 << 30), gt=0)
     """Cap on one broker's log, on disk or in memory (`channel: memory`); past it new events are
     refused (503) or, with `overflow: drop_oldest`, the oldest segment (in memory: events) is
     dropped (even if a trigger has not read it)."""
@@ -163,6 +163,17 @@ class BrokerSettings(LayeredSettings):
     def _roles(self) -> BrokerSettings:
         if self.role != "all" and self.channel != "kafka":
             raise ValueError(f"role {self.role!r} needs channel: kafka (a {self.channel} log is one process's)")
+        return self
+
+    @model_validator(mode="after")
+    def _room_for_events(self) -> BrokerSettings:
+        # As the sidecar's spool: a log below an event's size answered 503 (retry) to every
+        # event that size for ever, and one of a few events holds no backlog worth the name.
+        if self.channel != "kafka" and self.spool.max_bytes < 4 * self.max_event_bytes:
+            raise ValueError(
+                f"spool.max_bytes ({self.spool.max_bytes.human_readable()}) must be at least 4 x "
+                f"max_event_bytes ({self.max_event_bytes.human_readable()}): raise spool.max_bytes "
+                f"or lower max_event_bytes")
         return self
 
     def component_configs(self) -> dict[str, SinkConfig]:

@@ -80,6 +80,16 @@ class TestBrokerCheck:
         result = CliRunner().invoke(broker_command, ["--role", "ingress", "--check"])
         assert result.exit_code == 2 and "needs channel: kafka" in result.output
 
+    @pytest.mark.parametrize(("env", "words"), [
+        ({"INFER_LOGGER_BROKER_SPOOL__MAX_BYTES": "1KiB"}, "spool.max_bytes (1.0KiB) must be at least 4 x max_event_bytes"),
+        ({"INFER_LOGGER_BROKER_SPOOL__MAX_BYTES": "0"}, "greater than 0"),
+        ({"INFER_LOGGER_BROKER_SPOOL__SEGMENT_BYTES": "0"}, "greater than 0"),
+    ])
+    def test_a_log_too_small_for_its_events_is_a_config_error(self, env: dict[str, str], words: str) -> None:
+        """It passed, and every event over a quarter of it was answered 503 (retry) for ever."""
+        result = CliRunner().invoke(broker_command, ["--check"], env=env)
+        assert result.exit_code == 2 and words in result.output, result.output
+
     def test_a_transactional_kafka_client_is_a_config_error(self) -> None:
         result = CliRunner().invoke(broker_command, ["--channel", "kafka", "--check"],
                                     env={"INFER_LOGGER_BROKER_KAFKA__CONFIG": '{"transactional.id": "t"}'})
