@@ -82,10 +82,13 @@ class LayeredSettings(BaseSettings):
             data = data[section]
         cls._refuse_unknown_env()
         given = {k: v for k, v in flags.items() if v is not None and v != () and v != {}}
-        data = cls._replaced(data, given)
-        token = _yaml_data.set(data)
         try:
-            return cls(**given)
+            data = cls._replaced(cls._replaced(data, _EnvSource(cls)()), given)
+            token = _yaml_data.set(data)
+            try:
+                return cls(**given)
+            finally:
+                _yaml_data.reset(token)
         except ValidationError as exc:
             error = config_error(exc)
             var = cls._env_var(exc.errors()[0], given)
@@ -94,13 +97,12 @@ class LayeredSettings(BaseSettings):
             if isinstance(exc.__cause__, ConfigError):  # see _EnvSource
                 raise exc.__cause__ from None
             raise ConfigError("environment", str(exc)) from None
-        finally:
-            _yaml_data.reset(token)
 
     @classmethod
     def _replaced(cls, data: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
-        """The file's data without the sections a flag gives anew: a section of another `type`
-        (`--db` over the file's http sink) is not merged into, which mixed their options."""
+        """The file's data without the sections a flag (or env var) gives anew: a section of
+        another `type` (`--db` over the file's http sink) is not merged into, which mixed their
+        options."""
         for key, value in flags.items():
             section = data.get(key)
             if not (isinstance(value, dict) and "type" in value and isinstance(section, dict)):

@@ -227,6 +227,23 @@ class TestConfig:
         kafka = load_ingest_settings(config, source={"type": "kafka", "bootstrap_servers": "k:9092", "topics": ["t"]})
         assert kafka.source.type == "kafka"
 
+    @pytest.mark.parametrize("env", [
+        {"INFER_LOGGER_INGEST_SINK": '{"type": "store", "path": "x.db"}'},
+        {"INFER_LOGGER_INGEST_SINK__TYPE": "store", "INFER_LOGGER_INGEST_SINK__PATH": "x.db"},
+    ])
+    def test_an_env_var_of_another_type_replaces_the_files_section(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+        """Env lies over the file as flags do: it was merged into the file's http sink
+        (`sink.store.url: Extra inputs are not permitted`, blaming the file's key)."""
+        from pipelines.sources.settings import load_ingest_settings
+
+        config = tmp_path / "ingest.yaml"
+        config.write_text("sink: {type: http, url: 'http://b/'}\n")
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        settings = load_ingest_settings(config)
+        assert (settings.sink.type, settings.sink.path) == ("store", "x.db")  # type: ignore[union-attr]
+
 
 class _Stops:
     """A source whose run ends by itself (a bug, a fatal client error)."""
