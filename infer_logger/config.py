@@ -181,10 +181,11 @@ class _EnvSource(EnvSettingsSource):
     (pydantic_settings says only that a field's value could not be parsed)."""
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        """Not a Kubernetes service link's value: the port of the Service named as the prefix."""
+        """Not a Kubernetes service link's value: `<PREFIX>PORT`, the port of the Service named
+        as the prefix (`infer-logger`), or `<PREFIX>COMPONENT_PORT`, of `infer-logger-component`."""
         value, key, complex_ = super().get_field_value(field, field_name)
-        if field_name == "port" and isinstance(value, str) and _LINK_VALUE.fullmatch(value.strip()):
-            host = f"{self.env_prefix}SERVICE_HOST"
+        if field_name.endswith("port") and isinstance(value, str) and _LINK_VALUE.fullmatch(value.strip()):
+            host = f"{self.env_prefix}{field_name.removesuffix('port')}SERVICE_HOST".upper()
             if (host if self.case_sensitive else host.lower()) in self.env_vars:
                 return None, key, complex_
         return value, key, complex_

@@ -347,6 +347,16 @@ class TestUnknownVariables:
         monkeypatch.setenv(prefix + "PORT", "9200")  # a port given as such still counts
         assert loader(**flags).port == 9200
 
+    def test_a_service_named_infer_logger_component_does_not_set_the_component_port(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Its link INFER_LOGGER_COMPONENT_PORT=tcp://… stopped the sidecar (not an integer)."""
+        monkeypatch.setenv("INFER_LOGGER_COMPONENT_SERVICE_HOST", "10.0.0.7")
+        monkeypatch.setenv("INFER_LOGGER_COMPONENT_PORT", "tcp://10.0.0.7:80")
+        assert load_settings().component_port == 8080
+        monkeypatch.delenv("INFER_LOGGER_COMPONENT_SERVICE_HOST")
+        with pytest.raises(ConfigError, match="INFER_LOGGER_COMPONENT_PORT"):  # no Service: the user's value
+            load_settings()
+
     def test_a_link_like_port_without_its_service_is_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("INFER_LOGGER_PORT", "tcp://10.96.0.12:80")
         with pytest.raises(ConfigError, match="INFER_LOGGER_PORT"):
