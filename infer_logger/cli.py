@@ -176,6 +176,9 @@ def query(config: Path | None, db: Path | None, id_: str | None, model: str | No
     """Read audit records (request, response and explanation joined) from the embedded store."""
     from infer_logger.store import AuditStore, format_table, records_to_json
 
+    for value, flag in ((id_, "--id"), (model, "--model")):
+        if value is not None:
+            _text(value, flag)
     if db is None:
         db = _store_path(_settings(config))
     try:
@@ -198,6 +201,16 @@ def query(config: Path | None, db: Path | None, id_: str | None, model: str | No
     finally:
         store.close()
     click.echo(records_to_json(records) if fmt == "json" else format_table(records))
+
+
+def _text(value: str, flag: str) -> None:
+    """Bytes not UTF-8 in an argument reach Python as lone surrogates, which no text column
+    holds: binding one raised UnicodeEncodeError (a traceback)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise click.BadParameter(f"{value.encode(errors='surrogateescape')!r} is not UTF-8 text",
+                                 param_hint=flag) from None
 
 
 def _store_path(settings: Any) -> Path:

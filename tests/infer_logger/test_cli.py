@@ -110,6 +110,8 @@ def test_query_bad_input(tmp_path: Path) -> None:
     ("--limit", "99999999999999999999"),
     ("--since", "0001-01-01T00:00:00+01:00"),  # no UTC form: before year 1
     ("--until", "9999-12-31T23:00:00-05:00"),  # past year 9999
+    ("--id", "caf\udce9"),  # a byte not UTF-8 in argv (Latin-1 é): UnicodeEncodeError, a traceback
+    ("--model", "caf\udce9"),
 ])
 def test_query_values_the_store_cannot_take_are_bad_parameters(tmp_path: Path, option: str, value: str) -> None:
     db = tmp_path / "audit.db"
