@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import shutil
 import socket
 import threading
@@ -160,10 +161,11 @@ def _summary(db: Path, event_log: Path) -> None:
     click.echo(f"  event log (the display trigger): {events} CloudEvents in {event_log}")
     click.echo("\nLatest records")
     click.echo(format_table(latest))
-    example = latest[0].id if latest else "<id>"
+    example = shlex.quote(latest[0].id) if latest else "<id>"
+    where = shlex.quote(str(db))  # pasted into a shell: a --workdir with a space split in two
     click.echo(
         "\nTry:\n"
-        f"  infer-logger query --db {db} --model iris --limit 10\n"
-        f"  infer-logger query --db {db} --status 400\n"
-        f"  infer-logger query --db {db} --id {example} --format json\n"
+        f"  infer-logger query --db {where} --model iris --limit 10\n"
+        f"  infer-logger query --db {where} --status 400\n"
+        f"  infer-logger query --db {where} --id {example} --format json\n"
     )

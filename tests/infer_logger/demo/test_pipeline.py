@@ -50,10 +50,12 @@ def test_quickstart_command(tmp_path: Path) -> None:
 
     from infer_logger.cli import main
 
-    result = CliRunner().invoke(main, ["quickstart", "--requests", "40", "--workdir", str(tmp_path / "qs")])
+    workdir = tmp_path / "my runs" / "qs"  # the commands it prints are pasted into a shell
+    result = CliRunner().invoke(main, ["quickstart", "--requests", "40", "--workdir", str(workdir)])
     assert result.exit_code == 0, result.output
-    assert "predictions (rows)" in result.output and "infer-logger query --db" in result.output
-    with AuditStore(tmp_path / "qs" / "audit.db", readonly=True) as store:
+    assert "predictions (rows)" in result.output
+    assert f"infer-logger query --db '{workdir / 'audit.db'}' --status 400" in result.output
+    with AuditStore(workdir / "audit.db", readonly=True) as store:
         assert store.summary().ids == 40
 
 
