@@ -86,9 +86,10 @@ def _tensor_rows(tensors: list[Mapping[str, Any]]) -> list[dict[str, Any]] | Non
     columns: dict[str, list[Any]] = {}
     for tensor in tensors:
         rows = _rows(tensor.get("shape"), tensor["data"])
-        if rows is None:
+        name = str(tensor["name"])
+        if rows is None or name in columns:  # two tensors of one name (or 1 and "1"): kept whole
             return None
-        columns[str(tensor["name"])] = rows
+        columns[name] = rows
     return _columns_to_rows(columns)
 
 

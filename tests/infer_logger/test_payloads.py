@@ -131,6 +131,14 @@ class TestV2Tensors:
                 {"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]},
                 {"name": "y", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]},  # batch sizes differ
             ],
+            [  # one name twice (the first tensor's data was lost)
+                {"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]},
+                {"name": "x", "shape": [2], "datatype": "FP32", "data": [3, 4]},
+            ],
+            [
+                {"name": 1, "shape": [2], "datatype": "FP32", "data": [1, 2]},
+                {"name": "1", "shape": [2], "datatype": "FP32", "data": [3, 4]},
+            ],
         ],
     )
     def test_inconsistent_stays_whole(self, tensors: list[dict[str, Any]]) -> None:
