@@ -180,10 +180,24 @@ class AuditStore:
 
     def __init__(self, path: str | Path, *, readonly: bool = False, timeout: float = 5.0) -> None:
         self.path = Path(path)
+        self._lock = threading.Lock()
+        if readonly and not self.path.exists():
+            raise InferLoggerError(f"{self.path}: no audit store there")
+        try:
+            self._open(readonly, timeout)
+        except InferLoggerError as exc:
+            # A reader of a WAL store makes its -shm file (the WAL index) when no writer has one:
+            # a user who may read the store but not write its directory (the sidecar's, stopped)
+            # could not read it. No -wal file means no writer since a clean close: the main file
+            # is whole, and read as immutable it needs no index.
+            if not (readonly and isinstance(exc.__cause__, sqlite3.OperationalError)
+                    and not Path(f"{self.path}-wal").exists()):
+                raise
+            self._open(readonly, timeout, immutable=True)
+
+    def _open(self, readonly: bool, timeout: float, immutable: bool = False) -> None:
         if readonly:
-            if not self.path.exists():
-                raise InferLoggerError(f"{self.path}: no audit store there")
-            target, uri = f"{self.path.resolve().as_uri()}?mode=ro", True
+            target, uri = f"{self.path.resolve().as_uri()}?mode=ro{'&immutable=1' if immutable else ''}", True
         else:
             target, uri = str(self.path), False
         try:
@@ -195,7 +209,6 @@ class AuditStore:
             )
         except (OSError, sqlite3.Error) as exc:  # a file in the way, no permission
             raise InferLoggerError(f"{self.path}: cannot open the audit store: {exc}") from None
-        self._lock = threading.Lock()
         try:
             if not readonly:
                 self._refuse_foreign()
@@ -214,7 +227,8 @@ class AuditStore:
             self._check_version()
         except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
             self._conn.close()
-            raise InferLoggerError(f"{self.path}: not a usable audit store: {exc}") from None
+            # The cause kept: `__init__` reads a read-only store again when it was the WAL index.
+            raise InferLoggerError(f"{self.path}: not a usable audit store: {exc}") from exc
         except BaseException:
             self._conn.close()
             raise

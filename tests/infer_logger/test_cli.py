@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +92,27 @@ def test_query_table_shows_control_characters_escaped(tmp_path: Path) -> None:
     assert len(lines) == 2, out
     assert "a\\n2026-01-01T00:00:00Z  forged" in lines[1] and "iris\\x1b[2J\\u202e" in lines[1]
     assert "x\\ty\\x85" in lines[1] and "\x1b" not in out and "\t" not in out
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="reads the store as another user: needs root and setpriv")
+def test_query_reads_a_store_in_a_directory_it_may_not_write() -> None:
+    """A stopped sidecar's store, readable, in its directory: a reader makes the WAL index (-shm)
+    there, which another user cannot, and the store was "not a usable audit store"."""
+    where = Path(tempfile.mkdtemp(prefix="infer-logger-ro-"))  # pytest's tmp_path is root's alone
+    try:
+        where.chmod(0o755)
+        seeded_store(where / "audit.db")
+        (where / "audit.db").chmod(0o644)
+        assert not (where / "audit.db-wal").exists() and not (where / "audit.db-shm").exists()
+        command = [str(Path(sys.executable).parent / "infer-logger"), "query", "--db", str(where / "audit.db"),
+                   "--format", "json"]
+        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command],
+                                capture_output=True, text=True, timeout=60, cwd="/")
+        assert result.returncode == 0, result.stderr
+        assert sorted(r["id"] for r in json.loads(result.stdout)) == ["q0", "q1", "q2"]
+    finally:
+        shutil.rmtree(where)
 
 
 def test_query_bad_input(tmp_path: Path) -> None:
