@@ -250,6 +250,8 @@ class Dispatcher:
         self.metrics = metrics
         self.workers = []
         for name, sink in sinks.items():
+            if callable(getattr(sink, "stats", None)):
+                metrics.sink_counts.sinks[name] = sink
             own_batch, own_flight = (overrides or {}).get(name, (None, None))
             self.workers.append(
                 SinkWorker(

@@ -45,6 +45,23 @@ class _SpoolCollector(Collector):
         yield GaugeMetricFamily("infer_logger_spool_bytes", "Bytes in the spool", value=self.spool.size_bytes())
 
 
+class _SinkCounts(Collector):
+    """What sinks count of their own (`stats()`: a Fluentd connection's connects, reconnects and
+    errors, which its client library would not tell), read at scrape time."""
+
+    def __init__(self) -> None:
+        self.sinks: dict[str, Any] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("infer_logger_sink_client_events",
+                                     "What a sink's own client counted, by sink and event (e.g. reconnects)",
+                                     labels=["sink", "event"])
+        for name, sink in self.sinks.items():
+            for event, count in sink.stats().items():
+                family.add_metric([name, event], count)
+        yield family
+
+
 class _RemoteCollector(Collector):
     """The delivery child's families, as its last report had them."""
 
@@ -151,8 +168,11 @@ class Metrics:
             registry=own,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self.sink_counts = _SinkCounts()
+        if own is not None:
+            own.register(self.sink_counts)
         # The families the sink workers keep: in the delivery child when there is one.
-        self.delivery = (self.delivered, self.retried, self.sink_lag, self.sink_latency)
+        self.delivery = (self.delivered, self.retried, self.sink_lag, self.sink_latency, self.sink_counts)
         self.requests = Counter(
             "infer_logger_requests", "Requests proxied", ["logged", "code"], registry=r
         )

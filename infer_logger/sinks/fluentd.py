@@ -213,7 +213,8 @@ def _split(entries: list[bytes], max_bytes: int, max_entries: int) -> list[list[
 
 
 class FluentdSink:
-    """One connection, opened lazily and again after any failure; counters are plain attributes."""
+    """One connection, opened lazily and again after any failure; its counters (`stats()`) go to
+    /metrics as `infer_logger_sink_client_events_total`."""
 
     def __init__(self, config: FluentdSinkConfig) -> None:
         self.config = config
@@ -228,6 +229,10 @@ class FluentdSink:
         self._unpacker = msgpack.Unpacker()
         self._packer = msgpack.Packer(use_bin_type=True)
         self._lock = asyncio.Lock()  # one connection: batches take turns
+
+    def stats(self) -> dict[str, int]:
+        return {"records": self.records, "frames": self.frames, "errors": self.errors,
+                "connects": self.connects, "reconnects": self.reconnects}
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         if not events:

@@ -224,6 +224,42 @@ class TestFailures:
         await sink.aclose()
         assert {(e.id, e.type) for b in batches for e in b} == {(e.id, e.type) for e in memory.events}
 
+    async def test_reconnects_and_errors_reach_the_metrics(self, memory: MemorySink, tmp_path: Path) -> None:
+        """Counted by the sink (fluent-logger would not tell) but shown nowhere: issue 3 asks for
+        them counted. On /metrics, and in what a delivery process reports to the sidecar."""
+        from prometheus_client import generate_latest
+
+        from infer_logger.metrics import export
+
+        src = ForwardSourceConfig(port=0).build(memory)
+        await src.start()
+        port = src.port
+        spool = DiskSpool(tmp_path / "spool")
+        metrics = Metrics(spool)
+        d = Dispatcher(spool, {"fluentd": FluentdSinkConfig(port=port, timeout=2).build()}, metrics,
+                       batch_size=10, backoff=Backoff(initial=0.01, maximum=0.05))
+        d.start()
+        try:
+            for event in exchange(1):
+                spool.append(event)
+            await until(lambda: len(memory.events) == 3)
+            await src.aclose()  # the sink's connection goes with it
+            src = ForwardSourceConfig(port=port).build(memory)
+            await src.start()
+            for event in exchange(2):
+                spool.append(event)
+            await until(lambda: len(memory.events) == 6)
+        finally:
+            await d.stop()
+            await src.aclose()
+            spool.close()
+        text = generate_latest(metrics.registry).decode()
+        counts = {event: float(n) for event, n in re.findall(
+            r'infer_logger_sink_client_events_total\{event="(\w+)",sink="fluentd"\} (\S+)', text)}
+        assert counts["records"] == 6 and counts["connects"] == 2 and counts["reconnects"] == 1, text
+        names = [family[0] for family in export(metrics)["families"]]
+        assert "infer_logger_sink_client_events" in names
+
     async def test_server_stops_while_waiting_for_the_ack(self) -> None:
         started = asyncio.Event()
         got: list[CloudEvent] = []
