@@ -159,8 +159,15 @@ class SinkWorker:
         Events refused together (a batch POST answered 413 or 400) go again in halves
         (`Halving`): only an event refused alone is dead-lettered. A failure that names its
         `pending` events retries only those, and only once `before` (the batch handed over
-        before this one) is done.
+        before this one) is done. Done means every batch before it is: a batch taken at once,
+        between two that failed, let the later one's retry overtake the earlier one's.
         """
+        done = await self._attempts(events, before)
+        if before is not None and not before.done():
+            await asyncio.wait({before})
+        return done
+
+    async def _attempts(self, events: Sequence[CloudEvent], before: asyncio.Task[bool] | None) -> bool:
         attempt = 0
         # Once the sink refused events for good, only writing them down is tried again: asked
         # again, a sink may not refuse the same way (an explainer's exchange is settled by then).
