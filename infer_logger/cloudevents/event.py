@@ -16,7 +16,11 @@ from typing import Any
 import orjson
 
 AttributeValue = str | int | bool
-_LONG_NUMBER = re.compile(rb"\d{19}")
+# Integers that may be at 2**63 or past (19 digits from 9, or 20 and more); in strings too, then
+# only checked: no timestamp in nanoseconds matches.
+_DIGITS = bytes(48 if 48 <= byte <= 57 else 32 for byte in range(256))  # every digit a 0, the rest blanks
+_RUN_19 = b"0" * 19
+_LONG_INTEGER = re.compile(rb"(?<![\d.])(?:9\d{18}|\d{20,})(?![\d.eE])")
 
 SPECVERSION = "1.0"
 REQUIRED = ("id", "source", "specversion", "type")
@@ -25,6 +29,13 @@ OPTIONAL = ("datacontenttype", "dataschema", "subject", "time")
 
 class InexactJSONError(ValueError):
     """JSON that orjson would not read as it is written (an integer past 64 bits)."""
+
+
+def _int64(text: str) -> int:
+    # Past 20 digits, before int(): Python refuses to read over 4300 (a ValueError, not this).
+    if len(text.lstrip("-")) > 20 or not -(2**63) <= (number := int(text)) < 2**64:
+        raise InexactJSONError("the data holds an integer past 64 bits, which would be read as a float")
+    return number
 
 
 def attribute_text(value: AttributeValue) -> str:
@@ -66,9 +77,20 @@ class CloudEvent:
         if self.data is None:
             return None
         value = orjson.loads(self.data)
-        # Only a run of 19 digits may be past int64 (uint64 has 20); stdlib json reads it exactly.
-        if _LONG_NUMBER.search(self.data) and json.loads(self.data) != value:
-            raise InexactJSONError("the data holds an integer past 64 bits, which would be read as a float")
+        # Only an integer at 2**63 or past may be past int64 (uint64 ends at 2**64 - 1): one that
+        # is, unless in a string, is found by stdlib json, which hands each integer's text to
+        # `_int64`. (2**64 comes out of orjson as a float equal to it: telling by comparing the
+        # values missed those.)
+        if (_RUN_19 in self.data.translate(_DIGITS)  # a C-speed look first: a regex takes ~15 ns a byte
+                and any(len(run) > 19 or int(run) >= 2**63 for run in _LONG_INTEGER.findall(self.data))):
+            try:
+                json.loads(self.data, parse_int=_int64)
+            except RecursionError:  # orjson reads 1024 levels, stdlib json fewer: unknown, so not kept
+                raise InexactJSONError("the data nests too deep to check its integers") from None
+            except InexactJSONError:
+                raise
+            except ValueError:  # what stdlib json reads otherwise than orjson: orjson's reading stands
+                pass
         return value
 
     def with_attributes(self, **changes: AttributeValue) -> CloudEvent:

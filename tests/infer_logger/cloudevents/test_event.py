@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import infer_logger.cloudevents as package
 from infer_logger.cloudevents import AttributeValue, CloudEvent, attribute_text
+from infer_logger.cloudevents.event import InexactJSONError
 
 
 class TestAttributeText:
@@ -35,3 +38,26 @@ def test_exports() -> None:
     modules = {"event", "http", "json_format", "kafka", "validation"}
     assert set(package.__all__) == public - modules
     assert len(package.__all__) == len(set(package.__all__))
+
+
+class TestJsonIsExact:
+    """`json()` refuses data orjson would read otherwise than written: an integer past 64 bits
+    comes out a float (the audit record said 1.2345678901234568e+29)."""
+
+    @pytest.mark.parametrize("data", [
+        b"[18446744073709551615, -9223372036854775808, 9223372036854775807]",  # the ends of the range
+        b'["123456789012345678901234567890", 1.23456789012345678901]',  # in a string; a float's digits
+        b'{"t": 1700000000123456789}',  # nanoseconds
+    ])
+    def test_what_reads_as_written(self, data: bytes) -> None:
+        event = CloudEvent({"id": "1"}, data)
+        assert event.json() == json.loads(data)
+
+    @pytest.mark.parametrize("data", [
+        b"[123456789012345678901234567890]", b"[-9223372036854775809]",
+        b"[18446744073709551616]", b"[100000000000000000000]",  # equal to the floats orjson makes of them
+        b"[" * 1000 + b"99999999999999999999" + b"]" * 1000,  # deeper than stdlib json reads: not known
+    ])
+    def test_integers_past_64_bits(self, data: bytes) -> None:
+        with pytest.raises(InexactJSONError):
+            CloudEvent({"id": "1"}, data).json()
