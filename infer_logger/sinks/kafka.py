@@ -617,12 +617,15 @@ class KafkaSink:
             client = self._client
             batch = client.start_batch(asyncio.get_running_loop())
             refused: dict[int, KafkaError] = {}
-            await self._produce_all(batch, events, refused)
+            cut: dict[int, tuple[bytes | None, bytes | None]] = {}
+            await self._produce_all(batch, events, refused, cut)
         await batch.future
-        self._raise_failures(client, events, refused, batch.failed, batch.stopped)
+        self._raise_failures(client, events, refused, batch.failed, batch.stopped, cut)
 
-    async def _produce_all(self, batch: _Batch, events: Sequence[CloudEvent], refused: dict[int, KafkaError]) -> None:
-        """Queues the events; those librdkafka refused on the spot go to `refused`, by index.
+    async def _produce_all(self, batch: _Batch, events: Sequence[CloudEvent], refused: dict[int, KafkaError],
+                           cut: dict[int, tuple[bytes | None, bytes | None]]) -> None:
+        """Queues the events; those librdkafka refused on the spot go to `refused`, by index, and
+        the (key, value) of those cut to fit (`_cut`) to `cut`, where their reports are matched.
 
         Then lets go of the batch's callback (also when cancelled: a traceback would keep this
         frame), so that the batch completes with its last record's report, unawaited if need be.
@@ -667,10 +670,11 @@ class KafkaSink:
                         await asyncio.sleep(_FULL_WAIT)
                     except KafkaException as exc:
                         if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE and self._cut_to_fit and cuts < 3:
-                            cut = self._cut(event, key, value, headers)
-                            if cut is not None:
+                            smaller = self._cut(event, key, value, headers)
+                            if smaller is not None:
                                 cuts += 1
-                                key, value, headers = self._encode(cut)
+                                key, value, headers = self._encode(smaller)
+                                cut[index] = key, value
                                 continue
                         refused[index] = _refusal(exc.args[0], topic)
                         batch.client.note_fatal(exc.args[0])
@@ -699,14 +703,15 @@ class KafkaSink:
         return CloudEvent(attributes, data[:keep])
 
     def _raise_failures(self, client: _Client, events: Sequence[CloudEvent], refused: dict[int, KafkaError],
-                        failed: list[tuple[KafkaError, Message]], stopped: int | None = None) -> None:
+                        failed: list[tuple[KafkaError, Message]], stopped: int | None = None,
+                        cut: dict[int, tuple[bytes | None, bytes | None]] | None = None) -> None:
         """Raise for what the batch did not deliver: RejectedError for records refused for good,
         else SinkError naming as `pending` the failed records and those never produced (from
         `stopped` on; one topic missing resent every other topic's records on each retry)."""
         if not refused and not failed and stopped is None:
             return
         unsent = len(events) if stopped is None else stopped  # the first event never produced
-        failures, unmatched = self._match_failures(events, failed)
+        failures, unmatched = self._match_failures(events, failed, cut or {})
         # The broker refuses a whole record batch for its size (a topic's max.message.bytes below
         # librdkafka's ~1 MB batches): several reports then say so, and each record may be taken
         # alone. Not counted: produce() refusing a record for its own size (in `refused`).
@@ -727,8 +732,8 @@ class KafkaSink:
         raise RejectedError(f"kafka {self.address} refused {len(bad)} events: {reason}", [events[i] for i in bad],
                             too_large=too_large, together=together)
 
-    def _match_failures(self, events: Sequence[CloudEvent], failed: list[tuple[KafkaError, Message]]
-                        ) -> tuple[dict[int, KafkaError], list[KafkaError]]:
+    def _match_failures(self, events: Sequence[CloudEvent], failed: list[tuple[KafkaError, Message]],
+                        cut: dict[int, tuple[bytes | None, bytes | None]]) -> tuple[dict[int, KafkaError], list[KafkaError]]:
         """This batch's failed reports back to event indexes, by (topic, key, value); and the unmatched.
 
         Encoding is deterministic, so nothing is kept per record on the fast path; equal records
@@ -737,7 +742,7 @@ class KafkaSink:
         index: dict[tuple[str, bytes | None, bytes | None], list[int]] = {}
         if failed:
             for i, event in enumerate(events):
-                key, value, _ = self._encode(event)
+                key, value = cut[i] if i in cut else self._encode(event)[:2]  # a cut one, as produced
                 index.setdefault((self._topic.render(event), key, value), []).append(i)
         matched: dict[int, KafkaError] = {}
         unmatched: list[KafkaError] = []

@@ -25,6 +25,7 @@ from infer_logger.dispatch import Backoff, Dispatcher
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.events import EXPLANATION, REQUEST, RESPONSE
 from infer_logger.metrics import Metrics
+from infer_logger.sinks.halving import Halving
 from infer_logger.sinks.kafka import (
     BinaryRecords,
     ClientValue,
@@ -204,6 +205,18 @@ class TestRefusals:
         room = 1_000_000 if mode == "binary" else 750_000
         assert 0.95 * room < len(data or b"") < room
         assert as_text(got["id-0"])[0]["truncated"] == "false"
+
+    async def test_a_cut_record_the_broker_refuses_is_refused_alone(self, kafka_bootstrap: str) -> None:
+        """Cut to the client's limit, still over the topic's: its report carried the cut value,
+        matched no event, and the whole batch was retried for ever (SinkError, none pending)."""
+        topic = new_topic(kafka_bootstrap, config={"max.message.bytes": "500000"})
+        sink = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=topic, delivery_timeout=5).build()
+        big = event(1, data=b'"' + b"x" * 1_200_000 + b'"')
+        with pytest.raises(RejectedError) as info:
+            await Halving(sink).send_batch([event(0), big, event(2)])  # as the worker sends
+        await sink.aclose()
+        assert info.value.events == [big] and info.value.too_large  # the event whole, for its dead letter
+        assert sorted(decode(m).id for m in read_back(kafka_bootstrap, topic, 2)) == ["id-0", "id-2"]
 
     async def test_invalid_topic(self, kafka_bootstrap: str) -> None:
         prefix = f"m{uuid.uuid4().hex[:8]}"
