@@ -48,6 +48,7 @@ from explainers.errors import (
     InvalidInputError,
     InvalidParametersError,
     NotReadyError,
+    PredictorRefusedError,
 )
 from explainers.service import ExplainerService
 from infer_logger import binary_tensors, events
@@ -201,13 +202,15 @@ class _Batcher:
     async def _run(self, group: list[tuple[np.ndarray, asyncio.Future[Explanation]]]) -> None:
         try:
             explanation = await self.service.explain(np.concatenate([rows for rows, _ in group]))
-        except ExplainTimeoutError as exc:
+        except (ExplainTimeoutError, PredictorRefusedError) as exc:
             if len(group) == 1:
                 if not group[0][1].done():
                     group[0][1].set_exception(exc)
                 return
-            # Merged, the batch outlasted explain_timeout: each event alone, one after the other
-            # (else a retry would merge them again, and time out again, for good).
+            # Merged, the batch outlasted explain_timeout (else a retry would merge them again,
+            # and time out again, for good), or the predictor refused rows of one of its events
+            # (refused for good, every event merged in was dead-lettered): each event alone, one
+            # after the other.
             for rows, future in group:
                 await self._run([(rows, future)])
             return

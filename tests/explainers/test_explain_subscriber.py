@@ -200,6 +200,25 @@ class TestJoin:
         assert await _explain_concurrently(service, "t", 3) == ["t-0", "t-1", "t-2"]
         assert calls == [3, 1, 1, 1]
 
+    async def test_rows_the_predictor_refuses_refuse_their_event_only(self, service: ExplainerService) -> None:
+        """Merged with others, the predictor's 400 to one event's rows refused (dead-lettered)
+        every event merged in, and settled them as refused."""
+        from explainers.errors import PredictorRefusedError
+
+        def refuses_out_of_range(rows: np.ndarray) -> None:
+            if (np.asarray(rows, dtype=float) > 100).any():
+                raise PredictorRefusedError("predictor answered 400: feature out of range", status=400)
+
+        calls = _recorded(service, refuses_out_of_range)
+        out = MemorySink()
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.05, batch_size=64), reply_to=out)
+        pairs = [exchange(f"r-{i}", ROWS[:1]) for i in range(3)] + [exchange("r-bad", [[6.8, 2.8, 400.0, 1.4]])]
+        await sub.send_batch([request for request, _ in pairs])
+        with pytest.raises(RejectedError) as info:
+            await sub.send_batch([response for _, response in pairs])
+        assert [e.id for e in info.value.events] == ["r-bad"] and "out of range" in str(info.value)
+        assert sorted(e.id for e in out.events) == ["r-0", "r-1", "r-2"] and calls[0] == 4
+
     def test_cache_bound_and_ttl(self, caplog: pytest.LogCaptureFixture) -> None:
         cache = EventCache(size=2, ttl=60)
         for i in range(4):
