@@ -120,7 +120,8 @@ class ElasticsearchSinkConfig(SinkConfig):
     """Create the index template before the first write when it is missing (never replaces one)."""
     template_name: str = TEMPLATE_NAME
     """The index template's name; unset: the index's fixed prefix (`inference-log` for the default
-    index), so that sinks writing other indices have templates of their own. A prefix that
+    index; `audit-prefix` for `audit{namespace}`, `audit-exact` for the one index `audit`), so that
+    sinks writing other indices have templates of their own. A prefix that
     Elasticsearch's own templates are named by (`logs`, `metrics`, `traces`, `synthetics`,
     `profiling`, `apm`... alone or before `-`) gets `infer-logger-` before it: `infer-logger-logs`."""
 
@@ -248,7 +249,16 @@ class ElasticsearchSinkConfig(SinkConfig):
 
 
 def _derived_name(pattern: str) -> str:
-    name = pattern.removesuffix("*").rstrip("-") or TEMPLATE_NAME
+    """`audit-*` -> `audit`; `audit*` -> `audit-prefix`; `audit` (one index) -> `audit-exact`.
+    One name per pattern: `audit-*` and one index `audit` shared `audit`, each config took the
+    other's template over, and indices were made without our mappings."""
+    if pattern.endswith("-*"):
+        name = pattern.removesuffix("-*")
+    elif pattern.endswith("*"):
+        name = pattern.removesuffix("*") + "-prefix"
+    else:
+        name = pattern + "-exact"
+    name = name or TEMPLATE_NAME
     if any(name == built_in or name.startswith(built_in + "-") for built_in in _BUILT_IN_TEMPLATES):
         return f"infer-logger-{name}"
     return name

@@ -172,11 +172,13 @@ class TestConfig:
         ("audit-{inferenceservicename}", ["audit-*"], "audit"),
         ("_audit-{namespace}", ["audit-*"], "audit"),  # written as audit-<namespace>
         ("+Audit {namespace}", ["audit-*"], "audit"),
-        ("audit_{namespace}", ["audit_*"], "audit_"),
-        ("Audit", ["audit"], "audit"),
+        ("audit_{namespace}", ["audit_*"], "audit_-prefix"),
+        ("audit{namespace}", ["audit*"], "audit-prefix"),
+        ("Audit", ["audit"], "audit-exact"),  # one index
+        ("inference-log", ["inference-log"], "inference-log-exact"),  # not the default's template
         # Names of Elasticsearch's own templates are never derived: ours would replace theirs.
         ("apm-app-{namespace}", ["apm-app-*"], "infer-logger-apm-app"),
-        ("ilm-history{namespace}", ["ilm-history*"], "infer-logger-ilm-history"),
+        ("ilm-history{namespace}", ["ilm-history*"], "infer-logger-ilm-history-prefix"),
         ("logstash-{namespace}", ["logstash-*"], "logstash"),
     ])
     def test_template_follows_the_index(self, index: str, patterns: list[str], name: str) -> None:
@@ -281,6 +283,26 @@ class TestTemplate:
         finally:
             es.indices.delete(index=f"{prefix}-iris", ignore_unavailable=True)
             es.indices.delete_index_template(name=prefix)
+
+    async def test_one_index_and_an_index_per_model_of_one_prefix_keep_their_templates(
+            self, es_url: str, es: Elasticsearch) -> None:
+        """`<p>` (one index) and `<p>-{modelname}` derived one template name: each sink found
+        the other's template (kept, with a warning) and wrote without mappings; a mixed row was
+        refused (`request.values` a float), and `setup` for one took the other's over."""
+        prefix = unique("tmpl")
+        one, per_model = (ElasticsearchSinkConfig(url=es_url, index=index) for index in (prefix, prefix + "-{modelname}"))
+        assert one.template_name != per_model.template_name
+        mixed = [request("m1", "iris", {"instances": [[5.1, "red", 3]]})]
+        try:
+            for config in (per_model, one):
+                await send(config, [request("n1", "iris", {"instances": [[5.1, 2.0, 3]]})], mixed)
+            templates = {t["name"]: t["index_template"]["index_patterns"]
+                         for t in es.indices.get_index_template(name=f"{prefix}*")["index_templates"]}
+            assert templates == {prefix: [prefix + "-*"], prefix + "-exact": [prefix]}
+        finally:
+            es.indices.delete(index=[prefix, f"{prefix}-iris"], ignore_unavailable=True)
+            for name in (one.template_name, per_model.template_name):
+                es.options(ignore_status=404).indices.delete_index_template(name=name)
 
     async def test_sink_creates_a_missing_template(self, es_url: str, es: Elasticsearch) -> None:
         prefix = unique("itest")
