@@ -50,8 +50,8 @@ TEMPLATE_NAME = "inference-log"
 INDEX_PATTERNS = ("inference-log-*",)
 # 2: date_detection off, keyword `values`, `raw`, flattened `explanation.params`;
 # 3: priority by pattern length, flattened `items`; 4: ignore_above on the attribute keywords,
-# room for 5000 fields
-VERSION = 4
+# room for 5000 fields; 5: flattened `payload` (the Fluentd path's whole payloads)
+VERSION = 5
 # Above the built-in templates (`logs-*-*` etc. sit at 100); equal priorities may not overlap.
 PRIORITY = 200
 MANAGED_BY = "infer-logger"
@@ -88,7 +88,8 @@ MAPPINGS: dict[str, Any] = {
         "metadata": {"type": "object", "dynamic": True},
         "request": {
             **_PAYLOAD,
-            "properties": {"features": _PAYLOAD, "values": _KEYWORD, "items": _FLATTENED, "raw": _STORED},
+            "properties": {"features": _PAYLOAD, "values": _KEYWORD, "items": _FLATTENED, "raw": _STORED,
+                           "payload": _FLATTENED},
         },
         "response": {
             **_PAYLOAD,
@@ -97,11 +98,13 @@ MAPPINGS: dict[str, Any] = {
                 "outputs": _PAYLOAD,
                 "error": {"type": "text"},
                 "raw": _STORED,
+                "payload": _FLATTENED,
             },
         },
         "explanation": {
             **_PAYLOAD,
-            "properties": {"values": _KEYWORD, "items": _FLATTENED, "raw": _STORED, "params": _FLATTENED},
+            "properties": {"values": _KEYWORD, "items": _FLATTENED, "raw": _STORED, "params": _FLATTENED,
+                           "payload": _FLATTENED},
         },
         **{f"{kind}_time": _DATE for kind in ("request", "response", "explanation")},
         **{f"{kind}_attributes": _PAYLOAD for kind in ("request", "response", "explanation")},

@@ -511,6 +511,54 @@ class TestFluentConf:
         assert {"tag", "namespace"} <= set(buffer.arg.replace(" ", "").split(","))
         assert buffer.params["flush_interval"] == "0.1" and buffer.params["retry_forever"] == "true"
 
+    def test_payloads_go_under_payload_which_the_template_flattens(self) -> None:
+        from infer_logger.elasticsearch_template import MAPPINGS
+
+        filters = {d.arg: d for d in parse_conf(CONF.read_text()) if d.name == "filter"}
+        for kind in ("request", "response", "explanation"):
+            [record] = [c for c in filters[f"inference.*.{kind}"].children if c.name == "record"]
+            assert record.params[kind].startswith('${Hash["payload", record["data"].is_a?(Hash) ? record["data"] :')
+            assert MAPPINGS["properties"][kind]["properties"]["payload"]["type"] == "flattened"
+
+    def test_its_documents_are_taken_whatever_the_payloads_types(self, es_url: str) -> None:
+        """The payload whole under <kind> was mapped field by field: numbers and strings in one
+        field (a mixed row, a V2 request with FP32 and BYTES inputs) were a mapping conflict,
+        and Fluentd's Elasticsearch output dropped that part (400). What the conf's
+        record_transformer writes (Fluentd cannot run here), upserted as its output does."""
+        import uuid
+
+        import httpx
+        import orjson
+
+        from infer_logger.sinks.elasticsearch import ElasticsearchSinkConfig, setup_elasticsearch
+
+        prefix = f"fluentd-{uuid.uuid4().hex[:8]}"
+        setup_elasticsearch(ElasticsearchSinkConfig(url=es_url, index=prefix + "-{namespace}"))
+        index = f"{prefix}-ns1"
+        payloads = {
+            "a": {"request": {"instances": [[5.1, 2.0, 3]]}, "response": {"predictions": [1]}},
+            "b": {"request": {"instances": [[5.1, "red", 3]]}, "response": {"value": "setosa"}},
+            "c": {"request": {"inputs": [{"name": "age", "shape": [1], "datatype": "FP32", "data": [42.0]},
+                                         {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]},
+                  "explanation": {"explanations": [{"attributions": {"age": 0.1}}]}},
+        }
+        lines = b""
+        for id_, parts in payloads.items():
+            for kind, data in parts.items():
+                doc = {"id": id_, "namespace": "ns1", kind: {"payload": data}, f"{kind}_attributes": {"id": id_}}
+                lines += orjson.dumps({"update": {"_index": index, "_id": id_}}) + b"\n"
+                lines += orjson.dumps({"doc": doc, "doc_as_upsert": True}) + b"\n"
+        try:
+            answer = httpx.post(f"{es_url}/_bulk?refresh=true", content=lines,
+                                headers={"content-type": "application/x-ndjson"}, timeout=30).json()
+            assert not answer["errors"], [i["update"].get("error") for i in answer["items"]]
+            hits = httpx.post(f"{es_url}/{index}/_search", json={"query": {"term": {"request.payload": "red"}}},
+                              timeout=30).json()["hits"]["hits"]
+            assert [h["_id"] for h in hits] == ["b"]
+        finally:
+            httpx.delete(f"{es_url}/{index}", timeout=30)
+            httpx.delete(f"{es_url}/_index_template/{prefix}", timeout=30)
+
     def test_durations_carry_no_unit_on_fractions(self) -> None:
         # `0.2s` was seen read as 2 s: fractional durations must be bare seconds.
         settings = [line for line in CONF.read_text().splitlines() if not line.strip().startswith("#")]
