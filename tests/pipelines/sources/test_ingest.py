@@ -182,6 +182,7 @@ class TestConfig:
     @pytest.mark.parametrize(("args", "env", "names"), [
         (["--source", "kafka"], {}, "bootstrap_servers"),
         (["--listen", "24224"], {}, "--listen"),
+        (["--listen", "::1"], {}, "IPv6 in brackets"),  # host ":" and port 1, failing only at start
         (["--sink-url", "http://127.0.0.1:1/", "--db", "x.db"], {}, "--sink-url and --db"),
         ([], {"INFER_LOGGER_INGEST_PROT": "1"}, "INFER_LOGGER_INGEST_PROT"),
         ([], {"INFER_LOGGER_INGEST_SOURCE__PORT": "x"}, "INFER_LOGGER_INGEST_SOURCE__PORT"),
