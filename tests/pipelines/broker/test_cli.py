@@ -130,6 +130,22 @@ def test_broker_help_shows_the_kafka_default() -> None:
     assert "[default: 127.0.0.1:9092]" in " ".join(out.split())
 
 
+def test_a_port_in_use_exits_1_naming_it(tmp_path: Path) -> None:
+    """As the proxy and ingest do (it was uvicorn's exit 3, its error alone)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([str(Path(sys.executable).parent / "infer-logger"), "broker", "--port", str(port),
+                               "--dir", str(tmp_path / "broker")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert f"did not start on 127.0.0.1:{port}" in done.stderr and "address already in use" in done.stderr
+
+
 def test_an_empty_host_is_refused(tmp_path: Path) -> None:
     """uvicorn binds "" (an unset manifest value) to every address."""
     result = CliRunner().invoke(broker_command, ["--check", "--dir", str(tmp_path)], env={"INFER_LOGGER_BROKER_HOST": ""})
