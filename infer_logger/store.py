@@ -466,6 +466,11 @@ def _shared_values(attrs: dict[str, Any]) -> tuple[str | None, tuple[str | None,
 def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
     attrs = event.attributes
     time, text = _shared_values(attrs)
+    if kind == "explanation":
+        # Its time is when it was explained: an exchange's rows take the request's or response's
+        # (a row beyond the request's instances held the explanation's time or the response's,
+        # by how the sink worker happened to batch them).
+        time = None
     base: dict[str, Any] = dict(zip(_SHARED, (time, *text)))
     base["id"] = event.id
     # Attributes may arrive as strings (HTTP/Kafka binary mode headers), hence the conversions.

@@ -149,6 +149,24 @@ class TestJoin:
         assert store.query()[0].endpoint is None
 
 
+    @pytest.mark.parametrize("order", ["r|p|e", "rpe", "r|pe", "e|rp", "e|r|p", "p|e|r"])
+    def test_the_same_events_make_the_same_rows_however_batched(self, tmp_path: Path, order: str) -> None:
+        """A row beyond the request's one instance took its time from the explanation or from the
+        response, by how the sink worker happened to batch the events."""
+        events_ = {"r": request(body={"instances": [[1, 2]]}, time="2026-01-01T00:00:00Z"),
+                   "p": response(time="2026-01-01T00:00:01Z"),
+                   "e": explanation(time="2026-01-01T00:00:05Z")}
+
+        def rows(batches: str, name: str) -> list[tuple[Any, ...]]:
+            with AuditStore(tmp_path / name) as s:
+                for batch in batches.split("|"):
+                    s.write([events_[kind] for kind in batch])
+                return [(r.instance, r.time, r.status, r.request, r.response, r.explanation) for r in _by_instance(s)]
+
+        assert rows(order, "a.db") == rows("r|p|e", "ref.db")
+        assert [row[1] for row in rows(order, "b.db")] == ["2026-01-01T00:00:00.000000Z", "2026-01-01T00:00:01.000000Z"]
+
+
 class TestStatus:
     """The response's status and latency hold for every record of its id."""
 
