@@ -292,9 +292,10 @@ class AuditStore:
 
         A request whose response is in the same batch (the usual case: the sink worker lingers)
         is written with it, one row write per instance; the rest kind by kind. A value no row can
-        hold (a statuscode past 64 bits, a time with no UTC form, JSON nested past orjson's 254
-        levels) raises OverflowError, TypeError or ValueError and writes nothing: the store sink
-        then finds and dead-letters that event (any exception but sqlite3.Error, in fact).
+        hold (a statuscode past 64 bits, a time with no UTC form) raises OverflowError, TypeError
+        or ValueError and writes nothing: the store sink then finds and dead-letters that event
+        (any exception but sqlite3.Error, in fact). JSON nested past the 254 levels orjson writes
+        is kept as sent (base64), as JSON it cannot read is.
         """
         updated = events.now_rfc3339()
         # A re-delivered event overwrites, so within a batch the last one of a kind and id counts.
@@ -318,7 +319,7 @@ class AuditStore:
                     continue
                 base = _row_base(event, kind, updated)
                 for index, item in enumerate(payloads.instances(event)):
-                    rows[kind].append({**base, "instance": index, kind: _dumps(item)})
+                    rows[kind].append({**base, "instance": index, kind: _item_json(item, event)})
                 if kind == "response":
                     spread.append((event_id, base["status"], base["latency_ms"]))
         with self._lock, self._transaction() as conn:
@@ -418,8 +419,8 @@ def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> l
     status = events.as_int(answered.get(events.STATUSCODE))
     latency = events.as_float(answered.get(events.LATENCYMS))
     asked_json, answered_json = _attributes_json(asked), _attributes_json(answered)
-    inputs = [_dumps(item) for item in payloads.instances(request)]
-    outputs = [_dumps(item) for item in payloads.instances(response)]
+    inputs = [_item_json(item, request) for item in payloads.instances(request)]
+    outputs = [_item_json(item, response) for item in payloads.instances(response)]
     rows = []
     for index in range(max(len(inputs), len(outputs))):
         has_input, has_output = index < len(inputs), index < len(outputs)
@@ -494,6 +495,13 @@ def _utc(value: object) -> str | None:
     # Four-digit years, as the text must sort as the time does: %Y writes year 500 as "500-",
     # after "2024-" (a --since 0500-01-01 found nothing).
     return f"{moment.year:04d}-" + moment.strftime("%m-%dT%H:%M:%S.%fZ")
+
+
+def _item_json(item: object, event: CloudEvent) -> str:
+    try:
+        return _dumps(item)
+    except TypeError:  # nested past the 254 levels orjson writes (it reads 1024): the payload as sent
+        return _dumps(events.RawPayload.of(event.data or b""))
 
 
 def _dumps(value: object) -> str:
