@@ -200,7 +200,7 @@ class _EnvSource(EnvSettingsSource):
             if isinstance(field.default, list):
                 example = f"""{name}='["…", "…"]'"""
             else:
-                example = f"""{name}='{{"key": "…"}}' or {name}__KEY=…"""
+                example = f"""{name}='{{"key": "…"}}' or {name}__KEY=… (a key lower-cased)"""
             raise ConfigError(name, f"not valid JSON ({exc}): e.g. {example}") from None
 
 
