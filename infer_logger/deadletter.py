@@ -6,12 +6,12 @@ one to hand a refused event back to (the `forward` source) write their own.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
 
+from infer_logger import appending
 from infer_logger.cloudevents.event import CloudEvent, attribute_text
 from infer_logger.events import RawPayload, decode_data
 
@@ -34,8 +34,6 @@ def append(path: Path, refused: Sequence[tuple[CloudEvent, str]], *, fsync: bool
     `fsync` before returning when what comes next forgets them elsewhere (an ack to a sender)."""
     lines = b"".join(line(event, reason) for event, reason in refused)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("ab") as fh:
-        fh.write(lines)
-        if fsync:
-            fh.flush()
-            os.fsync(fh.fileno())
+    # Whole or not at all: a write cut short (a full disk) left a torn line, and the retry wrote
+    # the records again after it.
+    appending.append(path, lines, fsync=fsync)

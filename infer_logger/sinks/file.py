@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 from pydantic import field_validator
 
+from infer_logger import appending
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.json_format import to_json
 from infer_logger.errors import ConfigError, SinkError
 from infer_logger.sinks.base import SinkConfig
 from infer_logger.sinks.own_thread import OwnThread
-
-log = logging.getLogger(__name__)
 
 
 class FileSinkConfig(SinkConfig):
@@ -55,42 +52,7 @@ class FileSink:
         self._thread = OwnThread("file-sink", str(config.path))
 
     def _write(self, lines: bytes) -> None:
-        fd = os.open(self.config.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            self._append(fd, lines)
-        finally:
-            os.close(fd)
-
-    def _append(self, fd: int, lines: bytes) -> None:
-        start = written = 0
-        try:
-            view = memoryview(lines)
-            while view:
-                n = os.write(fd, view)
-                if not written:  # O_APPEND put it at the end of the file, wherever that was then
-                    start = os.lseek(fd, 0, os.SEEK_CUR) - n
-                written += n
-                view = view[n:]
-            if self.config.fsync:
-                os.fsync(fd)
-        except OSError:
-            if written:
-                self._cut(fd, start, written)
-            raise
-
-    def _cut(self, fd: int, start: int, written: int) -> None:
-        """Cut off a batch that stopped midway (a full disk, a size limit), so the retry does not
-        append after a torn line (as the spool does); but only if the file ends with our bytes."""
-        try:
-            if os.fstat(fd).st_size == start + written:
-                os.ftruncate(fd, start)
-                return
-            reason = "another writer appended to it meanwhile, so it is left as it is"
-        except OSError as exc:
-            reason = f"it could not be cut off ({exc})"
-        log.error("file sink %s: a batch stopped after %d bytes and %s: the file has a torn line "
-                  "(only one file sink, in one process, may append to a file)",
-                  self.config.path, written, reason)
+        appending.append(self.config.path, lines, fsync=self.config.fsync)
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         lines = b"".join(to_json(e) + b"\n" for e in events)

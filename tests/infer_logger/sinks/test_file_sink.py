@@ -89,6 +89,7 @@ def test_a_batch_cut_short_leaves_no_torn_line_for_the_retry_to_follow(tmp_path:
 
 _TWO_IN_FLIGHT = """
 import asyncio, os, resource, sys, threading
+import infer_logger.appending as appending
 import infer_logger.sinks.file as file_sink
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import SinkError
@@ -110,7 +111,7 @@ class HeldOs:
             small_done.wait(1)
         return os.write(fd, data)
 
-file_sink.os = HeldOs()
+appending.os = HeldOs()
 _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 resource.setrlimit(resource.RLIMIT_FSIZE, (10000, hard))  # the big batch does not fit
 
@@ -141,6 +142,7 @@ def test_a_batch_cut_short_never_cuts_a_batch_acknowledged_meanwhile(tmp_path: P
 
 _OTHER_WRITER = """
 import asyncio, os, resource, sys
+import infer_logger.appending as appending
 import infer_logger.sinks.file as file_sink
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import SinkError
@@ -163,7 +165,7 @@ class OtherWriterOs:
             other.write(b'{"other": "writer"}\\n')
         return os.write(fd, data)
 
-file_sink.os = OtherWriterOs()
+appending.os = OtherWriterOs()
 """ + _SEND_LIMITED
 
 
