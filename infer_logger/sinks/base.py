@@ -28,6 +28,11 @@ class Sink(Protocol):
 # What a file name in the spool directory cannot hold: a path separator, NUL, control characters.
 _NOT_IN_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
 _USERINFO = re.compile(r"//[^/@]*@")
+
+
+def without_userinfo(url: str) -> str:
+    """`url` without `user:password@`: for messages, logs and dead letters."""
+    return _USERINFO.sub("//", url, count=1)
 _ADDRESS = ("url", "path", "bootstrap_servers", "topic", "host", "port", "index")
 
 
@@ -73,7 +78,7 @@ class SinkConfig(BaseModel):
         same place), a URL without user and password (a new password is too)."""
         address = {key: str(getattr(self, key)) for key in _ADDRESS if getattr(self, key, None) is not None}
         if "url" in address:
-            address["url"] = _USERINFO.sub("//", address["url"])
+            address["url"] = without_userinfo(address["url"])
         return f"{getattr(self, 'type', '')}:{sorted(address.items())}"
 
     @property

@@ -52,7 +52,7 @@ from infer_logger.elasticsearch_template import (
 )
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.retry import retry_after
-from infer_logger.sinks.base import SinkConfig
+from infer_logger.sinks.base import SinkConfig, without_userinfo
 from infer_logger.sinks.size_limit import SizeLimit
 
 if TYPE_CHECKING:
@@ -194,7 +194,7 @@ class ElasticsearchSinkConfig(SinkConfig):
     @property
     def where(self) -> str:
         """The node addresses, without credentials (for messages)."""
-        return ", ".join(_without_userinfo(u) for u in self.urls)
+        return ", ".join(without_userinfo(u) for u in self.urls)
 
     def template_patterns(self) -> list[str]:
         """The index patterns the template must match: the index name up to its first field,
@@ -563,13 +563,6 @@ def _reason(item: Mapping[str, Any]) -> str:
     if isinstance(error, Mapping):
         return f"{item.get('status')} {error.get('type')}: {error.get('reason')} (_id {item.get('_id')})"
     return f"{item.get('status')} {error} (_id {item.get('_id')})"
-
-
-def _without_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
 def setup_elasticsearch(

@@ -18,7 +18,7 @@ from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.retry import retry_after
-from infer_logger.sinks.base import SinkConfig
+from infer_logger.sinks.base import SinkConfig, without_userinfo
 from infer_logger.sinks.size_limit import SizeLimit
 from infer_logger.upstream import Upstream, UpstreamError
 
@@ -103,8 +103,8 @@ class HttpSink:
 
     def __init__(self, config: HttpSinkConfig) -> None:
         self.config = config
-        self.url = str(config.url)
-        parts = urlsplit(self.url)
+        self.url = without_userinfo(str(config.url))  # named in messages, logs and dead letters
+        parts = urlsplit(str(config.url))
         self._client = Upstream(f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}", timeout=config.timeout,
                                 max_body=RESPONSE_BODY_MAX, resend_unanswered=True, tls=_tls(config))
         target = parts.path or "/"

@@ -411,6 +411,22 @@ async def test_url_path_query_headers_and_userinfo_reach_the_receiver() -> None:
     assert head.endswith('{"x": 0}')
 
 
+async def test_the_urls_password_is_in_no_message(tmp_path: Path) -> None:
+    """It went out as Basic auth, and also into every log line and dead-letter reason."""
+    from tests.servers import Scripted
+
+    peer = Scripted(lambda _: b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+    async with peer as url:
+        config = HttpSinkConfig(url=url.replace("http://", "http://alice:S3cret@") + "/in")
+        sink = config.build()
+        with pytest.raises(RejectedError) as info:
+            await sink.send_batch(events(1))
+        await sink.aclose()
+    assert "S3cret" not in str(info.value) and "alice" not in str(info.value)
+    assert f"{url}/in refused" in str(info.value)
+    assert "authorization: Basic " in peer.heads[0].decode()
+
+
 @pytest.mark.parametrize(("headers", "says"), [
     ({"x-token": "é€"}, "the value of 'x-token' is not latin-1"),  # stopped the sidecar with a traceback
     ({"x-a": "1\r\nx-injected: yes"}, "the value of 'x-a' holds a line break"),  # a header of its own
