@@ -274,6 +274,8 @@ class DeliverySettings(BaseModel):
     backoff_initial: float = Field(0.1, gt=0)
     backoff_max: float = Field(5.0, gt=0)
     """Cap of the jittered backoff; also how long a recovered sink may wait for its first retry."""
+    retry_after_max: float = Field(60.0, ge=0)
+    """The longest wait a sink's receiver may ask for with Retry-After (429, 503)."""
     linger: float = Field(0.05, ge=0)
     """Seconds a sink worker waits after new events arrive, so they go out in one batch."""
     drain_timeout: float = Field(5.0, ge=0)

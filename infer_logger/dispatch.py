@@ -35,15 +35,19 @@ class Backoff:
     initial: float = 0.1
     maximum: float = 5.0
     multiplier: float = 2.0
+    retry_after_max: float = 60.0
+    """The longest wait a receiver's Retry-After gets (it was held to `maximum`, 5 s: a receiver
+    asking for 60 got 12 attempts a minute)."""
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Full jitter: uniform in [0, min(max, initial * multiplier**attempt)]."""
+        """Full jitter: uniform in [0, min(max, initial * multiplier**attempt)]; at least the
+        receiver's Retry-After, up to `retry_after_max`."""
         try:
             ceiling = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
         except OverflowError:  # attempt ~1025 at 2x (~40 min of outage): long past the maximum
             ceiling = self.maximum
         delay = random.uniform(0, ceiling)
-        return max(delay, min(retry_after or 0.0, self.maximum))
+        return max(delay, min(retry_after or 0.0, self.retry_after_max))
 
 
 class SinkWorker:
@@ -288,7 +292,7 @@ class Dispatcher:
             batch_size=d.batch_size,
             in_flight=d.in_flight,
             linger=d.linger,
-            backoff=Backoff(d.backoff_initial, d.backoff_max),
+            backoff=Backoff(d.backoff_initial, d.backoff_max, retry_after_max=d.retry_after_max),
             deadletter_dir=Path(settings.spool.dir) / "deadletter",
             overrides={cfg.sink_name: (cfg.batch_size, cfg.in_flight) for cfg in configs},
             destinations=settings.destinations(),

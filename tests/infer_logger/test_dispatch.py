@@ -71,6 +71,11 @@ class TestBackoff:
     def test_retry_after_floor(self) -> None:
         assert Backoff(initial=1, maximum=30).delay(1, retry_after=5) >= 5
 
+    def test_retry_after_past_the_backoff_cap_is_honoured_up_to_its_own(self) -> None:
+        """It was held to the backoff's cap (5 s): a receiver asking for 60 s got 12 attempts a minute."""
+        assert Backoff(initial=0.1, maximum=5).delay(1, retry_after=60) == 60
+        assert Backoff(initial=0.1, maximum=5, retry_after_max=30).delay(1, retry_after=86400) == 30
+
 
 async def test_retries_until_taken(tmp_path: Path) -> None:
     sink = MemorySink()
