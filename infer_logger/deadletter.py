@@ -6,6 +6,7 @@ one to hand a refused event back to (the `forward` source) write their own.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,16 +18,20 @@ from infer_logger.events import RawPayload, decode_data
 
 
 def line(event: CloudEvent, reason: str) -> bytes:
-    """One dead-letter record. A refused event is often one no encoder takes (JSON nested past
-    orjson's 254 levels or Python's recursion limit): then its data is kept as base64 and its
-    attributes as text, so that the record is always written."""
+    """One dead-letter record: the reason, the attributes, the data to read (`data`: JSON, or
+    `{"base64": ...}` for what is not) and the data as sent (`data_base64`: what `data` cannot
+    tell, e.g. text from a JSON object of that shape, or `1.50` from `1.5`), to send it again.
+    A refused event is often one no encoder takes (JSON nested past orjson's 254 levels or
+    Python's recursion limit): then its data to read is base64 too and its attributes text, so
+    that the record is always written."""
+    sent = None if event.data is None else base64.b64encode(event.data).decode()
     try:
-        record = {"reason": reason, "attributes": event.attributes, "data": decode_data(event)}
+        record = {"reason": reason, "attributes": event.attributes, "data": decode_data(event), "data_base64": sent}
         return orjson.dumps(record) + b"\n"
     except (TypeError, ValueError, RecursionError):
-        data = None if event.data is None else RawPayload.of(event.data)
+        data = None if sent is None else RawPayload(base64=sent)
         attributes = {name: attribute_text(value) for name, value in event.attributes.items()}
-        return orjson.dumps({"reason": reason, "attributes": attributes, "data": data}) + b"\n"
+        return orjson.dumps({"reason": reason, "attributes": attributes, "data": data, "data_base64": sent}) + b"\n"
 
 
 def append(path: Path, refused: Sequence[tuple[CloudEvent, str]], *, fsync: bool = False) -> None:
