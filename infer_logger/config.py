@@ -52,6 +52,8 @@ _SERVICE_LINK = re.compile(
 _LINK_VALUE = re.compile(r"(?:tcp|udp|sctp)://[^/\s]+:\d+", re.IGNORECASE)
 
 _yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
+# Sections a flag gives anew, of another type than the env var's: that env section is left out.
+_env_replaced: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("env_replaced", default=frozenset())
 
 
 class LayeredSettings(BaseSettings):
@@ -83,12 +85,15 @@ class LayeredSettings(BaseSettings):
         cls._refuse_unknown_env()
         given = {k: v for k, v in flags.items() if v is not None and v != () and v != {}}
         try:
-            data = cls._replaced(cls._replaced(data, _EnvSource(cls)()), given)
-            token = _yaml_data.set(data)
+            env = _EnvSource(cls)()
+            data = cls._replaced(cls._replaced(data, env), given)
+            replaced = frozenset(key for key, section in cls._replaced(env, given).items() if section is not env[key])
+            tokens = _yaml_data.set(data), _env_replaced.set(replaced)
             try:
                 return cls(**given)
             finally:
-                _yaml_data.reset(token)
+                _yaml_data.reset(tokens[0])
+                _env_replaced.reset(tokens[1])
         except ValidationError as exc:
             error = config_error(exc)
             var = cls._env_var(exc.errors()[0], given)
@@ -178,7 +183,12 @@ def _holds(data: Any, loc: tuple[int | str, ...]) -> bool:
 
 class _EnvSource(EnvSettingsSource):
     """The env var source, whose JSON errors name the variable and show the form it takes
-    (pydantic_settings says only that a field's value could not be parsed)."""
+    (pydantic_settings says only that a field's value could not be parsed); without the sections
+    a flag of another type gives anew (`load`), which were merged into the flag's."""
+
+    def __call__(self) -> dict[str, Any]:
+        replaced = _env_replaced.get()
+        return {key: value for key, value in super().__call__().items() if key not in replaced}
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         """Not a Kubernetes service link's value: `<PREFIX>PORT`, the port of the Service named

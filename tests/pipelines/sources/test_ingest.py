@@ -245,6 +245,18 @@ class TestConfig:
         settings = load_ingest_settings(config)
         assert (settings.sink.type, settings.sink.path) == ("store", "x.db")  # type: ignore[union-attr]
 
+    def test_a_flag_of_another_type_replaces_an_env_vars_section(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Flags lie over env: `--db` was merged into the env's http sink (`sink.store.url: Extra inputs`)."""
+        from pipelines.sources.settings import load_ingest_settings
+
+        monkeypatch.setenv("INFER_LOGGER_INGEST_SINK", '{"type": "http", "url": "http://b/"}')
+        monkeypatch.setenv("INFER_LOGGER_INGEST_SOURCE", '{"type": "kafka", "bootstrap_servers": "k:9092", '
+                                                         '"topics": ["t"]}')
+        settings = load_ingest_settings(None, sink={"type": "store", "path": "x.db"}, source={"type": "forward"})
+        assert (settings.sink.type, settings.sink.path) == ("store", "x.db")  # type: ignore[union-attr]
+        assert settings.source.type == "forward"
+        assert load_ingest_settings(None).sink.type == "http"  # no flag: the env's
+
 
 class _Stops:
     """A source whose run ends by itself (a bug, a fatal client error)."""
