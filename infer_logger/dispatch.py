@@ -262,7 +262,7 @@ class Dispatcher:
         self.workers = []
         for name, sink in sinks.items():
             if callable(getattr(sink, "stats", None)):
-                metrics.sink_counts.sinks[name] = sink
+                metrics.sink_counts.watch(name, sink)
             own_batch, own_flight = (overrides or {}).get(name, (None, None))
             self.workers.append(
                 SinkWorker(

@@ -51,6 +51,16 @@ class _SinkCounts(Collector):
 
     def __init__(self) -> None:
         self.sinks: dict[str, Any] = {}
+        self._before: dict[tuple[str, str], int] = {}  # what sinks of a name counted before their successor
+
+    def watch(self, name: str, sink: Any) -> None:
+        """Count `sink`'s `stats()` under `name` from now on, over what the sink it replaces (a
+        sidecar started again) counted: a counter never goes back."""
+        old = self.sinks.get(name)
+        if old is not None and old is not sink:
+            for event, count in old.stats().items():
+                self._before[name, event] = self._before.get((name, event), 0) + count
+        self.sinks[name] = sink
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily("infer_logger_sink_client_events",
@@ -58,7 +68,7 @@ class _SinkCounts(Collector):
                                      labels=["sink", "event"])
         for name, sink in self.sinks.items():
             for event, count in sink.stats().items():
-                family.add_metric([name, event], count)
+                family.add_metric([name, event], count + self._before.get((name, event), 0))
         yield family
 
 

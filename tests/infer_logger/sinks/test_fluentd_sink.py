@@ -259,6 +259,12 @@ class TestFailures:
         assert counts["records"] == 6 and counts["connects"] == 2 and counts["reconnects"] == 1, text
         names = [family[0] for family in export(metrics)["families"]]
         assert "infer_logger_sink_client_events" in names
+        # A sidecar started again builds its sinks anew: the counters go on from where they were.
+        spool = DiskSpool(tmp_path / "spool2")
+        Dispatcher(spool, {"fluentd": FluentdSinkConfig(port=port).build()}, metrics)
+        spool.close()
+        again = generate_latest(metrics.registry).decode()
+        assert 'infer_logger_sink_client_events_total{event="records",sink="fluentd"} 6.0' in again
 
     async def test_server_stops_while_waiting_for_the_ack(self) -> None:
         started = asyncio.Event()
