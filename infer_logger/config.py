@@ -479,9 +479,18 @@ class _Loader(yaml.SafeLoader):
 
 
 def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    _check_keys(loader, node, deep)
+    return loader.construct_mapping(node, deep)
+
+
+def _check_keys(loader: _Loader, node: yaml.MappingNode, deep: bool) -> None:
     seen: set[str] = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden,
+            merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for mapping in merged:  # but checked too (an inline one is never constructed alone)
+                if isinstance(mapping, yaml.MappingNode):
+                    _check_keys(loader, mapping, deep)
             continue
         key = loader.construct_object(key_node, deep=deep)
         if not isinstance(key, str):
@@ -492,7 +501,6 @@ def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dic
             raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
                                                     key_node.start_mark)
         seen.add(key)
-    return loader.construct_mapping(node, deep)
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)

@@ -168,6 +168,8 @@ class TestErrors:
         ("explainer:\n  yes: 1\n", "c.yaml:2:3", "the key True is not text"),
         ("port: 1\nport: 2\n", "c.yaml:2:1", "the key 'port' is given twice"),  # the last one won
         ("spool:\n  max_bytes: 1GiB\n  max_bytes: 2GiB\n", "c.yaml:3:3", "'max_bytes' is given twice"),
+        ("<<: {off: true}\n", "c.yaml:1:6", "the key False is not text"),  # merged inline: never checked
+        ("<<: [{port: 1, port: 2}]\n", "c.yaml:1:16", "'port' is given twice"),
     ])
     def test_keys_that_are_not_text_or_given_twice(self, tmp_path: Path, text: str, where: str, words: str) -> None:
         cfg = tmp_path / "c.yaml"
