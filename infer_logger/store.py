@@ -190,9 +190,11 @@ class AuditStore:
             # a user who may read the store but not write its directory (the sidecar's, stopped)
             # could not read it. No -wal file means no writer since a clean close: the main file
             # is whole, and read as immutable it needs no index.
-            if not (readonly and isinstance(exc.__cause__, sqlite3.OperationalError)
-                    and not Path(f"{self.path}-wal").exists()):
-                raise
+            cause = exc.__cause__
+            if not (readonly and isinstance(cause, sqlite3.OperationalError)
+                    and cause.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN)
+                    and not any(Path(f"{self.path}-{part}").exists() for part in ("wal", "journal"))):
+                raise  # not the index (e.g. locked by a writer): a stale read would be no answer
             self._open(readonly, timeout, immutable=True)
 
     def _open(self, readonly: bool, timeout: float, immutable: bool = False) -> None:

@@ -348,6 +348,26 @@ class TestQuery:
         assert decoded[1]["id"] == "id1" and decoded[1]["request"] == [1]
 
 
+def test_a_store_locked_by_a_writer_is_not_read_as_immutable(tmp_path: Path) -> None:
+    """Only the WAL index a reader cannot make is read past: "locked" (a store taken out of WAL
+    mode, written) was read as immutable, uncommitted pages with it."""
+    import sqlite3
+
+    db = tmp_path / "audit.db"
+    with AuditStore(db) as store:
+        store.write([request(f"q{i}") for i in range(50)])
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=DELETE")
+    writer.execute("BEGIN EXCLUSIVE")
+    writer.execute("DELETE FROM records")
+    try:
+        with pytest.raises(InferLoggerError, match="locked"):
+            AuditStore(db, readonly=True, timeout=0.2)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
 class TestFile:
     """The file itself: WAL, schema version, readers in other connections."""
 
