@@ -90,7 +90,7 @@ def main() -> None:
 @click.option("--logger-ca-cert-file", "log_ca_cert_file", metavar="FILE",
               help="PEM CAs the https --log-url sinks trust (KServe's agent flag); a missing file leaves "
                    "the system's.")
-@click.option("--max-payload-bytes", help="Log payloads cut to this size.  [default: 1MiB]")
+@click.option("--max-payload-bytes", help="Log payloads cut to this size.  [default: 900KiB]")
 @click.option("--max-request-bytes", help="Refuse larger request bodies with 413.  [default: 256MiB]")
 @click.option("--timeout", type=float, help="Seconds to wait for the predictor.  [default: 60]")
 @click.option("--request-read-timeout", type=float,

@@ -326,8 +326,10 @@ class Settings(LayeredSettings):
     """Request headers copied into the `metadata` attribute (case-insensitive); as one string,
     comma-separated or a JSON list."""
     annotations: dict[str, str] = {}
-    max_payload_bytes: ByteSize = ByteSize(1 << 20)
-    """Payloads longer than this are logged cut short with `truncated: true`."""
+    max_payload_bytes: ByteSize = ByteSize(900 << 10)
+    """Payloads longer than this are logged cut short with `truncated: true`. 900 KiB: an event
+    cut to 1 MiB, its attributes added, was over the broker's `max_event_bytes` (1 MiB) and Kafka's
+    record limit (1,000,000 bytes), and refused by both."""
     max_request_bytes: ByteSize = ByteSize(256 << 20)
     """Request bodies longer than this are refused with 413: the sidecar holds a request whole
     while it forwards it, so this bounds its memory."""

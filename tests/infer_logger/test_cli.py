@@ -393,5 +393,5 @@ def test_bad_kserve_values_are_exit_2(args: list[str], says: str) -> None:
 
 def test_proxy_help_shows_the_defaults() -> None:
     out = " ".join(CliRunner().invoke(main, ["proxy", "--help"], terminal_width=80).output.split())
-    assert "cut to this size. [default: 1MiB]" in out
+    assert "cut to this size. [default: 900KiB]" in out
     assert "[default: infer-logger-data/spool]" in out  # whole: a hyphen is where it broke

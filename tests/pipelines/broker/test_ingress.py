@@ -322,3 +322,35 @@ def test_a_dribbled_body_is_408_and_no_event(tmp_path: Path, subscriber: Subscri
         subscriber.wait_for(1)
         assert 'reason="timeout"' in httpx.get(running.url + "metrics").text
     assert [e.id for e in subscriber.events] == ["whole"]
+
+
+@pytest.mark.parametrize("mode", ["binary", "batch"])
+def test_a_payload_the_sidecar_cut_enters_a_broker_of_default_settings(
+        tmp_path: Path, subscriber: Subscriber, iris_predictor: Any, mode: str) -> None:
+    """The sidecar cut payloads at 1 MiB, and the broker refuses events over 1 MiB (their data
+    and attributes): every cut payload was answered 413 and dead-lettered on the way in (as
+    the Kafka record limit, 1,000,000 bytes, refused them). Both defaults, end to end."""
+    import httpx
+
+    from infer_logger.events import REQUEST
+    from infer_logger.testing import free_port
+    from pipelines.broker.broker import Broker
+    from pipelines.broker.server import BrokerThread
+    from pipelines.broker.settings import BrokerSettings
+    from tests.servers import sidecar_process
+
+    broker = Broker(BrokerSettings(dir=tmp_path / "broker"), triggers=CATCH_ALL.format(url=subscriber.url))
+    with BrokerThread(broker, port=free_port()) as running:
+        config = tmp_path / "sidecar.yaml"
+        config.write_text(f"sinks: [{{type: http, url: '{running.url}', mode: {mode}}}]\n")
+        sidecar = sidecar_process(iris_predictor.url, tmp_path, "-c", str(config)).start()
+        try:
+            body = b'{"instances": [' + b"[5.1, 3.5, 1.4, 0.2], " * 100_000 + b"[5.1, 3.5, 1.4, 0.2]]}"
+            answer = httpx.post(sidecar.url + "/v1/models/iris:predict", content=body,
+                                headers={"x-request-id": "big-1", "content-type": "application/json"}, timeout=60)
+            assert answer.status_code == 200
+            received = subscriber.wait_for(2, timeout=30)
+        finally:
+            sidecar.stop()
+    [request] = [e for e in received if e.id == "big-1" and e.type == REQUEST]
+    assert request.get("truncated") in (True, "true") and int(request.get("datasize")) == len(body)
