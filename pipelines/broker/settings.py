@@ -119,9 +119,9 @@ class BrokerSettings(LayeredSettings):
     """Names a `ref` may use for a URL (as a Kubernetes Service name would resolve)."""
     default_ttl: int = Field(255, ge=1, le=2**31 - 1)
     """`knativebrokerttl` given to events that arrive without one; each reply takes one off."""
-    max_event_bytes: ByteSize = ByteSize(1 << 20)
+    max_event_bytes: ByteSize = Field(ByteSize(1 << 20), gt=0)
     """Largest event accepted (413 beyond)."""
-    max_request_bytes: ByteSize = ByteSize(16 << 20)
+    max_request_bytes: ByteSize = Field(ByteSize(16 << 20), gt=0)
     """Largest request body (a batch) accepted (413 beyond)."""
     request_read_timeout: float = Field(60.0, gt=0)
     """Seconds a request body may take to arrive whole, from its head, before it is answered 408 and
@@ -167,6 +167,9 @@ class BrokerSettings(LayeredSettings):
 
     @model_validator(mode="after")
     def _room_for_events(self) -> BrokerSettings:
+        if self.max_request_bytes < self.max_event_bytes:  # a batch of one such event was refused
+            raise ValueError(f"max_request_bytes ({self.max_request_bytes.human_readable()}) must be at least "
+                             f"max_event_bytes ({self.max_event_bytes.human_readable()})")
         # As the sidecar's spool: a log below an event's size answered 503 (retry) to every
         # event that size for ever, and one of a few events holds no backlog worth the name.
         if self.channel != "kafka" and self.spool.max_bytes < 4 * self.max_event_bytes:

@@ -84,6 +84,8 @@ class TestBrokerCheck:
         ({"INFER_LOGGER_BROKER_SPOOL__MAX_BYTES": "1KiB"}, "spool.max_bytes (1.0KiB) must be at least 4 x max_event_bytes"),
         ({"INFER_LOGGER_BROKER_SPOOL__MAX_BYTES": "0"}, "greater than 0"),
         ({"INFER_LOGGER_BROKER_SPOOL__SEGMENT_BYTES": "0"}, "greater than 0"),
+        ({"INFER_LOGGER_BROKER_MAX_EVENT_BYTES": "0"}, "greater than 0"),  # every event a 413
+        ({"INFER_LOGGER_BROKER_MAX_REQUEST_BYTES": "512KiB"}, "must be at least max_event_bytes"),
     ])
     def test_a_log_too_small_for_its_events_is_a_config_error(self, env: dict[str, str], words: str) -> None:
         """It passed, and every event over a quarter of it was answered 503 (retry) for ever."""
