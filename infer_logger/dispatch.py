@@ -76,7 +76,8 @@ class SinkWorker:
         self.deadletter = deadletter_dir / f"{name}.jsonl" if deadletter_dir else None
         self.draining = False
         self.healthy = True
-        self._failing = 0  # batches that failed and are not taken yet: no new batch starts meanwhile
+        # The tasks of batches that failed and are not taken yet: no new batch starts meanwhile.
+        self._failing: set[asyncio.Task[Any] | None] = set()
 
     async def run(self) -> None:
         """Deliver until drained or cancelled. A failure of the worker itself (a bug, never the
@@ -166,7 +167,10 @@ class SinkWorker:
         before this one) is done. Done means every batch before it is: a batch taken at once,
         between two that failed, let the later one's retry overtake the earlier one's.
         """
-        done = await self._attempts(events, before)
+        try:
+            done = await self._attempts(events, before)
+        finally:
+            self._failing.discard(asyncio.current_task())
         if before is not None and not before.done():
             await asyncio.wait({before})
         return done
@@ -177,53 +181,48 @@ class SinkWorker:
         # again, a sink may not refuse the same way (an explainer's exchange is settled by then).
         refused: list[tuple[CloudEvent, str]] | None = None
         taken = 0
-        try:
-            while True:
-                started = time.perf_counter()
-                failure: Exception | None = None
-                if refused is None:
-                    try:
-                        await self._send(events)
-                    except RejectedError as exc:
-                        refused, taken = exc.refusals(events), exc.taken(events)
-                    except Exception as exc:  # any failure of a sink is retried, never fatal
-                        failure = exc
-                        pending = getattr(exc, "pending", None)
-                        if pending and len(pending) < len(events):  # the others were taken: only these again
-                            self.metrics.delivered.labels(self.name).inc(len(events) - len(pending))
-                            events = pending
-                    else:
-                        self.healthy = True
-                        self.metrics.sink_latency.labels(self.name).observe(time.perf_counter() - started)
-                        self.metrics.delivered.labels(self.name).inc(len(events))
-                        return True
-                if refused is not None:
-                    try:
-                        self._dead_letter(refused)
-                    except Exception as error:  # not written down anywhere yet: the batch stays uncommitted
-                        failure = SinkError(f"cannot write dead letters to {self.deadletter}: {error}")
-                    else:
-                        self.healthy = True
-                        self.metrics.delivered.labels(self.name).inc(taken)
-                        return True
-                assert failure is not None
-                attempt += 1
-                if attempt == 1:
-                    self._failing += 1
-                self.healthy = False
-                self.metrics.retried.labels(self.name).inc()
-                if self.draining:
-                    log.warning("sink %s still failing at shutdown (%s): kept in the spool", self.name, failure)
-                    return False
-                delay = self.backoff.delay(attempt, getattr(failure, "retry_after", None))
-                if attempt == 1 or attempt % 10 == 0:
-                    log.warning("sink %s: %s; retry %d in %.2fs", self.name, failure, attempt, delay)
-                await asyncio.sleep(delay)
-                if before is not None and not before.done():  # retries go in spool order too
-                    await asyncio.wait({before})
-        finally:
-            if attempt:
-                self._failing -= 1
+        while True:
+            started = time.perf_counter()
+            failure: Exception | None = None
+            if refused is None:
+                try:
+                    await self._send(events)
+                except RejectedError as exc:
+                    refused, taken = exc.refusals(events), exc.taken(events)
+                except Exception as exc:  # any failure of a sink is retried, never fatal
+                    failure = exc
+                    pending = getattr(exc, "pending", None)
+                    if pending and len(pending) < len(events):  # the others were taken: only these again
+                        self.metrics.delivered.labels(self.name).inc(len(events) - len(pending))
+                        events = pending
+                else:
+                    self.healthy = True
+                    self.metrics.sink_latency.labels(self.name).observe(time.perf_counter() - started)
+                    self.metrics.delivered.labels(self.name).inc(len(events))
+                    return True
+            if refused is not None:
+                try:
+                    self._dead_letter(refused)
+                except Exception as error:  # not written down anywhere yet: the batch stays uncommitted
+                    failure = SinkError(f"cannot write dead letters to {self.deadletter}: {error}")
+                else:
+                    self.healthy = True
+                    self.metrics.delivered.labels(self.name).inc(taken)
+                    return True
+            assert failure is not None
+            attempt += 1
+            self._failing.add(asyncio.current_task())
+            self.healthy = False
+            self.metrics.retried.labels(self.name).inc()
+            if self.draining:
+                log.warning("sink %s still failing at shutdown (%s): kept in the spool", self.name, failure)
+                return False
+            delay = self.backoff.delay(attempt, getattr(failure, "retry_after", None))
+            if attempt == 1 or attempt % 10 == 0:
+                log.warning("sink %s: %s; retry %d in %.2fs", self.name, failure, attempt, delay)
+            await asyncio.sleep(delay)
+            if before is not None and not before.done():  # retries go in spool order too
+                await asyncio.wait({before})
 
     def _dead_letter(self, refused: Sequence[tuple[CloudEvent, str]]) -> None:
         """Append the refused events to the sink's dead-letter file (OSError: nothing counted)."""
