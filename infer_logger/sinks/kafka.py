@@ -687,9 +687,9 @@ class KafkaSink:
 
     def _cut(self, event: CloudEvent, key: bytes | None, value: bytes | None, headers: Headers) -> CloudEvent | None:
         """`event` with its data cut so that its record (key, value, headers) fits `message.max.bytes`,
-        marked as the sidecar marks a payload over its `max_payload_bytes` (whose default, 1 MiB,
-        is over librdkafka's 1,000,000 bytes: every truncated payload was dead-lettered here);
-        None when cutting the data cannot make it fit. The record shrinks with the data in both
+        marked as the sidecar marks a payload over its `max_payload_bytes` (a cap set past it,
+        as its default of 1 MiB was, had every payload it cut dead-lettered here); None when
+        cutting the data cannot make it fit. The record shrinks with the data in both
         modes (structured mode may hold it as base64): cut in proportion, less a margin."""
         data = event.data
         rest = len(key or b"") + sum(len(name) + len(text or b"") for name, text in headers)
