@@ -27,13 +27,15 @@ class Sink(Protocol):
 
 # What a file name in the spool directory cannot hold: a path separator, NUL, control characters.
 _NOT_IN_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
-_USERINFO = re.compile(r"//[^/@]*@")
+# `user:password@` up to the authority's last @ (a password may hold one); every URL of a list.
+_USERINFO = re.compile(r"//[^/?#]*@")
+_ADDRESS = ("url", "path", "bootstrap_servers", "topic", "host", "port", "index")
 
 
 def without_userinfo(url: str) -> str:
-    """`url` without `user:password@`: for messages, logs and dead letters."""
-    return _USERINFO.sub("//", url, count=1)
-_ADDRESS = ("url", "path", "bootstrap_servers", "topic", "host", "port", "index")
+    """`url` (or the text of a list of them) without `user:password@`: for messages, logs, dead
+    letters and checkpoints' destinations."""
+    return _USERINFO.sub("//", url)
 
 
 class SinkConfig(BaseModel):

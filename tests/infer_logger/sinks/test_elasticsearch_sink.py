@@ -152,6 +152,12 @@ class TestConfig:
     def test_credentials_stay_out_of_messages(self) -> None:
         config = ElasticsearchSinkConfig(url=["https://u:secret@es1:9200", "http://es2:9200"])
         assert config.where == "https://es1:9200, http://es2:9200"
+        # A password holding @ (its last part was shown); a new password is the same destination
+        # for every node of a list (the second kept its old one: the checkpoint was not found).
+        assert ElasticsearchSinkConfig(url="http://elastic:s3cr@t@es1:9200").where == "http://es1:9200"
+        nodes = ["http://u:{}@es1:9200", "http://u:{}@es2:9200"]
+        assert (ElasticsearchSinkConfig(url=[n.format("old") for n in nodes]).destination()
+                == ElasticsearchSinkConfig(url=[n.format("new") for n in nodes]).destination())
         assert "secret" not in repr(ElasticsearchSinkConfig(api_key="secret"))  # type: ignore[arg-type]
 
     @pytest.mark.parametrize(("fields", "auth"), [
