@@ -481,18 +481,19 @@ class _Loader(yaml.SafeLoader):
 
 
 def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    _check_keys(loader, node, deep)
+    _check_keys(loader, node, deep, set())
     return loader.construct_mapping(node, deep)
 
 
-def _check_keys(loader: _Loader, node: yaml.MappingNode, deep: bool) -> None:
+def _check_keys(loader: _Loader, node: yaml.MappingNode, deep: bool, checked: set[int]) -> None:
+    checked.add(id(node))  # a mapping merged into itself (`a: &x {<<: *x}`) is checked once
     seen: set[str] = set()
     for key_node, value_node in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden,
             merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
             for mapping in merged:  # but checked too (an inline one is never constructed alone)
-                if isinstance(mapping, yaml.MappingNode):
-                    _check_keys(loader, mapping, deep)
+                if isinstance(mapping, yaml.MappingNode) and id(mapping) not in checked:
+                    _check_keys(loader, mapping, deep, checked)
             continue
         key = loader.construct_object(key_node, deep=deep)
         if not isinstance(key, str):

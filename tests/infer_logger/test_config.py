@@ -178,6 +178,12 @@ class TestErrors:
             load_settings(cfg)
         assert info.value.field.endswith(where)
 
+    def test_a_mapping_merged_into_itself_is_read(self, tmp_path: Path) -> None:
+        """Its keys' check recursed for ever (a RecursionError traceback); yaml.safe_load reads it."""
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("a: &x {port: 1, <<: *x}\nb: &y {namespace: n, <<: [*y]}\n")
+        assert load_settings(cfg, section="b").namespace == "n"
+
     def test_merge_keys_may_be_overridden(self, tmp_path: Path) -> None:
         cfg = tmp_path / "c.yaml"
         cfg.write_text("base: &b {port: 1, namespace: a}\n"
