@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
 import re
 import threading
 import time
@@ -33,7 +32,7 @@ from typing import Any, Literal, TypeVar, cast
 import orjson
 from pydantic import Field, field_validator, model_validator
 
-from infer_logger import deadletter
+from infer_logger import appending, deadletter
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.kafka import KafkaMessage, from_kafka, to_kafka_structured
 from infer_logger.dispatch import Backoff
@@ -649,10 +648,9 @@ class KafkaSource:
             "key": _text(r.msg.key()), "headers": [[k, _text(v)] for k, v in cast(Headers, r.msg.headers() or [])],
             "value": _text(r.msg.value()),
         }) + b"\n" for r in records)
-        with path.open("ab") as fh:
-            fh.write(lines)
-            fh.flush()
-            os.fsync(fh.fileno())  # on disk before the offsets move past them
+        # Whole or not at all (a write cut short left a torn line, then every record again), and
+        # on disk before the offsets move past them.
+        appending.append(path, lines, fsync=True)
 
     def _on_record_error(self, error: KafkaError) -> None:
         if error.code() != KafkaError._PARTITION_EOF:

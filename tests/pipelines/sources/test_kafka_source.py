@@ -814,3 +814,40 @@ async def test_a_partition_revoked_mid_delivery_waits_for_it(kafka_bootstrap: st
             await asyncio.sleep(3.0)  # an older copy still in flight would land now
     assert written[-1] == ("id-1", b"v2"), written
     assert written.index(("id-1", b"v1")) < written.index(("id-1", b"v2"))
+
+
+_DEAD_LETTERS_CUT_SHORT = """
+import resource, sys, types
+from pathlib import Path
+from pipelines.sources.kafka import KafkaSource, _Record
+
+class Message:  # what the records' dead letters read of a consumed record
+    def __init__(self, offset): self._offset = offset
+    def topic(self): return "t"
+    def partition(self): return 0
+    def offset(self): return self._offset
+    def key(self): return b"k"
+    def headers(self): return []
+    def value(self): return b"x" * 500
+
+source = types.SimpleNamespace(config=types.SimpleNamespace(dead_letter_file=Path(sys.argv[1])))
+records = [_Record(Message(i), None, "not a CloudEvent") for i in range(10)]
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # as a full disk would, midway (EFBIG)
+try:
+    KafkaSource._write_dead_letters(source, records)
+except OSError:
+    print("failed")
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+KafkaSource._write_dead_letters(source, records)  # the retry
+"""
+
+
+def test_dead_letters_cut_short_leave_no_torn_line_for_the_retry_to_follow(tmp_path: Path) -> None:
+    """Its own records (what is not a CloudEvent) were appended as they came: a write cut short
+    left a torn line, and the retry every record again after it."""
+    path = tmp_path / "dead.jsonl"
+    out = subprocess.run([sys.executable, "-c", _DEAD_LETTERS_CUT_SHORT, str(path)], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).parents[3], check=False)  # its size limit is its own
+    assert out.returncode == 0 and out.stdout.split() == ["failed"], out.stderr
+    assert [orjson.loads(line)["offset"] for line in path.read_bytes().splitlines()] == list(range(10))
