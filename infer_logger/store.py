@@ -12,6 +12,7 @@ writes. Times are stored as UTC RFC 3339 text with microseconds, so text order i
 
 from __future__ import annotations
 
+import json
 import operator
 import re
 import sqlite3
@@ -321,7 +322,7 @@ class AuditStore:
                     continue
                 base = _row_base(event, kind, updated)
                 for index, item in enumerate(payloads.instances(event)):
-                    rows[kind].append({**base, "instance": index, kind: _item_json(item, event)})
+                    rows[kind].append({**base, "instance": index, kind: _item_json(item, event, index)})
                 if kind == "response":
                     spread.append((event_id, base["status"], base["latency_ms"]))
         with self._lock, self._transaction() as conn:
@@ -421,8 +422,8 @@ def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> l
     status = events.as_int(answered.get(events.STATUSCODE))
     latency = events.as_float(answered.get(events.LATENCYMS))
     asked_json, answered_json = _attributes_json(asked), _attributes_json(answered)
-    inputs = [_item_json(item, request) for item in payloads.instances(request)]
-    outputs = [_item_json(item, response) for item in payloads.instances(response)]
+    inputs = [_item_json(item, request, i) for i, item in enumerate(payloads.instances(request))]
+    outputs = [_item_json(item, response, i) for i, item in enumerate(payloads.instances(response))]
     rows = []
     for index in range(max(len(inputs), len(outputs))):
         has_input, has_output = index < len(inputs), index < len(outputs)
@@ -499,11 +500,15 @@ def _utc(value: object) -> str | None:
     return f"{moment.year:04d}-" + moment.strftime("%m-%dT%H:%M:%S.%fZ")
 
 
-def _item_json(item: object, event: CloudEvent) -> str:
+def _item_json(item: object, event: CloudEvent, index: int) -> str | None:
     try:
         return _dumps(item)
-    except TypeError:  # nested past the 254 levels orjson writes (it reads 1024): the payload as sent
-        return _dumps(events.RawPayload.of(event.data or b""))
+    except TypeError:  # nested past the 254 levels orjson writes (it reads 1024)
+        pass
+    try:  # stdlib json writes as deep as Python recurses (~1000 levels)
+        return json.dumps(item, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (RecursionError, ValueError):  # deeper yet: the payload as sent, once (not in every row)
+        return _dumps(events.RawPayload.of(event.data or b"")) if index == 0 else None
 
 
 def _dumps(value: object) -> str:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import sqlite3
 from pathlib import Path
 
@@ -104,11 +105,16 @@ class TestStoreSink:
         many_dims = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[' + b",".join([b"1"] * 1000) + b'],"data":[1]}]}'
         sink = StoreSinkConfig(path=str(tmp_path / "a.db")).build()
         deep = request("deep", b'{"instances":' + b"[" * 300 + b"]" * 300 + b"}")
-        await sink.send_batch([request("past", past_orjson), deep, request("dims", many_dims)])
-        stored = {r.id: r.request for r in sink.store.query()}
-        assert stored.keys() == {"past", "deep", "dims"} and set(stored["past"]) == {"base64"}
-        assert base64.b64decode(stored["deep"]["base64"]) == deep.data
-        assert stored["dims"]["inputs"][0]["shape"] == [1] * 1000
+        too_deep = b"[" * 1018 + b"]" * 1018  # orjson reads it, stdlib json does not write it
+        deepest = request("deepest", b'{"instances":[' + too_deep + b"," + too_deep + b"]}")
+        await sink.send_batch([request("past", past_orjson), deep, request("dims", many_dims), deepest])
+        stored = {(r.id, r.instance): r.request for r in sink.store.query(limit=None)}
+        assert set(stored) == {("past", 0), ("deep", 0), ("dims", 0), ("deepest", 0), ("deepest", 1)}
+        assert set(stored["past", 0]) == {"base64"}
+        assert json.dumps(stored["deep", 0], separators=(",", ":")) == "[" * 299 + "]" * 299  # by stdlib json
+        # Past what stdlib json writes too: the payload as sent, once (in every row it took MBs).
+        assert base64.b64decode(stored["deepest", 0]["base64"]) == deepest.data and stored["deepest", 1] is None
+        assert stored["dims", 0]["inputs"][0]["shape"] == [1] * 1000
         await sink.aclose()
 
 
