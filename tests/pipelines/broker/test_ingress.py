@@ -324,7 +324,7 @@ def test_a_dribbled_body_is_408_and_no_event(tmp_path: Path, subscriber: Subscri
     assert [e.id for e in subscriber.events] == ["whole"]
 
 
-@pytest.mark.parametrize("mode", ["binary", "batch"])
+@pytest.mark.parametrize("mode", ["binary", "structured", "batch"])  # structured: data as base64
 def test_a_payload_the_sidecar_cut_enters_a_broker_of_default_settings(
         tmp_path: Path, subscriber: Subscriber, iris_predictor: Any, mode: str) -> None:
     """The sidecar cut payloads at 1 MiB, and the broker refuses events over 1 MiB (their data
