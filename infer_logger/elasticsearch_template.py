@@ -119,8 +119,11 @@ SETTINGS: dict[str, Any] = {"index.mapping.total_fields.limit": 5000}
 
 
 def priority(index_patterns: Sequence[str]) -> int:
-    """200 + the longest fixed part (index names are at most 255 bytes): the more specific wins."""
-    return PRIORITY + min(max((len(p.split("*", 1)[0]) for p in index_patterns), default=0), 255)
+    """The more specific pattern wins: 200 + twice the longest fixed part (index names are at
+    most 255 bytes), + 1 for one index. Elasticsearch refuses templates of equal priority whose
+    patterns overlap: one index `audit` and `audit*` had the same, and the second was refused."""
+    return PRIORITY + max((2 * min(len(p.split("*", 1)[0]), 255) + ("*" not in p) for p in index_patterns),
+                          default=0)
 
 
 def index_template(index_patterns: Sequence[str] = INDEX_PATTERNS) -> dict[str, Any]:

@@ -120,7 +120,7 @@ class ElasticsearchSinkConfig(SinkConfig):
     """Create the index template before the first write when it is missing (never replaces one)."""
     template_name: str = TEMPLATE_NAME
     """The index template's name; unset: the index's fixed prefix (`inference-log` for the default
-    index; `audit-prefix` for `audit{namespace}`, `audit-exact` for the one index `audit`), so that
+    index; `audit:prefix` for `audit{namespace}`, `audit:exact` for the one index `audit`), so that
     sinks writing other indices have templates of their own. A prefix that
     Elasticsearch's own templates are named by (`logs`, `metrics`, `traces`, `synthetics`,
     `profiling`, `apm`... alone or before `-`) gets `infer-logger-` before it: `infer-logger-logs`."""
@@ -249,15 +249,16 @@ class ElasticsearchSinkConfig(SinkConfig):
 
 
 def _derived_name(pattern: str) -> str:
-    """`audit-*` -> `audit`; `audit*` -> `audit-prefix`; `audit` (one index) -> `audit-exact`.
-    One name per pattern: `audit-*` and one index `audit` shared `audit`, each config took the
-    other's template over, and indices were made without our mappings."""
+    """`audit-*` -> `audit`; `audit*` -> `audit:prefix`; `audit` (one index) -> `audit:exact`.
+    One name per pattern (`audit-*` and one index `audit` shared `audit`: each config took the
+    other's template over, and indices were made without our mappings); an index name holds no
+    `:`, so no `X-*` makes one of the others."""
     if pattern.endswith("-*"):
         name = pattern.removesuffix("-*")
     elif pattern.endswith("*"):
-        name = pattern.removesuffix("*") + "-prefix"
+        name = pattern.removesuffix("*") + ":prefix"
     else:
-        name = pattern + "-exact"
+        name = pattern + ":exact"
     name = name or TEMPLATE_NAME
     if any(name == built_in or name.startswith(built_in + "-") for built_in in _BUILT_IN_TEMPLATES):
         return f"infer-logger-{name}"

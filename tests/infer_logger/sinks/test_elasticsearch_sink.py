@@ -178,13 +178,13 @@ class TestConfig:
         ("audit-{inferenceservicename}", ["audit-*"], "audit"),
         ("_audit-{namespace}", ["audit-*"], "audit"),  # written as audit-<namespace>
         ("+Audit {namespace}", ["audit-*"], "audit"),
-        ("audit_{namespace}", ["audit_*"], "audit_-prefix"),
-        ("audit{namespace}", ["audit*"], "audit-prefix"),
-        ("Audit", ["audit"], "audit-exact"),  # one index
-        ("inference-log", ["inference-log"], "inference-log-exact"),  # not the default's template
+        ("audit_{namespace}", ["audit_*"], "audit_:prefix"),
+        ("audit{namespace}", ["audit*"], "audit:prefix"),
+        ("Audit", ["audit"], "audit:exact"),  # one index
+        ("inference-log", ["inference-log"], "inference-log:exact"),  # not the default's template
         # Names of Elasticsearch's own templates are never derived: ours would replace theirs.
         ("apm-app-{namespace}", ["apm-app-*"], "infer-logger-apm-app"),
-        ("ilm-history{namespace}", ["ilm-history*"], "infer-logger-ilm-history-prefix"),
+        ("ilm-history{namespace}", ["ilm-history*"], "ilm-history:prefix"),  # no built-in name holds ":"
         ("logstash-{namespace}", ["logstash-*"], "logstash"),
     ])
     def test_template_follows_the_index(self, index: str, patterns: list[str], name: str) -> None:
@@ -304,10 +304,22 @@ class TestTemplate:
                 await send(config, [request("n1", "iris", {"instances": [[5.1, 2.0, 3]]})], mixed)
             templates = {t["name"]: t["index_template"]["index_patterns"]
                          for t in es.indices.get_index_template(name=f"{prefix}*")["index_templates"]}
-            assert templates == {prefix: [prefix + "-*"], prefix + "-exact": [prefix]}
+            assert templates == {prefix: [prefix + "-*"], prefix + ":exact": [prefix]}
         finally:
             es.indices.delete(index=[prefix, f"{prefix}-iris"], ignore_unavailable=True)
             for name in (one.template_name, per_model.template_name):
+                es.options(ignore_status=404).indices.delete_index_template(name=name)
+
+    def test_one_index_and_its_prefix_pattern_get_templates_of_their_own_priorities(
+            self, es_url: str, es: Elasticsearch) -> None:
+        """`audit` and `audit*` had one priority: Elasticsearch refuses overlapping patterns of equal
+        priority, and the second setup failed (its sink wrote without mappings)."""
+        prefix = unique("prio")
+        try:
+            for index in (prefix, prefix + "{namespace}"):
+                assert setup_elasticsearch(ElasticsearchSinkConfig(url=es_url, index=index))[1].endswith(": created")
+        finally:
+            for name in (f"{prefix}:exact", f"{prefix}:prefix"):
                 es.options(ignore_status=404).indices.delete_index_template(name=name)
 
     async def test_sink_creates_a_missing_template(self, es_url: str, es: Elasticsearch) -> None:
