@@ -92,23 +92,32 @@ def _check(settings: Any) -> int:
 @click.option("--event", "event_file", type=click.File("rb"),
               help="A JSON CloudEvent (or a JSON object of attributes) to evaluate against; - is stdin.")
 def cesql_command(expression: str, event_file: Any) -> None:
-    """Check a CESQL expression, and evaluate it against an event.
+    """Check a CESQL expression as a trigger loads it, and evaluate it against an event.
+
+    An expression that begins with "-" goes after "--":
+
+    \b
+      infer-logger cesql -- '-1 < 0'
 
     \b
     Exit status:
       0  valid (and, with --event, the event matches as a trigger filter
          would take it: TRUE without errors)
       1  the event does not match
-      2  invalid expression or event
+      2  invalid expression (syntax, or a function that does not exist) or event
     """
     from pipelines.broker.channel import TTL
-    from pipelines.broker.filters import PASS, Delivered, build_filter
+    from pipelines.broker.filters import PASS, Delivered, FilterError, build_filter
     from pipelines.cesql import CesqlParseError, parse
 
     try:
         parsed = parse(expression)
+        build_filter({"cesql": expression}, ())  # as a trigger loads it: functions looked up too
     except CesqlParseError as exc:
         click.echo(f"invalid CESQL: {exc}", err=True)
+        sys.exit(2)
+    except FilterError as exc:
+        click.echo(exc.reason, err=True)
         sys.exit(2)
     if event_file is None:
         click.echo("valid")

@@ -27,6 +27,7 @@ from typing import Any, TypeAlias
 from infer_logger.cloudevents.event import AttributeValue, attribute_text
 from pipelines.cesql import CesqlParseError, Expression, ValueType
 from pipelines.cesql import parse as parse_cesql
+from pipelines.cesql.nodes import Attribute as AttributeNode
 from pipelines.cesql.values import cast as cast_value
 
 Attributes: TypeAlias = Mapping[str, AttributeValue]
@@ -191,16 +192,19 @@ class SuffixFilter(ExactFilter):
 
 
 class CesqlFilter:
-    __slots__ = ("expression",)
+    __slots__ = ("bare", "expression")
 
     def __init__(self, expression: Expression) -> None:
         self.expression = expression
+        self.bare = isinstance(expression.tree, AttributeNode)
 
     def __call__(self, attributes: Attributes) -> FilterResult:
         value, errors = self.expression.evaluate(attributes)
-        if isinstance(value, str):
+        if self.bare and isinstance(value, str):
             # Filters see text (`Delivered`): `cesql: sampled` on a boolean extension yields the
             # String "true", which passes as the Boolean it is cast to ("yes" fails: a cast error).
+            # Only a bare attribute: any other String result fails, as the spec says (STRING(TRUE)
+            # or UPPER('true') passed).
             value, error = cast_value(value, ValueType.BOOLEAN)
             errors = [*errors, error] if error else errors
         return PASS if value is True and not errors else FAIL
@@ -326,10 +330,17 @@ def _cesql(value: Any, path: tuple[PathPart, ...]) -> Filter:
     if not value.strip():
         return _no_filter
     try:
-        return CesqlFilter(parse_cesql(value))
+        expression = parse_cesql(value)
     except CesqlParseError as exc:
         reason = f"invalid CESQL {value!r}: {exc.reason} at position {exc.position}"
         raise FilterError(path, reason, column=exc.position) from None
+    # The functions are known now: a misspelt one failed every event, and no one was told.
+    if calls := expression.unresolved_calls():
+        call = calls[0]
+        reason = (f"invalid CESQL {value!r}: no function {call.name} of {len(call.arguments)} "
+                  f"argument{'s' if len(call.arguments) != 1 else ''} at position {call.position}")
+        raise FilterError(path, reason, column=call.position)
+    return CesqlFilter(expression)
 
 
 def _attribute_map(value: Any, path: tuple[PathPart, ...], *, allow_empty_values: bool,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pipelines.cesql.builtins import BUILTINS
 from pipelines.cesql.context import Event, attributes_of
 from pipelines.cesql.errors import CesqlError, CesqlParseError
 from pipelines.cesql.evaluator import Evaluator
 from pipelines.cesql.functions import FunctionRegistry
-from pipelines.cesql.nodes import Node
+from pipelines.cesql.nodes import Call, Node
 from pipelines.cesql.parser import parse_tree
 from pipelines.cesql.values import Value
 
@@ -31,6 +31,24 @@ class Expression:
         error occurred (spec 1.2; Knative likewise fails a trigger on any error)."""
         value, errors = self.evaluate(event)
         return value is True and not errors
+
+    def unresolved_calls(self) -> list[Call]:
+        """The calls of functions this expression's registry does not have (by name and number of
+        arguments): each evaluation would fail them (missingFunction), so a caller that knows its
+        registry is final may refuse the expression at once (spec 3.3: at compile time if possible)."""
+        found: list[Call] = []
+        stack: list[Node] = [self.tree]
+        while stack:  # no recursion: trees nest as deep as the parser allows
+            node = stack.pop()
+            if isinstance(node, Call) and self.functions.resolve(node.name, len(node.arguments)) is None:
+                found.append(node)
+            for part in fields(node):
+                value = getattr(node, part.name)
+                if isinstance(value, Node):
+                    stack.append(value)
+                elif isinstance(value, tuple):
+                    stack.extend(item for item in value if isinstance(item, Node))
+        return sorted(found, key=lambda call: call.position)
 
     def __str__(self) -> str:
         return self.source

@@ -25,6 +25,11 @@ class TestCesql:
         assert result.exit_code == 2
         assert "at position 7" in result.output and "\n         ^" in result.output
 
+    def test_a_function_that_does_not_exist_is_invalid(self) -> None:
+        """It was "valid", and the trigger filtered out every event."""
+        result = CliRunner().invoke(cesql_command, ["LENGHT(type) > 3"])
+        assert result.exit_code == 2 and "no function LENGHT of 1 argument at position 0" in result.output
+
     def test_event_matches(self, tmp_path: Path) -> None:
         path = tmp_path / "event.json"
         path.write_bytes(orjson.dumps(EVENT))

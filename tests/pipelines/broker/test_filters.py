@@ -20,6 +20,7 @@ from pipelines.broker.filters import (
     format_path,
 )
 from pipelines.cesql import parse
+from pipelines.cesql.nodes import Attribute
 from tests.conformance import ROOT, reason
 
 KNATIVE = ROOT / "knative-filters"
@@ -155,21 +156,41 @@ def _tck_cases() -> list[Any]:
 
 @pytest.mark.parametrize("test", _tck_cases())
 def test_cesql_tck_as_trigger_filter(test: dict[str, Any]) -> None:
-    """PASS exactly when the TCK's result is TRUE (or "true") with no error; a parse error fails the
-    trigger's load."""
+    """PASS exactly when the TCK's result is TRUE (or "true", of a bare attribute) with no error; a
+    parse error, or a function the registry does not have, fails the trigger's load."""
     expression = str(test["expression"])
-    if test.get("error") == "parse":
+    if test.get("error") in ("parse", "missingFunction"):
         with pytest.raises(FilterError):
             build_filter({"cesql": expression}, ())
         return
     event = {**(test.get("event") or _BASE), **test.get("eventOverrides", {})}
     true = test.get("result") is True and not test.get("error")
-    # As a trigger filters: the values as text, and so a String result cast to Boolean (`mybool`
-    # is the String "true" there; so is STRING(TRUE)).
-    as_text = str(test.get("result")).lower() == "true" and not test.get("error")
+    # As a trigger filters: the values as text, and so a bare attribute's String cast to Boolean
+    # (`mybool` is the String "true" there); any other String result fails (STRING(TRUE) too).
+    bare = isinstance(parse(expression).tree, Attribute)
+    as_text = bare and str(test.get("result")).lower() == "true" and not test.get("error")
     result: FilterResult = build_filter({"cesql": expression}, ())(Delivered(event, "knativebrokerttl"))
     assert result is (PASS if true or as_text else FAIL)
     assert parse(expression).matches(event) is true  # the engine, on the typed event
+
+
+@pytest.mark.parametrize("expression", ["'true'", "STRING(TRUE)", "UPPER('true')", "subject"])
+def test_only_a_bare_attribute_s_text_passes_as_a_boolean(expression: str) -> None:
+    """Spec 1.2: a result that is not a Boolean fails. Every String "true" passed (any letter case)."""
+    event = Delivered({"id": "1", "subject": "TRUE", "sampled": True}, "knativebrokerttl")
+    assert build_filter({"cesql": expression}, ())(event) is (PASS if expression == "subject" else FAIL)
+    assert build_filter({"cesql": "sampled"}, ())(event) is PASS
+
+
+@pytest.mark.parametrize(("expression", "words"), [
+    ("LENGHT(type) > 3", "no function LENGHT of 1 argument at position 0"),
+    ("type = 'a' OR LOWER(type, 'x') = 'a'", "no function LOWER of 2 arguments at position 14"),
+])
+def test_a_function_that_does_not_exist_fails_the_load(expression: str, words: str) -> None:
+    """It failed every event (the OR's other side aside), and no one was told."""
+    with pytest.raises(FilterError, match=words) as info:
+        build_filter({"cesql": expression}, ("filters", 0))
+    assert info.value.column == int(words.rsplit(" ", 1)[1])
 
 
 def test_delivered_view() -> None:
