@@ -117,9 +117,9 @@ def _word(text: str, position: int) -> Token:
 
 
 def _string(source: str, start: int) -> Token:
-    """A quoted literal. `\\<quote>` and a doubled quote stand for the quote, `\\\\` for one
-    backslash; any other backslash pair is kept verbatim, so LIKE patterns still see `\\%`
-    and `\\_` (and the TCK's `'ab\\c'` is the four characters it looks like)."""
+    """A quoted literal. `\\<quote>` and a doubled quote stand for the quote (the grammar's one
+    escape); any other backslash is kept as written, `\\\\` too (as the Go SDK Knative uses
+    reads it; it was one backslash here), so LIKE patterns see `\\%`, `\\_` and `\\\\`."""
     quote = source[start]
     chars: list[str] = []
     index = start + 1
@@ -127,7 +127,7 @@ def _string(source: str, start: int) -> Token:
         char = source[index]
         following = source[index + 1] if index + 1 < len(source) else ""
         if char == "\\" and following:
-            chars.append(following if following in (quote, "\\") else char + following)
+            chars.append(following if following == quote else char + following)
             index += 2
         elif char == quote and following == quote:
             chars.append(quote)

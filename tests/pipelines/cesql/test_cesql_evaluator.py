@@ -169,7 +169,8 @@ class TestLike:
         ("expression", "result"),
         [
             (r"'a\b' LIKE 'a\b'", True),
-            (r"'a\b' LIKE 'a\\\\b'", True),
+            (r"'a\b' LIKE 'a\\b'", True),  # the literal keeps `\\`; LIKE reads it as one backslash
+            (r"'a\b' LIKE 'a\\\\b'", False),  # two of them
             (r"'a%' LIKE 'a\%'", True),
             (r"'ab' LIKE 'a\%'", False),
             ("'' LIKE '%'", True),
