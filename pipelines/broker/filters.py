@@ -297,7 +297,9 @@ def build_filter(spec: Any, path: tuple[PathPart, ...], *, validate: bool = True
     unknown = [str(k) for k in spec if k not in DIALECTS]
     if unknown:
         raise FilterError((*path, unknown[0]), f"unknown filter dialect; use one of {', '.join(DIALECTS)}")
-    present = [d for d in DIALECTS if spec.get(d) is not None]
+    # As Knative counts them: an empty map, list or expression beside the real one is no dialect
+    # (Knative-valid filters with `exact: {}` next to a `prefix` were refused as two dialects).
+    present = [d for d in DIALECTS if _given(d, spec.get(d))]
     if len(present) > 1:
         raise FilterError(
             path, f"multiple dialects found ({', '.join(present)}), filters can have only one dialect set"
@@ -322,6 +324,12 @@ def build_filter(spec: Any, path: tuple[PathPart, ...], *, validate: bool = True
     if dialect == "not":
         return NotFilter(build_filter(value, here, validate=validate, written=written, _nesting=_nesting + 1))
     return _cesql(value, here)
+
+
+def _given(dialect: str, value: Any) -> bool:
+    if value is None:
+        return False
+    return dialect == "not" or not (isinstance(value, Mapping | list | str) and not value)
 
 
 def _cesql(value: Any, path: tuple[PathPart, ...]) -> Filter:

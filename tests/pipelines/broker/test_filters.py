@@ -106,6 +106,15 @@ class TestValidation:
         with pytest.raises(FilterError, match=r"filters\[0\]\.exact\[type\]: the value must not be empty"):
             build_trigger_filter(None, [{"exact": {"type": ""}}])
 
+    @pytest.mark.parametrize("empty", [{"exact": {}}, {"cesql": ""}, {"all": []}, {"any": []}, {"suffix": {}}])
+    def test_an_empty_dialect_beside_the_real_one_is_none(self, empty: dict[str, Any]) -> None:
+        """As Knative counts dialects (`len(...) > 0`, `cesql != ""`): such filters were refused as
+        having two."""
+        keep = build_filter({"prefix": {"type": "dev.knative."}, **empty}, ("filters", 0))
+        assert keep({"type": "dev.knative.x"}) is PASS and keep({"type": "other"}) is FAIL
+        with pytest.raises(FilterError, match="multiple dialects"):  # two real ones still are
+            build_filter({"prefix": {"type": "a"}, "suffix": {"type": "b"}}, ("filters", 0))
+
     def test_unknown_dialect(self) -> None:
         with pytest.raises(FilterError, match="unknown filter dialect"):
             build_trigger_filter(None, [{"exactly": {"type": "x"}}])
