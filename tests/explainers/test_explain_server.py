@@ -336,6 +336,16 @@ def switchable() -> Iterator[tuple[SwitchablePredictor, str]]:
             predictor.mode = "ok"
 
 
+def _explained_while(switchable: tuple[SwitchablePredictor, str], mode: str) -> httpx.Response:
+    """An explanation asked while the predictor answers as `mode` says."""
+    predictor, url = switchable
+    predictor.mode = mode
+    try:
+        return httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20)
+    finally:
+        predictor.mode = "ok"
+
+
 class TestPredictorMisbehaves:
     """An explainer whose predictor answers 5xx, no JSON, outputs of another layout or nothing in
     time: 502 with a JSON reason, never a 500 with a traceback, and never a hang."""
@@ -347,26 +357,16 @@ class TestPredictorMisbehaves:
         ("ragged", "answered"), ("slow", "no answer within 1s"), ("trickle", "no answer within 1s"),
     ])
     def test_502(self, switchable: tuple[SwitchablePredictor, str], mode: str, words: str) -> None:
-        predictor, url = switchable
-        predictor.mode = mode
-        try:
-            r = httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20)
-        finally:
-            predictor.mode = "ok"
+        r = _explained_while(switchable, mode)
         assert r.status_code == 502 and words in r.json()["error"], r.text
-        assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
+        assert httpx.post(f"{switchable[1]}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
 
 
     @pytest.mark.parametrize("mode", ["400", "422"])
     def test_rows_the_predictor_refuses_are_400(self, switchable: tuple[SwitchablePredictor, str], mode: str) -> None:
         """Input the model cannot take (in JSON too): no retry helps, and a 502 told the broker to
         retry it."""
-        predictor, url = switchable
-        predictor.mode = mode
-        try:
-            r = httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20)
-        finally:
-            predictor.mode = "ok"
+        r = _explained_while(switchable, mode)
         assert r.status_code == 400 and f"answered {mode}" in r.json()["error"] and "infinity" in r.text, r.text
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 
-_CUT_SHORT = """
-import resource, sys
+from tests.file_size import cut_short_then_again
+
+_SETUP = """
+import sys
 from pathlib import Path
 from infer_logger import deadletter
 from infer_logger.cloudevents.event import CloudEvent
@@ -18,22 +18,13 @@ from infer_logger.cloudevents.event import CloudEvent
 path = Path(sys.argv[1])
 refused = [(CloudEvent({"specversion": "1.0", "id": f"e{i}", "source": "/s", "type": "t"}, b'"' + b"x" * 500 + b'"'),
             "refused") for i in range(10)]
-_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # as a full disk would, midway (EFBIG)
-try:
-    deadletter.append(path, refused)
-except OSError:
-    print("failed")
-resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
-deadletter.append(path, refused)  # the worker's retry
 """
 
 
 def test_records_cut_short_leave_no_torn_line_for_the_retry_to_follow(tmp_path: Path) -> None:
     """The part written stayed: a torn line no JSONL reader parses, then every record again."""
     path = tmp_path / "deadletter" / "s.jsonl"
-    out = subprocess.run([sys.executable, "-c", _CUT_SHORT, str(path)], capture_output=True, text=True,
-                         timeout=60, cwd=Path(__file__).parents[2], check=False)  # its size limit is its own
+    out = cut_short_then_again(_SETUP, "deadletter.append(path, refused)", str(path))  # then the worker's retry
     assert out.returncode == 0 and out.stdout.split() == ["failed"], out.stderr
     ids = [orjson.loads(line)["attributes"]["id"] for line in path.read_bytes().splitlines()]
     assert ids == [f"e{i}" for i in range(10)]

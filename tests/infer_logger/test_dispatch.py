@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import orjson
@@ -312,26 +312,37 @@ async def test_in_flight_batches_commit_in_spool_order(tmp_path: Path) -> None:
     del sink
 
 
+class FailingOnce(MemorySink):
+    """Fails once each batch whose first id `fails` picks (as a timeout would), after a moment;
+    then takes it, `slow[first]` seconds later; the ids taken, in order, in `taken`."""
+
+    def __init__(self, fails: Callable[[int], bool], slow: dict[int, float] | None = None) -> None:
+        super().__init__()
+        self.fails, self.slow = fails, slow or {}
+        self.taken: list[int] = []
+        self._tried: set[int] = set()
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        first = int(events[0].id)
+        if self.fails(first) and first not in self._tried:
+            self._tried.add(first)
+            await asyncio.sleep(0.02)
+            raise SinkError("timed out")
+        await asyncio.sleep(self.slow.get(first, 0))
+        self.taken.extend(int(e.id) for e in events)
+
+
 async def test_failed_batches_are_retried_in_spool_order(tmp_path: Path) -> None:
     """Batches in flight that all fail (a stalled broker) go again in spool order, and no new
     batch overtakes them: each was retried on its own jittered backoff, and a batch of responses
     landed before the batch holding their requests."""
     spool = DiskSpool(tmp_path / "spool")
-    taken: list[int] = []
-    tried: set[str] = set()
-
-    class Stalled(MemorySink):
-        async def send_batch(self, events):  # type: ignore[no-untyped-def]
-            first = events[0].id
-            if first not in tried:  # every batch fails once, as all in flight do in a stall
-                tried.add(first)
-                await asyncio.sleep(0.01)
-                raise SinkError("timed out")
-            taken.extend(int(e.id) for e in events)
+    sink = FailingOnce(lambda first: True)  # every batch fails once, as all in flight do in a stall
+    taken = sink.taken
 
     for i in range(60):
         spool.append(event(i))
-    d = Dispatcher(spool, {"s": Stalled()}, Metrics(spool), batch_size=5, in_flight=4,
+    d = Dispatcher(spool, {"s": sink}, Metrics(spool), batch_size=5, in_flight=4,
                    backoff=Backoff(initial=0.02, maximum=0.05))
     d.start()
     await until(lambda: len(taken) >= 30)
@@ -347,23 +358,12 @@ async def test_a_retry_waits_for_every_earlier_batch_not_only_the_one_before(tmp
     """Batch 1 fails, batch 2 is taken at once, batch 3 fails: batch 3's retry waited for batch 2
     alone, and went before batch 1's (slow) retry."""
     spool = DiskSpool(tmp_path / "spool")
-    taken: list[int] = []
-    tried: set[int] = set()
-
-    class Sink(MemorySink):
-        async def send_batch(self, events):  # type: ignore[no-untyped-def]
-            first = int(events[0].id)
-            if first in (0, 10) and first not in tried:  # batches 1 and 3 fail once
-                tried.add(first)
-                await asyncio.sleep(0.02)
-                raise SinkError("timed out")
-            if first == 0:
-                await asyncio.sleep(0.3)  # batch 1's retry is slow
-            taken.extend(int(e.id) for e in events)
+    sink = FailingOnce(lambda first: first in (0, 10), slow={0: 0.3})  # batches 1 and 3; 1's retry is slow
+    taken = sink.taken
 
     for i in range(20):
         spool.append(event(i))
-    d = Dispatcher(spool, {"s": Sink()}, Metrics(spool), batch_size=5, in_flight=4,
+    d = Dispatcher(spool, {"s": sink}, Metrics(spool), batch_size=5, in_flight=4,
                    backoff=Backoff(initial=0.01, maximum=0.01))
     d.start()
     await until(lambda: len(taken) == 20)

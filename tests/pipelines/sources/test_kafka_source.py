@@ -37,6 +37,7 @@ from pipelines.sources.kafka import (
     KafkaSource,
     KafkaSourceConfig,
 )
+from tests.file_size import cut_short_then_again
 from tests.services import NoidaServer
 
 # Quick group joins and rebalances: a member learns of a rebalance at its next heartbeat.
@@ -816,8 +817,8 @@ async def test_a_partition_revoked_mid_delivery_waits_for_it(kafka_bootstrap: st
     assert written.index(("id-1", b"v1")) < written.index(("id-1", b"v2"))
 
 
-_DEAD_LETTERS_CUT_SHORT = """
-import resource, sys, types
+_DEAD_LETTERS_SETUP = """
+import sys, types
 from pathlib import Path
 from pipelines.sources.kafka import KafkaSource, _Record
 
@@ -832,14 +833,6 @@ class Message:  # what the records' dead letters read of a consumed record
 
 source = types.SimpleNamespace(config=types.SimpleNamespace(dead_letter_file=Path(sys.argv[1])))
 records = [_Record(Message(i), None, "not a CloudEvent") for i in range(10)]
-_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # as a full disk would, midway (EFBIG)
-try:
-    KafkaSource._write_dead_letters(source, records)
-except OSError:
-    print("failed")
-resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
-KafkaSource._write_dead_letters(source, records)  # the retry
 """
 
 
@@ -847,7 +840,6 @@ def test_dead_letters_cut_short_leave_no_torn_line_for_the_retry_to_follow(tmp_p
     """Its own records (what is not a CloudEvent) were appended as they came: a write cut short
     left a torn line, and the retry every record again after it."""
     path = tmp_path / "dead.jsonl"
-    out = subprocess.run([sys.executable, "-c", _DEAD_LETTERS_CUT_SHORT, str(path)], capture_output=True, text=True,
-                         timeout=60, cwd=Path(__file__).parents[3], check=False)  # its size limit is its own
+    out = cut_short_then_again(_DEAD_LETTERS_SETUP, "KafkaSource._write_dead_letters(source, records)", str(path))
     assert out.returncode == 0 and out.stdout.split() == ["failed"], out.stderr
     assert [orjson.loads(line)["offset"] for line in path.read_bytes().splitlines()] == list(range(10))
