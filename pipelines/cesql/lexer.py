@@ -119,7 +119,7 @@ def _word(text: str, position: int) -> Token:
 def _string(source: str, start: int) -> Token:
     """A quoted literal. `\\<quote>` and a doubled quote stand for the quote (the grammar's one
     escape); any other backslash is kept as written, `\\\\` too (as the Go SDK Knative uses
-    reads it; it was one backslash here), so LIKE patterns see `\\%`, `\\_` and `\\\\`."""
+    reads it; it was one backslash here), so LIKE patterns see their escapes `\\%` and `\\_`."""
     quote = source[start]
     chars: list[str] = []
     index = start + 1

@@ -1,6 +1,6 @@
-"""LIKE patterns: `%` is any run of characters, `_` exactly one; `\\%`, `\\_` and `\\\\` are
-literal. A backslash before any other character is itself literal (the TCK's `'ab\\c'` matches
-itself).
+"""LIKE patterns: `%` is any run of characters, `_` exactly one; `\\%` and `\\_` are literal. A
+backslash before any other character is itself literal, before another backslash too (the TCK's
+`'ab\\c'` matches itself; `\\\\` is two backslashes, as `=` and the Go SDK read it).
 
 Matching is a greedy scan that backtracks only to the last `%`, so it runs in O(len(text) *
 len(pattern)) whatever the pattern; a translated regular expression could backtrack
@@ -33,7 +33,7 @@ class LikePattern:
         while index < len(source):
             char = source[index]
             following = source[index + 1 : index + 2]
-            if char == "\\" and following in ("%", "_", "\\"):
+            if char == "\\" and following in ("%", "_"):
                 pieces.append(following)
                 index += 2
                 continue

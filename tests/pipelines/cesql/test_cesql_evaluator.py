@@ -169,8 +169,10 @@ class TestLike:
         ("expression", "result"),
         [
             (r"'a\b' LIKE 'a\b'", True),
-            (r"'a\b' LIKE 'a\\b'", True),  # the literal keeps `\\`; LIKE reads it as one backslash
-            (r"'a\b' LIKE 'a\\\\b'", False),  # two of them
+            # A literal keeps `\\` (two backslashes), and LIKE does too, as `=` and the Go SDK do:
+            (r"'a\\b' LIKE 'a\\b'", True),  # (LIKE read one, and disagreed with `=`)
+            (r"'a\b' LIKE 'a\\b'", False),
+            (r"'a\\b' = 'a\\b'", True),
             (r"'a%' LIKE 'a\%'", True),
             (r"'ab' LIKE 'a\%'", False),
             ("'' LIKE '%'", True),
