@@ -327,9 +327,12 @@ def build_filter(spec: Any, path: tuple[PathPart, ...], *, validate: bool = True
 
 
 def _given(dialect: str, value: Any) -> bool:
+    """Whether `dialect` is set: an empty value of its own type is not (one of another type is,
+    for its check to refuse it: `cesql: []` passed every event)."""
     if value is None:
         return False
-    return dialect == "not" or not (isinstance(value, Mapping | list | str) and not value)
+    own = {"all": list, "any": list, "cesql": str, "not": None}.get(dialect, Mapping)
+    return own is None or not (isinstance(value, own) and not value)
 
 
 def _cesql(value: Any, path: tuple[PathPart, ...]) -> Filter:

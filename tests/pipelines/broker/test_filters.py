@@ -115,6 +115,12 @@ class TestValidation:
         with pytest.raises(FilterError, match="multiple dialects"):  # two real ones still are
             build_filter({"prefix": {"type": "a"}, "suffix": {"type": "b"}}, ("filters", 0))
 
+    @pytest.mark.parametrize("wrong", [{"exact": []}, {"prefix": ""}, {"all": {}}, {"any": ""}, {"cesql": []}])
+    def test_an_empty_value_of_another_type_is_refused(self, wrong: dict[str, Any]) -> None:
+        """Read as no dialect, `cesql: []` loaded and passed every event; Knative refuses it."""
+        with pytest.raises(FilterError, match="must be"):
+            build_filter(wrong, ("filters", 0))
+
     def test_unknown_dialect(self) -> None:
         with pytest.raises(FilterError, match="unknown filter dialect"):
             build_trigger_filter(None, [{"exactly": {"type": "x"}}])
