@@ -321,8 +321,8 @@ class AuditStore:
                     spread.append((event_id, pair[0][_STATUS], pair[0][_LATENCY]))
                     continue
                 base = _row_base(event, kind, updated)
-                for index, item in enumerate(payloads.instances(event)):
-                    rows[kind].append({**base, "instance": index, kind: _item_json(item, event, index)})
+                for index, text in enumerate(_instances_json(event)):
+                    rows[kind].append({**base, "instance": index, kind: text})
                 if kind == "response":
                     spread.append((event_id, base["status"], base["latency_ms"]))
         with self._lock, self._transaction() as conn:
@@ -422,8 +422,7 @@ def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> l
     status = events.as_int(answered.get(events.STATUSCODE))
     latency = events.as_float(answered.get(events.LATENCYMS))
     asked_json, answered_json = _attributes_json(asked), _attributes_json(answered)
-    inputs = [_item_json(item, request, i) for i, item in enumerate(payloads.instances(request))]
-    outputs = [_item_json(item, response, i) for i, item in enumerate(payloads.instances(response))]
+    inputs, outputs = _instances_json(request), _instances_json(response)
     rows = []
     for index in range(max(len(inputs), len(outputs))):
         has_input, has_output = index < len(inputs), index < len(outputs)
@@ -500,15 +499,24 @@ def _utc(value: object) -> str | None:
     return f"{moment.year:04d}-" + moment.strftime("%m-%dT%H:%M:%S.%fZ")
 
 
-def _item_json(item: object, event: CloudEvent, index: int) -> str | None:
-    try:
-        return _dumps(item)
-    except TypeError:  # nested past the 254 levels orjson writes (it reads 1024)
-        pass
-    try:  # stdlib json writes as deep as Python recurses (~1000 levels)
-        return json.dumps(item, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (RecursionError, ValueError):  # deeper yet: the payload as sent, once (not in every row)
-        return _dumps(events.RawPayload.of(event.data or b"")) if index == 0 else None
+def _instances_json(event: CloudEvent) -> list[str | None]:
+    """Each instance's JSON text. One nested past the 254 levels orjson writes (it reads 1024) is
+    written by stdlib json, as deep as Python recurses (~1000); deeper yet, the first such row
+    holds the payload as sent, and later ones nothing (each held it whole: MBs per request)."""
+    texts: list[str | None] = []
+    raw_kept = False
+    for item in payloads.instances(event):
+        try:
+            texts.append(_dumps(item))
+            continue
+        except TypeError:
+            pass
+        try:
+            texts.append(json.dumps(item, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
+        except (RecursionError, ValueError):
+            texts.append(None if raw_kept else _dumps(events.RawPayload.of(event.data or b"")))
+            raw_kept = True
+    return texts
 
 
 def _dumps(value: object) -> str:

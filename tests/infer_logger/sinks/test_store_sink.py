@@ -107,9 +107,18 @@ class TestStoreSink:
         deep = request("deep", b'{"instances":' + b"[" * 300 + b"]" * 300 + b"}")
         too_deep = b"[" * 1018 + b"]" * 1018  # orjson reads it, stdlib json does not write it
         deepest = request("deepest", b'{"instances":[' + too_deep + b"," + too_deep + b"]}")
-        await sink.send_batch([request("past", past_orjson), deep, request("dims", many_dims), deepest])
+        later = request("later", b'{"instances":[[1],' + too_deep + b"]}")  # the first failing row, not row 0
+        await sink.send_batch([request("past", past_orjson), deep, request("dims", many_dims), deepest, later])
         stored = {(r.id, r.instance): r.request for r in sink.store.query(limit=None)}
-        assert set(stored) == {("past", 0), ("deep", 0), ("dims", 0), ("deepest", 0), ("deepest", 1)}
+        assert set(stored) == {("past", 0), ("deep", 0), ("dims", 0), ("deepest", 0), ("deepest", 1),
+                               ("later", 0), ("later", 1)}
+        assert stored["later", 0] == [1] and base64.b64decode(stored["later", 1]["base64"]) == later.data
+        # The same with its response in the batch (written as one exchange).
+        paired = CloudEvent({**later.attributes, "id": "paired"}, later.data)
+        await sink.send_batch([paired, _event(events.RESPONSE, "paired", {"predictions": [1, 2]}, statuscode=200)])
+        rows = {r.instance: r for r in sink.store.query(id="paired")}
+        assert rows[0].request == [1] and base64.b64decode(rows[1].request["base64"]) == later.data
+        assert [rows[0].response, rows[1].response] == [1, 2]
         assert set(stored["past", 0]) == {"base64"}
         assert json.dumps(stored["deep", 0], separators=(",", ":")) == "[" * 299 + "]" * 299  # by stdlib json
         # Past what stdlib json writes too: the payload as sent, once (in every row it took MBs).
