@@ -115,6 +115,12 @@ class TestValidation:
         with pytest.raises(FilterError, match="multiple dialects"):  # two real ones still are
             build_filter({"prefix": {"type": "a"}, "suffix": {"type": "b"}}, ("filters", 0))
 
+    @pytest.mark.parametrize("spec", [{"cesql": "   "}, {"not": {"cesql": " "}}])
+    def test_a_blank_expression_is_refused(self, spec: dict[str, Any]) -> None:
+        """It loaded as no filter and delivered every event; Knative lets only "" through."""
+        with pytest.raises(FilterError, match="invalid CESQL"):
+            build_filter(spec, ("filters", 0))
+
     @pytest.mark.parametrize("wrong", [{"exact": []}, {"prefix": ""}, {"all": {}}, {"any": ""}, {"cesql": []}])
     def test_an_empty_value_of_another_type_is_refused(self, wrong: dict[str, Any]) -> None:
         """Read as no dialect, `cesql: []` loaded and passed every event; Knative refuses it."""
