@@ -1,6 +1,7 @@
 """LIKE patterns: `%` is any run of characters, `_` exactly one; `\\%` and `\\_` are literal. A
 backslash before any other character is itself literal, before another backslash too (the TCK's
-`'ab\\c'` matches itself; `\\\\` is two backslashes, as `=` and the Go SDK read it).
+`'ab\\c'` matches itself; `\\\\` is two backslashes, as `=` reads it: the spec defines only `\\%`
+and `\\_`).
 
 Matching is a greedy scan that backtracks only to the last `%`, so it runs in O(len(text) *
 len(pattern)) whatever the pattern; a translated regular expression could backtrack
