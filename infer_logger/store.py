@@ -298,7 +298,7 @@ class AuditStore:
         hold (a statuscode past 64 bits, a time with no UTC form) raises OverflowError, TypeError
         or ValueError and writes nothing: the store sink then finds and dead-letters that event
         (any exception but sqlite3.Error, in fact). JSON nested past the 254 levels orjson writes
-        is kept as sent (base64), as JSON it cannot read is.
+        is written as `_instances_json` says, never refused.
         """
         updated = events.now_rfc3339()
         # A re-delivered event overwrites, so within a batch the last one of a kind and id counts.
