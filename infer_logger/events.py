@@ -265,19 +265,23 @@ def capped(data: bytes, limit: int, size: int | None = None) -> tuple[bytes, dic
 
 
 _WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+# gzip members decoded one after another, at most: each costs a copy of the rest of the body, so
+# a body of many tiny members held the request path for seconds (2 MiB: 5 s); past it, not decoded.
+_MEMBERS_MAX = 64
 
 
 def decoded(body: bytes, encoding: str, limit: int) -> tuple[bytes, dict[str, str | int | bool]] | None:
     """A request's logged copy under its Content-Encoding (gzip, deflate): the payload decoded, at
     most `limit` bytes of it (cut there and marked, its whole size not looked for: a small body
-    may inflate without end); None for another coding, or a body that does not decode whole."""
+    may inflate without end); None for another coding, a body that does not decode whole, or one
+    of more than `_MEMBERS_MAX` gzip members."""
     wbits = _WBITS.get(encoding.strip().lower())
     if wbits is None:
         return None
     for bits in (wbits, -15) if wbits == 15 else (wbits,):  # deflate as zlib, or raw as some send it
         out, rest = b"", body
         try:
-            while True:
+            for _ in range(_MEMBERS_MAX):
                 inflater = zlib.decompressobj(bits)
                 out += inflater.decompress(rest, limit + 1 - len(out))
                 if len(out) > limit:
@@ -287,6 +291,7 @@ def decoded(body: bytes, encoding: str, limit: int) -> tuple[bytes, dict[str, st
                 rest = inflater.unused_data
                 if not rest or bits != 31:  # gzip may hold several members (RFC 1952), one after another
                     return (out, {}) if not rest else None
+            return None
         except zlib.error:
             continue
     return None
