@@ -233,11 +233,12 @@ class InferenceLogger:
         return self._limit
 
     def end(self, exchange: Exchange, status: int, content_type: str | None, body: bytes,
-            size: int | None = None) -> None:
+            size: int | None = None, *, cut_off: bool = False) -> None:
         """Log the response, whatever its status; called before the client gets it.
 
         A `content_type` no event may carry is taken as none: the request's stands in.
-        `size`: the whole body's length when `body` is only its first `payload_limit` bytes."""
+        `size`: the whole body's length when `body` is only its first `payload_limit` bytes.
+        `cut_off`: the body ended early (a stream the client left): marked truncated."""
         if not self._log_response:
             return
         latency = (time.perf_counter() - exchange.started) * 1000
@@ -246,7 +247,10 @@ class InferenceLogger:
         # An integer keeps the attribute a valid CloudEvents type (no floats there).
         attrs[ev.LATENCYMS] = max(0, round(latency))
         content_type = ev.media_type(content_type) or exchange.content_type
-        self._append(ev.RESPONSE, attrs, content_type, body, self._accepted_response, size)
+        marks: dict[str, str | int | bool] | None = None
+        if cut_off:
+            body, marks = body[:self._limit], {ev.TRUNCATED: True}
+        self._append(ev.RESPONSE, attrs, content_type, body, self._accepted_response, size, marks=marks)
 
     def _append(
         self,

@@ -22,7 +22,9 @@ does not come back (a restart with fewer workers) would never be delivered.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from typing import Any
 
 from infer_logger import events as ev
@@ -30,6 +32,22 @@ from infer_logger.asgi import error_body, read_or_refuse, respond
 from infer_logger.config import Settings
 from infer_logger.errors import InvalidEventError
 from infer_logger.logger import InferenceLogger, match_route
+
+log = logging.getLogger(__name__)
+
+
+def replay_body(body: bytes, receive: Any) -> Any:
+    """A `receive` that gives the body already read, then whatever comes next (a disconnect)."""
+    replayed = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _route_path(scope: dict[str, Any]) -> str:
@@ -47,6 +65,8 @@ class InferenceLoggerMiddleware:
         self.app = app
         self.settings = logger.settings if logger is not None else settings or Settings()
         self._logger = logger
+        self._starting: asyncio.Lock | None = None
+        self._start_failed = False
 
     @property
     def logger(self) -> InferenceLogger:
@@ -81,36 +101,38 @@ class InferenceLoggerMiddleware:
             refusal = error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute)
             await respond(send, 400, [(b"content-type", b"application/json")], refusal)
             return
+        if not self.logger.started and not await self._start_late():
+            await self.app(scope, replay_body(body, receive), send)  # never failed for the logging
+            return
         exchange = self.logger.begin(route, path, headers, scope["headers"], body, event_id)
         # The app (and what it echoes) sees the id that replaced it (or was made), as the client
-        # does and as the sidecar's predictor does; and, as there, is not asked to compress (a
-        # compressing middleware inside this one had its gzip bytes logged as JSON).
+        # does and as the sidecar's predictor does; and, as there, is asked not to compress (a
+        # compressing middleware inside this one had its gzip bytes logged as JSON; with no
+        # Accept-Encoding at all, any coding may do).
         dropped = (b"x-request-id", b"accept-encoding") if self.logger.logs_responses else (b"x-request-id",)
-        kept = [(k, v) for k, v in scope["headers"] if k not in dropped]
+        forwarded = [(k, v) for k, v in scope["headers"] if k not in dropped]
+        if self.logger.logs_responses:
+            forwarded.append((b"accept-encoding", b"identity"))
         if (sent := headers.get("x-request-id")) is None or (sent != event_id and ev.read_id(sent) is None):
-            kept.append((b"x-request-id", event_id.encode()))
+            forwarded.append((b"x-request-id", event_id.encode()))
         else:  # one, the events' (a client's sent twice: frameworks read the first)
-            kept.append((b"x-request-id", sent.encode("latin-1")))
-        scope = {**scope, "headers": kept}
-        replayed = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
+            forwarded.append((b"x-request-id", sent.encode("latin-1")))
+        # A file answer must come as body messages, to be logged: not as a path the server sends.
+        extensions = {k: v for k, v in scope.get("extensions", {}).items()
+                      if k not in ("http.response.pathsend", "http.response.zerocopysend")}
+        scope = {**scope, "headers": forwarded, "extensions": extensions}
+        replay = replay_body(body, receive)
         status = 500
         content_type: str | None = None
         kept = bytearray()  # the response's first `payload_limit` bytes: all its event keeps
         size = 0
         limit = self.logger.payload_limit
-        logged = False
+        logged = answering = False
 
         async def capture(message: dict[str, Any]) -> None:
-            nonlocal status, content_type, logged, size
+            nonlocal status, content_type, logged, size, answering
             if message["type"] == "http.response.start":
+                answering = True
                 status = message["status"]
                 message_headers = list(message.get("headers", []))
                 for k, v in message_headers:
@@ -138,6 +160,30 @@ class InferenceLoggerMiddleware:
                 reason = f'{{"error": "{type(exc).__name__}"}}'.encode()
                 self.logger.end(exchange, 500, "application/json", reason)
             raise
+        if answering and not logged:
+            # A stream the client left (Starlette ends it quietly): what went out, marked cut off.
+            self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True)
+
+    async def _start_late(self) -> bool:
+        """Start the logger on a first request when the app's lifespan never ran (a mounted app,
+        `--lifespan off`, a TestClient outside `with`): its events were spooled and never delivered.
+        False (said once) when it cannot start: the app is served unlogged."""
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self.logger.started:
+                return True
+            try:
+                await self.logger.start()
+            except Exception as exc:
+                if not self._start_failed:
+                    log.error("infer-logger: the app's lifespan did not start the logger, nor could the "
+                              "first request: %s; serving unlogged", exc)
+                    self._start_failed = True
+                return False
+            log.warning("infer-logger: the app's lifespan did not run (a mounted app, --lifespan off?): "
+                        "the logger started on the first request, and stops with the process")
+            return True
 
     def _lifespan_receive(self, receive: Any, send: Any) -> Any:
         async def wrapped() -> dict[str, Any]:

@@ -50,6 +50,7 @@ _HOP_HEAD = _HOP - {b"content-length"}
 # client that accepts gzip, as python-requests does) was logged as gzip bytes labelled JSON, the
 # predictions unreadable in the audit. Between a sidecar and its predictor bytes cost nothing.
 _DROP_LOGGED = _DROP_UPSTREAM | {b"accept-encoding"}
+_IDENTITY = (b"accept-encoding", b"identity")
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 
@@ -143,6 +144,8 @@ class Proxy:
         compressed_ok = exchange is None or not self.logger.logs_responses
         forward = _without_hop(raw, _DROP_UPSTREAM if compressed_ok else _DROP_LOGGED,
                                connection="connection" in headers)
+        if not compressed_ok:  # no Accept-Encoding means any coding may do (RFC 9110 12.5.3): say which
+            forward.append(_IDENTITY)
         sent = headers.get("x-request-id")
         if sent is None or (sent != event_id and ev.read_id(sent) is None):  # none, or not an id: the event's
             forwarded: bytes | None = event_id.encode()

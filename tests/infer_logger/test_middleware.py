@@ -364,3 +364,96 @@ def test_an_app_served_under_a_root_path_is_logged(tmp_path: Path) -> None:
         received = sink.wait_for(2)
     assert {(e.id, e.type) for e in received} == {("rp-1", ev.REQUEST), ("rp-1", ev.RESPONSE)}
     assert {e["path"] for e in received} == {"/v1/models/echo:predict"}
+
+
+def test_a_mounted_app_whose_lifespan_never_runs_still_delivers(tmp_path: Path) -> None:
+    """Starlette runs no lifespan of a mounted app: its events were spooled, the logger never
+    started, and nothing was delivered (with durability: memory, lost)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    with EventCollector() as sink:
+        inner = create_app([EchoModel()])
+        inner.add_middleware(InferenceLoggerMiddleware,
+                             settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
+        outer = Starlette(routes=[Mount("/api", app=inner)])
+        port = free_port()
+        with ServerThread(uvicorn_config(outer, "127.0.0.1", port)):
+            r = httpx.post(f"http://127.0.0.1:{port}/api/v1/models/echo:predict", json={"instances": [[1, 2, 3, 4]]},
+                           headers={"ce-id": "mounted-1"})
+            assert r.status_code == 200
+            received = sink.wait_for(2)
+    assert {(e.id, e.type) for e in received} == {("mounted-1", ev.REQUEST), ("mounted-1", ev.RESPONSE)}
+
+
+def _streaming_app() -> FastAPI:
+    from fastapi.responses import FileResponse, StreamingResponse
+
+    app = FastAPI()
+
+    @app.post("/v1/models/{name}:predict")
+    async def predict(name: str, request: Request) -> object:
+        if name == "stream":
+            async def tokens() -> AsyncIterator[bytes]:
+                for i in range(1000):
+                    yield f"data: {i}\n\n".encode()
+                    await asyncio.sleep(0.01)
+            return StreamingResponse(tokens(), media_type="text/event-stream")
+        if name == "file":
+            return FileResponse(Path(infer_logger.__file__).with_name("events.py"))
+        return JSONResponse({"accept_encoding": request.headers.get("accept-encoding")})
+
+    return app
+
+
+async def test_a_stream_the_client_leaves_is_logged_cut_off(tmp_path: Path) -> None:
+    """Starlette ends such a stream quietly: no response event came at all."""
+    with EventCollector() as sink:
+        app = InferenceLoggerMiddleware(_streaming_app(), settings=load_settings(
+            log_url=[sink.url], spool={"dir": str(tmp_path)}))
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            async with httpx.AsyncClient() as client:
+                async with client.stream("POST", f"http://127.0.0.1:{port}/v1/models/stream:predict",
+                                         json={"instances": [[1]]}, headers={"ce-id": "left-1"}) as r:
+                    async for _ in r.aiter_bytes():
+                        break  # one chunk, then gone
+            received = await asyncio.to_thread(sink.wait_for, 2)
+    [response] = [e for e in received if e.type == ev.RESPONSE]
+    assert response.id == "left-1" and int(response["statuscode"]) == 200
+    assert response.get("truncated") in (True, "true") and (response.data or b"").startswith(b"data: 0")
+
+
+async def test_files_and_encodings_reach_the_log_as_the_client_reads_them(tmp_path: Path) -> None:
+    """A server offering `http.response.pathsend` had a FileResponse sent as a path: never logged.
+    With no Accept-Encoding any coding may do: the app is asked for `identity`."""
+    sent: list[dict[str, object]] = []
+    with EventCollector() as sink:
+        app = InferenceLoggerMiddleware(_streaming_app(), settings=load_settings(
+            log_url=[sink.url], spool={"dir": str(tmp_path)}))
+        await app.logger.start()
+        try:
+            for name in ("file", "echo"):
+                scope = {"type": "http", "method": "POST", "path": f"/v1/models/{name}:predict", "raw_path": b"",
+                         "root_path": "", "query_string": b"", "headers": [(b"content-type", b"application/json"),
+                                                                           (b"ce-id", name.encode())],
+                         "extensions": {"http.response.pathsend": {}}, "http_version": "1.1", "scheme": "http",
+                         "server": ("x", 80), "client": ("y", 1)}
+                messages = iter([{"type": "http.request", "body": b"{}", "more_body": False}])
+
+                async def receive() -> dict[str, object]:
+                    if (message := next(messages, None)) is None:  # the client stays: no disconnect
+                        await asyncio.Event().wait()
+                    return message  # type: ignore[return-value]
+
+                async def send(message: dict[str, object]) -> None:
+                    sent.append(message)
+
+                await app(scope, receive, send)
+        finally:
+            await app.logger.stop()
+        received = await asyncio.to_thread(sink.wait_for, 4)
+    assert "http.response.pathsend" not in [m["type"] for m in sent]
+    responses = {e.id: e for e in received if e.type == ev.RESPONSE}
+    assert (responses["file"].data or b"").startswith(b'"""')
+    assert orjson.loads(responses["echo"].data or b"") == {"accept_encoding": "identity"}
