@@ -265,9 +265,13 @@ def capped(data: bytes, limit: int, size: int | None = None) -> tuple[bytes, dic
 
 
 _WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
-# gzip members decoded one after another, at most: each costs a copy of the rest of the body, so
-# a body of many tiny members held the request path for seconds (2 MiB: 5 s); past it, not decoded.
+# gzip members decoded one after another, at most (a body of many tiny members is no real client's);
+# past it, the body is logged as sent.
 _MEMBERS_MAX = 64
+# Input fed to the decompressor at a time: what it keeps back at a member's end (`unused_data`,
+# a copy) is at most this, not the rest of the body (a copy per member held the request path
+# for seconds).
+_FEED = 1 << 16
 
 
 def decoded(body: bytes, encoding: str, limit: int) -> tuple[bytes, dict[str, str | int | bool]] | None:
@@ -279,21 +283,31 @@ def decoded(body: bytes, encoding: str, limit: int) -> tuple[bytes, dict[str, st
     if wbits is None:
         return None
     for bits in (wbits, -15) if wbits == 15 else (wbits,):  # deflate as zlib, or raw as some send it
-        out, rest = b"", body
         try:
-            for _ in range(_MEMBERS_MAX):
-                inflater = zlib.decompressobj(bits)
-                out += inflater.decompress(rest, limit + 1 - len(out))
-                if len(out) > limit:
-                    return out[:limit], {TRUNCATED: True}
-                if not inflater.eof:
-                    break  # cut short
-                rest = inflater.unused_data
-                if not rest or bits != 31:  # gzip may hold several members (RFC 1952), one after another
-                    return (out, {}) if not rest else None
-            return None
+            return _inflated(memoryview(body), bits, limit)
         except zlib.error:
             continue
+    return None
+
+
+def _inflated(view: memoryview, bits: int, limit: int) -> tuple[bytes, dict[str, str | int | bool]] | None:
+    out = bytearray()
+    position = 0
+    for _ in range(_MEMBERS_MAX):  # gzip may hold several members (RFC 1952), one after another
+        inflater = zlib.decompressobj(bits)
+        while not inflater.eof:
+            if position >= len(view):
+                return None  # cut short
+            chunk = view[position:position + _FEED]
+            position += len(chunk)
+            out += inflater.decompress(chunk, limit + 1 - len(out))
+            if len(out) > limit:
+                return bytes(out[:limit]), {TRUNCATED: True}
+        position -= len(inflater.unused_data)
+        if position >= len(view):
+            return bytes(out), {}
+        if bits != 31:
+            return None  # bytes after the stream: not whole
     return None
 
 

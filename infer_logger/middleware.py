@@ -22,10 +22,11 @@ does not come back (a restart with fewer workers) would never be delivered.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from typing import Any
+
+from starlette.requests import ClientDisconnect
 
 from infer_logger import events as ev
 from infer_logger.asgi import error_body, read_or_refuse, respond
@@ -34,20 +35,6 @@ from infer_logger.errors import InvalidEventError
 from infer_logger.logger import InferenceLogger, match_route
 
 log = logging.getLogger(__name__)
-
-
-def replay_body(body: bytes, receive: Any) -> Any:
-    """A `receive` that gives the body already read, then whatever comes next (a disconnect)."""
-    replayed = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 def _route_path(scope: dict[str, Any]) -> str:
@@ -65,8 +52,7 @@ class InferenceLoggerMiddleware:
         self.app = app
         self.settings = logger.settings if logger is not None else settings or Settings()
         self._logger = logger
-        self._starting: asyncio.Lock | None = None
-        self._start_failed = False
+        self._unstarted_said = False
 
     @property
     def logger(self) -> InferenceLogger:
@@ -91,6 +77,16 @@ class InferenceLoggerMiddleware:
         if ev.skip_logging(headers):
             await self.app(scope, receive, send)
             return
+        if self._logger is None or not self._logger.started:
+            # No lifespan ran (a mounted app, --lifespan off, a TestClient outside `with`): events
+            # appended now were never delivered, and nothing said so. Served unlogged, said once.
+            if not self._unstarted_said:
+                self._unstarted_said = True
+                log.error("infer-logger: the app's lifespan did not run (a mounted app, --lifespan off, a "
+                          "TestClient outside `with`?): the logger is not started, and its calls are served "
+                          "unlogged; wrap the outer app, or run its lifespan")
+            await self.app(scope, receive, send)
+            return
         settings = self.settings
         body = await read_or_refuse(receive, send, int(settings.max_request_bytes), settings.request_read_timeout)
         if body is None:
@@ -100,9 +96,6 @@ class InferenceLoggerMiddleware:
         except InvalidEventError as exc:
             refusal = error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute)
             await respond(send, 400, [(b"content-type", b"application/json")], refusal)
-            return
-        if not self.logger.started and not await self._start_late():
-            await self.app(scope, replay_body(body, receive), send)  # never failed for the logging
             return
         exchange = self.logger.begin(route, path, headers, scope["headers"], body, event_id)
         # The app (and what it echoes) sees the id that replaced it (or was made), as the client
@@ -121,7 +114,15 @@ class InferenceLoggerMiddleware:
         extensions = {k: v for k, v in scope.get("extensions", {}).items()
                       if k not in ("http.response.pathsend", "http.response.zerocopysend")}
         scope = {**scope, "headers": forwarded, "extensions": extensions}
-        replay = replay_body(body, receive)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
         status = 500
         content_type: str | None = None
         kept = bytearray()  # the response's first `payload_limit` bytes: all its event keeps
@@ -142,7 +143,7 @@ class InferenceLoggerMiddleware:
                 message_headers = [(k, v) for k, v in message_headers if k.lower() != b"x-request-id"]
                 message_headers.append((b"x-request-id", ev.id_header(event_id, headers)))
                 message = {**message, "headers": message_headers}
-            elif message["type"] == "http.response.body":
+            elif message["type"] == "http.response.body" and not logged:  # once (a second final is the server's to refuse)
                 chunk = message.get("body", b"")
                 if len(kept) < limit:
                     kept.extend(chunk[: limit - len(kept)])
@@ -155,35 +156,17 @@ class InferenceLoggerMiddleware:
         try:
             await self.app(scope, replay, capture)
         except Exception as exc:
-            # The server answers 500 further out; the audit log still sees that it failed.
             if not logged:
-                reason = f'{{"error": "{type(exc).__name__}"}}'.encode()
-                self.logger.end(exchange, 500, "application/json", reason)
+                if answering and isinstance(exc, OSError | ClientDisconnect):
+                    # The client left under way (as ASGI 2.4 servers say): as far as it went.
+                    self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True)
+                else:  # the server answers 500 further out; the audit log still sees that it failed
+                    reason = f'{{"error": "{type(exc).__name__}"}}'.encode()
+                    self.logger.end(exchange, 500, "application/json", reason)
             raise
         if answering and not logged:
             # A stream the client left (Starlette ends it quietly): what went out, marked cut off.
             self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True)
-
-    async def _start_late(self) -> bool:
-        """Start the logger on a first request when the app's lifespan never ran (a mounted app,
-        `--lifespan off`, a TestClient outside `with`): its events were spooled and never delivered.
-        False (said once) when it cannot start: the app is served unlogged."""
-        if self._starting is None:
-            self._starting = asyncio.Lock()
-        async with self._starting:
-            if self.logger.started:
-                return True
-            try:
-                await self.logger.start()
-            except Exception as exc:
-                if not self._start_failed:
-                    log.error("infer-logger: the app's lifespan did not start the logger, nor could the "
-                              "first request: %s; serving unlogged", exc)
-                    self._start_failed = True
-                return False
-            log.warning("infer-logger: the app's lifespan did not run (a mounted app, --lifespan off?): "
-                        "the logger started on the first request, and stops with the process")
-            return True
 
     def _lifespan_receive(self, receive: Any, send: Any) -> Any:
         async def wrapped() -> dict[str, Any]:

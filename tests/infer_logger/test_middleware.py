@@ -366,9 +366,10 @@ def test_an_app_served_under_a_root_path_is_logged(tmp_path: Path) -> None:
     assert {e["path"] for e in received} == {"/v1/models/echo:predict"}
 
 
-def test_a_mounted_app_whose_lifespan_never_runs_still_delivers(tmp_path: Path) -> None:
-    """Starlette runs no lifespan of a mounted app: its events were spooled, the logger never
-    started, and nothing was delivered (with durability: memory, lost)."""
+def test_a_mounted_app_whose_lifespan_never_runs_is_served_unlogged_and_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Starlette runs no lifespan of a mounted app: its events were spooled into a logger never
+    started, and never delivered (with durability: memory, lost), and nothing said so."""
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
@@ -378,12 +379,15 @@ def test_a_mounted_app_whose_lifespan_never_runs_still_delivers(tmp_path: Path) 
                              settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
         outer = Starlette(routes=[Mount("/api", app=inner)])
         port = free_port()
-        with ServerThread(uvicorn_config(outer, "127.0.0.1", port)):
-            r = httpx.post(f"http://127.0.0.1:{port}/api/v1/models/echo:predict", json={"instances": [[1, 2, 3, 4]]},
-                           headers={"ce-id": "mounted-1"})
-            assert r.status_code == 200
-            received = sink.wait_for(2)
-    assert {(e.id, e.type) for e in received} == {("mounted-1", ev.REQUEST), ("mounted-1", ev.RESPONSE)}
+        with caplog.at_level(logging.ERROR, logger="infer_logger.middleware"), \
+                ServerThread(uvicorn_config(outer, "127.0.0.1", port)):
+            for i in range(2):
+                r = httpx.post(f"http://127.0.0.1:{port}/api/v1/models/echo:predict",
+                               json={"instances": [[1, 2, 3, 4]]}, headers={"ce-id": f"mounted-{i}"})
+                assert r.status_code == 200 and r.json() == {"predictions": [1]}
+    said = [r.getMessage() for r in caplog.records if "lifespan did not run" in r.getMessage()]
+    assert len(said) == 1 and "served unlogged" in said[0]
+    assert not any(tmp_path.iterdir())  # nothing spooled for no one (its spool was not even opened)
 
 
 def _streaming_app() -> FastAPI:
@@ -457,3 +461,47 @@ async def test_files_and_encodings_reach_the_log_as_the_client_reads_them(tmp_pa
     responses = {e.id: e for e in received if e.type == ev.RESPONSE}
     assert (responses["file"].data or b"").startswith(b'"""')
     assert orjson.loads(responses["echo"].data or b"") == {"accept_encoding": "identity"}
+
+
+async def test_a_client_gone_under_asgi_2_4_and_a_final_body_sent_twice(tmp_path: Path) -> None:
+    """An ASGI 2.4 server raises OSError from `send` once the client left: logged as the app's 500
+    (`ClientDisconnect`), not as the answer cut off. A final body sent twice logged two responses."""
+    async def app(scope: dict[str, object], receive: object, send: Callable[..., object]) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        streaming = scope["path"].endswith("a:predict")
+        await send({"type": "http.response.body", "body": b"chunk0", "more_body": streaming})
+        await send({"type": "http.response.body", "body": b"chunk1", "more_body": streaming})
+        await send({"type": "http.response.body", "body": b"chunk2", "more_body": False})
+
+    with EventCollector() as sink:
+        middleware = InferenceLoggerMiddleware(app, settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
+        await middleware.logger.start()
+        try:
+            for name in ("a", "b"):
+                messages = iter([{"type": "http.request", "body": b"{}", "more_body": False}])
+                sends: list[dict[str, object]] = []
+
+                async def receive() -> dict[str, object]:
+                    if (message := next(messages, None)) is None:
+                        await asyncio.Event().wait()
+                    return message  # type: ignore[return-value]
+
+                async def send(message: dict[str, object]) -> None:
+                    if name == "a" and len(sends) == 2:
+                        raise OSError("the client is gone")  # what an ASGI 2.4 server raises
+                    sends.append(message)
+
+                scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "POST",
+                         "path": f"/v1/models/{name}:predict", "root_path": "", "query_string": b"",
+                         "headers": [(b"ce-id", name.encode())]}
+                with contextlib.suppress(OSError):
+                    await middleware(scope, receive, send)
+        finally:
+            await middleware.logger.stop()
+        received = await asyncio.to_thread(sink.wait_for, 4)
+    responses = [e for e in received if e.type == ev.RESPONSE]
+    by = {e.id: e for e in responses}
+    assert len(responses) == 2  # b's second final body logged no second response
+    assert int(by["a"]["statuscode"]) == 200 and by["a"].get("truncated") in (True, "true")
+    assert (by["a"].data or b"").startswith(b"chunk0") and b"chunk2" not in (by["a"].data or b"")
+    assert by["b"].data == b"chunk0"
