@@ -26,8 +26,6 @@ import contextlib
 import logging
 from typing import Any
 
-from starlette.requests import ClientDisconnect
-
 from infer_logger import events as ev
 from infer_logger.asgi import error_body, read_or_refuse, respond
 from infer_logger.config import Settings
@@ -82,9 +80,9 @@ class InferenceLoggerMiddleware:
             # appended now were never delivered, and nothing said so. Served unlogged, said once.
             if not self._unstarted_said:
                 self._unstarted_said = True
-                log.error("infer-logger: the app's lifespan did not run (a mounted app, --lifespan off, a "
-                          "TestClient outside `with`?): the logger is not started, and its calls are served "
-                          "unlogged; wrap the outer app, or run its lifespan")
+                log.error("infer-logger: the logger is not running (the app's lifespan did not run: a mounted "
+                          "app, --lifespan off, a TestClient outside `with`?, or has ended): its calls are "
+                          "served unlogged; wrap the outer app, or run its lifespan")
             await self.app(scope, receive, send)
             return
         settings = self.settings
@@ -128,10 +126,10 @@ class InferenceLoggerMiddleware:
         kept = bytearray()  # the response's first `payload_limit` bytes: all its event keeps
         size = 0
         limit = self.logger.payload_limit
-        logged = answering = False
+        logged = answering = gone = False
 
         async def capture(message: dict[str, Any]) -> None:
-            nonlocal status, content_type, logged, size, answering
+            nonlocal status, content_type, logged, size, answering, gone
             if message["type"] == "http.response.start":
                 answering = True
                 status = message["status"]
@@ -151,14 +149,18 @@ class InferenceLoggerMiddleware:
                 if not message.get("more_body", False):
                     logged = True
                     self.logger.end(exchange, status, content_type, bytes(kept), size)
-            await send(message)
+            try:
+                await send(message)
+            except OSError:  # the client left (an ASGI 2.4 server says so): not the app's failure
+                gone = True
+                raise
 
         try:
             await self.app(scope, replay, capture)
         except Exception as exc:
             if not logged:
-                if answering and isinstance(exc, OSError | ClientDisconnect):
-                    # The client left under way (as ASGI 2.4 servers say): as far as it went.
+                if answering and gone:  # the client left under way: as far as it went
+                    # (Told by `send`: an app's own OSError, an upstream timeout, is its 500.)
                     self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True)
                 else:  # the server answers 500 further out; the audit log still sees that it failed
                     reason = f'{{"error": "{type(exc).__name__}"}}'.encode()

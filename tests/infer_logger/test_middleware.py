@@ -385,7 +385,7 @@ def test_a_mounted_app_whose_lifespan_never_runs_is_served_unlogged_and_says_so(
                 r = httpx.post(f"http://127.0.0.1:{port}/api/v1/models/echo:predict",
                                json={"instances": [[1, 2, 3, 4]]}, headers={"ce-id": f"mounted-{i}"})
                 assert r.status_code == 200 and r.json() == {"predictions": [1]}
-    said = [r.getMessage() for r in caplog.records if "lifespan did not run" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "logger is not running" in r.getMessage()]
     assert len(said) == 1 and "served unlogged" in said[0]
     assert not any(tmp_path.iterdir())  # nothing spooled for no one (its spool was not even opened)
 
@@ -468,6 +468,9 @@ async def test_a_client_gone_under_asgi_2_4_and_a_final_body_sent_twice(tmp_path
     (`ClientDisconnect`), not as the answer cut off. A final body sent twice logged two responses."""
     async def app(scope: dict[str, object], receive: object, send: Callable[..., object]) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        if str(scope["path"]).endswith("c:predict"):  # its own OSError (an upstream timeout): its failure
+            await send({"type": "http.response.body", "body": b"chunk0", "more_body": True})
+            raise TimeoutError("the upstream model did not answer")
         streaming = scope["path"].endswith("a:predict")
         await send({"type": "http.response.body", "body": b"chunk0", "more_body": streaming})
         await send({"type": "http.response.body", "body": b"chunk1", "more_body": streaming})
@@ -477,7 +480,7 @@ async def test_a_client_gone_under_asgi_2_4_and_a_final_body_sent_twice(tmp_path
         middleware = InferenceLoggerMiddleware(app, settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
         await middleware.logger.start()
         try:
-            for name in ("a", "b"):
+            for name in ("a", "b", "c"):
                 messages = iter([{"type": "http.request", "body": b"{}", "more_body": False}])
                 sends: list[dict[str, object]] = []
 
@@ -498,10 +501,11 @@ async def test_a_client_gone_under_asgi_2_4_and_a_final_body_sent_twice(tmp_path
                     await middleware(scope, receive, send)
         finally:
             await middleware.logger.stop()
-        received = await asyncio.to_thread(sink.wait_for, 4)
+        received = await asyncio.to_thread(sink.wait_for, 6)
     responses = [e for e in received if e.type == ev.RESPONSE]
     by = {e.id: e for e in responses}
-    assert len(responses) == 2  # b's second final body logged no second response
+    assert len(responses) == 3  # b's second final body logged no second response
+    assert int(by["c"]["statuscode"]) == 500 and by["c"].json() == {"error": "TimeoutError"}
     assert int(by["a"]["statuscode"]) == 200 and by["a"].get("truncated") in (True, "true")
     assert (by["a"].data or b"").startswith(b"chunk0") and b"chunk2" not in (by["a"].data or b"")
     assert by["b"].data == b"chunk0"
