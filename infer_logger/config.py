@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.exceptions import SettingsError
 
+from infer_logger import documents
 from infer_logger.cloudevents.validation import source_setting
 from infer_logger.errors import ConfigError
 from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, SinkSpec, StoreSinkConfig
@@ -474,10 +475,11 @@ def sink_from_url(url: str) -> SinkSpec:
     return StoreSinkConfig(path=path)
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(documents.Loader):
     """`yaml.safe_load`, but a key given twice in one mapping is an error (the last one won,
     unseen), and so is a key that is not text (YAML 1.1 reads `on`, `off`, `yes`, `no` as
-    booleans: settings code took `off: true` for a string and failed with a traceback)."""
+    booleans: settings code took `off: true` for a string and failed with a traceback). As for
+    trigger files, nesting is bounded (5000 `[` was a RecursionError) and timestamps stay text."""
 
 
 def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -521,7 +523,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        problem = getattr(exc, "problem", exc)
+        raise ConfigError(where, problem if isinstance(exc, documents.LimitError) else f"not valid YAML: {problem}") from exc
     if not isinstance(data, dict):
         raise ConfigError(str(path), "the top level must be a mapping")
     return data

@@ -24,11 +24,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from infer_logger.documents import DocumentError
     from pipelines.broker.broker import Broker, UnknownBrokerError
     from pipelines.broker.channel import ChannelError, RefusedError
     from pipelines.broker.components import Replier, register_component
     from pipelines.broker.delivery import DeliverySpec, Destination, RetryPolicy, parse_duration
-    from pipelines.broker.documents import DocumentError
     from pipelines.broker.filters import FilterResult, build_trigger_filter
     from pipelines.broker.server import BrokerThread, serve
     from pipelines.broker.settings import BrokerSettings, load_broker_settings
@@ -45,7 +45,7 @@ _EXPORTS = {
     "Destination": "delivery",
     "RetryPolicy": "delivery",
     "parse_duration": "delivery",
-    "DocumentError": "documents",
+    "DocumentError": "trigger",  # defined in infer_logger.documents
     "FilterResult": "filters",
     "build_trigger_filter": "filters",
     "BrokerThread": "server",

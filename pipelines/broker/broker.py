@@ -27,13 +27,13 @@ from urllib.parse import urljoin
 
 from infer_logger.asgi import run_lifespan
 from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.documents import DocumentError, Location
 from infer_logger.errors import ConfigError, InferLoggerError, InvalidEventError
 from infer_logger.spool import DiskSpool, MemorySpool
 from pipelines.broker.channel import TTL, Channel, ChannelError, RefusedError, SpoolChannel
 from pipelines.broker.components import Component, Components, component_config
 from pipelines.broker.delivery import DeliverySpec, Destination, RetryPolicy
 from pipelines.broker.dispatcher import TriggerDispatcher
-from pipelines.broker.documents import DocumentError, Location
 from pipelines.broker.endpoints import BinaryHeaders, ComponentEndpoint, Endpoint, HttpEndpoint
 from pipelines.broker.ingress import Ingress, Receive, Scope, Send
 from pipelines.broker.metrics import BrokerMetrics

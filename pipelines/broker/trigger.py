@@ -34,9 +34,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from infer_logger.documents import Document, DocumentError, Location, read_documents, read_file
 from pipelines.broker.components import component_config
 from pipelines.broker.delivery import DeliverySpec, Destination
-from pipelines.broker.documents import Document, DocumentError, Location, read_documents, read_file
 from pipelines.broker.filters import Filter, FilterError, PathPart, build_trigger_filter, format_path
 
 log = logging.getLogger(__name__)

@@ -162,6 +162,19 @@ class TestErrors:
         with pytest.raises(ConfigError, match=r"c.yaml:3:1"):
             load_settings(cfg)
 
+    def test_deep_nesting_is_refused_at_its_line(self, tmp_path: Path) -> None:
+        """5000 `[` was a RecursionError traceback; the trigger files' bound applies here too."""
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("port: 1\nsinks: " + "[" * 5000 + "]" * 5000 + "\n")
+        with pytest.raises(ConfigError, match="nested deeper than 100 levels") as info:
+            load_settings(cfg)
+        assert info.value.field.startswith(f"{cfg}:2:") and "not valid YAML" not in str(info.value)
+
+    def test_timestamps_are_read_as_text(self, tmp_path: Path) -> None:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("namespace: 2024-01-02\n")
+        assert load_settings(cfg).namespace == "2024-01-02"
+
     @pytest.mark.parametrize(("text", "where", "words"), [
         ("off: true\n", "c.yaml:1:1", "the key False is not text"),  # YAML 1.1's booleans: a traceback
         ("1: 2\n", "c.yaml:1:1", "the key 1 is not text"),

@@ -34,17 +34,19 @@ _PLAIN_TYPES = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.or
 _MERGE = "tag:yaml.org,2002:merge"
 
 
-class _LimitError(yaml.MarkedYAMLError):
+class LimitError(yaml.MarkedYAMLError):
     """Valid YAML beyond what is read here (its `problem` is the whole reason)."""
 
 
-class _Loader(yaml.SafeLoader):
+class Loader(yaml.SafeLoader):
+    """A SafeLoader that reads timestamps as text and refuses nesting past MAX_DEPTH (LimitError)."""
+
     _depth = 0
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         # The composer recurses per level: 5000 `[` would end in a RecursionError.
         if self._depth >= MAX_DEPTH:
-            raise _LimitError(problem=f"nested deeper than {MAX_DEPTH} levels",
+            raise LimitError(problem=f"nested deeper than {MAX_DEPTH} levels",
                               problem_mark=self.peek_event().start_mark)
         self._depth += 1
         try:
@@ -54,7 +56,7 @@ class _Loader(yaml.SafeLoader):
 
 
 # Drop the timestamp resolver: every other implicit type (int, bool, null, float) stays.
-_Loader.yaml_implicit_resolvers = {
+Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
@@ -111,7 +113,7 @@ class DocumentError(ConfigError):
 
 def read_documents(text: str, origin: str) -> list[Document]:
     """Every document of a YAML stream; a syntax error becomes a DocumentError at its line."""
-    loader = _Loader(text)
+    loader = Loader(text)
     documents: list[Document] = []
     try:
         while loader.check_node():
@@ -125,7 +127,7 @@ def read_documents(text: str, origin: str) -> list[Document]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Location(origin, mark.line + 1, mark.column + 1) if mark else Location(origin, 1, 1)
-        reason = exc.problem if isinstance(exc, _LimitError) else f"not valid YAML: {exc.problem or exc}"
+        reason = exc.problem if isinstance(exc, LimitError) else f"not valid YAML: {exc.problem or exc}"
         raise DocumentError(where, "", str(reason)) from None
     except yaml.YAMLError as exc:
         raise DocumentError(Location(origin, 1, 1), "", f"not valid YAML: {exc}") from None
