@@ -45,9 +45,9 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from infer_logger import events
 from infer_logger.cloudevents.event import AttributeValue, CloudEvent, attribute_text
@@ -136,6 +136,17 @@ def client_logger(name: str) -> logging.Logger:
     return logger
 
 
+def _bootstrap(value: str) -> str:
+    # librdkafka takes an empty list and then waits for ever for a broker it was never given.
+    if not all(part.strip() for part in value.split(",")):
+        raise ValueError(f"{value!r}: give host:port[,host:port...], no empty entry")
+    return value
+
+
+BootstrapServers = Annotated[str, AfterValidator(_bootstrap)]
+"""`host:port[,host:port...]` of the brokers to start from."""
+
+
 def without_transactions(config: dict[str, ClientValue]) -> dict[str, ClientValue]:
     """A config validator: with `transactional.id` librdkafka refuses every record until
     `init_transactions()`, which nothing here calls, so every batch would fail for ever."""
@@ -155,7 +166,7 @@ def _refusal(error: KafkaError, topic: str) -> KafkaError:
 
 class KafkaSinkConfig(SinkConfig):
     type: Literal["kafka"] = "kafka"
-    bootstrap_servers: str
+    bootstrap_servers: BootstrapServers
     """`host:port[,host:port...]` of the brokers to start from."""
     topic: str = "inference-events"
     """The topic, or a template of event attributes, e.g. `inference-{namespace}-{inferenceservicename}`

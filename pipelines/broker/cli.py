@@ -53,7 +53,7 @@ def broker_command(config: Path | None, trigger_files: tuple[Path, ...], dir_: P
         flags["trigger_files"] = list(trigger_files)
     if dir_ is not None:
         flags["dir"] = dir_
-    if kafka_bootstrap:
+    if kafka_bootstrap is not None:  # an empty value is an error, not unset
         flags["kafka"] = {"bootstrap_servers": kafka_bootstrap}
     try:
         settings = load_broker_settings(config, **flags)

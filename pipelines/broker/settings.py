@@ -27,7 +27,7 @@ from pydantic_settings import SettingsConfigDict
 from infer_logger.config import LayeredSettings
 from infer_logger.errors import ConfigError
 from infer_logger.sinks.base import SinkConfig
-from infer_logger.sinks.kafka import without_transactions
+from infer_logger.sinks.kafka import BootstrapServers, without_transactions
 from pipelines.broker.components import component_config
 from pipelines.broker.delivery import DeliverySpec, Destination
 from pipelines.broker.trigger import check_name
@@ -60,7 +60,7 @@ _MAX_TOPIC = 249
 class KafkaChannelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    bootstrap_servers: str = "127.0.0.1:9092"
+    bootstrap_servers: BootstrapServers = "127.0.0.1:9092"
     topic_prefix: str = "knative-broker"
     """A broker's topic is `<prefix>-<namespace>-<name>`."""
     group_prefix: str = "knative-trigger"

@@ -54,24 +54,24 @@ def ingest_command(config: Path | None, source_type: str | None, listen: str | N
     source: dict[str, Any] = {}
     if source_type:
         source["type"] = source_type
-    if listen:
+    if listen is not None:  # an empty value is an error, not unset
         host, _, port = listen.rpartition(":")
         if not host or not port.isdigit() or (":" in host and not (host.startswith("[") and host.endswith("]"))):
             # `::1` read as host ":" and port 1, accepted by --check and failing at start
             _fail(2, f"config error: --listen: {listen!r} is not HOST:PORT (IPv6 in brackets: [::1]:24224)")
         source.update(host=host.strip("[]"), port=int(port))
-    if kafka_bootstrap:
+    if kafka_bootstrap is not None:
         source["bootstrap_servers"] = kafka_bootstrap
     if topics:
         source["topics"] = list(topics)
-    if group_id:
+    if group_id is not None:
         source["group_id"] = group_id
-    if sink_url and db:
+    if sink_url is not None and db:
         _fail(2, "config error: --sink-url and --db: choose one sink")
     try:
         if source:
             flags["source"] = source  # merged over the file's `source:`
-        if sink_url:
+        if sink_url is not None:
             flags["sink"] = {"type": "http", "url": sink_url}
         elif db:
             flags["sink"] = {"type": "store", "path": str(db)}

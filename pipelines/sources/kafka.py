@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import orjson
 from pydantic import Field, field_validator, model_validator
@@ -39,7 +39,14 @@ from infer_logger.dispatch import Backoff
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.sinks.base import Sink
 from infer_logger.sinks.halving import Halving
-from infer_logger.sinks.kafka import CLIENT, NO_CLIENT, ClientValue, client_logger, without_transactions
+from infer_logger.sinks.kafka import (
+    CLIENT,
+    NO_CLIENT,
+    BootstrapServers,
+    ClientValue,
+    client_logger,
+    without_transactions,
+)
 from pipelines.sources.base import SourceConfig
 
 if CLIENT:  # else the config still validates, and `build()` says what to install
@@ -78,11 +85,11 @@ _METADATA_REFRESH_MS = 5000  # topic metadata refresh (librdkafka: 300000)
 
 class KafkaSourceConfig(SourceConfig):
     type: Literal["kafka"] = "kafka"
-    bootstrap_servers: str
+    bootstrap_servers: BootstrapServers
     """`host:port[,host:port...]` of the brokers to start from."""
-    topics: list[str] = Field(min_length=1)
+    topics: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     """Topics to read; a name starting with `^` is a regular expression."""
-    group_id: str = "infer-logger"
+    group_id: str = Field("infer-logger", min_length=1)
     """The consumer group: consumers sharing it share the topics' partitions."""
     batch_size: int = Field(default=500, ge=1)
     """Most events handed to the subscriber at once."""

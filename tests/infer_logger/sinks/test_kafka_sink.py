@@ -721,6 +721,12 @@ class TestConfig:
         with pytest.raises(ValidationError, match=r"config[\s\S]*transactional.id"):
             KafkaSinkConfig(bootstrap_servers="b:9092", config={"transactional.id": "t"})
 
+    @pytest.mark.parametrize("servers", ["", " ", "b:9092,", "b:9092,,c:9092"])
+    def test_an_empty_bootstrap_entry_is_refused(self, servers: str) -> None:
+        """librdkafka takes an empty list and waits for ever for a broker it was never given."""
+        with pytest.raises(ValidationError, match="bootstrap_servers"):
+            KafkaSinkConfig(bootstrap_servers=servers)
+
     def test_in_flight(self) -> None:
         assert KafkaSinkConfig(bootstrap_servers="b:9092").in_flight == 4
         assert KafkaSinkConfig(bootstrap_servers="b:9092", in_flight=None).in_flight is None  # the default's

@@ -159,6 +159,13 @@ def test_an_empty_host_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "host" in result.output
 
 
+def test_an_empty_kafka_bootstrap_is_refused(tmp_path: Path) -> None:
+    """It was taken for unset (the default 127.0.0.1:9092 ran); in a file, librdkafka waited for ever."""
+    result = CliRunner().invoke(broker_command, ["--check", "--dir", str(tmp_path), "--channel", "kafka",
+                                                 "--kafka-bootstrap", ""])
+    assert result.exit_code == 2 and "kafka.bootstrap_servers" in result.output
+
+
 def test_an_explainer_component_needs_no_registration(tmp_path: Path) -> None:
     """README promises `type: explainer` components; only code that registered it could use it."""
     pytest.importorskip("explainers.subscriber")

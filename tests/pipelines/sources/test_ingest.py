@@ -184,6 +184,13 @@ class TestConfig:
         (["--listen", "24224"], {}, "--listen"),
         (["--listen", "::1"], {}, "IPv6 in brackets"),  # host ":" and port 1, failing only at start
         (["--sink-url", "http://127.0.0.1:1/", "--db", "x.db"], {}, "--sink-url and --db"),
+        # Empty values were taken for unset: the file's or the default's value ran instead.
+        (["--source", "kafka", "--topic", "t", "--kafka-bootstrap", ""], {}, "source.kafka.bootstrap_servers"),
+        (["--source", "kafka", "--topic", "t", "--kafka-bootstrap", "k:9092,"], {}, "no empty entry"),
+        (["--source", "kafka", "--topic", "t", "--kafka-bootstrap", "k:1", "--group-id", ""], {}, "group_id"),
+        (["--source", "kafka", "--topic", "", "--kafka-bootstrap", "k:1"], {}, "source.kafka.topics.0"),
+        (["--sink-url", ""], {}, "sink.http.url"),
+        (["--listen", ""], {}, "--listen"),
         ([], {"INFER_LOGGER_INGEST_PROT": "1"}, "INFER_LOGGER_INGEST_PROT"),
         ([], {"INFER_LOGGER_INGEST_SOURCE__PORT": "x"}, "INFER_LOGGER_INGEST_SOURCE__PORT"),
     ])
