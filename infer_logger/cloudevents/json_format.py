@@ -1,9 +1,9 @@
 """The CloudEvents JSON event format (`application/cloudevents+json`) and its batch form.
 
 Events hold data as the raw bytes of binary mode, so this module decides the JSON shape at
-encode time: bytes that are JSON under a JSON content type embed as-is (`data`), UTF-8 text
-under any other content type becomes a JSON string (`data`), and everything else travels as
-`data_base64`. Reading reverses that, so binary -> JSON -> binary keeps the bytes, except that
+encode time: bytes that are JSON under a JSON content type embed as-is (`data`) when they read
+back as written, UTF-8 text under any other content type (without another charset) becomes a
+JSON string (`data`), and everything else travels as `data_base64`. Reading reverses that, so binary -> JSON -> binary keeps the bytes, except that
 embedded JSON comes back in compact form.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,8 @@ EVENT_MEDIA_TYPE = "application/cloudevents+json"
 BATCH_MEDIA_TYPE = "application/cloudevents-batch+json"
 
 _FORMAT_PREFIX = "application/cloudevents"
+_MAX_DEPTH = 1024  # orjson's
+_ENVELOPE = 2  # levels around embedded data: the event's object, a batch's array
 
 
 def is_event_format(content_type: object) -> bool:
@@ -108,8 +111,10 @@ def _members(event: CloudEvent, *, embed_raw: bool) -> dict[str, Any]:
         return members
     if _is_json(event.datacontenttype):
         try:
-            # Embedded raw, the bytes are only checked; parsed, they must read back exactly.
-            value = orjson.loads(data) if embed_raw else event.json()
+            # Checked as readers will read it: an integer past 64 bits (orjson's float) changed.
+            value = event.json()
+            if embed_raw and _nests_past_envelope(data):
+                raise ValueError("too deep to embed")
         except ValueError:
             pass  # JSON in name only (or not as orjson reads it): base64 keeps the bytes intact
         else:
@@ -117,7 +122,7 @@ def _members(event: CloudEvent, *, embed_raw: bool) -> dict[str, Any]:
                 # A Fragment splices the already-checked bytes in without re-serializing them.
                 members["data"] = orjson.Fragment(data) if embed_raw else value
                 return members
-    else:
+    elif _utf8_text(event.datacontenttype):  # text in another charset would read as other text
         try:
             members["data"] = data.decode("utf-8")
             return members
@@ -166,6 +171,28 @@ def _is_json(content_type: str | None) -> bool:
         return True
     subtype = content_type.split(";", 1)[0].strip().lower().partition("/")[2]
     return subtype == "json" or subtype.endswith("+json")
+
+
+def _nests_past_envelope(data: bytes) -> bool:
+    """Whether JSON data is too deep to embed: orjson reads 1024 levels, and the event's object
+    and a batch's array around it take two (1023-deep data made a batch no one could read)."""
+    if data.count(b"[") + data.count(b"{") < _MAX_DEPTH - _ENVELOPE:  # a C-speed upper bound
+        return False
+    try:
+        orjson.loads(b"[[" + data + b"]]")
+    except orjson.JSONDecodeError:
+        return True
+    return False
+
+
+@functools.lru_cache(maxsize=256)  # content types repeat
+def _utf8_text(content_type: str | None) -> bool:
+    """Whether text data of this type is UTF-8: no charset, or UTF-8 or US-ASCII (a subset)."""
+    for parameter in (content_type or "").split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower() in ("utf-8", "utf8", "us-ascii", "ascii")
+    return True
 
 
 def _loads(raw: bytes | str) -> Any:

@@ -76,6 +76,38 @@ class TestWriteData:
         members = orjson.loads(to_json(event)) if embed else to_dict(event)
         assert "data" not in members and from_dict(members).data == b"null"
 
+    @pytest.mark.parametrize("encode", [
+        to_json, lambda event: to_json_batch([event]), lambda event: orjson.dumps(to_dict(event)),
+    ], ids=["to_json", "to_json_batch", "to_dict"])
+    def test_an_integer_past_64_bits_keeps_its_value(self, encode: Any) -> None:
+        """Embedded, it read back as a float (1.2345678901234568e+22) in every structured hop."""
+        data = b'{"instances": [[12345678901234567890123, 1]]}'
+        members = orjson.loads(encode(CloudEvent({**BASE, "datacontenttype": "application/json"}, data)))
+        members = members[0] if isinstance(members, list) else members
+        assert "data" not in members and from_dict(members).data == data
+
+    @pytest.mark.parametrize("depth", [1022, 1023, 1024])
+    def test_data_as_deep_as_orjson_reads_still_reads_back(self, depth: int) -> None:
+        """The event's object and a batch's array add two levels: 1023-deep data made a batch
+        (1024: an event too) that no reader could read."""
+        data = b"[" * depth + b"]" * depth
+        event = CloudEvent({**BASE, "datacontenttype": "application/json"}, data)
+        assert from_json(to_json(event)).data == data
+        assert from_json_batch(to_json_batch([event]))[0].data == data
+        assert ("data" in orjson.loads(to_json_batch([event]))[0]) is (depth <= 1022)
+
+    @pytest.mark.parametrize(("content_type", "as_text"), [
+        ("text/plain; charset=utf-8", True), ('text/plain; charset="UTF-8"', True),
+        ("text/csv; header=present; charset=us-ascii", True), ("text/plain; format=flowed", True),
+        ("text/plain; charset=iso-8859-1", False), ("text/plain;charset=utf-16le", False),
+    ])
+    def test_text_in_another_charset_goes_base64(self, content_type: str, as_text: bool) -> None:
+        """UTF-16 `ab` was written as the string 'a\x00b\x00', Latin-1 `été` (read as UTF-8)
+        as 'Ã©tÃ©': readers of the JSON (Elasticsearch, Fluentd) saw other text."""
+        data = "été".encode() if as_text else "ab".encode("utf-16le")
+        members = written(data, content_type)
+        assert ("data" in members) is as_text and from_dict(members).data == data
+
     def test_no_data_no_member(self) -> None:
         members = written(None, "application/json")
         assert "data" not in members and "data_base64" not in members
