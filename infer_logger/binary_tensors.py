@@ -165,8 +165,8 @@ def inline(body: bytes) -> dict[str, Any] | None:
         key = "inputs" if "inputs" in probe else "outputs"
         doc, raw = decode(body, end, key)
         tensors = []
-        for tensor in doc.get(key) or []:
-            name = tensor.get("name") if isinstance(tensor, Mapping) else None
+        for index, tensor in enumerate(doc.get(key) or []):
+            name = tensor_name(tensor, key, index) if isinstance(tensor, Mapping) else None
             if name not in raw:
                 tensors.append(tensor)
                 continue
@@ -270,6 +270,10 @@ def _length(header: str | int, available: int) -> int:
         header = header.strip(" \t")
         if not (header.isascii() and header.isdigit()):
             raise BinaryDataError(None, f"{HEADER}: {header!r} is not a byte count")
+        header = header.lstrip("0") or "0"
+        if len(header) > 20:  # int() refuses past 4300 digits (a ValueError: a 500)
+            raise BinaryDataError(None, f"{HEADER} says the JSON part has a {len(header)}-digit byte count, "
+                                        f"but the body has only {available} bytes")
     length = int(header)
     if length <= 0:
         raise BinaryDataError(None, f"{HEADER}: {length} is not a length of a JSON part")

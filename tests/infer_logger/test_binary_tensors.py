@@ -137,6 +137,13 @@ class TestMalformed:
         assert bt.decode(body, f" {n}\t", "inputs")[0]["inputs"][0]["name"] == "input-0"
         self.fails(body, 0, "not a length")
 
+    @pytest.mark.parametrize("digits", [4300, 4301, 5000])
+    def test_a_header_of_thousands_of_digits(self, digits: int) -> None:
+        """int() refuses past 4300 digits: a ValueError, the explainer's 500."""
+        body, n = self.body()
+        self.fails(body, "9" * digits, f"{digits}-digit byte count", f"only {len(body)}")
+        assert bt.decode(body, "0" * 5000 + str(n), "inputs")[0]["inputs"][0]["name"] == "input-0"
+
     def test_header_inside_the_json(self) -> None:
         body, n = self.body()
         self.fails(body, n - 1, f"the first {n - 1} bytes", "not JSON")
@@ -232,6 +239,17 @@ class TestInline:
         assert doc["outputs"][0] == {"name": "p", "shape": [3], "datatype": "INT64", "data": [1, 2, 3],
                                      "parameters": {"binary_data": True}}
         assert doc["outputs"][1] == outputs[1]
+
+    @pytest.mark.parametrize("name", [None, 7])
+    def test_a_tensor_without_a_text_name_fills_data(self, name: object) -> None:
+        """`decode` files it under `inputs[0]`: looked up by its raw name, it was logged with
+        neither data nor bytes."""
+        tensor: dict[str, object] = {"shape": [3], "datatype": "FP32", "parameters": {"binary_data_size": 12}}
+        if name is not None:
+            tensor["name"] = name
+        head = orjson.dumps({"inputs": [tensor]})
+        doc = bt.inline(head + bt.pack_values("FP32", [1.0, 2.0, 3.0]))
+        assert doc is not None and doc["inputs"][0]["data"] == [1.0, 2.0, 3.0]
 
     @pytest.mark.parametrize(("datatype", "values"), [("INT8", [10]), ("UINT8", [32, 9, 13]), ("INT16", [8224]),
                                                       ("FP32", [])])
