@@ -22,7 +22,7 @@ from infer_logger import binary_tensors
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent, InexactJSONError
 from infer_logger.cloudevents.http import from_http_many
 from infer_logger.cloudevents.json_format import is_event_format
-from infer_logger.cloudevents.validation import is_media_type, is_string, parse_time
+from infer_logger.cloudevents.validation import INT32_MAX, is_media_type, is_string, parse_time
 from infer_logger.errors import InvalidEventError
 
 REQUEST = "org.kubeflow.serving.inference.request"
@@ -261,7 +261,9 @@ def capped(data: bytes, limit: int, size: int | None = None) -> tuple[bytes, dic
     size = len(data) if size is None else size
     if size <= limit:
         return data, {}
-    return data[:limit], {TRUNCATED: True, DATASIZE: size}
+    # A CloudEvents Integer is 32-bit: a larger size (a streamed answer past 2 GiB) is text, as
+    # binary mode carries it anyway; an int would make the event invalid to every reader.
+    return data[:limit], {TRUNCATED: True, DATASIZE: size if size <= INT32_MAX else str(size)}
 
 
 _WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}

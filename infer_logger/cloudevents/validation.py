@@ -16,7 +16,7 @@ from infer_logger.cloudevents.event import SPECVERSION, AttributeValue, CloudEve
 from infer_logger.errors import InvalidEventError, MissingAttributeError
 
 _NAME = re.compile(r"[a-z0-9]+")
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # a CloudEvents Integer
 
 # The spec's String type excludes control characters, unpaired surrogates and Unicode
 # noncharacters (U+FDD0..U+FDEF and the last two code points of every plane).
@@ -159,7 +159,7 @@ def _check_extension(name: str, value: object) -> None:
     if isinstance(value, bool):  # before int: bool is an int subclass
         return
     if isinstance(value, int):
-        if not _INT32_MIN <= value <= _INT32_MAX:
+        if not INT32_MIN <= value <= INT32_MAX:
             raise InvalidEventError(name, f"integer {value} is outside the signed 32-bit range")
     elif isinstance(value, str):
         _check_chars(name, value)

@@ -124,3 +124,14 @@ def test_a_gzip_body_of_very_many_members_is_not_decoded() -> None:
 
     assert decoded(gzip.compress(b"x") * 65, "gzip", 1000) is None
     assert decoded(gzip.compress(b"x") * 64, "gzip", 1000) == (b"x" * 64, {})
+
+
+def test_a_size_past_a_cloudevents_integer_is_text() -> None:
+    """A streamed answer past 2 GiB got an int `datasize` no reader of a structured event takes."""
+    from infer_logger.cloudevents import CloudEvent, from_json, to_json
+
+    assert ev.capped(b"abc", 2, size=2**31 - 1)[1] == {ev.TRUNCATED: True, ev.DATASIZE: 2**31 - 1}
+    data, marks = ev.capped(b"abc", 2, size=2**31)
+    assert data == b"ab" and marks == {ev.TRUNCATED: True, ev.DATASIZE: str(2**31)}
+    event = CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": ev.RESPONSE, **marks}, data)
+    assert from_json(to_json(event))[ev.DATASIZE] == "2147483648"
