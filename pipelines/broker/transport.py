@@ -10,10 +10,13 @@ limit, so one hanging subscriber's connections never starve another's.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from urllib.parse import urlsplit
 
 import httptools
@@ -22,6 +25,8 @@ from infer_logger.upstream import STALE_AFTER
 
 USER_AGENT = "infer-logger-broker"
 _IDLE_MAX = 256  # idle connections kept per origin
+_LOOKUP_TTL = 5.0  # seconds a host's addresses are reused: a moved subscriber is found again soon
+_LOOKUP_THREADS = 32  # hosts looked up at once (one lookup per host at a time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,10 +186,71 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+@lru_cache(maxsize=1024)
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class _Resolver:
+    """Host names to addresses on threads of its own, one lookup per host at a time, each answer
+    reused for a few seconds. asyncio resolves each new connection's host on the loop's default
+    executor (6 threads here): a host whose name server hangs queued a lookup per delivery there,
+    and every other trigger's new connections (and the trigger files' reloads) waited behind
+    them until they timed out."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._known: dict[tuple[str, int], tuple[float, list[str]]] = {}
+        self._pending: dict[tuple[str, int], asyncio.Future[list[str]]] = {}
+
+    async def addresses(self, host: str, port: int) -> list[str]:
+        if _is_address(host):
+            return [host]
+        loop = asyncio.get_running_loop()
+        key = (host, port)
+        known = self._known.get(key)
+        if known is not None and known[0] > loop.time():
+            return known[1]
+        future = self._pending.get(key)
+        if future is None:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(_LOOKUP_THREADS, thread_name_prefix="broker-lookup")
+            future = self._pending[key] = loop.run_in_executor(self._executor, _lookup, host, port)
+            future.add_done_callback(partial(self._settle, key))
+        return await asyncio.shield(future)  # a waiter that times out leaves the lookup to the others
+
+    def forget(self, host: str, port: int) -> None:
+        """Look again next time (no address answered)."""
+        self._known.pop((host, port), None)
+
+    def _settle(self, key: tuple[str, int], future: asyncio.Future[list[str]]) -> None:
+        if self._pending.get(key) is future:
+            del self._pending[key]
+        if not future.cancelled() and future.exception() is None:  # a failure is looked up again
+            if len(self._known) >= 1024:
+                self._known.clear()
+            self._known[key] = (asyncio.get_running_loop().time() + _LOOKUP_TTL, future.result())
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+def _lookup(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))  # in the resolver's order, once each
+
+
 class HttpClient:
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_response_bytes: int | None = None) -> None:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._busy: set[_Connection] = set()
+        self._resolver = _Resolver()
         self._ssl = ssl_context
         self._max_body = max_response_bytes
         """A response body is held up to this many bytes (the rest is read and dropped)."""
@@ -244,11 +310,21 @@ class HttpClient:
         if tls and self._ssl is None:
             self._ssl = ssl.create_default_context()
         context = self._ssl if tls else None
-        connect = asyncio.get_running_loop().create_connection(
-            lambda: _Connection(self._max_body), host, port, ssl=context, server_hostname=host if tls else None)
-        _, connection = await asyncio.wait_for(connect, _left(deadline))
-        self._busy.add(connection)
-        return connection, False
+        addresses = await asyncio.wait_for(self._resolver.addresses(host, port), _left(deadline))
+        error: OSError = OSError(f"{host} has no address")
+        for address in addresses:  # as asyncio tries them: in turn
+            connect = asyncio.get_running_loop().create_connection(
+                lambda: _Connection(self._max_body), address, port, ssl=context,
+                server_hostname=host if tls else None)
+            try:
+                _, connection = await asyncio.wait_for(connect, _left(deadline))
+            except OSError as exc:
+                error = exc
+                continue
+            self._busy.add(connection)
+            return connection, False
+        self._resolver.forget(host, port)
+        raise error
 
     async def aclose(self) -> None:
         for connections in self._idle.values():
@@ -258,3 +334,4 @@ class HttpClient:
             connection.close()
         self._idle.clear()
         self._busy.clear()
+        self._resolver.close()

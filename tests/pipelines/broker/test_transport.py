@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -159,3 +161,74 @@ async def test_a_body_past_the_cap_is_not_waited_for() -> None:
             assert (response.status, response.body, response.truncated) == (200, b"x" * 100, True)
         await client.aclose()
     assert peer.connections == 2  # never reused: the rest of its body would be the next answer
+
+
+class TestLookups:
+    """Subscriber host names are looked up on the client's own threads, once per host at a time."""
+
+    @staticmethod
+    def resolving(monkeypatch: pytest.MonkeyPatch, answer: Callable[[str], str]) -> list[str]:
+        asked: list[str] = []
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list[object]:
+            if not host.endswith(".test"):
+                return real(host, port, *args, **kwargs)  # type: ignore[arg-type]
+            asked.append(host)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer(host), port))]
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        return asked
+
+    async def test_a_host_is_looked_up_once_for_many_connections(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        asked = self.resolving(monkeypatch, lambda _: "127.0.0.1")
+        peer = Scripted(answer())
+        client = HttpClient()
+        async with peer as url:
+            url = url.replace("127.0.0.1", "sub.test")
+            responses = await asyncio.gather(*(client.post(url, {}, b"x", timeout=30) for _ in range(20)))
+            await client.aclose()
+        assert [r.status for r in responses] == [202] * 20 and peer.connections == 20
+        assert asked == ["sub.test"]
+        assert peer.heads[0].startswith(b"POST / HTTP/1.1\r\nhost: sub.test:")  # the name, not the address
+
+    async def test_a_host_whose_lookup_hangs_holds_back_no_other(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Lookups queued on asyncio's default executor (6 threads) per connection: a hanging name
+        server held every other subscriber's new connections until their deliveries timed out."""
+        release = threading.Event()
+
+        def answer_(host: str) -> str:
+            if host == "hung.test":
+                release.wait(60)
+                raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+            return "127.0.0.1"
+
+        asked = self.resolving(monkeypatch, answer_)
+        peer = Scripted(answer())
+        client = HttpClient()
+        async with peer as url:
+            hung = [asyncio.ensure_future(client.post(url.replace("127.0.0.1", "hung.test"), {}, b"x", timeout=60))
+                    for _ in range(40)]
+            await asyncio.sleep(0.1)
+            try:
+                response = await asyncio.wait_for(client.post(url.replace("127.0.0.1", "ok.test"), {}, b"x"), 30)
+            finally:
+                release.set()
+            assert response.status == 202
+            for failed in await asyncio.gather(*hung, return_exceptions=True):
+                assert isinstance(failed, socket.gaierror)
+            await client.aclose()
+        assert asked.count("hung.test") == 1
+
+    async def test_a_host_no_address_of_answers_is_looked_up_again(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        addresses = iter(["127.0.0.3", "127.0.0.1"])  # the peer listens on 127.0.0.1 only
+        asked = self.resolving(monkeypatch, lambda _: next(addresses))
+        peer = Scripted(answer())
+        client = HttpClient()
+        async with peer as url:
+            url = url.replace("127.0.0.1", "moved.test")
+            with pytest.raises(ConnectionRefusedError):
+                await client.post(url, {}, b"x", timeout=30)
+            assert (await client.post(url, {}, b"x", timeout=30)).status == 202
+            await client.aclose()
+        assert asked == ["moved.test", "moved.test"]
