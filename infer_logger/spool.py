@@ -293,6 +293,10 @@ class _Segments:
     def checkpoint_path(self, name: str) -> Path:
         return self.dir / "checkpoints" / f"{name}.json"
 
+    def checkpointed(self) -> list[str]:
+        """The names with a saved checkpoint (not those set aside for another destination)."""
+        return sorted(path.stem for path in (self.dir / "checkpoints").glob("*.json") if not path.name.startswith("."))
+
     def _flush_readers(self) -> None:
         for reader in self._readers.values():
             reader.flush()

@@ -246,6 +246,7 @@ class Broker:
             else:
                 dispatchers[key] = self._dispatcher(trigger, deliveries[trigger.broker_key])
         self._check_channels(deliveries, wanted)
+        opened = []
         for key in deliveries:
             if key not in self.channels:
                 channel = self._open(key)
@@ -255,8 +256,11 @@ class Broker:
                     await channel.aclose(0)
                     raise
                 self.channels[key] = channel
+                opened.append(channel)
         if s.role != "ingress":
             await self._switch(wanted, dispatchers)
+            for channel in opened:
+                channel.forget_detached()
         self.triggers, self.dispatchers, self._deliveries = wanted, dispatchers, deliveries
 
     async def _switch(self, wanted: dict[Key, Trigger], dispatchers: dict[Key, TriggerDispatcher]) -> None:

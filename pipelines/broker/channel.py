@@ -93,6 +93,10 @@ class Channel(Protocol):
 
     def lag(self, trigger: str) -> int | None: ...
 
+    def forget_detached(self) -> None:
+        """Once the triggers are attached at a channel's opening: drop the progress kept for any
+        other (removed while the broker was down), so one added back later starts as new."""
+
     async def aclose(self, timeout: float) -> None: ...
 
 
@@ -164,6 +168,15 @@ class SpoolChannel:
         if runner is None:
             return None
         return runner.reader.lag(runner.committed)
+
+    def forget_detached(self) -> None:
+        # A checkpoint outlives a trigger removed from the files while the broker was down: added
+        # back, it went on from there and got every event sent while it did not exist (removed
+        # by a reload, its checkpoint goes at once).
+        if isinstance(self.spool, DiskSpool):
+            for name in self.spool.checkpointed():
+                if name not in self._runners:
+                    self.spool.remove_reader(name, forget=True)
 
     async def aclose(self, timeout: float) -> None:
         self._closing = True

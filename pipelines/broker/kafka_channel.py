@@ -244,6 +244,11 @@ class KafkaChannel:
     def lag(self, trigger: str) -> int | None:
         return None
 
+    def forget_detached(self) -> None:
+        # A removed trigger's consumer group stays with the cluster: this process cannot tell one
+        # removed while it was down from one another broker process still runs.
+        pass
+
     async def aclose(self, timeout: float) -> None:
         if self._connecting is not None:
             self._connecting.cancel()

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import orjson
+import pytest
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import SinkError
@@ -351,6 +352,39 @@ class TestRestart:
         await until(lambda: len(back.got) == 31, what="the backlog after the restart")
         await again.aclose(0.2)
         assert back.got == [*(str(i) for i in range(30)), "late"]
+
+
+    @pytest.mark.parametrize("back_by", ["restart", "reload"])
+    async def test_a_trigger_removed_while_down_and_added_back_starts_anew(
+            self, tmp_path: Path, subscriber: Subscriber, other_subscriber: Subscriber, back_by: str) -> None:
+        """Its checkpoint stayed: added back, it got every event sent while it did not exist
+        (removed by a reload, its checkpoint goes at once). Knative: a new trigger sees new events."""
+        path = tmp_path / "triggers.yaml"
+
+        async def start(*names: str) -> Broker:
+            urls = {"a": subscriber.url, "b": other_subscriber.url}
+            path.write_text("triggers:\n" + "".join(f"  - {{name: {n}, subscriber: '{urls[n]}'}}\n" for n in names))
+            broker = Broker(settings(tmp_path, trigger_files=[path]))
+            await broker.startup()
+            return broker
+
+        broker = await start("a", "b")
+        await _post(broker, event("1"))
+        await until(lambda: len(subscriber.events) == 1 and len(other_subscriber.events) == 1, what="1")
+        await broker.shutdown()
+        broker = await start("a")  # b removed while the broker was down
+        await _post(broker, event("gone0"), event("gone1"))
+        await until(lambda: len(subscriber.events) == 3, what="the events while b is gone")
+        if back_by == "restart":
+            await broker.shutdown()
+            broker = await start("a", "b")
+        else:
+            path.write_text(path.read_text() + f"  - {{name: b, subscriber: '{other_subscriber.url}'}}\n")
+            assert await broker.reload()
+        await _post(broker, event("2"))
+        await until(lambda: len(subscriber.events) == 4 and len(other_subscriber.events) >= 2, what="2")
+        await broker.shutdown()
+        assert [e.id for e in other_subscriber.events] == ["1", "2"]
 
 
 async def _backlog_then_restart(tmp_path: Path, subscriber: Subscriber, listed_first: str) -> list[CloudEvent]:
