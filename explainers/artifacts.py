@@ -8,13 +8,15 @@ the model file), attached when the artifact is loaded. Artifacts are pickles: lo
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from explainers.base import BaseExplainer, Model
-from explainers.errors import ArtifactError, ExplainerError
+from explainers.errors import ArtifactError, ExplainerError, PredictorError
 from explainers.registry import create
 
 FORMAT = "infer-logger-explainer"
@@ -38,6 +40,18 @@ class Artifact:
         return explainer
 
 
+def check_target(path: str | Path) -> None:
+    """Before fitting: a path an artifact can be saved at (a file in a directory, made if missing);
+    found only when saving, a bad one threw the fitting away."""
+    target = Path(path)
+    if target.is_dir():
+        raise ArtifactError(target, "is a directory: give the artifact's file path")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a directory should be, no permission...
+        raise ArtifactError(target, f"cannot save here: {type(exc).__name__}: {exc}") from exc
+
+
 def save_artifact(path: str | Path, explainer: BaseExplainer) -> Path:
     """Write atomically (a temporary file renamed), so a reader never sees half an artifact."""
     import joblib
@@ -52,10 +66,19 @@ def save_artifact(path: str | Path, explainer: BaseExplainer) -> Path:
         "libraries": _versions(),
     }
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".tmp")
-    joblib.dump(payload, temporary)
-    os.replace(temporary, target)
+    check_target(target)
+    # A name of its own in the target's directory (so the rename is atomic): two writers never
+    # share one, and open() keeps the umask's permissions (mkstemp's are 0600).
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            joblib.dump(payload, file)
+        os.replace(temporary, target)
+    except OSError as exc:
+        raise ArtifactError(target, f"cannot save the artifact: {type(exc).__name__}: {exc}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)  # left only when saving failed
     return target
 
 
@@ -84,13 +107,22 @@ def load_artifact(path: str | Path) -> Artifact:
 
 def restore_explainer(path: str | Path, model: Model) -> BaseExplainer:
     """The explainer of the artifact at `path`, attached to `model`; errors name the path."""
-    artifact = load_artifact(path)
+    return restore(load_artifact(path), path, model)
+
+
+def restore(artifact: Artifact, path: str | Path, model: Model) -> BaseExplainer:
+    """`artifact` (loaded from `path`) attached to `model`, if fitted on its features; errors name the path."""
     if list(model.feature_names) != artifact.feature_names:
         raise ArtifactError(path, f"fitted on features {artifact.feature_names}, the model has {model.feature_names}")
     try:
         return artifact.explainer(model)
+    except PredictorError:
+        raise  # the predictor failed while the engine was built (kernel asks it): not the artifact
     except ExplainerError as exc:
         raise ArtifactError(path, str(exc)) from exc
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        # A state the method cannot build on (keys missing, of another kind): was a traceback.
+        raise ArtifactError(path, f"its fitted state does not load: {type(exc).__name__}: {exc}") from exc
 
 
 def _versions() -> dict[str, str]:

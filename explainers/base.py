@@ -52,6 +52,12 @@ class Model:
     """Features whose values are strings."""
     task: Literal["classification", "regression"] | None = None
 
+    def estimator_columns(self) -> list[int] | None:
+        """Where the estimator's own features (fitted on a DataFrame) sit in `feature_names`, when
+        its order differs: methods that give rows to the estimator object itself reorder them."""
+        own = [str(n) for n in getattr(self.estimator, "feature_names_in_", self.feature_names)]
+        return None if own == list(self.feature_names) else [self.feature_names.index(n) for n in own]
+
     def names_for(self, n_outputs: int) -> list[str]:
         if self.output_names and len(self.output_names) == n_outputs:
             return list(self.output_names)
@@ -212,6 +218,7 @@ class BaseExplainer(ABC):
         self._check(model)
         self.model, self._state = model, dict(state)
         self._generation += 1
+        self._engine()  # built now: a state the method cannot build on fails here, not on each request
 
     def state(self) -> dict[str, Any]:
         if self._state is None:

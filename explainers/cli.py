@@ -110,7 +110,7 @@ def explainer_command(config: Path | None, feature_names: str | None, categorica
             return
     except ExplainerError as exc:
         click.echo(f"infer-logger explainer: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)  # settings that do not fit the method or data: 2
     _serve(service, log_level)
 
 

@@ -631,9 +631,19 @@ def schema_from_metadata(metadata: Mapping[str, Any] | None, fallback: Schema) -
         names = given if isinstance(given, list) and len(given) == width else list(fallback.feature_names)
         if len(names) != width:
             names = [f"x{i}" for i in range(width)]
-        return Schema(tuple(map(str, names)), fallback.categorical, str(inputs[0].get("name", "input-0")),
+        names = _once_each(list(map(str, names)), "parameters.feature_names")
+        return Schema(tuple(names), fallback.categorical, str(inputs[0].get("name", "input-0")),
                       str(inputs[0].get("datatype") or fallback.datatype))
-    columns = tuple(str(t.get("name")) for t in inputs)
+    columns = tuple(_once_each([str(t.get("name")) for t in inputs], "inputs"))
     strings = frozenset(str(t.get("name")) for t in inputs if t.get("datatype") == "BYTES")
     datatypes = tuple(str(t.get("datatype") or "FP64") for t in inputs)
     return Schema(columns, strings | (fallback.categorical & set(columns)), None, fallback.datatype, datatypes)
+
+
+def _once_each(names: list[str], where: str) -> list[str]:
+    """Attributions are keyed by feature name: a name given twice lost one of them."""
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise PredictorError(f"the predictor's metadata names feature(s) {', '.join(map(repr, twice))} more "
+                             f"than once ({where})")
+    return names

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from explainers.base import Model
-from explainers.errors import ArtifactError, MissingExtraError
+from explainers.errors import ArtifactError, MissingExtraError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -104,10 +104,27 @@ def load_table(spec: str) -> Table:
     except Exception as exc:
         raise ArtifactError(path, f"cannot read background data: {type(exc).__name__}: {exc}") from exc
     if isinstance(loaded, np.ndarray) and loaded.ndim == 2:
-        return Table(loaded.astype(float), [f"x{i}" for i in range(loaded.shape[1])])
+        if loaded.dtype.kind not in "biuf":
+            raise ArtifactError(path, f"expected numbers, got an array of {loaded.dtype} (for string features "
+                                      "give a .csv or .parquet table)")
+        return _checked(path, Table(loaded.astype(float), [f"x{i}" for i in range(loaded.shape[1])]))
     if hasattr(loaded, "columns"):
-        return from_frame(loaded)
+        return _checked(path, from_frame(loaded))
     raise ArtifactError(path, f"expected a 2-D table, got {type(loaded).__name__}")
+
+
+def _checked(path: Path, table: Table) -> Table:
+    """A table to fit on: rows, and no missing numbers (requests with NaN are refused, and most
+    models fail on them, at warm-up or at the first request)."""
+    if not len(table.rows):
+        raise ArtifactError(path, "the background data has no rows")
+    for j, name in enumerate(table.feature_names):
+        if name not in table.categorical:
+            missing = np.flatnonzero(~np.isfinite(table.rows[:, j].astype(float)))
+            if len(missing):
+                raise ArtifactError(path, f"column {name!r} has {len(missing)} missing or infinite value(s) "
+                                          f"(first in row {missing[0]}): drop or fill them")
+    return table
 
 
 def load_model_file(path: str | Path) -> Any:
@@ -115,14 +132,26 @@ def load_model_file(path: str | Path) -> Any:
     try:
         import joblib
 
-        return joblib.load(path)
+        loaded = joblib.load(path)
     except Exception as exc:
         raise ArtifactError(path, f"cannot load the model: {type(exc).__name__}: {exc}") from exc
+    if not callable(getattr(loaded, "predict", None)):
+        raise ArtifactError(path, f"not a model: a {type(loaded).__name__}, with no predict method")
+    return loaded
 
 
 def local_model(estimator: Any, feature_names: list[str], categorical: tuple[str, ...] = ()) -> Model:
-    """A white-box `Model` of a scikit-learn-API estimator: probabilities for classifiers."""
-    names = [str(n) for n in getattr(estimator, "feature_names_in_", feature_names)]
+    """A white-box `Model` of a scikit-learn-API estimator: probabilities for classifiers.
+
+    Rows come in `feature_names` order (the schema's); an estimator fitted on a DataFrame is given
+    one in its own column order, matched by name (the background's order may differ from it)."""
+    names = [str(n) for n in feature_names]
+    own = [str(n) for n in getattr(estimator, "feature_names_in_", names)]
+    if sorted(own) != sorted(names):
+        raise UnsupportedModelError(f"the model was fitted on features {own}, the data has {names}")
+    width = getattr(estimator, "n_features_in_", len(names))
+    if isinstance(width, int) and width != len(names):
+        raise UnsupportedModelError(f"the model was fitted on {width} features, the data has {len(names)}: {names}")
     wants_frame = hasattr(estimator, "feature_names_in_") or bool(categorical)
     classify = hasattr(estimator, "predict_proba")
     method = estimator.predict_proba if classify else estimator.predict
@@ -131,10 +160,11 @@ def local_model(estimator: Any, feature_names: list[str], categorical: tuple[str
         if wants_frame:  # fitted on a DataFrame (e.g. a Pipeline with encoders): give it one
             import pandas as pd
 
-            rows = pd.DataFrame(rows, columns=names)
+            frame = pd.DataFrame(rows, columns=names)
             for column in names:
                 if column not in categorical:
-                    rows[column] = rows[column].astype(float)
+                    frame[column] = frame[column].astype(float)
+            return np.asarray(method(frame[own]))
         return np.asarray(method(rows))
 
     labels = [str(c) for c in getattr(estimator, "classes_", [])] if classify else ["prediction"]

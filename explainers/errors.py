@@ -10,12 +10,13 @@
         ├── ExplainTimeoutError        504: the explanation outlasted `explain_timeout`
         ├── MissingExtraError          the `explain` or `alibi` extra is not installed (also ImportError)
         ├── UnsupportedModelError      a white-box method given no model, or a model it cannot read
-        └── ArtifactError              an artifact or model file that does not load; names path and cause
+        ├── ArtifactError              an artifact or model file that does not load; names path and cause
+        └── SettingsError              settings that do not fit the method or the data (also ConfigError)
 """
 
 from __future__ import annotations
 
-from infer_logger.errors import InferLoggerError
+from infer_logger.errors import ConfigError, InferLoggerError
 
 
 class ExplainerError(InferLoggerError):
@@ -76,3 +77,12 @@ class ArtifactError(ExplainerError):
         super().__init__(f"{path}: {cause}")
         self.path = str(path)
         self.cause = cause
+
+
+class SettingsError(ExplainerError, ConfigError):
+    """Settings that each pass on their own but do not fit the method, the data or the model, found
+    when these are read: a ConfigError (exit 2), raised where the explainer's own errors are."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(field, message)
+        self.args = (message,)  # the message names the field itself, as the explainer's others do

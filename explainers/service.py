@@ -17,7 +17,8 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from explainers import codecs
-from explainers.artifacts import Artifact, load_artifact, save_artifact
+from explainers.artifacts import Artifact, check_target, load_artifact, restore, save_artifact
 from explainers.base import BaseExplainer, Explanation, Model, PredictFn
 from explainers.client import PredictorClient, schema_from_metadata
 from explainers.codecs import Schema
@@ -39,8 +40,10 @@ from explainers.errors import (
     InvalidInputError,
     InvalidParametersError,
     NotReadyError,
+    SettingsError,
+    UnsupportedModelError,
 )
-from explainers.registry import create
+from explainers.registry import UnknownMethodError, create
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,8 @@ class ExplainerService:
         if self._prepared:
             return
         s = self.settings
+        if s.save_artifact is not None:
+            check_target(s.save_artifact)  # not after the whole fit
         if s.artifact is not None:
             self._artifact = load_artifact(s.artifact)
         if s.model_file is not None:
@@ -76,6 +81,7 @@ class ExplainerService:
         if self._artifact is None and s.background is not None:
             self._table = load_table(s.background)
         self._check_method()
+        self._check_features()
         self._prepared = True
 
     def _check_method(self) -> None:
@@ -84,9 +90,38 @@ class ExplainerService:
         a, s = self._artifact, self.settings
         method, options, params = (a.method, a.options, a.params) if a else (s.method, s.options, s.params)
         try:
-            create(method, options, params).params(None, max_samples=s.max_samples)
+            explainer = create(method, options, params)
+        except (InvalidParametersError, UnknownMethodError) as exc:  # bad settings (exit 2), or a bad artifact
+            if a is not None:
+                raise ArtifactError(s.artifact, str(exc)) from None
+            field = "options" if str(exc).startswith(f"{method} options") else "params"
+            raise SettingsError(field, f"the configured {exc}") from None
+        try:
+            explainer.params(None, max_samples=s.max_samples)
         except InvalidParametersError as exc:
             raise InvalidParametersError(f"the configured {exc}") from None
+
+    def _check_features(self) -> None:
+        """The configured names against the data's and the model's, before any fitting."""
+        s, table = self.settings, self._table
+        _refuse_duplicates("feature_names", s.feature_names)
+        if s.feature_names and table is not None and len(s.feature_names) != table.rows.shape[1]:
+            raise SettingsError("feature_names", f"feature_names: {len(s.feature_names)} names for the "
+                                                 f"{table.rows.shape[1]} columns of {s.background}")
+        if s.predictor_url is None:  # else the predictor's metadata may name the features
+            schema = self._fallback_schema()
+            self._check_schema(schema)
+            self._model(schema)  # the model file's features against the data's
+
+    def _check_schema(self, schema: Schema) -> None:
+        s, table = self.settings, self._table
+        unknown = sorted(set(s.categorical) - set(schema.feature_names))
+        if unknown:
+            raise SettingsError("categorical", f"categorical: {', '.join(map(repr, unknown))} name no feature "
+                                               f"(features: {', '.join(schema.feature_names)})")
+        if table is not None and table.rows.shape[1] != schema.width:
+            raise ArtifactError(s.background, f"{table.rows.shape[1]} columns, the model takes {schema.width}: "
+                                              f"{', '.join(schema.feature_names)}")
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -102,11 +137,14 @@ class ExplainerService:
                 await self.client.start()
                 self.client.schema = schema_from_metadata(await self.client.metadata(), fallback)
                 fallback = self.client.schema
+            self._check_schema(fallback)
             self.schema = Schema(fallback.feature_names, fallback.categorical)
             self.model = self._model(self.schema)
             self.explainer = await loop.run_in_executor(self._executor, self._explainer, self.model)
             if s.warmup:
                 await self._warm_up()
+            if s.save_artifact is not None and self._artifact is None:  # only an explainer that works
+                await loop.run_in_executor(self._executor, save_artifact, s.save_artifact, self.explainer)
         except BaseException:
             # A failed start may be tried again (the subscriber does, on each delivery): the
             # client of this attempt, its watchdog thread too, must not outlive it.
@@ -139,7 +177,12 @@ class ExplainerService:
         s = self.settings
         outputs = s.output_names or (self._artifact.output_names if self._artifact else None)
         if self._estimator is not None:
-            model = local_model(self._estimator, list(schema.feature_names), tuple(sorted(schema.categorical)))
+            try:
+                model = local_model(self._estimator, list(schema.feature_names), tuple(sorted(schema.categorical)))
+            except UnsupportedModelError as exc:
+                if self._artifact is not None:  # the features are the artifact's
+                    raise ArtifactError(s.artifact, f"does not fit the model file {s.model_file}: {exc}") from None
+                raise ArtifactError(s.model_file, str(exc)) from None
             return dataclasses.replace(model, predict=self._within_deadline(model.predict),
                                        output_names=list(outputs) if outputs else model.output_names)
         assert self.client is not None
@@ -151,15 +194,11 @@ class ExplainerService:
     def _explainer(self, model: Model) -> BaseExplainer:
         s = self.settings
         if self._artifact is not None:
-            try:
-                return self._artifact.explainer(model)
-            except ExplainerError as exc:
-                raise ArtifactError(s.artifact, str(exc)) from exc
+            assert s.artifact is not None
+            return restore(self._artifact, s.artifact, model)
         assert self._table is not None
         explainer = create(s.method, s.options, s.params)
         explainer.fit(model, self._table.rows)
-        if s.save_artifact is not None:
-            save_artifact(s.save_artifact, explainer)
         return explainer
 
     async def _warm_up(self) -> None:
@@ -242,7 +281,16 @@ class ExplainerService:
             deadline: Deadline | None = getattr(self._lanes, "deadline", None)
             if deadline is not None:
                 deadline.left()
-            return predict(rows)
+            try:
+                return predict(rows)
+            except ExplainerError:
+                raise
+            except (ValueError, TypeError) as exc:
+                if not self.ready:  # at start (warm-up): the model's own failure, as it was
+                    raise
+                # Rows the model cannot take (a category its encoder never saw): the black box's
+                # PredictorRefusedError, a 400, not a 500.
+                raise InvalidInputError(f"the model cannot take these rows: {exc}") from exc
 
         return checked
 
@@ -261,3 +309,10 @@ class ExplainerService:
         rows = self.decode(doc)
         outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.model.predict, rows)
         return 200, "application/json", orjson.dumps({"predictions": np.asarray(outputs).tolist()})
+
+
+def _refuse_duplicates(field: str, names: Sequence[str]) -> None:
+    """Attributions are keyed by feature name: a name given twice lost one of them."""
+    twice = [name for name, count in Counter(names).items() if count > 1]
+    if twice:
+        raise SettingsError(field, f"{field}: {', '.join(map(repr, twice))} named more than once")

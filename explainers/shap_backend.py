@@ -55,9 +55,13 @@ def _normalize(values: Any, base: Any, n: int, per_instance_base: bool) -> tuple
 
 
 def to_instances(values: Any, base: Any, model: Model, *, per_instance_base: bool = False,
-                 names: list[str] | None = None) -> tuple[list[InstanceExplanation], list[str]]:
+                 names: list[str] | None = None,
+                 columns: list[int] | None = None) -> tuple[list[InstanceExplanation], list[str]]:
+    """`columns`: the values are in the estimator's order, these positions of `model.feature_names`."""
     n = len(values[0]) if isinstance(values, list) else len(values)
     vals, bases = _normalize(values, base, n, per_instance_base)
+    if columns is not None:
+        vals = vals[:, np.argsort(columns), :]
     k = vals.shape[2]
     if names is None:
         labels = model.output_names or []
@@ -73,6 +77,12 @@ def to_instances(values: Any, base: Any, model: Model, *, per_instance_base: boo
         )
         out.append(InstanceExplanation(outputs=outputs))
     return out, names
+
+
+def _in_estimator_order(model: Model, rows: np.ndarray) -> np.ndarray:
+    """Rows in the schema's order as the estimator object reads them (its own column order)."""
+    columns = model.estimator_columns()
+    return rows if columns is None else rows[:, columns]
 
 
 class Codes:
@@ -172,16 +182,18 @@ class TreeShap(_ShapBackend):
         shap = _shap()
         interventional = self.options.feature_perturbation == "interventional"
         try:
-            return shap.TreeExplainer(model.estimator, data=state["background"] if interventional else None,
+            return shap.TreeExplainer(model.estimator,
+                                      data=_in_estimator_order(model, state["background"]) if interventional else None,
                                       feature_perturbation=self.options.feature_perturbation,
                                       model_output=self.options.model_output)
         except Exception as exc:  # shap raises bare Exceptions for models it cannot read
             raise UnsupportedModelError(f"shap's TreeExplainer refuses {type(model.estimator).__name__}: {exc}") from exc
 
     def _explain(self, engine: Any, rows: np.ndarray, params: Any) -> tuple[list[InstanceExplanation], list[str]]:
-        values = engine.shap_values(np.asarray(rows, dtype=float), check_additivity=params.check_additivity)
         assert self.model is not None
-        return to_instances(values, engine.expected_value, self.model)
+        values = engine.shap_values(_in_estimator_order(self.model, np.asarray(rows, dtype=float)),
+                                    check_additivity=params.check_additivity)
+        return to_instances(values, engine.expected_value, self.model, columns=self.model.estimator_columns())
 
 
 class KernelOptions(_Background):
@@ -191,8 +203,8 @@ class KernelOptions(_Background):
     """`identity`: a random forest's 0/1 probabilities make `logit` NaN."""
 
 
-L1Reg = Annotated[str, StringConstraints(pattern=r"^(auto|aic|bic|num_features\(\d+\))$")]
-"""The l1_reg strings shap's KernelExplainer takes."""
+L1Reg = Annotated[str, StringConstraints(pattern=r"^(auto|aic|bic|num_features\([1-9]\d*\))$")]
+"""The l1_reg strings shap's KernelExplainer takes; `num_features(0)` kept none (all attributions 0)."""
 
 
 class KernelParams(BaseModel):
@@ -252,13 +264,15 @@ class LinearShap(_ShapBackend):
     def _build(self, model: Model, state: dict[str, Any]) -> Any:
         shap = _shap()
         try:
-            return shap.LinearExplainer(model.estimator, shap.maskers.Independent(state["background"]))
+            return shap.LinearExplainer(model.estimator,
+                                        shap.maskers.Independent(_in_estimator_order(model, state["background"])))
         except Exception as exc:
             raise UnsupportedModelError(f"shap's LinearExplainer refuses {type(model.estimator).__name__}: {exc}") from exc
 
     def _explain(self, engine: Any, rows: np.ndarray, params: Any) -> tuple[list[InstanceExplanation], list[str]]:
         assert self.model is not None
-        return to_instances(engine.shap_values(np.asarray(rows, dtype=float)), engine.expected_value, self.model)
+        values = engine.shap_values(_in_estimator_order(self.model, np.asarray(rows, dtype=float)))
+        return to_instances(values, engine.expected_value, self.model, columns=self.model.estimator_columns())
 
 
 # -- masker API: permutation, partition, auto -----------------------------------------------------
@@ -336,7 +350,9 @@ class AutoShap(_MaskerShap):
         shap = _shap()
         masker = shap.maskers.Independent(background, max_samples=len(background))
         seed = self.options.seed
-        if model.estimator is not None and not model.categorical:
+        # The estimator's own engines take rows in its column order: when the schema's differs, the
+        # black box (`predict` reorders by name) keeps the attributions on the right features.
+        if model.estimator is not None and not model.categorical and model.estimator_columns() is None:
             # Trees without a masker (path-dependent: exact), linear models with one; else the black box.
             for args in ((model.estimator,), (model.estimator, masker)):
                 try:

@@ -69,6 +69,32 @@ class TestRefusals:
         with pytest.raises(ArtifactError, match="fitted on features"):
             restore_explainer(path, other)
 
+    def test_a_state_missing_keys(self, tmp_path: Path) -> None:
+        t = table("iris")
+        model = local_model(estimator("iris"), t.feature_names)
+        explainer = registry.create("kernel", {"background_size": 5})
+        explainer.fit(model, t.rows)
+        path = save_artifact(tmp_path / "e.joblib", explainer)
+        payload = joblib.load(path)
+        joblib.dump({**payload, "state": {"weights": None}}, path)
+        with pytest.raises(ArtifactError, match=r"e.joblib: its fitted state does not load: KeyError: 'background'"):
+            restore_explainer(path, model)
+
+    def test_saving_where_it_cannot_be(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        t = table("iris")
+        explainer = registry.create("kernel", {"background_size": 5})
+        explainer.fit(local_model(estimator("iris"), t.feature_names), t.rows)
+        with pytest.raises(ArtifactError, match="is a directory"):
+            save_artifact(tmp_path, explainer)
+
+        def full(*args: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(joblib, "dump", full)
+        with pytest.raises(ArtifactError, match="e.joblib: cannot save the artifact: OSError: .*No space left"):
+            save_artifact(tmp_path / "e.joblib", explainer)
+        assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
     def test_tables(self, tmp_path: Path) -> None:
         with pytest.raises(ArtifactError, match="no bundled data set 'mnist'"):
             load_table("dataset:mnist")

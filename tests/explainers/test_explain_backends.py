@@ -126,6 +126,12 @@ class TestContract:
         with pytest.raises(InvalidParametersError, match=f"l1_reg '{params['l1_reg']}' needs more coalitions"):
             explainer.explain(table("iris").rows[:1], params)
 
+    def test_l1_reg_keeps_at_least_one_feature(self) -> None:
+        """`num_features(0)` explained with all attributions 0."""
+        with pytest.raises(InvalidParametersError, match="l1_reg"):
+            registry.create("kernel").params({"l1_reg": "num_features(0)"})
+        assert registry.create("kernel").params({"l1_reg": "num_features(1)"}).l1_reg == "num_features(1)"
+
     def test_white_box_method_needs_the_model(self) -> None:
         black_box = Model(iris_model().predict, table("iris").feature_names)
         with pytest.raises(UnsupportedModelError, match="model file"):
@@ -151,3 +157,25 @@ class TestContract:
     def test_alibi_missing_names_the_extra(self) -> None:
         with pytest.raises(MissingExtraError, match=r"'alibi' extra.*infer-logger\[alibi\]"):
             registry.create("anchor_tabular")
+
+
+class TestEstimatorColumnOrder:
+    """A model fitted on a DataFrame (a, b, c) explained over a schema in another order (c, b, a):
+    the methods that read the estimator give it rows in its own order, attributions by name."""
+
+    @pytest.mark.parametrize("method, options", [("linear", {}), ("auto", {}), ("tree", {}),
+                                                 ("tree", {"feature_perturbation": "interventional"})])
+    def test_attributions_on_the_right_features(self, method: str, options: dict[str, object]) -> None:
+        import pandas as pd
+        from sklearn.ensemble import RandomForestRegressor
+        from sklearn.linear_model import LinearRegression
+
+        x = pd.DataFrame(np.random.default_rng(0).normal(size=(200, 3)), columns=["a", "b", "c"])
+        kind = RandomForestRegressor(n_estimators=10, random_state=0) if method == "tree" else LinearRegression()
+        fitted = kind.fit(x, 10 * x["a"] + x["b"])
+        model = local_model(fitted, ["c", "b", "a"])
+        explainer = registry.create(method, {"background_size": 50, **options})
+        explainer.fit(model, x[["c", "b", "a"]].to_numpy())
+        [output] = explainer.explain(np.array([[3.0, 2.0, 1.0]])).instances[0].outputs
+        assert output.value == pytest.approx(fitted.predict(pd.DataFrame([[1.0, 2.0, 3.0]], columns=["a", "b", "c"]))[0])
+        assert abs(output.attributions["c"]) < 0.5 < output.attributions["a"]  # c has no weight in the model

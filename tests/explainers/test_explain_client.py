@@ -139,6 +139,16 @@ class TestSchemaFromMetadata:
             assert schema.feature_names == IRIS.feature_names and schema.tensor == "x"
 
 
+    def test_a_feature_named_twice_is_refused(self) -> None:
+        """Attributions are keyed by name: one of the two was lost."""
+        named = {"inputs": [{"name": "input-0", "shape": [-1, 4]}],
+                 "parameters": {"feature_names": ["a", "b", "a", "c"]}}
+        with pytest.raises(PredictorError, match=r"names feature\(s\) 'a' more than once \(parameters.feature_names\)"):
+            schema_from_metadata(named, IRIS)
+        tensors = {"inputs": [{"name": "a", "shape": [-1]}, {"name": "a", "shape": [-1]}]}
+        with pytest.raises(PredictorError, match=r"'a' more than once \(inputs\)"):
+            schema_from_metadata(tensors, IRIS)
+
     def test_per_feature_tensors_keep_their_datatypes(self) -> None:
         """Each was sent as FP64 whatever the metadata said: a strict server (Triton) refused them."""
         inputs = [{"name": "island", "datatype": "BYTES", "shape": [-1]},

@@ -77,3 +77,40 @@ def test_an_empty_host_is_refused() -> None:
 
     with pytest.raises(ValidationError, match="host"):
         ExplainerSettings(host="")
+
+
+class TestExitCodes:
+    """Settings the method or the data refuse exit 2 as other config errors do, in one line; files
+    that do not serve exit 1, naming the file (they were tracebacks, or exit 1 for bad values)."""
+
+    @pytest.mark.parametrize("args, words", [
+        (["--option", "nope=1"], "the configured kernel options: nope: Extra inputs are not permitted"),
+        (["--param", "nsamples=0"], "the configured kernel parameters: nsamples: Input should be greater"),
+        (["--feature-names", "a,b"], "feature_names: 2 names for the 4 columns of dataset:iris"),
+        (["--feature-names", "a,a,b,c"], "feature_names: 'a' named more than once"),
+    ])
+    def test_bad_settings_exit_2(self, tmp_path: Path, args: list[str], words: str) -> None:
+        # --fit-only: had the settings passed, no server would be left serving
+        result = CliRunner().invoke(explainer_command, ["--predictor-url", REQUIRED["predictor_url"],
+                                                        "--background", REQUIRED["background"], "--fit-only",
+                                                        "--save-artifact", str(tmp_path / "a.joblib"), *args])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert result.output.splitlines()[-1].startswith(f"infer-logger explainer: {words}"), result.output
+
+    def test_yaml_options_exit_2(self, tmp_path: Path) -> None:
+        config = tmp_path / "explainer.yaml"
+        config.write_text("explainer:\n  predictor_url: http://127.0.0.1:8080\n  background: dataset:iris\n"
+                          "  options: {background_size: 0}\n")
+        result = CliRunner().invoke(explainer_command, ["-c", str(config), "--fit-only",
+                                                        "--save-artifact", str(tmp_path / "a.joblib")])
+        assert result.exit_code == 2 and "the configured kernel options: background_size" in result.output
+
+    def test_a_model_file_that_is_no_model_exits_1(self, tmp_path: Path) -> None:
+        import joblib
+
+        joblib.dump({"not": "a model"}, tmp_path / "dict.joblib")
+        result = CliRunner().invoke(explainer_command, ["--model-file", str(tmp_path / "dict.joblib"),
+                                                        "--background", REQUIRED["background"], "--fit-only",
+                                                        "--save-artifact", str(tmp_path / "a.joblib")])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert "dict.joblib: not a model" in result.output

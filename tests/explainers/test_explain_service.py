@@ -1,0 +1,168 @@
+"""The service's start and its white-box model over HTTP: columns matched by name, rows the model
+cannot take answered 400, and settings, files and artifacts that do not fit refused at start,
+naming the field or the file (an artifact is saved only by a start that succeeded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LinearRegression
+
+from explainers.app import create_app
+from explainers.errors import ArtifactError
+from explainers.service import ExplainerService
+from infer_logger.errors import ConfigError
+from tests.explainers.conftest import serve, settings
+from tests.explainers.models import frame, table
+from tests.servers import Process
+
+
+class Broken:
+    """A model (4 features) that fails on any rows."""
+
+    n_features_in_ = 4
+
+    def predict(self, rows: Any) -> Any:
+        raise ValueError("broken on purpose")
+
+
+@pytest.fixture
+def abc(tmp_path: Path) -> tuple[Path, Path]:
+    """A model fitted on a DataFrame (a, b, c; y = 10a + b), and background data in order c, b, a."""
+    x = pd.DataFrame(np.random.default_rng(0).normal(size=(100, 3)), columns=["a", "b", "c"])
+    joblib.dump(LinearRegression().fit(x, 10 * x["a"] + x["b"]), tmp_path / "abc.joblib")
+    x[["c", "b", "a"]].to_csv(tmp_path / "cba.csv", index=False)
+    return tmp_path / "abc.joblib", tmp_path / "cba.csv"
+
+
+class TestWhiteBox:
+    """A local model answers as the model would, over HTTP."""
+
+    def test_background_columns_in_another_order(self, abc: tuple[Path, Path]) -> None:
+        model_file, background = abc
+        service = ExplainerService(settings(model_name="m", model_file=model_file, background=str(background),
+                                            method="kernel", params={"nsamples": 50}))
+        with serve(create_app(service)) as url:
+            names = httpx.get(f"{url}/v2/models/m", timeout=20).json()["parameters"]["feature_names"]
+            assert names == ["c", "b", "a"]
+            row = [[3.0, 2.0, 1.0]]  # a=1, b=2, c=3 in that order: 10a + b = 12
+            r = httpx.post(f"{url}/v1/models/m:predict", json={"instances": row}, timeout=20)
+            assert r.status_code == 200 and r.json()["predictions"] == pytest.approx([12.0]), r.text
+            r = httpx.post(f"{url}/v1/models/m:explain", json={"instances": row}, timeout=60)
+            [output] = r.json()["explanations"][0]["outputs"]
+            assert output["value"] == pytest.approx(12.0) and abs(output["attributions"]["c"]) < 1e-6, r.text
+
+    def test_other_features_fail_the_start_naming_both(self, abc: tuple[Path, Path], tmp_path: Path) -> None:
+        model_file, _ = abc
+        (tmp_path / "abd.csv").write_text("a,b,d\n1,2,3\n4,5,6\n")
+        service = ExplainerService(settings(model_file=model_file, background=str(tmp_path / "abd.csv")))
+        with pytest.raises(ArtifactError, match=r"abc.joblib: the model was fitted on features \['a', 'b', 'c'\], "
+                                                r"the data has \['a', 'b', 'd'\]"):
+            service.prepare()
+
+    def test_rows_the_model_cannot_take_are_400(self, tmp_path: Path) -> None:
+        from sklearn.compose import make_column_transformer
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import OneHotEncoder
+
+        t = table("penguins")
+        strict = make_column_transformer((OneHotEncoder(handle_unknown="error"), list(t.categorical)),
+                                         remainder="passthrough")
+        joblib.dump(make_pipeline(strict, LinearRegression()).fit(frame(t.rows, t), t.target), tmp_path / "p.joblib")
+        service = ExplainerService(settings(model_name="p", model_file=tmp_path / "p.joblib",
+                                            background="dataset:penguins", method="kernel", params={"nsamples": 20}))
+        row = t.rows[0].tolist()
+        row[t.feature_names.index("island")] = "Atlantis"
+        with serve(create_app(service)) as url:
+            for verb in ("explain", "predict"):
+                r = httpx.post(f"{url}/v1/models/p:{verb}", json={"instances": [row]}, timeout=60)
+                assert r.status_code == 400, r.text
+                assert r.json()["error"].startswith("the model cannot take these rows: Found unknown categories "
+                                                    "['Atlantis']"), r.text
+
+
+class TestStart:
+    """What does not fit is refused before any fitting, naming the field or the file."""
+
+    @pytest.mark.parametrize("values, words", [
+        ({"feature_names": ["w", "w", "y", "z"]}, "feature_names: 'w' named more than once"),
+        ({"feature_names": ["a", "b"]}, "feature_names: 2 names for the 4 columns of dataset:iris"),
+        ({"categorical": ["nope"]}, "categorical: 'nope' name no feature (features: "),
+    ])
+    def test_settings(self, tmp_path: Path, values: dict[str, object], words: str) -> None:
+        joblib.dump(LinearRegression().fit(table("iris").rows, table("iris").target), tmp_path / "m.joblib")
+        service = ExplainerService(settings(model_file=tmp_path / "m.joblib", background="dataset:iris",
+                                            method="linear", **values))
+        with pytest.raises(ConfigError) as caught:
+            service.prepare()
+        assert words in str(caught.value)
+
+    def test_a_background_of_another_width(self, tmp_path: Path) -> None:
+        joblib.dump(LinearRegression().fit(table("iris").rows, table("iris").target), tmp_path / "m.joblib")
+        service = ExplainerService(settings(model_file=tmp_path / "m.joblib", background="dataset:wine"))
+        with pytest.raises(ArtifactError, match="m.joblib: the model was fitted on 4 features, the data has 13"):
+            service.prepare()
+
+    def test_an_artifact_target_that_cannot_be(self, tmp_path: Path) -> None:
+        (tmp_path / "file").write_text("")
+        for target, words in ((tmp_path, "is a directory"), (tmp_path / "file" / "a.joblib", "cannot save here")):
+            service = ExplainerService(settings(predictor_url="http://127.0.0.1:1", background="dataset:iris",
+                                                save_artifact=target))
+            with pytest.raises(ArtifactError) as caught:
+                service.prepare()  # before fitting, not after it
+            assert str(target) in str(caught.value) and words in str(caught.value)
+
+    async def test_no_artifact_saved_when_the_warm_up_fails(self, tmp_path: Path) -> None:
+        joblib.dump(Broken(), tmp_path / "broken.joblib")
+        artifact = tmp_path / "e.joblib"
+        service = ExplainerService(settings(model_file=tmp_path / "broken.joblib", background="dataset:iris",
+                                            method="kernel", save_artifact=artifact))
+        try:
+            with pytest.raises(ValueError, match="broken on purpose"):
+                await service.start()
+        finally:
+            await service.aclose()
+        assert not artifact.exists() and list(tmp_path.iterdir()) == [tmp_path / "broken.joblib"]
+
+
+class TestArtifactFeatures:
+    """An artifact fitted for other features fails the start naming it (it failed at warm-up, or
+    started and answered 500)."""
+
+    async def test_black_box(self, model_server: Process, tmp_path: Path) -> None:
+        artifact = tmp_path / "iris.joblib"
+        fitted = ExplainerService(settings(model_name="iris", predictor_url=model_server.url, background="dataset:iris",
+                                           params={"nsamples": 20}, save_artifact=artifact))
+        await fitted.start()
+        await fitted.aclose()
+        service = ExplainerService(settings(model_name="cancer", predictor_url=model_server.url, artifact=artifact,
+                                            warmup=False))
+        try:
+            with pytest.raises(ArtifactError, match=r"iris.joblib: fitted on features \['sepal length \(cm\)'.*"
+                                                    r"the model has \['mean radius'"):
+                await service.start()
+        finally:
+            await service.aclose()
+
+    async def test_white_box(self, tmp_path: Path) -> None:
+        t = table("iris")
+        joblib.dump(LinearRegression().fit(t.rows, t.target), tmp_path / "iris.joblib")
+        joblib.dump(LinearRegression().fit(t.rows[:, :3], t.target), tmp_path / "three.joblib")
+        artifact = tmp_path / "e.joblib"
+        fitted = ExplainerService(settings(model_file=tmp_path / "iris.joblib", background="dataset:iris",
+                                           save_artifact=artifact, warmup=False))
+        await fitted.start()
+        await fitted.aclose()
+        service = ExplainerService(settings(model_file=tmp_path / "three.joblib", artifact=artifact, warmup=False))
+        try:
+            with pytest.raises(ArtifactError, match=r"e.joblib: does not fit the model file .*three.joblib: "
+                                                    r"the model was fitted on 3 features, the data has 4"):
+                await service.start()
+        finally:
+            await service.aclose()
