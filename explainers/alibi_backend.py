@@ -165,16 +165,21 @@ class AlibiTreeShap(_AlibiBackend):
         return state
 
     def _build(self, model: Model, state: dict[str, Any]) -> Any:
-        engine = _explainers().TreeShap(model.estimator, model_output="raw", feature_names=list(model.feature_names),
-                                        task=_task(model), seed=self.options.seed)
+        # The estimator object reads rows in its own column order (fitted on a DataFrame in
+        # another order than the schema's): given those, its attributions are mapped back.
+        columns = model.estimator_columns() or range(len(model.feature_names))
+        engine = _explainers().TreeShap(model.estimator, model_output="raw", task=_task(model), seed=self.options.seed,
+                                        feature_names=[model.feature_names[i] for i in columns])
         try:
             if self.options.feature_perturbation == "tree_path_dependent":
                 return engine.fit()
-            return engine.fit(np.asarray(state["background"], dtype=float))
+            return engine.fit(model.estimator_rows(np.asarray(state["background"], dtype=float)))
         except Exception as exc:  # alibi passes shap's bare Exceptions through
             raise UnsupportedModelError(f"alibi's TreeShap refuses {type(model.estimator).__name__}: {exc}") from exc
 
     def _explain(self, engine: Any, rows: np.ndarray, params: Any) -> tuple[list[InstanceExplanation], list[str]]:
-        result = engine.explain(np.asarray(rows, dtype=float), check_additivity=params.check_additivity)
         assert self.model is not None
-        return to_instances(result.shap_values, result.expected_value, self.model)
+        result = engine.explain(self.model.estimator_rows(np.asarray(rows, dtype=float)),
+                                check_additivity=params.check_additivity)
+        return to_instances(result.shap_values, result.expected_value, self.model,
+                            columns=self.model.estimator_columns())

@@ -58,6 +58,11 @@ class Model:
         own = [str(n) for n in getattr(self.estimator, "feature_names_in_", self.feature_names)]
         return None if own == list(self.feature_names) else [self.feature_names.index(n) for n in own]
 
+    def estimator_rows(self, rows: np.ndarray) -> np.ndarray:
+        """`rows` (in `feature_names` order) as the estimator object reads them: in its own order."""
+        columns = self.estimator_columns()
+        return rows if columns is None else rows[:, columns]
+
     def names_for(self, n_outputs: int) -> list[str]:
         if self.output_names and len(self.output_names) == n_outputs:
             return list(self.output_names)

@@ -79,12 +79,6 @@ def to_instances(values: Any, base: Any, model: Model, *, per_instance_base: boo
     return out, names
 
 
-def _in_estimator_order(model: Model, rows: np.ndarray) -> np.ndarray:
-    """Rows in the schema's order as the estimator object reads them (its own column order)."""
-    columns = model.estimator_columns()
-    return rows if columns is None else rows[:, columns]
-
-
 class Codes:
     """String features as the ordinal codes alibi wants, and back."""
 
@@ -183,7 +177,7 @@ class TreeShap(_ShapBackend):
         interventional = self.options.feature_perturbation == "interventional"
         try:
             return shap.TreeExplainer(model.estimator,
-                                      data=_in_estimator_order(model, state["background"]) if interventional else None,
+                                      data=model.estimator_rows(state["background"]) if interventional else None,
                                       feature_perturbation=self.options.feature_perturbation,
                                       model_output=self.options.model_output)
         except Exception as exc:  # shap raises bare Exceptions for models it cannot read
@@ -191,7 +185,7 @@ class TreeShap(_ShapBackend):
 
     def _explain(self, engine: Any, rows: np.ndarray, params: Any) -> tuple[list[InstanceExplanation], list[str]]:
         assert self.model is not None
-        values = engine.shap_values(_in_estimator_order(self.model, np.asarray(rows, dtype=float)),
+        values = engine.shap_values(self.model.estimator_rows(np.asarray(rows, dtype=float)),
                                     check_additivity=params.check_additivity)
         return to_instances(values, engine.expected_value, self.model, columns=self.model.estimator_columns())
 
@@ -265,13 +259,13 @@ class LinearShap(_ShapBackend):
         shap = _shap()
         try:
             return shap.LinearExplainer(model.estimator,
-                                        shap.maskers.Independent(_in_estimator_order(model, state["background"])))
+                                        shap.maskers.Independent(model.estimator_rows(state["background"])))
         except Exception as exc:
             raise UnsupportedModelError(f"shap's LinearExplainer refuses {type(model.estimator).__name__}: {exc}") from exc
 
     def _explain(self, engine: Any, rows: np.ndarray, params: Any) -> tuple[list[InstanceExplanation], list[str]]:
         assert self.model is not None
-        values = engine.shap_values(_in_estimator_order(self.model, np.asarray(rows, dtype=float)))
+        values = engine.shap_values(self.model.estimator_rows(np.asarray(rows, dtype=float)))
         return to_instances(values, engine.expected_value, self.model, columns=self.model.estimator_columns())
 
 

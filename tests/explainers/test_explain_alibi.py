@@ -98,3 +98,19 @@ class TestAlibiShap:
         sums, _ = outputs(explanation)
         np.testing.assert_allclose(sums, model.predict(rows), atol=1e-6)
         assert explanation.library.startswith("alibi ") and explanation.method == method
+
+    @pytest.mark.parametrize("options", [{}, {"feature_perturbation": "interventional"}])
+    def test_tree_shap_gives_the_estimator_its_own_column_order(self, options: dict[str, object]) -> None:
+        """Fitted on a DataFrame (a, b, c), explained over a schema in order c, b, a: rows went to
+        the trees as they came, and each attribution landed on another feature."""
+        import pandas as pd
+        from sklearn.ensemble import RandomForestRegressor
+
+        x = pd.DataFrame(np.random.default_rng(0).normal(size=(200, 3)), columns=["a", "b", "c"])
+        fitted = RandomForestRegressor(n_estimators=10, random_state=0).fit(x, 10 * x["a"] + x["b"])
+        model = local_model(fitted, ["c", "b", "a"])
+        explainer = registry.create("alibi_tree_shap", {"background_size": 50, **options})
+        explainer.fit(model, x[["c", "b", "a"]].to_numpy())
+        [output] = explainer.explain(np.array([[3.0, 2.0, 1.0]])).instances[0].outputs
+        assert output.value == pytest.approx(fitted.predict(pd.DataFrame([[1.0, 2.0, 3.0]], columns=["a", "b", "c"]))[0])
+        assert abs(output.attributions["c"]) < 0.5 < output.attributions["a"]  # c has no weight in the model
