@@ -42,7 +42,10 @@ class _SpoolCollector(Collector):
             dropped.add_metric([reason], count)
         yield dropped
         self.spool.refresh()
-        yield GaugeMetricFamily("infer_logger_spool_bytes", "Bytes in the spool", value=self.spool.size_bytes())
+        yield GaugeMetricFamily("infer_logger_spool_bytes",
+                                "Bytes the spool holds, what spool.max_bytes bounds (on disk, the open segment counts "
+                                "whole until it rolls, delivered or not: the backlog is infer_logger_sink_lag_bytes)",
+                                value=self.spool.size_bytes())
 
 
 class _SinkCounts(Collector):

@@ -13,7 +13,9 @@ class BrokerMetrics:
         )
         self.refused = Counter(
             "infer_logger_broker_events_refused",
-            "Events not taken, by reason (invalid, oversize, disconnected, timeout, unavailable, ttl_expired, unknown_broker)",
+            "Events not taken, by reason (invalid, oversize, disconnected, timeout, unavailable, ttl_expired, "
+            "unknown_broker); a request refused before its events were read (a body too large, cut off, late, "
+            "not decodable, or sent while not ready) counts as one",
             ["reason"],
             registry=r,
         )
