@@ -48,6 +48,7 @@ class TestJsonIsExact:
         b"[18446744073709551615, -9223372036854775808, 9223372036854775807]",  # the ends of the range
         b'["123456789012345678901234567890", 1.23456789012345678901]',  # in a string; a float's digits
         b'{"t": 1700000000123456789}',  # nanoseconds
+        b'[0.000123456789012345678901, 1e-123456789012345678901, "id 123456789012345678901"]',
     ])
     def test_what_reads_as_written(self, data: bytes) -> None:
         event = CloudEvent({"id": "1"}, data)
@@ -57,7 +58,20 @@ class TestJsonIsExact:
         b"[123456789012345678901234567890]", b"[-9223372036854775809]",
         b"[18446744073709551616]", b"[100000000000000000000]",  # equal to the floats orjson makes of them
         b"[" * 1000 + b"99999999999999999999" + b"]" * 1000,  # deeper than stdlib json reads: not known
+        # Wherever a number may stand: first, after `:`, `,`, `-` and blanks.
+        b"123456789012345678901", b'{"a":99999999999999999999}', b"[1,\r\n\t 99999999999999999999]",
+        b'{"a": -99999999999999999999, "b": "x"}',
     ])
     def test_integers_past_64_bits(self, data: bytes) -> None:
         with pytest.raises(InexactJSONError):
             CloudEvent({"id": "1"}, data).json()
+
+    @pytest.mark.parametrize(("depth", "spare", "reads"), [(1022, 2, True), (1023, 2, False), (1024, 0, True)])
+    def test_spare_levels(self, depth: int, spare: int, reads: bool) -> None:
+        """Data to be wrapped `spare` levels deeper (an event's object, a batch's array) must read so."""
+        event = CloudEvent({"id": "1"}, b"[" * depth + b"]" * depth)
+        if reads:
+            assert event.json(spare_levels=spare) is not None
+        else:
+            with pytest.raises(ValueError):
+                event.json(spare_levels=spare)
