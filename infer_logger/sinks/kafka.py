@@ -137,9 +137,10 @@ def client_logger(name: str) -> logging.Logger:
 
 
 def _bootstrap(value: str) -> str:
-    # librdkafka takes an empty list and then waits for ever for a broker it was never given.
-    if not all(part.strip() for part in value.split(",")):
-        raise ValueError(f"{value!r}: give host:port[,host:port...], no empty entry")
+    # librdkafka takes an empty list and then waits for ever for a broker it was never given (it
+    # skips empty entries, as Kafka's Java client does: `a:9092,` is fine).
+    if not any(part.strip() for part in value.split(",")):
+        raise ValueError(f"{value!r} names no broker: give host:port[,host:port...]")
     return value
 
 

@@ -721,11 +721,13 @@ class TestConfig:
         with pytest.raises(ValidationError, match=r"config[\s\S]*transactional.id"):
             KafkaSinkConfig(bootstrap_servers="b:9092", config={"transactional.id": "t"})
 
-    @pytest.mark.parametrize("servers", ["", " ", "b:9092,", "b:9092,,c:9092"])
-    def test_an_empty_bootstrap_entry_is_refused(self, servers: str) -> None:
+    @pytest.mark.parametrize("servers", ["", " ", ",", " , "])
+    def test_a_bootstrap_list_naming_no_broker_is_refused(self, servers: str) -> None:
         """librdkafka takes an empty list and waits for ever for a broker it was never given."""
         with pytest.raises(ValidationError, match="bootstrap_servers"):
             KafkaSinkConfig(bootstrap_servers=servers)
+        for taken in ("b:9092,", "b:9092,,c:9092", " b:9092 , c"):  # librdkafka skips empty entries
+            assert KafkaSinkConfig(bootstrap_servers=taken).bootstrap_servers == taken
 
     def test_in_flight(self) -> None:
         assert KafkaSinkConfig(bootstrap_servers="b:9092").in_flight == 4
