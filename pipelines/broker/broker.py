@@ -73,6 +73,7 @@ class Broker:
         self._given = triggers
         self.default_key: Key = (s.namespace, s.name)
         self.channels: dict[Key, Channel] = {}
+        self._unsettled: set[Key] = set()  # channels opened whose triggers were not all attached yet
         self.triggers: dict[Key, Trigger] = {}
         self.dispatchers: dict[Key, TriggerDispatcher] = {}
         self._deliveries: dict[Key, DeliverySpec] = {}
@@ -246,7 +247,6 @@ class Broker:
             else:
                 dispatchers[key] = self._dispatcher(trigger, deliveries[trigger.broker_key])
         self._check_channels(deliveries, wanted)
-        opened = []
         for key in deliveries:
             if key not in self.channels:
                 channel = self._open(key)
@@ -256,11 +256,12 @@ class Broker:
                     await channel.aclose(0)
                     raise
                 self.channels[key] = channel
-                opened.append(channel)
+                self._unsettled.add(key)
         if s.role != "ingress":
             await self._switch(wanted, dispatchers)
-            for channel in opened:
-                channel.forget_detached()
+            for key in self._unsettled & self.channels.keys():  # also those a failed change opened
+                self.channels[key].forget_detached()
+            self._unsettled.clear()
         self.triggers, self.dispatchers, self._deliveries = wanted, dispatchers, deliveries
 
     async def _switch(self, wanted: dict[Key, Trigger], dispatchers: dict[Key, TriggerDispatcher]) -> None:

@@ -387,6 +387,38 @@ class TestRestart:
         assert [e.id for e in other_subscriber.events] == ["1", "2"]
 
 
+    async def test_a_channel_a_failed_reload_opened_forgets_removed_triggers_later(
+            self, tmp_path: Path, subscriber: Subscriber, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A reload that failed after opening a broker's channel left it open: the next one did not
+        open it, so it kept the checkpoints of triggers removed while the broker was down."""
+        from pipelines.broker.channel import ChannelError, SpoolChannel
+
+        path = tmp_path / "triggers.yaml"
+        other = f"  - {{name: old, broker: other, subscriber: '{subscriber.url}'}}\n"
+        path.write_text("triggers:\n" + other)
+        broker = Broker(settings(tmp_path, trigger_files=[path]))
+        await broker.startup()
+        await broker.shutdown()
+        checkpoint = tmp_path / "broker" / "default" / "other" / "checkpoints" / "old.json"
+        assert checkpoint.exists()
+
+        path.write_text(f"triggers:\n  - {{name: a, subscriber: '{subscriber.url}'}}\n")  # `old` removed while down
+        broker = Broker(settings(tmp_path, trigger_files=[path]))
+        await broker.startup()
+        attach = SpoolChannel.attach
+
+        async def failing(self: SpoolChannel, trigger: str, handler: object) -> None:
+            raise ChannelError("cannot attach")
+
+        monkeypatch.setattr(SpoolChannel, "attach", failing)
+        path.write_text(path.read_text() + f"  - {{name: new, broker: other, subscriber: '{subscriber.url}'}}\n")
+        assert not await broker.reload()
+        monkeypatch.setattr(SpoolChannel, "attach", attach)
+        assert await broker.reload()
+        await broker.shutdown()
+        assert not checkpoint.exists()
+
+
 async def _backlog_then_restart(tmp_path: Path, subscriber: Subscriber, listed_first: str) -> list[CloudEvent]:
     """30 events a trigger's subscriber refused until a stop, then a broker restarted with
     `listed_first` before that trigger; returns them once the subscriber got them again."""
