@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from explainers.base import BaseExplainer, InstanceExplanation, Model, Samples
-from explainers.errors import MissingExtraError, UnsupportedModelError
+from explainers.errors import ExplainerError, MissingExtraError, UnsupportedModelError
 from explainers.shap_backend import Codes, L1Reg, sample_rows, to_instances
 
 
@@ -82,10 +82,17 @@ class AnchorTabular(_AlibiBackend):
         def predictor(x: np.ndarray) -> np.ndarray:
             return _labels(model.predict(codes.decode(x)))
 
-        engine = _explainers().AnchorTabular(
-            predictor, names, categorical_names={i: [str(v) for v in vs] for i, vs in codes.categories.items()},
-            seed=self.options.seed)
-        engine.fit(codes.encode(state["train"], names), disc_perc=self.options.disc_perc)
+        try:
+            engine = _explainers().AnchorTabular(
+                predictor, names, categorical_names={i: [str(v) for v in vs] for i, vs in codes.categories.items()},
+                seed=self.options.seed)
+            engine.fit(codes.encode(state["train"], names), disc_perc=self.options.disc_perc)
+        except Exception as exc:
+            # alibi calls the predictor here and wraps what it raised in its PredictorCallError (an
+            # Exception): the predictor's own error (down, refusing) is what to say.
+            if isinstance(exc.__cause__, ExplainerError):
+                raise exc.__cause__ from None
+            raise
         return engine, codes
 
     def _explain(self, engine: Any, rows: np.ndarray, params: Any) -> tuple[list[InstanceExplanation], list[str]]:

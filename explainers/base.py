@@ -19,6 +19,7 @@ models, the prediction for regressors).
 
 from __future__ import annotations
 
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,20 @@ PredictFn = Callable[["np.ndarray"], "np.ndarray"]
 outputs `(n,)` or `(n, outputs)`. May be a black-box call to a predictor."""
 
 
+_REWRITTEN = re.compile(r'[\s",:\[\]{}]')
+
+
+def match_columns(own: Sequence[str], names: Sequence[str]) -> list[int]:
+    """Where each of an estimator's features (`own`, in its order) sits in `names`: matched by
+    name, or by name as LightGBM rewrites it (blanks and `",:[]{}` become `_`: fitted on
+    `sepal length (cm)`, it names `sepal_length_(cm)`). UnsupportedModelError for other features."""
+    for key in (str, lambda name: _REWRITTEN.sub("_", name)):
+        keys = [key(name) for name in names]
+        if sorted(map(key, own)) == sorted(keys) and len(set(keys)) == len(keys):
+            return [keys.index(key(name)) for name in own]
+    raise UnsupportedModelError(f"the model was fitted on features {list(own)}, the data has {list(names)}")
+
+
 @dataclass(frozen=True)
 class Model:
     """What an explainer explains."""
@@ -55,8 +70,11 @@ class Model:
     def estimator_columns(self) -> list[int] | None:
         """Where the estimator's own features (fitted on a DataFrame) sit in `feature_names`, when
         its order differs: methods that give rows to the estimator object itself reorder them."""
-        own = [str(n) for n in getattr(self.estimator, "feature_names_in_", self.feature_names)]
-        return None if own == list(self.feature_names) else [self.feature_names.index(n) for n in own]
+        own = getattr(self.estimator, "feature_names_in_", None)
+        if own is None:
+            return None
+        columns = match_columns([str(n) for n in own], list(self.feature_names))
+        return None if columns == list(range(len(columns))) else columns
 
     def estimator_rows(self, rows: np.ndarray) -> np.ndarray:
         """`rows` (in `feature_names` order) as the estimator object reads them: in its own order."""

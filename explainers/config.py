@@ -129,6 +129,9 @@ class ExplainerSettings(LayeredSettings):
             raise ValueError("give background data (or an artifact of a fitted explainer)")
         if self.artifact is None and self.method in WHITE_BOX and self.model_file is None:
             raise ValueError(f"method {self.method!r} reads the model itself: give model_file")
+        if self.artifact is not None and self.save_artifact is not None:
+            # Nothing is fitted from a loaded artifact: `--fit-only` said "saved" and wrote nothing.
+            raise ValueError("artifact and save_artifact: an artifact is loaded, not fitted; give one of them")
         return self
 
 

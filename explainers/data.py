@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from explainers.base import Model
+from explainers.base import Model, match_columns
 from explainers.errors import ArtifactError, MissingExtraError, UnsupportedModelError
 
 
@@ -27,6 +27,11 @@ class Table:
     categorical: tuple[str, ...] = ()
     target: np.ndarray | None = None
     target_names: list[str] | None = None
+
+    @property
+    def unnamed(self) -> bool:
+        """Whether its columns have no names of their own (an array's: x0, x1, ...)."""
+        return self.feature_names == [f"x{i}" for i in range(len(self.feature_names))]
 
 
 def from_frame(frame: Any) -> Table:
@@ -109,6 +114,10 @@ def load_table(spec: str) -> Table:
                                       "give a .csv or .parquet table)")
         return _checked(path, Table(loaded.astype(float), [f"x{i}" for i in range(loaded.shape[1])]))
     if hasattr(loaded, "columns"):
+        names = [str(c) for c in loaded.columns]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # attributions are keyed by name (and pandas hands a frame for a name given twice)
+            raise ArtifactError(path, f"the column(s) {', '.join(map(repr, twice))} are named more than once")
         return _checked(path, from_frame(loaded))
     raise ArtifactError(path, f"expected a 2-D table, got {type(loaded).__name__}")
 
@@ -147,8 +156,7 @@ def local_model(estimator: Any, feature_names: list[str], categorical: tuple[str
     one in its own column order, matched by name (the background's order may differ from it)."""
     names = [str(n) for n in feature_names]
     own = [str(n) for n in getattr(estimator, "feature_names_in_", names)]
-    if sorted(own) != sorted(names):
-        raise UnsupportedModelError(f"the model was fitted on features {own}, the data has {names}")
+    columns = match_columns(own, names)
     width = getattr(estimator, "n_features_in_", len(names))
     if isinstance(width, int) and width != len(names):
         raise UnsupportedModelError(f"the model was fitted on {width} features, the data has {len(names)}: {names}")
@@ -160,11 +168,11 @@ def local_model(estimator: Any, feature_names: list[str], categorical: tuple[str
         if wants_frame:  # fitted on a DataFrame (e.g. a Pipeline with encoders): give it one
             import pandas as pd
 
-            frame = pd.DataFrame(rows, columns=names)
-            for column in names:
-                if column not in categorical:
+            frame = pd.DataFrame(np.asarray(rows)[:, columns], columns=own)
+            for column, at in zip(own, columns):
+                if names[at] not in categorical:
                     frame[column] = frame[column].astype(float)
-            return np.asarray(method(frame[own]))
+            return np.asarray(method(frame))
         return np.asarray(method(rows))
 
     labels = [str(c) for c in getattr(estimator, "classes_", [])] if classify else ["prediction"]

@@ -143,7 +143,7 @@ class ExplainerService:
             self.explainer = await loop.run_in_executor(self._executor, self._explainer, self.model)
             if s.warmup:
                 await self._warm_up()
-            if s.save_artifact is not None and self._artifact is None:  # only an explainer that works
+            if s.save_artifact is not None:  # only an explainer that works
                 await loop.run_in_executor(self._executor, save_artifact, s.save_artifact, self.explainer)
         except BaseException:
             # A failed start may be tried again (the subscriber does, on each delivery): the
@@ -164,9 +164,11 @@ class ExplainerService:
     def _fallback_schema(self) -> Schema:
         s, artifact, table = self.settings, self._artifact, self._table
         names = s.feature_names or (artifact.feature_names if artifact else None) or (
-            table.feature_names if table else None)
+            table.feature_names if table and not table.unnamed else None)
         if not names and self._estimator is not None and hasattr(self._estimator, "feature_names_in_"):
-            names = [str(n) for n in self._estimator.feature_names_in_]
+            names = [str(n) for n in self._estimator.feature_names_in_]  # before an array's x0, x1, ...
+        if not names and table is not None:
+            names = table.feature_names
         if not names:
             raise ExplainerError("no feature names: give feature_names, background data or an artifact")
         categorical = s.categorical or (list(artifact.categorical) if artifact else None) or (

@@ -84,6 +84,25 @@ class TestAnchors:
         assert all(covers([c], t.feature_names, t.rows[0]) for c in result.anchor or ())
 
 
+    def test_a_predictor_failing_at_build_is_its_own_error(self) -> None:
+        """alibi wraps what the predictor raised in its PredictorCallError (an Exception): restored
+        with the predictor down, the start was a traceback, not "predictor ..."."""
+        import dataclasses
+
+        from explainers.errors import PredictorError
+
+        t = table("iris")
+        model = local_model(estimator("iris"), t.feature_names)
+        explainer = registry.create("anchor_tabular", {"background_size": 50})
+        explainer.fit(model, t.rows)
+
+        def down(rows: np.ndarray) -> np.ndarray:
+            raise PredictorError("predictor http://127.0.0.1:1: ConnectionRefusedError")
+
+        with pytest.raises(PredictorError, match="ConnectionRefusedError"):
+            explainer.restore(dataclasses.replace(model, predict=down), explainer.state())
+
+
 class TestAlibiShap:
     """alibi's KernelShap and TreeShap give additive attributions in the common JSON shape."""
 

@@ -97,6 +97,13 @@ class TestExitCodes:
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
         assert result.output.splitlines()[-1].startswith(f"infer-logger explainer: {words}"), result.output
 
+    def test_an_artifact_is_not_saved_again(self, tmp_path: Path) -> None:
+        """`--fit-only --artifact a --save-artifact b` said "saved b" and wrote nothing."""
+        result = CliRunner().invoke(explainer_command, ["--predictor-url", REQUIRED["predictor_url"],
+                                                        "--artifact", str(tmp_path / "a.joblib"), "--fit-only",
+                                                        "--save-artifact", str(tmp_path / "b.joblib")])
+        assert result.exit_code == 2 and "artifact and save_artifact" in result.output, result.output
+
     def test_yaml_options_exit_2(self, tmp_path: Path) -> None:
         config = tmp_path / "explainer.yaml"
         config.write_text("explainer:\n  predictor_url: http://127.0.0.1:8080\n  background: dataset:iris\n"

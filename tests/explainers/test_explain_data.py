@@ -38,6 +38,15 @@ class TestColumnOrder:
         assert abs(output.attributions["c"]) < 1e-6  # c has no weight in the model
         assert output.attributions["a"] == pytest.approx(10 * (1 - background[:, 2].mean()), abs=1e-6)
 
+    def test_names_the_estimator_rewrote_are_matched(self) -> None:
+        """LightGBM names `sepal length (cm)` `sepal_length_(cm)`: refused as other features, a model
+        started on its own training data failed."""
+        x = pd.DataFrame(np.random.default_rng(0).normal(size=(50, 2)), columns=["a_b_(cm)", "c"])
+        fitted = LinearRegression().fit(x, 10 * x["a_b_(cm)"] + x["c"])
+        model = local_model(fitted, ["c", "a b (cm)"])
+        np.testing.assert_allclose(model.predict(np.array([[2.0, 1.0]])), [12.0])
+        assert model.estimator_columns() == [1, 0]
+
     def test_other_features_are_refused_naming_both(self) -> None:
         with pytest.raises(UnsupportedModelError, match=r"fitted on features \['a', 'b', 'c'\].*\['a', 'b', 'd'\]"):
             local_model(abc_model(), ["a", "b", "d"])
@@ -66,6 +75,13 @@ class TestFiles:
         with pytest.raises(ArtifactError) as caught:
             load_table(str(path))
         assert str(path) in str(caught.value) and words in str(caught.value)
+
+    def test_a_column_named_twice(self, tmp_path: Path) -> None:
+        """pandas hands a frame for a name given twice: a narwhals traceback at start."""
+        path = tmp_path / "twice.joblib"
+        joblib.dump(pd.DataFrame([[1.0, 2.0, 3.0]], columns=["a", "b", "a"]), path)
+        with pytest.raises(ArtifactError, match=r"twice.joblib: the column\(s\) 'a' are named more than once"):
+            load_table(str(path))
 
     def test_a_model_file_without_predict(self, tmp_path: Path) -> None:
         path = tmp_path / "dict.joblib"

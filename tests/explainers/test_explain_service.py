@@ -103,6 +103,15 @@ class TestStart:
             service.prepare()
         assert words in str(caught.value)
 
+    def test_an_array_background_takes_the_models_names(self, abc: tuple[Path, Path], tmp_path: Path) -> None:
+        """An array has no names (x0, x1, ...): a model fitted on a DataFrame was refused as fitted
+        on other features."""
+        model_file, background = abc
+        np.save(tmp_path / "abc.npy", pd.read_csv(background)[["a", "b", "c"]].to_numpy())
+        service = ExplainerService(settings(model_file=model_file, background=str(tmp_path / "abc.npy")))
+        service.prepare()
+        assert service._fallback_schema().feature_names == ("a", "b", "c")
+
     def test_a_background_of_another_width(self, tmp_path: Path) -> None:
         joblib.dump(LinearRegression().fit(table("iris").rows, table("iris").target), tmp_path / "m.joblib")
         service = ExplainerService(settings(model_file=tmp_path / "m.joblib", background="dataset:wine"))
