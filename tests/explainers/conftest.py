@@ -52,3 +52,12 @@ def settings(**values: Any) -> Any:
     base: dict[str, Any] = {"options": {"background_size": 20}, "params": {}, "retries": 1, "timeout": 10.0,
                             "workers": 2, "port": 0}
     return ExplainerSettings(**{**base, **values})
+
+
+async def refused_start(service: Any, error: type[Exception], match: str) -> None:
+    """`service.start()` fails with `error` matching `match`; the service is closed either way."""
+    try:
+        with pytest.raises(error, match=match):
+            await service.start()
+    finally:
+        await service.aclose()

@@ -26,7 +26,7 @@ from infer_logger import binary_tensors as bt
 from infer_logger.demo.predictor import create_app as predictor_app
 from infer_logger.testing import free_port
 from tests.conformance import ROOT
-from tests.explainers.conftest import serve, settings
+from tests.explainers.conftest import refused_start, serve, settings
 from tests.explainers.models import Served, estimator, table
 from tests.servers import Process, dribble
 
@@ -535,12 +535,8 @@ class TestLimits:
         service = ExplainerService(settings(model_name="iris", predictor_url=model_server.url, protocol="v2",
                                             background="dataset:iris", params={"nsamples": 500}, max_samples=100,
                                             warmup=False))
-        try:
-            with pytest.raises(InvalidParametersError, match=r"the configured parameters: nsamples: 500 is over "
-                                                             r"this server's limit of 100 \(max_samples\)"):
-                await service.start()
-        finally:
-            await service.aclose()
+        await refused_start(service, InvalidParametersError, r"the configured parameters: nsamples: 500 is over "
+                                                             r"this server's limit of 100 \(max_samples\)")
 
 
 def test_an_unexpected_error_is_a_json_500(switchable: tuple[SwitchablePredictor, str],

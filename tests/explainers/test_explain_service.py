@@ -18,7 +18,7 @@ from explainers.app import create_app
 from explainers.errors import ArtifactError
 from explainers.service import ExplainerService
 from infer_logger.errors import ConfigError
-from tests.explainers.conftest import serve, settings
+from tests.explainers.conftest import refused_start, serve, settings
 from tests.explainers.models import frame, table
 from tests.servers import Process
 
@@ -152,12 +152,8 @@ class TestArtifactFeatures:
         await fitted.aclose()
         service = ExplainerService(settings(model_name="cancer", predictor_url=model_server.url, artifact=artifact,
                                             warmup=False))
-        try:
-            with pytest.raises(ArtifactError, match=r"iris.joblib: fitted on features \['sepal length \(cm\)'.*"
-                                                    r"the model has \['mean radius'"):
-                await service.start()
-        finally:
-            await service.aclose()
+        await refused_start(service, ArtifactError, r"iris.joblib: fitted on features \['sepal length \(cm\)'.*"
+                                                    r"the model has \['mean radius'")
 
     async def test_white_box(self, tmp_path: Path) -> None:
         t = table("iris")
@@ -169,9 +165,5 @@ class TestArtifactFeatures:
         await fitted.start()
         await fitted.aclose()
         service = ExplainerService(settings(model_file=tmp_path / "three.joblib", artifact=artifact, warmup=False))
-        try:
-            with pytest.raises(ArtifactError, match=r"e.joblib: does not fit the model file .*three.joblib: "
-                                                    r"the model was fitted on 3 features, the data has 4"):
-                await service.start()
-        finally:
-            await service.aclose()
+        await refused_start(service, ArtifactError, r"e.joblib: does not fit the model file .*three.joblib: "
+                                                    r"the model was fitted on 3 features, the data has 4")
