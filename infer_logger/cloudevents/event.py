@@ -87,6 +87,8 @@ class CloudEvent:
         if spare_levels and data.count(b"[") + data.count(b"{") >= MAX_DEPTH - spare_levels:  # may be that deep
             value = orjson.loads(b"[" * spare_levels + data + b"]" * spare_levels)  # read once, as readers will
             for _ in range(spare_levels):
+                if type(value) is not list or len(value) != 1:  # `1], [2` closes the wrapping itself
+                    raise ValueError("not one JSON value")
                 value = value[0]
         else:
             value = orjson.loads(data)

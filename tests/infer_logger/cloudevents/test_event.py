@@ -66,6 +66,13 @@ class TestJsonIsExact:
         with pytest.raises(InexactJSONError):
             CloudEvent({"id": "1"}, data).json()
 
+    @pytest.mark.parametrize("data", [b"1], [2", b'"' + b"[" * 1100 + b'"], ["tail"', b"[" * 1100 + b"]" * 1099 + b"], ["])
+    def test_data_that_closes_the_wrapping_is_not_json(self, data: bytes) -> None:
+        """Read wrapped in spare levels, `X], [Y` closed them itself: X was taken for the data,
+        and the raw bytes, embedded, made an event no reader could read."""
+        with pytest.raises(ValueError):
+            CloudEvent({"id": "1"}, data).json(spare_levels=2)
+
     @pytest.mark.parametrize(("depth", "spare", "reads"), [(1022, 2, True), (1023, 2, False), (1024, 0, True)])
     def test_spare_levels(self, depth: int, spare: int, reads: bool) -> None:
         """Data to be wrapped `spare` levels deeper (an event's object, a batch's array) must read so."""
