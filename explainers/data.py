@@ -27,11 +27,8 @@ class Table:
     categorical: tuple[str, ...] = ()
     target: np.ndarray | None = None
     target_names: list[str] | None = None
-
-    @property
-    def unnamed(self) -> bool:
-        """Whether its columns have no names of their own (an array's: x0, x1, ...)."""
-        return self.feature_names == [f"x{i}" for i in range(len(self.feature_names))]
+    unnamed: bool = False
+    """Its columns have no names of their own (an array's): `feature_names` are x0, x1, ..."""
 
 
 def from_frame(frame: Any) -> Table:
@@ -112,7 +109,7 @@ def load_table(spec: str) -> Table:
         if loaded.dtype.kind not in "biuf":
             raise ArtifactError(path, f"expected numbers, got an array of {loaded.dtype} (for string features "
                                       "give a .csv or .parquet table)")
-        return _checked(path, Table(loaded.astype(float), [f"x{i}" for i in range(loaded.shape[1])]))
+        return _checked(path, Table(loaded.astype(float), [f"x{i}" for i in range(loaded.shape[1])], unnamed=True))
     if hasattr(loaded, "columns"):
         names = [str(c) for c in loaded.columns]
         twice = sorted({n for n in names if names.count(n) > 1})

@@ -112,6 +112,15 @@ class TestStart:
         service.prepare()
         assert service._fallback_schema().feature_names == ("a", "b", "c")
 
+    def test_a_table_whose_header_reads_x0_x1_keeps_it(self, tmp_path: Path) -> None:
+        """Guessed unnamed by its names, a CSV headed x0,x1,x2 took the model's order (x2,x1,x0)."""
+        x = pd.DataFrame(np.random.default_rng(0).normal(size=(50, 3)), columns=["x0", "x1", "x2"])
+        joblib.dump(LinearRegression().fit(x[["x2", "x1", "x0"]], 10 * x["x0"] + x["x1"]), tmp_path / "m.joblib")
+        x.to_csv(tmp_path / "x.csv", index=False)
+        service = ExplainerService(settings(model_file=tmp_path / "m.joblib", background=str(tmp_path / "x.csv")))
+        service.prepare()
+        assert service._fallback_schema().feature_names == ("x0", "x1", "x2")
+
     def test_a_background_of_another_width(self, tmp_path: Path) -> None:
         joblib.dump(LinearRegression().fit(table("iris").rows, table("iris").target), tmp_path / "m.joblib")
         service = ExplainerService(settings(model_file=tmp_path / "m.joblib", background="dataset:wine"))
