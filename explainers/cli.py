@@ -71,6 +71,8 @@ def _names(value: str | None) -> list[str] | None:
               help="Seconds one explain request may take (queueing included); then 504.  [default: 60]")
 @click.option("--max-samples", type=int,
               help="Cap of nsamples, max_evals and the like per request (400 above).  [default: 10000]")
+@click.option("--max-instances", type=int,
+              help="Rows one request may ask to explain (400 above, before they are converted).  [default: 1000]")
 @click.option("--fit-only", is_flag=True, help="Fit, save --save-artifact, and exit without serving.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))

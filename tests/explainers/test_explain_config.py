@@ -97,6 +97,12 @@ class TestExitCodes:
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
         assert result.output.splitlines()[-1].startswith(f"infer-logger explainer: {words}"), result.output
 
+    def test_max_instances_is_a_flag(self) -> None:
+        """The README named `--max-instances`; only YAML and env could set it."""
+        result = CliRunner().invoke(explainer_command, ["--predictor-url", REQUIRED["predictor_url"],
+                                                        "--background", REQUIRED["background"], "--max-instances", "0"])
+        assert result.exit_code == 2 and "max_instances" in result.output, result.output
+
     def test_an_artifact_is_not_saved_again(self, tmp_path: Path) -> None:
         """`--fit-only --artifact a --save-artifact b` said "saved b" and wrote nothing."""
         result = CliRunner().invoke(explainer_command, ["--predictor-url", REQUIRED["predictor_url"],
