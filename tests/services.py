@@ -2,7 +2,7 @@
 
 Each is the real binary on a free loopback port with a fresh data dir, stopped by PID. When
 `KAFKA_BOOTSTRAP` or `ES_URL` is set, tests run against that server instead (e.g. the
-docker-compose stack's real Kafka and Elasticsearch 8), unchanged.
+real Kafka and Elasticsearch 8 in containers), unchanged.
 """
 
 from __future__ import annotations
