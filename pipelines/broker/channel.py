@@ -18,7 +18,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import orjson
@@ -156,10 +156,11 @@ class SpoolChannel:
         self.spool.remove_reader(trigger, forget=forget)
 
     async def replace(self, trigger: str, handler: Handler, *, timeout: float) -> None:
-        """A changed trigger: the new handler goes on from the old one's checkpoint."""
+        """A changed trigger: the new handler goes on from the old one's checkpoint, past the
+        events the old one settled beyond it."""
         old = self._runners[trigger]
         await old.stop(timeout)
-        runner = self._runners[trigger] = _Runner(self, old.reader, handler)
+        runner = self._runners[trigger] = _Runner(self, old.reader, handler, settled=old.settled_ahead())
         runner.start()
 
     def lag(self, trigger: str) -> int | None:
@@ -199,16 +200,26 @@ class SpoolChannel:
 
 @dataclass(slots=True)
 class _Batch:
+    start: Position
     end: Position
+    ids: tuple[str, ...] = ()  # of the events read, to know them again
     left: int = 1  # one for the reading itself, until every matching event is scheduled
+    done: set[int] = field(default_factory=set)
+    """Indices of the events read that are settled (delivered, dead-lettered or filtered out)."""
 
 
 class _Runner:
-    def __init__(self, channel: SpoolChannel, reader: SpoolReader, handler: Handler) -> None:
+    def __init__(self, channel: SpoolChannel, reader: SpoolReader, handler: Handler, *,
+                 settled: dict[Position, tuple[tuple[str, ...], set[int]]] | None = None) -> None:
         self.channel = channel
         self.reader = reader
         self.handler = handler
         self.read_pos = self.committed = reader.position
+        # What a runner this one replaces settled past the checkpoint: by the start of a batch, its
+        # events' ids and the indices of those settled, taken when a batch read again from there
+        # begins with the same events (not when an overflow dropped them). A reload delivered
+        # them all again.
+        self._settled = settled or {}
         self._window: collections.deque[_Batch] = collections.deque()
         self._commit_timer: asyncio.TimerHandle | None = None
         self._slots = asyncio.Semaphore(channel.parallelism)
@@ -231,25 +242,38 @@ class _Runner:
             if not events and end == self.read_pos:
                 await self.reader.wait(0.5)
                 continue
-            batch = _Batch(end)
+            batch = _Batch(self.read_pos, end, tuple(event.id for event in events))
+            ids, done = self._settled.pop(self.read_pos, ((), set()))
+            if batch.ids[:len(ids)] == ids:
+                batch.done = done
             self._window.append(batch)
-            for event in self.handler.take(events):
+            index = {id(event): i for i, event in enumerate(events)}
+            candidates = [event for i, event in enumerate(events) if i not in batch.done]
+            taken = self.handler.take(candidates)
+            kept = {id(event) for event in taken}
+            batch.done.update(index[id(e)] for e in candidates if id(e) not in kept)  # filtered out: settled
+            for event in taken:
                 await self._slots.acquire()
                 batch.left += 1
-                task = loop.create_task(self._deliver(event, batch))
+                task = loop.create_task(self._deliver(event, index[id(event)], batch))
                 self._deliveries.add(task)
                 task.add_done_callback(self._deliveries.discard)
             self.read_pos = end
             batch.left -= 1
             self._advance()
 
-    async def _deliver(self, event: CloudEvent, batch: _Batch) -> None:
+    async def _deliver(self, event: CloudEvent, index: int, batch: _Batch) -> None:
         try:
             await self.handler.deliver(event)
         finally:
             self._slots.release()
         batch.left -= 1  # not on cancellation: a cancelled delivery is redelivered after restart
+        batch.done.add(index)
         self._advance()
+
+    def settled_ahead(self) -> dict[Position, tuple[tuple[str, ...], set[int]]]:
+        """The events settled past the checkpoint, by their batch's start (see `_settled`)."""
+        return {batch.start: (batch.ids, batch.done) for batch in self._window if batch.done}
 
     def _advance(self) -> None:
         end = None

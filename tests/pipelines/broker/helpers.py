@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,22 @@ class Subscriber(EventCollector):
                     raise TimeoutError(f"{len(self.requests)} of {count} requests arrived in {timeout}s")
                 self._cond.wait(left)
             return list(self.requests)
+
+
+class Handler:
+    """A channel's handler without a dispatcher: takes every event, records each delivered, and
+    hangs (until cancelled) on those `hangs` says."""
+
+    def __init__(self, hangs: Callable[[CloudEvent], bool] = lambda e: False) -> None:
+        self.settled, self.hangs, self.got = 0, hangs, []
+
+    def take(self, events: Sequence[CloudEvent]) -> list[CloudEvent]:
+        return list(events)
+
+    async def deliver(self, event: CloudEvent) -> None:
+        if self.hangs(event):
+            await asyncio.sleep(3600)
+        self.got.append(event.id)
 
 
 def reply_with(event: CloudEvent, status: int = 200, *, structured: bool = False,
