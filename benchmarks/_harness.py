@@ -250,6 +250,18 @@ http {{
 """
 
 
+WRK, NGINX = "/usr/bin/wrk", "/usr/sbin/nginx"
+
+
+def missing_tools(*tools: str) -> str | None:
+    """A one-line reason when a tool a benchmark runs is not installed (it was a traceback once
+    the servers ran), else None."""
+    missing = [tool for tool in tools if not os.access(tool, os.X_OK)]
+    if not missing:
+        return None
+    return f"{' and '.join(missing)} not found (Debian: apt-get install wrk nginx-light)"
+
+
 def start_nginx(predictor_url: str, workdir: Path, *, workers: str = "1",
                 cpus: str | None = None) -> tuple[Proc, str]:
     port = free_port()
@@ -258,7 +270,7 @@ def start_nginx(predictor_url: str, workdir: Path, *, workers: str = "1",
     conf = ndir / "nginx.conf"
     conf.write_text(NGINX_CONF.format(workers=workers, dir=ndir, host=HOST, port=port,
                                       upstream=predictor_url.split("://", 1)[1]))
-    proc = Proc("nginx", ["/usr/sbin/nginx", "-p", str(ndir), "-e", str(ndir / "nginx-error.log"),
+    proc = Proc("nginx", [NGINX, "-p", str(ndir), "-e", str(ndir / "nginx-error.log"),
                           "-c", str(conf)], log_path=ndir / "stdout.log", cpus=cpus).start()
     url = f"http://{HOST}:{port}"
     wait_ready(url + "/", proc, timeout=20)
@@ -346,7 +358,7 @@ def run_wrk(url: str, script: Path, *, connections: int, duration: float, thread
             cpus: str | None = None) -> dict[str, Any]:
     threads = max(1, min(threads, connections))
     argv = (["taskset", "-c", cpus] if cpus else []) + [
-        "/usr/bin/wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+        WRK, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
         "--timeout", "10s", "-s", str(script), url]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     m = re.search(r"^WRK_JSON (\{.*\})$", done.stdout, re.MULTILINE)

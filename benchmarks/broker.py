@@ -48,6 +48,7 @@ from benchmarks._harness import (
     HOST,
     PYTHON,
     REPO,
+    WRK,
     WRK_DONE_LUA,
     CpuMeter,
     Proc,
@@ -56,6 +57,7 @@ from benchmarks._harness import (
     install_cleanup,
     log,
     machine_info,
+    missing_tools,
     run_wrk,
     save_json,
     wait_ready,
@@ -422,6 +424,9 @@ def main() -> int:
 
         print(orjson.dumps(uvloop.run(produce_with_sink(args.produce, args.duration, args.mode))).decode())
         return 0
+    if "wrk" in args.producers.split(",") and (missing := missing_tools(WRK)):
+        print(f"broker: {missing}", file=sys.stderr)
+        return 2
     install_cleanup()
     results: dict[str, Any] = {"machine": machine_info()}
     with tempfile.TemporaryDirectory(prefix="bench-broker-") as tmp:

@@ -27,7 +27,6 @@ stopped by its PID. See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -421,12 +420,9 @@ def _per_process(point: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Checked first: a missing one was a FileNotFoundError traceback once the predictor ran.
-    missing = [tool for tool, used in (("/usr/bin/wrk", True), ("/usr/sbin/nginx", "nginx" in args.variants))
-               if used and not os.access(tool, os.X_OK)]
+    missing = h.missing_tools(h.WRK, *([h.NGINX] if "nginx" in args.variants else []))
     if missing:
-        print(f"proxy_throughput: {' and '.join(missing)} not found (Debian: apt-get install wrk nginx-light)",
-              file=sys.stderr)
+        print(f"proxy_throughput: {missing}", file=sys.stderr)
         return 2
     h.install_cleanup()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="infer-logger-bench-"))
