@@ -204,13 +204,18 @@ class _Batch:
     end: Position
     ids: tuple[str, ...] = ()  # of the events read, to know them again
     left: int = 1  # one for the reading itself, until every matching event is scheduled
-    done: set[int] = field(default_factory=set)
-    """Indices of the events read that are settled (delivered, dead-lettered or filtered out)."""
+    considered: int = 0  # leading events scheduled or filtered out (all, once the batch is read whole)
+    in_flight: set[int] = field(default_factory=set)  # indices of the events being delivered
+    before: frozenset[int] = frozenset()  # indices a runner this one replaced had settled
+
+    def settled(self) -> frozenset[int]:
+        """Indices of the events delivered, dead-lettered or filtered out."""
+        return frozenset(range(self.considered)) - self.in_flight | self.before
 
 
 class _Runner:
     def __init__(self, channel: SpoolChannel, reader: SpoolReader, handler: Handler, *,
-                 settled: dict[Position, tuple[tuple[str, ...], set[int]]] | None = None) -> None:
+                 settled: dict[Position, tuple[tuple[str, ...], frozenset[int]]] | None = None) -> None:
         self.channel = channel
         self.reader = reader
         self.handler = handler
@@ -243,21 +248,24 @@ class _Runner:
                 await self.reader.wait(0.5)
                 continue
             batch = _Batch(self.read_pos, end, tuple(event.id for event in events))
-            ids, done = self._settled.pop(self.read_pos, ((), set()))
-            if batch.ids[:len(ids)] == ids:
-                batch.done = done
             self._window.append(batch)
+            ids, before = self._settled.pop(self.read_pos, ((), frozenset()))
+            if before and batch.ids[:len(ids)] == ids:
+                batch.before = before
+                events_left = [event for i, event in enumerate(events) if i not in before]
+            else:
+                events_left = events
+            taken = self.handler.take(events_left)
             index = {id(event): i for i, event in enumerate(events)}
-            candidates = [event for i, event in enumerate(events) if i not in batch.done]
-            taken = self.handler.take(candidates)
-            kept = {id(event) for event in taken}
-            batch.done.update(index[id(e)] for e in candidates if id(e) not in kept)  # filtered out: settled
             for event in taken:
+                batch.considered = i = index[id(event)]  # those before it are scheduled or filtered out
                 await self._slots.acquire()
                 batch.left += 1
-                task = loop.create_task(self._deliver(event, index[id(event)], batch))
+                batch.in_flight.add(i)
+                task = loop.create_task(self._deliver(event, i, batch))
                 self._deliveries.add(task)
                 task.add_done_callback(self._deliveries.discard)
+            batch.considered = len(events)
             self.read_pos = end
             batch.left -= 1
             self._advance()
@@ -268,12 +276,12 @@ class _Runner:
         finally:
             self._slots.release()
         batch.left -= 1  # not on cancellation: a cancelled delivery is redelivered after restart
-        batch.done.add(index)
+        batch.in_flight.discard(index)
         self._advance()
 
-    def settled_ahead(self) -> dict[Position, tuple[tuple[str, ...], set[int]]]:
+    def settled_ahead(self) -> dict[Position, tuple[tuple[str, ...], frozenset[int]]]:
         """The events settled past the checkpoint, by their batch's start (see `_settled`)."""
-        return {batch.start: (batch.ids, batch.done) for batch in self._window if batch.done}
+        return {batch.start: (batch.ids, batch.settled()) for batch in self._window}
 
     def _advance(self) -> None:
         end = None

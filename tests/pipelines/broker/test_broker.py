@@ -305,7 +305,7 @@ class TestReload:
         from pipelines.broker.channel import SpoolChannel, _Runner
 
         monkeypatch.setattr(_Runner, "settled_ahead",
-                            lambda self: {b.start: (("other", "ids"), set(range(10))) for b in self._window})
+                            lambda self: {b.start: (("other", "ids"), frozenset(range(10))) for b in self._window})
         channel = SpoolChannel(DiskSpool(tmp_path))
         old = Handler(lambda e: e.id == "3")
         await channel.attach("t", old)
