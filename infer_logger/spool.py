@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal, Protocol
+from typing import Any, BinaryIO, Literal, Protocol
 
 import orjson
 
@@ -92,6 +92,10 @@ class Spool(SpoolView, Protocol):
 
 class SpoolReader(Protocol):
     position: Position
+    ahead: Any
+    """What its consumer settled past `position` (JSON data of its own), kept with the checkpoint
+    on disk: a consumer settling out of order (the broker's triggers) tells its next run what not
+    to deliver again. None when there is none (or the spool keeps no checkpoints)."""
 
     def read(self, max_events: int, start: Position | None = None) -> tuple[list[CloudEvent], Position]: ...
 
@@ -595,14 +599,15 @@ class SpoolFollower(_Segments):
             self._lock = -1
 
 
-def _read_checkpoint(path: Path) -> tuple[Position, str | None]:
-    """A checkpoint file's position and destination digest (None in files from before them):
-    OSError, ValueError, KeyError or TypeError if it has no position."""
+def _read_checkpoint(path: Path) -> tuple[Position, str | None, Any]:
+    """A checkpoint file's position, destination digest (None in files from before them) and
+    `ahead` (None when absent): OSError, ValueError, KeyError or TypeError if it has no position."""
     saved = orjson.loads(path.read_bytes())
     if not isinstance(saved, dict):
         raise TypeError(f"not a JSON object: {type(saved).__name__}")
     destination = saved.get("destination")
-    return Position(int(saved["segment"]), int(saved["offset"])), str(destination) if destination else None
+    position = Position(int(saved["segment"]), int(saved["offset"]))
+    return position, str(destination) if destination else None, saved.get("ahead")
 
 
 class DiskReader:
@@ -632,11 +637,12 @@ class DiskReader:
         path = self.spool.checkpoint_path(self.name)
         first = min(self.spool._sizes, default=self.spool._current)
         self._unsaved = False
+        self.ahead: Any = None
         position: Position | None
         try:
-            position, was = _read_checkpoint(path)
+            position, was, ahead = _read_checkpoint(path)
         except FileNotFoundError:
-            position, was = None, None
+            position, was, ahead = None, None, None
         except (ValueError, KeyError, TypeError):
             log.error("unreadable checkpoint %s: reading %s from the oldest segment", path, self.name)
             return Position(first, 0)
@@ -659,6 +665,7 @@ class DiskReader:
             # Its segment is gone (dropped on overflow, or finished): go on from the next one.
             following = self.spool._next_segment(position.segment)
             return Position(following if following is not None else self.spool._current, 0)
+        self.ahead = ahead  # its own checkpoint, where it left off
         return position
 
     def _set_aside(self, path: Path, destination: str | None) -> None:
@@ -680,7 +687,7 @@ class DiskReader:
             if path.stem == self.name or path.stem in self.spool._readers:
                 continue
             try:
-                position, was = _read_checkpoint(path)
+                position, was, _ = _read_checkpoint(path)
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             if was != self.destination:
@@ -826,6 +833,8 @@ class DiskReader:
             saved: dict[str, object] = {"segment": position.segment, "offset": position.offset}
             if self.destination is not None:
                 saved["destination"] = self.destination
+            if self.ahead is not None:
+                saved["ahead"] = self.ahead
             tmp.write_bytes(orjson.dumps(saved))
             os.replace(tmp, path)
         except OSError as exc:
@@ -920,6 +929,8 @@ class MemorySpool:
 
 
 class MemoryReader:
+    ahead = None  # nothing outlives the process
+
     def __init__(self, spool: MemorySpool, start: int) -> None:
         self.spool = spool
         self.position = Position(0, start)

@@ -3,8 +3,10 @@
 Each trigger has its own reader and checkpoint, so a slow or dead subscriber holds back only
 its own trigger. A trigger reads ahead of its checkpoint: batches are read, their matching
 events delivered concurrently (at most `parallelism` in flight), and the checkpoint moves past
-a batch once it and every batch before it settled. Healthy triggers read the same batches at
-the same positions, so a batch is decoded once and shared (events are never mutated).
+a batch once it and every batch before it settled; what was settled past it goes to the runner
+taking over (a reload's, or the next run's, with the checkpoint: see `Ahead`). Healthy triggers
+read the same batches at the same positions, so a batch is decoded once and shared (events are
+never mutated).
 
 A new trigger starts at the end of the log (as a new Knative trigger sees only new events); its
 checkpoint is written at once, so a crash before its first delivery cannot skip events. A broker
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -198,6 +201,36 @@ class SpoolChannel:
         return events, end
 
 
+Ahead = dict[Position, tuple[int, str, frozenset[int]]]
+"""What a trigger settled past its checkpoint: by a batch's start, its number of events, a digest of
+their ids and the indices of those settled. A runner taking over (a reload's, or the next run's:
+it is kept with the checkpoint) skips them where the batch it reads from that start begins with
+the same events (not where an overflow dropped them): the checkpoint waits for the oldest event
+still in flight, and everything settled after it was delivered again."""
+
+
+def _digest(ids: Sequence[str]) -> str:
+    return hashlib.blake2b("\n".join(ids).encode(), digest_size=8).hexdigest()  # ids hold no control characters
+
+
+def _ahead_to_json(ahead: Ahead) -> list[list[object]] | None:
+    """As the checkpoint keeps it: the indices not settled (fewer, as a rule)."""
+    return [[start.segment, start.offset, count, digest, sorted(set(range(count)) - settled)]
+            for start, (count, digest, settled) in sorted(ahead.items())] or None
+
+
+def _ahead_from_json(data: object) -> Ahead:
+    ahead: Ahead = {}
+    try:
+        for segment, offset, count, digest, unsettled in data or ():  # type: ignore[attr-defined]
+            ahead[Position(int(segment), int(offset))] = (int(count), str(digest),
+                                                          frozenset(range(int(count))) - frozenset(unsettled))
+    except (TypeError, ValueError) as exc:  # a file of another version, or edited: all goes again
+        log.warning("ignoring what a trigger settled past its checkpoint, unreadable: %s", exc)
+        return {}
+    return ahead
+
+
 @dataclass(slots=True)
 class _Batch:
     start: Position
@@ -215,16 +248,15 @@ class _Batch:
 
 class _Runner:
     def __init__(self, channel: SpoolChannel, reader: SpoolReader, handler: Handler, *,
-                 settled: dict[Position, tuple[tuple[str, ...], frozenset[int]]] | None = None) -> None:
+                 settled: Ahead | None = None) -> None:
         self.channel = channel
         self.reader = reader
         self.handler = handler
         self.read_pos = self.committed = reader.position
-        # What a runner this one replaces settled past the checkpoint: by the start of a batch, its
-        # events' ids and the indices of those settled, taken when a batch read again from there
-        # begins with the same events (not when an overflow dropped them). A reload delivered
-        # them all again.
-        self._settled = settled or {}
+        # What the runner before this one settled past the checkpoint (see Ahead): a reload's
+        # handed over, else the last run's, kept with the checkpoint.
+        self._settled = settled if settled is not None else _ahead_from_json(reader.ahead)
+        reader.ahead = None
         self._window: collections.deque[_Batch] = collections.deque()
         self._commit_timer: asyncio.TimerHandle | None = None
         self._slots = asyncio.Semaphore(channel.parallelism)
@@ -249,8 +281,8 @@ class _Runner:
                 continue
             batch = _Batch(self.read_pos, end, tuple(event.id for event in events))
             self._window.append(batch)
-            ids, before = self._settled.pop(self.read_pos, ((), frozenset()))
-            if before and batch.ids[:len(ids)] == ids:
+            count, digest, before = self._settled.pop(self.read_pos, (0, "", frozenset()))
+            if before and len(events) >= count and _digest(batch.ids[:count]) == digest:
                 batch.before = before
                 events_left = [event for i, event in enumerate(events) if i not in before]
             else:
@@ -279,9 +311,13 @@ class _Runner:
         batch.in_flight.discard(index)
         self._advance()
 
-    def settled_ahead(self) -> dict[Position, tuple[tuple[str, ...], frozenset[int]]]:
-        """The events settled past the checkpoint, by their batch's start (see `_settled`)."""
-        return {batch.start: (batch.ids, batch.settled()) for batch in self._window}
+    def settled_ahead(self) -> Ahead:
+        """The events settled past the checkpoint (also those the runner before settled that
+        this one has not read again)."""
+        ahead = dict(self._settled)
+        for batch in self._window:
+            ahead[batch.start] = (len(batch.ids), _digest(batch.ids), batch.settled())
+        return {start: entry for start, entry in ahead.items() if entry[2]}
 
     def _advance(self) -> None:
         end = None
@@ -316,4 +352,5 @@ class _Runner:
             await asyncio.gather(*pending, return_exceptions=True)
         if self._commit_timer is not None:
             self._commit_timer.cancel()
+        self.reader.ahead = _ahead_to_json(self.settled_ahead())  # for the next run
         self._commit(force=True)

@@ -297,6 +297,46 @@ class TestReload:
         await channel.aclose(0.1)
         assert new.got == ["3", "10"]
 
+    async def test_a_restart_goes_on_past_what_the_last_run_settled(self, tmp_path: Path) -> None:
+        """Kept with the checkpoint: a restart delivered again everything settled after the
+        oldest event in flight (a stuck one held back 50 deliveries, all sent twice)."""
+        from infer_logger.spool import DiskSpool
+        from pipelines.broker.channel import SpoolChannel
+
+        channel = SpoolChannel(DiskSpool(tmp_path))
+        old = Handler(lambda e: e.id == "3")
+        await channel.attach("t", old)
+        await channel.append([event(str(i)) for i in range(10)])
+        await until(lambda: len(old.got) == 9, what="the first run's deliveries")
+        await channel.aclose(0.1)  # "3" is cancelled: the next run delivers it
+
+        again = SpoolChannel(DiskSpool(tmp_path))
+        new = Handler()
+        await again.attach("t", new)
+        await again.append([event("10")])
+        await until(lambda: "10" in new.got, what="the next run's deliveries")
+        await again.aclose(0.1)
+        assert new.got == ["3", "10"]
+
+    @pytest.mark.parametrize("ahead", ["not a list", [[0, 0, 10]], [["a", 0, 10, "d", []]]])
+    async def test_an_unreadable_record_of_what_was_settled_sends_all_again(self, tmp_path: Path, ahead: object) -> None:
+        from infer_logger.spool import DiskSpool
+        from pipelines.broker.channel import SpoolChannel
+
+        channel = SpoolChannel(DiskSpool(tmp_path))
+        await channel.attach("t", Handler(lambda e: e.id == "3"))
+        await channel.append([event(str(i)) for i in range(10)])
+        await until(lambda: len(channel._runners["t"].handler.got) == 9, what="the first run's deliveries")
+        await channel.aclose(0.1)
+        path = tmp_path / "checkpoints" / "t.json"
+        path.write_bytes(orjson.dumps({**orjson.loads(path.read_bytes()), "ahead": ahead}))
+
+        again = SpoolChannel(DiskSpool(tmp_path))
+        new = Handler()
+        await again.attach("t", new)
+        await until(lambda: len(new.got) == 10, what="every event again")
+        await again.aclose(0.1)
+
     async def test_settled_events_are_not_taken_for_others(
             self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """What the old runner settled counts only where the batch read again holds the same
@@ -305,7 +345,7 @@ class TestReload:
         from pipelines.broker.channel import SpoolChannel, _Runner
 
         monkeypatch.setattr(_Runner, "settled_ahead",
-                            lambda self: {b.start: (("other", "ids"), frozenset(range(10))) for b in self._window})
+                            lambda self: {b.start: (10, "another digest", frozenset(range(10))) for b in self._window})
         channel = SpoolChannel(DiskSpool(tmp_path))
         old = Handler(lambda e: e.id == "3")
         await channel.attach("t", old)
