@@ -19,6 +19,7 @@ models, the prediction for regressors).
 
 from __future__ import annotations
 
+import collections
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -40,6 +41,14 @@ outputs `(n,)` or `(n, outputs)`. May be a black-box call to a predictor."""
 
 
 _REWRITTEN = re.compile(r'[\s",:\[\]{}]')
+
+
+def named_twice(names: Sequence[str]) -> str | None:
+    """The names given more than once, quoted and joined (attributions are keyed by feature name:
+    one of the two was lost); None when each is given once."""
+    counts = collections.Counter(names)
+    twice = [repr(name) for name, count in counts.items() if count > 1]
+    return ", ".join(twice) or None
 
 
 def match_columns(own: Sequence[str], names: Sequence[str]) -> list[int]:

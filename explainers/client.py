@@ -43,6 +43,7 @@ import numpy as np
 import orjson
 
 from explainers import codecs
+from explainers.base import named_twice
 from explainers.codecs import Schema
 from explainers.deadline import Deadline
 from explainers.errors import ExplainTimeoutError, PredictorError, PredictorRefusedError
@@ -641,9 +642,6 @@ def schema_from_metadata(metadata: Mapping[str, Any] | None, fallback: Schema) -
 
 
 def _once_each(names: list[str], where: str) -> list[str]:
-    """Attributions are keyed by feature name: a name given twice lost one of them."""
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise PredictorError(f"the predictor's metadata names feature(s) {', '.join(map(repr, twice))} more "
-                             f"than once ({where})")
+    if twice := named_twice(names):
+        raise PredictorError(f"the predictor's metadata names feature(s) {twice} more than once ({where})")
     return names

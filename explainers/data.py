@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from explainers.base import Model, match_columns
+from explainers.base import Model, match_columns, named_twice
 from explainers.errors import ArtifactError, MissingExtraError, UnsupportedModelError
 
 
@@ -111,10 +111,8 @@ def load_table(spec: str) -> Table:
                                       "give a .csv or .parquet table)")
         return _checked(path, Table(loaded.astype(float), [f"x{i}" for i in range(loaded.shape[1])], unnamed=True))
     if hasattr(loaded, "columns"):
-        names = [str(c) for c in loaded.columns]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:  # attributions are keyed by name (and pandas hands a frame for a name given twice)
-            raise ArtifactError(path, f"the column(s) {', '.join(map(repr, twice))} are named more than once")
+        if twice := named_twice([str(c) for c in loaded.columns]):  # pandas hands a frame for such a name
+            raise ArtifactError(path, f"the column(s) {twice} are named more than once")
         return _checked(path, from_frame(loaded))
     raise ArtifactError(path, f"expected a 2-D table, got {type(loaded).__name__}")
 

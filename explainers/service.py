@@ -17,8 +17,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,7 +26,7 @@ from pydantic import BaseModel
 
 from explainers import codecs
 from explainers.artifacts import Artifact, check_target, load_artifact, restore, save_artifact
-from explainers.base import BaseExplainer, Explanation, Model, PredictFn
+from explainers.base import BaseExplainer, Explanation, Model, PredictFn, named_twice
 from explainers.client import PredictorClient, schema_from_metadata
 from explainers.codecs import Schema
 from explainers.config import ExplainerSettings
@@ -104,7 +103,8 @@ class ExplainerService:
     def _check_features(self) -> None:
         """The configured names against the data's and the model's, before any fitting."""
         s, table = self.settings, self._table
-        _refuse_duplicates("feature_names", s.feature_names)
+        if twice := named_twice(s.feature_names):
+            raise SettingsError("feature_names", f"feature_names: {twice} named more than once")
         if s.feature_names and table is not None and len(s.feature_names) != table.rows.shape[1]:
             raise SettingsError("feature_names", f"feature_names: {len(s.feature_names)} names for the "
                                                  f"{table.rows.shape[1]} columns of {s.background}")
@@ -311,10 +311,3 @@ class ExplainerService:
         rows = self.decode(doc)
         outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.model.predict, rows)
         return 200, "application/json", orjson.dumps({"predictions": np.asarray(outputs).tolist()})
-
-
-def _refuse_duplicates(field: str, names: Sequence[str]) -> None:
-    """Attributions are keyed by feature name: a name given twice lost one of them."""
-    twice = [name for name, count in Counter(names).items() if count > 1]
-    if twice:
-        raise SettingsError(field, f"{field}: {', '.join(map(repr, twice))} named more than once")

@@ -3,8 +3,8 @@
 Events hold data as the raw bytes of binary mode, so this module decides the JSON shape at
 encode time: bytes that are JSON under a JSON content type embed as-is (`data`) when they read
 back as written, UTF-8 text under any other content type (without another charset) becomes a
-JSON string (`data`), and everything else travels as `data_base64`. Reading reverses that, so binary -> JSON -> binary keeps the bytes, except that
-embedded JSON comes back in compact form.
+JSON string (`data`), and everything else travels as `data_base64`. Reading reverses that, so
+binary -> JSON -> binary keeps the bytes, except that embedded JSON comes back in compact form.
 """
 
 from __future__ import annotations
