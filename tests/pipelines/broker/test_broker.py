@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -278,18 +279,10 @@ class TestReload:
         assert [e.id for e in subscriber.events] == ["1", "2", "3"]
         assert [e.id for e in other_subscriber.events] == ["2"]
 
-
     async def test_a_changed_trigger_goes_on_past_what_the_old_one_settled(self, tmp_path: Path) -> None:
         """The checkpoint waits for the oldest event in flight: a reload delivered again every
         event the old trigger had settled after it (a slow or failing one held all of them)."""
-        from infer_logger.spool import DiskSpool
-        from pipelines.broker.channel import SpoolChannel
-
-        channel = SpoolChannel(DiskSpool(tmp_path))
-        old = Handler(lambda e: e.id == "3")
-        await channel.attach("t", old)
-        await channel.append([event(str(i)) for i in range(10)])
-        await until(lambda: len(old.got) == 9, what="the old trigger's deliveries")
+        channel = await _stuck_at_3(tmp_path)
         new = Handler()
         await channel.replace("t", new, timeout=0.1)  # "3" is cancelled: the new one delivers it
         await channel.append([event("10")])
@@ -303,11 +296,7 @@ class TestReload:
         from infer_logger.spool import DiskSpool
         from pipelines.broker.channel import SpoolChannel
 
-        channel = SpoolChannel(DiskSpool(tmp_path))
-        old = Handler(lambda e: e.id == "3")
-        await channel.attach("t", old)
-        await channel.append([event(str(i)) for i in range(10)])
-        await until(lambda: len(old.got) == 9, what="the first run's deliveries")
+        channel = await _stuck_at_3(tmp_path)
         await channel.aclose(0.1)  # "3" is cancelled: the next run delivers it
 
         again = SpoolChannel(DiskSpool(tmp_path))
@@ -323,10 +312,7 @@ class TestReload:
         from infer_logger.spool import DiskSpool
         from pipelines.broker.channel import SpoolChannel
 
-        channel = SpoolChannel(DiskSpool(tmp_path))
-        await channel.attach("t", Handler(lambda e: e.id == "3"))
-        await channel.append([event(str(i)) for i in range(10)])
-        await until(lambda: len(channel._runners["t"].handler.got) == 9, what="the first run's deliveries")
+        channel = await _stuck_at_3(tmp_path)
         await channel.aclose(0.1)
         path = tmp_path / "checkpoints" / "t.json"
         path.write_bytes(orjson.dumps({**orjson.loads(path.read_bytes()), "ahead": ahead}))
@@ -341,16 +327,11 @@ class TestReload:
             self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """What the old runner settled counts only where the batch read again holds the same
         events (an overflow may have dropped them): else every event goes again, none is lost."""
-        from infer_logger.spool import DiskSpool
-        from pipelines.broker.channel import SpoolChannel, _Runner
+        from pipelines.broker.channel import _Runner
 
         monkeypatch.setattr(_Runner, "settled_ahead",
                             lambda self: {b.start: (10, "another digest", frozenset(range(10))) for b in self._window})
-        channel = SpoolChannel(DiskSpool(tmp_path))
-        old = Handler(lambda e: e.id == "3")
-        await channel.attach("t", old)
-        await channel.append([event(str(i)) for i in range(10)])
-        await until(lambda: len(old.got) == 9, what="the old trigger's deliveries")
+        channel = await _stuck_at_3(tmp_path)
         new = Handler()
         await channel.replace("t", new, timeout=0.1)
         await until(lambda: len(new.got) == 10, what="every event again")
@@ -483,6 +464,18 @@ class TestRestart:
         assert await broker.reload()
         await broker.shutdown()
         assert not checkpoint.exists()
+
+
+async def _stuck_at_3(tmp_path: Path) -> Any:
+    """A disk channel whose trigger `t` delivered events 0 to 9 but 3, which hangs."""
+    from infer_logger.spool import DiskSpool
+    from pipelines.broker.channel import SpoolChannel
+
+    channel = SpoolChannel(DiskSpool(tmp_path))
+    await channel.attach("t", Handler(lambda e: e.id == "3"))
+    await channel.append([event(str(i)) for i in range(10)])
+    await until(lambda: len(channel._runners["t"].handler.got) == 9, what="the first deliveries")
+    return channel
 
 
 async def _backlog_then_restart(tmp_path: Path, subscriber: Subscriber, listed_first: str) -> list[CloudEvent]:
