@@ -187,14 +187,15 @@ class SpoolChannel:
         await asyncio.gather(*(self.detach(name, forget=False, timeout=timeout) for name in list(self._runners)))
         self.spool.close()
 
-    def read(self, reader: SpoolReader, start: Position) -> tuple[list[CloudEvent], Position]:
-        """The batch at `start`, decoded once for every trigger that reads it."""
+    def read(self, reader: SpoolReader, start: Position, count: int | None = None) -> tuple[list[CloudEvent], Position]:
+        """The batch at `start`, decoded once for every trigger that reads it; with `count`, the
+        `count` events there (a batch as an earlier runner read it: not shared)."""
         hit = self._cache.get(start)
-        if hit is not None:
+        if hit is not None and (count is None or len(hit[0]) == count):
             return hit
-        events, end = reader.read(self.batch_size, start)
+        events, end = reader.read(count or self.batch_size, start)
         events = [unpack(e) for e in events]
-        if events:
+        if events and count is None:
             if len(self._cache) >= _CACHE_BATCHES:
                 del self._cache[next(iter(self._cache))]
             self._cache[start] = (events, end)
@@ -270,8 +271,11 @@ class _Runner:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
+            # Where the runner before settled events, the batch it read there, at its size: live
+            # traffic reads small batches, which a read of `batch_size` would not line up with.
+            again = self._settled.get(self.read_pos)
             try:
-                events, end = self.channel.read(self.reader, self.read_pos)
+                events, end = self.channel.read(self.reader, self.read_pos, again[0] if again else None)
             except OSError as exc:
                 log.error("reading the broker's log: %s; trying again in 1s", exc)
                 await asyncio.sleep(1.0)
