@@ -424,7 +424,7 @@ def main() -> int:
 
         print(orjson.dumps(uvloop.run(produce_with_sink(args.produce, args.duration, args.mode))).decode())
         return 0
-    if "wrk" in args.producers.split(",") and (missing := missing_tools(WRK)):
+    if "throughput" not in args.skip and "wrk" in args.producers.split(",") and (missing := missing_tools(WRK)):
         print(f"broker: {missing}", file=sys.stderr)
         return 2
     install_cleanup()
