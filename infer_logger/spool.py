@@ -99,6 +99,10 @@ class SpoolReader(Protocol):
 
     def read(self, max_events: int, start: Position | None = None) -> tuple[list[CloudEvent], Position]: ...
 
+    def holds(self, position: Position) -> bool:
+        """Whether the log still holds what was written at `position`: a read from a place an
+        overflow dropped goes on with the oldest events left, other events than were there."""
+
     async def wait(self, timeout: float) -> None: ...
 
     def wake(self) -> None: ...
@@ -728,6 +732,9 @@ class DiskReader:
             segment, offset = following, 0
         return out, Position(segment, offset)
 
+    def holds(self, position: Position) -> bool:
+        return position.segment in self.spool._sizes  # the oldest segments go first: later ones stay too
+
     def _read_segment(
         self, segment: int, offset: int, size: int, limit: int, out: list[CloudEvent]
     ) -> int:
@@ -949,6 +956,10 @@ class MemoryReader:
         stop = min(len(log_), index + max_events)
         events = [log_[i][1] for i in range(index, stop)]
         return events, Position(0, first + stop)
+
+    def holds(self, position: Position) -> bool:
+        log_ = self.spool._log
+        return position.offset >= (log_[0][0] if log_ else self.spool._next)
 
     def wake(self) -> None:
         self._event.set()

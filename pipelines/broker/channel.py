@@ -274,6 +274,11 @@ class _Runner:
             # Where the runner before settled events, the batch it read there, at its size: live
             # traffic reads small batches, which a read of `batch_size` would not line up with.
             again = self._settled.get(self.read_pos)
+            if again is not None and not self.reader.holds(self.read_pos):
+                # An overflow dropped them: a read goes on with other events (a response shares
+                # its request's id), which the record would have skipped as settled.
+                del self._settled[self.read_pos]
+                again = None
             try:
                 events, end = self.channel.read(self.reader, self.read_pos, again[0] if again else None)
             except OSError as exc:
@@ -286,7 +291,7 @@ class _Runner:
             batch = _Batch(self.read_pos, end, tuple(event.id for event in events))
             self._window.append(batch)
             count, digest, before = self._settled.pop(self.read_pos, (0, "", frozenset()))
-            if before and len(events) >= count and _digest(batch.ids[:count]) == digest:
+            if before and again is not None and len(events) >= count and _digest(batch.ids[:count]) == digest:
                 batch.before = before
                 events_left = [event for i, event in enumerate(events) if i not in before]
             else:
@@ -318,10 +323,10 @@ class _Runner:
     def settled_ahead(self) -> Ahead:
         """The events settled past the checkpoint (also those the runner before settled that
         this one has not read again)."""
-        ahead = dict(self._settled)
-        for batch in self._window:
+        ahead = {start: entry for start, entry in self._settled.items() if start >= self.committed}
+        for batch in self._window:  # every one, settled events or not: its size lines the next reads up
             ahead[batch.start] = (len(batch.ids), _digest(batch.ids), batch.settled())
-        return {start: entry for start, entry in ahead.items() if entry[2]}
+        return ahead
 
     def _advance(self) -> None:
         end = None

@@ -306,6 +306,8 @@ class TestReload:
         await until(lambda: "10" in new.got, what="the next run's deliveries")
         await again.aclose(0.1)
         assert new.got == ["3", "10"]
+        # All delivered: nothing is kept (what lay behind the checkpoint was written back at every stop).
+        assert "ahead" not in orjson.loads((tmp_path / "checkpoints" / "t.json").read_bytes())
 
     @pytest.mark.parametrize("by", ["restart", "reload"])
     async def test_what_was_settled_in_small_batches_is_known_again(self, tmp_path: Path, by: str) -> None:
@@ -330,6 +332,47 @@ class TestReload:
             await channel.attach("t", new)
         await channel.append([event("last")])
         await until(lambda: "last" in new.got, what="the new runner's deliveries")
+        await channel.aclose(0.1)
+        assert new.got == ["0", "last"]
+
+    async def test_what_was_settled_where_an_overflow_dropped_it_is_not_applied(self) -> None:
+        """A read from a dropped place goes on with the oldest events left: a response there,
+        sharing its settled request's id, was skipped as settled and lost."""
+        from infer_logger.spool import MemorySpool, Position
+        from pipelines.broker.channel import SpoolChannel, _digest, _Runner
+
+        spool = MemorySpool(max_events=3, overflow="drop_oldest")
+        channel = SpoolChannel(spool)
+        reader = spool.reader("t")
+        for e in (event("x"), event("a", REQUEST), event("a"), event("b"), event("c")):
+            spool.append(e)  # x and the request are dropped: the log holds the response, b, c
+        reader.commit(Position(0, 1))  # where the request was
+        runner = _Runner(channel, reader, Handler(), settled={Position(0, 1): (1, _digest(["a"]), frozenset({0}))})
+        runner.start()
+        await until(lambda: len(runner.handler.got) == 3, what="the events left")
+        await runner.stop(0.1)
+        assert runner.handler.got == ["a", "b", "c"]
+
+    async def test_what_a_trigger_stuck_alone_settled_is_known_again(self, tmp_path: Path) -> None:
+        """The stuck event's batch settled nothing: with no record of its size, the next run
+        read `batch_size` from it and none of the later batches lined up (99 of 100 again)."""
+        from infer_logger.spool import DiskSpool
+        from pipelines.broker.channel import SpoolChannel
+
+        channel = SpoolChannel(DiskSpool(tmp_path))
+        old = Handler(lambda e: e.id == "0")
+        await channel.attach("t", old)
+        await channel.append([event("0")])
+        await asyncio.sleep(0.1)  # read alone
+        for i in range(1, 30):
+            await channel.append([event(str(i))])
+            await until(lambda: len(old.got) == i, what=f"event {i}")
+        await channel.aclose(0.1)
+        channel = SpoolChannel(DiskSpool(tmp_path))
+        new = Handler()
+        await channel.attach("t", new)
+        await channel.append([event("last")])
+        await until(lambda: "last" in new.got, what="the next run's deliveries")
         await channel.aclose(0.1)
         assert new.got == ["0", "last"]
 
