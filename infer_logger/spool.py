@@ -97,7 +97,8 @@ class SpoolReader(Protocol):
     on disk: a consumer settling out of order (the broker's triggers) tells its next run what not
     to deliver again. None when there is none (or the spool keeps no checkpoints)."""
 
-    def read(self, max_events: int, start: Position | None = None) -> tuple[list[CloudEvent], Position]: ...
+    def read(self, max_events: int, start: Position | None = None,
+             stop: Position | None = None) -> tuple[list[CloudEvent], Position]: ...
 
     def holds(self, position: Position) -> bool:
         """Whether the log still holds what was written at `position`: a read from a place an
@@ -665,11 +666,11 @@ class DiskReader:
                                 "segment", path, self.name)
                 return Position(first, 0)
         assert position is not None
+        self.ahead = ahead  # its own checkpoint's: what its consumer knows to be where
         if position.segment not in self.spool._sizes:
             # Its segment is gone (dropped on overflow, or finished): go on from the next one.
             following = self.spool._next_segment(position.segment)
             return Position(following if following is not None else self.spool._current, 0)
-        self.ahead = ahead  # its own checkpoint, where it left off
         return position
 
     def _set_aside(self, path: Path, destination: str | None) -> None:
@@ -701,8 +702,10 @@ class DiskReader:
             return position
         return None
 
-    def read(self, max_events: int, start: Position | None = None) -> tuple[list[CloudEvent], Position]:
-        """Up to `max_events` events after `start` (default: the cursor), and the position past them.
+    def read(self, max_events: int, start: Position | None = None,
+             stop: Position | None = None) -> tuple[list[CloudEvent], Position]:
+        """Up to `max_events` events after `start` (default: the cursor), and the position past them;
+        none at or past `stop` (a record's start), when given.
 
         The position can move with no events (past a corrupt stretch): commit it all the same.
         """
@@ -712,6 +715,8 @@ class DiskReader:
         start = start or self.position
         segment, offset = start.segment, start.offset
         while len(out) < max_events:
+            if stop is not None and segment > stop.segment:
+                break
             size = self.spool._sizes.get(segment)
             if size is None:  # deleted under us (overflow): go on with the next one
                 following = self.spool._next_segment(segment)
@@ -719,9 +724,11 @@ class DiskReader:
                     break
                 segment, offset = following, 0
                 continue
-            if offset < size:
-                offset = self._read_segment(segment, offset, size, max_events - len(out), out)
-            if len(out) >= max_events or segment == self.spool._current:
+            capped = stop is not None and stop.segment == segment
+            end = min(size, stop.offset) if stop is not None and capped else size
+            if offset < end:
+                offset = self._read_segment(segment, offset, end, max_events - len(out), out)
+            if len(out) >= max_events or segment == self.spool._current or capped:
                 break
             if offset < size:
                 # A torn tail left by a crashed writer: nothing more will come.
@@ -733,7 +740,9 @@ class DiskReader:
         return out, Position(segment, offset)
 
     def holds(self, position: Position) -> bool:
-        return position.segment in self.spool._sizes  # the oldest segments go first: later ones stay too
+        # The oldest segments go first, so later ones stay too; a segment shorter than the position
+        # (its tail lost in a crash) holds no longer what was written there either.
+        return position.offset <= self.spool._sizes.get(position.segment, -1)
 
     def _read_segment(
         self, segment: int, offset: int, size: int, limit: int, out: list[CloudEvent]
@@ -943,7 +952,8 @@ class MemoryReader:
         self.position = Position(0, start)
         self._event = asyncio.Event()
 
-    def read(self, max_events: int, start: Position | None = None) -> tuple[list[CloudEvent], Position]:
+    def read(self, max_events: int, start: Position | None = None,
+             stop: Position | None = None) -> tuple[list[CloudEvent], Position]:
         self._event.clear()
         start = start or self.position
         log_ = self.spool._log
@@ -953,9 +963,11 @@ class MemoryReader:
         index = max(0, start.offset - first)
         if index >= len(log_):
             return [], start
-        stop = min(len(log_), index + max_events)
-        events = [log_[i][1] for i in range(index, stop)]
-        return events, Position(0, first + stop)
+        last = min(len(log_), index + max_events)
+        if stop is not None:
+            last = max(index, min(last, stop.offset - first))
+        events = [log_[i][1] for i in range(index, last)]
+        return events, Position(0, first + last)
 
     def holds(self, position: Position) -> bool:
         log_ = self.spool._log

@@ -22,7 +22,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import orjson
 
@@ -187,27 +187,38 @@ class SpoolChannel:
         await asyncio.gather(*(self.detach(name, forget=False, timeout=timeout) for name in list(self._runners)))
         self.spool.close()
 
-    def read(self, reader: SpoolReader, start: Position, count: int | None = None) -> tuple[list[CloudEvent], Position]:
+    def read(self, reader: SpoolReader, start: Position, count: int | None = None,
+             stop: Position | None = None) -> tuple[list[CloudEvent], Position]:
         """The batch at `start`, decoded once for every trigger that reads it; with `count`, the
-        `count` events there (a batch as an earlier runner read it: not shared)."""
+        `count` events there, or with `stop`, none from there on (a batch as an earlier runner
+        read it, or up to one: not shared)."""
         hit = self._cache.get(start)
-        if hit is not None and (count is None or len(hit[0]) == count):
+        if hit is not None and stop is None and (count is None or len(hit[0]) == count):
             return hit
-        events, end = reader.read(count or self.batch_size, start)
+        events, end = reader.read(count or self.batch_size, start, stop)
         events = [unpack(e) for e in events]
-        if events and count is None:
+        if events and count is None and stop is None:
             if len(self._cache) >= _CACHE_BATCHES:
                 del self._cache[next(iter(self._cache))]
             self._cache[start] = (events, end)
         return events, end
 
 
-Ahead = dict[Position, tuple[int, str, frozenset[int]]]
-"""What a trigger settled past its checkpoint: by a batch's start, its number of events, a digest of
-their ids and the indices of those settled. A runner taking over (a reload's, or the next run's:
-it is kept with the checkpoint) skips them where the batch it reads from that start begins with
-the same events (not where an overflow dropped them): the checkpoint waits for the oldest event
-still in flight, and everything settled after it was delivered again."""
+class Settled(NamedTuple):
+    """One batch a runner read past its checkpoint, as the next runner must find it again."""
+
+    size: int  # events
+    digest: str  # of their ids
+    settled: frozenset[int]  # indices of those settled
+    end: Position  # where the batch ended (a read of `count` events may stop short of a segment's end)
+
+
+Ahead = dict[Position, Settled]
+"""What a trigger settled past its checkpoint, by batch start. A runner taking over (a reload's,
+or the next run's: it is kept with the checkpoint) reads each batch again at its size, and skips
+the settled events where the log still holds what was there and the batch begins with the same
+ids (an overflow may have dropped them): the checkpoint waits for the oldest event still in flight,
+and everything settled after it was delivered again."""
 
 
 def _digest(ids: Sequence[str]) -> str:
@@ -216,16 +227,17 @@ def _digest(ids: Sequence[str]) -> str:
 
 def _ahead_to_json(ahead: Ahead) -> list[list[object]] | None:
     """As the checkpoint keeps it: the indices not settled (fewer, as a rule)."""
-    return [[start.segment, start.offset, count, digest, sorted(set(range(count)) - settled)]
-            for start, (count, digest, settled) in sorted(ahead.items())] or None
+    return [[start.segment, start.offset, e.size, e.digest, sorted(set(range(e.size)) - e.settled),
+             e.end.segment, e.end.offset] for start, e in sorted(ahead.items())] or None
 
 
 def _ahead_from_json(data: object) -> Ahead:
     ahead: Ahead = {}
     try:
-        for segment, offset, count, digest, unsettled in data or ():  # type: ignore[attr-defined]
-            ahead[Position(int(segment), int(offset))] = (int(count), str(digest),
-                                                          frozenset(range(int(count))) - frozenset(unsettled))
+        for segment, offset, count, digest, unsettled, end_segment, end_offset in data or ():  # type: ignore[attr-defined]
+            ahead[Position(int(segment), int(offset))] = Settled(
+                int(count), str(digest), frozenset(range(int(count))) - frozenset(unsettled),
+                Position(int(end_segment), int(end_offset)))
     except (TypeError, ValueError) as exc:  # a file of another version, or edited: all goes again
         log.warning("ignoring what a trigger settled past its checkpoint, unreadable: %s", exc)
         return {}
@@ -271,16 +283,18 @@ class _Runner:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
-            # Where the runner before settled events, the batch it read there, at its size: live
-            # traffic reads small batches, which a read of `batch_size` would not line up with.
-            again = self._settled.get(self.read_pos)
+            # Where the runner before read a batch, that batch again, at its size (live traffic
+            # reads small batches, which a read of `batch_size` would not line up with); before
+            # one, no further than its start.
+            again = self._settled.pop(self.read_pos, None)
             if again is not None and not self.reader.holds(self.read_pos):
                 # An overflow dropped them: a read goes on with other events (a response shares
                 # its request's id), which the record would have skipped as settled.
-                del self._settled[self.read_pos]
                 again = None
+            stop = None if again or not self._settled else min((p for p in self._settled if p > self.read_pos),
+                                                                 default=None)
             try:
-                events, end = self.channel.read(self.reader, self.read_pos, again[0] if again else None)
+                events, end = self.channel.read(self.reader, self.read_pos, again.size if again else None, stop)
             except OSError as exc:
                 log.error("reading the broker's log: %s; trying again in 1s", exc)
                 await asyncio.sleep(1.0)
@@ -289,13 +303,17 @@ class _Runner:
                 await self.reader.wait(0.5)
                 continue
             batch = _Batch(self.read_pos, end, tuple(event.id for event in events))
+            events_left = events
+            # The same batch: the same ids, read no further than it ended (a read past it went on
+            # from a segment's lost tail into another); it ends where it did, not short of a
+            # segment boundary it crossed.
+            if (again is not None and len(events) == again.size and end <= again.end
+                    and _digest(batch.ids) == again.digest):
+                batch.end = end = again.end
+                if again.settled:
+                    batch.before = again.settled
+                    events_left = [event for i, event in enumerate(events) if i not in again.settled]
             self._window.append(batch)
-            count, digest, before = self._settled.pop(self.read_pos, (0, "", frozenset()))
-            if before and again is not None and len(events) >= count and _digest(batch.ids[:count]) == digest:
-                batch.before = before
-                events_left = [event for i, event in enumerate(events) if i not in before]
-            else:
-                events_left = events
             taken = self.handler.take(events_left)
             index = {id(event): i for i, event in enumerate(events)}
             for event in taken:
@@ -325,7 +343,7 @@ class _Runner:
         this one has not read again)."""
         ahead = {start: entry for start, entry in self._settled.items() if start >= self.committed}
         for batch in self._window:  # every one, settled events or not: its size lines the next reads up
-            ahead[batch.start] = (len(batch.ids), _digest(batch.ids), batch.settled())
+            ahead[batch.start] = Settled(len(batch.ids), _digest(batch.ids), batch.settled(), batch.end)
         return ahead
 
     def _advance(self) -> None:

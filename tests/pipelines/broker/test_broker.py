@@ -339,7 +339,7 @@ class TestReload:
         """A read from a dropped place goes on with the oldest events left: a response there,
         sharing its settled request's id, was skipped as settled and lost."""
         from infer_logger.spool import MemorySpool, Position
-        from pipelines.broker.channel import SpoolChannel, _digest, _Runner
+        from pipelines.broker.channel import Settled, SpoolChannel, _digest, _Runner
 
         spool = MemorySpool(max_events=3, overflow="drop_oldest")
         channel = SpoolChannel(spool)
@@ -347,7 +347,8 @@ class TestReload:
         for e in (event("x"), event("a", REQUEST), event("a"), event("b"), event("c")):
             spool.append(e)  # x and the request are dropped: the log holds the response, b, c
         reader.commit(Position(0, 1))  # where the request was
-        runner = _Runner(channel, reader, Handler(), settled={Position(0, 1): (1, _digest(["a"]), frozenset({0}))})
+        runner = _Runner(channel, reader, Handler(),
+                         settled={Position(0, 1): Settled(1, _digest(["a"]), frozenset({0}), Position(0, 2))})
         runner.start()
         await until(lambda: len(runner.handler.got) == 3, what="the events left")
         await runner.stop(0.1)
@@ -376,6 +377,65 @@ class TestReload:
         await channel.aclose(0.1)
         assert new.got == ["0", "last"]
 
+    @pytest.mark.parametrize("by", ["restart", "reload"])
+    @pytest.mark.parametrize(("stuck", "half"), [(5, False), (6, False), (5, True)],
+                             ids=["first-of-segment", "second-of-segment", "segment-rolled-before"])
+    async def test_what_was_settled_across_segments_is_known_again(
+            self, tmp_path: Path, by: str, stuck: int, half: bool) -> None:
+        """Segments roll under live traffic: a batch read on across a segment's end (re-read, it
+        stops short of it), or a checkpoint at the end of a segment its save deletes, lost the
+        record of everything settled after it (30 of 33, 34 of 34 sent again)."""
+        from infer_logger.spool import DiskSpool, encode_record
+        from pipelines.broker.channel import SpoolChannel, pack
+
+        record = len(encode_record(pack(event("e000"))))
+        segment_bytes = record * 5 + (record // 2 if half else 0)  # 5 records; half: rolls before the 6th
+        channel = SpoolChannel(DiskSpool(tmp_path, segment_bytes=segment_bytes))
+        old = Handler(lambda e: e.id == f"e{stuck:03d}")
+        await channel.attach("t", old)
+        for i in range(100):  # more batches than the shared cache keeps: a reload reads them again
+            await channel.append([event(f"e{i:03d}")])
+            if i == stuck:
+                await asyncio.sleep(0.05)
+            else:
+                await until(lambda: len(old.got) == (i + 1 if i < stuck else i), what=f"event {i}")
+        new = Handler()
+        if by == "reload":
+            await channel.replace("t", new, timeout=0.1)
+        else:
+            await channel.aclose(0.1)
+            channel = SpoolChannel(DiskSpool(tmp_path, segment_bytes=segment_bytes))
+            await channel.attach("t", new)
+        await channel.append([event("last")])
+        await until(lambda: "last" in new.got, what="the new runner's deliveries")
+        await channel.aclose(0.1)
+        assert new.got == [f"e{stuck:03d}", "last"]
+
+    async def test_what_was_settled_in_a_segment_that_lost_its_tail_is_not_applied(self, tmp_path: Path) -> None:
+        """Read from where a crash cut a segment short, the events came from the next segment (a
+        response sharing its settled request's id): skipped as settled, lost."""
+        from infer_logger.spool import DiskSpool
+        from pipelines.broker.channel import Settled, SpoolChannel, _digest, _Runner, pack
+
+        spool = DiskSpool(tmp_path)
+        spool.append(pack(event("x")))
+        start = spool.tail()
+        spool.append(pack(event("a", REQUEST)))
+        end = spool.tail()
+        spool.close()
+        with open(tmp_path / f"{start.segment:020d}.seg", "r+b") as segment:
+            segment.truncate(start.offset)  # the request's record lost, the checkpoint kept
+        spool = DiskSpool(tmp_path)
+        spool.append(pack(event("a")))  # its response, in the next run's segment
+        reader = spool.reader("t")
+        reader.commit(start)
+        runner = _Runner(SpoolChannel(spool), reader, Handler(),
+                         settled={start: Settled(1, _digest(["a"]), frozenset({0}), end)})
+        runner.start()
+        await until(lambda: runner.handler.got == ["a"], what="the response")
+        await runner.stop(0.1)
+        spool.close()
+
     @pytest.mark.parametrize("ahead", ["not a list", [[0, 0, 10]], [["a", 0, 10, "d", []]]])
     async def test_an_unreadable_record_of_what_was_settled_sends_all_again(self, tmp_path: Path, ahead: object) -> None:
         from infer_logger.spool import DiskSpool
@@ -396,10 +456,11 @@ class TestReload:
             self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """What the old runner settled counts only where the batch read again holds the same
         events (an overflow may have dropped them): else every event goes again, none is lost."""
-        from pipelines.broker.channel import _Runner
+        from pipelines.broker.channel import Settled, _Runner
 
         monkeypatch.setattr(_Runner, "settled_ahead",
-                            lambda self: {b.start: (10, "another digest", frozenset(range(10))) for b in self._window})
+                            lambda self: {b.start: Settled(10, "another digest", frozenset(range(10)), b.end)
+                                          for b in self._window})
         channel = await _stuck_at_3(tmp_path)
         new = Handler()
         await channel.replace("t", new, timeout=0.1)
