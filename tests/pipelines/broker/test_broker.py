@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -279,61 +279,40 @@ class TestReload:
         assert [e.id for e in subscriber.events] == ["1", "2", "3"]
         assert [e.id for e in other_subscriber.events] == ["2"]
 
-    async def test_a_changed_trigger_goes_on_past_what_the_old_one_settled(self, tmp_path: Path) -> None:
-        """The checkpoint waits for the oldest event in flight: a reload delivered again every
-        event the old trigger had settled after it (a slow or failing one held all of them)."""
-        channel = await _stuck_at_3(tmp_path)
-        new = Handler()
-        await channel.replace("t", new, timeout=0.1)  # "3" is cancelled: the new one delivers it
-        await channel.append([event("10")])
-        await until(lambda: "10" in new.got, what="the new trigger's deliveries")
-        await channel.aclose(0.1)
-        assert new.got == ["3", "10"]
-
-    async def test_a_restart_goes_on_past_what_the_last_run_settled(self, tmp_path: Path) -> None:
-        """Kept with the checkpoint: a restart delivered again everything settled after the
-        oldest event in flight (a stuck one held back 50 deliveries, all sent twice)."""
+    @pytest.mark.parametrize("by", ["reload", "restart"])
+    async def test_the_runner_taking_over_goes_on_past_what_was_settled(self, tmp_path: Path, by: str) -> None:
+        """The checkpoint waits for the oldest event in flight: a reload, or the next run (it is
+        kept with the checkpoint), delivered again everything settled after it (a stuck event
+        held back 50 deliveries, all sent twice)."""
         from infer_logger.spool import DiskSpool
         from pipelines.broker.channel import SpoolChannel
 
-        channel = await _stuck_at_3(tmp_path)
-        await channel.aclose(0.1)  # "3" is cancelled: the next run delivers it
-
-        again = SpoolChannel(DiskSpool(tmp_path))
-        new = Handler()
-        await again.attach("t", new)
-        await again.append([event("10")])
-        await until(lambda: "10" in new.got, what="the next run's deliveries")
-        await again.aclose(0.1)
-        assert new.got == ["3", "10"]
+        channel = await _stuck_at_3(tmp_path)  # "3" is cancelled: the runner taking over delivers it
+        assert await _taken_over(channel, by, lambda: SpoolChannel(DiskSpool(tmp_path))) == ["3", "last"]
         # All delivered: nothing is kept (what lay behind the checkpoint was written back at every stop).
         assert "ahead" not in orjson.loads((tmp_path / "checkpoints" / "t.json").read_bytes())
 
     @pytest.mark.parametrize("by", ["restart", "reload"])
-    async def test_what_was_settled_in_small_batches_is_known_again(self, tmp_path: Path, by: str) -> None:
+    @pytest.mark.parametrize("alone", [False, True], ids=["stuck-with-the-next", "stuck-alone"])
+    async def test_what_was_settled_in_small_batches_is_known_again(self, tmp_path: Path, by: str,
+                                                                    alone: bool) -> None:
         """Live traffic reads one event a batch: read again from the checkpoint `batch_size` at a
         time (or past the shared cache's 64 batches), only the first was known: 19 of 20
-        settled events (98 of 100 at a reload) went again."""
+        settled events (98 of 100 at a reload) went again; and with no record of the stuck
+        event's own batch (it settled nothing), 99 of 100."""
         from infer_logger.spool import DiskSpool
         from pipelines.broker.channel import SpoolChannel
 
         channel = SpoolChannel(DiskSpool(tmp_path))
         old = Handler(lambda e: e.id == "0")
         await channel.attach("t", old)
-        for i in range(100):
+        first = [event("0")] if alone else [event("0"), event("1")]
+        await channel.append(first)
+        await asyncio.sleep(0.1)  # read as one batch
+        for i in range(len(first), 100):
             await channel.append([event(str(i))])
             await until(lambda: len(old.got) == i, what=f"event {i}")
-        new = Handler()
-        if by == "reload":
-            await channel.replace("t", new, timeout=0.1)
-        else:
-            await channel.aclose(0.1)
-            channel = SpoolChannel(DiskSpool(tmp_path))
-            await channel.attach("t", new)
-        await channel.append([event("last")])
-        await until(lambda: "last" in new.got, what="the new runner's deliveries")
-        await channel.aclose(0.1)
-        assert new.got == ["0", "last"]
+        assert await _taken_over(channel, by, lambda: SpoolChannel(DiskSpool(tmp_path))) == ["0", "last"]
 
     async def test_what_was_settled_where_an_overflow_dropped_it_is_not_applied(self) -> None:
         """A read from a dropped place goes on with the oldest events left: a response there,
@@ -353,29 +332,6 @@ class TestReload:
         await until(lambda: len(runner.handler.got) == 3, what="the events left")
         await runner.stop(0.1)
         assert runner.handler.got == ["a", "b", "c"]
-
-    async def test_what_a_trigger_stuck_alone_settled_is_known_again(self, tmp_path: Path) -> None:
-        """The stuck event's batch settled nothing: with no record of its size, the next run
-        read `batch_size` from it and none of the later batches lined up (99 of 100 again)."""
-        from infer_logger.spool import DiskSpool
-        from pipelines.broker.channel import SpoolChannel
-
-        channel = SpoolChannel(DiskSpool(tmp_path))
-        old = Handler(lambda e: e.id == "0")
-        await channel.attach("t", old)
-        await channel.append([event("0")])
-        await asyncio.sleep(0.1)  # read alone
-        for i in range(1, 30):
-            await channel.append([event(str(i))])
-            await until(lambda: len(old.got) == i, what=f"event {i}")
-        await channel.aclose(0.1)
-        channel = SpoolChannel(DiskSpool(tmp_path))
-        new = Handler()
-        await channel.attach("t", new)
-        await channel.append([event("last")])
-        await until(lambda: "last" in new.got, what="the next run's deliveries")
-        await channel.aclose(0.1)
-        assert new.got == ["0", "last"]
 
     @pytest.mark.parametrize("by", ["restart", "reload"])
     @pytest.mark.parametrize(("stuck", "half"), [(5, False), (6, False), (5, True)],
@@ -399,17 +355,8 @@ class TestReload:
                 await asyncio.sleep(0.05)
             else:
                 await until(lambda: len(old.got) == (i + 1 if i < stuck else i), what=f"event {i}")
-        new = Handler()
-        if by == "reload":
-            await channel.replace("t", new, timeout=0.1)
-        else:
-            await channel.aclose(0.1)
-            channel = SpoolChannel(DiskSpool(tmp_path, segment_bytes=segment_bytes))
-            await channel.attach("t", new)
-        await channel.append([event("last")])
-        await until(lambda: "last" in new.got, what="the new runner's deliveries")
-        await channel.aclose(0.1)
-        assert new.got == [f"e{stuck:03d}", "last"]
+        reopened = await _taken_over(channel, by, lambda: SpoolChannel(DiskSpool(tmp_path, segment_bytes=segment_bytes)))
+        assert reopened == [f"e{stuck:03d}", "last"]
 
     async def test_what_was_settled_in_a_segment_that_lost_its_tail_is_not_applied(self, tmp_path: Path) -> None:
         """Read from where a crash cut a segment short, the events came from the next segment (a
@@ -606,6 +553,22 @@ async def _stuck_at_3(tmp_path: Path) -> Any:
     await channel.append([event(str(i)) for i in range(10)])
     await until(lambda: len(channel._runners["t"].handler.got) == 9, what="the first deliveries")
     return channel
+
+
+async def _taken_over(channel: Any, by: str, reopen: Callable[[], Any]) -> list[str]:
+    """What the runner taking trigger `t` over delivers, up to a new event "last": a changed
+    trigger's (`by` "reload"), or the next run's after a stop (`reopen` makes its channel)."""
+    new = Handler()
+    if by == "reload":
+        await channel.replace("t", new, timeout=0.1)
+    else:
+        await channel.aclose(0.1)
+        channel = reopen()
+        await channel.attach("t", new)
+    await channel.append([event("last")])
+    await until(lambda: "last" in new.got, what="the new runner's deliveries")
+    await channel.aclose(0.1)
+    return new.got
 
 
 async def _backlog_then_restart(tmp_path: Path, subscriber: Subscriber, listed_first: str) -> list[CloudEvent]:
