@@ -138,8 +138,9 @@ def iter_records(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[Clou
     unpack, size, loads, crc32 = _HEADER.unpack_from, _HEADER.size, orjson.loads, zlib.crc32
     while end - pos >= size:
         magic, flags, crc, alen, dlen = unpack(view, pos)
-        if magic != _MAGIC:
-            raise CorruptRecordError(f"bad record magic at offset {pos}")
+        if magic != _MAGIC or alen == 0:  # attributes are never empty: a header zeroed after its magic
+            raise CorruptRecordError(f"bad record magic at offset {pos}" if magic != _MAGIC
+                                     else f"a record without attributes at offset {pos}")
         body = pos + size
         mid = body + alen
         stop = mid + dlen
@@ -151,7 +152,13 @@ def iter_records(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[Clou
             data = None
         else:
             data = raw[mid:stop] if raw is not None else bytes(view[mid:stop])
-        event = CloudEvent(loads(view[body:mid]), data)
+        try:
+            attributes = loads(view[body:mid])
+        except orjson.JSONDecodeError:  # its checksum held (a zeroed stretch's does): not a record
+            attributes = None
+        if type(attributes) is not dict:
+            raise CorruptRecordError(f"a record whose attributes are no JSON object at offset {pos}", resume=stop)
+        event = CloudEvent(attributes, data)
         pos = stop
         yield event, pos
 
@@ -724,8 +731,9 @@ class DiskReader:
                     break
                 segment, offset = following, 0
                 continue
-            capped = stop is not None and stop.segment == segment
-            end = min(size, stop.offset) if stop is not None and capped else size
+            # Short of `stop` only where the segment reaches it (a crash may have cut its tail).
+            capped = stop is not None and stop.segment == segment and stop.offset <= size
+            end = stop.offset if stop is not None and capped else size
             if offset < end:
                 offset = self._read_segment(segment, offset, end, max_events - len(out), out)
             if len(out) >= max_events or segment == self.spool._current or capped:

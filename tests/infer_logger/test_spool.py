@@ -276,6 +276,23 @@ class TestDiskSpool:
         # Another sink's reader skips it too: one event lost, counted once (it was once per sink).
         assert len(drain(second, batch=100)) == 999 and again.stats.corrupt == 1
 
+    @pytest.mark.parametrize("attributes", [b"", b"[]", b"not json"], ids=["zeroed-header", "array", "garbage"])
+    def test_a_record_whose_checksum_holds_but_attributes_do_not_is_skipped(
+            self, tmp_path: Path, attributes: bytes) -> None:
+        """A tail zeroed from 2 bytes into a header keeps the magic: lengths 0 and CRC 0 pass the
+        check (crc32(b"") is 0), and orjson's error on the empty attributes killed every reader."""
+        import zlib
+
+        from infer_logger.spool import _HEADER, _MAGIC
+
+        spool = DiskSpool(tmp_path)
+        spool.append(event(0))
+        os.write(spool._fd, _HEADER.pack(_MAGIC, 0, zlib.crc32(attributes), len(attributes), 0) + attributes)
+        spool.close()
+        again = DiskSpool(tmp_path)
+        again.append(event(1))
+        assert drain(again.reader("s")) == ["0", "1"] and again.stats.corrupt == 1
+
     def test_torn_tail_after_crash(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path)
         for i in range(5):
