@@ -269,6 +269,7 @@ class _Runner:
         # What the runner before this one settled past the checkpoint (see Ahead): a reload's
         # handed over, else the last run's, kept with the checkpoint.
         self._settled = settled if settled is not None else _ahead_from_json(reader.ahead)
+        self._starts = collections.deque(sorted(self._settled))  # those not yet passed, in log order
         reader.ahead = None
         self._window: collections.deque[_Batch] = collections.deque()
         self._commit_timer: asyncio.TimerHandle | None = None
@@ -283,18 +284,13 @@ class _Runner:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
-            # Where the runner before read a batch, that batch again, at its size (live traffic
-            # reads small batches, which a read of `batch_size` would not line up with); before
-            # one, no further than its start.
-            again = self._settled.pop(self.read_pos, None)
-            if again is not None and not self.reader.holds(self.read_pos):
-                # An overflow dropped them: a read goes on with other events (a response shares
-                # its request's id), which the record would have skipped as settled.
-                again = None
-            stop = None if again or not self._settled else min((p for p in self._settled if p > self.read_pos),
-                                                                 default=None)
+            again, stop = self._recorded()
+            events: list[CloudEvent]
             try:
-                events, end = self.channel.read(self.reader, self.read_pos, again.size if again else None, stop)
+                if again is not None and again.size == 0:  # it read only past a segment's end or a corrupt stretch
+                    events, end = [], again.end
+                else:
+                    events, end = self.channel.read(self.reader, self.read_pos, again.size if again else None, stop)
             except OSError as exc:
                 log.error("reading the broker's log: %s; trying again in 1s", exc)
                 await asyncio.sleep(1.0)
@@ -337,6 +333,27 @@ class _Runner:
         batch.left -= 1  # not on cancellation: a cancelled delivery is redelivered after restart
         batch.in_flight.discard(index)
         self._advance()
+
+    def _recorded(self) -> tuple[Settled | None, Position | None]:
+        """The runner before's record of the batch at `read_pos`, to read it again at its size
+        (live traffic reads small batches, which a read of `batch_size` would not line up with),
+        and the start of the next recorded batch, to read no further before it.
+
+        A batch recorded as starting at the end of a segment since deleted (its checkpoint's
+        save deletes it) starts at the next segment's beginning now. A record is only a
+        candidate: `_run` applies it to a batch read of its size that has its ids and ends no
+        later than it did. A read from a place an overflow dropped, or past a tail a crash cut,
+        goes on with later events (and a response shares its request's id), but then `size`
+        events end later: only where none of the batch's events were lost do they end as it did."""
+        found = None
+        while self._starts and self._starts[0] <= self.read_pos:
+            start = self._starts.popleft()
+            entry = self._settled.pop(start, None)
+            if entry is not None and (start == self.read_pos or entry.end > self.read_pos):
+                found = entry
+        # Not past a record whose place the log no longer holds: the read would stop short for good.
+        stop = next((start for start in self._starts if self.reader.holds(start)), None)
+        return found, stop
 
     def settled_ahead(self) -> Ahead:
         """The events settled past the checkpoint (also those the runner before settled that

@@ -358,6 +358,79 @@ class TestReload:
         reopened = await _taken_over(channel, by, lambda: SpoolChannel(DiskSpool(tmp_path, segment_bytes=segment_bytes)))
         assert reopened == [f"e{stuck:03d}", "last"]
 
+    @pytest.mark.parametrize("by", ["restart", "reload"])
+    async def test_a_batch_read_only_past_a_segment_end_is_known_again(self, tmp_path: Path, by: str) -> None:
+        """A read that ended on its count at a segment's end is followed by one that only moves
+        on to the next segment: recorded as a batch of 0 events, it was read again as a full
+        batch that matched nothing (10 settled events sent again)."""
+        from infer_logger.spool import DiskSpool, encode_record
+        from pipelines.broker.channel import SpoolChannel, pack
+
+        segment_bytes = len(encode_record(pack(event("e00")))) * 20
+
+        def reopen() -> SpoolChannel:
+            return SpoolChannel(DiskSpool(tmp_path, segment_bytes=segment_bytes), batch_size=10)
+
+        channel = reopen()
+        old = Handler(lambda e: e.id == "e20")
+        await channel.attach("t", old)
+        for b in range(5):
+            await channel.append([event(f"e{i:02d}") for i in range(b * 10, b * 10 + 10)])
+            await until(lambda: len(old.got) == (b * 10 + 10 if b < 2 else b * 10 + 9), what=f"batch {b}")
+        assert await _taken_over(channel, by, reopen) == ["e20", "last"]
+
+    @pytest.mark.parametrize("by", ["restart", "reload"])
+    async def test_a_batch_that_began_at_the_end_of_a_deleted_segment_is_known_again(
+            self, tmp_path: Path, by: str) -> None:
+        """A batch read as its segment rolled starts at that segment's end, and so does the
+        checkpoint stuck on it: its save deletes the segment, and the record of the batch was
+        thrown away (its place "not held"), its settled events sent again."""
+        from infer_logger.spool import DiskSpool, encode_record
+        from pipelines.broker.channel import SpoolChannel, pack
+
+        record = len(encode_record(pack(event("e00"))))
+
+        def reopen() -> SpoolChannel:
+            return SpoolChannel(DiskSpool(tmp_path, segment_bytes=record * 5 + record // 2))  # rolls before the 6th
+
+        channel = reopen()
+        old = Handler(lambda e: e.id == "e05")
+        await channel.attach("t", old)
+        for i in range(5):
+            await channel.append([event(f"e{i:02d}")])
+            await until(lambda: len(old.got) == i + 1, what=f"e{i:02d}")
+        await channel.append([event("e05"), event("e06")])  # e05 stuck, e06 settled in its batch
+        await until(lambda: len(old.got) == 6, what="e06")
+        for i in range(7, 12):
+            await channel.append([event(f"e{i:02d}")])
+            await until(lambda: len(old.got) == i, what=f"e{i:02d}")
+        assert await _taken_over(channel, by, reopen) == ["e05", "last"]
+
+    async def test_what_was_settled_past_a_segment_cut_short_leaves_new_events_flowing(self, tmp_path: Path) -> None:
+        """A record beyond where a crash cut a segment was the next read's stop: the read stopped
+        short of it for good, and no new event was delivered again."""
+        from infer_logger.spool import DiskSpool
+        from pipelines.broker.channel import SpoolChannel
+
+        channel = SpoolChannel(DiskSpool(tmp_path))
+        old = Handler(lambda e: e.id == "e3")
+        await channel.attach("t", old)
+        starts = []
+        for i in range(6):
+            starts.append(channel.spool.tail())
+            await channel.append([event(f"e{i}")])
+            await until(lambda: len(old.got) == (i + 1 if i < 3 else i), what=f"e{i}")
+        await channel.aclose(0.1)
+        with open(tmp_path / f"{starts[0].segment:020d}.seg", "r+b") as segment:
+            segment.truncate(starts[1].offset)  # a crash kept e0 only; the checkpoint (at e3) and its record survive
+        channel = SpoolChannel(DiskSpool(tmp_path))
+        new = Handler()
+        await channel.attach("t", new)
+        await channel.append([event(f"n{i}") for i in range(5)])
+        await until(lambda: len(new.got) == 5, what="the new events")
+        await channel.aclose(0.1)
+        assert new.got == [f"n{i}" for i in range(5)]
+
     async def test_what_was_settled_in_a_segment_that_lost_its_tail_is_not_applied(self, tmp_path: Path) -> None:
         """Read from where a crash cut a segment short, the events came from the next segment (a
         response sharing its settled request's id): skipped as settled, lost."""
