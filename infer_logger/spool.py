@@ -736,6 +736,11 @@ class DiskReader:
             end = stop.offset if stop is not None and capped else size
             if offset < end:
                 offset = self._read_segment(segment, offset, end, max_events - len(out), out)
+                if capped and offset < end and len(out) < max_events:
+                    # `stop` starts a record, and everything before it is written: a frame that
+                    # runs past it is damage (a length's bit flipped), skipped as far as `stop`.
+                    self._skip_corrupt(segment, offset, end, "record runs past the next one's start")
+                    offset = end
             if len(out) >= max_events or segment == self.spool._current or capped:
                 break
             if offset < size:

@@ -193,8 +193,8 @@ class SpoolChannel:
         `count` events there, or with `stop`, none from there on (a batch as an earlier runner
         read it, or up to one: not shared)."""
         hit = self._cache.get(start)
-        if hit is not None and stop is None and (count is None or len(hit[0]) == count):
-            return hit
+        if hit is not None and count is None and stop is None:
+            return hit  # not for a batch as read before: a cached read may have gone on past a segment's end
         events, end = reader.read(count or self.batch_size, start, stop)
         events = [unpack(e) for e in events]
         if events and count is None and stop is None:
@@ -231,13 +231,21 @@ def _ahead_to_json(ahead: Ahead) -> list[list[object]] | None:
              e.end.segment, e.end.offset] for start, e in sorted(ahead.items())] or None
 
 
+_MAX_RECORDED = 100_000
+"""Events of one recorded batch, at most (a trigger reads `batch_size` at a time)."""
+
+
 def _ahead_from_json(data: object) -> Ahead:
     ahead: Ahead = {}
     try:
-        for segment, offset, count, digest, unsettled, end_segment, end_offset in data or ():  # type: ignore[attr-defined]
-            ahead[Position(int(segment), int(offset))] = Settled(
-                int(count), str(digest), frozenset(range(int(count))) - frozenset(unsettled),
-                Position(int(end_segment), int(end_offset)))
+        for segment, offset, size, digest, unsettled, end_segment, end_offset in data or ():  # type: ignore[attr-defined]
+            start, end = Position(int(segment), int(offset)), Position(int(end_segment), int(end_offset))
+            unsettled = [int(i) for i in unsettled]
+            # What a run writes: no checkpoint file says otherwise unless edited or damaged.
+            if not (0 <= int(size) <= _MAX_RECORDED and start.segment >= 0 and start.offset >= 0 and end > start
+                    and all(0 <= i < int(size) for i in unsettled)):
+                raise ValueError(f"a batch recorded at {start.segment}:{start.offset} is not one a run records")
+            ahead[start] = Settled(int(size), str(digest), frozenset(range(int(size))) - frozenset(unsettled), end)
     except (TypeError, ValueError) as exc:  # a file of another version, or edited: all goes again
         log.warning("ignoring what a trigger settled past its checkpoint, unreadable: %s", exc)
         return {}
@@ -285,10 +293,9 @@ class _Runner:
         loop = asyncio.get_running_loop()
         while not self._stopping:
             again, stop = self._recorded()
-            events: list[CloudEvent]
             try:
                 if again is not None and again.size == 0:  # it read only past a segment's end or a corrupt stretch
-                    events, end = [], again.end
+                    events, end = self.channel.read(self.reader, self.read_pos, None, again.end)
                 else:
                     events, end = self.channel.read(self.reader, self.read_pos, again.size if again else None, stop)
             except OSError as exc:

@@ -293,6 +293,25 @@ class TestDiskSpool:
         again.append(event(1))
         assert drain(again.reader("s")) == ["0", "1"] and again.stats.corrupt == 1
 
+    def test_a_read_held_short_of_a_stop_skips_a_frame_running_past_it(self, tmp_path: Path) -> None:
+        """A length's flipped bit made a frame run past `stop`: read as a partial frame (the
+        writer mid-append), the read returned nothing at the same place for good."""
+        spool = DiskSpool(tmp_path)
+        starts = []
+        for i in range(10):
+            starts.append(spool.tail())
+            spool.append(event(i))
+        spool.close()
+        segment = tmp_path / f"{starts[0].segment:020d}.seg"
+        raw = bytearray(segment.read_bytes())
+        raw[starts[2].offset + 12 + 3] ^= 0x40  # record 2's data length, past the next records
+        segment.write_bytes(bytes(raw))
+        again = DiskSpool(tmp_path)
+        reader = again.reader("s")
+        events, end = reader.read(100, starts[0], stop=starts[5])
+        assert [e.id for e in events] == ["0", "1"] and end == starts[5] and again.stats.corrupt == 1
+        assert [e.id for e in reader.read(100, end)[0]] == ["5", "6", "7", "8", "9"]
+
     def test_torn_tail_after_crash(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path)
         for i in range(5):

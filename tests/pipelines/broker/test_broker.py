@@ -456,7 +456,14 @@ class TestReload:
         await runner.stop(0.1)
         spool.close()
 
-    @pytest.mark.parametrize("ahead", ["not a list", [[0, 0, 10]], [["a", 0, 10, "d", []]]])
+    @pytest.mark.parametrize("ahead", [
+        "not a list", [[0, 0, 10]], [["a", 0, 10, "d", [], 1, 0]],
+        # Edited or damaged: a size that would take all memory (a MemoryError at attach), an end
+        # before the start, a negative place; a 0-event batch ending far away is read anyway
+        # (the runner jumped there: the events before it never went).
+        [[1, 0, 10**9, "d", [0], 1, 1]], [[1, 100, 1, "d", [], 1, 50]], [[-1, 0, 1, "d", [], 1, 0]],
+        [[1, 0, 0, "", [], 10**6, 0]],
+    ], ids=["not-a-list", "short", "not-a-number", "huge", "backwards", "negative", "empty-far"])
     async def test_an_unreadable_record_of_what_was_settled_sends_all_again(self, tmp_path: Path, ahead: object) -> None:
         from infer_logger.spool import DiskSpool
         from pipelines.broker.channel import SpoolChannel
@@ -471,6 +478,31 @@ class TestReload:
         await again.attach("t", new)
         await until(lambda: len(new.got) == 10, what="every event again")
         await again.aclose(0.1)
+
+    async def test_a_record_read_again_is_not_taken_from_the_shared_cache(self, tmp_path: Path) -> None:
+        """Another trigger's read of the same place, cached, went on past the end of a segment
+        finished since: taken for a record's batch, it ended too late to match, and the events
+        settled in it went again."""
+        from infer_logger.spool import DiskSpool
+        from pipelines.broker.channel import SpoolChannel
+
+        channel = SpoolChannel(DiskSpool(tmp_path), batch_size=10, parallelism=2)
+        one, other = Handler(lambda e: e.id == "e0"), Handler(lambda e: e.id in ("e0", "e1"))
+        await channel.attach("t1", one)
+        await channel.attach("t2", other)  # its 2 slots held: it never reads the second batch
+        await channel.append([event(f"e{i}") for i in range(5)])
+        await until(lambda: len(one.got) == 4, what="the first batch")
+        await channel.append([event(f"e{i}") for i in range(5, 10)])
+        await until(lambda: len(one.got) == 9, what="the second batch")
+        await channel.aclose(0.1)
+        channel = SpoolChannel(DiskSpool(tmp_path), batch_size=10)  # a new segment is the current one
+        first, second = Handler(), Handler()
+        await channel.attach("t2", second)  # the first to reach the second batch fills the cache
+        await channel.attach("t1", first)
+        await channel.append([event("last")])
+        await until(lambda: "last" in first.got and "last" in second.got, what="the next run's deliveries")
+        await channel.aclose(0.1)
+        assert first.got == ["e0", "last"]
 
     async def test_settled_events_are_not_taken_for_others(
             self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
