@@ -214,11 +214,11 @@ class Settled(NamedTuple):
 
 
 Ahead = dict[Position, Settled]
-"""What a trigger settled past its checkpoint, by batch start. A runner taking over (a reload's,
-or the next run's: it is kept with the checkpoint) reads each batch again at its size, and skips
-the settled events where the log still holds what was there and the batch begins with the same
-ids (an overflow may have dropped them): the checkpoint waits for the oldest event still in flight,
-and everything settled after it was delivered again."""
+"""What a trigger settled past its checkpoint, by batch start. The checkpoint waits for the
+oldest event still in flight, and everything settled after it was delivered again: a runner
+taking over (a reload's, or the next run's: it is kept with the checkpoint) reads each batch
+again at its size and skips the settled events where the batch read has the recorded ids and
+ends no later than it did (see `_Runner._recorded`)."""
 
 
 def _digest(ids: Sequence[str]) -> str:
@@ -294,7 +294,7 @@ class _Runner:
         while not self._stopping:
             again, stop = self._recorded()
             try:
-                if again is not None and again.size == 0:  # it read only past a segment's end or a corrupt stretch
+                if again is not None and again.size == 0:  # it only moved past a segment's end or a corrupt stretch
                     events, end = self.channel.read(self.reader, self.read_pos, None, again.end)
                 else:
                     events, end = self.channel.read(self.reader, self.read_pos, again.size if again else None, stop)
