@@ -332,19 +332,23 @@ class FailingOnce(MemorySink):
         self.taken.extend(int(e.id) for e in events)
 
 
+def _ordered(tmp_path: Path, sink: FailingOnce, count: int, backoff: Backoff) -> tuple[DiskSpool, Dispatcher]:
+    """A dispatcher started on `count` events, 5 a batch, 4 batches in flight: the order tests'."""
+    spool = DiskSpool(tmp_path / "spool")
+    for i in range(count):
+        spool.append(event(i))
+    dispatcher = Dispatcher(spool, {"s": sink}, Metrics(spool), batch_size=5, in_flight=4, backoff=backoff)
+    dispatcher.start()
+    return spool, dispatcher
+
+
 async def test_failed_batches_are_retried_in_spool_order(tmp_path: Path) -> None:
     """Batches in flight that all fail (a stalled broker) go again in spool order, and no new
     batch overtakes them: each was retried on its own jittered backoff, and a batch of responses
     landed before the batch holding their requests."""
-    spool = DiskSpool(tmp_path / "spool")
     sink = FailingOnce(lambda first: True)  # every batch fails once, as all in flight do in a stall
     taken = sink.taken
-
-    for i in range(60):
-        spool.append(event(i))
-    d = Dispatcher(spool, {"s": sink}, Metrics(spool), batch_size=5, in_flight=4,
-                   backoff=Backoff(initial=0.02, maximum=0.05))
-    d.start()
+    spool, d = _ordered(tmp_path, sink, 60, Backoff(initial=0.02, maximum=0.05))
     await until(lambda: len(taken) >= 30)
     for i in range(60, 100):  # more arrive while batches are being retried
         spool.append(event(i))
@@ -357,15 +361,9 @@ async def test_failed_batches_are_retried_in_spool_order(tmp_path: Path) -> None
 async def test_a_retry_waits_for_every_earlier_batch_not_only_the_one_before(tmp_path: Path) -> None:
     """Batch 1 fails, batch 2 is taken at once, batch 3 fails: batch 3's retry waited for batch 2
     alone, and went before batch 1's (slow) retry."""
-    spool = DiskSpool(tmp_path / "spool")
     sink = FailingOnce(lambda first: first in (0, 10), slow={0: 0.3})  # batches 1 and 3; 1's retry is slow
     taken = sink.taken
-
-    for i in range(20):
-        spool.append(event(i))
-    d = Dispatcher(spool, {"s": sink}, Metrics(spool), batch_size=5, in_flight=4,
-                   backoff=Backoff(initial=0.01, maximum=0.01))
-    d.start()
+    spool, d = _ordered(tmp_path, sink, 20, Backoff(initial=0.01, maximum=0.01))
     await until(lambda: len(taken) == 20)
     await d.stop()
     spool.close()
