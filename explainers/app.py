@@ -170,6 +170,7 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
     app.add_middleware(BodyLimit, limit=int(service.settings.max_request_bytes),
                        timeout=service.settings.request_read_timeout)
     app.add_middleware(_StartFailureInOneLine, failures=failures)
+    app.state.start_failures = failures  # the command's exit code tells settings from the rest
     app.add_middleware(
         _Unexpected,
         answer=lambda exc: failed(500, f"internal error in the explainer ({type(exc).__name__}); see its log"),

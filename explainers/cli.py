@@ -132,8 +132,14 @@ def _serve(service: Any, log_level: str) -> None:
     s = service.settings
     click.echo(f"infer-logger explainer: http://{s.host}:{s.port}/v1/models/{s.model_name}:explain "
                f"({s.method}, {'white box' if s.model_file else s.predictor_url})", err=True)
-    server = uvicorn.Server(uvicorn_config(create_app(service), s.host, s.port,
-                                           log_level="warning" if log_level != "debug" else "info"))
-    server.run()
+    app = create_app(service)
+    server = uvicorn.Server(uvicorn_config(app, s.host, s.port, log_level="warning" if log_level != "debug" else "info"))
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's own code (3) for any failed start
+        if server.started:
+            raise
     if not server.started:
-        sys.exit(1)  # the lifespan failed (fitting, warm-up); uvicorn logged why
+        # The lifespan failed (fitting, warm-up) and it was logged. Settings only the predictor's
+        # metadata refutes (a black box's features) are a config error, as those found before.
+        sys.exit(2 if any(isinstance(exc, ConfigError) for exc in app.state.start_failures) else 1)

@@ -274,6 +274,15 @@ class TestCommand:
         assert cli.returncode != 0 and "Traceback" not in cli.stderr, cli.stderr
         assert "explainer model failed to start: predictor" in cli.stderr and "ConnectionRefusedError" in cli.stderr
 
+    def test_settings_only_the_predictor_refutes_exit_2(self, model_server: Process) -> None:
+        # A black box learns its features from the predictor's metadata, in the server's start.
+        cli = subprocess.run([sys.executable, "-m", "explainers", "--port", str(free_port()), "--protocol", "v1",
+                              "--predictor-url", model_server.url, "--model-name", "iris",
+                              "--background", "dataset:iris", "--categorical", "colour"],
+                             check=False, capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 2, cli.stderr
+        assert "Traceback" not in cli.stderr and "categorical: 'colour' name no feature" in cli.stderr, cli.stderr
+
 
 class SwitchablePredictor:
     """A V1 `iris` predictor answering probabilities, or failing as `mode` says (set between requests)."""
