@@ -5,7 +5,9 @@ topic, and the group spreads a trigger's partitions over the processes that run 
 Ingress answers 202 only once the topic acknowledged the event (acks=all). Requests arriving
 together are produced and flushed together (one flush for all of them), since the producer
 sink takes one batch at a time. A trigger's consumer is the shared Kafka source: it hands each
-batch to the trigger's dispatcher and commits once every event of it settled.
+batch to the trigger's dispatcher and commits once every event of it settled. A trigger stopped
+(reload, removal, the broker's stop) with deliveries still in flight past the timeout gives them
+up; the source then commits what settled, so those are not delivered again (see its docstring).
 
 A new trigger's group starts at the topic's end: its offsets are committed there before it
 joins, so that a restart before its first batch cannot skip or replay events. Pass-through
@@ -53,6 +55,35 @@ def _said_if_failed(task: asyncio.Task[None]) -> None:
                   task.get_name(), type(exc).__name__, exc)
 
 
+class _Abortable:
+    """A trigger's dispatcher as its Kafka source's subscriber, each event delivered on its own
+    (the dispatcher's filter and parallelism limit as for a batch), so that a stop can give up the
+    deliveries in flight and the batch fails naming just those events: the others settled."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self._in_flight: set[asyncio.Future[None]] = set()
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        deliveries = [asyncio.ensure_future(self.handler.send_batch([event])) for event in events]
+        self._in_flight.update(deliveries)
+        try:
+            outcomes = await asyncio.gather(*deliveries, return_exceptions=True)
+        finally:
+            self._in_flight.difference_update(deliveries)
+        pending = [event for event, outcome in zip(events, outcomes, strict=True) if isinstance(outcome, BaseException)]
+        if pending:
+            raise SinkError(f"{len(pending)} of {len(events)} events not settled: their trigger stopped",
+                            pending=pending)
+
+    def abort(self) -> None:
+        for delivery in self._in_flight:
+            delivery.cancel()
+
+    async def aclose(self) -> None:
+        """Nothing to release: the dispatcher's endpoints belong to the broker."""
+
+
 class KafkaChannel:
     def __init__(self, settings: KafkaChannelSettings, namespace: str, name: str, *, batch_size: int = 100) -> None:
         self.settings = settings
@@ -68,7 +99,7 @@ class KafkaChannel:
         ).build())
         self._pending: list[tuple[Sequence[CloudEvent], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._sources: dict[str, tuple[KafkaSource, asyncio.Task[None]]] = {}
+        self._sources: dict[str, tuple[KafkaSource, asyncio.Task[None], _Abortable]] = {}
         self._reached = False  # the topic exists: Kafka answered
         self._waiting: dict[str, Handler] = {}  # triggers attached before that
         self._connecting: asyncio.Task[None] | None = None
@@ -182,14 +213,15 @@ class KafkaChannel:
             return
         group = self.group(trigger)
         await asyncio.get_running_loop().run_in_executor(self._admin, self._start_at_end, group)
+        subscriber = _Abortable(handler)
         source = KafkaSourceConfig(
             bootstrap_servers=self.settings.bootstrap_servers, topics=[self.topic], group_id=group,
             batch_size=self.batch_size, batch_timeout=0.2, auto_offset_reset="earliest",
             config=dict(self.settings.config),
-        ).build(handler)  # type: ignore[arg-type]  # a dispatcher is a Sink: send_batch + aclose
+        ).build(subscriber)
         task = asyncio.get_running_loop().create_task(source.run(), name=f"trigger:{group}")
         task.add_done_callback(_said_if_failed)
-        self._sources[trigger] = (source, task)
+        self._sources[trigger] = (source, task, subscriber)
 
     def _start_at_end(self, group: str) -> None:
         """Commit the topic's end offsets for a group that has none (a new trigger)."""
@@ -217,10 +249,13 @@ class KafkaChannel:
         entry = self._sources.pop(trigger, None)
         if entry is None:
             return
-        source, task = entry
+        source, task, subscriber = entry
         source.stop()
-        # Deliveries in flight get `timeout`; cancelled ones were not committed and come again.
+        # Deliveries in flight get `timeout`; those given up then come again, not those settled.
         _, pending = await asyncio.wait([task], timeout=timeout)
+        if pending:
+            subscriber.abort()
+            _, pending = await asyncio.wait([task], timeout=_TIMEOUT)  # the commit, leaving the group
         if pending:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -12,6 +12,12 @@ runs in that one thread between the loop's steps. A revoke drops the records of 
 partitions from the batch in hand (uncommitted, their next owner reads them again from the
 committed offset) and commits what was handled but not yet committed. Record key = event id
 keeps an id's events in one partition, so in one consumer's batches, in order.
+
+A stop with a batch handled in part (a subscriber given up on mid-batch, as the broker does with
+a delivery stuck in retries) commits each partition up to its first record not handled and names
+the handled ones past it in the commit's metadata (`infer-logger/settled:` and offsets relative to
+the committed one, as ranges). Whoever owns the partition next reads that at assignment and skips them: what
+was delivered is not delivered again. Commits keep naming those not yet passed.
 """
 
 from __future__ import annotations
@@ -81,6 +87,11 @@ _DEAD_LETTER_TIMEOUT = 10.0  # seconds to wait for the dead-letter topic's ackno
 _DEAD_LETTER_MESSAGE_TIMEOUT_MS = 30_000  # the dead-letter producer's delivery timeout (librdkafka: 300 s)
 _IN_FLIGHT_WAIT = 35.0  # seconds in-flight dead letters may take to settle: past the delivery timeout
 _METADATA_REFRESH_MS = 5000  # topic metadata refresh (librdkafka: 300000)
+_SETTLED = "infer-logger/settled:"  # commit metadata naming records handled past the committed offset
+_SETTLED_MAX_CHARS = 3000  # Kafka refuses metadata over offset.metadata.max.bytes (4096 by default)
+_SETTLED_MAX = 100_000  # records one commit may name: those past it are delivered again instead
+_RANGE = re.compile(r"([0-9]{1,19})(?:-([0-9]{1,19}))?")
+_COMMITTED_TIMEOUT = 10.0  # seconds to read a new assignment's commit metadata
 
 
 class KafkaSourceConfig(SourceConfig):
@@ -166,7 +177,7 @@ class _Record:
     msg: Message
     event: CloudEvent | None  # None: dead-lettered, for `reason`
     reason: str = ""
-    taken: bool = False  # by the subscriber, in an attempt that failed for other events
+    taken: bool = False  # handled: by the subscriber (or dead-lettered), in this run or one before
 
     @property
     def partition(self) -> PartitionKey:
@@ -189,6 +200,7 @@ class KafkaSource:
         self._batch: list[_Record] = []
         self._strays: list[tuple[CloudEvent, str]] = []  # refused events that are no records of it
         self._uncommitted: dict[PartitionKey, int] = {}
+        self._settled: dict[PartitionKey, set[int]] = {}  # offsets handled past the committed one
         self._held = False
         self._stopping = False
         self._wake = asyncio.Event()
@@ -237,7 +249,9 @@ class KafkaSource:
                 if not self._batch:
                     continue
                 if not await self._handle():
-                    break  # stopping while the subscriber still fails: nothing committed
+                    # Stopping while the subscriber still fails: what it took is committed.
+                    await self._call(self._commit_handled)
+                    break
                 await self._call(self._commit_and_resume)
         finally:
             await self._call(self._close_consumer)
@@ -326,6 +340,8 @@ class KafkaSource:
                     r.taken = id(r.event) not in pending
                 self.delivered += sum(1 for r in records if r.taken)
             raise
+        for r in records:
+            r.taken = r.taken or r.event is not None  # a stop before the dead letters commits these
         self.delivered += sum(1 for r in records if r.event is not None)
 
     async def _polling(self, work: Coroutine[Any, Any, None]) -> None:
@@ -402,7 +418,10 @@ class KafkaSource:
             if (error := msg.error()) is not None:
                 self._on_record_error(error)
                 continue
-            batch.append(self._decode(msg))
+            record = self._decode(msg)
+            # Handled before a stop that committed short of it (see the module docstring).
+            record.taken = msg.offset() in self._settled.get(record.partition, ())
+            batch.append(record)
         return self._batch
 
     @staticmethod
@@ -433,8 +452,35 @@ class KafkaSource:
             self._held = False
             self._consumer.resume(self._consumer.assignment())
 
+    def _commit_handled(self) -> None:
+        """Each partition of a batch handled in part up to its first record not handled, naming
+        the handled ones past it (see the module docstring)."""
+        records: dict[PartitionKey, list[_Record]] = {}
+        for r in self._batch:
+            records.setdefault(r.partition, []).append(r)
+        for key, mine in records.items():
+            if not any(r.taken for r in mine):
+                continue  # nothing handled: it stays where it was
+            offsets = [(r.msg.offset() or 0, r.taken) for r in mine]
+            first = min((o for o, taken in offsets if not taken), default=None)
+            if first is None:
+                self._uncommitted[key] = max(self._uncommitted.get(key, 0), max(o for o, _ in offsets) + 1)
+            else:
+                self._uncommitted[key] = first
+                self._settled.setdefault(key, set()).update(o for o, taken in offsets if taken and o > first)
+        self._batch = []
+        self._commit(self.assignment)
+
     def _commit(self, partitions: frozenset[PartitionKey] | list[PartitionKey]) -> None:
-        offsets = [TopicPartition(t, p, self._uncommitted[(t, p)]) for t, p in partitions if (t, p) in self._uncommitted]
+        offsets, left = [], {}
+        for key in partitions:
+            if key not in self._uncommitted:
+                continue
+            offset = self._uncommitted[key]
+            left[key] = {o for o in self._settled.get(key, ()) if o >= offset}  # those read so far are passed
+            metadata = _settled_metadata(offset, left[key])  # None is refused: left out instead
+            offsets.append(TopicPartition(*key, offset) if metadata is None else
+                           TopicPartition(*key, offset, metadata=metadata))
         if not offsets:
             return
         try:
@@ -443,10 +489,36 @@ class KafkaSource:
             log.warning("kafka source %s: commit failed: %s", self.address, exc.args[0].str())
             return
         for tp in offsets:
-            self._uncommitted.pop((tp.topic, tp.partition), None)
+            key = (tp.topic, tp.partition)
+            self._uncommitted.pop(key, None)
+            if left[key]:
+                self._settled[key] = left[key]
+            else:
+                self._settled.pop(key, None)
+
+    def _read_settled(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """The records handled past the committed offsets of partitions new here (a stop named them)."""
+        try:
+            committed = consumer.committed(partitions, timeout=_COMMITTED_TIMEOUT)
+        except KafkaException as exc:
+            log.warning("kafka source %s: reading the committed offsets of %s: %s; records handled past them "
+                        "may come again", self.address, _names(partitions), exc.args[0].str())
+            return
+        for tp in committed:
+            key = (tp.topic, tp.partition)
+            settled = _parse_settled(tp.metadata, tp.offset)
+            if settled is None:
+                log.warning("kafka source %s: %s[%d]: commit metadata %.80r names no records: ignored",
+                            self.address, *key, tp.metadata)
+            if settled:
+                self._settled[key] = settled
+            else:
+                self._settled.pop(key, None)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment = self.assignment | {(tp.topic, tp.partition) for tp in partitions}
+        if partitions:
+            self._read_settled(consumer, partitions)
         if not self._held:
             # librdkafka keeps a partition's pause across losing and getting it back: one paused
             # by `_hold`, then lost (a stalled broker past session.timeout.ms) and assigned
@@ -478,6 +550,7 @@ class KafkaSource:
         self._batch[:] = [r for r in self._batch if r.partition not in partitions]
         for key in partitions:
             self._uncommitted.pop(key, None)
+            self._settled.pop(key, None)  # the commit names them for the next owner
         self.assignment = self.assignment - partitions
 
     def _close_consumer(self) -> None:
@@ -678,6 +751,42 @@ _CONSUMER_ONLY = frozenset({"group.id", "enable.auto.commit", "enable.auto.offse
                             "session.timeout.ms", "max.poll.interval.ms", "partition.assignment.strategy",
                             "heartbeat.interval.ms", "group.instance.id", "fetch.min.bytes", "fetch.wait.max.ms",
                             "isolation.level", "enable.partition.eof"})
+
+
+def _settled_metadata(offset: int, settled: set[int]) -> str | None:
+    """Commit metadata naming `settled` (offsets from `offset` on) as ranges relative to it: "1-3,7".
+    Those that do not fit are left out (delivered again: at-least-once)."""
+    ranges: list[str] = []
+    size, count = len(_SETTLED), 0
+    ordered = sorted(o - offset for o in settled)
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        text = str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}"
+        count += j - i + 1
+        size += len(text) + 1
+        if size > _SETTLED_MAX_CHARS or count > _SETTLED_MAX:
+            break
+        ranges.append(text)
+        i = j + 1
+    return _SETTLED + ",".join(ranges) if ranges else None
+
+
+def _parse_settled(metadata: str | None, offset: int) -> set[int] | None:
+    """The offsets `_settled_metadata` named; empty for metadata not ours, None for ours unreadable."""
+    if not metadata or not metadata.startswith(_SETTLED) or offset < 0:
+        return set()
+    settled: set[int] = set()
+    for text in metadata[len(_SETTLED):].split(","):
+        if (match := _RANGE.fullmatch(text)) is None:
+            return None
+        first, last = int(match[1]), int(match[2] or match[1])
+        if not first <= last or len(settled) + last - first >= _SETTLED_MAX:
+            return None
+        settled.update(range(offset + first, offset + last + 1))
+    return settled
 
 
 def _on_letter(failures: list[tuple[KafkaError, int]], index: int, error: KafkaError | None, msg: Message) -> None:

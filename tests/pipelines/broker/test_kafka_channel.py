@@ -389,3 +389,39 @@ def test_names_that_join_into_one_kafka_name_are_refused(tmp_path: Path, trigger
     broker = Broker(settings(tmp_path, trigger_files=[path], channel="kafka"))
     with pytest.raises(ConfigError, match=f"would share the Kafka {shared}"):
         broker.check()
+
+
+async def test_a_trigger_stopped_on_a_stuck_event_does_not_deliver_the_settled_again(
+        tmp_path: Path, kafka_settings: dict[str, Any], subscriber: Subscriber) -> None:
+    """One event of a batch still in retries when the broker stops: it comes again after the
+    restart, the nine the subscriber took do not (the whole batch did)."""
+    triggers = f"""
+triggers:
+  - name: t
+    subscriber: '{subscriber.url}'
+    delivery: {{retry: 1000, backoffPolicy: linear, backoffDelay: PT0.05S}}
+"""
+    kafka = {**kafka_settings, "kafka": {**kafka_settings["kafka"], "partitions": 1}}  # one batch, in order
+    subscriber.answer = lambda e, _: (503 if e is not None and e.id == "stuck" else 202, {}, b"")
+    first = Broker(settings(tmp_path, drain_timeout=0.2, **kafka), triggers=triggers)
+    await first.startup()
+    try:
+        batch = [to_dict(event(id_)) for id_ in ["stuck", *(f"e{i}" for i in range(9))]]
+        async with client(first) as c:
+            response = await c.post("/", content=orjson.dumps(batch),
+                                    headers={"content-type": "application/cloudevents-batch+json"})
+            assert response.status_code == 202, response.text
+        await asyncio.to_thread(subscriber.wait_for, 9, 30)
+    finally:
+        await first.shutdown()
+
+    subscriber.answer = None
+    second = Broker(settings(tmp_path, **kafka), triggers=triggers)
+    await second.startup()
+    try:
+        await until(lambda: "stuck" in {e.id for e in subscriber.events}, 30, "the stuck event")
+        await _post(second, ["after"])
+        await until(lambda: "after" in {e.id for e in subscriber.events}, 30, "a later event")
+    finally:
+        await second.shutdown()
+    assert sorted(e.id for e in subscriber.events) == sorted(["stuck", "after", *(f"e{i}" for i in range(9))])

@@ -36,6 +36,8 @@ from pipelines.sources.kafka import (
     Headers,
     KafkaSource,
     KafkaSourceConfig,
+    _parse_settled,
+    _settled_metadata,
 )
 from tests.file_size import cut_short_then_again
 from tests.services import NoidaServer
@@ -175,6 +177,62 @@ class TestFailingSubscriber:
         async with running(source_config(kafka_bootstrap, topic, group).build(sink)):
             await until(lambda: len(sink.events) >= 10, what="10 events")
         assert [e.id for e in sink.events] == [f"id-{i}" for i in range(10)]
+
+
+    async def test_stopped_with_a_batch_taken_in_part_commits_what_was_taken(self, kafka_bootstrap: str) -> None:
+        topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+        await publish(kafka_bootstrap, topic, [event(i) for i in range(10)])
+        taken: list[CloudEvent] = []
+
+        async def some(events: Sequence[CloudEvent]) -> None:  # every other one taken, then down
+            if not taken:
+                taken.extend(events[1::2])
+            raise SinkError("down for the rest", pending=[e for e in events if e not in taken])
+
+        subscriber = MemorySink()
+        subscriber.send_batch = some  # type: ignore[method-assign]
+        async with running(source_config(kafka_bootstrap, topic, group).build(subscriber)):
+            await until(lambda: bool(taken), what="the first attempt")
+        # Up to the first not taken; those taken past it named for whoever reads next.
+        assert committed(kafka_bootstrap, group, topic) == [0]
+        sink = MemorySink()
+        async with running(source_config(kafka_bootstrap, topic, group).build(sink)):
+            await until(lambda: len(sink.events) >= 5, what="5 events")
+        assert [e.id for e in sink.events] == [f"id-{i}" for i in range(0, 10, 2)]
+        assert committed(kafka_bootstrap, group, topic) == [10]
+        again = MemorySink()
+        async with running(source_config(kafka_bootstrap, topic, group).build(again)):
+            await publish(kafka_bootstrap, topic, [event(10)])
+            await until(lambda: len(again.events) >= 1, what="the next event")
+        assert [e.id for e in again.events] == ["id-10"]
+
+    async def test_commit_metadata_not_ours_is_left_alone(self, kafka_bootstrap: str) -> None:
+        topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+        await publish(kafka_bootstrap, topic, [event(i) for i in range(4)])
+        other = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
+        try:  # another tool's note
+            other.commit(offsets=[TopicPartition(topic, 0, 1, metadata="checkpoint 7")], asynchronous=False)
+        finally:
+            other.close()
+        sink = MemorySink()
+        async with running(source_config(kafka_bootstrap, topic, group).build(sink)):
+            await until(lambda: len(sink.events) >= 3, what="3 events")
+        assert [e.id for e in sink.events] == ["id-1", "id-2", "id-3"]
+
+
+def test_settled_metadata_round_trip() -> None:
+    assert _settled_metadata(100, set()) is None
+    text = _settled_metadata(100, {100, 101, 102, 105, 107, 108})
+    assert text == "infer-logger/settled:0-2,5,7-8"
+    assert _parse_settled(text, 100) == {100, 101, 102, 105, 107, 108}
+    # Too many to name: the first ones only (the others are delivered again).
+    many = _settled_metadata(0, set(range(0, 10_000, 2)))
+    assert many is not None and len(many) <= 3000
+    named = _parse_settled(many, 0)
+    assert named and named == set(range(0, 2 * len(named), 2))
+    assert _parse_settled("another tool's note", 5) == set() and _parse_settled(None, 5) == set()
+    for bad in ("x", "3-1", "-2", "1-", "0-999999999999"):
+        assert _parse_settled(f"infer-logger/settled:{bad}", 5) is None, bad
 
 
 class Recorder(MemorySink):
