@@ -2,39 +2,80 @@
 
 A write cut short (a full disk, a size limit) is cut off again, so that the retry does not append
 after a torn line (as the spool does); but only if the file still ends with those bytes: it has
-one writer, and another's lines are never cut.
+one writer, and another's lines are never cut. A torn line a crash left (kill -9 in a write, a
+machine crash before the page cache reached the disk) is cut off at the first append of the
+process: its batch was not acknowledged, so it comes again whole.
+
+A pipe or a terminal (`/dev/stderr` in a container) has no end to find or cut: lines go to it
+as they are, and a write that fails part way fails the batch (sent again: at least once).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 16
+_mended: set[Path] = set()  # files whose tail this process has checked
+_mending = threading.Lock()
 
 
 def append(path: Path, lines: bytes, *, fsync: bool = False) -> None:
     """Append `lines` to `path` (created), whole or not at all; OSError when they were not."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if regular:
+            _mend_once(path, fd)
         start = written = 0
         try:
             view = memoryview(lines)
             while view:
                 n = os.write(fd, view)
-                if not written:  # O_APPEND put it at the end of the file, wherever that was then
+                if regular and not written:  # O_APPEND put it at the end of the file, wherever that was then
                     start = os.lseek(fd, 0, os.SEEK_CUR) - n
                 written += n
                 view = view[n:]
-            if fsync:
+            if fsync and regular:
                 os.fsync(fd)
         except OSError:
-            if written:
+            if written and regular:
                 _cut(path, fd, start, written)
             raise
     finally:
         os.close(fd)
+
+
+def _mend_once(path: Path, fd: int) -> None:
+    """Cut off a torn last line (one not ending in a newline) the first time this process
+    appends to `path`; later ones are this process's own, and `_cut` mends those."""
+    with _mending:
+        if path in _mended:
+            return
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as reader:
+                end = size
+                while end > 0:
+                    begin = max(0, end - _CHUNK)
+                    reader.seek(begin)
+                    chunk = reader.read(end - begin)
+                    if end == size and chunk.endswith(b"\n"):
+                        break  # whole
+                    if (at := chunk.rfind(b"\n")) >= 0:
+                        end = begin + at + 1
+                        break
+                    end = begin
+            if end < size:
+                os.ftruncate(fd, end)
+                log.warning("%s: cut off a torn last line of %d bytes (a write a crash interrupted)",
+                            path, size - end)
+        _mended.add(path)
 
 
 def _cut(path: Path, fd: int, start: int, written: int) -> None:

@@ -27,6 +27,8 @@ class FileSinkConfig(SinkConfig):
     @field_validator("path")
     @classmethod
     def _not_a_directory(cls, path: Path) -> Path:
+        if "\0" in str(path):  # no file can be named so: every batch failed
+            raise ValueError(f"{str(path)!r} holds a NUL character")
         try:
             is_dir = path.is_dir()
         except OSError as exc:  # a name too long, a directory not ours to look in
@@ -52,7 +54,11 @@ class FileSink:
         self._thread = OwnThread("file-sink", str(config.path))
 
     def _write(self, lines: bytes) -> None:
-        appending.append(self.config.path, lines, fsync=self.config.fsync)
+        try:
+            appending.append(self.config.path, lines, fsync=self.config.fsync)
+        except FileNotFoundError:  # its directory was removed (a clean-up): made again, as at start
+            self.config.path.parent.mkdir(parents=True, exist_ok=True)
+            appending.append(self.config.path, lines, fsync=self.config.fsync)
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         lines = b"".join(to_json(e) + b"\n" for e in events)

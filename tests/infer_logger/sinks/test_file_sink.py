@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.cloudevents.json_format import from_json
+from infer_logger.cloudevents.json_format import from_json, to_json
 from infer_logger.errors import SinkError
 from infer_logger.sinks.file import FileSinkConfig
 
@@ -175,3 +177,53 @@ def test_a_batch_cut_short_leaves_what_another_writer_appended(tmp_path: Path) -
     assert out.returncode == 0 and out.stdout.split() == ["refused"], out.stderr
     assert b'{"other": "writer"}\n' in path.read_bytes()  # not cut off with the torn batch
     assert "another writer appended" in out.stderr
+
+
+def _event(id_: str) -> CloudEvent:
+    return CloudEvent({"specversion": "1.0", "id": id_, "source": "/s", "type": "t"})
+
+
+async def test_a_pipe_gets_each_batch_once(tmp_path: Path) -> None:
+    """`file:///dev/stderr` in a container is a pipe: no end to find there (lseek failed after
+    the write, and the batch went again, for ever)."""
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so that opening to write succeeds
+    try:
+        sink = FileSinkConfig(path=fifo, fsync=True).build()  # fsync: a pipe has nothing to sync
+        await sink.send_batch([_event("1"), _event("2")])
+        await sink.aclose()
+        assert [from_json(line).id for line in os.read(reader, 1 << 16).splitlines()] == ["1", "2"]
+    finally:
+        os.close(reader)
+
+
+async def test_a_torn_line_a_crash_left_is_cut_off_before_the_first_batch(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    whole = to_json(_event("0")) + b"\n"
+    path.write_bytes(whole + to_json(_event("1"))[:20])  # kill -9 in the middle of a write
+    sink = FileSinkConfig(path=path).build()
+    await sink.send_batch([_event("1"), _event("2")])  # the batch not acknowledged, again
+    await sink.aclose()
+    assert [from_json(line).id for line in path.read_bytes().splitlines()] == ["0", "1", "2"]
+    only_torn = tmp_path / "torn.jsonl"
+    only_torn.write_bytes(b'{"specversion": "1.0", "id": "x')
+    sink = FileSinkConfig(path=only_torn).build()
+    await sink.send_batch([_event("x")])
+    await sink.aclose()
+    assert [from_json(line).id for line in only_torn.read_bytes().splitlines()] == ["x"]
+
+
+async def test_a_directory_removed_meanwhile_is_made_again(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "events.jsonl"
+    sink = FileSinkConfig(path=path).build()
+    await sink.send_batch([_event("1")])
+    shutil.rmtree(path.parent)
+    await sink.send_batch([_event("2")])
+    await sink.aclose()
+    assert [from_json(line).id for line in path.read_bytes().splitlines()] == ["2"]
+
+
+def test_a_path_with_a_nul_is_a_config_error() -> None:
+    with pytest.raises(ValidationError, match="NUL"):  # every batch raised ValueError, retried for ever
+        FileSinkConfig(path=Path("ev\0ents.jsonl"))
