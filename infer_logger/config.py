@@ -346,7 +346,7 @@ class Settings(LayeredSettings):
     `uvicorn`: the same proxy as an ASGI app under uvicorn."""
     spool: SpoolSettings = SpoolSettings()
     delivery: DeliverySettings = DeliverySettings()
-    sinks: list[SinkSpec] = []
+    sinks: list[SinkSpec] = Field([], validate_default=True)  # checked against log_url's even when unset
     """Sinks in full; with none here or in --log-url the embedded store is used."""
 
     @field_validator("sinks")
@@ -357,6 +357,24 @@ class Settings(LayeredSettings):
             if sink.sink_name in seen:
                 raise ValueError(f"two sinks are named {sink.sink_name!r}: give them distinct `name`s")
             seen.add(sink.sink_name)
+        return sinks
+
+    @field_validator("sinks")
+    @classmethod
+    def _one_sink_per_file(cls, sinks: list[SinkSpec], info: ValidationInfo) -> list[SinkSpec]:
+        """Two file sinks on one file (`file://e.jsonl` and `file://./e.jsonl`, or one in `sinks`
+        and one in `log_url`) wrote every event twice, and each could cut the other's lines."""
+        files = [sink for sink in sinks if isinstance(sink, FileSinkConfig)]
+        for url in info.data.get("log_url") or ():
+            if isinstance(sink := sink_from_url(url), FileSinkConfig):
+                files.append(sink)
+        seen: dict[str, Path] = {}
+        for sink in files:
+            real = os.path.realpath(sink.path)
+            if real in seen:
+                raise ValueError(f"file sinks on {seen[real]} and {sink.path} write one file ({real}): "
+                                 "give each its own")
+            seen[real] = sink.path
         return sinks
 
     @field_validator("spool")

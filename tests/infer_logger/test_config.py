@@ -62,6 +62,17 @@ class TestSources:
             load_settings(log_url=["http://a/", "http://a/"])
         assert info.value.field == "log_url"
 
+    @pytest.mark.parametrize(("urls", "sinks"), [
+        (["file://events.jsonl", "file://./events.jsonl"], []),
+        (["file://events.jsonl"], [{"type": "file", "path": "logs/../events.jsonl"}]),
+        ([], [{"type": "file", "path": "events.jsonl"}, {"type": "file", "name": "again", "path": "./events.jsonl"}]),
+    ])
+    def test_two_file_sinks_on_one_file_are_refused(self, urls: list[str], sinks: list[dict[str, str]]) -> None:
+        with pytest.raises(ConfigError, match=r"write one file \(.*events.jsonl\): give each its own") as info:
+            load_settings(log_url=urls, sinks=sinks)  # every event written twice
+        assert info.value.field == "sinks"
+        assert len(load_settings(log_url=["file://a.jsonl"], sinks=[{"type": "file", "path": "b.jsonl"}]).all_sinks()) == 2
+
     def test_file_and_sqlite_urls_take_what_follows_the_slashes_as_the_path(self) -> None:
         # file://events.jsonl was a sink writing to '.' (the host part was dropped): every batch failed.
         sinks = load_settings(log_url=["file://events.jsonl", "sqlite://audit.db", "file://localhost/tmp/e.jsonl"]).all_sinks()
