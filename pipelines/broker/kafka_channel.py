@@ -55,6 +55,17 @@ def _said_if_failed(task: asyncio.Task[None]) -> None:
                   task.get_name(), type(exc).__name__, exc)
 
 
+def _answer(done: asyncio.Future[None], error: Exception | None = None) -> None:
+    """Tell an append how it went, unless its caller was cancelled meanwhile (a reply's delivery
+    given up at a reload): setting that raised, and ended the flush for every append after it."""
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
 class _Abortable:
     """A trigger's dispatcher as its Kafka source's subscriber, each event delivered on its own
     (the dispatcher's filter and parallelism limit as for a batch), so that a stop can give up the
@@ -181,10 +192,10 @@ class KafkaChannel:
                 for events, done in waiting:
                     mine = [i for i, e in enumerate(events) if id(e) in refused]
                     if mine:  # the others of the append were stored: the sender is told which
-                        done.set_exception(RefusedError(str(exc), too_large=exc.too_large,
-                                                        refused=mine if len(mine) < len(events) else None))
+                        _answer(done, RefusedError(str(exc), too_large=exc.too_large,
+                                                   refused=mine if len(mine) < len(events) else None))
                     else:
-                        done.set_result(None)
+                        _answer(done)
             except Exception as exc:  # noqa: BLE001 - every waiter learns it, none is left hanging
                 # Part of a batch refused in halves may have been written: an append none of whose
                 # events are pending is done, another is told which of its events are pending
@@ -193,13 +204,13 @@ class KafkaChannel:
                 for events, done in waiting:
                     left = None if pending is None else [i for i, e in enumerate(events) if id(e) in pending]
                     if left == []:
-                        done.set_result(None)
+                        _answer(done)
                     else:
                         partial = left is not None and len(left) < len(events)
-                        done.set_exception(ChannelError(str(exc), pending=left if partial else None))
+                        _answer(done, ChannelError(str(exc), pending=left if partial else None))
             else:
                 for _, done in waiting:
-                    done.set_result(None)
+                    _answer(done)
 
     # -- triggers --------------------------------------------------------------------------------
 

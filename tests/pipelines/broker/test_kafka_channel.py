@@ -425,3 +425,26 @@ triggers:
     finally:
         await second.shutdown()
     assert sorted(e.id for e in subscriber.events) == sorted(["stuck", "after", *(f"e{i}" for i in range(9))])
+
+
+async def test_an_append_whose_caller_was_cancelled_leaves_the_others_answered() -> None:
+    """Logic: a reply's delivery given up at a reload cancels its append mid-flush; answering it
+    raised and ended the flush, and the appends flushed with it were never answered."""
+    channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers="127.0.0.1:9"), "default", "b")
+    topic, flushing = MemorySink(), asyncio.Event()
+
+    async def slow(events: Any) -> None:
+        await flushing.wait()
+        topic.events.extend(events)
+
+    topic.send_batch = slow  # type: ignore[method-assign]
+    channel._sink = Halving(topic)
+    first = asyncio.ensure_future(channel.append([event("a")]))
+    second = asyncio.ensure_future(channel.append([event("b")]))
+    await asyncio.sleep(0.01)  # both in the flush
+    first.cancel()
+    flushing.set()
+    await asyncio.wait_for(second, 30)
+    third = asyncio.ensure_future(channel.append([event("c")]))
+    await asyncio.wait_for(third, 30)
+    assert [e.id for e in topic.events] == ["a", "b", "c"] and first.cancelled()
