@@ -365,7 +365,10 @@ class _Runner:
     def settled_ahead(self) -> Ahead:
         """The events settled past the checkpoint (also those the runner before settled that
         this one has not read again)."""
-        ahead = {start: entry for start, entry in self._settled.items() if start >= self.committed}
+        # Not read yet: one starting at the end of a segment since deleted ends past the checkpoint
+        # (`_recorded` takes it at the next segment's start).
+        ahead = {start: entry for start, entry in self._settled.items()
+                 if start >= self.committed or entry.end > self.committed}
         for batch in self._window:  # every one, settled events or not: its size lines the next reads up
             ahead[batch.start] = Settled(len(batch.ids), _digest(batch.ids), batch.settled(), batch.end)
         return ahead
