@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -91,16 +94,47 @@ def test_retry_after_and_5xx_are_retried(iris_predictor: Process, tmp_path: Path
             proc.stop()
 
 
+class HeldSink(EventCollector):
+    """Holds every POST until `release` is set: no delivery ends before that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.held = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.held += 1
+            while not self.release.is_set():
+                await asyncio.sleep(0.02)
+        await super().__call__(scope, receive, send)
+
+
 def test_slow_sink_does_not_hold_requests(iris_predictor: Process, tmp_path: Path) -> None:
-    with EventCollector() as sink:
-        sink.delay = 1.0
-        proc = sidecar_process(iris_predictor.url, tmp_path, "--log-url", sink.url).start()
+    # A sink that answers nothing until released, its POSTs timing out only after 600 s: a
+    # response that waited for delivery would trip the 60 s hang guard.
+    config = tmp_path / "sinks.yaml"
+    with HeldSink() as sink:
+        config.write_text(f"sinks:\n  - type: http\n    url: {sink.url}\n    timeout: 600\n")
+        proc = sidecar_process(iris_predictor.url, tmp_path, "-c", str(config)).start()
         try:
             for i in range(20):
-                # Well under the sink's delay: the response never waits for delivery.
-                assert predict(proc, f"s{i}").elapsed.total_seconds() < 0.9
+                try:
+                    answer = httpx.post(proc.url + "/v1/models/iris:predict", json=V1, headers={"ce-id": f"s{i}"},
+                                        timeout=60)
+                except httpx.TimeoutException:
+                    pytest.fail(f"s{i}: no answer within 60 s: the response waited for the held delivery")
+                assert answer.status_code == 200
+                if i == 0:  # the others are asked while a delivery is certainly stuck in the sink
+                    deadline = time.monotonic() + 30
+                    while not sink.held:
+                        assert time.monotonic() < deadline, "no delivery attempted"
+                        time.sleep(0.02)
+            assert sink.events == []  # nothing delivered while every response was given
+            sink.release.set()
             assert len(sink.wait_for(40, timeout=30)) == 40
         finally:
+            sink.release.set()
             proc.stop()
 
 

@@ -420,6 +420,14 @@ async def test_a_request_paused_mid_body_is_not_closed_as_idle(server: HttpServe
     assert status == b"HTTP/1.1 200 OK" and orjson.loads(body)["body"] == "abcd"
 
 
+async def _stopped_before_the_grace(srv: HttpServer) -> None:
+    # A grace no test waits out: a stop done within the hang guard did not wait for it.
+    try:
+        await asyncio.wait_for(srv.stop(grace=600), 60)
+    except TimeoutError:
+        pytest.fail("the stop still waits after 60 s: it waited for the connection's grace period")
+
+
 async def test_a_stop_does_not_wait_for_a_request_that_can_no_longer_come_whole() -> None:
     """Reading stops at a stop: a request paused mid-body, kept from the idle close, held the
     stop for its whole grace period."""
@@ -428,9 +436,7 @@ async def test_a_stop_does_not_wait_for_a_request_that_can_no_longer_come_whole(
     reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
     writer.write(b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nab")
     await asyncio.sleep(0.1)
-    started = asyncio.get_running_loop().time()
-    await srv.stop(grace=3)
-    assert asyncio.get_running_loop().time() - started < 1
+    await _stopped_before_the_grace(srv)
     writer.close()
 
 
@@ -480,10 +486,8 @@ async def test_a_stopping_server_reads_no_new_requests() -> None:
 
     asking = asyncio.create_task(keep_asking())
     await asyncio.sleep(0.02)
-    began = asyncio.get_running_loop().time()
-    await srv.stop(grace=3)
-    assert asyncio.get_running_loop().time() - began < 1
-    assert await asyncio.wait_for(asking, 3) <= 2
+    await _stopped_before_the_grace(srv)
+    assert await asyncio.wait_for(asking, 60) <= 2
     writer.close()
 
 

@@ -6,9 +6,11 @@ import asyncio
 import errno
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from infer_logger import spool as spool_module
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import SpoolError
 from infer_logger.spool import DiskSpool, MemorySpool, Position, SpoolFollower, encode_record, iter_records
@@ -835,15 +837,24 @@ class TestSpoolFollower:
             return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(os, "stat", counting_stat)
+        slept: list[float] = []  # the poller's intervals: the cap on them, not a clock, bounds a wake's delay
+
+        async def recorded_sleep(delay: float, *args: object) -> None:
+            slept.append(delay)
+            await asyncio.sleep(delay, *args)
+
+        monkeypatch.setattr(spool_module, "asyncio", SimpleNamespace(**{**vars(asyncio), "sleep": recorded_sleep}))
         try:
             follower.start_polling()
             await asyncio.sleep(1.0)
             assert polls <= 12  # backed off towards 0.2 s, not 100 polls
-            waiting = asyncio.ensure_future(reader.wait(5.0))
+            waiting = asyncio.ensure_future(reader.wait(600))
             writer.append(event(1))
-            started = asyncio.get_running_loop().time()
-            await asyncio.wait_for(waiting, 1.0)
-            assert asyncio.get_running_loop().time() - started <= 0.3
+            try:  # a hang guard: with a 600 s wait, only a poll's wake returns in time
+                await asyncio.wait_for(waiting, 60)
+            except TimeoutError:
+                pytest.fail("the reader was not woken: the poll did not see the append")
+            assert slept and max(slept) <= 0.2  # never backed off past idle_poll_interval
         finally:
             writer.close()
             follower.close()
