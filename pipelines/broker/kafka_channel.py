@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -111,6 +112,10 @@ class KafkaChannel:
         self._pending: list[tuple[Sequence[CloudEvent], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._sources: dict[str, tuple[KafkaSource, asyncio.Task[None], _Abortable]] = {}
+        self._starting: dict[str, asyncio.Task[None]] = {}  # triggers whose group could not be placed yet
+        # Attaching and detaching wait for Kafka: one at a time, or a reload could detach a
+        # trigger being attached (found in no table) and it ran on, removed.
+        self._triggers_lock = asyncio.Lock()
         self._reached = False  # the topic exists: Kafka answered
         self._waiting: dict[str, Handler] = {}  # triggers attached before that
         self._connecting: asyncio.Task[None] | None = None
@@ -147,9 +152,10 @@ class KafkaChannel:
             break
         log.warning("kafka channel: kafka at %s answers: topic %s ready", self.settings.bootstrap_servers, self.topic)
         self._reached = True
-        waiting, self._waiting = self._waiting, {}
-        for trigger, handler in waiting.items():
-            await self.attach(trigger, handler)
+        async with self._triggers_lock:
+            waiting, self._waiting = self._waiting, {}
+            for trigger, handler in waiting.items():
+                await self._attach(trigger, handler)
         self.ready = True
 
     def _create_topic(self) -> None:
@@ -218,12 +224,46 @@ class KafkaChannel:
         return self.settings.group(self.namespace, trigger)
 
     async def attach(self, trigger: str, handler: Handler) -> None:
+        async with self._triggers_lock:
+            await self._attach(trigger, handler)
+
+    async def _attach(self, trigger: str, handler: Handler) -> None:
         if not self._reached:
             # A new trigger's group starts at the topic's end, which takes Kafka to know: later.
             self._waiting[trigger] = handler
             return
+        group, added = self.group(trigger), time.time()
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._admin, self._start_at_end, group)
+        except KafkaException as exc:
+            # Its consumer would start at the topic's start: every event retained, sent before
+            # the trigger existed. It waits until its group is placed.
+            log.warning("kafka channel: could not start group %s at the end: %s; retrying", group, exc.args[0].str())
+            task = asyncio.get_running_loop().create_task(self._start_later(trigger, handler, added),
+                                                          name=f"start:{group}")
+            task.add_done_callback(_said_if_failed)
+            self._starting[trigger] = task
+            return
+        self._run(trigger, handler)
+
+    async def _start_later(self, trigger: str, handler: Handler, added: float) -> None:
+        """Place a new trigger's group once Kafka answers: at the events written since it was
+        added (the end then would skip those the ingress took meanwhile)."""
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._admin, self._start_at_end, self.group(trigger),
+                                                                 added)
+                break
+            except KafkaException:
+                delay = min(delay * 2, _RECONNECT_MAX)
+        log.warning("kafka channel: group %s placed: its trigger runs", self.group(trigger))
+        del self._starting[trigger]  # no await from here on: a detach finds it in one table or the other
+        self._run(trigger, handler)
+
+    def _run(self, trigger: str, handler: Handler) -> None:
         group = self.group(trigger)
-        await asyncio.get_running_loop().run_in_executor(self._admin, self._start_at_end, group)
         subscriber = _Abortable(handler)
         source = KafkaSourceConfig(
             bootstrap_servers=self.settings.bootstrap_servers, topics=[self.topic], group_id=group,
@@ -234,8 +274,9 @@ class KafkaChannel:
         task.add_done_callback(_said_if_failed)
         self._sources[trigger] = (source, task, subscriber)
 
-    def _start_at_end(self, group: str) -> None:
-        """Commit the topic's end offsets for a group that has none (a new trigger)."""
+    def _start_at_end(self, group: str, since: float | None = None) -> None:
+        """Commit the topic's end offsets for a group that has none (a new trigger), or with
+        `since` (a time) the offsets of the first records written from then on."""
         consumer = Consumer({**self._client_config(), "group.id": group, "enable.auto.commit": False})
         try:
             metadata = consumer.list_topics(self.topic, timeout=_TIMEOUT).topics[self.topic]
@@ -243,20 +284,31 @@ class KafkaChannel:
             committed = consumer.committed(partitions, timeout=_TIMEOUT)
             if any(tp.offset >= 0 for tp in committed):
                 return
-            ends = [
-                TopicPartition(self.topic, tp.partition, consumer.get_watermark_offsets(tp, timeout=_TIMEOUT)[1])
+            found = {}
+            if since is not None:
+                at = [TopicPartition(self.topic, tp.partition, int(since * 1000)) for tp in partitions]
+                found = {tp.partition: tp.offset for tp in consumer.offsets_for_times(at, timeout=_TIMEOUT)
+                         if tp.offset >= 0}  # none written since: the end
+            starts = [
+                TopicPartition(self.topic, tp.partition, found[tp.partition] if tp.partition in found
+                               else consumer.get_watermark_offsets(tp, timeout=_TIMEOUT)[1])
                 for tp in partitions
             ]
-            consumer.commit(offsets=ends, asynchronous=False)
-        except KafkaException as exc:
-            # It would then read from the start: everything retained is delivered once more.
-            log.warning("kafka channel: could not start group %s at the end: %s", group, exc.args[0].str())
+            consumer.commit(offsets=starts, asynchronous=False)
         finally:
             consumer.close()
 
     async def detach(self, trigger: str, *, forget: bool, timeout: float) -> None:
+        async with self._triggers_lock:
+            await self._detach(trigger, forget=forget, timeout=timeout)
+
+    async def _detach(self, trigger: str, *, forget: bool, timeout: float) -> None:
         if self._waiting.pop(trigger, None) is not None:
             return
+        if (starting := self._starting.pop(trigger, None)) is not None:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
         entry = self._sources.pop(trigger, None)
         if entry is None:
             return
@@ -269,15 +321,20 @@ class KafkaChannel:
             _, pending = await asyncio.wait([task], timeout=_TIMEOUT)  # the commit, leaving the group
         if pending:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await source.aclose()
+        # A commit waits for the group's coordinator up to session.timeout.ms (45 s) while Kafka
+        # is unreachable, and the consumer's close commits again: a stop does not wait for that.
+        closed = asyncio.ensure_future(asyncio.gather(task, source.aclose(), return_exceptions=True))
+        if not (await asyncio.wait([closed], timeout=_TIMEOUT))[0]:
+            log.error("kafka channel: trigger %s's consumer did not close within %gs (Kafka unreachable?); "
+                      "left closing: what it did not commit is delivered again", trigger, _TIMEOUT)
+            return
         if forget:
             await asyncio.get_running_loop().run_in_executor(self._admin, self._delete_group, self.group(trigger))
 
     async def replace(self, trigger: str, handler: Handler, *, timeout: float) -> None:
-        await self.detach(trigger, forget=False, timeout=timeout)
-        await self.attach(trigger, handler)
+        async with self._triggers_lock:
+            await self._detach(trigger, forget=False, timeout=timeout)
+            await self._attach(trigger, handler)
 
     def _delete_group(self, group: str) -> None:
         admin = AdminClient(self._client_config())  # kept until the answer: a dropped client cancels it
@@ -300,8 +357,10 @@ class KafkaChannel:
             self._connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._connecting
-        self._waiting.clear()
-        await asyncio.gather(*(self.detach(t, forget=False, timeout=timeout) for t in list(self._sources)))
+        async with self._triggers_lock:
+            self._waiting.clear()
+            triggers = [*self._sources, *self._starting]
+            await asyncio.gather(*(self._detach(t, forget=False, timeout=timeout) for t in triggers))
         if self._flusher is not None:
             with contextlib.suppress(Exception):
                 await self._flusher

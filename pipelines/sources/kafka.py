@@ -254,8 +254,10 @@ class KafkaSource:
                     break
                 await self._call(self._commit_and_resume)
         finally:
-            await self._call(self._close_consumer)
-            self._done.set()
+            try:
+                await self._call(self._close_consumer)
+            finally:  # also when a stop that would not wait cancelled the close (Kafka unreachable)
+                self._done.set()
 
     def stop(self) -> None:
         self._stopping = True
