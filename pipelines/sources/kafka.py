@@ -305,8 +305,8 @@ class KafkaSource:
             except Exception as exc:  # noqa: BLE001 - any failure of the subscriber is retried, never fatal
                 attempt += 1
                 if self._stopping:
-                    log.warning("kafka source %s: stopping with a batch not handled (%s): not committed",
-                                self.address, exc)
+                    log.warning("kafka source %s: stopping with a batch not all handled (%s): what was not "
+                                "comes again", self.address, exc)
                     return False
                 delay = self._backoff.delay(attempt, getattr(exc, "retry_after", None))
                 if attempt == 1 or attempt % 10 == 0:
@@ -457,6 +457,9 @@ class KafkaSource:
     def _commit_handled(self) -> None:
         """Each partition of a batch handled in part up to its first record not handled, naming
         the handled ones past it (see the module docstring)."""
+        if self._strays:  # events the subscriber made of them, refused, not written yet: all comes again
+            self._batch = []
+            return
         records: dict[PartitionKey, list[_Record]] = {}
         for r in self._batch:
             records.setdefault(r.partition, []).append(r)

@@ -901,3 +901,22 @@ def test_dead_letters_cut_short_leave_no_torn_line_for_the_retry_to_follow(tmp_p
     out = cut_short_then_again(_DEAD_LETTERS_SETUP, "KafkaSource._write_dead_letters(source, records)", str(path))
     assert out.returncode == 0 and out.stdout.split() == ["failed"], out.stderr
     assert [orjson.loads(line)["offset"] for line in path.read_bytes().splitlines()] == list(range(10))
+
+
+async def test_stopped_while_a_made_event_is_not_dead_lettered_yet_commits_nothing(
+        kafka_bootstrap: str, tmp_path: Path) -> None:
+    """The batch was taken, an event the subscriber made of it refused, and its dead letter not
+    written yet at the stop: committing what was taken lost that event for good."""
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    await publish(kafka_bootstrap, topic, [event(0)])
+    (tmp_path / "dead").write_text("")  # a file where the dead-letter file's directory goes
+    letters = tmp_path / "dead" / "k.jsonl"
+    sink = _Explaining()
+    async with running(source_config(kafka_bootstrap, topic, group, dead_letter_file=letters).build(sink)):
+        await until(lambda: sink.calls == 1, what="the delivery")
+    assert committed(kafka_bootstrap, group, topic) == [-1001]
+    (tmp_path / "dead").unlink()
+    again = _Explaining()
+    async with running(source_config(kafka_bootstrap, topic, group, dead_letter_file=letters).build(again)):
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [1], what="the commit")
+    assert again.calls == 1 and len(letters.read_bytes().splitlines()) == 1
