@@ -4,31 +4,40 @@ A write cut short (a full disk, a size limit) is cut off again, so that the retr
 after a torn line (as the spool does); but only if the file still ends with those bytes: it has
 one writer, and another's lines are never cut. A torn line a crash left (kill -9 in a write, a
 machine crash before the page cache reached the disk) is cut off at the first append of the
-process: its batch was not acknowledged, so it comes again whole.
+process: its batch was not acknowledged, so it comes again whole. Only what looks torn is cut:
+the start of a JSON object that does not read whole; a last line that reads whole, or is no
+JSON object, or that the process may not read or cut, gets its newline instead.
 
 A pipe or a terminal (`/dev/stderr` in a container) has no end to find or cut: lines go to it
-as they are, and a write that fails part way fails the batch (sent again: at least once).
+as they are, and a write that fails part way fails the batch (sent again: at least once). A
+pipe no one reads fails the batch rather than blocking it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import stat
 import threading
 from pathlib import Path
 
+import orjson
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 16
+_TORN_MAX = 64 << 20  # a torn line is part of one event's line; more is no crash's doing
 _mended: set[Path] = set()  # files whose tail this process has checked
 _mending = threading.Lock()
 
 
 def append(path: Path, lines: bytes, *, fsync: bool = False) -> None:
     """Append `lines` to `path` (created), whole or not at all; OSError when they were not."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # Non-blocking to open: a pipe no one reads blocked here for ever (ENXIO now: retried).
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
     try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
         if regular:
             _mend_once(path, fd)
@@ -52,30 +61,55 @@ def append(path: Path, lines: bytes, *, fsync: bool = False) -> None:
 
 
 def _mend_once(path: Path, fd: int) -> None:
-    """Cut off a torn last line (one not ending in a newline) the first time this process
-    appends to `path`; later ones are this process's own, and `_cut` mends those."""
+    """End a last line that lacks its newline, the first time this process appends to `path`;
+    later ones are this process's own, and `_cut` mends those."""
     with _mending:
         if path in _mended:
             return
-        size = os.fstat(fd).st_size
-        if size:
-            with open(path, "rb") as reader:
-                end = size
-                while end > 0:
-                    begin = max(0, end - _CHUNK)
-                    reader.seek(begin)
-                    chunk = reader.read(end - begin)
-                    if end == size and chunk.endswith(b"\n"):
-                        break  # whole
-                    if (at := chunk.rfind(b"\n")) >= 0:
-                        end = begin + at + 1
-                        break
-                    end = begin
-            if end < size:
-                os.ftruncate(fd, end)
-                log.warning("%s: cut off a torn last line of %d bytes (a write a crash interrupted)",
-                            path, size - end)
         _mended.add(path)
+        try:
+            _mend(path, fd)
+        except OSError as exc:  # a file this process may append to but not read or cut
+            log.warning("%s: could not check its last line: %s", path, exc)
+
+
+def _mend(path: Path, fd: int) -> None:
+    size = os.fstat(fd).st_size
+    if not size:
+        return
+    with open(path, "rb") as reader:
+        if not os.path.samestat(os.fstat(reader.fileno()), os.fstat(fd)):
+            return  # renamed meanwhile (a rotation): the name is another file now
+        reader.seek(size - 1)
+        if reader.read(1) == b"\n":
+            return
+        end = size  # the start of the last line
+        while end > 0 and size - end <= _TORN_MAX:
+            begin = max(0, end - _CHUNK)
+            reader.seek(begin)
+            at = reader.read(end - begin).rfind(b"\n")
+            if at >= 0:
+                end = begin + at + 1
+                break
+            end = begin
+        tail = b""
+        if size - end <= _TORN_MAX:
+            reader.seek(end)
+            tail = reader.read(size - end)
+    if tail.startswith(b"{") and not _reads(tail):
+        os.ftruncate(fd, end)
+        log.warning("%s: cut off a torn last line of %d bytes (a write a crash interrupted)", path, size - end)
+    else:
+        os.write(fd, b"\n")
+        log.warning("%s: its last line had no newline: one added", path)
+
+
+def _reads(line: bytes) -> bool:
+    try:
+        orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 def _cut(path: Path, fd: int, start: int, written: int) -> None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from infer_logger import appending
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.json_format import from_json, to_json
 from infer_logger.errors import SinkError
@@ -227,3 +230,57 @@ async def test_a_directory_removed_meanwhile_is_made_again(tmp_path: Path) -> No
 def test_a_path_with_a_nul_is_a_config_error() -> None:
     with pytest.raises(ValidationError, match="NUL"):  # every batch raised ValueError, retried for ever
         FileSinkConfig(path=Path("ev\0ents.jsonl"))
+
+
+async def test_a_last_line_that_is_no_torn_event_keeps_its_bytes(tmp_path: Path) -> None:
+    """Only the start of a JSON object that does not read whole is a crash's torn line: a whole
+    last line without its newline, or a file that is no JSONL, got cut (all of it, for the latter)."""
+    whole = tmp_path / "joined.jsonl"
+    whole.write_bytes(b"\n".join(to_json(_event(str(i))) for i in range(3)))  # "\n".join: no newline at the end
+    other = tmp_path / "notes.txt"
+    other.write_bytes(b"x" * 200_000)
+    for path in (whole, other):
+        sink = FileSinkConfig(path=path).build()
+        await sink.send_batch([_event("new")])
+        await sink.aclose()
+    assert [from_json(line).id for line in whole.read_bytes().splitlines()] == ["0", "1", "2", "new"]
+    assert other.read_bytes().startswith(b"x" * 200_000 + b"\n{")
+
+
+async def test_a_file_it_cannot_read_or_that_was_rotated_is_appended_to(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(to_json(_event("0"))[:20])
+    real_open = open
+
+    def rotated(name: Path, mode: str) -> Any:  # logrotate's rename and create between our open and read
+        path.rename(tmp_path / "events.jsonl.1")
+        path.write_bytes(b"")
+        return real_open(name, mode)
+
+    monkeypatch.setattr(appending, "open", rotated, raising=False)
+    sink = FileSinkConfig(path=path).build()
+    await sink.send_batch([_event("1")])
+    assert (tmp_path / "events.jsonl.1").read_bytes() == to_json(_event("0"))[:20] + to_json(_event("1")) + b"\n"
+
+    def refused(name: Path, mode: str) -> Any:  # a write-only file (mode 0220), a file root squashed
+        raise PermissionError(13, "Permission denied")
+
+    unreadable = tmp_path / "write-only.jsonl"
+    unreadable.write_bytes(b'{"torn')
+    monkeypatch.setattr(appending, "open", refused, raising=False)
+    sink = FileSinkConfig(path=unreadable).build()
+    await sink.send_batch([_event("2")])  # every batch failed: the mend's error was the append's
+    await sink.aclose()
+    assert unreadable.read_bytes() == b'{"torn' + to_json(_event("2")) + b"\n"
+
+
+async def test_a_pipe_no_one_reads_fails_the_batch(tmp_path: Path) -> None:
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    sink = FileSinkConfig(path=fifo).build()
+    try:
+        with pytest.raises(SinkError, match="No such device"):  # blocked for ever, the process's exit too
+            await asyncio.wait_for(sink.send_batch([_event("1")]), 60)
+    finally:
+        await sink.aclose()
