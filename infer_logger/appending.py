@@ -21,10 +21,21 @@ import os
 import stat
 import threading
 from pathlib import Path
+from typing import Annotated
 
 import orjson
+from pydantic import AfterValidator
 
 log = logging.getLogger(__name__)
+
+def _nameable(path: Path) -> Path:
+    if "\0" in str(path):  # no file can be named so: every write raised ValueError, retried for ever
+        raise ValueError(f"{str(path)!r} holds a NUL character")
+    return path
+
+
+AppendedPath = Annotated[Path, AfterValidator(_nameable)]
+"""A setting naming a file lines are appended to."""
 
 _CHUNK = 1 << 16
 _TORN_MAX = 64 << 20  # a torn line is part of one event's line; more is no crash's doing

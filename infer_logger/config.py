@@ -371,6 +371,8 @@ class Settings(LayeredSettings):
         seen: dict[str, Path] = {}
         for sink in files:
             real = os.path.realpath(sink.path)
+            if os.path.exists(real) and not os.path.isfile(real):
+                continue  # a pipe, a terminal, /dev/null: nothing to write twice or cut
             if real in seen:
                 raise ValueError(f"file sinks on {seen[real]} and {sink.path} write one file ({real}): "
                                  "give each its own")

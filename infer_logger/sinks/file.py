@@ -18,7 +18,7 @@ from infer_logger.sinks.own_thread import OwnThread
 
 class FileSinkConfig(SinkConfig):
     type: Literal["file"] = "file"
-    path: Path = Path("infer-logger-data/events.jsonl")
+    path: appending.AppendedPath = Path("infer-logger-data/events.jsonl")
     """The JSONL file to append to (its directory is created). This sink must be its only writer:
     a batch cut short (full disk) is cut off again only when no one else appended meanwhile."""
     fsync: bool = False
@@ -27,8 +27,6 @@ class FileSinkConfig(SinkConfig):
     @field_validator("path")
     @classmethod
     def _not_a_directory(cls, path: Path) -> Path:
-        if "\0" in str(path):  # no file can be named so: every batch failed
-            raise ValueError(f"{str(path)!r} holds a NUL character")
         try:
             is_dir = path.is_dir()
         except OSError as exc:  # a name too long, a directory not ours to look in

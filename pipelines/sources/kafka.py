@@ -116,7 +116,7 @@ class KafkaSourceConfig(SourceConfig):
     """Records that are not CloudEvents (or that the subscriber refused) go here, with headers
     `dead-letter-reason`, `-topic`, `-partition`, `-offset`; a copy too large for the producer or
     the topic goes without its value and own headers, `dead-letter-value-bytes` saying its size."""
-    dead_letter_file: Path | None = None
+    dead_letter_file: appending.AppendedPath | None = None
     """... or are appended here as JSON lines; with neither, they are logged and skipped. Refused
     events that are no records (an explanation the subscriber made) go as events: structured
     CloudEvents with `dead-letter-reason` to the topic, `{reason, attributes, data}` to the file."""

@@ -73,6 +73,11 @@ class TestSources:
         assert info.value.field == "sinks"
         assert len(load_settings(log_url=["file://a.jsonl"], sinks=[{"type": "file", "path": "b.jsonl"}]).all_sinks()) == 2
 
+    def test_file_sinks_on_one_pipe_or_device_are_not_refused(self) -> None:
+        # /dev/stdout and /dev/stderr are one pipe with 2>&1: nothing there is written twice or cut.
+        urls = ["file:///dev/stdout", "file:///dev/stderr", "file:///dev/null", "file:///dev/../dev/null"]
+        assert len(load_settings(log_url=urls).all_sinks()) == 4
+
     def test_file_and_sqlite_urls_take_what_follows_the_slashes_as_the_path(self) -> None:
         # file://events.jsonl was a sink writing to '.' (the host part was dropped): every batch failed.
         sinks = load_settings(log_url=["file://events.jsonl", "sqlite://audit.db", "file://localhost/tmp/e.jsonl"]).all_sinks()

@@ -228,8 +228,17 @@ async def test_a_directory_removed_meanwhile_is_made_again(tmp_path: Path) -> No
 
 
 def test_a_path_with_a_nul_is_a_config_error() -> None:
+    from pipelines.sources.forward import ForwardSourceConfig
+    from pipelines.sources.kafka import KafkaSourceConfig
+
     with pytest.raises(ValidationError, match="NUL"):  # every batch raised ValueError, retried for ever
         FileSinkConfig(path=Path("ev\0ents.jsonl"))
+    # Dead-letter files alike: their first dead letter raised the ValueError (the forward source
+    # caught OSError only).
+    with pytest.raises(ValidationError, match="dead_letter_file"):
+        KafkaSourceConfig(bootstrap_servers="k:9092", topics=["t"], dead_letter_file=Path("dl\0.jsonl"))
+    with pytest.raises(ValidationError, match="dead_letter_file"):
+        ForwardSourceConfig(dead_letter_file=Path("dl\0.jsonl"))
 
 
 async def test_a_last_line_that_is_no_torn_event_keeps_its_bytes(tmp_path: Path) -> None:
