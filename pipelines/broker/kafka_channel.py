@@ -112,7 +112,8 @@ class KafkaChannel:
         self._pending: list[tuple[Sequence[CloudEvent], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._sources: dict[str, tuple[KafkaSource, asyncio.Task[None], _Abortable]] = {}
-        self._starting: dict[str, asyncio.Task[None]] = {}  # triggers whose group could not be placed yet
+        # Triggers whose group could not be placed yet, and when each was added.
+        self._starting: dict[str, tuple[asyncio.Task[None], float]] = {}
         # Attaching and detaching wait for Kafka: one at a time, or a reload could detach a
         # trigger being attached (found in no table) and it ran on, removed.
         self._triggers_lock = asyncio.Lock()
@@ -227,14 +228,16 @@ class KafkaChannel:
         async with self._triggers_lock:
             await self._attach(trigger, handler)
 
-    async def _attach(self, trigger: str, handler: Handler) -> None:
+    async def _attach(self, trigger: str, handler: Handler, added: float | None = None) -> None:
+        """`added`: when a trigger whose group was never placed was added (a changed one)."""
         if not self._reached:
             # A new trigger's group starts at the topic's end, which takes Kafka to know: later.
             self._waiting[trigger] = handler
             return
-        group, added = self.group(trigger), time.time()
+        group, since = self.group(trigger), added
+        added = time.time() if added is None else added
         try:
-            await asyncio.get_running_loop().run_in_executor(self._admin, self._start_at_end, group)
+            await asyncio.get_running_loop().run_in_executor(self._admin, self._start_at_end, group, since)
         except KafkaException as exc:
             # Its consumer would start at the topic's start: every event retained, sent before
             # the trigger existed. It waits until its group is placed.
@@ -242,7 +245,7 @@ class KafkaChannel:
             task = asyncio.get_running_loop().create_task(self._start_later(trigger, handler, added),
                                                           name=f"start:{group}")
             task.add_done_callback(_said_if_failed)
-            self._starting[trigger] = task
+            self._starting[trigger] = task, added
             return
         self._run(trigger, handler)
 
@@ -302,16 +305,21 @@ class KafkaChannel:
         async with self._triggers_lock:
             await self._detach(trigger, forget=forget, timeout=timeout)
 
-    async def _detach(self, trigger: str, *, forget: bool, timeout: float) -> None:
+    async def _detach(self, trigger: str, *, forget: bool, timeout: float) -> float | None:
+        """Returns when the trigger was added if its group was never placed."""
         if self._waiting.pop(trigger, None) is not None:
-            return
+            return None
         if (starting := self._starting.pop(trigger, None)) is not None:
-            starting.cancel()
+            task, added = starting
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await starting
+                await task
+            if forget:  # a placing in flight (the admin thread's) may still commit the group's offsets
+                await asyncio.get_running_loop().run_in_executor(self._admin, self._delete_group, self.group(trigger))
+            return added
         entry = self._sources.pop(trigger, None)
         if entry is None:
-            return
+            return None
         source, task, subscriber = entry
         source.stop()
         # Deliveries in flight get `timeout`; those given up then come again, not those settled.
@@ -327,14 +335,15 @@ class KafkaChannel:
         if not (await asyncio.wait([closed], timeout=_TIMEOUT))[0]:
             log.error("kafka channel: trigger %s's consumer did not close within %gs (Kafka unreachable?); "
                       "left closing: what it did not commit is delivered again", trigger, _TIMEOUT)
-            return
+            return None
         if forget:
             await asyncio.get_running_loop().run_in_executor(self._admin, self._delete_group, self.group(trigger))
+        return None
 
     async def replace(self, trigger: str, handler: Handler, *, timeout: float) -> None:
         async with self._triggers_lock:
-            await self._detach(trigger, forget=False, timeout=timeout)
-            await self._attach(trigger, handler)
+            added = await self._detach(trigger, forget=False, timeout=timeout)
+            await self._attach(trigger, handler, added)  # one never placed: at the events since it was added
 
     def _delete_group(self, group: str) -> None:
         admin = AdminClient(self._client_config())  # kept until the answer: a dropped client cancels it

@@ -8,13 +8,16 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from infer_logger.cloudevents.json_format import to_dict
@@ -552,3 +555,71 @@ async def test_a_stop_while_kafka_is_unreachable_returns(tmp_path: Path, own_kaf
     finally:
         if not stopped:
             await broker.shutdown()
+
+
+def _placing_fails(channel: KafkaChannel, until_: Callable[[int], bool]) -> None:
+    """The channel's group placing fails as with Kafka unreachable while `until_(call number)`."""
+    placing, calls = channel._start_at_end, itertools.count(1)
+
+    def start_at_end(group: str, since: float | None = None) -> None:
+        if until_(next(calls)):
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "unreachable (the test's)"))
+        placing(group, since)
+
+    channel._start_at_end = start_at_end  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("down_at_the_reload", [False, True])
+async def test_a_trigger_changed_before_its_group_was_placed_gets_the_events_since_it_was_added(
+        kafka_bootstrap: str, down_at_the_reload: bool) -> None:
+    """The reload started it afresh: at the topic's end (or at a new time), and the events sent
+    since the trigger was first added never reached it."""
+    channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers=kafka_bootstrap, partitions=1),
+                           "default", f"b{next(_names)}-{uuid.uuid4().hex[:8]}")
+    await channel.start()
+    down = [True]
+    _placing_fails(channel, lambda _: down[0])
+    first, second = MemorySink(), MemorySink()
+    try:
+        await channel.attach("t", first)  # type: ignore[arg-type]
+        assert "t" in channel._starting
+        await channel.append([event(f"e{i}") for i in range(5)])
+        down[0] = down_at_the_reload
+        await channel.replace("t", second, timeout=1.0)  # type: ignore[arg-type]
+        down[0] = False
+        await channel.append([event("after")])
+        await until(lambda: "after" in {e.id for e in second.events}, 60, "the event after")
+    finally:
+        await channel.aclose(1.0)
+    assert sorted(e.id for e in first.events + second.events) == ["after", *(f"e{i}" for i in range(5))]
+
+
+async def test_a_trigger_removed_while_its_group_is_placed_starts_afresh_when_added_back(
+        kafka_bootstrap: str) -> None:
+    """The placing in flight committed the group's offsets after the removal, which kept the
+    group: the trigger added back got the events sent while it did not exist."""
+    channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers=kafka_bootstrap, partitions=1),
+                           "default", f"b{next(_names)}-{uuid.uuid4().hex[:8]}")
+    await channel.start()
+    placing = threading.Event()
+
+    def slow_second(call: int) -> bool:  # the first fails, the second takes a while
+        if call == 2:
+            placing.set()
+            time.sleep(1.5)
+        return call == 1
+
+    _placing_fails(channel, slow_second)
+    again = MemorySink()
+    try:
+        await channel.attach("t", MemorySink())  # type: ignore[arg-type]
+        await channel.append([event(f"e{i}") for i in range(3)])
+        await asyncio.to_thread(placing.wait, 30)
+        await channel.detach("t", forget=True, timeout=1.0)
+        await channel.append([event(f"while-removed{i}") for i in range(3)])
+        await channel.attach("t", again)  # type: ignore[arg-type]
+        await channel.append([event("after")])
+        await until(lambda: "after" in {e.id for e in again.events}, 60, "the event after")
+    finally:
+        await channel.aclose(1.0)
+    assert [e.id for e in again.events] == ["after"]
