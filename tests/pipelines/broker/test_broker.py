@@ -379,12 +379,14 @@ class TestReload:
             await until(lambda: len(old.got) == (b * 10 + 10 if b < 2 else b * 10 + 9), what=f"batch {b}")
         assert await _taken_over(channel, by, reopen) == ["e20", "last"]
 
-    @pytest.mark.parametrize("by", ["restart", "reload"])
+    @pytest.mark.parametrize("by", ["restart", "reload", "restart, reload"])
     async def test_a_batch_that_began_at_the_end_of_a_deleted_segment_is_known_again(
             self, tmp_path: Path, by: str) -> None:
         """A batch read as its segment rolled starts at that segment's end, and so does the
         checkpoint stuck on it: its save deletes the segment, and the record of the batch was
-        thrown away (its place "not held"), its settled events sent again."""
+        thrown away (its place "not held"), its settled events sent again. A runner stopped
+        before its first read (a reload right after a restart) kept only the records starting
+        from its checkpoint on, the next segment's start: that one went too."""
         from infer_logger.spool import DiskSpool, encode_record
         from pipelines.broker.channel import SpoolChannel, pack
 
@@ -661,19 +663,24 @@ async def _stuck_at_3(tmp_path: Path) -> Any:
 
 
 async def _taken_over(channel: Any, by: str, reopen: Callable[[], Any]) -> list[str]:
-    """What the runner taking trigger `t` over delivers, up to a new event "last": a changed
-    trigger's (`by` "reload"), or the next run's after a stop (`reopen` makes its channel)."""
-    new = Handler()
+    """What the runners taking trigger `t` over deliver, up to a new event "last": a changed
+    trigger's (`by` "reload"), the next run's after a stop (`reopen` makes its channel), or a
+    changed trigger's at once after a restart (the restarted runner stopped before its first read)."""
+    new, restarted = Handler(), Handler()
     if by == "reload":
         await channel.replace("t", new, timeout=0.1)
     else:
         await channel.aclose(0.1)
         channel = reopen()
-        await channel.attach("t", new)
+        if by == "restart, reload":
+            await channel.attach("t", restarted)
+            await channel.replace("t", new, timeout=0.1)
+        else:
+            await channel.attach("t", new)
     await channel.append([event("last")])
     await until(lambda: "last" in new.got, what="the new runner's deliveries")
     await channel.aclose(0.1)
-    return new.got
+    return restarted.got + new.got
 
 
 async def _backlog_then_restart(tmp_path: Path, subscriber: Subscriber, listed_first: str) -> list[CloudEvent]:
