@@ -28,6 +28,7 @@ from pydantic import AfterValidator
 
 log = logging.getLogger(__name__)
 
+
 def _nameable(path: Path) -> Path:
     if "\0" in str(path):  # no file can be named so: every write raised ValueError, retried for ever
         raise ValueError(f"{str(path)!r} holds a NUL character")

@@ -15,9 +15,9 @@ keeps an id's events in one partition, so in one consumer's batches, in order.
 
 A stop with a batch handled in part (a subscriber given up on mid-batch, as the broker does with
 a delivery stuck in retries) commits each partition up to its first record not handled and names
-the handled ones past it in the commit's metadata (`infer-logger/settled:` and offsets relative to
-the committed one, as ranges). Whoever owns the partition next reads that at assignment and skips them: what
-was delivered is not delivered again. Commits keep naming those not yet passed.
+the handled ones past it in the commit's metadata (`infer-logger/settled:` and ranges of offsets
+relative to the committed one). Whoever owns the partition next reads that at assignment and
+skips them: what was delivered is not delivered again. Commits keep naming those not yet passed.
 """
 
 from __future__ import annotations
