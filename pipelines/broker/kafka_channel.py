@@ -10,8 +10,9 @@ batch to the trigger's dispatcher and commits once every event of it settled. A 
 up; the source then commits what settled, so those are not delivered again (see its docstring).
 
 A new trigger's group starts at the topic's end: its offsets are committed there before it
-joins, so that a restart before its first batch cannot skip or replay events. Pass-through
-headers (X-Request-Id, Knative-*, X-B3-*) are not carried over Kafka.
+joins, so that a restart before its first batch cannot skip or replay events. One added while
+Kafka does not answer waits, and its group starts at the events written since it was added.
+Pass-through headers (X-Request-Id, Knative-*, X-B3-*) are not carried over Kafka.
 """
 
 from __future__ import annotations
