@@ -5,8 +5,9 @@ after a torn line (as the spool does); but only if the file still ends with thos
 one writer, and another's lines are never cut. A torn line a crash left (kill -9 in a write, a
 machine crash before the page cache reached the disk) is cut off at the first append of the
 process: its batch was not acknowledged, so it comes again whole. Only what looks torn is cut:
-the start of a JSON object that does not read whole; a last line that reads whole, or is no
-JSON object, or that the process may not read or cut, gets its newline instead.
+the start of a JSON object left open; a last line that closes, or is no JSON object, or that
+the process may not cut (an append-only file) gets its newline instead (one it may not read,
+a write-only file, is left as it is).
 
 A pipe or a terminal (`/dev/stderr` in a container) has no end to find or cut: lines go to it
 as they are, and a write that fails part way fails the batch (sent again: at least once). A
@@ -18,12 +19,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import stat
 import threading
 from pathlib import Path
 from typing import Annotated
 
-import orjson
 from pydantic import AfterValidator
 
 log = logging.getLogger(__name__)
@@ -74,29 +75,52 @@ def append(path: Path, lines: bytes, *, fsync: bool = False) -> None:
 
 def _mend_once(path: Path, fd: int) -> None:
     """End a last line that lacks its newline, the first time this process appends to `path`;
-    later ones are this process's own, and `_cut` mends those."""
+    later ones are this process's own, and `_cut` mends those. A newline that cannot be written
+    fails the append (the batch goes again, and the check with it): the batch's first line would
+    join the last one."""
     with _mending:
         if path in _mended:
             return
+        _mend(path, fd)
         _mended.add(path)
-        try:
-            _mend(path, fd)
-        except OSError as exc:  # a file this process may append to but not read or cut
-            log.warning("%s: could not check its last line: %s", path, exc)
 
 
 def _mend(path: Path, fd: int) -> None:
     size = os.fstat(fd).st_size
     if not size:
         return
+    try:
+        tail = _last_line(path, fd, size)
+    except OSError as exc:  # a file this process may append to but not read (mode 0220)
+        log.warning("%s: could not read its last line (%s): appending after it as it is", path, exc)
+        return
+    if tail is None or tail.endswith(b"\n"):
+        return
+    if tail.startswith(b"{") and not _closes(tail):
+        try:
+            os.ftruncate(fd, size - len(tail))
+            log.warning("%s: cut off a torn last line of %d bytes (a write a crash interrupted)", path, len(tail))
+            return
+        except OSError as exc:  # an append-only file (chattr +a): the torn line is ended instead
+            log.warning("%s: could not cut off a torn last line of %d bytes (%s)", path, len(tail), exc)
+    os.write(fd, b"\n")
+    log.warning("%s: its last line had no newline: one added", path)
+
+
+def _last_line(path: Path, fd: int, size: int) -> bytes | None:
+    """The file's bytes after its last newline (just the newline when it ends with one; none
+    when they are more than `_TORN_MAX`, no torn line), or None when the name is another file
+    now (a rotation meanwhile)."""
     with open(path, "rb") as reader:
         if not os.path.samestat(os.fstat(reader.fileno()), os.fstat(fd)):
-            return  # renamed meanwhile (a rotation): the name is another file now
+            return None  # the name is another file now
         reader.seek(size - 1)
         if reader.read(1) == b"\n":
-            return
+            return b"\n"
         end = size  # the start of the last line
-        while end > 0 and size - end <= _TORN_MAX:
+        while end > 0:
+            if size - end > _TORN_MAX:
+                return b""
             begin = max(0, end - _CHUNK)
             reader.seek(begin)
             at = reader.read(end - begin).rfind(b"\n")
@@ -104,24 +128,29 @@ def _mend(path: Path, fd: int) -> None:
                 end = begin + at + 1
                 break
             end = begin
-        tail = b""
-        if size - end <= _TORN_MAX:
-            reader.seek(end)
-            tail = reader.read(size - end)
-    if tail.startswith(b"{") and not _reads(tail):
-        os.ftruncate(fd, end)
-        log.warning("%s: cut off a torn last line of %d bytes (a write a crash interrupted)", path, size - end)
-    else:
-        os.write(fd, b"\n")
-        log.warning("%s: its last line had no newline: one added", path)
+        reader.seek(end)
+        return reader.read(size - end)
 
 
-def _reads(line: bytes) -> bool:
-    try:
-        orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return False
-    return True
+# Strings (their escapes included; one cut short runs to the end) and brackets.
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*(?P<closed>"|\\?\Z)|[][{}]', re.DOTALL)
+
+
+def _closes(line: bytes) -> bool:
+    """Whether a line that opens a JSON object closes it: no string and no bracket left open.
+    Not a parser's verdict: one refuses valid JSON (NaN, lone surrogates, deep nesting) that
+    other writers' whole lines hold, and a torn line never closes."""
+    depth = 0
+    for token in _TOKENS.finditer(line):
+        text = token[0]
+        if text[:1] == b'"':
+            if token["closed"] != b'"':
+                return False
+        elif text in (b"{", b"["):
+            depth += 1
+        else:
+            depth -= 1
+    return depth == 0
 
 
 def _cut(path: Path, fd: int, start: int, written: int) -> None:

@@ -293,3 +293,51 @@ async def test_a_pipe_no_one_reads_fails_the_batch(tmp_path: Path) -> None:
             await asyncio.wait_for(sink.send_batch([_event("1")]), 60)
     finally:
         await sink.aclose()
+
+
+async def test_a_last_line_it_cannot_cut_or_end_is_never_joined_to_the_next(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check of the last line once failed was never made again, and the next batch's first
+    line was written onto the torn one, which no reader could read."""
+    append_only = tmp_path / "append-only.jsonl"  # chattr +a: no cutting
+    append_only.write_bytes(to_json(_event("0")) + b"\n" + to_json(_event("1"))[:20])
+
+    def refused(fd: int, length: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "ftruncate", refused)
+        sink = FileSinkConfig(path=append_only).build()
+        await sink.send_batch([_event("1")])
+        await sink.aclose()
+    assert append_only.read_bytes().splitlines()[2] == to_json(_event("1"))  # the torn line kept, ended
+
+    full = tmp_path / "full.jsonl"  # the newline refused once (a full disk): the batch fails, then goes again
+    full.write_bytes(to_json(_event("0")))
+    real_write, failed = os.write, []
+
+    def write(fd: int, data: Any) -> int:
+        if bytes(data) == b"\n" and not failed:
+            failed.append(1)
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    sink = FileSinkConfig(path=full).build()
+    with pytest.raises(SinkError, match="No space"):
+        await sink.send_batch([_event("1")])
+    await sink.send_batch([_event("1")])
+    await sink.aclose()
+    assert [from_json(line).id for line in full.read_bytes().splitlines()] == ["0", "1"]
+
+
+async def test_another_writers_whole_last_line_is_kept_whatever_a_parser_thinks_of_it(tmp_path: Path) -> None:
+    # Python's json writes NaN; nesting past 1024 levels: whole lines a parser refuses were cut.
+    path = tmp_path / "theirs.jsonl"
+    deep = "[" * 1100 + "]" * 1100
+    path.write_text('{"id": "1"}\n{"id": "2", "score": NaN, "deep": ' + deep + "}")
+    sink = FileSinkConfig(path=path).build()
+    await sink.send_batch([_event("3")])
+    await sink.aclose()
+    lines = path.read_bytes().splitlines()
+    assert lines[1].startswith(b'{"id": "2", "score": NaN') and from_json(lines[2]).id == "3"
