@@ -11,6 +11,7 @@ import difflib
 import itertools
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlparse
@@ -368,15 +369,19 @@ class Settings(LayeredSettings):
         for url in info.data.get("log_url") or ():
             if isinstance(sink := sink_from_url(url), FileSinkConfig):
                 files.append(sink)
-        seen: dict[str, Path] = {}
+        seen: dict[object, Path] = {}
         for sink in files:
-            real = os.path.realpath(sink.path)
-            if os.path.exists(real) and not os.path.isfile(real):
-                continue  # a pipe, a terminal, /dev/null: nothing to write twice or cut
-            if real in seen:
-                raise ValueError(f"file sinks on {seen[real]} and {sink.path} write one file ({real}): "
-                                 "give each its own")
-            seen[real] = sink.path
+            try:  # what it is, links followed (/dev/stdout to the pipe it is now)
+                found = os.stat(sink.path)
+            except OSError:  # not there yet: its name tells
+                key: object = os.path.realpath(sink.path)
+            else:
+                if stat.S_ISCHR(found.st_mode):
+                    continue  # a terminal, /dev/null: each write whole, nothing to cut
+                key = (found.st_dev, found.st_ino)
+            if key in seen:  # a pipe too: a batch over its buffer is written in pieces, lines mixed
+                raise ValueError(f"file sinks on {seen[key]} and {sink.path} write one file: give each its own")
+            seen[key] = sink.path
         return sinks
 
     @field_validator("spool")
