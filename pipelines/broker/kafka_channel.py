@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -115,6 +115,7 @@ class KafkaChannel:
         self._sources: dict[str, tuple[KafkaSource, asyncio.Task[None], _Abortable]] = {}
         # Triggers whose group could not be placed yet, and when each was added.
         self._starting: dict[str, tuple[asyncio.Task[None], float]] = {}
+        self._placing: dict[str, Future[None]] = {}  # their last placing job
         # Attaching and detaching wait for Kafka: one at a time, or a reload could detach a
         # trigger being attached (found in no table) and it ran on, removed.
         self._triggers_lock = asyncio.Lock()
@@ -256,14 +257,16 @@ class KafkaChannel:
         delay = 1.0
         while True:
             await asyncio.sleep(delay)
+            # A job of its own, kept: a detach cancelling this task does not stop it once it runs.
+            self._placing[trigger] = job = self._admin.submit(self._start_at_end, self.group(trigger), added)
             try:
-                await asyncio.get_running_loop().run_in_executor(self._admin, self._start_at_end, self.group(trigger),
-                                                                 added)
+                await asyncio.wrap_future(job)
                 break
             except KafkaException:
                 delay = min(delay * 2, _RECONNECT_MAX)
         log.warning("kafka channel: group %s placed: its trigger runs", self.group(trigger))
         del self._starting[trigger]  # no await from here on: a detach finds it in one table or the other
+        del self._placing[trigger]
         self._run(trigger, handler)
 
     def _run(self, trigger: str, handler: Handler) -> None:
@@ -315,7 +318,10 @@ class KafkaChannel:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            if forget:  # a placing in flight (the admin thread's) may still commit the group's offsets
+            job = self._placing.pop(trigger, None)
+            # A placing that ran (or runs: it is done before this) may have committed the group's
+            # offsets: a trigger of that name added later would resume from them.
+            if forget and job is not None and not job.cancel() and not (job.done() and job.exception()):
                 await asyncio.get_running_loop().run_in_executor(self._admin, self._delete_group, self.group(trigger))
             return added
         entry = self._sources.pop(trigger, None)
@@ -352,7 +358,7 @@ class KafkaChannel:
             admin.delete_consumer_groups([group], request_timeout=_TIMEOUT)[group].result(timeout=_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - a leftover group only holds offsets
             # A trigger of that name added later would resume from the group's offsets.
-            log.warning("kafka channel: group %s not deleted: %s", group, exc)
+            log.warning("kafka channel: group %s not deleted: %s: %s", group, type(exc).__name__, exc)
 
     def lag(self, trigger: str) -> int | None:
         return None

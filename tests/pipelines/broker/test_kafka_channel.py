@@ -623,3 +623,23 @@ async def test_a_trigger_removed_while_its_group_is_placed_starts_afresh_when_ad
     finally:
         await channel.aclose(1.0)
     assert [e.id for e in again.events] == ["after"]
+
+
+async def test_a_trigger_removed_before_any_placing_ran_is_removed_at_once(kafka_bootstrap: str) -> None:
+    """No group to delete: deleting it anyway took a timeout per trigger with Kafka down (the
+    usual reason a trigger is not placed yet), the reload holding the channel meanwhile."""
+    channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers=kafka_bootstrap, partitions=1),
+                           "default", f"b{next(_names)}-{uuid.uuid4().hex[:8]}")
+    await channel.start()
+    _placing_fails(channel, lambda _: True)
+    deleted: list[str] = []
+    channel._delete_group = deleted.append  # type: ignore[method-assign]
+    try:
+        for name in ("a", "b"):
+            await channel.attach(name, MemorySink())  # type: ignore[arg-type]
+        await asyncio.sleep(1.5)  # a placing retried (and failed) meanwhile
+        for name in ("a", "b"):
+            await channel.detach(name, forget=True, timeout=1.0)
+    finally:
+        await channel.aclose(1.0)
+    assert deleted == [] and not channel._starting
