@@ -5,7 +5,7 @@ after a torn line (as the spool does); but only if the file still ends with thos
 one writer, and another's lines are never cut. A torn line a crash left (kill -9 in a write, a
 machine crash before the page cache reached the disk) is cut off at the first append of the
 process: its batch was not acknowledged, so it comes again whole. Only what looks torn is cut:
-the start of a JSON object left open; a last line that closes, or is no JSON object, or that
+the start of a JSON object left open, or zeros; a last line that closes, or is no JSON object, or that
 the process may not cut (an append-only file) gets its newline instead (one it may not read,
 a write-only file, is left as it is).
 
@@ -40,7 +40,7 @@ AppendedPath = Annotated[Path, AfterValidator(_nameable)]
 """A setting naming a file lines are appended to."""
 
 _CHUNK = 1 << 16
-_TORN_MAX = 64 << 20  # a torn line is part of one event's line; more is no crash's doing
+_TORN_MAX = 16 << 20  # a torn line is part of one event's line (~1 MiB); more is no crash's doing
 _mended: set[Path] = set()  # files whose tail this process has checked
 _mending = threading.Lock()
 
@@ -96,7 +96,8 @@ def _mend(path: Path, fd: int) -> None:
         return
     if tail is None or tail.endswith(b"\n"):
         return
-    if tail.startswith(b"{") and not _closes(tail):
+    # Zeros: blocks a machine's crash left unwritten past the data.
+    if (tail.startswith(b"{") and not _closes(tail)) or (tail and not tail.strip(b"\0")):
         try:
             os.ftruncate(fd, size - len(tail))
             log.warning("%s: cut off a torn last line of %d bytes (a write a crash interrupted)", path, len(tail))
@@ -133,7 +134,7 @@ def _last_line(path: Path, fd: int, size: int) -> bytes | None:
 
 
 # Strings (their escapes included; one cut short runs to the end) and brackets.
-_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*(?P<closed>"|\\?\Z)|[][{}]', re.DOTALL)
+_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?P<closed>"|\\?\Z)|[][{}]', re.DOTALL)
 
 
 def _closes(line: bytes) -> bool:
