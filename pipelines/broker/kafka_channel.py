@@ -319,10 +319,15 @@ class KafkaChannel:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             job = self._placing.pop(trigger, None)
-            # A placing that ran (or runs: it is done before this) may have committed the group's
-            # offsets: a trigger of that name added later would resume from them.
-            if forget and job is not None and not job.cancel() and not (job.done() and job.exception()):
-                await asyncio.get_running_loop().run_in_executor(self._admin, self._delete_group, self.group(trigger))
+            if forget and job is not None and not job.cancel():  # it ran, or runs
+                with contextlib.suppress(Exception):
+                    await asyncio.wrap_future(job)
+                # Placed, the group's offsets committed: a trigger of that name added later would
+                # resume from them. One that failed placed nothing (and a delete would wait on
+                # Kafka down too).
+                if job.exception() is None:
+                    await asyncio.get_running_loop().run_in_executor(self._admin, self._delete_group,
+                                                                     self.group(trigger))
             return added
         entry = self._sources.pop(trigger, None)
         if entry is None:

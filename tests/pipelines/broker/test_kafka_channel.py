@@ -555,6 +555,10 @@ async def test_a_stop_while_kafka_is_unreachable_returns(tmp_path: Path, own_kaf
     finally:
         if not stopped:
             await broker.shutdown()
+        # The consumer left closing waits for Kafka (its commit up to the 5 min session timeout),
+        # and the process's exit for its thread: Kafka back, it ends.
+        own_kafka.start(fresh=False)
+        await asyncio.to_thread(source._thread.shutdown, True)
 
 
 def _placing_fails(channel: KafkaChannel, until_: Callable[[int], bool]) -> None:
@@ -643,3 +647,21 @@ async def test_a_trigger_removed_before_any_placing_ran_is_removed_at_once(kafka
     finally:
         await channel.aclose(1.0)
     assert deleted == [] and not channel._starting
+
+
+async def test_a_trigger_removed_while_a_placing_fails_deletes_no_group(own_kafka: NoidaServer) -> None:
+    """With Kafka down, a placing job runs most of the time (each waits out a timeout): one
+    running at the removal had the group deleted after it, a second timeout on the reload."""
+    channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers=own_kafka.address, partitions=1),
+                           "default", f"b{next(_names)}-{uuid.uuid4().hex[:8]}")
+    await channel.start()
+    deleted: list[str] = []
+    channel._delete_group = deleted.append  # type: ignore[method-assign]
+    own_kafka.stop(keep_data=True)
+    try:
+        await channel.attach("t", MemorySink())  # type: ignore[arg-type]  # its placing fails: waits
+        await until(lambda: "t" in channel._placing and channel._placing["t"].running(), 60, "a placing job running")
+        await channel.detach("t", forget=True, timeout=1.0)
+    finally:
+        await channel.aclose(1.0)
+    assert deleted == []
