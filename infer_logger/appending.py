@@ -96,14 +96,18 @@ def _mend(path: Path, fd: int) -> None:
         return
     if tail is None or tail.endswith(b"\n"):
         return
-    # Zeros: blocks a machine's crash left unwritten past the data.
-    if (tail.startswith(b"{") and not _closes(tail)) or (tail and not tail.strip(b"\0")):
+    # Zeros at the end: blocks a machine's crash left unwritten past the data (a whole line too).
+    data = tail.rstrip(b"\0")
+    torn = (tail and not data) or (data.startswith(b"{") and not _closes(data))
+    if torn or data != tail:
+        keep = size - len(tail) + (0 if torn else len(data))
         try:
-            os.ftruncate(fd, size - len(tail))
-            log.warning("%s: cut off a torn last line of %d bytes (a write a crash interrupted)", path, len(tail))
-            return
+            os.ftruncate(fd, keep)
+            log.warning("%s: cut off %d bytes of a torn last line (a write a crash interrupted)", path, size - keep)
+            if torn:
+                return
         except OSError as exc:  # an append-only file (chattr +a): the torn line is ended instead
-            log.warning("%s: could not cut off a torn last line of %d bytes (%s)", path, len(tail), exc)
+            log.warning("%s: could not cut off a torn last line of %d bytes (%s)", path, size - keep, exc)
     os.write(fd, b"\n")
     log.warning("%s: its last line had no newline: one added", path)
 

@@ -557,8 +557,9 @@ async def test_a_stop_while_kafka_is_unreachable_returns(tmp_path: Path, own_kaf
             await broker.shutdown()
         # The consumer left closing waits for Kafka (its commit up to the 5 min session timeout),
         # and the process's exit for its thread: Kafka back, it ends.
-        own_kafka.start(fresh=False)
-        await asyncio.to_thread(source._thread.shutdown, True)
+        if own_kafka.proc is None:  # stopped above (a second start beside a live one would leak it)
+            own_kafka.start(fresh=False)
+        await asyncio.wait_for(asyncio.to_thread(source._thread.shutdown, True), 60)
 
 
 def _placing_fails(channel: KafkaChannel, until_: Callable[[int], bool]) -> None:
