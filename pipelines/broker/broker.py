@@ -307,7 +307,7 @@ class Broker:
         if s.channel == "kafka":
             from pipelines.broker.kafka_channel import KafkaChannel  # needs confluent-kafka
 
-            return KafkaChannel(s.kafka, *key, batch_size=s.batch_size)
+            return KafkaChannel(s.kafka, *key, batch_size=s.batch_size, parallelism=s.parallelism)
         spool: DiskSpool | MemorySpool
         if s.channel == "memory":
             spool = MemorySpool(max_events=s.spool.memory_max_events, max_bytes=int(s.spool.max_bytes),

@@ -70,24 +70,31 @@ def _answer(done: asyncio.Future[None], error: Exception | None = None) -> None:
 
 class _Abortable:
     """A trigger's dispatcher as its Kafka source's subscriber, each event delivered on its own
-    (the dispatcher's filter and parallelism limit as for a batch), so that a stop can give up the
-    deliveries in flight and the batch fails naming just those events: the others settled."""
+    (filtered and `parallelism` at a time, as the disk channel's runners do), so that a stop can
+    give up the deliveries in flight and the batch fails naming just those events: the others
+    settled."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, parallelism: int) -> None:
         self.handler = handler
+        self._slots = asyncio.Semaphore(parallelism)
         self._in_flight: set[asyncio.Future[None]] = set()
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
-        deliveries = [asyncio.ensure_future(self.handler.send_batch([event])) for event in events]
+        taken = self.handler.take(events)  # the others are settled: filtered out
+        deliveries = [asyncio.ensure_future(self._deliver(event)) for event in taken]
         self._in_flight.update(deliveries)
         try:
             outcomes = await asyncio.gather(*deliveries, return_exceptions=True)
         finally:
             self._in_flight.difference_update(deliveries)
-        pending = [event for event, outcome in zip(events, outcomes, strict=True) if isinstance(outcome, BaseException)]
+        pending = [event for event, outcome in zip(taken, outcomes, strict=True) if isinstance(outcome, BaseException)]
         if pending:
             raise SinkError(f"{len(pending)} of {len(events)} events not settled: their trigger stopped",
                             pending=pending)
+
+    async def _deliver(self, event: CloudEvent) -> None:
+        async with self._slots:
+            await self.handler.deliver(event)
 
     def abort(self) -> None:
         for delivery in self._in_flight:
@@ -98,11 +105,13 @@ class _Abortable:
 
 
 class KafkaChannel:
-    def __init__(self, settings: KafkaChannelSettings, namespace: str, name: str, *, batch_size: int = 100) -> None:
+    def __init__(self, settings: KafkaChannelSettings, namespace: str, name: str, *, batch_size: int = 100,
+                 parallelism: int = 64) -> None:
         self.settings = settings
         self.namespace = namespace
         self.topic = settings.topic(namespace, name)
         self.batch_size = batch_size
+        self.parallelism = parallelism
         self.ready = False
         # Records refused as one record batch for its size (a topic's max.message.bytes) go in halves.
         # An event too large is the sender's to keep (413), not the log's to cut.
@@ -271,7 +280,7 @@ class KafkaChannel:
 
     def _run(self, trigger: str, handler: Handler) -> None:
         group = self.group(trigger)
-        subscriber = _Abortable(handler)
+        subscriber = _Abortable(handler, self.parallelism)
         source = KafkaSourceConfig(
             bootstrap_servers=self.settings.bootstrap_servers, topics=[self.topic], group_id=group,
             batch_size=self.batch_size, batch_timeout=0.2, auto_offset_reset="earliest",
