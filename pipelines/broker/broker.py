@@ -340,8 +340,7 @@ class Broker:
                 raise RefusedError(f"the reply is larger than {maximum} bytes (max_event_bytes)", too_large=True)
             await self.publish(trigger.broker_key, [event])
 
-        return TriggerDispatcher(trigger, subscriber, dead_letter, RetryPolicy.from_spec(spec), reenter, self.metrics,
-                                 parallelism=self.settings.parallelism)
+        return TriggerDispatcher(trigger, subscriber, dead_letter, RetryPolicy.from_spec(spec), reenter, self.metrics)
 
     def _spec_endpoints(self, trigger: Trigger, broker_delivery: DeliverySpec, *,
                         build: bool) -> tuple[DeliverySpec, Endpoint | None, Endpoint | None]:

@@ -78,8 +78,6 @@ class Handler(Protocol):
 
     async def deliver(self, event: CloudEvent) -> None: ...
 
-    async def send_batch(self, events: Sequence[CloudEvent]) -> None: ...
-
 
 class Channel(Protocol):
     ready: bool

@@ -3,7 +3,6 @@ put the reply back into the broker or, when every attempt failed, dead-letter th
 
 `deliver(event)` settles one event and never raises, so a caller can run many at once; the
 channel decides when the log position may move (after every event before it settled).
-`send_batch` makes a dispatcher a Sink for the Kafka consumer-group source.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ def without_ttl(event: CloudEvent) -> tuple[CloudEvent, int | None]:
 
 class TriggerDispatcher:
     def __init__(self, trigger: Trigger, subscriber: Endpoint, dead_letter: Endpoint | None,
-                 policy: RetryPolicy, reenter: Reenter, metrics: BrokerMetrics, *, parallelism: int = 64) -> None:
+                 policy: RetryPolicy, reenter: Reenter, metrics: BrokerMetrics) -> None:
         self.trigger = trigger
         self.subscriber = subscriber
         self.dead_letter = dead_letter
@@ -58,7 +57,6 @@ class TriggerDispatcher:
         """Events done with: filtered out, delivered, dead-lettered or given up on."""
         self._filter = trigger.filter
         self._reply_to = "broker:{}/{}".format(*trigger.broker_key)
-        self._limit = asyncio.Semaphore(parallelism)
         label = trigger.label
         m = metrics
         self._filtered = m.filtered.labels(label)
@@ -85,17 +83,6 @@ class TriggerDispatcher:
         except Exception:  # a bug: raised out of take(), it ended the channel's runner for good
             log.exception("trigger %s: filtering event %s failed; it is filtered out", self.trigger.label, event.id)
             return False
-
-    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
-        """Settles every event of a batch (the Kafka source commits after this returns)."""
-        await asyncio.gather(*(self._bounded(e) for e in self.take(events)))
-
-    async def _bounded(self, event: CloudEvent) -> None:
-        async with self._limit:
-            await self.deliver(event)
-
-    async def aclose(self) -> None:
-        """Nothing to release: endpoints and components belong to the broker."""
 
     async def deliver(self, event: CloudEvent) -> None:
         """Deliver (retrying), else dead-letter: the event is settled either way. A bug on the way

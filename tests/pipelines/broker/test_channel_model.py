@@ -154,9 +154,6 @@ class _Handler:
         if _chance(seed, self.number, "reply", seq) < self.reply_p:
             await self.model.append(e.id, "reply")
 
-    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
-        raise AssertionError("a spool channel delivers events one by one")
-
 
 class _Model:
     """One scenario: a channel with triggers t1 and t2, driven by `seed`, and what the oracle
