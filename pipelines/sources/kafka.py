@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import logging
 import re
 import threading
@@ -763,19 +764,14 @@ def _settled_metadata(offset: int, settled: set[int]) -> str | None:
     Those that do not fit are left out (delivered again: at-least-once)."""
     ranges: list[str] = []
     size, count = len(_SETTLED), 0
-    ordered = sorted(o - offset for o in settled)
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        text = str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}"
-        count += j - i + 1
-        size += len(text) + 1
+    relative = sorted(o - offset for o in settled)
+    for _, run in itertools.groupby(enumerate(relative), key=lambda at: at[1] - at[0]):  # consecutive ones
+        values = [value for _, value in run]
+        text = str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+        count, size = count + len(values), size + len(text) + 1
         if size > _SETTLED_MAX_CHARS or count > _SETTLED_MAX:
             break
         ranges.append(text)
-        i = j + 1
     return _SETTLED + ",".join(ranges) if ranges else None
 
 
