@@ -26,11 +26,12 @@ import asyncio
 import base64
 import itertools
 import logging
+import queue
 import re
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -93,6 +94,9 @@ _SETTLED_MAX_CHARS = 3000  # Kafka refuses metadata over offset.metadata.max.byt
 _SETTLED_MAX = 100_000  # records one commit may name: those past it are delivered again instead
 _RANGE = re.compile(r"([0-9]{1,19})(?:-([0-9]{1,19}))?")
 _COMMITTED_TIMEOUT = 10.0  # seconds to read a new assignment's commit metadata
+# Seconds a stop waits for the consumer's close (its last commit, leaving the group). librdkafka
+# waits for ever on a commit while the coordinator does not answer (a stalled broker).
+_CLOSE_TIMEOUT = 10.0
 
 
 class KafkaSourceConfig(SourceConfig):
@@ -197,7 +201,7 @@ class KafkaSource:
         self.dead_lettered = 0
         self._backoff = Backoff(maximum=config.retry_max)
         # Every consumer call runs in this one thread (the rebalance callbacks with them).
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="kafka-source")
+        self._thread = _DaemonThread("kafka-source")
         self._batch: list[_Record] = []
         self._strays: list[tuple[CloudEvent, str]] = []  # refused events that are no records of it
         self._uncommitted: dict[PartitionKey, int] = {}
@@ -207,7 +211,9 @@ class KafkaSource:
         self._wake = asyncio.Event()
         self._running = False
         self._done = asyncio.Event()
+        self._task: asyncio.Task[Any] | None = None  # the one running `run()`
         self._closed = False
+        self._stuck = False  # a close not done within _CLOSE_TIMEOUT: the thread is Kafka's now
         self._dead_letters: Producer | None = None
         self._delivering: threading.Event | None = None  # set once the subscriber has the batch
         self._down_said = -60.0
@@ -243,6 +249,7 @@ class KafkaSource:
         if self._closed:
             return
         self._running = True
+        self._task = asyncio.current_task()
         try:
             await self._call(self._subscribe)
             while not self._stopping:
@@ -256,8 +263,8 @@ class KafkaSource:
                 await self._call(self._commit_and_resume)
         finally:
             try:
-                await self._call(self._close_consumer)
-            finally:  # also when a stop that would not wait cancelled the close (Kafka unreachable)
+                await self._close(self._close_consumer)
+            finally:  # also when a stop that would not wait cancelled the close
                 self._done.set()
 
     def stop(self) -> None:
@@ -277,14 +284,30 @@ class KafkaSource:
         if self._closed:
             return
         self._closed = True
-        self.stop()
         if self._running:
-            await self._done.wait()
+            # The step in hand gets _CLOSE_TIMEOUT (callers that give the batch in hand longer
+            # drain first), then is cancelled: a subscriber or a consumer call that does not end.
+            if not await self.drain(_CLOSE_TIMEOUT) and self._task is not None:
+                self._task.cancel()
+            await self._done.wait()  # the close in run's end is bounded
         else:
-            await self._call(self._close_consumer)
+            await self._close(self._close_consumer)
         if self._dead_letters is not None:
-            await self._call(self._dead_letters.close)  # nothing queued: every batch was flushed
-        self._thread.shutdown(wait=True)
+            await self._close(self._dead_letters.close)  # nothing queued: every batch was flushed
+        self._thread.shutdown()
+
+    async def _close(self, close: Callable[[], None]) -> None:
+        """`close` in the consumer's thread, waited for up to _CLOSE_TIMEOUT: a call Kafka never
+        answers (a commit to a stalled broker) holds the thread, and the stop goes on without it."""
+        if self._stuck:
+            return
+        done, _ = await asyncio.wait([asyncio.wrap_future(self._thread.submit(close))], timeout=_CLOSE_TIMEOUT)
+        if done:
+            done.pop().result()
+            return
+        self._stuck = True
+        log.error("kafka source %s: Kafka did not answer within %gs of the stop (a commit, leaving the group): "
+                  "left closing; what was not committed comes again", self.address, _CLOSE_TIMEOUT)
 
     async def _handle(self) -> bool:
         """Events to the subscriber, then dead letters; True once all of the batch is handled."""
@@ -757,6 +780,44 @@ _CONSUMER_ONLY = frozenset({"group.id", "enable.auto.commit", "enable.auto.offse
                             "session.timeout.ms", "max.poll.interval.ms", "partition.assignment.strategy",
                             "heartbeat.interval.ms", "group.instance.id", "fetch.min.bytes", "fetch.wait.max.ms",
                             "isolation.level", "enable.partition.eof"})
+
+
+class _DaemonThread(Executor):
+    """One daemon thread running the calls submitted, in order.
+
+    Not ThreadPoolExecutor: the interpreter's exit joins its threads, so a consumer call Kafka
+    never answers (a commit to a stalled broker) held the process after a stop gave up on it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._shut = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        if self._shut:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if not self._thread.is_alive():
+            self._thread.start()
+        future: Future[T] = Future()
+        self._calls.put((future, partial(fn, *args, **kwargs)))
+        return future
+
+    def shutdown(self, wait: bool = False, *, cancel_futures: bool = False) -> None:
+        self._shut = True
+        if self._thread.is_alive():
+            self._calls.put(None)
+            if wait:
+                self._thread.join()
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - the caller's to see
+                    future.set_exception(exc)
 
 
 def _settled_metadata(offset: int, settled: set[int]) -> str | None:

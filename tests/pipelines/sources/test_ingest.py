@@ -26,6 +26,7 @@ from pipelines.sources.service import Ingest, Watched, create_app
 from pipelines.sources.settings import IngestSettings
 from tests.pipelines.sources.test_kafka_source import new_topic, publish
 from tests.servers import Process
+from tests.services import NoidaServer
 
 INGEST = [sys.executable, "-m", "infer_logger.cli", "ingest"]
 
@@ -183,6 +184,42 @@ class TestKafka:
 
         assert all(offset <= 0 for offset in committed(kafka_bootstrap, group, topic))  # nothing committed
         assert "drain_timeout" in (tmp_path / "ingest.log").read_text()
+
+
+    def test_sigterm_with_kafka_stalled_ends_the_process(self, tmp_path: Path) -> None:
+        """A commit to a broker that does not answer (SIGSTOPped: no reset, no timeout) held the
+        consumer's thread for ever, and the interpreter's exit joined it: SIGTERM never ended
+        the process."""
+        server = NoidaServer("kafka").start()
+        silent = socket.create_server(("127.0.0.1", 0))
+        try:
+            topic, group = new_topic(server.address), f"ingest-{uuid.uuid4().hex[:8]}"
+            asyncio.run(publish(server.address, topic, [CloudEvent(
+                {"specversion": "1.0", "id": "s-1", "source": "/s", "type": REQUEST}, b"{}")]))
+            port = free_port()
+            proc = Process([*INGEST, "--port", str(port), "--source", "kafka", "--kafka-bootstrap", server.address,
+                            "--topic", topic, "--group-id", group,
+                            "--sink-url", f"http://127.0.0.1:{silent.getsockname()[1]}/"],
+                           port, ready_path="/readyz", log=tmp_path / "ingest.log",
+                           env={"INFER_LOGGER_INGEST_DRAIN_TIMEOUT": "1", "INFER_LOGGER_INGEST_SINK__TYPE": "http"}
+                           ).start()
+            silent.settimeout(60)
+            conn, _ = silent.accept()
+            with conn:
+                conn.settimeout(60)
+                assert conn.recv(65536), "no POST"
+                assert server.proc is not None
+                server.proc.send_signal(signal.SIGSTOP)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")  # taken: the commit goes to Kafka
+                time.sleep(1)
+                code = proc.stop(signal.SIGTERM, timeout=120)  # then SIGKILL (-9)
+            assert code in (0, -signal.SIGTERM), f"exit {code}: still running 120 s after SIGTERM"
+        finally:
+            silent.close()
+            if server.proc is not None:
+                server.proc.send_signal(signal.SIGCONT)
+            server.stop()
+        assert "did not answer" in (tmp_path / "ingest.log").read_text()
 
 
 class TestConfig:

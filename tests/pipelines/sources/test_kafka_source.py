@@ -507,6 +507,34 @@ class TestBrokerDown:
             server.stop()
         assert [e.id for e in sink.events] == ["id-1", "id-2"]
 
+    async def test_a_stop_with_kafka_stalled_ends(self) -> None:
+        """A commit to a broker that does not answer (SIGSTOPped) waits for ever in librdkafka:
+        the stop waited with it. The consumer is left closing; the records come again."""
+        server = NoidaServer("kafka").start()
+        topic, group = new_topic(server.address), f"g-{uuid.uuid4().hex[:8]}"
+        sink = Gated()
+        source = source_config(server.address, topic, group).build(sink)
+        task = asyncio.create_task(source.run())
+        try:
+            await publish(server.address, topic, [event(1)])
+            await until(lambda: sink.waiting > 0, 30, what="the batch with the subscriber")
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)
+            sink.gate.set()  # taken: the commit goes to the stalled broker
+            await asyncio.sleep(0.5)
+            assert not await source.drain(1)
+            try:
+                await asyncio.wait_for(asyncio.gather(source.aclose(), task, return_exceptions=True), 120)
+            except TimeoutError:
+                pytest.fail("the stop still waits for Kafka 120 s on")
+        finally:
+            if server.proc is not None:
+                server.proc.send_signal(signal.SIGCONT)
+            task.cancel()
+            server.stop()
+        assert [e.id for e in sink.events] == ["id-1"]
+
+
 class TestConfig:
     """Config mistakes are refused when read."""
 
