@@ -296,7 +296,7 @@ class KafkaSource:
             await self._close(self._dead_letters.close)  # nothing queued: every batch was flushed
         self._thread.shutdown()
 
-    async def _close(self, close: Callable[[], None]) -> None:
+    async def _close(self, close: Callable[[], object]) -> None:
         """`close` in the consumer's thread, waited for up to _CLOSE_TIMEOUT: a call Kafka never
         answers (a commit to a stalled broker) holds the thread, and the stop goes on without it."""
         if self._stuck:
