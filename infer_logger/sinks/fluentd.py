@@ -88,12 +88,16 @@ def time_ns(value: object) -> int:
 
 
 def shared_key_digest(salt: bytes, hostname: str, nonce: bytes, key: str) -> str:
-    """sha512_hex(shared_key_salt + hostname + nonce + shared_key): PING's and PONG's proof."""
-    return hashlib.sha512(salt + hostname.encode() + nonce + key.encode()).hexdigest()
+    """sha512_hex(shared_key_salt + hostname + nonce + shared_key): PING's and PONG's proof.
+
+    Over the bytes as sent: a hostname that is not UTF-8 (read with surrogateescape) raised
+    UnicodeEncodeError, and its PING got no PONG.
+    """
+    return hashlib.sha512(salt + as_bytes(hostname) + nonce + as_bytes(key)).hexdigest()
 
 
 def password_digest(auth_salt: bytes, username: str, password: str) -> str:
-    return hashlib.sha512(auth_salt + username.encode() + password.encode()).hexdigest()
+    return hashlib.sha512(auth_salt + as_bytes(username) + as_bytes(password)).hexdigest()
 
 
 def as_bytes(value: object) -> bytes:

@@ -10,7 +10,9 @@ Fluentd's out_forward defaults to `heartbeat_type transport`, plain TCP connects
 A frame's records go to the subscriber in batches of at most `max_frame_entries`, each unpacked
 and converted only when the one before was taken, so a frame of many small entries holds its bytes
 and one batch of events, not all of them decoded (a Forward-mode array's entries are read from the
-frame's bytes, a PackedForward bin's unpacked, and inflated, as they go). A `chunk` option is acked
+frame's bytes, a PackedForward bin's unpacked, and inflated, as they go); at most `in_flight` frames,
+across connections, at once (a connection whose frame waits its turn reads no more: TCP holds its
+sender back, and that wait, like the subscriber's, is not `frame_timeout`). A `chunk` option is acked
 (`{"ack": chunk}`) only after the last batch's `send_batch` returned, so a client with
 `require_ack_response` resends what the subscriber did not take: the whole chunk, so the batches
 before a failed or bad one are delivered again (at-least-once; a chunk's record ids stay the same,
@@ -97,7 +99,8 @@ class ForwardSourceConfig(SourceConfig):
     """Seconds a client has to send PING after HELO."""
     frame_timeout: float = Field(60.0, gt=0)
     """Seconds a frame has to arrive whole once begun, plus one per MiB of it that came (a big
-    frame on a slow link is not cut); then the connection is closed (a client that stopped or
+    frame on a slow link is not cut), counting only the time spent waiting for its bytes (not
+    while the frame before it is taken); then the connection is closed (a client that stopped or
     dripped mid-frame held its bytes, up to max_frame_bytes, for as long as it stayed)."""
     max_frame_bytes: int = Field(32 << 20, ge=1024)
     """Largest frame as sent, and largest decompressed entries; a bigger one closes the connection.
@@ -108,6 +111,10 @@ class ForwardSourceConfig(SourceConfig):
     acked after the last. max_frame_bytes cannot bound what entries become (a 3-byte entry is a ~1 KB
     CloudEvent); this bounds how many are held at once. Also the most gzip members that end no entry
     a frame may have (empty ones cost work and carry nothing)."""
+    in_flight: int = Field(4, ge=1)
+    """Most frames, across connections, being converted and handed to the subscriber at once: each
+    holds a batch of up to max_frame_entries events (a 10,000-event batch of tiny records is ~12 MB).
+    A connection whose frame waits for its turn reads no more, so TCP holds its sender back."""
     record_type: str = "io.fluentd.record"
     """CloudEvents `type` of records that are not CloudEvents themselves."""
     source_uri: str | None = None
@@ -214,14 +221,14 @@ class _Messages:
         self._base = 0  # where in the stream the unpacker's tell() counts from
         self._fed = 0  # bytes fed so far
         self._start = 0  # where the unfinished message starts
-        self._fed_at = self.begun_at = 0.0  # when the last read came; when the unfinished message's first did
+        # Seconds spent waiting for reads of the unfinished message: frame_timeout counts them only,
+        # not the time this server spent elsewhere (taking the frame before, waiting for its turn)
+        # while its bytes waited in the socket.
+        self.waited = 0.0
         self._reads: list[bytes] = []  # the reads it is in, and what follows it
         self._offset = 0  # where it starts in the first
 
     def feed(self, data: bytes) -> None:
-        self._fed_at = time.monotonic()  # the event loop's clock
-        if not self.partial:
-            self.begun_at = self._fed_at
         self._unpacker.feed(data)
         self._reads.append(data)
         self._fed += len(data)
@@ -256,7 +263,7 @@ class _Messages:
             self._base = end
         message = self._cut(end - self._start)
         self._start = end
-        self.begun_at = self._fed_at  # the next one's first byte (if any) came in the last read
+        self.waited = 0.0  # the next one's time starts with the first read that waits for it
         if big and self._reads:  # the rest of the last read: the next message's start
             self._unpacker.feed(memoryview(self._reads[0])[self._offset:])
             for data in self._reads[1:]:
@@ -698,9 +705,10 @@ class ForwardSource:
         self._stopped = asyncio.Event()
         self._closing = False
         self._draining = False  # no frame is taken now: those in hand finish (`drain`)
-        self._taking = 0  # frames being taken (handed on, then acked)
+        self._taking = 0  # frames being taken (waiting for their turn, handed on, then acked)
         self._idle = asyncio.Event()
         self._idle.set()
+        self._turns = asyncio.Semaphore(config.in_flight)  # frames whose batches are converted and handed on
         # surrogateescape: an ack echoes a chunk that is not UTF-8 (read so) byte for byte; strict,
         # it failed after the records were handed on, and every resend delivered them again.
         self._packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
@@ -790,11 +798,10 @@ class ForwardSource:
                         return  # not taken, not acked: the sender sends it again
                     if len(message) == 1 and message[0] == _NIL:
                         continue  # a heartbeat (Fluentd's in_forward skips it too)
-                    frame = parse_frame(message, self.config.max_frame_bytes, self.config.max_frame_entries)
                     self._taking += 1
                     self._idle.clear()
                     try:
-                        await self._take(frame, reader, writer)
+                        await self._take(message, reader, writer)
                     finally:
                         self._taking -= 1
                         if not self._taking:
@@ -824,24 +831,45 @@ class ForwardSource:
             writer.transport.abort()
 
     async def _read(self, reader: asyncio.StreamReader, messages: _Messages) -> bytes:
-        """The next read; within the frame's deadline when one has begun: `frame_timeout` from
-        its first byte, plus a second per MiB of it that came (a big frame on a slow link is not cut)."""
+        """The next read; when a frame has begun, within what is left of its time: `frame_timeout`,
+        plus a second per MiB of it that came (a big frame on a slow link is not cut), counted
+        while waiting here only: from its first byte, a frame behind one the subscriber held
+        longer was past it when reading resumed, and a sender that waits for no ack lost it."""
         if not messages.partial:
             return await reader.read(_READ_SIZE)
-        deadline = messages.begun_at + self.config.frame_timeout + messages.received / READ_RATE_ALLOWANCE
+        left = self.config.frame_timeout + messages.received / READ_RATE_ALLOWANCE - messages.waited
+        started = time.monotonic()
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(left):
                 return await reader.read(_READ_SIZE)
         except TimeoutError:
             raise FrameError(f"a frame begun did not arrive whole within {self.config.frame_timeout:g}s "
                              f"(frame_timeout)") from None
+        finally:
+            messages.waited += time.monotonic() - started
 
     def _close_for(self, peer: object, reason: str) -> None:
         self.errors += 1
         log.warning("forward source: closing connection from %s: %s", peer, reason)
 
-    async def _take(self, frame: Frame, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.frames += 1
+    async def _take(self, message: bytes | memoryview, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        """The frame's batches handed on in its turn (one of `in_flight`), then its chunk acked."""
+        async with self._turns:  # waiting, this connection reads nothing: TCP holds its sender back
+            if self._draining:
+                return  # began while this one waited: not taken, not acked (the sender sends it again)
+            # Parsed in its turn too: a Message mode record is decoded whole.
+            frame = parse_frame(message, self.config.max_frame_bytes, self.config.max_frame_entries)
+            self.frames += 1
+            await self._hand_on(frame, reader, writer)
+        # After the turn: a sender that does not read its acks holds its connection, not the others.
+        if frame.chunk is not None:
+            writer.write(self._packer.pack({"ack": frame.chunk}))
+            await writer.drain()
+            self.acks += 1
+
+    async def _hand_on(self, frame: Frame, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
         for events in self.batches(frame):
             if frame.chunk is not None and (reader.at_eof() or writer.transport.is_closing()):
                 # The sender closed the connection (its ack timeout): no ack can reach it (Fluentd
@@ -871,10 +899,6 @@ class ForwardSource:
                     raise _Refused() from exc
                 self.records += taken
             await asyncio.sleep(0)  # a frame of many batches lets other connections in between
-        if frame.chunk is not None:
-            writer.write(self._packer.pack({"ack": frame.chunk}))
-            await writer.drain()
-            self.acks += 1
 
     def _dead_letter(self, refused: list[tuple[CloudEvent, str]], failed: str = "") -> None:
         """Written to `dead_letter_file` (OSError when it cannot be), else (or when `failed` says

@@ -124,6 +124,27 @@ class Counted:
         pass
 
 
+class Held:
+    """A subscriber that holds every batch until `release` is set, counting the batches it holds."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.held = self.most = 0
+        self.events: list[CloudEvent] = []
+
+    async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+        self.held += 1
+        self.most = max(self.most, self.held)
+        try:
+            await self.release.wait()
+        finally:
+            self.held -= 1
+        self.events.extend(events)
+
+    async def aclose(self) -> None:
+        pass
+
+
 @pytest.fixture
 async def memory() -> MemorySink:
     return MemorySink()
@@ -514,6 +535,21 @@ class TestHandshake:
             await client.aclose()
         assert len(memory.events) == 1
 
+    @pytest.mark.parametrize(("key", "ok"), [(KEY, True), ("guess", False)])
+    async def test_a_hostname_that_is_not_utf8(self, memory: MemorySink, key: str, ok: bool) -> None:
+        """The digests are over the bytes as sent, as Fluentd computes them: encoded strictly, the
+        hostname raised, and its PING got no PONG (a bad frame, not an auth failure)."""
+        async with ForwardSourceConfig(port=0, shared_key=self.KEY).build(memory) as src:
+            client = await Client.connect(src.port)
+            nonce = (await client.reply())[1]["nonce"]
+            salt, hostname = os.urandom(16), b"h\xe9st"  # Latin-1
+            ping = b"\x96" + pack("PING") + b"\xa4" + hostname + pack(salt)
+            await client.send(ping + pack(self.digest(salt, hostname, nonce, key)) + pack("") + pack(""))
+            pong = await client.reply()
+            assert pong[:3] == ["PONG", ok, "" if ok else "shared_key mismatch"]
+            assert (src.auth_failures, src.errors) == ((0, 0) if ok else (1, 1))
+            await client.aclose()
+
     async def test_wrong_key_is_refused_and_closed(self, memory: MemorySink) -> None:
         async with ForwardSourceConfig(port=0, shared_key=self.KEY).build(memory) as src:
             client, pong = await self.ping(src.port, "guess")
@@ -740,6 +776,28 @@ class TestFailures:
             assert await client.reply() == {"ack": "c"} and src.errors == 0
             await client.aclose()
 
+    @pytest.mark.parametrize("behind", ["its own frame", "another connection's frame"])
+    async def test_time_the_source_was_not_reading_is_not_frame_time(self, behind: str) -> None:
+        """frame_timeout ran from a frame's first byte: one that came behind a frame the subscriber
+        held longer than that (or behind one waiting for its turn) was past it when reading resumed,
+        and its connection was closed; a sender that does not wait for acks lost it."""
+        subscriber = Held()
+        rest = pack(["app", 1, {"n": "b"}, {"chunk": "b"}])
+        async with ForwardSourceConfig(port=0, frame_timeout=1.0, in_flight=1).build(subscriber) as src:
+            if behind == "another connection's frame":
+                other = await Client.connect(src.port)
+                await other.send(["app", 1, {"n": "x"}, {"chunk": "x"}])
+                await until(lambda: subscriber.held == 1)
+            client = await Client.connect(src.port)
+            await client.send(pack(["app", 1, {"n": "a"}, {"chunk": "a"}]) + rest[:5])  # "b" begun
+            await until(lambda: src._taking == 1 + (behind != "its own frame"))
+            await asyncio.sleep(1.5)  # past frame_timeout: the rest of "b" is not read meanwhile
+            subscriber.release.set()
+            assert await client.reply() == {"ack": "a"}
+            await client.send(rest[5:])
+            assert await client.reply() == {"ack": "b"} and src.errors == 0
+            await client.aclose()
+
     async def test_a_frame_dripped_past_frame_timeout_closes_the_connection(self, memory: MemorySink) -> None:
         """The deadline was per read: a byte every 0.4 s held a frame for ever under a 0.5 s timeout."""
         frame = pack(["app", 1, {"a": "x" * 100}, {"chunk": "c"}])
@@ -787,6 +845,54 @@ class TestFailures:
         assert await roundtrip(src, ["app", 1, {}, {"chunk": "r"}]) == [{"ack": "r"}]
         await src.aclose()
         await asyncio.wait_for(runner, 5)
+
+
+class TestInFlight:
+    """At most `in_flight` frames, across connections, are converted and with the subscriber at
+    once: each held a batch of up to max_frame_entries events (~12 MB), and 30 connections 30."""
+
+    async def test_connections_beyond_it_wait_their_turn(self) -> None:
+        subscriber = Held()
+        async with ForwardSourceConfig(port=0, in_flight=2).build(subscriber) as src:
+            clients = [await Client.connect(src.port) for _ in range(5)]
+            for i, client in enumerate(clients):
+                await client.send(["app", [[1, {"i": i}]] * 3, {"chunk": f"c{i}"}])
+            await until(lambda: src._taking == 5 and subscriber.held >= 2)  # every frame read
+            assert subscriber.held == 2
+            subscriber.release.set()
+            assert [await client.reply() for client in clients] == [{"ack": f"c{i}"} for i in range(5)]
+            for client in clients:
+                await client.aclose()
+        assert subscriber.most == 2
+        assert sorted(e.json()["i"] for e in subscriber.events) == sorted(list(range(5)) * 3)
+
+    @pytest.mark.parametrize("stop", ["drain", "aclose"])
+    async def test_a_stop_takes_no_frame_waiting_for_its_turn(self, stop: str) -> None:
+        """A drain lets the frame in hand finish, not those waiting (they are not acked: their
+        senders send them again), and waits for none of them; aclose ends them all."""
+        subscriber = Held()
+        src = ForwardSourceConfig(port=0, in_flight=1).build(subscriber)
+        await src.start()
+        try:
+            first, waiting = await Client.connect(src.port), await Client.connect(src.port)
+            await first.send(["app", 1, {"n": 1}, {"chunk": "first"}])
+            await until(lambda: subscriber.held == 1)
+            await waiting.send(["app", 1, {"n": 2}, {"chunk": "waiting"}])
+            await until(lambda: src._taking == 2)
+            if stop == "drain":
+                drained = asyncio.create_task(src.drain(30))
+                await until(lambda: src._draining)
+                subscriber.release.set()
+                assert await asyncio.wait_for(drained, 10)
+                assert await first.reply() == {"ack": "first"}
+            else:
+                await asyncio.wait_for(src.aclose(), 10)
+                subscriber.release.set()
+        finally:
+            await src.aclose()
+        assert await first.closed() and await waiting.closed()
+        assert src.acks == (stop == "drain") and [e.json() for e in subscriber.events] == (
+            [{"n": 1}] if stop == "drain" else [])
 
 
 class TestLifecycle:
