@@ -43,6 +43,8 @@ class NoidaServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0, *, fresh: bool = True) -> NoidaServer:
+        if self.proc is not None and self.proc.poll() is None:  # a second one would leak the first
+            raise RuntimeError(f"noida-db {self.service} already runs on {self.port}: stop() it first")
         if fresh or self.data_dir is None:
             self.data_dir = tempfile.mkdtemp(prefix=f"noida-{self.service}-")
         args = [str(noida_binary()), "start", "--only", self.service, "--host", "127.0.0.1",
