@@ -95,7 +95,7 @@ def documents(
     if events.is_error(event):
         # The error body is the whole exchange's: every instance gets it, the first one whole. A
         # copy per instance would multiply it (a 1 MiB body, 400 instances: 400 MiB to index).
-        text = _text(body, event)
+        text = _text(payloads.error_body(event, body), event)
         parts = [{"error": text}]
         if per_instance and instances > 1:
             parts += [{"error": _cut(text)}] * (instances - 1)
@@ -153,15 +153,22 @@ def _common(event: CloudEvent, kind: str) -> Document:
             doc["status"] = status
         if latency is not None:
             doc["latency_ms"] = latency
-        if time is not None:
-            try:
-                doc["@timestamp"] = _format(time - timedelta(milliseconds=latency or 0.0))
-            except OverflowError:  # a time within its latency of year 1: no request time
-                pass
+        if time is not None and (asked := request_time(time, attrs.get(events.LATENCYMS))) is not None:
+            doc["@timestamp"] = _format(asked)
     if time is not None:
         doc[f"{kind}_time"] = _format(time)
     doc[f"{kind}_attributes"] = {name: attribute_text(value) for name, value in attrs.items()}
     return doc
+
+
+def request_time(response_time: datetime, latencyms: object) -> datetime | None:
+    """When a response's request came: its `time` less its `latencyms` attribute (one left out of
+    the document counts as none); None within that latency of year 1. The audit store dates the
+    rows of a response whose request it has not seen so too."""
+    try:
+        return response_time - timedelta(milliseconds=_latency(latencyms) or 0.0)
+    except OverflowError:
+        return None
 
 
 def _part(kind: str, item: Any, names: Sequence[str] | None) -> Document | None:
@@ -242,7 +249,7 @@ def _text(value: object, event: CloudEvent) -> str:
     try:
         return orjson.dumps(value).decode()
     except TypeError:  # nested past orjson's 254 levels: the payload's own text
-        return (event.data or b"").decode(errors="replace")
+        return payloads.as_text(event)
 
 
 def _cut(text: str) -> str:

@@ -10,8 +10,9 @@ accepts TF-style `inputs` too and mislabelled paths are common:
 - Explanations: `{"explanations": [...]}`, one per instance; any other explanation is instance 0's.
 
 Whatever cannot be split safely (error bodies, truncated or binary data, inconsistent shapes, shapes
-of more than 64 dimensions, empty batches) becomes one item holding the whole payload, so nothing
-is dropped from the audit trail.
+of more than 64 dimensions, empty batches, V2 tensors without `data`) becomes one item holding the
+whole payload, so nothing is dropped from the audit trail. An error body that is not JSON (a
+proxy's plain-text or HTML page) is that item as text.
 Pure Python on purpose: the store runs in the sidecar, which must not pull in numpy or pandas.
 """
 
@@ -33,10 +34,21 @@ def instances(event: CloudEvent) -> list[Any]:
     if event.type == events.REQUEST:
         return split_request(body)
     if event.type == events.RESPONSE:
-        return [body] if events.is_error(event) else split_response(body)
+        return [error_body(event, body)] if events.is_error(event) else split_response(body)
     if event.type == events.EXPLANATION:
         return split_explanation(body)
     return [body]
+
+
+def error_body(event: CloudEvent, body: Any) -> Any:
+    """An error response's decoded `body` as audited: JSON as it is, anything else (an Envoy or
+    nginx page, a cut body) as its text, bytes that are not UTF-8 replaced (U+FFFD)."""
+    return as_text(event) if isinstance(body, events.RawPayload) else body
+
+
+def as_text(event: CloudEvent) -> str:
+    """The payload's bytes as text, bytes that are not UTF-8 replaced."""
+    return (event.data or b"").decode(errors="replace")
 
 
 def split_request(body: Any) -> list[Any]:
@@ -72,6 +84,8 @@ def _split_tensors(value: Any) -> list[Any] | None:
     if isinstance(value, list):
         if value and all(_is_tensor(t) for t in value):
             return _tensor_rows(value)
+        if any(_names_tensor(t) for t in value):
+            return None  # tensors without `data` (Triton's shared memory names a region): no rows to cut
         return value  # TF row format: already one element per instance
     if isinstance(value, Mapping):
         return _columns_to_rows(value)
@@ -80,6 +94,14 @@ def _split_tensors(value: Any) -> list[Any] | None:
 
 def _is_tensor(value: Any) -> bool:
     return isinstance(value, Mapping) and "name" in value and "data" in value
+
+
+def _names_tensor(value: Any) -> bool:
+    """Whether `value` has a V2 tensor's keys, with data or not (a TF row would have to name its
+    features `datatype`, or `name` and `shape` with a list in it)."""
+    return isinstance(value, Mapping) and (
+        "datatype" in value or ("name" in value and isinstance(value.get("shape"), list))
+    )
 
 
 def _tensor_rows(tensors: list[Mapping[str, Any]]) -> list[dict[str, Any]] | None:

@@ -4,7 +4,10 @@ Request, response and explanation events of one exchange share an id and arrive 
 each kind upserts only its own columns. Attributes shared by all three (time, model, service...)
 are filled by whichever comes first, the request's values winning. Status and latency belong to
 the exchange: the response sets them on every row of its id, and rows created later (a late
-request with more instances) copy them from a row the response wrote. Re-delivery overwrites.
+request with more instances) copy them from a row the response wrote. The time is the exchange's
+too: every row the request or the response made is dated by the request's `time` (rows beyond its
+instances too); until the request comes, by the response's `time - latencyms`, as the audit
+documents' @timestamp is (`audit.request_time`). Re-delivery overwrites.
 
 SQLite runs in WAL mode so that `infer-logger query` in another process reads while the sidecar
 writes. Times are stored as UTC RFC 3339 text with microseconds, so text order is time order.
@@ -21,13 +24,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from math import ceil
+from math import ceil, isfinite, isnan
 from pathlib import Path
 from typing import Any, Literal, Self
 
 import orjson
 
-from infer_logger import events, payloads
+from infer_logger import audit, events, payloads
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import InferLoggerError
 
@@ -70,6 +73,10 @@ _KINDS = {t: events.KINDS[t] for t in (events.REQUEST, events.EXPLANATION, event
 # whether it came. (Any row with response attributes meant scanning every row of the id, per row
 # written: a 20k-instance request before its response took 56 s.)
 _FROM_RESPONSE = "(SELECT {col} FROM records WHERE id = :id AND instance = 0 AND response_attributes IS NOT NULL)"
+# The time of a request written before: its instance 0 is there.
+_FROM_REQUEST = (
+    "(SELECT time FROM records WHERE id = :id AND instance = 0 AND request_attributes IS NOT NULL)"
+)
 
 
 def _upsert_sql(kind: str) -> str:
@@ -79,6 +86,8 @@ def _upsert_sql(kind: str) -> str:
     if not is_response:
         values[columns.index("status")] = _FROM_RESPONSE.format(col="status")
         values[columns.index("latency_ms")] = _FROM_RESPONSE.format(col="latency_ms")
+    else:  # its rows beyond the request's instances are dated by the request too
+        values[columns.index("time")] = f"COALESCE({_FROM_REQUEST}, :time)"
     # The request's view of shared attributes wins; the others only fill gaps.
     shared = [
         f"{c} = COALESCE(excluded.{c}, {c})" if kind == "request" else f"{c} = COALESCE({c}, excluded.{c})"
@@ -128,6 +137,12 @@ _UPSERT_EXCHANGE = _exchange_sql()
 # lookup instead of a rewrite.
 _SPREAD_STATUS = (
     "UPDATE records SET status = ?2, latency_ms = ?3 WHERE id = ?1 AND (status IS NOT ?2 OR latency_ms IS NOT ?3)"
+)
+# (id, the request's instance count, its time): the rows its response made beyond them, dated by
+# the response until then. A range of the primary key: no row of the request's is looked at.
+_SPREAD_TIME = (
+    "UPDATE records SET time = ?3 WHERE id = ?1 AND instance >= ?2 AND response_attributes IS NOT NULL "
+    "AND time IS NOT ?3"
 )
 
 
@@ -311,6 +326,7 @@ class AuditStore:
         exchanges: list[tuple[Any, ...]] = []
         rows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in _KINDS.values()}
         spread: list[tuple[str, int | None, float | None]] = []
+        dated: list[tuple[str, int, str]] = []
         for kind, kept in latest.items():
             for event_id, event in kept.items():
                 if kind == "request" and (answer := responses.pop(event_id, None)) is not None:
@@ -321,18 +337,22 @@ class AuditStore:
                     spread.append((event_id, pair[0][_STATUS], pair[0][_LATENCY]))
                     continue
                 base = _row_base(event, kind, updated)
-                for index, text in enumerate(_instances_json(event)):
+                texts = _instances_json(event)
+                for index, text in enumerate(texts):
                     rows[kind].append({**base, "instance": index, kind: text})
                 if kind == "response":
                     spread.append((event_id, base["status"], base["latency_ms"]))
+                elif kind == "request" and base["time"] is not None:
+                    dated.append((event_id, len(texts), base["time"]))
         with self._lock, self._transaction() as conn:
             if exchanges:
                 conn.executemany(_UPSERT_EXCHANGE, exchanges)
             for kind, params in rows.items():
                 if params:
                     _UPSERT[kind].run(conn, params)
-            # After every upsert, so rows this batch created get the status too.
+            # After every upsert, so rows this batch created get the status (and time) too.
             conn.executemany(_SPREAD_STATUS, spread)
+            conn.executemany(_SPREAD_TIME, dated)
         return len(exchanges) + sum(len(params) for params in rows.values())
 
     def query(
@@ -411,13 +431,15 @@ def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> l
     """`_UPSERT_EXCHANGE` rows, one per instance, for a request and its response."""
     asked, answered = request.attributes, response.attributes
     asked_time, asked_text = _shared_values(asked)
-    answered_time, answered_text = _shared_values(answered)
-    theirs = (answered_time, *answered_text)
+    answered_text = _shared_values(answered)[1]
+    time = _asked_time(answered) if asked_time is None else asked_time
     # Where both have an instance the request's shared values win; the response's own rows keep
-    # its. A sidecar's two events share one cached tuple of text values: no merge needed.
+    # its but the time (the exchange's). A sidecar's two events share one cached tuple of text
+    # values: no merge needed.
+    theirs = (time, *answered_text)
     if asked_text is not answered_text:
         asked_text = tuple(mine if mine is not None else other for mine, other in zip(asked_text, answered_text))
-    both = (answered_time if asked_time is None else asked_time, *asked_text)
+    both = (time, *asked_text)
     event_id = request.id
     status = events.as_int(answered.get(events.STATUSCODE))
     latency = events.as_float(answered.get(events.LATENCYMS))
@@ -474,6 +496,8 @@ def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
         # (a row beyond the request's instances held the explanation's time or the response's,
         # by how the sink worker happened to batch them).
         time = None
+    elif kind == "response":
+        time = _asked_time(attrs)
     base: dict[str, Any] = dict(zip(_SHARED, (time, *text)))
     base["id"] = event.id
     # Attributes may arrive as strings (HTTP/Kafka binary mode headers), hence the conversions.
@@ -482,6 +506,17 @@ def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
     base[f"{kind}_attributes"] = _attributes_json(attrs)
     base["updated"] = updated
     return base
+
+
+def _asked_time(attrs: dict[str, Any]) -> str | None:
+    """A response's rows' time until its request's is known: when the request came, by the
+    response's `time - latencyms` (rows dated by the response's own time split an exchange in two
+    at a --since or --until between them); its own time within its latency of year 1."""
+    time = attrs.get("time")
+    moment = events.as_utc(time)
+    if moment is None:
+        return _utc(time)  # none, or text with no time in it
+    return _utc(audit.request_time(moment, attrs.get(events.LATENCYMS)) or moment)
 
 
 def _utc(value: object) -> str | None:
@@ -502,21 +537,56 @@ def _utc(value: object) -> str | None:
 def _instances_json(event: CloudEvent) -> list[str | None]:
     """Each instance's JSON text. One nested past the 254 levels orjson writes (it reads 1024) is
     written by stdlib json, as deep as Python recurses (~1000); deeper yet, the first such row
-    holds the payload as sent, and later ones nothing (each held it whole: MBs per request)."""
+    holds the payload as sent (an error body as its text), and later ones nothing (each held it
+    whole: MBs per request). NaN and infinities are written as text, "NaN", "Infinity" and
+    "-Infinity" (`_non_finite_as_text`)."""
     texts: list[str | None] = []
     raw_kept = False
     for item in payloads.instances(event):
         try:
-            texts.append(_dumps(item))
-            continue
+            text = _dumps(item)
         except TypeError:
             pass
+        else:
+            # orjson writes NaN and infinities (binary tensor data carries them; JSON has none) as
+            # null: looked for (stdlib json refuses them) only where a null was written.
+            if "null" in text and not _finite(item):
+                text = _dumps(_non_finite_as_text(item))
+            texts.append(text)
+            continue
         try:
             texts.append(json.dumps(item, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
         except (RecursionError, ValueError):
-            texts.append(None if raw_kept else _dumps(events.RawPayload.of(event.data or b"")))
+            texts.append(None if raw_kept else _dumps(_as_sent(event)))
             raw_kept = True
     return texts
+
+
+def _as_sent(event: CloudEvent) -> object:
+    """The payload as sent: an error body as its text, as the audit documents' `error` has it."""
+    return payloads.as_text(event) if events.is_error(event) else events.RawPayload.of(event.data or b"")
+
+
+def _finite(value: object) -> bool:
+    """Whether no float in `value` (one orjson writes) is a NaN or an infinity."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _non_finite_as_text(value: Any) -> Any:
+    """`value` with NaN and infinities as the text numpy and JavaScript write for them, where
+    orjson writes null (a model's inf was stored as a missing value). Recursive: `value` is one
+    orjson wrote, no more than 254 levels deep."""
+    if isinstance(value, float) and not isfinite(value):
+        return "NaN" if isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, list):
+        return [_non_finite_as_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _non_finite_as_text(v) for k, v in value.items()}
+    return value
 
 
 def _dumps(value: object) -> str:
@@ -578,8 +648,26 @@ def format_table(records: Iterable[AuditRecord], *, width: int = 40) -> str:
 def _short(value: object, width: int) -> str:
     if value is None:
         return "-"
-    text = _escaped(value if isinstance(value, str) else _dumps(value))
+    text = _escaped(value if isinstance(value, str) else _shown_json(value))
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# In place of a payload nested deeper than Python recurses where it is shown (the store's writer
+# may have had more of the stack to spare).
+_TOO_DEEP = "(nested too deep to show)"
+
+
+def _shown_json(value: object) -> str:
+    """A payload read back from the store as compact JSON text. orjson reads it but writes no more
+    than 254 levels; stdlib json writes what the store does."""
+    try:
+        return _dumps(value)
+    except TypeError:
+        pass
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    except RecursionError:
+        return _TOO_DEEP
 
 
 def _escaped(text: str) -> str:
@@ -591,4 +679,23 @@ def _escaped(text: str) -> str:
 
 def records_to_json(records: Iterable[AuditRecord]) -> str:
     """A JSON array of records (payloads embedded as JSON, not as text)."""
-    return orjson.dumps(list(records), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
+    records = list(records)
+    try:
+        return orjson.dumps(records, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:  # a payload nested past the 254 levels orjson writes (stdlib json wrote it)
+        pass
+    rows = [{name: getattr(r, name) for name in _COLUMNS} for r in records]
+    try:
+        return json.dumps(rows, indent=2, ensure_ascii=False)
+    except RecursionError:  # deeper than Python recurses here: such fields are marked instead
+        # Each tried as deep as it lies in `rows`, a few frames further down the stack.
+        rows = [{name: v if _fits([{"": v}]) else _TOO_DEEP for name, v in row.items()} for row in rows]
+        return json.dumps(rows, indent=2, ensure_ascii=False)
+
+
+def _fits(value: object) -> bool:
+    try:
+        json.dumps(value, indent=2)
+    except RecursionError:
+        return False
+    return True

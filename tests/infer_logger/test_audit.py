@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from infer_logger import events
+from infer_logger import binary_tensors, events
 from infer_logger.audit import Document, doc_id, documents, instances
 from infer_logger.cloudevents.event import CloudEvent
 
@@ -300,6 +300,26 @@ class TestResponse:
         body = b'{"error":' + b"[" * 300 + b"]" * 300 + b"}"
         (got,) = parts(response(body, status=500), "response")
         assert got == {"error": body.decode()}
+
+    def test_an_error_body_that_is_not_json_is_its_text(self) -> None:
+        """A proxy's plain-text or HTML error page was `{"base64":"..."}` as text."""
+        page = b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
+        docs = documents(response(page, status=503, datacontenttype="text/plain"), instances=2)
+        assert [d["response"] for _, d in docs] == [{"error": page.decode()}] * 2
+        (page_part,) = parts(response(b"<html>\xff</html>", status=502), "response")
+        assert page_part == {"error": "<html>\ufffd</html>"}  # not UTF-8: replaced
+        cut = b'{"error": "CUDA out of mem'
+        (cut_part,) = parts(response(cut, status=500, truncated=True, datasize=99), "response")
+        assert cut_part == {"error": cut.decode()}
+
+    def test_binary_nan_and_infinities_stay_null(self) -> None:
+        """Elasticsearch refuses them in a numeric field, as "NaN" text too (the audit store keeps
+        that text): the document would be refused, its event dead-lettered."""
+        head = {"outputs": [{"name": "y", "shape": [3], "datatype": "FP32"}]}
+        values = binary_tensors.pack_values("FP32", [float("nan"), float("inf"), 0.5])
+        body, _ = binary_tensors.encode(head, "outputs", {"y": values})
+        docs = [orjson.loads(orjson.dumps(doc)) for _, doc in documents(response(body))]
+        assert [d["response"] for d in docs] == [{"prediction": None}, {"prediction": None}, {"prediction": 0.5}]
 
     def test_error_without_known_instances(self) -> None:
         assert [k for k, _ in documents(response("plain text", status=502))] == ["a-0"]

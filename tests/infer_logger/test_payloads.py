@@ -145,6 +145,20 @@ class TestV2Tensors:
         body = {"inputs": tensors}
         assert split_request(body) == [body]
 
+    def test_tensors_without_data_stay_whole(self) -> None:
+        """Triton's shared-memory extension names a region instead of sending `data`: each tensor
+        was taken for an instance (TF's row format), two inputs of one instance made two."""
+        region = {"shared_memory_region": "input0_data", "shared_memory_byte_size": 64}
+        body = {"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "INT32", "parameters": region},
+                           {"name": "INPUT1", "shape": [1, 16], "datatype": "INT32", "parameters": region}]}
+        assert split_request(body) == [body]
+        answer = {"outputs": [{"name": "OUT", "shape": [1, 16], "datatype": "INT32", "parameters": region}]}
+        assert split_response(answer) == [answer]
+        for tensors in ([{"name": "x", "shape": [2], "parameters": region}],  # no datatype
+                        [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]},
+                         {"name": "y", "shape": [2], "datatype": "FP32", "parameters": region}]):
+            assert split_request({"inputs": tensors}) == [{"inputs": tensors}]
+
     def test_more_dimensions_than_numpy_stays_whole(self) -> None:
         """Rows were reshaped one recursion per dimension: 1000 dims raised RecursionError."""
         body = {"inputs": [{"name": "x", "shape": [1] * 1000, "datatype": "FP32", "data": [1]}]}
@@ -159,6 +173,8 @@ class TestOtherShapes:
 
     def test_tf_row_inputs(self) -> None:
         assert split_request({"inputs": [[1, 2], [3, 4]]}) == [[1, 2], [3, 4]]
+        rows = [{"name": "ann", "shape": "round"}, {"name": "bob", "age": 3}]  # features, not tensors
+        assert split_request({"inputs": rows}) == rows
 
     def test_tf_columnar_inputs(self) -> None:
         body = {"inputs": {"a": [1, 2], "b": [[1, 1], [2, 2]]}}
@@ -194,8 +210,18 @@ class TestInstances:
         assert instances(_event(events.RESPONSE, orjson.dumps(body), statuscode=status)) == [body]
 
     def test_non_json_body(self) -> None:
-        (item,) = instances(_event(events.RESPONSE, b"Internal Server Error", statuscode=500))
+        (item,) = instances(_event(events.RESPONSE, b"Internal Server Error", statuscode=200))
         assert item == {"base64": "SW50ZXJuYWwgU2VydmVyIEVycm9y"}
+
+    @pytest.mark.parametrize(("body", "text"), [
+        (b"Internal Server Error", "Internal Server Error"),
+        (b"<html>\xff</html>", "<html>\ufffd</html>"),  # not UTF-8: replaced
+    ])
+    def test_an_error_body_that_is_not_json_is_its_text(self, body: bytes, text: str) -> None:
+        """It was {"base64": ...}: an Envoy or nginx error page is read by people."""
+        assert instances(_event(events.RESPONSE, body, statuscode=503)) == [text]
+        cut = _event(events.RESPONSE, b'{"error": "out of', statuscode=500, truncated=True, datasize=99)
+        assert instances(cut) == ['{"error": "out of']
 
     def test_truncated_is_not_parsed(self) -> None:
         event = _event(events.REQUEST, b'{"instances": [[1], [2]]}', truncated=True, datasize=999)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -11,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from infer_logger import binary_tensors, events
+from infer_logger import audit, binary_tensors, events
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import InferLoggerError
 from infer_logger.store import _SCHEMA, SCHEMA_VERSION, AuditRecord, AuditStore, format_table, records_to_json
@@ -152,7 +154,7 @@ class TestJoin:
     @pytest.mark.parametrize("order", ["r|p|e", "rpe", "r|pe", "e|rp", "e|r|p", "p|e|r"])
     def test_the_same_events_make_the_same_rows_however_batched(self, tmp_path: Path, order: str) -> None:
         """A row beyond the request's one instance took its time from the explanation or from the
-        response, by how the sink worker happened to batch the events."""
+        response, by how the sink worker happened to batch the events (now the request's)."""
         events_ = {"r": request(body={"instances": [[1, 2]]}, time="2026-01-01T00:00:00Z"),
                    "p": response(time="2026-01-01T00:00:01Z"),
                    "e": explanation(time="2026-01-01T00:00:05Z")}
@@ -164,7 +166,29 @@ class TestJoin:
                 return [(r.instance, r.time, r.status, r.request, r.response, r.explanation) for r in _by_instance(s)]
 
         assert rows(order, "a.db") == rows("r|p|e", "ref.db")
-        assert [row[1] for row in rows(order, "b.db")] == ["2026-01-01T00:00:00.000000Z", "2026-01-01T00:00:01.000000Z"]
+        assert [row[1] for row in rows(order, "b.db")] == ["2026-01-01T00:00:00.000000Z"] * 2
+
+    @pytest.mark.parametrize("order", ["r|p", "rp", "p|r", "pr", "p|rp", "rp|p|r"])
+    def test_an_exchange_is_dated_by_its_request_whatever_the_order(self, tmp_path: Path, order: str) -> None:
+        """Rows beyond the request's instances (a cut request has one) were dated by the response,
+        5 s later: --since/--until cut the exchange in two, and `query --id` listed instance 0 last."""
+        cut = CloudEvent({**request().attributes, "truncated": True, "datasize": 999}, b'{"instances": [[1')
+        # Its latency is not quite the time between the two events: its rows wait for the request's.
+        answer = response(body={"predictions": [0, 1, 2]}, latency=4990, time="2025-01-01T00:00:05.000000Z")
+        made = {"r": cut, "p": answer}
+        with AuditStore(tmp_path / "a.db") as s:
+            for batch in order.split("|"):
+                s.write([made[kind] for kind in batch])
+            assert [(r.instance, r.time) for r in s.query(id="a", order="asc")] == [(0, T0), (1, T0), (2, T0)]
+            assert len(s.query(until="2025-01-01T00:00:01Z")) == 3
+            assert s.query(since="2025-01-01T00:00:01Z") == []
+
+    def test_a_response_alone_is_dated_when_its_request_came(self, store: AuditStore) -> None:
+        """By its time less its latency, as the audit documents' @timestamp; then by the request."""
+        store.write([response(body={"predictions": [0, 1]}, latency=250, time="2025-01-01T00:00:01.000000Z")])
+        assert [r.time for r in _by_instance(store)] == ["2025-01-01T00:00:00.750000Z"] * 2
+        store.write([request(body={"instances": [[1]]})])
+        assert [r.time for r in _by_instance(store)] == [T0, T0]
 
 
 class TestStatus:
@@ -199,9 +223,34 @@ class TestStatus:
     def test_error_response_with_text_body(self, store: AuditStore) -> None:
         store.write([request(), response(body=b"Internal Server Error", status=500, latency=3)])
         first, second = _by_instance(store)
-        assert first.response == {"base64": "SW50ZXJuYWwgU2VydmVyIEVycm9y"}
+        assert first.response == "Internal Server Error"
         assert second.response is None
         assert (first.status, second.status, second.latency_ms) == (500, 500, 3.0)
+
+    @pytest.mark.parametrize("body, extra", [
+        (b"upstream connect error or disconnect/reset before headers. reset reason: overflow", {}),
+        (b"<html><body><h1>502 Bad Gateway</h1>\xff</body></html>", {"datacontenttype": "text/html"}),
+        (b'{"error": "CUDA out of mem', {"truncated": True, "datasize": 4000}),
+    ])
+    def test_an_error_body_that_is_not_json_is_its_text(
+        self, store: AuditStore, body: bytes, extra: dict[str, Any]
+    ) -> None:
+        """An Envoy or nginx error page was stored as {"base64": ...}; the audit document's
+        `error` holds the same text."""
+        event = response(body=body, status=503, **extra)
+        store.write([event])
+        (record,) = store.query()
+        assert record.response == body.decode(errors="replace")
+        assert audit.documents(event)[0][1]["response"] == {"error": record.response}
+
+    def test_an_error_body_too_deep_to_write_is_kept_as_its_text(self, store: AuditStore) -> None:
+        """Nested past what stdlib json writes (orjson reads it): kept as sent, as text as the
+        audit document's `error` has it, not base64."""
+        event = response(body=b'{"error": ' + b"[" * 1018 + b"]" * 1018 + b"}", status=500)
+        store.write([event])
+        (record,) = store.query()
+        assert record.response == (event.data or b"").decode()
+        assert audit.documents(event)[0][1]["response"] == {"error": record.response}
 
     def test_string_attributes_from_binary_mode(self, store: AuditStore) -> None:
         event = response()
@@ -249,6 +298,17 @@ class TestPayloads:
             ({"x": [1, 2]}, {"y": 0}),
             ({"x": [3, 4]}, {"y": 1}),
             ({"x": [5, 6]}, {"y": 2}),
+        ]
+
+    def test_binary_nan_and_infinities_are_stored_as_text(self, store: AuditStore) -> None:
+        """orjson writes them as null: a model's inf was stored as a missing value."""
+        y = {"name": "y", "shape": [4], "datatype": "FP32"}
+        z = {"name": "z", "shape": [4], "datatype": "FP64", "data": [None, 1.0, 2.0, 3.0]}  # JSON null stays
+        values = binary_tensors.pack_values("FP32", [float("nan"), float("inf"), float("-inf"), 0.5])
+        body, _ = binary_tensors.encode({"outputs": [y, z]}, "outputs", {"y": values})
+        store.write([request(body={"instances": [[1]] * 4}), response(body=body)])
+        assert [r.response for r in _by_instance(store)] == [
+            {"y": "NaN", "z": None}, {"y": "Infinity", "z": 1.0}, {"y": "-Infinity", "z": 2.0}, {"y": 0.5, "z": 3.0},
         ]
 
     def test_truncated_request(self, store: AuditStore) -> None:
@@ -346,6 +406,28 @@ class TestQuery:
         assert len({line.index("id") for line in lines[1:]}) == 1  # columns aligned
         decoded = orjson.loads(records_to_json(records))
         assert decoded[1]["id"] == "id1" and decoded[1]["request"] == [1]
+
+    def test_payloads_nested_past_what_orjson_writes_are_shown(self, store: AuditStore) -> None:
+        """The store writes them by stdlib json (orjson writes 254 levels, reads 1024): `query`
+        failed on them with TypeError("Recursion limit reached"), as a table and as JSON."""
+        deep = b"[" * 300 + b"0" + b"]" * 300
+        asked = CloudEvent(request().attributes, b'{"instances": [' + deep + b"]}")
+        store.write([asked, response(body=b'{"predictions": [' + deep + b"]}")])
+        records = store.query()
+        (shown,) = json.loads(records_to_json(records))
+        assert shown["request"] == shown["response"] == json.loads(deep) and shown["id"] == "a"
+        assert format_table(records).splitlines()[1].endswith("[" * 39 + "…")
+
+    def test_payloads_deeper_than_python_recurses_where_shown_are_marked(self, store: AuditStore) -> None:
+        """The store's writer may have had more of the stack to spare than `query`'s caller."""
+        deeper: Any = 0
+        for _ in range(5000):
+            deeper = [deeper]
+        store.write([request(), response()])
+        record = dataclasses.replace(store.query()[0], response=deeper)
+        (shown,) = json.loads(records_to_json([record]))
+        assert shown["response"] == "(nested too deep to show)" and shown["request"] == [1, 2]
+        assert format_table([record]).splitlines()[1].endswith("(nested too deep to show)")
 
 
 def test_a_store_locked_by_a_writer_is_not_read_as_immutable(tmp_path: Path) -> None:
