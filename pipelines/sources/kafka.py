@@ -211,7 +211,8 @@ class KafkaSource:
         self._wake = asyncio.Event()
         self._running = False
         self._done = asyncio.Event()
-        self._task: asyncio.Task[Any] | None = None  # the one running `run()`
+        self._task: asyncio.Future[None] | None = None  # `run()`'s loop
+        self._gave_up = False  # `aclose` cancelled the loop
         self._closed = False
         self._stuck = False  # a close not done within _CLOSE_TIMEOUT: the thread is Kafka's now
         self._dead_letters: Producer | None = None
@@ -249,7 +250,22 @@ class KafkaSource:
         if self._closed:
             return
         self._running = True
-        self._task = asyncio.current_task()
+        # A task of its own: `aclose` cancels the loop, never the caller's task awaiting `run`.
+        self._task = asyncio.ensure_future(self._consume())
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not (self._gave_up and current is not None and not current.cancelling()):
+                raise
+        finally:
+            if not self._done.is_set():  # cancelled before its first step: its end never ran
+                try:
+                    await self._close(self._close_consumer)
+                finally:
+                    self._done.set()
+
+    async def _consume(self) -> None:
         try:
             await self._call(self._subscribe)
             while not self._stopping:
@@ -288,6 +304,7 @@ class KafkaSource:
             # The step in hand gets _CLOSE_TIMEOUT (callers that give the batch in hand longer
             # drain first), then is cancelled: a subscriber or a consumer call that does not end.
             if not await self.drain(_CLOSE_TIMEOUT) and self._task is not None:
+                self._gave_up = True
                 self._task.cancel()
             await self._done.wait()  # the close in run's end is bounded
         else:
@@ -301,13 +318,25 @@ class KafkaSource:
         answers (a commit to a stalled broker) holds the thread, and the stop goes on without it."""
         if self._stuck:
             return
-        done, _ = await asyncio.wait([asyncio.wrap_future(self._thread.submit(close))], timeout=_CLOSE_TIMEOUT)
-        if done:
-            done.pop().result()
-            return
-        self._stuck = True
-        log.error("kafka source %s: Kafka did not answer within %gs of the stop (a commit, leaving the group): "
-                  "left closing; what was not committed comes again", self.address, _CLOSE_TIMEOUT)
+        closing = asyncio.wrap_future(self._thread.submit(close))
+        deadline = asyncio.get_running_loop().time() + _CLOSE_TIMEOUT
+        cancelled = False
+        while not closing.done():
+            try:
+                if not (await asyncio.wait([closing], timeout=deadline - asyncio.get_running_loop().time()))[0]:
+                    break
+            except asyncio.CancelledError:
+                # A stop that gave the batch up: the close still gets its time (else the process's
+                # exit cut it short: no leave, the group waits session.timeout.ms for it).
+                cancelled = True
+        if not closing.done():
+            self._stuck = True
+            log.error("kafka source %s: Kafka did not answer within %gs of the stop (a commit, leaving the "
+                      "group): left closing; what was not committed comes again", self.address, _CLOSE_TIMEOUT)
+        if cancelled:
+            raise asyncio.CancelledError
+        if closing.done():
+            closing.result()
 
     async def _handle(self) -> bool:
         """Events to the subscriber, then dead letters; True once all of the batch is handled."""

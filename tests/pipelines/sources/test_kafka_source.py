@@ -534,6 +534,73 @@ class TestBrokerDown:
             server.stop()
         assert [e.id for e in sink.events] == ["id-1"]
 
+    async def test_an_ingest_stop_gives_the_consumers_close_its_time(self) -> None:
+        """The ingest's stop cancels the source after drain_timeout (1 s): the cancel landed in
+        the wait for the consumer's close, which the process's exit then cut short (no leave:
+        the group waits session.timeout.ms for the member) though Kafka answered within 10 s."""
+        from pipelines.sources.service import Ingest, Watched
+        from pipelines.sources.settings import IngestSettings
+
+        server = NoidaServer("kafka").start()
+        topic, group = new_topic(server.address), f"g-{uuid.uuid4().hex[:8]}"
+        sink = Watched(MemorySink())
+        source = source_config(server.address, topic, group).build(sink)
+        closed: list[bool] = []
+        close = source._close_consumer
+        source._close_consumer = lambda: (close(), closed.append(True))  # type: ignore[method-assign]
+        ingest = Ingest(IngestSettings(drain_timeout=1), source, sink)
+        ingest.begin()
+        try:
+            await publish(server.address, topic, [event(1)])
+            await until(lambda: committed(server.address, group, topic) == [1], 30, what="the commit")
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)
+            loop = asyncio.get_running_loop()
+            loop.call_later(4, server.proc.send_signal, signal.SIGCONT)  # within the close's 10 s
+            await asyncio.wait_for(ingest.aclose(), 120)
+            assert closed, "the consumer's close was cut short"
+        finally:
+            if server.proc is not None:
+                server.proc.send_signal(signal.SIGCONT)
+            server.stop()
+
+    async def test_run_cancelled_before_its_loop_began_closes(self, kafka_bootstrap: str) -> None:
+        """Cancelled at once, the loop's task never ran a line of it, its end included: the
+        consumer stayed open and `aclose` waited for an end that never came."""
+        source = source_config(kafka_bootstrap, new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}").build(
+            MemorySink())
+        task = asyncio.create_task(source.run())
+        await asyncio.sleep(0)  # run() has made its loop's task, not started yet
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 120)
+        await asyncio.wait_for(source.aclose(), 120)
+
+    async def test_aclose_gives_up_the_loop_not_the_task_awaiting_run(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """`aclose` cancelled the task running `run()`: a caller awaiting it inline, in a task
+        doing more, was cancelled with it."""
+        import pipelines.sources.kafka as kafka_source
+
+        monkeypatch.setattr(kafka_source, "_CLOSE_TIMEOUT", 1.0)
+        server = NoidaServer("kafka").start()
+        topic, group = new_topic(server.address), f"g-{uuid.uuid4().hex[:8]}"
+        sink = Gated()  # never opened: the batch stays with the subscriber
+        source = source_config(server.address, topic, group).build(sink)
+
+        async def supervisor() -> str:
+            await source.run()
+            return "went on"
+
+        task = asyncio.create_task(supervisor())
+        try:
+            await publish(server.address, topic, [event(1)])
+            await until(lambda: sink.waiting > 0, 30, what="the batch with the subscriber")
+            await asyncio.wait_for(source.aclose(), 120)
+            assert await asyncio.wait_for(task, 120) == "went on"
+        finally:
+            task.cancel()
+            server.stop()
+
 
 class TestConfig:
     """Config mistakes are refused when read."""
