@@ -30,8 +30,10 @@ order ends in the same document:
                                  {"values": [...]}             any other list
                                  {"outputs": {...}}            several named outputs (V2 tensors)
                                  {"error": "text"}             status >= 400: the body as text on
-                                                               instance 0; the other instances get
-                                                               its first 1,000 characters, marked
+                                                               instance 0 (bytes that are not text
+                                                               in their charset: `{"base64":...}`);
+                                                               the other instances get its first
+                                                               1,000 characters, marked
     explanation                  the explainer's object as is; a list becomes
                                  {"attributions": {name: v}} with names, else {"values": [...]}
                                  or {"items": [...]} as for the request
@@ -248,8 +250,9 @@ def _text(value: object, event: CloudEvent) -> str:
         return value
     try:
         return orjson.dumps(value).decode()
-    except TypeError:  # nested past orjson's 254 levels: the payload's own text
-        return payloads.as_text(event)
+    except TypeError:  # nested past orjson's 254 levels: the payload as sent, as the store has it
+        sent = payloads.as_sent(event)
+        return sent if isinstance(sent, str) else orjson.dumps(sent).decode()
 
 
 def _cut(text: str) -> str:

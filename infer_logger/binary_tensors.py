@@ -146,7 +146,12 @@ def encode_parts(doc: Mapping[str, Any], key: str, binary: Mapping[str, Any], *,
     return [head, *chunks], {"content-type": CONTENT_TYPE, HEADER: str(len(head))}
 
 
-def inline(body: bytes) -> dict[str, Any] | None:
+class Inlined(dict[str, Any]):
+    """`inline`'s result, told apart from a JSON body by its type: only it may hold NaN and
+    infinities (FP data; JSON has none, orjson refuses them), which a store must look for."""
+
+
+def inline(body: bytes) -> Inlined | None:
     """A binary-data body read without its header (a logged payload keeps no HTTP headers): its
     JSON part with every binary tensor's `data` filled in, flat and row-major, as JSON mode would
     carry it; BYTES elements as text when UTF-8, else `{"base64": ...}`. None when `body` is not one.
@@ -181,7 +186,7 @@ def inline(body: bytes) -> dict[str, Any] | None:
             tensors.append(tensor)
     except BinaryDataError:
         return None
-    return {**doc, key: tensors}
+    return Inlined({**doc, key: tensors})
 
 
 def carries_binary(doc: object) -> bool:

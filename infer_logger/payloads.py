@@ -12,17 +12,19 @@ accepts TF-style `inputs` too and mislabelled paths are common:
 Whatever cannot be split safely (error bodies, truncated or binary data, inconsistent shapes, shapes
 of more than 64 dimensions, empty batches, V2 tensors without `data`) becomes one item holding the
 whole payload, so nothing is dropped from the audit trail. An error body that is not JSON (a
-proxy's plain-text or HTML page) is that item as text.
+proxy's plain-text or HTML page) is that item as text when its bytes are text (UTF-8, or the
+charset `datacontenttype` names), else as base64 like other bodies that are not JSON.
 Pure Python on purpose: the store runs in the sidecar, which must not pull in numpy or pandas.
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Mapping
 from math import prod
 from typing import Any
 
-from infer_logger import events
+from infer_logger import binary_tensors, events
 from infer_logger.cloudevents.event import CloudEvent
 
 _MAX_DIMS = 64  # numpy's own limit (NPY_MAXDIMS): a shape with more is not a tensor's
@@ -30,7 +32,12 @@ _MAX_DIMS = 64  # numpy's own limit (NPY_MAXDIMS): a shape with more is not a te
 
 def instances(event: CloudEvent) -> list[Any]:
     """The event's payload as one item per instance (at least one item)."""
-    body = events.decode_data(event)
+    return split(event, events.decode_data(event))
+
+
+def split(event: CloudEvent, body: Any) -> list[Any]:
+    """`instances` of the event's payload decoded by `events.decode_data` (`body`): for a caller
+    that looks at the decoded payload too."""
     if event.type == events.REQUEST:
         return split_request(body)
     if event.type == events.RESPONSE:
@@ -41,14 +48,58 @@ def instances(event: CloudEvent) -> list[Any]:
 
 
 def error_body(event: CloudEvent, body: Any) -> Any:
-    """An error response's decoded `body` as audited: JSON as it is, anything else (an Envoy or
-    nginx page, a cut body) as its text, bytes that are not UTF-8 replaced (U+FFFD)."""
-    return as_text(event) if isinstance(body, events.RawPayload) else body
+    """An error response's decoded `body` as audited: JSON as it is; anything else (an Envoy or
+    nginx page, a cut body) as its text when it is text (`as_text`), else as decoded (base64: bytes
+    replaced by U+FFFD would be lost for good)."""
+    if isinstance(body, events.RawPayload) and (text := as_text(event)) is not None:
+        return text
+    return body
 
 
-def as_text(event: CloudEvent) -> str:
-    """The payload's bytes as text, bytes that are not UTF-8 replaced."""
-    return (event.data or b"").decode(errors="replace")
+def as_sent(event: CloudEvent) -> str | events.RawPayload:
+    """The payload's bytes as text when they are text (`as_text`), else as base64."""
+    text = as_text(event)
+    return events.RawPayload.of(event.data or b"") if text is None else text
+
+
+def as_text(event: CloudEvent) -> str | None:
+    """The payload's bytes as text, decoded strictly by the charset `datacontenttype` names (one
+    Python knows), else as UTF-8; a truncated payload up to its last whole character (it may be
+    cut in one). None when they are not text so, or the text does not encode back to them: the
+    caller keeps them as base64."""
+    data = event.data or b""
+    encoding = _charset(event.datacontenttype) or "utf-8"
+    try:
+        if event.get(events.TRUNCATED):
+            decoder = codecs.getincrementaldecoder(encoding)()
+            text = decoder.decode(data, final=False)  # holds a cut character's bytes back
+            data = data[: len(data) - len(decoder.getstate()[0])]
+        else:
+            text = data.decode(encoding)
+        # Some codecs read bytes they would not write (unicode_escape reads `\x41` as "A"): the
+        # bytes would be lost. Strict UTF-8 always writes them back.
+        if codecs.lookup(encoding).name != "utf-8" and text.encode(encoding) != data:
+            return None
+    except UnicodeError:  # not only UnicodeDecodeError: UTF-16's incremental decoder, for a missing BOM
+        return None
+    return text
+
+
+def _charset(content_type: str | None) -> str | None:
+    """The text encoding `content_type`'s charset names, when Python has it (not base64 or zlib,
+    which are codecs too)."""
+    for param in (content_type or "").split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"')
+            try:
+                b"\0".decode(charset)  # b"" is decoded without looking the codec up
+            except UnicodeDecodeError:  # a text encoding wanting more bytes (UTF-16)
+                pass
+            except (LookupError, ValueError):  # unknown, or not to text (base64); a NUL in the name
+                return None
+            return charset
+    return None
 
 
 def split_request(body: Any) -> list[Any]:
@@ -84,7 +135,7 @@ def _split_tensors(value: Any) -> list[Any] | None:
     if isinstance(value, list):
         if value and all(_is_tensor(t) for t in value):
             return _tensor_rows(value)
-        if any(_names_tensor(t) for t in value):
+        if value and all(_is_v2_tensor(t) for t in value):
             return None  # tensors without `data` (Triton's shared memory names a region): no rows to cut
         return value  # TF row format: already one element per instance
     if isinstance(value, Mapping):
@@ -96,11 +147,15 @@ def _is_tensor(value: Any) -> bool:
     return isinstance(value, Mapping) and "name" in value and "data" in value
 
 
-def _names_tensor(value: Any) -> bool:
-    """Whether `value` has a V2 tensor's keys, with data or not (a TF row would have to name its
-    features `datatype`, or `name` and `shape` with a list in it)."""
-    return isinstance(value, Mapping) and (
-        "datatype" in value or ("name" in value and isinstance(value.get("shape"), list))
+def _is_v2_tensor(value: Any) -> bool:
+    """Whether `value` is a V2 tensor, with data or not: a `name`, a list `shape` and a V2
+    `datatype`. Looser, TF rows were taken for tensors (a row with a `datatype` feature, or a
+    `name` and a list `shape`): a batch of them became one row."""
+    return (
+        isinstance(value, Mapping)
+        and "name" in value
+        and isinstance(value.get("shape"), list)
+        and value.get("datatype") in binary_tensors.DATATYPES
     )
 
 

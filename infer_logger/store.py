@@ -30,7 +30,7 @@ from typing import Any, Literal, Self
 
 import orjson
 
-from infer_logger import audit, events, payloads
+from infer_logger import audit, binary_tensors, events, payloads
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import InferLoggerError
 
@@ -537,20 +537,24 @@ def _utc(value: object) -> str | None:
 def _instances_json(event: CloudEvent) -> list[str | None]:
     """Each instance's JSON text. One nested past the 254 levels orjson writes (it reads 1024) is
     written by stdlib json, as deep as Python recurses (~1000); deeper yet, the first such row
-    holds the payload as sent (an error body as its text), and later ones nothing (each held it
-    whole: MBs per request). NaN and infinities are written as text, "NaN", "Infinity" and
+    holds the payload as sent (an error body as its text, if text), and later ones nothing (each
+    held it whole: MBs per request). NaN and infinities are written as text, "NaN", "Infinity" and
     "-Infinity" (`_non_finite_as_text`)."""
     texts: list[str | None] = []
     raw_kept = False
-    for item in payloads.instances(event):
+    body = events.decode_data(event)
+    # Only binary tensor data carries NaN and infinities (JSON has none: orjson refuses them), and
+    # looking for them costs a second serialisation: 1.3-2.8x on JSON bodies with nulls.
+    binary = isinstance(body, binary_tensors.Inlined)
+    for item in payloads.split(event, body):
         try:
             text = _dumps(item)
         except TypeError:
             pass
         else:
-            # orjson writes NaN and infinities (binary tensor data carries them; JSON has none) as
-            # null: looked for (stdlib json refuses them) only where a null was written.
-            if "null" in text and not _finite(item):
+            # orjson writes them as null: looked for (stdlib json refuses them) only where a null
+            # was written.
+            if binary and "null" in text and not _finite(item):
                 text = _dumps(_non_finite_as_text(item))
             texts.append(text)
             continue
@@ -563,8 +567,9 @@ def _instances_json(event: CloudEvent) -> list[str | None]:
 
 
 def _as_sent(event: CloudEvent) -> object:
-    """The payload as sent: an error body as its text, as the audit documents' `error` has it."""
-    return payloads.as_text(event) if events.is_error(event) else events.RawPayload.of(event.data or b"")
+    """The payload as sent: an error body as its text when it is text, as the audit documents'
+    `error` has it."""
+    return payloads.as_sent(event) if events.is_error(event) else events.RawPayload.of(event.data or b"")
 
 
 def _finite(value: object) -> bool:

@@ -306,11 +306,21 @@ class TestResponse:
         page = b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
         docs = documents(response(page, status=503, datacontenttype="text/plain"), instances=2)
         assert [d["response"] for _, d in docs] == [{"error": page.decode()}] * 2
-        (page_part,) = parts(response(b"<html>\xff</html>", status=502), "response")
-        assert page_part == {"error": "<html>\ufffd</html>"}  # not UTF-8: replaced
         cut = b'{"error": "CUDA out of mem'
         (cut_part,) = parts(response(cut, status=500, truncated=True, datasize=99), "response")
         assert cut_part == {"error": cut.decode()}
+
+    def test_an_error_body_is_text_only_when_its_bytes_are(self) -> None:
+        """Decoded as UTF-8 with U+FFFD for what was not, a page in another charset lost its bytes:
+        they are text in the charset named, else `{"base64":"..."}` as text, as the store has them."""
+        page = "<p>Erreur : réessayez à 10h</p>"
+        sent = page.encode("cp1252")
+        named = response(sent, status=503, datacontenttype="text/html; charset=windows-1252")
+        assert parts(named, "response") == [{"error": page}]
+        (unnamed,) = parts(response(sent, status=503, datacontenttype="text/html"), "response")
+        assert unnamed == {"error": orjson.dumps(events.RawPayload.of(sent)).decode()}
+        cut = response(page.encode()[:14], status=503, truncated=True, datasize=99)  # in "é"'s two bytes
+        assert parts(cut, "response") == [{"error": "<p>Erreur : r"}]
 
     def test_binary_nan_and_infinities_stay_null(self) -> None:
         """Elasticsearch refuses them in a numeric field, as "NaN" text too (the audit store keeps

@@ -154,10 +154,9 @@ class TestV2Tensors:
         assert split_request(body) == [body]
         answer = {"outputs": [{"name": "OUT", "shape": [1, 16], "datatype": "INT32", "parameters": region}]}
         assert split_response(answer) == [answer]
-        for tensors in ([{"name": "x", "shape": [2], "parameters": region}],  # no datatype
-                        [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]},
-                         {"name": "y", "shape": [2], "datatype": "FP32", "parameters": region}]):
-            assert split_request({"inputs": tensors}) == [{"inputs": tensors}]
+        tensors = [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]},
+                   {"name": "y", "shape": [2], "datatype": "FP32", "parameters": region}]
+        assert split_request({"inputs": tensors}) == [{"inputs": tensors}]
 
     def test_more_dimensions_than_numpy_stays_whole(self) -> None:
         """Rows were reshaped one recursion per dimension: 1000 dims raised RecursionError."""
@@ -175,6 +174,21 @@ class TestOtherShapes:
         assert split_request({"inputs": [[1, 2], [3, 4]]}) == [[1, 2], [3, 4]]
         rows = [{"name": "ann", "shape": "round"}, {"name": "bob", "age": 3}]  # features, not tensors
         assert split_request({"inputs": rows}) == rows
+
+    @pytest.mark.parametrize("rows", [
+        [{"name": "parcel-1", "shape": [[0, 0], [0, 1], [1, 1]]},
+         {"name": "parcel-2", "shape": [[0, 0], [2, 2]]}],
+        [{"age": 3, "city": "x"}, {"age": 5, "city": "y", "datatype": "float"}],
+        [{"name": "x", "shape": [2], "datatype": "float"}, {"name": "y", "shape": [2], "datatype": "float"}],
+        [{"name": "x", "shape": [2], "parameters": {}}, {"name": "y", "shape": [2]}],  # no datatype
+        # One row that could be a tensor among rows that cannot (a shared-memory tensor has no `data`).
+        [{"name": "x", "shape": [2], "datatype": "FP32"}, {"age": 5}],
+    ])
+    def test_tf_rows_with_tensor_like_features_are_split(self, rows: list[dict[str, Any]]) -> None:
+        """A `datatype` feature, or a `name` and a list `shape`, in one row kept the batch whole,
+        as if its rows were V2 tensors without `data`: only V2 tensors, all of them, do that."""
+        assert split_request({"inputs": rows}) == rows
+        assert split_response({"outputs": rows}) == rows
 
     def test_tf_columnar_inputs(self) -> None:
         body = {"inputs": {"a": [1, 2], "b": [[1, 1], [2, 2]]}}
@@ -215,13 +229,62 @@ class TestInstances:
 
     @pytest.mark.parametrize(("body", "text"), [
         (b"Internal Server Error", "Internal Server Error"),
-        (b"<html>\xff</html>", "<html>\ufffd</html>"),  # not UTF-8: replaced
+        ("<p>Erreur : réessayez</p>".encode(), "<p>Erreur : réessayez</p>"),
     ])
     def test_an_error_body_that_is_not_json_is_its_text(self, body: bytes, text: str) -> None:
         """It was {"base64": ...}: an Envoy or nginx error page is read by people."""
         assert instances(_event(events.RESPONSE, body, statuscode=503)) == [text]
         cut = _event(events.RESPONSE, b'{"error": "out of', statuscode=500, truncated=True, datasize=99)
         assert instances(cut) == ['{"error": "out of']
+
+    @pytest.mark.parametrize(("charset", "text"), [
+        ("windows-1252", "<p>Erreur : réessayez à 10h</p>"),
+        ('"ISO-8859-1"', "<p>Erreur : réessayez à 10h</p>"),
+        ("Shift_JIS", "<p>エラー</p>"),
+        ("utf-16", "<p>Erreur</p>"),
+    ])
+    def test_an_error_body_in_its_charset_is_its_text(self, charset: str, text: str) -> None:
+        """Decoded as UTF-8 with U+FFFD for what was not, a page in another charset lost its bytes."""
+        page = text.encode(charset.strip('"'))
+        event = _event(events.RESPONSE, page, statuscode=503, datacontenttype=f"text/html; charset={charset}")
+        assert instances(event) == [text]
+
+    @pytest.mark.parametrize(("body", "content_type"), [
+        (b"<html>\xff</html>", None),
+        ("<p>réessayez</p>".encode("cp1252"), "text/html"),  # no charset: UTF-8, which it is not
+        ("<p>réessayez</p>".encode("cp1252"), "text/html; charset=x-unknown"),
+        ("<p>réessayez</p>".encode("cp1252"), "text/html; charset=base64"),  # a codec, but not of text
+        (b"<p>\x81</p>", "text/html; charset=windows-1252"),  # a byte cp1252 leaves undefined
+        (b"<p>\\x41</p>", "text/html; charset=unicode_escape"),  # decodes to "A": not its bytes
+        ("<p>réessayez</p>".encode() + b"\xc3", None),  # cut mid-character, but not marked truncated
+    ])
+    def test_an_error_body_that_is_not_text_stays_base64(self, body: bytes, content_type: str | None) -> None:
+        """U+FFFD in place of what does not decode lost those bytes for good: base64 keeps them."""
+        extra = {} if content_type is None else {"datacontenttype": content_type}
+        (item,) = instances(_event(events.RESPONSE, body, statuscode=502, **extra))
+        assert item == events.RawPayload.of(body) and isinstance(item, events.RawPayload)
+
+    @pytest.mark.parametrize(("cut", "charset", "text"), [
+        ("{\"error\": \"réessayez\"}".encode()[:13], None, '{"error": "r'),  # in "é"'s two bytes
+        ("{\"error\": \"エラー\"}".encode()[:16], None, '{"error": "エ'),  # one of "ラ"'s three
+        ("<p>エラー</p>".encode("shift_jis")[:6], "shift_jis", "<p>エ"),
+    ])
+    def test_a_truncated_error_body_is_its_text_to_its_last_whole_character(
+        self, cut: bytes, charset: str | None, text: str
+    ) -> None:
+        extra = {} if charset is None else {"datacontenttype": f"text/plain; charset={charset}"}
+        event = _event(events.RESPONSE, cut, statuscode=500, truncated=True, datasize=99, **extra)
+        assert instances(event) == [text]
+        broken = _event(events.RESPONSE, b"\xff" + cut, statuscode=500, truncated=True, datasize=99, **extra)
+        assert instances(broken) == [events.RawPayload.of(b"\xff" + cut)]  # not text before the cut
+
+    def test_a_truncated_utf16_error_body_without_a_bom_is_base64(self) -> None:
+        """UTF-16's incremental decoder raises UnicodeError, not UnicodeDecodeError, for a missing
+        BOM: not caught, it would fail the store's write."""
+        cut = "<p>Erreur</p>".encode("utf-16-le")[:9]
+        event = _event(events.RESPONSE, cut, statuscode=500, truncated=True, datasize=99,
+                       datacontenttype="text/html; charset=utf-16")
+        assert instances(event) == [events.RawPayload.of(cut)]
 
     def test_truncated_is_not_parsed(self) -> None:
         event = _event(events.REQUEST, b'{"instances": [[1], [2]]}', truncated=True, datasize=999)

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from infer_logger import audit, binary_tensors, events
+from infer_logger import store as store_module
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import InferLoggerError
 from infer_logger.store import _SCHEMA, SCHEMA_VERSION, AuditRecord, AuditStore, format_table, records_to_json
@@ -229,7 +230,7 @@ class TestStatus:
 
     @pytest.mark.parametrize("body, extra", [
         (b"upstream connect error or disconnect/reset before headers. reset reason: overflow", {}),
-        (b"<html><body><h1>502 Bad Gateway</h1>\xff</body></html>", {"datacontenttype": "text/html"}),
+        ("<html><body><h1>502 Passerelle</h1>é</body></html>".encode(), {"datacontenttype": "text/html"}),
         (b'{"error": "CUDA out of mem', {"truncated": True, "datasize": 4000}),
     ])
     def test_an_error_body_that_is_not_json_is_its_text(
@@ -240,8 +241,33 @@ class TestStatus:
         event = response(body=body, status=503, **extra)
         store.write([event])
         (record,) = store.query()
-        assert record.response == body.decode(errors="replace")
+        assert record.response == body.decode()
         assert audit.documents(event)[0][1]["response"] == {"error": record.response}
+
+    @pytest.mark.parametrize("body, extra, text", [
+        ("<p>Erreur : réessayez à 10h</p>".encode("cp1252"),
+         {"datacontenttype": "text/html; charset=windows-1252"}, "<p>Erreur : réessayez à 10h</p>"),
+        # Cut in "é"'s two bytes: the text up to it.
+        ("<p>Erreur : réessayez</p>".encode()[:14], {"truncated": True, "datasize": 4000}, "<p>Erreur : r"),
+        (b"<html>\xff</html>", {"datacontenttype": "text/html"}, None),  # not UTF-8: base64
+        ("<p>réessayez</p>".encode("cp1252"), {"datacontenttype": "text/html; charset=utf-8"}, None),
+    ])
+    def test_an_error_body_is_text_only_when_its_bytes_are(
+        self, store: AuditStore, body: bytes, extra: dict[str, Any], text: str | None
+    ) -> None:
+        """Decoded as UTF-8 with U+FFFD for what was not, a page in another charset (a cp1252
+        proxy page) lost its bytes for good: they are text in the charset named, else base64.
+        The audit document's `error` holds what the store does."""
+        event = response(body=body, status=503, **extra)
+        store.write([event])
+        (record,) = store.query()
+        (_, doc), *_ = audit.documents(event)
+        if text is None:
+            assert record.response == {"base64": base64.b64encode(body).decode()}
+            assert doc["response"] == {"error": orjson.dumps(record.response).decode()}
+        else:
+            assert record.response == text
+            assert doc["response"] == {"error": text}
 
     def test_an_error_body_too_deep_to_write_is_kept_as_its_text(self, store: AuditStore) -> None:
         """Nested past what stdlib json writes (orjson reads it): kept as sent, as text as the
@@ -310,6 +336,34 @@ class TestPayloads:
         assert [r.response for r in _by_instance(store)] == [
             {"y": "NaN", "z": None}, {"y": "Infinity", "z": 1.0}, {"y": "-Infinity", "z": 2.0}, {"y": 0.5, "z": 3.0},
         ]
+
+    def test_json_is_not_searched_for_nan_and_infinities(
+        self, store: AuditStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """JSON has none (orjson refuses them): the search, a second serialisation of each
+        instance with a null, cost 1.3-2.8x on JSON bodies. Binary tensor data is searched."""
+        searched: list[object] = []
+        monkeypatch.setattr(store_module, "_finite", lambda value: searched.append(value) or True)
+        row = {"age": 31, "income": None, "flags": [1, None]}
+        store.write([request(body={"instances": [row] * 3}), response(body={"predictions": [None, 1, None]})])
+        assert [r.request for r in _by_instance(store)] == [row] * 3
+        assert searched == []
+        y = {"name": "y", "shape": [2], "datatype": "FP32"}
+        z = {"name": "z", "shape": [2], "datatype": "FP64", "data": [None, 1.0]}  # a null to look past
+        values = binary_tensors.pack_values("FP32", [1, 2])
+        body, _ = binary_tensors.encode({"outputs": [y, z]}, "outputs", {"y": values})
+        store.write([response(id_="b", body=body)])
+        assert searched == [{"y": 1.0, "z": None}]
+
+    def test_tf_rows_with_tensor_like_features_are_one_per_instance(self, store: AuditStore) -> None:
+        """A `name` and a list `shape` (or a `datatype` feature in one row) kept a batch of rows
+        whole, as if V2 tensors without `data`: its predictions had no request beside them."""
+        parcels = [{"name": "parcel-1", "shape": [[0, 0], [1, 1]]}, {"name": "parcel-2", "shape": [[2, 2]]}]
+        people = [{"age": 3, "city": "x"}, {"age": 5, "city": "y", "datatype": "float"}]
+        for id_, rows in (("a", parcels), ("b", people)):
+            store.write([request(id_, body={"inputs": rows}), response(id_, body={"predictions": [1, 2]})])
+            records = _by_instance(store, id_)
+            assert [(r.request, r.response) for r in records] == [(rows[0], 1), (rows[1], 2)]
 
     def test_truncated_request(self, store: AuditStore) -> None:
         event = CloudEvent(
