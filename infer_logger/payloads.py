@@ -20,6 +20,7 @@ Pure Python on purpose: the store runs in the sidecar, which must not pull in nu
 from __future__ import annotations
 
 import codecs
+import re
 from collections.abc import Mapping
 from math import prod
 from typing import Any
@@ -28,6 +29,9 @@ from infer_logger import binary_tensors, events
 from infer_logger.cloudevents.event import CloudEvent
 
 _MAX_DIMS = 64  # numpy's own limit (NPY_MAXDIMS): a shape with more is not a tensor's
+_V2_DATATYPES = frozenset({*binary_tensors.DATATYPES, "BF16"})  # BF16: Triton's, not in the spec
+_MAX_CHARACTER_BYTES = 4  # the most bytes a cut character holds back (UTF-8's, GB18030's)
+_CHARSET_NAME = re.compile(r"[A-Za-z0-9!#$%&'+^_`{}~.:-]{1,40}")
 
 
 def instances(event: CloudEvent) -> list[Any]:
@@ -73,13 +77,17 @@ def as_text(event: CloudEvent) -> str | None:
         if event.get(events.TRUNCATED):
             decoder = codecs.getincrementaldecoder(encoding)()
             text = decoder.decode(data, final=False)  # holds a cut character's bytes back
-            data = data[: len(data) - len(decoder.getstate()[0])]
+            held = len(decoder.getstate()[0])
+            if held > _MAX_CHARACTER_BYTES:  # more than a character (UTF-7's open run, IDNA's label): lost
+                return None
+            data = data[: len(data) - held]
         else:
             text = data.decode(encoding)
         # Some codecs read bytes they would not write (unicode_escape reads `\x41` as "A"): the
         # bytes would be lost. Strict UTF-8 always writes them back.
         if codecs.lookup(encoding).name != "utf-8" and text.encode(encoding) != data:
             return None
+        text.encode()  # a lone surrogate (unicode_escape reads `\ud800`): no store or index writes it
     except UnicodeError:  # not only UnicodeDecodeError: UTF-16's incremental decoder, for a missing BOM
         return None
     return text
@@ -92,6 +100,10 @@ def _charset(content_type: str | None) -> str | None:
         name, _, value = param.partition("=")
         if name.strip().lower() == "charset":
             charset = value.strip().strip('"')
+            # A name as registered (RFC 2978): Python's codec search keeps every name it did not
+            # find, for good (each response's made-up one, in a long-running sidecar).
+            if not _CHARSET_NAME.fullmatch(charset):
+                return None
             try:
                 b"\0".decode(charset)  # b"" is decoded without looking the codec up
             except UnicodeDecodeError:  # a text encoding wanting more bytes (UTF-16)
@@ -155,7 +167,7 @@ def _is_v2_tensor(value: Any) -> bool:
         isinstance(value, Mapping)
         and "name" in value
         and isinstance(value.get("shape"), list)
-        and value.get("datatype") in binary_tensors.DATATYPES
+        and value.get("datatype") in _V2_DATATYPES
     )
 
 

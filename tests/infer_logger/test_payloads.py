@@ -157,6 +157,9 @@ class TestV2Tensors:
         tensors = [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]},
                    {"name": "y", "shape": [2], "datatype": "FP32", "parameters": region}]
         assert split_request({"inputs": tensors}) == [{"inputs": tensors}]
+        bf16 = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "BF16", "parameters": region},
+                           {"name": "m", "shape": [1, 4], "datatype": "BF16", "parameters": region}]}
+        assert split_request(bf16) == [bf16]  # Triton's BF16, not in the spec's list
 
     def test_more_dimensions_than_numpy_stays_whole(self) -> None:
         """Rows were reshaped one recursion per dimension: 1000 dims raised RecursionError."""
@@ -256,6 +259,9 @@ class TestInstances:
         ("<p>réessayez</p>".encode("cp1252"), "text/html; charset=base64"),  # a codec, but not of text
         (b"<p>\x81</p>", "text/html; charset=windows-1252"),  # a byte cp1252 leaves undefined
         (b"<p>\\x41</p>", "text/html; charset=unicode_escape"),  # decodes to "A": not its bytes
+        (b"<p>\\ud800</p>", "text/html; charset=unicode_escape"),  # a lone surrogate: no store writes it
+        (b"x +2AA-", "text/plain; charset=utf-7"),  # the same
+        ("<p>réessayez</p>".encode("cp1252"), "text/html; charset=" + "x" * 41),  # no charset's name
         ("<p>réessayez</p>".encode() + b"\xc3", None),  # cut mid-character, but not marked truncated
     ])
     def test_an_error_body_that_is_not_text_stays_base64(self, body: bytes, content_type: str | None) -> None:
@@ -277,6 +283,30 @@ class TestInstances:
         assert instances(event) == [text]
         broken = _event(events.RESPONSE, b"\xff" + cut, statuscode=500, truncated=True, datasize=99, **extra)
         assert instances(broken) == [events.RawPayload.of(b"\xff" + cut)]  # not text before the cut
+
+    @pytest.mark.parametrize(("cut", "charset"), [
+        ("Erreur: エラーが発生しました".encode("utf-7")[:30], "utf-7"),  # an open run of base64
+        (b"xn--caf-dma.xn--caf-dma", "idna"),  # its last label
+    ])
+    def test_a_truncated_error_body_holding_back_more_than_a_character_is_base64(
+            self, cut: bytes, charset: str) -> None:
+        """The bytes a codec held back at the cut were left out of the text, all of them: a
+        UTF-7 page cut in a run of Japanese kept its first 8 of 300 bytes."""
+        event = _event(events.RESPONSE, cut, statuscode=500, truncated=True, datasize=99,
+                       datacontenttype=f"text/plain; charset={charset}")
+        assert instances(event) == [events.RawPayload.of(cut)]
+
+    def test_unknown_charset_names_are_not_kept(self) -> None:
+        """Python's codec search keeps each name it did not find, for good: a made-up one per
+        response grew a long-running sidecar by ~20 KB each."""
+        import encodings
+
+        known = len(encodings._cache)  # type: ignore[attr-defined]
+        for i in range(50):
+            event = _event(events.RESPONSE, b"down", statuscode=503,
+                           datacontenttype=f"text/plain; charset=made-up-{i}-" + "y" * 2000)
+            assert instances(event) == ["down"]
+        assert len(encodings._cache) == known  # type: ignore[attr-defined]
 
     def test_a_truncated_utf16_error_body_without_a_bom_is_base64(self) -> None:
         """UTF-16's incremental decoder raises UnicodeError, not UnicodeDecodeError, for a missing
