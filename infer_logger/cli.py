@@ -266,7 +266,9 @@ def setup_elasticsearch_command(url: str, index: str | None, template_name: str 
                                 force: bool, api_key: str | None, ca_certs: str | None, verify_certs: bool) -> None:
     """Install the index template a sink with these settings uses (explicit mappings for the
     audit record): `inference-log` for `inference-log-*` by default. A template of that name
-    that is not infer-logger's is left alone (exit 1) unless --force."""
+    that is not infer-logger's is left alone (exit 1) unless --force. Exit 1 too when another
+    template of higher priority matches the sink's indices (named): only the highest-priority
+    match applies, so they would get its mappings, not these."""
     from pydantic import ValidationError
 
     from infer_logger.config import config_error

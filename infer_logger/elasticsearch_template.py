@@ -33,6 +33,9 @@ Templates live beside others in a cluster, so:
 - The priority is 200 (above the built-in `logs-*-*` etc. at 100) plus the length of the
   pattern's fixed part, so a more specific pattern wins where two overlap (`inference-*` beside
   `inference-log-*`); Elasticsearch refuses two overlapping templates of equal priority.
+- Only the highest-priority template matching a new index applies: one of another's with a
+  higher priority over our pattern (a cluster-wide `*` setting replicas) gives our indices its
+  mappings. `shadowing` asks Elasticsearch which one applies.
 - Before templates were named after their index, every sink used `inference-log`, with its own
   index's patterns (`audit-*`). Installing a template for those patterns under the new name
   gives that old one its own patterns back (`retire_shared`).
@@ -40,6 +43,7 @@ Templates live beside others in a cluster, so:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -194,6 +198,30 @@ async def retire_shared(client: AsyncElasticsearch, *, name: str, index_patterns
         return False
     await install_template(client, name=TEMPLATE_NAME, index_patterns=INDEX_PATTERNS, overwrite=True)
     return True
+
+
+async def shadowing(client: AsyncElasticsearch, *, name: str, index: str) -> str | None:
+    """What applies to a new index `index` instead of our template `name` (which matches it),
+    e.g. "index template team (priority 500, for inference-*)"; None when ours applies."""
+    # `_simulate_index` lists the matching templates that lose under `overlapping` (Elasticsearch:
+    # those whose patterns meet the winner's, never the winner), but does not name the winner.
+    simulated = await client.indices.simulate_index_template(name=index)
+    losers = simulated.get("overlapping") or ()
+    if not any(isinstance(t, dict) and t.get("name") == name for t in losers):
+        return None
+    found = await client.indices.get_index_template()
+    matching = [(t["index_template"].get("priority") or 0, t["name"], t["index_template"]["index_patterns"])
+                for t in found.get("index_templates", ()) if t["name"] != name]
+    matching = [m for m in matching if any(_matches(p, index) for p in m[2])]
+    if not matching:
+        return "another index template"
+    rank, winner, patterns = max(matching)
+    return f"index template {winner} (priority {rank}, for {', '.join(patterns)})"
+
+
+def _matches(pattern: str, index: str) -> bool:
+    """Elasticsearch's simple match: `*` alone is a wildcard."""
+    return re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), index) is not None
 
 
 async def _get(client: AsyncElasticsearch, name: str) -> dict[str, Any] | None:

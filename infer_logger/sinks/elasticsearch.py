@@ -20,10 +20,12 @@ document too large alone is refused (`RejectedError`, too large), even when its 
 documents together are over the limit.
 
 Before its first write the sink creates its index template when
-missing (never replacing one, see `infer_logger.elasticsearch_template`): a 429 or 5xx to that (a cluster still starting) is a `SinkError` too, and the template is
-checked again with the retry; a lasting refusal (400, 401, 403: no privilege) is logged once and
-the sink writes anyway. `elasticsearch` is an optional extra, so this module imports it only
-when a sink is built.
+missing (never replacing one, see `infer_logger.elasticsearch_template`): a 429 or 5xx to that (a
+cluster still starting), a 401 (a key not valid yet) or an answer that is not Elasticsearch's (a
+proxy) is a `SinkError` too, and the template is checked again with the retry; a lasting refusal
+(400, 403: no privilege) is logged once and the sink writes anyway. It then asks which template
+applies to the first index it writes, and warns once when another one of higher priority does.
+`elasticsearch` is an optional extra, so this module imports it only when a sink is built.
 """
 
 from __future__ import annotations
@@ -47,8 +49,11 @@ from infer_logger.elasticsearch_template import (
     INDEX_PATTERNS,
     MANAGED_BY,
     TEMPLATE_NAME,
+    Outcome,
     install_template,
+    priority,
     retire_shared,
+    shadowing,
 )
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.retry import retry_after
@@ -56,7 +61,7 @@ from infer_logger.sinks.base import SinkConfig, without_userinfo
 from infer_logger.sinks.size_limit import SizeLimit
 
 if TYPE_CHECKING:
-    from elasticsearch import AsyncElasticsearch
+    from elasticsearch import AsyncElasticsearch, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +73,10 @@ RETRYABLE = frozenset({401, 403, 404, 408, 409, 429})
 # cluster's shard limit met as an index is auto-created (its reason names "shards").
 _CLOSED = "index_closed_exception"
 _SHARD_LIMIT = "validation_exception"
-_TRANSIENT = frozenset({408, 409, 429})  # and 5xx: the template check is tried again
+# And 5xx: the template check is tried again. 401 too: a key not valid yet (created, or granted,
+# after the sink started) would otherwise turn the check off for good, and the first bulk once it
+# is valid auto-create indices with dynamic mappings.
+_CHECK_AGAIN = frozenset({401, 408, 409, 429})
 _INVALID = re.compile(r"[^a-z0-9_.+-]+")  # stricter than Elasticsearch: no \/*?"<>|,#: or spaces
 _LEADING = re.compile(r"^[-_+.]+")
 _MAX_INDEX_BYTES = 255
@@ -296,7 +304,13 @@ class IndexNamer:
         self._cache: dict[tuple[str, ...], str] = {}
 
     def __call__(self, event: CloudEvent) -> str:
-        values = tuple(str(event.get(f) or "") for f in self.fields)
+        return self._named(tuple(str(event.get(f) or "") for f in self.fields))
+
+    def example(self) -> str:
+        """The name of an event without the attributes (`unknown` for each)."""
+        return self._named(("",) * len(self.fields))
+
+    def _named(self, values: tuple[str, ...]) -> str:
         name = self._cache.get(values)
         if name is None:
             if len(self._cache) >= 1024:  # bounded: attribute values come from requests
@@ -338,7 +352,7 @@ class ElasticsearchSink:
             retry: list[tuple[_Op, int]] = []
             for chunk in _chunks(ops, self._bulk_bytes):
                 if not self._template_checked:
-                    await self._ensure_template()
+                    await self._ensure_template(self.index(events[chunk[0].event]))
                 for op, item in zip(chunk, await self._bulk_fitting(chunk)):
                     if item is None:
                         if op.event not in rejected:
@@ -459,7 +473,7 @@ class ElasticsearchSink:
                 retry_after=after,
             ) from exc
         except TransportError as exc:
-            raise SinkError(f"elasticsearch at {self.config.where}: {exc}") from exc
+            raise SinkError(f"elasticsearch at {self.config.where}: {_failure(exc)}") from exc
         body = resp.body
         items = body.get("items") if isinstance(body, Mapping) else None
         if not isinstance(items, list):  # a proxy's login page answered 200, or no _bulk API
@@ -479,19 +493,29 @@ class ElasticsearchSink:
                                 f"status: {str(result)[:200]!r}")
         return cast("list[Mapping[str, Any]]", results)
 
-    async def _ensure_template(self) -> None:
-        from elasticsearch import ApiError, TransportError
+    async def _ensure_template(self, index: str) -> None:
+        """Install the template when missing, then check that it is the one `index` (the first
+        one written) gets."""
+        from elasticsearch import ApiError, TransportError, UnsupportedProductError
 
         name, patterns = self.config.template_name, self.config.template_patterns()
+        step = "install"
         try:
             outcome = await install_template(self.client, name=name, index_patterns=patterns, overwrite=False)
             retired = outcome in ("created", "unchanged") and await retire_shared(
                 self.client, name=name, index_patterns=patterns
             )
+            self._installed(outcome, retired)
+            step = "check"
+            shadow = None if outcome == "foreign" else await shadowing(self.client, name=name, index=index)
+        except UnsupportedProductError as exc:  # an ApiError, of a 200: a proxy's page, not a refusal
+            raise SinkError(f"elasticsearch at {self.config.where} answered the index template check, "
+                            f"but not as Elasticsearch: {exc.message}") from exc
         except ApiError as exc:
-            if exc.meta.status in _TRANSIENT or exc.meta.status >= 500:
-                # A cluster still starting, or overloaded: writing now would auto-create indices
-                # without the template, for good. Checked again with the batch's retry.
+            if exc.meta.status in _CHECK_AGAIN or exc.meta.status >= 500:
+                # A cluster still starting, or overloaded, or a key not valid yet: writing now would
+                # auto-create indices without the template, for good. Checked again with the
+                # batch's retry.
                 raise SinkError(
                     f"elasticsearch at {self.config.where} answered {exc.meta.status} to the index "
                     f"template check: {exc.message}",
@@ -499,31 +523,39 @@ class ElasticsearchSink:
                 ) from exc
             # A refusal that will not change, e.g. an API key without manage_index_templates
             # (403): write anyway, say so once.
-            log.warning("elasticsearch sink: cannot install index template %s: %s",
-                        self.config.template_name, exc)
+            log.warning("elasticsearch sink: cannot %s index template %s: %s", step, name, exc)
         except TransportError as exc:
-            raise SinkError(f"elasticsearch at {self.config.where}: {exc}") from exc
+            raise SinkError(f"elasticsearch at {self.config.where}: {_failure(exc)}") from exc
         else:
-            if outcome == "created":
-                log.info("elasticsearch sink: created index template %s", name)
-            if retired:
-                log.info("elasticsearch sink: index template %s is for %s again (%s, now %s's, was in it)",
-                         TEMPLATE_NAME, ", ".join(INDEX_PATTERNS), ", ".join(patterns), name)
-            if outcome == "foreign":
+            if shadow:
                 log.warning(
-                    "elasticsearch sink: index template %s is not infer-logger's: left as it is, so indices "
-                    "%s may be created without our mappings (give the sink another template_name)",
-                    name, ", ".join(patterns),
-                )
-            elif outcome == "kept":
-                log.warning(
-                    "elasticsearch sink: index template %s exists for other index patterns or of another "
-                    "version: kept, so indices %s may be created without our mappings (replace it with "
-                    "`infer-logger setup elasticsearch --index '%s' --template-name %s`)",
-                    self.config.template_name, ", ".join(self.config.template_patterns()),
-                    self.config.index, self.config.template_name,
+                    "elasticsearch sink: %s applies to new indices such as %s, not index template %s "
+                    "(priority %d): only the highest-priority match does, so they get its mappings, not "
+                    "infer-logger's (lower its priority or narrow its patterns)",
+                    shadow, index, name, priority(patterns),
                 )
         self._template_checked = True
+
+    def _installed(self, outcome: Outcome, retired: bool) -> None:
+        name, patterns = self.config.template_name, self.config.template_patterns()
+        if outcome == "created":
+            log.info("elasticsearch sink: created index template %s", name)
+        if retired:
+            log.info("elasticsearch sink: index template %s is for %s again (%s, now %s's, was in it)",
+                     TEMPLATE_NAME, ", ".join(INDEX_PATTERNS), ", ".join(patterns), name)
+        if outcome == "foreign":
+            log.warning(
+                "elasticsearch sink: index template %s is not infer-logger's: left as it is, so indices "
+                "%s may be created without our mappings (give the sink another template_name)",
+                name, ", ".join(patterns),
+            )
+        elif outcome == "kept":
+            log.warning(
+                "elasticsearch sink: index template %s exists for other index patterns or of another "
+                "version: kept, so indices %s may be created without our mappings (replace it with "
+                "`infer-logger setup elasticsearch --index '%s' --template-name %s`)",
+                name, ", ".join(patterns), self.config.index, name,
+            )
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -559,6 +591,24 @@ def _retryable(status: int, item: Mapping[str, Any]) -> bool:
     return kind == _CLOSED or (kind == _SHARD_LIMIT and "shards" in str(error.get("reason")))
 
 
+def _failure(exc: TransportError) -> str:
+    """Why a connection failed. elastic_transport's str drops the reason once the error holds no
+    `errors` (one node): refused, a DNS failure and TLS to a plain port all read "Connection
+    error". Its message has aiohttp's reason, and the OSError under that is named when it is
+    Python's own: "Connect call failed" never says refused, and a reset (TLS to a plain port)
+    reads "[None]"."""
+    text, message = str(exc), str(exc.message)
+    if message.startswith(text):
+        text = message
+    elif message not in text:
+        text = f"{text}: {message}"
+    # aiohttp's ClientConnectorError, raised `from None` by the node: the context, not the cause.
+    os_error = getattr(exc.__cause__ or exc.__context__, "os_error", None)
+    if isinstance(os_error, OSError) and type(os_error).__module__ == "builtins":
+        text += f" ({type(os_error).__name__})"
+    return text
+
+
 def _reason(item: Mapping[str, Any]) -> str:
     error = item.get("error")
     if isinstance(error, Mapping):
@@ -571,8 +621,10 @@ def setup_elasticsearch(
 ) -> list[str]:
     """Install the index template (what `infer-logger setup elasticsearch` runs); lines saying what
     was done. Safe to run again: a template of our version is left as it is. A template of that
-    name that is not ours is a SinkError, unless `force` (replace it)."""
+    name that is not ours is a SinkError, unless `force` (replace it); so is another template that
+    applies to the sink's indices instead of ours (of a higher priority over them)."""
     config = target if isinstance(target, ElasticsearchSinkConfig) else ElasticsearchSinkConfig(url=target)
+    example = IndexNamer(config.index).example()
 
     async def run() -> list[str]:
         from elasticsearch import ApiError, TransportError
@@ -587,6 +639,9 @@ def setup_elasticsearch(
             retired = outcome in ("created", "updated", "unchanged") and await retire_shared(
                 client, name=config.template_name, index_patterns=patterns
             )
+            shadow = None if outcome == "foreign" else await shadowing(
+                client, name=config.template_name, index=example
+            )
         except ApiError as exc:
             error = exc.body.get("error") if isinstance(exc.body, dict) else None
             reason = f": {error.get('reason')}" if isinstance(error, dict) and error.get("reason") else ""
@@ -594,7 +649,7 @@ def setup_elasticsearch(
                 f"elasticsearch at {config.where} answered {exc.meta.status}: {exc.message}{reason}"
             ) from exc
         except TransportError as exc:
-            raise SinkError(f"elasticsearch at {config.where}: {exc}") from exc
+            raise SinkError(f"elasticsearch at {config.where}: {_failure(exc)}") from exc
         finally:
             await client.close()
         if outcome == "foreign":
@@ -611,6 +666,14 @@ def setup_elasticsearch(
         if retired:
             lines.append(f"index template {TEMPLATE_NAME}: for {', '.join(INDEX_PATTERNS)} again (an earlier "
                          f"version put {', '.join(patterns)} in it; {config.template_name} takes them)")
+        if shadow:
+            # Installed, yet no index gets it: "created" alone hid that.
+            raise SinkError(
+                f"elasticsearch at {config.where}: {'; '.join(lines[1:])}; but {shadow} applies to new "
+                f"indices such as {example} instead (only the highest-priority match does, and "
+                f"{config.template_name}'s is {priority(patterns)}), so they get its mappings: lower its "
+                f"priority or narrow its patterns"
+            )
         return lines
 
     return asyncio.run(run())

@@ -193,6 +193,31 @@ def test_setup_elasticsearch_leaves_a_template_not_ours_unless_forced(es_url: st
             es.indices.delete_index_template(name="clitrail")
 
 
+def test_setup_elasticsearch_names_a_template_that_outranks_ours_with_exit_1(es_url: str) -> None:
+    """Only the highest-priority template matching an index applies: `created` (exit 0) while a
+    catch-all of higher priority gave the indices its mappings."""
+    from elasticsearch import Elasticsearch
+
+    with Elasticsearch(es_url) as es:
+        es.indices.put_index_template(name="clishadow-all", index_patterns=["clishadow*"], priority=900,
+                                      template={"settings": {"number_of_replicas": 0}})
+        try:
+            args = ["setup", "elasticsearch", "--url", es_url, "--index", "clishadow-{namespace}"]
+            shadowed = CliRunner().invoke(main, args)
+            assert shadowed.exit_code == 1, shadowed.output
+            assert shadowed.exception is None or isinstance(shadowed.exception, SystemExit)  # no traceback
+            assert "clishadow for clishadow-*: created; but index template clishadow-all (priority 900" \
+                in shadowed.output
+            es.indices.put_index_template(name="clishadow-all", index_patterns=["clishadow*"], priority=9,
+                                          template={})
+            below = CliRunner().invoke(main, args)
+            assert below.exit_code == 0, below.output
+            assert "clishadow for clishadow-*: unchanged" in below.output
+        finally:
+            for name in ("clishadow", "clishadow-all"):
+                es.options(ignore_status=404).indices.delete_index_template(name=name)
+
+
 def test_setup_elasticsearch_takes_the_credentials_a_secured_cluster_needs(
         es_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only --url: a default Elasticsearch 8 (https with its own CA, an API key) was out of reach."""
@@ -232,6 +257,8 @@ def test_setup_elasticsearch_unreachable_names_the_address() -> None:
     result = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", url])
     assert result.exit_code == 1
     assert url.removeprefix("http://") in result.output and "Traceback" not in result.output
+    # And why: it said "Connection error" alone, for a refusal as for an unknown host.
+    assert "ConnectionRefusedError" in result.output, result.output
 
 
 def test_a_sink_its_client_refuses_stops_the_proxy_with_exit_2(tmp_path: Path) -> None:

@@ -355,6 +355,28 @@ class TestTemplate:
             es.indices.delete(index=f"{prefix}-iris,{prefix}-x-iris", ignore_unavailable=True)
             es.indices.delete_index_template(name=prefix)
 
+    def test_setup_names_a_template_that_outranks_ours(self, es_url: str, es: Elasticsearch) -> None:
+        """`created` while another template of higher priority matched the indices: they got its
+        mappings, not ours."""
+        prefix = unique("itest")
+        config = ElasticsearchSinkConfig(url=es_url, index=prefix + "-{namespace}")
+        es.indices.put_index_template(name=f"{prefix}-team", index_patterns=[f"{prefix}*"], priority=900,
+                                      template={})
+        try:
+            with pytest.raises(SinkError) as caught:
+                setup_elasticsearch(config)
+            assert not isinstance(caught.value, RejectedError)
+            assert (f"index template {prefix} for {prefix}-*: created; but index template {prefix}-team "
+                    f"(priority 900, for {prefix}*) applies to new indices such as {prefix}-unknown instead"
+                    ) in str(caught.value)
+            assert es.indices.exists_index_template(name=prefix)  # installed all the same
+            es.indices.put_index_template(name=f"{prefix}-team", index_patterns=[f"{prefix}*"], priority=9,
+                                          template={})
+            assert setup_elasticsearch(config)[1].endswith(": unchanged")
+        finally:
+            for name in (prefix, f"{prefix}-team"):
+                es.options(ignore_status=404).indices.delete_index_template(name=name)
+
     def test_setup_without_a_server(self) -> None:
         url = f"http://127.0.0.1:{free_port()}"
         with pytest.raises(SinkError, match=url):
@@ -475,11 +497,13 @@ class TestTemplate:
 
 class TemplateRefused(EventCollector):
     """A proxy to a real Elasticsearch that answers the first `refusals` template requests with
-    `status` (a cluster still starting, or a key without the privilege)."""
+    `status` (a cluster still starting, or a key without the privilege); without `product`, with
+    no X-Elastic-Product header (a proxy's own page)."""
 
-    def __init__(self, upstream: str, status: int, refusals: int = 1) -> None:
+    def __init__(self, upstream: str, status: int, refusals: int = 1, *, product: bool = True) -> None:
         super().__init__()
         self.upstream, self.status, self.refusals = upstream.rstrip("/"), status, refusals
+        self.product = product
         self.refused: list[str] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -492,7 +516,8 @@ class TemplateRefused(EventCollector):
         if scope["path"].startswith("/_index_template") and len(self.refused) < self.refusals:
             self.refused.append(f"{scope['method']} {scope['path']}")
             error = {"error": {"type": "refused", "reason": "refused by the test"}, "status": self.status}
-            return await respond(send, self.status, headers, orjson.dumps(error))
+            shown = headers if self.product else headers[:1]
+            return await respond(send, self.status, shown, orjson.dumps(error))
         query = scope["query_string"].decode()
         url = self.upstream + scope["path"] + (f"?{query}" if query else "")
         forwarded = {k.decode(): v.decode() for k, v in scope["headers"] if k not in (b"host", b"content-length")}
@@ -539,13 +564,22 @@ class BodyLimit(TemplateRefused):
 class TestTemplateCheck:
     """The sink's template check: retried when the cluster is not ready, given up when refused."""
 
-    async def test_a_cluster_not_ready_is_retried_before_any_write(self, es_url: str, es: Elasticsearch) -> None:
+    @pytest.mark.parametrize(("status", "product", "said"), [
+        (503, True, "503"),  # a cluster still starting
+        # A key not valid yet (created, or granted, after the sink started), and a proxy's own
+        # answer: the check was given up for good, and once the key worked the first bulk
+        # auto-created the index with dynamic mappings.
+        (401, True, "401"),
+        (200, False, "not as Elasticsearch"),
+    ])
+    async def test_a_cluster_not_ready_is_retried_before_any_write(
+            self, es_url: str, es: Elasticsearch, status: int, product: bool, said: str) -> None:
         prefix = unique("itest")
-        with TemplateRefused(es_url, 503) as proxy:
+        with TemplateRefused(es_url, status, product=product) as proxy:
             config = ElasticsearchSinkConfig(url=proxy.url, index=prefix + "-{modelname}", template_name=prefix)
             sink = config.build()
             try:
-                with pytest.raises(SinkError, match="503") as caught:
+                with pytest.raises(SinkError, match=said) as caught:
                     await sink.send_batch([request("a", "iris", {"instances": [{"x": 5}]})])
                 assert not isinstance(caught.value, RejectedError)
                 assert not es.indices.exists(index=f"{prefix}-iris")  # nothing written without it
@@ -574,6 +608,33 @@ class TestTemplateCheck:
             assert sum("cannot install index template" in r.getMessage() for r in caplog.records) == 1
         finally:
             es.indices.delete(index=f"{prefix}-iris", ignore_unavailable=True)
+
+    async def test_a_template_that_outranks_ours_is_named_once(
+            self, es_url: str, es: Elasticsearch, caplog: pytest.LogCaptureFixture) -> None:
+        """Only the highest-priority template matching a new index applies: one of higher priority
+        over ours (a cluster-wide catch-all) gave the indices its mappings, and the sink said
+        nothing. One of lower priority is no concern."""
+        prefix = unique("itest")
+        config = ElasticsearchSinkConfig(url=es_url, index=prefix + "-{modelname}")
+
+        def warnings() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+        try:
+            es.indices.put_index_template(name=f"{prefix}-low", index_patterns=[f"{prefix}*"], priority=10,
+                                          template={})
+            await send(config, [request("a", "iris")])
+            assert warnings() == []
+            es.indices.put_index_template(name=f"{prefix}-team", index_patterns=[f"{prefix}-i*"],
+                                          priority=900, template={"settings": {"number_of_replicas": 0}})
+            await send(config, [request("b", "iris")], [request("c", "iris")])
+            (warned,) = warnings()
+            assert f"index template {prefix}-team (priority 900, for {prefix}-i*)" in warned
+            assert f"{prefix}-iris" in warned and f"not index template {prefix} " in warned
+        finally:
+            es.indices.delete(index=f"{prefix}-iris", ignore_unavailable=True)
+            for name in (prefix, f"{prefix}-low", f"{prefix}-team"):
+                es.options(ignore_status=404).indices.delete_index_template(name=name)
 
 
 class TestJoin:
@@ -757,6 +818,22 @@ class TestFailures:
             await send(config, [request("a", "iris")])
         assert not isinstance(caught.value, RejectedError)
         assert config.where in str(caught.value)
+
+    async def test_an_unreachable_server_says_why(self) -> None:
+        """elastic_transport says "Connection error" alone for one node: a refusal, an unknown
+        host and TLS to a plain HTTP port read the same."""
+        said = []
+        with FakeBulk([]) as plain:
+            for url in (f"http://127.0.0.1:{free_port()}", "http://no-such-host.invalid:9200",
+                        plain.url.replace("http://", "https://")):
+                config = ElasticsearchSinkConfig(url=url, timeout=5)
+                with pytest.raises(SinkError) as caught:
+                    await send(config, [request("a", "iris")])
+                assert not isinstance(caught.value, RejectedError)
+                said.append(str(caught.value).replace(config.where, "<url>"))
+                assert said[-1].startswith("elasticsearch at <url>: ")
+        assert "ConnectionRefusedError" in said[0]
+        assert len(set(said)) == 3 and not any(why.endswith("Connection error") for why in said), said
 
     @pytest.mark.slow
     async def test_a_server_that_stops_answering_times_out_then_the_retry_does_not_duplicate(
