@@ -205,14 +205,28 @@ async def shadowing(client: AsyncElasticsearch, *, name: str, index: str) -> str
     e.g. "index template team (priority 500, for inference-*)"; None when ours applies."""
     # `_simulate_index` lists the matching templates that lose under `overlapping` (Elasticsearch:
     # those whose patterns meet the winner's, never the winner), but does not name the winner.
-    simulated = await client.indices.simulate_index_template(name=index)
+    # ValueError for an answer of another shape (a front's page: the client checks that it talks
+    # to Elasticsearch only until its first answer).
+    simulated = (await client.indices.simulate_index_template(name=index)).body
+    if not isinstance(simulated, dict):
+        raise ValueError(f"_simulate_index answered {str(simulated)[:80]!r}")
     losers = simulated.get("overlapping") or ()
     if not any(isinstance(t, dict) and t.get("name") == name for t in losers):
         return None
-    found = await client.indices.get_index_template()
-    matching = [(t["index_template"].get("priority") or 0, t["name"], t["index_template"]["index_patterns"])
-                for t in found.get("index_templates", ()) if t["name"] != name]
-    matching = [m for m in matching if any(_matches(p, index) for p in m[2])]
+    found = (await client.indices.get_index_template()).body
+    listed = found.get("index_templates") if isinstance(found, dict) else None
+    if not isinstance(listed, list):
+        raise ValueError(f"_index_template answered {str(found)[:80]!r}")
+    matching: list[tuple[int, str, list[str]]] = []
+    for t in listed:
+        body = t.get("index_template") if isinstance(t, dict) else None
+        if not isinstance(body, dict) or t.get("name") == name:
+            continue
+        patterns = body.get("index_patterns")
+        patterns = [str(patterns)] if isinstance(patterns, str) else [str(p) for p in patterns or ()]
+        if any(_matches(p, index) for p in patterns):
+            rank = body.get("priority")
+            matching.append((rank if isinstance(rank, int) else 0, str(t.get("name")), patterns))
     if not matching:
         return "another index template"
     rank, winner, patterns = max(matching)

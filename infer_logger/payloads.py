@@ -20,7 +20,7 @@ Pure Python on purpose: the store runs in the sidecar, which must not pull in nu
 from __future__ import annotations
 
 import codecs
-import re
+import encodings.aliases
 from collections.abc import Mapping
 from math import prod
 from typing import Any
@@ -31,7 +31,10 @@ from infer_logger.cloudevents.event import CloudEvent
 _MAX_DIMS = 64  # numpy's own limit (NPY_MAXDIMS): a shape with more is not a tensor's
 _V2_DATATYPES = frozenset({*binary_tensors.DATATYPES, "BF16"})  # BF16: Triton's, not in the spec
 _MAX_CHARACTER_BYTES = 4  # the most bytes a cut character holds back (UTF-8's, GB18030's)
-_CHARSET_NAME = re.compile(r"[A-Za-z0-9!#$%&'+^_`{}~.:-]{1,40}")
+# The codecs' names and aliases Python ships, as its search normalizes them: only these are looked
+# up, since the search keeps every name it did not find, for good (a made-up one per response, in
+# a long-running sidecar).
+_KNOWN_CODECS = frozenset({*encodings.aliases.aliases, *encodings.aliases.aliases.values()})
 
 
 def instances(event: CloudEvent) -> list[Any]:
@@ -100,9 +103,8 @@ def _charset(content_type: str | None) -> str | None:
         name, _, value = param.partition("=")
         if name.strip().lower() == "charset":
             charset = value.strip().strip('"')
-            # A name as registered (RFC 2978): Python's codec search keeps every name it did not
-            # find, for good (each response's made-up one, in a long-running sidecar).
-            if not _CHARSET_NAME.fullmatch(charset):
+            known = encodings.normalize_encoding(charset.lower())
+            if known not in _KNOWN_CODECS and known.replace(".", "_") not in _KNOWN_CODECS:
                 return None
             try:
                 b"\0".decode(charset)  # b"" is decoded without looking the codec up

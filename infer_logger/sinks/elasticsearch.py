@@ -499,15 +499,12 @@ class ElasticsearchSink:
         from elasticsearch import ApiError, TransportError, UnsupportedProductError
 
         name, patterns = self.config.template_name, self.config.template_patterns()
-        step = "install"
         try:
             outcome = await install_template(self.client, name=name, index_patterns=patterns, overwrite=False)
             retired = outcome in ("created", "unchanged") and await retire_shared(
                 self.client, name=name, index_patterns=patterns
             )
             self._installed(outcome, retired)
-            step = "check"
-            shadow = None if outcome == "foreign" else await shadowing(self.client, name=name, index=index)
         except UnsupportedProductError as exc:  # an ApiError, of a 200: a proxy's page, not a refusal
             raise SinkError(f"elasticsearch at {self.config.where} answered the index template check, "
                             f"but not as Elasticsearch: {exc.message}") from exc
@@ -523,10 +520,13 @@ class ElasticsearchSink:
                 ) from exc
             # A refusal that will not change, e.g. an API key without manage_index_templates
             # (403): write anyway, say so once.
-            log.warning("elasticsearch sink: cannot %s index template %s: %s", step, name, exc)
+            log.warning("elasticsearch sink: cannot install index template %s: %s", name, exc)
         except TransportError as exc:
             raise SinkError(f"elasticsearch at {self.config.where}: {_failure(exc)}") from exc
         else:
+            shadow, unchecked = (None, None) if outcome == "foreign" else await _shadowed(self.client, name, index)
+            if unchecked:
+                log.warning("elasticsearch sink: cannot check which index template applies to %s: %s", index, unchecked)
             if shadow:
                 log.warning(
                     "elasticsearch sink: %s applies to new indices such as %s, not index template %s "
@@ -591,6 +591,22 @@ def _retryable(status: int, item: Mapping[str, Any]) -> bool:
     return kind == _CLOSED or (kind == _SHARD_LIMIT and "shards" in str(error.get("reason")))
 
 
+async def _shadowed(client: AsyncElasticsearch, name: str, index: str) -> tuple[str | None, str | None]:
+    """(What applies to `index` instead of template `name`, why that could not be asked). Only a
+    check, once the template is in: whatever it meets (a front without the API, its page, a 5xx)
+    is said, never a reason not to write or a failed setup."""
+    from elasticsearch import ApiError, TransportError
+
+    try:
+        return await shadowing(client, name=name, index=index), None
+    except ApiError as exc:
+        return None, f"{exc.meta.status} {exc.message}"
+    except TransportError as exc:
+        return None, _failure(exc)
+    except ValueError as exc:
+        return None, str(exc)
+
+
 def _failure(exc: TransportError) -> str:
     """Why a connection failed. elastic_transport's str drops the reason once the error holds no
     `errors` (one node): refused, a DNS failure and TLS to a plain port all read "Connection
@@ -639,8 +655,8 @@ def setup_elasticsearch(
             retired = outcome in ("created", "updated", "unchanged") and await retire_shared(
                 client, name=config.template_name, index_patterns=patterns
             )
-            shadow = None if outcome == "foreign" else await shadowing(
-                client, name=config.template_name, index=example
+            shadow, unchecked = (None, None) if outcome == "foreign" else await _shadowed(
+                client, config.template_name, example
             )
         except ApiError as exc:
             error = exc.body.get("error") if isinstance(exc.body, dict) else None
@@ -666,6 +682,8 @@ def setup_elasticsearch(
         if retired:
             lines.append(f"index template {TEMPLATE_NAME}: for {', '.join(INDEX_PATTERNS)} again (an earlier "
                          f"version put {', '.join(patterns)} in it; {config.template_name} takes them)")
+        if unchecked:
+            lines.append(f"could not check which index template applies to {example}: {unchecked}")
         if shadow:
             # Installed, yet no index gets it: "created" alone hid that.
             raise SinkError(

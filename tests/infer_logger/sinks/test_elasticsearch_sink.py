@@ -104,6 +104,14 @@ async def send(config: ElasticsearchSinkConfig, *batches: Sequence[CloudEvent]) 
         await sink.aclose()
 
 
+# What a front without Elasticsearch's `_simulate_index` answers (see SimulateRefused).
+_NO_SIMULATE = [
+    pytest.param(404, b'{"error": "no handler found for uri", "status": 404}', id="404"),
+    pytest.param(501, b"Not Implemented", id="501"),
+    pytest.param(200, b"<html>Sign in</html>", id="a 200 page"),
+]
+
+
 class TestConfig:
     """Config validation and index naming, without a server."""
 
@@ -377,6 +385,20 @@ class TestTemplate:
             for name in (prefix, f"{prefix}-team"):
                 es.options(ignore_status=404).indices.delete_index_template(name=name)
 
+    @pytest.mark.parametrize(("status", "page"), _NO_SIMULATE)
+    def test_setup_says_when_it_cannot_check_which_template_applies(
+            self, es_url: str, es: Elasticsearch, status: int, page: bytes) -> None:
+        """The check after the install failed the setup (exit 1, a traceback for a 200 page)
+        though the template was in."""
+        prefix = unique("itest")
+        with SimulateRefused(es_url, status, page) as proxy:
+            lines = setup_elasticsearch(ElasticsearchSinkConfig(url=proxy.url, index=prefix + "-{namespace}"))
+        try:
+            assert lines[1] == f"index template {prefix} for {prefix}-*: created"
+            assert lines[2].startswith(f"could not check which index template applies to {prefix}-unknown: ")
+        finally:
+            es.options(ignore_status=404).indices.delete_index_template(name=prefix)
+
     def test_setup_without_a_server(self) -> None:
         url = f"http://127.0.0.1:{free_port()}"
         with pytest.raises(SinkError, match=url):
@@ -530,6 +552,24 @@ class TemplateRefused(EventCollector):
         return self
 
 
+class SimulateRefused(TemplateRefused):
+    """A front that answers Elasticsearch's `_simulate_index` itself (`status`, `page`: an older
+    cluster's 404, a gateway's 501, a login page with 200) and passes the rest on."""
+
+    def __init__(self, upstream: str, status: int, page: bytes) -> None:
+        super().__init__(upstream, status, refusals=0)
+        self.page = page
+        self.asked = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and "/_simulate_index/" in scope["path"]:
+            await read_body(receive)
+            self.asked += 1
+            kind = b"application/json" if self.page.startswith(b"{") else b"text/html"
+            return await respond(send, self.status, [(b"content-type", kind)], self.page)
+        return await super().__call__(scope, receive, send)
+
+
 class BodyLimit(TemplateRefused):
     """A front such as nginx (`client_max_body_size`) before a real Elasticsearch: a body larger
     than `limit` is answered 413 with nginx's page; the rest is passed on. `taken` counts each
@@ -608,6 +648,26 @@ class TestTemplateCheck:
             assert sum("cannot install index template" in r.getMessage() for r in caplog.records) == 1
         finally:
             es.indices.delete(index=f"{prefix}-iris", ignore_unavailable=True)
+
+    @pytest.mark.parametrize(("status", "page"), _NO_SIMULATE)
+    async def test_a_check_it_cannot_make_does_not_stop_the_writes(
+            self, es_url: str, es: Elasticsearch, caplog: pytest.LogCaptureFixture, status: int, page: bytes) -> None:
+        """Which template applies is asked once the template is in: a front without the API (a 5xx)
+        kept the sink from ever writing, and a 200 page raised AttributeError, retried for ever."""
+        prefix = unique("itest")
+        with SimulateRefused(es_url, status, page) as proxy:
+            config = ElasticsearchSinkConfig(url=proxy.url, index=prefix + "-{modelname}", template_name=prefix)
+            await send(config, [request("a", "iris")], [request("b", "iris")])
+            assert proxy.asked == 1
+        try:
+            es.indices.refresh(index=f"{prefix}-iris")
+            assert es.count(index=f"{prefix}-iris")["count"] == 4
+            (warned,) = [r.getMessage() for r in caplog.records
+                         if r.levelname == "WARNING" and r.name.startswith("infer_logger")]
+            assert f"cannot check which index template applies to {prefix}-iris" in warned
+        finally:
+            es.indices.delete(index=f"{prefix}-iris", ignore_unavailable=True)
+            es.options(ignore_status=404).indices.delete_index_template(name=prefix)
 
     async def test_a_template_that_outranks_ours_is_named_once(
             self, es_url: str, es: Elasticsearch, caplog: pytest.LogCaptureFixture) -> None:
