@@ -240,11 +240,15 @@ class _Segments:
         return min(later) if later else None
 
     def collect(self) -> None:
-        """Delete segments that every reader has finished (by its saved checkpoint)."""
+        """Delete segments that every reader has finished (by its committed position, a parked
+        one's by its saved checkpoint)."""
         if not self._readers:
             return
-        floor = min(self._past(saved) for saved in [*(r._saved for r in self._readers.values()),
-                                                     *self._parked.values()])
+        # Not by the saved checkpoints: on a full disk no save succeeds until a segment goes, and
+        # none would go. A restart from a checkpoint in a segment deleted past it resumes at the
+        # next one left (`_load`): one at or before the committed position, so only re-sends.
+        floor = min(self._past(position) for position in [*(r.position for r in self._readers.values()),
+                                                           *self._parked.values()])
         try:
             for number in [n for n in self._sizes if n < floor and n != self._current]:
                 self._delete(number)
@@ -259,16 +263,17 @@ class _Segments:
             log.warning("spool %s: finished segments are deleted again", self.dir)
             self._collect_failing = False
 
-    def _past(self, saved: Position) -> int:
-        """The first segment a reader saved at `saved` still needs: at the end of a segment no
+    def _past(self, position: Position) -> int:
+        """The first segment a reader at `position` still needs: at the end of a segment no
         longer written, the next one (so the segment a roll just closed can go at once)."""
-        if saved.segment != self._current and saved.offset >= self._sizes.get(saved.segment, 0):
-            return saved.segment + 1
-        return saved.segment
+        if position.segment != self._current and position.offset >= self._sizes.get(position.segment, 0):
+            return position.segment + 1
+        return position.segment
 
     def _save_held_back(self) -> None:
         """Save the checkpoints the save interval held back: with nothing new to deliver no
-        commit would, and the segments they finished would stay (a full spool, for good)."""
+        commit would, and a restart would re-send from older ones (a writer in another process
+        counts what an overflow drops by them too)."""
         for reader in self._readers.values():
             if reader.position != reader._saved:
                 reader.commit(reader.position, force=True)
@@ -394,6 +399,14 @@ class DiskSpool(_Segments):
             self._failing = True
         with contextlib.suppress(OSError):
             os.ftruncate(self._fd, self._sizes[self._current])
+        if self._sizes[self._current]:
+            # The segment being written is never deleted: on a disk (or under a file size limit,
+            # EFBIG) smaller than segment_bytes it would never fill up to roll, and stay, all of
+            # it delivered, failing every append for good. Closed, it goes once the readers are
+            # past it: collected here, as no commit may come (they may be past it already).
+            with contextlib.suppress(OSError):
+                self._roll()
+                self.collect()
         return False
 
     def start_fsync(self) -> None:
@@ -873,6 +886,8 @@ class DiskReader:
                 log.error("checkpoint %s not saved (%s): delivery goes on, saving is retried", path, exc)
             self._save_failing = True
             self._saved_at = now
+            if collect:  # what was delivered frees its segments all the same: the next save may need the room
+                self.spool.collect()
             return
         if self._save_failing:
             log.warning("checkpoint %s saved again", path)

@@ -451,6 +451,63 @@ class TestDiskSpool:
         assert [e.id for e in events] == ["40"] and len(spool._segments()) == 1
         spool.close()
 
+    def test_a_checkpoint_that_cannot_be_saved_frees_the_segments_delivered_all_the_same(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A full disk refuses the checkpoint's save (a new file): were segments deleted only past
+        saved checkpoints, none would free the room a save needs, and the spool stayed full for
+        good, across restarts."""
+        spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=100_000)
+        reader = spool.reader("s")
+        for i in range(40):
+            spool.append(event(i, 50))
+        segments = spool._segments()
+
+        def full(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "replace", full)
+        events, end = reader.read(25)
+        reader.commit(end, force=True)
+        assert [e.id for e in events] == [str(i) for i in range(25)]
+        assert spool._segments()[0] > segments[0]  # those delivered went
+        assert spool.size_bytes() == sum(p.stat().st_size for p in tmp_path.glob("*.seg"))
+        spool.close()  # its last save fails too
+        monkeypatch.undo()
+        # The checkpoint names a segment deleted since: the next run resumes at the oldest one
+        # left, which holds nothing past the delivered position; every event not delivered comes.
+        ids = drain(DiskSpool(tmp_path).reader("s"))
+        assert ids[-1] == "39" and 0 < int(ids[0]) <= 25 and ids == [str(i) for i in range(int(ids[0]), 40)]
+
+    def test_a_delivered_segment_that_filled_the_disk_is_closed_and_deleted(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The disk filled up well short of segment_bytes: the segment being written, though every
+        sink is past it, never rolled and was never deleted, and every append failed for good."""
+        spool = DiskSpool(tmp_path)
+        reader = spool.reader("s")
+        for i in range(10):
+            assert spool.append(event(i))
+        assert drain(reader) == [str(i) for i in range(10)]  # no commit comes after this
+        first, write, full_for_good = spool._path(spool._current), os.write, False
+
+        def full(fd: int, data: bytes) -> int:  # the disk has room once that segment is gone
+            if first.exists() or full_for_good:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(fd, data)
+
+        monkeypatch.setattr(os, "write", full)
+        assert not spool.append(event(10))  # counted, and its segment closed and deleted
+        assert spool.stats.dropped["spool_error"] == 1 and not first.exists()
+        assert spool.append(event(11))
+        full_for_good = True  # "11" is not delivered: this roll frees nothing
+        assert not any(spool.append(event(i)) for i in range(12, 20))
+        assert spool.stats.dropped["spool_error"] == 9 and len(spool._segments()) == 2  # an empty one stays
+        assert sum("cannot append" in r.getMessage() for r in caplog.records) == 2  # once per stretch
+        monkeypatch.undo()
+        assert drain(reader) == ["11"]
+        spool.close()
+
     def test_duplicate_reader_name_is_refused(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path)
         spool.reader("s")
@@ -485,9 +542,44 @@ def test_a_full_disk_drops_and_counts_events_and_keeps_the_spool_readable(tmp_pa
     taken_text, dropped = out.stdout.split()
     taken = taken_text.split(",")
     assert 20 < len(taken) < 200 and int(dropped) == 200 - len(taken)  # each one counted
-    assert "cannot append" in out.stderr and out.stderr.count("cannot append") == 1  # logged once
+    # Logged as each stretch starts: a file size limit (unlike a full disk) lets the segment each
+    # failure rolls to take events again, so each stretch costs one event here.
+    assert "cannot append" in out.stderr and out.stderr.count("cannot append") == int(dropped)
     # Whatever was taken reads back whole, in order: no partial record was left behind.
     assert drain(DiskSpool(tmp_path / "spool").reader("r")) == taken
+
+
+_FILE_SIZE_LIMIT = """
+import resource, sys
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.spool import DiskSpool
+
+spool = DiskSpool(sys.argv[1])  # 16 MiB segments: far past the limit below
+reader = spool.reader("s")
+def event(i):
+    return CloudEvent({"specversion": "1.0", "id": str(i), "source": "/s", "type": "t"}, b"x" * 100)
+resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))  # EFBIG past it (SIGXFSZ is ignored)
+taken, got = [], []
+for i in range(300):
+    taken += [i] * spool.append(event(i))
+    events, end = reader.read(100)  # a sink keeping up
+    got += [int(e.id) for e in events]
+    reader.commit(end, force=True)
+print(len(taken), spool.stats.dropped["spool_error"], int(got == taken), len(spool._segments()))
+"""
+
+
+def test_a_file_size_limit_below_segment_bytes_costs_an_event_per_segment_not_all(tmp_path: Path) -> None:
+    """A segment reaching RLIMIT_FSIZE failed every append after it for good, all of it delivered."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMIT, str(tmp_path / "spool")], capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr
+    taken, dropped, delivered, segments = map(int, out.stdout.split())
+    # The append that meets the limit is lost (counted); its segment rolls and goes once delivered.
+    assert taken > 250 and dropped == 300 - taken and delivered and segments <= 2
 
 
 class TestMemorySpool:
