@@ -222,6 +222,8 @@ class _Segments:
         the broker closes, collected them past its saved checkpoint (its backlog, lost)."""
         reader = self._readers.pop(name, None)
         if reader is not None:
+            if not forget:  # parked before its last save, which collects (also when it fails)
+                self._parked[name] = reader._saved
             reader.flush()
             self._waiters.discard(reader._event)
             if not forget:

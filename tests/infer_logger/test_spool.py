@@ -479,6 +479,31 @@ class TestDiskSpool:
         ids = drain(DiskSpool(tmp_path).reader("s"))
         assert ids[-1] == "39" and 0 < int(ids[0]) <= 25 and ids == [str(i) for i in range(int(ids[0]), 40)]
 
+    def test_a_reader_removed_while_saves_fail_keeps_its_backlog(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A broker stopping on a full disk: a lagging trigger's last save failed and collected
+        by the triggers still attached (it was taken out of them first), deleting its backlog."""
+        spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=100_000)
+        fast, slow = spool.reader("fast"), spool.reader("slow")
+        for i in range(40):
+            spool.append(event(i, 50))
+        assert drain(fast) == [str(i) for i in range(40)]
+        events, end = slow.read(5)
+        slow.commit(end, force=True)
+
+        def full(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "replace", full)
+        events, end = slow.read(5)
+        slow.commit(end)  # not saved: the save interval, or the disk
+        spool.remove_reader("slow")  # its flush fails too
+        spool.remove_reader("fast")
+        spool.close()
+        monkeypatch.undo()
+        assert drain(DiskSpool(tmp_path).reader("slow")) == [str(i) for i in range(5, 40)]
+
     def test_a_delivered_segment_that_filled_the_disk_is_closed_and_deleted(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
     ) -> None:
