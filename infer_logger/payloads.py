@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import encodings.aliases
+import pkgutil
 from collections.abc import Mapping
 from math import prod
 from typing import Any
@@ -31,10 +32,14 @@ from infer_logger.cloudevents.event import CloudEvent
 _MAX_DIMS = 64  # numpy's own limit (NPY_MAXDIMS): a shape with more is not a tensor's
 _V2_DATATYPES = frozenset({*binary_tensors.DATATYPES, "BF16"})  # BF16: Triton's, not in the spec
 _MAX_CHARACTER_BYTES = 4  # the most bytes a cut character holds back (UTF-8's, GB18030's)
-# The codecs' names and aliases Python ships, as its search normalizes them: only these are looked
-# up, since the search keeps every name it did not find, for good (a made-up one per response, in
-# a long-running sidecar).
-_KNOWN_CODECS = frozenset({*encodings.aliases.aliases, *encodings.aliases.aliases.values()})
+# The codecs Python ships (modules, aliases), as its search normalizes their names: only these are
+# looked up, since the search keeps every name it did not find, for good (a made-up one per
+# response, in a long-running sidecar). Less those that are no charset of a page: they read bytes
+# they would not write (`\x41` as "A"), or only names.
+_KNOWN_CODECS = frozenset({
+    *encodings.aliases.aliases, *encodings.aliases.aliases.values(),
+    *(module.name for module in pkgutil.iter_modules(encodings.__path__)),
+}) - {"unicode_escape", "raw_unicode_escape", "idna", "punycode", "undefined", "aliases"}
 
 
 def instances(event: CloudEvent) -> list[Any]:

@@ -245,6 +245,8 @@ class TestInstances:
         ('"ISO-8859-1"', "<p>Erreur : réessayez à 10h</p>"),
         ("Shift_JIS", "<p>エラー</p>"),
         ("utf-16", "<p>Erreur</p>"),
+        ("KOI8-U", "<p>Сервіс недоступний, ґанок</p>"),  # a codec Python ships without an alias
+        ("cp874", "<p>บริการไม่พร้อมใช้งาน</p>"),
     ])
     def test_an_error_body_in_its_charset_is_its_text(self, charset: str, text: str) -> None:
         """Decoded as UTF-8 with U+FFFD for what was not, a page in another charset lost its bytes."""
