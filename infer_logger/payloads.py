@@ -91,11 +91,11 @@ def as_text(event: CloudEvent) -> str | None:
             data = data[: len(data) - held]
         else:
             text = data.decode(encoding)
-        # Some codecs read bytes they would not write (unicode_escape reads `\x41` as "A"): the
-        # bytes would be lost. Strict UTF-8 always writes them back.
+        # A codec may read bytes it would not write back (UTF-7's optional shifts): the bytes
+        # would be lost. Strict UTF-8 always writes them back.
         if codecs.lookup(encoding).name != "utf-8" and text.encode(encoding) != data:
             return None
-        text.encode()  # a lone surrogate (unicode_escape reads `\ud800`): no store or index writes it
+        text.encode()  # a lone surrogate (UTF-7 reads `+2AA-` as one): no store or index writes it
     except UnicodeError:  # not only UnicodeDecodeError: UTF-16's incremental decoder, for a missing BOM
         return None
     return text
