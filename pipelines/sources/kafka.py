@@ -313,6 +313,11 @@ class KafkaSource:
             await self._close(self._dead_letters.close)  # nothing queued: every batch was flushed
         self._thread.shutdown()
 
+    @property
+    def left_closing(self) -> bool:
+        """Whether a close Kafka did not answer within _CLOSE_TIMEOUT was given up on."""
+        return self._stuck
+
     async def _close(self, close: Callable[[], object]) -> None:
         """`close` in the consumer's thread, waited for up to _CLOSE_TIMEOUT: a call Kafka never
         answers (a commit to a stalled broker) holds the thread, and the stop goes on without it."""

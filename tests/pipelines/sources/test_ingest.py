@@ -31,9 +31,19 @@ from tests.services import NoidaServer
 INGEST = [sys.executable, "-m", "infer_logger.cli", "ingest"]
 
 
-def ingest_process(tmp: Path, *args: str) -> Process:
+def ingest_process(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Process:
     port = free_port()
-    return Process([*INGEST, "--port", str(port), *args], port, ready_path="/readyz", log=tmp / "ingest.log")
+    return Process([*INGEST, "--port", str(port), *args], port, ready_path="/readyz", log=tmp / "ingest.log",
+                   env=env)
+
+
+STOP_AFTER_1S = {"INFER_LOGGER_INGEST_DRAIN_TIMEOUT": "1", "INFER_LOGGER_INGEST_SINK__TYPE": "http"}
+
+
+def kafka_to_http(bootstrap: str, topic: str, group: str, receiver: socket.socket) -> list[str]:
+    """Flags reading `topic` as `group` into an http sink at `receiver`'s address."""
+    return ["--source", "kafka", "--kafka-bootstrap", bootstrap, "--topic", topic, "--group-id", group,
+            "--sink-url", f"http://127.0.0.1:{receiver.getsockname()[1]}/"]
 
 
 @pytest.fixture
@@ -162,14 +172,9 @@ class TestKafka:
             {"specversion": "1.0", "id": f"h-{i}", "source": "/s", "type": REQUEST}, b"{}") for i in range(200)]))
         silent = socket.create_server(("127.0.0.1", 0))  # takes connections, never answers
         try:
-            port = free_port()
             # POSTs time out after 600 s: only drain_timeout can end the stop within its 60 s guard.
-            proc = Process([*INGEST, "--port", str(port), "--source", "kafka", "--kafka-bootstrap", kafka_bootstrap,
-                            "--topic", topic, "--group-id", group,
-                            "--sink-url", f"http://127.0.0.1:{silent.getsockname()[1]}/"],
-                           port, ready_path="/readyz", log=tmp_path / "ingest.log",
-                           env={"INFER_LOGGER_INGEST_DRAIN_TIMEOUT": "1", "INFER_LOGGER_INGEST_SINK__TYPE": "http",
-                                "INFER_LOGGER_INGEST_SINK__TIMEOUT": "600"}).start()
+            proc = ingest_process(tmp_path, *kafka_to_http(kafka_bootstrap, topic, group, silent),
+                                  env={**STOP_AFTER_1S, "INFER_LOGGER_INGEST_SINK__TIMEOUT": "600"}).start()
             silent.settimeout(60)
             conn, _ = silent.accept()
             with conn:
@@ -196,13 +201,8 @@ class TestKafka:
             topic, group = new_topic(server.address), f"ingest-{uuid.uuid4().hex[:8]}"
             asyncio.run(publish(server.address, topic, [CloudEvent(
                 {"specversion": "1.0", "id": "s-1", "source": "/s", "type": REQUEST}, b"{}")]))
-            port = free_port()
-            proc = Process([*INGEST, "--port", str(port), "--source", "kafka", "--kafka-bootstrap", server.address,
-                            "--topic", topic, "--group-id", group,
-                            "--sink-url", f"http://127.0.0.1:{silent.getsockname()[1]}/"],
-                           port, ready_path="/readyz", log=tmp_path / "ingest.log",
-                           env={"INFER_LOGGER_INGEST_DRAIN_TIMEOUT": "1", "INFER_LOGGER_INGEST_SINK__TYPE": "http"}
-                           ).start()
+            proc = ingest_process(tmp_path, *kafka_to_http(server.address, topic, group, silent),
+                                  env=STOP_AFTER_1S).start()
             silent.settimeout(60)
             conn, _ = silent.accept()
             with conn:
