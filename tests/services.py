@@ -80,9 +80,39 @@ class NoidaServer:
         except KafkaException:  # the port is up, the broker not yet
             return False
 
+    def pause(self, timeout: float = 10.0) -> None:
+        """Freeze the server (SIGSTOP): the kernel still takes its connections and requests, it
+        answers none. Returns once every thread of it is stopped: the signal stops a process
+        only when one of its threads next runs, and until then (a busy machine) the others
+        still serve requests."""
+        assert self.proc is not None and self.proc.poll() is None, "pause() a running server"
+        self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while not self._stopped():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"noida-db {self.service} on {self.port} not stopped {timeout}s after SIGSTOP")
+            time.sleep(0.005)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def _stopped(self) -> bool:
+        assert self.proc is not None
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        states = []
+        for task in tasks.iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except FileNotFoundError:  # a thread that just ended
+                continue
+            states.append(stat[stat.rindex(")") + 2])  # the state follows "(comm)", which may hold ")"
+        return bool(states) and all(state in "Tt" for state in states)
+
     def stop(self, *, keep_data: bool = False) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGCONT)  # a paused server takes the SIGTERM once continued
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:

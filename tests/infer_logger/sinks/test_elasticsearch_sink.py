@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import signal
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -78,8 +77,7 @@ def own_es() -> Iterator[NoidaServer]:
     """An Elasticsearch-API server of the test's own, to stop, pause and restart."""
     server = NoidaServer("elasticsearch").start()
     yield server
-    if server.proc is not None:
-        server.proc.send_signal(signal.SIGCONT)  # in case the test paused it
+    server.resume()  # in case the test paused it
     server.stop()
 
 
@@ -902,7 +900,7 @@ class TestFailures:
         sink = ElasticsearchSinkConfig(url=server.address, timeout=1).build()
         await sink.send_batch([request("s0", service)])
         assert server.proc is not None
-        server.proc.send_signal(signal.SIGSTOP)  # it takes the request, answers nothing
+        server.pause()  # it takes the request, answers nothing
         batch = [request(f"s{i}", service) for i in range(1, 6)] + [response("s0", service)]
         try:
             with pytest.raises(SinkError) as caught:
@@ -911,7 +909,7 @@ class TestFailures:
             pytest.fail("send_batch still waiting after 60 s: the 1 s request timeout was not applied")
         assert isinstance(caught.value.__cause__, ConnectionTimeout) and not isinstance(caught.value, RejectedError)
         assert f"127.0.0.1:{server.port}" in str(caught.value)
-        server.proc.send_signal(signal.SIGCONT)  # it may now apply the timed-out bulk too
+        server.resume()  # it may now apply the timed-out bulk too
         await sink.send_batch(batch)  # the worker's retry
         await sink.aclose()
         with Elasticsearch(server.address) as client:

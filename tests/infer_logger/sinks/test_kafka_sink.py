@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import subprocess
 import sys
 import time
@@ -339,7 +338,7 @@ class TestFullQueue:
         try:
             await sink.send_batch([event(-1)])
             assert server.proc is not None
-            server.proc.send_signal(signal.SIGSTOP)  # takes requests, answers none: the queue fills
+            server.pause()  # takes requests, answers none: the queue fills
             send = asyncio.create_task(sink.send_batch([event(i) for i in range(100)]))
             await asyncio.sleep(0.5)
             assert not send.done()
@@ -428,13 +427,13 @@ class TestConcurrent:
         try:
             await sink.send_batch([event(-1)])
             assert server.proc is not None
-            server.proc.send_signal(signal.SIGSTOP)  # frozen: it takes the requests, acknowledges none
+            server.pause()  # frozen: it takes the requests, acknowledges none
             sends = [asyncio.create_task(sink.send_batch(batch)) for batch in batches]
             await asyncio.sleep(0.5)
             assert not any(send.done() for send in sends)
             # None is acknowledged, yet every batch is produced: none waits for another's acks.
             assert len(sink._client.producer) == 400
-            server.proc.send_signal(signal.SIGCONT)
+            server.resume()
             await asyncio.wait_for(asyncio.gather(*sends), 60)
             assert end_offset(server.address, "events") == 401
         finally:
@@ -468,7 +467,7 @@ class TestConcurrent:
         try:
             await sink.send_batch([event(-1)])
             assert server.proc is not None
-            server.proc.send_signal(signal.SIGSTOP)  # frozen: it takes the requests, acknowledges none
+            server.pause()  # frozen: it takes the requests, acknowledges none
             sends = [asyncio.create_task(sink.send_batch(batch)) for batch in batches]
             await asyncio.sleep(0.5)
             assert not any(send.done() for send in sends)
@@ -583,13 +582,13 @@ class TestWorker:
         try:
             await d.workers[0].sink.send_batch([event(-1)])  # connected, the topic made
             assert server.proc is not None
-            server.proc.send_signal(signal.SIGSTOP)  # takes requests, acknowledges none
+            server.pause()  # takes requests, acknowledges none
             for i in range(1000):
                 spool.append(event(i))
             d.start()
             await asyncio.sleep(2.5)  # the four batches in flight timed out, their retries queued
             assert d.metrics.retried.labels("kafka")._value.get() >= 1  # timed out (4 at once, unless loaded)
-            server.proc.send_signal(signal.SIGCONT)
+            server.resume()
             await until(lambda: d.workers[0].reader.lag() == 0, timeout=20)
             got = await asyncio.to_thread(read_back, server.address, "events", end_offset(server.address, "events"))
         finally:

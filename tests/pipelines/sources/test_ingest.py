@@ -209,15 +209,14 @@ class TestKafka:
                 conn.settimeout(60)
                 assert conn.recv(65536), "no POST"
                 assert server.proc is not None
-                server.proc.send_signal(signal.SIGSTOP)
+                server.pause()
                 conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")  # taken: the commit goes to Kafka
                 time.sleep(1)
                 code = proc.stop(signal.SIGTERM, timeout=120)  # then SIGKILL (-9)
             assert code in (0, -signal.SIGTERM), f"exit {code}: still running 120 s after SIGTERM"
         finally:
             silent.close()
-            if server.proc is not None:
-                server.proc.send_signal(signal.SIGCONT)
+            server.resume()
             server.stop()
         assert "did not answer" in (tmp_path / "ingest.log").read_text()
 

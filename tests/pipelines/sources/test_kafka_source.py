@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import sys
 import time
@@ -490,9 +489,9 @@ class TestBrokerDown:
                 await publish(server.address, topic, [event(2)])
                 await until(lambda: source._held, what="held")
                 assert server.proc is not None
-                server.proc.send_signal(signal.SIGSTOP)  # past session.timeout.ms (6 s): the partition is lost
+                server.pause()  # past session.timeout.ms (6 s): the partition is lost
                 await asyncio.sleep(12)
-                server.proc.send_signal(signal.SIGCONT)
+                server.resume()
 
                 def second_commit() -> bool:
                     try:
@@ -502,8 +501,7 @@ class TestBrokerDown:
 
                 await until(second_commit, 40, what="second commit")
         finally:
-            if server.proc is not None:
-                server.proc.send_signal(signal.SIGCONT)
+            server.resume()
             server.stop()
         assert [e.id for e in sink.events] == ["id-1", "id-2"]
 
@@ -519,7 +517,7 @@ class TestBrokerDown:
             await publish(server.address, topic, [event(1)])
             await until(lambda: sink.waiting > 0, 30, what="the batch with the subscriber")
             assert server.proc is not None
-            server.proc.send_signal(signal.SIGSTOP)
+            server.pause()
             sink.gate.set()  # taken: the commit goes to the stalled broker
             await asyncio.sleep(0.5)
             assert not await source.drain(1)
@@ -528,8 +526,7 @@ class TestBrokerDown:
             except TimeoutError:
                 pytest.fail("the stop still waits for Kafka 120 s on")
         finally:
-            if server.proc is not None:
-                server.proc.send_signal(signal.SIGCONT)
+            server.resume()
             task.cancel()
             server.stop()
         assert [e.id for e in sink.events] == ["id-1"]
@@ -554,14 +551,13 @@ class TestBrokerDown:
             await publish(server.address, topic, [event(1)])
             await until(lambda: committed(server.address, group, topic) == [1], 30, what="the commit")
             assert server.proc is not None
-            server.proc.send_signal(signal.SIGSTOP)
+            server.pause()
             loop = asyncio.get_running_loop()
-            loop.call_later(4, server.proc.send_signal, signal.SIGCONT)  # within the close's 10 s
+            loop.call_later(4, server.resume)  # within the close's 10 s
             await asyncio.wait_for(ingest.aclose(), 120)
             assert closed, "the consumer's close was cut short"
         finally:
-            if server.proc is not None:
-                server.proc.send_signal(signal.SIGCONT)
+            server.resume()
             server.stop()
 
     async def test_run_cancelled_before_its_loop_began_closes(self, kafka_bootstrap: str) -> None:
