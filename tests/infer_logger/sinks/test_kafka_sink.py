@@ -586,8 +586,8 @@ class TestWorker:
             for i in range(1000):
                 spool.append(event(i))
             d.start()
-            await asyncio.sleep(2.5)  # the four batches in flight timed out, their retries queued
-            assert d.metrics.retried.labels("kafka")._value.get() >= 1  # timed out (4 at once, unless loaded)
+            # The batches in flight time out (delivery_timeout 1.5 s), their retries are queued.
+            await until(lambda: d.metrics.retried.labels("kafka")._value.get() >= 1, timeout=30, what="a retry")
             server.resume()
             await until(lambda: d.workers[0].reader.lag() == 0, timeout=20)
             got = await asyncio.to_thread(read_back, server.address, "events", end_offset(server.address, "events"))
