@@ -23,10 +23,10 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import RejectedError, SinkError
@@ -37,6 +37,7 @@ from pipelines.broker.settings import KafkaChannelSettings
 from pipelines.sources.kafka import KafkaSource, KafkaSourceConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _TIMEOUT = 10.0
 _RECONNECT_MAX = 10.0  # seconds between tries to reach Kafka at start
@@ -66,6 +67,20 @@ def _answer(done: asyncio.Future[None], error: Exception | None = None) -> None:
         done.set_result(None)
     else:
         done.set_exception(error)
+
+
+def _answer_of(future: Future[T]) -> T:
+    """An admin request's answer; its own timeout ends it first, this bound is a backstop."""
+    try:
+        return future.result(timeout=_TIMEOUT + 5)
+    except TimeoutError:
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "no answer from Kafka")) from None
+
+
+def _offsets(admin: AdminClient, specs: dict[TopicPartition, OffsetSpec]) -> dict[int, int]:
+    """Each partition's offset for its spec (-1: no record matches a time)."""
+    futures = admin.list_offsets(specs, request_timeout=_TIMEOUT)
+    return {tp.partition: _answer_of(future).offset for tp, future in futures.items()}
 
 
 class _Abortable:
@@ -292,27 +307,30 @@ class KafkaChannel:
 
     def _start_at_end(self, group: str, since: float | None = None) -> None:
         """Commit the topic's end offsets for a group that has none (a new trigger), or with
-        `since` (a time) the offsets of the first records written from then on."""
-        consumer = Consumer({**self._client_config(), "group.id": group, "enable.auto.commit": False})
-        try:
-            metadata = consumer.list_topics(self.topic, timeout=_TIMEOUT).topics[self.topic]
-            partitions = [TopicPartition(self.topic, p) for p in sorted(metadata.partitions)]
-            committed = consumer.committed(partitions, timeout=_TIMEOUT)
-            if any(tp.offset >= 0 for tp in committed):
-                return
-            found = {}
-            if since is not None:
-                at = [TopicPartition(self.topic, tp.partition, int(since * 1000)) for tp in partitions]
-                found = {tp.partition: tp.offset for tp in consumer.offsets_for_times(at, timeout=_TIMEOUT)
-                         if tp.offset >= 0}  # none written since: the end
-            starts = [
-                TopicPartition(self.topic, tp.partition, found[tp.partition] if tp.partition in found
-                               else consumer.get_watermark_offsets(tp, timeout=_TIMEOUT)[1])
-                for tp in partitions
-            ]
-            consumer.commit(offsets=starts, asynchronous=False)
-        finally:
-            consumer.close()
+        `since` (a time) the offsets of the first records written from then on.
+
+        Through the admin client, whose every request has a timeout: a consumer's commit waits
+        for ever on a Kafka that takes the request and never answers (frozen, no reset), and
+        this job with it, holding the triggers lock and, at exit, the process."""
+        admin = AdminClient(self._client_config())  # kept until the answers: a dropped client cancels them
+        metadata = admin.list_topics(self.topic, timeout=_TIMEOUT).topics[self.topic]
+        if metadata.error is not None or not metadata.partitions:  # deleted meanwhile: tried again later
+            raise KafkaException(metadata.error or KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+        partitions = [TopicPartition(self.topic, p) for p in sorted(metadata.partitions)]
+        asked = ConsumerGroupTopicPartitions(group, partitions)
+        committed = _answer_of(admin.list_consumer_group_offsets([asked], request_timeout=_TIMEOUT)[group])
+        if any(tp.offset >= 0 for tp in committed.topic_partitions):
+            return
+        ends = _offsets(admin, {tp: OffsetSpec.latest() for tp in partitions})
+        if since is not None:  # the first written since; none written since: the end
+            at = OffsetSpec.for_timestamp(int(since * 1000))
+            ends.update({p: o for p, o in _offsets(admin, {tp: at for tp in partitions}).items() if o >= 0})
+        starts = [TopicPartition(self.topic, p, ends[p]) for p in sorted(ends)]
+        placed = _answer_of(admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, starts)],
+                                                               request_timeout=_TIMEOUT)[group])
+        for tp in placed.topic_partitions:
+            if tp.error is not None:
+                raise KafkaException(tp.error)
 
     async def detach(self, trigger: str, *, forget: bool, timeout: float) -> None:
         async with self._triggers_lock:
