@@ -105,8 +105,23 @@ def _is_binary(tensor: Mapping[str, Any]) -> bool:
 def _values(datatype: str, raw: memoryview) -> list[Any]:
     if datatype == "BYTES":  # text features; undecodable bytes are left for the schema check to name
         return [v.decode("utf-8", "replace") for v in binary_tensors.unpack_values("BYTES", raw)]
-    values: list[Any] = np.frombuffer(raw, binary_tensors.NUMPY_DTYPES[datatype]).tolist()
+    values: list[Any] = _numbers(datatype, raw).tolist()
     return values
+
+
+def _numbers(datatype: str, raw: memoryview) -> np.ndarray:
+    """Binary data of a fixed-size datatype (checked by `binary_tensors.decode`) as an array."""
+    if datatype == "BF16":  # no numpy dtype: each element is the high half of an FP32
+        return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(raw, binary_tensors.NUMPY_DTYPES[datatype])
+
+
+def _bf16(values: np.ndarray) -> np.ndarray:
+    """Numbers as BF16 bits, rounded to the nearest even (by way of FP32) as `binary_tensors` does."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (bits + 0x7FFF + (bits >> 16 & 1)) >> 16
+    # NaN: rounding its payload up could carry into infinity or the sign
+    return np.where(bits & 0x7FFFFFFF > 0x7F800000, bits >> 16 | 0x0040, rounded).astype("<u2")
 
 
 def decode_instances(body: Any, schema: Schema, max_rows: int | None = None) -> np.ndarray:
@@ -298,6 +313,8 @@ def _v2(rows: np.ndarray, schema: Schema, output: str | None, *,
             data: Any = values.reshape(-1).tolist()
             if binary:
                 raw[name] = binary_tensors.pack_values("BYTES", map(str, data))
+        elif binary and datatype == "BF16":  # Triton takes BF16 as binary data only
+            data = raw[name] = _bf16(values).reshape(-1)
         else:
             dtype = binary_tensors.NUMPY_DTYPES[datatype] if binary else np.float64
             data = np.ascontiguousarray(values, dtype=dtype).reshape(-1)
@@ -326,7 +343,7 @@ def _v2(rows: np.ndarray, schema: Schema, output: str | None, *,
 
 def _numeric(datatype: str, binary: bool) -> str:
     # JSON numbers fit any numeric datatype; binary data needs one with a fixed element size.
-    return datatype if not binary or datatype in binary_tensors.NUMPY_DTYPES else "FP64"
+    return datatype if not binary or datatype in binary_tensors.ITEMSIZE else "FP64"
 
 
 def decode_v1_output(body: Any, n: int) -> np.ndarray:
@@ -372,10 +389,10 @@ def decode_v2_output(body: Any, n: int, wanted: str | None,
     name, shape = str(output.get("name")), output.get("shape")
     try:
         if raw and name in raw:
-            dtype = binary_tensors.NUMPY_DTYPES.get(output.get("datatype"))  # type: ignore[arg-type]
-            if dtype is None:
-                raise ValueError(f"binary {output.get('datatype')} data is not numbers")
-            data = np.frombuffer(raw[name], dtype).astype(float)
+            datatype = output.get("datatype")
+            if datatype not in binary_tensors.ITEMSIZE:
+                raise ValueError(f"binary {datatype} data is not numbers")
+            data = _numbers(datatype, raw[name]).astype(float)
         else:
             data = np.asarray(output.get("data"), dtype=float)
         array = data.reshape(shape) if isinstance(shape, list) else data

@@ -4,13 +4,15 @@ A body is a JSON part followed by the raw bytes of some tensors, in the order th
 it; the `Inference-Header-Content-Length` header gives the JSON part's length, and each binary
 tensor says `"parameters": {"binary_data_size": <bytes>}` instead of carrying `data`. Requests and
 responses share the layout (`inputs` or `outputs`). Elements are little-endian, row-major, unpadded;
-BOOL is one byte; a BYTES element is a 4-byte little-endian length and then its bytes.
+BOOL is one byte; a BYTES element is a 4-byte little-endian length and then its bytes; BF16 (Triton's
+bfloat16, named but not listed by the spec) is an FP32's high 16 bits.
 
     doc, raw = decode(body, headers.get(HEADER), "inputs")     # raw: tensor name -> its bytes
     body, headers = encode(doc, "outputs", {"predict": array})  # any contiguous buffer
 
-Pure Python (numpy users read `raw[name]` with `np.frombuffer(..., NUMPY_DTYPES[datatype])`), so
-the sidecar could use it too; every malformed body raises `BinaryDataError` naming the tensor.
+Pure Python (numpy users read `raw[name]` with `np.frombuffer(..., NUMPY_DTYPES[datatype])`; BF16,
+which numpy lacks, as `<u2` shifted left 16 bits and viewed as float32), so the sidecar could use it
+too; every malformed body raises `BinaryDataError` naming the tensor.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import struct
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from math import prod
+from math import isnan, prod
 from typing import Any
 
 import orjson
@@ -36,15 +38,16 @@ _CODES = {
     "BOOL": "?", "INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q",
     "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q", "FP16": "e", "FP32": "f", "FP64": "d",
 }
-ITEMSIZE = {datatype: struct.calcsize("<" + code) for datatype, code in _CODES.items()}
+ITEMSIZE = {**{datatype: struct.calcsize("<" + code) for datatype, code in _CODES.items()}, "BF16": 2}
 """Bytes per element of each fixed-size datatype (BYTES elements have their own lengths)."""
 NUMPY_DTYPES = {
     "BOOL": "|b1", "INT8": "|i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
     "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
     "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
 }
-"""numpy dtype strings of the fixed-size datatypes (explicitly little-endian, as on the wire)."""
-DATATYPES = (*_CODES, "BYTES")
+"""numpy dtype strings of the fixed-size datatypes (explicitly little-endian, as on the wire); BF16
+has none."""
+DATATYPES = (*ITEMSIZE, "BYTES")
 _LENGTH = struct.Struct("<I")
 
 
@@ -235,10 +238,12 @@ def pack_values(datatype: str, values: Iterable[Any]) -> bytes:
         return b"".join(parts)
     items = list(values)
     try:
+        if datatype == "BF16":
+            return struct.pack(f"<{len(items)}H", *map(_bf16_bits, items))
         return struct.pack(f"<{len(items)}{_CODES[datatype]}", *items)
     except KeyError:
         raise BinaryDataError(None, _unknown(datatype)) from None
-    except struct.error as exc:
+    except (struct.error, OverflowError) as exc:  # OverflowError: a float past FP16's or FP32's range
         raise BinaryDataError(None, f"values do not fit {datatype}: {exc}") from None
 
 
@@ -246,12 +251,27 @@ def unpack_values(datatype: str, raw: bytes | memoryview) -> list[Any]:
     """A tensor's binary data as a flat list (BYTES elements as bytes)."""
     if datatype == "BYTES":
         return _bytes_elements(raw, None)
-    if datatype not in _CODES:
+    if datatype not in ITEMSIZE:
         raise BinaryDataError(None, _unknown(datatype))
     count, rest = divmod(len(raw), ITEMSIZE[datatype])
     if rest:
         raise BinaryDataError(None, f"{len(raw)} bytes are not a whole number of {datatype} elements")
+    if datatype == "BF16":  # each element the high half of a little-endian FP32, its low half zeros
+        wide = bytearray(4 * count)
+        wide[2::4], wide[3::4] = bytes(raw[0::2]), bytes(raw[1::2])
+        return list(struct.unpack(f"<{count}f", wide))
     return list(struct.unpack(f"<{count}{_CODES[datatype]}", raw))
+
+
+def _bf16_bits(value: float) -> int:
+    """`value` as BF16, rounded to the nearest even as FP16 and FP32 are (by way of FP32)."""
+    (bits,) = struct.unpack("<I", struct.pack("<f", value))
+    if isnan(value):  # NaN: rounding its payload up could carry into infinity or the sign
+        return bits >> 16 | 0x0040
+    rounded: int = (bits + 0x7FFF + (bits >> 16 & 1)) >> 16
+    if rounded & 0x7FFF == 0x7F80 and bits & 0x7FFFFFFF != 0x7F800000:
+        raise OverflowError("float too large to pack as BF16")  # as struct does for FP16
+    return rounded
 
 
 # -- checks ----------------------------------------------------------------------------------------

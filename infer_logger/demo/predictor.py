@@ -104,6 +104,8 @@ def _rows_v2(body: dict[str, Any], raw: dict[str, memoryview], width: int) -> Ro
     if not isinstance(shape, list) or len(shape) != 2 or shape[1] != width:
         raise BadInput(expected)
     flat: list[Any]
+    if binary is not None and datatype == "BF16":  # numpy has no bfloat16
+        return np.array(binary_tensors.unpack_values("BF16", binary), np.float32).reshape(shape)
     if binary is not None and datatype != "BYTES":  # sizes already checked against the shape
         return np.frombuffer(binary, binary_tensors.NUMPY_DTYPES[str(datatype)]).reshape(shape)
     if binary is not None:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
+import orjson
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -63,9 +64,10 @@ class V2Recorder:
 
     `binary`: "full" reads binary inputs and answers binary when asked; "json-answer" reads them but
     always answers JSON; "refuse" takes JSON only and answers `refuse_status` to anything else.
+    `datatype`: the datatype of `sum` (BF16, as Triton has it: no numpy dtype).
     """
 
-    def __init__(self, binary: str = "full", refuse_status: int = 400) -> None:
+    def __init__(self, binary: str = "full", refuse_status: int = 400, datatype: str = "FP64") -> None:
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
         self.app = FastAPI()
 
@@ -77,21 +79,47 @@ class V2Recorder:
             doc, raw = bt.decode(await request.body(), header, "inputs")
             self.requests.append((dict(request.headers), doc))
             [tensor] = doc["inputs"]
-            if tensor["name"] in raw:
+            if tensor["name"] in raw and tensor["datatype"] == "BF16":  # the high half of an FP32
+                rows = (np.frombuffer(raw[tensor["name"]], "<u2").astype("<u4") << 16).view("<f4")
+            elif tensor["name"] in raw:
                 rows = np.frombuffer(raw[tensor["name"]], bt.NUMPY_DTYPES[tensor["datatype"]])
             else:
                 rows = np.asarray(tensor["data"], dtype=float)
             if (rows < 0).any():
                 return JSONResponse({"error": "negative values"}, status_code=400)
             sums = rows.reshape(tensor["shape"]).sum(axis=1)
-            outputs = [{"name": "sum", "shape": [len(sums)], "datatype": "FP64", "data": sums.tolist()},
+            outputs = [{"name": "sum", "shape": [len(sums)], "datatype": datatype, "data": sums.tolist()},
                        {"name": "count", "shape": [len(sums)], "datatype": "INT64", "data": [3] * len(sums)}]
             wanted = {o["name"] for o in doc.get("outputs") or []}
             outputs = [o for o in outputs if not wanted or o["name"] in wanted]
-            as_binary = {o["name"]: np.asarray(o["data"], bt.NUMPY_DTYPES[o["datatype"]]) for o in outputs
-                         if binary == "full" and bt.wants_binary(doc, o["name"])}
-            body, headers = bt.encode({"outputs": outputs}, "outputs", as_binary)
+            as_binary = {o["name"]: _bf16(o["data"]) if o["datatype"] == "BF16"
+                         else np.asarray(o["data"], bt.NUMPY_DTYPES[o["datatype"]])
+                         for o in outputs if binary == "full" and bt.wants_binary(doc, o["name"])}
+            if datatype == "BF16":  # written as Triton writes it, not by the code under test
+                body, headers = _by_hand(outputs, as_binary)
+            else:
+                body, headers = bt.encode({"outputs": outputs}, "outputs", as_binary)
             return Response(body, headers=headers)
+
+
+def _bf16(values: list[float]) -> np.ndarray:
+    """BF16 as Triton writes it: each FP32's high 16 bits (these values need no rounding)."""
+    return (np.asarray(values, "<f4").view("<u4") >> 16).astype("<u2")
+
+
+def _by_hand(outputs: list[dict[str, Any]], binary: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """A V2 answer whose `binary` outputs go as binary data after the JSON part."""
+    tensors, chunks = [], []
+    for output in outputs:
+        if output["name"] in binary:
+            chunks.append(binary[output["name"]].tobytes())
+            output = {"name": output["name"], "shape": output["shape"], "datatype": output["datatype"],
+                      "parameters": {"binary_data_size": len(chunks[-1])}}
+        tensors.append(output)
+    head = orjson.dumps({"outputs": tensors})
+    if not chunks:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(chunks), {bt.HEADER: str(len(head)), "content-type": bt.CONTENT_TYPE}
 
 
 def sent(request: tuple[dict[str, str], dict[str, Any]]) -> tuple[str, str, list[str]]:
@@ -190,6 +218,25 @@ class TestBinaryData:
                                                    (bt.CONTENT_TYPE, "FP32", ["sum"])]
         assert rec.requests[0][1]["parameters"] == {"binary_data_output": True}
         assert rec.requests[0][0]["x-skip-logging"] == "true" and client.binary_data
+
+    @pytest.mark.parametrize("binary", [True, False])
+    async def test_bf16_outputs_and_inputs(self, binary: bool) -> None:
+        """A Triton-like predictor answering its BF16 output as binary data, as asked: the client
+        failed ("datatype 'BF16' is not one of ..."), and, not refused, never fell back to JSON."""
+        rec = V2Recorder(datatype="BF16")
+        rows = np.array([[1.0, 2.0, 0.140625], [0.25, 0.25, 0.5]])  # sums 3.140625 and 1.0, exact in BF16
+        with serve(rec.app) as url:
+            for datatype in ("FP32", "BF16"):  # the inputs as the metadata says, BF16 too
+                client = await started_v2(url, datatype=datatype, binary_data=binary)
+                try:
+                    assert (await client.predict(rows)).tolist() == [3.140625, 1.0]
+                    assert (await client.predict(rows[1:])).tolist() == [1.0]
+                finally:
+                    await client.aclose()
+                assert client.binary_data is binary
+        content = bt.CONTENT_TYPE if binary else "application/json"
+        assert [sent(r) for r in rec.requests] == [
+            (content, "FP32", []), (content, "FP32", ["sum"]), (content, "BF16", []), (content, "BF16", ["sum"])]
 
     async def test_json_answer_to_a_binary_request(self) -> None:
         rec = V2Recorder(binary="json-answer")

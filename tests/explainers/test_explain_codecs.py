@@ -234,6 +234,41 @@ class TestPredictorBodies:
         with pytest.raises(InvalidInputError, match="not JSON"):
             codecs.decode_body(b"{", None)
 
+    def test_bf16_binary_and_json(self) -> None:
+        """Triton's BF16 (no numpy dtype): binary outputs failed the client ("not one of"), a binary
+        input the request; as JSON it is plain numbers."""
+        bits = bt.pack_values("UINT16", [0x3F80, 0xC020, 0x4049, 0x0000])  # 1.0, -2.5, 3.140625, 0.0
+        doc = {"outputs": [{"name": "proba", "shape": [2, 2], "datatype": "BF16"}]}
+        body, headers = bt.encode(doc, "outputs", {"proba": bits})
+        parsed, raw = bt.decode(body, headers[bt.HEADER], "outputs")
+        out = codecs.decode_v2_output(parsed, 2, None, raw)
+        assert out.dtype == float and out.tolist() == [[1.0, -2.5], [3.140625, 0.0]]
+        as_json = {"outputs": [{**doc["outputs"][0], "data": [1.0, -2.5, 3.140625, 0.0]}]}
+        assert codecs.decode_v2_output(as_json, 2, None).tolist() == out.tolist()
+        body, headers = bt.encode(doc, "outputs", {"proba": bt.pack_values("UINT16", [0x3F80, 0x7FC0, 0x7F80, 0])})
+        parsed, raw = bt.decode(body, headers[bt.HEADER], "outputs")
+        with pytest.raises(PredictorError, match="non-finite output 'proba'.*2 of 4"):
+            codecs.decode_v2_output(parsed, 2, None, raw)
+
+        rows = np.array([[1.0, -2.5, 3.140625, 0.0]])
+        body, headers = codecs.encode_v2_binary(rows, Schema(IRIS.feature_names, datatype="BF16"))
+        sent, raw = bt.decode(body, headers[bt.HEADER], "inputs")
+        assert sent["inputs"][0]["datatype"] == "BF16" and bytes(raw["input-0"]) == bits  # not FP64 (Triton: 400)
+        doc = codecs.decode_body(body, headers[bt.HEADER])
+        assert doc["inputs"][0]["data"] == [1.0, -2.5, 3.140625, 0.0]
+        assert codecs.decode_instances(doc, IRIS).tolist() == rows.tolist()
+        as_json = orjson.loads(codecs.encode_v2(rows, Schema(IRIS.feature_names, datatype="BF16")))
+        assert as_json["inputs"][0]["datatype"] == "BF16"
+        assert codecs.decode_instances(as_json, IRIS).tolist() == rows.tolist()
+
+    def test_encode_v2_binary_bf16_rounds_to_the_nearest_even(self) -> None:
+        rows = np.array([[1.0 + 2**-8, 1.0 + 3 * 2**-8, np.nan, -np.inf]])
+        body, headers = codecs.encode_v2_binary(rows, Schema(IRIS.feature_names, datatype="BF16"))
+        _, raw = bt.decode(body, headers[bt.HEADER], "inputs")
+        assert bt.unpack_values("UINT16", raw["input-0"])[:2] == [0x3F80, 0x3F82]
+        nan, minus_inf = bt.unpack_values("BF16", raw["input-0"])[2:]
+        assert np.isnan(nan) and minus_inf == -np.inf
+
     def test_decode_body_unpacks_only_binary_tensors_within_max_values(self) -> None:
         body, headers = codecs.encode_v2_binary(np.ones((3, 4)), IRIS)
         with pytest.raises(InvalidInputError, match=r"'input-0': 12 values; at most 8 per request"):

@@ -331,6 +331,13 @@ class TestResponse:
         docs = [orjson.loads(orjson.dumps(doc)) for _, doc in documents(response(body))]
         assert [d["response"] for d in docs] == [{"prediction": None}, {"prediction": None}, {"prediction": 0.5}]
 
+    def test_binary_bf16_by_instance(self) -> None:
+        """BF16 (Triton's bfloat16) binary data: numbers per instance, not one base64 blob."""
+        head = {"outputs": [{"name": "y", "shape": [3], "datatype": "BF16"}]}
+        body, _ = binary_tensors.encode(head, "outputs", {"y": binary_tensors.pack_values("BF16", [1.0, -2.5, 0.5])})
+        docs = [orjson.loads(orjson.dumps(doc)) for _, doc in documents(response(body))]
+        assert [d["response"] for d in docs] == [{"prediction": 1.0}, {"prediction": -2.5}, {"prediction": 0.5}]
+
     def test_error_without_known_instances(self) -> None:
         assert [k for k, _ in documents(response("plain text", status=502))] == ["a-0"]
 

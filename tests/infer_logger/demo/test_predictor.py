@@ -24,6 +24,8 @@ def infer(url: str, content: bytes, headers: dict[str, str], model: str = "iris"
 def binary_request(rows: np.ndarray, datatype: str = "FP32", **extra: Any) -> tuple[bytes, dict[str, str]]:
     tensor = {"name": "input-0", "shape": list(rows.shape), "datatype": datatype}
     doc = {"id": "b-1", "inputs": [tensor], **extra}
+    if datatype == "BF16":  # numpy has no bfloat16
+        return bt.encode(doc, "inputs", {"input-0": bt.pack_values("BF16", rows.ravel().tolist())})
     return bt.encode(doc, "inputs", {"input-0": np.ascontiguousarray(rows, bt.NUMPY_DTYPES[datatype])})
 
 
@@ -45,7 +47,7 @@ def expected(iris_predictor: Process) -> dict[str, np.ndarray]:
 class TestBinaryTensorData:
     """Binary inputs give the JSON answers; binary outputs only when asked, per output or for all."""
 
-    @pytest.mark.parametrize("datatype", ["FP32", "FP64", "FP16"])
+    @pytest.mark.parametrize("datatype", ["FP32", "FP64", "FP16", "BF16"])
     def test_binary_inputs_json_outputs(self, iris_predictor: Process, expected: dict[str, np.ndarray],
                                         datatype: str) -> None:
         r = infer(iris_predictor.url, *binary_request(ROWS, datatype))
