@@ -6,7 +6,8 @@ filter) and joins them by id in a bounded cache (`cache_size` entries, `cache_tt
 oldest go first). Whichever of the two arrives second is answered with an
 `org.kubeflow.serving.inference.explanation` event of the same id, so the store and Elasticsearch
 join it to the prediction; the first is answered with no reply (HTTP 202). Failed predictions
-(status >= 400) and exchanges outside `sample` (chosen by id) are not explained.
+(status >= 400), exchanges outside `sample` (chosen by id) and events of another model (their
+`modelname` set, and neither `model_name` nor `predictor_model`) are not explained.
 
 Deliveries are at least once, so an exchange is explained once: a copy of an event that comes
 while its exchange is being explained waits for that explanation and replies nothing new (over
@@ -20,7 +21,10 @@ Failures: a predictor that cannot be reached raises `SinkError` (HTTP 502), so t
 retries later; the cached half is held out of the cache while its explanation runs (left in, the
 oldest entry, it went first for room) and put back unless the explanation is delivered, and
 nothing is replied before every instance is explained. A request whose payload cannot be read raises
-`RejectedError` (HTTP 400): retrying cannot help.
+`RejectedError` (HTTP 400): retrying cannot help. Events explained together fail alone: when their
+merged call fails, each is explained again on its own, so one event's bad rows fail that one only.
+A caller cancelled while its exchange is explained (the broker's attempt timed out, in process)
+leaves the explanation running: the retried completing half joins it, or gets it once done.
 
 The subscriber is a broker `Replier` (`handle(event) -> reply | None`), a `Sink` whose
 explanations go to `reply_to`, and the `POST /events` endpoint's core (`handle_http`).
@@ -44,11 +48,9 @@ from explainers.base import Explanation
 from explainers.config import SubscriberSettings, load_explainer_settings
 from explainers.errors import (
     ExplainerError,
-    ExplainTimeoutError,
     InvalidInputError,
     InvalidParametersError,
     NotReadyError,
-    PredictorRefusedError,
 )
 from explainers.service import ExplainerService
 from infer_logger import binary_tensors, events
@@ -168,6 +170,20 @@ _Result = tuple[CloudEvent | None, CloudEvent | None]
 """An explanation event (or None), and the cached half it was made with, until it is delivered."""
 
 
+class _Run:
+    """An exchange being explained, shielded from its callers: one cancelled (the broker's attempt
+    timed out, in process) leaves it running for the retried delivery, which would else start
+    afresh and time out again, for good."""
+
+    def __init__(self, task: asyncio.Task[_Result], completing: CloudEvent) -> None:
+        self.task, self.completing = task, completing
+        self.takers = 0
+        """Callers waiting to deliver its result: none left when it ends, it is kept for a retry."""
+        self.again = True
+        """The last taker's `again`: whether a retry can be answered with the kept result."""
+        self.kept = False
+
+
 class _Batcher:
     """Instances of concurrent events explained in one call (up to `size` rows, after `linger` s)."""
 
@@ -202,22 +218,18 @@ class _Batcher:
     async def _run(self, group: list[tuple[np.ndarray, asyncio.Future[Explanation]]]) -> None:
         try:
             explanation = await self.service.explain(np.concatenate([rows for rows, _ in group]))
-        except (ExplainTimeoutError, PredictorRefusedError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a lone event gets the failure, merged ones go alone
             if len(group) == 1:
                 if not group[0][1].done():
                     group[0][1].set_exception(exc)
                 return
-            # Merged, the batch outlasted explain_timeout (else a retry would merge them again,
-            # and time out again, for good), or the predictor refused rows of one of its events
-            # (refused for good, every event merged in was dead-lettered): each event alone, one
-            # after the other.
+            # Merged, one event's rows may have failed them all: refused (by the predictor, or a
+            # local model's encoder: every event merged in was dead-lettered), crashing the
+            # predictor's model (a 500, on every redelivery that came with it), or outlasting
+            # explain_timeout (a retry merged them again, and timed out again, for good). Each
+            # event alone, one after the other, gets its own outcome.
             for rows, future in group:
                 await self._run([(rows, future)])
-            return
-        except Exception as exc:  # noqa: BLE001 - each waiting event gets the failure
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(exc)
             return
         start = 0
         for rows, future in group:
@@ -239,11 +251,15 @@ class ExplainSubscriber:
         self._reply = None if reply_to is None else Halving(reply_to)
         self.cache = EventCache(s.cache_size, s.cache_ttl)
         self._settled = _Settled(s.cache_size, s.cache_ttl)
-        self._running: dict[str, tuple[asyncio.Task[_Result], str]] = {}
-        """Exchanges being explained, by id, with the type of their completing half: a copy of
-        either half waits for them."""
+        self._running: dict[str, _Run] = {}
+        """Exchanges being explained, by id: a copy of either half waits for them."""
         self.explained = 0
         """Explanation events made."""
+        self.other_models = 0
+        """Events of another model (their `modelname`), skipped."""
+        named = service.settings
+        self._models = {named.model_name, named.predictor_model or named.model_name}
+        """This model's names: the explainer's, and the predictor's (which the sidecar logs)."""
         self._batcher = _Batcher(service, s.batch_size, s.linger)
         self._owns = owns_service
         self._starting: asyncio.Lock | None = None
@@ -292,6 +308,14 @@ class ExplainSubscriber:
         kind = event.type
         if kind not in (events.REQUEST, events.RESPONSE) or not self._sampled(event.id):
             return None, None
+        model = event.get(events.MODELNAME)
+        if model not in (None, "") and model not in self._models:
+            # A trigger sending every model's events here: another model's exchange was explained
+            # with this one, and the explanation joined to that model's record.
+            self.other_models += 1
+            log.debug("explain-on-event: event %s is of model %r, not %s: skipped", event.id, model,
+                      " or ".join(sorted(self._models)))
+            return None, None
         if event.id in self._settled:
             # A caller that answers gets the explanation (or refusal) again (its first answer may
             # be lost); a sink's `reply_to` took it already: a second would be a duplicate.
@@ -299,13 +323,14 @@ class ExplainSubscriber:
             if isinstance(reply, str):
                 raise RejectedError(reply, [event])
             return reply, None
-        running = self._running.get(event.id)
-        if running is not None:
-            task, completing = running
-            if not (share and kind == completing):
-                await asyncio.wait({task})
-                return None, None
-            return await asyncio.shield(task)
+        run = self._running.get(event.id)
+        if run is not None:
+            # A copy of the completing half takes the result when it is shared (HTTP), or when no
+            # one else waits for it (a retry after the broker's attempt timed out).
+            if kind == run.completing.type and (share or not run.takers):
+                return await self._take(run, again)
+            await asyncio.wait({run.task})
+            return None, None
         other = events.RESPONSE if kind == events.REQUEST else events.REQUEST
         if kind == events.RESPONSE and _failed(event):
             # Also when the request is yet to come: it must not wait in the cache for nothing.
@@ -316,10 +341,43 @@ class ExplainSubscriber:
         if partner is None:
             self.cache.put((event.id, kind), event)
             return None, None
-        task = asyncio.ensure_future(self._complete(event, partner))
-        self._running[event.id] = task, kind
-        task.add_done_callback(lambda _: self._running.pop(event.id, None))
-        return await task
+        run = _Run(asyncio.ensure_future(self._complete(event, partner)), event)
+        self._running[event.id] = run
+        run.task.add_done_callback(lambda _: self._ended(run))
+        return await self._take(run, again)
+
+    async def _take(self, run: _Run, again: bool) -> _Result:
+        """`run`'s result, for this caller to deliver. Cancelled, the explanation goes on (bounded
+        by explain_timeout): its result is kept for the retry if no other caller takes it."""
+        run.takers += 1
+        run.again = again
+        try:
+            return await asyncio.shield(run.task)
+        except asyncio.CancelledError:
+            run.takers -= 1
+            if not run.takers and run.task.done():  # it ended as this caller was cancelled
+                self._keep(run)
+            raise
+
+    def _ended(self, run: _Run) -> None:
+        if self._running.get(run.completing.id) is run:
+            del self._running[run.completing.id]
+        if not run.takers:
+            self._keep(run)
+
+    def _keep(self, run: _Run) -> None:
+        """An explanation no caller took (theirs timed out): as if delivered, for the retried
+        completing half to get it (`_settled`); refused, refused again. A sink's retry does not
+        answer with it (`again`): its cached half goes back, to be explained again."""
+        if run.kept or run.task.cancelled():
+            return
+        run.kept = True
+        exc = run.task.exception()
+        if exc is None:
+            (self._delivered if run.again else self._undelivered)([run.task.result()])
+        elif isinstance(exc, RejectedError) and run.again:
+            self._refused([(run.completing, str(exc))])
+        # Any other failure put the cached half back (`_complete`): the retry explains it again.
 
     async def _complete(self, event: CloudEvent, partner: CloudEvent) -> _Result:
         """The explanation of the exchange `event` completes with the cached `partner`."""
@@ -411,6 +469,8 @@ class ExplainSubscriber:
                                 reasons=[why for _, why in refused])
 
     async def aclose(self) -> None:
+        for run in list(self._running.values()):  # no caller waits for them any more
+            run.task.cancel()
         if self._owns:
             await self.service.aclose()
 

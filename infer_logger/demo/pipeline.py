@@ -5,8 +5,8 @@
     # on leaving: the broker settles what it holds (explanations included, bounded), then stops
 
 Triggers: `audit` (every inference event -> the store), `display` (every event -> a JSONL file,
-the logging subscriber) and, when the `explain` extra is installed, `explain` (requests and
-responses -> the SHAP explainer, whose explanation events re-enter the broker and reach the store
+the logging subscriber) and, when the `explain` extra is installed, `explain` (the model's requests
+and responses -> the SHAP explainer, whose explanation events re-enter the broker and reach the store
 through `audit`, joined by id).
 
 A demo composes everything, so this module reaches into `pipelines` and `explainers`; it does so
@@ -16,6 +16,7 @@ lazily, and the sidecar (`infer_logger` outside `demo/`) never imports it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,9 +34,11 @@ triggers:
   - name: display
     subscriber: {ref: {name: display}}
 """
+# Only the explained model's exchanges: the explainer skips others' (`modelname`), but need not get them.
 _EXPLAIN_TRIGGER = """
   - name: explain
-    filters: [{cesql: "type IN ('org.kubeflow.serving.inference.request', 'org.kubeflow.serving.inference.response')"}]
+    filters: [{cesql: "type IN ('org.kubeflow.serving.inference.request', 'org.kubeflow.serving.inference.response')"},
+              {exact: {modelname: %s}}]
     subscriber: {ref: {name: explainer}}
 """
 
@@ -78,7 +81,7 @@ def quickstart_broker(
             "model_name": model, "predictor_url": predictor_url, "protocol": "v2",
             "background": "dataset:iris", "method": "kernel", "options": {"background_size": 20},
             "params": {"nsamples": 50}, "subscriber": {"linger": 0.02}}})
-        triggers += _EXPLAIN_TRIGGER
+        triggers += _EXPLAIN_TRIGGER % json.dumps(model)  # JSON is YAML: any name, quoted
     port = free_port()
     broker = Broker(BrokerSettings(
         port=port, channel="disk", dir=str(workdir / "broker"), drain_timeout=drain_seconds,

@@ -4,7 +4,9 @@ store join, failures (retried, nothing half-written), the HTTP endpoint and the 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,16 +31,19 @@ from infer_logger.testing import EventCollector
 from tests.explainers.conftest import serve, settings
 from tests.explainers.models import estimator
 from tests.servers import Process
+from tests.waiting import until
 
 ROWS = [[6.8, 2.8, 4.8, 1.4], [6.0, 3.4, 4.5, 1.6]]
 
 
-def exchange(id_: str, rows: list[list[float]] = ROWS, status: int = 200) -> tuple[CloudEvent, CloudEvent]:
-    """The request and response events the sidecar logs for one V1 call to `iris-proba`."""
+def exchange(id_: str, rows: list[list[Any]] = ROWS, status: int = 200,
+             model: str = "iris-proba") -> tuple[CloudEvent, CloudEvent]:
+    """The request and response events the sidecar logs for one V1 call to `model` (its predictions
+    made up unless it is `iris-proba`)."""
     common = {"specversion": "1.0", "id": id_, "source": "http://sidecar", "datacontenttype": "application/json",
-              "modelname": "iris-proba", "inferenceservicename": "iris", "namespace": "test", "time": events.now_rfc3339()}
+              "modelname": model, "inferenceservicename": "iris", "namespace": "test", "time": events.now_rfc3339()}
     request = CloudEvent({**common, "type": events.REQUEST}, orjson.dumps({"instances": rows}))
-    ok = status < 400 and all(len(r) == 4 for r in rows)
+    ok = model == "iris-proba" and status < 400 and all(len(r) == 4 for r in rows)
     answer = {"predictions": estimator("iris").predict_proba(np.array(rows)).tolist()} if ok else {"error": "x"}
     response = CloudEvent({**common, "type": events.RESPONSE, "statuscode": status}, orjson.dumps(answer))
     return request, response
@@ -154,6 +159,35 @@ class TestJoin:
         none = ExplainSubscriber(service, SubscriberSettings(sample=0.0))
         assert all([await none.handle(e) is None for e in exchange("ex-4")]) and len(none.cache) == 0
 
+    def test_events_of_another_model_are_skipped(self, model_server: Process) -> None:
+        """A trigger filtered by type only sent another model's exchanges (of the same width): they
+        were explained with this model, and the explanation joined to that model's record."""
+        service = ExplainerService(settings(model_name="iris-explainer", predictor_model="iris-proba",
+                                            predictor_url=model_server.url, protocol="v1", background="dataset:iris",
+                                            params={"nsamples": 20}, subscriber={"linger": 0.001}))
+        app = create_app(service)
+        with serve(app) as url:
+            calls = _recorded(service)
+
+            def post(event: CloudEvent) -> httpx.Response:
+                headers, body = ce_http.to_binary(event)
+                return httpx.post(f"{url}/events", headers=headers, content=body, timeout=30)
+
+            other = exchange("m-1", ROWS[:1], model="fraud-detector")
+            assert [post(e).status_code for e in other] == [202, 202]
+            sub = app.state.subscriber
+            assert calls == [] and sub.explained == 0 and sub.other_models == 2 and len(sub.cache) == 0
+            # This model, by either of its names (or no name at all): explained.
+            for i, model in enumerate(["iris-proba", "iris-explainer"]):
+                request, response = exchange(f"m-{i + 2}", ROWS[:1], model=model)
+                assert post(request).status_code == 202
+                r = post(response)
+                assert r.status_code == 200 and r.headers["ce-id"] == f"m-{i + 2}", r.text
+            unnamed = [CloudEvent({k: v for k, v in e.attributes.items() if k != "modelname"}, e.data)
+                       for e in exchange("m-4", ROWS[:1])]
+            assert [post(e).status_code for e in unnamed] == [202, 200]
+            assert sub.explained == 3 and sub.other_models == 2
+
     async def test_a_failed_response_before_its_request_leaves_nothing_cached(self, service: ExplainerService) -> None:
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
         request, failed = exchange("ex-5", status=500)
@@ -218,6 +252,81 @@ class TestJoin:
             await sub.send_batch([response for _, response in pairs])
         assert [e.id for e in info.value.events] == ["r-bad"] and "out of range" in str(info.value)
         assert sorted(e.id for e in out.events) == ["r-0", "r-1", "r-2"] and calls[0] == 4
+
+    async def test_rows_a_local_model_cannot_take_refuse_their_event_only(self, tmp_path: Path) -> None:
+        """White box: merged with an event whose category the model's encoder never saw, a good
+        event was refused too (400, dead-lettered on every redelivery)."""
+        import joblib
+        from sklearn.compose import make_column_transformer
+        from sklearn.ensemble import RandomForestClassifier
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import OneHotEncoder
+
+        from tests.explainers.models import frame, table
+
+        t = table("penguins")
+        strict = make_column_transformer((OneHotEncoder(), list(t.categorical)), remainder="passthrough")
+        model = make_pipeline(strict, RandomForestClassifier(n_estimators=5, max_depth=3, random_state=0))
+        joblib.dump(model.fit(frame(t.rows, t), t.target), tmp_path / "strict.joblib")
+        svc = ExplainerService(settings(model_name="penguins", model_file=tmp_path / "strict.joblib",
+                                        background="dataset:penguins", options={"background_size": 10},
+                                        params={"nsamples": 20}))
+        await svc.start()
+        try:
+            calls = _recorded(svc)
+            sub = ExplainSubscriber(svc, SubscriberSettings(linger=0.05, batch_size=64))
+            good_row = t.rows[0].tolist()
+            good = exchange("w-good", [good_row], model="penguins")
+            bad = exchange("w-bad", [["Atlantis", *good_row[1:]]], model="penguins")
+            for request, _ in (good, bad):
+                assert await sub.handle(request) is None
+            replies = await asyncio.gather(sub.handle(good[1]), sub.handle(bad[1]), return_exceptions=True)
+            assert isinstance(replies[0], CloudEvent) and replies[0].id == "w-good", replies[0]
+            assert isinstance(replies[1], RejectedError) and "w-bad" in str(replies[1])
+            assert calls == [2, 1, 1]
+        finally:
+            await svc.aclose()
+
+    async def test_rows_the_predictor_fails_on_fail_their_event_only(self) -> None:
+        """Black box: a predictor answering 500 for one event's rows (its model raises on them)
+        failed every event merged in, on every redelivery that came with the bad one."""
+        from infer_logger.demo.predictor import create_app as predictor_app
+        from tests.explainers.models import Served
+
+        inner = predictor_app([Served("iris-proba", "iris", proba=True)])
+
+        async def crashes_on_99(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or not scope["path"].endswith(":predict"):
+                return await inner(scope, receive, send)
+            body, more = b"", True
+            while more:
+                message = await receive()
+                body, more = body + message.get("body", b""), message.get("more_body", False)
+            if any(row[0] == 99.0 for row in orjson.loads(body)["instances"]):
+                await send({"type": "http.response.start", "status": 500,
+                            "headers": [(b"content-type", b"application/json")]})
+                return await send({"type": "http.response.body", "body": b'{"error": "ValueError: crashed"}'})
+
+            async def again() -> dict[str, Any]:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await inner(scope, again, send)
+
+        with serve(crashes_on_99) as url:
+            svc = service_for(url)
+            await svc.start()
+            try:
+                calls = _recorded(svc)
+                sub = ExplainSubscriber(svc, SubscriberSettings(linger=0.05, batch_size=64))
+                good, bad = exchange("p-good", ROWS[:1]), exchange("p-bad", [[99.0, 3.0, 4.0, 1.0]])
+                for request, _ in (good, bad):
+                    assert await sub.handle(request) is None
+                replies = await asyncio.gather(sub.handle(good[1]), sub.handle(bad[1]), return_exceptions=True)
+                assert isinstance(replies[0], CloudEvent) and replies[0].id == "p-good", replies[0]
+                assert isinstance(replies[1], SinkError) and "500" in str(replies[1])
+                assert calls == [2, 1, 1]
+            finally:
+                await svc.aclose()
 
     def test_cache_bound_and_ttl(self, caplog: pytest.LogCaptureFixture) -> None:
         cache = EventCache(size=2, ttl=60)
@@ -440,6 +549,68 @@ triggers:
         finally:
             await broker.shutdown()
             await subscriber.aclose()
+
+    @staticmethod
+    @asynccontextmanager
+    async def _gated_predictor() -> AsyncIterator[tuple[ExplainerService, threading.Event]]:
+        """A started service whose predictor answers nothing while the gate is shut."""
+        from infer_logger.demo.predictor import create_app as predictor_app
+        from tests.explainers.models import Served
+
+        inner, gate = predictor_app([Served("iris-proba", "iris", proba=True)]), threading.Event()
+        gate.set()
+
+        async def gated(scope: Any, receive: Any, send: Any) -> None:
+            while scope["type"] == "http" and not gate.is_set():
+                await asyncio.sleep(0.01)
+            await inner(scope, receive, send)
+
+        with serve(gated) as url:
+            svc = service_for(url, subscriber={"linger": 0.001})
+            await svc.start()
+            try:
+                yield svc, gate
+            finally:
+                gate.set()
+                await svc.aclose()
+
+    async def test_a_retry_after_an_attempt_timed_out_joins_the_running_explanation(self) -> None:
+        """In process, the broker's attempt timing out cancelled the explanation (its predictor calls
+        went on in the workers): every retry started afresh and timed out again, dead-lettered."""
+        endpoints = pytest.importorskip("pipelines.broker.endpoints")
+        async with self._gated_predictor() as (svc, gate):
+            calls = _recorded(svc)
+            sub = ExplainSubscriber(svc)
+            endpoint = endpoints.ComponentEndpoint("explainer", sub)
+            request, response = exchange("t-1")
+            assert (await endpoint.send(request, {}, reply=True, timeout=30)).status == 202
+            gate.clear()
+            timed_out = await endpoint.send(response, {}, reply=True, timeout=0.2)
+            assert timed_out.status == endpoints.NO_RESPONSE and timed_out.reply is None
+            retry = asyncio.create_task(endpoint.send(response, {}, reply=True, timeout=30))
+            for _ in range(3):
+                await asyncio.sleep(0)  # the retry reaches the running explanation
+            gate.set()
+            answer = await retry
+            assert answer.status == 200 and answer.reply is not None and answer.reply.id == "t-1", answer
+            assert calls == [2] and sub.explained == 1 and len(sub.cache) == 0
+
+    async def test_an_explanation_finished_after_its_attempt_timed_out_goes_to_the_retry(self) -> None:
+        endpoints = pytest.importorskip("pipelines.broker.endpoints")
+        async with self._gated_predictor() as (svc, gate):
+            calls = _recorded(svc)
+            sub = ExplainSubscriber(svc)
+            endpoint = endpoints.ComponentEndpoint("explainer", sub)
+            request, response = exchange("t-2")
+            await endpoint.send(request, {}, reply=True, timeout=30)
+            gate.clear()
+            assert (await endpoint.send(response, {}, reply=True, timeout=0.2)).status == endpoints.NO_RESPONSE
+            gate.set()
+            await until(lambda: sub.explained == 1, 30, "the explanation finishing on its own")
+            answer = await endpoint.send(response, {}, reply=True, timeout=30)
+            assert answer.status == 200 and answer.reply is not None and answer.reply.id == "t-2", answer
+            assert calls == [2] and len(sub.cache) == 0
+            assert (await endpoint.send(request, {}, reply=True, timeout=30)).status == 202  # the other half: done
 
 
 class TestDeliveryFailures:
