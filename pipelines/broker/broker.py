@@ -11,7 +11,8 @@ a reply loop ends after `default_ttl` deliveries.
 Reload (SIGHUP when served by `serve`, or `await broker.reload()`): the trigger files are read
 again; if any is invalid the error (file:line) is logged and the previous triggers keep
 running. Unchanged triggers keep running untouched, changed ones go on from their checkpoint,
-new ones start at the end of the log, removed ones are stopped and their checkpoint deleted.
+new ones start at the end of the log, removed ones are stopped and their checkpoint deleted;
+a broker no longer declared has its log closed (404 from then on).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.documents import DocumentError, Location
 from infer_logger.errors import ConfigError, InferLoggerError, InvalidEventError
 from infer_logger.spool import DiskSpool, MemorySpool
-from pipelines.broker.channel import TTL, Channel, ChannelError, RefusedError, SpoolChannel
+from pipelines.broker.channel import TTL, Channel, ChannelError, RefusedError, SpoolChannel, event_size
 from pipelines.broker.components import Component, Components, component_config
 from pipelines.broker.delivery import DeliverySpec, Destination, RetryPolicy
 from pipelines.broker.dispatcher import TriggerDispatcher
@@ -263,6 +264,16 @@ class Broker:
                 self.channels[key].forget_detached()
             self._unsettled.clear()
         self.triggers, self.dispatchers, self._deliveries = wanted, dispatchers, deliveries
+        # A broker no longer declared: its channel stayed, and its ingress answered 202 and kept
+        # nothing. Its triggers are detached above (none can name it), so it is closed, 404 from
+        # now on as after a restart; what its log holds stays on disk, as a restart leaves it.
+        for key in [key for key in self.channels if key not in deliveries]:
+            channel = self.channels.pop(key)
+            self._unsettled.discard(key)
+            try:
+                await channel.aclose(s.drain_timeout)
+            except Exception:  # the change is applied: a failed reload would say the old one runs
+                log.exception("closing the log of broker %s/%s, no longer declared", *key)
 
     async def _switch(self, wanted: dict[Key, Trigger], dispatchers: dict[Key, TriggerDispatcher]) -> None:
         """Detach, attach and replace runners; `triggers` and `dispatchers` follow each step, so
@@ -336,7 +347,9 @@ class Broker:
 
         async def reenter(event: CloudEvent) -> None:
             maximum = int(self.settings.max_event_bytes)
-            if len(event.data or b"") > maximum:  # as the ingress measures a sender's single event
+            # As the ingress weighs a sender's event, attributes too, before the TTL is stamped.
+            ttl = event.attributes.get(TTL)
+            if event_size(event) - (0 if ttl is None else len(TTL) + len(str(ttl))) > maximum:
                 raise RefusedError(f"the reply is larger than {maximum} bytes (max_event_bytes)", too_large=True)
             await self.publish(trigger.broker_key, [event])
 

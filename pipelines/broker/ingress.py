@@ -6,8 +6,9 @@
     GET  /healthz  /readyz  /metrics
 
 Events come in binary, structured or batch mode. 202: every event is in the broker's log; 400
-names what is wrong with an event; 413: the body or an event is over the limit; 404: no such
-broker; 503: the log refused (full, Kafka down) or the broker is not ready: try again.
+names what is wrong with an event; 413: the body or an event is over the limit; 415: a
+Content-Encoding (none is decoded); 404: no such broker; 503: the log refused (full, Kafka down)
+or the broker is not ready: try again.
 
 A batch is stored whole, or the answer says which of its events were not: a 400 or 413 from the
 log has `"refused": [positions]` (those Kafka refused for good) and a 503 from it `"pending":
@@ -51,6 +52,17 @@ Send: TypeAlias = Callable[[Message], Awaitable[None]]
 _JSON = (b"content-type", b"application/json")
 _ALLOW = (b"allow", b"POST, OPTIONS")
 _POSITIONS = (POSITIONS_HEADER, b"1")  # the JSON names events by position (the http sink reads it)
+_IDENTITY = (b"accept-encoding", b"identity")  # RFC 9110 15.5.16: the codings a 415 takes
+
+
+def _coding(raw: list[tuple[bytes, bytes]]) -> str | None:
+    """The first content coding of a request other than identity (in any Content-Encoding header)."""
+    for name, value in raw:
+        if name.lower() == b"content-encoding":
+            for coding in value.decode("latin-1").split(","):
+                if coding.strip().lower() not in ("", "identity"):
+                    return coding.strip()
+    return None
 
 
 class Ingress:
@@ -88,6 +100,12 @@ class Ingress:
             refused.labels("unavailable").inc()
             await respond(send, 503, [_JSON], error_body(503, "the broker is not taking events here now"))
             return
+        coding = _coding(scope["headers"])
+        if coding is not None:  # a coded body stored as is reached subscribers as the event's data
+            refused.labels("invalid").inc()
+            await respond(send, 415, [_JSON, _IDENTITY], error_body(
+                415, f"Content-Encoding {coding!r} is not taken: send the body without a content coding"))
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         settings = broker.settings
         try:
@@ -97,8 +115,9 @@ class Ingress:
             await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
         # A binary body is the event's data; a structured or batch one is JSON, where data may be
-        # base64 (4 bytes for 3) or an escaped string: those are weighed decoded, by `event_size`
-        # (a structured event the sidecar cut to fit was a 413).
+        # base64 (4 bytes for 3) or an escaped string. Every event is weighed decoded, attributes
+        # (a binary one's headers) included, by `event_size` (a structured event the sidecar cut
+        # to fit was a 413), as a reply re-entering the broker is.
         binary = mode == "binary"
         limit = int(settings.max_event_bytes if binary else settings.max_request_bytes)
         try:
@@ -124,9 +143,9 @@ class Ingress:
             await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
         maximum = int(settings.max_event_bytes)
-        if not binary and any(event_size(e) > maximum for e in events):
+        if any(event_size(e) > maximum for e in events):
             refused.labels("oversize").inc(len(events))
-            what = "the event is" if mode == "structured" else "an event of the batch is"
+            what = "an event of the batch is" if mode == "batch" else "the event is"
             await respond(send, 413, [_JSON], error_body(413, f"{what} larger than {maximum} bytes"))
             return
         forward = passthrough(headers)  # the only headers kept with the events

@@ -27,6 +27,7 @@ USER_AGENT = "infer-logger-broker"
 _IDLE_MAX = 256  # idle connections kept per origin
 _LOOKUP_TTL = 5.0  # seconds a host's addresses are reused: a moved subscriber is found again soon
 _LOOKUP_THREADS = 32  # hosts looked up at once (one lookup per host at a time)
+_HEAD_MAX = 64 * 1024  # a response's status line and headers, as uvicorn bounds a request's
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,7 @@ class _Connection(asyncio.Protocol):
         self._headers_done = False
         self._framed = False  # content-length or chunked: a close before the end is a truncation
         self._size = 0
+        self._head = 0  # bytes of the head read so far
         self._truncated = False
         self.keep_alive = False
         self.idle_since = 0.0
@@ -90,11 +92,27 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received = True
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(ConnectionError(f"malformed HTTP response: {exc}"))
-            self.close()
+        while data:
+            # The parser holds a header until it ends: an endless one grew it until the timeout.
+            # So the head is fed at most up to its bound, and what follows once it ended.
+            counting = not self._headers_done
+            room = _HEAD_MAX - self._head
+            chunk = data if not counting or len(data) <= room else data[:room]
+            data = data[len(chunk):]
+            try:
+                self._parser.feed_data(chunk)
+            except httptools.HttpParserError as exc:
+                self._fail(ConnectionError(f"malformed HTTP response: {exc}"))
+                self.close()
+                return
+            if counting and not self._headers_done:
+                self._head += len(chunk)
+                if self._head >= _HEAD_MAX:  # and still not ended
+                    self._fail(ConnectionError(f"the response's head is larger than {_HEAD_MAX} bytes"))
+                    self.closed, self.keep_alive = True, False
+                    if self.transport is not None:
+                        self.transport.abort()
+                    return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -113,6 +131,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
+        self._head = 0  # an interim response's head (a 100) counts not against the real one's
 
     def on_body(self, body: bytes) -> None:
         if self._truncated:  # cut: what the same read still held is not wanted
@@ -149,7 +168,7 @@ class _Connection(asyncio.Protocol):
         waiter: asyncio.Future[HttpResponse] = loop.create_future()
         self._waiter = waiter
         self._headers, self._body, self._received, self._headers_done = {}, [], False, False
-        self._framed, self._size, self._truncated = False, 0, False
+        self._framed, self._size, self._head, self._truncated = False, 0, 0, False
         self.transport.write(message)
         # A timer, not asyncio.timeout: a third of the cost, and this runs once per delivery.
         timer = None if timeout is None else loop.call_later(timeout, self._expire, timeout)

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.cloudevents.http import to_structured
 from infer_logger.errors import SinkError
 from infer_logger.events import REQUEST
 from infer_logger.store import AuditStore
@@ -79,6 +80,32 @@ triggers:
         await _post(broker, event("e1"))
         [reply] = await asyncio.to_thread(other_subscriber.wait_for, 1)
         assert reply.id == "r202"
+
+    async def test_a_reply_over_the_limit_by_its_attributes_is_refused_as_at_the_ingress(
+            self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
+        """A reply was weighed by its data only: one over max_event_bytes by an extension attribute
+        entered the log, where the same event from a sender was a 413."""
+        big = event("big-reply", "com.example.reply", bigext="x" * (20 * 1024))
+        small = event("small-reply", "com.example.reply")
+
+        def answer(received: CloudEvent | None, request: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+            headers, body = to_structured(big if received is not None and received.id == "e1" else small)
+            return 200, headers, body
+
+        subscriber.answer = answer
+        broker = await make_broker(f"""
+triggers:
+  - {{name: requests, filters: [{{exact: {{type: com.example.someevent}}}}], subscriber: '{subscriber.url}'}}
+  - {{name: replies, filters: [{{suffix: {{type: .reply}}}}], subscriber: '{other_subscriber.url}'}}
+""", max_event_bytes=16 * 1024)
+        async with client(broker) as c:  # the same event from a sender
+            assert (await c.post("/", **binary_request(big))).status_code == 413
+        await _post(broker, event("e1"), event("e2"))
+        await asyncio.to_thread(other_subscriber.wait_for, 1)
+        await settle(broker, "requests", 2)
+        await settle(broker, "replies", 1)
+        assert [e.id for e in other_subscriber.events] == ["small-reply"]
+        assert broker.metrics.lost.labels("default/requests")._value.get() == 1
 
     async def test_non_event_reply_is_an_error(self, make_broker: MakeBroker, subscriber: Subscriber,
                                                other_subscriber: Subscriber) -> None:
@@ -520,6 +547,32 @@ class TestReload:
         await channel.replace("t", new, timeout=0.1)
         await until(lambda: len(new.got) == 10, what="every event again")
         await channel.aclose(0.1)
+
+    async def test_a_broker_removed_by_a_reload_is_404_and_its_log_closed(
+            self, tmp_path: Path, subscriber: Subscriber) -> None:
+        """Its channel stayed open: POST /<ns>/<broker> answered 202 and nothing was kept or
+        delivered (after a restart, 404). Declared again, its log opens again (the old one let go)."""
+        path = tmp_path / "triggers.yaml"
+        declared = f"triggers: [{{name: t2, broker: b2, subscriber: '{subscriber.url}'}}]\nbrokers: [{{name: b2}}]\n"
+        path.write_text(declared)
+        broker = Broker(settings(tmp_path, trigger_files=[path]))
+        await broker.startup()
+        try:
+            await _post(broker, event("before"), path="/default/b2")
+            await until(lambda: len(subscriber.events) == 1, what="the event before the removal")
+            path.write_text("triggers: []\n")
+            assert await broker.reload()
+            async with client(broker) as c:
+                removed = await c.post("/default/b2", **binary_request(event("after")))
+            assert removed.status_code == 404 and "no broker default/b2" in removed.json()["error"], removed.text
+            assert ("default", "b2") not in broker.channels
+            path.write_text(declared)
+            assert await broker.reload()
+            await _post(broker, event("again"), path="/default/b2")
+            await until(lambda: len(subscriber.events) == 2, what="the event after it was declared again")
+        finally:
+            await broker.shutdown()
+        assert [e.id for e in subscriber.events] == ["before", "again"]
 
     async def test_events_flow_while_a_reload_reads(self, tmp_path: Path, subscriber: Subscriber) -> None:
         """The files are read off the event loop: a reload stuck on a FIFO nobody writes yet (any

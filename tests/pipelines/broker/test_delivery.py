@@ -23,6 +23,7 @@ from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import decode_header_value
 from infer_logger.errors import SinkError
 from infer_logger.retry import RETRY_AFTER_MAX, retry_after
+from pipelines.broker.channel import event_size
 from pipelines.broker.delivery import (
     ERROR_DATA_MAX,
     NO_RESPONSE,
@@ -351,13 +352,21 @@ class TestReplySize:
 
     async def test_a_reply_is_measured_as_the_ingress_measures_an_event(
             self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
-        """An event of 1000 data bytes is taken from a sender: echoed back, it was refused for its
-        attributes on top."""
-        subscriber.answer = reply_with(_reply_event(b"a" * 1000), 202)
+        """Data and attributes, as the ingress weighs them in every mode (a reply was weighed by its
+        data alone, a binary event too): an event of exactly 1000 bytes is taken from a sender and
+        as a reply (the TTL the broker stamps on it after weighing not counted), one byte more from neither."""
+        fits = _reply_event(b"")
+        fits = _reply_event(b"a" * (1000 - event_size(fits)))
+        assert event_size(fits) == 1000
+        subscriber.answer = reply_with(fits, 202)
         broker = await make_broker(_triggers(subscriber, catch=other_subscriber), max_event_bytes=1000)
+        async with client(broker) as c:
+            assert (await c.post("/", **binary_request(fits))).status_code == 202
+            over = _reply_event(fits.data + b"a")  # type: ignore[operator]
+            assert (await c.post("/", **binary_request(over))).status_code == 413
         await _post(broker)
-        _, body = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
-        assert len(body) == 1000
+        requests = await asyncio.to_thread(other_subscriber.wait_for_requests, 2)
+        assert [len(body) for _, body in requests] == [len(fits.data or b"")] * 2
 
 
     async def test_a_large_body_that_is_no_event_is_retried_as_any_non_event(
@@ -404,6 +413,34 @@ def test_a_zero_timeout_is_refused(timeout: str) -> None:
     letter's too, and every event was lost."""
     with pytest.raises(ValidationError, match="longer than zero"):
         DeliverySpec(timeout=timeout)
+
+
+@pytest.mark.parametrize("field", ["subscriber", "delivery.deadLetterSink", "subscriber.ref"])
+@pytest.mark.parametrize("path", ["hook one", "hook\u20ac", "hook\r\nx-injected: 1", "a\"b", "50%off"])
+def test_a_uri_that_is_no_rfc_3986_uri_is_refused_at_load(field: str, path: str) -> None:
+    """It loaded, and every delivery failed (a 400 from the peer, or a UnicodeEncodeError retried)."""
+    from infer_logger.documents import DocumentError
+    from pipelines.broker import load_triggers
+
+    uri = f"http://127.0.0.1:9/{path}"
+    trigger: dict[str, Any] = {"name": "t", "subscriber": uri}
+    if field == "delivery.deadLetterSink":
+        trigger = {"name": "t", "subscriber": "http://127.0.0.1:9/", "delivery": {"deadLetterSink": uri}}
+    elif field == "subscriber.ref":  # a uri relative to what the reference resolves to
+        trigger = {"name": "t", "subscriber": {"ref": {"name": "s"}, "uri": path}}
+    with pytest.raises(DocumentError) as caught:
+        load_triggers(yaml.safe_dump({"triggers": [trigger]}))
+    where = field.removesuffix(".ref")
+    assert f"triggers[0].{where}:" in str(caught.value) and "RFC 3986" in str(caught.value), caught.value
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:9/hook%20one", "http://127.0.0.1:9/hook%E2%82%AC?q=a+b&r=%7E#x",
+                                 "http://[::1]:9/p;v=1/it's(ok)*,!$@:~"])
+def test_a_percent_encoded_uri_loads(uri: str) -> None:
+    from pipelines.broker import load_triggers
+
+    [trigger] = load_triggers(yaml.safe_dump({"triggers": [{"name": "t", "subscriber": uri}]})).triggers
+    assert trigger.subscriber.uri == uri
 
 
 class TestRetries:

@@ -72,6 +72,45 @@ class TestRefusals:
         assert (binary.status_code, structured.status_code, batch.status_code) == (413, 413, 413)
         assert small_batch.status_code == 202
 
+    async def test_an_event_over_the_limit_by_its_attributes_is_413_in_every_mode(
+            self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        """Binary mode weighed only the body: an event over max_event_bytes by an extension
+        attribute (its headers) was stored, the same event in structured mode a 413."""
+        broker = await make_broker(CATCH_ALL.format(url=subscriber.url), max_event_bytes=16 * 1024)
+        big = event("big", bigext="x" * (20 * 1024))
+        async with client(broker) as c:
+            binary = await c.post("/", **binary_request(big))
+            structured = await c.post("/", headers=to_structured(big)[0], content=to_structured(big)[1])
+            fits = await c.post("/", **binary_request(event("fits", bigext="x" * (15 * 1024))))
+        assert (binary.status_code, structured.status_code, fits.status_code) == (413, 413, 202), binary.text
+        assert "16384 bytes" in binary.json()["error"]
+        await asyncio.to_thread(subscriber.wait_for, 1)
+        await settle(broker, "all", 1)
+        assert [e.id for e in subscriber.events] == ["fits"]
+
+    @pytest.mark.parametrize("coding", ["gzip", "br", "GZIP", "identity, gzip"])
+    async def test_a_content_encoding_is_415_in_every_mode(self, make_broker: MakeBroker, subscriber: Subscriber,
+                                                            coding: str) -> None:
+        """A gzip-coded binary body was stored as the event's data (a subscriber got gzip bytes
+        labelled application/json), a structured one was a 400 "not valid JSON": no coding is decoded."""
+        import gzip
+
+        broker = await make_broker(CATCH_ALL.format(url=subscriber.url))
+        coded = {"content-encoding": coding}
+        async with client(broker) as c:
+            answers = []
+            for headers, body in (to_binary(event("b")), to_structured(event("s")), to_batch([event("x")])):
+                answers.append(await c.post("/", headers={**headers, **coded}, content=gzip.compress(body)))
+            plain = await c.post("/", **binary_request(event("plain"), **{"content-encoding": "identity"}))
+        for answer in answers:
+            assert answer.status_code == 415, answer.text
+            assert "Content-Encoding" in answer.json()["error"] and answer.json()["status"] == 415
+        assert plain.status_code == 202
+        await asyncio.to_thread(subscriber.wait_for, 1)
+        await settle(broker, "all", 1)
+        assert [e.id for e in subscriber.events] == ["plain"]
+        assert broker.metrics.accepted.labels("default/default")._value.get() == 1
+
     async def test_methods(self, make_broker: MakeBroker) -> None:
         broker = await make_broker()
         async with client(broker) as c:

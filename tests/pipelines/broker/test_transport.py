@@ -163,6 +163,41 @@ async def test_a_body_past_the_cap_is_not_waited_for() -> None:
     assert peer.connections == 2  # never reused: the rest of its body would be the next answer
 
 
+async def test_a_head_past_its_bound_fails_the_attempt() -> None:
+    """`max_response_bytes` bounded only the body: a subscriber streaming one endless header grew
+    the client by 100+ MB until the attempt's timeout. Past 64 KiB of head the attempt fails as a
+    broken answer does (the trigger's retry policy decides); a large head within it is read whole."""
+    stop = asyncio.Event()
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nx-big: ")
+        try:
+            while not stop.is_set():  # until the client hangs up
+                writer.write(b"a" * 65536)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    client = HttpClient(max_response_bytes=2 << 20)
+    try:
+        with pytest.raises(ConnectionError, match="head"):
+            await client.post(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/", {}, b"x", timeout=10)
+    finally:
+        stop.set()
+        server.close()
+    many = [b"x-h%d: %s" % (i, b"v" * 1000) for i in range(60)]  # 60 KiB of head, the body after it
+    async with Scripted(answer(b"200 OK", b"body", *many)) as url:
+        response = await client.post(url, {}, b"", timeout=10)
+        assert (response.status, response.body, len(response.headers)) == (200, b"body", 61)
+    async with Scripted(answer(b"200 OK", b"body", *many, *many[:10])) as url:
+        with pytest.raises(ConnectionError, match="head"):
+            await client.post(url, {}, b"", timeout=10)
+    await client.aclose()
+
+
 class TestLookups:
     """Subscriber host names are looked up on the client's own threads, once per host at a time."""
 
