@@ -46,7 +46,12 @@ from explainers import codecs
 from explainers.base import named_twice
 from explainers.codecs import Schema
 from explainers.deadline import Deadline
-from explainers.errors import ExplainTimeoutError, PredictorError, PredictorRefusedError
+from explainers.errors import (
+    ExplainTimeoutError,
+    PredictorError,
+    PredictorRefusedError,
+    PredictorUnavailableError,
+)
 from infer_logger import binary_tensors
 from infer_logger.errors import BinaryDataError
 
@@ -166,7 +171,7 @@ class PredictorClient:
                 future.cancel()
                 if limit is not None:
                     limit.left()  # raises once it has passed
-                raise PredictorError(f"predictor {self.url}: no answer within {wait:g}s") from None
+                raise PredictorUnavailableError(f"predictor {self.url}: no answer within {wait:g}s") from None
         return self._call_here(rows)
 
     @contextmanager
@@ -299,7 +304,7 @@ class PredictorClient:
                 reason = outcome
                 continue
             return outcome
-        raise PredictorError(f"predictor {self.url} failed after {self.retries + 1} attempts: {reason}")
+        raise PredictorUnavailableError(f"predictor {self.url} failed after {self.retries + 1} attempts: {reason}")
 
     def _send_here(self, parts: Sequence[bytes | memoryview], content_headers: Mapping[str, str],
                    n: int) -> np.ndarray:
@@ -326,7 +331,7 @@ class PredictorClient:
                 continue
             return outcome
         self._budget()
-        raise PredictorError(f"predictor {self.url} failed after {self.retries + 1} attempts: {reason}")
+        raise PredictorUnavailableError(f"predictor {self.url} failed after {self.retries + 1} attempts: {reason}")
 
     def _outcome(self, status: int, payload: bytes, header_length: str | None, n: int) -> np.ndarray | str:
         """The outputs in an answer, or why to ask again; PredictorError for a refusal."""

@@ -7,6 +7,8 @@
         ├── UnknownModelError          404: no explainer for that model name
         ├── NotReadyError              503: still fitting or warming up
         ├── PredictorError             502: the predictor failed or was unreachable (after retries)
+        │   ├── PredictorUnavailableError  no answer, or 429/502/503/504, after retries: not the rows
+        │   └── PredictorRefusedError      400: the predictor refused the rows (400, 422)
         ├── ExplainTimeoutError        504: the explanation outlasted `explain_timeout`
         ├── MissingExtraError          the `explain` or `alibi` extra is not installed (also ImportError)
         ├── UnsupportedModelError      a white-box method given no model, or a model it cannot read
@@ -47,6 +49,11 @@ class PredictorError(ExplainerError):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class PredictorUnavailableError(PredictorError):
+    """The predictor did not answer (unreachable, timed out, or 429/502/503/504) after the retries:
+    its state, not the rows asked about (other rows would fail alike)."""
 
 
 class PredictorRefusedError(PredictorError, InvalidInputError):

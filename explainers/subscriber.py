@@ -51,6 +51,7 @@ from explainers.errors import (
     InvalidInputError,
     InvalidParametersError,
     NotReadyError,
+    PredictorUnavailableError,
 )
 from explainers.service import ExplainerService
 from infer_logger import binary_tensors, events
@@ -184,6 +185,10 @@ class _Run:
         self.kept = False
 
 
+_NOT_THE_ROWS = (PredictorUnavailableError, NotReadyError)
+"""Failures of a merged call that are the predictor's or the explainer's state: each event alone fails alike."""
+
+
 class _Batcher:
     """Instances of concurrent events explained in one call (up to `size` rows, after `linger` s)."""
 
@@ -219,17 +224,27 @@ class _Batcher:
         try:
             explanation = await self.service.explain(np.concatenate([rows for rows, _ in group]))
         except Exception as exc:  # noqa: BLE001 - a lone event gets the failure, merged ones go alone
-            if len(group) == 1:
-                if not group[0][1].done():
-                    group[0][1].set_exception(exc)
+            if len(group) == 1 or isinstance(exc, _NOT_THE_ROWS):
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
                 return
             # Merged, one event's rows may have failed them all: refused (by the predictor, or a
             # local model's encoder: every event merged in was dead-lettered), crashing the
             # predictor's model (a 500, on every redelivery that came with it), or outlasting
             # explain_timeout (a retry merged them again, and timed out again, for good). Each
-            # event alone, one after the other, gets its own outcome.
-            for rows, future in group:
+            # event alone, one after the other, gets its own outcome; once the predictor is found
+            # down, the rest get that at once.
+            for index, (rows, future) in enumerate(group):
+                if future.done():  # its caller gave up
+                    continue
                 await self._run([(rows, future)])
+                failure = None if future.cancelled() else future.exception()
+                if isinstance(failure, _NOT_THE_ROWS):
+                    for _, rest in group[index + 1:]:
+                        if not rest.done():
+                            rest.set_exception(failure)
+                    return
             return
         start = 0
         for rows, future in group:
@@ -347,8 +362,8 @@ class ExplainSubscriber:
         return await self._take(run, again)
 
     async def _take(self, run: _Run, again: bool) -> _Result:
-        """`run`'s result, for this caller to deliver. Cancelled, the explanation goes on (bounded
-        by explain_timeout): its result is kept for the retry if no other caller takes it."""
+        """`run`'s result, for this caller to deliver. Cancelled, the explanation goes on (each of its
+        calls bounded by explain_timeout): its result is kept for the retry if no other caller takes it."""
         run.takers += 1
         run.again = again
         try:

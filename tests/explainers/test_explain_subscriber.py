@@ -328,6 +328,38 @@ class TestJoin:
             finally:
                 await svc.aclose()
 
+    async def test_a_predictor_down_fails_merged_events_at_once(self) -> None:
+        """Unavailable (503 after the retries) is the predictor's state, not one event's rows: each
+        event explained again alone asked the down predictor once more per event, one after the
+        other (a broker attempt waited for all of them)."""
+        from infer_logger.demo.predictor import create_app as predictor_app
+        from tests.explainers.models import Served
+
+        inner = predictor_app([Served("iris-proba", "iris", proba=True)])
+        down = [False]
+
+        async def unavailable(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or not down[0] or not scope["path"].endswith(":predict"):
+                return await inner(scope, receive, send)
+            await send({"type": "http.response.start", "status": 503, "headers": []})
+            await send({"type": "http.response.body", "body": b"loading"})
+
+        with serve(unavailable) as url:
+            svc = service_for(url, retries=1)
+            await svc.start()
+            try:
+                calls = _recorded(svc)
+                sub = ExplainSubscriber(svc, SubscriberSettings(linger=0.05, batch_size=64))
+                exchanges = [exchange(f"d-{i}", ROWS[:1]) for i in range(4)]
+                for request, _ in exchanges:
+                    assert await sub.handle(request) is None
+                down[0] = True
+                replies = await asyncio.gather(*(sub.handle(r) for _, r in exchanges), return_exceptions=True)
+                assert all(type(r) is SinkError and "503" in str(r) for r in replies), replies
+                assert calls == [4]
+            finally:
+                await svc.aclose()
+
     def test_cache_bound_and_ttl(self, caplog: pytest.LogCaptureFixture) -> None:
         cache = EventCache(size=2, ttl=60)
         for i in range(4):
