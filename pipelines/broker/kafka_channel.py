@@ -410,4 +410,6 @@ class KafkaChannel:
             with contextlib.suppress(Exception):
                 await self._flusher
         await self._sink.aclose()
-        self._admin.shutdown(wait=True)
+        # Not waited for: a job in hand ends within its Kafka timeouts, and waiting here held the
+        # event loop (a reload closes a removed broker's channel while the others serve).
+        self._admin.shutdown(wait=False, cancel_futures=True)

@@ -81,6 +81,7 @@ class _Connection(asyncio.Protocol):
         self._framed = False  # content-length or chunked: a close before the end is a truncation
         self._size = 0
         self._head = 0  # bytes of the head read so far
+        self._head_ended = False  # a head ended in the chunk being fed
         self._truncated = False
         self.keep_alive = False
         self.idle_since = 0.0
@@ -99,13 +100,16 @@ class _Connection(asyncio.Protocol):
             room = _HEAD_MAX - self._head
             chunk = data if not counting or len(data) <= room else data[:room]
             data = data[len(chunk):]
+            self._head_ended = False
             try:
                 self._parser.feed_data(chunk)
             except httptools.HttpParserError as exc:
                 self._fail(ConnectionError(f"malformed HTTP response: {exc}"))
                 self.close()
                 return
-            if counting and not self._headers_done:
+            # A head that ended in this chunk (an interim one's, or the answer's, the answer maybe
+            # whole and its parser reset) is within the bound: the chunk counts for no other.
+            if counting and not self._head_ended:
                 self._head += len(chunk)
                 if self._head >= _HEAD_MAX:  # and still not ended
                     self._fail(ConnectionError(f"the response's head is larger than {_HEAD_MAX} bytes"))
@@ -130,7 +134,7 @@ class _Connection(asyncio.Protocol):
             self._framed = True
 
     def on_headers_complete(self) -> None:
-        self._headers_done = True
+        self._headers_done = self._head_ended = True
         self._head = 0  # an interim response's head (a 100) counts not against the real one's
 
     def on_body(self, body: bytes) -> None:

@@ -711,3 +711,37 @@ async def test_kafka_stalling_at_a_groups_placing_holds_no_trigger_change(
             await asyncio.wait_for(channel.aclose(1.0), 60)
         except TimeoutError:
             pytest.fail("the channel's close still waits for the frozen Kafka 60 s on")
+
+
+async def test_a_broker_removed_while_its_channel_waits_for_kafka_is_closed_without_waiting(
+        tmp_path: Path, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reload closed its channel, whose executor's shutdown waited, on the event loop, for the
+    job in hand (up to its Kafka timeouts): every broker's ingress and deliveries stood still."""
+    entered, release, ended = threading.Event(), threading.Event(), threading.Event()
+    create_topic, calls = KafkaChannel._create_topic, itertools.count()
+
+    def stuck_for_b2(channel: KafkaChannel) -> None:
+        if "b2" not in channel.topic:
+            return create_topic(channel)
+        if next(calls):  # the second try waits for a Kafka that does not answer
+            entered.set()
+            release.wait(30)  # a bound, in case the loop waits for it
+            ended.set()
+        raise kafka_channel._UnreachableError("unreachable (the test's)")
+
+    monkeypatch.setattr(KafkaChannel, "_create_topic", stuck_for_b2)
+    path = tmp_path / "triggers.yaml"
+    path.write_text("triggers: []\nbrokers: [{name: b2}]\n")
+    broker = Broker(settings(tmp_path, trigger_files=[path], channel="kafka", name=f"r{uuid.uuid4().hex[:8]}",
+                             kafka={"bootstrap_servers": kafka_bootstrap, "partitions": 1}))
+    await broker.startup()
+    try:
+        assert len(broker.channels) == 2
+        assert await asyncio.to_thread(entered.wait, 30), "b2's channel never tried again"
+        path.write_text("triggers: []\n")
+        assert await broker.reload()
+        assert not ended.is_set(), "the reload waited for the channel's job"
+        assert len(broker.channels) == 1
+    finally:
+        release.set()
+        await broker.shutdown()

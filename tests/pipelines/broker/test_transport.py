@@ -198,6 +198,56 @@ async def test_a_head_past_its_bound_fails_the_attempt() -> None:
     await client.aclose()
 
 
+@pytest.mark.parametrize("writes", ["one", "separate"])
+async def test_an_interim_head_counts_not_against_the_answers(writes: str) -> None:
+    """A 103 of 40 KiB of head then a 200 of 30 KiB (each within the bound) failed: the bytes of
+    the read the interim head ended in were counted for the answer's head."""
+    hints = b"".join(b"link: </r%d>; x=%s\r\n" % (i, b"x" * 1000) for i in range(40))
+    interim = b"HTTP/1.1 103 Early Hints\r\n" + hints + b"\r\n"
+    final = answer(b"200 OK", b"ok", *(b"x-h%d: %s" % (i, b"v" * 1000) for i in range(30)))(b"")
+
+    async def early_hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\nx")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            if writes == "one":
+                writer.write(interim + final)
+            else:
+                writer.write(interim)
+                await writer.drain()
+                await asyncio.sleep(0.05)  # apart, most likely two reads (either way, both must pass)
+                writer.write(final)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(early_hints, "127.0.0.1", 0)
+    client = HttpClient()
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+        for _ in range(3):  # the kept connection too
+            response = await client.post(url, {}, b"x", timeout=10)
+            assert (response.status, response.body) == (200, b"ok")
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def test_an_answer_of_the_bounds_size_in_one_read_keeps_its_connection() -> None:
+    """A whole answer of 64 KiB in one read (its head within it) was counted as head past the
+    bound after it succeeded: the connection was dropped, a new one opened for the next."""
+    filler = b"x-f: " + b"v" * (65536 - 200)
+    one = answer(b"200 OK", b"ok", filler)(b"")
+    peer = Scripted(answer(b"200 OK", b"ok", filler + b"v" * (65536 - len(one))))
+    client = HttpClient()
+    async with peer as url:
+        for _ in range(3):
+            assert (await client.post(url, {}, b"", timeout=10)).status == 200
+        await client.aclose()
+    assert peer.connections == 1
+
+
 class TestLookups:
     """Subscriber host names are looked up on the client's own threads, once per host at a time."""
 
