@@ -32,7 +32,7 @@ from pydantic_settings import (
 from pydantic_settings.exceptions import SettingsError
 
 from infer_logger import documents
-from infer_logger.cloudevents.validation import source_setting
+from infer_logger.cloudevents.validation import is_string, source_setting
 from infer_logger.errors import ConfigError
 from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, SinkSpec, StoreSinkConfig
 
@@ -52,6 +52,10 @@ _SERVICE_LINK = re.compile(
 
 # A Service named as a prefix (infer-logger, infer-logger-broker) gives <PREFIX>PORT=tcp://<ip>:<port>.
 _LINK_VALUE = re.compile(r"(?:tcp|udp|sctp)://[^/\s]+:\d+", re.IGNORECASE)
+
+# What UTF-8 cannot encode: a byte of argv or env that is not UTF-8 (read as U+DC80..U+DCFF), or a
+# `\udcXX` escape in YAML.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
 # Sections a flag gives anew, of another type than the env var's: that env section is left out.
@@ -76,6 +80,23 @@ class LayeredSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         env = _EnvSource(settings_cls) if isinstance(env_settings, EnvSettingsSource) else env_settings
         return (init_settings, env, InitSettingsSource(settings_cls, _yaml_data.get()))
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _utf8(cls, value: Any, info: ValidationInfo) -> Any:
+        """Text that is not UTF-8 was taken, then every encoder (orjson: events, /readyz) refused it:
+        each request a 500 while /readyz said ready, or /readyz a 500."""
+        if (bad := _not_utf8(value, (str(info.field_name),))) is not None:
+            where, text, char = bad
+            at = f"at {'.'.join(where)}: " if len(where) > 1 else ""
+            raise ValueError(f"{at}{text!r} holds U+{ord(char):04X}, which is not UTF-8 text (a byte of a flag "
+                             "or variable that is not UTF-8, or a surrogate escape): give it in UTF-8")
+        return value
+
+    @field_validator("host", check_fields=False)  # every service's address to listen on
+    @classmethod
+    def _listen_host(cls, host: str) -> str:
+        return listen_host(host)
 
     @classmethod
     def load(cls, config_file: Path | None = None, *, section: str | None = None, **flags: Any) -> Self:
@@ -165,6 +186,34 @@ class LayeredSettings(BaseSettings):
                 continue
             near = difflib.get_close_matches(name, [prefix + field for field in fields], n=1)
             raise ConfigError(key, "matches no setting" + (f" (did you mean {near[0]}?)" if near else ""))
+
+
+def _not_utf8(value: Any, where: tuple[str, ...]) -> tuple[tuple[str, ...], str, str] | None:
+    """Where in `value` (a setting as given: text, lists, mappings) text holds a surrogate, the
+    text and the surrogate; None when it holds none."""
+    if isinstance(value, str):
+        bad = None if value.isascii() else _SURROGATE.search(value)
+        return None if bad is None else (where, value, bad.group())
+    if isinstance(value, dict):
+        for key, item in value.items():  # the key first: then it can name the place in a message
+            found = _not_utf8(key, where) or _not_utf8(item, (*where, str(key)))
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            if (found := _not_utf8(item, (*where, str(index)))) is not None:
+                return found
+    return None
+
+
+def listen_host(host: str) -> str:
+    """An address to listen on, checked as getaddrinfo reads a name (IDNA): `my..host`, or a label
+    over 63 characters, was a UnicodeError traceback at start, where a bad port is a message."""
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        raise ValueError(f"{host!r} is not a host name or address: {exc.__cause__ or exc}") from None
+    return host
 
 
 def _holds(data: Any, loc: tuple[int | str, ...]) -> bool:
@@ -421,6 +470,17 @@ class Settings(LayeredSettings):
     def _http_url(cls, url: str | None) -> str | None:
         return http_url(url)
 
+    @field_validator("inference_service", "namespace", "component", "endpoint")
+    @classmethod
+    def _attribute(cls, value: str) -> str:
+        # Every event carries it: a control character (a YAML block scalar's newline, a tab) had
+        # every event refused by the broker and dead-lettered.
+        if value and not is_string(value):
+            bad = next(char for char in value if not is_string(char))
+            raise ValueError(f"{value!r} holds U+{ord(bad):04X}, which an event attribute (a CloudEvents "
+                             "String) cannot: every event would be refused")
+        return value
+
     @field_validator("log_url")
     @classmethod
     def _known_schemes(cls, urls: list[str]) -> list[str]:
@@ -478,6 +538,11 @@ def http_url(url: str | None) -> str | None:
         parts = urlparse(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{url!r} is not an http(s)://host[:port] URL")
+        try:  # as the client reads them: a port out of range, or a host IDNA refuses, was a traceback
+            parts.port  # noqa: B018
+            parts.hostname.encode("idna")
+        except ValueError as exc:  # UnicodeError too
+            raise ValueError(f"{url!r} is not an http(s)://host[:port] URL: {exc.__cause__ or exc}") from None
     return url
 
 

@@ -67,7 +67,11 @@ class SinkConfig(BaseModel):
             raise ValueError(f"{name!r}: a sink name names files, so it cannot hold {bad.group()!r}")
         if name.startswith("."):
             raise ValueError(f"{name!r}: a sink name names files, so it cannot start with '.'")
-        if len(name.encode("utf-8", "surrogateescape")) > 200:
+        # It is also in /readyz's JSON and the metrics: a byte that is not UTF-8 (U+DC80..U+DCFF,
+        # surrogateescape) made every /readyz a 500.
+        if surrogate := next((char for char in name if "\ud800" <= char <= "\udfff"), None):
+            raise ValueError(f"{name!r}: a sink name cannot hold U+{ord(surrogate):04X}, which is not UTF-8 text")
+        if len(name.encode("utf-8")) > 200:
             raise ValueError(f"{name[:20]!r}…: a sink name names files, so it is at most 200 bytes (UTF-8)")
         return name
 

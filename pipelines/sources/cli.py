@@ -56,8 +56,10 @@ def ingest_command(config: Path | None, source_type: str | None, listen: str | N
         source["type"] = source_type
     if listen is not None:  # an empty value is an error, not unset
         host, _, port = listen.rpartition(":")
-        if not host or not port.isdigit() or (":" in host and not (host.startswith("[") and host.endswith("]"))):
-            # `::1` read as host ":" and port 1, accepted by --check and failing at start
+        # `::1` was read as host ":" and port 1, accepted by --check and failing at start; `[]:24224`
+        # as host "", every address
+        if (not host.strip("[]") or not port.isdigit()
+                or (":" in host and not (host.startswith("[") and host.endswith("]")))):
             _fail(2, f"config error: --listen: {listen!r} is not HOST:PORT (IPv6 in brackets: [::1]:24224)")
         source.update(host=host.strip("[]"), port=int(port))
     if kafka_bootstrap is not None:

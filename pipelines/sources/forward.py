@@ -48,17 +48,18 @@ import uuid
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import msgpack
 import orjson
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 
 from infer_logger import appending, deadletter
 from infer_logger.asgi import READ_RATE_ALLOWANCE
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 from infer_logger.cloudevents.json_format import deep_dumps, from_dict
 from infer_logger.cloudevents.validation import percent_escaped, source_setting, validate
+from infer_logger.config import listen_host
 from infer_logger.errors import InvalidEventError, RejectedError
 from infer_logger.sinks.base import Sink
 from infer_logger.sinks.fluentd import (
@@ -85,8 +86,9 @@ class FrameError(ValueError):
 
 class ForwardSourceConfig(SourceConfig):
     type: Literal["forward"] = "forward"
-    host: str = "127.0.0.1"
-    """Address to listen on (0.0.0.0 for every interface)."""
+    host: Annotated[str, AfterValidator(listen_host)] = Field("127.0.0.1", min_length=1)
+    """Address to listen on (0.0.0.0 for every interface; "", an unset value, is refused: it is
+    every address to asyncio)."""
     port: int = Field(24224, ge=0, le=65535)
     """TCP port; 0 picks a free one (see `ForwardSource.port`)."""
     shared_key: SecretStr | None = None

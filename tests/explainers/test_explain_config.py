@@ -45,7 +45,9 @@ class TestBinaryData:
 class TestPredictorUrl:
     """Checked as the sidecar checks its own: it failed only after the fitting's retries (exit 1)."""
 
-    @pytest.mark.parametrize("url", ["localhost:8080", "ftp://x", "http://"])
+    # A port out of range or not a number, a host IDNA refuses: a traceback after fitting (exit 1).
+    @pytest.mark.parametrize("url", ["localhost:8080", "ftp://x", "http://", "http://127.0.0.1:99999",
+                                     "http://127.0.0.1:abc/", "http://ü..x/"])
     def test_not_http_is_a_config_error(self, url: str) -> None:
         with pytest.raises(ConfigError, match=r"http\(s\)://host\[:port\]") as info:
             load_explainer_settings(None, **{**REQUIRED, "predictor_url": url})

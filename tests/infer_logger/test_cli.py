@@ -311,6 +311,17 @@ def test_a_taken_port_stops_the_proxy_with_a_message(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("host", ["my..host", "a" * 64])
+def test_a_host_idna_refuses_is_exit_2(tmp_path: Path, host: str) -> None:
+    """A UnicodeError traceback at start (exit 1), where a port in use is a message."""
+    done = subprocess.run([sys.executable, "-m", "infer_logger.cli", "proxy", "--host", host, "--port", "0",
+                           "--source-uri", "/m", "--spool-dir", str(tmp_path / "spool")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert f"config error: host: Value error, {host!r} is not a host name or address" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize(("where", "code", "says"), [
     ("--spool-dir={f}/spool", 1, "spool directory {f}/spool: cannot use it: Not a directory"),
     ("--log-url=file://{f}/events.jsonl", 2, "config error: path: {f}: cannot create the directory"),
@@ -333,6 +344,17 @@ def test_a_predictor_url_that_is_not_http_is_exit_2(tmp_path: Path) -> None:
                                        "--spool-dir", str(tmp_path / "spool")])
     assert result.exit_code == 2
     assert "predictor_url" in result.output and "http(s)://host[:port]" in result.output
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/", "http://127.0.0.1:abc/", "http://ü..x/"])
+def test_a_predictor_url_the_client_cannot_read_is_exit_2(tmp_path: Path, url: str) -> None:
+    """README: a bad setting is exit 2 naming it; this one was a ValueError traceback, exit 1."""
+    for args, env in ((["--predictor-url", url], {}), ([], {"INFER_LOGGER_PREDICTOR_URL": url})):
+        done = subprocess.run([sys.executable, "-m", "infer_logger.cli", "proxy", "--port", "0", "--source-uri", "/m",
+                               "--spool-dir", str(tmp_path / "spool"), *args], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, **env})
+        assert done.returncode == 2, done.stderr
+        assert "predictor_url" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_source_uri_that_is_no_uri_reference_is_exit_2(tmp_path: Path) -> None:
@@ -422,3 +444,17 @@ def test_proxy_help_shows_the_defaults() -> None:
     out = " ".join(CliRunner().invoke(main, ["proxy", "--help"], terminal_width=80).output.split())
     assert "cut to this size. [default: 900KiB]" in out
     assert "[default: infer-logger-data/spool]" in out  # whole: a hyphen is where it broke
+
+
+@pytest.mark.parametrize(("flag", "value", "field", "says"), [
+    ("--namespace", b"caf\xe9", "namespace", "'caf\\udce9' holds U+DCE9"),  # a Latin-1 byte: every request a 500
+    ("--namespace", b"team\ta", "namespace", "'team\\ta' holds U+0009"),  # every event refused by the broker
+    ("--inference-service", b"iris\n", "inference_service", "'iris\\n' holds U+000A"),
+])
+def test_an_identity_events_cannot_carry_is_exit_2(tmp_path: Path, flag: str, value: bytes, field: str,
+                                                    says: str) -> None:
+    done = subprocess.run([sys.executable.encode(), b"-m", b"infer_logger.cli", b"proxy", flag.encode(), value,
+                           b"--port", b"0", b"--source-uri", b"/m", b"--spool-dir", os.fsencode(tmp_path / "spool")],
+                          capture_output=True, text=True, timeout=60)  # it served, and logged nothing
+    assert done.returncode == 2, done.stderr
+    assert f"config error: {field}: " in done.stderr and says in done.stderr and "Traceback" not in done.stderr

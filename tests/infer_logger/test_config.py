@@ -152,6 +152,9 @@ class TestErrors:
             # Path("") is "." (the spool spread in the working directory); "" is every address.
             ("spool: {dir: ''}\n", "spool.dir", "is empty"),
             ("host: ''\n", "host", "at least 1 character"),
+            # As getaddrinfo reads a name (IDNA): a UnicodeError traceback at start.
+            ("host: my..host\n", "host", "'my..host' is not a host name or address: label empty or too long"),
+            (f"host: {'a' * 64}.example\n", "host", "too long"),
         ],
     )
     def test_bad_yaml_values(self, tmp_path: Path, yaml_text: str, field: str, hint: str) -> None:
@@ -230,6 +233,23 @@ class TestErrors:
         with pytest.raises(ConfigError, match="not UTF-8") as info:
             load_settings(cfg)
         assert info.value.field == str(cfg)
+
+    @pytest.mark.parametrize(("url", "says"), [
+        ("http://127.0.0.1:99999/", "Port out of range"),
+        ("http://127.0.0.1:abc/", "could not be cast to integer"),
+        ("http://ü..x/", "label empty or too long"),
+        ("http://" + "a" * 64 + ":8080/", "label too long"),
+    ])
+    def test_a_predictor_url_the_client_cannot_read_is_refused(self, monkeypatch: pytest.MonkeyPatch, url: str,
+                                                               says: str) -> None:
+        """Only the scheme and host were checked: the proxy started, then failed with a traceback."""
+        with pytest.raises(ConfigError, match=says) as info:
+            load_settings(predictor_url=url)
+        assert info.value.field == "predictor_url" and "http(s)://host[:port]" in info.value.message
+        monkeypatch.setenv("INFER_LOGGER_PREDICTOR_URL", url)
+        with pytest.raises(ConfigError, match=says) as info:
+            load_settings()
+        assert info.value.field == "INFER_LOGGER_PREDICTOR_URL (predictor_url)"
 
     def test_bad_log_url_scheme(self) -> None:
         with pytest.raises(ConfigError, match="scheme must be"):
@@ -415,3 +435,59 @@ class TestUnknownVariables:
         monkeypatch.setenv("INFER_LOGGER_SPOOL_PORT", "1")
         with pytest.raises(ConfigError, match="matches no setting"):
             load_settings()
+
+
+class TestText:
+    """Settings that become events or their sinks' names hold text every encoder takes."""
+
+    @pytest.mark.parametrize(("yaml_text", "field", "says"), [
+        # A `\udcXX` escape; argv and env give the same for a byte that is not UTF-8 (surrogateescape).
+        ('namespace: "caf\\udce9"\n', "namespace", "U+DCE9"),
+        ('component: "a\\ud800"\n', "component", "U+D800"),
+        ('annotations: {"t\\udcff": x}\n', "annotations", "'t\\udcff' holds U+DCFF"),
+        # A name that is not UTF-8 made every /readyz a 500 (its JSON could not be encoded).
+        ('sinks: [{type: file, name: "f\\udcff", path: e.jsonl}]\n', "sinks", "at sinks.0.name: 'f\\udcff' holds U+DCFF"),
+        ('spool: {dir: "sp\\udc80"}\n', "spool", "at spool.dir: 'sp\\udc80' holds U+DC80"),
+    ])
+    def test_text_that_is_not_utf8_is_refused(self, tmp_path: Path, yaml_text: str, field: str, says: str) -> None:
+        """orjson refused it in every event: each request was a 500, and /readyz said ready."""
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml_text)
+        with pytest.raises(ConfigError) as info:
+            load_settings(cfg)
+        assert info.value.field == field
+        assert says in info.value.message and "not UTF-8" in info.value.message
+
+    def test_a_variable_that_is_not_utf8_is_named(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("INFER_LOGGER_INFERENCE_SERVICE", os.fsdecode(b"iris-\xe9"))
+        with pytest.raises(ConfigError, match="U\\+DCE9") as info:
+            load_settings()
+        assert info.value.field == "INFER_LOGGER_INFERENCE_SERVICE (inference_service)"
+        monkeypatch.setenv("INFER_LOGGER_INFERENCE_SERVICE", "iris-é")  # UTF-8: fine
+        assert load_settings().inference_service == "iris-é"
+
+    def test_a_sink_name_that_is_not_utf8_is_refused_by_the_sink_config(self, tmp_path: Path) -> None:
+        """It was checked with surrogateescape, as if a byte of a file name."""
+        from pydantic import ValidationError
+
+        with pytest.raises(ValidationError, match="not UTF-8"):
+            FileSinkConfig(name="f\udcff", path=tmp_path / "e.jsonl")
+
+    @pytest.mark.parametrize(("text", "field", "char"), [
+        ("inference_service: |\n  sklearn-iris\n", "inference_service", "U+000A"),  # a block scalar's newline
+        ('namespace: "team\\ta"\n', "namespace", "U+0009"),
+        ('component: "a\\x85"\n', "component", "U+0085"),
+        ('endpoint: "\\ufdd0"\n', "endpoint", "U+FDD0"),
+    ])
+    def test_an_identity_a_cloudevents_string_cannot_hold_is_refused(self, tmp_path: Path, text: str, field: str,
+                                                                    char: str) -> None:
+        """Every event carries it: the broker refused them all (400), and each was dead-lettered."""
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_settings(cfg)
+        assert info.value.field == field and char in info.value.message
+        with pytest.raises(ConfigError) as info:
+            load_settings(**{field: "team\ta"})
+        assert info.value.field == field and "U+0009" in info.value.message
+        assert getattr(load_settings(**{field: "équipe a"}), field) == "équipe a"  # text beyond ASCII is fine

@@ -159,6 +159,20 @@ def test_an_empty_host_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "host" in result.output
 
 
+@pytest.mark.parametrize("host", ["my..host", "a" * 64])
+def test_a_host_idna_refuses_exits_2_naming_it(tmp_path: Path, host: str) -> None:
+    """It was uvicorn's UnicodeError traceback (exit 1), where a port in use is a message."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([str(Path(sys.executable).parent / "infer-logger"), "broker", "--host", host, "--port", "0",
+                           "--channel", "memory", "--dir", str(tmp_path / "broker")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "host" in done.stderr and "is not a host name or address" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_an_empty_kafka_bootstrap_is_refused(tmp_path: Path) -> None:
     """It was taken for unset (the default 127.0.0.1:9092 ran); in a file, librdkafka waited for ever."""
     result = CliRunner().invoke(broker_command, ["--check", "--dir", str(tmp_path), "--channel", "kafka",

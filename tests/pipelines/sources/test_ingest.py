@@ -131,6 +131,20 @@ class TestForward:
         assert "forward source" in done.stderr and str(port) in done.stderr
         assert "Traceback" not in done.stderr
 
+    @pytest.mark.parametrize(("args", "field"), [
+        (["--host", "my..host"], "host"),
+        (["--host", "a" * 64], "host"),
+        (["--listen", "my..host:0"], "source.forward.host"),
+        (["--listen", "a" * 64 + ":0"], "source.forward.host"),
+    ])
+    def test_a_host_idna_refuses_is_a_config_error(self, tmp_path: Path, args: list[str], field: str) -> None:
+        """A UnicodeError traceback at start (exit 1), where a port in use is a message."""
+        done = subprocess.run([*INGEST, "--port", "0", *args, "--db", str(tmp_path / "a.db")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert f"config error: {field}: " in done.stderr and "is not a host name or address" in done.stderr
+        assert "Traceback" not in done.stderr
+
     def test_endpoint_port_in_use_is_a_clear_error(self, tmp_path: Path) -> None:
         with socket.create_server(("127.0.0.1", 0)) as taken:
             port = taken.getsockname()[1]
@@ -234,6 +248,9 @@ class TestConfig:
         (["--source", "kafka", "--topic", "", "--kafka-bootstrap", "k:1"], {}, "source.kafka.topics.0"),
         (["--sink-url", ""], {}, "sink.http.url"),
         (["--listen", ""], {}, "--listen"),
+        # "" is every address to asyncio: the unauthenticated data port open to the network.
+        (["--listen", "[]:24224"], {}, "--listen"),
+        ([], {"INFER_LOGGER_INGEST_SOURCE__HOST": ""}, "INFER_LOGGER_INGEST_SOURCE__HOST (source.forward.host)"),
         ([], {"INFER_LOGGER_INGEST_PROT": "1"}, "INFER_LOGGER_INGEST_PROT"),
         ([], {"INFER_LOGGER_INGEST_SOURCE__PORT": "x"}, "INFER_LOGGER_INGEST_SOURCE__PORT"),
     ])
