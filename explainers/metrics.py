@@ -32,6 +32,9 @@ class _StateCollector(Collector):
                                   value=client.requests if client is not None else 0)
         yield CounterMetricFamily("infer_logger_explainer_events_explained",
                                   "Explanation events made from inference events", value=self.subscriber.explained)
+        yield CounterMetricFamily("infer_logger_explainer_events_other_model",
+                                  "Inference events of another model (their modelname), not explained",
+                                  value=self.subscriber.other_models)
         cache = self.subscriber.cache
         cache.sweep()
         yield CounterMetricFamily("infer_logger_explainer_events_evicted",

@@ -621,7 +621,8 @@ def test_metrics(switchable: tuple[SwitchablePredictor, str]) -> None:
     assert "infer_logger_explainer_ready 1.0" in text
     requests = next(line for line in text.splitlines() if line.startswith("infer_logger_explainer_predictor_requests_total"))
     assert float(requests.split()[-1]) > 0
-    for name in ("events_explained_total", "events_evicted_total", "events_expired_total", "events_waiting"):
+    for name in ("events_explained_total", "events_other_model_total", "events_evicted_total", "events_expired_total",
+                 "events_waiting"):
         assert f"infer_logger_explainer_{name} " in text
 
 
