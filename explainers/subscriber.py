@@ -57,7 +57,7 @@ from explainers.service import ExplainerService
 from infer_logger import binary_tensors, events
 from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.errors import InvalidEventError, RejectedError, SinkError
+from infer_logger.errors import BinaryDataError, InvalidEventError, RejectedError, SinkError
 from infer_logger.sinks.base import Sink, SinkConfig
 from infer_logger.sinks.halving import Halving
 
@@ -577,9 +577,11 @@ def _payload(request: CloudEvent) -> Any:
     else:  # a binary part of blanks only (INT8 10) is JSON's trailing whitespace
         return binary_tensors.inline(request.data or b"") or doc if binary_tensors.carries_binary(doc) else doc
     try:
-        doc = binary_tensors.inline(request.data or b"")
+        doc = binary_tensors.inline_checked(request.data or b"")
     except RecursionError:  # JSON nested past Python's limit, read by the stdlib's decoder
         raise InvalidInputError("the request payload nests JSON too deeply to read") from None
+    except BinaryDataError as exc:  # its JSON part read: the tensors after it did not
+        raise InvalidInputError(f"the request payload's binary tensor data does not read: {exc}") from None
     if doc is None:
         raise InvalidInputError(f"the request payload is not JSON: {not_json}")
     return doc

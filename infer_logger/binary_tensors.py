@@ -159,6 +159,15 @@ def inline(body: bytes) -> Inlined | None:
     JSON part with every binary tensor's `data` filled in, flat and row-major, as JSON mode would
     carry it; BYTES elements as text when UTF-8, else `{"base64": ...}`. None when `body` is not one.
     """
+    try:
+        return inline_checked(body)
+    except BinaryDataError:
+        return None
+
+
+def inline_checked(body: bytes) -> Inlined | None:
+    """`inline`, but a body with a JSON part whose binary tensors do not read (an unknown datatype,
+    sizes that do not add up) raises BinaryDataError saying why; None when it has no JSON part."""
     if not body.startswith(b"{"):
         return None
     # The JSON part ends where a JSON object starting at byte 0 ends: latin-1 maps bytes to
@@ -168,27 +177,24 @@ def inline(body: bytes) -> Inlined | None:
         _, end = json.JSONDecoder().raw_decode(text)
     except (ValueError, RecursionError):  # nested past Python's recursion limit: not one either
         return None
-    try:
-        probe = _json(memoryview(body)[:end], "the JSON part")
-        key = "inputs" if "inputs" in probe else "outputs"
-        doc, raw = decode(body, end, key)
-        tensors = []
-        for index, tensor in enumerate(doc.get(key) or []):
-            name = tensor_name(tensor, key, index) if isinstance(tensor, Mapping) else None
-            if name not in raw:
-                tensors.append(tensor)
-                continue
-            datatype = _datatype(tensor, name)
-            values = unpack_values(datatype, raw[name])
-            if datatype == "BYTES":
-                values = [_text_or_base64(v) for v in values]
-            params = {k: v for k, v in (tensor.get("parameters") or {}).items() if k != "binary_data_size"}
-            tensor = {**{k: v for k, v in tensor.items() if k != "parameters"}, "data": values}
-            if params:
-                tensor["parameters"] = params
+    probe = _json(memoryview(body)[:end], "the JSON part")
+    key = "inputs" if "inputs" in probe else "outputs"
+    doc, raw = decode(body, end, key)
+    tensors = []
+    for index, tensor in enumerate(doc.get(key) or []):
+        name = tensor_name(tensor, key, index) if isinstance(tensor, Mapping) else None
+        if name not in raw:
             tensors.append(tensor)
-    except BinaryDataError:
-        return None
+            continue
+        datatype = _datatype(tensor, name)
+        values = unpack_values(datatype, raw[name])
+        if datatype == "BYTES":
+            values = [_text_or_base64(v) for v in values]
+        params = {k: v for k, v in (tensor.get("parameters") or {}).items() if k != "binary_data_size"}
+        tensor = {**{k: v for k, v in tensor.items() if k != "parameters"}, "data": values}
+        if params:
+            tensor["parameters"] = params
+        tensors.append(tensor)
     return Inlined({**doc, key: tensors})
 
 

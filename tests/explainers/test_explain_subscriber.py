@@ -144,6 +144,22 @@ class TestJoin:
         reply = await sub.handle(response)
         assert reply is not None and reply.id == "ex-bin" and len(reply.json()["explanations"]) == 2
 
+    async def test_binary_tensor_data_that_does_not_read_is_refused_naming_why(
+            self, service: ExplainerService) -> None:
+        """A datatype not known (FP8), or sizes that do not add up: the refusal said "not JSON: str
+        is not valid UTF-8", nothing about the tensors."""
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
+        for id_, datatype, size in (("ex-fp8", "FP8", 8), ("ex-short", "FP64", 63)):
+            request, response = exchange(id_)
+            head = orjson.dumps({"inputs": [{"name": "x", "shape": [2, 4], "datatype": datatype,
+                                             "parameters": {"binary_data_size": size}}]})
+            bad = CloudEvent({**request.attributes, "datacontenttype": binary_tensors.CONTENT_TYPE},
+                             head + b"\xff" * size)
+            assert await sub.handle(bad) is None
+            with pytest.raises(RejectedError, match="binary tensor data") as caught:
+                await sub.handle(response)
+            assert "UTF-8" not in str(caught.value) and (datatype in str(caught.value) or "63" in str(caught.value))
+
     async def test_response_first(self, service: ExplainerService) -> None:
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
         request, response = exchange("ex-2")
