@@ -66,11 +66,12 @@ def predictor_process(model: str) -> Process:
     return Process(args, port)
 
 
-def sidecar_process(upstream: str, tmp: Path, *extra: str, port: int | None = None) -> Process:
+def sidecar_process(upstream: str, tmp: Path, *extra: str, port: int | None = None,
+                    env: dict[str, str] | None = None) -> Process:
     port = port or free_port()
     args = [sys.executable, "-m", "infer_logger.cli", "proxy", "--port", str(port),
             "--predictor-url", upstream, "--spool-dir", str(tmp / "spool"), *extra]
-    return Process(args, port, ready_path="/readyz", log=tmp / "sidecar.log")
+    return Process(args, port, ready_path="/readyz", env=env, log=tmp / "sidecar.log")
 
 
 def scrape(proc: Process, needle: str, timeout: float = 5.0) -> str:
