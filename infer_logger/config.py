@@ -54,7 +54,8 @@ _SERVICE_LINK = re.compile(
 _LINK_VALUE = re.compile(r"(?:tcp|udp|sctp)://[^/\s]+:\d+", re.IGNORECASE)
 
 # What UTF-8 cannot encode: a byte of argv or env that is not UTF-8 (read as U+DC80..U+DCFF), or a
-# `\udcXX` escape in YAML.
+# `\udcXX` escape in YAML. Refused only in text that becomes JSON (events, /readyz): file names
+# and keys are bytes, and carry such a byte as they should.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 _yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
@@ -80,18 +81,6 @@ class LayeredSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         env = _EnvSource(settings_cls) if isinstance(env_settings, EnvSettingsSource) else env_settings
         return (init_settings, env, InitSettingsSource(settings_cls, _yaml_data.get()))
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _utf8(cls, value: Any, info: ValidationInfo) -> Any:
-        """Text that is not UTF-8 was taken, then every encoder (orjson: events, /readyz) refused it:
-        each request a 500 while /readyz said ready, or /readyz a 500."""
-        if (bad := _not_utf8(value, (str(info.field_name),))) is not None:
-            where, text, char = bad
-            at = f"at {'.'.join(where)}: " if len(where) > 1 else ""
-            raise ValueError(f"{at}{text!r} holds U+{ord(char):04X}, which is not UTF-8 text (a byte of a flag "
-                             "or variable that is not UTF-8, or a surrogate escape): give it in UTF-8")
-        return value
 
     @field_validator("host", check_fields=False)  # every service's address to listen on
     @classmethod
@@ -186,24 +175,6 @@ class LayeredSettings(BaseSettings):
                 continue
             near = difflib.get_close_matches(name, [prefix + field for field in fields], n=1)
             raise ConfigError(key, "matches no setting" + (f" (did you mean {near[0]}?)" if near else ""))
-
-
-def _not_utf8(value: Any, where: tuple[str, ...]) -> tuple[tuple[str, ...], str, str] | None:
-    """Where in `value` (a setting as given: text, lists, mappings) text holds a surrogate, the
-    text and the surrogate; None when it holds none."""
-    if isinstance(value, str):
-        bad = None if value.isascii() else _SURROGATE.search(value)
-        return None if bad is None else (where, value, bad.group())
-    if isinstance(value, dict):
-        for key, item in value.items():  # the key first: then it can name the place in a message
-            found = _not_utf8(key, where) or _not_utf8(item, (*where, str(key)))
-            if found is not None:
-                return found
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            if (found := _not_utf8(item, (*where, str(index)))) is not None:
-                return found
-    return None
 
 
 def listen_host(host: str) -> str:
@@ -469,6 +440,16 @@ class Settings(LayeredSettings):
     @classmethod
     def _http_url(cls, url: str | None) -> str | None:
         return http_url(url)
+
+    @field_validator("annotations")
+    @classmethod
+    def _json_text(cls, annotations: dict[str, str]) -> dict[str, str]:
+        # Every event carries them as JSON: text that is not UTF-8 failed each request (a 500).
+        for text in (*annotations, *annotations.values()):
+            if bad := _SURROGATE.search(text):
+                raise ValueError(f"{text[:bad.start()]!r}… holds U+{ord(bad.group()):04X}, which is not UTF-8 text "
+                                 "(a byte of a flag or variable that is not UTF-8, or a surrogate escape)")
+        return annotations
 
     @field_validator("inference_service", "namespace", "component", "endpoint")
     @classmethod
