@@ -171,6 +171,12 @@ class HttpSink:
             raise SinkError(f"{self.url}: {type(exc).__name__}: {exc}") from exc
         if answer.status < 300:
             return None
+        if answer.status < 400:
+            # Not followed (a POST's body to wherever an answer says), and no refusal: an ingress
+            # moving to https mid-rollout dead-lettered the spool. Kept, and said where to.
+            where = next((v.decode("latin-1") for k, v in answer.headers if k == b"location"), "nowhere")
+            raise SinkError(f"{self.url} answered {answer.status}, a redirect to {where[:200]}: not followed; "
+                            "the events are sent here again (set the sink's url to where they should go)")
         after = next((v.decode("latin-1") for k, v in answer.headers if k == b"retry-after"), None)
         named = not answer.truncated and any(k == POSITIONS_HEADER for k, _ in answer.headers)
         return answer.status, retry_after(after), answer.body if named else b""
@@ -180,10 +186,10 @@ class HttpSink:
         are refused together for their size, and the worker sends them again in halves, in order;
         the sink's POSTs stay at most half the refused one's size for a while (below an event
         refused alone, `SizeLimit`), so a receiver's limit costs a few refusals, not some for
-        every batch. Another refusal does not stop the next POST; a 400 or 422 (one bad event)
-        refuses its events together too, so that the halves find the bad one. A failure raises
-        with the events not taken as `pending` (those refused before it and the rest), which the
-        worker sends again.
+        every batch. A 400 or 422 (one bad event) stops there too, its events and the rest refused
+        together, so that the halves find the bad one in order. Another refusal (401, 403, 415...)
+        does not stop the next POST. A failure raises with the events not taken as `pending`
+        (those refused before it and the rest), which the worker sends again.
 
         A receiver that stored part of a POST may name the others in its JSON answer (our
         broker does), saying so with an `Infer-Logger-Positions` header: `"refused": [positions]`
@@ -213,11 +219,11 @@ class HttpSink:
                     sent += len(chunk)
                     continue
                 statuses.append(status)
-                if status == 413:
-                    if (lower := self._batch_bytes.refused(len(body), len(chunk))) is not None:
+                if status in _PARTIAL:
+                    if status == 413 and (lower := self._batch_bytes.refused(len(body), len(chunk))) is not None:
                         log.warning("%s answered 413 to a batch POST of %d bytes: POSTs of at most %d bytes "
                                     "for a while", self.url, len(body), lower)
-                    refused += events[sent:]
+                    refused += events[sent:]  # halved with the rest, in order (sent on, they went first)
                     break
                 refused += chunk
             sent += len(chunk)
