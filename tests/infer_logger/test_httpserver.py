@@ -12,6 +12,7 @@ import pytest
 
 from infer_logger import httpserver
 from infer_logger.httpserver import HttpServer, Reply, Request
+from tests.waiting import until
 
 Handler = Callable[[Request], Awaitable[Reply]]
 
@@ -294,10 +295,11 @@ async def test_stop_answers_requests_in_flight_and_refuses_new_ones() -> None:
     srv = HttpServer(echo)
     await srv.start("127.0.0.1", 0)
     port = srv.port
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         in_flight = asyncio.create_task(client.post("/sleep", content=b"0.3"))
-        await asyncio.sleep(0.1)
-        await srv.stop(grace=5)
+        # Read and with its handler: stop() follows in the same loop pass, before the answer.
+        await until(lambda: any(conn.active for conn in srv.connections), timeout=30, what="the request in flight")
+        await srv.stop(grace=30)
         r = await in_flight
         assert r.status_code == 200 and r.headers["connection"] == "close"
     with pytest.raises(OSError):

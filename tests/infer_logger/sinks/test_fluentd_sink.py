@@ -297,30 +297,34 @@ class TestFailures:
     async def test_a_slow_but_steady_receiver_is_waited_for(self, memory: MemorySink) -> None:
         """Each frame is acked well within `timeout`, the whole batch is not: one timeout for the
         batch had every attempt time out, and the same batch was sent again for ever."""
-        async with ForwardSourceConfig(port=0, max_frame_entries=10).build(Slow(memory, 0.05)) as src:
-            sink = FluentdSinkConfig(port=src.port, timeout=0.5, max_frame_events=20).build()
-            sent = [CloudEvent({**exchange(1)[0].attributes, "id": f"e{i}"}, b"1") for i in range(200)]
-            await sink.send_batch(sent)  # 20 slices of 10 events, 0.05 s each
+        async with ForwardSourceConfig(port=0, max_frame_entries=10).build(Slow(memory, 0.1)) as src:
+            sink = FluentdSinkConfig(port=src.port, timeout=2.0, max_frame_events=20).build()
+            sent = [CloudEvent({**exchange(1)[0].attributes, "id": f"e{i}"}, b"1") for i in range(400)]
+            # 40 slices of 10 events, 0.1 s each: a frame acked every 0.2 s, the batch 4 s or more.
+            await sink.send_batch(sent)
             await sink.aclose()
-        assert memory.events == sent and (sink.errors, src.acks) == (0, 10)
+        assert memory.events == sent and (sink.errors, src.acks) == (0, 20)
 
     async def test_a_slow_reader_is_waited_for(self, memory: MemorySink) -> None:
         """Without acks, the wait is for the receiver to take the bytes: a big batch on a slow link
         timed out while the receiver was still reading it."""
-        async with ForwardSourceConfig(port=0).build(Slow(memory, 0.15)) as src:
-            sink = FluentdSinkConfig(port=src.port, timeout=0.5, ack=False, max_frame_bytes=1 << 20).build()
+        async with ForwardSourceConfig(port=0).build(Slow(memory, 0.25)) as src:
+            sink = FluentdSinkConfig(port=src.port, timeout=1.5, ack=False, max_frame_bytes=1 << 20).build()
             big = b'"%s"' % (b"x" * (1 << 20))
             sent = [CloudEvent({**exchange(1)[0].attributes, "id": f"e{i}"}, big) for i in range(20)]
-            await sink.send_batch(sent)  # 20 MiB, frames of 1 MiB the receiver reads one per 0.15 s
-            await until(lambda: len(memory.events) == 20)
+            # 20 MiB, frames of 1 MiB the receiver reads one per 0.25 s: seconds past the 1.5 s
+            # timeout, less what the socket buffers hold.
+            await sink.send_batch(sent)
+            await until(lambda: len(memory.events) == 20, timeout=30)
             await sink.aclose()
         assert memory.events == sent and sink.errors == 0
 
     async def test_slow_server_times_out(self, memory: MemorySink) -> None:
-        slow = Slow(memory, 1.0)
+        slow = Slow(memory, 10.0)  # far past the timeout (the source's close cancels it)
         async with ForwardSourceConfig(port=0).build(slow) as src:
-            sink = FluentdSinkConfig(port=src.port, timeout=0.3).build()
-            with pytest.raises(SinkError, match="took no bytes and acked nothing for 0.3 s"):
+            # 2 s: the second send's connect, frame and ack must fit in it on a loaded machine.
+            sink = FluentdSinkConfig(port=src.port, timeout=2.0).build()
+            with pytest.raises(SinkError, match="took no bytes and acked nothing for 2.0 s"):
                 await sink.send_batch(exchange(1))
             slow.delay = 0.0
             await sink.send_batch(exchange(2))  # on a new connection: late acks cannot confuse it

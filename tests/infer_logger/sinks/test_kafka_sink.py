@@ -429,10 +429,9 @@ class TestConcurrent:
             assert server.proc is not None
             server.pause()  # frozen: it takes the requests, acknowledges none
             sends = [asyncio.create_task(sink.send_batch(batch)) for batch in batches]
-            await asyncio.sleep(0.5)
-            assert not any(send.done() for send in sends)
             # None is acknowledged, yet every batch is produced: none waits for another's acks.
-            assert len(sink._client.producer) == 400
+            await until(lambda: len(sink._client.producer) == 400, timeout=30, what="all 400 records produced")
+            assert not any(send.done() for send in sends)
             server.resume()
             await asyncio.wait_for(asyncio.gather(*sends), 60)
             assert end_offset(server.address, "events") == 401

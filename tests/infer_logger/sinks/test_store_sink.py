@@ -132,14 +132,15 @@ async def test_a_blocked_store_holds_none_of_the_default_threads(tmp_path: Path)
     component takes 64 per trigger at once) filled asyncio's default pool, which the broker's
     other triggers resolve subscriber hosts with: a healthy trigger timed out and lost events."""
     db = tmp_path / "audit.db"
-    sink = StoreSink(AuditStore(db, timeout=3))
+    sink = StoreSink(AuditStore(db, timeout=60))  # its writers wait far past the guard below
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
         writes = [asyncio.create_task(sink.send_batch([_event(events.REQUEST, f"r{i}", {"instances": [[i]]})]))
                   for i in range(40)]
         await asyncio.sleep(0.1)
-        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 1) == "free"
+        # A free default pool answers at once; one filled by the writers only after their 60 s.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 20) == "free"
     finally:
         holder.execute("COMMIT")
         holder.close()

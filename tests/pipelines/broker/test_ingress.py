@@ -331,8 +331,11 @@ def test_a_body_cut_short_by_the_client_is_no_event(tmp_path: Path, subscriber: 
         headers, body = to_binary(event("whole"))
         assert httpx.post(running.url, headers=headers, content=body).status_code == 202
         subscriber.wait_for(1)
-        time.sleep(0.3)
-        assert 'reason="disconnected"' in httpx.get(running.url + "metrics").text
+        # Counted once the server has read the client's close: polled (30 s, a bound).
+        deadline = time.monotonic() + 30
+        while 'reason="disconnected"' not in httpx.get(running.url + "metrics").text:
+            assert time.monotonic() < deadline, 'no reason="disconnected" in /metrics within 30 s'
+            time.sleep(0.05)
     assert [e.id for e in subscriber.events] == ["whole"]
 
 

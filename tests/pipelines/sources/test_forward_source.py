@@ -316,9 +316,9 @@ class TestSlices:
         async with ForwardSourceConfig(port=0, max_frame_entries=10).build(subscriber) as src:
             client = await Client.connect(src.port)
             await client.send(["app", [[1, {}]] * 15, {"chunk": "late"}])
-            with pytest.raises(TimeoutError):
+            await until(lambda: subscriber.sizes == [10], timeout=30, what="the first slice handed on")
+            with pytest.raises(TimeoutError):  # the second slice is held: no ack yet
                 await client.reply(timeout=0.2)
-            assert subscriber.sizes == [10]
             release.set()
             assert await client.reply() == {"ack": "late"}
             await client.aclose()

@@ -378,25 +378,29 @@ class TestService:
         class Slow:
             def __init__(self) -> None:
                 self.events: list[CloudEvent] = []
+                self.taking = asyncio.Event()
 
             async def send_batch(self, events: list[CloudEvent]) -> None:
+                self.taking.set()
                 await asyncio.sleep(1.0)
                 self.events.extend(events)
 
             async def aclose(self) -> None: ...
 
-        settings = IngestSettings(source={"type": "forward", "port": 0})
-        sink = Watched(Slow())  # type: ignore[arg-type]
+        # A generous drain_timeout (a bound): the second the sink takes must fit on a loaded machine.
+        settings = IngestSettings(source={"type": "forward", "port": 0}, drain_timeout=30)
+        slow = Slow()
+        sink = Watched(slow)  # type: ignore[arg-type]
         source = settings.source.build(sink)
         ingest = Ingest(settings, source, sink)
         await ingest.start()
         ingest.begin()
         reader, writer = await asyncio.open_connection("127.0.0.1", source.port)  # type: ignore[attr-defined]
         writer.write(msgpack.packb(["app", [[1, {"a": 1}]], {"chunk": "c1"}]))
-        await asyncio.sleep(0.3)  # with the sink
+        await asyncio.wait_for(slow.taking.wait(), 30)  # the frame is with the sink
         await ingest.aclose()
         assert msgpack.unpackb(await asyncio.wait_for(reader.read(100), 5)) == {"ack": "c1"}
-        assert len(sink.sink.events) == 1  # type: ignore[attr-defined]
+        assert len(slow.events) == 1
         writer.close()
 
     async def test_a_failing_sink_makes_it_unready_for_a_while_only(self) -> None:
