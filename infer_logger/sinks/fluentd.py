@@ -11,7 +11,15 @@ acks a frame within `timeout` of the last time, so a slow but steady receiver ge
 through; one silent that long raises SinkError: the batch stays in the spool and is sent again.
 Delivery is at least once; Elasticsearch upserts by event id behind Fluentd, so a resend
 overwrites instead of duplicating. `ack: false` skips the wait (fire and forget, what
-fluent-logger gives).
+fluent-logger gives), but not what the server says: a HELO (it wants the shared-key handshake)
+raises SinkError, and a new connection waits up to 100 ms for one before its first frame.
+
+A receiver that will not take a frame (over Fluent Bit's Buffer_Max_Size, Fluentd's
+chunk_size_limit, the forward source's max_frame_bytes) says so only by closing the connection or
+never acking it. After a frame of 64 KiB or more is cut off or goes unacked, frames stay below half
+its size (and event count) for 5 minutes, down to one event a frame; an event over 1 MiB, and
+bigger than any frame the receiver acked, cut off alone 3 times is refused for good (RejectedError,
+too_large: dead-lettered) instead of blocking the spool for ever.
 
 Tags are `<prefix>.<inferenceservicename>.<request|response|explanation>`; times are EventTime
 (nanoseconds) taken from the event's `time`, or integer seconds for one before 1970 or from 2106 on,
@@ -160,10 +168,13 @@ class FluentdSinkConfig(SinkConfig):
     username: str = ""
     """For a Fluentd with `user_auth true` (with `shared_key`)."""
     password: SecretStr = SecretStr("")
-    max_frame_bytes: int = Field(8 << 20, ge=1024)
+    max_frame_bytes: int = Field(6_144_000, ge=1024)
     """Most bytes of entries (before gzip) in one PackedForward frame: a batch's events of one tag
     go in as many frames (chunks, each acked) as it takes; an event bigger than this goes alone.
-    Receivers refuse big frames: the forward source over its own max_frame_bytes (32 MiB)."""
+    Receivers refuse big frames, only by closing the connection or not acking: Fluent Bit's
+    in_forward over its Buffer_Max_Size (6,144,000 bytes by default, hence this default), Fluentd's
+    over its chunk_size_limit, the forward source over its own max_frame_bytes (32 MiB). The sink
+    then sends smaller frames for a while (see the module docstring)."""
     max_frame_events: int = Field(100, ge=1)
     """Most events in one frame. Each frame is acked on its own, and an ack is how the receiver
     shows progress: it must take this many events within `timeout` (the forward source acks a frame
@@ -177,10 +188,17 @@ class _Frame(NamedTuple):
     chunk: str  # its `chunk` option ("" without acks)
     data: bytes  # the PackedForward frame
     events: list[CloudEvent]  # what it carries: pending again until its ack came
+    size: int  # bytes of entries (before gzip), what max_frame_bytes bounds
 
 
 _WRITE_PIECE = 64 * 1024  # bytes written between looks at the receiver's progress
 _MAX_JSON_DEPTH = 254  # orjson writes no deeper (it reads 1024)
+# A receiver's only word against a frame too big is silence or a closed connection:
+_SUSPECT_BYTES = 64 * 1024  # a failed frame this big may have been too big: later ones go smaller
+_SHRUNK_FOR = 300.0  # seconds frames stay smaller after one was cut off (then one full size tries again)
+_LONE_BYTES = 1 << 20  # an event over this (and anything the receiver acked) cut off alone...
+_LONE_TRIES = 3  # ... this many times is refused for good; smaller ones fail for other reasons
+_HELO_WAIT = 0.1  # seconds a new connection without acks waits for a HELO before its first frame
 
 
 def _record(event: CloudEvent) -> dict[str, Any]:
@@ -198,6 +216,14 @@ def _record(event: CloudEvent) -> dict[str, Any]:
             del record["data"]
             record["data_base64"] = base64.b64encode(raw).decode("ascii")
     return record
+
+
+_TOO_LARGE = "too large for the receiver"
+
+
+def _key(event: CloudEvent) -> tuple[str, str, str]:
+    """An event across retries (request, response and explanation share an id)."""
+    return event.id, str(event.get("source")), event.type
 
 
 def _split(entries: list[bytes], max_bytes: int, max_entries: int) -> list[list[bytes]]:
@@ -233,6 +259,12 @@ class FluentdSink:
         self._unpacker = msgpack.Unpacker()
         self._packer = msgpack.Packer(use_bin_type=True)
         self._lock = asyncio.Lock()  # one connection: batches take turns
+        self._watcher: asyncio.Task[None] | None = None  # without acks, what reads the server's words
+        self._max_bytes, self._max_events = config.max_frame_bytes, config.max_frame_events
+        self._shrunk_until = 0.0  # loop time the smaller bounds last until
+        self._largest_acked = 0  # entry bytes of the biggest frame the receiver acked
+        self._strikes: dict[tuple[str, str, str], int] = {}  # big events cut off alone: how often
+        self._started = 0  # frames of the current try whose writing began
 
     def stats(self) -> dict[str, int]:
         return {"records": self.records, "frames": self.frames, "errors": self.errors,
@@ -250,14 +282,18 @@ class FluentdSink:
         self.records += len(events) - len(refused)
         if refused:
             event, reason = refused[0]
-            raise RejectedError(f"fluentd sink: {len(refused)} event(s) cannot be packed, e.g. {event.id}: "
-                                f"{reason}", [event for event, _ in refused])
+            too_large = all(why.startswith(_TOO_LARGE) for _, why in refused)
+            what = "refused" if too_large else "cannot be packed"
+            raise RejectedError(f"fluentd sink: {len(refused)} event(s) {what}, e.g. {event.id}: {reason}",
+                                [event for event, _ in refused], too_large=too_large,
+                                reasons=[why for _, why in refused])
 
     async def _send(self, frames: list[_Frame], unpacked: list[CloudEvent]) -> None:
         """Send and, with acks, wait for each frame's. A failure names as `pending` the events of
         the frames not acked (and `unpacked`, refused once the rest is through): acked frames are
         not sent again."""
         unacked = {frame.chunk for frame in frames}
+        self._started = 0
         try:
             async with self._lock:
                 try:
@@ -267,6 +303,8 @@ class FluentdSink:
                     self._fail()
                     raise
         except (SinkError, OSError, ValueError, msgpack.UnpackException) as exc:  # OSError: TimeoutError too
+            if isinstance(exc, OSError) and self._started:  # cut off or unacked once frames went
+                self._cut_off(frames, unacked)
             pending = self._pending(frames, unacked, unpacked)
             if isinstance(exc, SinkError):
                 exc.pending = pending
@@ -278,6 +316,35 @@ class FluentdSink:
                 reason = f"{type(exc).__name__}: {exc}"
             raise SinkError(f"fluentd at {self.address}: {reason}", pending=pending) from exc
         self.frames += len(frames)
+        self._acked(frames)
+
+    def _cut_off(self, frames: list[_Frame], unacked: set[str]) -> None:
+        """Frames written but not acked (without acks: the last one begun) may have been too big
+        for the receiver: later ones go smaller for a while, and a big event alone takes a strike."""
+        written = frames[:self._started]
+        suspects = [f for f in written if f.chunk in unacked] if self.config.ack else written[-1:]
+        if not suspects:
+            return
+        biggest = max(suspects, key=lambda f: f.size)
+        if biggest.size >= _SUSPECT_BYTES:
+            self._max_bytes = max(1, min(self._max_bytes, biggest.size) // 2)
+            self._max_events = max(1, min(self._max_events, max(len(f.events) for f in suspects)) // 2)
+            self._shrunk_until = time.monotonic() + _SHRUNK_FOR
+            log.warning("fluentd sink: a frame of %d bytes to %s was cut off or not acked: frames of at most "
+                        "%d bytes and %d events for %g s", biggest.size, self.address, self._max_bytes,
+                        self._max_events, _SHRUNK_FOR)
+        first = suspects[0]  # the receiver takes frames in order: the one it stopped at
+        if len(first.events) == 1 and first.size > max(_LONE_BYTES, self._largest_acked):
+            if len(self._strikes) >= 1000:  # bounded: stale entries go
+                self._strikes.clear()
+            key = _key(first.events[0])
+            self._strikes[key] = self._strikes.get(key, 0) + 1
+
+    def _acked(self, frames: list[_Frame]) -> None:
+        for frame in frames:
+            self._largest_acked = max(self._largest_acked, frame.size)
+            if self._strikes and len(frame.events) == 1:
+                self._strikes.pop(_key(frame.events[0]), None)
 
     def _pending(self, frames: list[_Frame], unacked: set[str],
                  unpacked: list[CloudEvent]) -> list[CloudEvent]:
@@ -285,6 +352,7 @@ class FluentdSink:
         if not self.config.ack:  # nothing tells what was taken: all of it again
             return []
         taken = [frame for frame in frames if frame.chunk not in unacked]
+        self._acked(taken)
         self.frames += len(taken)  # counted now: they are not sent again
         self.records += sum(len(frame.events) for frame in taken)
         return [event for frame in frames if frame.chunk in unacked for event in frame.events] + unpacked
@@ -294,7 +362,14 @@ class FluentdSink:
         order; and the events that cannot be packed, with why (no retry could: dead-lettered)."""
         by_tag: dict[str, tuple[list[bytes], list[CloudEvent]]] = {}
         refused = []
+        if self._shrunk_until and time.monotonic() > self._shrunk_until:  # a while is over: full size again
+            self._max_bytes, self._max_events = self.config.max_frame_bytes, self.config.max_frame_events
+            self._shrunk_until = 0.0
         for event in events:
+            if self._strikes.get(_key(event), 0) >= _LONE_TRIES:
+                refused.append((event, f"{_TOO_LARGE}: cut off or not acked alone {_LONE_TRIES} times by "
+                                       f"fluentd at {self.address} (over its frame limit?)"))
+                continue
             try:
                 entry = self._packer.pack([event_time(event_ns(event)), _record(event)])
             except (ValueError, TypeError, OverflowError, struct.error) as exc:
@@ -306,9 +381,9 @@ class FluentdSink:
         frames = []
         for tag, (entries, owners) in by_tag.items():
             start = 0
-            for group in _split(entries, self.config.max_frame_bytes, self.config.max_frame_events):
+            for group in _split(entries, self._max_bytes, self._max_events):
                 chunk, data = self._frame(tag, group)
-                frames.append(_Frame(chunk, data, owners[start:start + len(group)]))
+                frames.append(_Frame(chunk, data, owners[start:start + len(group)], sum(map(len, group))))
                 start += len(group)
         return frames, refused
 
@@ -334,6 +409,12 @@ class FluentdSink:
                 self._unpacker = msgpack.Unpacker(max_buffer_size=1 << 20)  # acks and PONGs are small
                 if self.config.shared_key is not None:
                     await self._handshake(self.config.shared_key.get_secret_value())
+            if not self.config.ack:
+                # Nothing else reads: a HELO unread had every frame discarded and counted delivered.
+                self._watcher = asyncio.create_task(self._watch())
+                if self.config.shared_key is None:  # it comes right after accept: not behind our first frame
+                    await asyncio.wait({self._watcher}, timeout=_HELO_WAIT)
+                self._heard()
         except SinkError:
             raise
         except (OSError, TimeoutError, ValueError, msgpack.UnpackException) as exc:
@@ -371,6 +452,7 @@ class FluentdSink:
         receiver makes progress: `timeout` for the whole batch had a slow receiver's batch time
         out and sent again for ever."""
         loop = asyncio.get_running_loop()
+        self._started = 0
         async with asyncio.timeout(self.config.timeout) as idle:
             def progress() -> None:
                 if not idle.expired():  # progress in the deadline's own loop pass: it stands
@@ -384,11 +466,31 @@ class FluentdSink:
                         group.create_task(self._acks(unacked, progress))
             except ExceptionGroup as failed:
                 raise failed.exceptions[0] from None
+        if not self.config.ack:
+            await asyncio.sleep(0)  # what came while writing is read
+            self._heard()
 
-    @staticmethod
-    async def _write(writer: asyncio.StreamWriter, frames: list[_Frame],
+    def _heard(self) -> None:
+        """Without acks: raise what the server's words (or its closing) mean."""
+        if self._watcher is not None and self._watcher.done():
+            if (exc := self._watcher.exception()) is not None:
+                raise exc
+            raise ConnectionResetError("connection closed by fluentd")
+
+    async def _watch(self) -> None:
+        """Without acks, reads the connection: a HELO raises, the server's closing ends it."""
+        try:
+            while True:
+                reply = await self._message()
+                if isinstance(reply, list) and reply and reply[0] == "HELO":
+                    raise SinkError(f"fluentd at {self.address} wants the shared-key handshake: set shared_key")
+        except OSError:  # closed: _heard says so
+            return
+
+    async def _write(self, writer: asyncio.StreamWriter, frames: list[_Frame],
                      progress: Callable[[], None]) -> None:
         for frame in frames:
+            self._started += 1
             view = memoryview(frame.data)
             for start in range(0, len(view), _WRITE_PIECE):
                 writer.write(view[start:start + _WRITE_PIECE])
@@ -422,12 +524,20 @@ class FluentdSink:
         self._close()  # late acks or half-read frames must not leak into the next batch
 
     def _close(self) -> None:
+        if self._watcher is not None:
+            if self._watcher.done() and not self._watcher.cancelled():
+                self._watcher.exception()  # said by _heard, or moot now: not logged as never retrieved
+            self._watcher.cancel()
+            self._watcher = None
         if self._writer is not None:
             self._writer.transport.abort()
         self._reader = self._writer = None
 
     async def aclose(self) -> None:
         async with self._lock:
+            if self._watcher is not None:
+                self._watcher.cancel()
+                self._watcher = None
             if self._writer is not None:
                 self._writer.close()
                 try:

@@ -584,3 +584,50 @@ class TestFluentConf:
         text = (CONF.parent / "Dockerfile").read_text()
         assert re.search(r"^FROM fluent/fluentd:v1\.", text, re.MULTILINE)
         assert "fluent-plugin-elasticsearch" in text and "COPY fluent.conf /fluentd/etc/fluent.conf" in text
+
+
+def sized(i: int, size: int) -> CloudEvent:
+    return CloudEvent({**exchange(1)[0].attributes, "id": f"e{i}"}, b'"%s"' % (b"x" * size))
+
+
+class TestReceiverLimits:
+    """A receiver that will not take a frame says so only by silence or a closed connection."""
+
+    async def test_frames_over_the_receivers_limit_go_again_smaller(
+            self, memory: MemorySink, tmp_path: Path) -> None:
+        """A 2 MB frame to a receiver taking 1 MiB was resent whole for ever: the spool stood."""
+        sent = [sized(i, 100_000) for i in range(20)]
+        d, _ = await through_a_worker(tmp_path, ForwardSourceConfig(port=0, max_frame_bytes=1 << 20), memory,
+                                      sent, batch_size=100, timeout=2)
+        assert sorted(e.id for e in memory.events) == sorted(e.id for e in sent)
+        assert not (tmp_path / "dead").exists()
+
+    async def test_an_event_too_large_for_the_receiver_alone_is_dead_lettered(
+            self, memory: MemorySink, tmp_path: Path) -> None:
+        """Cut off alone again and again, it blocked every event behind it."""
+        import orjson
+
+        sent = [sized(0, 10), sized(1, 1_200_000), sized(2, 10)]
+        await through_a_worker(tmp_path, ForwardSourceConfig(port=0, max_frame_bytes=1 << 20), memory,
+                               sent, batch_size=100, timeout=2, max_frame_events=1)
+        assert [e.id for e in memory.events] == ["e0", "e2"]
+        [dead] = [orjson.loads(line) for line in (tmp_path / "dead" / "fluentd.jsonl").read_bytes().splitlines()]
+        assert "e1" in str(dead) and "too large" in str(dead)
+
+    def test_default_frames_fit_fluent_bits_default_buffer(self) -> None:
+        assert FluentdSinkConfig().max_frame_bytes <= 6_144_000  # in_forward's Buffer_Max_Size
+
+
+class TestAckOff:
+    """Without acks the sink still reads what the server says."""
+
+    @pytest.mark.parametrize("batches", [1, 3])
+    async def test_a_server_wanting_the_handshake_is_named_not_fed(self, memory: MemorySink, batches: int) -> None:
+        """Its HELO went unread: the frames were discarded and every event counted delivered."""
+        async with ForwardSourceConfig(port=0, shared_key="k").build(memory) as src:
+            sink = FluentdSinkConfig(port=src.port, ack=False, timeout=2).build()
+            for i in range(batches):
+                with pytest.raises(SinkError, match="shared_key"):
+                    await sink.send_batch(exchange(i))
+            await sink.aclose()
+        assert memory.events == [] and sink.records == 0
