@@ -12,13 +12,22 @@ import itertools
 import os
 import re
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlparse
 
 import orjson
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from pydantic_settings import (
@@ -102,7 +111,7 @@ class LayeredSettings(BaseSettings):
             replaced = frozenset(key for key, section in cls._replaced(env, given).items() if section is not env[key])
             tokens = _yaml_data.set(data), _env_replaced.set(replaced)
             try:
-                return cls(**given)
+                settings = cls(**given)
             finally:
                 _yaml_data.reset(tokens[0])
                 _env_replaced.reset(tokens[1])
@@ -114,6 +123,17 @@ class LayeredSettings(BaseSettings):
             if isinstance(exc.__cause__, ConfigError):  # see _EnvSource
                 raise exc.__cause__ from None
             raise ConfigError("environment", str(exc)) from None
+        # Text that is not UTF-8 (a byte of a flag or variable that is not, a surrogate escape)
+        # taken, a JSON encoder refused it later: a 500 per request, or per /readyz. Not in file
+        # names (Path) or secrets (SecretStr): bytes to the system or a digest, and never shown.
+        if (found := _not_utf8(settings, ())) is not None:
+            place, char = found
+            field = ".".join(place)
+            var = cls._env_var({"loc": place, "type": "value_error"}, given)  # type: ignore[typeddict-item]
+            raise ConfigError(f"{var} ({field})" if var else field,
+                              f"holds U+{ord(char):04X}, which is not UTF-8 text (a byte of a flag or variable "
+                              "that is not UTF-8, or a surrogate escape): give it in UTF-8")
+        return settings
 
     @classmethod
     def _replaced(cls, data: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
@@ -175,6 +195,26 @@ class LayeredSettings(BaseSettings):
                 continue
             near = difflib.get_close_matches(name, [prefix + field for field in fields], n=1)
             raise ConfigError(key, "matches no setting" + (f" (did you mean {near[0]}?)" if near else ""))
+
+
+def _not_utf8(value: object, place: tuple[str, ...]) -> tuple[tuple[str, ...], str] | None:
+    """Where in validated settings text holds a surrogate, and which one."""
+    if isinstance(value, str):
+        bad = None if value.isascii() else _SURROGATE.search(value)
+        return None if bad is None else (place, bad.group())
+    if isinstance(value, BaseModel):
+        items: Iterable[tuple[object, object]] = ((name, getattr(value, name)) for name in type(value).model_fields)
+    elif isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:  # numbers, Path, SecretStr, ...
+        return None
+    for key, item in items:
+        found = _not_utf8(key, place) or _not_utf8(item, (*place, str(key)))
+        if found is not None:
+            return found
+    return None
 
 
 def listen_host(host: str) -> str:
@@ -440,16 +480,6 @@ class Settings(LayeredSettings):
     @classmethod
     def _http_url(cls, url: str | None) -> str | None:
         return http_url(url)
-
-    @field_validator("annotations")
-    @classmethod
-    def _json_text(cls, annotations: dict[str, str]) -> dict[str, str]:
-        # Every event carries them as JSON: text that is not UTF-8 failed each request (a 500).
-        for text in (*annotations, *annotations.values()):
-            if bad := _SURROGATE.search(text):
-                raise ValueError(f"{text[:bad.start()]!r}… holds U+{ord(bad.group()):04X}, which is not UTF-8 text "
-                                 "(a byte of a flag or variable that is not UTF-8, or a surrogate escape)")
-        return annotations
 
     @field_validator("inference_service", "namespace", "component", "endpoint")
     @classmethod

@@ -188,7 +188,8 @@ class HttpSink:
         refused alone, `SizeLimit`), so a receiver's limit costs a few refusals, not some for
         every batch. A 400 or 422 (one bad event) stops there too, its events and the rest refused
         together, so that the halves find the bad one in order. Another refusal (401, 403, 415...)
-        does not stop the next POST. A failure raises with the events not taken as `pending`
+        does not stop the next POST, and after one none does (nothing is halved then: the rest
+        is sent, not refused unsent). A failure raises with the events not taken as `pending`
         (those refused before it and the rest), which the worker sends again.
 
         A receiver that stored part of a POST may name the others in its JSON answer (our
@@ -218,11 +219,14 @@ class HttpSink:
                     named.add(status)
                     sent += len(chunk)
                     continue
+                # The halves find a bad event among those refused together; after a refusal of any
+                # batch (401, 403, 415...) none are halved: the rest must be sent, not refused unsent.
+                together = set(statuses) <= _PARTIAL
                 statuses.append(status)
-                if status in _PARTIAL:
-                    if status == 413 and (lower := self._batch_bytes.refused(len(body), len(chunk))) is not None:
-                        log.warning("%s answered 413 to a batch POST of %d bytes: POSTs of at most %d bytes "
-                                    "for a while", self.url, len(body), lower)
+                if status == 413 and (lower := self._batch_bytes.refused(len(body), len(chunk))) is not None:
+                    log.warning("%s answered 413 to a batch POST of %d bytes: POSTs of at most %d bytes "
+                                "for a while", self.url, len(body), lower)
+                if status in _PARTIAL and together:
                     refused += events[sent:]  # halved with the rest, in order (sent on, they went first)
                     break
                 refused += chunk

@@ -65,6 +65,18 @@ def test_unknown_variable_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         load_explainer_settings(None, **REQUIRED)
 
 
+@pytest.mark.parametrize(("flags", "field"), [
+    ({"model_name": "caf\udce9"}, "model_name"),
+    ({"feature_names": ["a", "b\udce9", "c", "d"]}, "feature_names.1"),
+])
+def test_text_that_is_not_utf8_is_refused(flags: dict[str, object], field: str) -> None:
+    """A byte of a flag that is not UTF-8: it started and said ready, then every explanation (or
+    `GET /v1/models`) was a 500, its JSON not encodable."""
+    with pytest.raises(ConfigError, match="U\\+DCE9") as info:
+        load_explainer_settings(None, **{**REQUIRED, **flags})
+    assert info.value.field == field
+
+
 def test_help_fits_80_columns_without_breaking_words() -> None:
     out = CliRunner().invoke(explainer_command, ["--help"], terminal_width=78).output  # an 80-column terminal
     assert max(len(line) for line in out.splitlines()) < 80

@@ -444,8 +444,9 @@ class TestText:
         # A `\udcXX` escape; argv and env give the same for a byte that is not UTF-8 (surrogateescape).
         ('namespace: "caf\\udce9"\n', "namespace", "U+DCE9"),
         ('component: "a\\ud800"\n', "component", "U+D800"),
-        ('annotations: {"t\\udcff": x}\n', "annotations", "'t'… holds U+DCFF"),
-        ('annotations: {t: "x\\udcff"}\n', "annotations", "'x'… holds U+DCFF"),
+        ('annotations: {"t\\udcff": x}\n', "annotations", "holds U+DCFF"),
+        ('annotations: {t: "x\\udcff"}\n', "annotations.t", "holds U+DCFF"),
+        ('predictor_url: "http://p:8080/v1/models/caf\\udce9"\n', "predictor_url", "holds U+DCE9"),
         # A name that is not UTF-8 made every /readyz a 500 (its JSON could not be encoded).
         ('sinks: [{type: file, name: "f\\udcff", path: e.jsonl}]\n', "sinks.0.file.name", "cannot hold U+DCFF"),
     ])

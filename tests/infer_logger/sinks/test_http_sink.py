@@ -256,6 +256,17 @@ async def _send_to(answers: dict[int, tuple[bytes, object]], batch: list[CloudEv
     return info.value, posts
 
 
+async def test_events_after_a_refusal_of_any_batch_then_one_of_a_bad_event_are_still_sent() -> None:
+    """A 403 (refusing any batch) then a 400 (one bad event): the 400 stopped there, the rest
+    refused with them not together (no halves), so events never POSTed were dead-lettered."""
+    batch = padded(8, 100, {})
+    answers = {1: (b"403 Forbidden", {}), 2: (b"400 Bad Request", {})}
+    rejected, posts = await _send_to(answers, batch, RejectedError, halving=False, marked=False, max_batch_bytes=400)
+    assert isinstance(rejected, RejectedError) and not rejected.together
+    assert sum(posts, []) == [e.id for e in batch]  # each POSTed once
+    assert [e.id for e in rejected.events] == [*posts[0], *posts[1]]
+
+
 async def test_a_batch_post_the_receiver_took_in_part_is_not_sent_again_whole() -> None:
     """Our broker, its Kafka log refusing one event of a batch POST for good (or failing part
     way), stored the others: answered 413 (or 503) for the whole POST, the sink sent it again
