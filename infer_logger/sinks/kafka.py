@@ -92,6 +92,7 @@ _TOPIC_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _MISSING = "unknown"
 _TOPIC_MAX = 249  # characters in a topic name
 _MAX_RECORD = 1_000_000  # librdkafka's default message.max.bytes
+_QUEUE_KBYTES = 1_048_576  # librdkafka's default queue.buffering.max.kbytes
 _CUT_MARGIN = 4096  # bytes kept free in a record whose data was cut to fit: its two new headers, rounding
 
 
@@ -192,8 +193,9 @@ class KafkaSinkConfig(SinkConfig):
     batch's records failed stay ahead of them. 1 keeps spool order even then; without
     `idempotent`, librdkafka's own retries may reorder as well."""
     cut_to_fit: bool = True
-    """Data over librdkafka's `message.max.bytes` is cut to fit and marked `truncated` (as the
-    sidecar marks payloads over its `max_payload_bytes`); off, the event is refused (dead-lettered)."""
+    """Data over librdkafka's `message.max.bytes` (or its local queue's `queue.buffering.max.kbytes`)
+    is cut to fit and marked `truncated` (as the sidecar marks payloads over its `max_payload_bytes`);
+    off, the event is refused (dead-lettered)."""
     config: dict[str, ClientValue] = Field(default_factory=dict)
     """librdkafka properties passed through last, e.g. TLS and SASL: `security.protocol`,
     `ssl.ca.location`, `sasl.mechanism`, `sasl.username`, `sasl.password`. For topics whose
@@ -203,7 +205,10 @@ class KafkaSinkConfig(SinkConfig):
     @field_validator("topic")
     @classmethod
     def _check_topic(cls, value: str) -> str:
-        TopicTemplate(value)
+        # A constant name the broker never accepts would have every event dead-lettered.
+        if TopicTemplate(value).constant is not None and (len(value) > _TOPIC_MAX or value in (".", "..")):
+            raise ValueError(f"{value[:60]!r}: not a legal topic name (at most {_TOPIC_MAX} characters, "
+                             f"not '.' or '..')")
         return value
 
     @field_validator("config")
@@ -603,7 +608,11 @@ class KafkaSink:
         self._structured = config.mode == "structured"
         self._binary = BinaryRecords()
         self._cut_to_fit = config.cut_to_fit
-        self._max_record = int(config.producer_config().get("message.max.bytes", _MAX_RECORD))
+        conf = config.producer_config()
+        # librdkafka counts a record's value against its local queue's bytes: a value over them
+        # is refused as "queue full" however empty the queue is, so it is cut to fit them too.
+        self._queue_bytes = int(conf.get("queue.buffering.max.kbytes", _QUEUE_KBYTES)) * 1024
+        self._max_record = min(int(conf.get("message.max.bytes", _MAX_RECORD)), self._queue_bytes)
         # Held while a batch's records are produced (and while a fatal producer is replaced), not
         # while they are awaited: batches go out whole, in call order, and overlap in flight.
         self._producing = asyncio.Lock()
@@ -642,7 +651,8 @@ class KafkaSink:
         Then lets go of the batch's callback (also when cancelled: a traceback would keep this
         frame), so that the batch completes with its last record's report, unawaited if need be.
         """
-        produce = batch.client.producer.produce
+        producer = batch.client.producer
+        produce = producer.produce
         render = self._topic.render
         constant = self._topic.constant
         binary = None if self._structured else self._binary
@@ -659,6 +669,8 @@ class KafkaSink:
                     key, value, headers = self._encode(event)
                 topic = constant or render(event)
                 cuts = 0
+                shrinking = event  # the last cut: each cut shrinks it (its record's size is known)
+                emptied = False
                 while True:
                     try:
                         if produced:
@@ -676,21 +688,33 @@ class KafkaSink:
                         produced += 1
                         break
                     except BufferError:  # the local queue is full: the poll thread drains it
-                        if any(e.code() not in PERMANENT for e, _ in batch.failed):
-                            batch.stopped = index
-                            return  # purged or failing: the rest would fail too
-                        await asyncio.sleep(_FULL_WAIT)
+                        # Room never comes for a record larger than the whole queue; nor when it
+                        # was refused twice running with the queue empty (only this produces).
+                        size = len(value or b"")
+                        if size <= self._queue_bytes and (len(producer) or not emptied):
+                            emptied = not len(producer)
+                            # Purged or failing: the rest would fail too. Closing: aclose waits
+                            # for this (the lock), and its close is brief, unlike the room.
+                            if self._closed or any(e.code() not in PERMANENT for e, _ in batch.failed):
+                                batch.stopped = index
+                                return
+                            await asyncio.sleep(_FULL_WAIT)
+                            continue
+                        error = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, f"a record of {size} bytes does not fit "
+                                           f"librdkafka's local queue (queue.buffering.max.kbytes)")
                     except KafkaException as exc:
-                        if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE and self._cut_to_fit and cuts < 3:
-                            smaller = self._cut(event, key, value, headers)
-                            if smaller is not None:
-                                cuts += 1
-                                key, value, headers = self._encode(smaller)
-                                cut[index] = key, value
-                                continue
-                        refused[index] = _refusal(exc.args[0], topic)
-                        batch.client.note_fatal(exc.args[0])
-                        break
+                        error = exc.args[0]
+                    if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and self._cut_to_fit and cuts < 3:
+                        smaller = self._cut(shrinking, key, value, headers)
+                        if smaller is not None:
+                            cuts += 1
+                            shrinking = smaller
+                            key, value, headers = self._encode(smaller)
+                            cut[index] = key, value
+                            continue
+                    refused[index] = _refusal(error, topic)
+                    batch.client.note_fatal(error)
+                    break
         finally:
             batch.produced = produced
             batch.topic = topic
@@ -698,11 +722,15 @@ class KafkaSink:
             batch.client.seal(batch, held)
 
     def _cut(self, event: CloudEvent, key: bytes | None, value: bytes | None, headers: Headers) -> CloudEvent | None:
-        """`event` with its data cut so that its record (key, value, headers) fits `message.max.bytes`,
-        marked as the sidecar marks a payload over its `max_payload_bytes` (a cap set past it,
-        as its default of 1 MiB was, had every payload it cut dead-lettered here); None when
-        cutting the data cannot make it fit. The record shrinks with the data in both
-        modes (structured mode may hold it as base64): cut in proportion, less a margin."""
+        """`event` with its data cut so that its record (key, value, headers) fits `message.max.bytes`
+        and the local queue, marked as the sidecar marks a payload over its `max_payload_bytes` (a
+        cap set past it, as its default of 1 MiB was, had every payload it cut dead-lettered here);
+        None when cutting the data cannot make it fit. The record shrinks with the data in both
+        modes (structured mode may hold it as base64): cut in proportion, less a margin.
+
+        `event` is the last cut, if any, and (key, value, headers) its record: cut data is no
+        longer JSON, so structured mode holds it as base64 (4 bytes for 3), and the next cut
+        shrinks that in its own proportion. The first cut's `datasize` (the whole data's) stays."""
         data = event.data
         rest = len(key or b"") + sum(len(name) + len(text or b"") for name, text in headers)
         room = self._max_record - _CUT_MARGIN - rest
@@ -779,5 +807,6 @@ class KafkaSink:
         if self._closed:
             return
         self._closed = True
-        async with self._producing:  # a batch being produced finishes first
+        # A batch being produced finishes first; one waiting for room in the queue stops (`_closed`).
+        async with self._producing:
             await asyncio.to_thread(self._client.close, min(5.0, self.config.delivery_timeout))

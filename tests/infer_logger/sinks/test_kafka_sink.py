@@ -219,6 +219,26 @@ class TestRefusals:
         assert 0.95 * room < len(data or b"") < room
         assert as_text(got["id-0"])[0]["truncated"] == "false"
 
+    @pytest.mark.parametrize("mode", ["binary", "structured"])
+    @pytest.mark.parametrize("size", [1_040_000, 3_000_000])
+    async def test_json_data_over_the_clients_limit_is_cut_to_fit(self, kafka_bootstrap: str, mode: Literal[
+            "binary", "structured"], size: int) -> None:
+        """Structured mode embeds JSON data as JSON, but once cut it is no longer JSON and goes as
+        base64 (4 bytes for 3): each cut divided the original data by the last cut's record, the
+        sizes went back and forth, and the event was dead-lettered after three cuts."""
+        topic = new_topic(kafka_bootstrap)
+        sink = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=topic, mode=mode).build()
+        big = event(1, data=b'"' + b"x" * (size - 2) + b'"')  # valid JSON: a string
+        await sink.send_batch([event(0), big, event(2)])
+        await sink.aclose()
+        got = {e.id: e for e in map(decode, read_back(kafka_bootstrap, topic, 3))}
+        assert sorted(got) == ["id-0", "id-1", "id-2"]
+        attributes, data = as_text(got["id-1"])
+        assert attributes["truncated"] == "true" and attributes["datasize"] == str(size)
+        assert (data or b"").startswith(b'"xxx') and set((data or b"")[1:]) == {ord("x")}
+        room = 1_000_000 if mode == "binary" else 750_000
+        assert 0.9 * room < len(data or b"") < room
+
     async def test_a_cut_record_the_broker_refuses_is_refused_alone(self, kafka_bootstrap: str) -> None:
         """Cut to the client's limit, still over the topic's: its report carried the cut value,
         matched no event, and the whole batch was retried for ever (SinkError, none pending)."""
@@ -331,6 +351,33 @@ class TestFullQueue:
         assert ticks > 0
         assert [decode(m).id for m in read_back(kafka_bootstrap, topic, 300)] == [e.id for e in batch]
 
+    @pytest.mark.parametrize("cut_to_fit", [True, False])
+    async def test_a_record_larger_than_the_whole_queue(self, kafka_bootstrap: str, cut_to_fit: bool) -> None:
+        """librdkafka refuses a record larger than `queue.buffering.max.kbytes` as "queue full"
+        even with the queue empty: the sink waited for room for ever, its batch never done."""
+        topic = new_topic(kafka_bootstrap)
+        sink = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=topic, cut_to_fit=cut_to_fit,
+                               config={"queue.buffering.max.kbytes": 100}).build()
+        batch = [event(0), event(1, data=b"x" * 200_000), event(2)]
+        try:
+            try:
+                await asyncio.wait_for(sink.send_batch(batch), 60)
+            except TimeoutError:
+                pytest.fail("still waiting after 60 s for room that never comes")
+            except RejectedError as exc:
+                assert not cut_to_fit, exc
+                assert [e.id for e in exc.events] == ["id-1"] and exc.too_large
+            else:
+                assert cut_to_fit
+        finally:
+            await sink.aclose()
+        got = {e.id: e for e in map(decode, read_back(kafka_bootstrap, topic, 3 if cut_to_fit else 2))}
+        assert sorted(got) == (["id-0", "id-1", "id-2"] if cut_to_fit else ["id-0", "id-2"])
+        if cut_to_fit:
+            attributes, data = as_text(got["id-1"])
+            assert attributes["truncated"] == "true" and attributes["datasize"] == "200000"
+            assert 0.9 * 102_400 < len(data or b"") < 102_400
+
     async def test_broker_lost_while_the_queue_is_full(self) -> None:
         server = NoidaServer("kafka").start()
         sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events", config=self.SMALL,
@@ -346,6 +393,30 @@ class TestFullQueue:
             with pytest.raises(SinkError, match="no broker reachable"):
                 await within_grace(send)
         finally:
+            await sink.aclose()
+            server.stop()
+
+
+    async def test_aclose_while_a_batch_waits_for_room(self) -> None:
+        """The waiting batch held the producing lock, so aclose waited with it for the delivery
+        timeout before its own brief close (~5 s) began."""
+        server = NoidaServer("kafka").start()
+        sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events", config=self.SMALL,
+                               delivery_timeout=NEVER).build()
+        try:
+            await sink.send_batch([event(-1)])
+            server.pause()  # takes requests, answers none: the queue fills
+            send = asyncio.create_task(sink.send_batch([event(i) for i in range(100)]))
+            await until(lambda: len(sink._client.producer) == 20, timeout=30, what="a full queue")
+            try:
+                await asyncio.wait_for(sink.aclose(), 60)
+            except TimeoutError:
+                pytest.fail(f"aclose still waiting after 60 s (delivery_timeout {NEVER:g} s, close ~5 s)")
+            with pytest.raises(SinkError) as info:  # purged by the close, the rest never produced
+                await asyncio.wait_for(send, 60)
+            assert len(info.value.pending) == 100
+        finally:
+            server.resume()
             await sink.aclose()
             server.stop()
 
@@ -731,6 +802,14 @@ class TestConfig:
     def test_bad_topics(self, topic: str) -> None:
         with pytest.raises(ValidationError, match="topic"):
             KafkaSinkConfig(bootstrap_servers="127.0.0.1:9092", topic=topic)
+
+    @pytest.mark.parametrize("topic", [".", "..", "a" * 250])
+    def test_topic_names_kafka_never_accepts(self, topic: str) -> None:
+        """They passed, and then every event was dead-lettered."""
+        with pytest.raises(ValidationError, match="topic"):
+            KafkaSinkConfig(bootstrap_servers="127.0.0.1:9092", topic=topic)
+        for taken in ("a" * 249, "__internal", "a.b", "..{modelname}"):  # a template may render fine
+            assert KafkaSinkConfig(bootstrap_servers="127.0.0.1:9092", topic=taken).topic == taken
 
     def test_client_config(self) -> None:
         config = KafkaSinkConfig(bootstrap_servers="b:9092", linger_ms=20, compression="zstd",
