@@ -12,14 +12,17 @@ through; one silent that long raises SinkError: the batch stays in the spool and
 Delivery is at least once; Elasticsearch upserts by event id behind Fluentd, so a resend
 overwrites instead of duplicating. `ack: false` skips the wait (fire and forget, what
 fluent-logger gives), but not what the server says: a HELO (it wants the shared-key handshake)
-raises SinkError, and a new connection waits up to 100 ms for one before its first frame.
+raises SinkError, then for every batch after it; a new connection waits up to 100 ms for one
+before its first frame.
 
-A receiver that will not take a frame (over Fluent Bit's Buffer_Max_Size, Fluentd's
-chunk_size_limit, the forward source's max_frame_bytes) says so only by closing the connection or
-never acking it. After a frame of 64 KiB or more is cut off or goes unacked, frames stay below half
-its size (and event count) for 5 minutes, down to one event a frame; an event over 1 MiB, and
-bigger than any frame the receiver acked, cut off alone 3 times is refused for good (RejectedError,
-too_large: dead-lettered) instead of blocking the spool for ever.
+A receiver that will not take a frame (over Fluent Bit's Buffer_Max_Size, the forward source's
+max_frame_bytes) says so by closing the connection. After it closes on a frame of 64 KiB or more
+not acked, frames stay below half its size (and event count) for 5 minutes, down to one event a
+frame; an event over 1 MiB, and bigger than any frame the receiver acked, closed on alone 3 times
+is refused for good (RejectedError, too_large: dead-lettered) instead of blocking the spool for
+ever. A silence is no such evidence (a receiver under backpressure is silent too): Fluentd's
+in_forward drops a chunk over its chunk_size_limit without a word, and such a frame is sent again
+until its limit is raised.
 
 Tags are `<prefix>.<inferenceservicename>.<request|response|explanation>`; times are EventTime
 (nanoseconds) taken from the event's `time`, or integer seconds for one before 1970 or from 2106 on,
@@ -260,6 +263,7 @@ class FluentdSink:
         self._packer = msgpack.Packer(use_bin_type=True)
         self._lock = asyncio.Lock()  # one connection: batches take turns
         self._watcher: asyncio.Task[None] | None = None  # without acks, what reads the server's words
+        self._wants_handshake: str | None = None  # a HELO came without acks: every batch fails so
         self._max_bytes, self._max_events = config.max_frame_bytes, config.max_frame_events
         self._shrunk_until = 0.0  # loop time the smaller bounds last until
         self._largest_acked = 0  # entry bytes of the biggest frame the receiver acked
@@ -303,9 +307,11 @@ class FluentdSink:
                     self._fail()
                     raise
         except (SinkError, OSError, ValueError, msgpack.UnpackException) as exc:  # OSError: TimeoutError too
-            if isinstance(exc, OSError) and self._started:  # cut off or unacked once frames went
+            pending = self._pending(frames, unacked, unpacked)  # the acks that came count first
+            # The receiver closed on frames it was sent: how it refuses one too big. A silence
+            # (our timeout) is no evidence: a stalled receiver (backpressure) is silent too.
+            if isinstance(exc, OSError) and not isinstance(exc, TimeoutError) and self._started:
                 self._cut_off(frames, unacked)
-            pending = self._pending(frames, unacked, unpacked)
             if isinstance(exc, SinkError):
                 exc.pending = pending
                 raise
@@ -319,8 +325,9 @@ class FluentdSink:
         self._acked(frames)
 
     def _cut_off(self, frames: list[_Frame], unacked: set[str]) -> None:
-        """Frames written but not acked (without acks: the last one begun) may have been too big
-        for the receiver: later ones go smaller for a while, and a big event alone takes a strike."""
+        """The receiver closed on frames written but not acked (without acks: the last one begun):
+        they may have been too big for it. Later ones go smaller for a while, and a big event alone
+        takes a strike."""
         written = frames[:self._started]
         suspects = [f for f in written if f.chunk in unacked] if self.config.ack else written[-1:]
         if not suspects:
@@ -399,6 +406,8 @@ class FluentdSink:
         return chunk, self._packer.pack([tag, entries, option])
 
     async def _connected(self) -> asyncio.StreamWriter:
+        if self._wants_handshake is not None:  # said once, it holds: no batch is discarded again
+            raise SinkError(self._wants_handshake)
         reader, writer = self._reader, self._writer
         if reader is not None and writer is not None and not reader.at_eof() and not writer.is_closing():
             return writer
@@ -483,7 +492,8 @@ class FluentdSink:
             while True:
                 reply = await self._message()
                 if isinstance(reply, list) and reply and reply[0] == "HELO":
-                    raise SinkError(f"fluentd at {self.address} wants the shared-key handshake: set shared_key")
+                    self._wants_handshake = f"fluentd at {self.address} wants the shared-key handshake: set shared_key"
+                    raise SinkError(self._wants_handshake)
         except OSError:  # closed: _heard says so
             return
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from infer_logger import events as ev
@@ -614,6 +615,38 @@ class TestReceiverLimits:
         [dead] = [orjson.loads(line) for line in (tmp_path / "dead" / "fluentd.jsonl").read_bytes().splitlines()]
         assert "e1" in str(dead) and "too large" in str(dead)
 
+    async def test_a_receiver_stalled_a_while_loses_no_big_event(self, memory: MemorySink, tmp_path: Path) -> None:
+        """Fluentd under backpressure (overflow_action block) acks nothing for a while: each
+        timeout struck the big event at the head of the spool, and it was dead-lettered though
+        the receiver took it later (and frames shrank on every try, for 5 minutes)."""
+        sent = [sized(0, 1_200_000), sized(1, 10), sized(2, 10)]
+        release = asyncio.Event()
+
+        class Stalled:
+            async def send_batch(self, events: list[CloudEvent]) -> None:
+                await release.wait()
+                await memory.send_batch(events)
+
+            async def aclose(self) -> None:
+                pass
+
+        spool = DiskSpool(tmp_path / "spool")
+        async with ForwardSourceConfig(port=0).build(Stalled()) as src:  # type: ignore[arg-type]
+            sink = FluentdSinkConfig(port=src.port, timeout=0.5).build()
+            d = Dispatcher(spool, {"fluentd": sink}, Metrics(spool), batch_size=100,
+                           backoff=Backoff(initial=0.01, maximum=0.1), deadletter_dir=tmp_path / "dead")
+            for event in sent:
+                spool.append(event)
+            d.start()
+            await until(lambda: sink.errors >= 5, 60, "five timeouts of the stalled receiver")
+            release.set()
+            await until(lambda: d.workers[0].reader.lag() == 0, 60, "the spool delivered")
+            await d.stop()
+            await sink.aclose()
+        spool.close()
+        assert {e.id for e in memory.events} == {"e0", "e1", "e2"} and not (tmp_path / "dead").exists()
+        assert (sink._max_bytes, sink._max_events) == (6_144_000, 100)  # a silence shrank nothing
+
     def test_default_frames_fit_fluent_bits_default_buffer(self) -> None:
         assert FluentdSinkConfig().max_frame_bytes <= 6_144_000  # in_forward's Buffer_Max_Size
 
@@ -631,3 +664,29 @@ class TestAckOff:
                     await sink.send_batch(exchange(i))
             await sink.aclose()
         assert memory.events == [] and sink.records == 0
+
+    async def test_a_late_helo_fails_every_batch_after_it(self) -> None:
+        """A HELO later than the 100 ms wait (a remote or busy server): the batch before it went
+        unread and counted, then each reconnect raced the same way, every other batch "delivered"."""
+        helo_sent = asyncio.Event()
+
+        async def late_helo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await asyncio.sleep(0.3)
+            writer.write(msgpack.packb(["HELO", {"nonce": b"n" * 16, "auth": b"", "keepalive": True}]))
+            await writer.drain()
+            helo_sent.set()
+            await asyncio.sleep(0.2)
+            writer.close()  # as in_forward does with a client that sends no PING
+
+        server = await asyncio.start_server(late_helo, "127.0.0.1", 0)
+        sink = FluentdSinkConfig(port=server.sockets[0].getsockname()[1], ack=False, timeout=2).build()
+        try:
+            await sink.send_batch(exchange(0))  # before the HELO: nothing tells it apart
+            await asyncio.wait_for(helo_sent.wait(), 30)
+            await until(lambda: sink._wants_handshake is not None, 30, "the HELO read")
+            for i in range(1, 4):  # each on a new connection, its HELO late again
+                with pytest.raises(SinkError, match="shared_key"):
+                    await sink.send_batch(exchange(i))
+        finally:
+            await sink.aclose()
+            server.close()
