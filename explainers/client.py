@@ -5,7 +5,7 @@ and a larger call is split into requests of `max_batch_rows` sent `concurrency` 
 Kernel SHAP explanation of a 100-row batch costs a handful of requests, not thousands. Every
 perturbation request carries `x-skip-logging: true`, so the logger sidecar in front of the
 predictor keeps it out of the audit log. Timeouts, connection errors, 429 and 502-504 are retried
-with backoff; then `PredictorError` says why (the server answers 502).
+with backoff; then `PredictorUnavailableError` (a `PredictorError`) says why (the server answers 502).
 
 Over V2 the rows travel as binary tensor data and the outputs are asked for as binary (`binary_data`),
 so neither side prints or parses thousands of numbers; a JSON answer is read as well. A predictor

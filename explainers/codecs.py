@@ -117,7 +117,8 @@ def _numbers(datatype: str, raw: memoryview) -> np.ndarray:
 
 
 def _bf16(values: np.ndarray) -> np.ndarray:
-    """Numbers as BF16 bits, rounded to the nearest even (by way of FP32) as `binary_tensors` does."""
+    """Numbers as BF16 bits, rounded to the nearest even (by way of FP32) as `binary_tensors.pack_values`
+    does, except that a value past BF16's range becomes infinity here (as the FP32 cast does)."""
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     rounded = (bits + 0x7FFF + (bits >> 16 & 1)) >> 16
     # NaN: rounding its payload up could carry into infinity or the sign

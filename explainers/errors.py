@@ -7,8 +7,8 @@
         ├── UnknownModelError          404: no explainer for that model name
         ├── NotReadyError              503: still fitting or warming up
         ├── PredictorError             502: the predictor failed or was unreachable (after retries)
-        │   ├── PredictorUnavailableError  no answer, or 429/502/503/504, after retries: not the rows
-        │   └── PredictorRefusedError      400: the predictor refused the rows (400, 422)
+        │   ├── PredictorUnavailableError  502: no answer, or 429/502/503/504, after retries: not the rows
+        │   └── PredictorRefusedError      400: the predictor refused the rows (400, 422; an InvalidInputError too)
         ├── ExplainTimeoutError        504: the explanation outlasted `explain_timeout`
         ├── MissingExtraError          the `explain` or `alibi` extra is not installed (also ImportError)
         ├── UnsupportedModelError      a white-box method given no model, or a model it cannot read

@@ -319,7 +319,9 @@ class ExplainSubscriber:
         """`handle`'s reply, and the cached half it used, for the caller to settle (`_delivered`) or
         put back (`_undelivered`). A copy of an event whose exchange is being explained waits for
         it and gets nothing, or with `share`, when it copies the completing half, the same result
-        (the other half was answered already: an explanation for its copy was a second one)."""
+        (the other half was answered already: an explanation for its copy was a second one); a copy
+        of the completing half no caller waits for any more (its attempt timed out) takes the
+        result (`_take`)."""
         kind = event.type
         if kind not in (events.REQUEST, events.RESPONSE) or not self._sampled(event.id):
             return None, None

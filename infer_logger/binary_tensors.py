@@ -177,7 +177,12 @@ def inline_checked(body: bytes) -> Inlined | None:
         _, end = json.JSONDecoder().raw_decode(text)
     except (ValueError, RecursionError):  # nested past Python's recursion limit: not one either
         return None
-    probe = _json(memoryview(body)[:end], "the JSON part")
+    try:
+        probe = _json(memoryview(body)[:end], "the JSON part")
+    except BinaryDataError:  # not UTF-8 JSON: no binary-data body
+        return None
+    if not carries_binary(probe):  # JSON and stray bytes after it: no tensor data
+        return None
     key = "inputs" if "inputs" in probe else "outputs"
     doc, raw = decode(body, end, key)
     tensors = []

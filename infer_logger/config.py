@@ -29,7 +29,6 @@ from pydantic import (
     field_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -63,8 +62,8 @@ _SERVICE_LINK = re.compile(
 _LINK_VALUE = re.compile(r"(?:tcp|udp|sctp)://[^/\s]+:\d+", re.IGNORECASE)
 
 # What UTF-8 cannot encode: a byte of argv or env that is not UTF-8 (read as U+DC80..U+DCFF), or a
-# `\udcXX` escape in YAML. Refused only in text that becomes JSON (events, /readyz): file names
-# and keys are bytes, and carry such a byte as they should.
+# `\udcXX` escape in YAML. Refused in every text setting once loaded (`LayeredSettings.load`);
+# Path and SecretStr values (file names, keys: bytes to the system or a digest) are left alone.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 _yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
@@ -117,7 +116,9 @@ class LayeredSettings(BaseSettings):
                 _env_replaced.reset(tokens[1])
         except ValidationError as exc:
             error = config_error(exc)
-            var = cls._env_var(exc.errors()[0], given)
+            first = exc.errors()[0]
+            # `missing`: nothing is at its `loc`; what lacks it was given
+            var = cls._env_var(first["loc"][:-1] if first["type"] == "missing" else first["loc"], given)
             raise (ConfigError(f"{var} ({error.field})", error.message) if var else error) from None
         except SettingsError as exc:
             if isinstance(exc.__cause__, ConfigError):  # see _EnvSource
@@ -128,8 +129,8 @@ class LayeredSettings(BaseSettings):
         # names (Path) or secrets (SecretStr): bytes to the system or a digest, and never shown.
         if (found := _not_utf8(settings, ())) is not None:
             place, char = found
-            field = ".".join(place)
-            var = cls._env_var({"loc": place, "type": "value_error"}, given)  # type: ignore[typeddict-item]
+            field = ".".join(map(str, place))
+            var = cls._env_var(place, given)
             raise ConfigError(f"{var} ({field})" if var else field,
                               f"holds U+{ord(char):04X}, which is not UTF-8 text (a byte of a flag or variable "
                               "that is not UTF-8, or a surrogate escape): give it in UTF-8")
@@ -151,12 +152,10 @@ class LayeredSettings(BaseSettings):
         return data
 
     @classmethod
-    def _env_var(cls, error: ErrorDetails, flags: dict[str, Any]) -> str | None:
-        """The env var the bad value came from, if one did: the error then names it, not only the
-        field. Not when a flag or the YAML file gave it: `INFER_LOGGER_SPOOL` may hold other keys."""
-        loc = error["loc"]
-        if error["type"] == "missing":  # nothing is at `loc`: what lacks it was given
-            loc = loc[:-1]
+    def _env_var(cls, loc: tuple[int | str, ...], flags: dict[str, Any]) -> str | None:
+        """The env var the bad value at `loc` came from, if one did: the error then names it, not
+        only the field. Not when a flag or the YAML file gave it: `INFER_LOGGER_SPOOL` may hold
+        other keys."""
         env = _EnvSource(cls)()
         if not loc or _holds(flags, loc) or not _holds(env, loc):
             return None
@@ -197,13 +196,13 @@ class LayeredSettings(BaseSettings):
             raise ConfigError(key, "matches no setting" + (f" (did you mean {near[0]}?)" if near else ""))
 
 
-def _not_utf8(value: object, place: tuple[str, ...]) -> tuple[tuple[str, ...], str] | None:
+def _not_utf8(value: object, place: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], str] | None:
     """Where in validated settings text holds a surrogate, and which one."""
     if isinstance(value, str):
         bad = None if value.isascii() else _SURROGATE.search(value)
         return None if bad is None else (place, bad.group())
     if isinstance(value, BaseModel):
-        items: Iterable[tuple[object, object]] = ((name, getattr(value, name)) for name in type(value).model_fields)
+        items: Iterable[tuple[Any, object]] = ((name, getattr(value, name)) for name in type(value).model_fields)
     elif isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list | tuple):
@@ -211,7 +210,7 @@ def _not_utf8(value: object, place: tuple[str, ...]) -> tuple[tuple[str, ...], s
     else:  # numbers, Path, SecretStr, ...
         return None
     for key, item in items:
-        found = _not_utf8(key, place) or _not_utf8(item, (*place, str(key)))
+        found = _not_utf8(key, place) or _not_utf8(item, (*place, key))
         if found is not None:
             return found
     return None

@@ -30,7 +30,6 @@ from infer_logger import binary_tensors, events
 from infer_logger.cloudevents.event import CloudEvent
 
 _MAX_DIMS = 64  # numpy's own limit (NPY_MAXDIMS): a shape with more is not a tensor's
-_V2_DATATYPES = frozenset(binary_tensors.DATATYPES)
 _MAX_CHARACTER_BYTES = 4  # the most bytes a cut character holds back (UTF-8's, GB18030's)
 # The codecs Python ships (modules, aliases), as its search normalizes their names: only these are
 # looked up, since the search keeps every name it did not find, for good (a made-up one per
@@ -174,7 +173,7 @@ def _is_v2_tensor(value: Any) -> bool:
         isinstance(value, Mapping)
         and "name" in value
         and isinstance(value.get("shape"), list)
-        and value.get("datatype") in _V2_DATATYPES
+        and value.get("datatype") in binary_tensors.DATATYPES
     )
 
 

@@ -12,8 +12,8 @@ through; one silent that long raises SinkError: the batch stays in the spool and
 Delivery is at least once; Elasticsearch upserts by event id behind Fluentd, so a resend
 overwrites instead of duplicating. `ack: false` skips the wait (fire and forget, what
 fluent-logger gives), but not what the server says: a HELO (it wants the shared-key handshake)
-raises SinkError, then for every batch after it; a new connection waits up to 100 ms for one
-before its first frame.
+raises SinkError, then for every batch after it; a new connection without `shared_key` waits up to
+100 ms for one before its first frame.
 
 A receiver that will not take a frame (over Fluent Bit's Buffer_Max_Size, the forward source's
 max_frame_bytes) says so by closing the connection. After it closes on a frame of 64 KiB or more
@@ -174,10 +174,10 @@ class FluentdSinkConfig(SinkConfig):
     max_frame_bytes: int = Field(6_144_000, ge=1024)
     """Most bytes of entries (before gzip) in one PackedForward frame: a batch's events of one tag
     go in as many frames (chunks, each acked) as it takes; an event bigger than this goes alone.
-    Receivers refuse big frames, only by closing the connection or not acking: Fluent Bit's
-    in_forward over its Buffer_Max_Size (6,144,000 bytes by default, hence this default), Fluentd's
-    over its chunk_size_limit, the forward source over its own max_frame_bytes (32 MiB). The sink
-    then sends smaller frames for a while (see the module docstring)."""
+    Receivers refuse big frames by closing the connection: Fluent Bit's in_forward over its
+    Buffer_Max_Size (6,144,000 bytes by default, hence this default), the forward source over its
+    own max_frame_bytes (32 MiB); the sink then sends smaller frames for a while (see the module
+    docstring). Fluentd drops a chunk over its chunk_size_limit without a word: raise that limit."""
     max_frame_events: int = Field(100, ge=1)
     """Most events in one frame. Each frame is acked on its own, and an ack is how the receiver
     shows progress: it must take this many events within `timeout` (the forward source acks a frame
@@ -196,8 +196,8 @@ class _Frame(NamedTuple):
 
 _WRITE_PIECE = 64 * 1024  # bytes written between looks at the receiver's progress
 _MAX_JSON_DEPTH = 254  # orjson writes no deeper (it reads 1024)
-# A receiver's only word against a frame too big is silence or a closed connection:
-_SUSPECT_BYTES = 64 * 1024  # a failed frame this big may have been too big: later ones go smaller
+# A receiver refuses a frame too big by closing the connection (a silence is no evidence):
+_SUSPECT_BYTES = 64 * 1024  # a frame this big it closed on may have been too big: later ones go smaller
 _SHRUNK_FOR = 300.0  # seconds frames stay smaller after one was cut off (then one full size tries again)
 _LONE_BYTES = 1 << 20  # an event over this (and anything the receiver acked) cut off alone...
 _LONE_TRIES = 3  # ... this many times is refused for good; smaller ones fail for other reasons
@@ -297,7 +297,6 @@ class FluentdSink:
         the frames not acked (and `unpacked`, refused once the rest is through): acked frames are
         not sent again."""
         unacked = {frame.chunk for frame in frames}
-        self._started = 0
         try:
             async with self._lock:
                 try:
@@ -533,21 +532,20 @@ class FluentdSink:
         self.errors += 1
         self._close()  # late acks or half-read frames must not leak into the next batch
 
-    def _close(self) -> None:
+    def _stop_watching(self) -> None:
         if self._watcher is not None:
-            if self._watcher.done() and not self._watcher.cancelled():
-                self._watcher.exception()  # said by _heard, or moot now: not logged as never retrieved
-            self._watcher.cancel()
+            self._watcher.cancel()  # done, its exception is not logged as never retrieved either
             self._watcher = None
+
+    def _close(self) -> None:
+        self._stop_watching()
         if self._writer is not None:
             self._writer.transport.abort()
         self._reader = self._writer = None
 
     async def aclose(self) -> None:
         async with self._lock:
-            if self._watcher is not None:
-                self._watcher.cancel()
-                self._watcher = None
+            self._stop_watching()
             if self._writer is not None:
                 self._writer.close()
                 try:

@@ -134,7 +134,7 @@ class HttpSink:
                                               if isinstance(r, BaseException)]
         after = max((a for a in afters if a is not None), default=None)
         for _, result in failed:
-            if isinstance(result, BaseException):  # no answer (SinkError), or a bug: retried too
+            if isinstance(result, BaseException):  # no answer or a redirect (SinkError), or a bug: retried too
                 if not isinstance(result, Exception):
                     raise result
                 raise SinkError(f"{result} ({len(failed)} of {len(events)} events not taken)",
@@ -158,7 +158,7 @@ class HttpSink:
 
     async def _post(self, headers: dict[str, str], body: bytes) -> tuple[int, float | None, bytes] | None:
         """None on success, else (status, retry-after, the body when it names events by position);
-        raises SinkError when nothing answered."""
+        raises SinkError when nothing answered or the answer is a redirect (3xx, not followed)."""
         # The event's own headers win over configured ones of the same name.
         own = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         names = {k for k, _ in own}
@@ -203,7 +203,7 @@ class HttpSink:
         for chunk, headers, body in ce_http.to_batches(events, self._batch_bytes()):
             try:
                 failure = await self._post(headers, body)
-            except SinkError as exc:  # no answer: this POST and the rest go again, not those taken
+            except SinkError as exc:  # no answer or a redirect: this POST and the rest go again, not those taken
                 exc.pending = [*refused, *events[sent:]]
                 raise
             if failure is not None:
@@ -221,7 +221,7 @@ class HttpSink:
                     continue
                 # The halves find a bad event among those refused together; after a refusal of any
                 # batch (401, 403, 415...) none are halved: the rest must be sent, not refused unsent.
-                together = set(statuses) <= _PARTIAL
+                together = not statuses  # no refusal of any batch before this one (a partial one stops)
                 statuses.append(status)
                 if status == 413 and (lower := self._batch_bytes.refused(len(body), len(chunk))) is not None:
                     log.warning("%s answered 413 to a batch POST of %d bytes: POSTs of at most %d bytes "

@@ -37,7 +37,7 @@ from pipelines.broker.settings import KafkaChannelSettings
 from pipelines.sources.kafka import KafkaSource, KafkaSourceConfig
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 _TIMEOUT = 10.0
 _RECONNECT_MAX = 10.0  # seconds between tries to reach Kafka at start
@@ -69,7 +69,7 @@ def _answer(done: asyncio.Future[None], error: Exception | None = None) -> None:
         done.set_exception(error)
 
 
-def _answer_of(future: Future[T]) -> T:
+def _answer_of(future: Future[_T]) -> _T:
     """An admin request's answer; its own timeout ends it first, this bound is a backstop."""
     try:
         return future.result(timeout=_TIMEOUT + 5)

@@ -93,7 +93,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received = True
-        while data:
+        while data and not self.closed:  # aborted (a body cut, a head too large): the rest is not wanted
             # The parser holds a header until it ends: an endless one grew it until the timeout.
             # So the head is fed at most up to its bound, and what follows once it ended.
             counting = not self._headers_done
@@ -113,10 +113,13 @@ class _Connection(asyncio.Protocol):
                 self._head += len(chunk)
                 if self._head >= _HEAD_MAX:  # and still not ended
                     self._fail(ConnectionError(f"the response's head is larger than {_HEAD_MAX} bytes"))
-                    self.closed, self.keep_alive = True, False
-                    if self.transport is not None:
-                        self.transport.abort()
+                    self._abort()
                     return
+
+    def _abort(self) -> None:
+        self.closed, self.keep_alive = True, False
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -146,11 +149,9 @@ class _Connection(asyncio.Protocol):
                 # Settled on what came; reading the rest would take as long as the receiver
                 # likes (an endless 2xx timed out, and its event was delivered again).
                 self._body.append(body[:max(room, 0)])
-                self._truncated, self.keep_alive = True, False
+                self._truncated = True
                 self._finish()
-                self.closed = True
-                if self.transport is not None:
-                    self.transport.abort()
+                self._abort()
                 return
             self._size += len(body)
         self._body.append(body)

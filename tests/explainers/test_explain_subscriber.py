@@ -159,6 +159,12 @@ class TestJoin:
             with pytest.raises(RejectedError, match="binary tensor data") as caught:
                 await sub.handle(response)
             assert "UTF-8" not in str(caught.value) and (datatype in str(caught.value) or "63" in str(caught.value))
+        for id_, body in (("ex-utf8", b'{"x": "\xff"}'), ("ex-two", b'{"a": 1}{"b": 2}')):  # no tensor data
+            request, response = exchange(id_)
+            assert await sub.handle(CloudEvent(request.attributes, body)) is None
+            with pytest.raises(RejectedError, match="is not JSON") as caught:
+                await sub.handle(response)
+            assert "binary tensor data" not in str(caught.value)
 
     async def test_response_first(self, service: ExplainerService) -> None:
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))

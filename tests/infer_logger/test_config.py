@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from infer_logger.cloudevents import CloudEvent, validate
-from infer_logger.config import load_settings
+from infer_logger.config import Settings, load_settings
 from infer_logger.errors import ConfigError
 from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, StoreSinkConfig
 
@@ -438,7 +438,7 @@ class TestUnknownVariables:
 
 
 class TestText:
-    """Settings that become events or their sinks' names hold text every encoder takes."""
+    """Text settings hold text every encoder takes (Path and SecretStr values excepted)."""
 
     @pytest.mark.parametrize(("yaml_text", "field", "says"), [
         # A `\udcXX` escape; argv and env give the same for a byte that is not UTF-8 (surrogateescape).
@@ -458,6 +458,13 @@ class TestText:
             load_settings(cfg)
         assert info.value.field == field
         assert says in info.value.message
+
+    def test_a_flags_list_item_is_not_blamed_on_a_variable(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The place's list index was text, so a flag's bad item read as the variable's."""
+        monkeypatch.setenv("INFER_LOGGER_LOG_URL", "file:///tmp/x.jsonl")
+        with pytest.raises(ConfigError) as info:
+            Settings.load(log_url=["file:///tmp/a.jsonl", "file:///tmp/caf\udce9.jsonl"])
+        assert info.value.field == "log_url.1"
 
     def test_file_names_and_keys_that_are_not_utf8_are_taken(self, tmp_path: Path) -> None:
         """Bytes to the system (a file name) or to a digest (a Fluentd key, as Fluentd hashes it): a

@@ -900,7 +900,6 @@ class TestFailures:
         server, service = own_es, unique()
         sink = ElasticsearchSinkConfig(url=server.address, timeout=1).build()
         await sink.send_batch([request("s0", service)])
-        assert server.proc is not None
         server.pause()  # it takes the request, answers nothing
         batch = [request(f"s{i}", service) for i in range(1, 6)] + [response("s0", service)]
         try:

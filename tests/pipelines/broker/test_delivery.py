@@ -354,7 +354,8 @@ class TestReplySize:
             self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
         """Data and attributes, as the ingress weighs them in every mode (a reply was weighed by its
         data alone, a binary event too): an event of exactly 1000 bytes is taken from a sender and
-        as a reply (the TTL the broker stamps on it after weighing not counted), one byte more from neither."""
+        as a reply (the TTL the broker stamps on it after weighing not counted), one byte more is a
+        413 from a sender."""
         fits = _reply_event(b"")
         fits = _reply_event(b"a" * (1000 - event_size(fits)))
         assert event_size(fits) == 1000
@@ -367,7 +368,6 @@ class TestReplySize:
         await _post(broker)
         requests = await asyncio.to_thread(other_subscriber.wait_for_requests, 2)
         assert [len(body) for _, body in requests] == [len(fits.data or b"")] * 2
-
 
     async def test_a_large_body_that_is_no_event_is_retried_as_any_non_event(
             self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber) -> None:

@@ -222,7 +222,6 @@ class TestKafka:
             with conn:
                 conn.settimeout(60)
                 assert conn.recv(65536), "no POST"
-                assert server.proc is not None
                 server.pause()
                 conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")  # taken: the commit goes to Kafka
                 time.sleep(1)

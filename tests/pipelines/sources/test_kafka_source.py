@@ -488,7 +488,6 @@ class TestBrokerDown:
                 sink.until = time.monotonic() + 14
                 await publish(server.address, topic, [event(2)])
                 await until(lambda: source._held, what="held")
-                assert server.proc is not None
                 server.pause()  # past session.timeout.ms (6 s): the partition is lost
                 await asyncio.sleep(12)
                 server.resume()
@@ -516,7 +515,6 @@ class TestBrokerDown:
         try:
             await publish(server.address, topic, [event(1)])
             await until(lambda: sink.waiting > 0, 30, what="the batch with the subscriber")
-            assert server.proc is not None
             server.pause()
             sink.gate.set()  # taken: the commit goes to the stalled broker
             await asyncio.sleep(0.5)
@@ -550,7 +548,6 @@ class TestBrokerDown:
         try:
             await publish(server.address, topic, [event(1)])
             await until(lambda: committed(server.address, group, topic) == [1], 30, what="the commit")
-            assert server.proc is not None
             server.pause()
             loop = asyncio.get_running_loop()
             loop.call_later(4, server.resume)  # within the close's 10 s
