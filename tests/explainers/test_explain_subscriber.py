@@ -54,6 +54,14 @@ def service_for(url: str, **values: Any) -> ExplainerService:
                                      background="dataset:iris", params={"nsamples": 20}, **values))
 
 
+async def _merged(sub: ExplainSubscriber, *exchanges: tuple[CloudEvent, CloudEvent]) -> list[Any]:
+    """Each exchange's request cached, then their responses at once (explained in one merged call
+    within `linger`): the replies, or the failures, in order."""
+    for request, _ in exchanges:
+        assert await sub.handle(request) is None
+    return await asyncio.gather(*(sub.handle(response) for _, response in exchanges), return_exceptions=True)
+
+
 def _recorded(service: ExplainerService, check: Any = None) -> list[int]:
     """The row counts of the service's explain calls, from now on (`check(rows)` may raise first)."""
     calls: list[int] = []
@@ -298,11 +306,8 @@ class TestJoin:
             calls = _recorded(svc)
             sub = ExplainSubscriber(svc, SubscriberSettings(linger=0.05, batch_size=64))
             good_row = t.rows[0].tolist()
-            good = exchange("w-good", [good_row], model="penguins")
-            bad = exchange("w-bad", [["Atlantis", *good_row[1:]]], model="penguins")
-            for request, _ in (good, bad):
-                assert await sub.handle(request) is None
-            replies = await asyncio.gather(sub.handle(good[1]), sub.handle(bad[1]), return_exceptions=True)
+            replies = await _merged(sub, exchange("w-good", [good_row], model="penguins"),
+                                    exchange("w-bad", [["Atlantis", *good_row[1:]]], model="penguins"))
             assert isinstance(replies[0], CloudEvent) and replies[0].id == "w-good", replies[0]
             assert isinstance(replies[1], RejectedError) and "w-bad" in str(replies[1])
             assert calls == [2, 1, 1]
@@ -340,10 +345,7 @@ class TestJoin:
             try:
                 calls = _recorded(svc)
                 sub = ExplainSubscriber(svc, SubscriberSettings(linger=0.05, batch_size=64))
-                good, bad = exchange("p-good", ROWS[:1]), exchange("p-bad", [[99.0, 3.0, 4.0, 1.0]])
-                for request, _ in (good, bad):
-                    assert await sub.handle(request) is None
-                replies = await asyncio.gather(sub.handle(good[1]), sub.handle(bad[1]), return_exceptions=True)
+                replies = await _merged(sub, exchange("p-good", ROWS[:1]), exchange("p-bad", [[99.0, 3.0, 4.0, 1.0]]))
                 assert isinstance(replies[0], CloudEvent) and replies[0].id == "p-good", replies[0]
                 assert isinstance(replies[1], SinkError) and "500" in str(replies[1])
                 assert calls == [2, 1, 1]

@@ -378,33 +378,36 @@ class TestFullQueue:
             assert attributes["truncated"] == "true" and attributes["datasize"] == "200000"
             assert 0.9 * 102_400 < len(data or b"") < 102_400
 
-    async def test_broker_lost_while_the_queue_is_full(self) -> None:
-        server = NoidaServer("kafka").start()
+    async def filling(self, server: NoidaServer) -> tuple[KafkaSink, asyncio.Task[None]]:
+        """A sink with a small queue, connected, and a batch of 100 filling it: the broker frozen."""
         sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events", config=self.SMALL,
                                delivery_timeout=NEVER).build()
+        await sink.send_batch([event(-1)])
+        server.pause()  # takes requests, answers none: the queue fills
+        return sink, asyncio.create_task(sink.send_batch([event(i) for i in range(100)]))
+
+    async def test_broker_lost_while_the_queue_is_full(self) -> None:
+        server = NoidaServer("kafka").start()
+        sink = None
         try:
-            await sink.send_batch([event(-1)])
-            server.pause()  # takes requests, answers none: the queue fills
-            send = asyncio.create_task(sink.send_batch([event(i) for i in range(100)]))
+            sink, send = await self.filling(server)
             await asyncio.sleep(0.5)
             assert not send.done()
             server.proc.kill()
             with pytest.raises(SinkError, match="no broker reachable"):
                 await within_grace(send)
         finally:
-            await sink.aclose()
+            if sink is not None:
+                await sink.aclose()
             server.stop()
 
     async def test_aclose_while_a_batch_waits_for_room(self) -> None:
         """The waiting batch held the producing lock, so aclose waited with it for the delivery
         timeout before its own brief close (~5 s) began."""
         server = NoidaServer("kafka").start()
-        sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events", config=self.SMALL,
-                               delivery_timeout=NEVER).build()
+        sink = None
         try:
-            await sink.send_batch([event(-1)])
-            server.pause()  # takes requests, answers none: the queue fills
-            send = asyncio.create_task(sink.send_batch([event(i) for i in range(100)]))
+            sink, send = await self.filling(server)
             await until(lambda: len(sink._client.producer) == 20, timeout=30, what="a full queue")
             try:
                 await asyncio.wait_for(sink.aclose(), 60)
@@ -415,7 +418,8 @@ class TestFullQueue:
             assert len(info.value.pending) == 100
         finally:
             server.resume()
-            await sink.aclose()
+            if sink is not None:
+                await sink.aclose()
             server.stop()
 
 
