@@ -93,6 +93,7 @@ _MISSING = "unknown"
 _TOPIC_MAX = 249  # characters in a topic name
 _MAX_RECORD = 1_000_000  # librdkafka's default message.max.bytes
 _QUEUE_KBYTES = 1_048_576  # librdkafka's default queue.buffering.max.kbytes
+_CUTS = 12  # cuts of one record's data before it is refused (each keeps at most 95% of the last)
 _CUT_MARGIN = 4096  # bytes kept free in a record whose data was cut to fit: its two new headers, rounding
 
 
@@ -611,8 +612,15 @@ class KafkaSink:
         conf = config.producer_config()
         # librdkafka counts a record's value against its local queue's bytes: a value over them
         # is refused as "queue full" however empty the queue is, so it is cut to fit them too.
-        self._queue_bytes = int(conf.get("queue.buffering.max.kbytes", _QUEUE_KBYTES)) * 1024
-        self._max_record = min(int(conf.get("message.max.bytes", _MAX_RECORD)), self._queue_bytes)
+        sizes = {}
+        for name, default in (("queue.buffering.max.kbytes", _QUEUE_KBYTES), ("message.max.bytes", _MAX_RECORD)):
+            try:
+                sizes[name] = int(conf.get(name, default))
+            except (TypeError, ValueError):  # "1MB": librdkafka takes integers only
+                raise ConfigError("config", f"kafka sink {config.bootstrap_servers}: {name}: "
+                                  f"{conf.get(name)!r} is not an integer") from None
+        self._queue_bytes = sizes["queue.buffering.max.kbytes"] * 1024
+        self._max_record = min(sizes["message.max.bytes"], self._queue_bytes)
         # Held while a batch's records are produced (and while a fatal producer is replaced), not
         # while they are awaited: batches go out whole, in call order, and overlap in flight.
         self._producing = asyncio.Lock()
@@ -704,7 +712,7 @@ class KafkaSink:
                                            f"librdkafka's local queue (queue.buffering.max.kbytes)")
                     except KafkaException as exc:
                         error = exc.args[0]
-                    if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and self._cut_to_fit and cuts < 3:
+                    if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and self._cut_to_fit and cuts < _CUTS:
                         smaller = self._cut(shrinking, key, value, headers)
                         if smaller is not None:
                             cuts += 1
@@ -736,7 +744,9 @@ class KafkaSink:
         room = self._max_record - _CUT_MARGIN - rest
         if not data or not value or room <= 0:  # too large without the data too
             return None
-        keep = len(data) * room // len(value)
+        # At most 95% of the last: escapes denser at the data's start than on average (text in a
+        # structured record's JSON string) had each proportional cut keep too much, cut after cut.
+        keep = min(len(data) * room // len(value), len(data) * 19 // 20)
         attributes = dict(event.attributes)
         attributes[events.DATASIZE] = attributes.get(events.DATASIZE) or len(data)
         attributes[events.TRUNCATED] = True

@@ -239,6 +239,23 @@ class TestRefusals:
         room = 1_000_000 if mode == "binary" else 750_000
         assert 0.9 * room < len(data or b"") < room
 
+    @pytest.mark.parametrize("head", [b"\n" * 300_000, b"\x01\"" * 200_000])
+    async def test_text_escaped_more_at_its_start_is_cut_to_fit(self, kafka_bootstrap: str, head: bytes) -> None:
+        """Structured mode holds text as a JSON string, where a newline takes 2 bytes and a control
+        character 6: escapes denser at the start had each proportional cut keep too much, and the
+        event was dead-lettered after three cuts still over the limit."""
+        topic = new_topic(kafka_bootstrap)
+        sink = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=topic, mode="structured").build()
+        text = head + b"a" * 2_000_000
+        big = CloudEvent({**event(1).attributes, "datacontenttype": "text/plain"}, text)
+        await sink.send_batch([event(0), big, event(2)])
+        await sink.aclose()
+        got = {e.id: e for e in map(decode, read_back(kafka_bootstrap, topic, 3))}
+        assert sorted(got) == ["id-0", "id-1", "id-2"]
+        attributes, data = as_text(got["id-1"])
+        assert attributes["truncated"] == "true" and attributes["datasize"] == str(len(text))
+        assert data and text.startswith(data)
+
     async def test_a_cut_record_the_broker_refuses_is_refused_alone(self, kafka_bootstrap: str) -> None:
         """Cut to the client's limit, still over the topic's: its report carried the cut value,
         matched no event, and the whole batch was retried for ever (SinkError, none pending)."""
@@ -781,6 +798,12 @@ class TestBinaryRecords:
 
 class TestConfig:
     """Config is checked when it is read, not when the first event is sent."""
+
+    @pytest.mark.parametrize("key", ["queue.buffering.max.kbytes", "message.max.bytes"])
+    def test_a_size_librdkafka_cannot_read_is_a_config_error(self, key: str) -> None:
+        """Read as an integer before the producer checked it: a ValueError traceback at start."""
+        with pytest.raises(ConfigError, match=key.split(".")[0]):
+            KafkaSinkConfig(bootstrap_servers="127.0.0.1:9", topic="t", config={key: "1MB"}).build()
 
     def test_template(self) -> None:
         template = TopicTemplate("inference-{namespace}-{inferenceservicename}")
