@@ -65,6 +65,16 @@ def _coding(raw: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+async def _coded(scope: Scope, send: Send) -> bool:
+    """Whether the request has a content coding, answered 415 (none is decoded)."""
+    coding = _coding(scope["headers"])
+    if coding is None:
+        return False
+    await respond(send, 415, [_JSON, _IDENTITY], error_body(
+        415, f"Content-Encoding {coding!r} is not taken: send the body without a content coding"))
+    return True
+
+
 class Ingress:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -100,11 +110,8 @@ class Ingress:
             refused.labels("unavailable").inc()
             await respond(send, 503, [_JSON], error_body(503, "the broker is not taking events here now"))
             return
-        coding = _coding(scope["headers"])
-        if coding is not None:  # a coded body stored as is reached subscribers as the event's data
+        if await _coded(scope, send):  # a coded body stored as is reached subscribers as the event's data
             refused.labels("invalid").inc()
-            await respond(send, 415, [_JSON, _IDENTITY], error_body(
-                415, f"Content-Encoding {coding!r} is not taken: send the body without a content coding"))
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         settings = broker.settings
@@ -175,6 +182,8 @@ class Ingress:
         await respond(send, 202, [], b"")
 
     async def _trigger(self, scope: Scope, parts: list[str], receive: Receive, send: Send) -> None:
+        if await _coded(scope, send):  # sent on as is, the subscriber got it as the event's data
+            return
         settings = self.broker.settings
         limit = int(settings.max_request_bytes)
         try:

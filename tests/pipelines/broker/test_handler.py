@@ -171,3 +171,19 @@ triggers:
         response = await c.post(f"/triggers/default/nottl/{trigger.uid}", headers=headers, content=body)
     assert response.is_success
     assert [e.id for e in subscriber.events] == ["1"]
+
+
+async def test_filter_handler_refuses_a_content_coding(make_broker: MakeBroker, subscriber: Subscriber) -> None:
+    """As the ingress does (415): a gzip-coded body was sent on to the subscriber as the event's
+    data, labelled by its datacontenttype."""
+    import gzip
+
+    broker = await make_broker(f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]\n")
+    trigger = broker.triggers[("default", "t")]
+    headers, body = to_binary(CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": "t",
+                                          "datacontenttype": "application/json", "knativebrokerttl": 255}, b"{}"))
+    async with client(broker) as c:
+        response = await c.post(f"/triggers/default/t/{trigger.uid}", headers={**headers, "content-encoding": "gzip"},
+                                content=gzip.compress(body))
+    assert response.status_code == 415 and "Content-Encoding" in response.json()["error"]
+    assert subscriber.events == []
