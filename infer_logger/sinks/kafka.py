@@ -206,8 +206,11 @@ class KafkaSinkConfig(SinkConfig):
     @field_validator("topic")
     @classmethod
     def _check_topic(cls, value: str) -> str:
-        # A constant name the broker never accepts would have every event dead-lettered.
-        if TopicTemplate(value).constant is not None and (len(value) > _TOPIC_MAX or value in (".", "..")):
+        # A name the broker never accepts would have every event dead-lettered: a constant one, or
+        # a template whose fixed text (each field at least a character) is too long already.
+        template = TopicTemplate(value)
+        shortest = sum(len(literal) for literal, _ in template.parts) + len(template.fields)
+        if shortest > _TOPIC_MAX or (template.constant is not None and value in (".", "..")):
             raise ValueError(f"{value[:60]!r}: not a legal topic name (at most {_TOPIC_MAX} characters, "
                              f"not '.' or '..')")
         return value

@@ -825,12 +825,12 @@ class TestConfig:
         with pytest.raises(ValidationError, match="topic"):
             KafkaSinkConfig(bootstrap_servers="127.0.0.1:9092", topic=topic)
 
-    @pytest.mark.parametrize("topic", [".", "..", "a" * 250])
+    @pytest.mark.parametrize("topic", [".", "..", "a" * 250, "a" * 300 + "{modelname}", "a" * 249 + "{modelname}"])
     def test_topic_names_kafka_never_accepts(self, topic: str) -> None:
-        """They passed, and then every event was dead-lettered."""
+        """They passed, and then every event was dead-lettered (a field renders one character at least)."""
         with pytest.raises(ValidationError, match="topic"):
             KafkaSinkConfig(bootstrap_servers="127.0.0.1:9092", topic=topic)
-        for taken in ("a" * 249, "__internal", "a.b", "..{modelname}"):  # a template may render fine
+        for taken in ("a" * 249, "__internal", "a.b", "..{modelname}", "a" * 248 + "{modelname}"):
             assert KafkaSinkConfig(bootstrap_servers="127.0.0.1:9092", topic=taken).topic == taken
 
     def test_client_config(self) -> None:
