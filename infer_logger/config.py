@@ -61,11 +61,6 @@ _SERVICE_LINK = re.compile(
 # A Service named as a prefix (infer-logger, infer-logger-broker) gives <PREFIX>PORT=tcp://<ip>:<port>.
 _LINK_VALUE = re.compile(r"(?:tcp|udp|sctp)://[^/\s]+:\d+", re.IGNORECASE)
 
-# What UTF-8 cannot encode: a byte of argv or env that is not UTF-8 (read as U+DC80..U+DCFF), or a
-# `\udcXX` escape in YAML. Refused in every text setting once loaded (`LayeredSettings.load`);
-# Path and SecretStr values (file names, keys: bytes to the system or a digest) are left alone.
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
 _yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
 # Sections a flag gives anew, of another type than the env var's: that env section is left out.
 _env_replaced: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("env_replaced", default=frozenset())
@@ -197,10 +192,11 @@ class LayeredSettings(BaseSettings):
 
 
 def _not_utf8(value: object, place: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], str] | None:
-    """Where in validated settings text holds a surrogate, and which one."""
+    """Where in validated settings text holds a surrogate (`documents.first_surrogate`), and which
+    one. Path and SecretStr values (file names, keys: bytes to the system or a digest) are left alone."""
     if isinstance(value, str):
-        bad = None if value.isascii() else _SURROGATE.search(value)
-        return None if bad is None else (place, bad.group())
+        bad = documents.first_surrogate(value)
+        return None if bad is None else (place, bad)
     if isinstance(value, BaseModel):
         items: Iterable[tuple[Any, object]] = ((name, getattr(value, name)) for name in type(value).model_fields)
     elif isinstance(value, dict):

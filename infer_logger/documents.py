@@ -227,11 +227,18 @@ class _Walk:
         return Location(self.document.origin, mark.line + 1, mark.column + 1, offset)
 
 
+def first_surrogate(text: str) -> str | None:
+    """The first lone UTF-16 surrogate in `text` (what UTF-8 cannot encode: a byte of argv or env
+    that is not UTF-8 reads as U+DC80..U+DCFF, a `\\udcXX` escape in YAML), if any."""
+    found = None if text.isascii() else _SURROGATE.search(text)
+    return None if found is None else found.group()
+
+
 def _check_text(node: yaml.ScalarNode, path: Path_, location: Location) -> None:
-    found = _SURROGATE.search(node.value)
+    found = first_surrogate(node.value)
     if found:
         raise DocumentError(location, _format(path),
-                            f"U+{ord(found.group()):04X} is half of a UTF-16 surrogate pair, not a character: "
+                            f"U+{ord(found):04X} is half of a UTF-16 surrogate pair, not a character: "
                             "write the character itself (or a \\U escape of 8 hex digits)")
 
 

@@ -9,6 +9,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.documents import first_surrogate
 
 
 @runtime_checkable
@@ -69,7 +70,7 @@ class SinkConfig(BaseModel):
             raise ValueError(f"{name!r}: a sink name names files, so it cannot start with '.'")
         # It is also in /readyz's JSON and the metrics: a byte that is not UTF-8 (U+DC80..U+DCFF,
         # surrogateescape) made every /readyz a 500.
-        if surrogate := next((char for char in name if "\ud800" <= char <= "\udfff"), None):
+        if surrogate := first_surrogate(name):
             raise ValueError(f"{name!r}: a sink name cannot hold U+{ord(surrogate):04X}, which is not UTF-8 text")
         if len(name.encode("utf-8")) > 200:
             raise ValueError(f"{name[:20]!r}…: a sink name names files, so it is at most 200 bytes (UTF-8)")
