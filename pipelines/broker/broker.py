@@ -219,6 +219,11 @@ class Broker:
         async with self._lock:
             try:
                 await self._apply_locked(new)
+            except BaseException:
+                # A broker this change opened that the running triggers do not declare answered 202.
+                in_use = {self.default_key, *self._deliveries, *(t.broker_key for t in self.triggers.values())}
+                await self._close_channels(in_use)
+                raise
             finally:  # also those a failed change built (`_switch` keeps `dispatchers` true)
                 await self.components.prune(self._components_in_use())
 
@@ -267,12 +272,18 @@ class Broker:
         # A broker no longer declared: its channel stayed, and its ingress answered 202 and kept
         # nothing. Its triggers are detached above (none can name it), so it is closed, 404 from
         # now on as after a restart; what its log holds stays on disk, as a restart leaves it.
-        for key in [key for key in self.channels if key not in deliveries]:
+        await self._close_channels(deliveries.keys())
+
+    async def _close_channels(self, keep: Iterable[Key]) -> None:
+        """Close the channel of every broker but those in `keep`; a failure only logged (the
+        change, or its failure, is what the reload reports)."""
+        keep = set(keep)
+        for key in [key for key in self.channels if key not in keep]:
             channel = self.channels.pop(key)
             self._unsettled.discard(key)
             try:
-                await channel.aclose(s.drain_timeout)
-            except Exception:  # the change is applied: a failed reload would say the old one runs
+                await channel.aclose(self.settings.drain_timeout)
+            except Exception:
                 log.exception("closing the log of broker %s/%s, no longer declared", *key)
 
     async def _switch(self, wanted: dict[Key, Trigger], dispatchers: dict[Key, TriggerDispatcher]) -> None:

@@ -574,6 +574,39 @@ class TestReload:
             await broker.shutdown()
         assert [e.id for e in subscriber.events] == ["before", "again"]
 
+    async def test_a_broker_a_failed_reload_opened_is_closed_again(
+            self, tmp_path: Path, subscriber: Subscriber, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A reload declaring a new broker that failed after opening its channel left it open: the
+        ingress answered 202 for a broker the running triggers do not declare (404 after a restart)."""
+        from pipelines.broker.channel import ChannelError, SpoolChannel
+
+        path = tmp_path / "triggers.yaml"
+        path.write_text(f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]\n")
+        broker = Broker(settings(tmp_path, trigger_files=[path]))
+        await broker.startup()
+        attach = SpoolChannel.attach
+
+        async def failing(self: SpoolChannel, trigger: str, handler: object) -> None:
+            raise ChannelError("cannot attach")
+
+        try:
+            monkeypatch.setattr(SpoolChannel, "attach", failing)
+            path.write_text(f"triggers:\n  - {{name: t, subscriber: '{subscriber.url}'}}\n"
+                            f"  - {{name: t3, broker: b3, subscriber: '{subscriber.url}'}}\n")
+            assert not await broker.reload()
+            async with client(broker) as c:
+                answer = await c.post("/default/b3", **binary_request(event("lost")))
+            assert answer.status_code == 404, answer.text
+            assert ("default", "b3") not in broker.channels
+            await _post(broker, event("kept"))  # the running triggers still run
+            await until(lambda: len(subscriber.events) == 1, what="the default broker's event")
+            monkeypatch.setattr(SpoolChannel, "attach", attach)
+            assert await broker.reload()
+            await _post(broker, event("b3"), path="/default/b3")
+            await until(lambda: len(subscriber.events) == 2, what="the event of the broker declared at last")
+        finally:
+            await broker.shutdown()
+
     async def test_events_flow_while_a_reload_reads(self, tmp_path: Path, subscriber: Subscriber) -> None:
         """The files are read off the event loop: a reload stuck on a FIFO nobody writes yet (any
         slow file, or one that takes long to check) leaves the broker serving."""
