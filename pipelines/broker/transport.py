@@ -82,6 +82,8 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._head = 0  # bytes of the head read so far
         self._head_ended = False  # a head ended in the chunk being fed
+        self._moved = False  # body or an end came of the chunk being fed
+        self._idle = 0  # bytes fed since the last that did (a chunked answer's trailers)
         self._truncated = False
         self.keep_alive = False
         self.idle_since = 0.0
@@ -100,7 +102,7 @@ class _Connection(asyncio.Protocol):
             room = _HEAD_MAX - self._head
             chunk = data if not counting or len(data) <= room else data[:room]
             data = data[len(chunk):]
-            self._head_ended = False
+            self._head_ended = self._moved = False
             try:
                 self._parser.feed_data(chunk)
             except httptools.HttpParserError as exc:
@@ -113,6 +115,14 @@ class _Connection(asyncio.Protocol):
                 self._head += len(chunk)
                 if self._head >= _HEAD_MAX:  # and still not ended
                     self._fail(ConnectionError(f"the response's head is larger than {_HEAD_MAX} bytes"))
+                    self._abort()
+                    return
+            elif not counting:
+                # Trailers are header lines after the body, held by the parser as a head's are;
+                # bytes that bring no body nor an end are them (or chunk framing): bounded alike.
+                self._idle = 0 if self._moved else self._idle + len(chunk)
+                if self._idle >= _HEAD_MAX:
+                    self._fail(ConnectionError(f"the response's trailers are larger than {_HEAD_MAX} bytes"))
                     self._abort()
                     return
 
@@ -141,6 +151,7 @@ class _Connection(asyncio.Protocol):
         self._head = 0  # an interim response's head (a 100) counts not against the real one's
 
     def on_body(self, body: bytes) -> None:
+        self._moved = True
         if self._truncated:  # cut: what the same read still held is not wanted
             return
         if self.max_body is not None:
@@ -157,6 +168,7 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._moved = True
         if self._truncated:
             return
         if self._parser.get_status_code() < 200:  # an interim response (103, an unasked 100): the real one follows
@@ -173,7 +185,7 @@ class _Connection(asyncio.Protocol):
         waiter: asyncio.Future[HttpResponse] = loop.create_future()
         self._waiter = waiter
         self._headers, self._body, self._received, self._headers_done = {}, [], False, False
-        self._framed, self._size, self._head, self._truncated = False, 0, 0, False
+        self._framed, self._size, self._head, self._truncated, self._idle = False, 0, 0, False, 0
         self.transport.write(message)
         # A timer, not asyncio.timeout: a third of the cost, and this runs once per delivery.
         timer = None if timeout is None else loop.call_later(timeout, self._expire, timeout)

@@ -198,6 +198,41 @@ async def test_a_head_past_its_bound_fails_the_attempt() -> None:
     await client.aclose()
 
 
+async def test_trailers_past_the_heads_bound_fail_the_attempt() -> None:
+    """A chunked answer's trailers are header lines after the body: one endless trailer grew the
+    client until the attempt's timeout, as an endless header did. Bounded as a head is; small
+    chunks and trailers within the bound are read whole."""
+    stop = asyncio.Event()
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-big: ")
+        try:
+            while not stop.is_set():  # until the client hangs up
+                writer.write(b"a" * 65536)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    client = HttpClient(max_response_bytes=2 << 20)
+    try:
+        with pytest.raises(ConnectionError, match="trailers"):
+            await client.post(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/", {}, b"x", timeout=30)
+    finally:
+        stop.set()
+        server.close()
+    chunks = b"".join(b"1\r\n%c\r\n" % c for c in b"x" * 20000)  # 120 KB of framing around 20 KB of body
+    trailers = b"".join(b"x-t%d: %s\r\n" % (i, b"v" * 1000) for i in range(60))
+    whole = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunks + b"0\r\n" + trailers + b"\r\n"
+    async with Scripted(lambda _: whole) as url:
+        for _ in range(2):  # the kept connection too
+            response = await client.post(url, {}, b"", timeout=10)
+            assert (response.status, response.body) == (200, b"x" * 20000)
+    await client.aclose()
+
+
 @pytest.mark.parametrize("writes", ["one", "separate"])
 async def test_an_interim_head_counts_not_against_the_answers(writes: str) -> None:
     """A 103 of 40 KiB of head then a 200 of 30 KiB (each within the bound) failed: the bytes of
