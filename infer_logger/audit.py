@@ -40,6 +40,10 @@ order ends in the same document:
     <kind>_time                  the event's `time`
     <kind>_attributes            every CloudEvents attribute, as text (the raw audit trail)
 
+A response's part writes the keys it does not set as null, so that a later response of the id
+(a retry that kept x-request-id) replaces an earlier one instead of merging with it; the
+instances it has no part for get all of them null.
+
 A one-tensor V2 row (`{"input-0": [...]}`, `{"output-0": 1}`) is read as the tensor's value.
 With `per_instance=False` there is no `instance` and each part is the list of the instances'
 parts. Explanation events write no shared attributes and no `@timestamp` (an explainer may name
@@ -72,6 +76,9 @@ _MAX_ID_BYTES = 512  # Elasticsearch refuses longer _ids
 _SUM_TOLERANCE = 0.01  # float32 softmax outputs rarely sum to exactly 1
 _ERROR_COPY_CHARS = 1000  # of an error body on the instances after the first
 _MAX_LATENCY_MS = 1e12  # ~30 years: anything longer is a broken attribute, not a latency
+# Every key a response part may have (`_response_part`, error, raw), as null.
+_RESPONSE_CLEARED: Document = dict.fromkeys(
+    ("prediction", "probabilities", "values", "outputs", "error", "raw"))
 _SPLIT = {"request": payloads.split_request, "response": payloads.split_response,
           "explanation": payloads.split_explanation}
 
@@ -109,9 +116,14 @@ def documents(
         doc = dict(common)
         if present := [p for p in parts if p is not None]:
             doc[kind] = present
+        elif kind == "response":
+            doc[kind] = None  # replaces an earlier response's list (a retry under the same id)
         return [(doc_id(event.id), doc)]
     if kind == "response":
         parts += [None] * (instances - len(parts))  # status on instances without a prediction
+        # A later response of the id (a retry that kept x-request-id) replaces an earlier one:
+        # the update deep-merges objects, so every key this one does not set is written null.
+        parts = [{**_RESPONSE_CLEARED, **(part or {})} for part in parts]
     out: list[tuple[str, Document]] = []
     for index, part in enumerate(parts):
         doc = {**common, "instance": index}

@@ -7,7 +7,9 @@ the exchange: the response sets them on every row of its id, and rows created la
 request with more instances) copy them from a row the response wrote. The time is the exchange's
 too: every row the request or the response made is dated by the request's `time` (rows beyond its
 instances too); until the request comes, by the response's `time - latencyms`, as the audit
-documents' @timestamp is (`audit.request_time`). Re-delivery overwrites.
+documents' @timestamp is (`audit.request_time`). Re-delivery overwrites; a later response of an id
+(a retry that kept x-request-id) replaces the earlier one whole: rows beyond its items lose the
+earlier one's response and response attributes.
 
 SQLite runs in WAL mode so that `infer-logger query` in another process reads while the sidecar
 writes. Times are stored as UTC RFC 3339 text with microseconds, so text order is time order.
@@ -133,10 +135,15 @@ def _exchange_sql() -> str:
 _EXCHANGE_OWN = ("request", "request_attributes", "response", "response_attributes")
 _EXCHANGE_COLUMNS = ("id", "instance", *_SHARED, "status", "latency_ms", *_EXCHANGE_OWN, "updated")
 _UPSERT_EXCHANGE = _exchange_sql()
-# (id, status, latency_ms). The IS NOT guards skip the rows the response upsert already set: a
-# lookup instead of a rewrite.
+# (id, status, latency_ms, the response's item count). The response replaces an earlier one of
+# its id (a retry that kept x-request-id): rows beyond its items lose that one's response and
+# attributes. The guards skip the rows the response upsert already set: a lookup instead of a rewrite.
 _SPREAD_STATUS = (
-    "UPDATE records SET status = ?2, latency_ms = ?3 WHERE id = ?1 AND (status IS NOT ?2 OR latency_ms IS NOT ?3)"
+    "UPDATE records SET status = ?2, latency_ms = ?3, "
+    "response = CASE WHEN instance >= ?4 THEN NULL ELSE response END, "
+    "response_attributes = CASE WHEN instance >= ?4 THEN NULL ELSE response_attributes END "
+    "WHERE id = ?1 AND (status IS NOT ?2 OR latency_ms IS NOT ?3 "
+    "OR (instance >= ?4 AND response_attributes IS NOT NULL))"
 )
 # (id, the request's instance count, its time): the rows its response made beyond them, dated by
 # the response until then. A range of the primary key: no row of the request's is looked at.
@@ -325,7 +332,7 @@ class AuditStore:
         responses = latest["response"]
         exchanges: list[tuple[Any, ...]] = []
         rows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in _KINDS.values()}
-        spread: list[tuple[str, int | None, float | None]] = []
+        spread: list[tuple[str, int | None, float | None, int]] = []
         dated: list[tuple[str, int, str]] = []
         for kind, kept in latest.items():
             for event_id, event in kept.items():
@@ -334,14 +341,15 @@ class AuditStore:
                     exchanges += pair
                     # Rows an earlier event made (more instances) get the status too. (Looking up
                     # which ids have rows already, to spread to those only, measured no cheaper.)
-                    spread.append((event_id, pair[0][_STATUS], pair[0][_LATENCY]))
+                    answered = sum(row[_ANSWERED] is not None for row in pair)
+                    spread.append((event_id, pair[0][_STATUS], pair[0][_LATENCY], answered))
                     continue
                 base = _row_base(event, kind, updated)
                 texts = _instances_json(event)
                 for index, text in enumerate(texts):
                     rows[kind].append({**base, "instance": index, kind: text})
                 if kind == "response":
-                    spread.append((event_id, base["status"], base["latency_ms"]))
+                    spread.append((event_id, base["status"], base["latency_ms"], len(texts)))
                 elif kind == "request" and base["time"] is not None:
                     dated.append((event_id, len(texts), base["time"]))
         with self._lock, self._transaction() as conn:
@@ -464,6 +472,7 @@ def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> l
 
 
 _STATUS, _LATENCY = _EXCHANGE_COLUMNS.index("status"), _EXCHANGE_COLUMNS.index("latency_ms")
+_ANSWERED = _EXCHANGE_COLUMNS.index("response_attributes")  # set on the response's own rows
 _TEXT_ATTRS = tuple(attr for column, attr in _SHARED.items() if column != "time")
 _TEXT_CACHE: dict[tuple[Any, ...], tuple[str | None, ...]] = {}
 _TEXT_CACHE_SIZE = 4096

@@ -25,6 +25,9 @@ cluster still starting), a 401 (a key not valid yet) or an answer that is not El
 proxy) is a `SinkError` too, and the template is checked again with the retry; a lasting refusal
 (400, 403: no privilege) is logged once and the sink writes anyway. It then asks which template
 applies to the first index it writes, and warns once when another one of higher priority does.
+A cluster restarted without its data (no volume) has lost the template, and the client reconnects
+without a word: the template is checked again before the next bulk once a bulk failed whole, and
+once the last check is a minute old (one GET; what it finds is logged once).
 `elasticsearch` is an optional extra, so this module imports it only when a sink is built.
 """
 
@@ -34,6 +37,7 @@ import asyncio
 import logging
 import re
 import string
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +84,11 @@ _CHECK_AGAIN = frozenset({401, 408, 409, 429})
 _INVALID = re.compile(r"[^a-z0-9_.+-]+")  # stricter than Elasticsearch: no \/*?"<>|,#: or spaces
 _LEADING = re.compile(r"^[-_+.]+")
 _MAX_INDEX_BYTES = 255
-_COUNTS_KEPT = 10_000
+# Multi-instance requests whose counts are kept for their responses: one that waits as long as a
+# predictor's timeout (60 s) at ~1,600 such requests/s. ~130 bytes an entry (a UUID id): ~13 MB.
+_COUNTS_KEPT = 100_000
+# Seconds after which the template is checked again (see the module docstring).
+_TEMPLATE_CHECK_EVERY = 60.0
 # Names Elasticsearch ships index templates under (`logs`, `metrics-apm...`, `profiling-events`):
 # a derived name that is one of these, or starts with one and `-`, gets `infer-logger-` before it.
 # Index patterns of Elasticsearch's built-in data stream templates (`logs-*-*`...), by their fixed part.
@@ -125,7 +133,8 @@ class ElasticsearchSinkConfig(SinkConfig):
     (`http.max_content_length`) and any front before it take, since a `_bulk` answered 413 is sent
     again in halves (and the sink's bulks stay at most half its size for a while)."""
     install_template: bool = True
-    """Create the index template before the first write when it is missing (never replaces one)."""
+    """Create the index template before the first write when it is missing, and again when it went
+    missing (a cluster restarted without its data); never replaces one."""
     template_name: str = TEMPLATE_NAME
     """The index template's name; unset: the index's fixed prefix (`inference-log` for the default
     index; `audit:prefix` for `audit{namespace}`, `audit:exact` for the one index `audit`), so that
@@ -333,10 +342,13 @@ class ElasticsearchSink:
         self.config = config
         self.client = client or config.client()
         self.index = IndexNamer(config.index)
-        self._template_checked = not config.install_template
+        # When the template was last checked (monotonic); None: before the next bulk.
+        self._template_checked: float | None = None
+        self._template_checks = 0
+        self._said: set[str] = set()  # warnings given: a check made again repeats them
         self._bulk_bytes = SizeLimit(int(config.max_bulk_bytes))  # lowered by a 413
-        # Request instance counts by id, so a response with fewer items (an error) still marks
-        # every instance; the spool orders a request before its response.
+        # Request instance counts by id (those over 1), so a response with fewer items (an error)
+        # still marks every instance; the spool orders a request before its response.
         self._counts: dict[str, int] = {}
 
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
@@ -351,9 +363,15 @@ class ElasticsearchSink:
         for attempt in range(1, self.config.max_attempts + 1):
             retry: list[tuple[_Op, int]] = []
             for chunk in _chunks(ops, self._bulk_bytes):
-                if not self._template_checked:
+                if self._template_due():
                     await self._ensure_template(self.index(events[chunk[0].event]))
-                for op, item in zip(chunk, await self._bulk_fitting(chunk)):
+                try:
+                    items = await self._bulk_fitting(chunk)
+                except SinkError as exc:
+                    if not isinstance(exc, RejectedError):  # down, or 5xx: it may come back empty
+                        self._template_checked = None
+                    raise
+                for op, item in zip(chunk, items):
                     if item is None:
                         if op.event not in rejected:
                             too_large.add(op.event)
@@ -429,6 +447,8 @@ class ElasticsearchSink:
 
     def _remember(self, event_id: str, count: int) -> None:
         self._counts.pop(event_id, None)
+        if count <= 1:  # what a response does without a count: one-instance traffic evicts nothing
+            return
         self._counts[event_id] = count
         if len(self._counts) > _COUNTS_KEPT:
             del self._counts[next(iter(self._counts))]  # the oldest
@@ -493,15 +513,29 @@ class ElasticsearchSink:
                                 f"status: {str(result)[:200]!r}")
         return cast("list[Mapping[str, Any]]", results)
 
+    def _template_due(self) -> bool:
+        checked = self._template_checked
+        return self.config.install_template and (
+            checked is None or time.monotonic() - checked >= _TEMPLATE_CHECK_EVERY
+        )
+
+    def _warn_once(self, message: str, *args: object) -> None:
+        text = message % args
+        if text not in self._said:
+            self._said.add(text)
+            log.warning(message, *args)
+
     async def _ensure_template(self, index: str) -> None:
         """Install the template when missing, then check that it is the one `index` (the first
-        one written) gets."""
+        one written) gets. Checked again, only what is new is asked: the template, and when it
+        had to be created again, the rest."""
         from elasticsearch import ApiError, TransportError, UnsupportedProductError
 
         name, patterns = self.config.template_name, self.config.template_patterns()
         try:
             outcome = await install_template(self.client, name=name, index_patterns=patterns, overwrite=False)
-            retired = outcome in ("created", "unchanged") and await retire_shared(
+            anew = self._template_checks == 0 or outcome == "created"
+            retired = anew and outcome in ("created", "unchanged") and await retire_shared(
                 self.client, name=name, index_patterns=patterns
             )
             self._installed(outcome, retired)
@@ -520,21 +554,25 @@ class ElasticsearchSink:
                 ) from exc
             # A refusal that will not change, e.g. an API key without manage_index_templates
             # (403): write anyway, say so once.
-            log.warning("elasticsearch sink: cannot install index template %s: %s", name, exc)
+            self._warn_once("elasticsearch sink: cannot install index template %s: %s", name, exc)
         except TransportError as exc:
             raise SinkError(f"elasticsearch at {self.config.where}: {_failure(exc)}") from exc
         else:
-            shadow, unchecked = (None, None) if outcome == "foreign" else await _shadowed(self.client, name, index)
+            shadow, unchecked = (None, None) if outcome == "foreign" or not anew else await _shadowed(
+                self.client, name, index
+            )
             if unchecked:
-                log.warning("elasticsearch sink: cannot check which index template applies to %s: %s", index, unchecked)
+                self._warn_once("elasticsearch sink: cannot check which index template applies to %s: %s",
+                                index, unchecked)
             if shadow:
-                log.warning(
+                self._warn_once(
                     "elasticsearch sink: %s applies to new indices such as %s, not index template %s "
                     "(priority %d): only the highest-priority match does, so they get its mappings, not "
                     "infer-logger's (lower its priority or narrow its patterns)",
                     shadow, index, name, priority(patterns),
                 )
-        self._template_checked = True
+        self._template_checked = time.monotonic()
+        self._template_checks += 1
 
     def _installed(self, outcome: Outcome, retired: bool) -> None:
         name, patterns = self.config.template_name, self.config.template_patterns()
@@ -544,13 +582,13 @@ class ElasticsearchSink:
             log.info("elasticsearch sink: index template %s is for %s again (%s, now %s's, was in it)",
                      TEMPLATE_NAME, ", ".join(INDEX_PATTERNS), ", ".join(patterns), name)
         if outcome == "foreign":
-            log.warning(
+            self._warn_once(
                 "elasticsearch sink: index template %s is not infer-logger's: left as it is, so indices "
                 "%s may be created without our mappings (give the sink another template_name)",
                 name, ", ".join(patterns),
             )
         elif outcome == "kept":
-            log.warning(
+            self._warn_once(
                 "elasticsearch sink: index template %s exists for other index patterns or of another "
                 "version: kept, so indices %s may be created without our mappings (replace it with "
                 "`infer-logger setup elasticsearch --index '%s' --template-name %s`)",

@@ -67,6 +67,16 @@ def merge(into: dict[str, Any], partial: Mapping[str, Any]) -> dict[str, Any]:
     return into
 
 
+def answer(**keys: Any) -> dict[str, Any]:
+    """A per-instance `response`: the keys it does not set are null (they clear an earlier one's)."""
+    return {**dict.fromkeys(("prediction", "probabilities", "values", "outputs", "error", "raw")), **keys}
+
+
+def _set(part: Any) -> Any:
+    """A response part without the keys it sets to null (to clear an earlier response's)."""
+    return {k: v for k, v in part.items() if v is not None} if isinstance(part, Mapping) else part
+
+
 def merged(order: tuple[CloudEvent, ...], **options: Any) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for event in order:
@@ -87,9 +97,28 @@ class TestMerge:
         assert doc["@timestamp"] == T_REQUEST  # the response's time minus its latency agrees
         assert (doc["status"], doc["latency_ms"], doc["instance"]) == (200, 12.0, 1)
         assert doc["request"] == {"values": [3, 4]}
-        assert doc["response"] == {"prediction": 1}
+        assert doc["response"] == answer(prediction=1)
         assert doc["explanation"] == {"f0": -0.5}
         assert doc["request_time"] == T_REQUEST and doc["explanation_time"] == T_EXPLANATION
+
+    @pytest.mark.parametrize(("first", "second"), [
+        (response({"error": "busy"}, status=503), response()),
+        (response(), response({"error": "busy"}, status=503)),
+        (response({"predictions": [[0.2, 0.8], [0.6, 0.4]]}), response({"predictions": [7]})),
+        (response(b"oops", datacontenttype="text/plain"), response({"predictions": [[1, 2], [3, 4]]})),
+    ], ids=["error-then-ok", "ok-then-error", "fewer-items", "raw-then-values"])
+    def test_a_later_response_replaces_the_earlier(self, first: CloudEvent, second: CloudEvent) -> None:
+        """A retry under the same id (Envoy keeps x-request-id): deep-merged, a 503's error stayed
+        beside the 200's prediction."""
+        got = merged((request(), first, second), instances=2)
+        alone = merged((request(), second), instances=2)
+        assert {k: _set(d.get("response")) for k, d in got.items()} == {
+            k: _set(d.get("response")) for k, d in alone.items()}
+        assert {k: d["status"] for k, d in got.items()} == {k: d["status"] for k, d in alone.items()}
+
+    def test_a_later_response_replaces_the_earlier_in_one_document(self) -> None:
+        got = merged((request(), response(), response({"predictions": [None]})), per_instance=False)
+        assert not got["a"].get("response")
 
     def test_no_field_is_written_differently_by_two_kinds(self) -> None:
         docs = {e.type: documents(e)[0][1] for e in (request(), response(), explanation())}
@@ -245,70 +274,71 @@ class TestResponse:
     """`response` holds the prediction, and probabilities when the output is a distribution."""
 
     def test_scalars(self) -> None:
-        assert parts(response(), "response") == [{"prediction": 0}, {"prediction": 1}]
-        assert parts(response({"predictions": ["cat"]}), "response") == [{"prediction": "cat"}]
+        assert parts(response(), "response") == [answer(prediction=0), answer(prediction=1)]
+        assert parts(response({"predictions": ["cat"]}), "response") == [answer(prediction="cat")]
 
     def test_distribution(self) -> None:
         got = parts(response({"predictions": [[0.1, 0.7, 0.2], [0.5, 0.5]]}), "response")
-        assert got == [{"prediction": 1, "probabilities": [0.1, 0.7, 0.2]},
-                       {"prediction": 0, "probabilities": [0.5, 0.5]}]
+        assert got == [answer(prediction=1, probabilities=[0.1, 0.7, 0.2]),
+                       answer(prediction=0, probabilities=[0.5, 0.5])]
 
     @pytest.mark.parametrize("row", [[0.2, 0.2], [1.5, -0.5], [3, 4], [0.9]])
     def test_other_lists(self, row: list[float]) -> None:
-        assert parts(response({"predictions": [row]}), "response") == [{"values": row}]
+        assert parts(response({"predictions": [row]}), "response") == [answer(values=row)]
 
     def test_v2_one_output(self) -> None:
         body = {"outputs": [{"name": "output-0", "shape": [2], "datatype": "INT64", "data": [2, 0]}]}
-        assert parts(response(body), "response") == [{"prediction": 2}, {"prediction": 0}]
+        assert parts(response(body), "response") == [answer(prediction=2), answer(prediction=0)]
 
     def test_v2_several_outputs(self) -> None:
         body = {"outputs": [{"name": "label", "shape": [1], "datatype": "BYTES", "data": ["cat"]},
                             {"name": "score", "shape": [1], "datatype": "FP32", "data": [0.9]}]}
-        assert parts(response(body), "response") == [{"outputs": {"label": "cat", "score": 0.9}}]
+        assert parts(response(body), "response") == [answer(outputs={"label": "cat", "score": 0.9})]
 
     @pytest.mark.parametrize("status", [500, "500"])
     def test_error_goes_to_every_known_instance(self, status: int | str) -> None:
         docs = documents(response({"error": "boom"}, status=status), instances=3)
         assert [k for k, _ in docs] == ["a-0", "a-1", "a-2"]
-        assert all(d["response"] == {"error": '{"error":"boom"}'} and d["status"] == 500 for _, d in docs)
+        assert all(d["response"] == answer(error='{"error":"boom"}') and d["status"] == 500 for _, d in docs)
 
     def test_a_large_error_is_whole_on_the_first_instance_only(self) -> None:
         body = {"error": "E" * 5000}
         text = orjson.dumps(body).decode()
         docs = documents(response(body, status=500), instances=400)
         assert len(docs) == 400 and all(d["status"] == 500 for _, d in docs)
-        assert docs[0][1]["response"] == {"error": text}
+        assert docs[0][1]["response"] == answer(error=text)
         for _, doc in docs[1:]:
             error = doc["response"]["error"]
             assert error.startswith(text[:1000]) and len(error) < 1100
             assert f"cut from {len(text)} characters" in error
 
     def test_not_json_or_truncated_is_raw(self) -> None:
-        assert parts(response(b"setosa", datacontenttype="text/plain"), "response") == [{"raw": "c2V0b3Nh"}]
+        plain = response(b"setosa", datacontenttype="text/plain")
+        assert parts(plain, "response") == [answer(raw="c2V0b3Nh")]
         cut = orjson.dumps({"predictions": [1, 2, 3]})[:10]
         (got,) = parts(response(cut, truncated=True, datasize=99), "response")
-        assert set(got) == {"raw"}  # not a prediction of the first 10 bytes
+        assert got == answer(raw=got["raw"])  # not a prediction of the first 10 bytes
         assert parts(explanation(b"<html>"), "explanation") == [{"raw": "PGh0bWw+"}]
 
     def test_fewer_predictions_than_instances(self) -> None:
         docs = documents(response({"predictions": [7]}), instances=3)
-        assert [d.get("response") for _, d in docs] == [{"prediction": 7}, None, None]
+        assert [d.get("response") for _, d in docs] == [answer(prediction=7), answer(), answer()]
         assert all(d["status"] == 200 and d["latency_ms"] == 12.0 for _, d in docs)
 
     def test_an_error_nested_past_what_orjson_writes_is_its_own_text(self) -> None:
         """A 500 whose body nests 300 deep (orjson writes 254 levels) raised TypeError."""
         body = b'{"error":' + b"[" * 300 + b"]" * 300 + b"}"
         (got,) = parts(response(body, status=500), "response")
-        assert got == {"error": body.decode()}
+        assert got == answer(error=body.decode())
 
     def test_an_error_body_that_is_not_json_is_its_text(self) -> None:
         """A proxy's plain-text or HTML error page was `{"base64":"..."}` as text."""
         page = b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
         docs = documents(response(page, status=503, datacontenttype="text/plain"), instances=2)
-        assert [d["response"] for _, d in docs] == [{"error": page.decode()}] * 2
+        assert [d["response"] for _, d in docs] == [answer(error=page.decode())] * 2
         cut = b'{"error": "CUDA out of mem'
         (cut_part,) = parts(response(cut, status=500, truncated=True, datasize=99), "response")
-        assert cut_part == {"error": cut.decode()}
+        assert cut_part == answer(error=cut.decode())
 
     def test_an_error_body_is_text_only_when_its_bytes_are(self) -> None:
         """Decoded as UTF-8 with U+FFFD for what was not, a page in another charset lost its bytes:
@@ -316,11 +346,11 @@ class TestResponse:
         page = "<p>Erreur : réessayez à 10h</p>"
         sent = page.encode("cp1252")
         named = response(sent, status=503, datacontenttype="text/html; charset=windows-1252")
-        assert parts(named, "response") == [{"error": page}]
+        assert parts(named, "response") == [answer(error=page)]
         (unnamed,) = parts(response(sent, status=503, datacontenttype="text/html"), "response")
-        assert unnamed == {"error": orjson.dumps(events.RawPayload.of(sent)).decode()}
+        assert unnamed == answer(error=orjson.dumps(events.RawPayload.of(sent)).decode())
         cut = response(page.encode()[:14], status=503, truncated=True, datasize=99)  # in "é"'s two bytes
-        assert parts(cut, "response") == [{"error": "<p>Erreur : r"}]
+        assert parts(cut, "response") == [answer(error="<p>Erreur : r")]
 
     def test_binary_nan_and_infinities_stay_null(self) -> None:
         """Elasticsearch refuses them in a numeric field, as "NaN" text too (the audit store keeps
@@ -329,14 +359,14 @@ class TestResponse:
         values = binary_tensors.pack_values("FP32", [float("nan"), float("inf"), 0.5])
         body, _ = binary_tensors.encode(head, "outputs", {"y": values})
         docs = [orjson.loads(orjson.dumps(doc)) for _, doc in documents(response(body))]
-        assert [d["response"] for d in docs] == [{"prediction": None}, {"prediction": None}, {"prediction": 0.5}]
+        assert [d["response"] for d in docs] == [answer(prediction=p) for p in (None, None, 0.5)]
 
     def test_binary_bf16_by_instance(self) -> None:
         """BF16 (Triton's bfloat16) binary data: numbers per instance, not one base64 blob."""
         head = {"outputs": [{"name": "y", "shape": [3], "datatype": "BF16"}]}
         body, _ = binary_tensors.encode(head, "outputs", {"y": binary_tensors.pack_values("BF16", [1.0, -2.5, 0.5])})
         docs = [orjson.loads(orjson.dumps(doc)) for _, doc in documents(response(body))]
-        assert [d["response"] for d in docs] == [{"prediction": 1.0}, {"prediction": -2.5}, {"prediction": 0.5}]
+        assert [d["response"] for d in docs] == [answer(prediction=p) for p in (1.0, -2.5, 0.5)]
 
     def test_error_without_known_instances(self) -> None:
         assert [k for k, _ in documents(response("plain text", status=502))] == ["a-0"]

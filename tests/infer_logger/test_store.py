@@ -101,6 +101,7 @@ class TestJoin:
             ([], [request(), response(status=500, body=b"boom")]),
             ([explanation(body={"explanations": [{"f0": 1}, {"f0": 2}, {"f0": 3}]})], [request(), response()]),
             ([request(), response(status=503)], [request(namespace="prod"), response(status=200)]),
+            ([request(), response()], [request(), response(status=503, body={"error": "busy"})]),
         ],
     )
     def test_a_pair_in_one_batch_is_written_as_in_two(
@@ -130,6 +131,25 @@ class TestJoin:
         store.write([request(), response(status=503, body={"error": "busy"})])
         store.write([response(status=200)])
         assert [(r.status, r.response) for r in _by_instance(store)] == [(200, 0), (200, 1)]
+
+    @pytest.mark.parametrize("batches", [
+        [[request(), response()], [request(), response(status=503, body={"error": "busy"})]],
+        [[request()], [response()], [response(status=503, body={"error": "busy"})]],
+        [[request(), response(body={"predictions": [0, 1, 2]})],
+         [response(status=503, body={"error": "busy"})]],
+    ], ids=["as-pairs", "kind-by-kind", "beyond-the-request"])
+    def test_a_later_response_with_fewer_items_replaces_all_of_the_earlier(
+        self, store: AuditStore, batches: list[list[CloudEvent]]
+    ) -> None:
+        """A retry under the same id logged in completion order (a 200, then the 503 of a try
+        that timed out): instance 1 kept the 200's prediction and attributes under the 503."""
+        for batch in batches:
+            store.write(batch)
+        records = _by_instance(store)
+        assert [(r.status, r.response) for r in records][:2] == [(503, {"error": "busy"}), (503, None)]
+        assert all(r.status == 503 for r in records)
+        assert [(r.response_attributes or {}).get("statuscode") for r in records][:2] == [503, None]
+        assert all(r.response is None and r.response_attributes is None for r in records[1:])
 
     def test_request_attributes_win(self, store: AuditStore) -> None:
         store.write([response(time="2025-01-01T00:00:01.000000Z", modelversion="")])
@@ -242,7 +262,7 @@ class TestStatus:
         store.write([event])
         (record,) = store.query()
         assert record.response == body.decode()
-        assert audit.documents(event)[0][1]["response"] == {"error": record.response}
+        assert audit.documents(event)[0][1]["response"]["error"] == record.response
 
     @pytest.mark.parametrize("body, extra, text", [
         ("<p>Erreur : réessayez à 10h</p>".encode("cp1252"),
@@ -264,10 +284,10 @@ class TestStatus:
         (_, doc), *_ = audit.documents(event)
         if text is None:
             assert record.response == {"base64": base64.b64encode(body).decode()}
-            assert doc["response"] == {"error": orjson.dumps(record.response).decode()}
+            assert doc["response"]["error"] == orjson.dumps(record.response).decode()
         else:
             assert record.response == text
-            assert doc["response"] == {"error": text}
+            assert doc["response"]["error"] == text
 
     def test_an_error_body_too_deep_to_write_is_kept_as_its_text(self, store: AuditStore) -> None:
         """Nested past what stdlib json writes (orjson reads it): kept as sent, as text as the
@@ -276,7 +296,7 @@ class TestStatus:
         store.write([event])
         (record,) = store.query()
         assert record.response == (event.data or b"").decode()
-        assert audit.documents(event)[0][1]["response"] == {"error": record.response}
+        assert audit.documents(event)[0][1]["response"]["error"] == record.response
 
     def test_string_attributes_from_binary_mode(self, store: AuditStore) -> None:
         event = response()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +24,7 @@ from infer_logger.dispatch import Backoff, Dispatcher
 from infer_logger.elasticsearch_template import TEMPLATE_NAME, VERSION, install_template
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.metrics import Metrics
+from infer_logger.sinks import elasticsearch as es_sink
 from infer_logger.sinks.base import Sink
 from infer_logger.sinks.elasticsearch import (
     ElasticsearchSink,
@@ -634,6 +636,44 @@ class TestTemplateCheck:
             es.indices.delete(index=f"{prefix}-iris", ignore_unavailable=True)
             es.indices.delete_index_template(name=prefix)
 
+    @pytest.mark.slow
+    @pytest.mark.parametrize("restart", ["while-idle", "while-writing"])
+    async def test_a_cluster_restarted_empty_gets_the_template_again(
+            self, own_es: NoidaServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+            restart: str) -> None:
+        """A node without a data volume, restarted: the template, checked once per life, was gone,
+        the next bulk auto-created the index with dynamic mappings, and rows such as [5.1, "red"]
+        were refused (dead-lettered). While idle, aiohttp reconnects without a word: the check is
+        made again after a while; a bulk that failed whole has it made before the next one."""
+        caplog.set_level(logging.INFO, logger="infer_logger")
+        server, row = own_es, {"instances": [[5.1, "red"]]}
+        if restart == "while-idle":
+            monkeypatch.setattr(es_sink, "_TEMPLATE_CHECK_EVERY", 0.0)
+        sink = ElasticsearchSinkConfig(url=server.address, timeout=5).build()
+        try:
+            await sink.send_batch([request("a", "iris", row)])
+            server.stop()
+            if restart == "while-writing":
+                with pytest.raises(SinkError, match="127.0.0.1") as caught:
+                    await sink.send_batch([request("b", "iris", row)])
+                assert not isinstance(caught.value, RejectedError)
+            server.start()  # the same port, an empty data dir
+            with Elasticsearch(server.address) as client:
+                assert not client.indices.exists_index_template(name=TEMPLATE_NAME)
+            try:
+                await sink.send_batch([request("b", "iris", row)])
+            except SinkError as exc:  # the connection the restart broke, seen now: the worker resends
+                if isinstance(exc, RejectedError):
+                    raise
+                await sink.send_batch([request("b", "iris", row)])
+        finally:
+            await sink.aclose()
+        with Elasticsearch(server.address) as client:
+            assert client.indices.exists_index_template(name=TEMPLATE_NAME)
+            assert docs(client, "iris")["b-0"]["request"] == {"values": [5.1, "red"]}
+        created = [r for r in caplog.records if "created index template" in r.getMessage()]
+        assert len(created) == 2  # once per creation: quiet while it is there
+
     async def test_no_privilege_writes_anyway_and_says_so_once(
             self, es_url: str, es: Elasticsearch, caplog: pytest.LogCaptureFixture) -> None:
         prefix = unique("itest")
@@ -717,7 +757,8 @@ class TestJoin:
         doc = found["order3-1"]
         assert doc["@timestamp"] == T0 and doc["status"] == 200 and doc["latency_ms"] == 12.0
         assert doc["request"] == {"values": [3.0, 4.0]}
-        assert doc["response"] == {"prediction": 0, "probabilities": [0.9, 0.1]}
+        assert {k: v for k, v in doc["response"].items() if v is not None} == {
+            "prediction": 0, "probabilities": [0.9, 0.1]}  # the others null: they clear an earlier response's
         assert doc["explanation"] == {"f0": -0.5}
         assert doc["model"] == service and doc["metadata"] == {"x-user": ["ann"]}
         assert {"request_attributes", "response_attributes", "explanation_attributes"} <= doc.keys()
@@ -764,6 +805,46 @@ class TestJoin:
         found = docs(es, service)
         assert sorted(found) == ["err-0", "err-1", "err-2"]
         assert all(d["status"] == 500 and "model crashed" in d["response"]["error"] for d in found.values())
+
+    @pytest.mark.slow
+    async def test_a_slow_error_after_many_requests_marks_every_instance(
+            self, es_url: str, es: Elasticsearch) -> None:
+        """A 504 after the predictor's timeout, 10,001 one-instance requests after its 3-instance
+        request (~170 req/s for a minute): the count was evicted, the status went on instance 0 alone."""
+        service = unique()
+        sink = ElasticsearchSinkConfig(url=es_url).build()
+        others = [request(f"o{i}", service, {"instances": [[i]]}) for i in range(10_001)]
+        try:
+            await sink.send_batch([request("slow", service, {"instances": [[1], [2], [3]]})])
+            for start in range(0, len(others), 2500):
+                await sink.send_batch(others[start:start + 2500])
+            timeout = response("slow", service, {"error": "upstream request timeout"}, status=504)
+            await sink.send_batch([timeout])
+        finally:
+            await sink.aclose()
+        found = docs(es, service, "slow")
+        assert sorted(found) == ["slow-0", "slow-1", "slow-2"]
+        assert all(d.get("status") == 504 and "upstream request timeout" in d["response"]["error"]
+                   for d in found.values())
+
+    @pytest.mark.parametrize("order", ["error-then-ok", "ok-then-error"])
+    async def test_a_retry_under_the_same_id_replaces_the_response(
+            self, es_url: str, es: Elasticsearch, order: str) -> None:
+        """Envoy and Istio retries keep x-request-id: deep-merged by the update, a 503's error
+        stayed beside the 200's prediction (and the other way round)."""
+        service = unique()
+        req = request("x", service)
+        error = response("x", service, {"error": "upstream busy"}, status=503)
+        ok = response("x", service, {"predictions": [0, 1]})
+        first, second = (error, ok) if order == "error-then-ok" else (ok, error)
+        await send(ElasticsearchSinkConfig(url=es_url), [req, first], [req, second])
+        found = docs(es, service)
+        got = {k: (d["status"], {f: v for f, v in d["response"].items() if v is not None})
+               for k, d in found.items()}
+        if second is ok:
+            assert got == {"x-0": (200, {"prediction": 0}), "x-1": (200, {"prediction": 1})}
+        else:
+            assert got == {f"x-{i}": (503, {"error": '{"error":"upstream busy"}'}) for i in (0, 1)}
 
     async def test_an_error_response_in_flight_beside_its_request(
             self, es_url: str, es: Elasticsearch) -> None:
