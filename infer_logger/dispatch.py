@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import time
@@ -75,9 +76,23 @@ class SinkWorker:
         self.backoff = backoff
         self.deadletter = deadletter_dir / f"{name}.jsonl" if deadletter_dir else None
         self.draining = False
+        # Ends a linger at shutdown. Not the reader's wake: appends set that too, and during a
+        # linger each one set the worker going round its loop until the linger was over.
+        self._drained = asyncio.Event()
         self.healthy = True
         # The tasks of batches that failed and are not taken yet: no new batch starts meanwhile.
         self._failing: set[asyncio.Task[Any] | None] = set()
+
+    def drain(self) -> None:
+        """Deliver what is spooled and return (at shutdown), from a linger or an idle wait at once."""
+        self.draining = True
+        self._drained.set()
+        self.reader.wake()
+
+    async def _linger(self, timeout: float) -> None:
+        """Wait until `drain` or `timeout` passes."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), timeout)
 
     async def run(self) -> None:
         """Deliver until drained or cancelled. A failure of the worker itself (a bug, never the
@@ -136,13 +151,15 @@ class SinkWorker:
                     # Saves a checkpoint the save interval held back (no later commit would while
                     # idle: a kill -9 hours later re-delivered the burst's last batches).
                     self.reader.commit(self.reader.position)
-                    await (asyncio.sleep(too_soon) if too_soon > 0 else self.reader.wait(0.5))
+                    await (self._linger(too_soon) if too_soon > 0 else self.reader.wait(0.5))
                     continue
                 head, end = pending[0]
                 if head is not None and not head.done():
                     waits: set[asyncio.Future[Any]] = {head}
                     if len(pending) < self.in_flight and not self._failing:  # room: also wake for the next batch
-                        later = asyncio.sleep(too_soon) if too_soon > 0 else self.reader.wait(0.5)
+                        # Draining, nothing lingers: only a batch done or an append ends the wait.
+                        later = (self._linger(too_soon) if too_soon > 0 and not self.draining
+                                 else self.reader.wait(0.5))
                         waits.add(asyncio.ensure_future(later))
                     _, others = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                     for other in others - {head}:
@@ -304,8 +321,7 @@ class Dispatcher:
     async def stop(self, drain_timeout: float = 5.0) -> None:
         """Deliver what the sinks will take within `drain_timeout`; the rest stays spooled."""
         for worker in self.workers:
-            worker.draining = True
-            worker.reader.wake()
+            worker.drain()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=drain_timeout)
             for task in pending:

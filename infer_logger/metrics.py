@@ -194,7 +194,17 @@ class Metrics:
         )
 
     def use(self, spool: SpoolView) -> None:
-        """Read `spool` from now on: a logger started again after a stop opens a new one."""
+        """Read `spool` from now on: a logger started again after a stop opens a new one.
+
+        It counts on in the old one's stats (its counters started at zero, and the drop counts
+        went backwards), which also take what the old one still refuses (a late request's append)."""
+        if spool is not self.spool:
+            stats, new = self.spool.stats, spool.stats
+            stats.appended += new.appended
+            stats.corrupt += new.corrupt
+            for reason, count in new.dropped.items():
+                stats.dropped[reason] += count
+            spool.stats = stats
         self.spool = self._spool_collector.spool = spool
 
     def drop(self, reason: str, count: int) -> None:

@@ -15,7 +15,7 @@ from infer_logger.dispatch import Backoff, Dispatcher
 from infer_logger.errors import RejectedError, SinkError
 from infer_logger.metrics import Metrics
 from infer_logger.sinks.memory import MemorySink, failing
-from infer_logger.spool import DiskSpool
+from infer_logger.spool import DiskSpool, Position
 from tests.waiting import until
 
 FAST = Backoff(initial=0.001, maximum=0.01)
@@ -254,6 +254,53 @@ async def test_stop_drains_what_it_can(tmp_path: Path) -> None:
     d.start()
     await d.stop(drain_timeout=5)
     assert len(sink.events) == 100 and sink.closed
+
+
+@pytest.mark.parametrize("durability", ["memory", "disk"])
+async def test_stop_ends_a_linger_and_drains_what_came_meanwhile(tmp_path: Path, durability: str) -> None:
+    """The wait after a partial batch was a sleep that stop's wake could not end: with `linger`
+    past the drain timeout, the worker was cancelled without reading what had come meanwhile
+    (with durability memory, lost at every graceful stop)."""
+    from infer_logger.spool import MemorySpool
+
+    spool = MemorySpool() if durability == "memory" else DiskSpool(tmp_path / "spool")
+    sink = MemorySink()
+    d = Dispatcher(spool, {"s": sink}, Metrics(spool), batch_size=100, linger=60, backoff=FAST)
+    d.start()
+    spool.append(event(0))  # a partial batch: out at once, then the worker lingers
+    await until(lambda: len(sink.events) == 1)
+    for i in range(1, 11):
+        spool.append(event(i))
+    await d.stop(drain_timeout=5)
+    spool.close()
+    assert [e.id for e in sink.events] == [str(i) for i in range(11)]
+
+
+async def test_events_coming_while_a_worker_lingers_do_not_keep_it_busy(tmp_path: Path) -> None:
+    """Only stop ends a linger early: each event appended meanwhile must not set the worker
+    going round its loop until the linger is over (it is read once it is)."""
+    sink = MemorySink()
+    spool = DiskSpool(tmp_path / "spool")
+    d = Dispatcher(spool, {"s": sink}, Metrics(spool), batch_size=100, linger=60, backoff=FAST)
+    reader = d.workers[0].reader
+    commit, rounds = reader.commit, [0]
+
+    def counted(position: Position, **kwargs: bool) -> None:
+        rounds[0] += 1  # an idle worker commits once a round
+        commit(position, **kwargs)
+
+    reader.commit = counted  # type: ignore[method-assign]
+    d.start()
+    spool.append(event(0))
+    await until(lambda: len(sink.events) == 1)
+    before = rounds[0]
+    for i in range(1, 4):
+        spool.append(event(i))
+    await asyncio.sleep(0.3)  # a busy loop goes round thousands of times in this
+    assert rounds[0] - before < 20 and len(sink.events) == 1  # still lingering
+    await d.stop()
+    spool.close()
+    assert len(sink.events) == 4
 
 
 async def test_unexpected_exceptions_are_retried_not_fatal(tmp_path: Path) -> None:

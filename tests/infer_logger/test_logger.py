@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from infer_logger.logger import Route, match_route
+from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.config import load_settings
+from infer_logger.logger import InferenceLogger, Route, match_route
 
 
 @pytest.mark.parametrize(("path", "route"), [
@@ -35,3 +39,30 @@ def test_logged_routes(path: str, route: Route) -> None:
 ])
 def test_unlogged(method: str, path: str) -> None:
     assert match_route(method, path) is None
+
+
+@pytest.mark.parametrize(("durability", "mode"), [("disk", "inline"), ("memory", "inline"), ("disk", "process")])
+async def test_drop_counters_carry_over_a_second_lifespan(tmp_path: Path, durability: str, mode: str) -> None:
+    """A start after a stop opens a new spool: /metrics read its counts from zero, and
+    infer_logger_events_dropped_total went backwards."""
+    logger = InferenceLogger(load_settings(
+        spool={"dir": str(tmp_path / "spool"), "durability": durability, "max_bytes": "64KiB"},
+        max_payload_bytes="16KiB", sinks=[{"type": "file", "path": str(tmp_path / "events.jsonl")}],
+        delivery={"mode": mode}))
+
+    def dropped(reason: str) -> float | None:
+        return logger.metrics.registry.get_sample_value("infer_logger_events_dropped_total", {"reason": reason})
+
+    big = CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}, b"x" * 15000)
+    await logger.start()
+    refused = [logger.spool.append(big) for _ in range(10)].count(False)  # no await: nothing delivered
+    logger.metrics.drop("rejected", 2)  # as a sink worker counts what a sink refused
+    assert refused and dropped("spool_full") == refused and dropped("rejected") == 2
+    await logger.stop()
+    await logger.start()
+    try:
+        assert dropped("spool_full") == refused and dropped("rejected") == 2
+        logger.metrics.drop("rejected", 1)
+        assert dropped("rejected") == 3
+    finally:
+        await logger.stop()

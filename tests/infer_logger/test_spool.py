@@ -238,6 +238,33 @@ class TestDiskSpool:
         assert ids[-1] == "59"
         assert len(ids) + spool.stats.dropped["spool_overflow"] == 40
 
+    def test_drop_oldest_counts_a_dropped_segment_by_its_frames_without_decoding_them(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The append that overflowed decoded the dropped segment to count its events (checksums,
+        JSON, a CloudEvent each: ~100 ms a 16 MiB segment, on the proxy's event loop); the frame
+        headers tell as much. Those a reader took are not counted, nor a torn tail."""
+        size = len(encode_record(event(0, 100)))
+        spool = DiskSpool(tmp_path, segment_bytes=size * 10, max_bytes=size * 40, overflow="drop_oldest")
+        for i in range(10):
+            spool.append(event(i, 100))
+        spool.close()
+        first = sorted(tmp_path.glob("*.seg"))[0]
+        os.truncate(first, size * 10 - 5)  # the last record torn by a crash
+        again = DiskSpool(tmp_path, segment_bytes=size * 10, max_bytes=size * 40, overflow="drop_oldest")
+        reader = again.reader("s")
+        events, end = reader.read(3)
+        reader.commit(end)
+        assert len(events) == 3
+
+        def decoded(*args: object) -> None:
+            raise AssertionError("records decoded to count them")
+
+        monkeypatch.setattr(spool_module, "iter_records", decoded)
+        for i in range(10, 41):  # the 31st fills the cap: the first segment goes
+            assert again.append(event(i, 100))
+        assert not first.exists() and again.stats.dropped["spool_overflow"] == 6  # 10 - 3 taken - 1 torn
+        again.close()
+
     @pytest.mark.parametrize(("damaged", "left"), [
         (20, range(1, 30)),  # inside the first record's body: its checksum fails, its frame holds
         (0, None),  # the first record's magic: where the next starts is unknown, the segment's rest goes
@@ -370,7 +397,11 @@ class TestDiskSpool:
         spool.close()  # a clean stop syncs what is written
         assert len(synced) == 1
 
-    @pytest.mark.parametrize("content", [b"{not json", b'{"segment": 1}', b'{"segment": "x", "offset": 0}'])
+    @pytest.mark.parametrize("content", [
+        b"{not json", b'{"segment": 1}', b'{"segment": "x", "offset": 0}',
+        # A seek to -1 failed every read: the worker restarted from there for ever.
+        b'{"segment": 1, "offset": -1}', b'{"segment": -1, "offset": 0}',
+    ])
     def test_an_unreadable_checkpoint_reads_from_the_oldest_segment(self, tmp_path: Path, content: bytes,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
         spool = DiskSpool(tmp_path)
@@ -607,6 +638,41 @@ def test_a_file_size_limit_below_segment_bytes_costs_an_event_per_segment_not_al
     assert taken > 250 and dropped == 300 - taken and delivered and segments <= 2
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_an_append_to_a_closed_spool_is_refused_and_counted(tmp_path: Path) -> None:
+    """A request finishing after the logger stopped: the failed write rolled to a new segment
+    file, in a directory whose lock was let go, and leaked its fd, on every append."""
+    spool = DiskSpool(tmp_path)
+    assert spool.append(event(0))
+    spool.close()
+    files, fds = sorted(os.listdir(tmp_path)), _open_fds()
+    assert not any(spool.append(event(i)) for i in range(20))
+    assert spool.stats.dropped["spool_error"] == 20
+    assert sorted(os.listdir(tmp_path)) == files and _open_fds() == fds
+
+
+def test_a_roll_that_cannot_close_the_old_segment_closes_the_new_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = DiskSpool(tmp_path)
+    spool.append(event(0))
+    old, fds, close = spool._fd, _open_fds(), os.close
+
+    def failing_close(fd: int) -> None:
+        if fd == old:
+            raise OSError(errno.EIO, "I/O error")
+        close(fd)
+
+    monkeypatch.setattr(os, "close", failing_close)
+    with pytest.raises(OSError):
+        spool._roll()
+    assert _open_fds() == fds and spool._fd == old
+    monkeypatch.undo()
+    spool.close()
+
+
 class TestMemorySpool:
     """The in-memory log keeps the same contract, without durability."""
 
@@ -725,7 +791,8 @@ class TestSpoolFollower:
         assert writer.stats.dropped["spool_overflow"] == 5 and failing.position.segment == 1
 
     def test_overflow_counts_the_records_after_a_bad_checksum(self, tmp_path: Path) -> None:
-        """Readers go on past a record that fails its checksum: so does the count of a dropped segment."""
+        """Readers go on past a record that fails its checksum: so does the count of a dropped segment,
+        which goes by the frames (their checksums are not checked on the request path)."""
         writer = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=4000, overflow="drop_oldest")
         writer.reader("down")  # never reads: every dropped event is its loss
         for i in range(5):
@@ -736,7 +803,8 @@ class TestSpoolFollower:
         seg.write_bytes(bytes(raw))
         for i in range(5, 25):
             writer.append(event(i, 100))
-        assert writer.stats.dropped["spool_overflow"] == 4  # the damaged one was lost anyway
+        # The damaged one too: dropped unread, no reader counts it as corrupt.
+        assert writer.stats.dropped["spool_overflow"] == 5
 
     def test_overflow_counts_what_a_stopped_reader_had_not_taken(self, tmp_path: Path) -> None:
         """A reader removed without being forgotten (the broker's shutdown) keeps its place: what
