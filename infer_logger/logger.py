@@ -233,12 +233,13 @@ class InferenceLogger:
         return self._limit
 
     def end(self, exchange: Exchange, status: int, content_type: str | None, body: bytes,
-            size: int | None = None, *, cut_off: bool = False) -> None:
+            size: int | None = None, *, cut_off: bool = False, encoding: str | None = None) -> None:
         """Log the response, whatever its status; called before the client gets it.
 
         A `content_type` no event may carry is taken as none: the request's stands in.
         `size`: the whole body's length when `body` is only its first `payload_limit` bytes.
-        `cut_off`: the body ended early (a stream the client left): marked truncated."""
+        `cut_off`: the body ended early (a stream the client left): marked truncated.
+        `encoding`: its Content-Encoding, decoded as a request's is (`begin`)."""
         if not self._log_response:
             return
         latency = (time.perf_counter() - exchange.started) * 1000
@@ -248,8 +249,17 @@ class InferenceLogger:
         attrs[ev.LATENCYMS] = max(0, round(latency))
         content_type = ev.media_type(content_type) or exchange.content_type
         marks: dict[str, str | int | bool] | None = None
+        if encoding and encoding.strip().lower() != "identity":
+            # Asked for identity, a predictor may compress anyway (pre-compressed answers): gzip
+            # bytes labelled JSON were unreadable in the audit. Decoded, or said to be bytes.
+            found = ev.decoded(body, encoding, self._limit)
+            if found is None:
+                content_type = "application/octet-stream"
+            else:
+                cut_off = cut_off or (size is not None and size > len(body))  # decoded from its first bytes only
+                body, marks = found
         if cut_off:
-            body, marks = body[:self._limit], {ev.TRUNCATED: True}
+            body, marks = body[:self._limit], {**(marks or {}), ev.TRUNCATED: True}
         self._append(ev.RESPONSE, attrs, content_type, body, self._accepted_response, size, marks=marks)
 
     def _append(

@@ -123,6 +123,7 @@ class InferenceLoggerMiddleware:
 
         status = 500
         content_type: str | None = None
+        codings: list[str] = []  # its Content-Encoding: asked for identity, an app may still compress
         kept = bytearray()  # the response's first `payload_limit` bytes: all its event keeps
         size = 0
         limit = self.logger.payload_limit
@@ -135,8 +136,11 @@ class InferenceLoggerMiddleware:
                 status = message["status"]
                 message_headers = list(message.get("headers", []))
                 for k, v in message_headers:
-                    if k.lower() == b"content-type":
+                    name = k.lower()
+                    if name == b"content-type":
                         content_type = v.decode("latin-1")
+                    elif name == b"content-encoding":
+                        codings.append(v.decode("latin-1"))
                 # The client can find the events by it, whatever id the app answered with.
                 message_headers = [(k, v) for k, v in message_headers if k.lower() != b"x-request-id"]
                 message_headers.append((b"x-request-id", ev.id_header(event_id, headers)))
@@ -148,7 +152,7 @@ class InferenceLoggerMiddleware:
                 size += len(chunk)
                 if not message.get("more_body", False):
                     logged = True
-                    self.logger.end(exchange, status, content_type, bytes(kept), size)
+                    self.logger.end(exchange, status, content_type, bytes(kept), size, encoding=", ".join(codings))
             try:
                 await send(message)
             except OSError:  # the client left (an ASGI 2.4 server says so): not the app's failure
@@ -161,14 +165,16 @@ class InferenceLoggerMiddleware:
             if not logged:
                 if answering and gone:  # the client left under way: as far as it went
                     # (Told by `send`: an app's own OSError, an upstream timeout, is its 500.)
-                    self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True)
+                    self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True,
+                                    encoding=", ".join(codings))
                 else:  # the server answers 500 further out; the audit log still sees that it failed
                     reason = f'{{"error": "{type(exc).__name__}"}}'.encode()
                     self.logger.end(exchange, 500, "application/json", reason)
             raise
         if answering and not logged:
             # A stream the client left (Starlette ends it quietly): what went out, marked cut off.
-            self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True)
+            self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True,
+                            encoding=", ".join(codings))
 
     def _lifespan_receive(self, receive: Any, send: Any) -> Any:
         async def wrapped() -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -89,6 +90,7 @@ class Proxy:
         self.upstream = Upstream(upstream, timeout=timeout)
         self.serving = False
         self.startup_error: InferLoggerError | None = None
+        self._unstarted_said = False
         m = logger.metrics
         self._requests = m.requests
         self._counted: dict[tuple[bool, int], Any] = {}
@@ -113,10 +115,10 @@ class Proxy:
             body = await read_or_refuse(receive, send, self.max_body_bytes, self.read_timeout)
             if body is None:
                 return  # refused (413, 408), or the client went away: nothing forwarded, nothing logged
-            target = scope.get("raw_path") or scope["path"].encode()
+            path, target = _own_path(scope)
             if scope.get("query_string"):
                 target += b"?" + scope["query_string"]
-            request = Request(scope["method"], scope["path"], target, scope["headers"], body)
+            request = Request(scope["method"], path, target, scope["headers"], body)
             status, headers, out = await self.handle(request)
             await respond(send, status, headers, out, head=request.method == "HEAD")
         elif kind == "lifespan":
@@ -132,6 +134,9 @@ class Proxy:
         route = match_route(method, path)
         if route is not None and ev.skip_logging(headers):
             route = None  # proxied as it is, unlogged: a body that is no valid CloudEvent too (as the middleware)
+        elif route is not None and not self.logger.started:
+            self._unstarted()
+            route = None
         try:
             event_id = (route and ev.cloudevent_id(headers, body)) or ev.event_id(headers)
         except InvalidEventError as exc:
@@ -179,7 +184,9 @@ class Proxy:
             out_headers = list(_JSON)
         self._upstream_latency.observe(loop.time() - started)
         if exchange is not None:
-            self.logger.end(exchange, status, content_type, out_body)
+            # Asked for identity, it may still have compressed (an answer compressed beforehand).
+            coding = b", ".join(v for k, v in out_headers if k == b"content-encoding").decode("latin-1")
+            self.logger.end(exchange, status, content_type, out_body, encoding=coding or None)
         self._count(exchange is not None, status)
         if exchange is not None:
             # The client can find the events by it: a predictor's own (a correlation-id middleware
@@ -190,11 +197,40 @@ class Proxy:
             out_headers.append((b"x-request-id", ev.id_header(event_id, headers)))
         return status, out_headers, out_body
 
+    def _unstarted(self) -> None:
+        """No lifespan ran (mounted in an app that runs none of its mounted apps', --lifespan off)
+        or it has ended: events appended now are never delivered, and nothing said so. Served
+        unlogged, said once (as the middleware does)."""
+        if not self._unstarted_said:
+            self._unstarted_said = True
+            log.error("infer-logger: the sidecar's logger is not running (its lifespan did not run: mounted in "
+                      "another app, --lifespan off?, or has ended): its calls are served unlogged; run its "
+                      "startup and shutdown from the outer app's lifespan")
+
     def _count(self, logged: bool, status: int) -> None:
         key = (logged, status)
         if (child := self._counted.get(key)) is None:
             child = self._counted[key] = self._requests.labels("true" if logged else "false", str(status))
         child.inc()
+
+
+def _own_path(scope: Scope) -> tuple[str, bytes]:
+    """The path to route on and the one to forward (as the client wrote it), both without the
+    `root_path` a mount (Starlette's Mount, uvicorn --root-path) put before them, as the
+    middleware routes: mounted at /svc, /svc/v1/models/m:predict went to the predictor as such,
+    and was not logged."""
+    path: str = scope["path"]
+    raw: bytes = scope.get("raw_path") or path.encode()
+    root: str = scope.get("root_path", "")
+    if not root or not path.startswith(root) or path[len(root):len(root) + 1] not in ("", "/"):
+        return path, raw
+    path = path[len(root):]
+    prefix = root.encode()
+    if raw.startswith(prefix) and raw[len(prefix):len(prefix) + 1] in (b"", b"/"):
+        raw = raw[len(prefix):]
+    else:  # a root written otherwise (percent-encoded) in the raw path: the rest, encoded again
+        raw = quote(path, safe="/:@!$&'()*+,;=").encode()
+    return path or "/", raw or b"/"
 
 
 def _healthz(proxy: Proxy) -> Reply:

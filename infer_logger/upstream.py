@@ -48,6 +48,7 @@ class _Connection(asyncio.Protocol):
         self.head = False  # the request was HEAD: the answer has no body whatever its headers say
         self.received = False
         self.reused = False  # and idle long enough to have been closed by the predictor meanwhile
+        self.kept = False  # taken from the pool: had answered before
         self.reusable = True
         self.idle_since = 0.0
         self._headers: Headers = []
@@ -77,15 +78,19 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
-        self.pool.forget(self)
+        idle = self.pool.forget(self)
         waiter = self.waiter
         if waiter is None or waiter.done():
+            if idle:
+                self.pool.lost_idle(self)
             return
         if self._headers_done and not self._framed and not self._done:
             self._finish()  # a body delimited by the end of the connection (HTTP/1.0 style)
         elif not self.received and self.reused:  # the predictor closed it as it was reused: not read
             waiter.set_exception(_Stale())
         else:
+            if not self.received and self.kept:  # closed right after its last answer, most likely
+                self.pool.closes_silently = True
             waiter.set_exception(exc or ConnectionResetError("the predictor closed the connection"))
 
     # -- httptools callbacks
@@ -265,7 +270,9 @@ class Upstream:
     `request` raises TimeoutError past `timeout` (the connection is dropped), OSError when the
     predictor cannot be reached or hangs up, and UpstreamError for an answer that is not HTTP.
     A kept-alive connection the predictor closed is not used: the event loop may not have read
-    its end yet, so one idle for a while is looked at first. One lost unanswered as the request
+    its end yet, so one idle for a while is looked at first; every one, once the predictor is
+    seen to close connections right after answering without saying so (`closes_silently`: uvicorn
+    with timeout_keep_alive=0, HTTP/1.0-style servers). One lost unanswered as the request
     went out is sent again once on a new one only for methods that may be (GET, HEAD, PUT...):
     a POST may have been read, and a predictor that died of it must not get it twice (502);
     unless `resend_unanswered` (a sender that resends anyway: the http sink).
@@ -292,6 +299,11 @@ class Upstream:
         self.resend_unanswered = resend_unanswered
         self._idle: list[_Connection] = []
         self._closed = False
+        self.closes_silently = False
+        """The predictor was seen to close a kept connection soon after its answer, unannounced:
+        its end may still be unread as the next request takes the connection (that POST lost), so
+        every kept connection is looked at first. A syscall or four the usual predictor is spared."""
+        self._kept_answered = False  # a connection answered again after it was kept
 
     async def request(self, method: str, target: bytes, headers: Headers, body: bytes) -> Answer:
         """Send `method target` (path and query, as the client wrote them) with these headers."""
@@ -322,9 +334,10 @@ class Upstream:
                 # closed as it was reused only if it had been idle that long; else the predictor
                 # may have read the request.
                 conn.reused = loop.time() - conn.idle_since >= STALE_AFTER
-                if conn.reused and _peer_closed(conn.transport):
+                if (conn.reused or self.closes_silently) and _peer_closed(conn.transport):
                     conn.transport.abort()
                     continue
+                conn.kept = True
                 return conn
         if self._closed:
             raise ConnectionResetError("the client is closed")
@@ -353,7 +366,12 @@ class Upstream:
             timer.cancel()
 
     def release(self, conn: _Connection) -> None:
-        if self._closed:
+        if conn.kept:
+            self._kept_answered = True
+        if self._closed or (self.closes_silently and not self._kept_answered):
+            # Closing them all silently and never once answering twice on one: a server of one
+            # answer per connection. Its end may come after the next request took the connection
+            # (unseen by a look, the POST lost): not kept.
             assert conn.transport is not None
             conn.transport.close()
         else:
@@ -367,11 +385,20 @@ class Upstream:
             if now - oldest.idle_since > IDLE_EXPIRY and oldest.transport is not None:
                 oldest.transport.close()  # connection_lost forgets it
 
-    def forget(self, conn: _Connection) -> None:
+    def forget(self, conn: _Connection) -> bool:
+        """Whether `conn` was idle in the pool."""
         try:
             self._idle.remove(conn)
         except ValueError:
-            pass
+            return False
+        return True
+
+    def lost_idle(self, conn: _Connection) -> None:
+        """`conn`, idle in the pool, was closed: by the predictor unless idle past IDLE_EXPIRY (the
+        pool's other closes are of connections not in it). Soon after an answer: it closes them
+        silently."""
+        if asyncio.get_running_loop().time() - conn.idle_since < STALE_AFTER:
+            self.closes_silently = True
 
     async def close(self) -> None:
         self._closed = True

@@ -151,6 +151,32 @@ def test_a_compressing_middleware_inside_it_is_not_asked_to(tmp_path: Path) -> N
     assert next(e for e in received if e.type == ev.RESPONSE).json() == predictions
 
 
+def test_an_answer_compressed_though_identity_was_asked_for_is_logged_decoded(tmp_path: Path) -> None:
+    """An app answering pre-compressed bytes whatever it is asked: logged as gzip bytes labelled
+    JSON. Decoded as a compressed request is; a coding it cannot decode, said to be bytes."""
+    import gzip
+
+    from fastapi.responses import Response
+
+    app = FastAPI()
+
+    @app.post("/v1/models/{name}:predict")
+    async def predict(name: str) -> Response:
+        if name == "br":
+            return Response(b"\x0b\x03\x80{}\x03", media_type="application/json", headers={"content-encoding": "br"})
+        return Response(gzip.compress(b'{"predictions": [1]}'), media_type="application/json",
+                        headers={"content-encoding": "gzip"})
+
+    def calls(client: httpx.Client) -> list[httpx.Response]:
+        return [client.post(f"/v1/models/{name}:predict", json={}, headers={"ce-id": name}) for name in ("gz", "br")]
+
+    (gz, br), received = _served(app, tmp_path, calls, 4)
+    assert gz.json() == {"predictions": [1]} and br.content == b"\x0b\x03\x80{}\x03"  # as the app sent them
+    responses = {e.id: e for e in received if e.type == ev.RESPONSE}
+    assert responses["gz"].json() == {"predictions": [1]} and responses["gz"].datacontenttype == "application/json"
+    assert responses["br"].datacontenttype == "application/octet-stream" and responses["br"].data == b"\x0b\x03\x80{}\x03"
+
+
 def test_a_body_over_max_request_bytes_is_refused_as_the_sidecar_refuses_it(tmp_path: Path) -> None:
     """The middleware held any body whole (to log and replay it) whatever `max_request_bytes` said."""
     calls = []
@@ -222,9 +248,9 @@ def test_a_streamed_response_passes_through_and_only_its_logged_part_is_held(tmp
                                                                        methods=["POST"])]), settings=settings)
         end = middleware.logger.end
 
-        def spy(exchange, status, content_type, body, size=None):  # type: ignore[no-untyped-def]
+        def spy(exchange, status, content_type, body, size=None, **kwargs):  # type: ignore[no-untyped-def]
             held.append(len(body))
-            end(exchange, status, content_type, body, size)
+            end(exchange, status, content_type, body, size, **kwargs)
 
         middleware.logger.end = spy  # type: ignore[method-assign]
         port = free_port()

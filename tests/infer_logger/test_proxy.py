@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
@@ -21,6 +22,9 @@ from infer_logger.config import load_settings
 from infer_logger.server import SidecarThread
 from infer_logger.testing import CannedPredictor, EventCollector, free_port
 from tests.servers import Process, Scripted, dribble, sidecar_process
+
+if TYPE_CHECKING:
+    from infer_logger.proxy import Proxy
 
 pytestmark = pytest.mark.slow
 
@@ -512,3 +516,93 @@ async def test_a_compressed_request_is_logged_decoded(tmp_path: Path, coding: st
         assert request["truncated"] is True and len(base64.b64decode(request["data_base64"])) == 4096
     else:
         assert request["data"] == {"instances": [[1, 2]]} and "truncated" not in request
+
+
+def _mounted(tmp_path: Path, url: str, *, lifespan: bool) -> tuple[Proxy, Any]:
+    """The proxy mounted at /svc in a Starlette app (which runs no mounted app's lifespan: the
+    outer app's runs the proxy's, if `lifespan`), its file sink `events.jsonl` in `tmp_path`."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from infer_logger.server import build_app
+
+    proxy = build_app(load_settings(None, predictor_url=url, spool={"dir": str(tmp_path / "spool")},
+                                    delivery={"mode": "inline"},
+                                    sinks=[{"type": "file", "path": str(tmp_path / "events.jsonl")}]))
+
+    @contextlib.asynccontextmanager
+    async def run(_: object) -> AsyncIterator[None]:
+        await proxy.startup()
+        yield
+        await proxy.shutdown()
+
+    return proxy, Starlette(routes=[Mount("/svc", app=proxy)],  # type: ignore[arg-type]  # Scope: a dict
+                            lifespan=run if lifespan else None)
+
+
+async def test_mounted_under_a_root_path_it_routes_and_forwards_without_it(tmp_path: Path) -> None:
+    """Mounted at /svc, /svc/v1/models/m:predict went to the predictor as such and was not logged."""
+    from infer_logger.demo.quickstart import ServerThread
+    from infer_logger.server import uvicorn_config
+
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    peer = Scripted(lambda _: reply)
+    async with peer as url:
+        _, outer = _mounted(tmp_path, url, lifespan=True)
+        port = free_port()
+        with ServerThread(uvicorn_config(outer, "127.0.0.1", port)):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                r = await client.post("/svc/v1/models/m:predict?x=1", content=b"{}", headers={"x-request-id": "mnt-1"})
+                other = await client.get("/svc/other%20thing")
+    assert r.status_code == 200 and other.status_code == 200
+    assert [h.split(b"\r\n", 1)[0] for h in peer.heads] == [b"POST /v1/models/m:predict?x=1 HTTP/1.1",
+                                                           b"GET /other%20thing HTTP/1.1"]
+    assert [(e["id"], e["type"], e["path"]) for e in logged(tmp_path)] == [
+        ("mnt-1", ev.REQUEST, "/v1/models/m:predict"), ("mnt-1", ev.RESPONSE, "/v1/models/m:predict")]
+
+
+async def test_mounted_without_its_lifespan_it_serves_unlogged_and_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its logger never started: the events were spooled for no one to deliver, and nothing said so."""
+    import logging
+
+    from infer_logger.demo.quickstart import ServerThread
+    from infer_logger.server import uvicorn_config
+
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    peer = Scripted(lambda _: reply)
+    async with peer as url:
+        proxy, outer = _mounted(tmp_path, url, lifespan=False)
+        port = free_port()
+        with caplog.at_level(logging.ERROR, logger="infer_logger.proxy"), \
+                ServerThread(uvicorn_config(outer, "127.0.0.1", port)):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                for i in range(2):
+                    r = await client.post("/svc/v1/models/m:predict", content=b"{}", headers={"ce-id": f"u-{i}"})
+                    assert r.status_code == 200 and r.json() == {}
+    said = [r.getMessage() for r in caplog.records if "logger is not running" in r.getMessage()]
+    assert len(said) == 1 and "served unlogged" in said[0]
+    assert proxy.logger.spool.stats.appended == 0
+    assert len(peer.heads) == 2
+
+
+async def test_an_answer_compressed_though_identity_was_asked_for_is_logged_decoded(tmp_path: Path) -> None:
+    """A predictor sending pre-compressed answers whatever it is asked: logged as gzip bytes
+    labelled JSON. Decoded as a compressed request is; a coding it cannot decode, said to be bytes."""
+    import gzip
+
+    def forcing(request: bytes) -> bytes:
+        body, coding = gzip.compress(b'{"predictions": [1]}'), b"gzip"
+        if b"/br:" in request:
+            body, coding = b"\x0b\x03\x80{}\x03", b"br"
+        return (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: " + coding
+                + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+
+    async with before(Scripted(forcing), tmp_path) as sidecar, httpx.AsyncClient() as client:
+        r = await client.post(f"{sidecar}/v1/models/m:predict", content=b"{}", headers={"x-request-id": "gz"})
+        br = await client.post(f"{sidecar}/v1/models/br:predict", content=b"{}", headers={"x-request-id": "br"})
+    assert r.json() == {"predictions": [1]} and br.status_code == 200  # the client's as the predictor sent it
+    responses = {e["id"]: e for e in logged(tmp_path) if e["type"] == ev.RESPONSE}
+    assert responses["gz"]["data"] == {"predictions": [1]} and responses["gz"]["datacontenttype"] == "application/json"
+    assert responses["br"]["datacontenttype"] == "application/octet-stream"
+    assert base64.b64decode(str(responses["br"]["data_base64"])) == b"\x0b\x03\x80{}\x03"
