@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,9 @@ class Artifact:
     output_names: list[str] | None = None
     libraries: dict[str, str] = field(default_factory=dict)
 
-    def explainer(self, model: Model) -> BaseExplainer:
-        explainer = create(self.method, self.options, self.params)
+    def explainer(self, model: Model, params: Mapping[str, Any] | None = None) -> BaseExplainer:
+        """Restored on `model`; `params` (the configured ones) over the artifact's own defaults."""
+        explainer = create(self.method, self.options, {**self.params, **(params or {})})
         explainer.restore(model, self.state)
         return explainer
 
@@ -96,7 +98,7 @@ def load_artifact(path: str | Path) -> Artifact:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ArtifactError(target, "not an infer-logger explainer artifact")
     if payload.get("version") != VERSION:
-        raise ArtifactError(target, f"artifact version {payload.get('version')}, this reads {VERSION}")
+        raise ArtifactError(target, f"artifact version {payload.get('version')!r}, this reads {VERSION}")
     try:
         return Artifact(payload["method"], dict(payload["options"]), dict(payload["params"]), dict(payload["state"]),
                         list(payload["feature_names"]), tuple(payload.get("categorical") or ()),
@@ -110,12 +112,14 @@ def restore_explainer(path: str | Path, model: Model) -> BaseExplainer:
     return restore(load_artifact(path), path, model)
 
 
-def restore(artifact: Artifact, path: str | Path, model: Model) -> BaseExplainer:
-    """`artifact` (loaded from `path`) attached to `model`, if fitted on its features; errors name the path."""
+def restore(artifact: Artifact, path: str | Path, model: Model,
+            params: Mapping[str, Any] | None = None) -> BaseExplainer:
+    """`artifact` (loaded from `path`) attached to `model`, if fitted on its features, with `params`
+    over its own (checked beforehand: `ExplainerService.prepare`); errors name the path."""
     if list(model.feature_names) != artifact.feature_names:
         raise ArtifactError(path, f"fitted on features {artifact.feature_names}, the model has {model.feature_names}")
     try:
-        return artifact.explainer(model)
+        return artifact.explainer(model, params)
     except PredictorError:
         raise  # the predictor failed while the engine was built (kernel asks it): not the artifact
     except ExplainerError as exc:

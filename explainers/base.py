@@ -186,6 +186,20 @@ Samples = Annotated[int, Field(ge=1), AfterValidator(_within_limit)]
 at least 1 and at most the server's `max_samples` (given as validation context)."""
 
 
+def _auto_within_limit(value: str, info: ValidationInfo) -> str:
+    context = info.context or {}
+    limit, count = context.get("max_samples"), (context.get("auto") or {}).get(info.field_name)
+    if limit is not None and count is not None and count > limit:
+        raise PydanticCustomError("over_limit", "'auto' is {count} for this model, over this server's limit "
+                                                "of {limit} (max_samples)", {"count": count, "limit": limit})
+    return value
+
+
+Auto = Annotated[Literal["auto"], AfterValidator(_auto_within_limit)]
+"""`Samples`' "auto": the library's own count for the model, which can be any size (kernel SHAP's
+is 2 * features + 2048): held to `max_samples` as that count (`BaseExplainer._auto_counts`)."""
+
+
 def checked(kind: type[BaseModel], values: Mapping[str, Any] | None, what: str,
             context: Mapping[str, Any] | None = None) -> BaseModel:
     try:
@@ -260,7 +274,13 @@ class BaseExplainer(ABC):
     def params(self, overrides: Mapping[str, Any] | None = None, *, max_samples: int | None = None) -> BaseModel:
         """The defaults with `overrides` applied, checked (counts of samples against `max_samples`)."""
         merged = {**self.defaults.model_dump(), **(overrides or {})}
-        return checked(self.Params, merged, "parameters", {"max_samples": max_samples})
+        auto = self._auto_counts(len(self.model.feature_names)) if self.model is not None else {}
+        return checked(self.Params, merged, "parameters", {"max_samples": max_samples, "auto": auto})
+
+    def _auto_counts(self, width: int) -> dict[str, int]:
+        """The count the library makes of each parameter's "auto" for a model of `width` features
+        (the most that vary in a row), as it decides it; a parameter left out is not counted."""
+        return {}
 
     def explain(self, rows: np.ndarray, params: BaseModel | Mapping[str, Any] | None = None) -> Explanation:
         if self.model is None or self._state is None:

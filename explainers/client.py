@@ -485,9 +485,25 @@ class _Parts(aiohttp.payload.Payload):
             await writer.write(part)
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """An answer past any interim (1xx) ones. http.client skips 100 Continue only: a 103 Early Hints
+    was taken for the answer, and the real one, left on the kept-alive connection, for the next
+    request's. Read from the same buffered file, which may hold the real one already."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]  # private: not in typeshed
+            # 100: `begin` skips it; 101 (switching protocols) ends HTTP on the connection
+            if not 102 <= status < 200:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # the interim answer's headers; it has no body
+
+
 class _HTTPConnection(http.client.HTTPConnection):
     """http.client's connection without Nagle's algorithm (as aiohttp and uvicorn do): the end of a
     request body is not held back waiting for an acknowledgement."""
+
+    response_class = _FinalResponse
 
     def connect(self) -> None:
         super().connect()
@@ -495,6 +511,8 @@ class _HTTPConnection(http.client.HTTPConnection):
 
 
 class _HTTPSConnection(http.client.HTTPSConnection):
+    response_class = _FinalResponse
+
     def connect(self) -> None:
         super().connect()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -643,7 +661,18 @@ def schema_from_metadata(metadata: Mapping[str, Any] | None, fallback: Schema) -
     columns = tuple(_once_each([str(t.get("name")) for t in inputs], "inputs"))
     strings = frozenset(str(t.get("name")) for t in inputs if t.get("datatype") == "BYTES")
     datatypes = tuple(str(t.get("datatype") or "FP64") for t in inputs)
-    return Schema(columns, strings | (fallback.categorical & set(columns)), None, fallback.datatype, datatypes)
+    shapes = tuple(_one_value_each(t.get("shape")) for t in inputs)
+    return Schema(columns, strings | (fallback.categorical & set(columns)), None, fallback.datatype, datatypes,
+                  shapes)
+
+
+def _one_value_each(shape: Any) -> tuple[int, ...]:
+    """A per-feature tensor's sizes after the first (the rows), as sent: `[-1, 1]` takes `[n, 1]`.
+    Any size other than 1 (or -1, variable) is not one value per row: `[n]`, as for no shape."""
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        return ()
+    rest = shape[1:]
+    return tuple(1 for _ in rest) if all(d in (1, -1) for d in rest) else ()
 
 
 def _once_each(names: list[str], where: str) -> list[str]:

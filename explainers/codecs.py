@@ -41,6 +41,9 @@ class Schema:
     datatypes: tuple[str, ...] = ()
     """One tensor per feature: each one's datatype, in feature order (none known: FP64, or BYTES
     for strings). A strict server (Triton) refuses any other than its metadata's."""
+    shapes: tuple[tuple[int, ...], ...] = ()
+    """One tensor per feature: each one's sizes after the first, all 1 (`[-1, 1]`: `(1,)`), in
+    feature order (none known: `[n]`). A strict server refuses any other shape than its metadata's."""
 
     @property
     def width(self) -> int:
@@ -55,6 +58,10 @@ class Schema:
         if self.feature_names[index] in self.categorical:
             return "BYTES"
         return self.datatypes[index] if self.datatypes else "FP64"
+
+    def shape_of(self, index: int, n: int) -> list[int]:
+        """The shape of the tensor of feature `index` for `n` rows (one tensor per feature)."""
+        return [n, *self.shapes[index]] if self.shapes else [n]
 
     def expected(self) -> str:
         names = ", ".join(self.feature_names)
@@ -330,7 +337,8 @@ def _v2(rows: np.ndarray, schema: Schema, output: str | None, *,
     else:
         for j, name in enumerate(schema.feature_names):
             datatype = schema.datatype_of(j)
-            add(name, [n], rows[:, j], datatype if datatype == "BYTES" else _numeric(datatype, binary))
+            add(name, schema.shape_of(j, n), rows[:, j],
+                datatype if datatype == "BYTES" else _numeric(datatype, binary))
     doc: dict[str, Any] = {"inputs": tensors}
     if output is not None:
         wanted: dict[str, Any] = {"name": output}

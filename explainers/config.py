@@ -77,7 +77,9 @@ class ExplainerSettings(LayeredSettings):
     """Save the fitted explainer here after fitting."""
     options: dict[str, Any] = {}
     params: dict[str, Any] = {}
-    timeout: float = Field(10.0, gt=0)
+    # At most a day: a socket's timeout (and a deadline's date) overflows past some 292 years, a
+    # traceback at start; no predictor request is meant to take longer.
+    timeout: float = Field(10.0, gt=0, le=86_400, allow_inf_nan=False)
     """Seconds per predictor request (the whole answer, not each read)."""
     explain_timeout: float = Field(60.0, gt=0)
     """Seconds one explain request (or one batch of explain-on-event) may take, time queued for the

@@ -85,18 +85,26 @@ class ExplainerService:
 
     def _check_method(self) -> None:
         """The method's options and default parameters, checked before any fitting: the defaults
-        within `max_samples` too, or every request would be refused."""
+        within `max_samples` too, or every request would be refused. An artifact's own are checked
+        first (a bad one is the artifact's fault), then the configured `params` over them."""
         a, s = self._artifact, self.settings
-        method, options, params = (a.method, a.options, a.params) if a else (s.method, s.options, s.params)
-        try:
-            explainer = create(method, options, params)
-        except (InvalidParametersError, UnknownMethodError) as exc:  # bad settings (exit 2), or a bad artifact
-            if a is not None:
+        method, options = (a.method, a.options) if a else (s.method, s.options)
+        if a is not None:
+            try:
+                create(a.method, a.options, a.params)
+            except (InvalidParametersError, UnknownMethodError) as exc:
                 raise ArtifactError(s.artifact, str(exc)) from None
+        try:
+            explainer = create(method, options, {**(a.params if a else {}), **s.params})
+        except (InvalidParametersError, UnknownMethodError) as exc:  # bad settings: exit 2
             field = "options" if str(exc).startswith(f"{method} options") else "params"
             raise SettingsError(field, f"the configured {exc}") from None
+        self._check_defaults(explainer)
+
+    def _check_defaults(self, explainer: BaseExplainer) -> None:
+        """The default parameters within `max_samples`; "auto" counts too, once the model is known."""
         try:
-            explainer.params(None, max_samples=s.max_samples)
+            explainer.params(None, max_samples=self.settings.max_samples)
         except InvalidParametersError as exc:
             raise InvalidParametersError(f"the configured {exc}") from None
 
@@ -141,6 +149,7 @@ class ExplainerService:
             self.schema = Schema(fallback.feature_names, fallback.categorical)
             self.model = self._model(self.schema)
             self.explainer = await loop.run_in_executor(self._executor, self._explainer, self.model)
+            self._check_defaults(self.explainer)  # an "auto" count depends on the model's features
             if s.warmup:
                 await self._warm_up()
             if s.save_artifact is not None:  # only an explainer that works
@@ -197,7 +206,7 @@ class ExplainerService:
         s = self.settings
         if self._artifact is not None:
             assert s.artifact is not None
-            return restore(self._artifact, s.artifact, model)
+            return restore(self._artifact, s.artifact, model, s.params)
         assert self._table is not None
         explainer = create(s.method, s.options, s.params)
         explainer.fit(model, self._table.rows)

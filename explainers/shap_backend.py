@@ -13,7 +13,15 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from explainers.base import BaseExplainer, InstanceExplanation, Model, OutputAttribution, PredictFn, Samples
+from explainers.base import (
+    Auto,
+    BaseExplainer,
+    InstanceExplanation,
+    Model,
+    OutputAttribution,
+    PredictFn,
+    Samples,
+)
 from explainers.errors import (
     InvalidInputError,
     InvalidParametersError,
@@ -205,7 +213,7 @@ class KernelParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # Bounded here: shap fails on 0 or fewer deep inside (a 500), and an unknown l1_reg inside sklearn.
-    nsamples: Samples | Literal["auto"] = 200
+    nsamples: Samples | Auto = 200
     """Coalitions per instance; each costs one model row per background row."""
     l1_reg: bool | L1Reg = False
     """shap >= 0.45 keeps only 10 features unless this is False."""
@@ -249,6 +257,11 @@ class KernelShap(_ShapBackend):
         assert self.model is not None
         return to_instances(values, engine.expected_value, self.model)
 
+    def _auto_counts(self, width: int) -> dict[str, int]:
+        # shap's KernelExplainer: 2 * M + 2048 coalitions, at most all of them (2^M - 2) for M <= 30
+        count = 2 * width + 2**11
+        return {"nsamples": min(count, 2**width - 2) if width <= 30 else count}
+
 
 class LinearShap(_ShapBackend):
     method = "linear"
@@ -275,9 +288,9 @@ class LinearShap(_ShapBackend):
 class MaskerParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_evals: Samples | Literal["auto"] = "auto"
+    max_evals: Samples | Auto = "auto"
     """Model evaluations per instance (each over the background rows); at least 2 * features + 1."""
-    batch_size: Samples | Literal["auto"] = "auto"
+    batch_size: Samples | Auto = "auto"
 
 
 class _MaskerShap(_ShapBackend):
@@ -311,6 +324,11 @@ class _MaskerShap(_ShapBackend):
         result = engine(rows, **{k: v for k, v in wanted.items() if k in accepted})
         return to_instances(result.values, result.base_values, self.model, per_instance_base=True)
 
+    def _auto_counts(self, width: int) -> dict[str, int]:
+        # Permutation: 10 permutations, forwards and back. batch_size: shap's Explainer.__call__ takes
+        # the masker's default_batch_size (the tabular ones have none), else 10.
+        return {"max_evals": 10 * 2 * width, "batch_size": 10}
+
     def _max_evals(self, value: int | str) -> int | str:
         assert self.model is not None
         floor = 2 * len(self.model.feature_names) + 1  # one full permutation, forwards and back
@@ -334,11 +352,15 @@ class PartitionShap(_MaskerShap):
         masker = shap.maskers.Partition(background, max_samples=len(background))
         return shap.PartitionExplainer(predict, masker)
 
+    def _auto_counts(self, width: int) -> dict[str, int]:
+        return {**super()._auto_counts(width), "max_evals": 500}  # shap's PartitionExplainer
+
 
 class AutoShap(_MaskerShap):
     """shap.Explainer's own choice: tree or linear for such a model object, else exact or permutation."""
 
     method = "auto"
+    _black_box = True  # whether the engine calls the model (else it reads the estimator: tree, linear)
 
     def _engine_for(self, model: Model, predict: Any, background: np.ndarray) -> Any:
         shap = _shap()
@@ -350,7 +372,17 @@ class AutoShap(_MaskerShap):
             # Trees without a masker (path-dependent: exact), linear models with one; else the black box.
             for args in ((model.estimator,), (model.estimator, masker)):
                 try:
-                    return shap.Explainer(*args, algorithm="auto", seed=seed)
+                    engine = shap.Explainer(*args, algorithm="auto", seed=seed)
                 except Exception:  # noqa: BLE001, S112 - shap says "not my kind of model" with bare Exceptions
                     continue
+                self._black_box = False
+                return engine
+        self._black_box = True
         return shap.Explainer(predict, masker, algorithm="auto", seed=seed)
+
+    def _auto_counts(self, width: int) -> dict[str, int]:
+        if not self._black_box:  # shap's tree and linear engines take neither
+            return {}
+        # shap.Explainer over an Independent masker: exact (every coalition) up to 10 features,
+        # else permutation
+        return {**super()._auto_counts(width), **({"max_evals": 2**width} if width <= 10 else {})}

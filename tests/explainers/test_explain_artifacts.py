@@ -69,6 +69,16 @@ class TestRefusals:
         with pytest.raises(ArtifactError, match="fitted on features"):
             restore_explainer(path, other)
 
+    def test_a_version_of_another_type_says_so(self, tmp_path: Path) -> None:
+        """A version "1" (a string) read "artifact version 1, this reads 1"."""
+        t = table("iris")
+        explainer = registry.create("kernel", {"background_size": 5})
+        explainer.fit(local_model(estimator("iris"), t.feature_names), t.rows)
+        path = save_artifact(tmp_path / "e.joblib", explainer)
+        joblib.dump({**joblib.load(path), "version": "1"}, path)
+        with pytest.raises(ArtifactError, match="e.joblib: artifact version '1', this reads 1$"):
+            load_artifact(path)
+
     def test_a_state_missing_keys(self, tmp_path: Path) -> None:
         t = table("iris")
         model = local_model(estimator("iris"), t.feature_names)

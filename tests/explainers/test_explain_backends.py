@@ -132,6 +132,34 @@ class TestContract:
             registry.create("kernel").params({"l1_reg": "num_features(0)"})
         assert registry.create("kernel").params({"l1_reg": "num_features(1)"}).l1_reg == "num_features(1)"
 
+    @pytest.mark.parametrize("method, width, param, count", [
+        ("kernel", 30, "nsamples", 2108),  # 2 * 30 + 2048 coalitions
+        ("kernel", 4, "nsamples", 14),  # at most 2^4 - 2: every coalition
+        ("permutation", 30, "max_evals", 600),  # 10 permutations forwards and back
+        ("partition", 30, "max_evals", 500),
+        ("auto", 30, "max_evals", 600),  # permutation over 10 features
+        ("auto", 4, "max_evals", 16),  # exact: every coalition
+        ("permutation", 4, "batch_size", 10),
+    ])
+    def test_auto_counts_against_the_limit(self, method: str, width: int, param: str, count: int) -> None:
+        """`"auto"` was taken whatever `max_samples`: 21,080 model rows for a limit of 100. It is
+        checked as the count shap makes of it for this model, as a number would be."""
+        rows = np.random.default_rng(0).normal(size=(40, width))
+        small = {"nsamples": 1} if method == "kernel" else {"max_evals": 2 * width + 1, "batch_size": 1}
+        explainer = registry.create(method, {"background_size": 5}, small)
+        model = Model(lambda x: np.asarray(x, dtype=float).sum(axis=1), [f"f{i}" for i in range(width)])
+        explainer.fit(model, rows)
+        over = rf"parameters: {param}: 'auto' is {count} for this model, over this server's limit of {count - 1} "
+        with pytest.raises(InvalidParametersError, match=over + r"\(max_samples\)"):
+            explainer.params({param: "auto"}, max_samples=count - 1)
+        assert explainer.params({param: "auto"}, max_samples=count).model_dump()[param] == "auto"
+
+    def test_auto_of_an_engine_that_does_not_evaluate_is_not_counted(self) -> None:
+        """`auto` over a tree model: shap's tree engine reads the trees, not `max_evals` model calls."""
+        explainer = registry.create("auto", {"background_size": 5})
+        explainer.fit(iris_model(), table("iris").rows)
+        assert explainer.params({"max_evals": "auto"}, max_samples=1).model_dump()["max_evals"] == "auto"
+
     def test_white_box_method_needs_the_model(self) -> None:
         black_box = Model(iris_model().predict, table("iris").feature_names)
         with pytest.raises(UnsupportedModelError, match="model file"):

@@ -198,6 +198,53 @@ class TestSchemaFromMetadata:
         assert schema.tensor is None and schema.categorical == {"island"}
         assert [schema.datatype_of(j) for j in range(3)] == ["BYTES", "FP32", "INT64"]
 
+    def test_per_feature_tensors_keep_their_shapes(self) -> None:
+        """Each was sent as `[n]`: a strict server refused the `[-1, 1]` its metadata declared.
+        A size other than 1 after the first is not one feature's: sent as `[n]`, as before."""
+        inputs = [{"name": "a", "shape": [-1, 1]}, {"name": "b", "shape": [-1]}, {"name": "c", "shape": [-1, -1, 1]},
+                  {"name": "d", "shape": [-1, 3]}, {"name": "e", "shape": "[-1, 1]"}, {"name": "f"}]
+        schema = schema_from_metadata({"inputs": inputs}, IRIS)
+        assert schema.shapes == ((1,), (), (1, 1), (), (), ())
+
+
+class TestPerFeatureTensors:
+    """One tensor per feature is sent in the shape the metadata gives it (`[-1, 1]`: `[n, 1]`)."""
+
+    async def test_a_strict_predictor_gets_its_shapes(self) -> None:
+        """Each went as `[n]`: a strict predictor (Triton) refused them all, and the explainer never started."""
+        declared = {"a": [-1, 1], "b": [-1], "c": [-1, 1, 1]}
+
+        def reply(request: bytes) -> bytes:
+            head, body = request.split(b"\r\n\r\n", 1)
+            length = next((line.split(b":")[1].strip().decode() for line in head.split(b"\r\n")
+                           if line.lower().startswith(bt.HEADER.encode())), None)
+            doc, raw = bt.decode(body, length, "inputs")
+            columns = []
+            for tensor in doc["inputs"]:
+                n, *rest = tensor["shape"]
+                if rest != declared[tensor["name"]][1:]:
+                    return _http(400, orjson.dumps({"error": f"unexpected shape for input {tensor['name']!r}: "
+                                                             f"{tensor['shape']}"}))
+                values = (np.frombuffer(raw[tensor["name"]], bt.NUMPY_DTYPES[tensor["datatype"]])
+                          if tensor["name"] in raw else np.asarray(tensor["data"], dtype=float))
+                columns.append(values.astype(float).reshape(n))
+            sums = np.sum(columns, axis=0).tolist()
+            return _http_200(orjson.dumps({"outputs": [{"name": "sum", "shape": [len(sums)], "datatype": "FP64",
+                                                        "data": sums}]}))
+
+        metadata = {"inputs": [{"name": name, "datatype": "FP32", "shape": shape} for name, shape in declared.items()]}
+        async with Scripted(reply) as url:
+            for binary in (True, False):
+                client = await started(url, "m", protocol="v2", retries=0, binary_data=binary)
+                client.schema = schema_from_metadata(metadata, IRIS)
+                try:
+                    rows = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+                    assert (await client.predict(rows)).tolist() == [6.0, 15.0]
+                    assert (await asyncio.to_thread(client.predict_blocking, rows[1:])).tolist() == [15.0]
+                finally:
+                    await client.aclose()
+                assert client.binary_data is binary
+
 
 class TestBinaryData:
     """V2 rows go as binary tensor data with binary outputs asked for; JSON answers are read too; a
@@ -402,6 +449,35 @@ class TestFromWorkerThreads:
                 await asyncio.to_thread(client.predict_blocking, np.ones((1, 2)))
         finally:
             await client.aclose()
+
+    @pytest.mark.parametrize("ahead", [False, True])
+    async def test_an_interim_answer_is_not_taken_for_the_answer(self, ahead: bool) -> None:
+        """A predictor answering 103 Early Hints before its 200: http.client returned the 103 as the
+        answer and left the 200 on the kept-alive connection, for the next request to read as its
+        own (wrong attributions, answered 200)."""
+        def reply(request: bytes) -> bytes:
+            rows = orjson.loads(request.split(b"\r\n\r\n", 1)[1])["instances"]
+            hints = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n"
+            return hints + _http_200(orjson.dumps({"predictions": [sum(row) for row in rows]}))
+
+        scripted = Scripted(reply)
+        async with scripted as url:
+            client = await started(url, "m", protocol="v1", retries=0)
+
+            def explain_each(firsts: list[list[float]]) -> list[list[float]]:  # one thread: one connection
+                answers = []
+                for first in firsts:
+                    rows = np.array([first, [0.0, 0.0]])
+                    with client.asking_ahead(rows) if ahead else contextlib.nullcontext():
+                        answers.append(client.predict_blocking(rows[:1]).tolist())
+                return answers
+
+            try:
+                assert await asyncio.to_thread(explain_each, [[1.0, 2.0], [5.0, 5.0], [7.0, 1.0]]) == [
+                    [3.0], [10.0], [8.0]]
+            finally:
+                await client.aclose()
+        assert client.requests == 3 and scripted.connections == 1  # kept alive, ahead or not
 
     async def test_linger_merges_through_the_loop(self, recorder: tuple[Recorder, str]) -> None:
         rec, url = recorder
@@ -722,4 +798,9 @@ class TestFailures:
 
 
 def _http_200(body: bytes) -> bytes:
-    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    return _http(200, body)
+
+
+def _http(status: int, body: bytes) -> bytes:
+    return b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        status, len(body), body)

@@ -123,6 +123,17 @@ class TestPredictorBodies:
         doc, raw = bt.decode(body, headers[bt.HEADER], "inputs")
         assert [t["datatype"] for t in doc["inputs"]] == ["BYTES", "FP32", "BYTES"] and raw["bill"].nbytes == 4
 
+    def test_encode_v2_per_feature_in_their_shapes(self) -> None:
+        """Each feature went as `[n]` whatever the metadata's shape (`[-1, 1]`): Triton refuses that."""
+        schema = Schema(MIXED.feature_names, MIXED.categorical, tensor=None, shapes=((1,), (), (1, 1)))
+        rows = np.array([["Dream", 40.5, "male"], ["Biscoe", 41.0, "female"]], dtype=object)
+        body = orjson.loads(codecs.encode_v2(rows, schema))
+        assert [(t["shape"], t["data"]) for t in body["inputs"]] == [
+            ([2, 1], ["Dream", "Biscoe"]), ([2], [40.5, 41.0]), ([2, 1, 1], ["male", "female"])]
+        body, headers = codecs.encode_v2_binary(rows, schema)
+        doc, _ = bt.decode(body, headers[bt.HEADER], "inputs")
+        assert [t["shape"] for t in doc["inputs"]] == [[2, 1], [2], [2, 1, 1]]
+
     def test_encode_v1(self) -> None:
         assert orjson.loads(codecs.encode_v1(np.array([[1.0, 2.0]]))) == {"instances": [[1.0, 2.0]]}
 

@@ -111,6 +111,18 @@ class TestExitCodes:
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
         assert result.output.splitlines()[-1].startswith(f"infer-logger explainer: {words}"), result.output
 
+    @pytest.mark.parametrize("value", [".inf", "1e10", ".nan"])
+    def test_a_timeout_no_socket_takes_exits_2(self, tmp_path: Path, value: str) -> None:
+        """`timeout: .inf` passed, then the start failed with an OverflowError traceback."""
+        config = tmp_path / "explainer.yaml"
+        config.write_text(f"explainer:\n  predictor_url: http://127.0.0.1:1\n  background: dataset:iris\n"
+                          f"  timeout: {value}\n")
+        result = CliRunner().invoke(explainer_command, ["-c", str(config), "--fit-only",
+                                                        "--save-artifact", str(tmp_path / "a.joblib")])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert "timeout" in result.output.splitlines()[-1] and "Traceback" not in result.output, result.output
+        assert load_explainer_settings(None, **REQUIRED, timeout=86400).timeout == 86400  # a day: the most
+
     def test_max_instances_is_a_flag(self) -> None:
         """The README named `--max-instances`; only YAML and env could set it."""
         result = CliRunner().invoke(explainer_command, ["--predictor-url", REQUIRED["predictor_url"],

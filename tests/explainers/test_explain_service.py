@@ -14,8 +14,11 @@ import pandas as pd
 import pytest
 from sklearn.linear_model import LinearRegression
 
+from explainers import registry
 from explainers.app import create_app
-from explainers.errors import ArtifactError
+from explainers.artifacts import save_artifact
+from explainers.data import local_model
+from explainers.errors import ArtifactError, InvalidParametersError, SettingsError
 from explainers.service import ExplainerService
 from infer_logger.errors import ConfigError
 from tests.explainers.conftest import refused_start, serve, settings
@@ -176,3 +179,46 @@ class TestArtifactFeatures:
         service = ExplainerService(settings(model_file=tmp_path / "three.joblib", artifact=artifact, warmup=False))
         await refused_start(service, ArtifactError, r"e.joblib: does not fit the model file .*three.joblib: "
                                                     r"the model was fitted on 3 features, the data has 4")
+
+
+class TestArtifactParams:
+    """The configured `params` over a loaded artifact's own: they were ignored, and not checked."""
+
+    @pytest.fixture
+    def fitted(self, tmp_path: Path) -> tuple[Path, Path]:
+        t = table("iris")
+        model = LinearRegression().fit(t.rows, t.target)
+        joblib.dump(model, tmp_path / "iris.joblib")
+        explainer = registry.create("kernel", {"background_size": 5}, {"nsamples": 20, "l1_reg": "aic"})
+        explainer.fit(local_model(model, t.feature_names), t.rows)
+        return tmp_path / "iris.joblib", save_artifact(tmp_path / "e.joblib", explainer)
+
+    async def test_they_apply(self, fitted: tuple[Path, Path]) -> None:
+        model_file, artifact = fitted
+        service = ExplainerService(settings(model_file=model_file, artifact=artifact, params={"nsamples": 40},
+                                            warmup=False))
+        try:
+            await service.start()
+            assert service.explainer is not None
+            assert service.explainer.defaults.model_dump() == {"nsamples": 40, "l1_reg": "aic"}  # the rest: its own
+            explanation = await service.explain(table("iris").rows[:1])
+            assert explanation.params == {"nsamples": 40, "l1_reg": "aic"}
+        finally:
+            await service.aclose()
+
+    @pytest.mark.parametrize("params, error, words", [
+        ({"nsamples": "bogus"}, SettingsError, "the configured kernel parameters: nsamples: "),
+        ({"threshold": 0.9}, SettingsError, "threshold: Extra inputs are not permitted"),
+        ({"nsamples": 500}, InvalidParametersError, "the configured parameters: nsamples: 500 is over this "
+                                                    "server's limit of 100 (max_samples)"),
+    ])
+    def test_bad_ones_are_refused_as_without_an_artifact(self, fitted: tuple[Path, Path], params: dict[str, Any],
+                                                         error: type[Exception], words: str) -> None:
+        model_file, artifact = fitted
+        service = ExplainerService(settings(model_file=model_file, artifact=artifact, params=params,
+                                            max_samples=100, warmup=False))
+        with pytest.raises(error) as caught:
+            service.prepare()
+        assert words in str(caught.value)
+        if error is SettingsError:
+            assert isinstance(caught.value, ConfigError) and caught.value.field == "params"
