@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from explainers import codecs
@@ -195,6 +196,13 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
         status = next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 500)
         return failed(status, str(exc))
 
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, exc: HTTPException) -> Response:
+        # An unknown path or method: the protocol's {"error": ...}, not FastAPI's {"detail": ...}.
+        answer = failed(exc.status_code, str(exc.detail))
+        answer.headers.update(exc.headers or {})  # a 405's Allow
+        return answer
+
     @app.exception_handler(ClientDisconnect)
     async def gone(request: Request, exc: ClientDisconnect) -> Response:
         # The client left mid-body: no one to answer, and no error of ours (it was a logged 500).
@@ -259,10 +267,12 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
         return _json({"ready": service.ready}, 200 if service.ready else 503)
 
     @app.get("/v2/models/{name}/ready", response_model=ModelReady)
+    @app.get("/v2/models/{name}/versions/{model_version}/ready", response_model=ModelReady)
     async def v2_model_ready(name: str) -> ModelReady:
         return ModelReady(name=model(name).name, ready=True)
 
     @app.get("/v2/models/{name}", response_model=ModelMetadata)
+    @app.get("/v2/models/{name}/versions/{model_version}", response_model=ModelMetadata)
     async def v2_metadata(name: str) -> ModelMetadata:
         found = model(name)
         assert found.schema is not None and found.explainer is not None

@@ -671,3 +671,18 @@ def test_a_client_gone_mid_body_is_no_error_of_ours(switchable: tuple[Switchable
     time.sleep(0.5)
     assert server_errors() == before
     assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
+
+
+def test_versioned_ready_and_metadata_and_unknown_routes(switchable: tuple[SwitchablePredictor, str]) -> None:
+    """The Open Inference Protocol's versioned ready and metadata paths were 404, and an unknown
+    path or method answered FastAPI's {"detail": ...}: the protocol's errors are {"error": ...}."""
+    _, url = switchable
+    ready = httpx.get(f"{url}/v2/models/iris/versions/1/ready", timeout=10)
+    assert ready.status_code == 200 and ready.json()["ready"] is True, ready.text
+    metadata = httpx.get(f"{url}/v2/models/iris/versions/1", timeout=10)
+    assert metadata.status_code == 200 and metadata.json()["name"] == "iris", metadata.text
+    assert httpx.get(f"{url}/v2/models/nope/versions/1", timeout=10).status_code == 404
+    for method, path, status in [("GET", "/nope", 404), ("GET", "/v2/models/iris/versions/1/nope", 404),
+                                 ("PUT", "/v2/models/iris/infer", 405)]:
+        r = httpx.request(method, f"{url}{path}", timeout=10)
+        assert r.status_code == status and isinstance(r.json()["error"], str), (path, r.text)
