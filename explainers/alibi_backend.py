@@ -11,9 +11,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from explainers.base import BaseExplainer, InstanceExplanation, Model, Samples
+from explainers.base import Auto, BaseExplainer, InstanceExplanation, Model, Samples
 from explainers.errors import ExplainerError, MissingExtraError, UnsupportedModelError
-from explainers.shap_backend import Codes, L1Reg, sample_rows, to_instances
+from explainers.shap_backend import Codes, L1Reg, kernel_auto_nsamples, sample_rows, to_instances
 
 
 def _explainers() -> Any:
@@ -119,7 +119,7 @@ class AlibiShapOptions(BaseModel):
 class AlibiKernelParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    nsamples: Samples | Literal["auto"] = 200  # as KernelParams: checked here, not deep in shap
+    nsamples: Samples | Auto = 200  # as KernelParams: checked here, not deep in shap
     l1_reg: bool | L1Reg = False
 
 
@@ -141,6 +141,9 @@ class AlibiKernelShap(_AlibiBackend):
         engine = _explainers().KernelShap(model.predict, link=self.options.link, feature_names=list(model.feature_names),
                                           task=_task(model), seed=self.options.seed)
         return engine.fit(state["background"])
+
+    def _auto_counts(self, width: int) -> dict[str, int]:
+        return {"nsamples": kernel_auto_nsamples(width)}  # alibi hands "auto" on to shap's KernelExplainer
 
     def _explain(self, engine: Any, rows: np.ndarray, params: Any) -> tuple[list[InstanceExplanation], list[str]]:
         result = engine.explain(np.asarray(rows, dtype=float), nsamples=params.nsamples, l1_reg=params.l1_reg,

@@ -258,9 +258,14 @@ class KernelShap(_ShapBackend):
         return to_instances(values, engine.expected_value, self.model)
 
     def _auto_counts(self, width: int) -> dict[str, int]:
-        # shap's KernelExplainer: 2 * M + 2048 coalitions, at most all of them (2^M - 2) for M <= 30
-        count = 2 * width + 2**11
-        return {"nsamples": min(count, 2**width - 2) if width <= 30 else count}
+        return {"nsamples": kernel_auto_nsamples(width)}
+
+
+def kernel_auto_nsamples(width: int) -> int:
+    """What shap's KernelExplainer makes of nsamples "auto" for `width` features: 2 * M + 2048
+    coalitions, at most all of them (2^M - 2) for M <= 30."""
+    count = 2 * width + 2**11
+    return min(count, 2**width - 2) if width <= 30 else count
 
 
 class LinearShap(_ShapBackend):
