@@ -76,6 +76,7 @@ class SinkWorker:
         self.backoff = backoff
         self.deadletter = deadletter_dir / f"{name}.jsonl" if deadletter_dir else None
         self.draining = False
+        self._drain_until = 0.0  # monotonic: retries that end later are left to the next start
         # Ends a linger at shutdown. Not the reader's wake: appends set that too, and during a
         # linger each one set the worker going round its loop until the linger was over.
         self._drained = asyncio.Event()
@@ -83,8 +84,10 @@ class SinkWorker:
         # The tasks of batches that failed and are not taken yet: no new batch starts meanwhile.
         self._failing: set[asyncio.Task[Any] | None] = set()
 
-    def drain(self) -> None:
-        """Deliver what is spooled and return (at shutdown), from a linger or an idle wait at once."""
+    def drain(self, timeout: float = 0.0) -> None:
+        """Deliver what is spooled and return (at shutdown), from a linger or an idle wait at once;
+        a failure is retried while its backoff ends within `timeout`."""
+        self._drain_until = time.monotonic() + timeout
         self.draining = True
         self._drained.set()
         self.reader.wake()
@@ -231,10 +234,11 @@ class SinkWorker:
             self._failing.add(asyncio.current_task())
             self.healthy = False
             self.metrics.retried.labels(self.name).inc()
-            if self.draining:
+            delay = self.backoff.delay(attempt, getattr(failure, "retry_after", None))
+            # Draining, a retry is worth it while the drain lasts (a memory spool loses the rest).
+            if self.draining and time.monotonic() + delay >= self._drain_until:
                 log.warning("sink %s still failing at shutdown (%s): kept in the spool", self.name, failure)
                 return False
-            delay = self.backoff.delay(attempt, getattr(failure, "retry_after", None))
             if attempt == 1 or attempt % 10 == 0:
                 log.warning("sink %s: %s; retry %d in %.2fs", self.name, failure, attempt, delay)
             await asyncio.sleep(delay)
@@ -321,7 +325,7 @@ class Dispatcher:
     async def stop(self, drain_timeout: float = 5.0) -> None:
         """Deliver what the sinks will take within `drain_timeout`; the rest stays spooled."""
         for worker in self.workers:
-            worker.drain()
+            worker.drain(drain_timeout)
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=drain_timeout)
             for task in pending:

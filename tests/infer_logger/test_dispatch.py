@@ -276,6 +276,24 @@ async def test_stop_ends_a_linger_and_drains_what_came_meanwhile(tmp_path: Path,
     assert [e.id for e in sink.events] == [str(i) for i in range(11)]
 
 
+@pytest.mark.parametrize("durability", ["memory", "disk"])
+async def test_a_failure_while_draining_is_retried_within_the_drain_timeout(tmp_path: Path, durability: str) -> None:
+    """The first failure after the stop ended the drain, with most of `drain_timeout` left: one
+    503 as the sidecar stopped cost a memory spool every event in it."""
+    from infer_logger.spool import MemorySpool
+
+    spool = MemorySpool() if durability == "memory" else DiskSpool(tmp_path / "spool")
+    sink = MemorySink()
+    d = Dispatcher(spool, {"s": sink}, Metrics(spool), batch_size=100, backoff=FAST)
+    for i in range(11):
+        spool.append(event(i))
+    sink.fail = failing(2)
+    d.start()
+    await d.stop(drain_timeout=30)
+    spool.close()
+    assert [e.id for e in sink.events] == [str(i) for i in range(11)]
+
+
 async def test_events_coming_while_a_worker_lingers_do_not_keep_it_busy(tmp_path: Path) -> None:
     """Only stop ends a linger early: each event appended meanwhile must not set the worker
     going round its loop until the linger is over (it is read once it is)."""
