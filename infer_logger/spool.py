@@ -445,9 +445,8 @@ class DiskSpool(_Segments):
         fd = self._open(self._current + 1)
         try:
             os.close(self._fd)
-        except OSError:
-            os.close(fd)  # the next roll opens it again
-            raise
+        except OSError as exc:  # Linux has let the descriptor go all the same: never closed again
+            log.error("spool %s: closing segment %d failed: %s", self.dir, self._current, exc)
         self._fd = fd
         self._current += 1
         self.refresh()
@@ -936,9 +935,13 @@ class MemorySpool:
         self._next = 0
         self._bytes = 0
         self._readers: dict[str, MemoryReader] = {}
+        self._closed = False
 
     def append(self, event: CloudEvent) -> bool:
         """Append one event; False (and counted) when `max_events` or `max_bytes` refuses it."""
+        if self._closed:  # as the disk spool's: nobody delivers it any more
+            self.stats.dropped["spool_error"] += 1
+            return False
         # Counted as the disk spool would store it, so max_bytes means the same in both.
         size = _HEADER.size + len(orjson.dumps(event.attributes)) + len(event.data or b"")
         full = len(self._log) >= self.max_events or self._bytes + size > self.max_bytes
@@ -981,7 +984,7 @@ class MemorySpool:
         return self._bytes
 
     def close(self) -> None:
-        pass
+        self._closed = True
 
     def start_fsync(self) -> None:
         pass
