@@ -10,6 +10,7 @@ the answer with httptools (llhttp, the parser uvicorn and Node use) and keeps co
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 import socket
 import ssl
@@ -90,7 +91,7 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(_Stale())
         else:
             if not self.received and self.kept:  # closed right after its last answer, most likely
-                self.pool.closes_silently = True
+                self.pool.closed_unannounced()
             waiter.set_exception(exc or ConnectionResetError("the predictor closed the connection"))
 
     # -- httptools callbacks
@@ -234,6 +235,12 @@ IDLE_EXPIRY = 30.0  # seconds the least recently used idle connection is kept
 STALE_AFTER = 1.0
 """Seconds a kept connection must have been idle for a loss before any answer to be taken for the
 predictor's keep-alive timeout (and the request sent again on a new connection)."""
+CAREFUL_FOR = 1.0
+"""Seconds the pool takes care after it saw the predictor close a connection unannounced soon
+after an answer (`Upstream.careful`)."""
+CAREFUL_IDLE = 0.05
+"""Seconds a kept connection must have been idle to be used while taking care: a predictor that
+closes after its answer has its end come right after it, read by then or seen by a look."""
 
 
 class _Stale(Exception):
@@ -270,9 +277,9 @@ class Upstream:
     `request` raises TimeoutError past `timeout` (the connection is dropped), OSError when the
     predictor cannot be reached or hangs up, and UpstreamError for an answer that is not HTTP.
     A kept-alive connection the predictor closed is not used: the event loop may not have read
-    its end yet, so one idle for a while is looked at first; every one, once the predictor is
-    seen to close connections right after answering without saying so (`closes_silently`: uvicorn
-    with timeout_keep_alive=0, HTTP/1.0-style servers). One lost unanswered as the request
+    its end yet, so one idle for a while is looked at first; and while the predictor is seen to
+    close connections soon after answering without saying so (`careful`), only one idle for a
+    moment, looked at. One lost unanswered as the request
     went out is sent again once on a new one only for methods that may be (GET, HEAD, PUT...):
     a POST may have been read, and a predictor that died of it must not get it twice (502);
     unless `resend_unanswered` (a sender that resends anyway: the http sink).
@@ -299,11 +306,7 @@ class Upstream:
         self.resend_unanswered = resend_unanswered
         self._idle: list[_Connection] = []
         self._closed = False
-        self.closes_silently = False
-        """The predictor was seen to close a kept connection soon after its answer, unannounced:
-        its end may still be unread as the next request takes the connection (that POST lost), so
-        every kept connection is looked at first. A syscall or four the usual predictor is spared."""
-        self._kept_answered = False  # a connection answered again after it was kept
+        self._careful_until = 0.0
 
     async def request(self, method: str, target: bytes, headers: Headers, body: bytes) -> Answer:
         """Send `method target` (path and query, as the client wrote them) with these headers."""
@@ -326,15 +329,34 @@ class Upstream:
                 continue
         raise ConnectionResetError("the predictor closed two connections in a row before answering")
 
+    @property
+    def careful(self) -> bool:
+        """Whether the predictor closed a connection unannounced soon after its answer (uvicorn
+        with timeout_keep_alive=0, HTTP/1.0-style servers) within CAREFUL_FOR: its end may still be
+        unread as the next request takes the connection, that POST lost (502). Meanwhile only one
+        idle for CAREFUL_IDLE is used, looked at first. For a time: a predictor restarted closes
+        its connections so too, and must not cost a connection per request for good."""
+        return asyncio.get_running_loop().time() < self._careful_until
+
+    def closed_unannounced(self) -> None:
+        self._careful_until = asyncio.get_running_loop().time() + CAREFUL_FOR
+
     async def _connection(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
         while self._idle:
-            conn = self._idle.pop()
+            careful = loop.time() < self._careful_until
+            if careful:  # the newest idle long enough, if any (the pool is in release order)
+                at = bisect.bisect_right(self._idle, loop.time() - CAREFUL_IDLE, key=lambda c: c.idle_since)
+                if at == 0:
+                    break
+                conn = self._idle.pop(at - 1)
+            else:
+                conn = self._idle.pop()
             if conn.transport is not None and not conn.transport.is_closing():
                 # A connection lost unanswered is taken for one the predictor's keep-alive timeout
                 # closed as it was reused only if it had been idle that long; else the predictor
                 # may have read the request.
                 conn.reused = loop.time() - conn.idle_since >= STALE_AFTER
-                if (conn.reused or self.closes_silently) and _peer_closed(conn.transport):
+                if (conn.reused or careful) and _peer_closed(conn.transport):
                     conn.transport.abort()
                     continue
                 conn.kept = True
@@ -366,12 +388,7 @@ class Upstream:
             timer.cancel()
 
     def release(self, conn: _Connection) -> None:
-        if conn.kept:
-            self._kept_answered = True
-        if self._closed or (self.closes_silently and not self._kept_answered):
-            # Closing them all silently and never once answering twice on one: a server of one
-            # answer per connection. Its end may come after the next request took the connection
-            # (unseen by a look, the POST lost): not kept.
+        if self._closed:
             assert conn.transport is not None
             conn.transport.close()
         else:
@@ -398,7 +415,7 @@ class Upstream:
         pool's other closes are of connections not in it). Soon after an answer: it closes them
         silently."""
         if asyncio.get_running_loop().time() - conn.idle_since < STALE_AFTER:
-            self.closes_silently = True
+            self.closed_unannounced()
 
     async def close(self) -> None:
         self._closed = True

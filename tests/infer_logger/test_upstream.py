@@ -16,6 +16,7 @@ from infer_logger.errors import ConfigError
 from infer_logger.testing import free_port
 from infer_logger.upstream import Upstream, UpstreamError
 from tests.servers import Process, Scripted
+from tests.waiting import until
 
 
 def ok(body: bytes = b"{}") -> Callable[[bytes], bytes]:
@@ -164,9 +165,8 @@ async def test_a_connection_lost_unanswered_right_after_use_is_not_resent() -> N
 async def test_a_predictor_that_closes_connections_silently_loses_no_post(answers: int) -> None:
     """A predictor that hangs up after each answer (or each second one) without `Connection:
     close` (uvicorn with timeout_keep_alive=0): its end, in but unread as the next POST took the
-    connection, cost that POST a 502 (rightly not sent again). Once the pool has seen it, every
-    kept connection is looked at first (one answer per connection: none is kept); POSTs are
-    still never sent twice."""
+    connection, cost that POST a 502 (rightly not sent again). Once the pool has seen it, only a
+    connection idle for a moment is used, looked at first; POSTs are still never sent twice."""
     peer = Scripted(ok(), close_after=answers)
     async with peer as url:
         up = Upstream(url)
@@ -174,7 +174,7 @@ async def test_a_predictor_that_closes_connections_silently_loses_no_post(answer
             for _ in range(3):  # the pool learns of it here, maybe losing one
                 with contextlib.suppress(ConnectionResetError):
                     await up.request("POST", b"/", [], b"x")
-            assert up.closes_silently
+            assert up.careful
             learnt = len(peer.heads)
             for _ in range(40):
                 assert (await up.request("POST", b"/", [], b"x")).status == 200
@@ -184,6 +184,38 @@ async def test_a_predictor_that_closes_connections_silently_loses_no_post(answer
         finally:
             await up.close()
     assert len(peer.heads) == learnt + 90  # each reached the peer once
+
+
+async def test_a_predictor_restarted_once_costs_no_connection_per_request_for_good(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart closes the idle connections soon after their answers as a predictor of one answer
+    per connection does: taken for one, the pool opened a connection per request for good (5x
+    slower on a fast predictor). The care lasts CAREFUL_FOR; then connections are kept again."""
+    monkeypatch.setattr(upstream_module, "CAREFUL_FOR", 0.3)
+    connections: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\nx")
+                writer.write(ok()(b""))
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    up = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        assert (await up.request("POST", b"/", [], b"x")).status == 200
+        connections[0].close()  # the restart, right after the answer
+        await until(lambda: up.careful, what="the close seen")
+        await until(lambda: not up.careful, what="the care over")
+        before = len(connections)
+        for _ in range(30):
+            assert (await up.request("POST", b"/", [], b"x")).status == 200
+        assert len(connections) == before + 1
+    finally:
+        await up.close()
+        server.close()
 
 
 async def test_hang_up_after_the_request_is_not_retried() -> None:
