@@ -3,9 +3,12 @@
 One TCP port takes every mode of the spec: Message `[tag, time, record, option?]`, Forward
 `[tag, [[time, record], ...], option?]`, PackedForward `[tag, bin|str of msgpack entries, option?]`
 and CompressedPackedForward (option `compressed: "gzip"`, one or more gzip members). Times are
-EventTime (ext type 0), integer or float seconds. With `shared_key` set every connection starts
-with HELO -> PING -> PONG (`users` adds username/password auth). UDP heartbeats are not served:
-Fluentd's out_forward defaults to `heartbeat_type transport`, plain TCP connects.
+EventTime (ext type 0), integer or float seconds; an entry's may also be v1.5's `[time, map...]`
+(Fluent Bit 2.1.x and >= 5.0.5 send `[[EventTime, {metadata}], record]`), whose maps are dropped,
+as Fluentd does. A frame with v1.5's option `fluent_signal` 1 or 2 carries metrics or traces, not
+log records: it is acked and skipped (logged once per connection). With `shared_key` set every
+connection starts with HELO -> PING -> PONG (`users` adds username/password auth). UDP heartbeats
+are not served: Fluentd's out_forward defaults to `heartbeat_type transport`, plain TCP connects.
 
 A frame's records go to the subscriber in batches of at most `max_frame_entries`, each unpacked
 and converted only when the one before was taken, so a frame of many small entries holds its bytes
@@ -183,6 +186,7 @@ class Frame:
     entries: Iterable[Entry]
     chunk: str | None
     budget: _Budget | None = None  # of the entries still to unpack
+    signal: int = 0  # v1.5's fluent_signal when it is one of _NOT_LOGS (the entries are then none)
 
     def slices(self, size: int) -> Iterator[list[Entry]]:
         """The entries, `size` at a time (each batch with the whole budget: those before are
@@ -333,7 +337,7 @@ def parse_frame(frame: bytes | memoryview, limit: int, max_entries: int = _MAX_E
             compressed = option.get("compressed")
             if compressed == "gzip":
                 entries = _entries(_unpacked(_inflate(raw, limit), limit, max_entries, budget))
-            elif compressed in (None, "text"):
+            elif compressed in (None, "text") or _signal(option):  # a skipped payload is never read
                 entries = _entries(_unpacked(_pieces(raw), limit, max_entries, budget))
             else:
                 raise FrameError(f"unknown compression {_describe(compressed)}")
@@ -351,11 +355,23 @@ def parse_frame(frame: bytes | memoryview, limit: int, max_entries: int = _MAX_E
     chunk = option.get("chunk")
     if chunk is not None and not isinstance(chunk, str):
         raise FrameError(f"the chunk option must be a string, not {_describe(chunk)}")
+    if signal := _signal(option):
+        return Frame(tag, (), chunk, budget, signal)
     return Frame(tag, entries, chunk, budget)
 
 
+_NOT_LOGS = (1, 2)  # fluent_signal of Fluent Bit's metrics (cmetrics) and traces (ctraces); 0 is logs
+
+
+def _signal(option: dict[str, Any]) -> int:
+    """The option's fluent_signal when it says the payload is no log records, else 0."""
+    signal = option.get("fluent_signal")
+    return signal if type(signal) is int and signal in _NOT_LOGS else 0
+
+
 def _option(walk: _Walk, size: int, index: int) -> dict[str, Any]:
-    """The option's `chunk` and `compressed`, all this source reads of it (the rest is skipped)."""
+    """The option's `chunk`, `compressed` and `fluent_signal`, all this source reads of it (the rest
+    is skipped)."""
     if size > index + 1:
         raise FrameError(f"{size} items is too many for this mode")
     if size == index:
@@ -369,7 +385,7 @@ def _option(walk: _Walk, size: int, index: int) -> dict[str, Any]:
         key = walk.value()
         if isinstance(key, _Skipped):  # what decoding the map would have raised
             raise TypeError(f"an option key cannot be a {key.kind}")
-        if key in ("chunk", "compressed"):
+        if key in ("chunk", "compressed", "fluent_signal"):
             option[key] = walk.value()
         else:
             walk.skip()
@@ -505,7 +521,17 @@ def _entries(items: Iterable[object]) -> Iterator[Entry]:
 def _entry(item: object) -> Entry:
     if not isinstance(item, list) or len(item) != 2:
         raise FrameError(f"an entry is [time, record], not {_describe(item)}")
-    return time_ns(item[0]), _record(item[1])
+    return _time(item[0]), _record(item[1])
+
+
+def _time(value: object) -> int:
+    """An entry's time in ns: v1.5's Metadata, a time or `[time, map...]`; the maps (Fluent Bit's
+    metadata) are dropped, as Fluentd's in_forward does: an event has no place for them."""
+    if isinstance(value, list):
+        if not value:
+            raise FrameError("a time with metadata is [time, map...], not an empty array")
+        value = value[0]
+    return time_ns(value)
 
 
 def _record(value: object) -> dict[Any, Any]:
@@ -789,6 +815,7 @@ class ForwardSource:
         self.connections += 1
         peer = writer.get_extra_info("peername")
         messages = _Messages(self.config.max_frame_bytes)
+        skipping = False  # a fluent_signal frame was skipped (logged once)
         try:
             if self.config.shared_key is not None and not await self._handshake(
                     reader, writer, messages, peer):
@@ -803,11 +830,16 @@ class ForwardSource:
                     self._taking += 1
                     self._idle.clear()
                     try:
-                        await self._take(message, reader, writer)
+                        frame = await self._take(message, reader, writer)
                     finally:
                         self._taking -= 1
                         if not self._taking:
                             self._idle.set()
+                    if frame is not None and frame.signal and not skipping:
+                        skipping = True
+                        log.warning("forward source: %s sends frames with fluent_signal %d (metrics or "
+                                    "traces, not log records; tag %r): acked and skipped", peer,
+                                    frame.signal, frame.tag)
                 if not (data := await self._read(reader, messages)):
                     break
                 messages.feed(data)
@@ -855,11 +887,12 @@ class ForwardSource:
         log.warning("forward source: closing connection from %s: %s", peer, reason)
 
     async def _take(self, message: bytes | memoryview, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
-        """The frame's batches handed on in its turn (one of `in_flight`), then its chunk acked."""
+                    writer: asyncio.StreamWriter) -> Frame | None:
+        """The frame's batches handed on in its turn (one of `in_flight`), then its chunk acked;
+        the frame, or None when it was not taken."""
         async with self._turns:  # waiting, this connection reads nothing: TCP holds its sender back
             if self._draining:
-                return  # began while this one waited: not taken, not acked (the sender sends it again)
+                return None  # began while this one waited: not taken, not acked (the sender sends it again)
             # Parsed in its turn too: a Message mode record is decoded whole.
             frame = parse_frame(message, self.config.max_frame_bytes, self.config.max_frame_entries)
             self.frames += 1
@@ -869,6 +902,7 @@ class ForwardSource:
             writer.write(self._packer.pack({"ack": frame.chunk}))
             await writer.drain()
             self.acks += 1
+        return frame
 
     async def _hand_on(self, frame: Frame, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter) -> None:

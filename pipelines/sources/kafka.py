@@ -94,6 +94,8 @@ _SETTLED_MAX_CHARS = 3000  # Kafka refuses metadata over offset.metadata.max.byt
 _SETTLED_MAX = 100_000  # records one commit may name: those past it are delivered again instead
 _RANGE = re.compile(r"([0-9]{1,19})(?:-([0-9]{1,19}))?")
 _COMMITTED_TIMEOUT = 10.0  # seconds to read a new assignment's commit metadata
+_PROBE_EVERY = 1.0  # seconds between metadata requests asking whether a broker is back
+_PROBE_TIMEOUT = 0.5  # seconds one may take (it holds the consumer's thread while none answers)
 # Seconds a stop waits for the consumer's close (its last commit, leaving the group). librdkafka
 # waits for ever on a commit while the coordinator does not answer (a stalled broker).
 _CLOSE_TIMEOUT = 10.0
@@ -218,6 +220,8 @@ class KafkaSource:
         self._dead_letters: Producer | None = None
         self._delivering: threading.Event | None = None  # set once the subscriber has the batch
         self._down_said = -60.0
+        self._unreachable = False  # no broker answered since librdkafka said all were down
+        self._probed = 0.0
         self._consumer = self._client(Consumer, config.consumer_config())
         if config.dead_letter_topic is not None:
             # Made now: a setting it refuses (one the consumer takes) is a ConfigError at build,
@@ -245,6 +249,11 @@ class KafkaSource:
 
     def stats(self) -> dict[str, int]:
         return {"delivered": self.delivered, "dead_lettered": self.dead_lettered}
+
+    @property
+    def problem(self) -> str | None:
+        """Why it cannot read now (the ingest's `/readyz` reason), else None."""
+        return f"no Kafka broker reachable at {self.address}" if self._unreachable else None
 
     async def run(self) -> None:
         if self._closed:
@@ -471,6 +480,7 @@ class KafkaSource:
         while len(batch) < self.config.batch_size and not self._stopping:
             msg = self._consumer.poll(0 if batch else _POLL)
             if msg is None:
+                self._probe()
                 waited += _POLL
                 if batch or waited >= self.config.batch_timeout:
                     break
@@ -478,6 +488,7 @@ class KafkaSource:
             if (error := msg.error()) is not None:
                 self._on_record_error(error)
                 continue
+            self._unreachable = False  # a record came from a broker
             record = self._decode(msg)
             # Handled before a stop that committed short of it (see the module docstring).
             record.taken = msg.offset() in self._settled.get(record.partition, ())
@@ -498,6 +509,7 @@ class KafkaSource:
         """While the subscriber fails: poll with every partition paused, to stay in the group."""
         self._held = True
         self._consumer.pause(self._consumer.assignment())
+        self._probe()
         msg = self._consumer.poll(0)  # serves rebalance callbacks; paused, it returns no record...
         if msg is not None and msg.error() is None:  # ...unless one came from a partition new here
             self._consumer.seek(TopicPartition(msg.topic() or "", msg.partition() or 0, msg.offset() or 0))
@@ -578,7 +590,23 @@ class KafkaSource:
             else:
                 self._settled.pop(key, None)
 
+    def _probe(self) -> None:
+        """While no broker was reachable, whether one answers now: an idle topic brings no
+        record, and a group that kept its assignment no rebalance, to say it is back (librdkafka
+        says when all brokers are down, not when one is up again)."""
+        if not self._unreachable or time.monotonic() - self._probed < _PROBE_EVERY:
+            return
+        try:
+            self._consumer.list_topics(timeout=_PROBE_TIMEOUT)  # a metadata request to any broker
+        except KafkaException:
+            return
+        finally:
+            self._probed = time.monotonic()
+        self._unreachable = False
+        log.info("kafka source %s: a broker is reachable again", self.address)
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._unreachable = False  # the group coordinator answered
         self.assignment = self.assignment | {(tp.topic, tp.partition) for tp in partitions}
         if partitions:
             self._read_settled(consumer, partitions)
@@ -801,6 +829,7 @@ class KafkaSource:
 
     def _on_error(self, error: KafkaError) -> None:
         if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._unreachable = True  # until a broker answers (`_probe`): /readyz says so
             now = time.monotonic()  # said again at each reconnect round (~1 s): once a minute is enough
             if now - self._down_said >= 60.0:
                 self._down_said = now

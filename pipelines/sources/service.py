@@ -4,7 +4,8 @@ The source runs beside a small FastAPI app in one event loop: it starts before t
 (a Forward port in use is an error at start, not a dead task behind a live process), and stops in
 the app's shutdown, so SIGTERM gives the batch in hand `drain_timeout` seconds (else it stays unacked,
 uncommitted: sent again) and closes the sink. A source that stops by itself stops the service, which
-then exits 1. `/readyz` is 503 while the sink's last batch failed (Forward: for 10 s after it).
+then exits 1. `/readyz` is 503 while the sink's last batch failed (Forward: for 10 s after it),
+and while the source says it cannot read (Kafka: no broker reachable).
 """
 
 from __future__ import annotations
@@ -114,10 +115,11 @@ class Ingest:
 
     @property
     def problem(self) -> str | None:
-        """Why it is not ready: not running, or its sink failing (None when ready)."""
+        """Why it is not ready: not running, its source unable to read (a source with a `problem`:
+        Kafka's brokers unreachable), or its sink failing (None when ready)."""
         if self._task is None or self._task.done():
             return self.failure or "not running"
-        return self.sink.failure
+        return getattr(self.source, "problem", None) or self.sink.failure
 
     async def aclose(self) -> None:
         """Stop the source; the batch in hand gets `drain_timeout` seconds, then is given up."""

@@ -210,6 +210,47 @@ class TestModes:
         assert await roundtrip(source, frame) == [{"ack": "gz"}]
         assert [e.json() for e in memory.events] == [{"b": base64.b64encode(blob).decode()}, {"n": 2}]
 
+    @pytest.mark.parametrize("mode", ["Forward", "PackedForward", "CompressedPackedForward"])
+    async def test_times_with_metadata(self, source: ForwardSource, memory: MemorySink, mode: str) -> None:
+        """v1.5: Event ::= [Metadata, Record], Metadata ::= integer | EventTime | [EventTime, Hash*]
+        (Fluent Bit 2.1.x and >= 5.0.5 send [[EventTime, {...}], record]): the time is taken, the
+        maps dropped (as Fluentd does)."""
+        entries = [[[event_time(T_NS), {}], {"n": 0}],
+                   [[event_time(T_NS + 1), {"k8s": {"pod": "p"}}, {"more": 1}], {"n": 1}],
+                   [[T_NS // NS], {"n": 2}],
+                   [event_time(T_NS + 3), {"n": 3}]]  # a plain one among them
+        packed = b"".join(pack(e) for e in entries)
+        option: dict[str, object] = {"chunk": mode, "size": 4}
+        if mode == "Forward":
+            frame: list[object] = ["app", entries, option]
+        elif mode == "PackedForward":
+            frame = ["app", packed, option]
+        else:
+            frame = ["app", gzip.compress(packed), {**option, "compressed": "gzip"}]
+        assert await roundtrip(source, frame) == [{"ack": mode}]
+        assert [(e.json()["n"], e.meta["fluentd-time"]) for e in memory.events] == [
+            (0, str(T_NS)), (1, str(T_NS + 1)), (2, str(T_NS // NS * NS)), (3, str(T_NS + 3))]
+        assert source.errors == 0
+
+    @pytest.mark.parametrize("signal", [1, 2], ids=["metrics", "traces"])
+    async def test_fluent_signal_frames_are_acked_and_skipped(
+            self, source: ForwardSource, memory: MemorySink, caplog: pytest.LogCaptureFixture, signal: int) -> None:
+        """v1.5's `fluent_signal` 1 and 2 carry metrics and traces (Fluent Bit's cmetrics/ctraces),
+        not log records: acked (or the sender resends them for ever) and skipped, logged once per
+        connection; the connection goes on."""
+        payload = pack({"meta": {"cmetrics": {}}, "metrics": []})
+        client = await Client.connect(source.port)
+        for chunk in ("s1", "s2"):
+            await client.send(["fb.metrics", payload, {"fluent_signal": signal, "chunk": chunk}])
+            assert await client.reply() == {"ack": chunk}
+        await client.send(["fb.traces", [[1, {"not": "a log"}]], {"fluent_signal": signal}])  # no chunk: no ack
+        await client.send(["app", pack([1, {"ok": True}]), {"fluent_signal": 0, "chunk": "logs"}])
+        assert await client.reply() == {"ack": "logs"}
+        assert [e.json() for e in memory.events] == [{"ok": True}]
+        assert (source.errors, source.frames, source.records, source.acks) == (0, 4, 1, 3)
+        assert caplog.text.count("fluent_signal") == 1
+        await client.aclose()
+
     async def test_no_chunk_no_reply(self, source: ForwardSource, memory: MemorySink) -> None:
         client = await Client.connect(source.port)
         await client.send(["app", T_NS // NS, {"a": 1}])

@@ -177,6 +177,23 @@ class TestKafka:
         assert committed(kafka_bootstrap, group, topic) == [30]
 
 
+    def test_not_ready_while_no_broker_is_reachable(self, tmp_path: Path, running: list[Process]) -> None:
+        """/readyz said 200 while the consumer only logged that no broker answered."""
+        server = NoidaServer("kafka")  # its port, nothing listening yet
+        port = free_port()
+        proc = Process([*INGEST, "--port", str(port), "--source", "kafka", "--kafka-bootstrap", server.address,
+                        "--topic", "t", "--db", str(tmp_path / "audit.db")], port, ready_path="/healthz",
+                       log=tmp_path / "ingest.log").start()
+        running.append(proc)
+        try:
+            wait_for(lambda: httpx.get(proc.url + "/readyz").status_code == 503)
+            reason = httpx.get(proc.url + "/readyz").json()["reason"]
+            assert server.address in reason, reason
+            server.start()
+            wait_for(lambda: httpx.get(proc.url + "/readyz").status_code == 200, 30)
+        finally:
+            server.stop()
+
     def test_sigterm_gives_the_batch_in_hand_drain_timeout_then_leaves_it_uncommitted(
             self, kafka_bootstrap: str, tmp_path: Path) -> None:
         """A sink that never answers: the stop waited for the whole batch, 16 POSTs of 10 s at a

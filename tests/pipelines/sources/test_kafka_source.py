@@ -433,6 +433,35 @@ class TestBrokerDown:
             server.stop()
         assert [e.id for e in sink.events] == [f"id-{i}" for i in range(20)]
 
+    async def test_unreachable_is_its_problem_until_a_broker_answers(self) -> None:
+        """`problem` (the ingest's /readyz reason) names the address while no broker is reachable:
+        at start, and again once the broker goes away from a consumer that kept its assignment
+        (an idle topic: no record, no rebalance says it is back, only a broker that answers)."""
+        server = NoidaServer("kafka")  # its port, nothing listening yet
+        source = source_config(server.address, f"src-{uuid.uuid4().hex[:12]}", f"g-{uuid.uuid4().hex[:8]}").build(
+            MemorySink())
+        try:
+            async with running(source):
+                await until(lambda: source.problem is not None, what="unreachable at start")
+                assert source.problem is not None and server.address in source.problem
+                server.start()
+                await until(lambda: source.problem is None, 30, what="ready once the broker is up")
+        finally:
+            server.stop()
+        server = NoidaServer("kafka").start()
+        topic, group = new_topic(server.address), f"g-{uuid.uuid4().hex[:8]}"
+        source = source_config(server.address, topic, group).build(MemorySink())
+        try:
+            async with running(source):
+                await until(lambda: bool(source.assignment), 30, what="assigned")
+                assert source.problem is None
+                server.stop(keep_data=True)
+                await until(lambda: source.problem is not None, 30, what="unreachable mid-stream")
+                server.start(fresh=False)
+                await until(lambda: source.problem is None, 30, what="ready once the broker is back")
+        finally:
+            server.stop()
+
     async def test_a_topic_created_later(self, kafka_bootstrap: str) -> None:
         """Subscribed before it exists (a sidecar's first event creates it): read within seconds,
         not at librdkafka's default 5-minute metadata refresh."""
