@@ -186,18 +186,18 @@ Samples = Annotated[int, Field(ge=1), AfterValidator(_within_limit)]
 at least 1 and at most the server's `max_samples` (given as validation context)."""
 
 
-def _auto_within_limit(value: str, info: ValidationInfo) -> str:
+def _auto_within_limit(value: str, info: ValidationInfo) -> str | int:
     context = info.context or {}
     limit, count = context.get("max_samples"), (context.get("auto") or {}).get(info.field_name)
     if limit is not None and count is not None and count > limit:
-        raise PydanticCustomError("over_limit", "'auto' is {count} for this model, over this server's limit "
-                                                "of {limit} (max_samples)", {"count": count, "limit": limit})
+        return int(limit)
     return value
 
 
 Auto = Annotated[Literal["auto"], AfterValidator(_auto_within_limit)]
 """`Samples`' "auto": the library's own count for the model, which can be any size (kernel SHAP's
-is 2 * features + 2048): held to `max_samples` as that count (`BaseExplainer._auto_counts`)."""
+is 2 * features + 2048): at most `max_samples` (`BaseExplainer._auto_counts`), never refused (the
+library's own default: a wide model's would refuse every request, or fail the start)."""
 
 
 def checked(kind: type[BaseModel], values: Mapping[str, Any] | None, what: str,

@@ -99,12 +99,8 @@ class ExplainerService:
         except (InvalidParametersError, UnknownMethodError) as exc:  # bad settings: exit 2
             field = "options" if str(exc).startswith(f"{method} options") else "params"
             raise SettingsError(field, f"the configured {exc}") from None
-        self._check_defaults(explainer)
-
-    def _check_defaults(self, explainer: BaseExplainer) -> None:
-        """The default parameters within `max_samples`; "auto" counts too, once the model is known."""
         try:
-            explainer.params(None, max_samples=self.settings.max_samples)
+            explainer.params(None, max_samples=s.max_samples)
         except InvalidParametersError as exc:
             raise InvalidParametersError(f"the configured {exc}") from None
 
@@ -149,7 +145,6 @@ class ExplainerService:
             self.schema = Schema(fallback.feature_names, fallback.categorical)
             self.model = self._model(self.schema)
             self.explainer = await loop.run_in_executor(self._executor, self._explainer, self.model)
-            self._check_defaults(self.explainer)  # an "auto" count depends on the model's features
             if s.warmup:
                 await self._warm_up()
             if s.save_artifact is not None:  # only an explainer that works
