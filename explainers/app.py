@@ -198,8 +198,9 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
 
     @app.exception_handler(HTTPException)
     async def no_route(request: Request, exc: HTTPException) -> Response:
-        # An unknown path or method: the protocol's {"error": ...}, not FastAPI's {"detail": ...}.
-        answer = failed(exc.status_code, str(exc.detail))
+        # An unknown path or method: the protocol's {"error": ...}, not FastAPI's {"detail": ...};
+        # not counted among the explainer's errors (a probe of /favicon.ico is none).
+        answer = _json({"error": str(exc.detail)}, exc.status_code)
         answer.headers.update(exc.headers or {})  # a 405's Allow
         return answer
 

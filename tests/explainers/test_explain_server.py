@@ -687,3 +687,4 @@ def test_versioned_ready_and_metadata_and_unknown_routes(switchable: tuple[Switc
                                  ("PUT", "/v2/models/iris/infer", 405)]:
         r = httpx.request(method, f"{url}{path}", timeout=10)
         assert r.status_code == status and isinstance(r.json()["error"], str), (path, r.text)
+    assert 'errors_total{status="405"}' not in httpx.get(f"{url}/metrics", timeout=10).text
