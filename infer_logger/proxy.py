@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -228,8 +228,15 @@ def _own_path(scope: Scope) -> tuple[str, bytes]:
     prefix = root.encode()
     if raw.startswith(prefix) and raw[len(prefix):len(prefix) + 1] in (b"", b"/"):
         raw = raw[len(prefix):]
-    else:  # a root written otherwise (percent-encoded) in the raw path: the rest, encoded again
-        raw = quote(path, safe="/:@!$&'()*+,;=").encode()
+    else:  # a root written otherwise (percent-encoded): its raw segments, however written, dropped
+        segments, taken = raw.split(b"/"), b""
+        for i, segment in enumerate(segments[1:], 1):
+            taken += b"/" + unquote_to_bytes(segment)
+            if taken == prefix.rstrip(b"/"):
+                raw = b"/" + b"/".join(segments[i + 1:]) if i + 1 < len(segments) else b""
+                break
+        else:  # cannot be told apart (an encoded slash in the root): the rest, encoded again
+            raw = quote(path, safe="/:@!$&'()*+,;=").encode()
     return path or "/", raw or b"/"
 
 

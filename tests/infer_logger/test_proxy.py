@@ -561,6 +561,21 @@ async def test_mounted_under_a_root_path_it_routes_and_forwards_without_it(tmp_p
         ("mnt-1", ev.REQUEST, "/v1/models/m:predict"), ("mnt-1", ev.RESPONSE, "/v1/models/m:predict")]
 
 
+@pytest.mark.parametrize("root, path, raw, expected", [
+    ("/svc", "/svc/v1/models/m:predict", b"/svc/v1/models/m:predict", ("/v1/models/m:predict", b"/v1/models/m:predict")),
+    # A root written percent-encoded in the raw path: its segments dropped, the rest as written
+    # (an encoded slash in a model name stays one: re-encoding the decoded path made it a real one).
+    ("/a c/x", "/a c/x/v1/models/a/b:predict", b"/a%20c/x/v1/models/a%2Fb:predict",
+     ("/v1/models/a/b:predict", b"/v1/models/a%2Fb:predict")),
+    ("/svc", "/svcx/v1", b"/svcx/v1", ("/svcx/v1", b"/svcx/v1")),  # not under the root
+    ("/svc", "/svc", b"/svc", ("/", b"/")),
+])
+def test_the_root_path_is_taken_off_as_written(root: str, path: str, raw: bytes, expected: tuple[str, bytes]) -> None:
+    from infer_logger.proxy import _own_path
+
+    assert _own_path({"root_path": root, "path": path, "raw_path": raw}) == expected
+
+
 async def test_mounted_without_its_lifespan_it_serves_unlogged_and_says_so(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Its logger never started: the events were spooled for no one to deliver, and nothing said so."""
