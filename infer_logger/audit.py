@@ -79,6 +79,7 @@ _MAX_LATENCY_MS = 1e12  # ~30 years: anything longer is a broken attribute, not 
 # Every key a response part may have (`_response_part`, error, raw), as null.
 _RESPONSE_CLEARED: Document = dict.fromkeys(
     ("prediction", "probabilities", "values", "outputs", "error", "raw"))
+_CUT_MARKS: Document = dict.fromkeys((events.TRUNCATED, events.DATASIZE))
 _SPLIT = {"request": payloads.split_request, "response": payloads.split_response,
           "explanation": payloads.split_explanation}
 
@@ -171,7 +172,10 @@ def _common(event: CloudEvent, kind: str) -> Document:
             doc["@timestamp"] = _format(asked)
     if time is not None:
         doc[f"{kind}_time"] = _format(time)
-    doc[f"{kind}_attributes"] = {name: attribute_text(value) for name, value in attrs.items()}
+    texts = {name: attribute_text(value) for name, value in attrs.items()}
+    # A later response of the id replaces an earlier one (see `documents`): marks only a cut
+    # answer has are written null, or a retry's whole answer was said to be cut.
+    doc[f"{kind}_attributes"] = {**_CUT_MARKS, **texts} if kind == "response" else texts
     return doc
 
 

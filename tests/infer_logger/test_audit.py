@@ -116,6 +116,13 @@ class TestMerge:
             k: _set(d.get("response")) for k, d in alone.items()}
         assert {k: d["status"] for k, d in got.items()} == {k: d["status"] for k, d in alone.items()}
 
+    def test_a_later_response_replaces_the_earlier_cut_marks(self) -> None:
+        """The earlier answer was cut (truncated, datasize), the retry's was not: the marks stayed
+        in the merged response attributes, saying the answer kept was cut."""
+        got = merged((request(), response(truncated=True, datasize=2_000_000), response()), instances=2)
+        attributes = got["a-0"]["response_attributes"]
+        assert not attributes.get("truncated") and not attributes.get("datasize"), attributes
+
     def test_a_later_response_replaces_the_earlier_in_one_document(self) -> None:
         got = merged((request(), response(), response({"predictions": [None]})), per_instance=False)
         assert not got["a"].get("response")
