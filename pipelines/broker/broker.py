@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import signal
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -29,9 +28,17 @@ from urllib.parse import urljoin
 from infer_logger.asgi import run_lifespan
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.documents import DocumentError, Location
-from infer_logger.errors import ConfigError, InferLoggerError, InvalidEventError
+from infer_logger.errors import ConfigError, InferLoggerError
 from infer_logger.spool import DiskSpool, MemorySpool
-from pipelines.broker.channel import TTL, Channel, ChannelError, RefusedError, SpoolChannel, event_size
+from pipelines.broker.channel import (
+    TTL,
+    Channel,
+    ChannelError,
+    RefusedError,
+    SpoolChannel,
+    event_size,
+    parse_ttl,
+)
 from pipelines.broker.components import Component, Components, component_config
 from pipelines.broker.delivery import DeliverySpec, Destination, RetryPolicy
 from pipelines.broker.dispatcher import TriggerDispatcher
@@ -45,7 +52,6 @@ from pipelines.broker.trigger import Trigger, TriggerSet, load_trigger_files, lo
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
-_INTEGER = re.compile(r"-?[0-9]+")
 _SETTINGS = Location("settings", 1, 1)
 
 
@@ -169,19 +175,7 @@ class Broker:
         raw = event.attributes.get(TTL)
         if raw is None:
             return CloudEvent({**event.attributes, TTL: self.settings.default_ttl}, event.data, event.meta)
-        # int() would also take "1_0", " +5 " and other scripts' digits: a CloudEvents Integer is
-        # none of them; and it raises past 4300 digits (12 are past the 32-bit range already).
-        value: int | None = raw if type(raw) is int else None
-        if isinstance(raw, str) and _INTEGER.fullmatch(raw):
-            digits = raw.lstrip("-").lstrip("0") or "0"
-            if len(digits) > 11:
-                raise InvalidEventError(TTL, f"{raw[:20]}... is outside the signed 32-bit range")
-            value = -int(digits) if raw.startswith("-") else int(digits)
-        if value is None:
-            raise InvalidEventError(TTL, f"must be an integer, not {raw!r}")
-        if not -(2**31) <= value < 2**31:  # a CloudEvents Integer (a bigger one could not even be stored)
-            raise InvalidEventError(TTL, f"{value} is outside the signed 32-bit range")
-        ttl = value - 1
+        ttl = parse_ttl(raw) - 1
         if ttl <= 0:
             log.debug("event %s dropped: its %s ran out", event.get("id"), TTL)
             return None

@@ -20,6 +20,7 @@ import collections
 import contextlib
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -27,18 +28,38 @@ from typing import NamedTuple, Protocol
 import orjson
 
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.errors import InferLoggerError
+from infer_logger.errors import InferLoggerError, InvalidEventError
 from infer_logger.spool import DiskSpool, MemorySpool, Position, SpoolReader
 
 log = logging.getLogger(__name__)
 
 TTL = "knativebrokerttl"
+_INTEGER = re.compile(r"-?[0-9]+")
 # Pass-through headers ride in the spool record under a key that no CloudEvent attribute can have.
 _HEADERS = "@headers"
 _CACHE_BATCHES = 64
 # Checkpoints are written at most this often per trigger (each is a file write and rename): at a
 # low rate every event would otherwise cost one per trigger. A crash redelivers at most this much.
 _COMMIT_INTERVAL = 0.05
+
+
+def parse_ttl(raw: object) -> int:
+    """A `knativebrokerttl` value as a CloudEvents Integer (signed 32-bit); raises InvalidEventError.
+
+    int() would also take "1_0", " +5 " and other scripts' digits: a CloudEvents Integer is none
+    of them; and it raises past 4300 digits (12 are past the 32-bit range already).
+    """
+    value: int | None = raw if type(raw) is int else None
+    if isinstance(raw, str) and _INTEGER.fullmatch(raw):
+        digits = raw.lstrip("-").lstrip("0") or "0"
+        if len(digits) > 11:
+            raise InvalidEventError(TTL, f"{raw[:20]}... is outside the signed 32-bit range")
+        value = -int(digits) if raw.startswith("-") else int(digits)
+    if value is None:
+        raise InvalidEventError(TTL, f"must be an integer, not {raw!r}")
+    if not -(2**31) <= value < 2**31:  # a bigger one could not even be stored
+        raise InvalidEventError(TTL, f"{value} is outside the signed 32-bit range")
+    return value
 
 
 class ChannelError(InferLoggerError):

@@ -15,7 +15,7 @@ import base64
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -104,7 +104,22 @@ class Destination(BaseModel):
         if self.uri is not None and (bad := _UNSENDABLE.search(self.uri)):
             # It loaded, and every delivery failed: a 400 from the peer, or unsendable (non-Latin-1).
             raise ValueError(f"uri {self.uri!r} cannot be sent: {bad.group()!r} must be percent-encoded")
+        if self.uri is not None and (parts := urlsplit(self.uri)).netloc:  # a ref's relative uri has none
+            _check_authority(self.uri, parts)
         return self
+
+
+def _check_authority(uri: str, parts: SplitResult) -> None:
+    """Refuses a host and port no connection can use: it loaded, and every delivery failed
+    before a connection (the transport's ValueError, as no answer), the dead letter's too."""
+    try:
+        port = parts.port
+    except ValueError as exc:  # out of range, or not digits
+        raise ValueError(f"uri {uri!r} has no usable port: {exc}") from None
+    if port == 0:  # the transport reads it as "none given" and would connect to 80 or 443
+        raise ValueError(f"uri {uri!r} has no usable port: 0")
+    if not parts.hostname:
+        raise ValueError(f"uri {uri!r} names no host")
 
 
 class DeliverySpec(BaseModel):

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 Reenter = Callable[[CloudEvent], Awaitable[None]]
 """Puts a reply into the broker (TTL rules applied); raises ChannelError if the log refused it."""
+Failure = tuple[Response, dict[str, str]]
+"""A failed attempt and the headers its dead letter carries: the request's, or the reply's when the
+reply is what could not be delivered (as Knative's dispatcher sends them)."""
 
 
 def without_ttl(event: CloudEvent) -> tuple[CloudEvent, int | None]:
@@ -106,51 +109,59 @@ class TriggerDispatcher:
         while True:
             response = await self.subscriber.send(out, event.meta, reply=True, timeout=self.policy.timeout)
             self._count(response.status)
+            headers: dict[str, str] = event.meta
             if response.ok:
-                failure = await self._take_reply(response, ttl)
+                failure = await self._take_reply(response, ttl, event.meta)
                 if failure is None:
                     self._delivered.inc()
                     self._latency.observe(time.perf_counter() - started)
                     self.settled += 1
                     return
-                response = failure
+                response, headers = failure
             if not response.retryable or attempt >= self.policy.retry:
                 break
             attempt += 1
             after = retry_after(response.retry_after_header())
             await asyncio.sleep(self.policy.wait(attempt, response.status, after))
-        await self._dead_letter(out, response)
+        await self._dead_letter(out, response, headers)
         self.settled += 1
 
-    async def _take_reply(self, response: Response, ttl: int | None) -> Response | None:
-        """None when the attempt succeeded (a reply, if any, stored); else the failure to handle."""
+    async def _take_reply(self, response: Response, ttl: int | None,
+                          request: dict[str, str]) -> Failure | None:
+        """None when the attempt succeeded (a reply, if any, stored); else the failure to handle,
+        with the headers of the request (the subscriber failed) or of the reply (it could not be stored)."""
         if response.truncated:
             if looks_like_event(response):  # larger than any event the broker takes: as reenter's refusal
                 return Response(413, response.body, reason="the reply is larger than the broker takes",
-                                destination=self._reply_to)
+                                destination=self._reply_to), passthrough(response.headers)
             # A large body that is no event (an HTML page): Knative's 502, retried like any other.
-            return Response(502, response.body, reason="the subscriber answered with a body that is no CloudEvent")
+            return Response(502, response.body,
+                            reason="the subscriber answered with a body that is no CloudEvent"), request
         try:
             reply = parse_reply(response)
         except BadReplyError as exc:
             # Knative's filter answers 502 here, which its sender retries like any 5xx.
-            return Response(502, response.body, reason=str(exc))
+            return Response(502, response.body, reason=str(exc)), request
         if reply is None:
             return None
         attributes = dict(reply.attributes)
         if ttl is not None:
             attributes[TTL] = ttl  # the broker takes one off: a reply loop ends when it reaches 0
+        headers = passthrough(reply.meta)
         try:
-            await self.reenter(CloudEvent(attributes, reply.data, passthrough(reply.meta)))
+            await self.reenter(CloudEvent(attributes, reply.data, headers))
         except RefusedError as exc:  # never storable: not retried
             return Response(413 if exc.too_large else 400, reason=f"the reply could not be stored: {exc}",
-                            destination=self._reply_to)
+                            destination=self._reply_to), headers
         except ChannelError as exc:
-            return Response(503, reason=f"the reply could not be stored: {exc}", destination=self._reply_to)
+            return Response(503, reason=f"the reply could not be stored: {exc}",
+                            destination=self._reply_to), headers
         self._replies.inc()
         return None
 
-    async def _dead_letter(self, event: CloudEvent, failure: Response) -> None:
+    async def _dead_letter(self, event: CloudEvent, failure: Response,
+                           headers: dict[str, str] | None = None) -> None:
+        """Sends `event` with the failure's extensions, and `headers` (default: the event's own)."""
         why = f"{failure.status} {failure.reason}".strip()
         if self.dead_letter is None:
             self._lost.inc()
@@ -163,10 +174,11 @@ class TriggerDispatcher:
         extensions = error_extensions(failure.destination or self.subscriber.address, status, body)
         # An event dead-lettered before keeps no data of that earlier failure.
         kept = {k: v for k, v in event.attributes.items() if k != "knativeerrordata"}
-        letter = CloudEvent({**kept, **extensions}, event.data, event.meta)
+        headers = event.meta if headers is None else headers
+        letter = CloudEvent({**kept, **extensions}, event.data, headers)
         attempt = 0
         while True:
-            response = await self.dead_letter.send(letter, event.meta, reply=False, timeout=self.policy.timeout)
+            response = await self.dead_letter.send(letter, headers, reply=False, timeout=self.policy.timeout)
             if response.ok:
                 self._dead_lettered.inc()
                 self._warn("trigger %s: event %s dead-lettered (%s)", event.id, why)

@@ -16,7 +16,7 @@ import orjson
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import from_http, to_binary
 from infer_logger.errors import InvalidEventError
-from pipelines.broker.channel import TTL
+from pipelines.broker.channel import TTL, parse_ttl
 from pipelines.broker.delivery import NO_RESPONSE
 from pipelines.broker.dispatcher import without_ttl
 from pipelines.broker.endpoints import BadReplyError, parse_reply, passthrough
@@ -56,9 +56,13 @@ class TriggerHandler:
             return _error(400, f"invalid CloudEvent: {exc}")
         if TTL not in event.attributes:
             return _error(400, f"the event has no {TTL}: only events that came through a broker are taken")
+        try:  # as Knative's (and our ingress): a TTL that cannot be read is refused, not sent on
+            ttl = parse_ttl(event.attributes[TTL])
+        except InvalidEventError as exc:
+            return _error(400, f"invalid CloudEvent: {exc}")
         if trigger.filter(Delivered(event.attributes, TTL)) is FAIL:
             return 200, [], b""
-        out, ttl = without_ttl(event)
+        out = without_ttl(event)[0]
         response = await dispatcher.subscriber.send(out, passthrough(headers), reply=True,
                                                     timeout=dispatcher.policy.timeout)
         retry_after = response.retry_after_header()
@@ -74,10 +78,7 @@ class TriggerHandler:
             return 502, [*allowed, _JSON], orjson.dumps({"error": str(exc), "status": 502})
         if reply is None:
             return response.status, allowed, b""
-        attributes = dict(reply.attributes)
-        if ttl is not None:
-            attributes[TTL] = ttl
-        reply = CloudEvent(attributes, reply.data)
+        reply = CloudEvent({**reply.attributes, TTL: ttl}, reply.data)
         out_headers, out_body = to_binary(reply)  # structured for a reply that carries a CloudEvent
         encoded = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out_headers.items()]
         return response.status, [*allowed, *encoded], out_body

@@ -215,6 +215,9 @@ triggers:
     return text
 
 
+REPLY_HEADERS = {"x-request-id": "altered-id", "knative-1": "new-knative-1-value", "do-not-passthrough": "no"}
+
+
 def _reply_event(data: bytes = b"destination-response") -> CloudEvent:
     return CloudEvent({"specversion": "1.0", "id": "reply-1", "source": "dest", "type": "reply",
                        "abc": '"new-ce-abc-value"', "time": "2002-10-02T15:00:00Z",
@@ -307,15 +310,36 @@ class TestDispatcherCases:
                                                               other_subscriber: Subscriber) -> None:
         """Knative's "invalid reply" case: here the reply's delivery is the broker's own log, which
         refuses it (a one-event memory log, still holding the original): after the retries the
-        ORIGINAL event is dead-lettered, with the reply failure's code."""
-        subscriber.answer = reply_with(_reply_event())
+        ORIGINAL event is dead-lettered, with the reply failure's code, and with the headers that
+        went with the reply (the Go test's response carries altered-id and new-knative-1-value).
+        The code, data and destination are the log's here, not an HTTP reply sink's."""
+        subscriber.answer = reply_with(_reply_event(), 202, extra=REPLY_HEADERS)
         broker = await make_broker(_triggers(subscriber, dls=other_subscriber, retry=1), channel="memory",
                                    spool={"memory_max_events": 1})
         await _post(broker)
         headers, body = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
-        assert body == b'"destination"' and headers["ce-abc"] == "%22ce-abc-value%22"
+        case = CASES["dead_letter"]["dispatcher_cases"][6]
+        assert case["name"] == "invalid reply and delivery option - deadletter reply without event"
+        for name, value in case["expect"]["dead_letter_receives"].items():
+            if not name.startswith("ce-knativeerror"):
+                assert _value(name, headers, body) == value, name
         assert headers["ce-knativeerrorcode"] == "503" and subscriber.attempts == 2
         assert headers["ce-knativeerrordest"] == "broker:default/default"  # the reply's destination failed
+        # The Go test compares the whole header set: the request's own are not there.
+        assert not {"knative-2", "do-not-forward", "do-not-passthrough", "prefer"} & set(headers)
+
+    async def test_a_subscriber_failure_after_a_reply_failure_dead_letters_with_the_request_s_headers(
+            self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
+        """The headers go with the failure the event is dead-lettered for: the last attempt's."""
+        replying = reply_with(_reply_event(), 202, extra=REPLY_HEADERS)
+        subscriber.answer = lambda event, headers: (replying(event, headers) if subscriber.attempts == 1
+                                                    else (500, {}, b"down"))
+        broker = await make_broker(_triggers(subscriber, dls=other_subscriber, retry=1), channel="memory",
+                                   spool={"memory_max_events": 1})
+        await _post(broker)
+        headers, _ = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        assert headers["ce-knativeerrorcode"] == "500" and subscriber.attempts == 2
+        assert headers["x-request-id"] == "id123" and headers["knative-2"] == "knative-2-value"
 
     async def test_no_limit_on_reply_size(self, make_broker: MakeBroker, subscriber: Subscriber,
                                           other_subscriber: Subscriber) -> None:
@@ -333,20 +357,23 @@ class TestReplySize:
 
     async def test_a_reply_over_the_event_limit_dead_letters_the_original(
             self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
-        subscriber.answer = reply_with(_reply_event(b"a" * 1500), 202)
+        subscriber.answer = reply_with(_reply_event(b"a" * 1500), 202, extra=REPLY_HEADERS)
         broker = await make_broker(_triggers(subscriber, dls=other_subscriber, retry=2), max_event_bytes=1000)
         await _post(broker)
         headers, body = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
         assert headers["ce-knativeerrorcode"] == "413" and body == b'"destination"'
         assert subscriber.attempts == 1  # refused for good: not retried
+        assert headers["x-request-id"] == "altered-id" and headers["knative-1"] == "new-knative-1-value"
+        assert "knative-2" not in headers and "do-not-passthrough" not in headers
 
     async def test_a_response_over_twice_the_limit_is_read_not_held(
             self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
-        subscriber.answer = reply_with(_reply_event(b"a" * 5000), 202)
+        subscriber.answer = reply_with(_reply_event(b"a" * 5000), 202, extra=REPLY_HEADERS)
         broker = await make_broker(_triggers(subscriber, dls=other_subscriber), max_event_bytes=1000)
         await _post(broker)
         headers, _ = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
         assert headers["ce-knativeerrorcode"] == "413" and headers["ce-knativeerrordest"] == "broker:default/default"
+        assert headers["x-request-id"] == "altered-id" and "knative-2" not in headers  # the cut reply's
         assert len(base64.b64decode(headers["ce-knativeerrordata"])) == 768  # the start of what was held
         assert subscriber.attempts == 1  # as a reply refused for its size: not retried
 
@@ -443,6 +470,34 @@ def test_a_uri_that_can_be_sent_loads(uri: str) -> None:
 
     [trigger] = load_triggers(yaml.safe_dump({"triggers": [{"name": "t", "subscriber": uri}]})).triggers
     assert trigger.subscriber.uri == uri
+
+
+BAD_AUTHORITIES = [("http://127.0.0.1:99999/", "port"), ("http://127.0.0.1:8o80/", "port"),
+                   ("http://127.0.0.1:0/", "port"), ("http://:8080/", "host"), ("https://u@:443/x", "host")]
+
+
+@pytest.mark.parametrize("field", ["subscriber", "delivery.deadLetterSink"])
+@pytest.mark.parametrize(("uri", "what"), BAD_AUTHORITIES)
+def test_a_uri_no_connection_can_use_is_refused_at_load(field: str, uri: str, what: str) -> None:
+    """It loaded, and every delivery failed before a connection (a ValueError, counted as no
+    answer): retried, then dead-lettered, and as the dead-letter sink every event was lost."""
+    from infer_logger.documents import DocumentError
+    from pipelines.broker import load_triggers
+
+    trigger: dict[str, Any] = {"name": "t", "subscriber": uri}
+    if field == "delivery.deadLetterSink":
+        trigger = {"name": "t", "subscriber": "http://127.0.0.1:9/", "delivery": {"deadLetterSink": uri}}
+    with pytest.raises(DocumentError) as caught:
+        load_triggers(yaml.safe_dump({"triggers": [trigger]}))
+    assert f"triggers[0].{field}:" in str(caught.value) and what in str(caught.value), caught.value
+
+
+@pytest.mark.parametrize(("uri", "what"), BAD_AUTHORITIES)
+def test_an_address_no_connection_can_use_is_refused(uri: str, what: str, tmp_path: Any) -> None:
+    from pipelines.broker.settings import BrokerSettings
+
+    with pytest.raises(ValidationError, match=what):
+        BrokerSettings(dir=tmp_path, addresses={"event-display": uri})
 
 
 class TestRetries:

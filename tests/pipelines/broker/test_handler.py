@@ -187,3 +187,37 @@ async def test_filter_handler_refuses_a_content_coding(make_broker: MakeBroker, 
                                 content=gzip.compress(body))
     assert response.status_code == 415 and "Content-Encoding" in response.json()["error"]
     assert subscriber.events == []
+
+
+@pytest.mark.parametrize("ttl", ["abc", "1.5", "", "+5", "1_0", "0x10", "99999999999999999999", "2147483648",
+                                 "1" * 5000])
+async def test_filter_handler_refuses_a_ttl_that_is_no_integer(ttl: str, make_broker: MakeBroker,
+                                                               subscriber: Subscriber) -> None:
+    """Knative's filter handler answers 400 to a TTL it cannot read, as the ingress refuses it: it
+    was sent on, and the reply came back with no TTL (a caller re-posting it began a fresh loop)
+    or one no broker would take."""
+    broker = await make_broker(f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]\n")
+    trigger = broker.triggers[("default", "t")]
+    headers, body = to_binary(CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}))
+    async with client(broker) as c:
+        response = await c.post(f"/triggers/default/t/{trigger.uid}", content=body,
+                                headers={**headers, "ce-knativebrokerttl": ttl})
+    assert response.status_code == 400 and "knativebrokerttl" in response.json()["error"], response.text
+    assert subscriber.attempts == 0
+
+
+@pytest.mark.parametrize(("ttl", "read"), [("0042", "42"), ("-0", "0"), ("2147483647", "2147483647"),
+                                           (7, "7")])
+async def test_filter_handler_puts_the_ttl_it_read_on_the_reply(ttl: str | int, read: str,
+                                                                make_broker: MakeBroker,
+                                                                subscriber: Subscriber) -> None:
+    reply = CloudEvent({"specversion": "1.0", "id": "r", "source": "/d", "type": "reply"})
+    reply_headers, reply_body = to_binary(reply)
+    subscriber.answer = lambda event, request: (200, reply_headers, reply_body)
+    broker = await make_broker(f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]\n")
+    trigger = broker.triggers[("default", "t")]
+    event = {"specversion": "1.0", "id": "1", "source": "/s", "type": "t", "knativebrokerttl": ttl}
+    async with client(broker) as c:  # structured: a JSON number stays one
+        response = await c.post(f"/triggers/default/t/{trigger.uid}", content=orjson.dumps(event),
+                                headers={"content-type": "application/cloudevents+json"})
+    assert response.status_code == 200 and response.headers["ce-knativebrokerttl"] == read, response.headers
