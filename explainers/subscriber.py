@@ -415,7 +415,7 @@ class ExplainSubscriber:
         except ExplainerError as exc:  # the predictor, mostly (down, loading): started again on the retry
             raise SinkError(f"starting the explainer: {exc}") from exc
         try:
-            if request.get(events.TRUNCATED):
+            if events.is_truncated(request):
                 raise InvalidInputError("the request payload was truncated by the logger")
             rows = self.service.decode(_payload(request))
         except NotReadyError as exc:

@@ -255,6 +255,13 @@ def is_error(event: CloudEvent) -> bool:
     return status is not None and status >= 400 and event.type == RESPONSE
 
 
+def is_truncated(event: CloudEvent) -> bool:
+    """Whether the payload was cut (`truncated`): a Boolean, or its text after a binary hop (HTTP,
+    Kafka), where "false" is a non-empty string, so no Python truth value."""
+    value = event.get(TRUNCATED)
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
 def capped(data: bytes, limit: int, size: int | None = None) -> tuple[bytes, dict[str, str | int | bool]]:
     """Cut a payload to `limit` bytes, marking what was cut; `size` is the whole payload's when
     `data` is only its first part (a caller that kept no more than it logs)."""
@@ -327,7 +334,7 @@ def decode_data(event: CloudEvent) -> object:
     `data` filled in), else base64 text (a RawPayload): for stores and displays."""
     if event.data is None:
         return None
-    if not event.get(TRUNCATED):
+    if not is_truncated(event):
         try:
             doc = event.json()
         except InexactJSONError:

@@ -20,25 +20,15 @@ Pure Python on purpose: the store runs in the sidecar, which must not pull in nu
 from __future__ import annotations
 
 import codecs
-import encodings.aliases
-import pkgutil
 from collections.abc import Mapping
 from math import prod
 from typing import Any
 
 from infer_logger import binary_tensors, events
-from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.cloudevents.event import CloudEvent, charset, is_known_charset
 
 _MAX_DIMS = 64  # numpy's own limit (NPY_MAXDIMS): a shape with more is not a tensor's
 _MAX_CHARACTER_BYTES = 4  # the most bytes a cut character holds back (UTF-8's, GB18030's)
-# The codecs Python ships (modules, aliases), as its search normalizes their names: only these are
-# looked up, since the search keeps every name it did not find, for good (a made-up one per
-# response, in a long-running sidecar). Less those that are no charset of a page: they read bytes
-# they would not write (`\x41` as "A"), or only names.
-_KNOWN_CODECS = frozenset({
-    *encodings.aliases.aliases, *encodings.aliases.aliases.values(),
-    *(module.name for module in pkgutil.iter_modules(encodings.__path__)),
-}) - {"unicode_escape", "raw_unicode_escape", "idna", "punycode", "undefined", "aliases"}
 
 
 def instances(event: CloudEvent) -> list[Any]:
@@ -81,7 +71,7 @@ def as_text(event: CloudEvent) -> str | None:
     data = event.data or b""
     encoding = _charset(event.datacontenttype) or "utf-8"
     try:
-        if event.get(events.TRUNCATED):
+        if events.is_truncated(event):
             decoder = codecs.getincrementaldecoder(encoding)()
             text = decoder.decode(data, final=False)  # holds a cut character's bytes back
             held = len(decoder.getstate()[0])
@@ -103,21 +93,16 @@ def as_text(event: CloudEvent) -> str | None:
 def _charset(content_type: str | None) -> str | None:
     """The text encoding `content_type`'s charset names, when Python has it (not base64 or zlib,
     which are codecs too)."""
-    for param in (content_type or "").split(";")[1:]:
-        name, _, value = param.partition("=")
-        if name.strip().lower() == "charset":
-            charset = value.strip().strip('"')
-            known = encodings.normalize_encoding(charset.lower())
-            if known not in _KNOWN_CODECS and known.replace(".", "_") not in _KNOWN_CODECS:
-                return None
-            try:
-                b"\0".decode(charset)  # b"" is decoded without looking the codec up
-            except UnicodeDecodeError:  # a text encoding wanting more bytes (UTF-16)
-                pass
-            except (LookupError, ValueError):  # unknown, or not to text (base64); a NUL in the name
-                return None
-            return charset
-    return None
+    name = charset(content_type)
+    if name is None or not is_known_charset(name):
+        return None
+    try:
+        b"\0".decode(name)  # b"" is decoded without looking the codec up
+    except UnicodeDecodeError:  # a text encoding wanting more bytes (UTF-16)
+        pass
+    except (LookupError, ValueError):  # unknown, or not to text (base64); a NUL in the name
+        return None
+    return name
 
 
 def split_request(body: Any) -> list[Any]:

@@ -8,7 +8,9 @@ encode time whether the bytes embed as JSON (`data`) or travel as `data_base64`.
 
 from __future__ import annotations
 
+import encodings.aliases
 import json
+import pkgutil
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +26,14 @@ _BEFORE_NUMBER = b" \t\r\n[,:-"
 _DIGITS = bytes(48 if 48 <= byte <= 57 else 32 if byte in _BEFORE_NUMBER else 120 for byte in range(256))
 _RUN_19 = b"0" * 19
 _LONG_INTEGER = re.compile(rb"(?<![^ \t\r\n\[,:\-])(?:9\d{18}|\d{20,})(?![\d.eE])")
+# The codecs Python ships (modules, aliases), as its search normalizes their names: only these are
+# looked up, since the search keeps every name it did not find, for good (a made-up one per
+# event, in a long-running sidecar or broker). Less those that are no charset of a page: they read
+# bytes they would not write (`\x41` as "A"), or only names.
+_CHARSETS = frozenset({
+    *encodings.aliases.aliases, *encodings.aliases.aliases.values(),
+    *(module.name for module in pkgutil.iter_modules(encodings.__path__)),
+}) - {"unicode_escape", "raw_unicode_escape", "idna", "punycode", "undefined", "aliases"}
 MAX_DEPTH = 1024
 """Nesting levels orjson reads."""
 
@@ -41,6 +51,30 @@ def _int64(text: str) -> int:
     if len(text.lstrip("-")) > 20 or not -(2**63) <= (number := int(text)) < 2**64:
         raise InexactJSONError("the data holds an integer past 64 bits, which would be read as a float")
     return number
+
+
+def charset(content_type: str | None) -> str | None:
+    """The charset a content type names, as written (unquoted), or None."""
+    for parameter in (content_type or "").split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"')
+    return None
+
+
+def is_known_charset(name: str) -> bool:
+    """Whether `name` is a codec Python ships that may be a charset (base64 and zlib, codecs
+    too, still fail as text encodings): only such names are looked up."""
+    known = encodings.normalize_encoding(name.lower())
+    return known in _CHARSETS or known.replace(".", "_") in _CHARSETS
+
+
+def may_hold_long_integer(text: bytes) -> bool:
+    """Whether JSON text may hold an integer orjson reads as a float (one past 64 bits): only one
+    at 2**63 or past may be (uint64 ends at 2**64 - 1). Checked exactly by reading it again."""
+    digits = text.translate(_DIGITS)  # a C-speed look first: a regex takes ~15 ns a byte
+    return bool((digits.startswith(_RUN_19) or b" " + _RUN_19 in digits)
+                and any(len(run) > 19 or int(run) >= 2**63 for run in _LONG_INTEGER.findall(text)))
 
 
 def attribute_text(value: AttributeValue) -> str:
@@ -92,13 +126,10 @@ class CloudEvent:
                 value = value[0]
         else:
             value = orjson.loads(data)
-        # Only an integer at 2**63 or past may be past int64 (uint64 ends at 2**64 - 1): one that
-        # is, unless in a string, is found by stdlib json, which hands each integer's text to
-        # `_int64`. (2**64 comes out of orjson as a float equal to it: telling by comparing the
-        # values missed those.)
-        digits = data.translate(_DIGITS)  # a C-speed look first: a regex takes ~15 ns a byte
-        if ((digits.startswith(_RUN_19) or b" " + _RUN_19 in digits)
-                and any(len(run) > 19 or int(run) >= 2**63 for run in _LONG_INTEGER.findall(data))):
+        # An integer past 64 bits, unless in a string, is found by stdlib json, which hands each
+        # integer's text to `_int64`. (2**64 comes out of orjson as a float equal to it: telling by
+        # comparing the values missed those.)
+        if may_hold_long_integer(data):
             try:
                 json.loads(data, parse_int=_int64)
             except RecursionError:  # orjson reads 1024 levels, stdlib json fewer: unknown, so not kept

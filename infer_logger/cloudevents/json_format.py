@@ -3,8 +3,9 @@
 Events hold data as the raw bytes of binary mode, so this module decides the JSON shape at
 encode time: bytes that are JSON under a JSON content type embed as-is (`data`) when they read
 back as written, UTF-8 text under any other content type (without another charset) becomes a
-JSON string (`data`), and everything else travels as `data_base64`. Reading reverses that, so
-binary -> JSON -> binary keeps the bytes, except that embedded JSON comes back in compact form.
+JSON string (`data`), and everything else, bytes of no stated type too, travels as `data_base64`.
+Reading reverses that (text in the charset its type names), so binary -> JSON -> binary keeps the
+bytes, except that embedded JSON comes back in compact form.
 """
 
 from __future__ import annotations
@@ -12,12 +13,19 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
 
-from infer_logger.cloudevents.event import AttributeValue, CloudEvent
+from infer_logger.cloudevents.event import (
+    AttributeValue,
+    CloudEvent,
+    charset,
+    is_known_charset,
+    may_hold_long_integer,
+)
 from infer_logger.cloudevents.validation import validate
 from infer_logger.errors import InvalidEventError
 
@@ -106,9 +114,12 @@ def from_json_batch(raw: bytes | str) -> list[CloudEvent]:
 def _members(event: CloudEvent, *, embed_raw: bool) -> dict[str, Any]:
     members: dict[str, Any] = dict(event.attributes)
     data = event.data
+    content_type = event.datacontenttype
     if data is None:
         return members
-    if _is_json(event.datacontenttype):
+    if content_type is None:
+        pass  # bytes of no stated type: base64, which readers must not take for JSON (JSON `data` they would)
+    elif _is_json(content_type):
         try:
             # Checked as readers will read it: an integer past 64 bits (orjson's float) changed,
             # and embedded, 1023 levels made a batch no one could read.
@@ -120,9 +131,9 @@ def _members(event: CloudEvent, *, embed_raw: bool) -> dict[str, Any]:
                 # A Fragment splices the already-checked bytes in without re-serializing them.
                 members["data"] = orjson.Fragment(data) if embed_raw else value
                 return members
-    elif _utf8_text(event.datacontenttype):  # text in another charset would read as other text
+    elif codec := _string_codec(content_type):  # text in another charset would read as other text
         try:
-            members["data"] = data.decode("utf-8")
+            members["data"] = data.decode(codec)
             return members
         except UnicodeDecodeError:
             pass
@@ -150,46 +161,86 @@ def _read_data(members: Mapping[str, Any], attributes: dict[str, AttributeValue]
         # asks translations to spell the implied one out.
         attributes["datacontenttype"] = content_type = _IMPLIED_CONTENT_TYPE
     if isinstance(value, str) and not _is_json(str(content_type)):
-        return value.encode("utf-8")
+        return _encoded(value, str(content_type))
     # JSON content (a JSON string stays a JSON string, quotes and all). The spec lets a reader
     # refuse non-string data under a non-JSON type; its JSON text is the kinder reading.
     try:
-        return orjson.dumps(value)
+        data = orjson.dumps(value)
     except orjson.JSONEncodeError as exc:
         if "ecursion" not in str(exc):  # what JSON cannot hold (bytes, int keys: a msgpack reader's)
             raise
         # orjson reads 1024 levels deep but writes 254: a payload a predictor took (and our
         # structured sinks wrote) stopped the reader with a TypeError.
-        return deep_dumps(value)
+        data = deep_dumps(value)
+    # JSON text is UTF-8 (RFC 8259) but a label naming another charset is the sender's word on
+    # the bytes, as a binary-mode sender's would be: written so, both modes carry the same bytes.
+    return data if _charset(str(content_type)) is None else _encoded(data.decode(), str(content_type))
 
 
-def _is_json(content_type: str | None) -> bool:
-    """application/json, text/json, any */*+json; absent means JSON in this format."""
-    if content_type is None:
-        return True
+def _encoded(text: str, content_type: str) -> bytes:
+    """Text `data` as binary mode carries it: in the charset its type names, else UTF-8."""
+    name = _charset(content_type)
+    if name is None:
+        return text.encode()
+    if not is_known_charset(name):
+        raise InvalidEventError("datacontenttype", f"names a charset this reader does not know: {name[:40]!r}")
+    try:
+        return text.encode(name)
+    except UnicodeEncodeError as error:  # a ValueError too: first
+        raise InvalidEventError("data", f"holds text that {name} cannot encode: {error.reason}") from None
+    except (LookupError, ValueError):  # a codec, but not to text (base64); a NUL in the name
+        raise InvalidEventError("datacontenttype", f"names a codec that is no charset: {name[:40]!r}") from None
+
+
+def _is_json(content_type: str) -> bool:
+    """application/json, text/json, any */*+json."""
     subtype = content_type.split(";", 1)[0].strip().lower().partition("/")[2]
     return subtype == "json" or subtype.endswith("+json")
 
 
 @functools.lru_cache(maxsize=256)  # content types repeat
-def _utf8_text(content_type: str | None) -> bool:
-    """Whether text data of this type is UTF-8: no charset, or UTF-8 or US-ASCII (a subset)."""
-    for parameter in (content_type or "").split(";")[1:]:
-        name, _, value = parameter.partition("=")
-        if name.strip().lower() == "charset":
-            return value.strip().strip('"').lower() in ("utf-8", "utf8", "us-ascii", "ascii")
-    return True
+def _charset(content_type: str) -> str | None:
+    """The charset text data of this type is in, None for UTF-8 (named, or no charset)."""
+    name = charset(content_type)
+    return None if name is None or name.lower() in ("utf-8", "utf8") else name
+
+
+@functools.lru_cache(maxsize=256)
+def _string_codec(content_type: str) -> str | None:
+    """The codec bytes of this type are read with to be a JSON string, which a reader writes back
+    the same: UTF-8, or US-ASCII (bytes past it are no text of the type); None for others."""
+    name = _charset(content_type)
+    if name is None:
+        return "utf-8"
+    return "ascii" if name.lower() in ("us-ascii", "ascii") else None
 
 
 def _loads(raw: bytes | str) -> Any:
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
         raise InvalidEventError("", f"not valid JSON: {error}") from None
+    if may_hold_long_integer(raw.encode() if isinstance(raw, str) else raw):
+        # orjson read an integer past 64 bits as a float, and `data` would go on changed: read
+        # again by stdlib json, which hands each integer's text over to be kept as written.
+        try:
+            return json.loads(raw, parse_int=_exact_integer)
+        except RecursionError:  # orjson reads 1024 levels, stdlib json fewer
+            raise InvalidEventError("data", "an integer past 64 bits nested too deep to be kept exact") from None
+    return value
+
+
+def _exact_integer(text: str) -> int | orjson.Fragment:
+    """An integer as orjson reads it (-2**63 to 2**64 - 1), else its text, which orjson writes
+    as it is (no int() either: Python refuses to read one of over 4300 digits)."""
+    if len(text) <= 20 and -(2**63) <= (number := int(text)) < 2**64:
+        return number
+    return orjson.Fragment(text)
 
 
 def _json_kind(value: object) -> str:
-    kinds = {dict: "object", list: "array", str: "string", float: "number", bool: "boolean"}
+    kinds = {dict: "object", list: "array", str: "string", float: "number", bool: "boolean",
+             orjson.Fragment: "integer past 64 bits"}
     return kinds.get(type(value), type(value).__name__)
 
 

@@ -69,7 +69,8 @@ def from_kafka(message: KafkaMessage) -> CloudEvent:
     # Kafka header names are case-sensitive, but matching them loosely costs nothing and
     # accepts what some producers send.
     headers = {name.lower(): value for name, value in message.headers.items()}
-    content_type = _text(headers.get("content-type"), "datacontenttype")
+    # An empty content-type says as little as a missing one (as HTTP reads it).
+    content_type = (_text(headers.get("content-type"), "datacontenttype") or "").strip() or None
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
     if media_type.startswith("application/cloudevents"):  # the binding's structured-mode test
         if media_type != json_format.EVENT_MEDIA_TYPE:
@@ -80,7 +81,7 @@ def from_kafka(message: KafkaMessage) -> CloudEvent:
         return CloudEvent(event.attributes, event.data, _meta(headers, skip_ce=False))
     attributes: dict[str, AttributeValue] = {}
     for name, raw in headers.items():
-        if name.startswith(_PREFIX):
+        if name.startswith(_PREFIX) and raw is not None:  # a null header (Java clients write them) is none
             attribute = name[len(_PREFIX) :]
             if attribute == "datacontenttype":
                 raise InvalidEventError(attribute, "binary mode carries it as content-type")

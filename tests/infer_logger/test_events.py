@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import pytest
 
@@ -135,3 +136,28 @@ def test_a_size_past_a_cloudevents_integer_is_text() -> None:
     assert data == b"ab" and marks == {ev.TRUNCATED: True, ev.DATASIZE: str(2**31)}
     event = CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": ev.RESPONSE, **marks}, data)
     assert from_json(to_json(event))[ev.DATASIZE] == "2147483648"
+
+
+@pytest.mark.parametrize(("value", "cut"), [
+    (True, True), ("true", True), ("TRUE", True), (False, False), ("false", False), ("False", False),
+    (None, False), ("", False), ("yes", False), (1, False),
+])
+def test_truncated_is_true_or_its_text(value: Any, cut: bool) -> None:
+    from infer_logger.cloudevents import CloudEvent
+
+    marks = {} if value is None else {ev.TRUNCATED: value}
+    event = CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": ev.REQUEST, **marks}, b"{}")
+    assert ev.is_truncated(event) is cut
+
+
+def test_a_payload_marked_not_truncated_is_json_after_a_binary_hop() -> None:
+    """Binary modes (HTTP, Kafka) carry every attribute as text: "false" counted as truncated, and
+    the JSON was stored and shown as base64."""
+    from infer_logger.cloudevents import CloudEvent, from_http, from_kafka, to_binary, to_kafka_binary
+
+    event = CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": ev.REQUEST,
+                        "datacontenttype": "application/json", ev.TRUNCATED: False}, b'{"instances":[[1,2]]}')
+    for got in (from_http(*to_binary(event)), from_kafka(to_kafka_binary(event))):
+        assert got[ev.TRUNCATED] == "false" and ev.decode_data(got) == {"instances": [[1, 2]]}
+    cut = from_kafka(to_kafka_binary(event.with_attributes(**{ev.TRUNCATED: True})))
+    assert cut[ev.TRUNCATED] == "true" and isinstance(ev.decode_data(cut), ev.RawPayload)

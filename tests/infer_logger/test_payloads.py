@@ -323,6 +323,14 @@ class TestInstances:
                        datacontenttype="text/html; charset=utf-16")
         assert instances(event) == [events.RawPayload.of(cut)]
 
+    @pytest.mark.parametrize(("truncated", "text"), [("false", None), ("True", "<p>r")])
+    def test_truncated_as_binary_modes_carry_it(self, truncated: str, text: str | None) -> None:
+        """Binary modes carry `truncated` as text: "false" counted as cut, so a body ending
+        mid-character (not whole text) was shown as text, its last byte lost."""
+        body = b"<p>r\xc3"
+        (item,) = instances(_event(events.RESPONSE, body, statuscode=500, truncated=truncated, datasize=99))
+        assert item == (events.RawPayload.of(body) if text is None else text)
+
     def test_truncated_is_not_parsed(self) -> None:
         event = _event(events.REQUEST, b'{"instances": [[1], [2]]}', truncated=True, datasize=999)
         (item,) = instances(event)

@@ -13,6 +13,7 @@ from infer_logger.cloudevents import (
     attribute_text,
     from_dict,
     from_http,
+    from_http_many,
     from_json,
     from_json_batch,
     to_binary,
@@ -47,12 +48,27 @@ def written(data: bytes | None, content_type: str | None = None) -> dict[str, An
     return members
 
 
+def from_dict_raw(members: bytes) -> CloudEvent:
+    """An event read from BASE's JSON text with `members` (JSON text) added."""
+    return from_json(orjson.dumps(BASE)[:-1] + b"," + members + b"}")
+
+
 class TestWriteData:
     """Bytes become `data` (JSON or text) or `data_base64`, by content type and content."""
 
-    @pytest.mark.parametrize("content_type", [None, "application/json", "text/json", "application/vnd.api+json", "application/json; charset=utf-8"])
-    def test_json_bytes_embed(self, content_type: str | None) -> None:
+    @pytest.mark.parametrize("content_type", ["application/json", "text/json", "application/vnd.api+json", "application/json; charset=utf-8"])
+    def test_json_bytes_embed(self, content_type: str) -> None:
         assert written(b'{"a": [1, 2.5, null]}', content_type)["data"] == {"a": [1, 2.5, None]}
+
+    @pytest.mark.parametrize("data", [b'{"a": 1}', b"123", b'"text"', b"text", b"\xff"])
+    def test_bytes_of_no_stated_type_go_base64(self, data: bytes) -> None:
+        """JSON `data` without datacontenttype reads as application/json (spec 3.1.2), so bytes
+        that happened to parse as JSON came back typed: one structured hop (the broker's, a
+        Kafka structured sink's) changed the event. The spec writes them as `data_base64`."""
+        event = CloudEvent(dict(BASE), data)
+        members = orjson.loads(to_json(event))
+        assert "data" not in members and "datacontenttype" not in members
+        assert from_json(to_json(event)) == event and from_dict(to_dict(event)) == event
 
     def test_embedding_keeps_the_bytes(self) -> None:
         raw = to_json(CloudEvent({**BASE, "datacontenttype": "application/json"}, b'{ "b" : 1 }\n'))
@@ -96,15 +112,16 @@ class TestWriteData:
         assert from_json_batch(to_json_batch([event]))[0].data == data
         assert ("data" in orjson.loads(to_json_batch([event]))[0]) is (depth <= 1022)
 
-    @pytest.mark.parametrize(("content_type", "as_text"), [
-        ("text/plain; charset=utf-8", True), ('text/plain; charset="UTF-8"', True),
-        ("text/csv; header=present; charset=us-ascii", True), ("text/plain; format=flowed", True),
-        ("text/plain; charset=iso-8859-1", False), ("text/plain;charset=utf-16le", False),
+    @pytest.mark.parametrize(("content_type", "data", "as_text"), [
+        ("text/plain; charset=utf-8", "été".encode(), True), ('text/plain; charset="UTF-8"', "été".encode(), True),
+        ("text/csv; header=present; charset=us-ascii", b"a,b", True), ("text/plain; format=flowed", "été".encode(), True),
+        ("text/plain; charset=iso-8859-1", "été".encode("latin-1"), False),
+        ("text/plain;charset=utf-16le", "ab".encode("utf-16le"), False),
+        ("text/plain; charset=us-ascii", "été".encode(), False),  # no US-ASCII text: read back, refused
     ])
-    def test_text_in_another_charset_goes_base64(self, content_type: str, as_text: bool) -> None:
+    def test_text_in_another_charset_goes_base64(self, content_type: str, data: bytes, as_text: bool) -> None:
         """UTF-16 `ab` was written as the string 'a\x00b\x00', Latin-1 `été` (read as UTF-8)
         as 'Ã©tÃ©': readers of the JSON (Elasticsearch, Fluentd) saw other text."""
-        data = "été".encode() if as_text else "ab".encode("utf-16le")
         members = written(data, content_type)
         assert ("data" in members) is as_text and from_dict(members).data == data
 
@@ -143,6 +160,37 @@ class TestReadData:
     def test_string_under_a_text_type_is_its_utf8(self) -> None:
         assert from_dict({**BASE, "datacontenttype": "text/plain", "data": "é"}).data == "é".encode()
 
+    @pytest.mark.parametrize(("content_type", "value", "data"), [
+        ("text/plain; charset=iso-8859-1", "café", b"caf\xe9"),
+        ('text/csv; header=present; charset="Windows-1252"', "5 €", b"5 \x80"),
+        ("text/plain;charset=utf-16le", "ab", b"a\x00b\x00"),
+        ("text/plain; charset=us-ascii", "abc", b"abc"),
+        ("text/plain; charset=UTF-8", "café", "café".encode()),
+        ("application/json; charset=iso-8859-1", "é", b'"\xe9"'),
+        ("application/vnd.api+json; charset=iso-8859-1", {"é": [1]}, b'{"\xe9":[1]}'),
+    ])
+    def test_text_is_written_in_the_charset_its_type_names(self, content_type: str, value: Any, data: bytes) -> None:
+        """Written as UTF-8 whatever the charset, `café` went on in binary mode as b'caf\\xc3\\xa9'
+        labelled iso-8859-1: its receivers read 'cafÃ©'. (JSON text too: a binary-mode sender's
+        bytes under that label are in that charset, and the JSON format writes them back so.)"""
+        event = from_dict({**BASE, "datacontenttype": content_type, "data": value})
+        assert event.data == data
+        assert from_json(to_json(event)) == event  # read back as written (base64 past UTF-8)
+
+    @pytest.mark.parametrize(("content_type", "value", "attribute"), [
+        ("text/plain; charset=iso-8859-1", "日本", "data"),
+        ("text/plain; charset=us-ascii", "café", "data"),
+        ("application/json; charset=iso-8859-1", ["日本"], "data"),
+        ("text/plain; charset=no-such-charset", "x", "datacontenttype"),
+        ("text/plain; charset=base64", "x", "datacontenttype"),  # a codec, but not to text
+        ("text/plain; charset=unicode_escape", "x", "datacontenttype"),  # Python's, no page's
+        ("text/plain; charset=latin\x001", "x", "datacontenttype"),  # a NUL: a ValueError, not refused
+    ])
+    def test_text_its_charset_cannot_hold_is_refused(self, content_type: str, value: Any, attribute: str) -> None:
+        with pytest.raises(InvalidEventError) as info:
+            from_dict({**BASE, "datacontenttype": content_type, "data": value})
+        assert info.value.attribute == attribute
+
     def test_non_string_under_a_text_type_is_its_json_text(self) -> None:
         assert from_dict({**BASE, "datacontenttype": "text/plain", "data": [1]}).data == b"[1]"
 
@@ -157,6 +205,51 @@ class TestReadData:
         for depth in (150, 511):  # two levels each: 300 and 1022
             deep = b'[{"a":' * depth + b"1" + b"}]" * depth
             assert from_dict({**BASE, "datacontenttype": "application/json", "data": orjson.loads(deep)}).data == deep
+
+    @pytest.mark.parametrize("read", [
+        from_json,
+        lambda raw: from_json(raw.decode()),
+        lambda raw: from_json_batch(b"[" + raw + b"]")[0],
+        lambda raw: from_http({"content-type": EVENT_MEDIA_TYPE}, raw),
+        lambda raw: from_http_many({"content-type": BATCH_MEDIA_TYPE}, b"[" + raw + b"]")[0],
+    ], ids=["from_json", "from_json-str", "from_json_batch", "from_http", "from_http_many"])
+    @pytest.mark.parametrize("number", [
+        "18446744073709551616", "-9223372036854775809", "123456789012345678901234567890", "9" * 300,
+    ], ids=["2**64", "-2**63-1", "30-digits", "300-digits"])
+    def test_an_integer_past_64_bits_in_data_keeps_its_value(self, read: Any, number: str) -> None:
+        """orjson reads one as a float: 2**64 went on to binary mode (the broker's subscribers,
+        Kafka, the stores) as 18446744073709551616.0, rewritten as 1.8446744073709552e+19."""
+        data = '{"n": [' + number + ', 18446744073709551615, -9223372036854775808, 1.5], "é": "9223372036854775808"}'
+        raw = orjson.dumps({**BASE, "datacontenttype": "application/json"})[:-1] + b',"data": ' + data.encode() + b"}"
+        event = read(raw)
+        assert event.data == data.replace(": ", ":").replace(", ", ",").encode()  # compact, as orjson writes
+        assert from_json(to_json(event)) == event  # written back as data_base64: the encoder's guard
+
+    def test_data_that_is_one_integer_past_64_bits(self) -> None:
+        assert from_dict_raw(b'"data":18446744073709551616').data == b"18446744073709551616"
+
+    def test_long_digit_runs_that_are_no_integers_change_nothing(self) -> None:
+        data = b'{"s":"a 18446744073709551616","f":0.18446744073709551616,"e":1.5e-18446744073709551616}'
+        event = from_dict_raw(b'"datacontenttype":"application/json","data":' + data)
+        assert orjson.loads(event.data or b"") == {"s": "a 18446744073709551616", "f": 0.18446744073709551616, "e": 0.0}
+
+    def test_an_integer_past_what_a_double_holds_is_refused(self) -> None:
+        """orjson refuses it (infinity as a double): refused, not changed, and no stdlib digit limit."""
+        with pytest.raises(InvalidEventError, match="infinity"):
+            from_dict_raw(b'"datacontenttype":"application/json","data":[' + b"9" * 5000 + b"]")
+
+    def test_an_attribute_past_64_bits_is_refused_by_name(self) -> None:
+        """Read as a float it was refused as a JSON number; read exactly, it is no Integer either."""
+        with pytest.raises(InvalidEventError) as info:
+            from_dict_raw(b'"ext":18446744073709551616')
+        assert info.value.attribute == "ext"
+
+    def test_an_integer_past_64_bits_nested_deeper_than_stdlib_json_reads_is_refused(self) -> None:
+        """Kept exact by stdlib json, which reads fewer levels than orjson: refused, not changed."""
+        deep = b"[" * 1020 + b"18446744073709551616" + b"]" * 1020
+        with pytest.raises(InvalidEventError) as info:
+            from_dict_raw(b'"datacontenttype":"application/json","data":' + deep)
+        assert info.value.attribute == "data"
 
     def test_both_data_members_rejected(self) -> None:
         with pytest.raises(InvalidEventError) as info:
@@ -287,16 +380,25 @@ class TestFormatJsonConformance:
 # --- conformance: sdk-python json-format vectors ---------------------------------------------
 
 
+# The SDK holds data as a runtime value, we as the bytes binary mode carries; bytes of no stated
+# type are written as `data_base64` (the spec's json-data-base64-no-datacontenttype example). A
+# runtime JSON value of no stated type is what the format implies for `data`, application/json
+# (spec 3.1.2), which our events spell out: these vectors' events carry it, and so does the JSON.
+IMPLIED_JSON = {"w-no-datacontenttype-string", "w-no-datacontenttype-object"}
+
+
 class TestSdkJsonVectors:
     """Write and read vectors; the SDK's exact whitespace (`sdk_exact`) is compared as JSON."""
 
     @pytest.mark.parametrize("case", cases("sdk-python/json-format-vectors.json", "write"))
     def test_write(self, case: dict[str, Any]) -> None:
         event = format_event(case["event"])
+        implied = {"datacontenttype": "application/json"} if case["id"] in IMPLIED_JSON else {}
+        event = event.with_attributes(**implied)
         written = orjson.loads(to_json(event))
         assert to_dict(event) == written
         if "expect_json" in case:
-            assert written == case["expect_json"]
+            assert written == {**case["expect_json"], **implied}
         for name, value in case.get("expect_json_subset", {}).items():
             assert written[name] == value
         if "sdk_exact" in case:
@@ -369,14 +471,13 @@ class TestSpecJsonExamples:
         # Binary mode carries every attribute as text, so compare canonical strings.
         assert _canonical(event.attributes) == _canonical(expected.attributes)
         assert _same_data(event, expected)
+        # Written as the spec writes it: a body without Content-Type is bytes of no stated type
+        # (`data_base64`, not JSON `data` that the next reader would take for application/json).
+        members = orjson.loads(to_json(event))
+        assert [m in members for m in ("data", "data_base64")] == [m in structured for m in ("data", "data_base64")]
         again = from_json(to_json(event))
         assert _same_data(again, event)
-        if event.datacontenttype is None and again.data is not None:
-            # A body without Content-Type that parses as JSON is written as JSON `data` (absent
-            # means JSON to the format); reading it back spells out the implied type.
-            assert again.attributes == {**event.attributes, "datacontenttype": "application/json"}
-        else:
-            assert again.attributes == event.attributes
+        assert again.attributes == event.attributes
 
     @pytest.mark.parametrize("example", _spec_examples("batch_examples"))
     def test_batch(self, example: dict[str, Any]) -> None:

@@ -77,6 +77,19 @@ class TestBinary:
         decoded = from_kafka(dataclasses.replace(message, headers={**message.headers, "trace": b"\xffx"}))
         assert decoded == event and decoded.meta == {"trace": "\\xffx"}
 
+    @pytest.mark.parametrize("content_type", [b"", b" \t"])
+    def test_an_empty_content_type_is_none(self, content_type: bytes) -> None:
+        """It refused the record (the source dead-lettered it), where HTTP reads it as none."""
+        event = from_kafka(KafkaMessage({**HEADERS, "content-type": content_type}, None, b"x"))
+        assert "datacontenttype" not in event.attributes and event.data == b"x"
+
+    def test_a_null_header_is_no_attribute(self) -> None:
+        """Java clients write null headers: a null ce_ header became an attribute "" (an empty
+        partitionkey keyed the record by "")."""
+        headers: dict[str, Any] = {**HEADERS, "ce_partitionkey": None, "content-type": None}
+        event = from_kafka(KafkaMessage(headers, None, b"x"))
+        assert event.attributes == BASE and to_kafka_binary(event).key == b"req-1"
+
     def test_invalid_utf8_header_refused(self) -> None:
         with pytest.raises(InvalidEventError) as info:
             from_kafka(KafkaMessage({**HEADERS, "ce_subject": b"\xc0\xa0"}, None, None))
@@ -100,6 +113,18 @@ class TestStructured:
         message = to_kafka_structured(event)
         assert message.headers == {"content-type": b"application/cloudevents+json"}
         assert message.value == to_json(event) and from_kafka(message) == event
+
+    def test_an_integer_past_64_bits_keeps_its_value(self) -> None:
+        """orjson reads one as a float: the Kafka source stored 18446744073709551616 as 1.8446744073709552e+19."""
+        value = to_json(CloudEvent({**BASE, "datacontenttype": "application/json"}, b"{}"))[:-3] + b'{"n":18446744073709551616}}'
+        event = from_kafka(KafkaMessage({"content-type": b"application/cloudevents+json"}, None, value))
+        assert event.data == b'{"n":18446744073709551616}'
+
+    def test_data_of_no_stated_type_stays_untyped(self) -> None:
+        """Written as JSON `data`, it came back as application/json: binary delivery added a Content-Type."""
+        event = CloudEvent(dict(BASE), b'{"a":1}')
+        again = from_kafka(to_kafka_structured(event))
+        assert again == event and "content-type" not in to_kafka_binary(again).headers
 
     def test_unknown_format_refused(self) -> None:
         with pytest.raises(InvalidEventError, match="avro"):
@@ -149,6 +174,12 @@ OUR_RULE: dict[str, Callable[[KafkaMessage], None]] = {
 }
 
 
+# A runtime JSON value of no stated type, which our events hold as JSON bytes under the type the
+# JSON format implies for it (see test_json_format.IMPLIED_JSON): bytes of no stated type are
+# written as `data_base64`.
+IMPLIED_JSON = {"k-enc-structured"}
+
+
 class TestSdkKafkaVectors:
     """Decode and encode vectors from the Python SDK's tests."""
 
@@ -165,6 +196,8 @@ class TestSdkKafkaVectors:
     @pytest.mark.parametrize("case", cases(_VECTORS, "encode"))
     def test_encode(self, case: dict[str, Any]) -> None:
         event = binding_event(case["event"])
+        if case["id"] in IMPLIED_JSON:
+            event = event.with_attributes(datacontenttype="application/json")
         # The vectors give no user key, so key=None; our id default is tested in TestKeys.
         encode = to_kafka_binary if case["mode"] == "binary" else to_kafka_structured
         message = encode(event, key=None)
