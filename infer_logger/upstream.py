@@ -235,12 +235,13 @@ IDLE_EXPIRY = 30.0  # seconds the least recently used idle connection is kept
 STALE_AFTER = 1.0
 """Seconds a kept connection must have been idle for a loss before any answer to be taken for the
 predictor's keep-alive timeout (and the request sent again on a new connection)."""
-CAREFUL_FOR = 1.0
-"""Seconds the pool takes care after it saw the predictor close a connection unannounced soon
-after an answer (`Upstream.careful`)."""
-CAREFUL_IDLE = 0.05
-"""Seconds a kept connection must have been idle to be used while taking care: a predictor that
-closes after its answer has its end come right after it, read by then or seen by a look."""
+CLOSED_SOON = 0.1
+"""Seconds after an answer within which a predictor's unannounced close of the idle connection is
+its way (one answer per connection), not a keep-alive timeout."""
+CAREFUL_IDLE = 0.02
+"""Seconds a kept connection must have been idle to be used while careful: a predictor that closes
+after its answer has its end come right after it, read by then or seen by a look."""
+_EVIDENCE_MAX = 8  # closes counted, each undone by a kept connection answering again
 
 
 class _Stale(Exception):
@@ -306,7 +307,7 @@ class Upstream:
         self.resend_unanswered = resend_unanswered
         self._idle: list[_Connection] = []
         self._closed = False
-        self._careful_until = 0.0
+        self._closes = 0  # evidence of closes right after answers, less kept connections answering since
 
     async def request(self, method: str, target: bytes, headers: Headers, body: bytes) -> Answer:
         """Send `method target` (path and query, as the client wrote them) with these headers."""
@@ -331,19 +332,20 @@ class Upstream:
 
     @property
     def careful(self) -> bool:
-        """Whether the predictor closed a connection unannounced soon after its answer (uvicorn
-        with timeout_keep_alive=0, HTTP/1.0-style servers) within CAREFUL_FOR: its end may still be
-        unread as the next request takes the connection, that POST lost (502). Meanwhile only one
-        idle for CAREFUL_IDLE is used, looked at first. For a time: a predictor restarted closes
-        its connections so too, and must not cost a connection per request for good."""
-        return asyncio.get_running_loop().time() < self._careful_until
+        """Whether the predictor closes connections unannounced right after answering (uvicorn
+        with timeout_keep_alive=0, HTTP/1.0-style servers): its end may still be unread as the next
+        request takes the connection, that POST lost (502). While careful only a connection idle
+        for CAREFUL_IDLE is used, looked at first. Each close so counts, and each kept connection
+        that answers again undoes one: a restarted predictor (its connections closed so too) is
+        over it within a few requests, one that answers once per connection stays careful."""
+        return self._closes > 0
 
     def closed_unannounced(self) -> None:
-        self._careful_until = asyncio.get_running_loop().time() + CAREFUL_FOR
+        self._closes = min(self._closes + 1, _EVIDENCE_MAX)
 
     async def _connection(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
         while self._idle:
-            careful = loop.time() < self._careful_until
+            careful = self._closes > 0
             if careful:  # the newest idle long enough, if any (the pool is in release order)
                 at = bisect.bisect_right(self._idle, loop.time() - CAREFUL_IDLE, key=lambda c: c.idle_since)
                 if at == 0:
@@ -388,6 +390,8 @@ class Upstream:
             timer.cancel()
 
     def release(self, conn: _Connection) -> None:
+        if conn.kept and self._closes:
+            self._closes -= 1  # a kept connection answered again: no predictor of one answer each
         if self._closed:
             assert conn.transport is not None
             conn.transport.close()
@@ -414,7 +418,7 @@ class Upstream:
         """`conn`, idle in the pool, was closed: by the predictor unless idle past IDLE_EXPIRY (the
         pool's other closes are of connections not in it). Soon after an answer: it closes them
         silently."""
-        if asyncio.get_running_loop().time() - conn.idle_since < STALE_AFTER:
+        if asyncio.get_running_loop().time() - conn.idle_since < CLOSED_SOON:
             self.closed_unannounced()
 
     async def close(self) -> None:
