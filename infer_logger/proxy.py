@@ -229,12 +229,11 @@ def _own_path(scope: Scope) -> tuple[str, bytes]:
     if raw.startswith(prefix) and raw[len(prefix):len(prefix) + 1] in (b"", b"/"):
         raw = raw[len(prefix):]
     else:  # a root written otherwise (percent-encoded): its raw segments, however written, dropped
-        segments, taken = raw.split(b"/"), b""
-        for i, segment in enumerate(segments[1:], 1):
-            taken += b"/" + unquote_to_bytes(segment)
-            if taken == prefix.rstrip(b"/"):
-                raw = b"/" + b"/".join(segments[i + 1:]) if i + 1 < len(segments) else b""
-                break
+        wanted = prefix.rstrip(b"/").split(b"/")
+        segments = raw.split(b"/", len(wanted))
+        if len(segments) >= len(wanted) and all(
+                unquote_to_bytes(got) == root for got, root in zip(segments[1:], wanted[1:], strict=False)):
+            raw = b"/" + segments[len(wanted)] if len(segments) > len(wanted) else b""
         else:  # cannot be told apart (an encoded slash in the root): the rest, encoded again
             raw = quote(path, safe="/:@!$&'()*+,;=").encode()
     return path or "/", raw or b"/"
