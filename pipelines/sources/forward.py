@@ -5,8 +5,8 @@ One TCP port takes every mode of the spec: Message `[tag, time, record, option?]
 and CompressedPackedForward (option `compressed: "gzip"`, one or more gzip members). Times are
 EventTime (ext type 0), integer or float seconds; an entry's may also be v1.5's `[time, map...]`
 (Fluent Bit 2.1.x and >= 5.0.5 send `[[EventTime, {metadata}], record]`), whose maps are dropped,
-as Fluentd does. A frame with v1.5's option `fluent_signal` 1 or 2 carries metrics or traces, not
-log records: it is acked and skipped (logged once per connection). With `shared_key` set every
+as Fluentd does. A frame with v1.5's option `fluent_signal` other than 0 carries metrics, traces or
+another kind, not log records: it is acked and skipped (logged once per connection). With `shared_key` set every
 connection starts with HELO -> PING -> PONG (`users` adds username/password auth). UDP heartbeats
 are not served: Fluentd's out_forward defaults to `heartbeat_type transport`, plain TCP connects.
 
@@ -186,7 +186,7 @@ class Frame:
     entries: Iterable[Entry]
     chunk: str | None
     budget: _Budget | None = None  # of the entries still to unpack
-    signal: int = 0  # v1.5's fluent_signal when it is one of _NOT_LOGS (the entries are then none)
+    signal: int = 0  # v1.5's fluent_signal when not logs (0): the entries are then none
 
     def slices(self, size: int) -> Iterator[list[Entry]]:
         """The entries, `size` at a time (each batch with the whole budget: those before are
@@ -360,13 +360,13 @@ def parse_frame(frame: bytes | memoryview, limit: int, max_entries: int = _MAX_E
     return Frame(tag, entries, chunk, budget)
 
 
-_NOT_LOGS = (1, 2)  # fluent_signal of Fluent Bit's metrics (cmetrics) and traces (ctraces); 0 is logs
 
 
 def _signal(option: dict[str, Any]) -> int:
-    """The option's fluent_signal when it says the payload is no log records, else 0."""
+    """The option's fluent_signal when it says the payload is no log records, else 0: Fluent Bit's
+    metrics (1, cmetrics) and traces (2, ctraces), and any later kind (not logs either)."""
     signal = option.get("fluent_signal")
-    return signal if type(signal) is int and signal in _NOT_LOGS else 0
+    return signal if type(signal) is int else 0
 
 
 def _option(walk: _Walk, size: int, index: int) -> dict[str, Any]:
@@ -528,8 +528,8 @@ def _time(value: object) -> int:
     """An entry's time in ns: v1.5's Metadata, a time or `[time, map...]`; the maps (Fluent Bit's
     metadata) are dropped, as Fluentd's in_forward does: an event has no place for them."""
     if isinstance(value, list):
-        if not value:
-            raise FrameError("a time with metadata is [time, map...], not an empty array")
+        if not value or not all(isinstance(item, dict) for item in value[1:]):
+            raise FrameError("a time with metadata is [time, map...], not " + _describe(value))
         value = value[0]
     return time_ns(value)
 
@@ -837,8 +837,8 @@ class ForwardSource:
                             self._idle.set()
                     if frame is not None and frame.signal and not skipping:
                         skipping = True
-                        log.warning("forward source: %s sends frames with fluent_signal %d (metrics or "
-                                    "traces, not log records; tag %r): acked and skipped", peer,
+                        log.warning("forward source: %s sends frames with fluent_signal %d (metrics, traces or "
+                                    "another kind, not log records; tag %r): acked and skipped", peer,
                                     frame.signal, frame.tag)
                 if not (data := await self._read(reader, messages)):
                     break

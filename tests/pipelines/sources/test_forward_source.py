@@ -232,7 +232,7 @@ class TestModes:
             (0, str(T_NS)), (1, str(T_NS + 1)), (2, str(T_NS // NS * NS)), (3, str(T_NS + 3))]
         assert source.errors == 0
 
-    @pytest.mark.parametrize("signal", [1, 2], ids=["metrics", "traces"])
+    @pytest.mark.parametrize("signal", [1, 2, 3], ids=["metrics", "traces", "a later signal"])
     async def test_fluent_signal_frames_are_acked_and_skipped(
             self, source: ForwardSource, memory: MemorySink, caplog: pytest.LogCaptureFixture, signal: int) -> None:
         """v1.5's `fluent_signal` 1 and 2 carry metrics and traces (Fluent Bit's cmetrics/ctraces),
@@ -640,6 +640,8 @@ class TestFailures:
         pack(["app", msgpack.ExtType(5, b"12345678"), {}]),
         pack(["app", 10**15, {}]),  # a year no calendar holds
         pack(["app", [[1, {}], [10**12, {}]], {}]),  # ... in a later entry
+        pack(["app", [[[1, 5, "x"], {}]], {}]),  # v1.5 metadata: [time, map...], not other items
+        pack(["app", [[[1, None], {}]], {}]),
         b"\x94\xa3app\x01\x81\x91\x01\x01\x81\xa5chunk\xa1c",  # a map keyed by an array: {[1]: 1}
     ], ids=lambda f: f.hex()[:24])
     async def test_malformed_frame_closes_only_its_connection(
