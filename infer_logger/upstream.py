@@ -10,7 +10,6 @@ the answer with httptools (llhttp, the parser uvicorn and Node use) and keeps co
 from __future__ import annotations
 
 import asyncio
-import bisect
 import os
 import socket
 import ssl
@@ -238,10 +237,6 @@ predictor's keep-alive timeout (and the request sent again on a new connection).
 CLOSED_SOON = 0.1
 """Seconds after an answer within which a predictor's unannounced close of the idle connection is
 its way (one answer per connection), not a keep-alive timeout."""
-CAREFUL_IDLE = 0.02
-"""Seconds a kept connection must have been idle to be used while careful: a predictor that closes
-after its answer has its end come right after it, read by then or seen by a look."""
-_EVIDENCE_MAX = 8  # closes counted, each undone by a kept connection answering again
 
 
 class _Stale(Exception):
@@ -279,8 +274,8 @@ class Upstream:
     predictor cannot be reached or hangs up, and UpstreamError for an answer that is not HTTP.
     A kept-alive connection the predictor closed is not used: the event loop may not have read
     its end yet, so one idle for a while is looked at first; and while the predictor is seen to
-    close connections soon after answering without saying so (`careful`), only one idle for a
-    moment, looked at. One lost unanswered as the request
+    close connections soon after answering without saying so (`careful`), none is used but one
+    idle that long. One lost unanswered as the request
     went out is sent again once on a new one only for methods that may be (GET, HEAD, PUT...):
     a POST may have been read, and a predictor that died of it must not get it twice (502);
     unless `resend_unanswered` (a sender that resends anyway: the http sink).
@@ -307,7 +302,7 @@ class Upstream:
         self.resend_unanswered = resend_unanswered
         self._idle: list[_Connection] = []
         self._closed = False
-        self._closes = 0  # evidence of closes right after answers, less kept connections answering since
+        self._careful = False
 
     async def request(self, method: str, target: bytes, headers: Headers, body: bytes) -> Answer:
         """Send `method target` (path and query, as the client wrote them) with these headers."""
@@ -332,25 +327,23 @@ class Upstream:
 
     @property
     def careful(self) -> bool:
-        """Whether the predictor closes connections unannounced right after answering (uvicorn
-        with timeout_keep_alive=0, HTTP/1.0-style servers): its end may still be unread as the next
-        request takes the connection, that POST lost (502). While careful only a connection idle
-        for CAREFUL_IDLE is used, looked at first. Each close so counts, and each kept connection
-        that answers again undoes one: a restarted predictor (its connections closed so too) is
-        over it within a few requests, one that answers once per connection stays careful."""
-        return self._closes > 0
+        """Whether the predictor was seen to close a connection unannounced right after its answer
+        (uvicorn with timeout_keep_alive=0, HTTP/1.0-style servers): its end may come after the
+        next request took the connection, that POST lost (502), later the busier it is, so no
+        wait after an answer is long enough. Meanwhile each request gets a new connection, but
+        for one idle STALE_AFTER and still open: it shows the predictor keeps them (a restarted
+        one closed its connections so too), and ends the care."""
+        return self._careful
 
     def closed_unannounced(self) -> None:
-        self._closes = min(self._closes + 1, _EVIDENCE_MAX)
+        self._careful = True
 
     async def _connection(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
         while self._idle:
-            careful = self._closes > 0
-            if careful:  # the newest idle long enough, if any (the pool is in release order)
-                at = bisect.bisect_right(self._idle, loop.time() - CAREFUL_IDLE, key=lambda c: c.idle_since)
-                if at == 0:
+            if self._careful:  # the oldest, if idle that long (the pool is in release order)
+                if loop.time() - self._idle[0].idle_since < STALE_AFTER:
                     break
-                conn = self._idle.pop(at - 1)
+                conn = self._idle.pop(0)
             else:
                 conn = self._idle.pop()
             if conn.transport is not None and not conn.transport.is_closing():
@@ -358,10 +351,11 @@ class Upstream:
                 # closed as it was reused only if it had been idle that long; else the predictor
                 # may have read the request.
                 conn.reused = loop.time() - conn.idle_since >= STALE_AFTER
-                if (conn.reused or careful) and _peer_closed(conn.transport):
+                if conn.reused and _peer_closed(conn.transport):
                     conn.transport.abort()
                     continue
                 conn.kept = True
+                self._careful = False
                 return conn
         if self._closed:
             raise ConnectionResetError("the client is closed")
@@ -390,8 +384,6 @@ class Upstream:
             timer.cancel()
 
     def release(self, conn: _Connection) -> None:
-        if conn.kept and self._closes:
-            self._closes -= 1  # a kept connection answered again: no predictor of one answer each
         if self._closed:
             assert conn.transport is not None
             conn.transport.close()

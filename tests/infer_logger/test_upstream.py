@@ -186,10 +186,12 @@ async def test_a_predictor_that_closes_connections_silently_loses_no_post(answer
     assert len(peer.heads) == learnt + 90  # each reached the peer once
 
 
-async def test_a_predictor_restarted_once_costs_no_connection_per_request_for_good() -> None:
+async def test_a_predictor_restarted_once_costs_no_connection_per_request_for_good(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A restart closes the idle connections soon after their answers as a predictor of one answer
     per connection does: taken for one, the pool opened a connection per request for good (5x
-    slower on a fast predictor). A kept connection answering again ends the care."""
+    slower on a fast predictor). A connection still open STALE_AFTER after its answer ends the care."""
+    monkeypatch.setattr(upstream_module, "STALE_AFTER", 0.2)
     connections: list[asyncio.StreamWriter] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -206,11 +208,11 @@ async def test_a_predictor_restarted_once_costs_no_connection_per_request_for_go
         assert (await up.request("POST", b"/", [], b"x")).status == 200
         connections[0].close()  # the restart, right after the answer
         await until(lambda: up.careful, what="the close seen")
-        for _ in range(500):  # a connection idle CAREFUL_IDLE is used, and answers again
+        for _ in range(500):  # until a connection idle STALE_AFTER is found open
             if not up.careful:
                 break
             assert (await up.request("POST", b"/", [], b"x")).status == 200
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.02)
         assert not up.careful
         before = len(connections)
         for _ in range(30):
