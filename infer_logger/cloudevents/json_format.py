@@ -172,9 +172,9 @@ def _read_data(members: Mapping[str, Any], attributes: dict[str, AttributeValue]
         # orjson reads 1024 levels deep but writes 254: a payload a predictor took (and our
         # structured sinks wrote) stopped the reader with a TypeError.
         data = deep_dumps(value)
-    # JSON text is UTF-8 (RFC 8259) but a label naming another charset is the sender's word on
-    # the bytes, as a binary-mode sender's would be: written so, both modes carry the same bytes.
-    return data if _charset(str(content_type)) is None else _encoded(data.decode(), str(content_type))
+    # JSON text is UTF-8 whatever charset its label names (RFC 8259 11: the parameter has no
+    # effect), as the writer embedded it: re-encoded, a legacy client's label changed or refused it.
+    return data
 
 
 def _encoded(text: str, content_type: str) -> bytes:
@@ -225,8 +225,9 @@ def _loads(raw: bytes | str) -> Any:
         # again by stdlib json, which hands each integer's text over to be kept as written.
         try:
             return json.loads(raw, parse_int=_exact_integer)
-        except RecursionError:  # orjson reads 1024 levels, stdlib json fewer
-            raise InvalidEventError("data", "an integer past 64 bits nested too deep to be kept exact") from None
+        except RecursionError:  # orjson reads 1024 levels, stdlib json fewer: refused, never changed
+            raise InvalidEventError("data", "nested too deep to be checked for an integer past 64 bits "
+                                            "(kept exact only so)") from None
     return value
 
 
