@@ -332,7 +332,8 @@ class Upstream:
         next request took the connection, that POST lost (502), later the busier it is, so no
         wait after an answer is long enough. Meanwhile each request gets a new connection, but
         for one idle STALE_AFTER and still open: it shows the predictor keeps them (a restarted
-        one closed its connections so too), and ends the care."""
+        one closed its connections so too), and ends the care, as one it closes later than
+        CLOSED_SOON after its answer does (its keep-alive timeout)."""
         return self._careful
 
     def closed_unannounced(self) -> None:
@@ -409,9 +410,13 @@ class Upstream:
     def lost_idle(self, conn: _Connection) -> None:
         """`conn`, idle in the pool, was closed: by the predictor unless idle past IDLE_EXPIRY (the
         pool's other closes are of connections not in it). Soon after an answer: it closes them
-        silently."""
-        if asyncio.get_running_loop().time() - conn.idle_since < CLOSED_SOON:
+        silently; later, at its keep-alive timeout: it keeps them (a predictor whose timeout is
+        under STALE_AFTER never leaves one idle that long, to end the care)."""
+        idle = asyncio.get_running_loop().time() - conn.idle_since
+        if idle < CLOSED_SOON:
             self.closed_unannounced()
+        elif idle < IDLE_EXPIRY:
+            self._careful = False
 
     async def close(self) -> None:
         self._closed = True

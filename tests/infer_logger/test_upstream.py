@@ -223,6 +223,34 @@ async def test_a_predictor_restarted_once_costs_no_connection_per_request_for_go
         server.close()
 
 
+async def test_the_care_ends_at_a_keep_alive_timeout_under_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A predictor whose keep-alive timeout is under STALE_AFTER never leaves a connection idle
+    that long to be found open: after one restart the pool took a new connection per request for
+    good. Its timeout closes (later than CLOSED_SOON after an answer) end the care too."""
+    monkeypatch.setattr(upstream_module, "CLOSED_SOON", 0.05)
+    connections: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            while True:  # a keep-alive timeout of 0.3 s
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\nx"), 0.3)
+                writer.write(ok()(b""))
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    up = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        assert (await up.request("POST", b"/", [], b"x")).status == 200
+        connections[0].close()  # the restart, right after the answer
+        await until(lambda: up.careful, what="the close seen")
+        assert (await up.request("POST", b"/", [], b"x")).status == 200
+        await until(lambda: not up.careful, what="the keep-alive timeout's close")
+    finally:
+        await up.close()
+        server.close()
+
+
 async def test_hang_up_after_the_request_is_not_retried() -> None:
     peer = Scripted(lambda _: None)
     async with peer as url:
