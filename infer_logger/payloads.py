@@ -25,7 +25,7 @@ from math import prod
 from typing import Any
 
 from infer_logger import binary_tensors, events
-from infer_logger.cloudevents.event import CloudEvent, charset, is_known_charset
+from infer_logger.cloudevents.event import CloudEvent, charset, is_json_type, is_known_charset
 
 _MAX_DIMS = 64  # numpy's own limit (NPY_MAXDIMS): a shape with more is not a tensor's
 _MAX_CHARACTER_BYTES = 4  # the most bytes a cut character holds back (UTF-8's, GB18030's)
@@ -92,9 +92,9 @@ def as_text(event: CloudEvent) -> str | None:
 
 def _charset(content_type: str | None) -> str | None:
     """The text encoding `content_type`'s charset names, when Python has it (not base64 or zlib,
-    which are codecs too)."""
+    which are codecs too); None for JSON, UTF-8 whatever its label says (RFC 8259 11)."""
     name = charset(content_type)
-    if name is None or not is_known_charset(name):
+    if name is None or not is_known_charset(name) or is_json_type(content_type or ""):
         return None
     try:
         b"\0".decode(name)  # b"" is decoded without looking the codec up

@@ -63,6 +63,12 @@ def charset(content_type: str | None) -> str | None:
     return None
 
 
+def is_json_type(content_type: str) -> bool:
+    """application/json, text/json, any */*+json."""
+    subtype = content_type.split(";", 1)[0].strip().lower().partition("/")[2]
+    return subtype == "json" or subtype.endswith("+json")
+
+
 def is_known_charset(name: str) -> bool:
     """Whether `name` is a codec Python ships that may be a charset (base64 and zlib, codecs
     too, still fail as text encodings): only such names are looked up."""

@@ -23,6 +23,7 @@ from infer_logger.cloudevents.event import (
     AttributeValue,
     CloudEvent,
     charset,
+    is_json_type,
     is_known_charset,
     may_hold_long_integer,
 )
@@ -119,7 +120,7 @@ def _members(event: CloudEvent, *, embed_raw: bool) -> dict[str, Any]:
         return members
     if content_type is None:
         pass  # bytes of no stated type: base64, which readers must not take for JSON (JSON `data` they would)
-    elif _is_json(content_type):
+    elif is_json_type(content_type):
         try:
             # Checked as readers will read it: an integer past 64 bits (orjson's float) changed,
             # and embedded, 1023 levels made a batch no one could read.
@@ -160,7 +161,7 @@ def _read_data(members: Mapping[str, Any], attributes: dict[str, AttributeValue]
         # Our events are shaped like binary mode, where the content type is explicit; the spec
         # asks translations to spell the implied one out.
         attributes["datacontenttype"] = content_type = _IMPLIED_CONTENT_TYPE
-    if isinstance(value, str) and not _is_json(str(content_type)):
+    if isinstance(value, str) and not is_json_type(str(content_type)):
         return _encoded(value, str(content_type))
     # JSON content (a JSON string stays a JSON string, quotes and all). The spec lets a reader
     # refuse non-string data under a non-JSON type; its JSON text is the kinder reading.
@@ -174,7 +175,8 @@ def _read_data(members: Mapping[str, Any], attributes: dict[str, AttributeValue]
         data = deep_dumps(value)
     # JSON text is UTF-8 whatever charset its label names (RFC 8259 11: the parameter has no
     # effect), as the writer embedded it: re-encoded, a legacy client's label changed or refused it.
-    return data
+    # Under a text type (JSON text as its kinder reading) the label's charset holds, as for a string.
+    return data if is_json_type(str(content_type)) else _encoded(data.decode(), str(content_type))
 
 
 def _encoded(text: str, content_type: str) -> bytes:
@@ -192,10 +194,6 @@ def _encoded(text: str, content_type: str) -> bytes:
         raise InvalidEventError("datacontenttype", f"names a codec that is no charset: {name[:40]!r}") from None
 
 
-def _is_json(content_type: str) -> bool:
-    """application/json, text/json, any */*+json."""
-    subtype = content_type.split(";", 1)[0].strip().lower().partition("/")[2]
-    return subtype == "json" or subtype.endswith("+json")
 
 
 @functools.lru_cache(maxsize=256)  # content types repeat

@@ -254,6 +254,13 @@ class TestInstances:
         event = _event(events.RESPONSE, page, statuscode=503, datacontenttype=f"text/html; charset={charset}")
         assert instances(event) == [text]
 
+    def test_a_json_error_body_is_utf8_whatever_its_label_says(self) -> None:
+        """JSON is UTF-8 (RFC 8259 11: a charset parameter has no effect): read by a legacy label's
+        charset, a JSON error body was garbled ('cafÃ©')."""
+        cut = _event(events.RESPONSE, '{"error": "café'.encode(), statuscode=500, truncated=True,
+                     datacontenttype="application/json; charset=iso-8859-1")
+        assert instances(cut) == ['{"error": "café']
+
     @pytest.mark.parametrize(("body", "content_type"), [
         (b"<html>\xff</html>", None),
         ("<p>réessayez</p>".encode("cp1252"), "text/html"),  # no charset: UTF-8, which it is not

@@ -194,6 +194,11 @@ class TestReadData:
     def test_non_string_under_a_text_type_is_its_json_text(self) -> None:
         assert from_dict({**BASE, "datacontenttype": "text/plain", "data": [1]}).data == b"[1]"
 
+    def test_non_string_under_a_text_type_is_its_json_text_in_its_charset(self) -> None:
+        """JSON's own text is UTF-8, but under a text type the label's charset holds, as a string's."""
+        event = from_dict({**BASE, "datacontenttype": "text/plain; charset=iso-8859-1", "data": ["é"]})
+        assert event.data == '["é"]'.encode("latin-1")
+
     def test_nulls_mean_unset(self) -> None:
         event = from_dict({**BASE, "subject": None, "ext": None, "data": None, "data_base64": None})
         assert event.attributes == BASE and event.data is None
