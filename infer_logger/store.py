@@ -18,7 +18,9 @@ writes. Times are stored as UTC RFC 3339 text with microseconds, so text order i
 from __future__ import annotations
 
 import json
+import logging
 import operator
+import os
 import re
 import sqlite3
 import threading
@@ -35,6 +37,8 @@ import orjson
 from infer_logger import audit, binary_tensors, events, payloads
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import InferLoggerError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -204,6 +208,8 @@ class AuditStore:
     def __init__(self, path: str | Path, *, readonly: bool = False, timeout: float = 5.0) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._timeout = timeout
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file a writer opened
         if readonly and not self.path.exists():
             raise InferLoggerError(f"{self.path}: no audit store there")
         try:
@@ -249,6 +255,8 @@ class AuditStore:
                 self._conn.execute("PRAGMA wal_autocheckpoint=2048")  # pages: 32 MiB at 16 KiB
                 self._conn.execute("PRAGMA journal_size_limit=67108864")  # bytes kept after a checkpoint
                 self._migrate()
+                stat = os.stat(self.path)
+                self._file = (stat.st_dev, stat.st_ino)
             self._check_version()
         except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
             self._conn.close()
@@ -257,6 +265,25 @@ class AuditStore:
         except BaseException:
             self._conn.close()
             raise
+
+    def _follow_path(self) -> None:
+        """Open the store at `path` again when the file there is no longer the one opened (removed,
+        or renamed by a rotation): SQLite kept writing to the unlinked one, every batch acknowledged
+        and lost at exit. Closed first, so its WAL is put back into it and removed by its name."""
+        if self._file is None:  # read-only
+            return
+        try:
+            stat = os.stat(self.path)
+            same = (stat.st_dev, stat.st_ino) == self._file
+        except FileNotFoundError:
+            same = False
+        if not same:
+            log.warning("audit store %s: the file was removed or replaced; a new store is made there", self.path)
+            self._conn.close()
+            try:
+                self._open(False, self._timeout)
+            except InferLoggerError as exc:  # as SQLite's own "unable to open": the batch is retried
+                raise sqlite3.OperationalError(str(exc)) from exc
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -352,6 +379,8 @@ class AuditStore:
                     spread.append((event_id, base["status"], base["latency_ms"], len(texts)))
                 elif kind == "request" and base["time"] is not None:
                     dated.append((event_id, len(texts), base["time"]))
+        with self._lock:
+            self._follow_path()
         with self._lock, self._transaction() as conn:
             if exchanges:
                 conn.executemany(_UPSERT_EXCHANGE, exchanges)

@@ -542,6 +542,22 @@ class TestFile:
         with AuditStore(tmp_path / "a.db", readonly=True) as s:
             assert len(s.query()) == 2
 
+    @pytest.mark.parametrize("gone", ["all its files", "the main file", "renamed"])
+    def test_a_store_removed_under_the_writer_is_made_again(self, tmp_path: Path, gone: str) -> None:
+        """SQLite kept writing to the file it had opened: after an `rm` (or a rotation's rename),
+        every later batch went to an unlinked inode, acknowledged and lost at exit."""
+        path = tmp_path / "audit.db"
+        with AuditStore(path) as s:
+            s.write([request("a")])
+            if gone == "renamed":
+                path.rename(tmp_path / "audit.db.1")
+            else:
+                for name in ("audit.db", "audit.db-wal", "audit.db-shm")[:3 if gone == "all its files" else 1]:
+                    (tmp_path / name).unlink(missing_ok=True)
+            s.write([request("b")])
+        with AuditStore(path, readonly=True) as s:
+            assert {row.id for row in s.query()} == {"b"}
+
     def test_store_with_small_pages_keeps_them(self, tmp_path: Path) -> None:
         # Stores made before 16 KiB pages: the page size of a file with tables cannot change.
         path = tmp_path / "a.db"
