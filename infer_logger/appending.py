@@ -168,3 +168,5 @@ def _cut(path: Path, fd: int, start: int, written: int) -> None:
         reason = f"it could not be cut off ({exc})"
     log.error("%s: a write stopped after %d bytes and %s: the file has a torn line "
               "(only one writer, in one process, may append to it)", path, written, reason)
+    with _mending:  # the next append mends it (ends it, if it cannot be cut), as at a first one
+        _mended.discard(path)

@@ -295,6 +295,36 @@ async def test_a_pipe_no_one_reads_fails_the_batch(tmp_path: Path) -> None:
         await sink.aclose()
 
 
+async def test_a_batch_cut_short_it_cannot_cut_off_is_ended_before_the_retry(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an append-only file (chattr +a) a write cut short (a full disk) cannot be cut off: its
+    torn line stayed without a newline, and the retry's first event was written onto it."""
+    path = tmp_path / "append-only.jsonl"
+    sink = FileSinkConfig(path=path).build()
+    await sink.send_batch([_event("0")])
+    real_write, calls = os.write, []
+
+    def short(fd: int, data: Any) -> int:  # as at a file size limit: part of it, then EFBIG
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(27, "File too large")
+        return real_write(fd, bytes(data)[:30])
+
+    def refused(fd: int, length: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "write", short)
+        patched.setattr(os, "ftruncate", refused)
+        with pytest.raises(SinkError):
+            await sink.send_batch([_event("1"), _event("2")])
+        patched.setattr(os, "write", real_write)
+        await sink.send_batch([_event("1"), _event("2")])  # the worker's retry
+    await sink.aclose()
+    lines = path.read_bytes().splitlines()
+    assert [from_json(line).id for line in lines if line.endswith(b"}")] == ["0", "1", "2"], lines
+
+
 async def test_a_last_line_it_cannot_cut_or_end_is_never_joined_to_the_next(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The check of the last line once failed was never made again, and the next batch's first
