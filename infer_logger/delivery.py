@@ -7,11 +7,16 @@ spool is the only channel: the sidecar appends, the child's `SpoolFollower` read
 sink's checkpoint and deletes finished segments, exactly as the in-process workers would.
 
 The child reports through a status file in the spool directory, rewritten every half second:
-its sinks' health and its metric families, which the sidecar's `/readyz` and `/metrics` show.
-It exits when told to (SIGTERM/SIGINT: it drains for `drain_timeout` first) and when its parent
-is gone (a `kill -9` of the sidecar: the next sidecar starts a new child), and exits 1 when its
-follower stopped polling the spool (only a bug does that). The sidecar restarts a child that
-dies, with backoff.
+its sinks' health and its metric families, which the sidecar's `/readyz` and `/metrics` show;
+and it sends a byte down the pipe it said ready on as often, a heartbeat that needs no disk.
+It runs in a session of its own, so a signal to the sidecar's process group (Ctrl-C in a
+terminal, killpg) does not reach it; SIGTERM, SIGINT and SIGHUP (systemd signals a whole cgroup)
+it ignores while its parent lives: the sidecar answers the requests in flight first, and their
+events must still be delivered. It exits when the sidecar says so (SIGUSR2: it drains for
+`drain_timeout` first) and when its parent is gone (a `kill -9` of the sidecar: the next sidecar
+starts a new child), and exits 1 when its follower stopped polling the spool (only a bug does
+that). The sidecar restarts a child that dies, and kills and restarts one whose heartbeat stops
+(`_HUNG`), with backoff.
 
     python -m infer_logger.delivery   # reads the pickled Settings on stdin; says "ready" on stdout
 """
@@ -48,6 +53,13 @@ _READY = b"ready\n"
 _READY_WAIT = 60.0  # seconds a child may take to import and build its sinks
 _ORPHAN_DRAIN = 0.5  # seconds an orphaned child keeps delivering before it leaves
 _SHORT_LIFE = 10.0  # seconds: a child that dies sooner is restarted with a growing delay
+# Seconds without a heartbeat after which the sidecar takes its child for hung, kills it and
+# starts a new one. Well above _STALE (when /readyz says "down"): a loop that is only slow (a
+# long synchronous sink call, a busy machine) must not lose its batch in hand to a kill, and a
+# child at idle priority on a saturated machine may get no CPU for a while (its replacement starts
+# at normal priority, as the catch-up rule's would).
+_HUNG = 30.0
+_STOP = signal.SIGUSR2  # the sidecar's "drain and leave": not SIGTERM, which a whole group or cgroup gets
 
 
 class DeliveryProcess:
@@ -88,6 +100,8 @@ class DeliveryProcess:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "infer_logger.delivery", "--log-level", _log_level(),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                # Out of the sidecar's process group: Ctrl-C or a killpg is the sidecar's to handle.
+                start_new_session=True,
             )
         except OSError as exc:  # out of memory, processes or file descriptors
             raise InferLoggerError(f"delivery process: cannot start it: {exc}") from None
@@ -135,6 +149,7 @@ class DeliveryProcess:
         delay, started = 1.0, time.monotonic()
         while True:
             assert self._proc is not None
+            hung = await self._heartbeats(self._proc)
             code = await self._proc.wait()
             self._keep_final(self._proc.pid)
             if self._stopping:
@@ -145,14 +160,36 @@ class DeliveryProcess:
                 continue
             # One that keeps dying soon after its start is retried less and less often.
             delay = min(delay * 2, 30.0) if time.monotonic() - started < _SHORT_LIFE else 1.0
-            log.error("delivery process exited with %s; starting a new one in %.0fs", code, delay)
+            if hung:
+                log.error("delivery process %d gave no sign of life for %.0fs (hung, or starved of CPU at idle "
+                          "priority): killed; starting a new one in %.0fs", self._proc.pid, _HUNG, delay)
+            else:
+                log.error("delivery process exited with %s; starting a new one in %.0fs", code, delay)
             await asyncio.sleep(delay)
+            if self._stopping:  # the sidecar began to stop meanwhile
+                return
             await self._respawn(delay)
             self.restarts += 1
             started = time.monotonic()
 
-    async def _respawn(self, delay: float) -> None:
+    async def _heartbeats(self, proc: asyncio.subprocess.Process) -> bool:
+        """Read the child's heartbeats until it ends (False); True when none came for `_HUNG` s:
+        then it was killed. Not while the sidecar stops: stop() ends it, killing it if need be."""
+        assert proc.stdout is not None
         while True:
+            try:
+                beats = await asyncio.wait_for(proc.stdout.read(4096), _HUNG)
+            except TimeoutError:
+                if self._stopping or proc.returncode is not None:
+                    continue
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()  # SIGKILL: a stopped or stuck process takes no other signal
+                return True
+            if not beats:  # end of the pipe: it exited
+                return False
+
+    async def _respawn(self, delay: float) -> None:
+        while not self._stopping:
             try:
                 self._proc = await self._spawn()
                 return
@@ -168,7 +205,8 @@ class DeliveryProcess:
         while True:
             await asyncio.sleep(1.0)
             status = self.status()
-            if status is None or status.get("priority", "normal") == "normal" or self._promoting:
+            if (status is None or status.get("priority", "normal") == "normal" or self._promoting
+                    or self._stopping):
                 continue
             # Measured from what the child delivered: the segment being written is never
             # deleted, so the spool's size alone would count delivered bytes (and promote an
@@ -183,6 +221,11 @@ class DeliveryProcess:
                 self._promoting = True
                 self.promotions += 1
                 self._proc.send_signal(signal.SIGUSR1)
+
+    def begin_stop(self) -> None:
+        """The sidecar is stopping (answering what is in flight first): a child that dies now is
+        not replaced, nor promoted; stop() follows."""
+        self._stopping = True
 
     async def stop(self, drain_timeout: float) -> None:
         """Let the child drain for `drain_timeout`, then stop it (what is left stays spooled)."""
@@ -244,9 +287,9 @@ class DeliveryProcess:
 
 
 async def _end(proc: asyncio.subprocess.Process, timeout: float) -> None:
-    """Terminate a child (it drains first) and reap it; killed after `timeout` seconds."""
+    """Stop a child (it drains first) and reap it; killed after `timeout` seconds."""
     with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
+        proc.send_signal(_STOP)  # one still importing has no handler yet: the default ends it
     try:
         await asyncio.wait_for(proc.wait(), timeout)
     except TimeoutError:
@@ -310,13 +353,33 @@ def _write_status(path: Path, dispatcher: Dispatcher, metrics: Metrics, priority
     return None
 
 
+async def _beat(fd: int) -> None:
+    """The heartbeat: a byte down the pipe to the sidecar every `_STATUS_EVERY` s while this
+    process's loop runs. No disk involved: a full disk stops the status reports, not this."""
+    while True:
+        with contextlib.suppress(OSError):  # the sidecar behind reading (the pipe full), or gone
+            os.write(fd, b".")
+        await asyncio.sleep(_STATUS_EVERY)
+
+
 async def deliver(settings: Settings) -> None:
     """The child's life: build the sinks, say ready, deliver until told to stop or orphaned."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
     drain = settings.delivery.drain_timeout
+
+    def group_signal() -> None:
+        nonlocal drain
+        # Also sent to the sidecar (systemd signals the whole cgroup), which answers the requests
+        # in flight, then tells us (SIGUSR2): their events are ours to deliver. Orphaned, we leave.
+        if os.getppid() != parent:
+            drain = min(drain, _ORPHAN_DRAIN)
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, group_signal)
+    loop.add_signal_handler(_STOP, stop.set)
     # SIGUSR1: the sidecar replaces us with a child at normal priority, at once (no drain).
     leave_now = asyncio.Event()
 
@@ -325,11 +388,13 @@ async def deliver(settings: Settings) -> None:
         stop.set()
 
     loop.add_signal_handler(signal.SIGUSR1, replaced)
-    parent = os.getppid()
     sinks = build_sinks(settings)  # a sink that cannot be built fails the sidecar's start
     sys.stdout.buffer.write(_READY)
     sys.stdout.flush()
-    os.dup2(2, 1)  # nobody reads our stdout any more: stray prints go to the log
+    pipe = os.dup(1)  # the heartbeat's (not inherited by any process we start)
+    os.set_blocking(pipe, False)  # a sidecar not reading must not stop us
+    os.dup2(2, 1)  # stray prints go to the log
+    beating = loop.create_task(_beat(pipe))
     # After a kill -9 of the sidecar its old child may still be leaving: the new one waits here,
     # not the sidecar's start.
     follower = await _follow(Path(settings.spool.dir))
@@ -364,6 +429,7 @@ async def deliver(settings: Settings) -> None:
         await dispatcher.stop(0 if leave_now.is_set() else drain)
         _write_status(status_path, dispatcher, metrics, priority)
         follower.close()
+        beating.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:

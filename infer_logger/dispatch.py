@@ -26,7 +26,7 @@ from infer_logger.errors import RejectedError, SinkError
 from infer_logger.metrics import Metrics
 from infer_logger.sinks.base import Sink
 from infer_logger.sinks.halving import Halving
-from infer_logger.spool import Position, SpoolReader, SpoolView
+from infer_logger.spool import MemoryReader, Position, SpoolReader, SpoolView
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,9 @@ class SinkWorker:
             delay = self.backoff.delay(attempt, getattr(failure, "retry_after", None))
             # Draining, a retry is worth it while the drain lasts (a memory spool loses the rest).
             if self.draining and time.monotonic() + delay >= self._drain_until:
-                log.warning("sink %s still failing at shutdown (%s): kept in the spool", self.name, failure)
+                fate = ("lost with the process (durability: memory)" if isinstance(self.reader, MemoryReader)
+                        else "kept in the spool")
+                log.warning("sink %s still failing at shutdown (%s): %s", self.name, failure, fate)
                 return False
             if attempt == 1 or attempt % 10 == 0:
                 log.warning("sink %s: %s; retry %d in %.2fs", self.name, failure, attempt, delay)

@@ -480,8 +480,9 @@ class HttpServer:
                 conn.check_read_deadline(now)
                 conn.close_if_idle(idle_before)
 
-    async def stop(self, grace: float = 10.0) -> None:
-        """Stop listening, answer the requests already read (for up to `grace` s), close."""
+    async def stop(self, grace: float = 10.0, hurry: asyncio.Event | None = None) -> None:
+        """Stop listening, answer the requests already read (for up to `grace` s, or until `hurry`
+        is set), close."""
         self.stopping = True
         if self._server is not None:
             self._server.close()
@@ -493,7 +494,7 @@ class HttpServer:
         while True:
             for conn in list(self.connections):
                 conn.close_if_idle(float("inf"), reading=False)
-            if not self.connections or self.loop.time() > deadline:
+            if not self.connections or self.loop.time() > deadline or (hurry is not None and hurry.is_set()):
                 break
             await asyncio.sleep(0.02)
         for conn in list(self.connections):

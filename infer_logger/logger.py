@@ -125,6 +125,12 @@ class InferenceLogger:
             self.dispatcher.start()
         self.started = True
 
+    def begin_stop(self) -> None:
+        """The server begins its stop: it answers the requests in flight, then calls `stop`. A
+        delivery child that dies meanwhile is not replaced (it would be, mid-stop)."""
+        if self.delivery is not None:
+            self.delivery.begin_stop()
+
     async def stop(self) -> None:
         if self._closed:  # a start that failed in _reopen, stopped again
             return

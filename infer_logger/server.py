@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
+from types import FrameType
 from typing import Any, TypeVar
 
 import uvicorn
@@ -19,6 +22,14 @@ from infer_logger.logger import InferenceLogger
 from infer_logger.proxy import Proxy
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# SIGHUP too: a closed terminal or `kill -HUP` killed the sidecar with no graceful stop.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+ANSWER_MARGIN = 5.0
+"""Seconds of a stop's grace past the predictor timeout: to log and write the last answers."""
 
 
 def build_app(settings: Settings) -> Proxy:
@@ -99,7 +110,8 @@ def _head_limited_httptools() -> type:
 
 
 def serve(settings: Settings, *, log_level: str = "warning") -> None:
-    """Run until SIGTERM/SIGINT; a failed start raises its cause (e.g. a sink's ConfigError)."""
+    """Run until SIGTERM/SIGINT/SIGHUP (a second one cuts the requests in flight off); a failed
+    start raises its cause (e.g. a sink's ConfigError)."""
     app = build_app(settings)
     if settings.server == "uvicorn":
         _serve_uvicorn(app, settings, log_level)
@@ -117,16 +129,24 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
 
 
 async def _serve(app: Proxy, settings: Settings) -> None:
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await run(app, settings.host, settings.port, stop)
+
+    def asked() -> None:
+        if stop.is_set() and not hurry.is_set():
+            log.warning("asked again to stop: the requests still in flight are cut off")
+            hurry.set()
+        stop.set()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, asked)
+    await run(app, settings.host, settings.port, stop, hurry=hurry)
 
 
 async def run(app: Proxy, host: str, port: int, stop: asyncio.Event,
-              listening: Callable[[], None] | None = None) -> None:
-    """Start the sidecar, serve until `stop` is set, then drain and stop (the sinks last)."""
+              listening: Callable[[], None] | None = None, *, hurry: asyncio.Event | None = None) -> None:
+    """Start the sidecar, serve until `stop` is set, then drain and stop (the sinks last). The
+    requests in flight get the predictor timeout to be answered, unless `hurry` is set."""
     try:
         await app.startup()  # before listening: /readyz answers only once the sinks are up
     except BaseException:
@@ -143,7 +163,11 @@ async def run(app: Proxy, host: str, port: int, stop: asyncio.Event,
     try:
         await stop.wait()
     finally:
-        await server.stop()
+        app.logger.begin_stop()
+        # The requests already read are answered, or time out at the predictor as usual (504,
+        # 502, with their response events): the grace outlasts the predictor timeout, and the
+        # logger's drain, bounded, follows.
+        await server.stop(grace=app.upstream.timeout + ANSWER_MARGIN, hurry=hurry)
         await app.shutdown()
 
 
@@ -169,6 +193,7 @@ async def run_uvicorn(app: Proxy, host: str, port: int, stop: asyncio.Event,
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
+    app.logger.begin_stop()
     server.should_exit = True
     await serving
 
@@ -210,12 +235,38 @@ class SidecarThread:
     def __exit__(self, *exc: object) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=self.settings.delivery.drain_timeout + 30)
+        # Bounds the stop's grace (the predictor timeout and a margin), then the drain.
+        self._thread.join(timeout=self.settings.timeout + ANSWER_MARGIN + self.settings.delivery.drain_timeout + 30)
+
+
+class _StoppingServer(uvicorn.Server):
+    """uvicorn's server, taking SIGHUP for SIGTERM and telling the logger a stop has begun."""
+
+    def __init__(self, config: uvicorn.Config, app: Proxy) -> None:
+        super().__init__(config)
+        self.proxy = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.proxy.logger.begin_stop()
+        super().handle_exit(signal.SIGTERM if sig == signal.SIGHUP else sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():  # uvicorn leaves signals alone there too
+            with super().capture_signals():
+                yield
+            return
+        previous = signal.signal(signal.SIGHUP, self.handle_exit)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGHUP, previous)
 
 
 def _serve_uvicorn(app: Proxy, settings: Settings, log_level: str) -> None:
     try:
-        uvicorn.Server(uvicorn_config(app, settings.host, settings.port, log_level=log_level)).run()
+        _StoppingServer(uvicorn_config(app, settings.host, settings.port, log_level=log_level), app).run()
     except SystemExit:
         # uvicorn exits on a failed lifespan startup: give the CLI the reason instead.
         if app.startup_error is not None:

@@ -984,7 +984,13 @@ class MemorySpool:
         return self._bytes
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
+        self.collect()  # what every sink took goes: the rest was not delivered everywhere
+        if self._log:
+            log.error("durability memory: %d events not delivered to every sink are lost with the stop",
+                      len(self._log))
 
     def start_fsync(self) -> None:
         pass

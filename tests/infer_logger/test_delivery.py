@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import os
 import signal
 import time
@@ -13,6 +14,7 @@ import orjson
 import pytest
 from prometheus_client import generate_latest
 
+from infer_logger import delivery
 from infer_logger.config import Settings, load_settings
 from infer_logger.delivery import STATUS_FILE, DeliveryProcess
 from infer_logger.errors import ConfigError
@@ -76,10 +78,13 @@ async def test_events_reach_the_sink_through_the_child(tmp_path: Path) -> None:
     assert logger.sink_states() == {"file": "down"}
 
 
-async def test_a_status_report_that_cannot_be_written_does_not_stop_the_child(tmp_path: Path) -> None:
+async def test_a_status_report_that_cannot_be_written_does_not_stop_the_child(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nor is it taken for hung: its heartbeat needs no disk.
+    monkeypatch.setattr(delivery, "_HUNG", 2.0)
     blocker = (tmp_path / "spool" / STATUS_FILE).with_suffix(".tmp")
     blocker.mkdir(parents=True)  # e.g. a full disk: the report's temporary file cannot be written
-    logger = InferenceLogger(settings(tmp_path))
+    logger = InferenceLogger(settings(tmp_path, delivery={"priority": "normal"}))
     await logger.start()
     try:
         assert logger.delivery is not None
@@ -87,7 +92,7 @@ async def test_a_status_report_that_cannot_be_written_does_not_stop_the_child(tm
         for i in range(10):
             exchange(logger, f"s{i}")
         await until(lambda: len(lines(tmp_path / "events.jsonl")) == 20)
-        await asyncio.sleep(1.5)  # several reports failed meanwhile
+        await asyncio.sleep(3.0)  # several reports failed meanwhile, for longer than _HUNG
         exchange(logger, "later")
         await until(lambda: len(lines(tmp_path / "events.jsonl")) == 22)
         assert child is not None and alive(child) and logger.delivery.pid == child
@@ -194,6 +199,65 @@ async def test_a_dead_child_is_replaced(tmp_path: Path) -> None:
         exchange(logger, "after")
         await until(lambda: {e["id"] for e in lines(out)} == {"before", "meanwhile", "after"})
     finally:
+        await logger.stop()
+
+
+async def test_no_child_is_started_once_a_stop_has_begun(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The server's graceful stop (answering what is in flight) comes before the logger's: a child
+    that died meanwhile was replaced mid-stop ("exited with 0; starting a new one")."""
+    logger = InferenceLogger(settings(tmp_path))
+    await logger.start()
+    try:
+        assert logger.delivery is not None
+        first = logger.delivery.pid
+        assert first is not None
+        logger.begin_stop()
+        os.kill(first, signal.SIGKILL)
+        supervisor = logger.delivery._supervisor
+        assert supervisor is not None
+        with caplog.at_level(logging.ERROR, logger="infer_logger.delivery"):
+            await until(lambda: supervisor.done() or "starting a new one" in caplog.text, timeout=30)
+        assert "starting a new one" not in caplog.text
+    finally:
+        await logger.stop()
+    assert logger.delivery.restarts == 0
+
+
+def stopped(pid: int) -> bool:
+    """Every thread of `pid` stopped (SIGSTOP takes hold of a thread only when it next runs)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        states.append(stat[stat.rindex(")") + 2])  # the state follows "(comm)", which may hold ")"
+    return bool(states) and all(state in "Tt" for state in states)
+
+
+async def test_a_hung_child_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    # Alive, its loop stuck (SIGSTOP stands in): it delivered nothing more, and nothing said so.
+    monkeypatch.setattr(delivery, "_HUNG", 2.0)
+    logger = InferenceLogger(settings(tmp_path, delivery={"priority": "normal"}))
+    await logger.start()
+    first = None
+    try:
+        assert logger.delivery is not None
+        first = logger.delivery.pid
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)
+        await until(lambda: stopped(first), what="the child stopped")
+        exchange(logger, "meanwhile")
+        with caplog.at_level(logging.ERROR, logger="infer_logger.delivery"):
+            await until(lambda: logger.delivery is not None and logger.delivery.restarts == 1, timeout=60,
+                        what="the hung child replaced")
+        assert logger.delivery.pid not in (None, first) and not alive(first)
+        assert any(r.levelno == logging.ERROR and str(first) in r.getMessage() for r in caplog.records)
+        await until(lambda: {e["id"] for e in lines(tmp_path / "events.jsonl")} == {"meanwhile"}, timeout=30)
+    finally:
+        if first is not None and alive(first):
+            os.kill(first, signal.SIGKILL)
         await logger.stop()
 
 
@@ -383,6 +447,25 @@ def test_memory_durability_holds_no_more_than_spool_max_bytes(tmp_path: Path, ov
     assert 0 < memory.spool.size_bytes() <= 256 << 10
     assert memory.spool.stats.dropped[reason] >= 40 - (256 << 10) // (64 << 10)
     memory.spool.close()
+
+
+async def test_memory_durability_says_at_stop_what_it_loses(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Its events live in the sidecar's memory: "kept in the spool" at the stop was wrong.
+    from infer_logger.testing import free_port
+
+    memory = InferenceLogger(settings(
+        tmp_path, sinks=[{"type": "http", "url": f"http://127.0.0.1:{free_port()}/"}],  # down
+        spool={"dir": str(tmp_path / "m"), "durability": "memory"},
+        delivery={"drain_timeout": 0.2, "backoff_max": 0.05}))
+    await memory.start()
+    for i in range(3):
+        exchange(memory, f"lost{i}")
+    with caplog.at_level(logging.WARNING):
+        await memory.stop()
+    said = [r.getMessage() for r in caplog.records]
+    assert not any("kept in the spool" in m for m in said), said
+    assert any("still failing at shutdown" in m and "lost" in m for m in said), said
+    assert any(r.levelno == logging.ERROR and "6 events" in r.getMessage() for r in caplog.records), said
 
 
 def test_the_child_leaves_with_a_killed_sidecar(iris_predictor: Process, tmp_path: Path) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
+import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,7 +18,7 @@ import pytest
 
 from infer_logger import events as ev
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.testing import EventCollector, free_port
+from infer_logger.testing import CannedPredictor, EventCollector, free_port
 from tests.servers import Process, scrape, sidecar_process
 
 pytestmark = pytest.mark.slow
@@ -191,3 +195,47 @@ def test_memory_durability_delivers_while_running(iris_predictor: Process, tmp_p
             assert not list((tmp_path / "spool").glob("*.seg"))
         finally:
             proc.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_whole_group_delivers_every_answered_exchange(
+        tmp_path: Path, sig: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in a terminal, killpg, systemd's KillMode=control-group: the signal reaches the
+    delivery child too. It drained and left at once, while the sidecar still answered the requests
+    in flight: their events, appended after its last read, stayed undelivered at a clean exit."""
+    out = tmp_path / "events.jsonl"
+    with CannedPredictor(body=b'{"predictions": [1]}') as predictor:
+        predictor.delay = 2.0
+        proc = sidecar_process(predictor.url, tmp_path, "--log-url", f"file://{out}")
+        with monkeypatch.context() as m:  # a group of its own: the signal to it must not reach pytest
+            m.setattr(subprocess, "Popen", functools.partial(subprocess.Popen, start_new_session=True))
+            proc.start()
+        assert proc.proc is not None
+        answers: dict[str, int | None] = {}
+
+        def ask(event_id: str) -> None:
+            try:
+                answers[event_id] = httpx.post(proc.url + "/v1/models/m:predict", json=V1,
+                                               headers={"ce-id": event_id}, timeout=60).status_code
+            except httpx.TransportError:
+                answers[event_id] = None
+
+        threads = [threading.Thread(target=ask, args=(f"g{i}",)) for i in range(10)]
+        try:
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 30  # a hang guard
+            while predictor.attempts < 10:  # all in flight at the predictor
+                assert time.monotonic() < deadline, f"{predictor.attempts} requests reached the predictor"
+                time.sleep(0.02)
+            os.killpg(proc.proc.pid, sig)
+            for t in threads:
+                t.join(60)
+            assert proc.proc.wait(60) == 0
+        finally:
+            proc.stop()
+    assert answers == {f"g{i}": 200 for i in range(10)}
+    seen = {(e["id"], e["type"]) for e in (orjson.loads(line) for line in out.read_bytes().splitlines())}
+    assert {i for i, t in seen if t == ev.RESPONSE} == set(answers)
+    assert {i for i, t in seen if t == ev.REQUEST} == set(answers)
+    assert "starting a new one" not in (tmp_path / "sidecar.log").read_text()

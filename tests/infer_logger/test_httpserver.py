@@ -442,6 +442,30 @@ async def test_a_stop_does_not_wait_for_a_request_that_can_no_longer_come_whole(
     writer.close()
 
 
+async def test_hurry_ends_the_grace_for_requests_in_flight() -> None:
+    """The sidecar's second SIGTERM/SIGINT: the requests still being answered are cut off."""
+    srv = HttpServer(echo)
+    await srv.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(b"POST /sleep HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\n600")
+    await until(lambda: any(conn.active for conn in srv.connections), timeout=30, what="the request in flight")
+    hurry = asyncio.Event()
+    stopping = asyncio.create_task(srv.stop(grace=600, hurry=hurry))
+    await asyncio.sleep(0.1)
+    assert not stopping.done()  # answering it, within the grace
+    hurry.set()
+    try:
+        await asyncio.wait_for(stopping, 60)
+    except TimeoutError:
+        pytest.fail("the stop still waits 60 s after `hurry`")
+    try:
+        rest = await asyncio.wait_for(reader.read(), 10)
+    except ConnectionResetError:  # aborted: a reset
+        rest = b""
+    assert rest == b""  # cut off, unanswered
+    writer.close()
+
+
 async def test_blank_lines_before_a_request_are_idle(server: HttpServer) -> None:
     """A stray CRLF on a kept connection is no request begun: closed at the keep-alive timeout
     (0.5 s here), not answered 408 at the read deadline."""

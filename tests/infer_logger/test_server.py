@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -12,11 +14,12 @@ import httpx
 import orjson
 import pytest
 
+from infer_logger import events as ev
 from infer_logger.config import load_settings
 from infer_logger.errors import InferLoggerError
 from infer_logger.server import SidecarThread
-from infer_logger.testing import free_port
-from tests.servers import Process
+from infer_logger.testing import CannedPredictor, free_port
+from tests.servers import Process, sidecar_process
 
 
 def test_serves_then_drains_on_exit(echo_predictor: Process, tmp_path: Path) -> None:
@@ -159,3 +162,93 @@ def test_the_sidecar_answers_a_dribbled_request_408(tmp_path: Path) -> None:
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head
     assert orjson.loads(body)["error"].endswith("(request_read_timeout)")
+
+
+def stop_in_flight(tmp_path: Path, delay: float, sig: int) -> tuple[int | None, int | None, dict[str, object]]:
+    """A sidecar process signalled `sig` while a request waits `delay` s on the predictor: the
+    client's status (None: no answer), the sidecar's exit code and the events by type."""
+    out = tmp_path / "events.jsonl"
+    got: dict[str, int | None] = {}
+
+    def ask(url: str) -> None:
+        try:
+            got["status"] = httpx.post(url + "/v1/models/m:predict", json={"instances": [[1]]},
+                                       headers={"ce-id": "f-1"}, timeout=90).status_code
+        except httpx.TransportError:
+            got["status"] = None
+
+    with CannedPredictor(body=b'{"predictions": [1]}') as predictor:
+        predictor.delay = delay
+        proc = sidecar_process(predictor.url, tmp_path, "--log-url", f"file://{out}").start()
+        assert proc.proc is not None
+        client = threading.Thread(target=ask, args=(proc.url,))
+        try:
+            client.start()
+            deadline = time.monotonic() + 30  # hang guards, not timings
+            while predictor.attempts < 1:
+                assert time.monotonic() < deadline, "the request never reached the predictor"
+                time.sleep(0.02)
+            proc.proc.send_signal(sig)
+            client.join(90)
+            code = proc.proc.wait(90)
+        finally:
+            proc.stop()
+    events = {e["type"]: e for e in (orjson.loads(line) for line in out.read_bytes().splitlines())} \
+        if out.exists() else {}
+    return got.get("status"), code, events
+
+
+def test_a_stop_answers_a_request_the_predictor_takes_longer_than_10s_over(tmp_path: Path) -> None:
+    """The stop's grace was a fixed 10 s: a request the predictor answered later, within --timeout
+    (60 s), was cut off, unanswered and without a response event."""
+    status, code, events = stop_in_flight(tmp_path, 12.0, signal.SIGTERM)
+    assert (status, code) == (200, 0)
+    assert events[ev.RESPONSE]["statuscode"] == 200
+    assert events[ev.REQUEST]["id"] == "f-1"
+
+
+def test_sighup_stops_the_sidecar_gracefully(tmp_path: Path) -> None:
+    """SIGHUP (a closed terminal, `kill -HUP`) killed the sidecar at once: now it is a SIGTERM."""
+    status, code, events = stop_in_flight(tmp_path, 1.0, signal.SIGHUP)
+    assert (status, code) == (200, 0)
+    assert set(events) == {ev.REQUEST, ev.RESPONSE}
+
+
+def test_a_second_signal_cuts_the_grace_short(tmp_path: Path) -> None:
+    """The grace lasts the predictor timeout (60 s): a second SIGTERM or SIGINT (an impatient
+    Ctrl-C) ends it, cutting off the requests still in flight."""
+    got: dict[str, int | None] = {}
+
+    def ask(url: str) -> None:
+        try:
+            got["status"] = httpx.post(url + "/v1/models/m:predict", json={"instances": [[1]]}, timeout=90).status_code
+        except httpx.TransportError:
+            got["status"] = None
+
+    with socket.socket() as predictor:  # takes connections, answers none
+        predictor.bind(("127.0.0.1", 0))
+        predictor.listen()
+        predictor.settimeout(30)
+        proc = sidecar_process(f"http://127.0.0.1:{predictor.getsockname()[1]}", tmp_path,
+                               "--log-url", f"file://{tmp_path}/events.jsonl").start()
+        assert proc.proc is not None
+        client = threading.Thread(target=ask, args=(proc.url,))
+        try:
+            client.start()
+            conn, _ = predictor.accept()  # the request is on its way to the predictor
+            proc.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30  # hang guards, not timings
+            while True:  # stopping: it no longer listens
+                try:
+                    socket.create_connection(("127.0.0.1", proc.port), timeout=1).close()
+                except OSError:
+                    break
+                assert time.monotonic() < deadline, "still listening after SIGTERM"
+                time.sleep(0.05)
+            proc.proc.send_signal(signal.SIGINT)
+            assert proc.proc.wait(30) == 0
+            client.join(30)
+            conn.close()
+        finally:
+            proc.stop()
+    assert got == {"status": None}
