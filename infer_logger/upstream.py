@@ -49,6 +49,7 @@ class _Connection(asyncio.Protocol):
         self.received = False
         self.reused = False  # and idle long enough to have been closed by the predictor meanwhile
         self.kept = False  # taken from the pool: had answered before
+        self.open_past_soon = False  # a look CLOSED_SOON after its answer found it open (while careful)
         self.reusable = True
         self.idle_since = 0.0
         self._headers: Headers = []
@@ -395,6 +396,9 @@ class Upstream:
                 conn.transport.close()
                 return
             self._idle.append(conn)
+            if self._careful:  # does the predictor keep it past an answer? the kernel says, not our loop's lateness
+                conn.open_past_soon = False
+                asyncio.get_running_loop().call_later(CLOSED_SOON, self._look, conn, now)
             oldest = self._idle[0]  # taken last (the newest is taken first)
             if now - oldest.idle_since > IDLE_EXPIRY and oldest.transport is not None:
                 oldest.transport.close()  # connection_lost forgets it
@@ -407,16 +411,21 @@ class Upstream:
             return False
         return True
 
+    def _look(self, conn: _Connection, released: float) -> None:
+        if conn.idle_since == released and conn in self._idle and conn.transport is not None \
+                and not conn.transport.is_closing() and not _peer_closed(conn.transport):
+            conn.open_past_soon = True
+
     def lost_idle(self, conn: _Connection) -> None:
         """`conn`, idle in the pool, was closed: by the predictor unless idle past IDLE_EXPIRY (the
         pool's other closes are of connections not in it). Soon after an answer: it closes them
-        silently; later, at its keep-alive timeout: it keeps them (a predictor whose timeout is
-        under STALE_AFTER never leaves one idle that long, to end the care)."""
-        idle = asyncio.get_running_loop().time() - conn.idle_since
-        if idle < CLOSED_SOON:
-            self.closed_unannounced()
-        elif idle < IDLE_EXPIRY:
+        silently; found open CLOSED_SOON after it (`_look`, the kernel's word: our loop may be
+        late to read a close), it keeps them, to its keep-alive timeout (a predictor whose timeout
+        is under STALE_AFTER never leaves one idle that long, to end the care)."""
+        if conn.open_past_soon:
             self._careful = False
+        elif asyncio.get_running_loop().time() - conn.idle_since < CLOSED_SOON:
+            self.closed_unannounced()
 
     async def close(self) -> None:
         self._closed = True

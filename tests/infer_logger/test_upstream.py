@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 
 import orjson
@@ -249,6 +252,40 @@ async def test_the_care_ends_at_a_keep_alive_timeout_under_a_second(monkeypatch:
     finally:
         await up.close()
         server.close()
+
+
+async def test_a_close_our_loop_reads_late_is_not_taken_for_a_keep_alive_timeout() -> None:
+    """Judged by when our loop read it, a one-answer predictor's close read late (a GC pause, a
+    large body encoded) looked like a keep-alive timeout and ended the care: the next POSTs took
+    connections it had closed, and were lost. The kernel's word (a look CLOSED_SOON after the
+    answer) decides."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def one_answer_each() -> None:  # a predictor in another thread: it closes while our loop sleeps
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    data = b""
+                    while not data.endswith(b"\r\n\r\nx"):
+                        data += conn.recv(65536)
+                    conn.sendall(ok()(b""))
+
+    threading.Thread(target=one_answer_each, daemon=True).start()
+    up = Upstream(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        for _ in range(3):  # the pool learns of it here, maybe losing one
+            with contextlib.suppress(ConnectionResetError):
+                await up.request("POST", b"/", [], b"x")
+        await until(lambda: up.careful, what="the close seen")
+        for _ in range(10):
+            assert (await up.request("POST", b"/", [], b"x")).status == 200
+            time.sleep(0.2)  # noqa: ASYNC251 - our loop stalls on purpose: the close is read late
+            await asyncio.sleep(0)
+        assert up.careful
+    finally:
+        await up.close()
+        listener.close()
 
 
 async def test_hang_up_after_the_request_is_not_retried() -> None:
