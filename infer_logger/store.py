@@ -17,6 +17,7 @@ writes. Times are stored as UTC RFC 3339 text with microseconds, so text order i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import operator
@@ -269,16 +270,22 @@ class AuditStore:
     def _follow_path(self) -> None:
         """Open the store at `path` again when the file there is no longer the one opened (removed,
         or renamed by a rotation): SQLite kept writing to the unlinked one, every batch acknowledged
-        and lost at exit. Closed first, so its WAL is put back into it and removed by its name."""
+        and lost at exit."""
         if self._file is None:  # read-only
             return
         try:
             stat = os.stat(self.path)
             same = (stat.st_dev, stat.st_ino) == self._file
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             same = False
+        except OSError as exc:  # cannot tell (a directory not searchable now, NFS): the batch is retried
+            raise sqlite3.OperationalError(f"{self.path}: {exc}") from exc
         if not same:
             log.warning("audit store %s: the file was removed or replaced; a new store is made there", self.path)
+            # Its WAL, still at the path, written back into the file it belongs to (through the
+            # open descriptor): left, a new store there would take it in, or a renamed one lose it.
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.close()
             try:
                 self._open(False, self._timeout)

@@ -557,6 +557,46 @@ class TestFile:
             s.write([request("b")])
         with AuditStore(path, readonly=True) as s:
             assert {row.id for row in s.query()} == {"b"}
+        if gone == "renamed":  # its WAL went back into it: left at the path, the new store took it in
+            with AuditStore(tmp_path / "audit.db.1", readonly=True) as s:
+                assert {row.id for row in s.query()} == {"a"}
+
+    def test_a_path_it_cannot_look_at_is_an_error_to_retry(self, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        """A directory not searchable for a while (or NFS's ESTALE): the store sink took the
+        PermissionError for the events' fault and dead-lettered the batch."""
+        import os
+
+        with AuditStore(tmp_path / "audit.db") as s:
+            real = os.stat
+
+            def stat(path: Any, *args: Any, **kwargs: Any) -> Any:
+                if Path(path) == s.path:
+                    raise PermissionError(13, "Permission denied")
+                return real(path, *args, **kwargs)
+
+            monkeypatch.setattr(os, "stat", stat)
+            with pytest.raises(sqlite3.OperationalError, match="Permission denied"):
+                s.write([request("a")])
+            monkeypatch.undo()
+            s.write([request("a")])
+            assert {row.id for row in s.query()} == {"a"}
+
+    def test_a_store_put_in_place_of_the_writer_s_is_written_to(self, tmp_path: Path) -> None:
+        """A backup restored over the path (renamed into place): the old writer's WAL, left at the
+        path, was applied to it (its rows replaced by the other file's pages, its index corrupt)."""
+        path = tmp_path / "audit.db"
+        with AuditStore(tmp_path / "backup.db") as backup:
+            backup.write([request("restored")])
+        with AuditStore(path) as s:
+            s.write([request("a")])
+            (tmp_path / "backup.db").rename(path)
+            s.write([request("b")])
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        conn.close()
+        with AuditStore(path, readonly=True) as s:
+            assert {row.id for row in s.query()} == {"restored", "b"}
 
     def test_store_with_small_pages_keeps_them(self, tmp_path: Path) -> None:
         # Stores made before 16 KiB pages: the page size of a file with tables cannot change.
