@@ -14,6 +14,7 @@ import base64
 import binascii
 import functools
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -175,8 +176,20 @@ def _read_data(members: Mapping[str, Any], attributes: dict[str, AttributeValue]
         data = deep_dumps(value)
     # JSON text is UTF-8 whatever charset its label names (RFC 8259 11: the parameter has no
     # effect), as the writer embedded it: re-encoded, a legacy client's label changed or refused it.
-    # Under a text type (JSON text as its kinder reading) the label's charset holds, as for a string.
-    return data if is_json_type(str(content_type)) else _encoded(data.decode(), str(content_type))
+    # Under a text type (JSON text as its kinder reading) the label's charset holds, as for a string;
+    # what it cannot hold in JSON strings goes as \u escapes (the same JSON, as a sender may write it).
+    if is_json_type(str(content_type)):
+        return data
+    text = data.decode()
+    try:
+        return _encoded(text, str(content_type))
+    except InvalidEventError as error:
+        if error.attribute != "data":
+            raise
+        return _encoded(_NOT_ASCII.sub(lambda found: json.dumps(found[0])[1:-1], text), str(content_type))
+
+
+_NOT_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 def _encoded(text: str, content_type: str) -> bytes:

@@ -198,6 +198,10 @@ class TestReadData:
         """JSON's own text is UTF-8, but under a text type the label's charset holds, as a string's."""
         event = from_dict({**BASE, "datacontenttype": "text/plain; charset=iso-8859-1", "data": ["é"]})
         assert event.data == '["é"]'.encode("latin-1")
+        # What the charset cannot hold goes as JSON's escapes, as a sender may have written it
+        # (it was refused): the same JSON, in Latin-1.
+        event = from_dict({**BASE, "datacontenttype": "text/plain; charset=iso-8859-1", "data": {"a": "日本😀"}})
+        assert event.data == b'{"a":"\\u65e5\\u672c\\ud83d\\ude00"}' and orjson.loads(event.data) == {"a": "日本😀"}
 
     def test_nulls_mean_unset(self) -> None:
         event = from_dict({**BASE, "subject": None, "ext": None, "data": None, "data_base64": None})
