@@ -59,6 +59,7 @@ _SHORT_LIFE = 10.0  # seconds: a child that dies sooner is restarted with a grow
 # child at idle priority on a saturated machine may get no CPU for a while (its replacement starts
 # at normal priority, as the catch-up rule's would).
 _HUNG = 30.0
+_LAST_CHANCE = 2.0  # seconds more for a beat after _HUNG, before the kill
 _STOP = signal.SIGUSR2  # the sidecar's "drain and leave": not SIGTERM, which a whole group or cgroup gets
 
 
@@ -176,15 +177,22 @@ class DeliveryProcess:
         """Read the child's heartbeats until it ends (False); True when none came for `_HUNG` s:
         then it was killed. Not while the sidecar stops: stop() ends it, killing it if need be."""
         assert proc.stdout is not None
+        overdue = False
         while True:
             try:
-                beats = await asyncio.wait_for(proc.stdout.read(4096), _HUNG)
+                beats = await asyncio.wait_for(proc.stdout.read(4096), _LAST_CHANCE if overdue else _HUNG)
             except TimeoutError:
                 if self._stopping or proc.returncode is not None:
+                    continue
+                if not overdue:
+                    # Our clock ran while the child could not (the pod or machine frozen, then
+                    # thawed, both of us with it): it beats within a moment if it only was.
+                    overdue = True
                     continue
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()  # SIGKILL: a stopped or stuck process takes no other signal
                 return True
+            overdue = False
             if not beats:  # end of the pipe: it exited
                 return False
 

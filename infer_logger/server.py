@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 # SIGHUP too: a closed terminal or `kill -HUP` killed the sidecar with no graceful stop.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
+
+def _stop_signals() -> list[signal.Signals]:
+    """STOP_SIGNALS but SIGHUP when ignored at start (`nohup`: the hangup is meant not to stop us)."""
+    return [sig for sig in STOP_SIGNALS if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN]
+
 ANSWER_MARGIN = 5.0
 """Seconds of a stop's grace past the predictor timeout: to log and write the last answers."""
 
@@ -138,7 +143,7 @@ async def _serve(app: Proxy, settings: Settings) -> None:
             hurry.set()
         stop.set()
 
-    for sig in STOP_SIGNALS:
+    for sig in _stop_signals():
         loop.add_signal_handler(sig, asked)
     await run(app, settings.host, settings.port, stop, hurry=hurry)
 
@@ -240,7 +245,9 @@ class SidecarThread:
 
 
 class _StoppingServer(uvicorn.Server):
-    """uvicorn's server, taking SIGHUP for SIGTERM and telling the logger a stop has begun."""
+    """uvicorn's server, taking SIGHUP for SIGTERM (unless ignored at start: `nohup`), telling the
+    logger a stop has begun, and cutting the requests in flight off at a second stop signal (uvicorn
+    does at a second SIGINT only)."""
 
     def __init__(self, config: uvicorn.Config, app: Proxy) -> None:
         super().__init__(config)
@@ -248,11 +255,17 @@ class _StoppingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.proxy.logger.begin_stop()
+        if self.should_exit:
+            self.force_exit = True
         super().handle_exit(signal.SIGTERM if sig == signal.SIGHUP else sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         if threading.current_thread() is not threading.main_thread():  # uvicorn leaves signals alone there too
+            with super().capture_signals():
+                yield
+            return
+        if signal.SIGHUP not in _stop_signals():
             with super().capture_signals():
                 yield
             return
@@ -266,7 +279,9 @@ class _StoppingServer(uvicorn.Server):
 
 def _serve_uvicorn(app: Proxy, settings: Settings, log_level: str) -> None:
     try:
-        _StoppingServer(uvicorn_config(app, settings.host, settings.port, log_level=log_level), app).run()
+        config = uvicorn_config(app, settings.host, settings.port, log_level=log_level)
+        config.timeout_graceful_shutdown = int(settings.timeout + ANSWER_MARGIN)  # as the default server's grace
+        _StoppingServer(config, app).run()
     except SystemExit:
         # uvicorn exits on a failed lifespan startup: give the CLI the reason instead.
         if app.startup_error is not None:

@@ -214,6 +214,24 @@ def test_sighup_stops_the_sidecar_gracefully(tmp_path: Path) -> None:
     assert set(events) == {ev.REQUEST, ev.RESPONSE}
 
 
+def test_a_sidecar_started_with_sighup_ignored_keeps_running_at_one(tmp_path: Path) -> None:
+    """`nohup infer-logger proxy &`: nohup ignores SIGHUP so that closing the terminal stops
+    nothing; the stop handler replaced that, and the terminal's hangup stopped the sidecar."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited across exec, as nohup does
+    try:
+        proc = sidecar_process("http://127.0.0.1:9", tmp_path).start()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert proc.proc is not None
+    try:
+        proc.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)  # a stop would have begun: the listener closed, or the process gone
+        assert proc.proc.poll() is None and httpx.get(proc.url + "/healthz", timeout=10).status_code == 200
+    finally:
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(timeout=60) == 0
+
+
 def test_a_second_signal_cuts_the_grace_short(tmp_path: Path) -> None:
     """The grace lasts the predictor timeout (60 s): a second SIGTERM or SIGINT (an impatient
     Ctrl-C) ends it, cutting off the requests still in flight."""
