@@ -27,6 +27,18 @@ def noida_binary() -> Path:
     return Path(str(files("noida_db") / "noida-db"))
 
 
+def stopped(pid: int) -> bool:
+    """Every thread of `pid` stopped (SIGSTOP takes hold of a thread only when it next runs)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        states.append(stat[stat.rindex(")") + 2])  # the state follows "(comm)", which may hold ")"
+    return bool(states) and all(state in "Tt" for state in states)
+
+
 class NoidaServer:
     """One noida-db service (`kafka` or `elasticsearch`); `stop()`/`start()` again keep the port."""
 
@@ -88,7 +100,7 @@ class NoidaServer:
         assert self.proc is not None and self.proc.poll() is None, "pause() a running server"
         self.proc.send_signal(signal.SIGSTOP)
         deadline = time.monotonic() + timeout
-        while not self._stopped():
+        while not stopped(self.proc.pid):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"noida-db {self.service} on {self.port} not stopped {timeout}s after SIGSTOP")
             time.sleep(0.005)
@@ -97,17 +109,6 @@ class NoidaServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
 
-    def _stopped(self) -> bool:
-        assert self.proc is not None
-        tasks = Path(f"/proc/{self.proc.pid}/task")
-        states = []
-        for task in tasks.iterdir():
-            try:
-                stat = (task / "stat").read_text()
-            except FileNotFoundError:  # a thread that just ended
-                continue
-            states.append(stat[stat.rindex(")") + 2])  # the state follows "(comm)", which may hold ")"
-        return bool(states) and all(state in "Tt" for state in states)
 
     def stop(self, *, keep_data: bool = False) -> None:
         if self.proc is not None and self.proc.poll() is None:

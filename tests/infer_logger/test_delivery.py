@@ -20,6 +20,7 @@ from infer_logger.delivery import STATUS_FILE, DeliveryProcess
 from infer_logger.errors import ConfigError
 from infer_logger.logger import InferenceLogger, match_route
 from tests.servers import Process, sidecar_process
+from tests.services import stopped
 from tests.waiting import until
 
 ROUTE = match_route("POST", "/v1/models/iris:predict")
@@ -38,6 +39,12 @@ def exchange(logger: InferenceLogger, event_id: str) -> None:
     ex = logger.begin(ROUTE, "/v1/models/iris:predict", headers, raw, b'{"instances": [[1]]}',
                       event_id)
     logger.end(ex, 200, "application/json", b'{"predictions": [0]}')
+
+
+def child_pid(logger: InferenceLogger) -> int:
+    """The pid of the logger's running delivery child."""
+    assert logger.delivery is not None and logger.delivery.pid is not None
+    return logger.delivery.pid
 
 
 def lines(path: Path) -> list[dict[str, object]]:
@@ -136,8 +143,7 @@ async def test_a_lowered_child_far_behind_is_replaced_by_one_at_normal_priority(
     await logger.start()
     try:
         assert logger.delivery is not None
-        first = logger.delivery.pid
-        assert first is not None
+        first = child_pid(logger)
         await until(lambda: policy(first) == "idle")  # nothing to deliver yet
         for i in range(100):  # ~40 KiB the sink (down) cannot take
             exchange(logger, f"b{i}")
@@ -160,8 +166,7 @@ async def test_a_caught_up_child_is_not_replaced_for_what_it_delivered(tmp_path:
     await logger.start()
     try:
         assert logger.delivery is not None
-        first = logger.delivery.pid
-        assert first is not None
+        first = child_pid(logger)
         for i in range(20):
             exchange(logger, f"c{i}")
         await until(lambda: len(lines(tmp_path / "events.jsonl")) == 40)
@@ -187,8 +192,7 @@ async def test_a_dead_child_is_replaced(tmp_path: Path) -> None:
     await logger.start()
     try:
         assert logger.delivery is not None
-        first = logger.delivery.pid
-        assert first is not None
+        first = child_pid(logger)
         exchange(logger, "before")
         out = tmp_path / "events.jsonl"
         await until(lambda: len(lines(out)) == 2)
@@ -209,8 +213,7 @@ async def test_no_child_is_started_once_a_stop_has_begun(tmp_path: Path, caplog:
     await logger.start()
     try:
         assert logger.delivery is not None
-        first = logger.delivery.pid
-        assert first is not None
+        first = child_pid(logger)
         logger.begin_stop()
         os.kill(first, signal.SIGKILL)
         supervisor = logger.delivery._supervisor
@@ -223,18 +226,6 @@ async def test_no_child_is_started_once_a_stop_has_begun(tmp_path: Path, caplog:
     assert logger.delivery.restarts == 0
 
 
-def stopped(pid: int) -> bool:
-    """Every thread of `pid` stopped (SIGSTOP takes hold of a thread only when it next runs)."""
-    states = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-        except FileNotFoundError:  # a thread that just ended
-            continue
-        states.append(stat[stat.rindex(")") + 2])  # the state follows "(comm)", which may hold ")"
-    return bool(states) and all(state in "Tt" for state in states)
-
-
 async def test_a_hung_child_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        caplog: pytest.LogCaptureFixture) -> None:
     # Alive, its loop stuck (SIGSTOP stands in): it delivered nothing more, and nothing said so.
@@ -244,8 +235,7 @@ async def test_a_hung_child_is_replaced(tmp_path: Path, monkeypatch: pytest.Monk
     first = None
     try:
         assert logger.delivery is not None
-        first = logger.delivery.pid
-        assert first is not None
+        first = child_pid(logger)
         os.kill(first, signal.SIGSTOP)
         await until(lambda: stopped(first), what="the child stopped")
         exchange(logger, "meanwhile")
@@ -270,8 +260,7 @@ async def test_a_logger_started_again_after_a_stop_works_as_a_new_one(tmp_path: 
     await logger.start()
     try:
         assert logger.delivery is not None
-        first = logger.delivery.pid
-        assert first is not None
+        first = child_pid(logger)
         exchange(logger, "again")
         scrape = generate_latest(logger.metrics.registry).decode()
         assert "infer_logger_spool_bytes 0.0" not in scrape and "infer_logger_spool_bytes" in scrape, scrape
@@ -294,8 +283,7 @@ async def test_delivery_counters_carry_over_a_replaced_child(tmp_path: Path) -> 
 
     try:
         assert logger.delivery is not None
-        first = logger.delivery.pid
-        assert first is not None
+        first = child_pid(logger)
         for i in range(5):
             exchange(logger, f"r{i}")
         await until(lambda: delivered() == b"10.0")
@@ -377,8 +365,7 @@ async def test_a_child_that_cannot_be_started_is_tried_again(tmp_path: Path,
 
     try:
         assert logger.delivery is not None
-        first = logger.delivery.pid
-        assert first is not None
+        first = child_pid(logger)
         monkeypatch.setattr(asyncio, "create_subprocess_exec", flaky_spawn)
         os.kill(first, signal.SIGKILL)
         exchange(logger, "meanwhile")
@@ -403,8 +390,7 @@ async def test_stop_ends_a_replacement_still_starting(tmp_path: Path, monkeypatc
     monkeypatch.setattr(asyncio, "create_subprocess_exec", recorded)
     try:
         assert logger.delivery is not None
-        first = logger.delivery.pid
-        assert first is not None
+        first = child_pid(logger)
         os.kill(first, signal.SIGKILL)
         await until(lambda: bool(started))  # the replacement is importing, not ready yet
     finally:

@@ -195,22 +195,7 @@ async def test_a_predictor_restarted_once_costs_no_connection_per_request_for_go
     per connection does: taken for one, the pool opened a connection per request for good (5x
     slower on a fast predictor). A connection still open STALE_AFTER after its answer ends the care."""
     monkeypatch.setattr(upstream_module, "STALE_AFTER", 0.2)
-    connections: list[asyncio.StreamWriter] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(writer)
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                await reader.readuntil(b"\r\n\r\nx")
-                writer.write(ok()(b""))
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    up = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
-    try:
-        assert (await up.request("POST", b"/", [], b"x")).status == 200
-        connections[0].close()  # the restart, right after the answer
-        await until(lambda: up.careful, what="the close seen")
+    async with _restarted_once(keep_alive=None) as (up, connections):
         for _ in range(500):  # until a connection idle STALE_AFTER is found open
             if not up.careful:
                 break
@@ -221,9 +206,6 @@ async def test_a_predictor_restarted_once_costs_no_connection_per_request_for_go
         for _ in range(30):
             assert (await up.request("POST", b"/", [], b"x")).status == 200
         assert len(connections) == before
-    finally:
-        await up.close()
-        server.close()
 
 
 async def test_the_care_ends_at_a_keep_alive_timeout_under_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,13 +213,22 @@ async def test_the_care_ends_at_a_keep_alive_timeout_under_a_second(monkeypatch:
     that long to be found open: after one restart the pool took a new connection per request for
     good. Its timeout closes (later than CLOSED_SOON after an answer) end the care too."""
     monkeypatch.setattr(upstream_module, "CLOSED_SOON", 0.05)
+    async with _restarted_once(keep_alive=0.3) as (up, _):
+        assert (await up.request("POST", b"/", [], b"x")).status == 200
+        await until(lambda: not up.careful, what="the keep-alive timeout's close")
+
+
+@contextlib.asynccontextmanager
+async def _restarted_once(keep_alive: float | None) -> AsyncIterator[tuple[Upstream, list[asyncio.StreamWriter]]]:
+    """An Upstream to a predictor (its connections, as accepted) that closed its one connection
+    right after the first answer, as a restart does: the pool careful."""
     connections: list[asyncio.StreamWriter] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(writer)
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, TimeoutError):
-            while True:  # a keep-alive timeout of 0.3 s
-                await asyncio.wait_for(reader.readuntil(b"\r\n\r\nx"), 0.3)
+            while True:  # up to its keep-alive timeout
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\nx"), keep_alive)
                 writer.write(ok()(b""))
         writer.close()
 
@@ -247,8 +238,7 @@ async def test_the_care_ends_at_a_keep_alive_timeout_under_a_second(monkeypatch:
         assert (await up.request("POST", b"/", [], b"x")).status == 200
         connections[0].close()  # the restart, right after the answer
         await until(lambda: up.careful, what="the close seen")
-        assert (await up.request("POST", b"/", [], b"x")).status == 200
-        await until(lambda: not up.careful, what="the keep-alive timeout's close")
+        yield up, connections
     finally:
         await up.close()
         server.close()
