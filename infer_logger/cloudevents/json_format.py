@@ -207,8 +207,6 @@ def _encoded(text: str, content_type: str) -> bytes:
         raise InvalidEventError("datacontenttype", f"names a codec that is no charset: {name[:40]!r}") from None
 
 
-
-
 @functools.lru_cache(maxsize=256)  # content types repeat
 def _charset(content_type: str) -> str | None:
     """The charset text data of this type is in, None for UTF-8 (named, or no charset)."""

@@ -6,9 +6,10 @@ and CompressedPackedForward (option `compressed: "gzip"`, one or more gzip membe
 EventTime (ext type 0), integer or float seconds; an entry's may also be v1.5's `[time, map...]`
 (Fluent Bit 2.1.x and >= 5.0.5 send `[[EventTime, {metadata}], record]`), whose maps are dropped,
 as Fluentd does. A frame with v1.5's option `fluent_signal` other than 0 carries metrics, traces or
-another kind, not log records: it is acked and skipped (logged once per connection). With `shared_key` set every
-connection starts with HELO -> PING -> PONG (`users` adds username/password auth). UDP heartbeats
-are not served: Fluentd's out_forward defaults to `heartbeat_type transport`, plain TCP connects.
+another kind, not log records: it is acked and skipped (logged once per connection). With
+`shared_key` set every connection starts with HELO -> PING -> PONG (`users` adds username/password
+auth). UDP heartbeats are not served: Fluentd's out_forward defaults to `heartbeat_type transport`,
+plain TCP connects.
 
 A frame's records go to the subscriber in batches of at most `max_frame_entries`, each unpacked
 and converted only when the one before was taken, so a frame of many small entries holds its bytes
@@ -358,8 +359,6 @@ def parse_frame(frame: bytes | memoryview, limit: int, max_entries: int = _MAX_E
     if signal := _signal(option):
         return Frame(tag, (), chunk, budget, signal)
     return Frame(tag, entries, chunk, budget)
-
-
 
 
 def _signal(option: dict[str, Any]) -> int:
