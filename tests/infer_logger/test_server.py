@@ -8,7 +8,9 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -164,6 +166,17 @@ def test_the_sidecar_answers_a_dribbled_request_408(tmp_path: Path) -> None:
     assert orjson.loads(body)["error"].endswith("(request_read_timeout)")
 
 
+@contextlib.contextmanager
+def inherited(sig: int, disposition: Any) -> Iterator[None]:
+    """Processes started meanwhile get `disposition` for `sig`, whatever the tests' own (an
+    ignored one is inherited across exec: a CI run under nohup ignores SIGHUP)."""
+    previous = signal.signal(sig, disposition)
+    try:
+        yield
+    finally:
+        signal.signal(sig, previous)
+
+
 def stop_in_flight(tmp_path: Path, delay: float, sig: int) -> tuple[int | None, int | None, dict[str, object]]:
     """A sidecar process signalled `sig` while a request waits `delay` s on the predictor: the
     client's status (None: no answer), the sidecar's exit code and the events by type."""
@@ -177,7 +190,7 @@ def stop_in_flight(tmp_path: Path, delay: float, sig: int) -> tuple[int | None, 
         except httpx.TransportError:
             got["status"] = None
 
-    with CannedPredictor(body=b'{"predictions": [1]}') as predictor:
+    with CannedPredictor(body=b'{"predictions": [1]}') as predictor, inherited(signal.SIGHUP, signal.SIG_DFL):
         predictor.delay = delay
         proc = sidecar_process(predictor.url, tmp_path, "--log-url", f"file://{out}").start()
         assert proc.proc is not None
@@ -217,11 +230,8 @@ def test_sighup_stops_the_sidecar_gracefully(tmp_path: Path) -> None:
 def test_a_sidecar_started_with_sighup_ignored_keeps_running_at_one(tmp_path: Path) -> None:
     """`nohup infer-logger proxy &`: nohup ignores SIGHUP so that closing the terminal stops
     nothing; the stop handler replaced that, and the terminal's hangup stopped the sidecar."""
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited across exec, as nohup does
-    try:
+    with inherited(signal.SIGHUP, signal.SIG_IGN):  # as nohup does
         proc = sidecar_process("http://127.0.0.1:9", tmp_path).start()
-    finally:
-        signal.signal(signal.SIGHUP, previous)
     assert proc.proc is not None
     try:
         proc.proc.send_signal(signal.SIGHUP)
