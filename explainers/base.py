@@ -186,7 +186,7 @@ Samples = Annotated[int, Field(ge=1), AfterValidator(_within_limit)]
 at least 1 and at most the server's `max_samples` (given as validation context)."""
 
 
-def _auto_within_limit(value: str, info: ValidationInfo) -> str | int:
+def _auto_held_to_limit(value: str, info: ValidationInfo) -> str | int:
     context = info.context or {}
     limit, count = context.get("max_samples"), (context.get("auto") or {}).get(info.field_name)
     if limit is not None and count is not None and count > limit:
@@ -194,7 +194,7 @@ def _auto_within_limit(value: str, info: ValidationInfo) -> str | int:
     return value
 
 
-Auto = Annotated[Literal["auto"], AfterValidator(_auto_within_limit)]
+Auto = Annotated[Literal["auto"], AfterValidator(_auto_held_to_limit)]
 """`Samples`' "auto": the library's own count for the model, which can be any size (kernel SHAP's
 is 2 * features + 2048): at most `max_samples` (`BaseExplainer._auto_counts`), never refused (the
 library's own default: a wide model's would refuse every request, or fail the start)."""

@@ -147,6 +147,16 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+def route_path(scope: MutableMapping[str, Any]) -> str:
+    """The path an app routes on: without the `root_path` ASGI servers put before it (uvicorn
+    --root-path, a Starlette Mount), as Starlette takes it off."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):]
+    return path
+
+
 def error_body(status: int, reason: str, **extra: object) -> bytes:
     """The JSON of an error answer: `{"error": reason, "status": status, ...extra}`."""
     return orjson.dumps({"error": reason, "status": status, **extra})

@@ -27,22 +27,12 @@ import logging
 from typing import Any
 
 from infer_logger import events as ev
-from infer_logger.asgi import error_body, read_or_refuse, respond
+from infer_logger.asgi import error_body, read_or_refuse, respond, route_path
 from infer_logger.config import Settings
 from infer_logger.errors import InvalidEventError
 from infer_logger.logger import InferenceLogger, match_route
 
 log = logging.getLogger(__name__)
-
-
-def _route_path(scope: dict[str, Any]) -> str:
-    """The path the app routes on: without the `root_path` ASGI servers put before it (uvicorn
-    --root-path, a Starlette Mount), as Starlette takes it off."""
-    path: str = scope.get("path", "")
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
-        return path[len(root):]
-    return path
 
 
 class InferenceLoggerMiddleware:
@@ -66,7 +56,7 @@ class InferenceLoggerMiddleware:
         if scope["type"] == "lifespan":
             await self.app(scope, self._lifespan_receive(receive, send), send)
             return
-        path = _route_path(scope)
+        path = route_path(scope)
         route = match_route(scope.get("method", ""), path) if scope["type"] == "http" else None
         if route is None:
             await self.app(scope, receive, send)

@@ -18,7 +18,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from infer_logger import events as ev
-from infer_logger.asgi import error_body, read_or_refuse, respond, run_lifespan
+from infer_logger.asgi import error_body, read_or_refuse, respond, route_path, run_lifespan
 from infer_logger.errors import InferLoggerError, InvalidEventError
 from infer_logger.httpserver import Reply, Request
 from infer_logger.logger import InferenceLogger, match_route
@@ -219,13 +219,11 @@ def _own_path(scope: Scope) -> tuple[str, bytes]:
     `root_path` a mount (Starlette's Mount, uvicorn --root-path) put before them, as the
     middleware routes: mounted at /svc, /svc/v1/models/m:predict went to the predictor as such,
     and was not logged."""
-    path: str = scope["path"]
-    raw: bytes = scope.get("raw_path") or path.encode()
-    root: str = scope.get("root_path", "")
-    if not root or not path.startswith(root) or path[len(root):len(root) + 1] not in ("", "/"):
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    path = route_path(scope)
+    if path == scope["path"]:  # no root to take off
         return path, raw
-    path = path[len(root):]
-    prefix = root.encode()
+    prefix = scope["root_path"].encode()
     if raw.startswith(prefix) and raw[len(prefix):len(prefix) + 1] in (b"", b"/"):
         raw = raw[len(prefix):]
     else:  # a root written otherwise (percent-encoded): its raw segments, however written, dropped

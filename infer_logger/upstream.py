@@ -357,7 +357,7 @@ class Upstream:
                     conn.transport.abort()
                     continue
                 conn.kept = True
-                self._careful = False
+                self._careful = False  # careful, one idle STALE_AFTER and open shows the predictor keeps them
                 return conn
         if self._closed:
             raise ConnectionResetError("the client is closed")

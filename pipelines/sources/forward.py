@@ -336,9 +336,11 @@ def parse_frame(frame: bytes | memoryview, limit: int, max_entries: int = _MAX_E
             raw = walk.raw()
             option = _option(walk, size, 2)
             compressed = option.get("compressed")
-            if compressed == "gzip":
+            if _signal(option):
+                entries = ()  # metrics or traces, skipped: never read, whatever their compression
+            elif compressed == "gzip":
                 entries = _entries(_unpacked(_inflate(raw, limit), limit, max_entries, budget))
-            elif compressed in (None, "text") or _signal(option):  # a skipped payload is never read
+            elif compressed in (None, "text"):
                 entries = _entries(_unpacked(_pieces(raw), limit, max_entries, budget))
             else:
                 raise FrameError(f"unknown compression {_describe(compressed)}")
