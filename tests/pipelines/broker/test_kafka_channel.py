@@ -719,7 +719,7 @@ async def test_a_broker_removed_while_its_channel_waits_for_kafka_is_closed_with
             return create_topic(channel)
         if next(calls):  # the second try waits for a Kafka that does not answer
             entered.set()
-            release.wait(30)  # a bound, in case the loop waits for it
+            release.wait(120)  # a bound, in case the loop waits for it (a loaded CI run's reload took 30 s)
             ended.set()
         raise kafka_channel._UnreachableError("unreachable (the test's)")
 
