@@ -10,10 +10,11 @@ names what is wrong with an event; 413: the body or an event is over the limit; 
 Content-Encoding (none is decoded); 404: no such broker; 503: the log refused (full, Kafka down)
 or the broker is not ready: try again.
 
-A batch is stored whole, or the answer says which of its events were not: a 400 or 413 from the
-log has `"refused": [positions]` (those Kafka refused for good) and a 503 from it `"pending":
-[positions]` (to send again), with an `Infer-Logger-Positions` header; it stored all the others
-(but for those whose TTL ran out), which a sender must not send again: our http sink reads it.
+A batch is stored whole, or the answer says which of its events were not: a 400 or 413 has
+`"refused": [positions]` (those over `max_event_bytes` or Kafka refused for good) and a 503
+`"pending": [positions]` (to send again), with an `Infer-Logger-Positions` header; it stored all
+the others (but for those whose TTL ran out), which a sender must not send again: our http sink
+reads it.
 """
 
 from __future__ import annotations
@@ -150,34 +151,50 @@ class Ingress:
             await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
         maximum = int(settings.max_event_bytes)
-        if any(event_size(e) > maximum for e in events):
-            refused.labels("oversize").inc(len(events))
-            what = "an event of the batch is" if mode == "batch" else "the event is"
-            await respond(send, 413, [_JSON], error_body(413, f"{what} larger than {maximum} bytes"))
+        # A batch's events over the limit are named refused and the others stored: refused whole,
+        # the http sink halved it down to each such event alone.
+        oversize = [i for i, e in enumerate(events) if event_size(e) > maximum]
+        what = f"larger than {maximum} bytes"
+        if oversize and mode != "batch":
+            refused.labels("oversize").inc()
+            await respond(send, 413, [_JSON], error_body(413, f"the event is {what}"))
             return
+        refused.labels("oversize").inc(len(oversize))
         forward = passthrough(headers)  # the only headers kept with the events
-        events = [CloudEvent(e.attributes, e.data, forward) for e in events]
+        skip = set(oversize)
+        fits = [i for i in range(len(events)) if i not in skip]  # the position in `events` of each kept
+        kept = [CloudEvent(events[i].attributes, events[i].data, forward) for i in fits]
+        too_large = f"{len(oversize)} of the batch's events are {what}"
         try:
-            await broker.publish(key, events)
-        except InvalidEventError as exc:
-            refused.labels("invalid").inc(len(events))
+            if kept:
+                await broker.publish(key, kept)
+        except InvalidEventError as exc:  # nothing stored
+            refused.labels("invalid").inc(len(kept))
             await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
         except RefusedError as exc:
             # The others of a batch were stored (or dropped, their TTL run out).
             status, label = (413, "oversize") if exc.too_large else (400, "invalid")
-            positions = exc.refused or []
+            positions = [fits[i] for i in exc.refused or []]
             refused.labels(label).inc(len(positions))
-            await respond(send, status, [_JSON, _POSITIONS], error_body(status, str(exc), refused=positions))
+            message = f"{exc}; {too_large}" if oversize else str(exc)
+            await respond(send, status, [_JSON, _POSITIONS],
+                          error_body(status, message, refused=sorted([*oversize, *positions])))
             return
         except ChannelError as exc:
-            positions = exc.pending or []
+            # The oversized are named pending too: named neither way, a sender takes them as stored
+            # (sent again, they are refused for good).
+            positions = [fits[i] for i in exc.pending or []]
             refused.labels("unavailable").inc(len(positions))
-            await respond(send, 503, [_JSON, _POSITIONS], error_body(503, str(exc), pending=positions))
+            await respond(send, 503, [_JSON, _POSITIONS],
+                          error_body(503, str(exc), pending=sorted([*oversize, *positions])))
             return
         except LookupError as exc:
             refused.labels("unknown_broker").inc(len(events))
             await respond(send, 404, [_JSON], error_body(404, str(exc)))
+            return
+        if oversize:
+            await respond(send, 413, [_JSON, _POSITIONS], error_body(413, too_large, refused=oversize))
             return
         await respond(send, 202, [], b"")
 

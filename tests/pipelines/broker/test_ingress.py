@@ -13,10 +13,15 @@ import yaml
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import to_batch, to_binary, to_structured
+from infer_logger.errors import RejectedError
+from infer_logger.sinks.halving import Halving
+from infer_logger.sinks.http import HttpSinkConfig
+from infer_logger.testing import free_port
+from pipelines.broker import Broker, BrokerThread
 from tests.conformance import ROOT, reason
 
 from .conftest import MakeBroker
-from .helpers import Subscriber, binary_request, client, event, settle
+from .helpers import Subscriber, binary_request, client, event, settings, settle
 
 CATCH_ALL = "triggers: [{{name: all, subscriber: '{url}'}}]"
 
@@ -71,6 +76,63 @@ class TestRefusals:
             small_batch = await c.post("/", headers=to_batch([event()])[0], content=to_batch([event()])[1])
         assert (binary.status_code, structured.status_code, batch.status_code) == (413, 413, 413)
         assert small_batch.status_code == 202
+
+    async def test_a_batch_with_an_event_over_the_limit_stores_the_others_and_names_it(
+            self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        """One event over max_event_bytes refused its whole batch with a bare 413: our http sink
+        then halved the batch down to the event alone, a POST per halving for one event."""
+        broker = await make_broker(CATCH_ALL.format(url=subscriber.url), max_event_bytes=1000,
+                                   max_request_bytes=10_000)
+        huge = b'"' + b"x" * 2000 + b'"'
+        sent = [event("a"), event("big1", data=huge), event("b"), event("big2", data=huge)]
+        async with client(broker) as c:
+            mixed = await c.post("/", headers=to_batch(sent)[0], content=to_batch(sent)[1])
+            alone = await c.post("/", headers=to_batch(sent[1:2])[0], content=to_batch(sent[1:2])[1])
+        assert mixed.status_code == 413 and mixed.json()["refused"] == [1, 3], mixed.text
+        assert mixed.headers["infer-logger-positions"] == "1"
+        assert alone.status_code == 413 and alone.json()["refused"] == [0], alone.text
+        await asyncio.to_thread(subscriber.wait_for, 2)
+        await settle(broker, "all", 2)
+        assert [e.id for e in subscriber.events] == ["a", "b"]
+        assert broker.metrics.refused.labels("oversize")._value.get() == 3
+        assert broker.metrics.accepted.labels("default/default")._value.get() == 2
+
+    def test_an_http_sink_sends_a_batch_with_an_event_over_the_limit_once(
+            self, tmp_path: Path, subscriber: Subscriber) -> None:
+        """The sink in batch mode in front of the broker: the oversized event is refused by the
+        one POST (counted once), not by each POST of the halves that found it."""
+        broker = Broker(settings(tmp_path, max_event_bytes=1000),
+                        triggers=CATCH_ALL.format(url=subscriber.url))
+        batch = [event(f"p{i}") for i in range(10)]
+        batch[4] = event("p4", data=b'"' + b"x" * 2000 + b'"')
+        with BrokerThread(broker, port=free_port()) as running:
+            async def send() -> RejectedError:
+                sink = Halving(HttpSinkConfig(url=running.url, mode="batch").build())
+                try:
+                    with pytest.raises(RejectedError) as info:
+                        await sink.send_batch(batch)
+                finally:
+                    await sink.aclose()
+                return info.value
+
+            refused = asyncio.run(send())
+            subscriber.wait_for(9, 30)
+        assert refused.events == [batch[4]] and refused.too_large
+        assert sorted(e.id for e in subscriber.events) == sorted(f"p{i}" for i in range(10) if i != 4)
+        assert broker.metrics.refused.labels("oversize")._value.get() == 1
+
+    async def test_a_batch_with_an_event_over_the_limit_and_a_full_log_asks_for_both_again(
+            self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
+        """The log refusing the others for now (503) names the oversized one pending too: named
+        neither way, a sender reading the positions takes it as stored."""
+        subscriber.fail_with = 503  # nothing is delivered: the log holds what it took
+        triggers = f"triggers: [{{name: t, subscriber: '{subscriber.url}', delivery: {{retry: 100}}}}]"
+        broker = await make_broker(triggers, channel="memory", spool={"memory_max_events": 1},
+                                   max_event_bytes=1000, max_request_bytes=10_000)
+        sent = [event("a"), event("big", data=b'"' + b"x" * 2000 + b'"'), event("b")]
+        async with client(broker) as c:
+            answer = await c.post("/", headers=to_batch(sent)[0], content=to_batch(sent)[1])
+        assert answer.status_code == 503 and answer.json()["pending"] == [1, 2], answer.text
 
     async def test_an_event_over_the_limit_by_its_attributes_is_413_in_every_mode(
             self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
