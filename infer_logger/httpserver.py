@@ -56,6 +56,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NOT_READING = float("inf")  # `_Connection.began` between requests
 _BEHIND = float("-inf")  # `_Connection.began` of a request read behind answers still due
 MAX_HEAD = 64 << 10  # bytes of request line and headers: the parser would buffer any amount
+CUT_WAIT = 5.0  # for the answers cancelled at a stop to end (each logs its response event)
 LINGER = 5.0
 """Seconds a connection that refused a request goes on reading (and dropping) what the client still
 sends, before it closes: closing with bytes unread sends a reset, which can overtake the answer
@@ -372,7 +373,9 @@ class _Connection(asyncio.Protocol):
 
     def _start(self, request: Request, keep: bool | Literal["announce"]) -> None:
         self.active = True
-        self.server.loop.create_task(self._answer(request, keep))
+        task = self.server.loop.create_task(self._answer(request, keep))
+        self.server.answering.add(task)
+        task.add_done_callback(self.server.answering.discard)
 
     async def _answer(self, request: Request, keep: bool | Literal["announce"]) -> None:
         try:
@@ -457,6 +460,7 @@ class HttpServer:
         self.max_body_bytes = max_body_bytes
         """Larger request bodies are answered 413 and the connection closed (None: no limit)."""
         self.connections: set[_Connection] = set()
+        self.answering: set[asyncio.Task[None]] = set()  # a client that left does not end its answer
         self.stopping = False
         self.loop = asyncio.get_running_loop()
         self._server: asyncio.Server | None = None
@@ -482,7 +486,8 @@ class HttpServer:
 
     async def stop(self, grace: float = 10.0, hurry: asyncio.Event | None = None) -> None:
         """Stop listening, answer the requests already read (for up to `grace` s, or until `hurry`
-        is set), close."""
+        is set), close. Those still unanswered then are cancelled (the sidecar answers 503 and logs
+        their response event) and waited for: the logger is closed next."""
         self.stopping = True
         if self._server is not None:
             self._server.close()
@@ -494,9 +499,18 @@ class HttpServer:
         while True:
             for conn in list(self.connections):
                 conn.close_if_idle(float("inf"), reading=False)
-            if not self.connections or self.loop.time() > deadline or (hurry is not None and hurry.is_set()):
+            # A request whose client left is still answered (its response event logged).
+            if (not self.connections and not self.answering) or self.loop.time() > deadline \
+                    or (hurry is not None and hurry.is_set()):
                 break
             await asyncio.sleep(0.02)
+        if self.answering:
+            for conn in list(self.connections):
+                conn.queue.clear()  # pipelined, not begun: nothing logged, none to begin now
+                conn._held = None
+            for task in self.answering:
+                task.cancel()
+            await asyncio.wait(set(self.answering), timeout=CUT_WAIT)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()

@@ -182,6 +182,14 @@ class Proxy:
             status, content_type = 502, "application/json"
             out_body = error_body(502, f"the sidecar failed to proxy this request ({type(exc).__name__}); see its log")
             out_headers = list(_JSON)
+        except asyncio.CancelledError:
+            # Cut off at a stop, the grace over (the only cancel: a client leaving cancels
+            # nothing): answered 503, another replica may take it, and the audit says why.
+            if (task := asyncio.current_task()) is not None:
+                task.uncancel()
+            status, content_type = 503, "application/json"
+            out_body = error_body(503, "the sidecar stopped before the predictor answered")
+            out_headers = [*_JSON, (b"connection", b"close")]
         self._upstream_latency.observe(loop.time() - started)
         if exchange is not None:
             # Asked for identity, it may still have compressed (an answer compressed beforehand).

@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Generator
@@ -17,7 +18,7 @@ import uvicorn
 
 from infer_logger.config import Settings
 from infer_logger.errors import InferLoggerError
-from infer_logger.httpserver import MAX_HEAD, HttpServer, declares_body, error_reply, refuse
+from infer_logger.httpserver import CUT_WAIT, MAX_HEAD, HttpServer, declares_body, error_reply, refuse
 from infer_logger.logger import InferenceLogger
 from infer_logger.proxy import Proxy
 
@@ -259,22 +260,35 @@ class _StoppingServer(uvicorn.Server):
             self.force_exit = True
         super().handle_exit(signal.SIGTERM if sig == signal.SIGHUP else sig, frame)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn then leaves the requests in flight running and skips the lifespan's shutdown:
+            # the logger's drain (a memory spool's events lost) and each cut request's response event.
+            tasks = set(self.server_state.tasks)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=CUT_WAIT)
+            await self.lifespan.shutdown()
+
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
-        if threading.current_thread() is not threading.main_thread():  # uvicorn leaves signals alone there too
-            with super().capture_signals():
-                yield
-            return
-        if signal.SIGHUP not in _stop_signals():
-            with super().capture_signals():
-                yield
-            return
-        previous = signal.signal(signal.SIGHUP, self.handle_exit)
+        # SIGHUP unless ignored at start (`nohup`), and uvicorn's own off the main thread (none).
+        hup = threading.current_thread() is threading.main_thread() and signal.SIGHUP in _stop_signals()
+        previous = signal.signal(signal.SIGHUP, self.handle_exit) if hup else None
         try:
             with super().capture_signals():
-                yield
+                try:
+                    yield
+                finally:
+                    # uvicorn raises the signals it took again once stopped: a SIGTERM killed the
+                    # sidecar after its graceful stop (exit -15, the default server's 0), a SIGINT
+                    # raised KeyboardInterrupt through the CLI.
+                    getattr(self, "_captured_signals", []).clear()
         finally:
-            signal.signal(signal.SIGHUP, previous)
+            if hup:
+                signal.signal(signal.SIGHUP, previous)
 
 
 def _serve_uvicorn(app: Proxy, settings: Settings, log_level: str) -> None:

@@ -177,7 +177,8 @@ def inherited(sig: int, disposition: Any) -> Iterator[None]:
         signal.signal(sig, previous)
 
 
-def stop_in_flight(tmp_path: Path, delay: float, sig: int) -> tuple[int | None, int | None, dict[str, object]]:
+def stop_in_flight(tmp_path: Path, delay: float, sig: int,
+                   *extra: str) -> tuple[int | None, int | None, dict[str, object]]:
     """A sidecar process signalled `sig` while a request waits `delay` s on the predictor: the
     client's status (None: no answer), the sidecar's exit code and the events by type."""
     out = tmp_path / "events.jsonl"
@@ -192,7 +193,7 @@ def stop_in_flight(tmp_path: Path, delay: float, sig: int) -> tuple[int | None, 
 
     with CannedPredictor(body=b'{"predictions": [1]}') as predictor, inherited(signal.SIGHUP, signal.SIG_DFL):
         predictor.delay = delay
-        proc = sidecar_process(predictor.url, tmp_path, "--log-url", f"file://{out}").start()
+        proc = sidecar_process(predictor.url, tmp_path, "--log-url", f"file://{out}", *extra).start()
         assert proc.proc is not None
         client = threading.Thread(target=ask, args=(proc.url,))
         try:
@@ -220,9 +221,11 @@ def test_a_stop_answers_a_request_the_predictor_takes_longer_than_10s_over(tmp_p
     assert events[ev.REQUEST]["id"] == "f-1"
 
 
-def test_sighup_stops_the_sidecar_gracefully(tmp_path: Path) -> None:
-    """SIGHUP (a closed terminal, `kill -HUP`) killed the sidecar at once: now it is a SIGTERM."""
-    status, code, events = stop_in_flight(tmp_path, 1.0, signal.SIGHUP)
+@pytest.mark.parametrize("server", ["httptools", "uvicorn"])
+def test_sighup_stops_the_sidecar_gracefully(tmp_path: Path, server: str) -> None:
+    """SIGHUP (a closed terminal, `kill -HUP`) killed the sidecar at once: now it is a SIGTERM.
+    Under uvicorn, which raises the signal again once stopped, it exited -15 after the stop."""
+    status, code, events = stop_in_flight(tmp_path, 1.0, signal.SIGHUP, "--server", server)
     assert (status, code) == (200, 0)
     assert set(events) == {ev.REQUEST, ev.RESPONSE}
 
@@ -242,9 +245,12 @@ def test_a_sidecar_started_with_sighup_ignored_keeps_running_at_one(tmp_path: Pa
         assert proc.proc.wait(timeout=60) == 0
 
 
-def test_a_second_signal_cuts_the_grace_short(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", ["httptools", "uvicorn"])
+def test_a_second_signal_cuts_the_grace_short(tmp_path: Path, server: str) -> None:
     """The grace lasts the predictor timeout (60 s): a second SIGTERM or SIGINT (an impatient
-    Ctrl-C) ends it, cutting off the requests still in flight."""
+    Ctrl-C) ends it, cutting off the requests still in flight: each is answered 503 (it was reset,
+    under uvicorn a 500) and gets a response event saying so (it had none: a request event without
+    an answer in the audit)."""
     got: dict[str, int | None] = {}
 
     def ask(url: str) -> None:
@@ -258,7 +264,7 @@ def test_a_second_signal_cuts_the_grace_short(tmp_path: Path) -> None:
         predictor.listen()
         predictor.settimeout(30)
         proc = sidecar_process(f"http://127.0.0.1:{predictor.getsockname()[1]}", tmp_path,
-                               "--log-url", f"file://{tmp_path}/events.jsonl").start()
+                               "--log-url", f"file://{tmp_path}/events.jsonl", "--server", server).start()
         assert proc.proc is not None
         client = threading.Thread(target=ask, args=(proc.url,))
         try:
@@ -279,4 +285,7 @@ def test_a_second_signal_cuts_the_grace_short(tmp_path: Path) -> None:
             conn.close()
         finally:
             proc.stop()
-    assert got == {"status": None}
+    assert got == {"status": 503}
+    events = {e["type"]: e for e in map(orjson.loads, (tmp_path / "events.jsonl").read_bytes().splitlines())}
+    assert set(events) == {ev.REQUEST, ev.RESPONSE}
+    assert events[ev.RESPONSE]["statuscode"] == 503 and "stopped" in events[ev.RESPONSE]["data"]["error"]
