@@ -23,21 +23,10 @@ import re
 import stat
 import threading
 from pathlib import Path
-from typing import Annotated
-
-from pydantic import AfterValidator
 
 log = logging.getLogger(__name__)
 
 
-def _nameable(path: Path) -> Path:
-    if "\0" in str(path):  # no file can be named so: every write raised ValueError, retried for ever
-        raise ValueError(f"{str(path)!r} holds a NUL character")
-    return path
-
-
-AppendedPath = Annotated[Path, AfterValidator(_nameable)]
-"""A setting naming a file lines are appended to."""
 
 _CHUNK = 1 << 16
 _TORN_MAX = 16 << 20  # a torn line is part of one event's line (~1 MiB); more is no crash's doing

@@ -12,9 +12,10 @@ import itertools
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from types import UnionType
+from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 from urllib.parse import urlparse
 
 import orjson
@@ -42,6 +43,7 @@ from pydantic_settings.exceptions import SettingsError
 from infer_logger import documents
 from infer_logger.cloudevents.validation import is_string, source_setting
 from infer_logger.errors import ConfigError
+from infer_logger.fields import Seconds
 from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, SinkSpec, StoreSinkConfig
 
 # Names under a settings class's prefix that are not its settings: the other services' prefixes,
@@ -175,7 +177,7 @@ class LayeredSettings(BaseSettings):
         delimiter = cls.model_config.get("env_nested_delimiter")
         if not prefix:
             return
-        fields = {name.upper() for name in cls.model_fields}
+        fields = {name.upper(): name for name in cls.model_fields}
         others = tuple(other for other in _OTHER_ENV if other.startswith(prefix) and other != prefix)
         present = {key.upper() for key in os.environ}
         for key in os.environ:
@@ -183,12 +185,38 @@ class LayeredSettings(BaseSettings):
             if not name.startswith(prefix) or name.startswith(others):
                 continue
             rest = name[len(prefix):]
-            if (rest.partition(delimiter)[0] if delimiter else rest) in fields:
+            head, nested, _ = rest.partition(delimiter) if delimiter else (rest, "", "")
+            if head in fields and nested:
+                # pydantic-settings reads NAME__KEY into a section only: under a scalar it was
+                # ignored, and under a list it is a key, not an index ("Input should be a valid list").
+                field = fields[head]
+                keys = _takes_keys(cls.model_fields[field].annotation)
+                if keys is None:
+                    raise ConfigError(key, f"a list's items cannot be given one by one: give {prefix}{head} "
+                                           f"whole, as JSON ({prefix}{head}='[…]')")
+                if not keys:
+                    raise ConfigError(key, f"matches no setting: {field} has no keys (give {prefix}{head})")
+            if head in fields:
                 continue
             if any(f"{name[:at.start()]}_SERVICE_HOST" in present for at in _SERVICE_LINK.finditer(name)):
                 continue
             near = difflib.get_close_matches(name, [prefix + field for field in fields], n=1)
             raise ConfigError(key, "matches no setting" + (f" (did you mean {near[0]}?)" if near else ""))
+
+
+def _takes_keys(annotation: Any) -> bool | None:
+    """Whether a setting of this type is a section, whose keys `NAME__KEY` variables give: a
+    model, a map, or a union holding one. None for a list: pydantic-settings reads no `NAME__0`."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _takes_keys(get_args(annotation)[0])
+    if origin is Union or origin is UnionType:
+        found = [_takes_keys(arg) for arg in get_args(annotation)]
+        return True if any(found) else None if None in found else False
+    kind = origin if origin is not None else annotation  # list[str]: list; Literal[...]: no type
+    if not isinstance(kind, type):
+        return False
+    return None if issubclass(kind, list | tuple | set | frozenset) else issubclass(kind, BaseModel | Mapping)
 
 
 def _not_utf8(value: object, place: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], str] | None:
@@ -302,7 +330,7 @@ class SpoolSettings(BaseModel):
     overflow: Literal["drop_newest", "drop_oldest"] = "drop_newest"
     """`drop_newest` refuses new events; `drop_oldest` deletes the oldest segment and counts the
     events in it that a sink had not taken yet (all of them when delivery runs in its process)."""
-    fsync_interval: float | None = Field(None, gt=0)
+    fsync_interval: Seconds | None = Field(None, gt=0)
     """Seconds between fsyncs of the spool; unset = never (page cache only, survives kill -9)."""
     memory_max_events: int = Field(100_000, ge=1)
     """Bound on the events of the in-memory log when `durability: memory` (`max_bytes` bounds
@@ -338,14 +366,14 @@ class DeliverySettings(BaseModel):
     batch_size: int = Field(500, ge=1)
     in_flight: int = Field(1, ge=1, le=64)
     """Batches a sink may hold at once (per-sink `in_flight` overrides); 1 keeps spool order."""
-    backoff_initial: float = Field(0.1, gt=0)
-    backoff_max: float = Field(5.0, gt=0)
+    backoff_initial: Seconds = Field(0.1, gt=0)
+    backoff_max: Seconds = Field(5.0, gt=0)
     """Cap of the jittered backoff; also how long a recovered sink may wait for its first retry."""
-    retry_after_max: float = Field(60.0, ge=0)
+    retry_after_max: Seconds = Field(60.0, ge=0)
     """The longest wait a sink's receiver may ask for with Retry-After (429, 503)."""
-    linger: float = Field(0.05, ge=0)
+    linger: Seconds = Field(0.05, ge=0)
     """Seconds a sink worker waits after new events arrive, so they go out in one batch."""
-    drain_timeout: float = Field(5.0, ge=0)
+    drain_timeout: Seconds = Field(5.0, ge=0)
     """Seconds to keep delivering at shutdown; what is left stays in the spool for next start."""
 
 
@@ -390,9 +418,9 @@ class Settings(LayeredSettings):
     max_request_bytes: ByteSize = ByteSize(256 << 20)
     """Request bodies longer than this are refused with 413: the sidecar holds a request whole
     while it forwards it, so this bounds its memory."""
-    timeout: float = Field(60.0, gt=0)
+    timeout: Seconds = Field(60.0, gt=0)
     """Seconds to wait for the predictor before answering 504."""
-    request_read_timeout: float = Field(60.0, gt=0)
+    request_read_timeout: Seconds = Field(60.0, gt=0)
     """Seconds a request's head and body may take to arrive, from its first byte, plus one per MiB
     that arrived (a 256 MiB upload at 1 MiB/s passes), before it is answered 408 and the connection
     closed (a client sending it a byte at a time would hold the connection for ever). Under

@@ -143,6 +143,8 @@ def read_file(path: Path) -> list[Document]:
         raise DocumentError(Location(str(path), 1, 1), "", f"cannot read: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise DocumentError(Location(str(path), 1, 1), "", f"not UTF-8 text: {exc.reason}") from exc
+    except ValueError as exc:  # a NUL in the name, which no file has ("embedded null byte")
+        raise DocumentError(Location(str(path).replace("\0", "\\0"), 1, 1), "", f"cannot read: {exc}") from None
     return read_documents(text, str(path))
 
 

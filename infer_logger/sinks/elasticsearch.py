@@ -60,6 +60,7 @@ from infer_logger.elasticsearch_template import (
     shadowing,
 )
 from infer_logger.errors import ConfigError, RejectedError, SinkError
+from infer_logger.fields import Seconds
 from infer_logger.retry import retry_after
 from infer_logger.sinks.base import SinkConfig, without_userinfo
 from infer_logger.sinks.size_limit import SizeLimit
@@ -122,11 +123,11 @@ class ElasticsearchSinkConfig(SinkConfig):
     """Check the server's TLS certificate (https URLs)."""
     ca_certs: str | None = None
     """A CA bundle file for the server's certificate."""
-    timeout: float = Field(default=10.0, gt=0)
+    timeout: Seconds = Field(default=10.0, gt=0)
     """Seconds to wait for each request."""
     max_attempts: int = Field(default=3, ge=1, le=10)
     """Bulk attempts for items answered 429/409/5xx before the batch fails (and is resent whole)."""
-    retry_delay: float = Field(default=0.2, ge=0, le=10)
+    retry_delay: Seconds = Field(default=0.2, ge=0, le=10)
     """Seconds before the first item retry; doubled for each next one."""
     max_bulk_bytes: ByteSize = ByteSize(8 << 20)
     """A batch larger than this goes in several `_bulk` requests: below what the cluster

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from infer_logger import appending
+from infer_logger import appending, fields
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.json_format import to_json
 from infer_logger.errors import ConfigError, SinkError
@@ -18,7 +18,7 @@ from infer_logger.sinks.own_thread import OwnThread
 
 class FileSinkConfig(SinkConfig):
     type: Literal["file"] = "file"
-    path: appending.AppendedPath = Path("infer-logger-data/events.jsonl")
+    path: fields.AppendedPath = Path("infer-logger-data/events.jsonl")
     """The JSONL file to append to (its directory is created). This sink must be its only writer:
     a batch cut short (full disk) is cut off again only when no one else appended meanwhile."""
     fsync: bool = False

@@ -17,6 +17,7 @@ from pydantic import ByteSize, Field, HttpUrl, field_validator
 from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import ConfigError, RejectedError, SinkError
+from infer_logger.fields import Seconds
 from infer_logger.retry import retry_after
 from infer_logger.sinks.base import SinkConfig, without_userinfo
 from infer_logger.sinks.size_limit import SizeLimit
@@ -50,7 +51,7 @@ class HttpSinkConfig(SinkConfig):
     """In `batch` mode, a batch larger than this goes in several POSTs, in order (an event larger
     alone): below the receivers' limits (our broker's `max_request_bytes`, 16 MiB). A batch a
     receiver still answers 413 is sent again in halves."""
-    timeout: float = Field(10.0, gt=0)
+    timeout: Seconds = Field(10.0, gt=0)
     """Seconds to wait for each POST's answer (a 2xx whose body is still coming then counts as delivered)."""
     concurrency: int = Field(16, ge=1)
     """POSTs in flight at once in binary and structured mode."""

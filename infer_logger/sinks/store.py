@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import ConfigError, InferLoggerError, RejectedError, SinkError
+from infer_logger.fields import nameable
 from infer_logger.sinks.base import SinkConfig
 from infer_logger.sinks.own_thread import OwnThread
 from infer_logger.store import AuditStore
@@ -18,7 +21,7 @@ class StoreSinkConfig(SinkConfig):
     """Writes one record per prediction to a local SQLite file (see `infer_logger.store`)."""
 
     type: Literal["store"] = "store"
-    path: str = "infer-logger-data/audit.db"
+    path: Annotated[str, AfterValidator(nameable)] = "infer-logger-data/audit.db"
     """The SQLite file; its directory is created when missing."""
 
     def build(self) -> StoreSink:

@@ -26,6 +26,7 @@ from pydantic_settings import SettingsConfigDict
 
 from infer_logger.config import LayeredSettings
 from infer_logger.errors import ConfigError
+from infer_logger.fields import ReadPath, Seconds
 from infer_logger.sinks.base import SinkConfig
 from infer_logger.sinks.kafka import BootstrapServers, without_transactions
 from pipelines.broker.components import component_config
@@ -48,7 +49,7 @@ class SpoolSection(BaseModel):
     refused (503) or, with `overflow: drop_oldest`, the oldest segment (in memory: events) is
     dropped (even if a trigger has not read it)."""
     overflow: Literal["drop_newest", "drop_oldest"] = "drop_newest"
-    fsync_interval: float | None = Field(None, gt=0)
+    fsync_interval: Seconds | None = Field(None, gt=0)
     """Seconds between fsyncs; unset = page cache only (survives kill -9, not a power cut)."""
     memory_max_events: int = Field(100_000, ge=1)
 
@@ -111,7 +112,7 @@ class BrokerSettings(LayeredSettings):
     kafka: KafkaChannelSettings = KafkaChannelSettings()
     delivery: DeliverySpec = DeliverySpec()
     """Every broker's default delivery (over DEFAULT_DELIVERY; a Broker's and a trigger's lie over it)."""
-    trigger_files: list[Path] = []
+    trigger_files: list[ReadPath] = []
     """YAML files of triggers (Knative manifests or the short form); re-read on SIGHUP."""
     components: list[dict[str, Any]] = []
     """In-process subscribers by name: sink configs (`type` + options), `name` defaults to the type."""
@@ -123,14 +124,14 @@ class BrokerSettings(LayeredSettings):
     """Largest event accepted (413 beyond)."""
     max_request_bytes: ByteSize = Field(ByteSize(16 << 20), gt=0)
     """Largest request body (a batch) accepted (413 beyond)."""
-    request_read_timeout: float = Field(60.0, gt=0)
+    request_read_timeout: Seconds = Field(60.0, gt=0)
     """Seconds a request body may take to arrive whole, from its head, before it is answered 408 and
     the connection closed (a sender dribbling it would hold the connection for ever)."""
     batch_size: int = Field(100, ge=1)
     """Events a trigger reads from the log at a time."""
     parallelism: int = Field(64, ge=1)
     """Deliveries in flight per trigger."""
-    drain_timeout: float = Field(5.0, ge=0)
+    drain_timeout: Seconds = Field(5.0, ge=0)
     """Seconds to finish deliveries at shutdown; the rest is delivered after the next start."""
     trigger_endpoint: bool = True
     """Serve `POST /triggers/<ns>/<name>/<uid>`: one filtered, synchronous delivery (Knative's

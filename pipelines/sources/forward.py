@@ -58,7 +58,7 @@ import msgpack
 import orjson
 from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 
-from infer_logger import appending, deadletter
+from infer_logger import deadletter, fields
 from infer_logger.asgi import READ_RATE_ALLOWANCE
 from infer_logger.cloudevents.event import SPECVERSION, CloudEvent
 from infer_logger.cloudevents.json_format import deep_dumps, from_dict
@@ -126,7 +126,7 @@ class ForwardSourceConfig(SourceConfig):
     source_uri: str | None = None
     """Their `source`, a URI reference; default `fluent-forward://<host>:<port>` (an IPv6 host in
     brackets)."""
-    dead_letter_file: appending.AppendedPath | None = None
+    dead_letter_file: fields.AppendedPath | None = None
     """Events the subscriber refuses for good are appended here as JSON lines with the reason
     (written before the chunk is acked); without it they are logged with their ids. Counted in
     `refused` either way."""

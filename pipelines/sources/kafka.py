@@ -40,7 +40,7 @@ from typing import Annotated, Any, Literal, TypeVar, cast
 import orjson
 from pydantic import Field, field_validator, model_validator
 
-from infer_logger import appending, deadletter
+from infer_logger import appending, deadletter, fields
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.kafka import KafkaMessage, from_kafka, to_kafka_structured
 from infer_logger.dispatch import Backoff
@@ -123,7 +123,7 @@ class KafkaSourceConfig(SourceConfig):
     """Records that are not CloudEvents (or that the subscriber refused) go here, with headers
     `dead-letter-reason`, `-topic`, `-partition`, `-offset`; a copy too large for the producer or
     the topic goes without its value and own headers, `dead-letter-value-bytes` saying its size."""
-    dead_letter_file: appending.AppendedPath | None = None
+    dead_letter_file: fields.AppendedPath | None = None
     """... or are appended here as JSON lines; with neither, they are logged and skipped. Refused
     events that are no records (an explanation the subscriber made) go as events: structured
     CloudEvents with `dead-letter-reason` to the topic, `{reason, attributes, data}` to the file."""

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from infer_logger.config import LayeredSettings
+from infer_logger.fields import Seconds
 from infer_logger.sinks import SinkSpec, StoreSinkConfig
 from pipelines.sources.forward import ForwardSourceConfig
 from pipelines.sources.kafka import KafkaSourceConfig
@@ -40,7 +41,7 @@ class IngestSettings(LayeredSettings):
     """Where events come from: `forward` (a Fluentd Forward server) or `kafka` (a consumer group)."""
     sink: SinkSpec = StoreSinkConfig()
     """Where they go: the source moves on (acks a chunk, commits an offset) only once it took them."""
-    drain_timeout: float = Field(5.0, ge=0)
+    drain_timeout: Seconds = Field(5.0, ge=0)
     """Seconds a stop waits for the batch in hand; then it is given up: not acked, not committed,
     sent again (a sink that does not answer held SIGTERM for minutes, past a pod's grace period)."""
 

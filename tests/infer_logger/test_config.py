@@ -270,6 +270,67 @@ class TestErrors:
         assert done.returncode == 2 and "log_mode" in done.stderr
 
 
+# A duration setting of each section, as YAML holding a value.
+DURATIONS = {
+    "timeout": "timeout: {}\n",
+    "request_read_timeout": "request_read_timeout: {}\n",
+    "delivery.backoff_initial": "delivery: {{backoff_initial: {}}}\n",
+    "delivery.backoff_max": "delivery: {{backoff_max: {}}}\n",
+    "delivery.retry_after_max": "delivery: {{retry_after_max: {}}}\n",
+    "delivery.linger": "delivery: {{linger: {}}}\n",
+    "delivery.drain_timeout": "delivery: {{drain_timeout: {}}}\n",
+    "spool.fsync_interval": "spool: {{fsync_interval: {}}}\n",
+    "sinks.0.http.timeout": "sinks: [{{type: http, url: 'http://b/', timeout: {}}}]\n",
+    "sinks.0.elasticsearch.timeout": "sinks: [{{type: elasticsearch, timeout: {}}}]\n",
+}
+
+
+class TestDurations:
+    """Seconds are finite and at most a day: `inf` passed `gt=0`, and ended in an OverflowError
+    traceback where it became a server's or a socket's timeout."""
+
+    @pytest.mark.parametrize("value", [".inf", "1.0e+10"])
+    @pytest.mark.parametrize("field", list(DURATIONS))
+    def test_an_endless_duration_is_refused_a_day_is_not(self, tmp_path: Path, field: str, value: str) -> None:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(DURATIONS[field].format(value))
+        with pytest.raises(ConfigError) as info:
+            load_settings(cfg)
+        assert info.value.field == field and ("finite" in info.value.message or "86400" in info.value.message)
+        cfg.write_text(DURATIONS[field].format(86400))
+        load_settings(cfg)
+
+    @pytest.mark.parametrize(("args", "env", "field"), [
+        (["--timeout", "inf"], {}, "config error: timeout:"),
+        ([], {"INFER_LOGGER_TIMEOUT": "inf"}, "config error: INFER_LOGGER_TIMEOUT (timeout):"),
+    ])
+    def test_the_proxy_exits_2_naming_it(self, tmp_path: Path, args: list[str], env: dict[str, str],
+                                         field: str) -> None:
+        """Under uvicorn it was an OverflowError traceback at start (its keep-alive, int(timeout + 5))."""
+        from infer_logger.testing import free_port
+
+        done = subprocess.run([sys.executable, "-m", "infer_logger.cli", "proxy", "--port", str(free_port()),
+                               "--server", "uvicorn", "--durability", "memory", "--log-url",
+                               f"file://{tmp_path}/e.jsonl", *args],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**os.environ, **env})
+        assert done.returncode == 2, done.stderr
+        assert field in done.stderr and "Traceback" not in done.stderr
+
+
+class TestStorePath:
+    @pytest.mark.parametrize(("text", "field"), [
+        ('sinks: [{type: store, path: "audit\\0.db"}]\n', "sinks.0.store.path"),
+        ('log_url: ["sqlite://audit\\0.db"]\n', "log_url"),
+    ])
+    def test_a_nul_in_a_store_path_is_refused(self, tmp_path: Path, text: str, field: str) -> None:
+        """No file can be named so: the sink's start was a `ValueError: embedded null byte` traceback."""
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(text)
+        with pytest.raises(ConfigError, match="holds a NUL character") as info:
+            load_settings(cfg)
+        assert info.value.field.startswith(field)
+
+
 class TestEnvLists:
     """List and section env vars: the KServe-style bare forms work, and JSON errors name the variable."""
 
@@ -435,6 +496,29 @@ class TestUnknownVariables:
         monkeypatch.setenv("INFER_LOGGER_SPOOL_PORT", "1")
         with pytest.raises(ConfigError, match="matches no setting"):
             load_settings()
+
+    @pytest.mark.parametrize(("name", "says"), [
+        # A scalar has no keys: the variable was ignored, and the default ran.
+        ("INFER_LOGGER_TIMEOUT__SECONDS", "matches no setting: timeout has no keys"),
+        ("INFER_LOGGER_PORT__NUMBER", "matches no setting: port has no keys"),
+        ("INFER_LOGGER_PREDICTOR_URL__HOST", "matches no setting: predictor_url has no keys"),
+        # Nor does pydantic-settings read a list's items one by one ("Input should be a valid list").
+        ("INFER_LOGGER_LOG_URL__0", "give INFER_LOGGER_LOG_URL whole, as JSON"),
+        ("INFER_LOGGER_SINKS__0__TYPE", "give INFER_LOGGER_SINKS whole, as JSON"),
+    ])
+    def test_a_key_under_a_setting_that_has_none_is_refused(self, monkeypatch: pytest.MonkeyPatch, name: str,
+                                                             says: str) -> None:
+        monkeypatch.setenv(name, "5")
+        with pytest.raises(ConfigError, match=says) as info:
+            load_settings()
+        assert info.value.field == name
+
+    def test_keys_under_sections_and_maps_are_read(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("INFER_LOGGER_SPOOL__DURABILITY", "memory")
+        monkeypatch.setenv("INFER_LOGGER_DELIVERY__LINGER", "1")
+        monkeypatch.setenv("INFER_LOGGER_ANNOTATIONS__TEAM", "ml")
+        s = load_settings()
+        assert (s.spool.durability, s.delivery.linger, s.annotations) == ("memory", 1.0, {"team": "ml"})
 
 
 class TestText:

@@ -110,6 +110,56 @@ class TestBrokerCheck:
         assert result.exit_code == 2
         assert f"{path}:4:" in result.output and "triggers[0].filters[0].exact.type" in result.output
 
+    @pytest.mark.parametrize(("env", "field"), [
+        ({"INFER_LOGGER_BROKER_DRAIN_TIMEOUT": "inf"}, "INFER_LOGGER_BROKER_DRAIN_TIMEOUT (drain_timeout)"),
+        ({"INFER_LOGGER_BROKER_REQUEST_READ_TIMEOUT": "inf"},
+         "INFER_LOGGER_BROKER_REQUEST_READ_TIMEOUT (request_read_timeout)"),
+        ({"INFER_LOGGER_BROKER_SPOOL__FSYNC_INTERVAL": "1e10"},
+         "INFER_LOGGER_BROKER_SPOOL__FSYNC_INTERVAL (spool.fsync_interval)"),
+        ({"INFER_LOGGER_BROKER_COMPONENTS": '[{"type": "http", "url": "http://b/", "timeout": "inf"}]'}, "components"),
+    ])
+    def test_an_endless_duration_is_a_config_error(self, tmp_path: Path, env: dict[str, str], field: str) -> None:
+        """`inf` passed `gt=0`: seconds are finite, at most a day."""
+        result = CliRunner().invoke(broker_command, ["--check", "--channel", "memory", "--dir", str(tmp_path)],
+                                    env=env)
+        assert result.exit_code == 2 and field in result.output, result.output
+        assert "finite" in result.output or "86400" in result.output, result.output
+
+    @pytest.mark.parametrize(("text", "field"), [
+        ('trigger_files: ["triggers\\0.yaml"]\n', "trigger_files.0"),
+        ('components: [{type: store, path: "audit\\0.db"}]\n', "components"),
+    ])
+    def test_a_nul_in_a_file_name_is_a_config_error(self, tmp_path: Path, text: str, field: str) -> None:
+        """No file can be named so: it was a `ValueError: embedded null byte` traceback."""
+        config = tmp_path / "broker.yaml"
+        config.write_text(text)
+        result = CliRunner().invoke(broker_command, ["--check", "--channel", "memory", "--dir", str(tmp_path),
+                                                     "-c", str(config)])
+        assert result.exit_code == 2 and field in result.output, result.output
+        assert "holds a NUL character" in result.output, result.output
+
+    def test_a_trigger_file_no_file_can_be_named_is_a_document_error(self) -> None:
+        from infer_logger.documents import DocumentError
+        from pipelines.broker.trigger import load_trigger_files
+
+        with pytest.raises(DocumentError, match="cannot read"):
+            load_trigger_files([Path("triggers\0.yaml")])
+
+    @pytest.mark.parametrize(("name", "words"), [
+        ("INFER_LOGGER_BROKER_HOST__ADDRESS", "matches no setting: host has no keys"),
+        ("INFER_LOGGER_BROKER_TRIGGER_FILES__0", "give INFER_LOGGER_BROKER_TRIGGER_FILES whole, as JSON"),
+    ])
+    def test_a_key_under_a_setting_that_has_none_is_a_config_error(self, tmp_path: Path, name: str,
+                                                                   words: str) -> None:
+        """README: a variable that matches no setting stops the command; this one was ignored."""
+        result = CliRunner().invoke(broker_command, ["--check", "--channel", "memory", "--dir", str(tmp_path)],
+                                    env={name: "x"})
+        assert result.exit_code == 2 and f"config error: {name}: " in result.output, result.output
+        assert words in result.output, result.output
+        result = CliRunner().invoke(broker_command, ["--check", "--channel", "memory", "--dir", str(tmp_path)],
+                                    env={"INFER_LOGGER_BROKER_ADDRESSES__DISPLAY": "http://127.0.0.1:9/"})
+        assert result.exit_code == 0, result.output  # a map's keys are read
+
     def test_an_integer_beyond_64_bits(self, tmp_path: Path) -> None:
         path = tmp_path / "triggers.yaml"
         path.write_text("triggers:\n  - name: a\n    subscriber: 'http://127.0.0.1:9/'\n"

@@ -269,6 +269,15 @@ class TestConfig:
         ([], {"INFER_LOGGER_INGEST_SOURCE__HOST": ""}, "INFER_LOGGER_INGEST_SOURCE__HOST (source.forward.host)"),
         ([], {"INFER_LOGGER_INGEST_PROT": "1"}, "INFER_LOGGER_INGEST_PROT"),
         ([], {"INFER_LOGGER_INGEST_SOURCE__PORT": "x"}, "INFER_LOGGER_INGEST_SOURCE__PORT"),
+        # `inf` passed `gt=0` (and `ge=0`): seconds are finite, at most a day.
+        ([], {"INFER_LOGGER_INGEST_DRAIN_TIMEOUT": "inf"}, "INFER_LOGGER_INGEST_DRAIN_TIMEOUT (drain_timeout)"),
+        ([], {"INFER_LOGGER_INGEST_SINK": '{"type": "http", "url": "http://b/", "timeout": 1e10}'},
+         "INFER_LOGGER_INGEST_SINK (sink.http.timeout)"),
+        # No file can be named so: the sink's start was a `ValueError: embedded null byte` traceback.
+        ([], {"INFER_LOGGER_INGEST_SINK": '{"type": "store", "path": "audit\\u0000.db"}'},
+         "INFER_LOGGER_INGEST_SINK (sink.store.path)"),
+        # A scalar has no keys: it was ignored (README: a variable matching no setting stops it).
+        ([], {"INFER_LOGGER_INGEST_PORT__NUMBER": "1234"}, "INFER_LOGGER_INGEST_PORT__NUMBER: matches no setting"),
     ])
     def test_bad_settings_exit_2_naming_them(self, args: list[str], env: dict[str, str], names: str) -> None:
         import os
