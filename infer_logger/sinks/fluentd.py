@@ -18,11 +18,17 @@ raises SinkError, then for every batch after it; a new connection without `share
 A receiver that will not take a frame (over Fluent Bit's Buffer_Max_Size, the forward source's
 max_frame_bytes) says so by closing the connection. After it closes on a frame of 64 KiB or more
 not acked, frames stay below half its size (and event count) for 5 minutes, down to one event a
-frame; an event over 1 MiB, and bigger than any frame the receiver acked, closed on alone 3 times
-is refused for good (RejectedError, too_large: dead-lettered) instead of blocking the spool for
-ever. A silence is no such evidence (a receiver under backpressure is silent too): Fluentd's
-in_forward drops a chunk over its chunk_size_limit without a word, and such a frame is sent again
-until its limit is raised.
+frame. An event over 1 MiB, and bigger than any frame the receiver acked, closed on alone becomes
+a suspect: from then on it goes alone after the batch's other frames, written once they are all
+acked (without acks: written with the connection still open), and closed on so 3 times it is
+refused for good (RejectedError, too_large: dead-lettered) instead of blocking the spool for ever.
+A receiver closes for other reasons too (the forward source on a batch its subscriber failed to
+take, a restart): then the frames before the suspect are not acked either, and that close strikes
+nothing. A suspect alone in its batch goes behind a small event the receiver acked before, sent
+again as the witness (a duplicate, which the id-keyed store downstream overwrites); with no such
+event yet (nothing acked since the start), each close strikes it. A silence is no evidence of size (a receiver under backpressure is
+silent too): Fluentd's in_forward drops a chunk over its chunk_size_limit without a word, and such
+a frame is sent again until its limit is raised.
 
 Tags are `<prefix>.<inferenceservicename>.<request|response|explanation>`; times are EventTime
 (nanoseconds) taken from the event's `time`, or integer seconds for one before 1970 or from 2106 on,
@@ -58,6 +64,7 @@ from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.json_format import to_dict
 from infer_logger.cloudevents.validation import parse_time
 from infer_logger.errors import InvalidEventError, RejectedError, SinkError
+from infer_logger.fields import Seconds
 from infer_logger.sinks.base import SinkConfig
 
 log = logging.getLogger(__name__)
@@ -159,7 +166,7 @@ class FluentdSinkConfig(SinkConfig):
     """Tags are `<tag_prefix>.<inferenceservicename>.<request|response|explanation>`."""
     ack: bool = True
     """Wait for Fluentd's ack of every chunk (`require_ack_response`); off = fire and forget."""
-    timeout: float = Field(10.0, gt=0)
+    timeout: Seconds = Field(10.0, gt=0)
     """Seconds for connecting (with the handshake), and that a batch's sending may go without the
     receiver taking bytes or acking a frame (a slow but steady receiver is waited for)."""
     compress: bool = False
@@ -190,8 +197,9 @@ class FluentdSinkConfig(SinkConfig):
 class _Frame(NamedTuple):
     chunk: str  # its `chunk` option ("" without acks)
     data: bytes  # the PackedForward frame
-    events: list[CloudEvent]  # what it carries: pending again until its ack came
+    events: list[CloudEvent]  # what it carries: pending again until its ack came (none: the witness)
     size: int  # bytes of entries (before gzip), what max_frame_bytes bounds
+    suspect: bool = False  # a lone event cut off before: written once the frames before it are taken
 
 
 _WRITE_PIECE = 64 * 1024  # bytes written between looks at the receiver's progress
@@ -200,7 +208,7 @@ _MAX_JSON_DEPTH = 254  # orjson writes no deeper (it reads 1024)
 _SUSPECT_BYTES = 64 * 1024  # a frame this big it closed on may have been too big: later ones go smaller
 _SHRUNK_FOR = 300.0  # seconds frames stay smaller after one was cut off (then one full size tries again)
 _LONE_BYTES = 1 << 20  # an event over this (and anything the receiver acked) cut off alone...
-_LONE_TRIES = 3  # ... this many times is refused for good; smaller ones fail for other reasons
+_LONE_TRIES = 3  # ... this many times, right after the frames before it were taken, is refused for good
 _HELO_WAIT = 0.1  # seconds a new connection without acks waits for a HELO before its first frame
 
 
@@ -267,8 +275,11 @@ class FluentdSink:
         self._max_bytes, self._max_events = config.max_frame_bytes, config.max_frame_events
         self._shrunk_until = 0.0  # loop time the smaller bounds last until
         self._largest_acked = 0  # entry bytes of the biggest frame the receiver acked
-        self._strikes: dict[tuple[str, str, str], int] = {}  # big events cut off alone: how often
+        # Big events cut off alone (suspects): how often, right after the frames before them were taken.
+        self._strikes: dict[tuple[str, str, str], int] = {}
+        self._witness: CloudEvent | None = None  # an event acked: sent again before a suspect alone
         self._started = 0  # frames of the current try whose writing began
+        self._vouched: set[int] = set()  # ... of which suspects written once the frames before were taken
 
     def stats(self) -> dict[str, int]:
         return {"records": self.records, "frames": self.frames, "errors": self.errors,
@@ -325,30 +336,41 @@ class FluentdSink:
 
     def _cut_off(self, frames: list[_Frame], unacked: set[str]) -> None:
         """The receiver closed on frames written but not acked (without acks: the last one begun):
-        they may have been too big for it. Later ones go smaller for a while, and a big event alone
-        takes a strike."""
-        written = frames[:self._started]
-        suspects = [f for f in written if f.chunk in unacked] if self.config.ack else written[-1:]
-        if not suspects:
+        they may have been too big for it. Later ones go smaller for a while; a big event alone
+        becomes a suspect, and a suspect takes a strike when the receiver took the frames before it.
+
+        The shrink needs no such evidence: a big frame first in its batch has no frame before it
+        to be taken, and must still get smaller to pass. An outage shrinks frames for a while (more
+        acks, nothing lost); once a big event is a suspect, the frames before it fail first."""
+        written = range(self._started)
+        cut = [i for i in written if frames[i].chunk in unacked] if self.config.ack else list(written)[-1:]
+        # The witness was taken before at its size: its cut-off says nothing about size.
+        if sized := [frames[i] for i in cut if frames[i].events]:
+            biggest = max(sized, key=lambda f: f.size)
+            if biggest.size >= _SUSPECT_BYTES:
+                self._max_bytes = max(1, min(self._max_bytes, biggest.size) // 2)
+                self._max_events = max(1, min(self._max_events, max(len(f.events) for f in sized)) // 2)
+                self._shrunk_until = time.monotonic() + _SHRUNK_FOR
+                log.warning("fluentd sink: a frame of %d bytes to %s was cut off or not acked: frames of at "
+                            "most %d bytes and %d events for %g s", biggest.size, self.address,
+                            self._max_bytes, self._max_events, _SHRUNK_FOR)
+        if not cut:
             return
-        biggest = max(suspects, key=lambda f: f.size)
-        if biggest.size >= _SUSPECT_BYTES:
-            self._max_bytes = max(1, min(self._max_bytes, biggest.size) // 2)
-            self._max_events = max(1, min(self._max_events, max(len(f.events) for f in suspects)) // 2)
-            self._shrunk_until = time.monotonic() + _SHRUNK_FOR
-            log.warning("fluentd sink: a frame of %d bytes to %s was cut off or not acked: frames of at most "
-                        "%d bytes and %d events for %g s", biggest.size, self.address, self._max_bytes,
-                        self._max_events, _SHRUNK_FOR)
-        first = suspects[0]  # the receiver takes frames in order: the one it stopped at
+        first = frames[cut[0]]  # the receiver takes frames in order: the one it stopped at
         if len(first.events) == 1 and first.size > max(_LONE_BYTES, self._largest_acked):
-            if len(self._strikes) >= 1000:  # bounded: stale entries go
-                self._strikes.clear()
             key = _key(first.events[0])
-            self._strikes[key] = self._strikes.get(key, 0) + 1
+            if key not in self._strikes:
+                if len(self._strikes) >= 1000:  # bounded: stale entries go
+                    self._strikes.clear()
+                self._strikes[key] = 0  # no evidence yet: a close for any reason makes a suspect
+            elif cut[0] in self._vouched:
+                self._strikes[key] += 1
 
     def _acked(self, frames: list[_Frame]) -> None:
         for frame in frames:
             self._largest_acked = max(self._largest_acked, frame.size)
+            if frame.events and (self._witness is None or frame.size < _SUSPECT_BYTES):  # small ones preferred
+                self._witness = frame.events[0]
             if self._strikes and len(frame.events) == 1:
                 self._strikes.pop(_key(frame.events[0]), None)
 
@@ -365,21 +387,28 @@ class FluentdSink:
 
     def _frames(self, events: Sequence[CloudEvent]) -> tuple[list[_Frame], list[tuple[CloudEvent, str]]]:
         """The PackedForward frames per tag, max_frame_bytes and max_frame_events, in the batch's
-        order; and the events that cannot be packed, with why (no retry could: dead-lettered)."""
+        order but suspects last, each alone; and the events that cannot be packed, with why (no
+        retry could: dead-lettered)."""
         by_tag: dict[str, tuple[list[bytes], list[CloudEvent]]] = {}
+        suspects: list[tuple[str, bytes, CloudEvent]] = []
         refused = []
         if self._shrunk_until and time.monotonic() > self._shrunk_until:  # a while is over: full size again
             self._max_bytes, self._max_events = self.config.max_frame_bytes, self.config.max_frame_events
             self._shrunk_until = 0.0
         for event in events:
-            if self._strikes.get(_key(event), 0) >= _LONE_TRIES:
-                refused.append((event, f"{_TOO_LARGE}: cut off or not acked alone {_LONE_TRIES} times by "
-                                       f"fluentd at {self.address} (over its frame limit?)"))
+            strikes = self._strikes.get(_key(event))
+            if strikes is not None and strikes >= _LONE_TRIES:
+                refused.append((event, f"{_TOO_LARGE}: cut off alone {_LONE_TRIES} times by fluentd at "
+                                       f"{self.address} right after it took the frames before it "
+                                       f"(over its frame limit?)"))
                 continue
             try:
                 entry = self._packer.pack([event_time(event_ns(event)), _record(event)])
             except (ValueError, TypeError, OverflowError, struct.error) as exc:
                 refused.append((event, f"{type(exc).__name__}: {exc}"))
+                continue
+            if strikes is not None:
+                suspects.append((tag_for(event, self.config.tag_prefix), entry, event))
                 continue
             entries, owners = by_tag.setdefault(tag_for(event, self.config.tag_prefix), ([], []))
             entries.append(entry)
@@ -391,6 +420,15 @@ class FluentdSink:
                 chunk, data = self._frame(tag, group)
                 frames.append(_Frame(chunk, data, owners[start:start + len(group)], sum(map(len, group))))
                 start += len(group)
+        # A suspect is struck only when the receiver took the frames before it (see _cut_off), so it
+        # goes after the batch's others: order among logged events is not relied on downstream (the
+        # audit documents merge by id). Alone, it goes behind the witness: the event is sent again,
+        # which the store downstream overwrites by id; its frame carries no event of the batch.
+        if suspects and not frames and (witness := self._witness) is not None:
+            entry = self._packer.pack([event_time(event_ns(witness)), _record(witness)])
+            frames.append(_Frame(*self._frame(tag_for(witness, self.config.tag_prefix), [entry]), [], len(entry)))
+        for tag, entry, event in suspects:
+            frames.append(_Frame(*self._frame(tag, [entry]), [event], len(entry), suspect=True))
         return frames, refused
 
     def _frame(self, tag: str, group: list[bytes]) -> tuple[str, bytes]:
@@ -461,6 +499,8 @@ class FluentdSink:
         out and sent again for ever."""
         loop = asyncio.get_running_loop()
         self._started = 0
+        self._vouched = set()
+        acked = asyncio.Event()  # set on every ack: a suspect waits for those of the frames before it
         async with asyncio.timeout(self.config.timeout) as idle:
             def progress() -> None:
                 if not idle.expired():  # progress in the deadline's own loop pass: it stands
@@ -469,9 +509,9 @@ class FluentdSink:
             try:
                 # Acks are read while writing: unread, they could fill the socket and stop the receiver.
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(self._write(writer, frames, progress))
+                    group.create_task(self._write(writer, frames, unacked, acked, progress))
                     if self.config.ack:
-                        group.create_task(self._acks(unacked, progress))
+                        group.create_task(self._acks(unacked, acked, progress))
             except ExceptionGroup as failed:
                 raise failed.exceptions[0] from None
         if not self.config.ack:
@@ -496,9 +536,17 @@ class FluentdSink:
         except OSError:  # closed: _heard says so
             return
 
-    async def _write(self, writer: asyncio.StreamWriter, frames: list[_Frame],
-                     progress: Callable[[], None]) -> None:
-        for frame in frames:
+    async def _write(self, writer: asyncio.StreamWriter, frames: list[_Frame], unacked: set[str],
+                     acked: asyncio.Event, progress: Callable[[], None]) -> None:
+        for index, frame in enumerate(frames):
+            if frame.suspect and index:
+                await self._vouch(frames[:index], unacked, acked)
+                self._vouched.add(index)
+            elif frame.suspect and self._witness is None:
+                # Nothing acked yet to vouch with: its close strikes, as any did (a big event first
+                # from a sidecar's start through an outage is dead-lettered; retried without a
+                # strike, one really too large blocked the spool for ever).
+                self._vouched.add(index)
             self._started += 1
             view = memoryview(frame.data)
             for start in range(0, len(view), _WRITE_PIECE):
@@ -506,13 +554,27 @@ class FluentdSink:
                 await writer.drain()  # returns once the socket took (nearly) all of it
                 progress()
 
-    async def _acks(self, chunks: set[str], progress: Callable[[], None]) -> None:
+    async def _vouch(self, before: list[_Frame], unacked: set[str], acked: asyncio.Event) -> None:
+        """Until the receiver took the frames before a suspect: with acks, each acked. Read before
+        the suspect is written, these acks cannot be lost with the connection it may close (a
+        failed write cancels the reader, and acks that came unread went with it). Without acks,
+        only that the connection is still open once they were written: weaker evidence."""
+        if self.config.ack:
+            while any(frame.chunk in unacked for frame in before):
+                acked.clear()
+                await acked.wait()
+        else:
+            await asyncio.sleep(0)  # what came while writing is read
+            self._heard()
+
+    async def _acks(self, chunks: set[str], acked: asyncio.Event, progress: Callable[[], None]) -> None:
         while chunks:
             reply = await self._message()
             if isinstance(reply, list) and reply and reply[0] == "HELO":
                 raise SinkError(f"fluentd at {self.address} wants the shared-key handshake: set shared_key")
             if isinstance(reply, dict) and isinstance(ack := reply.get("ack"), str) and ack in chunks:
                 chunks.discard(ack)
+                acked.set()
                 progress()
 
     async def _message(self) -> Any:

@@ -605,15 +605,59 @@ class TestReceiverLimits:
 
     async def test_an_event_too_large_for_the_receiver_alone_is_dead_lettered(
             self, memory: MemorySink, tmp_path: Path) -> None:
-        """Cut off alone again and again, it blocked every event behind it."""
+        """Cut off alone again and again, it blocked every event behind it. Struck only when the
+        receiver took the frames before it: e2 first, then (e1 alone) e2 again as the witness."""
         import orjson
 
         sent = [sized(0, 10), sized(1, 1_200_000), sized(2, 10)]
         await through_a_worker(tmp_path, ForwardSourceConfig(port=0, max_frame_bytes=1 << 20), memory,
                                sent, batch_size=100, timeout=2, max_frame_events=1)
-        assert [e.id for e in memory.events] == ["e0", "e2"]
+        assert {e.id for e in memory.events} == {"e0", "e2"}
         [dead] = [orjson.loads(line) for line in (tmp_path / "dead" / "fluentd.jsonl").read_bytes().splitlines()]
         assert "e1" in str(dead) and "too large" in str(dead)
+
+    async def test_a_first_event_too_large_for_the_receiver_alone_is_dead_lettered(
+            self, memory: MemorySink, tmp_path: Path) -> None:
+        """Alone in its batch, with nothing acked before to vouch for the receiver: its closes
+        strike it, or it blocked the spool for ever."""
+        sent = [sized(0, 1_200_000), sized(1, 10)]
+        await through_a_worker(tmp_path, ForwardSourceConfig(port=0, max_frame_bytes=1 << 20), memory,
+                               sent, batch_size=1, timeout=2)
+        assert [e.id for e in memory.events] == ["e1"]
+        assert "e0" in (tmp_path / "dead" / "fluentd.jsonl").read_text()
+
+    @pytest.mark.parametrize(("sizes", "from_big", "sink", "batch_size"), [
+        ([1_200_000, 10], False, {}, 100),  # down from the start, the big event first in its batch
+        ([10, 1_200_000], True, {"max_frame_events": 1}, 100),  # down from the big one: the small one went before
+        ([10, 1_200_000], True, {}, 1),  # alone in its batch, after one acked
+    ], ids=["from-start", "from-the-big-one", "alone"])
+    async def test_a_downstream_outage_dead_letters_no_big_event(
+            self, memory: MemorySink, tmp_path: Path, sizes: list[int], from_big: bool, sink: dict[str, Any],
+            batch_size: int) -> None:
+        """The forward source closes the connection on a batch its subscriber failed to take
+        (Elasticsearch behind it down): each close counted as "too large" against the big event,
+        dead-lettered though the receiver took it once its subscriber was back."""
+        sent = [sized(i, size) for i, size in enumerate(sizes)]
+
+        class DownFor:
+            """Fails `n` batches, from the first (or, `from_big`, the first with a big event) on."""
+            n, down = 6, not from_big
+
+            async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+                self.down = self.down or any(len(e.data or b"") > 1 << 20 for e in events)
+                if self.down and self.n:
+                    self.n -= 1
+                    raise SinkError("elasticsearch down")
+                await memory.send_batch(events)
+
+            async def aclose(self) -> None:
+                pass
+
+        subscriber = DownFor()
+        await through_a_worker(tmp_path, ForwardSourceConfig(port=0), subscriber, sent, batch_size=batch_size,
+                               timeout=2, **sink)
+        assert subscriber.n == 0 and not (tmp_path / "dead").exists()
+        assert {e.id for e in memory.events} == {e.id for e in sent}
 
     async def test_a_receiver_stalled_a_while_loses_no_big_event(self, memory: MemorySink, tmp_path: Path) -> None:
         """Fluentd under backpressure (overflow_action block) acks nothing for a while: each
