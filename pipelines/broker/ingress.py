@@ -159,7 +159,10 @@ class Ingress:
             refused.labels("oversize").inc()
             await respond(send, 413, [_JSON], error_body(413, f"the event is {what}"))
             return
-        refused.labels("oversize").inc(len(oversize))
+        if (key or broker.default_key) not in broker.channels:  # also for a batch with none to publish
+            refused.labels("unknown_broker").inc(len(events))
+            await respond(send, 404, [_JSON], error_body(404, f"no broker {'/'.join(key or broker.default_key)}"))
+            return
         forward = passthrough(headers)  # the only headers kept with the events
         skip = set(oversize)
         fits = [i for i in range(len(events)) if i not in skip]  # the position in `events` of each kept
@@ -169,7 +172,7 @@ class Ingress:
             if kept:
                 await broker.publish(key, kept)
         except InvalidEventError as exc:  # nothing stored
-            refused.labels("invalid").inc(len(kept))
+            refused.labels("invalid").inc(len(events))
             await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
         except RefusedError as exc:
@@ -177,6 +180,7 @@ class Ingress:
             status, label = (413, "oversize") if exc.too_large else (400, "invalid")
             positions = [fits[i] for i in exc.refused or []]
             refused.labels(label).inc(len(positions))
+            refused.labels("oversize").inc(len(oversize))
             message = f"{exc}; {too_large}" if oversize else str(exc)
             await respond(send, status, [_JSON, _POSITIONS],
                           error_body(status, message, refused=sorted([*oversize, *positions])))
@@ -185,7 +189,7 @@ class Ingress:
             # The oversized are named pending too: named neither way, a sender takes them as stored
             # (sent again, they are refused for good).
             positions = [fits[i] for i in exc.pending or []]
-            refused.labels("unavailable").inc(len(positions))
+            refused.labels("unavailable").inc(len(positions) + len(oversize))  # oversize counted when refused
             await respond(send, 503, [_JSON, _POSITIONS],
                           error_body(503, str(exc), pending=sorted([*oversize, *positions])))
             return
@@ -194,6 +198,7 @@ class Ingress:
             await respond(send, 404, [_JSON], error_body(404, str(exc)))
             return
         if oversize:
+            refused.labels("oversize").inc(len(oversize))
             await respond(send, 413, [_JSON, _POSITIONS], error_body(413, too_large, refused=oversize))
             return
         await respond(send, 202, [], b"")

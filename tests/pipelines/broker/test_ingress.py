@@ -88,6 +88,10 @@ class TestRefusals:
         async with client(broker) as c:
             mixed = await c.post("/", headers=to_batch(sent)[0], content=to_batch(sent)[1])
             alone = await c.post("/", headers=to_batch(sent[1:2])[0], content=to_batch(sent[1:2])[1])
+            # Looked up only where events were published: an empty batch to no broker was a 202, this one a 413.
+            nowhere = [await c.post("/ml/nope", headers=to_batch(batch)[0], content=to_batch(batch)[1])
+                       for batch in ([], sent[1:2])]
+        assert [r.status_code for r in nowhere] == [404, 404]
         assert mixed.status_code == 413 and mixed.json()["refused"] == [1, 3], mixed.text
         assert mixed.headers["infer-logger-positions"] == "1"
         assert alone.status_code == 413 and alone.json()["refused"] == [0], alone.text
@@ -95,6 +99,7 @@ class TestRefusals:
         await settle(broker, "all", 2)
         assert [e.id for e in subscriber.events] == ["a", "b"]
         assert broker.metrics.refused.labels("oversize")._value.get() == 3
+        assert broker.metrics.refused.labels("unknown_broker")._value.get() == 1
         assert broker.metrics.accepted.labels("default/default")._value.get() == 2
 
     def test_an_http_sink_sends_a_batch_with_an_event_over_the_limit_once(
@@ -133,6 +138,9 @@ class TestRefusals:
         async with client(broker) as c:
             answer = await c.post("/", headers=to_batch(sent)[0], content=to_batch(sent)[1])
         assert answer.status_code == 503 and answer.json()["pending"] == [1, 2], answer.text
+        # Each is counted for what the answer says: the oversized one when it is refused.
+        refused = broker.metrics.refused
+        assert (refused.labels("unavailable")._value.get(), refused.labels("oversize")._value.get()) == (2, 0)
 
     async def test_an_event_over_the_limit_by_its_attributes_is_413_in_every_mode(
             self, make_broker: MakeBroker, subscriber: Subscriber) -> None:
