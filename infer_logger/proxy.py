@@ -89,6 +89,8 @@ class Proxy:
         """Seconds a request may take to arrive whole (`request_read_timeout`): then a 408."""
         self.upstream = Upstream(upstream, timeout=timeout)
         self.serving = False
+        self.stopping = False
+        """A server's stop has begun: a cancel now is its cut (see `begin_stop`)."""
         self.startup_error: InferLoggerError | None = None
         self._unstarted_said = False
         m = logger.metrics
@@ -104,6 +106,13 @@ class Proxy:
             raise
         self.serving = True
 
+    def begin_stop(self) -> None:
+        """The server begins its stop. Once the grace is over it cancels the requests still in
+        flight: each is answered 503 and gets its response event. Any other cancel (an outer
+        timeout where the proxy is mounted) goes through as usual."""
+        self.stopping = True
+        self.logger.begin_stop()
+
     async def shutdown(self) -> None:
         self.serving = False
         await self.upstream.close()
@@ -112,7 +121,13 @@ class Proxy:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http":
-            body = await read_or_refuse(receive, send, self.max_body_bytes, self.read_timeout)
+            try:
+                body = await read_or_refuse(receive, send, self.max_body_bytes, self.read_timeout)
+            except asyncio.CancelledError:
+                if not self._cut():
+                    raise
+                await respond(send, *_cut_off())  # the client was still sending: nothing forwarded or logged
+                return
             if body is None:
                 return  # refused (413, 408), or the client went away: nothing forwarded, nothing logged
             path, target = _own_path(scope)
@@ -183,13 +198,11 @@ class Proxy:
             out_body = error_body(502, f"the sidecar failed to proxy this request ({type(exc).__name__}); see its log")
             out_headers = list(_JSON)
         except asyncio.CancelledError:
-            # Cut off at a stop, the grace over (the only cancel: a client leaving cancels
-            # nothing): answered 503, another replica may take it, and the audit says why.
-            if (task := asyncio.current_task()) is not None:
-                task.uncancel()
+            if not self._cut():
+                raise
+            # Answered 503 (another replica may take it), and the audit says why.
             status, content_type = 503, "application/json"
-            out_body = error_body(503, "the sidecar stopped before the predictor answered")
-            out_headers = [*_JSON, (b"connection", b"close")]
+            out_headers, out_body = _cut_off()[1:]
         self._upstream_latency.observe(loop.time() - started)
         if exchange is not None:
             # Asked for identity, it may still have compressed (an answer compressed beforehand).
@@ -204,6 +217,14 @@ class Proxy:
         elif not any(k == b"x-request-id" for k, _ in out_headers):
             out_headers.append((b"x-request-id", ev.id_header(event_id, headers)))
         return status, out_headers, out_body
+
+    def _cut(self) -> bool:
+        """Whether the cancel being handled is the stop's cut, which then ends here."""
+        if not self.stopping:
+            return False
+        if (task := asyncio.current_task()) is not None:
+            task.uncancel()
+        return True
 
     def _unstarted(self) -> None:
         """No lifespan ran (mounted in an app that runs none of its mounted apps', --lifespan off)
@@ -220,6 +241,10 @@ class Proxy:
         if (child := self._counted.get(key)) is None:
             child = self._counted[key] = self._requests.labels("true" if logged else "false", str(status))
         child.inc()
+
+
+def _cut_off() -> Reply:
+    return 503, list(_JSON), error_body(503, "the sidecar stopped before the predictor answered")
 
 
 def _own_path(scope: Scope) -> tuple[str, bytes]:

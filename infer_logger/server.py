@@ -34,6 +34,15 @@ def _stop_signals() -> list[signal.Signals]:
     """STOP_SIGNALS but SIGHUP when ignored at start (`nohup`: the hangup is meant not to stop us)."""
     return [sig for sig in STOP_SIGNALS if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN]
 
+
+def _stopped(signals: list[signal.Signals]) -> None:
+    """Stopped, the loop's handlers gone: another signal in the ~0.2 s the interpreter takes to
+    exit killed the process (exit -15 or -2 after a clean stop). Ignored from here on."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 ANSWER_MARGIN = 5.0
 """Seconds of a stop's grace past the predictor timeout: to log and write the last answers."""
 
@@ -119,10 +128,12 @@ def serve(settings: Settings, *, log_level: str = "warning") -> None:
     """Run until SIGTERM/SIGINT/SIGHUP (a second one cuts the requests in flight off); a failed
     start raises its cause (e.g. a sink's ConfigError)."""
     app = build_app(settings)
+    signals = _stop_signals()
     if settings.server == "uvicorn":
         _serve_uvicorn(app, settings, log_level)
-        return
-    run_loop(_serve(app, settings))
+    else:
+        run_loop(_serve(app, settings))
+    _stopped(signals)
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
@@ -169,7 +180,7 @@ async def run(app: Proxy, host: str, port: int, stop: asyncio.Event,
     try:
         await stop.wait()
     finally:
-        app.logger.begin_stop()
+        app.begin_stop()
         # The requests already read are answered, or time out at the predictor as usual (504,
         # 502, with their response events): the grace outlasts the predictor timeout, and the
         # logger's drain, bounded, follows.
@@ -199,7 +210,7 @@ async def run_uvicorn(app: Proxy, host: str, port: int, stop: asyncio.Event,
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
-    app.logger.begin_stop()
+    app.begin_stop()
     server.should_exit = True
     await serving
 
@@ -255,7 +266,7 @@ class _StoppingServer(uvicorn.Server):
         self.proxy = app
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.proxy.logger.begin_stop()
+        self.proxy.begin_stop()
         if self.should_exit:
             self.force_exit = True
         super().handle_exit(signal.SIGTERM if sig == signal.SIGHUP else sig, frame)
@@ -270,12 +281,15 @@ class _StoppingServer(uvicorn.Server):
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=CUT_WAIT)
-            await self.lifespan.shutdown()
+            ran = getattr(self.lifespan, "shutdown_event", None)  # `--lifespan off` has none
+            if ran is None or not ran.is_set():  # set: the second signal came during its drain
+                await self.lifespan.shutdown()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         # SIGHUP unless ignored at start (`nohup`), and uvicorn's own off the main thread (none).
-        hup = threading.current_thread() is threading.main_thread() and signal.SIGHUP in _stop_signals()
+        signals = _stop_signals()
+        hup = threading.current_thread() is threading.main_thread() and signal.SIGHUP in signals
         previous = signal.signal(signal.SIGHUP, self.handle_exit) if hup else None
         try:
             with super().capture_signals():
@@ -289,6 +303,8 @@ class _StoppingServer(uvicorn.Server):
         finally:
             if hup:
                 signal.signal(signal.SIGHUP, previous)
+            if self.should_exit:  # the loop's teardown is to come yet
+                _stopped(signals)
 
 
 def _serve_uvicorn(app: Proxy, settings: Settings, log_level: str) -> None:

@@ -621,3 +621,35 @@ async def test_an_answer_compressed_though_identity_was_asked_for_is_logged_deco
     assert responses["gz"]["data"] == {"predictions": [1]} and responses["gz"]["datacontenttype"] == "application/json"
     assert responses["br"]["datacontenttype"] == "application/octet-stream"
     assert base64.b64decode(str(responses["br"]["data_base64"])) == b"\x0b\x03\x80{}\x03"
+
+
+async def test_mounted_under_an_outer_timeout_its_cancel_goes_through(tmp_path: Path) -> None:
+    """A cancel was taken for the sidecar's stop: under a middleware giving the app 1 s, the
+    client got "the sidecar stopped" (503) and the audit said so, not the middleware's 504."""
+    import asyncio
+    import socket
+
+    class Timeout:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                async with asyncio.timeout(0.5 if scope["type"] == "http" else None):
+                    await self.app(scope, receive, send)
+            except TimeoutError:
+                await send({"type": "http.response.start", "status": 504, "headers": []})
+                await send({"type": "http.response.body", "body": b"timed out"})
+
+    with socket.socket() as silent:  # takes the connection, answers nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        proxy, outer = _mounted(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}", lifespan=False)
+        await proxy.startup()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=Timeout(outer)), base_url="http://x") as c:
+                r = await c.post("/svc/v1/models/m:predict", json={"instances": [[1]]})
+        finally:
+            await proxy.shutdown()
+    assert (r.status_code, r.text) == (504, "timed out")
+    assert [e["type"] for e in logged(tmp_path)] == [ev.REQUEST]
