@@ -23,6 +23,7 @@ from pydantic_settings import SettingsConfigDict
 from explainers.registry import METHODS, WHITE_BOX
 from infer_logger.config import LayeredSettings, http_url
 from infer_logger.errors import ConfigError
+from infer_logger.fields import Seconds
 
 
 class SubscriberSettings(BaseModel):
@@ -30,13 +31,13 @@ class SubscriberSettings(BaseModel):
 
     cache_size: int = Field(10_000, ge=1)
     """Request events kept while their response is awaited (and responses awaiting their request)."""
-    cache_ttl: float = Field(300.0, gt=0)
+    cache_ttl: Seconds = Field(300.0, gt=0)
     """Seconds a cached event is kept; a response later than that is not explained."""
     sample: float = Field(1.0, ge=0, le=1)
     """Share of exchanges explained, chosen by id (so the request and response agree)."""
     batch_size: int = Field(64, ge=1)
     """Instances of several events explained together, to amortize the predictor calls."""
-    linger: float = Field(0.05, ge=0)
+    linger: Seconds = Field(0.05, ge=0)
     """Seconds an event waits for others to fill a batch."""
     source: str = "infer-logger-explainer"
     """The `source` of explanation events."""
@@ -77,11 +78,9 @@ class ExplainerSettings(LayeredSettings):
     """Save the fitted explainer here after fitting."""
     options: dict[str, Any] = {}
     params: dict[str, Any] = {}
-    # At most a day: a socket's timeout (and a deadline's date) overflows past some 292 years, a
-    # traceback at start; no predictor request is meant to take longer.
-    timeout: float = Field(10.0, gt=0, le=86_400, allow_inf_nan=False)
+    timeout: Seconds = Field(10.0, gt=0)
     """Seconds per predictor request (the whole answer, not each read)."""
-    explain_timeout: float = Field(60.0, gt=0)
+    explain_timeout: Seconds = Field(60.0, gt=0)
     """Seconds one explain request (or one batch of explain-on-event) may take, time queued for the
     workers included: past it the caller gets a 504, and its work still queued or calling the
     predictor is given up."""
@@ -94,7 +93,7 @@ class ExplainerSettings(LayeredSettings):
     predictor_concurrency: int = Field(4, ge=1, le=64)
     """Requests in flight at once from the event loop (rows asked ahead, and the explainers' calls
     when `linger` > 0); with `linger` 0 each worker thread has one connection of its own."""
-    linger: float = Field(0.0, ge=0)
+    linger: Seconds = Field(0.0, ge=0)
     """Seconds the predictor client waits to merge concurrent calls into one request (0: no merging;
     each worker thread sends its own calls, with no hand-off to the event loop and back, and waiting
     would cost more latency than merging saves here)."""
@@ -105,7 +104,7 @@ class ExplainerSettings(LayeredSettings):
     max_instances: int = Field(1000, ge=1)
     max_request_bytes: ByteSize = ByteSize(64 << 20)
     """Request bodies longer than this are refused with 413 (a body is held whole to be decoded)."""
-    request_read_timeout: float = Field(60.0, gt=0)
+    request_read_timeout: Seconds = Field(60.0, gt=0)
     """Seconds a request body may take to arrive whole, from its head, before it is answered 408 and
     the connection closed (a client dribbling it would hold the connection for ever)."""
     warmup: bool = True

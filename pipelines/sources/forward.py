@@ -101,9 +101,9 @@ class ForwardSourceConfig(SourceConfig):
     """Our name in PONG."""
     users: dict[str, SecretStr] = {}
     """username -> password; when set, PING must also authenticate one of them."""
-    handshake_timeout: float = Field(10.0, gt=0)
+    handshake_timeout: fields.Seconds = Field(10.0, gt=0)
     """Seconds a client has to send PING after HELO."""
-    frame_timeout: float = Field(60.0, gt=0)
+    frame_timeout: fields.Seconds = Field(60.0, gt=0)
     """Seconds a frame has to arrive whole once begun, plus one per MiB of it that came (a big
     frame on a slow link is not cut), counting only the time spent waiting for its bytes (not
     while the frame before it is taken); then the connection is closed (a client that stopped or

@@ -111,13 +111,13 @@ class KafkaSourceConfig(SourceConfig):
     """The consumer group: consumers sharing it share the topics' partitions."""
     batch_size: int = Field(default=500, ge=1)
     """Most events handed to the subscriber at once."""
-    batch_timeout: float = Field(default=0.5, gt=0)
+    batch_timeout: fields.Seconds = Field(default=0.5, gt=0)
     """Seconds to wait for a first record before looking again (and at `stop()`)."""
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     """Where a group without a committed offset starts."""
     session_timeout_ms: int = Field(default=45_000, ge=1_000)
     """How long the group waits for a silent consumer before giving its partitions away."""
-    retry_max: float = Field(default=30.0, gt=0)
+    retry_max: fields.Seconds = Field(default=30.0, gt=0)
     """Longest pause, in seconds, between two attempts at a failing subscriber."""
     dead_letter_topic: str | None = None
     """Records that are not CloudEvents (or that the subscriber refused) go here, with headers

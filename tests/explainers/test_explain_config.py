@@ -123,6 +123,14 @@ class TestExitCodes:
         assert "timeout" in result.output.splitlines()[-1] and "Traceback" not in result.output, result.output
         assert load_explainer_settings(None, **REQUIRED, timeout=86400).timeout == 86400  # a day: the most
 
+    @pytest.mark.parametrize("field", [{"explain_timeout": 1e10}, {"request_read_timeout": float("inf")},
+                                       {"linger": float("inf")}, {"subscriber": {"linger": 1e10}},
+                                       {"subscriber": {"cache_ttl": float("inf")}}])
+    def test_every_duration_is_finite_and_at_most_a_day(self, field: dict[str, Any]) -> None:
+        """Only `timeout` was bounded: the others took `inf`, where a timer or a socket overflowed."""
+        with pytest.raises(ConfigError, match="|".join(field) + "|linger|cache_ttl"):
+            load_explainer_settings(None, **REQUIRED, **field)
+
     def test_max_instances_is_a_flag(self) -> None:
         """The README named `--max-instances`; only YAML and env could set it."""
         result = CliRunner().invoke(explainer_command, ["--predictor-url", REQUIRED["predictor_url"],

@@ -273,6 +273,11 @@ class TestConfig:
         ([], {"INFER_LOGGER_INGEST_DRAIN_TIMEOUT": "inf"}, "INFER_LOGGER_INGEST_DRAIN_TIMEOUT (drain_timeout)"),
         ([], {"INFER_LOGGER_INGEST_SINK": '{"type": "http", "url": "http://b/", "timeout": 1e10}'},
          "INFER_LOGGER_INGEST_SINK (sink.http.timeout)"),
+        ([], {"INFER_LOGGER_INGEST_SOURCE__FRAME_TIMEOUT": "inf"}, "(source.forward.frame_timeout)"),
+        ([], {"INFER_LOGGER_INGEST_SOURCE__HANDSHAKE_TIMEOUT": "1e10"}, "(source.forward.handshake_timeout)"),
+        *(([], {"INFER_LOGGER_INGEST_SOURCE": f'{{"type": "kafka", "bootstrap_servers": "k:1", "topics": ["t"], '
+                                              f'"{name}": 1e10}}'}, f"(source.kafka.{name})")
+          for name in ("retry_max", "batch_timeout")),
         # No file can be named so: the sink's start was a `ValueError: embedded null byte` traceback.
         ([], {"INFER_LOGGER_INGEST_SINK": '{"type": "store", "path": "audit\\u0000.db"}'},
          "INFER_LOGGER_INGEST_SINK (sink.store.path)"),
