@@ -30,13 +30,15 @@ records not acknowledged (and those never produced), which the worker retries (a
 report that matches no record has the whole batch retried, which may duplicate).
 When no broker is reachable, batches fail after `_DOWN_GRACE` rather than waiting out the
 delivery timeout: everything queued is purged, so that a retry does not duplicate it, and each
-purged record's report reaches its own batch as a failure. A fatal client error fails the
-outstanding batches (purged at once), and the next batch gets a new producer.
+purged record's report reaches its own batch as a failure (records in flight, to a broker that is
+up after all, are left to librdkafka's timeout: that broker may still write them). A fatal client
+error fails the outstanding batches (purged at once), and the next batch gets a new producer.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import operator
 import re
 import string
@@ -47,7 +49,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from infer_logger import events
 from infer_logger.cloudevents.event import AttributeValue, CloudEvent, attribute_text
@@ -93,6 +95,9 @@ _MISSING = "unknown"
 _TOPIC_MAX = 249  # characters in a topic name
 _MAX_RECORD = 1_000_000  # librdkafka's default message.max.bytes
 _QUEUE_KBYTES = 1_048_576  # librdkafka's default queue.buffering.max.kbytes
+_INT32 = 2_147_483_647  # librdkafka's integer properties are C ints: message.timeout.ms goes to here
+_LINGER_MAX = 900_000  # librdkafka's range of linger.ms
+_TIMEOUTS = ("message.timeout.ms", "delivery.timeout.ms")  # librdkafka's name and its alias
 _CUTS = 12  # cuts of one record's data before it is refused (each keeps at most 95% of the last)
 _CUT_MARGIN = 4096  # bytes kept free in a record whose data was cut to fit: its two new headers, rounding
 
@@ -158,6 +163,27 @@ def without_transactions(config: dict[str, ClientValue]) -> dict[str, ClientValu
     return config
 
 
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _client_integer(conf: dict[str, ClientValue], name: str, default: int, low: int, high: int) -> int:
+    """librdkafka's integer property `name` as it will read it, for the sink to rely on too.
+    ConfigError unless it is an integer in librdkafka's range: librdkafka reads a float's text up to
+    its first non-digit (1e30 as "1e+30", so 1), and "1MB" would pass its own check as 1."""
+    value = conf.get(name, default)
+    where = f"kafka sink {conf.get('bootstrap.servers')}: {name}: {value!r}"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
+        raise ConfigError("config", f"{where} is not an integer") from None
+    if not low <= number <= high:
+        raise ConfigError("config", f"{where} is outside librdkafka's range {low}..{high}")
+    return number
+
+
 def _refusal(error: KafkaError, topic: str) -> KafkaError:
     """Why `produce` refused a record. A name Kafka never accepts is refused for good, but when
     the broker's answer beats the first record (a race), librdkafka says "unknown topic"."""
@@ -179,12 +205,13 @@ class KafkaSinkConfig(SinkConfig):
     """CloudEvents Kafka content mode: `ce_*` headers and the payload as value, or a JSON event."""
     idempotent: bool = True
     """`enable.idempotence`: broker-side dedup of librdkafka's own retries, in order per partition."""
-    linger_ms: float = Field(default=5.0, ge=0)
+    linger_ms: float = Field(default=5.0, ge=0, le=_LINGER_MAX, allow_inf_nan=False)
     """How long librdkafka waits to fill a request (a batch's end is sent at once regardless)."""
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
     """`compression.type` of produced record batches."""
-    delivery_timeout: float = Field(default=30.0, gt=0)
-    """Seconds librdkafka retries one record (`message.timeout.ms`) before the batch fails."""
+    delivery_timeout: float = Field(default=30.0, gt=0, le=_INT32 / 1000, allow_inf_nan=False)
+    """Seconds librdkafka retries one record (`message.timeout.ms`) before the batch fails; more
+    than `linger_ms`. `message.timeout.ms` under `config` applies instead (0: no limit)."""
     in_flight: int | None = Field(4, ge=1, le=64)
     """Batches with the sink before the oldest is acknowledged (null: `delivery.in_flight`).
     Batches are produced in spool order, and the idempotent producer keeps that order across its
@@ -215,6 +242,16 @@ class KafkaSinkConfig(SinkConfig):
                              f"not '.' or '..')")
         return value
 
+    @field_validator("delivery_timeout")
+    @classmethod
+    def _over_linger(cls, value: float, info: ValidationInfo) -> float:
+        # librdkafka refuses to start otherwise, and its error named the field `config`.
+        linger = info.data.get("linger_ms")  # absent when invalid itself
+        if linger is not None and _milliseconds(value) <= linger:
+            raise ValueError(f"{value:g} s is not over linger_ms ({linger:g} ms): librdkafka needs a "
+                             f"record's timeout to exceed the time it may wait before sending it")
+        return value
+
     @field_validator("config")
     @classmethod
     def _check_config(cls, value: dict[str, ClientValue]) -> dict[str, ClientValue]:
@@ -227,11 +264,19 @@ class KafkaSinkConfig(SinkConfig):
             "enable.idempotence": self.idempotent,
             "linger.ms": self.linger_ms,
             "compression.type": self.compression,
-            "message.timeout.ms": max(1, round(self.delivery_timeout * 1000)),
+            "message.timeout.ms": _milliseconds(self.delivery_timeout),
             # librdkafka's default backs off up to 10 s: a restarted broker would sit idle that long.
             "reconnect.backoff.max.ms": 1000,
             **self.config,
         }
+
+    def message_timeout(self) -> float:
+        """Seconds librdkafka gives a record: `delivery_timeout`, unless `config` sets
+        `message.timeout.ms` or its alias: set last, the last of them applies (0: no limit)."""
+        conf = self.producer_config()
+        name = [key for key in conf if key in _TIMEOUTS][-1]  # the order librdkafka is given them
+        milliseconds = _client_integer(conf, name, 0, 0, _INT32)
+        return milliseconds / 1000 if milliseconds else math.inf
 
     def build(self) -> KafkaSink:
         if not CLIENT:
@@ -431,6 +476,10 @@ class _Batch:
         if self.done:
             return
         self.done = True
+        # Every record delivered, and its last report served by the poll thread after any "all
+        # brokers down" served before it (one queue, in order): a broker answered since.
+        if self.produced and not self.failed and threading.current_thread() is self.client._thread:
+            self.client.reached()
         try:
             self.loop.call_soon_threadsafe(self._finish)
         except RuntimeError:  # the loop is closed: nobody waits for this batch any more
@@ -447,16 +496,20 @@ class _Client:
     Only that thread polls, so delivery reports, error and log callbacks run there, never on the
     event loop. While a batch is being produced it polls (`linger.ms` fills the requests); once
     every batch is produced it flushes (the tails go out at once). It also purges what will not
-    be delivered soon: after `_DOWN_GRACE` with every broker down, unless a broker answers a
-    metadata request by then (librdkafka tells when the last one goes, not when one is back);
-    after the delivery timeout (a backstop: librdkafka's own fires first); at once after a fatal
-    error; and when closing, after its timeout.
+    be delivered soon: what is queued after `_DOWN_GRACE` with every broker down, unless a broker
+    answers a metadata request by then or a batch was delivered since (librdkafka tells when the
+    last one goes, not when one is back); everything after the delivery timeout (a backstop:
+    librdkafka's own, whichever `config` set, fires first); at once after a fatal error; and when
+    closing, after its timeout.
     """
 
     def __init__(self, config: KafkaSinkConfig) -> None:
         self.address = config.bootstrap_servers
-        self.limit = config.delivery_timeout + 5.0
-        self.down: KafkaError | None = None  # "all brokers down", until a probe finds one
+        self.timeout = config.message_timeout()  # librdkafka's, which `config` may have set
+        self.limit = self.timeout + 5.0
+        # "All brokers down", until a broker is seen to answer (a batch delivered, or a probe).
+        self.down: KafkaError | None = None
+        self.down_since = 0.0
         self.transport_error = ""
         self.fatal: KafkaError | None = None
         self.batches: list[_Batch] = []  # outstanding, oldest first; guarded by `_cond`
@@ -535,15 +588,17 @@ class _Client:
             if not self.batches:
                 return
             now = time.monotonic()
-            waited = now - min(b.since for b in self.batches)
-            unreachable = self.down is not None and waited > _DOWN_GRACE
-            hopeless = self.fatal is not None or waited > self.limit or (self._closing and now >= self._close_by)
+            oldest = min(b.since for b in self.batches)
+            # The grace counts from when the last broker went, not from before: reconnects get it whole.
+            unreachable = self.down is not None and now - max(oldest, self.down_since) > _DOWN_GRACE
+            closed = self._closing and now >= self._close_by
+            hopeless = self.fatal is not None or now - oldest > self.limit or closed
             if not (unreachable or hopeless):
                 return
             topic = self.batches[0].topic
         if not hopeless and self._answers(topic):
             # Back since its last "all brokers down" (librdkafka does not say when): let them be.
-            self.down = None
+            self.reached()
             return
         with self._cond:
             # Fail what is queued now rather than later, and keep no copy that could arrive after
@@ -553,7 +608,11 @@ class _Client:
             for batch in self.batches:
                 batch.since = now
         try:
-            self.producer.purge(in_queue=True, in_flight=True, blocking=False)
+            # Only a hopeless batch loses its records in flight. With every broker down none is (a
+            # dropped connection's requests go back to the queue); one in flight means a connection
+            # is up after all, unnoticed (a probe to a busy broker times out): that broker may still
+            # write it, and the retry would again. librdkafka's own timeout ends it meanwhile.
+            self.producer.purge(in_queue=True, in_flight=hopeless, blocking=False)
         except KafkaException as exc:
             log.warning("kafka sink %s: purge failed: %s", self.address, exc)
 
@@ -589,11 +648,18 @@ class _Client:
         elif code == KafkaError._ALL_BROKERS_DOWN:  # only when the last one goes: logged each time
             log.warning("kafka sink: no broker reachable at %s (%s); retrying", self.address,
                         self.transport_error or error.str())
+            if self.down is None:  # said again on each failed reconnect: the outage began with the first
+                self.down_since = time.monotonic()
             self.down = error
         elif code in (KafkaError._TRANSPORT, KafkaError._RESOLVE):  # every failed connect: kept, not logged
             self.transport_error = error.str()
         else:
             log.warning("kafka sink %s: %s", self.address, error.str())
+
+    def reached(self) -> None:
+        """A broker answered: none is down any more."""
+        self.down = None
+        self.transport_error = ""
 
     def describe(self, error: KafkaError) -> str:
         if error.code() in _UNREACHABLE and self.down is not None:
@@ -615,15 +681,10 @@ class KafkaSink:
         conf = config.producer_config()
         # librdkafka counts a record's value against its local queue's bytes: a value over them
         # is refused as "queue full" however empty the queue is, so it is cut to fit them too.
-        sizes = {}
-        for name, default in (("queue.buffering.max.kbytes", _QUEUE_KBYTES), ("message.max.bytes", _MAX_RECORD)):
-            try:
-                sizes[name] = int(conf.get(name, default))
-            except (TypeError, ValueError):  # "1MB": librdkafka takes integers only
-                raise ConfigError("config", f"kafka sink {config.bootstrap_servers}: {name}: "
-                                  f"{conf.get(name)!r} is not an integer") from None
-        self._queue_bytes = sizes["queue.buffering.max.kbytes"] * 1024
-        self._max_record = min(sizes["message.max.bytes"], self._queue_bytes)
+        kbytes = _client_integer(conf, "queue.buffering.max.kbytes", _QUEUE_KBYTES, 1, _INT32)
+        self._queue_bytes = kbytes * 1024
+        self._max_record = min(_client_integer(conf, "message.max.bytes", _MAX_RECORD, 1000, 1_000_000_000),
+                               self._queue_bytes)
         # Held while a batch's records are produced (and while a fatal producer is replaced), not
         # while they are awaited: batches go out whole, in call order, and overlap in flight.
         self._producing = asyncio.Lock()
@@ -822,4 +883,4 @@ class KafkaSink:
         self._closed = True
         # A batch being produced finishes first; one waiting for room in the queue stops (`_closed`).
         async with self._producing:
-            await asyncio.to_thread(self._client.close, min(5.0, self.config.delivery_timeout))
+            await asyncio.to_thread(self._client.close, min(5.0, self._client.timeout))

@@ -341,6 +341,72 @@ def end_offset(bootstrap: str, topic: str) -> int:
         consumer.close()
 
 
+class TestStalledBroker:
+    """A broker that is up but slow to answer (SIGSTOP) is waited for: its records in flight are
+    neither purged nor produced again, whatever happened before."""
+
+    BATCH = 20
+
+    async def stall(self, server: NoidaServer, sink: KafkaSink, seconds: float) -> int:
+        """A batch to "events" with the broker frozen for `seconds`, then retried as the worker
+        does until delivered; returns how often it failed."""
+        server.pause()
+        send = asyncio.create_task(sink.send_batch([event(i) for i in range(self.BATCH)]))
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            server.resume()
+        try:
+            await asyncio.wait_for(send, 60)  # a hang guard
+            return 0
+        except SinkError:
+            return 1 + await send_with_retry(sink, [event(i) for i in range(self.BATCH)])
+
+    def assert_once_each(self, server: NoidaServer, before: int) -> None:
+        count = end_offset(server.address, "events")
+        got = [decode(m).id for m in read_back(server.address, "events", count)[before:]]
+        expected = sorted(f"id-{i}" for i in range(self.BATCH))
+        assert sorted(got) == expected, f"{len(got)} records of {self.BATCH}"
+
+    async def test_a_stall_after_a_broker_restart(self, caplog: pytest.LogCaptureFixture) -> None:
+        """librdkafka says when the last broker goes, not when one is back: the "no broker" state
+        stayed set through later deliveries, a stall of 2 s had the probe time out, and the
+        records in flight were purged (the broker wrote them on waking, the retry again: twice)."""
+        server = NoidaServer("kafka").start()
+        sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events",
+                               delivery_timeout=NEVER).build()
+        try:
+            await sink.send_batch([event(-1)])
+            server.stop(keep_data=True)  # while idle
+            await until(lambda: f"no broker reachable at {server.address}" in caplog.text, timeout=30,
+                        what="the client saying the broker is gone")
+            server.start(fresh=False)
+            await send_with_retry(sink, [event(-2)])  # back: delivered
+            failures = await self.stall(server, sink, 4.0)  # past the 2 s grace and its 0.5 s probe
+            self.assert_once_each(server, 2)
+            assert failures == 0
+        finally:
+            await sink.aclose()
+            server.stop()
+
+    @pytest.mark.parametrize("key", ["message.timeout.ms", "delivery.timeout.ms"])
+    async def test_a_message_timeout_given_in_config(self, key: str) -> None:
+        """librdkafka's own timeout (or its alias) under `config` is the one librdkafka applies,
+        but the sink purged at `delivery_timeout` + 5 s all the same: a longer stall had the batch
+        fail, the broker write it on waking, and the retry write it again."""
+        server = NoidaServer("kafka").start()
+        sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events", delivery_timeout=1,
+                               config={key: 120_000}).build()
+        try:
+            await sink.send_batch([event(-1)])
+            failures = await self.stall(server, sink, 8.0)  # past delivery_timeout + 5 s
+            self.assert_once_each(server, 1)
+            assert failures == 0
+        finally:
+            await sink.aclose()
+            server.stop()
+
+
 class TestFullQueue:
     """librdkafka's local queue smaller than a batch: `produce` refuses (BufferError) until the
     poll thread drains it; the event loop waits for room without blocking, and nothing is lost."""
@@ -799,11 +865,41 @@ class TestBinaryRecords:
 class TestConfig:
     """Config is checked when it is read, not when the first event is sent."""
 
+    @pytest.mark.parametrize("value", ["1MB", float("inf"), float("nan"), 1e30, True])
     @pytest.mark.parametrize("key", ["queue.buffering.max.kbytes", "message.max.bytes"])
-    def test_a_size_librdkafka_cannot_read_is_a_config_error(self, key: str) -> None:
-        """Read as an integer before the producer checked it: a ValueError traceback at start."""
-        with pytest.raises(ConfigError, match=key.split(".")[0]):
-            KafkaSinkConfig(bootstrap_servers="127.0.0.1:9", topic="t", config={key: "1MB"}).build()
+    def test_a_size_librdkafka_cannot_read_is_a_config_error(self, key: str, value: ClientValue) -> None:
+        """Read as an integer before the producer checked it: a ValueError (or, infinite, an
+        OverflowError) traceback at start. 1e30 reaches librdkafka as "1e+30", which it reads as 1."""
+        with pytest.raises(ConfigError, match=key) as info:
+            KafkaSinkConfig(bootstrap_servers="127.0.0.1:9", topic="t", config={key: value}).build()
+        assert info.value.field == "config"
+
+    @pytest.mark.parametrize(("field", "value"), [
+        ("delivery_timeout", float("inf")), ("delivery_timeout", float("nan")),
+        ("delivery_timeout", 1e7),  # over librdkafka's 2^31-1 ms
+        ("delivery_timeout", 0.001), ("delivery_timeout", 0.005),  # librdkafka: not over linger.ms (5)
+        ("linger_ms", float("inf")), ("linger_ms", float("nan")), ("linger_ms", 1e6),  # over 900000
+        ("linger_ms", -1),
+    ])
+    def test_timings_librdkafka_refuses_name_their_field(self, field: str, value: float) -> None:
+        """An infinite delivery_timeout was an OverflowError traceback (a CLI child's too); a
+        value librdkafka refuses was reported as the field `config`."""
+        with pytest.raises(ValidationError) as info:
+            KafkaSinkConfig.model_validate({"bootstrap_servers": "127.0.0.1:9", field: value})
+        assert [e["loc"] for e in info.value.errors()] == [(field,)]
+
+    def test_timings_at_librdkafkas_limits_are_taken(self) -> None:
+        for taken in ({"delivery_timeout": 2_147_483.647}, {"linger_ms": 900_000, "delivery_timeout": 901},
+                      {"linger_ms": 0, "delivery_timeout": 0.001}, {"delivery_timeout": 0.006}):
+            KafkaSinkConfig.model_validate({"bootstrap_servers": "127.0.0.1:9", **taken}).build()
+
+    @pytest.mark.parametrize("value", [float("inf"), "2min", -1, 2**31])
+    @pytest.mark.parametrize("key", ["message.timeout.ms", "delivery.timeout.ms"])
+    def test_a_message_timeout_librdkafka_cannot_read_is_a_config_error(self, key: str,
+                                                                        value: ClientValue) -> None:
+        """The sink reads it too (its backstop follows librdkafka's timeout)."""
+        with pytest.raises(ConfigError, match=key):
+            KafkaSinkConfig(bootstrap_servers="127.0.0.1:9", config={key: value}).build()
 
     def test_template(self) -> None:
         template = TopicTemplate("inference-{namespace}-{inferenceservicename}")
