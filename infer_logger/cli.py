@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import sys
-from datetime import UTC, datetime
+from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -145,62 +147,100 @@ def proxy(config: Path | None, metadata_headers: tuple[str, ...], annotations: t
 
 
 def _time(value: str | None, name: str) -> datetime | None:
+    from infer_logger import events
+
     if value is None:
         return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not an ISO-8601 time", param_hint=name) from None
-    # The store compares in UTC: a time at either end of the calendar may have no UTC form.
-    try:
-        return moment.astimezone(UTC) if moment.tzinfo is not None else moment
-    except OverflowError:
-        raise click.BadParameter(f"{value!r} is out of range in UTC", param_hint=name) from None
+    # As the store reads times (RFC 3339's lower-case t and z too); without an offset, UTC.
+    moment = events.as_utc(value)
+    if moment is None:  # no time, or one at either end of the calendar with no UTC form
+        raise click.BadParameter(f"{value!r} is not an ISO-8601 time with a UTC form", param_hint=name)
+    return moment
 
 
 @main.command(context_settings=_HELP)
 @click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The proxy's YAML settings: the store is its `store` sink's file (INFER_LOGGER_* apply too).")
-@click.option("--db", type=click.Path(dir_okay=False, path_type=Path),
+# Taken as text: Path("") is ".", which SQLite opened and answered "disk I/O error".
+@click.option("--db", type=click.Path(dir_okay=False),
               help="The store's SQLite file.  [default: the configured store sink's, else "
                    "infer-logger-data/audit.db]")
 @click.option("--id", "id_", help="One prediction's id (x-request-id / ce-id).")
 @click.option("--model", help="Model name.")
-@click.option("--since", help="From this time (ISO-8601, e.g. 2026-11-25T10:00:00Z).")
-@click.option("--until", help="Up to this time (ISO-8601).")
+@click.option("--since", help="From this time, inclusive (ISO-8601 / RFC 3339, e.g. 2026-11-25T10:00:00Z; "
+                              "without an offset, UTC).")
+@click.option("--until", help="Up to this time, exclusive (as --since).")
 @click.option("--status", type=click.IntRange(0, 999), help="HTTP status of the prediction.")
-@click.option("--limit", type=click.IntRange(1, _SQLITE_INT_MAX), default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(1, _SQLITE_INT_MAX),
+              help="Rows to show at most (a row per instance of a prediction), newest first; stderr says "
+                   "when more matched.  [default: 20; all with --id]")
+@click.option("--offset", type=click.IntRange(0, _SQLITE_INT_MAX), default=0, show_default=True,
+              help="Rows to skip first, in the same order: --offset 20 shows the page after --limit 20's.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def query(config: Path | None, db: Path | None, id_: str | None, model: str | None, since: str | None,
-          until: str | None, status: int | None, limit: int, fmt: str) -> None:
+def query(config: Path | None, db: str | None, id_: str | None, model: str | None, since: str | None,
+          until: str | None, status: int | None, limit: int | None, offset: int, fmt: str) -> None:
     """Read audit records (request, response and explanation joined) from the embedded store."""
-    from infer_logger.store import AuditStore, format_table, records_to_json
+    from infer_logger.store import AuditStore, json_chunks, table_lines, table_widths
 
     for value, flag in ((id_, "--id"), (model, "--model")):
         if value is not None:
             _text(value, flag)
-    if db is None:
-        db = _store_path(_settings(config))
+    if limit is None and id_ is None:
+        limit = 20
+    filters: dict[str, Any] = {"id": id_, "model": model, "since": _time(since, "--since"),
+                               "until": _time(until, "--until"), "status": status}
+    if db == "":
+        raise click.BadParameter("an empty path names no file", param_hint="--db")
+    path = _store_path(_settings(config)) if db is None else Path(db)
     try:
-        exists = db.exists()
+        exists, regular = path.exists(), path.is_file()
     except OSError as exc:  # a name too long, a directory not ours to look in
-        raise click.BadParameter(f"{db}: {exc.strerror or exc}", param_hint="--db") from None
+        raise click.BadParameter(f"{path}: {exc.strerror or exc}", param_hint="--db") from None
     if not exists:
-        raise click.BadParameter(f"{db} does not exist (run the proxy or the quickstart first)",
+        raise click.BadParameter(f"{path} does not exist (run the proxy or the quickstart first)",
                                  param_hint="--db")
+    if not regular:  # a FIFO blocked in open() for good
+        raise click.BadParameter(f"{path} is not a regular file", param_hint="--db")
     try:
-        store = AuditStore(db, readonly=True)
+        store = AuditStore(path, readonly=True)
     except InferLoggerError as exc:  # not an SQLite file, or a newer schema
         raise click.BadParameter(str(exc), param_hint="--db") from None
+    next_page = None
     try:
-        records = store.query(id=id_, model=model, since=_time(since, "--since"),
-                              until=_time(until, "--until"), status=status, limit=limit)
+        # One read transaction: the table's two passes, and the look past the limit, see the same rows.
+        with store.snapshot():
+            if fmt == "json":
+                _echo(json_chunks(store.records(**filters, limit=limit, offset=offset)))
+            else:
+                widths = table_widths(store.records(**filters, limit=limit, offset=offset, payloads=False))
+                lines = table_lines(store.records(**filters, limit=limit, offset=offset), widths)
+                _echo(("\n" if n else "") + line for n, line in enumerate(lines))
+            if limit is not None and offset + limit <= _SQLITE_INT_MAX:
+                with contextlib.closing(store.records(**filters, limit=1, offset=offset + limit,
+                                                      payloads=False)) as past:
+                    if next(past, None) is not None:
+                        next_page = offset + limit
     except InferLoggerError as exc:  # damaged past what opening it read
         click.echo(f"infer-logger: {exc}", err=True)
         sys.exit(1)
     finally:
         store.close()
-    click.echo(records_to_json(records) if fmt == "json" else format_table(records))
+    if next_page is not None:
+        click.echo(f"infer-logger: more rows match: --offset {next_page} shows the next {limit} "
+                   "(or raise --limit)", err=True)
+
+
+def _echo(chunks: Iterable[str]) -> None:
+    """Written as made, in pieces of 64 KiB or more (a large export was held whole first), and a newline."""
+    pending: list[str] = []
+    size = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        size += len(chunk)
+        if size >= 65536:
+            click.echo("".join(pending), nl=False)
+            pending, size = [], 0
+    click.echo("".join(pending))
 
 
 def _text(value: str, flag: str) -> None:

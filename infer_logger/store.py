@@ -25,13 +25,13 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from math import ceil, isfinite, isnan
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 import orjson
 
@@ -189,6 +189,8 @@ _JSON_FIELDS = frozenset(
     {"metadata", "request", "response", "explanation"} | {f"{k}_attributes" for k in _KINDS.values()}
 )
 _COLUMNS = tuple(AuditRecord.__dataclass_fields__)
+_BATCH = 256  # rows a fetch takes from the cursor
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,9 +410,31 @@ class AuditStore:
         until: str | datetime | None = None,
         status: int | None = None,
         limit: int | None = 100,
+        offset: int = 0,
         order: Literal["asc", "desc"] = "desc",
     ) -> list[AuditRecord]:
-        """Records matching every given filter, by time; `since` is inclusive, `until` exclusive."""
+        """Records matching every given filter, by time; `since` is inclusive, `until` exclusive.
+        `offset` skips that many first (the order is total: time, id, instance)."""
+        return list(self.records(id=id, model=model, since=since, until=until, status=status, limit=limit,
+                                 offset=offset, order=order))
+
+    def records(
+        self,
+        *,
+        id: str | None = None,
+        model: str | None = None,
+        since: str | datetime | None = None,
+        until: str | datetime | None = None,
+        status: int | None = None,
+        limit: int | None = 100,
+        offset: int = 0,
+        order: Literal["asc", "desc"] = "desc",
+        payloads: bool = True,
+    ) -> Generator[AuditRecord]:
+        """As `query`, read from the cursor as they are taken (a large export was held whole, every
+        JSON column parsed, before the first was shown). Without `payloads`, the JSON columns
+        (request, response, explanation, metadata, attributes) are not read: None. Take them all,
+        or close the iterator, before the store's next use."""
         if order not in ("asc", "desc"):
             raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
         where: list[str] = []
@@ -425,17 +449,46 @@ class AuditStore:
             if value is not None:
                 where.append(clause)
                 params.append(value)
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM records"
+        columns = _COLUMNS if payloads else [c if c not in _JSON_FIELDS else "NULL" for c in _COLUMNS]
+        sql = f"SELECT {', '.join(columns)} FROM records"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY time {order}, id {order}, instance LIMIT ?"
-        params.append(-1 if limit is None else limit)
+        sql += f" ORDER BY time {order}, id {order}, instance LIMIT ? OFFSET ?"
+        params += [-1 if limit is None else limit, offset]
+        return self._fetched(sql, params)
+
+    def _fetched(self, sql: str, params: Sequence[Any]) -> Generator[AuditRecord]:
+        # A generator: the statement runs at the first record taken, a batch of rows at a time.
         with self._lock:
-            try:
-                fetched = self._conn.execute(sql, params).fetchall()
-            except sqlite3.DatabaseError as exc:  # "database disk image is malformed": pages past the header
-                raise InferLoggerError(f"{self.path}: cannot read the audit store: {exc}") from None
-        return [_record(row) for row in fetched]
+            cursor = self._read(lambda: self._conn.execute(sql, params))
+        try:
+            while True:
+                with self._lock:
+                    rows = self._read(lambda: cursor.fetchmany(_BATCH))
+                if not rows:
+                    return
+                for row in rows:
+                    yield _record(row)
+        finally:
+            cursor.close()
+
+    def _read(self, step: Callable[[], _T]) -> _T:
+        try:
+            return step()
+        except sqlite3.DatabaseError as exc:  # "database disk image is malformed": pages past the header
+            raise InferLoggerError(f"{self.path}: cannot read the audit store: {exc}") from None
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """One read transaction: the `records` iterators taken (whole) within it read the same rows
+        while another process writes."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._conn.execute("COMMIT")
 
     def summary(self) -> Summary:
         # One read transaction: the counts agree with each other even while another process writes.
@@ -486,7 +539,7 @@ def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> l
     both = (time, *asked_text)
     event_id = request.id
     status = events.as_int(answered.get(events.STATUSCODE))
-    latency = events.as_float(answered.get(events.LATENCYMS))
+    latency = audit._latency(answered.get(events.LATENCYMS))
     asked_json, answered_json = _attributes_json(asked), _attributes_json(answered)
     inputs, outputs = _instances_json(request), _instances_json(response)
     rows = []
@@ -547,7 +600,8 @@ def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
     base["id"] = event.id
     # Attributes may arrive as strings (HTTP/Kafka binary mode headers), hence the conversions.
     base["status"] = events.as_int(attrs.get(events.STATUSCODE))
-    base["latency_ms"] = events.as_float(attrs.get(events.LATENCYMS))
+    # As the audit documents have it: SQLite keeps an infinity, which JSON has no number for.
+    base["latency_ms"] = audit._latency(attrs.get(events.LATENCYMS))
     base[f"{kind}_attributes"] = _attributes_json(attrs)
     base["updated"] = updated
     return base
@@ -659,6 +713,9 @@ def _loads(text: str | None) -> Any:
 
 def _record(row: Sequence[Any]) -> AuditRecord:
     values = {name: _loads(v) if name in _JSON_FIELDS else v for name, v in zip(_COLUMNS, row)}
+    latency = values["latency_ms"]
+    if latency is not None and not isfinite(latency):  # kept by a store written before it was refused
+        values["latency_ms"] = None
     return AuditRecord(**values)
 
 
@@ -669,6 +726,9 @@ def _percentile(ordered: Sequence[float], pct: float) -> float | None:
     return float(ordered[max(ceil(pct / 100 * len(ordered)), 1) - 1])
 
 
+_HEADER = ("TIME", "ID", "INSTANCE", "MODEL", "STATUS", "LATENCY_MS", "PREDICTION")
+
+
 def format_table(records: Iterable[AuditRecord], *, width: int = 40) -> str:
     """Aligned plain-text columns for `infer-logger query`; the prediction is cut to `width`.
 
@@ -676,23 +736,41 @@ def format_table(records: Iterable[AuditRecord], *, width: int = 40) -> str:
     shown escaped: cells hold what clients sent, which must not break the table or forge lines
     in an operator's terminal.
     """
-    header = ("TIME", "ID", "INSTANCE", "MODEL", "STATUS", "LATENCY_MS", "PREDICTION")
-    lines = [header] + [
-        (
-            _escaped(r.time or "-"),
-            _escaped(r.id),
-            str(r.instance),
-            _escaped((r.model or "-") + (f":{r.model_version}" if r.model_version else "")),
-            "-" if r.status is None else str(r.status),
-            "-" if r.latency_ms is None else f"{r.latency_ms:.1f}",
-            _short(r.response, width),
-        )
-        for r in records
-    ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines
+    records = list(records)
+    return "\n".join(table_lines(records, table_widths(records), width=width))
+
+
+def table_widths(records: Iterable[AuditRecord]) -> list[int]:
+    """The widths of `format_table`'s columns but the last (it pads nothing): a pass of its own,
+    so that the lines can be written as they are made (`AuditStore.records(payloads=False)` is
+    enough for it)."""
+    widths = [len(title) for title in _HEADER[:-1]]
+    for record in records:
+        widths = list(map(max, widths, map(len, _cells(record))))
+    return widths
+
+
+def table_lines(records: Iterable[AuditRecord], widths: Sequence[int], *, width: int = 40) -> Iterator[str]:
+    """`format_table`'s lines, header first, a record at a time, in columns of `widths`."""
+    pads = [*widths, 0]
+    yield _line(_HEADER, pads)
+    for record in records:
+        yield _line((*_cells(record), _short(record.response, width)), pads)
+
+
+def _cells(r: AuditRecord) -> tuple[str, ...]:
+    return (
+        _escaped(r.time or "-"),
+        _escaped(r.id),
+        str(r.instance),
+        _escaped((r.model or "-") + (f":{r.model_version}" if r.model_version else "")),
+        "-" if r.status is None else str(r.status),
+        "-" if r.latency_ms is None else f"{r.latency_ms:.1f}",
     )
+
+
+def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip()
 
 
 def _short(value: object, width: int) -> str:
@@ -729,18 +807,48 @@ def _escaped(text: str) -> str:
 
 def records_to_json(records: Iterable[AuditRecord]) -> str:
     """A JSON array of records (payloads embedded as JSON, not as text)."""
-    records = list(records)
+    return "".join(json_chunks(records))
+
+
+def json_chunks(records: Iterable[AuditRecord]) -> Iterator[str]:
+    """`records_to_json`'s text a record at a time (the text orjson writes for the whole array:
+    each record's lines indented once more)."""
+    first = True
+    for record in records:
+        # JSON text holds no newline but those of its indentation (strings have theirs escaped).
+        yield ("[\n  " if first else ",\n  ") + _record_json(record).replace("\n", "\n  ")
+        first = False
+    yield "[]" if first else "\n]"
+
+
+def _record_json(record: AuditRecord) -> str:
     try:
-        return orjson.dumps(records, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
+        return orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
     except TypeError:  # a payload nested past the 254 levels orjson writes (stdlib json wrote it)
         pass
-    rows = [{name: getattr(r, name) for name in _COLUMNS} for r in records]
+    row = {name: getattr(record, name) for name in _COLUMNS}
     try:
-        return json.dumps(rows, indent=2, ensure_ascii=False)
+        return _stdlib_json(row)
     except RecursionError:  # deeper than Python recurses here: such fields are marked instead
-        # Each tried as deep as it lies in `rows`, a few frames further down the stack.
-        rows = [{name: v if _fits([{"": v}]) else _TOO_DEEP for name, v in row.items()} for row in rows]
-        return json.dumps(rows, indent=2, ensure_ascii=False)
+        # Each tried as deep as it lies in `row`, a few frames further down the stack.
+        return _stdlib_json({name: v if _fits({"": v}) else _TOO_DEEP for name, v in row.items()})
+
+
+def _stdlib_json(value: object) -> str:
+    try:
+        return json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)
+    except ValueError:  # NaN or an infinity: null, as orjson writes them (`Infinity` is no JSON)
+        return json.dumps(_non_finite_as_null(value), indent=2, ensure_ascii=False)
+
+
+def _non_finite_as_null(value: Any) -> Any:
+    if isinstance(value, float) and not isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_non_finite_as_null(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _non_finite_as_null(v) for k, v in value.items()}
+    return value
 
 
 def _fits(value: object) -> bool:

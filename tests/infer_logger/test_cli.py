@@ -144,6 +144,117 @@ def test_query_values_the_store_cannot_take_are_bad_parameters(tmp_path: Path, o
     assert result.exit_code == 2 and option in result.output, result.output
 
 
+def _instances(path: Path, id_: str, n: int, time: str = "2026-11-25T10:00:00Z", latency: Any = 3) -> None:
+    """One exchange of `n` instances (one row each)."""
+    base = {"specversion": "1.0", "source": "/s", "modelname": "iris", "id": id_, "time": time,
+            "datacontenttype": "application/json"}
+    rows = json.dumps({"instances": [[k] for k in range(n)]}).encode()
+    with AuditStore(path) as store:
+        store.write([CloudEvent({**base, "type": REQUEST}, rows),
+                     CloudEvent({**base, "type": RESPONSE, "statuscode": 200, "latencyms": latency},
+                                json.dumps({"predictions": list(range(n))}).encode())])
+
+
+def _no_constant(name: str) -> None:
+    raise AssertionError(f"not JSON: {name}")
+
+
+def test_query_json_is_json_with_an_infinite_latency_beside_a_deep_payload(tmp_path: Path) -> None:
+    """A row nested past orjson's 254 levels sent the whole set to stdlib json, which wrote the
+    infinite latency SQLite kept as `Infinity`."""
+    db = tmp_path / "audit.db"
+    _instances(db, "inf", 1, latency="inf")
+    deep = b'{"instances": [' + b"[" * 300 + b"1" + b"]" * 300 + b"]}"
+    base = {"specversion": "1.0", "source": "/s", "modelname": "iris", "id": "deep",
+            "time": "2026-11-25T10:00:01Z"}
+    with AuditStore(db) as store:
+        store.write([CloudEvent({**base, "type": REQUEST}, deep),
+                     CloudEvent({**base, "type": RESPONSE, "statuscode": 200, "latencyms": 5},
+                                b'{"predictions":[1]}')])
+    result = CliRunner().invoke(main, ["query", "--db", str(db), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout, parse_constant=_no_constant)
+    assert {r["id"]: r["latency_ms"] for r in shown} == {"deep": 5, "inf": None}
+
+
+def test_query_by_id_shows_every_row_of_the_prediction(tmp_path: Path) -> None:
+    """The default --limit 20 counts rows (instances): --id showed 20 of 50, and nothing said so."""
+    db = tmp_path / "audit.db"
+    _instances(db, "big", 50)
+    result = CliRunner().invoke(main, ["query", "--db", str(db), "--id", "big", "--format", "json"])
+    assert result.exit_code == 0 and result.stderr == ""
+    assert [r["instance"] for r in json.loads(result.stdout)] == list(range(50))
+    limited = CliRunner().invoke(main, ["query", "--db", str(db), "--id", "big", "--limit", "5",
+                                        "--format", "json"])
+    assert len(json.loads(limited.stdout)) == 5 and "--offset 5" in limited.stderr
+
+
+def test_query_says_when_the_limit_left_rows_out_and_offset_reaches_them(tmp_path: Path) -> None:
+    """Paging by --until (exclusive) never reached the rest of an exchange whose instances
+    share its time; the cut was silent."""
+    db = tmp_path / "audit.db"
+    for i in "abc":
+        _instances(db, i, 2)
+    runner, seen, offset = CliRunner(), [], 0
+    while True:
+        page = runner.invoke(main, ["query", "--db", str(db), "--limit", "4", "--offset", str(offset),
+                                    "--format", "json"])
+        assert page.exit_code == 0, page.output
+        seen += [(r["id"], r["instance"]) for r in json.loads(page.stdout)]
+        if not page.stderr:
+            break
+        offset += 4
+        assert f"--offset {offset}" in page.stderr
+    assert seen == [("c", 0), ("c", 1), ("b", 0), ("b", 1), ("a", 0), ("a", 1)]
+    exact = runner.invoke(main, ["query", "--db", str(db), "--limit", "6"])
+    assert exact.exit_code == 0 and exact.stderr == "" and len(exact.stdout.splitlines()) == 7
+    table = runner.invoke(main, ["query", "--db", str(db), "--limit", "1", "--offset", "1"])
+    assert table.stdout.splitlines()[1].split()[1:3] == ["c", "1"] and "--offset 2" in table.stderr
+    help_ = runner.invoke(main, ["query", "--help"]).output
+    assert "--offset" in help_ and "all with --id" in help_
+
+
+def test_query_output_of_a_large_store_is_what_it_was_whole(tmp_path: Path) -> None:
+    """Streamed a record (JSON) or a chunk of lines (table) at a time, the output is the same text
+    the whole-array dump made, and valid JSON."""
+    from infer_logger.store import format_table, records_to_json
+
+    db = tmp_path / "audit.db"
+    _instances(db, "many", 3000)
+    _instances(db, "more", 2000, time="2026-11-25T09:00:00Z")
+    with AuditStore(db) as store:
+        records = store.query(limit=None)
+    for fmt, whole in (("json", records_to_json(records)), ("table", format_table(records))):
+        result = CliRunner().invoke(main, ["query", "--db", str(db), "--limit", "10000", "--format", fmt])
+        assert result.exit_code == 0 and result.stderr == ""
+        assert result.stdout == whole + "\n"
+    shown = json.loads(CliRunner().invoke(main, ["query", "--db", str(db), "--limit", "10000",
+                                                 "--format", "json"]).stdout)
+    assert len(shown) == 5000 and shown[0]["id"] == "many" and shown[-1]["instance"] == 1999
+
+
+def test_query_times_are_read_as_the_store_reads_them(tmp_path: Path) -> None:
+    """RFC 3339 allows lower-case t and z, which the store reads (events.as_utc); --since refused them."""
+    db = tmp_path / "audit.db"
+    seeded_store(db)
+    runner = CliRunner()
+    result = runner.invoke(main, ["query", "--db", str(db), "--since", "2026-11-25t10:01:00z",
+                                  "--until", "2026-11-25t10:02:00.5", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in json.loads(result.stdout)] == ["q2", "q1"]  # no offset: UTC
+    assert "UTC" in runner.invoke(main, ["query", "--help"]).output
+
+
+def test_query_db_that_is_no_regular_file_is_exit_2(tmp_path: Path) -> None:
+    """A FIFO blocked in open() for good; '' was read as '.' and answered "disk I/O error"."""
+    fifo = tmp_path / "fifo.db"
+    os.mkfifo(fifo)
+    command = [str(Path(sys.executable).parent / "infer-logger"), "query", "--db"]
+    for db, says in ((str(fifo), "not a regular file"), ("", "empty"), (str(tmp_path), "directory")):
+        result = subprocess.run([*command, db], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "--db" in result.stderr and says in result.stderr, result.stderr
+
+
 def test_setup_elasticsearch(es_url: str) -> None:
     result = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", es_url])
     assert result.exit_code == 0, result.output

@@ -303,6 +303,21 @@ class TestStatus:
         store.write([event.with_attributes(statuscode="404", latencyms="7.5")])
         assert (store.query()[0].status, store.query()[0].latency_ms) == (404, 7.5)
 
+    @pytest.mark.parametrize("latency", ["inf", float("inf"), "-Infinity", "NaN", 1e13])
+    @pytest.mark.parametrize("paired", [False, True])
+    def test_a_latency_not_finite_or_absurd_is_none(
+        self, store: AuditStore, latency: Any, paired: bool
+    ) -> None:
+        """As the audit documents have it (`audit._latency`): SQLite kept Inf, which `query --format
+        json` wrote as `Infinity` (no JSON) when another row made it fall back to stdlib json."""
+        answer = response().with_attributes(latencyms=latency)
+        if paired:
+            store.write([request(), answer])
+        else:
+            store.write([request()])
+            store.write([answer])
+        assert {(r.status, r.latency_ms) for r in store.query()} == {(200, None)}
+
     @pytest.mark.parametrize("status", [500, "500"])
     def test_an_error_body_is_never_split(self, store: AuditStore, status: int | str) -> None:
         """With the statuscode as text (binary modes) an error body was split like predictions."""
@@ -437,6 +452,28 @@ class TestQuery:
         assert {r.id for r in filled.query(since=since, until=until)} == {"id2", "id3"}
         assert {r.id for r in filled.query(model="iris", status=500)} == {"id4"}
 
+    def test_offset_skips_rows_in_the_same_order(self, filled: AuditStore) -> None:
+        """Rows sharing a time (an exchange's instances) could not be paged to with --until."""
+        filled.write([request(f"same{i}", {"instances": [[1], [2]]}, time=T0) for i in range(3)])
+        every = [(r.id, r.instance) for r in filled.query(limit=None)]
+        pages = [filled.query(limit=3, offset=n) for n in range(0, len(every), 3)]
+        assert [(r.id, r.instance) for page in pages for r in page] == every
+        assert [r.id for r in filled.query(order="asc", limit=1, offset=7)] == ["id1"]
+        assert filled.query(offset=len(every)) == []
+
+    def test_records_are_read_from_the_cursor_as_taken(
+        self, store: AuditStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """`query` fetched every row and parsed each one's JSON before the first was shown:
+        ~770 MB for a 66k-row export."""
+        store.write([request("big", {"instances": [[i] for i in range(3000)]})])
+        made = []
+        monkeypatch.setattr(store_module, "_record", lambda row: made.append(row) or row)
+        rows = store.records(limit=None)
+        next(rows)
+        assert 0 < len(made) < 1000
+        assert len(list(rows)) + 1 == len(made) == 3000
+
     def test_a_time_before_year_1000_sorts_before_later_ones(self, filled: AuditStore) -> None:
         # As text: "500-01-01..." sorted after "2025-...", so it found nothing.
         assert len(filled.query(since="0500-01-01", limit=None)) == len(filled.query(limit=None))
@@ -491,6 +528,54 @@ class TestQuery:
         (shown,) = json.loads(records_to_json(records))
         assert shown["request"] == shown["response"] == json.loads(deep) and shown["id"] == "a"
         assert format_table(records).splitlines()[1].endswith("[" * 39 + "…")
+
+    def test_json_is_never_nan_or_infinity(self, store: AuditStore) -> None:
+        """A record nested past orjson's 254 levels sends the rest to stdlib json, which wrote
+        an infinite latency as `Infinity` (orjson writes null)."""
+        deep = b"[" * 300 + b"0" + b"]" * 300
+        store.write([CloudEvent(request().attributes, b'{"instances": [' + deep + b"]}"), response()])
+        record = store.query()[0]
+        records = [dataclasses.replace(record, latency_ms=x) for x in (float("inf"), float("nan"), 1.5)]
+        records.append(dataclasses.replace(record, request=1, latency_ms=float("-inf")))
+
+        def no_constant(name: str) -> None:
+            raise AssertionError(f"not JSON: {name}")
+
+        shown = json.loads(records_to_json(records), parse_constant=no_constant)
+        assert [r["latency_ms"] for r in shown] == [None, None, 1.5, None]
+        assert shown[0]["request"] == json.loads(deep)
+
+    def test_json_and_table_output_is_made_a_record_at_a_time(self, filled: AuditStore) -> None:
+        """The whole output was built in memory before a byte of it was written."""
+        taken: list[AuditRecord] = []
+
+        def records() -> Iterator[AuditRecord]:
+            for record in filled.query(limit=None):
+                taken.append(record)
+                yield record
+
+        chunks = store_module.json_chunks(records())
+        first = next(chunks)
+        assert first.startswith("[") and len(taken) == 1
+        assert len(orjson.loads(first + "".join(chunks))) == len(taken) == 6
+        widths = store_module.table_widths(filled.query(limit=None))
+        taken.clear()
+        lines = store_module.table_lines(records(), widths)
+        assert next(lines).startswith("TIME") and next(lines) and len(taken) == 1
+
+    @pytest.mark.parametrize("rows", [0, 1, 4000])
+    def test_streamed_output_is_as_written_whole(self, store: AuditStore, rows: int) -> None:
+        """Same text, byte for byte, as the whole-array orjson dump and the one-shot table."""
+        if rows:
+            store.write([request("many", {"instances": [[i, "猫\n"] for i in range(rows)]}),
+                         response("many", {"predictions": [{"p": i / 7} for i in range(rows)]})])
+        records = store.query(limit=None)
+        whole = orjson.dumps(records, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
+        assert "".join(store_module.json_chunks(iter(records))) == records_to_json(records) == whole
+        table = "\n".join(store_module.table_lines(records, store_module.table_widths(records)))
+        assert table == format_table(records)
+        lines = table.splitlines()
+        assert len(lines) == rows + 1 and len({line.index("many") for line in lines[1:]}) <= 1
 
     def test_payloads_deeper_than_python_recurses_where_shown_are_marked(self, store: AuditStore) -> None:
         """The store's writer may have had more of the stack to spare than `query`'s caller."""
