@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 _V1 = re.compile(r"/v1/models/([^/]+):(predict|explain)")
 _V2 = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+# The same after whole path segments (an app mounted under a prefix); the groups are the same.
+_PREFIX = r"(?:/[^/]+)*?"
+_V1_UNDER = re.compile(_PREFIX + _V1.pattern)
+_V2_UNDER = re.compile(_PREFIX + _V2.pattern)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +43,17 @@ class Route:
     verb: str
 
 
-def match_route(method: str, path: str) -> Route | None:
-    """KServe V1 `:predict`/`:explain` and V2 `infer` POSTs are logged; anything else is not."""
+def match_route(method: str, path: str, *, prefixed: bool = False) -> Route | None:
+    """KServe V1 `:predict`/`:explain` and V2 `infer` POSTs are logged; anything else is not.
+
+    `prefixed`: also under a prefix of whole segments (`/api/v1/models/m:predict`), as an app
+    wrapped around one that mounts the predictor sees them."""
     if method != "POST":
         return None
-    if m := _V1.fullmatch(path):
+    v1, v2 = (_V1_UNDER, _V2_UNDER) if prefixed else (_V1, _V2)
+    if m := v1.fullmatch(path):
         return Route("v1", m.group(1), None, m.group(2))
-    if m := _V2.fullmatch(path):
+    if m := v2.fullmatch(path):
         return Route("v2", m.group(1), m.group(2), "infer")
     return None
 

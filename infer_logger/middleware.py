@@ -14,6 +14,9 @@ around the app instead, it logs every answer as the client gets it, lifespan inc
 
     app = InferenceLoggerMiddleware(FastAPI(...), settings=load_settings(...))
 
+Wrapped around an app that mounts the predictor (`Mount("/api", ...)`), whose lifespan Starlette
+never runs, the inference routes are matched under the mount's prefix too.
+
 The spool is locked by the process logging into it: each worker process (`uvicorn --workers N`)
 needs its own `spool.dir`, and one that finds it taken fails its startup saying so. Workers are not
 given subdirectories of one: they have no stable identity, so a subdirectory left by a worker that
@@ -22,6 +25,7 @@ does not come back (a restart with fewer workers) would never be delivered.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -30,6 +34,7 @@ from infer_logger import events as ev
 from infer_logger.asgi import error_body, read_or_refuse, respond, route_path
 from infer_logger.config import Settings
 from infer_logger.errors import InvalidEventError
+from infer_logger.httpserver import CUT_WAIT
 from infer_logger.logger import InferenceLogger, match_route
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,7 @@ class InferenceLoggerMiddleware:
         self.settings = logger.settings if logger is not None else settings or Settings()
         self._logger = logger
         self._unstarted_said = False
+        self._answering: set[asyncio.Task[Any]] = set()  # the tasks with an exchange under way
 
     @property
     def logger(self) -> InferenceLogger:
@@ -54,10 +60,12 @@ class InferenceLoggerMiddleware:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            await self.app(scope, self._lifespan_receive(receive, send), send)
+            await self.app(scope, self._lifespan_receive(receive, send), self._lifespan_send(send))
             return
         path = route_path(scope)
-        route = match_route(scope.get("method", ""), path) if scope["type"] == "http" else None
+        # Under a prefix too: wrapped around an app that mounts the predictor (`Mount("/api", ...)`),
+        # the path still holds it. The events keep the path as the client sent it.
+        route = match_route(scope.get("method", ""), path, prefixed=True) if scope["type"] == "http" else None
         if route is None:
             await self.app(scope, receive, send)
             return
@@ -101,7 +109,15 @@ class InferenceLoggerMiddleware:
         # A file answer must come as body messages, to be logged: not as a path the server sends.
         extensions = {k: v for k, v in scope.get("extensions", {}).items()
                       if k not in ("http.response.pathsend", "http.response.zerocopysend")}
-        scope = {**scope, "headers": forwarded, "extensions": extensions}
+        outer, scope = scope, {**scope, "headers": forwarded, "extensions": extensions}
+
+        def copy_back() -> None:
+            # What the app sets in its scope (Starlette's router: `route`, `endpoint`, `path_params`)
+            # reaches the middlewares outside, as without this one: route-labelled metrics.
+            for key, value in scope.items():
+                if key not in ("headers", "extensions") and (key not in outer or outer[key] is not value):
+                    outer[key] = value
+
         replayed = False
 
         async def replay() -> dict[str, Any]:
@@ -135,6 +151,7 @@ class InferenceLoggerMiddleware:
                 message_headers = [(k, v) for k, v in message_headers if k.lower() != b"x-request-id"]
                 message_headers.append((b"x-request-id", ev.id_header(event_id, headers)))
                 message = {**message, "headers": message_headers}
+                copy_back()  # an outer BaseHTTPMiddleware's call_next returns at the start
             elif message["type"] == "http.response.body" and not logged:  # once (a second final is the server's to refuse)
                 chunk = message.get("body", b"")
                 if len(kept) < limit:
@@ -149,6 +166,9 @@ class InferenceLoggerMiddleware:
                 gone = True
                 raise
 
+        task = asyncio.current_task()
+        assert task is not None  # asyncio runs each ASGI call in a task
+        self._answering.add(task)
         try:
             await self.app(scope, replay, capture)
         except Exception as exc:
@@ -161,10 +181,26 @@ class InferenceLoggerMiddleware:
                     reason = f'{{"error": "{type(exc).__name__}"}}'.encode()
                     self.logger.end(exchange, 500, "application/json", reason)
             raise
+        except asyncio.CancelledError:
+            # The server's stop (uvicorn's graceful-shutdown timeout) or an outer timeout: the
+            # client gets uvicorn's 500, or its answer cut. Logged so; the cancel goes on.
+            if not logged:
+                if answering:
+                    self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True,
+                                    encoding=", ".join(codings))
+                else:
+                    cancelled = "the app was cancelled before it answered (the server stopped, or an outer timeout)"
+                    self.logger.end(exchange, 500, "application/json", error_body(500, cancelled))
+            raise
+        finally:
+            copy_back()
+            self._answering.discard(task)
         if answering and not logged:
             # A stream the client left (Starlette ends it quietly): what went out, marked cut off.
             self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True,
                             encoding=", ".join(codings))
+        elif not answering:  # the server answers 500 further out (uvicorn does)
+            self.logger.end(exchange, 500, "application/json", error_body(500, "the app returned without a response"))
 
     def _lifespan_receive(self, receive: Any, send: Any) -> Any:
         async def wrapped() -> dict[str, Any]:
@@ -182,7 +218,24 @@ class InferenceLoggerMiddleware:
                             await self._logger.stop()  # what did start (the spool and its lock)
                     raise
             elif message["type"] == "lifespan.shutdown":
+                # uvicorn sends it as soon as it cancelled what still ran at its graceful-shutdown
+                # timeout: those log their response events as they end, before the drain.
+                loop = asyncio.get_running_loop()
+                if answering := {t for t in self._answering if t.get_loop() is loop}:
+                    await asyncio.wait(answering, timeout=CUT_WAIT)
                 await self.logger.stop()
             return message
+
+        return wrapped
+
+    def _lifespan_send(self, send: Any) -> Any:
+        async def wrapped(message: dict[str, Any]) -> None:
+            if message["type"] == "lifespan.startup.failed" and self._logger is not None and self._logger.started:
+                # The app's own startup failed after the logger's: stopped before the server is
+                # told (it exits then), else a delivery child or sink workers were left running,
+                # and the next lifespan started them again on top. Its stop is bounded (drain_timeout).
+                with contextlib.suppress(Exception):
+                    await self._logger.stop()
+            await send(message)
 
         return wrapped

@@ -12,7 +12,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import orjson
@@ -30,6 +30,7 @@ from infer_logger.demo.quickstart import ServerThread
 from infer_logger.middleware import InferenceLoggerMiddleware
 from infer_logger.server import uvicorn_config
 from infer_logger.testing import EventCollector, free_port
+from tests.waiting import until
 
 T = TypeVar("T")
 
@@ -535,3 +536,213 @@ async def test_a_client_gone_under_asgi_2_4_and_a_final_body_sent_twice(tmp_path
     assert int(by["a"]["statuscode"]) == 200 and by["a"].get("truncated") in (True, "true")
     assert (by["a"].data or b"").startswith(b"chunk0") and b"chunk2" not in (by["a"].data or b"")
     assert by["b"].data == b"chunk0"
+
+
+async def test_predictions_the_servers_stop_cancels_get_their_response_event(tmp_path: Path) -> None:
+    """uvicorn cancels what still runs once its graceful-shutdown timeout is over: the client got
+    its 500 (or its stream cut), the request event was logged, the response event never was."""
+    from fastapi.responses import StreamingResponse
+
+    entered: list[str] = []
+    app = FastAPI()
+
+    @app.post("/v1/models/{name}:predict")
+    async def predict(name: str) -> object:
+        entered.append(name)
+        if name == "stream":
+            async def tokens() -> AsyncIterator[bytes]:
+                yield b"data: 0\n\n"
+                await asyncio.Event().wait()  # the next token never comes
+            return StreamingResponse(tokens(), media_type="text/event-stream")
+        await asyncio.Event().wait()  # never answers
+        return None
+
+    with EventCollector() as sink:
+        app.add_middleware(InferenceLoggerMiddleware,
+                           settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
+        config = uvicorn_config(app, "127.0.0.1", free_port())
+        config.timeout_graceful_shutdown = 1
+        server = ServerThread(config).__enter__()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{config.port}", timeout=60) as client:
+                slow = asyncio.create_task(client.post("/v1/models/slow:predict", json={}, headers={"ce-id": "slow"}))
+                async with client.stream("POST", "/v1/models/stream:predict", json={},
+                                         headers={"ce-id": "stream"}) as r:
+                    chunks = r.aiter_bytes()
+                    first = await anext(chunks)
+                    await until(lambda: "slow" in entered, 30, "the slow prediction running")
+                    await asyncio.to_thread(server.__exit__)  # the stop, cancelling both after the grace
+                    with contextlib.suppress(httpx.HTTPError):
+                        async for _ in chunks:
+                            pass
+                answered = await slow
+        finally:
+            await asyncio.to_thread(server.__exit__)
+        received = await asyncio.to_thread(sink.wait_for, 4)
+    assert first == b"data: 0\n\n" and answered.status_code == 500
+    responses = {e.id: e for e in received if e.type == ev.RESPONSE}
+    assert int(responses["slow"][ev.STATUSCODE]) == 500
+    assert "cancelled before it answered" in responses["slow"].json()["error"]
+    assert int(responses["stream"][ev.STATUSCODE]) == 200 and responses["stream"].data == b"data: 0\n\n"
+    assert responses["stream"].get(ev.TRUNCATED) in (True, "true")
+
+
+async def test_a_cancel_is_logged_and_not_swallowed(tmp_path: Path) -> None:
+    """An outer timeout cancelling the app: its response event is logged and the cancel goes on."""
+    async def app(scope: dict[str, object], receive: Any, send: Any) -> None:
+        await asyncio.Event().wait()
+
+    with EventCollector() as sink:
+        middleware = InferenceLoggerMiddleware(app, settings=load_settings(log_url=[sink.url],
+                                                                            spool={"dir": str(tmp_path)}))
+        await middleware.logger.start()
+        try:
+            messages = iter([{"type": "http.request", "body": b"{}", "more_body": False}])
+
+            async def receive() -> dict[str, object]:
+                if (message := next(messages, None)) is None:
+                    await asyncio.Event().wait()
+                return message  # type: ignore[return-value]
+
+            async def send(message: dict[str, object]) -> None:
+                pass
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/models/m:predict", "root_path": "",
+                     "query_string": b"", "headers": [(b"ce-id", b"c-1")]}
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await middleware(scope, receive, send)
+        finally:
+            await middleware.logger.stop()
+        received = await asyncio.to_thread(sink.wait_for, 2)
+    [response] = [e for e in received if e.type == ev.RESPONSE]
+    assert response.id == "c-1" and int(response[ev.STATUSCODE]) == 500
+    assert response.json()["error"].startswith("the app was cancelled before it answered")
+
+
+def test_an_app_returning_without_an_answer_is_logged_as_the_500_the_client_gets(tmp_path: Path) -> None:
+    """uvicorn answers 500 for an app that returned without starting a response: no response event came."""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+
+    with EventCollector() as sink:
+        wrapped = InferenceLoggerMiddleware(app, settings=load_settings(log_url=[sink.url],
+                                                                        spool={"dir": str(tmp_path)}))
+        port = free_port()
+        with ServerThread(uvicorn_config(wrapped, "127.0.0.1", port)):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/models/m:predict", json={}, headers={"ce-id": "none-1"})
+        received = sink.wait_for(2)
+    assert r.status_code == 500
+    [response] = [e for e in received if e.type == ev.RESPONSE]
+    assert int(response[ev.STATUSCODE]) == 500
+    assert response.json()["error"] == "the app returned without a response"
+
+
+def test_wrapping_the_outer_app_logs_a_mounted_predictor(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As the README says for a mounted app: wrap the outer app. There the path still holds the
+    mount's prefix, and routes matched on the whole path never matched: nothing logged, nothing said."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    with EventCollector() as sink:
+        outer = Starlette(routes=[Mount("/api", app=create_app([EchoModel()]))])
+        app = InferenceLoggerMiddleware(outer, settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
+        port = free_port()
+        with caplog.at_level(logging.ERROR, logger="infer_logger.middleware"), \
+                ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+                r = client.post("/api/v1/models/echo:predict", json={"instances": [[1, 2, 3, 4]]},
+                                headers={"ce-id": "m-1"})
+                assert r.json() == {"predictions": [1]} and r.headers["x-request-id"] == "m-1"
+                # Not an inference route under the prefix, nor a prefix cutting a segment: unlogged.
+                assert client.get("/api/v1/models/echo").status_code == 200
+                assert client.post("/apiv1/models/echo:predict", json={}).status_code == 404
+        received = sink.wait_for(2)
+    assert {(e.id, e.type) for e in received} == {("m-1", ev.REQUEST), ("m-1", ev.RESPONSE)}
+    assert {e["path"] for e in received} == {"/api/v1/models/echo:predict"}  # as the client sent it
+    assert {e["modelname"] for e in received} == {"echo"}
+    assert not caplog.records
+
+
+def test_what_the_router_sets_in_the_scope_reaches_outer_middlewares(tmp_path: Path) -> None:
+    """The app was called with a copy of the scope: the `route`, `endpoint` and `path_params`
+    Starlette's router sets never reached a middleware outside (route-labelled metrics)."""
+    seen: list[tuple[object, object]] = []
+    after: list[tuple[object, object]] = []
+    app = FastAPI()
+
+    @app.post("/v1/models/{name}:predict")
+    async def predict(name: str) -> dict[str, list[int]]:
+        return {"predictions": [1]}
+
+    with EventCollector() as sink:
+        app.add_middleware(InferenceLoggerMiddleware,
+                           settings=load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
+
+        @app.middleware("http")  # added after: outside it, as metrics middlewares are
+        async def metrics(request: Request, call_next: Any) -> Any:
+            response = await call_next(request)
+            seen.append((getattr(request.scope.get("route"), "path", None), request.scope.get("path_params")))
+            return response
+
+        async def outermost(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await app(scope, receive, send)
+            if scope["type"] == "http":
+                after.append((getattr(scope.get("route"), "path", None), scope.get("endpoint")))
+
+        port = free_port()
+        with ServerThread(uvicorn_config(outermost, "127.0.0.1", port)):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/models/iris:predict", json={}, headers={"ce-id": "r-1"})
+            assert r.status_code == 200
+        sink.wait_for(2)
+    assert seen == [("/v1/models/{name}:predict", {"name": "iris"})]
+    assert after == [("/v1/models/{name}:predict", predict)]
+
+
+@pytest.mark.parametrize("mode", ["process", "inline"])
+def test_a_failed_app_startup_stops_the_logger(tmp_path: Path, mode: str) -> None:
+    """The app's own startup failed after the middleware started the logger: it went on running
+    (a delivery child left behind, or inline workers), and the next lifespan started it again on top."""
+    from infer_logger.logger import InferenceLogger
+
+    fail = [True]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if fail[0]:
+            raise RuntimeError("model file missing")
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.post("/v1/models/m:predict")
+    async def predict() -> dict[str, list[int]]:
+        return {"predictions": [1]}
+
+    with EventCollector() as sink:
+        logger = InferenceLogger(load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)},
+                                               delivery={"mode": mode}))
+        app.add_middleware(InferenceLoggerMiddleware, logger=logger)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), lifespan="on",
+                                               log_config=None))
+        try:
+            with pytest.raises(SystemExit):
+                asyncio.run(server.serve())
+            assert not logger.started
+            assert logger.delivery is None or logger.delivery.pid is None  # no child left
+        finally:
+            if logger.delivery is not None and (pid := logger.delivery.pid) is not None:
+                os.kill(pid, signal.SIGKILL)  # the leak, when there is one
+        fail[0] = False
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/models/m:predict", json={}, headers={"ce-id": "again"})
+            assert r.status_code == 200
+        received = sink.wait_for(2)
+    assert sorted((e.id, e.type) for e in received) == [("again", ev.REQUEST), ("again", ev.RESPONSE)]
