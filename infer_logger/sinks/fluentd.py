@@ -24,11 +24,12 @@ acked (without acks: written with the connection still open), and closed on so 3
 refused for good (RejectedError, too_large: dead-lettered) instead of blocking the spool for ever.
 A receiver closes for other reasons too (the forward source on a batch its subscriber failed to
 take, a restart): then the frames before the suspect are not acked either, and that close strikes
-nothing. A suspect alone in its batch goes behind a small event the receiver acked before, sent
-again as the witness (a duplicate, which the id-keyed store downstream overwrites); with no such
-event yet (nothing acked since the start), each close strikes it. A silence is no evidence of size (a receiver under backpressure is
-silent too): Fluentd's in_forward drops a chunk over its chunk_size_limit without a word, and such
-a frame is sent again until its limit is raised.
+nothing. A suspect alone in its batch goes, after a close, behind a small event (under 64 KiB)
+the receiver acked before, sent again as the witness (a duplicate when taken, which the id-keyed
+store downstream overwrites; at most 10 per suspect); with no such event (none acked since the
+start) or none left, each close strikes it. A silence is no evidence of size (a receiver under
+backpressure is silent too): Fluentd's in_forward drops a chunk over its chunk_size_limit without
+a word, and such a frame is sent again, without a witness, until its limit is raised.
 
 Tags are `<prefix>.<inferenceservicename>.<request|response|explanation>`; times are EventTime
 (nanoseconds) taken from the event's `time`, or integer seconds for one before 1970 or from 2106 on,
@@ -200,6 +201,7 @@ class _Frame(NamedTuple):
     events: list[CloudEvent]  # what it carries: pending again until its ack came (none: the witness)
     size: int  # bytes of entries (before gzip), what max_frame_bytes bounds
     suspect: bool = False  # a lone event cut off before: written once the frames before it are taken
+    unvouched: bool = False  # a suspect alone with no witness to go before it: a close strikes it
 
 
 _WRITE_PIECE = 64 * 1024  # bytes written between looks at the receiver's progress
@@ -209,6 +211,7 @@ _SUSPECT_BYTES = 64 * 1024  # a frame this big it closed on may have been too bi
 _SHRUNK_FOR = 300.0  # seconds frames stay smaller after one was cut off (then one full size tries again)
 _LONE_BYTES = 1 << 20  # an event over this (and anything the receiver acked) cut off alone...
 _LONE_TRIES = 3  # ... this many times, right after the frames before it were taken, is refused for good
+_WITNESS_TRIES = 10  # witnesses of a suspect alone the receiver took (each a duplicate); then none
 _HELO_WAIT = 0.1  # seconds a new connection without acks waits for a HELO before its first frame
 
 
@@ -277,7 +280,10 @@ class FluentdSink:
         self._largest_acked = 0  # entry bytes of the biggest frame the receiver acked
         # Big events cut off alone (suspects): how often, right after the frames before them were taken.
         self._strikes: dict[tuple[str, str, str], int] = {}
-        self._witness: CloudEvent | None = None  # an event acked: sent again before a suspect alone
+        self._witness: CloudEvent | None = None  # a small event acked: sent again before a suspect alone
+        self._witnessed: dict[tuple[str, str, str], int] = {}  # suspects: their witnesses the receiver took
+        self._witness_for: tuple[str, str, str] | None = None  # the suspect of this try's witness
+        self._closed: set[tuple[str, str, str]] = set()  # suspects whose last try the receiver closed
         self._started = 0  # frames of the current try whose writing began
         self._vouched: set[int] = set()  # ... of which suspects written once the frames before were taken
 
@@ -322,6 +328,8 @@ class FluentdSink:
             # (our timeout) is no evidence: a stalled receiver (backpressure) is silent too.
             if isinstance(exc, OSError) and not isinstance(exc, TimeoutError) and self._started:
                 self._cut_off(frames, unacked)
+            elif isinstance(exc, TimeoutError):  # a silence: no witness for it next time (no close to test)
+                self._closed.difference_update(_key(f.events[0]) for f in frames if f.suspect)
             if isinstance(exc, SinkError):
                 exc.pending = pending
                 raise
@@ -356,23 +364,34 @@ class FluentdSink:
                             self._max_bytes, self._max_events, _SHRUNK_FOR)
         if not cut:
             return
+        # Closed: a witness may tell next time whether the receiver takes other frames.
+        self._closed.update(_key(f.events[0]) for f in frames if f.suspect)
         first = frames[cut[0]]  # the receiver takes frames in order: the one it stopped at
         if len(first.events) == 1 and first.size > max(_LONE_BYTES, self._largest_acked):
             key = _key(first.events[0])
             if key not in self._strikes:
                 if len(self._strikes) >= 1000:  # bounded: stale entries go
                     self._strikes.clear()
+                    self._witnessed.clear()
+                    self._closed.clear()
                 self._strikes[key] = 0  # no evidence yet: a close for any reason makes a suspect
+                self._closed.add(key)
             elif cut[0] in self._vouched:
                 self._strikes[key] += 1
 
     def _acked(self, frames: list[_Frame]) -> None:
         for frame in frames:
             self._largest_acked = max(self._largest_acked, frame.size)
-            if frame.events and (self._witness is None or frame.size < _SUSPECT_BYTES):  # small ones preferred
+            if not frame.events and self._witness_for is not None:  # the witness: a duplicate downstream
+                self._witnessed[self._witness_for] = self._witnessed.get(self._witness_for, 0) + 1
+            # Small: one the receiver may no longer take would be cut off on every try instead.
+            if frame.events and frame.size < _SUSPECT_BYTES:
                 self._witness = frame.events[0]
             if self._strikes and len(frame.events) == 1:
-                self._strikes.pop(_key(frame.events[0]), None)
+                key = _key(frame.events[0])
+                self._strikes.pop(key, None)
+                self._witnessed.pop(key, None)
+                self._closed.discard(key)
 
     def _pending(self, frames: list[_Frame], unacked: set[str],
                  unpacked: list[CloudEvent]) -> list[CloudEvent]:
@@ -424,11 +443,22 @@ class FluentdSink:
         # goes after the batch's others: order among logged events is not relied on downstream (the
         # audit documents merge by id). Alone, it goes behind the witness: the event is sent again,
         # which the store downstream overwrites by id; its frame carries no event of the batch.
-        if suspects and not frames and (witness := self._witness) is not None:
-            entry = self._packer.pack([event_time(event_ns(witness)), _record(witness)])
-            frames.append(_Frame(*self._frame(tag_for(witness, self.config.tag_prefix), [entry]), [], len(entry)))
+        # Only after a close (a silence tests nothing: Fluentd drops a chunk over its limit without
+        # a word, retried for ever, each try a duplicate), and taken _WITNESS_TRIES times at most
+        # (one not taken, the receiver down, is no duplicate); with no witness to send (none small
+        # acked, or its tries used), each close strikes.
+        unvouched, self._witness_for = False, None
+        if suspects and not frames:
+            key = _key(suspects[0][2])
+            if self._witness is None or self._witnessed.get(key, 0) >= _WITNESS_TRIES:
+                unvouched = True
+            elif key in self._closed:
+                self._witness_for, witness = key, self._witness
+                entry = self._packer.pack([event_time(event_ns(witness)), _record(witness)])
+                frames.append(_Frame(*self._frame(tag_for(witness, self.config.tag_prefix), [entry]), [], len(entry)))
         for tag, entry, event in suspects:
-            frames.append(_Frame(*self._frame(tag, [entry]), [event], len(entry), suspect=True))
+            frames.append(_Frame(*self._frame(tag, [entry]), [event], len(entry), suspect=True,
+                                 unvouched=unvouched))
         return frames, refused
 
     def _frame(self, tag: str, group: list[bytes]) -> tuple[str, bytes]:
@@ -542,10 +572,10 @@ class FluentdSink:
             if frame.suspect and index:
                 await self._vouch(frames[:index], unacked, acked)
                 self._vouched.add(index)
-            elif frame.suspect and self._witness is None:
-                # Nothing acked yet to vouch with: its close strikes, as any did (a big event first
-                # from a sidecar's start through an outage is dead-lettered; retried without a
-                # strike, one really too large blocked the spool for ever).
+            elif frame.unvouched:
+                # Nothing to vouch with: its close strikes, as any did (a big event first from a
+                # sidecar's start through an outage is dead-lettered; retried without a strike, one
+                # really too large blocked the spool for ever).
                 self._vouched.add(index)
             self._started += 1
             view = memoryview(frame.data)

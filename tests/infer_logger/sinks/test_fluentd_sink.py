@@ -616,6 +616,65 @@ class TestReceiverLimits:
         [dead] = [orjson.loads(line) for line in (tmp_path / "dead" / "fluentd.jsonl").read_bytes().splitlines()]
         assert "e1" in str(dead) and "too large" in str(dead)
 
+    async def test_a_witness_goes_only_where_a_close_is_to_be_tested(self) -> None:
+        """A receiver that closed once on a big event (a restart), then drops it without a word
+        (Fluentd past chunk_size_limit: sent again until its limit is raised): the small event
+        acked before went again as the witness on every retry, a duplicate each."""
+        import io
+
+        silent, taken = False, []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20)
+            while data := await reader.read(1 << 16):
+                unpacker.feed(data)
+                for _tag, entries, option in unpacker:
+                    if len(entries) > 1 << 20:
+                        if not silent:
+                            writer.transport.abort()
+                            return
+                        continue  # dropped, no ack
+                    taken.extend(r["id"] for _, r in msgpack.Unpacker(io.BytesIO(entries), raw=False))
+                    writer.write(msgpack.packb({"ack": option["chunk"]}))
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        sink = FluentdSinkConfig(port=server.sockets[0].getsockname()[1], timeout=0.3).build()
+        try:
+            await sink.send_batch([sized(0, 10)])
+            with pytest.raises(SinkError):
+                await sink.send_batch([sized(1, 2_000_000)])  # closed on: a suspect
+            silent = True
+            for _ in range(6):  # the worker's retries
+                with pytest.raises(SinkError):
+                    await sink.send_batch([sized(1, 2_000_000)])
+        finally:
+            await sink.aclose()
+            server.close()
+        assert taken.count("e0") == 2  # sent, then the one witness after the close
+
+    async def test_a_witness_is_one_the_receiver_still_takes(self, memory: MemorySink) -> None:
+        """Every event big (images): the witness was one the restarted receiver no longer took,
+        each try was cut off on it, striking nothing: the suspect was sent again for ever."""
+        port = free_port()
+        sink = FluentdSinkConfig(port=port, timeout=2).build()
+        try:
+            async with ForwardSourceConfig(port=port).build(memory):
+                await sink.send_batch([sized(0, 1_200_000)])  # acked: too big to be the witness
+            async with ForwardSourceConfig(port=port, max_frame_bytes=1 << 20).build(memory):  # restarted
+                refused = None
+                for _ in range(12):  # hang guard: a dead letter comes after 1 + 3 closes
+                    try:
+                        await sink.send_batch([sized(1, 2_000_000)])
+                    except RejectedError as exc:
+                        refused = exc
+                        break
+                    except SinkError:
+                        pass
+        finally:
+            await sink.aclose()
+        assert refused is not None and refused.too_large, "the lone big event was never refused"
+        assert [e.id for e in memory.events] == ["e0"]
+
     async def test_a_first_event_too_large_for_the_receiver_alone_is_dead_lettered(
             self, memory: MemorySink, tmp_path: Path) -> None:
         """Alone in its batch, with nothing acked before to vouch for the receiver: its closes
