@@ -23,7 +23,7 @@ from pydantic_settings import SettingsConfigDict
 from explainers.registry import METHODS, WHITE_BOX
 from infer_logger.config import LayeredSettings, http_url
 from infer_logger.errors import ConfigError
-from infer_logger.fields import Seconds
+from infer_logger.fields import NamedPath, Seconds
 
 
 class SubscriberSettings(BaseModel):
@@ -63,7 +63,7 @@ class ExplainerSettings(LayeredSettings):
     extension) instead of JSON numbers; a predictor that refuses it gets JSON from then on."""
     output: str | None = None
     """V2 output to explain; default: the first named like `*proba*`, else the first."""
-    model_file: Path | None = None
+    model_file: NamedPath | None = None
     """White-box mode: a joblib/pickle file of a fitted scikit-learn-API model."""
     background: str | None = None
     """`dataset:<name>` or a table file; needed unless `artifact` is given."""
@@ -72,9 +72,9 @@ class ExplainerSettings(LayeredSettings):
     output_names: list[str] = []
     """Names of the explained outputs (class labels); default: the model's classes, or output-<i>."""
     task: Literal["classification", "regression"] | None = None
-    artifact: Path | None = None
+    artifact: NamedPath | None = None
     """Load a fitted explainer from here instead of fitting (its method wins over `method`)."""
-    save_artifact: Path | None = None
+    save_artifact: NamedPath | None = None
     """Save the fitted explainer here after fitting."""
     options: dict[str, Any] = {}
     params: dict[str, Any] = {}

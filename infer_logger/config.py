@@ -43,7 +43,7 @@ from pydantic_settings.exceptions import SettingsError
 from infer_logger import documents
 from infer_logger.cloudevents.validation import is_string, source_setting
 from infer_logger.errors import ConfigError
-from infer_logger.fields import Seconds
+from infer_logger.fields import NamedFile, NamedPath, Seconds
 from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, SinkSpec, StoreSinkConfig
 
 # Names under a settings class's prefix that are not its settings: the other services' prefixes,
@@ -186,7 +186,11 @@ class LayeredSettings(BaseSettings):
                 continue
             rest = name[len(prefix):]
             head, nested, _ = rest.partition(delimiter) if delimiter else (rest, "", "")
-            if head in fields and nested:
+            if head in fields and not nested:
+                continue
+            if any(f"{name[:at.start()]}_SERVICE_HOST" in present for at in _SERVICE_LINK.finditer(name)):
+                continue  # a Service's (a name may hold "--": INFER_LOGGER_TIMEOUT__X_SERVICE_HOST)
+            if head in fields:
                 # pydantic-settings reads NAME__KEY into a section only: under a scalar it was
                 # ignored, and under a list it is a key, not an index ("Input should be a valid list").
                 field = fields[head]
@@ -196,9 +200,6 @@ class LayeredSettings(BaseSettings):
                                            f"whole, as JSON ({prefix}{head}='[…]')")
                 if not keys:
                     raise ConfigError(key, f"matches no setting: {field} has no keys (give {prefix}{head})")
-            if head in fields:
-                continue
-            if any(f"{name[:at.start()]}_SERVICE_HOST" in present for at in _SERVICE_LINK.finditer(name)):
                 continue
             near = difflib.get_close_matches(name, [prefix + field for field in fields], n=1)
             raise ConfigError(key, "matches no setting" + (f" (did you mean {near[0]}?)" if near else ""))
@@ -316,7 +317,7 @@ def comma_list(value: Any, separator: str = ",") -> Any:
 class SpoolSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dir: Path = Path("infer-logger-data/spool")
+    dir: NamedPath = Path("infer-logger-data/spool")
     """Where spool segments, sink checkpoints and dead letters live."""
     durability: Literal["disk", "memory"] = "disk"
     """`disk`: every event a client saw survives kill -9. `memory`: faster; a restart loses what
@@ -396,7 +397,7 @@ class Settings(LayeredSettings):
     named by its type, the second of a type `<type>2`, and so on."""
     log_tls_skip_verify: bool = False
     """The https sinks `log_url` makes take any certificate (KServe's --logger-tls-skip-verify)."""
-    log_ca_cert_file: str | None = None
+    log_ca_cert_file: NamedFile | None = None
     """A PEM file of the CAs those sinks trust (KServe's --logger-ca-cert-file); a file that is not
     there leaves the system's (KServe mounts it from an optional ConfigMap)."""
     log_mode: Literal["all", "request", "response"] = "all"

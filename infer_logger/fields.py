@@ -34,8 +34,11 @@ def nameable(name: _Name) -> _Name:
     return name
 
 
-ReadPath = Annotated[Path, AfterValidator(nameable)]
-"""A setting naming a file to read (`read_file`)."""
+NamedPath = Annotated[Path, AfterValidator(nameable)]
+"""A setting naming a file or directory."""
 
-AppendedPath = Annotated[Path, AfterValidator(nameable)]
+NamedFile = Annotated[str, AfterValidator(nameable)]
+"""A setting naming a file, kept as text (an SQLite file, a CA bundle)."""
+
+AppendedPath = NamedPath
 """A setting naming a file lines are appended to."""

@@ -60,7 +60,7 @@ from infer_logger.elasticsearch_template import (
     shadowing,
 )
 from infer_logger.errors import ConfigError, RejectedError, SinkError
-from infer_logger.fields import Seconds
+from infer_logger.fields import NamedFile, Seconds
 from infer_logger.retry import retry_after
 from infer_logger.sinks.base import SinkConfig, without_userinfo
 from infer_logger.sinks.size_limit import SizeLimit
@@ -121,7 +121,7 @@ class ElasticsearchSinkConfig(SinkConfig):
     """Basic auth; exclusive with `api_key`."""
     verify_certs: bool = True
     """Check the server's TLS certificate (https URLs)."""
-    ca_certs: str | None = None
+    ca_certs: NamedFile | None = None
     """A CA bundle file for the server's certificate."""
     timeout: Seconds = Field(default=10.0, gt=0)
     """Seconds to wait for each request."""

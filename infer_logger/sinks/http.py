@@ -17,7 +17,7 @@ from pydantic import ByteSize, Field, HttpUrl, field_validator
 from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import ConfigError, RejectedError, SinkError
-from infer_logger.fields import Seconds
+from infer_logger.fields import NamedFile, Seconds
 from infer_logger.retry import retry_after
 from infer_logger.sinks.base import SinkConfig, without_userinfo
 from infer_logger.sinks.size_limit import SizeLimit
@@ -57,7 +57,7 @@ class HttpSinkConfig(SinkConfig):
     """POSTs in flight at once in binary and structured mode."""
     tls_verify: bool = True
     """Verify an https receiver's certificate; false takes any (KServe's --logger-tls-skip-verify)."""
-    ca_certs: str | None = None
+    ca_certs: NamedFile | None = None
     """A PEM file of the CAs to trust for an https receiver, instead of the system's."""
     headers: dict[str, str] = {}
     """Extra headers on every POST (e.g. Authorization): names are RFC 9110 tokens, values latin-1

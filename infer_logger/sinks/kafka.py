@@ -47,9 +47,9 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from infer_logger import events
 from infer_logger.cloudevents.event import AttributeValue, CloudEvent, attribute_text
@@ -242,15 +242,16 @@ class KafkaSinkConfig(SinkConfig):
                              f"not '.' or '..')")
         return value
 
-    @field_validator("delivery_timeout")
-    @classmethod
-    def _over_linger(cls, value: float, info: ValidationInfo) -> float:
-        # librdkafka refuses to start otherwise, and its error named the field `config`.
-        linger = info.data.get("linger_ms")  # absent when invalid itself
-        if linger is not None and _milliseconds(value) <= linger:
-            raise ValueError(f"{value:g} s is not over linger_ms ({linger:g} ms): librdkafka needs a "
-                             f"record's timeout to exceed the time it may wait before sending it")
-        return value
+    @model_validator(mode="after")
+    def _over_linger(self) -> Self:
+        # librdkafka refuses to start otherwise, and its error named the field `config`; one that
+        # `config` sets (the timeout, or linger.ms) is librdkafka's to check.
+        if not any(name in self.config for name in (*_TIMEOUTS, "linger.ms")) \
+                and _milliseconds(self.delivery_timeout) <= self.linger_ms:
+            raise ValueError(f"delivery_timeout: {self.delivery_timeout:g} s is not over linger_ms "
+                             f"({self.linger_ms:g} ms): librdkafka needs a record's timeout to exceed the "
+                             "time it may wait before sending it")
+        return self
 
     @field_validator("config")
     @classmethod

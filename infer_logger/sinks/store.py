@@ -5,13 +5,11 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Sequence
-from typing import Annotated, Literal
-
-from pydantic import AfterValidator
+from typing import Literal
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import ConfigError, InferLoggerError, RejectedError, SinkError
-from infer_logger.fields import nameable
+from infer_logger.fields import NamedFile
 from infer_logger.sinks.base import SinkConfig
 from infer_logger.sinks.own_thread import OwnThread
 from infer_logger.store import AuditStore
@@ -21,7 +19,7 @@ class StoreSinkConfig(SinkConfig):
     """Writes one record per prediction to a local SQLite file (see `infer_logger.store`)."""
 
     type: Literal["store"] = "store"
-    path: Annotated[str, AfterValidator(nameable)] = "infer-logger-data/audit.db"
+    path: NamedFile = "infer-logger-data/audit.db"
     """The SQLite file; its directory is created when missing."""
 
     def build(self) -> StoreSink:

@@ -26,7 +26,7 @@ from pydantic_settings import SettingsConfigDict
 
 from infer_logger.config import LayeredSettings
 from infer_logger.errors import ConfigError
-from infer_logger.fields import ReadPath, Seconds
+from infer_logger.fields import NamedPath, Seconds
 from infer_logger.sinks.base import SinkConfig
 from infer_logger.sinks.kafka import BootstrapServers, without_transactions
 from pipelines.broker.components import component_config
@@ -106,13 +106,13 @@ class BrokerSettings(LayeredSettings):
     kill -9), `memory` (lost on restart), `kafka` (a topic per broker, a consumer group per trigger)."""
     role: Literal["all", "ingress", "dispatcher"] = "all"
     """With `channel: kafka`, run only the ingress or only the trigger dispatchers."""
-    dir: Path = Path("infer-logger-data/broker")
+    dir: NamedPath = Path("infer-logger-data/broker")
     """Spools (one per broker, `<dir>/<namespace>/<name>`) and their trigger checkpoints."""
     spool: SpoolSection = SpoolSection()
     kafka: KafkaChannelSettings = KafkaChannelSettings()
     delivery: DeliverySpec = DeliverySpec()
     """Every broker's default delivery (over DEFAULT_DELIVERY; a Broker's and a trigger's lie over it)."""
-    trigger_files: list[ReadPath] = []
+    trigger_files: list[NamedPath] = []
     """YAML files of triggers (Knative manifests or the short form); re-read on SIGHUP."""
     components: list[dict[str, Any]] = []
     """In-process subscribers by name: sink configs (`type` + options), `name` defaults to the type."""

@@ -321,6 +321,10 @@ class TestStorePath:
     @pytest.mark.parametrize(("text", "field"), [
         ('sinks: [{type: store, path: "audit\\0.db"}]\n', "sinks.0.store.path"),
         ('log_url: ["sqlite://audit\\0.db"]\n', "log_url"),
+        # The spool's start was the same traceback; a CA bundle so named, the system's CAs instead.
+        ('spool: {dir: "spool\\0x"}\n', "spool.dir"),
+        ('log_ca_cert_file: "ca\\0x"\n', "log_ca_cert_file"),
+        ('sinks: [{type: http, url: "https://b/", ca_certs: "ca\\0x"}]\n', "sinks.0.http.ca_certs"),
     ])
     def test_a_nul_in_a_store_path_is_refused(self, tmp_path: Path, text: str, field: str) -> None:
         """No file can be named so: the sink's start was a `ValueError: embedded null byte` traceback."""
@@ -438,6 +442,8 @@ class TestUnknownVariables:
          "INFER_LOGGER_UI_PORT_80_TCP_ADDR"],
         # ... and to one named infer-logger-service (the first split, INFER_LOGGER, was taken: refused).
         ["INFER_LOGGER_SERVICE_SERVICE_HOST", "INFER_LOGGER_SERVICE_PORT", "INFER_LOGGER_SERVICE_SERVICE_PORT"],
+        # ... and to infer-logger-timeout--x (a name may hold "--"): no key under the timeout.
+        ["INFER_LOGGER_TIMEOUT__X_SERVICE_HOST", "INFER_LOGGER_TIMEOUT__X_PORT"],
     ])
     def test_names_read_elsewhere_are_left_alone(self, monkeypatch: pytest.MonkeyPatch,
                                                  names: list[str]) -> None:

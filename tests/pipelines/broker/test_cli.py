@@ -128,13 +128,14 @@ class TestBrokerCheck:
     @pytest.mark.parametrize(("text", "field"), [
         ('trigger_files: ["triggers\\0.yaml"]\n', "trigger_files.0"),
         ('components: [{type: store, path: "audit\\0.db"}]\n', "components"),
+        ('dir: "broker\\0x"\n', "dir"),  # the start said "embedded null byte", naming no setting
     ])
     def test_a_nul_in_a_file_name_is_a_config_error(self, tmp_path: Path, text: str, field: str) -> None:
         """No file can be named so: it was a `ValueError: embedded null byte` traceback."""
         config = tmp_path / "broker.yaml"
         config.write_text(text)
-        result = CliRunner().invoke(broker_command, ["--check", "--channel", "memory", "--dir", str(tmp_path),
-                                                     "-c", str(config)])
+        where = [] if text.startswith("dir:") else ["--dir", str(tmp_path)]
+        result = CliRunner().invoke(broker_command, ["--check", "--channel", "memory", *where, "-c", str(config)])
         assert result.exit_code == 2 and field in result.output, result.output
         assert "holds a NUL character" in result.output, result.output
 
