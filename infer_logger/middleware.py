@@ -39,6 +39,11 @@ from infer_logger.logger import InferenceLogger, match_route
 
 log = logging.getLogger(__name__)
 
+# Set in the scope an exchange's app gets: a middleware inside (the mounted app's, sharing the
+# logger of the outer app's) passes it on, not logging it twice.
+_LOGGED = "infer_logger.logged"
+_OWN_KEYS = frozenset({"headers", "extensions", _LOGGED})  # the app's copy has them from us
+
 
 class InferenceLoggerMiddleware:
     def __init__(self, app: Any, settings: Settings | None = None, logger: InferenceLogger | None = None):
@@ -66,7 +71,7 @@ class InferenceLoggerMiddleware:
         # Under a prefix too: wrapped around an app that mounts the predictor (`Mount("/api", ...)`),
         # the path still holds it. The events keep the path as the client sent it.
         route = match_route(scope.get("method", ""), path, prefixed=True) if scope["type"] == "http" else None
-        if route is None:
+        if route is None or scope.get(_LOGGED):  # logged by a middleware outside (the outer app's)
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -109,13 +114,13 @@ class InferenceLoggerMiddleware:
         # A file answer must come as body messages, to be logged: not as a path the server sends.
         extensions = {k: v for k, v in scope.get("extensions", {}).items()
                       if k not in ("http.response.pathsend", "http.response.zerocopysend")}
-        outer, scope = scope, {**scope, "headers": forwarded, "extensions": extensions}
+        outer, scope = scope, {**scope, "headers": forwarded, "extensions": extensions, _LOGGED: True}
 
         def copy_back() -> None:
             # What the app sets in its scope (Starlette's router: `route`, `endpoint`, `path_params`)
             # reaches the middlewares outside, as without this one: route-labelled metrics.
             for key, value in scope.items():
-                if key not in ("headers", "extensions") and (key not in outer or outer[key] is not value):
+                if key not in _OWN_KEYS and (key not in outer or outer[key] is not value):
                     outer[key] = value
 
         replayed = False

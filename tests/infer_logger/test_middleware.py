@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -668,6 +669,29 @@ def test_wrapping_the_outer_app_logs_a_mounted_predictor(tmp_path: Path, caplog:
     assert {e["path"] for e in received} == {"/api/v1/models/echo:predict"}  # as the client sent it
     assert {e["modelname"] for e in received} == {"echo"}
     assert not caplog.records
+
+
+def test_the_outer_and_the_mounted_app_wrapped_with_one_logger_log_once(tmp_path: Path) -> None:
+    """Before the outer middleware matched under a prefix, wrapping both with one logger was the
+    way to log a mounted predictor: now both logged each prediction, two pairs of events."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from infer_logger.logger import InferenceLogger
+
+    with EventCollector() as sink:
+        logger = InferenceLogger(load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)}))
+        inner = InferenceLoggerMiddleware(create_app([EchoModel()]), logger=logger)
+        app = InferenceLoggerMiddleware(Starlette(routes=[Mount("/api", app=inner)]), logger=logger)
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            r = httpx.post(f"http://127.0.0.1:{port}/api/v1/models/echo:predict", json={"instances": [[1, 2, 3, 4]]},
+                           headers={"ce-id": "d-1"})
+            assert r.status_code == 200
+            sink.wait_for(2)
+        time.sleep(0.5)  # a second pair would follow the first
+    assert sorted((e.type, e["path"]) for e in sink.events) == [(ev.REQUEST, "/api/v1/models/echo:predict"),
+                                                               (ev.RESPONSE, "/api/v1/models/echo:predict")]
 
 
 def test_what_the_router_sets_in_the_scope_reaches_outer_middlewares(tmp_path: Path) -> None:
