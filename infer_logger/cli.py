@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -206,15 +208,18 @@ def query(config: Path | None, db: str | None, id_: str | None, model: str | Non
     except InferLoggerError as exc:  # not an SQLite file, or a newer schema
         raise click.BadParameter(str(exc), param_hint="--db") from None
     next_page = None
+    # Made into a file (on disk past 8 MiB), then written out: a read transaction held while the
+    # output waited on a pager (`| less`) kept the sidecar's WAL from being reset, growing for good.
+    made = tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+", encoding="utf-8", errors="surrogatepass")
     try:
         # One read transaction: the table's two passes, and the look past the limit, see the same rows.
         with store.snapshot():
             if fmt == "json":
-                _echo(json_chunks(store.records(**filters, limit=limit, offset=offset)))
+                made.writelines(json_chunks(store.records(**filters, limit=limit, offset=offset)))
             else:
                 widths = table_widths(store.records(**filters, limit=limit, offset=offset, payloads=False))
                 lines = table_lines(store.records(**filters, limit=limit, offset=offset), widths)
-                _echo(("\n" if n else "") + line for n, line in enumerate(lines))
+                made.writelines(("\n" if n else "") + line for n, line in enumerate(lines))
             if limit is not None and offset + limit <= _SQLITE_INT_MAX:
                 with contextlib.closing(store.records(**filters, limit=1, offset=offset + limit,
                                                       payloads=False)) as past:
@@ -225,22 +230,25 @@ def query(config: Path | None, db: str | None, id_: str | None, model: str | Non
         sys.exit(1)
     finally:
         store.close()
+    with made:
+        made.seek(0)
+        _echo(iter(lambda: made.read(1 << 16), ""))
     if next_page is not None:
-        click.echo(f"infer-logger: more rows match: --offset {next_page} shows the next {limit} "
+        click.echo(f"infer-logger: more rows match: --offset {next_page} shows the next ones "
                    "(or raise --limit)", err=True)
 
 
 def _echo(chunks: Iterable[str]) -> None:
-    """Written as made, in pieces of 64 KiB or more (a large export was held whole first), and a newline."""
-    pending: list[str] = []
-    size = 0
-    for chunk in chunks:
-        pending.append(chunk)
-        size += len(chunk)
-        if size >= 65536:
-            click.echo("".join(pending), nl=False)
-            pending, size = [], 0
-    click.echo("".join(pending))
+    """Written out, and a newline; a reader gone (`| head`) ends it quietly."""
+    try:
+        for chunk in chunks:
+            click.echo(chunk, nl=False)
+        click.echo()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # What is still buffered would fail again at exit ("Exception ignored"): to nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 def _text(value: str, flag: str) -> None:

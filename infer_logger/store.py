@@ -470,7 +470,8 @@ class AuditStore:
                 for row in rows:
                     yield _record(row)
         finally:
-            cursor.close()
+            with contextlib.suppress(sqlite3.ProgrammingError):  # the store closed before it was left
+                cursor.close()
 
     def _read(self, step: Callable[[], _T]) -> _T:
         try:
@@ -487,8 +488,11 @@ class AuditStore:
         try:
             yield
         finally:
-            with self._lock:
-                self._conn.execute("COMMIT")
+            # Only read: rolled back, and a store found damaged meanwhile (its error on its way)
+            # fails that too.
+            with self._lock, contextlib.suppress(sqlite3.Error):
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
 
     def summary(self) -> Summary:
         # One read transaction: the counts agree with each other even while another process writes.

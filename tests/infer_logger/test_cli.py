@@ -233,6 +233,39 @@ def test_query_output_of_a_large_store_is_what_it_was_whole(tmp_path: Path) -> N
     assert len(shown) == 5000 and shown[0]["id"] == "many" and shown[-1]["instance"] == 1999
 
 
+def test_query_of_a_store_damaged_past_its_first_rows_is_one_line_of_error(tmp_path: Path) -> None:
+    """The read transaction's end failed too, and its traceback replaced the error."""
+    import os
+
+    db = tmp_path / "audit.db"
+    with AuditStore(db) as store:
+        base = {"specversion": "1.0", "source": "/s", "datacontenttype": "application/json", "modelname": "m"}
+        store.write([CloudEvent({**base, "id": f"r{i}", "type": REQUEST, "time": f"2026-11-25T10:00:00.{i:06d}Z"},
+                                json.dumps({"instances": [["x" * 300]]}).encode()) for i in range(3000)])
+    size = os.path.getsize(db)
+    with open(db, "r+b") as f:  # pages past the header, past those the first rows come from
+        f.seek(int(size * 0.3) // 16384 * 16384)
+        f.write(b"\xff" * 16384 * 3)
+    command = [str(Path(sys.executable).parent / "infer-logger"), "query", "--db", str(db), "--limit", "3000"]
+    for fmt in ("json", "table"):
+        done = subprocess.run([*command, "--format", fmt], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith("infer-logger: ") and "cannot read the audit store" in done.stderr
+
+
+def test_query_read_by_a_reader_that_stops_early_says_nothing(tmp_path: Path) -> None:
+    """`query | head`: an "Exception ignored" traceback of the cursors left open, on stderr."""
+    db = tmp_path / "audit.db"
+    for i in range(300):
+        _instances(db, f"x{i}", 10)
+    reader = subprocess.Popen([str(Path(sys.executable).parent / "infer-logger"), "query", "--db", str(db),
+                               "--limit", "3000", "--format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout is not None and reader.stderr is not None
+    reader.stdout.read(100)
+    reader.stdout.close()
+    assert reader.stderr.read() == b"" and reader.wait(60) in (0, 1)
+
+
 def test_query_times_are_read_as_the_store_reads_them(tmp_path: Path) -> None:
     """RFC 3339 allows lower-case t and z, which the store reads (events.as_utc); --since refused them."""
     db = tmp_path / "audit.db"
