@@ -6,18 +6,21 @@ overwrites. Per-item results decide what happens next:
 
 - 2xx: taken.
 - 429, 409 (a concurrent update), 5xx, and 401/403/404 (privileges, an index that may not be
-  created: the cluster's state, not the document's): those items alone are sent again, a few
-  times with a short backoff; still failing, the batch raises `SinkError` and the worker resends
-  it whole, which the upserts make harmless.
+  created: the cluster's state, not the document's): those items are sent again, a few times
+  with a short backoff, each with the batch's later updates of its document after it, taken or
+  not (the merge is per field, last writer wins: applied again in batch order, they leave what
+  the batch in order does; the older of a retried exchange's responses no longer ends on top).
+  Still failing, the batch raises `SinkError`.
 - other 4xx (400: mapping or parse errors): `RejectedError` with exactly those events and the
   reason; the rest of the batch is taken.
 
 Failures of the whole request (connection refused, timeouts, auth, 5xx) raise `SinkError`: they
-are never the events' fault. A `_bulk` answered 413 (larger than a front such as nginx, or the
-cluster's `http.max_content_length`, takes) goes again in smaller bulks, down to single documents,
-and the sink's bulks stay at most half that size for a while (`SizeLimit`): only an event with a
-document too large alone is refused (`RejectedError`, too large), even when its many instances'
-documents together are over the limit.
+are never the events' fault. A `SinkError` names as `pending` the batch from its first event not
+taken on, which the worker sends again (not the bulks taken before it). A `_bulk` answered 413
+(larger than a front such as nginx, or the cluster's `http.max_content_length`, takes) goes
+again in smaller bulks, down to single documents, and the sink's bulks stay at most half that
+size for a while (`SizeLimit`): only an event with a document too large alone is refused
+(`RejectedError`, too large), even when its many instances' documents together are over the limit.
 
 Before its first write the sink creates its index template when
 missing (never replacing one, see `infer_logger.elasticsearch_template`): a 429 or 5xx to that (a
@@ -36,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 import string
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -45,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import urlsplit
 
 import orjson
-from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
+from pydantic import ByteSize, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from infer_logger import audit, events
 from infer_logger.cloudevents.event import CloudEvent
@@ -126,7 +130,8 @@ class ElasticsearchSinkConfig(SinkConfig):
     timeout: Seconds = Field(default=10.0, gt=0)
     """Seconds to wait for each request."""
     max_attempts: int = Field(default=3, ge=1, le=10)
-    """Bulk attempts for items answered 429/409/5xx before the batch fails (and is resent whole)."""
+    """Bulk attempts for items answered 429/409/5xx before the batch fails (and is resent from its
+    first event not taken)."""
     retry_delay: Seconds = Field(default=0.2, ge=0, le=10)
     """Seconds before the first item retry; doubled for each next one."""
     max_bulk_bytes: ByteSize = ByteSize(8 << 20)
@@ -163,7 +168,7 @@ class ElasticsearchSinkConfig(SinkConfig):
 
     @field_validator("ca_certs")
     @classmethod
-    def _ca_file(cls, value: str | None) -> str | None:
+    def _ca_file(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return value
         try:
@@ -172,6 +177,16 @@ class ElasticsearchSinkConfig(SinkConfig):
             raise ValueError(f"{value!r}: {exc.strerror or exc}") from None
         if not is_file:
             raise ValueError(f"{value!r} is not a file")
+        url = info.data.get("url")
+        if any(urlsplit(u).scheme != "https" for u in ([url] if isinstance(url, str) else url or [])):
+            return value  # not loaded: `_one_auth` says what is wrong (a CA for http://)
+        try:  # as the client loads it, where an ssl.SSLError escaped as a traceback
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=value)
+        except ssl.SSLError as exc:
+            raise ValueError(f"{value!r}: no certificate could be loaded from it, a PEM CA bundle is "
+                             f"needed ({exc.reason or exc})") from None
+        except OSError as exc:  # not readable
+            raise ValueError(f"{value!r}: {exc.strerror or exc}") from None
         return value
 
     @field_validator("index")
@@ -261,6 +276,10 @@ class ElasticsearchSinkConfig(SinkConfig):
         except ValueError as exc:  # what the validators did not foresee: a bad URL or TLS option
             field = "ca_certs" if self.ca_certs and ("ca_certs" in str(exc) or "TLS" in str(exc)) else "url"
             raise ConfigError(field, f"the Elasticsearch client refused it: {exc}") from exc
+        except OSError as exc:  # ssl.SSLError: the CA file changed since it was checked
+            if not self.ca_certs:
+                raise
+            raise ConfigError("ca_certs", f"{self.ca_certs!r} cannot be loaded: {exc}") from exc
 
     def build(self) -> ElasticsearchSink:
         return ElasticsearchSink(self)
@@ -332,10 +351,12 @@ class IndexNamer:
 
 @dataclass(frozen=True, slots=True)
 class _Op:
-    """One `update` action and its document, NDJSON-encoded, for the event at `event`."""
+    """One `update` action and its document, NDJSON-encoded, for the event at `event`, of the
+    document `key` (index, _id)."""
 
     event: int
     lines: bytes
+    key: tuple[str, str]
 
 
 class ElasticsearchSink:
@@ -362,15 +383,20 @@ class ElasticsearchSink:
         ops: Iterable[_Op] = self._ops(events, rejected)
         delay = self.config.retry_delay
         for attempt in range(1, self.config.max_attempts + 1):
-            retry: list[tuple[_Op, int]] = []
+            retry: list[_Op] = []  # in batch order
+            # The documents with an update to send again, and its status: each later update of
+            # one of them, taken meanwhile, goes again after it (the older must not end on top:
+            # a retried exchange's 503 response over its 200).
+            failed: dict[tuple[str, str], int] = {}
             for chunk in _chunks(ops, self._bulk_bytes):
-                if self._template_due():
-                    await self._ensure_template(self.index(events[chunk[0].event]))
                 try:
+                    if self._template_due():
+                        await self._ensure_template(self.index(events[chunk[0].event]))
                     items = await self._bulk_fitting(chunk)
                 except SinkError as exc:
                     if not isinstance(exc, RejectedError):  # down, or 5xx: it may come back empty
                         self._template_checked = None
+                    exc.pending = self._not_taken(events, rejected, retry, chunk[0].event)
                     raise
                 for op, item in zip(chunk, items):
                     if item is None:
@@ -381,20 +407,23 @@ class ElasticsearchSink:
                         continue
                     status = item["status"]
                     if status < 300:
+                        if op.key in failed:  # applied before the earlier one that goes again
+                            retry.append(op)
                         continue
                     if _retryable(status, item):
-                        retry.append((op, status))
-                    else:
+                        retry.append(op)
+                        failed.setdefault(op.key, status)
+                    else:  # not applied: nothing to send again after an earlier one
                         rejected.setdefault(op.event, _reason(item))
             if not retry:
                 break
             if attempt == self.config.max_attempts:
-                statuses = sorted({s for _, s in retry})
                 raise SinkError(
-                    f"elasticsearch at {self.config.where} answered {statuses} to {len(retry)} documents "
-                    f"after {attempt} attempts"
+                    f"elasticsearch at {self.config.where} answered {sorted(set(failed.values()))} to "
+                    f"{len(failed)} documents after {attempt} attempts",
+                    pending=self._not_taken(events, rejected, retry, len(events)),
                 )
-            ops = [op for op, _ in retry]
+            ops = retry
             await asyncio.sleep(delay)
             delay *= 2
         if rejected:
@@ -407,6 +436,16 @@ class ElasticsearchSink:
                 too_large=all(i in too_large for i in order),
                 reasons=[rejected[i] for i in order],
             )
+
+    @staticmethod
+    def _not_taken(events: Sequence[CloudEvent], rejected: Mapping[int, str], retry: Sequence[_Op],
+                   unsent: int) -> list[CloudEvent]:
+        """What the worker sends again (`SinkError.pending`): the batch from its first event not
+        taken on: one with an update to send again, refused (so it is refused again, not counted
+        taken), or not sent yet (from `unsent`). The rest of it too, though some were taken: sent
+        again alone, an earlier event would be applied after a later one of the same document."""
+        first = min([unsent, *rejected, *(op.event for op in retry)])
+        return list(events[first:])
 
     def _ops(self, batch: Sequence[CloudEvent], rejected: dict[int, str]) -> Iterator[_Op]:
         """The batch's `update` operations, event by event; events that cannot be encoded go
@@ -421,14 +460,14 @@ class ElasticsearchSink:
                 if event.type == events.REQUEST and self.config.per_instance:
                     self._remember(event.id, len(docs))  # for its response, later in the batch
                 index = self.index(event) if docs else ""
-                lines = [_update(index, doc_id, doc) for doc_id, doc in docs]
+                ops = [_Op(i, _update(index, doc_id, doc), (index, doc_id)) for doc_id, doc in docs]
             except TypeError as exc:  # orjson: not JSON-encodable
                 rejected[i] = f"cannot encode a document: {exc}"
                 continue
             except Exception as exc:  # a payload no document can be made of: never retried forever
                 rejected[i] = f"cannot make a document: {type(exc).__name__}: {exc}"
                 continue
-            yield from (_Op(i, line) for line in lines)
+            yield from ops
 
     def _count_requests(self, batch: Sequence[CloudEvent]) -> None:
         """The instance counts of the batch's requests but those whose responses come after them
@@ -686,7 +725,16 @@ def setup_elasticsearch(
 
         client = config.client()
         try:
-            info = await client.info()
+            try:
+                info = await client.info()
+                banner = f"elasticsearch {info.get('version', {}).get('number', '?')} at {config.where}"
+            except ApiError as exc:
+                # GET / needs the `monitor` cluster privilege, which the setup does not (a key
+                # with manage_index_templates alone): the version is only shown.
+                if exc.meta.status not in (401, 403):
+                    raise
+                banner = (f"elasticsearch at {config.where} (version unknown: {exc.meta.status} to GET /, "
+                          f"which needs the monitor privilege)")
             patterns = config.template_patterns()
             outcome = await install_template(
                 client, name=config.template_name, index_patterns=patterns, overwrite=overwrite, force=force
@@ -713,9 +761,8 @@ def setup_elasticsearch(
                 f"infer-logger did not make (its _meta.managed_by is not {MANAGED_BY!r}): left as it is; "
                 f"give another --template-name, or --force to replace it"
             )
-        version = info.get("version", {}).get("number", "?")
         lines = [
-            f"elasticsearch {version} at {config.where}",
+            banner,
             f"index template {config.template_name} for {', '.join(patterns)}: {outcome}",
         ]
         if retired:

@@ -157,6 +157,32 @@ class TestConfig:
         with pytest.raises(ConfigError, match="^ca_certs: "):
             unchecked.client()
 
+    @pytest.mark.parametrize("content", [b"not a pem\n", b"",
+                                         b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"])
+    def test_a_ca_file_without_a_certificate_is_a_config_error(self, tmp_path: Path, content: bytes) -> None:
+        """The client's ssl.SSLError escaped as a traceback (exit 1) from the setup command and
+        the sidecar's start."""
+        from click.testing import CliRunner
+
+        from infer_logger.cli import main
+
+        ca = tmp_path / "ca.pem"
+        ca.write_bytes(content)
+        with pytest.raises(ValidationError, match="ca_certs") as caught:
+            ElasticsearchSinkConfig(url="https://es:9200", ca_certs=str(ca))
+        assert "no certificate" in str(caught.value)
+        unchecked = ElasticsearchSinkConfig.model_construct(url="https://es:9200", ca_certs=str(ca))
+        with pytest.raises(ConfigError, match="^ca_certs: "):
+            unchecked.client()  # the file changed after it was checked
+        ran = CliRunner().invoke(main, ["setup", "elasticsearch", "--url", "https://127.0.0.1:9", "--ca-certs", str(ca)])
+        assert ran.exit_code == 2 and "config error: ca_certs" in ran.output, ran.output
+
+    def test_a_ca_bundle_is_taken(self) -> None:
+        import certifi
+
+        config = ElasticsearchSinkConfig(url="https://es:9200", ca_certs=certifi.where())
+        asyncio.run(config.client().close())
+
     def test_credentials_stay_out_of_messages(self) -> None:
         config = ElasticsearchSinkConfig(url=["https://u:secret@es1:9200", "http://es2:9200"])
         assert config.where == "https://es1:9200, http://es2:9200"
@@ -400,6 +426,20 @@ class TestTemplate:
         finally:
             es.options(ignore_status=404).indices.delete_index_template(name=prefix)
 
+    def test_setup_with_a_key_that_may_not_read_the_version(self, es_url: str, es: Elasticsearch) -> None:
+        """`GET /` needs the `monitor` cluster privilege, the template APIs `manage_index_templates`:
+        a key with only the latter failed the setup (exit 1) before the template was tried."""
+        prefix = unique("itest")
+        with InfoRefused(es_url) as proxy:
+            lines = setup_elasticsearch(ElasticsearchSinkConfig(url=proxy.url, index=prefix + "-{namespace}"))
+        try:
+            assert proxy.refused == ["GET /"]
+            assert lines[0].startswith(f"elasticsearch at {proxy.url} (version unknown: 403 ") and "monitor" in lines[0]
+            assert lines[1] == f"index template {prefix} for {prefix}-*: created"
+            assert es.indices.get_index_template(name=prefix)["index_templates"]
+        finally:
+            es.options(ignore_status=404).indices.delete_index_template(name=prefix)
+
     def test_setup_without_a_server(self) -> None:
         url = f"http://127.0.0.1:{free_port()}"
         with pytest.raises(SinkError, match=url):
@@ -600,6 +640,64 @@ class BodyLimit(TemplateRefused):
             return {"type": "http.request", "body": body, "more_body": False}
 
         await super().__call__(scope, replay, send)
+
+
+class InfoRefused(TemplateRefused):
+    """Elasticsearch's answer to a key without the `monitor` cluster privilege: `GET /` (the
+    version banner) is refused with 403; the rest is passed on."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream, 403, refusals=0)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/":
+            await read_body(receive)
+            self.refused.append(f"{scope['method']} /")
+            reason = ("action [cluster:monitor/main] is unauthorized for API key id [k] of user [setup], this "
+                      "action is granted by the cluster privileges [monitor,manage,all]")
+            error = {"error": {"type": "security_exception", "reason": reason}, "status": 403}
+            headers = [(b"content-type", b"application/json"), (b"x-elastic-product", b"Elasticsearch")]
+            return await respond(send, 403, headers, orjson.dumps(error))
+        return await super().__call__(scope, receive, send)
+
+
+class ItemsRefused(TemplateRefused):
+    """A real Elasticsearch whose `_bulk` items at `refused` ((call from 1, position) -> status)
+    are refused as a cluster does: not applied, answered 429 (a shard's write queue full) or 409
+    (a conflict left after retry_on_conflict). The others are passed on as one `_bulk` and the
+    answers merged in order. `calls` holds the `_id`s of each `_bulk`."""
+
+    KINDS = {409: "version_conflict_engine_exception", 429: "es_rejected_execution_exception"}
+
+    def __init__(self, upstream: str, refused: dict[tuple[int, int], int]) -> None:
+        super().__init__(upstream, 0, refusals=0)
+        self.refused_items = refused
+        self.calls: list[list[str]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/_bulk":
+            return await super().__call__(scope, receive, send)
+        import aiohttp
+
+        lines = (await read_body(receive)).splitlines()
+        actions = [orjson.loads(line)["update"] for line in lines[::2]]
+        self.calls.append([a["_id"] for a in actions])
+        statuses = [self.refused_items.get((len(self.calls), i)) for i in range(len(actions))]
+        passed = b"".join(lines[2 * i] + b"\n" + lines[2 * i + 1] + b"\n"
+                          for i, status in enumerate(statuses) if status is None)
+        answers: Iterator[dict[str, Any]] = iter(())
+        if passed:
+            forwarded = {k.decode(): v.decode() for k, v in scope["headers"] if k not in (b"host", b"content-length")}
+            async with aiohttp.ClientSession() as session, session.post(
+                    self.upstream + "/_bulk", data=passed, headers=forwarded) as answer:
+                answers = iter((await answer.json())["items"])
+        items = [next(answers) if status is None else {"update": {
+            "_index": a["_index"], "_id": a["_id"], "status": status,
+            "error": {"type": self.KINDS.get(status, "x_exception"), "reason": "refused by the test"}}}
+            for a, status in zip(actions, statuses)]
+        body = {"took": 1, "errors": any(next(iter(i.values()))["status"] >= 300 for i in items), "items": items}
+        headers = [(b"content-type", b"application/json"), (b"x-elastic-product", b"Elasticsearch")]
+        await respond(send, 200, headers, orjson.dumps(body))
 
 
 class TestTemplateCheck:
@@ -1164,7 +1262,7 @@ def test_chunks_take_operations_as_they_are_sent() -> None:
     def ops() -> Iterator[_Op]:
         for i in range(10):
             taken.append(i)
-            yield _Op(i, b"x" * 100)
+            yield _Op(i, b"x" * 100, ("i", str(i)))
 
     chunks = _chunks(ops(), lambda: 250)
     assert [op.event for op in next(chunks)] == [0, 1]
@@ -1249,3 +1347,70 @@ class TestItemRetries:
             fake.retry_after = "²".encode()
             await send(_fake_config(fake), [request("e", "iris")])
         assert caught.value.retry_after is None and "429" in str(caught.value)
+
+    @pytest.mark.parametrize(("refused", "calls"), [
+        # A bulk per document: the 503's bulk answered 429 (its shard's write queue full).
+        ({(2, 0): 429}, [["x-0"]] * 4 + [["x-0"]] * 3),
+        # One bulk: the 503's item answered 409 (a conflict left after retry_on_conflict).
+        ({(1, 1): 409}, [["x-0"] * 4, ["x-0"] * 3]),
+    ], ids=["a later bulk", "one bulk"])
+    async def test_an_item_retried_does_not_overwrite_a_later_update_of_its_document(
+            self, es_url: str, es: Elasticsearch, refused: dict[tuple[int, int], int],
+            calls: list[list[str]]) -> None:
+        """Envoy and Istio retries keep x-request-id: request, 503 response, request, 200 response
+        under one id, in one batch. The 503's item was sent again after the later ones were
+        taken, and the older response replaced the newer one. Now the later updates of that
+        document go again after it, in order."""
+        service = unique()
+        one = {"instances": [[1.0, 2.0]]}
+        batch = [request("x", service, one), response("x", service, {"error": "upstream busy"}, status=503),
+                 request("x", service, one), response("x", service, {"predictions": [1]})]
+        with ItemsRefused(es_url, refused) as front:
+            bulk_bytes = 1 if len(calls) > 2 else 8 << 20
+            await send(ElasticsearchSinkConfig(url=front.url, max_bulk_bytes=bulk_bytes, retry_delay=0.01), batch)
+        doc = docs(es, service)["x-0"]
+        assert (doc["status"], {k: v for k, v in doc["response"].items() if v is not None}) == (200, {"prediction": 1})
+        assert front.calls == calls
+
+    @pytest.mark.parametrize(("script", "pending"), [
+        ([[200], 429], ["e1", "e2", "e3"]),
+        ([[200], [200], 503], ["e2", "e3"]),
+        # Refused, e1 goes again to be refused again (left out, it was counted as taken), and what
+        # follows it, in order.
+        ([[200], [400], [200], 429], ["e1", "e2", "e3"]),
+        ([429], ["e0", "e1", "e2", "e3"]),
+    ])
+    async def test_a_whole_request_failure_names_the_events_not_taken(
+            self, script: list[Any], pending: list[str]) -> None:
+        """One bulk of several answered 429 or 5xx as a whole: the batch went again from its
+        first bulk, those already taken included."""
+        batch = [request(f"e{i}", "iris", {"instances": [[i]]}) for i in range(4)]
+        with FakeBulk(script) as fake, pytest.raises(SinkError) as caught:
+            await send(_fake_config(fake).model_copy(update={"max_bulk_bytes": 1}), batch)  # a bulk per document
+        assert not isinstance(caught.value, RejectedError)
+        assert [e.id for e in caught.value.pending] == pending
+
+    async def test_items_still_failing_name_the_events_not_taken(self) -> None:
+        batch = [request(f"e{i}", "iris", {"instances": [[i]]}) for i in range(3)]
+        with FakeBulk([[200, 429, 200], [429]]) as fake, pytest.raises(SinkError) as caught:
+            await send(_fake_config(fake), batch)
+        assert fake.calls[1:] == [["e1-0"]] * 2
+        assert [e.id for e in caught.value.pending] == ["e1", "e2"]  # from the first not taken, in order
+
+    async def test_the_worker_sends_only_what_was_not_taken(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path / "spool")
+        for i in range(3):
+            spool.append(request(f"e{i}", "iris", {"instances": [[i]]}))
+        with FakeBulk([[200], 429, [200]]) as fake:
+            sink = _fake_config(fake).model_copy(update={"max_bulk_bytes": 1}).build()
+            d = Dispatcher(spool, {"es": sink}, Metrics(spool), batch_size=10,
+                           backoff=Backoff(initial=0.01, maximum=0.1, retry_after_max=0.1))
+            d.start()
+            try:
+                await until(lambda: d.workers[0].reader.lag() == 0)
+            finally:
+                await d.stop()
+                await sink.aclose()
+                spool.close()
+        assert fake.calls == [["e0-0"], ["e1-0"], ["e1-0"], ["e2-0"]]
+        assert d.metrics.delivered.labels("es")._value.get() == 3
