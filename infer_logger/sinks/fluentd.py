@@ -26,8 +26,9 @@ A receiver closes for other reasons too (the forward source on a batch its subsc
 take, a restart): then the frames before the suspect are not acked either, and that close strikes
 nothing. A suspect alone in its batch goes, after a close, behind a small event (under 64 KiB)
 the receiver acked before, sent again as the witness (a duplicate when taken, which the id-keyed
-store downstream overwrites; at most 10 per suspect); with no such event (none acked since the
-start) or none left, each close strikes it. A silence is no evidence of size (a receiver under
+store downstream overwrites; at most 10 per suspect, and none after 100 tries closed on at it: a
+long outage, or a limit below even its size); with no such event (none acked since the start) or
+none left, each close strikes it. A silence is no evidence of size (a receiver under
 backpressure is silent too): Fluentd's in_forward drops a chunk over its chunk_size_limit without
 a word, and such a frame is sent again, without a witness, until its limit is raised.
 
@@ -212,6 +213,7 @@ _SHRUNK_FOR = 300.0  # seconds frames stay smaller after one was cut off (then o
 _LONE_BYTES = 1 << 20  # an event over this (and anything the receiver acked) cut off alone...
 _LONE_TRIES = 3  # ... this many times, right after the frames before it were taken, is refused for good
 _WITNESS_TRIES = 10  # witnesses of a suspect alone the receiver took (each a duplicate); then none
+_WITNESS_CUTS = 100  # ... it closed on (down, or its limit now below even the witness's); then none
 _HELO_WAIT = 0.1  # seconds a new connection without acks waits for a HELO before its first frame
 
 
@@ -282,7 +284,9 @@ class FluentdSink:
         self._strikes: dict[tuple[str, str, str], int] = {}
         self._witness: CloudEvent | None = None  # a small event acked: sent again before a suspect alone
         self._witnessed: dict[tuple[str, str, str], int] = {}  # suspects: their witnesses the receiver took
+        self._witness_cut: dict[tuple[str, str, str], int] = {}  # ... those it closed on
         self._witness_for: tuple[str, str, str] | None = None  # the suspect of this try's witness
+        self._witness_size = 0
         self._closed: set[tuple[str, str, str]] = set()  # suspects whose last try the receiver closed
         self._started = 0  # frames of the current try whose writing began
         self._vouched: set[int] = set()  # ... of which suspects written once the frames before were taken
@@ -367,12 +371,15 @@ class FluentdSink:
         # Closed: a witness may tell next time whether the receiver takes other frames.
         self._closed.update(_key(f.events[0]) for f in frames if f.suspect)
         first = frames[cut[0]]  # the receiver takes frames in order: the one it stopped at
+        if not first.events and self._witness_for is not None:  # the witness
+            self._witness_cut[self._witness_for] = self._witness_cut.get(self._witness_for, 0) + 1
         if len(first.events) == 1 and first.size > max(_LONE_BYTES, self._largest_acked):
             key = _key(first.events[0])
             if key not in self._strikes:
                 if len(self._strikes) >= 1000:  # bounded: stale entries go
                     self._strikes.clear()
                     self._witnessed.clear()
+                    self._witness_cut.clear()
                     self._closed.clear()
                 self._strikes[key] = 0  # no evidence yet: a close for any reason makes a suspect
                 self._closed.add(key)
@@ -384,13 +391,15 @@ class FluentdSink:
             self._largest_acked = max(self._largest_acked, frame.size)
             if not frame.events and self._witness_for is not None:  # the witness: a duplicate downstream
                 self._witnessed[self._witness_for] = self._witnessed.get(self._witness_for, 0) + 1
-            # Small: one the receiver may no longer take would be cut off on every try instead.
-            if frame.events and frame.size < _SUSPECT_BYTES:
-                self._witness = frame.events[0]
+            # The smallest: one the receiver may no longer take is closed on instead of the suspect.
+            if frame.events and frame.size < _SUSPECT_BYTES and (self._witness is None
+                                                                 or frame.size <= self._witness_size):
+                self._witness, self._witness_size = frame.events[0], frame.size
             if self._strikes and len(frame.events) == 1:
                 key = _key(frame.events[0])
                 self._strikes.pop(key, None)
                 self._witnessed.pop(key, None)
+                self._witness_cut.pop(key, None)
                 self._closed.discard(key)
 
     def _pending(self, frames: list[_Frame], unacked: set[str],
@@ -445,12 +454,14 @@ class FluentdSink:
         # which the store downstream overwrites by id; its frame carries no event of the batch.
         # Only after a close (a silence tests nothing: Fluentd drops a chunk over its limit without
         # a word, retried for ever, each try a duplicate), and taken _WITNESS_TRIES times at most
-        # (one not taken, the receiver down, is no duplicate); with no witness to send (none small
-        # acked, or its tries used), each close strikes.
+        # (one not taken, the receiver down, is no duplicate); closed on _WITNESS_CUTS times (a
+        # long outage, or a limit below even the witness: retried for ever) it goes no more. With
+        # no witness to send (none small acked, or its tries used), each close strikes.
         unvouched, self._witness_for = False, None
         if suspects and not frames:
             key = _key(suspects[0][2])
-            if self._witness is None or self._witnessed.get(key, 0) >= _WITNESS_TRIES:
+            if (self._witness is None or self._witnessed.get(key, 0) >= _WITNESS_TRIES
+                    or self._witness_cut.get(key, 0) >= _WITNESS_CUTS):
                 unvouched = True
             elif key in self._closed:
                 self._witness_for, witness = key, self._witness

@@ -675,6 +675,32 @@ class TestReceiverLimits:
         assert refused is not None and refused.too_large, "the lone big event was never refused"
         assert [e.id for e in memory.events] == ["e0"]
 
+    async def test_a_witness_closed_on_goes_a_bounded_number_of_times(
+            self, memory: MemorySink, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The receiver restarted with a limit below even the witness's size: each try was closed
+        on at the witness, striking nothing: the lone big event was sent again for ever."""
+        from infer_logger.sinks import fluentd
+
+        monkeypatch.setattr(fluentd, "_WITNESS_CUTS", 3, raising=False)  # 100: a long outage's worth
+        port = free_port()
+        sink = FluentdSinkConfig(port=port, timeout=2).build()
+        refused = None
+        try:
+            async with ForwardSourceConfig(port=port).build(memory):
+                await sink.send_batch([sized(0, 40_000)])  # the witness
+            async with ForwardSourceConfig(port=port, max_frame_bytes=16 << 10).build(memory):
+                for _ in range(20):  # hang guard: 1 close makes the suspect, 3 on the witness, 3 strikes
+                    try:
+                        await sink.send_batch([sized(1, 2_000_000)])
+                    except RejectedError as exc:
+                        refused = exc
+                        break
+                    except SinkError:
+                        pass
+        finally:
+            await sink.aclose()
+        assert refused is not None and refused.too_large, "the lone big event was never refused"
+
     async def test_a_first_event_too_large_for_the_receiver_alone_is_dead_lettered(
             self, memory: MemorySink, tmp_path: Path) -> None:
         """Alone in its batch, with nothing acked before to vouch for the receiver: its closes
