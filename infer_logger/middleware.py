@@ -39,8 +39,8 @@ from infer_logger.logger import InferenceLogger, match_route
 
 log = logging.getLogger(__name__)
 
-# Set in the scope an exchange's app gets: a middleware inside (the mounted app's, sharing the
-# logger of the outer app's) passes it on, not logging it twice.
+# Set in the scope an exchange's app gets, to its logger: a middleware inside with the same
+# logger (the mounted app's, sharing the outer app's) passes it on, not logging it twice.
 _LOGGED = "infer_logger.logged"
 _OWN_KEYS = frozenset({"headers", "extensions", _LOGGED})  # the app's copy has them from us
 
@@ -71,7 +71,8 @@ class InferenceLoggerMiddleware:
         # Under a prefix too: wrapped around an app that mounts the predictor (`Mount("/api", ...)`),
         # the path still holds it. The events keep the path as the client sent it.
         route = match_route(scope.get("method", ""), path, prefixed=True) if scope["type"] == "http" else None
-        if route is None or scope.get(_LOGGED):  # logged by a middleware outside (the outer app's)
+        if route is None or (self._logger is not None and scope.get(_LOGGED) is self._logger):
+            # Logged by a middleware outside with the same logger (the outer app's).
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -114,7 +115,7 @@ class InferenceLoggerMiddleware:
         # A file answer must come as body messages, to be logged: not as a path the server sends.
         extensions = {k: v for k, v in scope.get("extensions", {}).items()
                       if k not in ("http.response.pathsend", "http.response.zerocopysend")}
-        outer, scope = scope, {**scope, "headers": forwarded, "extensions": extensions, _LOGGED: True}
+        outer, scope = scope, {**scope, "headers": forwarded, "extensions": extensions, _LOGGED: self.logger}
 
         def copy_back() -> None:
             # What the app sets in its scope (Starlette's router: `route`, `endpoint`, `path_params`)

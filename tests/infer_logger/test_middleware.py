@@ -694,6 +694,23 @@ def test_the_outer_and_the_mounted_app_wrapped_with_one_logger_log_once(tmp_path
                                                                (ev.RESPONSE, "/api/v1/models/echo:predict")]
 
 
+def test_two_middlewares_with_loggers_of_their_own_both_log(tmp_path: Path) -> None:
+    """The mark that an exchange was logged outside made one inside with another logger (its own
+    sink and spool) log nothing."""
+    with EventCollector() as outer_sink, EventCollector() as inner_sink:
+        inner = InferenceLoggerMiddleware(create_app([EchoModel()]), settings=load_settings(
+            log_url=[inner_sink.url], spool={"dir": str(tmp_path / "inner")}))
+        app = InferenceLoggerMiddleware(inner, settings=load_settings(
+            log_url=[outer_sink.url], spool={"dir": str(tmp_path / "outer")}))
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):  # the lifespan runs through both
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/models/echo:predict", json={"instances": [[1, 2, 3, 4]]},
+                           headers={"ce-id": "two-1"})
+            assert r.status_code == 200
+            outer, inner_events = outer_sink.wait_for(2), inner_sink.wait_for(2)
+    assert {e.id for e in outer} == {e.id for e in inner_events} == {"two-1"}
+
+
 def test_what_the_router_sets_in_the_scope_reaches_outer_middlewares(tmp_path: Path) -> None:
     """The app was called with a copy of the scope: the `route`, `endpoint` and `path_params`
     Starlette's router sets never reached a middleware outside (route-labelled metrics)."""
