@@ -60,6 +60,16 @@ _SERVICE_LINK = re.compile(
     r"_(?=(?:SERVICE_HOST|SERVICE_PORT(?:_\w+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_(?:PROTO|PORT|ADDR))?)?)$)"
 )
 
+
+
+def _service_links(names: Iterable[str]) -> set[str]:
+    """Those of `names` (upper-cased) that are Kubernetes' links to a Service whose
+    <NAME>_SERVICE_HOST is among them too."""
+    upper = {name.upper() for name in names}
+    return {name for name in upper
+            if any(f"{name[:at.start()]}_SERVICE_HOST" in upper for at in _SERVICE_LINK.finditer(name))}
+
+
 # A Service named as a prefix (infer-logger, infer-logger-broker) gives <PREFIX>PORT=tcp://<ip>:<port>.
 _LINK_VALUE = re.compile(r"(?:tcp|udp|sctp)://[^/\s]+:\d+", re.IGNORECASE)
 
@@ -179,7 +189,7 @@ class LayeredSettings(BaseSettings):
             return
         fields = {name.upper(): name for name in cls.model_fields}
         others = tuple(other for other in _OTHER_ENV if other.startswith(prefix) and other != prefix)
-        present = {key.upper() for key in os.environ}
+        links = _service_links(os.environ)
         for key in os.environ:
             name = key.upper()
             if not name.startswith(prefix) or name.startswith(others):
@@ -188,7 +198,7 @@ class LayeredSettings(BaseSettings):
             head, nested, _ = rest.partition(delimiter) if delimiter else (rest, "", "")
             if head in fields and not nested:
                 continue
-            if any(f"{name[:at.start()]}_SERVICE_HOST" in present for at in _SERVICE_LINK.finditer(name)):
+            if name in links:
                 continue  # a Service's (a name may hold "--": INFER_LOGGER_TIMEOUT__X_SERVICE_HOST)
             if head in fields:
                 # pydantic-settings reads NAME__KEY into a section only: under a scalar it was
@@ -275,6 +285,15 @@ class _EnvSource(EnvSettingsSource):
     def __call__(self) -> dict[str, Any]:
         replaced = _env_replaced.get()
         return {key: value for key, value in super().__call__().items() if key not in replaced}
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # Not a link to a Service named with "--" (infer-logger-sinks--x): read as a key of the
+        # setting (SINKS__X_SERVICE_HOST), it failed the start, naming no variable. One without
+        # is a setting's (`<PREFIX>PORT`: see get_field_value).
+        env = super()._load_env_vars()
+        delimiter = (self.env_nested_delimiter or "").upper()
+        links = {name for name in _service_links(env) if delimiter and delimiter in name}
+        return {key: value for key, value in env.items() if key.upper() not in links}
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         """Not a Kubernetes service link's value: `<PREFIX>PORT`, the port of the Service named

@@ -246,7 +246,7 @@ class KafkaSinkConfig(SinkConfig):
     def _over_linger(self) -> Self:
         # librdkafka refuses to start otherwise, and its error named the field `config`; one that
         # `config` sets (the timeout, or linger.ms) is librdkafka's to check.
-        if not any(name in self.config for name in (*_TIMEOUTS, "linger.ms")) \
+        if not any(name in self.config for name in (*_TIMEOUTS, "linger.ms", "queue.buffering.max.ms")) \
                 and _milliseconds(self.delivery_timeout) <= self.linger_ms:
             raise ValueError(f"delivery_timeout: {self.delivery_timeout:g} s is not over linger_ms "
                              f"({self.linger_ms:g} ms): librdkafka needs a record's timeout to exceed the "

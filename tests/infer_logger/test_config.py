@@ -444,6 +444,9 @@ class TestUnknownVariables:
         ["INFER_LOGGER_SERVICE_SERVICE_HOST", "INFER_LOGGER_SERVICE_PORT", "INFER_LOGGER_SERVICE_SERVICE_PORT"],
         # ... and to infer-logger-timeout--x (a name may hold "--"): no key under the timeout.
         ["INFER_LOGGER_TIMEOUT__X_SERVICE_HOST", "INFER_LOGGER_TIMEOUT__X_PORT"],
+        # ... and under a list's or a section's, which were read as a key of it and failed the start.
+        ["INFER_LOGGER_SINKS__X_SERVICE_HOST", "INFER_LOGGER_SINKS__X_PORT"],
+        ["INFER_LOGGER_SPOOL__X_SERVICE_HOST", "INFER_LOGGER_SPOOL__X_SERVICE_PORT"],
     ])
     def test_names_read_elsewhere_are_left_alone(self, monkeypatch: pytest.MonkeyPatch,
                                                  names: list[str]) -> None:
