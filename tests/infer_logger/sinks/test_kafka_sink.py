@@ -894,7 +894,8 @@ class TestConfig:
         for taken in ({"delivery_timeout": 2_147_483.647}, {"linger_ms": 900_000, "delivery_timeout": 901},
                       {"linger_ms": 0, "delivery_timeout": 0.001}, {"delivery_timeout": 0.006},
                       # The timeout that applies is config's: delivery_timeout under linger_ms was refused.
-                      {"linger_ms": 200, "delivery_timeout": 0.1, "config": {"message.timeout.ms": 60000}}):
+                      {"linger_ms": 200, "delivery_timeout": 0.1, "config": {"message.timeout.ms": 60000}},
+                      {"linger_ms": 2000, "delivery_timeout": 1, "config": {"queue.buffering.max.ms": 5}}):
             KafkaSinkConfig.model_validate({"bootstrap_servers": "127.0.0.1:9", **taken}).build()
 
     @pytest.mark.parametrize("value", [float("inf"), "2min", -1, 2**31])
