@@ -8,14 +8,17 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
 from infer_logger.errors import ConfigError, InferLoggerError
+
+if TYPE_CHECKING:
+    from infer_logger.store import AuditStore
 
 _HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 _SQLITE_INT_MAX = 2**63 - 1  # a larger number cannot be bound as a query parameter
@@ -182,7 +185,7 @@ def _time(value: str | None, name: str) -> datetime | None:
 def query(config: Path | None, db: str | None, id_: str | None, model: str | None, since: str | None,
           until: str | None, status: int | None, limit: int | None, offset: int, fmt: str) -> None:
     """Read audit records (request, response and explanation joined) from the embedded store."""
-    from infer_logger.store import AuditStore, json_chunks, table_lines, table_widths
+    from infer_logger.store import AuditStore
 
     for value, flag in ((id_, "--id"), (model, "--model")):
         if value is not None:
@@ -207,48 +210,90 @@ def query(config: Path | None, db: str | None, id_: str | None, model: str | Non
         store = AuditStore(path, readonly=True)
     except InferLoggerError as exc:  # not an SQLite file, or a newer schema
         raise click.BadParameter(str(exc), param_hint="--db") from None
-    next_page = None
     # Made into a file (on disk past 8 MiB), then written out: a read transaction held while the
     # output waited on a pager (`| less`) kept the sidecar's WAL from being reset, growing for good.
+    # With no room for it (a full or small TMPDIR), written out as made instead.
     made = tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+", encoding="utf-8", errors="surrogatepass")
     try:
-        # One read transaction: the table's two passes, and the look past the limit, see the same rows.
-        with store.snapshot():
-            if fmt == "json":
-                made.writelines(json_chunks(store.records(**filters, limit=limit, offset=offset)))
-            else:
-                widths = table_widths(store.records(**filters, limit=limit, offset=offset, payloads=False))
-                lines = table_lines(store.records(**filters, limit=limit, offset=offset), widths)
-                made.writelines(("\n" if n else "") + line for n, line in enumerate(lines))
-            if limit is not None and offset + limit <= _SQLITE_INT_MAX:
-                with contextlib.closing(store.records(**filters, limit=1, offset=offset + limit,
-                                                      payloads=False)) as past:
-                    if next(past, None) is not None:
-                        next_page = offset + limit
+        try:
+            next_page = _rows(store, fmt, filters, limit, offset, _into(made))
+        except _NoRoom:
+            made.close()
+            next_page = _rows(store, fmt, filters, limit, offset, _out)
     except InferLoggerError as exc:  # damaged past what opening it read
         click.echo(f"infer-logger: {exc}", err=True)
         sys.exit(1)
     finally:
         store.close()
-    with made:
-        made.seek(0)
-        _echo(iter(lambda: made.read(1 << 16), ""))
+    if not made.closed:
+        with made:
+            made.seek(0)
+            _echo(iter(lambda: made.read(1 << 16), ""))
+    else:
+        _echo([])
     if next_page is not None:
         click.echo(f"infer-logger: more rows match: --offset {next_page} shows the next ones "
                    "(or raise --limit)", err=True)
 
 
+class _NoRoom(Exception):
+    """The query's output found no room in the temporary file."""
+
+
+def _into(made: IO[str]) -> Callable[[str], None]:
+    def write(text: str) -> None:
+        try:
+            made.write(text)
+        except OSError:
+            raise _NoRoom from None
+    return write
+
+
+def _rows(store: AuditStore, fmt: str, filters: dict[str, Any], limit: int | None, offset: int,
+          write: Callable[[str], None]) -> int | None:
+    """The rows, written; the offset of the next page when more match. In one read transaction:
+    the table's two passes, and the look past the limit, see the same rows."""
+    from infer_logger.store import json_chunks, table_lines, table_widths
+
+    with store.snapshot():
+        if fmt == "json":
+            for chunk in json_chunks(store.records(**filters, limit=limit, offset=offset)):
+                write(chunk)
+        else:
+            widths = table_widths(store.records(**filters, limit=limit, offset=offset, payloads=False))
+            for n, line in enumerate(table_lines(store.records(**filters, limit=limit, offset=offset), widths)):
+                write(("\n" if n else "") + line)
+        if limit is not None and offset + limit <= _SQLITE_INT_MAX:
+            with contextlib.closing(store.records(**filters, limit=1, offset=offset + limit, payloads=False)) as past:
+                if next(past, None) is not None:
+                    return offset + limit
+    return None
+
+
 def _echo(chunks: Iterable[str]) -> None:
-    """Written out, and a newline; a reader gone (`| head`) ends it quietly."""
+    """Written out, and a newline."""
+    for chunk in chunks:
+        _out(chunk)
+    _out("\n")
     try:
-        for chunk in chunks:
-            click.echo(chunk, nl=False)
-        click.echo()
-        sys.stdout.flush()
+        if sys.stdout is not None:  # None: started with stdout closed (`>&-`), which click.echo skips
+            sys.stdout.flush()
     except BrokenPipeError:
-        # What is still buffered would fail again at exit ("Exception ignored"): to nowhere.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+        _gone()
+
+
+def _out(text: str) -> None:
+    """To stdout; a reader gone (`| head`) ends the command quietly."""
+    try:
+        click.echo(text, nl=False)
+    except BrokenPipeError:
+        _gone()
+
+
+def _gone() -> None:
+    # What is still buffered would fail again at exit ("Exception ignored"): to nowhere.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)
 
 
 def _text(value: str, flag: str) -> None:

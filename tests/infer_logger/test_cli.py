@@ -266,6 +266,40 @@ def test_query_read_by_a_reader_that_stops_early_says_nothing(tmp_path: Path) ->
     assert reader.stderr.read() == b"" and reader.wait(60) in (0, 1)
 
 
+def test_query_with_no_room_for_its_output_writes_it_as_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Output past 8 MiB goes through a temporary file: with no room there (a full or small
+    TMPDIR), it was an OSError traceback and nothing written."""
+    import errno
+    import tempfile
+
+    from infer_logger import cli
+
+    class Full(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]
+        def write(self, text: str) -> int:
+            if self.tell() > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(text)
+
+    monkeypatch.setattr(cli.tempfile, "SpooledTemporaryFile", Full)
+    db = tmp_path / "audit.db"
+    for i in range(20):
+        _instances(db, f"x{i}", 3)
+    whole = CliRunner().invoke(main, ["query", "--db", str(db), "--limit", "100", "--format", "json"])
+    assert whole.exit_code == 0 and whole.stderr == "", whole.output
+    assert len(json.loads(whole.stdout)) == 60
+
+
+def test_query_with_stdout_closed_says_nothing(tmp_path: Path) -> None:
+    """`query >&-`: an AttributeError traceback (no sys.stdout to flush)."""
+    import shlex
+
+    db = tmp_path / "audit.db"
+    _instances(db, "a", 2)
+    command = shlex.join([str(Path(sys.executable).parent / "infer-logger"), "query", "--db", str(db)])
+    done = subprocess.run(f"{command} >&-", shell=True, stderr=subprocess.PIPE, timeout=60)
+    assert done.returncode == 0 and done.stderr == b"", done.stderr
+
+
 def test_query_times_are_read_as_the_store_reads_them(tmp_path: Path) -> None:
     """RFC 3339 allows lower-case t and z, which the store reads (events.as_utc); --since refused them."""
     db = tmp_path / "audit.db"
