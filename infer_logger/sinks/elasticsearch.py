@@ -438,14 +438,18 @@ class ElasticsearchSink:
             )
 
     @staticmethod
-    def _not_taken(events: Sequence[CloudEvent], rejected: Mapping[int, str], retry: Sequence[_Op],
+    def _not_taken(batch: Sequence[CloudEvent], rejected: Mapping[int, str], retry: Sequence[_Op],
                    unsent: int) -> list[CloudEvent]:
         """What the worker sends again (`SinkError.pending`): the batch from its first event not
         taken on: one with an update to send again, refused (so it is refused again, not counted
         taken), or not sent yet (from `unsent`). The rest of it too, though some were taken: sent
-        again alone, an earlier event would be applied after a later one of the same document."""
+        again alone, an earlier event would be applied after a later one of the same document.
+        And from the request of a response in it: its instance count comes from there (`_ops`),
+        and a later request of the id (a mesh's retry) had replaced it: a 503 marked instance 0 only."""
         first = min([unsent, *rejected, *(op.event for op in retry)])
-        return list(events[first:])
+        answered = {e.id for e in batch[first:] if e.type == events.RESPONSE}
+        return list(batch[next((i for i, e in enumerate(batch[:first])
+                                if e.type == events.REQUEST and e.id in answered), first):])
 
     def _ops(self, batch: Sequence[CloudEvent], rejected: dict[int, str]) -> Iterator[_Op]:
         """The batch's `update` operations, event by event; events that cannot be encoded go

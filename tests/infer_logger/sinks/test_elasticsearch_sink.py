@@ -1372,6 +1372,33 @@ class TestItemRetries:
         assert (doc["status"], {k: v for k, v in doc["response"].items() if v is not None}) == (200, {"prediction": 1})
         assert front.calls == calls
 
+    async def test_a_response_sent_again_keeps_the_instance_count_of_its_request(
+            self, es_url: str, es: Elasticsearch, tmp_path: Path) -> None:
+        """The worker sent again from the 503 response (its x-1 item refused): not its request, whose
+        instance count (3) a later request of the id (1) had replaced: instances 1 and 2 never got
+        the 503."""
+        service = unique()
+        spool = DiskSpool(tmp_path / "spool")
+        for event in [request("x", service, {"instances": [[1.0], [2.0], [3.0]]}),
+                      response("x", service, {"error": "busy"}, status=503),
+                      request("x", service, {"instances": [[1.0]]}), response("x", service, {"predictions": [7]})]:
+            spool.append(event)
+        # One bulk: x-0..2 of the request, x-0..2 of the 503 (x-1 refused), x-0 twice; then x-1 alone
+        # in the sink's other attempts.
+        with ItemsRefused(es_url, {(1, 4): 429, (2, 0): 429, (3, 0): 429}) as front:
+            sink = ElasticsearchSinkConfig(url=front.url, retry_delay=0.001, max_attempts=3).build()
+            d = Dispatcher(spool, {"es": sink}, Metrics(spool), batch_size=100,
+                           backoff=Backoff(initial=0.01, maximum=0.05, retry_after_max=0.05))
+            d.start()
+            try:
+                await until(lambda: d.workers[0].reader.lag() == 0)
+            finally:
+                await d.stop()
+                await sink.aclose()
+                spool.close()
+        stored = docs(es, service)
+        assert [stored[f"x-{i}"].get("status") for i in range(3)] == [200, 503, 503]
+
     @pytest.mark.parametrize(("script", "pending"), [
         ([[200], 429], ["e1", "e2", "e3"]),
         ([[200], [200], 503], ["e2", "e3"]),
