@@ -217,6 +217,7 @@ def query(config: Path | None, db: str | None, id_: str | None, model: str | Non
     try:
         try:
             next_page = _rows(store, fmt, filters, limit, offset, _into(made))
+            _into(made)("")  # its last bytes: buffered, they find no room only now
         except _NoRoom:
             made.close()
             next_page = _rows(store, fmt, filters, limit, offset, _out)
@@ -243,7 +244,7 @@ class _NoRoom(Exception):
 def _into(made: IO[str]) -> Callable[[str], None]:
     def write(text: str) -> None:
         try:
-            made.write(text)
+            made.write(text) if text else made.flush()
         except OSError:
             raise _NoRoom from None
     return write

@@ -280,13 +280,22 @@ def test_query_with_no_room_for_its_output_writes_it_as_made(tmp_path: Path, mon
                 raise OSError(errno.ENOSPC, "No space left on device")
             return super().write(text)
 
-    monkeypatch.setattr(cli.tempfile, "SpooledTemporaryFile", Full)
+    class FullAtItsEnd(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]
+        # On disk, its last bytes were buffered: no room shows only as they are flushed (by a seek).
+        def flush(self) -> None:
+            raise OSError(errno.EFBIG, "File too large")
+
+        def seek(self, *args: Any) -> int:
+            raise OSError(errno.EFBIG, "File too large")
+
     db = tmp_path / "audit.db"
     for i in range(20):
         _instances(db, f"x{i}", 3)
-    whole = CliRunner().invoke(main, ["query", "--db", str(db), "--limit", "100", "--format", "json"])
-    assert whole.exit_code == 0 and whole.stderr == "", whole.output
-    assert len(json.loads(whole.stdout)) == 60
+    for full in (Full, FullAtItsEnd):
+        monkeypatch.setattr(cli.tempfile, "SpooledTemporaryFile", full)
+        whole = CliRunner().invoke(main, ["query", "--db", str(db), "--limit", "100", "--format", "json"])
+        assert whole.exit_code == 0 and whole.stderr == "", whole.output
+        assert len(json.loads(whole.stdout)) == 60
 
 
 def test_query_with_stdout_closed_says_nothing(tmp_path: Path) -> None:
