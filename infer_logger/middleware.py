@@ -71,8 +71,11 @@ class InferenceLoggerMiddleware:
         # Under a prefix too: wrapped around an app that mounts the predictor (`Mount("/api", ...)`),
         # the path still holds it. The events keep the path as the client sent it.
         route = match_route(scope.get("method", ""), path, prefixed=True) if scope["type"] == "http" else None
-        if route is None or (self._logger is not None and scope.get(_LOGGED) is self._logger):
-            # Logged by a middleware outside with the same logger (the outer app's).
+        logged = scope.get(_LOGGED)  # by a middleware outside, with its logger
+        if route is None or (logged is not None and (self._logger is None or logged is self._logger
+                                                     or not self._logger.started)):
+            # The same logger (the outer app's), or this one not running (a mounted app's: its
+            # lifespan never ran, and saying it serves unlogged would be wrong).
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}

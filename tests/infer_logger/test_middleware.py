@@ -694,6 +694,28 @@ def test_the_outer_and_the_mounted_app_wrapped_with_one_logger_log_once(tmp_path
                                                                (ev.RESPONSE, "/api/v1/models/echo:predict")]
 
 
+def test_the_outer_and_the_mounted_app_wrapped_alike_log_once_and_say_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Wrapped with the same settings, not one logger: the mounted app's never starts (its
+    lifespan never runs), and it said its calls were served unlogged, which the outer one logged."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    with EventCollector() as sink:
+        settings = load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)})
+        inner = InferenceLoggerMiddleware(create_app([EchoModel()]), settings=settings)
+        app = InferenceLoggerMiddleware(Starlette(routes=[Mount("/api", app=inner)]), settings=settings)
+        port = free_port()
+        with caplog.at_level(logging.ERROR, logger="infer_logger.middleware"), \
+                ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            r = httpx.post(f"http://127.0.0.1:{port}/api/v1/models/echo:predict", json={"instances": [[1, 2, 3, 4]]},
+                           headers={"ce-id": "m-2"})
+            assert r.status_code == 200
+            received = sink.wait_for(2)
+    assert sorted(e.type for e in received) == [ev.REQUEST, ev.RESPONSE]
+    assert not caplog.records
+
+
 def test_two_middlewares_with_loggers_of_their_own_both_log(tmp_path: Path) -> None:
     """The mark that an exchange was logged outside made one inside with another logger (its own
     sink and spool) log nothing."""
