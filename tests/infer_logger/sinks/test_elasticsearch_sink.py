@@ -661,6 +661,21 @@ class InfoRefused(TemplateRefused):
         return await super().__call__(scope, receive, send)
 
 
+async def through_the_worker(spool: DiskSpool, sink: ElasticsearchSink) -> Dispatcher:
+    """What `spool` holds sent by a worker (its retries, with `pending`) until it caught up; the
+    dispatcher, stopped, and the sink and spool closed."""
+    d = Dispatcher(spool, {"es": sink}, Metrics(spool), batch_size=100,
+                   backoff=Backoff(initial=0.01, maximum=0.05, retry_after_max=0.05))
+    d.start()
+    try:
+        await until(lambda: d.workers[0].reader.lag() == 0)
+    finally:
+        await d.stop()
+        await sink.aclose()
+        spool.close()
+    return d
+
+
 class ItemsRefused(TemplateRefused):
     """A real Elasticsearch whose `_bulk` items at `refused` ((call from 1, position) -> status)
     are refused as a cluster does: not applied, answered 429 (a shard's write queue full) or 409
@@ -1386,16 +1401,8 @@ class TestItemRetries:
         # One bulk: x-0..2 of the request, x-0..2 of the 503 (x-1 refused), x-0 twice; then x-1 alone
         # in the sink's other attempts.
         with ItemsRefused(es_url, {(1, 4): 429, (2, 0): 429, (3, 0): 429}) as front:
-            sink = ElasticsearchSinkConfig(url=front.url, retry_delay=0.001, max_attempts=3).build()
-            d = Dispatcher(spool, {"es": sink}, Metrics(spool), batch_size=100,
-                           backoff=Backoff(initial=0.01, maximum=0.05, retry_after_max=0.05))
-            d.start()
-            try:
-                await until(lambda: d.workers[0].reader.lag() == 0)
-            finally:
-                await d.stop()
-                await sink.aclose()
-                spool.close()
+            await through_the_worker(spool, ElasticsearchSinkConfig(url=front.url, retry_delay=0.001,
+                                                                    max_attempts=3).build())
         stored = docs(es, service)
         assert [stored[f"x-{i}"].get("status") for i in range(3)] == [200, 503, 503]
 
@@ -1429,15 +1436,6 @@ class TestItemRetries:
         for i in range(3):
             spool.append(request(f"e{i}", "iris", {"instances": [[i]]}))
         with FakeBulk([[200], 429, [200]]) as fake:
-            sink = _fake_config(fake).model_copy(update={"max_bulk_bytes": 1}).build()
-            d = Dispatcher(spool, {"es": sink}, Metrics(spool), batch_size=10,
-                           backoff=Backoff(initial=0.01, maximum=0.1, retry_after_max=0.1))
-            d.start()
-            try:
-                await until(lambda: d.workers[0].reader.lag() == 0)
-            finally:
-                await d.stop()
-                await sink.aclose()
-                spool.close()
+            d = await through_the_worker(spool, _fake_config(fake).model_copy(update={"max_bulk_bytes": 1}).build())
         assert fake.calls == [["e0-0"], ["e1-0"], ["e1-0"], ["e2-0"]]
         assert d.metrics.delivered.labels("es")._value.get() == 3

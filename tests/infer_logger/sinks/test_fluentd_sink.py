@@ -357,6 +357,18 @@ async def through_a_worker(tmp_path: Path, source: ForwardSourceConfig, subscrib
     return d, fluentd
 
 
+async def until_refused(sink: FluentdSink, event: CloudEvent, tries: int) -> RejectedError | None:
+    """`event` sent as the worker sends it again, until refused for good (at most `tries` times)."""
+    for _ in range(tries):
+        try:
+            await sink.send_batch([event])
+        except RejectedError as exc:
+            return exc
+        except SinkError:
+            pass
+    return None
+
+
 class TestBehindTheWorker:
     """The sink behind a real spool and worker, the source its receiver."""
 
@@ -661,15 +673,7 @@ class TestReceiverLimits:
             async with ForwardSourceConfig(port=port).build(memory):
                 await sink.send_batch([sized(0, 1_200_000)])  # acked: too big to be the witness
             async with ForwardSourceConfig(port=port, max_frame_bytes=1 << 20).build(memory):  # restarted
-                refused = None
-                for _ in range(12):  # hang guard: a dead letter comes after 1 + 3 closes
-                    try:
-                        await sink.send_batch([sized(1, 2_000_000)])
-                    except RejectedError as exc:
-                        refused = exc
-                        break
-                    except SinkError:
-                        pass
+                refused = await until_refused(sink, sized(1, 2_000_000), 12)  # 1 + 3 closes
         finally:
             await sink.aclose()
         assert refused is not None and refused.too_large, "the lone big event was never refused"
@@ -684,19 +688,12 @@ class TestReceiverLimits:
         monkeypatch.setattr(fluentd, "_WITNESS_CUTS", 3, raising=False)  # 100: a long outage's worth
         port = free_port()
         sink = FluentdSinkConfig(port=port, timeout=2).build()
-        refused = None
         try:
             async with ForwardSourceConfig(port=port).build(memory):
                 await sink.send_batch([sized(0, 40_000)])  # the witness
             async with ForwardSourceConfig(port=port, max_frame_bytes=16 << 10).build(memory):
-                for _ in range(20):  # hang guard: 1 close makes the suspect, 3 on the witness, 3 strikes
-                    try:
-                        await sink.send_batch([sized(1, 2_000_000)])
-                    except RejectedError as exc:
-                        refused = exc
-                        break
-                    except SinkError:
-                        pass
+                # 1 close makes the suspect, 3 on the witness, 3 strikes.
+                refused = await until_refused(sink, sized(1, 2_000_000), 20)
         finally:
             await sink.aclose()
         assert refused is not None and refused.too_large, "the lone big event was never refused"

@@ -14,7 +14,7 @@ import httpx
 from infer_logger.asgi import read_body, respond
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import from_http, to_binary, to_structured
-from infer_logger.errors import InvalidEventError
+from infer_logger.errors import InvalidEventError, RejectedError
 from infer_logger.testing import EventCollector
 from pipelines.broker import Broker, BrokerSettings
 from tests.waiting import until
@@ -134,3 +134,22 @@ def settings(tmp: Path, **overrides: Any) -> BrokerSettings:
 
 def client(broker: Broker) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=broker), base_url="http://broker")
+
+
+def refused_by(url: str, batch: list[CloudEvent]) -> RejectedError:
+    """What an http sink in batch mode (halving, as a sidecar's worker does) in front of the
+    broker at `url` finds refused for good of `batch`: it must refuse some."""
+    from infer_logger.sinks.halving import Halving
+    from infer_logger.sinks.http import HttpSinkConfig
+
+    async def send() -> RejectedError:
+        sink = Halving(HttpSinkConfig(url=url, mode="batch").build())
+        try:
+            await sink.send_batch(batch)
+        except RejectedError as exc:
+            return exc
+        finally:
+            await sink.aclose()
+        raise AssertionError("nothing was refused")
+
+    return asyncio.run(send())

@@ -13,15 +13,12 @@ import yaml
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import to_batch, to_binary, to_structured
-from infer_logger.errors import RejectedError
-from infer_logger.sinks.halving import Halving
-from infer_logger.sinks.http import HttpSinkConfig
 from infer_logger.testing import free_port
 from pipelines.broker import Broker, BrokerThread
 from tests.conformance import ROOT, reason
 
 from .conftest import MakeBroker
-from .helpers import Subscriber, binary_request, client, event, settings, settle
+from .helpers import Subscriber, binary_request, client, event, refused_by, settings, settle
 
 CATCH_ALL = "triggers: [{{name: all, subscriber: '{url}'}}]"
 
@@ -111,16 +108,7 @@ class TestRefusals:
         batch = [event(f"p{i}") for i in range(10)]
         batch[4] = event("p4", data=b'"' + b"x" * 2000 + b'"')
         with BrokerThread(broker, port=free_port()) as running:
-            async def send() -> RejectedError:
-                sink = Halving(HttpSinkConfig(url=running.url, mode="batch").build())
-                try:
-                    with pytest.raises(RejectedError) as info:
-                        await sink.send_batch(batch)
-                finally:
-                    await sink.aclose()
-                return info.value
-
-            refused = asyncio.run(send())
+            refused = refused_by(running.url, batch)
             subscriber.wait_for(9, 30)
         assert refused.events == [batch[4]] and refused.too_large
         assert sorted(e.id for e in subscriber.events) == sorted(f"p{i}" for i in range(10) if i != 4)

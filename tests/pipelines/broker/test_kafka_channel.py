@@ -23,7 +23,6 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from infer_logger.cloudevents.json_format import to_dict
 from infer_logger.errors import RejectedError, SinkError
 from infer_logger.sinks.halving import Halving
-from infer_logger.sinks.http import HttpSinkConfig
 from infer_logger.sinks.kafka import KafkaSinkConfig
 from infer_logger.sinks.memory import MemorySink
 from infer_logger.testing import free_port
@@ -33,7 +32,7 @@ from pipelines.broker.kafka_channel import KafkaChannel
 from pipelines.broker.settings import KafkaChannelSettings
 from tests.services import NoidaServer
 
-from .helpers import Handler, Subscriber, binary_request, client, event, settings, until
+from .helpers import Handler, Subscriber, binary_request, client, event, refused_by, settings, until
 
 pytestmark = pytest.mark.slow
 _names = itertools.count()
@@ -182,16 +181,7 @@ def test_a_batch_post_kafka_took_in_part_reaches_the_trigger_once_each(
     batch = [event(f"p{i}") for i in range(10)]
     batch[4] = event("p4", data=b'"' + b"x" * 1_010_000 + b'"')
     with BrokerThread(broker, port=free_port()) as running:
-        async def send() -> RejectedError:
-            sink = Halving(HttpSinkConfig(url=running.url, mode="batch").build())
-            try:
-                with pytest.raises(RejectedError) as info:
-                    await sink.send_batch(batch)
-            finally:
-                await sink.aclose()
-            return info.value
-
-        refused = asyncio.run(send())
+        refused = refused_by(running.url, batch)
         subscriber.wait_for(9, 30)
         time.sleep(1.0)  # a duplicate would follow within the trigger's batch timeout
     assert refused.events == [batch[4]] and refused.too_large
