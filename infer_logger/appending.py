@@ -26,8 +26,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-
-
 _CHUNK = 1 << 16
 _TORN_MAX = 16 << 20  # a torn line is part of one event's line (~1 MiB); more is no crash's doing
 _mended: set[Path] = set()  # files whose tail this process has checked

@@ -59,7 +59,6 @@ have no status. A response with more items than the request makes documents with
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -75,7 +74,6 @@ SHARED = events.SHARED_FIELDS
 _MAX_ID_BYTES = 512  # Elasticsearch refuses longer _ids
 _SUM_TOLERANCE = 0.01  # float32 softmax outputs rarely sum to exactly 1
 _ERROR_COPY_CHARS = 1000  # of an error body on the instances after the first
-_MAX_LATENCY_MS = 1e12  # ~30 years: anything longer is a broken attribute, not a latency
 # Every key a response part may have (`_response_part`, error, raw), as null.
 _RESPONSE_CLEARED: Document = dict.fromkeys(
     ("prediction", "probabilities", "values", "outputs", "error", "raw"))
@@ -163,7 +161,7 @@ def _common(event: CloudEvent, kind: str) -> Document:
         if time is not None:
             doc["@timestamp"] = _format(time)
     elif kind == "response":
-        status, latency = events.as_int(attrs.get(events.STATUSCODE)), _latency(attrs.get(events.LATENCYMS))
+        status, latency = events.as_int(attrs.get(events.STATUSCODE)), events.as_latency(attrs.get(events.LATENCYMS))
         if status is not None:
             doc["status"] = status
         if latency is not None:
@@ -184,7 +182,7 @@ def request_time(response_time: datetime, latencyms: object) -> datetime | None:
     the document counts as none); None within that latency of year 1. The audit store dates the
     rows of a response whose request it has not seen so too."""
     try:
-        return response_time - timedelta(milliseconds=_latency(latencyms) or 0.0)
+        return response_time - timedelta(milliseconds=events.as_latency(latencyms) or 0.0)
     except OverflowError:
         return None
 
@@ -281,13 +279,6 @@ def _raw(body: object) -> str | None:
     """The base64 text `decode_data` gives for a payload that is not JSON (or was truncated);
     None for JSON, even a JSON object that happens to be `{"base64": ...}`."""
     return body["base64"] if isinstance(body, events.RawPayload) else None
-
-
-def _latency(value: object) -> float | None:
-    latency = events.as_float(value)
-    if latency is None or not math.isfinite(latency) or abs(latency) > _MAX_LATENCY_MS:
-        return None
-    return latency
 
 
 def _format(moment: datetime) -> str:

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -216,9 +216,9 @@ def query(config: Path | None, db: str | None, id_: str | None, model: str | Non
     made = tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+", encoding="utf-8", errors="surrogatepass")
     try:
         try:
-            next_page = _rows(store, fmt, filters, limit, offset, _into(made))
-            _into(made)("")  # its last bytes: buffered, they find no room only now
-        except _NoRoom:
+            next_page = _rows(store, fmt, filters, limit, offset, made.write)
+            made.flush()  # its last bytes, buffered, find no room only now
+        except OSError:  # no room for it (reading the store raises no OSError)
             made.close()
             next_page = _rows(store, fmt, filters, limit, offset, _out)
     except InferLoggerError as exc:  # damaged past what opening it read
@@ -237,21 +237,8 @@ def query(config: Path | None, db: str | None, id_: str | None, model: str | Non
                    "(or raise --limit)", err=True)
 
 
-class _NoRoom(Exception):
-    """The query's output found no room in the temporary file."""
-
-
-def _into(made: IO[str]) -> Callable[[str], None]:
-    def write(text: str) -> None:
-        try:
-            made.write(text) if text else made.flush()
-        except OSError:
-            raise _NoRoom from None
-    return write
-
-
 def _rows(store: AuditStore, fmt: str, filters: dict[str, Any], limit: int | None, offset: int,
-          write: Callable[[str], None]) -> int | None:
+          write: Callable[[str], object]) -> int | None:
     """The rows, written; the offset of the next page when more match. In one read transaction:
     the table's two passes, and the look past the limit, see the same rows."""
     from infer_logger.store import json_chunks, table_lines, table_widths

@@ -61,7 +61,6 @@ _SERVICE_LINK = re.compile(
 )
 
 
-
 def _service_links(names: Iterable[str]) -> set[str]:
     """Those of `names` (upper-cased) that are Kubernetes' links to a Service whose
     <NAME>_SERVICE_HOST is among them too."""

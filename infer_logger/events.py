@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import math
 import time
 import zlib
 from collections.abc import Iterable, Mapping
@@ -213,6 +214,18 @@ def as_float(value: object) -> float | None:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
+
+
+_MAX_LATENCY_MS = 1e12  # ~30 years: anything longer is a broken attribute, not a latency
+
+
+def as_latency(value: object) -> float | None:
+    """`latencyms` as a number of milliseconds; None when it is none, not finite or absurd (what
+    is kept of it: JSON has no number for an infinity)."""
+    latency = as_float(value)
+    if latency is None or not math.isfinite(latency) or abs(latency) > _MAX_LATENCY_MS:
+        return None
+    return latency
 
 
 def as_utc(value: object) -> datetime | None:

@@ -71,8 +71,8 @@ class InferenceLoggerMiddleware:
         # Under a prefix too: wrapped around an app that mounts the predictor (`Mount("/api", ...)`),
         # the path still holds it. The events keep the path as the client sent it.
         route = match_route(scope.get("method", ""), path, prefixed=True) if scope["type"] == "http" else None
-        logged = scope.get(_LOGGED)  # by a middleware outside, with its logger
-        if route is None or (logged is not None and (self._logger is None or logged is self._logger
+        marked = scope.get(_LOGGED)  # logged by a middleware outside, with this logger
+        if route is None or (marked is not None and (self._logger is None or marked is self._logger
                                                      or not self._logger.started)):
             # The same logger (the outer app's), or this one not running (a mounted app's: its
             # lifespan never ran, and saying it serves unlogged would be wrong).

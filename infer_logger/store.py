@@ -543,7 +543,7 @@ def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> l
     both = (time, *asked_text)
     event_id = request.id
     status = events.as_int(answered.get(events.STATUSCODE))
-    latency = audit._latency(answered.get(events.LATENCYMS))
+    latency = events.as_latency(answered.get(events.LATENCYMS))
     asked_json, answered_json = _attributes_json(asked), _attributes_json(answered)
     inputs, outputs = _instances_json(request), _instances_json(response)
     rows = []
@@ -605,7 +605,7 @@ def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
     # Attributes may arrive as strings (HTTP/Kafka binary mode headers), hence the conversions.
     base["status"] = events.as_int(attrs.get(events.STATUSCODE))
     # As the audit documents have it: SQLite keeps an infinity, which JSON has no number for.
-    base["latency_ms"] = audit._latency(attrs.get(events.LATENCYMS))
+    base["latency_ms"] = events.as_latency(attrs.get(events.LATENCYMS))
     base[f"{kind}_attributes"] = _attributes_json(attrs)
     base["updated"] = updated
     return base

@@ -16,7 +16,8 @@ overwrites. Per-item results decide what happens next:
 
 Failures of the whole request (connection refused, timeouts, auth, 5xx) raise `SinkError`: they
 are never the events' fault. A `SinkError` names as `pending` the batch from its first event not
-taken on, which the worker sends again (not the bulks taken before it). A `_bulk` answered 413
+taken on (or from the request of a response among them: its instance count), which the worker
+sends again (not the bulks taken before it). A `_bulk` answered 413
 (larger than a front such as nginx, or the cluster's `http.max_content_length`, takes) goes
 again in smaller bulks, down to single documents, and the sink's bulks stay at most half that
 size for a while (`SizeLimit`): only an event with a document too large alone is refused

@@ -98,6 +98,7 @@ _QUEUE_KBYTES = 1_048_576  # librdkafka's default queue.buffering.max.kbytes
 _INT32 = 2_147_483_647  # librdkafka's integer properties are C ints: message.timeout.ms goes to here
 _LINGER_MAX = 900_000  # librdkafka's range of linger.ms
 _TIMEOUTS = ("message.timeout.ms", "delivery.timeout.ms")  # librdkafka's name and its alias
+_LINGERS = ("linger.ms", "queue.buffering.max.ms")  # ... and linger_ms's
 _CUTS = 12  # cuts of one record's data before it is refused (each keeps at most 95% of the last)
 _CUT_MARGIN = 4096  # bytes kept free in a record whose data was cut to fit: its two new headers, rounding
 
@@ -246,7 +247,7 @@ class KafkaSinkConfig(SinkConfig):
     def _over_linger(self) -> Self:
         # librdkafka refuses to start otherwise, and its error named the field `config`; one that
         # `config` sets (the timeout, or linger.ms) is librdkafka's to check.
-        if not any(name in self.config for name in (*_TIMEOUTS, "linger.ms", "queue.buffering.max.ms")) \
+        if not any(name in self.config for name in (*_TIMEOUTS, *_LINGERS)) \
                 and _milliseconds(self.delivery_timeout) <= self.linger_ms:
             raise ValueError(f"delivery_timeout: {self.delivery_timeout:g} s is not over linger_ms "
                              f"({self.linger_ms:g} ms): librdkafka needs a record's timeout to exceed the "

@@ -308,7 +308,7 @@ class TestStatus:
     def test_a_latency_not_finite_or_absurd_is_none(
         self, store: AuditStore, latency: Any, paired: bool
     ) -> None:
-        """As the audit documents have it (`audit._latency`): SQLite kept Inf, which `query --format
+        """As the audit documents have it (`events.as_latency`): SQLite kept Inf, which `query --format
         json` wrote as `Infinity` (no JSON) when another row made it fall back to stdlib json."""
         answer = response().with_attributes(latencyms=latency)
         if paired:
