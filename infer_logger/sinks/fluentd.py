@@ -56,6 +56,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import msgpack
@@ -196,6 +197,16 @@ class FluentdSinkConfig(SinkConfig):
         return FluentdSink(self)
 
 
+@dataclass(slots=True)
+class _Suspect:
+    """A big event the receiver closed on alone (see the module docstring)."""
+
+    strikes: int = 0  # closes right after the receiver took the frames before it
+    witnessed: int = 0  # witnesses sent before it the receiver took (each a duplicate)
+    witness_cut: int = 0  # ... it closed on
+    closed: bool = True  # its last try ended in a close, not a silence: a witness may tell why
+
+
 class _Frame(NamedTuple):
     chunk: str  # its `chunk` option ("" without acks)
     data: bytes  # the PackedForward frame
@@ -280,14 +291,10 @@ class FluentdSink:
         self._max_bytes, self._max_events = config.max_frame_bytes, config.max_frame_events
         self._shrunk_until = 0.0  # loop time the smaller bounds last until
         self._largest_acked = 0  # entry bytes of the biggest frame the receiver acked
-        # Big events cut off alone (suspects): how often, right after the frames before them were taken.
-        self._strikes: dict[tuple[str, str, str], int] = {}
+        self._suspects: dict[tuple[str, str, str], _Suspect] = {}  # big events cut off alone
         self._witness: CloudEvent | None = None  # a small event acked: sent again before a suspect alone
-        self._witnessed: dict[tuple[str, str, str], int] = {}  # suspects: their witnesses the receiver took
-        self._witness_cut: dict[tuple[str, str, str], int] = {}  # ... those it closed on
-        self._witness_for: tuple[str, str, str] | None = None  # the suspect of this try's witness
         self._witness_size = 0
-        self._closed: set[tuple[str, str, str]] = set()  # suspects whose last try the receiver closed
+        self._witness_for: _Suspect | None = None  # the suspect of this try's witness
         self._started = 0  # frames of the current try whose writing began
         self._vouched: set[int] = set()  # ... of which suspects written once the frames before were taken
 
@@ -333,7 +340,8 @@ class FluentdSink:
             if isinstance(exc, OSError) and not isinstance(exc, TimeoutError) and self._started:
                 self._cut_off(frames, unacked)
             elif isinstance(exc, TimeoutError):  # a silence: no witness for it next time (no close to test)
-                self._closed.difference_update(_key(f.events[0]) for f in frames if f.suspect)
+                for suspect in self._suspects_in(frames):
+                    suspect.closed = False
             if isinstance(exc, SinkError):
                 exc.pending = pending
                 raise
@@ -369,38 +377,35 @@ class FluentdSink:
         if not cut:
             return
         # Closed: a witness may tell next time whether the receiver takes other frames.
-        self._closed.update(_key(f.events[0]) for f in frames if f.suspect)
+        for suspect in self._suspects_in(frames):
+            suspect.closed = True
         first = frames[cut[0]]  # the receiver takes frames in order: the one it stopped at
         if not first.events and self._witness_for is not None:  # the witness
-            self._witness_cut[self._witness_for] = self._witness_cut.get(self._witness_for, 0) + 1
+            self._witness_for.witness_cut += 1
         if len(first.events) == 1 and first.size > max(_LONE_BYTES, self._largest_acked):
             key = _key(first.events[0])
-            if key not in self._strikes:
-                if len(self._strikes) >= 1000:  # bounded: stale entries go
-                    self._strikes.clear()
-                    self._witnessed.clear()
-                    self._witness_cut.clear()
-                    self._closed.clear()
-                self._strikes[key] = 0  # no evidence yet: a close for any reason makes a suspect
-                self._closed.add(key)
+            if key not in self._suspects:
+                if len(self._suspects) >= 1000:  # bounded: stale entries go
+                    self._suspects.clear()
+                self._suspects[key] = _Suspect()  # no evidence yet: a close for any reason makes one
             elif cut[0] in self._vouched:
-                self._strikes[key] += 1
+                self._suspects[key].strikes += 1
+
+    def _suspects_in(self, frames: list[_Frame]) -> list[_Suspect]:
+        found = (self._suspects.get(_key(f.events[0])) for f in frames if f.suspect)
+        return [suspect for suspect in found if suspect is not None]
 
     def _acked(self, frames: list[_Frame]) -> None:
         for frame in frames:
             self._largest_acked = max(self._largest_acked, frame.size)
             if not frame.events and self._witness_for is not None:  # the witness: a duplicate downstream
-                self._witnessed[self._witness_for] = self._witnessed.get(self._witness_for, 0) + 1
+                self._witness_for.witnessed += 1
             # The smallest: one the receiver may no longer take is closed on instead of the suspect.
             if frame.events and frame.size < _SUSPECT_BYTES and (self._witness is None
                                                                  or frame.size <= self._witness_size):
                 self._witness, self._witness_size = frame.events[0], frame.size
-            if self._strikes and len(frame.events) == 1:
-                key = _key(frame.events[0])
-                self._strikes.pop(key, None)
-                self._witnessed.pop(key, None)
-                self._witness_cut.pop(key, None)
-                self._closed.discard(key)
+            if self._suspects and len(frame.events) == 1:
+                self._suspects.pop(_key(frame.events[0]), None)
 
     def _pending(self, frames: list[_Frame], unacked: set[str],
                  unpacked: list[CloudEvent]) -> list[CloudEvent]:
@@ -424,8 +429,8 @@ class FluentdSink:
             self._max_bytes, self._max_events = self.config.max_frame_bytes, self.config.max_frame_events
             self._shrunk_until = 0.0
         for event in events:
-            strikes = self._strikes.get(_key(event))
-            if strikes is not None and strikes >= _LONE_TRIES:
+            suspect = self._suspects.get(_key(event))
+            if suspect is not None and suspect.strikes >= _LONE_TRIES:
                 refused.append((event, f"{_TOO_LARGE}: cut off alone {_LONE_TRIES} times by fluentd at "
                                        f"{self.address} right after it took the frames before it "
                                        f"(over its frame limit?)"))
@@ -435,7 +440,7 @@ class FluentdSink:
             except (ValueError, TypeError, OverflowError, struct.error) as exc:
                 refused.append((event, f"{type(exc).__name__}: {exc}"))
                 continue
-            if strikes is not None:
+            if suspect is not None:
                 suspects.append((tag_for(event, self.config.tag_prefix), entry, event))
                 continue
             entries, owners = by_tag.setdefault(tag_for(event, self.config.tag_prefix), ([], []))
@@ -459,12 +464,12 @@ class FluentdSink:
         # no witness to send (none small acked, or its tries used), each close strikes.
         unvouched, self._witness_for = False, None
         if suspects and not frames:
-            key = _key(suspects[0][2])
-            if (self._witness is None or self._witnessed.get(key, 0) >= _WITNESS_TRIES
-                    or self._witness_cut.get(key, 0) >= _WITNESS_CUTS):
+            alone = self._suspects[_key(suspects[0][2])]
+            if (self._witness is None or alone.witnessed >= _WITNESS_TRIES
+                    or alone.witness_cut >= _WITNESS_CUTS):
                 unvouched = True
-            elif key in self._closed:
-                self._witness_for, witness = key, self._witness
+            elif alone.closed:
+                self._witness_for, witness = alone, self._witness
                 entry = self._packer.pack([event_time(event_ns(witness)), _record(witness)])
                 frames.append(_Frame(*self._frame(tag_for(witness, self.config.tag_prefix), [entry]), [], len(entry)))
         for tag, entry, event in suspects:
