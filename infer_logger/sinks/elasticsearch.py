@@ -16,8 +16,8 @@ overwrites. Per-item results decide what happens next:
 
 Failures of the whole request (connection refused, timeouts, auth, 5xx) raise `SinkError`: they
 are never the events' fault. A `SinkError` names as `pending` the batch from its first event not
-taken on (or from the request of a response among them: its instance count), which the worker
-sends again (not the bulks taken before it). A `_bulk` answered 413
+taken on, which the worker sends again (not the bulks taken before it), its responses with the
+instance counts they were made with. A `_bulk` answered 413
 (larger than a front such as nginx, or the cluster's `http.max_content_length`, takes) goes
 again in smaller bulks, down to single documents, and the sink's bulks stay at most half that
 size for a while (`SizeLimit`): only an event with a document too large alone is refused
@@ -381,7 +381,8 @@ class ElasticsearchSink:
         # hold the responses of requests in this one, and must know how many instances to mark.
         self._count_requests(events)
         # Encoded as the chunks go out: a batch's documents are never all in memory at once.
-        ops: Iterable[_Op] = self._ops(events, rejected)
+        made_with: dict[int, int] = {}  # the instance count each response's documents were made with
+        ops: Iterable[_Op] = self._ops(events, rejected, made_with)
         delay = self.config.retry_delay
         for attempt in range(1, self.config.max_attempts + 1):
             retry: list[_Op] = []  # in batch order
@@ -397,7 +398,7 @@ class ElasticsearchSink:
                 except SinkError as exc:
                     if not isinstance(exc, RejectedError):  # down, or 5xx: it may come back empty
                         self._template_checked = None
-                    exc.pending = self._not_taken(events, rejected, retry, chunk[0].event)
+                    exc.pending = self._not_taken(events, rejected, retry, chunk[0].event, made_with)
                     raise
                 for op, item in zip(chunk, items):
                     if item is None:
@@ -422,7 +423,7 @@ class ElasticsearchSink:
                 raise SinkError(
                     f"elasticsearch at {self.config.where} answered {sorted(set(failed.values()))} to "
                     f"{len(failed)} documents after {attempt} attempts",
-                    pending=self._not_taken(events, rejected, retry, len(events)),
+                    pending=self._not_taken(events, rejected, retry, len(events), made_with),
                 )
             ops = retry
             await asyncio.sleep(delay)
@@ -438,26 +439,36 @@ class ElasticsearchSink:
                 reasons=[rejected[i] for i in order],
             )
 
-    @staticmethod
-    def _not_taken(batch: Sequence[CloudEvent], rejected: Mapping[int, str], retry: Sequence[_Op],
-                   unsent: int) -> list[CloudEvent]:
+    def _not_taken(self, batch: Sequence[CloudEvent], rejected: Mapping[int, str], retry: Sequence[_Op],
+                   unsent: int, made_with: Mapping[int, int]) -> list[CloudEvent]:
         """What the worker sends again (`SinkError.pending`): the batch from its first event not
         taken on: one with an update to send again, refused (so it is refused again, not counted
         taken), or not sent yet (from `unsent`). The rest of it too, though some were taken: sent
         again alone, an earlier event would be applied after a later one of the same document.
-        And from the request of a response in it: its instance count comes from there (`_ops`),
-        and a later request of the id (a mesh's retry) had replaced it: a 503 marked instance 0 only."""
-        first = min([unsent, *rejected, *(op.event for op in retry)])
-        answered = {e.id for e in batch[first:] if e.type == events.RESPONSE}
-        return list(batch[next((i for i, e in enumerate(batch[:first])
-                                if e.type == events.REQUEST and e.id in answered), first):])
 
-    def _ops(self, batch: Sequence[CloudEvent], rejected: dict[int, str]) -> Iterator[_Op]:
+        Each id's first response in it gets back the instance count it was made with: a later
+        request of the id (a mesh's retry), made meanwhile, had replaced it, and sent again, a 503
+        marked instance 0 only (its request in this batch or an earlier one)."""
+        first = min([unsent, *rejected, *(op.event for op in retry)])
+        seen: set[str] = set()
+        for i in range(first, len(batch)):
+            event = batch[i]
+            if event.type not in (events.REQUEST, events.RESPONSE) or event.id in seen:
+                continue
+            seen.add(event.id)  # a request first sets the count itself
+            if event.type == events.RESPONSE and i in made_with:
+                self._remember(event.id, made_with[i])
+        return list(batch[first:])
+
+    def _ops(self, batch: Sequence[CloudEvent], rejected: dict[int, str],
+             made_with: dict[int, int]) -> Iterator[_Op]:
         """The batch's `update` operations, event by event; events that cannot be encoded go
-        to `rejected` instead, by their position."""
+        to `rejected` instead, by their position, and each response's instance count to `made_with`."""
         for i, event in enumerate(batch):
             names = self.config.feature_names.get(str(event.get(events.MODELNAME) or ""))
             known = self._counts.get(event.id, 0) if event.type == events.RESPONSE else 0
+            if event.type == events.RESPONSE:
+                made_with[i] = known
             try:
                 docs = audit.documents(
                     event, per_instance=self.config.per_instance, feature_names=names, instances=known

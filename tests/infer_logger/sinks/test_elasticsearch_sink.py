@@ -661,10 +661,10 @@ class InfoRefused(TemplateRefused):
         return await super().__call__(scope, receive, send)
 
 
-async def through_the_worker(spool: DiskSpool, sink: ElasticsearchSink) -> Dispatcher:
+async def through_the_worker(spool: DiskSpool, sink: ElasticsearchSink, *, batch_size: int = 100) -> Dispatcher:
     """What `spool` holds sent by a worker (its retries, with `pending`) until it caught up; the
     dispatcher, stopped, and the sink and spool closed."""
-    d = Dispatcher(spool, {"es": sink}, Metrics(spool), batch_size=100,
+    d = Dispatcher(spool, {"es": sink}, Metrics(spool), batch_size=batch_size,
                    backoff=Backoff(initial=0.01, maximum=0.05, retry_after_max=0.05))
     d.start()
     try:
@@ -1387,22 +1387,29 @@ class TestItemRetries:
         assert (doc["status"], {k: v for k, v in doc["response"].items() if v is not None}) == (200, {"prediction": 1})
         assert front.calls == calls
 
-    async def test_a_response_sent_again_keeps_the_instance_count_of_its_request(
-            self, es_url: str, es: Elasticsearch, tmp_path: Path) -> None:
-        """The worker sent again from the 503 response (its x-1 item refused): not its request, whose
-        instance count (3) a later request of the id (1) had replaced: instances 1 and 2 never got
-        the 503."""
+    @pytest.mark.parametrize(("batch_size", "refused"), [
+        # One bulk: x-0..2 of the request, x-0..2 of the 503 (x-1 refused), x-0 twice; then x-1
+        # alone in the sink's other attempts.
+        (100, {(1, 4): 429, (2, 0): 429, (3, 0): 429}),
+        # The request in the batch before: x-0..2 of the 503 (x-1 refused), x-0 twice; then x-1 alone.
+        (3, {(2, 1): 429, (3, 0): 429, (4, 0): 429}),
+    ], ids=["its request in the batch", "its request in the batch before"])
+    async def test_a_response_sent_again_keeps_the_instance_count_it_was_made_with(
+            self, es_url: str, es: Elasticsearch, tmp_path: Path, batch_size: int,
+            refused: dict[tuple[int, int], int]) -> None:
+        """The worker sent again from the 503 response (its x-1 item refused), whose instance
+        count (3) a later request of the id (1, a mesh's retry) had replaced: instances 1 and 2
+        never got the 503."""
         service = unique()
         spool = DiskSpool(tmp_path / "spool")
         for event in [request("x", service, {"instances": [[1.0], [2.0], [3.0]]}),
+                      request("a", service), request("b", service),
                       response("x", service, {"error": "busy"}, status=503),
                       request("x", service, {"instances": [[1.0]]}), response("x", service, {"predictions": [7]})]:
             spool.append(event)
-        # One bulk: x-0..2 of the request, x-0..2 of the 503 (x-1 refused), x-0 twice; then x-1 alone
-        # in the sink's other attempts.
-        with ItemsRefused(es_url, {(1, 4): 429, (2, 0): 429, (3, 0): 429}) as front:
-            await through_the_worker(spool, ElasticsearchSinkConfig(url=front.url, retry_delay=0.001,
-                                                                    max_attempts=3).build())
+        with ItemsRefused(es_url, refused) as front:
+            sink = ElasticsearchSinkConfig(url=front.url, retry_delay=0.001, max_attempts=3).build()
+            await through_the_worker(spool, sink, batch_size=batch_size)
         stored = docs(es, service)
         assert [stored[f"x-{i}"].get("status") for i in range(3)] == [200, 503, 503]
 
