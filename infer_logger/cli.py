@@ -219,7 +219,8 @@ def query(config: Path | None, db: str | None, id_: str | None, model: str | Non
             next_page = _rows(store, fmt, filters, limit, offset, made.write)
             made.flush()  # its last bytes, buffered, find no room only now
         except OSError:  # no room for it (reading the store raises no OSError)
-            made.close()
+            with contextlib.suppress(OSError):  # what it could not write, tried again
+                made.close()
             next_page = _rows(store, fmt, filters, limit, offset, _out)
     except InferLoggerError as exc:  # damaged past what opening it read
         click.echo(f"infer-logger: {exc}", err=True)

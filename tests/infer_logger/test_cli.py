@@ -288,6 +288,10 @@ def test_query_with_no_room_for_its_output_writes_it_as_made(tmp_path: Path, mon
         def seek(self, *args: Any) -> int:
             raise OSError(errno.EFBIG, "File too large")
 
+        def close(self) -> None:  # ... and again as it is closed
+            super().close()
+            raise OSError(errno.EFBIG, "File too large")
+
     db = tmp_path / "audit.db"
     for i in range(20):
         _instances(db, f"x{i}", 3)
