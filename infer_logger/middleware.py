@@ -72,10 +72,9 @@ class InferenceLoggerMiddleware:
         # the path still holds it. The events keep the path as the client sent it.
         route = match_route(scope.get("method", ""), path, prefixed=True) if scope["type"] == "http" else None
         marked = scope.get(_LOGGED)  # logged by a middleware outside, with this logger
-        if route is None or (marked is not None and (self._logger is None or marked is self._logger
-                                                     or not self._logger.started)):
-            # The same logger (the outer app's), or this one not running (a mounted app's: its
-            # lifespan never ran, and saying it serves unlogged would be wrong).
+        if route is None or (marked is not None and (marked is self._logger or marked.settings == self.settings)):
+            # The same logger (the outer app's), or one set up alike (a mounted app's, its lifespan
+            # never run: saying it serves unlogged would be wrong).
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}

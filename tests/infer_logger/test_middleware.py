@@ -716,6 +716,26 @@ def test_the_outer_and_the_mounted_app_wrapped_alike_log_once_and_say_nothing(
     assert not caplog.records
 
 
+def test_a_mounted_app_wrapped_for_other_sinks_says_it_serves_unlogged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its lifespan never runs: its own sinks get nothing, and that it says (not logged outside)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    with EventCollector() as sink, EventCollector() as other:
+        inner = InferenceLoggerMiddleware(create_app([EchoModel()]), settings=load_settings(
+            log_url=[other.url], spool={"dir": str(tmp_path / "inner")}))
+        app = InferenceLoggerMiddleware(Starlette(routes=[Mount("/api", app=inner)]), settings=load_settings(
+            log_url=[sink.url], spool={"dir": str(tmp_path / "outer")}))
+        port = free_port()
+        with caplog.at_level(logging.ERROR, logger="infer_logger.middleware"), \
+                ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            r = httpx.post(f"http://127.0.0.1:{port}/api/v1/models/echo:predict", json={"instances": [[1, 2, 3, 4]]})
+            assert r.status_code == 200
+            sink.wait_for(2)
+    assert ["served unlogged" in record.getMessage() for record in caplog.records] == [True]
+
+
 def test_two_middlewares_with_loggers_of_their_own_both_log(tmp_path: Path) -> None:
     """The mark that an exchange was logged outside made one inside with another logger (its own
     sink and spool) log nothing."""
