@@ -491,11 +491,16 @@ class ElasticsearchSink:
         before its request needs the count first: without it, its status went on instance 0 only."""
         if not self.config.per_instance:
             return
+        answered_first = {e.id for e in batch if e.type == events.RESPONSE and e.id in self._counts}
         answered_later: set[str] = set()
         for event in reversed(batch):
             if event.type == events.RESPONSE:
                 answered_later.add(event.id)
             elif event.type == events.REQUEST and event.id not in answered_later:
+                if event.id in answered_first:
+                    # Its id's response before it answers an earlier batch's request (of the count
+                    # kept), which a mesh's retry, last in this batch, wiped: a 503 on instance 0 only.
+                    continue
                 try:
                     self._remember(event.id, audit.instances(event))
                 except Exception:  # `_ops` rejects the event with the reason

@@ -1387,6 +1387,21 @@ class TestItemRetries:
         assert (doc["status"], {k: v for k, v in doc["response"].items() if v is not None}) == (200, {"prediction": 1})
         assert front.calls == calls
 
+    async def test_a_mesh_retry_after_a_batch_boundary_keeps_the_instance_count_of_the_first(
+            self, es_url: str, es: Elasticsearch, tmp_path: Path) -> None:
+        """The retry's request (1 instance), last of its batch with its 200 in the next, was counted
+        ahead for the 503 before it, which answers the first request (3) of the batch before."""
+        service = unique()
+        spool = DiskSpool(tmp_path / "spool")
+        for event in [request("x", service, {"instances": [[1.0], [2.0], [3.0]]}), request("a", service),
+                      request("b", service), response("x", service, {"error": "busy"}, status=503),
+                      request("x", service, {"instances": [[1.0]]}), request("c", service),
+                      response("x", service, {"predictions": [7]})]:
+            spool.append(event)
+        await through_the_worker(spool, ElasticsearchSinkConfig(url=es_url).build(), batch_size=3)
+        stored = docs(es, service)
+        assert [stored[f"x-{i}"].get("status") for i in range(3)] == [200, 503, 503]
+
     @pytest.mark.parametrize(("batch_size", "refused"), [
         # One bulk: x-0..2 of the request, x-0..2 of the 503 (x-1 refused), x-0 twice; then x-1
         # alone in the sink's other attempts.
