@@ -128,11 +128,11 @@ def serve(settings: Settings, *, log_level: str = "warning") -> None:
     """Run until SIGTERM/SIGINT/SIGHUP (a second one cuts the requests in flight off); a failed
     start raises its cause (e.g. a sink's ConfigError)."""
     app = build_app(settings)
-    signals = _stop_signals()
     if settings.server == "uvicorn":
-        _serve_uvicorn(app, settings, log_level)
-    else:
-        run_loop(_serve(app, settings))
+        _serve_uvicorn(app, settings, log_level)  # its capture_signals ignores them once stopped
+        return
+    signals = _stop_signals()
+    run_loop(_serve(app, settings))
     _stopped(signals)
 
 
