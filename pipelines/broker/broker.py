@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urljoin
 
@@ -57,6 +57,14 @@ _SETTINGS = Location("settings", 1, 1)
 
 class UnknownBrokerError(InferLoggerError, LookupError):
     """No broker of that namespace and name (ingress: 404)."""
+
+
+async def _each(steps: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run the steps side by side, each to its end; then raise the first failure."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 class Broker:
@@ -283,23 +291,31 @@ class Broker:
     async def _switch(self, wanted: dict[Key, Trigger], dispatchers: dict[Key, TriggerDispatcher]) -> None:
         """Detach, attach and replace runners; `triggers` and `dispatchers` follow each step, so
         they say what the channels run also after a step failed (a prune judging by those of
-        before closed a new runner's component; a reload back to them then replaced nothing)."""
+        before closed a new runner's component; a reload back to them then replaced nothing).
+
+        The steps of one phase run side by side: each waits for its own deliveries to drain (or
+        for Kafka), and one after another a reload removing n triggers took n drains."""
         timeout = self.settings.drain_timeout
-        for key, current in list(self.triggers.items()):
-            replacement = wanted.get(key)
-            if replacement is None or replacement.broker_key != current.broker_key:
-                await self.channels[current.broker_key].detach(current.name, forget=True, timeout=timeout)
-                del self.triggers[key]
-                self.dispatchers.pop(key, None)
-                with contextlib.suppress(KeyError):  # its last lag stayed on every scrape
-                    self.metrics.lag.remove(current.label)
-        for key, trigger in wanted.items():
+
+        async def detach(key: Key, current: Trigger) -> None:
+            await self.channels[current.broker_key].detach(current.name, forget=True, timeout=timeout)
+            del self.triggers[key]
+            self.dispatchers.pop(key, None)
+            with contextlib.suppress(KeyError):  # its last lag stayed on every scrape
+                self.metrics.lag.remove(current.label)
+
+        async def attach(key: Key, trigger: Trigger) -> None:
             channel = self.channels[trigger.broker_key]
             if key not in self.triggers:
                 await channel.attach(trigger.name, dispatchers[key])
             elif dispatchers[key] is not self.dispatchers[key]:
                 await channel.replace(trigger.name, dispatchers[key], timeout=timeout)
             self.triggers[key], self.dispatchers[key] = trigger, dispatchers[key]
+
+        # Detached first: a trigger moved to another broker is attached there once gone here.
+        await _each(detach(key, current) for key, current in list(self.triggers.items())
+                    if (replacement := wanted.get(key)) is None or replacement.broker_key != current.broker_key)
+        await _each(attach(key, trigger) for key, trigger in wanted.items())
 
     def _check_channels(self, keys: Iterable[Key], triggers: Iterable[Key]) -> None:
         """ConfigError for a broker whose channel could not exist (a Kafka topic name too long), or

@@ -140,9 +140,10 @@ class KafkaChannel:
         # Triggers whose group could not be placed yet, and when each was added.
         self._starting: dict[str, tuple[asyncio.Task[None], float]] = {}
         self._placing: dict[str, Future[None]] = {}  # their last placing job
-        # Attaching and detaching wait for Kafka: one at a time, or a reload could detach a
-        # trigger being attached (found in no table) and it ran on, removed.
-        self._triggers_lock = asyncio.Lock()
+        # Attaching and detaching a trigger wait for Kafka: one at a time, or a reload could detach
+        # it while attached (found in no table) and it ran on, removed. A lock per trigger: a reload
+        # changes its triggers side by side (Kafka down, each waits its timeouts).
+        self._locks: dict[str, asyncio.Lock] = {}
         self._reached = False  # the topic exists: Kafka answered
         self._waiting: dict[str, Handler] = {}  # triggers attached before that
         self._connecting: asyncio.Task[None] | None = None
@@ -178,11 +179,11 @@ class KafkaChannel:
                 return
             break
         log.warning("kafka channel: kafka at %s answers: topic %s ready", self.settings.bootstrap_servers, self.topic)
-        self._reached = True
-        async with self._triggers_lock:
-            waiting, self._waiting = self._waiting, {}
-            for trigger, handler in waiting.items():
-                await self._attach(trigger, handler)
+        self._reached = True  # attached from now on at once: none joins the waiting
+        for trigger in list(self._waiting):
+            async with self._lock(trigger):
+                if (handler := self._waiting.pop(trigger, None)) is not None:  # else detached meanwhile
+                    await self._attach(trigger, handler)
         self.ready = True
 
     def _create_topic(self) -> None:
@@ -250,8 +251,11 @@ class KafkaChannel:
     def group(self, trigger: str) -> str:
         return self.settings.group(self.namespace, trigger)
 
+    def _lock(self, trigger: str) -> asyncio.Lock:
+        return self._locks.setdefault(trigger, asyncio.Lock())
+
     async def attach(self, trigger: str, handler: Handler) -> None:
-        async with self._triggers_lock:
+        async with self._lock(trigger):
             await self._attach(trigger, handler)
 
     async def _attach(self, trigger: str, handler: Handler, added: float | None = None) -> None:
@@ -333,7 +337,7 @@ class KafkaChannel:
                 raise KafkaException(tp.error)
 
     async def detach(self, trigger: str, *, forget: bool, timeout: float) -> None:
-        async with self._triggers_lock:
+        async with self._lock(trigger):
             await self._detach(trigger, forget=forget, timeout=timeout)
 
     async def _detach(self, trigger: str, *, forget: bool, timeout: float) -> float | None:
@@ -377,7 +381,7 @@ class KafkaChannel:
         return None
 
     async def replace(self, trigger: str, handler: Handler, *, timeout: float) -> None:
-        async with self._triggers_lock:
+        async with self._lock(trigger):
             added = await self._detach(trigger, forget=False, timeout=timeout)
             await self._attach(trigger, handler, added)  # one never placed: at the events since it was added
 
@@ -402,10 +406,10 @@ class KafkaChannel:
             self._connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._connecting
-        async with self._triggers_lock:
-            self._waiting.clear()
-            triggers = [*self._sources, *self._starting]
-            await asyncio.gather(*(self._detach(t, forget=False, timeout=timeout) for t in triggers))
+        self._waiting.clear()
+        # Every trigger ever locked: one being attached is in no table yet, its detach waits for it.
+        triggers = {*self._locks, *self._sources, *self._starting}
+        await asyncio.gather(*(self.detach(t, forget=False, timeout=timeout) for t in triggers))
         if self._flusher is not None:
             with contextlib.suppress(Exception):
                 await self._flusher

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -874,3 +875,47 @@ async def test_a_reload_failing_within_the_switch_closes_no_component_a_trigger_
                                                                     .query(limit=10)) == 3, timeout=10)
     finally:
         await broker.shutdown()
+
+
+class _Held(Subscriber):
+    """Holds every request until `gate` is set (its server's loop goes on meanwhile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.held = threading.Event(), 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            with self._cond:
+                self.held += 1
+            await asyncio.to_thread(self.gate.wait, 60)  # a bound, in case the test fails first
+        await super().__call__(scope, receive, send)
+
+
+async def test_a_reload_removes_its_triggers_side_by_side(tmp_path: Path) -> None:
+    """Each removed trigger waits for its deliveries in flight (up to the drain timeout): one after
+    another, a reload removing n triggers of a slow subscriber took n drain timeouts."""
+    held = _Held()
+    held.start()
+    path = tmp_path / "triggers.yaml"
+    path.write_text("triggers:\n" + "".join(f"  - {{name: t{i}, subscriber: '{held.url}'}}\n" for i in range(3)))
+    broker = Broker(settings(tmp_path, trigger_files=[path], drain_timeout=60.0,
+                             delivery={"retry": 0, "timeout": "PT60S"}))
+    await broker.startup()
+    reload = None
+    try:
+        await _post(broker, event("e1"))
+        await until(lambda: held.held == 3, 10, "each trigger's delivery held")
+        path.write_text(f"triggers: [{{name: t0, subscriber: '{held.url}'}}]\n")
+        reload = asyncio.create_task(broker.reload())
+        runners = broker.channels[broker.default_key]._runners  # type: ignore[attr-defined]
+        await until(lambda: set(runners) == {"t0"}, 20, "both removed triggers stopping together")
+        held.gate.set()
+        assert await reload
+        assert set(broker.triggers) == {("default", "t0")}
+    finally:
+        held.gate.set()
+        if reload is not None:
+            await asyncio.gather(reload, return_exceptions=True)
+        await broker.shutdown()
+        held.stop()

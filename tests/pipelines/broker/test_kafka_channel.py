@@ -731,3 +731,43 @@ async def test_a_broker_removed_while_its_channel_waits_for_kafka_is_closed_with
     finally:
         release.set()
         await broker.shutdown()
+
+
+async def test_a_trigger_detached_does_not_wait_for_another_ones_drain(kafka_bootstrap: str) -> None:
+    """One lock for every trigger: a reload removing triggers side by side still removed them one
+    after another, each waiting for its deliveries in flight (or, Kafka down, its timeouts)."""
+
+    class Gated(Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+
+        async def deliver(self, event: Any) -> None:
+            self.got.append(event.id)
+            await self.gate.wait()
+
+    channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers=kafka_bootstrap, partitions=1),
+                           "default", f"b{next(_names)}-{uuid.uuid4().hex[:8]}")
+    await channel.start()
+    slow, quick = Gated(), Handler()
+    slow_detach = None
+    try:
+        await channel.attach("slow", slow)
+        await channel.attach("quick", quick)
+        await channel.append([event("e1")])
+        await until(lambda: slow.got == ["e1"] and quick.got == ["e1"], 60, "both triggers delivering")
+        slow_detach = asyncio.create_task(channel.detach("slow", forget=True, timeout=120.0))
+        await asyncio.sleep(0)  # it holds its trigger's lock, waiting for the delivery held
+        try:
+            await asyncio.wait_for(channel.detach("quick", forget=True, timeout=120.0), 60)  # a hang guard
+        except TimeoutError:
+            pytest.fail("the quick trigger's detach waited for the slow one's")
+        assert not slow_detach.done()
+        slow.gate.set()
+        await asyncio.wait_for(slow_detach, 60)
+        assert set(channel._sources) == set()
+    finally:
+        slow.gate.set()
+        if slow_detach is not None:
+            await asyncio.gather(slow_detach, return_exceptions=True)
+        await channel.aclose(1.0)
