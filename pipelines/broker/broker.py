@@ -366,13 +366,13 @@ class Broker:
         spec, subscriber, dead_letter = self._spec_endpoints(trigger, broker_delivery, build=True)
         assert subscriber is not None
 
-        async def reenter(event: CloudEvent) -> None:
+        async def reenter(event: CloudEvent) -> int:
             maximum = int(self.settings.max_event_bytes)
             # As the ingress weighs a sender's event, attributes too, before the TTL is stamped.
             ttl = event.attributes.get(TTL)
             if event_size(event) - (0 if ttl is None else len(TTL) + len(str(ttl))) > maximum:
                 raise RefusedError(f"the reply is larger than {maximum} bytes (max_event_bytes)", too_large=True)
-            await self.publish(trigger.broker_key, [event])
+            return await self.publish(trigger.broker_key, [event])
 
         return TriggerDispatcher(trigger, subscriber, dead_letter, RetryPolicy.from_spec(spec), reenter, self.metrics)
 

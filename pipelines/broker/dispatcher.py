@@ -30,8 +30,9 @@ from pipelines.broker.trigger import Trigger
 
 log = logging.getLogger(__name__)
 
-Reenter = Callable[[CloudEvent], Awaitable[None]]
-"""Puts a reply into the broker (TTL rules applied); raises ChannelError if the log refused it."""
+Reenter = Callable[[CloudEvent], Awaitable[int]]
+"""Puts a reply into the broker (TTL rules applied): 1 if stored, 0 if dropped; raises ChannelError
+if the log refused it."""
 Failure = tuple[Response, dict[str, str]]
 """A failed attempt and the headers its dead letter carries: the request's, or the reply's when the
 reply is what could not be delivered (as Knative's dispatcher sends them)."""
@@ -111,13 +112,16 @@ class TriggerDispatcher:
             self._count(response.status)
             headers: dict[str, str] = event.meta
             if response.ok:
-                failure = await self._take_reply(response, ttl, event.meta)
-                if failure is None:
+                reply = self._reply(response, ttl, event.meta)
+                if not isinstance(reply, tuple):  # the subscriber took it: it is not sent again
                     self._delivered.inc()
                     self._latency.observe(time.perf_counter() - started)
+                    failure = None if reply is None else await self._store(reply)
+                    if failure is not None:
+                        await self._dead_letter(out, *failure)
                     self.settled += 1
                     return
-                response, headers = failure
+                response, headers = reply
             if not response.retryable or attempt >= self.policy.retry:
                 break
             attempt += 1
@@ -126,10 +130,9 @@ class TriggerDispatcher:
         await self._dead_letter(out, response, headers)
         self.settled += 1
 
-    async def _take_reply(self, response: Response, ttl: int | None,
-                          request: dict[str, str]) -> Failure | None:
-        """None when the attempt succeeded (a reply, if any, stored); else the failure to handle,
-        with the headers of the request (the subscriber failed) or of the reply (it could not be stored)."""
+    def _reply(self, response: Response, ttl: int | None, request: dict[str, str]) -> CloudEvent | Failure | None:
+        """The reply of an answer that succeeded (None if it has none), or the failure it is (a
+        reply no event, or too large), with the headers of the request or of the reply."""
         if response.truncated:
             if looks_like_event(response):  # larger than any event the broker takes: as reenter's refusal
                 return Response(413, response.body, reason="the reply is larger than the broker takes",
@@ -147,17 +150,26 @@ class TriggerDispatcher:
         attributes = dict(reply.attributes)
         if ttl is not None:
             attributes[TTL] = ttl  # the broker takes one off: a reply loop ends when it reaches 0
-        headers = passthrough(reply.meta)
-        try:
-            await self.reenter(CloudEvent(attributes, reply.data, headers))
-        except RefusedError as exc:  # never storable: not retried
-            return Response(413 if exc.too_large else 400, reason=f"the reply could not be stored: {exc}",
-                            destination=self._reply_to), headers
-        except ChannelError as exc:
-            return Response(503, reason=f"the reply could not be stored: {exc}",
-                            destination=self._reply_to), headers
-        self._replies.inc()
-        return None
+        return CloudEvent(attributes, reply.data, passthrough(reply.meta))
+
+    async def _store(self, reply: CloudEvent) -> Failure | None:
+        """Put the reply into the broker, retried as the policy says (Knative retries only the
+        reply's delivery once the subscriber succeeded); None when done, else why not."""
+        attempt = 0
+        while True:
+            try:
+                if await self.reenter(reply):  # 0: dropped (its TTL ran out), no reply put back
+                    self._replies.inc()
+                return None
+            except RefusedError as exc:  # never storable: not retried
+                return Response(413 if exc.too_large else 400, reason=f"the reply could not be stored: {exc}",
+                                destination=self._reply_to), reply.meta
+            except ChannelError as exc:
+                failure = Response(503, reason=f"the reply could not be stored: {exc}", destination=self._reply_to)
+            if attempt >= self.policy.retry:
+                return failure, reply.meta
+            attempt += 1
+            await asyncio.sleep(self.policy.wait(attempt, failure.status, None))
 
     async def _dead_letter(self, event: CloudEvent, failure: Response,
                            headers: dict[str, str] | None = None) -> None:

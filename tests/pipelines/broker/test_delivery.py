@@ -23,7 +23,7 @@ from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import decode_header_value
 from infer_logger.errors import SinkError
 from infer_logger.retry import RETRY_AFTER_MAX, retry_after
-from pipelines.broker.channel import event_size
+from pipelines.broker.channel import ChannelError, event_size
 from pipelines.broker.delivery import (
     ERROR_DATA_MAX,
     NO_RESPONSE,
@@ -36,6 +36,7 @@ from pipelines.broker.delivery import (
 )
 from pipelines.broker.endpoints import ComponentEndpoint
 from tests.conformance import ROOT, reason
+from tests.servers import Scripted
 
 from .conftest import MakeBroker
 from .helpers import Answer, Subscriber, binary_request, client, reply_with, settle, until
@@ -312,7 +313,9 @@ class TestDispatcherCases:
         refuses it (a one-event memory log, still holding the original): after the retries the
         ORIGINAL event is dead-lettered, with the reply failure's code, and with the headers that
         went with the reply (the Go test's response carries altered-id and new-knative-1-value).
-        The code, data and destination are the log's here, not an HTTP reply sink's."""
+        The code, data and destination are the log's here, not an HTTP reply sink's.
+        Only the reply's storing is retried (as Knative retries only the reply's delivery): the
+        subscriber, which took the event, is not sent it again."""
         subscriber.answer = reply_with(_reply_event(), 202, extra=REPLY_HEADERS)
         broker = await make_broker(_triggers(subscriber, dls=other_subscriber, retry=1), channel="memory",
                                    spool={"memory_max_events": 1})
@@ -323,23 +326,50 @@ class TestDispatcherCases:
         for name, value in case["expect"]["dead_letter_receives"].items():
             if not name.startswith("ce-knativeerror"):
                 assert _value(name, headers, body) == value, name
-        assert headers["ce-knativeerrorcode"] == "503" and subscriber.attempts == 2
+        assert headers["ce-knativeerrorcode"] == "503" and subscriber.attempts == 1
         assert headers["ce-knativeerrordest"] == "broker:default/default"  # the reply's destination failed
         # The Go test compares the whole header set: the request's own are not there.
         assert not {"knative-2", "do-not-forward", "do-not-passthrough", "prefer"} & set(headers)
+        dispatcher = broker.dispatchers[("default", "destination")]
+        await until(lambda: dispatcher._dead_lettered._value.get() == 1, what="dead-lettered")
+        assert (dispatcher._delivered._value.get(), dispatcher._replies._value.get()) == (1, 0)
 
-    async def test_a_subscriber_failure_after_a_reply_failure_dead_letters_with_the_request_s_headers(
-            self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
-        """The headers go with the failure the event is dead-lettered for: the last attempt's."""
-        replying = reply_with(_reply_event(), 202, extra=REPLY_HEADERS)
-        subscriber.answer = lambda event, headers: (replying(event, headers) if subscriber.attempts == 1
-                                                    else (500, {}, b"down"))
-        broker = await make_broker(_triggers(subscriber, dls=other_subscriber, retry=1), channel="memory",
-                                   spool={"memory_max_events": 1})
+    async def test_only_the_reply_is_stored_again_until_the_log_takes_it(
+            self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """The log refuses the reply twice (full), then takes it: the subscriber was sent the event
+        once, the reply reaches the trigger for replies, and nothing is dead-lettered."""
+        subscriber.answer = reply_with(_reply_event(), 202)
+        broker = await make_broker(_triggers(subscriber, catch=other_subscriber, retry=2))
+        refusals = iter([ChannelError("full"), ChannelError("full")])
+        publish = broker.publish
+
+        async def full_at_first(key: Any, events: list[CloudEvent]) -> int:
+            if events[0].type == "reply" and (refused := next(refusals, None)) is not None:
+                raise refused
+            return await publish(key, events)
+
+        monkeypatch.setattr(broker, "publish", full_at_first)
         await _post(broker)
-        headers, _ = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
-        assert headers["ce-knativeerrorcode"] == "500" and subscriber.attempts == 2
-        assert headers["x-request-id"] == "id123" and headers["knative-2"] == "knative-2-value"
+        headers, body = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        assert headers["ce-id"] == "reply-1" and body == b"destination-response"
+        await settle(broker, "destination", 1)
+        dispatcher = broker.dispatchers[("default", "destination")]
+        assert subscriber.attempts == 1 and next(refusals, None) is None
+        assert (dispatcher._delivered._value.get(), dispatcher._replies._value.get()) == (1, 1)
+        assert dispatcher._dead_lettered._value.get() == 0 and dispatcher._lost._value.get() == 0
+
+    async def test_a_reply_the_broker_drops_is_not_counted_put_back(
+            self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber) -> None:
+        """A reply whose TTL ran out (the original's 1, one off) is dropped, not stored: no reply."""
+        subscriber.answer = reply_with(_reply_event(), 202)
+        broker = await make_broker(_triggers(subscriber, catch=other_subscriber), default_ttl=1)
+        await _post(broker)
+        await settle(broker, "destination", 1)
+        dispatcher = broker.dispatchers[("default", "destination")]
+        assert broker.metrics.refused.labels("ttl_expired")._value.get() == 1
+        assert (dispatcher._delivered._value.get(), dispatcher._replies._value.get()) == (1, 0)
+        assert other_subscriber.attempts == 0
 
     async def test_no_limit_on_reply_size(self, make_broker: MakeBroker, subscriber: Subscriber,
                                           other_subscriber: Subscriber) -> None:
@@ -557,6 +587,24 @@ class TestRetries:
         # Knative's dispatcher: no answer is a 500, "dispatch error: ..." its data (it was -1).
         assert headers["ce-knativeerrorcode"] == "500"
         assert base64.b64decode(headers["ce-knativeerrordata"]).startswith(b"dispatch error: no answer within")
+
+    async def test_a_switching_protocols_answer_is_not_retried(self, make_broker: MakeBroker,
+                                                               other_subscriber: Subscriber) -> None:
+        """A 101 (a subscriber upgrading the connection unasked) is an answer, and a 1xx is not
+        retried: it was taken for no answer (-1) and sent again."""
+        switching = Scripted(lambda _: b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
+                                       b"connection: upgrade\r\n\r\n")
+        async with switching as url:
+            text = f"""
+triggers:
+  - name: destination
+    subscriber: {url}
+    delivery: {{retry: 2, backoffDelay: PT0.01S, deadLetterSink: {other_subscriber.url}}}
+"""
+            broker = await make_broker(text)
+            await _post(broker)
+            headers, _ = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        assert headers["ce-knativeerrorcode"] == "101" and len(switching.heads) == 1
 
 
 async def test_retry_after_is_honoured_up_to_its_cap(make_broker: MakeBroker, subscriber: Subscriber,
