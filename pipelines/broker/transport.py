@@ -105,8 +105,12 @@ class _Connection(asyncio.Protocol):
             self._head_ended = self._moved = False
             try:
                 self._parser.feed_data(chunk)
+            except httptools.HttpParserUpgrade:  # no HttpParserError: it escaped into asyncio's handler
+                self._fail(ConnectionError("the response switched protocols before it ended"))
+                self.close()  # a 101 was answered (on_message_complete); the rest is the other protocol's
+                return
             except httptools.HttpParserError as exc:
-                self._fail(ConnectionError(f"malformed HTTP response: {exc}"))
+                self._fail(ConnectionError(f"malformed HTTP response: {exc}"))  # no-op after a 101
                 self.close()
                 return
             # A head that ended in this chunk (an interim one's, or the answer's, the answer maybe
@@ -171,10 +175,12 @@ class _Connection(asyncio.Protocol):
         self._moved = True
         if self._truncated:
             return
-        if self._parser.get_status_code() < 200:  # an interim response (103, an unasked 100): the real one follows
+        status = self._parser.get_status_code()
+        if status < 200 and status != 101:  # an interim response (103, an unasked 100): the real one follows
             self._headers, self._body, self._headers_done, self._framed = {}, [], False, False
             return
-        self.keep_alive = self._parser.should_keep_alive()
+        # A 101 is the last HTTP on the connection (llhttp stops there): the answer, never kept.
+        self.keep_alive = status != 101 and self._parser.should_keep_alive()
         self._finish()
 
     # -- use ------------------------------------------------------------------------------------------

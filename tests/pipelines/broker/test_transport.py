@@ -137,6 +137,23 @@ async def test_refused_and_malformed() -> None:
     await client.aclose()
 
 
+async def test_switching_protocols_is_an_answer_and_ends_the_connection(caplog: pytest.LogCaptureFixture) -> None:
+    """httptools raises HttpParserUpgrade (no HttpParserError) after a 101's head: it escaped
+    data_received (asyncio's "Fatal error" traceback) and the attempt had no answer."""
+    upgraded = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n\x81\x00"
+    bare = b"HTTP/1.1 101 Switching Protocols\r\n\r\n"  # llhttp pauses on a 101 even without an upgrade header
+    client = HttpClient()
+    for reply in (upgraded, bare):
+        peer = Scripted(lambda _: reply)
+        async with peer as url:
+            for _ in range(2):
+                response = await client.post(url, {}, b"x", timeout=5)
+                assert (response.status, response.body) == (101, b"")
+        assert peer.connections == 2  # the connection is the peer's other protocol's now: not reused
+    await client.aclose()
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
 async def test_bad_headers_and_urls_are_refused_before_sending() -> None:
     peer = Scripted(answer())
     client = HttpClient()
