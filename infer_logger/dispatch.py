@@ -30,6 +30,11 @@ from infer_logger.spool import MemoryReader, Position, SpoolReader, SpoolView
 
 log = logging.getLogger(__name__)
 
+BATCH_BYTES = 8 << 20
+"""The most a batch reads of the spool, by its records' bytes (an event bigger comes alone): by
+count only, 500 events of 800 KiB after an outage took the delivery process to 455-781 MiB (each
+sink holds its encoding of a batch too). The http sink's default `max_batch_bytes`."""
+
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
@@ -73,6 +78,7 @@ class SinkWorker:
         self.reader = reader
         self.metrics = metrics
         self.batch_size = batch_size
+        self.batch_bytes = BATCH_BYTES
         self.backoff = backoff
         self.deadletter = deadletter_dir / f"{name}.jsonl" if deadletter_dir else None
         self.draining = False
@@ -135,11 +141,12 @@ class SinkWorker:
             while True:
                 while (len(pending) < self.in_flight and not self._failing
                        and (self.draining or loop.time() >= not_before)):
-                    events, end = self.reader.read(self.batch_size, cursor)
+                    events, end = self.reader.read(self.batch_size, cursor, max_bytes=self.batch_bytes)
                     if end == cursor:
                         break
                     cursor = end
-                    if len(events) < self.batch_size:
+                    # Not after a batch the byte budget cut: more is waiting.
+                    if len(events) < self.batch_size and not self.reader.lag(end):
                         not_before = loop.time() + self.linger
                     # No events but a new position: past a corrupt stretch; commit it in turn.
                     before = next((t for t, _ in reversed(pending) if t is not None), None)

@@ -7,9 +7,11 @@ own checkpoint, and segments every sink has passed are deleted.
 
 Record frame (little-endian): magic u16, flags u16, crc32 u32, attrs_len u32, data_len u32, then
 the attributes as JSON and the raw data bytes. The CRC covers both bodies; flags bit 0 marks "data
-is None". A record that fails its CRC is skipped alone (its lengths say where the next starts);
-a broken frame (a bad magic) or one cut short by a crash ends its segment for the reader: the
-rest of that segment is skipped. Both are logged and counted, never a crash.
+is None" (outside the CRC: a record with it set and data, or with another bit set, is corrupt). A
+record that fails its CRC is skipped alone (its lengths say where the next starts); a broken frame
+(a bad magic) or one cut short by a crash ends its segment for the reader: the rest of that segment
+is skipped, as is a segment that cannot be read (EIO). All are logged and counted (the events lost:
+the damaged one and the whole records found after it by magic and checksum), never a crash.
 
 `MemorySpool` has the same interface and keeps events in a deque bounded by count and by bytes
 (the same `max_bytes` and overflow policy): faster, but a restart or a crash loses whatever the
@@ -21,9 +23,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import fcntl
 import hashlib
+import itertools
 import logging
+import math
 import os
 import struct
 import time
@@ -39,6 +44,10 @@ from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import CorruptRecordError, SpoolBusyError, SpoolError
 
 log = logging.getLogger(__name__)
+
+# Errors a later try may not meet (out of descriptors or memory): raised, the read tried again,
+# not the segment skipped as damaged (lost for good).
+_PASSING = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR})
 
 _HEADER = struct.Struct("<HHIII")
 _MAGIC = 0xCE01
@@ -63,7 +72,7 @@ class SpoolStats:
 
     appended: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
-    corrupt: int = 0
+    corrupt: int = 0  # events lost in corrupt stretches skipped (at least: see `_records_lost`)
 
 
 class SpoolView(Protocol):
@@ -97,8 +106,8 @@ class SpoolReader(Protocol):
     on disk: a consumer settling out of order (the broker's triggers) tells its next run what not
     to deliver again. None when there is none (or the spool keeps no checkpoints)."""
 
-    def read(self, max_events: int, start: Position | None = None,
-             stop: Position | None = None) -> tuple[list[CloudEvent], Position]: ...
+    def read(self, max_events: int, start: Position | None = None, stop: Position | None = None,
+             *, max_bytes: int | None = None) -> tuple[list[CloudEvent], Position]: ...
 
     def holds(self, position: Position) -> bool:
         """Whether the log still holds what was written at `position`: a read from a place an
@@ -148,6 +157,11 @@ def iter_records(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[Clou
             return
         if crc32(view[body:stop]) != crc:
             raise CorruptRecordError(f"checksum mismatch at offset {pos}", resume=stop)
+        # The flags are outside the CRC (the frame has no version to change that by): a flipped
+        # "data is None" bit delivered the event without its data. What can be checked is.
+        if flags & ~_NO_DATA or (flags & _NO_DATA and dlen):
+            raise CorruptRecordError(f"a record with flags {flags:#x} and {dlen} bytes of data at offset {pos}",
+                                     resume=stop)
         if flags & _NO_DATA:
             data = None
         else:
@@ -161,6 +175,22 @@ def iter_records(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[Clou
         event = CloudEvent(attributes, data)
         pos = stop
         yield event, pos
+
+
+def _records_lost(buf: bytes) -> int:
+    """The events a skipped stretch held: the damaged record at its start, and the whole records
+    found after it by their magic and checksum (the damaged frame's lengths cannot say where
+    they start). A record damaged past recognition is not counted: at least, not exactly."""
+    view, size, count, pos = memoryview(buf), _HEADER.size, 1, 1
+    magic = _HEADER.pack(_MAGIC, 0, 0, 0, 0)[:2]
+    while (pos := buf.find(magic, pos)) >= 0 and pos + size <= len(buf):
+        _, _, crc, alen, dlen = _HEADER.unpack_from(view, pos)
+        stop = pos + size + alen + dlen
+        if alen and stop <= len(buf) and zlib.crc32(view[pos + size:stop]) == crc:
+            count, pos = count + 1, stop
+        else:
+            pos += 1
+    return count
 
 
 def _lock(path: Path, what: str) -> int:
@@ -474,8 +504,9 @@ class DiskSpool(_Segments):
                 return False
             lost = self._undelivered(oldest)
             self._delete(oldest)  # an OSError: the append fails, nothing was dropped
-            self.stats.dropped["spool_overflow"] += lost
-            log.error("spool full: dropped segment %d with %d undelivered events", oldest, lost)
+            self.stats.dropped["spool_overflow"] += 1 if lost is None else lost
+            log.error("spool full: dropped segment %d with %s undelivered events", oldest,
+                      "an unknown number of" if lost is None else lost)
         return True
 
     def _saved_floor(self, number: int) -> Position:
@@ -489,19 +520,27 @@ class DiskSpool(_Segments):
             return Position(number, 0)
         return min(saved, default=Position(number, 0))
 
-    def _undelivered(self, number: int) -> int:
+    def _undelivered(self, number: int) -> int | None:
         """Events of segment `number` that some sink has not taken yet: past the readers in this
         process (those stopped too) or, with none here (they are in the delivery process), their
-        saved checkpoints (which trail a little: an upper bound); with neither, every event counts."""
+        saved checkpoints (which trail a little: an upper bound); with neither, every event counts.
+        None when some are and the segment cannot be read to count them (EIO): dropped all the same."""
         positions = [*(r.position for r in self._readers.values()), *self._parked.values()]
         floor = min(positions, default=None) or self._saved_floor(number)
         if floor.segment > number:
             return 0
         start = floor.offset if floor.segment == number else 0
         try:
-            fh = open(self._path(number), "rb")  # noqa: SIM115 - closed below
+            return self._count_frames(number, start)
         except FileNotFoundError:
             return 0
+        except OSError as exc:  # EIO: kept, it would fail every append and keep the spool full for good
+            log.error("spool %s: cannot count the undelivered events of segment %d (%s)", self.dir, number, exc)
+            return None if start < self._sizes.get(number, 0) else 0
+
+    def _count_frames(self, number: int, start: int) -> int:
+        """The records of segment `number` that end past `start`, by their frames."""
+        fh = open(self._path(number), "rb")  # noqa: SIM115 - closed below
         # By the frame headers alone: this runs in an append, on the proxy's event loop, and
         # decoding a 16 MiB segment (checksums, JSON) took ~100 ms. A record whose checksum
         # fails counts too: dropped, no reader ever counts it as corrupt.
@@ -688,6 +727,11 @@ class DiskReader:
         except (ValueError, KeyError, TypeError):
             log.error("unreadable checkpoint %s: reading %s from the oldest segment", path, self.name)
             return Position(first, 0)
+        except OSError as exc:  # EIO, EACCES, a directory in its place: the delivery process died at each start
+            if exc.errno in _PASSING:  # tried again at the next start, not everything sent again
+                raise
+            log.error("unreadable checkpoint %s (%s): reading %s from the oldest segment", path, exc, self.name)
+            return Position(first, 0)
         if position is None or (self.destination is not None and was is not None and was != self.destination):
             # Sinks from --log-url are named by place: dropping the first URL gave the second the
             # first's name, and it skipped what the first had delivered and it had not. Its own
@@ -739,10 +783,11 @@ class DiskReader:
             return position
         return None
 
-    def read(self, max_events: int, start: Position | None = None,
-             stop: Position | None = None) -> tuple[list[CloudEvent], Position]:
+    def read(self, max_events: int, start: Position | None = None, stop: Position | None = None,
+             *, max_bytes: int | None = None) -> tuple[list[CloudEvent], Position]:
         """Up to `max_events` events after `start` (default: the cursor), and the position past them;
-        none at or past `stop` (a record's start), when given.
+        none at or past `stop` (a record's start), when given; with `max_bytes`, only as many as
+        their records hold (at least one: a bigger event comes alone).
 
         The position can move with no events (past a corrupt stretch): commit it all the same.
         """
@@ -751,7 +796,8 @@ class DiskReader:
         out: list[CloudEvent] = []
         start = start or self.position
         segment, offset = start.segment, start.offset
-        while len(out) < max_events:
+        room: float = math.inf if max_bytes is None else max_bytes
+        while len(out) < max_events and room > 0:
             if stop is not None and segment > stop.segment:
                 break
             size = self.spool._sizes.get(segment)
@@ -765,13 +811,13 @@ class DiskReader:
             capped = stop is not None and stop.segment == segment and stop.offset <= size
             end = stop.offset if stop is not None and capped else size
             if offset < end:
-                offset = self._read_segment(segment, offset, end, max_events - len(out), out)
-                if capped and offset < end and len(out) < max_events:
+                offset, room = self._read_segment(segment, offset, end, max_events - len(out), room, out)
+                if capped and offset < end and len(out) < max_events and room > 0:
                     # `stop` starts a record, and everything before it is written: a frame that
                     # runs past it is damage (a length's bit flipped), skipped as far as `stop`.
                     self._skip_corrupt(segment, offset, end, "record runs past the next one's start")
                     offset = end
-            if len(out) >= max_events or segment == self.spool._current or capped:
+            if len(out) >= max_events or room <= 0 or segment == self.spool._current or capped:
                 break
             if offset < size:
                 # A torn tail left by a crashed writer: nothing more will come.
@@ -788,42 +834,60 @@ class DiskReader:
         return position.offset <= self.spool._sizes.get(position.segment, -1)
 
     def _read_segment(
-        self, segment: int, offset: int, size: int, limit: int, out: list[CloudEvent]
-    ) -> int:
-        """Decode records of one segment into `out`; returns the offset reached (its end when
-        the file is gone: dropped on overflow by the writer, which counted it)."""
-        fh = self._open(segment)
+        self, segment: int, offset: int, size: int, limit: int, room: float, out: list[CloudEvent]
+    ) -> tuple[int, float]:
+        """Decode records of one segment into `out`, up to `limit` events and `room` bytes (0 when
+        the next record did not fit); returns the offset reached (its end when the file is gone:
+        dropped on overflow by the writer, which counted it) and the room left."""
+        try:
+            fh = self._open(segment)
+        except OSError as exc:  # EIO, a directory in its place: it failed every read, for ever
+            if exc.errno in _PASSING:
+                raise
+            self._skip_corrupt(segment, offset, size, f"cannot open it ({exc})", readable=False)
+            return size, room
         if fh is None:
-            return size
-        while offset < size and limit > 0:
-            fh.seek(offset)
-            buf = fh.read(min(size - offset, _CHUNK))
-            if len(buf) >= _HEADER.size:
-                # A record bigger than a chunk: read exactly that record.
-                _, _, _, alen, dlen = _HEADER.unpack_from(buf, 0)
-                need = _HEADER.size + alen + dlen
-                if need > len(buf) and offset + need <= size:
-                    fh.seek(offset)
-                    buf = fh.read(need)
+            return size, room
+        while offset < size and limit > 0 and room > 0:
+            try:
+                fh.seek(offset)
+                buf = fh.read(min(size - offset, _CHUNK))
+                if len(buf) >= _HEADER.size:
+                    # A record bigger than a chunk: read exactly that record.
+                    _, _, _, alen, dlen = _HEADER.unpack_from(buf, 0)
+                    need = _HEADER.size + alen + dlen
+                    if need > len(buf) and offset + need <= size:
+                        fh.seek(offset)
+                        buf = fh.read(need)
+            except OSError as exc:  # EIO from a bad sector: where a record after it starts is unknown
+                self._close_file()
+                if exc.errno in _PASSING:
+                    raise
+                self._skip_corrupt(segment, offset, size, f"cannot read it ({exc})", readable=False)
+                return size, room
             start = offset
             try:
                 for event, stop in iter_records(buf):
+                    taken = start + stop - offset
+                    if taken > room and out:  # the byte budget: a batch in memory, and each sink's copies
+                        return offset, 0
                     out.append(event)
                     offset = start + stop
                     limit -= 1
-                    if limit == 0:
+                    room -= taken
+                    if limit == 0 or room <= 0:
                         break
             except CorruptRecordError as exc:
                 if exc.resume is None:  # the frame itself is broken: where the next starts is unknown
                     self._skip_corrupt(segment, offset, size, str(exc))
-                    return size
+                    return size, room
                 resume = start + exc.resume  # only this record: the ones after it are whole
                 self._skip_corrupt(segment, offset, resume, str(exc))
                 offset = resume
                 continue
             if offset == start:  # only a partial frame left: the writer is mid-append
                 break
-        return offset
+        return offset, room
 
     def _open(self, segment: int) -> BinaryIO | None:
         if self._file is not None and self._file[0] == segment:
@@ -841,14 +905,25 @@ class DiskReader:
             self._file[1].close()
             self._file = None
 
-    def _skip_corrupt(self, segment: int, offset: int, size: int, reason: str) -> None:
+    def _skip_corrupt(self, segment: int, offset: int, size: int, reason: str, *, readable: bool = True) -> None:
         if (segment, offset) in self.spool._corrupt_seen:  # another sink's reader met it first
             return
         self.spool._corrupt_seen.add((segment, offset))  # counted (and logged) once, not per sink
-        self.spool.stats.corrupt += 1
-        log.error(
-            "spool segment %d: %s; skipping %d bytes from offset %d", segment, reason, size - offset, offset
-        )
+        lost = self._lost(segment, offset, size) if readable else 1  # unreadable: how many is unknown
+        self.spool.stats.corrupt += lost
+        log.error("spool segment %d: %s; skipping %d bytes from offset %d (%s)", segment, reason, size - offset,
+                  offset, f"events lost: {lost}" if readable else "events lost: unknown, counted as 1")
+
+    def _lost(self, segment: int, offset: int, end: int) -> int:
+        """The events in a stretch skipped (`_records_lost`); 1 if it cannot be read to count them."""
+        try:
+            fh = self._open(segment)
+            if fh is None:
+                return 1
+            fh.seek(offset)
+            return _records_lost(fh.read(end - offset))
+        except OSError:
+            return 1
 
     def wake(self) -> None:
         """End a wait() early (at shutdown)."""
@@ -1007,8 +1082,8 @@ class MemoryReader:
         self.position = Position(0, start)
         self._event = asyncio.Event()
 
-    def read(self, max_events: int, start: Position | None = None,
-             stop: Position | None = None) -> tuple[list[CloudEvent], Position]:
+    def read(self, max_events: int, start: Position | None = None, stop: Position | None = None,
+             *, max_bytes: int | None = None) -> tuple[list[CloudEvent], Position]:
         self._event.clear()
         start = start or self.position
         log_ = self.spool._log
@@ -1021,6 +1096,13 @@ class MemoryReader:
         last = min(len(log_), index + max_events)
         if stop is not None:
             last = max(index, min(last, stop.offset - first))
+        if max_bytes is not None:  # as the disk spool's: at least one, the rest as they fit
+            room = max_bytes
+            for i in range(index, last):
+                room -= log_[i][2]
+                if room < 0 and i > index:
+                    last = i
+                    break
         events = [log_[i][1] for i in range(index, last)]
         return events, Position(0, first + last)
 
@@ -1047,7 +1129,9 @@ class MemoryReader:
 
     def lag(self, start: Position | None = None) -> int:
         offset = (start or self.position).offset
-        return sum(size for seq, _, size in self.spool._log if seq >= offset)
+        # From the newest back: asked after each short batch, the whole log each time cost the
+        # event loop (up to max_events a time) for the few events behind.
+        return sum(size for _, _, size in itertools.takewhile(lambda r: r[0] >= offset, reversed(self.spool._log)))
 
 
 SpoolFactory = Callable[[], Spool]

@@ -7,6 +7,7 @@ import errno
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,33 @@ def drain(reader, batch: int = 1000) -> list[str]:
         reader.flush()
 
 
+def failing_reads(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    """Reads of `path` through the spool module fail with EIO, as from a bad sector."""
+    real = open
+
+    class Unreadable:
+        def __init__(self, fh: Any) -> None:
+            self._fh = fh
+
+        def read(self, *args: object) -> bytes:
+            raise OSError(errno.EIO, "Input/output error")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._fh, name)
+
+        def __enter__(self) -> Unreadable:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._fh.close()
+
+    def opened(file: Any, *args: Any, **kwargs: Any) -> Any:
+        fh = real(file, *args, **kwargs)
+        return Unreadable(fh) if Path(file) == path else fh
+
+    monkeypatch.setattr(spool_module, "open", opened, raising=False)
+
+
 class TestRecord:
     """The frame round-trips and detects damage."""
 
@@ -45,6 +73,18 @@ class TestRecord:
     def test_partial_trailing_frame_is_not_an_error(self) -> None:
         buf = encode_record(event(1)) + encode_record(event(2))[:-3]
         assert [e.id for e, _ in iter_records(buf)] == ["1"]
+
+    @pytest.mark.parametrize("flags", [1, 2, 0x8000], ids=["no-data-with-data", "unknown", "high"])
+    def test_flags_the_checksum_does_not_cover_are_checked(self, flags: int) -> None:
+        """The flags are outside the checksum: a flipped bit 0 (data is None) delivered the
+        event without its data, uncounted."""
+        from infer_logger.errors import CorruptRecordError
+
+        raw = bytearray(encode_record(event(1)) + encode_record(event(2)))
+        raw[2:4] = flags.to_bytes(2, "little")
+        with pytest.raises(CorruptRecordError, match="flags") as caught:
+            list(iter_records(bytes(raw)))
+        assert [e.id for e, _ in iter_records(bytes(raw), caught.value.resume or 0)] == ["2"]
 
 
 class TestDiskSpool:
@@ -280,7 +320,7 @@ class TestDiskSpool:
         first.write_bytes(bytes(raw))
         again = DiskSpool(tmp_path)
         ids = drain(again.reader("s"))
-        assert again.stats.corrupt == 1
+        assert again.stats.corrupt == 30 - len(ids)  # the events lost, not the stretches
         if left is not None:
             assert ids == [str(i) for i in left]
         else:
@@ -338,7 +378,8 @@ class TestDiskSpool:
         again = DiskSpool(tmp_path)
         reader = again.reader("s")
         events, end = reader.read(100, starts[0], stop=starts[5])
-        assert [e.id for e in events] == ["0", "1"] and end == starts[5] and again.stats.corrupt == 1
+        assert [e.id for e in events] == ["0", "1"] and end == starts[5]
+        assert again.stats.corrupt == 3  # records 2 to 4: the events lost
         assert [e.id for e in reader.read(100, end)[0]] == ["5", "6", "7", "8", "9"]
 
     def test_torn_tail_after_crash(self, tmp_path: Path) -> None:
@@ -358,6 +399,162 @@ class TestDiskSpool:
         spool.append(event(2))
         events, _ = spool.reader("s").read(10)
         assert [len(e.data or b"") for e in events] == [3 << 20, 10]
+
+    @pytest.mark.parametrize("how", ["eio", "directory"])
+    def test_an_unreadable_segment_is_skipped_and_counted(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture, how: str) -> None:
+        """EIO from a bad sector, or a directory where a segment should be: the OSError escaped
+        every read, and the sink worker restarted at it for ever, delivering nothing more."""
+        spool = DiskSpool(tmp_path, segment_bytes=500)
+        for i in range(30):
+            spool.append(event(i, 50))
+        spool.close()
+        bad = sorted(tmp_path.glob("*.seg"))[1]
+        lost = {e.id for e, _ in iter_records(bad.read_bytes())}
+        if how == "eio":
+            failing_reads(monkeypatch, bad)
+        else:
+            bad.unlink()
+            bad.mkdir()
+        again = DiskSpool(tmp_path)
+        events, _ = again.reader("s").read(1000)  # the segment before it comes in the same read
+        assert [e.id for e in events] == [str(i) for i in range(30) if str(i) not in lost]
+        assert again.stats.corrupt >= 1
+        assert ("Input/output error" if how == "eio" else "Is a directory") in caplog.text
+
+    @pytest.mark.parametrize("at", ["open", "read"])
+    def test_a_segment_out_of_descriptors_for_now_is_read_again_not_skipped(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str) -> None:
+        """EMFILE, ENOMEM pass: skipped as damaged, the segment's events were lost for good."""
+        spool = DiskSpool(tmp_path, segment_bytes=500)
+        for i in range(30):
+            spool.append(event(i, 50))
+        spool.close()
+        again = DiskSpool(tmp_path)
+        reader = again.reader("s")
+        real, failing = open, [True]
+
+        class Failing:
+            def __init__(self, fh: Any) -> None:
+                self._fh = fh
+
+            def read(self, *args: object) -> bytes:
+                raise OSError(errno.EMFILE, "Too many open files")
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._fh, name)
+
+        def opened(file: Any, *args: Any, **kwargs: Any) -> Any:
+            if failing[0] and at == "open":
+                raise OSError(errno.EMFILE, "Too many open files")
+            fh = real(file, *args, **kwargs)
+            return Failing(fh) if failing[0] else fh
+
+        monkeypatch.setattr(spool_module, "open", opened, raising=False)
+        with pytest.raises(OSError):
+            reader.read(1000)
+        failing[0] = False
+        events, _ = reader.read(1000)
+        assert [e.id for e in events] == [str(i) for i in range(30)]
+        assert again.stats.corrupt == 0
+
+    def test_a_checkpoint_out_of_descriptors_for_now_is_not_read_from_the_oldest(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Read from the oldest segment, every event delivered before was sent again."""
+        spool = DiskSpool(tmp_path, segment_bytes=500)
+        for i in range(30):
+            spool.append(event(i, 50))
+        reader = spool.reader("s")
+        _, end = reader.read(1000)
+        reader.commit(end, force=True)
+        spool.close()
+
+        def unreadable(path: Path) -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        again = DiskSpool(tmp_path)
+        monkeypatch.setattr(spool_module, "_read_checkpoint", unreadable)
+        with pytest.raises(OSError):
+            again.reader("s")
+
+    def test_drop_oldest_drops_a_segment_it_cannot_read(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+        """Counting its undelivered events read it: its EIO failed every append (spool_error), and the
+        full spool never made room."""
+        spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=4000, overflow="drop_oldest")
+        spool.reader("down")  # never reads: the dropped events are its loss
+        for i in range(5):
+            spool.append(event(i, 100))
+        first = sorted(tmp_path.glob("*.seg"))[0]
+        failing_reads(monkeypatch, first)
+        assert all(spool.append(event(i, 100)) for i in range(5, 25))
+        assert not first.exists() and not spool.stats.dropped["spool_error"]
+        assert spool.stats.dropped["spool_overflow"] >= 1 and "Input/output error" in caplog.text
+
+    def test_a_checkpoint_that_cannot_be_read_reads_from_the_oldest_segment(
+            self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """A directory in its place (as EIO or EACCES would have it): the OSError escaped making the
+        reader, and the delivery process died at every start, stopping every sink."""
+        spool = DiskSpool(tmp_path)
+        for i in range(5):
+            spool.append(event(i))
+        spool.close()
+        spool.checkpoint_path("s").mkdir()
+        again = DiskSpool(tmp_path)
+        reader = again.reader("s")
+        # drain() commits and flushes: saving fails too (a directory in the way), logged, and reading goes on.
+        assert drain(reader) == [str(i) for i in range(5)]
+        again.append(event(5))
+        assert drain(reader) == ["5"]
+        assert "unreadable checkpoint" in caplog.text and "not saved" in caplog.text
+        again.close()
+
+    @pytest.mark.parametrize("durability", ["disk", "memory"])
+    def test_a_read_is_held_to_max_bytes_and_takes_at_least_one_event(self, tmp_path: Path,
+                                                                       durability: str) -> None:
+        """Capped by count only, a sink's batch of 500 events of 800 KiB took the delivery process
+        past 450 MiB."""
+        spool = DiskSpool(tmp_path, segment_bytes=3000) if durability == "disk" else MemorySpool()
+        reader = spool.reader("s")
+        for i in range(10):
+            spool.append(event(i, 1000))
+        spool.append(event(10, 5000))  # bigger than the budget: alone
+        spool.append(event(11))
+        budget = 3 * len(encode_record(event(0, 1000)))
+        batches, position = [], reader.position
+        while True:
+            events, position = reader.read(100, position, max_bytes=budget)
+            if not events:
+                break
+            batches.append([e.id for e in events])
+        assert batches == [["0", "1", "2"], ["3", "4", "5"], ["6", "7", "8"], ["9"], ["10"], ["11"]]
+
+    def test_a_skipped_stretch_counts_the_events_in_it(self, tmp_path: Path) -> None:
+        """The counter went up by one per stretch skipped: the rest of a segment after a broken
+        frame (up to 16 MiB of events) counted as one event."""
+        spool = DiskSpool(tmp_path)
+        for i in range(10):
+            spool.append(event(i, 50))
+        spool.close()
+        seg = sorted(tmp_path.glob("*.seg"))[0]
+        raw = bytearray(seg.read_bytes())
+        raw[2 * len(encode_record(event(0, 50)))] ^= 0xFF  # record 2's magic: the segment's rest goes
+        seg.write_bytes(bytes(raw))
+        again = DiskSpool(tmp_path)
+        assert drain(again.reader("s")) == ["0", "1"]
+        assert again.stats.corrupt == 8
+
+    def test_a_record_with_a_flag_its_data_contradicts_is_skipped_and_counted(self, tmp_path: Path) -> None:
+        spool = DiskSpool(tmp_path)
+        for i in range(3):
+            spool.append(event(i))
+        spool.close()
+        seg = sorted(tmp_path.glob("*.seg"))[0]
+        raw = bytearray(seg.read_bytes())
+        raw[len(encode_record(event(0))) + 2] ^= 1  # record 1's flags: "data is None"
+        seg.write_bytes(bytes(raw))
+        again = DiskSpool(tmp_path)
+        assert drain(again.reader("s")) == ["0", "2"] and again.stats.corrupt == 1
 
     async def test_wait_wakes_on_append(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path)
