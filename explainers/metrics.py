@@ -43,6 +43,9 @@ class _StateCollector(Collector):
         yield CounterMetricFamily("infer_logger_explainer_events_expired",
                                   "Halves of exchanges whose other half did not come within cache_ttl (never explained)",
                                   value=cache.expired)
+        yield CounterMetricFamily("infer_logger_explainer_events_dropped_at_stop",
+                                  "Halves of exchanges waiting in the join cache when the subscriber stopped "
+                                  "(it is in memory: never explained)", value=cache.stopped)
         yield GaugeMetricFamily("infer_logger_explainer_events_waiting",
                                 "Halves of exchanges waiting in the join cache for their other half", value=len(cache))
 

@@ -21,10 +21,18 @@ Failures: a predictor that cannot be reached raises `SinkError` (HTTP 502), so t
 retries later; the cached half is held out of the cache while its explanation runs (left in, the
 oldest entry, it went first for room) and put back unless the explanation is delivered, and
 nothing is replied before every instance is explained. A request whose payload cannot be read raises
-`RejectedError` (HTTP 400): retrying cannot help. Events explained together fail alone: when their
-merged call fails, each is explained again on its own, so one event's bad rows fail that one only.
-A caller cancelled while its exchange is explained (the broker's attempt timed out, in process)
-leaves the explanation running: the retried completing half joins it, or gets it once done.
+`RejectedError` (HTTP 400): retrying cannot help; so does one that outlasts `explain_timeout`
+explained alone, with the workers to itself (every retry would, each holding them that long), not
+one that timed out beside another event's explanation (it may have waited for the workers). A
+predictor's 500 stays retryable, alone too: it may be passing. Events explained together fail
+alone: when their merged call fails, each is explained again on its own, so one event's bad rows
+fail that one only. A caller cancelled while its exchange is explained (the broker's attempt
+timed out, in process) leaves the explanation running: the retried completing half joins it, or
+gets it once done.
+
+The join cache is in memory: the halves waiting in it for their other half (answered 202, so not
+delivered again) are lost when the subscriber stops; `aclose` counts them (`cache.stopped`) and
+logs how many.
 
 The subscriber is a broker `Replier` (`handle(event) -> reply | None`), a `Sink` whose
 explanations go to `reply_to`, and the `POST /events` endpoint's core (`handle_http`).
@@ -37,17 +45,20 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
 import orjson
 from pydantic import Field
 
+from explainers import codecs
 from explainers.base import Explanation
 from explainers.config import SubscriberSettings, load_explainer_settings
 from explainers.errors import (
     ExplainerError,
+    ExplainTimeoutError,
     InvalidInputError,
     InvalidParametersError,
     NotReadyError,
@@ -57,7 +68,7 @@ from explainers.service import ExplainerService
 from infer_logger import binary_tensors, events
 from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.errors import BinaryDataError, InvalidEventError, RejectedError, SinkError
+from infer_logger.errors import InvalidEventError, RejectedError, SinkError
 from infer_logger.sinks.base import Sink, SinkConfig
 from infer_logger.sinks.halving import Halving
 
@@ -76,6 +87,8 @@ class EventCache:
         self.size, self.ttl = size, ttl
         self.evicted = 0
         self.expired = 0
+        self.stopped = 0
+        """Events dropped as the subscriber stopped (`close`)."""
         self._items: OrderedDict[tuple[str, str], tuple[float, CloudEvent]] = OrderedDict()
         self._reported = (0, 0)  # (evicted, expired) as last logged
         self._next_report = 0.0
@@ -129,6 +142,14 @@ class EventCache:
 
     def pop(self, key: tuple[str, str]) -> None:
         self._items.pop(key, None)
+
+    def close(self) -> int:
+        """Drop the events still waiting (the subscriber stops), counted in `stopped`: how many."""
+        self.sweep()  # the expired ones count as such
+        dropped = len(self._items)
+        self._items.clear()
+        self.stopped += dropped
+        return dropped
 
 
 class _Settled:
@@ -189,6 +210,20 @@ _NOT_THE_ROWS = (PredictorUnavailableError, NotReadyError)
 """Failures of a merged call that are the predictor's or the explainer's state: each event alone fails alike."""
 
 
+class _TimedOutAlone(ExplainTimeoutError):
+    """One event's rows outlasted explain_timeout in a call of their own, no other call beside it:
+    the time went on them (not waiting for the workers), and would on every retry."""
+
+
+class _Call:
+    """A call of the service, and whether another ran beside it (sharing the workers)."""
+
+    __slots__ = ("shared",)
+
+    def __init__(self) -> None:
+        self.shared = False
+
+
 class _Batcher:
     """Instances of concurrent events explained in one call (up to `size` rows, after `linger` s)."""
 
@@ -198,6 +233,7 @@ class _Batcher:
         self._rows = 0
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._calls: set[_Call] = set()
 
     async def explain(self, rows: np.ndarray) -> Explanation:
         loop = asyncio.get_running_loop()
@@ -220,14 +256,29 @@ class _Batcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    @contextmanager
+    def _call(self) -> Iterator[_Call]:
+        call = _Call()
+        for other in self._calls:
+            other.shared = call.shared = True
+        self._calls.add(call)
+        try:
+            yield call
+        finally:
+            self._calls.discard(call)
+
     async def _run(self, group: list[tuple[np.ndarray, asyncio.Future[Explanation]]]) -> None:
         try:
-            explanation = await self.service.explain(np.concatenate([rows for rows, _ in group]))
+            with self._call() as call:
+                explanation = await self.service.explain(np.concatenate([rows for rows, _ in group]))
         except Exception as exc:  # noqa: BLE001 - a lone event gets the failure, merged ones go alone
             if len(group) == 1 or isinstance(exc, _NOT_THE_ROWS):
+                given = exc
+                if len(group) == 1 and isinstance(exc, ExplainTimeoutError) and not call.shared:
+                    given = _TimedOutAlone(str(exc))
                 for _, future in group:
                     if not future.done():
-                        future.set_exception(exc)
+                        future.set_exception(given)
                 return
             # Merged, one event's rows may have failed them all: refused (by the predictor, or a
             # local model's encoder: every event merged in was dead-lettered), crashing the
@@ -417,18 +468,18 @@ class ExplainSubscriber:
         try:
             if events.is_truncated(request):
                 raise InvalidInputError("the request payload was truncated by the logger")
-            rows = self.service.decode(_payload(request))
+            rows = self.service.decode(_payload(request, self.service.max_values))
         except NotReadyError as exc:
             raise SinkError(str(exc), retry_after=1.0) from exc
         except Exception as exc:  # the same data fails alike on every retry: dead-letter it
             raise RejectedError(f"event {request.id}: {str(exc) or type(exc).__name__}", [request]) from exc
         try:
             return await self._batcher.explain(rows)
-        except (InvalidInputError, InvalidParametersError) as exc:
+        except (InvalidInputError, InvalidParametersError, _TimedOutAlone) as exc:
             raise RejectedError(f"event {request.id}: {exc}", [request]) from exc
         except NotReadyError as exc:
             raise SinkError(str(exc), retry_after=1.0) from exc
-        except ExplainerError as exc:  # the predictor, mostly: retried later
+        except ExplainerError as exc:  # the predictor (a 500 too: it may pass), or a timeout beside others
             raise SinkError(f"event {request.id}: {exc}") from exc
 
     def _sampled(self, event_id: str) -> bool:
@@ -465,10 +516,18 @@ class ExplainSubscriber:
             except RejectedError as exc:
                 refused += exc.refusals(replies)  # the caller dead-letters those explanations
             except SinkError as exc:
-                self._undelivered(done)
-                # Its `pending` are explanations, not this batch's events: a caller retrying only
-                # those as its own events would have the rest of the explanations lost.
-                raise SinkError(str(exc), retry_after=exc.retry_after) from exc
+                # Those it took are delivered (explained and sent again on the retry: duplicates).
+                # Its `pending` are explanations: the caller's are the events that made them, and
+                # those that failed (a caller retrying only explanations lost the others).
+                pending = exc.pending_among(replies)
+                if pending is None:  # all of them
+                    self._undelivered(done)
+                    raise SinkError(str(exc), retry_after=exc.retry_after) from exc
+                self._delivered([r for r in done if r[0] is None or id(r[0]) not in pending])
+                self._undelivered([r for r in done if r[0] is not None and id(r[0]) in pending])
+                mine = [e for e, r in zip(batch, results, strict=True)
+                        if isinstance(r, BaseException) or (r[0] is not None and id(r[0]) in pending)]
+                raise SinkError(str(exc), retry_after=exc.retry_after, pending=mine) from exc
         failures = [r for r in results if isinstance(r, BaseException)]
         retryable = [f for f in failures if not isinstance(f, RejectedError)]
         # A refused explanation's exchange stays unsettled, its cached half kept: a retry (for
@@ -486,8 +545,13 @@ class ExplainSubscriber:
                                 reasons=[why for _, why in refused])
 
     async def aclose(self) -> None:
-        for run in list(self._running.values()):  # no caller waits for them any more
-            run.task.cancel()
+        runs = [run.task for run in self._running.values()]
+        for task in runs:  # no caller waits for them any more
+            task.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)  # their cached halves back, counted as lost
+        if dropped := self.cache.close():
+            log.warning("explain-on-event: stopping with %d event(s) waiting in the join cache for their other "
+                        "half, which a restart loses: those exchanges are not explained", dropped)
         if self._owns:
             await self.service.aclose()
 
@@ -569,21 +633,32 @@ class ExplainerComponentConfig(SinkConfig):
         return ExplainSubscriber(ExplainerService(loaded), owns_service=True)
 
 
-def _payload(request: CloudEvent) -> Any:
+def _payload(request: CloudEvent, max_values: int | None = None) -> Any:
     """The request's JSON; a V2 body with binary tensor data (as tritonclient sends by default)
-    reads as the JSON it stands for. InvalidInputError when it is neither."""
+    reads as the JSON it stands for. InvalidInputError when it is neither.
+
+    Read as the explainer server reads a body: an integer past 64 bits is a float (as every
+    feature becomes), and a binary tensor of more than `max_values` values is refused before
+    it is unpacked."""
+    data = request.data or b""
     try:
-        doc = request.json()
-    except ValueError as exc:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
         not_json = exc
     else:  # a binary part of blanks only (INT8 10) is JSON's trailing whitespace
-        return binary_tensors.inline(request.data or b"") or doc if binary_tensors.carries_binary(doc) else doc
-    try:
-        doc = binary_tensors.inline_checked(request.data or b"")
-    except RecursionError:  # JSON nested past Python's limit, read by the stdlib's decoder
-        raise InvalidInputError("the request payload nests JSON too deeply to read") from None
-    except BinaryDataError as exc:  # its JSON part read: the tensors after it did not
-        raise InvalidInputError(f"the request payload's binary tensor data does not read: {exc}") from None
+        return _binary(data, max_values) or doc if binary_tensors.carries_binary(doc) else doc
+    doc = _binary(data, max_values)
     if doc is None:
         raise InvalidInputError(f"the request payload is not JSON: {not_json}")
     return doc
+
+
+def _binary(data: bytes, max_values: int | None) -> dict[str, Any] | None:
+    """A body with binary tensor data read by `codecs.decode_body` (as `/infer` reads one); None
+    when it is not one."""
+    if (found := binary_tensors.json_part(data)) is None:
+        return None
+    try:
+        return codecs.decode_body(data, str(found[0]), max_values)
+    except InvalidInputError as exc:  # its JSON part read: the tensors after it did not
+        raise InvalidInputError(f"the request payload's binary tensor data does not read: {exc}") from None

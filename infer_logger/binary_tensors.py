@@ -165,9 +165,9 @@ def inline(body: bytes) -> Inlined | None:
         return None
 
 
-def inline_checked(body: bytes) -> Inlined | None:
-    """`inline`, but a body with a JSON part whose binary tensors do not read (an unknown datatype,
-    sizes that do not add up) raises BinaryDataError saying why; None when it has no JSON part."""
+def json_part(body: bytes) -> tuple[int, str] | None:
+    """Where a binary-data body's JSON part ends, found without its header (a logged payload
+    keeps none), and its tensors' key (`inputs`, else `outputs`); None when `body` is not one."""
     if not body.startswith(b"{"):
         return None
     # The JSON part ends where a JSON object starting at byte 0 ends: latin-1 maps bytes to
@@ -183,7 +183,15 @@ def inline_checked(body: bytes) -> Inlined | None:
         return None
     if not carries_binary(probe):  # JSON and stray bytes after it: no tensor data
         return None
-    key = "inputs" if "inputs" in probe else "outputs"
+    return end, "inputs" if "inputs" in probe else "outputs"
+
+
+def inline_checked(body: bytes) -> Inlined | None:
+    """`inline`, but a body with a JSON part whose binary tensors do not read (an unknown datatype,
+    sizes that do not add up) raises BinaryDataError saying why; None when it has no JSON part."""
+    if (found := json_part(body)) is None:
+        return None
+    end, key = found
     doc, raw = decode(body, end, key)
     tensors = []
     for index, tensor in enumerate(doc.get(key) or []):

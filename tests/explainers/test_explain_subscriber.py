@@ -174,6 +174,36 @@ class TestJoin:
                 await sub.handle(response)
             assert "binary tensor data" not in str(caught.value)
 
+    def test_an_integer_past_64_bits_is_read_as_the_explain_endpoint_reads_it(self, model_server: Process) -> None:
+        """Every feature becomes a float: `:explain` explained the body, while the subscriber
+        dead-lettered the same request as "not JSON" (an integer orjson reads as a float)."""
+        body = b'{"instances": [[18446744073709551616, 2.8, 4.8, 1.4]]}'
+        with serve(create_app(service_for(model_server.url, subscriber={"linger": 0.001}))) as url:
+            assert httpx.post(f"{url}/v1/models/iris-proba:explain", content=body, timeout=30).status_code == 200
+            request, response = exchange("ex-big", [[1.8e19, 2.8, 4.8, 1.4]])
+            for event in (CloudEvent(request.attributes, body), response):
+                headers, data = ce_http.to_binary(event)
+                r = httpx.post(f"{url}/events", headers=headers, content=data, timeout=30)
+            assert r.status_code == 200 and r.headers["ce-id"] == "ex-big", r.text
+
+    async def test_a_binary_tensor_past_max_instances_is_refused_before_it_is_unpacked(
+            self, model_server: Process) -> None:
+        """The server's /infer refuses it by its shape (`max_values`); the subscriber unpacked every
+        value into Python numbers on the event loop first (2 million rows: +340 MB, 0.4 s)."""
+        svc = service_for(model_server.url, max_instances=10)
+        await svc.start()
+        try:
+            sub = ExplainSubscriber(svc, SubscriberSettings(linger=0.001))
+            request, response = exchange("ex-huge")
+            tensor = {"name": "input-0", "shape": [11, 4], "datatype": "FP32"}
+            body, _ = binary_tensors.encode({"inputs": [tensor]}, "inputs", {"input-0": np.ones((11, 4), "<f4")})
+            assert await sub.handle(CloudEvent({**request.attributes, "datacontenttype": binary_tensors.CONTENT_TYPE},
+                                               body)) is None
+            with pytest.raises(RejectedError, match="44 values; at most 40 per request"):
+                await sub.handle(response)
+        finally:
+            await svc.aclose()
+
     async def test_response_first(self, service: ExplainerService) -> None:
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
         request, response = exchange("ex-2")
@@ -456,6 +486,64 @@ class TestFailures:
             await sub.handle(response)
         assert len(sub.cache) == 0
 
+    def test_a_lone_event_past_its_deadline_is_refused_for_good(self, model_server: Process) -> None:
+        """Explained alone, with the workers to itself, it outlasts explain_timeout on every retry:
+        answered 502, the broker retried it (an http sink for ever), each retry holding the workers
+        explain_timeout."""
+        from explainers.errors import ExplainTimeoutError
+
+        def too_slow(rows: np.ndarray) -> None:
+            raise ExplainTimeoutError(f"explaining {len(rows)} instance(s) took over 1s (explain_timeout)")
+
+        service = service_for(model_server.url, subscriber={"linger": 0.001})
+        with serve(create_app(service)) as url:
+            calls = _recorded(service, too_slow)
+            request, response = exchange("f-slow")
+            answers = [httpx.post(f"{url}/events", headers=h, content=b, timeout=30)
+                       for h, b in map(ce_http.to_binary, (request, response, response))]
+            assert [r.status_code for r in answers] == [202, 400, 400], answers[1].text
+            assert "f-slow" in answers[1].json()["error"] and "explain_timeout" in answers[1].json()["error"]
+            assert calls == [2]  # refused again without explaining it again
+
+    async def test_a_lone_event_past_its_deadline_is_refused_as_a_sink(self, service: ExplainerService) -> None:
+        from explainers.errors import ExplainTimeoutError
+
+        def too_slow(rows: np.ndarray) -> None:
+            raise ExplainTimeoutError(f"explaining {len(rows)} instance(s) took over 1s (explain_timeout)")
+
+        _recorded(service, too_slow)
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=MemorySink())
+        request, response = exchange("f-slow-sink")
+        await sub.send_batch([request])
+        with pytest.raises(RejectedError, match="explain_timeout") as caught:
+            await sub.send_batch([response])
+        assert caught.value.events == [request] and len(sub.cache) == 0
+
+    async def test_a_lone_event_past_its_deadline_beside_others_is_retried(
+            self, service: ExplainerService, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Timed out while another event's explanation shared the workers, it may have waited for
+        them: retried (502), and refused once it times out alone."""
+        from explainers.errors import ExplainTimeoutError
+
+        both = asyncio.Event()
+        calls: list[int] = []
+
+        async def too_slow(rows: np.ndarray, params: Any = None) -> Any:
+            calls.append(len(rows))
+            if len(calls) == 2:
+                both.set()
+            await asyncio.wait_for(both.wait(), 30)
+            raise ExplainTimeoutError(f"explaining {len(rows)} instance(s) took over 1s (explain_timeout)")
+
+        monkeypatch.setattr(service, "explain", too_slow)
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.05, batch_size=2))  # an exchange per call
+        first, second = exchange("q-1"), exchange("q-2")
+        replies = await _merged(sub, first, second)
+        assert all(type(r) is SinkError for r in replies), replies
+        with pytest.raises(RejectedError, match="explain_timeout"):
+            await sub.handle(first[1])  # the retry, alone
+        assert calls == [2, 2, 2]
+
     async def test_data_nested_too_deep_is_rejected_as_a_sink(self, service: ExplainerService) -> None:
         # RecursionError reading it escaped as a retryable failure (SinkError): retried for ever.
         # (Past orjson's 1024 levels the payload reads as no JSON at all; just under, it nests
@@ -478,15 +566,45 @@ class TestFailures:
         await sub.send_batch(list(exchange("s-1")))
         assert sorted(e.id for e in out.events) == ["s-1", "s-2"]
 
-    async def test_a_reply_failure_names_no_pending_events_of_its_own(self, service: ExplainerService) -> None:
+    async def test_a_reply_failure_names_the_callers_events_as_pending(self, service: ExplainerService) -> None:
         """`reply_to` failing part-way names explanations as `pending`: a caller retrying only
-        those as its events lost the other explanations; it retries its whole batch."""
+        those as its events lost the other explanations. It names the caller's events whose
+        explanations were not taken."""
         out = MemorySink()
         out.fail = lambda batch: SinkError("down", pending=batch[1:], retry_after=2.0)
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=out)
+        batch = [*exchange("p-1"), *exchange("p-2")]
         with pytest.raises(SinkError) as caught:
-            await sub.send_batch([*exchange("p-1"), *exchange("p-2")])
-        assert caught.value.pending == [] and caught.value.retry_after == 2.0
+            await sub.send_batch(batch)
+        assert caught.value.pending_among(batch) is not None and caught.value.retry_after == 2.0
+        assert [(e.id, e.type) for e in caught.value.pending] == [("p-2", events.RESPONSE)]
+        out.fail = lambda batch: None
+        await sub.send_batch(caught.value.pending)  # the caller's retry of those
+        assert [e.id for e in out.events] == ["p-2"] and len(sub.cache) == 0
+
+    async def test_replies_taken_before_reply_to_failed_are_not_sent_again(self, service: ExplainerService) -> None:
+        """Halved after a 413, `reply_to` took the first half of the explanations, then failed:
+        every one was made and sent again on the retry (two of each taken before)."""
+        out, sent = MemorySink(), [0]
+
+        def fail(batch: Sequence[CloudEvent]) -> Exception | None:
+            sent[0] += 1
+            if sent[0] == 1:
+                return RejectedError("413 too large", together=True, too_large=True)
+            return SinkError("503 down") if sent[0] == 3 else None
+
+        out.fail = fail
+        sub = ExplainSubscriber(service, SubscriberSettings(linger=0.01), reply_to=out)
+        pairs = [exchange(f"q-{i}", ROWS[:1]) for i in range(4)]
+        responses = [response for _, response in pairs]
+        await sub.send_batch([request for request, _ in pairs])
+        with pytest.raises(SinkError, match="503") as caught:
+            await sub.send_batch(responses)
+        await sub.send_batch(responses)  # the caller's retry of the whole batch
+        assert [e.id for e in out.events] == ["q-0", "q-1", "q-2", "q-3"] and sub.explained == 6
+        assert len(sub.cache) == 0
+        # A caller retrying only its pending events sends no more than those.
+        assert not isinstance(caught.value, RejectedError) and caught.value.pending == responses[2:]
 
     async def test_replies_refused_together_for_their_size_go_in_halves(self, service: ExplainerService) -> None:
         """`reply_to` a batch POST answered 413: the refusal reached the caller, whose own halving
@@ -564,6 +682,25 @@ class TestHttpEndpoint:
                        for h, b in map(ce_http.to_binary, (request, response, response, request))]
         assert [r.status_code for r in answers] == [202, 400, 400, 202]
         assert answers[2].json() == answers[1].json() and "h-5" in answers[1].json()["error"]
+
+
+    def test_halves_waiting_when_it_stops_are_counted_and_logged(self, model_server: Process,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+        """The join cache is in memory: a restart lost every half answered 202 and waiting for its
+        other half, with no log and no count."""
+        from prometheus_client import generate_latest
+
+        app = create_app(service_for(model_server.url, subscriber={"linger": 0.001}))
+        with serve(app) as url:
+            for event in (exchange("s-1")[0], exchange("s-2")[1]):
+                headers, body = ce_http.to_binary(event)
+                assert httpx.post(f"{url}/events", headers=headers, content=body, timeout=30).status_code == 202
+        metrics = generate_latest(app.state.metrics.registry).decode()
+        assert "infer_logger_explainer_events_dropped_at_stop_total 2.0" in metrics, metrics
+        assert "infer_logger_explainer_events_waiting 0.0" in metrics
+        assert [r.getMessage() for r in caplog.records if "stopping with" in r.getMessage()] == [
+            ("explain-on-event: stopping with 2 event(s) waiting in the join cache for their other half, "
+             "which a restart loses: those exchanges are not explained")]
 
 
 class TestBroker:
@@ -862,4 +999,4 @@ def test_a_binary_part_of_blanks_reads_as_binary_data() -> None:
     body, _ = binary_tensors.encode({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "INT8"}]}, "inputs",
                                     {"x": binary_tensors.pack_values("INT8", [10])})
     event = CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}, body)
-    assert _payload(event) == {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "INT8", "data": [10]}]}
+    assert _payload(event)["inputs"][0]["data"] == [10]
