@@ -108,6 +108,11 @@ class _Abortable:
                             pending=pending)
 
     async def _deliver(self, event: CloudEvent) -> None:
+        if event.meta:
+            # A record's headers outside the binding are its producer's, not pass-through headers
+            # (those are not carried over Kafka): sent on as HTTP headers, they spoofed the event's
+            # own or an authorization, and one no HTTP header can hold failed every attempt.
+            event = CloudEvent(event.attributes, event.data)
         async with self._slots:
             await self.handler.deliver(event)
 
