@@ -122,6 +122,12 @@ class Ingress:
             refused.labels("invalid").inc()
             await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
+        # No broker is told before any size: a sender retries a 404 (the broker may come with a
+        # reload) and dead-letters a 413. A batch is read first, its events counted.
+        if mode != "batch" and (key or broker.default_key) not in broker.channels:
+            refused.labels("unknown_broker").inc()
+            await respond(send, 404, [_JSON], error_body(404, f"no broker {'/'.join(key or broker.default_key)}"))
+            return
         # A binary body is the event's data; a structured or batch one is JSON, where data may be
         # base64 (4 bytes for 3) or an escaped string. Every event is weighed decoded, attributes
         # (a binary one's headers) included, by `event_size` (a structured event the sidecar cut
@@ -150,6 +156,10 @@ class Ingress:
             refused.labels("invalid").inc()
             await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
+        if (key or broker.default_key) not in broker.channels:  # also for a batch with none to publish
+            refused.labels("unknown_broker").inc(len(events))
+            await respond(send, 404, [_JSON], error_body(404, f"no broker {'/'.join(key or broker.default_key)}"))
+            return
         maximum = int(settings.max_event_bytes)
         # A batch's events over the limit are named refused and the others stored: refused whole,
         # the http sink halved it down to each such event alone.
@@ -158,10 +168,6 @@ class Ingress:
         if oversize and mode != "batch":
             refused.labels("oversize").inc()
             await respond(send, 413, [_JSON], error_body(413, f"the event is {what}"))
-            return
-        if (key or broker.default_key) not in broker.channels:  # also for a batch with none to publish
-            refused.labels("unknown_broker").inc(len(events))
-            await respond(send, 404, [_JSON], error_body(404, f"no broker {'/'.join(key or broker.default_key)}"))
             return
         forward = passthrough(headers)  # the only headers kept with the events
         skip = set(oversize)

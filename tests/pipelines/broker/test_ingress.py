@@ -88,7 +88,10 @@ class TestRefusals:
             # Looked up only where events were published: an empty batch to no broker was a 202, this one a 413.
             nowhere = [await c.post("/ml/nope", headers=to_batch(batch)[0], content=to_batch(batch)[1])
                        for batch in ([], sent[1:2])]
-        assert [r.status_code for r in nowhere] == [404, 404]
+            # One event (binary, structured) over the limit to no broker was a 413: dead-lettered by its sender.
+            nowhere += [await c.post("/ml/nope", **binary_request(sent[1])),
+                        await c.post("/ml/nope", headers=to_structured(sent[1])[0], content=to_structured(sent[1])[1])]
+        assert [r.status_code for r in nowhere] == [404, 404, 404, 404]
         assert mixed.status_code == 413 and mixed.json()["refused"] == [1, 3], mixed.text
         assert mixed.headers["infer-logger-positions"] == "1"
         assert alone.status_code == 413 and alone.json()["refused"] == [0], alone.text
@@ -96,7 +99,7 @@ class TestRefusals:
         await settle(broker, "all", 2)
         assert [e.id for e in subscriber.events] == ["a", "b"]
         assert broker.metrics.refused.labels("oversize")._value.get() == 3
-        assert broker.metrics.refused.labels("unknown_broker")._value.get() == 1
+        assert broker.metrics.refused.labels("unknown_broker")._value.get() == 3
         assert broker.metrics.accepted.labels("default/default")._value.get() == 2
 
     def test_an_http_sink_sends_a_batch_with_an_event_over_the_limit_once(
