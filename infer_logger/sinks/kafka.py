@@ -512,6 +512,7 @@ class _Client:
         # "All brokers down", until a broker is seen to answer (a batch delivered, or a probe).
         self.down: KafkaError | None = None
         self.down_since = 0.0
+        self._down_said = 0.0  # when the outage was last logged
         self.transport_error = ""
         self.fatal: KafkaError | None = None
         self.batches: list[_Batch] = []  # outstanding, oldest first; guarded by `_cond`
@@ -647,11 +648,14 @@ class _Client:
         code = error.code()
         if error.fatal():
             self.note_fatal(error)
-        elif code == KafkaError._ALL_BROKERS_DOWN:  # only when the last one goes: logged each time
-            log.warning("kafka sink: no broker reachable at %s (%s); retrying", self.address,
-                        self.transport_error or error.str())
-            if self.down is None:  # said again on each failed reconnect: the outage began with the first
-                self.down_since = time.monotonic()
+        elif code == KafkaError._ALL_BROKERS_DOWN:  # when the last one goes, and at each failed reconnect round
+            now = time.monotonic()
+            if self.down is None:  # the outage began with the first
+                self.down_since = now
+            if self.down is None or now - self._down_said >= 60.0:  # not a line a second while it lasts
+                self._down_said = now
+                log.warning("kafka sink: no broker reachable at %s (%s); retrying", self.address,
+                            self.transport_error or error.str())
             self.down = error
         elif code in (KafkaError._TRANSPORT, KafkaError._RESOLVE):  # every failed connect: kept, not logged
             self.transport_error = error.str()

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal, TypeVar, cast
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from pydantic import ValidationError
 
@@ -24,6 +24,7 @@ from infer_logger.dispatch import Backoff, Dispatcher
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.events import EXPLANATION, REQUEST, RESPONSE
 from infer_logger.metrics import Metrics
+from infer_logger.sinks import kafka as kafka_sink
 from infer_logger.sinks.halving import Halving
 from infer_logger.sinks.kafka import (
     BinaryRecords,
@@ -385,6 +386,30 @@ class TestStalledBroker:
             failures = await self.stall(server, sink, 4.0)  # past the 2 s grace and its 0.5 s probe
             self.assert_once_each(server, 2)
             assert failures == 0
+        finally:
+            await sink.aclose()
+            server.stop()
+
+    async def test_an_outage_is_said_once_not_at_each_reconnect(self, caplog: pytest.LogCaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        """librdkafka says "all brokers down" again at each failed reconnect round (~1 s): each
+        was a warning, a line a second for as long as Kafka was away."""
+        said: list[KafkaError] = []
+        on_error = kafka_sink._Client._on_error
+
+        def counting(client: kafka_sink._Client, error: KafkaError) -> None:
+            if error.code() == KafkaError._ALL_BROKERS_DOWN:
+                said.append(error)
+            on_error(client, error)
+
+        monkeypatch.setattr(kafka_sink._Client, "_on_error", counting)
+        server = NoidaServer("kafka").start()
+        sink = KafkaSinkConfig(bootstrap_servers=server.address, topic="events").build()
+        try:
+            await sink.send_batch([event(-1)])
+            server.stop(keep_data=True)
+            await until(lambda: len(said) >= 3, timeout=60, what="librdkafka saying so at three reconnects")
+            assert caplog.text.count(f"no broker reachable at {server.address}") == 1
         finally:
             await sink.aclose()
             server.stop()
