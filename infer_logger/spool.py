@@ -45,8 +45,12 @@ from infer_logger.errors import CorruptRecordError, SpoolBusyError, SpoolError
 
 log = logging.getLogger(__name__)
 
-# Errors a later try may not meet (out of descriptors or memory): raised, the read tried again,
-# not the segment skipped as damaged (lost for good).
+# Errors saying a segment is damaged (a bad sector, a directory in its place, a file system's
+# check failing): it is skipped, counted. Any other may pass (out of descriptors or memory,
+# permissions changed, an NFS handle gone stale): raised, the read tried again, nothing lost.
+_DAMAGE = frozenset({errno.EIO, errno.EISDIR, errno.EBADMSG, errno.EUCLEAN})
+# Errors a checkpoint's next read may not meet: raised (the delivery process starts again), not
+# read from the oldest segment (everything delivered sent again).
 _PASSING = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR})
 
 _HEADER = struct.Struct("<HHIII")
@@ -183,13 +187,20 @@ def _records_lost(buf: bytes) -> int:
     they start). A record damaged past recognition is not counted: at least, not exactly."""
     view, size, count, pos = memoryview(buf), _HEADER.size, 1, 1
     magic = _HEADER.pack(_MAGIC, 0, 0, 0, 0)[:2]
+    # Checksums over a few times the stretch at most: a damaged record's data full of fake
+    # frames had each checksum run to the stretch's end, minutes on the delivery loop.
+    budget = 4 * len(buf)
     while (pos := buf.find(magic, pos)) >= 0 and pos + size <= len(buf):
         _, _, crc, alen, dlen = _HEADER.unpack_from(view, pos)
         stop = pos + size + alen + dlen
-        if alen and stop <= len(buf) and zlib.crc32(view[pos + size:stop]) == crc:
-            count, pos = count + 1, stop
-        else:
-            pos += 1
+        if alen and stop <= len(buf) and buf[pos + size:pos + size + 1] == b"{":  # attributes are an object
+            budget -= alen + dlen
+            if budget < 0:
+                break
+            if zlib.crc32(view[pos + size:stop]) == crc:
+                count, pos = count + 1, stop
+                continue
+        pos += 1
     return count
 
 
@@ -535,6 +546,8 @@ class DiskSpool(_Segments):
         except FileNotFoundError:
             return 0
         except OSError as exc:  # EIO: kept, it would fail every append and keep the spool full for good
+            if exc.errno not in _DAMAGE:  # may pass: this append fails (spool_error), nothing dropped
+                raise
             log.error("spool %s: cannot count the undelivered events of segment %d (%s)", self.dir, number, exc)
             return None if start < self._sizes.get(number, 0) else 0
 
@@ -842,8 +855,7 @@ class DiskReader:
         try:
             fh = self._open(segment)
         except OSError as exc:  # EIO, a directory in its place: it failed every read, for ever
-            if exc.errno in _PASSING:
-                raise
+            self._unreadable(segment, exc)
             self._skip_corrupt(segment, offset, size, f"cannot open it ({exc})", readable=False)
             return size, room
         if fh is None:
@@ -861,8 +873,7 @@ class DiskReader:
                         buf = fh.read(need)
             except OSError as exc:  # EIO from a bad sector: where a record after it starts is unknown
                 self._close_file()
-                if exc.errno in _PASSING:
-                    raise
+                self._unreadable(segment, exc)
                 self._skip_corrupt(segment, offset, size, f"cannot read it ({exc})", readable=False)
                 return size, room
             start = offset
@@ -905,10 +916,20 @@ class DiskReader:
             self._file[1].close()
             self._file = None
 
+    def _unreadable(self, segment: int, error: OSError) -> None:
+        """Raise `error` unless the segment is to be skipped as damaged: an error that may pass,
+        or one on the segment being written (its size, read mid-append, may fall inside a record:
+        skipping to it lost the whole records written after)."""
+        if error.errno not in _DAMAGE or segment == self.spool._current:
+            raise error
+
     def _skip_corrupt(self, segment: int, offset: int, size: int, reason: str, *, readable: bool = True) -> None:
-        if (segment, offset) in self.spool._corrupt_seen:  # another sink's reader met it first
+        # Counted (and logged) once, not per sink: an unreadable segment once whatever the offset
+        # each sink's reader met it at.
+        seen = (segment, offset if readable else -1)
+        if seen in self.spool._corrupt_seen:  # another sink's reader met it first
             return
-        self.spool._corrupt_seen.add((segment, offset))  # counted (and logged) once, not per sink
+        self.spool._corrupt_seen.add(seen)
         lost = self._lost(segment, offset, size) if readable else 1  # unreadable: how many is unknown
         self.spool.stats.corrupt += lost
         log.error("spool segment %d: %s; skipping %d bytes from offset %d (%s)", segment, reason, size - offset,

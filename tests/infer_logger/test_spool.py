@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,8 +34,8 @@ def drain(reader, batch: int = 1000) -> list[str]:
         reader.flush()
 
 
-def failing_reads(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
-    """Reads of `path` through the spool module fail with EIO, as from a bad sector."""
+def failing_reads(monkeypatch: pytest.MonkeyPatch, path: Path, code: int = errno.EIO) -> None:
+    """Reads of `path` through the spool module fail with `code` (EIO: as from a bad sector)."""
     real = open
 
     class Unreadable:
@@ -42,7 +43,7 @@ def failing_reads(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
             self._fh = fh
 
         def read(self, *args: object) -> bytes:
-            raise OSError(errno.EIO, "Input/output error")
+            raise OSError(code, os.strerror(code))
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self._fh, name)
@@ -422,10 +423,12 @@ class TestDiskSpool:
         assert again.stats.corrupt >= 1
         assert ("Input/output error" if how == "eio" else "Is a directory") in caplog.text
 
+    @pytest.mark.parametrize("code", [errno.EMFILE, errno.EACCES, errno.ESTALE])
     @pytest.mark.parametrize("at", ["open", "read"])
-    def test_a_segment_out_of_descriptors_for_now_is_read_again_not_skipped(
-            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str) -> None:
-        """EMFILE, ENOMEM pass: skipped as damaged, the segment's events were lost for good."""
+    def test_a_segment_failing_for_a_reason_that_may_pass_is_read_again_not_skipped(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str, code: int) -> None:
+        """Out of descriptors, permissions changed, an NFS handle gone stale: skipped as damaged,
+        the segment's events were lost for good (deleted once every reader passed)."""
         spool = DiskSpool(tmp_path, segment_bytes=500)
         for i in range(30):
             spool.append(event(i, 50))
@@ -439,14 +442,14 @@ class TestDiskSpool:
                 self._fh = fh
 
             def read(self, *args: object) -> bytes:
-                raise OSError(errno.EMFILE, "Too many open files")
+                raise OSError(code, os.strerror(code))
 
             def __getattr__(self, name: str) -> Any:
                 return getattr(self._fh, name)
 
         def opened(file: Any, *args: Any, **kwargs: Any) -> Any:
             if failing[0] and at == "open":
-                raise OSError(errno.EMFILE, "Too many open files")
+                raise OSError(code, os.strerror(code))
             fh = real(file, *args, **kwargs)
             return Failing(fh) if failing[0] else fh
 
@@ -476,6 +479,70 @@ class TestDiskSpool:
         monkeypatch.setattr(spool_module, "_read_checkpoint", unreadable)
         with pytest.raises(OSError):
             again.reader("s")
+
+    def test_the_segment_being_written_is_read_again_after_an_eio(self, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        """Its size, read mid-append, may fall inside a record: skipped to it, the next read found
+        no frame there and skipped the rest, the whole records written after it too."""
+        spool = DiskSpool(tmp_path)
+        reader = spool.reader("s")
+        for i in range(5):
+            spool.append(event(i))
+        [current] = tmp_path.glob("*.seg")
+        failing_reads(monkeypatch, current)
+        with pytest.raises(OSError):
+            reader.read(100)
+        monkeypatch.undo()
+        for i in range(5, 10):
+            spool.append(event(i))
+        events, _ = reader.read(100)
+        assert [e.id for e in events] == [str(i) for i in range(10)] and spool.stats.corrupt == 0
+
+    def test_an_unreadable_segment_is_counted_once_not_per_sink(self, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+        spool = DiskSpool(tmp_path, segment_bytes=500)
+        for i in range(30):
+            spool.append(event(i, 50))
+        before = spool.reader("b")
+        _, end = before.read(2)  # the two meet the segment at different offsets
+        before.commit(end, force=True)
+        spool.close()
+        again = DiskSpool(tmp_path)
+        first, second = again.reader("a"), again.reader("b")
+        failing_reads(monkeypatch, sorted(tmp_path.glob("*.seg"))[0])
+        first.read(1000)
+        second.read(1000)
+        assert again.stats.corrupt == 1
+
+    def test_counting_a_stretch_checksums_a_bounded_amount(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A damaged record whose data is full of frames (lengths pointing far into the stretch)
+        had each one checksummed to the stretch's end: minutes on the delivery loop."""
+        fake = spool_module._HEADER.pack(spool_module._MAGIC, 0, 0, 1000, 200_000) + b"{"
+        stretch = b"\0" + encode_record(CloudEvent({"id": "x", "source": "s", "type": "t", "specversion": "1.0"},
+                                                   fake * 20_000))[1:] + encode_record(event(1))
+        summed = [0]
+        crc32 = zlib.crc32
+
+        def counted(data: Any, *args: Any) -> int:
+            summed[0] += len(data)
+            return crc32(data, *args)
+
+        monkeypatch.setattr(spool_module.zlib, "crc32", counted)
+        assert spool_module._records_lost(stretch) >= 1
+        assert summed[0] <= 4 * len(stretch)
+
+    def test_drop_oldest_keeps_a_segment_it_cannot_count_for_now(self, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        """Out of descriptors: dropped whole, counted as one event (a segment holds thousands)."""
+        spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=4000, overflow="drop_oldest")
+        spool.reader("down")
+        for i in range(5):
+            spool.append(event(i, 100))
+        first = sorted(tmp_path.glob("*.seg"))[0]
+        failing_reads(monkeypatch, first, errno.EMFILE)
+        appended = [spool.append(event(i, 100)) for i in range(5, 25)]
+        assert not all(appended) and first.exists()
+        assert spool.stats.dropped["spool_error"] >= 1 and not spool.stats.dropped["spool_overflow"]
 
     def test_drop_oldest_drops_a_segment_it_cannot_read(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         caplog: pytest.LogCaptureFixture) -> None:
