@@ -37,7 +37,11 @@ TTL = "knativebrokerttl"
 _INTEGER = re.compile(r"-?[0-9]+")
 # Pass-through headers ride in the spool record under a key that no CloudEvent attribute can have.
 _HEADERS = "@headers"
+# A batch read for every trigger is decoded once and kept for the others, up to these: by count
+# only, `batch_size` events of up to `max_event_bytes` (100 MiB a batch) times 64 batches.
 _CACHE_BATCHES = 64
+_CACHE_BYTES = 64 << 20
+_BATCH_BYTES = 8 << 20  # a batch's data, at most (an event bigger comes alone)
 # Checkpoints are written at most this often per trigger (each is a file write and rename): at a
 # low rate every event would otherwise cost one per trigger. A crash redelivers at most this much.
 _COMMIT_INTERVAL = 0.05
@@ -144,7 +148,8 @@ class SpoolChannel:
         self.ready = True
         self._runners: dict[str, _Runner] = {}
         self._closing = False  # replies of deliveries still draining are kept for the next start
-        self._cache: dict[Position, tuple[list[CloudEvent], Position]] = {}
+        self._cache: dict[Position, tuple[list[CloudEvent], Position, int]] = {}
+        self._cached_bytes = 0
 
     async def start(self) -> None:
         self.spool.start_fsync()
@@ -213,13 +218,16 @@ class SpoolChannel:
         read it, or up to one: not shared)."""
         hit = self._cache.get(start)
         if hit is not None and count is None and stop is None:
-            return hit  # not for a batch as read before: a cached read may have gone on past a segment's end
-        events, end = reader.read(count or self.batch_size, start, stop)
+            return hit[0], hit[1]  # not for a batch as read before: a cached read may have gone on past a segment's end
+        # A batch read again at its recorded size is read whole, as it was.
+        events, end = reader.read(count or self.batch_size, start, stop, max_bytes=None if count else _BATCH_BYTES)
         events = [unpack(e) for e in events]
         if events and count is None and stop is None:
-            if len(self._cache) >= _CACHE_BATCHES:
-                del self._cache[next(iter(self._cache))]
-            self._cache[start] = (events, end)
+            size = sum(len(e.data or b"") for e in events)
+            while self._cache and (len(self._cache) >= _CACHE_BATCHES or self._cached_bytes + size > _CACHE_BYTES):
+                self._cached_bytes -= self._cache.pop(next(iter(self._cache)))[2]
+            self._cache[start] = (events, end, size)
+            self._cached_bytes += size
         return events, end
 
 

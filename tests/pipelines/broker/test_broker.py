@@ -4,6 +4,7 @@ hanging subscriber, in-process components, reloads, and a restart that loses not
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import threading
@@ -860,7 +861,14 @@ async def test_a_reload_failing_within_the_switch_closes_no_component_a_trigger_
     await broker.startup()
     try:
         spool = broker.channels[broker.default_key].spool  # type: ignore[attr-defined]
-        (spool.dir / "checkpoints" / "b.json").mkdir(parents=True)  # b's attach fails: an I/O error
+        reader = spool.reader
+
+        def failing(name: str) -> Any:  # b's attach fails: an I/O error
+            if name == "b":
+                raise OSError(errno.EIO, "Input/output error")
+            return reader(name)
+
+        spool.reader = failing
         triggers.write_text("triggers:\n" + line.format("a", tmp_path / "a2.db") + line.format("b", tmp_path / "b.db"))
         assert not await broker.reload()
         await _post(broker, *(event(f"e{i}", REQUEST, b'{"instances": [1]}') for i in range(3)))
@@ -919,3 +927,32 @@ async def test_a_reload_removes_its_triggers_side_by_side(tmp_path: Path) -> Non
             await asyncio.gather(reload, return_exceptions=True)
         await broker.shutdown()
         held.stop()
+
+
+async def test_the_logs_batches_are_held_to_a_byte_budget_and_so_is_their_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch was `batch_size` events whatever their size (up to max_event_bytes each: 100 MiB),
+    and 64 such batches were kept decoded for the other triggers."""
+    from infer_logger.spool import DiskSpool
+    from pipelines.broker import channel as channel_module
+    from pipelines.broker.channel import SpoolChannel
+
+    monkeypatch.setattr(channel_module, "_BATCH_BYTES", 1 << 20)
+    monkeypatch.setattr(channel_module, "_CACHE_BYTES", 3 << 20)
+    channel = SpoolChannel(DiskSpool(tmp_path))
+    handler = Handler()
+    await channel.attach("t", handler)
+    sent = [event(str(i), data=b'"' + b"x" * (200 << 10) + b'"') for i in range(40)]  # 8 MiB in all
+    await channel.append(sent)
+    reader = channel.spool.reader("other")  # type: ignore[union-attr]
+    position, batches = reader.position, []
+    while True:
+        events, position = channel.read(reader, position)
+        if not events:
+            break
+        batches.append(sum(len(e.data or b"") for e in events))
+        assert channel._cached_bytes <= 3 << 20
+    await until(lambda: len(handler.got) == 40, what="every event")
+    await channel.aclose(1.0)
+    assert handler.got == [e.id for e in sent]
+    assert len(batches) > 1 and max(batches) <= 1 << 20
