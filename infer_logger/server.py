@@ -256,7 +256,25 @@ class SidecarThread:
         self._thread.join(timeout=self.settings.timeout + ANSWER_MARGIN + self.settings.delivery.drain_timeout + 30)
 
 
-class _StoppingServer(uvicorn.Server):
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server exiting 0 after a graceful stop: uvicorn raises the signal it stopped on
+    again once stopped (a SIGTERM killed the process after its clean stop, exit -15; a SIGINT
+    raised KeyboardInterrupt through the CLI), and one more in the interpreter's exit did too."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        try:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    getattr(self, "_captured_signals", []).clear()
+        finally:
+            if self.should_exit:  # the loop's teardown is to come yet
+                _stopped([signal.SIGINT, signal.SIGTERM])
+
+
+class _StoppingServer(GracefulServer):
     """uvicorn's server, taking SIGHUP for SIGTERM (unless ignored at start: `nohup`), telling the
     logger a stop has begun, and cutting the requests in flight off at a second stop signal (uvicorn
     does at a second SIGINT only)."""
@@ -293,13 +311,7 @@ class _StoppingServer(uvicorn.Server):
         previous = signal.signal(signal.SIGHUP, self.handle_exit) if hup else None
         try:
             with super().capture_signals():
-                try:
-                    yield
-                finally:
-                    # uvicorn raises the signals it took again once stopped: a SIGTERM killed the
-                    # sidecar after its graceful stop (exit -15, the default server's 0), a SIGINT
-                    # raised KeyboardInterrupt through the CLI.
-                    getattr(self, "_captured_signals", []).clear()
+                yield
         finally:
             if hup:
                 signal.signal(signal.SIGHUP, previous)

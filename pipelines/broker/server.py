@@ -8,7 +8,7 @@ import time
 import uvicorn
 
 from infer_logger.errors import InferLoggerError
-from infer_logger.server import uvicorn_config
+from infer_logger.server import GracefulServer, uvicorn_config
 from pipelines.broker.broker import Broker
 from pipelines.broker.settings import BrokerSettings
 
@@ -22,7 +22,7 @@ def config(broker: Broker, host: str, port: int, *, log_level: str = "warning") 
 def serve(settings: BrokerSettings, *, log_level: str = "warning") -> None:
     """Serve until SIGINT/SIGTERM; SIGHUP reloads the trigger files."""
     broker = Broker(settings, reload_on_sighup=True)
-    server = uvicorn.Server(config(broker, settings.host, settings.port, log_level=log_level))
+    server = GracefulServer(config(broker, settings.host, settings.port, log_level=log_level))
     try:
         server.run()
     except SystemExit:  # uvicorn's exit (3, or 1) for a port it cannot bind, or a failed startup

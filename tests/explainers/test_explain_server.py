@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -257,7 +258,24 @@ class TestCommand:
             np.testing.assert_allclose(sums(r.json()), estimator("iris").predict_proba(
                 np.array(IRIS_V1["instances"])), atol=1e-6)
         finally:
-            assert proc.stop() in (0, -15)  # uvicorn re-raises SIGTERM once it has shut down
+            assert proc.stop() == 0  # uvicorn raised SIGTERM again once it had shut down: -15
+
+    def test_other_libraries_info_is_not_logged_at_info(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """shap logs each explanation's working at INFO, 4 lines each: the default level printed
+        them all (2,408 of shap's lines to the explainer's own 4 in a short run)."""
+        from explainers.cli import _logging
+
+        root, ours = logging.getLogger(), [logging.getLogger(n) for n in ("explainers", "infer_logger", "pipelines")]
+        before = root.level, [logger.level for logger in ours]
+        monkeypatch.setattr(root, "handlers", [])  # as at a CLI's start: basicConfig sets up only then
+        try:
+            _logging("info")
+            assert not logging.getLogger("shap").isEnabledFor(logging.INFO)
+            assert all(logger.isEnabledFor(logging.INFO) for logger in ours)
+        finally:
+            root.setLevel(before[0])
+            for logger, level in zip(ours, before[1], strict=True):
+                logger.setLevel(level)
 
     def test_a_failed_start_says_why_in_one_line(self) -> None:
         base = [sys.executable, "-m", "explainers", "--port", str(free_port()), "--protocol", "v1",

@@ -126,3 +126,17 @@ def _wait_for_log(path: Path, text: str, timeout: float = 10) -> None:
     while text not in path.read_text():
         assert time.monotonic() < deadline, f"{text!r} not logged"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_graceful_stop_exits_0(tmp_path: Path, sig: signal.Signals) -> None:
+    """uvicorn raised the signal again once the broker had stopped cleanly: exit -15 (a SIGINT's
+    KeyboardInterrupt), which a supervisor takes for a crash."""
+    with Subscriber() as subscriber:
+        broker = _broker(tmp_path, _triggers(tmp_path / "triggers.yaml", subscriber.url), free_port()).start()
+        try:
+            accepted = _post_all(broker.url + "/", 5, "a")
+            _until_delivered(subscriber, accepted, 30)
+        finally:
+            code = broker.stop(sig)
+    assert code == 0
