@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -27,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import InferLoggerError, RejectedError
-from infer_logger.server import run_loop, uvicorn_config
+from infer_logger.server import GracefulServer, run_loop, uvicorn_config
 from infer_logger.sinks.base import Sink
 from pipelines.sources.base import Source
 from pipelines.sources.settings import IngestSettings
@@ -197,7 +196,7 @@ async def main(settings: IngestSettings, *, log_level: str = "warning", banner: 
     try:
         ingest = await Ingest.open(settings)
         await ingest.start()
-        server = uvicorn.Server(uvicorn_config(create_app(ingest), settings.host, settings.port,
+        server = GracefulServer(uvicorn_config(create_app(ingest), settings.host, settings.port,
                                                log_level=log_level))
         ingest.on_stopped = lambda: setattr(server, "should_exit", True)
         if banner is not None:
