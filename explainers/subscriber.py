@@ -21,14 +21,14 @@ Failures: a predictor that cannot be reached raises `SinkError` (HTTP 502), so t
 retries later; the cached half is held out of the cache while its explanation runs (left in, the
 oldest entry, it went first for room) and put back unless the explanation is delivered, and
 nothing is replied before every instance is explained. A request whose payload cannot be read raises
-`RejectedError` (HTTP 400): retrying cannot help; so does one that outlasts `explain_timeout`
-explained alone, with the workers to itself (every retry would, each holding them that long), not
-one that timed out beside another event's explanation (it may have waited for the workers). A
-predictor's 500 stays retryable, alone too: it may be passing. Events explained together fail
-alone: when their merged call fails, each is explained again on its own, so one event's bad rows
-fail that one only. A caller cancelled while its exchange is explained (the broker's attempt
-timed out, in process) leaves the explanation running: the retried completing half joins it, or
-gets it once done.
+`RejectedError` (HTTP 400): retrying cannot help. One that outlasts `explain_timeout` is retried
+(502), as a predictor's 500 is: a time out may have been spent waiting for busy workers or a
+stalled predictor, which pass, and telling those from rows too many to explain in time took more
+than it was worth; a sender's retry policy bounds it (the broker's dead-letters it), and
+`max_instances` refuses the too many up front. Events explained together fail alone: when their
+merged call fails, each is explained again on its own, so one event's bad rows fail that one only.
+A caller cancelled while its exchange is explained (the broker's attempt timed out, in process)
+leaves the explanation running: the retried completing half joins it, or gets it once done.
 
 The join cache is in memory: the halves waiting in it for their other half (answered 202, so not
 delivered again) are lost when the subscriber stops; `aclose` counts them (`cache.stopped`) and
@@ -45,8 +45,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -58,7 +57,6 @@ from explainers.base import Explanation
 from explainers.config import SubscriberSettings, load_explainer_settings
 from explainers.errors import (
     ExplainerError,
-    ExplainTimeoutError,
     InvalidInputError,
     InvalidParametersError,
     NotReadyError,
@@ -210,20 +208,6 @@ _NOT_THE_ROWS = (PredictorUnavailableError, NotReadyError)
 """Failures of a merged call that are the predictor's or the explainer's state: each event alone fails alike."""
 
 
-class _TimedOutAlone(ExplainTimeoutError):
-    """One event's rows outlasted explain_timeout in a call of their own, no other call beside it:
-    the time went on them (not waiting for the workers), and would on every retry."""
-
-
-class _Call:
-    """A call of the service, and whether another ran beside it (sharing the workers)."""
-
-    __slots__ = ("shared",)
-
-    def __init__(self) -> None:
-        self.shared = False
-
-
 class _Batcher:
     """Instances of concurrent events explained in one call (up to `size` rows, after `linger` s)."""
 
@@ -233,7 +217,6 @@ class _Batcher:
         self._rows = 0
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._calls: set[_Call] = set()
 
     async def explain(self, rows: np.ndarray) -> Explanation:
         loop = asyncio.get_running_loop()
@@ -256,29 +239,14 @@ class _Batcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    @contextmanager
-    def _call(self) -> Iterator[_Call]:
-        call = _Call()
-        for other in self._calls:
-            other.shared = call.shared = True
-        self._calls.add(call)
-        try:
-            yield call
-        finally:
-            self._calls.discard(call)
-
     async def _run(self, group: list[tuple[np.ndarray, asyncio.Future[Explanation]]]) -> None:
         try:
-            with self._call() as call:
-                explanation = await self.service.explain(np.concatenate([rows for rows, _ in group]))
+            explanation = await self.service.explain(np.concatenate([rows for rows, _ in group]))
         except Exception as exc:  # noqa: BLE001 - a lone event gets the failure, merged ones go alone
             if len(group) == 1 or isinstance(exc, _NOT_THE_ROWS):
-                given = exc
-                if len(group) == 1 and isinstance(exc, ExplainTimeoutError) and not call.shared:
-                    given = _TimedOutAlone(str(exc))
                 for _, future in group:
                     if not future.done():
-                        future.set_exception(given)
+                        future.set_exception(exc)
                 return
             # Merged, one event's rows may have failed them all: refused (by the predictor, or a
             # local model's encoder: every event merged in was dead-lettered), crashing the
@@ -475,11 +443,11 @@ class ExplainSubscriber:
             raise RejectedError(f"event {request.id}: {str(exc) or type(exc).__name__}", [request]) from exc
         try:
             return await self._batcher.explain(rows)
-        except (InvalidInputError, InvalidParametersError, _TimedOutAlone) as exc:
+        except (InvalidInputError, InvalidParametersError) as exc:
             raise RejectedError(f"event {request.id}: {exc}", [request]) from exc
         except NotReadyError as exc:
             raise SinkError(str(exc), retry_after=1.0) from exc
-        except ExplainerError as exc:  # the predictor (a 500 too: it may pass), or a timeout beside others
+        except ExplainerError as exc:  # the predictor (a 500 too: it may pass), or a timeout
             raise SinkError(f"event {request.id}: {exc}") from exc
 
     def _sampled(self, event_id: str) -> bool:
