@@ -917,10 +917,11 @@ class DiskReader:
             self._file = None
 
     def _unreadable(self, segment: int, error: OSError) -> None:
-        """Raise `error` unless the segment is to be skipped as damaged: an error that may pass,
-        or one on the segment being written (its size, read mid-append, may fall inside a record:
-        skipping to it lost the whole records written after)."""
-        if error.errno not in _DAMAGE or segment == self.spool._current:
+        """Raise `error` unless the segment is to be skipped as damaged: an error that may pass, or,
+        in the delivery process, one on the segment being written (its size there is a stat's,
+        which may fall inside a record being appended: skipping to it lost the whole records
+        written after). The writer's own sizes end whole records: skipped to, what comes after reads."""
+        if error.errno not in _DAMAGE or (segment == self.spool._current and not isinstance(self.spool, DiskSpool)):
             raise error
 
     def _skip_corrupt(self, segment: int, offset: int, size: int, reason: str, *, readable: bool = True) -> None:
