@@ -223,7 +223,7 @@ class SpoolChannel:
         events, end = reader.read(count or self.batch_size, start, stop, max_bytes=None if count else _BATCH_BYTES)
         events = [unpack(e) for e in events]
         if events and count is None and stop is None:
-            size = sum(len(e.data or b"") for e in events)
+            size = sum(event_size(e) for e in events)  # attributes too: an extension may be the weight
             while self._cache and (len(self._cache) >= _CACHE_BATCHES or self._cached_bytes + size > _CACHE_BYTES):
                 self._cached_bytes -= self._cache.pop(next(iter(self._cache)))[2]
             self._cache[start] = (events, end, size)

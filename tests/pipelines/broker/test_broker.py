@@ -956,3 +956,28 @@ async def test_the_logs_batches_are_held_to_a_byte_budget_and_so_is_their_cache(
     await channel.aclose(1.0)
     assert handler.got == [e.id for e in sent]
     assert len(batches) > 1 and max(batches) <= 1 << 20
+
+
+async def test_the_logs_cached_batches_weigh_their_attributes_too(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weighed by their data alone, events whose weight is an extension were cached as nothing:
+    64 batches of them whatever their size."""
+    from infer_logger.spool import DiskSpool
+    from pipelines.broker import channel as channel_module
+    from pipelines.broker.channel import SpoolChannel, pack
+
+    monkeypatch.setattr(channel_module, "_BATCH_BYTES", 1 << 20)
+    monkeypatch.setattr(channel_module, "_CACHE_BYTES", 1 << 20)
+    spool = DiskSpool(tmp_path)
+    channel = SpoolChannel(spool)
+    reader = spool.reader("t")
+    for i in range(20):
+        spool.append(pack(event(str(i), data=None, note="x" * (200 << 10))))
+    position, held = reader.position, []
+    while True:
+        events, position = channel.read(reader, position)
+        if not events:
+            break
+        held.append(sum(channel_module.event_size(e) for batch in channel._cache.values() for e in batch[0]))
+    await channel.aclose(1.0)
+    assert len(held) > 1 and max(held) <= 1 << 20
