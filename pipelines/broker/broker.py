@@ -124,6 +124,8 @@ class Broker:
         self._closing = True  # a reload still reading its files applies nothing now
         if self._sighup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            # Stopping: a hangup neither reloads nor, as its default action, kills the drain.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         timeout = self.settings.drain_timeout
         async with self._lock:  # after a reload being applied: its channels are closed too
             await asyncio.gather(*(channel.aclose(timeout) for channel in self.channels.values()))

@@ -140,3 +140,27 @@ def test_a_graceful_stop_exits_0(tmp_path: Path, sig: signal.Signals) -> None:
         finally:
             code = broker.stop(sig)
     assert code == 0
+
+
+def test_a_hangup_during_the_drain_neither_reloads_nor_kills_it(tmp_path: Path) -> None:
+    """Its reload handler was removed as the stop began, and SIGHUP's default action killed the
+    broker mid-drain (exit -1): the deliveries in flight cut off."""
+    with Subscriber() as subscriber:
+        subscriber.delay = 3.0
+        triggers = _triggers(tmp_path / "triggers.yaml", subscriber.url)
+        port = free_port()
+        env = {"INFER_LOGGER_BROKER_DRAIN_TIMEOUT": "30"}
+        broker = Process([sys.executable, "-m", "pipelines.broker", "--port", str(port), "--dir", str(tmp_path / "spool"),
+                          "-t", str(triggers), "--log-level", "warning"], port, ready_path="/readyz", env=env,
+                         log=tmp_path / "broker.log").start()
+        try:
+            _post_all(broker.url + "/", 1, "a")
+            subscriber.wait_for_requests(1, 30)
+            assert broker.proc is not None
+            broker.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # the stop begun: the delivery drains
+            broker.proc.send_signal(signal.SIGHUP)
+            code = broker.proc.wait(60)
+        finally:
+            broker.stop()
+    assert code == 0 and [e.id for e in subscriber.events] == ["a-0"]
