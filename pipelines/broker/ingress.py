@@ -140,6 +140,10 @@ class Ingress:
                 raise BodyTooLargeError(limit)
             body = await read_body(receive, limit, settings.request_read_timeout)
         except (BodyTooLargeError, ValueError):
+            if (key or broker.default_key) not in broker.channels:  # a batch too: no broker is told first
+                refused.labels("unknown_broker").inc()
+                await respond(send, 404, [_JSON], error_body(404, f"no broker {'/'.join(key or broker.default_key)}"))
+                return
             refused.labels("oversize").inc()
             await respond(send, 413, [_JSON], error_body(413, f"the body is larger than {limit} bytes"))
             return

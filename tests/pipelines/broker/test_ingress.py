@@ -91,7 +91,9 @@ class TestRefusals:
             # One event (binary, structured) over the limit to no broker was a 413: dead-lettered by its sender.
             nowhere += [await c.post("/ml/nope", **binary_request(sent[1])),
                         await c.post("/ml/nope", headers=to_structured(sent[1])[0], content=to_structured(sent[1])[1])]
-        assert [r.status_code for r in nowhere] == [404, 404, 404, 404]
+            past = [event(f"p{i}", data=huge) for i in range(6)]  # a batch over max_request_bytes
+            nowhere.append(await c.post("/ml/nope", headers=to_batch(past)[0], content=to_batch(past)[1]))
+        assert [r.status_code for r in nowhere] == [404, 404, 404, 404, 404]
         assert mixed.status_code == 413 and mixed.json()["refused"] == [1, 3], mixed.text
         assert mixed.headers["infer-logger-positions"] == "1"
         assert alone.status_code == 413 and alone.json()["refused"] == [0], alone.text
@@ -99,7 +101,7 @@ class TestRefusals:
         await settle(broker, "all", 2)
         assert [e.id for e in subscriber.events] == ["a", "b"]
         assert broker.metrics.refused.labels("oversize")._value.get() == 3
-        assert broker.metrics.refused.labels("unknown_broker")._value.get() == 3
+        assert broker.metrics.refused.labels("unknown_broker")._value.get() == 4
         assert broker.metrics.accepted.labels("default/default")._value.get() == 2
 
     def test_an_http_sink_sends_a_batch_with_an_event_over_the_limit_once(
