@@ -126,7 +126,7 @@ async def _fit(service: Any) -> None:
 def _logging(level: str) -> None:
     # Other libraries' info is their working (shap logs each explanation's sums: 4 lines each, 300
     # a second at 80 explanations/s): theirs from WARNING unless debugging, ours at the level asked.
-    logging.basicConfig(level=level.upper() if level == "debug" else logging.WARNING,
+    logging.basicConfig(level=level.upper() if level in ("debug", "error") else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for ours in ("explainers", "infer_logger", "pipelines"):
         logging.getLogger(ours).setLevel(level.upper())

@@ -272,6 +272,10 @@ class TestCommand:
             _logging("info")
             assert not logging.getLogger("shap").isEnabledFor(logging.INFO)
             assert all(logger.isEnabledFor(logging.INFO) for logger in ours)
+            root.handlers = []
+            _logging("error")  # theirs held to it too
+            assert not logging.getLogger("shap").isEnabledFor(logging.WARNING)
+            assert not any(logger.isEnabledFor(logging.WARNING) for logger in ours)
         finally:
             root.setLevel(before[0])
             for logger, level in zip(ours, before[1], strict=True):
