@@ -34,8 +34,10 @@ def drain(reader, batch: int = 1000) -> list[str]:
         reader.flush()
 
 
-def failing_reads(monkeypatch: pytest.MonkeyPatch, path: Path, code: int = errno.EIO) -> None:
-    """Reads of `path` through the spool module fail with `code` (EIO: as from a bad sector)."""
+def failing_reads(monkeypatch: pytest.MonkeyPatch, path: Path | None, code: int = errno.EIO, *,
+                  at: str = "read") -> None:
+    """Reads of `path` (None: of every file) through the spool module fail with `code` (EIO: as
+    from a bad sector), or with `at="open"` its opening does."""
     real = open
 
     class Unreadable:
@@ -55,8 +57,11 @@ def failing_reads(monkeypatch: pytest.MonkeyPatch, path: Path, code: int = errno
             self._fh.close()
 
     def opened(file: Any, *args: Any, **kwargs: Any) -> Any:
+        failing = path is None or Path(file) == path
+        if failing and at == "open":
+            raise OSError(code, os.strerror(code))
         fh = real(file, *args, **kwargs)
-        return Unreadable(fh) if Path(file) == path else fh
+        return Unreadable(fh) if failing else fh
 
     monkeypatch.setattr(spool_module, "open", opened, raising=False)
 
@@ -435,28 +440,10 @@ class TestDiskSpool:
         spool.close()
         again = DiskSpool(tmp_path)
         reader = again.reader("s")
-        real, failing = open, [True]
-
-        class Failing:
-            def __init__(self, fh: Any) -> None:
-                self._fh = fh
-
-            def read(self, *args: object) -> bytes:
-                raise OSError(code, os.strerror(code))
-
-            def __getattr__(self, name: str) -> Any:
-                return getattr(self._fh, name)
-
-        def opened(file: Any, *args: Any, **kwargs: Any) -> Any:
-            if failing[0] and at == "open":
-                raise OSError(code, os.strerror(code))
-            fh = real(file, *args, **kwargs)
-            return Failing(fh) if failing[0] else fh
-
-        monkeypatch.setattr(spool_module, "open", opened, raising=False)
+        failing_reads(monkeypatch, None, code, at=at)
         with pytest.raises(OSError):
             reader.read(1000)
-        failing[0] = False
+        monkeypatch.undo()
         events, _ = reader.read(1000)
         assert [e.id for e in events] == [str(i) for i in range(30)]
         assert again.stats.corrupt == 0
