@@ -341,9 +341,7 @@ class Broker:
         if s.channel == "kafka":
             from pipelines.broker.kafka_channel import KafkaChannel  # needs confluent-kafka
 
-            # What it must know after a restart (removed triggers' groups) goes where a spool would.
-            return KafkaChannel(s.kafka, *key, batch_size=s.batch_size, parallelism=s.parallelism,
-                                directory=s.dir / key[0] / key[1])
+            return KafkaChannel(s.kafka, *key, batch_size=s.batch_size, parallelism=s.parallelism)
         spool: DiskSpool | MemorySpool
         if s.channel == "memory":
             spool = MemorySpool(max_events=s.spool.memory_max_events, max_bytes=int(s.spool.max_bytes),

@@ -12,9 +12,6 @@ up; the source then commits what settled, so those are not delivered again (see 
 A new trigger's group starts at the topic's end: its offsets are committed there before it
 joins, so that a restart before its first batch cannot skip or replay events. One added while
 Kafka does not answer waits, and its group starts at the events written since it was added.
-A removed trigger's group is deleted; one that could not be (Kafka down) is remembered, in a file
-of the broker's directory: deleted once Kafka answers, or, the trigger added back first, placed at
-the end as a new trigger's group, its offsets overwritten.
 Pass-through headers (X-Request-Id, Knative-*, X-B3-*) are not carried over Kafka.
 """
 
@@ -23,14 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
@@ -47,8 +41,6 @@ _T = TypeVar("_T")
 
 _TIMEOUT = 10.0
 _RECONNECT_MAX = 10.0  # seconds between tries to reach Kafka at start
-_DELETE_MAX = 60.0  # seconds between tries to delete the groups of removed triggers
-_REMOVED = "kafka-removed-groups.json"
 _UNREACHABLE = frozenset({KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
                           KafkaError.REQUEST_TIMED_OUT})
 _LIBRDKAFKA_LOG = client_logger(__name__)
@@ -134,8 +126,7 @@ class _Abortable:
 
 class KafkaChannel:
     def __init__(self, settings: KafkaChannelSettings, namespace: str, name: str, *, batch_size: int = 100,
-                 parallelism: int = 64, directory: Path | None = None) -> None:
-        """`directory`: where the channel keeps what a restart must know (none: kept in memory)."""
+                 parallelism: int = 64) -> None:
         self.settings = settings
         self.namespace = namespace
         self.topic = settings.topic(namespace, name)
@@ -162,13 +153,6 @@ class KafkaChannel:
         self._waiting: dict[str, Handler] = {}  # triggers attached before that
         self._connecting: asyncio.Task[None] | None = None
         self._admin = ThreadPoolExecutor(1, thread_name_prefix="kafka-channel")
-        # Removed triggers whose group, not deleted, still holds their offsets (trigger -> group):
-        # added back, one resumed from them, every event sent while it did not exist delivered.
-        self._removed_file = None if directory is None else directory / _REMOVED
-        self._removed = self._read_removed()
-        self._deleting: asyncio.Task[None] | None = None
-        self._delete_job: Future[int | None] | None = None  # its last
-        self._closed = False
 
     def _client_config(self) -> dict[str, Any]:
         # librdkafka's own log goes through logging (else it prints every failed connect to stderr).
@@ -178,8 +162,6 @@ class KafkaChannel:
     async def start(self) -> None:
         """Create the topic. With Kafka unreachable the broker starts anyway, not ready (its ingress
         answers 503), and keeps trying: triggers attach once Kafka answers."""
-        if self._removed:  # left by an earlier run
-            self._delete_later()
         try:
             await asyncio.get_running_loop().run_in_executor(self._admin, self._create_topic)
         except _UnreachableError as exc:
@@ -289,31 +271,27 @@ class KafkaChannel:
             return
         group, since = self.group(trigger), added
         added = time.time() if added is None else added
-        reset = trigger in self._removed  # its group's offsets are those of the trigger removed
         try:
-            await asyncio.get_running_loop().run_in_executor(self._admin, self._start_at_end, group, since, reset)
+            await asyncio.get_running_loop().run_in_executor(self._admin, self._start_at_end, group, since)
         except KafkaException as exc:
             # Its consumer would start at the topic's start: every event retained, sent before
             # the trigger existed. It waits until its group is placed.
             log.warning("kafka channel: could not start group %s at the end: %s; retrying", group, exc.args[0].str())
-            task = asyncio.get_running_loop().create_task(self._start_later(trigger, handler, added, reset),
+            task = asyncio.get_running_loop().create_task(self._start_later(trigger, handler, added),
                                                           name=f"start:{group}")
             task.add_done_callback(_said_if_failed)
             self._starting[trigger] = task, added
             return
-        self._placed(trigger, reset)
         self._run(trigger, handler)
 
-    async def _start_later(self, trigger: str, handler: Handler, added: float, reset: bool) -> None:
+    async def _start_later(self, trigger: str, handler: Handler, added: float) -> None:
         """Place a new trigger's group once Kafka answers: at the events written since it was
-        added (the end then would skip those the ingress took meanwhile). Also once the consumer
-        of a removed trigger of that name left the group (Kafka refuses offsets for a group with
-        members)."""
+        added (the end then would skip those the ingress took meanwhile)."""
         delay = 1.0
         while True:
             await asyncio.sleep(delay)
             # A job of its own, kept: a detach cancelling this task does not stop it once it runs.
-            self._placing[trigger] = job = self._admin.submit(self._start_at_end, self.group(trigger), added, reset)
+            self._placing[trigger] = job = self._admin.submit(self._start_at_end, self.group(trigger), added)
             try:
                 await asyncio.wrap_future(job)
                 break
@@ -322,12 +300,7 @@ class KafkaChannel:
         log.warning("kafka channel: group %s placed: its trigger runs", self.group(trigger))
         del self._starting[trigger]  # no await from here on: a detach finds it in one table or the other
         del self._placing[trigger]
-        self._placed(trigger, reset)
         self._run(trigger, handler)
-
-    def _placed(self, trigger: str, reset: bool) -> None:
-        if reset and self._removed.pop(trigger, None) is not None:
-            self._save_removed()
 
     def _run(self, trigger: str, handler: Handler) -> None:
         group = self.group(trigger)
@@ -341,10 +314,9 @@ class KafkaChannel:
         task.add_done_callback(_said_if_failed)
         self._sources[trigger] = (source, task, subscriber)
 
-    def _start_at_end(self, group: str, since: float | None = None, reset: bool = False) -> None:
+    def _start_at_end(self, group: str, since: float | None = None) -> None:
         """Commit the topic's end offsets for a group that has none (a new trigger), or with
-        `since` (a time) the offsets of the first records written from then on; with `reset`
-        also over those it has (a removed trigger's, not deleted).
+        `since` (a time) the offsets of the first records written from then on.
 
         Through the admin client, whose every request has a timeout: a consumer's commit waits
         for ever on a Kafka that takes the request and never answers (frozen, no reset), and
@@ -354,11 +326,10 @@ class KafkaChannel:
         if metadata.error is not None or not metadata.partitions:  # deleted meanwhile: tried again later
             raise KafkaException(metadata.error or KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
         partitions = [TopicPartition(self.topic, p) for p in sorted(metadata.partitions)]
-        if not reset:
-            asked = ConsumerGroupTopicPartitions(group, partitions)
-            committed = _answer_of(admin.list_consumer_group_offsets([asked], request_timeout=_TIMEOUT)[group])
-            if any(tp.offset >= 0 for tp in committed.topic_partitions):
-                return
+        asked = ConsumerGroupTopicPartitions(group, partitions)
+        committed = _answer_of(admin.list_consumer_group_offsets([asked], request_timeout=_TIMEOUT)[group])
+        if any(tp.offset >= 0 for tp in committed.topic_partitions):
+            return
         ends = _offsets(admin, {tp: OffsetSpec.latest() for tp in partitions})
         if since is not None:  # the first written since; none written since: the end
             at = OffsetSpec.for_timestamp(int(since * 1000))
@@ -373,8 +344,6 @@ class KafkaChannel:
     async def detach(self, trigger: str, *, forget: bool, timeout: float) -> None:
         async with self._lock(trigger):
             await self._detach(trigger, forget=forget, timeout=timeout)
-        if forget and trigger in self._removed:  # also one added back, removed before its group was placed
-            self._delete_later()
 
     async def _detach(self, trigger: str, *, forget: bool, timeout: float) -> float | None:
         """Returns when the trigger was added if its group was never placed."""
@@ -393,7 +362,8 @@ class KafkaChannel:
                 # resume from them. One that failed placed nothing (and a delete would wait on
                 # Kafka down too).
                 if job.exception() is None:
-                    await self._forget(trigger)
+                    await asyncio.get_running_loop().run_in_executor(self._admin, self._delete_group,
+                                                                     self.group(trigger))
             return added
         entry = self._sources.pop(trigger, None)
         if entry is None:
@@ -409,11 +379,10 @@ class KafkaChannel:
             task.cancel()
         # Bounded by the source: a close Kafka does not answer is left closing (and said so).
         await asyncio.gather(task, source.aclose(), return_exceptions=True)
+        if source.left_closing:
+            return None  # a group delete would wait on Kafka too
         if forget:
-            if source.left_closing:  # a group delete would wait on Kafka too: later
-                self._remember(trigger)
-            else:
-                await self._forget(trigger)
+            await asyncio.get_running_loop().run_in_executor(self._admin, self._delete_group, self.group(trigger))
         return None
 
     async def replace(self, trigger: str, handler: Handler, *, timeout: float) -> None:
@@ -421,104 +390,13 @@ class KafkaChannel:
             added = await self._detach(trigger, forget=False, timeout=timeout)
             await self._attach(trigger, handler, added)  # one never placed: at the events since it was added
 
-    async def _forget(self, trigger: str) -> None:
-        """Delete a removed trigger's group, or remember it (see _remember)."""
-        refused = await asyncio.get_running_loop().run_in_executor(self._admin, self._delete_group,
-                                                                   self.group(trigger))
-        # Not empty, though its consumer left: another broker process runs the trigger and the
-        # group is that one's. Remembered, it could not be placed afresh here while that one runs
-        # (Kafka refuses offsets for a group with members): the trigger added back never ran.
-        if refused is not None and refused != KafkaError.NON_EMPTY_GROUP:
-            self._remember(trigger)
-        elif self._removed.pop(trigger, None) is not None:  # one added back, removed before it was placed
-            self._save_removed()
-
-    def _delete_group(self, group: str) -> int | None:
-        """None once the group is gone, else the KafkaError code of why not."""
+    def _delete_group(self, group: str) -> None:
         admin = AdminClient(self._client_config())  # kept until the answer: a dropped client cancels it
         try:
-            # Kafka answering first: a group request failing on a connection going down or coming
-            # back can abort the process (librdkafka #4605), and these are retried while it is down.
-            admin.list_topics(self.topic, timeout=_TIMEOUT)
             admin.delete_consumer_groups([group], request_timeout=_TIMEOUT)[group].result(timeout=_TIMEOUT)
-        except Exception as exc:  # noqa: BLE001 - a leftover group only holds offsets: remembered
-            error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-            if isinstance(error, KafkaError) and error.code() == KafkaError.GROUP_ID_NOT_FOUND:
-                return None  # deleted by another broker process (or an earlier try)
+        except Exception as exc:  # noqa: BLE001 - a leftover group only holds offsets
+            # A trigger of that name added later would resume from the group's offsets.
             log.warning("kafka channel: group %s not deleted: %s: %s", group, type(exc).__name__, exc)
-            return error.code() if isinstance(error, KafkaError) else KafkaError._FAIL
-        return None
-
-    def _remember(self, trigger: str) -> None:
-        """A removed trigger whose group still holds its offsets: the group is deleted once Kafka
-        answers, and a trigger of that name added back first has it placed as a new one's."""
-        self._removed[trigger] = self.group(trigger)
-        self._save_removed()
-        self._delete_later()
-
-    def _delete_later(self) -> None:
-        if self._closed:  # a reload's detach ending after the close: the next run deletes it
-            return
-        if self._deleting is None or self._deleting.done():
-            self._deleting = asyncio.get_running_loop().create_task(self._delete_removed(),
-                                                                    name=f"delete-groups:{self.topic}")
-            self._deleting.add_done_callback(_said_if_failed)
-
-    def _deletable(self, trigger: str) -> bool:
-        """Remembered, and neither attached nor being attached or detached (its lock held)."""
-        lock = self._locks.get(trigger)
-        return (trigger in self._removed and (lock is None or not lock.locked())
-                and not any(trigger in table for table in (self._sources, self._starting, self._waiting)))
-
-    async def _delete_removed(self) -> None:
-        """Delete again the groups of removed triggers not added back, until none is left (those
-        added back are placed afresh instead). One job at a time, each bounded by its timeouts,
-        on the admin thread: an attach coming meanwhile has its placing queued behind the
-        delete, so the delete cannot land between its placing and its consumer's join (which
-        then started at the topic's start)."""
-        delay = 1.0
-        while deletable := [trigger for trigger in self._removed if self._deletable(trigger)]:
-            await asyncio.sleep(delay)
-            for trigger in deletable:
-                if not self._deletable(trigger):  # added back meanwhile
-                    continue
-                group = self._removed[trigger]
-                self._delete_job = job = self._admin.submit(self._delete_group, group)
-                if await asyncio.wrap_future(job) is None:
-                    if self._removed.get(trigger) == group:
-                        del self._removed[trigger]
-                        self._save_removed()
-            delay = min(delay * 2, _DELETE_MAX)
-
-    def _read_removed(self) -> dict[str, str]:
-        if self._removed_file is None:
-            return {}
-        try:
-            removed = orjson.loads(self._removed_file.read_bytes())
-        except FileNotFoundError:
-            return {}
-        except (OSError, orjson.JSONDecodeError) as exc:
-            log.error("kafka channel: %s unreadable (%s): removed triggers added back may resume from their "
-                      "groups' offsets", self._removed_file, exc)
-            return {}
-        if not isinstance(removed, dict):
-            return {}
-        return {t: g for t, g in removed.items() if isinstance(g, str)}
-
-    def _save_removed(self) -> None:
-        """Written whole and renamed into place: a crash leaves the old file or the new one."""
-        if self._removed_file is None:
-            return
-        try:
-            if not self._removed:
-                self._removed_file.unlink(missing_ok=True)
-                return
-            self._removed_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._removed_file.with_suffix(".tmp")
-            tmp.write_bytes(orjson.dumps(self._removed))
-            os.replace(tmp, self._removed_file)
-        except OSError as exc:  # kept in memory all the same: only a restart forgets them
-            log.error("kafka channel: %s not saved: %s", self._removed_file, exc)
 
     def lag(self, trigger: str) -> int | None:
         return None
@@ -529,19 +407,10 @@ class KafkaChannel:
         pass
 
     async def aclose(self, timeout: float) -> None:
-        self._closed = True
-        for task in (self._connecting, self._deleting):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        # A delete in hand landing after this broker's channel is opened again (a restart in the
-        # process, the broker declared again) could fall between the new channel's placing of the
-        # group and its consumer's join, which then read the topic from its start. Its timeouts
-        # bound it; the process's exit would wait for it all the same.
-        if self._delete_job is not None and not self._delete_job.cancel():
-            with contextlib.suppress(Exception):
-                await asyncio.wrap_future(self._delete_job)
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
         self._waiting.clear()
         # Every trigger ever locked: one being attached is in no table yet, its detach waits for it.
         triggers = {*self._locks, *self._sources, *self._starting}

@@ -556,10 +556,10 @@ def _placing_fails(channel: KafkaChannel, until_: Callable[[int], bool]) -> None
     """The channel's group placing fails as with Kafka unreachable while `until_(call number)`."""
     placing, calls = channel._start_at_end, itertools.count(1)
 
-    def start_at_end(group: str, since: float | None = None, reset: bool = False) -> None:
+    def start_at_end(group: str, since: float | None = None) -> None:
         if until_(next(calls)):
             raise KafkaException(KafkaError(KafkaError._TRANSPORT, "unreachable (the test's)"))
-        placing(group, since, reset)
+        placing(group, since)
 
     channel._start_at_end = start_at_end  # type: ignore[method-assign]
 
@@ -656,144 +656,6 @@ async def test_a_trigger_removed_while_a_placing_fails_deletes_no_group(own_kafk
     finally:
         await channel.aclose(1.0)
     assert deleted == []
-
-
-@pytest.fixture
-def refusing_deletes(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """The channel's group deletes fail, as with Kafka unreachable just then, while it is set."""
-    refusing = threading.Event()
-    refusing.set()
-
-    class RefusingAdmin(AdminClient):
-        def delete_consumer_groups(self, *args: Any, **kwargs: Any) -> Any:
-            if refusing.is_set():
-                raise KafkaException(KafkaError(KafkaError._TRANSPORT, "unreachable (the test's)"))
-            return super().delete_consumer_groups(*args, **kwargs)
-
-    monkeypatch.setattr(kafka_channel, "AdminClient", RefusingAdmin)
-    return refusing
-
-
-@pytest.mark.parametrize("restart", [False, True])
-async def test_a_trigger_removed_while_kafka_is_down_starts_afresh_when_added_back(
-        tmp_path: Path, own_kafka: NoidaServer, subscriber: Subscriber, refusing_deletes: threading.Event,
-        restart: bool) -> None:
-    """Its consumer left closing, its group was kept (a delete would have waited on Kafka too):
-    added back (by a reload, or listed again at a restart), the trigger resumed from the group's
-    offsets and got every event sent while it did not exist. (Its group's deletes fail throughout:
-    one succeeding once Kafka is back left no offsets to place over.)"""
-    path = tmp_path / "triggers.yaml"
-    with_t = f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]\n"
-    path.write_text(with_t)
-    config = settings(tmp_path, trigger_files=[path], channel="kafka", name="readd",
-                      kafka={"bootstrap_servers": own_kafka.address, "partitions": 1})
-    broker = Broker(config)
-    await broker.startup()
-    try:
-        await _post(broker, ["before"])
-        await asyncio.to_thread(subscriber.wait_for, 1, 30)
-        own_kafka.stop(keep_data=True)
-        path.write_text("triggers: []\n")
-        assert await broker.reload()  # t removed while Kafka is down
-        own_kafka.start(fresh=False)
-        await _post_until_taken(broker, "gap0")
-        await _post(broker, [f"gap{i}" for i in range(1, 5)])  # sent while no trigger t exists
-        path.write_text(with_t)
-        if restart:
-            await broker.shutdown()
-            broker = Broker(config)
-            await broker.startup()
-        else:
-            assert await broker.reload()
-        await until(lambda: "t" in _channel(broker)._sources, 60, "t's group placed")
-        await _post(broker, ["after"])  # one partition: an event of the gap would come before it
-        await until(lambda: "after" in {e.id for e in subscriber.events}, 60, "the event after")
-    finally:
-        await broker.shutdown()
-    assert [e.id for e in subscriber.events] == ["before", "after"]
-
-
-async def test_a_trigger_whose_group_delete_failed_starts_afresh_when_added_back(
-        tmp_path: Path, kafka_settings: dict[str, Any], subscriber: Subscriber,
-        refusing_deletes: threading.Event) -> None:
-    """The failed delete was only logged: the trigger added back resumed from the group's offsets."""
-    path, t = tmp_path / "triggers.yaml", f"t{uuid.uuid4().hex[:8]}"  # its own group on the shared server
-    with_t = f"triggers: [{{name: {t}, subscriber: '{subscriber.url}'}}]\n"
-    path.write_text(with_t)
-    kafka = {**kafka_settings["kafka"], "partitions": 1}
-    broker = Broker(settings(tmp_path, trigger_files=[path], **{**kafka_settings, "kafka": kafka}))
-    await broker.startup()
-    channel = _channel(broker)
-    try:
-        await _post(broker, ["before"])
-        await asyncio.to_thread(subscriber.wait_for, 1, 30)
-        path.write_text("triggers: []\n")
-        assert await broker.reload()  # its delete fails
-        await _post(broker, [f"gap{i}" for i in range(5)])
-        path.write_text(with_t)
-        assert await broker.reload()
-        await until(lambda: t in channel._sources, 60, "t's group placed")
-        await _post(broker, ["after"])
-        await until(lambda: "after" in {e.id for e in subscriber.events}, 60, "the event after")
-    finally:
-        await broker.shutdown()
-    assert [e.id for e in subscriber.events] == ["before", "after"]
-    assert not channel._removed  # placed afresh: nothing left to delete, nor to place afresh again
-    assert not list((tmp_path / "broker" / "default" / kafka_settings["name"]).glob("kafka-*"))
-
-
-async def test_a_removed_trigger_added_back_whose_group_cannot_be_placed_yet_starts_afresh_later(
-        kafka_bootstrap: str, refusing_deletes: threading.Event) -> None:
-    """Placed on a retry (Kafka down, or the removed trigger's consumer still a member), the group
-    kept the removed trigger's offsets."""
-    channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers=kafka_bootstrap, partitions=1),
-                           "default", f"b{next(_names)}-{uuid.uuid4().hex[:8]}")
-    await channel.start()
-    first, again = Handler(), Handler()
-    try:
-        await channel.attach("t", first)
-        await channel.append([event("before")])
-        await until(lambda: first.got == ["before"], 60, "the event before")
-        await channel.detach("t", forget=True, timeout=1.0)  # its delete fails
-        await channel.append([event(f"gap{i}") for i in range(3)])
-        # Placed on a retry, at the records since it was added, by milliseconds: one its records
-        # share would count as since.
-        appended = int(time.time() * 1000)
-        await until(lambda: int(time.time() * 1000) > appended, 10, "a later millisecond")
-        _placing_fails(channel, lambda call: call == 1)
-        await channel.attach("t", again)
-        assert "t" in channel._starting  # placed on a retry
-        await until(lambda: "t" in channel._sources, 60, "t's group placed")
-        await channel.append([event("after")])
-        await until(lambda: "after" in again.got, 60, "the event after")
-    finally:
-        await channel.aclose(1.0)
-    assert again.got == ["after"]
-
-
-async def test_a_removed_triggers_group_whose_delete_failed_is_deleted_later(
-        tmp_path: Path, kafka_settings: dict[str, Any], subscriber: Subscriber,
-        refusing_deletes: threading.Event) -> None:
-    """Kept for good: a removed trigger's offsets stayed with the cluster."""
-    path, t = tmp_path / "triggers.yaml", f"t{uuid.uuid4().hex[:8]}"
-    path.write_text(f"triggers: [{{name: {t}, subscriber: '{subscriber.url}'}}]\n")
-    broker = Broker(settings(tmp_path, trigger_files=[path], **kafka_settings))
-    await broker.startup()
-    bootstrap = kafka_settings["kafka"]["bootstrap_servers"]
-    group = _channel(broker).group(t)
-    try:
-        await _post(broker, ["e1"])
-        await asyncio.to_thread(subscriber.wait_for, 1, 30)
-        path.write_text("triggers: []\n")
-        assert await broker.reload()  # its delete fails
-        assert group in await asyncio.to_thread(_groups, bootstrap)
-        refusing_deletes.clear()  # Kafka answers again
-        deadline = time.monotonic() + 60
-        while group in await asyncio.to_thread(_groups, bootstrap):
-            assert time.monotonic() < deadline, f"{group} not deleted in 60 s"
-            await asyncio.sleep(0.2)
-    finally:
-        await broker.shutdown()
 
 
 async def test_kafka_stalling_at_a_groups_placing_holds_no_trigger_change(
