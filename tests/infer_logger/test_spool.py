@@ -512,6 +512,20 @@ class TestDiskSpool:
         events, _ = reader.read(100, end)
         assert [e.id for e in events] == [str(i) for i in range(5, 10)] and spool.stats.corrupt == 1
 
+    def test_the_segment_being_written_still_damaged_counts_each_stretch_skipped(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Counted once per segment, the events appended after the first skip were skipped with
+        no count and no log line."""
+        spool = DiskSpool(tmp_path)
+        reader = spool.reader("s")
+        spool.append(event(0))
+        [current] = tmp_path.glob("*.seg")
+        failing_reads(monkeypatch, current)
+        _, end = reader.read(100)
+        spool.append(event(1))
+        reader.read(100, end)
+        assert spool.stats.corrupt == 2
+
     def test_an_unreadable_segment_is_counted_once_not_per_sink(self, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
         spool = DiskSpool(tmp_path, segment_bytes=500)
