@@ -66,6 +66,11 @@ def _coding(raw: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+async def _no_broker(send: Send, refused: Any, target: tuple[str, str], events: int = 1) -> None:
+    refused.labels("unknown_broker").inc(events)
+    await respond(send, 404, [_JSON], error_body(404, f"no broker {'/'.join(target)}"))
+
+
 async def _coded(scope: Scope, send: Send) -> bool:
     """Whether the request has a content coding, answered 415 (none is decoded)."""
     coding = _coding(scope["headers"])
@@ -122,11 +127,13 @@ class Ingress:
             refused.labels("invalid").inc()
             await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
-        # No broker is told before any size: a sender retries a 404 (the broker may come with a
-        # reload) and dead-letters a 413. A batch is read first, its events counted.
-        if mode != "batch" and (key or broker.default_key) not in broker.channels:
-            refused.labels("unknown_broker").inc()
-            await respond(send, 404, [_JSON], error_body(404, f"no broker {'/'.join(key or broker.default_key)}"))
+        # No broker is told before any size or bad event: a sender retries a 404 (the broker may
+        # come with a reload) and dead-letters a 413 or a 400. A batch is read first, its events
+        # counted (one, if it cannot be read).
+        target = key or broker.default_key
+        known = target in broker.channels
+        if not known and mode != "batch":
+            await _no_broker(send, refused, target)
             return
         # A binary body is the event's data; a structured or batch one is JSON, where data may be
         # base64 (4 bytes for 3) or an escaped string. Every event is weighed decoded, attributes
@@ -140,9 +147,8 @@ class Ingress:
                 raise BodyTooLargeError(limit)
             body = await read_body(receive, limit, settings.request_read_timeout)
         except (BodyTooLargeError, ValueError):
-            if (key or broker.default_key) not in broker.channels:  # a batch too: no broker is told first
-                refused.labels("unknown_broker").inc()
-                await respond(send, 404, [_JSON], error_body(404, f"no broker {'/'.join(key or broker.default_key)}"))
+            if not known:
+                await _no_broker(send, refused, target)
                 return
             refused.labels("oversize").inc()
             await respond(send, 413, [_JSON], error_body(413, f"the body is larger than {limit} bytes"))
@@ -157,12 +163,14 @@ class Ingress:
         try:
             events = from_http_many(headers, body)
         except InvalidEventError as exc:
+            if not known:
+                await _no_broker(send, refused, target)
+                return
             refused.labels("invalid").inc()
             await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
-        if (key or broker.default_key) not in broker.channels:  # also for a batch with none to publish
-            refused.labels("unknown_broker").inc(len(events))
-            await respond(send, 404, [_JSON], error_body(404, f"no broker {'/'.join(key or broker.default_key)}"))
+        if not known:  # also for a batch with none to publish
+            await _no_broker(send, refused, target, len(events))
             return
         maximum = int(settings.max_event_bytes)
         # A batch's events over the limit are named refused and the others stored: refused whole,

@@ -93,7 +93,9 @@ class TestRefusals:
                         await c.post("/ml/nope", headers=to_structured(sent[1])[0], content=to_structured(sent[1])[1])]
             past = [event(f"p{i}", data=huge) for i in range(6)]  # a batch over max_request_bytes
             nowhere.append(await c.post("/ml/nope", headers=to_batch(past)[0], content=to_batch(past)[1]))
-        assert [r.status_code for r in nowhere] == [404, 404, 404, 404, 404]
+            nowhere.append(await c.post("/ml/nope", headers={"content-type": "application/cloudevents-batch+json"},
+                                        content=b'[{"specversion": "1.0", "source": "/s", "type": "t"}]'))  # no id
+        assert [r.status_code for r in nowhere] == [404, 404, 404, 404, 404, 404]
         assert mixed.status_code == 413 and mixed.json()["refused"] == [1, 3], mixed.text
         assert mixed.headers["infer-logger-positions"] == "1"
         assert alone.status_code == 413 and alone.json()["refused"] == [0], alone.text
@@ -101,7 +103,7 @@ class TestRefusals:
         await settle(broker, "all", 2)
         assert [e.id for e in subscriber.events] == ["a", "b"]
         assert broker.metrics.refused.labels("oversize")._value.get() == 3
-        assert broker.metrics.refused.labels("unknown_broker")._value.get() == 4
+        assert broker.metrics.refused.labels("unknown_broker")._value.get() == 5
         assert broker.metrics.accepted.labels("default/default")._value.get() == 2
 
     def test_an_http_sink_sends_a_batch_with_an_event_over_the_limit_once(
