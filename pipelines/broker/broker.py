@@ -59,12 +59,13 @@ class UnknownBrokerError(InferLoggerError, LookupError):
     """No broker of that namespace and name (ingress: 404)."""
 
 
-async def _each(steps: Iterable[Coroutine[Any, Any, None]]) -> None:
-    """Run the steps side by side, each to its end; then raise the first failure."""
-    results = await asyncio.gather(*steps, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+async def _run_all(steps: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run the steps side by side, each to its end; then raise the first failure (the others logged)."""
+    failures = [r for r in await asyncio.gather(*steps, return_exceptions=True) if isinstance(r, BaseException)]
+    for failure in failures[1:]:
+        log.error("a trigger change failed too: %s: %s", type(failure).__name__, failure, exc_info=failure)
+    if failures:
+        raise failures[0]
 
 
 class Broker:
@@ -124,7 +125,8 @@ class Broker:
         self._closing = True  # a reload still reading its files applies nothing now
         if self._sighup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-            # Stopping: a hangup neither reloads nor, as its default action, kills the drain.
+            # Stopping: a hangup neither reloads nor, as its default action, kills the drain. For the
+            # rest of the process: `reload_on_sighup` is for a broker the process serves (`serve`).
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
         timeout = self.settings.drain_timeout
         async with self._lock:  # after a reload being applied: its channels are closed too
@@ -315,9 +317,9 @@ class Broker:
             self.triggers[key], self.dispatchers[key] = trigger, dispatchers[key]
 
         # Detached first: a trigger moved to another broker is attached there once gone here.
-        await _each(detach(key, current) for key, current in list(self.triggers.items())
+        await _run_all(detach(key, current) for key, current in list(self.triggers.items())
                     if (replacement := wanted.get(key)) is None or replacement.broker_key != current.broker_key)
-        await _each(attach(key, trigger) for key, trigger in wanted.items())
+        await _run_all(attach(key, trigger) for key, trigger in wanted.items())
 
     def _check_channels(self, keys: Iterable[Key], triggers: Iterable[Key]) -> None:
         """ConfigError for a broker whose channel could not exist (a Kafka topic name too long), or
