@@ -125,7 +125,8 @@ async def _fit(service: Any) -> None:
 
 def _logging(level: str) -> None:
     # Other libraries' info is their working (shap logs each explanation's sums: 4 lines each, 300
-    # a second at 80 explanations/s): theirs from WARNING unless debugging, ours at the level asked.
+    # a second at 80 explanations/s): theirs from WARNING, or at the level asked when that is debug
+    # or error; ours at the level asked.
     logging.basicConfig(level=level.upper() if level in ("debug", "error") else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for ours in ("explainers", "infer_logger", "pipelines"):

@@ -24,7 +24,7 @@ nothing is replied before every instance is explained. A request whose payload c
 `RejectedError` (HTTP 400): retrying cannot help. One that outlasts `explain_timeout` is retried
 (502), as a predictor's 500 is: a time out may have been spent waiting for busy workers or a
 stalled predictor, which pass, and telling those from rows too many to explain in time took more
-than it was worth; a sender's retry policy bounds it (the broker's dead-letters it), and
+than it was worth; a sender's retry policy bounds it (the broker dead-letters it), and
 `max_instances` refuses the too many up front. Events explained together fail alone: when their
 merged call fails, each is explained again on its own, so one event's bad rows fail that one only.
 A caller cancelled while its exchange is explained (the broker's attempt timed out, in process)
@@ -85,8 +85,7 @@ class EventCache:
         self.size, self.ttl = size, ttl
         self.evicted = 0
         self.expired = 0
-        self.stopped = 0
-        """Events dropped as the subscriber stopped (`close`)."""
+        self.stopped = 0  # dropped as the subscriber stopped (`close`)
         self._items: OrderedDict[tuple[str, str], tuple[float, CloudEvent]] = OrderedDict()
         self._reported = (0, 0)  # (evicted, expired) as last logged
         self._next_report = 0.0
@@ -477,8 +476,9 @@ class ExplainSubscriber:
         replies = [reply for reply, _ in done if reply is not None]
         refused: list[tuple[CloudEvent, str]] = []  # the events refused for good, and why
         if replies:
-            # When `reply_to` fails, the caller retries the batch: the cached halves must still be
-            # there for it (dropped before, the retry cached the events as first halves: lost).
+            # When `reply_to` fails, the caller retries the batch (or the events named pending): the
+            # cached halves must still be there for it (dropped before, the retry cached the events
+            # as first halves: lost).
             try:
                 await self._reply.send_batch(replies)
             except RejectedError as exc:

@@ -26,15 +26,9 @@ from infer_logger.errors import RejectedError, SinkError
 from infer_logger.metrics import Metrics
 from infer_logger.sinks.base import Sink
 from infer_logger.sinks.halving import Halving
-from infer_logger.spool import MemoryReader, Position, SpoolReader, SpoolView
+from infer_logger.spool import BATCH_BYTES, MemoryReader, Position, SpoolReader, SpoolView
 
 log = logging.getLogger(__name__)
-
-BATCH_BYTES = 8 << 20
-"""The most a batch reads of the spool, by its records' bytes (an event bigger comes alone): by
-count only, 500 events of 800 KiB after an outage took the delivery process to 455-781 MiB (each
-sink holds its encoding of a batch too). The http sink's default `max_batch_bytes`."""
-
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
@@ -145,7 +139,7 @@ class SinkWorker:
                     if end == cursor:
                         break
                     cursor = end
-                    # Not after a batch the byte budget cut: more is waiting.
+                    # No linger when more is waiting already (a batch the byte budget cut, or appends since).
                     if len(events) < self.batch_size and not self.reader.lag(end):
                         not_before = loop.time() + self.linger
                     # No events but a new position: past a corrupt stretch; commit it in turn.

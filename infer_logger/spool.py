@@ -45,6 +45,12 @@ from infer_logger.errors import CorruptRecordError, SpoolBusyError, SpoolError
 
 log = logging.getLogger(__name__)
 
+BATCH_BYTES = 8 << 20
+"""The most a batch reads of a spool, by its records' bytes (an event bigger comes alone), for the
+sink workers and the broker's triggers: by count only, 500 events of 800 KiB after an outage took
+the delivery process to 455-781 MiB (each sink holds its encoding of a batch too). The http sink's
+default `max_batch_bytes`."""
+
 # Errors saying a segment is damaged (a bad sector, a directory in its place, a file system's
 # check failing): it is skipped, counted. Any other may pass (out of descriptors or memory,
 # permissions changed, an NFS handle gone stale): raised, the read tried again, nothing lost.
@@ -241,7 +247,8 @@ class _Segments:
         self._waiters: set[asyncio.Event] = set()
         self._strays: set[str] = set()  # files that look like segments and are not: logged once
         self._collect_failing = False  # finished segments cannot be deleted: logged once per stretch
-        self._corrupt_seen: set[tuple[int, int]] = set()  # (segment, offset) of the stretches skipped
+        # (segment, offset) of the stretches skipped; (segment, -1 - end) of an unreadable one
+        self._corrupt_seen: set[tuple[int, int]] = set()
 
     def refresh(self) -> None:
         """Bring the view of the segments up to date (another process may change them)."""
@@ -545,7 +552,7 @@ class DiskSpool(_Segments):
             return self._count_frames(number, start)
         except FileNotFoundError:
             return 0
-        except OSError as exc:  # EIO: kept, it would fail every append and keep the spool full for good
+        except OSError as exc:  # EIO: dropped all the same, counted as one (raised, it failed every append for good)
             if exc.errno not in _DAMAGE:  # may pass: this append fails (spool_error), nothing dropped
                 raise
             log.error("spool %s: cannot count the undelivered events of segment %d (%s)", self.dir, number, exc)
@@ -740,7 +747,9 @@ class DiskReader:
         except (ValueError, KeyError, TypeError):
             log.error("unreadable checkpoint %s: reading %s from the oldest segment", path, self.name)
             return Position(first, 0)
-        except OSError as exc:  # EIO, EACCES, a directory in its place: the delivery process died at each start
+        # EIO, a directory in its place; EACCES, ESTALE too, unlike a segment's: everything sent
+        # again rather than a delivery process dying at each start, which stopped every sink.
+        except OSError as exc:
             if exc.errno in _PASSING:  # tried again at the next start, not everything sent again
                 raise
             log.error("unreadable checkpoint %s (%s): reading %s from the oldest segment", path, exc, self.name)

@@ -652,7 +652,7 @@ class _Client:
             now = time.monotonic()
             if self.down is None:  # the outage began with the first
                 self.down_since = now
-            if self.down is None or now - self._down_said >= 60.0:  # not a line a second while it lasts
+            if self.down is None or now - self._down_said >= _Repeats.EVERY:  # not a line a second while it lasts
                 self._down_said = now
                 log.warning("kafka sink: no broker reachable at %s (%s); retrying", self.address,
                             self.transport_error or error.str())

@@ -29,7 +29,7 @@ import orjson
 
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.errors import InferLoggerError, InvalidEventError
-from infer_logger.spool import DiskSpool, MemorySpool, Position, SpoolReader
+from infer_logger.spool import BATCH_BYTES, DiskSpool, MemorySpool, Position, SpoolReader
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,10 @@ TTL = "knativebrokerttl"
 _INTEGER = re.compile(r"-?[0-9]+")
 # Pass-through headers ride in the spool record under a key that no CloudEvent attribute can have.
 _HEADERS = "@headers"
-# A batch read for every trigger is decoded once and kept for the others, up to these: by count
-# only, `batch_size` events of up to `max_event_bytes` (100 MiB a batch) times 64 batches.
+# A batch read for every trigger is decoded once and kept for the others, up to these (by count
+# only it was `batch_size` events of up to `max_event_bytes`, 100 MiB a batch, times 64 batches).
 _CACHE_BATCHES = 64
 _CACHE_BYTES = 64 << 20
-_BATCH_BYTES = 8 << 20  # a batch's data, at most (an event bigger comes alone)
 # Checkpoints are written at most this often per trigger (each is a file write and rename): at a
 # low rate every event would otherwise cost one per trigger. A crash redelivers at most this much.
 _COMMIT_INTERVAL = 0.05
@@ -220,7 +219,7 @@ class SpoolChannel:
         if hit is not None and count is None and stop is None:
             return hit[0], hit[1]  # not for a batch as read before: a cached read may have gone on past a segment's end
         # A batch read again at its recorded size is read whole, as it was.
-        events, end = reader.read(count or self.batch_size, start, stop, max_bytes=None if count else _BATCH_BYTES)
+        events, end = reader.read(count or self.batch_size, start, stop, max_bytes=None if count else BATCH_BYTES)
         events = [unpack(e) for e in events]
         if events and count is None and stop is None:
             size = sum(event_size(e) for e in events)  # attributes too: an extension may be the weight

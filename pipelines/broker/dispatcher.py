@@ -1,5 +1,6 @@
 """One trigger's delivery: filter, deliver with retries and a per-attempt timeout, then either
-put the reply back into the broker or, when every attempt failed, dead-letter the event.
+put the reply back into the broker (that alone retried if the log refuses it; given up, the event
+is dead-lettered) or, when every attempt failed, dead-letter the event.
 
 `deliver(event)` settles one event and never raises, so a caller can run many at once; the
 channel decides when the log position may move (after every event before it settled).

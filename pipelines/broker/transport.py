@@ -106,11 +106,12 @@ class _Connection(asyncio.Protocol):
             try:
                 self._parser.feed_data(chunk)
             except httptools.HttpParserUpgrade:  # no HttpParserError: it escaped into asyncio's handler
+                # A no-op: the 101 was the answer (on_message_complete); the rest is the other protocol's.
                 self._fail(ConnectionError("the response switched protocols before it ended"))
-                self.close()  # a 101 was answered (on_message_complete); the rest is the other protocol's
+                self.close()
                 return
             except httptools.HttpParserError as exc:
-                self._fail(ConnectionError(f"malformed HTTP response: {exc}"))  # no-op after a 101
+                self._fail(ConnectionError(f"malformed HTTP response: {exc}"))  # a no-op after a bare 101
                 self.close()
                 return
             # A head that ended in this chunk (an interim one's, or the answer's, the answer maybe

@@ -507,13 +507,12 @@ class TestFailures:
 
     async def test_data_nested_too_deep_is_rejected_as_a_sink(self, service: ExplainerService) -> None:
         # RecursionError reading it escaped as a retryable failure (SinkError): retried for ever.
-        # (Past orjson's 1024 levels the payload reads as no JSON at all; just under, it nests
-        # deeper than Python's recursion reaches.)
+        # (Past orjson's 1024 levels the payload reads as no JSON at all.)
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001), reply_to=MemorySink())
         request, response = exchange("f-3")
         deep = CloudEvent(request.attributes, b'{"instances": ' + b"[" * 1100 + b"]" * 1100 + b"}")
         await sub.send_batch([deep])
-        reason = "f-3: the request payload (nests JSON too deeply|is not JSON)"
+        reason = "f-3: the request payload is not JSON"
         with pytest.raises(RejectedError, match=reason) as caught:
             await sub.send_batch([response])
         assert caught.value.events == [deep] and len(sub.cache) == 0

@@ -255,7 +255,7 @@ async def test_a_segment_that_cannot_be_read_is_skipped_not_retried_for_ever(tmp
 async def test_batches_are_held_to_a_byte_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Capped by count only: a batch of 500 events of 800 KiB (after an outage) took the delivery
     process to 455-781 MiB. A batch cut by bytes is no partial one: the next does not linger."""
-    monkeypatch.setattr(dispatch, "BATCH_BYTES", 3000, raising=False)
+    monkeypatch.setattr(dispatch, "BATCH_BYTES", 3000)
     sink, sizes = MemorySink(), []
 
     def measure(batch: Sequence[CloudEvent]) -> None:

@@ -561,7 +561,8 @@ class TestDiskSpool:
 
     def test_drop_oldest_keeps_a_segment_it_cannot_count_for_now(self, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-        """Out of descriptors: dropped whole, counted as one event (a segment holds thousands)."""
+        """Out of descriptors (it may pass): the segment is kept and the append fails (spool_error);
+        dropped, a segment of thousands of events was counted as one."""
         spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=4000, overflow="drop_oldest")
         spool.reader("down")
         for i in range(5):

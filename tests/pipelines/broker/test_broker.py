@@ -937,7 +937,7 @@ async def test_the_logs_batches_are_held_to_a_byte_budget_and_so_is_their_cache(
     from pipelines.broker import channel as channel_module
     from pipelines.broker.channel import SpoolChannel
 
-    monkeypatch.setattr(channel_module, "_BATCH_BYTES", 1 << 20)
+    monkeypatch.setattr(channel_module, "BATCH_BYTES", 1 << 20)
     monkeypatch.setattr(channel_module, "_CACHE_BYTES", 3 << 20)
     channel = SpoolChannel(DiskSpool(tmp_path))
     handler = Handler()
@@ -966,7 +966,7 @@ async def test_the_logs_cached_batches_weigh_their_attributes_too(tmp_path: Path
     from pipelines.broker import channel as channel_module
     from pipelines.broker.channel import SpoolChannel, pack
 
-    monkeypatch.setattr(channel_module, "_BATCH_BYTES", 1 << 20)
+    monkeypatch.setattr(channel_module, "BATCH_BYTES", 1 << 20)
     monkeypatch.setattr(channel_module, "_CACHE_BYTES", 1 << 20)
     spool = DiskSpool(tmp_path)
     channel = SpoolChannel(spool)

@@ -334,6 +334,18 @@ class TestDispatcherCases:
         await until(lambda: dispatcher._dead_lettered._value.get() == 1, what="dead-lettered")
         assert (dispatcher._delivered._value.get(), dispatcher._replies._value.get()) == (1, 0)
 
+    async def test_no_limit_on_reply_size(self, make_broker: MakeBroker, subscriber: Subscriber,
+                                          other_subscriber: Subscriber) -> None:
+        subscriber.answer = reply_with(_reply_event(b"a" * 2000), 202)
+        broker = await make_broker(_triggers(subscriber, catch=other_subscriber))
+        await _post(broker)
+        _, body = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
+        assert len(body) == 2000
+
+
+class TestReplyStoring:
+    """A reply the subscriber gave, stored in the broker's log: retried alone, counted when stored."""
+
     async def test_only_the_reply_is_stored_again_until_the_log_takes_it(
             self, make_broker: MakeBroker, subscriber: Subscriber, other_subscriber: Subscriber,
             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -370,14 +382,6 @@ class TestDispatcherCases:
         assert broker.metrics.refused.labels("ttl_expired")._value.get() == 1
         assert (dispatcher._delivered._value.get(), dispatcher._replies._value.get()) == (1, 0)
         assert other_subscriber.attempts == 0
-
-    async def test_no_limit_on_reply_size(self, make_broker: MakeBroker, subscriber: Subscriber,
-                                          other_subscriber: Subscriber) -> None:
-        subscriber.answer = reply_with(_reply_event(b"a" * 2000), 202)
-        broker = await make_broker(_triggers(subscriber, catch=other_subscriber))
-        await _post(broker)
-        _, body = (await asyncio.to_thread(other_subscriber.wait_for_requests, 1))[0]
-        assert len(body) == 2000
 
 
 class TestReplySize:
