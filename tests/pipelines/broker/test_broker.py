@@ -981,3 +981,26 @@ async def test_the_logs_cached_batches_weigh_their_attributes_too(tmp_path: Path
         held.append(sum(channel_module.event_size(e) for batch in channel._cache.values() for e in batch[0]))
     await channel.aclose(1.0)
     assert len(held) > 1 and max(held) <= 1 << 20
+
+
+async def test_a_reload_whose_trigger_changes_fail_side_by_side_logs_each(
+        tmp_path: Path, subscriber: Subscriber, caplog: pytest.LogCaptureFixture) -> None:
+    """Run side by side, the failures after the first one raised were dropped unsaid."""
+    triggers = tmp_path / "t.yaml"
+    triggers.write_text("triggers: []\n")
+    broker = Broker(settings(tmp_path, trigger_files=[triggers]))
+    await broker.startup()
+    try:
+        spool = broker.channels[broker.default_key].spool  # type: ignore[attr-defined]
+
+        def failing(name: str) -> Any:
+            raise OSError(errno.EIO, f"Input/output error ({name})")
+
+        spool.reader = failing
+        triggers.write_text("triggers:\n" + "".join(f"  - {{name: {n}, subscriber: '{subscriber.url}'}}\n"
+                                                    for n in ("b", "c")))
+        assert not await broker.reload()
+        assert "a trigger change failed too" in caplog.text
+        assert "(b)" in caplog.text and "(c)" in caplog.text
+    finally:
+        await broker.shutdown()
