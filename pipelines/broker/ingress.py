@@ -131,8 +131,7 @@ class Ingress:
         # come with a reload) and dead-letters a 413 or a 400. A batch is read first, its events
         # counted (one, if it cannot be read).
         target = key or broker.default_key
-        known = target in broker.channels
-        if not known and mode != "batch":
+        if target not in broker.channels and mode != "batch":
             await _no_broker(send, refused, target)
             return
         # A binary body is the event's data; a structured or batch one is JSON, where data may be
@@ -147,7 +146,7 @@ class Ingress:
                 raise BodyTooLargeError(limit)
             body = await read_body(receive, limit, settings.request_read_timeout)
         except (BodyTooLargeError, ValueError):
-            if not known:
+            if target not in broker.channels:  # looked up again: a reload may remove it as the body comes
                 await _no_broker(send, refused, target)
                 return
             refused.labels("oversize").inc()
@@ -163,13 +162,13 @@ class Ingress:
         try:
             events = from_http_many(headers, body)
         except InvalidEventError as exc:
-            if not known:
+            if target not in broker.channels:
                 await _no_broker(send, refused, target)
                 return
             refused.labels("invalid").inc()
             await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
             return
-        if not known:  # also for a batch with none to publish
+        if target not in broker.channels:  # also for a batch with none to publish
             await _no_broker(send, refused, target, len(events))
             return
         maximum = int(settings.max_event_bytes)

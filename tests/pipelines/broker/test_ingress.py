@@ -461,3 +461,31 @@ def test_a_payload_the_sidecar_cut_enters_a_broker_of_default_settings(
             sidecar.stop()
     [request] = [e for e in received if e.id == "big-1" and e.type == REQUEST]
     assert request.get("truncated") in (True, "true") and int(request.get("datasize")) == len(body)
+
+
+@pytest.mark.parametrize("body", [b"[]", b'[{"specversion": "1.0", "id": "1", "source": "/s", "type": "t", "data": "'
+                                  + b"x" * 2000 + b'"}]'])
+async def test_a_broker_a_reload_removes_as_its_batch_comes_is_404(tmp_path: Path, body: bytes) -> None:
+    """Looked up once before the body was read: a batch with nothing to publish (none, or all too
+    large) to a broker removed meanwhile was a 202 or a 413."""
+    triggers = tmp_path / "t.yaml"
+    triggers.write_text("triggers: [{name: a, namespace: ml, broker: b1, subscriber: 'http://127.0.0.1:9/'}]\n")
+    broker = Broker(settings(tmp_path, trigger_files=[triggers], max_event_bytes=1000))
+    await broker.startup()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:  # the reload comes as the body does
+        triggers.write_text("triggers: []\n")
+        assert await broker.reload() and ("ml", "b1") not in broker.channels
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"application/cloudevents-batch+json"), (b"content-length", str(len(body)).encode())]
+    try:
+        await broker({"type": "http", "method": "POST", "path": "/ml/b1", "raw_path": b"/ml/b1", "query_string": b"",
+                      "headers": headers}, receive, send)
+    finally:
+        await broker.shutdown()
+    assert next(m for m in sent if m["type"] == "http.response.start")["status"] == 404
