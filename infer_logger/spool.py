@@ -935,9 +935,9 @@ class DiskReader:
 
     def _skip_corrupt(self, segment: int, offset: int, size: int, reason: str, *, readable: bool = True) -> None:
         # Counted (and logged) once, not per sink: an unreadable segment once whatever the offset
-        # each sink's reader met it at, by where the skip ends (the writer's process skips the
-        # segment being written again as it grows: each stretch appended since counts).
-        seen = (segment, offset if readable else -1 - size)
+        # each sink's reader met it at or read it to, by the segment's size (the writer's process
+        # skips the segment being written again as it grows: each stretch appended since counts).
+        seen = (segment, offset if readable else -1 - self.spool._sizes.get(segment, size))
         if seen in self.spool._corrupt_seen:  # another sink's reader met it first
             return
         self.spool._corrupt_seen.add(seen)
