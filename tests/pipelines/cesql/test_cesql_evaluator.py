@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import random
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -16,6 +18,7 @@ from pipelines.cesql import (
     ValueType,
     parse,
 )
+from pipelines.cesql.like import LikePattern
 
 ATTRIBUTES: dict[str, str | int | bool] = {
     "specversion": "1.0",
@@ -195,6 +198,18 @@ class TestLike:
             pytest.fail("LIKE did not answer within 60 s: the matcher backtracks (not linear-time)")
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "(False, [])"
+
+
+    def test_the_runs_between_wildcards_match_as_a_whole_pattern_does(self) -> None:
+        """Runs found with str.find and fixed-length patterns, against a whole regular expression
+        on small random patterns and texts (where its backtracking costs nothing)."""
+        rng = random.Random(7)
+        for _ in range(3000):
+            pattern = "".join(rng.choice("ab%_") for _ in range(rng.randint(0, 6)))
+            text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 8)))
+            whole = "".join({"%": ".*", "_": "."}.get(c, re.escape(c)) for c in pattern)
+            expected = re.fullmatch(whole, text, re.DOTALL) is not None
+            assert LikePattern.compile(pattern).matches(text) == expected, (pattern, text)
 
 
 class TestLimits:
