@@ -110,6 +110,11 @@ def cesql_command(expression: str, event_file: Any) -> None:
     from pipelines.broker.filters import PASS, Delivered, FilterError, build_filter
     from pipelines.cesql import CesqlParseError, parse
 
+    if not expression:  # as a trigger's `cesql: ""` loads: no filter (it was "invalid" here)
+        click.echo("valid (empty: no filter, every event passes)")
+        if event_file is not None:
+            click.echo("matches: yes")
+        return
     try:
         parsed = parse(expression)
         build_filter({"cesql": expression}, ())  # as a trigger loads it: functions looked up too

@@ -20,6 +20,10 @@ class TestCesql:
         result = CliRunner().invoke(cesql_command, ["type LIKE 'org.%' AND statuscode >= 500"])
         assert result.exit_code == 0 and result.output == "valid\n"
 
+    def test_an_empty_expression_is_no_filter_as_a_trigger_loads_it(self) -> None:
+        result = CliRunner().invoke(cesql_command, [""])
+        assert result.exit_code == 0 and result.output.startswith("valid (empty: no filter"), result.output
+
     def test_parse_error_points_at_the_position(self) -> None:
         result = CliRunner().invoke(cesql_command, ["type = = 'x'"])
         assert result.exit_code == 2
