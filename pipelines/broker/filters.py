@@ -20,6 +20,7 @@ is taken as its text: `written(path)` gives the text a YAML file had there (`007
 from __future__ import annotations
 
 import enum
+import logging
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
@@ -29,6 +30,8 @@ from pipelines.cesql import CesqlParseError, Expression, ValueType
 from pipelines.cesql import parse as parse_cesql
 from pipelines.cesql.nodes import Attribute as AttributeNode
 from pipelines.cesql.values import cast as cast_value
+
+log = logging.getLogger(__name__)
 
 Attributes: TypeAlias = Mapping[str, AttributeValue]
 PathPart: TypeAlias = "str | int | Key"
@@ -207,6 +210,11 @@ class CesqlFilter:
             # or UPPER('true') passed).
             value, error = cast_value(value, ValueType.BOOLEAN)
             errors = [*errors, error] if error else errors
+        if errors and log.isEnabledFor(logging.DEBUG):
+            # The spec's answer (no match) says nothing of why: a mistyped comparison dropped
+            # every event unsaid (Knative logs these at debug too).
+            log.debug("CESQL %r: %s error: %s (the filter fails)", self.expression.source, errors[0].kind,
+                      errors[0].message)
         return PASS if value is True and not errors else FAIL
 
 

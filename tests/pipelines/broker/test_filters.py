@@ -221,3 +221,11 @@ def test_delivered_view() -> None:
     assert len(view) == 3 and "knativebrokerttl" not in view and view.get("knativebrokerttl") is None
     cesql = build_trigger_filter(None, [{"cesql": "sampled IN ('yes', 'true') AND statuscode = 500"}])
     assert cesql(view) is PASS
+
+
+def test_an_evaluation_error_is_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    """The filter fails, as the spec says, and said nothing of why: a mistyped comparison
+    dropped every event unsaid."""
+    caplog.set_level("DEBUG", logger="pipelines.broker.filters")
+    assert build_filter({"cesql": "latencyms > 100"}, ())({"latencyms": "250.5"}) is FAIL
+    assert "cannot cast '250.5' to Integer" in caplog.text and "latencyms > 100" in caplog.text
