@@ -29,6 +29,7 @@ from infer_logger.cloudevents.event import AttributeValue, attribute_text
 from pipelines.cesql import CesqlParseError, Expression, ValueType
 from pipelines.cesql import parse as parse_cesql
 from pipelines.cesql.nodes import Attribute as AttributeNode
+from pipelines.cesql.parser import mixed_logic
 from pipelines.cesql.values import cast as cast_value
 
 log = logging.getLogger(__name__)
@@ -359,6 +360,10 @@ def _cesql(value: Any, path: tuple[PathPart, ...]) -> Filter:
         reason = (f"invalid CESQL {value!r}: no function {call.name} of {len(call.arguments)} "
                   f"argument{'s' if len(call.arguments) != 1 else ''} at position {call.position}")
         raise FilterError(path, reason, column=call.position)
+    if (mixed := mixed_logic(value)) is not None:  # valid, and read as the spec says: said, not refused
+        log.warning("%s: CESQL %r mixes AND, OR or XOR without parentheses at position %d: read left to right "
+                    "as the CESQL spec says (`a OR b AND c` is `(a OR b) AND c`), where Knative reads it right "
+                    "to left: parenthesise it", format_path(path) or "cesql", value, mixed)
     return CesqlFilter(expression)
 
 

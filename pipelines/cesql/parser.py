@@ -40,6 +40,26 @@ _LEVELS: tuple[frozenset[TokenKind], ...] = (
 )
 
 
+def mixed_logic(source: str) -> int | None:
+    """The position of the first operator that mixes two of AND, OR and XOR unparenthesised (`a OR
+    b AND c`), where this parser (the spec: one level, left to right) and the SDKs' grammar, which
+    Knative runs (right to left), read the expression differently; None if there is none. For a
+    valid expression."""
+    seen: list[set[TokenKind]] = [set()]  # the logic operators of each open parenthesis, or argument
+    for token in tokenize(source):
+        if token.kind is TokenKind.LPAREN:
+            seen.append(set())
+        elif token.kind is TokenKind.RPAREN and len(seen) > 1:
+            seen.pop()
+        elif token.kind is TokenKind.COMMA:
+            seen[-1] = set()
+        elif token.kind in _LEVELS[0]:
+            seen[-1].add(token.kind)
+            if len(seen[-1]) > 1:
+                return token.position
+    return None
+
+
 def parse_tree(source: str) -> Node:
     """The syntax tree of `source`; raises `CesqlParseError`."""
     return _Parser(source).parse()

@@ -229,3 +229,20 @@ def test_an_evaluation_error_is_logged_at_debug(caplog: pytest.LogCaptureFixture
     caplog.set_level("DEBUG", logger="pipelines.broker.filters")
     assert build_filter({"cesql": "latencyms > 100"}, ())({"latencyms": "250.5"}) is FAIL
     assert "cannot cast '250.5' to Integer" in caplog.text and "latencyms > 100" in caplog.text
+
+
+@pytest.mark.parametrize(("expression", "position"), [
+    ("type = 'a' OR type = 'b' AND source = '/ok'", 25),
+    ("a AND b XOR c", 8),
+    ("(type = 'a' OR type = 'b') AND source = '/ok'", None),
+    ("type = 'a' OR (type = 'b' AND source = '/ok')", None),
+    ("a AND b AND c", None),
+    ("CONCAT(a, 'x') = 'y' OR b", None),
+])
+def test_logic_mixed_without_parentheses_is_said_at_load(expression: str, position: int | None,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Read left to right, as the spec says, where Knative's engine (the SDKs' grammar) reads it
+    right to left: a copied Knative trigger picked other events, unsaid."""
+    build_filter({"cesql": expression}, ())
+    said = [r.getMessage() for r in caplog.records if "without parentheses" in r.getMessage()]
+    assert said == ([] if position is None else [said[0]]) and (position is None or f"position {position}" in said[0])
