@@ -111,13 +111,15 @@ def cesql_command(expression: str, event_file: Any) -> None:
     from pipelines.cesql import CesqlParseError, parse
 
     if not expression:  # as a trigger's `cesql: ""` loads: no filter (it was "invalid" here)
+        if event_file is not None:
+            _read_event(event_file)  # an event that does not read is refused all the same
         click.echo("valid (empty: no filter, every event passes)")
         if event_file is not None:
             click.echo("matches: yes")
         return
     try:
         parsed = parse(expression)
-        build_filter({"cesql": expression}, ())  # as a trigger loads it: functions looked up too
+        loaded = build_filter({"cesql": expression}, ())  # as a trigger loads it: functions looked up too
     except CesqlParseError as exc:
         click.echo(f"invalid CESQL: {exc}", err=True)
         sys.exit(2)
@@ -134,7 +136,7 @@ def cesql_command(expression: str, event_file: Any) -> None:
     for error in errors:
         where = "" if error.position is None else f" at position {error.position}"
         click.echo(f"error ({error.kind}){where}: {error.message}")
-    matches = build_filter({"cesql": expression}, ())(attributes) is PASS
+    matches = loaded(attributes) is PASS
     click.echo(f"matches: {'yes' if matches else 'no'}")
     sys.exit(0 if matches else 1)
 

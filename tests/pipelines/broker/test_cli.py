@@ -20,9 +20,19 @@ class TestCesql:
         result = CliRunner().invoke(cesql_command, ["type LIKE 'org.%' AND statuscode >= 500"])
         assert result.exit_code == 0 and result.output == "valid\n"
 
-    def test_an_empty_expression_is_no_filter_as_a_trigger_loads_it(self) -> None:
+    def test_an_empty_expression_is_no_filter_as_a_trigger_loads_it(self, tmp_path: Path) -> None:
         result = CliRunner().invoke(cesql_command, [""])
         assert result.exit_code == 0 and result.output.startswith("valid (empty: no filter"), result.output
+        (tmp_path / "bad.json").write_text("not json")
+        result = CliRunner().invoke(cesql_command, ["", "--event", str(tmp_path / "bad.json")])
+        assert result.exit_code == 2 and "--event: not JSON" in result.output
+
+    def test_a_mixed_logic_warning_is_said_once(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        path = tmp_path / "event.json"
+        path.write_bytes(orjson.dumps(EVENT))
+        result = CliRunner().invoke(cesql_command, ["TRUE OR FALSE AND FALSE", "--event", str(path)])
+        assert result.exit_code == 1  # (TRUE OR FALSE) AND FALSE, as the spec reads it
+        assert len([r for r in caplog.records if "without parentheses" in r.getMessage()]) == 1
 
     def test_parse_error_points_at_the_position(self) -> None:
         result = CliRunner().invoke(cesql_command, ["type = = 'x'"])
