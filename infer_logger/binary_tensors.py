@@ -160,7 +160,7 @@ def inline(body: bytes) -> Inlined | None:
     carry it; BYTES elements as text when UTF-8, else `{"base64": ...}`. None when `body` is not one.
     """
     try:
-        return inline_checked(body)
+        return _inline(body)
     except BinaryDataError:
         return None
 
@@ -186,7 +186,7 @@ def json_part(body: bytes) -> tuple[int, str] | None:
     return end, "inputs" if "inputs" in probe else "outputs"
 
 
-def inline_checked(body: bytes) -> Inlined | None:
+def _inline(body: bytes) -> Inlined | None:
     """`inline`, but a body with a JSON part whose binary tensors do not read (an unknown datatype,
     sizes that do not add up) raises BinaryDataError saying why; None when it has no JSON part."""
     if (found := json_part(body)) is None:

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 
 import infer_logger
 from infer_logger import events as ev
+from infer_logger.asgi import run_lifespan
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.config import load_settings
 from infer_logger.demo.predictor import EchoModel, create_app
@@ -623,11 +624,12 @@ async def test_a_cancel_is_logged_and_not_swallowed(tmp_path: Path) -> None:
 
 def test_an_app_returning_without_an_answer_is_logged_as_the_500_the_client_gets(tmp_path: Path) -> None:
     """uvicorn answers 500 for an app that returned without starting a response: no response event came."""
+    async def nothing() -> None:
+        pass
+
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await run_lifespan(receive, send, nothing, nothing)
             return
         while (await receive()).get("more_body"):
             pass
