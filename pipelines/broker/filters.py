@@ -38,6 +38,8 @@ Attributes: TypeAlias = Mapping[str, AttributeValue]
 PathPart: TypeAlias = "str | int | Key"
 
 Written: TypeAlias = Callable[[tuple[PathPart, ...]], "str | None"]
+# Told of a valid filter read otherwise than its writer may think: (path, reason, CESQL position).
+Warn: TypeAlias = Callable[[tuple[PathPart, ...], str, "int | None"], None]
 
 ATTRIBUTE_NAME = re.compile(r"[a-z][a-z0-9]*")
 DIALECTS = ("exact", "prefix", "suffix", "all", "any", "not", "cesql")
@@ -262,7 +264,8 @@ class NotFilter:
 
 
 def build_trigger_filter(attributes: Mapping[str, Any] | None, filters: Sequence[Any] | None, *,
-                         validate: bool = True, written: Written | None = None) -> Filter:
+                         validate: bool = True, written: Written | None = None,
+                         warn: Warn | None = None) -> Filter:
     """The filter of a trigger: a non-empty `filters` wins over `filter.attributes`.
 
     Both are validated even when `filters` wins, as Knative's webhook does. `validate=False`
@@ -271,7 +274,7 @@ def build_trigger_filter(attributes: Mapping[str, Any] | None, filters: Sequence
     """
     legacy = build_attributes_filter(attributes, ("filter", "attributes"), validate=validate, written=written)
     if filters:
-        return build_filters(filters, ("filters",), validate=validate, written=written)
+        return build_filters(filters, ("filters",), validate=validate, written=written, warn=warn)
     return legacy
 
 
@@ -284,18 +287,19 @@ def build_attributes_filter(attributes: Mapping[str, Any] | None, path: tuple[Pa
 
 
 def build_filters(filters: Sequence[Any], path: tuple[PathPart, ...], *, validate: bool = True,
-                  written: Written | None = None) -> Filter:
+                  written: Written | None = None, warn: Warn | None = None) -> Filter:
     """A `filters` list: its members are ANDed; an empty list does not filter."""
     if not isinstance(filters, list):
         raise FilterError(path, f"must be a list of filters, not {_kind(filters)}")
-    children = [build_filter(item, (*path, i), validate=validate, written=written) for i, item in enumerate(filters)]
+    children = [build_filter(item, (*path, i), validate=validate, written=written, warn=warn)
+                for i, item in enumerate(filters)]
     if not children:
         return _no_filter
     return children[0] if len(children) == 1 else AllFilter(children)
 
 
 def build_filter(spec: Any, path: tuple[PathPart, ...], *, validate: bool = True, written: Written | None = None,
-                 _nesting: int = 0) -> Filter:
+                 warn: Warn | None = None, _nesting: int = 0) -> Filter:
     """One Subscriptions API filter object: exactly one dialect (none set = no filter)."""
     if spec is None:
         return _no_filter
@@ -325,14 +329,16 @@ def build_filter(spec: Any, path: tuple[PathPart, ...], *, validate: bool = True
     if dialect in ("all", "any"):
         if not isinstance(value, list):
             raise FilterError(here, f"must be a list of filters, not {_kind(value)}")
-        children = [build_filter(item, (*here, i), validate=validate, written=written, _nesting=_nesting + 1)
+        children = [build_filter(item, (*here, i), validate=validate, written=written, warn=warn,
+                                 _nesting=_nesting + 1)
                     for i, item in enumerate(value)]
         if not children:
             return _no_filter
         return AllFilter(children) if dialect == "all" else AnyFilter(children)
     if dialect == "not":
-        return NotFilter(build_filter(value, here, validate=validate, written=written, _nesting=_nesting + 1))
-    return _cesql(value, here)
+        return NotFilter(build_filter(value, here, validate=validate, written=written, warn=warn,
+                                      _nesting=_nesting + 1))
+    return _cesql(value, here, warn or _log_warning)
 
 
 def _given(dialect: str, value: Any) -> bool:
@@ -344,7 +350,11 @@ def _given(dialect: str, value: Any) -> bool:
     return own is None or not (isinstance(value, own) and not value)
 
 
-def _cesql(value: Any, path: tuple[PathPart, ...]) -> Filter:
+def _log_warning(path: tuple[PathPart, ...], reason: str, column: int | None) -> None:
+    log.warning("%s: %s", format_path(path) or "cesql", reason)
+
+
+def _cesql(value: Any, path: tuple[PathPart, ...], warn: Warn) -> Filter:
     if not isinstance(value, str):
         raise FilterError(path, f"must be a CESQL expression string, not {_kind(value)}")
     if value == "":  # as Knative: only an empty one is no filter (a blank one delivered every event)
@@ -361,9 +371,9 @@ def _cesql(value: Any, path: tuple[PathPart, ...]) -> Filter:
                   f"argument{'s' if len(call.arguments) != 1 else ''} at position {call.position}")
         raise FilterError(path, reason, column=call.position)
     if (mixed := mixed_logic(value)) is not None:  # valid, and read as the spec says: said, not refused
-        log.warning("%s: CESQL %r mixes AND, OR or XOR without parentheses at position %d: read left to right "
-                    "as the CESQL spec says (`a OR b AND c` is `(a OR b) AND c`), where Knative reads it right "
-                    "to left: parenthesise it", format_path(path) or "cesql", value, mixed)
+        warn(path, f"CESQL {value!r} mixes AND, OR or XOR without parentheses at position {mixed}: read left "
+                   "to right as the CESQL spec says (`a OR b AND c` is `(a OR b) AND c`), where Knative reads it "
+                   "right to left: parenthesise it", mixed)
     return CesqlFilter(expression)
 
 

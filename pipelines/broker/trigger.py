@@ -251,9 +251,14 @@ def _add_trigger(doc: Document, path: tuple[str | int, ...], spec: TriggerSpec, 
             texts.append((format_path(filter_path), text))
         return text
 
+    def warn(filter_path: tuple[PathPart, ...], reason: str, column: int | None) -> None:
+        full = (*base, *filter_path)
+        log.warning("%s: trigger %s/%s, %s: %s", _pointed(doc, full, column), namespace, name, format_path(full),
+                    reason)
+
     try:
         trigger_filter = build_trigger_filter(spec.filter.attributes if spec.filter else None, spec.filters,
-                                              written=written)
+                                              written=written, warn=warn)
     except FilterError as exc:
         raise _filter_error(doc, base, exc) from None
     _check_component(doc, (*base, "subscriber"), spec.subscriber)
@@ -316,7 +321,11 @@ def _pydantic_error(doc: Document, path: tuple[str | int, ...], exc: ValidationE
 
 def _filter_error(doc: Document, base: tuple[str | int, ...], exc: FilterError) -> DocumentError:
     full = (*base, *exc.path)
+    return DocumentError(_pointed(doc, full, exc.column), format_path(full), exc.reason)
+
+
+def _pointed(doc: Document, full: tuple[PathPart, ...], column: int | None) -> Location:
     location = doc.locate(full)
-    if exc.column is not None and location.offset is not None:  # point at the CESQL token
-        location = Location(location.origin, location.line, location.column + location.offset + exc.column)
-    return DocumentError(location, format_path(full), exc.reason)
+    if column is not None and location.offset is not None:  # point at the CESQL token
+        location = Location(location.origin, location.line, location.column + location.offset + column)
+    return location

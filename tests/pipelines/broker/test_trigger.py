@@ -168,6 +168,15 @@ class TestErrors:
                        f"      - cesql: {scalar}\n")
         assert (error.location.line, error.location.column) == (5, column), str(error)
 
+    def test_mixed_logic_warning_names_the_file_line_and_trigger(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Valid, so loaded: the warning is all a reader gets, and it named neither the file nor
+        the trigger (`filters[0].cesql` of which of a broker's triggers?)."""
+        load_triggers("triggers:\n  - name: a\n    subscriber: http://127.0.0.1:9/\n    filters:\n"
+                      "      - cesql: type = 'a' OR type = 'b' AND source = '/ok'\n", origin="triggers.yaml",
+                      namespace="ml")
+        said = [r.getMessage() for r in caplog.records if "without parentheses" in r.getMessage()]
+        assert len(said) == 1 and said[0].startswith("triggers.yaml:5:41: trigger ml/a, triggers[0].filters[0].cesql: ")
+
     def test_bad_attribute_name_in_a_manifest(self) -> None:
         error = _error(_manifest({"filter": {"attributes": {"Type": "x"}}}))
         assert "spec.filter.attributes[Type]" in str(error)
