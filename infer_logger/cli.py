@@ -267,19 +267,21 @@ def _echo(chunks: Iterable[str]) -> None:
     try:
         if sys.stdout is not None:  # None: started with stdout closed (`>&-`), which click.echo skips
             sys.stdout.flush()
-    except BrokenPipeError:
-        _gone()
+    except OSError as exc:
+        _gone(exc)
 
 
 def _out(text: str) -> None:
     """To stdout; a reader gone (`| head`) ends the command quietly."""
     try:
         click.echo(text, nl=False)
-    except BrokenPipeError:
-        _gone()
+    except OSError as exc:
+        _gone(exc)
 
 
-def _gone() -> None:
+def _gone(exc: OSError) -> None:
+    if not isinstance(exc, BrokenPipeError):  # a full disk (`> out.json`): said, not a traceback
+        click.echo(f"infer-logger: cannot write the output: {exc.strerror or exc}", err=True)
     # What is still buffered would fail again at exit ("Exception ignored"): to nowhere.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(1)

@@ -313,6 +313,21 @@ def test_query_with_stdout_closed_says_nothing(tmp_path: Path) -> None:
     assert done.returncode == 0 and done.stderr == b"", done.stderr
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+@pytest.mark.parametrize("rows", [2, 2000])  # written at the end, and as the buffer fills
+def test_query_with_no_room_for_its_output_says_so(tmp_path: Path, rows: int) -> None:
+    """`query --format json > out.json` on a full disk: an OSError traceback."""
+    import shlex
+
+    db = tmp_path / "audit.db"
+    _instances(db, "a", rows)
+    command = shlex.join([str(Path(sys.executable).parent / "infer-logger"), "query", "--db", str(db),
+                          "--format", "json", "--limit", str(rows)])
+    done = subprocess.run(f"{command} > /dev/full", shell=True, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr == "infer-logger: cannot write the output: No space left on device\n", \
+        done.stderr
+
+
 def test_query_times_are_read_as_the_store_reads_them(tmp_path: Path) -> None:
     """RFC 3339 allows lower-case t and z, which the store reads (events.as_utc); --since refused them."""
     db = tmp_path / "audit.db"
