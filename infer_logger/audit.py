@@ -42,7 +42,11 @@ order ends in the same document:
 
 A response's part writes the keys it does not set as null, so that a later response of the id
 (a retry that kept x-request-id) replaces an earlier one instead of merging with it; the
-instances it has no part for get all of them null.
+instances it has no part for get all of them null. A request's and a response's attributes write
+the cut marks (`truncated`, `datasize`) null when they have none, so that a retry's payload is not
+said to be cut for the earlier one's. (A request's part is as it is: a retry's request has the
+shape of the first's. The documents of instances beyond a retry's count are not known here, and
+keep what the earlier exchange wrote; the audit store deletes such rows.)
 
 A one-tensor V2 row (`{"input-0": [...]}`, `{"output-0": 1}`) is read as the tensor's value.
 With `per_instance=False` there is no `instance` and each part is the list of the instances'
@@ -115,8 +119,8 @@ def documents(
         doc = dict(common)
         if present := [p for p in parts if p is not None]:
             doc[kind] = present
-        elif kind == "response":
-            doc[kind] = None  # replaces an earlier response's list (a retry under the same id)
+        elif kind != "explanation":
+            doc[kind] = None  # replaces an earlier request's or response's list (a retry under the same id)
         return [(doc_id(event.id), doc)]
     if kind == "response":
         parts += [None] * (instances - len(parts))  # status on instances without a prediction
@@ -171,9 +175,9 @@ def _common(event: CloudEvent, kind: str) -> Document:
     if time is not None:
         doc[f"{kind}_time"] = _format(time)
     texts = {name: attribute_text(value) for name, value in attrs.items()}
-    # A later response of the id replaces an earlier one (see `documents`): marks only a cut
-    # answer has are written null, or a retry's whole answer was said to be cut.
-    doc[f"{kind}_attributes"] = {**_CUT_MARKS, **texts} if kind == "response" else texts
+    # A later request or response of the id replaces an earlier one (see `documents`): marks only
+    # a cut payload has are written null, or a retry's whole payload was said to be cut.
+    doc[f"{kind}_attributes"] = texts if kind == "explanation" else {**_CUT_MARKS, **texts}
     return doc
 
 

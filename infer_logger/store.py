@@ -7,9 +7,12 @@ the exchange: the response sets them on every row of its id, and rows created la
 request with more instances) copy them from a row the response wrote. The time is the exchange's
 too: every row the request or the response made is dated by the request's `time` (rows beyond its
 instances too); until the request comes, by the response's `time - latencyms`, as the audit
-documents' @timestamp is (`audit.request_time`). Re-delivery overwrites; a later response of an id
-(a retry that kept x-request-id) replaces the earlier one whole: rows beyond its items lose the
-earlier one's response and response attributes.
+documents' @timestamp is (`audit.request_time`). Re-delivery overwrites; a later request or
+response of an id (a retry that kept x-request-id) replaces the earlier one whole: rows beyond its
+instances (items) lose the earlier one's payload and attributes, a row left with neither a
+request nor a response is undated (as an explanation's row beyond its exchange is), and one left
+with nothing is deleted; a later explanation replaces the earlier one so too, and only it. So the
+same events in the same order leave the same rows however the sink worker batched them.
 
 SQLite runs in WAL mode so that `infer-logger query` in another process reads while the sidecar
 writes. Times are stored as UTC RFC 3339 text with microseconds, so text order is time order.
@@ -126,8 +129,8 @@ _UPSERT = {kind: _Statement(_upsert_sql(kind)) for kind in _KINDS.values()}
 
 
 def _exchange_sql() -> str:
-    """One upsert for a request and its response together: what the two upserts and the status
-    spread would leave, in one row write per instance (the request's shared values win)."""
+    """One upsert for a request and its response together: what the two upserts would leave, in
+    one row write per instance (the request's shared values win); `_SETTLE` does the rest."""
     sets = [f"{c} = COALESCE(excluded.{c}, {c})" for c in (*_SHARED, *_EXCHANGE_OWN)]
     sets += ["status = excluded.status", "latency_ms = excluded.latency_ms", "updated = excluded.updated"]
     return (
@@ -140,21 +143,51 @@ def _exchange_sql() -> str:
 _EXCHANGE_OWN = ("request", "request_attributes", "response", "response_attributes")
 _EXCHANGE_COLUMNS = ("id", "instance", *_SHARED, "status", "latency_ms", *_EXCHANGE_OWN, "updated")
 _UPSERT_EXCHANGE = _exchange_sql()
-# (id, status, latency_ms, the response's item count). The response replaces an earlier one of
-# its id (a retry that kept x-request-id): rows beyond its items lose that one's response and
-# attributes. The guards skip the rows the response upsert already set: a lookup instead of a rewrite.
-_SPREAD_STATUS = (
-    "UPDATE records SET status = ?2, latency_ms = ?3, "
-    "response = CASE WHEN instance >= ?4 THEN NULL ELSE response END, "
-    "response_attributes = CASE WHEN instance >= ?4 THEN NULL ELSE response_attributes END "
-    "WHERE id = ?1 AND (status IS NOT ?2 OR latency_ms IS NOT ?3 "
-    "OR (instance >= ?4 AND response_attributes IS NOT NULL))"
-)
-# (id, the request's instance count, its time): the rows its response made beyond them, dated by
-# the response until then. A range of the primary key: no row of the request's is looked at.
-_SPREAD_TIME = (
-    "UPDATE records SET time = ?3 WHERE id = ?1 AND instance >= ?2 AND response_attributes IS NOT NULL "
-    "AND time IS NOT ?3"
+# What the events of an id written (the kinds named) leave on its other rows, after the upserts:
+# (id, status, latency_ms, the request's instance count, the response's item count, the
+# explanation's item count, the request's time, the first row to look at). A later event of a kind
+# replaces the earlier one of the id whole (a retry that kept x-request-id, with fewer instances):
+# the rows beyond its count lose that one's payload and attributes, else they stayed mixed into the
+# retry (or not, by how the events were batched). The response's status and latency go on every
+# row; the rows its request did not make are dated by the request, and a row left with neither is
+# undated. The guards skip the rows the upserts already set: a lookup instead of a rewrite. A
+# request or explanation alone starts at its count: a range of the primary key, no row of its own
+# looked at. One statement per combination of kinds, each setting only its kinds' columns (a
+# response's status goes on every row of the id: no CASE of the other kinds evaluated there).
+_COUNT = {"request": 4, "response": 5, "explanation": 6}
+
+
+def _settle_sql(kinds: tuple[str, ...]) -> str:
+    sets, guards = [], []
+    if "response" in kinds:
+        sets += ["status = ?2", "latency_ms = ?3"]
+        guards += ["status IS NOT ?2 OR latency_ms IS NOT ?3"]
+    if "explanation" not in kinds:
+        # ?4 or ?5 of a kind not written is None: `instance >= NULL` is never true.
+        sets.append(
+            "time = CASE WHEN (request_attributes IS NULL OR instance >= ?4) "
+            "AND (response_attributes IS NULL OR instance >= ?5) THEN NULL "
+            "WHEN instance >= ?4 THEN COALESCE(?7, time) ELSE time END"
+        )
+    for kind in kinds:
+        count = _COUNT[kind]
+        sets += [
+            f"{c} = CASE WHEN instance >= ?{count} THEN NULL ELSE {c} END" for c in (kind, f"{kind}_attributes")
+        ]
+        guards.append(f"instance >= ?{count} AND {kind}_attributes IS NOT NULL")
+    if "request" in kinds:
+        guards.append("instance >= ?4 AND response_attributes IS NOT NULL AND time IS NOT COALESCE(?7, time)")
+    where = " OR ".join(f"({g})" for g in guards)
+    return f"UPDATE records SET {', '.join(sets)} WHERE id = ?1 AND instance >= ?8 AND ({where})"
+
+
+_SETTLE: dict[tuple[str, ...], str] = {
+    kinds: _settle_sql(kinds) for kinds in (("request", "response"), ("request",), ("response",), ("explanation",))
+}
+# (id, the first row `_SETTLE` may have emptied): rows left with no payload of any kind.
+_DROP_EMPTY = (
+    "DELETE FROM records WHERE id = ?1 AND instance >= ?2 AND request_attributes IS NULL "
+    "AND response_attributes IS NULL AND explanation_attributes IS NULL"
 )
 
 
@@ -368,8 +401,8 @@ class AuditStore:
         responses = latest["response"]
         exchanges: list[tuple[Any, ...]] = []
         rows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in _KINDS.values()}
-        spread: list[tuple[str, int | None, float | None, int]] = []
-        dated: list[tuple[str, int, str]] = []
+        settle: dict[tuple[str, ...], list[tuple[Any, ...]]] = {kinds: [] for kinds in _SETTLE}
+        emptied: list[tuple[str, int]] = []
         for kind, kept in latest.items():
             for event_id, event in kept.items():
                 if kind == "request" and (answer := responses.pop(event_id, None)) is not None:
@@ -377,17 +410,27 @@ class AuditStore:
                     exchanges += pair
                     # Rows an earlier event made (more instances) get the status too. (Looking up
                     # which ids have rows already, to spread to those only, measured no cheaper.)
+                    asked = sum(row[_ASKED] is not None for row in pair)
                     answered = sum(row[_ANSWERED] is not None for row in pair)
-                    spread.append((event_id, pair[0][_STATUS], pair[0][_LATENCY], answered))
+                    first = pair[0]
+                    settle["request", "response"].append(
+                        (event_id, first[_STATUS], first[_LATENCY], asked, answered, None, first[_TIME], 0)
+                    )
+                    emptied.append((event_id, len(pair)))
                     continue
                 base = _row_base(event, kind, updated)
                 texts = _instances_json(event)
                 for index, text in enumerate(texts):
                     rows[kind].append({**base, "instance": index, kind: text})
+                count = len(texts)
                 if kind == "response":
-                    spread.append((event_id, base["status"], base["latency_ms"], len(texts)))
-                elif kind == "request" and base["time"] is not None:
-                    dated.append((event_id, len(texts), base["time"]))
+                    status, latency = base["status"], base["latency_ms"]
+                    settle[kind,].append((event_id, status, latency, None, count, None, None, 0))
+                elif kind == "request":
+                    settle[kind,].append((event_id, None, None, count, None, None, base["time"], count))
+                else:
+                    settle[kind,].append((event_id, None, None, None, None, count, None, count))
+                emptied.append((event_id, count))
         with self._lock:
             self._follow_path()
         with self._lock, self._transaction() as conn:
@@ -397,8 +440,12 @@ class AuditStore:
                 if params:
                     _UPSERT[kind].run(conn, params)
             # After every upsert, so rows this batch created get the status (and time) too.
-            conn.executemany(_SPREAD_STATUS, spread)
-            conn.executemany(_SPREAD_TIME, dated)
+            changed = 0
+            for kinds, settled in settle.items():
+                if settled:
+                    changed += conn.executemany(_SETTLE[kinds], settled).rowcount
+            if changed > 0:  # only a row `_SETTLE` changed can have been emptied (upserts null nothing)
+                conn.executemany(_DROP_EMPTY, emptied)
         return len(exchanges) + sum(len(params) for params in rows.values())
 
     def query(
@@ -534,13 +581,14 @@ def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> l
     asked_time, asked_text = _shared_values(asked)
     answered_text = _shared_values(answered)[1]
     time = _asked_time(answered) if asked_time is None else asked_time
-    # Where both have an instance the request's shared values win; the response's own rows keep
-    # its but the time (the exchange's). A sidecar's two events share one cached tuple of text
-    # values: no merge needed.
-    theirs = (time, *answered_text)
+    # Where both have an instance the request's shared values win; each one's own rows keep its
+    # but the time (the exchange's), as written apart (rows beyond the response's items had its
+    # model: `query --model` found them only when paired). A sidecar's two events share one cached
+    # tuple of text values: no merge needed.
+    theirs, mine = (time, *answered_text), (time, *asked_text)
+    both = mine
     if asked_text is not answered_text:
-        asked_text = tuple(mine if mine is not None else other for mine, other in zip(asked_text, answered_text))
-    both = (time, *asked_text)
+        both = (time, *(own if own is not None else other for own, other in zip(asked_text, answered_text)))
     event_id = request.id
     status = events.as_int(answered.get(events.STATUSCODE))
     latency = events.as_latency(answered.get(events.LATENCYMS))
@@ -552,7 +600,7 @@ def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> l
         rows.append((
             event_id,
             index,
-            *(both if has_input else theirs),
+            *((both if has_output else mine) if has_input else theirs),
             status,
             latency,
             inputs[index] if has_input else None,
@@ -565,7 +613,9 @@ def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> l
 
 
 _STATUS, _LATENCY = _EXCHANGE_COLUMNS.index("status"), _EXCHANGE_COLUMNS.index("latency_ms")
+_ASKED = _EXCHANGE_COLUMNS.index("request_attributes")  # set on the request's own rows
 _ANSWERED = _EXCHANGE_COLUMNS.index("response_attributes")  # set on the response's own rows
+_TIME = _EXCHANGE_COLUMNS.index("time")
 _TEXT_ATTRS = tuple(attr for column, attr in _SHARED.items() if column != "time")
 _TEXT_CACHE: dict[tuple[Any, ...], tuple[str | None, ...]] = {}
 _TEXT_CACHE_SIZE = 4096

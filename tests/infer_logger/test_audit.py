@@ -127,6 +127,18 @@ class TestMerge:
         got = merged((request(), response(), response({"predictions": [None]})), per_instance=False)
         assert not got["a"].get("response")
 
+    def test_a_later_request_replaces_the_earlier_cut_marks(self) -> None:
+        """A retry under the same id: the first try's request was cut, the retry's was not; the
+        marks stayed in the merged request attributes, saying the request kept was cut."""
+        cut = request(b'{"instances": [[1, 2], [3', truncated=True, datasize=2_000_000)
+        got = merged((cut, request()))
+        assert all(not d["request_attributes"].get("truncated") for d in got.values()), got
+        assert all(not d["request_attributes"].get("datasize") for d in got.values()), got
+
+    def test_a_later_request_replaces_the_earlier_in_one_document(self) -> None:
+        got = merged((request(), request({"instances": [None]})), per_instance=False)
+        assert not got["a"].get("request")
+
     def test_no_field_is_written_differently_by_two_kinds(self) -> None:
         docs = {e.type: documents(e)[0][1] for e in (request(), response(), explanation())}
         for (_, a), (_, b) in itertools.combinations(docs.items(), 2):

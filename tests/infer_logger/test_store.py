@@ -20,6 +20,7 @@ from infer_logger.errors import InferLoggerError
 from infer_logger.store import _SCHEMA, SCHEMA_VERSION, AuditRecord, AuditStore, format_table, records_to_json
 
 T0 = "2025-01-01T00:00:00.000000Z"
+T1 = "2025-01-01T00:05:00.000000Z"
 
 
 def _attrs(type_: str, id_: str, time: str, **extra: Any) -> dict[str, Any]:
@@ -58,6 +59,17 @@ def response(
 def explanation(id_: str = "a", body: Any = None, time: str = T0) -> CloudEvent:
     body = {"explanations": [{"f0": 0.5}, {"f0": -0.5}]} if body is None else body
     return CloudEvent(_attrs(events.EXPLANATION, id_, time), orjson.dumps(body))
+
+
+# A client's retry that kept x-request-id: three instances, then one, five minutes later.
+RETRY = {
+    "r1": request(body={"instances": [[1], [2], [3]]}),
+    "p1": response(body={"predictions": [10, 20, 30]}),
+    "e1": explanation(body={"explanations": [{"f0": 1}, {"f0": 2}, {"f0": 3}]}),
+    "r2": request(body={"instances": [[9]]}, time=T1),
+    "p2": response(body={"predictions": [90]}, time=T1),
+    "e2": explanation(body={"explanations": [{"f0": 9}]}, time=T1),
+}
 
 
 @pytest.fixture
@@ -102,6 +114,10 @@ class TestJoin:
             ([explanation(body={"explanations": [{"f0": 1}, {"f0": 2}, {"f0": 3}]})], [request(), response()]),
             ([request(), response(status=503)], [request(namespace="prod"), response(status=200)]),
             ([request(), response()], [request(), response(status=503, body={"error": "busy"})]),
+            # KServe's "" for unset: the rows beyond the response's items had its model only paired.
+            ([], [request(body={"instances": [[1], [2], [3]]}, modelname="", namespace=""), response()]),
+            ([request(body={"instances": [[1], [2], [3]]}), response(body={"predictions": [0, 1, 2]})],
+             [request(body={"instances": [[9]]}, time=T1), response(body={"predictions": [9]}, time=T1)]),
         ],
     )
     def test_a_pair_in_one_batch_is_written_as_in_two(
@@ -150,6 +166,76 @@ class TestJoin:
         assert all(r.status == 503 for r in records)
         assert [(r.response_attributes or {}).get("statuscode") for r in records][:2] == [503, None]
         assert all(r.response is None and r.response_attributes is None for r in records[1:])
+
+    def test_rows_beyond_the_response_s_items_have_the_request_s_attributes(self, tmp_path: Path) -> None:
+        """Paired, they had the response's model too; apart, not (`query --model` found 3 vs 2)."""
+        asked = request(body={"instances": [[1], [2], [3]]}, modelname="")
+        for name, batches in (("one", [[asked, response()]]), ("apart", [[asked], [response()]])):
+            with AuditStore(tmp_path / f"{name}.db") as s:
+                for batch in batches:
+                    s.write(batch)
+                assert [(r.instance, r.model) for r in _by_instance(s)] == [
+                    (0, "iris"), (1, "iris"), (2, None)]
+
+    @pytest.mark.parametrize("batches", [
+        "r1 p1|r2 p2", "r1|p1|r2|p2", "r1 p1 r2 p2", "r1 p1 r2|p2", "r1|p1 p2 r2"])
+    def test_a_later_request_replaces_the_earlier_whole(self, store: AuditStore, batches: str) -> None:
+        """A client's retry that kept x-request-id, with fewer instances: the first try's instances
+        1 and 2 stayed, under the retry's status with no prediction (or with the first's, dated by
+        it), or not, by how the sink worker batched the four events."""
+        for batch in batches.split("|"):
+            store.write([RETRY[name] for name in batch.split()])
+        asked = [(r.request_attributes or {}).get("time") for r in _by_instance(store)]
+        assert [(r.instance, r.time, r.status, r.request, r.response) for r in _by_instance(store)] == [
+            (0, T1, 200, [9], 90)]
+        assert asked == [T1]
+
+    @pytest.mark.parametrize("sequence", [
+        "r1 p1 r2 p2", "p1 r1 p2 r2", "r1 p1 p2 r2", "r1 r2 p1 p2", "r1 p1 r2", "r1 p1 p2",
+        "r1 p1 e1 r2 p2", "r1 p1 r2 p2 e1", "e1 r1 p1 r2", "r2 p2 r1 p1", "r1 p1 r1 p2",
+        "r1 p1 e1 r2 p2 e2", "e1 e2 r1", "r2 e1 p2 e2",
+    ])
+    def test_a_retry_makes_the_same_rows_however_batched(self, tmp_path: Path, sequence: str) -> None:
+        """Every way of cutting the same events, in the same order, into sink-worker batches."""
+        named = sequence.split()
+        fields = [f for f in AuditRecord.__dataclass_fields__ if f != "updated"]
+        ends: list[tuple[tuple[bool, ...], list[list[Any]]]] = []
+        for cuts in itertools.product((False, True), repeat=len(named) - 1):
+            with AuditStore(tmp_path / f"{len(ends)}.db") as s:
+                batch = [RETRY[named[0]]]
+                for name, cut in zip(named[1:], cuts):
+                    if cut:
+                        s.write(batch)
+                        batch = []
+                    batch.append(RETRY[name])
+                s.write(batch)
+                ends.append((cuts, [[getattr(r, f) for f in fields] for r in _by_instance(s)]))
+        assert [cuts for cuts, rows in ends if rows != ends[-1][1]] == []  # the last: one event a batch
+
+    def test_a_later_request_keeps_the_earlier_explanation(self, store: AuditStore) -> None:
+        """A request or response clears no explanation: rows left with only the first try's are
+        undated, as an explanation's row beyond its exchange's is."""
+        for name in "r1 p1 e1 r2 p2".split():
+            store.write([RETRY[name]])
+        assert [(r.instance, r.time, r.status, r.request, r.response, r.explanation)
+                for r in _by_instance(store)] == [
+            (0, T1, 200, [9], 90, {"f0": 1}), (1, None, 200, None, None, {"f0": 2}),
+            (2, None, 200, None, None, {"f0": 3})]
+
+    def test_a_later_explanation_replaces_the_earlier_whole(self, store: AuditStore) -> None:
+        """As requests and responses do: batched together only the later one was written."""
+        for name in "r1 p1 e1 e2".split():
+            store.write([RETRY[name]])
+        assert [r.explanation for r in _by_instance(store)] == [{"f0": 9}, None, None]
+        assert [r.explanation_attributes is None for r in _by_instance(store)] == [False, True, True]
+
+    def test_a_redelivered_request_keeps_the_response(self, store: AuditStore) -> None:
+        store.write([RETRY["r1"], RETRY["p1"]])
+        store.write([RETRY["r1"]])
+        store.write([RETRY["r1"], RETRY["r1"], RETRY["p1"]])
+        store.write([RETRY["p1"]])
+        assert [(r.request, r.response, r.status) for r in _by_instance(store)] == [
+            ([1], 10, 200), ([2], 20, 200), ([3], 30, 200)]
 
     def test_request_attributes_win(self, store: AuditStore) -> None:
         store.write([response(time="2025-01-01T00:00:01.000000Z", modelversion="")])
