@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from infer_logger.errors import ConfigError, InferLoggerError
+from infer_logger.errors import ConfigError, InferLoggerError, StoreBusyError
 
 if TYPE_CHECKING:
     from infer_logger.store import AuditStore
@@ -208,6 +208,9 @@ def query(config: Path | None, db: str | None, id_: str | None, model: str | Non
         raise click.BadParameter(f"{path} is not a regular file", param_hint="--db")
     try:
         store = AuditStore(path, readonly=True)
+    except StoreBusyError as exc:  # not the path's fault: another exit code than a usage error's
+        click.echo(f"infer-logger: {exc}; try again", err=True)
+        sys.exit(1)
     except InferLoggerError as exc:  # not an SQLite file, or a newer schema
         raise click.BadParameter(str(exc), param_hint="--db") from None
     # Made into a file (on disk past 8 MiB), then written out: a read transaction held while the

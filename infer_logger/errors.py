@@ -69,6 +69,10 @@ class CorruptRecordError(SpoolError):
         self.resume = resume
 
 
+class StoreBusyError(InferLoggerError):
+    """Another connection held the audit store's lock past the wait (it may let go: worth trying again)."""
+
+
 class SinkError(InferLoggerError):
     """A sink failed to take a batch; the worker retries with backoff.
 

@@ -40,7 +40,7 @@ import orjson
 
 from infer_logger import audit, binary_tensors, events, payloads
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.errors import InferLoggerError
+from infer_logger.errors import InferLoggerError, StoreBusyError
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,9 @@ class Summary:
     latency_p95_ms: float | None
 
 
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # another connection's lock, held past the wait
+
+
 class AuditStore:
     """SQLite audit store; safe to share between threads (one connection behind a lock)."""
 
@@ -296,6 +299,9 @@ class AuditStore:
             self._check_version()
         except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
             self._conn.close()
+            if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF in _BUSY:
+                raise StoreBusyError(f"{self.path}: the audit store is busy (locked by another process "
+                                     f"past {self._timeout:g} s): {exc}") from exc
             # The cause kept: `__init__` reads a read-only store again when it was the WAL index.
             raise InferLoggerError(f"{self.path}: not a usable audit store: {exc}") from exc
         except BaseException:

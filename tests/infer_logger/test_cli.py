@@ -253,6 +253,29 @@ def test_query_of_a_store_damaged_past_its_first_rows_is_one_line_of_error(tmp_p
         assert done.stderr.startswith("infer-logger: ") and "cannot read the audit store" in done.stderr
 
 
+def test_query_of_a_store_locked_by_another_process_says_busy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock held past the wait is a moment's state, not a bad --db: it was "Invalid value for
+    --db: not a usable audit store", exit 2."""
+    import functools
+    import sqlite3
+
+    from infer_logger import store
+
+    db = tmp_path / "audit.db"
+    _instances(db, "a", 1)
+    monkeypatch.setattr(store, "AuditStore", functools.partial(AuditStore, timeout=0.1))  # query imports it late
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        result = CliRunner().invoke(main, ["query", "--db", str(db)])
+    finally:
+        holder.close()
+    assert result.exit_code == 1 and "the audit store is busy" in result.stderr, result.output
+    assert "Invalid value" not in result.stderr and result.stderr.endswith("try again\n")
+    assert CliRunner().invoke(main, ["query", "--db", str(db)]).exit_code == 0
+
+
 def test_query_read_by_a_reader_that_stops_early_says_nothing(tmp_path: Path) -> None:
     """`query | head`: an "Exception ignored" traceback of the cursors left open, on stderr."""
     db = tmp_path / "audit.db"
