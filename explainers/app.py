@@ -9,11 +9,12 @@ first one is not slow; errors answer `{"error": "..."}` with the status of their
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
@@ -34,7 +35,7 @@ from explainers.errors import (
     UnknownModelError,
 )
 from explainers.metrics import ExplainerMetrics
-from explainers.service import ExplainerService
+from explainers.service import ExplainerService, parameter_names
 from explainers.subscriber import ExplainSubscriber
 from infer_logger import binary_tensors
 from infer_logger.asgi import BodyLimit, BodyTimeoutError, BodyTooLargeError
@@ -42,6 +43,7 @@ from infer_logger.proxy import end_to_end
 
 log = logging.getLogger(__name__)
 Endpoint = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 _STATUS: dict[type[ExplainerError], int] = {
     InvalidInputError: 400, InvalidParametersError: 400, UnknownModelError: 404,
     PredictorError: 502, NotReadyError: 503, ExplainTimeoutError: 504,
@@ -145,6 +147,27 @@ class _Unexpected:
             await self.answer(exc)(scope, receive, send)
 
 
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """`work` (an explanation), cancelled if the client disconnects first: no one is left to answer,
+    and its workers and predictor calls are freed for the next request (ClientDisconnect then).
+    Only once the body is read: the next message `receive` gives is then the disconnect."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        task.cancel()  # done: nothing; else the client left, or this request itself was cancelled
+    if task in done:
+        return task.result()
+    await asyncio.wait((task,))  # its cancellation run: the explanation's chunks are given up
+    raise ClientDisconnect
+
+
 def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None = None) -> FastAPI:
     events = subscriber or ExplainSubscriber(service)
     failures: list[ExplainerError] = []
@@ -206,8 +229,9 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
 
     @app.exception_handler(ClientDisconnect)
     async def gone(request: Request, exc: ClientDisconnect) -> Response:
-        # The client left mid-body: no one to answer, and no error of ours (it was a logged 500).
-        log.debug("%s %s: the client disconnected before its request was whole", request.method, request.url.path)
+        # The client left mid-body, or while it was explained: no one to answer, and no error of
+        # ours (it was a logged 500).
+        log.debug("%s %s: the client disconnected before it was answered", request.method, request.url.path)
         return Response(status_code=400)
 
     def model(name: str) -> ExplainerService:
@@ -239,7 +263,7 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
         found = model(request.path_params["name"])
         body = await body_of(request)
         rows = found.decode(body)
-        explanation = await found.explain(rows, codecs.explain_parameters(body))
+        explanation = await _unless_gone(request, found.explain(rows, codecs.explain_parameters(body)))
         return _json(explanation.to_dict())
 
     @app.post("/v1/models/{name}:predict")
@@ -305,7 +329,8 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
             if asked != "explanation":  # answered 200 anyway: the client never learnt its mistake
                 named = repr(asked[:100]) if isinstance(asked, str) else "with no string `name`"
                 raise InvalidInputError(f"unknown output {named}: this model has one output, 'explanation'")
-        explanation = await found.explain(rows, codecs.explain_parameters(body))
+        params = codecs.explain_parameters(body, parameter_names())
+        explanation = await _unless_gone(request, found.explain(rows, params))
         response = codecs.v2_explanation_response(name, explanation.to_dict(), request_id)
         if model_version is not None:
             response["model_version"] = model_version

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import reprlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from math import isfinite, prod
 from typing import Any
@@ -68,12 +68,19 @@ class Schema:
         return f"expected shape [n, {self.width}] ({names})"
 
 
-def explain_parameters(body: Mapping[str, Any]) -> dict[str, Any]:
-    """Per-request parameters: V2 `parameters.explain_parameters`, V1 `parameters` (or `explain_parameters`)."""
+def explain_parameters(body: Mapping[str, Any], names: Collection[str] = ()) -> dict[str, Any]:
+    """Per-request parameters: V1 `parameters` (or `explain_parameters`); V2 those of `parameters`
+    named in `names` (the explain methods' parameters, checked as V1's are), with
+    `parameters.explain_parameters` over them. The Open Inference Protocol's parameter values are
+    strings, numbers and booleans (tritonclient sends no object), and its `parameters` are free-form:
+    the names of no explain method are other servers' (`binary_data_output`...), left alone."""
     params = body.get("parameters")
     if _holds_tensors(body.get("inputs")) and isinstance(params, Mapping):
-        params = params.get("explain_parameters")
-    elif params is None:
+        nested = params.get("explain_parameters")
+        if nested is not None and not isinstance(nested, Mapping):
+            raise InvalidInputError("explain parameters must be a JSON object")
+        return {**{k: v for k, v in params.items() if k in names}, **(nested or {})}
+    if params is None:
         params = body.get("explain_parameters")
     if params is None:
         return {}

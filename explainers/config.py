@@ -102,7 +102,7 @@ class ExplainerSettings(LayeredSettings):
     chunk_size: int = Field(8, ge=1)
     """Instances per explain task; a batch's tasks run on the workers in parallel."""
     max_instances: int = Field(1000, ge=1)
-    max_request_bytes: ByteSize = ByteSize(64 << 20)
+    max_request_bytes: ByteSize = Field(ByteSize(64 << 20), ge=1)  # 0: every request refused 413
     """Request bodies longer than this are refused with 413 (a body is held whole to be decoded)."""
     request_read_timeout: Seconds = Field(60.0, gt=0)
     """Seconds a request body may take to arrive whole, from its head, before it is answered 408 and

@@ -93,10 +93,17 @@ def load_table(spec: str) -> Table:
     try:
         if path.suffix == ".npy":
             loaded: Any = np.load(path, allow_pickle=False)
-        elif path.suffix in (".csv", ".parquet"):
+        elif path.suffix == ".csv":
             import pandas as pd
 
-            loaded = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+            loaded = pd.read_csv(path)
+        elif path.suffix == ".parquet":
+            import pandas as pd
+
+            try:
+                loaded = pd.read_parquet(path)
+            except ImportError:  # pandas' own is many lines, and no extra installs an engine
+                raise _no_parquet_engine(path) from None
         else:
             import joblib
 
@@ -115,6 +122,15 @@ def load_table(spec: str) -> Table:
             raise ArtifactError(path, f"the column(s) {twice} are named more than once")
         return _checked(path, from_frame(loaded))
     raise ArtifactError(path, f"expected a 2-D table, got {type(loaded).__name__}")
+
+
+def _no_parquet_engine(path: Path) -> MissingExtraError:
+    """pyarrow is large and no extra brings it (a .csv serves as well): said in one line."""
+    error = MissingExtraError("explain", "pyarrow")
+    # Its own message, not the extra's (which would not install it); an ImportError's is its `msg`.
+    ImportError.__init__(error, f"{path}: reading .parquet needs pyarrow: pip install pyarrow (or give a .csv)",
+                         name="pyarrow")
+    return error
 
 
 def _checked(path: Path, table: Table) -> Table:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -42,9 +43,33 @@ from explainers.errors import (
     SettingsError,
     UnsupportedModelError,
 )
-from explainers.registry import UnknownMethodError, create
+from explainers.registry import METHODS, UnknownMethodError, create, explainer_class
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def parameter_names() -> frozenset[str]:
+    """Every explain method's per-request parameters: over V2 these are read directly under
+    `parameters` too (`codecs.explain_parameters`), and another method's is refused naming this one's."""
+    return frozenset(name for method in METHODS for name in explainer_class(method).Params.model_fields)
+
+
+class _RequestDeadline(Deadline):
+    """An explanation's deadline that its request's end brings forward: once the request is
+    answered (a chunk failed, or it timed out) or cancelled (its client left), its other chunks
+    stop at their next model call instead of holding the workers and the predictor."""
+
+    __slots__ = ("ended",)
+
+    def __init__(self, at: float, message: str) -> None:
+        super().__init__(at, message)
+        self.ended = False
+
+    def left(self) -> float:
+        if self.ended:  # the timeout's error: the predictor client drops a connection it cuts short then
+            raise ExplainTimeoutError("the request of this explanation has ended: its work is given up")
+        return super().left()
 
 
 class ExplainerService:
@@ -61,6 +86,7 @@ class ExplainerService:
         self._artifact: Artifact | None = None
         self._estimator: Any = None
         self._table: Table | None = None
+        self._background: np.ndarray | None = None  # the table's rows in the schema's column order
         self._prepared = False
         self._lanes = threading.local()  # each worker thread's deadline, for a local model's calls
 
@@ -127,6 +153,24 @@ class ExplainerService:
             raise ArtifactError(s.background, f"{table.rows.shape[1]} columns, the model takes {schema.width}: "
                                               f"{', '.join(schema.feature_names)}")
 
+    def _background_rows(self, schema: Schema) -> np.ndarray | None:
+        """The background's rows in the schema's column order, matched by name: the predictor's
+        metadata may list its features in another order than the file, and rows taken by position
+        give each feature another's values (as `match_columns` does for a model file). A table with
+        no names of its own (an array's x0, x1, ...) is taken by position."""
+        s, table = self.settings, self._table
+        if table is None:
+            return None
+        names = list(s.feature_names or (() if table.unnamed else table.feature_names))  # configured: by position
+        wanted = list(schema.feature_names)
+        if not names or names == wanted:
+            return table.rows
+        if sorted(names) != sorted(wanted):
+            raise SettingsError("background", f"background: the columns of {s.background} ({', '.join(names)}) "
+                                              f"are not the model's features ({', '.join(wanted)}): name them "
+                                              "alike, or name the file's columns with feature_names")
+        return table.rows[:, [names.index(name) for name in wanted]]
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self.prepare)
@@ -142,6 +186,7 @@ class ExplainerService:
                 self.client.schema = schema_from_metadata(await self.client.metadata(), fallback)
                 fallback = self.client.schema
             self._check_schema(fallback)
+            self._background = self._background_rows(fallback)
             self.schema = Schema(fallback.feature_names, fallback.categorical)
             self.model = self._model(self.schema)
             self.explainer = await loop.run_in_executor(self._executor, self._explainer, self.model)
@@ -202,9 +247,9 @@ class ExplainerService:
         if self._artifact is not None:
             assert s.artifact is not None
             return restore(self._artifact, s.artifact, model, s.params)
-        assert self._table is not None
+        assert self._background is not None
         explainer = create(s.method, s.options, s.params)
-        explainer.fit(model, self._table.rows)
+        explainer.fit(model, self._background)
         return explainer
 
     async def _warm_up(self) -> None:
@@ -218,8 +263,8 @@ class ExplainerService:
         self.warmup_seconds = time.perf_counter() - started
 
     def _warmup_rows(self) -> np.ndarray:
-        if self._table is not None:
-            return self._table.rows[:1]
+        if self._background is not None:
+            return self._background[:1]
         state = self.explainer.state() if self.explainer else {}
         rows = state.get("example")
         if isinstance(rows, np.ndarray) and len(rows):
@@ -249,18 +294,24 @@ class ExplainerService:
         loop = asyncio.get_running_loop()
         late = (f"explaining {len(rows)} instance(s) took over {s.explain_timeout:g}s (explain_timeout): "
                 "ask for fewer instances or samples, or add workers")
-        deadline = Deadline(time.monotonic() + s.explain_timeout, late)
+        deadline = _RequestDeadline(time.monotonic() + s.explain_timeout, late)
         size = s.chunk_size
-        timeout = asyncio.timeout(s.explain_timeout)  # cancels the chunks still queued
+        chunks = [loop.run_in_executor(self._executor, self._explain_chunk, rows[i:i + size], chosen, deadline)
+                  for i in range(0, len(rows), size)]
+        timeout = asyncio.timeout(s.explain_timeout)
         try:
             async with timeout:
-                parts = await asyncio.gather(*(loop.run_in_executor(self._executor, self._explain_chunk,
-                                                                    rows[i:i + size], chosen, deadline)
-                                               for i in range(0, len(rows), size)))
+                parts = await asyncio.gather(*chunks)
         except TimeoutError:
             if timeout.expired():
                 raise ExplainTimeoutError(late) from None
             raise
+        finally:
+            # Answered (or failed, timed out, cancelled): the chunks still queued are dropped, and
+            # those running stop at their next model call (gather leaves them running on an error).
+            deadline.ended = True
+            for chunk in chunks:
+                chunk.cancel()
         return Explanation.concat(parts)
 
     def _explain_chunk(self, rows: np.ndarray, params: BaseModel, deadline: Deadline) -> Explanation:

@@ -330,3 +330,18 @@ class TestPredictorBodies:
         tensor = {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [1, 2, 3, 4]}
         v2 = {"inputs": [tensor], "parameters": {"explain_parameters": {"nsamples": 10}, "other": 1}}
         assert codecs.explain_parameters(v2) == {"nsamples": 10}
+
+    def test_v2_explain_parameters_directly_under_parameters(self) -> None:
+        """The Open Inference Protocol's parameter values are strings, numbers and booleans (an
+        object is none: tritonclient refuses to send one), so an explain parameter's own name
+        there was the only way, and it was dropped without a word. The names of `names` are taken;
+        the rest of that free-form object is other servers' (binary_data_output, content_type...)."""
+        tensor = {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [1, 2, 3, 4]}
+        names = {"nsamples", "l1_reg", "max_evals"}
+        v2 = {"inputs": [tensor], "parameters": {"nsamples": -5, "max_evals": 7, "binary_data_output": True}}
+        assert codecs.explain_parameters(v2, names) == {"nsamples": -5, "max_evals": 7}  # checked by the method
+        both = {"inputs": [tensor], "parameters": {"nsamples": 10, "l1_reg": "aic",
+                                                   "explain_parameters": {"nsamples": 20}}}
+        assert codecs.explain_parameters(both, names) == {"nsamples": 20, "l1_reg": "aic"}
+        with pytest.raises(InvalidInputError, match="explain parameters must be a JSON object"):
+            codecs.explain_parameters({"inputs": [tensor], "parameters": {"explain_parameters": 5}}, names)

@@ -161,3 +161,20 @@ class TestExitCodes:
                                                         "--save-artifact", str(tmp_path / "a.joblib")])
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
         assert "dict.joblib: not a model" in result.output
+
+
+class TestMaxRequestBytes:
+    """0 was taken, and then every request was refused 413."""
+
+    @pytest.mark.parametrize("value", [0, "0", "0KiB"])
+    def test_under_one_byte_is_a_config_error(self, value: object) -> None:
+        with pytest.raises(ConfigError, match="greater than or equal to 1") as info:
+            load_explainer_settings(None, **REQUIRED, max_request_bytes=value)
+        assert info.value.field == "max_request_bytes"
+        assert load_explainer_settings(None, **REQUIRED, max_request_bytes="1KiB").max_request_bytes == 1024
+
+    def test_the_cli_exits_2_naming_it(self) -> None:
+        result = CliRunner().invoke(explainer_command, ["--predictor-url", REQUIRED["predictor_url"],
+                                                        "--background", REQUIRED["background"],
+                                                        "--max-request-bytes", "0"])
+        assert result.exit_code == 2 and "max_request_bytes" in result.output, result.output

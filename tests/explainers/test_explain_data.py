@@ -3,6 +3,9 @@ background's; files that cannot serve as background data or a model are refused 
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import joblib
@@ -13,7 +16,7 @@ from sklearn.linear_model import LinearRegression
 
 from explainers import registry
 from explainers.data import load_model_file, load_table, local_model
-from explainers.errors import ArtifactError, UnsupportedModelError
+from explainers.errors import ArtifactError, MissingExtraError, UnsupportedModelError
 
 
 def abc_model() -> LinearRegression:
@@ -88,3 +91,26 @@ class TestFiles:
         joblib.dump({"not": "a model"}, path)
         with pytest.raises(ArtifactError, match="dict.joblib: not a model: a dict, with no predict method"):
             load_model_file(path)
+
+    def test_parquet_without_an_engine_says_what_to_install(self, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        """No extra installs pyarrow: pandas' "Unable to find a usable engine; tried using: 'pyarrow',
+        'fastparquet'..." was reported as data that could not be read."""
+        path = tmp_path / "bg.parquet"
+        path.write_bytes(b"PAR1")
+        monkeypatch.setitem(sys.modules, "pyarrow", None)  # neither engine importable
+        monkeypatch.setitem(sys.modules, "fastparquet", None)
+        with pytest.raises(MissingExtraError) as caught:
+            load_table(str(path))
+        assert str(caught.value) == f"{path}: reading .parquet needs pyarrow: pip install pyarrow (or give a .csv)"
+
+    @pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("pyarrow", "fastparquet")),
+                        reason="a parquet engine is installed")
+    def test_parquet_without_an_engine_stops_the_command_in_one_line(self, tmp_path: Path) -> None:
+        path = tmp_path / "bg.parquet"
+        path.write_bytes(b"PAR1")
+        cli = subprocess.run([sys.executable, "-m", "explainers", "--predictor-url", "http://127.0.0.1:1",
+                              "--background", str(path)], check=False, capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr
+        assert cli.stderr.splitlines()[-1] == (f"infer-logger explainer: {path}: reading .parquet needs pyarrow: "
+                                               "pip install pyarrow (or give a .csv)")

@@ -81,6 +81,22 @@ class TestExplain:
         explanation = orjson.loads(output["data"][0])
         assert len(explanation["explanations"]) == 2 and explanation["params"]["nsamples"] == 20
 
+    @pytest.mark.parametrize("parameters, status, words", [
+        ({"nsamples": 20, "binary_data_output": False, "content_type": "np"}, 200, ""),
+        ({"nsamples": -5}, 400, "nsamples: Input should be greater than or equal to 1"),
+        ({"max_evals": 50}, 400, "max_evals: Extra inputs are not permitted (allowed: nsamples, l1_reg)"),
+    ])
+    def test_v2_explain_parameters_directly_under_parameters(self, iris_explainer: str, parameters: dict[str, Any],
+                                                             status: int, words: str) -> None:
+        """Applied and checked as V1's: they were dropped without a word, bad ones too."""
+        body = {**payload("iris-v2-input.json"), "parameters": parameters}
+        r = httpx.post(f"{iris_explainer}/v2/models/iris/infer", json=body, timeout=30)
+        assert r.status_code == status, r.text
+        if status == 200:  # the others are other servers' (free-form): left alone
+            assert orjson.loads(r.json()["outputs"][0]["data"][0])["params"]["nsamples"] == 20
+        else:
+            assert words in r.json()["error"], r.text
+
     def test_v2_infer_binary_both_ways(self, iris_explainer: str) -> None:
         rows = np.array(IRIS_V1["instances"], dtype="<f4")
         doc = {"id": "req-8", "inputs": [{"name": "input-0", "shape": [2, 4], "datatype": "FP32"}]}
@@ -617,6 +633,78 @@ class TestLimits:
         finally:
             await service.aclose()
         assert explanation.params["max_evals"] == 50
+
+
+MARK = 7.77
+"""A petal width no iris has: the predictor knows the rows of the request under test by it."""
+
+
+class MarkedPredictor:
+    """A V1 `iris` predictor (probabilities, 0.1 s a call) counting the calls about rows marked
+    MARK (in their last column); a row holding 999 it refuses (400)."""
+
+    def __init__(self) -> None:
+        self.marked = 0
+        self.app = FastAPI()
+
+        @self.app.post("/v1/models/{name}:predict")
+        async def predict(name: str, request: Request) -> Response:
+            rows = np.asarray(orjson.loads(await request.body())["instances"], dtype=float)
+            self.marked += bool((rows[:, 3] == MARK).any())
+            await asyncio.sleep(0.1)
+            if (rows == 999).any():
+                return Response(b'{"error": "999 is no value"}', status_code=400, media_type="application/json")
+            return Response(orjson.dumps({"predictions": estimator("iris").predict_proba(rows).tolist()}),
+                            media_type="application/json")
+
+
+@pytest.fixture(scope="module")
+def marked() -> Iterator[tuple[MarkedPredictor, str]]:
+    """Kernel SHAP over a MarkedPredictor: 64 rows are 8 chunks for 2 workers, ~70 predictor calls."""
+    predictor = MarkedPredictor()
+    with serve(predictor.app) as predictor_url:
+        service = ExplainerService(settings(model_name="iris", predictor_url=predictor_url, protocol="v1",
+                                            background="dataset:iris", params={"nsamples": 20}, workers=2,
+                                            chunk_size=8))
+        with serve(create_app(service)) as url:
+            yield predictor, url
+
+
+class TestWorkEndsWithItsRequest:
+    """A request answered early (one chunk failed) or left by its client: its other chunks kept
+    running on the workers, calling the predictor, and the next request waited behind them. At most
+    the calls already sent by the two workers may follow the end."""
+
+    async def test_a_failed_chunk_stops_the_others(self, marked: tuple[MarkedPredictor, str]) -> None:
+        predictor, url = marked
+        rows = [[999, 3.5, 1.4, MARK]] + [[5.1, 3.5, 1.4, MARK]] * 63
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            r = await client.post("/v1/models/iris:explain", json={"instances": rows})
+            assert r.status_code == 400 and "999 is no value" in r.json()["error"], r.text
+            answered = predictor.marked
+            # Served after whatever of the batch was still queued on the workers.
+            assert (await client.post("/v1/models/iris:explain", json=IRIS_V1)).status_code == 200
+        assert predictor.marked - answered <= 2
+
+    @pytest.mark.parametrize("path", ["/v1/models/iris:explain", "/v2/models/iris/infer"])
+    async def test_a_client_gone_stops_its_work(self, marked: tuple[MarkedPredictor, str], path: str) -> None:
+        import socket
+
+        from tests.waiting import until
+
+        predictor, url = marked
+        rows = [[5.1, 3.5, 1.4, MARK]] * 64
+        body = orjson.dumps({"instances": rows} if path.startswith("/v1") else
+                            {"inputs": [{"name": "input-0", "shape": [64, 4], "datatype": "FP64", "data": rows}]})
+        before = predictor.marked
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as client:
+            client.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           f"content-length: {len(body)}\r\n\r\n".encode() + body)
+            await until(lambda: predictor.marked > before, what="the explanation's first predictor call")
+        gone = predictor.marked
+        async with httpx.AsyncClient(base_url=url, timeout=60) as other:
+            assert (await other.post("/v1/models/iris:explain", json=IRIS_V1)).status_code == 200
+        assert predictor.marked - gone <= 2
 
 
 def test_an_unexpected_error_is_a_json_500(switchable: tuple[SwitchablePredictor, str],

@@ -90,6 +90,96 @@ class TestWhiteBox:
                                                     "['Atlantis']"), r.text
 
 
+def ordered_predictor(order: list[str], layout: str) -> Any:
+    """A V2 predictor of y = 10a - 3c (+ 4 when `colour` is red) whose metadata lists its features
+    in `order`: one tensor each ("per-feature"), or one tensor with `parameters.feature_names`."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def metadata(request: Any) -> JSONResponse:
+        if layout == "per-feature":
+            inputs = [{"name": n, "datatype": "BYTES" if n == "colour" else "FP64", "shape": [-1]} for n in order]
+            parameters = {}
+        else:
+            kind = "BYTES" if "colour" in order else "FP64"
+            inputs = [{"name": "input-0", "datatype": kind, "shape": [-1, len(order)]}]
+            parameters = {"feature_names": order}
+        return JSONResponse({"name": "m", "inputs": inputs, "parameters": parameters,
+                             "outputs": [{"name": "y", "datatype": "FP64", "shape": [-1]}]})
+
+    async def infer(request: Any) -> JSONResponse:
+        tensors = (await request.json())["inputs"]
+        if layout == "per-feature":
+            columns = {t["name"]: np.asarray(t["data"], dtype=object).reshape(-1) for t in tensors}
+        else:
+            [t] = tensors
+            matrix = np.asarray(t["data"], dtype=object).reshape(t["shape"])
+            columns = {name: matrix[:, i] for i, name in enumerate(order)}
+        y = 10 * columns["a"].astype(float) - 3 * columns["c"].astype(float)
+        if "colour" in columns:
+            y = y + 4 * (columns["colour"] == "red")
+        return JSONResponse({"outputs": [{"name": "y", "shape": [len(y)], "datatype": "FP64", "data": y.tolist()}]})
+
+    return Starlette(routes=[Route("/v2/models/{name}", metadata),
+                             Route("/v2/models/{name}/infer", infer, methods=["POST"])])
+
+
+def background_abc(tmp_path: Path, colour: bool = True) -> Path:
+    """20 rows (kept whole: background_size 20) whose means are a=5, c=-5, colour half red."""
+    i = np.arange(20)
+    x = pd.DataFrame({"a": 5 + np.where(i % 2, 1.0, -1.0), "c": -5 + np.where(i // 2 % 2, 1.0, -1.0),
+                      "colour": np.where(i % 4 < 2, "red", "blue")})
+    x[["a", "c", "colour"] if colour else ["a", "c"]].to_csv(tmp_path / "acc.csv", index=False)
+    return tmp_path / "acc.csv"
+
+
+class TestBlackBoxColumns:
+    """The predictor's metadata may list its features in another order than the background file:
+    the rows were fitted on in the file's order, each feature given another's values."""
+
+    @pytest.mark.parametrize("layout", ["per-feature", "feature_names"])
+    @pytest.mark.parametrize("order", [["c", "a"], ["c", "colour", "a"]])
+    def test_the_background_is_matched_by_name(self, tmp_path: Path, layout: str, order: list[str]) -> None:
+        background = background_abc(tmp_path, colour="colour" in order)
+        with serve(ordered_predictor(order, layout)) as predictor_url:
+            service = ExplainerService(settings(model_name="m", predictor_url=predictor_url, binary_data=False,
+                                                background=str(background), params={"nsamples": 50}))
+            with serve(create_app(service)) as url:
+                row = {"a": 5.0, "c": -5.0, "colour": "red"} if "colour" in order else {"a": 5.0, "c": -5.0}
+                r = httpx.post(f"{url}/v1/models/m:explain", json={"instances": [row]}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["feature_names"] == order
+        [output] = r.json()["explanations"][0]["outputs"]
+        # At the background's means, red where half are: only the colour moves it, by 4 * 1/2.
+        red = 2.0 if "colour" in order else 0.0
+        assert output["base_value"] == pytest.approx(65.0 + red), output
+        assert output["attributions"] == pytest.approx({"c": 0.0, "a": 0.0, **({"colour": red} if red else {})},
+                                                       abs=1e-6), output
+
+    async def test_other_names_fail_the_start_naming_both(self, tmp_path: Path) -> None:
+        background = background_abc(tmp_path)
+        with serve(ordered_predictor(["c", "colour", "b"], "per-feature")) as predictor_url:
+            service = ExplainerService(settings(model_name="m", predictor_url=predictor_url, binary_data=False,
+                                                background=str(background)))
+            await refused_start(service, SettingsError, r"background: the columns of .*acc.csv \(a, c, colour\) "
+                                                        r"are not the model's features \(c, colour, b\)")
+
+    def test_a_nameless_background_is_taken_in_the_models_order(self, tmp_path: Path) -> None:
+        i = np.arange(20)
+        np.save(tmp_path / "ca.npy", np.column_stack([-5 + np.where(i // 2 % 2, 1.0, -1.0),
+                                                     5 + np.where(i % 2, 1.0, -1.0)]))
+        with serve(ordered_predictor(["c", "a"], "per-feature")) as predictor_url:
+            service = ExplainerService(settings(model_name="m", predictor_url=predictor_url, binary_data=False,
+                                                background=str(tmp_path / "ca.npy"), params={"nsamples": 50}))
+            with serve(create_app(service)) as url:
+                r = httpx.post(f"{url}/v1/models/m:explain", json={"instances": [[-5.0, 6.0]]}, timeout=60)
+        assert r.status_code == 200, r.text
+        [output] = r.json()["explanations"][0]["outputs"]
+        assert output["base_value"] == pytest.approx(65.0)
+        assert output["attributions"] == pytest.approx({"c": 0.0, "a": 10.0}, abs=1e-6), output
+
+
 class TestStart:
     """What does not fit is refused before any fitting, naming the field or the file."""
 
