@@ -82,15 +82,19 @@ def event_id(headers: Mapping[str, str]) -> str:
     """The id shared by an exchange's events: `ce-id`, else `x-request-id`, else a new UUID.
 
     `headers` must have lower-case keys. A given id that no event may carry (`read_id`) is
-    replaced by a new one too: the sinks would refuse the events, and in a batch those of other
-    requests with them. New ids are UUIDv7 (RFC 9562): they sort by time, so the audit store's
-    primary key grows at one end instead of touching a random index page per row (random ids
-    cost the store 1.1-1.2x per exchange: benchmarks/store_write.py).
+    passed over as an absent one: the sinks would refuse the events, and in a batch those of other
+    requests with them. A bad `ce-id` gives way to the `x-request-id`, which the predictor gets as
+    it is: one id for the call. New ids are UUIDv7 (RFC 9562): they sort by time, so the audit
+    store's primary key grows at one end instead of touching a random index page per row (random
+    ids cost the store 1.1-1.2x per exchange: benchmarks/store_write.py).
     """
     given = headers.get("ce-id") or headers.get("x-request-id")
     if given and given.isascii() and given.isprintable():  # the usual id, checked inline: the hot path
         return given
-    return (given and read_id(given)) or str(uuid7())
+    for name in ("ce-id", "x-request-id"):
+        if (value := headers.get(name)) and (found := read_id(value)) is not None:
+            return found
+    return str(uuid7())
 
 
 def read_id(value: str) -> str | None:

@@ -6,6 +6,7 @@ server parses with the same parser (llhttp via httptools), hands the handler who
 writes each answer with one `write`. It serves what a reverse proxy in a pod needs: keep-alive,
 pipelining (answers in order), chunked request bodies, `Expect: 100-continue`, HTTP/1.0, an idle
 timeout, a read deadline (a request not whole within `request_read_timeout` of its first byte 408),
+a send deadline (a client taking none of its answer for as long is let go: nginx's send_timeout),
 size limits (a body over `max_request_bytes` 413, a head over 64 KiB 431: requests are held whole)
 and a graceful stop. Upgrades (websockets, h2c) are not served: the request is
 answered as plain HTTP and the connection closed. `infer-logger proxy --server uvicorn` runs the
@@ -153,6 +154,8 @@ class _Connection(asyncio.Protocol):
         self._plain_head: bytes | None = None
         self._writing_paused = False  # the transport's buffer is full: the client is behind
         self._held: tuple[Request, bool | Literal["announce"]] | None = None  # next to answer, once it reads
+        self._unsent = 0  # the transport's write buffer at the sweep that saw it change (`check_send`)
+        self._unsent_since = 0.0
 
     # -- asyncio.Protocol
 
@@ -424,6 +427,21 @@ class _Connection(asyncio.Protocol):
                 and self.last < idle_before and self.transport is not None):
             self.transport.close()
 
+    def check_send(self, now: float) -> None:
+        """Abort a connection whose client took none of what it was sent for `request_read_timeout`
+        s (nginx's send_timeout). close() (idle, or a refusal's after its linger) waits for the
+        write buffer to drain, which a client keeping a zero window never lets happen: it held the
+        connection and its whole answer for ever. The answer's event was logged before it was sent."""
+        if self.transport is None:
+            return
+        unsent = self.transport.get_write_buffer_size()
+        if unsent != self._unsent:  # the client took some (or more was written): its time starts again
+            self._unsent, self._unsent_since = unsent, now
+        elif unsent and now - self._unsent_since > self.server.request_read_timeout:
+            log.info("a client took none of its answer for %g seconds: connection aborted, %d bytes unsent",
+                     self.server.request_read_timeout, unsent)
+            self.transport.abort()
+
     def check_read_deadline(self, now: float) -> None:
         """408 a request still arriving `request_read_timeout` s after its first byte, plus a second
         per MiB that came (READ_RATE_ALLOWANCE: a big upload on a slow link is not cut; a client
@@ -456,7 +474,8 @@ class HttpServer:
         self.keep_alive_timeout = keep_alive_timeout
         self.request_read_timeout = request_read_timeout
         """A request whose head and body have not arrived this many seconds after its first byte is
-        answered 408 and the connection closed (checked by the sweeper, about once a second)."""
+        answered 408 and the connection closed; a client that takes none of its answer for as long
+        is let go (both checked by the sweeper, about once a second)."""
         self.max_body_bytes = max_body_bytes
         """Larger request bodies are answered 413 and the connection closed (None: no limit)."""
         self.connections: set[_Connection] = set()
@@ -483,6 +502,7 @@ class HttpServer:
             for conn in list(self.connections):
                 conn.check_read_deadline(now)
                 conn.close_if_idle(idle_before)
+                conn.check_send(now)
 
     async def stop(self, grace: float = 10.0, hurry: asyncio.Event | None = None) -> None:
         """Stop listening, answer the requests already read (for up to `grace` s, or until `hurry`

@@ -7,8 +7,10 @@ fails the startup). The request body is read first (and replayed to the app); th
 through, only the part the event keeps (`max_payload_bytes`) held, and the response event is
 appended before the last body chunk goes to the client.
 
-Added with `add_middleware`, it runs inside Starlette's ServerErrorMiddleware: for an exception
-the app raises, the logged response is its own 500 `{"error": "<ExceptionName>"}`, whatever an
+An app that raises after its answer began (a stream broken off) is logged as the client got it:
+its status, the body as far as it went, marked truncated. Added with `add_middleware`, it runs
+inside Starlette's ServerErrorMiddleware: for an exception the app raises before it answers, the
+logged response is its own 500 `{"error": "<ExceptionName>"}`, whatever an
 `exception_handler(Exception)` then answers (that answer has no x-request-id either). Wrapped
 around the app instead, it logs every answer as the client gets it, lifespan included:
 
@@ -141,10 +143,10 @@ class InferenceLoggerMiddleware:
         kept = bytearray()  # the response's first `payload_limit` bytes: all its event keeps
         size = 0
         limit = self.logger.payload_limit
-        logged = answering = gone = False
+        logged = answering = False
 
         async def capture(message: dict[str, Any]) -> None:
-            nonlocal status, content_type, logged, size, answering, gone
+            nonlocal status, content_type, logged, size, answering
             if message["type"] == "http.response.start":
                 answering = True
                 status = message["status"]
@@ -168,11 +170,7 @@ class InferenceLoggerMiddleware:
                 if not message.get("more_body", False):
                     logged = True
                     self.logger.end(exchange, status, content_type, bytes(kept), size, encoding=", ".join(codings))
-            try:
-                await send(message)
-            except OSError:  # the client left (an ASGI 2.4 server says so): not the app's failure
-                gone = True
-                raise
+            await send(message)
 
         task = asyncio.current_task()
         assert task is not None  # asyncio runs each ASGI call in a task
@@ -181,8 +179,8 @@ class InferenceLoggerMiddleware:
             await self.app(scope, replay, capture)
         except Exception as exc:
             if not logged:
-                if answering and gone:  # the client left under way: as far as it went
-                    # (Told by `send`: an app's own OSError, an upstream timeout, is its 500.)
+                if answering:  # the client left, or the app broke off: its status went out, no 500
+                    # can follow; the client has the body as far as it went, and so has the log.
                     self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True,
                                     encoding=", ".join(codings))
                 else:  # the server answers 500 further out; the audit log still sees that it failed

@@ -22,7 +22,16 @@ def test_an_id_no_event_may_carry_is_replaced_by_a_new_one() -> None:
     for sent in ("bad\tid", "caf\x85", "\x7f", "a\xef\xbf\xbe"):  # the last: U+FFFE in UTF-8
         assert ev.read_id(sent) is None
         assert uuid.UUID(ev.event_id({"x-request-id": sent})).version == 7
-        assert uuid.UUID(ev.event_id({"ce-id": sent, "x-request-id": "b"})).version == 7
+        assert uuid.UUID(ev.event_id({"ce-id": sent, "x-request-id": sent})).version == 7
+        assert uuid.UUID(ev.event_id({"ce-id": "", "x-request-id": sent})).version == 7
+
+
+def test_an_unusable_ce_id_gives_way_to_the_x_request_id() -> None:
+    """ce-id, else x-request-id, else a new id: a bad ce-id beside a good x-request-id made a new
+    one, while the predictor got the client's x-request-id."""
+    assert ev.event_id({"ce-id": "bad\tid", "x-request-id": "b"}) == "b"
+    assert ev.event_id({"ce-id": "caf\x85", "x-request-id": "caf\xc3\xa9"}) == "café"
+    assert ev.event_id({"ce-id": "", "x-request-id": "b"}) == "b"
 
 
 def test_a_non_ascii_id_is_read_as_utf_8_and_answered_as_sent() -> None:

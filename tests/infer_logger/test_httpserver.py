@@ -721,3 +721,69 @@ async def test_a_request_finished_after_the_pause_is_held_and_reading_stops() ->
     finally:
         sock.close()
         await srv.stop(grace=1)
+
+
+@pytest.mark.parametrize("way", ["keep-alive", "half-closed", "pipelined"])
+async def test_a_client_that_never_reads_its_answer_is_let_go(way: str) -> None:
+    """A client keeping a zero window: the idle connection's close() (and a refusal's, after its
+    linger) waits for the write buffer to drain, which never happens: the connection and its whole
+    answer were held for ever. Aborted once the client took nothing for request_read_timeout."""
+    import socket
+
+    big = b"y" * (16 << 20)
+
+    async def handler(request: Request) -> Reply:
+        return 200, [], big
+
+    srv = HttpServer(handler, keep_alive_timeout=0.2, request_read_timeout=0.5)
+    await srv.start("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel takes little for it
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", srv.port))
+        get = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"
+        await loop.sock_sendall(sock, get * 2 if way == "pipelined" else get)
+        if way == "half-closed":
+            sock.shutdown(socket.SHUT_WR)
+        await until(lambda: any(c.transport and c.transport.get_write_buffer_size() for c in srv.connections),
+                    30, "the answer buffered")
+        await until(lambda: not srv.connections, 60, "the connection let go")
+    finally:
+        sock.close()
+        await srv.stop(grace=1)
+
+
+async def test_a_client_reading_its_answer_late_gets_it_whole() -> None:
+    """What lets go of a client that reads nothing (above) does not cut one that reads late: idle
+    past the keep-alive timeout with its answer still buffered, it still gets all of it."""
+    import socket
+
+    big = b"y" * (16 << 20)  # more than the kernel's buffers take: most waits in the transport's
+
+    async def handler(request: Request) -> Reply:
+        return 200, [], big
+
+    srv = HttpServer(handler, keep_alive_timeout=0.1, request_read_timeout=5.0)
+    await srv.start("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", srv.port))
+        await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        await until(lambda: any(c.transport and c.transport.get_write_buffer_size() for c in srv.connections),
+                    30, "the answer buffered")
+        await asyncio.sleep(0.5)  # idle past the keep-alive timeout, its answer still buffered
+        raw, head = b"", -1
+        while head < 0 or len(raw) < head + 4 + len(big):
+            data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 10)
+            assert data, f"cut after {len(raw)} bytes"
+            raw += data
+            head = raw.find(b"\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 200") and raw[head + 4:] == big
+    finally:
+        sock.close()
+        await srv.stop(grace=1)

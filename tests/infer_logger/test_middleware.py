@@ -107,15 +107,19 @@ def test_ids_as_the_sidecar_takes_them(tmp_path: Path) -> None:
         echoed = {"x-request-id": request.headers["x-request-id"]} if "x-echo" in request.headers else {}
         return JSONResponse({"predictions": [1]}, headers=echoed)
 
-    def calls(client: httpx.Client) -> tuple[httpx.Response, httpx.Response]:
+    def calls(client: httpx.Client) -> tuple[httpx.Response, httpx.Response, httpx.Response]:
         bad = client.post("/v1/models/m:predict", json={}, headers=[(b"x-request-id", b"bad\tid"), (b"x-echo", b"1")])
-        return bad, client.post("/v1/models/m:predict", json={}, headers=[(b"x-request-id", b"caf\xc3\xa9")])
+        utf8 = client.post("/v1/models/m:predict", json={}, headers=[(b"x-request-id", b"caf\xc3\xa9")])
+        # A ce-id no event may carry gives way to the x-request-id, the one the app sees.
+        return bad, utf8, client.post("/v1/models/m:predict", json={}, headers=[
+            (b"ce-id", b"bad\tid"), (b"x-request-id", b"good-x"), (b"x-echo", b"1")])
 
-    (bad, utf8), received = _served(app, tmp_path, calls, 4)
+    (bad, utf8, good), received = _served(app, tmp_path, calls, 6)
     new = bad.headers["x-request-id"]
     assert bad.status_code == 200 and uuid.UUID(new).version == 7
     assert [v for k, v in utf8.headers.raw if k.lower() == b"x-request-id"] == [b"caf\xc3\xa9"]
-    assert sorted(e.id for e in received) == sorted([new, new, "café", "café"])
+    assert [v for k, v in good.headers.raw if k.lower() == b"x-request-id"] == [b"good-x"]
+    assert sorted(e.id for e in received) == sorted([new, new, "café", "café", "good-x", "good-x"])
 
 
 def test_the_app_sees_the_id_and_the_client_gets_the_one_its_events_carry(tmp_path: Path) -> None:
@@ -457,6 +461,51 @@ async def test_a_stream_the_client_leaves_is_logged_cut_off(tmp_path: Path) -> N
     assert response.get("truncated") in (True, "true") and (response.data or b"").startswith(b"data: 0")
 
 
+@pytest.mark.parametrize("form", ["wrapped", "added"])
+def test_a_stream_the_app_breaks_off_is_logged_as_the_client_got_it(tmp_path: Path, form: str) -> None:
+    """The app raising after its answer began: the client has its 200 and the body cut, which was
+    logged as a 500 `{"error": ...}` no one sent. Raising before it began is still the 500."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    async def predict(request: Any) -> StreamingResponse:
+        await request.body()
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b'{"predictions": [1,'
+            raise RuntimeError("the model failed mid-stream")
+        return StreamingResponse(body(), media_type="application/json")
+
+    async def boom(request: Any) -> None:
+        raise RuntimeError("before any answer")
+
+    inner = Starlette(routes=[Route("/v1/models/m:predict", predict, methods=["POST"]),
+                              Route("/v1/models/boom:predict", boom, methods=["POST"])])
+    statuses: dict[str, int] = {}
+    with EventCollector() as sink:
+        settings = load_settings(log_url=[sink.url], spool={"dir": str(tmp_path)})
+        if form == "wrapped":
+            app: Any = InferenceLoggerMiddleware(inner, settings=settings)
+        else:
+            inner.add_middleware(InferenceLoggerMiddleware, settings=settings)
+            app = inner
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+                for name in ("m", "boom"):
+                    with client.stream("POST", f"/v1/models/{name}:predict", json={}, headers={"ce-id": name}) as r:
+                        statuses[name] = r.status_code
+                        with contextlib.suppress(httpx.HTTPError):  # the cut chunked body
+                            r.read()
+        received = sink.wait_for(4)
+    responses = {e.id: e for e in received if e.type == ev.RESPONSE}
+    assert statuses == {"m": 200, "boom": 500}
+    assert int(responses["m"][ev.STATUSCODE]) == 200, responses["m"].data
+    assert responses["m"].get(ev.TRUNCATED) in (True, "true") and responses["m"].data == b'{"predictions": [1,'
+    assert int(responses["boom"][ev.STATUSCODE]) == 500
+
+
 async def test_files_and_encodings_reach_the_log_as_the_client_reads_them(tmp_path: Path) -> None:
     """A server offering `http.response.pathsend` had a FileResponse sent as a path: never logged.
     With no Accept-Encoding any coding may do: the app is asked for `identity`."""
@@ -497,7 +546,7 @@ async def test_a_client_gone_under_asgi_2_4_and_a_final_body_sent_twice(tmp_path
     (`ClientDisconnect`), not as the answer cut off. A final body sent twice logged two responses."""
     async def app(scope: dict[str, object], receive: object, send: Callable[..., object]) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-        if str(scope["path"]).endswith("c:predict"):  # its own OSError (an upstream timeout): its failure
+        if str(scope["path"]).endswith("c:predict"):  # its own OSError (an upstream timeout) once it began: cut off
             await send({"type": "http.response.body", "body": b"chunk0", "more_body": True})
             raise TimeoutError("the upstream model did not answer")
         streaming = scope["path"].endswith("a:predict")
@@ -534,7 +583,8 @@ async def test_a_client_gone_under_asgi_2_4_and_a_final_body_sent_twice(tmp_path
     responses = [e for e in received if e.type == ev.RESPONSE]
     by = {e.id: e for e in responses}
     assert len(responses) == 3  # b's second final body logged no second response
-    assert int(by["c"]["statuscode"]) == 500 and by["c"].json() == {"error": "TimeoutError"}
+    assert int(by["c"]["statuscode"]) == 200 and by["c"].get("truncated") in (True, "true")
+    assert by["c"].data == b"chunk0"
     assert int(by["a"]["statuscode"]) == 200 and by["a"].get("truncated") in (True, "true")
     assert (by["a"].data or b"").startswith(b"chunk0") and b"chunk2" not in (by["a"].data or b"")
     assert by["b"].data == b"chunk0"

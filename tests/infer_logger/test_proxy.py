@@ -386,6 +386,23 @@ async def test_a_predictor_echoing_the_id_echoes_the_one_that_replaced_a_bad_one
     assert [e["id"] for e in logged(tmp_path)] == [rid, rid]
 
 
+async def test_a_bad_ce_id_gives_way_to_the_x_request_id_the_predictor_gets(tmp_path: Path) -> None:
+    """ce-id, else x-request-id, else a new id: with a ce-id no event may carry beside a good
+    x-request-id, the events had a new id and the predictor the client's: two ids for one call."""
+    def echo(request: bytes) -> bytes:
+        rid = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                   if line.lower().startswith(b"x-request-id:"))
+        body = orjson.dumps({"seen": rid.decode()})
+        return (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+                + body)
+
+    async with before(Scripted(echo), tmp_path) as sidecar, httpx.AsyncClient() as client:
+        r = await client.post(f"{sidecar}/v1/models/m:predict", content=b"{}",
+                              headers=[(b"ce-id", b"bad\tid"), (b"x-request-id", b"good-x")])
+    assert r.status_code == 200 and r.json() == {"seen": "good-x"} and r.headers["x-request-id"] == "good-x"
+    assert [e["id"] for e in logged(tmp_path)] == ["good-x", "good-x"]
+
+
 @pytest.mark.parametrize(("sent", "answered"), [
     ([(b"x-request-id", b"mine")], b"4e84a8b1c0de4c3e9f6b2a1d7c5e3f90"),  # a correlation-id middleware's own
     ([(b"ce-specversion", b"1.0"), (b"ce-id", b"A"), (b"ce-source", b"/c"), (b"ce-type", b"t"),
