@@ -99,6 +99,8 @@ def time_ns(value: object) -> int:
         if value.code != EVENT_TIME_CODE or len(value.data) != 8:
             raise ValueError(f"ext type {value.code} of {len(value.data)} bytes is not an EventTime")
         seconds, nanos = struct.unpack(">II", value.data)
+        if nanos >= _NS:  # not a time: taken, it moved the event up to 4 s later
+            raise ValueError(f"an EventTime's nanoseconds are below 10**9, not {nanos}")
         return int(seconds) * _NS + int(nanos)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"a time is an EventTime or a number, not {type(value).__name__}")

@@ -638,6 +638,7 @@ class TestFailures:
         pack(["app", pack([1, {}]), {"compressed": "zstd"}]),
         pack(["app", 1, {}, {"chunk": 7}]),
         pack(["app", msgpack.ExtType(5, b"12345678"), {}]),
+        pack(["app", msgpack.ExtType(0, struct.pack(">II", 1, NS)), {}]),  # nanoseconds past a second
         pack(["app", 10**15, {}]),  # a year no calendar holds
         pack(["app", [[1, {}], [10**12, {}]], {}]),  # ... in a later entry
         pack(["app", [[[1, 5, "x"], {}]], {}]),  # v1.5 metadata: [time, map...], not other items
