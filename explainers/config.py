@@ -21,6 +21,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, mo
 from pydantic_settings import SettingsConfigDict
 
 from explainers.registry import METHODS, WHITE_BOX
+from infer_logger.cloudevents.validation import source_setting
 from infer_logger.config import LayeredSettings, http_url
 from infer_logger.errors import ConfigError
 from infer_logger.fields import NamedPath, Seconds
@@ -39,8 +40,14 @@ class SubscriberSettings(BaseModel):
     """Instances of several events explained together, to amortize the predictor calls."""
     linger: Seconds = Field(0.05, ge=0)
     """Seconds an event waits for others to fill a batch."""
-    source: str = "infer-logger-explainer"
-    """The `source` of explanation events."""
+    source: str = Field("infer-logger-explainer", min_length=1)
+    """The `source` of explanation events (a URI reference)."""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, source: str) -> str:
+        # Every explanation event carries it: "" or a tab made each one no CloudEvent, refused downstream.
+        return source_setting(source, "infer-logger-explainer or http://explainer/") or source
 
 
 class ExplainerSettings(LayeredSettings):

@@ -127,8 +127,8 @@ class ExplainerService:
             raise SettingsError(field, f"the configured {exc}") from None
         try:
             explainer.params(None, max_samples=s.max_samples)
-        except InvalidParametersError as exc:
-            raise InvalidParametersError(f"the configured {exc}") from None
+        except InvalidParametersError as exc:  # a settings problem (exit 2): every request would be refused
+            raise SettingsError("params", f"the configured {exc}") from None
 
     def _check_features(self) -> None:
         """The configured names against the data's and the model's, before any fitting."""

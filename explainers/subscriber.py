@@ -46,11 +46,12 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import orjson
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from explainers import codecs
 from explainers.base import Explanation
@@ -66,7 +67,9 @@ from explainers.service import ExplainerService
 from infer_logger import binary_tensors, events
 from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.config import read_yaml
 from infer_logger.errors import InvalidEventError, RejectedError, SinkError
+from infer_logger.fields import NamedFile
 from infer_logger.sinks.base import Sink, SinkConfig
 from infer_logger.sinks.halving import Halving
 
@@ -589,13 +592,28 @@ class ExplainerComponentConfig(SinkConfig):
     """
 
     type: Literal["explainer"] = "explainer"
-    config: str | None = None
+    config: NamedFile | None = None
     """An explainer YAML file (or `explainer:` section); `settings` override it."""
-    settings: dict[str, Any] = Field(default_factory=dict)
+    settings: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+
+    @field_validator("config")
+    @classmethod
+    def _config_file(cls, config: str | None) -> str | None:
+        if config:
+            read_yaml(Path(config))  # ConfigError naming the file, under `config`
+        return config
+
+    @field_validator("settings")
+    @classmethod
+    def _explainer_settings(cls, settings: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Checked with the component, not first in build(): `broker --check` said ok, and the start
+        # failed (exit 1) blaming the trigger's line. The predictor is not asked until the start.
+        if "config" in info.data:  # else its own error is the one to say
+            config = info.data["config"]
+            load_explainer_settings(Path(config) if config else None, **settings)
+        return settings
 
     def build(self) -> ExplainSubscriber:
-        from pathlib import Path
-
         loaded = load_explainer_settings(Path(self.config) if self.config else None, **self.settings)
         # Started on the first event, in the broker's loop: fitting needs the predictor.
         return ExplainSubscriber(ExplainerService(loaded), owns_service=True)

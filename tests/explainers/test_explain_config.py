@@ -100,6 +100,9 @@ class TestExitCodes:
     @pytest.mark.parametrize("args, words", [
         (["--option", "nope=1"], "the configured kernel options: nope: Extra inputs are not permitted"),
         (["--param", "nsamples=0"], "the configured kernel parameters: nsamples: Input should be greater"),
+        # Every request would be refused: it was exit 1, alone of the bad --params.
+        (["--param", "nsamples=20000"], "the configured parameters: nsamples: 20000 is over this server's limit of"),
+        (["--param", "nsamples=200", "--max-samples", "100"], "the configured parameters: nsamples: 200 is over"),
         (["--feature-names", "a,b"], "feature_names: 2 names for the 4 columns of dataset:iris"),
         (["--feature-names", "a,a,b,c"], "feature_names: 'a' named more than once"),
     ])
@@ -178,3 +181,25 @@ class TestMaxRequestBytes:
                                                         "--background", REQUIRED["background"],
                                                         "--max-request-bytes", "0"])
         assert result.exit_code == 2 and "max_request_bytes" in result.output, result.output
+
+
+class TestSubscriberSource:
+    """`subscriber.source` is every explanation event's `source`: "" or a tab was taken, and every
+    explanation event was then no CloudEvent (over POST /events a 200 the broker refused)."""
+
+    @pytest.mark.parametrize("source", ["", "a\tb", "a b", "1x:y"])
+    def test_no_source_a_cloudevent_takes_is_a_config_error(self, source: str) -> None:
+        with pytest.raises(ConfigError, match="source") as info:
+            load_explainer_settings(None, **REQUIRED, subscriber={"source": source})
+        assert info.value.field == "subscriber.source"
+
+    @pytest.mark.parametrize("source", ["infer-logger-explainer", "http://explainer.ns/", "/explainer"])
+    def test_a_uri_reference_is_taken(self, source: str) -> None:
+        assert load_explainer_settings(None, **REQUIRED, subscriber={"source": source}).subscriber.source == source
+
+    def test_the_cli_exits_2_naming_it(self, tmp_path: Path) -> None:
+        config = tmp_path / "explainer.yaml"
+        config.write_text('explainer:\n  subscriber: {source: ""}\n')
+        result = CliRunner().invoke(explainer_command, ["-c", str(config), "--predictor-url", REQUIRED["predictor_url"],
+                                                        "--background", REQUIRED["background"]])
+        assert result.exit_code == 2 and "subscriber.source" in result.output, result.output

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from explainers.app import create_app
-from explainers.errors import ArtifactError, InvalidParametersError
+from explainers.errors import ArtifactError, SettingsError
 from explainers.service import ExplainerService
 from infer_logger import binary_tensors as bt
 from infer_logger.demo.predictor import create_app as predictor_app
@@ -300,10 +300,10 @@ class TestCommand:
     def test_a_failed_start_says_why_in_one_line(self) -> None:
         base = [sys.executable, "-m", "explainers", "--port", str(free_port()), "--protocol", "v1",
                 "--predictor-url", f"http://127.0.0.1:{free_port()}", "--background", "dataset:iris"]
-        # Defaults over the limit: refused before fitting, as a bad artifact is.
+        # Defaults over the limit: refused before fitting, a settings error (exit 2) as other bad --params.
         cli = subprocess.run([*base, "--param", "nsamples=50000"], check=False, capture_output=True, text=True,
                              timeout=60)
-        assert cli.returncode == 1, cli.stderr
+        assert cli.returncode == 2, cli.stderr
         assert cli.stderr.splitlines()[-1] == (
             "infer-logger explainer: the configured parameters: nsamples: 50000 is over this server's limit of "
             "10000 (max_samples) (allowed: nsamples, l1_reg)")
@@ -606,7 +606,7 @@ class TestLimits:
         service = ExplainerService(settings(model_name="iris", predictor_url=model_server.url, protocol="v2",
                                             background="dataset:iris", params={"nsamples": 500}, max_samples=100,
                                             warmup=False))
-        await refused_start(service, InvalidParametersError, r"the configured parameters: nsamples: 500 is over "
+        await refused_start(service, SettingsError, r"the configured parameters: nsamples: 500 is over "
                                                              r"this server's limit of 100 \(max_samples\)")
 
     def test_auto_is_held_to_the_limit(self, model_server: Process) -> None:

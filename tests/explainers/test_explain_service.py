@@ -18,7 +18,7 @@ from explainers import registry
 from explainers.app import create_app
 from explainers.artifacts import save_artifact
 from explainers.data import local_model
-from explainers.errors import ArtifactError, InvalidParametersError, SettingsError
+from explainers.errors import ArtifactError, SettingsError
 from explainers.service import ExplainerService
 from infer_logger.errors import ConfigError
 from tests.explainers.conftest import refused_start, serve, settings
@@ -299,7 +299,7 @@ class TestArtifactParams:
     @pytest.mark.parametrize("params, error, words", [
         ({"nsamples": "bogus"}, SettingsError, "the configured kernel parameters: nsamples: "),
         ({"threshold": 0.9}, SettingsError, "threshold: Extra inputs are not permitted"),
-        ({"nsamples": 500}, InvalidParametersError, "the configured parameters: nsamples: 500 is over this "
+        ({"nsamples": 500}, SettingsError, "the configured parameters: nsamples: 500 is over this "
                                                     "server's limit of 100 (max_samples)"),
     ])
     def test_bad_ones_are_refused_as_without_an_artifact(self, fitted: tuple[Path, Path], params: dict[str, Any],

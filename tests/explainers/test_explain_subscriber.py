@@ -34,6 +34,7 @@ from tests.servers import Process
 from tests.waiting import until
 
 ROWS = [[6.8, 2.8, 4.8, 1.4], [6.0, 3.4, 4.5, 1.6]]
+REQUIRED = {"predictor_url": "http://127.0.0.1:9", "background": "dataset:iris"}
 
 
 def exchange(id_: str, rows: list[list[Any]] = ROWS, status: int = 200,
@@ -702,6 +703,23 @@ triggers:
         finally:
             await broker.shutdown()
             await subscriber.aclose()
+
+    @pytest.mark.parametrize(("spec", "field"), [
+        ({"settings": {"model_name": "x"}}, "settings"),  # no predictor_url nor model_file
+        ({"settings": {**REQUIRED, "subscriber": {"source": "a\tb"}}}, "settings"),
+        ({"config": "/nonexistent/explainer.yaml", "settings": REQUIRED}, "config"),
+    ])
+    def test_a_component_config_is_checked_when_validated(self, spec: dict[str, Any], field: str) -> None:
+        """Only build() read the settings: `broker --check` took the component, the start failed."""
+        from pydantic import ValidationError
+
+        from explainers.subscriber import ExplainerComponentConfig
+
+        with pytest.raises(ValidationError) as info:
+            ExplainerComponentConfig.model_validate({"type": "explainer", **spec})
+        assert info.value.errors()[0]["loc"] == (field,), info.value
+        # No predictor is asked (none listens at :9): reaching it is the start's.
+        ExplainerComponentConfig.model_validate({"type": "explainer", "settings": REQUIRED})
 
     @staticmethod
     @asynccontextmanager

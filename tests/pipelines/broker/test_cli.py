@@ -245,7 +245,7 @@ def test_an_empty_kafka_bootstrap_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "kafka.bootstrap_servers" in result.output
 
 
-def test_an_explainer_component_needs_no_registration(tmp_path: Path) -> None:
+def test_an_explainer_component_needs_no_registration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """README promises `type: explainer` components; only code that registered it could use it."""
     pytest.importorskip("explainers.subscriber")
     config = tmp_path / "broker.yaml"
@@ -255,4 +255,70 @@ def test_an_explainer_component_needs_no_registration(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     from pipelines.broker.components import Components
 
-    assert Components().knows("explainer")  # `ref: {name: explainer}` with its defaults, too
+    # `ref: {name: explainer}` with its defaults, too, when they make an explainer (env vars here):
+    # defaults that do not were taken by --check, and the start failed.
+    assert not Components().knows("explainer")
+    monkeypatch.setenv("INFER_LOGGER_EXPLAINER_PREDICTOR_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("INFER_LOGGER_EXPLAINER_BACKGROUND", "dataset:iris")
+    assert Components().knows("explainer")
+
+
+class TestExplainerComponentSettings:
+    """Checked with the component: `--check` said ok, and the start failed (exit 1) blaming the
+    trigger file's line, though the bad settings were in the broker's file."""
+
+    @pytest.fixture(autouse=True)
+    def _explainer(self) -> None:
+        pytest.importorskip("explainers.subscriber")
+
+    def test_a_declared_one_is_a_config_error(self, tmp_path: Path) -> None:
+        config = tmp_path / "broker.yaml"
+        config.write_text("components:\n  - {type: explainer, name: explain}\n")
+        path = tmp_path / "triggers.yaml"
+        path.write_text("triggers:\n  - {name: t, subscriber: {ref: {name: explain}}}\n")
+        result = CliRunner().invoke(broker_command, ["--check", "--channel", "memory", "--dir", str(tmp_path),
+                                                     "-c", str(config), "-t", str(path)])
+        assert result.exit_code == 2 and "config error: components" in result.output, result.output
+        assert "settings" in result.output and "give predictor_url" in result.output, result.output
+
+    def test_an_inline_one_names_its_field(self, tmp_path: Path) -> None:
+        path = tmp_path / "triggers.yaml"
+        path.write_text("triggers:\n  - {name: t, subscriber: {component: {type: explainer, settings: "
+                        "{predictor_url: 'http://127.0.0.1:9', background: 'dataset:iris', method: nope}}}}\n")
+        result = CliRunner().invoke(broker_command, ["--check", "--channel", "memory", "--dir", str(tmp_path),
+                                                     "-t", str(path)])
+        assert result.exit_code == 2 and "subscriber.component" in result.output, result.output
+        assert "settings" in result.output and "unknown method 'nope'" in result.output, result.output
+
+    @pytest.mark.parametrize(("text", "words"), [
+        (None, "cannot read config file"),
+        ("explainer:\n  predictor_url: localhost:8080\n  background: dataset:iris\n", "predictor_url"),
+        ("explainer:\n  predictor_url: http://127.0.0.1:9\n  background: dataset:iris\n  subscriber: {source: ''}\n",
+         "subscriber.source"),
+    ])
+    def test_its_config_file_is_read(self, tmp_path: Path, text: str | None, words: str) -> None:
+        explainer = tmp_path / "explainer.yaml"
+        if text is not None:
+            explainer.write_text(text)
+        config = tmp_path / "broker.yaml"
+        config.write_text(f"components:\n  - {{type: explainer, name: explain, config: '{explainer}'}}\n")
+        result = CliRunner().invoke(broker_command, ["--check", "--channel", "memory", "--dir", str(tmp_path),
+                                                     "-c", str(config)])
+        assert result.exit_code == 2 and "config" in result.output and words in result.output, result.output
+        explainer.write_text("explainer:\n  predictor_url: http://127.0.0.1:9\n  background: dataset:iris\n")
+        result = CliRunner().invoke(broker_command, ["--check", "--channel", "memory", "--dir", str(tmp_path),
+                                                     "-c", str(config)])
+        assert result.exit_code == 0, result.output  # the predictor is not asked: only the start needs it
+
+    def test_the_start_exits_2_naming_it(self, tmp_path: Path) -> None:
+        import subprocess
+        import sys
+
+        path = tmp_path / "triggers.yaml"
+        path.write_text("triggers:\n  - {name: t, subscriber: {component: {type: explainer, "
+                        "settings: {model_name: x}}}}\n")
+        done = subprocess.run([str(Path(sys.executable).parent / "infer-logger"), "broker", "--port", "0",
+                               "--channel", "memory", "--dir", str(tmp_path / "broker"), "-t", str(path)],
+                              check=False, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert "subscriber.component" in done.stderr and "give predictor_url" in done.stderr, done.stderr
