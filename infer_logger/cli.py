@@ -327,7 +327,11 @@ def quickstart(n_requests: int, workdir: Path) -> None:
         raise click.ClickException(
             f"the quickstart needs the demo extra ({exc.name} is missing): pip install 'infer-logger[demo]'"
         ) from None
-    run(n_requests=n_requests, workdir=workdir)
+    try:
+        run(n_requests=n_requests, workdir=workdir)
+    except ConfigError as exc:  # it reads no settings: one is a bug here, but a line, not a traceback
+        click.echo(f"infer-logger: config error: {exc}", err=True)
+        sys.exit(2)
 
 
 @main.group(context_settings=_HELP)

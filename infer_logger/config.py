@@ -41,9 +41,9 @@ from pydantic_settings import (
 from pydantic_settings.exceptions import SettingsError
 
 from infer_logger import documents
-from infer_logger.cloudevents.validation import is_string, source_setting
+from infer_logger.cloudevents.validation import source_setting
 from infer_logger.errors import ConfigError
-from infer_logger.fields import NamedFile, NamedPath, Seconds
+from infer_logger.fields import AttributeText, NamedFile, NamedPath, Seconds
 from infer_logger.sinks import FileSinkConfig, HttpSinkConfig, SinkSpec, StoreSinkConfig
 
 # Names under a settings class's prefix that are not its settings: the other services' prefixes,
@@ -75,6 +75,8 @@ _LINK_VALUE = re.compile(r"(?:tcp|udp|sctp)://[^/\s]+:\d+", re.IGNORECASE)
 _yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
 # Sections a flag gives anew, of another type than the env var's: that env section is left out.
 _env_replaced: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("env_replaced", default=frozenset())
+# False while `load(..., env=False)` builds settings: none is read from env vars.
+_env_read: contextvars.ContextVar[bool] = contextvars.ContextVar("env_read", default=True)
 
 
 class LayeredSettings(BaseSettings):
@@ -94,7 +96,8 @@ class LayeredSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         env = _EnvSource(settings_cls) if isinstance(env_settings, EnvSettingsSource) else env_settings
-        return (init_settings, env, InitSettingsSource(settings_cls, _yaml_data.get()))
+        yaml_data = InitSettingsSource(settings_cls, _yaml_data.get())
+        return (init_settings, env, yaml_data) if _env_read.get() else (init_settings, yaml_data)
 
     @field_validator("host", check_fields=False)  # every service's address to listen on
     @classmethod
@@ -102,29 +105,36 @@ class LayeredSettings(BaseSettings):
         return listen_host(host)
 
     @classmethod
-    def load(cls, config_file: Path | None = None, *, section: str | None = None, **flags: Any) -> Self:
+    def load(cls, config_file: Path | None = None, *, section: str | None = None, env: bool = True,
+             **flags: Any) -> Self:
         """Merge the sources and validate. `section` picks that key of the file when present,
-        so one YAML file can configure several services; unset flags (None, empty) are skipped."""
+        so one YAML file can configure several services; unset flags (None, empty) are skipped.
+        `env=False` reads no env var (a demo that runs every service itself: the user's settings
+        of a real one are not its own)."""
         data = read_yaml(config_file) if config_file else {}
         if section and isinstance(data.get(section), dict):
             data = data[section]
-        cls._refuse_unknown_env()
+        if env:
+            cls._refuse_unknown_env()
         given = {k: v for k, v in flags.items() if v is not None and v != () and v != {}}
         try:
-            env = _EnvSource(cls)()
-            data = cls._replaced(cls._replaced(data, env), given)
-            replaced = frozenset(key for key, section in cls._replaced(env, given).items() if section is not env[key])
-            tokens = _yaml_data.set(data), _env_replaced.set(replaced)
+            from_env = _EnvSource(cls)() if env else {}
+            data = cls._replaced(cls._replaced(data, from_env), given)
+            replaced = frozenset(key for key, section in cls._replaced(from_env, given).items()
+                                 if section is not from_env[key])
+            tokens = _yaml_data.set(data), _env_replaced.set(replaced), _env_read.set(env)
             try:
                 settings = cls(**given)
             finally:
                 _yaml_data.reset(tokens[0])
                 _env_replaced.reset(tokens[1])
+                _env_read.reset(tokens[2])
         except ValidationError as exc:
             error = config_error(exc)
             first = exc.errors()[0]
             # `missing`: nothing is at its `loc`; what lacks it was given
-            var = cls._env_var(first["loc"][:-1] if first["type"] == "missing" else first["loc"], given)
+            loc = first["loc"][:-1] if first["type"] == "missing" else first["loc"]
+            var = cls._env_var(loc, given) if env else None
             raise (ConfigError(f"{var} ({error.field})", error.message) if var else error) from None
         except SettingsError as exc:
             if isinstance(exc.__cause__, ConfigError):  # see _EnvSource
@@ -136,7 +146,7 @@ class LayeredSettings(BaseSettings):
         if (found := _not_utf8(settings, ())) is not None:
             place, char = found
             field = ".".join(map(str, place))
-            var = cls._env_var(place, given)
+            var = cls._env_var(place, given) if env else None
             raise ConfigError(f"{var} ({field})" if var else field,
                               f"holds U+{ord(char):04X}, which is not UTF-8 text (a byte of a flag or variable "
                               "that is not UTF-8, or a surrogate escape): give it in UTF-8")
@@ -422,10 +432,10 @@ class Settings(LayeredSettings):
     source_uri: str | None = Field(None, validate_default=True)
     """CloudEvents `source`, a URI reference; defaults to the sidecar's own URL (so with `port` 0,
     any free port, it must be given)."""
-    inference_service: str = ""
-    namespace: str = ""
-    component: str = "predictor"
-    endpoint: str = ""
+    inference_service: AttributeText = ""
+    namespace: AttributeText = ""
+    component: AttributeText = "predictor"
+    endpoint: AttributeText = ""
     metadata_headers: Annotated[list[str], NoDecode] = []
     """Request headers copied into the `metadata` attribute (case-insensitive); as one string,
     comma-separated or a JSON list."""
@@ -522,17 +532,6 @@ class Settings(LayeredSettings):
     @classmethod
     def _http_url(cls, url: str | None) -> str | None:
         return http_url(url)
-
-    @field_validator("inference_service", "namespace", "component", "endpoint")
-    @classmethod
-    def _attribute(cls, value: str) -> str:
-        # Every event carries it: a control character (a YAML block scalar's newline, a tab) had
-        # every event refused by the broker and dead-lettered.
-        if value and not is_string(value):
-            bad = next(char for char in value if not is_string(char))
-            raise ValueError(f"{value!r} holds U+{ord(bad):04X}, which an event attribute (a CloudEvents "
-                             "String) cannot: every event would be refused")
-        return value
 
     @field_validator("log_url")
     @classmethod

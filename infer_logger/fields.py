@@ -8,6 +8,8 @@ from typing import Annotated, TypeVar
 
 from pydantic import AfterValidator, Field
 
+from infer_logger.cloudevents.validation import is_string
+
 MAX_SECONDS = 86_400
 """The longest duration a setting takes: a day."""
 
@@ -42,3 +44,18 @@ NamedFile = Annotated[str, AfterValidator(nameable)]
 
 AppendedPath = NamedPath
 """A setting naming a file lines are appended to."""
+
+
+def attribute_text(value: str) -> str:
+    """A setting every event carries as an attribute: a control character (a YAML block scalar's
+    newline, a tab) had every event refused downstream (the broker dead-lettered them, the Forward
+    source closed every frame's connection, resent for ever)."""
+    if value and not is_string(value):
+        bad = next(char for char in value if not is_string(char))
+        raise ValueError(f"{value!r} holds U+{ord(bad):04X}, which an event attribute (a CloudEvents "
+                         "String) cannot: every event would be refused")
+    return value
+
+
+AttributeText = Annotated[str, AfterValidator(attribute_text)]
+"""A setting that becomes an event attribute's value ("" where unset is allowed: add min_length)."""

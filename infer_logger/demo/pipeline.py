@@ -22,9 +22,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from infer_logger.sinks.base import SinkConfig
 from infer_logger.testing import free_port
+
+if TYPE_CHECKING:
+    from explainers.config import ExplainerSettings
+    from pipelines.broker import BrokerSettings
 
 _TRIGGERS = """
 triggers:
@@ -64,7 +69,7 @@ def quickstart_broker(
     drain_seconds: float = 60.0,
 ) -> Iterator[Pipeline]:
     """A broker on a free loopback port with the quickstart's triggers; yields where it listens."""
-    from pipelines.broker import Broker, BrokerSettings, BrokerThread, register_component
+    from pipelines.broker import Broker, BrokerThread, register_component
 
     explain = explain_available() if explain is None else explain
     event_log = workdir / "events.jsonl"
@@ -74,25 +79,59 @@ def quickstart_broker(
     ]
     triggers = _TRIGGERS
     if explain:
-        from explainers.subscriber import ExplainerComponentConfig
-
-        register_component(ExplainerComponentConfig)  # `type: explainer` in broker configs
-        components.append({"type": "explainer", "name": "explainer", "settings": {
-            "model_name": model, "predictor_url": predictor_url, "protocol": "v2",
-            "background": "dataset:iris", "method": "kernel", "options": {"background_size": 20},
-            "params": {"nsamples": 50}, "subscriber": {"linger": 0.02}}})
+        register_component(QuickstartExplainer)
+        components.append({"type": "quickstart-explainer", "name": "explainer", "model": model,
+                           "predictor_url": predictor_url})
         triggers += _EXPLAIN_TRIGGER % json.dumps(model)  # JSON is YAML: any name, quoted
     port = free_port()
-    broker = Broker(BrokerSettings(
-        port=port, channel="disk", dir=str(workdir / "broker"), drain_timeout=drain_seconds,
-        delivery={"retry": 5, "backoffDelay": "PT0.5S", "timeout": "PT60S"},
-        components=components,
-    ), triggers=triggers)
+    broker = Broker(broker_settings(workdir, port, components, drain_seconds), triggers=triggers)
     with BrokerThread(broker, host="127.0.0.1", port=port) as running:
         try:
             yield Pipeline(running.url, event_log, explain)
         finally:
             _settle(broker, drain_seconds)
+
+
+def broker_settings(workdir: Path, port: int, components: list[dict[str, Any]],
+                    drain_seconds: float) -> BrokerSettings:
+    """The quickstart's broker: its log on disk in `workdir`, with these components."""
+    from pipelines.broker import BrokerSettings
+
+    return BrokerSettings.load(
+        None, env=False,
+        port=port, channel="disk", dir=str(workdir / "broker"), drain_timeout=drain_seconds,
+        delivery={"retry": 5, "backoffDelay": "PT0.5S", "timeout": "PT60S"},
+        components=components,
+    )
+
+
+def explainer_settings(model: str, predictor_url: str) -> ExplainerSettings:
+    """The quickstart's explainer of `model` (a black box at `predictor_url`)."""
+    from explainers.config import ExplainerSettings
+
+    return ExplainerSettings.load(
+        None, env=False,
+        model_name=model, predictor_url=predictor_url, protocol="v2", background="dataset:iris",
+        method="kernel", options={"background_size": 20}, params={"nsamples": 50},
+        subscriber={"linger": 0.02},
+    )
+
+
+class QuickstartExplainer(SinkConfig):
+    """The explainer as the quickstart's broker component. Not `type: explainer`, whose settings
+    read `INFER_LOGGER_EXPLAINER_*`: the user's explainer's are not the demo's."""
+
+    type: Literal["quickstart-explainer"] = "quickstart-explainer"
+    model: str
+    predictor_url: str
+
+    def build(self) -> Any:
+        from explainers.service import ExplainerService
+        from explainers.subscriber import ExplainSubscriber
+
+        # Started on the first event, in the broker's loop: fitting needs the predictor.
+        return ExplainSubscriber(ExplainerService(explainer_settings(self.model, self.predictor_url)),
+                                 owns_service=True)
 
 
 def _settle(broker: Any, seconds: float) -> None:

@@ -23,7 +23,7 @@ import httpx
 import uvicorn
 from tqdm import tqdm
 
-from infer_logger.config import load_settings
+from infer_logger.config import Settings
 from infer_logger.demo.pipeline import quickstart_broker
 from infer_logger.demo.predictor import create_app, train_iris
 from infer_logger.server import SidecarThread, uvicorn_config
@@ -102,6 +102,23 @@ def _fresh_workdir(workdir: Path) -> None:
         raise click.BadParameter(f"{workdir}: {exc.strerror or exc}", param_hint="--workdir") from None
 
 
+def sidecar_settings(workdir: Path, port: int, predictor_port: int, broker_url: str) -> Settings:
+    """The quickstart's sidecar: in front of the predictor, its events to the broker. No env var
+    is read: the user's INFER_LOGGER_* are a real sidecar's (a LOG_URL sent the demo's events to
+    production too, and one unknown here stopped the quickstart)."""
+    return Settings.load(
+        None,
+        env=False,
+        port=port,
+        component_port=predictor_port,
+        inference_service="iris",
+        namespace="quickstart",
+        metadata_headers=["user-agent"],
+        spool={"dir": str(workdir / "spool")},
+        sinks=[{"type": "http", "url": broker_url, "mode": "batch"}],
+    )
+
+
 def run(*, n_requests: int, workdir: Path, explain: bool | None = None) -> None:
     from sklearn.datasets import load_iris
 
@@ -120,16 +137,7 @@ def run(*, n_requests: int, workdir: Path, explain: bool | None = None) -> None:
                 "explanations off: pip install 'infer-logger[explain]' to turn them on")
             click.echo(f"2/5 predictor {predictor_url} (V1 and V2); broker {pipeline.url} "
                        f"(triggers: audit -> store, display -> events.jsonl; {explaining})")
-            settings = load_settings(
-                None,
-                port=sidecar_port,
-                component_port=predictor_port,
-                inference_service="iris",
-                namespace="quickstart",
-                metadata_headers=["user-agent"],
-                spool={"dir": str(workdir / "spool")},
-                sinks=[{"type": "http", "url": pipeline.url, "mode": "batch"}],
-            )
+            settings = sidecar_settings(workdir, sidecar_port, predictor_port, pipeline.url)
             click.echo(f"3/5 sidecar http://127.0.0.1:{sidecar_port} -> predictor; events -> broker")
             with SidecarThread(settings):
                 with httpx.Client(base_url=f"http://127.0.0.1:{sidecar_port}", timeout=30) as client:

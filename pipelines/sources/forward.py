@@ -121,8 +121,9 @@ class ForwardSourceConfig(SourceConfig):
     """Most frames, across connections, being converted and handed to the subscriber at once: each
     holds a batch of up to max_frame_entries events (a 10,000-event batch of tiny records is ~12 MB).
     A connection whose frame waits for its turn reads no more, so TCP holds its sender back."""
-    record_type: str = "io.fluentd.record"
-    """CloudEvents `type` of records that are not CloudEvents themselves."""
+    record_type: fields.AttributeText = Field("io.fluentd.record", min_length=1)
+    """CloudEvents `type` of records that are not CloudEvents themselves (a CloudEvents String: every
+    such record's event has it; "" or a control character had each frame refused, resent for ever)."""
     source_uri: str | None = None
     """Their `source`, a URI reference; default `fluent-forward://<host>:<port>` (an IPv6 host in
     brackets)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from infer_logger.config import LayeredSettings
@@ -45,11 +45,15 @@ class IngestSettings(LayeredSettings):
     """Seconds a stop waits for the batch in hand; then it is given up: not acked, not committed,
     sent again (a sink that does not answer held SIGTERM for minutes, past a pod's grace period)."""
 
-    @field_validator("source", mode="before")
+    @field_validator("source", "sink", mode="before")
     @classmethod
-    def _forward_by_default(cls, value: Any) -> Any:
-        """A `source:` naming no type (`--listen` alone) is the default's type."""
-        return {"type": "forward", **value} if isinstance(value, dict) and "type" not in value else value
+    def _default_type(cls, value: Any, info: ValidationInfo) -> Any:
+        """A `source:` or `sink:` naming no type (`--listen` alone, `INFER_LOGGER_INGEST_SINK__PATH`)
+        is the default's type, forward or store (the union could not tell which, and named none)."""
+        if isinstance(value, dict) and "type" not in value:
+            assert info.field_name is not None
+            return {"type": cls.model_fields[info.field_name].default.type, **value}
+        return value
 
 
 def load_ingest_settings(config_file: Path | None = None, **flags: Any) -> IngestSettings:

@@ -45,6 +45,22 @@ class TestSources:
         assert s.spool.durability == "memory" and s.spool.dir == Path("x")
         assert int(s.spool.max_bytes) == 10 * 1024 * 1024
 
+    def test_env_false_reads_no_variable(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The quickstart's way: the user's variables (one unknown, one a sink) are a real sidecar's."""
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("namespace: from-yaml\n")
+        monkeypatch.setenv("INFER_LOGGER_TOKEN", "x")
+        monkeypatch.setenv("INFER_LOGGER_LOG_URL", "http://prod/")
+        monkeypatch.setenv("INFER_LOGGER_NAMESPACE", "from-env")
+        monkeypatch.setenv("INFER_LOGGER_SPOOL__DURABILITY", "memory")
+        s = Settings.load(cfg, env=False, component="from-flag")
+        assert (s.namespace, s.component, s.spool.durability) == ("from-yaml", "from-flag", "disk")
+        assert [type(x) for x in s.all_sinks()] == [StoreSinkConfig]
+        monkeypatch.setenv("INFER_LOGGER_PORT", "1")
+        with pytest.raises(ConfigError) as info:  # the flag's, not blamed on the variable
+            Settings.load(None, env=False, port=-1)
+        assert info.value.field == "port"
+
     def test_log_urls_become_named_sinks(self) -> None:
         s = load_settings(log_url=["http://a/", "http://b/", "file:///tmp/e.jsonl", "sqlite:///tmp/a.db"])
         sinks = s.all_sinks()

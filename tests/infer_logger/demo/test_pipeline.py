@@ -107,3 +107,53 @@ def test_quickstart_refuses_an_unmarked_directory_of_the_names_it_uses(tmp_path:
     assert result.exit_code == 2 and "--workdir" in result.output and "no quickstart made it" in result.output
     assert sorted(p.name for p in data.iterdir()) == ["audit.db", "spool"]
     assert (data / "spool" / "00000000000000000001.seg").read_bytes() == b"undelivered"
+
+
+# A production pod's, and a stray one: none is the quickstart's, which runs everything itself.
+_USER_ENV = {
+    "INFER_LOGGER_LOG_URL": "http://broker-ingress.knative-eventing/default/default",
+    "INFER_LOGGER_LOG_MODE": "request",
+    "INFER_LOGGER_SPOOL__DURABILITY": "memory",
+    "INFER_LOGGER_TOKEN": "x",
+    "INFER_LOGGER_BROKER_TRIGGER_FILES": '["/etc/prod-triggers.yaml"]',
+    "INFER_LOGGER_BROKER_MAX_EVENT_BYTES": "64KiB",
+    "INFER_LOGGER_BROKER_PORT": "tcp://10.0.0.1:9082",
+    "INFER_LOGGER_EXPLAINER_PARAMS": '{"nsamples": 5000}',
+    "INFER_LOGGER_EXPLAINER_TOKEN": "x",
+}
+
+
+def test_the_quickstart_settings_read_no_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's INFER_LOGGER_* variables: an unknown one crashed the quickstart, a LOG_URL sent
+    its fake predictions to production as a second sink, and the rest changed the demo."""
+    from infer_logger.demo.pipeline import broker_settings, explainer_settings
+    from infer_logger.demo.quickstart import sidecar_settings
+
+    def built() -> tuple[object, ...]:
+        components = [{"type": "store", "name": "audit", "path": str(tmp_path / "audit.db")}]
+        return (sidecar_settings(tmp_path, 40001, 40002, "http://127.0.0.1:40003/"),
+                broker_settings(tmp_path, 40003, components, 60.0),
+                explainer_settings("iris", "http://127.0.0.1:40002"))
+
+    clean = built()
+    for name, value in _USER_ENV.items():
+        monkeypatch.setenv(name, value)
+    assert built() == clean
+    assert [sink.sink_name for sink in clean[0].all_sinks()] == ["http"]  # type: ignore[attr-defined]
+
+
+def test_the_quickstart_command_reports_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ConfigError (none is expected now: the quickstart reads no settings) is a line, not a traceback."""
+    from click.testing import CliRunner
+
+    from infer_logger.cli import main
+    from infer_logger.demo import quickstart
+    from infer_logger.errors import ConfigError
+
+    def run(**_: object) -> None:
+        raise ConfigError("spool.dir", "not writable")
+
+    monkeypatch.setattr(quickstart, "run", run)
+    result = CliRunner().invoke(main, ["quickstart", "--requests", "1"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == "infer-logger: config error: spool.dir: not writable"

@@ -423,6 +423,14 @@ class TestRecords:
         assert "is not a URI reference" in str(info.value) or "invalid URI scheme" in str(info.value)
         assert ForwardSourceConfig(source_uri="/fluentd").source_uri == "/fluentd"
 
+    @pytest.mark.parametrize("record_type", ["", "a\tb", "log\n", "x\ufdd0"])
+    def test_a_record_type_no_event_can_carry_is_refused(self, record_type: str) -> None:
+        """Every plain record's event has it as `type`: each frame was refused, and its sender
+        resent it for ever."""
+        with pytest.raises(ValidationError, match="record_type"):
+            ForwardSourceConfig(record_type=record_type)
+        assert ForwardSourceConfig(record_type="com.example.log ü").record_type == "com.example.log ü"
+
     async def test_values_json_lacks(self, source: ForwardSource, memory: MemorySink) -> None:
         """bin as base64, an EventTime as RFC 3339, another ext as code + base64, invalid UTF-8
         with U+FFFD: the record is kept, not refused."""

@@ -283,6 +283,9 @@ class TestConfig:
          "INFER_LOGGER_INGEST_SINK (sink.store.path)"),
         # A scalar has no keys: it was ignored (README: a variable matching no setting stops it).
         ([], {"INFER_LOGGER_INGEST_PORT__NUMBER": "1234"}, "INFER_LOGGER_INGEST_PORT__NUMBER: matches no setting"),
+        # Every plain record's `type`: each frame was refused at validation, its sender resent it for ever.
+        *(([], {"INFER_LOGGER_INGEST_SOURCE__RECORD_TYPE": value},
+           "INFER_LOGGER_INGEST_SOURCE__RECORD_TYPE (source.forward.record_type)") for value in ("", "a\tb")),
     ])
     def test_bad_settings_exit_2_naming_them(self, args: list[str], env: dict[str, str], names: str) -> None:
         import os
@@ -341,6 +344,22 @@ class TestConfig:
             monkeypatch.setenv(name, value)
         settings = load_ingest_settings(config)
         assert (settings.sink.type, settings.sink.path) == ("store", "x.db")  # type: ignore[union-attr]
+
+    def test_a_sink_naming_no_type_is_the_default_store(self, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+        """As a source naming none is a `forward` one: `INFER_LOGGER_INGEST_SINK__PATH` (the default
+        sink's file) was refused, `sink: Unable to extract tag using discriminator 'type'`."""
+        from pipelines.sources.settings import load_ingest_settings
+
+        monkeypatch.setenv("INFER_LOGGER_INGEST_SINK__PATH", "x.db")
+        settings = load_ingest_settings(None)
+        assert (settings.sink.type, settings.sink.path) == ("store", "x.db")  # type: ignore[union-attr]
+        monkeypatch.delenv("INFER_LOGGER_INGEST_SINK__PATH")
+        config = tmp_path / "ingest.yaml"
+        config.write_text("sink: {path: y.db, batch_size: 10}\n")
+        settings = load_ingest_settings(config)
+        assert (settings.sink.type, settings.sink.path) == ("store", "y.db")  # type: ignore[union-attr]
+        assert settings.sink.batch_size == 10
 
     def test_a_flag_of_another_type_replaces_an_env_vars_section(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Flags lie over env: `--db` was merged into the env's http sink (`sink.store.url: Extra inputs`)."""
