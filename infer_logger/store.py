@@ -131,7 +131,12 @@ _UPSERT = {kind: _Statement(_upsert_sql(kind)) for kind in _KINDS.values()}
 def _exchange_sql() -> str:
     """One upsert for a request and its response together: what the two upserts would leave, in
     one row write per instance (the request's shared values win); `_SETTLE` does the rest."""
-    sets = [f"{c} = COALESCE(excluded.{c}, {c})" for c in (*_SHARED, *_EXCHANGE_OWN)]
+    sets = [f"{c} = COALESCE(excluded.{c}, {c})" for c in _SHARED]
+    # A payload is set with its attributes, even to NULL (an instance nested too deep to write
+    # as JSON): as the kind's own upsert does, or a retry's row kept the first try's instance.
+    for kind in ("request", "response"):
+        sets += [f"{kind} = CASE WHEN excluded.{kind}_attributes IS NULL THEN {kind} ELSE excluded.{kind} END",
+                 f"{kind}_attributes = COALESCE(excluded.{kind}_attributes, {kind}_attributes)"]
     sets += ["status = excluded.status", "latency_ms = excluded.latency_ms", "updated = excluded.updated"]
     return (
         f"INSERT INTO records ({', '.join(_EXCHANGE_COLUMNS)}) VALUES ({', '.join('?' * len(_EXCHANGE_COLUMNS))}) "

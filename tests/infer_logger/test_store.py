@@ -69,6 +69,10 @@ RETRY = {
     "r2": request(body={"instances": [[9]]}, time=T1),
     "p2": response(body={"predictions": [90]}, time=T1),
     "e2": explanation(body={"explanations": [{"f0": 9}]}, time=T1),
+    # ... or with instances nested too deep to write as JSON: their text is NULL, the payload whole on the first
+    "r3": CloudEvent(_attrs(events.REQUEST, "a", T1), b'{"instances": [%s]}' % b",".join(
+        [b"[" * 1020 + b"1" + b"]" * 1020] * 3)),
+    "p3": response(body={"predictions": [7, 8, 9]}, time=T1),
 }
 
 
@@ -193,7 +197,7 @@ class TestJoin:
     @pytest.mark.parametrize("sequence", [
         "r1 p1 r2 p2", "p1 r1 p2 r2", "r1 p1 p2 r2", "r1 r2 p1 p2", "r1 p1 r2", "r1 p1 p2",
         "r1 p1 e1 r2 p2", "r1 p1 r2 p2 e1", "e1 r1 p1 r2", "r2 p2 r1 p1", "r1 p1 r1 p2",
-        "r1 p1 e1 r2 p2 e2", "e1 e2 r1", "r2 e1 p2 e2",
+        "r1 p1 e1 r2 p2 e2", "e1 e2 r1", "r2 e1 p2 e2", "r1 p1 r3 p3",
     ])
     def test_a_retry_makes_the_same_rows_however_batched(self, tmp_path: Path, sequence: str) -> None:
         """Every way of cutting the same events, in the same order, into sink-worker batches."""
