@@ -7,8 +7,9 @@ fails the startup). The request body is read first (and replayed to the app); th
 through, only the part the event keeps (`max_payload_bytes`) held, and the response event is
 appended before the last body chunk goes to the client.
 
-An app that raises after its answer began (a stream broken off) is logged as the client got it:
-its status, the body as far as it went, marked truncated. Added with `add_middleware`, it runs
+An app that raises after its answer's body began (a stream broken off) is logged as the client got
+it: its status, the body as far as it went, marked truncated (before a body, the start may still be
+held further out, by GZipMiddleware or Hypercorn, and a 500 answered: logged as the 500). Added with `add_middleware`, it runs
 inside Starlette's ServerErrorMiddleware: for an exception the app raises before it answers, the
 logged response is its own 500 `{"error": "<ExceptionName>"}`, whatever an
 `exception_handler(Exception)` then answers (that answer has no x-request-id either). Wrapped
@@ -143,10 +144,10 @@ class InferenceLoggerMiddleware:
         kept = bytearray()  # the response's first `payload_limit` bytes: all its event keeps
         size = 0
         limit = self.logger.payload_limit
-        logged = answering = False
+        logged = answering = bodied = False
 
         async def capture(message: dict[str, Any]) -> None:
-            nonlocal status, content_type, logged, size, answering
+            nonlocal status, content_type, logged, size, answering, bodied
             if message["type"] == "http.response.start":
                 answering = True
                 status = message["status"]
@@ -163,6 +164,7 @@ class InferenceLoggerMiddleware:
                 message = {**message, "headers": message_headers}
                 copy_back()  # an outer BaseHTTPMiddleware's call_next returns at the start
             elif message["type"] == "http.response.body" and not logged:  # once (a second final is the server's to refuse)
+                bodied = True  # from here the start has gone out, even through one holding it (GZipMiddleware)
                 chunk = message.get("body", b"")
                 if len(kept) < limit:
                     kept.extend(chunk[: limit - len(kept)])
@@ -179,8 +181,9 @@ class InferenceLoggerMiddleware:
             await self.app(scope, replay, capture)
         except Exception as exc:
             if not logged:
-                if answering:  # the client left, or the app broke off: its status went out, no 500
+                if bodied:  # the client left, or the app broke off: its status went out, no 500
                     # can follow; the client has the body as far as it went, and so has the log.
+                    # (Its start alone may still be held further out, and a 500 answered instead.)
                     self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True,
                                     encoding=", ".join(codings))
                 else:  # the server answers 500 further out; the audit log still sees that it failed
@@ -191,7 +194,7 @@ class InferenceLoggerMiddleware:
             # The server's stop (uvicorn's graceful-shutdown timeout) or an outer timeout: the
             # client gets uvicorn's 500, or its answer cut. Logged so; the cancel goes on.
             if not logged:
-                if answering:
+                if bodied:
                     self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True,
                                     encoding=", ".join(codings))
                 else:

@@ -506,6 +506,36 @@ def test_a_stream_the_app_breaks_off_is_logged_as_the_client_got_it(tmp_path: Pa
     assert int(responses["boom"][ev.STATUSCODE]) == 500
 
 
+def test_a_stream_failing_before_its_body_behind_a_middleware_holding_the_start_is_its_500(tmp_path: Path) -> None:
+    """GZipMiddleware (as Hypercorn) holds the answer's start until a body comes: the app raising
+    before its first chunk is answered 500 further out, which was logged as a cut 200."""
+    from starlette.applications import Starlette
+    from starlette.middleware.gzip import GZipMiddleware
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    async def predict(request: Any) -> StreamingResponse:
+        await request.body()
+
+        async def body() -> AsyncIterator[bytes]:
+            raise RuntimeError("the model failed before its first row")
+            yield b""
+        return StreamingResponse(body(), media_type="application/json")
+
+    app = Starlette(routes=[Route("/v1/models/m:predict", predict, methods=["POST"])])
+    with EventCollector() as sink:
+        app.add_middleware(InferenceLoggerMiddleware, settings=load_settings(log_url=[sink.url],
+                                                                             spool={"dir": str(tmp_path)}))
+        app.add_middleware(GZipMiddleware)  # outside the logger
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+                status = client.post("/v1/models/m:predict", json={}, headers={"ce-id": "m"}).status_code
+        received = sink.wait_for(2)
+    [response] = [e for e in received if e.type == ev.RESPONSE]
+    assert status == 500 and int(response[ev.STATUSCODE]) == 500, response.data
+
+
 async def test_files_and_encodings_reach_the_log_as_the_client_reads_them(tmp_path: Path) -> None:
     """A server offering `http.response.pathsend` had a FileResponse sent as a path: never logged.
     With no Accept-Encoding any coding may do: the app is asked for `identity`."""
