@@ -435,7 +435,9 @@ class _Connection(asyncio.Protocol):
         if self.transport is None:
             return
         unsent = self.transport.get_write_buffer_size()
-        if unsent != self._unsent:  # the client took some (or more was written): its time starts again
+        # The client took some (or more was written), or it is sending (an upload pipelined behind
+        # the answer it will read after: the read deadline bounds that): its time starts again.
+        if unsent != self._unsent or self._midway or self.last > self._unsent_since:
             self._unsent, self._unsent_since = unsent, now
         elif unsent and now - self._unsent_since > self.server.request_read_timeout:
             log.info("a client took none of its answer for %g seconds: connection aborted, %d bytes unsent",

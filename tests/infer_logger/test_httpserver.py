@@ -755,6 +755,44 @@ async def test_a_client_that_never_reads_its_answer_is_let_go(way: str) -> None:
         await srv.stop(grace=1)
 
 
+async def test_an_upload_pipelined_behind_an_unread_answer_is_not_cut() -> None:
+    """The send deadline let go of a client still sending (within its read deadline) a request
+    pipelined behind the answer it reads after: the request was lost."""
+    import socket
+
+    big = b"y" * (16 << 20)
+
+    async def handler(request: Request) -> Reply:
+        return 200, [], big if request.method == "GET" else str(len(request.body)).encode()
+
+    srv = HttpServer(handler, keep_alive_timeout=0.2, request_read_timeout=0.5)
+    await srv.start("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    part = b"u" * (1 << 20)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", srv.port))
+        # The upload's head with the GET: it is under way as the answer fills the buffer.
+        await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"
+                                      b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: %d\r\n\r\n" % (3 * len(part)))
+        await until(lambda: any(c.transport and c.transport.get_write_buffer_size() for c in srv.connections),
+                    30, "the answer buffered")
+        for n in range(3):  # a MiB a second: past the send deadline, within the read deadline's allowance
+            await asyncio.sleep(1.0 if n else 0)
+            await loop.sock_sendall(sock, part)
+        raw = bytearray()
+        while len(raw) < len(big) or not raw.endswith(b"%d" % (3 * len(part))):
+            data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 10)
+            assert data, f"cut after {len(raw)} bytes"
+            raw += data
+        assert raw.count(b"HTTP/1.1 200") == 2
+    finally:
+        sock.close()
+        await srv.stop(grace=1)
+
+
 async def test_a_client_reading_its_answer_late_gets_it_whole() -> None:
     """What lets go of a client that reads nothing (above) does not cut one that reads late: idle
     past the keep-alive timeout with its answer still buffered, it still gets all of it."""
