@@ -92,7 +92,12 @@ class _BadHost(Exception):
 
 
 class _Unservable(Exception):
-    """Raised in a parser callback: a request this server cannot serve (501, the message says why)."""
+    """Raised in a parser callback: a request this server cannot serve (501 or `status`, the message
+    says why)."""
+
+    def __init__(self, reason: str, status: int = 501) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 class _UnknownCoding(Exception):
@@ -241,7 +246,7 @@ class _Connection(asyncio.Protocol):
             self._refuse(501, f"transfer coding {', '.join(other_codings(self._headers))} is not supported "
                               "(chunked is)")
         elif isinstance(cause, _Unservable):
-            self._refuse(501, str(cause))
+            self._refuse(cause.status, str(cause))
         else:
             log.info("bad HTTP request from a client: %s", exc)
             self._refuse(400, f"invalid HTTP request: {exc}")
@@ -296,7 +301,10 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        old = self.parser.get_http_version() == "1.0"
+        version = self.parser.get_http_version()
+        if not version.startswith("1."):  # RFC 9110 15.6.6 (a higher 1.x minor is read as 1.1)
+            raise _Unservable(f"HTTP/{version} is not served (HTTP/1.1 is)", 505)
+        old = version == "1.0"
         if self._hosts != 1 and not (old and self._hosts == 0):
             raise _BadHost
         if self._codings and other_codings(self._headers):

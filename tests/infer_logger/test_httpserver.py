@@ -182,6 +182,14 @@ class TestBodyLimit:
         assert status.startswith(b"HTTP/1.1 501")
         assert orjson.loads(body)["error"] == "transfer coding gzip is not supported (chunked is)"
 
+    @pytest.mark.parametrize("version", [b"2.0", b"0.9"])  # llhttp refuses others (400)
+    async def test_a_major_version_other_than_1_is_505(self, small: HttpServer, version: bytes) -> None:
+        """It was served as HTTP/1.1 (RFC 9110 15.6.6: a major version not served is a 505)."""
+        raw = await exchange(small, b"GET /p HTTP/%s\r\nhost: x\r\n\r\n" % version)
+        status, _, body = answers(raw)[0]
+        assert status.startswith(b"HTTP/1.1 505")
+        assert orjson.loads(body)["error"] == f"HTTP/{version.decode()} is not served (HTTP/1.1 is)"
+
     async def test_trailers_are_dropped_and_bounded(self, small: HttpServer) -> None:
         """Trailers were merged into the headers (a trailer x-request-id became the event id), and
         counted against no limit: 100 MiB of them grew the sidecar by 230 MiB."""
