@@ -443,9 +443,12 @@ class _Connection(asyncio.Protocol):
         if self.transport is None:
             return
         unsent = self.transport.get_write_buffer_size()
-        # The client took some (or more was written), or it is sending (an upload pipelined behind
-        # the answer it will read after: the read deadline bounds that): its time starts again.
-        if unsent != self._unsent or self._midway or self.last > self._unsent_since:
+        # The client took some (or more was written), or it is sending while its read deadline
+        # runs (an upload pipelined behind the answer it will read after): its time starts again.
+        # Not once refused or closing, nor behind an answer held (the read deadline waits then):
+        # a client trickling bytes it never finishes, reading nothing, was held for ever.
+        sending = not self.closing and not self.active and (self._midway or self.last > self._unsent_since)
+        if unsent != self._unsent or sending:
             self._unsent, self._unsent_since = unsent, now
         elif unsent and now - self._unsent_since > self.server.request_read_timeout:
             log.info("a client took none of its answer for %g seconds: connection aborted, %d bytes unsent",

@@ -731,7 +731,7 @@ async def test_a_request_finished_after_the_pause_is_held_and_reading_stops() ->
         await srv.stop(grace=1)
 
 
-@pytest.mark.parametrize("way", ["keep-alive", "half-closed", "pipelined"])
+@pytest.mark.parametrize("way", ["keep-alive", "half-closed", "pipelined", "unfinished", "trickled", "held"])
 async def test_a_client_that_never_reads_its_answer_is_let_go(way: str) -> None:
     """A client keeping a zero window: the idle connection's close() (and a refusal's, after its
     linger) waits for the write buffer to drain, which never happens: the connection and its whole
@@ -752,12 +752,29 @@ async def test_a_client_that_never_reads_its_answer_is_let_go(way: str) -> None:
     try:
         await loop.sock_connect(sock, ("127.0.0.1", srv.port))
         get = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"
-        await loop.sock_sendall(sock, get * 2 if way == "pipelined" else get)
+        # A request begun behind the answer and never finished (408), or trickled, or behind
+        # another answer held: the send deadline waited on it for ever.
+        unfinished = b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 1000\r\n\r\nab"
+        sent = {"pipelined": get * 2, "unfinished": get + unfinished, "trickled": get + unfinished,
+                "held": get * 2 + unfinished}.get(way, get)
+        await loop.sock_sendall(sock, sent)
         if way == "half-closed":
             sock.shutdown(socket.SHUT_WR)
         await until(lambda: any(c.transport and c.transport.get_write_buffer_size() for c in srv.connections),
                     30, "the answer buffered")
-        await until(lambda: not srv.connections, 60, "the connection let go")
+
+        async def trickle() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    await asyncio.sleep(0.2)
+                    await loop.sock_sendall(sock, b"x")
+
+        trickling = asyncio.ensure_future(trickle()) if way in ("trickled", "held") else None
+        try:
+            await until(lambda: not srv.connections, 60, "the connection let go")
+        finally:
+            if trickling is not None:
+                trickling.cancel()
     finally:
         sock.close()
         await srv.stop(grace=1)
