@@ -7,9 +7,10 @@ fails the startup). The request body is read first (and replayed to the app); th
 through, only the part the event keeps (`max_payload_bytes`) held, and the response event is
 appended before the last body chunk goes to the client.
 
-An app that raises after its answer's body began (a stream broken off) is logged as the client got
-it: its status, the body as far as it went, marked truncated (before a body, the start may still be
-held further out, by GZipMiddleware or Hypercorn, and a 500 answered: logged as the 500). Added with `add_middleware`, it runs
+An answer's start is held until its first body message (as GZipMiddleware and Hypercorn hold it):
+an app that raises before any body gets the server's 500, logged as such; one that raises after its
+body began (a stream broken off) is logged as the client got it: its status, the body as far as it
+went, marked truncated. (So a stream's head reaches the client with its first chunk.) Added with `add_middleware`, it runs
 inside Starlette's ServerErrorMiddleware: for an exception the app raises before it answers, the
 logged response is its own 500 `{"error": "<ExceptionName>"}`, whatever an
 `exception_handler(Exception)` then answers (that answer has no x-request-id either). Wrapped
@@ -145,9 +146,10 @@ class InferenceLoggerMiddleware:
         size = 0
         limit = self.logger.payload_limit
         logged = answering = bodied = False
+        held: dict[str, Any] | None = None  # the answer's start, sent with its first body
 
         async def capture(message: dict[str, Any]) -> None:
-            nonlocal status, content_type, logged, size, answering, bodied
+            nonlocal status, content_type, logged, size, answering, bodied, held
             if message["type"] == "http.response.start":
                 answering = True
                 status = message["status"]
@@ -161,10 +163,14 @@ class InferenceLoggerMiddleware:
                 # The client can find the events by it, whatever id the app answered with.
                 message_headers = [(k, v) for k, v in message_headers if k.lower() != b"x-request-id"]
                 message_headers.append((b"x-request-id", ev.id_header(event_id, headers)))
-                message = {**message, "headers": message_headers}
                 copy_back()  # an outer BaseHTTPMiddleware's call_next returns at the start
+                # Held until the first body, as GZipMiddleware and Hypercorn hold it (uvicorn sends
+                # it at once): an app failing before any body then gets the server's 500 under every
+                # server, as logged; sent at once, uvicorn's client had a 200 head and a cut.
+                held = {**message, "headers": message_headers}
+                return
             elif message["type"] == "http.response.body" and not logged:  # once (a second final is the server's to refuse)
-                bodied = True  # from here the start has gone out, even through one holding it (GZipMiddleware)
+                bodied = True  # from here the start goes out
                 chunk = message.get("body", b"")
                 if len(kept) < limit:
                     kept.extend(chunk[: limit - len(kept)])
@@ -172,6 +178,9 @@ class InferenceLoggerMiddleware:
                 if not message.get("more_body", False):
                     logged = True
                     self.logger.end(exchange, status, content_type, bytes(kept), size, encoding=", ".join(codings))
+            if held is not None:
+                start, held = held, None
+                await send(start)
             await send(message)
 
         task = asyncio.current_task()
@@ -183,7 +192,6 @@ class InferenceLoggerMiddleware:
             if not logged:
                 if bodied:  # the client left, or the app broke off: its status went out, no 500
                     # can follow; the client has the body as far as it went, and so has the log.
-                    # (Its start alone may still be held further out, and a 500 answered instead.)
                     self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True,
                                     encoding=", ".join(codings))
                 else:  # the server answers 500 further out; the audit log still sees that it failed
@@ -204,6 +212,8 @@ class InferenceLoggerMiddleware:
         finally:
             copy_back()
             self._answering.discard(task)
+        if held is not None:  # a start and no body: sent as the app left it, the server's to end
+            await send(held)
         if answering and not logged:
             # A stream the client left (Starlette ends it quietly): what went out, marked cut off.
             self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True,
