@@ -30,7 +30,7 @@ _HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path),
               help="The audit store to write (the default sink).  [default: infer-logger-data/audit.db]")
 @click.option("--host", help="Address of /healthz, /readyz and /metrics.  [default: 127.0.0.1]")
-@click.option("--port", type=int, help="Their port.  [default: 9083]")
+@click.option("--port", type=int, help="Their port.  [default: 9084]")
 @click.option("--check", is_flag=True,
               help="Validate the settings, then exit (their form: peers and paths are tried at start).")
 @click.option("--log-level", default="info", show_default=True,

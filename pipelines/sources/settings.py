@@ -6,7 +6,7 @@
     sink:
       type: store            # any sink the sidecar has: http (a broker), elasticsearch, ...
       path: infer-logger-data/audit.db
-    port: 9083               # /healthz /readyz /metrics
+    port: 9084               # /healthz /readyz /metrics
 
 Flags override `INFER_LOGGER_INGEST_*` env vars (nested keys with `__`:
 `INFER_LOGGER_INGEST_SOURCE__PORT=24225`), which override the YAML file.
@@ -36,7 +36,7 @@ class IngestSettings(LayeredSettings):
 
     host: str = Field("127.0.0.1", min_length=1)  # "" is every address to uvicorn
     """Address of the health and metrics endpoints."""
-    port: int = Field(9083, ge=0, le=65535)
+    port: int = Field(9084, ge=0, le=65535)  # the explainer's is 9083: both may run on one host
     source: SourceSpec = ForwardSourceConfig()
     """Where events come from: `forward` (a Fluentd Forward server) or `kafka` (a consumer group)."""
     sink: SinkSpec = StoreSinkConfig()
