@@ -55,7 +55,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from explainers import codecs
 from explainers.base import Explanation
-from explainers.config import SubscriberSettings, load_explainer_settings
+from explainers.config import ExplainerSettings, SubscriberSettings, load_explainer_settings
 from explainers.errors import (
     ExplainerError,
     InvalidInputError,
@@ -608,6 +608,9 @@ class ExplainerComponentConfig(SinkConfig):
     def _explainer_settings(cls, settings: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         # Checked with the component, not first in build(): `broker --check` said ok, and the start
         # failed (exit 1) blaming the trigger's line. The predictor is not asked until the start.
+        # Only settings: they are passed as keywords, and `env`, `section`... are the loader's own.
+        if unknown := sorted(set(settings) - set(ExplainerSettings.model_fields)):
+            raise ValueError(f"unknown explainer setting {unknown[0]!r}")
         if "config" in info.data:  # else its own error is the one to say
             config = info.data["config"]
             load_explainer_settings(Path(config) if config else None, **settings)

@@ -708,6 +708,9 @@ triggers:
         ({"settings": {"model_name": "x"}}, "settings"),  # no predictor_url nor model_file
         ({"settings": {**REQUIRED, "subscriber": {"source": "a\tb"}}}, "settings"),
         ({"config": "/nonexistent/explainer.yaml", "settings": REQUIRED}, "config"),
+        # The loader's own keywords, not settings: `env: false` dropped the user's variables unsaid.
+        ({"settings": {**REQUIRED, "env": False}}, "settings"),
+        ({"settings": {**REQUIRED, "section": "x"}}, "settings"),
     ])
     def test_a_component_config_is_checked_when_validated(self, spec: dict[str, Any], field: str) -> None:
         """Only build() read the settings: `broker --check` took the component, the start failed."""
