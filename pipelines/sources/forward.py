@@ -16,20 +16,32 @@ and converted only when the one before was taken, so a frame of many small entri
 and one batch of events, not all of them decoded (a Forward-mode array's entries are read from the
 frame's bytes, a PackedForward bin's unpacked, and inflated, as they go); at most `in_flight` frames,
 across connections, at once (a connection whose frame waits its turn reads no more: TCP holds its
-sender back, and that wait, like the subscriber's, is not `frame_timeout`). A `chunk` option is acked
+sender back, and that wait, like the subscriber's, is not `frame_timeout`). Frames read and not yet
+taken, across connections, hold at most about `max_frame_bytes` x `in_flight` bytes (one arriving
+counts twice: its bin is held whole until it is), plus a frame and a read (256 KiB) a connection:
+past that no socket is read on (TCP holds the senders back; that wait is not `frame_timeout`
+either) but one, finishing the frame it began. A `chunk` option is acked
 (`{"ack": chunk}`) only after the last batch's `send_batch` returned, so a client with
 `require_ack_response` resends what the subscriber did not take: the whole chunk, so the batches
 before a failed or bad one are delivered again (at-least-once; a chunk's record ids stay the same,
 see below). A frame that does not parse or is over `max_frame_bytes`, a failed handshake or a
 batch the subscriber failed to take closes that connection (logged, counted in `errors`); other
-connections go on. Events the subscriber refuses for good (`RejectedError`, after a batch refused
-together went again in halves) are dead-lettered to `dead_letter_file`, or logged,
-and the chunk is acked: resent, they would only be refused again. A chunk
-whose sender went away is not handed on further (counted in `abandoned`): it can no longer be
-acked, and the sender sends it again.
+connections go on. Such a close, or one after the sender half-closed, sends the acks written first
+and reads what still comes for up to 5 s, so that no reset drops acks the sender had not read yet.
+Events the subscriber refuses for good (`RejectedError`, after a batch refused together went again
+in halves) are dead-lettered to `dead_letter_file`, or logged, and the chunk is acked: resent,
+they would only be refused again. A chunk whose connection was lost (reset, a write failed) is not
+handed on further, nor, while it waits for its turn, held on (counted in `abandoned`): it can no
+longer be acked, and the sender sends it again. A FIN is no such loss: a sender that half-closed
+(shutdown(SHUT_WR)) has its chunks taken and acked. One that closed (as the `fluentd` sink does
+past its timeout: no reset when nothing is unread) looks the same: its chunk is taken, a duplicate,
+with the same ids, of the one it sends again.
 
 Records in the CloudEvents JSON format (what the `fluentd` sink sends: they have `specversion`)
-become that event again. Any other record becomes an event of type `record_type` with the tag as
+become that event again; one that has `specversion` and is no valid CloudEvent (a `time` that is no
+RFC 3339 timestamp, a missing `source`) is dead-lettered with the reason, as the refused ones are,
+as the record event it would be below (logged at WARNING, counted in `invalid_events`), and the
+chunk acked. Any other record becomes an event of type `record_type` with the tag as
 `subject`, the Fluentd time as `time` (nanoseconds), the record as JSON `data`, and the id
 `<chunk>-<index>` when the frame has a chunk (a resent chunk keeps its ids, so an id-keyed store
 overwrites) or else a new UUID; in subject and id, what an attribute may not hold (a control
@@ -42,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import hmac
 import itertools
 import logging
@@ -82,6 +95,7 @@ _READ_SIZE = 256 * 1024
 _PIECE = 256 * 1024  # most bytes of entries given to an unpacker at once
 _MAX_ENTRIES = 10_000
 _WALK_READ = 16 * 1024  # bytes of a frame an unpacker reads at once while walking it
+_LINGER = 5.0  # seconds a connection this end closes has to read its acks and close too
 
 
 class FrameError(ValueError):
@@ -120,7 +134,9 @@ class ForwardSourceConfig(SourceConfig):
     in_flight: int = Field(4, ge=1)
     """Most frames, across connections, being converted and handed to the subscriber at once: each
     holds a batch of up to max_frame_entries events (a 10,000-event batch of tiny records is ~12 MB).
-    A connection whose frame waits for its turn reads no more, so TCP holds its sender back."""
+    A connection whose frame waits for its turn reads no more, so TCP holds its sender back; and
+    past max_frame_bytes x in_flight bytes of frames read and not yet taken, across connections,
+    no socket is read on but one's, finishing its frame."""
     record_type: fields.AttributeText = Field("io.fluentd.record", min_length=1)
     """CloudEvents `type` of records that are not CloudEvents themselves (a CloudEvents String: every
     such record's event has it; "" or a control character had each frame refused, resent for ever)."""
@@ -130,7 +146,8 @@ class ForwardSourceConfig(SourceConfig):
     dead_letter_file: fields.AppendedPath | None = None
     """Events the subscriber refuses for good are appended here as JSON lines with the reason
     (written before the chunk is acked); without it they are logged with their ids. Counted in
-    `refused` either way."""
+    `refused` either way. So are records that have `specversion` and are no valid CloudEvent (as
+    the record events they would be; counted in `invalid_events`)."""
 
     @field_validator("source_uri")
     @classmethod
@@ -235,6 +252,8 @@ class _Messages:
         self.waited = 0.0
         self._reads: list[bytes] = []  # the reads it is in, and what follows it
         self._offset = 0  # where it starts in the first
+        self.held = 0  # bytes fed and not yet let go by ForwardSource (taken, or dropped)
+        self.counted = 0  # what ForwardSource counts them as
 
     def feed(self, data: bytes) -> None:
         self._unpacker.feed(data)
@@ -362,6 +381,30 @@ def parse_frame(frame: bytes | memoryview, limit: int, max_entries: int = _MAX_E
     if signal := _signal(option):
         return Frame(tag, (), chunk, budget, signal)
     return Frame(tag, entries, chunk, budget)
+
+
+def _chunk(frame: bytes | memoryview) -> str | None:
+    """The frame's chunk option, read past its entries and record without decoding them; None when
+    it has none, or is no frame to tell."""
+    walk = _Walk(memoryview(frame))
+    try:
+        size = walk.array_header() if walk.kind() == "array" else 0
+        if not 3 <= size <= 4:
+            return None
+        walk.skip()  # the tag
+        at = 2 if walk.kind() in ("array", "raw") else 3  # the option's place: Forward modes, or Message
+        for _ in range(1, at):
+            walk.skip()
+        if size <= at or walk.kind() != "map":
+            return None
+        for _ in range(walk.map_header()):
+            if walk.value() == "chunk":
+                chunk = walk.value()
+                return chunk if isinstance(chunk, str) else None
+            walk.skip()
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException):
+        pass
+    return None
 
 
 def _signal(option: dict[str, Any]) -> int:
@@ -728,7 +771,7 @@ class ForwardSource:
         self.errors = 0  # connections closed for a bad frame, a failed handshake, a refused batch
         self.abandoned = 0  # frames left part-taken: their sender was gone (it sends them again)
         self.auth_failures = 0
-        self.invalid_events = 0  # CloudEvent-looking records that failed validation (kept as records)
+        self.invalid_events = 0  # records with specversion that are no valid CloudEvent (dead-lettered)
         self.refused = 0  # events the subscriber refused for good (dead-lettered or logged)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -738,7 +781,14 @@ class ForwardSource:
         self._taking = 0  # frames being taken (waiting for their turn, handed on, then acked)
         self._idle = asyncio.Event()
         self._idle.set()
-        self._turns = asyncio.Semaphore(config.in_flight)  # frames whose batches are converted and handed on
+        self._turns = _Turns(config.in_flight)  # frames whose batches are converted and handed on
+        # Bytes read of frames not yet taken (arriving, waiting for a turn, in one), across
+        # connections: past _bound no socket is read on (one connection finishing the frame it began).
+        self._held = 0
+        self._bound = config.max_frame_bytes * config.in_flight
+        self._finisher: _Messages | None = None
+        self._waiting = 0  # connections waiting for room to read
+        self._freed = asyncio.Event()  # set (and replaced) when bytes are let go
         # surrogateescape: an ack echoes a chunk that is not UTF-8 (read so) byte for byte; strict,
         # it failed after the records were handed on, and every resend delivered them again.
         self._packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
@@ -815,48 +865,13 @@ class ForwardSource:
         assert task is not None
         self._tasks.add(task)
         self.connections += 1
-        peer = writer.get_extra_info("peername")
         messages = _Messages(self.config.max_frame_bytes)
-        skipping = False  # a fluent_signal frame was skipped (logged once)
+        # Done when the connection is lost (a reset, a failed write), not at a FIN: a sender that
+        # half-closed still reads its acks.
+        gone = asyncio.ensure_future(writer.wait_closed())
         try:
-            if self.config.shared_key is not None and not await self._handshake(
-                    reader, writer, messages, peer):
-                return
-            while True:
-                # Frames first: some may have come in the handshake's last read, behind its PING.
-                for message in messages:
-                    if self._draining:
-                        return  # not taken, not acked: the sender sends it again
-                    if len(message) == 1 and message[0] == _NIL:
-                        continue  # a heartbeat (Fluentd's in_forward skips it too)
-                    self._taking += 1
-                    self._idle.clear()
-                    try:
-                        frame = await self._take(message, reader, writer)
-                    finally:
-                        self._taking -= 1
-                        if not self._taking:
-                            self._idle.set()
-                    if frame is not None and frame.signal and not skipping:
-                        skipping = True
-                        log.warning("forward source: %s sends frames with fluent_signal %d (metrics, traces or "
-                                    "another kind, not log records; tag %r): acked and skipped", peer,
-                                    frame.signal, frame.tag)
-                if not (data := await self._read(reader, messages)):
-                    break
-                messages.feed(data)
-        except msgpack.BufferFull:  # _Messages refuses first; kept as the backstop it was
-            self._close_for(peer, f"bad frame: {_TOO_BIG}")
-        except (FrameError, msgpack.UnpackException, ValueError, OverflowError, TypeError) as exc:
-            # ValueError/OverflowError: msgpack's own, and times no calendar holds; TypeError:
-            # msgpack's for a map key Python cannot hash (an array or a map)
-            self._close_for(peer, f"bad frame: {str(exc) or type(exc).__name__}")
-        except _Refused as exc:
-            self._close_for(peer, f"subscriber refused the batch, not acked: {exc.__cause__!r}")
-        except TimeoutError:
-            self._close_for(peer, "no PING within handshake_timeout")
-        except OSError:
-            pass  # the client went away
+            if await self._converse(reader, writer, messages, gone):
+                await self._linger(reader, writer, gone)
         except asyncio.CancelledError:
             # aclose() ends connections by cancelling them; finishing normally keeps asyncio's
             # stream callback from logging the cancellation as an error.
@@ -864,7 +879,134 @@ class ForwardSource:
                 raise
         finally:
             self._tasks.discard(task)
+            writer.transport.abort()  # a no-op once closed
+            self._let_go(messages, messages.held)  # all of it, the frame arriving too
+            if gone.done() and not gone.cancelled():
+                gone.exception()  # retrieved: a reset is no error here
+            gone.cancel()
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, messages: _Messages,
+                        gone: asyncio.Future[None]) -> bool:
+        """Serves the connection; True when this end closes it (the sender still there), False when
+        the sender is gone."""
+        peer = writer.get_extra_info("peername")
+        skipping = False  # a fluent_signal frame was skipped (logged once)
+        try:
+            if self.config.shared_key is not None and not await self._handshake(
+                    reader, writer, messages, peer):
+                return True
+            while True:
+                # Frames first: some may have come in the handshake's last read, behind its PING.
+                for message in messages:
+                    try:
+                        if self._draining:
+                            return True  # not taken, not acked: the sender sends it again
+                        if len(message) == 1 and message[0] == _NIL:
+                            continue  # a heartbeat (Fluentd's in_forward skips it too)
+                        self._taking += 1
+                        self._idle.clear()
+                        try:
+                            frame = await self._take(message, writer, gone)
+                        finally:
+                            self._taking -= 1
+                            if not self._taking:
+                                self._idle.set()
+                    finally:
+                        self._let_go(messages, len(message))
+                    if frame is None:
+                        continue
+                    # Taken once the subscriber returned: a sender that does not read its acks holds
+                    # its connection, not the other frames, nor a stop.
+                    if frame.chunk is not None:
+                        writer.write(self._packer.pack({"ack": frame.chunk}))
+                        await writer.drain()
+                        self.acks += 1
+                    if frame.signal and not skipping:
+                        skipping = True
+                        log.warning("forward source: %s sends frames with fluent_signal %d (metrics, traces or "
+                                    "another kind, not log records; tag %r): acked and skipped", peer,
+                                    frame.signal, frame.tag)
+                if not await self._room(messages, gone):
+                    return False
+                if not (data := await self._read(reader, messages)):
+                    return True  # the sender sends no more (it may still read its acks: sent by now)
+                self._hold(messages, data)
+        except msgpack.BufferFull:  # _Messages refuses first; kept as the backstop it was
+            self._close_for(peer, f"bad frame: {_TOO_BIG}")
+        except (FrameError, msgpack.UnpackException, ValueError, OverflowError, TypeError) as exc:
+            # ValueError/OverflowError: msgpack's own, and times no calendar holds; TypeError:
+            # msgpack's for a map key Python cannot hash (an array or a map)
+            self._close_for(peer, f"bad frame: {str(exc) or type(exc).__name__}")
+        except _Refused as exc:
+            what = exc.args[0] if exc.args else "subscriber refused the batch"
+            self._close_for(peer, f"{what}, not acked: {exc.__cause__!r}")
+        except TimeoutError:
+            self._close_for(peer, "no PING within handshake_timeout")
+        except OSError:
+            return False  # the client went away
+        return True
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      gone: asyncio.Future[None]) -> None:
+        """Closes the connection without a reset: the acks written go out, then a FIN, and what the
+        sender still sends is read and dropped until it closes too, for at most _LINGER seconds
+        (closed with bytes unread, the connection was reset, and the sender's socket dropped the
+        acks it had not read yet: those chunks came again)."""
+        try:
+            async with asyncio.timeout(_LINGER):
+                if writer.can_write_eof():
+                    writer.write_eof()  # once the acks still buffered are written
+                while await reader.read(_READ_SIZE):
+                    pass
+                writer.close()
+                # Not wait_closed(): cancelled (the timeout, aclose), it cancels the close future
+                # `gone` waits on too; wait() cancels nothing.
+                await asyncio.wait((gone,))
+        except (TimeoutError, OSError):
             writer.transport.abort()
+
+    def _hold(self, messages: _Messages, data: bytes) -> None:
+        messages.feed(data)
+        messages.held += len(data)
+        self._count(messages)
+
+    def _let_go(self, messages: _Messages, size: int) -> None:
+        """`size` bytes of the connection's frames taken (or dropped): room for others to read."""
+        messages.held -= size
+        self._count(messages)
+        if self._finisher is messages:
+            self._finisher = None
+        if self._waiting:
+            self._freed.set()
+            self._freed = asyncio.Event()
+
+    def _count(self, messages: _Messages) -> None:
+        # A frame arriving counts twice: the unpacker that finds its end holds all of a bin (a
+        # PackedForward frame's entries) until it is whole.
+        counted = messages.held + (messages.received if messages.held else 0)
+        self._held += counted - messages.counted
+        messages.counted = counted
+
+    async def _room(self, messages: _Messages, gone: asyncio.Future[None]) -> bool:
+        """Until the frames read and not yet taken, across connections, hold less than max_frame_bytes
+        x in_flight (each read's bytes go on to the frame's end, waiting for turns; the StreamReader
+        pauses its socket meanwhile: TCP holds the sender back), or this connection may finish the
+        frame it began: one connection at a time, until that frame is taken (frames begun and held
+        back would wait for each other for ever). False when the connection was lost meanwhile."""
+        while self._held >= self._bound:
+            if messages.partial and self._finisher in (None, messages):
+                self._finisher = messages
+                return True
+            self._waiting += 1
+            freed = asyncio.ensure_future(self._freed.wait())
+            try:
+                await asyncio.wait((freed, gone), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._waiting -= 1
+                freed.cancel()
+            if gone.done():
+                return False
+        return True
 
     async def _read(self, reader: asyncio.StreamReader, messages: _Messages) -> bytes:
         """The next read; when a frame has begun, within what is left of its time: `frame_timeout`,
@@ -888,33 +1030,39 @@ class ForwardSource:
         self.errors += 1
         log.warning("forward source: closing connection from %s: %s", peer, reason)
 
-    async def _take(self, message: bytes | memoryview, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> Frame | None:
-        """The frame's batches handed on in its turn (one of `in_flight`), then its chunk acked;
-        the frame, or None when it was not taken."""
-        async with self._turns:  # waiting, this connection reads nothing: TCP holds its sender back
+    async def _take(self, message: bytes | memoryview, writer: asyncio.StreamWriter,
+                    gone: asyncio.Future[None]) -> Frame | None:
+        """The frame's batches handed on in its turn (one of `in_flight`); the frame, or None when
+        it was not taken."""
+        # Waiting, this connection reads nothing: TCP holds its sender back.
+        if not await self._turns.take(gone):
+            # Lost while it waited (a reset: its sender's ack timeout): held on, it was taken for no
+            # one to ack, and the sender sends it again on a new connection.
+            if _chunk(message) is not None:
+                self.abandoned += 1
+                raise ConnectionResetError("the sender went away while its chunk waited for its turn")
+            await self._turns.take()  # without a chunk nothing comes again: it goes on
+        try:
             if self._draining:
                 return None  # began while this one waited: not taken, not acked (the sender sends it again)
             # Parsed in its turn too: a Message mode record is decoded whole.
             frame = parse_frame(message, self.config.max_frame_bytes, self.config.max_frame_entries)
             self.frames += 1
-            await self._hand_on(frame, reader, writer)
-        # After the turn: a sender that does not read its acks holds its connection, not the others.
-        if frame.chunk is not None:
-            writer.write(self._packer.pack({"ack": frame.chunk}))
-            await writer.drain()
-            self.acks += 1
+            await self._hand_on(frame, writer)
+        finally:
+            self._turns.release()
         return frame
 
-    async def _hand_on(self, frame: Frame, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter) -> None:
-        for events in self.batches(frame):
-            if frame.chunk is not None and (reader.at_eof() or writer.transport.is_closing()):
-                # The sender closed the connection (its ack timeout): no ack can reach it (Fluentd
-                # too drops a connection at EOF), and it sends the chunk again, so the rest of this
-                # one would be taken twice.
+    async def _hand_on(self, frame: Frame, writer: asyncio.StreamWriter) -> None:
+        for events, invalid in self.batches(frame):
+            if frame.chunk is not None and writer.transport.is_closing():
+                # The connection was lost (a reset: the sender's ack timeout): no ack can reach it,
+                # and it sends the chunk again, so the rest of this one would be taken twice. A FIN
+                # is no such sign: a sender that half-closed still reads its ack.
                 self.abandoned += 1
                 raise ConnectionResetError("the sender went away mid-frame")
+            if invalid:
+                self._write_down(frame, invalid, invalid=True)
             if events:
                 try:
                     await self._send(events)
@@ -922,14 +1070,7 @@ class ForwardSource:
                 except RejectedError as exc:
                     # Refused for good: sent again they would be refused again, and the sender
                     # would resend the chunk for ever. Written down, the rest of it is acked.
-                    refused = exc.refusals(events)
-                    try:
-                        self._dead_letter(refused)
-                    except OSError as error:
-                        if frame.chunk is not None:
-                            raise _Refused() from error  # not acked: the sender sends it again
-                        # No chunk, no resend: closing would lose the rest of the frame too.
-                        self._dead_letter(refused, f"not dead-lettered ({error})")
+                    self._write_down(frame, exc.refusals(events))
                     taken = exc.taken(events)
                 except asyncio.CancelledError:
                     raise
@@ -938,21 +1079,39 @@ class ForwardSource:
                 self.records += taken
             await asyncio.sleep(0)  # a frame of many batches lets other connections in between
 
-    def _dead_letter(self, refused: list[tuple[CloudEvent, str]], failed: str = "") -> None:
+    def _write_down(self, frame: Frame, dead: list[tuple[CloudEvent, str]], invalid: bool = False) -> None:
+        try:
+            self._dead_letter(dead, invalid=invalid)
+        except OSError as error:
+            if frame.chunk is not None:
+                raise _Refused("dead letters not written") from error  # not acked: the sender sends it again
+            # No chunk, no resend: closing would lose the rest of the frame too.
+            self._dead_letter(dead, f"not dead-lettered ({error})", invalid)
+
+    def _dead_letter(self, dead: list[tuple[CloudEvent, str]], failed: str = "",
+                     invalid: bool = False) -> None:
         """Written to `dead_letter_file` (OSError when it cannot be), else (or when `failed` says
-        why it could not be) logged with their ids."""
+        why it could not be) logged with their ids; one line a batch either way. `invalid`: records
+        that claim to be CloudEvents and are none, as the events they were wrapped in."""
         path = self.config.dead_letter_file
         if path is not None and not failed:
-            deadletter.append(path, refused, fsync=True)  # on disk before the ack forgets them
-        self.refused += len(refused)
+            deadletter.append(path, dead, fsync=True)  # on disk before the ack forgets them
         where = failed or (f"dead-lettered to {path}" if path else "not dead-lettered: no dead_letter_file")
-        ids = ", ".join(e.id for e, _ in refused)
-        log.error("forward source: the subscriber refused %d events (%s): %s; ids %s", len(refused), where,
-                  refused[0][1], ids)
+        ids = ", ".join(e.id for e, _ in dead)
+        if invalid:
+            self.invalid_events += len(dead)
+            log.warning("forward source: %d records with specversion are no valid CloudEvent (%s): %s; "
+                        "ids %s", len(dead), where, dead[0][1], ids)
+        else:
+            self.refused += len(dead)
+            log.error("forward source: the subscriber refused %d events (%s): %s; ids %s", len(dead), where,
+                      dead[0][1], ids)
 
-    def batches(self, frame: Frame) -> Iterator[list[CloudEvent]]:
+    def batches(self, frame: Frame) -> Iterator[tuple[list[CloudEvent], list[tuple[CloudEvent, str]]]]:
         """The frame's records as CloudEvents (see the module docstring), `max_frame_entries` at a
-        time, each batch unpacked and converted when asked for; FrameError if one cannot be."""
+        time, each batch unpacked and converted when asked for; FrameError if one cannot be. With
+        each batch, its records that have `specversion` and are no valid CloudEvent, wrapped as
+        other records are, with the reason (dead letters)."""
         meta_tag = {"fluentd-tag": frame.tag}
         # Tag and chunk are a sender's text: a control character in them made every record an
         # invalid event, the frame was refused and the sender resent it for ever.
@@ -961,16 +1120,21 @@ class ForwardSource:
         checked = False  # records that are no CloudEvents: is the frame's first one valid?
         start = 0  # the slice's first index
         for entries in frame.slices(self.config.max_frame_entries):
-            events = []
+            events: list[CloudEvent] = []
+            invalid: list[tuple[CloudEvent, str]] = []
             for index, (ns, record) in enumerate(entries, start):
                 meta = {**meta_tag, "fluentd-time": str(ns)}
+                invalid_reason = ""
                 if "specversion" in record:
                     try:
                         event = from_dict(record)
                     except (TypeError, ValueError) as exc:  # also data JSON cannot hold: bin, ext, int keys
-                        self.invalid_events += 1
-                        log.debug("forward source: %s record is no valid CloudEvent (%s); kept as a record",
-                                  frame.tag, exc)
+                        # Wrapped as a record it was acked, and lost to a subscriber that keeps the
+                        # events it knows (the store): dead-lettered as such, with why.
+                        claimed = record.get("id")
+                        name = repr(claimed[:100]) if isinstance(claimed, str) else _describe(claimed)
+                        invalid_reason = (f"a record with specversion and id {name} is no valid "
+                                          f"CloudEvent: {exc}")
                     else:
                         events.append(CloudEvent(event.attributes, event.data, meta))
                         continue
@@ -981,6 +1145,9 @@ class ForwardSource:
                     "datacontenttype": "application/json",
                 }
                 event = CloudEvent(attributes, _json(record), meta)
+                if invalid_reason:
+                    invalid.append((event, invalid_reason))
+                    continue
                 if not checked:
                     # Only id and time differ between these events, and both are ours (`<chunk>-<n>`
                     # or a UUID; rfc3339's own output), so the first one vouches for the rest:
@@ -992,11 +1159,11 @@ class ForwardSource:
                     checked = True
                 events.append(event)
             start += len(entries)
-            yield events
+            yield events, invalid
 
     def to_events(self, frame: Frame) -> list[CloudEvent]:
-        """All the frame's records as CloudEvents at once (see `batches`)."""
-        return [event for batch in self.batches(frame) for event in batch]
+        """All the frame's records as CloudEvents at once (see `batches`), but the invalid ones."""
+        return [event for events, _ in self.batches(frame) for event in events]
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          messages: _Messages, peer: object) -> bool:
@@ -1007,7 +1174,9 @@ class ForwardSource:
         # An empty `auth` (str, as Fluentd sends it) tells the client no user auth is wanted.
         writer.write(self._packer.pack(["HELO", {"nonce": nonce, "auth": auth_salt or "", "keepalive": True}]))
         async with asyncio.timeout(self.config.handshake_timeout):
-            ping = _ping(await _next_message(reader, messages))
+            message = await self._next_message(reader, messages)
+            self._let_go(messages, len(message))
+            ping = _ping(message)
         reason = self._check_ping(ping, nonce, auth_salt, key)
         hostname = self.config.self_hostname
         digest = "" if reason else shared_key_digest(as_bytes(ping[2]), hostname, nonce, key)
@@ -1018,6 +1187,17 @@ class ForwardSource:
             self._close_for(peer, f"handshake failed: {reason}")
             return False
         return True
+
+    async def _next_message(self, reader: asyncio.StreamReader, messages: _Messages) -> bytes | memoryview:
+        while True:
+            try:
+                return next(messages)
+            except StopIteration:
+                pass
+            data = await reader.read(_READ_SIZE)
+            if not data:
+                raise ConnectionResetError("closed during the handshake")
+            self._hold(messages, data)
 
     def _check_ping(self, ping: object, nonce: bytes, auth_salt: bytes, key: str) -> str:
         """'' when PING proves the shared key (and a user's password when `users` is set)."""
@@ -1036,17 +1216,52 @@ class ForwardSource:
         return ""
 
 
-class _Refused(Exception):
-    """The subscriber raised (the cause); the frame is not acked."""
+class _Turns:
+    """`in_flight` turns, taken in order; a connection lost while it waits for one leaves the line
+    (a Semaphore could not be waited for together with that but by a task a frame)."""
 
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
 
-async def _next_message(reader: asyncio.StreamReader, messages: _Messages) -> bytes | memoryview:
-    while True:
+    async def take(self, gone: asyncio.Future[None] | None = None) -> bool:
+        """A turn (True), or False when `gone` is done first."""
+        if gone is not None and gone.done():
+            return False
+        if self._free and not self._waiters:
+            self._free -= 1
+            return True
+        turn = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+
+        def lost(_: object) -> None:
+            if not turn.done():
+                turn.set_result(False)  # left in line: release() passes it by
+
+        if gone is not None:
+            gone.add_done_callback(lost)
         try:
-            return next(messages)
-        except StopIteration:
-            pass
-        data = await reader.read(_READ_SIZE)
-        if not data:
-            raise ConnectionResetError("closed during the handshake")
-        messages.feed(data)
+            got = await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled() and turn.result():
+                self.release()  # given as this one was cancelled: to the next
+            raise
+        finally:
+            if gone is not None:
+                gone.remove_done_callback(lost)
+        if got and gone is not None and gone.done():
+            self.release()
+            return False
+        return got
+
+    def release(self) -> None:
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(True)
+                return
+        self._free += 1
+
+
+class _Refused(Exception):
+    """The subscriber raised, or dead letters were not written (the cause); the frame is not acked."""

@@ -34,6 +34,7 @@ from infer_logger.testing import EventCollector
 from pipelines.sources.forward import (
     ForwardSource,
     ForwardSourceConfig,
+    _Turns,
     parse_frame,
     rfc3339,
 )
@@ -94,6 +95,13 @@ class Client:
 
     async def aclose(self) -> None:
         self.writer.close()
+
+    def reset(self) -> None:
+        """Closes with a reset, as a socket closed with unread bytes does (a plain close is a FIN,
+        which a sender that half-closes sends too)."""
+        linger = struct.pack("ii", 1, 0)
+        self.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        self.writer.transport.abort()
 
 
 class Batches:
@@ -383,11 +391,35 @@ class TestSlices:
             client = await Client.connect(src.port)
             await client.send(["app", [[1, {}]] * 10, {"chunk": chunk}])
             await until(lambda: src.frames == 1)
-            client.writer.transport.abort()  # what the sink does on a timeout
-            await asyncio.sleep(0.1)  # for the close to reach the source's socket
+            client.reset()  # a FIN is no such sign: see the next test
+            await asyncio.sleep(0.1)  # for the reset to reach the source's socket
             release.set()
             await until(lambda: len(subscriber.sizes) == (1 if chunk else 10) and not src._tasks)
         assert src.abandoned == (1 if chunk else 0) and src.errors == 0
+
+    @pytest.mark.parametrize("turn", ["in its turn", "waiting for its turn"])
+    async def test_a_sender_that_half_closes_gets_its_chunk_taken_and_acked(self, turn: str) -> None:
+        """A FIN (shutdown(SHUT_WR)) says the sender sends no more, not that it left: its chunk was
+        counted abandoned and never acked, and each resend delivered its first batch again."""
+        subscriber = Held()
+        async with ForwardSourceConfig(port=0, max_frame_entries=1, in_flight=1).build(subscriber) as src:
+            other = None
+            if turn == "waiting for its turn":
+                other = await Client.connect(src.port)
+                await other.send(["busy", 1, {}, {"chunk": "busy"}])
+                await until(lambda: subscriber.held == 1)
+            client = await Client.connect(src.port)
+            await client.send(["app", [[1, {"i": i}] for i in range(3)], {"chunk": "hc"}])
+            client.writer.write_eof()
+            await until(lambda: src._taking == 1 + (other is not None) and subscriber.held == 1)
+            await asyncio.sleep(0.1)  # for the FIN to reach the source's socket
+            subscriber.release.set()
+            assert await client.reply() == {"ack": "hc"}
+            assert await client.closed()  # then closed: it sends no more
+            if other is not None:
+                await other.aclose()
+            assert (src.abandoned, src.errors) == (0, 0)
+        assert [e.id for e in subscriber.events if e.id.startswith("hc")] == ["hc-0", "hc-1", "hc-2"]
 
 
 class TestRecords:
@@ -483,25 +515,58 @@ class TestRecords:
         assert memory.events == [original]
         assert memory.events[0].data == data
 
-    async def test_invalid_cloudevent_record_is_kept_as_a_record(
-            self, source: ForwardSource, memory: MemorySink) -> None:
-        await roundtrip(source, ["app", T_NS // NS, {"specversion": "1.0", "id": ""}, {"chunk": "c"}])
-        [event] = memory.events
-        assert event.type == "io.fluentd.record" and event.json() == {"specversion": "1.0", "id": ""}
-        assert source.invalid_events == 1
+    async def test_an_invalid_cloudevent_record_is_dead_lettered(
+            self, memory: MemorySink, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """One that claims to be a CloudEvent (`specversion`) and is none (a `time` not RFC 3339)
+        was wrapped as an io.fluentd.record and acked: the store (ingest's default subscriber)
+        keeps no such type, so it was lost without a word. Plain records are still wrapped."""
+        dead = tmp_path / "dead.jsonl"
+        bad = {"specversion": "1.0", "id": "req-1", "source": "/m", "type": "x.request", "time": "yesterday",
+               "datacontenttype": "application/json", "data": {"instances": [[1, 2]]}}
+        good = {**bad, "id": "req-2", "time": "2024-01-01T00:00:00Z"}
+        frame = ["inference.m.request", [[1, bad], [1, good], [1, {"log": "plain"}]], {"chunk": "c"}]
+        async with ForwardSourceConfig(port=0, dead_letter_file=dead).build(memory) as src:
+            assert await roundtrip(src, frame) == [{"ack": "c"}]
+            assert (src.records, src.invalid_events, src.refused, src.errors) == (2, 1, 0, 0)
+        assert [(e.id, e.type) for e in memory.events] == [("req-2", "x.request"),
+                                                            ("c-2", "io.fluentd.record")]
+        (line,) = dead.read_bytes().splitlines()
+        letter = orjson.loads(line)
+        assert letter["data"] == bad and "no valid CloudEvent: time:" in letter["reason"]
+        assert [r.levelname for r in caplog.records if "req-1" in r.getMessage()] == ["WARNING"]
+
+    async def test_an_invalid_cloudevent_record_without_a_dead_letter_file_is_logged(
+            self, source: ForwardSource, memory: MemorySink, caplog: pytest.LogCaptureFixture) -> None:
+        frame = ["app", T_NS // NS, {"specversion": "1.0", "id": "r7"}, {"chunk": "c"}]
+        assert await roundtrip(source, frame) == [{"ack": "c"}]
+        assert memory.events == [] and (source.invalid_events, source.records) == (1, 0)
+        [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert "(not dead-lettered: no dead_letter_file)" in warning.getMessage()
+        assert "id 'r7' is no valid CloudEvent" in warning.getMessage()
+
+    async def test_an_invalid_cloudevent_record_not_dead_lettered_is_not_acked(
+            self, memory: MemorySink, tmp_path: Path) -> None:
+        (tmp_path / "file").write_text("")  # no directory: the file cannot be written
+        config = ForwardSourceConfig(port=0, dead_letter_file=tmp_path / "file" / "dead.jsonl")
+        async with config.build(memory) as src:
+            client = await Client.connect(src.port)
+            await client.send(["app", 1, {"specversion": "1.0", "id": ""}, {"chunk": "c"}])
+            assert await client.closed()  # the sender sends it again
+            assert (src.acks, src.invalid_events, src.errors) == (0, 0, 1)
 
     @pytest.mark.parametrize(("data", "as_json"), [
         ({"blob": b"\x00\x01"}, {"blob": "AAE="}),
         ({"t": event_time(T_NS)}, {"t": "2023-11-14T22:13:20.123456789Z"}),
         ({1: "a"}, {"1": "a"}),
     ], ids=["bin", "EventTime", "int-key"])
-    async def test_cloudevent_record_with_data_json_lacks_is_kept_as_a_record(
-            self, source: ForwardSource, memory: MemorySink, data: dict[Any, Any], as_json: object) -> None:
+    async def test_cloudevent_record_with_data_json_lacks_is_dead_lettered(
+            self, memory: MemorySink, tmp_path: Path, data: dict[Any, Any], as_json: object) -> None:
+        dead = tmp_path / "dead.jsonl"
         record = {"specversion": "1.0", "id": "x", "source": "s", "type": "t", "data": data}
-        assert await roundtrip(source, ["app", 1, record, {"chunk": "c"}]) == [{"ack": "c"}]
-        [event] = memory.events
-        assert event.type == "io.fluentd.record" and event.json()["data"] == as_json
-        assert (source.invalid_events, source.errors) == (1, 0)
+        async with ForwardSourceConfig(port=0, dead_letter_file=dead).build(memory) as src:
+            assert await roundtrip(src, ["app", 1, record, {"chunk": "c"}]) == [{"ack": "c"}]
+            assert (src.invalid_events, src.errors) == (1, 0)
+        assert memory.events == [] and orjson.loads(dead.read_bytes())["data"]["data"] == as_json
 
     @pytest.mark.parametrize("depth", [300, 600, 1000])
     async def test_a_record_nested_deeper_than_orjson_writes_is_kept(
@@ -663,6 +728,28 @@ class TestFailures:
         assert await good.reply() == {"ack": "still-here"}
         assert source.errors == 1 and [e.json() for e in memory.events] == [{"ok": True}]
         await good.aclose()
+
+    async def test_acks_sent_before_a_bad_frame_reach_the_sender(self, source: ForwardSource,
+                                                                  memory: MemorySink) -> None:
+        """Closed at once with bytes unread, the connection was reset: the acks of chunks taken
+        before the bad frame, still on their way, were lost (647 of 1000), and the sender sent
+        those chunks again."""
+        good = b"".join(pack(["app", 1, {"i": i}, {"chunk": f"c{i}"}]) for i in range(1000))
+
+        def client() -> tuple[list[Any], str]:
+            with socket.create_connection(("127.0.0.1", source.port)) as sock:
+                sock.settimeout(10)
+                sock.sendall(good + b"\xc1" + b"\x00" * (4 << 20))  # a bad frame, and more behind it
+                time.sleep(0.3)  # not reading at once, as a sender busy sending is not
+                unpacker, replies = msgpack.Unpacker(raw=False), []
+                while data := sock.recv(65536):
+                    unpacker.feed(data)
+                    replies.extend(unpacker)
+                return replies, "EOF"
+
+        replies, end = await asyncio.to_thread(client)
+        assert len(memory.events) == 1000 and source.errors == 1
+        assert (replies, end) == ([{"ack": f"c{i}"} for i in range(1000)], "EOF")
 
     @pytest.mark.parametrize("frame", [
         ["app", 1, {"big": "x" * 10_000}, {"chunk": "c"}],  # one big item
@@ -944,6 +1031,105 @@ class TestInFlight:
         assert await first.closed() and await waiting.closed()
         assert src.acks == (stop == "drain") and [e.json() for e in subscriber.events] == (
             [{"n": 1}] if stop == "drain" else [])
+
+
+    async def test_a_frame_waiting_for_its_turn_is_dropped_when_its_sender_goes(self) -> None:
+        """It was held, read whole, until its turn came, then handed on for no one to ack: a sender
+        that resends on a new connection piled them up (40 tries of a 4 MiB chunk held 280 MB)."""
+        subscriber = Held()
+        async with ForwardSourceConfig(port=0, in_flight=1).build(subscriber) as src:
+            first = await Client.connect(src.port)
+            await first.send(["app", 1, {"n": 1}, {"chunk": "first"}])
+            await until(lambda: subscriber.held == 1)
+            gone = await Client.connect(src.port)
+            await gone.send(["app", 1, {"n": 2}, {"chunk": "gone"}])
+            await until(lambda: src._taking == 2)
+            gone.reset()
+            await until(lambda: src.abandoned == 1 and len(src._tasks) == 1, what="the waiting frame dropped")
+            assert src._held < 1024  # its bytes let go
+            subscriber.release.set()
+            assert await first.reply() == {"ack": "first"}
+            await first.aclose()
+        assert [e.json() for e in subscriber.events] == [{"n": 1}] and src.acks == 1
+
+    async def test_frames_read_ahead_of_their_turn_are_bounded_across_connections(self) -> None:
+        """Each connection's frame was read whole before it waited for its turn: 40 senders of a
+        15 MiB frame held 1.8 GB. Past max_frame_bytes x in_flight read and not yet taken, no
+        socket is read on (TCP holds the senders back), and nothing is refused."""
+        subscriber = Held()
+        frames = [pack(["app", 1, {"i": i, "pad": "x" * (1 << 20)}, {"chunk": f"c{i}"}]) for i in range(8)]
+        async with ForwardSourceConfig(port=0, max_frame_bytes=5 << 18, in_flight=1).build(subscriber) as src:
+            clients = [await Client.connect(src.port) for _ in frames]
+            for client, frame in zip(clients, frames, strict=True):
+                client.writer.write(frame)  # not drained: what TCP holds back stays with the client
+            await until(lambda: subscriber.held == 1)
+            await asyncio.sleep(0.5)  # for reads that would come
+            # The one in its turn and one more (a frame begun goes on whole, one at a time: frames
+            # begun would otherwise wait for each other), not all eight.
+            assert src._taking <= 3
+            subscriber.release.set()
+            assert [await client.reply() for client in clients] == [{"ack": f"c{i}"} for i in range(8)]
+            for client in clients:
+                await client.aclose()
+        assert sorted(e.json()["i"] for e in subscriber.events) == list(range(8))
+
+    async def test_frames_begun_past_the_bound_do_not_wait_for_each_other(self, memory: MemorySink) -> None:
+        frames = [pack(["app", 1, {"i": i, "pad": "x" * (1 << 20)}, {"chunk": f"c{i}"}]) for i in range(4)]
+        async with ForwardSourceConfig(port=0, max_frame_bytes=5 << 18, in_flight=1).build(memory) as src:
+            clients = [await Client.connect(src.port) for _ in frames]
+            for client, frame in zip(clients, frames, strict=True):
+                await client.send(frame[:600_000])  # together past the bound, none whole
+            await asyncio.sleep(0.2)
+            for client, frame in zip(clients, frames, strict=True):
+                client.writer.write(frame[600_000:])
+            replies = [await client.reply(timeout=30) for client in clients]
+            assert replies == [{"ack": f"c{i}"} for i in range(4)]
+            for client in clients:
+                await client.aclose()
+        assert sorted(e.json()["i"] for e in memory.events) == list(range(4))
+
+    async def test_a_stop_does_not_wait_for_an_ack_the_sender_does_not_read(self) -> None:
+        """The batch is taken once the subscriber returned: a drain waited for the ack to be
+        written (drain_timeout, to a sender not reading), then said it was not taken."""
+        memory = MemorySink()
+        chunk = "k" * (8 << 20)  # an ack no socket buffer holds
+        src = ForwardSourceConfig(port=0).build(memory)
+        await src.start()
+        try:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", src.port))
+            client = Client(*await asyncio.open_connection(sock=sock))
+            await client.send(["app", 1, {"a": 1}, {"chunk": chunk}])  # and reads nothing
+            await until(lambda: len(memory.events) == 1, timeout=30)
+            assert await asyncio.wait_for(src.drain(10), 20)  # hang guard
+            await client.aclose()
+        finally:
+            await src.aclose()
+
+
+async def test_turns_pass_over_waiters_lost_or_cancelled() -> None:
+    """A turn is never kept by a waiter that left: its connection lost, or its task cancelled
+    (aclose) as the turn came."""
+    turns = _Turns(1)
+    assert await turns.take()
+    loop = asyncio.get_running_loop()
+    lost, gone = loop.create_future(), loop.create_future()
+    waiters = [asyncio.create_task(turns.take(g)) for g in (lost, None, None)]
+    await asyncio.sleep(0)
+    lost.set_result(None)
+    assert await waiters[0] is False
+    turns.release()  # to the second
+    waiters[2].cancel()  # the third leaves the line
+    assert await waiters[1] is True
+    assert (await asyncio.gather(waiters[2], return_exceptions=True))[0].__class__ is asyncio.CancelledError
+    late = asyncio.create_task(turns.take(gone))
+    await asyncio.sleep(0)
+    turns.release()  # given to `late`...
+    late.cancel()  # ...as it is cancelled: it goes back
+    await asyncio.gather(late, return_exceptions=True)
+    assert await asyncio.wait_for(turns.take(), 5)
 
 
 class TestLifecycle:
