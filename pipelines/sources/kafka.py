@@ -96,6 +96,8 @@ _RANGE = re.compile(r"([0-9]{1,19})(?:-([0-9]{1,19}))?")
 _COMMITTED_TIMEOUT = 10.0  # seconds to read a new assignment's commit metadata
 _PROBE_EVERY = 1.0  # seconds between metadata requests asking whether a broker is back
 _PROBE_TIMEOUT = 0.5  # seconds one may take (it holds the consumer's thread while none answers)
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # what Kafka accepts as a topic's name (not "." or "..")
+_SAY_EVERY = 60.0  # seconds between two warnings of one client error code
 # Seconds a stop waits for the consumer's close (its last commit, leaving the group). librdkafka
 # waits for ever on a commit while the coordinator does not answer (a stalled broker).
 _CLOSE_TIMEOUT = 10.0
@@ -147,7 +149,21 @@ class KafkaSourceConfig(SourceConfig):
                     re.compile(topic)
                 except re.error as exc:
                     raise ValueError(f"{topic!r} is no regular expression: {exc}") from None
+            elif (why := _illegal_topic(topic)) is not None:
+                raise ValueError(why)
         return topics
+
+    @field_validator("dead_letter_topic")
+    @classmethod
+    def _check_dead_letter_topic(cls, topic: str | None) -> str | None:
+        # A name Kafka never accepts was found out at the first dead letter, retried for ever: the
+        # offsets held at it for good.
+        if topic is not None:
+            if (why := _illegal_topic(topic)) is not None:
+                raise ValueError(why)
+            if topic.startswith("__"):
+                raise ValueError(f"{topic!r}: names starting with '__' are Kafka's internal topics")
+        return topic
 
     @model_validator(mode="after")
     def _check_dead_letter(self) -> KafkaSourceConfig:
@@ -219,7 +235,8 @@ class KafkaSource:
         self._stuck = False  # a close not done within _CLOSE_TIMEOUT: the thread is Kafka's now
         self._dead_letters: Producer | None = None
         self._delivering: threading.Event | None = None  # set once the subscriber has the batch
-        self._down_said = -60.0
+        self._said: dict[int, float] = {}  # client error code: when last logged
+        self._dead_letters_fail: str | None = None  # why the batch's dead letters are not written, retried
         self._unreachable = False  # no broker answered since librdkafka said all were down
         self._probed = 0.0
         self._consumer = self._client(Consumer, config.consumer_config())
@@ -252,8 +269,10 @@ class KafkaSource:
 
     @property
     def problem(self) -> str | None:
-        """Why it cannot read now (the ingest's `/readyz` reason), else None."""
-        return f"no Kafka broker reachable at {self.address}" if self._unreachable else None
+        """Why it cannot read now or cannot get past a batch (the ingest's `/readyz` reason), else None."""
+        if self._unreachable:
+            return f"no Kafka broker reachable at {self.address}"
+        return self._dead_letters_fail
 
     async def run(self) -> None:
         if self._closed:
@@ -368,9 +387,12 @@ class KafkaSource:
                     r.taken = True
                 if self._strays:
                     await self._call(self._dead_letter_events, self._strays)
+                self._dead_letters_fail = None
                 return True
             except Exception as exc:  # noqa: BLE001 - any failure of the subscriber is retried, never fatal
                 attempt += 1
+                if delivered:  # the dead letters: retried (it may pass), but the offsets wait meanwhile
+                    self._dead_letters_fail = f"dead letters not written, the offsets wait for them: {exc}"
                 if self._stopping:
                     log.warning("kafka source %s: stopping with a batch not all handled (%s): what was not "
                                 "comes again", self.address, exc)
@@ -828,13 +850,20 @@ class KafkaSource:
             log.warning("kafka source %s: %s", self.address, error.str())
 
     def _on_error(self, error: KafkaError) -> None:
-        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+        code = error.code()
+        if code in (KafkaError._TRANSPORT, KafkaError._RESOLVE):
+            return  # a broker not answering: said as _ALL_BROKERS_DOWN
+        if code == KafkaError._ALL_BROKERS_DOWN:
             self._unreachable = True  # until a broker answers (`_probe`): /readyz says so
-            now = time.monotonic()  # said again at each reconnect round (~1 s): once a minute is enough
-            if now - self._down_said >= 60.0:
-                self._down_said = now
-                log.warning("kafka source: no broker reachable at %s; retrying", self.address)
-        elif error.code() not in (KafkaError._TRANSPORT, KafkaError._RESOLVE):
+        # Reported again at each reconnect round (~1 s; ~20 a second from a peer that is not
+        # Kafka): once a minute per code is enough.
+        now = time.monotonic()
+        if now - self._said.get(code, -_SAY_EVERY) < _SAY_EVERY:
+            return
+        self._said[code] = now
+        if code == KafkaError._ALL_BROKERS_DOWN:
+            log.warning("kafka source: no broker reachable at %s; retrying", self.address)
+        else:
             log.warning("kafka source %s: %s", self.address, error.str())
 
 
@@ -881,6 +910,13 @@ class _DaemonThread(Executor):
                     future.set_result(fn())
                 except BaseException as exc:  # noqa: BLE001 - the caller's to see
                     future.set_exception(exc)
+
+
+def _illegal_topic(name: str) -> str | None:
+    """Why Kafka never accepts `name` as a topic's, else None."""
+    if _TOPIC_NAME.fullmatch(name) is None or name in (".", ".."):
+        return f"{name[:60]!r} is no topic name Kafka accepts (1 to 249 of A-Z a-z 0-9 . _ -; not '.' or '..')"
+    return None
 
 
 def _settled_metadata(offset: int, settled: set[int]) -> str | None:

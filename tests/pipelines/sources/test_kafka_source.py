@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -115,6 +117,39 @@ async def running(source: KafkaSource) -> AsyncIterator[KafkaSource]:
     finally:
         await source.aclose()
         await asyncio.wait_for(task, 10)
+
+
+@contextmanager
+def _not_kafka() -> Iterator[tuple[str, list[int]]]:
+    """A TCP server answering each connection with an HTTP error; its address and a count of connections."""
+    server = socket.create_server(("127.0.0.1", 0))
+    connections = [0]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed: done
+                return
+            connections[0] += 1
+            with conn:
+                try:
+                    conn.recv(100)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}", connections
+    finally:
+        try:
+            server.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone does not)
+        except OSError:
+            pass
+        server.close()
+        thread.join(5)
 
 
 class TestConsume:
@@ -462,6 +497,19 @@ class TestBrokerDown:
         finally:
             server.stop()
 
+    async def test_a_peer_that_is_not_kafka_is_said_once_not_at_every_reconnect(
+            self, caplog: pytest.LogCaptureFixture) -> None:
+        """A bootstrap address that answers but is not Kafka: librdkafka reports the same error at
+        every reconnect (~20 lines a second); the address is named and it is said once."""
+        with _not_kafka() as (address, connections):
+            source = source_config(address, "t", f"g-{uuid.uuid4().hex[:8]}").build(MemorySink())
+            async with running(source):
+                await until(lambda: connections[0] >= 6, 30, what="reconnects")
+                assert source.problem is not None and address in source.problem
+        said = [r.getMessage() for r in caplog.records
+                if r.name == "pipelines.sources.kafka" and "Invalid response size" in r.getMessage()]
+        assert len(said) == 1 and address in said[0], said
+
     async def test_a_topic_created_later(self, kafka_bootstrap: str) -> None:
         """Subscribed before it exists (a sidecar's first event creates it): read within seconds,
         not at librdkafka's default 5-minute metadata refresh."""
@@ -640,6 +688,23 @@ class TestConfig:
             KafkaSourceConfig(bootstrap_servers="b:9092", topics=["^src-.*"], dead_letter_topic="src-dead")
         assert KafkaSourceConfig(bootstrap_servers="b:9092", topics=["^src-.*"], dead_letter_topic="dead-src")
 
+    @pytest.mark.parametrize("name", ["bad name!", "", ".", "..", "x" * 250, "__consumer_offsets", "__dead"])
+    def test_a_dead_letter_topic_kafka_never_accepts_is_refused_when_read(self, name: str) -> None:
+        """Taken, the first dead letter was retried for ever: the offsets never moved past it."""
+        with pytest.raises(ValidationError, match=r"dead_letter_topic[\s\S]*(topic name|internal)"):
+            KafkaSourceConfig(bootstrap_servers="b:9092", topics=["t"], dead_letter_topic=name)
+
+    @pytest.mark.parametrize("name", ["bad name!", ".", "..", "x" * 250, "caf\u00e9"])
+    def test_a_topic_name_kafka_never_accepts_is_refused_when_read(self, name: str) -> None:
+        with pytest.raises(ValidationError, match=r"topics[\s\S]*topic name"):
+            KafkaSourceConfig(bootstrap_servers="b:9092", topics=["t", name])
+
+    def test_legal_topic_names_are_taken(self) -> None:
+        longest = "x" * 249
+        config = KafkaSourceConfig(bootstrap_servers="b:9092", topics=["a.B_c-9", longest, "__internal", "^any name"],
+                                   dead_letter_topic="Dead.letters_1-x")
+        assert config.topics[1] == longest and config.dead_letter_topic == "Dead.letters_1-x"
+
     def test_a_bad_topic_pattern_is_refused_when_read(self) -> None:
         """librdkafka refused it only once subscribing: a KafkaException ended `run()`."""
         with pytest.raises(ValidationError, match=r"topics[\s\S]*no regular expression"):
@@ -697,14 +762,38 @@ async def test_a_dead_letter_topic_that_refuses_holds_the_offset(kafka_bootstrap
     await publish(kafka_bootstrap, topic, [event(0)])
     publish_raw(kafka_bootstrap, topic, [(b"not an event", [])])
     sink = MemorySink()
-    source = source_config(kafka_bootstrap, topic, group, dead_letter_topic="x" * 300).build(sink)  # too long a name
+    # A name refused when read (too long) put past that: a topic that refuses, as one an ACL denies.
+    config = source_config(kafka_bootstrap, topic, group).model_copy(update={"dead_letter_topic": "x" * 300})
+    source = config.build(sink)
     async with running(source):
         await until(lambda: "retry 1" in caplog.text, what="a retried dead letter")
         await asyncio.sleep(0.5)
         assert committed(kafka_bootstrap, group, topic) == [-1001]
         assert source.dead_lettered == 0 and "dead-letter topic" in caplog.text
         assert "records dead-lettered" not in caplog.text  # not said while it is not so
+        assert source.problem is not None and "dead letters" in source.problem  # /readyz: not ready
     assert [e.id for e in sink.events] == ["id-0"]  # taken once: the retry only re-sends the dead letter
+
+
+async def test_dead_letters_that_keep_failing_are_its_problem_until_written(kafka_bootstrap: str,
+                                                                              tmp_path: Path) -> None:
+    """The consumer holds its offsets while they fail (retried: it may pass): /readyz said ready
+    all along, the good events after the bad record delivered again at every restart."""
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    await publish(kafka_bootstrap, topic, [event(0)])
+    publish_raw(kafka_bootstrap, topic, [(b"not an event", [])])
+    await publish(kafka_bootstrap, topic, [event(1)])
+    (tmp_path / "dead").write_text("")  # a file where the dead-letter file's directory goes
+    source = source_config(kafka_bootstrap, topic, group, dead_letter_file=tmp_path / "dead" / "k.jsonl").build(
+        MemorySink())
+    async with running(source):
+        await until(lambda: source.problem is not None, what="dead letters failing said")
+        assert source.problem is not None and "dead letters" in source.problem
+        assert committed(kafka_bootstrap, group, topic) == [-1001]
+        (tmp_path / "dead").unlink()
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [3], what="the commit")
+        assert source.problem is None
+    assert source.dead_lettered == 1
 
 
 class _Slow(MemorySink):
