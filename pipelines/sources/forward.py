@@ -20,7 +20,10 @@ sender back, and that wait, like the subscriber's, is not `frame_timeout`). Fram
 taken, across connections, hold at most about `max_frame_bytes` x `in_flight` bytes (one arriving
 counts twice: its bin is held whole until it is), plus a frame and a read (256 KiB) a connection:
 past that no socket is read on (TCP holds the senders back; that wait is not `frame_timeout`
-either) but one, finishing the frame it began. A `chunk` option is acked
+either) but one at a time, in turn, finishing the frame it began; one that waits a second with
+nothing coming makes way for the next (its frame, held, goes on at its next turn: a sender that
+stopped holds back no other). A connection not yet authenticated reads no more than a PING (4 KiB),
+and holds none of that bound. A `chunk` option is acked
 (`{"ack": chunk}`) only after the last batch's `send_batch` returned, so a client with
 `require_ack_response` resends what the subscriber did not take: the whole chunk, so the batches
 before a failed or bad one are delivered again (at-least-once; a chunk's record ids stay the same,
@@ -96,6 +99,12 @@ _PIECE = 256 * 1024  # most bytes of entries given to an unpacker at once
 _MAX_ENTRIES = 10_000
 _WALK_READ = 16 * 1024  # bytes of a frame an unpacker reads at once while walking it
 _LINGER = 5.0  # seconds a connection this end closes has to read its acks and close too
+_PING_BYTES = 4 * 1024  # most bytes of a PING (a hostname, a salt, two digests, a user: well under 1 KiB)
+# Seconds the connection read on past the bound waits with nothing coming before it makes way for
+# others waiting: mid-frame (a sender that stopped holds back no other; a slow one rarely stops that
+# long), and between frames (it holds nothing: a moment for what is on its way already).
+_STEP_ASIDE = 1.0
+_STEP_ASIDE_IDLE = 0.05
 
 
 class FrameError(ValueError):
@@ -136,7 +145,7 @@ class ForwardSourceConfig(SourceConfig):
     holds a batch of up to max_frame_entries events (a 10,000-event batch of tiny records is ~12 MB).
     A connection whose frame waits for its turn reads no more, so TCP holds its sender back; and
     past max_frame_bytes x in_flight bytes of frames read and not yet taken, across connections,
-    no socket is read on but one's, finishing its frame."""
+    no socket is read on but one's at a time, in turn, finishing its frame."""
     record_type: fields.AttributeText = Field("io.fluentd.record", min_length=1)
     """CloudEvents `type` of records that are not CloudEvents themselves (a CloudEvents String: every
     such record's event has it; "" or a control character had each frame refused, resent for ever)."""
@@ -270,6 +279,10 @@ class _Messages:
     def received(self) -> int:
         """Bytes of the unfinished message so far."""
         return self._fed - self._start
+
+    def rest(self) -> bytes:
+        """The bytes fed and not yet given as messages."""
+        return b"".join([memoryview(self._reads[0])[self._offset:], *self._reads[1:]]) if self._reads else b""
 
     def __iter__(self) -> Self:
         return self
@@ -786,9 +799,9 @@ class ForwardSource:
         # connections: past _bound no socket is read on (one connection finishing the frame it began).
         self._held = 0
         self._bound = config.max_frame_bytes * config.in_flight
-        self._finisher: _Messages | None = None
-        self._waiting = 0  # connections waiting for room to read
-        self._freed = asyncio.Event()  # set (and replaced) when bytes are let go
+        self._finisher: _Messages | None = None  # the one read on past it
+        self._line: collections.deque[_Messages] = collections.deque()  # connections waiting for room
+        self._freed = asyncio.Event()  # set (and replaced) when bytes are let go, or the finisher's place
         # surrogateescape: an ack echoes a chunk that is not UTF-8 (read so) byte for byte; strict,
         # it failed after the records were handed on, and every resend delivered them again.
         self._packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
@@ -865,12 +878,11 @@ class ForwardSource:
         assert task is not None
         self._tasks.add(task)
         self.connections += 1
-        messages = _Messages(self.config.max_frame_bytes)
         # Done when the connection is lost (a reset, a failed write), not at a FIN: a sender that
         # half-closed still reads its acks.
         gone = asyncio.ensure_future(writer.wait_closed())
         try:
-            if await self._converse(reader, writer, messages, gone):
+            if await self._converse(reader, writer, gone):
                 await self._linger(reader, writer, gone)
         except asyncio.CancelledError:
             # aclose() ends connections by cancelling them; finishing normally keeps asyncio's
@@ -880,16 +892,16 @@ class ForwardSource:
         finally:
             self._tasks.discard(task)
             writer.transport.abort()  # a no-op once closed
-            self._let_go(messages, messages.held)  # all of it, the frame arriving too
             if gone.done() and not gone.cancelled():
                 gone.exception()  # retrieved: a reset is no error here
             gone.cancel()
 
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, messages: _Messages,
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                         gone: asyncio.Future[None]) -> bool:
         """Serves the connection; True when this end closes it (the sender still there), False when
         the sender is gone."""
         peer = writer.get_extra_info("peername")
+        messages = _Messages(self.config.max_frame_bytes)
         skipping = False  # a fluent_signal frame was skipped (logged once)
         try:
             if self.config.shared_key is not None and not await self._handshake(
@@ -898,6 +910,7 @@ class ForwardSource:
             while True:
                 # Frames first: some may have come in the handshake's last read, behind its PING.
                 for message in messages:
+                    self._count(messages)  # cut: no longer the frame arriving, counted twice
                     try:
                         if self._draining:
                             return True  # not taken, not acked: the sender sends it again
@@ -928,7 +941,9 @@ class ForwardSource:
                                     frame.signal, frame.tag)
                 if not await self._room(messages, gone):
                     return False
-                if not (data := await self._read(reader, messages)):
+                if (data := await self._read(reader, messages)) is None:
+                    continue  # it made way past the bound: in line again
+                if not data:
                     return True  # the sender sends no more (it may still read its acks: sent by now)
                 self._hold(messages, data)
         except msgpack.BufferFull:  # _Messages refuses first; kept as the backstop it was
@@ -944,6 +959,10 @@ class ForwardSource:
             self._close_for(peer, "no PING within handshake_timeout")
         except OSError:
             return False  # the client went away
+        finally:
+            # Before any linger: closed, it holds neither bytes of the bound nor the finisher's
+            # place (lingering with them, it held every other sender up to 5 s).
+            self._let_go(messages, messages.held)
         return True
 
     async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -976,9 +995,18 @@ class ForwardSource:
         self._count(messages)
         if self._finisher is messages:
             self._finisher = None
-        if self._waiting:
+        self._wake()
+
+    def _wake(self) -> None:
+        """Those waiting for room look again."""
+        if self._line:
             self._freed.set()
             self._freed = asyncio.Event()
+
+    @property
+    def _waiting(self) -> int:
+        """Connections waiting for room to read."""
+        return len(self._line)
 
     def _count(self, messages: _Messages) -> None:
         # A frame arriving counts twice: the unpacker that finds its end holds all of a bin (a
@@ -990,41 +1018,63 @@ class ForwardSource:
     async def _room(self, messages: _Messages, gone: asyncio.Future[None]) -> bool:
         """Until the frames read and not yet taken, across connections, hold less than max_frame_bytes
         x in_flight (each read's bytes go on to the frame's end, waiting for turns; the StreamReader
-        pauses its socket meanwhile: TCP holds the sender back), or this connection may finish the
-        frame it began: one connection at a time, until that frame is taken (frames begun and held
-        back would wait for each other for ever). False when the connection was lost meanwhile."""
-        while self._held >= self._bound:
-            if messages.partial and self._finisher in (None, messages):
-                self._finisher = messages
-                return True
-            self._waiting += 1
-            freed = asyncio.ensure_future(self._freed.wait())
-            try:
-                await asyncio.wait((freed, gone), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                self._waiting -= 1
-                freed.cancel()
-            if gone.done():
-                return False
-        return True
+        pauses its socket meanwhile: TCP holds the sender back), or this connection is the finisher,
+        the one read on past that: in turn (first come, and one that made way last), until the frame
+        it reads is taken, or it waits _STEP_ASIDE with nothing coming (`_read`; frames begun and held
+        back would wait for each other for ever, and one whose sender stopped held every other).
+        False when the connection was lost meanwhile."""
+        if self._held < self._bound or self._finisher is messages:
+            return True
+        self._line.append(messages)
+        try:
+            while self._held >= self._bound:
+                if self._finisher is None and self._line[0] is messages:
+                    self._finisher = messages
+                    return True
+                freed = asyncio.ensure_future(self._freed.wait())
+                try:
+                    await asyncio.wait((freed, gone), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    freed.cancel()
+                if gone.done():
+                    return False
+            return True
+        finally:
+            self._line.remove(messages)
+            if self._finisher is None:
+                self._wake()  # the next one may be first now
 
-    async def _read(self, reader: asyncio.StreamReader, messages: _Messages) -> bytes:
+    async def _read(self, reader: asyncio.StreamReader, messages: _Messages) -> bytes | None:
         """The next read; when a frame has begun, within what is left of its time: `frame_timeout`,
         plus a second per MiB of it that came (a big frame on a slow link is not cut), counted
         while waiting here only: from its first byte, a frame behind one the subscriber held
-        longer was past it when reading resumed, and a sender that waits for no ack lost it."""
-        if not messages.partial:
-            return await reader.read(_READ_SIZE)
-        left = self.config.frame_timeout + messages.received / READ_RATE_ALLOWANCE - messages.waited
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(left):
-                return await reader.read(_READ_SIZE)
-        except TimeoutError:
-            raise FrameError(f"a frame begun did not arrive whole within {self.config.frame_timeout:g}s "
-                             f"(frame_timeout)") from None
-        finally:
-            messages.waited += time.monotonic() - started
+        longer was past it when reading resumed, and a sender that waits for no ack lost it.
+        None when this is the finisher (`_room`) and nothing came for a while (_STEP_ASIDE) while
+        others wait for room: it makes way (its read is no loss: the StreamReader keeps what comes)."""
+        while True:
+            left = None  # between frames, no deadline
+            if messages.partial:
+                left = self.config.frame_timeout + messages.received / READ_RATE_ALLOWANCE - messages.waited
+                if left <= 0:
+                    raise FrameError(f"a frame begun did not arrive whole within {self.config.frame_timeout:g}s "
+                                     f"(frame_timeout)")
+            # The finisher waits a while at a time, to make way if nothing comes (but when its
+            # frame's time is up sooner: then it is closed, above).
+            step = _STEP_ASIDE if messages.partial or not self._line else _STEP_ASIDE_IDLE
+            stepping = self._finisher is messages and (left is None or left > step)
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(step if stepping else left):
+                    return await reader.read(_READ_SIZE)
+            except TimeoutError:
+                pass
+            finally:
+                if messages.partial:
+                    messages.waited += time.monotonic() - started
+            if stepping and self._line:
+                self._finisher = None
+                self._wake()
+                return None
 
     def _close_for(self, peer: object, reason: str) -> None:
         self.errors += 1
@@ -1173,10 +1223,14 @@ class ForwardSource:
         auth_salt = os.urandom(16) if self.config.users else b""
         # An empty `auth` (str, as Fluentd sends it) tells the client no user auth is wanted.
         writer.write(self._packer.pack(["HELO", {"nonce": nonce, "auth": auth_salt or "", "keepalive": True}]))
+        # Read apart, at most a PING: a connection not yet authenticated held up to max_frame_bytes,
+        # counted against the bound on frames read, and held every authenticated sender back.
+        hello = _Messages(_PING_BYTES)
         async with asyncio.timeout(self.config.handshake_timeout):
-            message = await self._next_message(reader, messages)
-            self._let_go(messages, len(message))
-            ping = _ping(message)
+            try:
+                ping = _ping(await _next_message(reader, hello))
+            except FrameError:
+                ping = []  # too big for one
         reason = self._check_ping(ping, nonce, auth_salt, key)
         hostname = self.config.self_hostname
         digest = "" if reason else shared_key_digest(as_bytes(ping[2]), hostname, nonce, key)
@@ -1186,18 +1240,9 @@ class ForwardSource:
             self.auth_failures += 1
             self._close_for(peer, f"handshake failed: {reason}")
             return False
+        if rest := hello.rest():  # frames that came behind the PING, in its read
+            self._hold(messages, rest)
         return True
-
-    async def _next_message(self, reader: asyncio.StreamReader, messages: _Messages) -> bytes | memoryview:
-        while True:
-            try:
-                return next(messages)
-            except StopIteration:
-                pass
-            data = await reader.read(_READ_SIZE)
-            if not data:
-                raise ConnectionResetError("closed during the handshake")
-            self._hold(messages, data)
 
     def _check_ping(self, ping: object, nonce: bytes, auth_salt: bytes, key: str) -> str:
         """'' when PING proves the shared key (and a user's password when `users` is set)."""
@@ -1214,6 +1259,18 @@ class ForwardSource:
                     as_bytes(proof), password_digest(auth_salt, username, password.get_secret_value()).encode()):
                 return "username/password mismatch"
         return ""
+
+
+async def _next_message(reader: asyncio.StreamReader, messages: _Messages) -> bytes | memoryview:
+    while True:
+        try:
+            return next(messages)
+        except StopIteration:
+            pass
+        data = await reader.read(_PING_BYTES)  # no more than a PING's room before it is one
+        if not data:
+            raise ConnectionResetError("closed during the handshake")
+        messages.feed(data)
 
 
 class _Turns:

@@ -689,6 +689,29 @@ class TestHandshake:
             assert await client.closed()
         assert memory.events == []
 
+    async def test_connections_that_never_authenticate_hold_back_no_sender(self, memory: MemorySink) -> None:
+        """The handshake read up to max_frame_bytes a connection, counted in the bound on frames
+        read and not yet taken: a few connections that sent most of a big message after HELO and
+        no more held every authenticated sender's reads until their handshake_timeout."""
+        config = ForwardSourceConfig(port=0, shared_key=self.KEY, max_frame_bytes=1 << 20, in_flight=1,
+                                     handshake_timeout=60)
+        async with config.build(memory) as src:
+            client, pong = await self.ping(src.port, self.KEY)
+            assert pong[1] is True
+            junk = pack(["PING", "x" * ((1 << 20) - 100)])[:(1 << 20) - 200]  # never finished
+            strangers = [await Client.connect(src.port) for _ in range(3)]
+            for stranger in strangers:
+                assert (await stranger.reply())[0] == "HELO"
+                await stranger.send(junk)
+            for i in range(2):
+                await client.send(["app", T_NS // NS, {"i": i}, {"chunk": f"k{i}"}])
+                assert await client.reply(timeout=20) == {"ack": f"k{i}"}  # hang guard
+            for stranger in strangers:  # what is too big for a PING is none
+                assert (await stranger.reply())[:3] == ["PONG", False, "invalid PING"]
+                await stranger.aclose()
+            await client.aclose()
+        assert src.auth_failures == 3 and len(memory.events) == 2
+
     def test_users_need_a_shared_key(self) -> None:
         with pytest.raises(ValidationError, match="shared_key"):
             ForwardSourceConfig(users={"a": "b"})
@@ -1087,6 +1110,60 @@ class TestInFlight:
             for client in clients:
                 await client.aclose()
         assert sorted(e.json()["i"] for e in memory.events) == list(range(4))
+
+    async def test_a_sender_stopped_mid_frame_past_the_bound_holds_back_no_other(self, memory: MemorySink) -> None:
+        """Past the bound only the connection finishing its frame was read on, until that frame
+        was taken: one whose sender stopped sending held every other sender (even a one-record
+        chunk) for its whole frame_timeout. One that waits with nothing coming makes way."""
+        frame = pack(["big", 1, {"pad": "x" * ((1 << 20) - 200)}, {"chunk": "big"}])
+        async with ForwardSourceConfig(port=0, max_frame_bytes=1 << 20, in_flight=1).build(memory) as src:
+            stalled = await Client.connect(src.port)
+            await stalled.send(frame[:len(frame) * 6 // 10])  # then sends no more (frame_timeout 60 s)
+            await until(lambda: src._held >= src._bound)
+            healthy = await Client.connect(src.port)
+            for i in range(2):
+                await healthy.send(["small", 1, {"i": i}, {"chunk": f"s{i}"}])
+                assert await healthy.reply(timeout=20) == {"ack": f"s{i}"}  # hang guard
+            await stalled.send(frame[len(frame) * 6 // 10:])  # it goes on: its frame is finished
+            assert await stalled.reply(timeout=20) == {"ack": "big"}
+            await healthy.aclose()
+            await stalled.aclose()
+        assert [e.json().get("i") for e in memory.events] == [0, 1, None] and src.errors == 0
+
+    async def test_a_connection_closed_lets_go_of_its_bytes_before_it_lingers(
+            self, memory: MemorySink, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A frame over max_frame_bytes closes its connection, which then reads what still comes
+        for up to 5 s (so acks are not reset away): meanwhile it held its bytes, past the bound,
+        and the place of the one connection read on past it, and no other sender was read."""
+        monkeypatch.setattr("pipelines.sources.forward._LINGER", 60.0)  # the hang, made plain
+        frame = pack(["big", 1, {"pad": "x" * (3 << 20)}, {"chunk": "big"}])
+        async with ForwardSourceConfig(port=0, max_frame_bytes=1 << 20, in_flight=1).build(memory) as src:
+            big = await Client.connect(src.port)
+            big.writer.write(frame)  # and stays: the close lingers
+            await until(lambda: src.errors == 1)
+            healthy = await Client.connect(src.port)
+            await healthy.send(["small", 1, {"a": 1}, {"chunk": "s"}])
+            assert await healthy.reply(timeout=20) == {"ack": "s"}  # hang guard
+            assert len(src._tasks) == 2 and src._held < 1024  # the big one still lingers, holding nothing
+            await healthy.aclose()
+            big.reset()
+
+    async def test_a_frame_read_whole_counts_once(self) -> None:
+        """Its bytes counted twice (as the frame arriving too) until it was taken: the bound was
+        reached at half the bytes it says."""
+        subscriber = Held()
+        frames = [pack([name, 1, {"pad": "x" * 300_000}, {"chunk": name}]) for name in ("a", "b")]
+        async with ForwardSourceConfig(port=0, in_flight=1).build(subscriber) as src:
+            clients = [await Client.connect(src.port) for _ in frames]
+            for client, frame in zip(clients, frames, strict=True):
+                await client.send(frame)
+            await until(lambda: src._taking == 2 and subscriber.held == 1)  # one in its turn, one waiting
+            assert src._held == sum(map(len, frames))
+            subscriber.release.set()
+            assert [await client.reply() for client in clients] == [{"ack": "a"}, {"ack": "b"}]
+            for client in clients:
+                await client.aclose()
+        assert src._held == 0
 
     async def test_a_stop_does_not_wait_for_an_ack_the_sender_does_not_read(self) -> None:
         """The batch is taken once the subscriber returned: a drain waited for the ack to be
