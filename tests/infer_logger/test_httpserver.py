@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
@@ -31,6 +32,28 @@ async def echo(request: Request) -> Reply:
         "body": request.body.decode("latin-1"),
     }
     return 200, [(b"content-type", b"application/json")], orjson.dumps(seen)
+
+
+@contextlib.asynccontextmanager
+async def _slow_client(handler: Handler, *, keep_alive_timeout: float,
+                       request_read_timeout: float) -> AsyncIterator[tuple[HttpServer, socket.socket]]:
+    """A server of `handler`, and a client connected to it whose kernel takes little of an
+    answer it does not read (a 4 KiB receive buffer): the rest waits in the server's transport."""
+    srv = HttpServer(handler, keep_alive_timeout=keep_alive_timeout, request_read_timeout=request_read_timeout)
+    await srv.start("127.0.0.1", 0)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", srv.port))
+        yield srv, sock
+    finally:
+        sock.close()
+        await srv.stop(grace=1)
+
+
+def _buffered(srv: HttpServer) -> bool:
+    return any(c.transport is not None and c.transport.get_write_buffer_size() for c in srv.connections)
 
 
 @pytest.fixture
@@ -698,21 +721,13 @@ async def test_an_upload_pipelined_behind_an_unread_answer_is_still_read() -> No
 async def test_a_request_finished_after_the_pause_is_held_and_reading_stops() -> None:
     """The pause came with a request midway: once it was whole it was answered at once, and every
     request after it too, into the buffer of a client that read none (the pause never came again)."""
-    import socket
-
     big = b"y" * (4 << 20)
 
     async def handler(request: Request) -> Reply:
         return 200, [], big if request.path == "/big" else b"small"
 
-    srv = HttpServer(handler, request_read_timeout=30.0, keep_alive_timeout=60.0)
-    await srv.start("127.0.0.1", 0)
     loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel takes little for it
-    sock.setblocking(False)
-    try:
-        await loop.sock_connect(sock, ("127.0.0.1", srv.port))
+    async with _slow_client(handler, request_read_timeout=30.0, keep_alive_timeout=60.0) as (srv, sock):
         get = b"GET /big HTTP/1.1\r\nhost: a\r\n\r\n"
         await loop.sock_sendall(sock, get + b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\n")
         await asyncio.sleep(0.3)  # /big answered with the POST midway: the pause
@@ -726,9 +741,6 @@ async def test_a_request_finished_after_the_pause_is_held_and_reading_stops() ->
         [conn] = list(srv.connections)
         assert conn.transport is not None
         assert conn.transport.get_write_buffer_size() < 12 << 20, "answered into the buffer of a client reading none"
-    finally:
-        sock.close()
-        await srv.stop(grace=1)
 
 
 @pytest.mark.parametrize("way", ["keep-alive", "half-closed", "pipelined", "unfinished", "trickled", "held"])
@@ -736,21 +748,13 @@ async def test_a_client_that_never_reads_its_answer_is_let_go(way: str) -> None:
     """A client keeping a zero window: the idle connection's close() (and a refusal's, after its
     linger) waits for the write buffer to drain, which never happens: the connection and its whole
     answer were held for ever. Aborted once the client took nothing for request_read_timeout."""
-    import socket
-
     big = b"y" * (16 << 20)
 
     async def handler(request: Request) -> Reply:
         return 200, [], big
 
-    srv = HttpServer(handler, keep_alive_timeout=0.2, request_read_timeout=0.5)
-    await srv.start("127.0.0.1", 0)
     loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel takes little for it
-    sock.setblocking(False)
-    try:
-        await loop.sock_connect(sock, ("127.0.0.1", srv.port))
+    async with _slow_client(handler, keep_alive_timeout=0.2, request_read_timeout=0.5) as (srv, sock):
         get = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"
         # A request begun behind the answer and never finished (408), or trickled, or behind
         # another answer held: the send deadline waited on it for ever.
@@ -760,8 +764,7 @@ async def test_a_client_that_never_reads_its_answer_is_let_go(way: str) -> None:
         await loop.sock_sendall(sock, sent)
         if way == "half-closed":
             sock.shutdown(socket.SHUT_WR)
-        await until(lambda: any(c.transport and c.transport.get_write_buffer_size() for c in srv.connections),
-                    30, "the answer buffered")
+        await until(lambda: _buffered(srv), 30, "the answer buffered")
 
         async def trickle() -> None:
             with contextlib.suppress(OSError):
@@ -775,35 +778,23 @@ async def test_a_client_that_never_reads_its_answer_is_let_go(way: str) -> None:
         finally:
             if trickling is not None:
                 trickling.cancel()
-    finally:
-        sock.close()
-        await srv.stop(grace=1)
 
 
 async def test_an_upload_pipelined_behind_an_unread_answer_is_not_cut() -> None:
     """The send deadline let go of a client still sending (within its read deadline) a request
     pipelined behind the answer it reads after: the request was lost."""
-    import socket
-
     big = b"y" * (16 << 20)
 
     async def handler(request: Request) -> Reply:
         return 200, [], big if request.method == "GET" else str(len(request.body)).encode()
 
-    srv = HttpServer(handler, keep_alive_timeout=0.2, request_read_timeout=0.5)
-    await srv.start("127.0.0.1", 0)
     loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
     part = b"u" * (1 << 20)
-    try:
-        await loop.sock_connect(sock, ("127.0.0.1", srv.port))
+    async with _slow_client(handler, keep_alive_timeout=0.2, request_read_timeout=0.5) as (srv, sock):
         # The upload's head with the GET: it is under way as the answer fills the buffer.
         await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"
                                       b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: %d\r\n\r\n" % (3 * len(part)))
-        await until(lambda: any(c.transport and c.transport.get_write_buffer_size() for c in srv.connections),
-                    30, "the answer buffered")
+        await until(lambda: _buffered(srv), 30, "the answer buffered")
         for n in range(3):  # a MiB a second: past the send deadline, within the read deadline's allowance
             await asyncio.sleep(1.0 if n else 0)
             await loop.sock_sendall(sock, part)
@@ -813,32 +804,20 @@ async def test_an_upload_pipelined_behind_an_unread_answer_is_not_cut() -> None:
             assert data, f"cut after {len(raw)} bytes"
             raw += data
         assert raw.count(b"HTTP/1.1 200") == 2
-    finally:
-        sock.close()
-        await srv.stop(grace=1)
 
 
 async def test_a_client_reading_its_answer_late_gets_it_whole() -> None:
     """What lets go of a client that reads nothing (above) does not cut one that reads late: idle
     past the keep-alive timeout with its answer still buffered, it still gets all of it."""
-    import socket
-
     big = b"y" * (16 << 20)  # more than the kernel's buffers take: most waits in the transport's
 
     async def handler(request: Request) -> Reply:
         return 200, [], big
 
-    srv = HttpServer(handler, keep_alive_timeout=0.1, request_read_timeout=5.0)
-    await srv.start("127.0.0.1", 0)
     loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    try:
-        await loop.sock_connect(sock, ("127.0.0.1", srv.port))
+    async with _slow_client(handler, keep_alive_timeout=0.1, request_read_timeout=5.0) as (srv, sock):
         await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
-        await until(lambda: any(c.transport and c.transport.get_write_buffer_size() for c in srv.connections),
-                    30, "the answer buffered")
+        await until(lambda: _buffered(srv), 30, "the answer buffered")
         await asyncio.sleep(0.5)  # idle past the keep-alive timeout, its answer still buffered
         raw, head = b"", -1
         while head < 0 or len(raw) < head + 4 + len(big):
@@ -847,6 +826,3 @@ async def test_a_client_reading_its_answer_late_gets_it_whole() -> None:
             raw += data
             head = raw.find(b"\r\n\r\n")
         assert raw.startswith(b"HTTP/1.1 200") and raw[head + 4:] == big
-    finally:
-        sock.close()
-        await srv.stop(grace=1)
