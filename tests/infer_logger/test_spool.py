@@ -34,6 +34,19 @@ def drain(reader, batch: int = 1000) -> list[str]:
         reader.flush()
 
 
+def _with_record_5_flipped(path: Path, n: int) -> None:
+    """A spool of `n` events whose record 5 has a byte of its data flipped: its checksum fails."""
+    spool = DiskSpool(path, segment_bytes=1 << 20)
+    for i in range(n):
+        spool.append(event(i, 100))
+    spool.close()
+    seg = sorted(path.glob("*.seg"))[0]
+    raw = bytearray(seg.read_bytes())
+    record = len(encode_record(event(0, 100)))
+    raw[5 * record + record - 10] ^= 0xFF
+    seg.write_bytes(bytes(raw))
+
+
 def failing_reads(monkeypatch: pytest.MonkeyPatch, path: Path | None, code: int = errno.EIO, *,
                   at: str = "read") -> None:
     """Reads of `path` (None: of every file) through the spool module fail with `code` (EIO: as
@@ -335,15 +348,7 @@ class TestDiskSpool:
     def test_one_bad_checksum_costs_that_record_only(self, tmp_path: Path) -> None:
         """One flipped byte in a record's payload skipped every good record after it in its
         segment (up to 16 MiB of events)."""
-        spool = DiskSpool(tmp_path, segment_bytes=1 << 20)
-        for i in range(1000):
-            spool.append(event(i, 100))
-        spool.close()
-        seg = sorted(tmp_path.glob("*.seg"))[0]
-        raw = bytearray(seg.read_bytes())
-        record = len(encode_record(event(0, 100)))
-        raw[5 * record + record - 10] ^= 0xFF  # inside record 5's data
-        seg.write_bytes(bytes(raw))
+        _with_record_5_flipped(tmp_path, 1000)
         again = DiskSpool(tmp_path)
         first, second = again.reader("s"), again.reader("t")
         ids = drain(first, batch=100)
@@ -355,15 +360,7 @@ class TestDiskSpool:
         """A delivery process replaced (killed, or restarted to catch up) while a sink was behind:
         the new one counted the stretch again as it came to it, and the sidecar adds the
         processes' counts (one event lost, two counted)."""
-        spool = DiskSpool(tmp_path, segment_bytes=1 << 20)
-        for i in range(20):
-            spool.append(event(i, 100))
-        spool.close()
-        seg = sorted(tmp_path.glob("*.seg"))[0]
-        raw = bytearray(seg.read_bytes())
-        record = len(encode_record(event(0, 100)))
-        raw[5 * record + record - 10] ^= 0xFF
-        seg.write_bytes(bytes(raw))
+        _with_record_5_flipped(tmp_path, 20)
         first = SpoolFollower(tmp_path)
         first.reader("t")  # behind: it reads nothing in this process
         assert len(drain(first.reader("s"))) == 19 and first.stats.corrupt == 1
