@@ -160,34 +160,30 @@ class KafkaChannel:
                 **self.settings.config}
 
     async def start(self) -> None:
-        """Create the topic, in the background: awaited here, Kafka silent held the broker's port
-        closed (/healthz too) for its timeout, once per broker. Until the topic exists the channel
-        is not ready (its ingress answers 503) and its triggers wait; unreachable, Kafka is tried
-        again until it answers."""
-        self._connecting = asyncio.get_running_loop().create_task(self._connect(), name=f"connect:{self.topic}")
+        """Create the topic. With Kafka unreachable the broker starts anyway, not ready (its ingress
+        answers 503), and keeps trying: triggers attach once Kafka answers."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._admin, self._create_topic)
+        except _UnreachableError as exc:
+            log.warning("kafka channel: %s; retrying until it answers (the ingress answers 503 meanwhile)", exc)
+            self._connecting = asyncio.get_running_loop().create_task(self._connect(), name=f"connect:{self.topic}")
+            return
+        self._reached = self.ready = True
 
     async def _connect(self) -> None:
-        delay, said = 1.0, False
+        delay = 1.0
         while True:
+            await asyncio.sleep(delay)
             try:
                 await asyncio.get_running_loop().run_in_executor(self._admin, self._create_topic)
-            except _UnreachableError as exc:
-                if not said:
-                    log.warning("kafka channel: %s; retrying until it answers (the ingress answers 503 meanwhile)",
-                                exc)
-                    said = True
-                await asyncio.sleep(delay)
+            except _UnreachableError:
                 delay = min(delay * 2, _RECONNECT_MAX)
                 continue
-            except Exception as exc:  # noqa: BLE001 - answered, but refused: nothing a retry changes
-                # Said here: in this task it failed the start no more.
-                reason = exc if isinstance(exc, ChannelError) else f"topic {self.topic}: {type(exc).__name__}: {exc}"
-                log.error("kafka channel: %s; its broker takes no events until restarted", reason)
+            except ChannelError as exc:  # answered, but refused: nothing a retry changes
+                log.error("kafka channel: %s", exc)
                 return
             break
-        if said:
-            log.warning("kafka channel: kafka at %s answers: topic %s ready", self.settings.bootstrap_servers,
-                        self.topic)
+        log.warning("kafka channel: kafka at %s answers: topic %s ready", self.settings.bootstrap_servers, self.topic)
         self._reached = True  # attached from now on at once: none joins the waiting
         for trigger in list(self._waiting):
             async with self._lock(trigger):
@@ -217,9 +213,6 @@ class KafkaChannel:
     async def append(self, events: Sequence[CloudEvent]) -> None:
         if not events:
             return
-        if not self._reached:  # a record produced first had Kafka create the topic on its own terms
-            raise ChannelError(f"kafka at {self.settings.bootstrap_servers}: topic {self.topic} not ready "
-                               "(Kafka has not answered since the start)")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._pending.append((events, done))

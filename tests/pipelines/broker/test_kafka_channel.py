@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 from confluent_kafka import KafkaError, KafkaException
@@ -53,17 +52,6 @@ async def _post(broker: Broker, ids: list[str], type_: str = "com.example.someev
             assert response.status_code == 202, response.text
 
 
-async def _started(broker: Broker) -> None:
-    """Started, and Kafka answered: the start creates the topics in the background."""
-    await broker.startup()
-    await until(lambda: broker.ready, 30, "Kafka answering")
-
-
-async def _connected(channel: KafkaChannel) -> None:
-    await channel.start()
-    await until(lambda: channel.ready, 30, "Kafka answering")
-
-
 def _channel(broker: Broker) -> KafkaChannel:
     channel = broker.channels[broker.default_key]
     assert isinstance(channel, KafkaChannel)
@@ -77,7 +65,7 @@ triggers:
   - {{name: all, subscriber: '{subscriber.url}'}}
   - {{name: cesql, filters: [{{cesql: "type LIKE '%.special'"}}], subscriber: '{other_subscriber.url}'}}
 """)
-    await _started(broker)
+    await broker.startup()
     try:
         assert _channel(broker).topic == f"knative-broker-default-{kafka_settings['name']}"
         await _post(broker, [f"n{i}" for i in range(10)])
@@ -100,7 +88,7 @@ triggers:
 """
     subscriber.fail_with = 503
     first = Broker(settings(tmp_path, drain_timeout=0.2, **kafka_settings), triggers=one)
-    await _started(first)
+    await first.startup()
     await _post(first, [f"a{i}" for i in range(10)])
     await until(lambda: subscriber.attempts >= 1, 30, "a first attempt")
     await first.shutdown()
@@ -108,7 +96,7 @@ triggers:
     subscriber.fail_with = None
     two = one + f"  - {{name: late, subscriber: '{other_subscriber.url}'}}\n"
     second = Broker(settings(tmp_path, **kafka_settings), triggers=two)
-    await _started(second)
+    await second.startup()
     try:
         await _post(second, ["b0"])
         await asyncio.to_thread(subscriber.wait_for, 11, 30)
@@ -125,7 +113,7 @@ async def test_two_brokers_share_the_topic_and_the_groups(
     triggers = f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]"
     brokers = [Broker(settings(tmp_path / str(i), **kafka_settings), triggers=triggers) for i in range(2)]
     for broker in brokers:
-        await _started(broker)
+        await broker.startup()
     try:
         sources = [_channel(b)._sources["t"][0] for b in brokers]
         await until(lambda: all(s.assignment for s in sources) and sum(len(s.assignment) for s in sources) == 4,
@@ -146,8 +134,8 @@ async def test_ingress_only_role(tmp_path: Path, kafka_settings: dict[str, Any],
                      triggers=f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
     dispatcher = Broker(settings(tmp_path / "d", role="dispatcher", **kafka_settings),
                         triggers=f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
-    await _started(ingress)
-    await _started(dispatcher)
+    await ingress.startup()
+    await dispatcher.startup()
     try:
         assert not _channel(ingress)._sources  # no consumers in an ingress-only process
         async with client(dispatcher) as c:
@@ -166,7 +154,7 @@ async def test_an_event_kafka_refuses_for_good_is_413_and_others_go_on(
     `message.max.bytes`, 1,000,000 by default): retrying cannot help, so no 503."""
     broker = Broker(settings(tmp_path, **kafka_settings),
                     triggers=f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
-    await _started(broker)
+    await broker.startup()
     try:
         async with client(broker) as c:
             big = event("big", data=b'"' + b"x" * 1_010_000 + b'"')
@@ -193,7 +181,6 @@ def test_a_batch_post_kafka_took_in_part_reaches_the_trigger_once_each(
     batch = [event(f"p{i}") for i in range(10)]
     batch[4] = event("p4", data=b'"' + b"x" * 1_010_000 + b'"')
     with BrokerThread(broker, port=free_port()) as running:
-        asyncio.run(until(lambda: broker.ready, 30, "Kafka answering"))
         refused = refused_by(running.url, batch)
         subscriber.wait_for(9, 30)
         time.sleep(1.0)  # a duplicate would follow within the trigger's batch timeout
@@ -211,7 +198,7 @@ async def test_events_refused_as_one_record_batch_are_taken_in_halves(
                                   config={"max.message.bytes": "100000"})])[topic].result(10)
     broker = Broker(settings(tmp_path, **kafka_settings),
                     triggers=f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
-    await _started(broker)
+    await broker.startup()
     try:
         batch = [to_dict(event(f"b{i}", data=b'"' + b"x" * 30_000 + b'"')) for i in range(10)]
         async with client(broker) as c:
@@ -232,7 +219,6 @@ async def test_a_failure_after_halves_were_written_fails_only_the_appends_not_wr
     topic.fail = lambda batch: (RejectedError("MSG_SIZE_TOO_LARGE", batch, too_large=True, together=True)
                                 if len(batch) > 2 else SinkError("down") if batch[0].id.startswith("b") else None)
     channel._sink = Halving(topic)
-    channel._reached = True  # its topic: the memory sink
     a, b = [event(f"a{i}") for i in range(2)], [event(f"b{i}") for i in range(2)]
     written, failed = await asyncio.gather(channel.append(a), channel.append(b), return_exceptions=True)
     assert written is None and isinstance(failed, ChannelError) and failed.pending is None
@@ -268,7 +254,7 @@ async def test_kafka_down_is_503_then_back(tmp_path: Path, subscriber: Subscribe
     broker = Broker(settings(tmp_path, channel="kafka", name="down",
                              kafka={"bootstrap_servers": server.address, "partitions": 2}),
                     triggers=f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
-    await _started(broker)
+    await broker.startup()
     try:
         await _post(broker, [f"a{i}" for i in range(5)])
         await asyncio.to_thread(subscriber.wait_for, 5, 30)
@@ -302,7 +288,7 @@ async def test_reload_replaces_and_removes_triggers(tmp_path: Path, kafka_settin
   - {{name: b, subscriber: '{other_subscriber.url}'}}
 """)
     broker = Broker(settings(tmp_path, trigger_files=[path], **kafka_settings))
-    await _started(broker)
+    await broker.startup()
     channel = _channel(broker)
     try:
         await _post(broker, ["1"])
@@ -348,11 +334,10 @@ async def test_kafka_unreachable_at_start_is_waited_for(tmp_path: Path, subscrib
     await broker.startup()
     try:
         assert not broker.ready
+        assert f"kafka at {server.address}: no broker answered within 1s" in caplog.text
         async with client(broker) as c:
             assert (await c.get("/readyz")).status_code == 503
             assert (await c.post("/", **binary_request(event("early")))).status_code == 503
-        await until(lambda: f"kafka at {server.address}: no broker answered within 1s" in caplog.text, 30,
-                    "the address waited for said")
         server.start()
         await until(lambda: broker.ready, 30, "ready once Kafka answers")
         await _post(broker, ["k1", "k2"])
@@ -361,102 +346,6 @@ async def test_kafka_unreachable_at_start_is_waited_for(tmp_path: Path, subscrib
         await broker.shutdown()
         server.stop()
     assert {e.id for e in subscriber.events} == {"k1", "k2"}
-
-
-def _held_topic_creation(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], threading.Event]:
-    """Each channel's topic creation, its first request to Kafka, waits until the test releases
-    it (a Kafka that does not answer for as long as the test looks), then goes on as it would."""
-    create_topic, release, trying = KafkaChannel._create_topic, threading.Event(), []
-
-    def held(channel: KafkaChannel) -> None:
-        trying.append(channel.topic)
-        release.wait(60)  # a bound, in case the test never releases it
-        create_topic(channel)
-
-    monkeypatch.setattr(KafkaChannel, "_create_topic", held)
-    return trying, release
-
-
-def _healthz_answers(url: str) -> bool:
-    try:
-        return httpx.get(url + "healthz", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-@pytest.mark.parametrize("kafka_was_up", [False, True], ids=["closed-port", "noida-stopped"])
-async def test_a_broker_serves_at_once_while_kafka_does_not_answer_at_start(
-        tmp_path: Path, subscriber: Subscriber, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-        kafka_was_up: bool) -> None:
-    """The start awaited each broker's topic creation, one after another, before the port opened:
-    with Kafka silent, 10 s per broker of connections refused, /healthz too (a liveness probe
-    restarted the pod). The port opens at once, /healthz answers, the channels try side by side,
-    the ingress answers 503 until Kafka answers, then takes events: no restart."""
-    monkeypatch.setattr(kafka_channel, "_TIMEOUT", 1.0)
-    monkeypatch.setattr(kafka_channel, "_RECONNECT_MAX", 1.0)
-    server = NoidaServer("kafka")  # its port, closed
-    if kafka_was_up:
-        server.start()
-        server.stop(keep_data=True)
-    trying, release = _held_topic_creation(monkeypatch)
-    triggers = "triggers:\n" + "".join(f"  - {{name: t{i}, namespace: ns, broker: b{i}, subscriber: '{subscriber.url}'}}\n"
-                                       for i in range(1, 4))
-    broker = Broker(settings(tmp_path, channel="kafka", kafka={"bootstrap_servers": server.address, "partitions": 1}),
-                    triggers=triggers)
-    running = BrokerThread(broker, port=free_port())
-    running._thread.start()  # not `start()`, which waits for the port itself
-    try:
-        await until(lambda: _healthz_answers(running.url), 30, "/healthz answering")
-        # The default broker's channel and b1..b3's: all trying at once, none answered yet.
-        await until(lambda: len(trying) == 4, 30, "every channel trying Kafka")
-        assert not any(channel.ready for channel in broker.channels.values())
-        async with httpx.AsyncClient(base_url=running.url) as c:
-            assert (await c.get("/readyz")).status_code == 503
-            assert (await c.post("/ns/b1", **binary_request(event("early")))).status_code == 503
-            release.set()  # the closed port now: each try times out, and is tried again
-            await until(lambda: f"kafka at {server.address}: no broker answered within 1s" in caplog.text, 30,
-                        "the address waited for said")
-            assert (await c.get("/healthz")).status_code == 200
-            assert (await c.post("/ns/b1", **binary_request(event("early")))).status_code == 503
-            server.start(fresh=not kafka_was_up)
-            await until(lambda: broker.ready, 60, "ready once Kafka answers")
-            for i in range(1, 4):
-                response = await c.post(f"/ns/b{i}", **binary_request(event(f"k{i}")))
-                assert response.status_code == 202, response.text
-        await asyncio.to_thread(subscriber.wait_for, 3, 30)
-    finally:
-        release.set()
-        await asyncio.to_thread(running.stop)
-        server.stop()
-    assert sorted(e.id for e in subscriber.events) == ["k1", "k2", "k3"]
-
-
-async def test_kafka_answering_at_start_has_the_topic_created_before_events_are_taken(
-        kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The topic is created in the background now: until then the channel is not ready and takes
-    no events (a record produced first had Kafka create the topic on its own terms)."""
-    trying, release = _held_topic_creation(monkeypatch)
-    channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers=kafka_bootstrap, partitions=3),
-                           "default", f"b{next(_names)}-{uuid.uuid4().hex[:8]}")
-    try:
-        try:
-            await asyncio.wait_for(channel.start(), 30)  # a hang guard
-        except TimeoutError:
-            pytest.fail("the channel's start waits for Kafka's answer")
-        await until(lambda: trying == [channel.topic], 30, "the topic's creation asked")
-        assert not channel.ready
-        with pytest.raises(ChannelError, match="not ready"):
-            await channel.append([event("early")])
-        admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-        assert channel.topic not in (await asyncio.to_thread(admin.list_topics, timeout=10)).topics
-        release.set()
-        await until(lambda: channel.ready, 30, "the channel ready")
-        topics = (await asyncio.to_thread(admin.list_topics, timeout=10)).topics
-        assert len(topics[channel.topic].partitions) == 3
-        await channel.append([event("e1")])
-    finally:
-        release.set()
-        await channel.aclose(1.0)
 
 
 async def test_a_broker_whose_topic_kafka_cannot_name_is_a_config_error(
@@ -469,7 +358,7 @@ async def test_a_broker_whose_topic_kafka_cannot_name_is_a_config_error(
     path = tmp_path / "triggers.yaml"
     path.write_text(f"triggers: [{{name: a, subscriber: '{subscriber.url}'}}]\n")
     broker = Broker(settings(tmp_path, trigger_files=[path], **kafka_settings))
-    await _started(broker)
+    await broker.startup()
     try:
         path.write_text(f"triggers: [{{name: a, broker: {long}, subscriber: '{subscriber.url}'}}]\n")
         with pytest.raises(ConfigError, match="topic"):
@@ -514,7 +403,7 @@ triggers:
     kafka = {**kafka_settings, "kafka": {**kafka_settings["kafka"], "partitions": 1}}  # one batch, in order
     subscriber.answer = lambda e, _: (503 if e is not None and e.id == "stuck" else 202, {}, b"")
     first = Broker(settings(tmp_path, drain_timeout=0.2, **kafka), triggers=triggers)
-    await _started(first)
+    await first.startup()
     try:
         batch = [to_dict(event(id_)) for id_ in ["stuck", *(f"e{i}" for i in range(9))]]
         async with client(first) as c:
@@ -527,7 +416,7 @@ triggers:
 
     subscriber.answer = None
     second = Broker(settings(tmp_path, **kafka), triggers=triggers)
-    await _started(second)
+    await second.startup()
     try:
         await until(lambda: "stuck" in {e.id for e in subscriber.events}, 30, "the stuck event")
         await _post(second, ["after"])
@@ -549,7 +438,6 @@ async def test_an_append_whose_caller_was_cancelled_leaves_the_others_answered()
 
     topic.send_batch = slow  # type: ignore[method-assign]
     channel._sink = Halving(topic)
-    channel._reached = True  # its topic: the memory sink
     first = asyncio.ensure_future(channel.append([event("a")]))
     second = asyncio.ensure_future(channel.append([event("b")]))
     await asyncio.sleep(0.01)  # both in the flush
@@ -587,7 +475,7 @@ async def test_a_trigger_added_while_kafka_is_down_starts_at_the_events_sent_sin
     path.write_text(f"triggers: [{{name: old, subscriber: '{subscriber.url}'}}]\n")
     broker = Broker(settings(tmp_path, trigger_files=[path], channel="kafka", name="late",
                              kafka={"bootstrap_servers": own_kafka.address, "partitions": 2}))
-    await _started(broker)
+    await broker.startup()
     try:
         await _post(broker, [f"before{i}" for i in range(5)])
         await asyncio.to_thread(subscriber.wait_for, 5, 30)
@@ -641,7 +529,7 @@ async def test_a_stop_while_kafka_is_unreachable_returns(tmp_path: Path, own_kaf
                              kafka={"bootstrap_servers": own_kafka.address, "partitions": 1,
                                     "config": {"socket.timeout.ms": 3000, "session.timeout.ms": 300_000}}),
                     triggers=f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
-    await _started(broker)
+    await broker.startup()
     source = _channel(broker)._sources["t"][0]
     stopped = False
     try:
@@ -683,7 +571,7 @@ async def test_a_trigger_changed_before_its_group_was_placed_gets_the_events_sin
     since the trigger was first added never reached it."""
     channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers=kafka_bootstrap, partitions=1),
                            "default", f"b{next(_names)}-{uuid.uuid4().hex[:8]}")
-    await _connected(channel)
+    await channel.start()
     down = [True]
     _placing_fails(channel, lambda _: down[0])
     first, second = Handler(), Handler()
@@ -707,7 +595,7 @@ async def test_a_trigger_removed_while_its_group_is_placed_starts_afresh_when_ad
     group: the trigger added back got the events sent while it did not exist."""
     channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers=kafka_bootstrap, partitions=1),
                            "default", f"b{next(_names)}-{uuid.uuid4().hex[:8]}")
-    await _connected(channel)
+    await channel.start()
     placing = threading.Event()
 
     def slow_second(call: int) -> bool:  # the first fails, the second takes a while
@@ -737,7 +625,7 @@ async def test_a_trigger_removed_before_any_placing_ran_is_removed_at_once(kafka
     usual reason a trigger is not placed yet), the reload holding the channel meanwhile."""
     channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers=kafka_bootstrap, partitions=1),
                            "default", f"b{next(_names)}-{uuid.uuid4().hex[:8]}")
-    await _connected(channel)
+    await channel.start()
     _placing_fails(channel, lambda _: True)
     deleted: list[str] = []
     channel._delete_group = deleted.append  # type: ignore[method-assign,assignment]
@@ -757,7 +645,7 @@ async def test_a_trigger_removed_while_a_placing_fails_deletes_no_group(own_kafk
     running at the removal had the group deleted after it, a second timeout on the reload."""
     channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers=own_kafka.address, partitions=1),
                            "default", f"b{next(_names)}-{uuid.uuid4().hex[:8]}")
-    await _connected(channel)
+    await channel.start()
     deleted: list[str] = []
     channel._delete_group = deleted.append  # type: ignore[method-assign,assignment]
     own_kafka.stop(keep_data=True)
@@ -789,7 +677,7 @@ async def test_kafka_stalling_at_a_groups_placing_holds_no_trigger_change(
 
     channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers=own_kafka.address, partitions=1),
                            "default", f"b{next(_names)}-{uuid.uuid4().hex[:8]}")
-    await _connected(channel)
+    await channel.start()
     monkeypatch.setattr(kafka_channel, "AdminClient", StallingAdmin)
     handler = Handler()
     try:
@@ -860,7 +748,7 @@ async def test_a_trigger_detached_does_not_wait_for_another_ones_drain(kafka_boo
 
     channel = KafkaChannel(KafkaChannelSettings(bootstrap_servers=kafka_bootstrap, partitions=1),
                            "default", f"b{next(_names)}-{uuid.uuid4().hex[:8]}")
-    await _connected(channel)
+    await channel.start()
     slow, quick = Gated(), Handler()
     slow_detach = None
     try:
@@ -894,7 +782,7 @@ async def test_a_records_other_headers_are_not_sent_to_the_subscriber(
 
     broker = Broker(settings(tmp_path, **{**kafka_settings, "kafka": {**kafka_settings["kafka"], "partitions": 1}}),
                     triggers=f"triggers: [{{name: t, subscriber: '{subscriber.url}'}}]")
-    await _started(broker)
+    await broker.startup()
     try:
         binding = [("ce_specversion", b"1.0"), ("ce_source", b"/s"), ("ce_type", b"real.type"),
                    ("content-type", b"application/json")]
