@@ -259,16 +259,18 @@ class Broker:
             else:
                 dispatchers[key] = self._dispatcher(trigger, deliveries[trigger.broker_key])
         self._check_channels(deliveries, wanted)
-        for key in deliveries:
-            if key not in self.channels:
-                channel = self._open(key)
-                try:
-                    await channel.start()
-                except BaseException:
-                    await channel.aclose(0)
-                    raise
+        # Side by side: one after another, a Kafka not answering held the start (the port closed)
+        # for its timeout once per broker.
+        opening = {key: self._open(key) for key in deliveries if key not in self.channels}
+        started = await asyncio.gather(*(channel.start() for channel in opening.values()), return_exceptions=True)
+        for (key, channel), outcome in zip(opening.items(), started):
+            if isinstance(outcome, BaseException):
+                await channel.aclose(0)
+            else:
                 self.channels[key] = channel
                 self._unsettled.add(key)
+        if failed := next((o for o in started if isinstance(o, BaseException)), None):
+            raise failed
         if s.role != "ingress":
             await self._switch(wanted, dispatchers)
             for key in self._unsettled & self.channels.keys():  # also those a failed change opened

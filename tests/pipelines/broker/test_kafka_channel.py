@@ -348,6 +348,40 @@ async def test_kafka_unreachable_at_start_is_waited_for(tmp_path: Path, subscrib
     assert {e.id for e in subscriber.events} == {"k1", "k2"}
 
 
+async def test_the_brokers_topics_are_created_side_by_side_at_start(tmp_path: Path, subscriber: Subscriber,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """One after another, a Kafka not answering held the start (the port closed, /healthz too)
+    for its timeout once per broker: 3 brokers, 40 s."""
+    import threading
+
+    from pipelines.broker import kafka_channel
+
+    monkeypatch.setattr(kafka_channel, "_TIMEOUT", 1.0)
+    create_topic, trying, release = KafkaChannel._create_topic, [], threading.Event()
+
+    def held(channel: KafkaChannel) -> None:  # each waits until every one is trying
+        trying.append(channel.topic)
+        release.wait(60)
+        create_topic(channel)
+
+    monkeypatch.setattr(KafkaChannel, "_create_topic", held)
+    server = NoidaServer("kafka")  # its port, closed
+    triggers = "triggers:\n" + "".join(f"  - {{name: t{i}, namespace: ns, broker: b{i}, subscriber: '{subscriber.url}'}}\n"
+                                       for i in range(1, 4))
+    broker = Broker(settings(tmp_path, channel="kafka", kafka={"bootstrap_servers": server.address, "partitions": 1}),
+                    triggers=triggers)
+    starting = asyncio.ensure_future(broker.startup())
+    try:
+        await until(lambda: len(trying) == 4, 30, "every broker's channel trying Kafka at once")
+        release.set()
+        await starting
+        assert not broker.ready and len(broker.channels) == 4
+    finally:
+        release.set()
+        await asyncio.wait((starting,))
+        await broker.shutdown()
+
+
 async def test_a_broker_whose_topic_kafka_cannot_name_is_a_config_error(
         tmp_path: Path, kafka_settings: dict[str, Any], subscriber: Subscriber) -> None:
     """Names valid alone (up to 253 characters) add up past Kafka's 249 for a topic: `check`
