@@ -161,8 +161,8 @@ class KafkaSourceConfig(SourceConfig):
         if topic is not None:
             if (why := _illegal_topic(topic)) is not None:
                 raise ValueError(why)
-            if topic.startswith("__"):
-                raise ValueError(f"{topic!r}: names starting with '__' are Kafka's internal topics")
+            if topic in ("__consumer_offsets", "__transaction_state"):
+                raise ValueError(f"{topic!r} is one of Kafka's internal topics")
         return topic
 
     @model_validator(mode="after")

@@ -688,7 +688,8 @@ class TestConfig:
             KafkaSourceConfig(bootstrap_servers="b:9092", topics=["^src-.*"], dead_letter_topic="src-dead")
         assert KafkaSourceConfig(bootstrap_servers="b:9092", topics=["^src-.*"], dead_letter_topic="dead-src")
 
-    @pytest.mark.parametrize("name", ["bad name!", "", ".", "..", "x" * 250, "__consumer_offsets", "__dead"])
+    @pytest.mark.parametrize("name", ["bad name!", "", ".", "..", "x" * 250, "__consumer_offsets",
+                                      "__transaction_state"])
     def test_a_dead_letter_topic_kafka_never_accepts_is_refused_when_read(self, name: str) -> None:
         """Taken, the first dead letter was retried for ever: the offsets never moved past it."""
         with pytest.raises(ValidationError, match=r"dead_letter_topic[\s\S]*(topic name|internal)"):
@@ -704,6 +705,8 @@ class TestConfig:
         config = KafkaSourceConfig(bootstrap_servers="b:9092", topics=["a.B_c-9", longest, "__internal", "^any name"],
                                    dead_letter_topic="Dead.letters_1-x")
         assert config.topics[1] == longest and config.dead_letter_topic == "Dead.letters_1-x"
+        # Kafka keeps only its own two: other names starting with `__` are anyone's
+        assert KafkaSourceConfig(bootstrap_servers="b:9092", topics=["t"], dead_letter_topic="__dlq").dead_letter_topic
 
     def test_a_bad_topic_pattern_is_refused_when_read(self) -> None:
         """librdkafka refused it only once subscribing: a KafkaException ended `run()`."""
