@@ -724,7 +724,6 @@ class DiskReader:
         spool._waiters.add(self._event)
         self._old_name: Path | None = None  # its checkpoint under an earlier name, taken over (`_renamed`)
         self.position = self._load()
-        self.began = self.position  # where this process found it (`_skip_corrupt`)
         self._saved = self.position
         self._saved_at = 0.0
         self._save_failing = False
@@ -942,14 +941,6 @@ class DiskReader:
         if seen in self.spool._corrupt_seen:  # another sink's reader met it first
             return
         self.spool._corrupt_seen.add(seen)
-        # Another sink's reader began past it (an unreadable segment: past its end): a process
-        # before this one (a delivery process replaced) skipped it and counted it, and the sidecar
-        # adds up the processes' counts.
-        past = Position(segment, offset) if readable else Position(segment + 1, -1)
-        if any(other.began > past for other in self.spool._readers.values()):
-            log.info("spool segment %d: %s; skipping %d bytes from offset %d, counted before", segment, reason,
-                     size - offset, offset)
-            return
         lost = self._lost(segment, offset, size) if readable else 1  # unreadable: how many is unknown
         self.spool.stats.corrupt += lost
         log.error("spool segment %d: %s; skipping %d bytes from offset %d (%s)", segment, reason, size - offset,
