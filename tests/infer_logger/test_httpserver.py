@@ -806,6 +806,28 @@ async def test_an_upload_pipelined_behind_an_unread_answer_is_not_cut() -> None:
         assert raw.count(b"HTTP/1.1 200") == 2
 
 
+async def test_a_client_reading_slowly_but_steadily_is_not_cut() -> None:
+    """The send deadline looked at the transport's buffer only, which the kernel frees in steps of
+    a third of its own (~1.4 MiB): a steady reader slower than that per deadline was cut."""
+    big = b"y" * (8 << 20)
+
+    async def handler(request: Request) -> Reply:
+        return 200, [], big
+
+    loop = asyncio.get_running_loop()
+    async with _slow_client(handler, keep_alive_timeout=5.0, request_read_timeout=1.0) as (srv, sock):
+        await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        await until(lambda: _buffered(srv), 30, "the answer buffered")
+        raw = bytearray()
+        started = loop.time()
+        while len(raw) < len(big):
+            data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
+            assert data, f"cut after {len(raw)} bytes"
+            raw += data
+            if loop.time() - started < 4:  # ~200 KB/s for a while: past the deadline four times over
+                await asyncio.sleep(0.02)
+
+
 async def test_a_client_reading_its_answer_late_gets_it_whole() -> None:
     """What lets go of a client that reads nothing (above) does not cut one that reads late: idle
     past the keep-alive timeout with its answer still buffered, it still gets all of it."""
