@@ -16,14 +16,9 @@ and converted only when the one before was taken, so a frame of many small entri
 and one batch of events, not all of them decoded (a Forward-mode array's entries are read from the
 frame's bytes, a PackedForward bin's unpacked, and inflated, as they go); at most `in_flight` frames,
 across connections, at once (a connection whose frame waits its turn reads no more: TCP holds its
-sender back, and that wait, like the subscriber's, is not `frame_timeout`). Frames read and not yet
-taken, across connections, hold at most about `max_frame_bytes` x `in_flight` bytes (one arriving
-counts twice: its bin is held whole until it is), plus a frame and a read (256 KiB) a connection:
-past that no socket is read on (TCP holds the senders back; that wait is not `frame_timeout`
-either) but one at a time, in turn, finishing the frame it began; one that waits a second with
-nothing coming makes way for the next (its frame, held, goes on at its next turn: a sender that
-stopped holds back no other). A connection not yet authenticated reads no more than a PING (4 KiB),
-and holds none of that bound. A `chunk` option is acked
+sender back, and that wait, like the subscriber's, is not `frame_timeout`): frames waiting for
+their turn are held in memory, one a connection, up to `max_frame_bytes` each. A connection not yet
+authenticated reads no more than a PING (4 KiB). A `chunk` option is acked
 (`{"ack": chunk}`) only after the last batch's `send_batch` returned, so a client with
 `require_ack_response` resends what the subscriber did not take: the whole chunk, so the batches
 before a failed or bad one are delivered again (at-least-once; a chunk's record ids stay the same,
@@ -100,11 +95,6 @@ _MAX_ENTRIES = 10_000
 _WALK_READ = 16 * 1024  # bytes of a frame an unpacker reads at once while walking it
 _LINGER = 5.0  # seconds a connection this end closes has to read its acks and close too
 _PING_BYTES = 4 * 1024  # most bytes of a PING (a hostname, a salt, two digests, a user: well under 1 KiB)
-# Seconds the connection read on past the bound waits with nothing coming before it makes way for
-# others waiting: mid-frame (a sender that stopped holds back no other; a slow one rarely stops that
-# long), and between frames (it holds nothing: a moment for what is on its way already).
-_STEP_ASIDE = 1.0
-_STEP_ASIDE_IDLE = 0.05
 
 
 class FrameError(ValueError):
@@ -143,9 +133,8 @@ class ForwardSourceConfig(SourceConfig):
     in_flight: int = Field(4, ge=1)
     """Most frames, across connections, being converted and handed to the subscriber at once: each
     holds a batch of up to max_frame_entries events (a 10,000-event batch of tiny records is ~12 MB).
-    A connection whose frame waits for its turn reads no more, so TCP holds its sender back; and
-    past max_frame_bytes x in_flight bytes of frames read and not yet taken, across connections,
-    no socket is read on but one's at a time, in turn, finishing its frame."""
+    A connection whose frame waits for its turn reads no more, so TCP holds its sender back (that
+    frame held meanwhile: up to max_frame_bytes a connection)."""
     record_type: fields.AttributeText = Field("io.fluentd.record", min_length=1)
     """CloudEvents `type` of records that are not CloudEvents themselves (a CloudEvents String: every
     such record's event has it; "" or a control character had each frame refused, resent for ever)."""
@@ -261,8 +250,6 @@ class _Messages:
         self.waited = 0.0
         self._reads: list[bytes] = []  # the reads it is in, and what follows it
         self._offset = 0  # where it starts in the first
-        self.held = 0  # bytes fed and not yet let go by ForwardSource (taken, or dropped)
-        self.counted = 0  # what ForwardSource counts them as
 
     def feed(self, data: bytes) -> None:
         self._unpacker.feed(data)
@@ -795,13 +782,6 @@ class ForwardSource:
         self._idle = asyncio.Event()
         self._idle.set()
         self._turns = _Turns(config.in_flight)  # frames whose batches are converted and handed on
-        # Bytes read of frames not yet taken (arriving, waiting for a turn, in one), across
-        # connections: past _bound no socket is read on (one connection finishing the frame it began).
-        self._held = 0
-        self._bound = config.max_frame_bytes * config.in_flight
-        self._finisher: _Messages | None = None  # the one read on past it
-        self._line: collections.deque[_Messages] = collections.deque()  # connections waiting for room
-        self._freed = asyncio.Event()  # set (and replaced) when bytes are let go, or the finisher's place
         # surrogateescape: an ack echoes a chunk that is not UTF-8 (read so) byte for byte; strict,
         # it failed after the records were handed on, and every resend delivered them again.
         self._packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
@@ -910,22 +890,18 @@ class ForwardSource:
             while True:
                 # Frames first: some may have come in the handshake's last read, behind its PING.
                 for message in messages:
-                    self._count(messages)  # cut: no longer the frame arriving, counted twice
+                    if self._draining:
+                        return True  # not taken, not acked: the sender sends it again
+                    if len(message) == 1 and message[0] == _NIL:
+                        continue  # a heartbeat (Fluentd's in_forward skips it too)
+                    self._taking += 1
+                    self._idle.clear()
                     try:
-                        if self._draining:
-                            return True  # not taken, not acked: the sender sends it again
-                        if len(message) == 1 and message[0] == _NIL:
-                            continue  # a heartbeat (Fluentd's in_forward skips it too)
-                        self._taking += 1
-                        self._idle.clear()
-                        try:
-                            frame = await self._take(message, writer, gone)
-                        finally:
-                            self._taking -= 1
-                            if not self._taking:
-                                self._idle.set()
+                        frame = await self._take(message, writer, gone)
                     finally:
-                        self._let_go(messages, len(message))
+                        self._taking -= 1
+                        if not self._taking:
+                            self._idle.set()
                     if frame is None:
                         continue
                     # Taken once the subscriber returned: a sender that does not read its acks holds
@@ -939,13 +915,9 @@ class ForwardSource:
                         log.warning("forward source: %s sends frames with fluent_signal %d (metrics, traces or "
                                     "another kind, not log records; tag %r): acked and skipped", peer,
                                     frame.signal, frame.tag)
-                if not await self._room(messages, gone):
-                    return False
-                if (data := await self._read(reader, messages)) is None:
-                    continue  # it made way past the bound: in line again
-                if not data:
+                if not (data := await self._read(reader, messages)):
                     return True  # the sender sends no more (it may still read its acks: sent by now)
-                self._hold(messages, data)
+                messages.feed(data)
         except msgpack.BufferFull:  # _Messages refuses first; kept as the backstop it was
             self._close_for(peer, f"bad frame: {_TOO_BIG}")
         except (FrameError, msgpack.UnpackException, ValueError, OverflowError, TypeError) as exc:
@@ -959,10 +931,6 @@ class ForwardSource:
             self._close_for(peer, "no PING within handshake_timeout")
         except OSError:
             return False  # the client went away
-        finally:
-            # Before any linger: closed, it holds neither bytes of the bound nor the finisher's
-            # place (lingering with them, it held every other sender up to 5 s).
-            self._let_go(messages, messages.held)
         return True
 
     async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -984,97 +952,23 @@ class ForwardSource:
         except (TimeoutError, OSError):
             writer.transport.abort()
 
-    def _hold(self, messages: _Messages, data: bytes) -> None:
-        messages.feed(data)
-        messages.held += len(data)
-        self._count(messages)
-
-    def _let_go(self, messages: _Messages, size: int) -> None:
-        """`size` bytes of the connection's frames taken (or dropped): room for others to read."""
-        messages.held -= size
-        self._count(messages)
-        if self._finisher is messages:
-            self._finisher = None
-        self._wake()
-
-    def _wake(self) -> None:
-        """Those waiting for room look again."""
-        if self._line:
-            self._freed.set()
-            self._freed = asyncio.Event()
-
-    @property
-    def _waiting(self) -> int:
-        """Connections waiting for room to read."""
-        return len(self._line)
-
-    def _count(self, messages: _Messages) -> None:
-        # A frame arriving counts twice: the unpacker that finds its end holds all of a bin (a
-        # PackedForward frame's entries) until it is whole.
-        counted = messages.held + (messages.received if messages.held else 0)
-        self._held += counted - messages.counted
-        messages.counted = counted
-
-    async def _room(self, messages: _Messages, gone: asyncio.Future[None]) -> bool:
-        """Until the frames read and not yet taken, across connections, hold less than max_frame_bytes
-        x in_flight (each read's bytes go on to the frame's end, waiting for turns; the StreamReader
-        pauses its socket meanwhile: TCP holds the sender back), or this connection is the finisher,
-        the one read on past that: in turn (first come, and one that made way last), until the frame
-        it reads is taken, or it waits _STEP_ASIDE with nothing coming (`_read`; frames begun and held
-        back would wait for each other for ever, and one whose sender stopped held every other).
-        False when the connection was lost meanwhile."""
-        if self._held < self._bound or self._finisher is messages:
-            return True
-        self._line.append(messages)
-        try:
-            while self._held >= self._bound:
-                if self._finisher is None and self._line[0] is messages:
-                    self._finisher = messages
-                    return True
-                freed = asyncio.ensure_future(self._freed.wait())
-                try:
-                    await asyncio.wait((freed, gone), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    freed.cancel()
-                if gone.done():
-                    return False
-            return True
-        finally:
-            self._line.remove(messages)
-            if self._finisher is None:
-                self._wake()  # the next one may be first now
-
-    async def _read(self, reader: asyncio.StreamReader, messages: _Messages) -> bytes | None:
+    async def _read(self, reader: asyncio.StreamReader, messages: _Messages) -> bytes:
         """The next read; when a frame has begun, within what is left of its time: `frame_timeout`,
         plus a second per MiB of it that came (a big frame on a slow link is not cut), counted
         while waiting here only: from its first byte, a frame behind one the subscriber held
-        longer was past it when reading resumed, and a sender that waits for no ack lost it.
-        None when this is the finisher (`_room`) and nothing came for a while (_STEP_ASIDE) while
-        others wait for room: it makes way (its read is no loss: the StreamReader keeps what comes)."""
-        while True:
-            left = None  # between frames, no deadline
-            if messages.partial:
-                left = self.config.frame_timeout + messages.received / READ_RATE_ALLOWANCE - messages.waited
-                if left <= 0:
-                    raise FrameError(f"a frame begun did not arrive whole within {self.config.frame_timeout:g}s "
-                                     f"(frame_timeout)")
-            # The finisher waits a while at a time, to make way if nothing comes (but when its
-            # frame's time is up sooner: then it is closed, above).
-            step = _STEP_ASIDE if messages.partial or not self._line else _STEP_ASIDE_IDLE
-            stepping = self._finisher is messages and (left is None or left > step)
-            started = time.monotonic()
-            try:
-                async with asyncio.timeout(step if stepping else left):
-                    return await reader.read(_READ_SIZE)
-            except TimeoutError:
-                pass
-            finally:
-                if messages.partial:
-                    messages.waited += time.monotonic() - started
-            if stepping and self._line:
-                self._finisher = None
-                self._wake()
-                return None
+        longer was past it when reading resumed, and a sender that waits for no ack lost it."""
+        if not messages.partial:
+            return await reader.read(_READ_SIZE)
+        left = self.config.frame_timeout + messages.received / READ_RATE_ALLOWANCE - messages.waited
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(left):
+                return await reader.read(_READ_SIZE)
+        except TimeoutError:
+            raise FrameError(f"a frame begun did not arrive whole within {self.config.frame_timeout:g}s "
+                             f"(frame_timeout)") from None
+        finally:
+            messages.waited += time.monotonic() - started
 
     def _close_for(self, peer: object, reason: str) -> None:
         self.errors += 1
@@ -1223,8 +1117,7 @@ class ForwardSource:
         auth_salt = os.urandom(16) if self.config.users else b""
         # An empty `auth` (str, as Fluentd sends it) tells the client no user auth is wanted.
         writer.write(self._packer.pack(["HELO", {"nonce": nonce, "auth": auth_salt or "", "keepalive": True}]))
-        # Read apart, at most a PING: a connection not yet authenticated held up to max_frame_bytes,
-        # counted against the bound on frames read, and held every authenticated sender back.
+        # Read apart, at most a PING: a connection not yet authenticated held up to max_frame_bytes.
         hello = _Messages(_PING_BYTES)
         async with asyncio.timeout(self.config.handshake_timeout):
             try:
@@ -1241,7 +1134,7 @@ class ForwardSource:
             self._close_for(peer, f"handshake failed: {reason}")
             return False
         if rest := hello.rest():  # frames that came behind the PING, in its read
-            self._hold(messages, rest)
+            messages.feed(rest)
         return True
 
     def _check_ping(self, ping: object, nonce: bytes, auth_salt: bytes, key: str) -> str:
