@@ -468,8 +468,8 @@ class _Connection(asyncio.Protocol):
         if unsent != self._unsent or sending:
             self._unsent, self._unsent_since = unsent, now
         elif unsent and now - self._unsent_since > self.server.request_read_timeout:
-            log.info("a client took none of its answer for %g seconds: connection aborted, %d bytes unsent",
-                     self.server.request_read_timeout, unsent)
+            log.info("a client took none of its answer that TCP showed for %g seconds: connection aborted, "
+                     "%d bytes unsent", self.server.request_read_timeout, unsent)
             self.transport.abort()
 
     def check_read_deadline(self, now: float) -> None:

@@ -262,15 +262,23 @@ class Broker:
         # Side by side: one after another, a Kafka not answering held the start (the port closed)
         # for its timeout once per broker.
         opening = {key: self._open(key) for key in deliveries if key not in self.channels}
-        started = await asyncio.gather(*(channel.start() for channel in opening.values()), return_exceptions=True)
+        try:
+            started = await asyncio.gather(*(c.start() for c in opening.values()), return_exceptions=True)
+        except BaseException:  # this change cancelled: none of its channels kept
+            await asyncio.gather(*(c.aclose(0) for c in opening.values()), return_exceptions=True)
+            raise
+        failures: list[tuple[Key, BaseException]] = []
         for (key, channel), outcome in zip(opening.items(), started):
             if isinstance(outcome, BaseException):
+                failures.append((key, outcome))
                 await channel.aclose(0)
             else:
                 self.channels[key] = channel
                 self._unsettled.add(key)
-        if failed := next((o for o in started if isinstance(o, BaseException)), None):
-            raise failed
+        for key, other in failures[1:]:  # the first is raised, and said by the caller
+            log.error("broker %s/%s: its log did not open: %s", *key, other)
+        if failures:
+            raise failures[0][1]
         if s.role != "ingress":
             await self._switch(wanted, dispatchers)
             for key in self._unsettled & self.channels.keys():  # also those a failed change opened
