@@ -10,11 +10,12 @@ appended before the last body chunk goes to the client.
 An answer's start is held until its first body message (as GZipMiddleware and Hypercorn hold it):
 an app that raises before any body gets the server's 500, logged as such; one that raises after its
 body began (a stream broken off) is logged as the client got it: its status, the body as far as it
-went, marked truncated. (So a stream's head reaches the client with its first chunk.) Added with `add_middleware`, it runs
-inside Starlette's ServerErrorMiddleware: for an exception the app raises before it answers, the
-logged response is its own 500 `{"error": "<ExceptionName>"}`, whatever an
-`exception_handler(Exception)` then answers (that answer has no x-request-id either). Wrapped
-around the app instead, it logs every answer as the client gets it, lifespan included:
+went, marked truncated. (So a stream's head reaches the client with its first chunk.)
+
+Added with `add_middleware`, it runs inside Starlette's ServerErrorMiddleware: for an exception
+the app raises before it answers, the logged response is its own 500 `{"error": "<ExceptionName>"}`,
+whatever an `exception_handler(Exception)` then answers (that answer has no x-request-id either).
+Wrapped around the app instead, it logs every answer as the client gets it, lifespan included:
 
     app = InferenceLoggerMiddleware(FastAPI(...), settings=load_settings(...))
 
