@@ -55,23 +55,6 @@ def parameter_names() -> frozenset[str]:
     return frozenset(name for method in METHODS for name in explainer_class(method).Params.model_fields)
 
 
-class _RequestDeadline(Deadline):
-    """An explanation's deadline that its request's end brings forward: once the request is
-    answered (a chunk failed, or it timed out) or cancelled (its client left), its other chunks
-    stop at their next model call instead of holding the workers and the predictor."""
-
-    __slots__ = ("ended",)
-
-    def __init__(self, at: float, message: str) -> None:
-        super().__init__(at, message)
-        self.ended = False
-
-    def left(self) -> float:
-        if self.ended:  # the timeout's error: the predictor client drops a connection it cuts short then
-            raise ExplainTimeoutError("the request of this explanation has ended: its work is given up")
-        return super().left()
-
-
 class ExplainerService:
     def __init__(self, settings: ExplainerSettings) -> None:
         self.settings = settings
@@ -294,7 +277,7 @@ class ExplainerService:
         loop = asyncio.get_running_loop()
         late = (f"explaining {len(rows)} instance(s) took over {s.explain_timeout:g}s (explain_timeout): "
                 "ask for fewer instances or samples, or add workers")
-        deadline = _RequestDeadline(time.monotonic() + s.explain_timeout, late)
+        deadline = Deadline(time.monotonic() + s.explain_timeout, late)
         size = s.chunk_size
         chunks = [loop.run_in_executor(self._executor, self._explain_chunk, rows[i:i + size], chosen, deadline)
                   for i in range(0, len(rows), size)]
@@ -308,8 +291,9 @@ class ExplainerService:
             raise
         finally:
             # Answered (or failed, timed out, cancelled): the chunks still queued are dropped, and
-            # those running stop at their next model call (gather leaves them running on an error).
-            deadline.ended = True
+            # those running stop at their next model call (gather leaves them running on an error;
+            # the timeout's error: the predictor client drops a connection it cuts short then).
+            deadline.end("the request of this explanation has ended: its work is given up")
             for chunk in chunks:
                 chunk.cancel()
         return Explanation.concat(parts)

@@ -59,11 +59,11 @@ class UnknownBrokerError(InferLoggerError, LookupError):
     """No broker of that namespace and name (ingress: 404)."""
 
 
-async def _run_all(steps: Iterable[Coroutine[Any, Any, None]]) -> None:
+async def _run_all(steps: Iterable[Coroutine[Any, Any, None]], what: str = "a trigger change") -> None:
     """Run the steps side by side, each to its end; then raise the first failure (the others logged)."""
     failures = [r for r in await asyncio.gather(*steps, return_exceptions=True) if isinstance(r, BaseException)]
     for failure in failures[1:]:
-        log.error("a trigger change failed too: %s: %s", type(failure).__name__, failure, exc_info=failure)
+        log.error("%s failed too: %s: %s", what, type(failure).__name__, failure, exc_info=failure)
     if failures:
         raise failures[0]
 
@@ -259,26 +259,21 @@ class Broker:
             else:
                 dispatchers[key] = self._dispatcher(trigger, deliveries[trigger.broker_key])
         self._check_channels(deliveries, wanted)
+
+        async def open_channel(key: Key) -> None:
+            channel = self._open(key)
+            try:
+                await channel.start()
+            except BaseException:
+                await channel.aclose(0)
+                raise
+            self.channels[key] = channel
+            self._unsettled.add(key)
+
         # Side by side: one after another, a Kafka not answering held the start (the port closed)
         # for its timeout once per broker.
-        opening = {key: self._open(key) for key in deliveries if key not in self.channels}
-        try:
-            started = await asyncio.gather(*(c.start() for c in opening.values()), return_exceptions=True)
-        except BaseException:  # this change cancelled: none of its channels kept
-            await asyncio.gather(*(c.aclose(0) for c in opening.values()), return_exceptions=True)
-            raise
-        failures: list[tuple[Key, BaseException]] = []
-        for (key, channel), outcome in zip(opening.items(), started):
-            if isinstance(outcome, BaseException):
-                failures.append((key, outcome))
-                await channel.aclose(0)
-            else:
-                self.channels[key] = channel
-                self._unsettled.add(key)
-        for key, other in failures[1:]:  # the first is raised, and said by the caller
-            log.error("broker %s/%s: its log did not open: %s", *key, other)
-        if failures:
-            raise failures[0][1]
+        await _run_all((open_channel(key) for key in deliveries if key not in self.channels),
+                       "opening a broker's log")
         if s.role != "ingress":
             await self._switch(wanted, dispatchers)
             for key in self._unsettled & self.channels.keys():  # also those a failed change opened

@@ -52,6 +52,19 @@ async def _slow_client(handler: Handler, *, keep_alive_timeout: float,
         await srv.stop(grace=1)
 
 
+async def _read_until(sock: socket.socket, done: Callable[[bytearray], bool], size: int = 1 << 16, *,
+                      pace: Callable[[], float] = lambda: 0.0) -> bytearray:
+    """What the client reads until `done` says it has all; a close before it is a cut."""
+    loop, raw = asyncio.get_running_loop(), bytearray()
+    while not done(raw):
+        data = await asyncio.wait_for(loop.sock_recv(sock, size), 10)
+        assert data, f"cut after {len(raw)} bytes"
+        raw += data
+        if wait := pace():
+            await asyncio.sleep(wait)
+    return raw
+
+
 def _buffered(srv: HttpServer) -> bool:
     return any(c.transport is not None and c.transport.get_write_buffer_size() for c in srv.connections)
 
@@ -798,11 +811,7 @@ async def test_an_upload_pipelined_behind_an_unread_answer_is_not_cut() -> None:
         for n in range(3):  # a MiB a second: past the send deadline, within the read deadline's allowance
             await asyncio.sleep(1.0 if n else 0)
             await loop.sock_sendall(sock, part)
-        raw = bytearray()
-        while len(raw) < len(big) or not raw.endswith(b"%d" % (3 * len(part))):
-            data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 10)
-            assert data, f"cut after {len(raw)} bytes"
-            raw += data
+        raw = await _read_until(sock, lambda raw: len(raw) >= len(big) and raw.endswith(b"%d" % (3 * len(part))))
         assert raw.count(b"HTTP/1.1 200") == 2
 
 
@@ -818,14 +827,10 @@ async def test_a_client_reading_slowly_but_steadily_is_not_cut() -> None:
     async with _slow_client(handler, keep_alive_timeout=5.0, request_read_timeout=1.0) as (srv, sock):
         await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
         await until(lambda: _buffered(srv), 30, "the answer buffered")
-        raw = bytearray()
         started = loop.time()
-        while len(raw) < len(big):
-            data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
-            assert data, f"cut after {len(raw)} bytes"
-            raw += data
-            if loop.time() - started < 4:  # ~200 KB/s for a while: past the deadline four times over
-                await asyncio.sleep(0.02)
+        # ~200 KB/s for a while: past the deadline four times over
+        await _read_until(sock, lambda raw: len(raw) >= len(big), 4096,
+                          pace=lambda: 0.02 if loop.time() - started < 4 else 0.0)
 
 
 async def test_a_client_reading_its_answer_late_gets_it_whole() -> None:
@@ -841,10 +846,6 @@ async def test_a_client_reading_its_answer_late_gets_it_whole() -> None:
         await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
         await until(lambda: _buffered(srv), 30, "the answer buffered")
         await asyncio.sleep(0.5)  # idle past the keep-alive timeout, its answer still buffered
-        raw, head = b"", -1
-        while head < 0 or len(raw) < head + 4 + len(big):
-            data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 10)
-            assert data, f"cut after {len(raw)} bytes"
-            raw += data
-            head = raw.find(b"\r\n\r\n")
+        raw = await _read_until(sock, lambda raw: 0 <= raw.find(b"\r\n\r\n") <= len(raw) - 4 - len(big))
+        head = raw.find(b"\r\n\r\n")
         assert raw.startswith(b"HTTP/1.1 200") and raw[head + 4:] == big
