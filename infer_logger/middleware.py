@@ -8,9 +8,10 @@ through, only the part the event keeps (`max_payload_bytes`) held, and the respo
 appended before the last body chunk goes to the client.
 
 An answer's start is held until its first body message (as GZipMiddleware and Hypercorn hold it):
-an app that raises before any body gets the server's 500, logged as such; one that raises after its
-body began (a stream broken off) is logged as the client got it: its status, the body as far as it
-went, marked truncated. (So a stream's head reaches the client with its first chunk.)
+an app that raises or returns before any body gets the server's 500, logged as such; one that
+raises after its body began (a stream broken off) is logged as the client got it: its status, the
+body as far as it went, marked truncated. (So a stream's head reaches the client with its first
+chunk.)
 
 Added with `add_middleware`, it runs inside Starlette's ServerErrorMiddleware: for an exception
 the app raises before it answers, the logged response is its own 500 `{"error": "<ExceptionName>"}`,
@@ -213,9 +214,12 @@ class InferenceLoggerMiddleware:
         finally:
             copy_back()
             self._answering.discard(task)
-        if held is not None:  # a start and no body: sent as the app left it, the server's to end
-            await send(held)
-        if answering and not logged:
+        if answering and not bodied:
+            # A start and no body: held back, so every server answers its 500 (sent, uvicorn's
+            # client had a 200 head cut off, Hypercorn's a 500: logged as a cut 200).
+            self.logger.end(exchange, 500, "application/json",
+                            error_body(500, "the app returned without a response body"))
+        elif answering and not logged:
             # A stream the client left (Starlette ends it quietly): what went out, marked cut off.
             self.logger.end(exchange, status, content_type, bytes(kept), size, cut_off=True,
                             encoding=", ".join(codings))

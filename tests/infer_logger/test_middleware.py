@@ -731,6 +731,35 @@ def test_an_app_returning_without_an_answer_is_logged_as_the_500_the_client_gets
     assert response.json()["error"] == "the app returned without a response"
 
 
+def test_an_app_returning_after_its_start_without_a_body_is_logged_as_the_500_the_client_gets(
+        tmp_path: Path) -> None:
+    """A start and no body: the start was sent as the app left it, and the client got a 200 head
+    cut off under uvicorn, a 500 under Hypercorn (which holds a start for its body), logged as a
+    cut 200. Held back, every server answers the 500 logged."""
+    async def nothing() -> None:
+        pass
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await run_lifespan(receive, send, nothing, nothing)
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+
+    with EventCollector() as sink:
+        wrapped = InferenceLoggerMiddleware(app, settings=load_settings(log_url=[sink.url],
+                                                                        spool={"dir": str(tmp_path)}))
+        port = free_port()
+        with ServerThread(uvicorn_config(wrapped, "127.0.0.1", port)):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/models/m:predict", json={}, headers={"ce-id": "start-1"})
+        received = sink.wait_for(2)
+    assert r.status_code == 500
+    [response] = [e for e in received if e.type == ev.RESPONSE]
+    assert int(response[ev.STATUSCODE]) == 500 and response.get(ev.TRUNCATED) in (None, False, "false")
+    assert response.json()["error"] == "the app returned without a response body"
+
+
 def test_wrapping_the_outer_app_logs_a_mounted_predictor(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """As the README says for a mounted app: wrap the outer app. There the path still holds the
     mount's prefix, and routes matched on the whole path never matched: nothing logged, nothing said."""
