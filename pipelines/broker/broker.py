@@ -153,6 +153,9 @@ class Broker:
         channel = self.channels.get(key)
         if channel is None:
             raise UnknownBrokerError(f"no broker {key[0]}/{key[1]}")
+        if not channel.ready:  # its log is not open yet (Kafka not reached since the start): retried
+            raise ChannelError(f"broker {key[0]}/{key[1]} is not ready: its log is not open yet",
+                               pending=range(len(events)))
         admitted = []
         positions = []  # of each admitted event in `events`
         for i, event in enumerate(events):

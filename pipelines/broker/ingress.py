@@ -112,7 +112,8 @@ class Ingress:
             await respond(send, 405, [_ALLOW, _JSON], error_body(405, "events are POSTed"))
             return
         refused = broker.metrics.refused
-        if not broker.ready or broker.settings.role == "dispatcher":
+        # Gated per broker when published: one whose log is not open yet holds back no other.
+        if not broker.started or broker.settings.role == "dispatcher":
             refused.labels("unavailable").inc()
             await respond(send, 503, [_JSON], error_body(503, "the broker is not taking events here now"))
             return
@@ -248,7 +249,9 @@ async def _readyz(broker: Broker, send: Send) -> None:
         t.label: {"broker": f"{t.broker_key[0]}/{t.broker_key[1]}", "settled": broker.dispatchers[k].settled}
         for k, t in broker.triggers.items()
     }
-    body = orjson.dumps({"ready": broker.ready, "channel": broker.settings.channel, "triggers": triggers})
+    brokers = {f"{ns}/{name}": channel.ready for (ns, name), channel in broker.channels.items()}
+    body = orjson.dumps({"ready": broker.ready, "channel": broker.settings.channel, "brokers": brokers,
+                         "triggers": triggers})
     await respond(send, 200 if broker.ready else 503, [_JSON], body)
 
 

@@ -41,6 +41,7 @@ _T = TypeVar("_T")
 
 _TIMEOUT = 10.0
 _RECONNECT_MAX = 10.0  # seconds between tries to reach Kafka at start
+_START_WAIT = 1.0  # seconds a start waits for Kafka before serving without its topic
 _UNREACHABLE = frozenset({KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
                           KafkaError.REQUEST_TIMED_OUT})
 _LIBRDKAFKA_LOG = client_logger(__name__)
@@ -160,36 +161,63 @@ class KafkaChannel:
                 **self.settings.config}
 
     async def start(self) -> None:
-        """Create the topic. With Kafka unreachable the broker starts anyway, not ready (its ingress
-        answers 503), and keeps trying: triggers attach once Kafka answers."""
+        """Create the topic. Kafka answering within `_START_WAIT`: the topic is created, or its
+        refusal fails the start (a reload keeps the running triggers). Not answering (a silent one
+        takes `_TIMEOUT` to say so), it is not waited for: that held the broker's port closed,
+        /healthz too. The broker serves; this broker's ingress answers 503 and its triggers wait
+        until the topic exists, and Kafka is tried until then."""
+        loop = asyncio.get_running_loop()
+        first: asyncio.Future[None] = loop.create_future()  # the first try's end, as the start sees it
+        self._connecting = loop.create_task(self._connect(first), name=f"connect:{self.topic}")
         try:
-            await asyncio.get_running_loop().run_in_executor(self._admin, self._create_topic)
-        except _UnreachableError as exc:
-            log.warning("kafka channel: %s; retrying until it answers (the ingress answers 503 meanwhile)", exc)
-            self._connecting = asyncio.get_running_loop().create_task(self._connect(), name=f"connect:{self.topic}")
-            return
-        self._reached = self.ready = True
+            await asyncio.wait_for(asyncio.shield(first), _START_WAIT)
+        except TimeoutError:
+            first.cancel()  # what the try ends with is logged, not raised
+            log.warning("kafka channel: kafka at %s has not answered within %gs; serving meanwhile (topic %s's "
+                        "ingress answers 503 until it is created)", self.settings.bootstrap_servers, _START_WAIT,
+                        self.topic)
 
-    async def _connect(self) -> None:
-        delay = 1.0
+    async def _connect(self, first: asyncio.Future[None]) -> None:
+        try:
+            await self._create(first)
+        except Exception as exc:  # no ChannelError: a bug, or a setting only the client refuses
+            if not first.done():
+                first.set_exception(exc)
+                return
+            log.error("kafka channel: creating topic %s failed: %s: %s; its ingress answers 503 until the broker "
+                      "restarts", self.topic, type(exc).__name__, exc, exc_info=exc)
+
+    async def _create(self, first: asyncio.Future[None]) -> None:
+        delay, said = 1.0, ""
         while True:
-            await asyncio.sleep(delay)
             try:
                 await asyncio.get_running_loop().run_in_executor(self._admin, self._create_topic)
-            except _UnreachableError:
-                delay = min(delay * 2, _RECONNECT_MAX)
-                continue
-            except ChannelError as exc:  # answered, but refused: nothing a retry changes
-                log.error("kafka channel: %s", exc)
-                return
-            break
-        log.warning("kafka channel: kafka at %s answers: topic %s ready", self.settings.bootstrap_servers, self.topic)
+                break
+            except ChannelError as exc:
+                unreachable = isinstance(exc, _UnreachableError)
+                if not first.done():  # the start waits for this try
+                    if not unreachable:  # answered, but refused: the start fails, naming why
+                        first.set_exception(exc)
+                        return
+                    first.set_result(None)  # it goes on, not ready
+                if str(exc) != said:  # tried again: a refusal too may pass (brokers joining a cluster)
+                    said = str(exc)
+                    log.log(logging.WARNING if unreachable else logging.ERROR,
+                            "kafka channel: %s; trying again until it is created (its ingress answers 503 meanwhile)",
+                            exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RECONNECT_MAX)
+        if said:
+            log.warning("kafka channel: kafka at %s answers: topic %s ready", self.settings.bootstrap_servers,
+                        self.topic)
         self._reached = True  # attached from now on at once: none joins the waiting
         for trigger in list(self._waiting):
             async with self._lock(trigger):
                 if (handler := self._waiting.pop(trigger, None)) is not None:  # else detached meanwhile
                     await self._attach(trigger, handler)
         self.ready = True
+        if not first.done():
+            first.set_result(None)
 
     def _create_topic(self) -> None:
         admin = AdminClient(self._client_config())

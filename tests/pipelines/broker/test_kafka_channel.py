@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from confluent_kafka import KafkaError, KafkaException
@@ -334,7 +335,8 @@ async def test_kafka_unreachable_at_start_is_waited_for(tmp_path: Path, subscrib
     await broker.startup()
     try:
         assert not broker.ready
-        assert f"kafka at {server.address}: no broker answered within 1s" in caplog.text
+        await until(lambda: f"kafka at {server.address}: no broker answered within 1s" in caplog.text, 30,
+                    "the address waited for said")
         async with client(broker) as c:
             assert (await c.get("/readyz")).status_code == 503
             assert (await c.post("/", **binary_request(event("early")))).status_code == 503
@@ -346,6 +348,50 @@ async def test_kafka_unreachable_at_start_is_waited_for(tmp_path: Path, subscrib
         await broker.shutdown()
         server.stop()
     assert {e.id for e in subscriber.events} == {"k1", "k2"}
+
+
+async def test_a_kafka_silent_at_start_holds_neither_the_port_nor_the_other_brokers(
+        tmp_path: Path, kafka_bootstrap: str, subscriber: Subscriber, other_subscriber: Subscriber,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A topic's creation not answered: the start waited its 10 s with the port closed (/healthz
+    too: a liveness probe restarted the pod), then every broker of the process answered 503 until
+    all were ready. Now the port opens, and only the broker without its topic answers 503."""
+    create_topic, entered, release = KafkaChannel._create_topic, threading.Event(), threading.Event()
+
+    def silent_for_b1(channel: KafkaChannel) -> None:
+        if channel.topic.endswith("-b1"):
+            entered.set()
+            release.wait(60)  # a bound, in case nothing releases it
+        create_topic(channel)
+
+    monkeypatch.setattr(KafkaChannel, "_create_topic", silent_for_b1)
+    name = f"s{uuid.uuid4().hex[:8]}"
+    triggers = (f"triggers:\n  - {{name: t0, subscriber: '{subscriber.url}'}}\n"
+                f"  - {{name: t1, namespace: {name}, broker: b1, subscriber: '{other_subscriber.url}'}}\n")
+    broker = Broker(settings(tmp_path, channel="kafka", name=name,
+                             kafka={"bootstrap_servers": kafka_bootstrap, "partitions": 1}), triggers=triggers)
+    running = BrokerThread(broker, "127.0.0.1", free_port())
+    try:
+        await asyncio.to_thread(running.start, 15)  # held for the topic, it did not start within this
+        assert entered.is_set()
+        async with httpx.AsyncClient(base_url=running.url) as c:
+            assert (await c.get("/healthz")).status_code == 200
+            ready = await c.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["brokers"] == {f"default/{name}": True, f"{name}/b1": False}
+            assert (await c.post("/", **binary_request(event("d1")))).status_code == 202
+            held = await c.post(f"/{name}/b1", **binary_request(event("h1")))
+            assert held.status_code == 503 and held.json()["pending"] == [0], held.text
+            assert "not ready" in held.json()["error"]
+            await asyncio.to_thread(subscriber.wait_for, 1, 30)
+            release.set()
+            await until(lambda: broker.ready, 30, "ready once the topic is created")
+            assert (await c.post(f"/{name}/b1", **binary_request(event("h2")))).status_code == 202
+            await asyncio.to_thread(other_subscriber.wait_for, 1, 30)
+    finally:
+        release.set()
+        await asyncio.to_thread(running.stop)
+    assert [e.id for e in subscriber.events] == ["d1"] and [e.id for e in other_subscriber.events] == ["h2"]
 
 
 async def test_the_brokers_topics_are_created_side_by_side_at_start(tmp_path: Path, subscriber: Subscriber,
