@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "eventing.knative.dev/v1"
 # Kubernetes object names (DNS-1123 subdomains): they also name checkpoint files and topics.
+_TRIGGER_NAME_MAX = 250  # `<name>.json` within a file name's 255 bytes (names are ASCII)
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
@@ -240,6 +241,11 @@ def _add_trigger(doc: Document, path: tuple[str | int, ...], spec: TriggerSpec, 
                  spec_path: tuple[str, ...]) -> None:
     location = doc.locate(path)
     base = (*path, *spec_path)
+    if len(name) > _TRIGGER_NAME_MAX:
+        name_path = (*path, "metadata", "name") if spec_path else (*path, "name")
+        raise DocumentError(doc.locate(name_path), format_path(name_path),
+                            f"a trigger's name is at most {_TRIGGER_NAME_MAX} characters: it names its "
+                            f"checkpoint file (<name>.json), this one has {len(name)}")
     if (namespace, name) in seen:
         raise DocumentError(location, format_path(path),
                             f"trigger {namespace}/{name} is already defined at {seen[(namespace, name)]}")

@@ -208,6 +208,19 @@ class TestErrors:
         error = _error("triggers:\n  - {name: Not_Valid, subscriber: 'http://h/'}\n")
         assert "triggers[0].name" in str(error) and "not a valid name" in str(error)
 
+    @pytest.mark.parametrize("form", ["short", "manifest"])
+    def test_a_name_too_long_for_its_checkpoint_file(self, form: str) -> None:
+        """Valid up to 253 characters, as Kubernetes names: past 250, `<name>.json` is past a file
+        name's 255 bytes, and the broker's start failed with an OSError (`--check` said ok)."""
+        name = "a" * 251
+        text = (f"triggers:\n  - {{name: {name}, subscriber: 'http://h/'}}\n" if form == "short" else
+                "apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n"
+                f"  name: {name}\nspec:\n  broker: default\n  subscriber: {{uri: 'http://h/'}}\n")
+        error = _error(text)
+        field = "triggers[0].name" if form == "short" else "metadata.name"
+        assert field in str(error) and "at most 250 characters" in str(error), str(error)
+        assert load_triggers(text.replace(name, "a" * 250)).triggers[0].name == "a" * 250
+
     def test_unknown_component_type(self) -> None:
         error = _error("triggers:\n  - name: a\n    subscriber:\n      component: {type: nope}\n")
         assert error.location.line == 4 and "unknown component type 'nope'" in str(error)
