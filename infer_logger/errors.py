@@ -32,6 +32,9 @@ class ConfigError(InferLoggerError, ValueError):
 
 
 class InvalidEventError(InferLoggerError, ValueError):
+    item: int | None = None
+    """In a batch, the position of the event it is about."""
+
     def __init__(self, attribute: str, message: str) -> None:
         super().__init__(f"{attribute}: {message}")
         self.attribute = attribute

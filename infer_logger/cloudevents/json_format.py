@@ -109,6 +109,7 @@ def from_json_batch(raw: bytes | str) -> list[CloudEvent]:
             events.append(from_dict(item))
         except InvalidEventError as error:
             error.add_note(f"in batch item {index}")  # keeps the error's type and attribute
+            error.item = index
             raise
     return events
 

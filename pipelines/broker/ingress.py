@@ -167,7 +167,10 @@ class Ingress:
                 await _no_broker(send, refused, target)
                 return
             refused.labels("invalid").inc()
-            await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
+            # Nothing of a batch is stored: which event to mend is said, not `refused` (stored the others)
+            where = {} if exc.item is None else {"item": exc.item}
+            reason = f"invalid CloudEvent: {exc}" + ("" if exc.item is None else f" (batch item {exc.item})")
+            await respond(send, 400, [_JSON], error_body(400, reason, attribute=exc.attribute, **where))
             return
         if target not in broker.channels:  # also for a batch with none to publish
             await _no_broker(send, refused, target, len(events))

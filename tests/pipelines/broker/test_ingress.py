@@ -61,6 +61,10 @@ class TestRefusals:
         assert response.status_code == 400 and response.json()["attribute"] == "source"
         assert bad_time.status_code == 400 and bad_time.json()["attribute"] == "time"
         assert batch.status_code == 400 and batch.json()["attribute"] == "source"
+        # Which of the batch's events (nothing of it stored: no `refused`, no positions header)
+        assert batch.json()["item"] == 1 and "batch item 1" in batch.json()["error"]
+        assert "refused" not in batch.json() and "infer-logger-positions" not in batch.headers
+        assert "item" not in response.json()
         assert broker.metrics.accepted.labels("default/default")._value.get() == 0
 
     async def test_oversize(self, make_broker: MakeBroker) -> None:
