@@ -231,6 +231,9 @@ class _Segments:
     stats: SpoolStats
     _current: int  # the segment being written
     _sizes: dict[int, int]
+    before_save: Callable[[], object] | None = None
+    """Called before a reader saves its checkpoint: the delivery process reports its counts
+    there, so that a checkpoint never covers events no report counted."""
 
     def _open_dir(self, directory: str | os.PathLike[str], lock: str, busy: str) -> None:
         """Make the directory, take `lock` in it (SpoolError saying `busy` if held), no readers yet."""
@@ -992,6 +995,8 @@ class DiskReader:
         self._close_file()
 
     def _save(self, now: float, collect: bool = True) -> None:
+        if self.spool.before_save is not None:
+            self.spool.before_save()
         position = self.position
         path = self.spool.checkpoint_path(self.name)
         tmp = path.with_suffix(".tmp")

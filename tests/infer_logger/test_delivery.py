@@ -305,6 +305,64 @@ async def test_delivery_counters_carry_over_a_replaced_child(tmp_path: Path) -> 
         await logger.stop()
 
 
+async def test_a_child_killed_right_after_a_checkpoint_save_has_counted_what_it_covers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint is saved every 0.2 s, the status report (the counts the sidecar shows)
+    written every 0.5 s: a child killed between the two had delivered events the checkpoint
+    covers, never sent (nor counted) again, that no report counted. (Here every commit saves,
+    and the child stands still after each save: the kill falls between the two every time.)"""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SAVE_THEN_STILL)
+    saved = tmp_path / "saved"
+    monkeypatch.setenv("SPOOL_TEST_SAVED", str(saved))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    logger = InferenceLogger(settings(tmp_path))
+    await logger.start()
+
+    def delivered() -> bytes | None:
+        text = generate_latest(logger.metrics.registry)
+        line = [ln for ln in text.splitlines() if ln.startswith(b'infer_logger_events_delivered_total{sink="file"}')]
+        return line[0].rpartition(b" ")[2] if line else None
+
+    try:
+        first = child_pid(logger)
+        for i in range(5):
+            exchange(logger, f"r{i}")
+        tail = logger.spool.tail()
+        await until(lambda: saved.exists() and saved.read_text() == f"{tail.segment},{tail.offset}")
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: logger.delivery is not None and logger.delivery.pid not in (None, first))
+        await until(lambda: delivered() == b"10.0", 10, "the 10 events the checkpoint covers counted")
+        assert len(lines(tmp_path / "events.jsonl")) == 10  # not sent again
+    finally:
+        await logger.stop()
+
+
+_SAVE_THEN_STILL = """
+# Imported by the delivery child at its start (sitecustomize): every commit saves the checkpoint,
+# and after a save the child stands still a while, having said where it saved.
+import os
+import time
+from pathlib import Path
+
+from infer_logger.spool import DiskReader
+
+marker, init, save = Path(os.environ["SPOOL_TEST_SAVED"]), DiskReader.__init__, DiskReader._save
+
+def every_commit(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self.checkpoint_interval = 0.0
+
+def still_after(self, now, collect=True):
+    save(self, now, collect)
+    marker.write_text(f"{self.position.segment},{self.position.offset}")
+    time.sleep(0.5)
+
+DiskReader.__init__, DiskReader._save = every_commit, still_after
+"""
+
+
 _POLL_BUG = """
 # Imported by the delivery child at its start (sitecustomize): a bug ends the follower's poll
 # task the first time it looks after the trigger file appears.
