@@ -132,14 +132,16 @@ class InferenceLoggerMiddleware:
                 if key not in _OWN_KEYS and (key not in outer or outer[key] is not value):
                     outer[key] = value
 
-        replayed = False
+        replayed = gone = False
 
         async def replay() -> dict[str, Any]:
-            nonlocal replayed
+            nonlocal replayed, gone
             if not replayed:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+            message = await receive()
+            gone = gone or message["type"] == "http.disconnect"
+            return message
 
         status = 500
         content_type: str | None = None
@@ -214,9 +216,10 @@ class InferenceLoggerMiddleware:
         finally:
             copy_back()
             self._answering.discard(task)
-        if answering and not bodied:
+        if answering and not bodied and not gone:
             # A start and no body: held back, so every server answers its 500 (sent, uvicorn's
-            # client had a 200 head cut off, Hypercorn's a 500: logged as a cut 200).
+            # client had a 200 head cut off, Hypercorn's a 500: logged as a cut 200). Not so for
+            # a client gone before the first body (a stream Starlette ends quietly): cut off below.
             self.logger.end(exchange, 500, "application/json",
                             error_body(500, "the app returned without a response body"))
         elif answering and not logged:

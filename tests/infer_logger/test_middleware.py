@@ -436,6 +436,11 @@ def _streaming_app() -> FastAPI:
                     yield f"data: {i}\n\n".encode()
                     await asyncio.sleep(0.01)
             return StreamingResponse(tokens(), media_type="text/event-stream")
+        if name == "late":  # a first token slow to come
+            async def late() -> AsyncIterator[bytes]:
+                await asyncio.sleep(30)
+                yield b"data: 0\n\n"
+            return StreamingResponse(late(), media_type="text/event-stream")
         if name == "file":
             return FileResponse(Path(infer_logger.__file__).with_name("events.py"))
         return JSONResponse({"accept_encoding": request.headers.get("accept-encoding")})
@@ -459,6 +464,24 @@ async def test_a_stream_the_client_leaves_is_logged_cut_off(tmp_path: Path) -> N
     [response] = [e for e in received if e.type == ev.RESPONSE]
     assert response.id == "left-1" and int(response["statuscode"]) == 200
     assert response.get("truncated") in (True, "true") and (response.data or b"").startswith(b"data: 0")
+
+
+async def test_a_stream_the_client_leaves_before_its_first_chunk_is_logged_cut_off(tmp_path: Path) -> None:
+    """Starlette sees the client go and returns after its start, with no body: that is no app
+    failing before its body, and was logged as a 500 `the app returned without a response body`."""
+    with EventCollector() as sink:
+        app = InferenceLoggerMiddleware(_streaming_app(), settings=load_settings(
+            log_url=[sink.url], spool={"dir": str(tmp_path)}))
+        port = free_port()
+        with ServerThread(uvicorn_config(app, "127.0.0.1", port)):
+            async with httpx.AsyncClient() as client:
+                with pytest.raises(httpx.ReadTimeout):
+                    await client.post(f"http://127.0.0.1:{port}/v1/models/late:predict", json={"instances": [[1]]},
+                                      headers={"ce-id": "left-2"}, timeout=httpx.Timeout(30, read=0.5))
+            received = await asyncio.to_thread(sink.wait_for, 2)
+    [response] = [e for e in received if e.type == ev.RESPONSE]
+    assert response.id == "left-2" and int(response["statuscode"]) == 200
+    assert response.get("truncated") in (True, "true") and not response.data
 
 
 @pytest.mark.parametrize("form", ["wrapped", "added"])
