@@ -172,7 +172,10 @@ class KafkaChannel:
         try:
             await asyncio.wait_for(asyncio.shield(first), _START_WAIT)
         except TimeoutError:
-            first.cancel()  # what the try ends with is logged, not raised
+            if not first.cancel():  # it ended as the wait did (the loop held): taken as within it
+                first.result()
+                return
+            # From here on what the try ends with is logged, and tried again, not raised.
             log.warning("kafka channel: kafka at %s has not answered within %gs; serving meanwhile (topic %s's "
                         "ingress answers 503 until it is created)", self.settings.bootstrap_servers, _START_WAIT,
                         self.topic)

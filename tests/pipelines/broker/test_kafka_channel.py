@@ -394,6 +394,29 @@ async def test_a_kafka_silent_at_start_holds_neither_the_port_nor_the_other_brok
     assert [e.id for e in subscriber.events] == ["d1"] and [e.id for e in other_subscriber.events] == ["h2"]
 
 
+async def test_a_refusal_due_as_the_first_wait_ends_fails_the_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop held as the wait ended: the first try's refusal and the wait's timeout came in
+    one turn, the start went on as for a silent Kafka, and the refusal was neither raised, nor
+    logged, nor tried again (503 for good)."""
+    monkeypatch.setattr(kafka_channel, "_START_WAIT", 0.3)
+
+    def refused(channel: KafkaChannel) -> None:
+        time.sleep(0.2)
+        raise ChannelError(f"kafka: topic {channel.topic}: refused (the test's)")
+
+    monkeypatch.setattr(KafkaChannel, "_create_topic", refused)
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.1, time.sleep, 0.5)  # the loop held from before the refusal to after the wait's end
+    broker = Broker(settings(tmp_path, channel="kafka", name=f"r{uuid.uuid4().hex[:8]}",
+                             kafka={"bootstrap_servers": "127.0.0.1:9", "partitions": 1}))
+    try:
+        with pytest.raises(ChannelError, match="refused \\(the test's\\)"):
+            await broker.startup()
+    finally:
+        await broker.shutdown()
+
+
 async def test_the_brokers_topics_are_created_side_by_side_at_start(tmp_path: Path, subscriber: Subscriber,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """One after another, a Kafka not answering held the start (the port closed, /healthz too)
