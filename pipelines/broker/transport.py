@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import select
 import socket
 import ssl
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from infer_logger.upstream import STALE_AFTER
+from infer_logger.upstream import CLOSED_SOON, STALE_AFTER
 
 USER_AGENT = "infer-logger-broker"
 _IDLE_MAX = 256  # idle connections kept per origin
@@ -87,6 +88,10 @@ class _Connection(asyncio.Protocol):
         self._truncated = False
         self.keep_alive = False
         self.idle_since = 0.0
+        self.lost_at: float | None = None  # when the loop read the connection's end
+        self.kept = False  # taken from the pool: had answered before
+        self.stale = False  # and idle STALE_AFTER: a loss before any answer is the peer's keep-alive timeout
+        self.open_past_soon = False  # a look CLOSED_SOON after its answer found it open (while careful)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -138,6 +143,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost_at = asyncio.get_running_loop().time()
         if self._headers_done and exc is None and not self._framed:  # a body ended by the close
             self.keep_alive = False
             self._finish()
@@ -228,6 +234,21 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def peer_closed(self) -> bool:
+        """Whether the idle connection has anything to read, unread by the loop so far: the peer's
+        end, a reset (or bytes no request asked for): not to be used. One poll(0), a fifth of the
+        cost of a peek through a dup of the socket, and this runs on every reuse. Not told over
+        TLS, whose close_notify is data."""
+        transport = self.transport
+        if transport is None or transport.get_extra_info("sslcontext") is not None:
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        poll = select.poll()
+        poll.register(sock.fileno(), select.POLLIN)
+        return bool(poll.poll(0))
+
 
 @lru_cache(maxsize=1024)
 def _is_address(host: str) -> bool:
@@ -290,13 +311,29 @@ def _lookup(host: str, port: int) -> list[str]:
 
 
 class HttpClient:
+    """POSTs over kept-alive connections, pooled per origin.
+
+    A subscriber may close a connection right after its answer without saying so (uvicorn with
+    timeout_keep_alive=0, HTTP/1.0-style servers): its end may come after the next POST took the
+    connection, which is then lost unanswered, and not sent again (it may have been read). So an
+    idle connection is looked at before reuse (an end already in: not used), and an origin seen to
+    close connections so is `careful`: each POST gets a new connection, but for one idle
+    STALE_AFTER and still open, which shows the subscriber keeps them (a restarted one closed its
+    connections so too) and ends the care, as a close of one found open CLOSED_SOON after its
+    answer does (a keep-alive timeout under STALE_AFTER)."""
+
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_response_bytes: int | None = None) -> None:
-        self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
+        self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}  # in release order
         self._busy: set[_Connection] = set()
+        self._careful: set[tuple[str, int, bool]] = set()
         self._resolver = _Resolver()
         self._ssl = ssl_context
         self._max_body = max_response_bytes
         """A response body is held up to this many bytes (the rest is read and dropped)."""
+
+    def careful(self, url: str) -> bool:
+        """Whether the subscriber at `url` was seen to close connections unannounced after its answers."""
+        return _target(url).origin in self._careful
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes, *,
                    timeout: float | None = None) -> HttpResponse:
@@ -311,44 +348,81 @@ class HttpClient:
         lines.append("\r\n")
         message = "".join(lines).encode("latin-1") + body
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        connection, reused = await self._connection(target.origin, deadline)
+        origin = target.origin
+        connection = await self._connection(origin, deadline)
         try:
             try:
                 response = await connection.request(message, _left(deadline))
             except ConnectionError:
-                if not reused or connection.answered:
+                if not connection.kept or connection.answered:
                     raise
-                # The server closed an idle connection as we used it: once more, on a new one.
-                # `reused` is only true after a second of idleness: a connection lost sooner may
-                # have had its request read (the subscriber then crashed), and a resend would be
-                # an attempt the retry policy did not allow.
+                if not connection.stale:
+                    # Lost unanswered soon after its last answer: closed right after it, most likely.
+                    # Not sent again: the subscriber may have read it (and crashed), and a resend
+                    # would be an attempt the retry policy did not allow.
+                    self._careful.add(origin)
+                    raise
+                # The server closed an idle connection as we used it (its keep-alive timeout):
+                # once more, on a new one.
                 self._drop(connection)
-                connection, _ = await self._connection(target.origin, deadline, fresh=True)
+                connection = await self._connection(origin, deadline, fresh=True)
                 response = await connection.request(message, _left(deadline))
         except BaseException:  # failed, timed out or cancelled mid-response: the connection is unusable
             self._drop(connection)
             raise
         self._busy.discard(connection)
-        idle = self._idle.setdefault(target.origin, [])
+        idle = self._idle.setdefault(origin, [])
         if connection.keep_alive and not connection.closed and len(idle) < _IDLE_MAX:
-            connection.idle_since = asyncio.get_running_loop().time()
+            loop = asyncio.get_running_loop()
+            connection.idle_since = now = loop.time()
             idle.append(connection)
+            if origin in self._careful:  # does the subscriber keep it past an answer? the kernel says
+                connection.open_past_soon = False
+                loop.call_later(CLOSED_SOON, self._look, connection, now)
         else:
             connection.close()
         return response
+
+    def _look(self, connection: _Connection, released: float) -> None:
+        if connection.idle_since == released and not connection.closed and not connection.peer_closed():
+            connection.open_past_soon = True
 
     def _drop(self, connection: _Connection) -> None:
         connection.close()
         self._busy.discard(connection)
 
+    def _lost_idle(self, origin: tuple[str, int, bool], connection: _Connection, now: float) -> None:
+        """`connection`, idle in the pool, was found closed by the peer (read by the loop, or seen by a look)."""
+        connection.close()
+        if connection.open_past_soon:  # closed at its keep-alive timeout: the subscriber keeps them
+            self._careful.discard(origin)
+            return
+        lost = now if connection.lost_at is None else connection.lost_at
+        if lost - connection.idle_since < CLOSED_SOON:  # closed right after its answer
+            self._careful.add(origin)
+
     async def _connection(self, origin: tuple[str, int, bool], deadline: float | None, *,
-                          fresh: bool = False) -> tuple[_Connection, bool]:
+                          fresh: bool = False) -> _Connection:
         idle = self._idle.get(origin)
-        while idle and not fresh:
-            connection = idle.pop()
-            if not connection.closed:
+        if idle and not fresh:
+            now = asyncio.get_running_loop().time()
+            while idle:
+                careful = origin in self._careful
+                if careful:  # the oldest, if idle that long (or closed: forgotten)
+                    if not idle[0].closed and now - idle[0].idle_since < STALE_AFTER:
+                        break
+                    connection = idle.pop(0)
+                else:
+                    connection = idle.pop()
+                if connection.closed or connection.peer_closed():
+                    self._lost_idle(origin, connection, now)
+                    continue
+                connection.kept = True
+                connection.stale = now - connection.idle_since >= STALE_AFTER
+                if careful:  # one idle STALE_AFTER and open shows the subscriber keeps them
+                    self._careful.discard(origin)
                 self._busy.add(connection)
-                return connection, asyncio.get_running_loop().time() - connection.idle_since >= STALE_AFTER
+                return connection
         host, port, tls = origin
         if tls and self._ssl is None:
             self._ssl = ssl.create_default_context()
@@ -365,7 +439,7 @@ class HttpClient:
                 error = exc
                 continue
             self._busy.add(connection)
-            return connection, False
+            return connection
         self._resolver.forget(host, port)
         raise error
 

@@ -4,6 +4,7 @@ keep-alive and failures."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 import threading
@@ -15,6 +16,7 @@ from infer_logger.testing import free_port
 from pipelines.broker import transport
 from pipelines.broker.transport import USER_AGENT, HttpClient
 from tests.servers import Scripted
+from tests.waiting import until
 
 
 def answer(status: bytes = b"202 Accepted", body: bytes = b"", *extra: bytes) -> Callable[[bytes], bytes]:
@@ -65,6 +67,130 @@ async def test_a_connection_lost_unanswered_right_after_use_is_not_resent() -> N
             await client.post(url, {}, b"2")
         await client.aclose()
     assert [h[-1:] for h in peer.heads] == [b"1", b"2"]
+
+
+async def _burst(client: HttpClient, url: str, workers: int, each: int) -> list[int]:
+    """`workers` senders posting `each` bodies in turn (each answer frees a connection another takes)."""
+    async def worker(w: int) -> list[int]:
+        return [(await client.post(url, {}, b"%d-%d" % (w, i), timeout=30)).status for i in range(each)]
+    per_worker = await asyncio.gather(*(worker(w) for w in range(workers)))
+    return [status for statuses in per_worker for status in statuses]
+
+
+async def test_a_subscriber_closing_each_connection_unannounced_loses_no_post() -> None:
+    """A subscriber that hangs up right after each answer without `Connection: close` (uvicorn
+    with timeout_keep_alive=0): in a burst its connection went back to the pool and was taken
+    again before the loop read its end; the POST went into a closed socket, unanswered, and was
+    not resent (the event lost with retry 0). Its end, already in, is looked at before reuse."""
+    peer = Scripted(answer(), close_after=1)
+    client = HttpClient()
+    async with peer as url:
+        statuses = await _burst(client, url, workers=10, each=20)
+        await client.aclose()
+    assert statuses == [202] * 200
+    bodies = [h.rpartition(b"\r\n\r\n")[2] for h in peer.heads]
+    assert sorted(bodies) == sorted(b"%d-%d" % (w, i) for w in range(10) for i in range(20))  # each once
+
+
+async def test_a_subscriber_whose_close_comes_late_is_learnt() -> None:
+    """A subscriber in another thread closes after each answer, maybe after the loop reused the
+    connection (the look finds no end yet): the client learns it closes them unannounced, then
+    gives each POST a new connection. Never sent twice."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    seen: list[bytes] = []
+
+    def one_answer_each() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    data = b""
+                    while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                        data += chunk
+                    if data:
+                        seen.append(data)
+                        conn.sendall(answer()(b""))
+
+    threading.Thread(target=one_answer_each, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    client = HttpClient()
+    try:
+        for _ in range(3):  # learnt here, maybe losing one
+            with contextlib.suppress(ConnectionError):
+                await client.post(url, {}, b"x", timeout=30)
+        await until(lambda: client.careful(url), what="the close seen")
+        learnt = len(seen)
+        assert await _burst(client, url, workers=10, each=10) == [202] * 100
+        assert client.careful(url)
+    finally:
+        await client.aclose()
+        listener.close()
+    assert len(seen) == learnt + 100  # each reached the subscriber once
+
+
+async def _restarted_once(keep_alive: float | None) -> tuple[HttpClient, str, list[asyncio.StreamWriter],
+                                                             asyncio.Server]:
+    """A client careful of a subscriber that keeps connections (up to `keep_alive` idle) but closed
+    its first right after its answer, as a restart does; the subscriber's connections as accepted."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            while True:
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\nx"), keep_alive)
+                writer.write(answer()(b""))
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    client = HttpClient()
+    assert (await client.post(url, {}, b"x", timeout=30)).status == 202
+    connections[0].close()  # the restart, right after the answer
+    for _ in range(2):  # its end sent (the close's callback), not yet read by our loop
+        await asyncio.sleep(0)
+    assert (await client.post(url, {}, b"x", timeout=30)).status == 202  # its end looked at: a new connection
+    assert client.careful(url) and len(connections) == 2
+    return client, url, connections, server
+
+
+async def test_a_subscriber_restarted_once_costs_no_connection_per_post_for_good(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart closes the idle connections soon after their answers, as a subscriber of one answer
+    per connection does: a connection found open STALE_AFTER after its answer ends the care."""
+    monkeypatch.setattr(transport, "STALE_AFTER", 0.2)
+    client, url, connections, server = await _restarted_once(keep_alive=None)
+    try:
+        for _ in range(500):  # until a connection idle STALE_AFTER is taken
+            if not client.careful(url):
+                break
+            assert (await client.post(url, {}, b"x", timeout=30)).status == 202
+            await asyncio.sleep(0.02)
+        assert not client.careful(url)
+        before = len(connections)
+        for _ in range(30):
+            assert (await client.post(url, {}, b"x", timeout=30)).status == 202
+        assert len(connections) == before
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def test_the_care_ends_at_a_keep_alive_timeout_under_stale_after() -> None:
+    """A subscriber whose keep-alive timeout is under STALE_AFTER never leaves a connection idle that
+    long: its timeout's close, of a connection a look found open CLOSED_SOON after its answer, ends
+    the care (seen as the pool is next used)."""
+    client, url, _, server = await _restarted_once(keep_alive=0.5)
+    try:
+        for _ in range(500):
+            if not client.careful(url):
+                break
+            await asyncio.sleep(0.02)
+            assert (await client.post(url, {}, b"x", timeout=30)).status == 202
+        assert not client.careful(url)
+    finally:
+        await client.aclose()
+        server.close()
 
 
 async def test_hang_up_on_a_new_connection_is_not_retried() -> None:
