@@ -156,11 +156,25 @@ BootstrapServers = Annotated[str, AfterValidator(_bootstrap)]
 """`host:port[,host:port...]` of the brokers to start from."""
 
 
-def without_transactions(config: dict[str, ClientValue]) -> dict[str, ClientValue]:
-    """A config validator: with `transactional.id` librdkafka refuses every record until
-    `init_transactions()`, which nothing here calls, so every batch would fail for ever."""
+def checked_config(config: dict[str, ClientValue], *, group: str | None = None) -> dict[str, ClientValue]:
+    """A config validator. `config` is passed through last, so the properties what is promised rests
+    on are refused there: `transactional.id` (librdkafka then refuses every record until
+    `init_transactions()`, which nothing here calls), `acks` but all (an event counts as delivered
+    once every in-sync replica has it). For a consumer, whose group the setting `group` names:
+    `group.id`, and offsets committed or stored by librdkafka (they move once the subscriber took
+    the events: at-least-once)."""
     if "transactional.id" in config:
         raise ValueError("transactional.id is not supported: a transactional producer would refuse every record")
+    acks = config.get("acks")
+    if acks is not None and str(acks).lower() not in ("all", "-1"):
+        raise ValueError(f"acks {acks!r}: only all (-1): an event is delivered once every in-sync replica has it")
+    if group is not None:
+        if "group.id" in config:
+            raise ValueError(f"group.id: the consumer group is set by {group}")
+        for key in ("enable.auto.commit", "enable.auto.offset.store"):
+            if key in config and str(config[key]).lower() not in ("false", "0"):
+                raise ValueError(f"{key}: offsets move once the subscriber took the events (at-least-once), "
+                                 "not when librdkafka would")
     return config
 
 
@@ -257,7 +271,7 @@ class KafkaSinkConfig(SinkConfig):
     @field_validator("config")
     @classmethod
     def _check_config(cls, value: dict[str, ClientValue]) -> dict[str, ClientValue]:
-        return without_transactions(value)
+        return checked_config(value)
 
     def producer_config(self) -> dict[str, ClientValue]:
         return {

@@ -28,7 +28,7 @@ from infer_logger.config import LayeredSettings
 from infer_logger.errors import ConfigError
 from infer_logger.fields import NamedPath, Seconds
 from infer_logger.sinks.base import SinkConfig
-from infer_logger.sinks.kafka import BootstrapServers, without_transactions
+from infer_logger.sinks.kafka import BootstrapServers, checked_config
 from pipelines.broker.components import component_config
 from pipelines.broker.delivery import DeliverySpec, Destination
 from pipelines.broker.trigger import check_name
@@ -70,12 +70,15 @@ class KafkaChannelSettings(BaseModel):
     """Partitions of a topic the broker creates: the most consumers of one trigger that get work."""
     replication_factor: int = Field(1, ge=1)
     config: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    """librdkafka properties for every client (TLS, SASL, ...)."""
+    """librdkafka properties for every client (TLS, SASL, ...); not those the channel's promises
+    rest on (`acks` but all, `group.id`, `group.instance.id`, auto-committed offsets)."""
 
     @field_validator("config")
     @classmethod
     def _check_config(cls, value: dict[str, str | int | float | bool]) -> dict[str, str | int | float | bool]:
-        return without_transactions(value)
+        if "group.instance.id" in value:  # one static member for every trigger's consumer: fenced off
+            raise ValueError("group.instance.id: each trigger is a consumer group of its own")
+        return checked_config(value, group="group_prefix (each trigger's own group)")
 
     def topic(self, namespace: str, name: str) -> str:
         """A broker's topic; ConfigError where Kafka would refuse it (long names can add up)."""

@@ -52,8 +52,8 @@ from infer_logger.sinks.kafka import (
     NO_CLIENT,
     BootstrapServers,
     ClientValue,
+    checked_config,
     client_logger,
-    without_transactions,
 )
 from pipelines.sources.base import SourceConfig
 
@@ -137,7 +137,7 @@ class KafkaSourceConfig(SourceConfig):
     @field_validator("config")
     @classmethod
     def _check_config(cls, value: dict[str, ClientValue]) -> dict[str, ClientValue]:
-        return without_transactions(value)  # the dead-letter producer gets it
+        return checked_config(value, group="group_id")  # the dead-letter producer gets it too
 
     @field_validator("topics")
     @classmethod

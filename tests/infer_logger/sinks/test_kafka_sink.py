@@ -975,6 +975,15 @@ class TestConfig:
         with pytest.raises(ValidationError, match=r"config[\s\S]*transactional.id"):
             KafkaSinkConfig(bootstrap_servers="b:9092", config={"transactional.id": "t"})
 
+    @pytest.mark.parametrize("acks", [0, 1, "1", "0"])
+    def test_acks_but_all_are_refused_when_read(self, acks: object) -> None:
+        """Passed through last, `acks` 1 or 0 took over: events counted delivered (the spool moved
+        on) that one broker's loss would take."""
+        with pytest.raises(ValidationError, match=r"config[\s\S]*acks"):
+            KafkaSinkConfig(bootstrap_servers="b:9092", config={"acks": acks})
+        for same in ("all", -1, "-1", "ALL"):
+            KafkaSinkConfig(bootstrap_servers="b:9092", config={"acks": same})
+
     @pytest.mark.parametrize("servers", ["", " ", ",", " , "])
     def test_a_bootstrap_list_naming_no_broker_is_refused(self, servers: str) -> None:
         """librdkafka takes an empty list and waits for ever for a broker it was never given."""

@@ -116,6 +116,17 @@ class TestBrokerCheck:
                                     env={"INFER_LOGGER_BROKER_KAFKA__CONFIG": '{"transactional.id": "t"}'})
         assert result.exit_code == 2 and "kafka.config" in result.output and "transactional.id" in result.output
 
+    @pytest.mark.parametrize(("config", "words"), [
+        ('{"group.id": "my-app"}', "group.id"),  # every trigger in one group: each event to one of them
+        ('{"group.instance.id": "a"}', "group.instance.id"),
+        ('{"enable.auto.commit": true, "enable.auto.offset.store": true}', "enable.auto.commit"),
+        ('{"acks": 1}', "acks"),
+    ])
+    def test_kafka_client_properties_the_channel_rests_on_are_config_errors(self, config: str, words: str) -> None:
+        result = CliRunner().invoke(broker_command, ["--channel", "kafka", "--check"],
+                                    env={"INFER_LOGGER_BROKER_KAFKA__CONFIG": config})
+        assert result.exit_code == 2 and "kafka.config" in result.output and words in result.output, result.output
+
     def test_odd_yaml_values_are_config_errors(self, tmp_path: Path) -> None:
         path = tmp_path / "triggers.yaml"
         path.write_text("triggers:\n  - name: a\n    subscriber: 'http://127.0.0.1:9/'\n"

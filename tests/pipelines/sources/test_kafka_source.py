@@ -739,6 +739,19 @@ class TestConfig:
         with pytest.raises(ValidationError, match=r"config[\s\S]*transactional.id"):
             KafkaSourceConfig(bootstrap_servers="b:9092", topics=["t"], config={"transactional.id": "t"})
 
+    @pytest.mark.parametrize(("config", "words"), [
+        ({"group.id": "mine"}, "group_id"),
+        ({"enable.auto.commit": True}, "enable.auto.commit"),
+        ({"enable.auto.offset.store": "true"}, "enable.auto.offset.store"),
+    ])
+    def test_properties_the_at_least_once_rests_on_are_refused_when_read(self, config: dict[str, object],
+                                                                         words: str) -> None:
+        """Passed through last, they took over: offsets committed before the subscriber took the
+        events (lost at a restart), or a group other than `group_id`."""
+        with pytest.raises(ValidationError, match=rf"config[\s\S]*{words}"):
+            KafkaSourceConfig(bootstrap_servers="b:9092", topics=["t"], config=config)
+        KafkaSourceConfig(bootstrap_servers="b:9092", topics=["t"], config={"enable.auto.commit": "false"})
+
     def test_client_config(self) -> None:
         conf = KafkaSourceConfig(bootstrap_servers="b:9092", topics=["t"], config={"security.protocol": "SSL"})
         assert conf.consumer_config()["enable.auto.commit"] is False
