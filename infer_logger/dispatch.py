@@ -300,6 +300,7 @@ class Dispatcher:
                     deadletter_dir=deadletter_dir,
                 )
             )
+        spool.set_aside_unread()  # once every sink took its own (a renamed one's, by destination)
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod

@@ -94,6 +94,8 @@ class SpoolView(Protocol):
 
     def remove_reader(self, name: str, *, forget: bool = False) -> None: ...
 
+    def set_aside_unread(self) -> None: ...
+
     def tail(self) -> Position: ...
 
     def size_bytes(self) -> int: ...
@@ -366,6 +368,26 @@ class _Segments:
 
     def checkpoint_path(self, name: str) -> Path:
         return self.dir / "checkpoints" / f"{name}.json"
+
+    def set_aside_unread(self) -> None:
+        """Set aside the checkpoints of names no reader has now (sinks no longer configured), as
+        another destination's are (`.<digest>.json`, where a sink delivering there finds it): left,
+        a writer with no readers of its own counted what an overflow drops from the lowest file,
+        a removed sink's, and so events every sink had delivered."""
+        for path in (self.dir / "checkpoints").glob("*.json"):
+            if path.name.startswith(".") or path.stem in self._readers:
+                continue
+            try:
+                _, destination, _ = _read_checkpoint(path)
+            except (OSError, ValueError, KeyError, TypeError):
+                destination = None
+            aside = path.with_name(f".{destination or path.stem}.json")
+            try:
+                os.replace(path, aside)
+            except OSError as exc:
+                log.error("checkpoint %s of no configured sink not set aside (%s)", path, exc)
+            else:
+                log.info("checkpoint %s of no configured sink set aside as %s", path, aside.name)
 
     def checkpointed(self) -> list[str]:
         """The names with a saved checkpoint (not those set aside for another destination)."""
@@ -1082,6 +1104,9 @@ class MemorySpool:
     def remove_reader(self, name: str, *, forget: bool = False) -> None:
         self._readers.pop(name, None)
         self.collect()
+
+    def set_aside_unread(self) -> None:
+        pass  # no checkpoints
 
     def tail(self) -> Position:
         return Position(0, self._next)

@@ -258,6 +258,45 @@ class TestDiskSpool:
         assert spool.stats.dropped["spool_overflow"] == 1  # the one event the sink had not taken
         spool.close()
 
+    def test_drop_oldest_counts_past_the_configured_sinks_not_a_removed_ones(self, tmp_path: Path) -> None:
+        """A sink removed from the config left its checkpoint file behind, the writer counted from
+        the lowest file, and the events every configured sink had delivered were counted lost."""
+        from infer_logger.dispatch import Dispatcher
+        from infer_logger.metrics import Metrics
+        from infer_logger.sinks.memory import MemorySink
+
+        size = len(encode_record(event(0, 50)))
+        spool = DiskSpool(tmp_path, segment_bytes=size * 10, max_bytes=size * 40, overflow="drop_oldest")
+        follower = SpoolFollower(tmp_path)
+        try:
+            for i in range(5):
+                assert spool.append(event(i, 50))
+            follower.refresh()
+            for name in ("a", "removed"):  # both delivered the first 5 events
+                reader = follower.reader(name, destination=f"memory:{name}")
+                reader.commit(reader.read(5)[1], force=True)
+                follower.remove_reader(name)
+            follower.close()
+            follower = SpoolFollower(tmp_path)  # the delivery process again, without `removed`
+            Dispatcher(follower, {"a": MemorySink()}, Metrics(follower), destinations={"a": "memory:a"})
+            reader = follower._readers["a"]
+            for i in range(5, 10):
+                assert spool.append(event(i, 50))
+            follower.refresh()
+            reader.commit(reader.read(2)[1], force=True)  # `a` took 7 of the first segment's 10
+            for i in range(10, 45):  # past max_bytes: the first segment is dropped
+                spool.append(event(i, 50))
+            assert spool.stats.dropped["spool_overflow"] == 3  # the 3 `a` had not taken (not 5)
+            checkpoints = tmp_path / "checkpoints"
+            [aside] = [p for p in checkpoints.iterdir() if p.name.startswith(".")]
+            assert not (checkpoints / "removed.json").exists()
+            # Added back, it takes its checkpoint, found by its destination (the file set aside goes)
+            follower.reader("removed", destination="memory:removed")
+            assert (checkpoints / "removed.json").exists() and not aside.exists()
+        finally:
+            follower.close()
+            spool.close()
+
     def test_drop_oldest_keeps_newest_and_counts(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=3000, overflow="drop_oldest")
         reader = spool.reader("s")
