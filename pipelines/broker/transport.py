@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from infer_logger.upstream import CLOSED_SOON, STALE_AFTER
+from infer_logger.upstream import CLOSED_SOON, IDLE_EXPIRY, STALE_AFTER
 
 USER_AGENT = "infer-logger-broker"
 _IDLE_MAX = 256  # idle connections kept per origin
@@ -91,7 +91,6 @@ class _Connection(asyncio.Protocol):
         self.lost_at: float | None = None  # when the loop read the connection's end
         self.kept = False  # taken from the pool: had answered before
         self.stale = False  # and idle STALE_AFTER: a loss before any answer is the peer's keep-alive timeout
-        self.open_past_soon = False  # a look CLOSED_SOON after its answer found it open (while careful)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -318,9 +317,9 @@ class HttpClient:
     connection, which is then lost unanswered, and not sent again (it may have been read). So an
     idle connection is looked at before reuse (an end already in: not used), and an origin seen to
     close connections so is `careful`: each POST gets a new connection, but for one idle
-    STALE_AFTER and still open, which shows the subscriber keeps them (a restarted one closed its
-    connections so too) and ends the care, as a close of one found open CLOSED_SOON after its
-    answer does (a keep-alive timeout under STALE_AFTER)."""
+    STALE_AFTER and still open. That, or one found still open CLOSED_SOON after its answer, shows
+    the subscriber keeps them (a restarted one closed its connections so too) and ends the care.
+    An idle connection is kept IDLE_EXPIRY at most."""
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_response_bytes: int | None = None) -> None:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}  # in release order
@@ -376,16 +375,19 @@ class HttpClient:
             loop = asyncio.get_running_loop()
             connection.idle_since = now = loop.time()
             idle.append(connection)
+            while now - idle[0].idle_since > IDLE_EXPIRY:  # the least recently used: kept no longer
+                idle.pop(0).close()
             if origin in self._careful:  # does the subscriber keep it past an answer? the kernel says
-                connection.open_past_soon = False
-                loop.call_later(CLOSED_SOON, self._look, connection, now)
+                loop.call_later(CLOSED_SOON, self._look, origin, connection, now)
         else:
             connection.close()
         return response
 
-    def _look(self, connection: _Connection, released: float) -> None:
+    def _look(self, origin: tuple[str, int, bool], connection: _Connection, released: float) -> None:
+        # Open CLOSED_SOON after its answer: the subscriber keeps connections (one closing each
+        # would have by now). Its closes seen were a restart's, or its keep-alive timeout's.
         if connection.idle_since == released and not connection.closed and not connection.peer_closed():
-            connection.open_past_soon = True
+            self._careful.discard(origin)
 
     def _drop(self, connection: _Connection) -> None:
         connection.close()
@@ -394,9 +396,6 @@ class HttpClient:
     def _lost_idle(self, origin: tuple[str, int, bool], connection: _Connection, now: float) -> None:
         """`connection`, idle in the pool, was found closed by the peer (read by the loop, or seen by a look)."""
         connection.close()
-        if connection.open_past_soon:  # closed at its keep-alive timeout: the subscriber keeps them
-            self._careful.discard(origin)
-            return
         lost = now if connection.lost_at is None else connection.lost_at
         if lost - connection.idle_since < CLOSED_SOON:  # closed right after its answer
             self._careful.add(origin)

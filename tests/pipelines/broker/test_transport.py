@@ -193,6 +193,55 @@ async def test_the_care_ends_at_a_keep_alive_timeout_under_stale_after() -> None
         server.close()
 
 
+async def test_the_care_after_a_restart_ends_once_a_connection_stays_open_past_its_answer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a connection idle STALE_AFTER ended it: meanwhile every POST had a new connection, and
+    the pool filled with 256 it then kept open for good (a restarted subscriber under load)."""
+    monkeypatch.setattr(transport, "STALE_AFTER", 60.0)
+    client, url, connections, server = await _restarted_once(keep_alive=None)
+    try:
+        async def posting() -> None:
+            while client.careful(url):
+                assert (await client.post(url, {}, b"x", timeout=30)).status == 202
+                await asyncio.sleep(0.02)
+        await asyncio.wait_for(posting(), 30)
+        before = len(connections)
+        for _ in range(30):
+            assert (await client.post(url, {}, b"x", timeout=30)).status == 202
+        assert len(connections) == before
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def test_idle_connections_are_kept_idle_expiry_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst's connections stayed in the pool for good, the least recently used never used again."""
+    monkeypatch.setattr(transport, "IDLE_EXPIRY", 0.2)
+    closed = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal closed
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\nx")
+                writer.write(answer()(b""))
+        closed += 1
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    client = HttpClient()
+    try:
+        burst = await asyncio.gather(*(client.post(url, {}, b"x", timeout=30) for _ in range(10)))
+        assert [r.status for r in burst] == [202] * 10  # on 10 connections
+        await asyncio.sleep(0.3)
+        assert (await client.post(url, {}, b"x", timeout=30)).status == 202
+        await until(lambda: closed == 9, what="the 9 expired closed")
+    finally:
+        await client.aclose()
+        server.close()
+
+
 async def test_hang_up_on_a_new_connection_is_not_retried() -> None:
     peer = Scripted(lambda _: None)
     client = HttpClient()
