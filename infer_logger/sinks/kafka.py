@@ -165,14 +165,15 @@ def checked_config(config: dict[str, ClientValue], *, group: str | None = None) 
     the events: at-least-once)."""
     if "transactional.id" in config:
         raise ValueError("transactional.id is not supported: a transactional producer would refuse every record")
-    acks = config.get("acks")
-    if acks is not None and str(acks).lower() not in ("all", "-1"):
-        raise ValueError(f"acks {acks!r}: only all (-1): an event is delivered once every in-sync replica has it")
+    for key in ("acks", "request.required.acks"):  # librdkafka's name, and its alias
+        acks = config.get(key)
+        if acks is not None and str(acks).lower() not in ("all", "-1"):
+            raise ValueError(f"{key} {acks!r}: only all (-1): an event is delivered once every in-sync replica has it")
     if group is not None:
         if "group.id" in config:
             raise ValueError(f"group.id: the consumer group is set by {group}")
         for key in ("enable.auto.commit", "enable.auto.offset.store"):
-            if key in config and str(config[key]).lower() not in ("false", "0"):
+            if key in config and str(config[key]).lower() not in ("false", "f", "0"):
                 raise ValueError(f"{key}: offsets move once the subscriber took the events (at-least-once), "
                                  "not when librdkafka would")
     return config
