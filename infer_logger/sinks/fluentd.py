@@ -63,6 +63,7 @@ import msgpack
 import orjson
 from pydantic import Field, SecretStr
 
+from infer_logger.asgi import READ_RATE_ALLOWANCE
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.json_format import to_dict
 from infer_logger.cloudevents.validation import parse_time
@@ -299,6 +300,7 @@ class FluentdSink:
         self._witness_for: _Suspect | None = None  # the suspect of this try's witness
         self._started = 0  # frames of the current try whose writing began
         self._vouched: set[int] = set()  # ... of which suspects written once the frames before were taken
+        self._unacked: dict[str, int] = {}  # the current try's bytes written per chunk not acked yet
 
     def stats(self) -> dict[str, int]:
         return {"records": self.records, "frames": self.frames, "errors": self.errors,
@@ -349,7 +351,8 @@ class FluentdSink:
                 raise
             if isinstance(exc, TimeoutError):
                 silent = "took no bytes and acked nothing" if self.config.ack else "took no bytes"
-                reason = f"{silent} for {self.config.timeout} s"
+                reason = f"{silent} for {self.config.timeout} s" + (
+                    " (and a second per MiB written and not acked)" if self.config.ack else "")
             else:
                 reason = f"{type(exc).__name__}: {exc}"
             raise SinkError(f"fluentd at {self.address}: {reason}", pending=pending) from exc
@@ -549,10 +552,15 @@ class FluentdSink:
         self._started = 0
         self._vouched = set()
         acked = asyncio.Event()  # set on every ack: a suspect waits for those of the frames before it
+        # Bytes written and not acked yet: a second more per MiB of them. The kernels on the way
+        # take megabytes at once (loopback's buffers), so a receiver reading a big frame for longer
+        # than `timeout` before its ack made no progress the sink could see: every try timed out.
+        self._unacked = {frame.chunk: 0 for frame in frames}
         async with asyncio.timeout(self.config.timeout) as idle:
             def progress() -> None:
                 if not idle.expired():  # progress in the deadline's own loop pass: it stands
-                    idle.reschedule(loop.time() + self.config.timeout)
+                    allowance = sum(self._unacked.values()) / READ_RATE_ALLOWANCE if self.config.ack else 0
+                    idle.reschedule(loop.time() + self.config.timeout + allowance)
 
             try:
                 # Acks are read while writing: unread, they could fill the socket and stop the receiver.
@@ -598,8 +606,11 @@ class FluentdSink:
             self._started += 1
             view = memoryview(frame.data)
             for start in range(0, len(view), _WRITE_PIECE):
-                writer.write(view[start:start + _WRITE_PIECE])
+                piece = view[start:start + _WRITE_PIECE]
+                writer.write(piece)
                 await writer.drain()  # returns once the socket took (nearly) all of it
+                if frame.chunk in self._unacked:  # else acked while written (an ack read early)
+                    self._unacked[frame.chunk] += len(piece)
                 progress()
 
     async def _vouch(self, before: list[_Frame], unacked: set[str], acked: asyncio.Event) -> None:
@@ -622,6 +633,7 @@ class FluentdSink:
                 raise SinkError(f"fluentd at {self.address} wants the shared-key handshake: set shared_key")
             if isinstance(reply, dict) and isinstance(ack := reply.get("ack"), str) and ack in chunks:
                 chunks.discard(ack)
+                self._unacked.pop(ack, None)
                 acked.set()
                 progress()
 

@@ -306,6 +306,33 @@ class TestFailures:
             await sink.aclose()
         assert memory.events == sent and (sink.errors, src.acks) == (0, 20)
 
+    async def test_a_receiver_reading_one_big_frame_slowly_but_steadily_is_waited_for(self) -> None:
+        """The kernel took the frame's bytes at once (loopback's socket buffers hold megabytes),
+        the receiver read them for longer than `timeout`, and then acked: progress was only what
+        the kernel took, every try timed out, and the same frame went again for ever."""
+        frames: list[Any] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20)
+            while data := await reader.read(16384):
+                unpacker.feed(data)
+                for frame in unpacker:
+                    frames.append(frame)
+                    writer.write(msgpack.packb({"ack": frame[2]["chunk"]}))
+                await asyncio.sleep(0.01)  # ~1.6 MB/s
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        sink = FluentdSinkConfig(port=server.sockets[0].getsockname()[1], timeout=1.0).build()
+        try:
+            big = b'"%s"' % (b"x" * 60_000)
+            sent = [CloudEvent({**exchange(1)[0].attributes, "id": f"e{i}"}, big) for i in range(100)]
+            await sink.send_batch(sent)  # one 6 MB frame, seconds to read
+        finally:
+            await sink.aclose()
+            server.close()
+        assert sink.errors == 0 and len(frames) == 1
+
     async def test_a_slow_reader_is_waited_for(self, memory: MemorySink) -> None:
         """Without acks, the wait is for the receiver to take the bytes: a big batch on a slow link
         timed out while the receiver was still reading it."""
