@@ -208,6 +208,7 @@ class _Suspect:
     witnessed: int = 0  # witnesses sent before it the receiver took (each a duplicate)
     witness_cut: int = 0  # ... it closed on
     closed: bool = True  # its last try ended in a close, not a silence: a witness may tell why
+    struck_at: float = float("-inf")  # when an unvouched close last struck it
 
 
 class _Frame(NamedTuple):
@@ -228,6 +229,7 @@ _LONE_BYTES = 1 << 20  # an event over this (and anything the receiver acked) cu
 _LONE_TRIES = 3  # ... this many times, right after the frames before it were taken, is refused for good
 _WITNESS_TRIES = 10  # witnesses of a suspect alone the receiver took (each a duplicate); then none
 _WITNESS_CUTS = 100  # ... it closed on (down, or its limit now below even the witness's); then none
+_UNVOUCHED_APART = 60.0  # seconds between two closes that strike a suspect with no witness
 _HELO_WAIT = 0.1  # seconds a new connection without acks waits for a HELO before its first frame
 
 
@@ -394,7 +396,15 @@ class FluentdSink:
                     self._suspects.clear()
                 self._suspects[key] = _Suspect()  # no evidence yet: a close for any reason makes one
             elif cut[0] in self._vouched:
-                self._suspects[key].strikes += 1
+                suspect = self._suspects[key]
+                if first.unvouched:
+                    # No witness: a close for any reason looks alike (a sidecar's first event, big,
+                    # through a short outage downstream was dead-lettered within a second), so
+                    # only closes far apart strike: one too large is refused after minutes.
+                    if (now := time.monotonic()) - suspect.struck_at < _UNVOUCHED_APART:
+                        return
+                    suspect.struck_at = now
+                suspect.strikes += 1
 
     def _suspects_in(self, frames: list[_Frame]) -> list[_Suspect]:
         found = (self._suspects.get(_key(f.events[0])) for f in frames if f.suspect)

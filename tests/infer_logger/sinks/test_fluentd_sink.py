@@ -691,9 +691,14 @@ class TestReceiverLimits:
             server.close()
         assert taken.count("e0") == 2  # sent, then the one witness after the close
 
-    async def test_a_witness_is_one_the_receiver_still_takes(self, memory: MemorySink) -> None:
+    async def test_a_witness_is_one_the_receiver_still_takes(self, memory: MemorySink,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
         """Every event big (images): the witness was one the restarted receiver no longer took,
-        each try was cut off on it, striking nothing: the suspect was sent again for ever."""
+        each try was cut off on it, striking nothing: the suspect was sent again for ever. (No
+        small one to vouch with: closes a minute apart strike; here at once.)"""
+        from infer_logger.sinks import fluentd
+
+        monkeypatch.setattr(fluentd, "_UNVOUCHED_APART", 0.0)
         port = free_port()
         sink = FluentdSinkConfig(port=port, timeout=2).build()
         try:
@@ -713,6 +718,7 @@ class TestReceiverLimits:
         from infer_logger.sinks import fluentd
 
         monkeypatch.setattr(fluentd, "_WITNESS_CUTS", 3, raising=False)  # 100: a long outage's worth
+        monkeypatch.setattr(fluentd, "_UNVOUCHED_APART", 0.0)  # then closes a minute apart strike
         port = free_port()
         sink = FluentdSinkConfig(port=port, timeout=2).build()
         try:
@@ -726,9 +732,12 @@ class TestReceiverLimits:
         assert refused is not None and refused.too_large, "the lone big event was never refused"
 
     async def test_a_first_event_too_large_for_the_receiver_alone_is_dead_lettered(
-            self, memory: MemorySink, tmp_path: Path) -> None:
+            self, memory: MemorySink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """Alone in its batch, with nothing acked before to vouch for the receiver: its closes
-        strike it, or it blocked the spool for ever."""
+        strike it (a minute apart; here at once), or it blocked the spool for ever."""
+        from infer_logger.sinks import fluentd
+
+        monkeypatch.setattr(fluentd, "_UNVOUCHED_APART", 0.0)
         sent = [sized(0, 1_200_000), sized(1, 10)]
         await through_a_worker(tmp_path, ForwardSourceConfig(port=0, max_frame_bytes=1 << 20), memory,
                                sent, batch_size=1, timeout=2)
@@ -767,6 +776,29 @@ class TestReceiverLimits:
                                timeout=2, **sink)
         assert subscriber.n == 0 and not (tmp_path / "dead").exists()
         assert {e.id for e in memory.events} == {e.id for e in sent}
+
+    async def test_a_first_big_event_alone_through_a_short_outage_is_not_dead_lettered(
+            self, memory: MemorySink, tmp_path: Path) -> None:
+        """Nothing acked yet to vouch for the receiver: the forward source closing on it while its
+        subscriber was down struck it 3 times within a second, and the event was dead-lettered."""
+        sent = [sized(0, 2_000_000)]
+
+        class DownFor:
+            n = 6
+
+            async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+                if self.n:
+                    self.n -= 1
+                    raise SinkError("elasticsearch down")
+                await memory.send_batch(events)
+
+            async def aclose(self) -> None:
+                pass
+
+        subscriber = DownFor()
+        await through_a_worker(tmp_path, ForwardSourceConfig(port=0), subscriber, sent, batch_size=1, timeout=2)
+        assert subscriber.n == 0 and not (tmp_path / "dead").exists()
+        assert [e.id for e in memory.events] == ["e0"]
 
     async def test_a_receiver_stalled_a_while_loses_no_big_event(self, memory: MemorySink, tmp_path: Path) -> None:
         """Fluentd under backpressure (overflow_action block) acks nothing for a while: each
