@@ -510,11 +510,13 @@ class FluentdSink:
         if reader is not None and writer is not None and not reader.at_eof() and not writer.is_closing():
             return writer
         self._close()  # the peer went away since the last batch: start afresh
+        shaking = False
         try:
             async with asyncio.timeout(self.config.timeout):
                 self._reader, self._writer = await asyncio.open_connection(self.config.host, self.config.port)
                 self._unpacker = msgpack.Unpacker(max_buffer_size=1 << 20)  # acks and PONGs are small
                 if self.config.shared_key is not None:
+                    shaking = True
                     await self._handshake(self.config.shared_key.get_secret_value())
             if not self.config.ack:
                 # Nothing else reads: a HELO unread had every frame discarded and counted delivered.
@@ -524,8 +526,16 @@ class FluentdSink:
                 self._heard()
         except SinkError:
             raise
-        except (OSError, TimeoutError, ValueError, msgpack.UnpackException) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+        except TimeoutError as exc:
+            if shaking:  # connected: the receiver is silent, as one without `<security>` is
+                reason = (f"fluentd at {self.address} sent no HELO or PONG within {self.config.timeout:g} s "
+                          "(is `<security>` configured there?)")
+                log.warning("fluentd sink: %s", reason)
+                raise SinkError(reason) from exc
+            log.warning("fluentd sink: cannot connect to %s: timed out", self.address)
+            raise SinkError(f"cannot connect to fluentd at {self.address}: timed out") from exc
+        except (OSError, ValueError, msgpack.UnpackException) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
             log.warning("fluentd sink: cannot connect to %s: %s", self.address, reason)
             raise SinkError(f"cannot connect to fluentd at {self.address}: {reason}") from exc
         if self.connects:
