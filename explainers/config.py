@@ -32,6 +32,15 @@ class SubscriberSettings(BaseModel):
 
     cache_size: int = Field(10_000, ge=1)
     """Request events kept while their response is awaited (and responses awaiting their request)."""
+    cache_bytes: ByteSize = Field(ByteSize(256 << 20), ge=1 << 20)
+    """Bytes (data and attributes) those events may hold; past it (or `cache_size`) the oldest go
+    first. The explanations kept for redeliveries are held to it too, apart. A count alone let
+    10,000 requests of the sidecar's 900 KiB cap hold ~8.6 GiB."""
+    max_explanation_bytes: ByteSize = Field(ByteSize(1_000_000), ge=16 << 10)
+    """Largest explanation event data: past it only the top-k attributions (by absolute value) of
+    each output are kept, the largest k that fits (`params.top_k`); an exchange that does not fit
+    even with k = 1 is refused (400). Below the broker's `max_event_bytes` (1 MiB), with room for
+    attributes: a larger reply is refused by the broker, and the explanation lost."""
     cache_ttl: Seconds = Field(300.0, gt=0)
     """Seconds a cached event is kept; a response later than that is not explained."""
     sample: float = Field(1.0, ge=0, le=1)

@@ -2,10 +2,13 @@
 
 A response event does not carry the request's payload, so the subscriber takes both types (a
 trigger filter on `type` prefix `org.kubeflow.serving.inference.`, plus any model or sampling
-filter) and joins them by id in a bounded cache (`cache_size` entries, `cache_ttl` seconds; the
-oldest go first). Whichever of the two arrives second is answered with an
-`org.kubeflow.serving.inference.explanation` event of the same id, so the store and Elasticsearch
-join it to the prediction; the first is answered with no reply (HTTP 202). Failed predictions
+filter) and joins them by id in a bounded cache (`cache_size` entries, `cache_bytes` of their data
+and attributes, `cache_ttl` seconds; the oldest go first). Whichever of the two arrives second is
+answered with an `org.kubeflow.serving.inference.explanation` event of the same id, so the store and
+Elasticsearch join it to the prediction; the first is answered with no reply (HTTP 202). An
+explanation over `max_explanation_bytes` (a broker refuses a reply over its `max_event_bytes`, for
+good) keeps each output's k largest attributions, the largest k that fits (`params.top_k`); one
+that does not fit with k = 1 is refused (`RejectedError`, below). Failed predictions
 (status >= 400), exchanges outside `sample` (chosen by id) and events of another model (their
 `modelname` set, and neither `model_name` nor `predictor_model`) are not explained.
 
@@ -13,9 +16,9 @@ Deliveries are at least once, so an exchange is explained once: a copy of an eve
 while its exchange is being explained waits for that explanation and replies nothing new (over
 HTTP it gets the same reply, as the broker may have given up on the first answer; a batch holding
 it twice answers it once), and an id explained and delivered, or whose prediction failed, is
-remembered with its explanation for `cache_ttl` (at most `cache_size` ids): its completing half
-delivered again gets that explanation again (the broker's attempt may have timed out, or its reply
-not been stored), the other half nothing.
+remembered with its explanation for `cache_ttl` (at most `cache_size` ids, `cache_bytes` of
+explanations): its completing half delivered again gets that explanation again (the broker's
+attempt may have timed out, or its reply not been stored), the other half nothing.
 
 Failures: a predictor that cannot be reached raises `SinkError` (HTTP 502), so the broker
 retries later; the cached half is held out of the cache while its explanation runs (left in, the
@@ -79,17 +82,24 @@ log = logging.getLogger(__name__)
 _COPIED = tuple(events.SHARED_FIELDS.values())
 
 
-class EventCache:
-    """Events by (id, type), at most `size` of them, each for `ttl` seconds. One dropped before its
-    other half came (for room, or expired) leaves its exchange unexplained: counted, and logged
-    at most once a minute with the counts since."""
+def _weight(event: CloudEvent) -> int:
+    """What an event holds in memory, about: its data and attributes (as the broker weighs one)."""
+    return len(event.data or b"") + sum(len(k) + len(str(v)) for k, v in event.attributes.items())
 
-    def __init__(self, size: int, ttl: float) -> None:
-        self.size, self.ttl = size, ttl
+
+class EventCache:
+    """Events by (id, type), at most `size` of them and `max_bytes` of their data and attributes,
+    each for `ttl` seconds. One dropped before its other half came (for room, or expired) leaves
+    its exchange unexplained: counted, and logged at most once a minute with the counts since."""
+
+    def __init__(self, size: int, ttl: float, max_bytes: int = 256 << 20) -> None:
+        self.size, self.ttl, self.max_bytes = size, ttl, max_bytes
         self.evicted = 0
         self.expired = 0
         self.stopped = 0  # dropped as the subscriber stopped (`close`)
-        self._items: OrderedDict[tuple[str, str], tuple[float, CloudEvent]] = OrderedDict()
+        self.bytes = 0
+        """The cached events' weight (`_weight`)."""
+        self._items: OrderedDict[tuple[str, str], tuple[float, CloudEvent, int]] = OrderedDict()
         self._reported = (0, 0)  # (evicted, expired) as last logged
         self._next_report = 0.0
 
@@ -108,6 +118,7 @@ class EventCache:
         item = self._items.pop(key, None)
         if item is None:
             return None
+        self.bytes -= item[2]
         if item[0] < time.monotonic():
             self.expired += 1
             return None
@@ -115,10 +126,12 @@ class EventCache:
 
     def put(self, key: tuple[str, str], event: CloudEvent) -> None:
         now = self.sweep()
-        self._items.pop(key, None)
-        self._items[key] = (now + self.ttl, event)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        self.pop(key)
+        weight = _weight(event)
+        self._items[key] = (now + self.ttl, event, weight)
+        self.bytes += weight
+        while self._items and (len(self._items) > self.size or self.bytes > self.max_bytes):
+            self.bytes -= self._items.popitem(last=False)[1][2]
             self.evicted += 1
         if (self.evicted, self.expired) != self._reported and now >= self._next_report:
             self._report(now)
@@ -127,7 +140,7 @@ class EventCache:
         """Drop (and count) the expired events; also when no event comes (`/metrics` asks). Returns now."""
         now = time.monotonic()
         while self._items and next(iter(self._items.values()))[0] < now:
-            self._items.popitem(last=False)  # insertion order is expiry order
+            self.bytes -= self._items.popitem(last=False)[1][2]  # insertion order is expiry order
             self.expired += 1
         if self.expired != self._reported[1] and now >= self._next_report:
             self._report(now)
@@ -135,45 +148,52 @@ class EventCache:
 
     def _report(self, now: float) -> None:
         evicted, expired = self.evicted - self._reported[0], self.expired - self._reported[1]
-        log.warning("explain-on-event: %d event(s) dropped for room (cache_size %d) and %d expired "
-                    "(cache_ttl %gs) before their other half came; those exchanges are not explained",
-                    evicted, self.size, expired, self.ttl)
+        log.warning("explain-on-event: %d event(s) dropped for room (cache_size %d, cache_bytes %d) and %d "
+                    "expired (cache_ttl %gs) before their other half came; those exchanges are not explained",
+                    evicted, self.size, self.max_bytes, expired, self.ttl)
         self._reported, self._next_report = (self.evicted, self.expired), now + 60.0
 
     def pop(self, key: tuple[str, str]) -> None:
-        self._items.pop(key, None)
+        if (item := self._items.pop(key, None)) is not None:
+            self.bytes -= item[2]
 
     def close(self) -> int:
         """Drop the events still waiting (the subscriber stops), counted in `stopped`: how many."""
         self.sweep()  # the expired ones count as such
         dropped = len(self._items)
         self._items.clear()
+        self.bytes = 0
         self.stopped += dropped
         return dropped
 
 
 class _Settled:
     """Ids whose exchange is done (explained and delivered, or failed), each for `ttl` seconds, at
-    most `size` of them: the halves delivered again are not explained again nor cached as first
-    halves that never complete. The explanation is kept with its id: the broker's timed-out attempt,
-    or a reply it could not store, sends the completing half again, and only an answer with the
-    explanation delivers it (re-sending is safe: sinks overwrite by id)."""
+    most `size` of them and `max_bytes` of their explanations: the halves delivered again are not
+    explained again nor cached as first halves that never complete. The explanation is kept with
+    its id: the broker's timed-out attempt, or a reply it could not store, sends the completing half
+    again, and only an answer with the explanation delivers it (re-sending is safe: sinks overwrite
+    by id)."""
 
-    def __init__(self, size: int, ttl: float) -> None:
-        self.size, self.ttl = size, ttl
-        # id -> (expiry, the explanation event or why it was refused, the type of the half it answered)
-        self._ids: OrderedDict[str, tuple[float, CloudEvent | str | None, str | None]] = OrderedDict()
+    def __init__(self, size: int, ttl: float, max_bytes: int = 256 << 20) -> None:
+        self.size, self.ttl, self.max_bytes = size, ttl, max_bytes
+        self.bytes = 0
+        # id -> (expiry, the explanation event or why it was refused, the type of the half it answered, weight)
+        self._ids: OrderedDict[str, tuple[float, CloudEvent | str | None, str | None, int]] = OrderedDict()
 
     def add(self, event_id: str, reply: CloudEvent | str | None = None, answered: str | None = None) -> None:
         """`reply`: the explanation, or the reason the completing half was refused (its copy is
         refused again: answered 202, the broker took the copy of a refusal it never got as done)."""
         now = time.monotonic()
         while self._ids and next(iter(self._ids.values()))[0] < now:
-            self._ids.popitem(last=False)
-        self._ids.pop(event_id, None)
-        self._ids[event_id] = (now + self.ttl, reply, answered)
-        while len(self._ids) > self.size:
-            self._ids.popitem(last=False)
+            self.bytes -= self._ids.popitem(last=False)[1][3]
+        if (old := self._ids.pop(event_id, None)) is not None:
+            self.bytes -= old[3]
+        weight = len(event_id) + (_weight(reply) if isinstance(reply, CloudEvent) else len(reply or ""))
+        self._ids[event_id] = (now + self.ttl, reply, answered, weight)
+        self.bytes += weight
+        while self._ids and (len(self._ids) > self.size or self.bytes > self.max_bytes):
+            self.bytes -= self._ids.popitem(last=False)[1][3]
 
     def __contains__(self, event_id: object) -> bool:
         item = self._ids.get(event_id)  # type: ignore[call-overload]
@@ -285,8 +305,8 @@ class ExplainSubscriber:
         # Replies refused together (a batch POST answered 413 or 400) go in halves here:
         # a caller halving its own batch would hand the replies back in as its events.
         self._reply = None if reply_to is None else Halving(reply_to)
-        self.cache = EventCache(s.cache_size, s.cache_ttl)
-        self._settled = _Settled(s.cache_size, s.cache_ttl)
+        self.cache = EventCache(s.cache_size, s.cache_ttl, int(s.cache_bytes))
+        self._settled = _Settled(s.cache_size, s.cache_ttl, int(s.cache_bytes))
         self._running: dict[str, _Run] = {}
         """Exchanges being explained, by id: a copy of either half waits for them."""
         self.explained = 0
@@ -423,12 +443,14 @@ class ExplainSubscriber:
         request, response = (event, partner) if kind == events.REQUEST else (partner, event)
         try:
             explanation = await self._explain(request)
+            reply = explanation_event(request, response, explanation, self.settings.source,
+                                      int(self.settings.max_explanation_bytes))
         except BaseException:
             # Back for the retry; refused, the caller drops it and settles the id (`_refused`).
             self.cache.put((partner.id, other), partner)
             raise
         self.explained += 1
-        return explanation_event(request, response, explanation, self.settings.source), partner
+        return reply, partner
 
     async def _explain(self, request: CloudEvent) -> Explanation:
         try:
@@ -562,7 +584,9 @@ class ExplainSubscriber:
         return 200, out, data
 
 
-def explanation_event(request: CloudEvent, response: CloudEvent, explanation: Explanation, source: str) -> CloudEvent:
+def explanation_event(request: CloudEvent, response: CloudEvent, explanation: Explanation, source: str,
+                      max_bytes: int | None = None) -> CloudEvent:
+    """The explanation event of an exchange; its data at most `max_bytes` (`_top_k`), else RejectedError."""
     attributes: dict[str, Any] = {
         "specversion": "1.0", "id": request.id, "source": source, "type": events.EXPLANATION,
         "time": events.now_rfc3339(), "datacontenttype": "application/json",
@@ -571,7 +595,59 @@ def explanation_event(request: CloudEvent, response: CloudEvent, explanation: Ex
         value = response.get(name) or request.get(name)
         if value not in (None, ""):
             attributes[name] = value
-    return CloudEvent(attributes, orjson.dumps(explanation.to_dict()))
+    doc = explanation.to_dict()
+    data = orjson.dumps(doc)
+    if max_bytes is not None and len(data) > max_bytes:
+        if (cut := _top_k(doc, max_bytes)) is None:
+            # A broker refuses the reply (413), for good: the exchange is dead-lettered with why.
+            raise RejectedError(f"event {request.id}: its explanation is {len(data)} bytes, over "
+                                f"max_explanation_bytes ({max_bytes}) even with only the largest attribution "
+                                f"of each output kept: not explained", [request])
+        log.info("explain-on-event: the explanation of event %s is %d bytes, over max_explanation_bytes (%d): "
+                 "only the %d largest attributions of each output are kept (params.top_k)",
+                 request.id, len(data), max_bytes, cut[1])
+        data = cut[0]
+    # Not marked `truncated`: that says the bytes were cut, and readers (the store, Elasticsearch)
+    # then keep them as base64, not the explanation's JSON; `params.top_k` says what was left out.
+    return CloudEvent(attributes, data)
+
+
+def _top_k(doc: dict[str, Any], max_bytes: int) -> tuple[bytes, int] | None:
+    """`doc` (`Explanation.to_dict()`) with each output's attributions cut to its `k` largest in
+    absolute value, for the largest `k` (the same for all) whose JSON is at most `max_bytes`, in
+    `params` as `top_k`: that JSON and `k`. None if even k = 1 is over. Anchors are kept whole."""
+    outputs = [(output, output["attributions"]) for item in doc["explanations"] for output in item.get("outputs", ())]
+    # Each output's feature names, largest attribution first (a NaN, written null, last).
+    ranked = [[name for name, _ in sorted(attributions.items(), key=lambda item: -_magnitude(item[1]))]
+              for _, attributions in outputs]
+    params = doc["params"]
+
+    def encoded(k: int) -> bytes:
+        doc["params"] = {**params, "top_k": k}
+        for item in doc["explanations"]:
+            item["params"] = doc["params"]
+        for (output, attributions), names in zip(outputs, ranked, strict=True):
+            kept = set(names[:k])  # in the features' order, as a whole explanation
+            output["attributions"] = {name: value for name, value in attributions.items() if name in kept}
+        return orjson.dumps(doc)
+
+    # Bisection: `low` fits (0: none found yet), `high` does not (every attribution: the whole).
+    low, high, best = 0, max(map(len, ranked), default=0), b""
+    while high - low > 1:
+        k = (low + high) // 2
+        if len(data := encoded(k)) <= max_bytes:
+            low, best = k, data
+        else:
+            high = k
+    return (best, low) if low else None
+
+
+def _magnitude(value: Any) -> float:
+    try:
+        magnitude = abs(float(value))
+    except (TypeError, ValueError):
+        return -1.0
+    return magnitude if magnitude == magnitude else -1.0
 
 
 def _failed(event: CloudEvent) -> bool:

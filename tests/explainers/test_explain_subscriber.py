@@ -50,6 +50,46 @@ def exchange(id_: str, rows: list[list[Any]] = ROWS, status: int = 200,
     return request, response
 
 
+def cancer_exchange(id_: str, n: int) -> tuple[CloudEvent, CloudEvent]:
+    """An exchange of `n` instances of `cancer` (30 features, 2 outputs: ~2.4 KB of explanation each)."""
+    from tests.explainers.models import table
+
+    rows = table("breast_cancer").rows[:n].tolist()
+    request, response = exchange(id_, rows, model="cancer")
+    answer = {"predictions": estimator("cancer").predict_proba(np.array(rows)).tolist()}
+    return request, CloudEvent(response.attributes, orjson.dumps(answer))
+
+
+def cancer_service(url: str, **values: Any) -> ExplainerService:
+    return ExplainerService(settings(model_name="cancer", predictor_url=url, protocol="v1",
+                                     background="dataset:breast_cancer", params={"nsamples": 10}, **values))
+
+
+def _kept_explanations(service: ExplainerService) -> list[Any]:
+    """The service's explanations, whole, from now on."""
+    made: list[Any] = []
+    explain = service.explain
+
+    async def kept(rows: np.ndarray, params: Any = None) -> Any:
+        made.append(result := await explain(rows, params))
+        return result
+
+    service.explain = kept  # type: ignore[method-assign]
+    return made
+
+
+def _assert_largest_kept(explanation: dict[str, Any], whole: Any, k: int) -> None:
+    """Each output of an instance's `explanation` holds the `k` attributions of `whole` (its
+    InstanceExplanation) largest in absolute value, with their values."""
+    assert explanation["params"]["top_k"] == k
+    for output, original in zip(explanation["outputs"], whole.outputs, strict=True):
+        kept = output["attributions"]
+        dropped = [abs(v) for name, v in original.attributions.items() if name not in kept]
+        assert len(kept) == k and all(original.attributions[name] == v for name, v in kept.items())
+        assert min(abs(v) for v in kept.values()) >= max(dropped, default=0.0)
+        assert output["base_value"] == original.base_value and output["value"] == original.value
+
+
 def service_for(url: str, **values: Any) -> ExplainerService:
     return ExplainerService(settings(model_name="iris-proba", predictor_url=url, protocol="v1",
                                      background="dataset:iris", params={"nsamples": 20}, **values))
@@ -422,8 +462,8 @@ class TestJoin:
         assert cache.get(("1", "t")) is None and cache.get(("3", "t")) is not None and cache.evicted == 2
         # Logged once (then at most once a minute), with the count at the time.
         assert [r.getMessage() for r in caplog.records if "explain-on-event" in r.getMessage()] == [
-            ("explain-on-event: 1 event(s) dropped for room (cache_size 2) and 0 expired (cache_ttl 60s) before "
-             "their other half came; those exchanges are not explained")]
+            ("explain-on-event: 1 event(s) dropped for room (cache_size 2, cache_bytes 268435456) and 0 expired "
+             "(cache_ttl 60s) before their other half came; those exchanges are not explained")]
         expired = EventCache(size=10, ttl=1e-9)
         expired.put(("a", "t"), exchange("a")[0])
         assert expired.get(("a", "t")) is None
@@ -432,6 +472,36 @@ class TestJoin:
         # Taken by its other half after its time: counted (taking it dropped it uncounted).
         assert expired.take(("b", "t")) is None and expired.expired == 2 and len(expired) == 0
 
+
+    def test_the_join_cache_is_bound_in_bytes(self, model_server: Process, caplog: pytest.LogCaptureFixture) -> None:
+        """`cache_size` bounded the count only: 10,000 requests of up to the sidecar's 900 KiB cap
+        waiting for their responses held ~8.6 GiB."""
+        app = create_app(service_for(model_server.url, subscriber={"linger": 0.001, "cache_bytes": "1MiB"}))
+        big = orjson.dumps({"instances": [ROWS[0]] * 18_000})  # 324 KB: 3 fit in 1 MiB
+        with serve(app) as url:
+            for i in range(8):
+                headers, body = ce_http.to_binary(CloudEvent(exchange(f"b-{i}")[0].attributes, big))
+                assert httpx.post(f"{url}/events", headers=headers, content=body, timeout=30).status_code == 202
+            cache = app.state.subscriber.cache
+            assert cache.evicted == 5 and len(cache) == 3 and 3 * len(big) < cache.bytes <= 1 << 20
+            assert cache.get(("b-7", events.REQUEST)) is not None and cache.get(("b-4", events.REQUEST)) is None
+        assert [r.getMessage() for r in caplog.records if "dropped for room" in r.getMessage()][:1] == [
+            ("explain-on-event: 1 event(s) dropped for room (cache_size 10000, cache_bytes 1048576) and 0 expired "
+             "(cache_ttl 300s) before their other half came; those exchanges are not explained")]
+
+    def test_the_kept_explanations_are_bound_in_bytes(self) -> None:
+        """The explanations kept for redeliveries were bounded by count only (`cache_size`), each as
+        large as `max_explanation_bytes`."""
+        from explainers.subscriber import _Settled
+
+        settled = _Settled(size=100, ttl=60, max_bytes=1 << 20)
+        for i in range(8):
+            reply = CloudEvent({"specversion": "1.0", "id": f"k-{i}", "source": "s", "type": events.EXPLANATION},
+                               b"x" * 300_000)
+            settled.add(f"k-{i}", reply, events.RESPONSE)
+        assert settled.bytes <= 1 << 20 and "k-4" not in settled and "k-5" in settled and "k-7" in settled
+        kept = settled.reply(CloudEvent({**exchange("k-7")[1].attributes}, b"{}"))
+        assert isinstance(kept, CloudEvent) and kept.data == b"x" * 300_000
 
 class TestFailures:
     """Unreachable predictor: retry later, keep the cached half, reply nothing. Bad payload: reject."""
@@ -664,6 +734,32 @@ class TestHttpEndpoint:
              "which a restart loses: those exchanges are not explained")]
 
 
+    def test_an_explanation_no_top_k_fits_is_refused_naming_the_setting(self, model_server: Process) -> None:
+        """Past `max_explanation_bytes`, the largest attributions fitting are kept; when even one per
+        output does not fit, the exchange is refused (400: dead-lettered, not retried), never a 500."""
+        svc = cancer_service(model_server.url, subscriber={"linger": 0.001, "max_explanation_bytes": 16384})
+        made = _kept_explanations(svc)
+        with serve(create_app(svc)) as url:
+            def post(event: CloudEvent) -> httpx.Response:
+                headers, body = ce_http.to_binary(event)
+                return httpx.post(f"{url}/events", headers=headers, content=body, timeout=60)
+
+            request, response = cancer_exchange("f-1", 20)
+            assert post(request).status_code == 202
+            r = post(response)
+            assert r.status_code == 200 and r.headers["ce-id"] == "f-1", r.text
+            assert len(r.content) <= 16384 and len(orjson.dumps(made[0].to_dict())) > 16384
+            doc = r.json()
+            k = doc["params"]["top_k"]
+            assert 1 <= k < 30 and doc["params"]["nsamples"] == 10 and len(doc["explanations"]) == 20
+            for explanation, whole in zip(doc["explanations"], made[0].instances, strict=True):
+                _assert_largest_kept(explanation, whole, k)
+            request, response = cancer_exchange("f-2", 100)
+            assert post(request).status_code == 202
+            answers = [post(response), post(response)]  # refused, and refused again when redelivered
+            assert [a.status_code for a in answers] == [400, 400], answers[0].text
+            assert "max_explanation_bytes" in answers[0].json()["error"] and "f-2" in answers[0].json()["error"]
+
 class TestBroker:
     """In a broker: request and response events in, the explanation joined in the store."""
 
@@ -700,6 +796,57 @@ triggers:
                     await asyncio.sleep(0.05)
             assert sorted((r.id, r.instance) for r in records if r.explanation) == [
                 ("k-1", 0), ("k-1", 1), ("k-2", 0), ("k-2", 1)]
+        finally:
+            await broker.shutdown()
+            await subscriber.aclose()
+
+    async def test_an_explanation_over_the_brokers_event_size_keeps_the_largest_attributions(
+            self, model_server: Process, tmp_path: Path) -> None:
+        """450 instances of a 30-feature model (max_instances is 1,000): their 1.08 MB explanation was
+        over the broker's max_event_bytes (1 MiB), the reply refused (413) and the explanation lost
+        for good (a dead letter's replay made the same one)."""
+        broker_mod = pytest.importorskip("pipelines.broker")
+        from infer_logger.sinks.store import StoreSinkConfig
+
+        svc = cancer_service(model_server.url, subscriber={"linger": 0.01})
+        made = _kept_explanations(svc)
+        subscriber = ExplainSubscriber(svc, owns_service=True)
+        store_path = tmp_path / "audit.db"
+        broker = broker_mod.Broker(
+            broker_mod.BrokerSettings(dir=tmp_path / "broker", channel="memory", drain_timeout=1.0,
+                                      delivery={"retry": 1, "backoffDelay": "PT0.05S", "timeout": "PT60S"}),
+            components={"explainer": subscriber, "audit": StoreSinkConfig(path=str(store_path)).build()},
+            triggers="""
+triggers:
+  - {name: audit, filters: [{prefix: {type: org.kubeflow.serving.inference.}}], subscriber: {ref: {name: audit}}}
+  - name: explain
+    filters: [{any: [{exact: {type: org.kubeflow.serving.inference.request}},
+                     {exact: {type: org.kubeflow.serving.inference.response}}]}]
+    subscriber: {ref: {name: explainer}}
+""")
+        await broker.startup()
+        try:
+            request, response = cancer_exchange("big-1", 450)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=broker), base_url="http://b") as client:
+                for event in (request, response):
+                    headers, body = ce_http.to_binary(event)
+                    assert (await client.post("/", headers=headers, content=body)).status_code < 300
+            await until(lambda: subscriber.explained == 1, 120, "the explanation")
+            with AuditStore(store_path, readonly=False) as store:
+                def joined() -> bool:
+                    return sum(r.explanation is not None for r in store.query(id="big-1", limit=None)) == 450
+
+                await until(joined, 30, "the explanation in the store", every=0.1)
+                records = store.query(id="big-1", order="asc", limit=None)
+            reply = await subscriber.handle(response)  # redelivered: the explanation it was answered with
+            assert reply is not None and len(reply.data or b"") <= 1_000_000 < len(orjson.dumps(made[0].to_dict()))
+            k = reply.json()["params"]["top_k"]
+            assert 1 <= k < 30
+            # No `truncated` mark: it means cut bytes, and the store (and Elasticsearch) kept the
+            # explanation as base64 `raw` then, not the JSON every reader takes.
+            assert not events.is_truncated(reply)
+            for record, whole in zip(records, made[0].instances, strict=True):
+                _assert_largest_kept(record.explanation, whole, k)
         finally:
             await broker.shutdown()
             await subscriber.aclose()
