@@ -79,7 +79,8 @@ from infer_logger.sinks.halving import Halving
 log = logging.getLogger(__name__)
 # Every attribute the audit record shares between an exchange's events: a sink's index or topic
 # made of one missing (an Elasticsearch `index` with `{component}`) put the explanation elsewhere.
-_COPIED = tuple(events.SHARED_FIELDS.values())
+# And the Kafka binding's partition key: the explanation goes where its exchange's records went.
+_COPIED = (*events.SHARED_FIELDS.values(), "partitionkey")
 
 
 def _weight(event: CloudEvent) -> int:

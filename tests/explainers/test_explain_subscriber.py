@@ -182,6 +182,18 @@ class TestJoin:
         assert {name: reply.get(attr) for name, attr in events.SHARED_FIELDS.items()} == {
             name: request.get(attr) for name, attr in events.SHARED_FIELDS.items()}
 
+    def test_the_explanation_keeps_the_exchanges_partition_key(self) -> None:
+        """The Kafka binding keys a record by `partitionkey` when an event has one: the
+        explanation, without it, was keyed by its id, and landed in another partition."""
+        from explainers.base import Explanation
+        from explainers.subscriber import explanation_event
+
+        request, response = exchange("ex-key")
+        request = CloudEvent({**request.attributes, "partitionkey": "customer-42"}, request.data)
+        response = CloudEvent({**response.attributes, "partitionkey": "customer-42"}, response.data)
+        reply = explanation_event(request, response, Explanation("kernel", {}, [], []), "urn:explainer")
+        assert reply.get("partitionkey") == "customer-42"
+
     async def test_a_request_with_binary_tensor_data(self, service: ExplainerService) -> None:
         """tritonclient's default: a V2 body whose rows travel as raw bytes after the JSON part."""
         sub = ExplainSubscriber(service, SubscriberSettings(linger=0.001))
