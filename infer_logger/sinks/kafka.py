@@ -24,7 +24,9 @@ dead-lettered by the worker; records the broker refused as one record batch for 
 whose `max.message.bytes` is below librdkafka's batches) are refused together, and the worker sends
 them again in halves, so that only a record too large alone is dead-lettered (those records may
 then land after later ones of their partition: a piece may go in two record batches, the first
-refused again). Anything else
+refused again). One record refused so while another batch was in flight may have shared its
+record batch with that one's records: it fails the batch as below, and is judged when retried
+(the worker starts no batch meanwhile). Anything else
 (broker down, timeouts, leader moves) fails the batch with `SinkError` naming as `pending` the
 records not acknowledged (and those never produced), which the worker retries (at-least-once: a
 report that matches no record has the whole batch retried, which may duplicate).
@@ -710,6 +712,8 @@ class KafkaSink:
         # while they are awaited: batches go out whole, in call order, and overlap in flight.
         self._producing = asyncio.Lock()
         self._closed = False
+        # One flag per call in flight: whether another was in flight with it (`_raise_failures`).
+        self._sending: list[list[bool]] = []
         self._client = _Client(config)
 
     def _encode(self, event: CloudEvent) -> Record:
@@ -723,18 +727,25 @@ class KafkaSink:
     async def send_batch(self, events: Sequence[CloudEvent]) -> None:
         if not events:
             return
-        async with self._producing:
-            if self._closed:
-                raise SinkError(f"kafka {self.address}: the sink is closed")
-            if self._client.fatal is not None:
-                await self._replace_client()
-            client = self._client
-            batch = client.start_batch(asyncio.get_running_loop())
-            refused: dict[int, KafkaError] = {}
-            cut: dict[int, tuple[bytes | None, bytes | None]] = {}
-            await self._produce_all(batch, events, refused, cut)
-        await batch.future
-        self._raise_failures(client, events, refused, batch.failed, batch.stopped, cut)
+        shared = [bool(self._sending)]
+        for other in self._sending:
+            other[0] = True
+        self._sending.append(shared)
+        try:
+            async with self._producing:
+                if self._closed:
+                    raise SinkError(f"kafka {self.address}: the sink is closed")
+                if self._client.fatal is not None:
+                    await self._replace_client()
+                client = self._client
+                batch = client.start_batch(asyncio.get_running_loop())
+                refused: dict[int, KafkaError] = {}
+                cut: dict[int, tuple[bytes | None, bytes | None]] = {}
+                await self._produce_all(batch, events, refused, cut)
+            await batch.future
+        finally:
+            self._sending.remove(shared)
+        self._raise_failures(client, events, refused, batch.failed, batch.stopped, cut, shared=shared[0])
 
     async def _produce_all(self, batch: _Batch, events: Sequence[CloudEvent], refused: dict[int, KafkaError],
                            cut: dict[int, tuple[bytes | None, bytes | None]]) -> None:
@@ -839,10 +850,12 @@ class KafkaSink:
 
     def _raise_failures(self, client: _Client, events: Sequence[CloudEvent], refused: dict[int, KafkaError],
                         failed: list[tuple[KafkaError, Message]], stopped: int | None = None,
-                        cut: dict[int, tuple[bytes | None, bytes | None]] | None = None) -> None:
+                        cut: dict[int, tuple[bytes | None, bytes | None]] | None = None, *,
+                        shared: bool = False) -> None:
         """Raise for what the batch did not deliver: RejectedError for records refused for good,
         else SinkError naming as `pending` the failed records and those never produced (from
-        `stopped` on; one topic missing resent every other topic's records on each retry)."""
+        `stopped` on; one topic missing resent every other topic's records on each retry).
+        `shared`: another call was in flight with this one (their records may share a record batch)."""
         if not refused and not failed and stopped is None:
             return
         unsent = len(events) if stopped is None else stopped  # the first event never produced
@@ -850,10 +863,15 @@ class KafkaSink:
         # The broker refuses a whole record batch for its size (a topic's max.message.bytes below
         # librdkafka's ~1 MB batches): several reports then say so, and each record may be taken
         # alone. Not counted: produce() refusing a record for its own size (in `refused`).
-        together = sum(1 for e in failures.values() if e.code() in _TOO_LARGE) > 1
+        oversize = [i for i, e in failures.items() if e.code() in _TOO_LARGE]
+        together = len(oversize) > 1
+        # One alone in this call, with another call in flight: its record batch may have held the
+        # other's records, so nothing is known of its own size. Retried (the worker starts no batch
+        # while one fails): refused alone then, it is refused for good.
+        unknown = oversize if shared and not together else []
         failures.update(refused)
         # A report that matches no event cannot be dead-lettered precisely: retrying is the safe answer.
-        retryable = unmatched + [e for e in failures.values() if e.code() not in PERMANENT]
+        retryable = unmatched + [e for i, e in failures.items() if e.code() not in PERMANENT or i in unknown]
         if retryable or stopped is not None:
             pending = [] if unmatched else [e for i, e in enumerate(events) if i in failures or i >= unsent]
             what = client.describe(retryable[0]) if retryable else "the local queue stayed full"

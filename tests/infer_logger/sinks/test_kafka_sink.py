@@ -630,10 +630,16 @@ class TestConcurrent:
             batches[2][5] = CloudEvent({**event(205).attributes, "big": "x" * 2_000_000}, b"{}")
         try:
             results = await asyncio.gather(*(sink.send_batch(batch) for batch in batches), return_exceptions=True)
+            assert [r is None for r in results] == [True, True, False, True]
+            refused = results[2]
+            if where == "broker":
+                # Refused by the broker with other calls in flight: its record batch may have held
+                # their records, so it is sent again (the worker starts nothing meanwhile), and
+                # refused alone it is refused for good.
+                assert isinstance(refused, SinkError) and [e.id for e in refused.pending or []] == ["id-205"]
+                [refused] = await asyncio.gather(sink.send_batch(refused.pending or []), return_exceptions=True)
         finally:
             await sink.aclose()
-        assert [r is None for r in results] == [True, True, False, True]
-        refused = results[2]
         assert isinstance(refused, RejectedError) and "MSG_SIZE_TOO_LARGE" in str(refused)
         assert [e.id for e in refused.events] == ["id-205"]
         expected = {e.id for batch in batches for e in batch} - {"id-205"}
@@ -813,6 +819,30 @@ class TestWorker:
             f"id-{i}" for i in range(1, 40, 2))
         assert [decode(m).id for m in read_back(kafka_bootstrap, free, 20)] == [f"id-{i}" for i in range(0, 40, 2)]
         assert d.metrics.delivered.labels("kafka")._value.get() == 40 and spool.stats.dropped["rejected"] == 1
+
+
+    async def test_a_record_refused_in_a_record_batch_shared_with_another_call_is_not_dead_lettered(
+            self, kafka_bootstrap: str) -> None:
+        """Calls in flight together share a record batch: each saw one record of it refused for its
+        size, took that for the record's own, and it was dead-lettered though it fits the topic."""
+        from infer_logger.sinks.halving import Halving
+
+        topic = new_topic(kafka_bootstrap, config={"max.message.bytes": "100000"})
+        sink = KafkaSinkConfig(bootstrap_servers=kafka_bootstrap, topic=topic).build()
+        halving = Halving(sink)
+        batches = [[event(10 * b + i, data=b'"' + b"x" * 20_000 + b'"') for i in range(6)] for b in range(8)]
+        try:
+            results = await asyncio.gather(*(halving.send_batch(b) for b in batches), return_exceptions=True)
+            refused = [r for r in results if isinstance(r, RejectedError)]
+            assert not refused, refused[0]
+            for batch, result in zip(batches, results, strict=True):  # as the worker retries, alone
+                pending = getattr(result, "pending", None) or batch if isinstance(result, SinkError) else []
+                if pending:
+                    await halving.send_batch(pending)
+        finally:
+            await sink.aclose()
+        ids = [decode(m).id for m in read_back(kafka_bootstrap, topic, 48)]
+        assert sorted(ids) == sorted(e.id for b in batches for e in b)
 
 
 class TestPartialFailures:
