@@ -283,6 +283,7 @@ class Dispatcher:
         self.spool = spool
         self.metrics = metrics
         self.workers = []
+        spool.set_aside_unread(sinks)  # before the readers: a renamed sink finds its own set aside
         for name, sink in sinks.items():
             if callable(getattr(sink, "stats", None)):
                 metrics.sink_counts.watch(name, sink)
@@ -300,7 +301,6 @@ class Dispatcher:
                     deadletter_dir=deadletter_dir,
                 )
             )
-        spool.set_aside_unread()  # once every sink took its own (a renamed one's, by destination)
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod

@@ -33,7 +33,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
@@ -94,7 +94,7 @@ class SpoolView(Protocol):
 
     def remove_reader(self, name: str, *, forget: bool = False) -> None: ...
 
-    def set_aside_unread(self) -> None: ...
+    def set_aside_unread(self, keep: Collection[str]) -> None: ...
 
     def tail(self) -> Position: ...
 
@@ -369,19 +369,23 @@ class _Segments:
     def checkpoint_path(self, name: str) -> Path:
         return self.dir / "checkpoints" / f"{name}.json"
 
-    def set_aside_unread(self) -> None:
-        """Set aside the checkpoints of names no reader has now (sinks no longer configured), as
-        another destination's are (`.<digest>.json`, where a sink delivering there finds it): left,
-        a writer with no readers of its own counted what an overflow drops from the lowest file,
-        a removed sink's, and so events every sink had delivered."""
+    def set_aside_unread(self, keep: Collection[str]) -> None:
+        """Before the readers are made: set aside the checkpoints of names not in `keep` (sinks no
+        longer configured), as another destination's are (`.<digest>.json`, where a sink delivering
+        there finds it, `_renamed`): left, a writer with no readers of its own counted what an
+        overflow drops from the lowest file, a removed sink's, and so events every sink had
+        delivered. One saved with no destination (before they were kept) stays: nothing could
+        find it set aside."""
         for path in (self.dir / "checkpoints").glob("*.json"):
-            if path.name.startswith(".") or path.stem in self._readers:
+            if path.name.startswith(".") or path.stem in keep:
                 continue
             try:
                 _, destination, _ = _read_checkpoint(path)
             except (OSError, ValueError, KeyError, TypeError):
-                destination = None
-            aside = path.with_name(f".{destination or path.stem}.json")
+                continue
+            if destination is None:
+                continue
+            aside = path.with_name(f".{destination}.json")
             try:
                 os.replace(path, aside)
             except OSError as exc:
@@ -816,9 +820,9 @@ class DiskReader:
         under its old name), taken over; that file goes at the first save."""
         if self.destination is None:
             return None
-        for path in sorted((self.spool.dir / "checkpoints").glob("*.json")):
-            if path.stem == self.name or path.stem in self.spool._readers:
-                continue
+        # Only those set aside: a configured sink's own file is its own (set_aside_unread, before
+        # the readers, set aside the others), also when a new sink delivers to the same place.
+        for path in sorted((self.spool.dir / "checkpoints").glob(".*.json")):
             try:
                 position, was, _ = _read_checkpoint(path)
             except (OSError, ValueError, KeyError, TypeError):
@@ -1105,7 +1109,7 @@ class MemorySpool:
         self._readers.pop(name, None)
         self.collect()
 
-    def set_aside_unread(self) -> None:
+    def set_aside_unread(self, keep: Collection[str]) -> None:
         pass  # no checkpoints
 
     def tail(self) -> Position:

@@ -168,6 +168,7 @@ class TestDiskSpool:
         b.commit(b.read(2)[1], force=True)
         spool.close()
         again = DiskSpool(tmp_path)
+        again.set_aside_unread({"http"})  # as the workers start: http2 is no sink now
         renamed = again.reader("http", destination="B")  # B's own place, under its old name
         assert drain(renamed) == [str(i) for i in range(2, 10)]
         assert "http2" not in [p.stem for p in (tmp_path / "checkpoints").glob("*.json")]  # it went
@@ -296,6 +297,46 @@ class TestDiskSpool:
         finally:
             follower.close()
             spool.close()
+
+    def test_a_new_sink_to_the_same_place_takes_no_configured_sinks_checkpoint(self, tmp_path: Path) -> None:
+        """Sink `a` delivered everything; a new sink `b` to the same place, listed first, took a's
+        checkpoint as a renamed sink's: b skipped all, a re-sent all."""
+        from infer_logger.dispatch import Dispatcher
+        from infer_logger.metrics import Metrics
+        from infer_logger.sinks.memory import MemorySink
+
+        spool = DiskSpool(tmp_path)
+        for i in range(10):
+            spool.append(event(i))
+        a = spool.reader("a", destination="X")
+        a.commit(a.read(10)[1], force=True)
+        spool.close()
+        again = DiskSpool(tmp_path)
+        d = Dispatcher(again, {"b": MemorySink(), "a": MemorySink()}, Metrics(again), destinations={"a": "X", "b": "X"})
+        by_name = {w.name: w.reader for w in d.workers}
+        assert drain(by_name["a"]) == [] and drain(by_name["b"]) == [str(i) for i in range(10)]
+        again.close()
+
+    def test_a_checkpoint_of_no_destination_is_left_for_its_sink_added_back(self, tmp_path: Path) -> None:
+        """Saved before destinations were kept, set aside it was found by nothing: the sink,
+        removed for one start and added back, re-sent everything."""
+        import orjson
+
+        spool = DiskSpool(tmp_path)
+        for i in range(10):
+            spool.append(event(i))
+        c = spool.reader("c")
+        c.commit(c.read(10)[1], force=True)
+        path = tmp_path / "checkpoints" / "c.json"
+        saved = orjson.loads(path.read_bytes())
+        saved.pop("destination", None)
+        path.write_bytes(orjson.dumps(saved))  # as saved before
+        spool.close()
+        again = DiskSpool(tmp_path)
+        again.set_aside_unread(set())  # a start without c
+        assert path.exists()
+        assert drain(again.reader("c", destination="Y")) == []  # added back
+        again.close()
 
     def test_drop_oldest_keeps_newest_and_counts(self, tmp_path: Path) -> None:
         spool = DiskSpool(tmp_path, segment_bytes=1000, max_bytes=3000, overflow="drop_oldest")
