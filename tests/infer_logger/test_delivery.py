@@ -500,7 +500,7 @@ async def test_memory_durability_says_at_stop_what_it_loses(tmp_path: Path, capl
     memory = InferenceLogger(settings(
         tmp_path, sinks=[{"type": "http", "url": f"http://127.0.0.1:{free_port()}/"}],  # down
         spool={"dir": str(tmp_path / "m"), "durability": "memory"},
-        delivery={"drain_timeout": 0.2, "backoff_max": 0.05}))
+        delivery={"drain_timeout": 1.0, "backoff_max": 0.05}))  # retries to see the deadline come, loaded too
     await memory.start()
     for i in range(3):
         exchange(memory, f"lost{i}")
