@@ -317,14 +317,19 @@ class HttpClient:
     connection, which is then lost unanswered, and not sent again (it may have been read). So an
     idle connection is looked at before reuse (an end already in: not used), and an origin seen to
     close connections so is `careful`: each POST gets a new connection, but for one idle
-    STALE_AFTER and still open. That, or one found still open CLOSED_SOON after its answer, shows
-    the subscriber keeps them (a restarted one closed its connections so too) and ends the care.
-    An idle connection is kept IDLE_EXPIRY at most."""
+    STALE_AFTER and still open. That, or one found still open CLOSED_SOON after its answer (the first
+    time only: one closing connections a while after its answers, unread, looks so too), shows the
+    subscriber keeps them (a restarted one closed its connections so too) and ends the care. An
+    idle connection past IDLE_EXPIRY is closed as the pool is next used."""
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_response_bytes: int | None = None) -> None:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}  # in release order
         self._busy: set[_Connection] = set()
         self._careful: set[tuple[str, int, bool]] = set()
+        # Origins whose care a look ended; careful again, only a connection idle STALE_AFTER ends
+        # it (one closing each connection a while after its answer, unread, fooled the looks).
+        self._looked: set[tuple[str, int, bool]] = set()
+        self._relapsed: set[tuple[str, int, bool]] = set()
         self._resolver = _Resolver()
         self._ssl = ssl_context
         self._max_body = max_response_bytes
@@ -359,7 +364,7 @@ class HttpClient:
                     # Lost unanswered soon after its last answer: closed right after it, most likely.
                     # Not sent again: the subscriber may have read it (and crashed), and a resend
                     # would be an attempt the retry policy did not allow.
-                    self._careful.add(origin)
+                    self._be_careful(origin)
                     raise
                 # The server closed an idle connection as we used it (its keep-alive timeout):
                 # once more, on a new one.
@@ -386,8 +391,15 @@ class HttpClient:
     def _look(self, origin: tuple[str, int, bool], connection: _Connection, released: float) -> None:
         # Open CLOSED_SOON after its answer: the subscriber keeps connections (one closing each
         # would have by now). Its closes seen were a restart's, or its keep-alive timeout's.
-        if connection.idle_since == released and not connection.closed and not connection.peer_closed():
+        if (connection.idle_since == released and origin not in self._relapsed and not connection.closed
+                and not connection.peer_closed()):
             self._careful.discard(origin)
+            self._looked.add(origin)
+
+    def _be_careful(self, origin: tuple[str, int, bool]) -> None:
+        if origin in self._looked:
+            self._relapsed.add(origin)
+        self._careful.add(origin)
 
     def _drop(self, connection: _Connection) -> None:
         connection.close()
@@ -398,7 +410,7 @@ class HttpClient:
         connection.close()
         lost = now if connection.lost_at is None else connection.lost_at
         if lost - connection.idle_since < CLOSED_SOON:  # closed right after its answer
-            self._careful.add(origin)
+            self._be_careful(origin)
 
     async def _connection(self, origin: tuple[str, int, bool], deadline: float | None, *,
                           fresh: bool = False) -> _Connection:
@@ -420,6 +432,8 @@ class HttpClient:
                 connection.stale = now - connection.idle_since >= STALE_AFTER
                 if careful:  # one idle STALE_AFTER and open shows the subscriber keeps them
                     self._careful.discard(origin)
+                    self._looked.discard(origin)
+                    self._relapsed.discard(origin)
                 self._busy.add(connection)
                 return connection
         host, port, tls = origin
