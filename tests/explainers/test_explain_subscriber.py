@@ -772,21 +772,17 @@ class TestHttpEndpoint:
             assert [a.status_code for a in answers] == [400, 400], answers[0].text
             assert "max_explanation_bytes" in answers[0].json()["error"] and "f-2" in answers[0].json()["error"]
 
-class TestBroker:
-    """In a broker: request and response events in, the explanation joined in the store."""
+def _explaining_broker(tmp_path: Path, subscriber: ExplainSubscriber, store_path: Path, *, retry: int,
+                       timeout: str) -> Any:
+    """A broker whose triggers send every inference event to a store and the exchanges to `subscriber`."""
+    broker_mod = pytest.importorskip("pipelines.broker")
+    from infer_logger.sinks.store import StoreSinkConfig
 
-    async def test_explanation_reenters_and_joins(self, model_server: Process, tmp_path: Path) -> None:
-        broker_mod = pytest.importorskip("pipelines.broker")
-        from infer_logger.sinks.store import StoreSinkConfig
-
-        svc = service_for(model_server.url, subscriber={"linger": 0.01})
-        subscriber = ExplainSubscriber(svc, owns_service=True)
-        store_path = tmp_path / "audit.db"
-        broker = broker_mod.Broker(
-            broker_mod.BrokerSettings(dir=tmp_path / "broker", channel="memory", drain_timeout=1.0,
-                                      delivery={"retry": 3, "backoffDelay": "PT0.05S", "timeout": "PT30S"}),
-            components={"explainer": subscriber, "audit": StoreSinkConfig(path=str(store_path)).build()},
-            triggers="""
+    return broker_mod.Broker(
+        broker_mod.BrokerSettings(dir=tmp_path / "broker", channel="memory", drain_timeout=1.0,
+                                  delivery={"retry": retry, "backoffDelay": "PT0.05S", "timeout": timeout}),
+        components={"explainer": subscriber, "audit": StoreSinkConfig(path=str(store_path)).build()},
+        triggers="""
 triggers:
   - {name: audit, filters: [{prefix: {type: org.kubeflow.serving.inference.}}], subscriber: {ref: {name: audit}}}
   - name: explain
@@ -794,6 +790,16 @@ triggers:
                      {exact: {type: org.kubeflow.serving.inference.response}}]}]
     subscriber: {ref: {name: explainer}}
 """)
+
+
+class TestBroker:
+    """In a broker: request and response events in, the explanation joined in the store."""
+
+    async def test_explanation_reenters_and_joins(self, model_server: Process, tmp_path: Path) -> None:
+        svc = service_for(model_server.url, subscriber={"linger": 0.01})
+        subscriber = ExplainSubscriber(svc, owns_service=True)
+        store_path = tmp_path / "audit.db"
+        broker = _explaining_broker(tmp_path, subscriber, store_path, retry=3, timeout="PT30S")
         await broker.startup()
         try:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=broker), base_url="http://b") as client:
@@ -817,25 +823,11 @@ triggers:
         """450 instances of a 30-feature model (max_instances is 1,000): their 1.08 MB explanation was
         over the broker's max_event_bytes (1 MiB), the reply refused (413) and the explanation lost
         for good (a dead letter's replay made the same one)."""
-        broker_mod = pytest.importorskip("pipelines.broker")
-        from infer_logger.sinks.store import StoreSinkConfig
-
         svc = cancer_service(model_server.url, subscriber={"linger": 0.01})
         made = _kept_explanations(svc)
         subscriber = ExplainSubscriber(svc, owns_service=True)
         store_path = tmp_path / "audit.db"
-        broker = broker_mod.Broker(
-            broker_mod.BrokerSettings(dir=tmp_path / "broker", channel="memory", drain_timeout=1.0,
-                                      delivery={"retry": 1, "backoffDelay": "PT0.05S", "timeout": "PT60S"}),
-            components={"explainer": subscriber, "audit": StoreSinkConfig(path=str(store_path)).build()},
-            triggers="""
-triggers:
-  - {name: audit, filters: [{prefix: {type: org.kubeflow.serving.inference.}}], subscriber: {ref: {name: audit}}}
-  - name: explain
-    filters: [{any: [{exact: {type: org.kubeflow.serving.inference.request}},
-                     {exact: {type: org.kubeflow.serving.inference.response}}]}]
-    subscriber: {ref: {name: explainer}}
-""")
+        broker = _explaining_broker(tmp_path, subscriber, store_path, retry=1, timeout="PT60S")
         await broker.startup()
         try:
             request, response = cancer_exchange("big-1", 450)

@@ -51,6 +51,14 @@ def lines(path: Path) -> list[dict[str, object]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
 
 
+def delivered_count(logger: InferenceLogger, sink: str = "file") -> bytes | None:
+    """The sidecar's `infer_logger_events_delivered_total` for `sink`, as /metrics shows it."""
+    text = generate_latest(logger.metrics.registry)
+    name = b'infer_logger_events_delivered_total{sink="%s"}' % sink.encode()
+    line = [ln for ln in text.splitlines() if ln.startswith(name)]
+    return line[0].rpartition(b" ")[2] if line else None
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -277,9 +285,7 @@ async def test_delivery_counters_carry_over_a_replaced_child(tmp_path: Path) -> 
     await logger.start()
 
     def delivered() -> bytes | None:
-        text = generate_latest(logger.metrics.registry)
-        line = [ln for ln in text.splitlines() if ln.startswith(b'infer_logger_events_delivered_total{sink="file"}')]
-        return line[0].rpartition(b" ")[2] if line else None
+        return delivered_count(logger)
 
     try:
         assert logger.delivery is not None
@@ -321,9 +327,7 @@ async def test_a_child_killed_right_after_a_checkpoint_save_has_counted_what_it_
     await logger.start()
 
     def delivered() -> bytes | None:
-        text = generate_latest(logger.metrics.registry)
-        line = [ln for ln in text.splitlines() if ln.startswith(b'infer_logger_events_delivered_total{sink="file"}')]
-        return line[0].rpartition(b" ")[2] if line else None
+        return delivered_count(logger)
 
     try:
         first = child_pid(logger)

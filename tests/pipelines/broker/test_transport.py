@@ -154,26 +154,33 @@ async def _restarted_once(keep_alive: float | None) -> tuple[HttpClient, str, li
     return client, url, connections, server
 
 
+@pytest.mark.parametrize("stale_after", [0.2, 60.0])
 async def test_a_subscriber_restarted_once_costs_no_connection_per_post_for_good(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, stale_after: float) -> None:
     """A restart closes the idle connections soon after their answers, as a subscriber of one answer
-    per connection does: a connection found open STALE_AFTER after its answer ends the care."""
-    monkeypatch.setattr(transport, "STALE_AFTER", 0.2)
+    per connection does: a connection found open CLOSED_SOON (or idle STALE_AFTER) after its answer
+    ends the care. Only the second ended it: meanwhile every POST had a new connection, and the
+    pool filled with 256 it then kept open for good (a restarted subscriber under load)."""
+    monkeypatch.setattr(transport, "STALE_AFTER", stale_after)
     client, url, connections, server = await _restarted_once(keep_alive=None)
     try:
-        for _ in range(500):  # until a connection idle STALE_AFTER is taken
-            if not client.careful(url):
-                break
-            assert (await client.post(url, {}, b"x", timeout=30)).status == 202
-            await asyncio.sleep(0.02)
-        assert not client.careful(url)
-        before = len(connections)
-        for _ in range(30):
-            assert (await client.post(url, {}, b"x", timeout=30)).status == 202
-        assert len(connections) == before
+        await _cared_for_no_more(client, url, connections)
     finally:
         await client.aclose()
         server.close()
+
+
+async def _cared_for_no_more(client: HttpClient, url: str, connections: list[asyncio.StreamWriter]) -> None:
+    """POSTs until the client is careful no more; then 30 more open no connection."""
+    async def posting() -> None:
+        while client.careful(url):
+            assert (await client.post(url, {}, b"x", timeout=30)).status == 202
+            await asyncio.sleep(0.02)
+    await asyncio.wait_for(posting(), 30)
+    before = len(connections)
+    for _ in range(30):
+        assert (await client.post(url, {}, b"x", timeout=30)).status == 202
+    assert len(connections) == before
 
 
 async def test_the_care_ends_at_a_keep_alive_timeout_under_stale_after() -> None:
@@ -188,27 +195,6 @@ async def test_the_care_ends_at_a_keep_alive_timeout_under_stale_after() -> None
             await asyncio.sleep(0.02)
             assert (await client.post(url, {}, b"x", timeout=30)).status == 202
         assert not client.careful(url)
-    finally:
-        await client.aclose()
-        server.close()
-
-
-async def test_the_care_after_a_restart_ends_once_a_connection_stays_open_past_its_answer(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only a connection idle STALE_AFTER ended it: meanwhile every POST had a new connection, and
-    the pool filled with 256 it then kept open for good (a restarted subscriber under load)."""
-    monkeypatch.setattr(transport, "STALE_AFTER", 60.0)
-    client, url, connections, server = await _restarted_once(keep_alive=None)
-    try:
-        async def posting() -> None:
-            while client.careful(url):
-                assert (await client.post(url, {}, b"x", timeout=30)).status == 202
-                await asyncio.sleep(0.02)
-        await asyncio.wait_for(posting(), 30)
-        before = len(connections)
-        for _ in range(30):
-            assert (await client.post(url, {}, b"x", timeout=30)).status == 202
-        assert len(connections) == before
     finally:
         await client.aclose()
         server.close()
