@@ -26,6 +26,7 @@ from infer_logger.upstream import CLOSED_SOON, IDLE_EXPIRY, STALE_AFTER
 
 USER_AGENT = "infer-logger-broker"
 _IDLE_MAX = 256  # idle connections kept per origin
+RELAPSE_HOLD = 60.0  # seconds a care a look ended and that came back is ended by no look
 _LOOKUP_TTL = 5.0  # seconds a host's addresses are reused: a moved subscriber is found again soon
 _LOOKUP_THREADS = 32  # hosts looked up at once (one lookup per host at a time)
 _HEAD_MAX = 64 * 1024  # a response's status line and headers, as uvicorn bounds a request's
@@ -317,19 +318,21 @@ class HttpClient:
     connection, which is then lost unanswered, and not sent again (it may have been read). So an
     idle connection is looked at before reuse (an end already in: not used), and an origin seen to
     close connections so is `careful`: each POST gets a new connection, but for one idle
-    STALE_AFTER and still open. That, or one found still open CLOSED_SOON after its answer (the first
-    time only: one closing connections a while after its answers, unread, looks so too), shows the
-    subscriber keeps them (a restarted one closed its connections so too) and ends the care. An
-    idle connection past IDLE_EXPIRY is closed as the pool is next used."""
+    STALE_AFTER and still open. That, or one found still open CLOSED_SOON after its answer (but for
+    RELAPSE_HOLD after such a look's end of the care came back: one closing connections a while
+    after its answers, unread, looks so too), shows the subscriber keeps them (a restarted one
+    closed its connections so too) and ends the care. An idle connection past IDLE_EXPIRY is
+    closed as the pool is next used."""
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_response_bytes: int | None = None) -> None:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}  # in release order
         self._busy: set[_Connection] = set()
         self._careful: set[tuple[str, int, bool]] = set()
-        # Origins whose care a look ended; careful again, only a connection idle STALE_AFTER ends
-        # it (one closing each connection a while after its answer, unread, fooled the looks).
+        # Origins whose care a look ended; careful again, for RELAPSE_HOLD only a connection idle
+        # STALE_AFTER ends it (one closing each connection a while after its answer, unread, fooled
+        # the looks; for good, one whose keep-alive timeout is under STALE_AFTER stayed careful).
         self._looked: set[tuple[str, int, bool]] = set()
-        self._relapsed: set[tuple[str, int, bool]] = set()
+        self._relapsed: dict[tuple[str, int, bool], float] = {}  # origin -> when
         self._resolver = _Resolver()
         self._ssl = ssl_context
         self._max_body = max_response_bytes
@@ -391,14 +394,16 @@ class HttpClient:
     def _look(self, origin: tuple[str, int, bool], connection: _Connection, released: float) -> None:
         # Open CLOSED_SOON after its answer: the subscriber keeps connections (one closing each
         # would have by now). Its closes seen were a restart's, or its keep-alive timeout's.
-        if (connection.idle_since == released and origin not in self._relapsed and not connection.closed
-                and not connection.peer_closed()):
+        relapsed = self._relapsed.get(origin)
+        if (connection.idle_since == released and not connection.closed and not connection.peer_closed()
+                and (relapsed is None or released - relapsed > RELAPSE_HOLD)):
             self._careful.discard(origin)
             self._looked.add(origin)
+            self._relapsed.pop(origin, None)
 
     def _be_careful(self, origin: tuple[str, int, bool]) -> None:
         if origin in self._looked:
-            self._relapsed.add(origin)
+            self._relapsed[origin] = asyncio.get_running_loop().time()
         self._careful.add(origin)
 
     def _drop(self, connection: _Connection) -> None:
@@ -433,7 +438,7 @@ class HttpClient:
                 if careful:  # one idle STALE_AFTER and open shows the subscriber keeps them
                     self._careful.discard(origin)
                     self._looked.discard(origin)
-                    self._relapsed.discard(origin)
+                    self._relapsed.pop(origin, None)
                 self._busy.add(connection)
                 return connection
         host, port, tls = origin

@@ -154,6 +154,25 @@ async def _restarted_once(keep_alive: float | None) -> tuple[HttpClient, str, li
     return client, url, connections, server
 
 
+async def test_a_care_come_back_is_ended_by_a_look_again_after_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restarted twice, a subscriber whose keep-alive timeout (0.5 s) is under STALE_AFTER never
+    left a connection idle that long: the care a look had ended once, come back, was for good, a
+    new connection per POST."""
+    monkeypatch.setattr(transport, "RELAPSE_HOLD", 0.5, raising=False)
+    client, url, connections, server = await _restarted_once(keep_alive=0.5)
+    try:
+        await _cared_for_no_more(client, url, connections)
+        connections[-1].close()  # the second restart, right after an answer
+        for _ in range(2):
+            await asyncio.sleep(0)
+        assert (await client.post(url, {}, b"x", timeout=30)).status == 202
+        assert client.careful(url)
+        await _cared_for_no_more(client, url, connections)
+    finally:
+        await client.aclose()
+        server.close()
+
+
 @pytest.mark.parametrize("stale_after", [0.2, 60.0])
 async def test_a_subscriber_restarted_once_costs_no_connection_per_post_for_good(
         monkeypatch: pytest.MonkeyPatch, stale_after: float) -> None:
