@@ -283,7 +283,8 @@ class Dispatcher:
         self.spool = spool
         self.metrics = metrics
         self.workers = []
-        spool.set_aside_unread(sinks)  # before the readers: a renamed sink finds its own set aside
+        # Before the readers: a renamed sink finds its own set aside.
+        spool.set_aside_unread({name: (destinations or {}).get(name) for name in sinks})
         for name, sink in sinks.items():
             if callable(getattr(sink, "stats", None)):
                 metrics.sink_counts.watch(name, sink)

@@ -33,7 +33,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
@@ -94,7 +94,7 @@ class SpoolView(Protocol):
 
     def remove_reader(self, name: str, *, forget: bool = False) -> None: ...
 
-    def set_aside_unread(self, keep: Collection[str]) -> None: ...
+    def set_aside_unread(self, keep: Mapping[str, str | None]) -> None: ...
 
     def tail(self) -> Position: ...
 
@@ -369,15 +369,16 @@ class _Segments:
     def checkpoint_path(self, name: str) -> Path:
         return self.dir / "checkpoints" / f"{name}.json"
 
-    def set_aside_unread(self, keep: Collection[str]) -> None:
+    def set_aside_unread(self, keep: Mapping[str, str | None]) -> None:
         """Before the readers are made: set aside the checkpoints of names not in `keep` (sinks no
-        longer configured), as another destination's are (`.<digest>.json`, where a sink delivering
-        there finds it, `_renamed`): left, a writer with no readers of its own counted what an
-        overflow drops from the lowest file, a removed sink's, and so events every sink had
-        delivered. One saved with no destination (before they were kept) stays: nothing could
-        find it set aside."""
+        longer configured), and of names in it saved for another destination than theirs now
+        (`--log-url B --log-url A` after `--log-url A --log-url B`), as `.<digest>.json`, where a
+        sink delivering there finds it (`_renamed`). Left, a writer with no readers of its own
+        counted what an overflow drops from the lowest file, a removed sink's, and so events every
+        sink had delivered. One saved with no destination (before they were kept) stays: nothing
+        could find it set aside."""
         for path in (self.dir / "checkpoints").glob("*.json"):
-            if path.name.startswith(".") or path.stem in keep:
+            if path.name.startswith("."):
                 continue
             try:
                 _, destination, _ = _read_checkpoint(path)
@@ -385,13 +386,15 @@ class _Segments:
                 continue
             if destination is None:
                 continue
+            if path.stem in keep and ((now := keep[path.stem]) is None or digest(now) == destination):
+                continue  # its sink's own
             aside = path.with_name(f".{destination}.json")
             try:
                 os.replace(path, aside)
             except OSError as exc:
-                log.error("checkpoint %s of no configured sink not set aside (%s)", path, exc)
+                log.error("checkpoint %s not set aside (%s): no sink of its name delivers there now", path, exc)
             else:
-                log.info("checkpoint %s of no configured sink set aside as %s", path, aside.name)
+                log.info("checkpoint %s set aside as %s: no sink of its name delivers there now", path, aside.name)
 
     def checkpointed(self) -> list[str]:
         """The names with a saved checkpoint (not those set aside for another destination)."""
@@ -740,6 +743,12 @@ def _read_checkpoint(path: Path) -> tuple[Position, str | None, Any]:
     return position, str(destination) if destination else None, saved.get("ahead")
 
 
+def digest(destination: str) -> str:
+    """How a checkpoint keeps its sink's destination: a URL may hold a password, and checkpoint
+    files are no place for it."""
+    return hashlib.sha256(destination.encode()).hexdigest()[:16]
+
+
 class DiskReader:
     """One sink's cursor over the spool, with a checkpoint file that survives restarts."""
 
@@ -747,8 +756,7 @@ class DiskReader:
                  destination: str | None = None) -> None:
         self.spool = spool
         self.name = name
-        # A digest: a URL may hold a password, and checkpoint files are no place for it.
-        self.destination = None if destination is None else hashlib.sha256(destination.encode()).hexdigest()[:16]
+        self.destination = None if destination is None else digest(destination)
         self._event = asyncio.Event()
         spool._waiters.add(self._event)
         self._old_name: Path | None = None  # its checkpoint under an earlier name, taken over (`_renamed`)
@@ -1109,7 +1117,7 @@ class MemorySpool:
         self._readers.pop(name, None)
         self.collect()
 
-    def set_aside_unread(self, keep: Collection[str]) -> None:
+    def set_aside_unread(self, keep: Mapping[str, str | None]) -> None:
         pass  # no checkpoints
 
     def tail(self) -> Position:

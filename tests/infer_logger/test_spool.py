@@ -168,10 +168,34 @@ class TestDiskSpool:
         b.commit(b.read(2)[1], force=True)
         spool.close()
         again = DiskSpool(tmp_path)
-        again.set_aside_unread({"http"})  # as the workers start: http2 is no sink now
+        again.set_aside_unread({"http": "B"})  # as the workers start: http2 is no sink now
         renamed = again.reader("http", destination="B")  # B's own place, under its old name
         assert drain(renamed) == [str(i) for i in range(2, 10)]
         assert "http2" not in [p.stem for p in (tmp_path / "checkpoints").glob("*.json")]  # it went
+        again.close()
+
+    def test_sinks_swapped_find_their_checkpoints(self, tmp_path: Path) -> None:
+        """`--log-url A --log-url B`, then `--log-url B --log-url A`: http (now to B) found its file
+        saved for A, and B's, still under http2 (not set aside yet), was found by nothing: it re-sent
+        everything."""
+        from infer_logger.dispatch import Dispatcher
+        from infer_logger.metrics import Metrics
+        from infer_logger.sinks.memory import MemorySink
+
+        spool = DiskSpool(tmp_path)
+        for i in range(10):
+            spool.append(event(i))
+        a, b = spool.reader("http", destination="A"), spool.reader("http2", destination="B")
+        a.commit(a.read(8)[1], force=True)
+        b.commit(b.read(2)[1], force=True)
+        spool.close()
+        again = DiskSpool(tmp_path)
+        d = Dispatcher(again, {"http": MemorySink(), "http2": MemorySink()}, Metrics(again),
+                       destinations={"http": "B", "http2": "A"})
+        by_name = {w.name: w.reader for w in d.workers}
+        assert drain(by_name["http"]) == [str(i) for i in range(2, 10)]
+        assert drain(by_name["http2"]) == ["8", "9"]
+        assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]  # both taken
         again.close()
 
     def test_a_sink_put_before_another_leaves_it_its_checkpoint(self, tmp_path: Path) -> None:
@@ -333,7 +357,7 @@ class TestDiskSpool:
         path.write_bytes(orjson.dumps(saved))  # as saved before
         spool.close()
         again = DiskSpool(tmp_path)
-        again.set_aside_unread(set())  # a start without c
+        again.set_aside_unread({})  # a start without c
         assert path.exists()
         assert drain(again.reader("c", destination="Y")) == []  # added back
         again.close()
