@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from infer_logger.errors import InferLoggerError
+from infer_logger.errors import InferLoggerError, InvalidEventError
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,16 @@ def route_path(scope: MutableMapping[str, Any]) -> str:
 def error_body(status: int, reason: str, **extra: object) -> bytes:
     """The JSON of an error answer: `{"error": reason, "status": status, ...extra}`."""
     return orjson.dumps({"error": reason, "status": status, **extra})
+
+
+def invalid_event_body(exc: InvalidEventError, item: int | None = None) -> bytes:
+    """The 400 of a malformed CloudEvent: the attribute it names (none for a whole event), and
+    in a batch the event's position (`item`)."""
+    named: dict[str, object] = {"attribute": exc.attribute} if exc.attribute else {}
+    if item is not None:
+        named["item"] = item
+    where = "" if item is None else f" (batch item {item})"
+    return error_body(400, f"invalid CloudEvent: {exc}{where}", **named)
 
 
 async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *,

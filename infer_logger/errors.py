@@ -36,7 +36,7 @@ class InvalidEventError(InferLoggerError, ValueError):
     """In a batch, the position of the event it is about."""
 
     def __init__(self, attribute: str, message: str) -> None:
-        super().__init__(f"{attribute}: {message}")
+        super().__init__(f"{attribute}: {message}" if attribute else message)
         self.attribute = attribute
         self.message = message
 

@@ -37,7 +37,7 @@ import logging
 from typing import Any
 
 from infer_logger import events as ev
-from infer_logger.asgi import error_body, read_or_refuse, respond, route_path
+from infer_logger.asgi import error_body, invalid_event_body, read_or_refuse, respond, route_path
 from infer_logger.config import Settings
 from infer_logger.errors import InvalidEventError
 from infer_logger.httpserver import CUT_WAIT
@@ -104,7 +104,7 @@ class InferenceLoggerMiddleware:
         try:  # as the sidecar does: a request that is a CloudEvent keeps its id, a malformed one is refused
             event_id = ev.cloudevent_id(headers, body) or ev.event_id(headers)
         except InvalidEventError as exc:
-            refusal = error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute)
+            refusal = invalid_event_body(exc)
             await respond(send, 400, [(b"content-type", b"application/json")], refusal)
             return
         exchange = self.logger.begin(route, path, headers, scope["headers"], body, event_id)

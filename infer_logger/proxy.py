@@ -18,7 +18,14 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from infer_logger import events as ev
-from infer_logger.asgi import error_body, read_or_refuse, respond, route_path, run_lifespan
+from infer_logger.asgi import (
+    error_body,
+    invalid_event_body,
+    read_or_refuse,
+    respond,
+    route_path,
+    run_lifespan,
+)
 from infer_logger.errors import InferLoggerError, InvalidEventError
 from infer_logger.httpserver import Reply, Request
 from infer_logger.logger import InferenceLogger, match_route
@@ -156,7 +163,7 @@ class Proxy:
             event_id = (route and ev.cloudevent_id(headers, body)) or ev.event_id(headers)
         except InvalidEventError as exc:
             self._count(False, 400)
-            return 400, list(_JSON), error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute)
+            return 400, list(_JSON), invalid_event_body(exc)
         exchange = None
         if route is not None:
             exchange = self.logger.begin(route, path, headers, raw, body, event_id)

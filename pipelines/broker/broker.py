@@ -28,7 +28,7 @@ from urllib.parse import urljoin
 from infer_logger.asgi import run_lifespan
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.documents import DocumentError, Location
-from infer_logger.errors import ConfigError, InferLoggerError
+from infer_logger.errors import ConfigError, InferLoggerError, InvalidEventError
 from infer_logger.spool import DiskSpool, MemorySpool
 from pipelines.broker.channel import (
     TTL,
@@ -159,7 +159,11 @@ class Broker:
         admitted = []
         positions = []  # of each admitted event in `events`
         for i, event in enumerate(events):
-            kept = self.admit(event)  # a bad TTL raises: the ingress counts the whole batch invalid
+            try:
+                kept = self.admit(event)  # a bad TTL raises: the ingress counts the whole batch invalid
+            except InvalidEventError as exc:
+                exc.item = i  # its position in `events`
+                raise
             if kept is not None:
                 admitted.append(kept)
                 positions.append(i)

@@ -31,6 +31,7 @@ from infer_logger.asgi import (
     BodyTooLargeError,
     ClientGoneError,
     error_body,
+    invalid_event_body,
     read_body,
     respond,
 )
@@ -126,7 +127,7 @@ class Ingress:
             mode = content_mode(headers)
         except InvalidEventError as exc:
             refused.labels("invalid").inc()
-            await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
+            await respond(send, 400, [_JSON], invalid_event_body(exc))
             return
         # No broker is told before any size or bad event: a sender retries a 404 (the broker may
         # come with a reload) and dead-letters a 413 or a 400. A batch is read first, its events
@@ -168,9 +169,7 @@ class Ingress:
                 return
             refused.labels("invalid").inc()
             # Nothing of a batch is stored: which event to mend is said, not `refused` (stored the others)
-            where = {} if exc.item is None else {"item": exc.item}
-            reason = f"invalid CloudEvent: {exc}" + ("" if exc.item is None else f" (batch item {exc.item})")
-            await respond(send, 400, [_JSON], error_body(400, reason, attribute=exc.attribute, **where))
+            await respond(send, 400, [_JSON], invalid_event_body(exc, exc.item))
             return
         if target not in broker.channels:  # also for a batch with none to publish
             await _no_broker(send, refused, target, len(events))
@@ -192,9 +191,10 @@ class Ingress:
         try:
             if kept:
                 await broker.publish(key, kept)
-        except InvalidEventError as exc:  # nothing stored
+        except InvalidEventError as exc:  # nothing stored (a bad TTL)
             refused.labels("invalid").inc(len(events))
-            await respond(send, 400, [_JSON], error_body(400, f"invalid CloudEvent: {exc}", attribute=exc.attribute))
+            item = fits[exc.item] if mode == "batch" and exc.item is not None else None
+            await respond(send, 400, [_JSON], invalid_event_body(exc, item))
             return
         except RefusedError as exc:
             # The others of a batch were stored (or dropped, their TTL run out).

@@ -67,6 +67,26 @@ class TestRefusals:
         assert "item" not in response.json()
         assert broker.metrics.accepted.labels("default/default")._value.get() == 0
 
+    @pytest.mark.parametrize(("second", "attribute"), [
+        ({"specversion": "1.0", "id": "2", "source": "/s", "type": "t", "knativebrokerttl": "abc"},
+         "knativebrokerttl"),  # read as the broker admits it, after the batch was decoded
+        (7, None),  # no event at all: no attribute to name
+    ], ids=["bad-ttl", "not-an-object"])
+    async def test_a_batch_refused_for_one_event_names_its_position(self, make_broker: MakeBroker,
+                                                                   second: object, attribute: str | None) -> None:
+        broker = await make_broker()
+        first = {"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}
+        async with client(broker) as c:
+            batch = await c.post("/", headers={"content-type": "application/cloudevents-batch+json"},
+                                 content=orjson.dumps([first, second]))
+            single = await c.post("/", headers={"content-type": "application/cloudevents+json"},
+                                  content=orjson.dumps(second))
+        assert batch.status_code == 400 and batch.json()["item"] == 1, batch.text
+        assert batch.json().get("attribute") == attribute and "batch item 1" in batch.json()["error"]
+        assert ": :" not in batch.json()["error"]
+        assert single.status_code == 400 and "item" not in single.json() and single.json().get("attribute") == attribute
+        assert broker.metrics.accepted.labels("default/default")._value.get() == 0
+
     async def test_oversize(self, make_broker: MakeBroker) -> None:
         broker = await make_broker(max_event_bytes=1000, max_request_bytes=5000)
         big = event(data=b'"' + b"x" * 2000 + b'"')
