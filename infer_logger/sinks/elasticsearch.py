@@ -196,6 +196,18 @@ class ElasticsearchSinkConfig(SinkConfig):
         index_fields(value)
         return value
 
+    @field_validator("api_key")
+    @classmethod
+    def _header_value(cls, value: SecretStr | None) -> SecretStr | None:
+        # It goes in a header, which may hold no control character: every send failed, retried
+        # for ever. A secret's file read with its final newline is taken without it.
+        if value is None:
+            return None
+        key = value.get_secret_value().strip()
+        if not key or any(ord(c) < 32 or ord(c) == 127 for c in key):
+            raise ValueError("an API key holds no control character (a header carries it)")
+        return SecretStr(key)
+
     @field_validator("template_name")
     @classmethod
     def _template_name(cls, value: str) -> str:
@@ -315,6 +327,8 @@ def index_fields(pattern: str) -> list[str]:
             continue
         if not re.fullmatch(r"[a-z0-9]+", name) or spec or conversion:
             raise ConfigError("index", f"{pattern!r}: `{{{name}}}` is not an event attribute name")
+        if name.isdigit():  # str.format reads it as a position: every event failed to be named
+            raise ConfigError("index", f"{pattern!r}: `{{{name}}}`, all digits, is not taken as an attribute")
         names.append(name)
     return names
 

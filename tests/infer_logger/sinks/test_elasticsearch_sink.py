@@ -144,10 +144,19 @@ class TestConfig:
         # dynamic mappings for good.
         {"template_name": "Inference_Audit"}, {"template_name": "_audit"}, {"template_name": "a b"},
         {"template_name": "audit*"}, {"template_name": "a,b"}, {"template_name": ""},
+        # A name of digits reads as a position to str.format: every event was dead-lettered.
+        {"index": "audit-{0}"},
+        # A header may hold no control character: every send failed, retried for ever.
+        {"api_key": "aWQ6a2V5\r\nx"}, {"api_key": "a\tb"},
     ])
     def test_invalid(self, fields: dict[str, Any]) -> None:
         with pytest.raises(ValueError):
             ElasticsearchSinkConfig.model_validate(fields)
+
+    def test_an_api_key_read_with_its_newline_is_taken_without(self) -> None:
+        """A Kubernetes secret's file often ends in a newline."""
+        config = ElasticsearchSinkConfig(api_key="aWQ6a2V5\n")  # type: ignore[arg-type]
+        assert config.api_key is not None and config.api_key.get_secret_value() == "aWQ6a2V5"
 
     def test_what_the_client_refuses_is_a_config_error(self) -> None:
         unchecked = ElasticsearchSinkConfig.model_construct(url="http://127.0.0.1:99999")
