@@ -26,7 +26,8 @@ from infer_logger.upstream import CLOSED_SOON, IDLE_EXPIRY, STALE_AFTER
 
 USER_AGENT = "infer-logger-broker"
 _IDLE_MAX = 256  # idle connections kept per origin
-RELAPSE_HOLD = 60.0  # seconds a care a look ended and that came back is ended by no look
+RELAPSE_HOLD = 60.0  # seconds a care a look ended and that came back is ended by no look (doubled each time)
+_RELAPSE_HOLD_MAX = 3600.0
 _LOOKUP_TTL = 5.0  # seconds a host's addresses are reused: a moved subscriber is found again soon
 _LOOKUP_THREADS = 32  # hosts looked up at once (one lookup per host at a time)
 _HEAD_MAX = 64 * 1024  # a response's status line and headers, as uvicorn bounds a request's
@@ -319,8 +320,8 @@ class HttpClient:
     idle connection is looked at before reuse (an end already in: not used), and an origin seen to
     close connections so is `careful`: each POST gets a new connection, but for one idle
     STALE_AFTER and still open. That, or one found still open CLOSED_SOON after its answer (but for
-    RELAPSE_HOLD after such a look's end of the care came back: one closing connections a while
-    after its answers, unread, looks so too), shows the subscriber keeps them (a restarted one
+    RELAPSE_HOLD, doubled each time, after such a look's end of the care came back: one closing
+    connections a while after its answers, unread, looks so too), shows the subscriber keeps them (a restarted one
     closed its connections so too) and ends the care. An idle connection past IDLE_EXPIRY is
     closed as the pool is next used."""
 
@@ -333,6 +334,7 @@ class HttpClient:
         # the looks; for good, one whose keep-alive timeout is under STALE_AFTER stayed careful).
         self._looked: set[tuple[str, int, bool]] = set()
         self._relapsed: dict[tuple[str, int, bool], float] = {}  # origin -> when
+        self._holds: dict[tuple[str, int, bool], float] = {}  # origin -> its hold, doubled at each relapse
         self._resolver = _Resolver()
         self._ssl = ssl_context
         self._max_body = max_response_bytes
@@ -396,14 +398,18 @@ class HttpClient:
         # would have by now). Its closes seen were a restart's, or its keep-alive timeout's.
         relapsed = self._relapsed.get(origin)
         if (connection.idle_since == released and not connection.closed and not connection.peer_closed()
-                and (relapsed is None or released - relapsed > RELAPSE_HOLD)):
+                and (relapsed is None or released - relapsed > self._holds[origin])):
             self._careful.discard(origin)
             self._looked.add(origin)
             self._relapsed.pop(origin, None)
 
     def _be_careful(self, origin: tuple[str, int, bool]) -> None:
         if origin in self._looked:
+            # Each time longer: a subscriber that fooled the looks once a hold fools them again
+            # (a POST lost each time), one whose keep-alive is short costs connections only.
             self._relapsed[origin] = asyncio.get_running_loop().time()
+            hold = self._holds.get(origin)
+            self._holds[origin] = RELAPSE_HOLD if hold is None else min(2 * hold, _RELAPSE_HOLD_MAX)
         self._careful.add(origin)
 
     def _drop(self, connection: _Connection) -> None:
@@ -439,6 +445,7 @@ class HttpClient:
                     self._careful.discard(origin)
                     self._looked.discard(origin)
                     self._relapsed.pop(origin, None)
+                    self._holds.pop(origin, None)
                 self._busy.add(connection)
                 return connection
         host, port, tls = origin
