@@ -104,7 +104,7 @@ class InferenceLoggerMiddleware:
         try:  # as the sidecar does: a request that is a CloudEvent keeps its id, a malformed one is refused
             event_id = ev.cloudevent_id(headers, body) or ev.event_id(headers)
         except InvalidEventError as exc:
-            refusal = invalid_event_body(exc)
+            refusal = invalid_event_body(exc, exc.item)
             await respond(send, 400, [(b"content-type", b"application/json")], refusal)
             return
         exchange = self.logger.begin(route, path, headers, scope["headers"], body, event_id)

@@ -163,7 +163,7 @@ class Proxy:
             event_id = (route and ev.cloudevent_id(headers, body)) or ev.event_id(headers)
         except InvalidEventError as exc:
             self._count(False, 400)
-            return 400, list(_JSON), invalid_event_body(exc)
+            return 400, list(_JSON), invalid_event_body(exc, exc.item)
         exchange = None
         if route is not None:
             exchange = self.logger.begin(route, path, headers, raw, body, event_id)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from infer_logger.asgi import invalid_event_body
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.http import from_http, to_binary
 from infer_logger.errors import InvalidEventError
@@ -53,13 +54,13 @@ class TriggerHandler:
         try:
             event = from_http(headers, body)
         except InvalidEventError as exc:
-            return _error(400, f"invalid CloudEvent: {exc}")
+            return 400, [_JSON], invalid_event_body(exc)
         if TTL not in event.attributes:
             return _error(400, f"the event has no {TTL}: only events that came through a broker are taken")
         try:  # as Knative's (and our ingress): a TTL that cannot be read is refused, not sent on
             ttl = parse_ttl(event.attributes[TTL])
         except InvalidEventError as exc:
-            return _error(400, f"invalid CloudEvent: {exc}")
+            return 400, [_JSON], invalid_event_body(exc)
         if trigger.filter(Delivered(event.attributes, TTL)) is FAIL:
             return 200, [], b""
         out = without_ttl(event)[0]

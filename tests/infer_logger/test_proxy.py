@@ -311,6 +311,11 @@ class TestCloudEventRequests:
                        content='{"specversion": "1.0", "id": "x", "source": "/s", "type": "t", "data_base64": "é"}'.encode(),
                        headers={"content-type": "application/cloudevents+json"})
         assert r.status_code == 400 and r.json()["attribute"] == "data_base64"
+        # A batch: which of its events, as the broker's ingress says it
+        r = httpx.post(sidecar.url + "/v1/models/iris:predict",
+                       content=b'[{"specversion": "1.0", "id": "x", "source": "/s", "type": "t"}, {"specversion": "1.0"}]',
+                       headers={"content-type": "application/cloudevents-batch+json"})
+        assert r.status_code == 400 and r.json()["item"] == 1 and "batch item 1" in r.json()["error"]
 
 
 async def test_headers_the_connection_header_names_stay_on_their_hop(tmp_path: Path) -> None:

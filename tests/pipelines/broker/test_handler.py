@@ -203,6 +203,7 @@ async def test_filter_handler_refuses_a_ttl_that_is_no_integer(ttl: str, make_br
         response = await c.post(f"/triggers/default/t/{trigger.uid}", content=body,
                                 headers={**headers, "ce-knativebrokerttl": ttl})
     assert response.status_code == 400 and "knativebrokerttl" in response.json()["error"], response.text
+    assert response.json()["attribute"] == "knativebrokerttl"  # named as the ingress names it
     assert subscriber.attempts == 0
 
 
