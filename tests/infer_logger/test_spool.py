@@ -23,6 +23,17 @@ def event(i: int, size: int = 10) -> CloudEvent:
     return CloudEvent({"id": str(i), "type": "t", "source": "s", "specversion": "1.0"}, b"x" * size)
 
 
+def _a_and_b_delivered(directory: Path) -> None:
+    """A spool of 10 events, `--log-url A --log-url B`: http (to A) took 8, http2 (to B) 2."""
+    spool = DiskSpool(directory)
+    for i in range(10):
+        spool.append(event(i))
+    a, b = spool.reader("http", destination="A"), spool.reader("http2", destination="B")
+    a.commit(a.read(8)[1], force=True)
+    b.commit(b.read(2)[1], force=True)
+    spool.close()
+
+
 def drain(reader, batch: int = 1000) -> list[str]:
     ids = []
     while True:
@@ -160,13 +171,7 @@ class TestDiskSpool:
     def test_a_renamed_sink_finds_its_checkpoint_and_another_given_its_name_does_not(self, tmp_path: Path) -> None:
         """`--log-url A --log-url B`, then only B: B (http2 -> http) re-sent all it had delivered;
         a YAML sink's checkpoint (no destination then) was taken by a --log-url sink given its name."""
-        spool = DiskSpool(tmp_path)
-        for i in range(10):
-            spool.append(event(i))
-        a, b = spool.reader("http", destination="A"), spool.reader("http2", destination="B")
-        a.commit(a.read(8)[1], force=True)
-        b.commit(b.read(2)[1], force=True)
-        spool.close()
+        _a_and_b_delivered(tmp_path)
         again = DiskSpool(tmp_path)
         again.set_aside_unread({"http": "B"})  # as the workers start: http2 is no sink now
         renamed = again.reader("http", destination="B")  # B's own place, under its old name
@@ -182,13 +187,7 @@ class TestDiskSpool:
         from infer_logger.metrics import Metrics
         from infer_logger.sinks.memory import MemorySink
 
-        spool = DiskSpool(tmp_path)
-        for i in range(10):
-            spool.append(event(i))
-        a, b = spool.reader("http", destination="A"), spool.reader("http2", destination="B")
-        a.commit(a.read(8)[1], force=True)
-        b.commit(b.read(2)[1], force=True)
-        spool.close()
+        _a_and_b_delivered(tmp_path)
         again = DiskSpool(tmp_path)
         d = Dispatcher(again, {"http": MemorySink(), "http2": MemorySink()}, Metrics(again),
                        destinations={"http": "B", "http2": "A"})
