@@ -323,7 +323,7 @@ class HttpClient:
     RELAPSE_HOLD, doubled each time, after such a look's end of the care came back: one closing
     connections a while after its answers, unread, looks so too), shows the subscriber keeps them (a restarted one
     closed its connections so too) and ends the care. An idle connection past IDLE_EXPIRY is
-    closed as the pool is next used."""
+    closed by the next POST's end, whatever its origin (at most once a second)."""
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_response_bytes: int | None = None) -> None:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}  # in release order
@@ -335,6 +335,7 @@ class HttpClient:
         self._looked: set[tuple[str, int, bool]] = set()
         self._relapsed: dict[tuple[str, int, bool], float] = {}  # origin -> when
         self._holds: dict[tuple[str, int, bool], float] = {}  # origin -> its hold, doubled at each relapse
+        self._swept = 0.0  # when idle connections were last expired (`_sweep`)
         self._resolver = _Resolver()
         self._ssl = ssl_context
         self._max_body = max_response_bytes
@@ -385,8 +386,8 @@ class HttpClient:
             loop = asyncio.get_running_loop()
             connection.idle_since = now = loop.time()
             idle.append(connection)
-            while now - idle[0].idle_since > IDLE_EXPIRY:  # the least recently used: kept no longer
-                idle.pop(0).close()
+            if now - self._swept > 1.0:
+                self._sweep(now)
             if origin in self._careful:  # does the subscriber keep it past an answer? the kernel says
                 loop.call_later(CLOSED_SOON, self._look, origin, connection, now)
         else:
@@ -404,13 +405,26 @@ class HttpClient:
             self._relapsed.pop(origin, None)
 
     def _be_careful(self, origin: tuple[str, int, bool]) -> None:
-        if origin in self._looked:
+        if origin in self._looked and origin not in self._careful:  # come back: once per return
             # Each time longer: a subscriber that fooled the looks once a hold fools them again
             # (a POST lost each time), one whose keep-alive is short costs connections only.
             self._relapsed[origin] = asyncio.get_running_loop().time()
             hold = self._holds.get(origin)
             self._holds[origin] = RELAPSE_HOLD if hold is None else min(2 * hold, _RELAPSE_HOLD_MAX)
         self._careful.add(origin)
+
+    def _sweep(self, now: float) -> None:
+        """Close the idle connections past IDLE_EXPIRY, of every origin (one no trigger posts to
+        any more, after a reload, kept them for good), and forget origins with nothing left."""
+        self._swept = now
+        for origin, idle in list(self._idle.items()):
+            while idle and now - idle[0].idle_since > IDLE_EXPIRY:  # the least recently used first
+                idle.pop(0).close()
+            if not idle and origin not in self._careful:
+                del self._idle[origin]
+                self._looked.discard(origin)
+                self._relapsed.pop(origin, None)
+                self._holds.pop(origin, None)
 
     def _drop(self, connection: _Connection) -> None:
         connection.close()

@@ -258,6 +258,55 @@ async def test_a_subscriber_closing_each_connection_a_while_after_its_answer_sta
     assert len(received) == 60 - lost  # none sent twice
 
 
+async def test_a_restart_closing_many_pooled_connections_comes_back_once() -> None:
+    """Each connection the restart closed doubled the hold: 7 of them set it to the hour's cap."""
+    client, url, connections, server = await _restarted_once(keep_alive=None)
+    try:
+        await _cared_for_no_more(client, url, connections)
+        burst = await asyncio.gather(*(client.post(url, {}, b"x", timeout=30) for _ in range(8)))
+        assert [r.status for r in burst] == [202] * 8  # 8 connections in the pool
+        for connection in connections:  # the second restart, right after their answers
+            connection.close()
+        for _ in range(2):
+            await asyncio.sleep(0)
+        for _ in range(8):  # each finds one of the closed ones
+            assert (await client.post(url, {}, b"x", timeout=30)).status == 202
+        assert client.careful(url) and client._holds[transport._target(url).origin] == transport.RELAPSE_HOLD
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def test_idle_connections_of_an_origin_no_longer_posted_to_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Expired only as their own origin's next POST ended: a subscriber no trigger posts to any
+    more (a reload) kept its connections open for good."""
+    monkeypatch.setattr(transport, "IDLE_EXPIRY", 0.2)
+    closed = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal closed
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\nx")
+                writer.write(answer()(b""))
+        closed += 1
+        writer.close()
+
+    old, new = await asyncio.start_server(serve, "127.0.0.1", 0), await asyncio.start_server(serve, "127.0.0.1", 0)
+    client = HttpClient()
+    try:
+        first = f"http://127.0.0.1:{old.sockets[0].getsockname()[1]}/"
+        burst = await asyncio.gather(*(client.post(first, {}, b"x", timeout=30) for _ in range(5)))
+        assert [r.status for r in burst] == [202] * 5
+        await asyncio.sleep(1.1)  # past IDLE_EXPIRY, and the sweep's second
+        assert (await client.post(f"http://127.0.0.1:{new.sockets[0].getsockname()[1]}/", {}, b"x")).status == 202
+        await until(lambda: closed == 5, what="the old subscriber's 5 connections closed")
+    finally:
+        await client.aclose()
+        old.close()
+        new.close()
+
+
 async def test_idle_connections_are_kept_idle_expiry_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
     """A burst's connections stayed in the pool for good, the least recently used never used again."""
     monkeypatch.setattr(transport, "IDLE_EXPIRY", 0.2)
@@ -278,7 +327,7 @@ async def test_idle_connections_are_kept_idle_expiry_at_most(monkeypatch: pytest
     try:
         burst = await asyncio.gather(*(client.post(url, {}, b"x", timeout=30) for _ in range(10)))
         assert [r.status for r in burst] == [202] * 10  # on 10 connections
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.1)  # past IDLE_EXPIRY, and the sweep's second
         assert (await client.post(url, {}, b"x", timeout=30)).status == 202
         await until(lambda: closed == 9, what="the 9 expired closed")
     finally:
