@@ -321,9 +321,9 @@ class HttpClient:
     close connections so is `careful`: each POST gets a new connection, but for one idle
     STALE_AFTER and still open. That, or one found still open CLOSED_SOON after its answer (but for
     RELAPSE_HOLD, doubled each time, after such a look's end of the care came back: one closing
-    connections a while after its answers, unread, looks so too), shows the subscriber keeps them (a restarted one
-    closed its connections so too) and ends the care. An idle connection past IDLE_EXPIRY is
-    closed by the next POST's end, whatever its origin (at most once a second)."""
+    connections a while after its answers, unread, looks so too), shows the subscriber keeps them
+    (a restarted one closed its connections so too) and ends the care. An idle connection past
+    IDLE_EXPIRY is closed by the next POST's end, whatever its origin (at most once a second)."""
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_response_bytes: int | None = None) -> None:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}  # in release order
