@@ -28,6 +28,7 @@ USER_AGENT = "infer-logger-broker"
 _IDLE_MAX = 256  # idle connections kept per origin
 RELAPSE_HOLD = 60.0  # seconds a care a look ended and that came back is ended by no look (doubled each time)
 _RELAPSE_HOLD_MAX = 3600.0
+_SWEEP_EVERY = 1.0  # seconds between two looks for expired idle connections of every origin
 _LOOKUP_TTL = 5.0  # seconds a host's addresses are reused: a moved subscriber is found again soon
 _LOOKUP_THREADS = 32  # hosts looked up at once (one lookup per host at a time)
 _HEAD_MAX = 64 * 1024  # a response's status line and headers, as uvicorn bounds a request's
@@ -323,7 +324,8 @@ class HttpClient:
     RELAPSE_HOLD, doubled each time, after such a look's end of the care came back: one closing
     connections a while after its answers, unread, looks so too), shows the subscriber keeps them
     (a restarted one closed its connections so too) and ends the care. An idle connection past
-    IDLE_EXPIRY is closed by the next POST's end, whatever its origin (at most once a second)."""
+    IDLE_EXPIRY is closed by the next POST's end, whatever its origin (at most once a second).
+    What is learnt of an origin is kept (a few bytes each)."""
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_response_bytes: int | None = None) -> None:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}  # in release order
@@ -386,7 +388,7 @@ class HttpClient:
             loop = asyncio.get_running_loop()
             connection.idle_since = now = loop.time()
             idle.append(connection)
-            if now - self._swept > 1.0:
+            if now - self._swept > _SWEEP_EVERY:
                 self._sweep(now)
             if origin in self._careful:  # does the subscriber keep it past an answer? the kernel says
                 loop.call_later(CLOSED_SOON, self._look, origin, connection, now)
@@ -415,16 +417,15 @@ class HttpClient:
 
     def _sweep(self, now: float) -> None:
         """Close the idle connections past IDLE_EXPIRY, of every origin (one no trigger posts to
-        any more, after a reload, kept them for good), and forget origins with nothing left."""
+        any more, after a reload, kept them for good). What was learnt of an origin stays: an
+        origin without idle connections may have a POST in flight (forgotten then, a subscriber
+        fooling the looks lost a POST at every sweep)."""
         self._swept = now
         for origin, idle in list(self._idle.items()):
             while idle and now - idle[0].idle_since > IDLE_EXPIRY:  # the least recently used first
                 idle.pop(0).close()
-            if not idle and origin not in self._careful:
+            if not idle:
                 del self._idle[origin]
-                self._looked.discard(origin)
-                self._relapsed.pop(origin, None)
-                self._holds.pop(origin, None)
 
     def _drop(self, connection: _Connection) -> None:
         connection.close()

@@ -307,6 +307,48 @@ async def test_idle_connections_of_an_origin_no_longer_posted_to_expire(monkeypa
         new.close()
 
 
+async def test_what_was_learnt_of_a_subscriber_outlasts_a_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another origin's POST swept while this one's was in flight, on its only connection: it was
+    forgotten, its next loss taken for a first one, and the looks ended the care again and again
+    (a POST to the slow closer lost at every cycle)."""
+    monkeypatch.setattr(transport, "_SWEEP_EVERY", 0.0)
+    received: list[bytes] = []
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            received.append(await reader.readuntil(b"\r\n\r\nx"))
+            writer.write(answer()(b""))
+            await asyncio.sleep(0.3)
+        writer.close()
+
+    async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\nx")
+                writer.write(answer()(b""))
+
+    servers = [await asyncio.start_server(slow, "127.0.0.1", 0), await asyncio.start_server(keep, "127.0.0.1", 0)]
+    closer, other = (f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}/" for s in servers)
+    client = HttpClient()
+    lost = 0
+    try:
+        for _ in range(20):
+            posting = asyncio.ensure_future(client.post(closer, {}, b"x", timeout=30))
+            await asyncio.sleep(0.05)
+            assert (await client.post(other, {}, b"x", timeout=30)).status == 202  # its end sweeps
+            try:
+                assert (await posting).status == 202
+            except ConnectionError:
+                lost += 1
+            await asyncio.sleep(0.1)
+    finally:
+        await client.aclose()
+        for server in servers:
+            server.close()
+    assert lost <= 3, f"{lost} of 20 lost: what was learnt did not hold"
+    assert len(received) == 20 - lost  # none sent twice
+
+
 async def test_idle_connections_are_kept_idle_expiry_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
     """A burst's connections stayed in the pool for good, the least recently used never used again."""
     monkeypatch.setattr(transport, "IDLE_EXPIRY", 0.2)
