@@ -220,8 +220,19 @@ class LayeredSettings(BaseSettings):
                 if not keys:
                     raise ConfigError(key, f"matches no setting: {field} has no keys (give {prefix}{head})")
                 continue
-            near = difflib.get_close_matches(name, [prefix + field for field in fields], n=1)
+            # A section's setting given flat is pointed to its section, before a near top-level name
+            # (INFER_LOGGER_EXPLAINER_CACHE_BYTES was pointed to ..._RETRIES).
+            near = [f"{prefix}{up}{delimiter}{head}" for up, field in fields.items()
+                    if delimiter and head in _section_fields(cls.model_fields[field].annotation)]
+            near = near or difflib.get_close_matches(name, [prefix + field for field in fields], n=1)
             raise ConfigError(key, "matches no setting" + (f" (did you mean {near[0]}?)" if near else ""))
+
+
+def _section_fields(annotation: Any) -> set[str]:
+    """The names (upper case) of a section's settings: a model's fields, or a union's model's."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {name.upper() for name in annotation.model_fields}
+    return {name for arg in get_args(annotation) for name in _section_fields(arg)}
 
 
 def _takes_keys(annotation: Any) -> bool | None:

@@ -450,6 +450,12 @@ class TestUnknownVariables:
             load_settings()
         assert info.value.field == "INFER_LOGGER_LOGURL"
 
+    def test_a_sections_setting_given_flat_is_pointed_to_its_section(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """`INFER_LOGGER_EXPLAINER_CACHE_BYTES` was pointed to `..._RETRIES`: the nearest top-level name."""
+        monkeypatch.setenv("INFER_LOGGER_MAX_BYTES", "1GiB")
+        with pytest.raises(ConfigError, match="did you mean INFER_LOGGER_SPOOL__MAX_BYTES"):
+            load_settings()
+
     @pytest.mark.parametrize("names", [
         ["INFER_LOGGER_CONFORMANCE", "INFER_LOGGER_ES_API_KEY"],  # the tests', `setup elasticsearch`'s
         ["INFER_LOGGER_BROKER_PORT", "INFER_LOGGER_EXPLAINER_NOPE"],  # the other services' own
