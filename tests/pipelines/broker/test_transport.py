@@ -278,8 +278,9 @@ async def test_a_restart_closing_many_pooled_connections_comes_back_once() -> No
 
 
 async def test_idle_connections_of_an_origin_no_longer_posted_to_expire(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Expired only as their own origin's next POST ended: a subscriber no trigger posts to any
-    more (a reload) kept its connections open for good."""
+    """A burst's connections stayed in the pool for good (the least recently used never used
+    again); then expired only as their own origin's next POST ended: a subscriber no trigger posts
+    to any more (a reload) kept its connections open for good."""
     monkeypatch.setattr(transport, "IDLE_EXPIRY", 0.2)
     closed = 0
 
@@ -347,34 +348,6 @@ async def test_what_was_learnt_of_a_subscriber_outlasts_a_sweep(monkeypatch: pyt
             server.close()
     assert lost <= 3, f"{lost} of 20 lost: what was learnt did not hold"
     assert len(received) == 20 - lost  # none sent twice
-
-
-async def test_idle_connections_are_kept_idle_expiry_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A burst's connections stayed in the pool for good, the least recently used never used again."""
-    monkeypatch.setattr(transport, "IDLE_EXPIRY", 0.2)
-    closed = 0
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal closed
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                await reader.readuntil(b"\r\n\r\nx")
-                writer.write(answer()(b""))
-        closed += 1
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
-    client = HttpClient()
-    try:
-        burst = await asyncio.gather(*(client.post(url, {}, b"x", timeout=30) for _ in range(10)))
-        assert [r.status for r in burst] == [202] * 10  # on 10 connections
-        await asyncio.sleep(1.1)  # past IDLE_EXPIRY, and the sweep's second
-        assert (await client.post(url, {}, b"x", timeout=30)).status == 202
-        await until(lambda: closed == 9, what="the 9 expired closed")
-    finally:
-        await client.aclose()
-        server.close()
 
 
 async def test_hang_up_on_a_new_connection_is_not_retried() -> None:
