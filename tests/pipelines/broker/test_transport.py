@@ -8,7 +8,7 @@ import contextlib
 import itertools
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -226,20 +226,25 @@ async def test_the_care_ends_at_a_keep_alive_timeout_under_stale_after() -> None
         server.close()
 
 
-async def test_a_subscriber_closing_each_connection_a_while_after_its_answer_stays_cared_for() -> None:
-    """It answers one POST a connection and closes it 0.3 s later, reading nothing more: each look
-    found the connection open CLOSED_SOON after its answer and ended the care, and the next POST
-    went into a connection the subscriber would never read (17 of 100 lost)."""
-    received: list[bytes] = []
-
+def _closing_unread_after(received: list[bytes]) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                                              Awaitable[None]]:
+    """A subscriber that answers one POST a connection (kept in `received`) and closes it 0.3 s
+    later, reading nothing more."""
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             received.append(await reader.readuntil(b"\r\n\r\nx"))
             writer.write(answer()(b""))
             await asyncio.sleep(0.3)
         writer.close()
+    return serve
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+
+async def test_a_subscriber_closing_each_connection_a_while_after_its_answer_stays_cared_for() -> None:
+    """It answers one POST a connection and closes it 0.3 s later, reading nothing more: each look
+    found the connection open CLOSED_SOON after its answer and ended the care, and the next POST
+    went into a connection the subscriber would never read (17 of 100 lost)."""
+    received: list[bytes] = []
+    server = await asyncio.start_server(_closing_unread_after(received), "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
     client = HttpClient()
     lost = 0
@@ -315,20 +320,13 @@ async def test_what_was_learnt_of_a_subscriber_outlasts_a_sweep(monkeypatch: pyt
     monkeypatch.setattr(transport, "_SWEEP_EVERY", 0.0)
     received: list[bytes] = []
 
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            received.append(await reader.readuntil(b"\r\n\r\nx"))
-            writer.write(answer()(b""))
-            await asyncio.sleep(0.3)
-        writer.close()
-
     async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 await reader.readuntil(b"\r\n\r\nx")
                 writer.write(answer()(b""))
 
-    servers = [await asyncio.start_server(slow, "127.0.0.1", 0), await asyncio.start_server(keep, "127.0.0.1", 0)]
+    servers = [await asyncio.start_server(_closing_unread_after(received), "127.0.0.1", 0), await asyncio.start_server(keep, "127.0.0.1", 0)]
     closer, other = (f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}/" for s in servers)
     client = HttpClient()
     lost = 0
