@@ -266,7 +266,7 @@ def _add_trigger(doc: Document, path: tuple[str | int, ...], spec: TriggerSpec, 
         trigger_filter = build_trigger_filter(spec.filter.attributes if spec.filter else None, spec.filters,
                                               written=written, warn=warn)
     except FilterError as exc:
-        raise _filter_error(doc, base, exc) from None
+        raise _filter_error(doc, base, exc, f"trigger {namespace}/{name}") from None
     _check_component(doc, (*base, "subscriber"), spec.subscriber)
     dead_letter = spec.delivery.dead_letter_sink if spec.delivery else None
     if dead_letter is not None:
@@ -325,9 +325,10 @@ def _pydantic_error(doc: Document, path: tuple[str | int, ...], exc: ValidationE
     return DocumentError(doc.locate(full), format_path(full), reason)
 
 
-def _filter_error(doc: Document, base: tuple[str | int, ...], exc: FilterError) -> DocumentError:
+def _filter_error(doc: Document, base: tuple[str | int, ...], exc: FilterError, trigger: str) -> DocumentError:
+    # The path alone (`filters[0].cesql`) does not say which of a file's triggers it is.
     full = (*base, *exc.path)
-    return DocumentError(_pointed(doc, full, exc.column), format_path(full), exc.reason)
+    return DocumentError(_pointed(doc, full, exc.column), format_path(full), f"{trigger}: {exc.reason}")
 
 
 def _pointed(doc: Document, full: tuple[PathPart, ...], column: int | None) -> Location:

@@ -157,6 +157,12 @@ class TestErrors:
         assert error.location.line == 5 and error.location.column == 17 + 7  # the opening quote is at 16
         assert "triggers[0].filters[0].cesql" in str(error) and "position 7" in str(error)
 
+    def test_a_filter_error_names_the_trigger(self) -> None:
+        """The path (`filters[0].cesql`) and line alone did not say which trigger it was."""
+        error = _error("triggers:\n  - name: failures\n    subscriber: http://127.0.0.1:9/\n"
+                       "    filters:\n      - cesql: statuscode >= 500 AND\n")
+        assert error.reason.startswith("trigger default/failures: invalid CESQL"), str(error)
+
     @pytest.mark.parametrize(("scalar", "column"), [
         ("type = = 'x'", 16 + 7),  # plain: the token
         ("'type = = ''x'''", 16),  # a doubled quote: columns no longer map, so the scalar's start
