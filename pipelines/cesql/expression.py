@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 
 from pipelines.cesql.builtins import BUILTINS
@@ -9,15 +10,19 @@ from pipelines.cesql.context import Event, attributes_of
 from pipelines.cesql.errors import CesqlError, CesqlParseError
 from pipelines.cesql.evaluator import Evaluator
 from pipelines.cesql.functions import FunctionRegistry
-from pipelines.cesql.nodes import Call, Node
+from pipelines.cesql.nodes import Attribute, Binary, Call, In, Like, Node, Unary
 from pipelines.cesql.parser import parse_tree
 from pipelines.cesql.values import Value
+
+_COMPARISONS = frozenset({"=", "!=", "<>", "<", "<=", ">", ">="})
 
 
 @dataclass(frozen=True)
 class Expression:
     source: str
-    tree: Node = field(repr=False)
+    # Compared and hashed by `source`, which decides the tree: the generated __eq__/__hash__
+    # would recurse down a 5000-term `a OR b OR ...` chain the evaluator walks in a loop.
+    tree: Node = field(repr=False, compare=False)
     functions: FunctionRegistry = field(default=BUILTINS, compare=False, repr=False)
 
     def evaluate(self, event: Event) -> tuple[Value, list[CesqlError]]:
@@ -36,19 +41,33 @@ class Expression:
         """The calls of functions this expression's registry does not have (by name and number of
         arguments): each evaluation would fail them (missingFunction), so a caller that knows its
         registry is final may refuse the expression at once (spec 3.3: at compile time if possible)."""
-        found: list[Call] = []
+        found = [node for node in self._nodes()
+                 if isinstance(node, Call) and self.functions.resolve(node.name, len(node.arguments)) is None]
+        return sorted(found, key=lambda call: call.position)
+
+    def negated_attributes(self) -> list[Unary]:
+        """The NOTs of a bare attribute compared, matched or listed (`NOT type = 'x'`): the grammar
+        binds NOT tighter, so that is `(NOT type) = 'x'`, a cast error on every event whose `type`
+        is not a boolean, where SQL's reader meant `NOT (type = 'x')`."""
+        found: list[Unary] = []
+        for node in self._nodes():
+            operand = (node.left if isinstance(node, Binary) and node.operator in _COMPARISONS
+                       else node.operand if isinstance(node, Like | In) else None)
+            if isinstance(operand, Unary) and operand.operator == "NOT" and isinstance(operand.operand, Attribute):
+                found.append(operand)
+        return sorted(found, key=lambda unary: unary.position)
+
+    def _nodes(self) -> Iterator[Node]:
         stack: list[Node] = [self.tree]
         while stack:  # no recursion: trees nest as deep as the parser allows
             node = stack.pop()
-            if isinstance(node, Call) and self.functions.resolve(node.name, len(node.arguments)) is None:
-                found.append(node)
+            yield node
             for part in fields(node):
                 value = getattr(node, part.name)
                 if isinstance(value, Node):
                     stack.append(value)
                 elif isinstance(value, tuple):
                     stack.extend(item for item in value if isinstance(item, Node))
-        return sorted(found, key=lambda call: call.position)
 
     def __str__(self) -> str:
         return self.source

@@ -246,3 +246,22 @@ def test_logic_mixed_without_parentheses_is_said_at_load(expression: str, positi
     build_filter({"cesql": expression}, ())
     said = [r.getMessage() for r in caplog.records if "without parentheses" in r.getMessage()]
     assert said == ([] if position is None else [said[0]]) and (position is None or f"position {position}" in said[0])
+
+
+@pytest.mark.parametrize(("expression", "position"), [
+    ("NOT type = 'x'", 0),
+    ("source = '/a' AND NOT type LIKE 'x%'", 18),
+    ("NOT type IN ('a', 'b')", 0),
+    ("NOT (type = 'x')", None),
+    ("NOT EXISTS x", None),
+    ("NOT TRUE = FALSE", None),
+])
+def test_a_not_of_a_bare_attribute_is_said_at_load(expression: str, position: int | None,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """`NOT type = 'x'` is `(NOT type) = 'x'` in the CESQL grammar: valid, and failing every event
+    (a cast error, logged at debug), where one used to SQL meant `NOT (type = 'x')`."""
+    keep = build_filter({"cesql": expression}, ())
+    said = [r.getMessage() for r in caplog.records if "applies to" in r.getMessage()]
+    assert said == ([] if position is None else [said[0]]) and (position is None or f"position {position}" in said[0])
+    if position == 0 and "=" in expression:
+        assert keep({"type": "y", "source": "/a"}) is FAIL  # read as the grammar says, only said

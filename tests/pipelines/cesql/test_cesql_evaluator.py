@@ -218,3 +218,9 @@ class TestLimits:
     def test_long_or_chain(self) -> None:
         expression = parse(" OR ".join(f"ttl = {n}" for n in range(2000)))
         assert expression.matches(ATTRIBUTES)
+
+    def test_a_long_chain_compares_and_hashes(self) -> None:
+        """The dataclasses' generated __eq__ and __hash__ recursed down the tree's left spine."""
+        source = " OR ".join(["type = 'x'"] * 5000)
+        assert parse(source) == parse(source) and hash(parse(source)) == hash(parse(source))
+        assert parse(source) != parse(source + " OR type = 'y'")
