@@ -39,7 +39,8 @@ Records in the CloudEvents JSON format (what the `fluentd` sink sends: they have
 become that event again; one that has `specversion` and is no valid CloudEvent (a `time` that is no
 RFC 3339 timestamp, a missing `source`) is dead-lettered with the reason, as the refused ones are,
 as the record event it would be below (logged at WARNING, counted in `invalid_events`), and the
-chunk acked. Any other record becomes an event of type `record_type` with the tag as
+chunk acked; so is a record whose time no event can hold (outside years 1..9999: a valid Forward
+time, often milliseconds sent as seconds), without `time`. Any other record becomes an event of type `record_type` with the tag as
 `subject`, the Fluentd time as `time` (nanoseconds), the record as JSON `data`, and the id
 `<chunk>-<index>` when the frame has a chunk (a resent chunk keeps its ids, so an id-keyed store
 overwrites) or else a new UUID; in subject and id, what an attribute may not hold (a control
@@ -1036,7 +1037,7 @@ class ForwardSource:
                      invalid: bool = False) -> None:
         """Written to `dead_letter_file` (OSError when it cannot be), else (or when `failed` says
         why it could not be) logged with their ids; one line a batch either way. `invalid`: records
-        that claim to be CloudEvents and are none, as the events they were wrapped in."""
+        that make no valid CloudEvent (see `batches`), as the events they were wrapped in."""
         path = self.config.dead_letter_file
         if path is not None and not failed:
             deadletter.append(path, dead, fsync=True)  # on disk before the ack forgets them
@@ -1044,8 +1045,8 @@ class ForwardSource:
         ids = ", ".join(e.id for e, _ in dead)
         if invalid:
             self.invalid_events += len(dead)
-            log.warning("forward source: %d records with specversion are no valid CloudEvent (%s): %s; "
-                        "ids %s", len(dead), where, dead[0][1], ids)
+            log.warning("forward source: %d records make no valid CloudEvent (%s): %s; ids %s", len(dead), where,
+                        dead[0][1], ids)
         else:
             self.refused += len(dead)
             log.error("forward source: the subscriber refused %d events (%s): %s; ids %s", len(dead), where,
@@ -1054,8 +1055,9 @@ class ForwardSource:
     def batches(self, frame: Frame) -> Iterator[tuple[list[CloudEvent], list[tuple[CloudEvent, str]]]]:
         """The frame's records as CloudEvents (see the module docstring), `max_frame_entries` at a
         time, each batch unpacked and converted when asked for; FrameError if one cannot be. With
-        each batch, its records that have `specversion` and are no valid CloudEvent, wrapped as
-        other records are, with the reason (dead letters)."""
+        each batch, its records that make no valid CloudEvent, wrapped as other records are (without
+        `time` when theirs is the reason), with the reason (dead letters): those that have
+        `specversion` and are none, and those whose time is outside years 1..9999."""
         meta_tag = {"fluentd-tag": frame.tag}
         # Tag and chunk are a sender's text: a control character in them made every record an
         # invalid event, the frame was refused and the sender resent it for ever.
@@ -1085,9 +1087,16 @@ class ForwardSource:
                 event_id = f"{prefix}-{index}" if prefix else str(uuid.uuid4())
                 attributes: dict[str, str | int | bool] = {
                     "specversion": SPECVERSION, "id": event_id, "source": self.source_uri,
-                    "type": self.config.record_type, "subject": subject, "time": rfc3339(ns),
+                    "type": self.config.record_type, "subject": subject,
                     "datacontenttype": "application/json",
                 }
+                try:
+                    attributes["time"] = rfc3339(ns)
+                except ValueError as exc:
+                    # A valid Forward time (any integer) an event cannot hold, often milliseconds
+                    # sent as seconds: closing the connection lost the frame's later records to a
+                    # sender without `chunk`, and one with it resent the chunk for ever.
+                    invalid_reason = invalid_reason or f"a record's {exc} (milliseconds sent as seconds?)"
                 event = CloudEvent(attributes, _json(record), meta)
                 if invalid_reason:
                     invalid.append((event, invalid_reason))

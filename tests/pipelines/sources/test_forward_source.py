@@ -554,6 +554,26 @@ class TestRecords:
             assert await client.closed()  # the sender sends it again
             assert (src.acks, src.invalid_events, src.errors) == (0, 0, 1)
 
+    async def test_a_record_whose_time_no_event_holds_is_dead_lettered(
+            self, memory: MemorySink, tmp_path: Path) -> None:
+        """A valid Forward time outside years 1..9999 (milliseconds sent as seconds) closed the
+        connection: a chunk was never acked, its sender resending it (and the batches before the
+        record) for ever; without a chunk the frames sent after it were lost."""
+        dead = tmp_path / "dead.jsonl"
+        chunked = ["app", [[1, {"i": 0}], [1_700_000_000_000, {"i": 1}], [2, {"i": 2}]], {"chunk": "c"}]
+        async with ForwardSourceConfig(port=0, dead_letter_file=dead, max_frame_entries=1).build(memory) as src:
+            assert await roundtrip(src, chunked) == [{"ack": "c"}]
+            client = await Client.connect(src.port)  # no chunk: what follows still arrives
+            await client.send(["app", 10**15, {"i": 3}], ["app", 4, {"i": 4}, {"chunk": "d"}])
+            assert await client.reply() == {"ack": "d"}
+            await client.aclose()
+            assert (src.records, src.invalid_events, src.errors) == (3, 2, 0)
+        assert [e.json() for e in memory.events] == [{"i": 0}, {"i": 2}, {"i": 4}]
+        letters = [orjson.loads(line) for line in dead.read_bytes().splitlines()]
+        assert [letter["data"] for letter in letters] == [{"i": 1}, {"i": 3}]
+        assert "outside years 1..9999" in letters[0]["reason"] and "time" not in letters[0]["attributes"]
+        assert letters[0]["attributes"]["id"] == "c-1"
+
     @pytest.mark.parametrize(("data", "as_json"), [
         ({"blob": b"\x00\x01"}, {"blob": "AAE="}),
         ({"t": event_time(T_NS)}, {"t": "2023-11-14T22:13:20.123456789Z"}),
@@ -735,8 +755,6 @@ class TestFailures:
         pack(["app", 1, {}, {"chunk": 7}]),
         pack(["app", msgpack.ExtType(5, b"12345678"), {}]),
         pack(["app", msgpack.ExtType(0, struct.pack(">II", 1, NS)), {}]),  # nanoseconds past a second
-        pack(["app", 10**15, {}]),  # a year no calendar holds
-        pack(["app", [[1, {}], [10**12, {}]], {}]),  # ... in a later entry
         pack(["app", [[[1, 5, "x"], {}]], {}]),  # v1.5 metadata: [time, map...], not other items
         pack(["app", [[[1, None], {}]], {}]),
         b"\x94\xa3app\x01\x81\x91\x01\x01\x81\xa5chunk\xa1c",  # a map keyed by an array: {[1]: 1}
