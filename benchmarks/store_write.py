@@ -115,9 +115,9 @@ def run_insert(spool_dir: Path, db: Path, batch: int) -> tuple[int, float]:
     def build(got: list[Any]) -> None:
         pairs = {}
         for event in got:
-            pairs.setdefault(event.id, {})[event.type] = event
-        rows.append([row for pair in pairs.values()
-                     for row in store_module._exchange_rows(pair[events.REQUEST], pair[events.RESPONSE], "x")])
+            pairs.setdefault(store_module._exchange_key(event), {})[event.type] = event
+        rows.append([row for key, pair in pairs.items()
+                     for row in store_module._exchange_rows(key, pair[events.REQUEST], pair[events.RESPONSE], "x")])
 
     drain(spool_dir, batch, build)
     columns = store_module._EXCHANGE_COLUMNS

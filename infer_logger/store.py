@@ -1,4 +1,4 @@
-"""The embedded audit store: one SQLite row per (event id, instance index).
+"""The embedded audit store: one SQLite row per (exchange, instance index).
 
 Request, response and explanation events of one exchange share an id and arrive in any order, so
 each kind upserts only its own columns. Attributes shared by all three (time, model, service...)
@@ -13,6 +13,11 @@ instances (items) lose the earlier one's payload and attributes, a row left with
 request nor a response is undated (as an explanation's row beyond its exchange is), and one left
 with nothing is deleted; a later explanation replaces the earlier one so too, and only it. So the
 same events in the same order leave the same rows however the sink worker batched them.
+
+An exchange is its events' id within their namespace and service (`inferenceservicename`): two
+services' exchanges given one id (a mesh propagating x-request-id to both) are apart, where a
+store both fed kept one and mixed the other into it. (Components of one service are not: an
+explanation may name its explainer's.)
 
 SQLite runs in WAL mode so that `infer-logger query` in another process reads while the sidecar
 writes. Times are stored as UTC RFC 3339 text with microseconds, so text order is time order.
@@ -44,9 +49,13 @@ from infer_logger.errors import InferLoggerError, StoreBusyError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE records (
+SCHEMA_VERSION = 2
+# `exchange` keys the rows: the id, and the namespace and service when the events name them
+# (`_exchange_key`). CloudEvents ids are unique per source only: two services given one
+# x-request-id (a mesh propagates it) overwrote each other's rows in a store both feed.
+_TABLE = """
+CREATE TABLE {name} (
+    exchange TEXT NOT NULL,
     id TEXT NOT NULL,
     instance INTEGER NOT NULL,
     time TEXT,
@@ -68,12 +77,19 @@ CREATE TABLE records (
     response_attributes TEXT,
     explanation_attributes TEXT,
     updated TEXT NOT NULL,
-    PRIMARY KEY (id, instance)
-);
+    PRIMARY KEY (exchange, instance)
+)"""
+_INDEXES = """
 CREATE INDEX records_time ON records (time);
 CREATE INDEX records_model_time ON records (model, time);
 CREATE INDEX records_status_time ON records (status, time);
 """
+_SCHEMA = _TABLE.format(name="records") + ";" + _INDEXES
+# Schema 1 keyed rows by (id, instance): its rows get the key their events would have now.
+_EXCHANGE_OF_ROW = (
+    "CASE WHEN namespace IS NULL AND service IS NULL THEN id "
+    "ELSE id || char(31) || COALESCE(namespace, '') || char(31) || COALESCE(service, '') END"
+)
 
 # Column <- event attribute, for the attributes every event of an exchange carries.
 _SHARED = {"time": "time", **events.SHARED_FIELDS, "metadata": events.METADATA}
@@ -82,16 +98,18 @@ _KINDS = {t: events.KINDS[t] for t in (events.REQUEST, events.EXPLANATION, event
 # A response writes instance 0 of its id whatever its item count: one primary-key lookup finds
 # whether it came. (Any row with response attributes meant scanning every row of the id, per row
 # written: a 20k-instance request before its response took 56 s.)
-_FROM_RESPONSE = "(SELECT {col} FROM records WHERE id = :id AND instance = 0 AND response_attributes IS NOT NULL)"
+_FROM_RESPONSE = (
+    "(SELECT {col} FROM records WHERE exchange = :exchange AND instance = 0 AND response_attributes IS NOT NULL)"
+)
 # The time of a request written before: its instance 0 is there.
 _FROM_REQUEST = (
-    "(SELECT time FROM records WHERE id = :id AND instance = 0 AND request_attributes IS NOT NULL)"
+    "(SELECT time FROM records WHERE exchange = :exchange AND instance = 0 AND request_attributes IS NOT NULL)"
 )
 
 
 def _upsert_sql(kind: str) -> str:
     is_response = kind == "response"
-    columns = ["id", "instance", *_SHARED, "status", "latency_ms", kind, f"{kind}_attributes", "updated"]
+    columns = ["exchange", "id", "instance", *_SHARED, "status", "latency_ms", kind, f"{kind}_attributes", "updated"]
     values = [f":{c}" for c in columns]
     if not is_response:
         values[columns.index("status")] = _FROM_RESPONSE.format(col="status")
@@ -108,7 +126,7 @@ def _upsert_sql(kind: str) -> str:
         own += ["status = excluded.status", "latency_ms = excluded.latency_ms"]
     return (
         f"INSERT INTO records ({', '.join(columns)}) VALUES ({', '.join(values)}) "
-        f"ON CONFLICT (id, instance) DO UPDATE SET {', '.join(shared + own)}"
+        f"ON CONFLICT (exchange, instance) DO UPDATE SET {', '.join(shared + own)}"
     )
 
 
@@ -140,16 +158,16 @@ def _exchange_sql() -> str:
     sets += ["status = excluded.status", "latency_ms = excluded.latency_ms", "updated = excluded.updated"]
     return (
         f"INSERT INTO records ({', '.join(_EXCHANGE_COLUMNS)}) VALUES ({', '.join('?' * len(_EXCHANGE_COLUMNS))}) "
-        f"ON CONFLICT (id, instance) DO UPDATE SET {', '.join(sets)}"
+        f"ON CONFLICT (exchange, instance) DO UPDATE SET {', '.join(sets)}"
     )
 
 
 # The exchange upsert takes tuples in this order (built directly: the hot path of the store).
 _EXCHANGE_OWN = ("request", "request_attributes", "response", "response_attributes")
-_EXCHANGE_COLUMNS = ("id", "instance", *_SHARED, "status", "latency_ms", *_EXCHANGE_OWN, "updated")
+_EXCHANGE_COLUMNS = ("exchange", "id", "instance", *_SHARED, "status", "latency_ms", *_EXCHANGE_OWN, "updated")
 _UPSERT_EXCHANGE = _exchange_sql()
-# What the events of an id written (the kinds named) leave on its other rows, after the upserts:
-# (id, status, latency_ms, the request's instance count, the response's item count, the
+# What the events of an exchange written (the kinds named) leave on its other rows, after the
+# upserts: (exchange key, status, latency_ms, the request's instance count, the response's item count, the
 # explanation's item count, the request's time, the first row to look at). A later event of a kind
 # replaces the earlier one of the id whole (a retry that kept x-request-id, with fewer instances):
 # the rows beyond its count lose that one's payload and attributes, else they stayed mixed into the
@@ -183,15 +201,15 @@ def _settle_sql(kinds: tuple[str, ...]) -> str:
     if "request" in kinds:
         guards.append("instance >= ?4 AND response_attributes IS NOT NULL AND time IS NOT COALESCE(?7, time)")
     where = " OR ".join(f"({g})" for g in guards)
-    return f"UPDATE records SET {', '.join(sets)} WHERE id = ?1 AND instance >= ?8 AND ({where})"
+    return f"UPDATE records SET {', '.join(sets)} WHERE exchange = ?1 AND instance >= ?8 AND ({where})"
 
 
 _SETTLE: dict[tuple[str, ...], str] = {
     kinds: _settle_sql(kinds) for kinds in (("request", "response"), ("request",), ("response",), ("explanation",))
 }
-# (id, the first row `_SETTLE` may have emptied): rows left with no payload of any kind.
+# (exchange key, the first row `_SETTLE` may have emptied): rows left with no payload of any kind.
 _DROP_EMPTY = (
-    "DELETE FROM records WHERE id = ?1 AND instance >= ?2 AND request_attributes IS NULL "
+    "DELETE FROM records WHERE exchange = ?1 AND instance >= ?2 AND request_attributes IS NULL "
     "AND response_attributes IS NULL AND explanation_attributes IS NULL"
 )
 
@@ -371,23 +389,40 @@ class AuditStore:
         # Looked at first without the write lock: a store in use by another writer (an old
         # delivery process finishing a big batch) would hold this open past `timeout`, and the
         # sink's start failed as a config error.
-        if self._conn.execute("PRAGMA user_version").fetchone()[0] != 0:
+        if self._conn.execute("PRAGMA user_version").fetchone()[0] not in (0, 1):
             return
         with self._transaction() as conn:
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                statements = _SCHEMA
+            elif version == 1:
+                log.warning("audit store %s: keying its rows by namespace and service too (schema 2); a large "
+                            "store takes a while", self.path)
+                columns = ", ".join(_COLUMNS)
+                statements = ";".join((
+                    _TABLE.format(name="records_2"),
+                    f"INSERT INTO records_2 (exchange, {columns}) SELECT {_EXCHANGE_OF_ROW}, {columns} FROM records",
+                    "DROP TABLE records",
+                    "ALTER TABLE records_2 RENAME TO records",
+                    _INDEXES,
+                ))
+            else:
+                return
+            for statement in statements.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _check_version(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             raise InferLoggerError(f"{self.path}: not an audit store (no schema version of one)")
-        if version != SCHEMA_VERSION:
+        # A reader takes a store an older sidecar still writes (schema 1: rows keyed by id alone).
+        if version != SCHEMA_VERSION and not (version == 1 and self._file is None):
             raise InferLoggerError(
                 f"{self.path}: audit store schema version {version}, expected {SCHEMA_VERSION}"
             )
+        self._key = "exchange" if version == SCHEMA_VERSION else "id"
         # Another application's database may have a user_version of 1 too: every batch failed.
         if self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone() is None:
             raise InferLoggerError(f"{self.path}: not an audit store (it has no records table)")
@@ -403,21 +438,21 @@ class AuditStore:
         is written as `_instances_json` says, never refused.
         """
         updated = events.now_rfc3339()
-        # A re-delivered event overwrites, so within a batch the last one of a kind and id counts.
+        # A re-delivered event overwrites, so within a batch the last one of a kind and exchange counts.
         latest: dict[str, dict[str, CloudEvent]] = {kind: {} for kind in _KINDS.values()}
         for event in batch:
             kind = _KINDS.get(event.type)
             if kind is not None:
-                latest[kind][event.id] = event
+                latest[kind][_exchange_key(event)] = event
         responses = latest["response"]
         exchanges: list[tuple[Any, ...]] = []
         rows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in _KINDS.values()}
         settle: dict[tuple[str, ...], list[tuple[Any, ...]]] = {kinds: [] for kinds in _SETTLE}
         emptied: list[tuple[str, int]] = []
         for kind, kept in latest.items():
-            for event_id, event in kept.items():
-                if kind == "request" and (answer := responses.pop(event_id, None)) is not None:
-                    pair = _exchange_rows(event, answer, updated)
+            for key, event in kept.items():
+                if kind == "request" and (answer := responses.pop(key, None)) is not None:
+                    pair = _exchange_rows(key, event, answer, updated)
                     exchanges += pair
                     # Rows an earlier event made (more instances) get the status too. (Looking up
                     # which ids have rows already, to spread to those only, measured no cheaper.)
@@ -425,23 +460,23 @@ class AuditStore:
                     answered = sum(row[_ANSWERED] is not None for row in pair)
                     first = pair[0]
                     settle["request", "response"].append(
-                        (event_id, first[_STATUS], first[_LATENCY], asked, answered, None, first[_TIME], 0)
+                        (key, first[_STATUS], first[_LATENCY], asked, answered, None, first[_TIME], 0)
                     )
-                    emptied.append((event_id, len(pair)))
+                    emptied.append((key, len(pair)))
                     continue
-                base = _row_base(event, kind, updated)
+                base = _row_base(key, event, kind, updated)
                 texts = _instances_json(event)
                 for index, text in enumerate(texts):
                     rows[kind].append({**base, "instance": index, kind: text})
                 count = len(texts)
                 if kind == "response":
                     status, latency = base["status"], base["latency_ms"]
-                    settle[kind,].append((event_id, status, latency, None, count, None, None, 0))
+                    settle[kind,].append((key, status, latency, None, count, None, None, 0))
                 elif kind == "request":
-                    settle[kind,].append((event_id, None, None, count, None, None, base["time"], count))
+                    settle[kind,].append((key, None, None, count, None, None, base["time"], count))
                 else:
-                    settle[kind,].append((event_id, None, None, None, None, count, None, count))
-                emptied.append((event_id, count))
+                    settle[kind,].append((key, None, None, None, None, count, None, count))
+                emptied.append((key, count))
         with self._lock:
             self._follow_path()
         with self._lock, self._transaction() as conn:
@@ -497,6 +532,11 @@ class AuditStore:
             raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
         where: list[str] = []
         params: list[Any] = []
+        if id is not None and self._key == "exchange":
+            # The rows of every exchange with this id: a range of the primary key (its keys are the
+            # id, or the id and U+001F...), the id compared for the ids that merely begin with it.
+            where.append("exchange >= ? AND exchange < ?")
+            params += [id, id + "\x20"]
         for clause, value in (
             ("id = ?", id),
             ("model = ?", model),
@@ -511,7 +551,7 @@ class AuditStore:
         sql = f"SELECT {', '.join(columns)} FROM records"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY time {order}, id {order}, instance LIMIT ? OFFSET ?"
+        sql += f" ORDER BY time {order}, id {order}, {self._key} {order}, instance LIMIT ? OFFSET ?"
         params += [-1 if limit is None else limit, offset]
         return self._fetched(sql, params)
 
@@ -555,7 +595,7 @@ class AuditStore:
     def summary(self) -> Summary:
         # One read transaction: the counts agree with each other even while another process writes.
         with self._lock, self._snapshot():
-            records, ids = self._conn.execute("SELECT COUNT(*), COUNT(DISTINCT id) FROM records").fetchone()
+            records, ids = self._conn.execute(f"SELECT COUNT(*), COUNT(DISTINCT {self._key}) FROM records").fetchone()
             by_model = dict(self._conn.execute("SELECT model, COUNT(*) FROM records GROUP BY model"))
             by_status = dict(self._conn.execute("SELECT status, COUNT(*) FROM records GROUP BY status"))
             # Every id has an instance 0 and latency is per exchange: one sample per response.
@@ -586,7 +626,22 @@ class AuditStore:
         self.close()
 
 
-def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> list[tuple[Any, ...]]:
+def _exchange_key(event: CloudEvent) -> str:
+    """The key of an event's rows: its id, and its namespace and service when it names either (an
+    explanation carries the exchange's). U+001F parts them: no CloudEvents string holds it."""
+    attrs = event.attributes
+    namespace, service = (_text_or_none(attrs.get(name)) for name in (events.NAMESPACE, events.INFERENCESERVICENAME))
+    if namespace is None and service is None:
+        return event.id
+    return f"{event.id}\x1f{namespace or ''}\x1f{service or ''}"
+
+
+def _text_or_none(value: object) -> str | None:
+    # As the columns have it: "" (KServe-style origins send it for unset attributes) is NULL.
+    return None if value is None or value == "" else value if type(value) is str else str(value)
+
+
+def _exchange_rows(key: str, request: CloudEvent, response: CloudEvent, updated: str) -> list[tuple[Any, ...]]:
     """`_UPSERT_EXCHANGE` rows, one per instance, for a request and its response."""
     asked, answered = request.attributes, response.attributes
     asked_time, asked_text = _shared_values(asked)
@@ -609,6 +664,7 @@ def _exchange_rows(request: CloudEvent, response: CloudEvent, updated: str) -> l
     for index in range(max(len(inputs), len(outputs))):
         has_input, has_output = index < len(inputs), index < len(outputs)
         rows.append((
+            key,
             event_id,
             index,
             *((both if has_output else mine) if has_input else theirs),
@@ -643,7 +699,7 @@ def _shared_values(attrs: dict[str, Any]) -> tuple[str | None, tuple[str | None,
     text = _TEXT_CACHE.get(raw)
     if text is None:
         # KServe-style origins send "" for unset attributes: stored as NULL, so COALESCE fills them.
-        text = tuple(None if v is None or v == "" else v if type(v) is str else str(v) for v in raw)
+        text = tuple(map(_text_or_none, raw))
         if all(v is None or type(v) is str for v in raw):
             if len(_TEXT_CACHE) >= _TEXT_CACHE_SIZE:  # e.g. per-request metadata: start over
                 _TEXT_CACHE.clear()
@@ -651,7 +707,7 @@ def _shared_values(attrs: dict[str, Any]) -> tuple[str | None, tuple[str | None,
     return _utc(attrs.get("time")), text
 
 
-def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
+def _row_base(key: str, event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
     attrs = event.attributes
     time, text = _shared_values(attrs)
     if kind == "explanation":
@@ -662,6 +718,7 @@ def _row_base(event: CloudEvent, kind: str, updated: str) -> dict[str, Any]:
     elif kind == "response":
         time = _asked_time(attrs)
     base: dict[str, Any] = dict(zip(_SHARED, (time, *text)))
+    base["exchange"] = key
     base["id"] = event.id
     # Attributes may arrive as strings (HTTP/Kafka binary mode headers), hence the conversions.
     base["status"] = events.as_int(attrs.get(events.STATUSCODE))

@@ -302,6 +302,96 @@ class TestJoin:
         assert [r.time for r in _by_instance(store)] == [T0, T0]
 
 
+class TestExchanges:
+    """An exchange is its id within its namespace and service: CloudEvents ids are unique per
+    source only, and a mesh gives one x-request-id to every service a request reaches."""
+
+    def _two_services(self) -> list[CloudEvent]:
+        iris = {"inferenceservicename": "iris", "modelname": "iris"}
+        wine = {"inferenceservicename": "wine", "modelname": "wine", "source": "http://wine-sidecar"}
+        return [request("req-1", **iris), request("req-1", body={"instances": [[5]]}, **wine),
+                response("req-1", **iris), response("req-1", body={"predictions": [7]}, latency=3.0, **wine)]
+
+    @pytest.mark.parametrize("batched", [True, False])
+    def test_two_services_given_one_id_keep_their_rows(self, store: AuditStore, batched: bool) -> None:
+        """The iris exchange was lost: the wine one, written after, overwrote its rows (and, the
+        events interleaved, wine's request was joined to iris's response meanwhile)."""
+        made = self._two_services()
+        for batch in [made] if batched else [[e] for e in made]:
+            store.write(batch)
+        rows = sorted((r.service, r.instance, r.request, r.response, r.latency_ms) for r in store.query(id="req-1"))
+        assert rows == [("iris", 0, [1, 2], 0, 12.5), ("iris", 1, [3, 4], 1, 12.5), ("wine", 0, [5], 7, 3.0)]
+        assert [r.instance for r in store.query(model="iris")] == [0, 1]
+        assert (store.summary().records, store.summary().ids) == (3, 2)
+
+    def test_an_explanation_joins_its_service_s_exchange(self, store: AuditStore) -> None:
+        wine = dict(_attrs(events.EXPLANATION, "req-1", T0), inferenceservicename="wine", modelname="wine")
+        store.write([*self._two_services(), CloudEvent(wine, orjson.dumps({"explanations": [{"f0": 3}]}))])
+        by_service = {(r.service, r.instance): r.explanation for r in store.query(id="req-1")}
+        assert by_service == {("iris", 0): None, ("iris", 1): None, ("wine", 0): {"f0": 3}}
+
+    def test_an_id_is_not_found_by_its_beginning(self, store: AuditStore) -> None:
+        store.write([request("req"), request("req-1"), request("re", namespace="", inferenceservicename="")])
+        assert {r.id for r in store.query(id="req")} == {"req"}
+        assert {r.id for r in store.query(id="re")} == {"re"}
+
+
+SCHEMA_1 = """
+CREATE TABLE records (
+    id TEXT NOT NULL, instance INTEGER NOT NULL, time TEXT, model TEXT, model_version TEXT, service TEXT,
+    namespace TEXT, component TEXT, endpoint TEXT, protocol TEXT, path TEXT, metadata TEXT, status INTEGER,
+    latency_ms REAL, request TEXT, response TEXT, explanation TEXT, request_attributes TEXT,
+    response_attributes TEXT, explanation_attributes TEXT, updated TEXT NOT NULL, PRIMARY KEY (id, instance)
+);
+CREATE INDEX records_time ON records (time);
+CREATE INDEX records_model_time ON records (model, time);
+CREATE INDEX records_status_time ON records (status, time);
+PRAGMA user_version = 1;
+"""
+
+
+class TestSchema1:
+    """Stores an earlier infer-logger wrote keyed rows by (id, instance)."""
+
+    def _old_store(self, path: Path) -> None:
+        conn = sqlite3.connect(path)
+        conn.executescript(SCHEMA_1)
+        attributes = orjson.dumps(_attrs(events.REQUEST, "a", T0)).decode()
+        conn.executemany(
+            "INSERT INTO records (id, instance, time, model, service, namespace, request, request_attributes, "
+            "updated) VALUES (?, ?, ?, 'iris', ?, ?, ?, ?, ?)",
+            [("a", 0, T0, "iris", "default", "[1,2]", attributes, T0),
+             ("a", 1, T0, "iris", "default", "[3,4]", attributes, T0),
+             ("b", 0, T0, None, None, "[5]", attributes, T0)])
+        conn.commit()
+        conn.close()
+
+    def test_a_writer_migrates_it_and_its_rows_join_as_new_ones_do(self, tmp_path: Path) -> None:
+        path = tmp_path / "audit.db"
+        self._old_store(path)
+        with AuditStore(path) as s:
+            s.write([response("a"), response("b", namespace="", inferenceservicename="")])
+            rows = sorted((r.id, r.instance, r.request, r.response) for r in s.query())
+            assert rows == [("a", 0, [1, 2], 0), ("a", 1, [3, 4], 1), ("b", 0, [5], 0), ("b", 1, None, 1)]
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")} >= {
+            "records_time", "records_model_time", "records_status_time"}
+        conn.close()
+
+    def test_a_reader_reads_it_as_it_is(self, tmp_path: Path) -> None:
+        """The sidecar still running is an older one: `query` reads its store without a migration."""
+        path = tmp_path / "audit.db"
+        self._old_store(path)
+        with AuditStore(path, readonly=True) as s:
+            assert sorted((r.id, r.instance) for r in s.query()) == [("a", 0), ("a", 1), ("b", 0)]
+            assert [r.instance for r in s.query(id="a")] == [0, 1] and s.summary().ids == 2
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        conn.close()
+
+
 class TestStatus:
     """The response's status and latency hold for every record of its id."""
 
@@ -827,7 +917,7 @@ class TestFile:
         AuditStore(path).close()
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")
-        other.execute("INSERT INTO records (id, instance, updated) VALUES ('x', 0, 'now')")
+        other.execute("INSERT INTO records (exchange, id, instance, updated) VALUES ('x', 'x', 0, 'now')")
         try:
             AuditStore(path, timeout=0.2).close()
         finally:
