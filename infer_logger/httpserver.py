@@ -58,6 +58,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NOT_READING = float("inf")  # `_Connection.began` between requests
 _BEHIND = float("-inf")  # `_Connection.began` of a request read behind answers still due
 MAX_HEAD = 64 << 10  # bytes of request line and headers: the parser would buffer any amount
+_HEAD_TOO_LARGE = f"the request line and headers are larger than {MAX_HEAD} bytes"
 CUT_WAIT = 5.0  # for the answers cancelled at a stop to end (each logs its response event)
 LINGER = 5.0
 """Seconds a connection that refused a request goes on reading (and dropping) what the client still
@@ -163,7 +164,9 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._in_head = True  # reading a request line and headers (their size is bounded)
         self._midway = False  # a request begun (its first byte read) and not yet whole
-        self._head_size = 0
+        self._head_size = 0  # the request line and headers so far, as the parser hands them over
+        self._target = b""  # of the request being read, from its head (on_headers_complete)
+        self._path = ""
         self._refused = False  # answered a refusal: what comes now is dropped
         self._refusal = b""  # a refusal to send once the answers due before it are
         self._replays = 0  # requests read again without their upgrade
@@ -221,8 +224,6 @@ class _Connection(asyncio.Protocol):
         if self._refused:
             return
         while True:
-            if self._in_head:
-                self._head_size += len(data)
             self._message_size += len(data)
             try:
                 self.parser.feed_data(data)
@@ -235,7 +236,7 @@ class _Connection(asyncio.Protocol):
                 # Java's HttpClient): a new parser reads the request again without the upgrade.
                 head, self._plain_head = self._plain_head, None
                 self.parser = httptools.HttpRequestParser(self)
-                self._in_head, self._head_size, self._message_size = True, 0, 0  # counted again, once
+                self._in_head, self._message_size = True, 0  # counted again, once
                 data = head + data[exc.args[0]:] if exc.args else head
                 continue
             except httptools.HttpParserError as exc:
@@ -243,8 +244,10 @@ class _Connection(asyncio.Protocol):
                 return
             break
         if self._in_head:
-            if self._head_size > MAX_HEAD:
-                self._refuse(431, f"the request line and headers are larger than {MAX_HEAD} bytes")
+            # A head not yet whole: the header being read is not counted yet (on_header comes once
+            # it is), its bytes are. After a request ended within this read they count from the next.
+            if self._message_size > MAX_HEAD:
+                self._refuse(431, _HEAD_TOO_LARGE)
         elif self._message_size - self._size > 2 * MAX_HEAD + 64 * self._chunks:
             # Beyond its body (counted by on_body) a request holds its head, chunk framing and
             # trailers, which the parser would buffer in any amount.
@@ -297,12 +300,21 @@ class _Connection(asyncio.Protocol):
         self._hosts = 0
         self._expect = False  # Expect: 100-continue (case-insensitive)
         self._plain_head = None  # an upgrade request's head without it, to read its body
+        # Counted as the parser hands it over, however it arrived (one read, pieces, behind another
+        # request): the least its request line and blank line take, then target and header lines.
+        self._head_size = len(b"GET  HTTP/1.1\r\n\r\n")
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._head_size += len(url)
+        if self._head_size > MAX_HEAD:
+            raise _Unservable(_HEAD_TOO_LARGE, 431)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:  # else a trailer: not merged into the headers (RFC 9110 6.5.1), dropped
+            self._head_size += len(name) + len(value) + len(b":\r\n")
+            if self._head_size > MAX_HEAD:
+                raise _Unservable(_HEAD_TOO_LARGE, 431)
             name = name.lower()
             if name == b"host":
                 self._hosts += 1
@@ -322,6 +334,22 @@ class _Connection(asyncio.Protocol):
         old = version == "1.0"
         if self._hosts != 1 and not (old and self._hosts == 0):
             raise _BadHost
+        if old and any(name == b"transfer-encoding" for name, _ in self._headers):
+            # RFC 9112 6.1: its framing is faulty, even with a content-length; the parser decoded it.
+            raise _Unservable("an HTTP/1.0 request has no transfer-encoding (its framing is faulty: "
+                              "RFC 9112 6.1)", 400)
+        if self.parser.get_method() == b"CONNECT":  # an upgrade whatever its headers, its target no path
+            raise _Unservable("CONNECT is not served")
+        try:
+            url = httptools.parse_url(self._url)
+        except httptools.HttpParserInvalidURLError:  # llhttp takes targets its URL parser cannot read
+            raise _Unservable(f"the request target {self._url[:200].decode('latin-1')} cannot be read",
+                              400) from None
+        raw_path = url.path or b"/"
+        self._target = raw_path + b"?" + url.query if url.query else raw_path
+        self._path = raw_path.decode("latin-1")
+        if "%" in self._path:
+            self._path = unquote(raw_path.decode("utf-8", "surrogateescape"))
         if self._codings and other_codings(self._headers):
             raise _UnknownCoding
         limit = self.server.max_body_bytes
@@ -329,9 +357,7 @@ class _Connection(asyncio.Protocol):
             raise _TooLarge  # before any of it is read (or a 100 Continue asks for it)
         if self.parser.should_upgrade() and declares_body(self._headers):
             # llhttp ends the message here and leaves the body unread: read it again without the
-            # upgrade. Not CONNECT (an upgrade whatever its headers), nor without end.
-            if self.parser.get_method() == b"CONNECT":
-                raise _Unservable("CONNECT is not served")
+            # upgrade. Not without end.
             self._replays += 1
             if self._replays > _MAX_REPLAYS:
                 raise _Unservable(f"more than {_MAX_REPLAYS} requests on one connection offered an upgrade "
@@ -366,16 +392,11 @@ class _Connection(asyncio.Protocol):
         if self._plain_head is not None:
             return  # the upgrade's end of message, the body unread: it is read again (data_received)
         # The next request, counted afresh; its deadline starts at its first byte.
-        self._in_head, self._head_size, self._message_size, self.began = True, 0, 0, _NOT_READING
+        self._in_head, self._message_size, self.began = True, 0, _NOT_READING
         self._midway = False
         self._continue_due = False  # its body is in: a go-ahead sent after its answer would be a stray 100
-        url = httptools.parse_url(self._url)
-        raw_path = url.path or b"/"
-        target = raw_path + b"?" + url.query if url.query else raw_path
-        path = raw_path.decode("latin-1")
-        if "%" in path:
-            path = unquote(raw_path.decode("utf-8", "surrogateescape"))
-        request = Request(self.parser.get_method().decode(), path, target, self._headers, b"".join(self._body))
+        request = Request(self.parser.get_method().decode(), self._path, self._target, self._headers,
+                          b"".join(self._body))
         # Not kept here: the connection and its parser refer to each other, so a closed one waits
         # for the GC's rare full collection, and held its last body (each upload grew RSS by it).
         self._headers, self._body = [], []

@@ -283,6 +283,23 @@ async def test_oversized_headers_are_431(server: HttpServer) -> None:
     assert [s for s, _, _ in answers(raw)] == [b"HTTP/1.1 200 OK"] * 2
 
 
+@pytest.mark.parametrize("before", [
+    pytest.param(b"", id="one-write"),
+    pytest.param(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n", id="pipelined"),
+])
+async def test_a_head_over_the_limit_is_431_however_it_arrives(server: HttpServer, before: bytes) -> None:
+    """A head over 64 KiB whole within one read was served: its size was checked only while it was
+    unfinished, and a request ending in the same read set the count back to 0."""
+    big = b"POST /big HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 70000 + b"\r\ncontent-length: 2\r\n\r\n{}"
+    got = answers(await exchange(server, before + big))
+    assert [status for status, _, _ in got] == [b"HTTP/1.1 200 OK"] * bool(before) + [
+        b"HTTP/1.1 431 Request Header Fields Too Large"]
+    assert orjson.loads(got[-1][2])["error"] == "the request line and headers are larger than 65536 bytes"
+    # A long target counts too.
+    raw = await exchange(server, before + b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert answers(raw)[-1][0].startswith(b"HTTP/1.1 431")
+
+
 async def test_handler_error_is_a_500_and_the_server_goes_on(server: HttpServer) -> None:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
         r = await client.get("/boom")
@@ -413,6 +430,37 @@ async def test_upgrade_replays_are_bounded_and_connect_is_not_served(server: Htt
     raw = await exchange(server, b"POST /p HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, close\r\nupgrade: h2c\r\n"
                                  b"content-length: 2\r\n\r\nhi")  # read to the end: closed after it
     assert [status for status, _, _ in answers(raw)] == [b"HTTP/1.1 200 OK"]
+
+
+@pytest.mark.parametrize(("head", "status", "reason"), [
+    pytest.param(b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n", 501,
+                 "CONNECT is not served", id="connect"),
+    pytest.param(b"GET http://h:p/ HTTP/1.1\r\nhost: h\r\n\r\n", 400,
+                 "the request target http://h:p/ cannot be read", id="bad-target"),
+])
+async def test_a_target_not_served_is_refused_with_its_reason(server: HttpServer, head: bytes, status: int,
+                                                              reason: str) -> None:
+    """CONNECT without a body (its authority-form target), or a target llhttp takes and httptools'
+    URL parser cannot read, was a 400 naming a callback error, not the target."""
+    [(line, headers, body)] = answers(await exchange(server, head))
+    assert line.startswith(b"HTTP/1.1 %d" % status) and headers[b"connection"] == b"close"
+    assert orjson.loads(body) == {"error": reason, "status": status}
+
+
+async def test_http_1_0_with_a_transfer_encoding_is_400_and_closed(server: HttpServer) -> None:
+    """RFC 9112 6.1: the framing of an HTTP/1.0 message with a transfer coding is faulty; it was
+    decoded as chunked and the connection kept alive, the request behind it read as sent."""
+    chunked = (b"POST /p HTTP/1.0\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n"
+               b"2\r\n{}\r\n0\r\n\r\n")
+    then = b"GET /next HTTP/1.0\r\nconnection: keep-alive\r\n\r\n"
+    [(status, headers, body)] = answers(await exchange(server, chunked + then))
+    assert status.startswith(b"HTTP/1.1 400") and headers[b"connection"] == b"close"
+    assert orjson.loads(body) == {"error": "an HTTP/1.0 request has no transfer-encoding "
+                                           "(its framing is faulty: RFC 9112 6.1)", "status": 400}
+    # With a content-length too (llhttp refuses that itself, whatever the version).
+    with_length = chunked.replace(b"\r\n\r\n", b"\r\ncontent-length: 11\r\n\r\n", 1)
+    [(status, headers, _)] = answers(await exchange(server, with_length + then))
+    assert status.startswith(b"HTTP/1.1 400") and headers[b"connection"] == b"close"
 
 
 async def test_small_chunks_are_not_taken_for_framing_abuse() -> None:
