@@ -39,6 +39,21 @@ _OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
 
 log = logging.getLogger(__name__)
 
+_Answer = tuple[int, float | None, bytes]  # a refusal: status, retry-after, the body naming positions
+
+
+class _Held:
+    """An event not sent: an earlier one of its id failed, and it must not overtake that one."""
+
+
+_HELD = _Held()
+# What a POST of one event came to: None (taken), a refusal, what it raised, or not sent.
+_Result = _Answer | BaseException | _Held | None
+
+
+def _retryable(answer: _Answer) -> bool:
+    return answer[0] in RETRYABLE or answer[0] >= 500
+
 
 class HttpSinkConfig(SinkConfig):
     type: Literal["http"] = "http"
@@ -100,7 +115,15 @@ def _tls(config: HttpSinkConfig) -> ssl.SSLContext | None:
 
 class HttpSink:
     """POSTs over the sidecar's own keep-alive client (`infer_logger.upstream`): in binary mode,
-    one POST per event, aiohttp's per-request cost was most of this sink's CPU."""
+    one POST per event, aiohttp's per-request cost was most of this sink's CPU.
+
+    Order: in binary and structured mode the events of an id (a request, its response, its
+    explanation) are POSTed one after another in batch order, each once the one before it was
+    answered; different ids go at once, up to `concurrency`. An event failing in a way worth
+    retrying holds back the later ones of its id: all are `pending`, in batch order, so a retry
+    does not deliver them out of order. One refused for good (dead-lettered) holds nothing back.
+    In batch mode the POSTs go in order, one at a time.
+    """
 
     def __init__(self, config: HttpSinkConfig) -> None:
         self.config = config
@@ -122,34 +145,64 @@ class HttpSink:
         if self.config.mode == "batch":
             await self._send_batches(events)
             return
-        results = await asyncio.gather(*(self._send_one(e) for e in events), return_exceptions=True)
+        # The events of an id (a request, its response, its explanation) go one after another,
+        # in batch order; different ids at once (up to `concurrency`).
+        chains: dict[str, list[int]] = {}
+        for i, event in enumerate(events):
+            chains.setdefault(event.id, []).append(i)
+        results: list[_Result] = [None] * len(events)
+        outcomes = await asyncio.gather(*(self._send_one(events[c[0]]) if len(c) == 1
+                                          else self._send_chain(events, c, results) for c in chains.values()),
+                                        return_exceptions=True)
+        for chain, outcome in zip(chains.values(), outcomes):
+            if len(chain) == 1:
+                results[chain[0]] = outcome
+            elif isinstance(outcome, BaseException):  # not one of its POSTs' (those are in results)
+                raise outcome
         failed = [(e, r) for e, r in zip(events, results) if r is not None]
         if not failed:
             return
-        # Only the events that failed go again (`pending`): the others were taken.
+        # Only the events that failed or were held back go again (`pending`, in batch order):
+        # the others were taken.
         pending = [e for e, _ in failed]
-        answers = [r for _, r in failed if not isinstance(r, BaseException)]
-        retryable = [r for r in answers if r[0] in RETRYABLE or r[0] >= 500]
+        answers = [r for _, r in failed if isinstance(r, tuple)]
+        retryable = [r for r in answers if _retryable(r)]
+        held = sum(1 for _, r in failed if r is _HELD)
         # The longest wait any answer asked for: one 429's Retry-After beside a 503 without one.
         afters = [r[1] for r in retryable] + [getattr(r, "retry_after", None) for _, r in failed
                                               if isinstance(r, BaseException)]
         after = max((a for a in afters if a is not None), default=None)
+        behind = f"; {held} later events of their ids held back" if held else ""
         for _, result in failed:
             if isinstance(result, BaseException):  # no answer or a redirect (SinkError), or a bug: retried too
                 if not isinstance(result, Exception):
                     raise result
-                raise SinkError(f"{result} ({len(failed)} of {len(events)} events not taken)",
+                raise SinkError(f"{result} ({len(failed)} of {len(events)} events not taken{behind})",
                                 retry_after=after, pending=pending) from result
         if retryable:
-            raise SinkError(f"{self.url} answered {retryable[0][0]} to {len(retryable)} events", retry_after=after,
-                            pending=pending)
-        raise RejectedError(
-            f"{self.url} refused {len(failed)} events with {failed[0][1][0]}",
-            [e for e, _ in failed],
-            too_large=all(r[0] == 413 for _, r in failed),
-        )
+            raise SinkError(f"{self.url} answered {retryable[0][0]} to {len(retryable)} events{behind}",
+                            retry_after=after, pending=pending)
+        # Each one refused for good (nothing held back then): `answers` are all of them.
+        raise RejectedError(f"{self.url} refused {len(failed)} events with {answers[0][0]}", pending,
+                            too_large=all(r[0] == 413 for r in answers))
 
-    async def _send_one(self, event: CloudEvent) -> tuple[int, float | None, bytes] | None:
+    async def _send_chain(self, events: Sequence[CloudEvent], chain: list[int], results: list[_Result]) -> None:
+        """The events at `chain` (one id's), each once the one before it was answered; after a
+        failure worth retrying the rest are held back (`_HELD`), their turn not come. A refusal
+        for good holds nothing: that event is dead-lettered, never sent again before them."""
+        for n, i in enumerate(chain):
+            try:
+                result = results[i] = await self._send_one(events[i])
+            except Exception as exc:  # no answer or a redirect (SinkError), or a bug: retried
+                results[i] = exc
+            else:
+                if result is None or not _retryable(result):
+                    continue
+            for later in chain[n + 1:]:
+                results[later] = _HELD
+            return
+
+    async def _send_one(self, event: CloudEvent) -> _Answer | None:
         if self.config.mode == "structured":
             headers, body = ce_http.to_structured(event)
         else:  # structured after all for a payload that is itself a CloudEvent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -14,6 +15,7 @@ from infer_logger.cloudevents import http as ce_http
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.dispatch import Backoff, Dispatcher
 from infer_logger.errors import RejectedError, SinkError
+from infer_logger.events import REQUEST, RESPONSE
 from infer_logger.metrics import Metrics
 from infer_logger.sinks.halving import Halving
 from infer_logger.sinks.http import HttpSinkConfig
@@ -315,6 +317,137 @@ async def test_a_batch_post_refused_for_any_batch_is_not_halved(tmp_path: Path, 
         dead = await through_a_worker(tmp_path, receiver, HttpSinkConfig(url=receiver.url, mode="batch"),
                                       padded(20, 200, {}))
         assert receiver.attempts == 1 and len(dead) == 20 and str(status) in dead[0]["reason"]
+
+class _Exchanges:
+    """A receiver on loopback that logs, per POSTed event, when it arrived and when it was
+    answered (`log`: ("in" | "out", id, type)); `answer(event, nth)` (nth: its POSTs so far, from
+    1) gives the status and what to wait for before answering (an asyncio.Event, at most
+    `patience` seconds)."""
+
+    def __init__(self, answer: Callable[[CloudEvent, int], tuple[int, asyncio.Event | None]],
+                 patience: float = 5.0) -> None:
+        self.answer, self.patience = answer, patience
+        self.log: list[tuple[str, str, str]] = []
+        self._posts: dict[tuple[str, str], int] = {}
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")[1:]
+                headers = dict(line.split(": ", 1) for line in head if line)
+                event = ce_http.from_http(headers, await reader.readexactly(int(headers["content-length"])))
+                key = (event.id, event.type)
+                self._posts[key] = self._posts.get(key, 0) + 1
+                self.log.append(("in", *key))
+                status, wait = self.answer(event, self._posts[key])
+                if wait is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wait.wait(), self.patience)
+                self.log.append(("out", *key))
+                writer.write(b"HTTP/1.1 %d X\r\ncontent-length: 0\r\n\r\n" % status)
+                await writer.drain()
+        writer.close()
+
+
+def exchanges(*ids: str) -> list[CloudEvent]:
+    """A request and its response for each id, in that order (as the sidecar spools them)."""
+    return [CloudEvent({"specversion": "1.0", "id": i, "source": "/s", "type": t}, b"{}")
+            for i in ids for t in (REQUEST, RESPONSE)]
+
+
+def _taken_in_order(log: list[tuple[str, str, str]], *ids: str) -> None:
+    """Each id's response arrived only once its request was answered."""
+    for i in ids:
+        assert log.index(("out", i, REQUEST)) < log.index(("in", i, RESPONSE)), log
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+async def test_the_events_of_an_id_go_one_after_another_in_batch_order(mode: str) -> None:
+    """All of a batch's events were POSTed at once: a response (an explanation) could reach the
+    receiver before its request, or its request's retry came after it (36 in 3000 events)."""
+    both = asyncio.Event()  # the requests are answered once both arrived
+
+    def answer(event: CloudEvent, _: int) -> tuple[int, asyncio.Event | None]:
+        if event.type != REQUEST:
+            return 202, None
+        if sum(1 for x in peer.log if x[0] == "in" and x[2] == REQUEST) == 2:
+            both.set()
+        return 202, both
+
+    peer = _Exchanges(answer)
+    async with peer as url:
+        sink = HttpSinkConfig(url=url, mode=mode).build()  # type: ignore[arg-type]
+        await sink.send_batch(exchanges("id1", "id2"))
+        await sink.aclose()
+    _taken_in_order(peer.log, "id1", "id2")
+    # Different ids still go at once: both requests arrived before either was answered (one
+    # after another, the first would have waited the 5 s out).
+    assert set(peer.log[:2]) == {("in", "id1", REQUEST), ("in", "id2", REQUEST)}
+
+
+async def test_a_failed_event_holds_back_the_later_events_of_its_id() -> None:
+    """A 503 to a request: its response was sent (and taken) anyway, and the request's retry
+    then came after it. The response stays pending behind it, in batch order."""
+    peer = _Exchanges(lambda e, nth: (503 if (e.id, e.type, nth) == ("id1", REQUEST, 1) else 202, None))
+    batch = exchanges("id1", "id2")
+    async with peer as url:
+        sink = HttpSinkConfig(url=url).build()  # type: ignore[arg-type]
+        with pytest.raises(SinkError) as info:
+            await sink.send_batch(batch)
+        assert type(info.value) is SinkError and info.value.pending == batch[:2]
+        assert ("in", "id1", RESPONSE) not in peer.log
+        assert {("out", "id2", REQUEST), ("out", "id2", RESPONSE)} <= set(peer.log)  # both taken
+        await sink.send_batch(info.value.pending)  # the worker's retry
+        await sink.aclose()
+    assert [x for x in peer.log if x[1] == "id1"] == [("in", "id1", REQUEST), ("out", "id1", REQUEST)] * 2 + [
+        ("in", "id1", RESPONSE), ("out", "id1", RESPONSE)]
+
+
+async def test_an_event_refused_for_good_does_not_hold_back_its_id() -> None:
+    """A 400 to a request: dead-lettered, so its response still goes (after it); only the
+    request is named refused."""
+    response = asyncio.Event()  # the refusal waits for a response sent too soon (briefly: none comes)
+
+    def answer(event: CloudEvent, _: int) -> tuple[int, asyncio.Event | None]:
+        if (event.id, event.type) == ("id1", RESPONSE):
+            response.set()
+        return (400, response) if (event.id, event.type) == ("id1", REQUEST) else (202, None)
+
+    peer = _Exchanges(answer, patience=0.5)
+    batch = exchanges("id1", "id2")
+    async with peer as url:
+        sink = HttpSinkConfig(url=url).build()  # type: ignore[arg-type]
+        with pytest.raises(RejectedError) as info:
+            await sink.send_batch(batch)
+        await sink.aclose()
+    assert info.value.events == [batch[0]] and info.value.taken(batch) == 3
+    assert {x for x in peer.log if x[0] == "in"} == {("in", e.id, e.type) for e in batch}
+    _taken_in_order(peer.log, "id1", "id2")
+
+
+async def test_a_retryable_failure_beside_a_refusal_keeps_both_pending_in_batch_order() -> None:
+    """id1's request refused for good, id2's answered 503: retried (the refusal is made again on
+    the retry), with id2's response held back; the pending events keep the batch's order."""
+    answers = {("id1", REQUEST): 400, ("id2", REQUEST): 503}
+    peer = _Exchanges(lambda e, _: (answers.get((e.id, e.type), 202), None))
+    batch = exchanges("id1", "id2", "id3")
+    async with peer as url:
+        sink = HttpSinkConfig(url=url).build()  # type: ignore[arg-type]
+        with pytest.raises(SinkError) as info:
+            await sink.send_batch(batch)
+        await sink.aclose()
+    assert type(info.value) is SinkError and info.value.pending == [batch[0], batch[2], batch[3]]
+    assert ("in", "id2", RESPONSE) not in peer.log and ("in", "id1", RESPONSE) in peer.log
+
 
 def test_max_batch_bytes_is_checked() -> None:
     assert HttpSinkConfig(url="http://127.0.0.1:9/", max_batch_bytes="1MiB").max_batch_bytes == 1 << 20
