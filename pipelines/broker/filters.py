@@ -374,8 +374,8 @@ def _cesql(value: Any, path: tuple[PathPart, ...], warn: Warn) -> Filter:
         warn(path, f"CESQL {value!r} mixes AND, OR or XOR without parentheses at position {mixed}: read left "
                    "to right as the CESQL spec says (`a OR b AND c` is `(a OR b) AND c`), where Knative reads it "
                    "right to left: parenthesise it", mixed)
-    for negated in expression.negated_attributes():
-        warn(path, f"CESQL {value!r}: NOT at position {negated.position} applies to {negated.operand.name} "
+    for negated, attribute in expression.negated_attributes():
+        warn(path, f"CESQL {value!r}: NOT at position {negated.position} applies to {attribute.name} "
                    f"alone, as the CESQL grammar binds it (`NOT a = b` is `(NOT a) = b`, which fails every event "
                    "whose attribute is not a boolean): write NOT (...) around the comparison", negated.position)
     return CesqlFilter(expression)

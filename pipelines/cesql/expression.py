@@ -45,17 +45,17 @@ class Expression:
                  if isinstance(node, Call) and self.functions.resolve(node.name, len(node.arguments)) is None]
         return sorted(found, key=lambda call: call.position)
 
-    def negated_attributes(self) -> list[Unary]:
+    def negated_attributes(self) -> list[tuple[Unary, Attribute]]:
         """The NOTs of a bare attribute compared, matched or listed (`NOT type = 'x'`): the grammar
         binds NOT tighter, so that is `(NOT type) = 'x'`, a cast error on every event whose `type`
         is not a boolean, where SQL's reader meant `NOT (type = 'x')`."""
-        found: list[Unary] = []
+        found: list[tuple[Unary, Attribute]] = []
         for node in self._nodes():
             operand = (node.left if isinstance(node, Binary) and node.operator in _COMPARISONS
                        else node.operand if isinstance(node, Like | In) else None)
             if isinstance(operand, Unary) and operand.operator == "NOT" and isinstance(operand.operand, Attribute):
-                found.append(operand)
-        return sorted(found, key=lambda unary: unary.position)
+                found.append((operand, operand.operand))
+        return sorted(found, key=lambda pair: pair[0].position)
 
     def _nodes(self) -> Iterator[Node]:
         stack: list[Node] = [self.tree]
