@@ -179,11 +179,16 @@ def _time(value: str | None, name: str) -> datetime | None:
 @click.option("--limit", type=click.IntRange(1, _SQLITE_INT_MAX),
               help="Rows to show at most (a row per instance of a prediction), newest first; stderr says "
                    "when more matched.  [default: 20; all with --id]")
+@click.option("--page", "page", metavar="TOKEN",
+              help="Begin where the page before ended: the token stderr gives when more matched (the same "
+                   "filters), unmoved by rows written since.")
 @click.option("--offset", type=click.IntRange(0, _SQLITE_INT_MAX), default=0, show_default=True,
-              help="Rows to skip first, in the same order: --offset 20 shows the page after --limit 20's.")
+              help="Rows to skip first, in the same order: --offset 20 shows the page after --limit 20's "
+                   "(while a sidecar writes, rows move: --page does not).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def query(config: Path | None, db: str | None, id_: str | None, model: str | None, since: str | None,
-          until: str | None, status: int | None, limit: int | None, offset: int, fmt: str) -> None:
+          until: str | None, status: int | None, limit: int | None, page: str | None, offset: int,
+          fmt: str) -> None:
     """Read audit records (request, response and explanation joined) from the embedded store."""
     from infer_logger.store import AuditStore
 
@@ -193,7 +198,14 @@ def query(config: Path | None, db: str | None, id_: str | None, model: str | Non
     if limit is None and id_ is None:
         limit = 20
     filters: dict[str, Any] = {"id": id_, "model": model, "since": _time(since, "--since"),
-                               "until": _time(until, "--until"), "status": status}
+                               "until": _time(until, "--until"), "status": status, "start": page}
+    if page is not None:
+        from infer_logger.store import check_page_token
+
+        try:
+            check_page_token(page)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--page") from None
     if db == "":
         raise click.BadParameter("an empty path names no file", param_hint="--db")
     path = _store_path(_settings(config)) if db is None else Path(db)
@@ -237,13 +249,13 @@ def query(config: Path | None, db: str | None, id_: str | None, model: str | Non
     else:
         _echo([])
     if next_page is not None:
-        click.echo(f"infer-logger: more rows match: --offset {next_page} shows the next ones "
+        click.echo(f"infer-logger: more rows match: --page {next_page} shows the next ones "
                    "(or raise --limit)", err=True)
 
 
 def _rows(store: AuditStore, fmt: str, filters: dict[str, Any], limit: int | None, offset: int,
-          write: Callable[[str], object]) -> int | None:
-    """The rows, written; the offset of the next page when more match. In one read transaction:
+          write: Callable[[str], object]) -> str | None:
+    """The rows, written; the token of the next page when more match. In one read transaction:
     the table's two passes, and the look past the limit, see the same rows."""
     from infer_logger.store import json_chunks, table_lines, table_widths
 
@@ -256,9 +268,7 @@ def _rows(store: AuditStore, fmt: str, filters: dict[str, Any], limit: int | Non
             for n, line in enumerate(table_lines(store.records(**filters, limit=limit, offset=offset), widths)):
                 write(("\n" if n else "") + line)
         if limit is not None and offset + limit <= _SQLITE_INT_MAX:
-            with contextlib.closing(store.records(**filters, limit=1, offset=offset + limit, payloads=False)) as past:
-                if next(past, None) is not None:
-                    return offset + limit
+            return store.page_token(**filters, offset=offset + limit)
     return None
 
 

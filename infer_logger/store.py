@@ -25,6 +25,7 @@ writes. Times are stored as UTC RFC 3339 text with microseconds, so text order i
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -505,11 +506,13 @@ class AuditStore:
         limit: int | None = 100,
         offset: int = 0,
         order: Literal["asc", "desc"] = "desc",
+        start: str | None = None,
     ) -> list[AuditRecord]:
         """Records matching every given filter, by time; `since` is inclusive, `until` exclusive.
-        `offset` skips that many first (the order is total: time, id, instance)."""
+        `start` (a `page_token`) begins at a row's place, `offset` skips that many more (the order
+        is total: time, id, exchange, instance)."""
         return list(self.records(id=id, model=model, since=since, until=until, status=status, limit=limit,
-                                 offset=offset, order=order))
+                                 offset=offset, order=order, start=start))
 
     def records(
         self,
@@ -523,15 +526,53 @@ class AuditStore:
         offset: int = 0,
         order: Literal["asc", "desc"] = "desc",
         payloads: bool = True,
+        start: str | None = None,
     ) -> Generator[AuditRecord]:
         """As `query`, read from the cursor as they are taken (a large export was held whole, every
         JSON column parsed, before the first was shown). Without `payloads`, the JSON columns
         (request, response, explanation, metadata, attributes) are not read: None. Take them all,
         or close the iterator, before the store's next use."""
+        sql, params = self._select(", ".join(_COLUMNS if payloads else [c if c not in _JSON_FIELDS else "NULL"
+                                                                         for c in _COLUMNS]),
+                                   id=id, model=model, since=since, until=until, status=status, order=order,
+                                   start=start)
+        params += [-1 if limit is None else limit, offset]
+        return self._fetched(sql + " LIMIT ? OFFSET ?", params)
+
+    def page_token(
+        self,
+        *,
+        id: str | None = None,
+        model: str | None = None,
+        since: str | datetime | None = None,
+        until: str | datetime | None = None,
+        status: int | None = None,
+        offset: int = 0,
+        order: Literal["asc", "desc"] = "desc",
+        start: str | None = None,
+    ) -> str | None:
+        """Where the page after `offset` rows begins, as `start` takes it; None when no row is
+        there. Unlike an offset it names a row's place: rows written meanwhile (a sidecar writing
+        as one pages) shift no page onto rows shown already."""
+        sql, params = self._select(f"time, id, {self._key}, instance", id=id, model=model, since=since,
+                                   until=until, status=status, order=order, start=start)
+        with self._lock:
+            row = self._read(lambda: self._conn.execute(sql + " LIMIT 1 OFFSET ?", [*params, offset]).fetchone())
+        if row is None:
+            return None
+        return base64.urlsafe_b64encode(orjson.dumps(list(row))).decode().rstrip("=")
+
+    def _select(self, columns: str, *, id: str | None, model: str | None, since: str | datetime | None,
+                until: str | datetime | None, status: int | None, order: str,
+                start: str | None) -> tuple[str, list[Any]]:
         if order not in ("asc", "desc"):
             raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
         where: list[str] = []
         params: list[Any] = []
+        if start is not None:
+            clause, values = _from_place(_place(start), self._key, order)
+            where.append(clause)
+            params += values
         if id is not None and self._key == "exchange":
             # The rows of every exchange with this id: a range of the primary key (its keys are the
             # id, or the id and U+001F...), the id compared for the ids that merely begin with it.
@@ -547,13 +588,10 @@ class AuditStore:
             if value is not None:
                 where.append(clause)
                 params.append(value)
-        columns = _COLUMNS if payloads else [c if c not in _JSON_FIELDS else "NULL" for c in _COLUMNS]
-        sql = f"SELECT {', '.join(columns)} FROM records"
+        sql = f"SELECT {columns} FROM records"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY time {order}, id {order}, {self._key} {order}, instance LIMIT ? OFFSET ?"
-        params += [-1 if limit is None else limit, offset]
-        return self._fetched(sql, params)
+        return sql + f" ORDER BY time {order}, id {order}, {self._key} {order}, instance", params
 
     def _fetched(self, sql: str, params: Sequence[Any]) -> Generator[AuditRecord]:
         # A generator: the statement runs at the first record taken, a batch of rows at a time.
@@ -738,6 +776,37 @@ def _asked_time(attrs: dict[str, Any]) -> str | None:
     if moment is None:
         return _utc(time)  # none, or text with no time in it
     return _utc(audit.request_time(moment, attrs.get(events.LATENCYMS)) or moment)
+
+
+def check_page_token(token: str) -> None:
+    """ValueError, naming it, if `token` is no `page_token`'s."""
+    _place(token)
+
+
+def _place(token: str) -> tuple[str | None, str, str, int]:
+    """A `page_token`'s row place: time, id, exchange key, instance; ValueError if it is none."""
+    try:
+        time, event_id, key, instance = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise ValueError(f"{token[:40]!r} is not a page token of this store") from None
+    if not (isinstance(time, str | None) and isinstance(event_id, str) and isinstance(key, str)
+            and type(instance) is int):
+        raise ValueError(f"{token[:40]!r} is not a page token of this store")
+    return time, event_id, key, instance
+
+
+def _from_place(place: tuple[str | None, str, str, int], key: str, order: str) -> tuple[str, list[Any]]:
+    """The rows at and after `place` in `records`' order: time, id and key in `order` (SQLite
+    puts NULL times first ascending, last descending), instance ascending."""
+    time, event_id, exchange, instance = place
+    after = "<" if order == "desc" else ">"
+    ties = f"(id {after} ? OR (id = ? AND ({key} {after} ? OR ({key} = ? AND instance >= ?))))"
+    values: list[Any] = [event_id, event_id, exchange, exchange, instance]
+    if time is None:  # among the undated rows: the last ones descending, the first ones ascending
+        clause = f"(time IS NULL AND {ties})" if order == "desc" else f"(time IS NOT NULL OR (time IS NULL AND {ties}))"
+        return clause, values
+    undated = " OR time IS NULL" if order == "desc" else ""
+    return f"(time {after} ?{undated} OR (time = ? AND {ties}))", [time, time, *values]
 
 
 def _utc(value: object) -> str | None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,32 +188,57 @@ def test_query_by_id_shows_every_row_of_the_prediction(tmp_path: Path) -> None:
     assert [r["instance"] for r in json.loads(result.stdout)] == list(range(50))
     limited = CliRunner().invoke(main, ["query", "--db", str(db), "--id", "big", "--limit", "5",
                                         "--format", "json"])
-    assert len(json.loads(limited.stdout)) == 5 and "--offset 5" in limited.stderr
+    assert len(json.loads(limited.stdout)) == 5 and "--page " in limited.stderr
 
 
-def test_query_says_when_the_limit_left_rows_out_and_offset_reaches_them(tmp_path: Path) -> None:
+def _pages(db: Path, *args: str, between: Callable[[], object] = lambda: None) -> list[tuple[str, int]]:
+    """Every row, a page of 4 at a time, each page from the token the one before gave."""
+    runner, seen, token = CliRunner(), [], None
+    while True:
+        page = runner.invoke(main, ["query", "--db", str(db), "--limit", "4", "--format", "json", *args,
+                                    *(["--page", token] if token else [])])
+        assert page.exit_code == 0, page.output
+        seen += [(r["id"], r["instance"]) for r in json.loads(page.stdout)]
+        if not page.stderr:
+            return seen
+        token = re.search(r"--page (\S+) shows the next ones", page.stderr)[1]  # type: ignore[index]
+        between()
+
+
+def test_query_says_when_the_limit_left_rows_out_and_its_page_token_reaches_them(tmp_path: Path) -> None:
     """Paging by --until (exclusive) never reached the rest of an exchange whose instances
     share its time; the cut was silent."""
     db = tmp_path / "audit.db"
     for i in "abc":
         _instances(db, i, 2)
-    runner, seen, offset = CliRunner(), [], 0
-    while True:
-        page = runner.invoke(main, ["query", "--db", str(db), "--limit", "4", "--offset", str(offset),
-                                    "--format", "json"])
-        assert page.exit_code == 0, page.output
-        seen += [(r["id"], r["instance"]) for r in json.loads(page.stdout)]
-        if not page.stderr:
-            break
-        offset += 4
-        assert f"--offset {offset}" in page.stderr
-    assert seen == [("c", 0), ("c", 1), ("b", 0), ("b", 1), ("a", 0), ("a", 1)]
+    assert _pages(db) == [("c", 0), ("c", 1), ("b", 0), ("b", 1), ("a", 0), ("a", 1)]
+    runner = CliRunner()
     exact = runner.invoke(main, ["query", "--db", str(db), "--limit", "6"])
     assert exact.exit_code == 0 and exact.stderr == "" and len(exact.stdout.splitlines()) == 7
     table = runner.invoke(main, ["query", "--db", str(db), "--limit", "1", "--offset", "1"])
-    assert table.stdout.splitlines()[1].split()[1:3] == ["c", "1"] and "--offset 2" in table.stderr
+    assert table.stdout.splitlines()[1].split()[1:3] == ["c", "1"] and "--page " in table.stderr
     help_ = runner.invoke(main, ["query", "--help"]).output
-    assert "--offset" in help_ and "all with --id" in help_
+    assert "--offset" in help_ and "--page" in help_ and "all with --id" in help_
+
+
+def test_pages_shown_while_a_sidecar_writes_repeat_no_row(tmp_path: Path) -> None:
+    """With --offset, an exchange written between two pages moved the rows down: the next page
+    showed rows of the one before again."""
+    db = tmp_path / "audit.db"
+    for i in "abcde":
+        _instances(db, i, 2)
+    added = iter("vwxyz")
+    seen = _pages(db, between=lambda: _instances(db, next(added), 3))
+    assert len(seen) == len(set(seen)) and seen[:4] == [("e", 0), ("e", 1), ("d", 0), ("d", 1)]
+    assert {("a", 1), ("c", 0)} <= set(seen)
+
+
+def test_a_page_token_that_is_none_names_the_flag(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+    _instances(db, "a", 1)
+    for token in ("nonsense", "WzEsMiwzXQ"):  # the second: JSON, [1,2,3]
+        result = CliRunner().invoke(main, ["query", "--db", str(db), "--page", token])
+        assert result.exit_code == 2 and "--page" in result.stderr and "not a page token" in result.stderr
 
 
 def test_query_output_of_a_large_store_is_what_it_was_whole(tmp_path: Path) -> None:

@@ -641,6 +641,35 @@ class TestQuery:
         assert [r.id for r in filled.query(order="asc", limit=1, offset=7)] == ["id1"]
         assert filled.query(offset=len(every)) == []
 
+    @pytest.mark.parametrize("order", ["desc", "asc"])
+    @pytest.mark.parametrize("size", [1, 2, 3, 5])
+    def test_page_tokens_walk_every_row_once(self, filled: AuditStore, order: Any, size: int) -> None:
+        """Undated rows (an explanation alone) and ties of time and id (two services' exchanges of
+        one id) among them; then rows written between pages move no page onto rows shown."""
+        filled.write([explanation("late"), explanation("later"), request("id2", namespace="other", time=T0),
+                      request("same", {"instances": [[1], [2]]}, time="2025-01-01T00:00:03.000000Z")])
+        every = [(r.id, r.namespace, r.instance) for r in filled.query(limit=None, order=order)]
+        seen, token, extra = [], None, iter(range(5))
+        while True:
+            page = filled.query(limit=size, order=order, start=token)
+            seen += [(r.id, r.namespace, r.instance) for r in page]
+            token = filled.page_token(offset=size, order=order, start=token)
+            if token is None:
+                break
+            if (n := next(extra, None)) is not None:  # a few: ascending, each is a page more
+                filled.write([request(f"new{n}", time="2025-01-01T00:00:09.000000Z")])
+        # Written before every page descending; ascending after the rows then shown, so shown too.
+        assert [r for r in seen if not r[0].startswith("new")] == every and len(seen) == len(set(seen))
+        assert len(every) == 6 + 2 * 2 + 2 + 2  # the undated (late, later) among them
+        assert filled.page_token(offset=len(filled.query(limit=None))) is None
+        assert [(r.id, r.instance) for r in filled.query(id="same", start=filled.page_token(id="same", offset=1))] \
+            == [("same", 1)]
+
+    @pytest.mark.parametrize("token", ["", "!!", "bnVsbA", "WzEsMiwzXQ", "WyJ0IiwiaWQiLCJrIiwxLjVd"])
+    def test_a_page_token_that_is_none_is_a_value_error(self, filled: AuditStore, token: str) -> None:
+        with pytest.raises(ValueError, match="not a page token"):
+            filled.query(start=token)
+
     def test_records_are_read_from_the_cursor_as_taken(
         self, store: AuditStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
