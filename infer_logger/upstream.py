@@ -19,13 +19,21 @@ from urllib.parse import urlsplit
 import httptools
 
 from infer_logger.errors import ConfigError, InferLoggerError
-from infer_logger.httpserver import other_codings
+from infer_logger.httpserver import MAX_HEAD, other_codings
 
 Headers = list[tuple[bytes, bytes]]
 
 
 class UpstreamError(InferLoggerError):
     """The predictor's answer was not HTTP, or the connection broke before it was whole."""
+
+
+class _HeadTooLarge(Exception):
+    """Raised in a parser callback: the answer's header and trailer lines are past MAX_HEAD."""
+
+
+_HEAD_TOO_LARGE = f"the predictor's answer head is larger than {MAX_HEAD >> 10} KiB (headers and trailers)"
+_CHUNK_FRAMING = 64  # bytes allowed each chunk's size line and CRLFs, read beyond the body
 
 
 @dataclass(slots=True)
@@ -59,20 +67,37 @@ class _Connection(asyncio.Protocol):
         self._headers_done = False
         self._done = False
         self._stray = False  # an answer nobody asked for began: retired
+        # The answer's head is bounded as a request's is (httptools and we would hold any amount):
+        # its header and trailer lines as parsed (interim answers' too) to MAX_HEAD; and, as
+        # httptools holds a line unseen until it ends, what is read beyond the body to twice that.
+        self._head_size = 0
+        self._beyond_body = 0  # room left for it
 
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
+    def expect(self, waiter: asyncio.Future[Answer], head: bool) -> None:
+        """A request goes out whose answer `waiter` awaits (`head`: the request is HEAD)."""
+        self.waiter, self.head, self.received = waiter, head, False
+        self._head_size, self._beyond_body = 0, 2 * MAX_HEAD
+
     def data_received(self, data: bytes) -> None:
         self.received = True
+        self._beyond_body -= len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"the predictor's answer is not HTTP/1.1: {exc}"))
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._fail(UpstreamError(_HEAD_TOO_LARGE))
+            else:
+                self._fail(UpstreamError(f"the predictor's answer is not HTTP/1.1: {exc}"))
         except httptools.HttpParserUpgrade:  # not a subclass of the above; nothing asked to switch
             self._fail(UpstreamError("the predictor switched protocols (101), which the sidecar never asks for"))
+        else:
+            if self._beyond_body < 0 and self.waiter is not None:
+                self._fail(UpstreamError(_HEAD_TOO_LARGE))
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -113,6 +138,9 @@ class _Connection(asyncio.Protocol):
         self._headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4  # ": " and CRLF
+        if self._head_size > MAX_HEAD:
+            raise _HeadTooLarge
         if self._headers_done:  # a trailer: not merged into the headers (RFC 9110 6.5.1), dropped
             return
         lname = name.lower()
@@ -141,7 +169,11 @@ class _Connection(asyncio.Protocol):
             self.reusable = False
             self._finish()
 
+    def on_chunk_header(self) -> None:
+        self._beyond_body += _CHUNK_FRAMING
+
     def on_body(self, body: bytes) -> None:
+        self._beyond_body += len(body)
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -204,6 +236,7 @@ class _CappedConnection(_Connection):
     def on_body(self, body: bytes) -> None:
         if self._done:  # the rest of the data that went past the cap
             return
+        self._beyond_body += len(body)
         if len(body) > self.room:
             self._body.append(body[:self.room])
             self._cut()
@@ -231,7 +264,7 @@ class _CappedConnection(_Connection):
 
 
 IDLE_MAX = 256  # idle connections kept: a burst's extra connections are closed, not kept open
-IDLE_EXPIRY = 30.0  # seconds the least recently used idle connection is kept
+IDLE_EXPIRY = 30.0  # seconds an idle connection is kept
 STALE_AFTER = 1.0
 """Seconds a kept connection must have been idle for a loss before any answer to be taken for the
 predictor's keep-alive timeout (and the request sent again on a new connection)."""
@@ -301,7 +334,8 @@ class Upstream:
         # The http sink's: its worker would send the whole batch again anyway (at-least-once),
         # so a POST lost on a stale connection is better sent again at once.
         self.resend_unanswered = resend_unanswered
-        self._idle: list[_Connection] = []
+        self._idle: list[_Connection] = []  # in release order: the oldest first
+        self._expiry: asyncio.TimerHandle | None = None  # armed for the oldest's expiry while any is idle
         self._closed = False
         self._careful = False
 
@@ -371,7 +405,7 @@ class Upstream:
     async def _exchange(self, loop: asyncio.AbstractEventLoop, conn: _Connection, data: bytes,
                         head: bool, deadline: float) -> Answer:
         waiter: asyncio.Future[Answer] = loop.create_future()
-        conn.waiter, conn.head, conn.received = waiter, head, False
+        conn.expect(waiter, head)
         assert conn.transport is not None
         conn.transport.write(data)
         timer = loop.call_at(deadline, conn.expire, waiter)
@@ -399,9 +433,24 @@ class Upstream:
             if self._careful:  # does the predictor keep it past an answer? the kernel says, not our loop's lateness
                 conn.open_past_soon = False
                 asyncio.get_running_loop().call_later(CLOSED_SOON, self._look, conn, now)
-            oldest = self._idle[0]  # taken last (the newest is taken first)
-            if now - oldest.idle_since > IDLE_EXPIRY and oldest.transport is not None:
-                oldest.transport.close()  # connection_lost forgets it
+            if self._expiry is None:
+                self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        # A timer, not the next release: with no traffic, idle connections must expire too.
+        self._expiry = asyncio.get_running_loop().call_at(self._idle[0].idle_since + IDLE_EXPIRY, self._expire)
+
+    def _expire(self) -> None:
+        """Close the idle connections past IDLE_EXPIRY (the oldest first: taken last, as the newest
+        is taken first), then wait for the next one's."""
+        self._expiry = None
+        now = asyncio.get_running_loop().time()
+        while self._idle and self._idle[0].idle_since + IDLE_EXPIRY <= now:  # as armed
+            conn = self._idle.pop(0)  # out of the pool first: its loss is not the predictor's close
+            if conn.transport is not None:
+                conn.transport.close()
+        if self._idle:
+            self._arm_expiry()
 
     def forget(self, conn: _Connection) -> bool:
         """Whether `conn` was idle in the pool."""
@@ -417,11 +466,11 @@ class Upstream:
             conn.open_past_soon = True
 
     def lost_idle(self, conn: _Connection) -> None:
-        """`conn`, idle in the pool, was closed: by the predictor unless idle past IDLE_EXPIRY (the
-        pool's other closes are of connections not in it). Soon after an answer: it closes them
-        silently; found open CLOSED_SOON after it (`_look`, the kernel's word: our loop may be
-        late to read a close), it keeps them, to its keep-alive timeout (a predictor whose timeout
-        is under STALE_AFTER never leaves one idle that long, to end the care)."""
+        """`conn`, idle in the pool, was closed: by the predictor (the pool's own closes are of
+        connections not in it). Soon after an answer: it closes them silently; found open
+        CLOSED_SOON after it (`_look`, the kernel's word: our loop may be late to read a close),
+        it keeps them, to its keep-alive timeout (a predictor whose timeout is under STALE_AFTER
+        never leaves one idle that long, to end the care)."""
         if conn.open_past_soon:
             self._careful = False
         elif asyncio.get_running_loop().time() - conn.idle_since < CLOSED_SOON:
@@ -429,6 +478,9 @@ class Upstream:
 
     async def close(self) -> None:
         self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         for conn in self._idle:
             if conn.transport is not None:
                 conn.transport.close()

@@ -413,20 +413,37 @@ async def test_an_answer_nobody_asked_for_that_comes_slowly_retires_the_connecti
         server.close()
 
 
-async def test_idle_connections_are_capped_and_expire(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A burst of 150 concurrent requests left 150 predictor connections open for good."""
+async def test_idle_connections_are_capped_and_expire_without_traffic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of 150 concurrent requests left 150 predictor connections open for good; then,
+    idle ones expired only as another request ended, one per request: with no traffic, never."""
     monkeypatch.setattr(upstream_module, "IDLE_MAX", 2)
     monkeypatch.setattr(upstream_module, "IDLE_EXPIRY", 0.2)
-    peer = Scripted(ok())
-    async with peer as url:
-        up = Upstream(url)
+    opened: list[asyncio.StreamWriter] = []
+    ended: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened.append(writer)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(ok()(b""))
+        ended.append(writer)  # our end: the pool closed it
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    up = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
         await asyncio.gather(*(up.request("GET", b"/", [], b"") for _ in range(5)))
-        assert len(up._idle) == 2
-        await asyncio.sleep(0.3)
-        await up.request("GET", b"/", [], b"")  # its release expires the least recently used
-        await asyncio.sleep(0.05)
-        assert len(up._idle) == 1
+        assert len(opened) == 5
+        await until(lambda: len(ended) == 3, what="the connections past the cap closed")
+        await until(lambda: len(ended) == 5, what="the idle connections expired with no request")
+        assert not up._idle
+        assert (await up.request("GET", b"/", [], b"")).status == 200  # on a new connection
+        assert len(opened) == 6
+    finally:
         await up.close()
+        server.close()
+    assert up._expiry is None  # no timer left armed by a closed pool
 
 
 async def test_a_capped_body_keeps_its_start_and_the_connection_is_closed() -> None:
@@ -476,3 +493,78 @@ async def test_without_a_cap_a_stalled_body_is_still_a_timeout() -> None:
         with pytest.raises(TimeoutError):
             await up.request("GET", b"/", [], b"")
         await up.close()
+
+
+def _head_of(size: int) -> bytes:
+    """Header lines of `size` bytes or so, in 1 KB lines."""
+    return b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 1000) for i in range(size // 1000 + 1))
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\n" + _head_of(70_000) + b"content-length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 200_000 + b"\r\ncontent-length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n" + _head_of(70_000) + b"\r\n",
+], ids=["headers", "one header", "trailers"])
+@pytest.mark.parametrize("max_body", [None, 1024])
+async def test_an_answer_head_over_64_kib_is_refused(answer: bytes, max_body: int | None) -> None:
+    """A predictor's 100,000 headers of 1 KB were buffered (100 MB) and passed on to the client."""
+    peer = Scripted(lambda head: answer if b"/big" in head else ok()(b""))
+    async with peer as url:
+        up = Upstream(url, max_body=max_body)
+        try:
+            if max_body is not None and b"chunked" in answer:
+                # The http sink's: a body (here its trailers) that breaks after the head is still an answer.
+                assert (await up.request("GET", b"/big", [], b"")).truncated
+            else:
+                with pytest.raises(UpstreamError, match="answer head is larger than 64 KiB"):
+                    await up.request("GET", b"/big", [], b"")
+            assert (await up.request("GET", b"/", [], b"")).status == 200
+        finally:
+            await up.close()
+    assert peer.connections == 2  # the refused answer's connection was not reused
+
+
+async def test_an_answer_head_under_64_kib_is_taken() -> None:
+    head = _head_of(60_000)
+    async with Scripted(lambda _: b"HTTP/1.1 200 OK\r\n" + head + b"content-length: 2\r\n\r\n{}") as url:
+        up = Upstream(url)
+        try:
+            answer = await up.request("GET", b"/", [], b"")
+        finally:
+            await up.close()
+    assert answer.body == b"{}" and len(answer.headers) == head.count(b"\r\n") + 1
+
+
+@pytest.mark.parametrize(("start", "line"), [
+    (b"HTTP/1.1 200 OK\r\n", b"x-h: " + b"v" * 1000 + b"\r\n"),
+    (b"HTTP/1.1 200 OK\r\nx-long: ", b"a" * 1000),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n", b"x-t: " + b"v" * 1000 + b"\r\n"),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nx-t: ", b"a" * 1000),
+], ids=["headers", "one header", "trailers", "one trailer"])
+async def test_an_endless_answer_head_is_cut_off(start: bytes, line: bytes) -> None:
+    """Read to its end (or the timeout), an endless head grew the sidecar by all that came."""
+    sent = 0
+    done = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            writer.write(start)
+            while sent < 64 << 20:  # without a bound, all of it is read
+                writer.write(line * 64)
+                sent += len(line) * 64
+                await writer.drain()
+        done.set()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    up = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout=30)
+    try:
+        with pytest.raises(UpstreamError, match="answer head is larger than 64 KiB"):
+            await up.request("GET", b"/", [], b"")
+        await asyncio.wait_for(done.wait(), 10)  # the predictor was cut off
+    finally:
+        await up.close()
+        server.close()
+    assert sent < 64 << 20
