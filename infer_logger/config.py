@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import orjson
 import yaml
@@ -73,7 +73,7 @@ def _service_links(names: Iterable[str]) -> set[str]:
 _LINK_VALUE = re.compile(r"(?:tcp|udp|sctp)://[^/\s]+:\d+", re.IGNORECASE)
 
 _yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
-# Sections a flag gives anew, of another type than the env var's: that env section is left out.
+# Sections a flag gives anew, of another type than the env var's names: that env section is left out.
 _env_replaced: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("env_replaced", default=frozenset())
 # False while `load(..., env=False)` builds settings: none is read from env vars.
 _env_read: contextvars.ContextVar[bool] = contextvars.ContextVar("env_read", default=True)
@@ -154,16 +154,14 @@ class LayeredSettings(BaseSettings):
 
     @classmethod
     def _replaced(cls, data: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
-        """The file's data without the sections a flag (or env var) gives anew: a section of
+        """The file's data without the sections a flag (or env var) gives anew: a section naming
         another `type` (`--db` over the file's http sink) is not merged into, which mixed their
-        options."""
+        options. One naming no type is merged under the flag's: taken for the default's type, the
+        env's group id or TLS settings were dropped under `--source kafka`, silently."""
         for key, value in flags.items():
             section = data.get(key)
-            if not (isinstance(value, dict) and "type" in value and isinstance(section, dict)):
-                continue
-            field = cls.model_fields.get(key)
-            default = getattr(field.default, "type", None) if field is not None else None
-            if section.get("type", default) != value["type"]:
+            if (isinstance(value, dict) and "type" in value and isinstance(section, dict)
+                    and "type" in section and section["type"] != value["type"]):
                 data = {**data, key: {}}
         return data
 
@@ -616,10 +614,19 @@ def sink_from_url(url: str) -> SinkSpec:
         return HttpSinkConfig(url=url)
     if parts.scheme not in ("file", "sqlite"):
         raise ValueError(f"{url!r}: scheme must be http, https, file or sqlite")
+    # A query or fragment was taken into the file's name (`a.db?cache=shared`): no option is read from one.
+    if "?" in url or "#" in url:
+        raise ValueError(f"{url!r}: a {parts.scheme} URL takes no query or fragment, it names a file "
+                         "(a `?` or `#` in the file's name is %3F, %23)")
     # What follows `//` is the path, relative unless it starts with `/`: file://events.jsonl and
     # sqlite://audit.db are files in the working directory, file:///var/log/e.jsonl is absolute
-    # (as is file://localhost/var/log/e.jsonl, RFC 8089).
+    # (as is file://localhost/var/log/e.jsonl, RFC 8089). Percent-decoded, as a URL's path is
+    # (`my%20audit.db` was a file of that name); a `%` starting no escape stays as written.
     path = url.split("://", 1)[1] if "://" in url and parts.netloc != "localhost" else parts.path
+    try:
+        path = unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError(f"{url!r}: its %-escapes are not UTF-8 text") from None
     if not path or path.endswith("/"):
         name = "events.jsonl" if parts.scheme == "file" else "audit.db"
         raise ValueError(f"{url!r} names no file (e.g. {parts.scheme}://{name}, {parts.scheme}:///abs/{name})")

@@ -12,6 +12,9 @@ import click
 from infer_logger.errors import ConfigError, InferLoggerError
 
 _HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+# The `source:` keys the flags give, by flag, and the one source type that has them.
+_SOURCE_FLAGS = {"--listen": ("forward", ("host", "port")), "--kafka-bootstrap": ("kafka", ("bootstrap_servers",)),
+                 "--topic": ("kafka", ("topics",)), "--group-id": ("kafka", ("group_id",))}
 
 
 @click.command("ingest", context_settings=_HELP)
@@ -70,6 +73,8 @@ def ingest_command(config: Path | None, source_type: str | None, listen: str | N
         source["group_id"] = group_id
     if sink_url is not None and db:
         _fail(2, "config error: --sink-url and --db: choose one sink")
+    if source_type and (wrong := _other_sources_flag(source, source_type)):
+        _fail(2, f"config error: {wrong}")
     try:
         if source:
             flags["source"] = source  # merged over the file's `source:`
@@ -79,7 +84,12 @@ def ingest_command(config: Path | None, source_type: str | None, listen: str | N
             flags["sink"] = {"type": "store", "path": str(db)}
         settings = load_ingest_settings(config, **flags)
     except ConfigError as exc:
-        _fail(2, f"config error: {exc}")
+        # Without --source the type is the file's, the env's or forward: a flag of the other one is
+        # an extra key of it (`source.forward.bootstrap_servers: Extra inputs are not permitted`).
+        place = exc.field.split(".")
+        given = len(place) == 3 and place[0] == "source" and place[2] in source
+        wrong = _other_sources_flag(source, place[1]) if given else None
+        _fail(2, f"config error: {wrong or exc}")
     if check:
         click.echo(f"ok: {settings.source.type} source -> {settings.sink.type} sink")
         return
@@ -96,6 +106,14 @@ def ingest_command(config: Path | None, source_type: str | None, listen: str | N
         _fail(2, f"config error: {exc}")
     except InferLoggerError as exc:
         _fail(1, str(exc))
+
+
+def _other_sources_flag(source: dict[str, Any], source_type: str) -> str | None:
+    """What to say of the first flag given that a `source_type` source does not take, if one was."""
+    for flag, (kind, keys) in _SOURCE_FLAGS.items():
+        if kind != source_type and any(key in source for key in keys):
+            return f"{flag} needs --source {kind}" + ("" if kind == "kafka" else " (the default)")
+    return None
 
 
 def _fail(code: int, message: str) -> None:

@@ -110,6 +110,42 @@ class TestSources:
             load_settings(log_url=[url])
         assert info.value.field == "log_url"
 
+    @pytest.mark.parametrize(("url", "path"), [
+        # Taken as written: a file named `my%20audit.db`, not the `my audit.db` the URL names.
+        ("sqlite:///tmp/my%20audit.db", "/tmp/my audit.db"),
+        ("file:///tmp/a%23b%3F.jsonl", "/tmp/a#b?.jsonl"),
+        ("file://localhost/tmp/e%C3%A9.jsonl", "/tmp/eé.jsonl"),
+        ("sqlite://audit%201.db", "audit 1.db"),
+        # A `%` that starts no escape is kept as it is.
+        ("sqlite://100%.db", "100%.db"),
+        ("file://a%2g.jsonl", "a%2g.jsonl"),
+    ])
+    def test_file_and_sqlite_paths_are_percent_decoded(self, url: str, path: str) -> None:
+        from infer_logger.config import sink_from_url
+
+        assert str(sink_from_url(url).path) == path  # type: ignore[union-attr]
+
+    @pytest.mark.parametrize("url", ["sqlite:///tmp/a.db?cache=shared", "sqlite:///tmp/a.db?", "file:///tmp/e.jsonl#x",
+                                     "file://localhost/tmp/e.jsonl?x=1", "sqlite://a.db#"])
+    def test_a_query_or_fragment_is_refused(self, url: str) -> None:
+        """They became part of the file's name: `sqlite:///tmp/a.db?cache=shared` wrote `a.db?cache=shared`."""
+        with pytest.raises(ConfigError, match=r"no query or fragment.*%3F.*%23") as info:
+            load_settings(log_url=[url])
+        assert info.value.field == "log_url" and url in info.value.message
+
+    @pytest.mark.parametrize("url", ["sqlite:///tmp/a%FF.db", "file://%C3.jsonl"])
+    def test_an_escape_that_is_not_utf8_is_refused(self, url: str) -> None:
+        with pytest.raises(ConfigError, match="UTF-8") as info:
+            load_settings(log_url=[url])
+        assert info.value.field == "log_url"
+
+    def test_the_proxy_exits_2_on_a_query(self, tmp_path: Path) -> None:
+        done = subprocess.run([sys.executable, "-m", "infer_logger.cli", "proxy", "--log-url",
+                               f"sqlite:///{tmp_path}/a.db?cache=shared"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert "log_url" in done.stderr and "no query or fragment" in done.stderr and "Traceback" not in done.stderr
+        assert not list(tmp_path.iterdir())
+
     def test_a_file_sink_on_a_directory_is_refused(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="is a directory") as info:
             load_settings(log_url=[f"file://{tmp_path}"])

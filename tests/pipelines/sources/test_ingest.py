@@ -18,6 +18,7 @@ import pytest
 from fluent.sender import FluentSender
 
 from infer_logger.cloudevents.event import CloudEvent
+from infer_logger.errors import ConfigError
 from infer_logger.events import REQUEST, RESPONSE
 from infer_logger.sinks.memory import MemorySink
 from infer_logger.store import AuditStore
@@ -286,6 +287,17 @@ class TestConfig:
         # Every plain record's `type`: each frame was refused at validation, its sender resent it for ever.
         *(([], {"INFER_LOGGER_INGEST_SOURCE__RECORD_TYPE": value},
            "INFER_LOGGER_INGEST_SOURCE__RECORD_TYPE (source.forward.record_type)") for value in ("", "a\tb")),
+        # A variable of a section naming no type was dropped under `--source kafka`: `--check` said ok.
+        (["--source", "kafka", "--kafka-bootstrap", "127.0.0.1:9", "--topic", "t"],
+         {"INFER_LOGGER_INGEST_SOURCE__BATCH_SIZE": "0"}, "INFER_LOGGER_INGEST_SOURCE__BATCH_SIZE (source.kafka.batch_size)"),
+        # A flag of the other source: `source.forward.bootstrap_servers: Extra inputs are not permitted`
+        # (and `--listen` under kafka said `bootstrap_servers: Field required`).
+        (["--kafka-bootstrap", "k:1", "--topic", "t"], {}, "--kafka-bootstrap needs --source kafka"),
+        (["--topic", "t"], {}, "--topic needs --source kafka"),
+        (["--source", "forward", "--group-id", "g"], {}, "--group-id needs --source kafka"),
+        (["--kafka-bootstrap", "k:1", "--topic", "t"], {"INFER_LOGGER_INGEST_SOURCE__TYPE": "forward"},
+         "--kafka-bootstrap needs --source kafka"),
+        (["--source", "kafka", "--listen", "127.0.0.1:24224"], {}, "--listen needs --source forward"),
     ])
     def test_bad_settings_exit_2_naming_them(self, args: list[str], env: dict[str, str], names: str) -> None:
         import os
@@ -325,8 +337,43 @@ class TestConfig:
         assert (settings.sink.type, settings.sink.path) == ("store", "x.db")  # type: ignore[union-attr]
         # The same type (the file's by default): merged, its options kept.
         assert (settings.source.host, settings.source.port) == ("0.0.0.0", 24225)  # type: ignore[union-attr]
-        kafka = load_ingest_settings(config, source={"type": "kafka", "bootstrap_servers": "k:9092", "topics": ["t"]})
-        assert kafka.source.type == "kafka"
+        kafka = {"type": "kafka", "bootstrap_servers": "k:9092", "topics": ["t"]}
+        # A section naming no type is merged under the flag's: its forward options are not kafka's.
+        with pytest.raises(ConfigError, match="source.kafka.port: Extra inputs"):
+            load_ingest_settings(config, source=kafka)
+        config.write_text("source: {type: forward, port: 24225, shared_key: s}\n")
+        assert load_ingest_settings(config, source=kafka).source.type == "kafka"
+
+    def test_a_section_naming_no_type_is_merged_under_the_flags_type(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Under `--source kafka` the env's or file's `source:` naming no type was taken for a forward
+        one and dropped: the group id, TLS or SASL of env vars were not used, silently."""
+        from pipelines.sources.settings import load_ingest_settings
+
+        kafka = {"type": "kafka", "bootstrap_servers": "h:9", "topics": ["t"]}
+        monkeypatch.setenv("INFER_LOGGER_INGEST_SOURCE__GROUP_ID", "from-env")
+        monkeypatch.setenv("INFER_LOGGER_INGEST_SOURCE__BATCH_SIZE", "7")
+        monkeypatch.setenv("INFER_LOGGER_INGEST_SINK__BATCH_SIZE", "9")
+        settings = load_ingest_settings(None, source=kafka, sink={"type": "http", "url": "http://b/"})
+        assert (settings.source.group_id, settings.source.batch_size) == ("from-env", 7)  # type: ignore[union-attr]
+        assert (settings.sink.type, settings.sink.batch_size) == ("http", 9)
+        monkeypatch.delenv("INFER_LOGGER_INGEST_SOURCE__GROUP_ID")
+        config = tmp_path / "ingest.yaml"
+        config.write_text("source: {group_id: from-file, config: {security.protocol: SSL}}\nsink: {batch_size: 3}\n")
+        settings = load_ingest_settings(config, source=kafka, sink={"type": "http", "url": "http://b/"})
+        assert settings.source.group_id == "from-file"  # type: ignore[union-attr]
+        assert settings.source.config == {"security.protocol": "SSL"}  # type: ignore[union-attr]
+        assert settings.source.batch_size == 7  # type: ignore[union-attr]
+        assert (settings.sink.type, settings.sink.batch_size) == ("http", 9)
+
+    def test_kafka_flags_join_a_kafka_source_of_env_vars(self) -> None:
+        import os
+
+        env = {**os.environ, "INFER_LOGGER_INGEST_SOURCE__TYPE": "kafka", "INFER_LOGGER_INGEST_SOURCE__TOPICS": '["t"]'}
+        done = subprocess.run([*INGEST, "--kafka-bootstrap", "127.0.0.1:9", "--check"], capture_output=True,
+                              text=True, timeout=60, env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "ok: kafka source -> store sink"
 
     @pytest.mark.parametrize("env", [
         {"INFER_LOGGER_INGEST_SINK": '{"type": "store", "path": "x.db"}'},
