@@ -2,7 +2,8 @@
 
 Pure functions over frozen messages; no Kafka client is imported. A producer sends one with
 `send(topic, m.value, key=m.key, headers=list(m.headers.items()))`; a consumer decodes a record
-with `from_kafka(KafkaMessage(dict(r.headers), r.key, r.value))`.
+with `from_kafka(KafkaRecord(r.headers, r.key, r.value))`: the header pairs as read, so that a
+ce_ or content-type header given twice is refused, not decided by whichever came last.
 
 Keys: the `partitionkey` extension, when present, is the record key (the binding's Key
 Mapper); otherwise the `key` argument decides, by default the event id, so that the request,
@@ -11,7 +12,7 @@ response and explanation events of one prediction land in one partition, in orde
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -29,6 +30,15 @@ class KafkaMessage:
     headers: dict[str, bytes]
     key: bytes | None
     # None is a record without a value: binary mode's event without data (a tombstone).
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaRecord:
+    """A record as a consumer read it: its headers the (name, value) pairs, repeats and all."""
+
+    headers: Sequence[tuple[str, bytes | None]]
+    key: bytes | None
     value: bytes | None
 
 
@@ -60,15 +70,13 @@ def to_kafka_structured(event: CloudEvent, key: Key = key_by_id) -> KafkaMessage
     return KafkaMessage(headers, _choose_key(event, key), json_format.to_json(event))
 
 
-def from_kafka(message: KafkaMessage) -> CloudEvent:
+def from_kafka(message: KafkaMessage | KafkaRecord) -> CloudEvent:
     """A validated event; headers that carry no attribute are kept in its `meta`.
 
     The record key is not turned into a `partitionkey` attribute: keys chosen by `key` (the
     event id by default) are transport routing, and adding them would change the event.
     """
-    # Kafka header names are case-sensitive, but matching them loosely costs nothing and
-    # accepts what some producers send.
-    headers = {name.lower(): value for name, value in message.headers.items()}
+    headers = _headers(message.headers)
     # An empty content-type says as little as a missing one (as HTTP reads it).
     content_type = (_text(headers.get("content-type"), "datacontenttype") or "").strip() or None
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
@@ -92,6 +100,20 @@ def from_kafka(message: KafkaMessage) -> CloudEvent:
     return validate(CloudEvent(attributes, data, _meta(headers, skip_ce=True)))
 
 
+def _headers(raw: dict[str, bytes] | Sequence[tuple[str, bytes | None]]) -> dict[str, bytes | None]:
+    """By lower-cased name: Kafka's names are case-sensitive, but matching them loosely costs
+    nothing and accepts what some producers send. An attribute header (or content-type) given
+    twice is refused: which one holds is anybody's guess, and the last one silently won."""
+    headers: dict[str, bytes | None] = {}
+    for name, value in raw.items() if isinstance(raw, dict) else raw:
+        lower = name.lower()
+        if lower in headers and (lower.startswith(_PREFIX) or lower == "content-type"):
+            attribute = lower[len(_PREFIX) :] if lower.startswith(_PREFIX) else "datacontenttype"
+            raise InvalidEventError(attribute, f"header {lower} repeated")
+        headers[lower] = value
+    return headers
+
+
 def _choose_key(event: CloudEvent, key: Key) -> bytes | None:
     partition_key = event.get("partitionkey")
     if partition_key is not None:
@@ -108,7 +130,7 @@ def _text(raw: bytes | None, attribute: str) -> str | None:
         raise InvalidEventError(attribute, "header value is not valid UTF-8") from None
 
 
-def _meta(headers: dict[str, bytes], *, skip_ce: bool) -> dict[str, str]:
+def _meta(headers: dict[str, bytes | None], *, skip_ce: bool) -> dict[str, str]:
     """Headers beyond the event, kept apart as the spec recommends (bad UTF-8 made visible)."""
     return {
         name: value.decode("utf-8", "backslashreplace")

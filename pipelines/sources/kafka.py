@@ -11,7 +11,9 @@ Rebalances lose and reorder nothing: every consumer call, and so every rebalance
 runs in that one thread between the loop's steps. A revoke drops the records of the revoked
 partitions from the batch in hand (uncommitted, their next owner reads them again from the
 committed offset) and commits what was handled but not yet committed. Record key = event id
-keeps an id's events in one partition, so in one consumer's batches, in order.
+keeps an id's events in one partition, so in one consumer's batches, in order; the subscriber
+keeps that order as far as it says (the http sink sends an id's events one after another, a
+failed one holding back the later ones; other ids' events arrive in any order).
 
 A stop with a batch handled in part (a subscriber given up on mid-batch, as the broker does with
 a delivery stuck in retries) commits each partition up to its first record not handled and names
@@ -42,7 +44,7 @@ from pydantic import Field, field_validator, model_validator
 
 from infer_logger import appending, deadletter, fields
 from infer_logger.cloudevents.event import CloudEvent
-from infer_logger.cloudevents.kafka import KafkaMessage, from_kafka, to_kafka_structured
+from infer_logger.cloudevents.kafka import KafkaRecord, from_kafka, to_kafka_structured
 from infer_logger.dispatch import Backoff
 from infer_logger.errors import ConfigError, RejectedError, SinkError
 from infer_logger.sinks.base import Sink
@@ -98,6 +100,8 @@ _PROBE_EVERY = 1.0  # seconds between metadata requests asking whether a broker 
 _PROBE_TIMEOUT = 0.5  # seconds one may take (it holds the consumer's thread while none answers)
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # what Kafka accepts as a topic's name (not "." or "..")
 _SAY_EVERY = 60.0  # seconds between two warnings of one client error code
+_SAY_SKIPPED = 10  # records skipped (no dead-letter setting) logged one by one per batch; the rest counted
+_COMMIT_SLOW = 5.0  # seconds a commit may wait for Kafka before it is said (log, /readyz)
 # Seconds a stop waits for the consumer's close (its last commit, leaving the group). librdkafka
 # waits for ever on a commit while the coordinator does not answer (a stalled broker).
 _CLOSE_TIMEOUT = 10.0
@@ -217,6 +221,7 @@ class KafkaSource:
         """Partitions this consumer owns now."""
         self.delivered = 0
         self.dead_lettered = 0
+        self.skipped = 0  # records neither delivered nor dead-lettered: no dead-letter setting, too large
         self._backoff = Backoff(maximum=config.retry_max)
         # Every consumer call runs in this one thread (the rebalance callbacks with them).
         self._thread = _DaemonThread("kafka-source")
@@ -239,6 +244,7 @@ class KafkaSource:
         self._dead_letters_fail: str | None = None  # why the batch's dead letters are not written, retried
         self._unreachable = False  # no broker answered since librdkafka said all were down
         self._probed = 0.0
+        self._commit_began: float | None = None  # a commit waiting for Kafka: since when (monotonic)
         self._consumer = self._client(Consumer, config.consumer_config())
         if config.dead_letter_topic is not None:
             # Made now: a setting it refuses (one the consumer takes) is a ConfigError at build,
@@ -265,13 +271,15 @@ class KafkaSource:
         """Nothing to take first: `run` waits for brokers that are not there yet."""
 
     def stats(self) -> dict[str, int]:
-        return {"delivered": self.delivered, "dead_lettered": self.dead_lettered}
+        return {"delivered": self.delivered, "dead_lettered": self.dead_lettered, "skipped": self.skipped}
 
     @property
     def problem(self) -> str | None:
         """Why it cannot read now or cannot get past a batch (the ingest's `/readyz` reason), else None."""
         if self._unreachable:
             return f"no Kafka broker reachable at {self.address}"
+        if (began := self._commit_began) is not None and (waited := time.monotonic() - began) >= _COMMIT_SLOW:
+            return f"offsets commit not answered for {waited:.0f}s by Kafka at {self.address}"
         return self._dead_letters_fail
 
     async def run(self) -> None:
@@ -302,9 +310,9 @@ class KafkaSource:
                     continue
                 if not await self._handle():
                     # Stopping while the subscriber still fails: what it took is committed.
-                    await self._call(self._commit_handled)
+                    await self._committing(self._commit_handled)
                     break
-                await self._call(self._commit_and_resume)
+                await self._committing(self._commit_and_resume)
         finally:
             try:
                 await self._close(self._close_consumer)
@@ -435,6 +443,17 @@ class KafkaSource:
             r.taken = r.taken or r.event is not None  # a stop before the dead letters commits these
         self.delivered += sum(1 for r in records if r.event is not None)
 
+    async def _committing(self, commit: Callable[[], None]) -> None:
+        """`commit` in the consumer's thread, warned of once it waits past _COMMIT_SLOW (see `_commit`)."""
+        step = asyncio.ensure_future(self._call(commit))
+        try:
+            if not (await asyncio.wait({step}, timeout=_COMMIT_SLOW))[0]:
+                log.warning("kafka source %s: offsets commit not answered for %gs (Kafka unreachable?); "
+                            "waiting for it", self.address, _COMMIT_SLOW)
+            await step
+        finally:
+            step.cancel()  # a stop cancelling the wait: the call itself runs on (as `_call`'s)
+
     async def _polling(self, work: Coroutine[Any, Any, None]) -> None:
         """Await `work`, polling the paused consumer every second while it runs.
 
@@ -469,10 +488,13 @@ class KafkaSource:
                     await self._call(self._write_dead_letters, records)
                     self.dead_lettered += len(records)
                 else:
-                    first = records[0]
-                    log.error("kafka source %s: %d records skipped, not dead-lettered (no dead-letter topic or "
-                              "file); first %s[%d] offset %d: %s", self.address, len(records), *first.partition,
-                              first.msg.offset(), first.reason)
+                    for r in records[:_SAY_SKIPPED]:
+                        log.error("kafka source %s: %s[%d] offset %d skipped, not dead-lettered (no dead-letter "
+                                  "topic or file): %s", self.address, *r.partition, r.msg.offset(), r.reason)
+                    if len(records) > _SAY_SKIPPED:
+                        log.error("kafka source %s: and %d more records of the batch skipped, not dead-lettered",
+                                  self.address, len(records) - _SAY_SKIPPED)
+                    self.skipped += len(records)
                 for r in records:
                     r.taken = True
         finally:
@@ -520,8 +542,8 @@ class KafkaSource:
     @staticmethod
     def _decode(msg: Message) -> _Record:
         try:
-            headers = dict(cast(list[tuple[str, bytes]], msg.headers() or []))
-            return _Record(msg, from_kafka(KafkaMessage(headers, msg.key(), msg.value())))
+            headers = cast(list[tuple[str, bytes | None]], msg.headers() or [])
+            return _Record(msg, from_kafka(KafkaRecord(headers, msg.key(), msg.value())))
         except Exception as exc:  # noqa: BLE001 - InvalidEventError, bad UTF-8, bad JSON: not a CloudEvent
             # Anything else a record makes decoding raise is its fault too: out of here, it
             # ended `run()`, and a restart met the same record.
@@ -580,11 +602,18 @@ class KafkaSource:
                            TopicPartition(*key, offset, metadata=metadata))
         if not offsets:
             return
+        # Waited for: the offsets are known committed before the next batch, and before a revoke
+        # hands the partitions on. It holds the only consumer thread meanwhile (librdkafka gives a
+        # commit to a broker gone up to ~session.timeout.ms), so no poll hears that every broker
+        # is down: `problem` tells of the wait instead.
+        self._commit_began = time.monotonic()
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:  # left uncommitted: its records come again (at-least-once)
             log.warning("kafka source %s: commit failed: %s", self.address, exc.args[0].str())
             return
+        finally:
+            self._commit_began = None
         for tp in offsets:
             key = (tp.topic, tp.partition)
             self._uncommitted.pop(key, None)
@@ -702,6 +731,7 @@ class KafkaSource:
         for i in self._produce_letters(topic, bare, lambda i: written(big[i])):
             r = big[i]
             r.taken = True
+            self.skipped += 1
             log.error("kafka source %s: %s[%d] offset %d not dead-lettered (too large even without its value): %s",
                       self.address, *r.partition, r.msg.offset(), r.reason)
 

@@ -17,6 +17,7 @@ from infer_logger.cloudevents import (
     to_kafka_binary,
     to_kafka_structured,
 )
+from infer_logger.cloudevents.kafka import KafkaRecord
 from infer_logger.errors import InvalidEventError, MissingAttributeError
 
 from .conformance import assert_attributes, assert_data, binding_event, cases, load, params
@@ -103,6 +104,41 @@ class TestBinary:
     def test_v03_refused(self) -> None:
         with pytest.raises(InvalidEventError, match="0.3"):
             from_kafka(KafkaMessage({**HEADERS, "ce_specversion": b"0.3"}, None, None))
+
+
+class TestRepeatedHeaders:
+    """A ce_ or content-type header given twice makes no CloudEvent (which one holds?); the
+    last one silently won. Names are case-insensitive; other headers may repeat."""
+
+    @pytest.mark.parametrize(
+        ("headers", "attribute", "named"),
+        [
+            ([*HEADERS.items(), ("ce_id", b"dup-b")], "id", "ce_id"),
+            ([*HEADERS.items(), ("CE_ID", b"req-1")], "id", "ce_id"),  # the same value: still two
+            ([*HEADERS.items(), ("ce_subject", b"a"), ("ce_Subject", None)], "subject", "ce_subject"),
+            ([*HEADERS.items(), ("content-type", b"text/plain"), ("Content-Type", b"text/csv")],
+             "datacontenttype", "content-type"),
+        ],
+        ids=["ce_id", "case", "null", "content-type"],
+    )
+    def test_binary_refused(self, headers: list[tuple[str, bytes | None]], attribute: str, named: str) -> None:
+        with pytest.raises(InvalidEventError, match=f"header {named} repeated") as info:
+            from_kafka(KafkaRecord(headers, None, b"x"))
+        assert info.value.attribute == attribute
+
+    def test_names_differing_in_case_refused_in_a_dict(self) -> None:
+        with pytest.raises(InvalidEventError, match="header ce_id repeated"):
+            from_kafka(KafkaMessage({**HEADERS, "ce_ID": b"dup-a"}, None, None))
+
+    def test_structured_content_type_refused(self) -> None:
+        message = to_kafka_structured(CloudEvent(dict(BASE)))
+        headers = [*message.headers.items(), ("content-type", b"application/cloudevents+json")]
+        with pytest.raises(InvalidEventError, match="header content-type repeated"):
+            from_kafka(KafkaRecord(headers, None, message.value))
+
+    def test_other_headers_repeat_freely(self) -> None:
+        headers = [*HEADERS.items(), ("traceparent", b"a"), ("traceparent", b"b"), ("x", b"1"), ("X", b"2")]
+        assert from_kafka(KafkaRecord(headers, None, b"x")).attributes == BASE
 
 
 class TestStructured:

@@ -1021,14 +1021,74 @@ async def test_a_dead_letter_larger_than_the_producer_queue_goes_without_its_val
     headers = dict(cast(list[tuple[str, bytes]], msg.headers() or []))
     assert msg.value() is None and headers[DROPPED_HEADER] == b"200000" and source.dead_lettered == 1
 
-async def test_records_skipped_without_a_dead_letter_setting_are_not_counted(
+async def test_records_skipped_without_a_dead_letter_setting_are_each_logged_and_counted(
         kafka_bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
+    """With no dead-letter topic or file, one line named the first of a batch's skipped records
+    and nothing counted them: each is logged (topic, partition, offset, reason; past the first
+    ten, a count) and `skipped` counts them (the ingest's /metrics)."""
     topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
-    publish_raw(kafka_bootstrap, topic, [(b"not an event", [])])
-    source = source_config(kafka_bootstrap, topic, group).build(MemorySink())
+    poison: list[tuple[bytes | None, Headers]] = [(b"not an event", [])] * 12
+    poison.append((b"{oops", [("content-type", b"application/cloudevents+json")]))
+    publish_raw(kafka_bootstrap, topic, poison)
+    await publish(kafka_bootstrap, topic, [event(0)])
+    sink = MemorySink()
+    source = source_config(kafka_bootstrap, topic, group).build(sink)
     async with running(source):
-        await until(lambda: committed(kafka_bootstrap, group, topic) == [1], what="commit")
-    assert source.dead_lettered == 0 and "1 records skipped, not dead-lettered" in caplog.text
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [14], what="commit")
+    assert [e.id for e in sink.events] == ["id-0"]
+    assert source.stats() == {"delivered": 1, "dead_lettered": 0, "skipped": 13}
+    said = [r.getMessage() for r in caplog.records if r.name == "pipelines.sources.kafka" and "skipped" in r.getMessage()]
+    assert sum(f"{topic}[0] offset " in line and "not a CloudEvent" in line for line in said) == 10, said
+    assert f"{topic}[0] offset 0 " in said[0] and f"{topic}[0] offset 9 " in said[9]
+    assert any("3 more" in line for line in said), said
+
+
+async def test_a_repeated_ce_header_is_no_cloudevent(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """ce_id twice (or ce_ID and ce_id): the last one won, silently; the record is dead-lettered."""
+    topic, group = new_topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    base = [("ce_specversion", b"1.0"), ("ce_source", b"/s"), ("ce_type", b"t")]
+    publish_raw(kafka_bootstrap, topic, [(b"{}", [*base, ("ce_id", b"dup-a"), ("ce_id", b"dup-b")]),
+                                         (b"{}", [*base, ("ce_ID", b"dup-c"), ("ce_id", b"dup-d")]),
+                                         (b"{}", [*base, ("ce_id", b"ok"), ("trace", b"1"), ("trace", b"2")])])
+    sink = MemorySink()
+    dead = tmp_path / "dead.jsonl"
+    source = source_config(kafka_bootstrap, topic, group, dead_letter_file=dead).build(sink)
+    async with running(source):
+        await until(lambda: committed(kafka_bootstrap, group, topic) == [3], what="commit")
+    assert [e.id for e in sink.events] == ["ok"] and source.dead_lettered == 2
+    letters = [orjson.loads(line) for line in dead.read_bytes().splitlines()]
+    assert [letter["offset"] for letter in letters] == [0, 1]
+    assert all("not a CloudEvent" in letter["reason"] and "header ce_id repeated" in letter["reason"]
+               for letter in letters), letters
+
+
+async def test_a_commit_kafka_does_not_answer_is_its_problem_well_before_the_session_timeout(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Kafka gone while the subscriber had a batch: the commit after it waited up to
+    session.timeout.ms (45 s) in the consumer's only thread, so no poll saw that every broker was
+    down: /readyz said ready and nothing was logged all that time."""
+    server = NoidaServer("kafka").start()
+    topic, group = new_topic(server.address), f"g-{uuid.uuid4().hex[:8]}"
+    sink = Gated()
+    config = source_config(server.address, topic, group).model_copy(update={"session_timeout_ms": 45_000})
+    source = config.build(sink)
+    try:
+        await publish(server.address, topic, [event(i) for i in range(10)])
+        async with running(source):
+            await until(lambda: sink.waiting >= 1, 30, what="a batch in hand")
+            assert source.problem is None
+            server.stop(keep_data=True)
+            sink.gate.set()  # taken: its commit cannot reach the broker
+            await until(lambda: source.problem is not None, 15, what="not ready, well within the session timeout")
+            assert "Kafka" in cast(str, source.problem)
+            await until(lambda: "commit not answered" in caplog.text or "no broker reachable" in caplog.text,
+                        15, what="a warning")
+            server.start(fresh=False)
+            await until(lambda: committed(server.address, group, topic) == [10], 60, what="the commit")
+            await until(lambda: source.problem is None, 30, what="ready again")
+    finally:
+        server.stop()
+    assert first_seen(sink.events) == [(f"id-{i}", REQUEST) for i in range(10)]  # the failed commit's come again
 
 
 async def test_a_dead_letter_producer_failed_for_good_is_replaced(kafka_bootstrap: str) -> None:
