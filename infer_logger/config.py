@@ -154,14 +154,23 @@ class LayeredSettings(BaseSettings):
 
     @classmethod
     def _replaced(cls, data: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
-        """The file's data without the sections a flag (or env var) gives anew: a section naming
+        """The file's data without the sections a flag (or env var) gives anew: a section of
         another `type` (`--db` over the file's http sink) is not merged into, which mixed their
-        options. One naming no type is merged under the flag's: taken for the default's type, the
-        env's group id or TLS settings were dropped under `--source kafka`, silently."""
+        options. One naming no type is merged under the flag's when the flag's type has every
+        key it gives (the env's group id or TLS settings were dropped under `--source kafka`,
+        silently), else it is the default's type's, and replaced (`source: {port: ...}` with
+        `--source kafka`)."""
         for key, value in flags.items():
             section = data.get(key)
-            if (isinstance(value, dict) and "type" in value and isinstance(section, dict)
-                    and "type" in section and section["type"] != value["type"]):
+            if not (isinstance(value, dict) and "type" in value and isinstance(section, dict)):
+                continue
+            if "type" in section:
+                other = section["type"] != value["type"]
+            else:
+                field = cls.model_fields.get(key)
+                takes = _member_fields(field.annotation, value["type"]) if field is not None else None
+                other = takes is None or not set(section) <= takes
+            if other:
                 data = {**data, key: {}}
         return data
 
@@ -231,6 +240,19 @@ def _section_fields(annotation: Any) -> set[str]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return {name.upper() for name in annotation.model_fields}
     return {name for arg in get_args(annotation) for name in _section_fields(arg)}
+
+
+def _member_fields(annotation: Any, type_name: object) -> set[str] | None:
+    """The settings (as written, aliases too) of the union member whose `type` is `type_name`."""
+    if get_origin(annotation) is Annotated:
+        return _member_fields(get_args(annotation)[0], type_name)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        own = annotation.model_fields.get("type")
+        if own is None or own.default != type_name:
+            return None
+        return {name for name, f in annotation.model_fields.items() for name in (name, f.alias) if name}
+    return next((found for arg in get_args(annotation) if (found := _member_fields(arg, type_name)) is not None),
+                None)
 
 
 def _takes_keys(annotation: Any) -> bool | None:

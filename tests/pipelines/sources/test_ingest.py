@@ -338,11 +338,12 @@ class TestConfig:
         # The same type (the file's by default): merged, its options kept.
         assert (settings.source.host, settings.source.port) == ("0.0.0.0", 24225)  # type: ignore[union-attr]
         kafka = {"type": "kafka", "bootstrap_servers": "k:9092", "topics": ["t"]}
-        # A section naming no type is merged under the flag's: its forward options are not kafka's.
-        with pytest.raises(ConfigError, match="source.kafka.port: Extra inputs"):
-            load_ingest_settings(config, source=kafka)
-        config.write_text("source: {type: forward, port: 24225, shared_key: s}\n")
+        # A section naming no type with keys the flag's type lacks is the default's (forward):
+        # replaced, as one naming it is (merged, a config that ran failed: `source.kafka.port`).
         assert load_ingest_settings(config, source=kafka).source.type == "kafka"
+        config.write_text("source: {type: forward, port: 24225, shared_key: s}\nsink: {path: y.db}\n")
+        assert load_ingest_settings(config, source=kafka).source.type == "kafka"
+        assert load_ingest_settings(config, sink={"type": "http", "url": "http://b/"}).sink.type == "http"
 
     def test_a_section_naming_no_type_is_merged_under_the_flags_type(
             self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
