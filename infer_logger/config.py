@@ -250,7 +250,7 @@ def _member_fields(annotation: Any, type_name: object) -> set[str] | None:
         own = annotation.model_fields.get("type")
         if own is None or own.default != type_name:
             return None
-        return {name for name, f in annotation.model_fields.items() for name in (name, f.alias) if name}
+        return set(annotation.model_fields) | {f.alias for f in annotation.model_fields.values() if f.alias}
     return next((found for arg in get_args(annotation) if (found := _member_fields(arg, type_name)) is not None),
                 None)
 
