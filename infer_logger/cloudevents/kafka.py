@@ -76,7 +76,7 @@ def from_kafka(message: KafkaMessage | KafkaRecord) -> CloudEvent:
     The record key is not turned into a `partitionkey` attribute: keys chosen by `key` (the
     event id by default) are transport routing, and adding them would change the event.
     """
-    headers = _headers(message.headers)
+    headers, repeated = _headers(message.headers)
     # An empty content-type says as little as a missing one (as HTTP reads it).
     content_type = (_text(headers.get("content-type"), "datacontenttype") or "").strip() or None
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
@@ -87,6 +87,8 @@ def from_kafka(message: KafkaMessage | KafkaRecord) -> CloudEvent:
             raise InvalidEventError("", "a structured-mode record needs a value")
         event = json_format.from_json(message.value)
         return CloudEvent(event.attributes, event.data, _meta(headers, skip_ce=False))
+    if repeated is not None:  # binary mode reads it as an attribute (structured mode only keeps it in `meta`)
+        raise InvalidEventError(repeated[len(_PREFIX) :], f"header {repeated} repeated")
     attributes: dict[str, AttributeValue] = {}
     for name, raw in headers.items():
         if name.startswith(_PREFIX) and raw is not None:  # a null header (Java clients write them) is none
@@ -100,18 +102,22 @@ def from_kafka(message: KafkaMessage | KafkaRecord) -> CloudEvent:
     return validate(CloudEvent(attributes, data, _meta(headers, skip_ce=True)))
 
 
-def _headers(raw: dict[str, bytes] | Sequence[tuple[str, bytes | None]]) -> dict[str, bytes | None]:
-    """By lower-cased name: Kafka's names are case-sensitive, but matching them loosely costs
-    nothing and accepts what some producers send. An attribute header (or content-type) given
-    twice is refused: which one holds is anybody's guess, and the last one silently won."""
+def _headers(raw: dict[str, bytes] | Sequence[tuple[str, bytes | None]]) -> tuple[dict[str, bytes | None], str | None]:
+    """By lower-cased name (Kafka's names are case-sensitive, but matching them loosely costs
+    nothing and accepts what some producers send), and the first `ce_` header given twice. Such
+    a header (in binary mode) or content-type is refused: which one holds is anybody's guess, and
+    the last one silently won."""
     headers: dict[str, bytes | None] = {}
+    repeated = None
     for name, value in raw.items() if isinstance(raw, dict) else raw:
         lower = name.lower()
-        if lower in headers and (lower.startswith(_PREFIX) or lower == "content-type"):
-            attribute = lower[len(_PREFIX) :] if lower.startswith(_PREFIX) else "datacontenttype"
-            raise InvalidEventError(attribute, f"header {lower} repeated")
+        if lower in headers:
+            if lower == "content-type":
+                raise InvalidEventError("datacontenttype", "header content-type repeated")
+            if repeated is None and lower.startswith(_PREFIX):
+                repeated = lower
         headers[lower] = value
-    return headers
+    return headers, repeated
 
 
 def _choose_key(event: CloudEvent, key: Key) -> bytes | None:

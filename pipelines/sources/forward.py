@@ -40,8 +40,9 @@ become that event again; one that has `specversion` and is no valid CloudEvent (
 RFC 3339 timestamp, a missing `source`) is dead-lettered with the reason, as the refused ones are,
 as the record event it would be below (logged at WARNING, counted in `invalid_events`), and the
 chunk acked; so is a record whose time no event can hold (outside years 1..9999: a valid Forward
-time, often milliseconds sent as seconds), without `time`. Any other record becomes an event of type `record_type` with the tag as
-`subject`, the Fluentd time as `time` (nanoseconds), the record as JSON `data`, and the id
+time, often milliseconds sent as seconds), without `time`. Any other record becomes an event of
+type `record_type` with the tag as `subject`, the Fluentd time as `time` (nanoseconds), the
+record as JSON `data`, and the id
 `<chunk>-<index>` when the frame has a chunk (a resent chunk keeps its ids, so an id-keyed store
 overwrites) or else a new UUID; in subject and id, what an attribute may not hold (a control
 character) is percent-encoded. Every event's `meta` carries `fluentd-tag` and `fluentd-time` (ns).

@@ -136,6 +136,13 @@ class TestRepeatedHeaders:
         with pytest.raises(InvalidEventError, match="header content-type repeated"):
             from_kafka(KafkaRecord(headers, None, message.value))
 
+    def test_a_repeated_ce_header_a_structured_record_never_reads_is_taken(self) -> None:
+        """It only goes to `meta`: the record was dead-lettered for a header that says nothing."""
+        event = CloudEvent(dict(BASE))
+        message = to_kafka_structured(event)
+        headers = [*message.headers.items(), ("ce_traceparent", b"a"), ("ce_traceparent", b"b")]
+        assert from_kafka(KafkaRecord(headers, None, message.value)).attributes == event.attributes
+
     def test_other_headers_repeat_freely(self) -> None:
         headers = [*HEADERS.items(), ("traceparent", b"a"), ("traceparent", b"b"), ("x", b"1"), ("X", b"2")]
         assert from_kafka(KafkaRecord(headers, None, b"x")).attributes == BASE
