@@ -375,6 +375,8 @@ def _cesql(value: Any, path: tuple[PathPart, ...], warn: Warn) -> Filter:
                    "to right as the CESQL spec says (`a OR b AND c` is `(a OR b) AND c`), where Knative reads it "
                    "right to left: parenthesise it", mixed)
     for negated, attribute in expression.negated_attributes():
+        if value[attribute.position + len(attribute.name):].lstrip().startswith(")"):
+            continue  # `(NOT sampled) = TRUE`: parenthesised as meant
         warn(path, f"CESQL {value!r}: NOT at position {negated.position} applies to {attribute.name} "
                    f"alone, as the CESQL grammar binds it (`NOT a = b` is `(NOT a) = b`, which fails every event "
                    "whose attribute is not a boolean): write NOT (...) around the comparison", negated.position)

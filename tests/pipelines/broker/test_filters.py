@@ -255,6 +255,8 @@ def test_logic_mixed_without_parentheses_is_said_at_load(expression: str, positi
     ("NOT (type = 'x')", None),
     ("NOT EXISTS x", None),
     ("NOT TRUE = FALSE", None),
+    ("(NOT sampled) = TRUE", None),
+    ("(NOT type = 'x')", 1),
 ])
 def test_a_not_of_a_bare_attribute_is_said_at_load(expression: str, position: int | None,
                                                    caplog: pytest.LogCaptureFixture) -> None:
