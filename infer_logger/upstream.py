@@ -33,7 +33,9 @@ class _HeadTooLarge(Exception):
 
 
 _HEAD_TOO_LARGE = f"the predictor's answer head is larger than {MAX_HEAD >> 10} KiB (headers and trailers)"
-_CHUNK_FRAMING = 64  # bytes allowed each chunk's size line and CRLFs, read beyond the body
+# Bytes allowed each chunk's size line and CRLFs, read beyond the body: its extensions too (legal,
+# RFC 9112 7.1.1, and not held by the parser), which 64 bytes took for an endless head.
+_CHUNK_FRAMING = 4096
 
 
 @dataclass(slots=True)
