@@ -596,6 +596,17 @@ def explanation_event(request: CloudEvent, response: CloudEvent, explanation: Ex
         value = response.get(name) or request.get(name)
         if value not in (None, ""):
             attributes[name] = value
+    # Namespace and service name the exchange in the store (and its index): both from one event,
+    # so that mixed ones (a request naming only the namespace, its response only the service)
+    # give no third exchange, joined with neither.
+    keyed = (events.NAMESPACE, events.INFERENCESERVICENAME)
+    named = next((e for e in (response, request) if any(e.get(n) not in (None, "") for n in keyed)), None)
+    for name in keyed:
+        value = named.get(name) if named is not None else None
+        if value in (None, ""):
+            attributes.pop(name, None)
+        else:
+            attributes[name] = value
     doc = explanation.to_dict()
     data = orjson.dumps(doc)
     if max_bytes is not None and len(data) > max_bytes:

@@ -199,13 +199,6 @@ def query(config: Path | None, db: str | None, id_: str | None, model: str | Non
         limit = 20
     filters: dict[str, Any] = {"id": id_, "model": model, "since": _time(since, "--since"),
                                "until": _time(until, "--until"), "status": status, "start": page}
-    if page is not None:
-        from infer_logger.store import check_page_token
-
-        try:
-            check_page_token(page)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--page") from None
     if db == "":
         raise click.BadParameter("an empty path names no file", param_hint="--db")
     path = _store_path(_settings(config)) if db is None else Path(db)
@@ -225,6 +218,12 @@ def query(config: Path | None, db: str | None, id_: str | None, model: str | Non
         sys.exit(1)
     except InferLoggerError as exc:  # not an SQLite file, or a newer schema
         raise click.BadParameter(str(exc), param_hint="--db") from None
+    if page is not None:
+        try:
+            store.check_page_token(page)
+        except ValueError as exc:
+            store.close()
+            raise click.BadParameter(str(exc), param_hint="--page") from None
     # Made into a file (on disk past 8 MiB), then written out: a read transaction held while the
     # output waited on a pager (`| less`) kept the sidecar's WAL from being reset, growing for good.
     # With no room for it (a full or small TMPDIR), written out as made instead.

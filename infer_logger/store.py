@@ -390,36 +390,39 @@ class AuditStore:
         # Looked at first without the write lock: a store in use by another writer (an old
         # delivery process finishing a big batch) would hold this open past `timeout`, and the
         # sink's start failed as a config error.
-        if self._conn.execute("PRAGMA user_version").fetchone()[0] not in (0, 1):
+        if self._conn.execute("PRAGMA user_version").fetchone()[0] != 0:
             return
         with self._transaction() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                statements = _SCHEMA
-            elif version == 1:
-                log.warning("audit store %s: keying its rows by namespace and service too (schema 2); a large "
-                            "store takes a while", self.path)
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                _run(conn, _SCHEMA)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _convert(self) -> None:
+        """A schema 1 store (rows keyed by id) given its exchange keys: at the first write, not at
+        the open (a sink's build), which the sidecar waits for 60 s at most: a large store took
+        longer, was killed, rolled back and converted again at every start."""
+        with self._transaction() as conn:
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 1:
+                log.warning("audit store %s: keying its rows by namespace and service too (schema 2); a "
+                            "large store takes a while, and as much disk again meanwhile", self.path)
                 columns = ", ".join(_COLUMNS)
-                statements = ";".join((
+                _run(conn, ";".join((
                     _TABLE.format(name="records_2"),
                     f"INSERT INTO records_2 (exchange, {columns}) SELECT {_EXCHANGE_OF_ROW}, {columns} FROM records",
                     "DROP TABLE records",
                     "ALTER TABLE records_2 RENAME TO records",
                     _INDEXES,
-                ))
-            else:
-                return
-            for statement in statements.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                )))
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._key = "exchange"
 
     def _check_version(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             raise InferLoggerError(f"{self.path}: not an audit store (no schema version of one)")
-        # A reader takes a store an older sidecar still writes (schema 1: rows keyed by id alone).
-        if version != SCHEMA_VERSION and not (version == 1 and self._file is None):
+        # Schema 1 (rows keyed by id alone): read as it is (an older sidecar may still write it),
+        # converted by a writer's first write.
+        if version not in (1, SCHEMA_VERSION):
             raise InferLoggerError(
                 f"{self.path}: audit store schema version {version}, expected {SCHEMA_VERSION}"
             )
@@ -480,6 +483,8 @@ class AuditStore:
                 emptied.append((key, count))
         with self._lock:
             self._follow_path()
+            if self._key != "exchange":
+                self._convert()
         with self._lock, self._transaction() as conn:
             if exchanges:
                 conn.executemany(_UPSERT_EXCHANGE, exchanges)
@@ -532,12 +537,10 @@ class AuditStore:
         JSON column parsed, before the first was shown). Without `payloads`, the JSON columns
         (request, response, explanation, metadata, attributes) are not read: None. Take them all,
         or close the iterator, before the store's next use."""
-        sql, params = self._select(", ".join(_COLUMNS if payloads else [c if c not in _JSON_FIELDS else "NULL"
-                                                                         for c in _COLUMNS]),
-                                   id=id, model=model, since=since, until=until, status=status, order=order,
-                                   start=start)
-        params += [-1 if limit is None else limit, offset]
-        return self._fetched(sql + " LIMIT ? OFFSET ?", params)
+        columns = ", ".join(_COLUMNS if payloads else [c if c not in _JSON_FIELDS else "NULL" for c in _COLUMNS])
+        parts = self._select(columns, id=id, model=model, since=since, until=until, status=status, order=order,
+                             start=start)
+        return self._fetched(parts, limit, offset, _record)
 
     def page_token(
         self,
@@ -554,25 +557,28 @@ class AuditStore:
         """Where the page after `offset` rows begins, as `start` takes it; None when no row is
         there. Unlike an offset it names a row's place: rows written meanwhile (a sidecar writing
         as one pages) shift no page onto rows shown already."""
-        sql, params = self._select(f"time, id, {self._key}, instance", id=id, model=model, since=since,
-                                   until=until, status=status, order=order, start=start)
-        with self._lock:
-            row = self._read(lambda: self._conn.execute(sql + " LIMIT 1 OFFSET ?", [*params, offset]).fetchone())
+        parts = self._select(f"time, id, {self._key}, instance", id=id, model=model, since=since, until=until,
+                             status=status, order=order, start=start)
+        with contextlib.closing(self._fetched(parts, 1, offset, list)) as rows:
+            row = next(rows, None)
         if row is None:
             return None
-        return base64.urlsafe_b64encode(orjson.dumps(list(row))).decode().rstrip("=")
+        return base64.urlsafe_b64encode(orjson.dumps([*row, self._key])).decode().rstrip("=")
+
+    def check_page_token(self, token: str) -> None:
+        """ValueError, naming it, if `token` is no `page_token` of this store."""
+        _place(token, self._key)
 
     def _select(self, columns: str, *, id: str | None, model: str | None, since: str | datetime | None,
                 until: str | datetime | None, status: int | None, order: str,
-                start: str | None) -> tuple[str, list[Any]]:
+                start: str | None) -> list[tuple[str, list[Any]]]:
+        """The statement's parts, to be read one after the other: two where a `start` among dated
+        rows and the undated ones beyond it are one stretch of the order (one statement with an OR
+        of them read every row past the place and sorted them: 1.3 s for a page of 300k rows)."""
         if order not in ("asc", "desc"):
             raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
         where: list[str] = []
         params: list[Any] = []
-        if start is not None:
-            clause, values = _from_place(_place(start), self._key, order)
-            where.append(clause)
-            params += values
         if id is not None and self._key == "exchange":
             # The rows of every exchange with this id: a range of the primary key (its keys are the
             # id, or the id and U+001F...), the id compared for the ids that merely begin with it.
@@ -588,13 +594,37 @@ class AuditStore:
             if value is not None:
                 where.append(clause)
                 params.append(value)
-        sql = f"SELECT {columns} FROM records"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        return sql + f" ORDER BY time {order}, id {order}, {self._key} {order}, instance", params
+        places = [("", [])] if start is None else _from_place(_place(start, self._key), self._key, order)
+        parts = []
+        for clause, values in places:
+            conditions = [*where, clause] if clause else where
+            sql = f"SELECT {columns} FROM records"
+            if conditions:
+                sql += " WHERE " + " AND ".join(conditions)
+            sql += f" ORDER BY time {order}, id {order}, {self._key} {order}, instance"
+            parts.append((sql, [*params, *values]))
+        return parts
 
-    def _fetched(self, sql: str, params: Sequence[Any]) -> Generator[AuditRecord]:
-        # A generator: the statement runs at the first record taken, a batch of rows at a time.
+    def _fetched(self, parts: Sequence[tuple[str, list[Any]]], limit: int | None, offset: int,
+                 convert: Callable[[Any], _T]) -> Generator[_T]:
+        """`limit` rows of the parts read one after the other, past `offset` of them. A generator:
+        each statement runs when its first row is taken, a batch of rows at a time."""
+        for n, (sql, params) in enumerate(parts):
+            taken = 0
+            for row in self._rows(f"{sql} LIMIT ? OFFSET ?", [*params, -1 if limit is None else limit, offset]):
+                taken += 1
+                yield convert(row)
+            if n == len(parts) - 1 or (limit is not None and (limit := limit - taken) <= 0):
+                return
+            if taken:
+                offset = 0
+            elif offset:  # all skipped, and maybe more: the next part skips the rest
+                with self._lock:
+                    skipped = self._read(lambda: self._conn.execute(f"SELECT COUNT(*) FROM ({sql})", params)
+                                         .fetchone()[0])
+                offset = max(0, offset - skipped)
+
+    def _rows(self, sql: str, params: Sequence[Any]) -> Generator[Any]:
         with self._lock:
             cursor = self._read(lambda: self._conn.execute(sql, params))
         try:
@@ -603,8 +633,7 @@ class AuditStore:
                     rows = self._read(lambda: cursor.fetchmany(_BATCH))
                 if not rows:
                     return
-                for row in rows:
-                    yield _record(row)
+                yield from rows
         finally:
             with contextlib.suppress(sqlite3.ProgrammingError):  # the store closed before it was left
                 cursor.close()
@@ -662,6 +691,12 @@ class AuditStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _run(conn: sqlite3.Connection, statements: str) -> None:
+    for statement in statements.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
 def _exchange_key(event: CloudEvent) -> str:
@@ -778,35 +813,38 @@ def _asked_time(attrs: dict[str, Any]) -> str | None:
     return _utc(audit.request_time(moment, attrs.get(events.LATENCYMS)) or moment)
 
 
-def check_page_token(token: str) -> None:
-    """ValueError, naming it, if `token` is no `page_token`'s."""
-    _place(token)
+_INT64 = range(-(1 << 63), 1 << 63)
 
 
-def _place(token: str) -> tuple[str | None, str, str, int]:
-    """A `page_token`'s row place: time, id, exchange key, instance; ValueError if it is none."""
+def _place(token: str, key: str) -> tuple[str | None, str, str, int]:
+    """A `page_token`'s row place (time, id, exchange key, instance) on a store whose rows are
+    keyed by `key`; ValueError if it is none."""
     try:
-        time, event_id, key, instance = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        *place, made_for = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        time, event_id, exchange, instance = place
     except (ValueError, TypeError, orjson.JSONDecodeError):
         raise ValueError(f"{token[:40]!r} is not a page token of this store") from None
-    if not (isinstance(time, str | None) and isinstance(event_id, str) and isinstance(key, str)
-            and type(instance) is int):
+    if not (isinstance(time, str | None) and isinstance(event_id, str) and isinstance(exchange, str)
+            and type(instance) is int and instance in _INT64 and made_for in ("id", "exchange")):
         raise ValueError(f"{token[:40]!r} is not a page token of this store")
-    return time, event_id, key, instance
+    if made_for != key:  # its key was the id then: another place now
+        raise ValueError("the page token is of the store before a newer sidecar converted it: page from the start")
+    return time, event_id, exchange, instance
 
 
-def _from_place(place: tuple[str | None, str, str, int], key: str, order: str) -> tuple[str, list[Any]]:
-    """The rows at and after `place` in `records`' order: time, id and key in `order` (SQLite
-    puts NULL times first ascending, last descending), instance ascending."""
+def _from_place(place: tuple[str | None, str, str, int], key: str, order: str) -> list[tuple[str, list[Any]]]:
+    """The rows at and after `place` in `records`' order (time, id and key in `order`, instance
+    ascending; SQLite puts NULL times first ascending, last descending), as parts read one after
+    the other, each a range of the time index."""
     time, event_id, exchange, instance = place
     after = "<" if order == "desc" else ">"
     ties = f"(id {after} ? OR (id = ? AND ({key} {after} ? OR ({key} = ? AND instance >= ?))))"
     values: list[Any] = [event_id, event_id, exchange, exchange, instance]
+    undated = f"time IS NULL AND {ties}", values
     if time is None:  # among the undated rows: the last ones descending, the first ones ascending
-        clause = f"(time IS NULL AND {ties})" if order == "desc" else f"(time IS NOT NULL OR (time IS NULL AND {ties}))"
-        return clause, values
-    undated = " OR time IS NULL" if order == "desc" else ""
-    return f"(time {after} ?{undated} OR (time = ? AND {ties}))", [time, time, *values]
+        return [undated] if order == "desc" else [undated, ("time IS NOT NULL", [])]
+    dated = f"time {after}= ? AND (time {after} ? OR (time = ? AND {ties}))", [time, time, time, *values]
+    return [dated, ("time IS NULL", [])] if order == "desc" else [dated]
 
 
 def _utc(value: object) -> str | None:

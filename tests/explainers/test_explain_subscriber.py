@@ -182,6 +182,19 @@ class TestJoin:
         assert {name: reply.get(attr) for name, attr in events.SHARED_FIELDS.items()} == {
             name: request.get(attr) for name, attr in events.SHARED_FIELDS.items()}
 
+    def test_the_explanation_takes_namespace_and_service_from_one_event(self) -> None:
+        """They key its exchange in the store: taken each from whichever had it, a request naming the
+        namespace and a response the service made an explanation of a third exchange."""
+        from explainers.base import Explanation
+        from explainers.subscriber import explanation_event
+
+        request, response = exchange("ex-keyed")
+        request = CloudEvent({**request.attributes, "namespace": "ml", "inferenceservicename": ""}, request.data)
+        response = CloudEvent({k: v for k, v in response.attributes.items() if k != "namespace"}
+                              | {"inferenceservicename": "iris"}, response.data)
+        reply = explanation_event(request, response, Explanation("kernel", {}, [], []), "urn:explainer")
+        assert (reply.get("namespace"), reply.get("inferenceservicename")) == (None, "iris")
+
     def test_the_explanation_keeps_the_exchanges_partition_key(self) -> None:
         """The Kafka binding keys a record by `partitionkey` when an event has one: the
         explanation, without it, was keyed by its id, and landed in another partition."""
