@@ -324,7 +324,8 @@ class HttpClient:
     RELAPSE_HOLD, doubled each time, after such a look's end of the care came back: one closing
     connections a while after its answers, unread, looks so too), shows the subscriber keeps them
     (a restarted one closed its connections so too) and ends the care. An idle connection past
-    IDLE_EXPIRY is closed by the next POST's end, whatever its origin (at most once a second).
+    IDLE_EXPIRY is closed by the next POST's end, whatever its origin (at most once a second), or
+    without one by a timer, at most a second late.
     What is learnt of an origin is kept (a few bytes each)."""
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_response_bytes: int | None = None) -> None:
@@ -338,6 +339,7 @@ class HttpClient:
         self._relapsed: dict[tuple[str, int, bool], float] = {}  # origin -> when
         self._holds: dict[tuple[str, int, bool], float] = {}  # origin -> its hold, doubled at each relapse
         self._swept = 0.0  # when idle connections were last expired (`_sweep`)
+        self._sweeper: asyncio.TimerHandle | None = None  # a `_sweep` to come while connections are idle
         self._resolver = _Resolver()
         self._ssl = ssl_context
         self._max_body = max_response_bytes
@@ -390,6 +392,8 @@ class HttpClient:
             idle.append(connection)
             if now - self._swept > _SWEEP_EVERY:
                 self._sweep(now)
+            if self._sweeper is None:
+                self._sweeper = loop.call_at(now + IDLE_EXPIRY + _SWEEP_EVERY, self._sweep_later)
             if origin in self._careful:  # does the subscriber keep it past an answer? the kernel says
                 loop.call_later(CLOSED_SOON, self._look, origin, connection, now)
         else:
@@ -426,6 +430,15 @@ class HttpClient:
                 idle.pop(0).close()
             if not idle:
                 del self._idle[origin]
+
+    def _sweep_later(self) -> None:
+        # No POST may come to sweep: a trigger's last burst kept its connections open for good.
+        loop = asyncio.get_running_loop()
+        self._sweeper = None
+        self._sweep(loop.time())
+        if self._idle:
+            oldest = min(idle[0].idle_since for idle in self._idle.values())
+            self._sweeper = loop.call_at(oldest + IDLE_EXPIRY + _SWEEP_EVERY, self._sweep_later)
 
     def _drop(self, connection: _Connection) -> None:
         connection.close()
@@ -484,6 +497,9 @@ class HttpClient:
         raise error
 
     async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for connections in self._idle.values():
             for connection in connections:
                 connection.close()
