@@ -156,10 +156,10 @@ class LayeredSettings(BaseSettings):
     def _replaced(cls, data: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
         """The file's data without the sections a flag (or env var) gives anew: a section of
         another `type` (`--db` over the file's http sink) is not merged into, which mixed their
-        options. One naming no type is merged under the flag's when the flag's type has every
-        key it gives (the env's group id or TLS settings were dropped under `--source kafka`,
-        silently), else it is the default's type's, and replaced (`source: {port: ...}` with
-        `--source kafka`)."""
+        options. One naming no type is the default's (and replaced) when that type has every key
+        it gives and the flag's does not (`source: {port: ...}` with `--source kafka`); else it is
+        merged under the flag's type (the env's group id or TLS settings were dropped under
+        `--source kafka`, silently), which names a key it lacks (a typo dropped the section)."""
         for key, value in flags.items():
             section = data.get(key)
             if not (isinstance(value, dict) and "type" in value and isinstance(section, dict)):
@@ -168,8 +168,10 @@ class LayeredSettings(BaseSettings):
                 other = section["type"] != value["type"]
             else:
                 field = cls.model_fields.get(key)
-                takes = _member_fields(field.annotation, value["type"]) if field is not None else None
-                other = takes is None or not set(section) <= takes
+                default = getattr(field.default, "type", None) if field is not None else None
+                takes, theirs = ((_member_fields(field.annotation, name) or set()) if field is not None else set()
+                                 for name in (value["type"], default))
+                other = default != value["type"] and set(section) <= theirs and not set(section) <= takes
             if other:
                 data = {**data, key: {}}
         return data

@@ -827,8 +827,10 @@ def _place(token: str, key: str) -> tuple[str | None, str, str, int]:
     if not (isinstance(time, str | None) and isinstance(event_id, str) and isinstance(exchange, str)
             and type(instance) is int and instance in _INT64 and made_for in ("id", "exchange")):
         raise ValueError(f"{token[:40]!r} is not a page token of this store")
-    if made_for != key:  # its key was the id then: another place now
-        raise ValueError("the page token is of the store before a newer sidecar converted it: page from the start")
+    if made_for != key:  # another key, another place
+        raise ValueError("the page token is of the store before a newer sidecar converted it: page from the start"
+                         if key == "exchange" else "the page token is of a newer store than this one (another "
+                         "file?): page from the start")
     return time, event_id, exchange, instance
 
 

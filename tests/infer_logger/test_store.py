@@ -690,6 +690,10 @@ class TestQuery:
             s.write([request("c")])  # converts it
             with pytest.raises(ValueError, match="before a newer sidecar converted it"):
                 s.check_page_token(token)
+            newer = s.page_token()
+        TestSchema1()._old_store(tmp_path / "backup.db")
+        with AuditStore(tmp_path / "backup.db", readonly=True) as old, pytest.raises(ValueError, match="newer store"):
+            old.check_page_token(newer or "")
 
     @pytest.mark.parametrize("order", ["desc", "asc"])
     def test_a_page_begins_on_the_time_index_without_sorting(self, filled: AuditStore, order: Any) -> None:

@@ -344,6 +344,11 @@ class TestConfig:
         config.write_text("source: {type: forward, port: 24225, shared_key: s}\nsink: {path: y.db}\n")
         assert load_ingest_settings(config, source=kafka).source.type == "kafka"
         assert load_ingest_settings(config, sink={"type": "http", "url": "http://b/"}).sink.type == "http"
+        # Keys neither type has: merged, so named (replaced, the section went, a group id with it).
+        for section in ("{grup_id: x}", "{group_id: g, grup_id: x}", "{group_id: g, port: 1}"):
+            config.write_text(f"source: {section}\n")
+            with pytest.raises(ConfigError, match=r"source\.kafka\.(grup_id|port): Extra inputs"):
+                load_ingest_settings(config, source=kafka)
 
     def test_a_section_naming_no_type_is_merged_under_the_flags_type(
             self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
