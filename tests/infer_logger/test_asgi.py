@@ -65,3 +65,32 @@ def test_an_answer_gets_a_content_length_only_where_one_may_be(method: str, stat
     assert head[0].startswith(b"http/1.1 %d" % status)
     lengths = [line.split(b":", 1)[1].strip() for line in head if line.startswith(b"content-length:")]
     assert lengths == ([] if length is None else [length])
+
+
+def test_a_declared_length_over_the_limit_is_413_before_any_go_ahead() -> None:
+    """A client waiting with `Expect: 100-continue` was told to send (uvicorn's 100 at the first
+    receive), and uploaded up to the limit before its 413."""
+    import socket
+
+    from infer_logger.asgi import BodyLimit, BodyTooLargeError, read_body, respond
+    from infer_logger.demo.quickstart import ServerThread
+    from infer_logger.server import uvicorn_config
+    from infer_logger.testing import free_port
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            try:
+                await read_body(receive)
+            except BodyTooLargeError:
+                await respond(send, 413, [], b"{}")
+                return
+            await respond(send, 200, [], b"{}")
+
+    port = free_port()
+    with ServerThread(uvicorn_config(BodyLimit(app, 1000), "127.0.0.1", port)):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nhost: a\r\nexpect: 100-continue\r\ncontent-length: 999999999999\r\n\r\n")
+            raw = b""
+            while b"\r\n\r\n" not in raw and (chunk := sock.recv(65536)):
+                raw += chunk
+    assert raw.startswith(b"HTTP/1.1 413"), raw[:100]
