@@ -32,6 +32,7 @@ from explainers.errors import (
     InvalidParametersError,
     NotReadyError,
     PredictorError,
+    PredictorTimeoutError,
     UnknownModelError,
 )
 from explainers.metrics import ExplainerMetrics
@@ -44,10 +45,11 @@ from infer_logger.proxy import end_to_end
 log = logging.getLogger(__name__)
 Endpoint = Callable[[Request], Awaitable[Response]]
 T = TypeVar("T")
-_STATUS: dict[type[ExplainerError], int] = {
+_STATUS: dict[type[ExplainerError], int] = {  # the first class that fits: subclasses before their base
     InvalidInputError: 400, InvalidParametersError: 400, UnknownModelError: 404,
-    PredictorError: 502, NotReadyError: 503, ExplainTimeoutError: 504,
+    PredictorTimeoutError: 504, PredictorError: 502, NotReadyError: 503, ExplainTimeoutError: 504,
 }
+_VERBS = (":explain", ":predict")  # V1's POST-only paths, which `GET /v1/models/{name}` matches too
 
 
 class Liveness(BaseModel):
@@ -257,6 +259,8 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
 
     @app.get("/v1/models/{name}", response_model=ModelReady)
     async def v1_model(name: str) -> ModelReady:
+        if name.endswith(_VERBS):  # a GET of `iris:explain` is no model's: the method is wrong
+            raise HTTPException(405, headers={"Allow": "POST"})
         return ModelReady(name=model(name).name, ready=True)
 
     async def v1_explain(request: Request) -> Response:

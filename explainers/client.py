@@ -50,6 +50,7 @@ from explainers.errors import (
     ExplainTimeoutError,
     PredictorError,
     PredictorRefusedError,
+    PredictorTimeoutError,
     PredictorUnavailableError,
 )
 from infer_logger import binary_tensors
@@ -63,18 +64,23 @@ _BINARY_REFUSED = frozenset({400, 415, 422})
 _REFUSED = frozenset({400, 422})  # the rows themselves, when in JSON (a binary body may be refused so too)
 _JSON = {"content-type": "application/json"}
 _WATCH_TICK = 0.1  # seconds between the watchdog's looks: how late past its time an answer is cut off
+MAX_ANSWER_BYTES = 64 << 20
+"""The most bytes of one predictor answer read (as `max_request_bytes` is of a request): a larger
+one is a 502 naming it, not memory taken without end. 10,000 rows of 100 outputs in JSON are ~20 MiB."""
 
 
 class PredictorClient:
     def __init__(self, url: str, model: str, *, protocol: Literal["v1", "v2"] = "v2", output: str | None = None,
                  timeout: float = 10.0, retries: int = 2, backoff: float = 0.1, max_batch_rows: int = 10_000,
-                 concurrency: int = 4, linger: float = 0.0, binary_data: bool = True) -> None:
+                 concurrency: int = 4, linger: float = 0.0, binary_data: bool = True,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
         self.base = url.rstrip("/")
         self.model, self.protocol, self.output = model, protocol, output
         self.binary_data = binary_data and protocol == "v2"
         """V2: send rows and ask for outputs as binary tensor data (off once the predictor refused it)."""
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.max_batch_rows, self.linger = max_batch_rows, linger
+        self.max_answer_bytes = max_answer_bytes
         self.url = (f"{self.base}/v1/models/{model}:predict" if protocol == "v1"
                     else f"{self.base}/v2/models/{model}/infer")
         self.schema: Schema | None = None
@@ -123,7 +129,7 @@ class PredictorClient:
             async with self._http().get(f"{self.base}/v2/models/{self.model}") as resp:
                 if resp.status != 200:
                     return None
-                body = orjson.loads(await resp.read())
+                body = orjson.loads(await self._read(resp, str(resp.url)))
         except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError):
             return None
         return body if isinstance(body, dict) else None
@@ -291,7 +297,7 @@ class PredictorClient:
                     self.requests += 1
                     body = parts[0] if len(parts) == 1 else _Parts(parts, headers["content-type"])
                     async with self._http().post(self.url, data=body, headers=headers) as resp:
-                        status, payload = resp.status, await resp.read()
+                        status, payload = resp.status, await self._read(resp, self.url)
                         header_length = resp.headers.get(binary_tensors.HEADER)
             except TimeoutError:
                 reason = f"no answer within {self.timeout:g}s"
@@ -379,10 +385,13 @@ class PredictorClient:
         watch = self._watchdog.watch(sock, end)
         try:
             response = connection.getresponse()
-            answer = response.status, response.read(), response.getheader(binary_tensors.HEADER)
+            answer = response.status, self._read_here(response), response.getheader(binary_tensors.HEADER)
         except (http.client.HTTPException, OSError) as exc:
             if self._watchdog.unwatch(watch) or time.monotonic() >= end:
                 raise TimeoutError("the answer took too long") from exc
+            raise
+        except PredictorError:  # too large: the caller drops the connection, with the rest unread
+            self._watchdog.unwatch(watch)
             raise
         if self._watchdog.unwatch(watch):  # cut off: an end of stream may have passed for the answer's end
             raise TimeoutError("the answer took too long")
@@ -448,14 +457,49 @@ class PredictorClient:
     # -- pass-through ----------------------------------------------------------------------------
 
     async def forward(self, path: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
-        """A client's own request (e.g. `:predict`), passed on once, as is: it is logged as usual."""
+        """A client's own request (e.g. `:predict`), passed on once, as is: it is logged as usual,
+        and the predictor's answer, a failure too, is the client's. No answer within `timeout` is
+        `PredictorTimeoutError` (a 504), one that cannot be had a `PredictorError` (a 502)."""
         try:
             async with self._http().post(self.base + path, data=body, headers=dict(headers)) as resp:
-                return resp.status, resp.headers.get("content-type", "application/json"), await resp.read()
+                content_type = resp.headers.get("content-type", "application/json")
+                return resp.status, content_type, await self._read(resp, self.base + path)
         except TimeoutError:
-            raise PredictorError(f"predictor {self.base}{path}: no answer within {self.timeout:g}s") from None
+            raise PredictorTimeoutError(f"predictor {self.base}{path}: no answer within {self.timeout:g}s "
+                                        "(timeout)") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise PredictorError(f"predictor {self.base}{path}: {type(exc).__name__}: {exc}") from None
+
+    async def _read(self, resp: aiohttp.ClientResponse, url: str) -> bytes:
+        """An answer's body, up to `max_answer_bytes` (else PredictorError naming the limit)."""
+        limit = self.max_answer_bytes
+        if resp.content_length is not None and resp.content_length <= limit:
+            return await resp.read()
+        if resp.content_length is None:  # chunked, or up to the end of the connection
+            body = bytearray()
+            async for chunk in resp.content.iter_any():
+                body += chunk
+                if len(body) > limit:
+                    break
+            else:
+                return bytes(body)
+        resp.close()  # the rest unread: the connection cannot carry another request
+        raise self._too_large(url)
+
+    def _read_here(self, response: http.client.HTTPResponse) -> bytes:
+        """`_read` from a worker thread; the caller drops the connection on an error."""
+        limit = self.max_answer_bytes
+        if response.length is not None and response.length > limit:
+            raise self._too_large(self.url)
+        body = response.read(limit + 1)
+        if len(body) > limit:
+            raise self._too_large(self.url)
+        # Empty: it reads what follows a chunked body's last bytes, so the connection can go on.
+        return body + response.read()
+
+    def _too_large(self, url: str) -> PredictorError:
+        return PredictorError(f"predictor {url} answered more than {self.max_answer_bytes} bytes "
+                              "(the explainer's limit of a predictor answer)")
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:

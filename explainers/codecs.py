@@ -27,6 +27,14 @@ _TOO_DEEP = "the request nests JSON too deeply to read"
 # A bad value in a message: JSON nests up to 1024 levels, and repr of that is a RecursionError (a 500).
 _brief = reprlib.Repr()
 _brief.maxlevel, _brief.maxstring, _brief.maxother = 3, 60, 60
+# The Open Inference Protocol's datatypes, as JSON carries them: FP16 (and Triton's BF16) only as
+# binary data, as KServe has it (a JSON number does not say it fits the precision).
+_BINARY_ONLY = frozenset({"FP16", "BF16"})
+_JSON_DATATYPES = tuple(d for d in binary_tensors.DATATYPES if d not in _BINARY_ONLY)
+_INTEGER_RANGES = {
+    **{f"INT{bits}": (-(1 << bits - 1), (1 << bits - 1) - 1) for bits in (8, 16, 32, 64)},
+    **{f"UINT{bits}": (0, (1 << bits) - 1) for bits in (8, 16, 32, 64)},
+}
 
 
 @dataclass(frozen=True)
@@ -170,8 +178,12 @@ def _instances(body: Any, schema: Schema, max_rows: int | None) -> np.ndarray:
 
 
 def _holds_tensors(inputs: Any) -> bool:
-    """V2 `inputs` (tensor objects), not TF-style V1 rows (lists, or objects keyed by feature)."""
-    return isinstance(inputs, list) and all(isinstance(t, Mapping) and "data" in t for t in inputs)
+    """V2 `inputs` (tensor objects), not TF-style V1 rows (lists, or objects keyed by feature). A
+    tensor without `data` is one too (by its `shape` and `name` or `datatype`): said to have no data,
+    not read as a row missing every feature."""
+    return isinstance(inputs, list) and all(
+        isinstance(t, Mapping) and ("data" in t or "shape" in t and ("name" in t or "datatype" in t))
+        for t in inputs)
 
 
 def _rows(rows: list[Any], schema: Schema, key: str, text: frozenset[str] = frozenset()) -> np.ndarray:
@@ -238,6 +250,7 @@ def _check_count(count: int, max_rows: int | None) -> None:
 def _tensors(inputs: list[Mapping[str, Any]], schema: Schema, max_rows: int | None) -> np.ndarray:
     if len(inputs) == 1:  # several, for one feature too: the one named by it (not the first)
         tensor = inputs[0]
+        _check_tensor(tensor)
         shape = _shape(tensor)
         if len(shape) == 1:  # one instance as a vector, or one feature as a column
             shape = [1, shape[0]] if schema.width > 1 else [shape[0], 1]
@@ -249,6 +262,8 @@ def _tensors(inputs: list[Mapping[str, Any]], schema: Schema, max_rows: int | No
         text = frozenset(schema.feature_names) if tensor.get("datatype") == "BYTES" else frozenset()
         return _rows(rows, schema, f"inputs[0] ({tensor.get('name')})", text)
     by_name = {str(t.get("name")): t for t in inputs}
+    for tensor in inputs:  # the features' and any other: the request is refused as a whole
+        _check_tensor(tensor)
     missing = [f for f in schema.feature_names if f not in by_name]
     if missing:
         raise InvalidInputError(f"inputs: no tensor for {missing}; expected one [n] tensor per feature "
@@ -264,6 +279,20 @@ def _tensors(inputs: list[Mapping[str, Any]], schema: Schema, max_rows: int | No
         raise InvalidInputError("inputs: the feature tensors have different lengths")
     text = frozenset(name for name in schema.feature_names if by_name[name].get("datatype") == "BYTES")
     return _rows([list(r) for r in zip(*columns)], schema, "inputs", text)
+
+
+def _check_tensor(tensor: Mapping[str, Any]) -> None:
+    """A datatype of the protocol's, and data. A binary tensor's datatype was checked as its bytes
+    were read (FP16 and BF16 allowed there); its values are in `data` now."""
+    datatype, name = tensor.get("datatype"), tensor.get("name")
+    if not _is_binary(tensor) and datatype not in _JSON_DATATYPES:
+        if datatype in _BINARY_ONLY:
+            raise InvalidInputError(f"inputs ({name}): {datatype} is taken as binary tensor data only, not as "
+                                    "JSON numbers (as KServe has it); send it as FP32 or FP64 in JSON")
+        raise InvalidInputError(f"inputs ({name}): `datatype` {_brief.repr(datatype)} is not one of "
+                                f"{', '.join(_JSON_DATATYPES)}")
+    if "data" not in tensor:
+        raise InvalidInputError(f"inputs ({name}): tensor {_brief.repr(name)} has no data")
 
 
 def _shape(tensor: Mapping[str, Any]) -> list[int]:
@@ -284,6 +313,25 @@ def _flat(tensor: Mapping[str, Any], shape: Sequence[int]) -> list[Any]:
         raise InvalidInputError(f"inputs ({tensor.get('name')}): `data` is not a rectangular array") from None
     if len(flat) != prod(shape):
         raise InvalidInputError(f"inputs ({tensor.get('name')}): {len(flat)} values for shape {list(shape)}")
+    return _typed(tensor, flat)
+
+
+def _typed(tensor: Mapping[str, Any], flat: list[Any]) -> list[Any]:
+    """`flat` checked against the tensor's datatype where JSON's numbers do not say it: integers
+    within an INT or UINT type's range, booleans for BOOL (as 0 and 1, the model's numbers).
+    Floating types and BYTES are checked value by value as features (`_value`)."""
+    datatype = tensor.get("datatype")
+    if datatype == "BOOL":
+        if (bad := next((v for v in flat if type(v) is not bool), flat)) is not flat:  # 0 is one too
+            raise InvalidInputError(f"inputs ({tensor.get('name')}): BOOL `data` holds {_brief.repr(bad)}, "
+                                    "not true or false")
+        return [int(v) for v in flat]
+    if isinstance(datatype, str) and (span := _INTEGER_RANGES.get(datatype)) is not None:
+        low, high = span
+        for value in flat:
+            if type(value) is not int or not low <= value <= high:  # bool is an int too: refused
+                raise InvalidInputError(f"inputs ({tensor.get('name')}): {datatype} `data` holds "
+                                        f"{_brief.repr(value)}, not an integer in {datatype}'s range")
     return flat
 
 

@@ -8,6 +8,7 @@
         ├── NotReadyError              503: still fitting or warming up
         ├── PredictorError             502: the predictor failed or was unreachable (after retries)
         │   ├── PredictorUnavailableError  502: no answer, or 429/502/503/504, after retries: not the rows
+        │   ├── PredictorTimeoutError      504: a passed-on `:predict` the predictor did not answer in time
         │   └── PredictorRefusedError      400: the predictor refused the rows (400, 422; an InvalidInputError too)
         ├── ExplainTimeoutError        504: the explanation outlasted `explain_timeout`
         ├── MissingExtraError          the `explain` or `alibi` extra is not installed (also ImportError)
@@ -54,6 +55,11 @@ class PredictorError(ExplainerError):
 class PredictorUnavailableError(PredictorError):
     """The predictor did not answer (unreachable, timed out, or 429/502/503/504) after the retries:
     its state, not the rows asked about (other rows would fail alike)."""
+
+
+class PredictorTimeoutError(PredictorError):
+    """A client's own request passed on (`:predict`) that the predictor did not answer within
+    `timeout`: a gateway's timeout, 504, as an explanation's is (a 502 said the predictor failed)."""
 
 
 class PredictorRefusedError(PredictorError, InvalidInputError):

@@ -336,7 +336,12 @@ class ExplainerService:
         return checked
 
     async def predict(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
-        """A V1 `:predict` call: to the predictor as is, or answered by the local model (white box)."""
+        """A V1 `:predict` call: to the predictor as is, or answered by the local model (white box).
+
+        It goes to the predictor's V1 `:predict` whatever `protocol` the explainer's own calls use:
+        KServe's model servers answer V1 beside V2 (the default setup), and mapping V1 instances to
+        V2 tensors would not be the client's request passed on. A V2-only predictor (Triton,
+        MLServer) answers it with its own 404, passed on as its every answer is."""
         if self.client is not None:
             return await self.client.forward(f"/v1/models/{self.client.model}:predict", body, headers)
         import orjson

@@ -804,3 +804,45 @@ def _http_200(body: bytes) -> bytes:
 def _http(status: int, body: bytes) -> bytes:
     return b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
         status, len(body), body)
+
+
+class TestAnswerSize:
+    """Predictor answers were read whole, whatever their size: `max_answer_bytes` caps them (a
+    `PredictorError`, a 502), whether the answer says its length or is chunked."""
+
+    @staticmethod
+    def app(chunked: bool) -> FastAPI:
+        app = FastAPI()
+        big = orjson.dumps({"predictions": [2.0], "padding": "x" * 5000})
+
+        @app.post("/v1/models/{name}:predict")
+        async def predict(name: str) -> Response:
+            body = big if name == "big" else b'{"predictions": [2.0]}'
+            if chunked:
+                async def parts() -> Any:
+                    for i in range(0, len(body), 1000):
+                        yield body[i:i + 1000]
+
+                return StreamingResponse(parts(), media_type="application/json")
+            return Response(body, media_type="application/json")
+
+        return app
+
+    @pytest.mark.parametrize("chunked", [False, True])
+    async def test_capped(self, chunked: bool) -> None:
+        with serve(self.app(chunked)) as url:
+            big = await started(url, "big", protocol="v1", retries=0, max_answer_bytes=4096)
+            small = await started(url, "small", protocol="v1", retries=0, max_answer_bytes=4096)
+            try:
+                for call in (lambda: asyncio.to_thread(big.predict_blocking, np.ones((1, 2))),
+                             lambda: big.predict(np.ones((1, 2))),
+                             lambda: big.forward("/v1/models/big:predict", b"{}", {})):
+                    with pytest.raises(PredictorError, match="answered more than 4096 bytes"):
+                        await within_guard(call(), "a capped answer")
+                for _ in range(2):  # within the cap, and the connection kept for the next request
+                    assert (await asyncio.to_thread(small.predict_blocking, np.ones((1, 2)))).tolist() == [2.0]
+                    assert (await small.predict(np.ones((1, 2)))).tolist() == [2.0]
+                    assert (await small.forward("/v1/models/small:predict", b"{}", {}))[0] == 200
+            finally:
+                await big.aclose()
+                await small.aclose()

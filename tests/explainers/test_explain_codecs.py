@@ -247,7 +247,8 @@ class TestPredictorBodies:
 
     def test_bf16_binary_and_json(self) -> None:
         """Triton's BF16 (no numpy dtype): binary outputs failed the client ("not one of"), a binary
-        input the request; as JSON it is plain numbers."""
+        input the request; as JSON it is plain numbers in an output, and an input refused (as Triton
+        and KServe refuse FP16 in JSON; BF16 is not among the protocol's datatypes)."""
         bits = bt.pack_values("UINT16", [0x3F80, 0xC020, 0x4049, 0x0000])  # 1.0, -2.5, 3.140625, 0.0
         doc = {"outputs": [{"name": "proba", "shape": [2, 2], "datatype": "BF16"}]}
         body, headers = bt.encode(doc, "outputs", {"proba": bits})
@@ -270,7 +271,8 @@ class TestPredictorBodies:
         assert codecs.decode_instances(doc, IRIS).tolist() == rows.tolist()
         as_json = orjson.loads(codecs.encode_v2(rows, Schema(IRIS.feature_names, datatype="BF16")))
         assert as_json["inputs"][0]["datatype"] == "BF16"
-        assert codecs.decode_instances(as_json, IRIS).tolist() == rows.tolist()
+        with pytest.raises(InvalidInputError, match="BF16 is taken as binary tensor data only"):  # as Triton
+            codecs.decode_instances(as_json, IRIS)
 
     def test_encode_v2_binary_bf16_rounds_to_the_nearest_even(self) -> None:
         rows = np.array([[1.0 + 2**-8, 1.0 + 3 * 2**-8, np.nan, -np.inf]])
@@ -345,3 +347,61 @@ class TestPredictorBodies:
         assert codecs.explain_parameters(both, names) == {"nsamples": 20, "l1_reg": "aic"}
         with pytest.raises(InvalidInputError, match="explain parameters must be a JSON object"):
             codecs.explain_parameters({"inputs": [tensor], "parameters": {"explain_parameters": 5}}, names)
+
+
+class TestTensorDatatypes:
+    """A V2 JSON tensor's `datatype` was never read: "FOO", none, FP16 (binary only, as KServe has
+    it) and integers carrying fractions or past their range were all taken as numbers."""
+
+    @staticmethod
+    def tensor(**fields: object) -> dict[str, object]:
+        return {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [1, 2, 3, 4], **fields}
+
+    @pytest.mark.parametrize("fields, words", [
+        ({"datatype": "FOO"}, "inputs (input-0): `datatype` 'FOO' is not one of BOOL, INT8"),
+        ({"datatype": None}, "inputs (input-0): `datatype` None is not one of"),
+        ({"datatype": "FP16"}, "inputs (input-0): FP16 is taken as binary tensor data only"),
+        ({"datatype": "BF16"}, "inputs (input-0): BF16 is taken as binary tensor data only"),
+        ({"datatype": "INT64", "data": [6, 2, 5.1, 1]}, "inputs (input-0): INT64 `data` holds 5.1, not an integer"),
+        ({"datatype": "INT64", "data": [6, 2, 99999999999999999999999, 1]}, "not an integer in INT64's range"),
+        ({"datatype": "UINT8", "data": [6, 2, 256, 1]}, "UINT8 `data` holds 256, not an integer in UINT8's range"),
+        ({"datatype": "UINT8", "data": [6, 2, -1, 1]}, "UINT8 `data` holds -1"),
+        ({"datatype": "INT32", "data": [6, 2, True, 1]}, "INT32 `data` holds True"),
+        ({"datatype": "BOOL", "data": [1, 0, 1, 1]}, "BOOL `data` holds 1, not true or false"),
+        ({"datatype": "BOOL", "data": [True, 0, True, True]}, "BOOL `data` holds 0, not true or false"),
+    ])
+    def test_refused_naming_tensor_and_field(self, fields: dict[str, object], words: str) -> None:
+        tensor = self.tensor(**fields)
+        if tensor["datatype"] is None:
+            del tensor["datatype"]
+        with pytest.raises(InvalidInputError) as caught:
+            codecs.decode_instances({"inputs": [tensor]}, IRIS)
+        assert words in str(caught.value), str(caught.value)
+
+    def test_every_tensor_is_checked_not_only_the_features(self) -> None:
+        tensors = [{"name": n, "shape": [1], "datatype": "FP64", "data": [1]} for n in IRIS.feature_names]
+        with pytest.raises(InvalidInputError, match=r"inputs \(extra\): `datatype` 'FOO'"):
+            codecs.decode_instances({"inputs": [*tensors, {"name": "extra", "shape": [1], "datatype": "FOO",
+                                                           "data": [1]}]}, IRIS)
+
+    def test_a_tensor_without_data(self) -> None:
+        """Read as a V1 row (no `data`), it was refused for missing features."""
+        tensor = self.tensor()
+        del tensor["data"]
+        with pytest.raises(InvalidInputError, match="tensor 'input-0' has no data"):
+            codecs.decode_instances({"inputs": [tensor]}, IRIS)
+
+    def test_integers_and_booleans_taken(self) -> None:
+        for datatype in ("INT8", "INT64", "UINT8", "UINT64"):
+            doc = {"inputs": [self.tensor(datatype=datatype, data=[0, 2, 3, 127])]}
+            assert codecs.decode_instances(doc, IRIS).tolist() == [[0, 2, 3, 127]]
+        doc = {"inputs": [self.tensor(datatype="BOOL", data=[True, False, True, True])]}
+        assert codecs.decode_instances(doc, IRIS).tolist() == [[1, 0, 1, 1]]
+
+    def test_binary_fp16_and_bool_taken(self) -> None:
+        for datatype, values, expected in (("FP16", [1.5, 2, 3, 4], [1.5, 2, 3, 4]),
+                                           ("BOOL", [True, False, True, True], [1, 0, 1, 1])):
+            doc = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": datatype}]}
+            body, headers = bt.encode(doc, "inputs", {"input-0": bt.pack_values(datatype, values)})
+            decoded = codecs.decode_body(body, headers[bt.HEADER])
+            assert codecs.decode_instances(decoded, IRIS).tolist() == [expected]

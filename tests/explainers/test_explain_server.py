@@ -493,6 +493,49 @@ class TestMoreBadInput:
             r = httpx.post(f"{url}/v2/models/iris/infer", json={"inputs": [tensor], "outputs": outputs}, timeout=20)
             assert r.status_code == 400 and words in r.json()["error"], r.text
 
+    @pytest.mark.parametrize("tensor, words", [
+        ({"datatype": "FOO"}, "inputs (input-0): `datatype` 'FOO' is not one of"),
+        ({"datatype": None}, "inputs (input-0): `datatype` None is not one of"),
+        ({"datatype": "FP16"}, "inputs (input-0): FP16 is taken as binary tensor data only"),
+        ({"datatype": "INT64", "data": [6, 2, 5.1, 1]}, "INT64 `data` holds 5.1, not an integer"),
+        ({"datatype": "INT64", "data": [6, 2, 99999999999999999999999, 1]}, "not an integer in INT64's range"),
+        ({"data": None}, "tensor 'input-0' has no data"),
+    ])
+    def test_v2_tensor_datatype_and_data(self, switchable: tuple[SwitchablePredictor, str],
+                                         tensor: dict[str, Any], words: str) -> None:
+        """Taken before, whatever the datatype (FP16 in JSON too, which KServe refuses with a 400);
+        a tensor without data was read as a V1 row and refused for missing features."""
+        _, url = switchable
+        body = {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [6.8, 2.8, 4.8, 1.4], **tensor}
+        body = {k: v for k, v in body.items() if v is not None}
+        r = httpx.post(f"{url}/v2/models/iris/infer", json={"inputs": [body]}, timeout=20)
+        assert r.status_code == 400 and words in r.json()["error"], r.text
+
+    def test_get_on_explain_or_predict_is_405(self, switchable: tuple[SwitchablePredictor, str]) -> None:
+        """Taken by `GET /v1/models/{name}`: a 404 for a model named `iris:explain`."""
+        _, url = switchable
+        for path in ("/v1/models/iris:explain", "/v1/models/iris:predict", "/v2/models/iris/infer"):
+            r = httpx.get(url + path, timeout=20)
+            assert r.status_code == 405 and r.headers["allow"] == "POST", (path, r.text)
+            assert r.json() == {"error": "Method Not Allowed"}, (path, r.text)
+        assert httpx.get(f"{url}/v1/models/iris", timeout=20).json() == {"name": "iris", "ready": True}
+
+    def test_predict_passes_the_predictors_answers_and_times_out_with_504(
+            self, switchable: tuple[SwitchablePredictor, str]) -> None:
+        """A predictor that does not answer `:predict` within `timeout` was a 502; its own answers,
+        failures too, are passed on as they are."""
+        predictor, url = switchable
+        try:
+            predictor.mode = "500"
+            r = httpx.post(f"{url}/v1/models/iris:predict", json=IRIS_V1, timeout=20)
+            assert (r.status_code, r.content) == (500, b'{"error": "boom"}')
+            predictor.mode = "slow"
+            r = httpx.post(f"{url}/v1/models/iris:predict", json=IRIS_V1, timeout=20)
+            assert r.status_code == 504 and "no answer within 1s" in r.json()["error"], r.text
+        finally:
+            predictor.mode = "ok"
+        assert httpx.post(f"{url}/v1/models/iris:predict", json=IRIS_V1, timeout=20).status_code == 200
+
     def test_predict_passes_no_hop_by_hop_headers(self, switchable: tuple[SwitchablePredictor, str]) -> None:
         # Forwarded, a chunked body's transfer-encoding beside the client's content-length: a 400.
         predictor, url = switchable
