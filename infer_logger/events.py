@@ -165,11 +165,17 @@ def metadata_json(headers: Iterable[tuple[str, str]], allowed: Iterable[str]) ->
             key = wanted.get(name.lower())
             if key is not None:
                 out.setdefault(key, []).append(header_text(value))
-    text = orjson.dumps(out).decode()
+    return json_attribute(out)
+
+
+def json_attribute(value: object) -> str:
+    """JSON text that is a CloudEvents String (`metadata`, `annotations`): what one may not hold
+    (DEL, C1 controls, noncharacters, which orjson writes as they are) \\u-escaped, as JSON allows."""
+    text = orjson.dumps(value).decode()
     if (text.isascii() and text.isprintable()) or is_string(text):  # orjson escapes C0 controls only
         return text
     # DEL is ASCII, so ensure_ascii keeps it; in JSON text it can only be inside a string.
-    return json.dumps(out, ensure_ascii=True, separators=(",", ":")).replace("\x7f", "\\u007f")
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":")).replace("\x7f", "\\u007f")
 
 
 def traceparent(value: str) -> str | None:

@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import orjson
 
 from infer_logger import events as ev
 from infer_logger.cloudevents.event import CloudEvent
@@ -99,7 +98,8 @@ class InferenceLogger:
             self.metrics = Metrics(self.spool)
             self.dispatcher = Dispatcher.from_settings(settings, self.spool, self.metrics)
         source = settings.source
-        annotations = orjson.dumps(settings.annotations).decode() if settings.annotations else None
+        # As `metadata`: DEL or a C1 control in one, written as is, made every event invalid.
+        annotations = ev.json_attribute(settings.annotations) if settings.annotations else None
         self.origin = ev.Origin(
             source,
             settings.inference_service,

@@ -66,3 +66,19 @@ async def test_drop_counters_carry_over_a_second_lifespan(tmp_path: Path, durabi
         assert dropped("rejected") == 3
     finally:
         await logger.stop()
+
+
+def test_annotations_are_a_cloudevents_string(tmp_path: Path) -> None:
+    """Written by orjson, DEL or a C1 control in one went into every event as is: each refused
+    downstream (the http sink's receiver answered 400 to all of them)."""
+    import json
+
+    from infer_logger.cloudevents.validation import validate
+
+    annotations = {"k": "x\x7fy", "c\x85": "z\ufffe", "plain": "1"}
+    logger = InferenceLogger(load_settings(
+        annotations=annotations, spool={"dir": str(tmp_path / "spool"), "durability": "memory"},
+        sinks=[{"type": "file", "path": str(tmp_path / "events.jsonl")}]))
+    text = logger.origin.annotations
+    assert text is not None and json.loads(text) == annotations
+    validate(CloudEvent({**logger.origin.attributes(), "id": "1", "type": "t"}))
