@@ -354,8 +354,9 @@ class RawPayload(dict[str, str]):
 
 def decode_data(event: CloudEvent) -> object:
     """The payload as JSON when it is JSON (a V2 body with binary tensor data too, its tensors'
-    `data` filled in), else base64 text (a RawPayload): for stores and displays."""
-    if event.data is None:
+    `data` filled in), else base64 text (a RawPayload): for stores and displays. None for no
+    data, or an empty one (HTTP's binary mode cannot tell them apart): no prediction in it."""
+    if not event.data:
         return None
     if not is_truncated(event):
         try:

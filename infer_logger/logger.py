@@ -290,16 +290,11 @@ class InferenceLogger:
         """`marks`: the payload is cut already (`ev.decoded`), and these say how."""
         data, marks = ev.capped(body, self._limit, size) if marks is None else (body, marks)
         now = ev.now_rfc3339()
-        event = CloudEvent(
-            {
-                **attrs,
-                **marks,
-                "type": type_,
-                "time": now,
-                ev.RECORDEDTIME: now,
-                "datacontenttype": content_type,
-            },
-            data,
-        )
+        attributes = {**attrs, **marks, "type": type_, "time": now, ev.RECORDEDTIME: now}
+        if data:
+            attributes["datacontenttype"] = content_type
+        # An empty body (a 204) is no data: `data_base64: ""` labelled with the request's JSON
+        # type made a prediction of nothing in the audit store.
+        event = CloudEvent(attributes, data or None)
         if self.spool.append(event):
             counter.inc()  # type: ignore[attr-defined]

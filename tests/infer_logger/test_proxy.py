@@ -349,6 +349,25 @@ async def test_a_predictor_switching_protocols_is_a_logged_502(tmp_path: Path) -
     assert [(e["id"], e.get("statuscode")) for e in logged(tmp_path)] == [("switch-1", None), ("switch-1", 502)]
 
 
+async def test_an_empty_body_is_no_data(tmp_path: Path) -> None:
+    """A 204's event carried `data_base64: ""` labelled with the request's JSON type: the audit
+    store recorded `{"base64": ""}` as its prediction (and as an empty request's features)."""
+    from infer_logger.store import AuditStore
+
+    peer = Scripted(lambda _: b"HTTP/1.1 204 No Content\r\n\r\n")
+    async with before(peer, tmp_path) as sidecar, httpx.AsyncClient() as client:
+        r = await client.post(f"{sidecar}/v1/models/m:predict", content=b"", headers={"x-request-id": "empty-1",
+                                                                                         "content-type": "application/json"})
+    assert r.status_code == 204
+    events = logged(tmp_path)
+    assert [(e["id"], e.get("statuscode")) for e in events] == [("empty-1", None), ("empty-1", 204)]
+    assert all("data" not in e and "data_base64" not in e and "datacontenttype" not in e for e in events), events
+    with AuditStore(tmp_path / "audit.db") as store:
+        store.write([from_dict(e) for e in events])
+        (row,) = store.query()  # the call is audited, with nothing for a payload
+        assert (row.status, row.request, row.response) == (204, None, None)
+
+
 def test_under_uvicorn_a_dribbled_body_is_408_and_closed(tmp_path: Path) -> None:
     """`proxy --server uvicorn`: a body sent a byte at a time held its connection for ever; now
     a 408 past `request_read_timeout`, while whole requests and a slow predictor are served."""
