@@ -349,7 +349,8 @@ class _Connection(asyncio.Protocol):
         self._target = raw_path + b"?" + url.query if url.query else raw_path
         self._path = raw_path.decode("latin-1")
         if "%" in self._path:
-            self._path = unquote(raw_path.decode("utf-8", "surrogateescape"))
+            # Bytes that are no UTF-8 kept as such (`replace` made %FF and %FE one model, U+FFFD).
+            self._path = unquote(raw_path.decode("utf-8", "surrogateescape"), errors="surrogateescape")
         if self._codings and other_codings(self._headers):
             raise _UnknownCoding
         limit = self.server.max_body_bytes

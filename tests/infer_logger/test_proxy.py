@@ -506,6 +506,7 @@ async def test_attributes_read_off_the_client_keep_the_events_valid(tmp_path: Pa
         ("/v1/models/iris:predict", [(b"traceparent", trace.encode())]),
         ("/v1/models/a%09b:predict", []),
         ("/v2/models/a%C2%85b/versions/v%7F1/infer", []),
+        ("/v1/models/a%FFb:predict", []),  # no UTF-8: U+FFFD, as %FE was too (one model)
     ]
     peer = Scripted(lambda _: ok)
     async with before(peer, tmp_path, server=server, metadata_headers=["Foo"]) as sidecar:
@@ -520,7 +521,7 @@ async def test_attributes_read_off_the_client_keep_the_events_valid(tmp_path: Pa
     for line in (tmp_path / "events.jsonl").read_bytes().splitlines():
         event = from_dict(orjson.loads(line))  # validates
         by_id.setdefault(event.id, []).append(event)
-    assert sorted(by_id) == ["a-0", "a-1", "a-2", "a-3", "a-4"]
+    assert sorted(by_id) == ["a-0", "a-1", "a-2", "a-3", "a-4", "a-5"]
     assert all(len(events) == 2 for events in by_id.values())
     request = {id_: events[0] for id_, events in by_id.items()}
     assert json.loads(request["a-0"]["metadata"]) == {"Foo": ["a\x85b", "café"]}
@@ -529,6 +530,8 @@ async def test_attributes_read_off_the_client_keep_the_events_valid(tmp_path: Pa
     assert {e.datacontenttype for events in by_id.values() for e in events} == {"application/json"}
     assert (request["a-3"]["modelname"], request["a-3"]["path"]) == ("a%09b", "/v1/models/a%09b:predict")
     assert (request["a-4"]["modelname"], request["a-4"]["modelversion"]) == ("a%C2%85b", "v%7F1")
+    # uvicorn decodes the path itself, bytes that are no UTF-8 as U+FFFD
+    assert request["a-5"]["modelname"] == ("a%FFb" if server == "httptools" else "a\ufffdb")
 
 
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "deflate-raw", "br", "gzip-bomb"])
