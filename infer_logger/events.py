@@ -64,6 +64,7 @@ SHARED_FIELDS = {
 }
 
 SKIP_HEADERS = ("x-skip-logging", "seldon-skip-logging")
+_SKIP_NAMES = frozenset(name.encode() for name in SKIP_HEADERS)
 _TRUE = {"true", "1", "yes", "on"}
 
 
@@ -147,8 +148,14 @@ def cloudevent_id(headers: Mapping[str, str], body: bytes) -> str | None:
     return None
 
 
-def skip_logging(headers: Mapping[str, str]) -> bool:
-    return any(headers.get(name, "").strip().lower() in _TRUE for name in SKIP_HEADERS)
+def skip_logging(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a skip header's first value is true: as Go's `Header.Get` reads it (KServe's, Seldon's
+    executor), where a dict of the headers took the last one."""
+    first: dict[bytes, bytes] = {}
+    for name, value in headers:
+        if (lower := name.lower()) in _SKIP_NAMES:
+            first.setdefault(lower, value)
+    return any(value.strip().lower().decode("latin-1") in _TRUE for value in first.values())
 
 
 def metadata_json(headers: Iterable[tuple[str, str]], allowed: Iterable[str]) -> str:

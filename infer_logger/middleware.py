@@ -84,7 +84,7 @@ class InferenceLoggerMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        if ev.skip_logging(headers):
+        if ev.skip_logging(scope["headers"]):
             await self.app(scope, receive, send)
             return
         if self._logger is None or not self._logger.started:

@@ -154,7 +154,7 @@ class Proxy:
         method, body, raw = request.method, request.body, request.headers
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}
         route = match_route(method, path)
-        if route is not None and ev.skip_logging(headers):
+        if route is not None and ev.skip_logging(raw):
             route = None  # proxied as it is, unlogged: a body that is no valid CloudEvent too (as the middleware)
         elif route is not None and not self.logger.started:
             self._unstarted()

@@ -170,3 +170,15 @@ def test_a_payload_marked_not_truncated_is_json_after_a_binary_hop() -> None:
         assert got[ev.TRUNCATED] == "false" and ev.decode_data(got) == {"instances": [[1, 2]]}
     cut = from_kafka(to_kafka_binary(event.with_attributes(**{ev.TRUNCATED: True})))
     assert cut[ev.TRUNCATED] == "true" and isinstance(ev.decode_data(cut), ev.RawPayload)
+
+
+@pytest.mark.parametrize(("headers", "skipped"), [
+    ([(b"x-skip-logging", b"true"), (b"X-Skip-Logging", b"false")], True),
+    ([(b"x-skip-logging", b"false"), (b"x-skip-logging", b"true")], False),
+    ([(b"x-skip-logging", b"false"), (b"Seldon-Skip-Logging", b" TRUE ")], True),
+    ([(b"x-skip-logging", b"1")], True),
+    ([(b"x-other", b"true")], False),
+])
+def test_a_skip_header_s_first_value_counts(headers: list[tuple[bytes, bytes]], skipped: bool) -> None:
+    """As Go's Header.Get reads it (KServe's, Seldon's executor): the headers as a dict took the last."""
+    assert ev.skip_logging(headers) is skipped
