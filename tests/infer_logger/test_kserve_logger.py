@@ -1,7 +1,9 @@
 """KServe's logger expectations (conformance/kserve/logger-cloudevent-expectations.yaml) replayed.
 
 One deliberate difference: KServe sends no response event when the model did not answer 200; we
-log every response with its `statuscode` (DESIGN.md), so audits see failures too.
+log every response with its `statuscode` (DESIGN.md), so audits see failures too. Not replayed:
+TestLoggerWithS3Store, whose records go to a blob store as files, not as CloudEvents (no blob sink
+here).
 """
 
 from __future__ import annotations
