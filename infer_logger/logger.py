@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-
 from infer_logger import events as ev
 from infer_logger.cloudevents.event import CloudEvent
 from infer_logger.cloudevents.validation import percent_escaped

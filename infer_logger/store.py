@@ -168,16 +168,16 @@ _EXCHANGE_OWN = ("request", "request_attributes", "response", "response_attribut
 _EXCHANGE_COLUMNS = ("exchange", "id", "instance", *_SHARED, "status", "latency_ms", *_EXCHANGE_OWN, "updated")
 _UPSERT_EXCHANGE = _exchange_sql()
 # What the events of an exchange written (the kinds named) leave on its other rows, after the
-# upserts: (exchange key, status, latency_ms, the request's instance count, the response's item count, the
-# explanation's item count, the request's time, the first row to look at). A later event of a kind
-# replaces the earlier one of the id whole (a retry that kept x-request-id, with fewer instances):
+# upserts: (exchange key, status, latency_ms, the request's instance count, the response's item
+# count, the explanation's item count, the request's time, the first row to look at). A later event
+# of a kind replaces the earlier one of the exchange whole (a retry that kept x-request-id, with fewer instances):
 # the rows beyond its count lose that one's payload and attributes, else they stayed mixed into the
 # retry (or not, by how the events were batched). The response's status and latency go on every
 # row; the rows its request did not make are dated by the request, and a row left with neither is
 # undated. The guards skip the rows the upserts already set: a lookup instead of a rewrite. A
 # request or explanation alone starts at its count: a range of the primary key, no row of its own
 # looked at. One statement per combination of kinds, each setting only its kinds' columns (a
-# response's status goes on every row of the id: no CASE of the other kinds evaluated there).
+# response's status goes on every row of the exchange: no CASE of the other kinds evaluated there).
 _COUNT = {"request": 4, "response": 5, "explanation": 6}
 
 
