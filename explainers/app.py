@@ -208,7 +208,10 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
 
     @app.exception_handler(BodyTooLargeError)
     async def too_large(request: Request, exc: BodyTooLargeError) -> Response:
-        return failed(413, f"{exc} (max_request_bytes)")
+        answer = failed(413, f"{exc} (max_request_bytes)")
+        if exc.unsent:  # the client may send the body or not: uvicorn closes it, no request misread
+            answer.headers["connection"] = "close"
+        return answer
 
     @app.exception_handler(BodyTimeoutError)
     async def too_slow(request: Request, exc: BodyTimeoutError) -> Response:
@@ -259,7 +262,7 @@ def create_app(service: ExplainerService, subscriber: ExplainSubscriber | None =
 
     @app.get("/v1/models/{name}", response_model=ModelReady)
     async def v1_model(name: str) -> ModelReady:
-        if name.endswith(_VERBS):  # a GET of `iris:explain` is no model's: the method is wrong
+        if name.endswith(_VERBS) and name != service.name:  # a GET of `iris:explain`: the method is wrong
             raise HTTPException(405, headers={"Allow": "POST"})
         return ModelReady(name=model(name).name, ready=True)
 

@@ -19,11 +19,15 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 class BodyTooLargeError(InferLoggerError):
-    """A request body over the reader's limit: answered 413, the rest left unread."""
+    """A request body over the reader's limit: answered 413, the rest left unread. `unsent`: the
+    client was waiting for a go-ahead (`Expect: 100-continue`) it did not get, so it may send the
+    body or not: the answer must close the connection (the server would take a next request for body
+    bytes, or the body for a next request)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, unsent: bool = False) -> None:
         super().__init__(f"the request body is larger than {limit} bytes")
         self.limit = limit
+        self.unsent = unsent
 
 
 class BodyTimeoutError(InferLoggerError):
@@ -124,15 +128,18 @@ class BodyLimit:
         timeout = self.timeout
         start = asyncio.get_running_loop().time()
         deadline = None if timeout is None else start + timeout
-        # Refused before the first receive, where uvicorn sends an `Expect: 100-continue` client its
-        # go-ahead: told to send, it uploaded up to the limit to be answered 413 (RFC 9110 10.1.1).
-        declared = next((value for name, value in scope.get("headers", ()) if name == b"content-length"), b"")
-        too_large = declared.isdigit() and int(declared) > self.limit
+        # An `Expect: 100-continue` client is refused before the first receive, where uvicorn sends
+        # its go-ahead: told to send, it uploaded up to the limit to be answered 413 (RFC 9110
+        # 10.1.1). Others send anyway: read up to the limit, the rest left to the server to drop.
+        headers = dict(scope.get("headers", ()))
+        declared = headers.get(b"content-length", b"").strip()
+        too_large = (headers.get(b"expect", b"").lower() == b"100-continue" and declared.isdigit()
+                     and int(declared) > self.limit)
 
         async def limited() -> Message:
             nonlocal size, deadline
             if too_large:
-                raise BodyTooLargeError(self.limit)
+                raise BodyTooLargeError(self.limit, unsent=True)
             if deadline is None:  # no deadline, or the body has ended (later receives wait for a disconnect)
                 message = await receive()
             else:

@@ -520,6 +520,17 @@ class TestMoreBadInput:
             assert r.json() == {"error": "Method Not Allowed"}, (path, r.text)
         assert httpx.get(f"{url}/v1/models/iris", timeout=20).json() == {"name": "iris", "ready": True}
 
+    def test_a_model_named_with_a_verb_is_found(self) -> None:
+        """The 405 for a GET of `x:explain` hid a served model of that name."""
+        predictor = SwitchablePredictor()
+        with serve(predictor.app) as predictor_url:
+            service = ExplainerService(settings(model_name="x:explain", predictor_url=predictor_url, protocol="v1",
+                                                predictor_model="iris", background="dataset:iris",
+                                                params={"nsamples": 20}))
+            with serve(create_app(service)) as url:
+                r = httpx.get(f"{url}/v1/models/x:explain", timeout=20)
+        assert r.status_code == 200 and r.json()["name"] == "x:explain", r.text
+
     def test_predict_passes_the_predictors_answers_and_times_out_with_504(
             self, switchable: tuple[SwitchablePredictor, str]) -> None:
         """A predictor that does not answer `:predict` within `timeout` was a 502; its own answers,
@@ -774,6 +785,22 @@ def test_a_body_over_the_limit_is_413(switchable: tuple[SwitchablePredictor, str
         assert r.status_code == 413
         assert r.json() == {"error": "the request body is larger than 4096 bytes (max_request_bytes)"}
     assert httpx.post(f"{url}/v1/models/iris:explain", json=IRIS_V1, timeout=20).status_code == 200
+
+
+def test_a_body_over_the_limit_waiting_for_a_go_ahead_is_413_and_closed(
+        switchable: tuple[SwitchablePredictor, str]) -> None:
+    """Told to send (uvicorn's 100 Continue) it uploaded up to the limit first; refused before, and
+    the connection kept, the server took the client's next request for body bytes: no answer."""
+    import socket
+
+    _, url = switchable
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(b"POST /v1/models/iris:explain HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+                     b"content-length: 5000\r\n\r\n")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    assert raw.startswith(b"HTTP/1.1 413") and b"100 Continue" not in raw and b"connection: close" in raw.lower()
 
 
 def test_a_dribbled_body_is_408_and_closed(switchable: tuple[SwitchablePredictor, str]) -> None:
