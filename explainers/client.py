@@ -473,9 +473,11 @@ class PredictorClient:
     async def _read(self, resp: aiohttp.ClientResponse, url: str) -> bytes:
         """An answer's body, up to `max_answer_bytes` (else PredictorError naming the limit)."""
         limit = self.max_answer_bytes
-        if resp.content_length is not None and resp.content_length <= limit:
+        # A compressed answer's length is not its body's: aiohttp inflates it (16x the cap read).
+        encoded = resp.headers.get("content-encoding", "identity").lower() != "identity"
+        if resp.content_length is not None and resp.content_length <= limit and not encoded:
             return await resp.read()
-        if resp.content_length is None:  # chunked, or up to the end of the connection
+        if resp.content_length is None or encoded:  # chunked, to the end of the connection, or inflated
             body = bytearray()
             async for chunk in resp.content.iter_any():
                 body += chunk

@@ -811,13 +811,18 @@ class TestAnswerSize:
     `PredictorError`, a 502), whether the answer says its length or is chunked."""
 
     @staticmethod
-    def app(chunked: bool) -> FastAPI:
+    def app(chunked: bool, gzipped: bool = False) -> FastAPI:
         app = FastAPI()
         big = orjson.dumps({"predictions": [2.0], "padding": "x" * 5000})
 
         @app.post("/v1/models/{name}:predict")
         async def predict(name: str) -> Response:
             body = big if name == "big" else b'{"predictions": [2.0]}'
+            if gzipped:  # 5 KB inflated from ~60 bytes: its length said nothing of it
+                import gzip
+
+                return Response(gzip.compress(body), media_type="application/json",
+                                headers={"content-encoding": "gzip"})
             if chunked:
                 async def parts() -> Any:
                     for i in range(0, len(body), 1000):
@@ -843,6 +848,20 @@ class TestAnswerSize:
                     assert (await asyncio.to_thread(small.predict_blocking, np.ones((1, 2)))).tolist() == [2.0]
                     assert (await small.predict(np.ones((1, 2)))).tolist() == [2.0]
                     assert (await small.forward("/v1/models/small:predict", b"{}", {}))[0] == 200
+            finally:
+                await big.aclose()
+                await small.aclose()
+
+    async def test_a_compressed_answer_is_capped_inflated(self) -> None:
+        with serve(self.app(chunked=False, gzipped=True)) as url:
+            big = await started(url, "big", protocol="v1", retries=0, max_answer_bytes=4096)
+            small = await started(url, "small", protocol="v1", retries=0, max_answer_bytes=4096)
+            try:
+                for call in (lambda: big.predict(np.ones((1, 2))),
+                             lambda: big.forward("/v1/models/big:predict", b"{}", {"accept-encoding": "gzip"})):
+                    with pytest.raises(PredictorError, match="answered more than 4096 bytes"):
+                        await within_guard(call(), "a capped answer")
+                assert (await small.predict(np.ones((1, 2)))).tolist() == [2.0]
             finally:
                 await big.aclose()
                 await small.aclose()
