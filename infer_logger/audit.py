@@ -107,7 +107,8 @@ def documents(
     if events.is_error(event):
         # The error body is the whole exchange's: every instance gets it, the first one whole. A
         # copy per instance would multiply it (a 1 MiB body, 400 instances: 400 MiB to index).
-        text = _text(payloads.error_body(event, body), event)
+        # No body is "": not the `null` a body may say.
+        text = _text(payloads.error_body(event, body), event) if event.data else ""
         parts = [{"error": text}]
         if per_instance and instances > 1:
             parts += [{"error": _cut(text)}] * (instances - 1)

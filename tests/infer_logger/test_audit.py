@@ -390,6 +390,14 @@ class TestResponse:
     def test_error_without_known_instances(self) -> None:
         assert [k for k, _ in documents(response("plain text", status=502))] == ["a-0"]
 
+    def test_an_error_without_a_body_is_no_null(self) -> None:
+        """Its error read "null", as if the predictor had answered the JSON `null` (which still does)."""
+        empty = response(status=500)
+        empty = CloudEvent({k: v for k, v in empty.attributes.items() if k != "datacontenttype"}, None)
+        assert [doc["response"]["error"] for _, doc in documents(empty, instances=2)] == ["", ""]
+        said_null = _event(events.RESPONSE, None, T_RESPONSE, statuscode=500)  # the body `null`
+        assert [doc["response"]["error"] for _, doc in documents(said_null)] == ["null"]
+
 
 class TestExplanation:
     """`explanation` keeps the explainer's object; lists become attributions by feature."""
