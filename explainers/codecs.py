@@ -179,10 +179,10 @@ def _instances(body: Any, schema: Schema, max_rows: int | None) -> np.ndarray:
 
 def _holds_tensors(inputs: Any) -> bool:
     """V2 `inputs` (tensor objects), not TF-style V1 rows (lists, or objects keyed by feature). A
-    tensor without `data` is one too (by its `shape` and `name` or `datatype`): said to have no data,
-    not read as a row missing every feature."""
+    tensor without `data` is one too (by its `shape`, a list, and `name` or `datatype`): said to have
+    no data, not read as a row missing every feature (a row with features `name` and `shape` stays one)."""
     return isinstance(inputs, list) and all(
-        isinstance(t, Mapping) and ("data" in t or "shape" in t and ("name" in t or "datatype" in t))
+        isinstance(t, Mapping) and ("data" in t or isinstance(t.get("shape"), list) and ("name" in t or "datatype" in t))
         for t in inputs)
 
 

@@ -391,6 +391,12 @@ class TestTensorDatatypes:
         with pytest.raises(InvalidInputError, match="tensor 'input-0' has no data"):
             codecs.decode_instances({"inputs": [tensor]}, IRIS)
 
+    def test_rows_with_features_named_name_and_shape_stay_rows(self) -> None:
+        """Taken for a tensor without data (a `shape` and a `name`): refused for its datatype."""
+        schema = Schema(("name", "shape", "size"), frozenset({"name", "shape"}))
+        doc = {"inputs": [{"name": "a", "shape": "circle", "size": 3}]}
+        assert codecs.decode_instances(doc, schema).tolist() == [["a", "circle", 3]]
+
     def test_integers_and_booleans_taken(self) -> None:
         for datatype in ("INT8", "INT64", "UINT8", "UINT64"):
             doc = {"inputs": [self.tensor(datatype=datatype, data=[0, 2, 3, 127])]}
