@@ -220,7 +220,8 @@ class KafkaSinkConfig(SinkConfig):
     or `{modelname}`. Characters a topic name cannot hold become `_`; a missing or empty attribute
     renders as `unknown`."""
     mode: Literal["binary", "structured"] = "binary"
-    """CloudEvents Kafka content mode: `ce_*` headers and the payload as value, or a JSON event."""
+    """CloudEvents Kafka content mode: `ce_*` headers and the payload as value, or a JSON event (an
+    event without data goes structured either way: binary mode's null value is a tombstone)."""
     idempotent: bool = True
     """`enable.idempotence`: broker-side dedup of librdkafka's own retries, in order per partition."""
     linger_ms: float = Field(default=5.0, ge=0, le=_LINGER_MAX, allow_inf_nan=False)
@@ -717,8 +718,10 @@ class KafkaSink:
         self._client = _Client(config)
 
     def _encode(self, event: CloudEvent) -> Record:
-        # A payload that is itself a CloudEvent would read as structured mode in binary mode.
-        if self._structured or is_event_format(event.datacontenttype):
+        # A payload that is itself a CloudEvent would read as structured mode in binary mode; an
+        # event without data (a 204's response) would be a tombstone, which a compacted topic
+        # takes for the deletion of its key's records: the exchange's other events (keyed by id).
+        if self._structured or event.data is None or is_event_format(event.datacontenttype):
             message = to_kafka_structured(event)
             headers: Headers = list(message.headers.items())
             return message.key, message.value, headers
@@ -767,7 +770,7 @@ class KafkaSink:
         try:
             for index, event in enumerate(events):
                 content_type = event.attributes.get("datacontenttype")
-                if binary is not None and not is_event_format(content_type):
+                if binary is not None and event.data is not None and not is_event_format(content_type):
                     key, value, headers = binary(event)
                 else:
                     key, value, headers = self._encode(event)
