@@ -210,12 +210,21 @@ class SinkWorker:
                     await self._send(events)
                 except RejectedError as exc:
                     refused, taken = exc.refusals(events), exc.taken(events)
+                except asyncio.CancelledError as exc:
+                    if asyncio.current_task().cancelling():  # type: ignore[union-attr]  # ours: a stop
+                        raise
+                    # The sink's own (a client library cancelling a future it closed): it ended the
+                    # worker, the sink still said healthy, and nothing was delivered again.
+                    failure = SinkError(f"the sink's call was cancelled ({exc!r})")
                 except Exception as exc:  # any failure of a sink is retried, never fatal
                     failure = exc
-                    pending = getattr(exc, "pending", None)
-                    if pending and len(pending) < len(events):  # the others were taken: only these again
-                        self.metrics.delivered.labels(self.name).inc(len(events) - len(pending))
-                        events = pending
+                    # Only events of this batch: pending ones it does not hold (another batch's,
+                    # copies) had the batch taken for taken, committed, and lost.
+                    pending = exc.pending_among(events) if isinstance(exc, SinkError) else None
+                    if pending is not None and len(pending) < len(events):  # the others were taken: only these again
+                        kept = [e for e in events if id(e) in pending]
+                        self.metrics.delivered.labels(self.name).inc(len(events) - len(kept))
+                        events = kept
                 else:
                     self.healthy = True
                     self.metrics.sink_latency.labels(self.name).observe(time.perf_counter() - started)
@@ -337,7 +346,10 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for worker in self.workers:
-            await worker.sink.aclose()
+            try:
+                await worker.sink.aclose()
+            except Exception:  # the others are closed still (and the caller closes the spool)
+                log.exception("sink %s: closing it failed", worker.name)
 
     @property
     def healthy(self) -> bool:

@@ -25,11 +25,14 @@ from infer_logger.sinks.base import Sink
 
 def _split(exc: RejectedError, piece: Sequence[CloudEvent]) -> list[CloudEvent] | None:
     """The events to send again in halves, or None when the refusal is for good."""
+    if not exc.together:
+        return None
     refused = exc.events or list(piece)
+    held = {id(e) for e in piece}
+    if not all(id(e) in held for e in refused):  # events not of the piece: the piece was refused
+        refused = list(piece)
     # The halves shrink, so this ends at single events.
-    if exc.together and 1 < len(refused) <= len(piece):
-        return refused
-    return None
+    return refused if len(refused) > 1 else None
 
 
 class Halving:
@@ -60,7 +63,8 @@ class Halving:
                 refused += exc.refusals(piece)
                 why = why or exc
             except Exception as exc:  # retried by the caller, as the sink's own failure would be
-                left = [*(e for e, _ in refused), *(getattr(exc, "pending", None) or piece),
+                among = exc.pending_among(piece) if isinstance(exc, SinkError) else None
+                left = [*(e for e, _ in refused), *(piece if among is None else [e for e in piece if id(e) in among]),
                         *(e for p in reversed(todo) for e in p)]
                 raise SinkError(f"{exc} (after {len(events) - len(left)} of {len(events)} events were taken "
                                 f"in smaller batches)", retry_after=getattr(exc, "retry_after", None),

@@ -106,6 +106,45 @@ async def test_a_failure_naming_its_pending_events_retries_only_those(tmp_path: 
     assert d.metrics.delivered.labels("s")._value.get() == 10
 
 
+async def test_pending_events_not_of_the_batch_retry_the_whole_batch(tmp_path: Path) -> None:
+    """Taken at their word, the batch was taken for delivered (committed) but for those foreign
+    events: it was lost."""
+    sink = MemorySink()
+    foreign = [event(100)]
+    failed = 0
+
+    def fail_once(batch: Sequence[CloudEvent]) -> Exception | None:
+        nonlocal failed
+        failed += 1
+        return SinkError("odd", pending=foreign) if failed == 1 else None
+
+    sink.fail = fail_once
+    await until_taken(tmp_path, sink, 5)
+    assert [e.id for e in sink.events] == ["0", "1", "2", "3", "4"] and failed >= 2
+
+
+async def test_a_sink_raising_cancelled_is_retried_not_the_end_of_its_worker(tmp_path: Path) -> None:
+    """A client library cancelling a future the sink awaited: the worker ended, the sink still
+    said healthy, and nothing was delivered again."""
+    sink = MemorySink()
+    sink.fail = failing(1, asyncio.CancelledError())  # type: ignore[arg-type]
+    d = await until_taken(tmp_path, sink, 3)
+    assert [e.id for e in sink.events] == ["0", "1", "2"] and d.metrics.retried.labels("s")._value.get() >= 1
+
+
+async def test_a_sink_that_fails_to_close_leaves_the_others_closed(tmp_path: Path) -> None:
+    class BadClose(MemorySink):
+        async def aclose(self) -> None:
+            raise OSError("gone")
+
+    other = MemorySink()
+    spool, d = dispatcher(tmp_path, a=BadClose(), b=other)
+    d.start()
+    await d.stop()
+    spool.close()
+    assert other.closed
+
+
 async def test_a_dead_sink_does_not_hold_back_the_others(tmp_path: Path) -> None:
     good, dead = MemorySink(), MemorySink()
     dead.fail = lambda batch: SinkError("down")

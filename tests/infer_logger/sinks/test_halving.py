@@ -121,3 +121,32 @@ async def test_aclose_closes_the_sink() -> None:
     sink = MemorySink()
     await Halving(sink).aclose()
     assert sink.closed
+
+
+async def test_a_refusal_naming_events_not_of_the_piece_halves_the_piece() -> None:
+    """Taken at its word, the foreign events were sent in halves and the piece's own never again:
+    lost, counted delivered."""
+    foreign = events(3)
+    batch = [CloudEvent({**e.attributes, "id": f"b{e.id}"}) for e in events(4)]
+    sink = MemorySink()
+    sink.fail = lambda sent: RejectedError("400", foreign, together=True) if len(sent) > 2 else None
+    await Halving(sink).send_batch(batch)
+    assert ids(sink.events) == ids(batch)
+
+
+async def test_pending_events_not_of_the_piece_leave_the_piece_pending() -> None:
+    batch = events(4)
+    sink = MemorySink()
+    calls = 0
+
+    def fail(sent: Sequence[CloudEvent]) -> Exception | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return RejectedError("413", sent, together=True)
+        return SinkError("down", pending=[CloudEvent(dict(e.attributes)) for e in sent])  # copies
+
+    sink.fail = fail
+    with pytest.raises(SinkError) as info:
+        await Halving(sink).send_batch(batch)
+    assert ids(info.value.pending) == ids(batch) and all(any(p is e for e in batch) for p in info.value.pending)
