@@ -27,12 +27,12 @@ def _split(exc: RejectedError, piece: Sequence[CloudEvent]) -> list[CloudEvent] 
     """The events to send again in halves, or None when the refusal is for good."""
     if not exc.together:
         return None
-    refused = exc.events or list(piece)
+    refused = list({id(e): e for e in exc.events}.values()) or list(piece)  # each once: halves shrink
     held = {id(e) for e in piece}
     if not all(id(e) in held for e in refused):  # events not of the piece: the piece was refused
         refused = list(piece)
     # The halves shrink, so this ends at single events.
-    return refused if len(refused) > 1 else None
+    return refused if 1 < len(refused) <= len(piece) else None
 
 
 class Halving:

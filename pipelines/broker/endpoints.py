@@ -187,5 +187,11 @@ class ComponentEndpoint:
             return Response(503, reason=str(exc), retry_after=str(seconds))
         except TimeoutError:
             return Response(NO_RESPONSE, reason=f"no answer within {timeout:g}s")
+        except asyncio.CancelledError as exc:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]  # ours: a stop
+                raise
+            # The component's own (a client library cancelling a future it closed): this attempt
+            # failed, as a bug's would; out of here it ended the delivery, the event unsettled.
+            return Response(NO_RESPONSE, reason=f"the component's call was cancelled ({exc!r})")
         except Exception as exc:  # noqa: BLE001 - a component's bug fails this attempt, not the broker
             return Response(500, reason=f"{type(exc).__name__}: {exc}")

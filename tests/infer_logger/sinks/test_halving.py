@@ -3,6 +3,7 @@ real receivers in their own files, and through the sources that send through it)
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import pytest
@@ -150,3 +151,13 @@ async def test_pending_events_not_of_the_piece_leave_the_piece_pending() -> None
     with pytest.raises(SinkError) as info:
         await Halving(sink).send_batch(batch)
     assert ids(info.value.pending) == ids(batch) and all(any(p is e for e in batch) for p in info.value.pending)
+
+
+async def test_a_refusal_naming_an_event_twice_ends() -> None:
+    """[e0, e0] refused for each piece: a one-event piece was halved into [e0, e0] again, for ever."""
+    batch = events(2)
+    sink = MemorySink()
+    sink.fail = lambda sent: RejectedError("400", [sent[0], sent[0]], together=True)
+    with pytest.raises(RejectedError):
+        await asyncio.wait_for(Halving(sink).send_batch(batch), 10)
+    assert sink.calls < 10

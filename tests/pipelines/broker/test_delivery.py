@@ -690,3 +690,25 @@ async def test_a_component_s_retry_after_of_any_size_is_an_answer(after: float, 
     event = CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}, b"{}")
     response = await ComponentEndpoint("busy", _Busy(after)).send(event, {}, reply=False, timeout=5)
     assert (response.status, response.retry_after) == (status, header)
+
+
+class _Cancelling(_Busy):
+    async def send_batch(self, events: list[CloudEvent]) -> None:
+        raise asyncio.CancelledError()  # a client library's own, not the broker's
+
+
+async def test_a_component_s_own_cancel_fails_the_attempt_and_a_stop_still_cancels() -> None:
+    """Out of `send`, it ended the delivery with the event unsettled, as no failure does."""
+    event = CloudEvent({"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}, b"{}")
+    response = await ComponentEndpoint("c", _Cancelling(0)).send(event, {}, reply=False, timeout=5)
+    assert response.status == NO_RESPONSE and "cancelled" in (response.reason or "")
+
+    class Hanging(_Busy):
+        async def send_batch(self, events: list[CloudEvent]) -> None:
+            await asyncio.Event().wait()
+
+    sending = asyncio.ensure_future(ComponentEndpoint("h", Hanging(0)).send(event, {}, reply=False, timeout=5))
+    await asyncio.sleep(0.05)
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
