@@ -196,6 +196,11 @@ class SinkWorker:
             await asyncio.wait({before})
         return done
 
+    def _none_failing_but_this(self) -> bool:
+        # With batches in flight, one taken while an earlier one backs off: the sink is not well
+        # yet (/readyz flickered ready through an outage).
+        return not self._failing - {asyncio.current_task()}
+
     async def _attempts(self, events: Sequence[CloudEvent], before: asyncio.Task[bool] | None) -> bool:
         attempt = 0
         # Once the sink refused events for good, only writing them down is tried again: asked
@@ -226,7 +231,7 @@ class SinkWorker:
                         self.metrics.delivered.labels(self.name).inc(len(events) - len(kept))
                         events = kept
                 else:
-                    self.healthy = True
+                    self.healthy = self._none_failing_but_this()
                     self.metrics.sink_latency.labels(self.name).observe(time.perf_counter() - started)
                     self.metrics.delivered.labels(self.name).inc(len(events))
                     return True
@@ -236,7 +241,7 @@ class SinkWorker:
                 except Exception as error:  # not written down anywhere yet: the batch stays uncommitted
                     failure = SinkError(f"cannot write dead letters to {self.deadletter}: {error}")
                 else:
-                    self.healthy = True
+                    self.healthy = self._none_failing_but_this()
                     self.metrics.delivered.labels(self.name).inc(taken)
                     return True
             assert failure is not None

@@ -460,6 +460,36 @@ async def test_in_flight_batches_commit_in_spool_order(tmp_path: Path) -> None:
     del sink
 
 
+async def test_a_batch_taken_while_an_earlier_one_fails_leaves_the_sink_unhealthy(tmp_path: Path) -> None:
+    """With batches in flight, a later one taken said the sink was healthy while the first still
+    backed off: /readyz flickered ready through an outage."""
+    down = True
+    states: list[bool] = []
+
+    class FirstDown(MemorySink):
+        async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+            if events[0].id == "0" and down:
+                raise SinkError("down")
+            await super().send_batch(events)
+
+    sink = FirstDown()
+    spool = DiskSpool(tmp_path / "spool")
+    for i in range(20):
+        spool.append(event(i))
+    d = Dispatcher(spool, {"s": sink}, Metrics(spool), batch_size=10, in_flight=2,
+                   backoff=Backoff(initial=0.05, maximum=0.05))
+    d.start()
+    await until(lambda: len(sink.events) == 10)  # the second batch, taken
+    for _ in range(20):
+        states.append(d.health()["s"])
+        await asyncio.sleep(0.01)
+    down = False
+    await until(lambda: len(sink.events) == 20 and d.health()["s"])
+    await d.stop()
+    spool.close()
+    assert not any(states)
+
+
 class FailingOnce(MemorySink):
     """Fails once each batch whose first id `fails` picks (as a timeout would), after a moment;
     then takes it, `slow[first]` seconds later; the ids taken, in order, in `taken`."""
