@@ -171,6 +171,7 @@ class SinkWorker:
                     continue
                 pending.popleft()
                 if head is not None and not head.result():
+                    self.healthy = False  # a later batch taken meanwhile said otherwise: the last status reported
                     return  # draining and the sink is still down: the spool keeps them
                 self.reader.commit(end)
         finally:

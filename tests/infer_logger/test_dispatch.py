@@ -490,6 +490,38 @@ async def test_a_batch_taken_while_an_earlier_one_fails_leaves_the_sink_unhealth
     assert not any(states)
 
 
+async def test_a_sink_still_failing_at_the_end_of_a_drain_is_unhealthy(tmp_path: Path) -> None:
+    """The later batch gave up in the drain, then the earlier one was taken and said the sink was
+    healthy: the delivery child's last status."""
+    fail, take = asyncio.Event(), asyncio.Event()
+    called: list[str] = []
+
+    class Ordered(MemorySink):
+        async def send_batch(self, events: Sequence[CloudEvent]) -> None:
+            called.append(events[0].id)
+            if events[0].id == "10":
+                await fail.wait()
+                raise SinkError("down", retry_after=30)  # past the drain: given up at once
+            await take.wait()
+            await super().send_batch(events)
+
+    sink = Ordered()
+    spool = DiskSpool(tmp_path / "spool")
+    for i in range(20):
+        spool.append(event(i))
+    d = Dispatcher(spool, {"s": sink}, Metrics(spool), batch_size=10, in_flight=2, backoff=FAST)
+    d.start()
+    await until(lambda: called == ["0", "10"])
+    stopping = asyncio.ensure_future(d.stop(drain_timeout=5.0))
+    await asyncio.sleep(0.05)
+    fail.set()
+    await until(lambda: d.metrics.retried.labels("s")._value.get() >= 1)
+    take.set()
+    await stopping
+    spool.close()
+    assert len(sink.events) == 10 and not d.health()["s"]
+
+
 class FailingOnce(MemorySink):
     """Fails once each batch whose first id `fails` picks (as a timeout would), after a moment;
     then takes it, `slow[first]` seconds later; the ids taken, in order, in `taken`."""
