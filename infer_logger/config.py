@@ -166,11 +166,12 @@ class LayeredSettings(BaseSettings):
                 continue
             if "type" in section:
                 other = section["type"] != value["type"]
+            elif (field := cls.model_fields.get(key)) is None:
+                continue
             else:
-                field = cls.model_fields.get(key)
-                default = getattr(field.default, "type", None) if field is not None else None
-                takes, theirs = ((_member_fields(field.annotation, name) or set()) if field is not None else set()
-                                 for name in (value["type"], default))
+                default = getattr(field.default, "type", None)
+                takes = _member_fields(field.annotation, value["type"]) or set()
+                theirs = _member_fields(field.annotation, default) or set()
                 other = default != value["type"] and set(section) <= theirs and not set(section) <= takes
             if other:
                 data = {**data, key: {}}
